@@ -1,0 +1,264 @@
+"""The request contract of `shared/spec/worker-api.md`: validation with the contract's exact messages.
+
+Pure: no I/O, no torch, no Firebase. Two doors lead in:
+- `parse_runsync_input`: the strict runsync `input` (unknown fields refused, camelCase hinted);
+- `parse_document`: a queued Firestore doc that a client or the callable wrote; ids come from its path and the
+  client sample's camelCase option names are read as their snake_case fields.
+Both return a `GenerationRequest` or raise `ContractError` whose `message` is what the client sees.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+TEXT2IMAGE = "text2image"
+TEXT2VIDEO = "text2video"
+MEDIA_TYPE = {TEXT2IMAGE: "images", TEXT2VIDEO: "videos"}
+TASK_TYPE = {media: task for task, media in MEDIA_TYPE.items()}
+
+MAX_PROMPT_CHARS = 2000
+MAX_ID_CHARS = 128  # Firebase Auth uids are at most 128 characters.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class ContractError(ValueError):
+    """A request the contract refuses; `message` is the exact text for the client."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def invalid(what: str) -> ContractError:
+    return ContractError(f"Validation failed: {what}")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One optional numeric parameter: its type, the contract's range, its default and a size multiple."""
+
+    kind: type
+    low: float
+    high: float
+    default: Any
+    multiple_of: int | None = None
+    video: bool = False
+
+
+IMAGE_SIDE = dict(kind=int, low=256, high=1024, default=512)
+VIDEO_SIDE = dict(IMAGE_SIDE, multiple_of=16, video=True)
+
+PARAMS: dict[str, Param] = {
+    "width": Param(**IMAGE_SIDE, multiple_of=8),
+    "height": Param(**IMAGE_SIDE, multiple_of=8),
+    "num_images_per_prompt": Param(int, 1, 4, 1),
+    "num_inference_steps": Param(int, 10, 50, 20),
+    "guidance_scale": Param(float, 1.0, 20.0, 7.5),
+    "num_frames": Param(int, 16, 81, 16, video=True),
+    "fps": Param(int, 6, 15, 8, video=True),
+    "video_width": Param(**VIDEO_SIDE),
+    "video_height": Param(**VIDEO_SIDE),
+    "video_guidance_scale": Param(float, 1.0, 20.0, 5.0, video=True),
+}
+VIDEO_FIELDS = frozenset(name for name, p in PARAMS.items() if p.video)
+TEXT_FIELDS = ("prompt", "negative_prompt")
+ID_FIELDS = ("user_id", "file_uid")
+KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *ID_FIELDS, "use_cloud_storage", "seed", *PARAMS})
+
+# Fields a job document carries besides the request: written by clients (status, created_at, generated, error,
+# per the contract's client sample) or by the worker and the functions. A doc reader skips them.
+DOCUMENT_STATE_FIELDS = frozenset(
+    {
+        "status", "created_at", "generated", "error", "modified", "task_type", "media_type",
+        "worker_id", "lease_expires_at", "attempts", "started_at", "progress",
+        "completed_at", "failed_at", "error_message", "error_type",
+        "images", "image_url", "image_count", "videos", "video_url", "video_info",
+    }
+)
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.:@+=~]*")
+_RESERVED_ID = re.compile(r"__.*__")
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def _format_bound(value: float, kind: type) -> str:
+    return f"{float(value):.1f}" if kind is float else str(int(value))
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated job. Defaults are the contract's; `task_type` follows from the video fields given."""
+
+    prompt: str
+    user_id: str | None = None
+    file_uid: str | None = None
+    use_cloud_storage: bool = True
+    task_type: str = TEXT2IMAGE
+    negative_prompt: str | None = None
+    seed: int | None = None
+    width: int = PARAMS["width"].default
+    height: int = PARAMS["height"].default
+    num_images_per_prompt: int = PARAMS["num_images_per_prompt"].default
+    num_inference_steps: int = PARAMS["num_inference_steps"].default
+    guidance_scale: float = PARAMS["guidance_scale"].default
+    num_frames: int = PARAMS["num_frames"].default
+    fps: int = PARAMS["fps"].default
+    video_width: int = PARAMS["video_width"].default
+    video_height: int = PARAMS["video_height"].default
+    video_guidance_scale: float = PARAMS["video_guidance_scale"].default
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPE[self.task_type]
+
+    @property
+    def is_video(self) -> bool:
+        return self.task_type == TEXT2VIDEO
+
+    def parameters(self) -> dict[str, Any]:
+        """The request's fields as the client gave them (for a job document or the runsync input)."""
+        data = asdict(self)
+        return {name: data[name] for name in sorted(self.given | {"prompt"}) if name in KNOWN_FIELDS}
+
+
+def _check_text(data: Mapping[str, Any], name: str, *, required: bool) -> str | None:
+    value = data.get(name)
+    if value is None or (required and isinstance(value, str) and not value.strip()):
+        if required:
+            raise ContractError(f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise invalid(f"{name} must be a string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise invalid(f"{name} must be at most {MAX_PROMPT_CHARS} characters")
+    return value
+
+
+def _check_id(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise invalid(f"{name} must be a string")
+    if len(value) > MAX_ID_CHARS:
+        raise invalid(f"{name} must be at most {MAX_ID_CHARS} characters")
+    if not _ID_PATTERN.fullmatch(value) or _RESERVED_ID.fullmatch(value):
+        raise invalid(
+            f"{name} may contain only letters, digits and - _ . : @ + = ~, must not start with '.' "
+            "and must not look like __name__"
+        )
+    return value
+
+
+def _check_number(name: str, value: Any) -> int | float:
+    spec = PARAMS[name]
+    if spec.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise invalid(f"{name} must be an integer")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(f"{name} must be a number")
+    if not (math.isfinite(value) and spec.low <= value <= spec.high):
+        low, high = _format_bound(spec.low, spec.kind), _format_bound(spec.high, spec.kind)
+        raise ContractError(f"{name} must be between {low} and {high}")
+    if spec.multiple_of and value % spec.multiple_of:
+        model = "the video model" if spec.video else "SDXL"
+        raise invalid(f"{name} must be a multiple of {spec.multiple_of} for {model} (got {value})")
+    return spec.kind(value)
+
+
+def _check_seed(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid("seed must be an integer or null")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise invalid("seed must fit in a signed 64-bit integer")
+    return value
+
+
+def _build(data: Mapping[str, Any], *, use_cloud_storage: bool, task_type: str) -> GenerationRequest:
+    """Type- and range-check the parameters common to both doors; ids are checked by the callers."""
+    values: dict[str, Any] = {
+        "prompt": _check_text(data, "prompt", required=True),
+        "negative_prompt": _check_text(data, "negative_prompt", required=False),
+        "seed": _check_seed(data.get("seed")),
+    }
+    for name in PARAMS:
+        if data.get(name) is not None:
+            values[name] = _check_number(name, data[name])
+    given = frozenset(name for name in KNOWN_FIELDS if data.get(name) is not None)
+    return GenerationRequest(
+        **values,
+        user_id=data.get("user_id"),
+        file_uid=data.get("file_uid"),
+        use_cloud_storage=use_cloud_storage,
+        task_type=task_type,
+        given=given,
+    )
+
+
+def _video_given(data: Mapping[str, Any]) -> bool:
+    return any(data.get(name) is not None for name in VIDEO_FIELDS)
+
+
+def parse_runsync_input(data: Any) -> GenerationRequest:
+    """Validate the `input` of a runsync request, strictly."""
+    if not isinstance(data, Mapping):
+        raise invalid("input must be a JSON object")
+    for name in data:
+        if name not in KNOWN_FIELDS:
+            hint = snake_case(str(name))
+            suffix = f" (did you mean '{hint}'?)" if hint in KNOWN_FIELDS else ""
+            raise invalid(f"unknown field '{name}'{suffix}")
+    _check_text(data, "prompt", required=True)
+    cloud = data.get("use_cloud_storage")
+    if cloud is None:
+        raise ContractError("use_cloud_storage is required")
+    if not isinstance(cloud, bool):
+        raise invalid("use_cloud_storage must be a boolean")
+    for name in ID_FIELDS:
+        value = data.get(name)
+        if value is None or value == "":
+            if cloud:
+                raise ContractError("user_id and file_uid are required for cloud storage")
+            continue
+        _check_id(name, value)
+    task_type = TEXT2VIDEO if _video_given(data) else TEXT2IMAGE
+    return _build(data, use_cloud_storage=cloud, task_type=task_type)
+
+
+def normalise_document_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Read the client sample's camelCase spellings (numFrames, ...) as their snake_case fields.
+
+    Unknown names are kept as they are, so the caller decides whether they matter.
+    """
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        key = snake_case(name) if snake_case(name) in KNOWN_FIELDS else name
+        if key in out and out[key] != value:
+            raise invalid(f"{key} is given twice with different values")
+        out[key] = value
+    return out
+
+
+def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[str, Any]) -> GenerationRequest:
+    """Turn a job document at generations/{user_id}/{media_type}/{file_uid} into a request.
+
+    The path decides the ids and the task type; fields the worker and clients keep for state are skipped, and
+    so are unknown ones (the security rules keep clients to known fields; an admin may add its own metadata).
+    """
+    _check_id("user_id", user_id)
+    _check_id("file_uid", file_uid)
+    if media_type not in TASK_TYPE:
+        raise invalid(f"media type must be 'images' or 'videos', not '{media_type}'")
+    fields = {k: v for k, v in normalise_document_fields(data).items() if k in KNOWN_FIELDS}
+    task_type = TASK_TYPE[media_type]
+    if task_type == TEXT2IMAGE and _video_given(fields):
+        video_field = sorted(name for name in VIDEO_FIELDS if fields.get(name) is not None)[0]
+        raise invalid(f"{video_field} is a video field: video jobs belong under generations/{{user_id}}/videos")
+    fields.update(user_id=user_id, file_uid=file_uid)
+    return _build(fields, use_cloud_storage=True, task_type=task_type)

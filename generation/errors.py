@@ -1,0 +1,66 @@
+"""The contract's error types, and the one place that maps a raised exception onto them.
+
+Messages are short and human: never a stack trace, a path to a secret or a token. Pure: no torch import here,
+so the mapping works in processes that never load a model (the Cloud Function, the job store).
+"""
+
+from __future__ import annotations
+
+MODEL_NOT_AVAILABLE = "ModelNotAvailable"
+OUT_OF_MEMORY = "OutOfMemoryError"
+RUNTIME_ERROR = "RuntimeError"
+CONNECTION_ERROR = "ConnectionError"
+EXCEPTION = "Exception"
+ERROR_TYPES = (MODEL_NOT_AVAILABLE, OUT_OF_MEMORY, RUNTIME_ERROR, CONNECTION_ERROR, EXCEPTION)
+
+MAX_MESSAGE_CHARS = 300
+
+
+class GenerationError(Exception):
+    """A job failure with the contract's `error_type` and a message fit for the client."""
+
+    def __init__(self, error_type: str, message: str):
+        if error_type not in ERROR_TYPES:
+            raise ValueError(f"unknown error_type {error_type!r}")
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+class ModelNotAvailable(GenerationError):
+    def __init__(self, message: str):
+        super().__init__(MODEL_NOT_AVAILABLE, message)
+
+
+class Cancelled(BaseException):
+    """Raised from a progress callback to stop a generation (lease lost, shutdown).
+
+    A BaseException so that no `except Exception` on the way (ours or a library's) turns it into a failure:
+    a cancelled job writes nothing.
+    """
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+
+
+def classify(exc: BaseException, *, during: str = "generation") -> GenerationError:
+    """Map any exception raised while running a job onto the contract's error types."""
+    if isinstance(exc, GenerationError):
+        return exc
+    if _is_oom(exc) or isinstance(exc, MemoryError):
+        return GenerationError(OUT_OF_MEMORY, f"Out of memory during {during}")
+    if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.startswith(
+        ("google.api_core", "google.auth", "requests", "urllib3")
+    ):
+        return GenerationError(CONNECTION_ERROR, f"Upload or storage failure: {_short(exc)}")
+    if isinstance(exc, (RuntimeError, ValueError, IndexError)):
+        return GenerationError(RUNTIME_ERROR, f"Processing error during {during}: {_short(exc)}")
+    return GenerationError(EXCEPTION, f"Unexpected error during {during}: {_short(exc)}")

@@ -1,0 +1,233 @@
+"""Every rule of the request contract, with the exact message a client sees."""
+
+import pytest
+
+from generation.contract import (
+    TEXT2IMAGE,
+    TEXT2VIDEO,
+    ContractError,
+    GenerationRequest,
+    parse_document,
+    parse_runsync_input,
+)
+
+BASE = {"prompt": "A red sports car on a mountain road", "user_id": "u1", "file_uid": "f1", "use_cloud_storage": True}
+
+
+def refused(data) -> str:
+    with pytest.raises(ContractError) as info:
+        parse_runsync_input(data)
+    return info.value.message
+
+
+def with_(**fields):
+    data = dict(BASE)
+    for name, value in fields.items():
+        if value is ...:
+            data.pop(name)
+        else:
+            data[name] = value
+    return data
+
+
+ID_RULE = "may contain only letters, digits and - _ . : @ + = ~, must not start with '.' and must not look like __name__"
+
+REFUSALS = [
+    # required fields
+    (with_(prompt=...), "prompt is required"),
+    (with_(prompt=None), "prompt is required"),
+    (with_(prompt=""), "prompt is required"),
+    (with_(prompt="   "), "prompt is required"),
+    (with_(use_cloud_storage=...), "use_cloud_storage is required"),
+    (with_(user_id=...), "user_id and file_uid are required for cloud storage"),
+    (with_(file_uid=...), "user_id and file_uid are required for cloud storage"),
+    (with_(user_id=None, file_uid=None), "user_id and file_uid are required for cloud storage"),
+    (with_(file_uid=""), "user_id and file_uid are required for cloud storage"),
+    # ranges, with the contract's bounds
+    (with_(width=255), "width must be between 256 and 1024"),
+    (with_(width=1032), "width must be between 256 and 1024"),
+    (with_(height=128), "height must be between 256 and 1024"),
+    (with_(num_images_per_prompt=0), "num_images_per_prompt must be between 1 and 4"),
+    (with_(num_images_per_prompt=5), "num_images_per_prompt must be between 1 and 4"),
+    (with_(num_inference_steps=9), "num_inference_steps must be between 10 and 50"),
+    (with_(num_inference_steps=51), "num_inference_steps must be between 10 and 50"),
+    (with_(guidance_scale=0.5), "guidance_scale must be between 1.0 and 20.0"),
+    (with_(guidance_scale=20.5), "guidance_scale must be between 1.0 and 20.0"),
+    (with_(guidance_scale=float("nan")), "guidance_scale must be between 1.0 and 20.0"),
+    (with_(guidance_scale=float("inf")), "guidance_scale must be between 1.0 and 20.0"),
+    (with_(num_frames=15), "num_frames must be between 16 and 81"),
+    (with_(num_frames=82), "num_frames must be between 16 and 81"),
+    (with_(fps=5), "fps must be between 6 and 15"),
+    (with_(fps=16), "fps must be between 6 and 15"),
+    (with_(video_width=240), "video_width must be between 256 and 1024"),
+    (with_(video_height=1040), "video_height must be between 256 and 1024"),
+    (with_(video_guidance_scale=0.9), "video_guidance_scale must be between 1.0 and 20.0"),
+    (with_(video_guidance_scale=21), "video_guidance_scale must be between 1.0 and 20.0"),
+    # strict types
+    (with_(width=True), "Validation failed: width must be an integer"),
+    (with_(width="512"), "Validation failed: width must be an integer"),
+    (with_(width=512.0), "Validation failed: width must be an integer"),
+    (with_(num_frames=16.5), "Validation failed: num_frames must be an integer"),
+    (with_(guidance_scale="7.5"), "Validation failed: guidance_scale must be a number"),
+    (with_(guidance_scale=False), "Validation failed: guidance_scale must be a number"),
+    (with_(prompt=42), "Validation failed: prompt must be a string"),
+    (with_(prompt=["a"]), "Validation failed: prompt must be a string"),
+    (with_(prompt="x" * 2001), "Validation failed: prompt must be at most 2000 characters"),
+    (with_(negative_prompt=3), "Validation failed: negative_prompt must be a string"),
+    (with_(seed="42"), "Validation failed: seed must be an integer or null"),
+    (with_(seed=1.5), "Validation failed: seed must be an integer or null"),
+    (with_(seed=True), "Validation failed: seed must be an integer or null"),
+    (with_(seed=2**63), "Validation failed: seed must fit in a signed 64-bit integer"),
+    (with_(seed=-(2**63) - 1), "Validation failed: seed must fit in a signed 64-bit integer"),
+    (with_(use_cloud_storage="true"), "Validation failed: use_cloud_storage must be a boolean"),
+    (with_(use_cloud_storage=1), "Validation failed: use_cloud_storage must be a boolean"),
+    (with_(user_id=123), "Validation failed: user_id must be a string"),
+    # unknown fields, with hints for camelCase
+    (with_(numFrames=16), "Validation failed: unknown field 'numFrames' (did you mean 'num_frames'?)"),
+    (with_(guidanceScale=7), "Validation failed: unknown field 'guidanceScale' (did you mean 'guidance_scale'?)"),
+    (with_(fileUid="x"), "Validation failed: unknown field 'fileUid' (did you mean 'file_uid'?)"),
+    (with_(style="anime"), "Validation failed: unknown field 'style'"),
+    # ids are safe Firestore document ids and Storage path segments
+    (with_(user_id="a/b"), f"Validation failed: user_id {ID_RULE}"),
+    (with_(file_uid="../etc"), f"Validation failed: file_uid {ID_RULE}"),
+    (with_(file_uid="."), f"Validation failed: file_uid {ID_RULE}"),
+    (with_(file_uid=".."), f"Validation failed: file_uid {ID_RULE}"),
+    (with_(user_id="a\nb"), f"Validation failed: user_id {ID_RULE}"),
+    (with_(user_id="a\x00b"), f"Validation failed: user_id {ID_RULE}"),
+    (with_(file_uid="a b"), f"Validation failed: file_uid {ID_RULE}"),
+    (with_(file_uid="a\\b"), f"Validation failed: file_uid {ID_RULE}"),
+    (with_(file_uid="__name__"), f"Validation failed: file_uid {ID_RULE}"),
+    (with_(user_id="u" * 129), "Validation failed: user_id must be at most 128 characters"),
+    # sizes the models cannot take are refused, never changed
+    (with_(width=500), "Validation failed: width must be a multiple of 8 for SDXL (got 500)"),
+    (with_(height=260), "Validation failed: height must be a multiple of 8 for SDXL (got 260)"),
+    (with_(video_width=520), "Validation failed: video_width must be a multiple of 16 for the video model (got 520)"),
+    (with_(video_height=264), "Validation failed: video_height must be a multiple of 16 for the video model (got 264)"),
+    # not an object at all
+    (None, "Validation failed: input must be a JSON object"),
+    ([BASE], "Validation failed: input must be a JSON object"),
+    ("prompt", "Validation failed: input must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("data,message", REFUSALS, ids=[m for _, m in REFUSALS])
+def test_refusals_carry_the_contracts_message(data, message):
+    assert refused(data) == message
+
+
+def test_contract_image_example_is_text2image_with_defaults():
+    request = parse_runsync_input(
+        {"prompt": "A sunset over mountains", "user_id": "test-user", "file_uid": "test-img-001",
+         "use_cloud_storage": True, "width": 512, "height": 512}
+    )
+    assert request.task_type == TEXT2IMAGE and request.media_type == "images" and not request.is_video
+    assert (request.width, request.height, request.num_images_per_prompt) == (512, 512, 1)
+    assert (request.num_inference_steps, request.guidance_scale, request.seed) == (20, 7.5, None)
+
+
+def test_contract_video_example_is_text2video():
+    request = parse_runsync_input(
+        {"prompt": "Waves crashing on beach", "user_id": "test-user", "file_uid": "test-vid-001",
+         "use_cloud_storage": True, "num_frames": 16, "fps": 8}
+    )
+    assert request.task_type == TEXT2VIDEO and request.media_type == "videos"
+    assert (request.num_frames, request.fps, request.video_width, request.video_height) == (16, 8, 512, 512)
+    assert request.video_guidance_scale == 5.0
+
+
+@pytest.mark.parametrize("field", ["num_frames", "fps", "video_width", "video_height", "video_guidance_scale"])
+def test_any_video_field_makes_a_video(field):
+    value = {"num_frames": 33, "fps": 12, "video_width": 480, "video_height": 832, "video_guidance_scale": 6.0}[field]
+    request = parse_runsync_input(with_(**{field: value}))
+    assert request.task_type == TEXT2VIDEO and getattr(request, field) == value
+
+
+def test_full_request_from_the_contract_with_null_seed():
+    request = parse_runsync_input(
+        with_(width=512, height=768, num_images_per_prompt=2, num_inference_steps=30, guidance_scale=7,
+              negative_prompt="blurry, low quality", seed=None)
+    )
+    assert request.guidance_scale == 7.0 and isinstance(request.guidance_scale, float)
+    assert (request.height, request.num_images_per_prompt, request.seed) == (768, 2, None)
+    assert request.negative_prompt == "blurry, low quality"
+
+
+@pytest.mark.parametrize("value", [256, 1024, 8 * 100])
+def test_bounds_are_inclusive(value):
+    assert parse_runsync_input(with_(width=value, height=value)).width == value
+
+
+@pytest.mark.parametrize("seed", [0, 1234567890, 2**63 - 1, -(2**63)])
+def test_seed_accepts_any_int64(seed):
+    assert parse_runsync_input(with_(seed=seed)).seed == seed
+
+
+def test_inline_request_needs_no_ids():
+    request = parse_runsync_input({"prompt": "a cat", "use_cloud_storage": False})
+    assert request.user_id is None and request.file_uid is None and not request.use_cloud_storage
+
+
+def test_parameters_echo_only_what_was_given():
+    request = parse_runsync_input(with_(width=768, seed=7))
+    assert request.parameters() == {
+        "file_uid": "f1", "prompt": BASE["prompt"], "seed": 7, "use_cloud_storage": True, "user_id": "u1", "width": 768,
+    }
+    assert parse_runsync_input(request.parameters()) == request
+
+
+# --- client-written documents -------------------------------------------------------------------------------
+
+CLIENT_DOC = {"status": "queued", "created_at": object(), "prompt": "Waves", "generated": False, "error": False}
+
+
+def test_client_sample_doc_with_camelcase_options_is_read_as_snake_case():
+    doc = dict(CLIENT_DOC, numFrames=24, fps=10, videoWidth=480, videoGuidanceScale=6.5, numInferenceSteps=12)
+    request = parse_document("user123", "videos", "file789", doc)
+    assert request.task_type == TEXT2VIDEO
+    assert (request.user_id, request.file_uid, request.use_cloud_storage) == ("user123", "file789", True)
+    assert (request.num_frames, request.fps, request.video_width, request.video_guidance_scale) == (24, 10, 480, 6.5)
+    assert request.num_inference_steps == 12
+
+
+def test_doc_path_decides_ids_and_type():
+    doc = dict(CLIENT_DOC, user_id="someone-else", file_uid="other", width=768)
+    request = parse_document("user123", "images", "file456", doc)
+    assert (request.user_id, request.file_uid, request.task_type, request.width) == ("user123", "file456", TEXT2IMAGE, 768)
+    assert parse_document("u", "videos", "f", CLIENT_DOC).task_type == TEXT2VIDEO
+
+
+def test_doc_worker_fields_and_unknown_metadata_are_skipped():
+    doc = dict(CLIENT_DOC, worker_id="w1", attempts=2, progress=0.5, title="my picture", status="processing")
+    assert parse_document("u", "images", "f", doc).prompt == "Waves"
+
+
+@pytest.mark.parametrize(
+    "media,doc,message",
+    [
+        ("images", dict(CLIENT_DOC, prompt=""), "prompt is required"),
+        ("images", {k: v for k, v in CLIENT_DOC.items() if k != "prompt"}, "prompt is required"),
+        ("images", dict(CLIENT_DOC, width=2048), "width must be between 256 and 1024"),
+        ("videos", dict(CLIENT_DOC, numFrames=100), "num_frames must be between 16 and 81"),
+        ("videos", dict(CLIENT_DOC, numFrames="16"), "Validation failed: num_frames must be an integer"),
+        ("videos", dict(CLIENT_DOC, numFrames=16, num_frames=24),
+         "Validation failed: num_frames is given twice with different values"),
+        ("images", dict(CLIENT_DOC, numFrames=16),
+         "Validation failed: num_frames is a video field: video jobs belong under generations/{user_id}/videos"),
+        ("audio", CLIENT_DOC, "Validation failed: media type must be 'images' or 'videos', not 'audio'"),
+    ],
+)
+def test_bad_documents_are_refused_with_the_contracts_message(media, doc, message):
+    with pytest.raises(ContractError) as info:
+        parse_document("u", media, "f", doc)
+    assert info.value.message == message
+
+
+def test_document_path_ids_are_checked():
+    with pytest.raises(ContractError, match="user_id"):
+        parse_document("__x__", "images", "f", CLIENT_DOC)
+
+
+def test_request_is_plain_frozen_data():
+    request = GenerationRequest(prompt="p")
+    with pytest.raises(AttributeError):
+        request.prompt = "q"  # type: ignore[misc]
