@@ -6,12 +6,17 @@ so the mapping works in processes that never load a model (the Cloud Function, t
 
 from __future__ import annotations
 
+from .contract import ContractError
+
 MODEL_NOT_AVAILABLE = "ModelNotAvailable"
 OUT_OF_MEMORY = "OutOfMemoryError"
 RUNTIME_ERROR = "RuntimeError"
 CONNECTION_ERROR = "ConnectionError"
 EXCEPTION = "Exception"
-ERROR_TYPES = (MODEL_NOT_AVAILABLE, OUT_OF_MEMORY, RUNTIME_ERROR, CONNECTION_ERROR, EXCEPTION)
+# Beyond the contract's list: a job document whose parameters break the contract (a runsync call is refused
+# before any doc exists, so only client-written docs end this way). None of the five fits it.
+VALIDATION_ERROR = "ValidationError"
+ERROR_TYPES = (MODEL_NOT_AVAILABLE, OUT_OF_MEMORY, RUNTIME_ERROR, CONNECTION_ERROR, EXCEPTION, VALIDATION_ERROR)
 
 MAX_MESSAGE_CHARS = 300
 
@@ -55,6 +60,8 @@ def classify(exc: BaseException, *, during: str = "generation") -> GenerationErr
     """Map any exception raised while running a job onto the contract's error types."""
     if isinstance(exc, GenerationError):
         return exc
+    if isinstance(exc, ContractError):
+        return GenerationError(VALIDATION_ERROR, exc.message)
     if _is_oom(exc) or isinstance(exc, MemoryError):
         return GenerationError(OUT_OF_MEMORY, f"Out of memory during {during}")
     if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.startswith(

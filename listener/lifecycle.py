@@ -1,0 +1,144 @@
+"""One job's life, as pure decisions: given a job document and the server's time, what to write.
+
+Every function here is a guard plus an update: it looks at the current document and returns the fields to
+write, or None when the transition is not allowed (someone else owns the job, it is finished, ...). The job
+store runs each of them inside one Firestore transaction, so a decision is always made on fresh data.
+
+    queued ──claim──► processing ──complete──► completed
+      ▲                 │  │ └──────fail─────► failed
+      └────release──────┘  └─(lease expired)─► claimable again, until max_attempts ► failed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Mapping
+
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
+
+from generation.errors import EXCEPTION, GenerationError
+
+QUEUED, PROCESSING, COMPLETED, FAILED = "queued", "processing", "completed", "failed"
+FINAL_STATES = (COMPLETED, FAILED)
+
+Doc = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The fencing token of one claim: a write is allowed only while the doc still carries both values."""
+
+    worker_id: str
+    attempt: int
+
+
+def holds(doc: Doc | None, lease: Lease) -> bool:
+    return (
+        doc is not None
+        and doc.get("status") == PROCESSING
+        and doc.get("worker_id") == lease.worker_id
+        and doc.get("attempts") == lease.attempt
+    )
+
+
+def lease_expired(doc: Doc, now: datetime) -> bool:
+    expires = doc.get("lease_expires_at")
+    return expires is None or expires <= now
+
+
+def claimable(doc: Doc | None, now: datetime) -> bool:
+    if doc is None:
+        return False
+    status = doc.get("status")
+    return status == QUEUED or (status == PROCESSING and lease_expired(doc, now))
+
+
+def claim(doc: Doc | None, now: datetime, *, worker_id: str, lease_seconds: float, max_attempts: int) -> dict | None:
+    """Claim a queued doc, or one whose owner's lease ran out; past max_attempts, fail it instead."""
+    if not claimable(doc, now):
+        return None
+    attempts = int(doc.get("attempts") or 0)
+    if attempts >= max_attempts:
+        last = "its worker stopped responding" if doc.get("status") == PROCESSING else "it was given up"
+        return failure(
+            GenerationError(EXCEPTION, f"Generation failed after {attempts} attempts: {last}"),
+            user_id=doc.get("user_id"),
+            file_uid=doc.get("file_uid"),
+        )
+    return {
+        "status": PROCESSING,
+        "worker_id": worker_id,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "attempts": attempts + 1,
+        "started_at": SERVER_TIMESTAMP,
+        "modified": SERVER_TIMESTAMP,
+        "progress": 0.0,
+    }
+
+
+def renewal(now: datetime, *, lease_seconds: float, progress: float | None = None) -> dict:
+    update: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_seconds), "modified": SERVER_TIMESTAMP}
+    if progress is not None:
+        update["progress"] = round(min(max(progress, 0.0), 1.0), 3)
+    return update
+
+
+def release(doc: Doc) -> dict:
+    """Give a job back to the queue on shutdown; the interrupted try does not count as an attempt."""
+    return {
+        "status": QUEUED,
+        "worker_id": DELETE_FIELD,
+        "lease_expires_at": DELETE_FIELD,
+        "progress": DELETE_FIELD,
+        "attempts": max(int(doc.get("attempts") or 1) - 1, 0),
+        "modified": SERVER_TIMESTAMP,
+    }
+
+
+def success(
+    *,
+    task_type: str,
+    user_id: str,
+    file_uid: str,
+    urls: list[str],
+    seed: int,
+    video_info: dict | None = None,
+    timings: Mapping[str, float] | None = None,
+) -> dict:
+    """The contract's success document fields, plus the job's timings so users can see what it cost."""
+    if not urls:
+        raise ValueError("a completed job has at least one result")
+    fields: dict[str, Any] = {
+        "generated": True,
+        "error": False,
+        "status": COMPLETED,
+        "completed_at": SERVER_TIMESTAMP,
+        "modified": SERVER_TIMESTAMP,
+        "seed": seed,
+        "task_type": task_type,
+        "file_uid": file_uid,
+        "user_id": user_id,
+        "progress": 1.0,
+    }
+    if video_info is None:
+        fields.update(images=list(urls), image_url=urls[0], image_count=len(urls))
+    else:
+        fields.update(videos=list(urls), video_url=urls[0], video_info=dict(video_info))
+    fields.update({name: round(value, 3) for name, value in (timings or {}).items()})
+    return fields
+
+
+def failure(error: GenerationError, *, user_id: str | None, file_uid: str | None) -> dict:
+    """The contract's error document fields."""
+    fields: dict[str, Any] = {
+        "generated": False,
+        "error": True,
+        "status": FAILED,
+        "error_message": error.message,
+        "error_type": error.error_type,
+        "failed_at": SERVER_TIMESTAMP,
+        "modified": SERVER_TIMESTAMP,
+    }
+    fields.update({k: v for k, v in (("user_id", user_id), ("file_uid", file_uid)) if v is not None})
+    return fields

@@ -1,0 +1,98 @@
+"""The job state machine as pure decisions (no Firestore): guards and the exact fields each transition writes."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
+
+from generation.errors import GenerationError
+from listener import lifecycle
+from listener.lifecycle import Lease
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+CLAIM = dict(worker_id="w1", lease_seconds=60, max_attempts=3)
+
+
+def processing(worker="w0", attempts=1, expires_in=30.0):
+    return {"status": "processing", "worker_id": worker, "attempts": attempts,
+            "lease_expires_at": NOW + timedelta(seconds=expires_in), "user_id": "u", "file_uid": "f"}
+
+
+def test_claim_of_a_queued_doc():
+    update = lifecycle.claim({"status": "queued"}, NOW, **CLAIM)
+    assert update == {
+        "status": "processing", "worker_id": "w1", "lease_expires_at": NOW + timedelta(seconds=60), "attempts": 1,
+        "started_at": SERVER_TIMESTAMP, "modified": SERVER_TIMESTAMP, "progress": 0.0,
+    }
+
+
+@pytest.mark.parametrize("doc", [None, {"status": "completed"}, {"status": "failed"}, processing(expires_in=1)])
+def test_nothing_else_is_claimable(doc):
+    assert lifecycle.claim(doc, NOW, **CLAIM) is None
+
+
+def test_an_expired_lease_is_claimable_and_counts_an_attempt():
+    update = lifecycle.claim(processing(attempts=1, expires_in=-1), NOW, **CLAIM)
+    assert (update["worker_id"], update["attempts"]) == ("w1", 2)
+
+
+def test_past_max_attempts_the_job_fails_instead():
+    update = lifecycle.claim(processing(attempts=3, expires_in=-1), NOW, **CLAIM)
+    assert update["status"] == "failed" and update["error"] is True and update["generated"] is False
+    assert update["error_message"] == "Generation failed after 3 attempts: its worker stopped responding"
+    assert update["error_type"] == "Exception" and (update["user_id"], update["file_uid"]) == ("u", "f")
+
+
+def test_fencing_needs_status_worker_and_attempt():
+    doc = processing(worker="w1", attempts=2)
+    assert lifecycle.holds(doc, Lease("w1", 2))
+    assert not lifecycle.holds(doc, Lease("w1", 1))
+    assert not lifecycle.holds(doc, Lease("w2", 2))
+    assert not lifecycle.holds(dict(doc, status="completed"), Lease("w1", 2))
+    assert not lifecycle.holds(None, Lease("w1", 2))
+
+
+def test_release_gives_the_attempt_back():
+    assert lifecycle.release(processing(attempts=2)) == {
+        "status": "queued", "worker_id": DELETE_FIELD, "lease_expires_at": DELETE_FIELD, "progress": DELETE_FIELD,
+        "attempts": 1, "modified": SERVER_TIMESTAMP,
+    }
+
+
+def test_renewal_clamps_progress():
+    assert lifecycle.renewal(NOW, lease_seconds=10, progress=1.7)["progress"] == 1.0
+    assert "progress" not in lifecycle.renewal(NOW, lease_seconds=10)
+
+
+def test_success_fields_for_images_are_the_contracts():
+    fields = lifecycle.success(task_type="text2image", user_id="user123", file_uid="file456",
+                               urls=["a.png", "b.png"], seed=1234567890, timings={"generation_seconds": 1.23456})
+    assert fields == {
+        "generated": True, "error": False, "status": "completed", "completed_at": SERVER_TIMESTAMP,
+        "modified": SERVER_TIMESTAMP, "images": ["a.png", "b.png"], "image_url": "a.png", "image_count": 2,
+        "seed": 1234567890, "task_type": "text2image", "file_uid": "file456", "user_id": "user123",
+        "progress": 1.0, "generation_seconds": 1.235,
+    }
+
+
+def test_success_fields_for_a_video_are_the_contracts():
+    info = {"frames": 16, "fps": 8, "duration_seconds": 2.0, "width": 512, "height": 512}
+    fields = lifecycle.success(task_type="text2video", user_id="u", file_uid="f", urls=["v.mp4"], seed=1,
+                               video_info=info)
+    assert (fields["videos"], fields["video_url"], fields["video_info"]) == (["v.mp4"], "v.mp4", info)
+    assert "images" not in fields and "image_url" not in fields
+
+
+def test_no_partial_success():
+    with pytest.raises(ValueError):
+        lifecycle.success(task_type="text2image", user_id="u", file_uid="f", urls=[], seed=1)
+
+
+def test_failure_fields_are_the_contracts():
+    fields = lifecycle.failure(GenerationError("OutOfMemoryError", "Out of memory during generation"),
+                               user_id="user123", file_uid="file456")
+    assert fields == {
+        "generated": False, "error": True, "status": "failed", "error_message": "Out of memory during generation",
+        "error_type": "OutOfMemoryError", "failed_at": SERVER_TIMESTAMP, "modified": SERVER_TIMESTAMP,
+        "user_id": "user123", "file_uid": "file456",
+    }
