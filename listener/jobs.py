@@ -1,0 +1,166 @@
+"""The Firestore job store: every transition of `lifecycle` runs here, each in one transaction.
+
+`JobStore.transition` is the only place that writes a job document after its creation: it reads the doc
+inside a transaction, asks a pure decision function what to write given the server's read time, and writes
+exactly that or nothing. Claim, renew, complete, fail and release are one line each on top of it, so the
+fencing (status + worker_id + attempt) can never be skipped by one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable, Mapping
+
+from google.cloud import firestore
+from google.cloud.firestore import SERVER_TIMESTAMP
+
+from generation.contract import MEDIA_TYPE, GenerationRequest
+from generation.errors import GenerationError
+
+from . import lifecycle
+from .lifecycle import Lease
+
+COLLECTION = "generations"
+MEDIA_TYPES = tuple(MEDIA_TYPE.values())
+
+Decide = Callable[[dict[str, Any], datetime], "dict | None"]
+
+
+@dataclass(frozen=True)
+class JobKey:
+    user_id: str
+    media_type: str
+    file_uid: str
+
+    @classmethod
+    def of(cls, request: GenerationRequest) -> "JobKey":
+        return cls(request.user_id, request.media_type, request.file_uid)
+
+    @classmethod
+    def from_path(cls, path: str) -> "JobKey":
+        root, user_id, media_type, file_uid = path.split("/")
+        if root != COLLECTION or media_type not in MEDIA_TYPES:
+            raise ValueError(f"not a job document path: {path}")
+        return cls(user_id, media_type, file_uid)
+
+    @property
+    def path(self) -> str:
+        return f"{COLLECTION}/{self.user_id}/{self.media_type}/{self.file_uid}"
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    key: JobKey
+    lease: Lease
+    doc: dict[str, Any]  # the document as it was claimed
+    claimed_at: datetime  # server time
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a transition saw and, when it was allowed, what it wrote."""
+
+    before: dict[str, Any] | None
+    written: dict | None
+    read_time: datetime
+
+    @property
+    def applied(self) -> bool:
+        return self.written is not None
+
+
+class JobStore:
+    def __init__(self, client: firestore.Client, *, worker_id: str, lease_seconds: float = 120, max_attempts: int = 3):
+        self.client = client
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+
+    def ref(self, key: JobKey) -> firestore.DocumentReference:
+        return self.client.document(key.path)
+
+    def transition(self, key: JobKey, decide: Decide) -> Outcome:
+        """Read the doc in a transaction, let `decide` choose the update from it and the server time, write it."""
+        ref = self.ref(key)
+
+        @firestore.transactional
+        def run(transaction: firestore.Transaction) -> Outcome:
+            snapshot = ref.get(transaction=transaction)
+            before = {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
+            update = decide(before, snapshot.read_time)
+            if update is not None:
+                transaction.update(ref, update) if snapshot.exists else transaction.create(ref, update)
+            return Outcome(before, update, snapshot.read_time)
+
+        return run(self.client.transaction())
+
+    def _fenced(self, job: ClaimedJob, make: Callable[[dict, datetime], dict]) -> bool:
+        return self.transition(
+            job.key, lambda doc, now: make(doc, now) if lifecycle.holds(doc, job.lease) else None
+        ).applied
+
+    # --- the transitions -------------------------------------------------------------------------------------
+
+    def claim(self, key: JobKey) -> ClaimedJob | None:
+        """Take the job if it is queued or its lease ran out; exactly one of many racing workers wins."""
+        outcome = self.transition(
+            key,
+            lambda doc, now: lifecycle.claim(
+                doc, now, worker_id=self.worker_id, lease_seconds=self.lease_seconds, max_attempts=self.max_attempts
+            ),
+        )
+        if not outcome.applied or outcome.written.get("status") != lifecycle.PROCESSING:
+            return None
+        lease = Lease(self.worker_id, outcome.written["attempts"])
+        return ClaimedJob(key, lease, outcome.before, outcome.read_time)
+
+    def renew(self, job: ClaimedJob, progress: float | None = None) -> bool:
+        """Extend the lease (and record progress) while this worker still owns the job."""
+        return self._fenced(
+            job, lambda doc, now: lifecycle.renewal(now, lease_seconds=self.lease_seconds, progress=progress)
+        )
+
+    def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> bool:
+        return self._fenced(job, lambda doc, now: dict(fields))
+
+    def fail(self, job: ClaimedJob, error: GenerationError) -> bool:
+        return self._fenced(
+            job, lambda doc, now: lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
+        )
+
+    def release(self, job: ClaimedJob) -> bool:
+        return self._fenced(job, lambda doc, now: lifecycle.release(doc))
+
+    def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
+        """Fail a queued job without running it (for example when the callable's request was rejected)."""
+        return self.transition(
+            key,
+            lambda doc, now: lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
+            if doc is not None and doc.get("status") == lifecycle.QUEUED
+            else None,
+        ).applied
+
+    def ensure_queued(self, request: GenerationRequest) -> dict[str, Any]:
+        """Create the job's queued doc from the request unless a doc exists; return the doc as it now stands.
+
+        A doc that exists (written by the callable, the client, or an earlier call) is never touched.
+        """
+        outcome = self.transition(
+            JobKey.of(request), lambda doc, now: queued_document(request) if doc is None else None
+        )
+        return outcome.before if outcome.before is not None else dict(outcome.written)
+
+
+def queued_document(request: GenerationRequest) -> dict[str, Any]:
+    return {
+        **request.parameters(),
+        "status": lifecycle.QUEUED,
+        "created_at": SERVER_TIMESTAMP,
+        "modified": SERVER_TIMESTAMP,
+        "generated": False,
+        "error": False,
+        "task_type": request.task_type,
+        "user_id": request.user_id,
+        "file_uid": request.file_uid,
+    }

@@ -1,0 +1,154 @@
+"""The job store's transactions on the real Firestore emulator: claims race, stale workers are fenced off."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from generation.contract import parse_runsync_input
+from generation.errors import GenerationError
+from listener.jobs import JobKey, JobStore
+
+KEY = JobKey("user123", "images", "file456")
+
+
+def queue(client, key=KEY, **fields):
+    client.document(key.path).set({"status": "queued", "prompt": "a red car", "generated": False, "error": False,
+                                   **fields})
+
+
+def store(client, worker="w1", lease=60.0, max_attempts=3):
+    return JobStore(client, worker_id=worker, lease_seconds=lease, max_attempts=max_attempts)
+
+
+def read(client, key=KEY):
+    return client.document(key.path).get().to_dict()
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_one_winner_among_racing_workers(firestore_client):
+    queue(firestore_client)
+    stores = [store(firestore_client, f"w{i}") for i in range(8)]
+    start = threading.Barrier(len(stores))
+
+    def race(s):
+        start.wait()
+        return s.claim(KEY)
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        claims = [job for job in pool.map(race, stores) if job is not None]
+    assert len(claims) == 1
+    doc = read(firestore_client)
+    assert doc["status"] == "processing" and doc["attempts"] == 1
+    assert doc["worker_id"] == claims[0].lease.worker_id
+    assert doc["lease_expires_at"] > doc["started_at"]
+
+
+def test_stale_worker_is_fenced_off_after_its_lease_is_taken(firestore_client):
+    queue(firestore_client)
+    stale = store(firestore_client, "stale", lease=0.3).claim(KEY)
+    assert stale is not None
+    fresh_store = store(firestore_client, "fresh")
+    assert wait_until(lambda: fresh_store.claim(KEY) is not None)
+    doc = read(firestore_client)
+    assert (doc["worker_id"], doc["attempts"]) == ("fresh", 2)
+
+    stale_store = store(firestore_client, "stale")
+    assert not stale_store.renew(stale, progress=0.5)
+    assert not stale_store.complete(stale, {"status": "completed", "generated": True})
+    assert not stale_store.fail(stale, GenerationError("RuntimeError", "boom"))
+    assert not stale_store.release(stale)
+    assert read(firestore_client)["status"] == "processing"
+
+
+def test_the_same_worker_with_an_old_attempt_is_fenced_too(firestore_client):
+    queue(firestore_client)
+    s = store(firestore_client, "w1", lease=0.3)
+    first = s.claim(KEY)
+    assert wait_until(lambda: s.claim(KEY) is not None)
+    assert not s.complete(first, {"status": "completed"})
+
+
+def test_renew_extends_the_lease_and_records_progress(firestore_client):
+    queue(firestore_client)
+    s = store(firestore_client)
+    job = s.claim(KEY)
+    before = read(firestore_client)["lease_expires_at"]
+    assert s.renew(job, progress=0.5)
+    doc = read(firestore_client)
+    assert doc["progress"] == 0.5 and doc["lease_expires_at"] > before
+
+
+def test_attempts_are_capped(firestore_client):
+    queue(firestore_client)
+    s = store(firestore_client, lease=0.2, max_attempts=3)
+    for attempt in (1, 2, 3):
+        assert wait_until(lambda: (job := s.claim(KEY)) is not None and job.lease.attempt == attempt)
+    # The fourth claim finds the lease expired and no attempt left: it fails the job instead of running it.
+    assert wait_until(lambda: s.claim(KEY) is None and read(firestore_client)["status"] == "failed")
+    doc = read(firestore_client)
+    assert doc["error_message"] == "Generation failed after 3 attempts: its worker stopped responding"
+    assert (doc["error"], doc["generated"], doc["error_type"]) == (True, False, "Exception")
+    assert (doc["user_id"], doc["file_uid"], doc["attempts"]) == ("user123", "file456", 3)
+    assert s.claim(KEY) is None
+
+
+def test_complete_and_fail_are_final(firestore_client):
+    queue(firestore_client)
+    s = store(firestore_client)
+    job = s.claim(KEY)
+    assert s.fail(job, GenerationError("OutOfMemoryError", "Out of memory during generation"))
+    doc = read(firestore_client)
+    assert (doc["status"], doc["error_type"], doc["error_message"]) == (
+        "failed", "OutOfMemoryError", "Out of memory during generation")
+    assert "failed_at" in doc and doc["modified"] == doc["failed_at"]
+    assert s.claim(KEY) is None and not s.complete(job, {"status": "completed"})
+
+
+def test_release_puts_the_job_back_for_another_worker(firestore_client):
+    queue(firestore_client)
+    job = store(firestore_client, "leaving").claim(KEY)
+    assert store(firestore_client, "leaving").release(job)
+    doc = read(firestore_client)
+    assert doc["status"] == "queued" and doc["attempts"] == 0
+    assert not {"worker_id", "lease_expires_at", "progress"} & doc.keys()
+    again = store(firestore_client, "other").claim(KEY)
+    assert (again.lease.worker_id, again.lease.attempt) == ("other", 1)
+
+
+def test_ensure_queued_creates_once_and_never_touches_an_existing_doc(firestore_client):
+    request = parse_runsync_input({"prompt": "A sunset over mountains", "user_id": "test-user",
+                                   "file_uid": "test-img-001", "use_cloud_storage": True, "width": 512})
+    s = store(firestore_client)
+    s.ensure_queued(request)
+    key = JobKey.of(request)
+    doc = read(firestore_client, key)
+    assert doc["status"] == "queued" and doc["width"] == 512 and doc["task_type"] == "text2image"
+    assert (doc["generated"], doc["error"], doc["user_id"], doc["file_uid"]) == (False, False, "test-user", "test-img-001")
+    assert "created_at" in doc
+    job = s.claim(key)
+    assert s.ensure_queued(request)["status"] == "processing"
+    assert read(firestore_client, key)["worker_id"] == job.lease.worker_id
+
+
+def test_fail_unclaimed_only_fails_a_queued_doc(firestore_client):
+    queue(firestore_client)
+    s = store(firestore_client)
+    assert s.fail_unclaimed(KEY, GenerationError("Exception", "rejected"))
+    assert read(firestore_client)["status"] == "failed"
+    assert not s.fail_unclaimed(KEY, GenerationError("Exception", "again"))
+
+
+@pytest.mark.parametrize("path", ["generations/u/audio/f", "other/u/images/f", "generations/u/images"])
+def test_job_keys_come_only_from_job_paths(path):
+    with pytest.raises(ValueError):
+        JobKey.from_path(path)
