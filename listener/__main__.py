@@ -1,0 +1,108 @@
+"""`python -m listener`: the RunPod worker. Serves runsync and runs the reconciler in one process.
+
+The RunPod SDK's own flags pass through unchanged (`--rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port 8000`
+serves its local API). Outside RunPod and without those flags, the worker runs the reconciler alone: it still
+picks up every queued doc, it just has no HTTP door.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+
+_T0 = time.perf_counter()
+
+
+def make_worker_id() -> str:
+    pod = os.environ.get("RUNPOD_POD_ID") or socket.gethostname()
+    return f"{pod}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _on_runpod(argv: list[str]) -> bool:
+    flags = ("--rp_serve_api", "--test_input")
+    return bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB")) or any(a.split("=")[0] in flags for a in argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from .settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"listener: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    from .logs import configure
+
+    worker_id = make_worker_id()
+    configure(worker_id, os.environ.get("LOG_LEVEL", "INFO"))
+    import structlog
+
+    log = structlog.get_logger("listener")
+
+    from google.cloud import firestore, storage
+
+    from generation.engine import Engine, EngineConfig
+
+    from .handler import RunsyncHandler
+    from .jobs import JobStore
+    from .reconciler import Reconciler
+    from .runner import JobRunner
+    from .storage import ResultStore
+
+    imported = time.perf_counter()
+    engine = Engine(EngineConfig(image_model=settings.image_model, video_model=settings.video_model))
+    for task_type, failure in engine.preload().items():
+        log.warning("model_not_available", task_type=task_type, error=failure.message)
+    loaded = time.perf_counter()
+
+    project = settings.google_cloud_project
+    store = JobStore(
+        firestore.Client(project=project),
+        worker_id=worker_id,
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+    )
+    results = ResultStore.from_settings(storage.Client(project=project), settings)
+    reconciler = Reconciler(
+        store,
+        JobRunner(store, engine, results),
+        concurrency=settings.concurrency,
+        sweep_interval=settings.sweep_interval_seconds,
+    ).start()
+    log.info(
+        "worker_ready",
+        import_seconds=round(imported - _T0, 3),
+        load_seconds=round(loaded - imported, 3),
+        ready_seconds=round(time.perf_counter() - _T0, 3),
+        project=project,
+        bucket=settings.storage_bucket,
+        image_model=settings.image_model,
+        video_model=settings.video_model,
+    )
+    try:
+        if _on_runpod(argv):
+            import runpod
+
+            runpod.serverless.start({"handler": RunsyncHandler(store, reconciler.submit, engine)})
+        else:
+            log.info("reconciler_only", reason="not on RunPod and no --rp_serve_api: no runsync door")
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+    finally:
+        # RunPod sends SIGTERM before it stops an idle worker: finish the running job within the grace period,
+        # or give it back to the queue for another worker.
+        reconciler.stop(settings.shutdown_grace_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The runsync handler: validate, make sure the job's doc is queued, hand it to the local slot, answer at once.
+
+Generation never runs on the request path for `use_cloud_storage: true`; the handler only does one Firestore
+transaction. Idempotent by file_uid: the doc is created only when absent, and an existing doc decides the
+answer (a failed job answers with its recorded error; a new file_uid is a new try).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any, Callable
+
+import structlog
+
+from generation.contract import ContractError, GenerationRequest, parse_runsync_input
+from generation.errors import classify
+
+from . import lifecycle
+from .jobs import JobKey, JobStore
+
+log = structlog.get_logger("listener.handler")
+
+ACCEPTED_MESSAGE = "Generation task accepted and processing"
+INLINE_LIMIT_BYTES = 20 * 1024 * 1024  # RunPod's response size limit
+
+
+def accepted(request: GenerationRequest) -> dict[str, Any]:
+    return {
+        "status": "accepted",
+        "message": ACCEPTED_MESSAGE,
+        "user_id": request.user_id,
+        "file_uid": request.file_uid,
+        "task_type": request.task_type,
+    }
+
+
+def rejected(message: str) -> dict[str, Any]:
+    return {"error": message, "status": "failed"}
+
+
+class RunsyncHandler:
+    def __init__(self, store: JobStore, submit: Callable[[JobKey], None], generator=None):
+        self.store = store
+        self.submit = submit
+        self.generator = generator
+
+    async def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
+        # The SDK awaits handlers on its event loop: the Firestore round trip goes to a thread so that
+        # concurrent requests overlap instead of queueing behind each other.
+        return await asyncio.to_thread(self.handle, job.get("input"))
+
+    def handle(self, data: Any) -> dict[str, Any]:
+        try:
+            request = parse_runsync_input(data)
+        except ContractError as exc:
+            log.info("request_rejected", error=exc.message)
+            return rejected(exc.message)
+        if not request.use_cloud_storage:
+            return self.inline(request)
+        key = JobKey.of(request)
+        try:
+            doc = self.store.ensure_queued(request)
+        except Exception as exc:
+            log.error("request_not_recorded", user_id=key.user_id, file_uid=key.file_uid, error=str(exc))
+            return rejected(f"Could not record the job, please retry: {classify(exc, during='job creation').message}")
+        status = doc.get("status")
+        if status == lifecycle.FAILED:
+            return rejected(doc.get("error_message") or "Generation failed")
+        if status == lifecycle.QUEUED:
+            self.submit(key)
+        log.info("request_accepted", user_id=key.user_id, file_uid=key.file_uid, status=status)
+        return accepted(request)
+
+    def inline(self, request: GenerationRequest) -> dict[str, Any]:
+        """`use_cloud_storage: false`: generate in the request and return the media as base64."""
+        if self.generator is None:
+            return rejected("Inline generation is not available on this worker")
+        try:
+            result = self.generator.generate(request)
+        except Exception as exc:
+            return rejected(classify(exc).message)
+        size = sum(len(data) for data, *_ in result.files)
+        if size * 4 / 3 > INLINE_LIMIT_BYTES:
+            return rejected(
+                f"Result is {size / 1e6:.1f} MB, over RunPod's 20 MB response limit once encoded: "
+                "use use_cloud_storage: true, or ask for fewer or smaller outputs"
+            )
+        encoded = [base64.b64encode(data).decode("ascii") for data, *_ in result.files]
+        output: dict[str, Any] = {
+            "generated": True,
+            "error": False,
+            "status": lifecycle.COMPLETED,
+            "seed": result.seed,
+            "task_type": request.task_type,
+        }
+        if request.is_video:
+            output.update(videos=encoded, video_info=result.video_info)
+        else:
+            output.update(images=encoded, image_count=len(encoded))
+        return output

@@ -1,0 +1,213 @@
+"""The reconciler: finds work in Firestore and claims it when a local generation slot is free.
+
+Three sources feed one queue of candidate jobs:
+- `on_snapshot` listeners on queued docs (collection-group queries over `images` and `videos`): the fast path;
+- a periodic sweep that queries queued docs and expired leases: the safety net for anything a listener missed
+  (and the only way to see a lease run out, which no document write announces);
+- `submit`, from the runsync handler, for the job it just accepted.
+The sweep is also the watchdog: a listener that closed, or that stayed silent about a queued doc the sweep
+found, is restarted. A candidate is only a hint; the claim transaction decides, so many workers can race.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Callable
+
+import structlog
+from google.cloud import firestore
+from google.cloud.firestore import FieldFilter
+
+from . import lifecycle
+from .jobs import MEDIA_TYPES, JobKey, JobStore
+from .runner import JobRunner
+
+log = structlog.get_logger("listener.reconciler")
+
+SWEEP_LIMIT = 50
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: JobStore,
+        runner: JobRunner,
+        *,
+        concurrency: int = 1,
+        sweep_interval: float = 10.0,
+        on_finished: Callable[[JobKey, str], None] | None = None,
+    ):
+        self.store = store
+        self.runner = runner
+        self.concurrency = concurrency
+        self.sweep_interval = sweep_interval
+        self.on_finished = on_finished
+        self._cv = threading.Condition()
+        self._pending: OrderedDict[JobKey, None] = OrderedDict()
+        self._active: dict[JobKey, threading.Thread] = {}
+        self._claiming = False
+        self._stopping = threading.Event()
+        self._watches: dict[str, object] = {}
+        self._heard: dict[str, float] = {}  # media type → when its listener last delivered a snapshot
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle of the reconciler itself ------------------------------------------------------------------
+
+    def start(self) -> "Reconciler":
+        self._claiming = True
+        for media in MEDIA_TYPES:
+            self._listen(media)
+        for target, name in ((self._dispatch_loop, "dispatch"), (self._sweep_loop, "sweep")):
+            thread = threading.Thread(target=target, name=f"reconciler-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("reconciler_started", worker_id=self.store.worker_id, concurrency=self.concurrency)
+        return self
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
+        with self._cv:
+            self._claiming = False
+            self._pending.clear()
+            self._cv.notify_all()
+        self._stopping.set()
+        for watch in self._watches.values():
+            _close(watch)
+        if not self.wait_idle(grace):
+            log.warning("shutdown_grace_exceeded", releasing=len(self._active))
+            self.runner.abort.set()
+            self.wait_idle(30.0)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        log.info("reconciler_stopped", worker_id=self.store.worker_id)
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    @property
+    def busy(self) -> int:
+        with self._cv:
+            return len(self._active)
+
+    # --- candidates ------------------------------------------------------------------------------------------
+
+    def submit(self, key: JobKey) -> None:
+        """A job this worker was asked to run (runsync): first in line for the next free slot."""
+        self._offer(key, first=True)
+
+    def _offer(self, key: JobKey, first: bool = False) -> None:
+        with self._cv:
+            if not self._claiming or key in self._active:
+                return
+            self._pending[key] = None
+            self._pending.move_to_end(key, last=not first)
+            self._cv.notify_all()
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._claiming and not (self._pending and len(self._active) < self.concurrency):
+                    self._cv.wait()
+                if not self._claiming:
+                    return
+                key, _ = self._pending.popitem(last=False)
+            try:
+                job = self.store.claim(key)
+            except Exception as exc:
+                log.warning("claim_error", path=key.path, error=str(exc))
+                continue
+            if job is None:
+                continue
+            log.info("job_claimed", user_id=key.user_id, file_uid=key.file_uid, attempt=job.lease.attempt)
+            thread = threading.Thread(target=self._run, args=(job,), name=f"job-{key.file_uid}", daemon=True)
+            with self._cv:
+                self._active[key] = thread
+            thread.start()
+
+    def _run(self, job) -> None:
+        outcome = "error"
+        try:
+            outcome = self.runner.run(job)
+        except BaseException as exc:  # never let a job thread die silently with a slot held
+            log.error("job_runner_crashed", error=repr(exc), path=job.key.path)
+        finally:
+            with self._cv:
+                self._active.pop(job.key, None)
+                self._cv.notify_all()
+            if self.on_finished:
+                self.on_finished(job.key, outcome)
+
+    # --- listeners and the sweep (also the watchdog) ---------------------------------------------------------
+
+    def _queued(self, media: str):
+        return self.store.client.collection_group(media).where(filter=FieldFilter("status", "==", lifecycle.QUEUED))
+
+    def _listen(self, media: str) -> None:
+        def on_snapshot(docs, changes, read_time):
+            self._heard[media] = time.monotonic()
+            for change in changes:
+                if change.type.name in ("ADDED", "MODIFIED"):
+                    self._offer_path(change.document.reference.path)
+
+        self._heard[media] = time.monotonic()
+        self._watches[media] = self._queued(media).on_snapshot(on_snapshot)
+
+    def _offer_path(self, path: str) -> None:
+        try:
+            self._offer(JobKey.from_path(path))
+        except ValueError:
+            pass  # an `images`/`videos` collection outside generations/: not ours
+
+    def _sweep_loop(self) -> None:
+        while not self._stopping.wait(self.sweep_interval):
+            try:
+                self.sweep()
+            except Exception as exc:
+                log.warning("sweep_error", error=str(exc))
+
+    def sweep(self) -> int:
+        """Offer every queued or lease-expired job; restart listeners that died or missed a queued doc."""
+        now = datetime.now(timezone.utc)
+        found = 0
+        for media in MEDIA_TYPES:
+            expired = self.store.client.collection_group(media).where(
+                filter=FieldFilter("status", "==", lifecycle.PROCESSING)
+            ).where(filter=FieldFilter("lease_expires_at", "<", now))
+            missed = False
+            for query in (self._queued(media), expired):
+                for snapshot in query.limit(SWEEP_LIMIT).stream():
+                    found += 1
+                    self._offer_path(snapshot.reference.path)
+                    missed |= query is not expired and self._missed_by_listener(media, snapshot)
+            watch = self._watches.get(media)
+            if self._claiming and (missed or watch is None or getattr(watch, "_closed", False)):
+                log.warning("listener_restarted", media_type=media, reason="silent" if missed else "closed")
+                _close(watch)
+                self._listen(media)
+        return found
+
+    def _missed_by_listener(self, media: str, snapshot) -> bool:
+        """A queued doc older than a sweep that the listener has not spoken of since it was written."""
+        updated = snapshot.update_time
+        if updated is None:
+            return False
+        age = datetime.now(timezone.utc).timestamp() - updated.timestamp()
+        return age > 2 * self.sweep_interval and time.monotonic() - self._heard.get(media, 0) > age
+
+
+def _close(watch) -> None:
+    if watch is not None:
+        try:
+            watch.unsubscribe()
+        except Exception:
+            pass

@@ -1,0 +1,216 @@
+"""The reconciler and the job runner on the real Firestore and Storage emulators.
+
+The diffusion engine is replaced by `StubGenerator` here, on purpose: the engine is tested with real tiny
+pipelines in test_generation.py, and these tests are about the lifecycle (claims, leases, listeners, uploads),
+which a stand-in that blocks on demand lets us drive deterministically.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from listener.jobs import JobKey, JobStore
+from listener.reconciler import Reconciler
+from listener.runner import JobRunner
+from listener.storage import ResultStore, RetryPolicy
+
+
+def png_bytes(color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class StubGenerator:
+    """Returns small PNGs at once, or holds each job until `gate` is set while still reporting progress."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.gate = gate
+        self.started = threading.Event()
+        self.calls: list[str] = []
+
+    def generate(self, request, progress=None):
+        self.calls.append(request.file_uid)
+        self.started.set()
+        progress = progress or (lambda fraction: None)
+        while self.gate is not None and not self.gate.wait(0.02):
+            progress(0.1)  # a long denoising loop: each step may be told to stop
+        for step in range(1, 5):
+            progress(step / 4)
+        files = [(png_bytes(), "png", "image/png")] * request.num_images_per_prompt
+        return SimpleNamespace(seed=42 if request.seed is None else request.seed, files=files, video_info=None)
+
+
+def wait_until(predicate, timeout=15.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def results(storage_client, bucket, storage_emulator):
+    return ResultStore(storage_client, bucket.name, retry=RetryPolicy(attempts=3, max_seconds=2.0, initial_wait=0.05),
+                       emulator_host=storage_emulator.url)
+
+
+@pytest.fixture
+def make_worker(firestore_client, results):
+    started: list[Reconciler] = []
+
+    def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1):
+        store = JobStore(firestore_client, worker_id=name, lease_seconds=lease)
+        reconciler = Reconciler(store, JobRunner(store, generator or StubGenerator(), results),
+                                concurrency=concurrency, sweep_interval=sweep)
+        started.append(reconciler.start())
+        return reconciler
+
+    yield make
+    for reconciler in started:
+        reconciler.runner.abort.set()
+        reconciler.stop(grace=0)
+
+
+def write_job(client, key: JobKey, **fields):
+    client.document(key.path).set({"status": "queued", "prompt": "A red sports car", "generated": False,
+                                   "error": False, **fields})
+
+
+def doc(client, key):
+    return client.document(key.path).get().to_dict()
+
+
+def finished(client, key):
+    data = doc(client, key)
+    return data if data and data["status"] in ("completed", "failed") else None
+
+
+def test_a_client_written_doc_is_picked_up_and_completed(make_worker, firestore_client, bucket):
+    make_worker(sweep=30)  # the listener alone must find it
+    key = JobKey("user123", "images", "file456")
+    write_job(firestore_client, key, numImagesPerPrompt=2, seed=7)
+    data = wait_until(lambda: finished(firestore_client, key))
+    assert data["status"] == "completed" and data["generated"] is True and data["error"] is False
+    assert data["image_count"] == 2 and data["image_url"] == data["images"][0] and data["seed"] == 7
+    assert (data["task_type"], data["user_id"], data["file_uid"]) == ("text2image", "user123", "file456")
+    assert data["progress"] == 1.0 and data["attempts"] == 1
+    assert {"completed_at", "modified", "queue_seconds", "generation_seconds", "upload_seconds"} <= data.keys()
+    names = sorted(blob.name for blob in bucket.list_blobs())
+    assert names == ["generating/user123/image/file456.png", "generating/user123/image/file456_1.png"]
+    with urllib.request.urlopen(data["images"][1], timeout=5) as response:
+        assert response.read() == png_bytes()
+
+
+def test_a_bad_client_doc_fails_with_the_contracts_message(make_worker, firestore_client):
+    make_worker()
+    key = JobKey("u1", "images", "bad")
+    write_job(firestore_client, key, width=2048)
+    data = wait_until(lambda: finished(firestore_client, key))
+    assert (data["status"], data["error"], data["generated"]) == ("failed", True, False)
+    assert data["error_message"] == "width must be between 256 and 1024"
+    assert data["error_type"] == "ValidationError" and "failed_at" in data
+
+
+def test_a_killed_workers_job_is_finished_by_another_after_its_lease(make_worker, firestore_client, bucket):
+    key = JobKey("u1", "images", "orphan")
+    write_job(firestore_client, key)
+    # The "killed" worker: claimed the job, then never renewed or finished it.
+    assert JobStore(firestore_client, worker_id="killed", lease_seconds=0.5).claim(key) is not None
+    make_worker("survivor", sweep=0.2)
+    data = wait_until(lambda: finished(firestore_client, key))
+    assert (data["status"], data["worker_id"], data["attempts"]) == ("completed", "survivor", 2)
+    assert [blob.name for blob in bucket.list_blobs()] == ["generating/u1/image/orphan.png"]
+
+
+def test_a_dead_listener_is_restarted_and_the_sweep_covers_the_gap(make_worker, firestore_client):
+    worker = make_worker(sweep=0.2)
+    dead = worker._watches["images"]
+    dead.unsubscribe()  # what a listener that died silently looks like from the outside: closed, no more events
+    key = JobKey("u1", "images", "after-death")
+    write_job(firestore_client, key)
+    assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
+    assert wait_until(lambda: worker._watches["images"] is not dead)
+
+
+def test_a_busy_worker_leaves_new_work_to_an_idle_one(make_worker, firestore_client):
+    gate = threading.Event()
+    busy_generator = StubGenerator(gate)
+    busy = make_worker("busy", busy_generator)
+    first = JobKey("u1", "images", "first")
+    write_job(firestore_client, first)
+    assert busy_generator.started.wait(10)
+    make_worker("idle")
+    second = JobKey("u1", "images", "second")
+    write_job(firestore_client, second)
+    assert wait_until(lambda: finished(firestore_client, second))["worker_id"] == "idle"
+    gate.set()
+    assert wait_until(lambda: finished(firestore_client, first))["worker_id"] == "busy"
+    assert busy_generator.calls == ["first"] and busy.busy == 0
+
+
+def test_shutdown_past_the_grace_period_releases_the_job(make_worker, firestore_client):
+    generator = StubGenerator(threading.Event())  # never finishes by itself
+    worker = make_worker("leaving", generator)
+    key = JobKey("u1", "videos", "long")
+    write_job(firestore_client, key, numFrames=16)
+    assert generator.started.wait(10)
+    worker.stop(grace=0.2)
+    data = doc(firestore_client, key)
+    assert data["status"] == "queued" and data["attempts"] == 0 and "worker_id" not in data
+
+
+def test_shutdown_lets_a_job_finish_within_the_grace_period(make_worker, firestore_client):
+    gate = threading.Event()
+    generator = StubGenerator(gate)
+    worker = make_worker("leaving", generator)
+    key = JobKey("u1", "images", "short")
+    write_job(firestore_client, key)
+    assert generator.started.wait(10)
+    threading.Timer(0.2, gate.set).start()
+    worker.stop(grace=10)
+    assert doc(firestore_client, key)["status"] == "completed"
+
+
+def test_a_worker_that_lost_its_lease_writes_nothing(firestore_client, results, bucket):
+    key = JobKey("u1", "images", "stolen")
+    write_job(firestore_client, key)
+    store = JobStore(firestore_client, worker_id="slow", lease_seconds=0.3)
+    job = store.claim(key)
+    thief = JobStore(firestore_client, worker_id="thief")
+    gate = threading.Event()
+    runner = JobRunner(store, StubGenerator(gate), results, renew_interval=60)  # no renewal in time
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("end", runner.run(job)))
+    thread.start()
+    wait_until(lambda: thief.claim(key))
+    gate.set()
+    thread.join(10)
+    assert outcome["end"] == "lost"
+    data = doc(firestore_client, key)
+    assert (data["status"], data["worker_id"]) == ("processing", "thief")
+
+
+def test_a_storage_outage_fails_the_job_as_connection_error(make_worker, firestore_client, storage_emulator):
+    gate = threading.Event()
+    generator = StubGenerator(gate)
+    make_worker(generator=generator)
+    key = JobKey("u1", "images", "no-storage")
+    write_job(firestore_client, key)
+    assert generator.started.wait(10)
+    storage_emulator.stop()
+    try:
+        gate.set()
+        data = wait_until(lambda: finished(firestore_client, key))
+    finally:
+        storage_emulator.start()
+    assert (data["status"], data["error_type"]) == ("failed", "ConnectionError")
+    assert data["error_message"].startswith("Upload or storage failure")
