@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 
@@ -86,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         image_model=settings.image_model,
         video_model=settings.video_model,
     )
+    def leave(signum, frame):
+        raise SystemExit(0)
+
+    # uvicorn (the SDK's local API) restores the handler it found and re-raises the signal once it has shut
+    # down: with this one in place, the `finally` below runs instead of the process dying on the spot.
+    signal.signal(signal.SIGTERM, leave)
     try:
         if _on_runpod(argv):
             import runpod
@@ -93,10 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             runpod.serverless.start({"handler": RunsyncHandler(store, reconciler.submit, engine)})
         else:
             log.info("reconciler_only", reason="not on RunPod and no --rp_serve_api: no runsync door")
-            stop = threading.Event()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stop.set())
-            stop.wait()
+            signal.signal(signal.SIGINT, leave)
+            while True:
+                signal.pause()
     finally:
         # RunPod sends SIGTERM before it stops an idle worker: finish the running job within the grace period,
         # or give it back to the queue for another worker.

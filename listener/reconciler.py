@@ -198,10 +198,11 @@ class Reconciler:
 
     def _missed_by_listener(self, media: str, snapshot) -> bool:
         """A queued doc older than a sweep that the listener has not spoken of since it was written."""
-        updated = snapshot.update_time
+        updated = snapshot.update_time  # a protobuf Timestamp or a datetime, depending on the call path
         if updated is None:
             return False
-        age = datetime.now(timezone.utc).timestamp() - updated.timestamp()
+        seconds = updated.timestamp() if isinstance(updated, datetime) else updated.seconds + updated.nanos / 1e9
+        age = datetime.now(timezone.utc).timestamp() - seconds
         return age > 2 * self.sweep_interval and time.monotonic() - self._heard.get(media, 0) > age
 
 

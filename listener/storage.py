@@ -1,0 +1,310 @@
+"""Upload a job's results to Cloud Storage and give back the URLs the job document carries.
+
+Object names are deterministic per job, so a retried job overwrites its objects and never adds more:
+
+    text2image: generating/{user_id}/image/{file_uid}.png, {file_uid}_1.png, {file_uid}_2.png, ...
+    text2video: generating/{user_id}/video/{file_uid}.mp4
+
+Transient failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff,
+bounded by a number of attempts and a total time (`RetryPolicy`). The library's own retry is switched off so
+that budget is the only one. What still fails is raised as `StorageError` (a `ConnectionError`, so
+generation.errors.classify reports it as the contract's "ConnectionError"); `StorageUnavailable` when the
+retry budget ran out. Messages name the object and the kind of failure, never a URL, token or signature.
+
+URL styles (URL_STYLE):
+    public  https://storage.googleapis.com/{bucket}/{name}            (the contract's form; needs public objects)
+    signed  a V4 signed GET URL that expires (needs credentials that can sign: a service-account key, or
+            credentials with `service_account_email` and the IAM signBlob permission)
+    token   https://firebasestorage.googleapis.com/v0/b/{bucket}/o/{quoted name}?alt=media&token={uuid4}, the
+            token stored in the object's `firebaseStorageDownloadTokens` metadata, as the Firebase SDKs do
+Under a Storage emulator (emulator_host / STORAGE_EMULATOR_HOST) every style gives the emulator's media
+download URL, `{emulator}/download/storage/v1/b/{bucket}/o/{quoted name}?alt=media` (plus `&token=...` for
+`token`), so the result downloads locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import requests
+from google.api_core import exceptions as api_exceptions
+from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
+
+if TYPE_CHECKING:  # pragma: no cover
+    from google.cloud import storage
+
+    from listener.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TEXT2IMAGE = "text2image"
+TEXT2VIDEO = "text2video"
+_FOLDER = {TEXT2IMAGE: "image", TEXT2VIDEO: "video"}
+DEFAULT_FORMAT = {TEXT2IMAGE: ("png", "image/png"), TEXT2VIDEO: ("mp4", "video/mp4")}
+URL_STYLES = ("public", "signed", "token")
+TOKEN_METADATA_KEY = "firebaseStorageDownloadTokens"
+PUBLIC_BASE = "https://storage.googleapis.com"
+FIREBASE_BASE = "https://firebasestorage.googleapis.com"
+MAX_SIGNED_URL_SECONDS = 7 * 24 * 3600
+
+TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
+
+
+class StorageError(ConnectionError):
+    """An upload (or URL signing) failed. A ConnectionError, so classify() gives the contract's ConnectionError."""
+
+
+class StorageUnavailable(StorageError):
+    """Storage kept failing with transient errors until the retry budget ran out."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard one `upload()` call tries. `attempts` counts tries per object; `max_seconds` bounds the whole
+    call (backoff waits are cut to fit, and each request's timeout is at most what is left, at least 1 s)."""
+
+    attempts: int = 5
+    max_seconds: float = 60.0
+    initial_wait: float = 0.5
+    max_wait: float = 8.0
+    request_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.max_seconds <= 0 or self.initial_wait < 0 or self.request_timeout <= 0:
+            raise ValueError(f"invalid {self!r}")
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "RetryPolicy":
+        return cls(attempts=settings.upload_retry_attempts, max_seconds=settings.upload_retry_max_seconds)
+
+
+# ---------------------------------------------------------------------------------------------- names
+def _check_part(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or not value.isprintable():
+        raise ValueError(f"{name} {value!r} cannot be part of an object name")
+    return value
+
+
+def object_name(user_id: str, file_uid: str, task_type: str, index: int = 0, ext: str | None = None) -> str:
+    """The name of a job's `index`-th result object (index 0 has no suffix)."""
+    if task_type not in _FOLDER:
+        raise ValueError(f"unknown task_type {task_type!r}")
+    if index < 0:
+        raise ValueError("index must be >= 0")
+    ext = _check_part("ext", (ext or DEFAULT_FORMAT[task_type][0]).lstrip("."))
+    suffix = f"_{index}" if index else ""
+    return (
+        f"generating/{_check_part('user_id', user_id)}/{_FOLDER[task_type]}/"
+        f"{_check_part('file_uid', file_uid)}{suffix}.{ext}"
+    )
+
+
+def object_names(user_id: str, file_uid: str, task_type: str, count: int, ext: str | None = None) -> list[str]:
+    """The names of a job's `count` result objects, in order."""
+    if count < 1:
+        raise ValueError("count must be >= 1")
+    return [object_name(user_id, file_uid, task_type, i, ext) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the same request may succeed."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):  # builtins (a StorageError is never retried here)
+        return not isinstance(exc, StorageError)
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
+        return True
+    if isinstance(exc, api_exceptions.GoogleAPICallError):
+        return exc.code in TRANSIENT_HTTP or isinstance(
+            exc, (api_exceptions.TooManyRequests, api_exceptions.ServerError, api_exceptions.RetryError)
+        )
+    try:
+        from google.auth.exceptions import TransportError
+
+        if isinstance(exc, TransportError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+
+        if isinstance(exc, DataCorruption):
+            return True
+        if isinstance(exc, InvalidResponse):
+            return getattr(getattr(exc, "response", None), "status_code", None) in TRANSIENT_HTTP
+    except ImportError:  # pragma: no cover
+        pass
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    """A short description of a failure, with no URL in it."""
+    if isinstance(exc, api_exceptions.GoogleAPICallError):
+        return f"HTTP {exc.code} {type(exc).__name__}"
+    if isinstance(exc, (requests.Timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, (requests.ConnectionError, ConnectionError)):
+        return "connection failed"
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return f"HTTP {status} {type(exc).__name__}" if status else type(exc).__name__
+
+
+def emulator_base_url(host: str) -> str:
+    """STORAGE_EMULATOR_HOST as a base URL ("127.0.0.1:9023" and "http://127.0.0.1:9023/" both work)."""
+    host = host.strip().rstrip("/")
+    return host if "://" in host else f"http://{host}"
+
+
+# ---------------------------------------------------------------------------------------------- the store
+class ResultStore:
+    """Uploads results of jobs into one bucket. The client is passed in (nothing is created at import)."""
+
+    def __init__(
+        self,
+        client: "storage.Client",
+        bucket: str,
+        url_style: str = "public",
+        retry: RetryPolicy | None = None,
+        emulator_host: str | None = None,
+        *,
+        signed_url_expiry: timedelta | int = MAX_SIGNED_URL_SECONDS,
+        signing_credentials: Any = None,
+        on_retry: Callable[[str, int, BaseException], None] | None = None,
+    ):
+        if url_style not in URL_STYLES:
+            raise ValueError(f"url_style must be one of {', '.join(URL_STYLES)}")
+        if not bucket:
+            raise ValueError("bucket is required")
+        expiry = signed_url_expiry if isinstance(signed_url_expiry, timedelta) else timedelta(seconds=signed_url_expiry)
+        if not timedelta(seconds=1) <= expiry <= timedelta(seconds=MAX_SIGNED_URL_SECONDS):
+            raise ValueError("signed URLs expire after 1 s to 7 days")
+        self.client = client
+        self.bucket_name = bucket
+        self.url_style = url_style
+        self.retry = retry or RetryPolicy()
+        self.emulator_url = emulator_base_url(emulator_host) if emulator_host else None
+        self.signed_url_expiry = expiry
+        self.signing_credentials = signing_credentials
+        self.on_retry = on_retry  # called (object name, attempt number, error) before each backoff wait
+
+    @classmethod
+    def from_settings(cls, client: "storage.Client", settings: "Settings", **kwargs: Any) -> "ResultStore":
+        return cls(
+            client,
+            settings.storage_bucket,
+            url_style=settings.url_style,
+            retry=RetryPolicy.from_settings(settings),
+            emulator_host=settings.storage_emulator_host,
+            signed_url_expiry=settings.signed_url_expiry_seconds,
+            **kwargs,
+        )
+
+    # -- uploading
+    def upload(
+        self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple[bytes, str, str]]
+    ) -> list[str]:
+        """Upload a job's files, `(data, ext, content_type)` each, under the job's deterministic names; return
+        one URL per file in the same order. Raises StorageError / StorageUnavailable."""
+        if not files:
+            raise ValueError("no files to upload")
+        names = [object_name(user_id, file_uid, task_type, i, ext) for i, (_, ext, _) in enumerate(files)]
+        deadline = time.monotonic() + self.retry.max_seconds
+        bucket = self.client.bucket(self.bucket_name)
+        urls = []
+        for name, (data, _, content_type) in zip(names, files):
+            token = str(uuid.uuid4()) if self.url_style == "token" else None
+            self._put(bucket, name, data, content_type or DEFAULT_FORMAT[task_type][1], token, deadline)
+            urls.append(self._url(bucket, name, token))
+        return urls
+
+    def _put(self, bucket: Any, name: str, data: bytes, content_type: str, token: str | None, deadline: float) -> None:
+        policy = self.retry
+        attempts = 0
+
+        def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            blob = bucket.blob(name)
+            if token:
+                blob.metadata = {TOKEN_METADATA_KEY: token}
+            timeout = max(deadline - time.monotonic(), min(1.0, policy.request_timeout))
+            blob.upload_from_string(
+                data, content_type=content_type, retry=None, timeout=min(policy.request_timeout, timeout)
+            )
+
+        backoff = wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait)
+
+        def wait(state: Any) -> float:
+            return max(0.0, min(backoff(state), deadline - time.monotonic()))
+
+        def stop(state: Any) -> bool:
+            return state.attempt_number >= policy.attempts or time.monotonic() >= deadline
+
+        def before_sleep(state: Any) -> None:
+            exc = state.outcome.exception()
+            log.warning("storage upload of %s failed (%s), retry %d", name, _reason(exc), state.attempt_number)
+            if self.on_retry:
+                self.on_retry(name, state.attempt_number, exc)
+
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient), stop=stop, wait=wait, before_sleep=before_sleep, reraise=True
+        )
+        started = time.monotonic()
+        try:
+            retrying(attempt)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a StorageError
+            took = time.monotonic() - started
+            if is_transient(exc):
+                raise StorageUnavailable(
+                    f"Storage unavailable: upload of {name} failed after {attempts} attempt(s) in {took:.1f}s "
+                    f"({_reason(exc)})"
+                ) from exc
+            raise StorageError(f"Storage upload of {name} failed ({_reason(exc)})") from exc
+
+    # -- URLs
+    def url_for(self, name: str, token: str | None = None) -> str:
+        """The URL of an uploaded object in this store's style (signed URLs are made anew each call)."""
+        return self._url(self.client.bucket(self.bucket_name), name, token)
+
+    def _url(self, bucket: Any, name: str, token: str | None) -> str:
+        quoted = quote(name, safe="")
+        if self.emulator_url:
+            url = f"{self.emulator_url}/download/storage/v1/b/{self.bucket_name}/o/{quoted}?alt=media"
+            return f"{url}&token={token}" if token else url
+        if self.url_style == "token":
+            if not token:
+                raise ValueError("token URLs need the object's download token")
+            return f"{FIREBASE_BASE}/v0/b/{self.bucket_name}/o/{quoted}?alt=media&token={token}"
+        if self.url_style == "signed":
+            return self._signed(bucket.blob(name), name)
+        return f"{PUBLIC_BASE}/{self.bucket_name}/{quote(name, safe='/~')}"
+
+    def _signed(self, blob: Any, name: str) -> str:
+        credentials = self.signing_credentials or getattr(self.client, "_credentials", None)
+        kwargs: dict[str, Any] = dict(
+            version="v4", expiration=self.signed_url_expiry, method="GET", api_access_endpoint=PUBLIC_BASE
+        )
+        try:
+            if credentials is not None and hasattr(credentials, "sign_bytes"):
+                return blob.generate_signed_url(credentials=credentials, **kwargs)
+            # Credentials without a key (Compute Engine, workload identity): sign through IAM signBlob.
+            email = getattr(credentials, "service_account_email", None)
+            if not email:
+                raise StorageError(
+                    "URL_STYLE=signed needs credentials that can sign (a service account); use public or token"
+                )
+            if not getattr(credentials, "token", None) or not getattr(credentials, "valid", True):
+                from google.auth.transport.requests import Request
+
+                credentials.refresh(Request())
+            return blob.generate_signed_url(service_account_email=email, access_token=credentials.token, **kwargs)
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"Signing a URL for {name} failed ({_reason(exc)})") from exc

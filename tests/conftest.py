@@ -1,0 +1,174 @@
+"""Shared fixtures: the Firestore and Storage emulators (one of each per session) and fresh clients per test.
+
+Session-scoped:  emulator_logs, emulator_mode, firestore_emulator, firestore_emulator_factory, storage_emulator
+Function-scoped: project_id, firestore_client, storage_client, bucket, emulator_env
+
+Each test gets its own Firestore project id and its own bucket, so tests never see each other's data. A test
+may stop or restart a session emulator (outage tests): the function-scoped fixtures start it again if needed.
+When a test that used an emulator fails, the report shows each emulator's log path and last lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+try:  # tests/ is a plain folder on sys.path (pytest's rootdir-relative import); allow a package too.
+    import emulators as emu
+except ImportError:  # pragma: no cover
+    from tests import emulators as emu
+
+EMULATOR_FIXTURES = {
+    "firestore_emulator", "firestore_emulator_factory", "storage_emulator",
+    "firestore_client", "storage_client", "bucket", "emulator_env",
+}
+
+
+# ------------------------------------------------------------------------------------------------ session
+@pytest.fixture(scope="session")
+def emulator_logs(tmp_path_factory) -> Path:
+    """The folder where every emulator's log (and the Storage emulator's data) goes."""
+    return tmp_path_factory.mktemp("emulators")
+
+
+@pytest.fixture(scope="session")
+def emulator_mode() -> str:
+    """'local' (processes on this machine) or 'docker' (docker-compose.yml via pytest-docker)."""
+    return emu.emulator_mode()
+
+
+@pytest.fixture(scope="session")
+def _docker_emulators(pytestconfig, emulator_logs):
+    compose = emu.DockerCompose(Path(pytestconfig.rootpath) / "docker-compose.yml", emulator_logs)
+    with compose.up() as pair:
+        yield pair
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator(request, emulator_mode, emulator_logs):
+    """The session's Firestore emulator (no rules). API: host_port, url, start(), stop(), restart(),
+    ensure_running(), reset(project), client(project), log_path, log_tail()."""
+    if emulator_mode == "docker":
+        yield request.getfixturevalue("_docker_emulators")[0]
+        return
+    try:
+        emulator = emu.FirestoreEmulator(emulator_logs)
+    except emu.EmulatorUnavailable as e:
+        pytest.skip(str(e))
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator_factory(emulator_logs):
+    """`factory(rules=None, fresh=False) -> FirestoreEmulator`: a further local Firestore emulator, started,
+    that enforces the given rules file (e.g. the repo's firestore.rules). One per rules path is reused for
+    the session unless `fresh=True`; all are stopped at the end of the session."""
+    made: dict[str | None, emu.FirestoreEmulator] = {}
+    extra: list[emu.FirestoreEmulator] = []  # all started here, stopped at the end
+
+    def factory(rules: str | Path | None = None, *, fresh: bool = False) -> emu.FirestoreEmulator:
+        key = str(Path(rules).resolve()) if rules else None
+        if not fresh and key in made:
+            return made[key].ensure_running()
+        try:
+            emulator = emu.FirestoreEmulator(emulator_logs, rules=rules)
+        except emu.EmulatorUnavailable as e:
+            pytest.skip(str(e))
+        emulator.start()
+        if not fresh:
+            made[key] = emulator
+        extra.append(emulator)
+        return emulator
+
+    yield factory
+    for emulator in extra:
+        emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def storage_emulator(request, emulator_mode, emulator_logs):
+    """The session's Cloud Storage emulator. API: url (the STORAGE_EMULATOR_HOST value), host_port, start(),
+    stop(), restart(), ensure_running(), client(project), wipe(), log_path, log_tail()."""
+    if emulator_mode == "docker":
+        yield request.getfixturevalue("_docker_emulators")[1]
+        return
+    try:
+        emulator = emu.StorageEmulator(emulator_logs)
+    except emu.EmulatorUnavailable as e:
+        pytest.skip(str(e))
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+# ------------------------------------------------------------------------------------------------ per test
+@pytest.fixture
+def project_id() -> str:
+    """A project id of this test's own: its Firestore data is invisible to every other test."""
+    return emu.unique_id("demo-test")
+
+
+@pytest.fixture
+def firestore_client(firestore_emulator, project_id, monkeypatch):
+    """google.cloud.firestore.Client on the emulator, anonymous (admin), project `project_id`.
+    FIRESTORE_EMULATOR_HOST and GOOGLE_CLOUD_PROJECT are set for the test (monkeypatch)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import firestore
+
+    firestore_emulator.ensure_running()
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host_port)
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", project_id)
+    client = firestore.Client(project=project_id, credentials=AnonymousCredentials())
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def storage_client(storage_emulator, project_id, monkeypatch):
+    """google.cloud.storage.Client on the emulator (explicit api_endpoint), anonymous.
+    STORAGE_EMULATOR_HOST is set for the test (monkeypatch)."""
+    storage_emulator.ensure_running()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", storage_emulator.url)
+    client = storage_emulator.client(project_id)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def bucket(storage_client, storage_emulator):
+    """A new, empty google.cloud.storage.Bucket of this test's own, on the emulator."""
+    created = storage_client.create_bucket(emu.unique_id("test-bucket"))
+    yield created
+    try:  # best effort; the emulator's data folder is temporary anyway
+        storage_emulator.ensure_running()
+        created.delete(force=True)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@pytest.fixture
+def emulator_env(firestore_emulator, storage_emulator, project_id, bucket) -> dict[str, str]:
+    """FIRESTORE_EMULATOR_HOST, STORAGE_EMULATOR_HOST, GOOGLE_CLOUD_PROJECT (and GCLOUD_PROJECT), STORAGE_BUCKET
+    for a subprocess: `subprocess.run(..., env={**os.environ, **emulator_env})`."""
+    firestore_emulator.ensure_running()
+    return emu.emulator_env(firestore_emulator, storage_emulator, project_id, bucket.name)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and EMULATOR_FIXTURES & set(getattr(item, "fixturenames", ())):
+        for emulator in list(emu.STARTED):
+            report.sections.append(
+                (f"emulator {emulator.name} {emulator.host_port} log {emulator.log_path}", emulator.log_tail())
+            )
+    return report
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if exitstatus != 0 and emu.STARTED:
+        terminalreporter.write_line("emulator logs: " + ", ".join(str(e.log_path) for e in emu.STARTED))

@@ -1,0 +1,212 @@
+"""Sanity checks of the emulator harness: the Firestore features the worker relies on, Storage round trips,
+restarts on the same port, a rules-enforcing emulator, and clean process-group shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+import requests
+from google.cloud import firestore
+from google.cloud.firestore_v1.base_query import FieldFilter
+
+import emulators as emu
+
+DEADLINE_S = 15
+
+
+def test_write_and_read_a_document(firestore_client):
+    ref = firestore_client.collection("generations").document("u1").collection("images").document("f1")
+    ref.set({"status": "queued", "prompt": "a red car", "created_at": firestore.SERVER_TIMESTAMP})
+    snap = ref.get()
+    assert snap.exists
+    assert snap.get("status") == "queued" and snap.get("prompt") == "a red car"
+    assert snap.get("created_at") is not None
+
+
+def test_each_test_has_its_own_project(firestore_client, firestore_emulator, project_id):
+    assert firestore_client.project == project_id
+    assert os.environ["FIRESTORE_EMULATOR_HOST"] == firestore_emulator.host_port
+    assert list(firestore_client.collection_group("images").stream()) == []
+
+
+def test_transaction_reads_then_writes(firestore_client):
+    ref = firestore_client.collection("counters").document("c")
+
+    @firestore.transactional
+    def bump(transaction):
+        snap = ref.get(transaction=transaction)
+        n = snap.get("n") if snap.exists else 0
+        transaction.set(ref, {"n": n + 1})
+        return n + 1
+
+    assert [bump(firestore_client.transaction()) for _ in range(3)] == [1, 2, 3]
+    assert ref.get().get("n") == 3
+
+
+def test_concurrent_transactions_both_apply(firestore_client):
+    """Two transactions racing on one document both land (the emulator locks pessimistically: a conflict
+    costs it a lock timeout of a few seconds before one side retries, so keep contention in tests small)."""
+    ref = firestore_client.collection("counters").document("c")
+    ref.set({"n": 0})
+    barrier = threading.Barrier(2)
+    errors = []
+
+    @firestore.transactional
+    def bump(transaction):
+        snap = ref.get(transaction=transaction)
+        transaction.update(ref, {"n": snap.get("n") + 1})
+
+    def worker():
+        try:
+            barrier.wait(DEADLINE_S)
+            bump(firestore_client.transaction())
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE_S * 2)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert ref.get().get("n") == 2
+
+
+def test_collection_group_query_on_status(firestore_client):
+    gens = firestore_client.collection("generations")
+    gens.document("alice").collection("images").document("a1").set({"status": "queued"})
+    gens.document("alice").collection("images").document("a2").set({"status": "completed"})
+    gens.document("bob").collection("images").document("b1").set({"status": "queued"})
+    gens.document("bob").collection("videos").document("v1").set({"status": "queued"})
+
+    query = firestore_client.collection_group("images").where(filter=FieldFilter("status", "==", "queued"))
+    paths = sorted(snap.reference.path for snap in query.stream())
+    assert paths == ["generations/alice/images/a1", "generations/bob/images/b1"]
+
+
+def test_on_snapshot_listener_sees_a_new_queued_doc(firestore_client):
+    seen: list[str] = []
+    initial = threading.Event()
+    added = threading.Event()
+
+    def on_snapshot(snapshots, changes, read_time):
+        initial.set()
+        for change in changes:
+            if change.type.name == "ADDED":
+                seen.append(change.document.reference.path)
+                added.set()
+
+    query = firestore_client.collection_group("images").where(filter=FieldFilter("status", "==", "queued"))
+    watch = query.on_snapshot(on_snapshot)
+    try:
+        assert initial.wait(DEADLINE_S), "no initial snapshot"
+        firestore_client.document("generations/u9/images/f9").set({"status": "queued"})
+        assert added.wait(DEADLINE_S), "listener saw no ADDED event"
+        assert seen == ["generations/u9/images/f9"]
+    finally:
+        watch.unsubscribe()
+
+
+def test_reset_endpoint_clears_a_project(firestore_client, firestore_emulator, project_id):
+    ref = firestore_client.document("generations/u/images/f")
+    ref.set({"status": "queued"})
+    firestore_emulator.reset(project_id)
+    assert not ref.get().exists
+
+
+def test_storage_upload_and_download(bucket, storage_emulator):
+    blob = bucket.blob("generating/u/image/f.png")
+    blob.upload_from_string(b"\x89PNG fake", content_type="image/png")
+    again = bucket.get_blob("generating/u/image/f.png")
+    assert again.download_as_bytes() == b"\x89PNG fake"
+    assert again.content_type == "image/png"
+    url = f"{storage_emulator.url}/download/storage/v1/b/{bucket.name}/o/generating%2Fu%2Fimage%2Ff.png?alt=media"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        assert resp.read() == b"\x89PNG fake"
+
+
+def test_firestore_restart_on_the_same_port(firestore_emulator, project_id):
+    port = firestore_emulator.port
+    firestore_emulator.restart()
+    assert firestore_emulator.port == port
+    client = firestore_emulator.client(project_id)
+    try:
+        client.document("generations/u/images/f").set({"status": "queued"})
+        assert client.document("generations/u/images/f").get().get("status") == "queued"
+    finally:
+        client.close()
+
+
+def test_storage_restart_keeps_data_and_serves_new_clients(bucket, storage_emulator, project_id):
+    bucket.blob("kept.txt").upload_from_string(b"kept")
+    port = storage_emulator.port
+    storage_emulator.restart()
+    assert storage_emulator.port == port
+    fresh = storage_emulator.client(project_id)
+    assert fresh.bucket(bucket.name).blob("kept.txt").download_as_bytes() == b"kept"
+    fresh.bucket(bucket.name).blob("new.txt").upload_from_string(b"new")
+    assert requests.get(f"{storage_emulator.url}/{bucket.name}/new.txt", timeout=5).content == b"new"
+
+
+def test_emulator_env_reaches_a_subprocess(emulator_env, firestore_client, storage_client):
+    code = (
+        "import os; from google.cloud import firestore, storage\n"
+        "from google.auth.credentials import AnonymousCredentials as A\n"
+        "firestore.Client(credentials=A()).document('from/subprocess').set({'ok': True})\n"
+        "storage.Client(credentials=A(), project=os.environ['GOOGLE_CLOUD_PROJECT'])"
+        ".bucket(os.environ['STORAGE_BUCKET']).blob('sub.txt').upload_from_string(b'sub')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in emulator_env}
+    subprocess.run([sys.executable, "-c", code], env={**env, **emulator_env}, check=True, timeout=60)
+    assert firestore_client.document("from/subprocess").get().get("ok") is True
+    assert storage_client.bucket(emulator_env["STORAGE_BUCKET"]).blob("sub.txt").download_as_bytes() == b"sub"
+
+
+def test_rules_emulator_enforces_rules_and_stops_cleanly(firestore_emulator_factory, tmp_path, project_id):
+    rules = tmp_path / "firestore.rules"
+    rules.write_text(
+        "rules_version = '2';\n"
+        "service cloud.firestore {\n"
+        "  match /databases/{database}/documents {\n"
+        "    match /open/{doc} { allow read, write: if true; }\n"
+        "    match /{document=**} { allow read, write: if false; }\n"
+        "  }\n"
+        "}\n"
+    )
+    secured = firestore_emulator_factory(rules, fresh=True)
+    base = f"{secured.url}/v1/projects/{project_id}/databases/(default)/documents"
+    body = json.dumps({"fields": {"status": {"stringValue": "queued"}}})
+    headers = {"Content-Type": "application/json"}
+    # Unauthenticated REST calls obey the rules...
+    assert requests.patch(f"{base}/open/d", data=body, headers=headers, timeout=10).status_code == 200
+    assert requests.patch(f"{base}/closed/d", data=body, headers=headers, timeout=10).status_code == 403
+    # ...while the admin client (Bearer owner) bypasses them.
+    admin = secured.client(project_id)
+    try:
+        admin.document("closed/d").set({"status": "queued"})
+        assert admin.document("closed/d").get().exists
+    finally:
+        admin.close()
+
+    pgid = secured.pid
+    secured.stop()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # nothing of its process group (the Java child included) is left
+    assert not emu.port_open(secured.host, secured.port)
+
+
+def test_storage_emulator_runs_in_memory_on_a_given_port(emulator_logs):
+    port = emu.free_port()
+    with emu.StorageEmulator(emulator_logs, port=port, in_memory=True) as s:
+        assert s.port == port and emu.http_status(s.url + "/") == 200
+        pgid = s.pid
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+    assert not emu.port_open(emu.HOST, port)

@@ -1,0 +1,338 @@
+"""listener.storage against the real Storage emulator, and listener.settings."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from urllib.parse import parse_qs, quote, urlparse
+
+import pytest
+import requests
+
+import emulators as emu
+from generation.errors import CONNECTION_ERROR, classify
+from listener.settings import Settings, SettingsError, load_settings
+from listener.storage import (
+    TOKEN_METADATA_KEY,
+    ResultStore,
+    RetryPolicy,
+    StorageError,
+    StorageUnavailable,
+    is_transient,
+    object_names,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+PNG2 = b"\x89PNG\r\n\x1a\n" + b"second image" * 50
+MP4 = b"\x00\x00\x00\x18ftypmp42" + bytes(range(200)) * 10
+FAST = RetryPolicy(attempts=3, max_seconds=5, initial_wait=0.01, max_wait=0.05, request_timeout=5)
+DEADLINE_S = 20
+
+
+@pytest.fixture
+def store(storage_client, bucket, storage_emulator):
+    return ResultStore(storage_client, bucket.name, retry=FAST, emulator_host=storage_emulator.url)
+
+
+def fetch(url: str) -> requests.Response:
+    resp = requests.get(url, timeout=10)
+    assert resp.status_code == 200, (url, resp.status_code)
+    return resp
+
+
+def images(*blobs: bytes):
+    return [(b, "png", "image/png") for b in blobs]
+
+
+def signing_credentials():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from google.oauth2 import service_account
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return service_account.Credentials.from_service_account_info(
+        {
+            "type": "service_account",
+            "project_id": "demo-test",
+            "private_key_id": "test",
+            "private_key": pem,
+            "client_email": "worker@demo-test.iam.gserviceaccount.com",
+            "client_id": "1",
+            "token_uri": "https://oauth2.googleapis.com/token",
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------- names
+def test_object_names_are_deterministic():
+    assert object_names("user123", "file456", "text2image", 3) == [
+        "generating/user123/image/file456.png",
+        "generating/user123/image/file456_1.png",
+        "generating/user123/image/file456_2.png",
+    ]
+    assert object_names("user123", "file789", "text2video", 1) == ["generating/user123/video/file789.mp4"]
+    assert object_names("u", "f", "text2image", 1, ext="webp") == ["generating/u/image/f.webp"]
+
+
+@pytest.mark.parametrize(
+    "user_id, file_uid, task_type",
+    [("", "f", "text2image"), ("a/b", "f", "text2image"), ("u", "..", "text2image"), ("u", "f", "img2img")],
+)
+def test_object_names_refuse_bad_parts(user_id, file_uid, task_type):
+    with pytest.raises(ValueError):
+        object_names(user_id, file_uid, task_type, 1)
+
+
+# ---------------------------------------------------------------------------------------------- uploads
+def test_upload_two_images_and_a_video(store, bucket):
+    urls = store.upload("user123", "file456", "text2image", images(PNG, PNG2))
+    assert len(urls) == 2
+    for url, data in zip(urls, (PNG, PNG2)):
+        resp = fetch(url)
+        assert resp.content == data
+        assert resp.headers["Content-Type"] == "image/png"
+    assert "generating%2Fuser123%2Fimage%2Ffile456_1.png" in urls[1]
+
+    [video_url] = store.upload("user123", "file789", "text2video", [(MP4, "mp4", "video/mp4")])
+    resp = fetch(video_url)
+    assert resp.content == MP4 and resp.headers["Content-Type"] == "video/mp4"
+    assert sorted(b.name for b in bucket.list_blobs()) == [
+        "generating/user123/image/file456.png",
+        "generating/user123/image/file456_1.png",
+        "generating/user123/video/file789.mp4",
+    ]
+
+
+def test_a_large_video_goes_through_the_resumable_path(store):
+    big = MP4 + b"\x01" * (9 * 1024 * 1024)  # above the library's 8 MiB multipart limit
+    [url] = store.upload("u", "big", "text2video", [(big, "mp4", "video/mp4")])
+    assert fetch(url).content == big
+
+
+def test_reupload_overwrites_and_adds_nothing(store, bucket):
+    store.upload("u", "f", "text2image", images(PNG, PNG2))
+    urls = store.upload("u", "f", "text2image", images(b"new-0", b"new-1"))
+    assert len(list(bucket.list_blobs())) == 2
+    assert [fetch(u).content for u in urls] == [b"new-0", b"new-1"]
+
+
+# ---------------------------------------------------------------------------------------------- URL styles
+def test_public_url_is_the_contracts_form(storage_client, bucket):
+    store = ResultStore(storage_client, bucket.name, url_style="public", retry=FAST)
+    urls = store.upload("user123", "file456", "text2image", images(PNG, PNG2))
+    assert urls == [
+        f"https://storage.googleapis.com/{bucket.name}/generating/user123/image/file456.png",
+        f"https://storage.googleapis.com/{bucket.name}/generating/user123/image/file456_1.png",
+    ]
+
+
+def test_token_url_and_metadata(storage_client, bucket):
+    store = ResultStore(storage_client, bucket.name, url_style="token", retry=FAST)
+    [url] = store.upload("user123", "file456", "text2image", images(PNG))
+    token = bucket.get_blob("generating/user123/image/file456.png").metadata[TOKEN_METADATA_KEY]
+    assert len(token) == 36
+    assert url == (
+        f"https://firebasestorage.googleapis.com/v0/b/{bucket.name}/o/"
+        f"generating%2Fuser123%2Fimage%2Ffile456.png?alt=media&token={token}"
+    )
+    # A re-upload gets a new token; the old URL's token is gone with the old object.
+    [url2] = store.upload("user123", "file456", "text2image", images(PNG))
+    assert url2 != url
+
+
+def test_token_url_under_the_emulator_downloads(storage_client, bucket, storage_emulator):
+    store = ResultStore(storage_client, bucket.name, url_style="token", retry=FAST, emulator_host=storage_emulator.url)
+    [url] = store.upload("u", "f", "text2image", images(PNG))
+    token = parse_qs(urlparse(url).query)["token"][0]
+    assert bucket.get_blob("generating/u/image/f.png").metadata[TOKEN_METADATA_KEY] == token
+    assert url.startswith(storage_emulator.url + "/download/storage/v1/b/")
+    assert fetch(url).content == PNG
+
+
+def test_signed_url_v4(storage_client, bucket):
+    store = ResultStore(
+        storage_client, bucket.name, url_style="signed", retry=FAST,
+        signed_url_expiry=3600, signing_credentials=signing_credentials(),
+    )
+    [url] = store.upload("user123", "file456", "text2image", images(PNG))
+    parsed = urlparse(url)
+    query = parse_qs(parsed.query)
+    assert f"{parsed.scheme}://{parsed.netloc}{parsed.path}" == (
+        f"https://storage.googleapis.com/{bucket.name}/generating/user123/image/file456.png"
+    )
+    assert query["X-Goog-Algorithm"] == ["GOOG4-RSA-SHA256"]
+    assert query["X-Goog-Expires"] == ["3600"]
+    assert query["X-Goog-Credential"][0].startswith("worker@demo-test.iam.gserviceaccount.com/")
+    assert "X-Goog-Signature" in query
+
+
+def test_signed_url_without_signing_credentials_is_a_storage_error(storage_client, bucket):
+    store = ResultStore(storage_client, bucket.name, url_style="signed", retry=FAST)  # anonymous credentials
+    with pytest.raises(StorageError, match="can sign"):
+        store.upload("u", "f", "text2image", images(PNG))
+
+
+def test_signed_style_under_the_emulator_falls_back_to_the_emulator_url(storage_client, bucket, storage_emulator):
+    store = ResultStore(storage_client, bucket.name, url_style="signed", retry=FAST, emulator_host=storage_emulator.url)
+    [url] = store.upload("u", "f", "text2image", images(PNG))
+    assert url == (
+        f"{storage_emulator.url}/download/storage/v1/b/{bucket.name}/o/{quote('generating/u/image/f.png', safe='')}"
+        "?alt=media"
+    )
+    assert fetch(url).content == PNG
+
+
+# ---------------------------------------------------------------------------------------------- outages
+def test_upload_survives_a_short_storage_outage(storage_client, bucket, storage_emulator):
+    retried = threading.Event()
+    store = ResultStore(
+        storage_client, bucket.name, emulator_host=storage_emulator.url,
+        retry=RetryPolicy(attempts=1000, max_seconds=30, initial_wait=0.05, max_wait=0.2, request_timeout=5),
+        on_retry=lambda name, attempt, exc: retried.set(),
+    )
+    result: dict = {}
+    storage_emulator.stop()
+
+    def upload():
+        try:
+            result["urls"] = store.upload("u", "f", "text2image", images(PNG, PNG2))
+        except BaseException as e:  # noqa: BLE001
+            result["error"] = e
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    try:
+        assert retried.wait(DEADLINE_S), "the upload never retried"
+        assert "urls" not in result
+    finally:
+        storage_emulator.start()  # same port, same data folder: the bucket is still there
+    thread.join(DEADLINE_S)
+    assert not thread.is_alive()
+    assert "error" not in result, result.get("error")
+    assert [fetch(u).content for u in result["urls"]] == [PNG, PNG2]
+
+
+def test_an_outage_past_the_retry_budget_is_a_connection_error(storage_client, bucket, storage_emulator):
+    attempts = []
+    store = ResultStore(
+        storage_client, bucket.name, emulator_host=storage_emulator.url,
+        retry=RetryPolicy(attempts=4, max_seconds=2, initial_wait=0.05, max_wait=0.1, request_timeout=1),
+        on_retry=lambda name, attempt, exc: attempts.append(attempt),
+    )
+    storage_emulator.stop()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable) as info:
+            store.upload("u", "f", "text2image", images(PNG))
+        assert time.monotonic() - started < 5
+    finally:
+        storage_emulator.start()
+    assert attempts == [1, 2, 3]
+    assert isinstance(info.value, ConnectionError)
+    err = classify(info.value, during="upload")
+    assert err.error_type == CONNECTION_ERROR
+    assert "4 attempt(s)" in err.message and "generating/u/image/f.png" in err.message
+    assert "http" not in err.message.lower() and "token" not in err.message.lower()
+
+
+def test_a_hanging_server_times_out_within_the_budget(bucket):
+    """A server that accepts connections and never answers: each request times out, the budget holds."""
+    with socket.socket() as server:
+        server.bind((emu.HOST, 0))
+        server.listen(16)
+        url = f"http://{emu.HOST}:{server.getsockname()[1]}"
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(project="p", credentials=AnonymousCredentials(), client_options={"api_endpoint": url})
+        store = ResultStore(
+            client, bucket.name, emulator_host=url,
+            retry=RetryPolicy(attempts=2, max_seconds=3, initial_wait=0.01, max_wait=0.01, request_timeout=0.3),
+        )
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="timed out"):
+            store.upload("u", "f", "text2image", images(PNG))
+        assert time.monotonic() - started < 3
+
+
+def test_a_permanent_error_is_not_retried(storage_client, storage_emulator):
+    calls = []
+    store = ResultStore(
+        storage_client, "no-such-bucket-" + emu.unique_id("x"), emulator_host=storage_emulator.url,
+        retry=FAST, on_retry=lambda *a: calls.append(a),
+    )
+    with pytest.raises(StorageError) as info:
+        store.upload("u", "f", "text2image", images(PNG))
+    assert not isinstance(info.value, StorageUnavailable)
+    assert calls == []
+    assert classify(info.value).error_type == CONNECTION_ERROR
+
+
+def test_transient_errors():
+    from google.api_core import exceptions as gexc
+
+    assert is_transient(requests.ConnectionError("x"))
+    assert is_transient(requests.Timeout("x"))
+    assert is_transient(ConnectionResetError())
+    assert is_transient(gexc.ServiceUnavailable("x")) and is_transient(gexc.TooManyRequests("x"))
+    assert is_transient(gexc.InternalServerError("x")) and is_transient(gexc.GatewayTimeout("x"))
+    assert not is_transient(gexc.NotFound("x")) and not is_transient(gexc.Forbidden("x"))
+    assert not is_transient(ValueError("x"))
+    assert not is_transient(StorageUnavailable("x"))
+
+
+# ---------------------------------------------------------------------------------------------- settings
+SETTINGS_VARS = [
+    "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "STORAGE_BUCKET", "FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST",
+    "URL_STYLE", "SIGNED_URL_EXPIRY_SECONDS", "IMAGE_MODEL", "VIDEO_MODEL", "LEASE_SECONDS", "MAX_ATTEMPTS",
+    "SWEEP_INTERVAL_SECONDS", "CONCURRENCY", "SHUTDOWN_GRACE_SECONDS", "UPLOAD_RETRY_ATTEMPTS",
+    "UPLOAD_RETRY_MAX_SECONDS",
+]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in SETTINGS_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_settings_defaults(clean_env):
+    clean_env.setenv("STORAGE_BUCKET", "bc-image-gen.firebasestorage.app")
+    clean_env.setenv("GCLOUD_PROJECT", "bc-image-gen")
+    s = load_settings()
+    assert s.storage_bucket == "bc-image-gen.firebasestorage.app" and s.google_cloud_project == "bc-image-gen"
+    assert (s.url_style, s.lease_seconds, s.max_attempts, s.concurrency) == ("public", 120, 3, 1)
+    assert (s.sweep_interval_seconds, s.shutdown_grace_seconds) == (10, 20)
+    assert s.image_model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert s.video_model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+def test_settings_errors_name_the_variable(clean_env):
+    with pytest.raises(SettingsError, match="^STORAGE_BUCKET is required$"):
+        load_settings()
+    clean_env.setenv("STORAGE_BUCKET", "b")
+    clean_env.setenv("URL_STYLE", "presigned")
+    with pytest.raises(SettingsError, match="^URL_STYLE must be one of public, signed, token$"):
+        load_settings()
+    clean_env.setenv("URL_STYLE", "Token")
+    clean_env.setenv("LEASE_SECONDS", "0")
+    with pytest.raises(SettingsError, match="^LEASE_SECONDS must be greater than 0"):
+        load_settings()
+
+
+def test_result_store_from_settings(clean_env, storage_client, storage_emulator, bucket):
+    clean_env.setenv("STORAGE_BUCKET", bucket.name)
+    clean_env.setenv("STORAGE_EMULATOR_HOST", storage_emulator.host_port)  # without a scheme, as often set
+    clean_env.setenv("URL_STYLE", "token")
+    clean_env.setenv("UPLOAD_RETRY_ATTEMPTS", "2")
+    settings = load_settings()
+    assert isinstance(settings, Settings)
+    store = ResultStore.from_settings(storage_client, settings)
+    assert store.retry.attempts == 2 and store.url_style == "token"
+    [url] = store.upload("u", "f", "text2image", images(PNG))
+    assert fetch(url).content == PNG

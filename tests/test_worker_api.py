@@ -1,0 +1,232 @@
+"""`python -m listener --rp_serve_api` as a subprocess on the emulators: the contract's runsync examples, end to end.
+
+Requests go to the RunPod SDK's own local API (`/runsync`), which wraps the handler's output in RunPod's
+envelope (`{"id", "status": "COMPLETED", "output": ...}` or `{"status": "FAILED", "error": ...}`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import threading
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import av
+import pytest
+from PIL import Image
+
+import emulators as emu
+from worker_process import WorkerProcess
+
+# The contract's "Testing Examples", as written.
+IMAGE_EXAMPLE = {"input": {"prompt": "A sunset over mountains", "user_id": "test-user", "file_uid": "test-img-001",
+                           "use_cloud_storage": True, "width": 512, "height": 512}}
+VIDEO_EXAMPLE = {"input": {"prompt": "Waves crashing on beach", "user_id": "test-user", "file_uid": "test-vid-001",
+                           "use_cloud_storage": True, "num_frames": 16, "fps": 8}}
+
+
+def post(url: str, body: dict, timeout: float = 30) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def object_of(url: str) -> str:
+    """The Storage object a download URL names (the emulator's URLs quote it as one path segment)."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path.split("/o/", 1)[1])
+
+
+def download(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+class Stack:
+    def __init__(self, worker: WorkerProcess, firestore, bucket):
+        self.worker, self.firestore, self.bucket = worker, firestore, bucket
+
+    def runsync(self, body: dict) -> dict:
+        return post(self.worker.runsync_url, body)
+
+    def doc(self, path: str) -> dict | None:
+        snapshot = self.firestore.document(path).get()
+        return snapshot.to_dict() if snapshot.exists else None
+
+    def watch(self, path: str) -> "StatusLog":
+        return StatusLog(self.firestore.document(path))
+
+    def wait_finished(self, path: str, timeout: float = 60) -> dict:
+        assert emu.wait_until(lambda: (self.doc(path) or {}).get("status") in ("completed", "failed"), timeout)
+        return self.doc(path)
+
+
+class StatusLog:
+    """Every status (and progress) a doc shows, as its on_snapshot listener sees them."""
+
+    def __init__(self, ref):
+        self.seen: list[tuple[str, float | None]] = []
+        self.finished = threading.Event()
+        self._watch = ref.on_snapshot(self._on)
+
+    def _on(self, docs, changes, read_time):
+        for snapshot in docs:
+            data = snapshot.to_dict() or {}
+            if data:
+                self.seen.append((data.get("status"), data.get("progress")))
+            if data.get("status") in ("completed", "failed"):
+                self.finished.set()
+
+    def statuses(self) -> list[str]:
+        out: list[str] = []
+        for status, _ in self.seen:
+            if not out or out[-1] != status:
+                out.append(status)
+        return out
+
+    def close(self):
+        self._watch.unsubscribe()
+
+
+def make_stack(firestore_emulator, storage_emulator, emulator_logs, cache, **settings) -> Stack:
+    project = emu.unique_id("demo-worker")
+    bucket = storage_emulator.client(project).create_bucket(emu.unique_id("worker-bucket"))
+    env = emu.emulator_env(firestore_emulator, storage_emulator, project, bucket.name)
+    worker = WorkerProcess(emulator_logs, {**env, "FIREGEN_CACHE": str(cache)}, **settings)
+    worker.start()
+    return Stack(worker, firestore_emulator.client(project), bucket)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="module")
+def stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache):
+    stack = make_stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache)
+    yield stack
+    stack.worker.stop()
+
+
+def test_the_contracts_image_example_end_to_end(stack):
+    path = "generations/test-user/images/test-img-001"
+    log = stack.watch(path)
+    try:
+        assert stack.runsync(IMAGE_EXAMPLE)["output"] == {
+            "status": "accepted",
+            "message": "Generation task accepted and processing",
+            "user_id": "test-user",
+            "file_uid": "test-img-001",
+            "task_type": "text2image",
+        }
+        assert log.finished.wait(60)
+    finally:
+        log.close()
+    assert log.statuses() == ["queued", "processing", "completed"]
+    doc = stack.doc(path)
+    assert (doc["generated"], doc["error"], doc["image_count"], doc["task_type"]) == (True, False, 1, "text2image")
+    assert doc["images"] == [doc["image_url"]] and object_of(doc["image_url"]) == "generating/test-user/image/test-img-001.png"
+    assert isinstance(doc["seed"], int) and (doc["user_id"], doc["file_uid"]) == ("test-user", "test-img-001")
+    image = Image.open(io.BytesIO(download(doc["image_url"])))
+    assert (image.format, image.size) == ("PNG", (512, 512))
+
+
+def test_the_contracts_video_example_end_to_end(stack):
+    path = "generations/test-user/videos/test-vid-001"
+    log = stack.watch(path)
+    try:
+        output = stack.runsync(VIDEO_EXAMPLE)["output"]
+        assert output["status"] == "accepted" and output["task_type"] == "text2video"
+        assert output["file_uid"] == "test-vid-001" and output["user_id"] == "test-user"
+        assert log.finished.wait(90)
+    finally:
+        log.close()
+    assert log.statuses() == ["queued", "processing", "completed"]
+    doc = stack.doc(path)
+    assert doc["video_info"] == {"frames": 16, "fps": 8, "duration_seconds": 2.0, "width": 512, "height": 512}
+    assert doc["videos"] == [doc["video_url"]] and object_of(doc["video_url"]) == "generating/test-user/video/test-vid-001.mp4"
+    with av.open(io.BytesIO(download(doc["video_url"]))) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        assert (frames, stream.average_rate, stream.codec_context.name) == (16, 8, "h264")
+        assert (stream.width, stream.height) == (512, 512)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"user_id": None}, "user_id and file_uid are required for cloud storage"),
+        ({"prompt": None}, "prompt is required"),
+        ({"width": 2048}, "width must be between 256 and 1024"),
+        ({"numFrames": 16}, "Validation failed: unknown field 'numFrames' (did you mean 'num_frames'?)"),
+        ({"file_uid": "../x"}, "Validation failed: file_uid may contain only letters, digits and - _ . : @ + = ~, "
+                               "must not start with '.' and must not look like __name__"),
+    ],
+)
+def test_bad_inputs_are_refused_over_http_and_write_nothing(stack, change, message):
+    body = {"input": {**IMAGE_EXAMPLE["input"], "file_uid": "bad-input", **change}}
+    body["input"] = {k: v for k, v in body["input"].items() if v is not None}
+    answer = stack.runsync(body)
+    assert (answer["status"], answer["error"]) == ("FAILED", message)
+    assert stack.doc("generations/test-user/images/bad-input") is None
+
+
+def test_eight_identical_requests_start_one_generation(stack):
+    body = {"input": {**IMAGE_EXAMPLE["input"], "file_uid": "same-eight"}}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: stack.runsync(body), range(8)))
+    assert all(a["output"]["status"] == "accepted" for a in answers)
+    doc = stack.wait_finished("generations/test-user/images/same-eight")
+    assert doc["status"] == "completed" and doc["attempts"] == 1
+    assert len([e for e in stack.worker.events("job_started") if "same-eight" in e]) == 1
+
+
+def test_a_completed_job_is_never_generated_again(stack):
+    body = {"input": {**IMAGE_EXAMPLE["input"], "file_uid": "done-once"}}
+    stack.runsync(body)
+    first = stack.wait_finished("generations/test-user/images/done-once")
+    assert stack.runsync(body)["output"]["status"] == "accepted"
+    time.sleep(0)  # nothing to wait for: the answer came after the doc was read, and the doc must be unchanged
+    assert stack.doc("generations/test-user/images/done-once") == first
+    assert len([e for e in stack.worker.events("job_started") if "done-once" in e]) == 1
+
+
+def test_a_failed_job_answers_with_its_recorded_error(stack):
+    path = "generations/test-user/images/failed-before"
+    stack.firestore.document(path).set({"status": "failed", "error": True, "generated": False, "prompt": "x",
+                                        "error_message": "Out of memory during generation",
+                                        "error_type": "OutOfMemoryError"})
+    answer = stack.runsync({"input": {**IMAGE_EXAMPLE["input"], "file_uid": "failed-before"}})
+    assert (answer["status"], answer["error"]) == ("FAILED", "Out of memory during generation")
+    assert stack.doc(path)["status"] == "failed"
+
+
+def test_a_client_written_doc_is_run_without_any_runsync_call(stack):
+    path = "generations/client-user/videos/written-by-client"
+    stack.firestore.document(path).set({"status": "queued", "prompt": "Waves", "generated": False, "error": False,
+                                        "numFrames": 17, "fps": 6, "videoWidth": 256, "videoHeight": 256})
+    doc = stack.wait_finished(path)
+    assert doc["status"] == "completed"
+    assert doc["video_info"] == {"frames": 17, "fps": 6, "duration_seconds": 2.833, "width": 256, "height": 256}
+
+
+def test_sigterm_mid_job_gives_the_job_back(firestore_emulator, storage_emulator, emulator_logs, tiny_cache):
+    stack = make_stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache, SHUTDOWN_GRACE_SECONDS="0.5")
+    try:
+        path = "generations/test-user/videos/long-job"
+        body = {"input": {**VIDEO_EXAMPLE["input"], "file_uid": "long-job", "num_frames": 81,
+                          "num_inference_steps": 50, "video_width": 1024, "video_height": 1024}}
+        assert stack.runsync(body)["output"]["status"] == "accepted"
+        assert emu.wait_until(lambda: (stack.doc(path) or {}).get("status") == "processing", 30)
+        stack.worker.signal(signal.SIGTERM)
+        assert stack.worker.wait_exit(60) is not None
+        doc = stack.doc(path)
+        assert doc["status"] == "queued" and doc["attempts"] == 0 and "worker_id" not in doc
+        assert stack.worker.events("job_released")
+    finally:
+        stack.worker.stop()

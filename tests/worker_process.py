@@ -1,0 +1,65 @@
+"""`python -m listener` as a real subprocess for the tests, on the emulators, with the tiny models.
+
+It reuses the emulator harness's process handling (own process group, readiness poll with a deadline, log
+file, SIGTERM then SIGKILL), so a worker can be started, signalled and stopped like any emulator.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import emulators as emu
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess(emu.Emulator):
+    """The RunPod worker serving the SDK's local API (`/runsync`) on a free port."""
+
+    name = "worker"
+    health_path = "/"  # the SDK's local API serves its docs page there
+
+    def __init__(self, log_dir: Path, env: dict[str, str], *, serve_api: bool = True, **settings: str):
+        super().__init__(log_dir)
+        self.env = env
+        self.serve_api = serve_api
+        self.settings = {
+            "IMAGE_MODEL": "tiny",
+            "VIDEO_MODEL": "tiny",
+            "SWEEP_INTERVAL_SECONDS": "1",
+            "LEASE_SECONDS": "10",
+            **settings,
+        }
+
+    def command(self) -> list[str]:
+        api = ["--rp_serve_api", "--rp_api_host", self.host, "--rp_api_port", str(self.port)]
+        return [sys.executable, "-m", "listener", *(api if self.serve_api else [])]
+
+    def process_env(self) -> dict[str, str]:
+        return {**os.environ, **self.env, **self.settings, "PYTHONUNBUFFERED": "1"}
+
+    def cwd(self) -> Path:
+        return REPO
+
+    def is_ready(self) -> bool:
+        if self.serve_api:
+            return super().is_ready()
+        return "worker_ready" in self.log_tail(200)
+
+    @property
+    def runsync_url(self) -> str:
+        return f"{self.url}/runsync"
+
+    def signal(self, signum: int) -> None:
+        os.killpg(self.pid, signum)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self._proc.wait(timeout)
+        except Exception:
+            return None
+
+    def events(self, name: str) -> list[str]:
+        return [line for line in self.log_path.read_text().splitlines() if f'"event": "{name}"' in line]
