@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv dev test bench clean
+.PHONY: venv dev submit test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 dev: $(STAMP)
-	$(BIN)/python -m generation --out out/dev
+	$(BIN)/python -m devtools.stack $(DEV_ARGS)
+
+# While `make dev` runs: make submit PROMPT="a lighthouse at dusk" [VIDEO=1]
+submit: $(STAMP)
+	$(BIN)/python -m devtools.client --prompt "$(PROMPT)" $(if $(VIDEO),--video)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-try:  # tests/ is a plain folder on sys.path (pytest's rootdir-relative import); allow a package too.
-    import emulators as emu
-except ImportError:  # pragma: no cover
-    from tests import emulators as emu
+from devtools import emulators as emu
 
 EMULATOR_FIXTURES = {
     "firestore_emulator", "firestore_emulator_factory", "storage_emulator",

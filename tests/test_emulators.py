@@ -15,7 +15,7 @@ import requests
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
-import emulators as emu
+from devtools import emulators as emu
 
 DEADLINE_S = 15
 

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, quote, urlparse
 import pytest
 import requests
 
-import emulators as emu
+from devtools import emulators as emu
 from generation.errors import CONNECTION_ERROR, classify
 from listener.settings import Settings, SettingsError, load_settings
 from listener.storage import (

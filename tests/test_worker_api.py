@@ -19,8 +19,8 @@ import av
 import pytest
 from PIL import Image
 
-import emulators as emu
-from worker_process import WorkerProcess
+from devtools import emulators as emu
+from devtools.worker import WorkerProcess
 
 # The contract's "Testing Examples", as written.
 IMAGE_EXAMPLE = {"input": {"prompt": "A sunset over mountains", "user_id": "test-user", "file_uid": "test-img-001",

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-import emulators as emu
+from devtools import emulators as emu
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,8 +21,9 @@ class WorkerProcess(emu.Emulator):
     name = "worker"
     health_path = "/"  # the SDK's local API serves its docs page there
 
-    def __init__(self, log_dir: Path, env: dict[str, str], *, serve_api: bool = True, **settings: str):
-        super().__init__(log_dir)
+    def __init__(self, log_dir: Path, env: dict[str, str], *, port: int | None = None, serve_api: bool = True,
+                 **settings: str):
+        super().__init__(log_dir, port)
         self.env = env
         self.serve_api = serve_api
         self.settings = {
