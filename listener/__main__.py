@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from .storage import ResultStore
 
     imported = time.perf_counter()
-    engine = Engine(EngineConfig(image_model=settings.image_model, video_model=settings.video_model))
+    # The engine reads its device/dtype/cache/offline variables itself; the models are the validated settings.
+    engine = Engine(EngineConfig.from_env(image_model=settings.image_model, video_model=settings.video_model))
     for task_type, failure in engine.preload().items():
         log.warning("model_not_available", task_type=task_type, error=failure.message)
     loaded = time.perf_counter()

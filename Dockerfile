@@ -1,0 +1,51 @@
+# The RunPod Serverless image: CUDA torch (never the CPU pin of the local .venv), the worker, and optionally
+# the model weights baked in at build time.
+#
+#   docker build -t you/firegen-worker .                                  # weights baked in (default)
+#   docker build --build-arg BAKE_MODELS=0 -t you/firegen-worker .        # weights from a network volume
+#
+# CMD runs `python -m listener`: the RunPod SDK's serverless loop plus the Firestore reconciler.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_VERSION=2.7.1
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# CUDA torch first, from PyTorch's own index; the constraint keeps every later install from replacing it.
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
+ && echo "torch==${TORCH_VERSION}" > /opt/torch-constraint.txt
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY generation ./generation
+COPY listener ./listener
+RUN pip install -c /opt/torch-constraint.txt . \
+ && find /opt/venv -name "__pycache__" -type d -prune -exec rm -rf {} +
+
+FROM build AS weights
+ARG BAKE_MODELS=1
+ARG IMAGE_MODEL=stabilityai/stable-diffusion-xl-base-1.0
+ARG VIDEO_MODEL=Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+ENV HF_HOME=/models
+RUN mkdir -p /models && if [ "$BAKE_MODELS" = "1" ]; then \
+      IMAGE_MODEL="$IMAGE_MODEL" VIDEO_MODEL="$VIDEO_MODEL" python -m generation.prefetch; fi
+
+FROM ${PYTHON_IMAGE}
+ARG IMAGE_MODEL=stabilityai/stable-diffusion-xl-base-1.0
+ARG VIDEO_MODEL=Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+COPY --from=build /opt/venv /opt/venv
+COPY --from=weights /models /models
+WORKDIR /app
+COPY generation ./generation
+COPY listener ./listener
+# Baked weights are read offline: a cold start never waits on the hub. With BAKE_MODELS=0, point HF_HOME at a
+# network volume (e.g. /runpod-volume/hf) and set HF_HUB_OFFLINE=0 for a first download there.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/models \
+    HF_HUB_OFFLINE=1 \
+    IMAGE_MODEL=${IMAGE_MODEL} \
+    VIDEO_MODEL=${VIDEO_MODEL}
+CMD ["python", "-m", "listener"]

@@ -1,0 +1,36 @@
+"""`python -m generation.prefetch`: download the configured models into the Hugging Face cache ahead of time.
+
+Run at image build time (Dockerfile, `BAKE_MODELS=1`) or once against a network volume, so that a worker's
+cold start loads weights from disk and never waits on the hub. `tiny` and `none` need nothing; a local folder
+is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .pipelines import DISABLED, IMAGE_MODEL_DEFAULT, TINY, VIDEO_MODEL_DEFAULT
+
+# Only what `from_pretrained` reads for these pipelines: safetensors weights, configs, tokenizers.
+ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors", "**/*.json", "**/*.txt", "**/*.model", "**/*.safetensors"]
+IGNORE = ["*.bin", "*.ckpt", "*.onnx", "*.msgpack", "**/*.bin", "**/*.onnx", "**/*.msgpack", "*fp32*", "**/*.fp32*"]
+
+
+def needs_download(model_ref: str) -> bool:
+    return model_ref.strip().lower() not in (TINY, DISABLED) and not Path(model_ref).exists()
+
+
+def main() -> int:
+    from huggingface_hub import snapshot_download
+
+    refs = [os.environ.get("IMAGE_MODEL") or IMAGE_MODEL_DEFAULT, os.environ.get("VIDEO_MODEL") or VIDEO_MODEL_DEFAULT]
+    for ref in filter(needs_download, refs):
+        print(f"prefetch: {ref}", flush=True)
+        snapshot_download(ref, allow_patterns=ALLOW, ignore_patterns=IGNORE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
