@@ -1,8 +1,8 @@
-"""The Firestore job store: every transition of `lifecycle` runs here, each in one transaction.
+"""The Firestore job store: every transition of `lifecycle` runs here, each as one atomic read-decide-write.
 
-`JobStore.transition` is the only place that writes a job document after its creation: it reads the doc
-inside a transaction, asks a pure decision function what to write given the server's read time, and writes
-exactly that or nothing. Claim, renew, complete, fail and release are one line each on top of it, so the
+`JobStore.transition` is the only place that writes a job document: it reads the doc, asks a pure decision
+function what to write given the server's read time, and writes exactly that, only if the doc is unchanged
+since the read (else it reads and decides again), or nothing. Claim, renew, complete, fail and release are one line each on top of it, so the
 fencing (status + worker_id + attempt) can never be skipped by one of them.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Mapping
 
+from google.api_core.exceptions import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from google.cloud import firestore
 from google.cloud.firestore import SERVER_TIMESTAMP
 
@@ -23,6 +24,7 @@ from .lifecycle import Lease
 
 COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
+MAX_CONFLICTS = 10
 
 Decide = Callable[[dict[str, Any], datetime], "dict | None"]
 
@@ -81,19 +83,30 @@ class JobStore:
         return self.client.document(key.path)
 
     def transition(self, key: JobKey, decide: Decide) -> Outcome:
-        """Read the doc in a transaction, let `decide` choose the update from it and the server time, write it."""
-        ref = self.ref(key)
+        """Read the doc, let `decide` choose the update from it and the server time, and write it atomically.
 
-        @firestore.transactional
-        def run(transaction: firestore.Transaction) -> Outcome:
-            snapshot = ref.get(transaction=transaction)
+        The write is a compare-and-set: it carries the read's `update_time` as a precondition (or must create
+        the doc where none was), so it lands only if nobody wrote in between; otherwise we read again and
+        decide again. That is a transaction's guarantee without its locks: with lock-based transactions, idle
+        workers racing for the same new doc deadlock each other until a lock timeout (seconds on the emulator),
+        which stalls throughput exactly when more workers are added.
+        """
+        ref = self.ref(key)
+        for _ in range(MAX_CONFLICTS):
+            snapshot = ref.get()
             before = {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
             update = decide(before, snapshot.read_time)
-            if update is not None:
-                transaction.update(ref, update) if snapshot.exists else transaction.create(ref, update)
+            if update is None:
+                return Outcome(before, None, snapshot.read_time)
+            try:
+                if snapshot.exists:
+                    ref.update(update, option=self.client.write_option(last_update_time=snapshot.update_time))
+                else:
+                    ref.create(update)
+            except (FailedPrecondition, AlreadyExists, NotFound):
+                continue  # someone wrote first: decide again on what they wrote
             return Outcome(before, update, snapshot.read_time)
-
-        return run(self.client.transaction())
+        raise Aborted(f"{key.path}: still contended after {MAX_CONFLICTS} tries")
 
     def _fenced(self, job: ClaimedJob, make: Callable[[dict, datetime], dict]) -> bool:
         return self.transition(

@@ -11,6 +11,8 @@ found, is restarted. A candidate is only a hint; the claim transaction decides, 
 
 from __future__ import annotations
 
+import itertools
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -28,6 +30,7 @@ from .runner import JobRunner
 log = structlog.get_logger("listener.reconciler")
 
 SWEEP_LIMIT = 50
+SPREAD = 8
 
 
 class Reconciler:
@@ -47,6 +50,7 @@ class Reconciler:
         self.on_finished = on_finished
         self._cv = threading.Condition()
         self._pending: OrderedDict[JobKey, None] = OrderedDict()
+        self._asked: set[JobKey] = set()  # submitted through runsync: this worker said it would run them
         self._active: dict[JobKey, threading.Thread] = {}
         self._claiming = False
         self._stopping = threading.Event()
@@ -72,6 +76,7 @@ class Reconciler:
         with self._cv:
             self._claiming = False
             self._pending.clear()
+            self._asked.clear()
             self._cv.notify_all()
         self._stopping.set()
         for watch in self._watches.values():
@@ -103,15 +108,29 @@ class Reconciler:
 
     def submit(self, key: JobKey) -> None:
         """A job this worker was asked to run (runsync): first in line for the next free slot."""
-        self._offer(key, first=True)
+        self._offer(key, asked=True)
 
-    def _offer(self, key: JobKey, first: bool = False) -> None:
+    def _offer(self, key: JobKey, asked: bool = False) -> None:
         with self._cv:
             if not self._claiming or key in self._active:
                 return
             self._pending[key] = None
-            self._pending.move_to_end(key, last=not first)
+            if asked:
+                self._asked.add(key)
             self._cv.notify_all()
+
+    def _next_candidate(self) -> JobKey:
+        """A job this worker was asked to run, else one of the oldest few at random.
+
+        Every idle worker hears of the same queued docs at the same moment; if all of them went for the oldest,
+        they would all race for one doc and all but one would lose a round trip. A random pick among the
+        oldest few spreads them over the queue while keeping it roughly first-in, first-out.
+        """
+        asked = next((key for key in self._pending if key in self._asked), None)
+        key = asked or random.choice(list(itertools.islice(self._pending, SPREAD)))
+        del self._pending[key]
+        self._asked.discard(key)
+        return key
 
     def _dispatch_loop(self) -> None:
         while True:
@@ -120,7 +139,7 @@ class Reconciler:
                     self._cv.wait()
                 if not self._claiming:
                     return
-                key, _ = self._pending.popitem(last=False)
+                key = self._next_candidate()
             try:
                 job = self.store.claim(key)
             except Exception as exc:

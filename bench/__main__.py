@@ -1,0 +1,251 @@
+"""`make bench`: the figures we promise, measured on this machine, printed as a table and saved as JSON.
+
+Sections (each can be run alone with --only NAME):
+- pipelines: the tiny SDXL (512x512, 20 steps) and Wan (16 frames, 512x512, 20 steps) pipelines on this CPU;
+- lifecycle: pickup latency, per-job overhead and throughput with 1, 2 and 4 no-op workers on the emulators;
+- worker: cold start of `python -m listener` (tiny models) and runsync accept latency on the SDK's local API,
+  sequential and with 8 concurrent clients.
+A GPU section runs only where CUDA is present (see bench/gpu.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from devtools import emulators as emu
+from devtools.client import post_runsync
+from devtools.worker import WorkerProcess
+
+REPO = Path(__file__).resolve().parent.parent
+REPORT = REPO / "out" / "bench" / "report.json"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(round(q / 100 * (len(ordered) - 1))), len(ordered) - 1)]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+# --- pipelines ------------------------------------------------------------------------------------------------
+
+
+def bench_pipelines(cache: Path) -> dict:
+    from generation.contract import parse_runsync_input
+    from generation.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(image_model="tiny", video_model="tiny", cache_dir=str(cache)))
+    base = {"prompt": "A sunset over mountains", "use_cloud_storage": False, "num_inference_steps": 20, "seed": 1}
+    cases = {
+        "sdxl_512_20steps_s": parse_runsync_input({**base, "width": 512, "height": 512}),
+        "wan_16frames_512_20steps_s": parse_runsync_input({**base, "num_frames": 16, "fps": 8}),
+    }
+    figures = {}
+    for name, request in cases.items():
+        engine.generate(request)  # load + warm up
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            engine.generate(request)
+            runs.append(time.perf_counter() - t0)
+        figures[name] = round(statistics.median(runs), 3)
+    return figures
+
+
+# --- lifecycle with no-op workers -----------------------------------------------------------------------------
+
+
+class NoopWorkers:
+    def __init__(self, env: dict, logs: Path, count: int, seconds: float = 0.0):
+        self.procs = []
+        for i in range(count):
+            log = open(logs / f"noop-{uuid.uuid4().hex[:6]}.log", "wb")
+            proc = subprocess.Popen([sys.executable, "-m", "bench.noop"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **env, "NOOP_SECONDS": str(seconds), "SWEEP_INTERVAL_SECONDS": "5",
+                                         "LOG_LEVEL": "WARNING"}, start_new_session=True)
+            self.procs.append((proc, log))
+        for proc, log in self.procs:
+            assert emu.wait_until(lambda: "worker_ready" in Path(log.name).read_text(errors="ignore"), 60), log.name
+
+    def stop(self):
+        for proc, log in self.procs:
+            proc.terminate()
+        for proc, log in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+
+def write_jobs(db, count: int, prefix: str) -> list:
+    from google.cloud import firestore
+
+    refs = []
+    batch = db.batch()
+    for i in range(count):
+        ref = db.document(f"generations/bench-user/images/{prefix}-{i:04d}")
+        batch.set(ref, {"status": "queued", "prompt": "bench", "generated": False, "error": False,
+                        "created_at": firestore.SERVER_TIMESTAMP, "width": 256, "height": 256})
+        refs.append(ref)
+    batch.commit()
+    return refs
+
+
+def wait_done(db, refs: list, timeout: float = 300) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    pending = {ref.path: ref for ref in refs}
+    docs = {}
+    while pending and time.monotonic() < deadline:
+        for snapshot in db.get_all(list(pending.values())):
+            data = snapshot.to_dict() or {}
+            if data.get("status") in ("completed", "failed"):
+                docs[snapshot.reference.path] = data
+                pending.pop(snapshot.reference.path)
+        time.sleep(0.05)
+    if pending:
+        raise RuntimeError(f"{len(pending)} jobs not finished within {timeout} s")
+    return [docs[ref.path] for ref in refs]
+
+
+def bench_lifecycle(firestore_emulator, storage_emulator, logs: Path) -> dict:
+    figures = {}
+    project = emu.unique_id("demo-bench")
+    bucket = storage_emulator.client(project).create_bucket(emu.unique_id("bench"))
+    env = emu.emulator_env(firestore_emulator, storage_emulator, project, bucket.name)
+    db = firestore_emulator.client(project)
+
+    workers = NoopWorkers(env, logs, 1)
+    try:
+        pickups, overheads = [], []
+        for i in range(30):
+            (doc,) = wait_done(db, write_jobs(db, 1, f"pickup-{i}"))
+            pickups.append((doc["started_at"] - doc["created_at"]).total_seconds())
+            overheads.append((doc["completed_at"] - doc["created_at"]).total_seconds() - doc["generation_seconds"])
+        figures.update(pickup_p50_ms=ms(pct(pickups, 50)), pickup_p99_ms=ms(pct(pickups, 99)),
+                       overhead_p50_ms=ms(pct(overheads, 50)), overhead_p99_ms=ms(pct(overheads, 99)))
+    finally:
+        workers.stop()
+
+    # With no generation at all, every cost is CPU on this machine (workers, emulators), so 4 workers on 2 cores
+    # cannot beat 1 by much; with simulated GPU time (a sleep, as a GPU leaves the CPU free) the lifecycle's
+    # own scaling shows.
+    for gpu_seconds, label in ((0.0, "noop"), (0.5, "gpu0.5s")):
+        for count in (1, 2, 4):
+            workers = NoopWorkers(env, logs, count, gpu_seconds)
+            try:
+                jobs = 40
+                docs = wait_done(db, write_jobs(db, jobs, f"tp{label}{count}-{uuid.uuid4().hex[:4]}"))
+                first = min(d["created_at"] for d in docs)
+                last = max(d["completed_at"] for d in docs)
+                figures[f"throughput_{label}_{count}w_jobs_per_s"] = round(jobs / (last - first).total_seconds(), 2)
+                failed = sum(d["status"] != "completed" for d in docs)
+                if failed:
+                    figures[f"throughput_{label}_{count}w_failed"] = failed
+            finally:
+                workers.stop()
+        one = figures[f"throughput_{label}_1w_jobs_per_s"]
+        figures[f"speedup_{label}_4w_vs_1w"] = round(figures[f"throughput_{label}_4w_jobs_per_s"] / one, 2)
+    return figures
+
+
+# --- the real worker process ----------------------------------------------------------------------------------
+
+
+def bench_worker(firestore_emulator, storage_emulator, logs: Path, cache: Path) -> dict:
+    project = emu.unique_id("demo-bench")
+    bucket = storage_emulator.client(project).create_bucket(emu.unique_id("bench"))
+    env = {**emu.emulator_env(firestore_emulator, storage_emulator, project, bucket.name), "FIREGEN_CACHE": str(cache)}
+    worker = WorkerProcess(logs, env)
+    t0 = time.perf_counter()
+    worker.start()
+    cold = time.perf_counter() - t0
+    try:
+        ready = json.loads(worker.events("worker_ready")[-1])
+        figures = {"cold_start_s": round(cold, 2), "cold_import_s": ready["import_seconds"],
+                   "cold_model_load_s": ready["load_seconds"]}
+        # The smallest job the contract allows: the worker generates these in the background while we measure.
+        body = {"prompt": "bench", "user_id": "bench-user", "use_cloud_storage": True, "width": 256, "height": 256,
+                "num_inference_steps": 10}
+
+        def accept(_) -> float:
+            t = time.perf_counter()
+            answer = post_runsync(worker.runsync_url, {**body, "file_uid": uuid.uuid4().hex[:12]})
+            assert answer["output"]["status"] == "accepted", answer
+            return time.perf_counter() - t
+
+        for _ in range(5):
+            accept(None)  # warm-up
+        sequential = [accept(None) for _ in range(100)]
+        with ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(accept, range(200)))
+        figures.update(accept_seq_p50_ms=ms(pct(sequential, 50)), accept_seq_p99_ms=ms(pct(sequential, 99)),
+                       accept_8conc_p50_ms=ms(pct(concurrent, 50)), accept_8conc_p99_ms=ms(pct(concurrent, 99)))
+        return figures
+    finally:
+        worker.stop()
+
+
+TARGETS = {
+    "accept_seq_p99_ms": ("<", 50), "accept_8conc_p99_ms": ("<", 200), "pickup_p50_ms": ("<", 200),
+    "pickup_p99_ms": ("<", 1000), "overhead_p50_ms": ("<", 300), "cold_start_s": ("<", 15),
+    "speedup_noop_4w_vs_1w": (">=", 3), "speedup_gpu0.5s_4w_vs_1w": (">=", 3),
+}
+
+
+def verdict(name: str, value) -> str:
+    if name not in TARGETS:
+        return ""
+    op, limit = TARGETS[name]
+    ok = value < limit if op == "<" else value >= limit
+    return f"{'ok ' if ok else 'MISS'} (target {op} {limit})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["pipelines", "lifecycle", "worker", "gpu"], action="append")
+    args = parser.parse_args(argv)
+    sections = args.only or ["pipelines", "lifecycle", "worker", "gpu"]
+    report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "cpus": os.cpu_count()}, "sections": {}}
+    with tempfile.TemporaryDirectory(prefix="firegen-bench-") as tmp:
+        tmp = Path(tmp)
+        cache = Path(os.environ.get("FIREGEN_CACHE") or tmp / "tiny")
+        if "pipelines" in sections:
+            report["sections"]["pipelines"] = bench_pipelines(cache)
+        if "gpu" in sections:
+            from bench.gpu import bench_gpu
+
+            report["sections"]["gpu"] = bench_gpu()
+        if {"lifecycle", "worker"} & set(sections):
+            with emu.FirestoreEmulator(tmp / "logs") as firestore, emu.StorageEmulator(tmp / "logs", in_memory=True) as storage:
+                if "lifecycle" in sections:
+                    report["sections"]["lifecycle"] = bench_lifecycle(firestore, storage, tmp / "logs")
+                if "worker" in sections:
+                    report["sections"]["worker"] = bench_worker(firestore, storage, tmp / "logs", cache)
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps(report, indent=2))
+    print(f"\n{'figure':<40} {'value':>12}  check")
+    for section, figures in report["sections"].items():
+        print(f"-- {section}")
+        for name, value in figures.items():
+            print(f"{name:<40} {value!s:>12}  {verdict(name, value)}")
+    print(f"\nreport: {REPORT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

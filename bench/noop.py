@@ -1,0 +1,68 @@
+"""A generator that does no diffusion: the benchmark's way to time the lifecycle alone.
+
+`seconds` stands in for GPU time (default 0: pure overhead). Outputs are a fixed small PNG, so uploads are
+real but tiny. `python -m bench.noop` runs a whole worker (job store, reconciler, Storage) around it, as a
+separate process like a real worker, for the throughput runs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+import time
+from types import SimpleNamespace
+
+from PIL import Image
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (40, 90, 160)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class NoopGenerator:
+    def __init__(self, seconds: float = 0.0):
+        self.seconds = seconds
+        self.png = _png()
+
+    def generate(self, request, progress=None):
+        end = time.monotonic() + self.seconds
+        for step in range(1, 5):
+            time.sleep(max(end - time.monotonic(), 0) / (5 - step))
+            if progress:
+                progress(step / 4)
+        files = [(self.png, "png", "image/png")] * request.num_images_per_prompt
+        return SimpleNamespace(seed=request.seed or 0, files=files, video_info=None)
+
+
+def main() -> int:
+    from google.cloud import firestore, storage
+
+    from listener.__main__ import make_worker_id
+    from listener.jobs import JobStore
+    from listener.reconciler import Reconciler
+    from listener.runner import JobRunner
+    from listener.settings import load_settings
+    from listener.storage import ResultStore
+
+    settings = load_settings()
+    store = JobStore(firestore.Client(project=settings.google_cloud_project), worker_id=make_worker_id(),
+                     lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts)
+    results = ResultStore.from_settings(storage.Client(project=settings.google_cloud_project), settings)
+    generator = NoopGenerator(float(os.environ.get("NOOP_SECONDS", "0")))
+    reconciler = Reconciler(store, JobRunner(store, generator, results), sweep_interval=settings.sweep_interval_seconds)
+    reconciler.start()
+    print("worker_ready", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            signal.pause()
+    finally:
+        reconciler.stop(1.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
