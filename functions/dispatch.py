@@ -1,0 +1,319 @@
+"""What the Cloud Functions do, as plain functions that take their clients (tests call these directly).
+
+- `generate`: the `generateWithRunPod` callable. Validates the caller's request with the worker's own
+  contract, creates the queued job doc unless the client already wrote it, and dispatches it to RunPod.
+- `dispatch_created`: the Firestore trigger for job docs that clients write themselves: dispatch once.
+- `redispatch_stale`: the scheduled sweep: wake a worker again for jobs nobody picked up, a bounded number of
+  times, then fail them with a clear message.
+
+Each job is dispatched through one transaction that marks it first (`dispatch_count`, `dispatched_at`,
+`dispatched_by`), so of a client's setDoc, its trigger (delivered at least once) and its callable call, only
+one sends the job to RunPod. Marker fields are neither request fields nor the worker's state fields, so the
+worker's contract ignores them. Docs are written only through the worker's own job store and document shapes
+(listener.jobs, listener.lifecycle; vendored into functions/ at deploy by scripts/vendor_shared.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Mapping
+
+from google.cloud import firestore
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP, FieldFilter
+
+from generation.contract import (
+    VIDEO_FIELDS,
+    ContractError,
+    GenerationRequest,
+    invalid,
+    normalise_document_fields,
+    parse_document,
+    parse_runsync_input,
+)
+from generation.errors import EXCEPTION, VALIDATION_ERROR, GenerationError
+from listener import lifecycle
+from listener.jobs import MEDIA_TYPES, JobKey, JobStore, queued_document
+
+import runpod_client
+from runpod_client import RunPodClient, Verdict
+
+log = logging.getLogger("functions.dispatch")
+
+# Fields this codebase adds to a job doc (the worker ignores them).
+DISPATCH_COUNT = "dispatch_count"  # how many times a worker was woken for this job
+DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
+DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
+DISPATCH_ERROR = "dispatch_error"  # why the last dispatch did not reach a worker; removed by the next one
+DISPATCH_FIELDS = (DISPATCH_COUNT, DISPATCHED_AT, DISPATCHED_BY, DISPATCH_ERROR)
+
+BY_CALLABLE, BY_TRIGGER, BY_SCHEDULER = "callable", "trigger", "scheduler"
+
+STARTED_MESSAGE = "Generation started"
+QUEUED_MESSAGE = "Generation queued: a GPU worker is starting and will pick it up"
+PENDING_MESSAGE = "Generation queued: the GPU service did not answer yet; a worker will pick it up"
+
+STORE_WORKER_ID = "cloud-functions"  # JobStore needs one; this codebase never claims jobs
+
+
+class CallError(Exception):
+    """An error for the callable's client: `code` is a Firebase Functions error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How hard to try: re-dispatch a job left queued `redispatch_after` after its last dispatch, at most
+    `max_dispatches` dispatches in all, then fail it. `scan_limit` bounds one sweep per media type."""
+
+    redispatch_after: timedelta = timedelta(minutes=10)
+    max_dispatches: int = 3
+    scan_limit: int = 100
+
+
+def _store(db: firestore.Client) -> JobStore:
+    return JobStore(db, worker_id=STORE_WORKER_ID)
+
+
+def _markers(doc: Mapping[str, Any] | None, by: str) -> dict[str, Any]:
+    markers: dict[str, Any] = {
+        DISPATCH_COUNT: int((doc or {}).get(DISPATCH_COUNT) or 0) + 1,
+        DISPATCHED_AT: SERVER_TIMESTAMP,
+        DISPATCHED_BY: by,
+    }
+    if doc and DISPATCH_ERROR in doc:
+        markers[DISPATCH_ERROR] = DELETE_FIELD
+    return markers
+
+
+def runsync_input(request: GenerationRequest) -> dict[str, Any]:
+    """The runsync `input` for a validated request: the fields as given, snake_case, cloud storage on.
+
+    A video job whose doc names no video field (all defaults) gets num_frames explicitly: runsync decides
+    the task type from the video fields, a doc from its collection.
+    """
+    data = {**request.parameters(), "user_id": request.user_id, "file_uid": request.file_uid,
+            "use_cloud_storage": True}
+    if request.is_video and not VIDEO_FIELDS & data.keys():
+        data["num_frames"] = request.num_frames
+    return data
+
+
+def _fail_queued(db: firestore.Client, key: JobKey, error_type: str, message: str) -> bool:
+    """Fail the job if it is still queued (a worker that already claimed it decides its fate)."""
+    return _store(db).fail_unclaimed(key, GenerationError(error_type, message))
+
+
+def _record_undelivered(db: firestore.Client, key: JobKey, verdict: Verdict) -> None:
+    try:
+        db.document(key.path).update({DISPATCH_ERROR: verdict.message[:300]})
+    except Exception as exc:  # noqa: BLE001 - a note for operators; the doc stays queued either way
+        log.warning("dispatch_error_not_recorded path=%s error=%s", key.path, type(exc).__name__)
+
+
+def _deliver(db: firestore.Client, runpod: RunPodClient, key: JobKey, request: GenerationRequest) -> Verdict:
+    """POST the job; a refusal fails its doc (when still queued), a failure to deliver is noted on it."""
+    verdict = runpod.runsync(runsync_input(request))
+    log.info("dispatched path=%s outcome=%s attempts=%d", key.path, verdict.outcome, verdict.attempts)
+    if verdict.outcome == runpod_client.REJECTED:
+        _fail_queued(db, key, VALIDATION_ERROR, verdict.message)
+    elif verdict.outcome == runpod_client.UNDELIVERED:
+        _record_undelivered(db, key, verdict)
+    return verdict
+
+
+# ------------------------------------------------------------------------------------------------ callable
+def _media_of(fields: Mapping[str, Any]) -> str:
+    return "videos" if any(fields.get(name) is not None for name in VIDEO_FIELDS) else "images"
+
+
+def _reply(key: JobKey, message: str, status: str) -> dict[str, Any]:
+    return {"success": True, "fileUid": key.file_uid, "mediaType": key.media_type, "status": status,
+            "message": message}
+
+
+def generate(db: firestore.Client, runpod: RunPodClient, *, uid: str | None, data: Any,
+             policy: Policy = Policy()) -> dict[str, Any]:
+    """The `generateWithRunPod` callable. Returns its reply or raises CallError.
+
+    Reply: {success: True, fileUid, mediaType, status: "accepted" | "queued", message}. A request the
+    contract refuses raises invalid-argument with the contract's message (and fails the client's queued doc,
+    if it wrote one). A RunPod that cannot be reached is not an error for the client: the doc stays queued
+    and the reply says so (status "queued"); workers find queued docs by themselves and the scheduled sweep
+    wakes one again, then fails the job after `policy.max_dispatches` dispatches.
+    """
+    if not uid:
+        raise CallError("unauthenticated", "Sign in to generate")
+    if not isinstance(data, Mapping):
+        raise CallError("invalid-argument", invalid("input must be a JSON object").message)
+    try:
+        fields = normalise_document_fields(data)
+    except ContractError as exc:
+        raise CallError("invalid-argument", exc.message) from None
+    if fields.get("user_id") not in (None, "", uid):
+        raise CallError("permission-denied", "user_id must be the signed-in user's uid")
+    fields["user_id"] = uid
+    if fields.get("file_uid") in (None, ""):
+        fields["file_uid"] = uuid.uuid4().hex  # the reply's fileUid names it
+    fields.setdefault("use_cloud_storage", True)
+    try:
+        request = parse_runsync_input(fields)
+        if not request.use_cloud_storage:
+            raise invalid("use_cloud_storage must be true: results go to Cloud Storage")
+    except ContractError as exc:
+        file_uid = fields.get("file_uid")
+        if isinstance(file_uid, str):
+            try:
+                _fail_queued(db, JobKey(uid, _media_of(fields), file_uid), VALIDATION_ERROR, exc.message)
+            except Exception as fail_exc:  # noqa: BLE001 - a bad id Firestore refuses, say: answer the client anyway
+                log.warning("invalid_request_doc_not_failed error=%s", type(fail_exc).__name__)
+        raise CallError("invalid-argument", exc.message) from None
+
+    key = JobKey.of(request)
+
+    def decide(doc: dict | None, now: datetime) -> dict | None:
+        if doc is None:
+            return {**queued_document(request), **_markers(None, BY_CALLABLE)}
+        count = int(doc.get(DISPATCH_COUNT) or 0)
+        retry = DISPATCH_ERROR in doc and count < policy.max_dispatches  # the last dispatch never arrived
+        if doc.get("status") == lifecycle.QUEUED and (count == 0 or retry):
+            return _markers(doc, BY_CALLABLE)
+        return None
+
+    outcome = _store(db).transition(key, decide)
+    if not outcome.applied:
+        # Someone already dispatched this job (its trigger, an earlier call) or it has moved on: report its state.
+        doc = outcome.before or {}
+        if doc.get("status") == lifecycle.FAILED:
+            code = "invalid-argument" if doc.get("error_type") == VALIDATION_ERROR else "failed-precondition"
+            raise CallError(code, doc.get("error_message") or "Generation failed")
+        if doc.get("status") == lifecycle.QUEUED and DISPATCH_ERROR in doc:
+            return _reply(key, PENDING_MESSAGE, "queued")
+        return _reply(key, STARTED_MESSAGE, "accepted")
+
+    verdict = _deliver(db, runpod, key, request)
+    if verdict.outcome == runpod_client.ACCEPTED:
+        return _reply(key, STARTED_MESSAGE, "accepted")
+    if verdict.outcome == runpod_client.REJECTED:
+        raise CallError("invalid-argument", verdict.message)
+    if verdict.outcome == runpod_client.QUEUED:
+        return _reply(key, QUEUED_MESSAGE, "queued")
+    return _reply(key, PENDING_MESSAGE, "queued")
+
+
+# ------------------------------------------------------------------------------------------------ trigger
+def dispatch_created(db: firestore.Client, runpod: RunPodClient, *, user_id: str, media_type: str,
+                     file_uid: str) -> str:
+    """The Firestore trigger on generations/{uid}/{media}/{fileUid} creation: dispatch the job once.
+
+    Returns what happened: "skipped" (not a queued job, or already dispatched: the callable did, a worker's
+    runsync handler wrote it, or this is a repeated delivery of the same event), "invalid" (the doc breaks the contract: failed here, no worker
+    woken), or the verdict's outcome.
+    """
+    if media_type not in MEDIA_TYPES:
+        return "skipped"
+    key = JobKey(user_id, media_type, file_uid)
+
+    def decide(doc: dict | None, now: datetime) -> dict | None:
+        if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
+            return None
+        if doc.get("task_type"):
+            # Written in the worker's shape (listener.jobs.queued_document), which clients cannot write (the
+            # rules refuse task_type): by the callable, which dispatches it, or by a worker's runsync handler,
+            # which is running it. Either way a worker is already on it.
+            return None
+        return _markers(doc, BY_TRIGGER)
+
+    outcome = _store(db).transition(key, decide)
+    if not outcome.applied:
+        return "skipped"
+    try:
+        request = parse_document(user_id, media_type, file_uid, outcome.before)
+    except ContractError as exc:
+        _fail_queued(db, key, VALIDATION_ERROR, exc.message)
+        return "invalid"
+    return _deliver(db, runpod, key, request).outcome
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def _last_dispatch(doc: Mapping[str, Any]) -> datetime | None:
+    return doc.get(DISPATCHED_AT) or doc.get("created_at")
+
+
+def _stale(doc: Mapping[str, Any] | None, now: datetime, policy: Policy) -> bool:
+    """Queued and not dispatched for a while, or processing under an expired lease (its worker is gone)."""
+    if doc is None:
+        return False
+    status = doc.get("status")
+    if status == lifecycle.PROCESSING:
+        if not lifecycle.lease_expired(doc, now):
+            return False
+    elif status != lifecycle.QUEUED:
+        return False
+    last = _last_dispatch(doc)
+    return last is None or last <= now - policy.redispatch_after
+
+
+def _given_up(count: int, policy: Policy) -> GenerationError:
+    minutes = policy.redispatch_after.total_seconds() / 60
+    return GenerationError(
+        EXCEPTION,
+        f"No GPU worker picked up the job after {count} dispatches, {minutes:g} minutes apart; please try again",
+    )
+
+
+def redispatch_stale(db: firestore.Client, runpod: RunPodClient, *, policy: Policy = Policy(),
+                     now: datetime | None = None) -> Counter:
+    """The scheduled sweep. Returns counts: redispatched, failed, invalid, and each verdict outcome."""
+    now = now or datetime.now(timezone.utc)
+    cutoff = now - policy.redispatch_after
+    counts: Counter = Counter()
+    store = _store(db)
+    for media in MEDIA_TYPES:
+        group = db.collection_group(media)
+        queued = (group.where(filter=FieldFilter("status", "==", lifecycle.QUEUED))
+                  .where(filter=FieldFilter("created_at", "<=", cutoff))
+                  .order_by("created_at").limit(policy.scan_limit))
+        expired = (group.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
+                   .where(filter=FieldFilter("lease_expires_at", "<", now)).limit(policy.scan_limit))
+        for query in (queued, expired):
+            for snapshot in query.stream():
+                try:
+                    key = JobKey.from_path(snapshot.reference.path)
+                except ValueError:
+                    continue  # an `images` collection somewhere else
+                counts[_redispatch_one(db, store, runpod, key, policy)] += 1
+    if counts:
+        log.info("redispatch_sweep %s", dict(counts))
+    return counts
+
+
+def _redispatch_one(db: firestore.Client, store: JobStore, runpod: RunPodClient, key: JobKey,
+                    policy: Policy) -> str:
+    def decide(doc: dict | None, now: datetime) -> dict | None:
+        if not _stale(doc, now, policy):
+            return None
+        count = int(doc.get(DISPATCH_COUNT) or 0)
+        if count >= policy.max_dispatches:
+            return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
+        return _markers(doc, BY_SCHEDULER)
+
+    outcome = store.transition(key, decide)
+    if not outcome.applied:
+        return "skipped"
+    if outcome.written.get("status") == lifecycle.FAILED:
+        return "failed"
+    try:
+        request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
+    except ContractError as exc:
+        _fail_queued(db, key, VALIDATION_ERROR, exc.message)
+        return "invalid"
+    verdict = _deliver(db, runpod, key, request)
+    return "redispatched" if verdict.delivered else verdict.outcome

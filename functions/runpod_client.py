@@ -1,0 +1,180 @@
+"""One runsync call to the RunPod worker, with bounded retries, read as a verdict on the job.
+
+RunPod wraps the worker's answer in an envelope:
+    {"id", "status": "COMPLETED", "output": {"status": "accepted", ...}}   the worker took the job
+    {"id", "status": "FAILED", "error": "<the contract's message>"}       the worker refused the request
+    {"id", "status": "IN_QUEUE" | "IN_PROGRESS"}                          no worker answered within runsync's
+                                                                          wait (cold start): the job is queued
+Connection errors, timeouts, HTTP 5xx and 429 are retried (a few attempts, short exponential waits, one
+overall deadline): the worker is idempotent by file_uid, so sending the same job twice is safe. Whatever
+still fails is UNDELIVERED: the caller leaves the Firestore doc queued, where a warm worker's listener or
+the scheduled re-dispatch will still find it.
+
+The API key goes only into the Authorization header. No message built here contains it (they are scrubbed
+once more before they leave, in case a library ever echoes a header).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import requests
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import wait_exponential
+
+log = logging.getLogger("functions.runpod")
+
+RUNPOD_RUNSYNC_URL = "https://api.runpod.ai/v2/{endpoint_id}/runsync"
+
+ACCEPTED = "accepted"  # the worker took the job and answered with the contract's accepted JSON
+QUEUED = "queued"  # RunPod queued the job (IN_QUEUE / IN_PROGRESS): a worker is starting
+REJECTED = "rejected"  # the worker refused the request: `message` is the contract's error message
+UNDELIVERED = "undelivered"  # nobody answered usefully (down, timeouts, 5xx, bad key, ...)
+
+# A worker answers with this when it could not write the job's doc (Firestore unreachable): a transient
+# failure of the worker, not a verdict on the request (listener/handler.py).
+WORKER_TRANSIENT_PREFIXES = ("Could not record the job",)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str
+    message: str
+    job_id: str | None = None
+    attempts: int = 1
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome in (ACCEPTED, QUEUED)
+
+
+class _Transient(Exception):
+    """An attempt that may succeed if repeated."""
+
+
+def runsync_url(endpoint_id: str, override: str | None = None) -> str:
+    if override:
+        return override
+    if not endpoint_id:
+        raise ValueError("RUNPOD_ENDPOINT_ID is not set (and no RUNPOD_RUNSYNC_URL override)")
+    return RUNPOD_RUNSYNC_URL.format(endpoint_id=endpoint_id)
+
+
+class RunPodClient:
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        *,
+        attempts: int = 3,
+        timeout: float = 20.0,
+        connect_timeout: float = 5.0,
+        deadline: float = 50.0,
+        wait_initial: float = 0.5,
+        wait_max: float = 4.0,
+        session: requests.Session | None = None,
+    ):
+        self.url = url
+        self._api_key = api_key
+        self.attempts = max(1, attempts)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.deadline = deadline
+        self.wait_initial = wait_initial
+        self.wait_max = wait_max
+        self.session = session or requests.Session()
+
+    def __repr__(self) -> str:  # never the key
+        return f"<RunPodClient {self.url} attempts={self.attempts}>"
+
+    def scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    # ------------------------------------------------------------------------------------------------ call
+    def runsync(self, job_input: Mapping[str, Any]) -> Verdict:
+        """POST {"input": job_input} to runsync and read the answer. Never raises for transport problems."""
+        started = time.monotonic()
+        retrying = Retrying(
+            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.deadline),
+            wait=wait_exponential(multiplier=self.wait_initial, max=self.wait_max),
+            retry=retry_if_exception_type(_Transient),
+            reraise=False,
+        )
+        tries = 0
+        try:
+            for attempt in retrying:
+                with attempt:
+                    tries = attempt.retry_state.attempt_number
+                    remaining = max(self.deadline - (time.monotonic() - started), 1.0)
+                    verdict = self._once(job_input, min(self.timeout, remaining))
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            message = self.scrub(f"RunPod did not answer after {tries} attempt(s): {last}")
+            log.warning("runsync_undelivered attempts=%d error=%s", tries, message)
+            return Verdict(UNDELIVERED, message, attempts=tries)
+        return Verdict(verdict.outcome, self.scrub(verdict.message), verdict.job_id, tries)
+
+    def _once(self, job_input: Mapping[str, Any], timeout: float) -> Verdict:
+        headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
+        try:
+            response = self.session.post(
+                self.url, json={"input": dict(job_input)}, headers=headers, timeout=(self.connect_timeout, timeout)
+            )
+        except requests.Timeout as exc:
+            raise _Transient(f"timed out ({type(exc).__name__})") from None
+        except requests.ConnectionError as exc:
+            raise _Transient(f"connection failed ({type(exc).__name__})") from None
+        except requests.RequestException as exc:  # a malformed URL, say: repeating will not help
+            return Verdict(UNDELIVERED, f"the request to RunPod failed ({type(exc).__name__})")
+        status = response.status_code
+        if status >= 500 or status == 429:
+            raise _Transient(f"HTTP {status}")
+        if status >= 400:
+            # 401/403: a wrong API key; 404: a wrong endpoint id. Repeating will not help.
+            return Verdict(UNDELIVERED, f"RunPod refused the call: HTTP {status}")
+        try:
+            envelope = response.json()
+        except ValueError:
+            return Verdict(UNDELIVERED, f"RunPod answered HTTP {status} with a body that is not JSON")
+        return read_envelope(envelope)
+
+
+def read_envelope(envelope: Any) -> Verdict:
+    """RunPod's runsync envelope → a verdict (see the module docstring)."""
+    if not isinstance(envelope, Mapping):
+        return Verdict(UNDELIVERED, "RunPod answered with something other than a JSON object")
+    job_id = envelope.get("id")
+    status = str(envelope.get("status", "")).upper()
+    if status == "COMPLETED":
+        output = envelope.get("output")
+        if isinstance(output, Mapping) and output.get("status") == "accepted":
+            return Verdict(ACCEPTED, str(output.get("message") or "accepted"), job_id)
+        if isinstance(output, Mapping) and output.get("error"):
+            return _refusal(output["error"], job_id)
+        return Verdict(UNDELIVERED, "the worker answered without accepting or refusing the job", job_id)
+    if status == "FAILED":
+        return _refusal(envelope.get("error"), job_id)
+    if status in ("IN_QUEUE", "IN_PROGRESS"):
+        return Verdict(QUEUED, f"RunPod queued the job ({status})", job_id)
+    return Verdict(UNDELIVERED, f"RunPod answered with status {status or 'none'}", job_id)
+
+
+def _refusal(error: Any, job_id: str | None) -> Verdict:
+    """A FAILED job: the worker's own refusal (a contract message), or a crash the SDK reported for it."""
+    if isinstance(error, str):
+        try:
+            crash = json.loads(error)
+        except ValueError:
+            crash = None
+        if isinstance(crash, Mapping) and "error_type" in crash:
+            # The RunPod SDK's report of an exception raised in the handler: a worker bug or outage, not a
+            # verdict on the request; its traceback stays in the worker's log.
+            return Verdict(UNDELIVERED, "the worker failed while taking the job", job_id)
+        if error.startswith(WORKER_TRANSIENT_PREFIXES):
+            return Verdict(UNDELIVERED, error, job_id)
+        return Verdict(REJECTED, error, job_id)
+    return Verdict(UNDELIVERED, "RunPod reported the job failed without a message", job_id)

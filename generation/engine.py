@@ -1,0 +1,179 @@
+"""The generation engine: a validated request in, encoded files out. No Firebase here.
+
+`Engine` owns one `ImagePipeline` and one `VideoPipeline`, each loaded at most once per process (at start with
+`preload`, else on the first job that needs it), picks the device and dtype, draws the seed when the request
+has none, and encodes the outputs (PNG, MP4) with `generation.media`.
+
+Configuration from the environment (`EngineConfig.from_env`):
+- `IMAGE_MODEL`, `VIDEO_MODEL`: a hub id, a local folder, `tiny`, or `none` to turn the capability off
+  (its jobs then fail with ModelNotAvailable).
+- `FIREGEN_DEVICE` (`cuda`, `cuda:1`, `cpu`; default: CUDA when present), `FIREGEN_DTYPE` (`bfloat16`,
+  `float16`, `float32`; default: bfloat16 on CUDA, float32 on CPU).
+- `FIREGEN_PRELOAD=1`: load both models when the engine is built instead of on first use.
+- `FIREGEN_CACHE`: where `tiny` pipelines are built (default `~/.cache/firegen`).
+- `HF_HUB_OFFLINE=1`: load hub ids from the local Hugging Face cache only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, NamedTuple
+
+from . import errors, media
+from .contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
+from .pipelines import (
+    DISABLED,
+    IMAGE_MODEL_DEFAULT,
+    VIDEO_MODEL_DEFAULT,
+    DiffusionCapability,
+    ImagePipeline,
+    ProgressFn,
+    Runtime,
+    VideoPipeline,
+    resolve_seed,
+)
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES: dict[str, type[DiffusionCapability]] = {TEXT2IMAGE: ImagePipeline, TEXT2VIDEO: VideoPipeline}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "").strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    image_model: str = IMAGE_MODEL_DEFAULT
+    video_model: str = VIDEO_MODEL_DEFAULT
+    device: str | None = None  # None: CUDA when available, else CPU
+    dtype: str | None = None  # None: bfloat16 (float16 without bf16 support) on CUDA, float32 on CPU
+    preload: bool = False
+    cache_dir: str | None = None  # for `tiny` pipelines; None: $FIREGEN_CACHE or ~/.cache/firegen
+    local_files_only: bool = False
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        image_model: str = IMAGE_MODEL_DEFAULT,
+        video_model: str = VIDEO_MODEL_DEFAULT,
+    ) -> "EngineConfig":
+        """Read the variables in this module's docstring; `image_model`/`video_model` apply when unset."""
+        env = os.environ if environ is None else environ
+        return cls(
+            image_model=_env(env, "IMAGE_MODEL") or image_model,
+            video_model=_env(env, "VIDEO_MODEL") or video_model,
+            device=_env(env, "FIREGEN_DEVICE"),
+            dtype=_env(env, "FIREGEN_DTYPE"),
+            preload=(_env(env, "FIREGEN_PRELOAD") or "").lower() in _TRUE,
+            cache_dir=_env(env, "FIREGEN_CACHE"),
+            local_files_only=(_env(env, "HF_HUB_OFFLINE") or "").lower() in _TRUE,
+        )
+
+    def model_ref(self, task_type: str) -> str:
+        return self.image_model if task_type == TEXT2IMAGE else self.video_model
+
+    def enabled(self, task_type: str) -> bool:
+        return self.model_ref(task_type).strip().lower() != DISABLED
+
+
+class OutputFile(NamedTuple):
+    data: bytes
+    extension: str  # "png" | "mp4"
+    content_type: str  # "image/png" | "video/mp4"
+
+
+@dataclass(frozen=True)
+class Timings:
+    load_seconds: float = 0.0  # model loading this job waited for (0 once loaded)
+    generate_seconds: float = 0.0
+    encode_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    task_type: str
+    seed: int
+    files: list[OutputFile]
+    width: int
+    height: int
+    video_info: dict | None = None
+    timings: Timings = field(default_factory=Timings)
+
+
+def _not_loaded(task_type: str) -> errors.ModelNotAvailable:
+    return errors.ModelNotAvailable(f"{CAPABILITIES[task_type].role} model not loaded")
+
+
+class Engine:
+    """Runs jobs on this process's models. Safe to call from several threads; jobs run one at a time per model."""
+
+    def __init__(self, config: EngineConfig | None = None, runtime: Runtime | None = None):
+        self.config = config or EngineConfig()
+        self.runtime = runtime or Runtime.detect(self.config.device, self.config.dtype)
+        self._pipelines: dict[str, DiffusionCapability] = {}
+        self._load_lock = threading.Lock()
+        if self.config.preload:
+            for task_type, failure in self.preload().items():
+                log.warning("%s not available at start: %s", task_type, failure.message)
+
+    def preload(self) -> dict[str, errors.GenerationError]:
+        """Load every enabled model now. Returns the failures instead of raising them, so one model missing
+        doesn't stop the worker serving the other; a failed load is tried again by the next job that needs it."""
+        failures = {}
+        for task_type in CAPABILITIES:
+            if self.config.enabled(task_type):
+                try:
+                    self.pipeline(task_type)
+                except errors.GenerationError as failure:
+                    failures[task_type] = failure
+        return failures
+
+    def loaded(self, task_type: str) -> bool:
+        return task_type in self._pipelines
+
+    def pipeline(self, task_type: str) -> DiffusionCapability:
+        """The loaded pipeline for `task_type`, loading it on first use; ModelNotAvailable if it can't be."""
+        if not self.config.enabled(task_type):
+            raise _not_loaded(task_type)
+        with self._load_lock:
+            if task_type not in self._pipelines:
+                self._pipelines[task_type] = CAPABILITIES[task_type].load(
+                    self.config.model_ref(task_type),
+                    self.runtime,
+                    cache_dir=self.config.cache_dir,
+                    local_files_only=self.config.local_files_only,
+                )
+            return self._pipelines[task_type]
+
+    def generate(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
+        """Run one job. Raises GenerationError (contract error types) or errors.Cancelled from `progress`."""
+        started = time.perf_counter()
+        pipeline = self.pipeline(request.task_type)
+        loaded = time.perf_counter()
+        seed = resolve_seed(request.seed)
+        output = pipeline.generate(request, seed, progress)
+        generated = time.perf_counter()
+        try:
+            files, width, height, info = self._encode(request, output)
+        except Exception as exc:
+            raise errors.classify(exc, during=f"{pipeline.role.lower()} encoding") from exc
+        timings = Timings(loaded - started, generated - loaded, time.perf_counter() - generated)
+        return GenerationResult(request.task_type, seed, files, width, height, info, timings)
+
+    @staticmethod
+    def _encode(request: GenerationRequest, output) -> tuple[list[OutputFile], int, int, dict | None]:
+        if request.is_video:
+            count, height, width, _ = output.shape
+            files = [OutputFile(media.encode_mp4(output, request.fps), *media.MP4)]
+            return files, width, height, media.video_info(count, request.fps, width, height)
+        width, height = output[0].size
+        return [OutputFile(media.encode_png(image), *media.PNG) for image in output], width, height, None

@@ -1,0 +1,359 @@
+"""The model backends: one class per capability, each wrapping one diffusers pipeline loaded once per process.
+
+- `ImagePipeline`: text2image with `StableDiffusionXLPipeline`.
+- `VideoPipeline`: text2video with `WanPipeline` (Wan 2.1).
+
+A model reference is a hub id, a local folder, or `tiny` (random-weight pipelines of the real architectures built
+by `generation.tiny`, for tests and machines without the weights). Whatever goes wrong while loading becomes
+`ModelNotAvailable`; whatever goes wrong while generating becomes a `GenerationError` via `errors.classify`,
+after one leaner retry if it was running out of memory. `errors.Cancelled` from a progress callback passes
+through untouched. torch and diffusers are imported when a model loads, not when this module does.
+"""
+
+from __future__ import annotations
+
+import gc
+import secrets
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, TypeVar
+
+from . import errors, tiny
+from .contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
+
+IMAGE_MODEL_DEFAULT = "stabilityai/stable-diffusion-xl-base-1.0"
+VIDEO_MODEL_DEFAULT = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+TINY = "tiny"
+DISABLED = "none"
+
+RANDOM_SEED_LIMIT = 2**32  # a drawn seed fits every client's number type
+_UINT64 = 2**64
+_INT64_MIN = -(2**63)
+MAX_LOAD_REASON_CHARS = 160
+
+ProgressFn = Callable[[float], None]
+T = TypeVar("T")
+
+
+# --- seeds ------------------------------------------------------------------------------------------------
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed a job runs with: the request's, or a fresh random one in 0..2**32-1 (reported to the client)."""
+    return secrets.randbelow(RANDOM_SEED_LIMIT) if seed is None else seed
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Seed of output `index`: seed + index, wrapped into the signed 64-bit range the contract allows."""
+    return (seed + index - _INT64_MIN) % _UINT64 + _INT64_MIN
+
+
+def make_generator(seed: int):
+    """A CPU generator: diffusers draws the initial noise on it and moves it to the device, so a seed gives the
+    same starting noise on any GPU or on the CPU."""
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+# --- device and dtype -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in what precision the models run. `detect` picks CUDA with bfloat16 when there is a GPU."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @classmethod
+    def detect(cls, device: str | None = None, dtype: str | None = None) -> "Runtime":
+        import torch
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype is None:
+            if not device.startswith("cuda"):
+                dtype = "float32"  # half precision on CPU is slow and poorly supported
+            else:
+                dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return cls(device=device, dtype=dtype)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def free_memory(self) -> None:
+        import torch
+
+        gc.collect()
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+
+
+# --- progress ---------------------------------------------------------------------------------------------
+
+
+class StepProgress:
+    """Turns diffusers' per-step callbacks into fractions 0..1 for a job made of `parts` pipeline runs.
+
+    Reported fractions only ever increase: after an out-of-memory retry starts over, nothing is reported until
+    the retry passes the furthest point already reported.
+    """
+
+    def __init__(self, report: ProgressFn | None):
+        self.report = report
+        self.reported = 0.0
+        self.parts = 1
+        self.part = 0
+
+    def start(self, parts: int) -> None:
+        self.parts, self.part = parts, 0
+
+    def next_part(self) -> None:
+        self.part += 1
+
+    def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        fraction = min(1.0, (self.part + (step + 1) / pipe.num_timesteps) / self.parts)
+        if self.report is not None and fraction > self.reported:
+            self.reported = fraction
+            self.report(fraction)  # may raise errors.Cancelled, which must reach the caller unchanged
+        return {}
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(model_ref: str) -> bool:
+    return model_ref.startswith(("/", "./", "../", "~")) or Path(model_ref).expanduser().exists()
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_LOAD_REASON_CHARS else text[: MAX_LOAD_REASON_CHARS - 1] + "…"
+
+
+def resolve_source(model_ref: str, tiny_kind: str, role: str, cache_dir: str | None) -> str:
+    """What to hand to `from_pretrained`: a folder for `tiny` and local paths, else the hub id as it is."""
+    ref = model_ref.strip()
+    if ref.lower() == TINY:
+        return str(tiny.ensure(tiny_kind, cache_dir))
+    if _looks_like_path(ref):
+        folder = Path(ref).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise errors.ModelNotAvailable(f"{role} model folder {ref} not found or not a diffusers pipeline")
+        return str(folder)
+    return ref
+
+
+def _dtype_keyword() -> str:
+    """Recent diffusers (0.42 here) name from_pretrained's precision `dtype` and warn on `torch_dtype`; earlier
+    releases that pyproject.toml still allows know only `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+@contextmanager
+def lean_vae(vae) -> Iterator[None]:
+    """Decode in tiles and one sample at a time for the duration: slower, far less peak memory."""
+    was_tiling, was_slicing = getattr(vae, "use_tiling", False), getattr(vae, "use_slicing", False)
+    vae.enable_tiling()
+    vae.enable_slicing()
+    try:
+        yield
+    finally:
+        # Back to the normal mode, so the next job's output doesn't depend on whether this one ran out of memory.
+        if not was_tiling:
+            vae.disable_tiling()
+        if not was_slicing:
+            vae.disable_slicing()
+
+
+class DiffusionCapability:
+    """One capability backed by one diffusers pipeline: loading, placement and the out-of-memory retry."""
+
+    task_type: ClassVar[str]
+    tiny_kind: ClassVar[str]
+    role: ClassVar[str]  # "Image" or "Video", for messages
+
+    def __init__(self, pipe, runtime: Runtime, model_ref: str):
+        self.pipe = pipe
+        self.runtime = runtime
+        self.model_ref = model_ref
+        # A diffusers pipeline keeps per-call state (scheduler steps, guidance): one call at a time.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def pipeline_class(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def load(
+        cls,
+        model_ref: str,
+        runtime: Runtime,
+        *,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+    ):
+        """Load `model_ref` onto `runtime`; any failure is `ModelNotAvailable` naming the model."""
+        try:
+            source = resolve_source(model_ref, cls.tiny_kind, cls.role, cache_dir)
+            pipe = cls.pipeline_class().from_pretrained(
+                source, local_files_only=local_files_only, **{_dtype_keyword(): runtime.torch_dtype}
+            )
+            cls.place(pipe, runtime)
+        except errors.ModelNotAvailable:
+            raise
+        except Exception as exc:
+            reason = _short_reason(exc)
+            raise errors.ModelNotAvailable(f"{cls.role} model {model_ref} is not available: {reason}") from exc
+        pipe.set_progress_bar_config(disable=True)  # per-step bars would flood the worker's logs
+        return cls(pipe, runtime, model_ref)
+
+    @classmethod
+    def place(cls, pipe, runtime: Runtime) -> None:
+        # diffusers' attention processors already call torch's scaled_dot_product_attention (flash or
+        # memory-efficient kernels on CUDA); nothing to switch on here.
+        pipe.to(runtime.device)
+
+    def _run(self, normal: Callable[[], T], lean: Callable[[], T]) -> T:
+        """Run `normal`; if it runs out of memory, free what can be freed and run `lean` once."""
+        during = f"{self.role.lower()} generation"
+        with self._lock:
+            try:
+                return normal()
+            except Exception as exc:
+                if errors.classify(exc).error_type != errors.OUT_OF_MEMORY:
+                    raise errors.classify(exc, during=during) from exc
+            # Outside the except block, so the failed attempt's traceback (and the tensors its frames hold)
+            # is already released when the cache is emptied.
+            self.runtime.free_memory()
+            try:
+                with lean_vae(self.pipe.vae):
+                    return lean()
+            except Exception as exc:
+                raise errors.classify(exc, during=during) from exc
+            finally:
+                self.runtime.free_memory()
+
+
+class ImagePipeline(DiffusionCapability):
+    """text2image: SDXL. Image i of a request uses its own generator seeded seed+i, so it can be redone alone."""
+
+    task_type = TEXT2IMAGE
+    tiny_kind = "sdxl"
+    role = "Image"
+
+    @classmethod
+    def pipeline_class(cls):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    @classmethod
+    def place(cls, pipe, runtime: Runtime) -> None:
+        super().place(pipe, runtime)
+        if runtime.is_cuda:
+            import torch
+
+            pipe.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+
+    def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> list:
+        """`request.num_images_per_prompt` PIL images of `request.width` x `request.height`."""
+        count = request.num_images_per_prompt
+        steps = StepProgress(progress)
+
+        def batch(indices: range) -> list:
+            return self.pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                num_images_per_prompt=len(indices),
+                generator=[make_generator(derive_seed(seed, i)) for i in indices],
+                callback_on_step_end=steps.on_step_end,
+            ).images
+
+        def normal() -> list:
+            steps.start(parts=1)
+            return batch(range(count))
+
+        def lean() -> list:
+            steps.start(parts=count)
+            images = []
+            for index in range(count):
+                images += batch(range(index, index + 1))
+                steps.next_part()
+            return images
+
+        return self._run(normal, lean)
+
+
+def frames_to_generate(num_frames: int, temporal_factor: int) -> int:
+    """The smallest k * temporal_factor + 1 >= num_frames: the frame counts Wan's causal VAE produces."""
+    return -(-(num_frames - 1) // temporal_factor) * temporal_factor + 1
+
+
+class VideoPipeline(DiffusionCapability):
+    """text2video: Wan 2.1. Produces exactly `num_frames` frames (generating the next 4k+1 and trimming)."""
+
+    task_type = TEXT2VIDEO
+    tiny_kind = "wan"
+    role = "Video"
+
+    @classmethod
+    def pipeline_class(cls):
+        from diffusers import WanPipeline
+
+        return WanPipeline
+
+    @classmethod
+    def place(cls, pipe, runtime: Runtime) -> None:
+        super().place(pipe, runtime)
+        if runtime.is_cuda:
+            import torch
+
+            # As Wan's reference code and diffusers' Wan examples do: transformer in half precision, VAE in
+            # float32 (the pipeline casts the latents to the VAE's dtype before decoding).
+            pipe.vae.to(torch.float32)
+
+    def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> Any:
+        """A uint8 array (num_frames, video_height, video_width, 3)."""
+        from .media import to_uint8_frames
+
+        steps = StepProgress(progress)
+        frames = frames_to_generate(request.num_frames, self.pipe.vae_scale_factor_temporal)
+
+        def run() -> Any:
+            steps.start(parts=1)
+            return self.pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                width=request.video_width,
+                height=request.video_height,
+                num_frames=frames,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.video_guidance_scale,
+                generator=make_generator(seed),
+                output_type="np",
+                callback_on_step_end=steps.on_step_end,
+            ).frames[0]
+
+        video = to_uint8_frames(self._run(run, run)[: request.num_frames])
+        expected = (request.num_frames, request.video_height, request.video_width, 3)
+        if video.shape != expected:
+            raise errors.GenerationError(
+                errors.RUNTIME_ERROR, f"Processing error during video generation: got {video.shape}, not {expected}"
+            )
+        return video

@@ -1,0 +1,54 @@
+"""Session fixtures for the generation tests: the tiny pipelines are built and loaded once per test session.
+
+Import the fixtures by name in a test module (`from fixtures_generation import engine, tiny_cache`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from generation.contract import GenerationRequest
+from generation.engine import Engine, EngineConfig
+
+PROMPT = "A sunset over mountains"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A fresh FIREGEN_CACHE for the session, so tests never use (or leave behind) a stale tiny build."""
+    folder = tmp_path_factory.mktemp("firegen-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FIREGEN_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_cache) -> Engine:
+    """Both tiny pipelines, loaded once on the CPU in float32, run on one thread.
+
+    One thread: the tiny models' ops are too small to gain from a second one, and on a shared two-core machine
+    OpenMP's spin-waiting turns a 50 ms job into seconds whenever another process wants a core.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    built = Engine(EngineConfig(image_model="tiny", video_model="tiny", device="cpu", preload=True))
+    assert built.loaded("text2image") and built.loaded("text2video")
+    yield built
+    torch.set_num_threads(threads)
+
+
+def image_request(**fields) -> GenerationRequest:
+    """A small, quick text2image request (sizes below the contract's minimum are fine for the pipeline)."""
+    values = dict(prompt=PROMPT, seed=1234, width=64, height=64, num_inference_steps=3)
+    return GenerationRequest(**{**values, **fields})
+
+
+def video_request(**fields) -> GenerationRequest:
+    """A small, quick text2video request."""
+    values = dict(
+        prompt=PROMPT, task_type="text2video", seed=1234, num_frames=16, fps=8,
+        video_width=64, video_height=48, num_inference_steps=3,
+    )
+    return GenerationRequest(**{**values, **fields})

