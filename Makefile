@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv dev submit test bench clean
+.PHONY: venv firebase-cli dev submit test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# functions/venv (python3.11), firebase-tools and a Java 21+ runtime in git-ignored folders, for the tests that
+# run the Firebase CLI's Auth and Functions emulators. Each step is skipped when already done.
+firebase-cli:
+	$(PYTHON) scripts/setup_firebase_cli.py
+
 dev: $(STAMP)
 	$(BIN)/python -m devtools.stack $(DEV_ARGS)
 
@@ -25,11 +30,11 @@ dev: $(STAMP)
 submit: $(STAMP)
 	$(BIN)/python -m devtools.client --prompt "$(PROMPT)" $(if $(VIDEO),--video)
 
-test: $(STAMP)
+test: $(STAMP) firebase-cli
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache functions/venv .emulators

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=settings.concurrency,
         sweep_interval=settings.sweep_interval_seconds,
     ).start()
+    if not reconciler.wait_listening(30):
+        log.warning("listeners_not_current", note="the sweep covers until they are")
     log.info(
         "worker_ready",
         import_seconds=round(imported - _T0, 3),

@@ -56,6 +56,7 @@ class Reconciler:
         self._stopping = threading.Event()
         self._watches: dict[str, object] = {}
         self._heard: dict[str, float] = {}  # media type → when its listener last delivered a snapshot
+        self._current: dict[str, threading.Event] = {}  # media type → its listener delivered its first snapshot
         self._threads: list[threading.Thread] = []
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
@@ -98,6 +99,11 @@ class Reconciler:
                     return False
                 self._cv.wait(left)
         return True
+
+    def wait_listening(self, timeout: float) -> bool:
+        """True once every listener has delivered its first snapshot (writes before that may reach only the sweep)."""
+        deadline = time.monotonic() + timeout
+        return all(event.wait(max(deadline - time.monotonic(), 0)) for event in list(self._current.values()))
 
     @property
     def busy(self) -> int:
@@ -172,8 +178,11 @@ class Reconciler:
         return self.store.client.collection_group(media).where(filter=FieldFilter("status", "==", lifecycle.QUEUED))
 
     def _listen(self, media: str) -> None:
+        current = self._current[media] = threading.Event()
+
         def on_snapshot(docs, changes, read_time):
             self._heard[media] = time.monotonic()
+            current.set()
             for change in changes:
                 if change.type.name in ("ADDED", "MODIFIED"):
                     self._offer_path(change.document.reference.path)
@@ -188,7 +197,12 @@ class Reconciler:
             pass  # an `images`/`videos` collection outside generations/: not ours
 
     def _sweep_loop(self) -> None:
-        while not self._stopping.wait(self.sweep_interval):
+        # A doc written while a listener is still starting can be missed by it (seen on the emulator): sweep
+        # once as soon as the listeners are current, instead of a whole interval later.
+        self.wait_listening(self.sweep_interval)
+        interval = 0.0
+        while not self._stopping.wait(interval):
+            interval = self.sweep_interval
             try:
                 self.sweep()
             except Exception as exc:

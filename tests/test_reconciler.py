@@ -72,6 +72,7 @@ def make_worker(firestore_client, results):
         reconciler = Reconciler(store, JobRunner(store, generator or StubGenerator(), results),
                                 concurrency=concurrency, sweep_interval=sweep)
         started.append(reconciler.start())
+        assert reconciler.wait_listening(10)
         return reconciler
 
     yield make
