@@ -74,13 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except contract.ContractError as error:
         print(error.message, file=sys.stderr)
         return 2
-    from .engine import Engine, EngineConfig  # after validation: it pulls in torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from .engine import Engine, EngineConfig, quiet_loading  # after validation: it pulls in torch
 
-    # Loading bars would bury the paths this command prints.
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    quiet_loading()  # loading bars would bury the paths this command prints
     engine = Engine(EngineConfig.from_env(image_model=TINY, video_model=TINY))
     try:
         result = engine.generate(request)

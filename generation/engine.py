@@ -109,6 +109,15 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
 
 
+def quiet_loading() -> None:
+    """No loading progress bars from diffusers/transformers: they would flood logs and command output."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _not_loaded(task_type: str) -> errors.ModelNotAvailable:
     return errors.ModelNotAvailable(f"{CAPABILITIES[task_type].role} model not loaded")
 

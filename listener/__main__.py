@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from google.cloud import firestore, storage
 
-    from generation.engine import Engine, EngineConfig
+    from generation.engine import Engine, EngineConfig, quiet_loading
 
     from .handler import RunsyncHandler
     from .jobs import JobStore
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from .storage import ResultStore
 
     imported = time.perf_counter()
+    quiet_loading()  # one JSON event per line: no progress bars in the worker's output
     # The engine reads its device/dtype/cache/offline variables itself; the models are the validated settings.
     engine = Engine(EngineConfig.from_env(image_model=settings.image_model, video_model=settings.video_model))
     for task_type, failure in engine.preload().items():

@@ -6,6 +6,7 @@ envelope (`{"id", "status": "COMPLETED", "output": ...}` or `{"status": "FAILED"
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import signal
@@ -230,3 +231,28 @@ def test_sigterm_mid_job_gives_the_job_back(firestore_emulator, storage_emulator
         assert stack.worker.events("job_released")
     finally:
         stack.worker.stop()
+
+
+def job_count(stack) -> int:
+    return sum(len(list(stack.firestore.collection_group(media).stream())) for media in ("images", "videos"))
+
+
+def test_inline_generation_returns_the_media_and_writes_nothing(stack):
+    before = job_count(stack)
+    answer = stack.runsync({"input": {"prompt": "A sunset over mountains", "use_cloud_storage": False,
+                                      "width": 256, "height": 320, "num_images_per_prompt": 2, "seed": 5}})
+    output = answer["output"]
+    assert (answer["status"], output["status"], output["task_type"], output["seed"]) == (
+        "COMPLETED", "completed", "text2image", 5)
+    assert output["image_count"] == 2 and output["generated"] is True
+    sizes = [Image.open(io.BytesIO(base64.b64decode(data))).size for data in output["images"]]
+    assert sizes == [(256, 320), (256, 320)]
+    assert job_count(stack) == before
+
+
+def test_inline_video_carries_its_video_info(stack):
+    output = stack.runsync({"input": {"prompt": "Waves", "use_cloud_storage": False, "num_frames": 16, "fps": 8,
+                                      "video_width": 256, "video_height": 256}})["output"]
+    assert output["video_info"] == {"frames": 16, "fps": 8, "duration_seconds": 2.0, "width": 256, "height": 256}
+    with av.open(io.BytesIO(base64.b64decode(output["videos"][0]))) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 16
