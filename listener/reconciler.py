@@ -17,7 +17,6 @@ import threading
 import time
 from collections import OrderedDict
 from datetime import datetime, timezone
-from typing import Callable
 
 import structlog
 from google.cloud import firestore
@@ -41,13 +40,11 @@ class Reconciler:
         *,
         concurrency: int = 1,
         sweep_interval: float = 10.0,
-        on_finished: Callable[[JobKey, str], None] | None = None,
     ):
         self.store = store
         self.runner = runner
         self.concurrency = concurrency
         self.sweep_interval = sweep_interval
-        self.on_finished = on_finished
         self._cv = threading.Condition()
         self._pending: OrderedDict[JobKey, None] = OrderedDict()
         self._asked: set[JobKey] = set()  # submitted through runsync: this worker said it would run them
@@ -160,17 +157,14 @@ class Reconciler:
             thread.start()
 
     def _run(self, job) -> None:
-        outcome = "error"
         try:
-            outcome = self.runner.run(job)
+            self.runner.run(job)
         except BaseException as exc:  # never let a job thread die silently with a slot held
             log.error("job_runner_crashed", error=repr(exc), path=job.key.path)
         finally:
             with self._cv:
                 self._active.pop(job.key, None)
                 self._cv.notify_all()
-            if self.on_finished:
-                self.on_finished(job.key, outcome)
 
     # --- listeners and the sweep (also the watchdog) ---------------------------------------------------------
 

@@ -42,20 +42,25 @@ def _docker_emulators(pytestconfig, emulator_logs):
         yield pair
 
 
-@pytest.fixture(scope="session")
-def firestore_emulator(request, emulator_mode, emulator_logs):
-    """The session's Firestore emulator (no rules). API: host_port, url, start(), stop(), restart(),
-    ensure_running(), reset(project), client(project), log_path, log_tail()."""
+def _session_emulator(request, emulator_mode, docker_index, make):
+    """The docker-compose service in docker mode, else a local process started for the session."""
     if emulator_mode == "docker":
-        yield request.getfixturevalue("_docker_emulators")[0]
+        yield request.getfixturevalue("_docker_emulators")[docker_index]
         return
     try:
-        emulator = emu.FirestoreEmulator(emulator_logs)
+        emulator = make()
     except emu.EmulatorUnavailable as e:
         pytest.skip(str(e))
     emulator.start()
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator(request, emulator_mode, emulator_logs):
+    """The session's Firestore emulator (no rules). API: host_port, url, start(), stop(), restart(),
+    ensure_running(), reset(project), client(project), log_path, log_tail()."""
+    yield from _session_emulator(request, emulator_mode, 0, lambda: emu.FirestoreEmulator(emulator_logs))
 
 
 @pytest.fixture(scope="session")
@@ -89,16 +94,7 @@ def firestore_emulator_factory(emulator_logs):
 def storage_emulator(request, emulator_mode, emulator_logs):
     """The session's Cloud Storage emulator. API: url (the STORAGE_EMULATOR_HOST value), host_port, start(),
     stop(), restart(), ensure_running(), client(project), wipe(), log_path, log_tail()."""
-    if emulator_mode == "docker":
-        yield request.getfixturevalue("_docker_emulators")[1]
-        return
-    try:
-        emulator = emu.StorageEmulator(emulator_logs)
-    except emu.EmulatorUnavailable as e:
-        pytest.skip(str(e))
-    emulator.start()
-    yield emulator
-    emulator.stop()
+    yield from _session_emulator(request, emulator_mode, 1, lambda: emu.StorageEmulator(emulator_logs))
 
 
 # ------------------------------------------------------------------------------------------------ per test

@@ -142,13 +142,19 @@ def test_a_dead_listener_is_restarted_and_the_sweep_covers_the_gap(make_worker, 
     assert wait_until(lambda: worker._watches["images"] is not dead)
 
 
+def hold_a_job(make_worker, client, name: str, key: JobKey, **fields):
+    """A worker running `key` until its generator's gate is set."""
+    generator = StubGenerator(threading.Event())
+    worker = make_worker(name, generator)
+    write_job(client, key, **fields)
+    assert generator.started.wait(10)
+    return worker, generator
+
+
 def test_a_busy_worker_leaves_new_work_to_an_idle_one(make_worker, firestore_client):
-    gate = threading.Event()
-    busy_generator = StubGenerator(gate)
-    busy = make_worker("busy", busy_generator)
     first = JobKey("u1", "images", "first")
-    write_job(firestore_client, first)
-    assert busy_generator.started.wait(10)
+    busy, busy_generator = hold_a_job(make_worker, firestore_client, "busy", first)
+    gate = busy_generator.gate
     make_worker("idle")
     second = JobKey("u1", "images", "second")
     write_job(firestore_client, second)
@@ -159,24 +165,17 @@ def test_a_busy_worker_leaves_new_work_to_an_idle_one(make_worker, firestore_cli
 
 
 def test_shutdown_past_the_grace_period_releases_the_job(make_worker, firestore_client):
-    generator = StubGenerator(threading.Event())  # never finishes by itself
-    worker = make_worker("leaving", generator)
     key = JobKey("u1", "videos", "long")
-    write_job(firestore_client, key, numFrames=16)
-    assert generator.started.wait(10)
+    worker, _ = hold_a_job(make_worker, firestore_client, "leaving", key, numFrames=16)  # never let go
     worker.stop(grace=0.2)
     data = doc(firestore_client, key)
     assert data["status"] == "queued" and data["attempts"] == 0 and "worker_id" not in data
 
 
 def test_shutdown_lets_a_job_finish_within_the_grace_period(make_worker, firestore_client):
-    gate = threading.Event()
-    generator = StubGenerator(gate)
-    worker = make_worker("leaving", generator)
     key = JobKey("u1", "images", "short")
-    write_job(firestore_client, key)
-    assert generator.started.wait(10)
-    threading.Timer(0.2, gate.set).start()
+    worker, generator = hold_a_job(make_worker, firestore_client, "leaving", key)
+    threading.Timer(0.2, generator.gate.set).start()
     worker.stop(grace=10)
     assert doc(firestore_client, key)["status"] == "completed"
 
@@ -201,15 +200,11 @@ def test_a_worker_that_lost_its_lease_writes_nothing(firestore_client, results, 
 
 
 def test_a_storage_outage_fails_the_job_as_connection_error(make_worker, firestore_client, storage_emulator):
-    gate = threading.Event()
-    generator = StubGenerator(gate)
-    make_worker(generator=generator)
     key = JobKey("u1", "images", "no-storage")
-    write_job(firestore_client, key)
-    assert generator.started.wait(10)
+    _, generator = hold_a_job(make_worker, firestore_client, "w1", key)
     storage_emulator.stop()
     try:
-        gate.set()
+        generator.gate.set()
         data = wait_until(lambda: finished(firestore_client, key))
     finally:
         storage_emulator.start()
