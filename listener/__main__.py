@@ -29,6 +29,8 @@ def _on_runpod(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The SDK logs every handler output at DEBUG by default: inline results (base64 media) would flood the logs.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     from .settings import SettingsError, load_settings
 
     try:

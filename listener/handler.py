@@ -63,7 +63,7 @@ class RunsyncHandler:
             doc = self.store.ensure_queued(request)
         except Exception as exc:
             log.error("request_not_recorded", user_id=key.user_id, file_uid=key.file_uid, error=str(exc))
-            return rejected(f"Could not record the job, please retry: {classify(exc, during='job creation').message}")
+            return rejected("Could not record the job in Firestore; please retry (the same file_uid is safe to resend)")
         status = doc.get("status")
         if status == lifecycle.FAILED:
             return rejected(doc.get("error_message") or "Generation failed")
