@@ -76,6 +76,8 @@ DOCUMENT_STATE_FIELDS = frozenset(
         "worker_id", "lease_expires_at", "attempts", "started_at", "progress",
         "completed_at", "failed_at", "error_message", "error_type",
         "images", "image_url", "image_count", "videos", "video_url", "video_info",
+        "queue_seconds", "generation_seconds", "upload_seconds",
+        "dispatch_count", "dispatched_at", "dispatched_by", "dispatch_error",
     }
 )
 
