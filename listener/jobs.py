@@ -25,6 +25,7 @@ from .lifecycle import Lease
 COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
 MAX_CONFLICTS = 10
+CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
 
 Decide = Callable[[dict[str, Any], datetime], "dict | None"]
 
@@ -93,16 +94,17 @@ class JobStore:
         """
         ref = self.ref(key)
         for _ in range(MAX_CONFLICTS):
-            snapshot = ref.get()
+            snapshot = ref.get(timeout=CALL_TIMEOUT)
             before = {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
             update = decide(before, snapshot.read_time)
             if update is None:
                 return Outcome(before, None, snapshot.read_time)
             try:
                 if snapshot.exists:
-                    ref.update(update, option=self.client.write_option(last_update_time=snapshot.update_time))
+                    precondition = self.client.write_option(last_update_time=snapshot.update_time)
+                    ref.update(update, option=precondition, timeout=CALL_TIMEOUT)
                 else:
-                    ref.create(update)
+                    ref.create(update, timeout=CALL_TIMEOUT)
             except (FailedPrecondition, AlreadyExists, NotFound):
                 continue  # someone wrote first: decide again on what they wrote
             return Outcome(before, update, snapshot.read_time)
