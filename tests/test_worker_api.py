@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import av
 import pytest
+from google.cloud.firestore import SERVER_TIMESTAMP
 from PIL import Image
 
 from devtools import emulators as emu
@@ -58,8 +59,18 @@ class Stack:
         snapshot = self.firestore.document(path).get()
         return snapshot.to_dict() if snapshot.exists else None
 
-    def watch(self, path: str) -> "StatusLog":
-        return StatusLog(self.firestore.document(path))
+    def client_writes_queued_doc(self, path: str, body: dict) -> "StatusLog":
+        """Step 1 of the contract's flow: the client listens to its doc and creates it queued, before any call.
+
+        (A listener delivers the latest state, not every state: one started after the doc was written could see
+        it first as processing, since a worker's reconciler claims a client-written doc by itself.)
+        """
+        log = StatusLog(self.firestore.document(path))
+        assert log.listening.wait(10)
+        options = {k: v for k, v in body["input"].items() if k not in ("user_id", "file_uid", "use_cloud_storage")}
+        self.firestore.document(path).set({"status": "queued", "created_at": SERVER_TIMESTAMP, "generated": False,
+                                           "error": False, **options})
+        return log
 
     def wait_finished(self, path: str, timeout: float = 60) -> dict:
         assert emu.wait_until(lambda: (self.doc(path) or {}).get("status") in ("completed", "failed"), timeout)
@@ -72,9 +83,11 @@ class StatusLog:
     def __init__(self, ref):
         self.seen: list[tuple[str, float | None]] = []
         self.finished = threading.Event()
+        self.listening = threading.Event()
         self._watch = ref.on_snapshot(self._on)
 
     def _on(self, docs, changes, read_time):
+        self.listening.set()
         for snapshot in docs:
             data = snapshot.to_dict() or {}
             if data:
@@ -116,7 +129,7 @@ def stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache):
 
 def test_the_contracts_image_example_end_to_end(stack):
     path = "generations/test-user/images/test-img-001"
-    log = stack.watch(path)
+    log = stack.client_writes_queued_doc(path, IMAGE_EXAMPLE)
     try:
         assert stack.runsync(IMAGE_EXAMPLE)["output"] == {
             "status": "accepted",
@@ -139,7 +152,7 @@ def test_the_contracts_image_example_end_to_end(stack):
 
 def test_the_contracts_video_example_end_to_end(stack):
     path = "generations/test-user/videos/test-vid-001"
-    log = stack.watch(path)
+    log = stack.client_writes_queued_doc(path, VIDEO_EXAMPLE)
     try:
         output = stack.runsync(VIDEO_EXAMPLE)["output"]
         assert output["status"] == "accepted" and output["task_type"] == "text2video"
@@ -220,8 +233,9 @@ def test_sigterm_mid_job_gives_the_job_back(firestore_emulator, storage_emulator
     stack = make_stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache, SHUTDOWN_GRACE_SECONDS="0.5")
     try:
         path = "generations/test-user/videos/long-job"
+        # Many short steps: the job lasts a while, and a stop request is seen at the next step.
         body = {"input": {**VIDEO_EXAMPLE["input"], "file_uid": "long-job", "num_frames": 81,
-                          "num_inference_steps": 50, "video_width": 1024, "video_height": 1024}}
+                          "num_inference_steps": 50, "video_width": 256, "video_height": 256}}
         assert stack.runsync(body)["output"]["status"] == "accepted"
         assert emu.wait_until(lambda: (stack.doc(path) or {}).get("status") == "processing", 30)
         stack.worker.signal(signal.SIGTERM)
