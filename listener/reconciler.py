@@ -3,7 +3,8 @@
 Three sources feed one queue of candidate jobs:
 - `on_snapshot` listeners on queued docs (collection-group queries over `images` and `videos`): the fast path;
 - a periodic sweep that queries queued docs and expired leases: the safety net for anything a listener missed
-  (and the only way to see a lease run out, which no document write announces);
+  (and the only way to see a lease run out, which no document write announces; such a job, a dead worker's,
+  goes first in line: it is older than anything queued since);
 - `submit`, from the runsync handler, for the job it just accepted.
 The sweep is also the watchdog: a listener that closed, or that stayed silent about a queued doc the sweep
 found, is restarted. A candidate is only a hint; the claim transaction decides, so many workers can race.
@@ -47,7 +48,9 @@ class Reconciler:
         self.sweep_interval = sweep_interval
         self._cv = threading.Condition()
         self._pending: OrderedDict[JobKey, None] = OrderedDict()
-        self._asked: set[JobKey] = set()  # submitted through runsync: this worker said it would run them
+        # First in line: submitted through runsync (this worker said it would run them), or found by the sweep
+        # with an expired lease (a dead worker's job, older than anything queued since).
+        self._first: set[JobKey] = set()
         self._active: dict[JobKey, threading.Thread] = {}
         self._claiming = False
         self._stopping = threading.Event()
@@ -74,7 +77,7 @@ class Reconciler:
         with self._cv:
             self._claiming = False
             self._pending.clear()
-            self._asked.clear()
+            self._first.clear()
             self._cv.notify_all()
         self._stopping.set()
         for watch in self._watches.values():
@@ -111,28 +114,29 @@ class Reconciler:
 
     def submit(self, key: JobKey) -> None:
         """A job this worker was asked to run (runsync): first in line for the next free slot."""
-        self._offer(key, asked=True)
+        self._offer(key, first=True)
 
-    def _offer(self, key: JobKey, asked: bool = False) -> None:
+    def _offer(self, key: JobKey, first: bool = False) -> None:
         with self._cv:
             if not self._claiming or key in self._active:
                 return
             self._pending[key] = None
-            if asked:
-                self._asked.add(key)
+            if first:
+                self._first.add(key)
             self._cv.notify_all()
 
     def _next_candidate(self) -> JobKey:
-        """A job this worker was asked to run, else one of the oldest few at random.
+        """A job first in line (asked for through runsync, or taken over from a dead worker), else one of the
+        oldest few at random.
 
         Every idle worker hears of the same queued docs at the same moment; if all of them went for the oldest,
         they would all race for one doc and all but one would lose a round trip. A random pick among the
         oldest few spreads them over the queue while keeping it roughly first-in, first-out.
         """
-        asked = next((key for key in self._pending if key in self._asked), None)
-        key = asked or random.choice(list(itertools.islice(self._pending, SPREAD)))
+        first = next((key for key in self._pending if key in self._first), None)
+        key = first or random.choice(list(itertools.islice(self._pending, SPREAD)))
         del self._pending[key]
-        self._asked.discard(key)
+        self._first.discard(key)
         return key
 
     def _dispatch_loop(self) -> None:
@@ -184,9 +188,9 @@ class Reconciler:
         self._heard[media] = time.monotonic()
         self._watches[media] = self._queued(media).on_snapshot(on_snapshot)
 
-    def _offer_path(self, path: str) -> None:
+    def _offer_path(self, path: str, first: bool = False) -> None:
         try:
-            self._offer(JobKey.from_path(path))
+            self._offer(JobKey.from_path(path), first)
         except ValueError:
             pass  # an `images`/`videos` collection outside generations/: not ours
 
@@ -214,7 +218,7 @@ class Reconciler:
             for query in (self._queued(media), expired):
                 for snapshot in query.limit(SWEEP_LIMIT).stream():
                     found += 1
-                    self._offer_path(snapshot.reference.path)
+                    self._offer_path(snapshot.reference.path, first=query is expired)
                     missed |= query is not expired and self._missed_by_listener(media, snapshot)
             watch = self._watches.get(media)
             if self._claiming and (missed or watch is None or getattr(watch, "_closed", False)):
