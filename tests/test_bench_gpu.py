@@ -1,0 +1,140 @@
+"""The GPU section of the benchmark (bench/gpu.py) without a GPU.
+
+The full-size configs are checked on the meta device (no memory is allocated) against the published parameter
+counts; the section's whole code path (build, product placement, every mode, Wan's timed steps, the budget, the
+JSON file) runs at the tiny scale on the CPU, with the UNet traced by torch.compile's "eager" backend so a graph
+break under fullgraph=True shows here rather than on a rented GPU. CUDA-only parts (inductor, memory statistics)
+are what is left out.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bench import gpu as bench_gpu_module
+from bench.gpu import (FULL, GIB, PUBLISHED_PARAMETERS, STEPS, Gpu, bench_gpu, build_components, compiled_step,
+                       main, parameter_counts, summarize)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared two-core machine OpenMP's spin-waits do harm."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def test_full_size_configs_have_the_published_parameter_counts():
+    counts = parameter_counts("full")
+    assert set(counts) == set(PUBLISHED_PARAMETERS)
+    for name, published in PUBLISHED_PARAMETERS.items():
+        assert counts[name] == pytest.approx(published, rel=0.01), name
+    # The exact figures of the real checkpoints.
+    assert counts["sdxl_unet"] == 2_567_463_684
+    assert counts["umt5_xxl"] == 5_680_910_336
+    assert counts["wan_transformer"] == 1_418_996_800
+    # The couplings between the models that the pipelines rely on.
+    assert FULL["sdxl_unet"]["cross_attention_dim"] == FULL["clip_l"]["hidden_size"] + FULL["clip_bigg"]["hidden_size"]
+    assert FULL["sdxl_unet"]["projection_class_embeddings_input_dim"] == (
+        FULL["clip_bigg"]["projection_dim"] + 6 * FULL["sdxl_unet"]["addition_time_embed_dim"])
+    assert FULL["wan_transformer"]["text_dim"] == FULL["umt5_xxl"]["d_model"]
+
+
+def test_built_models_keep_the_modules_from_pretrained_keeps_in_float32(tmp_path):
+    """Built in bf16, each parameter has the dtype `from_pretrained(..., dtype=bfloat16)` would give it."""
+    built = build_components(list(FULL), "tiny", "cpu", torch.bfloat16)
+    for name, model in built.items():
+        model.save_pretrained(tmp_path / name)
+        loaded = type(model).from_pretrained(tmp_path / name, dtype=torch.bfloat16)
+        expected = {key: param.dtype for key, param in loaded.named_parameters()}
+        assert {key: param.dtype for key, param in model.named_parameters()} == expected, name
+    transformer_dtypes = {p.dtype for p in built["wan_transformer"].parameters()}
+    assert transformer_dtypes == {torch.bfloat16, torch.float32}  # the norms and time embedder stay float32
+
+
+def test_the_whole_section_runs_at_tiny_scale_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    figures = bench_gpu("tiny", "cpu", compile_modes=("default",), compile_backend="eager", out=out, log=quiet)
+
+    assert json.loads(out.read_text()) == figures
+    assert not [key for key in figures if key.startswith(("error_", "skipped_"))], figures
+    assert (figures["device"], figures["dtype"]) == ("cpu", "float32")
+    for mode in ("baseline", "channels_last", "fused_qkv", "compiled_default"):
+        assert figures[f"sdxl_{mode}_s_per_image"] > 0
+    assert figures["sdxl_compiled_default_compile_s"] is not None
+    assert figures["sdxl_best_mode"] in ("baseline", "channels_last", "fused_qkv", "compiled_default")
+    assert figures["sdxl_with_wan_s_per_image"] > 0
+    # Wan: 2 timed steps; the 50-step figure is encode + 50 steps + decode.
+    assert figures["wan_2steps_s"] > 0
+    extrapolated = figures["wan_encode_s"] + 50 * figures["wan_step_s"] + figures["wan_decode_s"]
+    assert figures["wan_50steps_extrapolated_s"] == pytest.approx(extrapolated, abs=0.15)
+    # Memory figures are CUDA-only; the goals are only judged at full scale on CUDA.
+    assert "sdxl_baseline_peak_gib" not in figures and "sdxl_goal_1s" not in figures
+
+
+def test_a_failing_step_is_reported_and_the_others_still_run(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated\nfailure")
+
+    monkeypatch.setattr(bench_gpu_module, "measure_wan", broken)
+    figures = bench_gpu("tiny", "cpu", skip=("sdxl_baseline", "sdxl_channels_last"), log=quiet)
+    assert figures["error_wan"] == "RuntimeError: simulated failure"
+    assert figures["skipped_sdxl_baseline"] == "skipped"
+    assert figures["sdxl_with_wan_s_per_image"] > 0 and figures["sdxl_fused_qkv_s_per_image"] > 0
+    # inductor is CUDA-only: its compile steps are skipped on the CPU, and said so.
+    assert figures["skipped_sdxl_compiled_default"] == "skipped"
+    assert figures["skipped_sdxl_compiled_max_autotune_no_cudagraphs"] == "skipped"
+
+
+def test_the_budget_skips_what_does_not_fit_and_says_why():
+    figures = bench_gpu("tiny", "cpu", budget_s=0, log=quiet)
+    assert figures["skipped_sdxl_build"].startswith("needs ~0 s, 0 s left of the 0 s budget")
+    assert figures["skipped_sdxl_baseline"] == "sdxl not available"
+    assert figures["skipped_wan"] == "wan not available"
+    assert "sdxl_best_mode" not in figures
+
+
+def test_steps_are_named_for_the_cli_and_the_section_is_skipped_without_cuda(capsys):
+    assert compiled_step("max-autotune-no-cudagraphs") == "sdxl_compiled_max_autotune_no_cudagraphs"
+    assert main(["--scale", "tiny", "--device", "cpu", "--budget", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {f"skipped_{step}" for step in STEPS} <= set(printed)
+    with pytest.raises(SystemExit):
+        main(["--skip", "sdxl_nonsense"])
+    if not torch.cuda.is_available():
+        assert bench_gpu() == {"skipped": "no CUDA device"}
+
+
+def test_memory_figures_and_goals_from_cuda_statistics():
+    """The CUDA-only branches, on a stand-in for torch.cuda (mocked: there is no GPU here)."""
+    calls = []
+    cuda = SimpleNamespace(
+        synchronize=lambda: calls.append("sync"), empty_cache=lambda: calls.append("empty"),
+        reset_peak_memory_stats=lambda: calls.append("reset"), memory_allocated=lambda: int(7.25 * GIB),
+        max_memory_allocated=lambda: int(9.5 * GIB), max_memory_reserved=lambda: int(10 * GIB),
+    )
+    gpu = Gpu(SimpleNamespace(is_cuda=True))
+    gpu.torch = SimpleNamespace(cuda=cuda)
+    gpu.reset_peak()
+    assert calls == ["sync", "empty", "reset"]
+    assert gpu.allocated_gib() == 7.25
+    assert gpu.peaks("sdxl_baseline") == {"sdxl_baseline_peak_gib": 9.5, "sdxl_baseline_peak_reserved_gib": 10.0}
+
+    figures = {"sdxl_baseline_s_per_image": 2.4, "sdxl_compiled_default_s_per_image": 0.95,
+               "sdxl_with_wan_s_per_image": 0.5, "sdxl_resident_gib": 6.5, "both_resident_gib": 21.0,
+               "wan_with_sdxl_peak_gib": 24.0, "wan_with_sdxl_peak_reserved_gib": 25.0,
+               "sdxl_with_wan_peak_reserved_gib": 23.0}
+    summarize(figures, judge_goals=True)
+    assert (figures["sdxl_best_mode"], figures["sdxl_best_s_per_image"]) == ("compiled_default", 0.95)
+    assert figures["sdxl_goal_1s"] == "met"
+    assert figures["wan_alone_peak_gib_est"] == 17.5
+    assert (figures["both_peak_reserved_gib"], figures["both_goal_24gb"]) == (25.0, "missed")
