@@ -1,4 +1,11 @@
-"""A local stand-in for the contract's app client: write the queued doc, wake a worker, watch the doc live.
+"""A local stand-in for the contract's app client: sign in, write the queued doc, call the function, watch the doc.
+
+With the Firebase CLI's emulators (what `make dev` runs when it can), the client does what the contract's client
+sample does, as a signed-in user of the Auth emulator: it writes the queued doc with the user's ID token (so
+firestore.rules apply), calls the `generateWithRunPod` callable over HTTP (or, `via="document"`, leaves the
+dispatch to the Firestore trigger), and follows the doc with a listener, as that user, until it is final.
+Without them (the fallback), it writes the doc as admin and posts runsync to the worker itself, as the function
+would (or leaves the doc to the worker's reconciler).
 
 `python -m devtools.client --prompt "..." [--video]` (what `make submit` runs) talks to the stack that
 `make dev` started, found through out/dev/stack.json.
@@ -18,20 +25,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from generation.contract import ContractError, parse_runsync_input
+from generation.contract import VIDEO_FIELDS
 
-STATE = Path(__file__).resolve().parent.parent / "out" / "dev" / "stack.json"
+REPO = Path(__file__).resolve().parent.parent
+STATE = REPO / "out" / "dev" / "stack.json"
+DEV_EMAIL = "dev@firegen.test"
+CALLABLE = "generateWithRunPod"
 _print_lock = threading.Lock()
 
 
 @dataclass
 class StackInfo:
     project: str
-    firestore: str
-    storage: str
+    firestore: str  # host:port
+    storage: str  # URL
     bucket: str
     runsync_url: str
     out: str
+    auth: str | None = None  # the Auth emulator's host:port (None: no Firebase CLI, the fallback)
+    functions: str | None = None  # base URL of the functions: http://HOST:PORT/PROJECT/us-central1
 
 
 def post_runsync(url: str, data: dict, timeout: float = 60) -> dict:
@@ -41,32 +53,72 @@ def post_runsync(url: str, data: dict, timeout: float = 60) -> dict:
         return json.loads(response.read())
 
 
-class Client:
-    def __init__(self, info: StackInfo):
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import firestore
+def firestore_client(info: StackInfo, token: str | None = None):
+    """A Firestore client on the stack's emulator: as admin (rules do not apply), or as the user whose ID token
+    is given (rules apply to its reads, writes and listeners)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import firestore
 
+    class UserClient(firestore.Client):
+        # The library sends `Bearer owner` (admin) to an emulator on every call; a signed-in app sends its user's
+        # ID token instead. (It has no public way to say so: this is the property its calls read.)
+        @property
+        def _rpc_metadata(self):
+            metadata = [m for m in super()._rpc_metadata if m[0] != "authorization"]
+            return [*metadata, ("authorization", f"Bearer {token}")]
+
+    # The emulator host is given explicitly so this works without FIRESTORE_EMULATOR_HOST in the shell.
+    with mock.patch.dict(os.environ, {"FIRESTORE_EMULATOR_HOST": info.firestore}):
+        return (UserClient if token else firestore.Client)(project=info.project, credentials=AnonymousCredentials())
+
+
+def shown_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+class Client:
+    def __init__(self, info: StackInfo, email: str = DEV_EMAIL):
         self.info = info
         self.failures = 0
-        # The emulator host is given explicitly so this works without FIRESTORE_EMULATOR_HOST in the shell.
-        with mock.patch.dict(os.environ, {"FIRESTORE_EMULATOR_HOST": info.firestore}):
-            self.db = firestore.Client(project=info.project, credentials=AnonymousCredentials())
+        self.uid = self.token = None
+        if info.auth:
+            from devtools.firebase_cli import sign_in
+
+            self.uid, self.token = sign_in(info.auth, email)
+        self.db = firestore_client(info, self.token)
 
     def say(self, file_uid: str, text: str) -> None:
         with _print_lock:
             print(f"[{file_uid}] {text}", flush=True)
 
-    def generate(self, data: dict, via: str = "document", timeout: float = 300) -> dict | None:
-        """Run one job the way the contract's client does; `via` "runsync" also calls the worker like the function."""
+    def call_function(self, data: dict) -> str:
+        """Call the callable as the signed-in user; what it answered, in words."""
+        from devtools.firebase_cli import call
+
+        reply = call(f"{self.info.functions}/{CALLABLE}", data, self.token)
+        if "error" in reply:
+            return f"{CALLABLE} refused it ({reply['error'].get('status')}): {reply['error'].get('message')}"
+        result = reply.get("result") or {}
+        return f"{CALLABLE} answered {result.get('status')}: {result.get('message')}"
+
+    def generate(self, data: dict, via: str = "callable", timeout: float = 300) -> dict | None:
+        """Run one job the way the contract's client does. `data` is the runsync input (prompt, user_id,
+        file_uid, use_cloud_storage, options); signed in, user_id is the user's uid. `via`: "callable" (write the
+        doc, then call the function), "document" (write the doc only), "runsync" (the fallback's function: write
+        the doc, then post runsync to the worker). Returns the final doc, or None when no doc came to be."""
+        from google.api_core import exceptions
         from google.cloud import firestore
 
-        try:
-            request = parse_runsync_input(data)
-        except ContractError as exc:
-            self.say(data.get("file_uid", "?"), f"refused: {exc.message}")
-            self.failures += 1
-            return None
-        ref = self.db.document(f"generations/{request.user_id}/{request.media_type}/{request.file_uid}")
+        if via == "callable" and not self.info.functions:
+            via = "runsync"  # no Functions emulator: do what the function would
+        data = {**data, **({"user_id": self.uid} if self.uid else {})}
+        file_uid = data["file_uid"]
+        options = {k: v for k, v in data.items() if k not in ("prompt", "user_id", "file_uid", "use_cloud_storage")}
+        media_type = "videos" if VIDEO_FIELDS & {k for k, v in options.items() if v is not None} else "images"
+        ref = self.db.document(f"generations/{data['user_id']}/{media_type}/{file_uid}")
         done = threading.Event()
         started = time.monotonic()
         last: dict = {}
@@ -75,37 +127,52 @@ class Client:
             for snapshot in docs:
                 doc = snapshot.to_dict() or {}
                 shown = (doc.get("status"), doc.get("progress"))
-                if shown != (last.get("status"), last.get("progress")):
-                    progress = f" {doc['progress']:.0%}" if doc.get("status") == "processing" and doc.get("progress") else ""
-                    self.say(request.file_uid, f"{time.monotonic() - started:5.1f}s  {doc.get('status')}{progress}")
+                if doc and shown != (last.get("status"), last.get("progress")):
+                    processing = doc.get("status") == "processing" and doc.get("progress")
+                    progress = f" {doc['progress']:.0%}" if processing else ""
+                    self.say(file_uid, f"{time.monotonic() - started:5.1f}s  {doc.get('status')}{progress}")
                 last.update(status=shown[0], progress=shown[1], doc=doc)
                 if doc.get("status") in ("completed", "failed"):
                     done.set()
 
         watch = ref.on_snapshot(on_snapshot)
         try:
-            options = {k: v for k, v in request.parameters().items() if k not in ("user_id", "file_uid", "use_cloud_storage")}
-            ref.set({"status": "queued", "created_at": firestore.SERVER_TIMESTAMP, "generated": False, "error": False,
-                     **options})
-            if via == "runsync":
-                answer = post_runsync(self.info.runsync_url, request.parameters())
-                self.say(request.file_uid, f"runsync answered {answer.get('status')}: {answer.get('output') or answer.get('error')}")
+            try:  # the contract's client sample: setDoc(docRef, {status: 'queued', created_at: serverTimestamp(), ...})
+                ref.set({"status": "queued", "created_at": firestore.SERVER_TIMESTAMP, "prompt": data.get("prompt"),
+                         "generated": False, "error": False, **options})
+                written = True
+            except exceptions.PermissionDenied:
+                self.say(file_uid, "firestore.rules refused the queued doc (PERMISSION_DENIED)")
+                written = False
+            if via == "callable":
+                self.say(file_uid, self.call_function(data))
+            elif via == "runsync" and written:
+                answer = post_runsync(self.info.runsync_url, data)
+                self.say(file_uid, f"runsync answered {answer.get('status')}: "
+                                   f"{answer.get('output') or answer.get('error')}")
+            if not written:
+                self.failures += 1
+                return None
             if not done.wait(timeout):
-                self.say(request.file_uid, f"no result after {timeout:.0f} s")
+                self.say(file_uid, f"no result after {timeout:.0f} s")
                 self.failures += 1
                 return None
         finally:
             watch.unsubscribe()
         doc = last["doc"]
+        if self.info.functions:  # the dispatch marker of functions/dispatch.py, when a function sent it
+            by = doc.get("dispatched_by")
+            self.say(file_uid, f"dispatched by the {by}" if by else
+                     "taken from the queue by the worker's own listener (no dispatch was needed)")
         if doc["status"] == "failed":
             self.failures += 1
-            self.say(request.file_uid, f"failed ({doc.get('error_type')}): {doc.get('error_message')}")
+            self.say(file_uid, f"failed ({doc.get('error_type')}): {doc.get('error_message')}")
             return doc
         for url in doc.get("images") or doc.get("videos") or []:
             path = Path(self.info.out) / url.split("%2F")[-1].split("?")[0]
             with urllib.request.urlopen(url, timeout=30) as response:
                 path.write_bytes(response.read())
-            self.say(request.file_uid, f"{url}\n    saved {path}")
+            self.say(file_uid, f"{url}\n    saved {shown_path(path)}")
         return doc
 
 
@@ -113,18 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make submit", description="Submit one job to the stack `make dev` runs.")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--video", action="store_true", help="a text2video job (16 frames at 8 fps)")
-    parser.add_argument("--user-id", default="dev-user")
+    parser.add_argument("--user-id", default="dev-user", help="without the Firebase CLI (signed in: the user's uid)")
     parser.add_argument("--options", default="{}", help='more contract fields as JSON, e.g. \'{"width": 768}\'')
+    parser.add_argument("--via", choices=("callable", "document"), default="callable",
+                        help="call the function after writing the doc, or only write it (default: callable)")
+    parser.add_argument("--stack", type=Path, default=STATE, help="the running stack's state file")
     args = parser.parse_args(argv)
     try:
-        info = StackInfo(**json.loads(STATE.read_text()))
+        info = StackInfo(**json.loads(args.stack.read_text()))
     except OSError:
         print("make submit: no running stack (start it with `make dev` in another terminal)", file=sys.stderr)
         return 2
     data = {"prompt": args.prompt, "user_id": args.user_id, "file_uid": uuid.uuid4().hex[:12],
             "use_cloud_storage": True, **({"num_frames": 16, "fps": 8} if args.video else {}),
             **json.loads(args.options)}
-    doc = Client(info).generate(data)
+    try:
+        doc = Client(info).generate(data, via=args.via)
+    except OSError as exc:  # requests' and urllib's connection errors included
+        print(f"make submit: the stack in {args.stack} does not answer ({exc})", file=sys.stderr)
+        return 2
     return 0 if doc and doc.get("status") == "completed" else 1
 
 

@@ -1,16 +1,27 @@
-"""`make dev`: the whole system on this machine, then the contract's two examples as a client would run them.
+"""`make dev`: the whole system on this machine, then the contract's two examples as an app would run them.
 
-Starts the Firestore emulator, a Storage emulator and a worker (`python -m listener --rp_serve_api`, tiny
-models), each in a process group of its own, then:
-- image example: the client writes the queued doc, then "the function" posts runsync to the worker;
-- video example: the client writes the queued doc only, and the worker's reconciler finds it;
+Starts, each in a process group of its own:
+- the Firebase CLI's Auth, Functions and Firestore emulators (`firebase emulators:start --only
+  auth,functions,firestore`, set up by scripts/setup_firebase_cli.py; devtools/firebase_cli.py), with the
+  functions pointed at the local worker (RUNPOD_RUNSYNC_URL) and a local RUNPOD_API_KEY secret;
+- a Storage emulator (gcp-storage-emulator) and a worker (`python -m listener --rp_serve_api`, tiny models),
+then acts as the contract's client, signed in to the Auth emulator:
+- image example: writes the queued doc with the user's ID token (firestore.rules apply), then calls the
+  `generateWithRunPod` callable, which dispatches it to the worker's runsync;
+- video example: writes the queued doc only; the `dispatchQueuedJob` Firestore trigger dispatches it;
 and prints each doc's status progression live, with the result URLs and the files saved under out/dev/.
-It keeps running for `make submit PROMPT=...` until Ctrl-C, which stops every process it started.
+It keeps running for `make submit PROMPT=...` until Ctrl-C (or SIGTERM), which stops every process it started.
+
+Where the Firebase CLI cannot run (not set up, no Node or Java, or it fails to start), or with
+`--no-firebase-cli`, it says so in one line and runs the fallback: the standalone Firestore emulator (no
+rules), the image example posted to runsync directly (as the function would), the video example found by the
+worker's reconciler.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -18,14 +29,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import requests
 
 from devtools import emulators as emu
-from devtools.client import Client, StackInfo
+from devtools import firebase_cli
+from devtools.client import Client, StackInfo, shown_path
 from devtools.worker import WorkerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "out" / "dev"
-STATE = OUT / "stack.json"
+PORT_NAMES = ("auth", "functions", "firestore", "storage", "worker")
 
 IMAGE_EXAMPLE = {"prompt": "A sunset over mountains", "user_id": "test-user", "file_uid": "test-img-001",
                  "use_cloud_storage": True, "width": 512, "height": 512}
@@ -36,14 +51,14 @@ VIDEO_EXAMPLE = {"prompt": "Waves crashing on beach", "user_id": "test-user", "f
 def firebase_config() -> tuple[str, dict[str, int]]:
     """The demo project from .firebaserc and the emulator ports from firebase.json (defaults where absent)."""
     project = "demo-firegen"
-    ports = {"firestore": 8080, "storage": 9199, "worker": 8000}
+    ports = {"auth": 9099, "functions": 5001, "firestore": 8080, "storage": 9199, "worker": 8000}
     try:
         project = json.loads((REPO / ".firebaserc").read_text())["projects"]["default"]
     except (OSError, KeyError, ValueError):
         pass
     try:
         emulators = json.loads((REPO / "firebase.json").read_text()).get("emulators", {})
-        ports.update({name: int(emulators[name]["port"]) for name in ("firestore", "storage") if name in emulators})
+        ports.update({name: int(emulators[name]["port"]) for name in PORT_NAMES if name in emulators})
     except (OSError, ValueError, KeyError):
         pass
     return project, ports
@@ -53,54 +68,189 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
+    project, ports = firebase_config()
     parser = argparse.ArgumentParser(prog="make dev", description=__doc__.splitlines()[0])
     parser.add_argument("--image-model", default=os.environ.get("IMAGE_MODEL", "tiny"))
     parser.add_argument("--video-model", default=os.environ.get("VIDEO_MODEL", "tiny"))
     parser.add_argument("--once", action="store_true", help="stop after the two examples (for scripts and CI)")
+    parser.add_argument("--no-examples", action="store_true", help="start the stack only")
+    parser.add_argument("--no-firebase-cli", action="store_true",
+                        help="the fallback: standalone Firestore emulator, runsync posted by the client")
+    parser.add_argument("--project", default=project, help=f"Firebase project id (default {project}, .firebaserc)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("FIREGEN_DEV_OUT", OUT)),
+                        help="results, logs and stack.json (default out/dev, or FIREGEN_DEV_OUT)")
+    for name in PORT_NAMES:
+        env = f"FIREGEN_DEV_{name.upper()}_PORT"
+        parser.add_argument(f"--{name}-port", type=int, default=int(os.environ.get(env, 0)) or None,
+                            help=f"default {ports[name]} (firebase.json), or {env}")
+    parser.add_argument("--free-ports", action="store_true",
+                        help="free ports for every port not given (for tests beside a running `make dev`)")
     args = parser.parse_args(argv)
+    args.ports = {name: getattr(args, f"{name}_port") or (emu.free_port() if args.free_ports else ports[name])
+                  for name in PORT_NAMES}
+    return args
 
-    project, ports = firebase_config()
-    OUT.mkdir(parents=True, exist_ok=True)
-    logs = OUT / "logs"
-    started: list[emu.Emulator] = []
 
-    def stop_all(*_):
+class CliFailed(Exception):
+    """The Firebase CLI's emulators did not start (the message: the first line of why)."""
+
+
+class Stack:
+    """The processes of one `make dev`, started in order and stopped in reverse, whatever happens between."""
+
+    def __init__(self, args):
+        self.args, self.ports = args, args.ports
+        self.logs = args.out / "logs"
+        self.started: list[emu.Emulator] = []
+        self._guard = threading.Lock()  # a start in a helper thread vs. stop_all()
+        self._stopping = False
+
+    def start(self, process: emu.Emulator, what: str) -> emu.Emulator:
+        with self._guard:
+            if self._stopping:
+                raise KeyboardInterrupt
+            self.started.append(process)  # before start(): an interrupted start is stopped too
+        say(f"starting {what} (log {shown_path(process.log_path)})")
+        return process.start()
+
+    def worker(self, env: dict[str, str]) -> WorkerProcess:
+        worker = WorkerProcess(self.logs, env, port=self.ports["worker"], IMAGE_MODEL=self.args.image_model,
+                               VIDEO_MODEL=self.args.video_model)
+        self.start(worker, f"the worker on {worker.url} (IMAGE_MODEL={self.args.image_model}, "
+                           f"VIDEO_MODEL={self.args.video_model})")
+        return worker
+
+    def with_firebase_cli(self, storage: emu.StorageEmulator, bucket: str) -> StackInfo:
+        """The CLI's emulators, and the worker on their Firestore as soon as it answers (while the functions load)."""
+        runsync_url = f"http://{emu.HOST}:{self.ports['worker']}/runsync"
+        cli = firebase_cli.FirebaseCli(self.logs, self.args.out / "firebase", self.args.project, runsync_url,
+                                       ports={name: self.ports[name] for name in ("auth", "functions", "firestore")})
+        firestore, auth = cli.address("firestore"), cli.address("auth")
+        env = emu.emulator_env(SimpleNamespace(host_port=firestore), storage, self.args.project, bucket)
+        outcome: dict = {}
+
+        def start_worker():
+            if emu.wait_until(lambda: emu.port_open(emu.HOST, cli.ports["firestore"]) or "done" in outcome,
+                              emu.START_TIMEOUT_S, 0.1) and "done" not in outcome:
+                try:
+                    outcome["worker"] = self.worker(env)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    outcome["error"] = exc
+
+        helper = threading.Thread(target=start_worker, name="start-worker", daemon=True)
+        helper.start()
+        try:
+            self.start(cli, f"the Firebase CLI's emulators: auth {auth}, functions {cli.address('functions')}, "
+                            f"firestore {firestore}, project {self.args.project}")
+        except emu.EmulatorError as exc:
+            raise CliFailed(str(exc).splitlines()[0].rstrip(":")) from exc
+        except BaseException:  # Ctrl-C: end the worker's start now rather than wait until it is ready
+            outcome["done"] = True
+            self.abort_starts(but=cli)
+            raise
+        finally:
+            outcome["done"] = True
+            while helper.is_alive():
+                helper.join(0.1)
+        if "error" in outcome:
+            raise outcome["error"]
+        if "worker" not in outcome:  # the CLI was ready before its Firestore port answered a probe
+            self.worker(env)
+        return StackInfo(project=self.args.project, firestore=firestore, storage=storage.url, bucket=bucket,
+                         runsync_url=runsync_url, out=str(self.args.out), auth=auth, functions=cli.functions_url)
+
+    def fallback(self, storage: emu.StorageEmulator, bucket: str) -> StackInfo:
+        firestore = emu.FirestoreEmulator(self.logs, port=self.ports["firestore"])
+        self.start(firestore, f"the Firestore emulator on {firestore.host_port}")
+        worker = self.worker(emu.emulator_env(firestore, storage, self.args.project, bucket))
+        return StackInfo(project=self.args.project, firestore=firestore.host_port, storage=storage.url,
+                         bucket=bucket, runsync_url=worker.runsync_url, out=str(self.args.out))
+
+    def up(self) -> StackInfo:
+        storage = emu.StorageEmulator(self.logs, port=self.ports["storage"], in_memory=True)
+        self.start(storage, f"the Storage emulator on {storage.host_port}")
+        bucket = f"{self.args.project}.appspot.com"
+        storage.client(self.args.project).create_bucket(bucket)
+        why = "--no-firebase-cli" if self.args.no_firebase_cli else firebase_cli.missing()
+        if why is None:
+            try:
+                return self.with_firebase_cli(storage, bucket)
+            except CliFailed as exc:
+                why = f"it failed to start: {exc}"
+                self.stop_all(keep=1)  # the Storage emulator stays
+        say(f"make dev: the Firebase CLI cannot run ({why}; setup: python3 scripts/setup_firebase_cli.py): "
+            "falling back to the standalone Firestore emulator and direct runsync (no Auth, Functions or rules)")
+        return self.fallback(storage, bucket)
+
+    def abort_starts(self, but: emu.Emulator) -> None:
+        """SIGTERM to each process still starting in a helper thread: its start() then fails and cleans up."""
+        for process in list(self.started):
+            if process is not but and process.running and process.last_start_seconds is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+
+    def stop_all(self, keep: int = 0) -> None:
+        with self._guard:
+            self._stopping = keep == 0
+            stopping, self.started = self.started[keep:], self.started[:keep]
+        for process in reversed(stopping):
+            try:
+                process.stop()
+            except emu.EmulatorError as exc:
+                say(f"make dev: {exc}")
+
+
+def run_examples(client: Client, cli: bool) -> None:
+    image_via, video_via = ("callable", "document") if cli else ("runsync", "document")
+    if cli:
+        say(f"signed in to the Auth emulator as {client.uid}. Image: the queued doc, then the generateWithRunPod "
+            "callable; video: the queued doc only, for the dispatchQueuedJob trigger (a warm worker's listener may "
+            "take it first)\n")
+
+    def example(data: dict, via: str) -> None:
+        try:
+            client.generate(data, via=via)
+        except Exception as exc:  # noqa: BLE001 - one line, counted, and the other example goes on
+            client.failures += 1
+            say(f"[{data['file_uid']}] the client failed: {exc!r}")
+
+    # Daemons: after a Ctrl-C nobody waits for their docs any more.
+    runs = [threading.Thread(target=example, args=(IMAGE_EXAMPLE, image_via), daemon=True),
+            threading.Thread(target=example, args=(VIDEO_EXAMPLE, video_via), daemon=True)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        while run.is_alive():
+            run.join(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    state = args.out / "stack.json"
+    stack = Stack(args)
+
+    def interrupt(*_):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop_all)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also where SIGINT came in ignored (a background job)
+        signal.signal(signum, interrupt)
     t0 = time.monotonic()
     try:
-        firestore = emu.FirestoreEmulator(logs, port=ports["firestore"])
-        storage = emu.StorageEmulator(logs, port=ports["storage"], in_memory=True)
-        for emulator in (firestore, storage):
-            say(f"starting {emulator.name} emulator on {emulator.host_port} (log {emulator.log_path})")
-            started.append(emulator.start())
-        bucket = f"{project}.appspot.com"
-        storage.client(project).create_bucket(bucket)
-        env = emu.emulator_env(firestore, storage, project, bucket)
-        worker = WorkerProcess(logs, env, port=ports["worker"], IMAGE_MODEL=args.image_model,
-                               VIDEO_MODEL=args.video_model)
-        say(f"starting worker on {worker.url} (IMAGE_MODEL={args.image_model}, VIDEO_MODEL={args.video_model}, "
-            f"log {worker.log_path})")
-        started.append(worker.start())
-        info = StackInfo(project=project, firestore=firestore.host_port, storage=storage.url, bucket=bucket,
-                         runsync_url=worker.runsync_url, out=str(OUT))
-        STATE.write_text(json.dumps(info.__dict__, indent=2))
-        say(f"stack ready in {time.monotonic() - t0:.1f} s\n")
-
-        client = Client(info)
-        runs = [
-            threading.Thread(target=client.generate, args=(IMAGE_EXAMPLE,), kwargs={"via": "runsync"}),
-            threading.Thread(target=client.generate, args=(VIDEO_EXAMPLE,), kwargs={"via": "document"}),
-        ]
-        for run in runs:
-            run.start()
-        for run in runs:
-            run.join()
-        say(f"\nboth examples done {time.monotonic() - t0:.1f} s after start; results in {OUT}")
+        info = stack.up()
+        state.write_text(json.dumps(info.__dict__, indent=2))
+        took = ", ".join(f"{p.name} {p.last_start_seconds:.1f} s" for p in stack.started if p.last_start_seconds)
+        say(f"stack ready in {time.monotonic() - t0:.1f} s ({took}; state {shown_path(state)})")
+        client = None
+        if not args.no_examples:
+            client = Client(info)
+            t1 = time.monotonic()
+            run_examples(client, cli=info.functions is not None)
+            say(f"\nboth examples done in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s after start); "
+                f"results in {shown_path(args.out)}")
         if args.once:
-            return 0 if client.failures == 0 else 1
+            return 0 if client is None or client.failures == 0 else 1
         say("the stack keeps running: in another terminal, `make submit PROMPT='a lighthouse at dusk'` "
             "(add VIDEO=1 for a video). Ctrl-C stops everything.")
         while True:
@@ -108,14 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("\nstopping...")
         return 0
-    except (emu.EmulatorError, emu.EmulatorUnavailable) as exc:
+    except (emu.EmulatorError, emu.EmulatorUnavailable, requests.RequestException) as exc:
         say(f"make dev: {exc}")
         return 1
     finally:
-        for process in reversed(started):
-            process.stop()
-        STATE.unlink(missing_ok=True)
-        if started:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave processes behind
+            signal.signal(signum, signal.SIG_IGN)
+        had = bool(stack.started)
+        stack.stop_all()
+        state.unlink(missing_ok=True)
+        if had:
             say("all processes stopped")
 
 

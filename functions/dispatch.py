@@ -29,6 +29,7 @@ from generation.contract import (
     VIDEO_FIELDS,
     ContractError,
     GenerationRequest,
+    check_id,
     invalid,
     normalise_document_fields,
     parse_document,
@@ -111,6 +112,28 @@ def _fail_queued(db: firestore.Client, key: JobKey, error_type: str, message: st
     return _store(db).fail_unclaimed(key, GenerationError(error_type, message))
 
 
+def _record_refusal(db: firestore.Client, uid: str, fields: Mapping[str, Any], message: str) -> None:
+    """The contract's flow for a rejected job: its doc ends `failed` with the error fields, so a client that
+    listens to it sees why. The client's queued doc is failed; where it wrote none, a failed one is created.
+    Only for ids that are safe document ids: anything else gets the error reply alone."""
+    try:
+        key = JobKey(uid, _media_of(fields), check_id("file_uid", fields.get("file_uid")))
+    except ContractError:
+        return
+    error = GenerationError(VALIDATION_ERROR, message)
+    failed = lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
+
+    def decide(doc: dict | None, now: datetime) -> dict | None:
+        if doc is None:
+            return {**failed, "created_at": SERVER_TIMESTAMP}
+        return failed if doc.get("status") == lifecycle.QUEUED else None
+
+    try:
+        _store(db).transition(key, decide)
+    except Exception as exc:  # noqa: BLE001 - the client still gets its answer
+        log.warning("refusal_not_recorded path=%s error=%s", key.path, type(exc).__name__)
+
+
 def _record_undelivered(db: firestore.Client, key: JobKey, verdict: Verdict) -> None:
     try:
         db.document(key.path).update({DISPATCH_ERROR: verdict.message[:300]})
@@ -168,12 +191,7 @@ def generate(db: firestore.Client, runpod: RunPodClient, *, uid: str | None, dat
         if not request.use_cloud_storage:
             raise invalid("use_cloud_storage must be true: results go to Cloud Storage")
     except ContractError as exc:
-        file_uid = fields.get("file_uid")
-        if isinstance(file_uid, str):
-            try:
-                _fail_queued(db, JobKey(uid, _media_of(fields), file_uid), VALIDATION_ERROR, exc.message)
-            except Exception as fail_exc:  # noqa: BLE001 - a bad id Firestore refuses, say: answer the client anyway
-                log.warning("invalid_request_doc_not_failed error=%s", type(fail_exc).__name__)
+        _record_refusal(db, uid, fields, exc.message)
         raise CallError("invalid-argument", exc.message) from None
 
     key = JobKey.of(request)

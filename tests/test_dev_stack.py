@@ -1,0 +1,154 @@
+"""`make dev` end to end: `python -m devtools.stack` as a subprocess, on free ports and a project of its own (so a
+developer's `make dev` and other tests can run beside it), acting as the contract's client.
+
+- Through the Firebase CLI's Auth, Functions and Firestore emulators: the two examples, then `make submit` and a
+  refused request against the running stack, then Ctrl-C.
+- The fallback without the CLI, with `--once`.
+
+Each run must leave no process and no port behind: every process the stack starts inherits a marker variable
+from it, and none may carry it after the stack exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from devtools import emulators as emu
+from devtools import firebase_cli
+from devtools.client import Client, StackInfo, firestore_client
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "FIREGEN_DEV_STACK_TEST"
+
+class StackRun:
+    """The command line, environment and ports of one `python -m devtools.stack` run."""
+
+    def __init__(self, tmp_path: Path, *flags: str):
+        self.out = tmp_path / "dev"
+        self.ports = {name: emu.free_port() for name in ("auth", "functions", "firestore", "storage", "worker")}
+        self.mark = uuid.uuid4().hex
+        self.cmd = [sys.executable, "-m", "devtools.stack", "--out", str(self.out), "--project",
+                    emu.unique_id("demo-devstack"), *flags,
+                    *(arg for name, port in self.ports.items() for arg in (f"--{name}-port", str(port)))]
+        self.env = {**os.environ, MARK: self.mark, "PYTHONUNBUFFERED": "1"}
+
+    def left_behind(self) -> list[str]:
+        """Processes that still carry this run's marker, and ports still taken."""
+        found = [f"port {port} ({name})" for name, port in self.ports.items() if emu.port_open(emu.HOST, port)]
+        needle = f"{MARK}={self.mark}".encode()
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    found.append(f"pid {proc.name}: {command[:120]}")
+            except OSError:
+                continue
+        return found
+
+
+def statuses(output: str, file_uid: str) -> list[str]:
+    return re.findall(rf"^\[{file_uid}\]\s+[\d.]+s  (\w+)", output, re.M)
+
+
+def assert_examples_done(output: str, out: Path) -> None:
+    """Both of the contract's examples went queued → processing → completed, and their files decode."""
+    import av
+    from PIL import Image
+
+    for file_uid in ("test-img-001", "test-vid-001"):
+        seen = statuses(output, file_uid)
+        assert seen and seen[0] == "queued" and "processing" in seen and seen[-1] == "completed", output
+    with Image.open(out / "test-img-001.png") as image:
+        assert (image.format, image.size) == ("PNG", (512, 512))
+    with av.open(str(out / "test-vid-001.mp4")) as container:
+        stream = container.streams.video[0]
+        assert sum(1 for _ in container.decode(stream)) == 16
+        assert stream.average_rate == 8 and (stream.width, stream.height) == (512, 512)
+
+
+@pytest.mark.skipif(firebase_cli.missing() is not None, reason=f"Firebase CLI emulators: {firebase_cli.missing()} "
+                                                               "(run `python3 scripts/setup_firebase_cli.py`)")
+def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys):
+    run = StackRun(tmp_path)
+    state = run.out / "stack.json"
+    lines: list[str] = []
+    # Its own session, as a terminal's foreground job: Ctrl-C is SIGINT to the whole group.
+    stack = subprocess.Popen(run.cmd, env=run.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    reader = threading.Thread(target=lambda: lines.extend(stack.stdout), daemon=True)
+    reader.start()
+    try:
+        assert emu.wait_until(lambda: any("the stack keeps running" in line for line in lines)
+                              or stack.poll() is not None, 240, 0.2), "".join(lines)
+        assert stack.poll() is None, "".join(lines)
+        output = "".join(lines)
+        assert "falling back" not in output
+        assert "[test-img-001] generateWithRunPod answered accepted: Generation started" in output
+        assert_examples_done(output, run.out)
+        info = StackInfo(**json.loads(state.read_text()))
+        assert info.auth == f"127.0.0.1:{run.ports['auth']}" and info.functions
+
+        submit = subprocess.run(  # make submit PROMPT=... (through the callable)
+            [sys.executable, "-m", "devtools.client", "--stack", str(state), "--prompt", "a lighthouse at dusk",
+             "--options", '{"width": 256, "height": 256}'], env=run.env, cwd=ROOT, capture_output=True, text=True,
+            timeout=120)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        assert "generateWithRunPod answered accepted" in submit.stdout and "completed" in submit.stdout
+        saved = re.search(r"saved (\S+\.png)", submit.stdout)
+        assert saved and (ROOT / saved.group(1)).is_file()
+
+        # A request the contract refuses, as the contract's client sample sends it: the rules refuse the doc,
+        # the callable answers invalid-argument with the contract's message and records the refusal as a
+        # failed doc with the contract's error fields.
+        client = Client(info)
+        capsys.readouterr()
+        request = {"prompt": "too wide", "file_uid": "too-wide-1", "use_cloud_storage": True, "width": 2048}
+        assert client.generate(request) is None and client.failures == 1
+        said = capsys.readouterr().out
+        assert "[too-wide-1] firestore.rules refused the queued doc (PERMISSION_DENIED)" in said
+        assert ("[too-wide-1] generateWithRunPod refused it (INVALID_ARGUMENT): width must be between 256 and 1024"
+                in said)
+        assert firebase_cli.call(f"{info.functions}/generateWithRunPod", request, client.token) == {
+            "error": {"message": "width must be between 256 and 1024", "status": "INVALID_ARGUMENT"}}
+        doc = firestore_client(info).document(f"generations/{client.uid}/images/too-wide-1").get().to_dict()
+        assert (doc["status"], doc["error"], doc["generated"], doc["error_type"]) == (
+            "failed", True, False, "ValidationError")
+        assert doc["error_message"] == "width must be between 256 and 1024" and "failed_at" in doc
+    finally:
+        if stack.poll() is None:
+            os.killpg(stack.pid, signal.SIGINT)
+        stack.wait(timeout=90)
+        reader.join(10)
+    output = "".join(lines)
+    assert stack.returncode == 0, output
+    assert "stopping..." in output and "all processes stopped" in output
+    assert not state.exists()
+    assert run.left_behind() == []
+
+
+def test_make_dev_once_without_the_firebase_cli(tmp_path):
+    """The fallback (`--no-firebase-cli`, or where the CLI cannot run): the standalone Firestore emulator, the
+    image posted to runsync by the client, the video found by the worker's listener; `--once` then exits."""
+    try:
+        emu.firestore_backend()
+    except emu.EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    run = StackRun(tmp_path, "--once", "--no-firebase-cli")
+    result = subprocess.run(run.cmd, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count("make dev: the Firebase CLI cannot run (--no-firebase-cli;") == 1
+    assert "[test-img-001] runsync answered COMPLETED" in output
+    assert_examples_done(output, run.out)
+    assert "all processes stopped" in output and not (run.out / "stack.json").exists()
+    assert run.left_behind() == []
