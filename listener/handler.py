@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from typing import Any, Callable
 
 import structlog
@@ -51,6 +52,7 @@ class RunsyncHandler:
         return await asyncio.to_thread(self.handle, job.get("input"))
 
     def handle(self, data: Any) -> dict[str, Any]:
+        started = time.perf_counter()
         try:
             request = parse_runsync_input(data)
         except ContractError as exc:
@@ -69,7 +71,8 @@ class RunsyncHandler:
             return rejected(doc.get("error_message") or "Generation failed")
         if status == lifecycle.QUEUED:
             self.submit(key)
-        log.info("request_accepted", user_id=key.user_id, file_uid=key.file_uid, status=status)
+        log.info("request_accepted", user_id=key.user_id, file_uid=key.file_uid, status=status,
+                 ms=round((time.perf_counter() - started) * 1000, 1))
         return accepted(request)
 
     def inline(self, request: GenerationRequest) -> dict[str, Any]:

@@ -159,12 +159,17 @@ class JobStore:
     def ensure_queued(self, request: GenerationRequest) -> dict[str, Any]:
         """Create the job's queued doc from the request unless a doc exists; return the doc as it now stands.
 
-        A doc that exists (written by the callable, the client, or an earlier call) is never touched.
+        A doc that exists (written by the callable, the client, or an earlier call) is never touched. Create
+        comes first because it is atomic on its own: a new job costs one round trip on the accept path.
         """
-        outcome = self.transition(
-            JobKey.of(request), lambda doc, now: queued_document(request) if doc is None else None
-        )
-        return outcome.before if outcome.before is not None else dict(outcome.written)
+        ref = self.ref(JobKey.of(request))
+        doc = queued_document(request)
+        try:
+            ref.create(doc, timeout=CALL_TIMEOUT)
+            return doc
+        except AlreadyExists:
+            snapshot = ref.get(timeout=CALL_TIMEOUT)
+        return snapshot.to_dict() if snapshot.exists else self.ensure_queued(request)  # deleted in between
 
 
 def queued_document(request: GenerationRequest) -> dict[str, Any]:
