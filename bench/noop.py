@@ -55,6 +55,7 @@ def main() -> int:
     generator = NoopGenerator(float(os.environ.get("NOOP_SECONDS", "0")))
     reconciler = Reconciler(store, JobRunner(store, generator, results), sweep_interval=settings.sweep_interval_seconds)
     reconciler.start()
+    reconciler.wait_listening(30)  # as the real worker does before it says it is ready
     print("worker_ready", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
