@@ -210,3 +210,21 @@ def test_a_storage_outage_fails_the_job_as_connection_error(make_worker, firesto
         storage_emulator.start()
     assert (data["status"], data["error_type"]) == ("failed", "ConnectionError")
     assert data["error_message"].startswith("Upload or storage failure")
+
+
+def test_a_dead_workers_job_goes_before_the_backlog(make_worker, firestore_client):
+    orphan = JobKey("u1", "images", "orphan")
+    write_job(firestore_client, orphan)
+    assert JobStore(firestore_client, worker_id="dead", lease_seconds=0.5).claim(orphan) is not None
+    backlog = [JobKey("u1", "images", f"newer-{i:02d}") for i in range(60)]
+    batch = firestore_client.batch()
+    for key in backlog:
+        batch.set(firestore_client.document(key.path), {"status": "queued", "prompt": "x", "generated": False,
+                                                        "error": False})
+    batch.commit()
+    generator = StubGenerator()
+    make_worker("survivor", generator, sweep=0.2)
+    wait_until(lambda: len(generator.calls) == 61, timeout=90)
+    # Found by the sweep once its lease ran out, it is run next, not after everything queued since.
+    assert generator.calls.index("orphan") < 20, generator.calls  # about 8 here; at the back of the line: ~50
+    assert doc(firestore_client, orphan)["attempts"] == 2
