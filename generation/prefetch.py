@@ -13,9 +13,13 @@ from pathlib import Path
 
 from .pipelines import DISABLED, IMAGE_MODEL_DEFAULT, TINY, VIDEO_MODEL_DEFAULT
 
-# Only what `from_pretrained` reads for these pipelines: safetensors weights, configs, tokenizers.
-ALLOW = ["*.json", "*.txt", "*.model", "*.safetensors", "**/*.json", "**/*.txt", "**/*.model", "**/*.safetensors"]
-IGNORE = ["*.bin", "*.ckpt", "*.onnx", "*.msgpack", "**/*.bin", "**/*.onnx", "**/*.msgpack", "*fp32*", "**/*.fp32*"]
+# Only what `from_pretrained` reads for a diffusers pipeline folder: model_index.json at the root, and each
+# component's configs, tokenizer files and safetensors weights in its subfolder (huggingface_hub's patterns
+# let `*` cross `/`, so `*/...` means "below the root"). That leaves out the root-level single-file checkpoints
+# (SDXL's sd_xl_base_1.0*.safetensors, several GB each), the fp16 duplicates the pipelines don't load, and
+# other frameworks' formats.
+ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+IGNORE = ["*.fp16.*", "*.bin", "*.ckpt", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.pth"]
 
 
 def needs_download(model_ref: str) -> bool:
