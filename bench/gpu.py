@@ -19,7 +19,8 @@ Figures (one flat dict; `python -m bench.gpu` prints it as JSON, `make bench` as
   `wan_encode_s` (text encoding, latents), `wan_decode_s` (VAE decode, frames to uint8) and the 50-step total
   extrapolated from them (`wan_50steps_extrapolated_s`);
 - memory (CUDA): each model resident, both resident together (what one worker holds), the peak while generating
-  with both resident (`both_peak_reserved_gib`; goal: fits a 24 GB card);
+  with both resident (`both_peak_reserved_gib`; goal: fits a 24 GB card); `--offload-text-encoder on` measures
+  the 24 GB configuration (Wan's UMT5 in CPU memory: `generation.pipelines.offload_text_encoder`);
 - `sdxl_best_mode`, `sdxl_best_s_per_image` and, at full scale on CUDA, `sdxl_goal_1s` / `both_goal_24gb`.
 Each step is its own try (an error is reported as `error_<step>` and the rest goes on) and runs only if the
 time budget still holds its estimate (else `skipped_<step>` says why), so the section fits the budget it is given
@@ -439,7 +440,7 @@ def measure_wan(capability, gpu: Gpu, work: dict, steps: int) -> dict:
 def bench_gpu(scale: str = "full", device: str | None = None, budget_s: float = DEFAULT_BUDGET_S,
               compile_modes: tuple[str, ...] = COMPILE_MODES, compile_backend: str = "inductor",
               wan_steps: int | None = None, skip: tuple[str, ...] = (), out: str | Path | None = None,
-              log: Callable[[str], None] | None = None) -> dict:
+              log: Callable[[str], None] | None = None, offload: bool | None = None) -> dict:
     """The GPU figures as one flat dict. Without CUDA (and no explicit `device`) the section is skipped.
 
     `skip`: steps not to run (STEPS, and `compiled_step(mode)` for each compile mode). Off CUDA the compile steps
@@ -461,7 +462,7 @@ def bench_gpu(scale: str = "full", device: str | None = None, budget_s: float = 
     from generation.pipelines import DiffusionCapability, ImagePipeline, Runtime, VideoPipeline
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    runtime = Runtime.detect(device)
+    runtime = Runtime.detect(device, offload=offload)  # offload None: the product's auto (cards under 40 GiB)
     gpu = Gpu(runtime)
     work = WORKLOADS[scale]
     wan_steps = wan_steps or work["wan_measured_steps"]
@@ -470,6 +471,7 @@ def bench_gpu(scale: str = "full", device: str | None = None, budget_s: float = 
         "device": torch.cuda.get_device_name() if runtime.is_cuda else device,
         "scale": scale, "dtype": runtime.dtype, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "transformers": transformers.__version__, "budget_s": budget_s,
+        "offload_text_encoder": runtime.offload_text_encoder,
         "sdxl_workload": "{}x{}, {} steps, 1 image, CFG".format(*work["sdxl_size"][::-1], work["sdxl_steps"]),
         "wan_workload": "{}x{}, {} frames, CFG".format(*work["wan_size"][::-1], work["wan_frames"]),
     }
@@ -621,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated steps not to run: "
                         f"{','.join(STEPS)}, and sdxl_compiled_<mode> (e.g. sdxl_compiled_default)")
     parser.add_argument("--out", help="JSON file, rewritten after every step")
+    parser.add_argument("--offload-text-encoder", choices=("auto", "on", "off"), default="auto",
+                        help="Wan's UMT5 encoder in CPU memory (default: the product's auto, on under 40 GiB)")
     parser.add_argument("--params", action="store_true", help="only print the full-size parameter counts (meta)")
     args = parser.parse_args(argv)
     if args.params:
@@ -632,8 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(skip) - set(steps)
     if unknown:
         parser.error(f"unknown steps {sorted(unknown)}; steps are {', '.join(steps)}")
+    offload = {"auto": None, "on": True, "off": False}[args.offload_text_encoder]
     figures = bench_gpu(args.scale, args.device, args.budget, modes, args.compile_backend, args.wan_steps, skip,
-                        args.out)
+                        args.out, offload=offload)
     print(json.dumps(figures, indent=2))
     return 0
 

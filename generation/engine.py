@@ -9,6 +9,9 @@ Configuration from the environment (`EngineConfig.from_env`):
   (its jobs then fail with ModelNotAvailable).
 - `FIREGEN_DEVICE` (`cuda`, `cuda:1`, `cpu`; default: CUDA when present), `FIREGEN_DTYPE` (`bfloat16`,
   `float16`, `float32`; default: bfloat16 on CUDA, float32 on CPU).
+- `FIREGEN_OFFLOAD_TEXT_ENCODER` (`auto`, `on`, `off`; default `auto`: on for a CUDA card under 40 GiB): keep Wan's
+  10.6 GiB UMT5 text encoder in CPU memory and stream it in while it encodes, so SDXL and Wan fit a 24 GB card
+  together, at a few seconds per video.
 - `FIREGEN_PRELOAD=1`: load both models when the engine is built instead of on first use.
 - `FIREGEN_CACHE`: where `tiny` pipelines are built (default `~/.cache/firegen`).
 - `HF_HUB_OFFLINE=1`: load hub ids from the local Hugging Face cache only.
@@ -41,11 +44,22 @@ log = logging.getLogger(__name__)
 
 CAPABILITIES: dict[str, type[DiffusionCapability]] = {TEXT2IMAGE: ImagePipeline, TEXT2VIDEO: VideoPipeline}
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
     value = environ.get(name, "").strip()
     return value or None
+
+
+def _auto_flag(environ: Mapping[str, str], name: str) -> bool | None:
+    """`auto` (or unset) is None; otherwise a boolean, and anything else is a clear error naming the variable."""
+    value = (_env(environ, name) or "auto").lower()
+    if value == "auto":
+        return None
+    if value in _TRUE | _FALSE:
+        return value in _TRUE
+    raise ValueError(f"{name} must be auto, on or off (got {value!r})")
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ class EngineConfig:
     preload: bool = False
     cache_dir: str | None = None  # for `tiny` pipelines; None: $FIREGEN_CACHE or ~/.cache/firegen
     local_files_only: bool = False
+    offload_text_encoder: bool | None = None  # None: auto (Runtime.detect)
 
     @classmethod
     def from_env(
@@ -76,6 +91,7 @@ class EngineConfig:
             preload=(_env(env, "FIREGEN_PRELOAD") or "").lower() in _TRUE,
             cache_dir=_env(env, "FIREGEN_CACHE"),
             local_files_only=(_env(env, "HF_HUB_OFFLINE") or "").lower() in _TRUE,
+            offload_text_encoder=_auto_flag(env, "FIREGEN_OFFLOAD_TEXT_ENCODER"),
         )
 
     def model_ref(self, task_type: str) -> str:
@@ -127,7 +143,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig | None = None, runtime: Runtime | None = None):
         self.config = config or EngineConfig()
-        self.runtime = runtime or Runtime.detect(self.config.device, self.config.dtype)
+        self.runtime = runtime or Runtime.detect(self.config.device, self.config.dtype,
+                                                 self.config.offload_text_encoder)
         self._pipelines: dict[str, DiffusionCapability] = {}
         self._load_lock = threading.Lock()
         if self.config.preload:

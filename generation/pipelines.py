@@ -61,24 +61,34 @@ def make_generator(seed: int):
 # --- device and dtype -------------------------------------------------------------------------------------
 
 
+# Both models resident with the encoder on the GPU peak at 29 GiB while Wan runs (H100, bench/gpu.py); offloaded,
+# at 21 GiB. Bigger cards keep it resident: offloading adds seconds to every video.
+OFFLOAD_BELOW_GIB = 40
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and in what precision the models run. `detect` picks CUDA with bfloat16 when there is a GPU."""
 
     device: str = "cpu"
     dtype: str = "float32"
+    offload_text_encoder: bool = False  # Wan's UMT5-XXL in CPU memory, streamed in while it encodes
 
     @classmethod
-    def detect(cls, device: str | None = None, dtype: str | None = None) -> "Runtime":
+    def detect(cls, device: str | None = None, dtype: str | None = None, offload: bool | None = None) -> "Runtime":
+        """`offload` None: offload Wan's text encoder on a CUDA card with less than OFFLOAD_BELOW_GIB."""
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cuda = device.startswith("cuda")
         if dtype is None:
-            if not device.startswith("cuda"):
+            if not cuda:
                 dtype = "float32"  # half precision on CPU is slow and poorly supported
             else:
                 dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return cls(device=device, dtype=dtype)
+        if offload is None:
+            offload = cuda and torch.cuda.get_device_properties(device).total_memory < OFFLOAD_BELOW_GIB * 2**30
+        return cls(device=device, dtype=dtype, offload_text_encoder=bool(offload and cuda))
 
     @property
     def is_cuda(self) -> bool:
@@ -305,6 +315,17 @@ def frames_to_generate(num_frames: int, temporal_factor: int) -> int:
     return -(-(num_frames - 1) // temporal_factor) * temporal_factor + 1
 
 
+def offload_text_encoder(pipe, device: str, *, use_stream: bool, blocks_per_group: int = 1) -> None:
+    """Keep `pipe.text_encoder` in CPU memory and bring it to `device` a few blocks at a time while it runs
+    (diffusers' group offloading; with `use_stream`, pinned memory and the next group's copy overlapping the
+    current group's compute). The pipeline's execution device stays `device`."""
+    from diffusers.hooks import apply_group_offloading
+
+    pipe.text_encoder.to("cpu")
+    apply_group_offloading(pipe.text_encoder, onload_device=device, offload_device="cpu",
+                           offload_type="block_level", num_blocks_per_group=blocks_per_group, use_stream=use_stream)
+
+
 class VideoPipeline(DiffusionCapability):
     """text2video: Wan 2.1. Produces exactly `num_frames` frames (generating the next 4k+1 and trimming)."""
 
@@ -320,13 +341,22 @@ class VideoPipeline(DiffusionCapability):
 
     @classmethod
     def place(cls, pipe, runtime: Runtime) -> None:
-        super().place(pipe, runtime)
-        if runtime.is_cuda:
-            import torch
+        if not runtime.is_cuda:
+            super().place(pipe, runtime)
+            return
+        import torch
 
-            # As Wan's reference code and diffusers' Wan examples do: transformer in half precision, VAE in
-            # float32 (the pipeline casts the latents to the VAE's dtype before decoding).
-            pipe.vae.to(torch.float32)
+        if runtime.offload_text_encoder:
+            # UMT5-XXL is 10.6 GiB in bf16 (more than the transformer and VAE together) and runs once per video:
+            # kept in pinned CPU memory and streamed in block by block while it encodes, so one worker holding
+            # SDXL and Wan fits a 24 GB card (bench/gpu.py measures both the memory and the cost).
+            offload_text_encoder(pipe, runtime.device, use_stream=True)
+        else:
+            pipe.text_encoder.to(runtime.device)
+        pipe.transformer.to(runtime.device)
+        # As Wan's reference code and diffusers' Wan examples do: transformer in half precision, VAE in
+        # float32 (the pipeline casts the latents to the VAE's dtype before decoding).
+        pipe.vae.to(runtime.device, torch.float32)
 
     def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> Any:
         """A uint8 array (num_frames, video_height, video_width, 3)."""

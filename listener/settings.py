@@ -14,7 +14,6 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 UrlStyle = Literal["public", "signed", "token"]
-URL_STYLES: tuple[str, ...] = get_args(UrlStyle)
 MAX_SIGNED_URL_SECONDS = 7 * 24 * 3600  # V4 signed URLs live at most 7 days
 
 
@@ -46,6 +45,10 @@ class Settings(BaseSettings):
     # Models
     image_model: str = Field("stabilityai/stable-diffusion-xl-base-1.0", validation_alias=_env("IMAGE_MODEL"))
     video_model: str = Field("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", validation_alias=_env("VIDEO_MODEL"))
+    # generation.engine reads it too (the CLI has no Settings): validated here so start-up names a bad value.
+    offload_text_encoder: Literal["auto", "on", "off"] = Field(
+        "auto", validation_alias=_env("FIREGEN_OFFLOAD_TEXT_ENCODER")
+    )
 
     # Job queue
     lease_seconds: int = Field(120, gt=0, validation_alias=_env("LEASE_SECONDS"))
@@ -58,6 +61,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("offload_text_encoder", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        value = value.strip().lower() if isinstance(value, str) else value
+        return {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
 
 
 def env_var(field: str) -> str:
@@ -84,7 +93,7 @@ def _line(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{var} is required"
     if kind == "literal_error":
-        return f"{var} must be one of {', '.join(URL_STYLES) if field == 'url_style' else error['msg']}"
+        return f"{var} must be one of {', '.join(get_args(Settings.model_fields[field].annotation))}"
     msg = str(error.get("msg", "is invalid"))
     msg = msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
     return f"{var} must be {msg} (got {error.get('input')!r})"

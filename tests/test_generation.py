@@ -19,7 +19,7 @@ from fixtures_generation import PROMPT, engine, image_request, tiny_cache, video
 from generation import __main__ as cli
 from generation import contract, errors, media, tiny
 from generation.engine import Engine, EngineConfig
-from generation.pipelines import derive_seed, frames_to_generate, resolve_seed
+from generation.pipelines import Runtime, derive_seed, frames_to_generate, resolve_seed
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -98,6 +98,21 @@ def test_video_same_seed_gives_identical_frames_and_bytes(engine):
     # At the contract's sizes: x264 may vary its bytes for far smaller clips (see generation.media).
     request = video_request(video_width=256, video_height=256, num_inference_steps=2)
     assert engine.generate(request).files[0].data == engine.generate(request).files[0].data
+
+
+def test_an_offloaded_text_encoder_gives_the_same_video(engine, tiny_cache):
+    """On CUDA the UMT5 encoder lives in CPU memory and streams in while it encodes (VideoPipeline.place); here
+    the same diffusers hooks run CPU to CPU without a stream: the pipeline still finds its execution device and
+    the frames are identical to the resident encoder's."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    from generation.pipelines import VideoPipeline, offload_text_encoder
+
+    offloaded = VideoPipeline.load("tiny", Runtime())
+    offload_text_encoder(offloaded.pipe, "cpu", use_stream=False, blocks_per_group=1)
+    assert _is_group_offload_enabled(offloaded.pipe.text_encoder)
+    resident = engine.pipeline("text2video")
+    assert np.array_equal(offloaded.generate(video_request(), 5), resident.generate(video_request(), 5))
 
 
 @pytest.mark.parametrize(("wanted", "generated"), [(16, 17), (17, 17), (18, 21), (81, 81), (1, 1)])
@@ -239,6 +254,13 @@ def test_engine_config_from_env():
         local_files_only=True,
     )
     assert EngineConfig.from_env({}).video_model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert EngineConfig.from_env({}).offload_text_encoder is None  # auto: decided by the card's memory
+    assert EngineConfig.from_env({"FIREGEN_OFFLOAD_TEXT_ENCODER": "on"}).offload_text_encoder is True
+    assert EngineConfig.from_env({"FIREGEN_OFFLOAD_TEXT_ENCODER": "0"}).offload_text_encoder is False
+    with pytest.raises(ValueError, match="FIREGEN_OFFLOAD_TEXT_ENCODER must be auto, on or off"):
+        EngineConfig.from_env({"FIREGEN_OFFLOAD_TEXT_ENCODER": "maybe"})
+    # Off CUDA there is nothing to offload to: the flag is dropped.
+    assert Runtime.detect("cpu", offload=True).offload_text_encoder is False
 
 
 def test_cpu_runtime_is_float32(engine):

@@ -290,7 +290,7 @@ SETTINGS_VARS = [
     "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "STORAGE_BUCKET", "FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST",
     "URL_STYLE", "SIGNED_URL_EXPIRY_SECONDS", "IMAGE_MODEL", "VIDEO_MODEL", "LEASE_SECONDS", "MAX_ATTEMPTS",
     "SWEEP_INTERVAL_SECONDS", "CONCURRENCY", "SHUTDOWN_GRACE_SECONDS", "UPLOAD_RETRY_ATTEMPTS",
-    "UPLOAD_RETRY_MAX_SECONDS",
+    "UPLOAD_RETRY_MAX_SECONDS", "FIREGEN_OFFLOAD_TEXT_ENCODER",
 ]
 
 
@@ -310,6 +310,7 @@ def test_settings_defaults(clean_env):
     assert (s.sweep_interval_seconds, s.shutdown_grace_seconds) == (10, 20)
     assert s.image_model == "stabilityai/stable-diffusion-xl-base-1.0"
     assert s.video_model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert s.offload_text_encoder == "auto"
 
 
 def test_settings_errors_name_the_variable(clean_env):
@@ -323,6 +324,12 @@ def test_settings_errors_name_the_variable(clean_env):
     clean_env.setenv("LEASE_SECONDS", "0")
     with pytest.raises(SettingsError, match="^LEASE_SECONDS must be greater than 0"):
         load_settings()
+    clean_env.setenv("LEASE_SECONDS", "60")
+    clean_env.setenv("FIREGEN_OFFLOAD_TEXT_ENCODER", "sometimes")
+    with pytest.raises(SettingsError, match="^FIREGEN_OFFLOAD_TEXT_ENCODER must be one of auto, on, off$"):
+        load_settings()
+    clean_env.setenv("FIREGEN_OFFLOAD_TEXT_ENCODER", " TRUE ")
+    assert load_settings().offload_text_encoder == "on"
 
 
 def test_result_store_from_settings(clean_env, storage_client, storage_emulator, bucket):
