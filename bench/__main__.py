@@ -4,7 +4,8 @@ Sections (each can be run alone with --only NAME):
 - pipelines: the tiny SDXL (512x512, 20 steps) and Wan (16 frames, 512x512, 20 steps) pipelines on this CPU;
 - lifecycle: pickup latency, per-job overhead and throughput with 1, 2 and 4 no-op workers on the emulators;
 - worker: cold start of `python -m listener` (tiny models) and runsync accept latency on the SDK's local API,
-  sequential and with 8 concurrent clients.
+  sequential and with 8 concurrent clients, with the handler's own share; the emulator's `create` latency alone
+  and while a listener is open (what bounds the accept latency on the emulator).
 A GPU section runs only where CUDA is present (see bench/gpu.py).
 """
 
@@ -184,11 +185,59 @@ def accept_latency(worker: WorkerProcess, label: str) -> dict:
 
     for _ in range(50):
         accept(None)  # warm-up: the emulator's JVM is slow until its code paths are compiled
+    logged = len(worker.events("request_accepted"))
     sequential = [accept(None) for _ in range(100)]
+    # The handler's own time (its log's `ms`): the Firestore create, nearly all of it; the rest is HTTP and the SDK.
+    handler = [json.loads(line)["ms"] / 1000 for line in worker.events("request_accepted")[logged:]]
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(accept, range(200)))
     return {f"accept_seq_p50_ms{label}": ms(pct(sequential, 50)), f"accept_seq_p99_ms{label}": ms(pct(sequential, 99)),
+            f"accept_seq_handler_p50_ms{label}": ms(pct(handler, 50)),
+            f"accept_seq_handler_p99_ms{label}": ms(pct(handler, 99)),
             f"accept_8conc_p50_ms{label}": ms(pct(concurrent, 50)), f"accept_8conc_p99_ms{label}": ms(pct(concurrent, 99))}
+
+
+# A process that only listens, as a worker's reconciler does, so its CPU is not the measuring process's.
+_LISTENER = """
+import sys, time
+from google.cloud import firestore
+query = firestore.Client(project=sys.argv[1]).collection_group("images")
+watch = query.where(filter=firestore.FieldFilter("status", "==", "queued")).on_snapshot(lambda *_: None)
+print("listening", flush=True)
+time.sleep(600)
+"""
+
+
+def emulator_create_latency(firestore_emulator) -> dict:
+    """One Firestore `create` (the accept path's only round trip) on the emulator, alone and while another
+    process listens to queued docs: the emulator answers writes only after matching them against every
+    listener, which production Firestore does not make a write wait for."""
+    from google.cloud.firestore import SERVER_TIMESTAMP
+
+    project = emu.unique_id("demo-create")
+    client = firestore_emulator.client(project)
+
+    def creates() -> list[float]:
+        times = []
+        for i in range(250):
+            t = time.perf_counter()
+            client.document(f"generations/bench/images/{uuid.uuid4().hex}").create(
+                {"status": "failed", "prompt": "bench", "modified": SERVER_TIMESTAMP})
+            times.append(time.perf_counter() - t)
+        return times[50:]  # warm-up
+
+    alone = creates()
+    listener = subprocess.Popen([sys.executable, "-c", _LISTENER, project], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "FIRESTORE_EMULATOR_HOST": firestore_emulator.host_port})
+    try:
+        listener.stdout.readline()
+        listened = creates()
+    finally:
+        listener.kill()
+        listener.wait()
+    return {"emulator_create_p50_ms": ms(pct(alone, 50)), "emulator_create_p99_ms": ms(pct(alone, 99)),
+            "emulator_create_listened_p50_ms": ms(pct(listened, 50)),
+            "emulator_create_listened_p99_ms": ms(pct(listened, 99))}
 
 
 def bench_worker(firestore_emulator, storage_emulator, logs: Path, cache: Path) -> dict:
@@ -211,6 +260,7 @@ def bench_worker(firestore_emulator, storage_emulator, logs: Path, cache: Path) 
         figures.update(accept_latency(worker, ""))
     finally:
         worker.stop()
+    figures.update(emulator_create_latency(firestore_emulator))
     return figures
 
 

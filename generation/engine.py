@@ -12,6 +12,8 @@ Configuration from the environment (`EngineConfig.from_env`):
 - `FIREGEN_OFFLOAD_TEXT_ENCODER` (`auto`, `on`, `off`; default `auto`: on for a CUDA card under 40 GiB): keep Wan's
   10.6 GiB UMT5 text encoder in CPU memory and stream it in while it encodes, so SDXL and Wan fit a 24 GB card
   together, at a few seconds per video.
+- `FIREGEN_COMPILE=on` (CUDA only; default off): fused QKV projections and `torch.compile` of SDXL's UNet,
+  compiled at load with a one-step warm-up (about 2 minutes on an H100): 2.4 s -> 1.2 s per 1024x1024 image.
 - `FIREGEN_PRELOAD=1`: load both models when the engine is built instead of on first use.
 - `FIREGEN_CACHE`: where `tiny` pipelines are built (default `~/.cache/firegen`).
 - `HF_HUB_OFFLINE=1`: load hub ids from the local Hugging Face cache only.
@@ -72,6 +74,7 @@ class EngineConfig:
     cache_dir: str | None = None  # for `tiny` pipelines; None: $FIREGEN_CACHE or ~/.cache/firegen
     local_files_only: bool = False
     offload_text_encoder: bool | None = None  # None: auto (Runtime.detect)
+    compile: bool = False
 
     @classmethod
     def from_env(
@@ -92,6 +95,7 @@ class EngineConfig:
             cache_dir=_env(env, "FIREGEN_CACHE"),
             local_files_only=(_env(env, "HF_HUB_OFFLINE") or "").lower() in _TRUE,
             offload_text_encoder=_auto_flag(env, "FIREGEN_OFFLOAD_TEXT_ENCODER"),
+            compile=(_env(env, "FIREGEN_COMPILE") or "").lower() in _TRUE,
         )
 
     def model_ref(self, task_type: str) -> str:
@@ -144,7 +148,7 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, runtime: Runtime | None = None):
         self.config = config or EngineConfig()
         self.runtime = runtime or Runtime.detect(self.config.device, self.config.dtype,
-                                                 self.config.offload_text_encoder)
+                                                 self.config.offload_text_encoder, self.config.compile)
         self._pipelines: dict[str, DiffusionCapability] = {}
         self._load_lock = threading.Lock()
         if self.config.preload:

@@ -45,10 +45,11 @@ class Settings(BaseSettings):
     # Models
     image_model: str = Field("stabilityai/stable-diffusion-xl-base-1.0", validation_alias=_env("IMAGE_MODEL"))
     video_model: str = Field("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", validation_alias=_env("VIDEO_MODEL"))
-    # generation.engine reads it too (the CLI has no Settings): validated here so start-up names a bad value.
+    # generation.engine reads these too (the CLI has no Settings): validated here so start-up names a bad value.
     offload_text_encoder: Literal["auto", "on", "off"] = Field(
         "auto", validation_alias=_env("FIREGEN_OFFLOAD_TEXT_ENCODER")
     )
+    compile: Literal["on", "off"] = Field("off", validation_alias=_env("FIREGEN_COMPILE"))
 
     # Job queue
     lease_seconds: int = Field(120, gt=0, validation_alias=_env("LEASE_SECONDS"))
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("offload_text_encoder", mode="before")
+    @field_validator("offload_text_encoder", "compile", mode="before")
     @classmethod
     def _on_off(cls, value: Any) -> Any:
         value = value.strip().lower() if isinstance(value, str) else value

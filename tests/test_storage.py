@@ -290,7 +290,7 @@ SETTINGS_VARS = [
     "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "STORAGE_BUCKET", "FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST",
     "URL_STYLE", "SIGNED_URL_EXPIRY_SECONDS", "IMAGE_MODEL", "VIDEO_MODEL", "LEASE_SECONDS", "MAX_ATTEMPTS",
     "SWEEP_INTERVAL_SECONDS", "CONCURRENCY", "SHUTDOWN_GRACE_SECONDS", "UPLOAD_RETRY_ATTEMPTS",
-    "UPLOAD_RETRY_MAX_SECONDS", "FIREGEN_OFFLOAD_TEXT_ENCODER",
+    "UPLOAD_RETRY_MAX_SECONDS", "FIREGEN_OFFLOAD_TEXT_ENCODER", "FIREGEN_COMPILE",
 ]
 
 
@@ -330,6 +330,9 @@ def test_settings_errors_name_the_variable(clean_env):
         load_settings()
     clean_env.setenv("FIREGEN_OFFLOAD_TEXT_ENCODER", " TRUE ")
     assert load_settings().offload_text_encoder == "on"
+    clean_env.setenv("FIREGEN_COMPILE", "fast")
+    with pytest.raises(SettingsError, match="^FIREGEN_COMPILE must be one of on, off$"):
+        load_settings()
 
 
 def test_result_store_from_settings(clean_env, storage_client, storage_emulator, bucket):
