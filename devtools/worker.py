@@ -22,10 +22,11 @@ class WorkerProcess(emu.Emulator):
     health_path = "/"  # the SDK's local API serves its docs page there
 
     def __init__(self, log_dir: Path, env: dict[str, str], *, port: int | None = None, serve_api: bool = True,
-                 **settings: str):
+                 module: str = "listener", **settings: str):
         super().__init__(log_dir, port)
         self.env = env
         self.serve_api = serve_api
+        self.module = module  # bench.busy_worker wraps the same entry point
         self.settings = {
             "IMAGE_MODEL": "tiny",
             "VIDEO_MODEL": "tiny",
@@ -36,7 +37,7 @@ class WorkerProcess(emu.Emulator):
 
     def command(self) -> list[str]:
         api = ["--rp_serve_api", "--rp_api_host", self.host, "--rp_api_port", str(self.port)]
-        return [sys.executable, "-m", "listener", *(api if self.serve_api else [])]
+        return [sys.executable, "-m", self.module, *(api if self.serve_api else [])]
 
     def process_env(self) -> dict[str, str]:
         return {**os.environ, **self.env, **self.settings, "PYTHONUNBUFFERED": "1"}
