@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Engine, EngineConfig, quiet_loading  # after validation: it pulls in torch
 
     quiet_loading()  # loading bars would bury the paths this command prints
-    engine = Engine(EngineConfig.from_env(image_model=TINY, video_model=TINY))
+    try:
+        config = EngineConfig.from_env(image_model=TINY, video_model=TINY)
+    except ValueError as error:  # a FIREGEN_* variable with a value it cannot take
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    engine = Engine(config)
     try:
         result = engine.generate(request)
     except errors.GenerationError as error:

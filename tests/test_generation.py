@@ -347,6 +347,14 @@ def test_cli_bad_input_prints_the_contract_message_and_exits_2(tmp_path, capsys,
     assert not any(tmp_path.iterdir())
 
 
+def test_cli_bad_setting_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FIREGEN_OFFLOAD_TEXT_ENCODER", "sometimes")
+    assert cli.main(["--prompt", PROMPT, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "configuration error: FIREGEN_OFFLOAD_TEXT_ENCODER must be auto, on or off (got 'sometimes')\n"
+    )
+
+
 def test_cli_generation_failure_prints_the_error_type_and_exits_1(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IMAGE_MODEL", "/nonexistent/sdxl")
     assert cli.main(["--prompt", PROMPT, "--out", str(tmp_path)]) == 1
