@@ -19,6 +19,7 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
  && echo "torch==${TORCH_VERSION}" > /opt/torch-constraint.txt
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY firegen_core ./firegen_core
 COPY generation ./generation
 COPY listener ./listener
 RUN pip install -c /opt/torch-constraint.txt . \
@@ -38,6 +39,7 @@ ARG VIDEO_MODEL=Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 COPY --from=build /opt/venv /opt/venv
 COPY --from=weights /models /models
 WORKDIR /app
+COPY firegen_core ./firegen_core
 COPY generation ./generation
 COPY listener ./listener
 # Baked weights are read offline: a cold start never waits on the hub. With BAKE_MODELS=0, point HF_HOME at a

@@ -45,7 +45,7 @@ def ms(seconds: float) -> float:
 
 
 def bench_pipelines(cache: Path) -> dict:
-    from generation.contract import parse_runsync_input
+    from firegen_core.contract import parse_runsync_input
     from generation.engine import Engine, EngineConfig
 
     engine = Engine(EngineConfig(image_model="tiny", video_model="tiny", cache_dir=str(cache)))
@@ -74,9 +74,20 @@ class NoopWorkers:
         self.procs = []
         for i in range(count):
             log = open(logs / f"noop-{uuid.uuid4().hex[:6]}.log", "wb")
-            proc = subprocess.Popen([sys.executable, "-m", "bench.noop"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **env, "NOOP_SECONDS": str(seconds), "SWEEP_INTERVAL_SECONDS": "5",
-                                         "LOG_LEVEL": "WARNING"}, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.noop"],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={
+                    **os.environ,
+                    **env,
+                    "NOOP_SECONDS": str(seconds),
+                    "SWEEP_INTERVAL_SECONDS": "5",
+                    "LOG_LEVEL": "WARNING",
+                },
+                start_new_session=True,
+            )
             self.procs.append((proc, log))
         for proc, log in self.procs:
             assert emu.wait_until(lambda: "worker_ready" in Path(log.name).read_text(errors="ignore"), 60), log.name
@@ -99,8 +110,18 @@ def write_jobs(db, count: int, prefix: str) -> list:
     batch = db.batch()
     for i in range(count):
         ref = db.document(f"generations/bench-user/images/{prefix}-{i:04d}")
-        batch.set(ref, {"status": "queued", "prompt": "bench", "generated": False, "error": False,
-                        "created_at": firestore.SERVER_TIMESTAMP, "width": 256, "height": 256})
+        batch.set(
+            ref,
+            {
+                "status": "queued",
+                "prompt": "bench",
+                "generated": False,
+                "error": False,
+                "created_at": firestore.SERVER_TIMESTAMP,
+                "width": 256,
+                "height": 256,
+            },
+        )
         refs.append(ref)
     batch.commit()
     return refs
@@ -136,8 +157,12 @@ def bench_lifecycle(firestore_emulator, storage_emulator, logs: Path) -> dict:
             (doc,) = wait_done(db, write_jobs(db, 1, f"pickup-{i}"))
             pickups.append((doc["started_at"] - doc["created_at"]).total_seconds())
             overheads.append((doc["completed_at"] - doc["created_at"]).total_seconds() - doc["generation_seconds"])
-        figures.update(pickup_p50_ms=ms(pct(pickups, 50)), pickup_p99_ms=ms(pct(pickups, 99)),
-                       overhead_p50_ms=ms(pct(overheads, 50)), overhead_p99_ms=ms(pct(overheads, 99)))
+        figures.update(
+            pickup_p50_ms=ms(pct(pickups, 50)),
+            pickup_p99_ms=ms(pct(pickups, 99)),
+            overhead_p50_ms=ms(pct(overheads, 50)),
+            overhead_p99_ms=ms(pct(overheads, 99)),
+        )
     finally:
         workers.stop()
 
@@ -174,8 +199,14 @@ def start_worker(firestore_emulator, storage_emulator, logs: Path, cache: Path, 
 
 
 def accept_latency(worker: WorkerProcess, label: str) -> dict:
-    body = {"prompt": "bench", "user_id": "bench-user", "use_cloud_storage": True, "width": 256, "height": 256,
-            "num_inference_steps": 10}
+    body = {
+        "prompt": "bench",
+        "user_id": "bench-user",
+        "use_cloud_storage": True,
+        "width": 256,
+        "height": 256,
+        "num_inference_steps": 10,
+    }
 
     def accept(_) -> float:
         t = time.perf_counter()
@@ -191,10 +222,14 @@ def accept_latency(worker: WorkerProcess, label: str) -> dict:
     handler = [json.loads(line)["ms"] / 1000 for line in worker.events("request_accepted")[logged:]]
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(accept, range(200)))
-    return {f"accept_seq_p50_ms{label}": ms(pct(sequential, 50)), f"accept_seq_p99_ms{label}": ms(pct(sequential, 99)),
-            f"accept_seq_handler_p50_ms{label}": ms(pct(handler, 50)),
-            f"accept_seq_handler_p99_ms{label}": ms(pct(handler, 99)),
-            f"accept_8conc_p50_ms{label}": ms(pct(concurrent, 50)), f"accept_8conc_p99_ms{label}": ms(pct(concurrent, 99))}
+    return {
+        f"accept_seq_p50_ms{label}": ms(pct(sequential, 50)),
+        f"accept_seq_p99_ms{label}": ms(pct(sequential, 99)),
+        f"accept_seq_handler_p50_ms{label}": ms(pct(handler, 50)),
+        f"accept_seq_handler_p99_ms{label}": ms(pct(handler, 99)),
+        f"accept_8conc_p50_ms{label}": ms(pct(concurrent, 50)),
+        f"accept_8conc_p99_ms{label}": ms(pct(concurrent, 99)),
+    }
 
 
 # A process that only listens, as a worker's reconciler does, so its CPU is not the measuring process's.
@@ -223,22 +258,30 @@ def emulator_create_latency(firestore_emulator) -> dict:
         for i in range(250):
             t = time.perf_counter()
             client.document(f"generations/bench/images/{uuid.uuid4().hex}").create(
-                {"status": "queued", "prompt": "bench", "modified": SERVER_TIMESTAMP})
+                {"status": "queued", "prompt": "bench", "modified": SERVER_TIMESTAMP}
+            )
             times.append(time.perf_counter() - t)
         return times[50:]  # warm-up
 
     alone = creates()
-    listener = subprocess.Popen([sys.executable, "-c", _LISTENER, project], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "FIRESTORE_EMULATOR_HOST": firestore_emulator.host_port})
+    listener = subprocess.Popen(
+        [sys.executable, "-c", _LISTENER, project],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FIRESTORE_EMULATOR_HOST": firestore_emulator.host_port},
+    )
     try:
         listener.stdout.readline()
         listened = creates()
     finally:
         listener.kill()
         listener.wait()
-    return {"emulator_create_p50_ms": ms(pct(alone, 50)), "emulator_create_p99_ms": ms(pct(alone, 99)),
-            "emulator_create_listened_p50_ms": ms(pct(listened, 50)),
-            "emulator_create_listened_p99_ms": ms(pct(listened, 99))}
+    return {
+        "emulator_create_p50_ms": ms(pct(alone, 50)),
+        "emulator_create_p99_ms": ms(pct(alone, 99)),
+        "emulator_create_listened_p50_ms": ms(pct(listened, 50)),
+        "emulator_create_listened_p99_ms": ms(pct(listened, 99)),
+    }
 
 
 def bench_worker(firestore_emulator, storage_emulator, logs: Path, cache: Path) -> dict:
@@ -247,8 +290,11 @@ def bench_worker(firestore_emulator, storage_emulator, logs: Path, cache: Path) 
     cold = time.perf_counter() - t0
     try:
         ready = json.loads(worker.events("worker_ready")[-1])
-        figures = {"cold_start_s": round(cold, 2), "cold_import_s": ready["import_seconds"],
-                   "cold_model_load_s": ready["load_seconds"]}
+        figures = {
+            "cold_start_s": round(cold, 2),
+            "cold_import_s": ready["import_seconds"],
+            "cold_model_load_s": ready["load_seconds"],
+        }
         # Every accepted job is then generated by the tiny model on these same 2 cores, competing with the
         # requests; on RunPod that work is the GPU's.
         figures.update(accept_latency(worker, "_cpu_generating"))
@@ -273,9 +319,14 @@ def bench_worker(firestore_emulator, storage_emulator, logs: Path, cache: Path) 
 
 
 TARGETS = {
-    "accept_seq_p99_ms": ("<", 50), "accept_8conc_p99_ms": ("<", 200), "pickup_p50_ms": ("<", 200),
-    "pickup_p99_ms": ("<", 1000), "overhead_p50_ms": ("<", 300), "cold_start_s": ("<", 15),
-    "speedup_noop_4w_vs_1w": (">=", 3), "speedup_gpu0.5s_4w_vs_1w": (">=", 3),
+    "accept_seq_p99_ms": ("<", 50),
+    "accept_8conc_p99_ms": ("<", 200),
+    "pickup_p50_ms": ("<", 200),
+    "pickup_p99_ms": ("<", 1000),
+    "overhead_p50_ms": ("<", 300),
+    "cold_start_s": ("<", 15),
+    "speedup_noop_4w_vs_1w": (">=", 3),
+    "speedup_gpu0.5s_4w_vs_1w": (">=", 3),
 }
 
 
@@ -292,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["pipelines", "lifecycle", "worker", "gpu"], action="append")
     args = parser.parse_args(argv)
     sections = args.only or ["pipelines", "lifecycle", "worker", "gpu"]
-    report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpus": os.cpu_count()}, "sections": {}}
+    report = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "sections": {},
+    }
     with tempfile.TemporaryDirectory(prefix="firegen-bench-") as tmp:
         tmp = Path(tmp)
         cache = Path(os.environ.get("FIREGEN_CACHE") or tmp / "tiny")
@@ -304,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
 
             report["sections"]["gpu"] = bench_gpu()
         if {"lifecycle", "worker"} & set(sections):
-            with emu.FirestoreEmulator(tmp / "logs") as firestore, emu.StorageEmulator(tmp / "logs", in_memory=True) as storage:
+            with (
+                emu.FirestoreEmulator(tmp / "logs") as firestore,
+                emu.StorageEmulator(tmp / "logs", in_memory=True) as storage,
+            ):
                 if "lifecycle" in sections:
                     report["sections"]["lifecycle"] = bench_lifecycle(firestore, storage, tmp / "logs")
                 if "worker" in sections:

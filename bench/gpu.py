@@ -43,9 +43,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 PROMPT = "A sunset over mountains"
 SEED = 1234
@@ -96,18 +96,37 @@ SDXL_VAE = dict(
 _CLIP_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=77)
 # text_encoder/config.json: CLIP ViT-L/14 text tower (123,060,480 parameters).
 CLIP_L = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5, **_CLIP_IDS,
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    **_CLIP_IDS,
 )
 # text_encoder_2/config.json: OpenCLIP ViT-bigG/14 text tower with projection (694,659,840 parameters).
 CLIP_BIGG = dict(
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    projection_dim=1280, hidden_act="gelu", layer_norm_eps=1e-5, **_CLIP_IDS,
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    **_CLIP_IDS,
 )
 # scheduler/scheduler_config.json.
 SDXL_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
 )
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json (dim 1536 = 12 x 128; ~1.42B parameters).
@@ -130,22 +149,43 @@ WAN_TRANSFORMER = dict(
 )
 # vae/config.json (latents_mean/std: the class defaults are Wan 2.1's; ~127M parameters).
 WAN_VAE = dict(
-    base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-    temperal_downsample=[False, True, True], dropout=0.0,
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
 )
 # text_encoder/config.json: the UMT5-XXL encoder (google/umt5-xxl; 5,680,910,336 parameters).
 UMT5_XXL = dict(
-    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-    layer_norm_epsilon=1e-6, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, is_encoder_decoder=False,
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    is_encoder_decoder=False,
 )
 # scheduler/scheduler_config.json: UniPC on flow-matching sigmas.
 WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 
 # Published parameter counts (the real checkpoints), for the meta-device check.
 PUBLISHED_PARAMETERS = {
-    "sdxl_unet": 2.567e9, "sdxl_vae": 83.6e6, "clip_l": 123e6, "clip_bigg": 695e6,
-    "wan_transformer": 1.42e9, "wan_vae": 127e6, "umt5_xxl": 5.68e9,
+    "sdxl_unet": 2.567e9,
+    "sdxl_vae": 83.6e6,
+    "clip_l": 123e6,
+    "clip_bigg": 695e6,
+    "wan_transformer": 1.42e9,
+    "wan_vae": 127e6,
+    "umt5_xxl": 5.68e9,
 }
 
 # --- the tiny scale: the same classes and code path, generation.tiny's widths --------------------------------
@@ -153,33 +193,73 @@ PUBLISHED_PARAMETERS = {
 _TINY_CLIP = dict(intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu", **_CLIP_IDS)
 TINY = {
     "sdxl_unet": dict(
-        SDXL_UNET, block_out_channels=(8, 16, 32), layers_per_block=1, transformer_layers_per_block=(1, 1, 1),
-        attention_head_dim=(2, 4, 8), cross_attention_dim=48, addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=1,
+        SDXL_UNET,
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 1),
+        attention_head_dim=(2, 4, 8),
+        cross_attention_dim=48,
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=1,
     ),
     "sdxl_vae": dict(SDXL_VAE, block_out_channels=(4, 4, 4, 4), layers_per_block=1, norm_num_groups=1),
     "clip_l": dict(_TINY_CLIP, vocab_size=600, hidden_size=16, projection_dim=16),
     "clip_bigg": dict(_TINY_CLIP, vocab_size=600, hidden_size=32, projection_dim=32),
     "wan_transformer": dict(
-        WAN_TRANSFORMER, num_attention_heads=1, attention_head_dim=12, text_dim=32, freq_dim=32, ffn_dim=32,
+        WAN_TRANSFORMER,
+        num_attention_heads=1,
+        attention_head_dim=12,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
         num_layers=1,
     ),
     "wan_vae": dict(WAN_VAE, base_dim=1, num_res_blocks=0),
-    "umt5_xxl": dict(UMT5_XXL, vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
-                     relative_attention_num_buckets=8),
+    "umt5_xxl": dict(
+        UMT5_XXL,
+        vocab_size=256,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+    ),
 }
 FULL = {
-    "sdxl_unet": SDXL_UNET, "sdxl_vae": SDXL_VAE, "clip_l": CLIP_L, "clip_bigg": CLIP_BIGG,
-    "wan_transformer": WAN_TRANSFORMER, "wan_vae": WAN_VAE, "umt5_xxl": UMT5_XXL,
+    "sdxl_unet": SDXL_UNET,
+    "sdxl_vae": SDXL_VAE,
+    "clip_l": CLIP_L,
+    "clip_bigg": CLIP_BIGG,
+    "wan_transformer": WAN_TRANSFORMER,
+    "wan_vae": WAN_VAE,
+    "umt5_xxl": UMT5_XXL,
 }
 CONFIGS = {"full": FULL, "tiny": TINY}
 
 # What is generated at each scale. `runs`: timed SDXL images per mode after one warm-up.
 WORKLOADS = {
-    "full": dict(sdxl_size=(1024, 1024), sdxl_steps=30, runs=3,
-                 wan_size=(480, 832), wan_frames=81, wan_steps=50, wan_measured_steps=4, wan_warmup_steps=2),
-    "tiny": dict(sdxl_size=(64, 64), sdxl_steps=2, runs=1,
-                 wan_size=(32, 48), wan_frames=5, wan_steps=50, wan_measured_steps=2, wan_warmup_steps=1),
+    "full": dict(
+        sdxl_size=(1024, 1024),
+        sdxl_steps=30,
+        runs=3,
+        wan_size=(480, 832),
+        wan_frames=81,
+        wan_steps=50,
+        wan_measured_steps=4,
+        wan_warmup_steps=2,
+    ),
+    "tiny": dict(
+        sdxl_size=(64, 64),
+        sdxl_steps=2,
+        runs=1,
+        wan_size=(32, 48),
+        wan_frames=5,
+        wan_steps=50,
+        wan_measured_steps=2,
+        wan_warmup_steps=1,
+    ),
 }
 
 # torch.compile modes tried on the UNet, each its own step `sdxl_compiled_<mode>`, in this order: "default" first
@@ -187,13 +267,18 @@ WORKLOADS = {
 # cuBLAS/cuDNN: minutes on a fresh machine) if the budget still holds it. CUDA graphs ("reduce-overhead") buy
 # little here: at 1024x1024 a UNet call is tens of milliseconds of GPU work against a few of kernel launches.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-STEPS = ("sdxl_build", "sdxl_baseline", "sdxl_channels_last", "wan_build", "wan", "sdxl_with_wan",
-         "sdxl_fused_qkv")
+STEPS = ("sdxl_build", "sdxl_baseline", "sdxl_channels_last", "wan_build", "wan", "sdxl_with_wan", "sdxl_fused_qkv")
 # Rough cost of each step on an H100 at full scale (seconds), for the budget: a step starts only if this much is
 # left (a compile mode not named here: 240 s).
 ESTIMATES_S = {
-    "sdxl_build": 30, "sdxl_baseline": 25, "sdxl_channels_last": 25, "wan_build": 40, "wan": 75,
-    "sdxl_with_wan": 10, "sdxl_fused_qkv": 25, "sdxl_compiled_default": 120,
+    "sdxl_build": 30,
+    "sdxl_baseline": 25,
+    "sdxl_channels_last": 25,
+    "wan_build": 40,
+    "wan": 75,
+    "sdxl_with_wan": 10,
+    "sdxl_fused_qkv": 25,
+    "sdxl_compiled_default": 120,
     "sdxl_compiled_max_autotune_no_cudagraphs": 200,
 }
 
@@ -282,11 +367,16 @@ def build_sdxl(scale: str, runtime):
 
     from generation import tiny
 
-    parts = build_components(("sdxl_unet", "sdxl_vae", "clip_l", "clip_bigg"), scale, runtime.device,
-                             runtime.torch_dtype)
+    parts = build_components(
+        ("sdxl_unet", "sdxl_vae", "clip_l", "clip_bigg"), scale, runtime.device, runtime.torch_dtype
+    )
     return StableDiffusionXLPipeline(
-        vae=parts["sdxl_vae"], text_encoder=parts["clip_l"], text_encoder_2=parts["clip_bigg"],
-        tokenizer=tiny._clip_tokenizer(), tokenizer_2=tiny._clip_tokenizer(), unet=parts["sdxl_unet"],
+        vae=parts["sdxl_vae"],
+        text_encoder=parts["clip_l"],
+        text_encoder_2=parts["clip_bigg"],
+        tokenizer=tiny._clip_tokenizer(),
+        tokenizer_2=tiny._clip_tokenizer(),
+        unet=parts["sdxl_unet"],
         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),  # on the CPU, as from_pretrained makes it
     )
 
@@ -299,8 +389,11 @@ def build_wan(scale: str, runtime):
 
     parts = build_components(("wan_transformer", "wan_vae", "umt5_xxl"), scale, runtime.device, runtime.torch_dtype)
     return WanPipeline(
-        tokenizer=tiny._t5_tokenizer(), text_encoder=parts["umt5_xxl"], vae=parts["wan_vae"],
-        transformer=parts["wan_transformer"], scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER),
+        tokenizer=tiny._t5_tokenizer(),
+        text_encoder=parts["umt5_xxl"],
+        vae=parts["wan_vae"],
+        transformer=parts["wan_transformer"],
+        scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER),
     )
 
 
@@ -353,8 +446,10 @@ class Gpu:
         if not self.cuda:
             return {}
         self.sync()
-        return {f"{prefix}_peak_gib": round(self.torch.cuda.max_memory_allocated() / GIB, 2),
-                f"{prefix}_peak_reserved_gib": round(self.torch.cuda.max_memory_reserved() / GIB, 2)}
+        return {
+            f"{prefix}_peak_gib": round(self.torch.cuda.max_memory_allocated() / GIB, 2),
+            f"{prefix}_peak_reserved_gib": round(self.torch.cuda.max_memory_reserved() / GIB, 2),
+        }
 
     def free(self) -> None:
         gc.collect()
@@ -371,19 +466,27 @@ def _timed(gpu: Gpu, fn: Callable) -> float:
 
 
 def _image_request(work: dict):
-    from generation.contract import GenerationRequest
+    from firegen_core.contract import GenerationRequest
 
     height, width = work["sdxl_size"]
-    return GenerationRequest(prompt=PROMPT, seed=SEED, width=width, height=height,
-                             num_inference_steps=work["sdxl_steps"])
+    return GenerationRequest(
+        prompt=PROMPT, seed=SEED, width=width, height=height, num_inference_steps=work["sdxl_steps"]
+    )
 
 
 def _video_request(work: dict, steps: int):
-    from generation.contract import TEXT2VIDEO, GenerationRequest
+    from firegen_core.contract import TEXT2VIDEO, GenerationRequest
 
     height, width = work["wan_size"]
-    return GenerationRequest(prompt=PROMPT, seed=SEED, task_type=TEXT2VIDEO, num_frames=work["wan_frames"],
-                             video_width=width, video_height=height, num_inference_steps=steps)
+    return GenerationRequest(
+        prompt=PROMPT,
+        seed=SEED,
+        task_type=TEXT2VIDEO,
+        num_frames=work["wan_frames"],
+        video_width=width,
+        video_height=height,
+        num_inference_steps=steps,
+    )
 
 
 def measure_sdxl(capability, gpu: Gpu, work: dict, mode: str) -> dict:
@@ -394,8 +497,11 @@ def measure_sdxl(capability, gpu: Gpu, work: dict, mode: str) -> dict:
     gpu.reset_peak()
     runs = [_timed(gpu, lambda: capability.generate(request, SEED)) for _ in range(work["runs"])]
     median = statistics.median(runs)
-    figures = {f"sdxl_{mode}_s_per_image": round(median, 3), f"sdxl_{mode}_min_s": round(min(runs), 3),
-               f"sdxl_{mode}_first_call_s": round(first, 2)}
+    figures = {
+        f"sdxl_{mode}_s_per_image": round(median, 3),
+        f"sdxl_{mode}_min_s": round(min(runs), 3),
+        f"sdxl_{mode}_first_call_s": round(first, 2),
+    }
     if mode.startswith("compiled"):
         figures[f"sdxl_{mode}_compile_s"] = round(first - median, 1)  # the first call's excess over a steady one
     figures.update(gpu.peaks(f"sdxl_{mode}"))
@@ -437,10 +543,18 @@ def measure_wan(capability, gpu: Gpu, work: dict, steps: int) -> dict:
 # --- the section --------------------------------------------------------------------------------------------
 
 
-def bench_gpu(scale: str = "full", device: str | None = None, budget_s: float = DEFAULT_BUDGET_S,
-              compile_modes: tuple[str, ...] = COMPILE_MODES, compile_backend: str = "inductor",
-              wan_steps: int | None = None, skip: tuple[str, ...] = (), out: str | Path | None = None,
-              log: Callable[[str], None] | None = None, offload: bool | None = None) -> dict:
+def bench_gpu(
+    scale: str = "full",
+    device: str | None = None,
+    budget_s: float = DEFAULT_BUDGET_S,
+    compile_modes: tuple[str, ...] = COMPILE_MODES,
+    compile_backend: str = "inductor",
+    wan_steps: int | None = None,
+    skip: tuple[str, ...] = (),
+    out: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    offload: bool | None = None,
+) -> dict:
     """The GPU figures as one flat dict. Without CUDA (and no explicit `device`) the section is skipped.
 
     `skip`: steps not to run (STEPS, and `compiled_step(mode)` for each compile mode). Off CUDA the compile steps
@@ -469,8 +583,12 @@ def bench_gpu(scale: str = "full", device: str | None = None, budget_s: float = 
     budget = Budget(budget_s, scale)
     figures: dict = {
         "device": torch.cuda.get_device_name() if runtime.is_cuda else device,
-        "scale": scale, "dtype": runtime.dtype, "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "budget_s": budget_s,
+        "scale": scale,
+        "dtype": runtime.dtype,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "budget_s": budget_s,
         "offload_text_encoder": runtime.offload_text_encoder,
         "sdxl_workload": "{}x{}, {} steps, 1 image, CFG".format(*work["sdxl_size"][::-1], work["sdxl_steps"]),
         "wan_workload": "{}x{}, {} frames, CFG".format(*work["wan_size"][::-1], work["wan_frames"]),
@@ -529,8 +647,9 @@ def bench_gpu(scale: str = "full", device: str | None = None, budget_s: float = 
         if runtime.is_cuda:
             resident = gpu.allocated_gib()
             if "sdxl" in state:
-                result.update(both_resident_gib=resident,
-                              wan_resident_gib=round(resident - figures["sdxl_resident_gib"], 2))
+                result.update(
+                    both_resident_gib=resident, wan_resident_gib=round(resident - figures["sdxl_resident_gib"], 2)
+                )
             else:
                 result["wan_resident_gib"] = resident
         state["wan"] = capability
@@ -558,7 +677,7 @@ def bench_gpu(scale: str = "full", device: str | None = None, budget_s: float = 
         options = {"mode": mode} if compile_backend == "inductor" else {}
         pipe.unet = torch.compile(eager, backend=compile_backend, fullgraph=True, **options)
         try:
-            return measure_sdxl(state["sdxl"], gpu, work, compiled_step(mode)[len("sdxl_"):])
+            return measure_sdxl(state["sdxl"], gpu, work, compiled_step(mode)[len("sdxl_") :])
         finally:
             pipe.unet = eager
             torch._dynamo.reset()
@@ -586,15 +705,26 @@ def bench_gpu(scale: str = "full", device: str | None = None, budget_s: float = 
     return figures
 
 
-SUMMARY = ("sdxl_best_mode", "sdxl_best_s_per_image", "sdxl_goal_1s", "wan_alone_peak_gib_est",
-           "both_peak_reserved_gib", "both_goal_24gb", "elapsed_s")
+SUMMARY = (
+    "sdxl_best_mode",
+    "sdxl_best_s_per_image",
+    "sdxl_goal_1s",
+    "wan_alone_peak_gib_est",
+    "both_peak_reserved_gib",
+    "both_goal_24gb",
+    "elapsed_s",
+)
 
 
 def summarize(figures: dict, judge_goals: bool) -> None:
     """The best SDXL mode and, at full scale on CUDA, the goals: <= 1.0 s per image; both models <= 24 GB."""
-    modes = {key[len("sdxl_"):-len("_s_per_image")]: value for key, value in figures.items()
-             if key.startswith("sdxl_") and key.endswith("_s_per_image")
-             and key not in ("sdxl_with_wan_s_per_image", "sdxl_best_s_per_image")}
+    modes = {
+        key[len("sdxl_") : -len("_s_per_image")]: value
+        for key, value in figures.items()
+        if key.startswith("sdxl_")
+        and key.endswith("_s_per_image")
+        and key not in ("sdxl_with_wan_s_per_image", "sdxl_best_s_per_image")
+    }
     if modes:
         best = min(modes, key=modes.get)
         figures.update(sdxl_best_mode=best, sdxl_best_s_per_image=modes[best])
@@ -616,15 +746,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=sorted(CONFIGS), default="full")
     parser.add_argument("--device", help="default: cuda if present, else the section is skipped")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds (default %(default)s)")
-    parser.add_argument("--compile-modes", default=",".join(COMPILE_MODES),
-                        help="comma-separated torch.compile modes for the UNet, in order (default %(default)s)")
+    parser.add_argument(
+        "--compile-modes",
+        default=",".join(COMPILE_MODES),
+        help="comma-separated torch.compile modes for the UNet, in order (default %(default)s)",
+    )
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--wan-steps", type=int, help="denoising steps of the timed Wan run (default 4 at full scale)")
-    parser.add_argument("--skip", default="", help="comma-separated steps not to run: "
-                        f"{','.join(STEPS)}, and sdxl_compiled_<mode> (e.g. sdxl_compiled_default)")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated steps not to run: "
+        f"{','.join(STEPS)}, and sdxl_compiled_<mode> (e.g. sdxl_compiled_default)",
+    )
     parser.add_argument("--out", help="JSON file, rewritten after every step")
-    parser.add_argument("--offload-text-encoder", choices=("auto", "on", "off"), default="auto",
-                        help="Wan's UMT5 encoder in CPU memory (default: the product's auto, on under 40 GiB)")
+    parser.add_argument(
+        "--offload-text-encoder",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Wan's UMT5 encoder in CPU memory (default: the product's auto, on under 40 GiB)",
+    )
     parser.add_argument("--params", action="store_true", help="only print the full-size parameter counts (meta)")
     args = parser.parse_args(argv)
     if args.params:
@@ -637,8 +778,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown steps {sorted(unknown)}; steps are {', '.join(steps)}")
     offload = {"auto": None, "on": True, "off": False}[args.offload_text_encoder]
-    figures = bench_gpu(args.scale, args.device, args.budget, modes, args.compile_backend, args.wan_steps, skip,
-                        args.out, offload=offload)
+    figures = bench_gpu(
+        args.scale,
+        args.device,
+        args.budget,
+        modes,
+        args.compile_backend,
+        args.wan_steps,
+        skip,
+        args.out,
+        offload=offload,
+    )
     print(json.dumps(figures, indent=2))
     return 0
 

@@ -41,16 +41,20 @@ class NoopGenerator:
 def main() -> int:
     from google.cloud import firestore, storage
 
+    from firegen_core.jobs import JobStore
     from listener.__main__ import make_worker_id
-    from listener.jobs import JobStore
     from listener.reconciler import Reconciler
     from listener.runner import JobRunner
     from listener.settings import load_settings
     from listener.storage import ResultStore
 
     settings = load_settings()
-    store = JobStore(firestore.Client(project=settings.google_cloud_project), worker_id=make_worker_id(),
-                     lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts)
+    store = JobStore(
+        firestore.Client(project=settings.google_cloud_project),
+        worker_id=make_worker_id(),
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+    )
     results = ResultStore.from_settings(storage.Client(project=settings.google_cloud_project), settings)
     generator = NoopGenerator(float(os.environ.get("NOOP_SECONDS", "0")))
     reconciler = Reconciler(store, JobRunner(store, generator, results), sweep_interval=settings.sweep_interval_seconds)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from generation.contract import VIDEO_FIELDS
+from firegen_core.contract import VIDEO_FIELDS
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = REPO / "out" / "dev" / "stack.json"
@@ -138,8 +138,16 @@ class Client:
         watch = ref.on_snapshot(on_snapshot)
         try:
             try:  # the contract's client sample: setDoc(docRef, {status: 'queued', created_at: serverTimestamp(), ...})
-                ref.set({"status": "queued", "created_at": firestore.SERVER_TIMESTAMP, "prompt": data.get("prompt"),
-                         "generated": False, "error": False, **options})
+                ref.set(
+                    {
+                        "status": "queued",
+                        "created_at": firestore.SERVER_TIMESTAMP,
+                        "prompt": data.get("prompt"),
+                        "generated": False,
+                        "error": False,
+                        **options,
+                    }
+                )
                 written = True
             except exceptions.PermissionDenied:
                 self.say(file_uid, "firestore.rules refused the queued doc (PERMISSION_DENIED)")
@@ -148,8 +156,9 @@ class Client:
                 self.say(file_uid, self.call_function(data))
             elif via == "runsync" and written:
                 answer = post_runsync(self.info.runsync_url, data)
-                self.say(file_uid, f"runsync answered {answer.get('status')}: "
-                                   f"{answer.get('output') or answer.get('error')}")
+                self.say(
+                    file_uid, f"runsync answered {answer.get('status')}: {answer.get('output') or answer.get('error')}"
+                )
             if not written:
                 self.failures += 1
                 return None
@@ -162,8 +171,12 @@ class Client:
         doc = last["doc"]
         if self.info.functions:  # the dispatch marker of functions/dispatch.py, when a function sent it
             by = doc.get("dispatched_by")
-            self.say(file_uid, f"dispatched by the {by}" if by else
-                     "taken from the queue by the worker's own listener (no dispatch was needed)")
+            self.say(
+                file_uid,
+                f"dispatched by the {by}"
+                if by
+                else "taken from the queue by the worker's own listener (no dispatch was needed)",
+            )
         if doc["status"] == "failed":
             self.failures += 1
             self.say(file_uid, f"failed ({doc.get('error_type')}): {doc.get('error_message')}")
@@ -181,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--video", action="store_true", help="a text2video job (16 frames at 8 fps)")
     parser.add_argument("--user-id", default="dev-user", help="without the Firebase CLI (signed in: the user's uid)")
-    parser.add_argument("--options", default="{}", help='more contract fields as JSON, e.g. \'{"width": 768}\'')
-    parser.add_argument("--via", choices=("callable", "document"), default="callable",
-                        help="call the function after writing the doc, or only write it (default: callable)")
+    parser.add_argument("--options", default="{}", help="more contract fields as JSON, e.g. '{\"width\": 768}'")
+    parser.add_argument(
+        "--via",
+        choices=("callable", "document"),
+        default="callable",
+        help="call the function after writing the doc, or only write it (default: callable)",
+    )
     parser.add_argument("--stack", type=Path, default=STATE, help="the running stack's state file")
     args = parser.parse_args(argv)
     try:
@@ -191,9 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         print("make submit: no running stack (start it with `make dev` in another terminal)", file=sys.stderr)
         return 2
-    data = {"prompt": args.prompt, "user_id": args.user_id, "file_uid": uuid.uuid4().hex[:12],
-            "use_cloud_storage": True, **({"num_frames": 16, "fps": 8} if args.video else {}),
-            **json.loads(args.options)}
+    data = {
+        "prompt": args.prompt,
+        "user_id": args.user_id,
+        "file_uid": uuid.uuid4().hex[:12],
+        "use_cloud_storage": True,
+        **({"num_frames": 16, "fps": 8} if args.video else {}),
+        **json.loads(args.options),
+    }
     try:
         doc = Client(info).generate(data, via=args.via)
     except OSError as exc:  # requests' and urllib's connection errors included

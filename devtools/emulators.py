@@ -45,7 +45,7 @@ STOP_GRACE_S = 5.0
 LOG_TAIL_LINES = 40
 
 # Every emulator started in this process, so logs can be shown on failure and nothing outlives the run.
-STARTED: list["Emulator"] = []
+STARTED: list[Emulator] = []
 _started_lock = threading.Lock()
 
 
@@ -155,7 +155,7 @@ class Emulator:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> "Emulator":
+    def start(self) -> Emulator:
         with self._lock:
             if self.running:
                 return self
@@ -192,7 +192,7 @@ class Emulator:
             self.last_start_seconds = time.monotonic() - t0
             return self
 
-    def ensure_running(self) -> "Emulator":
+    def ensure_running(self) -> Emulator:
         """Start it if a test left it stopped (or its process died, or it stopped answering)."""
         if self.running and wait_until(self.is_ready, 10.0, 0.1):
             return self
@@ -238,7 +238,7 @@ class Emulator:
     def _before_terminate(self, proc: subprocess.Popen) -> None:
         """Hook: a polite first signal for launchers that shut their own children down (Firebase CLI)."""
 
-    def restart(self) -> "Emulator":
+    def restart(self) -> Emulator:
         """Stop, then start again on the same port."""
         self.stop()
         return self.start()
@@ -246,7 +246,7 @@ class Emulator:
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return _tail(self.log_path, lines)
 
-    def __enter__(self) -> "Emulator":
+    def __enter__(self) -> Emulator:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -258,7 +258,7 @@ class Emulator:
 
 
 # ---------------------------------------------------------------------------------------------- Firestore
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gcloud_sdk_root() -> str | None:
     gcloud = shutil.which("gcloud")
     if not gcloud:
@@ -266,7 +266,10 @@ def gcloud_sdk_root() -> str | None:
     try:
         out = subprocess.run(
             [gcloud, "info", "--format=value(installation.sdk_root)"],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -274,7 +277,7 @@ def gcloud_sdk_root() -> str | None:
     return root if out.returncode == 0 and root else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def firestore_backend() -> tuple[str, str]:
     """("binary" | "gcloud" | "firebase", path), the first way to run the Firestore emulator found here."""
     java = os.environ.get("JAVA") or shutil.which("java")
@@ -419,9 +422,9 @@ def docker_available() -> bool:
     if not docker:
         return False
     try:
-        return subprocess.run(
-            [docker, "info"], capture_output=True, timeout=20, stdin=subprocess.DEVNULL
-        ).returncode == 0
+        return (
+            subprocess.run([docker, "info"], capture_output=True, timeout=20, stdin=subprocess.DEVNULL).returncode == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -430,7 +433,7 @@ class DockerService:
     """One service of docker-compose.yml, with the restart interface of `Emulator` (ports are fixed by the
     compose file's variables, so a stopped and started container comes back on the same port)."""
 
-    def __init__(self, compose: "DockerCompose", service: str, port: int, health_path: str):
+    def __init__(self, compose: DockerCompose, service: str, port: int, health_path: str):
         self.compose, self.service, self.host, self.port = compose, service, HOST, port
         self.health_path = health_path
         self.name = service
@@ -457,24 +460,24 @@ class DockerService:
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         self.compose.run(f"stop -t {int(grace)} {self.service}")
 
-    def start(self) -> "DockerService":
+    def start(self) -> DockerService:
         self.compose.run(f"start {self.service}")
         if not wait_until(self.is_ready, START_TIMEOUT_S):
             raise EmulatorError(f"docker service {self.service} not ready on {self.port}")
         self.starts += 1
         return self
 
-    def ensure_running(self) -> "DockerService":
+    def ensure_running(self) -> DockerService:
         return self if self.is_ready() else self.start()
 
-    def restart(self) -> "DockerService":
+    def restart(self) -> DockerService:
         self.stop()
         return self.start()
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
             out = self.compose.run(f"logs --no-color --tail {lines} {self.service}")
-        except Exception as e:  # noqa: BLE001 - only for a failure report
+        except Exception as e:
             return f"(docker compose logs failed: {e})"
         self.log_path.write_bytes(out)
         return out.decode(errors="replace")

@@ -53,7 +53,7 @@ def emulator_jar() -> Path | None:
     return setup.gcloud_firestore_jar(root) if root else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def missing() -> str | None:
     """Why the Firebase CLI's emulators cannot run here, or None. (Run `python3 scripts/setup_firebase_cli.py`.)"""
     if not FUNCTIONS_PYTHON.exists():
@@ -76,16 +76,22 @@ def _auth_url(auth_host: str, method: str) -> str:
 
 def sign_up(auth_host: str, email: str, password: str = "secret-123") -> tuple[str, str]:
     """A new user of the Auth emulator at `auth_host` (host:port): (uid, ID token)."""
-    r = requests.post(_auth_url(auth_host, "signUp"),
-                      json={"email": email, "password": password, "returnSecureToken": True}, timeout=10)
+    r = requests.post(
+        _auth_url(auth_host, "signUp"),
+        json={"email": email, "password": password, "returnSecureToken": True},
+        timeout=10,
+    )
     r.raise_for_status()
     return r.json()["localId"], r.json()["idToken"]
 
 
 def sign_in(auth_host: str, email: str, password: str = "secret-123") -> tuple[str, str]:
     """Sign in as `email`, signing up first when the Auth emulator does not know it: (uid, ID token)."""
-    r = requests.post(_auth_url(auth_host, "signInWithPassword"),
-                      json={"email": email, "password": password, "returnSecureToken": True}, timeout=10)
+    r = requests.post(
+        _auth_url(auth_host, "signInWithPassword"),
+        json={"email": email, "password": password, "returnSecureToken": True},
+        timeout=10,
+    )
     if r.status_code == 400 and "EMAIL_NOT_FOUND" in r.text:
         return sign_up(auth_host, email, password)
     r.raise_for_status()
@@ -143,9 +149,17 @@ class FirebaseCli(emu.Emulator):
 
     name = "firebase-cli"
 
-    def __init__(self, log_dir: Path, workdir: Path, project: str, runsync_url: str, *,
-                 ports: dict[str, int] | None = None, api_key: str = "local-dev-key",
-                 function_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        log_dir: Path,
+        workdir: Path,
+        project: str,
+        runsync_url: str,
+        *,
+        ports: dict[str, int] | None = None,
+        api_key: str = "local-dev-key",
+        function_env: dict[str, str] | None = None,
+    ):
         self.ports = {name: (ports or {}).get(name) or emu.free_port() for name in PORT_NAMES}
         super().__init__(log_dir, self.ports["functions"])
         self.workdir, self.project = Path(workdir), project
@@ -165,7 +179,7 @@ class FirebaseCli(emu.Emulator):
                 (functions / "venv").symlink_to(item)
             elif item.suffix in (".py", ".txt"):
                 shutil.copy2(item, functions / item.name)
-            elif item.name in vendor_shared.SHARED:
+            elif item.name == vendor_shared.PACKAGE:
                 shutil.copytree(item, functions / item.name, ignore=shutil.ignore_patterns("__pycache__"))
         (functions / ".secret.local").write_text(f"RUNPOD_API_KEY={api_key}\n")
         (functions / ".env.local").write_text("".join(f"{k}={v}\n" for k, v in function_env.items()))
@@ -173,23 +187,32 @@ class FirebaseCli(emu.Emulator):
         config = json.loads((REPO / "firebase.json").read_text())
         config["functions"][0].pop("predeploy", None)  # vendored already
         config.pop("storage", None)
-        hosted = {name: {"host": self.host, "port": self.ports[name]}
-                  for name in ("auth", "functions", "firestore", "hub", "logging")}
+        hosted = {
+            name: {"host": self.host, "port": self.ports[name]}
+            for name in ("auth", "functions", "firestore", "hub", "logging")
+        }
         hosted["firestore"]["websocketPort"] = self.ports["websocket"]
         config["emulators"] = {"singleProjectMode": True, **hosted, "ui": {"enabled": False}}
         (self.workdir / "firebase.json").write_text(json.dumps(config, indent=2))
 
     # -------------------------------------------------------------------------------- Emulator hooks
     def command(self) -> list[str]:
-        return [str(setup.FIREBASE), "emulators:start", "--only", "auth,functions,firestore", "--project",
-                self.project]
+        return [str(setup.FIREBASE), "emulators:start", "--only", "auth,functions,firestore", "--project", self.project]
 
     def cwd(self) -> Path:
         return self.workdir
 
     def process_env(self) -> dict[str, str]:
-        drop = ("FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "FIREBASE_AUTH_EMULATOR_HOST",
-                "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "VIRTUAL_ENV", "PYTHONPATH", "RUNPOD_RUNSYNC_URL")
+        drop = (
+            "FIRESTORE_EMULATOR_HOST",
+            "STORAGE_EMULATOR_HOST",
+            "FIREBASE_AUTH_EMULATOR_HOST",
+            "GOOGLE_CLOUD_PROJECT",
+            "GCLOUD_PROJECT",
+            "VIRTUAL_ENV",
+            "PYTHONPATH",
+            "RUNPOD_RUNSYNC_URL",
+        )
         env = {k: v for k, v in os.environ.items() if k not in drop}
         env.update(setup.cli_env(), NO_UPDATE_NOTIFIER="1", CI="true")
         return env
@@ -199,7 +222,7 @@ class FirebaseCli(emu.Emulator):
             log.seek(self._log_start)
             return b"All emulators ready" in log.read()
 
-    def start(self) -> "FirebaseCli":
+    def start(self) -> FirebaseCli:
         setup.firestore_launcher(emulator_jar())
         for name in ("auth", "firestore"):  # the functions port is checked by Emulator.start
             if emu.port_open(self.host, self.ports[name]):

@@ -42,10 +42,22 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "out" / "dev"
 PORT_NAMES = ("auth", "functions", "firestore", "storage", "worker")
 
-IMAGE_EXAMPLE = {"prompt": "A sunset over mountains", "user_id": "test-user", "file_uid": "test-img-001",
-                 "use_cloud_storage": True, "width": 512, "height": 512}
-VIDEO_EXAMPLE = {"prompt": "Waves crashing on beach", "user_id": "test-user", "file_uid": "test-vid-001",
-                 "use_cloud_storage": True, "num_frames": 16, "fps": 8}
+IMAGE_EXAMPLE = {
+    "prompt": "A sunset over mountains",
+    "user_id": "test-user",
+    "file_uid": "test-img-001",
+    "use_cloud_storage": True,
+    "width": 512,
+    "height": 512,
+}
+VIDEO_EXAMPLE = {
+    "prompt": "Waves crashing on beach",
+    "user_id": "test-user",
+    "file_uid": "test-vid-001",
+    "use_cloud_storage": True,
+    "num_frames": 16,
+    "fps": 8,
+}
 
 
 def firebase_config() -> tuple[str, dict[str, int]]:
@@ -75,20 +87,36 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--video-model", default=os.environ.get("VIDEO_MODEL", "tiny"))
     parser.add_argument("--once", action="store_true", help="stop after the two examples (for scripts and CI)")
     parser.add_argument("--no-examples", action="store_true", help="start the stack only")
-    parser.add_argument("--no-firebase-cli", action="store_true",
-                        help="the fallback: standalone Firestore emulator, runsync posted by the client")
+    parser.add_argument(
+        "--no-firebase-cli",
+        action="store_true",
+        help="the fallback: standalone Firestore emulator, runsync posted by the client",
+    )
     parser.add_argument("--project", default=project, help=f"Firebase project id (default {project}, .firebaserc)")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("FIREGEN_DEV_OUT", OUT)),
-                        help="results, logs and stack.json (default out/dev, or FIREGEN_DEV_OUT)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("FIREGEN_DEV_OUT", OUT)),
+        help="results, logs and stack.json (default out/dev, or FIREGEN_DEV_OUT)",
+    )
     for name in PORT_NAMES:
         env = f"FIREGEN_DEV_{name.upper()}_PORT"
-        parser.add_argument(f"--{name}-port", type=int, default=int(os.environ.get(env, 0)) or None,
-                            help=f"default {ports[name]} (firebase.json), or {env}")
-    parser.add_argument("--free-ports", action="store_true",
-                        help="free ports for every port not given (for tests beside a running `make dev`)")
+        parser.add_argument(
+            f"--{name}-port",
+            type=int,
+            default=int(os.environ.get(env, 0)) or None,
+            help=f"default {ports[name]} (firebase.json), or {env}",
+        )
+    parser.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="free ports for every port not given (for tests beside a running `make dev`)",
+    )
     args = parser.parse_args(argv)
-    args.ports = {name: getattr(args, f"{name}_port") or (emu.free_port() if args.free_ports else ports[name])
-                  for name in PORT_NAMES}
+    args.ports = {
+        name: getattr(args, f"{name}_port") or (emu.free_port() if args.free_ports else ports[name])
+        for name in PORT_NAMES
+    }
     return args
 
 
@@ -115,34 +143,55 @@ class Stack:
         return process.start()
 
     def worker(self, env: dict[str, str]) -> WorkerProcess:
-        worker = WorkerProcess(self.logs, env, port=self.ports["worker"], IMAGE_MODEL=self.args.image_model,
-                               VIDEO_MODEL=self.args.video_model)
-        self.start(worker, f"the worker on {worker.url} (IMAGE_MODEL={self.args.image_model}, "
-                           f"VIDEO_MODEL={self.args.video_model})")
+        worker = WorkerProcess(
+            self.logs,
+            env,
+            port=self.ports["worker"],
+            IMAGE_MODEL=self.args.image_model,
+            VIDEO_MODEL=self.args.video_model,
+        )
+        self.start(
+            worker,
+            f"the worker on {worker.url} (IMAGE_MODEL={self.args.image_model}, VIDEO_MODEL={self.args.video_model})",
+        )
         return worker
 
     def with_firebase_cli(self, storage: emu.StorageEmulator, bucket: str) -> StackInfo:
         """The CLI's emulators, and the worker on their Firestore as soon as it answers (while the functions load)."""
         runsync_url = f"http://{emu.HOST}:{self.ports['worker']}/runsync"
-        cli = firebase_cli.FirebaseCli(self.logs, self.args.out / "firebase", self.args.project, runsync_url,
-                                       ports={name: self.ports[name] for name in ("auth", "functions", "firestore")})
+        cli = firebase_cli.FirebaseCli(
+            self.logs,
+            self.args.out / "firebase",
+            self.args.project,
+            runsync_url,
+            ports={name: self.ports[name] for name in ("auth", "functions", "firestore")},
+        )
         firestore, auth = cli.address("firestore"), cli.address("auth")
         env = emu.emulator_env(SimpleNamespace(host_port=firestore), storage, self.args.project, bucket)
         outcome: dict = {}
 
         def start_worker():
-            if emu.wait_until(lambda: emu.port_open(emu.HOST, cli.ports["firestore"]) or "done" in outcome,
-                              emu.START_TIMEOUT_S, 0.1) and "done" not in outcome:
+            if (
+                emu.wait_until(
+                    lambda: emu.port_open(emu.HOST, cli.ports["firestore"]) or "done" in outcome,
+                    emu.START_TIMEOUT_S,
+                    0.1,
+                )
+                and "done" not in outcome
+            ):
                 try:
                     outcome["worker"] = self.worker(env)
-                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                except BaseException as exc:
                     outcome["error"] = exc
 
         helper = threading.Thread(target=start_worker, name="start-worker", daemon=True)
         helper.start()
         try:
-            self.start(cli, f"the Firebase CLI's emulators: auth {auth}, functions {cli.address('functions')}, "
-                            f"firestore {firestore}, project {self.args.project}")
+            self.start(
+                cli,
+                f"the Firebase CLI's emulators: auth {auth}, functions {cli.address('functions')}, "
+                f"firestore {firestore}, project {self.args.project}",
+            )
         except emu.EmulatorError as exc:
             raise CliFailed(str(exc).splitlines()[0].rstrip(":")) from exc
         except BaseException:  # Ctrl-C: end the worker's start now rather than wait until it is ready
@@ -157,15 +206,29 @@ class Stack:
             raise outcome["error"]
         if "worker" not in outcome:  # the CLI was ready before its Firestore port answered a probe
             self.worker(env)
-        return StackInfo(project=self.args.project, firestore=firestore, storage=storage.url, bucket=bucket,
-                         runsync_url=runsync_url, out=str(self.args.out), auth=auth, functions=cli.functions_url)
+        return StackInfo(
+            project=self.args.project,
+            firestore=firestore,
+            storage=storage.url,
+            bucket=bucket,
+            runsync_url=runsync_url,
+            out=str(self.args.out),
+            auth=auth,
+            functions=cli.functions_url,
+        )
 
     def fallback(self, storage: emu.StorageEmulator, bucket: str) -> StackInfo:
         firestore = emu.FirestoreEmulator(self.logs, port=self.ports["firestore"])
         self.start(firestore, f"the Firestore emulator on {firestore.host_port}")
         worker = self.worker(emu.emulator_env(firestore, storage, self.args.project, bucket))
-        return StackInfo(project=self.args.project, firestore=firestore.host_port, storage=storage.url,
-                         bucket=bucket, runsync_url=worker.runsync_url, out=str(self.args.out))
+        return StackInfo(
+            project=self.args.project,
+            firestore=firestore.host_port,
+            storage=storage.url,
+            bucket=bucket,
+            runsync_url=worker.runsync_url,
+            out=str(self.args.out),
+        )
 
     def up(self) -> StackInfo:
         storage = emu.StorageEmulator(self.logs, port=self.ports["storage"], in_memory=True)
@@ -179,8 +242,10 @@ class Stack:
             except CliFailed as exc:
                 why = f"it failed to start: {exc}"
                 self.stop_all(keep=1)  # the Storage emulator stays
-        say(f"make dev: the Firebase CLI cannot run ({why}; setup: python3 scripts/setup_firebase_cli.py): "
-            "falling back to the standalone Firestore emulator and direct runsync (no Auth, Functions or rules)")
+        say(
+            f"make dev: the Firebase CLI cannot run ({why}; setup: python3 scripts/setup_firebase_cli.py): "
+            "falling back to the standalone Firestore emulator and direct runsync (no Auth, Functions or rules)"
+        )
         return self.fallback(storage, bucket)
 
     def abort_starts(self, but: emu.Emulator) -> None:
@@ -204,20 +269,24 @@ class Stack:
 def run_examples(client: Client, cli: bool) -> None:
     image_via, video_via = ("callable", "document") if cli else ("runsync", "document")
     if cli:
-        say(f"signed in to the Auth emulator as {client.uid}. Image: the queued doc, then the generateWithRunPod "
+        say(
+            f"signed in to the Auth emulator as {client.uid}. Image: the queued doc, then the generateWithRunPod "
             "callable; video: the queued doc only, for the dispatchQueuedJob trigger (a warm worker's listener may "
-            "take it first)\n")
+            "take it first)\n"
+        )
 
     def example(data: dict, via: str) -> None:
         try:
             client.generate(data, via=via)
-        except Exception as exc:  # noqa: BLE001 - one line, counted, and the other example goes on
+        except Exception as exc:
             client.failures += 1
             say(f"[{data['file_uid']}] the client failed: {exc!r}")
 
     # Daemons: after a Ctrl-C nobody waits for their docs any more.
-    runs = [threading.Thread(target=example, args=(IMAGE_EXAMPLE, image_via), daemon=True),
-            threading.Thread(target=example, args=(VIDEO_EXAMPLE, video_via), daemon=True)]
+    runs = [
+        threading.Thread(target=example, args=(IMAGE_EXAMPLE, image_via), daemon=True),
+        threading.Thread(target=example, args=(VIDEO_EXAMPLE, video_via), daemon=True),
+    ]
     for run in runs:
         run.start()
     for run in runs:
@@ -247,12 +316,16 @@ def main(argv: list[str] | None = None) -> int:
             client = Client(info)
             t1 = time.monotonic()
             run_examples(client, cli=info.functions is not None)
-            say(f"\nboth examples done in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s after start); "
-                f"results in {shown_path(args.out)}")
+            say(
+                f"\nboth examples done in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s after start); "
+                f"results in {shown_path(args.out)}"
+            )
         if args.once:
             return 0 if client is None or client.failures == 0 else 1
-        say("the stack keeps running: in another terminal, `make submit PROMPT='a lighthouse at dusk'` "
-            "(add VIDEO=1 for a video). Ctrl-C stops everything.")
+        say(
+            "the stack keeps running: in another terminal, `make submit PROMPT='a lighthouse at dusk'` "
+            "(add VIDEO=1 for a video). Ctrl-C stops everything."
+        )
         while True:
             signal.pause()
     except KeyboardInterrupt:

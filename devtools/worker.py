@@ -21,8 +21,16 @@ class WorkerProcess(emu.Emulator):
     name = "worker"
     health_path = "/"  # the SDK's local API serves its docs page there
 
-    def __init__(self, log_dir: Path, env: dict[str, str], *, port: int | None = None, serve_api: bool = True,
-                 module: str = "listener", **settings: str):
+    def __init__(
+        self,
+        log_dir: Path,
+        env: dict[str, str],
+        *,
+        port: int | None = None,
+        serve_api: bool = True,
+        module: str = "listener",
+        **settings: str,
+    ):
         super().__init__(log_dir, port)
         self.env = env
         self.serve_api = serve_api

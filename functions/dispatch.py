@@ -10,7 +10,7 @@ Each job is dispatched through one transaction that marks it first (`dispatch_co
 `dispatched_by`), so of a client's setDoc, its trigger (delivered at least once) and its callable call, only
 one sends the job to RunPod. Marker fields are neither request fields nor the worker's state fields, so the
 worker's contract ignores them. Docs are written only through the worker's own job store and document shapes
-(listener.jobs, listener.lifecycle; vendored into functions/ at deploy by scripts/vendor_shared.py).
+(firegen_core.jobs, firegen_core.lifecycle; vendored into functions/ at deploy by scripts/vendor_shared.py).
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import runpod_client
 from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP, FieldFilter
+from runpod_client import RunPodClient, Verdict
 
-from generation.contract import (
+from firegen_core import lifecycle
+from firegen_core.contract import (
     VIDEO_FIELDS,
     ContractError,
     GenerationRequest,
@@ -35,12 +39,8 @@ from generation.contract import (
     parse_document,
     parse_runsync_input,
 )
-from generation.errors import EXCEPTION, VALIDATION_ERROR, GenerationError
-from listener import lifecycle
-from listener.jobs import MEDIA_TYPES, JobKey, JobStore, queued_document
-
-import runpod_client
-from runpod_client import RunPodClient, Verdict
+from firegen_core.errors import EXCEPTION, VALIDATION_ERROR, GenerationError
+from firegen_core.jobs import MEDIA_TYPES, JobKey, JobStore, queued_document
 
 log = logging.getLogger("functions.dispatch")
 
@@ -100,8 +100,7 @@ def runsync_input(request: GenerationRequest) -> dict[str, Any]:
     A video job whose doc names no video field (all defaults) gets num_frames explicitly: runsync decides
     the task type from the video fields, a doc from its collection.
     """
-    data = {**request.parameters(), "user_id": request.user_id, "file_uid": request.file_uid,
-            "use_cloud_storage": True}
+    data = {**request.parameters(), "user_id": request.user_id, "file_uid": request.file_uid, "use_cloud_storage": True}
     if request.is_video and not VIDEO_FIELDS & data.keys():
         data["num_frames"] = request.num_frames
     return data
@@ -130,14 +129,14 @@ def _record_refusal(db: firestore.Client, uid: str, fields: Mapping[str, Any], m
 
     try:
         _store(db).transition(key, decide)
-    except Exception as exc:  # noqa: BLE001 - the client still gets its answer
+    except Exception as exc:
         log.warning("refusal_not_recorded path=%s error=%s", key.path, type(exc).__name__)
 
 
 def _record_undelivered(db: firestore.Client, key: JobKey, verdict: Verdict) -> None:
     try:
         db.document(key.path).update({DISPATCH_ERROR: verdict.message[:300]})
-    except Exception as exc:  # noqa: BLE001 - a note for operators; the doc stays queued either way
+    except Exception as exc:
         log.warning("dispatch_error_not_recorded path=%s error=%s", key.path, type(exc).__name__)
 
 
@@ -158,12 +157,12 @@ def _media_of(fields: Mapping[str, Any]) -> str:
 
 
 def _reply(key: JobKey, message: str, status: str) -> dict[str, Any]:
-    return {"success": True, "fileUid": key.file_uid, "mediaType": key.media_type, "status": status,
-            "message": message}
+    return {"success": True, "fileUid": key.file_uid, "mediaType": key.media_type, "status": status, "message": message}
 
 
-def generate(db: firestore.Client, runpod: RunPodClient, *, uid: str | None, data: Any,
-             policy: Policy = Policy()) -> dict[str, Any]:
+def generate(
+    db: firestore.Client, runpod: RunPodClient, *, uid: str | None, data: Any, policy: Policy = Policy()
+) -> dict[str, Any]:
     """The `generateWithRunPod` callable. Returns its reply or raises CallError.
 
     Reply: {success: True, fileUid, mediaType, status: "accepted" | "queued", message}. A request the
@@ -227,8 +226,9 @@ def generate(db: firestore.Client, runpod: RunPodClient, *, uid: str | None, dat
 
 
 # ------------------------------------------------------------------------------------------------ trigger
-def dispatch_created(db: firestore.Client, runpod: RunPodClient, *, user_id: str, media_type: str,
-                     file_uid: str) -> str:
+def dispatch_created(
+    db: firestore.Client, runpod: RunPodClient, *, user_id: str, media_type: str, file_uid: str
+) -> str:
     """The Firestore trigger on generations/{uid}/{media}/{fileUid} creation: dispatch the job once.
 
     Returns what happened: "skipped" (not a queued job, or already dispatched: the callable did, a worker's
@@ -243,7 +243,7 @@ def dispatch_created(db: firestore.Client, runpod: RunPodClient, *, user_id: str
         if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
             return None
         if doc.get("task_type"):
-            # Written in the worker's shape (listener.jobs.queued_document), which clients cannot write (the
+            # Written in the worker's shape (firegen_core.jobs.queued_document), which clients cannot write (the
             # rules refuse task_type): by the callable, which dispatches it, or by a worker's runsync handler,
             # which is running it. Either way a worker is already on it.
             return None
@@ -287,20 +287,27 @@ def _given_up(count: int, policy: Policy) -> GenerationError:
     )
 
 
-def redispatch_stale(db: firestore.Client, runpod: RunPodClient, *, policy: Policy = Policy(),
-                     now: datetime | None = None) -> Counter:
+def redispatch_stale(
+    db: firestore.Client, runpod: RunPodClient, *, policy: Policy = Policy(), now: datetime | None = None
+) -> Counter:
     """The scheduled sweep. Returns counts: redispatched, failed, invalid, and each verdict outcome."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     cutoff = now - policy.redispatch_after
     counts: Counter = Counter()
     store = _store(db)
     for media in MEDIA_TYPES:
         group = db.collection_group(media)
-        queued = (group.where(filter=FieldFilter("status", "==", lifecycle.QUEUED))
-                  .where(filter=FieldFilter("created_at", "<=", cutoff))
-                  .order_by("created_at").limit(policy.scan_limit))
-        expired = (group.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
-                   .where(filter=FieldFilter("lease_expires_at", "<", now)).limit(policy.scan_limit))
+        queued = (
+            group.where(filter=FieldFilter("status", "==", lifecycle.QUEUED))
+            .where(filter=FieldFilter("created_at", "<=", cutoff))
+            .order_by("created_at")
+            .limit(policy.scan_limit)
+        )
+        expired = (
+            group.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
+            .where(filter=FieldFilter("lease_expires_at", "<", now))
+            .limit(policy.scan_limit)
+        )
         for query in (queued, expired):
             for snapshot in query.stream():
                 try:
@@ -313,8 +320,7 @@ def redispatch_stale(db: firestore.Client, runpod: RunPodClient, *, policy: Poli
     return counts
 
 
-def _redispatch_one(db: firestore.Client, store: JobStore, runpod: RunPodClient, key: JobKey,
-                    policy: Policy) -> str:
+def _redispatch_one(db: firestore.Client, store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy) -> str:
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if not _stale(doc, now, policy):
             return None

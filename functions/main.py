@@ -21,11 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dispatch, runpod_client and the vendored packages
 
-import firebase_admin  # noqa: E402
-from firebase_functions import firestore_fn, https_fn, options, params, scheduler_fn  # noqa: E402
-
-import dispatch  # noqa: E402
-from runpod_client import RunPodClient, runsync_url  # noqa: E402
+import dispatch
+import firebase_admin
+from firebase_functions import firestore_fn, https_fn, options, params, scheduler_fn
+from runpod_client import RunPodClient, runsync_url
 
 RUNPOD_API_KEY = params.SecretParam("RUNPOD_API_KEY", description="RunPod API key (Bearer token for runsync)")
 RUNPOD_ENDPOINT_ID = params.StringParam(
@@ -45,7 +44,7 @@ class _EmulatorCredential(firebase_admin.credentials.Base):
 
 
 def _init_admin() -> None:
-    if firebase_admin._apps:  # noqa: SLF001 - the documented way to ask is get_app() + ValueError
+    if firebase_admin._apps:
         return
     if os.environ.get("FUNCTIONS_EMULATOR") == "true":
         project = os.environ.get("GCLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT")
@@ -90,7 +89,7 @@ def _policy() -> dispatch.Policy:
 
 
 @https_fn.on_call(secrets=[RUNPOD_API_KEY], timeout_sec=70, memory=options.MemoryOption.MB_512)
-def generateWithRunPod(req: https_fn.CallableRequest) -> dict:  # noqa: N802 - the contract's name
+def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
     try:
         return dispatch.generate(
             _firestore(), _runpod(), uid=req.auth.uid if req.auth else None, data=req.data, policy=_policy()
@@ -102,15 +101,18 @@ def generateWithRunPod(req: https_fn.CallableRequest) -> dict:  # noqa: N802 - t
 @firestore_fn.on_document_created(
     document="generations/{uid}/{media}/{fileUid}", secrets=[RUNPOD_API_KEY], timeout_sec=120
 )
-def dispatchQueuedJob(event: firestore_fn.Event) -> None:  # noqa: N802
+def dispatchQueuedJob(event: firestore_fn.Event) -> None:
     outcome = dispatch.dispatch_created(
-        _firestore(), _runpod(),
-        user_id=event.params["uid"], media_type=event.params["media"], file_uid=event.params["fileUid"],
+        _firestore(),
+        _runpod(),
+        user_id=event.params["uid"],
+        media_type=event.params["media"],
+        file_uid=event.params["fileUid"],
     )
     print(f"dispatchQueuedJob {event.document}: {outcome}")
 
 
 @scheduler_fn.on_schedule(schedule="every 5 minutes", secrets=[RUNPOD_API_KEY], timeout_sec=300)
-def redispatchStaleJobs(event: scheduler_fn.ScheduledEvent) -> None:  # noqa: N802
+def redispatchStaleJobs(event: scheduler_fn.ScheduledEvent) -> None:
     counts = dispatch.redispatch_stale(_firestore(), _runpod(), policy=_policy())
     print(f"redispatchStaleJobs: {dict(counts)}")

@@ -19,12 +19,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import requests
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
-from tenacity import wait_exponential
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 log = logging.getLogger("functions.runpod")
 

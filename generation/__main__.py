@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import contract, errors
+from firegen_core import contract, errors
+
 from .pipelines import TINY
 
 

@@ -25,11 +25,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
-from . import errors, media
-from .contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
+from firegen_core import errors
+from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
+
+from . import media
 from .pipelines import (
     DISABLED,
     IMAGE_MODEL_DEFAULT,
@@ -83,7 +86,7 @@ class EngineConfig:
         *,
         image_model: str = IMAGE_MODEL_DEFAULT,
         video_model: str = VIDEO_MODEL_DEFAULT,
-    ) -> "EngineConfig":
+    ) -> EngineConfig:
         """Read the variables in this module's docstring; `image_model`/`video_model` apply when unset."""
         env = os.environ if environ is None else environ
         return cls(
@@ -147,8 +150,9 @@ class Engine:
 
     def __init__(self, config: EngineConfig | None = None, runtime: Runtime | None = None):
         self.config = config or EngineConfig()
-        self.runtime = runtime or Runtime.detect(self.config.device, self.config.dtype,
-                                                 self.config.offload_text_encoder, self.config.compile)
+        self.runtime = runtime or Runtime.detect(
+            self.config.device, self.config.dtype, self.config.offload_text_encoder, self.config.compile
+        )
         self._pipelines: dict[str, DiffusionCapability] = {}
         self._load_lock = threading.Lock()
         if self.config.preload:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image

@@ -16,13 +16,16 @@ import gc
 import logging
 import secrets
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from . import errors, tiny
-from .contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
+from firegen_core import errors
+from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
+
+from . import tiny
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,9 @@ class Runtime:
     compile_backend: str | None = None  # torch.compile SDXL's UNet with this backend; None: eager
 
     @classmethod
-    def detect(cls, device: str | None = None, dtype: str | None = None, offload: bool | None = None,
-               compile: bool = False) -> "Runtime":
+    def detect(
+        cls, device: str | None = None, dtype: str | None = None, offload: bool | None = None, compile: bool = False
+    ) -> Runtime:
         """`offload` None: offload Wan's text encoder on a CUDA card with less than OFFLOAD_BELOW_GIB.
         `compile`: inductor on CUDA; dropped on a CPU, where compiling the UNet takes longer than it saves."""
         import torch
@@ -94,8 +98,12 @@ class Runtime:
                 dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         if offload is None:
             offload = cuda and torch.cuda.get_device_properties(device).total_memory < OFFLOAD_BELOW_GIB * 2**30
-        return cls(device=device, dtype=dtype, offload_text_encoder=bool(offload and cuda),
-                   compile_backend="inductor" if compile and cuda else None)
+        return cls(
+            device=device,
+            dtype=dtype,
+            offload_text_encoder=bool(offload and cuda),
+            compile_backend="inductor" if compile and cuda else None,
+        )
 
     @property
     def is_cuda(self) -> bool:
@@ -362,8 +370,14 @@ def offload_text_encoder(pipe, device: str, *, use_stream: bool, blocks_per_grou
     from diffusers.hooks import apply_group_offloading
 
     pipe.text_encoder.to("cpu")
-    apply_group_offloading(pipe.text_encoder, onload_device=device, offload_device="cpu",
-                           offload_type="block_level", num_blocks_per_group=blocks_per_group, use_stream=use_stream)
+    apply_group_offloading(
+        pipe.text_encoder,
+        onload_device=device,
+        offload_device="cpu",
+        offload_type="block_level",
+        num_blocks_per_group=blocks_per_group,
+        use_stream=use_stream,
+    )
 
 
 class VideoPipeline(DiffusionCapability):

@@ -18,8 +18,8 @@ import shutil
 import string
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 VERSION = 1
 KINDS = ("sdxl", "wan")

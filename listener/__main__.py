@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from google.cloud import firestore, storage
 
+    from firegen_core.jobs import JobStore
     from generation.engine import Engine, EngineConfig, quiet_loading
 
     from .handler import RunsyncHandler
-    from .jobs import JobStore
     from .reconciler import Reconciler
     from .runner import JobRunner
     from .storage import ResultStore
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         image_model=settings.image_model,
         video_model=settings.video_model,
     )
+
     def leave(signum, frame):
         raise SystemExit(0)
 

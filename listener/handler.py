@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
-from generation.contract import ContractError, GenerationRequest, parse_runsync_input
-from generation.errors import classify
-
-from . import lifecycle
-from .jobs import JobKey, JobStore
+from firegen_core import lifecycle
+from firegen_core.contract import ContractError, GenerationRequest, parse_runsync_input
+from firegen_core.errors import classify
+from firegen_core.jobs import JobKey, JobStore
 
 log = structlog.get_logger("listener.handler")
 
@@ -71,8 +71,13 @@ class RunsyncHandler:
             return rejected(doc.get("error_message") or "Generation failed")
         if status == lifecycle.QUEUED:
             self.submit(key)
-        log.info("request_accepted", user_id=key.user_id, file_uid=key.file_uid, status=status,
-                 ms=round((time.perf_counter() - started) * 1000, 1))
+        log.info(
+            "request_accepted",
+            user_id=key.user_id,
+            file_uid=key.file_uid,
+            status=status,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
         return accepted(request)
 
     def inline(self, request: GenerationRequest) -> dict[str, Any]:

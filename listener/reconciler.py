@@ -17,14 +17,14 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import structlog
-from google.cloud import firestore
 from google.cloud.firestore import FieldFilter
 
-from . import lifecycle
-from .jobs import MEDIA_TYPES, JobKey, JobStore
+from firegen_core import lifecycle
+from firegen_core.jobs import MEDIA_TYPES, JobKey, JobStore
+
 from .runner import JobRunner
 
 log = structlog.get_logger("listener.reconciler")
@@ -61,7 +61,7 @@ class Reconciler:
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
-    def start(self) -> "Reconciler":
+    def start(self) -> Reconciler:
         self._claiming = True
         for media in MEDIA_TYPES:
             self._listen(media)
@@ -208,12 +208,14 @@ class Reconciler:
 
     def sweep(self) -> int:
         """Offer every queued or lease-expired job; restart listeners that died or missed a queued doc."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         found = 0
         for media in MEDIA_TYPES:
-            expired = self.store.client.collection_group(media).where(
-                filter=FieldFilter("status", "==", lifecycle.PROCESSING)
-            ).where(filter=FieldFilter("lease_expires_at", "<", now))
+            expired = (
+                self.store.client.collection_group(media)
+                .where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
+                .where(filter=FieldFilter("lease_expires_at", "<", now))
+            )
             missed = False
             for query in (self._queued(media), expired):
                 for snapshot in query.limit(SWEEP_LIMIT).stream():
@@ -233,7 +235,7 @@ class Reconciler:
         if updated is None:
             return False
         seconds = updated.timestamp() if isinstance(updated, datetime) else updated.seconds + updated.nanos / 1e9
-        age = datetime.now(timezone.utc).timestamp() - seconds
+        age = datetime.now(UTC).timestamp() - seconds
         return age > 2 * self.sweep_interval and time.monotonic() - self._heard.get(media, 0) > age
 
 

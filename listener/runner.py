@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import structlog
 
-from generation.contract import GenerationRequest, parse_document
-from generation.errors import Cancelled, classify
-
-from . import lifecycle
-from .jobs import ClaimedJob, JobStore
+from firegen_core import lifecycle
+from firegen_core.contract import GenerationRequest, parse_document
+from firegen_core.errors import Cancelled, classify
+from firegen_core.jobs import ClaimedJob, JobStore
 
 log = structlog.get_logger("listener.runner")
 
@@ -152,4 +152,3 @@ def _queue_seconds(job: ClaimedJob) -> float:
     if created is None or not hasattr(created, "timestamp"):
         return 0.0
     return max(job.claimed_at.timestamp() - created.timestamp(), 0.0)
-

@@ -81,8 +81,11 @@ def env_var(field: str) -> str:
 _FIELD_BY_ALIAS = {
     str(choice).lower(): name
     for name, info in Settings.model_fields.items()
-    for choice in (info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices)
-                   else [info.validation_alias or name])
+    for choice in (
+        info.validation_alias.choices
+        if isinstance(info.validation_alias, AliasChoices)
+        else [info.validation_alias or name]
+    )
 }
 
 
@@ -96,7 +99,7 @@ def _line(error: dict[str, Any]) -> str:
     if kind == "literal_error":
         return f"{var} must be one of {', '.join(get_args(Settings.model_fields[field].annotation))}"
     msg = str(error.get("msg", "is invalid"))
-    msg = msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
+    msg = msg[len("Input should be ") :] if msg.startswith("Input should be ") else msg
     return f"{var} must be {msg} (got {error.get('input')!r})"
 
 

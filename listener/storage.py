@@ -8,7 +8,7 @@ Object names are deterministic per job, so a retried job overwrites its objects 
 Transient failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff,
 bounded by a number of attempts and a total time (`RetryPolicy`). The library's own retry is switched off so
 that budget is the only one. What still fails is raised as `StorageError` (a `ConnectionError`, so
-generation.errors.classify reports it as the contract's "ConnectionError"); `StorageUnavailable` when the
+firegen_core.errors.classify reports it as the contract's "ConnectionError"); `StorageUnavailable` when the
 retry budget ran out. Messages name the object and the kind of failure, never a URL, token or signature.
 
 URL styles (URL_STYLE):
@@ -81,7 +81,7 @@ class RetryPolicy:
             raise ValueError(f"invalid {self!r}")
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "RetryPolicy":
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
         return cls(attempts=settings.upload_retry_attempts, max_seconds=settings.upload_retry_max_seconds)
 
 
@@ -167,7 +167,7 @@ class ResultStore:
 
     def __init__(
         self,
-        client: "storage.Client",
+        client: storage.Client,
         bucket: str,
         url_style: str = "public",
         retry: RetryPolicy | None = None,
@@ -194,7 +194,7 @@ class ResultStore:
         self.on_retry = on_retry  # called (object name, attempt number, error) before each backoff wait
 
     @classmethod
-    def from_settings(cls, client: "storage.Client", settings: "Settings", **kwargs: Any) -> "ResultStore":
+    def from_settings(cls, client: storage.Client, settings: Settings, **kwargs: Any) -> ResultStore:
         return cls(
             client,
             settings.storage_bucket,
@@ -206,9 +206,7 @@ class ResultStore:
         )
 
     # -- uploading
-    def upload(
-        self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple[bytes, str, str]]
-    ) -> list[str]:
+    def upload(self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple[bytes, str, str]]) -> list[str]:
         """Upload a job's files, `(data, ext, content_type)` each, under the job's deterministic names; return
         one URL per file in the same order. Raises StorageError / StorageUnavailable."""
         if not files:
@@ -258,7 +256,7 @@ class ResultStore:
         started = time.monotonic()
         try:
             retrying(attempt)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a StorageError
+        except Exception as exc:
             took = time.monotonic() - started
             if is_transient(exc):
                 raise StorageUnavailable(
@@ -306,5 +304,5 @@ class ResultStore:
             return blob.generate_signed_url(service_account_email=email, access_token=credentials.token, **kwargs)
         except StorageError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise StorageError(f"Signing a URL for {name} failed ({_reason(exc)})") from exc

@@ -61,8 +61,17 @@ def functions_venv() -> Path:
 
 def firebase_tools() -> Path:
     if not FIREBASE.exists():
-        run(["npm", "install", "--prefix", str(TOOLS / "firebase-tools"), "--no-audit", "--no-fund",
-             f"firebase-tools@{FIREBASE_TOOLS_VERSION}"])
+        run(
+            [
+                "npm",
+                "install",
+                "--prefix",
+                str(TOOLS / "firebase-tools"),
+                "--no-audit",
+                "--no-fund",
+                f"firebase-tools@{FIREBASE_TOOLS_VERSION}",
+            ]
+        )
     return FIREBASE
 
 
@@ -79,8 +88,13 @@ def gcloud_firestore_jar(sdk_root: str | None = None) -> Path | None:
         gcloud = shutil.which("gcloud")
         if not gcloud:
             return None
-        out = subprocess.run([gcloud, "info", "--format=value(installation.sdk_root)"], capture_output=True,
-                             text=True, timeout=60, stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            [gcloud, "info", "--format=value(installation.sdk_root)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         if out.returncode != 0:
             return None
         sdk_root = out.stdout.strip()
@@ -94,8 +108,7 @@ def firestore_launcher(emulator_jar: Path | None = None) -> Path | None:
     emulator_jar = emulator_jar or gcloud_firestore_jar()
     if emulator_jar is None:
         return None
-    manifest = (f"Manifest-Version: 1.0\nMain-Class: {FIRESTORE_MAIN}\n"
-                f"Class-Path: {emulator_jar.resolve().as_uri()}\n\n")
+    manifest = f"Manifest-Version: 1.0\nMain-Class: {FIRESTORE_MAIN}\nClass-Path: {emulator_jar.resolve().as_uri()}\n\n"
     if LAUNCHER.is_file():
         with zipfile.ZipFile(LAUNCHER) as z:
             if z.read("META-INF/MANIFEST.MF").decode() == manifest:

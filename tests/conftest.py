@@ -17,8 +17,13 @@ import pytest
 from devtools import emulators as emu
 
 EMULATOR_FIXTURES = {
-    "firestore_emulator", "firestore_emulator_factory", "storage_emulator",
-    "firestore_client", "storage_client", "bucket", "emulator_env",
+    "firestore_emulator",
+    "firestore_emulator_factory",
+    "storage_emulator",
+    "firestore_client",
+    "storage_client",
+    "bucket",
+    "emulator_env",
 }
 
 
@@ -138,7 +143,7 @@ def bucket(storage_client, storage_emulator):
     try:  # best effort; the emulator's data folder is temporary anyway
         storage_emulator.ensure_running()
         created.delete(force=True)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from generation.contract import GenerationRequest
+from firegen_core.contract import GenerationRequest
 from generation.engine import Engine, EngineConfig
 
 PROMPT = "A sunset over mountains"
@@ -48,7 +48,13 @@ def image_request(**fields) -> GenerationRequest:
 def video_request(**fields) -> GenerationRequest:
     """A small, quick text2video request."""
     values = dict(
-        prompt=PROMPT, task_type="text2video", seed=1234, num_frames=16, fps=8,
-        video_width=64, video_height=48, num_inference_steps=3,
+        prompt=PROMPT,
+        task_type="text2video",
+        seed=1234,
+        num_frames=16,
+        fps=8,
+        video_width=64,
+        video_height=48,
+        num_inference_steps=3,
     )
     return GenerationRequest(**{**values, **fields})

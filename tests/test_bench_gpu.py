@@ -16,8 +16,19 @@ import pytest
 import torch
 
 from bench import gpu as bench_gpu_module
-from bench.gpu import (FULL, GIB, PUBLISHED_PARAMETERS, STEPS, Gpu, bench_gpu, build_components, compiled_step,
-                       main, parameter_counts, summarize)
+from bench.gpu import (
+    FULL,
+    GIB,
+    PUBLISHED_PARAMETERS,
+    STEPS,
+    Gpu,
+    bench_gpu,
+    build_components,
+    compiled_step,
+    main,
+    parameter_counts,
+    summarize,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +56,8 @@ def test_full_size_configs_have_the_published_parameter_counts():
     # The couplings between the models that the pipelines rely on.
     assert FULL["sdxl_unet"]["cross_attention_dim"] == FULL["clip_l"]["hidden_size"] + FULL["clip_bigg"]["hidden_size"]
     assert FULL["sdxl_unet"]["projection_class_embeddings_input_dim"] == (
-        FULL["clip_bigg"]["projection_dim"] + 6 * FULL["sdxl_unet"]["addition_time_embed_dim"])
+        FULL["clip_bigg"]["projection_dim"] + 6 * FULL["sdxl_unet"]["addition_time_embed_dim"]
+    )
     assert FULL["wan_transformer"]["text_dim"] == FULL["umt5_xxl"]["d_model"]
 
 
@@ -118,9 +130,12 @@ def test_memory_figures_and_goals_from_cuda_statistics():
     """The CUDA-only branches, on a stand-in for torch.cuda (mocked: there is no GPU here)."""
     calls = []
     cuda = SimpleNamespace(
-        synchronize=lambda: calls.append("sync"), empty_cache=lambda: calls.append("empty"),
-        reset_peak_memory_stats=lambda: calls.append("reset"), memory_allocated=lambda: int(7.25 * GIB),
-        max_memory_allocated=lambda: int(9.5 * GIB), max_memory_reserved=lambda: int(10 * GIB),
+        synchronize=lambda: calls.append("sync"),
+        empty_cache=lambda: calls.append("empty"),
+        reset_peak_memory_stats=lambda: calls.append("reset"),
+        memory_allocated=lambda: int(7.25 * GIB),
+        max_memory_allocated=lambda: int(9.5 * GIB),
+        max_memory_reserved=lambda: int(10 * GIB),
     )
     gpu = Gpu(SimpleNamespace(is_cuda=True))
     gpu.torch = SimpleNamespace(cuda=cuda)
@@ -129,10 +144,16 @@ def test_memory_figures_and_goals_from_cuda_statistics():
     assert gpu.allocated_gib() == 7.25
     assert gpu.peaks("sdxl_baseline") == {"sdxl_baseline_peak_gib": 9.5, "sdxl_baseline_peak_reserved_gib": 10.0}
 
-    figures = {"sdxl_baseline_s_per_image": 2.4, "sdxl_compiled_default_s_per_image": 0.95,
-               "sdxl_with_wan_s_per_image": 0.5, "sdxl_resident_gib": 6.5, "both_resident_gib": 21.0,
-               "wan_with_sdxl_peak_gib": 24.0, "wan_with_sdxl_peak_reserved_gib": 25.0,
-               "sdxl_with_wan_peak_reserved_gib": 23.0}
+    figures = {
+        "sdxl_baseline_s_per_image": 2.4,
+        "sdxl_compiled_default_s_per_image": 0.95,
+        "sdxl_with_wan_s_per_image": 0.5,
+        "sdxl_resident_gib": 6.5,
+        "both_resident_gib": 21.0,
+        "wan_with_sdxl_peak_gib": 24.0,
+        "wan_with_sdxl_peak_reserved_gib": 25.0,
+        "sdxl_with_wan_peak_reserved_gib": 23.0,
+    }
     summarize(figures, judge_goals=True)
     assert (figures["sdxl_best_mode"], figures["sdxl_best_s_per_image"]) == ("compiled_default", 0.95)
     assert figures["sdxl_goal_1s"] == "met"

@@ -19,7 +19,7 @@ import signal
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from google.api_core.exceptions import FailedPrecondition
 
 from devtools import emulators as emu
 from devtools.worker import WorkerProcess
-from listener.jobs import JobKey
+from firegen_core.jobs import JobKey
 
 LEASE_SECONDS = 3.0
 SWEEP_SECONDS = 1.0
@@ -55,10 +55,20 @@ class Job:
 
 def make_jobs(user: str, prefix: str, images: int, videos: int) -> list[Job]:
     """Small jobs as a client writes them: images of 1-2 per prompt, videos with the sample's camelCase names."""
-    jobs = [Job(JobKey(user, "images", f"{prefix}-img-{i:02d}"),
-                {**SMALL, "width": 256, "height": 256, "num_images_per_prompt": 1 + i % 2}) for i in range(images)]
-    jobs += [Job(JobKey(user, "videos", f"{prefix}-vid-{i:02d}"),
-                 {**SMALL, "numFrames": 16, "videoWidth": 256, "videoHeight": 256}) for i in range(videos)]
+    jobs = [
+        Job(
+            JobKey(user, "images", f"{prefix}-img-{i:02d}"),
+            {**SMALL, "width": 256, "height": 256, "num_images_per_prompt": 1 + i % 2},
+        )
+        for i in range(images)
+    ]
+    jobs += [
+        Job(
+            JobKey(user, "videos", f"{prefix}-vid-{i:02d}"),
+            {**SMALL, "numFrames": 16, "videoWidth": 256, "videoHeight": 256},
+        )
+        for i in range(videos)
+    ]
     return jobs
 
 
@@ -148,8 +158,10 @@ def kill_while_holding(client, jobs: list[Job], by_id: dict[str, WorkerProcess])
             now = snapshot.to_dict() or {}
             if (now.get("status"), now.get("worker_id"), now.get("attempts")) == ("processing", data["worker_id"], 1):
                 with contextlib.suppress(FailedPrecondition):
-                    snapshot.reference.update({"chaos_note": "holder killed"},
-                                              option=client.write_option(last_update_time=snapshot.update_time))
+                    snapshot.reference.update(
+                        {"chaos_note": "holder killed"},
+                        option=client.write_option(last_update_time=snapshot.update_time),
+                    )
                     worker.signal(signal.SIGKILL)
                     chosen.append((worker, key))
                     return True
@@ -160,8 +172,9 @@ def kill_while_holding(client, jobs: list[Job], by_id: dict[str, WorkerProcess])
     return chosen[0]
 
 
-def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(emulator_env, firestore_client, bucket,
-                                                                     tiny_cache, tmp_path):
+def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(
+    emulator_env, firestore_client, bucket, tiny_cache, tmp_path
+):
     jobs = make_jobs("chaos-user", "kill", images=20, videos=4)
     with workers(3, {**emulator_env, "FIREGEN_CACHE": str(tiny_cache)}, tmp_path) as started:
         by_id = {worker_id(worker): worker for worker in started}
@@ -173,10 +186,13 @@ def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(emulator_env,
         overdue: list[float] = []  # how long past its lease's end each doc was seen still in processing
 
         def all_finished() -> bool:
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             found = docs(firestore_client, jobs)
-            overdue.extend((now - data["lease_expires_at"]).total_seconds()
-                           for data in found.values() if data.get("status") == "processing")
+            overdue.extend(
+                (now - data["lease_expires_at"]).total_seconds()
+                for data in found.values()
+                if data.get("status") == "processing"
+            )
             return len(found) == len(jobs) and all(d["status"] in ("completed", "failed") for d in found.values())
 
         assert emu.wait_until(all_finished, 90, 0.1), statuses(firestore_client, jobs)
@@ -213,10 +229,13 @@ def own_firestore(emulator_logs):
     emulator.stop()
 
 
-def test_workers_reconnect_by_themselves_after_a_firestore_restart(own_firestore, storage_emulator, project_id,
-                                                                   bucket, tiny_cache, tmp_path):
-    env = {**emu.emulator_env(own_firestore, storage_emulator, project_id, bucket.name),
-           "FIREGEN_CACHE": str(tiny_cache)}
+def test_workers_reconnect_by_themselves_after_a_firestore_restart(
+    own_firestore, storage_emulator, project_id, bucket, tiny_cache, tmp_path
+):
+    env = {
+        **emu.emulator_env(own_firestore, storage_emulator, project_id, bucket.name),
+        "FIREGEN_CACHE": str(tiny_cache),
+    }
     before = make_jobs("restart-user", "before", images=6, videos=1)
     after = make_jobs("restart-user", "after", images=6, videos=1)
     with workers(2, env, tmp_path) as started:
@@ -227,8 +246,9 @@ def test_workers_reconnect_by_themselves_after_a_firestore_restart(own_firestore
         own_firestore.restart()  # mid-stream: jobs running, queued and done are all gone with the data
         client = own_firestore.client(project_id)
         write(client, after)
-        assert emu.wait_until(lambda: statuses(client, after) == ["completed"] * len(after), 45, 0.2), (
-            statuses(client, after))
+        assert emu.wait_until(lambda: statuses(client, after) == ["completed"] * len(after), 45, 0.2), statuses(
+            client, after
+        )
         assert [worker.pid for worker in started] == pids and all(worker.running for worker in started)
         assert completions(started, after) == {job.key.file_uid: 1 for job in after}
         assert not any(events(worker, "job_runner_crashed") for worker in started)

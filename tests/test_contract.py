@@ -2,7 +2,7 @@
 
 import pytest
 
-from generation.contract import (
+from firegen_core.contract import (
     TEXT2IMAGE,
     TEXT2VIDEO,
     ContractError,
@@ -30,7 +30,9 @@ def with_(**fields):
     return data
 
 
-ID_RULE = "may contain only letters, digits and - _ . : @ + = ~, must not start with '.' and must not look like __name__"
+ID_RULE = (
+    "may contain only letters, digits and - _ . : @ + = ~, must not start with '.' and must not look like __name__"
+)
 
 REFUSALS = [
     # required fields
@@ -117,8 +119,14 @@ def test_refusals_carry_the_contracts_message(data, message):
 
 def test_contract_image_example_is_text2image_with_defaults():
     request = parse_runsync_input(
-        {"prompt": "A sunset over mountains", "user_id": "test-user", "file_uid": "test-img-001",
-         "use_cloud_storage": True, "width": 512, "height": 512}
+        {
+            "prompt": "A sunset over mountains",
+            "user_id": "test-user",
+            "file_uid": "test-img-001",
+            "use_cloud_storage": True,
+            "width": 512,
+            "height": 512,
+        }
     )
     assert request.task_type == TEXT2IMAGE and request.media_type == "images" and not request.is_video
     assert (request.width, request.height, request.num_images_per_prompt) == (512, 512, 1)
@@ -127,8 +135,14 @@ def test_contract_image_example_is_text2image_with_defaults():
 
 def test_contract_video_example_is_text2video():
     request = parse_runsync_input(
-        {"prompt": "Waves crashing on beach", "user_id": "test-user", "file_uid": "test-vid-001",
-         "use_cloud_storage": True, "num_frames": 16, "fps": 8}
+        {
+            "prompt": "Waves crashing on beach",
+            "user_id": "test-user",
+            "file_uid": "test-vid-001",
+            "use_cloud_storage": True,
+            "num_frames": 16,
+            "fps": 8,
+        }
     )
     assert request.task_type == TEXT2VIDEO and request.media_type == "videos"
     assert (request.num_frames, request.fps, request.video_width, request.video_height) == (16, 8, 512, 512)
@@ -144,8 +158,15 @@ def test_any_video_field_makes_a_video(field):
 
 def test_full_request_from_the_contract_with_null_seed():
     request = parse_runsync_input(
-        with_(width=512, height=768, num_images_per_prompt=2, num_inference_steps=30, guidance_scale=7,
-              negative_prompt="blurry, low quality", seed=None)
+        with_(
+            width=512,
+            height=768,
+            num_images_per_prompt=2,
+            num_inference_steps=30,
+            guidance_scale=7,
+            negative_prompt="blurry, low quality",
+            seed=None,
+        )
     )
     assert request.guidance_scale == 7.0 and isinstance(request.guidance_scale, float)
     assert (request.height, request.num_images_per_prompt, request.seed) == (768, 2, None)
@@ -170,7 +191,12 @@ def test_inline_request_needs_no_ids():
 def test_parameters_echo_only_what_was_given():
     request = parse_runsync_input(with_(width=768, seed=7))
     assert request.parameters() == {
-        "file_uid": "f1", "prompt": BASE["prompt"], "seed": 7, "use_cloud_storage": True, "user_id": "u1", "width": 768,
+        "file_uid": "f1",
+        "prompt": BASE["prompt"],
+        "seed": 7,
+        "use_cloud_storage": True,
+        "user_id": "u1",
+        "width": 768,
     }
     assert parse_runsync_input(request.parameters()) == request
 
@@ -192,7 +218,12 @@ def test_client_sample_doc_with_camelcase_options_is_read_as_snake_case():
 def test_doc_path_decides_ids_and_type():
     doc = dict(CLIENT_DOC, user_id="someone-else", file_uid="other", width=768)
     request = parse_document("user123", "images", "file456", doc)
-    assert (request.user_id, request.file_uid, request.task_type, request.width) == ("user123", "file456", TEXT2IMAGE, 768)
+    assert (request.user_id, request.file_uid, request.task_type, request.width) == (
+        "user123",
+        "file456",
+        TEXT2IMAGE,
+        768,
+    )
     assert parse_document("u", "videos", "f", CLIENT_DOC).task_type == TEXT2VIDEO
 
 
@@ -209,10 +240,16 @@ def test_doc_worker_fields_and_unknown_metadata_are_skipped():
         ("images", dict(CLIENT_DOC, width=2048), "width must be between 256 and 1024"),
         ("videos", dict(CLIENT_DOC, numFrames=100), "num_frames must be between 16 and 81"),
         ("videos", dict(CLIENT_DOC, numFrames="16"), "Validation failed: num_frames must be an integer"),
-        ("videos", dict(CLIENT_DOC, numFrames=16, num_frames=24),
-         "Validation failed: num_frames is given twice with different values"),
-        ("images", dict(CLIENT_DOC, numFrames=16),
-         "Validation failed: num_frames is a video field: video jobs belong under generations/{user_id}/videos"),
+        (
+            "videos",
+            dict(CLIENT_DOC, numFrames=16, num_frames=24),
+            "Validation failed: num_frames is given twice with different values",
+        ),
+        (
+            "images",
+            dict(CLIENT_DOC, numFrames=16),
+            "Validation failed: num_frames is a video field: video jobs belong under generations/{user_id}/videos",
+        ),
         ("audio", CLIENT_DOC, "Validation failed: media type must be 'images' or 'videos', not 'audio'"),
     ],
 )

@@ -30,6 +30,7 @@ from devtools.client import Client, StackInfo, firestore_client
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "FIREGEN_DEV_STACK_TEST"
 
+
 class StackRun:
     """The command line, environment and ports of one `python -m devtools.stack` run."""
 
@@ -37,9 +38,17 @@ class StackRun:
         self.out = tmp_path / "dev"
         self.ports = {name: emu.free_port() for name in ("auth", "functions", "firestore", "storage", "worker")}
         self.mark = uuid.uuid4().hex
-        self.cmd = [sys.executable, "-m", "devtools.stack", "--out", str(self.out), "--project",
-                    emu.unique_id("demo-devstack"), *flags,
-                    *(arg for name, port in self.ports.items() for arg in (f"--{name}-port", str(port)))]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "devtools.stack",
+            "--out",
+            str(self.out),
+            "--project",
+            emu.unique_id("demo-devstack"),
+            *flags,
+            *(arg for name, port in self.ports.items() for arg in (f"--{name}-port", str(port))),
+        ]
         self.env = {**os.environ, MARK: self.mark, "PYTHONUNBUFFERED": "1"}
 
     def left_behind(self) -> list[str]:
@@ -76,20 +85,30 @@ def assert_examples_done(output: str, out: Path) -> None:
         assert stream.average_rate == 8 and (stream.width, stream.height) == (512, 512)
 
 
-@pytest.mark.skipif(firebase_cli.missing() is not None, reason=f"Firebase CLI emulators: {firebase_cli.missing()} "
-                                                               "(run `python3 scripts/setup_firebase_cli.py`)")
+@pytest.mark.skipif(
+    firebase_cli.missing() is not None,
+    reason=f"Firebase CLI emulators: {firebase_cli.missing()} (run `python3 scripts/setup_firebase_cli.py`)",
+)
 def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys):
     run = StackRun(tmp_path)
     state = run.out / "stack.json"
     lines: list[str] = []
     # Its own session, as a terminal's foreground job: Ctrl-C is SIGINT to the whole group.
-    stack = subprocess.Popen(run.cmd, env=run.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
+    stack = subprocess.Popen(
+        run.cmd,
+        env=run.env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     reader = threading.Thread(target=lambda: lines.extend(stack.stdout), daemon=True)
     reader.start()
     try:
-        assert emu.wait_until(lambda: any("the stack keeps running" in line for line in lines)
-                              or stack.poll() is not None, 240, 0.2), "".join(lines)
+        assert emu.wait_until(
+            lambda: any("the stack keeps running" in line for line in lines) or stack.poll() is not None, 240, 0.2
+        ), "".join(lines)
         assert stack.poll() is None, "".join(lines)
         output = "".join(lines)
         assert "falling back" not in output
@@ -99,9 +118,23 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         assert info.auth == f"127.0.0.1:{run.ports['auth']}" and info.functions
 
         submit = subprocess.run(  # make submit PROMPT=... (through the callable)
-            [sys.executable, "-m", "devtools.client", "--stack", str(state), "--prompt", "a lighthouse at dusk",
-             "--options", '{"width": 256, "height": 256}'], env=run.env, cwd=ROOT, capture_output=True, text=True,
-            timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "devtools.client",
+                "--stack",
+                str(state),
+                "--prompt",
+                "a lighthouse at dusk",
+                "--options",
+                '{"width": 256, "height": 256}',
+            ],
+            env=run.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "generateWithRunPod answered accepted" in submit.stdout and "completed" in submit.stdout
         saved = re.search(r"saved (\S+\.png)", submit.stdout)
@@ -116,13 +149,19 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         assert client.generate(request) is None and client.failures == 1
         said = capsys.readouterr().out
         assert "[too-wide-1] firestore.rules refused the queued doc (PERMISSION_DENIED)" in said
-        assert ("[too-wide-1] generateWithRunPod refused it (INVALID_ARGUMENT): width must be between 256 and 1024"
-                in said)
+        assert (
+            "[too-wide-1] generateWithRunPod refused it (INVALID_ARGUMENT): width must be between 256 and 1024" in said
+        )
         assert firebase_cli.call(f"{info.functions}/generateWithRunPod", request, client.token) == {
-            "error": {"message": "width must be between 256 and 1024", "status": "INVALID_ARGUMENT"}}
+            "error": {"message": "width must be between 256 and 1024", "status": "INVALID_ARGUMENT"}
+        }
         doc = firestore_client(info).document(f"generations/{client.uid}/images/too-wide-1").get().to_dict()
         assert (doc["status"], doc["error"], doc["generated"], doc["error_type"]) == (
-            "failed", True, False, "ValidationError")
+            "failed",
+            True,
+            False,
+            "ValidationError",
+        )
         assert doc["error_message"] == "width must be between 256 and 1024" and "failed_at" in doc
     finally:
         if stack.poll() is None:

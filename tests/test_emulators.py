@@ -66,7 +66,7 @@ def test_concurrent_transactions_both_apply(firestore_client):
         try:
             barrier.wait(DEADLINE_S)
             bump(firestore_client.transaction())
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=worker) for _ in range(2)]

@@ -1,24 +1,24 @@
 """The Cloud Functions' logic (functions/dispatch.py, functions/runpod_client.py) on the real Firestore emulator
 and a real worker (`python -m listener --rp_serve_api`, tiny models) serving RunPod's local /runsync API.
 
-The functions import the worker's shared modules as `generation` and `listener`; at deploy they are copies
-that scripts/vendor_shared.py writes into functions/. The copies are made here before the functions' modules
-are loaded (by file, so functions/ never goes on sys.path and this process keeps the worker's originals: the
-copies are checked for identity, and imported by the functions' own Python 3.11 venv).
+The functions import the shared core as `firegen_core`; at deploy it is a copy of the package that
+scripts/vendor_shared.py writes into functions/. Here functions/ goes at the end of sys.path, so this process
+imports the functions' own modules (dispatch, runpod_client) and the repository's `firegen_core`; the deployed
+shape (the copy, imported by the functions' own Python 3.11 venv) is checked below.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -35,20 +35,11 @@ FUNCTIONS = ROOT / "functions"
 FUNCTIONS_PYTHON = firebase_cli.FUNCTIONS_PYTHON
 
 
-def _load_function_module(name: str):
-    """functions/NAME.py as the top-level module NAME, without putting functions/ on sys.path: there its
-    vendored `generation` and `listener` copies would shadow the worker's own packages for the whole session."""
-    spec = importlib.util.spec_from_file_location(name, FUNCTIONS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
+sys.path.append(str(FUNCTIONS))
+import dispatch  # noqa: E402
+import runpod_client  # noqa: E402
 
 vendor_shared = load_script("vendor_shared")
-vendor_shared.vendor()
-runpod_client = _load_function_module("runpod_client")
-dispatch = _load_function_module("dispatch")  # imports runpod_client, and the worker's generation and listener
 CallError, Policy, RunPodClient = dispatch.CallError, dispatch.Policy, runpod_client.RunPodClient
 
 API_KEY = "rp-test-key-5e3f9a"  # must never show up in a doc, a reply or a log line
@@ -68,7 +59,9 @@ class Worker:
     def runsync_calls(self, file_uid: str) -> int:
         """How many runsync requests for this job the worker's handler answered."""
         return sum(
-            1 for event in ("request_accepted", "request_rejected") for line in self.process.events(event)
+            1
+            for event in ("request_accepted", "request_rejected")
+            for line in self.process.events(event)
             if f'"{file_uid}"' in line
         )
 
@@ -105,7 +98,7 @@ class StubRunPod:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 stub.requests.append((self.headers.get("Authorization"), body))
                 status, answer = stub.answers[min(len(stub.requests), len(stub.answers)) - 1]
@@ -121,8 +114,7 @@ class StubRunPod:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v2/endpoint/runsync"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def client(self, **kw) -> RunPodClient:
@@ -152,8 +144,14 @@ def nobody_listening() -> RunPodClient:
 
 def client_doc(**options) -> dict:
     """The contract's client sample, as the Admin SDK writes it (rules are tested in test_rules.py)."""
-    return {"status": "queued", "created_at": firestore.SERVER_TIMESTAMP, "prompt": "A red sports car",
-            "generated": False, "error": False, **options}
+    return {
+        "status": "queued",
+        "created_at": firestore.SERVER_TIMESTAMP,
+        "prompt": "A red sports car",
+        "generated": False,
+        "error": False,
+        **options,
+    }
 
 
 def assert_key_nowhere(*texts):
@@ -162,19 +160,40 @@ def assert_key_nowhere(*texts):
 
 
 SMALL = {"width": 256, "height": 256, "numInferenceSteps": 10}
-ACCEPTED = (200, {"id": "job-1", "status": "COMPLETED", "output": {
-    "status": "accepted", "message": "Generation task accepted and processing", "user_id": "u", "file_uid": "f",
-    "task_type": "text2image"}})
+ACCEPTED = (
+    200,
+    {
+        "id": "job-1",
+        "status": "COMPLETED",
+        "output": {
+            "status": "accepted",
+            "message": "Generation task accepted and processing",
+            "user_id": "u",
+            "file_uid": "f",
+            "task_type": "text2image",
+        },
+    },
+)
 
 
 # ---------------------------------------------------------------------------------------------- callable
 def test_callable_accepted_end_to_end(worker, caplog):
     caplog.set_level(logging.DEBUG)
-    data = {"prompt": "A sunset over mountains", "user_id": "u-accept", "file_uid": "img-1",
-            "use_cloud_storage": True, **SMALL}
+    data = {
+        "prompt": "A sunset over mountains",
+        "user_id": "u-accept",
+        "file_uid": "img-1",
+        "use_cloud_storage": True,
+        **SMALL,
+    }
     reply = dispatch.generate(worker.db, worker.client(), uid="u-accept", data=data)
-    assert reply == {"success": True, "fileUid": "img-1", "mediaType": "images", "status": "accepted",
-                     "message": "Generation started"}
+    assert reply == {
+        "success": True,
+        "fileUid": "img-1",
+        "mediaType": "images",
+        "status": "accepted",
+        "message": "Generation started",
+    }
     path = "generations/u-accept/images/img-1"
     doc = worker.wait_status(path)
     assert (doc["status"], doc["generated"], doc["image_count"]) == ("completed", True, 1)
@@ -193,9 +212,18 @@ def test_callable_after_the_client_sample_wrote_its_doc(worker):
     path = "generations/u-sample/videos/vid-1"
     worker.db.document(path).set(client_doc(**options))
     created = worker.doc(path)["created_at"]
-    reply = dispatch.generate(worker.db, worker.client(), uid="u-sample", data={
-        "prompt": "A red sports car", "user_id": "u-sample", "file_uid": "vid-1", "use_cloud_storage": True,
-        **options})
+    reply = dispatch.generate(
+        worker.db,
+        worker.client(),
+        uid="u-sample",
+        data={
+            "prompt": "A red sports car",
+            "user_id": "u-sample",
+            "file_uid": "vid-1",
+            "use_cloud_storage": True,
+            **options,
+        },
+    )
     assert reply["success"] is True and reply["mediaType"] == "videos" and reply["fileUid"] == "vid-1"
     doc = worker.wait_status(path, timeout=90)
     assert doc["status"] == "completed" and doc["video_info"]["frames"] == 16
@@ -211,14 +239,20 @@ def test_callable_defaults_user_id_and_file_uid(worker):
     assert doc["user_id"] == "u-default" and doc["status"] == "completed"
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"numFrames": 100}, "num_frames must be between 16 and 81"),
-    ({"width": 2048}, "width must be between 256 and 1024"),
-    ({"prompt": "  "}, "prompt is required"),
-    ({"guidanceScale": "high"}, "Validation failed: guidance_scale must be a number"),
-    ({"colour": "red"}, "Validation failed: unknown field 'colour'"),
-    ({"use_cloud_storage": False}, "Validation failed: use_cloud_storage must be true: results go to Cloud Storage"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"numFrames": 100}, "num_frames must be between 16 and 81"),
+        ({"width": 2048}, "width must be between 256 and 1024"),
+        ({"prompt": "  "}, "prompt is required"),
+        ({"guidanceScale": "high"}, "Validation failed: guidance_scale must be a number"),
+        ({"colour": "red"}, "Validation failed: unknown field 'colour'"),
+        (
+            {"use_cloud_storage": False},
+            "Validation failed: use_cloud_storage must be true: results go to Cloud Storage",
+        ),
+    ],
+)
 def test_callable_refuses_bad_params_with_the_contracts_message(firestore_client, stub, data, message):
     """The client wrote its doc, then called with bad parameters: invalid-argument with the contract's message,
     and the doc carries the contract's error fields. Nothing is sent to RunPod."""
@@ -227,8 +261,9 @@ def test_callable_refuses_bad_params_with_the_contracts_message(firestore_client
     firestore_client.document(path).create(client_doc())
     runpod = stub(ACCEPTED)
     with pytest.raises(CallError) as raised:
-        dispatch.generate(firestore_client, runpod.client(), uid="u-bad",
-                          data={"prompt": "a car", "file_uid": "bad-1", **data})
+        dispatch.generate(
+            firestore_client, runpod.client(), uid="u-bad", data={"prompt": "a car", "file_uid": "bad-1", **data}
+        )
     assert (raised.value.code, raised.value.message) == ("invalid-argument", message)
     doc = firestore_client.document(path).get().to_dict()
     assert (doc["generated"], doc["error"], doc["status"]) == (False, True, "failed")
@@ -242,13 +277,17 @@ def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
     wrote none (its write was refused by the rules, or it only called the function)."""
     runpod = stub(ACCEPTED)
     with pytest.raises(CallError) as raised:
-        dispatch.generate(firestore_client, runpod.client(), uid="u-bad", data={"prompt": "x", "file_uid": "nodoc",
-                                                                               "fps": 99})
+        dispatch.generate(
+            firestore_client, runpod.client(), uid="u-bad", data={"prompt": "x", "file_uid": "nodoc", "fps": 99}
+        )
     assert (raised.value.code, raised.value.message) == ("invalid-argument", "fps must be between 6 and 15")
     doc = firestore_client.document("generations/u-bad/videos/nodoc").get().to_dict()
     assert (doc["status"], doc["generated"], doc["error"]) == ("failed", False, True)
     assert (doc["error_message"], doc["error_type"]) == ("fps must be between 6 and 15", "ValidationError")
-    assert {"failed_at", "modified", "created_at"} <= doc.keys() and (doc["user_id"], doc["file_uid"]) == ("u-bad", "nodoc")
+    assert {"failed_at", "modified", "created_at"} <= doc.keys() and (doc["user_id"], doc["file_uid"]) == (
+        "u-bad",
+        "nodoc",
+    )
     assert runpod.requests == []
 
 
@@ -262,8 +301,9 @@ def test_bad_params_with_an_unsafe_file_uid_write_nothing(firestore_client, stub
 
 
 def test_the_real_workers_refusal_is_read_as_rejected(worker):
-    verdict = worker.client().runsync({"prompt": "a car", "user_id": "u-r", "file_uid": "r-1",
-                                       "use_cloud_storage": True, "width": 100})
+    verdict = worker.client().runsync(
+        {"prompt": "a car", "user_id": "u-r", "file_uid": "r-1", "use_cloud_storage": True, "width": 100}
+    )
     assert (verdict.outcome, verdict.message) == ("rejected", "width must be between 256 and 1024")
     assert worker.doc("generations/u-r/images/r-1") is None
 
@@ -273,18 +313,24 @@ def test_a_refusal_from_runpod_fails_the_doc(firestore_client, stub):
     client as invalid-argument, and the doc gets the contract's error fields."""
     runpod = stub((200, {"id": "j", "status": "FAILED", "error": "width must be a multiple of 64"}))
     with pytest.raises(CallError) as raised:
-        dispatch.generate(firestore_client, runpod.client(), uid="u-skew", data={"prompt": "a car",
-                                                                                "file_uid": "skew-1"})
+        dispatch.generate(
+            firestore_client, runpod.client(), uid="u-skew", data={"prompt": "a car", "file_uid": "skew-1"}
+        )
     assert (raised.value.code, raised.value.message) == ("invalid-argument", "width must be a multiple of 64")
     doc = firestore_client.document("generations/u-skew/images/skew-1").get().to_dict()
-    assert (doc["status"], doc["error"], doc["generated"], doc["error_type"]) == ("failed", True, False,
-                                                                                 "ValidationError")
+    assert (doc["status"], doc["error"], doc["generated"], doc["error_type"]) == (
+        "failed",
+        True,
+        False,
+        "ValidationError",
+    )
     assert doc["error_message"] == "width must be a multiple of 64" and doc["failed_at"] and doc["modified"]
     assert len(runpod.requests) == 1
     # Calling again answers from the doc, without another dispatch.
     with pytest.raises(CallError) as again:
-        dispatch.generate(firestore_client, runpod.client(), uid="u-skew", data={"prompt": "a car",
-                                                                                "file_uid": "skew-1"})
+        dispatch.generate(
+            firestore_client, runpod.client(), uid="u-skew", data={"prompt": "a car", "file_uid": "skew-1"}
+        )
     assert again.value.message == "width must be a multiple of 64" and len(runpod.requests) == 1
 
 
@@ -295,15 +341,22 @@ def test_uid_checks(firestore_client, stub):
     assert raised.value.code == "unauthenticated"
     for claimed in ({"user_id": "mallory"}, {"userId": "mallory"}):
         with pytest.raises(CallError) as raised:
-            dispatch.generate(firestore_client, runpod.client(), uid="alice",
-                              data={"prompt": "a car", "file_uid": "steal-1", **claimed})
+            dispatch.generate(
+                firestore_client,
+                runpod.client(),
+                uid="alice",
+                data={"prompt": "a car", "file_uid": "steal-1", **claimed},
+            )
         assert (raised.value.code, raised.value.message) == (
-            "permission-denied", "user_id must be the signed-in user's uid")
+            "permission-denied",
+            "user_id must be the signed-in user's uid",
+        )
     assert list(firestore_client.collection_group("images").stream()) == []
     assert runpod.requests == []
     # Naming oneself is fine, in either spelling.
-    reply = dispatch.generate(firestore_client, runpod.client(), uid="alice",
-                              data={"prompt": "a car", "userId": "alice", "fileUid": "mine-1"})
+    reply = dispatch.generate(
+        firestore_client, runpod.client(), uid="alice", data={"prompt": "a car", "userId": "alice", "fileUid": "mine-1"}
+    )
     assert reply["fileUid"] == "mine-1" and runpod.requests[0][1]["input"]["user_id"] == "alice"
 
 
@@ -317,15 +370,21 @@ def test_runpod_down_leaves_the_job_queued(firestore_client, caplog):
     assert "connection failed" in verdict.message
 
     reply = dispatch.generate(firestore_client, down, uid="u-down", data={"prompt": "a car", "file_uid": "down-1"})
-    assert reply == {"success": True, "fileUid": "down-1", "mediaType": "images", "status": "queued",
-                     "message": dispatch.PENDING_MESSAGE}
+    assert reply == {
+        "success": True,
+        "fileUid": "down-1",
+        "mediaType": "images",
+        "status": "queued",
+        "message": dispatch.PENDING_MESSAGE,
+    }
     doc = firestore_client.document("generations/u-down/images/down-1").get().to_dict()
     assert doc["status"] == "queued" and doc["dispatch_count"] == 1 and "did not answer" in doc["dispatch_error"]
     # The client retries (the contract: "Timeout: Retry the request"): dispatched again, the error cleared on success.
     up = StubRunPod([ACCEPTED])
     try:
-        again = dispatch.generate(firestore_client, up.client(), uid="u-down", data={"prompt": "a car",
-                                                                                     "file_uid": "down-1"})
+        again = dispatch.generate(
+            firestore_client, up.client(), uid="u-down", data={"prompt": "a car", "file_uid": "down-1"}
+        )
     finally:
         up.close()
     assert again["status"] == "accepted"
@@ -336,29 +395,46 @@ def test_runpod_down_leaves_the_job_queued(firestore_client, caplog):
 
 def test_5xx_is_retried_with_the_bearer_key_and_in_queue_means_queued(firestore_client, stub):
     runpod = stub((503, {"error": "busy"}), (502, {}), (200, {"id": "job-9", "status": "IN_QUEUE"}))
-    reply = dispatch.generate(firestore_client, runpod.client(), uid="u-cold",
-                              data={"prompt": "a car", "file_uid": "cold-1", "width": 256})
+    reply = dispatch.generate(
+        firestore_client, runpod.client(), uid="u-cold", data={"prompt": "a car", "file_uid": "cold-1", "width": 256}
+    )
     assert reply["status"] == "queued" and reply["message"] == dispatch.QUEUED_MESSAGE
     assert len(runpod.requests) == 3
     assert {auth for auth, _ in runpod.requests} == {f"Bearer {API_KEY}"}
-    assert runpod.requests[0][1] == {"input": {"prompt": "a car", "user_id": "u-cold", "file_uid": "cold-1",
-                                               "use_cloud_storage": True, "width": 256}}
+    assert runpod.requests[0][1] == {
+        "input": {"prompt": "a car", "user_id": "u-cold", "file_uid": "cold-1", "use_cloud_storage": True, "width": 256}
+    }
     doc = firestore_client.document("generations/u-cold/images/cold-1").get().to_dict()
     assert doc["status"] == "queued" and "dispatch_error" not in doc
 
 
-@pytest.mark.parametrize("answer,outcome", [
-    ((200, {"id": "j", "status": "IN_PROGRESS"}), "queued"),
-    ((401, {"error": "Unauthorized"}), "undelivered"),
-    ((200, {"id": "j", "status": "FAILED", "error": json.dumps({"error_type": "<class 'KeyError'>",
-                                                               "error_message": "x", "error_traceback": "..."})}),
-     "undelivered"),
-    ((200, {"id": "j", "status": "FAILED", "error": "Could not record the job, please retry: ..."}), "undelivered"),
-    ((200, {"id": "j", "status": "FAILED", "error": "fps must be between 6 and 15"}), "rejected"),
-    ((200, {"id": "j", "status": "COMPLETED", "output": {"error": "prompt is required", "status": "failed"}}),
-     "rejected"),
-    ((200, {"id": "j", "status": "TIMED_OUT"}), "undelivered"),
-])
+@pytest.mark.parametrize(
+    "answer,outcome",
+    [
+        ((200, {"id": "j", "status": "IN_PROGRESS"}), "queued"),
+        ((401, {"error": "Unauthorized"}), "undelivered"),
+        (
+            (
+                200,
+                {
+                    "id": "j",
+                    "status": "FAILED",
+                    "error": json.dumps(
+                        {"error_type": "<class 'KeyError'>", "error_message": "x", "error_traceback": "..."}
+                    ),
+                },
+            ),
+            "undelivered",
+        ),
+        ((200, {"id": "j", "status": "FAILED", "error": "Could not record the job, please retry: ..."}), "undelivered"),
+        ((200, {"id": "j", "status": "FAILED", "error": "fps must be between 6 and 15"}), "rejected"),
+        (
+            (200, {"id": "j", "status": "COMPLETED", "output": {"error": "prompt is required", "status": "failed"}}),
+            "rejected",
+        ),
+        ((200, {"id": "j", "status": "TIMED_OUT"}), "undelivered"),
+    ],
+)
 def test_runpod_envelopes(stub, answer, outcome):
     runpod = stub(answer)
     verdict = runpod.client().runsync({"prompt": "x"})
@@ -385,20 +461,31 @@ def test_trigger_dispatches_once_under_duplicate_delivery(firestore_client, stub
 
     def deliver():
         barrier.wait(10)
-        outcomes.append(dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-trigger",
-                                                  media_type="images", file_uid="trig-1"))
+        outcomes.append(
+            dispatch.dispatch_created(
+                firestore_client, runpod.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
+            )
+        )
 
     threads = [threading.Thread(target=deliver) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    outcomes.append(dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-trigger",
-                                              media_type="images", file_uid="trig-1"))  # a late redelivery
+    outcomes.append(
+        dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
+        )
+    )  # a late redelivery
     assert sorted(outcomes) == ["accepted", "skipped", "skipped", "skipped"]
     assert len(runpod.requests) == 1
-    assert runpod.requests[0][1]["input"] == {"prompt": "A red sports car", "user_id": "u-trigger",
-                                              "file_uid": "trig-1", "use_cloud_storage": True, "width": 256}
+    assert runpod.requests[0][1]["input"] == {
+        "prompt": "A red sports car",
+        "user_id": "u-trigger",
+        "file_uid": "trig-1",
+        "use_cloud_storage": True,
+        "width": 256,
+    }
     doc = firestore_client.document(path).get().to_dict()
     assert (doc["status"], doc["dispatch_count"], doc["dispatched_by"]) == ("queued", 1, "trigger")
 
@@ -409,8 +496,10 @@ def test_trigger_and_a_real_worker_run_a_client_doc_once(worker):
     path = "generations/u-trigger/images/trig-real"
     worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
     runpod = worker.client()
-    outcomes = [dispatch.dispatch_created(worker.db, runpod, user_id="u-trigger", media_type="images",
-                                          file_uid="trig-real") for _ in range(2)]
+    outcomes = [
+        dispatch.dispatch_created(worker.db, runpod, user_id="u-trigger", media_type="images", file_uid="trig-real")
+        for _ in range(2)
+    ]
     assert sorted(outcomes) in (["accepted", "skipped"], ["skipped", "skipped"])
     doc = worker.wait_status(path)
     assert doc["status"] == "completed" and doc["attempts"] == 1
@@ -421,20 +510,35 @@ def test_trigger_and_a_real_worker_run_a_client_doc_once(worker):
 def test_trigger_and_callable_dispatch_once_between_them(firestore_client, stub):
     runpod = stub(ACCEPTED)
     # The callable wrote and dispatched the doc: its creation trigger skips it.
-    reply = dispatch.generate(firestore_client, runpod.client(), uid="u-both", data={"prompt": "a car",
-                                                                                    "file_uid": "both-1"})
+    reply = dispatch.generate(
+        firestore_client, runpod.client(), uid="u-both", data={"prompt": "a car", "file_uid": "both-1"}
+    )
     assert reply["status"] == "accepted"
-    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-both", media_type="images",
-                                     file_uid="both-1") == "skipped"
+    assert (
+        dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-both", media_type="images", file_uid="both-1"
+        )
+        == "skipped"
+    )
     assert len(runpod.requests) == 1
     # The client wrote the doc and its trigger dispatched it: the callable answers from the doc.
     firestore_client.document("generations/u-both/images/both-2").set(client_doc())
-    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-both", media_type="images",
-                                     file_uid="both-2") == "accepted"
-    again = dispatch.generate(firestore_client, runpod.client(), uid="u-both",
-                              data={"prompt": "A red sports car", "file_uid": "both-2"})
-    assert again == {"success": True, "fileUid": "both-2", "mediaType": "images", "status": "accepted",
-                     "message": "Generation started"}
+    assert (
+        dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-both", media_type="images", file_uid="both-2"
+        )
+        == "accepted"
+    )
+    again = dispatch.generate(
+        firestore_client, runpod.client(), uid="u-both", data={"prompt": "A red sports car", "file_uid": "both-2"}
+    )
+    assert again == {
+        "success": True,
+        "fileUid": "both-2",
+        "mediaType": "images",
+        "status": "accepted",
+        "message": "Generation started",
+    }
     assert len(runpod.requests) == 2
 
 
@@ -442,8 +546,12 @@ def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(fi
     path = "generations/u-inv/images/inv-1"
     firestore_client.document(path).set(client_doc(numFrames=16))  # a video field in images
     runpod = stub(ACCEPTED)
-    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-inv", media_type="images",
-                                     file_uid="inv-1") == "invalid"
+    assert (
+        dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-inv", media_type="images", file_uid="inv-1"
+        )
+        == "invalid"
+    )
     doc = firestore_client.document(path).get().to_dict()
     assert (doc["status"], doc["error_type"]) == ("failed", "ValidationError")
     assert doc["error_message"].startswith("Validation failed: num_frames is a video field")
@@ -453,42 +561,62 @@ def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(fi
 def test_trigger_sends_num_frames_for_a_video_doc_with_defaults_only(firestore_client, stub):
     firestore_client.document("generations/u-v/videos/v-1").set(client_doc())
     runpod = stub(ACCEPTED)
-    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-v", media_type="videos",
-                                     file_uid="v-1") == "accepted"
+    assert (
+        dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-v", media_type="videos", file_uid="v-1")
+        == "accepted"
+    )
     assert runpod.requests[0][1]["input"]["num_frames"] == 16
 
 
 def test_trigger_ignores_docs_that_are_not_queued_jobs(firestore_client, stub):
     firestore_client.document("generations/u-x/images/done").set({**client_doc(), "status": "completed"})
     # A doc a worker's runsync handler created (someone called RunPod directly): that worker runs it.
-    from generation.contract import parse_runsync_input
-    from listener.jobs import JobStore
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobStore
 
-    JobStore(firestore_client, worker_id="w").ensure_queued(parse_runsync_input(
-        {"prompt": "a car", "user_id": "u-x", "file_uid": "direct", "use_cloud_storage": True}))
+    JobStore(firestore_client, worker_id="w").ensure_queued(
+        parse_runsync_input({"prompt": "a car", "user_id": "u-x", "file_uid": "direct", "use_cloud_storage": True})
+    )
     runpod = stub(ACCEPTED)
-    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-x", media_type="images",
-                                     file_uid="direct") == "skipped"
-    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-x", media_type="images",
-                                     file_uid="done") == "skipped"
-    assert dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-x", media_type="audio",
-                                     file_uid="done") == "skipped"
+    assert (
+        dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-x", media_type="images", file_uid="direct"
+        )
+        == "skipped"
+    )
+    assert (
+        dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-x", media_type="images", file_uid="done"
+        )
+        == "skipped"
+    )
+    assert (
+        dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-x", media_type="audio", file_uid="done")
+        == "skipped"
+    )
     assert runpod.requests == []
 
 
 # ---------------------------------------------------------------------------------------------- schedule
 def test_scheduled_redispatch_is_bounded(firestore_client, stub):
-    old = datetime.now(timezone.utc) - timedelta(hours=1)
+    old = datetime.now(UTC) - timedelta(hours=1)
     base = {**client_doc(width=256), "created_at": old}
     docs = {
         "generations/u-s/images/never": base,  # the trigger never ran: dispatch it
         "generations/u-s/images/once": {**base, "dispatch_count": 1, "dispatched_at": old},
         "generations/u-s/images/given-up": {**base, "dispatch_count": 2, "dispatched_at": old},
-        "generations/u-s/images/recent": {**base, "dispatch_count": 1, "dispatched_at": datetime.now(timezone.utc)},
+        "generations/u-s/images/recent": {**base, "dispatch_count": 1, "dispatched_at": datetime.now(UTC)},
         "generations/u-s/images/fresh": client_doc(),
-        "generations/u-s/videos/lost-worker": {**base, "status": "processing", "dispatch_count": 1,
-                                               "dispatched_at": old, "worker_id": "w-gone",
-                                               "lease_expires_at": old, "attempts": 1, "numFrames": 16},
+        "generations/u-s/videos/lost-worker": {
+            **base,
+            "status": "processing",
+            "dispatch_count": 1,
+            "dispatched_at": old,
+            "worker_id": "w-gone",
+            "lease_expires_at": old,
+            "attempts": 1,
+            "numFrames": 16,
+        },
         "generations/u-s/images/done": {**base, "status": "completed"},
     }
     for path, doc in docs.items():
@@ -507,9 +635,14 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub):
     assert read("once")["dispatch_count"] == 2
     given_up = read("given-up")
     assert (given_up["status"], given_up["error"], given_up["generated"], given_up["error_type"]) == (
-        "failed", True, False, "Exception")
+        "failed",
+        True,
+        False,
+        "Exception",
+    )
     assert given_up["error_message"] == (
-        "No GPU worker picked up the job after 2 dispatches, 10 minutes apart; please try again")
+        "No GPU worker picked up the job after 2 dispatches, 10 minutes apart; please try again"
+    )
     assert read("recent")["dispatch_count"] == 1 and read("fresh").get("dispatch_count") is None
     # A second sweep right away sends nothing: everything was just dispatched or is final.
     assert set(dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == {"skipped"}
@@ -517,7 +650,7 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub):
 
 
 def test_a_sweep_while_runpod_is_down_records_why(firestore_client):
-    old = datetime.now(timezone.utc) - timedelta(hours=1)
+    old = datetime.now(UTC) - timedelta(hours=1)
     firestore_client.document("generations/u-d/images/j").set({**client_doc(), "created_at": old})
     counts = dispatch.redispatch_stale(firestore_client, nobody_listening(), policy=Policy())
     assert counts == Counter(undelivered=1)
@@ -527,20 +660,61 @@ def test_a_sweep_while_runpod_is_down_records_why(firestore_client):
 
 
 # ---------------------------------------------------------------------------------------------- packaging
-def test_the_vendored_copies_match_their_originals():
-    import generation.contract
-    import listener.jobs
+def test_the_functions_import_the_repository_core():
+    import firegen_core
 
-    assert vendor_shared.stale() == []
     assert Path(dispatch.__file__).parent == FUNCTIONS
-    # This process runs the worker's originals (the copies are imported by the functions' venv below).
-    assert Path(generation.contract.__file__).parent == ROOT / "generation"
-    assert Path(listener.jobs.__file__).parent == ROOT / "listener"
+    assert Path(dispatch.lifecycle.__file__).parent == Path(firegen_core.__file__).parent == ROOT / "firegen_core"
+
+
+def test_the_shipped_core_is_the_whole_package_world_readable(tmp_path):
+    dest = tmp_path / "functions"
+    dest.mkdir()
+    (dest / "listener").mkdir()  # a copy under the worker's own name, from an older layout
+    assert vendor_shared.stale(ROOT, dest)
+    assert vendor_shared.vendor(ROOT, dest) is True
+    assert vendor_shared.stale(ROOT, dest) == [] and not (dest / "listener").exists()
+    copied = sorted(p.relative_to(dest / "firegen_core") for p in (dest / "firegen_core").rglob("*.py"))
+    assert copied == sorted(p.relative_to(ROOT / "firegen_core") for p in (ROOT / "firegen_core").rglob("*.py"))
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (dest / "firegen_core").rglob("*.py"))
+    assert vendor_shared.vendor(ROOT, dest) is False
+
+    # Drift of any kind is seen, and the next run repairs it.
+    (dest / "firegen_core" / "jobs.py").write_text("# edited by hand\n")
+    (dest / "firegen_core" / "extra.py").write_text("")
+    (dest / "firegen_core" / "errors.py").chmod(0o600)
+    assert vendor_shared.stale(ROOT, dest) == [
+        "firegen_core/errors.py (not world-readable)",
+        "firegen_core/jobs.py",
+        "firegen_core/extra.py (extra)",
+    ]
+    vendor_shared.vendor(ROOT, dest)
+    assert vendor_shared.stale(ROOT, dest) == []
+
+
+def _deploy_folder(tmp_path: Path) -> Path:
+    """functions/ as `firebase deploy` uploads it: its predeploy hook run, then the source minus `ignore`."""
+    import fnmatch
+
+    config = json.loads((ROOT / "firebase.json").read_text())["functions"][0]
+    for hook in config["predeploy"]:
+        subprocess.run(hook, shell=True, check=True, env={**os.environ, "PROJECT_DIR": str(ROOT)}, cwd=ROOT)
+    source, out = ROOT / config["source"], tmp_path / "deploy"
+
+    def ignored(directory: str, names: list[str]) -> set[str]:
+        return {n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in config["ignore"])}
+
+    shutil.copytree(source, out, ignore=ignored)
+    return out
 
 
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
-def test_main_declares_the_triggers_in_the_functions_venv():
-    """main.py imports with only functions/requirements.txt and the vendored copies (no worker packages)."""
+def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
+    """main.py imports from the deploy folder alone, with only functions/requirements.txt installed."""
+    deploy = _deploy_folder(tmp_path)
+    assert not (deploy / "venv").exists() and (deploy / "firegen_core" / "jobs.py").is_file()
+    unreadable = [str(p) for p in deploy.rglob("*") if p.is_file() and p.stat().st_mode & 0o444 != 0o444]
+    assert unreadable == []
     script = (
         "import json, main\n"
         "out = {}\n"
@@ -549,24 +723,32 @@ def test_main_declares_the_triggers_in_the_functions_venv():
         "    out[name] = {'callable': e.callableTrigger is not None, 'event': e.eventTrigger,\n"
         "                 'schedule': (e.scheduleTrigger or {}).get('schedule'),\n"
         "                 'secrets': e.secretEnvironmentVariables}\n"
-        "import generation.contract, listener.jobs\n"
-        "out['vendored'] = [generation.contract.__file__, listener.jobs.__file__]\n"
+        "import firegen_core.contract, firegen_core.jobs\n"
+        "out['core'] = [firegen_core.contract.__file__, firegen_core.jobs.__file__]\n"
+        "for worker_only in ('generation', 'listener', 'torch'):\n"
+        "    try:\n"
+        "        __import__(worker_only); out[worker_only] = True\n"
+        "    except ImportError:\n"
+        "        out[worker_only] = False\n"
         "print(json.dumps(out))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen")
-    result = subprocess.run([str(FUNCTIONS_PYTHON), "-c", script], cwd=FUNCTIONS, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", script], cwd=deploy, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["generateWithRunPod"]["callable"] is True
     assert out["dispatchQueuedJob"]["event"]["eventType"] == "google.cloud.firestore.document.v1.created"
     assert out["dispatchQueuedJob"]["event"]["eventFilterPathPatterns"] == {
-        "document": "generations/{uid}/{media}/{fileUid}"}
+        "document": "generations/{uid}/{media}/{fileUid}"
+    }
     assert out["redispatchStaleJobs"]["schedule"] == "every 5 minutes"
     for name in ("generateWithRunPod", "dispatchQueuedJob", "redispatchStaleJobs"):
         assert out[name]["secrets"] == [{"key": "RUNPOD_API_KEY"}]
-    assert all(path.startswith(str(FUNCTIONS)) for path in out["vendored"])
+    assert all(path.startswith(str(deploy)) for path in out["core"])
+    assert (out["generation"], out["listener"], out["torch"]) == (False, False, False)
 
 
 def test_the_indexes_cover_the_queries():
@@ -593,33 +775,59 @@ def test_the_indexes_cover_the_queries():
 CLI_KEY = "cli-secret-key-7b1d"
 
 
-@pytest.mark.skipif(firebase_cli.missing() is not None, reason=f"Firebase CLI emulators: {firebase_cli.missing()} "
-                                                               "(run `python3 scripts/setup_firebase_cli.py`)")
+@pytest.mark.skipif(
+    firebase_cli.missing() is not None,
+    reason=f"Firebase CLI emulators: {firebase_cli.missing()} (run `python3 scripts/setup_firebase_cli.py`)",
+)
 def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
     """The deployed shape, under the Firebase CLI's Auth, Functions and Firestore emulators: a real ID token
     reaches the callable, the secret and the params reach RunPod's request, rules guard the client's write,
     and the creation trigger dispatches a client's doc (and skips the callable's)."""
     runpod = stub(ACCEPTED)
     project = emu.unique_id("demo-cli")
-    cli = FirebaseCli(emulator_logs, tmp_path / "project", project, runpod.url, api_key=CLI_KEY,
-                      function_env={"RUNPOD_ENDPOINT_ID": "local-test", "RUNPOD_ATTEMPTS": "1"})
+    cli = FirebaseCli(
+        emulator_logs,
+        tmp_path / "project",
+        project,
+        runpod.url,
+        api_key=CLI_KEY,
+        function_env={"RUNPOD_ENDPOINT_ID": "local-test", "RUNPOD_ATTEMPTS": "1"},
+    )
     cli.start()
     try:
         uid, token = cli.sign_up("ada@example.com")
         other_uid, _ = cli.sign_up("bob@example.com")
         reply = cli.call("generateWithRunPod", {"prompt": "a car", "file_uid": "cli-1", "numFrames": 16}, token)
-        assert reply == {"result": {"success": True, "fileUid": "cli-1", "mediaType": "videos",
-                                    "status": "accepted", "message": "Generation started"}}
+        assert reply == {
+            "result": {
+                "success": True,
+                "fileUid": "cli-1",
+                "mediaType": "videos",
+                "status": "accepted",
+                "message": "Generation started",
+            }
+        }
         auth, body = runpod.requests[0]
         assert auth == f"Bearer {CLI_KEY}"
-        assert body == {"input": {"prompt": "a car", "user_id": uid, "file_uid": "cli-1", "use_cloud_storage": True,
-                                  "num_frames": 16}}
+        assert body == {
+            "input": {
+                "prompt": "a car",
+                "user_id": uid,
+                "file_uid": "cli-1",
+                "use_cloud_storage": True,
+                "num_frames": 16,
+            }
+        }
         assert cli.call("generateWithRunPod", {"prompt": "a car"}) == {
-            "error": {"message": "Sign in to generate", "status": "UNAUTHENTICATED"}}
-        assert cli.call("generateWithRunPod", {"prompt": "a car", "user_id": other_uid}, token)["error"][
-            "status"] == "PERMISSION_DENIED"
+            "error": {"message": "Sign in to generate", "status": "UNAUTHENTICATED"}
+        }
+        assert (
+            cli.call("generateWithRunPod", {"prompt": "a car", "user_id": other_uid}, token)["error"]["status"]
+            == "PERMISSION_DENIED"
+        )
         assert cli.call("generateWithRunPod", {"prompt": "a car", "width": 9}, token) == {
-            "error": {"message": "width must be between 256 and 1024", "status": "INVALID_ARGUMENT"}}
+            "error": {"message": "width must be between 256 and 1024", "status": "INVALID_ARGUMENT"}
+        }
         assert len(runpod.requests) == 1
 
         # The client's own write, with its real ID token, through the rules; its trigger wakes a worker.
@@ -627,16 +835,43 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
 
         rest = Rest(f"http://{cli.host}:{cli.ports['firestore']}", project)
         rest.session.headers["Authorization"] = f"Bearer {token}"
-        doc = {"status": "queued", "created_at": SERVER_TIME, "prompt": "a boat", "generated": False, "error": False,
-               "width": 768}
-        written = rest.session.post(f"{rest.url}:commit", json={"writes": [{
-            "update": {"name": f"{rest.root}/generations/{uid}/images/cli-2",
-                       "fields": {k: encode(v) for k, v in doc.items() if v is not SERVER_TIME}},
-            "updateTransforms": [{"fieldPath": "created_at", "setToServerValue": "REQUEST_TIME"}]}]}, timeout=10)
+        doc = {
+            "status": "queued",
+            "created_at": SERVER_TIME,
+            "prompt": "a boat",
+            "generated": False,
+            "error": False,
+            "width": 768,
+        }
+        written = rest.session.post(
+            f"{rest.url}:commit",
+            json={
+                "writes": [
+                    {
+                        "update": {
+                            "name": f"{rest.root}/generations/{uid}/images/cli-2",
+                            "fields": {k: encode(v) for k, v in doc.items() if v is not SERVER_TIME},
+                        },
+                        "updateTransforms": [{"fieldPath": "created_at", "setToServerValue": "REQUEST_TIME"}],
+                    }
+                ]
+            },
+            timeout=10,
+        )
         assert written.status_code == 200, written.text
         assert emu.wait_until(lambda: len(runpod.requests) == 2, 30, 0.1), cli.log_tail()
-        assert runpod.requests[1] == (f"Bearer {CLI_KEY}", {"input": {
-            "prompt": "a boat", "user_id": uid, "file_uid": "cli-2", "use_cloud_storage": True, "width": 768}})
+        assert runpod.requests[1] == (
+            f"Bearer {CLI_KEY}",
+            {
+                "input": {
+                    "prompt": "a boat",
+                    "user_id": uid,
+                    "file_uid": "cli-2",
+                    "use_cloud_storage": True,
+                    "width": 768,
+                }
+            },
+        )
         assert emu.wait_until(lambda: f"generations/{uid}/videos/cli-1: skipped" in cli.log_tail(400), 30, 0.1)
         assert f"generations/{uid}/images/cli-2: accepted" in cli.log_tail(400)
         assert CLI_KEY not in cli.log_path.read_text()

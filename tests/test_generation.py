@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, WanPipeline
+from fixtures_generation import PROMPT, engine, image_request, tiny_cache, video_request  # noqa: F401
 from PIL import Image
 
-from fixtures_generation import PROMPT, engine, image_request, tiny_cache, video_request  # noqa: F401
+from firegen_core import contract, errors
 from generation import __main__ as cli
-from generation import contract, errors, media, tiny
+from generation import media, tiny
 from generation.engine import Engine, EngineConfig
 from generation.pipelines import ImagePipeline, Runtime, derive_seed, frames_to_generate, resolve_seed
 
@@ -33,8 +34,15 @@ def pixels(data: bytes) -> np.ndarray:
 
 def test_image_sizes_and_count_from_a_contract_request(engine):
     request = contract.parse_runsync_input(
-        {"prompt": PROMPT, "use_cloud_storage": False, "width": 256, "height": 320,
-         "num_images_per_prompt": 2, "num_inference_steps": 10, "seed": 7}
+        {
+            "prompt": PROMPT,
+            "use_cloud_storage": False,
+            "width": 256,
+            "height": 320,
+            "num_images_per_prompt": 2,
+            "num_inference_steps": 10,
+            "seed": 7,
+        }
     )
     result = engine.generate(request)
     assert (result.task_type, result.seed, result.width, result.height) == ("text2image", 7, 256, 320)
@@ -82,12 +90,16 @@ def test_the_largest_seed_with_several_images_runs(engine):
 @pytest.mark.parametrize("num_frames", [16, 17])
 def test_video_has_exactly_the_requested_frames_size_and_fps(engine, num_frames):
     result = engine.generate(video_request(num_frames=num_frames, fps=12, video_width=256, video_height=256))
-    (data, ext, content_type), = result.files
+    ((data, ext, content_type),) = result.files
     assert (ext, content_type) == ("mp4", "video/mp4")
     probe = media.probe_mp4(data)
     assert (probe.frames, probe.fps, probe.width, probe.height) == (num_frames, 12, 256, 256)
     assert result.video_info == {
-        "frames": num_frames, "fps": 12, "duration_seconds": round(num_frames / 12, 3), "width": 256, "height": 256,
+        "frames": num_frames,
+        "fps": 12,
+        "duration_seconds": round(num_frames / 12, 3),
+        "width": 256,
+        "height": 256,
     }
     assert (result.width, result.height, result.task_type) == (256, 256, "text2video")
 
@@ -268,12 +280,22 @@ def test_a_local_folder_loads_and_each_pipeline_loads_once(engine, tiny_cache):
 
 def test_engine_config_from_env():
     config = EngineConfig.from_env(
-        {"IMAGE_MODEL": " /models/sdxl ", "VIDEO_MODEL": "", "FIREGEN_PRELOAD": "true", "HF_HUB_OFFLINE": "1",
-         "FIREGEN_DEVICE": "cuda:1", "FIREGEN_DTYPE": "float16"},
+        {
+            "IMAGE_MODEL": " /models/sdxl ",
+            "VIDEO_MODEL": "",
+            "FIREGEN_PRELOAD": "true",
+            "HF_HUB_OFFLINE": "1",
+            "FIREGEN_DEVICE": "cuda:1",
+            "FIREGEN_DTYPE": "float16",
+        },
         video_model="tiny",
     )
     assert config == EngineConfig(
-        image_model="/models/sdxl", video_model="tiny", device="cuda:1", dtype="float16", preload=True,
+        image_model="/models/sdxl",
+        video_model="tiny",
+        device="cuda:1",
+        dtype="float16",
+        preload=True,
         local_files_only=True,
     )
     assert EngineConfig.from_env({}).video_model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -317,8 +339,22 @@ def test_tiny_models_keep_the_real_downsampling_factors(engine):
 
 
 def test_cli_writes_images_and_prints_paths_and_seed(tiny_cache, tmp_path, capsys):
-    args = ["--prompt", PROMPT, "--out", str(tmp_path), "--width", "256", "--height", "256",
-            "--num-images", "2", "--steps", "10", "--seed", "5"]
+    args = [
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path),
+        "--width",
+        "256",
+        "--height",
+        "256",
+        "--num-images",
+        "2",
+        "--steps",
+        "10",
+        "--seed",
+        "5",
+    ]
     assert cli.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [str(tmp_path / "generation.png"), str(tmp_path / "generation_1.png"), "seed 5"]
@@ -326,8 +362,21 @@ def test_cli_writes_images_and_prints_paths_and_seed(tiny_cache, tmp_path, capsy
 
 
 def test_cli_writes_a_video(tiny_cache, tmp_path, capsys):
-    args = ["--prompt", PROMPT, "--out", str(tmp_path), "--video", "--video-width", "256", "--video-height", "256",
-            "--steps", "10", "--name", "clip"]
+    args = [
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path),
+        "--video",
+        "--video-width",
+        "256",
+        "--video-height",
+        "256",
+        "--steps",
+        "10",
+        "--name",
+        "clip",
+    ]
     assert cli.main(args) == 0
     assert capsys.readouterr().out.splitlines()[0] == str(tmp_path / "clip.mp4")
     assert media.probe_mp4((tmp_path / "clip.mp4").read_bytes()).frames == 16
@@ -335,11 +384,13 @@ def test_cli_writes_a_video(tiny_cache, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--width", "100"], "width must be between 256 and 1024"),
-     (["--fps", "30"], "fps must be between 6 and 15"),
-     (["--width", "260"], "Validation failed: width must be a multiple of 8 for SDXL (got 260)"),
-     (["--width", "wide"], "Validation failed: width must be an integer"),
-     (["--steps", "12.5"], "Validation failed: num_inference_steps must be an integer")],
+    [
+        (["--width", "100"], "width must be between 256 and 1024"),
+        (["--fps", "30"], "fps must be between 6 and 15"),
+        (["--width", "260"], "Validation failed: width must be a multiple of 8 for SDXL (got 260)"),
+        (["--width", "wide"], "Validation failed: width must be an integer"),
+        (["--steps", "12.5"], "Validation failed: num_inference_steps must be an integer"),
+    ],
 )
 def test_cli_bad_input_prints_the_contract_message_and_exits_2(tmp_path, capsys, flags, message):
     assert cli.main(["--prompt", PROMPT, "--out", str(tmp_path), *flags]) == 2

@@ -6,16 +6,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from generation.contract import parse_runsync_input
-from generation.errors import GenerationError
-from listener.jobs import JobKey, JobStore
+from firegen_core.contract import parse_runsync_input
+from firegen_core.errors import GenerationError
+from firegen_core.jobs import JobKey, JobStore
 
 KEY = JobKey("user123", "images", "file456")
 
 
 def queue(client, key=KEY, **fields):
-    client.document(key.path).set({"status": "queued", "prompt": "a red car", "generated": False, "error": False,
-                                   **fields})
+    client.document(key.path).set(
+        {"status": "queued", "prompt": "a red car", "generated": False, "error": False, **fields}
+    )
 
 
 def store(client, worker="w1", lease=60.0, max_attempts=3):
@@ -109,7 +110,10 @@ def test_complete_and_fail_are_final(firestore_client):
     assert s.fail(job, GenerationError("OutOfMemoryError", "Out of memory during generation"))
     doc = read(firestore_client)
     assert (doc["status"], doc["error_type"], doc["error_message"]) == (
-        "failed", "OutOfMemoryError", "Out of memory during generation")
+        "failed",
+        "OutOfMemoryError",
+        "Out of memory during generation",
+    )
     assert "failed_at" in doc and doc["modified"] == doc["failed_at"]
     assert s.claim(KEY) is None and not s.complete(job, {"status": "completed"})
 
@@ -126,14 +130,26 @@ def test_release_puts_the_job_back_for_another_worker(firestore_client):
 
 
 def test_ensure_queued_creates_once_and_never_touches_an_existing_doc(firestore_client):
-    request = parse_runsync_input({"prompt": "A sunset over mountains", "user_id": "test-user",
-                                   "file_uid": "test-img-001", "use_cloud_storage": True, "width": 512})
+    request = parse_runsync_input(
+        {
+            "prompt": "A sunset over mountains",
+            "user_id": "test-user",
+            "file_uid": "test-img-001",
+            "use_cloud_storage": True,
+            "width": 512,
+        }
+    )
     s = store(firestore_client)
     s.ensure_queued(request)
     key = JobKey.of(request)
     doc = read(firestore_client, key)
     assert doc["status"] == "queued" and doc["width"] == 512 and doc["task_type"] == "text2image"
-    assert (doc["generated"], doc["error"], doc["user_id"], doc["file_uid"]) == (False, False, "test-user", "test-img-001")
+    assert (doc["generated"], doc["error"], doc["user_id"], doc["file_uid"]) == (
+        False,
+        False,
+        "test-user",
+        "test-img-001",
+    )
     assert "created_at" in doc
     job = s.claim(key)
     assert s.ensure_queued(request)["status"] == "processing"

@@ -1,28 +1,39 @@
 """The job state machine as pure decisions (no Firestore): guards and the exact fields each transition writes."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
-from generation.errors import GenerationError
-from listener import lifecycle
-from listener.lifecycle import Lease
+from firegen_core import lifecycle
+from firegen_core.errors import GenerationError
+from firegen_core.lifecycle import Lease
 
-NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 CLAIM = dict(worker_id="w1", lease_seconds=60, max_attempts=3)
 
 
 def processing(worker="w0", attempts=1, expires_in=30.0):
-    return {"status": "processing", "worker_id": worker, "attempts": attempts,
-            "lease_expires_at": NOW + timedelta(seconds=expires_in), "user_id": "u", "file_uid": "f"}
+    return {
+        "status": "processing",
+        "worker_id": worker,
+        "attempts": attempts,
+        "lease_expires_at": NOW + timedelta(seconds=expires_in),
+        "user_id": "u",
+        "file_uid": "f",
+    }
 
 
 def test_claim_of_a_queued_doc():
     update = lifecycle.claim({"status": "queued"}, NOW, **CLAIM)
     assert update == {
-        "status": "processing", "worker_id": "w1", "lease_expires_at": NOW + timedelta(seconds=60), "attempts": 1,
-        "started_at": SERVER_TIMESTAMP, "modified": SERVER_TIMESTAMP, "progress": 0.0,
+        "status": "processing",
+        "worker_id": "w1",
+        "lease_expires_at": NOW + timedelta(seconds=60),
+        "attempts": 1,
+        "started_at": SERVER_TIMESTAMP,
+        "modified": SERVER_TIMESTAMP,
+        "progress": 0.0,
     }
 
 
@@ -54,8 +65,12 @@ def test_fencing_needs_status_worker_and_attempt():
 
 def test_release_gives_the_attempt_back():
     assert lifecycle.release(processing(attempts=2)) == {
-        "status": "queued", "worker_id": DELETE_FIELD, "lease_expires_at": DELETE_FIELD, "progress": DELETE_FIELD,
-        "attempts": 1, "modified": SERVER_TIMESTAMP,
+        "status": "queued",
+        "worker_id": DELETE_FIELD,
+        "lease_expires_at": DELETE_FIELD,
+        "progress": DELETE_FIELD,
+        "attempts": 1,
+        "modified": SERVER_TIMESTAMP,
     }
 
 
@@ -65,20 +80,37 @@ def test_renewal_clamps_progress():
 
 
 def test_success_fields_for_images_are_the_contracts():
-    fields = lifecycle.success(task_type="text2image", user_id="user123", file_uid="file456",
-                               urls=["a.png", "b.png"], seed=1234567890, timings={"generation_seconds": 1.23456})
+    fields = lifecycle.success(
+        task_type="text2image",
+        user_id="user123",
+        file_uid="file456",
+        urls=["a.png", "b.png"],
+        seed=1234567890,
+        timings={"generation_seconds": 1.23456},
+    )
     assert fields == {
-        "generated": True, "error": False, "status": "completed", "completed_at": SERVER_TIMESTAMP,
-        "modified": SERVER_TIMESTAMP, "images": ["a.png", "b.png"], "image_url": "a.png", "image_count": 2,
-        "seed": 1234567890, "task_type": "text2image", "file_uid": "file456", "user_id": "user123",
-        "progress": 1.0, "generation_seconds": 1.235,
+        "generated": True,
+        "error": False,
+        "status": "completed",
+        "completed_at": SERVER_TIMESTAMP,
+        "modified": SERVER_TIMESTAMP,
+        "images": ["a.png", "b.png"],
+        "image_url": "a.png",
+        "image_count": 2,
+        "seed": 1234567890,
+        "task_type": "text2image",
+        "file_uid": "file456",
+        "user_id": "user123",
+        "progress": 1.0,
+        "generation_seconds": 1.235,
     }
 
 
 def test_success_fields_for_a_video_are_the_contracts():
     info = {"frames": 16, "fps": 8, "duration_seconds": 2.0, "width": 512, "height": 512}
-    fields = lifecycle.success(task_type="text2video", user_id="u", file_uid="f", urls=["v.mp4"], seed=1,
-                               video_info=info)
+    fields = lifecycle.success(
+        task_type="text2video", user_id="u", file_uid="f", urls=["v.mp4"], seed=1, video_info=info
+    )
     assert (fields["videos"], fields["video_url"], fields["video_info"]) == (["v.mp4"], "v.mp4", info)
     assert "images" not in fields and "image_url" not in fields
 
@@ -89,10 +121,17 @@ def test_no_partial_success():
 
 
 def test_failure_fields_are_the_contracts():
-    fields = lifecycle.failure(GenerationError("OutOfMemoryError", "Out of memory during generation"),
-                               user_id="user123", file_uid="file456")
+    fields = lifecycle.failure(
+        GenerationError("OutOfMemoryError", "Out of memory during generation"), user_id="user123", file_uid="file456"
+    )
     assert fields == {
-        "generated": False, "error": True, "status": "failed", "error_message": "Out of memory during generation",
-        "error_type": "OutOfMemoryError", "failed_at": SERVER_TIMESTAMP, "modified": SERVER_TIMESTAMP,
-        "user_id": "user123", "file_uid": "file456",
+        "generated": False,
+        "error": True,
+        "status": "failed",
+        "error_message": "Out of memory during generation",
+        "error_type": "OutOfMemoryError",
+        "failed_at": SERVER_TIMESTAMP,
+        "modified": SERVER_TIMESTAMP,
+        "user_id": "user123",
+        "file_uid": "file456",
     }

@@ -56,10 +56,12 @@ def test_mp4_keeps_the_picture():
 
 @pytest.mark.parametrize(
     ("frames", "message"),
-    [(np.zeros((4, 33, 32, 3), np.uint8), "must be even"),
-     (np.zeros((0, 32, 32, 3), np.uint8), "at least one frame"),
-     (np.zeros((4, 32, 32), np.uint8), "shaped"),
-     (np.full((4, 32, 32, 3), 300), "0..255")],
+    [
+        (np.zeros((4, 33, 32, 3), np.uint8), "must be even"),
+        (np.zeros((0, 32, 32, 3), np.uint8), "at least one frame"),
+        (np.zeros((4, 32, 32), np.uint8), "shaped"),
+        (np.full((4, 32, 32, 3), 300), "0..255"),
+    ],
 )
 def test_mp4_refuses_what_it_cannot_encode(frames, message):
     with pytest.raises(ValueError, match=message):
@@ -69,5 +71,9 @@ def test_mp4_refuses_what_it_cannot_encode(frames, message):
 @pytest.mark.parametrize(("frames", "fps", "seconds"), [(16, 8, 2.0), (17, 8, 2.125), (81, 15, 5.4), (16, 6, 2.667)])
 def test_video_info_matches_the_contract(frames, fps, seconds):
     assert media.video_info(frames, fps, 512, 256) == {
-        "frames": frames, "fps": fps, "duration_seconds": seconds, "width": 512, "height": 256,
+        "frames": frames,
+        "fps": fps,
+        "duration_seconds": seconds,
+        "width": 512,
+        "height": 256,
     }

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from listener.jobs import JobKey, JobStore
+from firegen_core.jobs import JobKey, JobStore
 from listener.reconciler import Reconciler
 from listener.runner import JobRunner
 from listener.storage import ResultStore, RetryPolicy
@@ -59,8 +59,12 @@ def wait_until(predicate, timeout=15.0, interval=0.02):
 
 @pytest.fixture
 def results(storage_client, bucket, storage_emulator):
-    return ResultStore(storage_client, bucket.name, retry=RetryPolicy(attempts=3, max_seconds=2.0, initial_wait=0.05),
-                       emulator_host=storage_emulator.url)
+    return ResultStore(
+        storage_client,
+        bucket.name,
+        retry=RetryPolicy(attempts=3, max_seconds=2.0, initial_wait=0.05),
+        emulator_host=storage_emulator.url,
+    )
 
 
 @pytest.fixture
@@ -69,8 +73,12 @@ def make_worker(firestore_client, results):
 
     def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1):
         store = JobStore(firestore_client, worker_id=name, lease_seconds=lease)
-        reconciler = Reconciler(store, JobRunner(store, generator or StubGenerator(), results),
-                                concurrency=concurrency, sweep_interval=sweep)
+        reconciler = Reconciler(
+            store,
+            JobRunner(store, generator or StubGenerator(), results),
+            concurrency=concurrency,
+            sweep_interval=sweep,
+        )
         started.append(reconciler.start())
         assert reconciler.wait_listening(10)
         return reconciler
@@ -82,8 +90,9 @@ def make_worker(firestore_client, results):
 
 
 def write_job(client, key: JobKey, **fields):
-    client.document(key.path).set({"status": "queued", "prompt": "A red sports car", "generated": False,
-                                   "error": False, **fields})
+    client.document(key.path).set(
+        {"status": "queued", "prompt": "A red sports car", "generated": False, "error": False, **fields}
+    )
 
 
 def doc(client, key):
@@ -219,8 +228,9 @@ def test_a_dead_workers_job_goes_before_the_backlog(make_worker, firestore_clien
     backlog = [JobKey("u1", "images", f"newer-{i:02d}") for i in range(60)]
     batch = firestore_client.batch()
     for key in backlog:
-        batch.set(firestore_client.document(key.path), {"status": "queued", "prompt": "x", "generated": False,
-                                                        "error": False})
+        batch.set(
+            firestore_client.document(key.path), {"status": "queued", "prompt": "x", "generated": False, "error": False}
+        )
     batch.commit()
     generator = StubGenerator()
     make_worker("survivor", generator, sweep=0.2)

@@ -4,7 +4,7 @@ Each case is one request made as a user: `Authorization: Bearer <unsigned JWT>` 
 `alg: none` tokens, which is what the client SDKs' `mockUserToken` sends), or no header at all. Documents
 the cases read, update or delete are seeded as admin (`Bearer owner`, which bypasses rules).
 
-Create cases that are about the request's parameters also say what the contract (generation/contract.py
+Create cases that are about the request's parameters also say what the contract (firegen_core/contract.py
 parse_document) decides for the same document, and the test checks the two agree: the rules must not let
 through what the worker would refuse, nor refuse what it accepts.
 """
@@ -14,14 +14,14 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from generation.contract import DOCUMENT_STATE_FIELDS, ContractError, parse_document
+from firegen_core.contract import DOCUMENT_STATE_FIELDS, ContractError, parse_document
 
 RULES = Path(__file__).resolve().parent.parent / "firestore.rules"
 OWNER, STRANGER = "alice", "bob"
@@ -32,13 +32,19 @@ ALLOW, DENY = True, False
 # ---------------------------------------------------------------------------------------------- REST client
 def mock_token(uid: str) -> str:
     """An unsigned ID token for the emulator: header {"alg": "none"}, payload with the uid, no signature."""
+
     def b64(obj: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
 
-    now = int(datetime.now(timezone.utc).timestamp())
+    now = int(datetime.now(UTC).timestamp())
     payload = {
-        "iss": "https://securetoken.google.com/demo-rules", "aud": "demo-rules", "iat": now, "exp": now + 3600,
-        "auth_time": now, "sub": uid, "user_id": uid,
+        "iss": "https://securetoken.google.com/demo-rules",
+        "aud": "demo-rules",
+        "iat": now,
+        "exp": now + 3600,
+        "auth_time": now,
+        "sub": uid,
+        "user_id": uid,
         "firebase": {"sign_in_provider": "custom", "identities": {}},
     }
     return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(payload)}."
@@ -90,10 +96,13 @@ class Rest:
 
     def seed(self, docs: dict[str, dict]) -> None:
         """Write docs as admin (`Bearer owner`: rules do not apply), in one commit."""
-        writes = [{"update": {"name": f"{self.root}/{path}", "fields": {k: encode(v) for k, v in data.items()}}}
-                  for path, data in docs.items()]
-        response = self.session.post(f"{self.url}:commit", json={"writes": writes}, headers=self._headers("admin"),
-                                     timeout=10)
+        writes = [
+            {"update": {"name": f"{self.root}/{path}", "fields": {k: encode(v) for k, v in data.items()}}}
+            for path, data in docs.items()
+        ]
+        response = self.session.post(
+            f"{self.url}:commit", json={"writes": writes}, headers=self._headers("admin"), timeout=10
+        )
         assert response.status_code == 200, response.text
 
     def get(self, uid: str | None, path: str) -> requests.Response:
@@ -119,8 +128,14 @@ def allowed(response: requests.Response) -> bool:
 # ---------------------------------------------------------------------------------------------- the cases
 def sample(**options) -> dict:
     """The contract's client sample: setDoc(docRef, {status, created_at, prompt, generated, error, ...options})."""
-    return {"status": "queued", "created_at": SERVER_TIME, "prompt": "A red sports car on a mountain road",
-            "generated": False, "error": False, **options}
+    return {
+        "status": "queued",
+        "created_at": SERVER_TIME,
+        "prompt": "A red sports car on a mountain road",
+        "generated": False,
+        "error": False,
+        **options,
+    }
 
 
 @dataclass
@@ -138,32 +153,66 @@ VIDEO_PATH = f"generations/{OWNER}/videos/file-1"
 
 CREATES = [
     Create("client sample as written", sample(), ALLOW, contract=True),
-    Create("client sample with camelCase video options", sample(**VIDEO_OPTIONS), ALLOW, path=VIDEO_PATH,
-           contract=True),
-    Create("camelCase image options", sample(numImagesPerPrompt=2, numInferenceSteps=30, guidanceScale=7.5,
-                                             negativePrompt="blurry", width=768, height=512, seed=42),
-           ALLOW, contract=True),
-    Create("snake_case fields and ids equal to the path",
-           sample(num_images_per_prompt=4, num_inference_steps=50, guidance_scale=20, negative_prompt=None,
-                  seed=None, width=1024, height=256, user_id=OWNER, file_uid="file-1", use_cloud_storage=True),
-           ALLOW, contract=True),
-    Create("snake_case video bounds", sample(num_frames=81, fps=15, video_width=1024, video_height=256,
-                                             video_guidance_scale=1.0), ALLOW, path=VIDEO_PATH, contract=True),
-    Create("same field in both spellings, same value", sample(num_frames=24, numFrames=24), ALLOW,
-           path=VIDEO_PATH, contract=True),
+    Create(
+        "client sample with camelCase video options", sample(**VIDEO_OPTIONS), ALLOW, path=VIDEO_PATH, contract=True
+    ),
+    Create(
+        "camelCase image options",
+        sample(
+            numImagesPerPrompt=2,
+            numInferenceSteps=30,
+            guidanceScale=7.5,
+            negativePrompt="blurry",
+            width=768,
+            height=512,
+            seed=42,
+        ),
+        ALLOW,
+        contract=True,
+    ),
+    Create(
+        "snake_case fields and ids equal to the path",
+        sample(
+            num_images_per_prompt=4,
+            num_inference_steps=50,
+            guidance_scale=20,
+            negative_prompt=None,
+            seed=None,
+            width=1024,
+            height=256,
+            user_id=OWNER,
+            file_uid="file-1",
+            use_cloud_storage=True,
+        ),
+        ALLOW,
+        contract=True,
+    ),
+    Create(
+        "snake_case video bounds",
+        sample(num_frames=81, fps=15, video_width=1024, video_height=256, video_guidance_scale=1.0),
+        ALLOW,
+        path=VIDEO_PATH,
+        contract=True,
+    ),
+    Create(
+        "same field in both spellings, same value",
+        sample(num_frames=24, numFrames=24),
+        ALLOW,
+        path=VIDEO_PATH,
+        contract=True,
+    ),
     Create("unauthenticated", sample(), DENY, uid=None),
     Create("into another user's path", sample(), DENY, uid=STRANGER),
     Create("forged status completed", {**sample(), "status": "completed"}, DENY),
     Create("forged status processing", {**sample(), "status": "processing"}, DENY),
     Create("generated true", {**sample(), "generated": True}, DENY),
     Create("error true", {**sample(), "error": True}, DENY),
-    Create("forged result fields", sample(images=["https://x/y.png"], image_url="https://x/y.png", image_count=1),
-           DENY),
-    Create("forged worker fields", sample(worker_id="w1", attempts=0, lease_expires_at=datetime.now(timezone.utc)),
-           DENY),
+    Create(
+        "forged result fields", sample(images=["https://x/y.png"], image_url="https://x/y.png", image_count=1), DENY
+    ),
+    Create("forged worker fields", sample(worker_id="w1", attempts=0, lease_expires_at=datetime.now(UTC)), DENY),
     Create("forged dispatch marker", sample(dispatch_count=1), DENY),
-    Create("created_at from the client clock", {**sample(), "created_at": datetime(2025, 7, 23, tzinfo=timezone.utc)},
-           DENY),
+    Create("created_at from the client clock", {**sample(), "created_at": datetime(2025, 7, 23, tzinfo=UTC)}, DENY),
     Create("created_at missing", {k: v for k, v in sample().items() if k != "created_at"}, DENY),
     Create("unknown field", sample(foo="bar"), DENY),
     Create("prompt missing", {k: v for k, v in sample().items() if k != "prompt"}, DENY, contract=False),
@@ -185,14 +234,20 @@ CREATES = [
     Create("videoWidth not a multiple of 16", sample(videoWidth=520), DENY, path=VIDEO_PATH, contract=False),
     Create("videoGuidanceScale 0.5", sample(videoGuidanceScale=0.5), DENY, path=VIDEO_PATH, contract=False),
     Create("video field on an image job", sample(numFrames=16), DENY, contract=False),
-    Create("same field in both spellings, two values", sample(num_frames=16, numFrames=24), DENY, path=VIDEO_PATH,
-           contract=False),
+    Create(
+        "same field in both spellings, two values",
+        sample(num_frames=16, numFrames=24),
+        DENY,
+        path=VIDEO_PATH,
+        contract=False,
+    ),
     Create("user_id naming someone else", sample(user_id=STRANGER), DENY),
     Create("file_uid other than the doc id", sample(file_uid="file-2"), DENY),
     Create("use_cloud_storage false", sample(use_cloud_storage=False), DENY),
     Create("media type other than images or videos", sample(), DENY, path=f"generations/{OWNER}/audio/file-1"),
-    Create("document id the contract refuses", sample(), DENY, path=f"generations/{OWNER}/images/file 1",
-           contract=False),
+    Create(
+        "document id the contract refuses", sample(), DENY, path=f"generations/{OWNER}/images/file 1", contract=False
+    ),
 ]
 
 
@@ -229,8 +284,15 @@ def test_create(rest, case: Create):
 
 # ---------------------------------------------------------------------------------------------- reads, updates
 JOB = f"generations/{OWNER}/images/file-1"
-DONE = {"status": "completed", "generated": True, "error": False, "prompt": "a car",
-        "images": ["https://example.invalid/a.png"], "image_url": "https://example.invalid/a.png", "image_count": 1}
+DONE = {
+    "status": "completed",
+    "generated": True,
+    "error": False,
+    "prompt": "a car",
+    "images": ["https://example.invalid/a.png"],
+    "image_url": "https://example.invalid/a.png",
+    "image_count": 1,
+}
 
 
 @dataclass
@@ -255,23 +317,27 @@ ACCESS = [
     Access("owner forges completion", "update", OWNER, DENY, data={"status": "completed", "generated": True}),
     Access("owner edits the prompt", "update", OWNER, DENY, data={"prompt": "something else"}),
     Access("owner overwrites with a fresh queued doc", "set", OWNER, DENY, data=sample()),
-    Access("owner resets a failed job to queued", "update", OWNER, DENY,
-           data={"status": "queued", "error": False}),
+    Access("owner resets a failed job to queued", "update", OWNER, DENY, data={"status": "queued", "error": False}),
     Access("owner deletes own job", "delete", OWNER, DENY),
     Access("stranger deletes someone's job", "delete", STRANGER, DENY),
-    Access("owner edits a video job's URL", "update", OWNER, DENY, path=f"generations/{OWNER}/videos/file-9",
-           data={"video_url": "https://evil.invalid/x.mp4"}),
+    Access(
+        "owner edits a video job's URL",
+        "update",
+        OWNER,
+        DENY,
+        path=f"generations/{OWNER}/videos/file-9",
+        data={"video_url": "https://evil.invalid/x.mp4"},
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", ACCESS, ids=[c.name for c in ACCESS])
 def test_access(rest, case: Access):
-    rest.seed({path: DONE for path in (JOB, f"generations/{OWNER}/videos/file-9",
-                                       f"generations/{STRANGER}/images/file-b")})
+    rest.seed(
+        {path: DONE for path in (JOB, f"generations/{OWNER}/videos/file-9", f"generations/{STRANGER}/images/file-b")}
+    )
     before = rest.get("admin", case.path).json() if case.action in ("update", "set", "delete") else None
-    if case.action == "get":
-        response = rest.get(case.uid, case.path)
-    elif case.action == "list":
+    if case.action == "get" or case.action == "list":
         response = rest.get(case.uid, case.path)
     elif case.action == "group":
         response = rest.collection_group(case.uid, case.path)

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from devtools import emulators as emu
-from generation.errors import CONNECTION_ERROR, classify
+from firegen_core.errors import CONNECTION_ERROR, classify
 from listener.settings import Settings, SettingsError, load_settings
 from listener.storage import (
     TOKEN_METADATA_KEY,
@@ -155,8 +155,12 @@ def test_token_url_under_the_emulator_downloads(storage_client, bucket, storage_
 
 def test_signed_url_v4(storage_client, bucket):
     store = ResultStore(
-        storage_client, bucket.name, url_style="signed", retry=FAST,
-        signed_url_expiry=3600, signing_credentials=signing_credentials(),
+        storage_client,
+        bucket.name,
+        url_style="signed",
+        retry=FAST,
+        signed_url_expiry=3600,
+        signing_credentials=signing_credentials(),
     )
     [url] = store.upload("user123", "file456", "text2image", images(PNG))
     parsed = urlparse(url)
@@ -190,7 +194,9 @@ def test_signed_style_under_the_emulator_falls_back_to_the_emulator_url(storage_
 def test_upload_survives_a_short_storage_outage(storage_client, bucket, storage_emulator):
     retried = threading.Event()
     store = ResultStore(
-        storage_client, bucket.name, emulator_host=storage_emulator.url,
+        storage_client,
+        bucket.name,
+        emulator_host=storage_emulator.url,
         retry=RetryPolicy(attempts=1000, max_seconds=30, initial_wait=0.05, max_wait=0.2, request_timeout=5),
         on_retry=lambda name, attempt, exc: retried.set(),
     )
@@ -200,7 +206,7 @@ def test_upload_survives_a_short_storage_outage(storage_client, bucket, storage_
     def upload():
         try:
             result["urls"] = store.upload("u", "f", "text2image", images(PNG, PNG2))
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             result["error"] = e
 
     thread = threading.Thread(target=upload)
@@ -219,7 +225,9 @@ def test_upload_survives_a_short_storage_outage(storage_client, bucket, storage_
 def test_an_outage_past_the_retry_budget_is_a_connection_error(storage_client, bucket, storage_emulator):
     attempts = []
     store = ResultStore(
-        storage_client, bucket.name, emulator_host=storage_emulator.url,
+        storage_client,
+        bucket.name,
+        emulator_host=storage_emulator.url,
         retry=RetryPolicy(attempts=4, max_seconds=2, initial_wait=0.05, max_wait=0.1, request_timeout=1),
         on_retry=lambda name, attempt, exc: attempts.append(attempt),
     )
@@ -250,7 +258,9 @@ def test_a_hanging_server_times_out_within_the_budget(bucket):
 
         client = storage.Client(project="p", credentials=AnonymousCredentials(), client_options={"api_endpoint": url})
         store = ResultStore(
-            client, bucket.name, emulator_host=url,
+            client,
+            bucket.name,
+            emulator_host=url,
             retry=RetryPolicy(attempts=2, max_seconds=3, initial_wait=0.01, max_wait=0.01, request_timeout=0.3),
         )
         started = time.monotonic()
@@ -262,8 +272,11 @@ def test_a_hanging_server_times_out_within_the_budget(bucket):
 def test_a_permanent_error_is_not_retried(storage_client, storage_emulator):
     calls = []
     store = ResultStore(
-        storage_client, "no-such-bucket-" + emu.unique_id("x"), emulator_host=storage_emulator.url,
-        retry=FAST, on_retry=lambda *a: calls.append(a),
+        storage_client,
+        "no-such-bucket-" + emu.unique_id("x"),
+        emulator_host=storage_emulator.url,
+        retry=FAST,
+        on_retry=lambda *a: calls.append(a),
     )
     with pytest.raises(StorageError) as info:
         store.upload("u", "f", "text2image", images(PNG))
@@ -287,10 +300,24 @@ def test_transient_errors():
 
 # ---------------------------------------------------------------------------------------------- settings
 SETTINGS_VARS = [
-    "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "STORAGE_BUCKET", "FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST",
-    "URL_STYLE", "SIGNED_URL_EXPIRY_SECONDS", "IMAGE_MODEL", "VIDEO_MODEL", "LEASE_SECONDS", "MAX_ATTEMPTS",
-    "SWEEP_INTERVAL_SECONDS", "CONCURRENCY", "SHUTDOWN_GRACE_SECONDS", "UPLOAD_RETRY_ATTEMPTS",
-    "UPLOAD_RETRY_MAX_SECONDS", "FIREGEN_OFFLOAD_TEXT_ENCODER", "FIREGEN_COMPILE",
+    "GOOGLE_CLOUD_PROJECT",
+    "GCLOUD_PROJECT",
+    "STORAGE_BUCKET",
+    "FIRESTORE_EMULATOR_HOST",
+    "STORAGE_EMULATOR_HOST",
+    "URL_STYLE",
+    "SIGNED_URL_EXPIRY_SECONDS",
+    "IMAGE_MODEL",
+    "VIDEO_MODEL",
+    "LEASE_SECONDS",
+    "MAX_ATTEMPTS",
+    "SWEEP_INTERVAL_SECONDS",
+    "CONCURRENCY",
+    "SHUTDOWN_GRACE_SECONDS",
+    "UPLOAD_RETRY_ATTEMPTS",
+    "UPLOAD_RETRY_MAX_SECONDS",
+    "FIREGEN_OFFLOAD_TEXT_ENCODER",
+    "FIREGEN_COMPILE",
 ]
 
 

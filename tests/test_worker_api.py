@@ -25,15 +25,32 @@ from devtools import emulators as emu
 from devtools.worker import WorkerProcess
 
 # The contract's "Testing Examples", as written.
-IMAGE_EXAMPLE = {"input": {"prompt": "A sunset over mountains", "user_id": "test-user", "file_uid": "test-img-001",
-                           "use_cloud_storage": True, "width": 512, "height": 512}}
-VIDEO_EXAMPLE = {"input": {"prompt": "Waves crashing on beach", "user_id": "test-user", "file_uid": "test-vid-001",
-                           "use_cloud_storage": True, "num_frames": 16, "fps": 8}}
+IMAGE_EXAMPLE = {
+    "input": {
+        "prompt": "A sunset over mountains",
+        "user_id": "test-user",
+        "file_uid": "test-img-001",
+        "use_cloud_storage": True,
+        "width": 512,
+        "height": 512,
+    }
+}
+VIDEO_EXAMPLE = {
+    "input": {
+        "prompt": "Waves crashing on beach",
+        "user_id": "test-user",
+        "file_uid": "test-vid-001",
+        "use_cloud_storage": True,
+        "num_frames": 16,
+        "fps": 8,
+    }
+}
 
 
 def post(url: str, body: dict, timeout: float = 30) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -59,7 +76,7 @@ class Stack:
         snapshot = self.firestore.document(path).get()
         return snapshot.to_dict() if snapshot.exists else None
 
-    def client_writes_queued_doc(self, path: str, body: dict) -> "StatusLog":
+    def client_writes_queued_doc(self, path: str, body: dict) -> StatusLog:
         """Step 1 of the contract's flow: the client listens to its doc and creates it queued, before any call.
 
         (A listener delivers the latest state, not every state: one started after the doc was written could see
@@ -68,8 +85,9 @@ class Stack:
         log = StatusLog(self.firestore.document(path))
         assert log.listening.wait(10)
         options = {k: v for k, v in body["input"].items() if k not in ("user_id", "file_uid", "use_cloud_storage")}
-        self.firestore.document(path).set({"status": "queued", "created_at": SERVER_TIMESTAMP, "generated": False,
-                                           "error": False, **options})
+        self.firestore.document(path).set(
+            {"status": "queued", "created_at": SERVER_TIMESTAMP, "generated": False, "error": False, **options}
+        )
         return log
 
     def wait_finished(self, path: str, timeout: float = 60) -> dict:
@@ -144,7 +162,10 @@ def test_the_contracts_image_example_end_to_end(stack):
     assert log.statuses() == ["queued", "processing", "completed"]
     doc = stack.doc(path)
     assert (doc["generated"], doc["error"], doc["image_count"], doc["task_type"]) == (True, False, 1, "text2image")
-    assert doc["images"] == [doc["image_url"]] and object_of(doc["image_url"]) == "generating/test-user/image/test-img-001.png"
+    assert (
+        doc["images"] == [doc["image_url"]]
+        and object_of(doc["image_url"]) == "generating/test-user/image/test-img-001.png"
+    )
     assert isinstance(doc["seed"], int) and (doc["user_id"], doc["file_uid"]) == ("test-user", "test-img-001")
     image = Image.open(io.BytesIO(download(doc["image_url"])))
     assert (image.format, image.size) == ("PNG", (512, 512))
@@ -163,7 +184,10 @@ def test_the_contracts_video_example_end_to_end(stack):
     assert log.statuses() == ["queued", "processing", "completed"]
     doc = stack.doc(path)
     assert doc["video_info"] == {"frames": 16, "fps": 8, "duration_seconds": 2.0, "width": 512, "height": 512}
-    assert doc["videos"] == [doc["video_url"]] and object_of(doc["video_url"]) == "generating/test-user/video/test-vid-001.mp4"
+    assert (
+        doc["videos"] == [doc["video_url"]]
+        and object_of(doc["video_url"]) == "generating/test-user/video/test-vid-001.mp4"
+    )
     with av.open(io.BytesIO(download(doc["video_url"]))) as container:
         stream = container.streams.video[0]
         frames = sum(1 for _ in container.decode(stream))
@@ -178,8 +202,11 @@ def test_the_contracts_video_example_end_to_end(stack):
         ({"prompt": None}, "prompt is required"),
         ({"width": 2048}, "width must be between 256 and 1024"),
         ({"numFrames": 16}, "Validation failed: unknown field 'numFrames' (did you mean 'num_frames'?)"),
-        ({"file_uid": "../x"}, "Validation failed: file_uid may contain only letters, digits and - _ . : @ + = ~, "
-                               "must not start with '.' and must not look like __name__"),
+        (
+            {"file_uid": "../x"},
+            "Validation failed: file_uid may contain only letters, digits and - _ . : @ + = ~, "
+            "must not start with '.' and must not look like __name__",
+        ),
     ],
 )
 def test_bad_inputs_are_refused_over_http_and_write_nothing(stack, change, message):
@@ -212,9 +239,16 @@ def test_a_completed_job_is_never_generated_again(stack):
 
 def test_a_failed_job_answers_with_its_recorded_error(stack):
     path = "generations/test-user/images/failed-before"
-    stack.firestore.document(path).set({"status": "failed", "error": True, "generated": False, "prompt": "x",
-                                        "error_message": "Out of memory during generation",
-                                        "error_type": "OutOfMemoryError"})
+    stack.firestore.document(path).set(
+        {
+            "status": "failed",
+            "error": True,
+            "generated": False,
+            "prompt": "x",
+            "error_message": "Out of memory during generation",
+            "error_type": "OutOfMemoryError",
+        }
+    )
     answer = stack.runsync({"input": {**IMAGE_EXAMPLE["input"], "file_uid": "failed-before"}})
     assert (answer["status"], answer["error"]) == ("FAILED", "Out of memory during generation")
     assert stack.doc(path)["status"] == "failed"
@@ -222,8 +256,18 @@ def test_a_failed_job_answers_with_its_recorded_error(stack):
 
 def test_a_client_written_doc_is_run_without_any_runsync_call(stack):
     path = "generations/client-user/videos/written-by-client"
-    stack.firestore.document(path).set({"status": "queued", "prompt": "Waves", "generated": False, "error": False,
-                                        "numFrames": 17, "fps": 6, "videoWidth": 256, "videoHeight": 256})
+    stack.firestore.document(path).set(
+        {
+            "status": "queued",
+            "prompt": "Waves",
+            "generated": False,
+            "error": False,
+            "numFrames": 17,
+            "fps": 6,
+            "videoWidth": 256,
+            "videoHeight": 256,
+        }
+    )
     doc = stack.wait_finished(path)
     assert doc["status"] == "completed"
     assert doc["video_info"] == {"frames": 17, "fps": 6, "duration_seconds": 2.833, "width": 256, "height": 256}
@@ -234,8 +278,16 @@ def test_sigterm_mid_job_gives_the_job_back(firestore_emulator, storage_emulator
     try:
         path = "generations/test-user/videos/long-job"
         # Many short steps: the job lasts a while, and a stop request is seen at the next step.
-        body = {"input": {**VIDEO_EXAMPLE["input"], "file_uid": "long-job", "num_frames": 81,
-                          "num_inference_steps": 50, "video_width": 256, "video_height": 256}}
+        body = {
+            "input": {
+                **VIDEO_EXAMPLE["input"],
+                "file_uid": "long-job",
+                "num_frames": 81,
+                "num_inference_steps": 50,
+                "video_width": 256,
+                "video_height": 256,
+            }
+        }
         assert stack.runsync(body)["output"]["status"] == "accepted"
         assert emu.wait_until(lambda: (stack.doc(path) or {}).get("status") == "processing", 30)
         stack.worker.signal(signal.SIGTERM)
@@ -253,11 +305,25 @@ def job_count(stack) -> int:
 
 def test_inline_generation_returns_the_media_and_writes_nothing(stack):
     before = job_count(stack)
-    answer = stack.runsync({"input": {"prompt": "A sunset over mountains", "use_cloud_storage": False,
-                                      "width": 256, "height": 320, "num_images_per_prompt": 2, "seed": 5}})
+    answer = stack.runsync(
+        {
+            "input": {
+                "prompt": "A sunset over mountains",
+                "use_cloud_storage": False,
+                "width": 256,
+                "height": 320,
+                "num_images_per_prompt": 2,
+                "seed": 5,
+            }
+        }
+    )
     output = answer["output"]
     assert (answer["status"], output["status"], output["task_type"], output["seed"]) == (
-        "COMPLETED", "completed", "text2image", 5)
+        "COMPLETED",
+        "completed",
+        "text2image",
+        5,
+    )
     assert output["image_count"] == 2 and output["generated"] is True
     sizes = [Image.open(io.BytesIO(base64.b64decode(data))).size for data in output["images"]]
     assert sizes == [(256, 320), (256, 320)]
@@ -265,8 +331,18 @@ def test_inline_generation_returns_the_media_and_writes_nothing(stack):
 
 
 def test_inline_video_carries_its_video_info(stack):
-    output = stack.runsync({"input": {"prompt": "Waves", "use_cloud_storage": False, "num_frames": 16, "fps": 8,
-                                      "video_width": 256, "video_height": 256}})["output"]
+    output = stack.runsync(
+        {
+            "input": {
+                "prompt": "Waves",
+                "use_cloud_storage": False,
+                "num_frames": 16,
+                "fps": 8,
+                "video_width": 256,
+                "video_height": 256,
+            }
+        }
+    )["output"]
     assert output["video_info"] == {"frames": 16, "fps": 8, "duration_seconds": 2.0, "width": 256, "height": 256}
     with av.open(io.BytesIO(base64.b64decode(output["videos"][0]))) as container:
         assert sum(1 for _ in container.decode(video=0)) == 16

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 TEXT2IMAGE = "text2image"
 TEXT2VIDEO = "text2video"
@@ -72,12 +73,35 @@ KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *ID_FIELDS, "use_cloud_storage", "seed",
 # per the contract's client sample) or by the worker and the functions. A doc reader skips them.
 DOCUMENT_STATE_FIELDS = frozenset(
     {
-        "status", "created_at", "generated", "error", "modified", "task_type", "media_type",
-        "worker_id", "lease_expires_at", "attempts", "started_at", "progress",
-        "completed_at", "failed_at", "error_message", "error_type",
-        "images", "image_url", "image_count", "videos", "video_url", "video_info",
-        "queue_seconds", "generation_seconds", "upload_seconds",
-        "dispatch_count", "dispatched_at", "dispatched_by", "dispatch_error",
+        "status",
+        "created_at",
+        "generated",
+        "error",
+        "modified",
+        "task_type",
+        "media_type",
+        "worker_id",
+        "lease_expires_at",
+        "attempts",
+        "started_at",
+        "progress",
+        "completed_at",
+        "failed_at",
+        "error_message",
+        "error_type",
+        "images",
+        "image_url",
+        "image_count",
+        "videos",
+        "video_url",
+        "video_info",
+        "queue_seconds",
+        "generation_seconds",
+        "upload_seconds",
+        "dispatch_count",
+        "dispatched_at",
+        "dispatched_by",
+        "dispatch_error",
     }
 )
 

@@ -11,13 +11,14 @@ store runs each of them inside one Firestore transaction, so a decision is alway
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Mapping
+from typing import Any
 
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
-from generation.errors import EXCEPTION, GenerationError
+from .errors import EXCEPTION, GenerationError
 
 QUEUED, PROCESSING, COMPLETED, FAILED = "queued", "processing", "completed", "failed"
 FINAL_STATES = (COMPLETED, FAILED)

@@ -8,18 +8,18 @@ fencing (status + worker_id + attempt) can never be skipped by one of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from google.api_core.exceptions import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from google.cloud import firestore
 from google.cloud.firestore import SERVER_TIMESTAMP
 
-from generation.contract import MEDIA_TYPE, GenerationRequest
-from generation.errors import GenerationError
-
 from . import lifecycle
+from .contract import MEDIA_TYPE, GenerationRequest
+from .errors import GenerationError
 from .lifecycle import Lease
 
 COLLECTION = "generations"
@@ -37,11 +37,11 @@ class JobKey:
     file_uid: str
 
     @classmethod
-    def of(cls, request: GenerationRequest) -> "JobKey":
+    def of(cls, request: GenerationRequest) -> JobKey:
         return cls(request.user_id, request.media_type, request.file_uid)
 
     @classmethod
-    def from_path(cls, path: str) -> "JobKey":
+    def from_path(cls, path: str) -> JobKey:
         root, user_id, media_type, file_uid = path.split("/")
         if root != COLLECTION or media_type not in MEDIA_TYPES:
             raise ValueError(f"not a job document path: {path}")
@@ -95,7 +95,9 @@ class JobStore:
         ref = self.ref(key)
         for _ in range(MAX_CONFLICTS):
             snapshot = ref.get(timeout=CALL_TIMEOUT)
-            before = {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
+            before = (
+                {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
+            )
             update = decide(before, snapshot.read_time)
             if update is None:
                 return Outcome(before, None, snapshot.read_time)
@@ -151,9 +153,11 @@ class JobStore:
         """Fail a queued job without running it (for example when the callable's request was rejected)."""
         return self.transition(
             key,
-            lambda doc, now: lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
-            if doc is not None and doc.get("status") == lifecycle.QUEUED
-            else None,
+            lambda doc, now: (
+                lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
+                if doc is not None and doc.get("status") == lifecycle.QUEUED
+                else None
+            ),
         ).applied
 
     def ensure_queued(self, request: GenerationRequest) -> dict[str, Any]:
