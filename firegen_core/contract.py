@@ -49,19 +49,19 @@ class Param:
     video: bool = False
 
 
-IMAGE_SIDE = dict(kind=int, low=256, high=1024, default=512)
-VIDEO_SIDE = dict(IMAGE_SIDE, multiple_of=16, video=True)
+IMAGE_SIDE = Param(int, 256, 1024, 512, multiple_of=8)
+VIDEO_SIDE = Param(int, 256, 1024, 512, multiple_of=16, video=True)
 
 PARAMS: dict[str, Param] = {
-    "width": Param(**IMAGE_SIDE, multiple_of=8),
-    "height": Param(**IMAGE_SIDE, multiple_of=8),
+    "width": IMAGE_SIDE,
+    "height": IMAGE_SIDE,
     "num_images_per_prompt": Param(int, 1, 4, 1),
     "num_inference_steps": Param(int, 10, 50, 20),
     "guidance_scale": Param(float, 1.0, 20.0, 7.5),
     "num_frames": Param(int, 16, 81, 16, video=True),
     "fps": Param(int, 6, 15, 8, video=True),
-    "video_width": Param(**VIDEO_SIDE),
-    "video_height": Param(**VIDEO_SIDE),
+    "video_width": VIDEO_SIDE,
+    "video_height": VIDEO_SIDE,
     "video_guidance_scale": Param(float, 1.0, 20.0, 5.0, video=True),
 }
 VIDEO_FIELDS = frozenset(name for name, p in PARAMS.items() if p.video)

@@ -123,11 +123,11 @@ def probe_mp4(data: bytes) -> VideoProbe:
         frames = sum(1 for _ in container.decode(stream))
         return VideoProbe(
             frames=frames,
-            fps=float(stream.average_rate),
+            fps=float(stream.average_rate or 0),
             width=stream.codec_context.width,
             height=stream.codec_context.height,
             codec=stream.codec_context.name,
-            pixel_format=stream.codec_context.pix_fmt,
+            pixel_format=stream.codec_context.pix_fmt or "",
             moov_before_mdat="moov" in boxes and "mdat" in boxes and boxes.index("moov") < boxes.index("mdat"),
         )
 
