@@ -10,6 +10,7 @@ never echoed in an error.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, get_args
@@ -103,6 +104,17 @@ def _line(cls: type[BaseSettings], error: dict[str, Any]) -> str:
     return f"{var} must be {msg} (got {error.get('input')!r})"
 
 
+@functools.cache
+def _mapping_only(cls: type[S]) -> type[S]:
+    class FromMapping(cls):  # type: ignore[valid-type, misc]
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, **other_sources):
+            return (init_settings,)
+
+    FromMapping.__name__ = cls.__name__
+    return FromMapping
+
+
 def load(cls: type[S], environ: Mapping[str, str] | None = None, **values: Any) -> S:
     """`cls` from the environment (or from `environ` alone); `values` by field name win over both.
     Raises SettingsError, one line naming each wrong variable."""
@@ -110,9 +122,10 @@ def load(cls: type[S], environ: Mapping[str, str] | None = None, **values: Any) 
     try:
         if environ is None:
             return cls(**init)
-        # An explicit mapping, read as the environment would be: names in any case, empty values unset.
+        # An explicit mapping, read as the environment would be (names in any case, empty values unset), and
+        # nothing else: not the process's environment.
         data = {key.upper(): value for key, value in environ.items() if str(value).strip()}
-        return cls.model_validate({**data, **init})
+        return _mapping_only(cls)(**{**data, **init})
     except ValidationError as e:
         raise SettingsError("; ".join(_line(cls, err) for err in e.errors())) from None
 
