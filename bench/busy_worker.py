@@ -9,21 +9,27 @@ import os
 import sys
 import time
 
-from generation.engine import Engine
+
+class BusyGenerator:
+    """The engine, each job first holding its slot `seconds` as a busy GPU would (the CPU stays free)."""
+
+    def __init__(self, engine, seconds: float):
+        self.engine = engine
+        self.seconds = seconds
+
+    def generate(self, request, progress=None):
+        time.sleep(self.seconds)  # the GPU's share: the CPU is left to the request path, as on a GPU worker
+        return self.engine.generate(request, progress)
+
+    def check_device(self) -> None:
+        self.engine.check_device()
 
 
 def main() -> int:
-    seconds = float(os.environ.get("BUSY_SECONDS", "2"))
-    generate = Engine.generate
-
-    def busy_generate(self, request, progress=None):
-        time.sleep(seconds)  # the GPU's share: the CPU is left to the request path, as on a GPU worker
-        return generate(self, request, progress)
-
-    Engine.generate = busy_generate
     from listener.__main__ import main as listener_main
 
-    return listener_main()
+    seconds = float(os.environ.get("BUSY_SECONDS", "2"))
+    return listener_main(wrap_generator=lambda engine: BusyGenerator(engine, seconds))
 
 
 if __name__ == "__main__":

@@ -39,34 +39,22 @@ class NoopGenerator:
 
 
 def main() -> int:
-    from google.cloud import firestore, storage
-
-    from firegen_core.jobs import JobStore
     from listener.__main__ import make_worker_id
-    from listener.reconciler import Reconciler
-    from listener.runner import JobRunner
+    from listener.credentials import clients
     from listener.settings import load_settings
-    from listener.storage import ResultStore
+    from listener.worker import build_worker
 
     settings = load_settings()
-    store = JobStore(
-        firestore.Client(project=settings.google_cloud_project),
-        worker_id=make_worker_id(),
-        lease_seconds=settings.lease_seconds,
-        max_attempts=settings.max_attempts,
-    )
-    results = ResultStore.from_settings(storage.Client(project=settings.google_cloud_project), settings)
     generator = NoopGenerator(float(os.environ.get("NOOP_SECONDS", "0")))
-    reconciler = Reconciler(store, JobRunner(store, generator, results), sweep_interval=settings.sweep_interval_seconds)
-    reconciler.start()
-    reconciler.wait_listening(30)  # as the real worker does before it says it is ready
+    worker = build_worker(settings, generator, *clients(settings), worker_id=make_worker_id()).start()
+    worker.reconciler.wait_listening(30)  # as the real worker does before it says it is ready
     print("worker_ready", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             signal.pause()
     finally:
-        reconciler.stop(1.0)
+        worker.shutdown(1.0)
 
 
 if __name__ == "__main__":

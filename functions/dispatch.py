@@ -47,6 +47,7 @@ log = logging.getLogger("functions.dispatch")
 # Fields this codebase adds to a job doc (the worker ignores them).
 DISPATCH_COUNT = "dispatch_count"  # how many times a worker was woken for this job
 DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
+RUNPOD_JOB_ID = "runpod_job_id"  # the RunPod job id of the latest dispatch
 DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
 DISPATCH_ERROR = "dispatch_error"  # why the last dispatch did not reach a worker; removed by the next one
 DISPATCH_FIELDS = (DISPATCH_COUNT, DISPATCHED_AT, DISPATCHED_BY, DISPATCH_ERROR)
@@ -133,21 +134,35 @@ def _record_refusal(db: firestore.Client, uid: str, fields: Mapping[str, Any], m
         log.warning("refusal_not_recorded path=%s error=%s", key.path, type(exc).__name__)
 
 
-def _record_undelivered(db: firestore.Client, key: JobKey, verdict: Verdict) -> None:
+def _record_verdict(db: firestore.Client, key: JobKey, verdict: Verdict) -> None:
+    """Note on the doc the RunPod job id of this dispatch (`runpod_job_id`: the worker logs it as the job's
+    requestId, so both platforms' logs meet) and, when the job was not delivered, why."""
+    fields: dict[str, Any] = {}
+    if verdict.job_id:
+        fields[RUNPOD_JOB_ID] = verdict.job_id
+    if verdict.outcome == runpod_client.UNDELIVERED:
+        fields[DISPATCH_ERROR] = verdict.message[:300]
+    if not fields:
+        return
     try:
-        db.document(key.path).update({DISPATCH_ERROR: verdict.message[:300]})
+        db.document(key.path).update(fields)
     except Exception as exc:
-        log.warning("dispatch_error_not_recorded path=%s error=%s", key.path, type(exc).__name__)
+        log.warning("dispatch_not_recorded path=%s error=%s", key.path, type(exc).__name__)
 
 
 def _deliver(db: firestore.Client, runpod: RunPodClient, key: JobKey, request: GenerationRequest) -> Verdict:
     """POST the job; a refusal fails its doc (when still queued), a failure to deliver is noted on it."""
     verdict = runpod.runsync(runsync_input(request))
-    log.info("dispatched path=%s outcome=%s attempts=%d", key.path, verdict.outcome, verdict.attempts)
+    log.info(
+        "dispatched path=%s outcome=%s attempts=%d runpod_job_id=%s",
+        key.path,
+        verdict.outcome,
+        verdict.attempts,
+        verdict.job_id,
+    )
     if verdict.outcome == runpod_client.REJECTED:
         _fail_queued(db, key, VALIDATION_ERROR, verdict.message)
-    elif verdict.outcome == runpod_client.UNDELIVERED:
-        _record_undelivered(db, key, verdict)
+    _record_verdict(db, key, verdict)
     return verdict
 
 

@@ -9,11 +9,16 @@ Configuration (see the README's "Cloud Functions" section):
     RUNPOD_ENDPOINT_ID   string param, asked at the first deploy (or set in functions/.env)
     RUNPOD_RUNSYNC_URL   optional environment variable: the whole runsync URL, e.g. a local worker's
                          http://127.0.0.1:8000/runsync for the emulators
-    RUNPOD_ATTEMPTS, RUNPOD_TIMEOUT_SECONDS, REDISPATCH_AFTER_MINUTES, MAX_DISPATCHES: optional tuning
+    RUNPOD_ATTEMPTS, RUNPOD_TIMEOUT_SECONDS, REDISPATCH_AFTER_MINUTES, MAX_DISPATCHES: integer params with
+                         defaults (functions/.env or the deploy prompt)
+
+Logs: the records of dispatch and runpod_client (standard `logging`, so they import anywhere) are written by
+`firebase_functions.logger`: one JSON entry each, with `severity` and `message`, as Cloud Logging reads them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -23,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # dispatch, runpod_cli
 
 import dispatch
 import firebase_admin
-from firebase_functions import firestore_fn, https_fn, options, params, scheduler_fn
+from firebase_functions import firestore_fn, https_fn, logger, options, params, scheduler_fn
 from runpod_client import RunPodClient, runsync_url
 
 RUNPOD_API_KEY = params.SecretParam("RUNPOD_API_KEY", description="RunPod API key (Bearer token for runsync)")
@@ -31,7 +36,43 @@ RUNPOD_ENDPOINT_ID = params.StringParam(
     "RUNPOD_ENDPOINT_ID", description="RunPod Serverless endpoint id of the firegen worker"
 )
 
+# Tuning, typed and validated by the Functions framework (ints: the framework's FloatParam is not public in 0.6).
+RUNPOD_ATTEMPTS = params.IntParam("RUNPOD_ATTEMPTS", default=3, description="runsync attempts (transient errors)")
+RUNPOD_TIMEOUT_SECONDS = params.IntParam(
+    "RUNPOD_TIMEOUT_SECONDS", default=20, description="seconds each runsync attempt may take"
+)
+REDISPATCH_AFTER_MINUTES = params.IntParam(
+    "REDISPATCH_AFTER_MINUTES", default=10, description="minutes after which a queued job is dispatched again"
+)
+MAX_DISPATCHES = params.IntParam(
+    "MAX_DISPATCHES", default=3, description="dispatches of one job before it is failed as never picked up"
+)
+
 options.set_global_options(max_instances=10)
+
+
+class _FirebaseLogHandler(logging.Handler):
+    """Standard-logging records of the functions' modules, written through firebase_functions.logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.levelno >= logging.ERROR:
+                write = logger.error
+            elif record.levelno >= logging.WARNING:
+                write = logger.warn
+            elif record.levelno >= logging.INFO:
+                write = logger.info
+            else:
+                write = logger.debug
+            write(record.getMessage(), logger=record.name)
+        except Exception:
+            self.handleError(record)
+
+
+_functions_log = logging.getLogger("functions")
+_functions_log.handlers[:] = [_FirebaseLogHandler()]
+_functions_log.setLevel(logging.INFO)
+_functions_log.propagate = False
 
 
 class _EmulatorCredential(firebase_admin.credentials.Base):
@@ -76,15 +117,15 @@ def _runpod() -> RunPodClient:
     return RunPodClient(
         runsync_url(RUNPOD_ENDPOINT_ID.value, os.environ.get("RUNPOD_RUNSYNC_URL")),
         RUNPOD_API_KEY.value,
-        attempts=int(os.environ.get("RUNPOD_ATTEMPTS", "3")),
-        timeout=float(os.environ.get("RUNPOD_TIMEOUT_SECONDS", "20")),
+        attempts=RUNPOD_ATTEMPTS.value,
+        timeout=float(RUNPOD_TIMEOUT_SECONDS.value),
     )
 
 
 def _policy() -> dispatch.Policy:
     return dispatch.Policy(
-        redispatch_after=timedelta(minutes=float(os.environ.get("REDISPATCH_AFTER_MINUTES", "10"))),
-        max_dispatches=int(os.environ.get("MAX_DISPATCHES", "3")),
+        redispatch_after=timedelta(minutes=REDISPATCH_AFTER_MINUTES.value),
+        max_dispatches=MAX_DISPATCHES.value,
     )
 
 
@@ -109,10 +150,10 @@ def dispatchQueuedJob(event: firestore_fn.Event) -> None:
         media_type=event.params["media"],
         file_uid=event.params["fileUid"],
     )
-    print(f"dispatchQueuedJob {event.document}: {outcome}")
+    logger.info("dispatchQueuedJob", document=event.document, outcome=outcome)
 
 
 @scheduler_fn.on_schedule(schedule="every 5 minutes", secrets=[RUNPOD_API_KEY], timeout_sec=300)
 def redispatchStaleJobs(event: scheduler_fn.ScheduledEvent) -> None:
     counts = dispatch.redispatch_stale(_firestore(), _runpod(), policy=_policy())
-    print(f"redispatchStaleJobs: {dict(counts)}")
+    logger.info("redispatchStaleJobs", counts=dict(counts))

@@ -14,6 +14,7 @@ from pathlib import Path
 from firegen_core import contract, errors
 
 from .pipelines import TINY
+from .settings import SettingsError, model_settings
 
 
 def number(text: str) -> int | float | str:
@@ -75,15 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     except contract.ContractError as error:
         print(error.message, file=sys.stderr)
         return 2
+    try:  # the worker's model settings, with tiny models where none is set
+        settings = model_settings(image_model=TINY, video_model=TINY)
+    except SettingsError as error:  # a FIREGEN_* variable with a value it cannot take
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
     from .engine import Engine, EngineConfig, quiet_loading  # after validation: it pulls in torch
 
     quiet_loading()  # loading bars would bury the paths this command prints
-    try:
-        config = EngineConfig.from_env(image_model=TINY, video_model=TINY)
-    except ValueError as error:  # a FIREGEN_* variable with a value it cannot take
-        print(f"configuration error: {error}", file=sys.stderr)
-        return 2
-    engine = Engine(config)
+    engine = Engine(EngineConfig.from_settings(settings))
     try:
         result = engine.generate(request)
     except errors.GenerationError as error:

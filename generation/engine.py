@@ -4,7 +4,7 @@
 `preload`, else on the first job that needs it), picks the device and dtype, draws the seed when the request
 has none, and encodes the outputs (PNG, MP4) with `generation.media`.
 
-Configuration from the environment (`EngineConfig.from_env`):
+Configuration from the environment, validated by `generation.settings.ModelSettings` (`EngineConfig.from_settings`):
 - `IMAGE_MODEL`, `VIDEO_MODEL`: a hub id, a local folder, `tiny`, or `none` to turn the capability off
   (its jobs then fail with ModelNotAvailable).
 - `FIREGEN_DEVICE` (`cuda`, `cuda:1`, `cpu`; default: CUDA when present), `FIREGEN_DTYPE` (`bfloat16`,
@@ -22,7 +22,6 @@ Configuration from the environment (`EngineConfig.from_env`):
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -44,27 +43,11 @@ from .pipelines import (
     VideoPipeline,
     resolve_seed,
 )
+from .settings import ModelSettings, model_settings
 
 log = logging.getLogger(__name__)
 
 CAPABILITIES: dict[str, type[DiffusionCapability]] = {TEXT2IMAGE: ImagePipeline, TEXT2VIDEO: VideoPipeline}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _env(environ: Mapping[str, str], name: str) -> str | None:
-    value = environ.get(name, "").strip()
-    return value or None
-
-
-def _auto_flag(environ: Mapping[str, str], name: str) -> bool | None:
-    """`auto` (or unset) is None; otherwise a boolean, and anything else is a clear error naming the variable."""
-    value = (_env(environ, name) or "auto").lower()
-    if value == "auto":
-        return None
-    if value in _TRUE | _FALSE:
-        return value in _TRUE
-    raise ValueError(f"{name} must be auto, on or off (got {value!r})")
 
 
 @dataclass(frozen=True)
@@ -80,26 +63,25 @@ class EngineConfig:
     compile: bool = False
 
     @classmethod
-    def from_env(
-        cls,
-        environ: Mapping[str, str] | None = None,
-        *,
-        image_model: str = IMAGE_MODEL_DEFAULT,
-        video_model: str = VIDEO_MODEL_DEFAULT,
-    ) -> EngineConfig:
-        """Read the variables in this module's docstring; `image_model`/`video_model` apply when unset."""
-        env = os.environ if environ is None else environ
+    def from_settings(cls, settings: ModelSettings) -> EngineConfig:
+        """The engine's configuration from the validated model settings (`generation.settings`)."""
         return cls(
-            image_model=_env(env, "IMAGE_MODEL") or image_model,
-            video_model=_env(env, "VIDEO_MODEL") or video_model,
-            device=_env(env, "FIREGEN_DEVICE"),
-            dtype=_env(env, "FIREGEN_DTYPE"),
-            preload=(_env(env, "FIREGEN_PRELOAD") or "").lower() in _TRUE,
-            cache_dir=_env(env, "FIREGEN_CACHE"),
-            local_files_only=(_env(env, "HF_HUB_OFFLINE") or "").lower() in _TRUE,
-            offload_text_encoder=_auto_flag(env, "FIREGEN_OFFLOAD_TEXT_ENCODER"),
-            compile=(_env(env, "FIREGEN_COMPILE") or "").lower() in _TRUE,
+            image_model=settings.image_model,
+            video_model=settings.video_model,
+            device=settings.device,
+            dtype=settings.dtype,
+            preload=settings.preload == "on",
+            cache_dir=settings.cache_dir,
+            local_files_only=settings.hf_hub_offline == "on",
+            offload_text_encoder={"auto": None, "on": True, "off": False}[settings.offload_text_encoder],
+            compile=settings.compile == "on",
         )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **defaults: str) -> EngineConfig:
+        """From the environment (or `environ` alone); `defaults` by field name apply to unset variables.
+        Raises generation.settings.SettingsError (a ValueError) naming a wrong variable."""
+        return cls.from_settings(model_settings(environ, **defaults))
 
     def model_ref(self, task_type: str) -> str:
         return self.image_model if task_type == TEXT2IMAGE else self.video_model
@@ -141,6 +123,29 @@ def quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
+# A CUDA error that is not out-of-memory leaves the CUDA context unusable (an illegal access, a device-side
+# assert, an ECC error, a fallen-off-the-bus card): every later job on this process would fail too.
+_DEVICE_FAILURE_MARKERS = (
+    "cuda error",
+    "device-side assert",
+    "illegal memory access",
+    "cublas_status",
+    "cudnn_status",
+    "uncorrectable ecc",
+    "unspecified launch failure",
+)
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether `exc` says the accelerator itself is broken (not out of memory: that one is the job's)."""
+    text = str(exc).lower()
+    if "out of memory" in text or type(exc).__name__ == "OutOfMemoryError":
+        return False
+    if type(exc).__name__ == "AcceleratorError":  # torch.AcceleratorError: CUDA errors since torch 2.8
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _DEVICE_FAILURE_MARKERS)
+
+
 def _not_loaded(task_type: str) -> errors.ModelNotAvailable:
     return errors.ModelNotAvailable(f"{CAPABILITIES[task_type].role} model not loaded")
 
@@ -170,6 +175,17 @@ class Engine:
                 except errors.GenerationError as failure:
                     failures[task_type] = failure
         return failures
+
+    def check_device(self) -> None:
+        """The fitness check: a small computation on the engine's device, read back (which synchronises).
+        Raises when the device cannot compute."""
+        import torch
+
+        size = 64
+        ones = torch.ones(size, size, device=self.runtime.device)
+        total = (ones @ ones).sum().item()
+        if total != size**3:
+            raise RuntimeError(f"device check on {self.runtime.device}: computed {total}, expected {size**3}")
 
     def loaded(self, task_type: str) -> bool:
         return task_type in self._pipelines

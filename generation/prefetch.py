@@ -7,11 +7,11 @@ is left as it is.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-from .pipelines import DISABLED, IMAGE_MODEL_DEFAULT, TINY, VIDEO_MODEL_DEFAULT
+from .pipelines import DISABLED, TINY
+from .settings import model_settings
 
 # Only what `from_pretrained` reads for a diffusers pipeline folder: model_index.json at the root, and each
 # component's configs, tokenizer files and safetensors weights in its subfolder (huggingface_hub's patterns
@@ -29,7 +29,8 @@ def needs_download(model_ref: str) -> bool:
 def main() -> int:
     from huggingface_hub import snapshot_download
 
-    refs = [os.environ.get("IMAGE_MODEL") or IMAGE_MODEL_DEFAULT, os.environ.get("VIDEO_MODEL") or VIDEO_MODEL_DEFAULT]
+    settings = model_settings()  # the worker's own reading of IMAGE_MODEL / VIDEO_MODEL
+    refs = [settings.image_model, settings.video_model]
     for ref in filter(needs_download, refs):
         print(f"prefetch: {ref}", flush=True)
         snapshot_download(ref, allow_patterns=ALLOW, ignore_patterns=IGNORE)

@@ -14,6 +14,8 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 _T0 = time.perf_counter()
 
@@ -23,12 +25,20 @@ def make_worker_id() -> str:
     return f"{pod}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def _on_runpod_queue(argv: list[str]) -> bool:
+    """RunPod's production job loop (its job API), where the SDK runs the fitness checks."""
+    flags = ("--rp_serve_api", "--test_input")
+    return bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB")) and not any(a.split("=")[0] in flags for a in argv)
+
+
 def _on_runpod(argv: list[str]) -> bool:
     flags = ("--rp_serve_api", "--test_input")
     return bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB")) or any(a.split("=")[0] in flags for a in argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] | None = None) -> int:
+    """The worker. `wrap_generator` (the benchmarks' slow worker, the tests' injected faults) wraps the engine
+    in another generator; everything else is the production worker."""
     argv = sys.argv[1:] if argv is None else argv
     # The SDK logs every handler output at DEBUG by default: inline results (base64 media) would flood the logs.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
@@ -36,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings()
-    except SettingsError as exc:
+        from .credentials import clients
+
+        firestore_client, storage_client = clients(settings)
+    except SettingsError as exc:  # one line naming the variable; a secret's value is never in it
         print(f"listener: configuration error: {exc}", file=sys.stderr)
         return 2
 
@@ -48,39 +61,28 @@ def main(argv: list[str] | None = None) -> int:
 
     log = structlog.get_logger("listener")
 
-    from google.cloud import firestore, storage
-
-    from firegen_core.jobs import JobStore
     from generation.engine import Engine, EngineConfig, quiet_loading
 
-    from .handler import RunsyncHandler
-    from .reconciler import Reconciler
-    from .runner import JobRunner
-    from .storage import ResultStore
+    from .worker import build_worker
 
     imported = time.perf_counter()
     quiet_loading()  # one JSON event per line: no progress bars in the worker's output
-    # The engine reads its device/dtype/cache/offline variables itself; the models are the validated settings.
-    engine = Engine(EngineConfig.from_env(image_model=settings.image_model, video_model=settings.video_model))
+    engine = Engine(EngineConfig.from_settings(settings))
     for task_type, failure in engine.preload().items():
         log.warning("model_not_available", task_type=task_type, error=failure.message)
     loaded = time.perf_counter()
 
-    project = settings.google_cloud_project
-    store = JobStore(
-        firestore.Client(project=project),
-        worker_id=worker_id,
-        lease_seconds=settings.lease_seconds,
-        max_attempts=settings.max_attempts,
-    )
-    results = ResultStore.from_settings(storage.Client(project=project), settings)
-    reconciler = Reconciler(
-        store,
-        JobRunner(store, engine, results),
-        concurrency=settings.concurrency,
-        sweep_interval=settings.sweep_interval_seconds,
-    ).start()
-    if not reconciler.wait_listening(30):
+    generator = wrap_generator(engine) if wrap_generator else engine
+    worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=worker_id)
+    production = _on_runpod_queue(argv)
+    if not production:
+        # RunPod's job loop runs the fitness checks itself (below); elsewhere the worker runs its own once.
+        try:
+            worker.fitness_check()
+        except Exception:
+            return worker.exit_code
+    worker.start()
+    if not worker.reconciler.wait_listening(30):
         log.warning("listeners_not_current", note="the sweep covers until they are")
     # torch, diffusers and the Google clients leave ~500k long-lived objects: a full collection then takes
     # 100-200 ms on a request's path (the runsync accept p99). They live as long as the process: take them out
@@ -92,23 +94,30 @@ def main(argv: list[str] | None = None) -> int:
         load_seconds=round(loaded - imported, 3),
         ready_seconds=round(time.perf_counter() - _T0, 3),
         frozen_objects=gc.get_freeze_count(),
-        project=project,
+        project=worker.store.client.project,
         bucket=settings.storage_bucket,
         image_model=settings.image_model,
         video_model=settings.video_model,
     )
 
     def leave(signum, frame):
-        raise SystemExit(0)
+        worker.begin_shutdown()  # stop claiming now; the `finally` below waits for the grace period
+        raise SystemExit(worker.exit_code)
 
     # uvicorn (the SDK's local API) restores the handler it found and re-raises the signal once it has shut
-    # down: with this one in place, the `finally` below runs instead of the process dying on the spot.
+    # down: with this one in place, the `finally` below runs instead of the process dying on the spot. RunPod's
+    # job loop installs its own; the worker chains this one's first step in front (Worker.concurrency_modifier).
     signal.signal(signal.SIGTERM, leave)
     try:
         if _on_runpod(argv):
             import runpod
 
-            runpod.serverless.start({"handler": RunsyncHandler(store, reconciler.submit, engine)})
+            register = getattr(runpod.serverless, "register_fitness_check", None)  # runpod >= 1.8
+            if production and register is not None:
+                register(worker.fitness_check)
+            elif production:
+                worker.fitness_check()
+            runpod.serverless.start({"handler": worker.handler, "concurrency_modifier": worker.concurrency_modifier})
         else:
             log.info("reconciler_only", reason="not on RunPod and no --rp_serve_api: no runsync door")
             signal.signal(signal.SIGINT, leave)
@@ -117,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # RunPod sends SIGTERM before it stops an idle worker: finish the running job within the grace period,
         # or give it back to the queue for another worker.
-        reconciler.stop(settings.shutdown_grace_seconds)
-    return 0
+        worker.shutdown()
+    log.info("worker_exit", code=worker.exit_code, reason=worker.failure or "shutdown")
+    return worker.exit_code
 
 
 if __name__ == "__main__":

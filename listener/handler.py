@@ -17,7 +17,7 @@ import structlog
 
 from firegen_core import lifecycle
 from firegen_core.contract import ContractError, GenerationRequest, parse_runsync_input
-from firegen_core.errors import classify
+from firegen_core.errors import Cancelled, classify
 from firegen_core.jobs import JobKey, JobStore
 
 log = structlog.get_logger("listener.handler")
@@ -48,8 +48,11 @@ class RunsyncHandler:
 
     async def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         # The SDK awaits handlers on its event loop: the Firestore round trip goes to a thread so that
-        # concurrent requests overlap instead of queueing behind each other.
-        return await asyncio.to_thread(self.handle, job.get("input"))
+        # concurrent requests overlap instead of queueing behind each other. Every log line of the request
+        # carries RunPod's job id as `requestId` (the context goes along to the thread).
+        request_id = job.get("id")
+        with structlog.contextvars.bound_contextvars(**({"requestId": request_id} if request_id else {})):
+            return await asyncio.to_thread(self.handle, job.get("input"))
 
     def handle(self, data: Any) -> dict[str, Any]:
         started = time.perf_counter()
@@ -86,6 +89,8 @@ class RunsyncHandler:
             return rejected("Inline generation is not available on this worker")
         try:
             result = self.generator.generate(request)
+        except Cancelled:  # the worker is leaving (its GPU failed, or it is shutting down)
+            return rejected("The worker stopped before the generation finished; please retry")
         except Exception as exc:
             return rejected(classify(exc).message)
         size = sum(len(data) for data, *_ in result.files)

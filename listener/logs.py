@@ -2,14 +2,45 @@
 
 Our own modules log through structlog; libraries (and the few modules of ours that use the standard
 `logging`) go through the same JSON renderer, so every line of the worker's output parses the same way.
+
+Each line carries the fields the platforms read: `severity` (Cloud Logging's level names) and `message` (the
+event), beside `event` and `level`; and `requestId`, RunPod's job id, on the lines of a runsync request (and
+of a job a RunPod job dispatched, from its doc's `runpod_job_id`). As a last guard, what looks like a
+credential in a line (a signed URL's signature, a download token, a private key, a bearer token) is replaced
+by `<redacted>` before it is written.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
+
+SEVERITY = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "warn": "WARNING", "error": "ERROR"}
+SEVERITY.update(critical="CRITICAL", exception="ERROR")
+
+_SECRETS = re.compile(
+    r"(?P<keep>(?:[?&](?:X-Goog-Signature|X-Goog-Credential|Signature|token|access_token|key)=)|"
+    r"(?:Bearer\s+))[^&\s\"']+"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(lambda m: (m.group("keep") or "") + "<redacted>", text)
+
+
+def _platform_fields(logger, method, event: dict) -> dict:
+    event.setdefault("severity", SEVERITY.get(str(event.get("level", method)).lower(), "DEFAULT"))
+    event.setdefault("message", event.get("event"))
+    return event
+
+
+def _redact(logger, method, event: dict) -> dict:
+    return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
 
 
 def configure(worker_id: str, level: str = "INFO") -> None:
@@ -26,7 +57,13 @@ def configure(worker_id: str, level: str = "INFO") -> None:
         add_worker_id,
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            _platform_fields,
+            _redact,
+            structlog.processors.JSONRenderer(),
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
@@ -37,6 +74,9 @@ def configure(worker_id: str, level: str = "INFO") -> None:
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                _platform_fields,
+                _redact,
                 structlog.processors.JSONRenderer(),
             ],
         )

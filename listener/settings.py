@@ -1,111 +1,115 @@
-"""The worker's configuration, read from environment variables.
+"""The worker's configuration, read from environment variables and validated once.
 
-`load_settings()` is the entry point: it returns `Settings` or raises `SettingsError` with one line that names
-each wrong variable ("STORAGE_BUCKET is required", "URL_STYLE must be one of public, signed, token").
-Every field is read from the variable named in its `validation_alias` (case-insensitive); empty values count
-as unset.
+`Settings` extends the model settings of `generation.settings.ModelSettings` (IMAGE_MODEL, VIDEO_MODEL,
+FIREGEN_*, HF_HUB_OFFLINE) with the worker's own. `load_settings()` returns it or raises `SettingsError` with
+one line that names each wrong variable ("STORAGE_BUCKET is required", "URL_STYLE must be one of public,
+signed, token"). Every field is read from the variable named in its `validation_alias` (case-insensitive);
+empty values count as unset.
+
+Credentials: the service account's JSON *text* may come in `FIREBASE_SERVICE_ACCOUNT_JSON`, or in
+`GOOGLE_APPLICATION_CREDENTIALS` when that variable holds JSON instead of a path (a RunPod secret is an
+environment string, while Google's lookup reads that variable as a file path). It is checked here, kept as a
+`SecretStr` (never printed, never logged) and turned into credentials by `listener.credentials`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+import json
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+
+from generation.settings import ModelSettings, SettingsError, env, load
 
 UrlStyle = Literal["public", "signed", "token"]
 MAX_SIGNED_URL_SECONDS = 7 * 24 * 3600  # V4 signed URLs live at most 7 days
+SERVICE_ACCOUNT_KEYS = ("client_email", "private_key")
+
+__all__ = ["Settings", "SettingsError", "load_settings", "service_account_info"]
 
 
-class SettingsError(ValueError):
-    """A configuration mistake, said in one line that names the environment variable."""
-
-
-def _env(name: str, *more: str) -> Any:
-    return AliasChoices(name, *more) if more else name
-
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=False, env_ignore_empty=True, extra="ignore", frozen=True)
-
+class Settings(ModelSettings):
     # Google Cloud / Firebase
-    google_cloud_project: str | None = Field(None, validation_alias=_env("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT"))
-    firestore_emulator_host: str | None = Field(None, validation_alias=_env("FIRESTORE_EMULATOR_HOST"))
+    google_cloud_project: str | None = Field(None, validation_alias=env("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT"))
+    firestore_emulator_host: str | None = Field(None, validation_alias=env("FIRESTORE_EMULATOR_HOST"))
+    firebase_service_account_json: SecretStr | None = Field(None, validation_alias=env("FIREBASE_SERVICE_ACCOUNT_JSON"))
+    google_application_credentials: SecretStr | None = Field(
+        None, validation_alias=env("GOOGLE_APPLICATION_CREDENTIALS")
+    )
 
     # Storage
-    storage_bucket: str = Field(validation_alias=_env("STORAGE_BUCKET"))
-    storage_emulator_host: str | None = Field(None, validation_alias=_env("STORAGE_EMULATOR_HOST"))
-    url_style: UrlStyle = Field("public", validation_alias=_env("URL_STYLE"))
+    storage_bucket: str = Field(validation_alias=env("STORAGE_BUCKET"))
+    storage_emulator_host: str | None = Field(None, validation_alias=env("STORAGE_EMULATOR_HOST"))
+    url_style: UrlStyle = Field("public", validation_alias=env("URL_STYLE"))
     signed_url_expiry_seconds: int = Field(
-        MAX_SIGNED_URL_SECONDS, ge=1, le=MAX_SIGNED_URL_SECONDS, validation_alias=_env("SIGNED_URL_EXPIRY_SECONDS")
+        MAX_SIGNED_URL_SECONDS, ge=1, le=MAX_SIGNED_URL_SECONDS, validation_alias=env("SIGNED_URL_EXPIRY_SECONDS")
     )
-    upload_retry_attempts: int = Field(5, ge=1, validation_alias=_env("UPLOAD_RETRY_ATTEMPTS"))
-    upload_retry_max_seconds: float = Field(60.0, gt=0, validation_alias=_env("UPLOAD_RETRY_MAX_SECONDS"))
-
-    # Models
-    image_model: str = Field("stabilityai/stable-diffusion-xl-base-1.0", validation_alias=_env("IMAGE_MODEL"))
-    video_model: str = Field("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", validation_alias=_env("VIDEO_MODEL"))
-    # generation.engine reads these too (the CLI has no Settings): validated here so start-up names a bad value.
-    offload_text_encoder: Literal["auto", "on", "off"] = Field(
-        "auto", validation_alias=_env("FIREGEN_OFFLOAD_TEXT_ENCODER")
-    )
-    compile: Literal["on", "off"] = Field("off", validation_alias=_env("FIREGEN_COMPILE"))
+    upload_retry_attempts: int = Field(5, ge=1, validation_alias=env("UPLOAD_RETRY_ATTEMPTS"))
+    upload_retry_max_seconds: float = Field(60.0, gt=0, validation_alias=env("UPLOAD_RETRY_MAX_SECONDS"))
 
     # Job queue
-    lease_seconds: int = Field(120, gt=0, validation_alias=_env("LEASE_SECONDS"))
-    max_attempts: int = Field(3, ge=1, validation_alias=_env("MAX_ATTEMPTS"))
-    sweep_interval_seconds: float = Field(10.0, gt=0, validation_alias=_env("SWEEP_INTERVAL_SECONDS"))
-    concurrency: int = Field(1, ge=1, validation_alias=_env("CONCURRENCY"))
-    shutdown_grace_seconds: float = Field(20.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE_SECONDS"))
+    lease_seconds: int = Field(120, gt=0, validation_alias=env("LEASE_SECONDS"))
+    max_attempts: int = Field(3, ge=1, validation_alias=env("MAX_ATTEMPTS"))
+    sweep_interval_seconds: float = Field(10.0, gt=0, validation_alias=env("SWEEP_INTERVAL_SECONDS"))
+    concurrency: int = Field(1, ge=1, validation_alias=env("CONCURRENCY"))
+    shutdown_grace_seconds: float = Field(20.0, ge=0, validation_alias=env("SHUTDOWN_GRACE_SECONDS"))
+
+    # RunPod: runsync jobs one worker takes at once from RunPod's queue (each is answered in milliseconds;
+    # generation runs in the reconciler's CONCURRENCY slots, not in the request).
+    runsync_concurrency: int = Field(8, ge=1, validation_alias=env("RUNSYNC_CONCURRENCY"))
 
     @field_validator("url_style", mode="before")
     @classmethod
-    def _lower(cls, value: Any) -> Any:
+    def _url_style(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("offload_text_encoder", "compile", mode="before")
+    @field_validator("firebase_service_account_json", mode="after")
     @classmethod
-    def _on_off(cls, value: Any) -> Any:
-        value = value.strip().lower() if isinstance(value, str) else value
-        return {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
+    def _service_account(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _parse_service_account(value.get_secret_value())
+        return value
+
+    @field_validator("google_application_credentials", mode="after")
+    @classmethod
+    def _credentials_json(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and _looks_like_json(value.get_secret_value()):
+            _parse_service_account(value.get_secret_value())
+        return value
+
+    @property
+    def service_account(self) -> tuple[str, dict[str, Any]] | None:
+        """(the variable it came from, the service account's key info), or None: Application Default
+        Credentials (a key file's path in GOOGLE_APPLICATION_CREDENTIALS, or the platform's identity)."""
+        return service_account_info(self)
 
 
-def env_var(field: str) -> str:
-    """The (first) environment variable a field is read from."""
-    alias = Settings.model_fields[field].validation_alias
-    if isinstance(alias, AliasChoices):
-        return str(alias.choices[0])
-    return str(alias or field).upper()
+def _looks_like_json(text: str) -> bool:
+    return text.lstrip().startswith("{")
 
 
-_FIELD_BY_ALIAS = {
-    str(choice).lower(): name
-    for name, info in Settings.model_fields.items()
-    for choice in (
-        info.validation_alias.choices
-        if isinstance(info.validation_alias, AliasChoices)
-        else [info.validation_alias or name]
-    )
-}
+def _parse_service_account(text: str) -> dict[str, Any]:
+    # The messages never quote the value: it is a private key.
+    try:
+        info = json.loads(text)
+    except ValueError:
+        raise ValueError("is not valid JSON (expected a service account key's JSON text)") from None
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str) and info[k] for k in SERVICE_ACCOUNT_KEYS):
+        raise ValueError("is not a service account key (JSON with client_email and private_key)")
+    return info
 
 
-def _line(error: dict[str, Any]) -> str:
-    loc = str(error["loc"][0]) if error.get("loc") else ""
-    field = _FIELD_BY_ALIAS.get(loc.lower(), loc)
-    var = env_var(field) if field in Settings.model_fields else loc.upper()
-    kind = error.get("type", "")
-    if kind == "missing":
-        return f"{var} is required"
-    if kind == "literal_error":
-        return f"{var} must be one of {', '.join(get_args(Settings.model_fields[field].annotation))}"
-    msg = str(error.get("msg", "is invalid"))
-    msg = msg[len("Input should be ") :] if msg.startswith("Input should be ") else msg
-    return f"{var} must be {msg} (got {error.get('input')!r})"
+def service_account_info(settings: Settings) -> tuple[str, dict[str, Any]] | None:
+    if settings.firebase_service_account_json is not None:
+        return "FIREBASE_SERVICE_ACCOUNT_JSON", _parse_service_account(
+            settings.firebase_service_account_json.get_secret_value()
+        )
+    path_or_json = settings.google_application_credentials
+    if path_or_json is not None and _looks_like_json(path_or_json.get_secret_value()):
+        return "GOOGLE_APPLICATION_CREDENTIALS", _parse_service_account(path_or_json.get_secret_value())
+    return None
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment (keyword overrides by field name win). Raises SettingsError."""
-    try:
-        return Settings(**{env_var(k): v for k, v in overrides.items()})
-    except ValidationError as e:
-        raise SettingsError("; ".join(_line(err) for err in e.errors())) from None
+    return load(Settings, **overrides)

@@ -406,6 +406,7 @@ def test_5xx_is_retried_with_the_bearer_key_and_in_queue_means_queued(firestore_
     }
     doc = firestore_client.document("generations/u-cold/images/cold-1").get().to_dict()
     assert doc["status"] == "queued" and "dispatch_error" not in doc
+    assert doc["runpod_job_id"] == "job-9"  # the worker logs it as the job's requestId
 
 
 @pytest.mark.parametrize(
@@ -725,6 +726,13 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "                 'secrets': e.secretEnvironmentVariables}\n"
         "import firegen_core.contract, firegen_core.jobs\n"
         "out['core'] = [firegen_core.contract.__file__, firegen_core.jobs.__file__]\n"
+        "out['params'] = [main.RUNPOD_ATTEMPTS.value, main.RUNPOD_TIMEOUT_SECONDS.value,\n"
+        "                 main.REDISPATCH_AFTER_MINUTES.value, main._policy().max_dispatches]\n"
+        "import contextlib, io, logging\n"
+        "buffer = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
+        "    logging.getLogger('functions.dispatch').warning('dispatch_not_recorded path=%s', 'generations/u/images/f')\n"
+        "out['log'] = buffer.getvalue()\n"
         "for worker_only in ('generation', 'listener', 'torch'):\n"
         "    try:\n"
         "        __import__(worker_only); out[worker_only] = True\n"
@@ -733,7 +741,7 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "print(json.dumps(out))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen")
+    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", RUNPOD_ATTEMPTS="5", MAX_DISPATCHES="4")
     result = subprocess.run(
         [str(FUNCTIONS_PYTHON), "-c", script], cwd=deploy, env=env, capture_output=True, text=True, timeout=60
     )
@@ -749,6 +757,12 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         assert out[name]["secrets"] == [{"key": "RUNPOD_API_KEY"}]
     assert all(path.startswith(str(deploy)) for path in out["core"])
     assert (out["generation"], out["listener"], out["torch"]) == (False, False, False)
+    # Tuning values are typed params: set ones are read as ints, unset ones take their defaults.
+    assert out["params"] == [5, 20, 10, 4]
+    # The functions' standard-logging records are written by firebase_functions.logger: Cloud Logging's fields.
+    entry = json.loads(out["log"].strip().splitlines()[-1])
+    assert entry["severity"] == "WARNING"
+    assert entry["message"] == "dispatch_not_recorded path=generations/u/images/f"
 
 
 def test_the_indexes_cover_the_queries():

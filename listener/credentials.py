@@ -1,0 +1,44 @@
+"""The worker's Google clients (Firestore, Cloud Storage), built from the configured credentials.
+
+- Under the emulators: anonymous credentials, as the emulators expect (a configured key is still validated).
+- A service account key's JSON text (FIREBASE_SERVICE_ACCOUNT_JSON, or GOOGLE_APPLICATION_CREDENTIALS holding
+  JSON): credentials from it, passed to both clients; the project defaults to the key's `project_id`. Signed
+  URLs (URL_STYLE=signed) are signed offline with that key.
+- Otherwise Application Default Credentials, as the Google libraries find them.
+A key that the auth library cannot load stops start-up with one line naming the variable, never its content.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import Settings, SettingsError
+
+
+def credentials(settings: Settings) -> tuple[Any, str | None]:
+    """(credentials or None for ADC, project)."""
+    found = settings.service_account
+    if found is None:
+        return None, settings.google_cloud_project
+    variable, info = found
+    from google.oauth2 import service_account
+
+    try:
+        creds = service_account.Credentials.from_service_account_info(
+            info, scopes=["https://www.googleapis.com/auth/cloud-platform"]
+        )
+    except Exception:  # the library's message may quote the key: say only which variable
+        raise SettingsError(f"{variable} holds a service account key that cannot be loaded") from None
+    return creds, settings.google_cloud_project or info.get("project_id")
+
+
+def clients(settings: Settings) -> tuple[Any, Any]:
+    """(firestore.Client, storage.Client) for these settings. Constructing them makes no network call."""
+    from google.cloud import firestore, storage
+
+    creds, project = credentials(settings)  # validated even under the emulators: a bad key fails everywhere
+    # The libraries read FIRESTORE_EMULATOR_HOST / STORAGE_EMULATOR_HOST themselves and use the emulators'
+    # own credentials there.
+    db = firestore.Client(project=project, credentials=None if settings.firestore_emulator_host else creds)
+    files = storage.Client(project=project, credentials=None if settings.storage_emulator_host else creds)
+    return db, files

@@ -1,0 +1,190 @@
+"""One function wires a worker: `build_worker(settings, generator, firestore_client, storage_client)`.
+
+The entry point (`python -m listener`), the benchmarks and the tests all build their worker here, so they run
+the same job store, runner, reconciler and runsync handler; only the generator differs (the real `Engine`, a
+no-op one, a slow one).
+
+The `Worker` also owns the process-level decisions:
+- shutdown (SIGTERM): stop claiming at once, finish the running job within SHUTDOWN_GRACE_SECONDS or release
+  it to the queue; idempotent, and started off the signal handler so the SDK's loop keeps answering meanwhile;
+- a broken accelerator: a CUDA error that is not out-of-memory (raised by a job), or a failed fitness check at
+  start-up, releases the job (never fails it: the job is fine, the card is not), stops claiming and makes the
+  process exit non-zero, so RunPod replaces the worker instead of it failing every job it claims.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from firegen_core.errors import Cancelled
+from firegen_core.jobs import JobStore
+from generation.engine import is_device_failure
+
+from .handler import RunsyncHandler
+from .reconciler import Reconciler
+from .runner import Generator, JobRunner
+from .settings import Settings
+from .storage import ResultStore
+
+log = structlog.get_logger("listener.worker")
+
+
+class DeviceFailed(Cancelled):
+    """The accelerator failed under a job: the job is released (a Cancelled), and the worker leaves."""
+
+
+class DeviceGuard:
+    """Wraps a generator: a device failure during `generate` reports to `on_failure` and cancels the job."""
+
+    def __init__(self, generator: Generator, on_failure: Callable[[BaseException], None]):
+        self.generator = generator
+        self.on_failure = on_failure
+
+    def generate(self, request, progress=None):
+        try:
+            return self.generator.generate(request, progress=progress)
+        except Exception as exc:
+            if not is_device_failure(exc):
+                raise
+            self.on_failure(exc)
+            raise DeviceFailed() from exc
+
+    def __getattr__(self, name: str) -> Any:  # check_device, preload, ... of the wrapped generator
+        return getattr(self.generator, name)
+
+
+class RequestIdRunner(JobRunner):
+    """Logs a job's run with the RunPod job id that dispatched it (`runpod_job_id`, as `requestId`)."""
+
+    def run(self, job):
+        request_id = job.doc.get("runpod_job_id")
+        if not request_id:
+            return super().run(job)
+        with structlog.contextvars.bound_contextvars(requestId=request_id):
+            return super().run(job)
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    store: JobStore
+    runner: JobRunner
+    reconciler: Reconciler
+    handler: RunsyncHandler
+    generator: Any
+    failure: str | None = None  # why the worker must be replaced (exit non-zero)
+    _shutdown_lock: threading.Lock = field(default_factory=threading.Lock)
+    _shutdown_started: bool = False
+    _stopped: threading.Event = field(default_factory=threading.Event)
+    _signals_chained: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failure else 0
+
+    def start(self) -> Worker:
+        self.reconciler.start()
+        return self
+
+    # --- shutdown ---------------------------------------------------------------------------------------------
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop claiming; finish running jobs within `grace` (default SHUTDOWN_GRACE_SECONDS), then release
+        them. A second call waits for the first to end."""
+        with self._shutdown_lock:
+            first = not self._shutdown_started
+            self._shutdown_started = True
+        if not first:
+            self._stopped.wait()
+            return
+        try:
+            self.reconciler.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        finally:
+            self._stopped.set()
+
+    def begin_shutdown(self, grace: float | None = None) -> None:
+        """`shutdown` in a thread of its own: safe from a signal handler (it never blocks the caller)."""
+        if not self._shutdown_started:
+            threading.Thread(target=self.shutdown, args=(grace,), name="worker-shutdown", daemon=True).start()
+
+    # --- a broken accelerator ---------------------------------------------------------------------------------
+    def device_failed(self, exc: BaseException) -> None:
+        """A job hit a CUDA error: stop claiming, and have the process leave (SIGTERM to itself, so whichever
+        loop runs, the SDK's or uvicorn's, ends the way it does on RunPod's own SIGTERM)."""
+        if self.failure is None:
+            self.failure = f"device failure: {type(exc).__name__}"
+            log.error("device_failed", error_type=type(exc).__name__, action="release the job and exit")
+            self.begin_shutdown()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def fitness_check(self) -> None:
+        """The start-up check of the accelerator (registered with the SDK's `register_fitness_check`). On
+        failure: stop claiming, release any job at once, and raise (the SDK then exits the process with 1)."""
+        check = getattr(self.generator, "check_device", None)
+        if check is None:
+            return
+        try:
+            check()
+        except Exception as exc:
+            self.failure = f"fitness check failed: {type(exc).__name__}"
+            log.error("fitness_check_failed", error_type=type(exc).__name__, error=str(exc)[:300])
+            self.shutdown(grace=0)
+            raise
+        log.info("fitness_check_passed")
+
+    # --- the RunPod SDK ---------------------------------------------------------------------------------------
+    def concurrency_modifier(self, current: int) -> int:
+        """The SDK's `concurrency_modifier`: runsync jobs taken at once (each answers in milliseconds).
+
+        The SDK calls it from its job loop, on the main thread, after it installed its own SIGTERM handler
+        (which only ends its loop once its current job-take poll returns): the first call chains ours in front,
+        so that the worker stops claiming the moment the signal arrives."""
+        if not self._signals_chained and threading.current_thread() is threading.main_thread():
+            self._signals_chained = True
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                _chain(signum, self.begin_shutdown)
+        return self.settings.runsync_concurrency
+
+
+def _chain(signum: int, first: Callable[[], None]) -> None:
+    previous = signal.getsignal(signum)
+
+    def handler(sig, frame):
+        first()
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signum, handler)
+
+
+def build_worker(
+    settings: Settings,
+    generator: Generator,
+    firestore_client: Any,
+    storage_client: Any,
+    *,
+    worker_id: str,
+) -> Worker:
+    """The worker's parts, wired; call `.start()` to start claiming."""
+    store = JobStore(
+        firestore_client,
+        worker_id=worker_id,
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+    )
+    results = ResultStore.from_settings(storage_client, settings)
+    worker: Worker
+    guarded = DeviceGuard(generator, lambda exc: worker.device_failed(exc))
+    runner = RequestIdRunner(store, guarded, results)
+    reconciler = Reconciler(
+        store, runner, concurrency=settings.concurrency, sweep_interval=settings.sweep_interval_seconds
+    )
+    handler = RunsyncHandler(store, reconciler.submit, guarded)
+    worker = Worker(settings, store, runner, reconciler, handler, guarded)
+    return worker

@@ -1,0 +1,174 @@
+"""Credentials from a service account key's JSON text (a RunPod secret is an environment string), with a key
+generated in the test: both clients use it, signed URLs are signed with it (the signature verified against the
+key), a malformed value stops start-up with one line that names the variable and never echoes the value, and
+no log line carries a signed URL's signature, a token or a key."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+from fixtures_keys import pem_body, service_account_key
+
+from devtools.worker import REPO
+from listener.credentials import clients
+from listener.settings import SettingsError, load_settings
+from listener.storage import ResultStore
+
+SECRET_MARK = "SUPERSECRET-do-not-print-0123456789"
+
+
+@pytest.fixture
+def production_env(monkeypatch):
+    """No emulators: the clients are built for Google Cloud (constructing them makes no network call)."""
+    for name in (
+        "FIRESTORE_EMULATOR_HOST",
+        "STORAGE_EMULATOR_HOST",
+        "GOOGLE_CLOUD_PROJECT",
+        "GCLOUD_PROJECT",
+        "FIREBASE_SERVICE_ACCOUNT_JSON",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STORAGE_BUCKET", "demo-keyed.firebasestorage.app")
+    return monkeypatch
+
+
+def verify_v4_signature(url: str, key) -> None:
+    """Recompute the V4 string-to-sign from the URL (GET, host header only, unsigned payload) and check the
+    signature with the key's public half: raises InvalidSignature when it was not signed with this key."""
+    parts = urlsplit(url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    signature = dict(params)["X-Goog-Signature"]
+    raw = [p for p in parts.query.split("&") if not p.startswith("X-Goog-Signature=")]
+    canonical = "\n".join(
+        ["GET", parts.path, "&".join(sorted(raw)), f"host:{parts.netloc}", "", "host", "UNSIGNED-PAYLOAD"]
+    )
+    values = dict(params)
+    scope = values["X-Goog-Credential"].split("/", 1)[1]
+    to_sign = "\n".join(
+        ["GOOG4-RSA-SHA256", values["X-Goog-Date"], scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key.public_key().verify(bytes.fromhex(signature), to_sign.encode(), padding.PKCS1v15(), hashes.SHA256())
+
+
+@pytest.mark.parametrize("variable", ["FIREBASE_SERVICE_ACCOUNT_JSON", "GOOGLE_APPLICATION_CREDENTIALS"])
+def test_the_keys_json_text_builds_both_clients_and_signs_urls(production_env, variable):
+    key_json, key = service_account_key("demo-keyed")
+    production_env.setenv(variable, key_json)
+    settings = load_settings()
+    assert settings.service_account[0] == variable
+    assert key_json not in repr(settings) and pem_body(key_json) not in str(settings.model_dump())
+    db, files = clients(settings)
+    email = "firegen-worker@demo-keyed.iam.gserviceaccount.com"
+    assert db.project == files.project == "demo-keyed"  # the key's project_id when none is set
+    assert db._credentials.service_account_email == files._credentials.service_account_email == email
+    url = ResultStore(files, settings.storage_bucket, url_style="signed").url_for("generating/u/image/f.png")
+    assert url.startswith("https://storage.googleapis.com/demo-keyed.firebasestorage.app/generating/u/image/f.png?")
+    assert dict(parse_qsl(urlsplit(url).query))["X-Goog-Credential"].startswith(email + "/")
+    verify_v4_signature(url, key)  # signed offline with the key from the variable
+    _, other = service_account_key("demo-keyed")
+    with pytest.raises(InvalidSignature):
+        verify_v4_signature(url, other)
+
+
+def test_a_key_file_path_is_left_to_application_default_credentials(production_env, tmp_path):
+    production_env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+    assert load_settings().service_account is None
+
+
+@pytest.mark.parametrize(
+    "variable,value,line",
+    [
+        (
+            "FIREBASE_SERVICE_ACCOUNT_JSON",
+            f'{{"private_key": "{SECRET_MARK}", ',
+            "FIREBASE_SERVICE_ACCOUNT_JSON is not valid JSON (expected a service account key's JSON text)",
+        ),
+        (
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            json.dumps({"private_key": SECRET_MARK}),
+            "GOOGLE_APPLICATION_CREDENTIALS is not a service account key (JSON with client_email and private_key)",
+        ),
+        (
+            "FIREBASE_SERVICE_ACCOUNT_JSON",
+            json.dumps({"client_email": "a@b.c", "private_key": f"-----BEGIN PRIVATE KEY-----\n{SECRET_MARK}\n"}),
+            "FIREBASE_SERVICE_ACCOUNT_JSON holds a service account key that cannot be loaded",
+        ),
+    ],
+)
+def test_a_malformed_key_stops_start_up_naming_the_variable_never_its_value(variable, value, line):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FIREBASE_SERVICE_ACCOUNT_JSON", "GOOGLE_APPLICATION_CREDENTIALS")
+    }
+    env.update({"STORAGE_BUCKET": "b", "GOOGLE_CLOUD_PROJECT": "demo-x", variable: value})
+    result = subprocess.run(
+        [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"listener: configuration error: {line}\n"
+    assert SECRET_MARK not in result.stderr + result.stdout
+
+
+def test_settings_errors_never_echo_a_secret(production_env):
+    production_env.setenv("FIREBASE_SERVICE_ACCOUNT_JSON", SECRET_MARK)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert SECRET_MARK not in str(caught.value) and "FIREBASE_SERVICE_ACCOUNT_JSON" in str(caught.value)
+
+
+def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, storage_client, bucket, monkeypatch):
+    """A job run with signed URLs (uploaded to the emulator, signed with the generated key), its log captured."""
+    from google.oauth2 import service_account
+
+    from bench.noop import NoopGenerator
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobKey, JobStore
+    from listener import logs
+    from listener.runner import JobRunner
+
+    key_json, _ = service_account_key("demo-keyed")
+    signer = service_account.Credentials.from_service_account_info(json.loads(key_json))
+    results = ResultStore(storage_client, bucket.name, url_style="signed", signing_credentials=signer)
+    store = JobStore(firestore_client, worker_id="log-test", lease_seconds=30)
+    request = parse_runsync_input(
+        {"prompt": "p", "user_id": "u", "file_uid": "signed-1", "use_cloud_storage": True, "num_images_per_prompt": 2}
+    )
+    captured = io.StringIO()
+    root_handlers = logging.getLogger().handlers[:]
+    monkeypatch.setattr(logging.getLogger(), "handlers", root_handlers)
+    with redirect_stdout(captured):
+        logs.configure("log-test")
+        store.ensure_queued(request)
+        job = store.claim(JobKey.of(request))
+        assert JobRunner(store, NoopGenerator(), results).run(job) == "completed"
+        # Were a URL or a key ever passed to a log call, the last guard takes the secret parts out.
+        import structlog
+
+        structlog.get_logger("test").warning(
+            "leak_attempt",
+            url="https://x/o?X-Goog-Signature=abc123&token=t0k3n",
+            key=json.loads(key_json)["private_key"],
+        )
+    structlog.reset_defaults()
+    logging.getLogger().handlers[:] = root_handlers
+    doc = firestore_client.document(JobKey.of(request).path).get().to_dict()
+    signatures = [dict(parse_qsl(urlsplit(url).query))["X-Goog-Signature"] for url in doc["images"]]
+    text = captured.getvalue()
+    assert '"job_completed"' in text and '"leak_attempt"' in text
+    for secret in (*signatures, "abc123", "t0k3n", pem_body(key_json)):
+        assert secret not in text
+    assert all(json.loads(line)["severity"] for line in text.splitlines())

@@ -1,0 +1,321 @@
+"""The worker in its production mode: the RunPod SDK's own job loop (`runpod.serverless.start` without
+`--rp_serve_api`), which takes jobs from RunPod's job API, posts their outputs back, pings, runs the fitness
+checks and installs its own SIGTERM handling.
+
+RunPod's job API cannot run here (it is RunPod's hosted service), so `JobApi` is a small stand-in for it,
+started by the test: the SDK is pointed at it through its own environment variables (RUNPOD_WEBHOOK_GET_JOB,
+RUNPOD_WEBHOOK_POST_OUTPUT, RUNPOD_WEBHOOK_PING, RUNPOD_POD_ID, RUNPOD_AI_API_KEY), and everything on the
+worker's side (the SDK's get-job, post-output and ping calls, its loop, the handler, the reconciler) is real,
+on the Firestore and Storage emulators with the tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from fixtures_keys import pem_body, service_account_key
+
+from devtools import emulators as emu
+from devtools.worker import REPO, WorkerProcess
+
+API_KEY = "rpa_TESTKEY0123456789abcdefSECRET"
+POD = "test-pod"
+HOLD_SECONDS = 2.0  # the job-take long poll, as RunPod's holds a request open until a job comes
+
+
+class JobApi:
+    """A stand-in for RunPod's job API: job-take (single and batch, each queued job handed out once, held
+    open up to HOLD_SECONDS like the real long poll), job-done (outputs recorded), job-stop, ping."""
+
+    def __init__(self):
+        self.jobs: queue.Queue[dict] = queue.Queue()
+        self.outputs: dict[str, dict] = {}
+        self.takes: list[dict] = []  # each take that handed out jobs: batch size asked, ids, outputs posted before
+        self.pings: list[dict] = []
+        self.auth: set[str | None] = set()
+        self.lock = threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                url = urlsplit(self.path)
+                params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                api.auth.add(self.headers.get("Authorization"))
+                if "/job-take" in url.path:
+                    batch = "/job-take-batch/" in url.path
+                    jobs = api.take(int(params.get("batch_size", 1)) if batch else 1)
+                    if not jobs:
+                        return self.reply(204)
+                    return self.reply(200, jobs if batch else jobs[0])
+                if "/job-stop/" in url.path:
+                    time.sleep(0.5)
+                    return self.reply(204)
+                if "/ping/" in url.path:
+                    with api.lock:
+                        api.pings.append(params)
+                    return self.reply(200, {})
+                return self.reply(404)
+
+            def do_POST(self):
+                url = urlsplit(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                api.auth.add(self.headers.get("Authorization"))
+                if "/job-done/" in url.path:
+                    job_id = url.path.rstrip("/").split("/")[-1]
+                    with api.lock:
+                        api.outputs[job_id] = json.loads(body)
+                    return self.reply(200, {})
+                return self.reply(404)
+
+            def reply(self, status, body=None):
+                data = json.dumps(body).encode() if body is not None else b""
+                self.send_response(status)
+                if body is not None:
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}/v2/test-endpoint"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def take(self, count: int) -> list[dict]:
+        jobs = []
+        try:
+            jobs.append(self.jobs.get(timeout=HOLD_SECONDS))
+            while len(jobs) < count:
+                jobs.append(self.jobs.get_nowait())
+        except queue.Empty:
+            pass
+        if jobs:
+            with self.lock:
+                self.takes.append({"asked": count, "ids": [j["id"] for j in jobs], "posted": len(self.outputs)})
+        return jobs
+
+    def queue_runsync(self, job_id: str, job_input: dict) -> None:
+        self.jobs.put({"id": job_id, "input": job_input})
+
+    def env(self) -> dict[str, str]:
+        return {
+            "RUNPOD_WEBHOOK_GET_JOB": f"{self.base}/job-take/$ID?gpu=test",
+            "RUNPOD_WEBHOOK_POST_OUTPUT": f"{self.base}/job-done/$RUNPOD_POD_ID/$ID?gpu=test",
+            "RUNPOD_WEBHOOK_PING": f"{self.base}/ping/$RUNPOD_POD_ID?gpu=test",
+            "RUNPOD_POD_ID": POD,
+            "RUNPOD_AI_API_KEY": API_KEY,
+            "RUNPOD_ENDPOINT_ID": "test-endpoint",
+            "RUNPOD_PING_INTERVAL": "1000",
+            # The SDK's own GPU and system checks need a GPU and the internet: ours is what is tested here.
+            "RUNPOD_SKIP_GPU_CHECK": "true",
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+        }
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def job_api():
+    api = JobApi()
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def project(firestore_emulator, storage_emulator):
+    project = emu.unique_id("demo-loop")
+    bucket = storage_emulator.client(project).create_bucket(emu.unique_id("loop-bucket"))
+    return project, bucket.name
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+def worker_env(firestore_emulator, storage_emulator, project, job_api, cache, key_json=None) -> dict[str, str]:
+    project_id, bucket = project
+    env = {
+        **emu.emulator_env(firestore_emulator, storage_emulator, project_id, bucket),
+        **job_api.env(),
+        "FIREGEN_CACHE": str(cache),
+    }
+    if key_json:
+        env["FIREBASE_SERVICE_ACCOUNT_JSON"] = key_json
+    return env
+
+
+def image_input(file_uid: str, **more) -> dict:
+    return {
+        "prompt": "A sunset over mountains",
+        "user_id": "loop-user",
+        "file_uid": file_uid,
+        "use_cloud_storage": True,
+        "width": 256,
+        "height": 256,
+        "num_inference_steps": 10,
+        **more,
+    }
+
+
+def doc(firestore_emulator, project, path: str) -> dict:
+    snapshot = firestore_emulator.client(project[0]).document(path).get()
+    return snapshot.to_dict() or {}
+
+
+def json_lines(worker: WorkerProcess) -> list[dict]:
+    return [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
+
+
+def test_runsync_jobs_go_through_the_sdk_loop_several_at_once(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    key_json, _ = service_account_key(project[0])
+    for n in range(4):
+        job_api.queue_runsync(f"rp-job-{n}", image_input(f"loop-{n}"))
+    worker = WorkerProcess(
+        emulator_logs,
+        worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache, key_json),
+        serve_api=False,
+        URL_STYLE="token",
+        RUNSYNC_CONCURRENCY="4",
+    )
+    worker.start()
+    try:
+        assert emu.wait_until(lambda: len(job_api.outputs) == 4, 60), worker.log_tail()
+        for n in range(4):
+            output = job_api.outputs[f"rp-job-{n}"].get("output", job_api.outputs[f"rp-job-{n}"])
+            assert (output["status"], output["file_uid"]) == ("accepted", f"loop-{n}")
+        # The concurrency_modifier: one take asked for 4 and got all 4 before any output was posted.
+        assert {"asked": 4, "ids": [f"rp-job-{n}" for n in range(4)], "posted": 0} in job_api.takes
+        assert job_api.auth == {API_KEY}  # the SDK's calls carry RUNPOD_AI_API_KEY
+        assert emu.wait_until(lambda: job_api.pings, 10)  # the SDK's heartbeat reached the stand-in
+        paths = [f"generations/loop-user/images/loop-{n}" for n in range(4)]
+        assert emu.wait_until(
+            lambda: all(doc(firestore_emulator, project, p).get("status") == "completed" for p in paths), 60
+        )
+        urls = [doc(firestore_emulator, project, p)["image_url"] for p in paths]
+    finally:
+        worker.signal(signal.SIGTERM)
+        code = worker.wait_exit(30)
+        worker.stop()
+    assert code == 0
+    lines = json_lines(worker)
+    ours = [line for line in lines if "event" in line]
+    assert ours and all(line["severity"] in ("DEBUG", "INFO", "WARNING", "ERROR") for line in ours)
+    assert all(line["message"] == line["event"] for line in ours)
+    accepted = {line["requestId"]: line["file_uid"] for line in ours if line["event"] == "request_accepted"}
+    assert accepted == {f"rp-job-{n}": f"loop-{n}" for n in range(4)}
+    # No secret in any line: the API key, the service account's private key, the download tokens.
+    text = worker.log_path.read_text()
+    tokens = [parse_qs(urlsplit(url).query)["token"][0] for url in urls]
+    assert all(len(token) >= 32 for token in tokens)
+    for secret in (API_KEY, pem_body(key_json), *tokens):
+        assert secret not in text
+
+
+def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    grace = 1.0
+    worker = WorkerProcess(
+        emulator_logs,
+        worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
+        serve_api=False,
+        SHUTDOWN_GRACE_SECONDS=str(grace),
+    )
+    worker.start()
+    long_path = "generations/loop-user/videos/long-job"
+    try:
+        # Many short steps: the job lasts far longer than the grace period, and sees a stop at each step.
+        video = {"prompt": "A drone shot", "user_id": "loop-user", "file_uid": "long-job", "use_cloud_storage": True}
+        video |= {"num_frames": 81, "num_inference_steps": 50, "video_width": 256, "video_height": 256}
+        job_api.queue_runsync("rp-long", video)
+        assert emu.wait_until(lambda: doc(firestore_emulator, project, long_path).get("status") == "processing", 60)
+        signalled = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        # Written after the signal: a stopping worker never claims it (its slot frees when the job is released).
+        firestore_emulator.client(project[0]).document("generations/loop-user/images/after-term").set(
+            {"status": "queued", "prompt": "late", "created_at": time.time()}
+        )
+        assert emu.wait_until(lambda: doc(firestore_emulator, project, long_path).get("status") == "queued", 30)
+        released_after = time.monotonic() - signalled
+        code = worker.wait_exit(30)
+    finally:
+        worker.stop()
+    assert code == 0
+    # The job-take poll was still open when the signal came: the release did not wait for the SDK's loop.
+    assert released_after < grace + HOLD_SECONDS, released_after
+    long_doc = doc(firestore_emulator, project, long_path)
+    assert long_doc["attempts"] == 0 and "worker_id" not in long_doc
+    assert doc(firestore_emulator, project, "generations/loop-user/images/after-term")["status"] == "queued"
+    assert worker.events("job_released") and worker.events("reconciler_stopped")
+    assert not [line for line in worker.events("job_claimed") if "after-term" in line]
+
+
+def test_a_cuda_error_releases_the_job_and_ends_the_worker(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    worker = WorkerProcess(
+        emulator_logs,
+        {**worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache), "FAULT": "job"},
+        serve_api=False,
+        module="tests.fault_worker",
+        IMAGE_MODEL="none",
+        VIDEO_MODEL="none",
+    )
+    worker.start()
+    try:
+        job_api.queue_runsync("rp-broken", image_input("on-a-broken-card"))
+        code = worker.wait_exit(60)
+    finally:
+        worker.stop()
+    assert code == 1, worker.log_tail()
+    assert job_api.outputs["rp-broken"]["output"]["status"] == "accepted"
+    job = doc(firestore_emulator, project, "generations/loop-user/images/on-a-broken-card")
+    # Released, not failed: the job is fine, the card is not; another worker runs it.
+    assert (job["status"], job["attempts"]) == ("queued", 0) and "error_type" not in job
+    assert worker.events("device_failed") and worker.events("job_released")
+    assert worker.events("job_failed") == []
+
+
+def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    job_api.queue_runsync("rp-never", image_input("never-taken"))
+    env = {
+        **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
+        "FAULT": "fitness",
+        "IMAGE_MODEL": "none",
+        "VIDEO_MODEL": "none",
+        "PYTHONUNBUFFERED": "1",
+    }
+    # The worker exits on its own: run it to its end (WorkerProcess waits for a server that stays up).
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fault_worker"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert '"event": "fitness_check_failed"' in result.stdout
+    assert not job_api.takes and job_api.jobs.qsize() == 1  # the job stays with RunPod for a healthy worker
+    assert any(ping.get("status") == "unhealthy" for ping in job_api.pings)  # the SDK told RunPod why
