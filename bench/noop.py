@@ -41,7 +41,8 @@ class NoopGenerator:
 def main() -> int:
     from google.cloud import firestore, storage
 
-    from firegen_core.jobs import JobStore
+    from firegen_core.jobs import WorkerJobs
+    from firegen_core.quota import Limits
     from listener.__main__ import make_worker_id
     from listener.reconciler import Reconciler
     from listener.runner import JobRunner
@@ -49,11 +50,12 @@ def main() -> int:
     from listener.storage import ResultStore
 
     settings = load_settings()
-    store = JobStore(
+    store = WorkerJobs(
         firestore.Client(project=settings.google_cloud_project),
         worker_id=make_worker_id(),
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        limits=Limits(settings.user_max_running, settings.user_max_pending, settings.user_daily_budget),
     )
     results = ResultStore.from_settings(storage.Client(project=settings.google_cloud_project), settings)
     generator = NoopGenerator(float(os.environ.get("NOOP_SECONDS", "0")))

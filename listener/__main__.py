@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from google.cloud import firestore, storage
 
-    from firegen_core.jobs import JobStore
+    from firegen_core.jobs import WorkerJobs
+    from firegen_core.quota import Limits
     from generation.engine import Engine, EngineConfig, quiet_loading
 
     from .handler import RunsyncHandler
@@ -67,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     loaded = time.perf_counter()
 
     project = settings.google_cloud_project
-    store = JobStore(
+    store = WorkerJobs(
         firestore.Client(project=project),
         worker_id=worker_id,
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        limits=Limits(settings.user_max_running, settings.user_max_pending, settings.user_daily_budget),
     )
     results = ResultStore.from_settings(storage.Client(project=project), settings)
     reconciler = Reconciler(

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     concurrency: int = Field(1, ge=1, validation_alias=_env("CONCURRENCY"))
     shutdown_grace_seconds: float = Field(20.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE_SECONDS"))
 
+    # Per-user limits (firegen_core.quota; the Cloud Functions read the same variables)
+    user_max_running: int = Field(2, ge=1, validation_alias=_env("USER_MAX_RUNNING"))
+    user_max_pending: int = Field(20, ge=1, validation_alias=_env("USER_MAX_PENDING"))
+    user_daily_budget: float = Field(600.0, gt=0, validation_alias=_env("USER_DAILY_BUDGET"))
+
     @field_validator("url_style", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:

@@ -574,7 +574,7 @@ def test_trigger_ignores_docs_that_are_not_queued_jobs(firestore_client, stub):
     from firegen_core.contract import parse_runsync_input
     from firegen_core.jobs import JobStore
 
-    JobStore(firestore_client, worker_id="w").ensure_queued(
+    JobStore(firestore_client).ensure_queued(
         parse_runsync_input({"prompt": "a car", "user_id": "u-x", "file_uid": "direct", "use_cloud_storage": True})
     )
     runpod = stub(ACCEPTED)

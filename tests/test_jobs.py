@@ -1,4 +1,4 @@
-"""The job store's transactions on the real Firestore emulator: claims race, stale workers are fenced off."""
+"""The job store's compare-and-set transitions on the real Firestore emulator: claims race, stale workers are fenced off."""
 
 import threading
 import time
@@ -8,7 +8,7 @@ import pytest
 
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
-from firegen_core.jobs import JobKey, JobStore
+from firegen_core.jobs import JobKey, WorkerJobs
 
 KEY = JobKey("user123", "images", "file456")
 
@@ -20,7 +20,7 @@ def queue(client, key=KEY, **fields):
 
 
 def store(client, worker="w1", lease=60.0, max_attempts=3):
-    return JobStore(client, worker_id=worker, lease_seconds=lease, max_attempts=max_attempts)
+    return WorkerJobs(client, worker_id=worker, lease_seconds=lease, max_attempts=max_attempts)
 
 
 def read(client, key=KEY):
