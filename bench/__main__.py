@@ -236,8 +236,8 @@ def accept_latency(worker: WorkerProcess, label: str) -> dict:
 _LISTENER = """
 import sys, time
 from google.cloud import firestore
-query = firestore.Client(project=sys.argv[1]).collection_group("images")
-watch = query.where(filter=firestore.FieldFilter("status", "==", "queued")).on_snapshot(lambda *_: None)
+from firegen_core.jobs import JobStore
+watch = JobStore(firestore.Client(project=sys.argv[1])).queued("images").on_snapshot(lambda *_: None)
 print("listening", flush=True)
 time.sleep(600)
 """
@@ -268,6 +268,7 @@ def emulator_create_latency(firestore_emulator) -> dict:
         [sys.executable, "-c", _LISTENER, project],
         stdout=subprocess.PIPE,
         text=True,
+        cwd=REPO,  # firegen_core is importable from there
         env={**os.environ, "FIRESTORE_EMULATOR_HOST": firestore_emulator.host_port},
     )
     try:
