@@ -23,7 +23,7 @@ from google.cloud import firestore
 from google.cloud.firestore import SERVER_TIMESTAMP, FieldFilter
 
 from . import lifecycle, quota
-from .contract import MEDIA_TYPE, ContractError, GenerationRequest, parse_document
+from .contract import KNOWN_FIELDS, MEDIA_TYPE, ContractError, GenerationRequest, parse_document
 from .errors import QUOTA_EXCEEDED, GenerationError
 from .lifecycle import Lease
 
@@ -164,7 +164,7 @@ class JobStore:
                     failed = lifecycle.failure(
                         GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
                     )
-                    return {**update, **failed} if before is None else failed
+                    return {**_request_part(update), **failed} if before is None else failed
                 update = {**update, quota.ADMITTED: True, quota.COST: cost}
                 after = quota.merged(before, update)
         if quota.running(after) and not quota.running(before) and usage.running >= self.limits.max_running:
@@ -218,6 +218,11 @@ class JobStore:
             .where(filter=FieldFilter("lease_expires_at", "<", now))
             .limit(limit)
         )
+
+
+def _request_part(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A new doc's request and creation fields (a refused job was never dispatched nor run: no other marks)."""
+    return {k: v for k, v in doc.items() if k in KNOWN_FIELDS or k in ("created_at", "task_type")}
 
 
 def _cost(key: JobKey, doc: Mapping[str, Any]) -> float | None:

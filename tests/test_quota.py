@@ -71,6 +71,21 @@ def test_the_cost_model_is_calibrated_on_the_measured_h100_figures():
     assert Limits().daily_budget / quota.estimate(full_sdxl) >= 150
 
 
+def test_the_worker_reads_the_limits_from_its_environment(monkeypatch):
+    from listener.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("STORAGE_BUCKET", "b")
+    settings = load_settings()
+    assert (settings.user_max_running, settings.user_max_pending, settings.user_daily_budget) == (2, 20, 600.0)
+    monkeypatch.setenv("USER_MAX_RUNNING", "4")
+    monkeypatch.setenv("USER_DAILY_BUDGET", "1500")
+    settings = load_settings()
+    assert (settings.user_max_running, settings.user_daily_budget) == (4, 1500.0)
+    monkeypatch.setenv("USER_MAX_PENDING", "0")
+    with pytest.raises(SettingsError, match="USER_MAX_PENDING"):
+        load_settings()
+
+
 def test_limits_must_be_positive():
     assert (Limits().max_running, Limits().max_pending, Limits().daily_budget) == (2, 20, 600.0)
     for bad in (dict(max_running=0), dict(max_pending=0), dict(daily_budget=0)):
@@ -252,6 +267,7 @@ def test_past_the_limits_the_callable_answers_resource_exhausted(firestore_clien
     failed = doc(firestore_client, JobKey(USER, "images", "two"))
     assert (failed["status"], failed["error_type"], failed["error"]) == ("failed", "QuotaExceeded", True)
     assert failed["error_message"] == raised.value.message and "quota_admitted" not in failed
+    assert failed["created_at"] and failed["prompt"] == "a red car" and "dispatch_count" not in failed
     # A retry of the refused call answers the same, and counts nothing.
     with pytest.raises(dispatch.CallError) as again:
         dispatch.generate(
