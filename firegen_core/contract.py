@@ -25,10 +25,20 @@ MAX_ID_CHARS = 128  # Firebase Auth uids are at most 128 characters.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+MAX_MESSAGE_CHARS = 300  # every message stored on a doc or returned to a client
+MAX_QUOTED_CHARS = 60  # a client's own text quoted in a message (an unknown field's name)
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """At most `limit` characters, an ellipsis marking a cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class ContractError(ValueError):
-    """A request the contract refuses; `message` is the exact text for the client."""
+    """A request the contract refuses; `message` is the exact text for the client (at most 300 characters)."""
 
     def __init__(self, message: str):
+        message = clip(message)
         super().__init__(message)
         self.message = message
 
@@ -68,42 +78,6 @@ VIDEO_FIELDS = frozenset(name for name, p in PARAMS.items() if p.video)
 TEXT_FIELDS = ("prompt", "negative_prompt")
 ID_FIELDS = ("user_id", "file_uid")
 KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *ID_FIELDS, "use_cloud_storage", "seed", *PARAMS})
-
-# Fields a job document carries besides the request: written by clients (status, created_at, generated, error,
-# per the contract's client sample) or by the worker and the functions. A doc reader skips them.
-DOCUMENT_STATE_FIELDS = frozenset(
-    {
-        "status",
-        "created_at",
-        "generated",
-        "error",
-        "modified",
-        "task_type",
-        "media_type",
-        "worker_id",
-        "lease_expires_at",
-        "attempts",
-        "started_at",
-        "progress",
-        "completed_at",
-        "failed_at",
-        "error_message",
-        "error_type",
-        "images",
-        "image_url",
-        "image_count",
-        "videos",
-        "video_url",
-        "video_info",
-        "queue_seconds",
-        "generation_seconds",
-        "upload_seconds",
-        "dispatch_count",
-        "dispatched_at",
-        "dispatched_by",
-        "dispatch_error",
-    }
-)
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.:@+=~]*")
 _RESERVED_ID = re.compile(r"__.*__")
@@ -240,7 +214,7 @@ def parse_runsync_input(data: Any) -> GenerationRequest:
         if name not in KNOWN_FIELDS:
             hint = snake_case(str(name))
             suffix = f" (did you mean '{hint}'?)" if hint in KNOWN_FIELDS else ""
-            raise invalid(f"unknown field '{name}'{suffix}")
+            raise invalid(f"unknown field '{clip(str(name), MAX_QUOTED_CHARS)}'{suffix}")
     _check_text(data, "prompt", required=True)
     cloud = data.get("use_cloud_storage")
     if cloud is None:

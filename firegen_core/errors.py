@@ -6,7 +6,8 @@ so the mapping works in processes that never load a model (the Cloud Function, t
 
 from __future__ import annotations
 
-from .contract import ContractError
+from .contract import MAX_MESSAGE_CHARS as MAX_MESSAGE_CHARS  # re-exported: the limit lives with ContractError
+from .contract import ContractError, clip
 
 MODEL_NOT_AVAILABLE = "ModelNotAvailable"
 OUT_OF_MEMORY = "OutOfMemoryError"
@@ -16,9 +17,22 @@ EXCEPTION = "Exception"
 # Beyond the contract's list: a job document whose parameters break the contract (a runsync call is refused
 # before any doc exists, so only client-written docs end this way). None of the five fits it.
 VALIDATION_ERROR = "ValidationError"
-ERROR_TYPES = (MODEL_NOT_AVAILABLE, OUT_OF_MEMORY, RUNTIME_ERROR, CONNECTION_ERROR, EXCEPTION, VALIDATION_ERROR)
-
-MAX_MESSAGE_CHARS = 300
+# A job refused without being generated: past one of the user's limits (USER_MAX_PENDING, USER_DAILY_BUDGET).
+QUOTA_EXCEEDED = "QuotaExceeded"
+# A job its owner cancelled, and one that ran past its time limit (the scheduling part of the queue).
+CANCELLED = "Cancelled"
+TIMEOUT = "Timeout"
+ERROR_TYPES = (
+    MODEL_NOT_AVAILABLE,
+    OUT_OF_MEMORY,
+    RUNTIME_ERROR,
+    CONNECTION_ERROR,
+    EXCEPTION,
+    VALIDATION_ERROR,
+    QUOTA_EXCEEDED,
+    CANCELLED,
+    TIMEOUT,
+)
 
 
 class GenerationError(Exception):
@@ -27,6 +41,7 @@ class GenerationError(Exception):
     def __init__(self, error_type: str, message: str):
         if error_type not in ERROR_TYPES:
             raise ValueError(f"unknown error_type {error_type!r}")
+        message = clip(message)
         super().__init__(message)
         self.error_type = error_type
         self.message = message
@@ -46,8 +61,7 @@ class Cancelled(BaseException):
 
 
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+    return clip(" ".join(str(exc).split()) or type(exc).__name__)
 
 
 def _is_oom(exc: BaseException) -> bool:

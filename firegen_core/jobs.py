@@ -1,13 +1,18 @@
 """The Firestore job store: every transition of `lifecycle` runs here, each as one atomic read-decide-write.
 
-`JobStore.transition` is the only place that writes a job document: it reads the doc, asks a pure decision
-function what to write given the server's read time, and writes exactly that, only if the doc is unchanged
-since the read (else it reads and decides again), or nothing. Claim, renew, complete, fail and release are one line each on top of it, so the
-fencing (status + worker_id + attempt) can never be skipped by one of them.
+`JobStore.transition` is the only place that writes a job document: it reads the doc (and its user's usage
+doc), asks a pure decision function what to write given the server's read time, and writes exactly that, only
+if both docs are unchanged since the read (else it reads and decides again), or nothing. It also keeps the
+user's usage (`quota`) exact: whatever a transition does to a job's status, the usage doc gets the change in
+the same commit. `JobStore` knows no worker; `WorkerJobs` adds a worker's claim, renew, complete, fail and
+release, one line each on top of `transition`, so the fencing (status + worker_id + attempt) can never be
+skipped by one of them. The queries every reader needs (queued jobs, expired leases) live here too.
 """
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,19 +20,20 @@ from typing import Any
 
 from google.api_core.exceptions import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from google.cloud import firestore
-from google.cloud.firestore import SERVER_TIMESTAMP
+from google.cloud.firestore import SERVER_TIMESTAMP, FieldFilter
 
-from . import lifecycle
-from .contract import MEDIA_TYPE, GenerationRequest
-from .errors import GenerationError
+from . import lifecycle, quota
+from .contract import KNOWN_FIELDS, MEDIA_TYPE, ContractError, GenerationRequest, parse_document
+from .errors import QUOTA_EXCEEDED, GenerationError
 from .lifecycle import Lease
 
 COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
-MAX_CONFLICTS = 10
+MAX_CONFLICTS = 20
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
+CONFLICT_BACKOFF = 0.01  # seconds, times the try, jittered: racers for one user's usage doc spread out
 
-Decide = Callable[[dict[str, Any], datetime], "dict | None"]
+Decide = Callable[[dict[str, Any] | None, datetime], "dict | None"]
 
 
 @dataclass(frozen=True)
@@ -74,16 +80,29 @@ class Outcome:
 
 
 class JobStore:
-    def __init__(self, client: firestore.Client, *, worker_id: str, lease_seconds: float = 120, max_attempts: int = 3):
+    """Job docs and their users' usage docs. No worker id: the Cloud Functions use it as it is."""
+
+    def __init__(self, client: firestore.Client, *, limits: quota.Limits = quota.Limits()):
         self.client = client
-        self.worker_id = worker_id
-        self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
+        self.limits = limits
 
     def ref(self, key: JobKey) -> firestore.DocumentReference:
         return self.client.document(key.path)
 
-    def transition(self, key: JobKey, decide: Decide) -> Outcome:
+    def usage_ref(self, user_id: str) -> firestore.DocumentReference:
+        return self.client.collection(quota.USAGE_COLLECTION).document(user_id)
+
+    def usage(self, user_id: str) -> dict[str, Any] | None:
+        snapshot = self.usage_ref(user_id).get(timeout=CALL_TIMEOUT)
+        return snapshot.to_dict() if snapshot.exists else None
+
+    def _read(self, key: JobKey):
+        """The job doc and its user's usage doc, in one round trip, at one read time."""
+        job, usage = self.ref(key), self.usage_ref(key.user_id)
+        snapshots = {s.reference.path: s for s in self.client.get_all([job, usage], timeout=CALL_TIMEOUT)}
+        return snapshots[job.path], snapshots[usage.path]
+
+    def transition(self, key: JobKey, decide: Decide, *, admit: bool = False) -> Outcome:
         """Read the doc, let `decide` choose the update from it and the server time, and write it atomically.
 
         The write is a compare-and-set: it carries the read's `update_time` as a precondition (or must create
@@ -91,41 +110,166 @@ class JobStore:
         decide again. That is a transaction's guarantee without its locks: with lock-based transactions, idle
         workers racing for the same new doc deadlock each other until a lock timeout (seconds on the emulator),
         which stalls throughput exactly when more workers are added.
+
+        Where the update changes what the job counts for (`quota.change`), the user's usage doc is written in
+        the same batch, under a precondition of its own: both land or neither. With `admit`, a job left live
+        and not yet admitted is admitted (or refused, failed `QuotaExceeded`), and any transition that would
+        start a job past USER_MAX_RUNNING leaves it queued instead.
         """
-        ref = self.ref(key)
-        for _ in range(MAX_CONFLICTS):
-            snapshot = ref.get(timeout=CALL_TIMEOUT)
+        for attempt in range(MAX_CONFLICTS):
+            snapshot, usage_snapshot = self._read(key)
+            now = snapshot.read_time
             before = (
                 {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
             )
-            update = decide(before, snapshot.read_time)
+            update = decide(before, now)
+            if update is not None:
+                usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
+                update = self._limit(key, before, update, usage, now, admit=admit)
             if update is None:
-                return Outcome(before, None, snapshot.read_time)
-            try:
-                if snapshot.exists:
-                    precondition = self.client.write_option(last_update_time=snapshot.update_time)
-                    ref.update(update, option=precondition, timeout=CALL_TIMEOUT)
+                return Outcome(before, None, now)
+            batch = self.client.batch()
+            if snapshot.exists:
+                batch.update(snapshot.reference, update, option=self._unchanged(snapshot))
+            else:
+                batch.create(snapshot.reference, update)
+            change = quota.change(before, update)
+            if change:
+                fields = usage.after(change).document(self.limits, now, SERVER_TIMESTAMP)
+                if usage_snapshot.exists:
+                    batch.update(usage_snapshot.reference, fields, option=self._unchanged(usage_snapshot))
                 else:
-                    ref.create(update, timeout=CALL_TIMEOUT)
+                    batch.create(usage_snapshot.reference, fields)
+            try:
+                batch.commit(timeout=CALL_TIMEOUT)
             except (FailedPrecondition, AlreadyExists, NotFound):
+                time.sleep(random.uniform(0, CONFLICT_BACKOFF * (attempt + 1)))
                 continue  # someone wrote first: decide again on what they wrote
-            return Outcome(before, update, snapshot.read_time)
+            return Outcome(before, update, now)
         raise Aborted(f"{key.path}: still contended after {MAX_CONFLICTS} tries")
 
-    def _fenced(self, job: ClaimedJob, make: Callable[[dict, datetime], dict]) -> bool:
+    def _unchanged(self, snapshot):
+        return self.client.write_option(last_update_time=snapshot.update_time)
+
+    def _limit(
+        self, key: JobKey, before: dict | None, update: dict, usage: quota.Usage, now: datetime, *, admit: bool
+    ) -> dict | None:
+        """The user's limits applied to a decided update: admission, then USER_MAX_RUNNING."""
+        after = quota.merged(before, update)
+        if admit and after.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) and not quota.admitted(after):
+            cost = _cost(key, after)
+            if cost is not None:  # a doc that breaks the contract is failed by whoever parses it, never counted
+                why = quota.refusal(usage, cost, self.limits, now)
+                if why is not None:
+                    failed = lifecycle.failure(
+                        GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
+                    )
+                    return {**_request_part(update), **failed} if before is None else failed
+                update = {**update, quota.ADMITTED: True, quota.COST: cost}
+                after = quota.merged(before, update)
+        if quota.running(after) and not quota.running(before) and usage.running >= self.limits.max_running:
+            # Past USER_MAX_RUNNING the job stays queued (admitted, if it was just now); it never fails for it.
+            admission = {k: update[k] for k in (quota.ADMITTED, quota.COST) if k in update}
+            return admission if admission and not quota.admitted(before) else None
+        return update
+
+    def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
+        """Fail a queued job without running it (for example when the callable's request was rejected)."""
         return self.transition(
+            key,
+            lambda doc, now: (
+                lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
+                if doc is not None and doc.get("status") == lifecycle.QUEUED
+                else None
+            ),
+        ).applied
+
+    def ensure_queued(self, request: GenerationRequest) -> dict[str, Any]:
+        """Create the job's queued doc, admitted, unless a doc exists; return the doc as it now stands.
+
+        A doc that exists (written by the callable, the client, or an earlier call) is never touched here (a
+        worker's claim admits a client's doc). A job past the user's limits is created failed `QuotaExceeded`.
+        """
+        key = JobKey.of(request)
+        outcome = self.transition(key, lambda doc, now: queued_document(request) if doc is None else None, admit=True)
+        return outcome.written if outcome.applied else outcome.before
+
+    # --- queries ---------------------------------------------------------------------------------------------
+
+    def queued(self, media: str, *, user_id: str | None = None) -> firestore.Query:
+        """Queued jobs of one media type: everyone's (a collection-group query, for listeners), or one user's."""
+        source = self.client.collection(COLLECTION, user_id, media) if user_id else self.client.collection_group(media)
+        return source.where(filter=FieldFilter("status", "==", lifecycle.QUEUED))
+
+    def oldest_queued(
+        self, media: str, *, limit: int, user_id: str | None = None, created_before: datetime | None = None
+    ) -> firestore.Query:
+        """Queued jobs oldest first (by `created_at`; a doc without one is not in it), at most `limit`."""
+        query = self.queued(media, user_id=user_id)
+        if created_before is not None:
+            query = query.where(filter=FieldFilter("created_at", "<=", created_before))
+        return query.order_by("created_at").limit(limit)
+
+    def expired(self, media: str, now: datetime, *, limit: int) -> firestore.Query:
+        """Processing jobs whose lease ran out before `now` (their worker is gone), at most `limit`."""
+        return (
+            self.client.collection_group(media)
+            .where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
+            .where(filter=FieldFilter("lease_expires_at", "<", now))
+            .limit(limit)
+        )
+
+
+def _request_part(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A new doc's request and creation fields (a refused job was never dispatched nor run: no other marks)."""
+    return {k: v for k, v in doc.items() if k in KNOWN_FIELDS or k in ("created_at", "task_type")}
+
+
+def _cost(key: JobKey, doc: Mapping[str, Any]) -> float | None:
+    try:
+        return quota.estimate(parse_document(key.user_id, key.media_type, key.file_uid, doc))
+    except ContractError:
+        return None
+
+
+class WorkerJobs:
+    """One worker's side of the store: its claims under its id and lease, fenced on (worker_id, attempt)."""
+
+    def __init__(
+        self,
+        client: firestore.Client,
+        *,
+        worker_id: str,
+        lease_seconds: float = 120,
+        max_attempts: int = 3,
+        limits: quota.Limits = quota.Limits(),
+    ):
+        self.jobs = JobStore(client, limits=limits)
+        self.client = client
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        # What a worker does without its id (the runsync handler, the reconciler's queries) is the store's own.
+        self.ensure_queued, self.transition = self.jobs.ensure_queued, self.jobs.transition
+        self.fail_unclaimed, self.ref, self.usage = self.jobs.fail_unclaimed, self.jobs.ref, self.jobs.usage
+        self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
+
+    def _fenced(self, job: ClaimedJob, make: Callable[[dict, datetime], dict]) -> bool:
+        return self.jobs.transition(
             job.key, lambda doc, now: make(doc, now) if lifecycle.holds(doc, job.lease) else None
         ).applied
 
-    # --- the transitions -------------------------------------------------------------------------------------
-
     def claim(self, key: JobKey) -> ClaimedJob | None:
-        """Take the job if it is queued or its lease ran out; exactly one of many racing workers wins."""
-        outcome = self.transition(
+        """Take the job if it is queued or its lease ran out; exactly one of many racing workers wins.
+
+        A job not yet admitted is admitted here (a doc its client wrote, seen first by this worker); a job
+        past its user's USER_MAX_RUNNING stays queued (None)."""
+        outcome = self.jobs.transition(
             key,
             lambda doc, now: lifecycle.claim(
                 doc, now, worker_id=self.worker_id, lease_seconds=self.lease_seconds, max_attempts=self.max_attempts
             ),
+            admit=True,
         )
         if not outcome.applied or outcome.written.get("status") != lifecycle.PROCESSING:
             return None
@@ -148,32 +292,6 @@ class JobStore:
 
     def release(self, job: ClaimedJob) -> bool:
         return self._fenced(job, lambda doc, now: lifecycle.release(doc))
-
-    def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
-        """Fail a queued job without running it (for example when the callable's request was rejected)."""
-        return self.transition(
-            key,
-            lambda doc, now: (
-                lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
-                if doc is not None and doc.get("status") == lifecycle.QUEUED
-                else None
-            ),
-        ).applied
-
-    def ensure_queued(self, request: GenerationRequest) -> dict[str, Any]:
-        """Create the job's queued doc from the request unless a doc exists; return the doc as it now stands.
-
-        A doc that exists (written by the callable, the client, or an earlier call) is never touched. Create
-        comes first because it is atomic on its own: a new job costs one round trip on the accept path.
-        """
-        ref = self.ref(JobKey.of(request))
-        doc = queued_document(request)
-        try:
-            ref.create(doc, timeout=CALL_TIMEOUT)
-            return doc
-        except AlreadyExists:
-            snapshot = ref.get(timeout=CALL_TIMEOUT)
-        return snapshot.to_dict() if snapshot.exists else self.ensure_queued(request)  # deleted in between
 
 
 def queued_document(request: GenerationRequest) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Every function here is a guard plus an update: it looks at the current document and returns the fields to
 write, or None when the transition is not allowed (someone else owns the job, it is finished, ...). The job
-store runs each of them inside one Firestore transaction, so a decision is always made on fresh data.
+store runs each of them as one compare-and-set (read, decide, write only if unchanged since the read), so a
+decision is always made on fresh data.
 
     queued ──claim──► processing ──complete──► completed
       ▲                 │  │ └──────fail─────► failed
@@ -14,13 +15,25 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
+from .contract import clip
 from .errors import EXCEPTION, GenerationError
 
-QUEUED, PROCESSING, COMPLETED, FAILED = "queued", "processing", "completed", "failed"
+
+class JobStatus(StrEnum):
+    """A job doc's `status`: the contract's values (a StrEnum member is the plain string, in docs and comparisons)."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+QUEUED, PROCESSING, COMPLETED, FAILED = JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.FAILED
 FINAL_STATES = (COMPLETED, FAILED)
 
 Doc = Mapping[str, Any]
@@ -131,12 +144,12 @@ def success(
 
 
 def failure(error: GenerationError, *, user_id: str | None, file_uid: str | None) -> dict:
-    """The contract's error document fields."""
+    """The contract's error document fields (the message at most 300 characters, whatever built the error)."""
     fields: dict[str, Any] = {
         "generated": False,
         "error": True,
         "status": FAILED,
-        "error_message": error.message,
+        "error_message": clip(str(error.message)),
         "error_type": error.error_type,
         "failed_at": SERVER_TIMESTAMP,
         "modified": SERVER_TIMESTAMP,

@@ -6,9 +6,10 @@
 - `redispatch_stale`: the scheduled sweep: wake a worker again for jobs nobody picked up, a bounded number of
   times, then fail them with a clear message.
 
-Each job is dispatched through one transaction that marks it first (`dispatch_count`, `dispatched_at`,
+Each job is dispatched through one compare-and-set that marks it first (`dispatch_count`, `dispatched_at`,
 `dispatched_by`), so of a client's setDoc, its trigger (delivered at least once) and its callable call, only
-one sends the job to RunPod. Marker fields are neither request fields nor the worker's state fields, so the
+one sends the job to RunPod. The callable and the trigger admit the job against its user's limits in that
+same write (`firegen_core.quota`: refused past USER_MAX_PENDING or USER_DAILY_BUDGET, failed `QuotaExceeded`). Marker fields are neither request fields nor the worker's state fields, so the
 worker's contract ignores them. Docs are written only through the worker's own job store and document shapes
 (firegen_core.jobs, firegen_core.lifecycle; vendored into functions/ at deploy by scripts/vendor_shared.py).
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import runpod_client
 from google.cloud import firestore
-from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP, FieldFilter
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from runpod_client import RunPodClient, Verdict
 
 from firegen_core import lifecycle
@@ -34,13 +35,15 @@ from firegen_core.contract import (
     ContractError,
     GenerationRequest,
     check_id,
+    clip,
     invalid,
     normalise_document_fields,
     parse_document,
     parse_runsync_input,
 )
-from firegen_core.errors import EXCEPTION, VALIDATION_ERROR, GenerationError
+from firegen_core.errors import EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from firegen_core.jobs import MEDIA_TYPES, JobKey, JobStore, queued_document
+from firegen_core.quota import Limits
 
 log = logging.getLogger("functions.dispatch")
 
@@ -58,13 +61,12 @@ STARTED_MESSAGE = "Generation started"
 QUEUED_MESSAGE = "Generation queued: a GPU worker is starting and will pick it up"
 PENDING_MESSAGE = "Generation queued: the GPU service did not answer yet; a worker will pick it up"
 
-STORE_WORKER_ID = "cloud-functions"  # JobStore needs one; this codebase never claims jobs
-
 
 class CallError(Exception):
     """An error for the callable's client: `code` is a Firebase Functions error code."""
 
     def __init__(self, code: str, message: str):
+        message = clip(message)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -80,8 +82,12 @@ class Policy:
     scan_limit: int = 100
 
 
-def _store(db: firestore.Client) -> JobStore:
-    return JobStore(db, worker_id=STORE_WORKER_ID)
+# How a failed job's error_type answers the callable; any other failure is failed-precondition.
+CALL_ERROR_CODES = {VALIDATION_ERROR: "invalid-argument", QUOTA_EXCEEDED: "resource-exhausted"}
+
+
+def _store(db: firestore.Client, limits: Limits = Limits()) -> JobStore:
+    return JobStore(db, limits=limits)
 
 
 def _markers(doc: Mapping[str, Any] | None, by: str) -> dict[str, Any]:
@@ -107,12 +113,12 @@ def runsync_input(request: GenerationRequest) -> dict[str, Any]:
     return data
 
 
-def _fail_queued(db: firestore.Client, key: JobKey, error_type: str, message: str) -> bool:
+def _fail_queued(store: JobStore, key: JobKey, error_type: str, message: str) -> bool:
     """Fail the job if it is still queued (a worker that already claimed it decides its fate)."""
-    return _store(db).fail_unclaimed(key, GenerationError(error_type, message))
+    return store.fail_unclaimed(key, GenerationError(error_type, message))
 
 
-def _record_refusal(db: firestore.Client, uid: str, fields: Mapping[str, Any], message: str) -> None:
+def _record_refusal(store: JobStore, uid: str, fields: Mapping[str, Any], message: str) -> None:
     """The contract's flow for a rejected job: its doc ends `failed` with the error fields, so a client that
     listens to it sees why. The client's queued doc is failed; where it wrote none, a failed one is created.
     Only for ids that are safe document ids: anything else gets the error reply alone."""
@@ -129,7 +135,7 @@ def _record_refusal(db: firestore.Client, uid: str, fields: Mapping[str, Any], m
         return failed if doc.get("status") == lifecycle.QUEUED else None
 
     try:
-        _store(db).transition(key, decide)
+        store.transition(key, decide)
     except Exception as exc:
         log.warning("refusal_not_recorded path=%s error=%s", key.path, type(exc).__name__)
 
@@ -141,7 +147,7 @@ def _record_verdict(db: firestore.Client, key: JobKey, verdict: Verdict) -> None
     if verdict.job_id:
         fields[RUNPOD_JOB_ID] = verdict.job_id
     if verdict.outcome == runpod_client.UNDELIVERED:
-        fields[DISPATCH_ERROR] = verdict.message[:300]
+        fields[DISPATCH_ERROR] = clip(verdict.message)
     if not fields:
         return
     try:
@@ -150,7 +156,7 @@ def _record_verdict(db: firestore.Client, key: JobKey, verdict: Verdict) -> None
         log.warning("dispatch_not_recorded path=%s error=%s", key.path, type(exc).__name__)
 
 
-def _deliver(db: firestore.Client, runpod: RunPodClient, key: JobKey, request: GenerationRequest) -> Verdict:
+def _deliver(store: JobStore, runpod: RunPodClient, key: JobKey, request: GenerationRequest) -> Verdict:
     """POST the job; a refusal fails its doc (when still queued), a failure to deliver is noted on it."""
     verdict = runpod.runsync(runsync_input(request))
     log.info(
@@ -161,8 +167,8 @@ def _deliver(db: firestore.Client, runpod: RunPodClient, key: JobKey, request: G
         verdict.job_id,
     )
     if verdict.outcome == runpod_client.REJECTED:
-        _fail_queued(db, key, VALIDATION_ERROR, verdict.message)
-    _record_verdict(db, key, verdict)
+        _fail_queued(store, key, VALIDATION_ERROR, verdict.message)
+    _record_verdict(store.client, key, verdict)
     return verdict
 
 
@@ -176,18 +182,27 @@ def _reply(key: JobKey, message: str, status: str) -> dict[str, Any]:
 
 
 def generate(
-    db: firestore.Client, runpod: RunPodClient, *, uid: str | None, data: Any, policy: Policy = Policy()
+    db: firestore.Client,
+    runpod: RunPodClient,
+    *,
+    uid: str | None,
+    data: Any,
+    policy: Policy = Policy(),
+    limits: Limits = Limits(),
 ) -> dict[str, Any]:
     """The `generateWithRunPod` callable. Returns its reply or raises CallError.
 
     Reply: {success: True, fileUid, mediaType, status: "accepted" | "queued", message}. A request the
     contract refuses raises invalid-argument with the contract's message (and fails the client's queued doc,
-    if it wrote one). A RunPod that cannot be reached is not an error for the client: the doc stays queued
-    and the reply says so (status "queued"); workers find queued docs by themselves and the scheduled sweep
-    wakes one again, then fails the job after `policy.max_dispatches` dispatches.
+    if it wrote one); a job past the user's limits raises resource-exhausted and its doc ends failed
+    `QuotaExceeded` (a retried call is never counted twice). A RunPod that cannot be reached is not an error
+    for the client: the doc stays queued and the reply says so (status "queued"); workers find queued docs by
+    themselves and the scheduled sweep wakes one again, then fails the job after `policy.max_dispatches`
+    dispatches.
     """
     if not uid:
         raise CallError("unauthenticated", "Sign in to generate")
+    store = _store(db, limits)
     if not isinstance(data, Mapping):
         raise CallError("invalid-argument", invalid("input must be a JSON object").message)
     try:
@@ -205,7 +220,7 @@ def generate(
         if not request.use_cloud_storage:
             raise invalid("use_cloud_storage must be true: results go to Cloud Storage")
     except ContractError as exc:
-        _record_refusal(db, uid, fields, exc.message)
+        _record_refusal(store, uid, fields, exc.message)
         raise CallError("invalid-argument", exc.message) from None
 
     key = JobKey.of(request)
@@ -219,18 +234,19 @@ def generate(
             return _markers(doc, BY_CALLABLE)
         return None
 
-    outcome = _store(db).transition(key, decide)
+    outcome = store.transition(key, decide, admit=True)
+    doc = {**(outcome.before or {}), **(outcome.written or {})}
+    if doc.get("status") == lifecycle.FAILED:
+        # Refused just now for the user's limits, or failed before (a retried call): report it.
+        code = CALL_ERROR_CODES.get(doc.get("error_type"), "failed-precondition")
+        raise CallError(code, doc.get("error_message") or "Generation failed")
     if not outcome.applied:
         # Someone already dispatched this job (its trigger, an earlier call) or it has moved on: report its state.
-        doc = outcome.before or {}
-        if doc.get("status") == lifecycle.FAILED:
-            code = "invalid-argument" if doc.get("error_type") == VALIDATION_ERROR else "failed-precondition"
-            raise CallError(code, doc.get("error_message") or "Generation failed")
         if doc.get("status") == lifecycle.QUEUED and DISPATCH_ERROR in doc:
             return _reply(key, PENDING_MESSAGE, "queued")
         return _reply(key, STARTED_MESSAGE, "accepted")
 
-    verdict = _deliver(db, runpod, key, request)
+    verdict = _deliver(store, runpod, key, request)
     if verdict.outcome == runpod_client.ACCEPTED:
         return _reply(key, STARTED_MESSAGE, "accepted")
     if verdict.outcome == runpod_client.REJECTED:
@@ -242,13 +258,20 @@ def generate(
 
 # ------------------------------------------------------------------------------------------------ trigger
 def dispatch_created(
-    db: firestore.Client, runpod: RunPodClient, *, user_id: str, media_type: str, file_uid: str
+    db: firestore.Client,
+    runpod: RunPodClient,
+    *,
+    user_id: str,
+    media_type: str,
+    file_uid: str,
+    limits: Limits = Limits(),
 ) -> str:
     """The Firestore trigger on generations/{uid}/{media}/{fileUid} creation: dispatch the job once.
 
     Returns what happened: "skipped" (not a queued job, or already dispatched: the callable did, a worker's
-    runsync handler wrote it, or this is a repeated delivery of the same event), "invalid" (the doc breaks the contract: failed here, no worker
-    woken), or the verdict's outcome.
+    runsync handler wrote it, or this is a repeated delivery of the same event), "invalid" (the doc breaks the
+    contract: failed here, no worker woken), "refused" (past the user's limits: failed `QuotaExceeded`, no
+    worker woken), or the verdict's outcome.
     """
     if media_type not in MEDIA_TYPES:
         return "skipped"
@@ -264,15 +287,18 @@ def dispatch_created(
             return None
         return _markers(doc, BY_TRIGGER)
 
-    outcome = _store(db).transition(key, decide)
+    store = _store(db, limits)
+    outcome = store.transition(key, decide, admit=True)
     if not outcome.applied:
         return "skipped"
+    if outcome.written.get("status") == lifecycle.FAILED:
+        return "refused"
     try:
         request = parse_document(user_id, media_type, file_uid, outcome.before)
     except ContractError as exc:
-        _fail_queued(db, key, VALIDATION_ERROR, exc.message)
+        _fail_queued(store, key, VALIDATION_ERROR, exc.message)
         return "invalid"
-    return _deliver(db, runpod, key, request).outcome
+    return _deliver(store, runpod, key, request).outcome
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -303,39 +329,34 @@ def _given_up(count: int, policy: Policy) -> GenerationError:
 
 
 def redispatch_stale(
-    db: firestore.Client, runpod: RunPodClient, *, policy: Policy = Policy(), now: datetime | None = None
+    db: firestore.Client,
+    runpod: RunPodClient,
+    *,
+    policy: Policy = Policy(),
+    now: datetime | None = None,
+    limits: Limits = Limits(),
 ) -> Counter:
     """The scheduled sweep. Returns counts: redispatched, failed, invalid, and each verdict outcome."""
     now = now or datetime.now(UTC)
     cutoff = now - policy.redispatch_after
     counts: Counter = Counter()
-    store = _store(db)
+    store = _store(db, limits)
     for media in MEDIA_TYPES:
-        group = db.collection_group(media)
-        queued = (
-            group.where(filter=FieldFilter("status", "==", lifecycle.QUEUED))
-            .where(filter=FieldFilter("created_at", "<=", cutoff))
-            .order_by("created_at")
-            .limit(policy.scan_limit)
-        )
-        expired = (
-            group.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
-            .where(filter=FieldFilter("lease_expires_at", "<", now))
-            .limit(policy.scan_limit)
-        )
+        queued = store.oldest_queued(media, created_before=cutoff, limit=policy.scan_limit)
+        expired = store.expired(media, now, limit=policy.scan_limit)
         for query in (queued, expired):
             for snapshot in query.stream():
                 try:
                     key = JobKey.from_path(snapshot.reference.path)
                 except ValueError:
                     continue  # an `images` collection somewhere else
-                counts[_redispatch_one(db, store, runpod, key, policy)] += 1
+                counts[_redispatch_one(store, runpod, key, policy)] += 1
     if counts:
         log.info("redispatch_sweep %s", dict(counts))
     return counts
 
 
-def _redispatch_one(db: firestore.Client, store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy) -> str:
+def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy) -> str:
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if not _stale(doc, now, policy):
             return None
@@ -352,7 +373,7 @@ def _redispatch_one(db: firestore.Client, store: JobStore, runpod: RunPodClient,
     try:
         request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
     except ContractError as exc:
-        _fail_queued(db, key, VALIDATION_ERROR, exc.message)
+        _fail_queued(store, key, VALIDATION_ERROR, exc.message)
         return "invalid"
-    verdict = _deliver(db, runpod, key, request)
+    verdict = _deliver(store, runpod, key, request)
     return "redispatched" if verdict.delivered else verdict.outcome

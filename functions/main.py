@@ -11,6 +11,8 @@ Configuration (see the README's "Cloud Functions" section):
                          http://127.0.0.1:8000/runsync for the emulators
     RUNPOD_ATTEMPTS, RUNPOD_TIMEOUT_SECONDS, REDISPATCH_AFTER_MINUTES, MAX_DISPATCHES: integer params with
                          defaults (functions/.env or the deploy prompt)
+    USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET: int params, the per-user limits (same as the worker's)
+    ENFORCE_APP_CHECK    optional environment variable: on by default when deployed, off under the emulators
 
 Logs: the records of dispatch and runpod_client (standard `logging`, so they import anywhere) are written by
 `firebase_functions.logger`: one JSON entry each, with `severity` and `message`, as Cloud Logging reads them.
@@ -31,6 +33,8 @@ import firebase_admin
 from firebase_functions import firestore_fn, https_fn, logger, options, params, scheduler_fn
 from runpod_client import RunPodClient, runsync_url
 
+from firegen_core.quota import Limits
+
 RUNPOD_API_KEY = params.SecretParam("RUNPOD_API_KEY", description="RunPod API key (Bearer token for runsync)")
 RUNPOD_ENDPOINT_ID = params.StringParam(
     "RUNPOD_ENDPOINT_ID", description="RunPod Serverless endpoint id of the firegen worker"
@@ -48,7 +52,34 @@ MAX_DISPATCHES = params.IntParam(
     "MAX_DISPATCHES", default=3, description="dispatches of one job before it is failed as never picked up"
 )
 
+# Per-user limits (firegen_core.quota); the worker reads the same variables. Defaults as in Limits.
+USER_MAX_RUNNING = params.IntParam(
+    "USER_MAX_RUNNING", default=Limits.max_running, description="at most this many of one user's jobs processing"
+)
+USER_MAX_PENDING = params.IntParam(
+    "USER_MAX_PENDING", default=Limits.max_pending, description="at most this many of one user's jobs queued or running"
+)
+USER_DAILY_BUDGET = params.IntParam(
+    "USER_DAILY_BUDGET",
+    default=int(Limits.daily_budget),
+    description="one user's estimated GPU-seconds per UTC day (see the README's cost model)",
+)
+
 options.set_global_options(max_instances=10)
+
+_OFF, _ON = ("0", "false", "off", "no"), ("1", "true", "on", "yes")
+
+
+def enforce_app_check() -> bool:
+    """ENFORCE_APP_CHECK for the callables (`@https_fn.on_call(enforce_app_check=enforce_app_check())`): on by
+    default when deployed, off under the emulators (FUNCTIONS_EMULATOR=true), where no app can get a token.
+    Read when the function is declared (deploy and cold start), so set it in functions/.env."""
+    value = os.environ.get("ENFORCE_APP_CHECK", "").strip().lower()
+    if value in _ON or value in _OFF:
+        return value in _ON
+    if value:
+        raise ValueError(f"ENFORCE_APP_CHECK must be on or off (got {value!r})")
+    return os.environ.get("FUNCTIONS_EMULATOR") != "true"
 
 
 class _FirebaseLogHandler(logging.Handler):
@@ -122,6 +153,10 @@ def _runpod() -> RunPodClient:
     )
 
 
+def _limits() -> Limits:
+    return Limits(USER_MAX_RUNNING.value, USER_MAX_PENDING.value, float(USER_DAILY_BUDGET.value))
+
+
 def _policy() -> dispatch.Policy:
     return dispatch.Policy(
         redispatch_after=timedelta(minutes=REDISPATCH_AFTER_MINUTES.value),
@@ -129,11 +164,21 @@ def _policy() -> dispatch.Policy:
     )
 
 
-@https_fn.on_call(secrets=[RUNPOD_API_KEY], timeout_sec=70, memory=options.MemoryOption.MB_512)
+@https_fn.on_call(
+    secrets=[RUNPOD_API_KEY],
+    timeout_sec=70,
+    memory=options.MemoryOption.MB_512,
+    enforce_app_check=enforce_app_check(),
+)
 def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
     try:
         return dispatch.generate(
-            _firestore(), _runpod(), uid=req.auth.uid if req.auth else None, data=req.data, policy=_policy()
+            _firestore(),
+            _runpod(),
+            uid=req.auth.uid if req.auth else None,
+            data=req.data,
+            policy=_policy(),
+            limits=_limits(),
         )
     except dispatch.CallError as exc:
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
@@ -149,11 +194,12 @@ def dispatchQueuedJob(event: firestore_fn.Event) -> None:
         user_id=event.params["uid"],
         media_type=event.params["media"],
         file_uid=event.params["fileUid"],
+        limits=_limits(),
     )
     logger.info("dispatchQueuedJob", document=event.document, outcome=outcome)
 
 
 @scheduler_fn.on_schedule(schedule="every 5 minutes", secrets=[RUNPOD_API_KEY], timeout_sec=300)
 def redispatchStaleJobs(event: scheduler_fn.ScheduledEvent) -> None:
-    counts = dispatch.redispatch_stale(_firestore(), _runpod(), policy=_policy())
+    counts = dispatch.redispatch_stale(_firestore(), _runpod(), policy=_policy(), limits=_limits())
     logger.info("redispatchStaleJobs", counts=dict(counts))

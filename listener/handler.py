@@ -1,7 +1,7 @@
 """The runsync handler: validate, make sure the job's doc is queued, hand it to the local slot, answer at once.
 
 Generation never runs on the request path for `use_cloud_storage: true`; the handler only does one Firestore
-transaction. Idempotent by file_uid: the doc is created only when absent, and an existing doc decides the
+compare-and-set (the doc's creation, with its admission against the user's limits). Idempotent by file_uid: the doc is created only when absent, and an existing doc decides the
 answer (a failed job answers with its recorded error; a new file_uid is a new try).
 """
 
@@ -18,7 +18,7 @@ import structlog
 from firegen_core import lifecycle
 from firegen_core.contract import ContractError, GenerationRequest, parse_runsync_input
 from firegen_core.errors import Cancelled, classify
-from firegen_core.jobs import JobKey, JobStore
+from firegen_core.jobs import JobKey, WorkerJobs
 
 log = structlog.get_logger("listener.handler")
 
@@ -41,7 +41,7 @@ def rejected(message: str) -> dict[str, Any]:
 
 
 class RunsyncHandler:
-    def __init__(self, store: JobStore, submit: Callable[[JobKey], None], generator=None):
+    def __init__(self, store: WorkerJobs, submit: Callable[[JobKey], None], generator=None):
         self.store = store
         self.submit = submit
         self.generator = generator

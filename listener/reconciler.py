@@ -7,7 +7,7 @@ Three sources feed one queue of candidate jobs:
   goes first in line: it is older than anything queued since);
 - `submit`, from the runsync handler, for the job it just accepted.
 The sweep is also the watchdog: a listener that closed, or that stayed silent about a queued doc the sweep
-found, is restarted. A candidate is only a hint; the claim transaction decides, so many workers can race.
+found, is restarted. A candidate is only a hint; the claim (a compare-and-set) decides, so many workers can race.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 
 import structlog
-from google.cloud.firestore import FieldFilter
 
-from firegen_core import lifecycle
-from firegen_core.jobs import MEDIA_TYPES, JobKey, JobStore
+from firegen_core.jobs import MEDIA_TYPES, JobKey, WorkerJobs
 
 from .runner import JobRunner
 
@@ -36,7 +34,7 @@ SPREAD = 8
 class Reconciler:
     def __init__(
         self,
-        store: JobStore,
+        store: WorkerJobs,
         runner: JobRunner,
         *,
         concurrency: int = 1,
@@ -173,7 +171,7 @@ class Reconciler:
     # --- listeners and the sweep (also the watchdog) ---------------------------------------------------------
 
     def _queued(self, media: str):
-        return self.store.client.collection_group(media).where(filter=FieldFilter("status", "==", lifecycle.QUEUED))
+        return self.store.queued(media)
 
     def _listen(self, media: str) -> None:
         current = self._current[media] = threading.Event()
@@ -211,14 +209,10 @@ class Reconciler:
         now = datetime.now(UTC)
         found = 0
         for media in MEDIA_TYPES:
-            expired = (
-                self.store.client.collection_group(media)
-                .where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
-                .where(filter=FieldFilter("lease_expires_at", "<", now))
-            )
+            expired = self.store.expired(media, now, limit=SWEEP_LIMIT)
             missed = False
-            for query in (self._queued(media), expired):
-                for snapshot in query.limit(SWEEP_LIMIT).stream():
+            for query in (self._queued(media).limit(SWEEP_LIMIT), expired):
+                for snapshot in query.stream():
                     found += 1
                     self._offer_path(snapshot.reference.path, first=query is expired)
                     missed |= query is not expired and self._missed_by_listener(media, snapshot)

@@ -18,7 +18,7 @@ import structlog
 from firegen_core import lifecycle
 from firegen_core.contract import GenerationRequest, parse_document
 from firegen_core.errors import Cancelled, classify
-from firegen_core.jobs import ClaimedJob, JobStore
+from firegen_core.jobs import ClaimedJob, WorkerJobs
 
 log = structlog.get_logger("listener.runner")
 
@@ -37,7 +37,7 @@ class Results(Protocol):
 class Heartbeat:
     """Renews the job's lease in the background and carries throttled progress writes off the GPU loop."""
 
-    store: JobStore
+    store: WorkerJobs
     job: ClaimedJob
     interval: float
     lost: threading.Event = field(default_factory=threading.Event)
@@ -82,7 +82,9 @@ def _ids(job: ClaimedJob) -> dict[str, Any]:
 
 
 class JobRunner:
-    def __init__(self, store: JobStore, generator: Generator, results: Results, *, renew_interval: float | None = None):
+    def __init__(
+        self, store: WorkerJobs, generator: Generator, results: Results, *, renew_interval: float | None = None
+    ):
         self.store = store
         self.generator = generator
         self.results = results

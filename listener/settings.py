@@ -58,6 +58,11 @@ class Settings(ModelSettings):
     # generation runs in the reconciler's CONCURRENCY slots, not in the request).
     runsync_concurrency: int = Field(8, ge=1, validation_alias=env("RUNSYNC_CONCURRENCY"))
 
+    # Per-user limits (firegen_core.quota; the Cloud Functions read the same variables)
+    user_max_running: int = Field(2, ge=1, validation_alias=env("USER_MAX_RUNNING"))
+    user_max_pending: int = Field(20, ge=1, validation_alias=env("USER_MAX_PENDING"))
+    user_daily_budget: float = Field(600.0, gt=0, validation_alias=env("USER_DAILY_BUDGET"))
+
     @field_validator("url_style", mode="before")
     @classmethod
     def _url_style(cls, value: Any) -> Any:

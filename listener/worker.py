@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 
 from firegen_core.errors import Cancelled
-from firegen_core.jobs import JobStore
+from firegen_core.jobs import WorkerJobs
+from firegen_core.quota import Limits
 from generation.engine import is_device_failure
 
 from .handler import RunsyncHandler
@@ -74,7 +75,7 @@ class RequestIdRunner(JobRunner):
 @dataclass
 class Worker:
     settings: Settings
-    store: JobStore
+    store: WorkerJobs
     runner: JobRunner
     reconciler: Reconciler
     handler: RunsyncHandler
@@ -172,11 +173,12 @@ def build_worker(
     worker_id: str,
 ) -> Worker:
     """The worker's parts, wired; call `.start()` to start claiming."""
-    store = JobStore(
+    store = WorkerJobs(
         firestore_client,
         worker_id=worker_id,
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        limits=Limits(settings.user_max_running, settings.user_max_pending, settings.user_daily_budget),
     )
     results = ResultStore.from_settings(storage_client, settings)
     worker: Worker

@@ -31,7 +31,14 @@ from firegen_core.jobs import JobKey
 
 LEASE_SECONDS = 3.0
 SWEEP_SECONDS = 1.0
-SETTINGS = {"LEASE_SECONDS": str(LEASE_SECONDS), "SWEEP_INTERVAL_SECONDS": str(SWEEP_SECONDS)}
+# One user's many jobs, as a queue under load: the per-user limits (tested in test_quota.py) are lifted here.
+SETTINGS = {
+    "LEASE_SECONDS": str(LEASE_SECONDS),
+    "SWEEP_INTERVAL_SECONDS": str(SWEEP_SECONDS),
+    "USER_MAX_RUNNING": "1000",
+    "USER_MAX_PENDING": "100000",
+    "USER_DAILY_BUDGET": "1e12",
+}
 # Beyond lease + one sweep, a taken-over job may wait for one running job to end (the survivors are busy) and a
 # few round trips on two shared cores; no more: it goes first in line, before anything queued since.
 ROUND_TRIPS_SECONDS = 1.0

@@ -268,3 +268,16 @@ def test_request_is_plain_frozen_data():
     request = GenerationRequest(prompt="p")
     with pytest.raises(AttributeError):
         request.prompt = "q"  # type: ignore[misc]
+
+
+def test_a_huge_unknown_field_name_gets_a_short_message():
+    """A 900 KB field name is quoted cut short: every message is at most 300 characters, at every door."""
+    from listener.handler import RunsyncHandler
+
+    name = "x" * 900_000
+    message = refused({**BASE, name: 1})
+    assert message.startswith("Validation failed: unknown field 'xxx") and message.endswith("…'")
+    assert len(message) <= 300
+    # The runsync handler answers the same short message (the refusal comes before any Firestore call).
+    assert RunsyncHandler(store=None, submit=None).handle({**BASE, name: 1}) == {"error": message, "status": "failed"}
+    assert len(ContractError("y" * 10_000).message) == 300

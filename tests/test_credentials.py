@@ -136,14 +136,14 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
 
     from bench.noop import NoopGenerator
     from firegen_core.contract import parse_runsync_input
-    from firegen_core.jobs import JobKey, JobStore
+    from firegen_core.jobs import JobKey, WorkerJobs
     from listener import logs
     from listener.runner import JobRunner
 
     key_json, _ = service_account_key("demo-keyed")
     signer = service_account.Credentials.from_service_account_info(json.loads(key_json))
     results = ResultStore(storage_client, bucket.name, url_style="signed", signing_credentials=signer)
-    store = JobStore(firestore_client, worker_id="log-test", lease_seconds=30)
+    store = WorkerJobs(firestore_client, worker_id="log-test", lease_seconds=30)
     request = parse_runsync_input(
         {"prompt": "p", "user_id": "u", "file_uid": "signed-1", "use_cloud_storage": True, "num_images_per_prompt": 2}
     )

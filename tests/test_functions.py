@@ -291,6 +291,19 @@ def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
     assert runpod.requests == []
 
 
+def test_a_huge_unknown_field_name_gets_a_short_message_on_the_doc_and_in_the_reply(firestore_client, stub):
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(
+            firestore_client, runpod.client(), uid="u-bad", data={"prompt": "x", "file_uid": "huge", "n" * 900_000: 1}
+        )
+    assert raised.value.code == "invalid-argument" and len(raised.value.message) <= 300
+    assert raised.value.message.startswith("Validation failed: unknown field 'nnn")
+    doc = firestore_client.document("generations/u-bad/images/huge").get().to_dict()
+    assert (doc["status"], doc["error_message"]) == ("failed", raised.value.message)
+    assert runpod.requests == []
+
+
 def test_bad_params_with_an_unsafe_file_uid_write_nothing(firestore_client, stub):
     runpod = stub(ACCEPTED)
     with pytest.raises(CallError) as raised:
@@ -575,7 +588,7 @@ def test_trigger_ignores_docs_that_are_not_queued_jobs(firestore_client, stub):
     from firegen_core.contract import parse_runsync_input
     from firegen_core.jobs import JobStore
 
-    JobStore(firestore_client, worker_id="w").ensure_queued(
+    JobStore(firestore_client).ensure_queued(
         parse_runsync_input({"prompt": "a car", "user_id": "u-x", "file_uid": "direct", "use_cloud_storage": True})
     )
     runpod = stub(ACCEPTED)
@@ -765,6 +778,51 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     assert entry["message"] == "dispatch_not_recorded path=generations/u/images/f"
 
 
+_APP_CHECK_PROBE = """
+import json, main
+from flask import Flask, request
+out = {"flag": main.enforce_app_check()}
+with Flask("probe").test_request_context("/", method="POST", json={"data": {"prompt": "a car"}}):
+    reply = main.generateWithRunPod(request)
+    out["status"], out["body"] = reply.status_code, reply.get_json()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_app_check_is_enforced_when_deployed_and_off_under_the_emulators(tmp_path):
+    """The callable, through the SDK's own request handling, without an App Check token (nor an ID token):
+    enforced, the SDK refuses it before our code runs; not enforced, our code answers (sign in first)."""
+    deploy = _deploy_folder(tmp_path)
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "FUNCTIONS_EMULATOR")}
+    base.update(
+        GCLOUD_PROJECT="demo-firegen",
+        FIRESTORE_EMULATOR_HOST="127.0.0.1:1",  # never reached: the call stops at the tokens
+        RUNPOD_ENDPOINT_ID="probe",
+        RUNPOD_API_KEY="probe-key",
+    )
+    refused = {"error": {"message": "Unauthenticated", "status": "UNAUTHENTICATED"}}
+    ours = {"error": {"message": "Sign in to generate", "status": "UNAUTHENTICATED"}}
+    for env, flag, body in [
+        ({}, True, refused),  # deployed: on by default
+        ({"FUNCTIONS_EMULATOR": "true"}, False, ours),  # emulators: off by default
+        ({"FUNCTIONS_EMULATOR": "true", "ENFORCE_APP_CHECK": "on"}, True, refused),
+        ({"ENFORCE_APP_CHECK": "false"}, False, ours),
+    ]:
+        result = subprocess.run(
+            [str(FUNCTIONS_PYTHON), "-c", _APP_CHECK_PROBE],
+            cwd=deploy,
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout.strip().splitlines()[-1])
+        assert (out["flag"], out["body"]) == (flag, body), env
+        assert out["status"] == 401
+
+
 def test_the_indexes_cover_the_queries():
     config = json.loads((ROOT / "firestore.indexes.json").read_text())
     composite = {
@@ -776,6 +834,7 @@ def test_the_indexes_cover_the_queries():
             ("COLLECTION_GROUP", (("status", "ASCENDING"), ("lease_expires_at", "ASCENDING"))),  # sweeps
             ("COLLECTION_GROUP", (("status", "ASCENDING"), ("created_at", "ASCENDING"))),  # re-dispatch
             ("COLLECTION", (("status", "ASCENDING"), ("created_at", "DESCENDING"))),  # active generations
+            ("COLLECTION", (("status", "ASCENDING"), ("created_at", "ASCENDING"))),  # a user's oldest queued
             ("COLLECTION", (("status", "ASCENDING"), ("modified", "ASCENDING"))),  # stuck jobs
             ("COLLECTION_GROUP", (("error", "ASCENDING"), ("failed_at", "ASCENDING"))),  # failure rate
         ]:

@@ -1,4 +1,4 @@
-"""The job store's transactions on the real Firestore emulator: claims race, stale workers are fenced off."""
+"""The job store's compare-and-set transitions on the real Firestore emulator: claims race, stale workers are fenced off."""
 
 import threading
 import time
@@ -8,7 +8,7 @@ import pytest
 
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
-from firegen_core.jobs import JobKey, JobStore
+from firegen_core.jobs import JobKey, WorkerJobs
 
 KEY = JobKey("user123", "images", "file456")
 
@@ -20,7 +20,7 @@ def queue(client, key=KEY, **fields):
 
 
 def store(client, worker="w1", lease=60.0, max_attempts=3):
-    return JobStore(client, worker_id=worker, lease_seconds=lease, max_attempts=max_attempts)
+    return WorkerJobs(client, worker_id=worker, lease_seconds=lease, max_attempts=max_attempts)
 
 
 def read(client, key=KEY):
@@ -168,3 +168,30 @@ def test_fail_unclaimed_only_fails_a_queued_doc(firestore_client):
 def test_job_keys_come_only_from_job_paths(path):
     with pytest.raises(ValueError):
         JobKey.from_path(path)
+
+
+def test_the_queries_live_on_the_store(firestore_client):
+    """Queued jobs by user and age (oldest first, bounded), everyone's queued jobs, and expired leases."""
+    from datetime import UTC, datetime, timedelta
+
+    from firegen_core.jobs import JobStore
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    for user, name, minutes in [("ann", "c", 3), ("ann", "a", 1), ("ann", "b", 2), ("bob", "z", 0)]:
+        queue(firestore_client, JobKey(user, "images", name), created_at=t0 + timedelta(minutes=minutes))
+    queue(firestore_client, JobKey("ann", "images", "done"), created_at=t0, status="completed")
+    jobs = JobStore(firestore_client)
+    oldest = [s.id for s in jobs.oldest_queued("images", user_id="ann", limit=2).stream()]
+    assert oldest == ["a", "b"]
+    assert [
+        s.id for s in jobs.oldest_queued("images", limit=10, created_before=t0 + timedelta(minutes=1)).stream()
+    ] == [
+        "z",
+        "a",
+    ]
+    assert sorted(s.id for s in jobs.queued("images").stream()) == ["a", "b", "c", "z"]
+    dead = store(firestore_client, "dead", lease=0.2).claim(JobKey("bob", "images", "z"))
+    assert dead is not None
+    assert wait_until(
+        lambda: [s.id for s in jobs.expired("images", datetime.now(UTC), limit=5).stream()] == ["z"], timeout=5
+    )

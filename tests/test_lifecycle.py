@@ -135,3 +135,15 @@ def test_failure_fields_are_the_contracts():
         "user_id": "user123",
         "file_uid": "file456",
     }
+
+
+def test_a_failure_message_is_at_most_300_characters():
+    error = GenerationError("RuntimeError", "boom " * 1000)
+    assert len(error.message) == 300 and error.message.endswith("…")
+    error.message = "late " * 1000  # whoever changes it afterwards, the doc still gets a short one
+    assert len(lifecycle.failure(error, user_id="u", file_uid="f")["error_message"]) == 300
+
+
+def test_job_status_values_are_the_contracts_strings():
+    assert [str(s) for s in lifecycle.JobStatus] == ["queued", "processing", "completed", "failed"]
+    assert lifecycle.QUEUED == "queued" and {"status": lifecycle.FAILED} == {"status": "failed"}

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from firegen_core.jobs import JobKey, JobStore
+from firegen_core.jobs import JobKey, WorkerJobs
 from listener.reconciler import Reconciler
 from listener.runner import JobRunner
 from listener.storage import ResultStore, RetryPolicy
@@ -72,7 +72,7 @@ def make_worker(firestore_client, results):
     started: list[Reconciler] = []
 
     def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1):
-        store = JobStore(firestore_client, worker_id=name, lease_seconds=lease)
+        store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=lease)
         reconciler = Reconciler(
             store,
             JobRunner(store, generator or StubGenerator(), results),
@@ -134,7 +134,7 @@ def test_a_killed_workers_job_is_finished_by_another_after_its_lease(make_worker
     key = JobKey("u1", "images", "orphan")
     write_job(firestore_client, key)
     # The "killed" worker: claimed the job, then never renewed or finished it.
-    assert JobStore(firestore_client, worker_id="killed", lease_seconds=0.5).claim(key) is not None
+    assert WorkerJobs(firestore_client, worker_id="killed", lease_seconds=0.5).claim(key) is not None
     make_worker("survivor", sweep=0.2)
     data = wait_until(lambda: finished(firestore_client, key))
     assert (data["status"], data["worker_id"], data["attempts"]) == ("completed", "survivor", 2)
@@ -192,9 +192,9 @@ def test_shutdown_lets_a_job_finish_within_the_grace_period(make_worker, firesto
 def test_a_worker_that_lost_its_lease_writes_nothing(firestore_client, results, bucket):
     key = JobKey("u1", "images", "stolen")
     write_job(firestore_client, key)
-    store = JobStore(firestore_client, worker_id="slow", lease_seconds=0.3)
+    store = WorkerJobs(firestore_client, worker_id="slow", lease_seconds=0.3)
     job = store.claim(key)
-    thief = JobStore(firestore_client, worker_id="thief")
+    thief = WorkerJobs(firestore_client, worker_id="thief")
     gate = threading.Event()
     runner = JobRunner(store, StubGenerator(gate), results, renew_interval=60)  # no renewal in time
     outcome = {}
@@ -224,7 +224,7 @@ def test_a_storage_outage_fails_the_job_as_connection_error(make_worker, firesto
 def test_a_dead_workers_job_goes_before_the_backlog(make_worker, firestore_client):
     orphan = JobKey("u1", "images", "orphan")
     write_job(firestore_client, orphan)
-    assert JobStore(firestore_client, worker_id="dead", lease_seconds=0.5).claim(orphan) is not None
+    assert WorkerJobs(firestore_client, worker_id="dead", lease_seconds=0.5).claim(orphan) is not None
     backlog = [JobKey("u1", "images", f"newer-{i:02d}") for i in range(60)]
     batch = firestore_client.batch()
     for key in backlog:

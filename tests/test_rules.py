@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 
-from firegen_core.contract import DOCUMENT_STATE_FIELDS, ContractError, parse_document
+from firegen_core.contract import ContractError, parse_document
 
 RULES = Path(__file__).resolve().parent.parent / "firestore.rules"
 OWNER, STRANGER = "alice", "bob"
@@ -212,6 +212,10 @@ CREATES = [
     ),
     Create("forged worker fields", sample(worker_id="w1", attempts=0, lease_expires_at=datetime.now(UTC)), DENY),
     Create("forged dispatch marker", sample(dispatch_count=1), DENY),
+    Create("forged quota admission", sample(quota_admitted=True, cost=0.0), DENY),
+    Create(
+        "owner creates own usage doc", {"running": 0, "pending": 0, "spent_today": 0.0}, DENY, path=f"usage/{OWNER}"
+    ),
     Create("created_at from the client clock", {**sample(), "created_at": datetime(2025, 7, 23, tzinfo=UTC)}, DENY),
     Create("created_at missing", {k: v for k, v in sample().items() if k != "created_at"}, DENY),
     Create("unknown field", sample(foo="bar"), DENY),
@@ -264,9 +268,8 @@ def rest(rules_emulator, project_id) -> Rest:
 
 def contract_accepts(path: str, data: dict) -> bool:
     _, uid, media, file_uid = path.split("/")
-    fields = {k: v for k, v in data.items() if k not in DOCUMENT_STATE_FIELDS}
     try:
-        parse_document(uid, media, file_uid, fields)
+        parse_document(uid, media, file_uid, data)  # state fields (status, created_at, ...) are skipped
         return True
     except ContractError:
         return False
@@ -284,6 +287,7 @@ def test_create(rest, case: Create):
 
 # ---------------------------------------------------------------------------------------------- reads, updates
 JOB = f"generations/{OWNER}/images/file-1"
+USAGE = f"usage/{OWNER}"
 DONE = {
     "status": "completed",
     "generated": True,
@@ -292,6 +296,13 @@ DONE = {
     "images": ["https://example.invalid/a.png"],
     "image_url": "https://example.invalid/a.png",
     "image_count": 1,
+}
+USED = {
+    "running": 1,
+    "pending": 2,
+    "spent_today": 12.5,
+    "day": "2026-11-27",
+    "limits": {"max_running": 2, "max_pending": 20, "daily_budget": 600.0},
 }
 
 
@@ -328,13 +339,27 @@ ACCESS = [
         path=f"generations/{OWNER}/videos/file-9",
         data={"video_url": "https://evil.invalid/x.mp4"},
     ),
+    Access("owner reads own usage", "get", OWNER, ALLOW, path=USAGE),
+    Access("stranger reads someone's usage", "get", STRANGER, DENY, path=USAGE),
+    Access("unauthenticated usage read", "get", None, DENY, path=USAGE),
+    Access("owner lists all usage", "list", OWNER, DENY, path="usage"),
+    Access("owner resets own spend", "update", OWNER, DENY, path=USAGE, data={"spent_today": 0.0}),
+    Access("owner raises own limits", "update", OWNER, DENY, path=USAGE, data={"limits": {"max_pending": 999}}),
+    Access("owner overwrites own usage", "set", OWNER, DENY, path=USAGE, data={"running": 0, "pending": 0}),
+    Access("owner deletes own usage", "delete", OWNER, DENY, path=USAGE),
 ]
 
 
 @pytest.mark.parametrize("case", ACCESS, ids=[c.name for c in ACCESS])
 def test_access(rest, case: Access):
     rest.seed(
-        {path: DONE for path in (JOB, f"generations/{OWNER}/videos/file-9", f"generations/{STRANGER}/images/file-b")}
+        {
+            **{
+                path: DONE
+                for path in (JOB, f"generations/{OWNER}/videos/file-9", f"generations/{STRANGER}/images/file-b")
+            },
+            USAGE: USED,
+        }
     )
     before = rest.get("admin", case.path).json() if case.action in ("update", "set", "delete") else None
     if case.action == "get" or case.action == "list":

@@ -1,0 +1,165 @@
+"""Per-user limits and accounting, as pure decisions: a job's estimated GPU cost, what counts as pending or
+running, and whether one more job may be admitted.
+
+Counts are derived from the job doc alone, so every transition keeps them exact without knowing about them
+(the job store applies `change(before, update)` to the user's usage doc in the same atomic commit):
+
+    pending(doc) = admitted and status in (queued, processing)
+    running(doc) = admitted and status == processing
+
+A job is admitted once (`quota_admitted: true`, with its `cost`), at whichever door sees it first: the
+callable, the creation trigger, the runsync handler, or a worker's claim. Admission charges the cost to the
+day's spend; nothing is refunded. A job never admitted (refused, or a doc that breaks the contract) never counts.
+
+The usage doc `usage/{uid}`: running, pending, spent_today, day (UTC date of spent_today: it starts again at 0
+at UTC midnight, reset lazily by the next write of a new day), limits, resets_at, updated_at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+
+from .contract import GenerationRequest
+
+USAGE_COLLECTION = "usage"
+ADMITTED = "quota_admitted"  # on a job doc: counted in its user's usage while pending
+COST = "cost"  # on a job doc: its estimated cost in GPU-seconds, charged at admission
+
+# --- the cost model: estimated GPU-seconds on an H100 (bf16), from the README's measured figures -----------
+# SDXL 1024x1024, 30 steps with CFG: 2.46 s per image. Cost grows with pixels x steps x images.
+SDXL_SECONDS = 2.46 / (1024 * 1024 * 30)  # per pixel x step x image
+# Wan 2.1 480x832, 81 frames with CFG: 1.32 s per denoising step. Cost grows with pixels x frames x steps.
+WAN_SECONDS = 1.32 / (480 * 832 * 81)  # per pixel x frame x step
+# Per job whatever its size: text encoding, VAE decode, encoding the files, upload (measured decode of the
+# largest video: 4.1 s; of an image: a fraction of a second).
+JOB_OVERHEAD_SECONDS = 1.0
+
+
+def estimate(request: GenerationRequest) -> float:
+    """The job's estimated cost in GPU-seconds (3 decimals)."""
+    if request.is_video:
+        work = WAN_SECONDS * request.video_width * request.video_height * request.num_frames
+    else:
+        work = SDXL_SECONDS * request.width * request.height * request.num_images_per_prompt
+    return round(JOB_OVERHEAD_SECONDS + work * request.num_inference_steps, 3)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET (GPU-seconds per UTC day)."""
+
+    max_running: int = 2
+    max_pending: int = 20
+    daily_budget: float = 600.0
+
+    def __post_init__(self):
+        if self.max_running < 1 or self.max_pending < 1 or self.daily_budget <= 0:
+            raise ValueError(f"user limits must be positive: {self}")
+
+    def document(self) -> dict[str, Any]:
+        return {"max_running": self.max_running, "max_pending": self.max_pending, "daily_budget": self.daily_budget}
+
+
+def day_of(now: datetime) -> str:
+    return now.astimezone(UTC).date().isoformat()
+
+
+def resets_at(now: datetime) -> datetime:
+    """The next UTC midnight: when the day's spend starts again at 0."""
+    return datetime.combine(now.astimezone(UTC).date() + timedelta(days=1), time(), tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one transition does to its user's usage."""
+
+    running: int = 0
+    pending: int = 0
+    charge: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.running or self.pending or self.charge)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A user's usage doc as of `day` (spent_today is 0 on a new day)."""
+
+    running: int = 0
+    pending: int = 0
+    spent_today: float = 0.0
+    day: str = ""
+
+    @classmethod
+    def read(cls, doc: Mapping[str, Any] | None, now: datetime) -> Usage:
+        doc = doc or {}
+        today = day_of(now)
+        spent = float(doc.get("spent_today") or 0) if doc.get("day") == today else 0.0
+        return cls(int(doc.get("running") or 0), int(doc.get("pending") or 0), spent, today)
+
+    def after(self, change: Change) -> Usage:
+        # Never below 0: a count can only go negative if a job doc was deleted or edited by hand.
+        return Usage(
+            max(self.running + change.running, 0),
+            max(self.pending + change.pending, 0),
+            round(self.spent_today + change.charge, 3),
+            self.day,
+        )
+
+    def document(self, limits: Limits, now: datetime, server_time: Any) -> dict[str, Any]:
+        return {
+            "running": self.running,
+            "pending": self.pending,
+            "spent_today": self.spent_today,
+            "day": self.day,
+            "limits": limits.document(),
+            "resets_at": resets_at(now),
+            "updated_at": server_time,
+        }
+
+
+def admitted(doc: Mapping[str, Any] | None) -> bool:
+    return bool(doc and doc.get(ADMITTED) is True)
+
+
+def pending(doc: Mapping[str, Any] | None) -> bool:
+    return admitted(doc) and doc.get("status") in ("queued", "processing")
+
+
+def running(doc: Mapping[str, Any] | None) -> bool:
+    return admitted(doc) and doc.get("status") == "processing"
+
+
+def merged(before: Mapping[str, Any] | None, update: Mapping[str, Any]) -> dict[str, Any]:
+    """The doc as it stands after `update` (the fields quota looks at are plain values, never sentinels)."""
+    return {**(before or {}), **update}
+
+
+def change(before: Mapping[str, Any] | None, update: Mapping[str, Any]) -> Change:
+    after = merged(before, update)
+    charge = float(after.get(COST) or 0) if admitted(after) and not admitted(before) else 0.0
+    return Change(
+        running=int(running(after)) - int(running(before)),
+        pending=int(pending(after)) - int(pending(before)),
+        charge=charge,
+    )
+
+
+def refusal(usage: Usage, cost: float, limits: Limits, now: datetime) -> str | None:
+    """Why one more job of `cost` may not be admitted, or None. Messages name the limit."""
+    if usage.pending >= limits.max_pending:
+        return (
+            f"Too many jobs: at most {limits.max_pending} of your jobs may be queued or processing at once "
+            "(USER_MAX_PENDING); try again when one has finished"
+        )
+    if usage.spent_today + cost > limits.daily_budget:
+        left = max(limits.daily_budget - usage.spent_today, 0.0)
+        return (
+            f"Daily GPU budget exceeded (USER_DAILY_BUDGET): this job needs {cost:.1f} GPU-seconds, "
+            f"{left:.1f} of {limits.daily_budget:g} are left today; the budget resets at "
+            f"{resets_at(now):%Y-%m-%d %H:%M} UTC"
+        )
+    return None

@@ -1,0 +1,356 @@
+"""Per-user limits and accounting (firegen_core/quota.py, applied by the job store) on the real Firestore emulator.
+
+The pure cost model and decisions first; then every door (runsync's ensure_queued, the callable, the creation
+trigger, a worker's claim) and the races the issue names: 8 admissions for the last slot, a trigger delivered
+twice, a callable retried, a worker killed mid-job, a job released on shutdown, two workers and one user.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import pytest
+from test_functions import ACCEPTED, StubRunPod, client_doc, dispatch, nobody_listening
+from test_reconciler import StubGenerator, results  # noqa: F401  (results: the Storage fixture)
+
+from devtools import emulators as emu
+from firegen_core import quota
+from firegen_core.contract import parse_runsync_input
+from firegen_core.errors import GenerationError
+from firegen_core.jobs import JobKey, JobStore, WorkerJobs
+from firegen_core.quota import Limits, Usage
+from listener.reconciler import Reconciler
+from listener.runner import JobRunner
+
+USER = "u-quota"
+
+
+def request(file_uid: str, user: str = USER, **params):
+    return parse_runsync_input(
+        {"prompt": "a red car", "user_id": user, "file_uid": file_uid, "use_cloud_storage": True, **params}
+    )
+
+
+def usage(client, user: str = USER) -> dict:
+    snapshot = client.document(f"usage/{user}").get()
+    return snapshot.to_dict() if snapshot.exists else {}
+
+
+def counts(client, user: str = USER) -> tuple[int, int]:
+    doc = usage(client, user)
+    return doc.get("running", 0), doc.get("pending", 0)
+
+
+def doc(client, key: JobKey) -> dict:
+    return client.document(key.path).get().to_dict()
+
+
+def write_client_doc(client, file_uid: str, user: str = USER, **fields) -> JobKey:
+    key = JobKey(user, "images", file_uid)
+    client.document(key.path).set(client_doc(**fields))
+    return key
+
+
+# ---------------------------------------------------------------------------------------------- pure
+def test_the_cost_model_is_calibrated_on_the_measured_h100_figures():
+    full_sdxl = request("a", width=1024, height=1024, num_inference_steps=30)
+    assert quota.estimate(full_sdxl) == pytest.approx(quota.JOB_OVERHEAD_SECONDS + 2.46, abs=1e-3)
+    wan = request("v", video_width=832, video_height=480, num_frames=81, num_inference_steps=50)
+    assert quota.estimate(wan) == pytest.approx(quota.JOB_OVERHEAD_SECONDS + 50 * 1.32, abs=1e-3)
+    # Linear in images, steps and pixels (beyond the fixed overhead).
+    four = request("b", width=1024, height=1024, num_inference_steps=30, num_images_per_prompt=4)
+    assert quota.estimate(four) - quota.JOB_OVERHEAD_SECONDS == pytest.approx(4 * 2.46, abs=1e-2)
+    default_image, default_video = quota.estimate(request("c")), quota.estimate(request("d", num_frames=16))
+    assert default_image < default_video
+    # The default budget lets a normal user make hundreds of default images (and of full-size ones) a day.
+    assert Limits().daily_budget / default_image >= 400
+    assert Limits().daily_budget / quota.estimate(full_sdxl) >= 150
+
+
+def test_the_worker_reads_the_limits_from_its_environment(monkeypatch):
+    from listener.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("STORAGE_BUCKET", "b")
+    settings = load_settings()
+    assert (settings.user_max_running, settings.user_max_pending, settings.user_daily_budget) == (2, 20, 600.0)
+    monkeypatch.setenv("USER_MAX_RUNNING", "4")
+    monkeypatch.setenv("USER_DAILY_BUDGET", "1500")
+    settings = load_settings()
+    assert (settings.user_max_running, settings.user_daily_budget) == (4, 1500.0)
+    monkeypatch.setenv("USER_MAX_PENDING", "0")
+    with pytest.raises(SettingsError, match="USER_MAX_PENDING"):
+        load_settings()
+
+
+def test_limits_must_be_positive():
+    assert (Limits().max_running, Limits().max_pending, Limits().daily_budget) == (2, 20, 600.0)
+    for bad in (dict(max_running=0), dict(max_pending=0), dict(daily_budget=0)):
+        with pytest.raises(ValueError):
+            Limits(**bad)
+
+
+def test_usage_resets_its_spend_at_utc_midnight_and_counts_follow_the_doc():
+    now = datetime(2026, 11, 27, 23, 59, tzinfo=UTC)
+    doc = {"running": 1, "pending": 3, "spent_today": 42.5, "day": "2026-11-27"}
+    assert Usage.read(doc, now) == Usage(1, 3, 42.5, "2026-11-27")
+    assert Usage.read(doc, datetime(2026, 11, 28, 0, 1, tzinfo=UTC)) == Usage(1, 3, 0.0, "2026-11-28")
+    assert quota.resets_at(now) == datetime(2026, 11, 28, tzinfo=UTC)
+    queued = {"status": "queued", "quota_admitted": True, "cost": 2.0}
+    assert quota.change(None, queued) == quota.Change(0, 1, 2.0)
+    assert quota.change(queued, {"status": "processing"}) == quota.Change(1, 0, 0.0)
+    assert quota.change({**queued, "status": "processing"}, {"status": "queued"}) == quota.Change(-1, 0, 0.0)
+    assert quota.change({**queued, "status": "processing"}, {"status": "completed"}) == quota.Change(-1, -1, 0.0)
+    assert quota.change({**queued, "status": "processing"}, {"progress": 0.5}) == quota.Change()
+    assert not quota.change({"status": "queued"}, {"status": "failed"})  # never admitted: never counted
+
+
+def test_refusals_name_the_limit_and_when_the_budget_resets():
+    now = datetime(2026, 11, 27, 10, tzinfo=UTC)
+    limits = Limits(max_pending=2, daily_budget=10)
+    assert quota.refusal(Usage(0, 1, 5.0, "2026-11-27"), 4.0, limits, now) is None
+    pending = quota.refusal(Usage(0, 2, 0.0, "2026-11-27"), 1.0, limits, now)
+    assert "USER_MAX_PENDING" in pending and "at most 2" in pending
+    budget = quota.refusal(Usage(0, 0, 8.0, "2026-11-27"), 4.0, limits, now)
+    assert "USER_DAILY_BUDGET" in budget and "2.0 of 10 are left" in budget and "2026-11-28 00:00 UTC" in budget
+    assert max(len(pending), len(budget)) <= 300
+
+
+# ---------------------------------------------------------------------------------------------- races
+def test_eight_admissions_racing_for_the_last_slot_admit_exactly_one(firestore_client):
+    store = JobStore(firestore_client, limits=Limits(max_pending=3))
+    for name in ("first", "second"):
+        assert store.ensure_queued(request(name))["status"] == "queued"
+    assert counts(firestore_client) == (0, 2)
+    start = threading.Barrier(8)
+
+    def race(i: int) -> dict:
+        start.wait(10)
+        return JobStore(firestore_client, limits=Limits(max_pending=3)).ensure_queued(request(f"racer-{i}"))
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(race, range(8)))
+    assert sorted(o["status"] for o in outcomes) == ["failed"] * 7 + ["queued"]
+    docs = [doc(firestore_client, JobKey(USER, "images", f"racer-{i}")) for i in range(8)]
+    admitted = [d for d in docs if d.get("quota_admitted")]
+    assert len(admitted) == 1 and admitted[0]["status"] == "queued" and admitted[0]["cost"] > 0
+    refused = [d for d in docs if d["status"] == "failed"]
+    assert {d["error_type"] for d in refused} == {"QuotaExceeded"}
+    assert all("USER_MAX_PENDING" in d["error_message"] and "quota_admitted" not in d for d in refused)
+    use = usage(firestore_client)
+    assert (use["running"], use["pending"]) == (0, 3)
+    assert use["spent_today"] == pytest.approx(3 * quota.estimate(request("x")))
+    assert use["limits"] == {"max_running": 2, "max_pending": 3, "daily_budget": 600.0}
+    assert use["day"] == datetime.now(UTC).date().isoformat() and use["resets_at"] > datetime.now(UTC)
+
+
+def test_a_trigger_delivered_twice_and_a_retried_callable_count_once(firestore_client):
+    runpod = StubRunPod([ACCEPTED])
+    try:
+        key = write_client_doc(firestore_client, "trig")
+        with ThreadPoolExecutor(3) as pool:
+            outcomes = list(
+                pool.map(
+                    lambda _: dispatch.dispatch_created(
+                        firestore_client, runpod.client(), user_id=USER, media_type="images", file_uid="trig"
+                    ),
+                    range(3),
+                )
+            )
+        assert sorted(outcomes) == ["accepted", "skipped", "skipped"]
+        assert doc(firestore_client, key)["quota_admitted"] is True
+        cost = doc(firestore_client, key)["cost"]
+        assert counts(firestore_client) == (0, 1) and usage(firestore_client)["spent_today"] == cost
+
+        # A callable whose dispatch did not arrive, retried by the client: one job, one charge.
+        data = {"prompt": "a red car", "file_uid": "call"}
+        for _ in range(3):
+            reply = dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data)
+            assert reply["status"] == "queued"
+        assert counts(firestore_client) == (0, 2) and usage(firestore_client)["spent_today"] == pytest.approx(2 * cost)
+        # The trigger of the callable's own doc changes nothing either.
+        assert (
+            dispatch.dispatch_created(
+                firestore_client, runpod.client(), user_id=USER, media_type="images", file_uid="call"
+            )
+            == "skipped"
+        )
+        assert counts(firestore_client) == (0, 2)
+    finally:
+        runpod.close()
+
+
+def test_a_killed_workers_job_counts_once_and_stops_counting_when_it_ends(firestore_client):
+    limits = Limits(max_running=1)
+    orphan, waiting = write_client_doc(firestore_client, "orphan"), write_client_doc(firestore_client, "waiting")
+    killed = WorkerJobs(firestore_client, worker_id="killed", lease_seconds=0.5, limits=limits)
+    assert killed.claim(orphan) is not None  # then the worker dies: no renewal, no completion
+    assert counts(firestore_client) == (1, 1)
+    survivor = WorkerJobs(firestore_client, worker_id="survivor", limits=limits)
+    # The user's one running slot is the dead worker's: the other job is admitted but waits, queued.
+    assert survivor.claim(waiting) is None
+    assert doc(firestore_client, waiting)["status"] == "queued" and counts(firestore_client) == (1, 2)
+    # The lease runs out; the takeover is the same running job, counted once.
+    taken: list = []
+    assert emu.wait_until(lambda: taken.append(survivor.claim(orphan)) or taken[-1], 10, 0.05)
+    now = doc(firestore_client, orphan)
+    assert (now["worker_id"], now["attempts"]) == ("survivor", 2) and counts(firestore_client) == (1, 2)
+    assert survivor.complete(taken[-1], {"status": "completed", "generated": True})
+    assert counts(firestore_client) == (0, 1)
+    assert survivor.claim(waiting) is not None and counts(firestore_client) == (1, 1)
+
+
+def test_a_job_released_on_shutdown_stops_running_but_stays_pending(firestore_client):
+    key = write_client_doc(firestore_client, "released")
+    leaving = WorkerJobs(firestore_client, worker_id="leaving")
+    job = leaving.claim(key)
+    assert counts(firestore_client) == (1, 1)
+    assert leaving.release(job)
+    assert counts(firestore_client) == (0, 1)
+    other = WorkerJobs(firestore_client, worker_id="other")
+    again = other.claim(key)
+    assert counts(firestore_client) == (1, 1)
+    assert other.fail(again, GenerationError("RuntimeError", "boom"))
+    assert counts(firestore_client) == (0, 0)
+    assert usage(firestore_client)["spent_today"] == doc(firestore_client, key)["cost"]  # charged once
+
+
+def test_two_workers_never_run_two_jobs_of_a_user_past_user_max_running(firestore_client, results):
+    limits = Limits(max_running=1)
+    active, peak, lock = [0], [0], threading.Lock()
+
+    class Counting(StubGenerator):
+        def generate(self, request, progress=None):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                time.sleep(0.3)  # GPU time, so that the two workers overlap if they may
+                return super().generate(request, progress)
+            finally:
+                with lock:
+                    active[0] -= 1
+
+    workers = []
+    for name in ("w1", "w2"):
+        store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=30, limits=limits)
+        workers.append(Reconciler(store, JobRunner(store, Counting(), results), sweep_interval=0.3).start())
+    try:
+        assert all(w.wait_listening(10) for w in workers)
+        keys = [write_client_doc(firestore_client, f"job-{i}", width=256) for i in range(4)]
+        other = write_client_doc(firestore_client, "other-user", user="u-other")
+        assert emu.wait_until(
+            lambda: all(doc(firestore_client, k)["status"] == "completed" for k in [*keys, other]), 60, 0.1
+        )
+    finally:
+        for w in workers:
+            w.stop(grace=0)
+    assert peak[0] <= 2  # the other user's job may run beside one of this user's
+    starts = sorted((doc(firestore_client, k)["started_at"], doc(firestore_client, k)["completed_at"]) for k in keys)
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(starts))
+    assert counts(firestore_client) == (0, 0) and counts(firestore_client, "u-other") == (0, 0)
+
+
+# ---------------------------------------------------------------------------------------------- the doors
+def test_past_the_limits_the_callable_answers_resource_exhausted(firestore_client):
+    limits = Limits(max_pending=1, daily_budget=2.5)
+    data = {"prompt": "a red car", "file_uid": "one"}
+    assert dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data, limits=limits)["success"]
+    with pytest.raises(dispatch.CallError) as raised:
+        dispatch.generate(
+            firestore_client, nobody_listening(), uid=USER, data={**data, "file_uid": "two"}, limits=limits
+        )
+    assert raised.value.code == "resource-exhausted" and "USER_MAX_PENDING" in raised.value.message
+    failed = doc(firestore_client, JobKey(USER, "images", "two"))
+    assert (failed["status"], failed["error_type"], failed["error"]) == ("failed", "QuotaExceeded", True)
+    assert failed["error_message"] == raised.value.message and "quota_admitted" not in failed
+    assert failed["created_at"] and failed["prompt"] == "a red car" and "dispatch_count" not in failed
+    # A retry of the refused call answers the same, and counts nothing.
+    with pytest.raises(dispatch.CallError) as again:
+        dispatch.generate(
+            firestore_client, nobody_listening(), uid=USER, data={**data, "file_uid": "two"}, limits=limits
+        )
+    assert (again.value.code, again.value.message) == ("resource-exhausted", raised.value.message)
+    assert counts(firestore_client) == (0, 1)
+    # The budget: a second default image (1.41 GPU-seconds) would pass 2.5 today.
+    store = WorkerJobs(firestore_client, worker_id="w", limits=limits)
+    job = store.claim(JobKey(USER, "images", "one"))
+    assert store.complete(job, {"status": "completed"}) and counts(firestore_client) == (0, 0)
+    with pytest.raises(dispatch.CallError) as budget:
+        dispatch.generate(
+            firestore_client, nobody_listening(), uid=USER, data={**data, "file_uid": "three"}, limits=limits
+        )
+    assert budget.value.code == "resource-exhausted" and "USER_DAILY_BUDGET" in budget.value.message
+    assert "resets at" in budget.value.message and "UTC" in budget.value.message
+
+
+def test_past_the_limits_a_client_doc_ends_failed_at_the_trigger_and_at_a_worker(firestore_client, results):
+    limits = Limits(daily_budget=1.0)  # less than any job costs
+    runpod = StubRunPod([ACCEPTED])
+    try:
+        key = write_client_doc(firestore_client, "via-trigger")
+        assert (
+            dispatch.dispatch_created(
+                firestore_client,
+                runpod.client(),
+                user_id=USER,
+                media_type="images",
+                file_uid="via-trigger",
+                limits=limits,
+            )
+            == "refused"
+        )
+        assert runpod.requests == []
+        assert (doc(firestore_client, key)["status"], doc(firestore_client, key)["error_type"]) == (
+            "failed",
+            "QuotaExceeded",
+        )
+    finally:
+        runpod.close()
+    store = WorkerJobs(firestore_client, worker_id="w", limits=limits)
+    generator = StubGenerator()
+    worker = Reconciler(store, JobRunner(store, generator, results), sweep_interval=30).start()
+    try:
+        assert worker.wait_listening(10)
+        key = write_client_doc(firestore_client, "via-worker")
+        assert emu.wait_until(lambda: doc(firestore_client, key)["status"] == "failed", 15, 0.05)
+    finally:
+        worker.stop(grace=0)
+    failed = doc(firestore_client, key)
+    assert failed["error_type"] == "QuotaExceeded" and "USER_DAILY_BUDGET" in failed["error_message"]
+    assert generator.calls == [] and counts(firestore_client) == (0, 0)
+
+
+def test_past_the_limits_runsync_answers_the_contracts_error(firestore_emulator, storage_emulator, emulator_logs):
+    """A real worker process (no models: the refusal comes before any generation) with USER_MAX_PENDING=1."""
+    from test_worker_api import post
+
+    from devtools.worker import WorkerProcess
+
+    project = emu.unique_id("demo-quota")
+    bucket = storage_emulator.client(project).create_bucket(emu.unique_id("quota-bucket"))
+    env = emu.emulator_env(firestore_emulator, storage_emulator, project, bucket.name)
+    worker = WorkerProcess(emulator_logs, env, IMAGE_MODEL="none", VIDEO_MODEL="none", USER_MAX_PENDING="1")
+    db = firestore_emulator.client(project)
+    # The user's one pending slot is taken by a job that a worker holds (lease for an hour).
+    held = JobKey(USER, "images", "held")
+    db.document(held.path).set(client_doc())
+    assert WorkerJobs(db, worker_id="elsewhere", lease_seconds=3600).claim(held) is not None
+    worker.start()
+    try:
+        body = {"input": {"prompt": "a red car", "user_id": USER, "file_uid": "refused", "use_cloud_storage": True}}
+        # The handler answers the contract's error response {"error": msg, "status": "failed"}, which the
+        # RunPod SDK's envelope carries as {"status": "FAILED", "error": msg}.
+        answer = post(worker.runsync_url, body)
+        assert answer["status"] == "FAILED" and "USER_MAX_PENDING" in answer["error"]
+        refused = db.document(f"generations/{USER}/images/refused").get().to_dict()
+        assert (refused["status"], refused["error_type"]) == ("failed", "QuotaExceeded")
+        assert refused["error_message"] == answer["error"]
+        again = post(worker.runsync_url, body)  # a retry: the same answer
+        assert (again["status"], again["error"]) == ("FAILED", answer["error"])
+        assert counts(db) == (1, 1)
+    finally:
+        worker.stop()
