@@ -126,11 +126,11 @@ def admitted(doc: Mapping[str, Any] | None) -> bool:
 
 
 def pending(doc: Mapping[str, Any] | None) -> bool:
-    return admitted(doc) and doc.get("status") in ("queued", "processing")
+    return doc is not None and admitted(doc) and doc.get("status") in ("queued", "processing")
 
 
 def running(doc: Mapping[str, Any] | None) -> bool:
-    return admitted(doc) and doc.get("status") == "processing"
+    return doc is not None and admitted(doc) and doc.get("status") == "processing"
 
 
 def merged(before: Mapping[str, Any] | None, update: Mapping[str, Any]) -> dict[str, Any]:

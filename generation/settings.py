@@ -85,7 +85,7 @@ def _field_of(cls: type[BaseSettings], loc: str) -> str | None:
     return None
 
 
-def _line(cls: type[BaseSettings], error: dict[str, Any]) -> str:
+def _line(cls: type[BaseSettings], error: Mapping[str, Any]) -> str:
     loc = str(error["loc"][0]) if error.get("loc") else ""
     field = _field_of(cls, loc)
     var = env_var(cls, field) if field else loc.upper()

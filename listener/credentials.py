@@ -34,7 +34,7 @@ def credentials(settings: Settings) -> tuple[Any, str | None]:
 
 def clients(settings: Settings) -> tuple[Any, Any]:
     """(firestore.Client, storage.Client) for these settings. Constructing them makes no network call."""
-    from google.cloud import firestore, storage
+    from google.cloud import firestore, storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
     creds, project = credentials(settings)  # validated even under the emulators: a bad key fails everywhere
     # The libraries read FIRESTORE_EMULATOR_HOST / STORAGE_EMULATOR_HOST themselves and use the emulators'

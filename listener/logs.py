@@ -17,6 +17,7 @@ import re
 import sys
 
 import structlog
+from structlog.typing import EventDict, Processor
 
 SEVERITY = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "warn": "WARNING", "error": "ERROR"}
 SEVERITY.update(critical="CRITICAL", exception="ERROR")
@@ -33,24 +34,24 @@ def redact(text: str) -> str:
     return _SECRETS.sub(lambda m: (m.group("keep") or "") + "<redacted>", text)
 
 
-def _platform_fields(logger, method, event: dict) -> dict:
+def _platform_fields(logger: object, method: str, event: EventDict) -> EventDict:
     event.setdefault("severity", SEVERITY.get(str(event.get("level", method)).lower(), "DEFAULT"))
     event.setdefault("message", event.get("event"))
     return event
 
 
-def _redact(logger, method, event: dict) -> dict:
+def _redact(logger: object, method: str, event: EventDict) -> EventDict:
     return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
 
 
 def configure(worker_id: str, level: str = "INFO") -> None:
-    def add_worker_id(logger, method, event: dict) -> dict:
+    def add_worker_id(logger: object, method: str, event: EventDict) -> EventDict:
         event.setdefault("worker_id", worker_id)
         return event
 
     numeric = logging.getLevelName(level.upper())
     numeric = numeric if isinstance(numeric, int) else logging.INFO
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

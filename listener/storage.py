@@ -38,7 +38,7 @@ from google.api_core import exceptions as api_exceptions
 from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from google.cloud import storage
+    from google.cloud import storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
     from listener.settings import Settings
 
@@ -293,7 +293,7 @@ class ResultStore:
                 return blob.generate_signed_url(credentials=credentials, **kwargs)
             # Credentials without a key (Compute Engine, workload identity): sign through IAM signBlob.
             email = getattr(credentials, "service_account_email", None)
-            if not email:
+            if credentials is None or not email:
                 raise StorageError(
                     "URL_STYLE=signed needs credentials that can sign (a service account); use public or token"
                 )
