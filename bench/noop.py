@@ -44,7 +44,7 @@ def main() -> int:
     from firegen_core.jobs import JobStore
     from listener.__main__ import make_worker_id
     from listener.reconciler import Reconciler
-    from listener.runner import JobRunner
+    from listener.runner import JobRunner, deadline_from
     from listener.settings import load_settings
     from listener.storage import ResultStore
 
@@ -54,10 +54,15 @@ def main() -> int:
         worker_id=make_worker_id(),
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        max_releases=settings.max_releases,
     )
     results = ResultStore.from_settings(storage.Client(project=settings.google_cloud_project), settings)
     generator = NoopGenerator(float(os.environ.get("NOOP_SECONDS", "0")))
-    reconciler = Reconciler(store, JobRunner(store, generator, results), sweep_interval=settings.sweep_interval_seconds)
+    reconciler = Reconciler(
+        store,
+        JobRunner(store, generator, results, deadline=deadline_from(settings)),
+        sweep_interval=settings.sweep_interval_seconds,
+    )
     reconciler.start()
     reconciler.wait_listening(30)  # as the real worker does before it says it is ready
     print("worker_ready", flush=True)

@@ -16,7 +16,23 @@ EXCEPTION = "Exception"
 # Beyond the contract's list: a job document whose parameters break the contract (a runsync call is refused
 # before any doc exists, so only client-written docs end this way). None of the five fits it.
 VALIDATION_ERROR = "ValidationError"
-ERROR_TYPES = (MODEL_NOT_AVAILABLE, OUT_OF_MEMORY, RUNTIME_ERROR, CONNECTION_ERROR, EXCEPTION, VALIDATION_ERROR)
+# Beyond the contract's list (issue #11, README "Cancellation" and "Bounded work"): the owner cancelled the job;
+# the job ran past its deadline; the user's quota refused it.
+CANCELLED = "Cancelled"
+TIMEOUT = "Timeout"
+QUOTA_EXCEEDED = "QuotaExceeded"
+ERROR_TYPES = (
+    MODEL_NOT_AVAILABLE,
+    OUT_OF_MEMORY,
+    RUNTIME_ERROR,
+    CONNECTION_ERROR,
+    EXCEPTION,
+    VALIDATION_ERROR,
+    CANCELLED,
+    TIMEOUT,
+    QUOTA_EXCEEDED,
+)
+CANCELLED_MESSAGE = "Cancelled by the user"
 
 MAX_MESSAGE_CHARS = 300
 
@@ -37,11 +53,11 @@ class ModelNotAvailable(GenerationError):
         super().__init__(MODEL_NOT_AVAILABLE, message)
 
 
-class Cancelled(BaseException):
-    """Raised from a progress callback to stop a generation (lease lost, shutdown).
+class Interrupted(BaseException):
+    """Raised from a progress callback to stop a generation (lease lost, shutdown, cancel, deadline).
 
     A BaseException so that no `except Exception` on the way (ours or a library's) turns it into a failure:
-    a cancelled job writes nothing.
+    the runner decides what an interrupted job writes, from why it stopped.
     """
 
 

@@ -74,11 +74,20 @@ class Outcome:
 
 
 class JobStore:
-    def __init__(self, client: firestore.Client, *, worker_id: str, lease_seconds: float = 120, max_attempts: int = 3):
+    def __init__(
+        self,
+        client: firestore.Client,
+        *,
+        worker_id: str,
+        lease_seconds: float = 120,
+        max_attempts: int = 3,
+        max_releases: int = 3,
+    ):
         self.client = client
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.max_releases = max_releases
 
     def ref(self, key: JobKey) -> firestore.DocumentReference:
         return self.client.document(key.path)
@@ -138,8 +147,13 @@ class JobStore:
             job, lambda doc, now: lifecycle.renewal(now, lease_seconds=self.lease_seconds, progress=progress)
         )
 
-    def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> bool:
-        return self._fenced(job, lambda doc, now: dict(fields))
+    def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> str | None:
+        """Record the result; returns the status written: `completed`, or `failed` when the owner cancelled the
+        job meanwhile (lifecycle.completion); None when the lease was lost."""
+        outcome = self.transition(
+            job.key, lambda doc, now: lifecycle.completion(doc, fields) if lifecycle.holds(doc, job.lease) else None
+        )
+        return outcome.written.get("status") if outcome.applied else None
 
     def fail(self, job: ClaimedJob, error: GenerationError) -> bool:
         return self._fenced(
@@ -147,7 +161,12 @@ class JobStore:
         )
 
     def release(self, job: ClaimedJob) -> bool:
-        return self._fenced(job, lambda doc, now: lifecycle.release(doc))
+        """Give the job back to the queue (shutdown); past `max_releases` releases it fails instead."""
+        return self._fenced(job, lambda doc, now: lifecycle.counted_release(doc, max_releases=self.max_releases))
+
+    def cancel(self, key: JobKey) -> Outcome:
+        """The owner's cancel: fail a queued job now, ask a running one's worker to stop (lifecycle.cancel)."""
+        return self.transition(key, lambda doc, now: lifecycle.cancel(doc))
 
     def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
         """Fail a queued job without running it (for example when the callable's request was rejected)."""

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .handler import RunsyncHandler
     from .reconciler import Reconciler
-    from .runner import JobRunner
+    from .runner import JobRunner, deadline_from
     from .storage import ResultStore
 
     imported = time.perf_counter()
@@ -72,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         worker_id=worker_id,
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        max_releases=settings.max_releases,
     )
     results = ResultStore.from_settings(storage.Client(project=project), settings)
     reconciler = Reconciler(
         store,
-        JobRunner(store, engine, results),
+        JobRunner(store, engine, results, deadline=deadline_from(settings)),
         concurrency=settings.concurrency,
         sweep_interval=settings.sweep_interval_seconds,
     ).start()

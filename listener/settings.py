@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(10.0, gt=0, validation_alias=_env("SWEEP_INTERVAL_SECONDS"))
     concurrency: int = Field(1, ge=1, validation_alias=_env("CONCURRENCY"))
     shutdown_grace_seconds: float = Field(20.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE_SECONDS"))
+    max_releases: int = Field(3, ge=1, validation_alias=_env("MAX_RELEASES"))
+    # A job's deadline: max(floor, multiple x its estimated GPU time) (firegen_core.deadline).
+    job_timeout_floor_seconds: float = Field(120.0, gt=0, validation_alias=_env("JOB_TIMEOUT_FLOOR_SECONDS"))
+    job_timeout_multiple: float = Field(5.0, gt=0, validation_alias=_env("JOB_TIMEOUT_MULTIPLE"))
 
     @field_validator("url_style", mode="before")
     @classmethod
