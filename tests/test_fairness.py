@@ -89,3 +89,21 @@ def test_a_doc_that_leaves_the_queue_stops_being_a_candidate(sched_worker, fires
     generator.gate.set()
     wait_until(lambda: len(generator.calls) == 3)
     assert waiting[0].file_uid not in generator.calls
+
+
+def test_the_indexes_cover_the_scheduling_queries():
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).resolve().parent.parent / "firestore.indexes.json").read_text())
+    composite = {
+        (i["collectionGroup"], i["queryScope"], tuple((f["fieldPath"], f["order"]) for f in i["fields"]))
+        for i in config["indexes"]
+    }
+    for media in ("images", "videos"):
+        for fields in [
+            (("status", "ASCENDING"), ("created_at", "ASCENDING")),  # oldest-first window and sweep
+            (("status", "ASCENDING"), ("created_at", "DESCENDING")),  # newest-first window
+            (("cancel_requested", "ASCENDING"), ("status", "ASCENDING")),  # cancel listener
+        ]:
+            assert (media, "COLLECTION_GROUP", fields) in composite
