@@ -3,6 +3,8 @@
 Sections (each can be run alone with --only NAME):
 - pipelines: the tiny SDXL (512x512, 20 steps) and Wan (16 frames, 512x512, 20 steps) pipelines on this CPU;
 - lifecycle: pickup latency, per-job overhead and throughput with 1, 2 and 4 no-op workers on the emulators;
+- scheduling: user B's wait (jobs run before it, seconds) when B queues 1 job behind user A's 50, one worker;
+  the latency of cancelling a running job (owner's `cancel_requested` write → doc failed `Cancelled`);
 - worker: cold start of `python -m listener` (tiny models) and runsync accept latency on the SDK's local API,
   sequential and with 8 concurrent clients, with the handler's own share; the emulator's `create` latency alone
   and while a listener is open (what bounds the accept latency on the emulator).
@@ -75,7 +77,7 @@ UNLIMITED = {"USER_MAX_RUNNING": "100000", "USER_MAX_PENDING": "1000000", "USER_
 
 
 class NoopWorkers:
-    def __init__(self, env: dict, logs: Path, count: int, seconds: float = 0.0):
+    def __init__(self, env: dict, logs: Path, count: int, seconds: float = 0.0, steps: int = 4):
         self.procs = []
         for i in range(count):
             log = open(logs / f"noop-{uuid.uuid4().hex[:6]}.log", "wb")
@@ -89,6 +91,7 @@ class NoopWorkers:
                     **env,
                     **UNLIMITED,
                     "NOOP_SECONDS": str(seconds),
+                    "NOOP_STEPS": str(steps),
                     "SWEEP_INTERVAL_SECONDS": "5",
                     "LOG_LEVEL": "WARNING",
                 },
@@ -109,13 +112,13 @@ class NoopWorkers:
             log.close()
 
 
-def write_jobs(db, count: int, prefix: str) -> list:
+def write_jobs(db, count: int, prefix: str, user: str = "bench-user") -> list:
     from google.cloud import firestore
 
     refs = []
     batch = db.batch()
     for i in range(count):
-        ref = db.document(f"generations/bench-user/images/{prefix}-{i:04d}")
+        ref = db.document(f"generations/{user}/images/{prefix}-{i:04d}")
         batch.set(
             ref,
             {
@@ -191,6 +194,48 @@ def bench_lifecycle(firestore_emulator, storage_emulator, logs: Path) -> dict:
                 workers.stop()
         one = figures[f"throughput_{label}_1w_jobs_per_s"]
         figures[f"speedup_{label}_4w_vs_1w"] = round(figures[f"throughput_{label}_4w_jobs_per_s"] / one, 2)
+    return figures
+
+
+# --- scheduling: fairness and cancellation (issue #11) -------------------------------------------------------
+
+
+def bench_scheduling(firestore_emulator, storage_emulator, logs: Path) -> dict:
+    """B's wait behind A's backlog (one worker, 0.2 s per job), and how fast a running job stops when its owner
+    sets cancel_requested (a job of 0.05 s steps, as a GPU's denoising steps)."""
+    project = emu.unique_id("demo-sched")
+    bucket = storage_emulator.client(project).create_bucket(emu.unique_id("sched"))
+    env = emu.emulator_env(firestore_emulator, storage_emulator, project, bucket.name)
+    db = firestore_emulator.client(project)
+    figures = {}
+
+    workers = NoopWorkers(env, logs, 1, seconds=0.2)
+    try:
+        a_refs = write_jobs(db, 50, "a", user="user-a")
+        assert emu.wait_until(lambda: any((r.get().to_dict() or {}).get("started_at") for r in a_refs[:5]), 30)
+        (b_ref,) = write_jobs(db, 1, "b", user="user-b")
+        (b,) = wait_done(db, [b_ref], timeout=60)
+        docs = wait_done(db, a_refs, timeout=120)
+        ahead = sum(b["created_at"] < d["started_at"] < b["started_at"] for d in docs)
+        figures["fair_b_wait_jobs"] = ahead
+        figures["fair_b_wait_s"] = round((b["started_at"] - b["created_at"]).total_seconds(), 2)
+    finally:
+        workers.stop()
+
+    workers = NoopWorkers(env, logs, 1, seconds=60, steps=1200)
+    try:
+        latencies = []
+        for i in range(5):
+            (ref,) = write_jobs(db, 1, f"cancel-{i}")
+            assert emu.wait_until(lambda: (ref.get().to_dict() or {}).get("status") == "processing", 30)
+            asked = ref.update({"cancel_requested": True}).update_time  # server time of the request
+            (doc,) = wait_done(db, [ref], timeout=30)
+            assert doc["error_type"] == "Cancelled", doc
+            latencies.append((doc["failed_at"] - asked).total_seconds())
+        figures["cancel_running_p50_ms"] = ms(pct(latencies, 50))
+        figures["cancel_running_max_ms"] = ms(max(latencies))
+    finally:
+        workers.stop()
     return figures
 
 
@@ -334,6 +379,8 @@ TARGETS = {
     "cold_start_s": ("<", 15),
     "speedup_noop_4w_vs_1w": (">=", 3),
     "speedup_gpu0.5s_4w_vs_1w": (">=", 3),
+    "fair_b_wait_jobs": ("<", 2),
+    "cancel_running_max_ms": ("<", 2000),
 }
 
 
@@ -347,9 +394,9 @@ def verdict(name: str, value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["pipelines", "lifecycle", "worker", "gpu"], action="append")
+    parser.add_argument("--only", choices=["pipelines", "lifecycle", "scheduling", "worker", "gpu"], action="append")
     args = parser.parse_args(argv)
-    sections = args.only or ["pipelines", "lifecycle", "worker", "gpu"]
+    sections = args.only or ["pipelines", "lifecycle", "scheduling", "worker", "gpu"]
     report = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "sections": {},
@@ -363,13 +410,15 @@ def main(argv: list[str] | None = None) -> int:
             from bench.gpu import bench_gpu
 
             report["sections"]["gpu"] = bench_gpu()
-        if {"lifecycle", "worker"} & set(sections):
+        if {"lifecycle", "scheduling", "worker"} & set(sections):
             with (
                 emu.FirestoreEmulator(tmp / "logs") as firestore,
                 emu.StorageEmulator(tmp / "logs", in_memory=True) as storage,
             ):
                 if "lifecycle" in sections:
                     report["sections"]["lifecycle"] = bench_lifecycle(firestore, storage, tmp / "logs")
+                if "scheduling" in sections:
+                    report["sections"]["scheduling"] = bench_scheduling(firestore, storage, tmp / "logs")
                 if "worker" in sections:
                     report["sections"]["worker"] = bench_worker(firestore, storage, tmp / "logs", cache)
     REPORT.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ ERROR_TYPES = (
     CANCELLED,
     TIMEOUT,
 )
+CANCELLED_MESSAGE = "Cancelled by the user"
 
 
 class GenerationError(Exception):
@@ -52,11 +53,11 @@ class ModelNotAvailable(GenerationError):
         super().__init__(MODEL_NOT_AVAILABLE, message)
 
 
-class Cancelled(BaseException):
-    """Raised from a progress callback to stop a generation (lease lost, shutdown).
+class Interrupted(BaseException):
+    """Raised from a progress callback to stop a generation (lease lost, shutdown, cancel, deadline).
 
     A BaseException so that no `except Exception` on the way (ours or a library's) turns it into a failure:
-    a cancelled job writes nothing.
+    the runner decides what an interrupted job writes, from why it stopped.
     """
 
 

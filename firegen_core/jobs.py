@@ -184,6 +184,10 @@ class JobStore:
             ),
         ).applied
 
+    def cancel(self, key: JobKey) -> Outcome:
+        """The owner's cancel: fail a queued job now, ask a running one's worker to stop (lifecycle.cancel)."""
+        return self.transition(key, lambda doc, now: lifecycle.cancel(doc))
+
     def ensure_queued(self, request: GenerationRequest) -> dict[str, Any]:
         """Create the job's queued doc, admitted, unless a doc exists; return the doc as it now stands.
 
@@ -209,6 +213,14 @@ class JobStore:
         if created_before is not None:
             query = query.where(filter=FieldFilter("created_at", "<=", created_before))
         return query.order_by("created_at").limit(limit)
+
+    def cancelling(self, media: str) -> firestore.Query:
+        """Unfinished jobs whose owner asked to cancel them (everyone's: for a worker's cancel listener)."""
+        return (
+            self.client.collection_group(media)
+            .where(filter=FieldFilter(lifecycle.CANCEL_REQUESTED, "==", True))
+            .where(filter=FieldFilter("status", "in", [lifecycle.QUEUED, lifecycle.PROCESSING]))
+        )
 
     def expired(self, media: str, now: datetime, *, limit: int) -> firestore.Query:
         """Processing jobs whose lease ran out before `now` (their worker is gone), at most `limit`."""
@@ -242,6 +254,7 @@ class WorkerJobs:
         worker_id: str,
         lease_seconds: float = 120,
         max_attempts: int = 3,
+        max_releases: int = 3,
         limits: quota.Limits = quota.Limits(),
     ):
         self.jobs = JobStore(client, limits=limits)
@@ -249,9 +262,11 @@ class WorkerJobs:
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.max_releases = max_releases
         # What a worker does without its id (the runsync handler, the reconciler's queries) is the store's own.
         self.ensure_queued, self.transition = self.jobs.ensure_queued, self.jobs.transition
         self.fail_unclaimed, self.ref, self.usage = self.jobs.fail_unclaimed, self.jobs.ref, self.jobs.usage
+        self.cancel, self.cancelling = self.jobs.cancel, self.jobs.cancelling
         self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
 
     def _fenced(self, job: ClaimedJob, make: Callable[[dict, datetime], dict]) -> bool:
@@ -282,8 +297,13 @@ class WorkerJobs:
             job, lambda doc, now: lifecycle.renewal(now, lease_seconds=self.lease_seconds, progress=progress)
         )
 
-    def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> bool:
-        return self._fenced(job, lambda doc, now: dict(fields))
+    def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> str | None:
+        """Record the result; returns the status written: `completed`, or `failed` when the owner cancelled the
+        job meanwhile (lifecycle.completion); None when the lease was lost."""
+        outcome = self.transition(
+            job.key, lambda doc, now: lifecycle.completion(doc, fields) if lifecycle.holds(doc, job.lease) else None
+        )
+        return outcome.written.get("status") if outcome.applied else None
 
     def fail(self, job: ClaimedJob, error: GenerationError) -> bool:
         return self._fenced(
@@ -291,7 +311,8 @@ class WorkerJobs:
         )
 
     def release(self, job: ClaimedJob) -> bool:
-        return self._fenced(job, lambda doc, now: lifecycle.release(doc))
+        """Give the job back to the queue (shutdown); past `max_releases` releases it fails instead."""
+        return self._fenced(job, lambda doc, now: lifecycle.counted_release(doc, max_releases=self.max_releases))
 
 
 def queued_document(request: GenerationRequest) -> dict[str, Any]:

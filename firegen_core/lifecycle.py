@@ -8,6 +8,11 @@ decision is always made on fresh data.
     queued ──claim──► processing ──complete──► completed
       ▲                 │  │ └──────fail─────► failed
       └────release──────┘  └─(lease expired)─► claimable again, until max_attempts ► failed
+
+Cancellation: the owner sets `cancel_requested: true` on a queued or processing doc (firestore.rules allow
+that one field). A queued doc is then failed `Cancelled` instead of claimed; a running one's worker stops at
+its next step and fails it (fenced); a completion that meets the flag fails the job instead. Releases on
+shutdown are counted (`releases`), so a job cannot bounce between leaving workers for ever.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
 from .contract import clip
-from .errors import EXCEPTION, GenerationError
+from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, GenerationError
 
 
 class JobStatus(StrEnum):
@@ -34,6 +39,8 @@ class JobStatus(StrEnum):
 
 
 QUEUED, PROCESSING, COMPLETED, FAILED = JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.FAILED
+CANCEL_REQUESTED = "cancel_requested"  # set by the job's owner (client or the cancelGeneration callable)
+RELEASES = "releases"  # how many times leaving workers gave the job back
 FINAL_STATES = (COMPLETED, FAILED)
 
 Doc = Mapping[str, Any]
@@ -72,6 +79,8 @@ def claim(doc: Doc | None, now: datetime, *, worker_id: str, lease_seconds: floa
     """Claim a queued doc, or one whose owner's lease ran out; past max_attempts, fail it instead."""
     if not claimable(doc, now):
         return None
+    if doc.get(CANCEL_REQUESTED):
+        return cancelled(doc)
     attempts = int(doc.get("attempts") or 0)
     if attempts >= max_attempts:
         last = "its worker stopped responding" if doc.get("status") == PROCESSING else "it was given up"
@@ -108,6 +117,46 @@ def release(doc: Doc) -> dict:
         "attempts": max(int(doc.get("attempts") or 1) - 1, 0),
         "modified": SERVER_TIMESTAMP,
     }
+
+
+def counted_release(doc: Doc, *, max_releases: int) -> dict:
+    """`release`, counted: the job's `max_releases`-th release fails it instead (it keeps landing on workers
+    that shut down before it ends, so it would never end)."""
+    releases = int(doc.get(RELEASES) or 0) + 1
+    if releases > max_releases:
+        message = f"Generation stopped: its workers shut down before it ended {releases} times; please try again"
+        return failure(GenerationError(EXCEPTION, message), user_id=doc.get("user_id"), file_uid=doc.get("file_uid"))
+    return {**release(doc), RELEASES: releases}
+
+
+def cancelled(doc: Doc) -> dict:
+    """The failure fields of a job its owner cancelled."""
+    error = GenerationError(CANCELLED, CANCELLED_MESSAGE)
+    return failure(error, user_id=doc.get("user_id"), file_uid=doc.get("file_uid"))
+
+
+def cancel(doc: Doc | None) -> dict | None:
+    """The owner's cancel (the callable's): a queued job ends now; a running one is asked to stop (its worker
+    fails it at its next step); a finished one is left as it is."""
+    if doc is None:
+        return None
+    if doc.get("status") == QUEUED:
+        return cancelled(doc)
+    if doc.get("status") == PROCESSING and not doc.get(CANCEL_REQUESTED):
+        return {CANCEL_REQUESTED: True}
+    return None
+
+
+def drop_cancelled(doc: Doc | None) -> dict | None:
+    """A queued job whose owner asked to cancel it: failed without running (a worker's listener saw the flag)."""
+    if doc is None or doc.get("status") != QUEUED or not doc.get(CANCEL_REQUESTED):
+        return None
+    return cancelled(doc)
+
+
+def completion(doc: Doc, fields: Mapping[str, Any]) -> dict:
+    """What a finished run writes: its success fields, unless the owner cancelled it meanwhile."""
+    return cancelled(doc) if doc.get(CANCEL_REQUESTED) else dict(fields)
 
 
 def success(

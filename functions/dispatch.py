@@ -4,7 +4,10 @@
   contract, creates the queued job doc unless the client already wrote it, and dispatches it to RunPod.
 - `dispatch_created`: the Firestore trigger for job docs that clients write themselves: dispatch once.
 - `redispatch_stale`: the scheduled sweep: wake a worker again for jobs nobody picked up, a bounded number of
-  times, then fail them with a clear message.
+  times, then fail them with a clear message, but only when no worker has been alive for the whole stale
+  period (`workers/{id}` docs, firegen_core.workers): a long backlog on live workers never fails a job.
+- `cancel`: the `cancelGeneration` callable: the owner cancels a queued job (failed `Cancelled` at once) or a
+  running one (its worker stops it at the next step).
 
 Each job is dispatched through one compare-and-set that marks it first (`dispatch_count`, `dispatched_at`,
 `dispatched_by`), so of a client's setDoc, its trigger (delivered at least once) and its callable call, only
@@ -29,7 +32,7 @@ from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from runpod_client import RunPodClient, Verdict
 
-from firegen_core import lifecycle
+from firegen_core import lifecycle, workers
 from firegen_core.contract import (
     VIDEO_FIELDS,
     ContractError,
@@ -41,7 +44,7 @@ from firegen_core.contract import (
     parse_document,
     parse_runsync_input,
 )
-from firegen_core.errors import EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
+from firegen_core.errors import CANCELLED, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from firegen_core.jobs import MEDIA_TYPES, JobKey, JobStore, queued_document
 from firegen_core.quota import Limits
 
@@ -336,11 +339,14 @@ def redispatch_stale(
     now: datetime | None = None,
     limits: Limits = Limits(),
 ) -> Counter:
-    """The scheduled sweep. Returns counts: redispatched, failed, invalid, and each verdict outcome."""
+    """The scheduled sweep. Returns counts: redispatched, failed, waiting (dispatched enough, in a live worker's
+    backlog: left queued), skipped, invalid, and each verdict outcome."""
     now = now or datetime.now(UTC)
     cutoff = now - policy.redispatch_after
     counts: Counter = Counter()
     store = _store(db, limits)
+    # Workers seen within the stale period are working through a backlog: nothing fails for want of a worker.
+    alive = workers.alive_since(db, cutoff)
     for media in MEDIA_TYPES:
         queued = store.oldest_queued(media, created_before=cutoff, limit=policy.scan_limit)
         expired = store.expired(media, now, limit=policy.scan_limit)
@@ -350,24 +356,30 @@ def redispatch_stale(
                     key = JobKey.from_path(snapshot.reference.path)
                 except ValueError:
                     continue  # an `images` collection somewhere else
-                counts[_redispatch_one(store, runpod, key, policy)] += 1
+                counts[_redispatch_one(store, runpod, key, policy, alive=alive)] += 1
     if counts:
         log.info("redispatch_sweep %s", dict(counts))
     return counts
 
 
-def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy) -> str:
+def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy, *, alive: bool) -> str:
+    waiting = False
+
     def decide(doc: dict | None, now: datetime) -> dict | None:
+        nonlocal waiting
         if not _stale(doc, now, policy):
             return None
         count = int(doc.get(DISPATCH_COUNT) or 0)
         if count >= policy.max_dispatches:
+            waiting = alive  # in a live worker's backlog: it waits its turn
+            if alive:
+                return None
             return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
         return _markers(doc, BY_SCHEDULER)
 
     outcome = store.transition(key, decide)
     if not outcome.applied:
-        return "skipped"
+        return "waiting" if waiting else "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
         return "failed"
     try:
@@ -377,3 +389,49 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
         return "invalid"
     verdict = _deliver(store, runpod, key, request)
     return "redispatched" if verdict.delivered else verdict.outcome
+
+
+# ------------------------------------------------------------------------------------------------ cancel
+CANCELLED_REPLY = "Generation cancelled"
+CANCELLING_REPLY = "Cancelling: the worker stops the generation at its next step"
+
+
+def cancel(db: firestore.Client, *, uid: str | None, data: Any) -> dict[str, Any]:
+    """The `cancelGeneration` callable: {fileUid, mediaType} of one of the caller's jobs.
+
+    A queued job is failed `Cancelled` now; a processing one gets `cancel_requested: true` and its worker
+    fails it `Cancelled` at its next denoising step. Reply: {success: True, fileUid, mediaType, status:
+    "cancelled" | "cancelling", message}. Only the caller's own jobs can be named (the path is built from the
+    auth uid): another user's job is simply not found. A finished job is left as it is (failed-precondition;
+    a job already cancelled answers "cancelled" again, so a retried call is harmless).
+    """
+    if not uid:
+        raise CallError("unauthenticated", "Sign in to cancel a generation")
+    if not isinstance(data, Mapping):
+        raise CallError("invalid-argument", "input must be a JSON object")
+    for name in ("userId", "user_id"):
+        if data.get(name) not in (None, "", uid):
+            raise CallError("permission-denied", "Only the signed-in user's own generations can be cancelled")
+    media = data.get("mediaType", data.get("media_type"))
+    if media not in MEDIA_TYPES:
+        raise CallError("invalid-argument", f"mediaType must be one of {', '.join(MEDIA_TYPES)}")
+    try:
+        file_uid = check_id("fileUid", data.get("fileUid", data.get("file_uid")))
+    except ContractError as exc:
+        raise CallError("invalid-argument", exc.message) from None
+    key = JobKey(uid, media, file_uid)
+    outcome = _store(db).cancel(key)
+    doc = outcome.before
+    if doc is None:
+        raise CallError("not-found", "No such generation")
+    reply = {"success": True, "fileUid": file_uid, "mediaType": media}
+    written = outcome.written or {}
+    if written.get("status") == lifecycle.FAILED:
+        return {**reply, "status": "cancelled", "message": CANCELLED_REPLY}
+    if written.get(lifecycle.CANCEL_REQUESTED) or (
+        doc.get("status") == lifecycle.PROCESSING and doc.get(lifecycle.CANCEL_REQUESTED)
+    ):
+        return {**reply, "status": "cancelling", "message": CANCELLING_REPLY}
+    if doc.get("status") == lifecycle.FAILED and doc.get("error_type") == CANCELLED:
+        return {**reply, "status": "cancelled", "message": CANCELLED_REPLY}
+    raise CallError("failed-precondition", f"Generation already {doc.get('status')}: nothing to cancel")

@@ -3,6 +3,8 @@
     generateWithRunPod   callable (Firebase Auth required): validate, create the queued doc, dispatch to RunPod
     dispatchQueuedJob    Firestore trigger on generations/{uid}/{media}/{fileUid} creation: dispatch once
     redispatchStaleJobs  every 5 minutes: wake a worker again for stale jobs, fail them after a few tries
+                         (only when no worker has been alive for the whole stale period)
+    cancelGeneration     callable (Firebase Auth required): cancel one of the caller's queued or running jobs
 
 Configuration (see the README's "Cloud Functions" section):
     RUNPOD_API_KEY       secret (`firebase functions:secrets:set RUNPOD_API_KEY`)
@@ -180,6 +182,14 @@ def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
             policy=_policy(),
             limits=_limits(),
         )
+    except dispatch.CallError as exc:
+        raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
+
+
+@https_fn.on_call(timeout_sec=30)
+def cancelGeneration(req: https_fn.CallableRequest) -> dict:
+    try:
+        return dispatch.cancel(_firestore(), uid=req.auth.uid if req.auth else None, data=req.data)
     except dispatch.CallError as exc:
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
 

@@ -205,7 +205,7 @@ class Engine:
             return self._pipelines[task_type]
 
     def generate(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
-        """Run one job. Raises GenerationError (contract error types) or errors.Cancelled from `progress`."""
+        """Run one job. Raises GenerationError (contract error types) or errors.Interrupted from `progress`."""
         started = time.perf_counter()
         pipeline = self.pipeline(request.task_type)
         loaded = time.perf_counter()

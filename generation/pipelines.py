@@ -6,7 +6,7 @@
 A model reference is a hub id, a local folder, or `tiny` (random-weight pipelines of the real architectures built
 by `generation.tiny`, for tests and machines without the weights). Whatever goes wrong while loading becomes
 `ModelNotAvailable`; whatever goes wrong while generating becomes a `GenerationError` via `errors.classify`,
-after one leaner retry if it was running out of memory. `errors.Cancelled` from a progress callback passes
+after one leaner retry if it was running out of memory. `errors.Interrupted` from a progress callback passes
 through untouched. torch and diffusers are imported when a model loads, not when this module does.
 """
 
@@ -149,7 +149,7 @@ class StepProgress:
         fraction = min(1.0, (self.part + (step + 1) / pipe.num_timesteps) / self.parts)
         if self.report is not None and fraction > self.reported:
             self.reported = fraction
-            self.report(fraction)  # may raise errors.Cancelled, which must reach the caller unchanged
+            self.report(fraction)  # may raise errors.Interrupted, which must reach the caller unchanged
         return {}
 
 

@@ -17,7 +17,7 @@ import structlog
 
 from firegen_core import lifecycle
 from firegen_core.contract import ContractError, GenerationRequest, parse_runsync_input
-from firegen_core.errors import Cancelled, classify
+from firegen_core.errors import Interrupted, classify
 from firegen_core.jobs import JobKey, WorkerJobs
 
 log = structlog.get_logger("listener.handler")
@@ -89,7 +89,7 @@ class RunsyncHandler:
             return rejected("Inline generation is not available on this worker")
         try:
             result = self.generator.generate(request)
-        except Cancelled:  # the worker is leaving (its GPU failed, or it is shutting down)
+        except Interrupted:  # the worker is leaving (its GPU failed, or it is shutting down)
             return rejected("The worker stopped before the generation finished; please retry")
         except Exception as exc:
             return rejected(classify(exc).message)

@@ -1,34 +1,46 @@
 """The reconciler: finds work in Firestore and claims it when a local generation slot is free.
 
-Three sources feed one queue of candidate jobs:
-- `on_snapshot` listeners on queued docs (collection-group queries over `images` and `videos`): the fast path;
-- a periodic sweep that queries queued docs and expired leases: the safety net for anything a listener missed
-  (and the only way to see a lease run out, which no document write announces; such a job, a dead worker's,
-  goes first in line: it is older than anything queued since);
-- `submit`, from the runsync handler, for the job it just accepted.
-The sweep is also the watchdog: a listener that closed, or that stayed silent about a queued doc the sweep
-found, is restarted. A candidate is only a hint; the claim (a compare-and-set) decides, so many workers can race.
+Three sources feed one bounded, fair queue of candidate jobs (listener/fairqueue.py: round-robin across users,
+oldest `created_at` first within a user):
+- `on_snapshot` listeners on queued docs (collection-group queries over `images` and `videos`), each a bounded
+  window ordered by `created_at`: the oldest LISTEN_LIMIT queued docs, and the newest NEWEST_LIMIT (so a new
+  user's job is seen at once even behind another user's backlog longer than the first window). A doc that
+  leaves both windows (REMOVED: claimed, failed, or pushed out) stops being a candidate;
+- a periodic sweep that queries the oldest queued docs and expired leases: the safety net for anything a
+  listener missed (and the only way to see a lease run out, which no document write announces; such a job, a
+  dead worker's, goes first in line: it is older than anything queued since);
+- `submit`, from the runsync handler, for the job it just accepted (in fair order like every other door).
+A fourth listener per media type hears cancellations (`cancel_requested: true` on a queued or processing doc):
+a queued job is failed `Cancelled` at once (no free slot needed), a job running here is told to stop.
+The sweep is also the watchdog (a listener that closed, or that stayed silent about a queued doc the sweep
+found, is restarted) and the worker's heartbeat (`workers/{worker_id}`, firegen_core.workers). A candidate is
+only a hint; the claim (a compare-and-set) decides, so many workers can race.
 """
 
 from __future__ import annotations
 
-import itertools
-import random
 import threading
 import time
-from collections import OrderedDict
 from datetime import UTC, datetime
 
 import structlog
+from google.cloud.firestore import Query
 
+from firegen_core import lifecycle, workers
 from firegen_core.jobs import MEDIA_TYPES, JobKey, WorkerJobs
 
+from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
 from .runner import JobRunner
 
 log = structlog.get_logger("listener.reconciler")
 
+LISTEN_LIMIT = 100  # the oldest queued docs each listener holds (per media type)
+NEWEST_LIMIT = 20  # the newest queued docs a second listener holds: new arrivals behind a long backlog
+CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 SWEEP_LIMIT = 50
 SPREAD = 8
+WINDOWS = {"oldest": (Query.ASCENDING, LISTEN_LIMIT), "newest": (Query.DESCENDING, NEWEST_LIMIT)}
+CANCEL = "cancel"
 
 
 class Reconciler:
@@ -39,30 +51,36 @@ class Reconciler:
         *,
         concurrency: int = 1,
         sweep_interval: float = 10.0,
+        capacity: int = DEFAULT_CAPACITY,
     ):
         self.store = store
         self.runner = runner
         self.concurrency = concurrency
         self.sweep_interval = sweep_interval
         self._cv = threading.Condition()
-        self._pending: OrderedDict[JobKey, None] = OrderedDict()
-        # First in line: submitted through runsync (this worker said it would run them), or found by the sweep
-        # with an expired lease (a dead worker's job, older than anything queued since).
-        self._first: set[JobKey] = set()
+        self._queue = FairQueue(capacity)
+        self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the dispatch loop
+        self._stops: dict[JobKey, threading.Event] = {}  # claimed or running here → its cancel signal
         self._active: dict[JobKey, threading.Thread] = {}
+        # After a lost claim race, pick among the first few users in fair order: other idle workers heard of the
+        # same jobs at the same moment, and would otherwise all race for the same one again.
+        self._spread = 1
         self._claiming = False
         self._stopping = threading.Event()
-        self._watches: dict[str, object] = {}
-        self._heard: dict[str, float] = {}  # media type → when its listener last delivered a snapshot
-        self._current: dict[str, threading.Event] = {}  # media type → its listener delivered its first snapshot
+        self._watches: dict[str, object] = {}  # listener name ("images", "images:newest", "videos:cancel") → watch
+        self._windows: dict[str, set[str]] = {}  # listener name → doc paths in its current result
+        self._heard: dict[str, float] = {}  # listener name → when it last delivered a snapshot
+        self._current: dict[str, threading.Event] = {}  # listener name → it delivered its first snapshot
         self._threads: list[threading.Thread] = []
+        self._started_at = datetime.now(UTC)
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
     def start(self) -> Reconciler:
         self._claiming = True
         for media in MEDIA_TYPES:
-            self._listen(media)
+            for window in (*WINDOWS, CANCEL):
+                self._listen(media, window)
         for target, name in ((self._dispatch_loop, "dispatch"), (self._sweep_loop, "sweep")):
             thread = threading.Thread(target=target, name=f"reconciler-{name}", daemon=True)
             thread.start()
@@ -74,8 +92,8 @@ class Reconciler:
         """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
         with self._cv:
             self._claiming = False
-            self._pending.clear()
-            self._first.clear()
+            self._queue.clear()
+            self._cancels.clear()
             self._cv.notify_all()
         self._stopping.set()
         for watch in self._watches.values():
@@ -86,6 +104,10 @@ class Reconciler:
             self.wait_idle(30.0)
         for thread in self._threads:
             thread.join(timeout=5)
+        try:
+            workers.leave(self.store.client, self.store.worker_id)
+        except Exception as exc:
+            log.warning("worker_doc_not_removed", error=str(exc))
         log.info("reconciler_stopped", worker_id=self.store.worker_id)
 
     def wait_idle(self, timeout: float) -> bool:
@@ -108,89 +130,147 @@ class Reconciler:
         with self._cv:
             return len(self._active)
 
+    @property
+    def candidates(self) -> int:
+        """How many candidate jobs this worker holds in memory (bounded by `capacity`)."""
+        with self._cv:
+            return len(self._queue)
+
     # --- candidates ------------------------------------------------------------------------------------------
 
     def submit(self, key: JobKey) -> None:
-        """A job this worker was asked to run (runsync): first in line for the next free slot."""
-        self._offer(key, first=True)
+        """A job this worker was asked to run (runsync): queued in fair order, as if just created."""
+        self._offer(key)
 
-    def _offer(self, key: JobKey, first: bool = False) -> None:
+    def _offer(self, key: JobKey, created_at=None, first: bool = False) -> None:
         with self._cv:
-            if not self._claiming or key in self._active:
+            if not self._claiming or key in self._active or key in self._cancels:
                 return
-            self._pending[key] = None
-            if first:
-                self._first.add(key)
-            self._cv.notify_all()
+            if self._queue.add(key, key.user_id, timestamp(created_at, time.time()), first=first):
+                self._cv.notify_all()
 
-    def _next_candidate(self) -> JobKey:
-        """A job first in line (asked for through runsync, or taken over from a dead worker), else one of the
-        oldest few at random.
+    def _withdraw(self, key: JobKey) -> None:
+        with self._cv:
+            self._queue.discard(key)
 
-        Every idle worker hears of the same queued docs at the same moment; if all of them went for the oldest,
-        they would all race for one doc and all but one would lose a round trip. A random pick among the
-        oldest few spreads them over the queue while keeping it roughly first-in, first-out.
-        """
-        first = next((key for key in self._pending if key in self._first), None)
-        key = first or random.choice(list(itertools.islice(self._pending, SPREAD)))
-        del self._pending[key]
-        self._first.discard(key)
-        return key
+    def _cancel_queued(self, key: JobKey) -> None:
+        with self._cv:
+            self._queue.discard(key)
+            if self._claiming:
+                self._cancels.add(key)
+                self._cv.notify_all()
+
+    def _stop_running(self, key: JobKey) -> None:
+        with self._cv:
+            stop = self._stops.get(key)
+        if stop is not None and not stop.is_set():
+            log.info("job_cancel_requested", user_id=key.user_id, file_uid=key.file_uid)
+            stop.set()
 
     def _dispatch_loop(self) -> None:
         while True:
             with self._cv:
-                while self._claiming and not (self._pending and len(self._active) < self.concurrency):
+                while self._claiming and not (
+                    self._cancels or (len(self._queue) and len(self._active) < self.concurrency)
+                ):
                     self._cv.wait()
                 if not self._claiming:
                     return
-                key = self._next_candidate()
+                cancelled = self._cancels.pop() if self._cancels else None
+                if cancelled is None:
+                    key = self._queue.pop(self._spread)
+                    # Registered before the claim: a cancel heard while it is in flight still reaches the job.
+                    stop = self._stops[key] = threading.Event()
+            if cancelled is not None:
+                self._drop(cancelled)
+                continue
             try:
                 job = self.store.claim(key)
             except Exception as exc:
                 log.warning("claim_error", path=key.path, error=str(exc))
-                continue
+                job = None
             if job is None:
+                with self._cv:
+                    self._stops.pop(key, None)
+                self._spread = SPREAD
                 continue
+            self._spread = 1
             log.info("job_claimed", user_id=key.user_id, file_uid=key.file_uid, attempt=job.lease.attempt)
-            thread = threading.Thread(target=self._run, args=(job,), name=f"job-{key.file_uid}", daemon=True)
+            thread = threading.Thread(target=self._run, args=(job, stop), name=f"job-{key.file_uid}", daemon=True)
             with self._cv:
                 self._active[key] = thread
             thread.start()
 
-    def _run(self, job) -> None:
+    def _drop(self, key: JobKey) -> None:
+        """Fail a queued job its owner cancelled: one short write, no slot needed."""
         try:
-            self.runner.run(job)
+            if self.store.transition(key, lambda doc, now: lifecycle.drop_cancelled(doc)).applied:
+                log.info("job_cancelled", user_id=key.user_id, file_uid=key.file_uid, during="queue")
+        except Exception as exc:
+            log.warning("cancel_error", path=key.path, error=str(exc))
+
+    def _run(self, job, stop: threading.Event) -> None:
+        try:
+            self.runner.run(job, stop)
         except BaseException as exc:  # never let a job thread die silently with a slot held
             log.error("job_runner_crashed", error=repr(exc), path=job.key.path)
         finally:
             with self._cv:
                 self._active.pop(job.key, None)
+                self._stops.pop(job.key, None)
                 self._cv.notify_all()
 
     # --- listeners and the sweep (also the watchdog) ---------------------------------------------------------
 
-    def _queued(self, media: str):
-        return self.store.queued(media)
+    def _queued(self, media: str, window: str = "oldest", limit: int | None = None):
+        """Queued docs of one media type, oldest (or newest) `created_at` first, bounded."""
+        direction, default = WINDOWS[window]
+        return self.store.queued(media).order_by("created_at", direction=direction).limit(limit or default)
 
-    def _listen(self, media: str) -> None:
-        current = self._current[media] = threading.Event()
+    def _cancel_requests(self, media: str):
+        return self.store.cancelling(media).limit(CANCEL_LIMIT)
+
+    def _listen(self, media: str, window: str) -> None:
+        name = _name(media, window)
+        current = self._current[name] = threading.Event()
+        if window == CANCEL:
+            query, handle = self._cancel_requests(media), self._on_cancel_change
+        else:
+            query, handle = self._queued(media, window), self._on_queue_change
 
         def on_snapshot(docs, changes, read_time):
-            self._heard[media] = time.monotonic()
+            with self._cv:
+                self._windows[name] = {doc.reference.path for doc in docs}
+            self._heard[name] = time.monotonic()
             current.set()
             for change in changes:
-                if change.type.name in ("ADDED", "MODIFIED"):
-                    self._offer_path(change.document.reference.path)
+                try:
+                    key = JobKey.from_path(change.document.reference.path)
+                except ValueError:
+                    continue  # an `images`/`videos` collection outside generations/: not ours
+                handle(name, key, change.type.name, change.document.to_dict() or {})
 
-        self._heard[media] = time.monotonic()
-        self._watches[media] = self._queued(media).on_snapshot(on_snapshot)
+        self._heard[name] = time.monotonic()
+        self._watches[name] = query.on_snapshot(on_snapshot)
 
-    def _offer_path(self, path: str, first: bool = False) -> None:
-        try:
-            self._offer(JobKey.from_path(path), first)
-        except ValueError:
-            pass  # an `images`/`videos` collection outside generations/: not ours
+    def _on_queue_change(self, name: str, key: JobKey, change: str, doc: dict) -> None:
+        if change == "REMOVED":
+            with self._cv:
+                elsewhere = any(key.path in self._windows.get(_name(key.media_type, w), ()) for w in WINDOWS)
+            if not elsewhere:
+                self._withdraw(key)
+        elif doc.get(lifecycle.CANCEL_REQUESTED):
+            self._cancel_queued(key)
+        else:
+            self._offer(key, doc.get("created_at"))
+
+    def _on_cancel_change(self, name: str, key: JobKey, change: str, doc: dict) -> None:
+        if change == "REMOVED":
+            return
+        if doc.get("status") == lifecycle.QUEUED:
+            self._cancel_queued(key)
+        elif doc.get("status") == lifecycle.PROCESSING:
+            self._stop_running(key)
 
     def _sweep_loop(self) -> None:
         # A doc written while a listener is still starting can be missed by it (seen on the emulator): sweep
@@ -200,37 +280,78 @@ class Reconciler:
         while not self._stopping.wait(interval):
             interval = self.sweep_interval
             try:
+                workers.beat(
+                    self.store.client,
+                    self.store.worker_id,
+                    busy=self.busy,
+                    concurrency=self.concurrency,
+                    started_at=self._started_at,
+                )
+            except Exception as exc:
+                log.warning("worker_beat_error", error=str(exc))
+            try:
                 self.sweep()
             except Exception as exc:
                 log.warning("sweep_error", error=str(exc))
 
     def sweep(self) -> int:
-        """Offer every queued or lease-expired job; restart listeners that died or missed a queued doc."""
+        """Offer the oldest queued and the lease-expired jobs; restart listeners that died or missed a doc."""
         now = datetime.now(UTC)
         found = 0
         for media in MEDIA_TYPES:
             expired = self.store.expired(media, now, limit=SWEEP_LIMIT)
+            # Docs without `created_at` (the contract's flows always write it) are outside every ordered query:
+            # an unordered one still finds them, in document order.
+            unordered = self.store.queued(media).limit(SWEEP_LIMIT)
             missed = False
-            for query in (self._queued(media).limit(SWEEP_LIMIT), expired):
+            ordered = self._queued(media, limit=SWEEP_LIMIT)
+            for query in (expired, ordered, unordered):
                 for snapshot in query.stream():
+                    try:
+                        key = JobKey.from_path(snapshot.reference.path)
+                    except ValueError:
+                        continue
+                    doc = snapshot.to_dict() or {}
+                    if query is unordered and doc.get("created_at") is not None:
+                        continue  # found by the ordered query
                     found += 1
-                    self._offer_path(snapshot.reference.path, first=query is expired)
-                    missed |= query is not expired and self._missed_by_listener(media, snapshot)
-            watch = self._watches.get(media)
-            if self._claiming and (missed or watch is None or getattr(watch, "_closed", False)):
-                log.warning("listener_restarted", media_type=media, reason="silent" if missed else "closed")
-                _close(watch)
-                self._listen(media)
+                    if doc.get(lifecycle.CANCEL_REQUESTED) and doc.get("status") == lifecycle.QUEUED:
+                        self._cancel_queued(key)
+                        continue
+                    self._offer(key, doc.get("created_at") or _updated(snapshot), first=query is expired)
+                    missed |= query is ordered and self._missed_by_listener(_name(media, "oldest"), snapshot)
+            self._watchdog(media, missed)
         return found
 
-    def _missed_by_listener(self, media: str, snapshot) -> bool:
+    def _watchdog(self, media: str, missed: bool) -> None:
+        for window in (*WINDOWS, CANCEL):
+            name = _name(media, window)
+            watch = self._watches.get(name)
+            silent = missed and window == "oldest"
+            if self._claiming and (silent or watch is None or getattr(watch, "_closed", False)):
+                log.warning("listener_restarted", listener=name, reason="silent" if silent else "closed")
+                _close(watch)
+                self._listen(media, window)
+
+    def _missed_by_listener(self, name: str, snapshot) -> bool:
         """A queued doc older than a sweep that the listener has not spoken of since it was written."""
-        updated = snapshot.update_time  # a protobuf Timestamp or a datetime, depending on the call path
-        if updated is None:
+        seconds = _updated(snapshot)
+        if seconds is None:
             return False
-        seconds = updated.timestamp() if isinstance(updated, datetime) else updated.seconds + updated.nanos / 1e9
         age = datetime.now(UTC).timestamp() - seconds
-        return age > 2 * self.sweep_interval and time.monotonic() - self._heard.get(media, 0) > age
+        return age > 2 * self.sweep_interval and time.monotonic() - self._heard.get(name, 0) > age
+
+
+def _name(media: str, window: str) -> str:
+    """A listener's name: the media type for the main (oldest) window, as the watchdog's logs always said."""
+    return media if window == "oldest" else f"{media}:{window}"
+
+
+def _updated(snapshot) -> float | None:
+    updated = snapshot.update_time  # a protobuf Timestamp or a datetime, depending on the call path
+    if updated is None:
+        return None
+    return updated.timestamp() if isinstance(updated, datetime) else updated.seconds + updated.nanos / 1e9
 
 
 def _close(watch) -> None:

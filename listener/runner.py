@@ -1,8 +1,10 @@
 """Running one claimed job: parse → generate → upload → complete, under a lease kept alive by a heartbeat.
 
 The runner never decides who owns a job (the store's fenced transitions do). It only makes sure that a job it
-runs ends in exactly one of: completed, failed with a contract error type, or released back to the queue on
-shutdown; and that a worker that lost its lease stops generating and writes nothing.
+runs ends in exactly one of: completed, failed with a contract error type (or `Cancelled` when its owner asked,
+`Timeout` past its deadline), or released back to the queue on shutdown; and that a worker that lost its lease
+stops generating and writes nothing. Generation is stopped through its progress callback, so it stops at the
+next denoising step.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import structlog
 
 from firegen_core import lifecycle
 from firegen_core.contract import GenerationRequest, parse_document
-from firegen_core.errors import Cancelled, classify
+from firegen_core.deadline import Deadline, timeout_message
+from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, TIMEOUT, GenerationError, Interrupted, classify
 from firegen_core.jobs import ClaimedJob, WorkerJobs
 
 log = structlog.get_logger("listener.runner")
@@ -32,14 +35,23 @@ class Generator(Protocol):
 class Results(Protocol):
     def upload(self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple]) -> list[str]: ...
 
+    def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int: ...
+
 
 @dataclass
 class Heartbeat:
-    """Renews the job's lease in the background and carries throttled progress writes off the GPU loop."""
+    """Renews the job's lease in the background and carries throttled progress writes off the GPU loop.
+
+    Also the backstop of the job's deadline: a generation that does not come back to its progress callback
+    (stuck inside one step) is failed `Timeout` from here one beat past its deadline; the runner, finding the
+    lease gone, then writes nothing.
+    """
 
     store: WorkerJobs
     job: ClaimedJob
     interval: float
+    hard_deadline: float = float("inf")  # time.monotonic() past which this thread fails the job
+    overrun: GenerationError | None = None
     lost: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -58,9 +70,14 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._done.is_set():
-            self._wake.wait(self.interval)
+            self._wake.wait(min(self.interval, max(self.hard_deadline - time.monotonic(), 0.01)))
             self._wake.clear()
             if self._done.is_set():
+                return
+            if self.overrun is not None and time.monotonic() > self.hard_deadline:
+                self.lost.set()  # from now on the runner writes nothing; this is the job's end
+                failed = _quietly(lambda: self.store.fail(self.job, self.overrun))
+                log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
                 return
             progress, self._progress = self._progress, None
             try:
@@ -81,29 +98,56 @@ def _ids(job: ClaimedJob) -> dict[str, Any]:
     return {"user_id": job.key.user_id, "file_uid": job.key.file_uid, "attempt": job.lease.attempt}
 
 
+def _quietly(call) -> Any:
+    try:
+        return call()
+    except Exception as exc:
+        log.warning("write_error", error=str(exc))
+        return None
+
+
 class JobRunner:
     def __init__(
-        self, store: WorkerJobs, generator: Generator, results: Results, *, renew_interval: float | None = None
+        self,
+        store: WorkerJobs,
+        generator: Generator,
+        results: Results,
+        *,
+        renew_interval: float | None = None,
+        deadline: Deadline | None = None,
     ):
         self.store = store
         self.generator = generator
         self.results = results
         self.renew_interval = renew_interval or max(store.lease_seconds / 3, 0.2)
+        self.deadline = deadline or Deadline()
         self.abort = threading.Event()  # set on shutdown past the grace period: release running jobs
 
-    def run(self, job: ClaimedJob) -> str:
-        """Run a claimed job to its end; returns the final state written (or 'lost' / 'released')."""
+    def run(self, job: ClaimedJob, cancel: threading.Event | None = None) -> str:
+        """Run a claimed job to its end; returns the final state written (or 'lost' / 'released').
+
+        `cancel` is set (by the reconciler's cancel listener) when the owner asks to stop the job: generation
+        stops at its next step and the job ends `failed` / `Cancelled`. Past its deadline it ends `Timeout`.
+        """
         started = time.monotonic()
-        heartbeat = Heartbeat(self.store, job, self.renew_interval)
+        cancel = cancel or threading.Event()
+        try:
+            request = parse_document(job.key.user_id, job.key.media_type, job.key.file_uid, job.doc)
+        except Exception as exc:
+            return self._fail(job, classify(exc))
+        limit = self.deadline.seconds(request)
+        overrun = GenerationError(TIMEOUT, timeout_message(limit))
+        heartbeat = Heartbeat(
+            self.store, job, self.renew_interval, started + limit + self.renew_interval, overrun=overrun
+        )
 
         def progress(fraction: float) -> None:
-            if heartbeat.lost.is_set() or self.abort.is_set():
-                raise Cancelled()
+            if heartbeat.lost.is_set() or self.abort.is_set() or cancel.is_set() or time.monotonic() > started + limit:
+                raise Interrupted()
             heartbeat.post(fraction)
 
         try:
-            request = parse_document(job.key.user_id, job.key.media_type, job.key.file_uid, job.doc)
-            log.info("job_started", task_type=request.task_type, **_ids(job))
+            log.info("job_started", task_type=request.task_type, deadline_seconds=round(limit, 1), **_ids(job))
             t0 = time.monotonic()
             result = self.generator.generate(request, progress=progress)
             t1 = time.monotonic()
@@ -124,29 +168,55 @@ class JobRunner:
                 },
             )
             heartbeat.stop()
-            if heartbeat.lost.is_set() or not self.store.complete(job, fields):
+            written = None if heartbeat.lost.is_set() else self.store.complete(job, fields)
+            if written is None:
                 return self._lost(job)
+            if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
+                self._remove_results(job, request)
+                log.info("job_cancelled", during="upload", **_ids(job))
+                return lifecycle.FAILED
             log.info("job_completed", seconds=round(time.monotonic() - started, 3), outputs=len(urls), **_ids(job))
             return lifecycle.COMPLETED
-        except Cancelled:
+        except Interrupted:
             heartbeat.stop()
             if heartbeat.lost.is_set():
                 return self._lost(job)
+            if cancel.is_set() or time.monotonic() > started + limit:
+                error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if cancel.is_set() else overrun
+                outcome = self._fail(job, error)
+                if outcome == lifecycle.FAILED:
+                    self._remove_results(job, request)  # an earlier attempt's partial upload
+                return outcome
             released = self.store.release(job)
             log.info("job_released", released=released, **_ids(job))
             return "released"
         except Exception as exc:
             heartbeat.stop()
-            error = classify(exc)
-            log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))
-            if not self.store.fail(job, error):
-                return self._lost(job)
-            return lifecycle.FAILED
+            return self._fail(job, classify(exc))
+
+    def _fail(self, job: ClaimedJob, error: GenerationError) -> str:
+        log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))
+        if not self.store.fail(job, error):
+            return self._lost(job)
+        return lifecycle.FAILED
+
+    def _remove_results(self, job: ClaimedJob, request: GenerationRequest) -> None:
+        """Delete the job's objects; only ever called right after this worker wrote the job's end (it held the
+        lease, so no other worker is writing the same names)."""
+        count = 1 if request.is_video else request.num_images_per_prompt
+        removed = _quietly(lambda: self.results.remove(request.user_id, request.file_uid, request.task_type, count))
+        if removed:
+            log.info("job_results_removed", objects=removed, **_ids(job))
 
     @staticmethod
     def _lost(job: ClaimedJob) -> str:
         log.warning("job_lost", reason="lease taken over; nothing written", **_ids(job))
         return "lost"
+
+
+def deadline_from(settings) -> Deadline:
+    """The deadline policy of JOB_TIMEOUT_FLOOR_SECONDS and JOB_TIMEOUT_MULTIPLE."""
+    return Deadline(settings.job_timeout_floor_seconds, settings.job_timeout_multiple)
 
 
 def _queue_seconds(job: ClaimedJob) -> float:

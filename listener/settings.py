@@ -53,6 +53,10 @@ class Settings(ModelSettings):
     sweep_interval_seconds: float = Field(10.0, gt=0, validation_alias=env("SWEEP_INTERVAL_SECONDS"))
     concurrency: int = Field(1, ge=1, validation_alias=env("CONCURRENCY"))
     shutdown_grace_seconds: float = Field(20.0, ge=0, validation_alias=env("SHUTDOWN_GRACE_SECONDS"))
+    max_releases: int = Field(3, ge=1, validation_alias=env("MAX_RELEASES"))
+    # A job's deadline: max(floor, multiple x its estimated GPU time) (firegen_core.deadline).
+    job_timeout_floor_seconds: float = Field(120.0, gt=0, validation_alias=env("JOB_TIMEOUT_FLOOR_SECONDS"))
+    job_timeout_multiple: float = Field(5.0, gt=0, validation_alias=env("JOB_TIMEOUT_MULTIPLE"))
 
     # RunPod: runsync jobs one worker takes at once from RunPod's queue (each is answered in milliseconds;
     # generation runs in the reconciler's CONCURRENCY slots, not in the request).

@@ -265,6 +265,20 @@ class ResultStore:
                 ) from exc
             raise StorageError(f"Storage upload of {name} failed ({_reason(exc)})") from exc
 
+    # -- removing
+    def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:
+        """Delete a job's result objects (a cancelled or timed-out job's partial upload); returns how many
+        existed. Only the job's own deterministic names: never a prefix, which would match other jobs."""
+        bucket = self.client.bucket(self.bucket_name)
+        removed = 0
+        for name in object_names(user_id, file_uid, task_type, count):
+            try:
+                bucket.blob(name).delete(timeout=self.retry.request_timeout)
+                removed += 1
+            except api_exceptions.NotFound:
+                pass
+        return removed
+
     # -- URLs
     def url_for(self, name: str, token: str | None = None) -> str:
         """The URL of an uploaded object in this store's style (signed URLs are made anew each call)."""

@@ -23,22 +23,22 @@ from typing import Any
 
 import structlog
 
-from firegen_core.errors import Cancelled
+from firegen_core.errors import Interrupted
 from firegen_core.jobs import WorkerJobs
 from firegen_core.quota import Limits
 from generation.engine import is_device_failure
 
 from .handler import RunsyncHandler
 from .reconciler import Reconciler
-from .runner import Generator, JobRunner
+from .runner import Generator, JobRunner, deadline_from
 from .settings import Settings
 from .storage import ResultStore
 
 log = structlog.get_logger("listener.worker")
 
 
-class DeviceFailed(Cancelled):
-    """The accelerator failed under a job: the job is released (a Cancelled), and the worker leaves."""
+class DeviceFailed(Interrupted):
+    """The accelerator failed under a job: the job is released (an Interrupted), and the worker leaves."""
 
 
 class DeviceGuard:
@@ -64,12 +64,12 @@ class DeviceGuard:
 class RequestIdRunner(JobRunner):
     """Logs a job's run with the RunPod job id that dispatched it (`runpod_job_id`, as `requestId`)."""
 
-    def run(self, job):
+    def run(self, job, cancel=None):
         request_id = job.doc.get("runpod_job_id")
         if not request_id:
-            return super().run(job)
+            return super().run(job, cancel)
         with structlog.contextvars.bound_contextvars(requestId=request_id):
-            return super().run(job)
+            return super().run(job, cancel)
 
 
 @dataclass
@@ -178,12 +178,13 @@ def build_worker(
         worker_id=worker_id,
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        max_releases=settings.max_releases,
         limits=Limits(settings.user_max_running, settings.user_max_pending, settings.user_daily_budget),
     )
     results = ResultStore.from_settings(storage_client, settings)
     worker: Worker
     guarded = DeviceGuard(generator, lambda exc: worker.device_failed(exc))
-    runner = RequestIdRunner(store, guarded, results)
+    runner = RequestIdRunner(store, guarded, results, deadline=deadline_from(settings))
     reconciler = Reconciler(
         store, runner, concurrency=settings.concurrency, sweep_interval=settings.sweep_interval_seconds
     )

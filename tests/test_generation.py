@@ -165,12 +165,12 @@ def test_progress_rises_after_every_step_and_ends_at_one(engine, make_request):
     assert seen == [0.25, 0.5, 0.75, 1.0]
 
 
-def test_cancelled_from_the_progress_callback_propagates_unchanged(engine):
+def test_interrupted_from_the_progress_callback_propagates_unchanged(engine):
     def cancel_at_second_step(fraction):
         if fraction >= 0.5:
-            raise errors.Cancelled()
+            raise errors.Interrupted()
 
-    with pytest.raises(errors.Cancelled):
+    with pytest.raises(errors.Interrupted):
         engine.generate(image_request(num_inference_steps=4), progress=cancel_at_second_step)
     assert len(engine.generate(image_request(num_inference_steps=1)).files) == 1  # the pipeline is free again
 

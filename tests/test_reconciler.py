@@ -14,6 +14,7 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
+from google.cloud.firestore import SERVER_TIMESTAMP
 from PIL import Image
 
 from firegen_core.jobs import JobKey, WorkerJobs
@@ -90,8 +91,16 @@ def make_worker(firestore_client, results):
 
 
 def write_job(client, key: JobKey, **fields):
+    """A queued doc as the contract's client sample writes it (created_at: serverTimestamp())."""
     client.document(key.path).set(
-        {"status": "queued", "prompt": "A red sports car", "generated": False, "error": False, **fields}
+        {
+            "status": "queued",
+            "created_at": SERVER_TIMESTAMP,
+            "prompt": "A red sports car",
+            "generated": False,
+            "error": False,
+            **fields,
+        }
     )
 
 

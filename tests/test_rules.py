@@ -379,3 +379,57 @@ def test_access(rest, case: Access):
 
 def test_the_table_is_large_enough():
     assert len(CREATES) + len(ACCESS) >= 20
+
+
+# ---------------------------------------------------------------------------------------------- cancellation
+QUEUED_JOB = {"status": "queued", "generated": False, "error": False, "prompt": "a car", "user_id": OWNER}
+RUNNING_JOB = {**QUEUED_JOB, "status": "processing", "worker_id": "w1", "attempts": 1, "progress": 0.5}
+FAILED_JOB = {**QUEUED_JOB, "status": "failed", "error": True, "error_type": "RuntimeError", "error_message": "x"}
+CANCEL = {"cancel_requested": True}
+
+
+@dataclass
+class Cancel:
+    name: str
+    uid: str | None
+    seeded: dict  # the job doc as it stands
+    data: dict  # the client's updateDoc fields
+    expect: bool
+
+
+CANCELS = [
+    Cancel("owner cancels own queued job", OWNER, QUEUED_JOB, CANCEL, ALLOW),
+    Cancel("owner cancels own running job", OWNER, RUNNING_JOB, CANCEL, ALLOW),
+    Cancel("owner cancels a job already asked to cancel", OWNER, {**RUNNING_JOB, **CANCEL}, CANCEL, ALLOW),
+    Cancel("owner cancels a completed job", OWNER, DONE, CANCEL, DENY),
+    Cancel("owner cancels a failed job", OWNER, FAILED_JOB, CANCEL, DENY),
+    Cancel("stranger cancels someone's queued job", STRANGER, QUEUED_JOB, CANCEL, DENY),
+    Cancel("unauthenticated cancel", None, QUEUED_JOB, CANCEL, DENY),
+    Cancel("owner sets cancel_requested false", OWNER, QUEUED_JOB, {"cancel_requested": False}, DENY),
+    Cancel("owner sets cancel_requested to a string", OWNER, QUEUED_JOB, {"cancel_requested": "yes"}, DENY),
+    Cancel("owner cancels and fails the job", OWNER, RUNNING_JOB, {**CANCEL, "status": "failed"}, DENY),
+    Cancel("owner cancels and edits progress", OWNER, RUNNING_JOB, {**CANCEL, "progress": 1.0}, DENY),
+    Cancel("owner cancels and edits the prompt", OWNER, QUEUED_JOB, {**CANCEL, "prompt": "other"}, DENY),
+]
+
+
+@pytest.mark.parametrize("case", CANCELS, ids=[c.name for c in CANCELS])
+def test_cancel_update(rest, case: Cancel):
+    rest.seed({JOB: case.seeded})
+    before = rest.get("admin", JOB).json()["fields"]
+    assert allowed(rest.commit(case.uid, JOB, case.data, update=True)) is case.expect
+    after = rest.get("admin", JOB).json()["fields"]
+    if case.expect:  # exactly the one field changed
+        assert after == {**before, "cancel_requested": {"booleanValue": True}}
+    else:
+        assert after == before
+
+
+@pytest.mark.parametrize("uid", [OWNER, None])
+def test_clients_cannot_touch_worker_liveness_docs(rest, uid):
+    rest.seed({"workers/w1": {"busy": 1}})
+    assert allowed(rest.get(uid, "workers/w1")) is False
+    assert allowed(rest.commit(uid, "workers/w1", {"busy": 0})) is False
+    assert allowed(rest.commit(uid, "workers/w2", {"busy": 0})) is False
+    assert allowed(rest.delete(uid, "workers/w1")) is False
+    assert rest.get("admin", "workers/w1").json()["fields"] == {"busy": {"integerValue": "1"}}

@@ -1,0 +1,36 @@
+"""Worker liveness: each running worker keeps a doc `workers/{worker_id}` with the server time it was last seen.
+
+Workers write it from their sweep loop (every SWEEP_INTERVAL_SECONDS) and delete it when they stop cleanly; the
+scheduled sweep of the Cloud Functions reads it: a queued job is failed for want of a worker only when no worker
+has been seen for the whole stale period, never because the backlog is long (issue #11). Clients can neither
+read nor write these docs (firestore.rules).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.cloud import firestore
+from google.cloud.firestore import SERVER_TIMESTAMP, FieldFilter
+
+WORKERS = "workers"
+SEEN_AT = "seen_at"
+CALL_TIMEOUT = 15.0
+
+
+def beat(client: firestore.Client, worker_id: str, *, busy: int, concurrency: int, started_at: datetime) -> None:
+    """Say this worker is alive now (server time), with how many of its slots are busy."""
+    client.collection(WORKERS).document(worker_id).set(
+        {SEEN_AT: SERVER_TIMESTAMP, "busy": busy, "concurrency": concurrency, "started_at": started_at},
+        timeout=CALL_TIMEOUT,
+    )
+
+
+def leave(client: firestore.Client, worker_id: str) -> None:
+    client.collection(WORKERS).document(worker_id).delete(timeout=CALL_TIMEOUT)
+
+
+def alive_since(client: firestore.Client, since: datetime) -> bool:
+    """Whether any worker has been seen at or after `since`."""
+    query = client.collection(WORKERS).where(filter=FieldFilter(SEEN_AT, ">=", since)).limit(1)
+    return any(True for _ in query.stream(timeout=CALL_TIMEOUT))

@@ -1,0 +1,130 @@
+"""The worker's in-memory candidate jobs, handed out fairly: round-robin across users, oldest first within one.
+
+Pure (no Firestore): the reconciler feeds it from its listeners and sweep and takes the next job from it.
+
+- Fair order: the next job belongs to the user served longest ago (a user never served by this worker comes
+  first; ties go to the user whose oldest job is oldest), and is that user's oldest job (`created_at`). So a
+  user with 50 queued jobs and a user with 1 alternate: the one job waits for at most one of the other's.
+- "First" entries (a dead worker's job, found by the sweep once its lease ran out) go before everything: they
+  were started once already, so they are older than anything queued since.
+- Bounded: at most `capacity` entries whatever the backlog. When full, the newest entry of the user holding the
+  most entries makes room (or the new entry is dropped, when it would be that entry itself). A dropped entry is
+  still a queued doc: the listeners and the sweep offer it again once it is among the oldest.
+- `served` remembers at most `memory` users (least recently served forgotten first).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+DEFAULT_CAPACITY = 1000
+
+
+@dataclass(order=True)
+class _Entry:
+    created: float
+    seq: int
+    key: Hashable = field(compare=False)
+    user: str = field(compare=False)
+    first: bool = field(compare=False, default=False)
+
+
+def timestamp(value: datetime | float | None, default: float) -> float:
+    """A created_at as seconds since the epoch (a Firestore timestamp is a datetime); `default` when unknown."""
+    if value is None:
+        return default
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value)
+
+
+class FairQueue:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, memory: int = 10 * DEFAULT_CAPACITY):
+        if capacity < 1 or memory < 1:
+            raise ValueError("capacity and memory must be >= 1")
+        self.capacity = capacity
+        self.memory = memory
+        self._entries: dict[Hashable, _Entry] = {}
+        self._by_user: dict[str, list[_Entry]] = {}  # each sorted oldest first
+        self._served: OrderedDict[str, int] = OrderedDict()  # user -> tick of their last job handed out
+        self._ticks = itertools.count(1)
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def users(self) -> int:
+        return len(self._by_user)
+
+    def add(self, key: Hashable, user: str, created: float, *, first: bool = False) -> bool:
+        """Offer a candidate; True if it is held. A key already held keeps its place (it may only become first)."""
+        held = self._entries.get(key)
+        if held is not None:
+            held.first |= first
+            return True
+        if len(self._entries) >= self.capacity and not self._make_room(user, created, first):
+            return False
+        entry = _Entry(created, next(self._seq), key, user, first)
+        self._entries[key] = entry
+        bisect.insort(self._by_user.setdefault(user, []), entry)
+        return True
+
+    def discard(self, key: Hashable) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        entries = self._by_user[entry.user]
+        entries.remove(entry)
+        if not entries:
+            del self._by_user[entry.user]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._by_user.clear()
+
+    def pop(self, spread: int = 1) -> Hashable | None:
+        """The next job in fair order and take it out (None when empty). With `spread` > 1, one of the first
+        `spread` users in fair order at random: idle workers that all heard of the same jobs then go for
+        different ones instead of racing for one."""
+        if not self._entries:
+            return None
+        firsts = [e for e in self._entries.values() if e.first]
+        if firsts:
+            entry = min(firsts)
+        else:
+            ranked = sorted(self._by_user, key=lambda u: (self._served.get(u, 0), self._by_user[u][0]))
+            user = ranked[0] if spread <= 1 else random.choice(ranked[:spread])
+            entry = self._by_user[user][0]
+        self.discard(entry.key)
+        self._mark_served(entry.user)
+        return entry.key
+
+    def _mark_served(self, user: str) -> None:
+        self._served.pop(user, None)
+        self._served[user] = next(self._ticks)
+        while len(self._served) > self.memory:
+            self._served.popitem(last=False)
+
+    def _make_room(self, user: str, created: float, first: bool) -> bool:
+        """Evict the newest entry of the user holding the most (the new one counted); False to drop the new one."""
+        counts = {u: len(entries) for u, entries in self._by_user.items()}
+        counts[user] = counts.get(user, 0) + 1
+        biggest = max(counts, key=lambda u: counts[u])
+        if biggest == user and not first:
+            entries = self._by_user.get(user, [])
+            if not entries or created >= entries[-1].created:
+                return False  # the new entry is that user's newest: it is the one to drop
+        candidates = [e for e in self._by_user.get(biggest, []) if not e.first]
+        if not candidates:
+            return False
+        self.discard(candidates[-1].key)
+        return True

@@ -1,0 +1,237 @@
+"""Cancellation, deadlines and the release limit (issue #11, points 3 and 4), with real workers on the
+emulators. The rules cases for the client's cancel update are in test_rules.py (test_cancel_update)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fixtures_scheduling import (  # noqa: F401  (fixtures)
+    StepGenerator,
+    StubGenerator,
+    finished,
+    queue_jobs,
+    read,
+    results,
+    sched_worker,
+    wait_until,
+)
+
+from firegen_core.deadline import Deadline
+from firegen_core.jobs import JobKey, WorkerJobs
+
+sys.path.append(str(Path(__file__).resolve().parent.parent / "functions"))
+import dispatch
+
+CANCELLED = ("failed", True, False, "Cancelled", "Cancelled by the user")
+
+
+def outcome(doc: dict) -> tuple:
+    return doc["status"], doc["error"], doc["generated"], doc["error_type"], doc["error_message"]
+
+
+def objects(bucket) -> list[str]:
+    return sorted(blob.name for blob in bucket.list_blobs())
+
+
+def cancel(client, key: JobKey) -> None:
+    """What the client does: updateDoc(ref, {cancel_requested: true}) (allowed by firestore.rules)."""
+    client.document(key.path).update({"cancel_requested": True})
+
+
+# ---------------------------------------------------------------------------------------------- by the client
+def test_a_cancelled_queued_job_never_runs(sched_worker, firestore_client):
+    generator = StubGenerator(threading.Event())
+    sched_worker("w", generator, sweep=30)  # the listeners alone
+    running, waiting = JobKey("u1", "images", "running"), JobKey("u1", "images", "waiting")
+    queue_jobs(firestore_client, [running])
+    assert generator.started.wait(15)
+    queue_jobs(firestore_client, [waiting])
+    cancel(firestore_client, waiting)
+    # Failed at once, while the worker's only slot is still busy.
+    assert outcome(wait_until(lambda: finished(firestore_client, waiting), timeout=10)) == CANCELLED
+    assert read(firestore_client, running)["status"] == "processing"
+    generator.gate.set()
+    assert wait_until(lambda: finished(firestore_client, running))["status"] == "completed"
+    assert generator.calls == ["running"]
+
+
+def test_a_running_job_stops_within_two_seconds_and_frees_the_slot(sched_worker, firestore_client, bucket):
+    generator = StepGenerator(threading.Event())  # holds each job, reporting progress at every "step"
+    worker = sched_worker("w", generator)
+    running, next_job = JobKey("u1", "images", "long"), JobKey("u2", "images", "next")
+    queue_jobs(firestore_client, [running])
+    assert generator.started.wait(15)
+    queue_jobs(firestore_client, [next_job])
+    asked = time.monotonic()
+    cancel(firestore_client, running)
+    doc = wait_until(lambda: finished(firestore_client, running), timeout=5)
+    assert time.monotonic() - asked < 2.0
+    assert outcome(doc) == CANCELLED and doc["cancel_requested"] is True
+    wait_until(lambda: "next" in generator.calls)  # the slot went to the next job
+    generator.gate.set()
+    assert wait_until(lambda: finished(firestore_client, next_job))["status"] == "completed"
+    assert objects(bucket) == ["generating/u2/image/next.png"]  # nothing of the cancelled job
+    assert worker.wait_idle(5)
+
+
+class CancelDuringUpload:
+    """The real ResultStore; the owner's cancel lands while the results are being uploaded."""
+
+    def __init__(self, results, client):
+        self.results, self.client = results, client
+
+    def upload(self, user_id, file_uid, task_type, files):
+        urls = self.results.upload(user_id, file_uid, task_type, files)
+        cancel(self.client, JobKey(user_id, "images", file_uid))
+        return urls
+
+    def remove(self, *args):
+        return self.results.remove(*args)
+
+
+def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client, results, bucket):
+    from listener.runner import JobRunner
+
+    key = JobKey("u1", "images", "uploading")
+    queue_jobs(firestore_client, [key], num_images_per_prompt=2)
+    store = WorkerJobs(firestore_client, worker_id="w")
+    job = store.claim(key)
+    assert JobRunner(store, StubGenerator(), CancelDuringUpload(results, firestore_client)).run(job) == "failed"
+    assert outcome(read(firestore_client, key)) == CANCELLED
+    assert objects(bucket) == []
+
+
+def test_a_cancel_of_a_finished_job_changes_nothing(sched_worker, firestore_client):
+    sched_worker("w")
+    key = JobKey("u1", "images", "done")
+    queue_jobs(firestore_client, [key])
+    done = wait_until(lambda: finished(firestore_client, key))
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.cancel(firestore_client, uid="u1", data={"fileUid": "done", "mediaType": "images"})
+    assert (refused.value.code, refused.value.message) == (
+        "failed-precondition",
+        "Generation already completed: nothing to cancel",
+    )
+    cancel(firestore_client, key)  # through the Admin SDK (the rules refuse it for a client: test_rules.py)
+    time.sleep(0.5)  # nothing to wait for: we check that nothing happens
+    assert {k: v for k, v in read(firestore_client, key).items() if k != "cancel_requested"} == done
+
+
+# ---------------------------------------------------------------------------------------------- the callable
+def test_the_callable_cancels_queued_and_running_jobs(sched_worker, firestore_client):
+    generator = StubGenerator(threading.Event())
+    sched_worker("w", generator)
+    running, waiting = JobKey("u1", "videos", "run"), JobKey("u1", "images", "wait")
+    queue_jobs(firestore_client, [running], numFrames=16)
+    assert generator.started.wait(15)
+    queue_jobs(firestore_client, [waiting])
+
+    reply = dispatch.cancel(firestore_client, uid="u1", data={"fileUid": "wait", "mediaType": "images"})
+    assert reply == {
+        "success": True,
+        "fileUid": "wait",
+        "mediaType": "images",
+        "status": "cancelled",
+        "message": "Generation cancelled",
+    }
+    assert outcome(read(firestore_client, waiting)) == CANCELLED  # at once, by the callable itself
+    again = dispatch.cancel(firestore_client, uid="u1", data={"fileUid": "wait", "mediaType": "images"})
+    assert again["status"] == "cancelled"  # a retried call is harmless
+
+    reply = dispatch.cancel(firestore_client, uid="u1", data={"fileUid": "run", "mediaType": "videos"})
+    assert (reply["status"], reply["message"]) == (
+        "cancelling",
+        "Cancelling: the worker stops the generation at its next step",
+    )
+    assert outcome(wait_until(lambda: finished(firestore_client, running), timeout=5)) == CANCELLED
+    assert generator.calls == ["run"]
+
+
+def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
+    key = JobKey("owner", "images", "mine")
+    queue_jobs(firestore_client, [key])
+    cases = [
+        (None, {"fileUid": "mine", "mediaType": "images"}, "unauthenticated"),
+        ("thief", {"fileUid": "mine", "mediaType": "images"}, "not-found"),  # the path is the caller's own
+        ("thief", {"fileUid": "mine", "mediaType": "images", "userId": "owner"}, "permission-denied"),
+        ("owner", {"fileUid": "mine", "mediaType": "gifs"}, "invalid-argument"),
+        ("owner", {"fileUid": "../x", "mediaType": "images"}, "invalid-argument"),
+        ("owner", ["mine"], "invalid-argument"),
+    ]
+    for uid, data, code in cases:
+        with pytest.raises(dispatch.CallError) as refused:
+            dispatch.cancel(firestore_client, uid=uid, data=data)
+        assert refused.value.code == code, (uid, data)
+    assert read(firestore_client, key)["status"] == "queued" and "cancel_requested" not in read(firestore_client, key)
+
+
+# ---------------------------------------------------------------------------------------------- bounded work
+def test_a_job_past_its_deadline_is_stopped_as_timeout(sched_worker, firestore_client):
+    generator = StubGenerator(threading.Event())  # never finishes on its own
+    sched_worker("w", generator, deadline=Deadline(floor_seconds=0.5, multiple=1))
+    key, after = JobKey("u1", "images", "slow"), JobKey("u1", "images", "after")
+    queue_jobs(firestore_client, [key])
+    queue_jobs(firestore_client, [after])
+    doc = wait_until(lambda: finished(firestore_client, key), timeout=10)
+    assert (doc["status"], doc["error_type"], doc["error_message"]) == (
+        "failed",
+        "Timeout",
+        "Generation stopped: it ran past its time limit of 0.5 s",
+    )
+    wait_until(lambda: "after" in generator.calls)  # the slot went on to the next job
+
+
+class Stuck:
+    """A generation stuck inside one step: it never comes back to its progress callback."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def generate(self, request, progress=None):
+        self.release.wait(30)
+        raise RuntimeError("unstuck")
+
+
+def test_a_generation_stuck_in_a_step_is_failed_by_the_heartbeat(sched_worker, firestore_client):
+    generator = Stuck()
+    worker = sched_worker("w", generator, deadline=Deadline(floor_seconds=0.5, multiple=1), renew=0.2)
+    key = JobKey("u1", "images", "stuck")
+    queue_jobs(firestore_client, [key])
+    try:
+        doc = wait_until(lambda: finished(firestore_client, key), timeout=10)
+        assert (doc["status"], doc["error_type"]) == ("failed", "Timeout")
+    finally:
+        generator.release.set()
+    # When the step finally returns, the worker finds the job is no longer its own and writes nothing.
+    assert worker.wait_idle(10)
+    assert read(firestore_client, key)["error_type"] == "Timeout"
+
+
+def test_a_job_released_too_many_times_fails_with_a_clear_message(firestore_client):
+    key = JobKey("u1", "videos", "bouncing")
+    queue_jobs(firestore_client, [key], numFrames=16)
+    for i in range(3):
+        store = WorkerJobs(firestore_client, worker_id=f"leaving-{i}", max_releases=2)
+        job = store.claim(key)
+        assert job is not None and store.release(job)
+    doc = read(firestore_client, key)
+    assert (doc["status"], doc["error_type"], doc["error_message"]) == (
+        "failed",
+        "Exception",
+        "Generation stopped: its workers shut down before it ended 3 times; please try again",
+    )
+
+
+def test_shutdown_releases_are_counted_on_the_doc(sched_worker, firestore_client):
+    generator = StubGenerator(threading.Event())
+    worker = sched_worker("leaving", generator)
+    key = JobKey("u1", "images", "long")
+    queue_jobs(firestore_client, [key])
+    assert generator.started.wait(15)
+    worker.stop(grace=0.2)
+    doc = read(firestore_client, key)
+    assert (doc["status"], doc["releases"], doc["attempts"]) == ("queued", 1, 0)
