@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv firebase-cli dev submit test bench clean
+.PHONY: venv firebase-cli dev submit lint test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,13 @@ dev: $(STAMP)
 submit: $(STAMP)
 	$(BIN)/python -m devtools.client --prompt "$(PROMPT)" $(if $(VIDEO),--video)
 
-test: $(STAMP) firebase-cli
+# Lint, format and types: the same configuration (pyproject.toml) as the pre-commit hooks.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(STAMP) firebase-cli lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

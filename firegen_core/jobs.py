@@ -44,6 +44,8 @@ class JobKey:
 
     @classmethod
     def of(cls, request: GenerationRequest) -> JobKey:
+        if request.user_id is None or request.file_uid is None:
+            raise ValueError("a job needs its user_id and file_uid")
         return cls(request.user_id, request.media_type, request.file_uid)
 
     @classmethod
@@ -196,7 +198,7 @@ class JobStore:
         """
         key = JobKey.of(request)
         outcome = self.transition(key, lambda doc, now: queued_document(request) if doc is None else None, admit=True)
-        return outcome.written if outcome.applied else outcome.before
+        return dict((outcome.written if outcome.applied else outcome.before) or {})
 
     # --- queries ---------------------------------------------------------------------------------------------
 
@@ -269,7 +271,7 @@ class WorkerJobs:
         self.cancel, self.cancelling = self.jobs.cancel, self.jobs.cancelling
         self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
 
-    def _fenced(self, job: ClaimedJob, make: Callable[[dict, datetime], dict]) -> bool:
+    def _fenced(self, job: ClaimedJob, make: Callable[[lifecycle.Doc, datetime], dict]) -> bool:
         return self.jobs.transition(
             job.key, lambda doc, now: make(doc, now) if lifecycle.holds(doc, job.lease) else None
         ).applied
@@ -286,10 +288,10 @@ class WorkerJobs:
             ),
             admit=True,
         )
-        if not outcome.applied or outcome.written.get("status") != lifecycle.PROCESSING:
+        written, before = outcome.written, outcome.before
+        if written is None or before is None or written.get("status") != lifecycle.PROCESSING:
             return None
-        lease = Lease(self.worker_id, outcome.written["attempts"])
-        return ClaimedJob(key, lease, outcome.before, outcome.read_time)
+        return ClaimedJob(key, Lease(self.worker_id, written["attempts"]), before, outcome.read_time)
 
     def renew(self, job: ClaimedJob, progress: float | None = None) -> bool:
         """Extend the lease (and record progress) while this worker still owns the job."""
@@ -303,7 +305,7 @@ class WorkerJobs:
         outcome = self.transition(
             job.key, lambda doc, now: lifecycle.completion(doc, fields) if lifecycle.holds(doc, job.lease) else None
         )
-        return outcome.written.get("status") if outcome.applied else None
+        return outcome.written.get("status") if outcome.written is not None else None
 
     def fail(self, job: ClaimedJob, error: GenerationError) -> bool:
         return self._fenced(

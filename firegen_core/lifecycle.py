@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
@@ -54,7 +54,7 @@ class Lease:
     attempt: int
 
 
-def holds(doc: Doc | None, lease: Lease) -> bool:
+def holds(doc: Doc | None, lease: Lease) -> TypeGuard[Doc]:
     return (
         doc is not None
         and doc.get("status") == PROCESSING
@@ -68,7 +68,7 @@ def lease_expired(doc: Doc, now: datetime) -> bool:
     return expires is None or expires <= now
 
 
-def claimable(doc: Doc | None, now: datetime) -> bool:
+def claimable(doc: Doc | None, now: datetime) -> TypeGuard[Doc]:
     if doc is None:
         return False
     status = doc.get("status")

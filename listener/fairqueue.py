@@ -22,15 +22,17 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Generic, TypeVar
 
 DEFAULT_CAPACITY = 1000
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(order=True)
-class _Entry:
+class _Entry(Generic[K]):
     created: float
     seq: int
-    key: Hashable = field(compare=False)
+    key: K = field(compare=False)
     user: str = field(compare=False)
     first: bool = field(compare=False, default=False)
 
@@ -44,14 +46,14 @@ def timestamp(value: datetime | float | None, default: float) -> float:
     return float(value)
 
 
-class FairQueue:
+class FairQueue(Generic[K]):
     def __init__(self, capacity: int = DEFAULT_CAPACITY, memory: int = 10 * DEFAULT_CAPACITY):
         if capacity < 1 or memory < 1:
             raise ValueError("capacity and memory must be >= 1")
         self.capacity = capacity
         self.memory = memory
-        self._entries: dict[Hashable, _Entry] = {}
-        self._by_user: dict[str, list[_Entry]] = {}  # each sorted oldest first
+        self._entries: dict[K, _Entry[K]] = {}
+        self._by_user: dict[str, list[_Entry[K]]] = {}  # each sorted oldest first
         self._served: OrderedDict[str, int] = OrderedDict()  # user -> tick of their last job handed out
         self._ticks = itertools.count(1)
         self._seq = itertools.count()
@@ -59,13 +61,13 @@ class FairQueue:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: Hashable) -> bool:
+    def __contains__(self, key: K) -> bool:
         return key in self._entries
 
     def users(self) -> int:
         return len(self._by_user)
 
-    def add(self, key: Hashable, user: str, created: float, *, first: bool = False) -> bool:
+    def add(self, key: K, user: str, created: float, *, first: bool = False) -> bool:
         """Offer a candidate; True if it is held. A key already held keeps its place (it may only become first)."""
         held = self._entries.get(key)
         if held is not None:
@@ -78,7 +80,7 @@ class FairQueue:
         bisect.insort(self._by_user.setdefault(user, []), entry)
         return True
 
-    def discard(self, key: Hashable) -> None:
+    def discard(self, key: K) -> None:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
@@ -91,7 +93,7 @@ class FairQueue:
         self._entries.clear()
         self._by_user.clear()
 
-    def pop(self, spread: int = 1) -> Hashable | None:
+    def pop(self, spread: int = 1) -> K | None:
         """The next job in fair order and take it out (None when empty). With `spread` > 1, one of the first
         `spread` users in fair order at random: idle workers that all heard of the same jobs then go for
         different ones instead of racing for one."""

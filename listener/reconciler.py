@@ -58,7 +58,7 @@ class Reconciler:
         self.concurrency = concurrency
         self.sweep_interval = sweep_interval
         self._cv = threading.Condition()
-        self._queue = FairQueue(capacity)
+        self._queue: FairQueue[JobKey] = FairQueue(capacity)
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the dispatch loop
         self._stops: dict[JobKey, threading.Event] = {}  # claimed or running here → its cancel signal
         self._active: dict[JobKey, threading.Thread] = {}
@@ -177,12 +177,14 @@ class Reconciler:
                 if not self._claiming:
                     return
                 cancelled = self._cancels.pop() if self._cancels else None
-                if cancelled is None:
-                    key = self._queue.pop(self._spread)
+                key = None if cancelled is not None else self._queue.pop(self._spread)
+                if key is not None:
                     # Registered before the claim: a cancel heard while it is in flight still reaches the job.
                     stop = self._stops[key] = threading.Event()
             if cancelled is not None:
                 self._drop(cancelled)
+                continue
+            if key is None:
                 continue
             try:
                 job = self.store.claim(key)
