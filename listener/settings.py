@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     # Storage
     storage_bucket: str = Field(validation_alias=_env("STORAGE_BUCKET"))
     storage_emulator_host: str | None = Field(None, validation_alias=_env("STORAGE_EMULATOR_HOST"))
-    url_style: UrlStyle = Field("public", validation_alias=_env("URL_STYLE"))
+    # Private by default: token URLs work with Firebase's default (private) bucket and its storage.rules; under
+    # STORAGE_EMULATOR_HOST they are the emulator's download URLs. `public` needs a world-readable bucket.
+    url_style: UrlStyle = Field("token", validation_alias=_env("URL_STYLE"))
     signed_url_expiry_seconds: int = Field(
         MAX_SIGNED_URL_SECONDS, ge=1, le=MAX_SIGNED_URL_SECONDS, validation_alias=_env("SIGNED_URL_EXPIRY_SECONDS")
     )
