@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(10.0, gt=0, validation_alias=_env("SWEEP_INTERVAL_SECONDS"))
     concurrency: int = Field(1, ge=1, validation_alias=_env("CONCURRENCY"))
     shutdown_grace_seconds: float = Field(20.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE_SECONDS"))
+    # Read by firegen_core.lifecycle itself (the functions share it); validated here so start-up names a bad value.
+    # The default is lifecycle.RETENTION_DAYS_DEFAULT (tests/test_lifecycle.py checks they agree).
+    retention_days: float = Field(30.0, ge=0, allow_inf_nan=False, validation_alias=_env("RETENTION_DAYS"))
 
     @field_validator("url_style", mode="before")
     @classmethod
