@@ -9,20 +9,22 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ARG TORCH_VERSION=2.7.1
+# cu128 wheels need a driver for CUDA 12.8 or newer: allow CUDA 12.8 and up on the RunPod endpoint (README).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# CUDA torch first, from PyTorch's own index; the constraint keeps every later install from replacing it.
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
- && echo "torch==${TORCH_VERSION}" > /opt/torch-constraint.txt
 WORKDIR /app
-COPY pyproject.toml README.md ./
+# constraints.txt is the one lock (the local .venv and CI use it too): the CUDA wheel of its torch version goes
+# in first, from PyTorch's own index, then everything else at the lock's versions (its torch pin, 2.13.0, is
+# satisfied by 2.13.0+cu128, so nothing replaces it).
+COPY constraints.txt ./
+RUN pip install --index-url "${TORCH_INDEX}" "$(grep '^torch==' constraints.txt)"
+COPY pyproject.toml README.md LICENSE ./
 COPY firegen_core ./firegen_core
 COPY generation ./generation
 COPY listener ./listener
-RUN pip install -c /opt/torch-constraint.txt . \
+RUN pip install -c constraints.txt . \
  && find /opt/venv -name "__pycache__" -type d -prune -exec rm -rf {} +
 
 FROM build AS weights

@@ -1,7 +1,9 @@
 # Two commands do all set-up on a fresh machine: `make dev` and `make test` (see README.md).
 PYTHON ?= python3
-# The CPU wheel locally; the Dockerfile installs CUDA torch instead. Never let pip pick torch by itself.
-TORCH ?= torch==2.13.0
+# constraints.txt is the one lock (the .venv here, CI through `make test`, and the Dockerfile). torch goes in
+# first, on its own, at the lock's version: the CPU wheel locally (the Dockerfile installs the CUDA wheel of the
+# same version instead), so nothing later can make pip pick a torch by itself.
+TORCH ?= $(shell grep '^torch==' constraints.txt)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -12,7 +14,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt "$(TORCH)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 

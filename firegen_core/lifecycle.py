@@ -17,9 +17,11 @@ shutdown are counted (`releases`), so a job cannot bounce between leaving worker
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeGuard
 
@@ -44,6 +46,31 @@ RELEASES = "releases"  # how many times leaving workers gave the job back
 FINAL_STATES = (COMPLETED, FAILED)
 
 Doc = Mapping[str, Any]
+
+# Retention: a finished job's doc carries `expire_at` (finish time + RETENTION_DAYS) for a Firestore TTL policy on
+# that field, which deletes the doc some time after (the policy is the operator's choice; README "Retention").
+RETENTION_DAYS_DEFAULT = 30.0
+
+
+def retention_days(env: Mapping[str, str] = os.environ) -> float:
+    """RETENTION_DAYS (default 30; 0: finished docs get no `expire_at`). ValueError naming it when it is wrong."""
+    raw = (env.get("RETENTION_DAYS") or "").strip()
+    if not raw:
+        return RETENTION_DAYS_DEFAULT
+    try:
+        days = float(raw)
+    except ValueError:
+        days = math.nan
+    if not (math.isfinite(days) and days >= 0):
+        raise ValueError(f"RETENTION_DAYS must be a number of days, 0 or more (got {raw!r})")
+    return days
+
+
+def expiry(days: float | None = None, now: datetime | None = None) -> dict:
+    """`{"expire_at": now + days}`, or nothing when retention is off. A client timestamp: a TTL field needs a
+    value, and a server-side "timestamp plus days" does not exist."""
+    days = retention_days() if days is None else days
+    return {"expire_at": (now or datetime.now(UTC)) + timedelta(days=days)} if days > 0 else {}
 
 
 @dataclass(frozen=True)
@@ -189,6 +216,7 @@ def success(
     else:
         fields.update(videos=list(urls), video_url=urls[0], video_info=dict(video_info))
     fields.update({name: round(value, 3) for name, value in (timings or {}).items()})
+    fields.update(expiry())
     return fields
 
 
@@ -204,4 +232,5 @@ def failure(error: GenerationError, *, user_id: str | None, file_uid: str | None
         "modified": SERVER_TIMESTAMP,
     }
     fields.update({k: v for k, v in (("user_id", user_id), ("file_uid", file_uid)) if v is not None})
+    fields.update(expiry())
     return fields

@@ -232,9 +232,11 @@ class DiffusionCapability:
         """Load `model_ref` onto `runtime`; any failure is `ModelNotAvailable` naming the model."""
         try:
             source = resolve_source(model_ref, cls.tiny_kind, cls.role, cache_dir)
-            pipe = cls.pipeline_class().from_pretrained(
-                source, local_files_only=local_files_only, **{_dtype_keyword(): runtime.torch_dtype}
-            )
+            options = {_dtype_keyword(): runtime.torch_dtype}
+            variant = cls.weights_variant(source, runtime)
+            if variant:
+                options["variant"] = variant
+            pipe = cls.pipeline_class().from_pretrained(source, local_files_only=local_files_only, **options)
             cls.place(pipe, runtime)
             pipe.set_progress_bar_config(disable=True)  # per-step bars would flood the worker's logs
             capability = cls(pipe, runtime, model_ref)
@@ -245,6 +247,26 @@ class DiffusionCapability:
             reason = _short_reason(exc)
             raise errors.ModelNotAvailable(f"{cls.role} model {model_ref} is not available: {reason}") from exc
         return capability
+
+    # The half-precision files a model may publish beside its full ones (`*.fp16.safetensors`), and the file that
+    # tells whether a local copy has them.
+    HALF_VARIANT: ClassVar[str | None] = None
+    VARIANT_PROBE: ClassVar[str] = ""
+
+    @classmethod
+    def weights_variant(cls, source: str, runtime: Runtime) -> str | None:
+        """The variant to load: the half-precision files when they are on disk (a folder, or the Hugging Face
+        cache the image bakes) and the run is in half precision, or when they are the only files there."""
+        if not cls.HALF_VARIANT:
+            return None
+        half, full = (cls.VARIANT_PROBE.replace(".safetensors", f".{cls.HALF_VARIANT}.safetensors"), cls.VARIANT_PROBE)
+        if Path(source).is_dir():
+            has_half, has_full = ((Path(source) / name).is_file() for name in (half, full))
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            has_half, has_full = (isinstance(try_to_load_from_cache(source, name), str) for name in (half, full))
+        return cls.HALF_VARIANT if has_half and (runtime.dtype in ("float16", "bfloat16") or not has_full) else None
 
     def warm_up(self) -> None:
         """Work to do once at load rather than on the first job (compiling)."""
@@ -282,6 +304,9 @@ class ImagePipeline(DiffusionCapability):
     task_type = TEXT2IMAGE
     tiny_kind = "sdxl"
     role = "Image"
+    # SDXL publishes fp16 files: the image bakes those (half the bytes to read at a cold start; generation.prefetch)
+    HALF_VARIANT = "fp16"
+    VARIANT_PROBE = "unet/diffusion_pytorch_model.safetensors"
 
     @classmethod
     def pipeline_class(cls):

@@ -40,7 +40,9 @@ class Settings(ModelSettings):
     # Storage
     storage_bucket: str = Field(validation_alias=env("STORAGE_BUCKET"))
     storage_emulator_host: str | None = Field(None, validation_alias=env("STORAGE_EMULATOR_HOST"))
-    url_style: UrlStyle = Field("public", validation_alias=env("URL_STYLE"))
+    # Private by default: token URLs work with Firebase's default (private) bucket and its storage.rules; under
+    # STORAGE_EMULATOR_HOST they are the emulator's download URLs. `public` needs a world-readable bucket.
+    url_style: UrlStyle = Field("token", validation_alias=env("URL_STYLE"))
     signed_url_expiry_seconds: int = Field(
         MAX_SIGNED_URL_SECONDS, ge=1, le=MAX_SIGNED_URL_SECONDS, validation_alias=env("SIGNED_URL_EXPIRY_SECONDS")
     )
@@ -66,6 +68,9 @@ class Settings(ModelSettings):
     user_max_running: int = Field(2, ge=1, validation_alias=env("USER_MAX_RUNNING"))
     user_max_pending: int = Field(20, ge=1, validation_alias=env("USER_MAX_PENDING"))
     user_daily_budget: float = Field(600.0, gt=0, validation_alias=env("USER_DAILY_BUDGET"))
+    # Read by firegen_core.lifecycle itself (the functions share it); validated here so start-up names a bad value.
+    # The default is lifecycle.RETENTION_DAYS_DEFAULT (tests/test_lifecycle.py checks they agree).
+    retention_days: float = Field(30.0, ge=0, allow_inf_nan=False, validation_alias=env("RETENTION_DAYS"))
 
     @field_validator("url_style", mode="before")
     @classmethod

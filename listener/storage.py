@@ -11,8 +11,9 @@ that budget is the only one. What still fails is raised as `StorageError` (a `Co
 firegen_core.errors.classify reports it as the contract's "ConnectionError"); `StorageUnavailable` when the
 retry budget ran out. Messages name the object and the kind of failure, never a URL, token or signature.
 
-URL styles (URL_STYLE):
-    public  https://storage.googleapis.com/{bucket}/{name}            (the contract's form; needs public objects)
+URL styles (URL_STYLE, default `token`):
+    public  https://storage.googleapis.com/{bucket}/{name}            (the contract's form; needs a bucket that
+            anyone may read, and list: every user's results, bypassing storage.rules; warned about at start-up)
     signed  a V4 signed GET URL that expires (needs credentials that can sign: a service-account key, or
             credentials with `service_account_email` and the IAM signBlob permission)
     token   https://firebasestorage.googleapis.com/v0/b/{bucket}/o/{quoted name}?alt=media&token={uuid4}, the
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import requests
+import structlog
 from google.api_core import exceptions as api_exceptions
 from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
 
@@ -169,7 +171,7 @@ class ResultStore:
         self,
         client: storage.Client,
         bucket: str,
-        url_style: str = "public",
+        url_style: str = "token",
         retry: RetryPolicy | None = None,
         emulator_host: str | None = None,
         *,
@@ -195,6 +197,14 @@ class ResultStore:
 
     @classmethod
     def from_settings(cls, client: storage.Client, settings: Settings, **kwargs: Any) -> ResultStore:
+        """The worker's store, built once at start-up (which is when a public bucket is warned about)."""
+        if settings.url_style == "public" and not settings.storage_emulator_host:
+            structlog.get_logger("listener.storage").warning(
+                "public_urls",
+                url_style="public",
+                note="URL_STYLE=public needs a world-readable bucket: anyone can then list and read every user's "
+                "results, and storage.rules do not apply. URL_STYLE=token (the default) works with a private bucket",
+            )
         return cls(
             client,
             settings.storage_bucket,

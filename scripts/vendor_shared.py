@@ -8,8 +8,12 @@ The copy keeps the package's own name (nothing else in functions/ or the worker 
 shadow anything), is git-ignored, world-readable (Cloud Build reads it as another user), and is the whole
 package, so no hand-kept list of modules can drift.
 
-    python scripts/vendor_shared.py          # (re)write the copy
+    python scripts/vendor_shared.py          # (re)write the copy; make the whole deploy source world-readable
     python scripts/vendor_shared.py --check  # exit 1 when the copy is missing or differs from the original
+
+Cloud Build unpacks the uploaded source and reads it as another user, so a file checked out or written under a
+strict umask (0600) would break the deploy: every file the functions deploy is made readable by all (and every
+folder searchable), not only the copy.
 
 Only the standard library: it runs with whatever python3 the Firebase CLI finds.
 """
@@ -79,6 +83,32 @@ def vendor(root: Path = ROOT, dest: Path = FUNCTIONS) -> bool:
     return True
 
 
+# Never deployed (firebase.json's `ignore`), and not ours to change: the venv is a build of its own.
+NOT_DEPLOYED = ("venv", "__pycache__")
+
+
+def unreadable(dest: Path = FUNCTIONS) -> list[Path]:
+    """Files and folders of the deploy source that another user could not read (or enter)."""
+    found = []
+    for folder, dirs, files in os.walk(dest):
+        dirs[:] = [d for d in dirs if d not in NOT_DEPLOYED and not os.path.islink(os.path.join(folder, d))]
+        for name, want in [*((d, 0o555) for d in dirs), *((f, 0o444) for f in files)]:
+            path = Path(folder, name)
+            if not path.is_symlink() and path.stat().st_mode & want != want:
+                found.append(path)
+    if dest.stat().st_mode & 0o555 != 0o555:
+        found.append(dest)
+    return sorted(found)
+
+
+def make_readable(dest: Path = FUNCTIONS) -> list[Path]:
+    """Add read (and, for folders, search) permission for all to what `unreadable` finds; returns those paths."""
+    fixed = unreadable(dest)
+    for path in fixed:
+        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+    return fixed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report what is out of date")
@@ -90,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if problems else 0
     written = vendor()
     print(f"vendor_shared: functions/{PACKAGE}/ {'written' if written else 'up to date'}")
+    for path in make_readable():
+        print(f"vendor_shared: made world-readable: {path.relative_to(ROOT)}")
     return 0
 
 

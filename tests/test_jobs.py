@@ -3,6 +3,7 @@
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 
@@ -115,6 +116,8 @@ def test_complete_and_fail_are_final(firestore_client):
         "Out of memory during generation",
     )
     assert "failed_at" in doc and doc["modified"] == doc["failed_at"]
+    # The TTL field (default retention, 30 days) is stored as a timestamp, as a Firestore TTL policy needs.
+    assert timedelta(days=29) < doc["expire_at"] - doc["failed_at"] <= timedelta(days=30)
     assert s.claim(KEY) is None and not s.complete(job, {"status": "completed"})
 
 

@@ -79,7 +79,8 @@ def test_renewal_clamps_progress():
     assert "progress" not in lifecycle.renewal(NOW, lease_seconds=10)
 
 
-def test_success_fields_for_images_are_the_contracts():
+def test_success_fields_for_images_are_the_contracts(monkeypatch):
+    monkeypatch.setenv("RETENTION_DAYS", "0")  # no expire_at: the contract's fields alone
     fields = lifecycle.success(
         task_type="text2image",
         user_id="user123",
@@ -120,7 +121,8 @@ def test_no_partial_success():
         lifecycle.success(task_type="text2image", user_id="u", file_uid="f", urls=[], seed=1)
 
 
-def test_failure_fields_are_the_contracts():
+def test_failure_fields_are_the_contracts(monkeypatch):
+    monkeypatch.setenv("RETENTION_DAYS", "0")
     fields = lifecycle.failure(
         GenerationError("OutOfMemoryError", "Out of memory during generation"), user_id="user123", file_uid="file456"
     )
@@ -147,3 +149,39 @@ def test_a_failure_message_is_at_most_300_characters():
 def test_job_status_values_are_the_contracts_strings():
     assert [str(s) for s in lifecycle.JobStatus] == ["queued", "processing", "completed", "failed"]
     assert lifecycle.QUEUED == "queued" and {"status": lifecycle.FAILED} == {"status": "failed"}
+
+
+# -- retention
+
+
+def test_finished_docs_expire_after_the_retention_days(monkeypatch):
+    monkeypatch.delenv("RETENTION_DAYS", raising=False)
+    before = datetime.now(UTC)
+    done = lifecycle.success(task_type="text2image", user_id="u", file_uid="f", urls=["a.png"], seed=1)
+    failed = lifecycle.failure(GenerationError("Exception", "x"), user_id="u", file_uid="f")
+    for fields in (done, failed):
+        assert before + timedelta(days=30) <= fields["expire_at"] <= datetime.now(UTC) + timedelta(days=30)
+    # A job failed on claim (its worker kept dying) expires too.
+    gave_up = lifecycle.claim(processing(attempts=3, expires_in=-1), NOW, **CLAIM)
+    assert gave_up["expire_at"] > before + timedelta(days=29)
+    monkeypatch.setenv("RETENTION_DAYS", "1.5")
+    assert lifecycle.expiry(now=NOW) == {"expire_at": NOW + timedelta(hours=36)}
+    monkeypatch.setenv("RETENTION_DAYS", "0")
+    assert "expire_at" not in lifecycle.failure(GenerationError("Exception", "x"), user_id="u", file_uid="f")
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan", "inf"])
+def test_a_wrong_retention_is_named(value, monkeypatch):
+    monkeypatch.setenv("RETENTION_DAYS", value)
+    with pytest.raises(ValueError, match="^RETENTION_DAYS must be a number of days, 0 or more"):
+        lifecycle.retention_days()
+
+
+def test_the_worker_validates_retention_at_start_up(monkeypatch):
+    from listener.settings import Settings, SettingsError, load_settings
+
+    assert Settings.model_fields["retention_days"].default == lifecycle.RETENTION_DAYS_DEFAULT
+    monkeypatch.setenv("STORAGE_BUCKET", "b")
+    monkeypatch.setenv("RETENTION_DAYS", "-1")
+    with pytest.raises(SettingsError, match="^RETENTION_DAYS must be greater than or equal to 0"):
+        load_settings()

