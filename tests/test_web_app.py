@@ -9,6 +9,7 @@ fail under CI (CI=1): they must never be skipped silently there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -61,11 +62,10 @@ def contract_message(**fields) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> StackInfo:
-    _require()
-    out = tmp_path_factory.mktemp("web-stack")
-    cmd = [sys.executable, "-m", "devtools.stack", "--no-examples", "--free-ports", "--out", str(out)]
+@contextlib.contextmanager
+def run_stack(out: Path, *flags: str):
+    """`make dev`'s stack without its examples, on free ports; yields its StackInfo, then stops it (Ctrl-C)."""
+    cmd = [sys.executable, "-m", "devtools.stack", "--no-examples", "--free-ports", "--out", str(out), *flags]
     cmd += ["--project", emu.unique_id("demo-web")]
     lines: list[str] = []
     proc = subprocess.Popen(
@@ -94,6 +94,14 @@ def stack(tmp_path_factory) -> StackInfo:
             os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=90)
         reader.join(10)
+    assert proc.returncode == 0, "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    _require()
+    with run_stack(tmp_path_factory.mktemp("web-stack")) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +295,24 @@ def test_another_users_job_never_appears(open_page, stack):
     # The job is there all the same, under its owner's path.
     assert firestore_client(stack).document(f"generations/{owner.uid}/images/{file_uid}").get().exists
     assert watcher.problems() == [] and owner.problems() == []
+
+
+def test_the_fallback_serves_the_page_statically_with_job_documents(tmp_path, browser):
+    """Where the Firebase CLI cannot run, make dev serves web/dist with a static server; with no Auth emulator the
+    page acts as make dev's example user and writes job documents, which the worker's listener takes."""
+    try:
+        emu.firestore_backend()
+    except emu.EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    with run_stack(tmp_path / "dev", "--no-firebase-cli") as info:
+        app = Page(browser, info.web_url)
+        try:
+            assert app.uid == "test-user"
+            assert app.page.get_by_label("the generateWithRunPod callable").is_disabled()
+            app.fill(Prompt="served statically", Width="256", Height="256", Steps="10")
+            file_uid = app.generate()
+            assert app.wait_final(file_uid) == "completed", app.job(file_uid).inner_text()
+            assert app.job(file_uid).locator("img").evaluate("i => i.decode().then(() => i.naturalWidth)") == 256
+            assert app.problems() == []
+        finally:
+            app.close()

@@ -127,7 +127,7 @@ function update(li: HTMLLIElement, job: Job, onCancel: CancelHandler): void {
     cancel.addEventListener("click", () => onCancel(job));
     row.append(cancel);
   }
-  const parts: Node[] = [el("h3", {}, `${kind}: `, el("span", { className: "prompt", textContent: doc.prompt ?? "" })), row];
+  const parts: Node[] = [el("h3", {}, `${kind}: `, el("span", { className: "prompt", textContent: doc.prompt ?? "(no prompt recorded)" })), row];
   if (doc.status === "failed") {
     parts.push(el("p", { className: "error", textContent: doc.error_message ?? "Generation failed" }));
     if (doc.error_type) li.dataset.errorType = doc.error_type;

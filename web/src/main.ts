@@ -55,8 +55,8 @@ async function main(): Promise<void> {
     // make dev's fallback (no Auth or Functions emulator, no rules): a fixed user, job documents only.
     uid = emulators.uid ?? "local-user";
     $("who").textContent = `Local user ${uid} (no Auth emulator: jobs are submitted as documents)`;
-    (document.querySelector('input[name=via][value=document]') as HTMLInputElement).checked = true;
-    document.querySelectorAll<HTMLInputElement>("input[name=via]").forEach((r) => (r.disabled = true));
+    (document.querySelector("input[name=via][value=document]") as HTMLInputElement).checked = true;
+    (document.querySelector("input[name=via][value=callable]") as HTMLInputElement).disabled = true;
   } else {
     const auth = getAuth(app);
     if (emulators?.auth) connectAuthEmulator(auth, `http://${emulators.auth}`, { disableWarnings: true });
@@ -105,7 +105,7 @@ async function main(): Promise<void> {
     event.preventDefault();
     const request = readRequest(form, uid, crypto.randomUUID());
     const media = mediaType(form);
-    const via = new FormData(form).get("via");
+    const via = functions ? new FormData(form).get("via") : "document";
     button.disabled = true;
     say("Submitting…");
     try {
