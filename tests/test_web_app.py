@@ -18,9 +18,11 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from google.cloud.firestore import SERVER_TIMESTAMP
 
 from devtools import emulators as emu
 from devtools import firebase_cli, web
@@ -316,3 +318,46 @@ def test_the_fallback_serves_the_page_statically_with_job_documents(tmp_path, br
             assert app.problems() == []
         finally:
             app.close()
+
+
+def test_progress_updates_live_with_a_cancel_button_until_the_job_ends(open_page, stack):
+    """The job's doc moved by hand (as a worker would, through the Admin SDK): the page follows each write. The
+    doc is held by a worker that does not exist, with a long lease, so the real worker leaves it alone."""
+    app = open_page()
+    ref = firestore_client(stack).document(f"generations/{app.uid}/videos/held-by-hand")
+    ref.set(
+        {
+            "prompt": "held by hand",
+            "num_frames": 16,
+            "status": "processing",
+            "created_at": SERVER_TIMESTAMP,
+            "generated": False,
+            "error": False,
+            "worker_id": "a-worker-elsewhere",
+            "lease_expires_at": datetime.now(UTC) + timedelta(hours=1),
+            "attempts": 1,
+            "progress": 0.4,
+        }
+    )
+    card = app.job("held-by-hand")
+    bar = card.get_by_role("progressbar", name="Progress of video held-by-hand")
+    bar.wait_for(timeout=30_000)
+    assert bar.get_attribute("value") == "0.4" and "40%" in card.inner_text()
+    assert card.get_by_role("button", name="Cancel video held-by-hand").is_enabled()
+    app.shot("processing")
+    ref.update({"progress": 0.8})
+    app.page.wait_for_function(
+        "() => document.querySelector(\".job[data-file-uid='held-by-hand'] progress\").value === 0.8", timeout=30_000
+    )
+    ref.update(
+        {
+            "status": "failed",
+            "error": True,
+            "error_type": "OutOfMemoryError",
+            "error_message": "CUDA Out of Memory during video generation",
+        }
+    )
+    assert app.wait_final("held-by-hand") == "failed"
+    assert card.locator(".error").inner_text() == "CUDA Out of Memory during video generation"
+    assert card.get_by_role("button", name="Cancel video held-by-hand").count() == 0
+    assert app.problems() == []
