@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv firebase-cli dev submit lint test bench clean
+.PHONY: venv firebase-cli web web-types dev submit lint test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,18 @@ venv: $(STAMP)
 firebase-cli:
 	$(PYTHON) scripts/setup_firebase_cli.py
 
-# A failed Firebase CLI set-up does not stop `make dev`: the stack then says so and runs its fallback.
+# The web app: npm packages and the bundle in web/ (git-ignored), skipped when up to date.
+web:
+	$(PYTHON) scripts/setup_web.py
+
+# web/src/contract.gen.ts from the contract's JSON Schema (tests/test_schema.py fails when it is stale).
+web-types: $(STAMP)
+	$(BIN)/python -m devtools.web_types
+
+# A failed Firebase CLI or web set-up does not stop `make dev`: the stack then says so and runs without it.
 dev: $(STAMP)
 	-$(PYTHON) scripts/setup_firebase_cli.py
+	-$(PYTHON) scripts/setup_web.py
 	$(BIN)/python -m devtools.stack $(DEV_ARGS)
 
 # While `make dev` runs: make submit PROMPT="a lighthouse at dusk" [VIDEO=1]
@@ -40,11 +49,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# --browser: Debian's chromium (apt-get) for the browser tests, which Playwright drives.
 test: $(STAMP) firebase-cli lint
+	$(PYTHON) scripts/setup_web.py --browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) out .pytest_cache functions/venv .emulators
+	rm -rf $(VENV) out .pytest_cache functions/venv .emulators web/node_modules web/dist

@@ -44,6 +44,7 @@ class StackInfo:
     out: str
     auth: str | None = None  # the Auth emulator's host:port (None: no Firebase CLI, the fallback)
     functions: str | None = None  # base URL of the functions: http://HOST:PORT/PROJECT/us-central1
+    web_url: str | None = None  # the web app (Hosting emulator, or a static server in the fallback); None: not built
 
 
 def post_runsync(url: str, data: dict, timeout: float = 60) -> dict:

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 FUNCTIONS = REPO / "functions"
 FUNCTIONS_PYTHON = FUNCTIONS / "venv" / "bin" / "python"
 REGION = "us-central1"
-PORT_NAMES = ("auth", "functions", "firestore", "hub", "logging", "websocket")
+PORT_NAMES = ("auth", "functions", "firestore", "hub", "logging", "websocket", "hosting")
 STOP_WAIT_S = 20.0
 
 
@@ -142,8 +142,9 @@ def kill_survivors(processes: set[tuple[int, str]]) -> None:
 class FirebaseCli(emu.Emulator):
     """`firebase emulators:start --only auth,functions,firestore` in `workdir`, a project folder of its own.
 
-    `ports`: any of auth, functions, firestore, hub, logging, websocket (the rest: free ports); `self.port` is
-    the Functions emulator's. `function_env` goes into functions/.env.local (parameters and environment of the
+    `ports`: any of auth, functions, firestore, hub, logging, websocket, hosting (the rest: free ports);
+    `self.port` is the Functions emulator's. `hosting`: also the Hosting emulator, serving `site_root` (which the
+    caller fills: devtools/web.py) with firebase.json's hosting settings. `function_env` goes into functions/.env.local (parameters and environment of the
     functions), `api_key` into functions/.secret.local as RUNPOD_API_KEY.
     """
 
@@ -159,7 +160,9 @@ class FirebaseCli(emu.Emulator):
         ports: dict[str, int] | None = None,
         api_key: str = "local-dev-key",
         function_env: dict[str, str] | None = None,
+        hosting: bool = False,
     ):
+        self.hosting = hosting
         self.ports = {name: (ports or {}).get(name) or emu.free_port() for name in PORT_NAMES}
         super().__init__(log_dir, self.ports["functions"])
         self.workdir, self.project = Path(workdir), project
@@ -187,9 +190,13 @@ class FirebaseCli(emu.Emulator):
         config = json.loads((REPO / "firebase.json").read_text())
         config["functions"][0].pop("predeploy", None)  # vendored already
         config.pop("storage", None)
+        config.pop("hosting", None)
+        if self.hosting:
+            config["hosting"] = {**json.loads((REPO / "firebase.json").read_text())["hosting"], "public": "public"}
+            config["hosting"].pop("predeploy", None)
         hosted = {
             name: {"host": self.host, "port": self.ports[name]}
-            for name in ("auth", "functions", "firestore", "hub", "logging")
+            for name in ("auth", "functions", "firestore", "hub", "logging", *(("hosting",) if self.hosting else ()))
         }
         hosted["firestore"]["websocketPort"] = self.ports["websocket"]
         config["emulators"] = {"singleProjectMode": True, **hosted, "ui": {"enabled": False}}
@@ -197,7 +204,8 @@ class FirebaseCli(emu.Emulator):
 
     # -------------------------------------------------------------------------------- Emulator hooks
     def command(self) -> list[str]:
-        return [str(setup.FIREBASE), "emulators:start", "--only", "auth,functions,firestore", "--project", self.project]
+        only = "auth,functions,firestore" + (",hosting" if self.hosting else "")
+        return [str(setup.FIREBASE), "emulators:start", "--only", only, "--project", self.project]
 
     def cwd(self) -> Path:
         return self.workdir
@@ -224,7 +232,7 @@ class FirebaseCli(emu.Emulator):
 
     def start(self) -> FirebaseCli:
         setup.firestore_launcher(emulator_jar())
-        for name in ("auth", "firestore"):  # the functions port is checked by Emulator.start
+        for name in self._served()[1:]:  # the functions port is checked by Emulator.start
             if emu.port_open(self.host, self.ports[name]):
                 raise emu.EmulatorError(f"{self.name}: port {self.ports[name]} ({name}) is already taken")
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -255,7 +263,19 @@ class FirebaseCli(emu.Emulator):
             raise emu.EmulatorError(f"{self.name}: ports {self.ports} still taken after stop; log {self.log_path}")
 
     def _listening(self) -> bool:
-        return any(emu.port_open(self.host, self.ports[name]) for name in ("auth", "functions", "firestore"))
+        return any(emu.port_open(self.host, self.ports[name]) for name in self._served())
+
+    def _served(self) -> tuple[str, ...]:
+        return ("functions", "auth", "firestore", *(("hosting",) if self.hosting else ()))
+
+    @property
+    def site_root(self) -> Path:
+        """The folder the Hosting emulator serves (firebase.json's `public`, in this project folder)."""
+        return self.workdir / "public"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.host}:{self.ports['hosting']}/"
 
     # -------------------------------------------------------------------------------- as an app
     def address(self, name: str) -> str:

@@ -34,13 +34,13 @@ from types import SimpleNamespace
 import requests
 
 from devtools import emulators as emu
-from devtools import firebase_cli
+from devtools import firebase_cli, web
 from devtools.client import Client, StackInfo, shown_path
 from devtools.worker import WorkerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "out" / "dev"
-PORT_NAMES = ("auth", "functions", "firestore", "storage", "worker")
+PORT_NAMES = ("auth", "functions", "firestore", "storage", "worker", "hosting")
 
 IMAGE_EXAMPLE = {
     "prompt": "A sunset over mountains",
@@ -63,7 +63,7 @@ VIDEO_EXAMPLE = {
 def firebase_config() -> tuple[str, dict[str, int]]:
     """The demo project from .firebaserc and the emulator ports from firebase.json (defaults where absent)."""
     project = "demo-firegen"
-    ports = {"auth": 9099, "functions": 5001, "firestore": 8080, "storage": 9199, "worker": 8000}
+    ports = {"auth": 9099, "functions": 5001, "firestore": 8080, "storage": 9199, "worker": 8000, "hosting": 5000}
     try:
         project = json.loads((REPO / ".firebaserc").read_text())["projects"]["default"]
     except (OSError, KeyError, ValueError):
@@ -164,9 +164,12 @@ class Stack:
             self.args.out / "firebase",
             self.args.project,
             runsync_url,
-            ports={name: self.ports[name] for name in ("auth", "functions", "firestore")},
+            ports={name: self.ports[name] for name in ("auth", "functions", "firestore", "hosting")},
+            hosting=web.missing() is None,
         )
         firestore, auth = cli.address("firestore"), cli.address("auth")
+        if cli.hosting:
+            web.prepare_site(cli.site_root, firestore=firestore, auth=auth, functions=cli.address("functions"))
         env = emu.emulator_env(SimpleNamespace(host_port=firestore), storage, self.args.project, bucket)
         outcome: dict = {}
 
@@ -190,7 +193,8 @@ class Stack:
             self.start(
                 cli,
                 f"the Firebase CLI's emulators: auth {auth}, functions {cli.address('functions')}, "
-                f"firestore {firestore}, project {self.args.project}",
+                f"firestore {firestore}{', hosting ' + cli.address('hosting') if cli.hosting else ''}, "
+                f"project {self.args.project}",
             )
         except emu.EmulatorError as exc:
             raise CliFailed(str(exc).splitlines()[0].rstrip(":")) from exc
@@ -207,6 +211,7 @@ class Stack:
         if "worker" not in outcome:  # the CLI was ready before its Firestore port answered a probe
             self.worker(env)
         return StackInfo(
+            web_url=cli.web_url if cli.hosting else None,
             project=self.args.project,
             firestore=firestore,
             storage=storage.url,
@@ -221,7 +226,19 @@ class Stack:
         firestore = emu.FirestoreEmulator(self.logs, port=self.ports["firestore"])
         self.start(firestore, f"the Firestore emulator on {firestore.host_port}")
         worker = self.worker(emu.emulator_env(firestore, storage, self.args.project, bucket))
+        site = None
+        if web.missing() is None:  # no Auth emulator: the page uses a fixed user and writes job docs itself
+            root = web.prepare_site(
+                self.args.out / "web",
+                firestore=firestore.host_port,
+                auth=None,
+                functions=None,
+                project=self.args.project,
+                uid=IMAGE_EXAMPLE["user_id"],
+            )
+            site = self.start(web.StaticSite(self.logs, root, self.ports["hosting"]), "a static server for the web app")
         return StackInfo(
+            web_url=f"{site.url}/" if site else None,
             project=self.args.project,
             firestore=firestore.host_port,
             storage=storage.url,
@@ -311,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         state.write_text(json.dumps(info.__dict__, indent=2))
         took = ", ".join(f"{p.name} {p.last_start_seconds:.1f} s" for p in stack.started if p.last_start_seconds)
         say(f"stack ready in {time.monotonic() - t0:.1f} s ({took}; state {shown_path(state)})")
+        say(f"web app: {info.web_url}" if info.web_url else f"web app: not served ({web.missing()})")
         client = None
         if not args.no_examples:
             client = Client(info)

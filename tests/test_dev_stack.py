@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from devtools import emulators as emu
-from devtools import firebase_cli
+from devtools import firebase_cli, web
 from devtools.client import Client, StackInfo, firestore_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,9 @@ class StackRun:
 
     def __init__(self, tmp_path: Path, *flags: str):
         self.out = tmp_path / "dev"
-        self.ports = {name: emu.free_port() for name in ("auth", "functions", "firestore", "storage", "worker")}
+        self.ports = {
+            name: emu.free_port() for name in ("auth", "functions", "firestore", "storage", "worker", "hosting")
+        }
         self.mark = uuid.uuid4().hex
         self.cmd = [
             sys.executable,
@@ -113,6 +115,8 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         output = "".join(lines)
         assert "falling back" not in output
         assert "[test-img-001] generateWithRunPod answered accepted: Generation started" in output
+        if web.missing() is None:  # the Hosting emulator serves the web app (tests/test_web_app.py drives it)
+            assert f"web app: http://127.0.0.1:{run.ports['hosting']}/\n" in output
         assert_examples_done(output, run.out)
         info = StackInfo(**json.loads(state.read_text()))
         assert info.auth == f"127.0.0.1:{run.ports['auth']}" and info.functions
@@ -188,6 +192,8 @@ def test_make_dev_once_without_the_firebase_cli(tmp_path):
     assert result.returncode == 0, output
     assert output.count("make dev: the Firebase CLI cannot run (--no-firebase-cli;") == 1
     assert "[test-img-001] runsync answered COMPLETED" in output
+    if web.missing() is None:  # a static server for the web app
+        assert f"web app: http://127.0.0.1:{run.ports['hosting']}/\n" in output
     assert_examples_done(output, run.out)
     assert "all processes stopped" in output and not (run.out / "stack.json").exists()
     assert run.left_behind() == []

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Set up the web app (web/): its npm packages and its bundle, and with --browser the Chromium its tests drive.
+
+    web/node_modules/   `npm ci` from web/package-lock.json (the Firebase JS SDK, esbuild, TypeScript)
+    web/dist/           `npm run build`: type-check, then esbuild's bundle beside web/public/ (Hosting serves it)
+    /usr/bin/chromium   Debian's `chromium`, installed with apt-get when missing (--browser; `make test`).
+                        Playwright's own browser download needs the network's CDN, so the tests use this one.
+
+Each step is skipped when already done (stamps hold a hash of what it was built from). Only the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WEB = ROOT / "web"
+DIST = WEB / "dist"
+MODULES_STAMP = WEB / "node_modules" / ".package-lock.sha256"
+BUILD_STAMP = DIST / ".sources.sha256"
+BUILD_INPUTS = ("package-lock.json", "tsconfig.json", "build.mjs", "src", "public")
+CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+
+
+def run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+            h.update(str(file.relative_to(WEB)).encode() + b"\0" + file.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def npm_packages() -> None:
+    want = digest(WEB / "package-lock.json")
+    if MODULES_STAMP.is_file() and MODULES_STAMP.read_text() == want:
+        return
+    if not shutil.which("npm"):
+        raise SystemExit("setup_web: npm not found: the web app needs Node.js 20+ and npm")
+    run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=WEB)
+    MODULES_STAMP.write_text(want)
+
+
+def bundle() -> Path:
+    want = digest(*(WEB / name for name in BUILD_INPUTS))
+    if BUILD_STAMP.is_file() and BUILD_STAMP.read_text() == want:
+        return DIST
+    run(["npm", "run", "--silent", "build"], cwd=WEB)
+    BUILD_STAMP.write_text(want)
+    return DIST
+
+
+def chromium() -> str | None:
+    return next((p for p in CHROMIUM_PATHS if os.access(p, os.X_OK)), None) or shutil.which("chromium")
+
+
+def install_chromium() -> str:
+    found = chromium()
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit("setup_web: Chromium is missing: install Debian's package (sudo apt-get install -y chromium)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update", "-qq"], env=env)
+    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env)
+    found = chromium()
+    if not found:
+        raise SystemExit("setup_web: apt-get installed chromium, but no chromium executable was found")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--browser", action="store_true", help="also install Debian's chromium when missing")
+    args = parser.parse_args(argv)
+    npm_packages()
+    bundle()
+    print(f"setup_web: ready; the app is {DIST.relative_to(ROOT)}", flush=True)
+    if args.browser:
+        print(f"setup_web: browser {install_chromium()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""The web app (web/) in a real browser: Playwright driving Debian's chromium against `make dev`'s stack.
+
+One stack for the module: `python -m devtools.stack --no-examples` on free ports (the Firebase CLI's Auth,
+Functions, Firestore and Hosting emulators, the Storage emulator, a worker on the tiny models), as `make dev`
+serves it. Each test opens the page in a browser context of its own, so each is a new anonymous user.
+Screenshots go to out/web/. Where chromium, the bundle or the Firebase CLI is missing the tests skip, and
+fail under CI (CI=1): they must never be skipped silently there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from google.cloud.firestore import SERVER_TIMESTAMP
+
+from devtools import emulators as emu
+from devtools import firebase_cli, web
+from devtools.client import StackInfo, firestore_client
+from firegen_core.contract import ContractError, parse_runsync_input
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "out" / "web"
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.access(p, os.X_OK)), None)
+CHROMIUM = CHROMIUM or shutil.which("chromium")
+DONE_S = 120_000  # ms: a job's whole life on the tiny models, on a loaded CPU
+
+
+def _missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[dev]')"
+    if not CHROMIUM:
+        return "Debian's chromium is not installed (python3 scripts/setup_web.py --browser)"
+    return web.missing() or firebase_cli.missing()
+
+
+def _require() -> None:
+    why = _missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests cannot run under CI: {why}")
+        pytest.skip(why)
+
+
+def contract_message(**fields) -> str:
+    """The message the contract gives for this request (the worker's own validation decides it)."""
+    try:
+        parse_runsync_input({"prompt": "p", "user_id": "u", "file_uid": "f", "use_cloud_storage": True, **fields})
+    except ContractError as exc:
+        return exc.message
+    raise AssertionError(f"the contract accepts {fields}")
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@contextlib.contextmanager
+def run_stack(out: Path, *flags: str):
+    """`make dev`'s stack without its examples, on free ports; yields its StackInfo, then stops it (Ctrl-C)."""
+    cmd = [sys.executable, "-m", "devtools.stack", "--no-examples", "--free-ports", "--out", str(out), *flags]
+    cmd += ["--project", emu.unique_id("demo-web")]
+    lines: list[str] = []
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        assert emu.wait_until(
+            lambda: any("the stack keeps running" in line for line in lines) or proc.poll() is not None, 240, 0.2
+        ), "".join(lines)
+        assert proc.poll() is None, "".join(lines)
+        output = "".join(lines)
+        info = StackInfo(**json.loads((out / "stack.json").read_text()))
+        assert info.web_url and f"web app: {info.web_url}\n" in output, output
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", info.web_url)
+        yield info
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=90)
+        reader.join(10)
+    assert proc.returncode == 0, "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    _require()
+    with run_stack(tmp_path_factory.mktemp("web-stack")) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _require()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """One user's page, with every console message and uncaught error it produced."""
+
+    def __init__(self, browser, url: str, width: int = 1000):
+        self.context = browser.new_context(viewport={"width": width, "height": 900})
+        self.page = self.context.new_page()
+        self.console: list[str] = []
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        self.page.goto(url)
+        self.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+        self.uid = self.page.evaluate("document.body.dataset.uid")
+
+    def problems(self) -> list[str]:
+        return [line for line in self.console if line.startswith(("error", "warning", "pageerror"))]
+
+    def fill(self, **fields: str) -> None:
+        for label, value in fields.items():
+            self.page.get_by_label(label.replace("_", " "), exact=True).fill(value)
+
+    def generate(self) -> str:
+        """Press Generate from the keyboard; the new job's file uid (the first card that was not there before)."""
+        before = set(self.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)"))
+        button = self.page.get_by_role("button", name="Generate")
+        button.focus()
+        self.page.keyboard.press("Enter")
+        self.page.wait_for_function(
+            "n => document.querySelectorAll('.job').length > n", arg=len(before), timeout=30_000
+        )
+        after = self.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)")
+        return next(uid for uid in after if uid not in before)
+
+    def job(self, file_uid: str):
+        return self.page.locator(f".job[data-file-uid='{file_uid}']")
+
+    def wait_final(self, file_uid: str) -> str:
+        self.page.wait_for_selector(
+            f".job[data-file-uid='{file_uid}']:is([data-status=completed], [data-status=failed])", timeout=DONE_S
+        )
+        return self.job(file_uid).get_attribute("data-status")
+
+    def shot(self, name: str) -> Path:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        path = SHOTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def open_page(stack, browser):
+    pages: list[Page] = []
+
+    def factory(**kw) -> Page:
+        pages.append(Page(browser, stack.web_url, **kw))
+        return pages[-1]
+
+    yield factory
+    for page in pages:
+        page.close()
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_every_control_has_a_label_and_the_page_fits_375px(open_page):
+    app = open_page(width=375)
+    unlabelled = app.page.evaluate(
+        """() => [...document.querySelectorAll('input, textarea, select')]
+            .filter(el => !el.labels?.length && !el.getAttribute('aria-label')).map(el => el.outerHTML)"""
+    )
+    assert unlabelled == []
+    for label in ("Prompt", "Negative prompt", "Image", "Video", "Width", "Height", "Steps", "Number of images"):
+        assert app.page.get_by_label(label, exact=True).count() == 1, label
+    app.page.get_by_label("Video", exact=True).check()
+    for label in ("Frames", "FPS"):
+        assert app.page.get_by_label(label, exact=True).is_visible(), label
+    assert not app.page.get_by_label("Number of images", exact=True).is_visible()
+    # The ranges are the contract's, from the generated types.
+    frames = app.page.get_by_label("Frames", exact=True)
+    assert (frames.get_attribute("min"), frames.get_attribute("max")) == ("16", "81")
+    assert app.page.get_by_label("Width", exact=True).get_attribute("step") == "16"  # video sizes
+    nameless = app.page.evaluate(
+        "() => [...document.querySelectorAll('button')].filter(b => !b.textContent.trim() && !b.ariaLabel).length"
+    )
+    assert nameless == 0
+    assert app.page.evaluate("document.documentElement.scrollWidth") <= 375
+    app.shot("form-375")
+    assert app.problems() == []
+
+
+def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
+    app = open_page()
+    app.fill(Prompt="a lighthouse at dusk", Width="256", Height="320", Steps="10", Number_of_images="2")
+    file_uid = app.generate()
+    card = app.job(file_uid)
+    assert card.locator("progress").count() == 1
+    assert app.wait_final(file_uid) == "completed", card.inner_text()
+    images = card.locator("img")
+    assert images.count() == 2
+    app.page.wait_for_function(
+        "uid => [...document.querySelectorAll(`.job[data-file-uid='${uid}'] img`)].every(i => i.complete && i.naturalWidth)",
+        arg=file_uid,
+        timeout=30_000,
+    )
+    sizes = images.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[256, 320], [256, 320]]
+    assert card.get_by_role("link", name="Download image 2").get_attribute("href").endswith("_1.png?alt=media")
+    text = card.inner_text()
+    assert (
+        "a lighthouse at dusk" in text and re.search(r"Seed\s+\d+", text) and re.search(r"Generation\s+[\d.]+ s", text)
+    )
+    assert card.get_attribute("data-status") == "completed" and "Cancel" not in text
+    app.shot("image")
+    assert app.problems() == []
+
+
+def test_a_video_job_written_as_a_document_plays(open_page):
+    app = open_page()
+    app.page.get_by_label("Video", exact=True).check()
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    app.fill(Prompt="waves crashing on a beach", Width="256", Height="256", Steps="10", Frames="16", FPS="8")
+    file_uid = app.generate()
+    assert app.wait_final(file_uid) == "completed", app.job(file_uid).inner_text()
+    video = app.job(file_uid).locator("video")
+    assert video.count() == 1 and video.get_attribute("controls") is not None
+    app.page.wait_for_function(
+        "uid => document.querySelector(`.job[data-file-uid='${uid}'] video`).readyState >= 2",
+        arg=file_uid,
+        timeout=30_000,
+    )
+    duration = video.evaluate("v => v.duration")
+    assert duration == pytest.approx(16 / 8, abs=0.05)
+    assert video.evaluate("v => [v.videoWidth, v.videoHeight]") == [256, 256]
+    video.evaluate("v => v.play()")
+    app.page.wait_for_function(
+        "uid => document.querySelector(`.job[data-file-uid='${uid}'] video`).currentTime > 0",
+        arg=file_uid,
+        timeout=10_000,
+    )
+    assert app.job(file_uid).get_by_role("link", name="Download video 1").count() == 1
+    app.shot("video")
+    assert app.problems() == []
+
+
+def test_a_bad_input_shows_the_contracts_message(open_page, stack):
+    app = open_page()
+    app.fill(Prompt="far too wide", Width="2048", Height="256", Steps="10")
+    expected = contract_message(width=2048)
+    assert expected == "width must be between 256 and 1024"
+    file_uid = app.generate()  # the callable records the refusal as a failed doc, which the list shows
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+    assert app.page.locator("#form-error").inner_text() == expected
+    assert app.page.get_by_role("alert").inner_text() == expected
+    assert app.wait_final(file_uid) == "failed"
+    assert app.job(file_uid).locator(".error").inner_text() == expected
+    doc = firestore_client(stack).document(f"generations/{app.uid}/images/{file_uid}").get().to_dict()
+    assert (doc["error_type"], doc["error_message"]) == ("ValidationError", expected)
+    app.shot("bad-input")
+    # The callable's HTTP 400 is the one thing the browser logs about it.
+    assert [p for p in app.problems() if "status of 400" not in p] == []
+
+
+def test_another_users_job_never_appears(open_page, stack):
+    watcher = open_page()
+    owner = open_page()
+    assert watcher.uid != owner.uid
+    owner.fill(Prompt="mine only", Width="256", Height="256", Steps="10")
+    file_uid = owner.generate()
+    assert owner.wait_final(file_uid) == "completed"
+    # The watcher's listener is live: a job of its own appears, the owner's never does.
+    watcher.fill(Prompt="the watcher's own", Width="256", Height="256", Steps="10")
+    own = watcher.generate()
+    assert watcher.wait_final(own) == "completed"
+    assert watcher.page.locator(".job").count() == 1
+    assert watcher.job(file_uid).count() == 0 and "mine only" not in watcher.page.inner_text("#jobs")
+    assert owner.job(own).count() == 0
+    # The job is there all the same, under its owner's path.
+    assert firestore_client(stack).document(f"generations/{owner.uid}/images/{file_uid}").get().exists
+    assert watcher.problems() == [] and owner.problems() == []
+
+
+def test_the_fallback_serves_the_page_statically_with_job_documents(tmp_path, browser):
+    """Where the Firebase CLI cannot run, make dev serves web/dist with a static server; with no Auth emulator the
+    page acts as make dev's example user and writes job documents, which the worker's listener takes."""
+    try:
+        emu.firestore_backend()
+    except emu.EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    with run_stack(tmp_path / "dev", "--no-firebase-cli") as info:
+        app = Page(browser, info.web_url)
+        try:
+            assert app.uid == "test-user"
+            assert app.page.get_by_label("the generateWithRunPod callable").is_disabled()
+            app.fill(Prompt="served statically", Width="256", Height="256", Steps="10")
+            file_uid = app.generate()
+            assert app.wait_final(file_uid) == "completed", app.job(file_uid).inner_text()
+            assert app.job(file_uid).locator("img").evaluate("i => i.decode().then(() => i.naturalWidth)") == 256
+            assert app.problems() == []
+        finally:
+            app.close()
+
+
+def test_progress_updates_live_with_a_cancel_button_until_the_job_ends(open_page, stack):
+    """The job's doc moved by hand (as a worker would, through the Admin SDK): the page follows each write. The
+    doc is held by a worker that does not exist, with a long lease, so the real worker leaves it alone."""
+    app = open_page()
+    ref = firestore_client(stack).document(f"generations/{app.uid}/videos/held-by-hand")
+    ref.set(
+        {
+            "prompt": "held by hand",
+            "num_frames": 16,
+            "status": "processing",
+            "created_at": SERVER_TIMESTAMP,
+            "generated": False,
+            "error": False,
+            "worker_id": "a-worker-elsewhere",
+            "lease_expires_at": datetime.now(UTC) + timedelta(hours=1),
+            "attempts": 1,
+            "progress": 0.4,
+        }
+    )
+    card = app.job("held-by-hand")
+    bar = card.get_by_role("progressbar", name="Progress of video held-by-hand")
+    bar.wait_for(timeout=30_000)
+    assert bar.get_attribute("value") == "0.4" and "40%" in card.inner_text()
+    assert card.get_by_role("button", name="Cancel video held-by-hand").is_enabled()
+    app.shot("processing")
+    ref.update({"progress": 0.8})
+    app.page.wait_for_function(
+        "() => document.querySelector(\".job[data-file-uid='held-by-hand'] progress\").value === 0.8", timeout=30_000
+    )
+    ref.update(
+        {
+            "status": "failed",
+            "error": True,
+            "error_type": "OutOfMemoryError",
+            "error_message": "CUDA Out of Memory during video generation",
+        }
+    )
+    assert app.wait_final("held-by-hand") == "failed"
+    assert card.locator(".error").inner_text() == "CUDA Out of Memory during video generation"
+    assert card.get_by_role("button", name="Cancel video held-by-hand").count() == 0
+    assert app.problems() == []

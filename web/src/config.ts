@@ -1,0 +1,39 @@
+// Where the app finds its Firebase project: Hosting's /__/firebase/init.json (deployed, and under the Hosting
+// emulator; `make dev`'s static server serves the same file). Served from this machine, it also reads
+// /firegen-emulators.json, which `make dev` writes beside the page, and talks to the emulators it names.
+import type { FirebaseOptions } from "firebase/app";
+
+/** What `make dev` writes (devtools/web.py): host:port of each emulator, or null where it does not run. */
+export interface EmulatorConfig {
+  auth: string | null;
+  firestore: string;
+  functions: string | null;
+  /** The uid to use where no Auth emulator runs (make dev's fallback): rules are off there. */
+  uid?: string;
+}
+
+export interface AppConfig {
+  options: FirebaseOptions;
+  emulators: EmulatorConfig | null;
+}
+
+const LOCAL_HOSTS = new Set(["127.0.0.1", "localhost", "[::1]"]);
+
+async function getJson<T>(path: string): Promise<T> {
+  const response = await fetch(path, { cache: "no-store" });
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  return (await response.json()) as T;
+}
+
+export async function loadConfig(): Promise<AppConfig> {
+  const options = await getJson<FirebaseOptions>("/__/firebase/init.json");
+  const local = LOCAL_HOSTS.has(location.hostname);
+  const emulators = local ? await getJson<EmulatorConfig>("/firegen-emulators.json") : null;
+  return { options, emulators };
+}
+
+/** "127.0.0.1:8080" → ["127.0.0.1", 8080] */
+export function hostPort(address: string): [string, number] {
+  const at = address.lastIndexOf(":");
+  return [address.slice(0, at), Number(address.slice(at + 1))];
+}

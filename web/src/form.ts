@@ -1,0 +1,81 @@
+// The form → a GenerationRequest. Ranges, steps and defaults come from the contract's schema
+// (contract.gen.ts); the form does not validate beyond that: the worker's contract answers with its own message.
+import { REQUEST_SCHEMA, type GenerationRequest, type MediaType } from "./contract.gen";
+
+type Props = typeof REQUEST_SCHEMA.properties;
+type NumericField = {
+  [K in keyof Props]: Props[K] extends { type: "integer" | "number" } ? K : never;
+}[keyof Props];
+
+/** Form input id → the request field it fills, per media type (size goes to video_width/height for videos). */
+const FIELDS: Record<MediaType, Record<string, NumericField>> = {
+  images: {
+    width: "width",
+    height: "height",
+    num_inference_steps: "num_inference_steps",
+    num_images_per_prompt: "num_images_per_prompt",
+  },
+  videos: {
+    width: "video_width",
+    height: "video_height",
+    num_inference_steps: "num_inference_steps",
+    num_frames: "num_frames",
+    fps: "fps",
+  },
+};
+
+function input(id: string): HTMLInputElement {
+  return document.getElementById(id) as HTMLInputElement;
+}
+
+export function mediaType(form: HTMLFormElement): MediaType {
+  return (new FormData(form).get("media") as MediaType | null) ?? "images";
+}
+
+/** Set each number input's min, max, step and placeholder from the schema, for the chosen media type. */
+export function applyRanges(form: HTMLFormElement): void {
+  const media = mediaType(form);
+  for (const [id, field] of Object.entries(FIELDS[media])) {
+    const spec: { minimum: number; maximum: number; default: number; multipleOf?: number } =
+      REQUEST_SCHEMA.properties[field];
+    const element = input(id);
+    element.min = String(spec.minimum);
+    element.max = String(spec.maximum);
+    element.step = String(spec.multipleOf ?? 1);
+    element.placeholder = String(spec.default);
+    element.setAttribute("aria-describedby", `${id}-range`);
+    let hint = document.getElementById(`${id}-range`);
+    if (!hint) {
+      hint = document.createElement("small");
+      hint.id = `${id}-range`;
+      element.after(hint);
+    }
+    hint.textContent = `${spec.minimum}–${spec.maximum}${spec.multipleOf ? `, ×${spec.multipleOf}` : ""}`;
+  }
+  for (const box of form.querySelectorAll<HTMLElement>("[data-for]")) {
+    box.hidden = box.dataset.for !== media;
+    box.querySelectorAll("input").forEach((el) => (el.disabled = box.hidden));
+  }
+}
+
+/** The request the form describes. Empty number fields are left out (the contract's defaults apply). */
+export function readRequest(form: HTMLFormElement, userId: string, fileUid: string): GenerationRequest {
+  const media = mediaType(form);
+  const text = (id: string) => (document.getElementById(id) as HTMLTextAreaElement).value;
+  const request: GenerationRequest = {
+    prompt: text("prompt"),
+    user_id: userId,
+    file_uid: fileUid,
+    use_cloud_storage: true,
+  };
+  if (text("negative_prompt").trim()) request.negative_prompt = text("negative_prompt");
+  const seed = input("seed");
+  if (seed.value !== "") request.seed = seed.valueAsNumber;
+  for (const [id, field] of Object.entries(FIELDS[media])) {
+    const element = input(id);
+    if (element.value !== "") request[field] = element.valueAsNumber;
+  }
+  // A video job with every video field left to its default still names one, so it is a video job everywhere.
+  if (media === "videos" && request.num_frames === undefined) request.num_frames = REQUEST_SCHEMA.properties.num_frames.default;
+  return request;
+}

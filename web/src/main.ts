@@ -1,0 +1,151 @@
+// The reference web client of firegen: anonymous sign-in, a form for the contract's request, submission through
+// the generateWithRunPod callable (or a queued job document, the contract's other client flow), the user's jobs
+// live, their images and videos.
+import { initializeApp } from "firebase/app";
+import { connectAuthEmulator, getAuth, onAuthStateChanged, signInAnonymously } from "firebase/auth";
+import { connectFirestoreEmulator, doc, getFirestore, serverTimestamp, setDoc, updateDoc } from "firebase/firestore";
+import { connectFunctionsEmulator, getFunctions, httpsCallable, type Functions } from "firebase/functions";
+import { hostPort, loadConfig } from "./config";
+import type { GenerationRequest, MediaType } from "./contract.gen";
+import { applyRanges, mediaType, readRequest } from "./form";
+import { listenToJobs, renderJobs, type Job } from "./jobs";
+
+/** The callable's reply (functions/dispatch.py `generate`). */
+interface GenerateReply {
+  success: boolean;
+  fileUid: string;
+  mediaType: MediaType;
+  status: "accepted" | "queued";
+  message: string;
+}
+
+const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+
+function say(text: string): void {
+  $("form-error").textContent = "";
+  $("form-status").textContent = text;
+}
+
+function fail(text: string): void {
+  $("form-status").textContent = "";
+  $("form-error").textContent = text;
+}
+
+function message(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+function isCode(error: unknown, ...codes: string[]): boolean {
+  return typeof error === "object" && error !== null && codes.includes((error as { code?: string }).code ?? "");
+}
+
+async function main(): Promise<void> {
+  const config = await loadConfig();
+  const app = initializeApp(config.options);
+  const db = getFirestore(app);
+  const emulators = config.emulators;
+  let functions: Functions | null = getFunctions(app);
+  let uid: string;
+  if (emulators) {
+    connectFirestoreEmulator(db, ...hostPort(emulators.firestore));
+    if (emulators.functions) connectFunctionsEmulator(functions, ...hostPort(emulators.functions));
+    else functions = null;
+  }
+  if (emulators && !emulators.auth) {
+    // make dev's fallback (no Auth or Functions emulator, no rules): a fixed user, job documents only.
+    uid = emulators.uid ?? "local-user";
+    $("who").textContent = `Local user ${uid} (no Auth emulator: jobs are submitted as documents)`;
+    (document.querySelector("input[name=via][value=document]") as HTMLInputElement).checked = true;
+    (document.querySelector("input[name=via][value=callable]") as HTMLInputElement).disabled = true;
+  } else {
+    const auth = getAuth(app);
+    if (emulators?.auth) connectAuthEmulator(auth, `http://${emulators.auth}`, { disableWarnings: true });
+    await signInAnonymously(auth);
+    uid = await new Promise<string>((resolve) => onAuthStateChanged(auth, (user) => user && resolve(user.uid)));
+    $("who").textContent = `Signed in anonymously as ${uid}`;
+  }
+  document.body.dataset.uid = uid;
+
+  const form = $<HTMLFormElement>("generate");
+  const list = $<HTMLOListElement>("jobs");
+  applyRanges(form);
+  form.addEventListener("change", (event) => {
+    if ((event.target as HTMLInputElement).name === "media") applyRanges(form);
+  });
+
+  const cancel = async (job: Job) => {
+    say(`Cancelling ${job.id}…`);
+    try {
+      if (!functions) throw Object.assign(new Error("no functions"), { code: "functions/not-found" });
+      await httpsCallable(functions, "cancelGeneration")({ fileUid: job.id, mediaType: job.media });
+    } catch (error) {
+      // Where cancelGeneration is not deployed the call fails as not-found, or as internal when the 404 carries
+      // no CORS headers (the emulator's does not).
+      if (!isCode(error, "functions/not-found", "functions/unimplemented", "functions/internal")) {
+        return fail(message(error));
+      }
+      // No cancelGeneration callable here: ask through the doc (the rules let an owner set exactly this flag).
+      try {
+        await updateDoc(doc(db, "generations", uid, job.media, job.id), { cancel_requested: true });
+      } catch (docError) {
+        return fail(`Cancel failed: ${message(docError)}`);
+      }
+    }
+    say(`Cancel requested for ${job.id}`);
+  };
+
+  listenToJobs(
+    db,
+    uid,
+    (jobs) => {
+      $("no-jobs").hidden = jobs.length > 0;
+      renderJobs(list, jobs, cancel);
+    },
+    (error) => fail(`Listening to your jobs failed: ${error.message}`),
+  );
+
+  const button = $<HTMLButtonElement>("submit");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const request = readRequest(form, uid, crypto.randomUUID());
+    const media = mediaType(form);
+    const via = functions ? new FormData(form).get("via") : "document";
+    button.disabled = true;
+    say("Submitting…");
+    try {
+      if (via === "document") {
+        await writeJob(request, media);
+        say(`Job ${request.file_uid} queued`);
+      } else {
+        const reply = await httpsCallable<GenerationRequest, GenerateReply>(functions!, "generateWithRunPod")(request);
+        say(`${reply.data.message} (${reply.data.fileUid})`);
+      }
+    } catch (error) {
+      // The callable answers a refused request with the contract's own message (invalid-argument).
+      fail(isCode(error, "permission-denied") && via === "document"
+        ? `firestore.rules refused the job document: ${message(error)}`
+        : message(error));
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  /** The contract's other client flow: write the queued doc; the dispatchQueuedJob trigger (or a worker) takes it. */
+  async function writeJob(request: GenerationRequest, media: MediaType): Promise<void> {
+    const { user_id, file_uid, ...fields } = request;
+    await setDoc(doc(db, "generations", user_id, media, file_uid), {
+      ...fields,
+      status: "queued",
+      created_at: serverTimestamp(),
+      generated: false,
+      error: false,
+    });
+  }
+
+  button.disabled = false;
+  document.body.dataset.ready = "true";
+}
+
+main().catch((error) => {
+  fail(`The app could not start: ${message(error)}`);
+});
