@@ -61,7 +61,9 @@ class Reconciler:
         self._queue: FairQueue[JobKey] = FairQueue(capacity)
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the dispatch loop
         self._stops: dict[JobKey, threading.Event] = {}  # claimed or running here → its cancel signal
-        self._active: dict[JobKey, threading.Thread] = {}
+        # Jobs this worker runs, and (None) the one it is claiming: shutdown waits for both, so a claim in flight
+        # when SIGTERM arrives is run within the grace period or released, never left `processing`.
+        self._active: dict[JobKey, threading.Thread | None] = {}
         # After a lost claim race, pick among the first few users in fair order: other idle workers heard of the
         # same jobs at the same moment, and would otherwise all race for the same one again.
         self._spread = 1
@@ -181,6 +183,7 @@ class Reconciler:
                 if key is not None:
                     # Registered before the claim: a cancel heard while it is in flight still reaches the job.
                     stop = self._stops[key] = threading.Event()
+                    self._active[key] = None
             if cancelled is not None:
                 self._drop(cancelled)
                 continue
@@ -194,6 +197,8 @@ class Reconciler:
             if job is None:
                 with self._cv:
                     self._stops.pop(key, None)
+                    self._active.pop(key, None)
+                    self._cv.notify_all()
                 self._spread = SPREAD
                 continue
             self._spread = 1

@@ -172,7 +172,7 @@ def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
 # ---------------------------------------------------------------------------------------------- bounded work
 def test_a_job_past_its_deadline_is_stopped_as_timeout(sched_worker, firestore_client):
     generator = StubGenerator(threading.Event())  # never finishes on its own
-    sched_worker("w", generator, deadline=Deadline(floor_seconds=0.5, multiple=1))
+    sched_worker("w", generator, deadline=Deadline(floor_seconds=0.5, multiple=0.1))  # the floor decides
     key, after = JobKey("u1", "images", "slow"), JobKey("u1", "images", "after")
     queue_jobs(firestore_client, [key])
     queue_jobs(firestore_client, [after])
