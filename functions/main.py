@@ -186,7 +186,7 @@ def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
 
 
-@https_fn.on_call(timeout_sec=30)
+@https_fn.on_call(timeout_sec=30, enforce_app_check=enforce_app_check())
 def cancelGeneration(req: https_fn.CallableRequest) -> dict:
     try:
         return dispatch.cancel(_firestore(), uid=req.auth.uid if req.auth else None, data=req.data)

@@ -782,9 +782,11 @@ _APP_CHECK_PROBE = """
 import json, main
 from flask import Flask, request
 out = {"flag": main.enforce_app_check()}
-with Flask("probe").test_request_context("/", method="POST", json={"data": {"prompt": "a car"}}):
-    reply = main.generateWithRunPod(request)
-    out["status"], out["body"] = reply.status_code, reply.get_json()
+calls = [("generateWithRunPod", {"prompt": "a car"}), ("cancelGeneration", {"fileUid": "f", "mediaType": "images"})]
+for name, data in calls:
+    with Flask("probe").test_request_context("/", method="POST", json={"data": data}):
+        reply = getattr(main, name)(request)
+        out[name] = [reply.status_code, reply.get_json()]
 print(json.dumps(out))
 """
 
@@ -803,6 +805,7 @@ def test_app_check_is_enforced_when_deployed_and_off_under_the_emulators(tmp_pat
     )
     refused = {"error": {"message": "Unauthenticated", "status": "UNAUTHENTICATED"}}
     ours = {"error": {"message": "Sign in to generate", "status": "UNAUTHENTICATED"}}
+    ours_cancel = {"error": {"message": "Sign in to cancel a generation", "status": "UNAUTHENTICATED"}}
     for env, flag, body in [
         ({}, True, refused),  # deployed: on by default
         ({"FUNCTIONS_EMULATOR": "true"}, False, ours),  # emulators: off by default
@@ -819,8 +822,9 @@ def test_app_check_is_enforced_when_deployed_and_off_under_the_emulators(tmp_pat
         )
         assert result.returncode == 0, result.stderr
         out = json.loads(result.stdout.strip().splitlines()[-1])
-        assert (out["flag"], out["body"]) == (flag, body), env
-        assert out["status"] == 401
+        assert out["flag"] == flag, env
+        assert out["generateWithRunPod"] == [401, body], env
+        assert out["cancelGeneration"] == [401, refused if flag else ours_cancel], env
 
 
 def test_the_indexes_cover_the_queries():
