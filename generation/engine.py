@@ -37,11 +37,13 @@ from .pipelines import (
     DISABLED,
     IMAGE_MODEL_DEFAULT,
     VIDEO_MODEL_DEFAULT,
+    BatchItem,
     DiffusionCapability,
     ImagePipeline,
     ProgressFn,
     Runtime,
     VideoPipeline,
+    batch_key,  # noqa: F401  (re-exported: the listener groups queued jobs with it)
     resolve_seed,
 )
 
@@ -195,11 +197,45 @@ class Engine:
         loaded = time.perf_counter()
         seed = resolve_seed(request.seed)
         output = pipeline.generate(request, seed, progress)
-        generated = time.perf_counter()
+        return self._finish(request, seed, output, pipeline.role, (started, loaded, time.perf_counter()))
+
+    def generate_batch(
+        self, requests: list[GenerationRequest], progress: list[ProgressFn | None] | None = None
+    ) -> list[GenerationResult | errors.GenerationError | errors.Cancelled]:
+        """Run text2image jobs of one `batch_key` in one pipeline call, each with its own prompt, seed and
+        `progress[i]`. Per job, in order: its result (the same images as `generate` would give, to within
+        rounding), or the GenerationError / errors.Cancelled it ended with, so the caller fails or drops that job
+        alone. ValueError if the requests don't share a `batch_key`."""
+        progress = progress or [None] * len(requests)
+        started = time.perf_counter()
+        try:
+            pipeline = self.pipeline(TEXT2IMAGE)
+            loaded = time.perf_counter()
+            seeds = [resolve_seed(request.seed) for request in requests]
+            items = [BatchItem(*item) for item in zip(requests, seeds, progress, strict=True)]
+            outputs = pipeline.generate_batch(items)
+        except (errors.GenerationError, errors.Cancelled) as failure:
+            return [failure] * len(requests)
+        marks = (started, loaded, time.perf_counter())
+        results: list[GenerationResult | errors.GenerationError | errors.Cancelled] = []
+        for request, seed, output in zip(requests, seeds, outputs):
+            try:
+                results.append(
+                    output
+                    if isinstance(output, errors.Cancelled)
+                    else self._finish(request, seed, output, pipeline.role, marks)
+                )
+            except errors.GenerationError as failure:
+                results.append(failure)
+        return results
+
+    def _finish(self, request: GenerationRequest, seed: int, output, role: str, marks: tuple) -> GenerationResult:
+        """Encode `output`; `marks`: when the job started, its model was there and its generation ended."""
+        started, loaded, generated = marks
         try:
             files, width, height, info = self._encode(request, output)
         except Exception as exc:
-            raise errors.classify(exc, during=f"{pipeline.role.lower()} encoding") from exc
+            raise errors.classify(exc, during=f"{role.lower()} encoding") from exc
         timings = Timings(loaded - started, generated - loaded, time.perf_counter() - generated)
         return GenerationResult(request.task_type, seed, files, width, height, info, timings)
 

@@ -276,6 +276,51 @@ class DiffusionCapability:
                 self.runtime.free_memory()
 
 
+def batch_key(request: GenerationRequest) -> tuple | None:
+    """Requests with equal keys can share one UNet batch (`ImagePipeline.generate_batch`): same size, steps and
+    guidance; prompts, negative prompts, seeds and image counts may differ. None: never batched (videos: one
+    Wan video already fills a GPU). One process has one model per task, so the model is implied."""
+    if request.task_type != TEXT2IMAGE:
+        return None
+    return (request.task_type, request.width, request.height, request.num_inference_steps, request.guidance_scale)
+
+
+@dataclass
+class BatchItem:
+    """One request of a batch: its seed (already resolved) and its own progress callback."""
+
+    request: GenerationRequest
+    seed: int
+    progress: ProgressFn | None = None
+
+
+class _BatchProgress:
+    """Per-request progress for a batch sharing one pipeline call. A request whose callback raises
+    `errors.Cancelled` (lease lost) is marked cancelled and its callback is not called again; the pipeline call
+    goes on for the others and is only stopped once every request is cancelled."""
+
+    def __init__(self, items: list[BatchItem]):
+        self.steps = [StepProgress(item.progress) for item in items]
+        self.cancelled: list[errors.Cancelled | None] = [None] * len(items)
+        self.running: list[int] = list(range(len(items)))  # the requests with rows in the current call
+
+    def start(self, parts: list[int], running: list[int]) -> None:
+        for index, step in enumerate(self.steps):
+            step.start(parts[index])
+        self.running = running
+
+    def on_step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        for index in self.running:
+            if self.cancelled[index] is None:
+                try:
+                    self.steps[index].on_step_end(pipe, step, timestep, callback_kwargs)
+                except errors.Cancelled as cancelled:
+                    self.cancelled[index] = cancelled
+        if all(self.cancelled[index] is not None for index in self.running):
+            raise self.cancelled[self.running[0]]  # nobody left to run for: stop the pipeline now
+        return {}
+
+
 class ImagePipeline(DiffusionCapability):
     """text2image: SDXL. Image i of a request uses its own generator seeded seed+i, so it can be redone alone."""
 
@@ -314,35 +359,93 @@ class ImagePipeline(DiffusionCapability):
 
     def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> list:
         """`request.num_images_per_prompt` PIL images of `request.width` x `request.height`."""
-        count = request.num_images_per_prompt
-        steps = StepProgress(progress)
+        [images] = self.generate_batch([BatchItem(request, seed, progress)])
+        if isinstance(images, errors.Cancelled):
+            raise images
+        return images
 
-        def batch(indices: range) -> list:
+    def generate_batch(self, items: list[BatchItem]) -> list[list | errors.Cancelled]:
+        """Several requests of one `batch_key` in one pipeline call (the UNet runs on all their images at once):
+        per request, its images (as `generate` would give them, to within rounding) or the `errors.Cancelled`
+        its progress raised. Each prompt is encoded alone, exactly as an unbatched call would, so requests with
+        and without a negative prompt share a batch. Raises GenerationError for the whole batch, and Cancelled
+        once every request is cancelled. Out of memory: once more, one image at a time with a lean VAE."""
+        import torch
+
+        keys = {batch_key(item.request) for item in items}
+        if len(keys) != 1 or None in keys:
+            raise ValueError(f"requests that cannot share a batch: {sorted(map(str, keys))}")
+        first = items[0].request
+        counts = [item.request.num_images_per_prompt for item in items]
+        owners = [index for index, count in enumerate(counts) for _ in range(count)]  # request of each row
+        seeds = [derive_seed(item.seed, i) for item in items for i in range(item.request.num_images_per_prompt)]
+        progress = _BatchProgress(items)
+        encoded: list = []
+
+        def embeddings() -> list:
+            """prompt, negative, pooled, negative pooled: one row per image, in request order."""
+            if not encoded:
+                cfg = first.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+                with torch.no_grad():
+                    parts = [
+                        self.pipe.encode_prompt(
+                            item.request.prompt,
+                            device=self.pipe._execution_device,
+                            num_images_per_prompt=item.request.num_images_per_prompt,
+                            do_classifier_free_guidance=cfg,
+                            negative_prompt=item.request.negative_prompt,
+                        )
+                        for item in items
+                    ]
+                encoded.extend(None if column[0] is None else torch.cat(column) for column in zip(*parts))
+            return encoded
+
+        def call(rows: slice) -> list:
+            prompt, negative, pooled, negative_pooled = (
+                None if tensor is None else tensor[rows] for tensor in embeddings()
+            )
             return self.pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
-                num_images_per_prompt=len(indices),
-                generator=[make_generator(derive_seed(seed, i)) for i in indices],
-                callback_on_step_end=steps.on_step_end,
+                prompt_embeds=prompt,
+                negative_prompt_embeds=negative,
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                num_images_per_prompt=1,
+                generator=[make_generator(seed) for seed in seeds[rows]],
+                callback_on_step_end=progress.on_step_end,
             ).images
 
         def normal() -> list:
-            steps.start(parts=1)
-            return batch(range(count))
+            progress.start(parts=[1] * len(items), running=list(range(len(items))))
+            return call(slice(None))
 
         def lean() -> list:
-            steps.start(parts=count)
-            images = []
-            for index in range(count):
-                images += batch(range(index, index + 1))
-                steps.next_part()
+            progress.start(parts=counts, running=[])
+            images: list = []
+            for row, owner in enumerate(owners):
+                if progress.cancelled[owner] is not None:
+                    images.append(None)
+                    continue
+                progress.running = [owner]
+                try:
+                    images += call(slice(row, row + 1))
+                except errors.Cancelled:
+                    if all(c is not None for c in progress.cancelled):
+                        raise
+                    images.append(None)
+                    continue
+                progress.steps[owner].next_part()
             return images
 
-        return self._run(normal, lean)
+        images = self._run(normal, lean)
+        results: list[list | errors.Cancelled] = []
+        for index, count in enumerate(counts):
+            start = sum(counts[:index])
+            results.append(progress.cancelled[index] or images[start : start + count])
+        return results
 
 
 def compile_unet(pipe, backend: str = "inductor") -> None:

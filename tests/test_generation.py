@@ -187,8 +187,9 @@ class FlakyCall:
         self.calls: list[dict] = []
 
     def __call__(self, pipe, **kwargs):
-        vae = pipe.vae
-        self.calls.append({"images": kwargs.get("num_images_per_prompt"), "lean": vae.use_tiling and vae.use_slicing})
+        vae, generator = pipe.vae, kwargs["generator"]
+        images = len(generator) if isinstance(generator, list) else 1  # one generator per image in a batch
+        self.calls.append({"images": images, "lean": vae.use_tiling and vae.use_slicing})
         if len(self.calls) <= self.failures:
             raise self.error
         return self.original(pipe, **kwargs)
