@@ -12,8 +12,11 @@ Configuration from the environment (`EngineConfig.from_env`):
 - `FIREGEN_OFFLOAD_TEXT_ENCODER` (`auto`, `on`, `off`; default `auto`: on for a CUDA card under 40 GiB): keep Wan's
   10.6 GiB UMT5 text encoder in CPU memory and stream it in while it encodes, so SDXL and Wan fit a 24 GB card
   together, at a few seconds per video.
-- `FIREGEN_COMPILE=on` (CUDA only; default off): fused QKV projections and `torch.compile` of SDXL's UNet,
-  compiled at load with a one-step warm-up (about 2 minutes on an H100): 2.4 s -> 1.2 s per 1024x1024 image.
+- `FIREGEN_COMPILE` (`auto`, `on`, `off`; default `auto`: on for CUDA, off on a CPU): `torch.compile` of SDXL's
+  UNet (fused QKV) and Wan's transformer, compiled in the background while jobs run eagerly, then swapped in
+  (generation.compiling); a compiler failure stays eager. 2.4 s -> 1.2 s per 1024x1024 image on an H100.
+- `FIREGEN_COMPILE_CACHE`: folder of torch's portable compile cache (default: /runpod-volume/firegen-compile
+  when the network volume is mounted, else $HF_HOME/firegen-compile; `off`: none).
 - `FIREGEN_PRELOAD=1`: load both models when the engine is built instead of on first use.
 - `FIREGEN_CACHE`: where `tiny` pipelines are built (default `~/.cache/firegen`).
 - `HF_HUB_OFFLINE=1`: load hub ids from the local Hugging Face cache only.
@@ -33,6 +36,7 @@ from firegen_core import errors
 from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
 
 from . import media
+from .compiling import default_cache_dir
 from .pipelines import (
     DISABLED,
     IMAGE_MODEL_DEFAULT,
@@ -69,6 +73,11 @@ def _auto_flag(environ: Mapping[str, str], name: str) -> bool | None:
     raise ValueError(f"{name} must be auto, on or off (got {value!r})")
 
 
+def _compile_cache(environ: Mapping[str, str]) -> str | None:
+    value = _env(environ, "FIREGEN_COMPILE_CACHE") or default_cache_dir(environ)
+    return None if value.lower() in _FALSE | {DISABLED} else value
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     image_model: str = IMAGE_MODEL_DEFAULT
@@ -79,7 +88,8 @@ class EngineConfig:
     cache_dir: str | None = None  # for `tiny` pipelines; None: $FIREGEN_CACHE or ~/.cache/firegen
     local_files_only: bool = False
     offload_text_encoder: bool | None = None  # None: auto (Runtime.detect)
-    compile: bool = False
+    compile: bool | None = None  # None: auto (on for CUDA)
+    compile_cache: str | None = None  # None: no persistent compile cache
 
     @classmethod
     def from_env(
@@ -100,7 +110,8 @@ class EngineConfig:
             cache_dir=_env(env, "FIREGEN_CACHE"),
             local_files_only=(_env(env, "HF_HUB_OFFLINE") or "").lower() in _TRUE,
             offload_text_encoder=_auto_flag(env, "FIREGEN_OFFLOAD_TEXT_ENCODER"),
-            compile=(_env(env, "FIREGEN_COMPILE") or "").lower() in _TRUE,
+            compile=_auto_flag(env, "FIREGEN_COMPILE"),
+            compile_cache=_compile_cache(env),
         )
 
     def model_ref(self, task_type: str) -> str:
@@ -153,7 +164,11 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, runtime: Runtime | None = None):
         self.config = config or EngineConfig()
         self.runtime = runtime or Runtime.detect(
-            self.config.device, self.config.dtype, self.config.offload_text_encoder, self.config.compile
+            self.config.device,
+            self.config.dtype,
+            self.config.offload_text_encoder,
+            self.config.compile,
+            self.config.compile_cache,
         )
         self._pipelines: dict[str, DiffusionCapability] = {}
         self._load_lock = threading.Lock()
@@ -175,6 +190,13 @@ class Engine:
 
     def loaded(self, task_type: str) -> bool:
         return task_type in self._pipelines
+
+    def compile_states(self) -> dict[str, str]:
+        """Per loaded model: "eager" (not compiling), "compiling" (serving eagerly meanwhile), "compiled", "failed"."""
+        return {
+            task_type: pipeline.compiler.state if pipeline.compiler else "eager"
+            for task_type, pipeline in self._pipelines.items()
+        }
 
     def pipeline(self, task_type: str) -> DiffusionCapability:
         """The loaded pipeline for `task_type`, loading it on first use; ModelNotAvailable if it can't be."""

@@ -26,6 +26,7 @@ from firegen_core import errors
 from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
 
 from . import tiny
+from .compiling import BackgroundCompile, CompileCache
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,21 @@ class Runtime:
     device: str = "cpu"
     dtype: str = "float32"
     offload_text_encoder: bool = False  # Wan's UMT5-XXL in CPU memory, streamed in while it encodes
-    compile_backend: str | None = None  # torch.compile SDXL's UNet with this backend; None: eager
+    compile_backend: str | None = None  # torch.compile the denoisers with this backend (in the background); None: eager
+    compile_cache: str | None = None  # folder of torch's portable compile cache; None: no persistent cache
 
     @classmethod
     def detect(
-        cls, device: str | None = None, dtype: str | None = None, offload: bool | None = None, compile: bool = False
+        cls,
+        device: str | None = None,
+        dtype: str | None = None,
+        offload: bool | None = None,
+        compile: bool | None = False,
+        compile_cache: str | None = None,
     ) -> Runtime:
         """`offload` None: offload Wan's text encoder on a CUDA card with less than OFFLOAD_BELOW_GIB.
-        `compile`: inductor on CUDA; dropped on a CPU, where compiling the UNet takes longer than it saves."""
+        `compile`: inductor on CUDA (None: auto, i.e. on for CUDA); dropped on a CPU, where compiling the
+        denoisers takes longer than it saves."""
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +104,8 @@ class Runtime:
                 dtype = "float32"  # half precision on CPU is slow and poorly supported
             else:
                 dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        if compile is None:
+            compile = cuda
         if offload is None:
             offload = cuda and torch.cuda.get_device_properties(device).total_memory < OFFLOAD_BELOW_GIB * 2**30
         return cls(
@@ -103,6 +113,7 @@ class Runtime:
             dtype=dtype,
             offload_text_encoder=bool(offload and cuda),
             compile_backend="inductor" if compile and cuda else None,
+            compile_cache=compile_cache,
         )
 
     @property
@@ -208,6 +219,7 @@ class DiffusionCapability:
     task_type: ClassVar[str]
     tiny_kind: ClassVar[str]
     role: ClassVar[str]  # "Image" or "Video", for messages
+    compiled_attribute: ClassVar[str]  # the denoiser that `Runtime.compile_backend` compiles
 
     def __init__(self, pipe, runtime: Runtime, model_ref: str):
         self.pipe = pipe
@@ -215,6 +227,7 @@ class DiffusionCapability:
         self.model_ref = model_ref
         # A diffusers pipeline keeps per-call state (scheduler steps, guidance): one call at a time.
         self._lock = threading.Lock()
+        self.compiler: BackgroundCompile | None = None
 
     @classmethod
     def pipeline_class(cls):
@@ -247,7 +260,29 @@ class DiffusionCapability:
         return capability
 
     def warm_up(self) -> None:
-        """Work to do once at load rather than on the first job (compiling)."""
+        """At load: with a compile backend, start compiling the denoiser in the background (`self.compiler`);
+        jobs run eagerly until the compiled module is swapped in (generation.compiling)."""
+        if not self.runtime.compile_backend:
+            return
+        self.prepare_compile()
+        cache = CompileCache(self.runtime.compile_cache, self.runtime.device) if self.runtime.compile_cache else None
+        self.compiler = BackgroundCompile(
+            self.pipe,
+            self.compiled_attribute,
+            self.runtime.compile_backend,
+            self.compile_warm_up,
+            self._lock,
+            cache,
+            on_failure=self.runtime.free_memory,
+        ).start()
+
+    def prepare_compile(self) -> None:
+        """Changes to the eager modules that the compiled ones build on (made before serving)."""
+
+    def compile_warm_up(self, sibling) -> None:
+        """One step on `sibling` (a pipeline sharing this one's modules, its denoiser compiled) at the contract's
+        default sizes: it compiles the denoiser with the guards a default job meets."""
+        raise NotImplementedError
 
     @classmethod
     def place(cls, pipe, runtime: Runtime) -> None:
@@ -327,6 +362,7 @@ class ImagePipeline(DiffusionCapability):
     task_type = TEXT2IMAGE
     tiny_kind = "sdxl"
     role = "Image"
+    compiled_attribute = "unet"
 
     @classmethod
     def pipeline_class(cls):
@@ -341,21 +377,22 @@ class ImagePipeline(DiffusionCapability):
             import torch
 
             pipe.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-        if runtime.compile_backend:
-            compile_unet(pipe, runtime.compile_backend)
 
-    def warm_up(self) -> None:
-        if not self.runtime.compile_backend:
-            return
-        # One step at the contract's default size compiles the UNet at start-up, not in the first job
-        # (about 2 minutes on an H100). Another size compiles once more, then shapes are dynamic.
-        try:
-            self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=1), 0)
-        except errors.GenerationError as exc:
-            # A compiler failure must not take images down: the eager UNet (still fused) is only slower.
-            log.warning("compile failed, running the UNet eagerly: %s", exc.message)
-            self.pipe.unet = getattr(self.pipe.unet, "_orig_mod", self.pipe.unet)
-            self.runtime.free_memory()
+    def prepare_compile(self) -> None:
+        prepare_unet_for_compile(self.pipe, self.runtime.compile_backend)
+
+    def compile_warm_up(self, sibling) -> None:
+        # The contract's default job: 1024x1024, one image, CFG (a UNet batch of 2). Other sizes and batch sizes
+        # compile once more on first use (then the shapes are dynamic), and go into the cache with the next save.
+        request = GenerationRequest(prompt="warm-up")
+        sibling(
+            prompt=request.prompt,
+            width=request.width,
+            height=request.height,
+            num_inference_steps=1,
+            guidance_scale=request.guidance_scale,
+            output_type="latent",
+        )
 
     def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> list:
         """`request.num_images_per_prompt` PIL images of `request.width` x `request.height`."""
@@ -448,17 +485,17 @@ class ImagePipeline(DiffusionCapability):
         return results
 
 
-def compile_unet(pipe, backend: str = "inductor") -> None:
-    """Fused QKV projections and `torch.compile` of the UNet (fullgraph), as bench/gpu.py's compiled step
-    measures them: on an H100, 2.4 s -> 1.2 s per 1024x1024 image, 30 steps."""
-    import torch
-
+def prepare_unet_for_compile(pipe, backend) -> None:
+    """Fused QKV projections (and inductor's recipe for the UNet's 1x1 convolutions), which the compiled UNet
+    builds on, as bench/gpu.py's compiled step measures them: on an H100, 2.4 s -> 1.2 s per 1024x1024 image."""
     pipe.fuse_qkv_projections()
     if backend == "inductor":
         from torch._inductor import config as inductor_config
 
-        inductor_config.conv_1x1_as_mm = True  # diffusers' recipe for the UNet's 1x1 convolutions
-    pipe.unet = torch.compile(pipe.unet, backend=backend, fullgraph=True)
+        inductor_config.conv_1x1_as_mm = True
+
+
+WAN_TEXT_TOKENS = 512
 
 
 def frames_to_generate(num_frames: int, temporal_factor: int) -> int:
@@ -489,6 +526,7 @@ class VideoPipeline(DiffusionCapability):
     task_type = TEXT2VIDEO
     tiny_kind = "wan"
     role = "Video"
+    compiled_attribute = "transformer"
 
     @classmethod
     def pipeline_class(cls):
@@ -514,6 +552,26 @@ class VideoPipeline(DiffusionCapability):
         # As Wan's reference code and diffusers' Wan examples do: transformer in half precision, VAE in
         # float32 (the pipeline casts the latents to the VAE's dtype before decoding).
         pipe.vae.to(runtime.device, torch.float32)
+
+    def compile_warm_up(self, sibling) -> None:
+        # The contract's default video, with zero text embeddings: the text encoder (perhaps offloaded through
+        # hooks and a stream of its own) is left to the jobs.
+        import torch
+
+        request = GenerationRequest(prompt="warm-up", task_type=TEXT2VIDEO)
+        width = self.pipe.text_encoder.config.d_model
+        # WanPipeline.__call__'s max_sequence_length: prompts are padded to 512 tokens.
+        embeds = torch.zeros(1, WAN_TEXT_TOKENS, width, device=self.runtime.device, dtype=self.pipe.transformer.dtype)
+        sibling(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=embeds,
+            width=request.video_width,
+            height=request.video_height,
+            num_frames=frames_to_generate(request.num_frames, self.pipe.vae_scale_factor_temporal),
+            num_inference_steps=1,
+            guidance_scale=request.video_guidance_scale,
+            output_type="latent",
+        )
 
     def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> Any:
         """A uint8 array (num_frames, video_height, video_width, 3)."""
