@@ -10,13 +10,19 @@ Configuration from the environment (`EngineConfig.from_env`):
 - `FIREGEN_DEVICE` (`cuda`, `cuda:1`, `cpu`; default: CUDA when present), `FIREGEN_DTYPE` (`bfloat16`,
   `float16`, `float32`; default: bfloat16 on CUDA, float32 on CPU).
 - `FIREGEN_OFFLOAD_TEXT_ENCODER` (`auto`, `on`, `off`; default `auto`: on for a CUDA card under 40 GiB): keep Wan's
-  10.6 GiB UMT5 text encoder in CPU memory and stream it in while it encodes, so SDXL and Wan fit a 24 GB card
-  together, at a few seconds per video.
+  10.6 GiB UMT5 text encoder in pinned CPU memory and copy it in whole (non-blocking) for each video's prompt
+  encoding, so SDXL and Wan fit a 24 GB card together.
 - `FIREGEN_COMPILE` (`auto`, `on`, `off`; default `auto`: on for CUDA, off on a CPU): `torch.compile` of SDXL's
   UNet (fused QKV) and Wan's transformer, compiled in the background while jobs run eagerly, then swapped in
   (generation.compiling); a compiler failure stays eager. 2.4 s -> 1.2 s per 1024x1024 image on an H100.
 - `FIREGEN_COMPILE_CACHE`: folder of torch's portable compile cache (default: /runpod-volume/firegen-compile
   when the network volume is mounted, else $HF_HOME/firegen-compile; `off`: none).
+- `FIREGEN_FP8` (`on`, `off`; default off): SDXL's UNet and Wan's transformer in float8 (torchao, dynamic, row-wise;
+  lossy, opt-in). Where it can't run (CPU, a card before Ada, torchao missing) start-up refuses in one line.
+- `FIREGEN_ATTENTION_BACKEND` (default `auto`: FlashAttention 3 / 2 when installed for the card, else torch's
+  SDPA): the attention backend of Wan's transformer (diffusers' attention dispatcher).
+- `FIREGEN_VIDEO_CACHE` (`off`, `firstblock`; default off) and `FIREGEN_VIDEO_CACHE_THRESHOLD` (default 0.05):
+  Wan's lossy step caching (diffusers' First Block Cache).
 - `FIREGEN_PRELOAD=1`: load both models when the engine is built instead of on first use.
 - `FIREGEN_CACHE`: where `tiny` pipelines are built (default `~/.cache/firegen`).
 - `HF_HUB_OFFLINE=1`: load hub ids from the local Hugging Face cache only.
@@ -35,7 +41,7 @@ from typing import NamedTuple
 from firegen_core import errors
 from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
 
-from . import media
+from . import fp8, media, video_speed
 from .compiling import default_cache_dir
 from .pipelines import (
     DISABLED,
@@ -73,6 +79,24 @@ def _auto_flag(environ: Mapping[str, str], name: str) -> bool | None:
     raise ValueError(f"{name} must be auto, on or off (got {value!r})")
 
 
+def _fp8(environ: Mapping[str, str]) -> bool:
+    """FIREGEN_FP8 on or off; on where it can't run is refused here, at start-up, in one line."""
+    if not _auto_flag(environ, fp8.SETTING):  # auto (unset) is off: FP8 is lossy, so only ever asked for
+        return False
+    import torch
+
+    device = _env(environ, "FIREGEN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if reason := fp8.refusal(device):
+        raise ValueError(reason)
+    return True
+
+
+def _attention(environ: Mapping[str, str]) -> str:
+    value = _env(environ, video_speed.ATTENTION_SETTING) or "auto"
+    video_speed.attention_backend(value, "cpu")  # a name diffusers doesn't know is refused at start-up
+    return value
+
+
 def _compile_cache(environ: Mapping[str, str]) -> str | None:
     value = _env(environ, "FIREGEN_COMPILE_CACHE") or default_cache_dir(environ)
     return None if value.lower() in _FALSE | {DISABLED} else value
@@ -90,6 +114,9 @@ class EngineConfig:
     offload_text_encoder: bool | None = None  # None: auto (Runtime.detect)
     compile: bool | None = None  # None: auto (on for CUDA)
     compile_cache: str | None = None  # None: no persistent compile cache
+    fp8: bool = False  # FIREGEN_FP8 (generation.fp8); refused where it can't run
+    attention_backend: str = "auto"  # FIREGEN_ATTENTION_BACKEND (generation.video_speed)
+    video_cache_threshold: float | None = None  # FIREGEN_VIDEO_CACHE=firstblock, FIREGEN_VIDEO_CACHE_THRESHOLD
 
     @classmethod
     def from_env(
@@ -112,6 +139,11 @@ class EngineConfig:
             offload_text_encoder=_auto_flag(env, "FIREGEN_OFFLOAD_TEXT_ENCODER"),
             compile=_auto_flag(env, "FIREGEN_COMPILE"),
             compile_cache=_compile_cache(env),
+            fp8=_fp8(env),
+            attention_backend=_attention(env),
+            video_cache_threshold=video_speed.parse_video_cache(
+                _env(env, "FIREGEN_VIDEO_CACHE"), _env(env, "FIREGEN_VIDEO_CACHE_THRESHOLD")
+            ),
         )
 
     def model_ref(self, task_type: str) -> str:
@@ -169,6 +201,9 @@ class Engine:
             self.config.offload_text_encoder,
             self.config.compile,
             self.config.compile_cache,
+            self.config.fp8,
+            self.config.attention_backend,
+            self.config.video_cache_threshold,
         )
         self._pipelines: dict[str, DiffusionCapability] = {}
         self._load_lock = threading.Lock()

@@ -25,7 +25,8 @@ from typing import Any, ClassVar, TypeVar
 from firegen_core import errors
 from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
 
-from . import tiny
+from . import fp8 as fp8_support
+from . import tiny, video_speed
 from .compiling import BackgroundCompile, CompileCache
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class Runtime:
     offload_text_encoder: bool = False  # Wan's UMT5-XXL in CPU memory, streamed in while it encodes
     compile_backend: str | None = None  # torch.compile the denoisers with this backend (in the background); None: eager
     compile_cache: str | None = None  # folder of torch's portable compile cache; None: no persistent cache
+    fp8: bool = False  # the denoisers' linear layers in float8 (generation.fp8; CUDA, Ada/Hopper, torchao)
+    attention_backend: str = "native"  # Wan's transformer, through diffusers' attention dispatcher
+    video_cache_threshold: float | None = None  # Wan's First Block Cache (lossy); None: every step computed
 
     @classmethod
     def detect(
@@ -91,10 +95,13 @@ class Runtime:
         offload: bool | None = None,
         compile: bool | None = False,
         compile_cache: str | None = None,
+        fp8: bool = False,
+        attention: str = "auto",
+        video_cache_threshold: float | None = None,
     ) -> Runtime:
         """`offload` None: offload Wan's text encoder on a CUDA card with less than OFFLOAD_BELOW_GIB.
         `compile`: inductor on CUDA (None: auto, i.e. on for CUDA); dropped on a CPU, where compiling the
-        denoisers takes longer than it saves."""
+        denoisers takes longer than it saves. `fp8` where it can't run: ValueError, one line naming FIREGEN_FP8."""
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,6 +113,8 @@ class Runtime:
                 dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         if compile is None:
             compile = cuda
+        if fp8 and (reason := fp8_support.refusal(device)):
+            raise ValueError(reason)
         if offload is None:
             offload = cuda and torch.cuda.get_device_properties(device).total_memory < OFFLOAD_BELOW_GIB * 2**30
         return cls(
@@ -114,6 +123,9 @@ class Runtime:
             offload_text_encoder=bool(offload and cuda),
             compile_backend="inductor" if compile and cuda else None,
             compile_cache=compile_cache,
+            fp8=fp8,
+            attention_backend=video_speed.attention_backend(attention, device),
+            video_cache_threshold=video_cache_threshold,
         )
 
     @property
@@ -249,6 +261,8 @@ class DiffusionCapability:
                 source, local_files_only=local_files_only, **{_dtype_keyword(): runtime.torch_dtype}
             )
             cls.place(pipe, runtime)
+            if runtime.fp8:
+                fp8_support.quantize(getattr(pipe, cls.compiled_attribute))
             pipe.set_progress_bar_config(disable=True)  # per-step bars would flood the worker's logs
             capability = cls(pipe, runtime, model_ref)
             capability.warm_up()
@@ -273,8 +287,14 @@ class DiffusionCapability:
             self.compile_warm_up,
             self._lock,
             cache,
+            fullgraph=self.compile_fullgraph,
             on_failure=self.runtime.free_memory,
         ).start()
+
+    @property
+    def compile_fullgraph(self) -> bool:
+        """One graph, no breaks (what the bench measures); False where hooks decide in Python per step."""
+        return True
 
     def prepare_compile(self) -> None:
         """Changes to the eager modules that the compiled ones build on (made before serving)."""
@@ -536,22 +556,34 @@ class VideoPipeline(DiffusionCapability):
 
     @classmethod
     def place(cls, pipe, runtime: Runtime) -> None:
+        cls.place_modules(pipe, runtime)
+        video_speed.set_attention_backend(pipe.transformer, runtime.attention_backend)
+        if runtime.video_cache_threshold:
+            video_speed.apply_step_cache(pipe.transformer, runtime.video_cache_threshold)
+
+    @classmethod
+    def place_modules(cls, pipe, runtime: Runtime) -> None:
         if not runtime.is_cuda:
-            super().place(pipe, runtime)
+            DiffusionCapability.place(pipe, runtime)
             return
         import torch
 
         if runtime.offload_text_encoder:
             # UMT5-XXL is 10.6 GiB in bf16 (more than the transformer and VAE together) and runs once per video:
-            # kept in pinned CPU memory and streamed in block by block while it encodes, so one worker holding
-            # SDXL and Wan fits a 24 GB card (bench/gpu.py measures both the memory and the cost).
-            offload_text_encoder(pipe, runtime.device, use_stream=True)
+            # kept in pinned CPU memory and copied in whole for the prompt encoding, so one worker holding SDXL and
+            # Wan fits a 24 GB card (bench/gpu.py measures both the memory and the cost).
+            video_speed.swap_text_encoder(pipe, runtime.device)
         else:
             pipe.text_encoder.to(runtime.device)
         pipe.transformer.to(runtime.device)
         # As Wan's reference code and diffusers' Wan examples do: transformer in half precision, VAE in
         # float32 (the pipeline casts the latents to the VAE's dtype before decoding).
         pipe.vae.to(runtime.device, torch.float32)
+
+    @property
+    def compile_fullgraph(self) -> bool:
+        # First Block Cache decides in Python, per step, whether to run the other blocks: a graph break there.
+        return not self.runtime.video_cache_threshold
 
     def compile_warm_up(self, sibling) -> None:
         # The contract's default video, with zero text embeddings: the text encoder (perhaps offloaded through
