@@ -98,7 +98,14 @@ def measure_compile_cache(capability, gpu, backend) -> dict:
                 torch.compiler.reset()
                 pipe.unet = eager
                 compile_ = BackgroundCompile(
-                    pipe, "unet", backend, capability.compile_warm_up, threading.Lock(), cache
+                    pipe,
+                    "unet",
+                    capability.denoiser,
+                    capability.install_denoiser,
+                    backend,
+                    capability.compile_warm_up,
+                    threading.Lock(),
+                    cache,
                 ).start()
                 compile_.wait()
                 if compile_.state != "compiled":
@@ -154,7 +161,7 @@ def measure_wan_cache(capability, gpu, request, threshold: float, seed: int) -> 
     """The same video with every step computed, then with First Block Cache at `threshold` (removed again)."""
     from generation import video_speed
 
-    transformer = capability.pipe.transformer
+    transformer = video_speed.denoiser(capability.pipe.transformer)  # inside the CFG-batching wrapper
     full_s, full = _timed_result(gpu, lambda: capability.generate(request, seed))
     video_speed.apply_step_cache(transformer, threshold)
     try:

@@ -100,16 +100,20 @@ def sibling_pipeline(pipe):
 
 
 class BackgroundCompile:
-    """Compile `pipe.<attribute>` with `backend` in a thread and swap it into `pipe` under `lock`.
+    """Compile `pipe`'s denoiser with `backend` in a thread and swap it into `pipe` under `lock`.
 
-    `warm_up(sibling)` runs one step on a sibling pipeline whose `<attribute>` is the compiled module: that call
-    compiles it, with the guards a real job will meet. `state` goes "compiling" -> "compiled" | "failed".
+    `denoiser(pipe)` gives the eager module; `install(pipe, module)` puts a module in its place (for SDXL: the
+    `unet` attribute; for Wan: the transformer inside its CFG-batching wrapper). `warm_up(sibling)` runs one step
+    on a sibling pipeline with the compiled module installed: that call compiles it, with the guards a real job
+    will meet. `state` goes "compiling" -> "compiled" | "failed".
     """
 
     def __init__(
         self,
         pipe,
-        attribute: str,
+        name: str,
+        denoiser: Callable[[object], object],
+        install: Callable[[object, object], None],
         backend,
         warm_up: Callable[[object], None],
         lock: threading.Lock,
@@ -117,7 +121,8 @@ class BackgroundCompile:
         fullgraph: bool = True,
         on_failure: Callable[[], None] | None = None,
     ):
-        self.pipe, self.attribute, self.backend = pipe, attribute, backend
+        self.pipe, self.name, self.backend = pipe, name, backend
+        self.denoiser, self.install = denoiser, install
         self.warm_up, self.lock, self.cache = warm_up, lock, cache
         self.fullgraph, self.on_failure = fullgraph, on_failure
         self.state = "compiling"
@@ -125,7 +130,7 @@ class BackgroundCompile:
         self.seconds: float | None = None  # from start to swap
         self.cache_hit = False
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"compile-{attribute}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"compile-{name}", daemon=True)
 
     def start(self) -> BackgroundCompile:
         self._thread.start()
@@ -143,16 +148,16 @@ class BackgroundCompile:
             with _COMPILE_LOCK:
                 if self.cache is not None:
                     self.cache_hit = self.cache.load()
-                eager = getattr(self.pipe, self.attribute)
+                eager = self.denoiser(self.pipe)
                 compiled = torch.compile(eager, backend=self.backend, fullgraph=self.fullgraph)
                 sibling = sibling_pipeline(self.pipe)
-                setattr(sibling, self.attribute, compiled)
+                self.install(sibling, compiled)
                 self.warm_up(sibling)
                 with self.lock:  # between two jobs: a job never sees the module change under it
-                    setattr(self.pipe, self.attribute, compiled)
+                    self.install(self.pipe, compiled)
                 self.seconds = time.perf_counter() - started
                 self.state = "compiled"
-                log.info("%s compiled in %.1f s; jobs now run it compiled", self.attribute, self.seconds)
+                log.info("%s compiled in %.1f s; jobs now run it compiled", self.name, self.seconds)
                 if self.cache is not None:
                     try:
                         self.cache.save()
@@ -160,7 +165,7 @@ class BackgroundCompile:
                         log.warning("compile cache not written: %s", exc)
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-            log.warning("compiling %s failed, staying eager: %s", self.attribute, self.error)
+            log.warning("compiling %s failed, staying eager: %s", self.name, self.error)
             if self.on_failure is not None:
                 self.on_failure()
         finally:

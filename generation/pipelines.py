@@ -231,7 +231,6 @@ class DiffusionCapability:
     task_type: ClassVar[str]
     tiny_kind: ClassVar[str]
     role: ClassVar[str]  # "Image" or "Video", for messages
-    compiled_attribute: ClassVar[str]  # the denoiser that `Runtime.compile_backend` compiles
 
     def __init__(self, pipe, runtime: Runtime, model_ref: str):
         self.pipe = pipe
@@ -262,7 +261,7 @@ class DiffusionCapability:
             )
             cls.place(pipe, runtime)
             if runtime.fp8:
-                fp8_support.quantize(getattr(pipe, cls.compiled_attribute))
+                fp8_support.quantize(cls.denoiser(pipe))
             pipe.set_progress_bar_config(disable=True)  # per-step bars would flood the worker's logs
             capability = cls(pipe, runtime, model_ref)
             capability.warm_up()
@@ -282,7 +281,9 @@ class DiffusionCapability:
         cache = CompileCache(self.runtime.compile_cache, self.runtime.device) if self.runtime.compile_cache else None
         self.compiler = BackgroundCompile(
             self.pipe,
-            self.compiled_attribute,
+            self.role.lower(),
+            self.denoiser,
+            self.install_denoiser,
             self.runtime.compile_backend,
             self.compile_warm_up,
             self._lock,
@@ -295,6 +296,15 @@ class DiffusionCapability:
     def compile_fullgraph(self) -> bool:
         """One graph, no breaks (what the bench measures); False where hooks decide in Python per step."""
         return True
+
+    @staticmethod
+    def denoiser(pipe):
+        """The module that is compiled and quantized: SDXL's UNet, Wan's transformer."""
+        raise NotImplementedError
+
+    @staticmethod
+    def install_denoiser(pipe, module) -> None:
+        raise NotImplementedError
 
     def prepare_compile(self) -> None:
         """Changes to the eager modules that the compiled ones build on (made before serving)."""
@@ -382,7 +392,14 @@ class ImagePipeline(DiffusionCapability):
     task_type = TEXT2IMAGE
     tiny_kind = "sdxl"
     role = "Image"
-    compiled_attribute = "unet"
+
+    @staticmethod
+    def denoiser(pipe):
+        return pipe.unet
+
+    @staticmethod
+    def install_denoiser(pipe, module) -> None:
+        pipe.unet = module
 
     @classmethod
     def pipeline_class(cls):
@@ -546,7 +563,14 @@ class VideoPipeline(DiffusionCapability):
     task_type = TEXT2VIDEO
     tiny_kind = "wan"
     role = "Video"
-    compiled_attribute = "transformer"
+
+    @staticmethod
+    def denoiser(pipe):
+        return video_speed.denoiser(pipe.transformer)
+
+    @staticmethod
+    def install_denoiser(pipe, module) -> None:
+        pipe.transformer = video_speed.cfg_batched(module)  # a fresh wrapper: no state from the eager one
 
     @classmethod
     def pipeline_class(cls):
@@ -557,9 +581,12 @@ class VideoPipeline(DiffusionCapability):
     @classmethod
     def place(cls, pipe, runtime: Runtime) -> None:
         cls.place_modules(pipe, runtime)
-        video_speed.set_attention_backend(pipe.transformer, runtime.attention_backend)
+        transformer = video_speed.denoiser(pipe.transformer)
+        video_speed.set_attention_backend(transformer, runtime.attention_backend)
         if runtime.video_cache_threshold:
-            video_speed.apply_step_cache(pipe.transformer, runtime.video_cache_threshold)
+            video_speed.apply_step_cache(transformer, runtime.video_cache_threshold)
+        if not video_speed.is_cfg_batched(pipe.transformer):
+            video_speed.batch_cfg(pipe)  # a step's two passes (prompt, negative prompt) as one batch
 
     @classmethod
     def place_modules(cls, pipe, runtime: Runtime) -> None:
@@ -594,6 +621,7 @@ class VideoPipeline(DiffusionCapability):
         width = self.pipe.text_encoder.config.d_model
         # WanPipeline.__call__'s max_sequence_length: prompts are padded to 512 tokens.
         embeds = torch.zeros(1, WAN_TEXT_TOKENS, width, device=self.runtime.device, dtype=self.pipe.transformer.dtype)
+        sibling.transformer.negative = embeds  # what batch_cfg's capture of encode_prompt does in a job
         sibling(
             prompt_embeds=embeds,
             negative_prompt_embeds=embeds,
@@ -612,8 +640,10 @@ class VideoPipeline(DiffusionCapability):
         steps = StepProgress(progress)
         frames = frames_to_generate(request.num_frames, self.pipe.vae_scale_factor_temporal)
 
-        def run() -> Any:
+        def run(batched: bool) -> Any:
             steps.start(parts=1)
+            if video_speed.is_cfg_batched(self.pipe.transformer):
+                self.pipe.transformer.batching = batched  # the leaner retry runs the two passes one by one
             return self.pipe(
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
@@ -627,7 +657,7 @@ class VideoPipeline(DiffusionCapability):
                 callback_on_step_end=steps.on_step_end,
             ).frames[0]
 
-        video = to_uint8_frames(self._run(run, run)[: request.num_frames])
+        video = to_uint8_frames(self._run(lambda: run(True), lambda: run(False))[: request.num_frames])
         expected = (request.num_frames, request.video_height, request.video_width, 3)
         if video.shape != expected:
             raise errors.GenerationError(

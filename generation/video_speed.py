@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import logging
@@ -132,3 +133,99 @@ def swap_text_encoder(pipe, device: str) -> PinnedSwap:
 
     pipe.encode_prompt = encode_then_offload
     return swap
+
+
+@functools.cache
+def _cfg_batched_class():
+    """The wrapper class, defined on first use: torch is imported when a model loads, not with this module."""
+    import torch
+
+    class CfgBatched(torch.nn.Module):
+        """Wan's transformer running each step's conditional and unconditional passes as one batch of 2.
+
+        WanPipeline calls its transformer twice a step, on the same latents: with the prompt's embeddings, then with
+        the negative prompt's. With `negative` set (`batch_cfg` captures it from encode_prompt), the first call
+        runs both as one batch and keeps the unconditional half for the second call, which returns it without running
+        anything: one kernel launch sequence on twice the data instead of two, as Wan's own code batches CFG. The
+        wrapped module (`inner`) is the one compiled, quantized and cached; this wrapper stays outside the graph.
+        """
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.negative = None  # the negative prompt's embeddings of the current call; None: no batching
+            self.batching = True  # False: two passes (the leaner out-of-memory retry)
+            self._pending: tuple | None = None  # (latents of the conditional call, unconditional output)
+
+        # What WanPipeline reads from its transformer.
+        @property
+        def config(self):
+            return self.inner.config
+
+        @property
+        def dtype(self):
+            return self.inner.dtype
+
+        @property
+        def device(self):
+            return self.inner.device
+
+        def cache_context(self, name: str, **kwargs):
+            return self.inner.cache_context(name, **kwargs)
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, attention_kwargs=None, return_dict=False):
+            import torch
+
+            pending, self._pending = self._pending, None
+            if pending is not None and pending[0] is hidden_states:
+                return (pending[1],)  # the unconditional pass, computed with the conditional one
+            if self.negative is None or not self.batching:
+                return self.inner(
+                    hidden_states=hidden_states,
+                    timestep=timestep,
+                    encoder_hidden_states=encoder_hidden_states,
+                    attention_kwargs=attention_kwargs,
+                    return_dict=False,
+                )
+            negative = self.negative.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+            both = self.inner(
+                hidden_states=torch.cat([hidden_states, hidden_states]),
+                timestep=torch.cat([timestep, timestep]),
+                encoder_hidden_states=torch.cat([encoder_hidden_states, negative]),
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+            conditional, unconditional = both.chunk(2)
+            self._pending = (hidden_states, unconditional)
+            return (conditional,)
+
+    return CfgBatched
+
+
+def cfg_batched(transformer):
+    """`transformer` wrapped so that each step's two passes run as one batch (see CfgBatched's docstring)."""
+    return _cfg_batched_class()(transformer)
+
+
+def denoiser(transformer):
+    """The transformer itself, inside a CfgBatched wrapper or not."""
+    return transformer.inner if is_cfg_batched(transformer) else transformer
+
+
+def is_cfg_batched(transformer) -> bool:
+    return type(transformer).__name__ == "CfgBatched" and type(transformer).__module__ == __name__
+
+
+def batch_cfg(pipe) -> None:
+    """Wrap `pipe.transformer` in CfgBatched and hand it each call's negative embeddings as the pipeline encodes
+    them (the pipeline keeps them in a local variable)."""
+    pipe.transformer = cfg_batched(pipe.transformer)
+    encode = pipe.encode_prompt
+
+    def encode_and_keep_negative(*args, **kwargs):
+        embeds, negative = encode(*args, **kwargs)
+        if is_cfg_batched(pipe.transformer):  # looked up per call: a compiled swap installs a new wrapper
+            pipe.transformer.negative = negative
+        return embeds, negative
+
+    pipe.encode_prompt = encode_and_keep_negative

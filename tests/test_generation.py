@@ -19,6 +19,7 @@ from PIL import Image
 from firegen_core import contract, errors
 from generation import __main__ as cli
 from generation import media, tiny
+from generation.compiling import default_cache_dir
 from generation.engine import Engine, EngineConfig
 from generation.pipelines import Runtime, derive_seed, frames_to_generate, resolve_seed
 
@@ -278,6 +279,7 @@ def test_engine_config_from_env():
         dtype="float16",
         preload=True,
         local_files_only=True,
+        compile_cache=default_cache_dir({}),
     )
     assert EngineConfig.from_env({}).video_model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert EngineConfig.from_env({}).offload_text_encoder is None  # auto: decided by the card's memory

@@ -119,3 +119,38 @@ def test_the_pinned_swap_copies_the_text_encoder_in_once_per_video_and_gives_the
     assert np.array_equal(video, engine.pipeline("text2video").generate(video_request(), 5))
     swapped.generate(video_request(), 5)
     assert swap.swaps == 2
+
+
+def test_wan_runs_each_steps_two_passes_as_one_batch_and_draws_the_same_video(engine):
+    """VideoPipeline.place wraps Wan's transformer (video_speed.CfgBatched): one batch of 2 per step instead of
+    a pass for the prompt and one for the negative prompt. Within 2 levels of the two-pass video (float32
+    rounding in a bigger batch)."""
+    from diffusers import WanPipeline
+
+    batched = engine.pipeline("text2video")
+    assert video_speed.is_cfg_batched(batched.pipe.transformer)
+    inner = video_speed.denoiser(batched.pipe.transformer)
+    batches = []
+    hook = inner.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        request = video_request(num_inference_steps=3)
+        video = batched.generate(request, 5).astype(int)
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 2]  # one call a step, on both halves
+    two_pass = WanPipeline(**{**batched.pipe.components, "transformer": inner})
+    two_pass.set_progress_bar_config(disable=True)
+    alone = VideoPipeline(two_pass, Runtime(), "tiny").generate(request, 5).astype(int)
+    assert np.abs(video - alone).max() <= 2
+    # Guidance 1 (no negative pass): nothing to batch.
+    batches.clear()
+    hook = inner.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        batched.generate(video_request(num_inference_steps=2, video_guidance_scale=1.0), 5)
+    finally:
+        hook.remove()
+    assert batches == [1, 1]
