@@ -56,6 +56,8 @@ def attention_backend(requested: str, device: str) -> str:
 
 
 def set_attention_backend(model, backend: str) -> None:
+    """Note: diffusers also makes `backend` its process-wide active backend (every dispatcher user without a
+    backend of its own); SDXL's UNet processors call torch's SDPA directly, so only Wan is concerned."""
     if backend != NATIVE:  # native is diffusers' default: nothing to set (and no "experimental" warning)
         model.set_attention_backend(backend)
 

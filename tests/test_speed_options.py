@@ -97,7 +97,7 @@ def test_first_block_cache_runs_and_its_psnr_against_the_full_run_is_measured(en
     request = video_request(num_inference_steps=8)
     full = VideoPipeline(pipe, Runtime(), "tiny-3-blocks").generate(request, 5)
 
-    runtime = Runtime(attention_backend="_native_math", video_cache_threshold=0.5)
+    runtime = Runtime(video_cache_threshold=0.5)
     VideoPipeline.place(pipe, runtime)  # the product's placement: attention backend, then the cache hooks
     assert transformer.is_cache_enabled
     cached = VideoPipeline(pipe, runtime, "tiny-3-blocks").generate(request, 5)
