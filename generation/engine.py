@@ -2,7 +2,8 @@
 
 `Engine` owns one `ImagePipeline` and one `VideoPipeline`, each loaded at most once per process (at start with
 `preload`, else on the first job that needs it), picks the device and dtype, draws the seed when the request
-has none, and encodes the outputs (PNG, MP4) with `generation.media`.
+has none, and encodes the outputs (PNG, MP4) with `generation.media`. `generate_batch` runs text2image jobs of
+one `batch_key` in one UNet batch; `compile_states` says which models still run eagerly while they compile.
 
 Configuration from the environment (`EngineConfig.from_env`):
 - `IMAGE_MODEL`, `VIDEO_MODEL`: a hub id, a local folder, `tiny`, or `none` to turn the capability off

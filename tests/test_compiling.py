@@ -69,6 +69,19 @@ def test_a_failing_compiler_leaves_the_unet_eager(tiny_cache, caplog):
     assert image.size == (64, 64)
 
 
+def test_the_engine_reports_each_models_compile_state(tiny_cache):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    config = EngineConfig(image_model="tiny", video_model="none", device="cpu")
+    engine = Engine(config, runtime=Runtime(compile_backend=broken_backend))
+    assert engine.compile_states() == {}  # nothing loaded yet
+    pipeline = engine.pipeline("text2image")
+    assert pipeline.compiler.wait(COMPILE_DEADLINE_S)
+    assert engine.compile_states() == {"text2image": "failed"}
+    assert len(engine.generate(image_request(num_inference_steps=1)).files) == 1  # served eagerly
+
+
 def test_the_wan_transformer_compiles_in_the_background_and_draws_the_same_video(engine, tiny_cache):
     pipeline = VideoPipeline.load("tiny", Runtime(compile_backend="eager"))
     assert pipeline.compiler.wait(COMPILE_DEADLINE_S)
