@@ -45,7 +45,10 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+
+from bench import gpu_speed
 
 PROMPT = "A sunset over mountains"
 SEED = 1234
@@ -213,7 +216,7 @@ TINY = {
         text_dim=32,
         freq_dim=32,
         ffn_dim=32,
-        num_layers=1,
+        num_layers=2,  # First Block Cache needs a head and a tail block
     ),
     "wan_vae": dict(WAN_VAE, base_dim=1, num_res_blocks=0),
     "umt5_xxl": dict(
@@ -249,6 +252,9 @@ WORKLOADS = {
         wan_steps=50,
         wan_measured_steps=4,
         wan_warmup_steps=2,
+        batch_sizes=(1, 4),
+        batch_steps=20,
+        wan_cache_steps=10,
     ),
     "tiny": dict(
         sdxl_size=(64, 64),
@@ -259,6 +265,9 @@ WORKLOADS = {
         wan_steps=50,
         wan_measured_steps=2,
         wan_warmup_steps=1,
+        batch_sizes=(1, 2),
+        batch_steps=2,
+        wan_cache_steps=4,
     ),
 }
 
@@ -267,7 +276,19 @@ WORKLOADS = {
 # cuBLAS/cuDNN: minutes on a fresh machine) if the budget still holds it. CUDA graphs ("reduce-overhead") buy
 # little here: at 1024x1024 a UNet call is tens of milliseconds of GPU work against a few of kernel launches.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-STEPS = ("sdxl_build", "sdxl_baseline", "sdxl_channels_last", "wan_build", "wan", "sdxl_with_wan", "sdxl_fused_qkv")
+STEPS = (
+    "sdxl_build",
+    "sdxl_baseline",
+    "sdxl_channels_last",
+    "wan_build",
+    "wan",
+    "wan_cache",
+    "sdxl_with_wan",
+    "sdxl_fused_qkv",
+    "sdxl_batch",
+    "sdxl_compile_cache",
+    "sdxl_fp8",
+)
 # Rough cost of each step on an H100 at full scale (seconds), for the budget: a step starts only if this much is
 # left (a compile mode not named here: 240 s).
 ESTIMATES_S = {
@@ -278,6 +299,10 @@ ESTIMATES_S = {
     "wan": 75,
     "sdxl_with_wan": 10,
     "sdxl_fused_qkv": 25,
+    "wan_cache": 60,
+    "sdxl_batch": 45,
+    "sdxl_compile_cache": 200,
+    "sdxl_fp8": 150,
     "sdxl_compiled_default": 120,
     "sdxl_compiled_max_autotune_no_cudagraphs": 200,
 }
@@ -554,6 +579,8 @@ def bench_gpu(
     out: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     offload: bool | None = None,
+    video_cache_threshold: float = 0.05,
+    attention: str = "auto",
 ) -> dict:
     """The GPU figures as one flat dict. Without CUDA (and no explicit `device`) the section is skipped.
 
@@ -576,7 +603,8 @@ def bench_gpu(
     from generation.pipelines import DiffusionCapability, ImagePipeline, Runtime, VideoPipeline
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    runtime = Runtime.detect(device, offload=offload)  # offload None: the product's auto (cards under 40 GiB)
+    # offload None: the product's auto (cards under 40 GiB); attention auto: the product's pick for the card
+    runtime = Runtime.detect(device, offload=offload, attention=attention)
     gpu = Gpu(runtime)
     work = WORKLOADS[scale]
     wan_steps = wan_steps or work["wan_measured_steps"]
@@ -590,6 +618,7 @@ def bench_gpu(
         "transformers": transformers.__version__,
         "budget_s": budget_s,
         "offload_text_encoder": runtime.offload_text_encoder,
+        "attention_backend": runtime.attention_backend,
         "sdxl_workload": "{}x{}, {} steps, 1 image, CFG".format(*work["sdxl_size"][::-1], work["sdxl_steps"]),
         "wan_workload": "{}x{}, {} frames, CFG".format(*work["wan_size"][::-1], work["wan_frames"]),
     }
@@ -682,9 +711,21 @@ def bench_gpu(
             pipe.unet = eager
             torch._dynamo.reset()
 
+    def sdxl_batch() -> dict:
+        request = replace(_image_request(work), num_inference_steps=work["batch_steps"])
+        return gpu_speed.measure_batch(state["sdxl"], gpu, request, work["batch_sizes"], SEED)
+
+    def sdxl_fp8() -> dict:
+        backend = compile_backend if runtime.is_cuda else None  # float8 gains come with inductor's fusions
+        return gpu_speed.measure_fp8(state["sdxl"], gpu, _image_request(work), work["runs"], SEED, backend)
+
+    def wan_cache() -> dict:
+        request = _video_request(work, work["wan_cache_steps"])
+        return gpu_speed.measure_wan_cache(state["wan"], gpu, request, video_cache_threshold, SEED)
+
     if not runtime.is_cuda and compile_backend == "inductor":
         # inductor on a CPU takes minutes: CUDA only
-        skip = (*skip, *(compiled_step(mode) for mode in compile_modes))
+        skip = (*skip, *(compiled_step(mode) for mode in compile_modes), "sdxl_compile_cache")
     figures.update(compile_backend=compile_backend, compile_modes=",".join(compile_modes))
 
     run("sdxl_build", sdxl_build)
@@ -692,12 +733,16 @@ def bench_gpu(
     run("sdxl_channels_last", sdxl_channels_last, needs=("sdxl",))
     run("wan_build", wan_build)
     run("wan", lambda: measure_wan(state["wan"], gpu, work, wan_steps), needs=("wan",))
+    run("wan_cache", wan_cache, needs=("wan",))
     run("sdxl_with_wan", sdxl_with_wan, needs=("sdxl", "wan"))
     state.pop("wan", None)  # Wan's memory goes back, so the SDXL-only modes below peak as SDXL alone
     gpu.free()
     run("sdxl_fused_qkv", sdxl_fused_qkv, needs=("sdxl",))
     for mode in compile_modes:
         run(compiled_step(mode), lambda: sdxl_compiled(mode), needs=("sdxl",))
+    run("sdxl_batch", sdxl_batch, needs=("sdxl",))
+    run("sdxl_compile_cache", lambda: gpu_speed.measure_compile_cache(state["sdxl"], gpu, compile_backend), ("sdxl",))
+    run("sdxl_fp8", sdxl_fp8, needs=("sdxl",))  # last: it quantizes the UNet in place
 
     state.clear()
     gpu.free()
@@ -766,6 +811,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="Wan's UMT5 encoder in CPU memory (default: the product's auto, on under 40 GiB)",
     )
+    parser.add_argument(
+        "--video-cache-threshold", type=float, default=0.05, help="First Block Cache threshold of the wan_cache step"
+    )
+    parser.add_argument(
+        "--attention", default="auto", help="Wan's attention backend (FIREGEN_ATTENTION_BACKEND; default auto)"
+    )
     parser.add_argument("--params", action="store_true", help="only print the full-size parameter counts (meta)")
     args = parser.parse_args(argv)
     if args.params:
@@ -788,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
         skip,
         args.out,
         offload=offload,
+        video_cache_threshold=args.video_cache_threshold,
+        attention=args.attention,
     )
     print(json.dumps(figures, indent=2))
     return 0

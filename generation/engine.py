@@ -2,7 +2,8 @@
 
 `Engine` owns one `ImagePipeline` and one `VideoPipeline`, each loaded at most once per process (at start with
 `preload`, else on the first job that needs it), picks the device and dtype, draws the seed when the request
-has none, and encodes the outputs (PNG, MP4) with `generation.media`.
+has none, and encodes the outputs (PNG, MP4) with `generation.media`. `generate_batch` runs text2image jobs of
+one `batch_key` in one UNet batch; `compile_states` says which models still run eagerly while they compile.
 
 Configuration from the environment, validated by `generation.settings.ModelSettings` (`EngineConfig.from_settings`):
 - `IMAGE_MODEL`, `VIDEO_MODEL`: a hub id, a local folder, `tiny`, or `none` to turn the capability off
@@ -10,10 +11,19 @@ Configuration from the environment, validated by `generation.settings.ModelSetti
 - `FIREGEN_DEVICE` (`cuda`, `cuda:1`, `cpu`; default: CUDA when present), `FIREGEN_DTYPE` (`bfloat16`,
   `float16`, `float32`; default: bfloat16 on CUDA, float32 on CPU).
 - `FIREGEN_OFFLOAD_TEXT_ENCODER` (`auto`, `on`, `off`; default `auto`: on for a CUDA card under 40 GiB): keep Wan's
-  10.6 GiB UMT5 text encoder in CPU memory and stream it in while it encodes, so SDXL and Wan fit a 24 GB card
-  together, at a few seconds per video.
-- `FIREGEN_COMPILE=on` (CUDA only; default off): fused QKV projections and `torch.compile` of SDXL's UNet,
-  compiled at load with a one-step warm-up (about 2 minutes on an H100): 2.4 s -> 1.2 s per 1024x1024 image.
+  10.6 GiB UMT5 text encoder in pinned CPU memory and copy it in whole (non-blocking) for each video's prompt
+  encoding, so SDXL and Wan fit a 24 GB card together.
+- `FIREGEN_COMPILE` (`auto`, `on`, `off`; default `auto`: on for CUDA, off on a CPU): `torch.compile` of SDXL's
+  UNet (fused QKV) and Wan's transformer, compiled in the background while jobs run eagerly, then swapped in
+  (generation.compiling); a compiler failure stays eager. 2.4 s -> 1.2 s per 1024x1024 image on an H100.
+- `FIREGEN_COMPILE_CACHE`: folder of torch's portable compile cache (default: /runpod-volume/firegen-compile
+  when the network volume is mounted, else $HF_HOME/firegen-compile; `off`: none).
+- `FIREGEN_FP8` (`on`, `off`; default off): SDXL's UNet and Wan's transformer in float8 (torchao, dynamic, row-wise;
+  lossy, opt-in). Where it can't run (CPU, a card before Ada, torchao missing) start-up refuses in one line.
+- `FIREGEN_ATTENTION_BACKEND` (default `auto`: FlashAttention 3 / 2 when installed for the card, else torch's
+  SDPA): the attention backend of Wan's transformer (diffusers' attention dispatcher).
+- `FIREGEN_VIDEO_CACHE` (`off`, `firstblock`; default off) and `FIREGEN_VIDEO_CACHE_THRESHOLD` (default 0.05):
+  Wan's lossy step caching (diffusers' First Block Cache).
 - `FIREGEN_PRELOAD=1`: load both models when the engine is built instead of on first use.
 - `FIREGEN_CACHE`: where `tiny` pipelines are built (default `~/.cache/firegen`).
 - `HF_HUB_OFFLINE=1`: load hub ids from the local Hugging Face cache only.
@@ -31,16 +41,19 @@ from typing import NamedTuple
 from firegen_core import errors
 from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
 
-from . import media
+from . import fp8, media, video_speed
+from .compiling import default_cache_dir
 from .pipelines import (
     DISABLED,
     IMAGE_MODEL_DEFAULT,
     VIDEO_MODEL_DEFAULT,
+    BatchItem,
     DiffusionCapability,
     ImagePipeline,
     ProgressFn,
     Runtime,
     VideoPipeline,
+    batch_key,  # noqa: F401  (re-exported: the listener groups queued jobs with it)
     resolve_seed,
 )
 from .settings import ModelSettings, model_settings
@@ -48,6 +61,32 @@ from .settings import ModelSettings, model_settings
 log = logging.getLogger(__name__)
 
 CAPABILITIES: dict[str, type[DiffusionCapability]] = {TEXT2IMAGE: ImagePipeline, TEXT2VIDEO: VideoPipeline}
+
+
+_AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def _fp8(settings: ModelSettings) -> bool:
+    """FIREGEN_FP8: on where it can't run is refused here, at start-up, in one line (auto is off: FP8 is lossy,
+    so it is only ever asked for)."""
+    if settings.fp8 != "on":
+        return False
+    import torch
+
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if reason := fp8.refusal(device):
+        raise ValueError(reason)
+    return True
+
+
+def _attention(settings: ModelSettings) -> str:
+    video_speed.attention_backend(settings.attention_backend, "cpu")  # an unknown name is refused at start-up
+    return settings.attention_backend
+
+
+def _compile_cache(settings: ModelSettings) -> str | None:
+    value = settings.compile_cache or default_cache_dir({"HF_HOME": settings.hf_home or ""})
+    return None if value.lower() in ("off", "0", "false", "no", DISABLED) else value
 
 
 @dataclass(frozen=True)
@@ -60,7 +99,11 @@ class EngineConfig:
     cache_dir: str | None = None  # for `tiny` pipelines; None: $FIREGEN_CACHE or ~/.cache/firegen
     local_files_only: bool = False
     offload_text_encoder: bool | None = None  # None: auto (Runtime.detect)
-    compile: bool = False
+    compile: bool | None = None  # None: auto (on for CUDA)
+    compile_cache: str | None = None  # None: no persistent compile cache
+    fp8: bool = False  # FIREGEN_FP8 (generation.fp8); refused where it can't run
+    attention_backend: str = "auto"  # FIREGEN_ATTENTION_BACKEND (generation.video_speed)
+    video_cache_threshold: float | None = None  # FIREGEN_VIDEO_CACHE=firstblock, FIREGEN_VIDEO_CACHE_THRESHOLD
 
     @classmethod
     def from_settings(cls, settings: ModelSettings) -> EngineConfig:
@@ -73,8 +116,12 @@ class EngineConfig:
             preload=settings.preload == "on",
             cache_dir=settings.cache_dir,
             local_files_only=settings.hf_hub_offline == "on",
-            offload_text_encoder={"auto": None, "on": True, "off": False}[settings.offload_text_encoder],
-            compile=settings.compile == "on",
+            offload_text_encoder=_AUTO_ON_OFF[settings.offload_text_encoder],
+            compile=_AUTO_ON_OFF[settings.compile],
+            compile_cache=_compile_cache(settings),
+            fp8=_fp8(settings),
+            attention_backend=_attention(settings),
+            video_cache_threshold=video_speed.parse_video_cache(settings.video_cache, settings.video_cache_threshold),
         )
 
     @classmethod
@@ -156,7 +203,14 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, runtime: Runtime | None = None):
         self.config = config or EngineConfig()
         self.runtime = runtime or Runtime.detect(
-            self.config.device, self.config.dtype, self.config.offload_text_encoder, self.config.compile
+            self.config.device,
+            self.config.dtype,
+            self.config.offload_text_encoder,
+            self.config.compile,
+            self.config.compile_cache,
+            self.config.fp8,
+            self.config.attention_backend,
+            self.config.video_cache_threshold,
         )
         self._pipelines: dict[str, DiffusionCapability] = {}
         self._load_lock = threading.Lock()
@@ -190,6 +244,13 @@ class Engine:
     def loaded(self, task_type: str) -> bool:
         return task_type in self._pipelines
 
+    def compile_states(self) -> dict[str, str]:
+        """Per loaded model: "eager" (not compiling), "compiling" (serving eagerly meanwhile), "compiled", "failed"."""
+        return {
+            task_type: pipeline.compiler.state if pipeline.compiler else "eager"
+            for task_type, pipeline in self._pipelines.items()
+        }
+
     def pipeline(self, task_type: str) -> DiffusionCapability:
         """The loaded pipeline for `task_type`, loading it on first use; ModelNotAvailable if it can't be."""
         if not self.config.enabled(task_type):
@@ -211,11 +272,46 @@ class Engine:
         loaded = time.perf_counter()
         seed = resolve_seed(request.seed)
         output = pipeline.generate(request, seed, progress)
-        generated = time.perf_counter()
+        return self._finish(request, seed, output, pipeline.role, (started, loaded, time.perf_counter()))
+
+    def generate_batch(
+        self, requests: list[GenerationRequest], progress: list[ProgressFn | None] | None = None
+    ) -> list[GenerationResult | errors.GenerationError | errors.Interrupted]:
+        """Run text2image jobs of one `batch_key` in one pipeline call, each with its own prompt, seed and
+        `progress[i]`. Per job, in order: its result (the same images as `generate` would give, to within
+        rounding), or the GenerationError / errors.Interrupted it ended with, so the caller fails or drops that job
+        alone. ValueError if the requests don't share a `batch_key`."""
+        progress = progress or [None] * len(requests)
+        started = time.perf_counter()
+        try:
+            pipeline = self.pipeline(TEXT2IMAGE)
+            assert isinstance(pipeline, ImagePipeline)  # batches are text2image only (batch_key)
+            loaded = time.perf_counter()
+            seeds = [resolve_seed(request.seed) for request in requests]
+            items = [BatchItem(*item) for item in zip(requests, seeds, progress, strict=True)]
+            outputs = pipeline.generate_batch(items)
+        except (errors.GenerationError, errors.Interrupted) as failure:
+            return [failure] * len(requests)
+        marks = (started, loaded, time.perf_counter())
+        results: list[GenerationResult | errors.GenerationError | errors.Interrupted] = []
+        for request, seed, output in zip(requests, seeds, outputs):
+            try:
+                results.append(
+                    output
+                    if isinstance(output, errors.Interrupted)
+                    else self._finish(request, seed, output, pipeline.role, marks)
+                )
+            except errors.GenerationError as failure:
+                results.append(failure)
+        return results
+
+    def _finish(self, request: GenerationRequest, seed: int, output, role: str, marks: tuple) -> GenerationResult:
+        """Encode `output`; `marks`: when the job started, its model was there and its generation ended."""
+        started, loaded, generated = marks
         try:
             files, width, height, info = self._encode(request, output)
         except Exception as exc:
-            raise errors.classify(exc, during=f"{pipeline.role.lower()} encoding") from exc
+            raise errors.classify(exc, during=f"{role.lower()} encoding") from exc
         timings = Timings(loaded - started, generated - loaded, time.perf_counter() - generated)
         return GenerationResult(request.task_type, seed, files, width, height, info, timings)
 

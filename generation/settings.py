@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .pipelines import IMAGE_MODEL_DEFAULT, VIDEO_MODEL_DEFAULT
 
 OnOff = Literal["on", "off"]
+AutoOnOff = Literal["auto", "on", "off"]
 _BOOL_WORDS = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 
 
@@ -40,15 +41,21 @@ class ModelSettings(BaseSettings):
     video_model: str = Field(VIDEO_MODEL_DEFAULT, validation_alias=env("VIDEO_MODEL"))
     device: str | None = Field(None, validation_alias=env("FIREGEN_DEVICE"))  # None: CUDA when present
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(None, validation_alias=env("FIREGEN_DTYPE"))
-    offload_text_encoder: Literal["auto", "on", "off"] = Field(
-        "auto", validation_alias=env("FIREGEN_OFFLOAD_TEXT_ENCODER")
-    )
-    compile: OnOff = Field("off", validation_alias=env("FIREGEN_COMPILE"))
+    offload_text_encoder: AutoOnOff = Field("auto", validation_alias=env("FIREGEN_OFFLOAD_TEXT_ENCODER"))
+    # Speed options (generation.compiling, generation.fp8, generation.video_speed); the engine checks at start-up
+    # what depends on the card (FP8) or on diffusers (the attention backend's name, the video cache's threshold).
+    compile: AutoOnOff = Field("auto", validation_alias=env("FIREGEN_COMPILE"))
+    compile_cache: str | None = Field(None, validation_alias=env("FIREGEN_COMPILE_CACHE"))
+    hf_home: str | None = Field(None, validation_alias=env("HF_HOME"))
+    fp8: AutoOnOff = Field("off", validation_alias=env("FIREGEN_FP8"))
+    attention_backend: str = Field("auto", validation_alias=env("FIREGEN_ATTENTION_BACKEND"))
+    video_cache: str = Field("off", validation_alias=env("FIREGEN_VIDEO_CACHE"))
+    video_cache_threshold: str | None = Field(None, validation_alias=env("FIREGEN_VIDEO_CACHE_THRESHOLD"))
     preload: OnOff = Field("off", validation_alias=env("FIREGEN_PRELOAD"))
     cache_dir: str | None = Field(None, validation_alias=env("FIREGEN_CACHE"))
     hf_hub_offline: OnOff = Field("off", validation_alias=env("HF_HUB_OFFLINE"))
 
-    @field_validator("image_model", "video_model", "device", mode="before")
+    @field_validator("image_model", "video_model", "device", "attention_backend", mode="before")
     @classmethod
     def _strip(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value
@@ -58,7 +65,7 @@ class ModelSettings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("offload_text_encoder", "compile", "preload", "hf_hub_offline", mode="before")
+    @field_validator("offload_text_encoder", "compile", "fp8", "preload", "hf_hub_offline", mode="before")
     @classmethod
     def _on_off(cls, value: Any) -> Any:
         value = value.strip().lower() if isinstance(value, str) else value

@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
     imported = time.perf_counter()
     quiet_loading()  # one JSON event per line: no progress bars in the worker's output
-    engine = Engine(EngineConfig.from_settings(settings))
+    try:
+        engine = Engine(EngineConfig.from_settings(settings))
+    except ValueError as exc:  # a speed option this card cannot run (FIREGEN_FP8 on a CPU, ...): one line
+        print(f"listener: configuration error: {exc}", file=sys.stderr)
+        return 2
     for task_type, failure in engine.preload().items():
         log.warning("model_not_available", task_type=task_type, error=failure.message)
     loaded = time.perf_counter()

@@ -152,12 +152,12 @@ class JobRunner:
             result = self.generator.generate(request, progress=progress)
             t1 = time.monotonic()
             progress(1.0)
-            urls = self.results.upload(request.user_id, request.file_uid, request.task_type, result.files)
+            urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
             t2 = time.monotonic()
             fields = lifecycle.success(
                 task_type=request.task_type,
-                user_id=request.user_id,
-                file_uid=request.file_uid,
+                user_id=job.key.user_id,
+                file_uid=job.key.file_uid,
                 urls=urls,
                 seed=result.seed,
                 video_info=result.video_info,
@@ -204,7 +204,7 @@ class JobRunner:
         """Delete the job's objects; only ever called right after this worker wrote the job's end (it held the
         lease, so no other worker is writing the same names)."""
         count = 1 if request.is_video else request.num_images_per_prompt
-        removed = _quietly(lambda: self.results.remove(request.user_id, request.file_uid, request.task_type, count))
+        removed = _quietly(lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count))
         if removed:
             log.info("job_results_removed", objects=removed, **_ids(job))
 

@@ -89,6 +89,13 @@ def test_the_whole_section_runs_at_tiny_scale_on_the_cpu(tmp_path):
     assert figures["wan_2steps_s"] > 0
     extrapolated = figures["wan_encode_s"] + 50 * figures["wan_step_s"] + figures["wan_decode_s"]
     assert figures["wan_50steps_extrapolated_s"] == pytest.approx(extrapolated, abs=0.15)
+    # The speed options (bench/gpu_speed.py).
+    assert figures["attention_backend"] == "native"
+    assert figures["sdxl_batch1_2steps_images_per_s"] > 0 and figures["sdxl_batch2_2steps_images_per_s"] > 0
+    assert figures["compile_cold_s"] > 0 and figures["compile_warm_s"] > 0
+    assert figures["compile_cache_mib"] == 0  # the "eager" backend leaves no artifacts (inductor does)
+    assert figures["sdxl_fp8_refused"].startswith("FIREGEN_FP8=on needs a CUDA GPU")
+    assert figures["wan_cache_speedup"] > 0 and figures["wan_cache_psnr_db"] > 10
     # Memory figures are CUDA-only; the goals are only judged at full scale on CUDA.
     assert "sdxl_baseline_peak_gib" not in figures and "sdxl_goal_1s" not in figures
 
@@ -105,6 +112,7 @@ def test_a_failing_step_is_reported_and_the_others_still_run(monkeypatch):
     # inductor is CUDA-only: its compile steps are skipped on the CPU, and said so.
     assert figures["skipped_sdxl_compiled_default"] == "skipped"
     assert figures["skipped_sdxl_compiled_max_autotune_no_cudagraphs"] == "skipped"
+    assert figures["skipped_sdxl_compile_cache"] == "skipped"
 
 
 def test_the_budget_skips_what_does_not_fit_and_says_why():

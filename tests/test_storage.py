@@ -361,7 +361,7 @@ def test_settings_errors_name_the_variable(clean_env):
     clean_env.setenv("FIREGEN_OFFLOAD_TEXT_ENCODER", " TRUE ")
     assert load_settings().offload_text_encoder == "on"
     clean_env.setenv("FIREGEN_COMPILE", "fast")
-    with pytest.raises(SettingsError, match="^FIREGEN_COMPILE must be one of on, off$"):
+    with pytest.raises(SettingsError, match="^FIREGEN_COMPILE must be one of auto, on, off$"):
         load_settings()
 
 

@@ -1,0 +1,48 @@
+"""FIREGEN_FP8=on: the denoisers' linear layers in float8 (torchao: dynamic activation and weight scaling, one
+scale per row), for Hopper/Ada GPUs. Opt-in: lossy (its PSNR/SSIM against bf16 is measured by bench/gpu.py).
+
+torchao is not a dependency of the worker: it is imported only when FP8 is asked for, and a worker asked for FP8
+where it cannot run it (no CUDA, a card without float8 tensor cores, torchao missing) refuses to start with one
+line naming the setting, instead of silently serving the slower bf16 it was not configured for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+SETTING = "FIREGEN_FP8"
+MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9), Hopper (9.0) and later
+# float8 matmuls (torch._scaled_mm) need both dimensions divisible by 16; other layers stay in bf16.
+ALIGNMENT = 16
+
+
+def refusal(device: str) -> str | None:
+    """Why FP8 can't run on `device`, as the one line start-up refuses with; None when it can."""
+    if not device.startswith("cuda"):
+        return f"{SETTING}=on needs a CUDA GPU with float8 support (this worker runs on {device}); unset it"
+    import torch
+
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return f"{SETTING}=on needs compute capability 8.9+ (Ada, Hopper); {name} is {capability[0]}.{capability[1]}"
+    if importlib.util.find_spec("torchao") is None:
+        return f"{SETTING}=on needs torchao (pip install torchao), which is not installed"
+    return None
+
+
+def _fits(module, _name: str) -> bool:
+    import torch
+
+    return (
+        isinstance(module, torch.nn.Linear)
+        and module.in_features % ALIGNMENT == 0
+        and module.out_features % ALIGNMENT == 0
+    )
+
+
+def quantize(model) -> None:
+    """Float8 dynamic activations and weights, row-wise scales, on `model`'s aligned linear layers (in place)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fits)

@@ -1,0 +1,156 @@
+"""The opt-in speed settings on the CPU: FP8 refuses clearly where it can't run; Wan's attention backend, step
+cache (First Block Cache) and pinned text-encoder swap run on the tiny Wan.
+
+Speed is measured only by bench/gpu.py on a GPU; here the code paths run and their outputs are compared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fixtures_generation import PROMPT, engine, image_request, tiny_cache, video_request  # noqa: F401
+
+from generation import __main__ as cli
+from generation import fp8, video_speed
+from generation.engine import Engine, EngineConfig
+from generation.pipelines import Runtime, VideoPipeline
+
+FP8_ON_CPU = "FIREGEN_FP8=on needs a CUDA GPU with float8 support (this worker runs on cpu); unset it"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+# --- FP8 ----------------------------------------------------------------------------------------------------
+
+
+def test_fp8_on_a_cpu_is_refused_at_start_up_in_one_line(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ValueError) as refused:
+        EngineConfig.from_env({"FIREGEN_FP8": "on", "FIREGEN_DEVICE": "cpu"})
+    assert str(refused.value) == FP8_ON_CPU
+    with pytest.raises(ValueError, match="FIREGEN_FP8=on needs a CUDA GPU"):
+        Engine(EngineConfig(image_model="none", video_model="none", device="cpu", fp8=True))
+    assert not EngineConfig.from_env({"FIREGEN_FP8": "off"}).fp8 and not EngineConfig.from_env({}).fp8
+    with pytest.raises(ValueError, match="^FIREGEN_FP8 must be one of auto, on, off$"):
+        EngineConfig.from_env({"FIREGEN_FP8": "sometimes"})
+    # The CLI: one line, exit 2, nothing generated.
+    monkeypatch.setenv("FIREGEN_FP8", "on")
+    monkeypatch.setenv("FIREGEN_DEVICE", "cpu")
+    assert cli.main(["--prompt", PROMPT, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"configuration error: {FP8_ON_CPU}\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_fp8_on_a_card_without_torchao_or_float8_is_refused(monkeypatch):
+    """No GPU here: torch.cuda's capability and name are stood in for; torchao is really not installed."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert fp8.refusal("cuda") == "FIREGEN_FP8=on needs compute capability 8.9+ (Ada, Hopper); Stand-in GPU is 8.6"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    if __import__("importlib").util.find_spec("torchao") is None:
+        assert fp8.refusal("cuda") == "FIREGEN_FP8=on needs torchao (pip install torchao), which is not installed"
+
+
+# --- Wan: attention backend, step cache, text-encoder swap --------------------------------------------------
+
+
+def test_attention_backend_setting():
+    assert video_speed.attention_backend("auto", "cpu") == "native"
+    assert video_speed.attention_backend("FLEX", "cpu") == "flex"
+    with pytest.raises(ValueError, match="^FIREGEN_ATTENTION_BACKEND must be auto or one of .*'fastest'"):
+        EngineConfig.from_env({"FIREGEN_ATTENTION_BACKEND": "fastest"})
+    assert EngineConfig.from_env({}).attention_backend == "auto"
+
+
+def test_video_cache_settings():
+    assert EngineConfig.from_env({}).video_cache_threshold is None
+    assert EngineConfig.from_env({"FIREGEN_VIDEO_CACHE": "firstblock"}).video_cache_threshold == 0.05
+    config = EngineConfig.from_env({"FIREGEN_VIDEO_CACHE": "FirstBlock", "FIREGEN_VIDEO_CACHE_THRESHOLD": "0.1"})
+    assert config.video_cache_threshold == 0.1
+    with pytest.raises(ValueError, match="^FIREGEN_VIDEO_CACHE must be one of off, firstblock"):
+        EngineConfig.from_env({"FIREGEN_VIDEO_CACHE": "teacache"})
+    with pytest.raises(ValueError, match="^FIREGEN_VIDEO_CACHE_THRESHOLD must be a number between 0 and 1"):
+        EngineConfig.from_env({"FIREGEN_VIDEO_CACHE": "firstblock", "FIREGEN_VIDEO_CACHE_THRESHOLD": "high"})
+
+
+def test_first_block_cache_runs_and_its_psnr_against_the_full_run_is_measured(engine, capsys):
+    """The tiny Wan has one transformer block and First Block Cache needs a head and a tail block: the same
+    tiny architecture with 3 blocks (random weights, fixed seed) runs fully, then with the cache."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    tiny_pipe = engine.pipeline("text2video").pipe
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel.from_config({**tiny_pipe.transformer.config, "num_layers": 3}).eval()
+    pipe = WanPipeline(**{**tiny_pipe.components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    request = video_request(num_inference_steps=8)
+    full = VideoPipeline(pipe, Runtime(), "tiny-3-blocks").generate(request, 5)
+
+    runtime = Runtime(video_cache_threshold=0.5)
+    VideoPipeline.place(pipe, runtime)  # the product's placement: attention backend, then the cache hooks
+    assert transformer.is_cache_enabled
+    cached = VideoPipeline(pipe, runtime, "tiny-3-blocks").generate(request, 5)
+    assert cached.shape == full.shape
+    value = psnr(cached, full)
+    with capsys.disabled():
+        print(f"\nFirst Block Cache (threshold 0.5, 8 steps, tiny Wan, 3 blocks): PSNR {value:.1f} dB vs the full run")
+    assert value > 10  # the same video, with some steps' tail blocks reused
+
+
+def test_the_pinned_swap_copies_the_text_encoder_in_once_per_video_and_gives_the_same_video(engine, tiny_cache):
+    """On CUDA the CPU copies are pinned and the copies non-blocking; here the same swap runs CPU to CPU."""
+    swapped = VideoPipeline.load("tiny", Runtime())
+    swap = video_speed.swap_text_encoder(swapped.pipe, "cpu")
+    host = [tensor.data_ptr() for tensor in swap.host]
+    video = swapped.generate(video_request(), 5)
+    assert swap.swaps == 1  # prompt and negative prompt share one copy
+    assert not swap.on_device and [t.data_ptr() for t in swap.tensors] == host  # back on the CPU copies
+    assert np.array_equal(video, engine.pipeline("text2video").generate(video_request(), 5))
+    swapped.generate(video_request(), 5)
+    assert swap.swaps == 2
+
+
+def test_wan_runs_each_steps_two_passes_as_one_batch_and_draws_the_same_video(engine):
+    """VideoPipeline.place wraps Wan's transformer (video_speed.CfgBatched): one batch of 2 per step instead of
+    a pass for the prompt and one for the negative prompt. Within 2 levels of the two-pass video (float32
+    rounding in a bigger batch)."""
+    from diffusers import WanPipeline
+
+    batched = engine.pipeline("text2video")
+    assert video_speed.is_cfg_batched(batched.pipe.transformer)
+    inner = video_speed.denoiser(batched.pipe.transformer)
+    batches = []
+    hook = inner.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        request = video_request(num_inference_steps=3)
+        video = batched.generate(request, 5).astype(int)
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 2]  # one call a step, on both halves
+    two_pass = WanPipeline(**{**batched.pipe.components, "transformer": inner})
+    two_pass.set_progress_bar_config(disable=True)
+    alone = VideoPipeline(two_pass, Runtime(), "tiny").generate(request, 5).astype(int)
+    assert np.abs(video - alone).max() <= 2
+    # Guidance 1 (no negative pass): nothing to batch.
+    batches.clear()
+    hook = inner.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        batched.generate(video_request(num_inference_steps=2, video_guidance_scale=1.0), 5)
+    finally:
+        hook.remove()
+    assert batches == [1, 1]
