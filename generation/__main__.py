@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Engine, EngineConfig, quiet_loading  # after validation: it pulls in torch
 
     quiet_loading()  # loading bars would bury the paths this command prints
-    engine = Engine(EngineConfig.from_settings(settings))
+    try:
+        engine = Engine(EngineConfig.from_settings(settings))
+    except ValueError as error:  # a speed option this machine cannot run (FIREGEN_FP8 on a CPU, ...)
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
     try:
         result = engine.generate(request)
     except errors.GenerationError as error:
