@@ -40,7 +40,8 @@ class JobStatus(StrEnum):
     FAILED = "failed"
 
 
-QUEUED, PROCESSING, COMPLETED, FAILED = JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.COMPLETED, JobStatus.FAILED
+# Plain strings where a value leaves the process (docs, replies, logs): a StrEnum member prints as its repr.
+QUEUED, PROCESSING, COMPLETED, FAILED = (status.value for status in JobStatus)
 CANCEL_REQUESTED = "cancel_requested"  # set by the job's owner (client or the cancelGeneration callable)
 RELEASES = "releases"  # how many times leaving workers gave the job back
 FINAL_STATES = (COMPLETED, FAILED)

@@ -10,27 +10,33 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from google.api_core.retry import Retry
 from google.cloud import firestore
 from google.cloud.firestore import SERVER_TIMESTAMP, FieldFilter
 
 WORKERS = "workers"
 SEEN_AT = "seen_at"
-CALL_TIMEOUT = 15.0
+CALL_TIMEOUT = 15.0  # seconds, retries included: liveness is best effort and must never hold up a sweep
+LEAVE_TIMEOUT = 5.0  # on shutdown: the doc ages out anyway (the sweep reads `seen_at`, not its presence)
+
+
+def _bounded(seconds: float) -> dict:
+    return {"timeout": seconds, "retry": Retry(timeout=seconds)}
 
 
 def beat(client: firestore.Client, worker_id: str, *, busy: int, concurrency: int, started_at: datetime) -> None:
     """Say this worker is alive now (server time), with how many of its slots are busy."""
     client.collection(WORKERS).document(worker_id).set(
         {SEEN_AT: SERVER_TIMESTAMP, "busy": busy, "concurrency": concurrency, "started_at": started_at},
-        timeout=CALL_TIMEOUT,
+        **_bounded(CALL_TIMEOUT),
     )
 
 
 def leave(client: firestore.Client, worker_id: str) -> None:
-    client.collection(WORKERS).document(worker_id).delete(timeout=CALL_TIMEOUT)
+    client.collection(WORKERS).document(worker_id).delete(**_bounded(LEAVE_TIMEOUT))
 
 
 def alive_since(client: firestore.Client, since: datetime) -> bool:
     """Whether any worker has been seen at or after `since`."""
     query = client.collection(WORKERS).where(filter=FieldFilter(SEEN_AT, ">=", since)).limit(1)
-    return any(True for _ in query.stream(timeout=CALL_TIMEOUT))
+    return any(True for _ in query.stream(**_bounded(CALL_TIMEOUT)))
