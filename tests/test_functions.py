@@ -949,8 +949,10 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
                 }
             },
         )
-        assert emu.wait_until(lambda: f"generations/{uid}/videos/cli-1: skipped" in cli.log_tail(400), 30, 0.1)
-        assert f"generations/{uid}/images/cli-2: accepted" in cli.log_tail(400)
+        # The trigger logs through firebase_functions.logger: one JSON entry per outcome.
+        skipped = f'"document": "generations/{uid}/videos/cli-1", "outcome": "skipped"'
+        assert emu.wait_until(lambda: skipped in cli.log_tail(400), 30, 0.1), cli.log_tail()
+        assert f'"document": "generations/{uid}/images/cli-2", "outcome": "accepted"' in cli.log_tail(400)
         assert CLI_KEY not in cli.log_path.read_text()
     finally:
         cli.stop()
