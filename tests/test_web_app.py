@@ -224,7 +224,8 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
     )
     sizes = images.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
     assert sizes == [[256, 320], [256, 320]]
-    assert card.get_by_role("link", name="Download image 2").get_attribute("href").endswith("_1.png?alt=media")
+    href = card.get_by_role("link", name="Download image 2").get_attribute("href")
+    assert re.search(r"_1\.png\?alt=media&token=[0-9a-f-]{36}$", href), href  # token URLs by default
     text = card.inner_text()
     assert (
         "a lighthouse at dusk" in text and re.search(r"Seed\s+\d+", text) and re.search(r"Generation\s+[\d.]+ s", text)
