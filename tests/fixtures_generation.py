@@ -13,6 +13,18 @@ from generation.engine import Engine, EngineConfig
 PROMPT = "A sunset over mountains"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared two-core machine OpenMP's spin-waits do harm.
+    Import it into a module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A fresh FIREGEN_CACHE for the session, so tests never use (or leave behind) a stale tiny build."""

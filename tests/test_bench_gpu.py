@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures_generation import one_thread  # noqa: F401
 
 from bench import gpu as bench_gpu_module
 from bench.gpu import (
@@ -30,14 +31,7 @@ from bench.gpu import (
     summarize,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared two-core machine OpenMP's spin-waits do harm."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quiet(_line: str) -> None:

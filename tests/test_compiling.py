@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from fixtures_generation import engine, image_request, tiny_cache, video_request  # noqa: F401
+from fixtures_generation import engine, image_request, one_thread, tiny_cache, video_request  # noqa: F401
 
 from generation.compiling import CompileCache, default_cache_dir
 from generation.engine import Engine, EngineConfig
@@ -22,12 +22,7 @@ from generation.pipelines import ImagePipeline, Runtime, VideoPipeline
 COMPILE_DEADLINE_S = 120
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def is_compiled(module) -> bool:

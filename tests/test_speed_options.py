@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fixtures_generation import PROMPT, engine, image_request, tiny_cache, video_request  # noqa: F401
+from fixtures_generation import PROMPT, engine, image_request, one_thread, tiny_cache, video_request  # noqa: F401
 
 from generation import __main__ as cli
 from generation import fp8, video_speed
@@ -19,12 +19,7 @@ from generation.pipelines import Runtime, VideoPipeline
 FP8_ON_CPU = "FIREGEN_FP8=on needs a CUDA GPU with float8 support (this worker runs on cpu); unset it"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
