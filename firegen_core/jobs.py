@@ -149,6 +149,11 @@ class JobStore:
     def release(self, job: ClaimedJob) -> bool:
         return self._fenced(job, lambda doc, now: lifecycle.release(doc))
 
+    def holds(self, job: ClaimedJob) -> bool:
+        """Whether the job is still this claim's (a read: the fence a worker checks before uploading results)."""
+        snapshot = self.ref(job.key).get(timeout=CALL_TIMEOUT)
+        return lifecycle.holds(snapshot.to_dict() if snapshot.exists else None, job.lease)
+
     def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
         """Fail a queued job without running it (for example when the callable's request was rejected)."""
         return self.transition(

@@ -189,23 +189,123 @@ def test_shutdown_lets_a_job_finish_within_the_grace_period(make_worker, firesto
     assert doc(firestore_client, key)["status"] == "completed"
 
 
-def test_a_worker_that_lost_its_lease_writes_nothing(firestore_client, results, bucket):
+def blobs(bucket) -> dict[str, tuple]:
+    """Every object of the bucket with what an overwrite would change: generation, checksum, metadata."""
+    return {b.name: (b.generation, b.md5_hash, b.metadata) for b in bucket.list_blobs()}
+
+
+def run_in_thread(runner: JobRunner, job) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("end", runner.run(job)))
+    thread.start()
+    return thread, outcome
+
+
+@pytest.fixture
+def token_results(storage_client, bucket, storage_emulator):
+    """Token-style URLs: an overwrite would also replace the download token a client already holds."""
+    return ResultStore(storage_client, bucket.name, url_style="token", emulator_host=storage_emulator.url)
+
+
+@pytest.mark.parametrize("thief_finished", [False, True], ids=["thief-running", "thief-completed"])
+def test_a_worker_that_lost_its_lease_writes_nothing(firestore_client, token_results, bucket, thief_finished):
+    """A stale worker (its lease ran out, another worker took the job over) wakes up and finishes generating:
+    nothing of it reaches Storage or Firestore, whether the new owner is still running or already done."""
     key = JobKey("u1", "images", "stolen")
     write_job(firestore_client, key)
     store = JobStore(firestore_client, worker_id="slow", lease_seconds=0.3)
     job = store.claim(key)
-    thief = JobStore(firestore_client, worker_id="thief")
     gate = threading.Event()
-    runner = JobRunner(store, StubGenerator(gate), results, renew_interval=60)  # no renewal in time
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("end", runner.run(job)))
-    thread.start()
-    wait_until(lambda: thief.claim(key))
+    runner = JobRunner(store, StubGenerator(gate), token_results, renew_interval=60)  # no renewal in time
+    thread, outcome = run_in_thread(runner, job)
+    thief = JobStore(firestore_client, worker_id="thief", lease_seconds=30)
+    taken = wait_until(lambda: thief.claim(key))
+    if thief_finished:
+        assert JobRunner(thief, StubGenerator(), token_results).run(taken) == "completed"
+    before_doc, before_blobs = doc(firestore_client, key), blobs(bucket)
+    assert len(before_blobs) == int(thief_finished)
     gate.set()
     thread.join(10)
     assert outcome["end"] == "lost"
+    assert doc(firestore_client, key) == before_doc  # not one field changed (a write would change `modified`)
+    assert blobs(bucket) == before_blobs  # no object written, none overwritten, the thief's token still valid
+    assert before_doc["worker_id"] == "thief"
+    if thief_finished:
+        with urllib.request.urlopen(before_doc["image_url"], timeout=5) as response:
+            assert response.read() == png_bytes()
+
+
+def test_a_long_job_keeps_its_lease(make_worker, firestore_client):
+    """Lease 0.6 s, a job held 3 s, another worker sweeping every 0.2 s for expired leases: the heartbeat keeps
+    the lease, so the job runs once, on the worker that claimed it."""
+    key = JobKey("u1", "images", "long-held")
+    generator = StubGenerator(threading.Event())
+    make_worker("holder", generator, lease=0.6)
+    write_job(firestore_client, key)
+    assert generator.started.wait(10)
+    sweeper = StubGenerator()
+    make_worker("sweeper", sweeper, lease=0.6, sweep=0.2)
+    threading.Timer(3.0, generator.gate.set).start()  # the job's length, not a synchronisation
+    data = wait_until(lambda: finished(firestore_client, key), timeout=20)
+    assert (data["status"], data["worker_id"], data["attempts"]) == ("completed", "holder", 1)
+    assert generator.calls == ["long-held"] and sweeper.calls == []
+
+
+def test_a_write_after_the_lease_ran_out_but_before_a_takeover_lands(firestore_client, results, bucket):
+    """The README's rule: the fence is the claim (worker_id + attempt), not the clock. A worker whose lease ran
+    out while nobody took the job over still owns it: its results are uploaded and the job completes, once; a
+    claim after that finds nothing to take."""
+    key = JobKey("u1", "images", "late")
+    write_job(firestore_client, key)
+    store = JobStore(firestore_client, worker_id="late", lease_seconds=0.3)
+    job = store.claim(key)
+    gate = threading.Event()
+    thread, outcome = run_in_thread(JobRunner(store, StubGenerator(gate), results, renew_interval=60), job)
+    expires = job.claimed_at.timestamp() + 0.3
+    wait_until(lambda: time.time() > expires + 0.2)  # the lease is over (server and test share one clock)
+    assert doc(firestore_client, key)["status"] == "processing"
+    gate.set()
+    thread.join(10)
     data = doc(firestore_client, key)
-    assert (data["status"], data["worker_id"]) == ("processing", "thief")
+    assert (outcome["end"], data["status"], data["worker_id"], data["attempts"]) == (
+        "completed",
+        "completed",
+        "late",
+        1,
+    )
+    assert list(blobs(bucket)) == ["generating/u1/image/late.png"]
+    assert JobStore(firestore_client, worker_id="other").claim(key) is None
+
+
+class BlippingStore(JobStore):
+    """The job store with Firestore away for the first `blips` calls of `complete`.
+
+    A stand-in for the outage itself, on purpose: the Firestore emulator keeps its data in memory, so stopping
+    it (as the chaos tests do) would also lose the job's doc. The error is the one the client raises then.
+    """
+
+    def __init__(self, *args, blips: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blips = blips
+
+    def complete(self, job, fields):
+        if self.blips:
+            self.blips -= 1
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+        return super().complete(job, fields)
+
+
+def test_a_firestore_blip_after_the_upload_neither_fails_nor_reruns_the_job(firestore_client, results, bucket):
+    key = JobKey("u1", "images", "blip")
+    write_job(firestore_client, key)
+    store = BlippingStore(firestore_client, worker_id="w1", lease_seconds=30, blips=2)
+    generator = StubGenerator()
+    assert JobRunner(store, generator, results).run(store.claim(key)) == "completed"
+    data = doc(firestore_client, key)
+    assert (data["status"], data["attempts"], store.blips) == ("completed", 1, 0)
+    assert generator.calls == ["blip"] and list(blobs(bucket)) == ["generating/u1/image/blip.png"]
 
 
 def test_a_storage_outage_fails_the_job_as_connection_error(make_worker, firestore_client, storage_emulator):
