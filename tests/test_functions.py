@@ -490,21 +490,54 @@ def test_trigger_dispatches_once_under_duplicate_delivery(firestore_client, stub
     assert (doc["status"], doc["dispatch_count"], doc["dispatched_by"]) == ("queued", 1, "trigger")
 
 
-def test_trigger_and_a_real_worker_run_a_client_doc_once(worker):
-    """With a worker up, its own listener races the trigger for a client's doc: either the trigger wakes it
-    (one runsync) or the worker already took the job (the trigger skips); never two runs."""
-    path = "generations/u-trigger/images/trig-real"
+def busy_video(worker, file_uid: str) -> str:
+    """Occupy the worker's one slot with a video job long enough to cover a few dispatches; returns its path."""
+    path = f"generations/u-trigger/videos/{file_uid}"
+    body = {"prompt": "busy", "user_id": "u-trigger", "file_uid": file_uid, "use_cloud_storage": True}
+    body.update(num_frames=49, num_inference_steps=40, video_width=256, video_height=256)
+    assert worker.client().runsync(body).outcome == "accepted"
+    worker.wait_status(path, ("processing",), 30)
+    return path
+
+
+def test_the_trigger_wakes_a_busy_real_worker_once(worker):
+    """The trigger comes first (the worker's one slot is busy, so its listener cannot take the doc): one
+    dispatch is accepted, the redelivery skips, and the doc runs once, after the busy job."""
+    busy = busy_video(worker, "trig-busy")
+    path = "generations/u-trigger/images/trig-first"
     worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
     runpod = worker.client()
     outcomes = [
-        dispatch.dispatch_created(worker.db, runpod, user_id="u-trigger", media_type="images", file_uid="trig-real")
+        dispatch.dispatch_created(worker.db, runpod, user_id="u-trigger", media_type="images", file_uid="trig-first")
         for _ in range(2)
     ]
-    assert sorted(outcomes) in (["accepted", "skipped"], ["skipped", "skipped"])
+    assert worker.doc(busy)["status"] == "processing"  # the slot was still busy: the trigger was first
+    assert outcomes == ["accepted", "skipped"]
+    doc = worker.wait_status(path, timeout=120)
+    assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
+        "completed",
+        1,
+        1,
+        "trigger",
+    )
+    assert worker.runsync_calls("trig-first") == 1
+
+
+def test_the_trigger_skips_a_doc_a_real_worker_already_took(worker):
+    """The worker's listener comes first (an idle worker claims a client's doc at once): the trigger, delivered
+    after, sends nothing, and the job runs once."""
+    path = "generations/u-trigger/images/trig-late"
+    worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
+    worker.wait_status(path, ("processing", "completed"), 30)
+    runpod = worker.client()
+    outcomes = [
+        dispatch.dispatch_created(worker.db, runpod, user_id="u-trigger", media_type="images", file_uid="trig-late")
+        for _ in range(2)
+    ]
+    assert outcomes == ["skipped", "skipped"]
     doc = worker.wait_status(path)
-    assert doc["status"] == "completed" and doc["attempts"] == 1
-    assert doc.get("dispatch_count", 0) == outcomes.count("accepted")
-    assert worker.runsync_calls("trig-real") == outcomes.count("accepted")
+    assert (doc["status"], doc["attempts"], doc.get("dispatch_count")) == ("completed", 1, None)
+    assert worker.runsync_calls("trig-late") == 0
 
 
 def test_trigger_and_callable_dispatch_once_between_them(firestore_client, stub):

@@ -11,7 +11,6 @@ import io
 import json
 import signal
 import threading
-import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -232,7 +231,12 @@ def test_a_completed_job_is_never_generated_again(stack):
     stack.runsync(body)
     first = stack.wait_finished("generations/test-user/images/done-once")
     assert stack.runsync(body)["output"]["status"] == "accepted"
-    time.sleep(0)  # nothing to wait for: the answer came after the doc was read, and the doc must be unchanged
+    # Something to wait for: a job accepted after it. The worker runs one job at a time, its runsync jobs in the
+    # order they came, and any queued doc its listener hears of: had the second call re-queued the done job or
+    # handed it to the slot, it would have run before this one finished.
+    marker = {"input": {**IMAGE_EXAMPLE["input"], "file_uid": "after-the-done-job", "width": 256, "height": 256}}
+    assert stack.runsync(marker)["output"]["status"] == "accepted"
+    assert stack.wait_finished("generations/test-user/images/after-the-done-job")["status"] == "completed"
     assert stack.doc("generations/test-user/images/done-once") == first
     assert len([e for e in stack.worker.events("job_started") if "done-once" in e]) == 1
 
