@@ -67,13 +67,24 @@ def results(storage_client, bucket, storage_emulator):
     )
 
 
+class CountingReconciler(Reconciler):
+    """The reconciler, counting its sweeps (the periodic ones and any a test runs by hand)."""
+
+    sweeps = 0
+
+    def sweep(self) -> int:
+        found = super().sweep()
+        self.sweeps += 1
+        return found
+
+
 @pytest.fixture
 def make_worker(firestore_client, results):
     started: list[Reconciler] = []
 
     def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1):
         store = JobStore(firestore_client, worker_id=name, lease_seconds=lease)
-        reconciler = Reconciler(
+        reconciler = CountingReconciler(
             store,
             JobRunner(store, generator or StubGenerator(), results),
             concurrency=concurrency,
@@ -141,14 +152,48 @@ def test_a_killed_workers_job_is_finished_by_another_after_its_lease(make_worker
     assert [blob.name for blob in bucket.list_blobs()] == ["generating/u1/image/orphan.png"]
 
 
-def test_a_dead_listener_is_restarted_and_the_sweep_covers_the_gap(make_worker, firestore_client):
-    worker = make_worker(sweep=0.2)
+SLOW_SWEEP = 120.0  # the periodic sweep runs once at start, then not again within any test
+
+
+def test_a_closed_listener_is_restarted_by_the_watchdog(make_worker, firestore_client):
+    """The watchdog (one sweep, run here by hand) restarts a listener that closed. The doc is written after that
+    sweep, with the next one two minutes away: only the restarted listener can deliver it."""
+    worker = make_worker(sweep=SLOW_SWEEP)
+    assert wait_until(lambda: worker.sweeps == 1)  # the sweep at start is done; the next is far away
     dead = worker._watches["images"]
-    dead.unsubscribe()  # what a listener that died silently looks like from the outside: closed, no more events
-    key = JobKey("u1", "images", "after-death")
+    dead.unsubscribe()  # what a listener that died looks like from the outside: closed, no more events
+    worker.sweep()
+    assert worker._watches["images"] is not dead
+    key = JobKey("u1", "images", "after-close")
     write_job(firestore_client, key)
     assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
-    assert wait_until(lambda: worker._watches["images"] is not dead)
+    assert worker.sweeps == 2  # no periodic sweep ran: the listener found it
+
+
+def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_client):
+    """A listener that stays open but stops delivering: a sweep finds a queued doc older than two sweep
+    intervals that the listener never spoke of, and restarts it. Then a new doc, written with the periodic sweep
+    two minutes away, is delivered by the restarted listener."""
+    worker = make_worker(sweep=SLOW_SWEEP)
+    assert wait_until(lambda: worker.sweeps == 1)
+    silent = worker._watches["images"]
+    silent._snapshot_callback = lambda *args: None  # open, connected, and saying nothing
+    worker.sweep_interval = 0.2  # what the watchdog counts as "older than two sweeps"; the loop still waits
+    missed = JobKey("u1", "images", "missed")
+    write_job(firestore_client, missed)
+    created = doc_time(firestore_client, missed)
+    wait_until(lambda: time.time() - created > 1.0)  # older than two (0.2 s) sweep intervals, by a margin
+    worker.sweep()  # the watchdog's tick: it offers the missed doc, and restarts the silent listener
+    assert worker._watches["images"] is not silent and silent._closed  # replaced, and the old one closed
+    assert wait_until(lambda: finished(firestore_client, missed))["status"] == "completed"
+    key = JobKey("u1", "images", "after-silence")
+    write_job(firestore_client, key)
+    assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
+    assert worker.sweeps == 2
+
+
+def doc_time(client, key) -> float:
+    return client.document(key.path).get().update_time.timestamp()
 
 
 def hold_a_job(make_worker, client, name: str, key: JobKey, **fields):
