@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def leave(signum, frame):
+        reconciler.stop_claiming()  # at the signal: a doc queued from now on is left to other workers
         raise SystemExit(0)
 
     # uvicorn (the SDK's local API) restores the handler it found and re-raises the signal once it has shut
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if _on_runpod(argv):
             import runpod
 
+            _stop_claiming_when_uvicorn_exits(reconciler)
             runpod.serverless.start({"handler": RunsyncHandler(store, reconciler.submit, engine)})
         else:
             log.info("reconciler_only", reason="not on RunPod and no --rp_serve_api: no runsync door")
@@ -119,6 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         # or give it back to the queue for another worker.
         reconciler.stop(settings.shutdown_grace_seconds)
     return 0
+
+
+def _stop_claiming_when_uvicorn_exits(reconciler) -> None:
+    """The SDK's local API (uvicorn) takes SIGTERM and SIGINT for itself while it serves, and hands the signal
+    on only once it has shut down (a tick of 0.1 s and its own shutdown later). The reconciler must stop claiming
+    at the signal, not then: uvicorn's handler is wrapped so it does both."""
+    try:
+        from uvicorn.server import Server
+    except ImportError:  # pragma: no cover - the SDK's local API always brings uvicorn
+        return
+    handle_exit = Server.handle_exit
+
+    def stop_claiming_then_exit(server, sig, frame):
+        reconciler.stop_claiming()
+        handle_exit(server, sig, frame)
+
+    Server.handle_exit = stop_claiming_then_exit
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class Reconciler:
         # First in line: submitted through runsync (this worker said it would run them), or found by the sweep
         # with an expired lease (a dead worker's job, older than anything queued since).
         self._first: set[JobKey] = set()
-        self._active: dict[JobKey, threading.Thread] = {}
+        self._active: dict[JobKey, threading.Thread | None] = {}  # None: being claimed
         self._claiming = False
         self._stopping = threading.Event()
         self._watches: dict[str, object] = {}
@@ -72,13 +72,18 @@ class Reconciler:
         log.info("reconciler_started", worker_id=self.store.worker_id, concurrency=self.concurrency)
         return self
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
+    def stop_claiming(self) -> None:
+        """Claim nothing more (at once, from a signal handler too); running jobs go on. A claim already in flight
+        that wins is given straight back to the queue."""
         with self._cv:
             self._claiming = False
             self._pending.clear()
             self._first.clear()
             self._cv.notify_all()
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
+        self.stop_claiming()
         self._stopping.set()
         for watch in self._watches.values():
             _close(watch)
@@ -147,12 +152,19 @@ class Reconciler:
                 if not self._claiming:
                     return
                 key = self._next_candidate()
+                self._active[key] = None  # a claim in flight holds the slot, and stop() waits for it
+            job = None
             try:
                 job = self.store.claim(key)
+                if job is not None and not self._claiming:  # stopped while the claim was on its way
+                    log.info("job_claimed_after_stop", released=self.store.release(job), path=key.path)
+                    job = None
             except Exception as exc:
                 log.warning("claim_error", path=key.path, error=str(exc))
-                continue
             if job is None:
+                with self._cv:
+                    self._active.pop(key, None)
+                    self._cv.notify_all()
                 continue
             log.info("job_claimed", user_id=key.user_id, file_uid=key.file_uid, attempt=job.lease.attempt)
             thread = threading.Thread(target=self._run, args=(job,), name=f"job-{key.file_uid}", daemon=True)

@@ -383,3 +383,38 @@ def test_a_dead_workers_job_goes_before_the_backlog(make_worker, firestore_clien
     # Found by the sweep once its lease ran out, it is run next, not after everything queued since.
     assert generator.calls.index("orphan") < 20, generator.calls  # about 8 here; at the back of the line: ~50
     assert doc(firestore_client, orphan)["attempts"] == 2
+
+
+class SlowClaimStore(JobStore):
+    """The job store with each claim held at the door until `gate` opens (a claim on its way to Firestore)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def claim(self, key):
+        self.entered.set()
+        assert self.gate.wait(10)
+        return super().claim(key)
+
+
+def test_a_claim_on_its_way_when_the_worker_stops_is_given_back(firestore_client, results):
+    """stop() waits for a claim in flight, and a claim that wins after the stop began runs nothing: the job goes
+    back to the queue with its attempt restored (a SIGTERM must not start a job, nor leave one processing)."""
+    store = SlowClaimStore(firestore_client, worker_id="leaving", lease_seconds=30)
+    generator = StubGenerator()
+    worker = Reconciler(store, JobRunner(store, generator, results), sweep_interval=SLOW_SWEEP).start()
+    assert worker.wait_listening(10)
+    key = JobKey("u1", "images", "in-flight")
+    write_job(firestore_client, key)
+    assert store.entered.wait(10)
+    stopper = threading.Thread(target=worker.stop, kwargs={"grace": 10})
+    stopper.start()
+    assert wait_until(lambda: not worker._claiming)
+    assert stopper.is_alive()  # waiting for the claim in flight
+    store.gate.set()
+    stopper.join(15)
+    assert not stopper.is_alive()
+    data = doc(firestore_client, key)
+    assert (data["status"], data["attempts"], "worker_id" in data) == ("queued", 0, False)
+    assert generator.calls == []
