@@ -90,7 +90,14 @@ def worker(firestore_emulator, storage_emulator, emulator_logs, tmp_path_factory
 
 class StubRunPod:
     """A scripted stand-in for api.runpod.ai on 127.0.0.1: answers (status, body) in turn, the last one for
-    ever; records each request's Authorization header and body."""
+    ever; records each request's Authorization header and body.
+
+    Used only where the real local worker (the `worker` fixture) cannot serve: answers it never gives (5xx,
+    IN_QUEUE, 401, TIMED_OUT, a FAILED from a newer worker's contract); what RunPod receives, which the SDK's
+    local API neither checks nor shows (the Bearer key, the exact request body); and tests that must send
+    nothing, in a project of their own where no worker's listener would take the doc first. Everything that
+    needs RunPod to accept a job and run it uses the real worker.
+    """
 
     def __init__(self, answers):
         self.answers = list(answers)
@@ -452,10 +459,12 @@ def test_runsync_url():
 
 
 # ---------------------------------------------------------------------------------------------- trigger
-def test_trigger_dispatches_once_under_duplicate_delivery(firestore_client, stub):
+def test_trigger_dispatches_once_under_duplicate_delivery(worker):
+    """Three deliveries at once and a late one, to the real worker (its one slot kept busy, so its listener
+    cannot take the doc first): exactly one runsync, and the job runs once."""
+    busy = busy_video(worker, "dup-busy")
     path = "generations/u-trigger/images/trig-1"
-    firestore_client.document(path).set(client_doc(width=256))
-    runpod = stub(ACCEPTED)
+    worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
     barrier = threading.Barrier(3)
     outcomes = []
 
@@ -463,7 +472,7 @@ def test_trigger_dispatches_once_under_duplicate_delivery(firestore_client, stub
         barrier.wait(10)
         outcomes.append(
             dispatch.dispatch_created(
-                firestore_client, runpod.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
+                worker.db, worker.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
             )
         )
 
@@ -474,20 +483,19 @@ def test_trigger_dispatches_once_under_duplicate_delivery(firestore_client, stub
         t.join(60)
     outcomes.append(
         dispatch.dispatch_created(
-            firestore_client, runpod.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
+            worker.db, worker.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
         )
     )  # a late redelivery
+    assert worker.doc(busy)["status"] == "processing"  # the slot was still busy: only the trigger dispatched
     assert sorted(outcomes) == ["accepted", "skipped", "skipped", "skipped"]
-    assert len(runpod.requests) == 1
-    assert runpod.requests[0][1]["input"] == {
-        "prompt": "A red sports car",
-        "user_id": "u-trigger",
-        "file_uid": "trig-1",
-        "use_cloud_storage": True,
-        "width": 256,
-    }
-    doc = firestore_client.document(path).get().to_dict()
-    assert (doc["status"], doc["dispatch_count"], doc["dispatched_by"]) == ("queued", 1, "trigger")
+    doc = worker.wait_status(path, timeout=120)
+    assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
+        "completed",
+        1,
+        1,
+        "trigger",
+    )
+    assert worker.runsync_calls("trig-1") == 1
 
 
 def busy_video(worker, file_uid: str) -> str:
