@@ -13,7 +13,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from google.api_core.exceptions import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from google.api_core import retry as retries
+from google.api_core.exceptions import (
+    Aborted,
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InternalServerError,
+    NotFound,
+    ResourceExhausted,
+    ServiceUnavailable,
+)
 from google.cloud import firestore
 from google.cloud.firestore import SERVER_TIMESTAMP
 
@@ -26,6 +36,18 @@ COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
 MAX_CONFLICTS = 10
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
+# The client's own retry has a 60 s deadline of its own, whatever `timeout` says: each call gets both bounds.
+BOUND = {
+    "timeout": CALL_TIMEOUT,
+    "retry": retries.Retry(
+        predicate=retries.if_exception_type(
+            ServiceUnavailable, DeadlineExceeded, ResourceExhausted, InternalServerError
+        ),
+        initial=0.1,
+        maximum=2.0,
+        timeout=CALL_TIMEOUT,
+    ),
+}
 
 Decide = Callable[[dict[str, Any], datetime], "dict | None"]
 
@@ -94,7 +116,7 @@ class JobStore:
         """
         ref = self.ref(key)
         for _ in range(MAX_CONFLICTS):
-            snapshot = ref.get(timeout=CALL_TIMEOUT)
+            snapshot = ref.get(**BOUND)
             before = (
                 {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
             )
@@ -104,9 +126,9 @@ class JobStore:
             try:
                 if snapshot.exists:
                     precondition = self.client.write_option(last_update_time=snapshot.update_time)
-                    ref.update(update, option=precondition, timeout=CALL_TIMEOUT)
+                    ref.update(update, option=precondition, **BOUND)
                 else:
-                    ref.create(update, timeout=CALL_TIMEOUT)
+                    ref.create(update, **BOUND)
             except (FailedPrecondition, AlreadyExists, NotFound):
                 continue  # someone wrote first: decide again on what they wrote
             return Outcome(before, update, snapshot.read_time)
@@ -151,7 +173,7 @@ class JobStore:
 
     def holds(self, job: ClaimedJob) -> bool:
         """Whether the job is still this claim's (a read: the fence a worker checks before uploading results)."""
-        snapshot = self.ref(job.key).get(timeout=CALL_TIMEOUT)
+        snapshot = self.ref(job.key).get(**BOUND)
         return lifecycle.holds(snapshot.to_dict() if snapshot.exists else None, job.lease)
 
     def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
@@ -174,10 +196,10 @@ class JobStore:
         ref = self.ref(JobKey.of(request))
         doc = queued_document(request)
         try:
-            ref.create(doc, timeout=CALL_TIMEOUT)
+            ref.create(doc, **BOUND)
             return doc
         except AlreadyExists:
-            snapshot = ref.get(timeout=CALL_TIMEOUT)
+            snapshot = ref.get(**BOUND)
         return snapshot.to_dict() if snapshot.exists else self.ensure_queued(request)  # deleted in between
 
 

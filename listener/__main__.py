@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from .logs import configure
 
     worker_id = make_worker_id()
-    configure(worker_id, os.environ.get("LOG_LEVEL", "INFO"))
+    configure(worker_id, settings.log_level)
     import structlog
 
     log = structlog.get_logger("listener")

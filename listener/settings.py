@@ -58,10 +58,18 @@ class Settings(BaseSettings):
     concurrency: int = Field(1, ge=1, validation_alias=_env("CONCURRENCY"))
     shutdown_grace_seconds: float = Field(20.0, ge=0, validation_alias=_env("SHUTDOWN_GRACE_SECONDS"))
 
+    # Logs
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=_env("LOG_LEVEL"))
+
     @field_validator("url_style", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("offload_text_encoder", "compile", mode="before")
     @classmethod
