@@ -418,3 +418,39 @@ def test_a_claim_on_its_way_when_the_worker_stops_is_given_back(firestore_client
     data = doc(firestore_client, key)
     assert (data["status"], data["attempts"], "worker_id" in data) == ("queued", 0, False)
     assert generator.calls == []
+
+
+class CountingGenerator(StubGenerator):
+    """Holds every job until `gate` opens and records how many ran at once."""
+
+    def __init__(self, gate):
+        super().__init__(gate)
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def generate(self, request, progress=None):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return super().generate(request, progress)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_concurrency_two_runs_two_jobs_at_once_and_no_more(make_worker, firestore_client):
+    generator = CountingGenerator(threading.Event())
+    worker = make_worker("pair", generator, concurrency=2)
+    keys = [JobKey("u1", "images", f"c-{i}") for i in range(3)]
+    for key in keys:
+        write_job(firestore_client, key)
+    assert wait_until(lambda: generator.running == 2)
+    # The third stays queued while both slots are busy (the sweep, every 0.3 s, offers it again and again).
+    assert wait_until(lambda: worker.sweeps >= 3)
+    assert generator.running == 2 and len(generator.calls) == 2
+    assert sorted(doc(firestore_client, k)["status"] for k in keys) == ["processing", "processing", "queued"]
+    generator.gate.set()
+    assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
+    assert generator.most == 2 and sorted(generator.calls) == ["c-0", "c-1", "c-2"]
