@@ -918,3 +918,134 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
         assert CLI_KEY not in cli.log_path.read_text()
     finally:
         cli.stop()
+
+
+# ---------------------------------------------------------------------------------------------- README claims
+class HangingRunPod:
+    """An endpoint that accepts the connection and never answers. A stand-in on purpose: a real local worker
+    always answers; this is RunPod's side of a network or platform stall."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.requests = 0
+        hanging = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                hanging.requests += 1
+                hanging.stop.wait(60)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v2/endpoint/runsync"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_hanging_endpoint_is_given_up_within_the_bounds_and_the_job_stays_queued(firestore_client):
+    """RUNPOD_TIMEOUT_SECONDS per attempt, RUNPOD_ATTEMPTS attempts: the callable answers "queued" in bounded
+    time, with the doc left for the next worker and the reason recorded."""
+    hanging = HangingRunPod()
+    try:
+        runpod = RunPodClient(hanging.url, API_KEY, attempts=2, timeout=1.0, deadline=10.0, wait_initial=0.05)
+        started = time.monotonic()
+        reply = dispatch.generate(firestore_client, runpod, uid="u-hang", data={"prompt": "a car", "file_uid": "h-1"})
+        took = time.monotonic() - started
+    finally:
+        hanging.close()
+    assert (reply["status"], reply["success"]) == ("queued", True)
+    assert hanging.requests == 2 and 2.0 <= took < 6.0
+    doc = firestore_client.document("generations/u-hang/images/h-1").get().to_dict()
+    assert doc["status"] == "queued" and doc["dispatch_count"] == 1 and "timed out" in doc["dispatch_error"]
+    assert_key_nowhere(doc, reply)
+
+
+def test_a_stale_invalid_doc_is_failed_by_the_sweep_without_waking_a_worker(firestore_client, stub):
+    old = datetime.now(UTC) - timedelta(hours=1)
+    path = "generations/u-sv/images/bad-old"
+    firestore_client.document(path).set({**client_doc(width=100), "created_at": old})
+    runpod = stub(ACCEPTED)
+    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=Policy())
+    assert counts == Counter(invalid=1)
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["error_type"], doc["error_message"]) == (
+        "failed",
+        "ValidationError",
+        "width must be between 256 and 1024",
+    )
+    assert runpod.requests == []  # nothing sent: a stand-in that records requests, in a project of its own
+
+
+FUNCTIONS_ENV_SCRIPT = """
+import json, os, main
+client, policy = main._runpod(), main._policy()
+print(json.dumps({"url": client.url, "attempts": client.attempts, "timeout": client.timeout,
+                  "redispatch_minutes": policy.redispatch_after.total_seconds() / 60,
+                  "max_dispatches": policy.max_dispatches}))
+"""
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        (
+            {},
+            {
+                "url": "https://api.runpod.ai/v2/ep-123/runsync",
+                "attempts": 3,
+                "timeout": 20.0,
+                "redispatch_minutes": 10.0,
+                "max_dispatches": 3,
+            },
+        ),
+        (
+            {
+                "RUNPOD_RUNSYNC_URL": "http://127.0.0.1:8000/runsync",
+                "RUNPOD_ATTEMPTS": "5",
+                "RUNPOD_TIMEOUT_SECONDS": "7.5",
+                "REDISPATCH_AFTER_MINUTES": "2",
+                "MAX_DISPATCHES": "4",
+            },
+            {
+                "url": "http://127.0.0.1:8000/runsync",
+                "attempts": 5,
+                "timeout": 7.5,
+                "redispatch_minutes": 2.0,
+                "max_dispatches": 4,
+            },
+        ),
+    ],
+    ids=["defaults", "set"],
+)
+def test_the_functions_environment_settings(tmp_path, env, expected):
+    """The README's settings table for the functions, read by the deployed main.py in the functions' venv."""
+    deploy = _deploy_folder(tmp_path)
+    names = (
+        "RUNPOD_RUNSYNC_URL",
+        "RUNPOD_ATTEMPTS",
+        "RUNPOD_TIMEOUT_SECONDS",
+        "REDISPATCH_AFTER_MINUTES",
+        "MAX_DISPATCHES",
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", *names)}
+    base.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", RUNPOD_ENDPOINT_ID="ep-123")
+    base.update(RUNPOD_API_KEY=API_KEY, **env)
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", FUNCTIONS_ENV_SCRIPT],
+        cwd=deploy,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+    assert_key_nowhere(result.stdout, result.stderr)
