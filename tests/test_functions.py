@@ -1049,3 +1049,52 @@ def test_the_functions_environment_settings(tmp_path, env, expected):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
     assert_key_nowhere(result.stdout, result.stderr)
+
+
+SCHEDULED_SCRIPT = """
+import flask, main
+app = flask.Flask("scheduler")
+headers = {"X-CloudScheduler-JobName": "firebase-schedule-redispatchStaleJobs-us-central1",
+           "X-CloudScheduler-ScheduleTime": "2026-01-01T00:05:00Z"}
+with app.test_request_context("/", method="POST", headers=headers):
+    response = main.redispatchStaleJobs(flask.request)
+print("status", response.status_code)
+"""
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_redispatch_stale_jobs_invoked_as_deployed(tmp_path, firestore_emulator, firestore_client, project_id, worker):
+    """`redispatchStaleJobs` as Cloud Scheduler invokes it (an HTTP request with the scheduler's headers to the
+    deployed function in the functions' venv), on the emulator: a stale queued doc is dispatched to the real
+    worker, which runs it; a fresh one is left alone."""
+    old = datetime.now(UTC) - timedelta(hours=1)
+    stale, fresh = "generations/u-cron/images/stale-1", "generations/u-cron/images/fresh-1"
+    busy = busy_video(worker, "cron-busy")  # its one slot busy: its listener leaves the docs queued meanwhile
+    small = client_doc(width=256, height=256, num_inference_steps=10)
+    worker.db.document(stale).set({**small, "created_at": old})
+    worker.db.document(fresh).set(small)
+    deploy = _deploy_folder(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(
+        FUNCTIONS_EMULATOR="true",
+        GCLOUD_PROJECT=worker.db.project,
+        FIRESTORE_EMULATOR_HOST=firestore_emulator.host_port,
+        RUNPOD_ENDPOINT_ID="local",
+        RUNPOD_RUNSYNC_URL=worker.process.runsync_url,
+        RUNPOD_API_KEY=API_KEY,
+    )
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", SCHEDULED_SCRIPT],
+        cwd=deploy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert worker.doc(busy)["status"] == "processing"  # the docs were still queued when the sweep ran
+    assert "status 200" in result.stdout and "redispatchStaleJobs: {'redispatched': 1}" in result.stdout
+    doc = worker.wait_status(stale, timeout=120)
+    assert (doc["status"], doc["dispatch_count"], doc["dispatched_by"]) == ("completed", 1, "scheduler")
+    assert "dispatch_count" not in worker.wait_status(fresh) and worker.runsync_calls("stale-1") == 1
+    assert_key_nowhere(result.stdout, result.stderr)
