@@ -548,30 +548,27 @@ def test_the_trigger_skips_a_doc_a_real_worker_already_took(worker):
     assert worker.runsync_calls("trig-late") == 0
 
 
-def test_trigger_and_callable_dispatch_once_between_them(firestore_client, stub):
-    runpod = stub(ACCEPTED)
+def test_trigger_and_callable_dispatch_once_between_them(worker):
+    """Against the real worker, its one slot kept busy so that its listener cannot take the docs first."""
+    busy = busy_video(worker, "both-busy")
+    small = {"width": 256, "height": 256, "num_inference_steps": 10}
     # The callable wrote and dispatched the doc: its creation trigger skips it.
     reply = dispatch.generate(
-        firestore_client, runpod.client(), uid="u-both", data={"prompt": "a car", "file_uid": "both-1"}
+        worker.db, worker.client(), uid="u-both", data={"prompt": "a car", "file_uid": "both-1", **small}
     )
     assert reply["status"] == "accepted"
     assert (
-        dispatch.dispatch_created(
-            firestore_client, runpod.client(), user_id="u-both", media_type="images", file_uid="both-1"
-        )
+        dispatch.dispatch_created(worker.db, worker.client(), user_id="u-both", media_type="images", file_uid="both-1")
         == "skipped"
     )
-    assert len(runpod.requests) == 1
     # The client wrote the doc and its trigger dispatched it: the callable answers from the doc.
-    firestore_client.document("generations/u-both/images/both-2").set(client_doc())
+    worker.db.document("generations/u-both/images/both-2").set(client_doc(**small))
     assert (
-        dispatch.dispatch_created(
-            firestore_client, runpod.client(), user_id="u-both", media_type="images", file_uid="both-2"
-        )
+        dispatch.dispatch_created(worker.db, worker.client(), user_id="u-both", media_type="images", file_uid="both-2")
         == "accepted"
     )
     again = dispatch.generate(
-        firestore_client, runpod.client(), uid="u-both", data={"prompt": "A red sports car", "file_uid": "both-2"}
+        worker.db, worker.client(), uid="u-both", data={"prompt": "A red sports car", "file_uid": "both-2", **small}
     )
     assert again == {
         "success": True,
@@ -580,7 +577,16 @@ def test_trigger_and_callable_dispatch_once_between_them(firestore_client, stub)
         "status": "accepted",
         "message": "Generation started",
     }
-    assert len(runpod.requests) == 2
+    assert worker.doc(busy)["status"] == "processing"  # all of it happened while the slot was busy
+    for file_uid, by in (("both-1", "callable"), ("both-2", "trigger")):
+        doc = worker.wait_status(f"generations/u-both/images/{file_uid}", timeout=120)
+        assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
+            "completed",
+            1,
+            1,
+            by,
+        )
+        assert worker.runsync_calls(file_uid) == 1
 
 
 def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(firestore_client, stub):
