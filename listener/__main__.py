@@ -114,8 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info("reconciler_only", reason="not on RunPod and no --rp_serve_api: no runsync door")
             signal.signal(signal.SIGINT, leave)
+            # Not signal.pause(): the kernel may hand SIGTERM to any of the process's threads (gRPC's, the
+            # reconciler's), and then pause() in the main thread never returns. Every signal with a Python
+            # handler is also written to the wakeup fd, whichever thread got it: reading it wakes the main
+            # thread, which then runs `leave`.
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_w, False)
+            signal.set_wakeup_fd(wake_w)
             while True:
-                signal.pause()
+                os.read(wake_r, 1)
     finally:
         # RunPod sends SIGTERM before it stops an idle worker: finish the running job within the grace period,
         # or give it back to the queue for another worker.
