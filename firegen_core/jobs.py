@@ -37,7 +37,7 @@ MEDIA_TYPES = tuple(MEDIA_TYPE.values())
 MAX_CONFLICTS = 10
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
 # The client's own retry has a 60 s deadline of its own, whatever `timeout` says: each call gets both bounds.
-BOUND = {
+BOUND: dict[str, Any] = {
     "timeout": CALL_TIMEOUT,
     "retry": retries.Retry(
         predicate=retries.if_exception_type(

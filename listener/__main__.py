@@ -144,7 +144,7 @@ def _stop_claiming_when_uvicorn_exits(reconciler) -> None:
         reconciler.stop_claiming()
         handle_exit(server, sig, frame)
 
-    Server.handle_exit = stop_claiming_then_exit
+    Server.handle_exit = stop_claiming_then_exit  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

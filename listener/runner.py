@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import structlog
 from google.api_core.exceptions import Aborted, RetryError
-from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_any, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from firegen_core import lifecycle
 from firegen_core.contract import GenerationRequest, parse_document
@@ -170,13 +170,14 @@ class JobRunner:
         if heartbeat.lost.is_set():
             return False
         first, longest = FINAL_WRITE_WAIT
+        lease_period = stop_after_delay(self.store.lease_seconds)
         retrying = Retrying(
             retry=retry_if_exception(transient),
-            stop=stop_any(stop_after_delay(self.store.lease_seconds), lambda state: heartbeat.lost.is_set()),
+            stop=lambda state: heartbeat.lost.is_set() or lease_period(state),
             wait=wait_exponential_jitter(initial=first, max=longest),
             before_sleep=lambda state: log.warning(
                 "store_retry",
-                error=str(state.outcome.exception()),
+                error=str(state.outcome and state.outcome.exception()),
                 try_number=state.attempt_number,
                 **_ids(heartbeat.job),
             ),
