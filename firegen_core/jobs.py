@@ -18,7 +18,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from google.api_core.exceptions import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from google.api_core import retry as retries
+from google.api_core.exceptions import (
+    Aborted,
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InternalServerError,
+    NotFound,
+    ResourceExhausted,
+    ServiceUnavailable,
+)
 from google.cloud import firestore
 from google.cloud.firestore import SERVER_TIMESTAMP, FieldFilter
 
@@ -32,6 +42,18 @@ MEDIA_TYPES = tuple(MEDIA_TYPE.values())
 MAX_CONFLICTS = 20
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
 CONFLICT_BACKOFF = 0.01  # seconds, times the try, jittered: racers for one user's usage doc spread out
+# The client's own retry has a 60 s deadline of its own, whatever `timeout` says: each call gets both bounds.
+BOUND: dict[str, Any] = {
+    "timeout": CALL_TIMEOUT,
+    "retry": retries.Retry(
+        predicate=retries.if_exception_type(
+            ServiceUnavailable, DeadlineExceeded, ResourceExhausted, InternalServerError
+        ),
+        initial=0.1,
+        maximum=2.0,
+        timeout=CALL_TIMEOUT,
+    ),
+}
 
 Decide = Callable[[dict[str, Any] | None, datetime], "dict | None"]
 
@@ -95,13 +117,13 @@ class JobStore:
         return self.client.collection(quota.USAGE_COLLECTION).document(user_id)
 
     def usage(self, user_id: str) -> dict[str, Any] | None:
-        snapshot = self.usage_ref(user_id).get(timeout=CALL_TIMEOUT)
+        snapshot = self.usage_ref(user_id).get(**BOUND)
         return snapshot.to_dict() if snapshot.exists else None
 
     def _read(self, key: JobKey):
         """The job doc and its user's usage doc, in one round trip, at one read time."""
         job, usage = self.ref(key), self.usage_ref(key.user_id)
-        snapshots = {s.reference.path: s for s in self.client.get_all([job, usage], timeout=CALL_TIMEOUT)}
+        snapshots = {s.reference.path: s for s in self.client.get_all([job, usage], **BOUND)}
         return snapshots[job.path], snapshots[usage.path]
 
     def transition(self, key: JobKey, decide: Decide, *, admit: bool = False) -> Outcome:
@@ -143,7 +165,7 @@ class JobStore:
                 else:
                     batch.create(usage_snapshot.reference, fields)
             try:
-                batch.commit(timeout=CALL_TIMEOUT)
+                batch.commit(**BOUND)
             except (FailedPrecondition, AlreadyExists, NotFound):
                 time.sleep(random.uniform(0, CONFLICT_BACKOFF * (attempt + 1)))
                 continue  # someone wrote first: decide again on what they wrote
@@ -174,6 +196,11 @@ class JobStore:
             admission = {k: update[k] for k in (quota.ADMITTED, quota.COST) if k in update}
             return admission if admission and not quota.admitted(before) else None
         return update
+
+    def holds(self, job: ClaimedJob) -> bool:
+        """Whether the job is still this claim's (a read: the fence a worker checks before uploading results)."""
+        snapshot = self.ref(job.key).get(**BOUND)
+        return lifecycle.holds(snapshot.to_dict() if snapshot.exists else None, job.lease)
 
     def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
         """Fail a queued job without running it (for example when the callable's request was rejected)."""
@@ -268,7 +295,7 @@ class WorkerJobs:
         # What a worker does without its id (the runsync handler, the reconciler's queries) is the store's own.
         self.ensure_queued, self.transition = self.jobs.ensure_queued, self.jobs.transition
         self.fail_unclaimed, self.ref, self.usage = self.jobs.fail_unclaimed, self.jobs.ref, self.jobs.usage
-        self.cancel, self.cancelling = self.jobs.cancel, self.jobs.cancelling
+        self.cancel, self.cancelling, self.holds = self.jobs.cancel, self.jobs.cancelling, self.jobs.holds
         self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
 
     def _fenced(self, job: ClaimedJob, make: Callable[[lifecycle.Doc, datetime], dict]) -> bool:

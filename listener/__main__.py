@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     from .logs import configure
 
     worker_id = make_worker_id()
-    configure(worker_id, os.environ.get("LOG_LEVEL", "INFO"))
+    configure(worker_id, settings.log_level)
     import structlog
 
     log = structlog.get_logger("listener")
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     )
 
     def leave(signum, frame):
-        worker.begin_shutdown()  # stop claiming now; the `finally` below waits for the grace period
+        worker.reconciler.stop_claiming()  # at the signal: a doc queued from now on is left to other workers
+        worker.begin_shutdown()  # the `finally` below waits for the grace period
         raise SystemExit(worker.exit_code)
 
     # uvicorn (the SDK's local API) restores the handler it found and re-raises the signal once it has shut
@@ -121,18 +122,43 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
                 register(worker.fitness_check)
             elif production:
                 worker.fitness_check()
+            _stop_claiming_when_uvicorn_exits(worker.reconciler)
             runpod.serverless.start({"handler": worker.handler, "concurrency_modifier": worker.concurrency_modifier})
         else:
             log.info("reconciler_only", reason="not on RunPod and no --rp_serve_api: no runsync door")
             signal.signal(signal.SIGINT, leave)
+            # Not signal.pause(): the kernel may hand SIGTERM to any of the process's threads (gRPC's, the
+            # reconciler's), and then pause() in the main thread never returns. Every signal with a Python
+            # handler is also written to the wakeup fd, whichever thread got it: reading it wakes the main
+            # thread, which then runs `leave`.
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_w, False)
+            signal.set_wakeup_fd(wake_w)
             while True:
-                signal.pause()
+                os.read(wake_r, 1)
     finally:
         # RunPod sends SIGTERM before it stops an idle worker: finish the running job within the grace period,
         # or give it back to the queue for another worker.
         worker.shutdown()
     log.info("worker_exit", code=worker.exit_code, reason=worker.failure or "shutdown")
     return worker.exit_code
+
+
+def _stop_claiming_when_uvicorn_exits(reconciler) -> None:
+    """The SDK's local API (uvicorn) takes SIGTERM and SIGINT for itself while it serves, and hands the signal
+    on only once it has shut down (a tick of 0.1 s and its own shutdown later). The reconciler must stop claiming
+    at the signal, not then: uvicorn's handler is wrapped so it does both."""
+    try:
+        from uvicorn.server import Server
+    except ImportError:  # pragma: no cover - the SDK's local API always brings uvicorn
+        return
+    handle_exit = Server.handle_exit
+
+    def stop_claiming_then_exit(server, sig, frame):
+        reconciler.stop_claiming()
+        handle_exit(server, sig, frame)
+
+    Server.handle_exit = stop_claiming_then_exit  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

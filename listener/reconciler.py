@@ -90,13 +90,18 @@ class Reconciler:
         log.info("reconciler_started", worker_id=self.store.worker_id, concurrency=self.concurrency)
         return self
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
+    def stop_claiming(self) -> None:
+        """Claim nothing more (at once, from a signal handler too); running jobs go on. A claim already in flight
+        that wins is given straight back to the queue."""
         with self._cv:
             self._claiming = False
             self._queue.clear()
             self._cancels.clear()
             self._cv.notify_all()
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
+        self.stop_claiming()
         self._stopping.set()
         for watch in self._watches.values():
             _close(watch)
@@ -191,6 +196,9 @@ class Reconciler:
                 continue
             try:
                 job = self.store.claim(key)
+                if job is not None and not self._claiming:  # stopped while the claim was on its way
+                    log.info("job_claimed_after_stop", released=self.store.release(job), path=key.path)
+                    job = None
             except Exception as exc:
                 log.warning("claim_error", path=key.path, error=str(exc))
                 job = None

@@ -3,19 +3,22 @@
 The runner never decides who owns a job (the store's fenced transitions do). It only makes sure that a job it
 runs ends in exactly one of: completed, failed with a contract error type (or `Cancelled` when its owner asked,
 `Timeout` past its deadline), or released back to the queue on shutdown; and that a worker that lost its lease
-stops generating and writes nothing. Generation is stopped through its progress callback, so it stops at the
-next denoising step.
+stops generating and writes nothing: it checks the fence in the store right before uploading, so a stale worker
+never overwrites the objects (or download tokens) of the worker that took the job over, and its final write is
+fenced by the store. Generation is stopped through its progress callback, so it stops at the next denoising step.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
+from google.api_core.exceptions import Aborted, RetryError
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from firegen_core import lifecycle
 from firegen_core.contract import GenerationRequest, parse_document
@@ -23,9 +26,18 @@ from firegen_core.deadline import Deadline, timeout_message
 from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, TIMEOUT, GenerationError, Interrupted, classify
 from firegen_core.jobs import ClaimedJob, WorkerJobs
 
+from .storage import is_transient
+
 log = structlog.get_logger("listener.runner")
 
 PROGRESS_STEP = 0.25  # a job writes its progress a handful of times, not at every denoising step
+T = TypeVar("T")
+FINAL_WRITE_WAIT = (0.2, 5.0)  # backoff of the fence check and the final write: first wait, longest wait (s)
+
+
+def transient(exc: BaseException) -> bool:
+    """A Firestore error worth another try: unavailable, timed out, or contended (`Aborted`)."""
+    return isinstance(exc, (Aborted, RetryError)) or is_transient(exc)
 
 
 class Generator(Protocol):
@@ -53,6 +65,7 @@ class Heartbeat:
     hard_deadline: float = float("inf")  # time.monotonic() past which this thread fails the job
     overrun: GenerationError | None = None
     lost: threading.Event = field(default_factory=threading.Event)
+    finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _progress: float | None = None
@@ -82,6 +95,8 @@ class Heartbeat:
             progress, self._progress = self._progress, None
             try:
                 if not self.store.renew(self.job, progress=progress):
+                    if self.finishing.is_set():
+                        return  # the final write landed first: nothing was lost
                     log.warning("lease_lost", **_ids(self.job))
                     self.lost.set()
                     return
@@ -152,6 +167,10 @@ class JobRunner:
             result = self.generator.generate(request, progress=progress)
             t1 = time.monotonic()
             progress(1.0)
+            # The fence, right before anything leaves this worker: a worker that lost its lease (presumed dead,
+            # taken over) must not overwrite the new owner's objects or download tokens.
+            if not self._while_held(heartbeat, lambda: self.store.holds(job)):
+                return self._lost(job, heartbeat)
             urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
             t2 = time.monotonic()
             fields = lifecycle.success(
@@ -167,10 +186,13 @@ class JobRunner:
                     "upload_seconds": t2 - t1,
                 },
             )
+            # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done, so
+            # the job neither fails nor runs again for it.
+            heartbeat.finishing.set()
+            written = self._while_held(heartbeat, lambda: self.store.complete(job, fields))
             heartbeat.stop()
-            written = None if heartbeat.lost.is_set() else self.store.complete(job, fields)
             if written is None:
-                return self._lost(job)
+                return self._lost(job, heartbeat)
             if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
                 self._remove_results(job, request)
                 log.info("job_cancelled", during="upload", **_ids(job))
@@ -180,7 +202,7 @@ class JobRunner:
         except Interrupted:
             heartbeat.stop()
             if heartbeat.lost.is_set():
-                return self._lost(job)
+                return self._lost(job, heartbeat)
             if cancel.is_set() or time.monotonic() > started + limit:
                 error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if cancel.is_set() else overrun
                 outcome = self._fail(job, error)
@@ -192,12 +214,12 @@ class JobRunner:
             return "released"
         except Exception as exc:
             heartbeat.stop()
-            return self._fail(job, classify(exc))
+            return self._fail(job, classify(exc), heartbeat)
 
-    def _fail(self, job: ClaimedJob, error: GenerationError) -> str:
+    def _fail(self, job: ClaimedJob, error: GenerationError, heartbeat: Heartbeat | None = None) -> str:
         log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))
         if not self.store.fail(job, error):
-            return self._lost(job)
+            return self._lost(job, heartbeat)
         return lifecycle.FAILED
 
     def _remove_results(self, job: ClaimedJob, request: GenerationRequest) -> None:
@@ -208,8 +230,32 @@ class JobRunner:
         if removed:
             log.info("job_results_removed", objects=removed, **_ids(job))
 
+    def _while_held(self, heartbeat: Heartbeat, call: Callable[[], T]) -> T | None:
+        """`call()` (a fenced store call), tried again on transient Firestore errors for as long as the lease
+        may still be ours: until the heartbeat reports it lost, or for one lease period at most. None when the
+        lease is already known lost."""
+        if heartbeat.lost.is_set():
+            return None
+        first, longest = FINAL_WRITE_WAIT
+        lease_period = stop_after_delay(self.store.lease_seconds)
+        retrying = Retrying(
+            retry=retry_if_exception(transient),
+            stop=lambda state: heartbeat.lost.is_set() or lease_period(state),
+            wait=wait_exponential_jitter(initial=first, max=longest),
+            before_sleep=lambda state: log.warning(
+                "store_retry",
+                error=str(state.outcome and state.outcome.exception()),
+                try_number=state.attempt_number,
+                **_ids(heartbeat.job),
+            ),
+            reraise=True,
+        )
+        return retrying(call)
+
     @staticmethod
-    def _lost(job: ClaimedJob) -> str:
+    def _lost(job: ClaimedJob, heartbeat: Heartbeat | None = None) -> str:
+        if heartbeat is not None:
+            heartbeat.stop()
         log.warning("job_lost", reason="lease taken over; nothing written", **_ids(job))
         return "lost"
 

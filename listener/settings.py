@@ -72,10 +72,18 @@ class Settings(ModelSettings):
     # The default is lifecycle.RETENTION_DAYS_DEFAULT (tests/test_lifecycle.py checks they agree).
     retention_days: float = Field(30.0, ge=0, allow_inf_nan=False, validation_alias=env("RETENTION_DAYS"))
 
+    # Logs
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=env("LOG_LEVEL"))
+
     @field_validator("url_style", mode="before")
     @classmethod
     def _url_style(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("firebase_service_account_json", mode="after")
     @classmethod

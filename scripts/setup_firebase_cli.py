@@ -8,6 +8,10 @@ folders (nothing global):
     .emulators/launcher/firestore-launcher.jar
                                             a manifest-only jar that starts the gcloud SDK's Firestore emulator,
                                             for FIRESTORE_EMULATOR_BINARY_PATH (so the CLI downloads nothing)
+    ~/.cache/firebase/emulators/cloud-firestore-emulator-*.jar
+                                            only where the gcloud component is absent: the Firebase CLI's own
+                                            download (`firebase setup:emulators:firestore`), when the network
+                                            allows; the tests' Firestore emulator then runs through the CLI
 
 Each step is skipped when already done. `--print-env` prints the variables to export for `firebase
 emulators:start --only auth,functions,firestore` (Storage comes from the PyPI emulator, the UI stays off).
@@ -121,6 +125,23 @@ def firestore_launcher(emulator_jar: Path | None = None) -> Path | None:
     return LAUNCHER
 
 
+def cli_firestore_jar() -> Path | None:
+    """The Firestore emulator jar the Firebase CLI downloaded into its cache (None: none yet)."""
+    jars = sorted((Path.home() / ".cache" / "firebase" / "emulators").glob("cloud-firestore-emulator-*.jar"))
+    return jars[-1] if jars else None
+
+
+def cli_firestore_download() -> Path | None:
+    """Where the gcloud component is absent: get the Firestore emulator the Firebase CLI's way. A failure (no
+    network) is one line, not a stop: the tests then say what is missing (and fail under CI)."""
+    if cli_firestore_jar() is None:
+        try:
+            run([str(FIREBASE), "setup:emulators:firestore"], env={**os.environ, **cli_env()}, timeout=600)
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"setup_firebase_cli: the Firebase CLI could not download its Firestore emulator ({exc})")
+    return cli_firestore_jar()
+
+
 def cli_env() -> dict[str, str]:
     env = {"JAVA_HOME": str(JDK), "PATH": f"{JDK / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     if LAUNCHER.is_file():
@@ -144,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     firebase_tools()
     java_runtime()
     if firestore_launcher() is None:
-        print("setup_firebase_cli: no gcloud cloud-firestore-emulator here: the CLI will download its own")
+        print("setup_firebase_cli: no gcloud cloud-firestore-emulator here: using the Firebase CLI's own")
+        jar = cli_firestore_download()
+        print(f"setup_firebase_cli: Firebase CLI Firestore emulator: {jar or 'not available'}")
     print(f"setup_firebase_cli: ready; the CLI is {FIREBASE.relative_to(ROOT)}")
     return 0
 

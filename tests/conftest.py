@@ -6,10 +6,16 @@ Function-scoped: project_id, firestore_client, storage_client, bucket, emulator_
 Each test gets its own Firestore project id and its own bucket, so tests never see each other's data. A test
 may stop or restart a session emulator (outage tests): the function-scoped fixtures start it again if needed.
 When a test that used an emulator fails, the report shows each emulator's log path and last lines.
+
+A test skips only when something it needs is missing here (an emulator, the Firebase CLI, functions/venv).
+Under CI (`CI` set, as CI services do) every such skip is a failure: the run must not pass having tested less.
+On a developer's machine the summary says, in one line per reason, what was skipped and why.
 """
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -156,9 +162,22 @@ def emulator_env(firestore_emulator, storage_emulator, project_id, bucket) -> di
 
 
 # ------------------------------------------------------------------------------------------------ reporting
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and in_ci():
+        report.outcome = "failed"
+        report.longrepr = f"CI is set: a missing component fails the run instead of skipping: {_skip_reason(report)}"
     if report.failed and EMULATOR_FIXTURES & set(getattr(item, "fixturenames", ())):
         for emulator in list(emu.STARTED):
             report.sections.append(
@@ -168,5 +187,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = Counter(_skip_reason(report) for report in terminalreporter.stats.get("skipped", []))
+    for reason, count in skipped.items():
+        terminalreporter.write_line(f"SKIPPED {count} test(s), missing here: {reason}", yellow=True, bold=True)
     if exitstatus != 0 and emu.STARTED:
         terminalreporter.write_line("emulator logs: " + ", ".join(str(e.log_path) for e in emu.STARTED))

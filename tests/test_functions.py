@@ -90,7 +90,14 @@ def worker(firestore_emulator, storage_emulator, emulator_logs, tmp_path_factory
 
 class StubRunPod:
     """A scripted stand-in for api.runpod.ai on 127.0.0.1: answers (status, body) in turn, the last one for
-    ever; records each request's Authorization header and body."""
+    ever; records each request's Authorization header and body.
+
+    Used only where the real local worker (the `worker` fixture) cannot serve: answers it never gives (5xx,
+    IN_QUEUE, 401, TIMED_OUT, a FAILED from a newer worker's contract); what RunPod receives, which the SDK's
+    local API neither checks nor shows (the Bearer key, the exact request body); and tests that must send
+    nothing, in a project of their own where no worker's listener would take the doc first. Everything that
+    needs RunPod to accept a job and run it uses the real worker.
+    """
 
     def __init__(self, answers):
         self.answers = list(answers)
@@ -466,10 +473,12 @@ def test_runsync_url():
 
 
 # ---------------------------------------------------------------------------------------------- trigger
-def test_trigger_dispatches_once_under_duplicate_delivery(firestore_client, stub):
+def test_trigger_dispatches_once_under_duplicate_delivery(worker):
+    """Three deliveries at once and a late one, to the real worker (its one slot kept busy, so its listener
+    cannot take the doc first): exactly one runsync, and the job runs once."""
+    busy = busy_video(worker, "dup-busy")
     path = "generations/u-trigger/images/trig-1"
-    firestore_client.document(path).set(client_doc(width=256))
-    runpod = stub(ACCEPTED)
+    worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
     barrier = threading.Barrier(3)
     outcomes = []
 
@@ -477,7 +486,7 @@ def test_trigger_dispatches_once_under_duplicate_delivery(firestore_client, stub
         barrier.wait(10)
         outcomes.append(
             dispatch.dispatch_created(
-                firestore_client, runpod.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
+                worker.db, worker.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
             )
         )
 
@@ -488,63 +497,92 @@ def test_trigger_dispatches_once_under_duplicate_delivery(firestore_client, stub
         t.join(60)
     outcomes.append(
         dispatch.dispatch_created(
-            firestore_client, runpod.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
+            worker.db, worker.client(), user_id="u-trigger", media_type="images", file_uid="trig-1"
         )
     )  # a late redelivery
+    assert worker.doc(busy)["status"] == "processing"  # the slot was still busy: only the trigger dispatched
     assert sorted(outcomes) == ["accepted", "skipped", "skipped", "skipped"]
-    assert len(runpod.requests) == 1
-    assert runpod.requests[0][1]["input"] == {
-        "prompt": "A red sports car",
-        "user_id": "u-trigger",
-        "file_uid": "trig-1",
-        "use_cloud_storage": True,
-        "width": 256,
-    }
-    doc = firestore_client.document(path).get().to_dict()
-    assert (doc["status"], doc["dispatch_count"], doc["dispatched_by"]) == ("queued", 1, "trigger")
+    doc = worker.wait_status(path, timeout=120)
+    assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
+        "completed",
+        1,
+        1,
+        "trigger",
+    )
+    assert worker.runsync_calls("trig-1") == 1
 
 
-def test_trigger_and_a_real_worker_run_a_client_doc_once(worker):
-    """With a worker up, its own listener races the trigger for a client's doc: either the trigger wakes it
-    (one runsync) or the worker already took the job (the trigger skips); never two runs."""
-    path = "generations/u-trigger/images/trig-real"
+def busy_video(worker, file_uid: str) -> str:
+    """Occupy the worker's one slot with a video job long enough to cover a few dispatches; returns its path."""
+    path = f"generations/u-trigger/videos/{file_uid}"
+    body = {"prompt": "busy", "user_id": "u-trigger", "file_uid": file_uid, "use_cloud_storage": True}
+    body.update(num_frames=49, num_inference_steps=40, video_width=256, video_height=256)
+    assert worker.client().runsync(body).outcome == "accepted"
+    worker.wait_status(path, ("processing",), 30)
+    return path
+
+
+def test_the_trigger_wakes_a_busy_real_worker_once(worker):
+    """The trigger comes first (the worker's one slot is busy, so its listener cannot take the doc): one
+    dispatch is accepted, the redelivery skips, and the doc runs once, after the busy job."""
+    busy = busy_video(worker, "trig-busy")
+    path = "generations/u-trigger/images/trig-first"
     worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
     runpod = worker.client()
     outcomes = [
-        dispatch.dispatch_created(worker.db, runpod, user_id="u-trigger", media_type="images", file_uid="trig-real")
+        dispatch.dispatch_created(worker.db, runpod, user_id="u-trigger", media_type="images", file_uid="trig-first")
         for _ in range(2)
     ]
-    assert sorted(outcomes) in (["accepted", "skipped"], ["skipped", "skipped"])
+    assert worker.doc(busy)["status"] == "processing"  # the slot was still busy: the trigger was first
+    assert outcomes == ["accepted", "skipped"]
+    doc = worker.wait_status(path, timeout=120)
+    assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
+        "completed",
+        1,
+        1,
+        "trigger",
+    )
+    assert worker.runsync_calls("trig-first") == 1
+
+
+def test_the_trigger_skips_a_doc_a_real_worker_already_took(worker):
+    """The worker's listener comes first (an idle worker claims a client's doc at once): the trigger, delivered
+    after, sends nothing, and the job runs once."""
+    path = "generations/u-trigger/images/trig-late"
+    worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
+    worker.wait_status(path, ("processing", "completed"), 30)
+    runpod = worker.client()
+    outcomes = [
+        dispatch.dispatch_created(worker.db, runpod, user_id="u-trigger", media_type="images", file_uid="trig-late")
+        for _ in range(2)
+    ]
+    assert outcomes == ["skipped", "skipped"]
     doc = worker.wait_status(path)
-    assert doc["status"] == "completed" and doc["attempts"] == 1
-    assert doc.get("dispatch_count", 0) == outcomes.count("accepted")
-    assert worker.runsync_calls("trig-real") == outcomes.count("accepted")
+    assert (doc["status"], doc["attempts"], doc.get("dispatch_count")) == ("completed", 1, None)
+    assert worker.runsync_calls("trig-late") == 0
 
 
-def test_trigger_and_callable_dispatch_once_between_them(firestore_client, stub):
-    runpod = stub(ACCEPTED)
+def test_trigger_and_callable_dispatch_once_between_them(worker):
+    """Against the real worker, its one slot kept busy so that its listener cannot take the docs first."""
+    busy = busy_video(worker, "both-busy")
+    small = {"width": 256, "height": 256, "num_inference_steps": 10}
     # The callable wrote and dispatched the doc: its creation trigger skips it.
     reply = dispatch.generate(
-        firestore_client, runpod.client(), uid="u-both", data={"prompt": "a car", "file_uid": "both-1"}
+        worker.db, worker.client(), uid="u-both", data={"prompt": "a car", "file_uid": "both-1", **small}
     )
     assert reply["status"] == "accepted"
     assert (
-        dispatch.dispatch_created(
-            firestore_client, runpod.client(), user_id="u-both", media_type="images", file_uid="both-1"
-        )
+        dispatch.dispatch_created(worker.db, worker.client(), user_id="u-both", media_type="images", file_uid="both-1")
         == "skipped"
     )
-    assert len(runpod.requests) == 1
     # The client wrote the doc and its trigger dispatched it: the callable answers from the doc.
-    firestore_client.document("generations/u-both/images/both-2").set(client_doc())
+    worker.db.document("generations/u-both/images/both-2").set(client_doc(**small))
     assert (
-        dispatch.dispatch_created(
-            firestore_client, runpod.client(), user_id="u-both", media_type="images", file_uid="both-2"
-        )
+        dispatch.dispatch_created(worker.db, worker.client(), user_id="u-both", media_type="images", file_uid="both-2")
         == "accepted"
     )
     again = dispatch.generate(
-        firestore_client, runpod.client(), uid="u-both", data={"prompt": "A red sports car", "file_uid": "both-2"}
+        worker.db, worker.client(), uid="u-both", data={"prompt": "A red sports car", "file_uid": "both-2", **small}
     )
     assert again == {
         "success": True,
@@ -553,7 +591,16 @@ def test_trigger_and_callable_dispatch_once_between_them(firestore_client, stub)
         "status": "accepted",
         "message": "Generation started",
     }
-    assert len(runpod.requests) == 2
+    assert worker.doc(busy)["status"] == "processing"  # all of it happened while the slot was busy
+    for file_uid, by in (("both-1", "callable"), ("both-2", "trigger")):
+        doc = worker.wait_status(f"generations/u-both/images/{file_uid}", timeout=120)
+        assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
+            "completed",
+            1,
+            1,
+            by,
+        )
+        assert worker.runsync_calls(file_uid) == 1
 
 
 def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(firestore_client, stub):
@@ -956,3 +1003,183 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
         assert CLI_KEY not in cli.log_path.read_text()
     finally:
         cli.stop()
+
+
+# ---------------------------------------------------------------------------------------------- README claims
+class HangingRunPod:
+    """An endpoint that accepts the connection and never answers. A stand-in on purpose: a real local worker
+    always answers; this is RunPod's side of a network or platform stall."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.requests = 0
+        hanging = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                hanging.requests += 1
+                hanging.stop.wait(60)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v2/endpoint/runsync"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_hanging_endpoint_is_given_up_within_the_bounds_and_the_job_stays_queued(firestore_client):
+    """RUNPOD_TIMEOUT_SECONDS per attempt, RUNPOD_ATTEMPTS attempts: the callable answers "queued" in bounded
+    time, with the doc left for the next worker and the reason recorded."""
+    hanging = HangingRunPod()
+    try:
+        runpod = RunPodClient(hanging.url, API_KEY, attempts=2, timeout=1.0, deadline=10.0, wait_initial=0.05)
+        started = time.monotonic()
+        reply = dispatch.generate(firestore_client, runpod, uid="u-hang", data={"prompt": "a car", "file_uid": "h-1"})
+        took = time.monotonic() - started
+    finally:
+        hanging.close()
+    assert (reply["status"], reply["success"]) == ("queued", True)
+    assert hanging.requests == 2 and 2.0 <= took < 6.0
+    doc = firestore_client.document("generations/u-hang/images/h-1").get().to_dict()
+    assert doc["status"] == "queued" and doc["dispatch_count"] == 1 and "timed out" in doc["dispatch_error"]
+    assert_key_nowhere(doc, reply)
+
+
+def test_a_stale_invalid_doc_is_failed_by_the_sweep_without_waking_a_worker(firestore_client, stub):
+    old = datetime.now(UTC) - timedelta(hours=1)
+    path = "generations/u-sv/images/bad-old"
+    firestore_client.document(path).set({**client_doc(width=100), "created_at": old})
+    runpod = stub(ACCEPTED)
+    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=Policy())
+    assert counts == Counter(invalid=1)
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["error_type"], doc["error_message"]) == (
+        "failed",
+        "ValidationError",
+        "width must be between 256 and 1024",
+    )
+    assert runpod.requests == []  # nothing sent: a stand-in that records requests, in a project of its own
+
+
+FUNCTIONS_ENV_SCRIPT = """
+import json, os, main
+client, policy = main._runpod(), main._policy()
+print(json.dumps({"url": client.url, "attempts": client.attempts, "timeout": client.timeout,
+                  "redispatch_minutes": policy.redispatch_after.total_seconds() / 60,
+                  "max_dispatches": policy.max_dispatches}))
+"""
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        (
+            {},
+            {
+                "url": "https://api.runpod.ai/v2/ep-123/runsync",
+                "attempts": 3,
+                "timeout": 20.0,
+                "redispatch_minutes": 10.0,
+                "max_dispatches": 3,
+            },
+        ),
+        (
+            {
+                "RUNPOD_RUNSYNC_URL": "http://127.0.0.1:8000/runsync",
+                "RUNPOD_ATTEMPTS": "5",
+                "RUNPOD_TIMEOUT_SECONDS": "7.5",
+                "REDISPATCH_AFTER_MINUTES": "2",
+                "MAX_DISPATCHES": "4",
+            },
+            {
+                "url": "http://127.0.0.1:8000/runsync",
+                "attempts": 5,
+                "timeout": 7.5,
+                "redispatch_minutes": 2.0,
+                "max_dispatches": 4,
+            },
+        ),
+    ],
+    ids=["defaults", "set"],
+)
+def test_the_functions_environment_settings(tmp_path, env, expected):
+    """The README's settings table for the functions, read by the deployed main.py in the functions' venv."""
+    deploy = _deploy_folder(tmp_path)
+    names = (
+        "RUNPOD_RUNSYNC_URL",
+        "RUNPOD_ATTEMPTS",
+        "RUNPOD_TIMEOUT_SECONDS",
+        "REDISPATCH_AFTER_MINUTES",
+        "MAX_DISPATCHES",
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", *names)}
+    base.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", RUNPOD_ENDPOINT_ID="ep-123")
+    base.update(RUNPOD_API_KEY=API_KEY, **env)
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", FUNCTIONS_ENV_SCRIPT],
+        cwd=deploy,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+    assert_key_nowhere(result.stdout, result.stderr)
+
+
+SCHEDULED_SCRIPT = """
+import flask, main
+app = flask.Flask("scheduler")
+headers = {"X-CloudScheduler-JobName": "firebase-schedule-redispatchStaleJobs-us-central1",
+           "X-CloudScheduler-ScheduleTime": "2026-01-01T00:05:00Z"}
+with app.test_request_context("/", method="POST", headers=headers):
+    response = main.redispatchStaleJobs(flask.request)
+print("status", response.status_code)
+"""
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_redispatch_stale_jobs_invoked_as_deployed(tmp_path, firestore_emulator, firestore_client, project_id, worker):
+    """`redispatchStaleJobs` as Cloud Scheduler invokes it (an HTTP request with the scheduler's headers to the
+    deployed function in the functions' venv), on the emulator: a stale queued doc is dispatched to the real
+    worker, which runs it; a fresh one is left alone."""
+    old = datetime.now(UTC) - timedelta(hours=1)
+    stale, fresh = "generations/u-cron/images/stale-1", "generations/u-cron/images/fresh-1"
+    busy = busy_video(worker, "cron-busy")  # its one slot busy: its listener leaves the docs queued meanwhile
+    small = client_doc(width=256, height=256, num_inference_steps=10)
+    worker.db.document(stale).set({**small, "created_at": old})
+    worker.db.document(fresh).set(small)
+    deploy = _deploy_folder(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(
+        FUNCTIONS_EMULATOR="true",
+        GCLOUD_PROJECT=worker.db.project,
+        FIRESTORE_EMULATOR_HOST=firestore_emulator.host_port,
+        RUNPOD_ENDPOINT_ID="local",
+        RUNPOD_RUNSYNC_URL=worker.process.runsync_url,
+        RUNPOD_API_KEY=API_KEY,
+    )
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", SCHEDULED_SCRIPT],
+        cwd=deploy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert worker.doc(busy)["status"] == "processing"  # the docs were still queued when the sweep ran
+    assert "status 200" in result.stdout and "redispatchStaleJobs: {'redispatched': 1}" in result.stdout
+    doc = worker.wait_status(stale, timeout=120)
+    assert (doc["status"], doc["dispatch_count"], doc["dispatched_by"]) == ("completed", 1, "scheduler")
+    assert "dispatch_count" not in worker.wait_status(fresh) and worker.runsync_calls("stale-1") == 1
+    assert_key_nowhere(result.stdout, result.stderr)

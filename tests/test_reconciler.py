@@ -68,13 +68,24 @@ def results(storage_client, bucket, storage_emulator):
     )
 
 
+class CountingReconciler(Reconciler):
+    """The reconciler, counting its sweeps (the periodic ones and any a test runs by hand)."""
+
+    sweeps = 0
+
+    def sweep(self) -> int:
+        found = super().sweep()
+        self.sweeps += 1
+        return found
+
+
 @pytest.fixture
 def make_worker(firestore_client, results):
     started: list[Reconciler] = []
 
     def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1):
         store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=lease)
-        reconciler = Reconciler(
+        reconciler = CountingReconciler(
             store,
             JobRunner(store, generator or StubGenerator(), results),
             concurrency=concurrency,
@@ -150,14 +161,48 @@ def test_a_killed_workers_job_is_finished_by_another_after_its_lease(make_worker
     assert [blob.name for blob in bucket.list_blobs()] == ["generating/u1/image/orphan.png"]
 
 
-def test_a_dead_listener_is_restarted_and_the_sweep_covers_the_gap(make_worker, firestore_client):
-    worker = make_worker(sweep=0.2)
+SLOW_SWEEP = 120.0  # the periodic sweep runs once at start, then not again within any test
+
+
+def test_a_closed_listener_is_restarted_by_the_watchdog(make_worker, firestore_client):
+    """The watchdog (one sweep, run here by hand) restarts a listener that closed. The doc is written after that
+    sweep, with the next one two minutes away: only the restarted listener can deliver it."""
+    worker = make_worker(sweep=SLOW_SWEEP)
+    assert wait_until(lambda: worker.sweeps == 1)  # the sweep at start is done; the next is far away
     dead = worker._watches["images"]
-    dead.unsubscribe()  # what a listener that died silently looks like from the outside: closed, no more events
-    key = JobKey("u1", "images", "after-death")
+    dead.unsubscribe()  # what a listener that died looks like from the outside: closed, no more events
+    worker.sweep()
+    assert worker._watches["images"] is not dead
+    key = JobKey("u1", "images", "after-close")
     write_job(firestore_client, key)
     assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
-    assert wait_until(lambda: worker._watches["images"] is not dead)
+    assert worker.sweeps == 2  # no periodic sweep ran: the listener found it
+
+
+def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_client):
+    """A listener that stays open but stops delivering: a sweep finds a queued doc older than two sweep
+    intervals that the listener never spoke of, and restarts it. Then a new doc, written with the periodic sweep
+    two minutes away, is delivered by the restarted listener."""
+    worker = make_worker(sweep=SLOW_SWEEP)
+    assert wait_until(lambda: worker.sweeps == 1)
+    silent = worker._watches["images"]
+    silent._snapshot_callback = lambda *args: None  # open, connected, and saying nothing
+    worker.sweep_interval = 0.2  # what the watchdog counts as "older than two sweeps"; the loop still waits
+    missed = JobKey("u1", "images", "missed")
+    write_job(firestore_client, missed)
+    created = doc_time(firestore_client, missed)
+    wait_until(lambda: time.time() - created > 1.0)  # older than two (0.2 s) sweep intervals, by a margin
+    worker.sweep()  # the watchdog's tick: it offers the missed doc, and restarts the silent listener
+    assert worker._watches["images"] is not silent and silent._closed  # replaced, and the old one closed
+    assert wait_until(lambda: finished(firestore_client, missed))["status"] == "completed"
+    key = JobKey("u1", "images", "after-silence")
+    write_job(firestore_client, key)
+    assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
+    assert worker.sweeps == 2
+
+
+def doc_time(client, key) -> float:
+    return client.document(key.path).get().update_time.timestamp()
 
 
 def hold_a_job(make_worker, client, name: str, key: JobKey, **fields):
@@ -198,23 +243,123 @@ def test_shutdown_lets_a_job_finish_within_the_grace_period(make_worker, firesto
     assert doc(firestore_client, key)["status"] == "completed"
 
 
-def test_a_worker_that_lost_its_lease_writes_nothing(firestore_client, results, bucket):
+def blobs(bucket) -> dict[str, tuple]:
+    """Every object of the bucket with what an overwrite would change: generation, checksum, metadata."""
+    return {b.name: (b.generation, b.md5_hash, b.metadata) for b in bucket.list_blobs()}
+
+
+def run_in_thread(runner: JobRunner, job) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("end", runner.run(job)))
+    thread.start()
+    return thread, outcome
+
+
+@pytest.fixture
+def token_results(storage_client, bucket, storage_emulator):
+    """Token-style URLs: an overwrite would also replace the download token a client already holds."""
+    return ResultStore(storage_client, bucket.name, url_style="token", emulator_host=storage_emulator.url)
+
+
+@pytest.mark.parametrize("thief_finished", [False, True], ids=["thief-running", "thief-completed"])
+def test_a_worker_that_lost_its_lease_writes_nothing(firestore_client, token_results, bucket, thief_finished):
+    """A stale worker (its lease ran out, another worker took the job over) wakes up and finishes generating:
+    nothing of it reaches Storage or Firestore, whether the new owner is still running or already done."""
     key = JobKey("u1", "images", "stolen")
     write_job(firestore_client, key)
     store = WorkerJobs(firestore_client, worker_id="slow", lease_seconds=0.3)
     job = store.claim(key)
-    thief = WorkerJobs(firestore_client, worker_id="thief")
     gate = threading.Event()
-    runner = JobRunner(store, StubGenerator(gate), results, renew_interval=60)  # no renewal in time
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("end", runner.run(job)))
-    thread.start()
-    wait_until(lambda: thief.claim(key))
+    runner = JobRunner(store, StubGenerator(gate), token_results, renew_interval=60)  # no renewal in time
+    thread, outcome = run_in_thread(runner, job)
+    thief = WorkerJobs(firestore_client, worker_id="thief", lease_seconds=30)
+    taken = wait_until(lambda: thief.claim(key))
+    if thief_finished:
+        assert JobRunner(thief, StubGenerator(), token_results).run(taken) == "completed"
+    before_doc, before_blobs = doc(firestore_client, key), blobs(bucket)
+    assert len(before_blobs) == int(thief_finished)
     gate.set()
     thread.join(10)
     assert outcome["end"] == "lost"
+    assert doc(firestore_client, key) == before_doc  # not one field changed (a write would change `modified`)
+    assert blobs(bucket) == before_blobs  # no object written, none overwritten, the thief's token still valid
+    assert before_doc["worker_id"] == "thief"
+    if thief_finished:
+        with urllib.request.urlopen(before_doc["image_url"], timeout=5) as response:
+            assert response.read() == png_bytes()
+
+
+def test_a_long_job_keeps_its_lease(make_worker, firestore_client):
+    """Lease 0.6 s, a job held 3 s, another worker sweeping every 0.2 s for expired leases: the heartbeat keeps
+    the lease, so the job runs once, on the worker that claimed it."""
+    key = JobKey("u1", "images", "long-held")
+    generator = StubGenerator(threading.Event())
+    make_worker("holder", generator, lease=0.6)
+    write_job(firestore_client, key)
+    assert generator.started.wait(10)
+    sweeper = StubGenerator()
+    make_worker("sweeper", sweeper, lease=0.6, sweep=0.2)
+    threading.Timer(3.0, generator.gate.set).start()  # the job's length, not a synchronisation
+    data = wait_until(lambda: finished(firestore_client, key), timeout=20)
+    assert (data["status"], data["worker_id"], data["attempts"]) == ("completed", "holder", 1)
+    assert generator.calls == ["long-held"] and sweeper.calls == []
+
+
+def test_a_write_after_the_lease_ran_out_but_before_a_takeover_lands(firestore_client, results, bucket):
+    """The README's rule: the fence is the claim (worker_id + attempt), not the clock. A worker whose lease ran
+    out while nobody took the job over still owns it: its results are uploaded and the job completes, once; a
+    claim after that finds nothing to take."""
+    key = JobKey("u1", "images", "late")
+    write_job(firestore_client, key)
+    store = WorkerJobs(firestore_client, worker_id="late", lease_seconds=0.3)
+    job = store.claim(key)
+    gate = threading.Event()
+    thread, outcome = run_in_thread(JobRunner(store, StubGenerator(gate), results, renew_interval=60), job)
+    expires = job.claimed_at.timestamp() + 0.3
+    wait_until(lambda: time.time() > expires + 0.2)  # the lease is over (server and test share one clock)
+    assert doc(firestore_client, key)["status"] == "processing"
+    gate.set()
+    thread.join(10)
     data = doc(firestore_client, key)
-    assert (data["status"], data["worker_id"]) == ("processing", "thief")
+    assert (outcome["end"], data["status"], data["worker_id"], data["attempts"]) == (
+        "completed",
+        "completed",
+        "late",
+        1,
+    )
+    assert list(blobs(bucket)) == ["generating/u1/image/late.png"]
+    assert WorkerJobs(firestore_client, worker_id="other").claim(key) is None
+
+
+class BlippingStore(WorkerJobs):
+    """The job store with Firestore away for the first `blips` calls of `complete`.
+
+    A stand-in for the outage itself, on purpose: the Firestore emulator keeps its data in memory, so stopping
+    it (as the chaos tests do) would also lose the job's doc. The error is the one the client raises then.
+    """
+
+    def __init__(self, *args, blips: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blips = blips
+
+    def complete(self, job, fields):
+        if self.blips:
+            self.blips -= 1
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+        return super().complete(job, fields)
+
+
+def test_a_firestore_blip_after_the_upload_neither_fails_nor_reruns_the_job(firestore_client, results, bucket):
+    key = JobKey("u1", "images", "blip")
+    write_job(firestore_client, key)
+    store = BlippingStore(firestore_client, worker_id="w1", lease_seconds=30, blips=2)
+    generator = StubGenerator()
+    assert JobRunner(store, generator, results).run(store.claim(key)) == "completed"
+    data = doc(firestore_client, key)
+    assert (data["status"], data["attempts"], store.blips) == ("completed", 1, 0)
+    assert generator.calls == ["blip"] and list(blobs(bucket)) == ["generating/u1/image/blip.png"]
 
 
 def test_a_storage_outage_fails_the_job_as_connection_error(make_worker, firestore_client, storage_emulator):
@@ -247,3 +392,74 @@ def test_a_dead_workers_job_goes_before_the_backlog(make_worker, firestore_clien
     # Found by the sweep once its lease ran out, it is run next, not after everything queued since.
     assert generator.calls.index("orphan") < 20, generator.calls  # about 8 here; at the back of the line: ~50
     assert doc(firestore_client, orphan)["attempts"] == 2
+
+
+class SlowClaimStore(WorkerJobs):
+    """The job store with each claim held at the door until `gate` opens (a claim on its way to Firestore)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def claim(self, key):
+        self.entered.set()
+        assert self.gate.wait(10)
+        return super().claim(key)
+
+
+def test_a_claim_on_its_way_when_the_worker_stops_is_given_back(firestore_client, results):
+    """stop() waits for a claim in flight, and a claim that wins after the stop began runs nothing: the job goes
+    back to the queue with its attempt restored (a SIGTERM must not start a job, nor leave one processing)."""
+    store = SlowClaimStore(firestore_client, worker_id="leaving", lease_seconds=30)
+    generator = StubGenerator()
+    worker = Reconciler(store, JobRunner(store, generator, results), sweep_interval=SLOW_SWEEP).start()
+    assert worker.wait_listening(10)
+    key = JobKey("u1", "images", "in-flight")
+    write_job(firestore_client, key)
+    assert store.entered.wait(10)
+    stopper = threading.Thread(target=worker.stop, kwargs={"grace": 10})
+    stopper.start()
+    assert wait_until(lambda: not worker._claiming)
+    assert stopper.is_alive()  # waiting for the claim in flight
+    store.gate.set()
+    stopper.join(15)
+    assert not stopper.is_alive()
+    data = doc(firestore_client, key)
+    assert (data["status"], data["attempts"], "worker_id" in data) == ("queued", 0, False)
+    assert generator.calls == []
+
+
+class CountingGenerator(StubGenerator):
+    """Holds every job until `gate` opens and records how many ran at once."""
+
+    def __init__(self, gate):
+        super().__init__(gate)
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def generate(self, request, progress=None):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return super().generate(request, progress)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_concurrency_two_runs_two_jobs_at_once_and_no_more(make_worker, firestore_client):
+    generator = CountingGenerator(threading.Event())
+    worker = make_worker("pair", generator, concurrency=2)
+    keys = [JobKey("u1", "images", f"c-{i}") for i in range(3)]
+    for key in keys:
+        write_job(firestore_client, key)
+    assert wait_until(lambda: generator.running == 2)
+    # The third stays queued while both slots are busy (the sweep, every 0.3 s, offers it again and again).
+    assert wait_until(lambda: worker.sweeps >= 3)
+    assert generator.running == 2 and len(generator.calls) == 2
+    assert sorted(doc(firestore_client, k)["status"] for k in keys) == ["processing", "processing", "queued"]
+    generator.gate.set()
+    assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
+    assert generator.most == 2 and sorted(generator.calls) == ["c-0", "c-1", "c-2"]

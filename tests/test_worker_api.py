@@ -11,7 +11,6 @@ import io
 import json
 import signal
 import threading
-import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -232,7 +231,12 @@ def test_a_completed_job_is_never_generated_again(stack):
     stack.runsync(body)
     first = stack.wait_finished("generations/test-user/images/done-once")
     assert stack.runsync(body)["output"]["status"] == "accepted"
-    time.sleep(0)  # nothing to wait for: the answer came after the doc was read, and the doc must be unchanged
+    # Something to wait for: a job accepted after it. The worker runs one job at a time, its runsync jobs in the
+    # order they came, and any queued doc its listener hears of: had the second call re-queued the done job or
+    # handed it to the slot, it would have run before this one finished.
+    marker = {"input": {**IMAGE_EXAMPLE["input"], "file_uid": "after-the-done-job", "width": 256, "height": 256}}
+    assert stack.runsync(marker)["output"]["status"] == "accepted"
+    assert stack.wait_finished("generations/test-user/images/after-the-done-job")["status"] == "completed"
     assert stack.doc("generations/test-user/images/done-once") == first
     assert len([e for e in stack.worker.events("job_started") if "done-once" in e]) == 1
 
@@ -273,28 +277,79 @@ def test_a_client_written_doc_is_run_without_any_runsync_call(stack):
     assert doc["video_info"] == {"frames": 17, "fps": 6, "duration_seconds": 2.833, "width": 256, "height": 256}
 
 
-def test_sigterm_mid_job_gives_the_job_back(firestore_emulator, storage_emulator, emulator_logs, tiny_cache):
-    stack = make_stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache, SHUTDOWN_GRACE_SECONDS="0.5")
+LONG_VIDEO = {"num_frames": 81, "num_inference_steps": 50, "video_width": 256, "video_height": 256}  # many short steps
+SHORT_IMAGE = {"width": 256, "height": 256, "num_inference_steps": 10}
+MODES = {"rp_serve_api": True, "reconciler_only": False}  # `python -m listener --rp_serve_api`, and no flags
+
+
+def queued_doc(**options) -> dict:
+    return {"status": "queued", "prompt": "Waves", "generated": False, "error": False, **options}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_an_idle_worker_claims_nothing_after_sigterm(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, mode
+):
+    """An idle worker told to stop (SIGTERM) exits 0 and leaves a doc queued after the signal to other workers,
+    even while its listener still hears of it."""
+    # No model to load (a quicker start): a claim would still show, as a job failed ModelNotAvailable.
+    stack = make_stack(
+        firestore_emulator,
+        storage_emulator,
+        emulator_logs,
+        tiny_cache,
+        serve_api=MODES[mode],
+        IMAGE_MODEL="none",
+        VIDEO_MODEL="none",
+    )
     try:
-        path = "generations/test-user/videos/long-job"
-        # Many short steps: the job lasts a while, and a stop request is seen at the next step.
-        body = {
-            "input": {
-                **VIDEO_EXAMPLE["input"],
-                "file_uid": "long-job",
-                "num_frames": 81,
-                "num_inference_steps": 50,
-                "video_width": 256,
-                "video_height": 256,
-            }
-        }
-        assert stack.runsync(body)["output"]["status"] == "accepted"
-        assert emu.wait_until(lambda: (stack.doc(path) or {}).get("status") == "processing", 30)
         stack.worker.signal(signal.SIGTERM)
-        assert stack.worker.wait_exit(60) is not None
-        doc = stack.doc(path)
-        assert doc["status"] == "queued" and doc["attempts"] == 0 and "worker_id" not in doc
-        assert stack.worker.events("job_released")
+        late = "generations/test-user/images/after-sigterm"
+        stack.firestore.document(late).set(queued_doc(**SHORT_IMAGE))
+        assert stack.worker.wait_exit(60) == 0
+        assert stack.doc(late) == queued_doc(**SHORT_IMAGE)
+        assert not stack.worker.events("job_claimed")
+    finally:
+        stack.worker.stop()
+
+
+@pytest.mark.parametrize("within_grace", [False, True], ids=["released", "finished"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sigterm_stops_claiming_and_ends_the_running_job_cleanly(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, mode, within_grace
+):
+    """SIGTERM, as RunPod sends it before stopping a worker: exit code 0; nothing is claimed after the signal (a
+    doc queued after it stays queued, though the slot frees); the running job finishes within the grace period,
+    or is given back to the queue with its attempt restored."""
+    grace = "60" if within_grace else "0.5"
+    stack = make_stack(
+        firestore_emulator,
+        storage_emulator,
+        emulator_logs,
+        tiny_cache,
+        serve_api=MODES[mode],
+        SHUTDOWN_GRACE_SECONDS=grace,
+        SWEEP_INTERVAL_SECONDS="0.2",
+        # Only the model the running job needs: a quicker start.
+        **({"VIDEO_MODEL": "none"} if within_grace else {"IMAGE_MODEL": "none"}),
+    )
+    try:
+        running = "generations/test-user/images/short" if within_grace else "generations/test-user/videos/long"
+        stack.firestore.document(running).set(queued_doc(**(SHORT_IMAGE if within_grace else LONG_VIDEO)))
+        assert emu.wait_until(lambda: (stack.doc(running) or {}).get("status") == "processing", 60)
+        stack.worker.signal(signal.SIGTERM)
+        late = "generations/test-user/images/after-sigterm"
+        stack.firestore.document(late).set(queued_doc(**SHORT_IMAGE))
+        assert stack.worker.wait_exit(90) == 0
+        doc = stack.doc(running)
+        if within_grace:
+            assert (doc["status"], doc["attempts"]) == ("completed", 1)
+            assert not stack.worker.events("job_released")
+        else:
+            assert doc["status"] == "queued" and doc["attempts"] == 0 and "worker_id" not in doc
+            assert stack.worker.events("job_released")
+        assert stack.doc(late) == {**queued_doc(**SHORT_IMAGE)}  # never claimed: no attempts, no worker_id
+        assert not [e for e in stack.worker.events("job_claimed") if "after-sigterm" in e]
     finally:
         stack.worker.stop()
 

@@ -1,0 +1,177 @@
+"""README claims that had no test: the worker's settings (defaults, bounds, one-line start-up errors and exit
+code), LOG_LEVEL, the inline 20 MB refusal, and the runsync answer when Firestore cannot record the job."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import firestore
+
+from devtools import emulators as emu
+from firegen_core.jobs import CALL_TIMEOUT, WorkerJobs
+from listener.handler import INLINE_LIMIT_BYTES, RunsyncHandler
+from listener.settings import Settings, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_VARS = [
+    alias
+    for info in Settings.model_fields.values()
+    for alias in getattr(info.validation_alias, "choices", [info.validation_alias])
+]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in WORKER_VARS:
+        monkeypatch.delenv(str(name), raising=False)
+    monkeypatch.setenv("STORAGE_BUCKET", "b")
+    return monkeypatch
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def test_documented_defaults(clean_env):
+    s = load_settings()
+    assert (s.signed_url_expiry_seconds, s.upload_retry_attempts, s.upload_retry_max_seconds) == (604800, 5, 60)
+    assert s.log_level == "INFO"
+
+
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        ("SIGNED_URL_EXPIRY_SECONDS", "604801", "SIGNED_URL_EXPIRY_SECONDS must be less than or equal to 604800"),
+        ("SIGNED_URL_EXPIRY_SECONDS", "0", "SIGNED_URL_EXPIRY_SECONDS must be greater than or equal to 1"),
+        ("UPLOAD_RETRY_ATTEMPTS", "0", "UPLOAD_RETRY_ATTEMPTS must be greater than or equal to 1"),
+        ("UPLOAD_RETRY_MAX_SECONDS", "0", "UPLOAD_RETRY_MAX_SECONDS must be greater than 0"),
+        ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
+    ],
+)
+def test_documented_bounds(clean_env, name, value, message):
+    clean_env.setenv(name, value)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert str(raised.value).startswith(message)
+
+
+def test_the_documented_bounds_are_accepted(clean_env):
+    clean_env.setenv("SIGNED_URL_EXPIRY_SECONDS", "604800")
+    clean_env.setenv("UPLOAD_RETRY_ATTEMPTS", "1")
+    clean_env.setenv("UPLOAD_RETRY_MAX_SECONDS", "0.5")
+    clean_env.setenv("LOG_LEVEL", "debug")
+    s = load_settings()
+    assert (s.signed_url_expiry_seconds, s.upload_retry_attempts, s.upload_retry_max_seconds) == (604800, 1, 0.5)
+    assert s.log_level == "DEBUG"
+
+
+def run_worker(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in {str(n) for n in WORKER_VARS}}
+    return subprocess.run(
+        [sys.executable, "-m", "listener"],
+        env={**base, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "env,line",
+    [
+        ({}, "listener: configuration error: STORAGE_BUCKET is required"),
+        (
+            {"STORAGE_BUCKET": "b", "SIGNED_URL_EXPIRY_SECONDS": "999999"},
+            "listener: configuration error: SIGNED_URL_EXPIRY_SECONDS must be less than or equal to 604800 (got '999999')",
+        ),
+        (
+            {"STORAGE_BUCKET": "b", "LOG_LEVEL": "LOUD"},
+            "listener: configuration error: LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR",
+        ),
+    ],
+)
+def test_a_bad_setting_stops_the_worker_with_one_line_and_exit_code_2(env, line):
+    result = run_worker(env)
+    assert (result.returncode, result.stderr, result.stdout) == (2, line + "\n", "")
+
+
+LOG_SCRIPT = """
+import sys, structlog
+from listener.logs import configure
+configure("w-1", sys.argv[1])
+log = structlog.get_logger("listener.test")
+log.debug("a_debug"); log.info("an_info"); log.warning("a_warning")
+"""
+
+
+@pytest.mark.parametrize(
+    "level,events",
+    [("INFO", ["an_info", "a_warning"]), ("WARNING", ["a_warning"]), ("DEBUG", ["a_debug", "an_info", "a_warning"])],
+)
+def test_log_level_filters_the_json_events(level, events):
+    result = subprocess.run(
+        [sys.executable, "-c", LOG_SCRIPT, level], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["event"] for line in lines] == events
+    assert all(line["worker_id"] == "w-1" and "timestamp" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------- runsync answers
+class SizedGenerator:
+    """Results of a chosen size. A stand-in on purpose: the tiny models cannot make 20 MB of output (four noisy
+    1024x1024 PNGs are ~12 MB), and the refusal depends only on the size."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def generate(self, request, progress=None):
+        half = self.size // 2
+        files = [(b"\0" * half, "png", "image/png"), (b"\0" * (self.size - half), "png", "image/png")]
+        return SimpleNamespace(seed=1, files=files, video_info=None)
+
+
+INLINE = {"prompt": "a car", "use_cloud_storage": False, "num_images_per_prompt": 2}
+
+
+def test_an_inline_result_over_20_mb_once_encoded_is_refused():
+    over = INLINE_LIMIT_BYTES * 3 // 4 + 3  # base64 makes 4 bytes of 3: just over 20 MB once encoded
+    handler = RunsyncHandler(store=None, submit=None, generator=SizedGenerator(over))
+    answer = handler.handle(INLINE)
+    assert answer == {
+        "status": "failed",
+        "error": "Result is 15.7 MB, over RunPod's 20 MB response limit once encoded: use use_cloud_storage: true, "
+        "or ask for fewer or smaller outputs",
+    }
+
+
+def test_an_inline_result_just_under_20_mb_is_returned():
+    under = INLINE_LIMIT_BYTES * 3 // 4 - 3
+    answer = RunsyncHandler(store=None, submit=None, generator=SizedGenerator(under)).handle(INLINE)
+    assert answer["status"] == "completed" and answer["image_count"] == 2
+    assert sum(len(base64.b64decode(data)) for data in answer["images"]) == under
+    assert sum(len(data) for data in answer["images"]) <= INLINE_LIMIT_BYTES
+
+
+def test_firestore_down_answers_could_not_record_within_its_bound(monkeypatch):
+    """Firestore unreachable (nothing listens on its port): runsync answers the README's retry message, within
+    the job store's 15 s bound, and hands nothing to the local slot."""
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emu.free_port()}")
+    client = firestore.Client(project="demo-down", credentials=AnonymousCredentials())
+    submitted = []
+    handler = RunsyncHandler(WorkerJobs(client, worker_id="w"), submitted.append)
+    started = time.monotonic()
+    answer = handler.handle({"prompt": "a car", "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
+    took = time.monotonic() - started
+    assert answer == {
+        "status": "failed",
+        "error": "Could not record the job in Firestore; please retry (the same file_uid is safe to resend)",
+    }
+    assert took <= CALL_TIMEOUT + 3 and submitted == []
