@@ -118,8 +118,11 @@ class _EmulatorCredential(firebase_admin.credentials.Base):
 
 
 def _init_admin() -> None:
-    if firebase_admin._apps:
-        return
+    try:
+        firebase_admin.get_app()
+        return  # already initialised (a warm instance)
+    except ValueError:
+        pass
     if os.environ.get("FUNCTIONS_EMULATOR") == "true":
         project = os.environ.get("GCLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT")
         firebase_admin.initialize_app(_EmulatorCredential(), {"projectId": project})

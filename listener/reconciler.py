@@ -342,7 +342,7 @@ class Reconciler:
         for window in (*WINDOWS, CANCEL):
             name = _name(media, window)
             watch = self._watches.get(name)
-            silent = missed and window == "oldest"
+            silent = missed and window in WINDOWS  # the queued doc reached neither window: restart both
             if self._claiming and (silent or watch is None or getattr(watch, "_closed", False)):
                 log.warning("listener_restarted", listener=name, reason="silent" if silent else "closed")
                 _close(watch)

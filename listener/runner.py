@@ -108,6 +108,12 @@ class Heartbeat:
         self._wake.set()
         self._thread.join(timeout=5)
 
+    def __enter__(self) -> Heartbeat:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()  # the one place a job's heartbeat ends: before any final write but `complete`
+
 
 def _ids(job: ClaimedJob) -> dict[str, Any]:
     return {"user_id": job.key.user_id, "file_uid": job.key.file_uid, "attempt": job.lease.attempt}
@@ -152,74 +158,77 @@ class JobRunner:
             return self._fail(job, classify(exc))
         limit = self.deadline.seconds(request)
         overrun = GenerationError(TIMEOUT, timeout_message(limit))
-        heartbeat = Heartbeat(
+        interrupted, error = False, None
+        with Heartbeat(
             self.store, job, self.renew_interval, started + limit + self.renew_interval, overrun=overrun
-        )
+        ) as heartbeat:
 
-        def progress(fraction: float) -> None:
-            if heartbeat.lost.is_set() or self.abort.is_set() or cancel.is_set() or time.monotonic() > started + limit:
-                raise Interrupted()
-            heartbeat.post(fraction)
+            def progress(fraction: float) -> None:
+                expired = time.monotonic() > started + limit
+                if heartbeat.lost.is_set() or self.abort.is_set() or cancel.is_set() or expired:
+                    raise Interrupted()
+                heartbeat.post(fraction)
 
-        try:
-            log.info("job_started", task_type=request.task_type, deadline_seconds=round(limit, 1), **_ids(job))
-            t0 = time.monotonic()
-            result = self.generator.generate(request, progress=progress)
-            t1 = time.monotonic()
-            progress(1.0)
-            # The fence, right before anything leaves this worker: a worker that lost its lease (presumed dead,
-            # taken over) must not overwrite the new owner's objects or download tokens.
-            if not self._while_held(heartbeat, lambda: self.store.holds(job)):
-                return self._lost(job, heartbeat)
-            urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
-            t2 = time.monotonic()
-            fields = lifecycle.success(
-                task_type=request.task_type,
-                user_id=job.key.user_id,
-                file_uid=job.key.file_uid,
-                urls=urls,
-                seed=result.seed,
-                video_info=result.video_info,
-                timings={
-                    "queue_seconds": _queue_seconds(job),
-                    "generation_seconds": t1 - t0,
-                    "upload_seconds": t2 - t1,
-                },
-            )
-            # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done, so
-            # the job neither fails nor runs again for it.
-            heartbeat.finishing.set()
-            written = self._while_held(heartbeat, lambda: self.store.complete(job, fields))
-            heartbeat.stop()
-            if written is None:
-                return self._lost(job, heartbeat)
-            if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
-                self._remove_results(job, request)
-                log.info("job_cancelled", during="upload", **_ids(job))
-                return lifecycle.FAILED
-            log.info("job_completed", seconds=round(time.monotonic() - started, 3), outputs=len(urls), **_ids(job))
-            return lifecycle.COMPLETED
-        except Interrupted:
-            heartbeat.stop()
+            try:
+                log.info("job_started", task_type=request.task_type, deadline_seconds=round(limit, 1), **_ids(job))
+                t0 = time.monotonic()
+                result = self.generator.generate(request, progress=progress)
+                t1 = time.monotonic()
+                progress(1.0)
+                # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
+                # dead, taken over) must not overwrite the new owner's objects or download tokens.
+                if not self._while_held(heartbeat, lambda: self.store.holds(job)):
+                    return self._lost(job)
+                urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
+                t2 = time.monotonic()
+                fields = lifecycle.success(
+                    task_type=request.task_type,
+                    user_id=job.key.user_id,
+                    file_uid=job.key.file_uid,
+                    urls=urls,
+                    seed=result.seed,
+                    video_info=result.video_info,
+                    timings={
+                        "queue_seconds": _queue_seconds(job),
+                        "generation_seconds": t1 - t0,
+                        "upload_seconds": t2 - t1,
+                    },
+                )
+                # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done,
+                # so the job neither fails nor runs again for it.
+                heartbeat.finishing.set()
+                written = self._while_held(heartbeat, lambda: self.store.complete(job, fields))
+            except Interrupted:
+                interrupted = True
+            except Exception as exc:
+                error = classify(exc)
+        # The heartbeat has stopped: every write from here on is the job's last.
+        if interrupted:
             if heartbeat.lost.is_set():
-                return self._lost(job, heartbeat)
+                return self._lost(job)
             if cancel.is_set() or time.monotonic() > started + limit:
-                error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if cancel.is_set() else overrun
-                outcome = self._fail(job, error)
+                outcome = self._fail(job, GenerationError(CANCELLED, CANCELLED_MESSAGE) if cancel.is_set() else overrun)
                 if outcome == lifecycle.FAILED:
                     self._remove_results(job, request)  # an earlier attempt's partial upload
                 return outcome
             released = self.store.release(job)
             log.info("job_released", released=released, **_ids(job))
             return "released"
-        except Exception as exc:
-            heartbeat.stop()
-            return self._fail(job, classify(exc), heartbeat)
+        if error is not None:
+            return self._fail(job, error)
+        if written is None:
+            return self._lost(job)
+        if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
+            self._remove_results(job, request)
+            log.info("job_cancelled", during="upload", **_ids(job))
+            return lifecycle.FAILED
+        log.info("job_completed", seconds=round(time.monotonic() - started, 3), outputs=len(urls), **_ids(job))
+        return lifecycle.COMPLETED
 
-    def _fail(self, job: ClaimedJob, error: GenerationError, heartbeat: Heartbeat | None = None) -> str:
+    def _fail(self, job: ClaimedJob, error: GenerationError) -> str:
         log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))
         if not self.store.fail(job, error):
-            return self._lost(job, heartbeat)
+            return self._lost(job)
         return lifecycle.FAILED
 
     def _remove_results(self, job: ClaimedJob, request: GenerationRequest) -> None:
@@ -253,9 +262,7 @@ class JobRunner:
         return retrying(call)
 
     @staticmethod
-    def _lost(job: ClaimedJob, heartbeat: Heartbeat | None = None) -> str:
-        if heartbeat is not None:
-            heartbeat.stop()
+    def _lost(job: ClaimedJob) -> str:
         log.warning("job_lost", reason="lease taken over; nothing written", **_ids(job))
         return "lost"
 

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 from urllib.parse import quote
 
 import requests
@@ -42,19 +42,17 @@ from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
 if TYPE_CHECKING:  # pragma: no cover
     from google.cloud import storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
-    from listener.settings import Settings
+from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO
+from listener.settings import MAX_SIGNED_URL_SECONDS, Settings, UrlStyle
 
 log = logging.getLogger(__name__)
 
-TEXT2IMAGE = "text2image"
-TEXT2VIDEO = "text2video"
 _FOLDER = {TEXT2IMAGE: "image", TEXT2VIDEO: "video"}
 DEFAULT_FORMAT = {TEXT2IMAGE: ("png", "image/png"), TEXT2VIDEO: ("mp4", "video/mp4")}
-URL_STYLES = ("public", "signed", "token")
+URL_STYLES = get_args(UrlStyle)
 TOKEN_METADATA_KEY = "firebaseStorageDownloadTokens"
 PUBLIC_BASE = "https://storage.googleapis.com"
 FIREBASE_BASE = "https://firebasestorage.googleapis.com"
-MAX_SIGNED_URL_SECONDS = 7 * 24 * 3600
 
 TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}
 

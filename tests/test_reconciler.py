@@ -185,15 +185,18 @@ def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_c
     two minutes away, is delivered by the restarted listener."""
     worker = make_worker(sweep=SLOW_SWEEP)
     assert wait_until(lambda: worker.sweeps == 1)
-    silent = worker._watches["images"]
-    silent._snapshot_callback = lambda *args: None  # open, connected, and saying nothing
+    # Both windows of the queued images (the oldest docs, the newest docs): open, connected, and saying nothing.
+    silent = [worker._watches["images"], worker._watches["images:newest"]]
+    for watch in silent:
+        watch._snapshot_callback = lambda *args: None
     worker.sweep_interval = 0.2  # what the watchdog counts as "older than two sweeps"; the loop still waits
     missed = JobKey("u1", "images", "missed")
     write_job(firestore_client, missed)
     created = doc_time(firestore_client, missed)
     wait_until(lambda: time.time() - created > 1.0)  # older than two (0.2 s) sweep intervals, by a margin
     worker.sweep()  # the watchdog's tick: it offers the missed doc, and restarts the silent listener
-    assert worker._watches["images"] is not silent and silent._closed  # replaced, and the old one closed
+    replaced = [worker._watches["images"], worker._watches["images:newest"]]
+    assert all(new is not old and old._closed for new, old in zip(replaced, silent))  # replaced, old ones closed
     assert wait_until(lambda: finished(firestore_client, missed))["status"] == "completed"
     key = JobKey("u1", "images", "after-silence")
     write_job(firestore_client, key)
