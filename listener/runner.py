@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -32,6 +33,17 @@ log = structlog.get_logger("listener.runner")
 
 PROGRESS_STEP = 0.25  # a job writes its progress a handful of times, not at every denoising step
 T = TypeVar("T")
+
+
+class RunOutcome(StrEnum):
+    """How a run ended on this worker: the job's final state written, given back, or not ours any more."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RELEASED = "released"  # back in the queue (shutdown, a broken device): another worker runs it
+    LOST = "lost"  # the lease was taken over: this worker wrote nothing
+
+
 FINAL_WRITE_WAIT = (0.2, 5.0)  # backoff of the fence check and the final write: first wait, longest wait (s)
 
 
@@ -144,7 +156,7 @@ class JobRunner:
         self.deadline = deadline or Deadline()
         self.abort = threading.Event()  # set on shutdown past the grace period: release running jobs
 
-    def run(self, job: ClaimedJob, cancel: threading.Event | None = None) -> str:
+    def run(self, job: ClaimedJob, cancel: threading.Event | None = None) -> RunOutcome:
         """Run a claimed job to its end; returns the final state written (or 'lost' / 'released').
 
         `cancel` is set (by the reconciler's cancel listener) when the owner asks to stop the job: generation
@@ -208,12 +220,12 @@ class JobRunner:
                 return self._lost(job)
             if cancel.is_set() or time.monotonic() > started + limit:
                 outcome = self._fail(job, GenerationError(CANCELLED, CANCELLED_MESSAGE) if cancel.is_set() else overrun)
-                if outcome == lifecycle.FAILED:
+                if outcome == RunOutcome.FAILED:
                     self._remove_results(job, request)  # an earlier attempt's partial upload
                 return outcome
             released = self.store.release(job)
             log.info("job_released", released=released, **_ids(job))
-            return "released"
+            return RunOutcome.RELEASED
         if error is not None:
             return self._fail(job, error)
         if written is None:
@@ -221,15 +233,15 @@ class JobRunner:
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
             self._remove_results(job, request)
             log.info("job_cancelled", during="upload", **_ids(job))
-            return lifecycle.FAILED
+            return RunOutcome.FAILED
         log.info("job_completed", seconds=round(time.monotonic() - started, 3), outputs=len(urls), **_ids(job))
-        return lifecycle.COMPLETED
+        return RunOutcome.COMPLETED
 
-    def _fail(self, job: ClaimedJob, error: GenerationError) -> str:
+    def _fail(self, job: ClaimedJob, error: GenerationError) -> RunOutcome:
         log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))
         if not self.store.fail(job, error):
             return self._lost(job)
-        return lifecycle.FAILED
+        return RunOutcome.FAILED
 
     def _remove_results(self, job: ClaimedJob, request: GenerationRequest) -> None:
         """Delete the job's objects; only ever called right after this worker wrote the job's end (it held the
@@ -262,9 +274,9 @@ class JobRunner:
         return retrying(call)
 
     @staticmethod
-    def _lost(job: ClaimedJob) -> str:
+    def _lost(job: ClaimedJob) -> RunOutcome:
         log.warning("job_lost", reason="lease taken over; nothing written", **_ids(job))
-        return "lost"
+        return RunOutcome.LOST
 
 
 def deadline_from(settings) -> Deadline:
