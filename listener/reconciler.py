@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 
 import structlog
 from google.cloud.firestore import Query
+from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from firegen_core import lifecycle, workers
 from firegen_core.jobs import MEDIA_TYPES, JobKey, WorkerJobs
@@ -195,7 +196,12 @@ class Reconciler:
             if key is None:
                 continue
             try:
-                job = self.store.claim(key)
+                # A claim is a compare-and-set, safe to repeat. Repeating it matters: while the claim is in flight
+                # the key is taken, so a listener that offers it meanwhile is not heard, and a dropped candidate
+                # would wait for the next sweep (an emulator's "call already cancelled" on a listener restart).
+                job = Retrying(stop=stop_after_attempt(3), wait=wait_exponential(0.1, max=1), reraise=True)(
+                    self.store.claim, key
+                )
                 if job is not None and not self._claiming:  # stopped while the claim was on its way
                     log.info("job_claimed_after_stop", released=self.store.release(job), path=key.path)
                     job = None
