@@ -39,9 +39,11 @@ from .lifecycle import Lease
 
 COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
-MAX_CONFLICTS = 20
+MAX_CONFLICTS = 40
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
-CONFLICT_BACKOFF = 0.01  # seconds, times the try, jittered: racers for one user's usage doc spread out
+# Conflicts back off exponentially with full jitter (first ~10 ms, at most 250 ms a wait): racers for one user's
+# usage doc (one user's burst of requests) spread out instead of colliding again on the next round trip.
+CONFLICT_BACKOFF, CONFLICT_BACKOFF_MAX = 0.01, 0.25
 # The client's own retry has a 60 s deadline of its own, whatever `timeout` says: each call gets both bounds.
 BOUND: dict[str, Any] = {
     "timeout": CALL_TIMEOUT,
@@ -140,7 +142,10 @@ class JobStore:
         and not yet admitted is admitted (or refused, failed `QuotaExceeded`), and any transition that would
         start a job past USER_MAX_RUNNING leaves it queued instead.
         """
+        deadline = time.monotonic() + CALL_TIMEOUT  # the bound a runsync caller is promised, conflicts included
         for attempt in range(MAX_CONFLICTS):
+            if attempt and time.monotonic() > deadline:
+                break
             snapshot, usage_snapshot = self._read(key)
             now = snapshot.read_time
             before = (
@@ -167,10 +172,10 @@ class JobStore:
             try:
                 batch.commit(**BOUND)
             except (FailedPrecondition, AlreadyExists, NotFound):
-                time.sleep(random.uniform(0, CONFLICT_BACKOFF * (attempt + 1)))
+                time.sleep(random.uniform(0, min(CONFLICT_BACKOFF * 2**attempt, CONFLICT_BACKOFF_MAX)))
                 continue  # someone wrote first: decide again on what they wrote
             return Outcome(before, update, now)
-        raise Aborted(f"{key.path}: still contended after {MAX_CONFLICTS} tries")
+        raise Aborted(f"{key.path}: still contended after {attempt + 1} tries")
 
     def _unchanged(self, snapshot):
         return self.client.write_option(last_update_time=snapshot.update_time)
