@@ -22,6 +22,7 @@ from google.api_core import retry as retries
 from google.api_core.exceptions import (
     Aborted,
     AlreadyExists,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InternalServerError,
@@ -48,8 +49,10 @@ CONFLICT_BACKOFF, CONFLICT_BACKOFF_MAX = 0.01, 0.25
 BOUND: dict[str, Any] = {
     "timeout": CALL_TIMEOUT,
     "retry": retries.Retry(
+        # Cancelled: the emulator's "call already cancelled" while other streams close; every write here is a
+        # compare-and-set or a create, so sending it again is safe.
         predicate=retries.if_exception_type(
-            ServiceUnavailable, DeadlineExceeded, ResourceExhausted, InternalServerError
+            ServiceUnavailable, DeadlineExceeded, ResourceExhausted, InternalServerError, Cancelled
         ),
         initial=0.1,
         maximum=2.0,

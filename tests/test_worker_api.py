@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import av
 import pytest
+from google.api_core.exceptions import Cancelled
 from google.cloud.firestore import SERVER_TIMESTAMP
 from PIL import Image
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from devtools import emulators as emu
 from devtools.worker import WorkerProcess
@@ -305,7 +307,9 @@ def test_an_idle_worker_claims_nothing_after_sigterm(
     try:
         stack.worker.signal(signal.SIGTERM)
         late = "generations/test-user/images/after-sigterm"
-        stack.firestore.document(late).set(queued_doc(**SHORT_IMAGE))
+        # The emulator may answer a call made while the worker's streams are torn down with CANCELLED: send again.
+        retry = Retrying(retry=retry_if_exception_type(Cancelled), stop=stop_after_attempt(3), reraise=True)
+        retry(stack.firestore.document(late).set, queued_doc(**SHORT_IMAGE))
         assert stack.worker.wait_exit(60) == 0
         assert stack.doc(late) == queued_doc(**SHORT_IMAGE)
         assert not stack.worker.events("job_claimed")
@@ -339,7 +343,9 @@ def test_sigterm_stops_claiming_and_ends_the_running_job_cleanly(
         assert emu.wait_until(lambda: (stack.doc(running) or {}).get("status") == "processing", 60)
         stack.worker.signal(signal.SIGTERM)
         late = "generations/test-user/images/after-sigterm"
-        stack.firestore.document(late).set(queued_doc(**SHORT_IMAGE))
+        # The emulator may answer a call made while the worker's streams are torn down with CANCELLED: send again.
+        retry = Retrying(retry=retry_if_exception_type(Cancelled), stop=stop_after_attempt(3), reraise=True)
+        retry(stack.firestore.document(late).set, queued_doc(**SHORT_IMAGE))
         assert stack.worker.wait_exit(90) == 0
         doc = stack.doc(running)
         if within_grace:
