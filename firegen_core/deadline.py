@@ -10,6 +10,7 @@ per-pixel rate is a rough figure: the multiple (default 5) covers slower cards a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .contract import GenerationRequest
@@ -32,9 +33,11 @@ class Deadline:
 
     def seconds(self, request: GenerationRequest | None) -> float:
         """The time a job may run, from its claim to its last write; the floor when its request is unknown."""
-        if request is None:
-            return self.floor_seconds
-        return max(self.floor_seconds, self.multiple * estimated_seconds(request))
+        return self.seconds_for([] if request is None else [request])
+
+    def seconds_for(self, requests: Sequence[GenerationRequest]) -> float:
+        """The time jobs that run together (one batch) may run: the deadline of their summed estimates."""
+        return max(self.floor_seconds, self.multiple * sum(estimated_seconds(request) for request in requests))
 
 
 def timeout_message(seconds: float) -> str:

@@ -296,6 +296,7 @@ class WorkerJobs:
     ):
         self.jobs = JobStore(client, limits=limits)
         self.client = client
+        self.limits = limits
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts

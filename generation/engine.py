@@ -183,8 +183,19 @@ _DEVICE_FAILURE_MARKERS = (
 )
 
 
-def is_device_failure(exc: BaseException) -> bool:
-    """Whether `exc` says the accelerator itself is broken (not out of memory: that one is the job's)."""
+def is_device_failure(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from (a pipeline classifies what torch raised into a
+    GenerationError), says the accelerator itself is broken (not out of memory: that one is the job's)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _says_device_failed(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _says_device_failed(exc: BaseException) -> bool:
     text = str(exc).lower()
     if "out of memory" in text or type(exc).__name__ == "OutOfMemoryError":
         return False

@@ -10,6 +10,8 @@ Pure (no Firestore): the reconciler feeds it from its listeners and sweep and ta
 - Bounded: at most `capacity` entries whatever the backlog. When full, the newest entry of the user holding the
   most entries makes room (or the new entry is dropped, when it would be that entry itself). A dropped entry is
   still a queued doc: the listeners and the sweep offer it again once it is among the oldest.
+- Batches (`pop_batch`): a candidate may carry a group (its batch key); the next job, then more of its group, each
+  the next in fair order among the group's candidates, at most `per_user` of one user.
 - `served` remembers at most `memory` users (least recently served forgotten first).
 """
 
@@ -19,7 +21,7 @@ import bisect
 import itertools
 import random
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
@@ -35,6 +37,7 @@ class _Entry(Generic[K]):
     key: K = field(compare=False)
     user: str = field(compare=False)
     first: bool = field(compare=False, default=False)
+    group: Hashable | None = field(compare=False, default=None)
 
 
 def timestamp(value: datetime | float | None, default: float) -> float:
@@ -67,15 +70,17 @@ class FairQueue(Generic[K]):
     def users(self) -> int:
         return len(self._by_user)
 
-    def add(self, key: K, user: str, created: float, *, first: bool = False) -> bool:
-        """Offer a candidate; True if it is held. A key already held keeps its place (it may only become first)."""
+    def add(self, key: K, user: str, created: float, *, first: bool = False, group: Hashable | None = None) -> bool:
+        """Offer a candidate; True if it is held. A key already held keeps its place (it may only become first).
+        `group`: candidates of one group may be handed out together (`pop_batch`); None: always alone."""
         held = self._entries.get(key)
         if held is not None:
             held.first |= first
+            held.group = held.group if group is None else group
             return True
         if len(self._entries) >= self.capacity and not self._make_room(user, created, first):
             return False
-        entry = _Entry(created, next(self._seq), key, user, first)
+        entry = _Entry(created, next(self._seq), key, user, first, group)
         self._entries[key] = entry
         bisect.insort(self._by_user.setdefault(user, []), entry)
         return True
@@ -97,18 +102,49 @@ class FairQueue(Generic[K]):
         """The next job in fair order and take it out (None when empty). With `spread` > 1, one of the first
         `spread` users in fair order at random: idle workers that all heard of the same jobs then go for
         different ones instead of racing for one."""
-        if not self._entries:
+        batch = self.pop_batch(1, spread)
+        return batch[0] if batch else None
+
+    def pop_batch(self, size: int, spread: int = 1, per_user: int | None = None) -> list[K]:
+        """The next job (as `pop`) and, when it has a group, up to `size - 1` more of that group, each the next
+        in fair order among the group's candidates, at most `per_user` from one user (USER_MAX_RUNNING: a claim
+        past it would be refused). A batch is fair as single jobs are: alternating users, each one's oldest."""
+        lead = self._take(lambda entry: True, spread)
+        if lead is None:
+            return []
+        batch = [lead]
+        taken = {lead.user: 1}
+        while lead.group is not None and len(batch) < size:
+            entry = self._take(
+                lambda e: e.group == lead.group and (per_user is None or taken.get(e.user, 0) < per_user)
+            )
+            if entry is None:
+                break
+            batch.append(entry)
+            taken[entry.user] = taken.get(entry.user, 0) + 1
+        return [entry.key for entry in batch]
+
+    def _take(self, eligible: Callable[[_Entry[K]], bool], spread: int = 1) -> _Entry[K] | None:
+        """Take out the first eligible entry in fair order: "first" entries, then the oldest of the user served
+        longest ago (ties: whose oldest is oldest)."""
+        oldest: dict[str, _Entry[K]] = {}  # per user, their oldest eligible entry
+        firsts: list[_Entry[K]] = []
+        for user, entries in self._by_user.items():
+            for entry in entries:
+                if eligible(entry):
+                    oldest.setdefault(user, entry)
+                    if entry.first:
+                        firsts.append(entry)
+        if not oldest:
             return None
-        firsts = [e for e in self._entries.values() if e.first]
         if firsts:
             entry = min(firsts)
         else:
-            ranked = sorted(self._by_user, key=lambda u: (self._served.get(u, 0), self._by_user[u][0]))
-            user = ranked[0] if spread <= 1 else random.choice(ranked[:spread])
-            entry = self._by_user[user][0]
+            ranked = sorted(oldest, key=lambda u: (self._served.get(u, 0), oldest[u]))
+            entry = oldest[ranked[0] if spread <= 1 else random.choice(ranked[:spread])]
         self.discard(entry.key)
         self._mark_served(entry.user)
-        return entry.key
+        return entry
 
     def _mark_served(self, user: str) -> None:
         self._served.pop(user, None)

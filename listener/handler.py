@@ -41,7 +41,7 @@ def rejected(message: str) -> dict[str, Any]:
 
 
 class RunsyncHandler:
-    def __init__(self, store: WorkerJobs, submit: Callable[[JobKey], None], generator=None):
+    def __init__(self, store: WorkerJobs, submit: Callable[[JobKey, GenerationRequest], None], generator=None):
         self.store = store
         self.submit = submit
         self.generator = generator
@@ -73,7 +73,7 @@ class RunsyncHandler:
         if status == lifecycle.FAILED:
             return rejected(doc.get("error_message") or "Generation failed")
         if status == lifecycle.QUEUED:
-            self.submit(key)
+            self.submit(key, request)  # the request: which batch it may join
         log.info(
             "request_accepted",
             user_id=key.user_id,

@@ -15,12 +15,16 @@ a queued job is failed `Cancelled` at once (no free slot needed), a job running 
 The sweep is also the watchdog (a listener that closed, or that stayed silent about a queued doc the sweep
 found, is restarted) and the worker's heartbeat (`workers/{worker_id}`, firegen_core.workers). A candidate is
 only a hint; the claim (a compare-and-set) decides, so many workers can race.
+
+A free slot (CONCURRENCY of them) claims the next candidate and, with BATCH_MAX > 1, more of its batch key
+(`FairQueue.pop_batch`), each claim fenced on its own; the runner runs them in one generation call.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 
 import structlog
@@ -28,7 +32,8 @@ from google.cloud.firestore import Query
 from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from firegen_core import lifecycle, workers
-from firegen_core.jobs import MEDIA_TYPES, JobKey, WorkerJobs
+from firegen_core.contract import GenerationRequest, parse_document
+from firegen_core.jobs import MEDIA_TYPES, ClaimedJob, JobKey, WorkerJobs
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
 from .runner import JobRunner
@@ -53,10 +58,16 @@ class Reconciler:
         concurrency: int = 1,
         sweep_interval: float = 10.0,
         capacity: int = DEFAULT_CAPACITY,
+        batch_max: int = 1,
+        batch_key: Callable[[GenerationRequest], Hashable | None] | None = None,
     ):
         self.store = store
         self.runner = runner
-        self.concurrency = concurrency
+        self.concurrency = concurrency  # generation slots: each runs one job, or one batch of jobs
+        # BATCH_MAX: a free slot claims up to this many queued jobs of one `batch_key` and runs them together.
+        self.batch_max = batch_max if batch_key is not None else 1
+        self.batch_key = batch_key
+        self._slots = 0  # slots claiming or running
         self.sweep_interval = sweep_interval
         self._cv = threading.Condition()
         self._queue: FairQueue[JobKey] = FairQueue(capacity)
@@ -146,16 +157,28 @@ class Reconciler:
 
     # --- candidates ------------------------------------------------------------------------------------------
 
-    def submit(self, key: JobKey) -> None:
+    def submit(self, key: JobKey, request: GenerationRequest | None = None) -> None:
         """A job this worker was asked to run (runsync): queued in fair order, as if just created."""
-        self._offer(key)
+        self._offer(key, group=self._group(request) if request is not None else None)
 
-    def _offer(self, key: JobKey, created_at=None, first: bool = False) -> None:
+    def _offer(self, key: JobKey, created_at=None, first: bool = False, *, group: Hashable | None = None) -> None:
         with self._cv:
             if not self._claiming or key in self._active or key in self._cancels:
                 return
-            if self._queue.add(key, key.user_id, timestamp(created_at, time.time()), first=first):
+            if self._queue.add(key, key.user_id, timestamp(created_at, time.time()), first=first, group=group):
                 self._cv.notify_all()
+
+    def _group(self, request: GenerationRequest) -> Hashable | None:
+        """The batch a job may join (None: it runs alone): only with BATCH_MAX > 1."""
+        return self.batch_key(request) if self.batch_key is not None and self.batch_max > 1 else None
+
+    def _doc_group(self, key: JobKey, doc: dict) -> Hashable | None:
+        if self.batch_max <= 1:
+            return None
+        try:
+            return self._group(parse_document(key.user_id, key.media_type, key.file_uid, doc))
+        except Exception:
+            return None  # a doc that breaks the contract runs alone (and is failed by its runner)
 
     def _withdraw(self, key: JobKey) -> None:
         with self._cv:
@@ -178,49 +201,64 @@ class Reconciler:
     def _dispatch_loop(self) -> None:
         while True:
             with self._cv:
-                while self._claiming and not (
-                    self._cancels or (len(self._queue) and len(self._active) < self.concurrency)
-                ):
+                while self._claiming and not (self._cancels or (len(self._queue) and self._slots < self.concurrency)):
                     self._cv.wait()
                 if not self._claiming:
                     return
                 cancelled = self._cancels.pop() if self._cancels else None
-                key = None if cancelled is not None else self._queue.pop(self._spread)
-                if key is not None:
+                keys = []
+                if cancelled is None:
+                    keys = self._queue.pop_batch(self.batch_max, self._spread, self.store.limits.max_running)
+                stops = {}
+                for key in keys:
                     # Registered before the claim: a cancel heard while it is in flight still reaches the job.
-                    stop = self._stops[key] = threading.Event()
+                    stops[key] = self._stops[key] = threading.Event()
                     self._active[key] = None
+                self._slots += bool(keys)
             if cancelled is not None:
                 self._drop(cancelled)
                 continue
-            if key is None:
+            if not keys:
                 continue
-            try:
-                # A claim is a compare-and-set, safe to repeat. Repeating it matters: while the claim is in flight
-                # the key is taken, so a listener that offers it meanwhile is not heard, and a dropped candidate
-                # would wait for the next sweep (an emulator's "call already cancelled" on a listener restart).
-                job = Retrying(stop=stop_after_attempt(3), wait=wait_exponential(0.1, max=1), reraise=True)(
-                    self.store.claim, key
-                )
-                if job is not None and not self._claiming:  # stopped while the claim was on its way
-                    log.info("job_claimed_after_stop", released=self.store.release(job), path=key.path)
-                    job = None
-            except Exception as exc:
-                log.warning("claim_error", path=key.path, error=str(exc))
-                job = None
-            if job is None:
+            jobs = [job for key in keys if (job := self._claim(key)) is not None]
+            self._spread = 1 if jobs else SPREAD
+            if not jobs:
                 with self._cv:
-                    self._stops.pop(key, None)
-                    self._active.pop(key, None)
+                    self._slots -= 1
                     self._cv.notify_all()
-                self._spread = SPREAD
                 continue
-            self._spread = 1
-            log.info("job_claimed", user_id=key.user_id, file_uid=key.file_uid, attempt=job.lease.attempt)
-            thread = threading.Thread(target=self._run, args=(job, stop), name=f"job-{key.file_uid}", daemon=True)
+            name = f"job-{jobs[0].key.file_uid}" + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")
+            thread = threading.Thread(
+                target=self._run, args=([(job, stops[job.key]) for job in jobs],), name=name, daemon=True
+            )
             with self._cv:
-                self._active[key] = thread
+                for job in jobs:
+                    self._active[job.key] = thread
             thread.start()
+
+    def _claim(self, key: JobKey) -> ClaimedJob | None:
+        """Claim a candidate; None when it is not ours (taken, finished, or its user at USER_MAX_RUNNING)."""
+        try:
+            # A claim is a compare-and-set, safe to repeat. Repeating it matters: while the claim is in flight
+            # the key is taken, so a listener that offers it meanwhile is not heard, and a dropped candidate
+            # would wait for the next sweep (an emulator's "call already cancelled" on a listener restart).
+            job = Retrying(stop=stop_after_attempt(3), wait=wait_exponential(0.1, max=1), reraise=True)(
+                self.store.claim, key
+            )
+            if job is not None and not self._claiming:  # stopped while the claim was on its way
+                log.info("job_claimed_after_stop", released=self.store.release(job), path=key.path)
+                job = None
+        except Exception as exc:
+            log.warning("claim_error", path=key.path, error=str(exc))
+            job = None
+        if job is None:
+            with self._cv:
+                self._stops.pop(key, None)
+                self._active.pop(key, None)
+                self._cv.notify_all()
+            return None
+        log.info("job_claimed", user_id=key.user_id, file_uid=key.file_uid, attempt=job.lease.attempt)
+        return job
 
     def _drop(self, key: JobKey) -> None:
         """Fail a queued job its owner cancelled: one short write, no slot needed."""
@@ -230,15 +268,23 @@ class Reconciler:
         except Exception as exc:
             log.warning("cancel_error", path=key.path, error=str(exc))
 
-    def _run(self, job, stop: threading.Event) -> None:
+    def _run(self, jobs: list[tuple[ClaimedJob, threading.Event]]) -> None:
         try:
-            self.runner.run(job, stop)
+            # Split by the batch key of each doc as claimed: a doc changed since it was offered runs on its own.
+            batches: dict[Hashable, list[tuple[ClaimedJob, threading.Event]]] = {}
+            for job, stop in jobs:
+                group = self._doc_group(job.key, job.doc) if len(jobs) > 1 else None
+                batches.setdefault(group if group is not None else job.key, []).append((job, stop))
+            for batch in batches.values():
+                self.runner.run_batch(batch)
         except BaseException as exc:  # never let a job thread die silently with a slot held
-            log.error("job_runner_crashed", error=repr(exc), path=job.key.path)
+            log.error("job_runner_crashed", error=repr(exc), paths=[job.key.path for job, _ in jobs])
         finally:
             with self._cv:
-                self._active.pop(job.key, None)
-                self._stops.pop(job.key, None)
+                for job, _ in jobs:
+                    self._active.pop(job.key, None)
+                    self._stops.pop(job.key, None)
+                self._slots -= 1
                 self._cv.notify_all()
 
     # --- listeners and the sweep (also the watchdog) ---------------------------------------------------------
@@ -283,7 +329,7 @@ class Reconciler:
         elif doc.get(lifecycle.CANCEL_REQUESTED):
             self._cancel_queued(key)
         else:
-            self._offer(key, doc.get("created_at"))
+            self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc))
 
     def _on_cancel_change(self, name: str, key: JobKey, change: str, doc: dict) -> None:
         if change == "REMOVED":
@@ -339,7 +385,12 @@ class Reconciler:
                     if doc.get(lifecycle.CANCEL_REQUESTED) and doc.get("status") == lifecycle.QUEUED:
                         self._cancel_queued(key)
                         continue
-                    self._offer(key, doc.get("created_at") or _updated(snapshot), first=query is expired)
+                    self._offer(
+                        key,
+                        doc.get("created_at") or _updated(snapshot),
+                        first=query is expired,
+                        group=self._doc_group(key, doc),
+                    )
                     missed |= query is ordered and self._missed_by_listener(_name(media, "oldest"), snapshot)
             self._watchdog(media, missed)
         return found

@@ -13,9 +13,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import structlog
 from google.api_core.exceptions import Aborted, RetryError
@@ -54,6 +55,13 @@ def transient(exc: BaseException) -> bool:
 
 class Generator(Protocol):
     def generate(self, request: GenerationRequest, progress=None) -> Any: ...
+
+
+class BatchGenerator(Generator, Protocol):
+    """A generator that can run compatible jobs in one call (generation.engine.Engine): per job, in order, its
+    result or the GenerationError / Interrupted it ended with."""
+
+    def generate_batch(self, requests: list[GenerationRequest], progress: list | None = None) -> list[Any]: ...
 
 
 class Results(Protocol):
@@ -128,7 +136,33 @@ class Heartbeat:
 
 
 def _ids(job: ClaimedJob) -> dict[str, Any]:
-    return {"user_id": job.key.user_id, "file_uid": job.key.file_uid, "attempt": job.lease.attempt}
+    ids = {"user_id": job.key.user_id, "file_uid": job.key.file_uid, "attempt": job.lease.attempt}
+    request_id = job.doc.get("runpod_job_id")  # the RunPod job that dispatched it: its log lines carry it
+    return {**ids, "requestId": request_id} if isinstance(request_id, str) and request_id else ids
+
+
+@dataclass
+class _Run:
+    """One job of a generation call (alone or in a batch): what stops it, and its lease's heartbeat."""
+
+    job: ClaimedJob
+    request: GenerationRequest
+    cancel: threading.Event  # its owner asked to stop it
+    started: float  # time.monotonic()
+    deadline: float  # time.monotonic() past which it stops, `Timeout`
+    overrun: GenerationError  # the error it ends with past its deadline
+    heartbeat: Heartbeat
+    abort: threading.Event  # the worker is leaving: release it
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def progress(self, fraction: float) -> None:
+        """The generation's progress callback: stops it (Interrupted) at its next step when it must stop."""
+        if self.heartbeat.lost.is_set() or self.abort.is_set() or self.cancel.is_set() or self.expired:
+            raise Interrupted()
+        self.heartbeat.post(fraction)
 
 
 def _quietly(call) -> Any:
@@ -162,80 +196,137 @@ class JobRunner:
         `cancel` is set (by the reconciler's cancel listener) when the owner asks to stop the job: generation
         stops at its next step and the job ends `failed` / `Cancelled`. Past its deadline it ends `Timeout`.
         """
+        return self.run_batch([(job, cancel)])[0]
+
+    def run_batch(self, jobs: Sequence[tuple[ClaimedJob, threading.Event | None]]) -> list[RunOutcome]:
+        """Run claimed jobs through one generation call (`generate_batch`; a single job: `generate`), each as
+        `run` would: its own lease, progress, cancel signal, fence, upload and final write, so one job's cancel,
+        lost lease or bad document ends that job alone. Their deadline is the batch's: the deadline of their
+        summed estimates (they finish together). Outcomes in the order of `jobs`."""
         started = time.monotonic()
-        cancel = cancel or threading.Event()
-        try:
-            request = parse_document(job.key.user_id, job.key.media_type, job.key.file_uid, job.doc)
-        except Exception as exc:
-            return self._fail(job, classify(exc))
-        limit = self.deadline.seconds(request)
-        overrun = GenerationError(TIMEOUT, timeout_message(limit))
-        interrupted, error = False, None
-        with Heartbeat(
-            self.store, job, self.renew_interval, started + limit + self.renew_interval, overrun=overrun
-        ) as heartbeat:
-
-            def progress(fraction: float) -> None:
-                expired = time.monotonic() > started + limit
-                if heartbeat.lost.is_set() or self.abort.is_set() or cancel.is_set() or expired:
-                    raise Interrupted()
-                heartbeat.post(fraction)
-
+        outcomes: dict[int, RunOutcome] = {}
+        parsed: dict[int, tuple[ClaimedJob, threading.Event, GenerationRequest]] = {}
+        for index, (job, cancel) in enumerate(jobs):
             try:
-                log.info("job_started", task_type=request.task_type, deadline_seconds=round(limit, 1), **_ids(job))
-                t0 = time.monotonic()
-                result = self.generator.generate(request, progress=progress)
-                t1 = time.monotonic()
-                progress(1.0)
-                # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
-                # dead, taken over) must not overwrite the new owner's objects or download tokens.
-                if not self._while_held(heartbeat, lambda: self.store.holds(job)):
-                    return self._lost(job)
-                urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
-                t2 = time.monotonic()
-                fields = lifecycle.success(
-                    task_type=request.task_type,
-                    user_id=job.key.user_id,
-                    file_uid=job.key.file_uid,
-                    urls=urls,
-                    seed=result.seed,
-                    video_info=result.video_info,
-                    timings={
-                        "queue_seconds": _queue_seconds(job),
-                        "generation_seconds": t1 - t0,
-                        "upload_seconds": t2 - t1,
-                    },
-                )
-                # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done,
-                # so the job neither fails nor runs again for it.
-                heartbeat.finishing.set()
-                written = self._while_held(heartbeat, lambda: self.store.complete(job, fields))
-            except Interrupted:
-                interrupted = True
+                request = parse_document(job.key.user_id, job.key.media_type, job.key.file_uid, job.doc)
             except Exception as exc:
-                error = classify(exc)
-        # The heartbeat has stopped: every write from here on is the job's last.
-        if interrupted:
-            if heartbeat.lost.is_set():
+                outcomes[index] = self._fail(job, classify(exc))
+                continue
+            parsed[index] = (job, cancel or threading.Event(), request)
+        limit = self.deadline.seconds_for([request for _, _, request in parsed.values()])
+        overrun = GenerationError(TIMEOUT, timeout_message(limit))
+        hard_deadline = started + limit + self.renew_interval
+        with ExitStack() as stack:
+            if len(jobs) == 1 and (request_id := _ids(jobs[0][0]).get("requestId")):
+                stack.enter_context(structlog.contextvars.bound_contextvars(requestId=request_id))
+            runs = {
+                index: _Run(
+                    job,
+                    request,
+                    cancel,
+                    started,
+                    started + limit,
+                    overrun,
+                    stack.enter_context(Heartbeat(self.store, job, self.renew_interval, hard_deadline, overrun)),
+                    self.abort,
+                )
+                for index, (job, cancel, request) in parsed.items()
+            }
+            for run in runs.values():
+                extra = {"batch_size": len(runs)} if len(runs) > 1 else {}
+                log.info(
+                    "job_started",
+                    task_type=run.request.task_type,
+                    deadline_seconds=round(limit, 1),
+                    **extra,
+                    **_ids(run.job),
+                )
+            t0 = time.monotonic()
+            generated = self._generate(list(runs.values()))
+            seconds = time.monotonic() - t0
+            for (index, run), result in zip(runs.items(), generated, strict=True):
+                outcomes[index] = self._deliver(run, result, seconds)
+        return [outcomes[index] for index in range(len(jobs))]
+
+    def _generate(self, runs: list[_Run]) -> list[Any]:
+        """Per run: its generation result, or the GenerationError / Interrupted it ended with."""
+        if not runs:
+            return []
+        try:
+            if len(runs) == 1:
+                return [self.generator.generate(runs[0].request, progress=runs[0].progress)]
+            return cast(BatchGenerator, self.generator).generate_batch(
+                [run.request for run in runs], progress=[run.progress for run in runs]
+            )
+        except Interrupted as exc:
+            return [exc] * len(runs)
+        except Exception as exc:
+            return [classify(exc)] * len(runs)
+
+    def _deliver(self, run: _Run, result: Any, generation_seconds: float) -> RunOutcome:
+        """Upload a generated job's files and complete it; or fail, stop or release it. The job's heartbeat
+        stops before its last write, except `complete`, which it covers (the upload is done by then)."""
+        job, heartbeat, request = run.job, run.heartbeat, run.request
+        written: str | None = None
+        try:
+            if isinstance(result, BaseException):
+                raise result
+            run.progress(1.0)
+            # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
+            # dead, taken over) must not overwrite the new owner's objects or download tokens.
+            if not self._while_held(heartbeat, lambda: self.store.holds(job)):
+                heartbeat.stop()
                 return self._lost(job)
-            if cancel.is_set() or time.monotonic() > started + limit:
-                outcome = self._fail(job, GenerationError(CANCELLED, CANCELLED_MESSAGE) if cancel.is_set() else overrun)
-                if outcome == RunOutcome.FAILED:
-                    self._remove_results(job, request)  # an earlier attempt's partial upload
-                return outcome
-            released = self.store.release(job)
-            log.info("job_released", released=released, **_ids(job))
-            return RunOutcome.RELEASED
-        if error is not None:
-            return self._fail(job, error)
+            t1 = time.monotonic()
+            urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
+            fields = lifecycle.success(
+                task_type=request.task_type,
+                user_id=job.key.user_id,
+                file_uid=job.key.file_uid,
+                urls=urls,
+                seed=result.seed,
+                video_info=result.video_info,
+                timings={
+                    "queue_seconds": _queue_seconds(job),
+                    "generation_seconds": generation_seconds,
+                    "upload_seconds": time.monotonic() - t1,
+                },
+            )
+            # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done,
+            # so the job neither fails nor runs again for it.
+            heartbeat.finishing.set()
+            written = self._while_held(heartbeat, lambda: self.store.complete(job, fields))
+        except Interrupted:
+            heartbeat.stop()  # every write from here on is the job's last
+            return self._interrupted(run)
+        except Exception as exc:
+            heartbeat.stop()
+            return self._fail(job, classify(exc))
+        heartbeat.stop()
         if written is None:
             return self._lost(job)
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
             self._remove_results(job, request)
             log.info("job_cancelled", during="upload", **_ids(job))
             return RunOutcome.FAILED
-        log.info("job_completed", seconds=round(time.monotonic() - started, 3), outputs=len(urls), **_ids(job))
+        log.info("job_completed", seconds=round(time.monotonic() - run.started, 3), outputs=len(urls), **_ids(job))
         return RunOutcome.COMPLETED
+
+    def _interrupted(self, run: _Run) -> RunOutcome:
+        """A job whose generation stopped: nothing to write when its lease was lost; failed `Cancelled` or
+        `Timeout` when its owner or its deadline stopped it; else (shutdown, a broken device) released."""
+        job = run.job
+        if run.heartbeat.lost.is_set():
+            return self._lost(job)
+        if run.cancel.is_set() or run.expired:
+            error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else run.overrun
+            outcome = self._fail(job, error)
+            if outcome == RunOutcome.FAILED:
+                self._remove_results(job, run.request)  # an earlier attempt's partial upload
+            return outcome
+        released = self.store.release(job)
+        log.info("job_released", released=released, **_ids(job))
+        return RunOutcome.RELEASED
 
     def _fail(self, job: ClaimedJob, error: GenerationError) -> RunOutcome:
         log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))

@@ -22,6 +22,7 @@ from pydantic import Field, SecretStr, field_validator
 from generation.settings import ModelSettings, SettingsError, env, load
 
 UrlStyle = Literal["public", "signed", "token"]
+MAX_BATCH = 16  # a sane bound: a batch holds every image of its jobs in GPU memory at once
 MAX_SIGNED_URL_SECONDS = 7 * 24 * 3600  # V4 signed URLs live at most 7 days
 SERVICE_ACCOUNT_KEYS = ("client_email", "private_key")
 
@@ -56,6 +57,9 @@ class Settings(ModelSettings):
     concurrency: int = Field(1, ge=1, validation_alias=env("CONCURRENCY"))
     shutdown_grace_seconds: float = Field(20.0, ge=0, validation_alias=env("SHUTDOWN_GRACE_SECONDS"))
     max_releases: int = Field(3, ge=1, validation_alias=env("MAX_RELEASES"))
+    # A free slot claims up to BATCH_MAX queued text2image jobs that can share one UNet batch (same size, steps
+    # and guidance) and runs them in one pipeline call. 1: one job at a time.
+    batch_max: int = Field(1, ge=1, le=MAX_BATCH, validation_alias=env("BATCH_MAX"))
     # A job's deadline: max(floor, multiple x its estimated GPU time) (firegen_core.deadline).
     job_timeout_floor_seconds: float = Field(120.0, gt=0, validation_alias=env("JOB_TIMEOUT_FLOOR_SECONDS"))
     job_timeout_multiple: float = Field(5.0, gt=0, validation_alias=env("JOB_TIMEOUT_MULTIPLE"))

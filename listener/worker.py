@@ -19,18 +19,18 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
 from firegen_core.errors import Interrupted
 from firegen_core.jobs import WorkerJobs
 from firegen_core.quota import Limits
-from generation.engine import is_device_failure
+from generation.engine import batch_key, is_device_failure
 
 from .handler import RunsyncHandler
 from .reconciler import Reconciler
-from .runner import Generator, JobRunner, deadline_from
+from .runner import BatchGenerator, Generator, JobRunner, deadline_from
 from .settings import Settings
 from .storage import ResultStore
 
@@ -52,24 +52,27 @@ class DeviceGuard:
         try:
             return self.generator.generate(request, progress=progress)
         except Exception as exc:
-            if not is_device_failure(exc):
-                raise
+            self._check(exc)
+            raise
+
+    def generate_batch(self, requests, progress=None):
+        try:
+            results = cast(BatchGenerator, self.generator).generate_batch(requests, progress=progress)
+        except Exception as exc:
+            self._check(exc)
+            raise
+        for result in results:  # the batch's own error, handed to each job
+            if isinstance(result, Exception):
+                self._check(result)
+        return results
+
+    def _check(self, exc: Exception) -> None:
+        if is_device_failure(exc):
             self.on_failure(exc)
             raise DeviceFailed() from exc
 
     def __getattr__(self, name: str) -> Any:  # check_device, preload, ... of the wrapped generator
         return getattr(self.generator, name)
-
-
-class RequestIdRunner(JobRunner):
-    """Logs a job's run with the RunPod job id that dispatched it (`runpod_job_id`, as `requestId`)."""
-
-    def run(self, job, cancel=None):
-        request_id = job.doc.get("runpod_job_id")
-        if not request_id:
-            return super().run(job, cancel)
-        with structlog.contextvars.bound_contextvars(requestId=request_id):
-            return super().run(job, cancel)
 
 
 @dataclass
@@ -184,9 +187,15 @@ def build_worker(
     results = ResultStore.from_settings(storage_client, settings)
     worker: Worker
     guarded = DeviceGuard(generator, lambda exc: worker.device_failed(exc))
-    runner = RequestIdRunner(store, guarded, results, deadline=deadline_from(settings))
+    runner = JobRunner(store, guarded, results, deadline=deadline_from(settings))
+    batches = callable(getattr(generator, "generate_batch", None))  # a stand-in generator may not batch
     reconciler = Reconciler(
-        store, runner, concurrency=settings.concurrency, sweep_interval=settings.sweep_interval_seconds
+        store,
+        runner,
+        concurrency=settings.concurrency,
+        sweep_interval=settings.sweep_interval_seconds,
+        batch_max=settings.batch_max if batches else 1,
+        batch_key=batch_key if batches else None,
     )
     handler = RunsyncHandler(store, reconciler.submit, guarded)
     worker = Worker(settings, store, runner, reconciler, handler, guarded)

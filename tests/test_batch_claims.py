@@ -1,0 +1,238 @@
+"""BATCH_MAX: a free slot claims up to BATCH_MAX queued text2image jobs that can share one UNet batch, and runs
+them in one pipeline call; each job keeps its own claim, progress, cancel, upload and final write.
+
+On the real Firestore and Storage emulators with the real tiny SDXL (`fixtures_generation.engine`). `Spy` wraps
+the engine only to record how it was called and to hold a job until the test is ready; the images come from the
+engine itself. The batch order asserted is the fair order (listener/fairqueue.py): alternating users, each one's
+oldest first, at most USER_MAX_RUNNING jobs of one user in a batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+
+import numpy as np
+import pytest
+from fixtures_generation import engine, tiny_cache  # noqa: F401
+from google.cloud.firestore import SERVER_TIMESTAMP
+from test_batching import TOLERANCE
+from test_generation import pixels
+from test_reconciler import doc, finished, results, wait_until  # noqa: F401
+
+from firegen_core import errors
+from firegen_core.contract import GenerationRequest, parse_document
+from firegen_core.deadline import Deadline
+from firegen_core.jobs import JobKey, WorkerJobs
+from listener.fairqueue import FairQueue
+from listener.runner import JobRunner
+from listener.settings import SettingsError, load_settings
+from listener.worker import DeviceGuard, build_worker
+
+SIZE = {"width": 256, "height": 256, "num_inference_steps": 10}  # the contract's smallest job
+
+
+class Spy:
+    """The real engine, recording each call's jobs (file_uids). `hold`: a job whose generation waits for `gate`.
+    With `hold_batches`, a batch waits for `batch_gate`, asking every job's progress meanwhile (so a cancel is
+    heard, as it would be at a denoising step) and noting in `stopped` the jobs told to stop."""
+
+    def __init__(self, engine, hold: str | None = None, hold_batches: bool = False):
+        self.engine = engine
+        self.hold = hold
+        self.hold_batches = hold_batches
+        self.gate, self.batch_gate = threading.Event(), threading.Event()
+        self.holding, self.batching = threading.Event(), threading.Event()
+        self.calls: list[list[str]] = []
+        self.stopped: set[str] = set()
+
+    def generate(self, request, progress=None):
+        self.calls.append([request.file_uid])
+        if request.file_uid == self.hold:
+            self.holding.set()
+            self.gate.wait(30)
+        return self.engine.generate(request, progress)
+
+    def generate_batch(self, requests, progress=None):
+        self.calls.append([request.file_uid for request in requests])
+        self.batching.set()
+        while self.hold_batches and not self.batch_gate.wait(0.02):
+            for request, report in zip(requests, progress):
+                try:
+                    report(0.0)
+                except errors.Interrupted:
+                    self.stopped.add(request.file_uid)  # the engine hears it again at its first step
+        return self.engine.generate_batch(requests, progress)
+
+
+@pytest.fixture
+def make_worker(firestore_client, storage_client, bucket, emulator_env):
+    workers = []
+
+    def make(generator, **settings):
+        settings = load_settings(storage_bucket=bucket.name, sweep_interval_seconds=30, **settings)
+        worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=f"w{len(workers)}")
+        workers.append(worker.start())
+        assert worker.reconciler.wait_listening(10)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.shutdown(grace=0)
+
+
+def write_job(client, user: str, file_uid: str, **fields) -> JobKey:
+    key = JobKey(user, "images", file_uid)
+    client.document(key.path).set(
+        {"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": f"A photo of {file_uid}", **SIZE, **fields}
+    )
+    return key
+
+
+def download(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+def test_a_free_slot_runs_compatible_queued_jobs_as_one_batch_each_as_it_would_alone(
+    make_worker, firestore_client, engine
+):
+    spy = Spy(engine, hold="first")
+    worker = make_worker(spy, batch_max=3)
+    write_job(firestore_client, "u0", "first", seed=9)
+    assert spy.holding.wait(30)  # the only slot is busy: what comes next waits, all of it at once
+    keys = [
+        write_job(firestore_client, "userA", "a1", seed=1),
+        write_job(firestore_client, "userA", "a2", seed=2, num_images_per_prompt=2),
+        write_job(firestore_client, "userB", "b1", seed=3, negative_prompt="blurry"),
+        write_job(firestore_client, "userA", "a3", seed=4),  # past USER_MAX_RUNNING (2) for one batch
+        write_job(firestore_client, "userC", "c1", seed=5, width=320),  # another size: another batch
+    ]
+    wait_until(lambda: worker.reconciler.candidates == len(keys))
+    spy.gate.set()
+    done = [wait_until(lambda key=key: finished(firestore_client, key), timeout=120) for key in keys]
+
+    # Fair order, then the batch filled in fair order among jobs of its size: b1 before A's second job.
+    assert spy.calls == [["first"], ["a1", "b1", "a2"], ["c1"], ["a3"]]
+    assert [data["status"] for data in done] == ["completed"] * len(keys)
+    batched = dict(zip(("a1", "a2", "b1"), done))
+    urls = [url for data in batched.values() for url in data["images"]]
+    assert len(urls) == len(set(urls)) == 4 and batched["a2"]["image_count"] == 2
+    for file_uid, data in batched.items():
+        assert data["progress"] == 1.0
+        alone = engine.generate(parse_document(data["user_id"], "images", file_uid, data))
+        assert data["seed"] == alone.seed
+        for url, file in zip(data["images"], alone.files, strict=True):
+            assert np.abs(pixels(download(url)) - pixels(file.data)).max() <= TOLERANCE, file_uid
+
+
+def test_cancelling_one_job_of_a_batch_stops_that_job_alone(make_worker, firestore_client, engine):
+    spy = Spy(engine, hold="first", hold_batches=True)
+    worker = make_worker(spy, batch_max=4)
+    write_job(firestore_client, "u0", "first")
+    assert spy.holding.wait(30)
+    keys = [write_job(firestore_client, user, name, seed=i) for i, (user, name) in enumerate(USERS)]
+    wait_until(lambda: worker.reconciler.candidates == len(keys))
+    spy.gate.set()
+    assert spy.batching.wait(60)
+    assert spy.calls == [["first"], ["a1", "b1", "c1"]]
+    firestore_client.document(keys[1].path).update({"cancel_requested": True})
+    wait_until(lambda: "b1" in spy.stopped)
+    spy.batch_gate.set()
+    a1, b1, c1 = (wait_until(lambda key=key: finished(firestore_client, key), timeout=120) for key in keys)
+    assert (b1["status"], b1["error_type"], b1["error_message"]) == ("failed", "Cancelled", "Cancelled by the user")
+    assert a1["status"] == c1["status"] == "completed"
+    assert spy.stopped == {"b1"}
+
+
+USERS = (("userA", "a1"), ("userB", "b1"), ("userC", "c1"))
+
+
+def test_a_batch_fails_a_broken_doc_alone(firestore_client, results, engine):
+    """The runner's side: a doc that breaks the contract fails on its own; the others of the batch complete."""
+    store = WorkerJobs(firestore_client, worker_id="w")
+    keys = [write_job(firestore_client, user, name) for user, name in USERS]
+    firestore_client.document(keys[1].path).update({"width": 257})
+    jobs = [store.claim(key) for key in keys]
+    spy = Spy(engine)
+    outcomes = JobRunner(store, spy, results).run_batch([(job, None) for job in jobs])
+    assert outcomes == ["completed", "failed", "completed"]
+    assert spy.calls == [["a1", "c1"]]
+    assert doc(firestore_client, keys[1])["error_type"] == "ValidationError"
+
+
+def test_batch_max_is_a_validated_setting():
+    assert load_settings(storage_bucket="b").batch_max == 1  # one job at a time unless asked
+    assert load_settings(storage_bucket="b", batch_max="4").batch_max == 4
+    for bad in ("0", "17", "two"):
+        with pytest.raises(SettingsError, match="BATCH_MAX"):
+            load_settings(storage_bucket="b", batch_max=bad)
+
+
+def test_a_worker_whose_generator_cannot_batch_runs_jobs_alone(firestore_client, storage_client, bucket, engine):
+    class Plain:
+        def generate(self, request, progress=None): ...
+
+    settings = load_settings(storage_bucket=bucket.name, batch_max=8)
+    assert build_worker(settings, Plain(), firestore_client, storage_client, worker_id="p").reconciler.batch_max == 1
+    assert build_worker(settings, engine, firestore_client, storage_client, worker_id="e").reconciler.batch_max == 8
+
+
+def test_a_device_failure_inside_a_batch_stops_the_worker_and_releases_the_jobs():
+    """Stand-in generator: no CUDA device fails here. The engine hands a batch's classified error to each job;
+    the guard looks through the classification to the CUDA error it came from."""
+    try:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    except RuntimeError as cuda:
+        try:
+            raise errors.classify(cuda) from cuda
+        except errors.GenerationError as classified:
+            failure = classified
+
+    class Failing:
+        def __init__(self, error):
+            self.error = error
+
+        def generate_batch(self, requests, progress=None):
+            return [self.error] * len(requests)
+
+    told = []
+    with pytest.raises(errors.Interrupted):  # Interrupted: the runner releases each job
+        DeviceGuard(Failing(failure), told.append).generate_batch(["job", "job"])
+    assert told == [failure]
+    out_of_memory = errors.GenerationError(errors.OUT_OF_MEMORY, "Out of memory during generation")
+    assert DeviceGuard(Failing(out_of_memory), told.append).generate_batch(["job"]) == [out_of_memory]  # the job's
+    assert told == [failure]
+
+
+# --- the fair batch, pure -------------------------------------------------------------------------------------
+
+
+def test_pop_batch_fills_a_batch_in_fair_order_within_one_group():
+    queue: FairQueue[str] = FairQueue()
+    for created, (key, user, group) in enumerate(
+        [("a1", "A", "g"), ("c1", "C", "h"), ("a2", "A", "g"), ("a3", "A", "g"), ("b1", "B", "g"), ("v1", "D", None)]
+    ):
+        queue.add(key, user, float(created), group=group)
+    assert queue.pop_batch(4, per_user=2) == ["a1", "b1", "a2"]  # A capped at 2; c1 (another group) waits
+    assert queue.pop_batch(4, per_user=2) == ["c1"]  # C was never served: its turn, alone in its group
+    assert queue.pop_batch(4) == ["v1"]  # no group (a video): always alone
+    assert queue.pop_batch(4) == ["a3"]
+    assert queue.pop_batch(4) == []
+
+
+def test_pop_batch_of_one_is_pop_and_a_first_entry_leads():
+    queue: FairQueue[str] = FairQueue()
+    queue.add("a1", "A", 1.0, group="g")
+    queue.add("b1", "B", 2.0, group="g")
+    queue.add("late", "C", 3.0, group="g", first=True)  # a dead worker's job: it goes first
+    assert queue.pop_batch(1) == ["late"]
+    assert queue.pop() == "a1"
+    assert queue.pop_batch(3) == ["b1"]
+
+
+def test_a_batch_may_run_as_long_as_its_jobs_together():
+    big = GenerationRequest(prompt="p", width=1024, height=1024, num_inference_steps=50, num_images_per_prompt=4)
+    deadline = Deadline(floor_seconds=10, multiple=5)
+    assert deadline.seconds_for([big, big]) == pytest.approx(2 * deadline.seconds(big))
+    assert deadline.seconds_for([]) == deadline.seconds(None) == 10
