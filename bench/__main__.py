@@ -8,6 +8,8 @@ Sections (each can be run alone with --only NAME):
 - worker: cold start of `python -m listener` (tiny models) and runsync accept latency on the SDK's local API,
   sequential and with 8 concurrent clients, with the handler's own share; the emulator's `create` latency alone
   and while a listener is open (what bounds the accept latency on the emulator).
+- batching: jobs per second of the real worker (tiny SDXL on this CPU) draining 16 queued 256x256 jobs, with
+  BATCH_MAX 1 and 4 (the listener's claim-a-batch path end to end; the GPU figure is bench/gpu.py's).
 A GPU section runs only where CUDA is present (see bench/gpu.py).
 """
 
@@ -373,6 +375,27 @@ def bench_worker(firestore_emulator, storage_emulator, logs: Path, cache: Path) 
     return figures
 
 
+def bench_batching(firestore_emulator, storage_emulator, logs: Path, cache: Path, jobs: int = 16) -> dict:
+    figures = {}
+    for batch_max in (1, 4):
+        worker = start_worker(firestore_emulator, storage_emulator, logs, cache, BATCH_MAX=str(batch_max))
+        try:
+            db = firestore_emulator.client(worker.env["GOOGLE_CLOUD_PROJECT"])
+            docs = wait_done(db, write_jobs(db, jobs, f"batch{batch_max}-{uuid.uuid4().hex[:4]}"), timeout=600)
+            first = min(d["created_at"] for d in docs)
+            last = max(d["completed_at"] for d in docs)
+            figures[f"batch{batch_max}_jobs_per_s"] = round(jobs / (last - first).total_seconds(), 2)
+            sizes = [json.loads(line).get("batch_size", 1) for line in worker.events("job_started")]
+            figures[f"batch{batch_max}_largest_batch"] = max(sizes)
+            failed = sum(d["status"] != "completed" for d in docs)
+            if failed:
+                figures[f"batch{batch_max}_failed"] = failed
+        finally:
+            worker.stop()
+    figures["batch4_vs_batch1"] = round(figures["batch4_jobs_per_s"] / figures["batch1_jobs_per_s"], 2)
+    return figures
+
+
 TARGETS = {
     "accept_seq_p99_ms": ("<", 50),
     "accept_8conc_p99_ms": ("<", 200),
@@ -397,9 +420,11 @@ def verdict(name: str, value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["pipelines", "lifecycle", "scheduling", "worker", "gpu"], action="append")
+    parser.add_argument(
+        "--only", choices=["pipelines", "lifecycle", "scheduling", "worker", "batching", "gpu"], action="append"
+    )
     args = parser.parse_args(argv)
-    sections = args.only or ["pipelines", "lifecycle", "scheduling", "worker", "gpu"]
+    sections = args.only or ["pipelines", "lifecycle", "scheduling", "worker", "batching", "gpu"]
     report = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "sections": {},
@@ -413,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.gpu import bench_gpu
 
             report["sections"]["gpu"] = bench_gpu()
-        if {"lifecycle", "scheduling", "worker"} & set(sections):
+        if {"lifecycle", "scheduling", "worker", "batching"} & set(sections):
             with (
                 emu.FirestoreEmulator(tmp / "logs") as firestore,
                 emu.StorageEmulator(tmp / "logs", in_memory=True) as storage,
@@ -424,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                     report["sections"]["scheduling"] = bench_scheduling(firestore, storage, tmp / "logs")
                 if "worker" in sections:
                     report["sections"]["worker"] = bench_worker(firestore, storage, tmp / "logs", cache)
+                if "batching" in sections:
+                    report["sections"]["batching"] = bench_batching(firestore, storage, tmp / "logs", cache)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps(report, indent=2))
     print(f"\n{'figure':<40} {'value':>12}  check")
