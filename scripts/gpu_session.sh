@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU figures of README "GPU", measured in one prepared run on a lent GPU machine (the workplace's `device`
+# tool: 15 minutes of device time a session, nothing downloadable there, Python 3.12 with CUDA torch,
+# transformers and huggingface_hub already installed).
+#
+#   bash scripts/gpu_session.sh wheels     # here: the missing packages as wheels in .whl/ (git-ignored), at the
+#                                          # versions of constraints.txt (torchao: the newest, for FIREGEN_FP8)
+#   bash scripts/gpu_session.sh run [BUDGET_S]
+#                                          # there (carry .whl): install them aside, then `python -m bench.gpu`
+#                                          # for the speed options still unmeasured; figures in $OUT/gpu.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# What bench.gpu imports beyond that machine's packages (diffusers' own needs are there already).
+PINNED=(diffusers pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
+  importlib-metadata zipp)
+SKIP=sdxl_baseline,sdxl_channels_last,sdxl_fused_qkv # measured before (README); the budget goes to what is not
+
+case "${1:-}" in
+wheels)
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
+  specs=()
+  for name in "${PINNED[@]}"; do
+    pin=$(grep -i "^${name}==" constraints.txt) || {
+      echo "$name is not in constraints.txt" >&2
+      exit 2
+    }
+    specs+=("$pin")
+  done
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "${specs[@]}" torchao
+  du -sh .whl
+  ;;
+run)
+  budget=${2:-420}
+  out=${OUT:-out/bench}
+  mkdir -p "$out"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+  python3 -c 'import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)' |
+    tee -a "$out/gpu.txt"
+  python3 -m bench.gpu --out "$out/gpu.json" --budget "$budget" --compile-modes= --skip "$SKIP" 2>&1 |
+    tee "$out/gpu.log"
+  ;;
+*)
+  sed -n '2,10p' "$0" >&2
+  exit 2
+  ;;
+esac
