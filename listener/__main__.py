@@ -85,24 +85,6 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             worker.fitness_check()
         except Exception:
             return worker.exit_code
-    worker.start()
-    if not worker.reconciler.wait_listening(30):
-        log.warning("listeners_not_current", note="the sweep covers until they are")
-    # torch, diffusers and the Google clients leave ~500k long-lived objects: a full collection then takes
-    # 100-200 ms on a request's path (the runsync accept p99). They live as long as the process: take them out
-    # of the collector's reach; only what is allocated from here on is ever scanned.
-    gc.freeze()
-    log.info(
-        "worker_ready",
-        import_seconds=round(imported - _T0, 3),
-        load_seconds=round(loaded - imported, 3),
-        ready_seconds=round(time.perf_counter() - _T0, 3),
-        frozen_objects=gc.get_freeze_count(),
-        project=worker.store.client.project,
-        bucket=settings.storage_bucket,
-        image_model=settings.image_model,
-        video_model=settings.video_model,
-    )
 
     def leave(signum, frame):
         worker.reconciler.stop_claiming()  # at the signal: a doc queued from now on is left to other workers
@@ -112,8 +94,28 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     # uvicorn (the SDK's local API) restores the handler it found and re-raises the signal once it has shut
     # down: with this one in place, the `finally` below runs instead of the process dying on the spot. RunPod's
     # job loop installs its own; the worker chains this one's first step in front (Worker.concurrency_modifier).
-    signal.signal(signal.SIGTERM, leave)
+    # Installed before the worker starts claiming (and before it says it is ready): a SIGTERM from then on
+    # always ends in the `finally` below, never in the default action that kills the process mid-claim.
     try:
+        signal.signal(signal.SIGTERM, leave)
+        worker.start()
+        if not worker.reconciler.wait_listening(30):
+            log.warning("listeners_not_current", note="the sweep covers until they are")
+        # torch, diffusers and the Google clients leave ~500k long-lived objects: a full collection then takes
+        # 100-200 ms on a request's path (the runsync accept p99). They live as long as the process: take them out
+        # of the collector's reach; only what is allocated from here on is ever scanned.
+        gc.freeze()
+        log.info(
+            "worker_ready",
+            import_seconds=round(imported - _T0, 3),
+            load_seconds=round(loaded - imported, 3),
+            ready_seconds=round(time.perf_counter() - _T0, 3),
+            frozen_objects=gc.get_freeze_count(),
+            project=worker.store.client.project,
+            bucket=settings.storage_bucket,
+            image_model=settings.image_model,
+            video_model=settings.video_model,
+        )
         if _on_runpod(argv):
             import runpod
 

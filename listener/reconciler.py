@@ -73,7 +73,7 @@ class Reconciler:
         self._queue: FairQueue[JobKey] = FairQueue(capacity)
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the dispatch loop
         self._stops: dict[JobKey, threading.Event] = {}  # claimed or running here → its cancel signal
-        # Jobs this worker runs, and (None) the one it is claiming: shutdown waits for both, so a claim in flight
+        # Jobs this worker runs, and (None) those it is claiming: shutdown waits for both, so a claim in flight
         # when SIGTERM arrives is run within the grace period or released, never left `processing`.
         self._active: dict[JobKey, threading.Thread | None] = {}
         # After a lost claim race, pick among the first few users in fair order: other idle workers heard of the
@@ -104,7 +104,8 @@ class Reconciler:
 
     def stop_claiming(self) -> None:
         """Claim nothing more (at once, from a signal handler too); running jobs go on. A claim already in flight
-        that wins is given straight back to the queue."""
+        that wins is a running job like the others (Firestore may already show it `processing`): it runs within
+        the grace period of `stop`, or is released."""
         with self._cv:
             self._claiming = False
             self._queue.clear()
@@ -220,7 +221,9 @@ class Reconciler:
                 continue
             if not keys:
                 continue
-            jobs = [job for key in keys if (job := self._claim(key)) is not None]
+            # The rest of a batch is not claimed once the worker stops (they stay queued for other workers).
+            claimed = [self._claim(key, start=index == 0 or self._claiming) for index, key in enumerate(keys)]
+            jobs = [job for job in claimed if job is not None]
             self._spread = 1 if jobs else SPREAD
             if not jobs:
                 with self._cv:
@@ -236,21 +239,20 @@ class Reconciler:
                     self._active[job.key] = thread
             thread.start()
 
-    def _claim(self, key: JobKey) -> ClaimedJob | None:
-        """Claim a candidate; None when it is not ours (taken, finished, or its user at USER_MAX_RUNNING)."""
+    def _claim(self, key: JobKey, *, start: bool = True) -> ClaimedJob | None:
+        """Claim a candidate; None when it is not ours (taken, finished, or its user at USER_MAX_RUNNING), or
+        when not to `start` (only forget it)."""
+        job = None
         try:
             # A claim is a compare-and-set, safe to repeat. Repeating it matters: while the claim is in flight
             # the key is taken, so a listener that offers it meanwhile is not heard, and a dropped candidate
             # would wait for the next sweep (an emulator's "call already cancelled" on a listener restart).
-            job = Retrying(stop=stop_after_attempt(3), wait=wait_exponential(0.1, max=1), reraise=True)(
-                self.store.claim, key
-            )
-            if job is not None and not self._claiming:  # stopped while the claim was on its way
-                log.info("job_claimed_after_stop", released=self.store.release(job), path=key.path)
-                job = None
+            if start:
+                job = Retrying(stop=stop_after_attempt(3), wait=wait_exponential(0.1, max=1), reraise=True)(
+                    self.store.claim, key
+                )
         except Exception as exc:
             log.warning("claim_error", path=key.path, error=str(exc))
-            job = None
         if job is None:
             with self._cv:
                 self._stops.pop(key, None)

@@ -24,6 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from fixtures_keys import pem_body, service_account_key
+from google.api_core.exceptions import Cancelled
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from devtools import emulators as emu
 from devtools.worker import REPO, WorkerProcess
@@ -251,8 +253,11 @@ def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
         signalled = time.monotonic()
         worker.signal(signal.SIGTERM)
         # Written after the signal: a stopping worker never claims it (its slot frees when the job is released).
-        firestore_emulator.client(project[0]).document("generations/loop-user/images/after-term").set(
-            {"status": "queued", "prompt": "late", "created_at": time.time()}
+        # The emulator may answer a call made while the worker's streams are torn down with CANCELLED: send again.
+        retry = Retrying(retry=retry_if_exception_type(Cancelled), stop=stop_after_attempt(3), reraise=True)
+        retry(
+            firestore_emulator.client(project[0]).document("generations/loop-user/images/after-term").set,
+            {"status": "queued", "prompt": "late", "created_at": time.time()},
         )
         assert emu.wait_until(lambda: doc(firestore_emulator, project, long_path).get("status") == "queued", 30)
         released_after = time.monotonic() - signalled
