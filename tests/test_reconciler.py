@@ -433,6 +433,8 @@ def test_a_claim_on_its_way_when_the_worker_stops_runs_within_the_grace_or_is_gi
     stopper = threading.Thread(target=worker.stop, kwargs={"grace": grace})
     stopper.start()
     assert wait_until(lambda: not worker._claiming)
+    if grace == 0:
+        assert wait_until(worker.runner.abort.is_set)  # the grace is over before the claim comes back
     assert stopper.is_alive()  # waiting for the claim in flight
     store.gate.set()
     stopper.join(15)
