@@ -156,6 +156,11 @@ class Reconciler:
         with self._cv:
             return len(self._queue)
 
+    def is_candidate(self, key: JobKey) -> bool:
+        """Whether this worker holds `key` as a candidate (heard of, not yet taken)."""
+        with self._cv:
+            return key in self._queue
+
     # --- candidates ------------------------------------------------------------------------------------------
 
     def submit(self, key: JobKey, request: GenerationRequest | None = None) -> None:

@@ -24,12 +24,12 @@ def backlog(user: str, count: int) -> list[JobKey]:
 def run_a_then_b(sched_worker, firestore_client, a_jobs: int) -> StepGenerator:
     """User A queues `a_jobs`; while A's first runs, user B queues one; then everything runs."""
     generator = StepGenerator(threading.Event())
-    sched_worker("one", generator)
+    worker = sched_worker("one", generator)
     queue_jobs(firestore_client, backlog("userA", a_jobs))
     assert generator.started.wait(15)  # A's first is running (held)
-    queue_jobs(firestore_client, [JobKey("userB", "images", "b-only")])
     b = JobKey("userB", "images", "b-only")
-    wait_until(lambda: read(firestore_client, b).get("status") == "queued")
+    queue_jobs(firestore_client, [b])
+    wait_until(lambda: worker.is_candidate(b))  # the worker heard of it (a listener, not the test, is timed here)
     generator.gate.set()
     wait_until(lambda: "b-only" in generator.calls, timeout=60)
     return generator
