@@ -7,7 +7,6 @@ import threading
 from fixtures_scheduling import (  # noqa: F401  (fixtures)
     StepGenerator,
     queue_jobs,
-    read,
     results,
     sched_worker,
     wait_until,
