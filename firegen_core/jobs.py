@@ -316,16 +316,31 @@ class WorkerJobs:
         """Take the job if it is queued or its lease ran out; exactly one of many racing workers wins.
 
         A job not yet admitted is admitted here (a doc its client wrote, seen first by this worker); a job
-        past its user's USER_MAX_RUNNING stays queued (None)."""
-        outcome = self.jobs.transition(
-            key,
-            lambda doc, now: lifecycle.claim(
+        past its user's USER_MAX_RUNNING stays queued (None).
+
+        A commit may land while its answer is lost (a timeout, a cancelled call): sent again, it then conflicts
+        with itself. A claim that finds its own earlier try in the doc is this claim, not a lost race, or the job
+        would sit `processing` under this worker, unrun, until its lease ran out."""
+        tried: list[Lease] = []
+
+        def decide(doc: lifecycle.Doc | None, now: datetime) -> dict | None:
+            if any(lifecycle.holds(doc, lease) for lease in tried):
+                return None  # ours already
+            update = lifecycle.claim(
                 doc, now, worker_id=self.worker_id, lease_seconds=self.lease_seconds, max_attempts=self.max_attempts
-            ),
-            admit=True,
-        )
+            )
+            if update is not None and update.get("status") == lifecycle.PROCESSING:
+                tried.append(Lease(self.worker_id, update["attempts"]))
+            return update
+
+        outcome = self.jobs.transition(key, decide, admit=True)
         written, before = outcome.written, outcome.before
-        if written is None or before is None or written.get("status") != lifecycle.PROCESSING:
+        if before is None:
+            return None
+        if written is None:
+            landed = next((lease for lease in tried if lifecycle.holds(before, lease)), None)
+            return ClaimedJob(key, landed, before, outcome.read_time) if landed else None
+        if written.get("status") != lifecycle.PROCESSING:
             return None
         return ClaimedJob(key, Lease(self.worker_id, written["attempts"]), before, outcome.read_time)
 
@@ -341,7 +356,12 @@ class WorkerJobs:
         outcome = self.transition(
             job.key, lambda doc, now: lifecycle.completion(doc, fields) if lifecycle.holds(doc, job.lease) else None
         )
-        return outcome.written.get("status") if outcome.written is not None else None
+        if outcome.written is not None:
+            return outcome.written.get("status")
+        before = outcome.before or {}
+        # This completion landed on an earlier try whose answer was lost (see `claim`): nobody else completes it.
+        ours = (before.get("worker_id"), before.get("attempts")) == (job.lease.worker_id, job.lease.attempt)
+        return lifecycle.COMPLETED if ours and before.get("status") == lifecycle.COMPLETED else None
 
     def fail(self, job: ClaimedJob, error: GenerationError) -> bool:
         return self._fenced(

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
+from google.api_core.exceptions import FailedPrecondition
 
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
@@ -198,3 +199,42 @@ def test_the_queries_live_on_the_store(firestore_client):
     assert wait_until(
         lambda: [s.id for s in jobs.expired("images", datetime.now(UTC), limit=5).stream()] == ["z"], timeout=5
     )
+
+
+class LostAnswer:
+    """A commit that lands but whose answer never comes back, as the client's retry then sees it: the re-sent
+    commit fails its own precondition. A stand-in for a lost response (the emulator's "call already cancelled"
+    does it, but not on demand); the commits themselves are the emulator's."""
+
+    def __init__(self, monkeypatch, times: int = 1):
+        from google.cloud.firestore_v1.batch import WriteBatch
+
+        self.left = times
+        real = WriteBatch.commit
+
+        def commit(batch, *args, **kwargs):
+            result = real(batch, *args, **kwargs)
+            if self.left:
+                self.left -= 1
+                raise FailedPrecondition("the stored version does not match the required base version")
+            return result
+
+        monkeypatch.setattr(WriteBatch, "commit", commit)
+
+
+def test_a_claim_whose_answer_was_lost_is_still_this_claim(firestore_client, monkeypatch):
+    queue(firestore_client)
+    LostAnswer(monkeypatch)
+    job = store(firestore_client).claim(KEY)
+    assert job is not None and job.lease.attempt == 1  # not taken for a lost race, nor claimed twice
+    doc = read(firestore_client)
+    assert (doc["status"], doc["worker_id"], doc["attempts"]) == ("processing", "w1", 1)
+
+
+def test_a_completion_whose_answer_was_lost_says_completed(firestore_client, monkeypatch):
+    queue(firestore_client)
+    jobs = store(firestore_client)
+    job = jobs.claim(KEY)
+    LostAnswer(monkeypatch)
+    assert jobs.complete(job, {"status": "completed", "generated": True}) == "completed"
+    assert store(firestore_client, worker="w2").claim(KEY) is None
