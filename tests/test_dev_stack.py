@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
+from fixtures_stack import running_stack
 
 from devtools import emulators as emu
 from devtools import firebase_cli, web
@@ -98,25 +97,8 @@ def assert_examples_done(output: str, out: Path) -> None:
 def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys):
     run = StackRun(tmp_path)
     state = run.out / "stack.json"
-    lines: list[str] = []
-    # Its own session, as a terminal's foreground job: Ctrl-C is SIGINT to the whole group.
-    stack = subprocess.Popen(
-        run.cmd,
-        env=run.env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    reader = threading.Thread(target=lambda: lines.extend(stack.stdout), daemon=True)
-    reader.start()
-    try:
-        assert emu.wait_until(
-            lambda: any("the stack keeps running" in line for line in lines) or stack.poll() is not None, 240, 0.2
-        ), "".join(lines)
-        assert stack.poll() is None, "".join(lines)
-        output = "".join(lines)
+    with running_stack(run.cmd, run.env) as stack:
+        output = stack.output
         assert "falling back" not in output
         assert "[test-img-001] generateWithRunPod answered accepted: Generation started" in output
         if web.missing() is None:  # the Hosting emulator serves the web app (tests/test_web_app.py drives it)
@@ -171,13 +153,8 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
             "ValidationError",
         )
         assert doc["error_message"] == "width must be between 256 and 1024" and "failed_at" in doc
-    finally:
-        if stack.poll() is None:
-            os.killpg(stack.pid, signal.SIGINT)
-        stack.wait(timeout=90)
-        reader.join(10)
-    output = "".join(lines)
-    assert stack.returncode == 0, output
+    output = stack.output
+    assert stack.proc.returncode == 0, output
     assert "stopping..." in output and "all processes stopped" in output
     assert not state.exists()
     assert run.left_behind() == []

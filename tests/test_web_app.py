@@ -14,14 +14,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fixtures_stack import running_stack
 from google.cloud.firestore import SERVER_TIMESTAMP
 
 from devtools import emulators as emu
@@ -69,34 +67,12 @@ def run_stack(out: Path, *flags: str):
     """`make dev`'s stack without its examples, on free ports; yields its StackInfo, then stops it (Ctrl-C)."""
     cmd = [sys.executable, "-m", "devtools.stack", "--no-examples", "--free-ports", "--out", str(out), *flags]
     cmd += ["--project", emu.unique_id("demo-web")]
-    lines: list[str] = []
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        assert emu.wait_until(
-            lambda: any("the stack keeps running" in line for line in lines) or proc.poll() is not None, 240, 0.2
-        ), "".join(lines)
-        assert proc.poll() is None, "".join(lines)
-        output = "".join(lines)
+    with running_stack(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}) as running:
         info = StackInfo(**json.loads((out / "stack.json").read_text()))
-        assert info.web_url and f"web app: {info.web_url}\n" in output, output
+        assert info.web_url and f"web app: {info.web_url}\n" in running.output, running.output
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", info.web_url)
         yield info
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=90)
-        reader.join(10)
-    assert proc.returncode == 0, "".join(lines)
+    assert running.proc.returncode == 0, running.output
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +96,8 @@ def browser():
 class Page:
     """One user's page, with every console message and uncaught error it produced."""
 
-    def __init__(self, browser, url: str, width: int = 1000):
+    def __init__(self, browser, url: str, width: int = 1000, logs: Path | None = None):
+        self.logs = logs  # the stack's log folder: its tails go into a failure's message
         self.context = browser.new_context(viewport={"width": width, "height": 900})
         self.page = self.context.new_page()
         self.console: list[str] = []
@@ -143,19 +120,33 @@ class Page:
         button = self.page.get_by_role("button", name="Generate")
         button.focus()
         self.page.keyboard.press("Enter")
-        self.page.wait_for_function(
-            "n => document.querySelectorAll('.job').length > n", arg=len(before), timeout=30_000
-        )
+        try:
+            self.page.wait_for_function(
+                "n => document.querySelectorAll('.job').length > n", arg=len(before), timeout=30_000
+            )
+        except Exception as exc:
+            raise AssertionError(f"no new job card 30 s after Generate\n{self.diagnosis()}") from exc
         after = self.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)")
         return next(uid for uid in after if uid not in before)
+
+    def diagnosis(self) -> str:
+        """What the page said, what the browser logged, and the end of each of the stack's logs."""
+        said = {el: self.page.locator(f"#{el}").inner_text() for el in ("form-status", "form-error")}
+        lines = [f"page: {said}", "console:", *self.console]
+        for log in sorted(self.logs.glob("*.log")) if self.logs else []:
+            lines += [f"--- {log.name}", *log.read_text(errors="replace").splitlines()[-40:]]
+        return "\n".join(lines)
 
     def job(self, file_uid: str):
         return self.page.locator(f".job[data-file-uid='{file_uid}']")
 
     def wait_final(self, file_uid: str) -> str:
-        self.page.wait_for_selector(
-            f".job[data-file-uid='{file_uid}']:is([data-status=completed], [data-status=failed])", timeout=DONE_S
-        )
+        try:
+            self.page.wait_for_selector(
+                f".job[data-file-uid='{file_uid}']:is([data-status=completed], [data-status=failed])", timeout=DONE_S
+            )
+        except Exception as exc:
+            raise AssertionError(f"{file_uid} not final after {DONE_S // 1000} s\n{self.diagnosis()}") from exc
         return self.job(file_uid).get_attribute("data-status")
 
     def shot(self, name: str) -> Path:
@@ -173,7 +164,7 @@ def open_page(stack, browser):
     pages: list[Page] = []
 
     def factory(**kw) -> Page:
-        pages.append(Page(browser, stack.web_url, **kw))
+        pages.append(Page(browser, stack.web_url, logs=Path(stack.out) / "logs", **kw))
         return pages[-1]
 
     yield factory
