@@ -17,14 +17,14 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 # constraints.txt is the one lock (the local .venv and CI use it too): the CUDA wheel of its torch version goes
 # in first, from PyTorch's own index, then everything else at the lock's versions (its torch pin, 2.13.0, is
-# satisfied by 2.13.0+cu128, so nothing replaces it).
+# satisfied by 2.13.0+cu128, so nothing replaces it). The fp8 extra (torchao) lets FIREGEN_FP8=on run.
 COPY constraints.txt ./
 RUN pip install --index-url "${TORCH_INDEX}" "$(grep '^torch==' constraints.txt)"
 COPY pyproject.toml README.md LICENSE ./
 COPY firegen_core ./firegen_core
 COPY generation ./generation
 COPY listener ./listener
-RUN pip install -c constraints.txt . \
+RUN pip install -c constraints.txt ".[fp8]" \
  && find /opt/venv -name "__pycache__" -type d -prune -exec rm -rf {} +
 
 FROM build AS weights

@@ -1,9 +1,9 @@
 """FIREGEN_FP8=on: the denoisers' linear layers in float8 (torchao: dynamic activation and weight scaling, one
 scale per row), for Hopper/Ada GPUs. Opt-in: lossy (its PSNR/SSIM against bf16 is measured by bench/gpu.py).
 
-torchao is not a dependency of the worker: it is imported only when FP8 is asked for, and a worker asked for FP8
-where it cannot run it (no CUDA, a card without float8 tensor cores, torchao missing) refuses to start with one
-line naming the setting, instead of silently serving the slower bf16 it was not configured for.
+torchao is the `fp8` extra (the image installs it): it is imported only when FP8 is asked for, and a worker asked
+for FP8 where it cannot run it (no CUDA, a card without float8 tensor cores, torchao missing) refuses to start
+with one line naming the setting, instead of silently serving the slower bf16 it was not configured for.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ SETTING = "FIREGEN_FP8"
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9), Hopper (9.0) and later
 # float8 matmuls (torch._scaled_mm) need both dimensions divisible by 16; other layers stay in bf16.
 ALIGNMENT = 16
+# The floor under each activation row's absolute maximum when its scale is chosen. An all-zero row is common:
+# SDXL's unconditional text embeddings are zeros when the negative prompt is empty (`force_zeros_for_empty_prompt`),
+# and without a floor its scale is 0 and 0/0 makes the whole image NaN. Any real row's maximum is far above it.
+ACTIVATION_FLOOR = 1e-12
 
 
 def refusal(device: str) -> str | None:
@@ -27,7 +31,7 @@ def refusal(device: str) -> str | None:
         name = torch.cuda.get_device_name(device)
         return f"{SETTING}=on needs compute capability 8.9+ (Ada, Hopper); {name} is {capability[0]}.{capability[1]}"
     if importlib.util.find_spec("torchao") is None:
-        return f"{SETTING}=on needs torchao (pip install torchao), which is not installed"
+        return f"{SETTING}=on needs torchao (pip install 'firegen-worker[fp8]'), which is not installed"
     return None
 
 
@@ -45,4 +49,5 @@ def quantize(model) -> None:
     """Float8 dynamic activations and weights, row-wise scales, on `model`'s aligned linear layers (in place)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fits)
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), activation_value_lb=ACTIVATION_FLOOR)
+    quantize_(model, config, filter_fn=_fits)

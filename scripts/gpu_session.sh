@@ -4,7 +4,7 @@
 # transformers and huggingface_hub already installed).
 #
 #   bash scripts/gpu_session.sh wheels     # here: the missing packages as wheels in .whl/ (git-ignored), at the
-#                                          # versions of constraints.txt (torchao: the newest, for FIREGEN_FP8)
+#                                          # versions of constraints.txt (torchao too, for FIREGEN_FP8)
 #   bash scripts/gpu_session.sh run [BUDGET_S]
 #                                          # there (carry .whl): install them aside, then `python -m bench.gpu`
 #                                          # for the speed options still unmeasured; figures in $OUT/gpu.json
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 # What bench.gpu imports beyond that machine's packages (diffusers' own needs are there already).
 PINNED=(diffusers pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
-  importlib-metadata zipp)
+  importlib-metadata zipp torchao)
 SKIP=sdxl_baseline,sdxl_channels_last,sdxl_fused_qkv # measured before (README); the budget goes to what is not
 
 case "${1:-}" in
@@ -29,7 +29,7 @@ wheels)
   done
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "${specs[@]}" torchao
+    -d .whl "${specs[@]}"
   du -sh .whl
   ;;
 run)

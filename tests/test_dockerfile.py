@@ -80,9 +80,9 @@ def test_the_image_installs_from_the_one_lock():
     torch_step, project_step = pip_steps()
     # CUDA torch at the lock's version, from PyTorch's index; then the project under the lock.
     assert "--index-url" in torch_step and "$(grep '^torch==' constraints.txt)" in torch_step
-    assert project_step == "pip install -c constraints.txt ."
+    assert project_step == 'pip install -c constraints.txt ".[fp8]"'  # with torchao: FIREGEN_FP8=on runs there
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
-    assert pins["torch"] == "2.13.0" and {"diffusers", "transformers", "runpod", "accelerate"} <= set(pins)
+    assert pins["torch"] == "2.13.0" and {"diffusers", "transformers", "runpod", "accelerate", "torchao"} <= set(pins)
 
 
 def test_the_lock_is_what_the_tests_run_on():

@@ -1,10 +1,13 @@
-"""The opt-in speed settings on the CPU: FP8 refuses clearly where it can't run; Wan's attention backend, step
+"""The opt-in speed settings on the CPU: FP8 refuses clearly where it can't run, and its quantization (torchao, on
+the CPU past its card check) draws what bf16 draws; Wan's attention backend, step
 cache (First Block Cache) and pinned text-encoder swap run on the tiny Wan.
 
 Speed is measured only by bench/gpu.py on a GPU; here the code paths run and their outputs are compared.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from fixtures_generation import PROMPT, engine, image_request, one_thread, tiny_
 from generation import __main__ as cli
 from generation import fp8, video_speed
 from generation.engine import Engine, EngineConfig
-from generation.pipelines import Runtime, VideoPipeline
+from generation.pipelines import ImagePipeline, Runtime, VideoPipeline
 
 FP8_ON_CPU = "FIREGEN_FP8=on needs a CUDA GPU with float8 support (this worker runs on cpu); unset it"
 
@@ -48,13 +51,56 @@ def test_fp8_on_a_cpu_is_refused_at_start_up_in_one_line(tmp_path, capsys, monke
 
 
 def test_fp8_on_a_card_without_torchao_or_float8_is_refused(monkeypatch):
-    """No GPU here: torch.cuda's capability and name are stood in for; torchao is really not installed."""
+    """No GPU here: torch.cuda's capability and name are stood in for, and torchao's absence (it is installed)."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     assert fp8.refusal("cuda") == "FIREGEN_FP8=on needs compute capability 8.9+ (Ada, Hopper); Stand-in GPU is 8.6"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    if __import__("importlib").util.find_spec("torchao") is None:
-        assert fp8.refusal("cuda") == "FIREGEN_FP8=on needs torchao (pip install torchao), which is not installed"
+    assert fp8.refusal("cuda") is None
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
+    )
+    assert fp8.refusal("cuda") == (
+        "FIREGEN_FP8=on needs torchao (pip install 'firegen-worker[fp8]'), which is not installed"
+    )
+
+
+@pytest.fixture
+def float8_anywhere(monkeypatch):
+    """torchao's float8 quantization on the CPU. Stand-in: torchao refuses it without an sm_89+ card
+    (`_check_hardware_support`); on the CPU it chooses the same scales, makes the same float8 casts and emulates
+    the scaled matmul, so only that gate is lifted."""
+    from torchao.quantization import quant_api
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+
+
+def test_fp8_keeps_an_all_zero_activation_row_zero(float8_anywhere):
+    layer = torch.nn.Linear(32, 32).to(torch.bfloat16)
+    fp8.quantize(layer)
+    assert type(layer.weight).__name__ == "Float8Tensor"
+    rows = torch.zeros(3, 32, dtype=torch.bfloat16)
+    rows[1] = torch.linspace(-2, 2, 32)
+    out = layer(rows)
+    # Without a floor under the row's maximum its scale is 0, and 0/0 made the row (then the image) NaN.
+    assert not out.isnan().any()
+    assert torch.equal(out[0], layer.bias) and torch.equal(out[2], layer.bias)
+
+
+@pytest.mark.parametrize("negative_prompt", [None, "blurry"])
+def test_fp8_sdxl_draws_what_bf16_draws(tiny_cache, float8_anywhere, negative_prompt):
+    """The product's load path with FP8 (ImagePipeline.load quantizes the UNet's aligned linear layers) on the
+    tiny SDXL in bf16, against bf16. An empty negative prompt gives SDXL all-zero unconditional embeddings."""
+    request = image_request(width=128, height=128, num_inference_steps=6, negative_prompt=negative_prompt)
+    plain = ImagePipeline.load("tiny", Runtime(device="cpu", dtype="bfloat16"))
+    quantized = ImagePipeline.load("tiny", Runtime(device="cpu", dtype="bfloat16", fp8=True))
+    layers = [m for m in quantized.pipe.unet.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(type(m.weight).__name__ == "Float8Tensor" for m in layers) > len(layers) // 2
+    [reference], [image] = plain.generate(request, 7), quantized.generate(request, 7)
+    quality = psnr(np.asarray(image), np.asarray(reference))
+    print(f"FP8 vs bf16, tiny SDXL 128x128, 6 steps, negative prompt {negative_prompt!r}: PSNR {quality:.1f} dB")
+    assert quality > 30
 
 
 # --- Wan: attention backend, step cache, text-encoder swap --------------------------------------------------
