@@ -36,10 +36,14 @@ def refusal(device: str) -> str | None:
 
 
 def _fits(module, _name: str) -> bool:
+    """An aligned bf16 linear layer. Layers a model keeps in float32 (Wan's time embedder: `from_pretrained`'s
+    `_keep_in_fp32_modules`) stay as they are: torchao's row-wise float8 takes bf16 weights only, and those layers
+    are kept in float32 for their precision."""
     import torch
 
     return (
         isinstance(module, torch.nn.Linear)
+        and module.weight.dtype == torch.bfloat16
         and module.in_features % ALIGNMENT == 0
         and module.out_features % ALIGNMENT == 0
     )
