@@ -266,10 +266,13 @@ class DiffusionCapability:
                 options["variant"] = variant
             pipe = cls.pipeline_class().from_pretrained(source, local_files_only=local_files_only, **options)
             cls.place(pipe, runtime)
+            capability = cls(pipe, runtime, model_ref)
+            if runtime.compile_backend:
+                # First: fusing SDXL's QKV copies weights into new layers, which float8 weights refuse.
+                capability.prepare_compile()
             if runtime.fp8:
                 fp8_support.quantize(cls.denoiser(pipe))
             pipe.set_progress_bar_config(disable=True)  # per-step bars would flood the worker's logs
-            capability = cls(pipe, runtime, model_ref)
             capability.warm_up()
         except errors.ModelNotAvailable:
             raise
@@ -303,7 +306,6 @@ class DiffusionCapability:
         jobs run eagerly until the compiled module is swapped in (generation.compiling)."""
         if not self.runtime.compile_backend:
             return
-        self.prepare_compile()
         cache = CompileCache(self.runtime.compile_cache, self.runtime.device) if self.runtime.compile_cache else None
         self.compiler = BackgroundCompile(
             self.pipe,
@@ -333,7 +335,7 @@ class DiffusionCapability:
         raise NotImplementedError
 
     def prepare_compile(self) -> None:
-        """Changes to the eager modules that the compiled ones build on (made before serving)."""
+        """Changes to the eager modules that the compiled ones build on (made at load, before FP8 and serving)."""
 
     def compile_warm_up(self, sibling) -> None:
         """One step on `sibling` (a pipeline sharing this one's modules, its denoiser compiled) at the contract's
