@@ -451,7 +451,7 @@ class ImagePipeline(DiffusionCapability):
         prepare_unet_for_compile(self.pipe, self.runtime.compile_backend)
 
     def compile_warm_up(self, sibling) -> None:
-        # The contract's default job: 1024x1024, one image, CFG (a UNet batch of 2). Other sizes and batch sizes
+        # The contract's default job: 512x512, one image, CFG (a UNet batch of 2). Other sizes and batch sizes
         # compile once more on first use (then the shapes are dynamic), and go into the cache with the next save.
         request = GenerationRequest(prompt="warm-up")
         sibling(

@@ -70,3 +70,13 @@ def video_request(**fields) -> GenerationRequest:
         num_inference_steps=3,
     )
     return GenerationRequest(**{**values, **fields})
+
+
+@pytest.fixture
+def float8_anywhere(monkeypatch):
+    """torchao's float8 quantization on the CPU. Stand-in: torchao refuses it without an sm_89+ card
+    (`_check_hardware_support`); on the CPU it chooses the same scales, makes the same float8 casts and emulates
+    the scaled matmul, so only that gate is lifted."""
+    from torchao.quantization import quant_api
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)

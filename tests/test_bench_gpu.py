@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fixtures_generation import one_thread  # noqa: F401
+from fixtures_generation import float8_anywhere, image_request, one_thread, tiny_cache  # noqa: F401
 
 from bench import gpu as bench_gpu_module
+from bench import gpu_speed
 from bench.gpu import (
     FULL,
     GIB,
@@ -96,6 +97,24 @@ def test_the_whole_section_runs_at_tiny_scale_on_the_cpu(tmp_path):
     assert figures["wan_cache_speedup"] > 0 and figures["wan_cache_psnr_db"] > 10
     # Memory figures are CUDA-only; the goals are only judged at full scale on CUDA.
     assert "sdxl_baseline_peak_gib" not in figures and "sdxl_goal_1s" not in figures
+
+
+def test_the_fp8_step_measures_speed_and_quality_in_bf16(tiny_cache, float8_anywhere, monkeypatch):
+    """`sdxl_fp8` as the GPU run will take it (bf16, compiled), on the tiny SDXL past FP8's refusal of a CPU
+    (stood in: no CUDA here) and torchao's card check (float8_anywhere)."""
+    from generation import fp8
+    from generation.pipelines import ImagePipeline, Runtime
+
+    monkeypatch.setattr(fp8, "refusal", lambda device: None)
+    runtime = Runtime(device="cpu", dtype="bfloat16")
+    capability = ImagePipeline.load("tiny", runtime)
+    request = image_request(width=128, height=128, num_inference_steps=3)
+    figures = gpu_speed.measure_fp8(capability, Gpu(runtime), request, 2, 1234, "aot_eager")
+    assert figures["sdxl_fp8_compiled"] and figures["sdxl_fp8_s_per_image"] > 0
+    assert figures["sdxl_fp8_psnr_db"] > 30 and 0.95 < figures["sdxl_fp8_ssim"] <= 1
+    assert type(capability.pipe.unet.conv_in.weight).__name__ == "Parameter"  # convolutions stay bf16
+    linear = capability.pipe.unet._orig_mod.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    assert type(linear.weight).__name__ == "Float8Tensor"
 
 
 def test_a_failing_step_is_reported_and_the_others_still_run(monkeypatch):

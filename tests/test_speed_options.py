@@ -12,7 +12,15 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from fixtures_generation import PROMPT, engine, image_request, one_thread, tiny_cache, video_request  # noqa: F401
+from fixtures_generation import (  # noqa: F401
+    PROMPT,
+    engine,
+    float8_anywhere,
+    image_request,
+    one_thread,
+    tiny_cache,
+    video_request,
+)
 
 from generation import __main__ as cli
 from generation import fp8, video_speed
@@ -64,16 +72,6 @@ def test_fp8_on_a_card_without_torchao_or_float8_is_refused(monkeypatch):
     assert fp8.refusal("cuda") == (
         "FIREGEN_FP8=on needs torchao (pip install 'firegen-worker[fp8]'), which is not installed"
     )
-
-
-@pytest.fixture
-def float8_anywhere(monkeypatch):
-    """torchao's float8 quantization on the CPU. Stand-in: torchao refuses it without an sm_89+ card
-    (`_check_hardware_support`); on the CPU it chooses the same scales, makes the same float8 casts and emulates
-    the scaled matmul, so only that gate is lifted."""
-    from torchao.quantization import quant_api
-
-    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
 
 
 def test_fp8_keeps_an_all_zero_activation_row_zero(float8_anywhere):
@@ -162,6 +160,16 @@ def test_fp8_wan_loads_and_draws_what_bf16_draws(aligned_tiny_wan, float8_anywhe
         f"FP8 vs bf16, tiny Wan (16-wide) 64x64x16, 4 steps, negative prompt {negative_prompt!r}: PSNR {quality:.1f} dB"
     )
     assert quality > 15  # NaN frames give ~4 dB; the random 16-wide model amplifies float8's ~3% per layer
+
+
+def test_fp8_wan_with_the_background_compile(aligned_tiny_wan, float8_anywhere):
+    request = video_request(video_width=512, video_height=512, num_inference_steps=2)  # the warm-up's size
+    pipeline = VideoPipeline.load(
+        aligned_tiny_wan, Runtime(device="cpu", dtype="bfloat16", fp8=True, compile_backend="aot_eager")
+    )
+    assert pipeline.compiler.wait(300) and pipeline.compiler.state == "compiled", pipeline.compiler.error
+    eager = VideoPipeline.load(aligned_tiny_wan, Runtime(device="cpu", dtype="bfloat16", fp8=True))
+    assert np.array_equal(np.asarray(pipeline.generate(request, 7)), np.asarray(eager.generate(request, 7)))
 
 
 # --- Wan: attention backend, step cache, text-encoder swap --------------------------------------------------
