@@ -27,6 +27,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 NETWORK_VOLUME = "/runpod-volume"
+# dynamo's limit on the graphs of one function (8 by default), past which a fullgraph compile fails the call. A
+# worker's denoiser legitimately has several (the warm-up's shapes, sizes that take another branch), and every
+# compile in the process counts towards it (each test's pipeline, in the test suite).
+RECOMPILE_LIMIT = 64
 # One compile at a time per process: dynamo's tracing state is global, and two compiles would only share the CPU.
 _COMPILE_LOCK = threading.Lock()
 
@@ -105,7 +109,8 @@ class BackgroundCompile:
     `denoiser(pipe)` gives the eager module; `install(pipe, module)` puts a module in its place (for SDXL: the
     `unet` attribute; for Wan: the transformer inside its CFG-batching wrapper). `warm_up(sibling)` runs one step
     on a sibling pipeline with the compiled module installed: that call compiles it, with the guards a real job
-    will meet. `state` goes "compiling" -> "compiled" | "failed".
+    will meet. `state` goes "compiling" -> "compiled" | "failed"; a compiled module that then fails on a job's
+    shapes (`revert_on`) is swapped back out: "compiled" -> "failed".
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class BackgroundCompile:
         self.seconds: float | None = None  # from start to swap
         self.cache_hit = False
         self._done = threading.Event()
+        self._eager: object = None  # the module the compiled one replaced
         self._thread = threading.Thread(target=self._run, name=f"compile-{name}", daemon=True)
 
     def start(self) -> BackgroundCompile:
@@ -146,9 +152,10 @@ class BackgroundCompile:
         started = time.perf_counter()
         try:
             with _COMPILE_LOCK:
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
                 if self.cache is not None:
                     self.cache_hit = self.cache.load()
-                eager = self.denoiser(self.pipe)
+                eager = self._eager = self.denoiser(self.pipe)
                 compiled = torch.compile(eager, backend=self.backend, fullgraph=self.fullgraph)  # type: ignore[call-overload]
                 sibling = sibling_pipeline(self.pipe)
                 self.install(sibling, compiled)
@@ -170,3 +177,26 @@ class BackgroundCompile:
                 self.on_failure()
         finally:
             self._done.set()
+
+    def revert_on(self, exc: BaseException) -> bool:
+        """Whether `exc`, raised by a job on the compiled module, is torch.compile failing on that job's shapes (a
+        backend error, dynamo's recompile limit); if so the eager module goes back in for good, and the caller
+        runs the job again. Called by the job, under `lock`."""
+        if self.state != "compiled" or not is_compiler_failure(exc):
+            return False
+        self.install(self.pipe, self._eager)
+        self.state, self.error = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+        log.warning("compiled %s failed on a job, eager from now on: %s", self.name, self.error)
+        return True
+
+
+def is_compiler_failure(exc: BaseException | None) -> bool:
+    """An error of torch.compile itself, anywhere along the exception's causes: dynamo (including a backend's
+    compile error, InductorError among them) or the recompile limit a fullgraph compile fails on."""
+    from torch._dynamo import exc as dynamo
+
+    while exc is not None:
+        if isinstance(exc, dynamo.TorchDynamoException | dynamo.FailOnRecompileLimitHit):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

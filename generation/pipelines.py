@@ -353,7 +353,7 @@ class DiffusionCapability:
         during = f"{self.role.lower()} generation"
         with self._lock:
             try:
-                return normal()
+                return self._eager_on_compiler_failure(normal)
             except Exception as exc:
                 if errors.classify(exc).error_type != errors.OUT_OF_MEMORY:
                     raise errors.classify(exc, during=during) from exc
@@ -362,11 +362,20 @@ class DiffusionCapability:
             self.runtime.free_memory()
             try:
                 with lean_vae(self.pipe.vae):
-                    return lean()
+                    return self._eager_on_compiler_failure(lean)
             except Exception as exc:
                 raise errors.classify(exc, during=during) from exc
             finally:
                 self.runtime.free_memory()
+
+    def _eager_on_compiler_failure(self, run: Callable[[], T]) -> T:
+        """`run`; if torch.compile fails on this job's shapes, `run` again on the eager module, which stays."""
+        try:
+            return run()
+        except Exception as exc:
+            if self.compiler is None or not self.compiler.revert_on(exc):
+                raise
+        return run()
 
 
 def batch_key(request: GenerationRequest) -> tuple | None:
@@ -450,18 +459,28 @@ class ImagePipeline(DiffusionCapability):
     def prepare_compile(self) -> None:
         prepare_unet_for_compile(self.pipe, self.runtime.compile_backend)
 
+    # (width, height, images, guidance) of the compile warm-up, in order. The contract's default job (one image
+    # with CFG: a UNet batch of 2) compiles first; the second shape compiles again with height, width and batch
+    # dynamic (dynamo's automatic dynamic shapes), which then serves other sizes, image counts and batches of jobs.
+    # A UNet batch of 1 (one image without CFG, guidance 1.0: distilled models such as SDXL-Turbo) is a graph of
+    # its own, since dynamo never makes a dimension of size 1 dynamic: the last two shapes compile it, dynamic in
+    # height and width. What the warm-up leaves out (a size that is not a multiple of 64 takes another branch in
+    # diffusers' UNet) compiles on first use; a compiler failure on a job makes the model eager for good.
+    WARM_UP_SHAPES = ((512, 512, 1, 7.5), (1024, 768, 2, 7.5), (768, 512, 1, 1.0), (1024, 768, 1, 1.0))
+
     def compile_warm_up(self, sibling) -> None:
-        # The contract's default job: 512x512, one image, CFG (a UNet batch of 2). Other sizes and batch sizes
-        # compile once more on first use (then the shapes are dynamic), and go into the cache with the next save.
-        request = GenerationRequest(prompt="warm-up")
-        sibling(
-            prompt=request.prompt,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=1,
-            guidance_scale=request.guidance_scale,
-            output_type="latent",
-        )
+        """One step at each of WARM_UP_SHAPES, so that jobs do not compile on their own time: a recompile of SDXL's
+        UNet takes a minute or more on a GPU, under the pipeline's lock, with every later job waiting."""
+        for width, height, images, guidance in self.WARM_UP_SHAPES:
+            sibling(
+                prompt="warm-up",
+                width=width,
+                height=height,
+                num_images_per_prompt=images,
+                num_inference_steps=1,
+                guidance_scale=guidance,
+                output_type="latent",
+            )
 
     def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> list:
         """`request.num_images_per_prompt` PIL images of `request.width` x `request.height`."""

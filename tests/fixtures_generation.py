@@ -25,6 +25,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """dynamo's caches emptied before the test: a worker compiles each model once, but the suite compiles many
+    pipelines in one process, and dynamo's limits count every graph of a function across all of them."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A fresh FIREGEN_CACHE for the session, so tests never use (or leave behind) a stale tiny build."""

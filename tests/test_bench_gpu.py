@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fixtures_generation import float8_anywhere, image_request, one_thread, tiny_cache  # noqa: F401
+from fixtures_generation import float8_anywhere, fresh_dynamo, image_request, one_thread, tiny_cache  # noqa: F401
 
 from bench import gpu as bench_gpu_module
 from bench import gpu_speed
@@ -32,7 +32,7 @@ from bench.gpu import (
     summarize,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
 def quiet(_line: str) -> None:

@@ -13,16 +13,16 @@ import threading
 import numpy as np
 import pytest
 import torch
-from fixtures_generation import engine, image_request, one_thread, tiny_cache, video_request  # noqa: F401
+from fixtures_generation import engine, fresh_dynamo, image_request, one_thread, tiny_cache, video_request  # noqa: F401
 
 from generation.compiling import CompileCache, default_cache_dir
 from generation.engine import Engine, EngineConfig
-from generation.pipelines import ImagePipeline, Runtime, VideoPipeline
+from generation.pipelines import BatchItem, ImagePipeline, Runtime, VideoPipeline
 
 COMPILE_DEADLINE_S = 120
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
 def is_compiled(module) -> bool:
@@ -62,6 +62,71 @@ def test_a_failing_compiler_leaves_the_unet_eager(tiny_cache, caplog):
     assert not is_compiled(pipeline.pipe.unet)
     [image] = pipeline.generate(image_request(), 7)
     assert image.size == (64, 64)
+
+
+def test_the_warm_up_compiles_what_jobs_of_other_sizes_image_counts_and_batches_need(tiny_cache):
+    """A recompile on a job's own time takes a minute or more on a GPU, under the pipeline's lock: the warm-up's
+    shapes leave none for jobs at the default guidance, of any size that is a multiple of 64, any image count, in
+    batches of jobs, nor for two images without CFG."""
+    compiles: list[int] = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(1)
+        return graph.forward
+
+    pipeline = ImagePipeline.load("tiny", Runtime(compile_backend=counting_backend))
+    assert pipeline.compiler.wait(COMPILE_DEADLINE_S) and pipeline.compiler.state == "compiled"
+    assert len(compiles) == len(ImagePipeline.WARM_UP_SHAPES)
+    for width, height, images, guidance in [(256, 256, 1, 7.5), (384, 640, 3, 7.5), (320, 256, 2, 1.0)]:
+        request = image_request(
+            width=width, height=height, num_images_per_prompt=images, num_inference_steps=2, guidance_scale=guidance
+        )
+        pipeline.generate(request, 1)
+    pipeline.generate_batch(
+        [BatchItem(image_request(width=384, height=384, num_inference_steps=2), s) for s in (1, 2, 3)]
+    )
+    assert len(compiles) == len(ImagePipeline.WARM_UP_SHAPES)
+
+
+def test_a_compiled_unet_that_fails_on_a_jobs_shapes_goes_back_to_eager_and_the_job_completes(
+    engine, tiny_cache, caplog
+):
+    """A backend that compiles the warm-up and then fails, as a compile of a job's new shapes could (an inductor
+    error, dynamo's recompile limit under fullgraph): the job runs eagerly instead of failing, and so do the next."""
+    compiles_allowed = threading.Event()
+    compiles_allowed.set()
+
+    def backend(graph, example_inputs):
+        if not compiles_allowed.is_set():
+            raise RuntimeError("no compiler for these shapes")
+        return graph.forward
+
+    pipeline = ImagePipeline.load("tiny", Runtime(compile_backend=backend))
+    assert pipeline.compiler.wait(COMPILE_DEADLINE_S) and pipeline.compiler.state == "compiled"
+    compiles_allowed.clear()
+    request = image_request(width=264, height=256)  # a latent width that is no multiple of 8: another graph
+    with caplog.at_level(logging.WARNING, logger="generation.compiling"):
+        [image] = pipeline.generate(request, 7)
+    assert pipeline.compiler.state == "failed" and "no compiler for these shapes" in pipeline.compiler.error
+    assert "eager from now on" in caplog.text and not is_compiled(pipeline.pipe.unet)
+    [eager] = engine.pipeline("text2image").generate(request, 7)
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(eager, dtype=int)).max() <= 2
+    [again] = pipeline.generate(image_request(width=320, height=256), 7)
+    assert again.size == (320, 256)
+
+
+def test_compiler_failures_are_told_from_other_errors():
+    from torch._dynamo import exc as dynamo
+
+    from generation.compiling import is_compiler_failure
+
+    limit = dynamo.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+    wrapped = RuntimeError("Unexpected error during image generation")
+    wrapped.__cause__ = limit
+    assert is_compiler_failure(limit) and is_compiler_failure(wrapped)
+    assert is_compiler_failure(dynamo.TorchDynamoException("backend failed"))  # InductorError's base
+    assert not is_compiler_failure(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_compiler_failure(RuntimeError("shape mismatch")) and not is_compiler_failure(None)
 
 
 def test_the_engine_reports_each_models_compile_state(tiny_cache):

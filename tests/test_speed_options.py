@@ -16,6 +16,7 @@ from fixtures_generation import (  # noqa: F401
     PROMPT,
     engine,
     float8_anywhere,
+    fresh_dynamo,
     image_request,
     one_thread,
     tiny_cache,
@@ -30,7 +31,7 @@ from generation.pipelines import ImagePipeline, Runtime, VideoPipeline
 FP8_ON_CPU = "FIREGEN_FP8=on needs a CUDA GPU with float8 support (this worker runs on cpu); unset it"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
