@@ -663,26 +663,31 @@ class VideoPipeline(DiffusionCapability):
         # First Block Cache decides in Python, per step, whether to run the other blocks: a graph break there.
         return not self.runtime.video_cache_threshold
 
+    # (width, height, frames, guidance) of the compile warm-up, in order, as ImagePipeline's: the contract's default
+    # video (CFG: prompt and negative prompt in one transformer batch of 2), then another size and length, which
+    # makes them dynamic; then the same two without CFG (guidance 1.0: a batch of 1, a graph of its own).
+    WARM_UP_SHAPES = ((512, 512, 16, 5.0), (832, 480, 33, 5.0), (512, 512, 16, 1.0), (832, 480, 33, 1.0))
+
     def compile_warm_up(self, sibling) -> None:
-        # The contract's default video, with zero text embeddings: the text encoder (perhaps offloaded through
-        # hooks and a stream of its own) is left to the jobs.
+        """One step at each of WARM_UP_SHAPES, with zero text embeddings: the text encoder (perhaps offloaded
+        through hooks and a stream of its own) is left to the jobs."""
         import torch
 
-        request = GenerationRequest(prompt="warm-up", task_type=TEXT2VIDEO)
         width = self.pipe.text_encoder.config.d_model
         # WanPipeline.__call__'s max_sequence_length: prompts are padded to 512 tokens.
         embeds = torch.zeros(1, WAN_TEXT_TOKENS, width, device=self.runtime.device, dtype=self.pipe.transformer.dtype)
         sibling.transformer.negative = embeds  # what batch_cfg's capture of encode_prompt does in a job
-        sibling(
-            prompt_embeds=embeds,
-            negative_prompt_embeds=embeds,
-            width=request.video_width,
-            height=request.video_height,
-            num_frames=frames_to_generate(request.num_frames, self.pipe.vae_scale_factor_temporal),
-            num_inference_steps=1,
-            guidance_scale=request.video_guidance_scale,
-            output_type="latent",
-        )
+        for video_width, video_height, frames, guidance in self.WARM_UP_SHAPES:
+            sibling(
+                prompt_embeds=embeds,
+                negative_prompt_embeds=embeds,
+                width=video_width,
+                height=video_height,
+                num_frames=frames_to_generate(frames, self.pipe.vae_scale_factor_temporal),
+                num_inference_steps=1,
+                guidance_scale=guidance,
+                output_type="latent",
+            )
 
     def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> Any:
         """A uint8 array (num_frames, video_height, video_width, 3)."""

@@ -88,6 +88,21 @@ def test_the_warm_up_compiles_what_jobs_of_other_sizes_image_counts_and_batches_
     assert len(compiles) == len(ImagePipeline.WARM_UP_SHAPES)
 
 
+def test_the_wan_warm_up_compiles_what_videos_of_other_sizes_and_lengths_need(tiny_cache):
+    compiles: list[int] = []
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(1)
+        return graph.forward
+
+    pipeline = VideoPipeline.load("tiny", Runtime(compile_backend=counting_backend))
+    assert pipeline.compiler.wait(COMPILE_DEADLINE_S) and pipeline.compiler.state == "compiled"
+    warmed_up = len(compiles)
+    for width, height, frames in [(256, 256, 16), (320, 256, 24)]:
+        pipeline.generate(video_request(video_width=width, video_height=height, num_frames=frames), 1)
+    assert len(compiles) == warmed_up
+
+
 def test_a_compiled_unet_that_fails_on_a_jobs_shapes_goes_back_to_eager_and_the_job_completes(
     engine, tiny_cache, caplog
 ):
