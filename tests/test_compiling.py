@@ -25,6 +25,17 @@ COMPILE_DEADLINE_S = 120
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+        return graph.forward
+
+
 def is_compiled(module) -> bool:
     return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
 
@@ -68,15 +79,10 @@ def test_the_warm_up_compiles_what_jobs_of_other_sizes_image_counts_and_batches_
     """A recompile on a job's own time takes a minute or more on a GPU, under the pipeline's lock: the warm-up's
     shapes leave none for jobs at the default guidance, of any size that is a multiple of 64, any image count, in
     batches of jobs, nor for two images without CFG."""
-    compiles: list[int] = []
-
-    def counting_backend(graph, example_inputs):
-        compiles.append(1)
-        return graph.forward
-
-    pipeline = ImagePipeline.load("tiny", Runtime(compile_backend=counting_backend))
+    compiles = CountingBackend()
+    pipeline = ImagePipeline.load("tiny", Runtime(compile_backend=compiles))
     assert pipeline.compiler.wait(COMPILE_DEADLINE_S) and pipeline.compiler.state == "compiled"
-    assert len(compiles) == len(ImagePipeline.WARM_UP_SHAPES)
+    assert compiles.graphs == len(ImagePipeline.WARM_UP_SHAPES)
     for width, height, images, guidance in [(256, 256, 1, 7.5), (384, 640, 3, 7.5), (320, 256, 2, 1.0)]:
         request = image_request(
             width=width, height=height, num_images_per_prompt=images, num_inference_steps=2, guidance_scale=guidance
@@ -85,22 +91,17 @@ def test_the_warm_up_compiles_what_jobs_of_other_sizes_image_counts_and_batches_
     pipeline.generate_batch(
         [BatchItem(image_request(width=384, height=384, num_inference_steps=2), s) for s in (1, 2, 3)]
     )
-    assert len(compiles) == len(ImagePipeline.WARM_UP_SHAPES)
+    assert compiles.graphs == len(ImagePipeline.WARM_UP_SHAPES)
 
 
 def test_the_wan_warm_up_compiles_what_videos_of_other_sizes_and_lengths_need(tiny_cache):
-    compiles: list[int] = []
-
-    def counting_backend(graph, example_inputs):
-        compiles.append(1)
-        return graph.forward
-
-    pipeline = VideoPipeline.load("tiny", Runtime(compile_backend=counting_backend))
+    compiles = CountingBackend()
+    pipeline = VideoPipeline.load("tiny", Runtime(compile_backend=compiles))
     assert pipeline.compiler.wait(COMPILE_DEADLINE_S) and pipeline.compiler.state == "compiled"
-    warmed_up = len(compiles)
+    warmed_up = compiles.graphs
     for width, height, frames in [(256, 256, 16), (320, 256, 24)]:
         pipeline.generate(video_request(video_width=width, video_height=height, num_frames=frames), 1)
-    assert len(compiles) == warmed_up
+    assert compiles.graphs == warmed_up
 
 
 def test_a_compiled_unet_that_fails_on_a_jobs_shapes_goes_back_to_eager_and_the_job_completes(
