@@ -468,10 +468,10 @@ class ImagePipeline(DiffusionCapability):
     # diffusers' UNet) compiles on first use; a compiler failure on a job makes the model eager for good.
     WARM_UP_SHAPES = ((512, 512, 1, 7.5), (1024, 768, 2, 7.5), (768, 512, 1, 1.0), (1024, 768, 1, 1.0))
 
-    def compile_warm_up(self, sibling) -> None:
-        """One step at each of WARM_UP_SHAPES, so that jobs do not compile on their own time: a recompile of SDXL's
-        UNet takes a minute or more on a GPU, under the pipeline's lock, with every later job waiting."""
-        for width, height, images, guidance in self.WARM_UP_SHAPES:
+    def compile_warm_up(self, sibling, shapes: tuple | None = None) -> None:
+        """One step at each of WARM_UP_SHAPES (or `shapes`), so that jobs do not compile on their own time: a
+        recompile of SDXL's UNet takes a minute or more on a GPU, under the pipeline's lock, with jobs waiting."""
+        for width, height, images, guidance in shapes or self.WARM_UP_SHAPES:
             sibling(
                 prompt="warm-up",
                 width=width,
@@ -668,16 +668,16 @@ class VideoPipeline(DiffusionCapability):
     # makes them dynamic; then the same two without CFG (guidance 1.0: a batch of 1, a graph of its own).
     WARM_UP_SHAPES = ((512, 512, 16, 5.0), (832, 480, 33, 5.0), (512, 512, 16, 1.0), (832, 480, 33, 1.0))
 
-    def compile_warm_up(self, sibling) -> None:
-        """One step at each of WARM_UP_SHAPES, with zero text embeddings: the text encoder (perhaps offloaded
-        through hooks and a stream of its own) is left to the jobs."""
+    def compile_warm_up(self, sibling, shapes: tuple | None = None) -> None:
+        """One step at each of WARM_UP_SHAPES (or `shapes`), with zero text embeddings: the text encoder (perhaps
+        offloaded through hooks and a stream of its own) is left to the jobs."""
         import torch
 
         width = self.pipe.text_encoder.config.d_model
         # WanPipeline.__call__'s max_sequence_length: prompts are padded to 512 tokens.
         embeds = torch.zeros(1, WAN_TEXT_TOKENS, width, device=self.runtime.device, dtype=self.pipe.transformer.dtype)
         sibling.transformer.negative = embeds  # what batch_cfg's capture of encode_prompt does in a job
-        for video_width, video_height, frames, guidance in self.WARM_UP_SHAPES:
+        for video_width, video_height, frames, guidance in shapes or self.WARM_UP_SHAPES:
             sibling(
                 prompt_embeds=embeds,
                 negative_prompt_embeds=embeds,

@@ -35,6 +35,16 @@ def fresh_dynamo():
     yield
 
 
+@pytest.fixture
+def small_warm_up(monkeypatch):
+    """One small compile warm-up shape per model, where the warm-up's shapes are not what a test is about: each
+    shape is a compile, tens of seconds through dynamo on this CPU (tests/test_compiling.py tests the real ones)."""
+    from generation.pipelines import ImagePipeline, VideoPipeline
+
+    monkeypatch.setattr(ImagePipeline, "WARM_UP_SHAPES", ((256, 256, 1, 7.5),))
+    monkeypatch.setattr(VideoPipeline, "WARM_UP_SHAPES", ((64, 48, 16, 5.0),))
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A fresh FIREGEN_CACHE for the session, so tests never use (or leave behind) a stale tiny build."""

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fixtures_generation import float8_anywhere, fresh_dynamo, image_request, one_thread, tiny_cache  # noqa: F401
+from fixtures_generation import float8_anywhere, fresh_dynamo, image_request, one_thread, small_warm_up, tiny_cache  # noqa: F401
 
 from bench import gpu as bench_gpu_module
 from bench import gpu_speed
@@ -68,7 +68,7 @@ def test_built_models_keep_the_modules_from_pretrained_keeps_in_float32(tmp_path
     assert transformer_dtypes == {torch.bfloat16, torch.float32}  # the norms and time embedder stay float32
 
 
-def test_the_whole_section_runs_at_tiny_scale_on_the_cpu(tmp_path):
+def test_the_whole_section_runs_at_tiny_scale_on_the_cpu(tmp_path, small_warm_up):
     from torch.compiler._cache import CacheArtifactManager
 
     out = tmp_path / "gpu.json"

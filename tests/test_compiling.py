@@ -13,7 +13,15 @@ import threading
 import numpy as np
 import pytest
 import torch
-from fixtures_generation import engine, fresh_dynamo, image_request, one_thread, tiny_cache, video_request  # noqa: F401
+from fixtures_generation import (  # noqa: F401
+    engine,
+    fresh_dynamo,
+    image_request,
+    one_thread,
+    small_warm_up,
+    tiny_cache,
+    video_request,
+)
 
 from generation.compiling import CompileCache, default_cache_dir
 from generation.engine import Engine, EngineConfig
@@ -40,7 +48,7 @@ def is_compiled(module) -> bool:
     return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
 
 
-def test_jobs_run_eagerly_while_the_unet_compiles_and_compiled_after_the_swap(engine, tiny_cache):
+def test_jobs_run_eagerly_while_the_unet_compiles_and_compiled_after_the_swap(engine, tiny_cache, small_warm_up):
     release = threading.Event()
 
     def slow_backend(graph, example_inputs):
@@ -61,7 +69,7 @@ def test_jobs_run_eagerly_while_the_unet_compiles_and_compiled_after_the_swap(en
         assert np.abs(np.asarray(image, dtype=int) - np.asarray(eager, dtype=int)).max() <= 2
 
 
-def test_a_failing_compiler_leaves_the_unet_eager(tiny_cache, caplog):
+def test_a_failing_compiler_leaves_the_unet_eager(tiny_cache, caplog, small_warm_up):
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
 
@@ -105,7 +113,7 @@ def test_the_wan_warm_up_compiles_what_videos_of_other_sizes_and_lengths_need(ti
 
 
 def test_a_compiled_unet_that_fails_on_a_jobs_shapes_goes_back_to_eager_and_the_job_completes(
-    engine, tiny_cache, caplog
+    engine, tiny_cache, caplog, small_warm_up
 ):
     """A backend that compiles the warm-up and then fails, as a compile of a job's new shapes could (an inductor
     error, dynamo's recompile limit under fullgraph): the job runs eagerly instead of failing, and so do the next."""
@@ -145,7 +153,7 @@ def test_compiler_failures_are_told_from_other_errors():
     assert not is_compiler_failure(RuntimeError("shape mismatch")) and not is_compiler_failure(None)
 
 
-def test_the_engine_reports_each_models_compile_state(tiny_cache):
+def test_the_engine_reports_each_models_compile_state(tiny_cache, small_warm_up):
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
 
@@ -158,7 +166,7 @@ def test_the_engine_reports_each_models_compile_state(tiny_cache):
     assert len(engine.generate(image_request(num_inference_steps=1)).files) == 1  # served eagerly
 
 
-def test_the_wan_transformer_compiles_in_the_background_and_draws_the_same_video(engine, tiny_cache):
+def test_the_wan_transformer_compiles_in_the_background_and_draws_the_same_video(engine, tiny_cache, small_warm_up):
     pipeline = VideoPipeline.load("tiny", Runtime(compile_backend="eager"))
     assert pipeline.compiler.wait(COMPILE_DEADLINE_S)
     assert pipeline.compiler.state == "compiled", pipeline.compiler.error

@@ -19,6 +19,7 @@ from fixtures_generation import (  # noqa: F401
     fresh_dynamo,
     image_request,
     one_thread,
+    small_warm_up,
     tiny_cache,
     video_request,
 )
@@ -102,12 +103,11 @@ def test_fp8_sdxl_draws_what_bf16_draws(tiny_cache, float8_anywhere, negative_pr
     assert quality > 30
 
 
-def test_fp8_with_the_background_compile(tiny_cache, float8_anywhere):
+def test_fp8_with_the_background_compile(tiny_cache, float8_anywhere, small_warm_up):
     """FP8 with the compile that is on by default on CUDA. SDXL's compile recipe fuses the QKV projections, copying
     weights into new layers: made after quantizing, the float8 weights refused the copy and the image model failed
     to load. `aot_eager` traces the float8 tensors through AOTAutograd as inductor's path does, in seconds."""
-    # The warm-up's size (the contract's default): another size would compile once more, for half a minute here.
-    request = image_request(width=512, height=512, num_inference_steps=2)
+    request = image_request(width=256, height=256, num_inference_steps=2)  # the warm-up's: no second compile
     pipeline = ImagePipeline.load(
         "tiny", Runtime(device="cpu", dtype="bfloat16", fp8=True, compile_backend="aot_eager")
     )
@@ -163,8 +163,8 @@ def test_fp8_wan_loads_and_draws_what_bf16_draws(aligned_tiny_wan, float8_anywhe
     assert quality > 15  # NaN frames give ~4 dB; the random 16-wide model amplifies float8's ~3% per layer
 
 
-def test_fp8_wan_with_the_background_compile(aligned_tiny_wan, float8_anywhere):
-    request = video_request(video_width=512, video_height=512, num_inference_steps=2)  # the warm-up's size
+def test_fp8_wan_with_the_background_compile(aligned_tiny_wan, float8_anywhere, small_warm_up):
+    request = video_request(num_inference_steps=2)  # the warm-up's size: no second compile
     pipeline = VideoPipeline.load(
         aligned_tiny_wan, Runtime(device="cpu", dtype="bfloat16", fp8=True, compile_backend="aot_eager")
     )
