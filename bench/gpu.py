@@ -636,7 +636,7 @@ def bench_gpu(
     def run(name: str, measure: Callable[[], dict | None], needs: tuple[str, ...] = ()) -> None:
         """Run one step in its own try, if not skipped, its inputs exist and the budget holds its estimate."""
         missing = [n for n in needs if n not in state]
-        why = "skipped" if name in skip else f"{missing[0]} not available" if missing else budget.refusal(name)
+        why = skipped.get(name) or (f"{missing[0]} not available" if missing else budget.refusal(name))
         if why:
             figures[f"skipped_{name}"] = why
             log(f"[gpu] {name}: skipped ({why})")
@@ -723,9 +723,10 @@ def bench_gpu(
         request = _video_request(work, work["wan_cache_steps"])
         return gpu_speed.measure_wan_cache(state["wan"], gpu, request, video_cache_threshold, SEED)
 
+    skipped = dict.fromkeys(skip, "skipped")
     if not runtime.is_cuda and compile_backend == "inductor":
-        # inductor on a CPU takes minutes: CUDA only
-        skip = (*skip, *(compiled_step(mode) for mode in compile_modes), "sdxl_compile_cache")
+        for name in (*(compiled_step(mode) for mode in compile_modes), "sdxl_compile_cache"):
+            skipped.setdefault(name, "inductor off CUDA: minutes on a CPU, CUDA only")
     figures.update(compile_backend=compile_backend, compile_modes=",".join(compile_modes))
 
     run("sdxl_build", sdxl_build)

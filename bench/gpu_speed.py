@@ -29,6 +29,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
+def decibels(value: float) -> float | None:
+    """A PSNR figure for the JSON file: None where the images are equal (inf is no JSON number)."""
+    return round(value, 2) if np.isfinite(value) else None
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM of two uint8 HxWxC images (Wang et al. 2004 constants, 7x7 uniform window per channel)."""
     import torch
@@ -104,7 +109,8 @@ def measure_compile_cache(capability, gpu, backend) -> dict:
                     capability.denoiser,
                     capability.install_denoiser,
                     backend,
-                    lambda sibling: capability.compile_warm_up(sibling, capability.WARM_UP_SHAPES[:1]),
+                    capability.compile_warm_up,
+                    capability.WARM_UP_SHAPES[:1],
                     threading.Lock(),
                     cache,
                 ).start()
@@ -153,7 +159,7 @@ def measure_fp8(capability, gpu, request, runs: int, seed: int, compile_backend:
         "sdxl_fp8_s_per_image": round(statistics.median(times), 3),
         "sdxl_fp8_first_call_s": round(first, 2),
         "sdxl_fp8_compiled": bool(compile_backend),
-        "sdxl_fp8_psnr_db": round(float(np.mean([psnr(a, b) for a, b in zip(reference, images)])), 2),
+        "sdxl_fp8_psnr_db": decibels(float(np.mean([psnr(a, b) for a, b in zip(reference, images)]))),
         "sdxl_fp8_ssim": round(float(np.mean([ssim(a, b) for a, b in zip(reference, images)])), 4),
         **gpu.peaks("sdxl_fp8"),
     }
@@ -176,5 +182,5 @@ def measure_wan_cache(capability, gpu, request, threshold: float, seed: int) -> 
         f"wan_full_{steps}steps_s": round(full_s, 2),
         f"wan_cache_{steps}steps_s": round(cached_s, 2),
         "wan_cache_speedup": round(full_s / cached_s, 2),
-        "wan_cache_psnr_db": round(psnr(cached, full), 2),
+        "wan_cache_psnr_db": decibels(psnr(cached, full)),
     }

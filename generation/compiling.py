@@ -2,9 +2,13 @@
 
 A worker must be ready in seconds, and `torch.compile` of SDXL's UNet takes ~106 s cold on an H100. So the
 capability loads and serves eagerly at once; a `BackgroundCompile` thread compiles the denoiser by running one
-warm-up step on a second pipeline object that shares the same modules (own scheduler, own per-call state: it
-never touches the pipeline jobs run on), then swaps the compiled module in between two jobs. Whatever goes
-wrong while compiling is logged and leaves the eager module in place.
+warm-up step per shape on a second pipeline object that shares the same modules (own scheduler, own per-call state:
+it never touches the pipeline jobs run on). Once the first shape (the contract's default job) is compiled, jobs
+switch, between two jobs, to a run-only module (`torch._dynamo.run`): it runs the compiled graphs whose guards a
+job's inputs pass, and the eager module for any other shape. So a job never compiles on its own time (a recompile
+of SDXL's UNet takes a minute or more on a GPU, under the pipeline's lock, with every later job waiting), and each
+further warm-up shape serves jobs as soon as it is compiled. Whatever goes wrong while compiling is logged: a
+failed first shape leaves the eager module in place, a failed later one leaves its shape eager.
 
 `CompileCache`: torch's portable "mega-cache" (`torch.compiler.save_cache_artifacts` / `load_cache_artifacts`,
 inductor's compiled kernels and AOTAutograd graphs in one blob). Loaded before compiling, so a warm cache turns
@@ -21,15 +25,15 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 NETWORK_VOLUME = "/runpod-volume"
-# dynamo's limit on the graphs of one function (8 by default), past which a fullgraph compile fails the call. A
-# worker's denoiser legitimately has several (the warm-up's shapes, sizes that take another branch), and every
-# compile in the process counts towards it (each test's pipeline, in the test suite).
+# dynamo's limit on the graphs of one function (8 by default), past which a fullgraph compile fails. A worker's
+# denoiser has one per warm-up shape, and every compile in the process counts towards it (each test's pipeline, in
+# the test suite).
 RECOMPILE_LIMIT = 64
 # One compile at a time per process: dynamo's tracing state is global, and two compiles would only share the CPU.
 _COMPILE_LOCK = threading.Lock()
@@ -104,13 +108,14 @@ def sibling_pipeline(pipe):
 
 
 class BackgroundCompile:
-    """Compile `pipe`'s denoiser with `backend` in a thread and swap it into `pipe` under `lock`.
+    """Compile `pipe`'s denoiser with `backend` in a thread, one warm-up shape after another, and serve it to jobs.
 
     `denoiser(pipe)` gives the eager module; `install(pipe, module)` puts a module in its place (for SDXL: the
-    `unet` attribute; for Wan: the transformer inside its CFG-batching wrapper). `warm_up(sibling)` runs one step
-    on a sibling pipeline with the compiled module installed: that call compiles it, with the guards a real job
-    will meet. `state` goes "compiling" -> "compiled" | "failed"; a compiled module that then fails on a job's
-    shapes (`revert_on`) is swapped back out: "compiled" -> "failed".
+    `unet` attribute; for Wan: the transformer inside its CFG-batching wrapper). `warm_up(sibling, shape)` runs one
+    step of `shape` on a sibling pipeline with the compiling module installed: that call compiles a graph with the
+    guards a job of that shape meets. After the first shape, `pipe` gets the run-only module (under `lock`, between
+    two jobs). `state` goes "compiling" -> "compiled" | "failed" (the first shape failed: eager for good);
+    `shapes` lists the shapes compiled so far; `wait()` returns once every shape has been tried.
     """
 
     def __init__(
@@ -120,22 +125,25 @@ class BackgroundCompile:
         denoiser: Callable[[object], object],
         install: Callable[[object, object], None],
         backend,
-        warm_up: Callable[[object], None],
+        warm_up: Callable[[object, tuple], None],
+        shapes: Sequence[tuple],
         lock: threading.Lock,
         cache: CompileCache | None = None,
         fullgraph: bool = True,
         on_failure: Callable[[], None] | None = None,
     ):
+        if not shapes:
+            raise ValueError("a background compile needs at least one warm-up shape")
         self.pipe, self.name, self.backend = pipe, name, backend
         self.denoiser, self.install = denoiser, install
-        self.warm_up, self.lock, self.cache = warm_up, lock, cache
+        self.warm_up, self.pending, self.lock, self.cache = warm_up, tuple(shapes), lock, cache
         self.fullgraph, self.on_failure = fullgraph, on_failure
         self.state = "compiling"
         self.error: str | None = None
-        self.seconds: float | None = None  # from start to swap
+        self.seconds: float | None = None  # from start to the first shape served compiled
         self.cache_hit = False
+        self.shapes: list[tuple] = []
         self._done = threading.Event()
-        self._eager: object = None  # the module the compiled one replaced
         self._thread = threading.Thread(target=self._run, name=f"compile-{name}", daemon=True)
 
     def start(self) -> BackgroundCompile:
@@ -143,7 +151,7 @@ class BackgroundCompile:
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
-        """True once the compile is over (compiled or failed)."""
+        """True once the compile is over: every shape compiled or given up, or the first one failed."""
         return self._done.wait(timeout)
 
     def _run(self) -> None:
@@ -155,48 +163,42 @@ class BackgroundCompile:
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
                 if self.cache is not None:
                     self.cache_hit = self.cache.load()
-                eager = self._eager = self.denoiser(self.pipe)
-                compiled = torch.compile(eager, backend=self.backend, fullgraph=self.fullgraph)  # type: ignore[call-overload]
+                eager = self.denoiser(self.pipe)
+                compiling = torch.compile(eager, backend=self.backend, fullgraph=self.fullgraph)  # type: ignore[call-overload]
                 sibling = sibling_pipeline(self.pipe)
-                self.install(sibling, compiled)
-                self.warm_up(sibling)
+                self.install(sibling, compiling)
+                first, *rest = self.pending
+                self.warm_up(sibling, first)
+                self.shapes.append(first)
+                # Run-only: the graphs compiled so far and those compiled later (dynamo keeps them on the code
+                # object both modules run), the eager module where no graph's guards pass; never a compile.
+                serving = torch._dynamo.run(eager)  # type: ignore[arg-type]
                 with self.lock:  # between two jobs: a job never sees the module change under it
-                    self.install(self.pipe, compiled)
+                    self.install(self.pipe, serving)
                 self.seconds = time.perf_counter() - started
                 self.state = "compiled"
                 log.info("%s compiled in %.1f s; jobs now run it compiled", self.name, self.seconds)
+                for shape in rest:
+                    try:
+                        self.warm_up(sibling, shape)
+                    except Exception as exc:
+                        log.warning("%s not compiled for %s, which runs eagerly: %s", self.name, shape, _short(exc))
+                    else:
+                        self.shapes.append(shape)
+                log.info("%s compiled for %d of %d warm-up shapes", self.name, len(self.shapes), len(self.pending))
                 if self.cache is not None:
                     try:
                         self.cache.save()
                     except Exception as exc:  # a full or read-only volume costs the next start, not this one
                         log.warning("compile cache not written: %s", exc)
         except Exception as exc:
-            self.state, self.error = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+            self.state, self.error = "failed", _short(exc)
             log.warning("compiling %s failed, staying eager: %s", self.name, self.error)
             if self.on_failure is not None:
                 self.on_failure()
         finally:
             self._done.set()
 
-    def revert_on(self, exc: BaseException) -> bool:
-        """Whether `exc`, raised by a job on the compiled module, is torch.compile failing on that job's shapes (a
-        backend error, dynamo's recompile limit); if so the eager module goes back in for good, and the caller
-        runs the job again. Called by the job, under `lock`."""
-        if self.state != "compiled" or not is_compiler_failure(exc):
-            return False
-        self.install(self.pipe, self._eager)
-        self.state, self.error = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-        log.warning("compiled %s failed on a job, eager from now on: %s", self.name, self.error)
-        return True
 
-
-def is_compiler_failure(exc: BaseException | None) -> bool:
-    """An error of torch.compile itself, anywhere along the exception's causes: dynamo (including a backend's
-    compile error, InductorError among them) or the recompile limit a fullgraph compile fails on."""
-    from torch._dynamo import exc as dynamo
-
-    while exc is not None:
-        if isinstance(exc, dynamo.TorchDynamoException | dynamo.FailOnRecompileLimitHit):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]

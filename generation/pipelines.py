@@ -314,6 +314,7 @@ class DiffusionCapability:
             self.install_denoiser,
             self.runtime.compile_backend,
             self.compile_warm_up,
+            self.WARM_UP_SHAPES,
             self._lock,
             cache,
             on_failure=self.runtime.free_memory,
@@ -331,9 +332,12 @@ class DiffusionCapability:
     def prepare_compile(self) -> None:
         """Changes to the eager modules that the compiled ones build on (made at load, before FP8 and serving)."""
 
-    def compile_warm_up(self, sibling) -> None:
-        """One step on `sibling` (a pipeline sharing this one's modules, its denoiser compiled) at the contract's
-        default sizes: it compiles the denoiser with the guards a default job meets."""
+    # The shapes the background compile warms up, in order (the first: the contract's default job).
+    WARM_UP_SHAPES: ClassVar[tuple[tuple, ...]] = ()
+
+    def compile_warm_up(self, sibling, shape: tuple) -> None:
+        """One step of `shape` (one of WARM_UP_SHAPES) on `sibling`, a pipeline sharing this one's modules with its
+        denoiser compiling: it compiles the graph whose guards the jobs of that shape pass."""
         raise NotImplementedError
 
     @classmethod
@@ -347,7 +351,7 @@ class DiffusionCapability:
         during = f"{self.role.lower()} generation"
         with self._lock:
             try:
-                return self._eager_on_compiler_failure(normal)
+                return normal()
             except Exception as exc:
                 if errors.classify(exc).error_type != errors.OUT_OF_MEMORY:
                     raise errors.classify(exc, during=during) from exc
@@ -356,20 +360,11 @@ class DiffusionCapability:
             self.runtime.free_memory()
             try:
                 with lean_vae(self.pipe.vae):
-                    return self._eager_on_compiler_failure(lean)
+                    return lean()
             except Exception as exc:
                 raise errors.classify(exc, during=during) from exc
             finally:
                 self.runtime.free_memory()
-
-    def _eager_on_compiler_failure(self, run: Callable[[], T]) -> T:
-        """`run`; if torch.compile fails on this job's shapes, `run` again on the eager module, which stays."""
-        try:
-            return run()
-        except Exception as exc:
-            if self.compiler is None or not self.compiler.revert_on(exc):
-                raise
-        return run()
 
 
 def batch_key(request: GenerationRequest) -> tuple | None:
@@ -453,28 +448,35 @@ class ImagePipeline(DiffusionCapability):
     def prepare_compile(self) -> None:
         prepare_unet_for_compile(self.pipe, self.runtime.compile_backend)
 
-    # (width, height, images, guidance) of the compile warm-up, in order. The contract's default job (one image
-    # with CFG: a UNet batch of 2) compiles first; the second shape compiles again with height, width and batch
-    # dynamic (dynamo's automatic dynamic shapes), which then serves other sizes, image counts and batches of jobs.
-    # A UNet batch of 1 (one image without CFG, guidance 1.0: distilled models such as SDXL-Turbo) is a graph of
-    # its own, since dynamo never makes a dimension of size 1 dynamic: the last two shapes compile it, dynamic in
-    # height and width. What the warm-up leaves out (a size that is not a multiple of 64 takes another branch in
-    # diffusers' UNet) compiles on first use; a compiler failure on a job makes the model eager for good.
-    WARM_UP_SHAPES = ((512, 512, 1, 7.5), (1024, 768, 2, 7.5), (768, 512, 1, 1.0), (1024, 768, 1, 1.0))
+    # (width, height, images, guidance) of the compile warm-up, in order; jobs of a shape no graph covers run
+    # eagerly. The contract's default job (one image with CFG: a UNet batch of 2) compiles first; the second shape
+    # compiles again with height, width and batch dynamic (dynamo's automatic dynamic shapes), which then serves
+    # other sizes that are multiples of 32, image counts and batches of jobs. A latent side that is no multiple of
+    # 4 (an image side that is no multiple of 32, e.g. 800x600) takes another branch in diffusers' UNet, decided
+    # on the height first, then the width: a graph each. A UNet batch of 1 (one image without CFG, guidance 1.0:
+    # distilled models such as SDXL-Turbo) is a graph of its own, since dynamo never makes a dimension of size 1
+    # dynamic: the last two shapes compile it, dynamic in height and width. No two sides are equal: dynamo would
+    # give them one symbol, and the graph would serve square images alone.
+    WARM_UP_SHAPES = (
+        (512, 512, 1, 7.5),
+        (1024, 768, 2, 7.5),
+        (768, 744, 1, 7.5),
+        (1000, 768, 1, 7.5),
+        (768, 512, 1, 1.0),
+        (1024, 768, 1, 1.0),
+    )
 
-    def compile_warm_up(self, sibling, shapes: tuple | None = None) -> None:
-        """One step at each of WARM_UP_SHAPES (or `shapes`), so that jobs do not compile on their own time: a
-        recompile of SDXL's UNet takes a minute or more on a GPU, under the pipeline's lock, with jobs waiting."""
-        for width, height, images, guidance in shapes or self.WARM_UP_SHAPES:
-            sibling(
-                prompt="warm-up",
-                width=width,
-                height=height,
-                num_images_per_prompt=images,
-                num_inference_steps=1,
-                guidance_scale=guidance,
-                output_type="latent",
-            )
+    def compile_warm_up(self, sibling, shape: tuple) -> None:
+        width, height, images, guidance = shape
+        sibling(
+            prompt="warm-up",
+            width=width,
+            height=height,
+            num_images_per_prompt=images,
+            num_inference_steps=1,
+            guidance_scale=guidance,
+            output_type="latent",
+        )
 
     def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> list:
         """`request.num_images_per_prompt` PIL images of `request.width` x `request.height`."""
@@ -666,26 +668,26 @@ class VideoPipeline(DiffusionCapability):
     # makes them dynamic; then the same two without CFG (guidance 1.0: a batch of 1, a graph of its own).
     WARM_UP_SHAPES = ((512, 512, 16, 5.0), (832, 480, 33, 5.0), (512, 512, 16, 1.0), (832, 480, 33, 1.0))
 
-    def compile_warm_up(self, sibling, shapes: tuple | None = None) -> None:
-        """One step at each of WARM_UP_SHAPES (or `shapes`), with zero text embeddings: the text encoder (perhaps
-        offloaded through hooks and a stream of its own) is left to the jobs."""
+    def compile_warm_up(self, sibling, shape: tuple) -> None:
+        """With zero text embeddings: the text encoder (perhaps offloaded through hooks and a stream of its own) is
+        left to the jobs."""
         import torch
 
+        video_width, video_height, frames, guidance = shape
         width = self.pipe.text_encoder.config.d_model
         # WanPipeline.__call__'s max_sequence_length: prompts are padded to 512 tokens.
         embeds = torch.zeros(1, WAN_TEXT_TOKENS, width, device=self.runtime.device, dtype=self.pipe.transformer.dtype)
         sibling.transformer.negative = embeds  # what batch_cfg's capture of encode_prompt does in a job
-        for video_width, video_height, frames, guidance in shapes or self.WARM_UP_SHAPES:
-            sibling(
-                prompt_embeds=embeds,
-                negative_prompt_embeds=embeds,
-                width=video_width,
-                height=video_height,
-                num_frames=frames_to_generate(frames, self.pipe.vae_scale_factor_temporal),
-                num_inference_steps=1,
-                guidance_scale=guidance,
-                output_type="latent",
-            )
+        sibling(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=embeds,
+            width=video_width,
+            height=video_height,
+            num_frames=frames_to_generate(frames, self.pipe.vae_scale_factor_temporal),
+            num_inference_steps=1,
+            guidance_scale=guidance,
+            output_type="latent",
+        )
 
     def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> Any:
         """A uint8 array (num_frames, video_height, video_width, 3)."""

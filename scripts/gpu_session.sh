@@ -6,14 +6,16 @@
 #   bash scripts/gpu_session.sh wheels     # here: the missing packages as wheels in .whl/ (git-ignored), at the
 #                                          # versions of constraints.txt (torchao too, for FIREGEN_FP8)
 #   bash scripts/gpu_session.sh run [BUDGET_S]
-#                                          # there (carry .whl): install them aside, then `python -m bench.gpu`
-#                                          # for the speed options still unmeasured; figures in $OUT/gpu.json
+#                                          # there (carry .whl; the device call's timeout_s about BUDGET_S + 50):
+#                                          # install them aside, then `python -m bench.gpu` for the speed options
+#                                          # still unmeasured; figures in $OUT/gpu.json, rewritten after each step
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# What bench.gpu imports beyond that machine's packages (diffusers' own needs are there already).
-PINNED=(diffusers pydantic pydantic-core pydantic-settings python-dotenv annotated-types typing-inspection
-  importlib-metadata zipp torchao)
+# What bench.gpu imports beyond that machine's packages: diffusers' own needs are there already (it takes the
+# standard library's importlib.metadata), and bench.gpu never imports generation.settings (pydantic). Checked by a
+# rehearsal on this CPU in a venv holding only that machine's packages, at its transformers and huggingface_hub.
+PINNED=(diffusers torchao)
 SKIP=sdxl_baseline,sdxl_channels_last,sdxl_fused_qkv # measured before (README); the budget goes to what is not
 
 case "${1:-}" in
@@ -33,7 +35,7 @@ wheels)
   du -sh .whl
   ;;
 run)
-  budget=${2:-420}
+  budget=${2:-540} # 15 minutes of device time: ~2 to start the machine, ~1 to install, 10 at most per command
   out=${OUT:-out/bench}
   mkdir -p "$out"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

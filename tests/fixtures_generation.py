@@ -41,8 +41,8 @@ def small_warm_up(monkeypatch):
     shape is a compile, tens of seconds through dynamo on this CPU (tests/test_compiling.py tests the real ones)."""
     from generation.pipelines import ImagePipeline, VideoPipeline
 
-    monkeypatch.setattr(ImagePipeline, "WARM_UP_SHAPES", ((256, 256, 1, 7.5),))
-    monkeypatch.setattr(VideoPipeline, "WARM_UP_SHAPES", ((64, 48, 16, 5.0),))
+    monkeypatch.setattr(ImagePipeline, "WARM_UP_SHAPES", ((64, 64, 1, 7.5),))  # image_request's shape
+    monkeypatch.setattr(VideoPipeline, "WARM_UP_SHAPES", ((64, 48, 16, 5.0),))  # video_request's
 
 
 @pytest.fixture(scope="session")
