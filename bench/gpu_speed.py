@@ -172,6 +172,7 @@ def measure_wan_cache(capability, gpu, request, threshold: float, seed: int) -> 
     transformer = video_speed.denoiser(capability.pipe.transformer)  # inside the CFG-batching wrapper
     full_s, full = _timed_result(gpu, lambda: capability.generate(request, seed))
     video_speed.apply_step_cache(transformer, threshold)
+    decisions = CacheDecisions(transformer)
     try:
         cached_s, cached = _timed_result(gpu, lambda: capability.generate(request, seed))
     finally:
@@ -183,4 +184,28 @@ def measure_wan_cache(capability, gpu, request, threshold: float, seed: int) -> 
         f"wan_cache_{steps}steps_s": round(cached_s, 2),
         "wan_cache_speedup": round(full_s / cached_s, 2),
         "wan_cache_psnr_db": decibels(psnr(cached, full)),
+        "wan_cache_steps_reused": f"{decisions.reused} of {decisions.reused + decisions.computed}",
     }
+
+
+class CacheDecisions:
+    """First Block Cache's per-step decisions on `transformer` since it was made: steps whose other blocks ran
+    (`computed`) or were reused from the cache (`reused`). Counted at the decision of the cache's leader block."""
+
+    LEADER_HOOK = "fbc_leader_block_hook"  # diffusers.hooks.first_block_cache._FBC_LEADER_BLOCK_HOOK
+
+    def __init__(self, transformer):
+        self.computed = self.reused = 0
+        registries = [module._diffusers_hook for module in transformer.modules() if hasattr(module, "_diffusers_hook")]
+        [hook] = [hook for hook in (r.get_hook(self.LEADER_HOOK) for r in registries) if hook is not None]
+        decide = hook._should_compute_remaining_blocks
+
+        def counted(residual) -> bool:
+            compute = decide(residual)
+            if compute:
+                self.computed += 1
+            else:
+                self.reused += 1
+            return compute
+
+        hook._should_compute_remaining_blocks = counted

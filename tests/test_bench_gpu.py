@@ -95,7 +95,11 @@ def test_the_whole_section_runs_at_tiny_scale_on_the_cpu(tmp_path, small_warm_up
     assert figures["compile_cold_s"] > 0 and figures["compile_warm_s"] > 0
     assert figures["compile_cache_mib"] == 0  # the "eager" backend leaves no artifacts (inductor does)
     assert figures["sdxl_fp8_refused"].startswith("FIREGEN_FP8=on needs a CUDA GPU")
-    assert figures["wan_cache_speedup"] > 0 and figures["wan_cache_psnr_db"] > 10
+    assert figures["wan_cache_speedup"] > 0
+    reused, _, steps = figures["wan_cache_steps_reused"].split()
+    assert steps == "4"  # one decision per step of the tiny run
+    # No PSNR figure (the videos are equal) only where the cache reused no step.
+    assert figures["wan_cache_psnr_db"] > 10 if figures["wan_cache_psnr_db"] is not None else reused == "0"
     # Memory figures are CUDA-only; the goals are only judged at full scale on CUDA.
     assert "sdxl_baseline_peak_gib" not in figures and "sdxl_goal_1s" not in figures
 

@@ -25,6 +25,8 @@ from fixtures_generation import (  # noqa: F401
     video_request,
 )
 
+from bench import gpu_speed
+from bench.gpu_speed import psnr
 from generation import __main__ as cli
 from generation import fp8, video_speed
 from generation.engine import Engine, EngineConfig
@@ -34,11 +36,6 @@ FP8_ON_CPU = "FIREGEN_FP8=on needs a CUDA GPU with float8 support (this worker r
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 # --- FP8 ----------------------------------------------------------------------------------------------------
@@ -212,12 +209,17 @@ def test_first_block_cache_runs_and_its_psnr_against_the_full_run_is_measured(en
     runtime = Runtime(video_cache_threshold=0.5)
     VideoPipeline.place(pipe, runtime)  # the product's placement: attention backend, then the cache hooks
     assert transformer.is_cache_enabled
+    decisions = gpu_speed.CacheDecisions(transformer)
     cached = VideoPipeline(pipe, runtime, "tiny-3-blocks").generate(request, 5)
     assert cached.shape == full.shape
     value = psnr(cached, full)
     with capsys.disabled():
-        print(f"\nFirst Block Cache (threshold 0.5, 8 steps, tiny Wan, 3 blocks): PSNR {value:.1f} dB vs the full run")
+        print(
+            f"\nFirst Block Cache (threshold 0.5, 8 steps, tiny Wan, 3 blocks): PSNR {value:.1f} dB vs the full run,"
+            f" {decisions.reused} of 8 steps reused"
+        )
     assert value > 10  # the same video, with some steps' tail blocks reused
+    assert decisions.computed + decisions.reused == 8 and 0 < decisions.reused < 8  # the first step always runs
 
 
 def test_with_the_step_cache_on_the_wan_transformer_is_not_compiled(engine, tmp_path, caplog):
