@@ -95,7 +95,7 @@ def measure_compile_cache(capability, gpu, backend) -> dict:
     figures: dict = {}
     previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="firegen-compile-bench-") as folder:
-        cache = CompileCache(folder, capability.runtime.device)
+        cache = CompileCache(folder, capability.runtime.device, "image")
         try:
             for run in ("cold", "warm"):
                 # A fresh worker: an empty local inductor cache, nothing compiled in memory; only the file helps.

@@ -12,13 +12,16 @@ failed first shape leaves the eager module in place, a failed later one leaves i
 
 `CompileCache`: torch's portable "mega-cache" (`torch.compiler.save_cache_artifacts` / `load_cache_artifacts`,
 inductor's compiled kernels and AOTAutograd graphs in one blob). Loaded before compiling, so a warm cache turns
-the compile into cache hits; written after the warm-up. One file per torch version and device name (artifacts
-are specific to both; a file from another torch or card is simply never read). Put it on the network volume
-(`FIREGEN_COMPILE_CACHE`) so every worker of an endpoint shares it.
+the compile into cache hits; written after each warm-up shape that adds to it, so a worker stopped half-way (a
+serverless worker scaled down when the queue drains) still leaves what it compiled, and a fully warmed-up one
+leaves the whole set. One file per model, torch and diffusers version, device name and FP8 (artifacts from
+another of these never serve, and are simply never read). Put it on the network volume (`FIREGEN_COMPILE_CACHE`)
+so every worker of an endpoint shares it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -49,14 +52,28 @@ def default_cache_dir(environ: Mapping[str, str] | None = None) -> str:
 
 
 class CompileCache:
-    """torch's portable compile artifacts in one file under `folder`."""
+    """torch's portable compile artifacts of one model (`model`: e.g. "image", "video-fp8") in one file under
+    `folder`. `save` takes what the process recorded since `recording()` began: compiled, or loaded and hit."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
+    def __init__(self, folder: str | Path, device: str = "cpu", model: str = "model"):
+        import diffusers
         import torch
 
         name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-        tag = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"torch-{torch.__version__}-{name}")
-        self.path = Path(folder).expanduser() / f"{tag}.bin"
+        tag = f"torch-{torch.__version__}-diffusers-{diffusers.__version__}-{name}-{model}"
+        self.path = Path(folder).expanduser() / f"{re.sub(r'[^A-Za-z0-9.+-]+', '_', tag)}.bin"
+        self.in_file = 0  # artifacts in the file as this process last loaded or wrote it
+        self.written: int | None = None  # artifacts this process last wrote
+
+    @staticmethod
+    def recording():
+        """A context in which the process records this model's artifacts alone (torch keeps one global record,
+        and the other model's compile would otherwise land in this model's file). One compile at a time."""
+        try:
+            from torch.compiler._cache import CacheArtifactManager
+        except ImportError:  # a torch without it records into the global list, as save_cache_artifacts reads
+            return contextlib.nullcontext()
+        return CacheArtifactManager.with_fresh_cache()
 
     def load(self) -> bool:
         """Hot-load the artifacts, if the file is there. False (and a log line) when absent or unreadable."""
@@ -78,24 +95,37 @@ class CompileCache:
         if info is None:  # torch logs why (e.g. a checksum mismatch) and loads nothing
             log.warning("compile cache %s not usable: compiling from scratch", self.path)
             return False
-        log.info("compile cache loaded from %s (%d bytes)", self.path, len(data))
+        self.in_file = _count(info)
+        log.info("compile cache loaded from %s (%d bytes, %d artifacts)", self.path, len(data), self.in_file)
         return True
 
-    def save(self) -> int:
-        """Write everything this process compiled so far; the bytes written (0: nothing to write). Atomic: a
-        worker reading meanwhile sees the old file or the new one, never half of one."""
+    def save(self, final: bool = True) -> int:
+        """Write the artifacts recorded so far; the bytes written (0: nothing written). Before the warm-up's end
+        (`final` False) only when they outnumber the file's, so a worker stopped half-way never shrinks a fuller
+        file another worker left; at its end whenever they differ from what this process last wrote (a stale
+        file, from code that traces other graphs, is then replaced). Atomic: a worker reading meanwhile sees the
+        old file or the new one, never half of one."""
         import torch
 
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is None or not artifacts[0]:
             return 0
-        data = artifacts[0]
+        data, info = artifacts
+        count = _count(info)
+        if count == self.written or (not final and count <= self.in_file):
+            return 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         partial.write_bytes(data)
         os.replace(partial, self.path)
-        log.info("compile cache written to %s (%d bytes)", self.path, len(data))
+        self.in_file = self.written = count
+        log.info("compile cache written to %s (%d bytes, %d artifacts)", self.path, len(data), count)
         return len(data)
+
+
+def _count(info) -> int:
+    """The artifacts a CacheInfo lists."""
+    return sum(len(keys) for keys in info.artifacts.values())
 
 
 def sibling_pipeline(pipe):
@@ -159,7 +189,7 @@ class BackgroundCompile:
 
         started = time.perf_counter()
         try:
-            with _COMPILE_LOCK:
+            with _COMPILE_LOCK, CompileCache.recording():
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
                 if self.cache is not None:
                     self.cache_hit = self.cache.load()
@@ -170,6 +200,7 @@ class BackgroundCompile:
                 first, *rest = self.pending
                 self.warm_up(sibling, first)
                 self.shapes.append(first)
+                self._save(final=False)
                 # Run-only: the graphs compiled so far and those compiled later (dynamo keeps them on the code
                 # object both modules run), the eager module where no graph's guards pass; never a compile.
                 serving = torch._dynamo.run(eager)  # type: ignore[arg-type]
@@ -185,12 +216,9 @@ class BackgroundCompile:
                         log.warning("%s not compiled for %s, which runs eagerly: %s", self.name, shape, _short(exc))
                     else:
                         self.shapes.append(shape)
+                        self._save(final=False)
                 log.info("%s compiled for %d of %d warm-up shapes", self.name, len(self.shapes), len(self.pending))
-                if self.cache is not None:
-                    try:
-                        self.cache.save()
-                    except Exception as exc:  # a full or read-only volume costs the next start, not this one
-                        log.warning("compile cache not written: %s", exc)
+                self._save(final=True)
         except Exception as exc:
             self.state, self.error = "failed", _short(exc)
             log.warning("compiling %s failed, staying eager: %s", self.name, self.error)
@@ -198,6 +226,14 @@ class BackgroundCompile:
                 self.on_failure()
         finally:
             self._done.set()
+
+    def _save(self, final: bool) -> None:
+        if self.cache is None:
+            return
+        try:
+            self.cache.save(final)
+        except Exception as exc:  # a full or read-only volume costs the next start, not this one
+            log.warning("compile cache not written: %s", exc)
 
 
 def _short(exc: BaseException) -> str:

@@ -306,7 +306,10 @@ class DiffusionCapability:
         jobs run eagerly until the compiled module is swapped in (generation.compiling)."""
         if not self.runtime.compile_backend:
             return
-        cache = CompileCache(self.runtime.compile_cache, self.runtime.device) if self.runtime.compile_cache else None
+        model = f"{self.role.lower()}-fp8" if self.runtime.fp8 else self.role.lower()
+        cache = (
+            CompileCache(self.runtime.compile_cache, self.runtime.device, model) if self.runtime.compile_cache else None
+        )
         self.compiler = BackgroundCompile(
             self.pipe,
             self.role.lower(),

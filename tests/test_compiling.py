@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -233,7 +234,8 @@ def test_compile_settings_from_the_environment(tmp_path, monkeypatch):
 def test_cache_files_that_are_missing_or_foreign_mean_compiling_from_scratch(tmp_path, caplog):
     cache = CompileCache(tmp_path / "absent")
     assert not cache.load()
-    assert cache.path.name == f"torch-{torch.__version__}-cpu.bin"
+    assert cache.path.name == f"torch-{torch.__version__}-diffusers-{diffusers.__version__}-cpu-model.bin"
+    assert CompileCache(tmp_path, model="video-fp8").path.name.endswith("-cpu-video-fp8.bin")
     garbage = CompileCache(tmp_path)
     garbage.path.write_bytes(b"not a torch cache")
     with caplog.at_level(logging.WARNING, logger="generation.compiling"):
@@ -269,3 +271,37 @@ def test_the_compile_cache_round_trip_turns_a_compile_into_cache_hits(tmp_path, 
     hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
     assert hits >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0, dict(counters)
     assert torch.equal(first, again)
+
+
+def test_the_cache_file_grows_with_each_shape_and_a_worker_stopped_half_way_never_shrinks_it(tmp_path, monkeypatch):
+    """Workers of one endpoint share the file, and a serverless worker may be stopped in the middle of its warm-up.
+    Each "worker" here starts fresh (an empty local inductor cache, nothing compiled in memory) and compiles with
+    inductor a module per warm-up shape; only the file carries anything from one to the next."""
+    shapes = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), torch.nn.Sequential(torch.nn.Tanh())]
+    inputs = torch.randn(2, 8)
+    path = CompileCache(tmp_path).path
+
+    def worker(name: str, modules, finished: bool) -> list[int]:
+        """The bytes each save wrote (0: none), as BackgroundCompile saves: after each shape, then at the end."""
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / f"local-{name}"))
+        torch.compiler.reset()
+        cache = CompileCache(tmp_path)
+        written = []
+        with CompileCache.recording():
+            cache.load()
+            for module in modules:
+                with torch.no_grad():
+                    torch.compile(module, backend="inductor")(inputs)
+                written.append(cache.save(final=False))
+            if finished:
+                written.append(cache.save(final=True))
+        return written
+
+    [first] = worker("stopped-after-one", shapes[:1], finished=False)
+    assert first > 0 and path.stat().st_size == first  # written before the end of the warm-up
+    hit, second, end = worker("full", shapes, finished=True)
+    assert hit == 0 and second > first and end == 0  # nothing new from the first shape's cache hit, nor at the end
+    full = path.read_bytes()
+    assert worker("stopped-again", shapes[:1], finished=False) == [0] and path.read_bytes() == full  # not shrunk
+    [_, replaced] = worker("another-config", shapes[1:], finished=True)  # e.g. code that traces other graphs
+    assert 0 < replaced < len(full) and path.stat().st_size == replaced  # the end of a warm-up writes its whole set
