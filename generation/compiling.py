@@ -71,9 +71,10 @@ class CompileCache:
         and the other model's compile would otherwise land in this model's file). One compile at a time."""
         try:
             from torch.compiler._cache import CacheArtifactManager
-        except ImportError:  # a torch without it records into the global list, as save_cache_artifacts reads
+
+            return CacheArtifactManager.with_fresh_cache()
+        except (ImportError, AttributeError):  # a torch without it: the global record, as save_cache_artifacts reads
             return contextlib.nullcontext()
-        return CacheArtifactManager.with_fresh_cache()
 
     def load(self) -> bool:
         """Hot-load the artifacts, if the file is there. False (and a log line) when absent or unreadable."""
