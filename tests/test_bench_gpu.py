@@ -83,7 +83,13 @@ def test_the_whole_section_runs_at_tiny_scale_on_the_cpu(tmp_path, small_warm_up
     for mode in ("baseline", "channels_last", "fused_qkv", "compiled_default"):
         assert figures[f"sdxl_{mode}_s_per_image"] > 0
     assert figures["sdxl_compiled_default_compile_s"] is not None
-    assert figures["sdxl_best_mode"] in ("baseline", "channels_last", "fused_qkv", "compiled_default")
+    assert figures["sdxl_best_mode"] in (
+        "baseline",
+        "channels_last",
+        "fused_qkv",
+        "compiled_default",
+        "product_compiled",
+    )
     assert figures["sdxl_with_wan_s_per_image"] > 0
     # Wan: 2 timed steps; the 50-step figure is encode + 50 steps + decode.
     assert figures["wan_2steps_s"] > 0
@@ -93,6 +99,7 @@ def test_the_whole_section_runs_at_tiny_scale_on_the_cpu(tmp_path, small_warm_up
     assert figures["attention_backend"] == "native"
     assert figures["sdxl_batch1_2steps_images_per_s"] > 0 and figures["sdxl_batch2_2steps_images_per_s"] > 0
     assert figures["compile_cold_s"] > 0 and figures["compile_warm_s"] > 0
+    assert figures["sdxl_product_compiled_s_per_image"] > 0  # the job the compiled shape serves (64x64)
     assert figures["compile_cache_mib"] == 0  # the "eager" backend leaves no artifacts (inductor does)
     assert figures["sdxl_fp8_refused"].startswith("FIREGEN_FP8=on needs a CUDA GPU")
     assert figures["wan_cache_speedup"] > 0
