@@ -78,6 +78,7 @@ VIDEO_FIELDS = frozenset(name for name, p in PARAMS.items() if p.video)
 TEXT_FIELDS = ("prompt", "negative_prompt")
 ID_FIELDS = ("user_id", "file_uid")
 KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *ID_FIELDS, "use_cloud_storage", "seed", *PARAMS})
+PARAMETER_FIELDS = frozenset({*TEXT_FIELDS, "seed", *PARAMS})  # what a job generates from (not who or where)
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.:@+=~]*")
 _RESERVED_ID = re.compile(r"__.*__")
@@ -244,6 +245,38 @@ def normalise_document_fields(data: Mapping[str, Any]) -> dict[str, Any]:
             raise invalid(f"{key} is given twice with different values")
         out[key] = value
     return out
+
+
+def restatement(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str, Any]:
+    """The parameters `request` gives that its job's existing doc says otherwise, as {field: the request's value}.
+
+    The contract's own Firebase Function flow writes the queued doc with the prompt and "other metadata", then
+    sends the parameters to runsync: the request is the job, and answering "accepted" while generating the doc's
+    defaults would be a silent change. A field the request leaves out (or a null seed) has no opinion; values
+    compare as parsed, so a doc's camelCase spelling or a default it leaves out equals what the request says.
+    """
+    try:
+        fields = normalise_document_fields(doc)
+    except ContractError:
+        fields = dict(doc)
+    try:
+        current = asdict(_build(fields, use_cloud_storage=True, task_type=request.task_type))
+    except ContractError:  # a doc that breaks the contract: compare what it holds
+        current = fields
+    return {
+        name: getattr(request, name)
+        for name in sorted(request.given & PARAMETER_FIELDS)
+        if current.get(name) != getattr(request, name)
+    }
+
+
+def finished_otherwise(request: GenerationRequest, changes: Mapping[str, Any]) -> ContractError:
+    """The answer to a request whose file_uid names a finished job that ran with other parameters."""
+    file_uid = clip(str(request.file_uid), MAX_QUOTED_CHARS)
+    return invalid(
+        f"file_uid '{file_uid}' already finished with other parameters ({', '.join(changes)}); "
+        "use a new file_uid for a new job"
+    )
 
 
 def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[str, Any]) -> GenerationRequest:

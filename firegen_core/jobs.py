@@ -31,10 +31,18 @@ from google.api_core.exceptions import (
     ServiceUnavailable,
 )
 from google.cloud import firestore
-from google.cloud.firestore import SERVER_TIMESTAMP, FieldFilter
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP, FieldFilter
 
 from . import lifecycle, quota
-from .contract import KNOWN_FIELDS, MEDIA_TYPE, ContractError, GenerationRequest, parse_document
+from .contract import (
+    KNOWN_FIELDS,
+    MEDIA_TYPE,
+    PARAMETER_FIELDS,
+    ContractError,
+    GenerationRequest,
+    parse_document,
+    restatement,
+)
 from .errors import QUOTA_EXCEEDED, GenerationError
 from .lifecycle import Lease
 
@@ -106,6 +114,21 @@ class Outcome:
     @property
     def applied(self) -> bool:
         return self.written is not None
+
+    @property
+    def after(self) -> dict[str, Any]:
+        """The doc as it stands after this transition ({} where there is none)."""
+        return _present(quota.merged(self.before, self.written or {}))
+
+    @property
+    def displaced(self) -> Lease | None:
+        """The claim this transition took the job from (a running job queued again), whose run must stop."""
+        before = self.before
+        if not self.applied or before is None or before.get("status") != lifecycle.PROCESSING:
+            return None
+        return (
+            None if self.after.get("status") == lifecycle.PROCESSING else Lease(before["worker_id"], before["attempts"])
+        )
 
 
 class JobStore:
@@ -188,6 +211,18 @@ class JobStore:
     ) -> dict | None:
         """The user's limits applied to a decided update: admission, then USER_MAX_RUNNING."""
         after = quota.merged(before, update)
+        if admit and quota.pending(after) and quota.admitted(before) and PARAMETER_FIELDS & update.keys():
+            # Restated with other parameters: charged the new estimate's difference, within the budget.
+            cost = _cost(key, after)
+            extra = (cost or 0.0) - float((before or {}).get(quota.COST) or 0)
+            why = quota.budget_refusal(usage, extra, self.limits, now) if extra > 0 else None
+            if why is not None:
+                return lifecycle.failure(
+                    GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
+                )
+            if cost is not None:
+                update = {**update, quota.COST: cost}
+                after = quota.merged(before, update)
         if admit and after.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) and not quota.admitted(after):
             cost = _cost(key, after)
             if cost is not None:  # a doc that breaks the contract is failed by whoever parses it, never counted
@@ -225,15 +260,19 @@ class JobStore:
         """The owner's cancel: fail a queued job now, ask a running one's worker to stop (lifecycle.cancel)."""
         return self.transition(key, lambda doc, now: lifecycle.cancel(doc))
 
-    def ensure_queued(self, request: GenerationRequest) -> dict[str, Any]:
-        """Create the job's queued doc, admitted, unless a doc exists; return the doc as it now stands.
+    def ensure_queued(self, request: GenerationRequest) -> Outcome:
+        """Create the job's queued doc, admitted, unless a doc exists (`.after`: the doc as it now stands).
 
-        A doc that exists (written by the callable, the client, or an earlier call) is never touched here (a
-        worker's claim admits a client's doc). A job past the user's limits is created failed `QuotaExceeded`.
+        A doc that exists (written by the callable, the client, or an earlier call) keeps its state; a live one
+        takes the parameters the request gives where it says otherwise (`lifecycle.restate`: a running one is
+        queued again). A job past the user's limits is created failed `QuotaExceeded`.
         """
         key = JobKey.of(request)
-        outcome = self.transition(key, lambda doc, now: queued_document(request) if doc is None else None, admit=True)
-        return dict((outcome.written if outcome.applied else outcome.before) or {})
+
+        def decide(doc: dict | None, now: datetime) -> dict | None:
+            return queued_document(request) if doc is None else lifecycle.restate(doc, restatement(doc, request))
+
+        return self.transition(key, decide, admit=True)
 
     # --- queries ---------------------------------------------------------------------------------------------
 
@@ -274,9 +313,14 @@ def _request_part(doc: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k in KNOWN_FIELDS or k in ("created_at", "task_type")}
 
 
+def _present(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A doc as it stands after an update: the fields that update deletes are gone."""
+    return {name: value for name, value in doc.items() if value is not DELETE_FIELD}
+
+
 def _cost(key: JobKey, doc: Mapping[str, Any]) -> float | None:
     try:
-        return quota.estimate(parse_document(key.user_id, key.media_type, key.file_uid, doc))
+        return quota.estimate(parse_document(key.user_id, key.media_type, key.file_uid, _present(doc)))
     except ContractError:
         return None
 

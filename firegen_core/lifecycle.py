@@ -27,7 +27,7 @@ from typing import Any, TypeGuard
 
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
-from .contract import clip
+from .contract import clip, snake_case
 from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, GenerationError
 
 
@@ -145,6 +145,21 @@ def release(doc: Doc) -> dict:
         "attempts": max(int(doc.get("attempts") or 1) - 1, 0),
         "modified": SERVER_TIMESTAMP,
     }
+
+
+def restate(doc: Doc | None, changes: Mapping[str, Any]) -> dict | None:
+    """A live job's parameters changed by the request that states it (`contract.restatement`). A queued job just
+    takes them; a running one is queued again with them, its try stopped (the fence ends it: its lease is gone,
+    and the try still counts as an attempt, so a later claim's fence can never match the stale run's). A
+    finished job is left as it is: its answer says it ran with other parameters."""
+    if doc is None or not changes or doc.get("status") not in (QUEUED, PROCESSING):
+        return None
+    # A camelCase spelling the doc holds would now say the opposite of its snake_case field.
+    aliases = {name: DELETE_FIELD for name in doc if name not in changes and snake_case(name) in changes}
+    update: dict[str, Any] = {**changes, **aliases, "modified": SERVER_TIMESTAMP}
+    if doc.get("status") == PROCESSING:
+        update.update(status=QUEUED, worker_id=DELETE_FIELD, lease_expires_at=DELETE_FIELD, progress=DELETE_FIELD)
+    return update
 
 
 def counted_release(doc: Doc, *, max_releases: int) -> dict:

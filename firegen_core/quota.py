@@ -105,7 +105,7 @@ class Usage:
         return Usage(
             max(self.running + change.running, 0),
             max(self.pending + change.pending, 0),
-            round(self.spent_today + change.charge, 3),
+            max(round(self.spent_today + change.charge, 3), 0.0),
             self.day,
         )
 
@@ -138,9 +138,14 @@ def merged(before: Mapping[str, Any] | None, update: Mapping[str, Any]) -> dict[
     return {**(before or {}), **update}
 
 
+def _charged(doc: Mapping[str, Any] | None) -> float:
+    return float(doc.get(COST) or 0) if doc is not None and admitted(doc) else 0.0
+
+
 def change(before: Mapping[str, Any] | None, update: Mapping[str, Any]) -> Change:
     after = merged(before, update)
-    charge = float(after.get(COST) or 0) if admitted(after) and not admitted(before) else 0.0
+    # Charged at admission; a job restated with other parameters after it is charged (or refunded) the difference.
+    charge = _charged(after) - _charged(before)
     return Change(
         running=int(running(after)) - int(running(before)),
         pending=int(pending(after)) - int(pending(before)),
@@ -155,6 +160,11 @@ def refusal(usage: Usage, cost: float, limits: Limits, now: datetime) -> str | N
             f"Too many jobs: at most {limits.max_pending} of your jobs may be queued or processing at once "
             "(USER_MAX_PENDING); try again when one has finished"
         )
+    return budget_refusal(usage, cost, limits, now)
+
+
+def budget_refusal(usage: Usage, cost: float, limits: Limits, now: datetime) -> str | None:
+    """Why `cost` more GPU-seconds may not be charged today, or None."""
     if usage.spent_today + cost > limits.daily_budget:
         left = max(limits.daily_budget - usage.spent_today, 0.0)
         return (

@@ -39,10 +39,12 @@ from firegen_core.contract import (
     GenerationRequest,
     check_id,
     clip,
+    finished_otherwise,
     invalid,
     normalise_document_fields,
     parse_document,
     parse_runsync_input,
+    restatement,
 )
 from firegen_core.errors import CANCELLED, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from firegen_core.jobs import MEDIA_TYPES, JobKey, JobStore, queued_document
@@ -231,19 +233,24 @@ def generate(
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None:
             return {**queued_document(request), **_markers(None, BY_CALLABLE)}
+        # The client's own doc takes the parameters this call gives (a running job is queued again with them).
+        update = lifecycle.restate(doc, restatement(doc, request)) or {}
         count = int(doc.get(DISPATCH_COUNT) or 0)
         retry = DISPATCH_ERROR in doc and count < policy.max_dispatches  # the last dispatch never arrived
-        if doc.get("status") == lifecycle.QUEUED and (count == 0 or retry):
-            return _markers(doc, BY_CALLABLE)
-        return None
+        if update.get("status", doc.get("status")) == lifecycle.QUEUED and (count == 0 or retry):
+            return {**update, **_markers(doc, BY_CALLABLE)}
+        return update or None
 
     outcome = store.transition(key, decide, admit=True)
-    doc = {**(outcome.before or {}), **(outcome.written or {})}
+    doc = outcome.after
     if doc.get("status") == lifecycle.FAILED:
         # Refused just now for the user's limits, or failed before (a retried call): report it.
         code = CALL_ERROR_CODES.get(doc.get("error_type"), "failed-precondition")
         raise CallError(code, doc.get("error_message") or "Generation failed")
-    if not outcome.applied:
+    changes = restatement(doc, request)
+    if changes:  # a completed job that ran with other parameters (a live one took this call's)
+        raise CallError("already-exists", finished_otherwise(request, changes).message)
+    if DISPATCH_COUNT not in (outcome.written or {}):
         # Someone already dispatched this job (its trigger, an earlier call) or it has moved on: report its state.
         if doc.get("status") == lifecycle.QUEUED and DISPATCH_ERROR in doc:
             return _reply(key, PENDING_MESSAGE, "queued")

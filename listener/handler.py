@@ -1,8 +1,11 @@
 """The runsync handler: validate, make sure the job's doc is queued, hand it to the local slot, answer at once.
 
 Generation never runs on the request path for `use_cloud_storage: true`; the handler only does one Firestore
-compare-and-set (the doc's creation, with its admission against the user's limits). Idempotent by file_uid: the doc is created only when absent, and an existing doc decides the
-answer (a failed job answers with its recorded error; a new file_uid is a new try).
+compare-and-set (the doc's creation, with its admission against the user's limits). Idempotent by file_uid: the
+doc is created only when absent. An existing live doc takes the parameters the request gives (the contract's own
+function flow writes the doc with the prompt, then sends the parameters here); a finished one decides the answer
+(a failed job answers with its recorded error, a completed one that ran with other parameters says so; a new
+file_uid is a new try).
 """
 
 from __future__ import annotations
@@ -16,9 +19,17 @@ from typing import Any
 import structlog
 
 from firegen_core import lifecycle
-from firegen_core.contract import ContractError, GenerationRequest, parse_runsync_input
+from firegen_core.contract import (
+    PARAMETER_FIELDS,
+    ContractError,
+    GenerationRequest,
+    finished_otherwise,
+    parse_runsync_input,
+    restatement,
+)
 from firegen_core.errors import Interrupted, classify
 from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.lifecycle import Lease
 
 log = structlog.get_logger("listener.handler")
 
@@ -41,10 +52,17 @@ def rejected(message: str) -> dict[str, Any]:
 
 
 class RunsyncHandler:
-    def __init__(self, store: WorkerJobs, submit: Callable[[JobKey, GenerationRequest], None], generator=None):
+    def __init__(
+        self,
+        store: WorkerJobs,
+        submit: Callable[[JobKey, GenerationRequest], None],
+        generator=None,
+        preempt: Callable[[JobKey, Lease], None] | None = None,
+    ):
         self.store = store
         self.submit = submit
         self.generator = generator
+        self.preempt = preempt  # stops a local run of a claim this request's restatement ended
 
     async def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         # The SDK awaits handlers on its event loop: the Firestore round trip goes to a thread so that
@@ -65,20 +83,28 @@ class RunsyncHandler:
             return self.inline(request)
         key = JobKey.of(request)
         try:
-            doc = self.store.ensure_queued(request)
+            outcome = self.store.ensure_queued(request)
         except Exception as exc:
             log.error("request_not_recorded", user_id=key.user_id, file_uid=key.file_uid, error=str(exc))
             return rejected("Could not record the job in Firestore; please retry (the same file_uid is safe to resend)")
+        if outcome.displaced is not None and self.preempt is not None:
+            self.preempt(key, outcome.displaced)
+        doc = outcome.after
         status = doc.get("status")
         if status == lifecycle.FAILED:
             return rejected(doc.get("error_message") or "Generation failed")
+        changes = restatement(doc, request)
+        if changes:  # a finished job (a live one took the request's parameters)
+            return rejected(finished_otherwise(request, changes).message)
         if status == lifecycle.QUEUED:
             self.submit(key, request)  # the request: which batch it may join
+        restated = sorted(PARAMETER_FIELDS & (outcome.written or {}).keys()) if outcome.before is not None else []
         log.info(
             "request_accepted",
             user_id=key.user_id,
             file_uid=key.file_uid,
             status=status,
+            **({"restated": restated} if restated else {}),
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return accepted(request)

@@ -34,9 +34,10 @@ from tenacity import Retrying, stop_after_attempt, wait_exponential
 from firegen_core import lifecycle, workers
 from firegen_core.contract import GenerationRequest, parse_document
 from firegen_core.jobs import MEDIA_TYPES, ClaimedJob, JobKey, WorkerJobs
+from firegen_core.lifecycle import Lease
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
-from .runner import JobRunner
+from .runner import JobRunner, RunOutcome
 
 log = structlog.get_logger("listener.reconciler")
 
@@ -73,6 +74,7 @@ class Reconciler:
         self._queue: FairQueue[JobKey] = FairQueue(capacity)
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the dispatch loop
         self._stops: dict[JobKey, threading.Event] = {}  # claimed or running here → its cancel signal
+        self._leases: dict[JobKey, Lease] = {}  # running here → the claim it runs under
         # Jobs this worker runs, and (None) those it is claiming: shutdown waits for both, so a claim in flight
         # when SIGTERM arrives is run within the grace period or released, never left `processing`.
         self._active: dict[JobKey, threading.Thread | None] = {}
@@ -204,6 +206,16 @@ class Reconciler:
             log.info("job_cancel_requested", user_id=key.user_id, file_uid=key.file_uid)
             stop.set()
 
+    def preempt(self, key: JobKey, lease: Lease) -> None:
+        """Stop the run of a claim that is no longer the job's (its request restated it: `lifecycle.restate`).
+        Only that exact claim: its lease is gone from the doc, so its fenced writes (the stop's included) land
+        nowhere, and the job runs again from the queue with its new parameters."""
+        with self._cv:
+            stop = self._stops.get(key) if self._leases.get(key) == lease else None
+        if stop is not None and not stop.is_set():
+            log.info("job_preempted", user_id=key.user_id, file_uid=key.file_uid, attempt=lease.attempt)
+            stop.set()
+
     def _dispatch_loop(self) -> None:
         while True:
             with self._cv:
@@ -242,6 +254,7 @@ class Reconciler:
             with self._cv:
                 for job in jobs:
                     self._active[job.key] = thread
+                    self._leases[job.key] = job.lease
             thread.start()
 
     def _claim(self, key: JobKey, *, start: bool = True) -> ClaimedJob | None:
@@ -276,6 +289,7 @@ class Reconciler:
             log.warning("cancel_error", path=key.path, error=str(exc))
 
     def _run(self, jobs: list[tuple[ClaimedJob, threading.Event]]) -> None:
+        lost: list[JobKey] = []
         try:
             # Split by the batch key of each doc as claimed: a doc changed since it was offered runs on its own.
             batches: dict[Hashable, list[tuple[ClaimedJob, threading.Event]]] = {}
@@ -283,7 +297,10 @@ class Reconciler:
                 group = self._doc_group(job.key, job.doc) if len(jobs) > 1 else None
                 batches.setdefault(group if group is not None else job.key, []).append((job, stop))
             for batch in batches.values():
-                self.runner.run_batch(batch)
+                outcomes = self.runner.run_batch(batch)
+                lost += [
+                    job.key for (job, _), outcome in zip(batch, outcomes, strict=True) if outcome == RunOutcome.LOST
+                ]
         except BaseException as exc:  # never let a job thread die silently with a slot held
             log.error("job_runner_crashed", error=repr(exc), paths=[job.key.path for job, _ in jobs])
         finally:
@@ -291,8 +308,12 @@ class Reconciler:
                 for job, _ in jobs:
                     self._active.pop(job.key, None)
                     self._stops.pop(job.key, None)
+                    self._leases.pop(job.key, None)
                 self._slots -= 1
                 self._cv.notify_all()
+        for key in lost:
+            # Heard while it ran here (and so ignored): queued again (restated) or taken over; a claim tells which.
+            self._offer(key)
 
     # --- listeners and the sweep (also the watchdog) ---------------------------------------------------------
 

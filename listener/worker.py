@@ -197,6 +197,6 @@ def build_worker(
         batch_max=settings.batch_max if batches else 1,
         batch_key=batch_key if batches else None,
     )
-    handler = RunsyncHandler(store, reconciler.submit, guarded)
+    handler = RunsyncHandler(store, reconciler.submit, guarded, preempt=reconciler.preempt)
     worker = Worker(settings, store, runner, reconciler, handler, guarded)
     return worker

@@ -9,6 +9,7 @@ from firegen_core.contract import (
     GenerationRequest,
     parse_document,
     parse_runsync_input,
+    restatement,
 )
 
 BASE = {"prompt": "A red sports car on a mountain road", "user_id": "u1", "file_uid": "f1", "use_cloud_storage": True}
@@ -281,3 +282,20 @@ def test_a_huge_unknown_field_name_gets_a_short_message():
     # The runsync handler answers the same short message (the refusal comes before any Firestore call).
     assert RunsyncHandler(store=None, submit=None).handle({**BASE, name: 1}) == {"error": message, "status": "failed"}
     assert len(ContractError("y" * 10_000).message) == 300
+
+
+# ---------------------------------------------------------------------------------------------- restatement
+@pytest.mark.parametrize(
+    "doc, given, changes",
+    [
+        ({"prompt": BASE["prompt"]}, {}, {}),  # the placeholder of the contract's function flow, same prompt
+        ({"prompt": BASE["prompt"]}, {"width": 512, "seed": None}, {}),  # a default, a null seed: no opinion
+        ({"prompt": "a cat"}, {"width": 768, "seed": 7}, {"prompt": BASE["prompt"], "seed": 7, "width": 768}),
+        ({"prompt": BASE["prompt"], "numInferenceSteps": 30}, {"num_inference_steps": 30}, {}),  # camelCase
+        ({"prompt": BASE["prompt"], "guidanceScale": 7}, {"guidance_scale": 7.0}, {}),  # 7 is 7.0
+        ({"prompt": BASE["prompt"], "width": "wide"}, {"width": 768}, {"width": 768}),  # a broken doc
+        ({"prompt": BASE["prompt"], "seed": 99, "status": "completed"}, {}, {}),  # a drawn seed vs none asked
+    ],
+)
+def test_restatement_names_what_the_request_says_otherwise(doc, given, changes):
+    assert restatement(doc, parse_runsync_input({**BASE, **given})) == changes

@@ -133,7 +133,7 @@ def test_release_puts_the_job_back_for_another_worker(firestore_client):
     assert (again.lease.worker_id, again.lease.attempt) == ("other", 1)
 
 
-def test_ensure_queued_creates_once_and_never_touches_an_existing_doc(firestore_client):
+def test_ensure_queued_creates_once_and_leaves_an_existing_doc_that_says_the_same(firestore_client):
     request = parse_runsync_input(
         {
             "prompt": "A sunset over mountains",
@@ -156,7 +156,7 @@ def test_ensure_queued_creates_once_and_never_touches_an_existing_doc(firestore_
     )
     assert "created_at" in doc
     job = s.claim(key)
-    assert s.ensure_queued(request)["status"] == "processing"
+    assert s.ensure_queued(request).after["status"] == "processing"
     assert read(firestore_client, key)["worker_id"] == job.lease.worker_id
 
 

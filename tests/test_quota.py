@@ -123,13 +123,13 @@ def test_refusals_name_the_limit_and_when_the_budget_resets():
 def test_eight_admissions_racing_for_the_last_slot_admit_exactly_one(firestore_client):
     store = JobStore(firestore_client, limits=Limits(max_pending=3))
     for name in ("first", "second"):
-        assert store.ensure_queued(request(name))["status"] == "queued"
+        assert store.ensure_queued(request(name)).after["status"] == "queued"
     assert counts(firestore_client) == (0, 2)
     start = threading.Barrier(8)
 
     def race(i: int) -> dict:
         start.wait(10)
-        return JobStore(firestore_client, limits=Limits(max_pending=3)).ensure_queued(request(f"racer-{i}"))
+        return JobStore(firestore_client, limits=Limits(max_pending=3)).ensure_queued(request(f"racer-{i}")).after
 
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(race, range(8)))
@@ -354,3 +354,69 @@ def test_past_the_limits_runsync_answers_the_contracts_error(firestore_emulator,
         assert counts(db) == (1, 1)
     finally:
         worker.stop()
+
+
+# ---------------------------------------------------------------------------------------------- restated jobs
+def test_a_running_job_restated_by_its_request_is_queued_again_and_charged_the_difference(firestore_client):
+    """The contract's function flow when a worker took the placeholder doc first: the request's parameters win,
+    the running claim is ended (fenced off), and the user is charged for what will now run."""
+    key = write_client_doc(firestore_client, "restated")
+    worker = WorkerJobs(firestore_client, worker_id="w-old")
+    job = worker.claim(key)
+    assert job is not None and counts(firestore_client) == (1, 1)
+    placeholder_cost = doc(firestore_client, key)["cost"]
+
+    bigger = request("restated", width=1024, height=1024, num_images_per_prompt=2, seed=7)
+    outcome = JobStore(firestore_client).ensure_queued(bigger)
+    assert outcome.displaced == job.lease
+    after = doc(firestore_client, key)
+    assert (after["status"], after["width"], after["num_images_per_prompt"], after["seed"]) == ("queued", 1024, 2, 7)
+    assert not {"worker_id", "lease_expires_at", "progress"} & after.keys()
+    assert after["cost"] == pytest.approx(quota.estimate(bigger)) and after["cost"] > placeholder_cost
+    assert counts(firestore_client) == (0, 1)
+    assert usage(firestore_client)["spent_today"] == pytest.approx(after["cost"], abs=1e-3)
+    # The old run can write nothing more; the next claim is a new attempt (a fence the old run never matches).
+    assert not worker.renew(job) and not worker.complete(job, {"status": "completed"})
+    again = worker.claim(key)
+    assert again is not None and again.lease.attempt == job.lease.attempt + 1
+    # Asked again as it now stands: nothing changes.
+    assert not JobStore(firestore_client).ensure_queued(bigger).applied
+
+
+def test_a_restatement_past_the_daily_budget_fails_the_job(firestore_client):
+    key = write_client_doc(firestore_client, "restated-over")
+    limits = Limits(daily_budget=quota.estimate(request("x")) * 1.5)
+    JobStore(firestore_client, limits=limits).ensure_queued(request("restated-over"))
+    huge = request("restated-over", width=1024, height=1024, num_images_per_prompt=4, num_inference_steps=50)
+    after = JobStore(firestore_client, limits=limits).ensure_queued(huge).after
+    assert (after["status"], after["error_type"]) == ("failed", "QuotaExceeded")
+    assert "USER_DAILY_BUDGET" in after["error_message"] and counts(firestore_client) == (0, 0)
+    assert doc(firestore_client, key)["status"] == "failed"
+
+
+def test_the_callable_restates_the_clients_placeholder_doc(firestore_client):
+    """The client wrote its doc with the prompt only (camelCase steps), then called with the parameters."""
+    key = write_client_doc(firestore_client, "callable-restated", numInferenceSteps=30)
+    runpod = StubRunPod([ACCEPTED])
+    try:
+        data = {"prompt": "a red car", "file_uid": "callable-restated", "width": 384, "num_inference_steps": 10}
+        reply = dispatch.generate(firestore_client, runpod.client(), uid=USER, data=data)
+        assert reply["status"] == "accepted"
+        sent = runpod.requests[0][1]["input"]
+        assert (sent["width"], sent["num_inference_steps"]) == (384, 10)
+    finally:
+        runpod.close()
+    after = doc(firestore_client, key)
+    assert (after["width"], after["num_inference_steps"], after["dispatch_count"]) == (384, 10, 1)
+    assert "numInferenceSteps" not in after and after["cost"] == pytest.approx(
+        quota.estimate(request("callable-restated", width=384, num_inference_steps=10))
+    )
+
+    firestore_client.document(key.path).update({"status": "completed"})
+    with pytest.raises(dispatch.CallError) as raised:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data={**data, "width": 512})
+    assert raised.value.code == "already-exists"
+    assert raised.value.message == (
+        "Validation failed: file_uid 'callable-restated' already finished with other parameters (width); "
+        "use a new file_uid for a new job"
+    )

@@ -243,6 +243,57 @@ def test_a_completed_job_is_never_generated_again(stack):
     assert len([e for e in stack.worker.events("job_started") if "done-once" in e]) == 1
 
 
+def test_the_contracts_function_flow_runs_the_parameters_runsync_sends(stack):
+    """The contract's Firebase Function writes the queued doc with the prompt ("... other metadata"), then sends
+    the parameters to runsync: "accepted" means the job runs with them, whether the worker's listener claimed the
+    placeholder doc first or not (before, the doc's defaults ran: one 512x512 image, a random seed)."""
+    path = "generations/test-user/images/function-flow"
+    stack.firestore.document(path).set(
+        {"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "a cat", "generated": False, "error": False}
+    )
+    sizes = {"width": 384, "height": 256, "num_images_per_prompt": 2, "seed": 7, "num_inference_steps": 10}
+    body = {"input": {**IMAGE_EXAMPLE["input"], "prompt": "a cat", "file_uid": "function-flow", **sizes}}
+    assert stack.runsync(body)["output"]["status"] == "accepted"
+    doc = stack.wait_finished(path)
+    assert (doc["status"], doc["image_count"], doc["seed"]) == ("completed", 2, 7)
+    assert {k: doc[k] for k in sizes} == sizes
+    for url in doc["images"]:
+        assert Image.open(io.BytesIO(download(url))).size == (384, 256)
+    # Sent again as it was (the contract's "Timeout: retry the request"): the same job, accepted, not run again.
+    assert stack.runsync(body)["output"]["status"] == "accepted"
+    assert stack.doc(path) == doc
+
+
+def test_a_running_job_restated_by_its_request_stops_and_runs_with_the_requests_parameters(stack):
+    """The listener took the placeholder doc before the request came: that run (a long one here) stops at its
+    next step, writes nothing, and the job runs again with the request's parameters."""
+    path = "generations/test-user/images/restated-running"
+    stack.firestore.document(path).set(
+        {**queued_doc(width=1024, height=1024, num_inference_steps=50), "created_at": SERVER_TIMESTAMP}
+    )
+    assert emu.wait_until(lambda: (stack.doc(path) or {}).get("progress", 0) > 0, 60)
+    short = {"prompt": "Waves", "file_uid": "restated-running", **SHORT_IMAGE}
+    assert stack.runsync({"input": {**IMAGE_EXAMPLE["input"], **short}})["output"]["status"] == "accepted"
+    doc = stack.wait_finished(path, timeout=30)  # the 1024x1024 run alone takes longer than this on a CPU
+    assert (doc["status"], doc["attempts"], doc["width"], doc["num_inference_steps"]) == ("completed", 2, 256, 10)
+    assert Image.open(io.BytesIO(download(doc["image_url"]))).size == (256, 256)
+    assert [e for e in stack.worker.events("job_preempted") if "restated-running" in e]
+
+
+def test_a_completed_job_asked_again_with_other_parameters_says_so(stack):
+    body = {"input": {**IMAGE_EXAMPLE["input"], "file_uid": "done-other", **SHORT_IMAGE}}
+    stack.runsync(body)
+    first = stack.wait_finished("generations/test-user/images/done-other")
+    other = {"input": {**body["input"], "num_images_per_prompt": 3, "prompt": "other"}}
+    answer = stack.runsync(other)
+    assert (answer["status"], answer["error"]) == (
+        "FAILED",
+        "Validation failed: file_uid 'done-other' already finished with other parameters "
+        "(num_images_per_prompt, prompt); use a new file_uid for a new job",
+    )
+    assert stack.doc("generations/test-user/images/done-other") == first
+
+
 def test_a_failed_job_answers_with_its_recorded_error(stack):
     path = "generations/test-user/images/failed-before"
     stack.firestore.document(path).set(
