@@ -20,7 +20,7 @@ Figures (one flat dict; `python -m bench.gpu` prints it as JSON, `make bench` as
   extrapolated from them (`wan_50steps_extrapolated_s`);
 - memory (CUDA): each model resident, both resident together (what one worker holds), the peak while generating
   with both resident (`both_peak_reserved_gib`; goal: fits a 24 GB card); `--offload-text-encoder on` measures
-  the 24 GB configuration (Wan's UMT5 in CPU memory: `generation.pipelines.offload_text_encoder`);
+  the 24 GB configuration (Wan's UMT5 in CPU memory: `generation.video.offload_text_encoder`);
 - `sdxl_best_mode`, `sdxl_best_s_per_image` and, at full scale on CUDA, `sdxl_goal_1s` / `both_goal_24gb`.
 Each step is its own try (an error is reported as `error_<step>` and the rest goes on) and runs only if the
 time budget still holds its estimate (else `skipped_<step>` says why), so the section fits the budget it is given
@@ -600,7 +600,9 @@ def bench_gpu(
     import diffusers
     import transformers
 
-    from generation.pipelines import DiffusionCapability, ImagePipeline, Runtime, VideoPipeline
+    from generation.capability import DiffusionCapability, Runtime
+    from generation.image import ImagePipeline
+    from generation.video import VideoPipeline
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     # offload None: the product's auto (cards under 40 GiB); attention auto: the product's pick for the card

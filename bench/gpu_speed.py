@@ -70,7 +70,7 @@ def measure_batch(capability, gpu, request, sizes: tuple[int, ...], seed: int) -
     """Per batch size n: one warm-up batch, then one timed batch of n jobs (seeds seed..seed+n-1)."""
     from dataclasses import replace
 
-    from generation.pipelines import BatchItem
+    from generation.image import BatchItem
 
     figures: dict = {}
     steps = request.num_inference_steps

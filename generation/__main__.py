@@ -13,7 +13,7 @@ from pathlib import Path
 
 from firegen_core import contract, errors
 
-from .pipelines import TINY
+from .capability import TINY
 from .settings import SettingsError, model_settings
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .pipelines import DISABLED, TINY
+from .capability import DISABLED, TINY
 from .settings import model_settings
 
 # Only what `from_pretrained` reads for a diffusers pipeline folder: model_index.json at the root, and each
@@ -18,7 +18,7 @@ from .settings import model_settings
 # let `*` cross `/`, so `*/...` means "below the root"). That leaves out the root-level single-file checkpoints
 # (SDXL's sd_xl_base_1.0*.safetensors, several GB each), the half-precision duplicates of a full download, and
 # other frameworks' formats. SDXL's fp16 files are taken instead of its full-precision ones (`select`): the
-# worker loads them in half precision (generation.pipelines.ImagePipeline.weights_variant), from half the bytes.
+# worker loads them in half precision (generation.image.ImagePipeline.weights_variant), from half the bytes.
 ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 IGNORE = ["*.fp16.*", "*.bin", "*.ckpt", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.pth"]
 
@@ -43,7 +43,8 @@ def needs_download(model_ref: str) -> bool:
 def main() -> int:
     from huggingface_hub import HfApi, snapshot_download
 
-    from .pipelines import ImagePipeline, VideoPipeline
+    from .image import ImagePipeline
+    from .video import VideoPipeline
 
     settings = model_settings()  # the worker's own reading of IMAGE_MODEL / VIDEO_MODEL
     models = [(settings.image_model, ImagePipeline.HALF_VARIANT), (settings.video_model, VideoPipeline.HALF_VARIANT)]

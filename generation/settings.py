@@ -18,7 +18,8 @@ from typing import Any, Literal, TypeVar, get_args
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .pipelines import IMAGE_MODEL_DEFAULT, VIDEO_MODEL_DEFAULT
+from .image import IMAGE_MODEL_DEFAULT
+from .video import VIDEO_MODEL_DEFAULT
 
 OnOff = Literal["on", "off"]
 AutoOnOff = Literal["auto", "on", "off"]

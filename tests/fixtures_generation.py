@@ -39,7 +39,8 @@ def fresh_dynamo():
 def small_warm_up(monkeypatch):
     """One small compile warm-up shape per model, where the warm-up's shapes are not what a test is about: each
     shape is a compile, tens of seconds through dynamo on this CPU (tests/test_compiling.py tests the real ones)."""
-    from generation.pipelines import ImagePipeline, VideoPipeline
+    from generation.image import ImagePipeline
+    from generation.video import VideoPipeline
 
     monkeypatch.setattr(ImagePipeline, "WARM_UP_SHAPES", ((64, 64, 1, 7.5),))  # image_request's shape
     monkeypatch.setattr(VideoPipeline, "WARM_UP_SHAPES", ((64, 48, 16, 5.0),))  # video_request's

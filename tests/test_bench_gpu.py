@@ -126,7 +126,8 @@ def test_the_fp8_step_measures_speed_and_quality_in_bf16(tiny_cache, float8_anyw
     """`sdxl_fp8` as the GPU run will take it (bf16, compiled), on the tiny SDXL past FP8's refusal of a CPU
     (stood in: no CUDA here) and torchao's card check (float8_anywhere)."""
     from generation import fp8
-    from generation.pipelines import ImagePipeline, Runtime
+    from generation.capability import Runtime
+    from generation.image import ImagePipeline
 
     monkeypatch.setattr(fp8, "refusal", lambda device: None)
     runtime = Runtime(device="cpu", dtype="bfloat16")

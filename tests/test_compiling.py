@@ -24,9 +24,11 @@ from fixtures_generation import (  # noqa: F401
     video_request,
 )
 
+from generation.capability import Runtime
 from generation.compiling import CompileCache, default_cache_dir
 from generation.engine import Engine, EngineConfig
-from generation.pipelines import BatchItem, ImagePipeline, Runtime, VideoPipeline
+from generation.image import BatchItem, ImagePipeline
+from generation.video import VideoPipeline
 
 COMPILE_DEADLINE_S = 120
 

@@ -19,9 +19,10 @@ from PIL import Image
 from firegen_core import contract, errors
 from generation import __main__ as cli
 from generation import media, tiny
+from generation.capability import Runtime, derive_seed, resolve_seed
 from generation.compiling import default_cache_dir
 from generation.engine import Engine, EngineConfig
-from generation.pipelines import Runtime, derive_seed, frames_to_generate, resolve_seed
+from generation.video import frames_to_generate
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -122,7 +123,7 @@ def test_an_offloaded_text_encoder_gives_the_same_video(engine, tiny_cache):
     the frames are identical to the resident encoder's."""
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-    from generation.pipelines import VideoPipeline, offload_text_encoder
+    from generation.video import VideoPipeline, offload_text_encoder
 
     offloaded = VideoPipeline.load("tiny", Runtime())
     offload_text_encoder(offloaded.pipe, "cpu", use_stream=False, blocks_per_group=1)

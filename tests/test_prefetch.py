@@ -6,7 +6,8 @@ import pytest
 from huggingface_hub.utils import filter_repo_objects
 
 from generation import tiny
-from generation.pipelines import ImagePipeline, Runtime
+from generation.capability import Runtime
+from generation.image import ImagePipeline
 from generation.prefetch import ALLOW, IGNORE, needs_download, select
 
 SDXL_REPO = [

@@ -29,8 +29,10 @@ from bench import gpu_speed
 from bench.gpu_speed import psnr
 from generation import __main__ as cli
 from generation import fp8, video_speed
+from generation.capability import Runtime
 from generation.engine import Engine, EngineConfig
-from generation.pipelines import ImagePipeline, Runtime, VideoPipeline
+from generation.image import ImagePipeline
+from generation.video import VideoPipeline
 
 FP8_ON_CPU = "FIREGEN_FP8=on needs a CUDA GPU with float8 support (this worker runs on cpu); unset it"
 
@@ -231,7 +233,7 @@ def test_with_the_step_cache_on_the_wan_transformer_is_not_compiled(engine, tmp_
     torch.manual_seed(0)
     transformer = WanTransformer3DModel.from_config({**tiny_pipe.transformer.config, "num_layers": 3})
     WanPipeline(**{**tiny_pipe.components, "transformer": transformer}).save_pretrained(tmp_path)
-    with caplog.at_level(logging.INFO, logger="generation.pipelines"):
+    with caplog.at_level(logging.INFO, logger="generation.video"):
         pipeline = VideoPipeline.load(str(tmp_path), Runtime(compile_backend="aot_eager", video_cache_threshold=0.5))
     assert pipeline.compiler is None and "not compiled" in caplog.text
     eager = VideoPipeline.load(str(tmp_path), Runtime(video_cache_threshold=0.5))

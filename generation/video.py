@@ -1,0 +1,159 @@
+"""text2video: Wan 2.1 (`WanPipeline`), with its text encoder's offload for cards under 40 GiB."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from firegen_core import errors
+from firegen_core.contract import TEXT2VIDEO, GenerationRequest
+
+from . import video_speed
+from .capability import DiffusionCapability, ProgressFn, Runtime, StepProgress, make_generator
+
+log = logging.getLogger(__name__)
+
+VIDEO_MODEL_DEFAULT = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+WAN_TEXT_TOKENS = 512
+
+
+def frames_to_generate(num_frames: int, temporal_factor: int) -> int:
+    """The smallest k * temporal_factor + 1 >= num_frames: the frame counts Wan's causal VAE produces."""
+    return -(-(num_frames - 1) // temporal_factor) * temporal_factor + 1
+
+
+def offload_text_encoder(pipe, device: str, *, use_stream: bool, blocks_per_group: int = 1) -> None:
+    """Keep `pipe.text_encoder` in CPU memory and bring it to `device` a few blocks at a time while it runs
+    (diffusers' group offloading; with `use_stream`, pinned memory and the next group's copy overlapping the
+    current group's compute). The pipeline's execution device stays `device`."""
+    from diffusers.hooks import apply_group_offloading
+
+    pipe.text_encoder.to("cpu")
+    apply_group_offloading(
+        pipe.text_encoder,
+        onload_device=device,
+        offload_device="cpu",
+        offload_type="block_level",
+        num_blocks_per_group=blocks_per_group,
+        use_stream=use_stream,
+    )
+
+
+class VideoPipeline(DiffusionCapability):
+    """text2video: Wan 2.1. Produces exactly `num_frames` frames (generating the next 4k+1 and trimming)."""
+
+    task_type = TEXT2VIDEO
+    tiny_kind = "wan"
+    role = "Video"
+
+    @staticmethod
+    def denoiser(pipe):
+        return video_speed.denoiser(pipe.transformer)
+
+    @staticmethod
+    def install_denoiser(pipe, module) -> None:
+        pipe.transformer = video_speed.cfg_batched(module)  # a fresh wrapper: no state from the eager one
+
+    @classmethod
+    def pipeline_class(cls):
+        from diffusers import WanPipeline
+
+        return WanPipeline
+
+    @classmethod
+    def place(cls, pipe, runtime: Runtime) -> None:
+        cls.place_modules(pipe, runtime)
+        transformer = video_speed.denoiser(pipe.transformer)
+        video_speed.set_attention_backend(transformer, runtime.attention_backend)
+        if runtime.video_cache_threshold:
+            video_speed.apply_step_cache(transformer, runtime.video_cache_threshold)
+        if not video_speed.is_cfg_batched(pipe.transformer):
+            video_speed.batch_cfg(pipe)  # a step's two passes (prompt, negative prompt) as one batch
+
+    @classmethod
+    def place_modules(cls, pipe, runtime: Runtime) -> None:
+        if not runtime.is_cuda:
+            DiffusionCapability.place(pipe, runtime)
+            return
+        import torch
+
+        if runtime.offload_text_encoder:
+            # UMT5-XXL is 10.6 GiB in bf16 (more than the transformer and VAE together) and runs once per video:
+            # kept in pinned CPU memory and copied in whole for the prompt encoding, so one worker holding SDXL and
+            # Wan fits a 24 GB card (bench/gpu.py measures both the memory and the cost).
+            video_speed.swap_text_encoder(pipe, runtime.device)
+        else:
+            pipe.text_encoder.to(runtime.device)
+        pipe.transformer.to(runtime.device)
+        # As Wan's reference code and diffusers' Wan examples do: transformer in half precision, VAE in
+        # float32 (the pipeline casts the latents to the VAE's dtype before decoding).
+        pipe.vae.to(runtime.device, torch.float32)
+
+    def warm_up(self) -> None:
+        if self.runtime.compile_backend and self.runtime.video_cache_threshold:
+            # First Block Cache decides in Python, per step, whether to run the other blocks. Under torch.compile
+            # its decisions differed from eager's (tiny Wan, threshold 0.5: 18.2 dB against the full run, eager
+            # 21.7 dB, while the compiled full run equals the eager one): the cached transformer stays eager.
+            log.info("video step cache on: Wan's transformer is not compiled")
+            return
+        super().warm_up()
+
+    # (width, height, frames, guidance) of the compile warm-up, in order, as ImagePipeline's: the contract's default
+    # video (CFG: prompt and negative prompt in one transformer batch of 2), then another size and length, which
+    # makes them dynamic; then the same two without CFG (guidance 1.0: a batch of 1, a graph of its own).
+    WARM_UP_SHAPES = ((512, 512, 16, 5.0), (832, 480, 33, 5.0), (512, 512, 16, 1.0), (832, 480, 33, 1.0))
+
+    def compile_warm_up(self, sibling, shape: tuple) -> None:
+        """With zero text embeddings: the text encoder (perhaps offloaded through hooks and a stream of its own) is
+        left to the jobs."""
+        import torch
+
+        video_width, video_height, frames, guidance = shape
+        width = self.pipe.text_encoder.config.d_model
+        # WanPipeline.__call__'s max_sequence_length: prompts are padded to 512 tokens.
+        embeds = torch.zeros(1, WAN_TEXT_TOKENS, width, device=self.runtime.device, dtype=self.pipe.transformer.dtype)
+        sibling.transformer.negative = embeds  # what batch_cfg's capture of encode_prompt does in a job
+        sibling(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=embeds,
+            width=video_width,
+            height=video_height,
+            num_frames=frames_to_generate(frames, self.pipe.vae_scale_factor_temporal),
+            num_inference_steps=1,
+            guidance_scale=guidance,
+            output_type="latent",
+        )
+
+    def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> Any:
+        """A uint8 array (num_frames, video_height, video_width, 3)."""
+        from .media import to_uint8_frames
+
+        steps = StepProgress(progress)
+        frames = frames_to_generate(request.num_frames, self.pipe.vae_scale_factor_temporal)
+
+        def run(batched: bool) -> Any:
+            steps.start(parts=1)
+            if video_speed.is_cfg_batched(self.pipe.transformer):
+                self.pipe.transformer.batching = batched  # the leaner retry runs the two passes one by one
+            return self.pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                width=request.video_width,
+                height=request.video_height,
+                num_frames=frames,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.video_guidance_scale,
+                generator=make_generator(seed),
+                output_type="np",
+                callback_on_step_end=steps.on_step_end,
+            ).frames[0]
+
+        video = to_uint8_frames(self._run(lambda: run(True), lambda: run(False))[: request.num_frames])
+        expected = (request.num_frames, request.video_height, request.video_width, 3)
+        if video.shape != expected:
+            raise errors.GenerationError(
+                errors.RUNTIME_ERROR, f"Processing error during video generation: got {video.shape}, not {expected}"
+            )
+        return video
