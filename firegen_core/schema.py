@@ -173,7 +173,7 @@ def job_doc_schema() -> dict[str, Any]:
         "title": "JobDoc",
         "type": "object",
         "properties": {**request, **_state_properties()},
-        "required": ["status"],  # a refused request's failed doc carries no prompt
+        "required": ["status"],  # a refused request's failed doc has no prompt where its prompt was no text
         "$defs": {"Timestamp": TIMESTAMP, "VideoInfo": VIDEO_INFO},
     }
 

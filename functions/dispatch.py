@@ -34,6 +34,7 @@ from runpod_client import RunPodClient, Verdict
 
 from firegen_core import lifecycle, workers
 from firegen_core.contract import (
+    MAX_PROMPT_CHARS,
     VIDEO_FIELDS,
     ContractError,
     GenerationRequest,
@@ -125,7 +126,8 @@ def _fail_queued(store: JobStore, key: JobKey, error_type: str, message: str) ->
 
 def _record_refusal(store: JobStore, uid: str, fields: Mapping[str, Any], message: str) -> None:
     """The contract's flow for a rejected job: its doc ends `failed` with the error fields, so a client that
-    listens to it sees why. The client's queued doc is failed; where it wrote none, a failed one is created.
+    listens to it sees why. The client's queued doc is failed; where it wrote none, a failed one is created,
+    with the request's prompt where it is a string.
     Only for ids that are safe document ids: anything else gets the error reply alone."""
     try:
         key = JobKey(uid, _media_of(fields), check_id("file_uid", fields.get("file_uid")))
@@ -134,9 +136,16 @@ def _record_refusal(store: JobStore, uid: str, fields: Mapping[str, Any], messag
     error = GenerationError(VALIDATION_ERROR, message)
     failed = lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
 
+    # A created doc keeps the request's prompt, so the client's job list shows what was refused; cut to the
+    # contract's limit, the most a queued doc ever holds. A client's own doc keeps the fields it wrote.
+    prompt = fields.get("prompt")
+    created = {**failed, "created_at": SERVER_TIMESTAMP}
+    if isinstance(prompt, str):
+        created["prompt"] = clip(prompt, MAX_PROMPT_CHARS)
+
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None:
-            return {**failed, "created_at": SERVER_TIMESTAMP}
+            return created
         return failed if doc.get("status") == lifecycle.QUEUED else None
 
     try:

@@ -298,6 +298,27 @@ def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
     assert runpod.requests == []
 
 
+@pytest.mark.parametrize(
+    "prompt,kept",
+    [
+        ("a red sports car", "a red sports car"),
+        ("w" * 5000, "w" * 1999 + "…"),  # refused for its length, kept cut to the contract's 2000 characters
+        (42, None),  # not a string: nothing to show
+    ],
+)
+def test_a_failed_doc_the_callable_creates_keeps_the_requests_prompt(firestore_client, stub, prompt, kept):
+    """The client's job list shows the refused job with what was asked, not '(no prompt recorded)'."""
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError):
+        dispatch.generate(
+            firestore_client, runpod.client(), uid="u-bad", data={"prompt": prompt, "file_uid": "kept", "width": 2000}
+        )
+    doc = firestore_client.document("generations/u-bad/images/kept").get().to_dict()
+    assert (doc["status"], doc["error_type"]) == ("failed", "ValidationError")
+    assert doc.get("prompt") == kept
+    assert runpod.requests == []
+
+
 def test_a_huge_unknown_field_name_gets_a_short_message_on_the_doc_and_in_the_reply(firestore_client, stub):
     runpod = stub(ACCEPTED)
     with pytest.raises(CallError) as raised:

@@ -3,12 +3,15 @@
 - the committed web/src/contract.gen.ts is what a fresh generation writes (it fails when the two drift:
   run `make web-types`), and the web app type-checks against it;
 - the schema's ranges are the ones the worker's validation applies (checked against `parse_runsync_input`);
+- the web app's own check (web/src/validate.ts, run in Node) gives the contract's messages, word for word;
 - every field the worker and the functions write on a job doc has a type in the job doc's schema.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 from datetime import UTC, datetime
 
@@ -16,11 +19,12 @@ import pytest
 
 from devtools import web_types
 from firegen_core import contract, errors, lifecycle, quota, schema
-from firegen_core.contract import ContractError, parse_runsync_input
+from firegen_core.contract import ContractError, parse_document, parse_runsync_input
 from firegen_core.jobs import queued_document
 
 BASE = {"prompt": "a lighthouse", "user_id": "u1", "file_uid": "f1", "use_cloud_storage": True}
 TSC = web_types.REPO / "web" / "node_modules" / ".bin" / "tsc"
+ESBUILD = TSC.parent / "esbuild"
 
 
 def test_the_committed_web_types_are_a_fresh_generation():
@@ -28,12 +32,16 @@ def test_the_committed_web_types_are_a_fresh_generation():
     assert web_types.main(["--check"]) == 0
 
 
-def test_the_web_app_type_checks_against_the_generated_types():
-    if not TSC.exists():
+def _require_web_modules() -> None:
+    if not (TSC.exists() and ESBUILD.exists() and shutil.which("node")):
         message = "web/node_modules is not installed (python3 scripts/setup_web.py)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def test_the_web_app_type_checks_against_the_generated_types():
+    _require_web_modules()
     result = subprocess.run(
         [str(TSC), "--noEmit", "-p", str(TSC.parents[2])], capture_output=True, text=True, timeout=180
     )
@@ -99,3 +107,64 @@ def test_every_field_written_on_a_job_doc_has_a_type():
     assert job["status"]["enum"] == ["queued", "processing", "completed", "failed"]
     assert job["error_type"]["enum"] == list(errors.ERROR_TYPES)
     assert set(schema.VIDEO_INFO["required"]) == set(written[2]["video_info"])
+
+
+def _page_cases() -> list[dict]:
+    """Requests as the page builds them: every form field out of range, off its step, of the wrong type, and valid."""
+    cases: list[dict] = [
+        {"prompt": "  "},
+        {"prompt": "x" * 2001},
+        {"prompt": "\N{GRINNING FACE}" * 2000},  # 2,000 code points (4,000 UTF-16 units): accepted
+        {"negative_prompt": "x" * 2001},
+        {"negative_prompt": "blur"},
+        {"seed": 1.5},
+        {"seed": -7},
+        {},
+    ]
+    for name, spec in schema.request_schema()["properties"].items():
+        if name not in contract.PARAMS:
+            continue
+        step = spec.get("multipleOf", 1)
+        wrong_type = spec["minimum"] + 0.5 if spec["type"] == "integer" else "high"
+        cases += [{name: value} for value in (spec["minimum"] - step, spec["maximum"] + step, spec["default"])]
+        cases.append({name: wrong_type})
+        if "multipleOf" in spec:
+            cases.append({name: spec["minimum"] + spec["multipleOf"] // 2})
+    return [{**BASE, **case} for case in cases]
+
+
+def _document_message(request: dict) -> str | None:
+    """What the worker says of this request as a queued doc (the page's other flow), under the media it names."""
+    media = "videos" if contract.VIDEO_FIELDS & request.keys() else "images"
+    try:
+        parse_document(request["user_id"], media, request["file_uid"], request)
+    except ContractError as exc:
+        return exc.message
+    return None
+
+
+def test_the_web_apps_check_gives_the_contracts_messages(tmp_path):
+    """web/src/validate.ts (the page's check before it writes a queued doc) run in Node on the page's requests:
+    the contract's message for each, word for word, and nothing where the contract accepts it."""
+    _require_web_modules()
+    bundle = tmp_path / "validate.mjs"
+    source = web_types.REPO / "web" / "src" / "validate.ts"
+    build = [str(ESBUILD), str(source), "--bundle", "--format=esm", f"--outfile={bundle}", "--log-level=warning"]
+    subprocess.run(build, check=True, timeout=120)
+    runner = tmp_path / "run.mjs"
+    runner.write_text(
+        'import { readFileSync } from "node:fs";\n'
+        'import { contractMessage } from "./validate.mjs";\n'
+        'const requests = JSON.parse(readFileSync(0, "utf8"));\n'
+        "process.stdout.write(JSON.stringify(requests.map((r) => contractMessage(r))));\n"
+    )
+    cases = _page_cases()
+    # Past 2^53 the Firestore SDK writes a number as a double, which the contract reads as no integer.
+    cases.append({**cases[-1], "seed": 2**60})
+    expected = [_document_message(c) for c in cases[:-1]] + [_document_message({**cases[-1], "seed": 2.0**60})]
+    out = subprocess.run(
+        ["node", str(runner)], input=json.dumps(cases), capture_output=True, text=True, check=True, timeout=60
+    )
+    drift = {i: (got, want) for i, (got, want) in enumerate(zip(json.loads(out.stdout), expected)) if got != want}
+    assert drift == {}, "the page's check and the contract differ (case index: (page, contract))"
+    assert expected.count(None) < len(expected) and "width must be between 256 and 1024" in expected

@@ -265,10 +265,57 @@ def test_a_bad_input_shows_the_contracts_message(open_page, stack):
     assert app.page.get_by_role("alert").inner_text() == expected
     assert app.wait_final(file_uid) == "failed"
     assert app.job(file_uid).locator(".error").inner_text() == expected
+    assert app.job(file_uid).locator(".prompt").inner_text() == "far too wide"  # kept on the doc it created
     doc = firestore_client(stack).document(f"generations/{app.uid}/images/{file_uid}").get().to_dict()
     assert (doc["error_type"], doc["error_message"]) == ("ValidationError", expected)
     app.shot("bad-input")
     # The callable's HTTP 400 is the one thing the browser logs about it.
+    assert [p for p in app.problems() if "status of 400" not in p] == []
+
+
+def test_a_queued_doc_the_contract_refuses_shows_the_contracts_message(open_page, stack):
+    """Submitting through a queued doc, the page checks the request against the contract before it writes: the
+    contract's message, never the rules' evaluation text, and no doc. Where the rules refuse the write all the
+    same (here its id is taken: the page's random id is made a fixed one), a short message says so."""
+    app = open_page()
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    db = firestore_client(stack)
+    cases = [
+        (dict(Prompt="far too wide", Width="2000"), contract_message(width=2000)),
+        (dict(Prompt="too short", Width="256", Frames="5"), contract_message(num_frames=5)),
+        (dict(Frames="16", Width="264"), contract_message(video_width=264)),  # a video's sides step by 16
+        (dict(Prompt="   ", Width="256"), contract_message(prompt="   ")),
+    ]
+    assert cases[0][1] == "width must be between 256 and 1024" and cases[3][1] == "prompt is required"
+    for i, (fields, expected) in enumerate(cases):
+        if i == 1:
+            app.page.get_by_label("Video", exact=True).check()
+        app.fill(**fields)
+        app.page.get_by_role("button", name="Generate").click()
+        error = app.page.get_by_role("alert")
+        try:
+            app.page.wait_for_function(
+                "text => document.getElementById('form-error').textContent === text", arg=expected, timeout=10_000
+            )
+        except Exception as exc:
+            raise AssertionError(f"{fields}: expected {expected!r}\n{app.diagnosis()}") from exc
+        assert error.inner_text() == expected
+    app.shot("bad-input-document")
+    assert app.page.locator(".job").count() == 0
+    for media in ("images", "videos"):
+        assert list(db.collection(f"generations/{app.uid}/{media}").stream()) == []
+    assert app.problems() == []  # nothing was sent
+
+    # A valid request whose document the rules refuse: its id is another job's (creating it would overwrite it).
+    taken = db.document(f"generations/{app.uid}/videos/taken")
+    taken.set({"prompt": "already here", "status": "completed", "created_at": SERVER_TIMESTAMP})
+    app.page.evaluate("crypto.randomUUID = () => 'taken'")
+    app.fill(Prompt="a valid video", Width="256")
+    app.page.get_by_role("button", name="Generate").click()
+    app.page.wait_for_function("() => document.getElementById('form-error').textContent !== 'prompt is required'")
+    assert app.page.get_by_role("alert").inner_text() == "The job could not be queued: the server refused its document"
+    assert taken.get().to_dict()["prompt"] == "already here"
+    # The refused write's HTTP 400 is the one thing the browser logs about it.
     assert [p for p in app.problems() if "status of 400" not in p] == []
 
 

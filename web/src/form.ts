@@ -1,5 +1,6 @@
 // The form → a GenerationRequest. Ranges, steps and defaults come from the contract's schema
-// (contract.gen.ts); the form does not validate beyond that: the worker's contract answers with its own message.
+// (contract.gen.ts); the form does not validate: the callable answers with the contract's message, and for a
+// queued doc the page writes itself validate.ts gives the same one.
 import { REQUEST_SCHEMA, type GenerationRequest, type MediaType } from "./contract.gen";
 
 type Props = typeof REQUEST_SCHEMA.properties;

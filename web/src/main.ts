@@ -9,6 +9,7 @@ import { hostPort, loadConfig } from "./config";
 import type { GenerationRequest, MediaType } from "./contract.gen";
 import { applyRanges, mediaType, readRequest } from "./form";
 import { listenToJobs, renderJobs, type Job } from "./jobs";
+import { contractMessage } from "./validate";
 
 /** The callable's reply (functions/dispatch.py `generate`). */
 interface GenerateReply {
@@ -20,6 +21,9 @@ interface GenerateReply {
 }
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+
+/** A job document firestore.rules refused although the contract's check passed (their own text names no field). */
+const RULES_REFUSED = "The job could not be queued: the server refused its document";
 
 function say(text: string): void {
   $("form-error").textContent = "";
@@ -110,6 +114,10 @@ async function main(): Promise<void> {
     const request = readRequest(form, uid, crypto.randomUUID());
     const media = mediaType(form);
     const via = functions ? new FormData(form).get("via") : "document";
+    // The callable answers a refused request with the contract's message; a document write has only the rules'
+    // verdict, so the page checks the request against the contract first.
+    const refused = via === "document" ? contractMessage(request) : null;
+    if (refused) return fail(refused);
     button.disabled = true;
     say("Submitting…");
     try {
@@ -121,10 +129,8 @@ async function main(): Promise<void> {
         say(`${reply.data.message} (${reply.data.fileUid})`);
       }
     } catch (error) {
-      // The callable answers a refused request with the contract's own message (invalid-argument).
-      fail(isCode(error, "permission-denied") && via === "document"
-        ? `firestore.rules refused the job document: ${message(error)}`
-        : message(error));
+      // The callable's invalid-argument carries the contract's own message.
+      fail(isCode(error, "permission-denied") && via === "document" ? RULES_REFUSED : message(error));
     } finally {
       button.disabled = false;
     }

@@ -1,0 +1,65 @@
+// The contract's check of a request, in the page, for the flow where it writes the queued doc itself: only
+// firestore.rules answer that write, and their refusal names no field. Limits and ranges come from the contract's
+// schema (contract.gen.ts); the messages are firegen_core/contract.py's, word for word and in its order
+// (tests/test_schema.py compares the two field by field).
+import { REQUEST_SCHEMA, type GenerationRequest } from "./contract.gen";
+
+/** A request property as schema.py writes it (the subset read here). */
+interface Spec {
+  type?: "string" | "integer" | "number" | "boolean" | "null";
+  anyOf?: readonly Spec[];
+  maxLength?: number;
+  minimum?: number;
+  maximum?: number;
+  multipleOf?: number;
+  "x-video"?: boolean;
+}
+
+// The page fills these itself (the signed-in uid, a random UUID, true); the contract's messages for them are not
+// a user's to act on.
+const FILLED_BY_PAGE = new Set(["user_id", "file_uid", "use_cloud_storage"]);
+
+const invalid = (what: string) => `Validation failed: ${what}`;
+
+/** The contract's message for the first field it refuses, or null where it accepts the request. */
+export function contractMessage(request: GenerationRequest): string | null {
+  const required = REQUEST_SCHEMA.required as readonly string[];
+  for (const [name, spec] of Object.entries(REQUEST_SCHEMA.properties) as [string, Spec][]) {
+    if (FILLED_BY_PAGE.has(name)) continue;
+    const value = (request as unknown as Record<string, unknown>)[name];
+    const message = check(name, spec, value, required.includes(name));
+    if (message) return message;
+  }
+  return null;
+}
+
+function check(name: string, node: Spec, value: unknown, required: boolean): string | null {
+  if (value === undefined || value === null || (required && typeof value === "string" && !value.trim())) {
+    return required ? `${name} is required` : null;
+  }
+  const nullable = node.anyOf !== undefined;
+  const spec = node.anyOf?.find((option) => option.type !== "null") ?? node;
+  if (spec.type === "string") {
+    if (typeof value !== "string") return invalid(`${name} must be a string`);
+    // Python counts code points; a JS string's length counts UTF-16 units (an emoji is two).
+    if (spec.maxLength !== undefined && [...value].length > spec.maxLength) {
+      return invalid(`${name} must be at most ${spec.maxLength} characters`);
+    }
+  } else if (spec.type === "integer" || spec.type === "number") {
+    const integer = spec.type === "integer";
+    // Past 2^53 the Firestore SDK stores a number as a double, which the contract does not read as an integer.
+    if (typeof value !== "number" || (integer && !Number.isSafeInteger(value))) {
+      return invalid(`${name} must be ${integer ? "an integer" : "a number"}${nullable ? " or null" : ""}`);
+    }
+    const { minimum = -Infinity, maximum = Infinity } = spec;
+    if (!(Number.isFinite(value) && minimum <= value && value <= maximum)) {
+      const bound = (b: number) => (integer ? String(b) : b.toFixed(1));
+      return `${name} must be between ${bound(minimum)} and ${bound(maximum)}`;
+    }
+    if (spec.multipleOf && value % spec.multipleOf) {
+      const model = spec["x-video"] ? "the video model" : "SDXL";
+      return invalid(`${name} must be a multiple of ${spec.multipleOf} for ${model} (got ${value})`);
+    }
+  }
+  return null;
+}
