@@ -228,3 +228,24 @@ def test_make_dev_restarts_a_killed_worker_then_gives_up_after_its_restarts(tmp_
     ), output
     assert output.count("make dev: the worker is back") == 1 and "all processes stopped" in output
     assert run.left_behind() == []
+
+
+def test_make_dev_ends_saying_so_when_an_emulator_dies(tmp_path):
+    """An emulator is not restarted (its data went with it): `make dev` says which process died and how, stops
+    the rest and exits 1."""
+    try:
+        emu.firestore_backend()
+    except emu.EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    run = StackRun(tmp_path, "--no-firebase-cli", "--no-examples")
+    with running_stack(run.cmd, run.env) as stack:
+        (storage,) = [
+            pid for pid, command in run.processes().items() if "storage_emulator" in command.replace("-", "_")
+        ]
+        os.kill(storage, signal.SIGKILL)
+        assert emu.wait_until(lambda: stack.proc.poll() is not None, 90, 0.2), stack.output
+    output = stack.output
+    assert stack.proc.returncode == 1, output
+    assert f"make dev: the Storage emulator (pid {storage}) was killed by SIGKILL (log " in output
+    assert ": stopping everything; run `make dev` again" in output and "all processes stopped" in output
+    assert run.left_behind() == []
