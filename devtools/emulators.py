@@ -155,6 +155,12 @@ class Emulator:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        """How its process ended without stop() (negative: the signal that ended it); None while it runs or once
+        stopped."""
+        return self._proc.poll() if self._proc else None
+
     def start(self) -> Emulator:
         with self._lock:
             if self.running:

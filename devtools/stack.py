@@ -11,6 +11,9 @@ then acts as the contract's client, signed in to the Auth emulator:
 - video example: writes the queued doc only; the `dispatchQueuedJob` Firestore trigger dispatches it;
 and prints each doc's status progression live, with the result URLs and the files saved under out/dev/.
 It keeps running for `make submit PROMPT=...` until Ctrl-C (or SIGTERM), which stops every process it started.
+It watches what it started: a worker that dies is said in one line and started again (at most
+`--worker-restarts` times; the queue is in Firestore, so the new worker takes the dead one's job over once its
+lease ends); any other process that dies ends `make dev` (its state went with it), saying which one.
 
 Where the Firebase CLI cannot run (not set up, no Node or Java, or it fails to start), or with
 `--no-firebase-cli`, it says so in one line and runs the fallback: the standalone Firestore emulator (no
@@ -28,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,6 +45,16 @@ from devtools.worker import WorkerProcess
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "out" / "dev"
 PORT_NAMES = ("auth", "functions", "firestore", "storage", "worker", "hosting")
+WORKER_RESTARTS = 3  # a worker that keeps dying has something to read in its log, not a restart to wait for
+WATCH_INTERVAL_S = 0.5
+# What a dead process is called in the line that says so (by Emulator.name).
+LABELS = {
+    "worker": "the worker",
+    "storage": "the Storage emulator",
+    "firestore": "the Firestore emulator",
+    "firebase-cli": "the Firebase CLI's emulators",
+    "web": "the web app's static server",
+}
 
 IMAGE_EXAMPLE = {
     "prompt": "A sunset over mountains",
@@ -92,6 +106,12 @@ def parse_args(argv: list[str] | None):
         action="store_true",
         help="the fallback: standalone Firestore emulator, runsync posted by the client",
     )
+    parser.add_argument(
+        "--worker-restarts",
+        type=int,
+        default=WORKER_RESTARTS,
+        help=f"how many times a worker that died is started again (default {WORKER_RESTARTS}; 0: never)",
+    )
     parser.add_argument("--project", default=project, help=f"Firebase project id (default {project}, .firebaserc)")
     parser.add_argument(
         "--out",
@@ -133,6 +153,7 @@ class Stack:
         self.started: list[emu.Emulator] = []
         self._guard = threading.Lock()  # a start in a helper thread vs. stop_all()
         self._stopping = False
+        self.worker_restarts = 0
 
     def start(self, process: emu.Emulator, what: str) -> emu.Emulator:
         with self._guard:
@@ -265,6 +286,32 @@ class Stack:
         )
         return self.fallback(storage, bucket)
 
+    def watch(self) -> None:
+        """Between waits, in the main thread (so Ctrl-C during a restart stops it like any start): a process that
+        ended on its own is said in one line. The worker is started again on its port, as a supervisor would;
+        anything else raises EmulatorError, which ends `make dev` (an emulator's data went with it)."""
+        for process in list(self.started):
+            code = process.exit_code
+            if code is None:
+                continue
+            label = LABELS.get(process.name, process.name)
+            died = f"{label} (pid {process.pid}) {ended(code)} (log {shown_path(process.log_path)})"
+            if not isinstance(process, WorkerProcess):
+                raise emu.EmulatorError(f"{died}: stopping everything; run `make dev` again")
+            if self.worker_restarts >= self.args.worker_restarts:
+                raise emu.EmulatorError(
+                    f"{died}, after {self.worker_restarts} restart(s) (--worker-restarts {self.args.worker_restarts}):"
+                    " stopping everything; run `make dev` again"
+                )
+            self.worker_restarts += 1
+            lease = process.settings["LEASE_SECONDS"]
+            say(
+                f"make dev: {died}; restarting it ({self.worker_restarts} of {self.args.worker_restarts}). A job it "
+                f"was running goes back to the queue when its lease ends (LEASE_SECONDS={lease})"
+            )
+            process.restart()
+            say(f"make dev: the worker is back (pid {process.pid}, ready in {process.last_start_seconds:.1f} s)")
+
     def abort_starts(self, but: emu.Emulator) -> None:
         """SIGTERM to each process still starting in a helper thread: its start() then fails and cleans up."""
         for process in list(self.started):
@@ -283,7 +330,17 @@ class Stack:
                 say(f"make dev: {exc}")
 
 
-def run_examples(client: Client, cli: bool) -> None:
+def ended(code: int) -> str:
+    """A process's end in words, from Popen's returncode (negative: the signal)."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+def run_examples(client: Client, cli: bool, watch: Callable[[], None]) -> None:
     image_via, video_via = ("callable", "document") if cli else ("runsync", "document")
     if cli:
         say(
@@ -309,6 +366,7 @@ def run_examples(client: Client, cli: bool) -> None:
     for run in runs:
         while run.is_alive():
             run.join(0.1)
+            watch()  # a worker killed during the examples is restarted, and they finish
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_examples:
             client = Client(info)
             t1 = time.monotonic()
-            run_examples(client, cli=info.functions is not None)
+            run_examples(client, cli=info.functions is not None, watch=stack.watch)
             say(
                 f"\nboth examples done in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s after start); "
                 f"results in {shown_path(args.out)}"
@@ -345,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             "(add VIDEO=1 for a video). Ctrl-C stops everything."
         )
         while True:
-            signal.pause()
+            stack.watch()
+            time.sleep(WATCH_INTERVAL_S)
     except KeyboardInterrupt:
         say("\nstopping...")
         return 0

@@ -208,6 +208,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig | None = None, runtime: Runtime | None = None):
         self.config = config or EngineConfig()
+        if not self.config.fp8:
+            fp8.quiet_unused_import()  # before any model loads: loading imports torchao
         self.runtime = runtime or Runtime.detect(
             self.config.device,
             self.config.dtype,

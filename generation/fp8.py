@@ -1,7 +1,8 @@
 """FIREGEN_FP8=on: the denoisers' linear layers in float8 (torchao: dynamic activation and weight scaling, one
 scale per row), for Hopper/Ada GPUs. Opt-in: lossy (its PSNR/SSIM against bf16 is measured by bench/gpu.py).
 
-torchao is the `fp8` extra (the image installs it): it is imported only when FP8 is asked for, and a worker asked
+torchao is the `fp8` extra (the image installs it): this module imports it only when FP8 is asked for (with FP8 off,
+the lines transformers' and diffusers' own import of it logs are dropped: `quiet_unused_import`), and a worker asked
 for FP8 where it cannot run it (no CUDA, a card without float8 tensor cores, torchao missing) refuses to start
 with one line naming the setting, instead of silently serving the slower bf16 it was not configured for.
 """
@@ -9,6 +10,9 @@ with one line naming the setting, instead of silently serving the slower bf16 it
 from __future__ import annotations
 
 import importlib.util
+import logging
+import re
+from collections.abc import Callable
 
 SETTING = "FIREGEN_FP8"
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9), Hopper (9.0) and later
@@ -33,6 +37,40 @@ def refusal(device: str) -> str | None:
     if importlib.util.find_spec("torchao") is None:
         return f"{SETTING}=on needs torchao (pip install 'firegen-worker[fp8]'), which is not installed"
     return None
+
+
+# transformers and diffusers import torchao whenever it is installed (their quantizer registries), so every worker
+# loads it even with FP8 off, and on a machine that can't run its kernels (a CPU, no triton) the import logs these
+# WARNING lines: about kernels such a worker never calls. Each is matched by its logger and exact message, so
+# anything else torchao (or torch, or diffusers) says still shows; with FP8 on nothing is filtered.
+_KERNEL_LIBRARY = re.compile(r"Failed to load \S*/torchao/_C\S*\.so: ")
+
+
+def _registers_a_torchao_enum(record: logging.LogRecord) -> bool:
+    """torch's deprecation note on torchao's own enums (KernelPreference, ...), which torchao registers on import."""
+    registered = record.args[0] if isinstance(record.args, tuple) and record.args else None
+    return str(getattr(registered, "__module__", "")).startswith("torchao")
+
+
+_IMPORT_NOISE: dict[str, Callable[[logging.LogRecord], bool]] = {
+    "torchao": lambda record: bool(_KERNEL_LIBRARY.match(record.getMessage())),
+    "torchao.kernel.intmm": lambda record: "Detected no triton" in record.getMessage(),
+    "torch.utils._pytree": _registers_a_torchao_enum,
+    "diffusers.quantizers.torchao.torchao_quantizer": lambda record: record.getMessage().startswith(
+        "Unable to import `torchao` Tensor objects"
+    ),
+}
+
+
+def _not_import_noise(record: logging.LogRecord) -> bool:
+    is_noise = _IMPORT_NOISE.get(record.name)
+    return not (is_noise and is_noise(record))
+
+
+def quiet_unused_import() -> None:
+    """With FP8 off: drop what torchao's import logs (above). Call before the models load; calling again is a no-op."""
+    for name in _IMPORT_NOISE:
+        logging.getLogger(name).addFilter(_not_import_noise)
 
 
 def _fits(module, _name: str) -> bool:

@@ -4,6 +4,7 @@ developer's `make dev` and other tests can run beside it), acting as the contrac
 - Through the Firebase CLI's Auth, Functions and Firestore emulators: the two examples, then `make submit` and a
   refused request against the running stack, then Ctrl-C.
 - The fallback without the CLI, with `--once`.
+- A worker killed under it: said, restarted (a bounded number of times), its job finished by the new one.
 
 Each run must leave no process and no port behind: every process the stack starts inherits a marker variable
 from it, and none may carry it after the stack exits.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -24,7 +26,8 @@ from fixtures_stack import running_stack
 
 from devtools import emulators as emu
 from devtools import firebase_cli, web
-from devtools.client import Client, StackInfo, firestore_client
+from devtools.client import Client, StackInfo, firestore_client, post_runsync
+from devtools.stack import IMAGE_EXAMPLE
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "FIREGEN_DEV_STACK_TEST"
@@ -52,18 +55,29 @@ class StackRun:
         ]
         self.env = {**os.environ, MARK: self.mark, "PYTHONUNBUFFERED": "1"}
 
-    def left_behind(self) -> list[str]:
-        """Processes that still carry this run's marker, and ports still taken."""
-        found = [f"port {port} ({name})" for name, port in self.ports.items() if emu.port_open(emu.HOST, port)]
+    def processes(self) -> dict[int, str]:
+        """pid → command line of each process that carries this run's marker."""
+        found = {}
         needle = f"{MARK}={self.mark}".encode()
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 if needle in (proc / "environ").read_bytes().split(b"\0"):
-                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    found.append(f"pid {proc.name}: {command[:120]}")
+                    found[int(proc.name)] = (
+                        (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    )
             except OSError:
                 continue
         return found
+
+    def worker_pid(self) -> int:
+        """The worker's process (`python -m listener`), which the stack started."""
+        (pid,) = [pid for pid, command in self.processes().items() if " -m listener " in command]
+        return pid
+
+    def left_behind(self) -> list[str]:
+        """Processes that still carry this run's marker, and ports still taken."""
+        found = [f"port {port} ({name})" for name, port in self.ports.items() if emu.port_open(emu.HOST, port)]
+        return found + [f"pid {pid}: {command[:120]}" for pid, command in self.processes().items()]
 
 
 def statuses(output: str, file_uid: str) -> list[str]:
@@ -177,4 +191,61 @@ def test_make_dev_once_without_the_firebase_cli(tmp_path):
         assert f"web app: http://127.0.0.1:{run.ports['hosting']}/\n" in output
     assert_examples_done(output, run.out)
     assert "all processes stopped" in output and not (run.out / "stack.json").exists()
+    assert run.left_behind() == []
+
+
+def test_make_dev_restarts_a_killed_worker_then_gives_up_after_its_restarts(tmp_path):
+    """`kill -9` of the worker: `make dev` says so in one line and starts another on the same port, which finishes
+    the job the killed one had accepted (from the queue in Firestore). With `--worker-restarts 1` the next death
+    ends `make dev` (exit code 1), saying why, and leaves nothing behind. (The fallback: the quicker stack to start;
+    the watch is the same under the Firebase CLI.)"""
+    try:
+        emu.firestore_backend()
+    except emu.EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    run = StackRun(tmp_path, "--no-firebase-cli", "--no-examples", "--worker-restarts", "1")
+    with running_stack(run.cmd, run.env) as stack:
+        info = StackInfo(**json.loads((run.out / "stack.json").read_text()))
+        job = {**IMAGE_EXAMPLE, "file_uid": "killed-worker-1", "width": 256, "height": 256}
+        assert post_runsync(info.runsync_url, job)["output"]["status"] == "accepted"
+        killed = run.worker_pid()
+        os.kill(killed, signal.SIGKILL)
+        assert emu.wait_until(lambda: "make dev: the worker is back" in stack.output, 120, 0.2), stack.output
+        assert f"make dev: the worker (pid {killed}) was killed by SIGKILL (log " in stack.output
+        assert "; restarting it (1 of 1). A job it was running goes back to the queue" in stack.output
+        doc = firestore_client(info).document(f"generations/{job['user_id']}/images/killed-worker-1")
+        assert emu.wait_until(lambda: (doc.get().to_dict() or {}).get("status") == "completed", 120, 0.5)
+
+        restarted = run.worker_pid()
+        assert restarted != killed
+        os.kill(restarted, signal.SIGKILL)
+        assert emu.wait_until(lambda: stack.proc.poll() is not None, 90, 0.2), stack.output
+    output = stack.output
+    assert stack.proc.returncode == 1, output
+    assert (
+        f"make dev: the worker (pid {restarted}) was killed by SIGKILL (log " in output
+        and "after 1 restart(s) (--worker-restarts 1): stopping everything; run `make dev` again" in output
+    ), output
+    assert output.count("make dev: the worker is back") == 1 and "all processes stopped" in output
+    assert run.left_behind() == []
+
+
+def test_make_dev_ends_saying_so_when_an_emulator_dies(tmp_path):
+    """An emulator is not restarted (its data went with it): `make dev` says which process died and how, stops
+    the rest and exits 1."""
+    try:
+        emu.firestore_backend()
+    except emu.EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    run = StackRun(tmp_path, "--no-firebase-cli", "--no-examples")
+    with running_stack(run.cmd, run.env) as stack:
+        (storage,) = [
+            pid for pid, command in run.processes().items() if "storage_emulator" in command.replace("-", "_")
+        ]
+        os.kill(storage, signal.SIGKILL)
+        assert emu.wait_until(lambda: stack.proc.poll() is not None, 90, 0.2), stack.output
+    output = stack.output
+    assert stack.proc.returncode == 1, output
+    assert f"make dev: the Storage emulator (pid {storage}) was killed by SIGKILL (log " in output
+    assert ": stopping everything; run `make dev` again" in output and "all processes stopped" in output
     assert run.left_behind() == []

@@ -60,6 +60,35 @@ def test_fp8_on_a_cpu_is_refused_at_start_up_in_one_line(tmp_path, capsys, monke
     assert not any(tmp_path.iterdir())
 
 
+def test_with_fp8_off_an_engine_drops_torchaos_import_warnings_and_nothing_else(caplog):
+    """transformers and diffusers import torchao while models load, whatever FIREGEN_FP8 says; on a machine without
+    its kernels (this CPU) the import warns of them. With FP8 off an engine drops exactly those lines (the worker's
+    log: tests/test_worker_api.py); anything else torchao says still shows."""
+    Engine(EngineConfig(image_model="none", video_model="none", device="cpu"))
+    torchao = logging.getLogger("torchao")
+    try:
+        with caplog.at_level(logging.WARNING):
+            torchao.warning(
+                "Failed to load /v/site-packages/torchao/_C_mxfp8.cpython-310.so: Could not load this library"
+            )
+            logging.getLogger("torchao.kernel.intmm").warning("Warning: Detected no triton, on systems without Triton")
+            pytree = logging.getLogger("torch.utils._pytree")
+            pytree.warning(
+                "%s is an Enum subclass", type("KernelPreference", (), {"__module__": "torchao.quantization"})
+            )
+            torchao.warning("Failed to load /v/site-packages/other/_C.so: not torchao's")
+            torchao.warning("quantize_ found nothing to quantize")
+            pytree.warning("%s is an Enum subclass", type("Other", (), {"__module__": "someone.else"}))
+        assert [record.getMessage() for record in caplog.records] == [
+            "Failed to load /v/site-packages/other/_C.so: not torchao's",
+            "quantize_ found nothing to quantize",
+            "<class 'someone.else.Other'> is an Enum subclass",
+        ]
+    finally:
+        for name in fp8._IMPORT_NOISE:  # as the rest of the session had it
+            logging.getLogger(name).removeFilter(fp8._not_import_noise)
+
+
 def test_fp8_on_a_card_without_torchao_or_float8_is_refused(monkeypatch):
     """No GPU here: torch.cuda's capability and name are stood in for, and torchao's absence (it is installed)."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")

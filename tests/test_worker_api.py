@@ -172,6 +172,15 @@ def test_the_contracts_image_example_end_to_end(stack):
     assert (image.format, image.size) == ("PNG", (512, 512))
 
 
+def test_a_worker_with_fp8_off_logs_nothing_of_torchaos_import(stack):
+    """FIREGEN_FP8 is off (the default), yet transformers and diffusers import torchao while the worker loads its
+    models; on this CPU that import warns of kernels it cannot load, which this worker never calls."""
+    log = stack.worker.log_path.read_text()
+    assert '"event": "worker_ready"' in log
+    noise = [line for line in log.splitlines() if "torchao" in line or "triton" in line.lower() or "_pytree" in line]
+    assert noise == []
+
+
 def test_the_contracts_video_example_end_to_end(stack):
     path = "generations/test-user/videos/test-vid-001"
     log = stack.client_writes_queued_doc(path, VIDEO_EXAMPLE)
