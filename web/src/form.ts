@@ -71,7 +71,8 @@ export function readRequest(form: HTMLFormElement, userId: string, fileUid: stri
   };
   if (text("negative_prompt").trim()) request.negative_prompt = text("negative_prompt");
   const seed = input("seed");
-  if (seed.value !== "") request.seed = seed.valueAsNumber;
+  // + 0 turns a typed -0 into 0: Firestore would store -0 as a double, which the rules and the worker refuse.
+  if (seed.value !== "") request.seed = seed.valueAsNumber + 0;
   for (const [id, field] of Object.entries(FIELDS[media])) {
     const element = input(id);
     if (element.value !== "") request[field] = element.valueAsNumber;
