@@ -38,6 +38,13 @@ RUN mkdir -p /models && if [ "$BAKE_MODELS" = "1" ]; then \
 FROM ${PYTHON_IMAGE}
 ARG IMAGE_MODEL=stabilityai/stable-diffusion-xl-base-1.0
 ARG VIDEO_MODEL=Wan-AI/Wan2.1-T2V-1.3B-Diffusers
+# torch.compile (FIREGEN_COMPILE=auto, on by default on CUDA) builds Triton's launcher with a C compiler at run
+# time; the slim image has none, and without it every compile fails and the worker stays eager. Debian's
+# packages of the base image's release: their versions move with its security updates, hence unpinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 COPY --from=weights /models /models
 WORKDIR /app

@@ -5,7 +5,8 @@
   JSON): credentials from it, passed to both clients; the project defaults to the key's `project_id`. Signed
   URLs (URL_STYLE=signed) are signed offline with that key.
 - Otherwise Application Default Credentials, as the Google libraries find them.
-A key that the auth library cannot load stops start-up with one line naming the variable, never its content.
+A key that the auth library cannot load stops start-up with one line naming the variable, never its content; so
+does a worker with no credentials at all (no key, no Application Default Credentials).
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from .settings import Settings, SettingsError
+
+NO_CREDENTIALS = (
+    "no Google credentials: set FIREBASE_SERVICE_ACCOUNT_JSON to the worker's service account key (its JSON text), "
+    "or run where Application Default Credentials exist"
+)
 
 
 def credentials(settings: Settings) -> tuple[Any, str | None]:
@@ -34,11 +40,15 @@ def credentials(settings: Settings) -> tuple[Any, str | None]:
 
 def clients(settings: Settings) -> tuple[Any, Any]:
     """(firestore.Client, storage.Client) for these settings. Constructing them makes no network call."""
+    from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import firestore, storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
     creds, project = credentials(settings)  # validated even under the emulators: a bad key fails everywhere
     # The libraries read FIRESTORE_EMULATOR_HOST / STORAGE_EMULATOR_HOST themselves and use the emulators'
     # own credentials there.
-    db = firestore.Client(project=project, credentials=None if settings.firestore_emulator_host else creds)
-    files = storage.Client(project=project, credentials=None if settings.storage_emulator_host else creds)
+    try:
+        db = firestore.Client(project=project, credentials=None if settings.firestore_emulator_host else creds)
+        files = storage.Client(project=project, credentials=None if settings.storage_emulator_host else creds)
+    except DefaultCredentialsError:  # no key given and no Application Default Credentials (a RunPod worker)
+        raise SettingsError(NO_CREDENTIALS) from None
     return db, files

@@ -172,3 +172,24 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
     for secret in (*signatures, "abc123", "t0k3n", pem_body(key_json)):
         assert secret not in text
     assert all(json.loads(line)["severity"] for line in text.splitlines())
+
+
+def test_no_credentials_at_all_stop_start_up_with_one_line(tmp_path):
+    """A RunPod worker deployed without its key has no Application Default Credentials either: one line, exit 2
+    (before, a DefaultCredentialsError traceback, and RunPod restarting the worker for ever)."""
+    from listener.credentials import NO_CREDENTIALS
+
+    drop = ("FIREBASE_SERVICE_ACCOUNT_JSON", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "HOME")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.endswith("_EMULATOR_HOST")}
+    # No gcloud login to find (an empty home and SDK config) and no metadata server to ask (not on Google Cloud).
+    env.update(
+        STORAGE_BUCKET="b",
+        GOOGLE_CLOUD_PROJECT="demo-x",
+        HOME=str(tmp_path),
+        CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+        NO_GCE_CHECK="True",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {NO_CREDENTIALS}\n")

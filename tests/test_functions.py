@@ -914,6 +914,9 @@ def test_the_indexes_cover_the_queries():
         status = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == (media, "status")]
         assert {"order": "ASCENDING", "queryScope": "COLLECTION_GROUP"} in status[0]["indexes"]  # queued listener
         assert {"order": "ASCENDING", "queryScope": "COLLECTION"} in status[0]["indexes"]  # defaults kept
+        # README "Retention": the TTL policy lives here too, or every `firebase deploy` offers to delete it.
+        ttl = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == (media, "expire_at")]
+        assert ttl == [{"collectionGroup": media, "fieldPath": "expire_at", "ttl": True, "indexes": []}]
 
 
 # ---------------------------------------------------------------------------------------------- Firebase CLI

@@ -83,3 +83,16 @@ def test_hub_json_has_what_the_hub_requires(key):
     assert config["runsOn"] == "GPU" and config["allowedCudaVersions"] == HUB_TESTS["config"]["allowedCudaVersions"]
     # cu128 torch wheels in the image: CUDA 12.8 or newer only (README "On RunPod Serverless").
     assert min(tuple(map(int, v.split("."))) for v in config["allowedCudaVersions"]) >= (12, 8)
+
+
+def test_the_hubs_root_handler_py_is_the_worker():
+    """The RunPod Hub looks for a root handler.py: it must run the same worker as the Dockerfile's CMD."""
+    import importlib.util
+
+    import listener.__main__
+
+    spec = importlib.util.spec_from_file_location("hub_handler", ROOT / "handler.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main is listener.__main__.main
