@@ -791,6 +791,20 @@ def _deploy_folder(tmp_path: Path) -> Path:
 
 
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_the_functions_deploy_the_versions_the_tests_ran():
+    """Cloud Build installs functions/requirements.txt at each deploy: exact pins, equal to functions/venv's."""
+    pins = dict(
+        line.split("==")
+        for line in (FUNCTIONS / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    script = "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+    done = subprocess.run([str(FUNCTIONS_PYTHON), "-c", script, *pins], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == pins
+    assert "google-api-core" in pins  # firegen_core imports it directly
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
 def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     """main.py imports from the deploy folder alone, with only functions/requirements.txt installed."""
     deploy = _deploy_folder(tmp_path)
