@@ -5,10 +5,12 @@ RunPod wraps the worker's answer in an envelope:
     {"id", "status": "FAILED", "error": "<the contract's message>"}       the worker refused the request
     {"id", "status": "IN_QUEUE" | "IN_PROGRESS"}                          no worker answered within runsync's
                                                                           wait (cold start): the job is queued
-Connection errors, timeouts, HTTP 5xx and 429 are retried (a few attempts, short exponential waits, one
-overall deadline): the worker is idempotent by file_uid, so sending the same job twice is safe. Whatever
-still fails is UNDELIVERED: the caller leaves the Firestore doc queued, where a warm worker's listener or
-the scheduled re-dispatch will still find it.
+Connection errors, connect timeouts, HTTP 5xx and 429 are retried (a few attempts, short exponential waits, one
+overall deadline): the worker is idempotent by file_uid, so sending the same job twice is safe. A request sent
+but not answered in time (a read timeout: RunPod holds runsync open during a cold start) is QUEUED, not sent
+again: each send would be one more RunPod job, and RunPod starts workers for its queue. Whatever still fails is
+UNDELIVERED: the caller leaves the Firestore doc queued, where a warm worker's listener or the scheduled
+re-dispatch will still find it.
 
 The API key goes only into the Authorization header. No message built here contains it (they are scrubbed
 once more before they leave, in case a library ever echoes a header).
@@ -131,8 +133,14 @@ class RunPodClient:
             response = self.session.post(
                 self.url, json={"input": dict(job_input)}, headers=headers, timeout=(self.connect_timeout, timeout)
             )
-        except requests.Timeout as exc:
+        except requests.ConnectTimeout as exc:  # never reached RunPod: safe to send again
             raise _Transient(f"timed out ({type(exc).__name__})") from None
+        except requests.Timeout:
+            # Sent, and RunPod holds runsync open while no worker is ready (a cold start): the job is in its
+            # queue. Sending it again would queue a second RunPod job for it, and RunPod scales on its queue.
+            return Verdict(
+                QUEUED, f"RunPod took the job but did not answer within {timeout:g} s (a worker is starting)"
+            )
         except requests.ConnectionError as exc:
             raise _Transient(f"connection failed ({type(exc).__name__})") from None
         except requests.RequestException as exc:  # a malformed URL, say: repeating will not help
