@@ -62,8 +62,8 @@ _AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 
 def _fp8(settings: ModelSettings) -> bool:
-    """FIREGEN_FP8: on where it can't run is refused here, at start-up, in one line (auto is off: FP8 is lossy,
-    so it is only ever asked for)."""
+    """FIREGEN_FP8: on where it can't run is refused here, at start-up, in one line (FP8 is lossy: there is no
+    auto, it is only ever asked for)."""
     if settings.fp8 != "on":
         return False
     import torch

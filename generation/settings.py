@@ -48,7 +48,7 @@ class ModelSettings(BaseSettings):
     compile: AutoOnOff = Field("auto", validation_alias=env("FIREGEN_COMPILE"))
     compile_cache: str | None = Field(None, validation_alias=env("FIREGEN_COMPILE_CACHE"))
     hf_home: str | None = Field(None, validation_alias=env("HF_HOME"))
-    fp8: AutoOnOff = Field("off", validation_alias=env("FIREGEN_FP8"))
+    fp8: OnOff = Field("off", validation_alias=env("FIREGEN_FP8"))  # lossy: only ever asked for, never "auto"
     attention_backend: str = Field("auto", validation_alias=env("FIREGEN_ATTENTION_BACKEND"))
     video_cache: str = Field("off", validation_alias=env("FIREGEN_VIDEO_CACHE"))
     video_cache_threshold: str | None = Field(None, validation_alias=env("FIREGEN_VIDEO_CACHE_THRESHOLD"))
