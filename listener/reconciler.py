@@ -357,7 +357,17 @@ class Reconciler:
         elif doc.get(lifecycle.CANCEL_REQUESTED):
             self._cancel_queued(key)
         else:
+            self._stop_if_queued_again(key, doc)
             self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc))
+
+    def _stop_if_queued_again(self, key: JobKey, doc: dict) -> None:
+        """A job running here shows up queued, still carrying this claim's attempt: its request restated it on
+        another worker (`lifecycle.restate` keeps the attempt; the doc before this claim had one fewer, and a
+        release one fewer again), so this run is stale. Stopped now rather than at its next lease renewal."""
+        with self._cv:
+            lease = self._leases.get(key)
+        if lease is not None and doc.get("attempts") == lease.attempt:
+            self.preempt(key, lease)
 
     def _on_cancel_change(self, name: str, key: JobKey, change: str, doc: dict) -> None:
         if change == "REMOVED":

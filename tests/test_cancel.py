@@ -235,3 +235,32 @@ def test_shutdown_releases_are_counted_on_the_doc(sched_worker, firestore_client
     worker.stop(grace=0.2)
     doc = read(firestore_client, key)
     assert (doc["status"], doc["releases"], doc["attempts"]) == ("queued", 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------- restated
+def test_a_run_restated_on_another_worker_stops_at_once_and_runs_again_with_the_new_parameters(
+    sched_worker, firestore_client
+):
+    """The contract's function flow when this worker's listener took the placeholder doc and the request reached
+    another worker: that worker's restate queues the job again; this worker hears it queued with its own claim's
+    attempt and stops the stale run at its next step (before, only at its next lease renewal: a third of the
+    lease, 10 s here, 40 s by default), then claims it again."""
+    generator = StepGenerator(threading.Event())  # holds each job, reporting progress at every "step"
+    worker = sched_worker("w", generator)
+    key = JobKey("u1", "images", "restated")
+    queue_jobs(firestore_client, [key])
+    assert generator.started.wait(15)
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobStore
+
+    request = {"prompt": "A red sports car", "user_id": "u1", "file_uid": "restated", "use_cloud_storage": True}
+    outcome = JobStore(firestore_client).ensure_queued(parse_runsync_input({**request, "width": 256}))
+    assert outcome.displaced is not None and outcome.displaced.worker_id == "w"
+    asked = time.monotonic()
+    again = wait_until(lambda: read(firestore_client, key).get("attempts") == 2 or None, timeout=5)
+    assert again and time.monotonic() - asked < 3.0
+    generator.gate.set()
+    doc = wait_until(lambda: finished(firestore_client, key))
+    assert (doc["status"], doc["attempts"], doc["width"]) == ("completed", 2, 256)
+    assert generator.calls == ["restated", "restated"]
+    assert worker.wait_idle(5)
