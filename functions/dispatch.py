@@ -1,7 +1,8 @@
 """What the Cloud Functions do, as plain functions that take their clients (tests call these directly).
 
 - `generate`: the `generateWithRunPod` callable. Validates the caller's request with the worker's own
-  contract, creates the queued job doc unless the client already wrote it, and dispatches it to RunPod.
+  contract, creates the queued job doc unless the client already wrote it (a client's doc takes the call's
+  parameters where it says otherwise: `lifecycle.restate`), and dispatches it to RunPod.
 - `dispatch_created`: the Firestore trigger for job docs that clients write themselves: dispatch once.
 - `redispatch_stale`: the scheduled sweep: wake a worker again for jobs nobody picked up, a bounded number of
   times, then fail them with a clear message, but only when no worker has been alive for the whole stale
