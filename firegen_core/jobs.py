@@ -214,8 +214,9 @@ class JobStore:
         if admit and quota.pending(after) and quota.admitted(before) and PARAMETER_FIELDS & update.keys():
             # Restated with other parameters: charged the new estimate's difference, within the budget.
             cost = _cost(key, after)
-            extra = (cost or 0.0) - float((before or {}).get(quota.COST) or 0)
-            why = quota.budget_refusal(usage, extra, self.limits, now) if extra > 0 else None
+            charged = float((before or {}).get(quota.COST) or 0)
+            extra = (cost or 0.0) - charged
+            why = quota.budget_refusal(usage, extra, self.limits, now, charged=charged) if extra > 0 else None
             if why is not None:
                 return lifecycle.failure(
                     GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid

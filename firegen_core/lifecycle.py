@@ -44,6 +44,7 @@ class JobStatus(StrEnum):
 QUEUED, PROCESSING, COMPLETED, FAILED = (status.value for status in JobStatus)
 CANCEL_REQUESTED = "cancel_requested"  # set by the job's owner (client or the cancelGeneration callable)
 RELEASES = "releases"  # how many times leaving workers gave the job back
+RESTATED = "restated"  # how many running tries its requests stopped (lifecycle.restate): not failures
 FINAL_STATES = (COMPLETED, FAILED)
 
 Doc = Mapping[str, Any]
@@ -110,7 +111,7 @@ def claim(doc: Doc | None, now: datetime, *, worker_id: str, lease_seconds: floa
     if doc.get(CANCEL_REQUESTED):
         return cancelled(doc)
     attempts = int(doc.get("attempts") or 0)
-    if attempts >= max_attempts:
+    if attempts - int(doc.get(RESTATED) or 0) >= max_attempts:
         last = "its worker stopped responding" if doc.get("status") == PROCESSING else "it was given up"
         return failure(
             GenerationError(EXCEPTION, f"Generation failed after {attempts} attempts: {last}"),
@@ -150,7 +151,8 @@ def release(doc: Doc) -> dict:
 def restate(doc: Doc | None, changes: Mapping[str, Any]) -> dict | None:
     """A live job's parameters changed by the request that states it (`contract.restatement`). A queued job just
     takes them; a running one is queued again with them, its try stopped (the fence ends it: its lease is gone,
-    and the try still counts as an attempt, so a later claim's fence can never match the stale run's). A
+    and `attempts` keeps counting, so a later claim's fence can never match the stale run's; `restated` counts
+    such tries, which `claim` does not hold against max_attempts). A
     finished job is left as it is: its answer says it ran with other parameters."""
     if doc is None or not changes or doc.get("status") not in (QUEUED, PROCESSING):
         return None
@@ -158,7 +160,14 @@ def restate(doc: Doc | None, changes: Mapping[str, Any]) -> dict | None:
     aliases = {name: DELETE_FIELD for name in doc if name not in changes and snake_case(name) in changes}
     update: dict[str, Any] = {**changes, **aliases, "modified": SERVER_TIMESTAMP}
     if doc.get("status") == PROCESSING:
-        update.update(status=QUEUED, worker_id=DELETE_FIELD, lease_expires_at=DELETE_FIELD, progress=DELETE_FIELD)
+        restated = int(doc.get(RESTATED) or 0) + 1
+        update.update(
+            status=QUEUED,
+            worker_id=DELETE_FIELD,
+            lease_expires_at=DELETE_FIELD,
+            progress=DELETE_FIELD,
+            **{RESTATED: restated},
+        )
     return update
 
 

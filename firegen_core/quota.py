@@ -163,12 +163,14 @@ def refusal(usage: Usage, cost: float, limits: Limits, now: datetime) -> str | N
     return budget_refusal(usage, cost, limits, now)
 
 
-def budget_refusal(usage: Usage, cost: float, limits: Limits, now: datetime) -> str | None:
-    """Why `cost` more GPU-seconds may not be charged today, or None."""
+def budget_refusal(usage: Usage, cost: float, limits: Limits, now: datetime, *, charged: float = 0.0) -> str | None:
+    """Why `cost` more GPU-seconds may not be charged today, or None (`charged`: what the job was charged
+    already, when it is restated with other parameters)."""
     if usage.spent_today + cost > limits.daily_budget:
         left = max(limits.daily_budget - usage.spent_today, 0.0)
+        needs = f"{cost + charged:.1f} GPU-seconds" + (f" ({charged:.1f} already charged)" if charged else "")
         return (
-            f"Daily GPU budget exceeded (USER_DAILY_BUDGET): this job needs {cost:.1f} GPU-seconds, "
+            f"Daily GPU budget exceeded (USER_DAILY_BUDGET): this job needs {needs}, "
             f"{left:.1f} of {limits.daily_budget:g} are left today; the budget resets at "
             f"{resets_at(now):%Y-%m-%d %H:%M} UTC"
         )

@@ -147,7 +147,9 @@ def _record_refusal(store: JobStore, uid: str, fields: Mapping[str, Any], messag
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None:
             return created
-        return failed if doc.get("status") == lifecycle.QUEUED else None
+        # The client's doc is this request's job: queued, or already taken by a worker from the doc alone (the
+        # worker's fenced writes then land nowhere), it fails with the refusal.
+        return failed if doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) else None
 
     try:
         store.transition(key, decide)

@@ -329,9 +329,9 @@ class JobRunner:
         return RunOutcome.RELEASED
 
     def _fail(self, job: ClaimedJob, error: GenerationError) -> RunOutcome:
-        log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))
         if not self.store.fail(job, error):
-            return self._lost(job)
+            return self._lost(job)  # not this claim's job any more (restated, taken over): nothing was failed
+        log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))
         return RunOutcome.FAILED
 
     def _remove_results(self, job: ClaimedJob, request: GenerationRequest) -> None:

@@ -381,6 +381,32 @@ def test_a_running_job_restated_by_its_request_is_queued_again_and_charged_the_d
     assert again is not None and again.lease.attempt == job.lease.attempt + 1
     # Asked again as it now stands: nothing changes.
     assert not JobStore(firestore_client).ensure_queued(bigger).applied
+    # Restated tries are not failures: past MAX_ATTEMPTS (3) of them the job is still claimed, never given up.
+    for width in (512, 768, 1024):
+        JobStore(firestore_client).ensure_queued(request("restated", width=width, num_images_per_prompt=2, seed=7))
+        again = worker.claim(key)
+        assert again is not None and again.doc["status"] == "queued"
+    assert (doc(firestore_client, key)["attempts"], doc(firestore_client, key)["restated"]) == (5, 4)
+
+
+def test_the_callables_refusal_fails_the_clients_doc_even_once_a_worker_took_it(firestore_client):
+    """The client sample's placeholder, claimed by a worker's listener before the call arrives; the call breaks
+    the contract: the job is the call's, so it fails (before, it ran on with the doc's defaults)."""
+    key = write_client_doc(firestore_client, "refused-running")
+    job = WorkerJobs(firestore_client, worker_id="w-1").claim(key)
+    assert job is not None and counts(firestore_client) == (1, 1)
+    data = {"prompt": "a red car", "file_uid": "refused-running", "width": 2000}
+    with pytest.raises(dispatch.CallError) as raised:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data)
+    assert (raised.value.code, raised.value.message) == ("invalid-argument", "width must be between 256 and 1024")
+    after = doc(firestore_client, key)
+    assert (after["status"], after["error_type"], after["error_message"]) == (
+        "failed",
+        "ValidationError",
+        "width must be between 256 and 1024",
+    )
+    assert counts(firestore_client) == (0, 0)
+    assert not WorkerJobs(firestore_client, worker_id="w-1").renew(job)  # the run is fenced off
 
 
 def test_a_restatement_past_the_daily_budget_fails_the_job(firestore_client):
@@ -391,6 +417,9 @@ def test_a_restatement_past_the_daily_budget_fails_the_job(firestore_client):
     after = JobStore(firestore_client, limits=limits).ensure_queued(huge).after
     assert (after["status"], after["error_type"]) == ("failed", "QuotaExceeded")
     assert "USER_DAILY_BUDGET" in after["error_message"] and counts(firestore_client) == (0, 0)
+    # The message names the job's whole new cost and what it was charged already, not just the difference.
+    charged, whole = quota.estimate(request("x")), quota.estimate(huge)
+    assert f"this job needs {whole:.1f} GPU-seconds ({charged:.1f} already charged)" in after["error_message"]
     assert doc(firestore_client, key)["status"] == "failed"
 
 

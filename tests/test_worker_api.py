@@ -287,6 +287,7 @@ def test_a_running_job_restated_by_its_request_stops_and_runs_with_the_requests_
     assert (doc["status"], doc["attempts"], doc["width"], doc["num_inference_steps"]) == ("completed", 2, 256, 10)
     assert Image.open(io.BytesIO(download(doc["image_url"]))).size == (256, 256)
     assert [e for e in stack.worker.events("job_preempted") if "restated-running" in e]
+    assert not [e for e in stack.worker.events("job_failed") if "restated-running" in e]  # nobody cancelled it
 
 
 def test_a_completed_job_asked_again_with_other_parameters_says_so(stack):
