@@ -69,6 +69,8 @@ class Results(Protocol):
 
     def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int: ...
 
+    def remove_beyond(self, user_id: str, file_uid: str, task_type: str, count: int) -> int: ...
+
 
 @dataclass
 class Heartbeat:
@@ -309,6 +311,10 @@ class JobRunner:
             self._remove_results(job, request)
             log.info("job_cancelled", during="upload", **_ids(job))
             return RunOutcome.FAILED
+        if job.lease.attempt > 1:  # an earlier try may have uploaded more images (its request then restated it)
+            _quietly(
+                lambda: self.results.remove_beyond(job.key.user_id, job.key.file_uid, request.task_type, len(urls))
+            )
         log.info("job_completed", seconds=round(time.monotonic() - run.started, 3), outputs=len(urls), **_ids(job))
         return RunOutcome.COMPLETED
 

@@ -42,7 +42,7 @@ from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
 if TYPE_CHECKING:  # pragma: no cover
     from google.cloud import storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
-from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO
+from firegen_core.contract import PARAMS, TEXT2IMAGE, TEXT2VIDEO
 from listener.settings import MAX_SIGNED_URL_SECONDS, Settings, UrlStyle
 
 log = logging.getLogger(__name__)
@@ -277,9 +277,18 @@ class ResultStore:
     def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:
         """Delete a job's result objects (a cancelled or timed-out job's partial upload); returns how many
         existed. Only the job's own deterministic names: never a prefix, which would match other jobs."""
+        return self._delete(object_names(user_id, file_uid, task_type, count))
+
+    def remove_beyond(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:
+        """Delete the job's image names past its first `count` (an earlier try of more images, stopped after its
+        upload: its request restated it); returns how many existed."""
+        most = PARAMS["num_images_per_prompt"].high if task_type == TEXT2IMAGE else 1
+        return self._delete(object_names(user_id, file_uid, task_type, int(most))[count:])
+
+    def _delete(self, names: list[str]) -> int:
         bucket = self.client.bucket(self.bucket_name)
         removed = 0
-        for name in object_names(user_id, file_uid, task_type, count):
+        for name in names:
             try:
                 bucket.blob(name).delete(timeout=self.retry.request_timeout)
                 removed += 1

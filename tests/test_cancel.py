@@ -92,6 +92,9 @@ class CancelDuringUpload:
     def remove(self, *args):
         return self.results.remove(*args)
 
+    def remove_beyond(self, *args):
+        return self.results.remove_beyond(*args)
+
 
 def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client, results, bucket):
     from listener.runner import JobRunner

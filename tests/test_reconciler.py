@@ -477,3 +477,22 @@ def test_concurrency_two_runs_two_jobs_at_once_and_no_more(make_worker, firestor
     generator.gate.set()
     assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
     assert generator.most == 2 and sorted(generator.calls) == ["c-0", "c-1", "c-2"]
+
+
+def test_a_later_try_removes_the_images_an_earlier_try_of_more_images_left(firestore_client, results, bucket):
+    """A run of 4 images stopped after its upload (its request restated the job to 1 image): the try that
+    completes the job removes the 3 extra names, so the bucket holds exactly what the doc lists."""
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobStore
+
+    key = JobKey("u1", "images", "fewer")
+    write_job(firestore_client, key, num_images_per_prompt=4)
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+    first = store.claim(key)
+    results.upload("u1", "fewer", "text2image", [(png_bytes(), "png", "image/png")] * 4)  # the first try's upload
+    request = {"prompt": "x", "user_id": "u1", "file_uid": "fewer", "use_cloud_storage": True}
+    JobStore(firestore_client).ensure_queued(parse_runsync_input({**request, "num_images_per_prompt": 1}))
+    assert JobRunner(store, StubGenerator(), results).run(first) == "lost"
+    assert JobRunner(store, StubGenerator(), results).run(store.claim(key)) == "completed"
+    assert doc(firestore_client, key)["image_count"] == 1
+    assert list(blobs(bucket)) == ["generating/u1/image/fewer.png"]
