@@ -268,6 +268,17 @@ class FirebaseCli(emu.Emulator):
     def _listening(self) -> bool:
         return any(emu.port_open(self.host, self.ports[name]) for name in self._served())
 
+    def silent(self) -> list[str]:
+        """The emulators of a started CLI that no longer answer on their ports (the CLI itself outlives a Java
+        emulator killed under it)."""
+        if self.exit_code is not None or self.last_start_seconds is None:
+            return []
+        return [
+            f"{name} (port {self.ports[name]})"
+            for name in self._served()
+            if not emu.port_open(self.host, self.ports[name])
+        ]
+
     def _served(self) -> tuple[str, ...]:
         return ("functions", "auth", "firestore", *(("hosting",) if self.hosting else ()))
 

@@ -293,6 +293,12 @@ class Stack:
         for process in list(self.started):
             code = process.exit_code
             if code is None:
+                silent = process.silent() if isinstance(process, firebase_cli.FirebaseCli) else []
+                if silent:
+                    raise emu.EmulatorError(
+                        f"the Firebase CLI's {', '.join(silent)} emulator stopped answering (log "
+                        f"{shown_path(process.log_path)}): stopping everything; run `make dev` again"
+                    )
                 continue
             label = LABELS.get(process.name, process.name)
             died = f"{label} (pid {process.pid}) {ended(code)} (log {shown_path(process.log_path)})"
@@ -309,8 +315,28 @@ class Stack:
                 f"make dev: {died}; restarting it ({self.worker_restarts} of {self.args.worker_restarts}). A job it "
                 f"was running goes back to the queue when its lease ends (LEASE_SECONDS={lease})"
             )
-            process.restart()
-            say(f"make dev: the worker is back (pid {process.pid}, ready in {process.last_start_seconds:.1f} s)")
+            self._restart(process)
+
+    def _restart(self, worker: WorkerProcess) -> None:
+        """Start the dead worker again; one that dies while it starts is tried again, within --worker-restarts."""
+        while True:
+            try:
+                worker.restart()
+            except emu.EmulatorError as exc:
+                why = str(exc).splitlines()[0]
+                if self.worker_restarts >= self.args.worker_restarts:
+                    raise emu.EmulatorError(
+                        f"the restarted worker did not start ({why}), after {self.worker_restarts} restart(s) "
+                        f"(--worker-restarts {self.args.worker_restarts}): stopping everything; run `make dev` again"
+                    ) from None
+                self.worker_restarts += 1
+                say(
+                    f"make dev: the restarted worker did not start ({why}); restarting it "
+                    f"({self.worker_restarts} of {self.args.worker_restarts})"
+                )
+                continue
+            say(f"make dev: the worker is back (pid {worker.pid}, ready in {worker.last_start_seconds:.1f} s)")
+            return
 
     def abort_starts(self, but: emu.Emulator) -> None:
         """SIGTERM to each process still starting in a helper thread: its start() then fails and cleans up."""

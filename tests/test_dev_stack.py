@@ -249,3 +249,47 @@ def test_make_dev_ends_saying_so_when_an_emulator_dies(tmp_path):
     assert f"make dev: the Storage emulator (pid {storage}) was killed by SIGKILL (log " in output
     assert ": stopping everything; run `make dev` again" in output and "all processes stopped" in output
     assert run.left_behind() == []
+
+
+@pytest.mark.skipif(
+    firebase_cli.missing() is not None,
+    reason=f"Firebase CLI emulators: {firebase_cli.missing()} (run `python3 scripts/setup_firebase_cli.py`)",
+)
+def test_make_dev_ends_saying_so_when_the_clis_firestore_emulator_dies(tmp_path):
+    """The Firebase CLI outlives a Java emulator killed under it: `make dev` watches the CLI's ports too (before,
+    it ran on silently with no Firestore)."""
+    run = StackRun(tmp_path, "--no-examples")
+    with running_stack(run.cmd, run.env) as stack:
+        (java,) = [pid for pid, command in run.processes().items() if "firestore" in command and "java" in command]
+        os.kill(java, signal.SIGKILL)
+        assert emu.wait_until(lambda: stack.proc.poll() is not None, 90, 0.2), stack.output
+    output = stack.output
+    assert stack.proc.returncode == 1, output
+    assert f"the Firebase CLI's firestore (port {run.ports['firestore']}) emulator stopped answering" in output
+    assert ": stopping everything; run `make dev` again" in output and "all processes stopped" in output
+    assert run.left_behind() == []
+
+
+def test_make_dev_restarts_a_worker_killed_again_while_it_restarts(tmp_path):
+    """A worker that dies while it is being started again is tried again, within --worker-restarts (before, the
+    failed start ended `make dev` after one restart)."""
+    try:
+        emu.firestore_backend()
+    except emu.EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    run = StackRun(tmp_path, "--no-firebase-cli", "--no-examples", "--worker-restarts", "2")
+    with running_stack(run.cmd, run.env) as stack:
+        killed = run.worker_pid()
+        os.kill(killed, signal.SIGKILL)
+        assert emu.wait_until(lambda: "restarting it (1 of 2)" in stack.output, 60, 0.05), stack.output
+
+        def starting() -> list[int]:
+            return [pid for pid, cmd in run.processes().items() if " -m listener " in cmd and pid != killed]
+
+        assert emu.wait_until(starting, 30, 0.02), stack.output
+        os.kill(starting()[0], signal.SIGKILL)  # before it is ready (loading its models takes seconds)
+        assert emu.wait_until(lambda: "make dev: the worker is back" in stack.output, 120, 0.2), stack.output
+        assert "make dev: the restarted worker did not start (" in stack.output
+        assert "; restarting it (2 of 2)" in stack.output
+        assert stack.proc.poll() is None
+    assert run.left_behind() == []
