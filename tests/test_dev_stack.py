@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,20 @@ def test_make_dev_restarts_a_killed_worker_then_gives_up_after_its_restarts(tmp_
     assert run.left_behind() == []
 
 
+def kill_and_expect_the_end(run: StackRun, pick: Callable[[StackRun], int], said: str) -> None:
+    """`kill -9` of a process `make dev` does not restart (`pick` finds it once the stack runs): it ends (exit
+    code 1) saying `said` ({pid}: the killed process) and to run it again, and leaves nothing behind."""
+    with running_stack(run.cmd, run.env) as stack:
+        pid = pick(run)
+        os.kill(pid, signal.SIGKILL)
+        assert emu.wait_until(lambda: stack.proc.poll() is not None, 90, 0.2), stack.output
+    output = stack.output
+    assert stack.proc.returncode == 1, output
+    assert said.format(pid=pid) in output, output
+    assert ": stopping everything; run `make dev` again" in output and "all processes stopped" in output
+    assert run.left_behind() == []
+
+
 def test_make_dev_ends_saying_so_when_an_emulator_dies(tmp_path):
     """An emulator is not restarted (its data went with it): `make dev` says which process died and how, stops
     the rest and exits 1."""
@@ -238,17 +253,12 @@ def test_make_dev_ends_saying_so_when_an_emulator_dies(tmp_path):
     except emu.EmulatorUnavailable as exc:
         pytest.skip(str(exc))
     run = StackRun(tmp_path, "--no-firebase-cli", "--no-examples")
-    with running_stack(run.cmd, run.env) as stack:
-        (storage,) = [
-            pid for pid, command in run.processes().items() if "storage_emulator" in command.replace("-", "_")
-        ]
-        os.kill(storage, signal.SIGKILL)
-        assert emu.wait_until(lambda: stack.proc.poll() is not None, 90, 0.2), stack.output
-    output = stack.output
-    assert stack.proc.returncode == 1, output
-    assert f"make dev: the Storage emulator (pid {storage}) was killed by SIGKILL (log " in output
-    assert ": stopping everything; run `make dev` again" in output and "all processes stopped" in output
-    assert run.left_behind() == []
+
+    def storage(run: StackRun) -> int:
+        (pid,) = [pid for pid, cmd in run.processes().items() if "storage_emulator" in cmd.replace("-", "_")]
+        return pid
+
+    kill_and_expect_the_end(run, storage, "make dev: the Storage emulator (pid {pid}) was killed by SIGKILL (log ")
 
 
 @pytest.mark.skipif(
@@ -259,15 +269,13 @@ def test_make_dev_ends_saying_so_when_the_clis_firestore_emulator_dies(tmp_path)
     """The Firebase CLI outlives a Java emulator killed under it: `make dev` watches the CLI's ports too (before,
     it ran on silently with no Firestore)."""
     run = StackRun(tmp_path, "--no-examples")
-    with running_stack(run.cmd, run.env) as stack:
-        (java,) = [pid for pid, command in run.processes().items() if "firestore" in command and "java" in command]
-        os.kill(java, signal.SIGKILL)
-        assert emu.wait_until(lambda: stack.proc.poll() is not None, 90, 0.2), stack.output
-    output = stack.output
-    assert stack.proc.returncode == 1, output
-    assert f"the Firebase CLI's firestore (port {run.ports['firestore']}) emulator stopped answering" in output
-    assert ": stopping everything; run `make dev` again" in output and "all processes stopped" in output
-    assert run.left_behind() == []
+
+    def java(run: StackRun) -> int:
+        (pid,) = [pid for pid, cmd in run.processes().items() if "firestore" in cmd and "java" in cmd]
+        return pid
+
+    said = f"the Firebase CLI's firestore (port {run.ports['firestore']}) emulator stopped answering"
+    kill_and_expect_the_end(run, java, said)
 
 
 def test_make_dev_restarts_a_worker_killed_again_while_it_restarts(tmp_path):
