@@ -270,6 +270,21 @@ def restatement(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str,
     }
 
 
+def awaits_parameters(doc: Mapping[str, Any]) -> bool:
+    """A client's queued doc that names its job's prompt and none of its parameters: what the contract's own
+    Firebase Function flow writes (prompt and "other metadata") before it sends the parameters to runsync. A
+    worker that ran it at once would generate the defaults, and a fast job would be finished, with the wrong
+    parameters, before its request arrives. Docs in the worker's shape (`task_type`: the callable, a runsync
+    handler) are the request already."""
+    if doc.get("task_type") is not None:
+        return False
+    try:
+        fields = normalise_document_fields(doc)
+    except ContractError:
+        return False
+    return all(fields.get(name) is None for name in PARAMETER_FIELDS - {"prompt"})
+
+
 def finished_otherwise(request: GenerationRequest, changes: Mapping[str, Any]) -> ContractError:
     """The answer to a request whose file_uid names a finished job that ran with other parameters."""
     file_uid = clip(str(request.file_uid), MAX_QUOTED_CHARS)

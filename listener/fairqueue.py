@@ -12,6 +12,8 @@ Pure (no Firestore): the reconciler feeds it from its listeners and sweep and ta
   still a queued doc: the listeners and the sweep offer it again once it is among the oldest.
 - Batches (`pop_batch`): a candidate may carry a group (its batch key); the next job, then more of its group, each
   the next in fair order among the group's candidates, at most `per_user` of one user.
+- Deferred candidates (`not_before`, seconds since the epoch) are held in their place but handed out only from
+  then on; `ready_at` says when the next one is. A key offered again without a deferral is ready at once.
 - `served` remembers at most `memory` users (least recently served forgotten first).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ class _Entry(Generic[K]):
     user: str = field(compare=False)
     first: bool = field(compare=False, default=False)
     group: Hashable | None = field(compare=False, default=None)
+    not_before: float = field(compare=False, default=0.0)
 
 
 def timestamp(value: datetime | float | None, default: float) -> float:
@@ -70,17 +74,28 @@ class FairQueue(Generic[K]):
     def users(self) -> int:
         return len(self._by_user)
 
-    def add(self, key: K, user: str, created: float, *, first: bool = False, group: Hashable | None = None) -> bool:
-        """Offer a candidate; True if it is held. A key already held keeps its place (it may only become first).
-        `group`: candidates of one group may be handed out together (`pop_batch`); None: always alone."""
+    def add(
+        self,
+        key: K,
+        user: str,
+        created: float,
+        *,
+        first: bool = False,
+        group: Hashable | None = None,
+        not_before: float = 0.0,
+    ) -> bool:
+        """Offer a candidate; True if it is held. A key already held keeps its place (it may only become first,
+        or ready sooner). `group`: candidates of one group may be handed out together (`pop_batch`); None: always
+        alone. `not_before`: not handed out before this time."""
         held = self._entries.get(key)
         if held is not None:
             held.first |= first
             held.group = held.group if group is None else group
+            held.not_before = min(held.not_before, not_before)
             return True
         if len(self._entries) >= self.capacity and not self._make_room(user, created, first):
             return False
-        entry = _Entry(created, next(self._seq), key, user, first, group)
+        entry = _Entry(created, next(self._seq), key, user, first, group, not_before)
         self._entries[key] = entry
         bisect.insort(self._by_user.setdefault(user, []), entry)
         return True
@@ -98,6 +113,10 @@ class FairQueue(Generic[K]):
         self._entries.clear()
         self._by_user.clear()
 
+    def ready_at(self) -> float | None:
+        """When the next candidate may be handed out (a past time: now); None when none is held."""
+        return min((entry.not_before for entry in self._entries.values()), default=None)
+
     def pop(self, spread: int = 1) -> K | None:
         """The next job in fair order and take it out (None when empty). With `spread` > 1, one of the first
         `spread` users in fair order at random: idle workers that all heard of the same jobs then go for
@@ -108,15 +127,21 @@ class FairQueue(Generic[K]):
     def pop_batch(self, size: int, spread: int = 1, per_user: int | None = None) -> list[K]:
         """The next job (as `pop`) and, when it has a group, up to `size - 1` more of that group, each the next
         in fair order among the group's candidates, at most `per_user` from one user (USER_MAX_RUNNING: a claim
-        past it would be refused). A batch is fair as single jobs are: alternating users, each one's oldest."""
-        lead = self._take(lambda entry: True, spread)
+        past it would be refused). A batch is fair as single jobs are: alternating users, each one's oldest.
+        Deferred candidates are left where they are."""
+        now = time.time()
+        lead = self._take(lambda entry: entry.not_before <= now, spread)
         if lead is None:
             return []
         batch = [lead]
         taken = {lead.user: 1}
         while lead.group is not None and len(batch) < size:
             entry = self._take(
-                lambda e: e.group == lead.group and (per_user is None or taken.get(e.user, 0) < per_user)
+                lambda e: (
+                    e.group == lead.group
+                    and e.not_before <= now
+                    and (per_user is None or taken.get(e.user, 0) < per_user)
+                )
             )
             if entry is None:
                 break

@@ -32,7 +32,7 @@ from google.cloud.firestore import Query
 from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from firegen_core import lifecycle, workers
-from firegen_core.contract import GenerationRequest, parse_document
+from firegen_core.contract import GenerationRequest, awaits_parameters, parse_document
 from firegen_core.jobs import MEDIA_TYPES, ClaimedJob, JobKey, WorkerJobs
 from firegen_core.lifecycle import Lease
 
@@ -61,6 +61,7 @@ class Reconciler:
         capacity: int = DEFAULT_CAPACITY,
         batch_max: int = 1,
         batch_key: Callable[[GenerationRequest], Hashable | None] | None = None,
+        placeholder_grace: float = 0.0,
     ):
         self.store = store
         self.runner = runner
@@ -70,6 +71,11 @@ class Reconciler:
         self.batch_key = batch_key
         self._slots = 0  # slots claiming or running
         self.sweep_interval = sweep_interval
+        # PLACEHOLDER_GRACE_SECONDS: how long the listeners and the sweep leave a doc that awaits its parameters
+        # (`contract.awaits_parameters`) to its runsync, counted from its creation or this worker's start (a cold
+        # worker hears of it long after its creation, and the runsync that woke it comes next). Its runsync (here:
+        # `submit`) takes it at once.
+        self.placeholder_grace = placeholder_grace
         self._cv = threading.Condition()
         self._queue: FairQueue[JobKey] = FairQueue(capacity)
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the dispatch loop
@@ -89,11 +95,13 @@ class Reconciler:
         self._current: dict[str, threading.Event] = {}  # listener name → it delivered its first snapshot
         self._threads: list[threading.Thread] = []
         self._started_at = datetime.now(UTC)
+        self._claiming_since = time.time()  # reset by `start`
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
     def start(self) -> Reconciler:
         self._claiming = True
+        self._claiming_since = time.time()
         for media in MEDIA_TYPES:
             for window in (*WINDOWS, CANCEL):
                 self._listen(media, window)
@@ -169,12 +177,33 @@ class Reconciler:
         """A job this worker was asked to run (runsync): queued in fair order, as if just created."""
         self._offer(key, group=self._group(request) if request is not None else None)
 
-    def _offer(self, key: JobKey, created_at=None, first: bool = False, *, group: Hashable | None = None) -> None:
+    def _offer(
+        self,
+        key: JobKey,
+        created_at=None,
+        first: bool = False,
+        *,
+        group: Hashable | None = None,
+        doc: dict | None = None,
+    ) -> None:
+        """Hold a candidate; `doc`: the queued doc it was heard of by (None: asked for, e.g. by runsync)."""
+        created = timestamp(created_at, time.time())
+        not_before = 0.0
+        if doc is not None and self.placeholder_grace > 0 and not first and awaits_parameters(doc):
+            not_before = max(created, self._claiming_since) + self.placeholder_grace
         with self._cv:
             if not self._claiming or key in self._active or key in self._cancels:
                 return
-            if self._queue.add(key, key.user_id, timestamp(created_at, time.time()), first=first, group=group):
+            if self._queue.add(key, key.user_id, created, first=first, group=group, not_before=not_before):
                 self._cv.notify_all()
+
+    def _ready(self) -> tuple[bool, float | None]:
+        """Whether a candidate may be handed out now, else how long until one may (None: none held)."""
+        at = self._queue.ready_at()
+        if at is None:
+            return False, None
+        wait = at - time.time()
+        return wait <= 0, max(wait, 0.01)
 
     def _group(self, request: GenerationRequest) -> Hashable | None:
         """The batch a job may join (None: it runs alone): only with BATCH_MAX > 1."""
@@ -219,8 +248,14 @@ class Reconciler:
     def _dispatch_loop(self) -> None:
         while True:
             with self._cv:
-                while self._claiming and not (self._cancels or (len(self._queue) and self._slots < self.concurrency)):
-                    self._cv.wait()
+                while self._claiming and not self._cancels:
+                    if self._slots >= self.concurrency:
+                        self._cv.wait()
+                        continue
+                    ready, wait = self._ready()
+                    if ready:
+                        break
+                    self._cv.wait(wait)
                 if not self._claiming:
                     return
                 cancelled = self._cancels.pop() if self._cancels else None
@@ -358,7 +393,7 @@ class Reconciler:
             self._cancel_queued(key)
         else:
             self._stop_if_queued_again(key, doc)
-            self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc))
+            self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc), doc=doc)
 
     def _stop_if_queued_again(self, key: JobKey, doc: dict) -> None:
         """A job running here shows up queued, still carrying this claim's attempt: its request restated it on
@@ -428,6 +463,7 @@ class Reconciler:
                         doc.get("created_at") or _updated(snapshot),
                         first=query is expired,
                         group=self._doc_group(key, doc),
+                        doc=doc,
                     )
                     missed |= query is ordered and self._missed_by_listener(_name(media, "oldest"), snapshot)
             self._watchdog(media, missed)

@@ -60,6 +60,11 @@ class Settings(ModelSettings):
     # A free slot claims up to BATCH_MAX queued text2image jobs that can share one UNet batch (same size, steps
     # and guidance) and runs them in one pipeline call. 1: one job at a time.
     batch_max: int = Field(1, ge=1, le=MAX_BATCH, validation_alias=env("BATCH_MAX"))
+    # How long a queued doc that awaits its parameters (the contract's Firebase Function flow: prompt first, the
+    # parameters in the runsync that follows) is left to that runsync before a listener runs it with the defaults.
+    placeholder_grace_seconds: float = Field(
+        5.0, ge=0, le=60, allow_inf_nan=False, validation_alias=env("PLACEHOLDER_GRACE_SECONDS")
+    )
     # A job's deadline: max(floor, multiple x its estimated GPU time) (firegen_core.deadline).
     job_timeout_floor_seconds: float = Field(120.0, gt=0, validation_alias=env("JOB_TIMEOUT_FLOOR_SECONDS"))
     job_timeout_multiple: float = Field(5.0, gt=0, validation_alias=env("JOB_TIMEOUT_MULTIPLE"))

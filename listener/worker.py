@@ -196,6 +196,7 @@ def build_worker(
         sweep_interval=settings.sweep_interval_seconds,
         batch_max=settings.batch_max if batches else 1,
         batch_key=batch_key if batches else None,
+        placeholder_grace=settings.placeholder_grace_seconds,
     )
     handler = RunsyncHandler(store, reconciler.submit, guarded, preempt=reconciler.preempt)
     worker = Worker(settings, store, runner, reconciler, handler, guarded)

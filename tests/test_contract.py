@@ -7,6 +7,7 @@ from firegen_core.contract import (
     TEXT2VIDEO,
     ContractError,
     GenerationRequest,
+    awaits_parameters,
     parse_document,
     parse_runsync_input,
     restatement,
@@ -299,3 +300,19 @@ def test_a_huge_unknown_field_name_gets_a_short_message():
 )
 def test_restatement_names_what_the_request_says_otherwise(doc, given, changes):
     assert restatement(doc, parse_runsync_input({**BASE, **given})) == changes
+
+
+@pytest.mark.parametrize(
+    "doc, awaits",
+    [
+        ({"status": "queued", "prompt": "a cat", "created_at": 1, "generated": False, "error": False}, True),
+        ({"status": "queued", "prompt": "a cat", "seed": None, "app_tag": "x"}, True),  # a null seed, metadata
+        ({"status": "queued", "prompt": "a cat", "width": 512}, False),  # a default, stated all the same
+        ({"status": "queued", "prompt": "a cat", "numFrames": 16}, False),  # camelCase
+        ({"status": "queued", "prompt": "a cat", "negative_prompt": "blur"}, False),
+        ({"status": "queued", "prompt": "a cat", "task_type": "text2image"}, False),  # the worker's own shape
+        ({"status": "queued", "prompt": "a cat", "seed": 1, "Seed": 2}, False),  # broken: its parser decides
+    ],
+)
+def test_a_doc_awaits_its_parameters_when_it_states_none_but_the_prompt(doc, awaits):
+    assert awaits_parameters(doc) is awaits

@@ -83,13 +83,14 @@ class CountingReconciler(Reconciler):
 def make_worker(firestore_client, results):
     started: list[Reconciler] = []
 
-    def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1):
+    def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1, grace=0.0):
         store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=lease)
         reconciler = CountingReconciler(
             store,
             JobRunner(store, generator or StubGenerator(), results),
             concurrency=concurrency,
             sweep_interval=sweep,
+            placeholder_grace=grace,
         )
         started.append(reconciler.start())
         assert reconciler.wait_listening(10)
@@ -496,3 +497,42 @@ def test_a_later_try_removes_the_images_an_earlier_try_of_more_images_left(fires
     assert JobRunner(store, StubGenerator(), results).run(store.claim(key)) == "completed"
     assert doc(firestore_client, key)["image_count"] == 1
     assert list(blobs(bucket)) == ["generating/u1/image/fewer.png"]
+
+
+# ---------------------------------------------------------------------------------------------- awaiting a request
+GRACE = 1.5
+
+
+def test_a_doc_awaiting_its_parameters_is_left_to_its_runsync_which_runs_it_at_once(make_worker, firestore_client):
+    """The contract's Firebase Function flow: the queued doc with the prompt, then runsync with the parameters.
+    Run at once, the doc's defaults would be generated (on a GPU, finished before the request arrives: then it is
+    refused as "already finished with other parameters"); instead it waits for its request, which runs it."""
+    from listener.handler import RunsyncHandler
+
+    generator = StubGenerator()
+    worker = make_worker(generator=generator, grace=60)  # a grace no test outlives: only the runsync can start it
+    key = JobKey("grace-user", "images", "awaits-params")
+    write_job(firestore_client, key)
+    # Heard of, and left queued (were it run at once, the stand-in would have finished it by now).
+    wait_until(lambda: worker.is_candidate(key) or doc(firestore_client, key)["status"] != "queued")
+    handler = RunsyncHandler(worker.store, worker.submit, preempt=worker.preempt)
+    request = {"prompt": "A red sports car", "user_id": key.user_id, "file_uid": key.file_uid, "width": 384}
+    answer = handler.handle({**request, "use_cloud_storage": True})
+    assert answer["status"] == "accepted", answer
+    final = wait_until(lambda: (d := doc(firestore_client, key))["status"] in ("completed", "failed") and d)
+    assert (final["status"], final["width"], final["attempts"]) == ("completed", 384, 1)
+    assert "restated" not in final and generator.calls == [key.file_uid]  # one run, with the request's width
+
+
+def test_a_doc_awaiting_its_parameters_runs_with_the_defaults_once_the_grace_ends(make_worker, firestore_client):
+    generator = StubGenerator()
+    make_worker(generator=generator, grace=GRACE)
+    stated, bare = JobKey("grace-user", "images", "states-width"), JobKey("grace-user", "images", "bare")
+    written = time.time()
+    write_job(firestore_client, bare)
+    write_job(firestore_client, stated, width=256)  # states a parameter: the request itself, run at once
+    final = wait_until(lambda: (d := doc(firestore_client, bare))["status"] == "completed" and d, timeout=15)
+    assert doc(firestore_client, stated)["status"] == "completed"
+    assert generator.calls == [stated.file_uid, bare.file_uid]  # the younger doc went first
+    claimed = final["lease_expires_at"].timestamp() - 30.0  # the lease is 30 s from its claim
+    assert claimed >= written + GRACE - 0.25, f"claimed {claimed - written:.2f} s after it was written"

@@ -3,6 +3,7 @@ cancel / release-limit decisions. No Firestore here (the emulator tests are test
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -30,6 +31,21 @@ def test_round_robin_across_users_oldest_first_within_one():
         queue.add(f"b{i}", "bob", 200 + i)
     queue.add("c0", "carol", 300)
     assert drain(queue) == ["a0", "b0", "c0", "a1", "b1", "a2", "a3"]
+
+
+def test_a_deferred_candidate_keeps_its_place_and_is_handed_out_from_its_time():
+    queue = FairQueue()
+    soon = time.time() + 60
+    queue.add("a0", "alice", 100, not_before=soon)
+    queue.add("a1", "alice", 101)
+    queue.add("b0", "bob", 200, not_before=soon)
+    assert queue.ready_at() <= time.time()
+    assert drain(queue) == ["a1"]  # alice's older job waits; her newer one needs no wait
+    assert queue.ready_at() == soon and queue.pop() is None and len(queue) == 2
+    queue.add("b0", "bob", 200)  # offered again without a wait (its runsync arrived): ready at once
+    assert queue.pop() == "b0"
+    queue.add("a0", "alice", 100, not_before=soon + 60)  # a later deferral never postpones it
+    assert queue.ready_at() == soon
 
 
 def test_a_new_user_goes_next_after_a_backlog_starts():
