@@ -48,6 +48,7 @@ from .lifecycle import Lease
 
 COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
+RUNPOD_JOB_ID = "runpod_job_id"  # the RunPod job that dispatched the job (the functions write it; logged as requestId)
 MAX_CONFLICTS = 40
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
 # Conflicts back off exponentially with full jitter (first ~10 ms, at most 250 ms a wait): racers for one user's

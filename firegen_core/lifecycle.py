@@ -27,8 +27,9 @@ from typing import Any, TypeGuard
 
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
+from . import quota
 from .contract import clip, snake_case
-from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, GenerationError
+from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, QUOTA_EXCEEDED, GenerationError
 
 
 class JobStatus(StrEnum):
@@ -46,6 +47,7 @@ CANCEL_REQUESTED = "cancel_requested"  # set by the job's owner (client or the c
 RELEASES = "releases"  # how many times leaving workers gave the job back
 RESTATED = "restated"  # how many running tries its requests stopped (lifecycle.restate): not failures
 FINAL_STATES = (COMPLETED, FAILED)
+REFUSAL_FIELDS = ("error_type", "error_message", "failed_at", "expire_at")  # of `failure`, gone when queued again
 
 Doc = Mapping[str, Any]
 
@@ -148,17 +150,34 @@ def release(doc: Doc) -> dict:
     }
 
 
+def refused(doc: Doc | None) -> bool:
+    """Failed `QuotaExceeded` at its admission: never admitted, never run. Its refusal says to try again when the
+    limits allow, and the same request (the same file_uid) is that try (`restate`)."""
+    return (
+        doc is not None
+        and doc.get("status") == FAILED
+        and doc.get("error_type") == QUOTA_EXCEEDED
+        and not doc.get(quota.ADMITTED)
+        and not doc.get("attempts")
+    )
+
+
 def restate(doc: Doc | None, changes: Mapping[str, Any]) -> dict | None:
     """A live job's parameters changed by the request that states it (`contract.restatement`). A queued job just
     takes them; a running one is queued again with them, its try stopped (the fence ends it: its lease is gone,
     and `attempts` keeps counting, so a later claim's fence can never match the stale run's; `restated` counts
-    such tries, which `claim` does not hold against max_attempts). A
-    finished job is left as it is: its answer says it ran with other parameters."""
-    if doc is None or not changes or doc.get("status") not in (QUEUED, PROCESSING):
+    such tries, which `claim` does not hold against max_attempts). A job its user's limits refused is queued
+    again, to be admitted again (or refused again, under the limits as they now stand). Any other finished job
+    is left as it is: its answer says it ran with other parameters."""
+    if doc is None:
         return None
     # A camelCase spelling the doc holds would now say the opposite of its snake_case field.
     aliases = {name: DELETE_FIELD for name in doc if name not in changes and snake_case(name) in changes}
     update: dict[str, Any] = {**changes, **aliases, "modified": SERVER_TIMESTAMP}
+    if refused(doc):
+        return {**update, "status": QUEUED, "error": False, **dict.fromkeys(REFUSAL_FIELDS, DELETE_FIELD)}
+    if not changes or doc.get("status") not in (QUEUED, PROCESSING):
+        return None
     if doc.get("status") == PROCESSING:
         restated = int(doc.get(RESTATED) or 0) + 1
         update.update(

@@ -49,7 +49,7 @@ from firegen_core.contract import (
     restatement,
 )
 from firegen_core.errors import CANCELLED, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
-from firegen_core.jobs import MEDIA_TYPES, JobKey, JobStore, queued_document
+from firegen_core.jobs import MEDIA_TYPES, RUNPOD_JOB_ID, JobKey, JobStore, queued_document
 from firegen_core.quota import Limits
 
 log = logging.getLogger("functions.dispatch")
@@ -57,7 +57,6 @@ log = logging.getLogger("functions.dispatch")
 # Fields this codebase adds to a job doc (the worker ignores them).
 DISPATCH_COUNT = "dispatch_count"  # how many times a worker was woken for this job
 DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
-RUNPOD_JOB_ID = "runpod_job_id"  # the RunPod job id of the latest dispatch
 DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
 DISPATCH_ERROR = "dispatch_error"  # why the last dispatch did not reach a worker; removed by the next one
 DISPATCH_FIELDS = (DISPATCH_COUNT, DISPATCHED_AT, DISPATCHED_BY, DISPATCH_ERROR)
@@ -249,7 +248,8 @@ def generate(
         update = lifecycle.restate(doc, restatement(doc, request)) or {}
         count = int(doc.get(DISPATCH_COUNT) or 0)
         retry = DISPATCH_ERROR in doc and count < policy.max_dispatches  # the last dispatch never arrived
-        if update.get("status", doc.get("status")) == lifecycle.QUEUED and (count == 0 or retry):
+        again = lifecycle.refused(doc)  # refused for the user's limits: this call is its new try
+        if update.get("status", doc.get("status")) == lifecycle.QUEUED and (count == 0 or retry or again):
             return {**update, **_markers(doc, BY_CALLABLE)}
         return update or None
 

@@ -5,7 +5,8 @@ compare-and-set (the doc's creation, with its admission against the user's limit
 doc is created only when absent. An existing live doc takes the parameters the request gives (the contract's own
 function flow writes the doc with the prompt, then sends the parameters here); a finished one decides the answer
 (a failed job answers with its recorded error, a completed one that ran with other parameters says so; a new
-file_uid is a new try).
+file_uid is a new try), but for a job its user's limits refused, which its request's next try queues again
+(`lifecycle.restate`) to be admitted, or refused again.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from firegen_core.contract import (
     PARAMETER_FIELDS,
     ContractError,
     GenerationRequest,
+    clip,
     finished_otherwise,
     parse_runsync_input,
     restatement,
@@ -51,11 +53,18 @@ def rejected(message: str) -> dict[str, Any]:
     return {"error": message, "status": "failed"}
 
 
+def _named(data: Any) -> dict[str, str]:
+    """The ids a refused input names, where they are strings (cut short: they are unchecked)."""
+    if not isinstance(data, dict):
+        return {}
+    return {name: clip(data[name], 128) for name in ("user_id", "file_uid") if isinstance(data.get(name), str)}
+
+
 class RunsyncHandler:
     def __init__(
         self,
         store: WorkerJobs,
-        submit: Callable[[JobKey, GenerationRequest], None],
+        submit: Callable[[JobKey, GenerationRequest, str | None], None],
         generator=None,
         preempt: Callable[[JobKey, Lease], None] | None = None,
     ):
@@ -70,14 +79,14 @@ class RunsyncHandler:
         # carries RunPod's job id as `requestId` (the context goes along to the thread).
         request_id = job.get("id")
         with structlog.contextvars.bound_contextvars(**({"requestId": request_id} if request_id else {})):
-            return await asyncio.to_thread(self.handle, job.get("input"))
+            return await asyncio.to_thread(self.handle, job.get("input"), request_id)
 
-    def handle(self, data: Any) -> dict[str, Any]:
+    def handle(self, data: Any, request_id: str | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             request = parse_runsync_input(data)
         except ContractError as exc:
-            log.info("request_rejected", error=exc.message)
+            log.info("request_rejected", error=exc.message, **_named(data))
             return rejected(exc.message)
         if not request.use_cloud_storage:
             return self.inline(request)
@@ -92,12 +101,14 @@ class RunsyncHandler:
         doc = outcome.after
         status = doc.get("status")
         if status == lifecycle.FAILED:
+            log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=doc.get("error_type"))
             return rejected(doc.get("error_message") or "Generation failed")
         changes = restatement(doc, request)
         if changes:  # a finished job (a live one took the request's parameters)
+            log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, finished_otherwise=sorted(changes))
             return rejected(finished_otherwise(request, changes).message)
         if status == lifecycle.QUEUED:
-            self.submit(key, request)  # the request: which batch it may join
+            self.submit(key, request, request_id)  # the request: which batch it may join; its id: the job's logs
         restated = sorted(PARAMETER_FIELDS & (outcome.written or {}).keys()) if outcome.before is not None else []
         log.info(
             "request_accepted",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 
@@ -33,7 +34,7 @@ from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from firegen_core import lifecycle, workers
 from firegen_core.contract import GenerationRequest, awaits_parameters, parse_document
-from firegen_core.jobs import MEDIA_TYPES, ClaimedJob, JobKey, WorkerJobs
+from firegen_core.jobs import MEDIA_TYPES, RUNPOD_JOB_ID, ClaimedJob, JobKey, WorkerJobs
 from firegen_core.lifecycle import Lease
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
@@ -94,6 +95,7 @@ class Reconciler:
         self._heard: dict[str, float] = {}  # listener name → when it last delivered a snapshot
         self._current: dict[str, threading.Event] = {}  # listener name → it delivered its first snapshot
         self._threads: list[threading.Thread] = []
+        self._request_ids: OrderedDict[JobKey, str] = OrderedDict()  # runsync's RunPod job id, until claimed
         self._started_at = datetime.now(UTC)
         self._claiming_since = time.time()  # reset by `start`
 
@@ -173,8 +175,16 @@ class Reconciler:
 
     # --- candidates ------------------------------------------------------------------------------------------
 
-    def submit(self, key: JobKey, request: GenerationRequest | None = None) -> None:
-        """A job this worker was asked to run (runsync): queued in fair order, as if just created."""
+    def submit(self, key: JobKey, request: GenerationRequest | None = None, request_id: str | None = None) -> None:
+        """A job this worker was asked to run (runsync): queued in fair order, as if just created. `request_id`:
+        the RunPod job's id, which the job's log lines carry when this worker runs it (a doc the functions
+        dispatched has its own, `runpod_job_id`)."""
+        if request_id:
+            with self._cv:
+                self._request_ids[key] = request_id
+                self._request_ids.move_to_end(key)
+                while len(self._request_ids) > self._queue.capacity:
+                    self._request_ids.popitem(last=False)
         self._offer(key, group=self._group(request) if request is not None else None)
 
     def _offer(
@@ -312,7 +322,18 @@ class Reconciler:
                 self._active.pop(key, None)
                 self._cv.notify_all()
             return None
-        log.info("job_claimed", user_id=key.user_id, file_uid=key.file_uid, attempt=job.lease.attempt)
+        with self._cv:
+            request_id = self._request_ids.pop(key, None)
+        if request_id and not job.doc.get(RUNPOD_JOB_ID):
+            job.doc[RUNPOD_JOB_ID] = request_id  # the runner's log lines carry it as requestId
+        request_id = job.doc.get(RUNPOD_JOB_ID)
+        log.info(
+            "job_claimed",
+            user_id=key.user_id,
+            file_uid=key.file_uid,
+            attempt=job.lease.attempt,
+            **({"requestId": request_id} if isinstance(request_id, str) and request_id else {}),
+        )
         return job
 
     def _drop(self, key: JobKey) -> None:

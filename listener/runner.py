@@ -26,7 +26,7 @@ from firegen_core import lifecycle
 from firegen_core.contract import GenerationRequest, parse_document
 from firegen_core.deadline import Deadline, timeout_message
 from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, TIMEOUT, GenerationError, Interrupted, classify
-from firegen_core.jobs import ClaimedJob, WorkerJobs
+from firegen_core.jobs import RUNPOD_JOB_ID, ClaimedJob, WorkerJobs
 
 from .storage import is_transient
 
@@ -139,7 +139,7 @@ class Heartbeat:
 
 def _ids(job: ClaimedJob) -> dict[str, Any]:
     ids = {"user_id": job.key.user_id, "file_uid": job.key.file_uid, "attempt": job.lease.attempt}
-    request_id = job.doc.get("runpod_job_id")  # the RunPod job that dispatched it: its log lines carry it
+    request_id = job.doc.get(RUNPOD_JOB_ID)  # the RunPod job that dispatched it: its log lines carry it
     return {**ids, "requestId": request_id} if isinstance(request_id, str) and request_id else ids
 
 

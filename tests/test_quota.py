@@ -8,6 +8,7 @@ twice, a callable retried, a worker killed mid-job, a job released on shutdown, 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -352,8 +353,56 @@ def test_past_the_limits_runsync_answers_the_contracts_error(firestore_emulator,
         again = post(worker.runsync_url, body)  # a retry: the same answer
         assert (again["status"], again["error"]) == ("FAILED", answer["error"])
         assert counts(db) == (1, 1)
+        # Each refusal is in the worker's log, with the job's ids and RunPod's request id.
+        refusals = [json.loads(line) for line in worker.events("request_refused")]
+        assert len(refusals) == 2 and all(r["error_type"] == "QuotaExceeded" for r in refusals)
+        assert all((r["user_id"], r["file_uid"]) == (USER, "refused") and r["requestId"] for r in refusals)
     finally:
         worker.stop()
+
+
+def test_a_refused_job_sent_again_once_the_limits_allow_is_admitted(firestore_client):
+    """The refusal says to try again when one has finished: the same request (runsync's or the callable's, the same
+    file_uid) is that try. Still past the limits, it is refused again with the limits as they now stand."""
+    limits = Limits(max_pending=1, daily_budget=50)
+    store = WorkerJobs(firestore_client, worker_id="w", limits=limits)
+    first, second = JobKey(USER, "images", "first"), JobKey(USER, "images", "second")
+    assert store.ensure_queued(request("first")).after["status"] == "queued"
+    refused = store.ensure_queued(request("second", width=768)).after
+    assert (refused["status"], refused["error_type"]) == ("failed", "QuotaExceeded")
+    assert "USER_MAX_PENDING" in refused["error_message"]
+    assert store.ensure_queued(request("second", width=768)).after["status"] == "failed"  # still full
+    assert counts(firestore_client) == (0, 1)
+
+    job = store.claim(first)
+    assert job is not None and store.complete(job, {"status": "completed"}) == "completed"
+    again = store.ensure_queued(request("second", width=768)).after
+    assert (again["status"], again["error"], again["quota_admitted"], again["width"]) == ("queued", False, True, 768)
+    assert not {"error_type", "error_message", "failed_at", "expire_at"} & again.keys()
+    assert again["cost"] == quota.estimate(request("second", width=768))
+    assert counts(firestore_client) == (0, 1)
+    running = store.claim(second)
+    assert running is not None  # a queued job like any other
+
+    # The callable: a refused call made again is admitted and dispatched; past the budget it names the budget.
+    data = {"prompt": "a red car", "file_uid": "third"}
+    with pytest.raises(dispatch.CallError) as raised:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data, limits=limits)
+    assert "USER_MAX_PENDING" in raised.value.message
+    assert store.complete(running, {"status": "completed"}) == "completed"
+    reply = dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data, limits=limits)
+    assert reply["success"] and reply["status"] == "queued"  # admitted; the RunPod it called did not answer
+    third = doc(firestore_client, JobKey(USER, "images", "third"))
+    assert (third["status"], third["dispatch_count"], third["quota_admitted"]) == ("queued", 1, True)
+    tight = Limits(max_pending=5, daily_budget=third["cost"] + 0.5)
+    data = {"prompt": "a red car", "file_uid": "fourth", "width": 1024, "height": 1024}
+    with pytest.raises(dispatch.CallError) as budget:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data, limits=tight)
+    assert "USER_DAILY_BUDGET" in budget.value.message
+    with pytest.raises(dispatch.CallError) as still:  # the same call again: refused again, nothing counted
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data, limits=tight)
+    assert still.value.code == "resource-exhausted" and "USER_DAILY_BUDGET" in still.value.message
+    assert counts(firestore_client) == (0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- restated jobs

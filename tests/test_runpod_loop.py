@@ -224,6 +224,10 @@ def test_runsync_jobs_go_through_the_sdk_loop_several_at_once(
     assert all(line["message"] == line["event"] for line in ours)
     accepted = {line["requestId"]: line["file_uid"] for line in ours if line["event"] == "request_accepted"}
     assert accepted == {f"rp-job-{n}": f"loop-{n}" for n in range(4)}
+    # The job's own lines, on the worker its runsync reached, carry that request's id too.
+    for event in ("job_claimed", "job_started", "job_completed"):
+        lines = {line["file_uid"]: line.get("requestId") for line in ours if line["event"] == event}
+        assert lines == {f"loop-{n}": f"rp-job-{n}" for n in range(4)}, event
     # No secret in any line: the API key, the service account's private key, the download tokens.
     text = worker.log_path.read_text()
     tokens = [parse_qs(urlsplit(url).query)["token"][0] for url in urls]
