@@ -182,7 +182,7 @@ class JobStore:
             if update is not None:
                 usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
                 update = self._limit(key, before, update, usage, now, admit=admit)
-            if update is None:
+            if not update:  # nothing to write (an admission of a doc that breaks the contract decides nothing)
                 return Outcome(before, None, now)
             batch = self.client.batch()
             if snapshot.exists:
@@ -261,6 +261,18 @@ class JobStore:
     def cancel(self, key: JobKey) -> Outcome:
         """The owner's cancel: fail a queued job now, ask a running one's worker to stop (lifecycle.cancel)."""
         return self.transition(key, lambda doc, now: lifecycle.cancel(doc))
+
+    def admit(self, key: JobKey) -> Outcome:
+        """Admit a queued job its client wrote (or refuse it, failed `QuotaExceeded`), as soon as a worker hears
+        of it: USER_MAX_PENDING bounds a user's backlog of docs even where no function sees them, which a claim,
+        taking them one at a time, never would. A job already admitted, or being cancelled, is left alone."""
+
+        def decide(doc: dict | None, now: datetime) -> dict | None:
+            if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(lifecycle.CANCEL_REQUESTED):
+                return None
+            return None if quota.admitted(doc) else {}
+
+        return self.transition(key, decide, admit=True)
 
     def ensure_queued(self, request: GenerationRequest) -> Outcome:
         """Create the job's queued doc, admitted, unless a doc exists (`.after`: the doc as it now stands).
@@ -351,6 +363,7 @@ class WorkerJobs:
         self.ensure_queued, self.transition = self.jobs.ensure_queued, self.jobs.transition
         self.fail_unclaimed, self.ref, self.usage = self.jobs.fail_unclaimed, self.jobs.ref, self.jobs.usage
         self.cancel, self.cancelling, self.holds = self.jobs.cancel, self.jobs.cancelling, self.jobs.holds
+        self.admit = self.jobs.admit
         self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
 
     def _fenced(self, job: ClaimedJob, make: Callable[[lifecycle.Doc, datetime], dict]) -> bool:

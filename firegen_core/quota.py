@@ -8,7 +8,8 @@ Counts are derived from the job doc alone, so every transition keeps them exact 
     running(doc) = admitted and status == processing
 
 A job is admitted once (`quota_admitted: true`, with its `cost`), at whichever door sees it first: the
-callable, the creation trigger, the runsync handler, or a worker's claim. Admission charges the cost to the
+callable, the creation trigger, the runsync handler, or a worker (its listener, as it hears of a client's doc;
+else its claim). Admission charges the cost to the
 day's spend; nothing is refunded. A job never admitted (refused, or a doc that breaks the contract) never counts.
 
 The usage doc `usage/{uid}`: running, pending, spent_today, day (UTC date of spent_today: it starts again at 0

@@ -10,6 +10,8 @@ oldest `created_at` first within a user):
   listener missed (and the only way to see a lease run out, which no document write announces; such a job, a
   dead worker's, goes first in line: it is older than anything queued since);
 - `submit`, from the runsync handler, for the job it just accepted (in fair order like every other door).
+A client's doc that no function admitted is admitted against its user's limits (or refused) as soon as a queued-doc
+listener or the sweep hears of it, oldest first, by an admission thread (`JobStore.admit`).
 A fourth listener per media type hears cancellations (`cancel_requested: true` on a queued or processing doc):
 a queued job is failed `Cancelled` at once (no free slot needed), a job running here is told to stop.
 The sweep is also the watchdog (a listener that closed, or that stayed silent about a queued doc the sweep
@@ -22,6 +24,8 @@ A free slot (CONCURRENCY of them) claims the next candidate and, with BATCH_MAX 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -32,7 +36,7 @@ import structlog
 from google.cloud.firestore import Query
 from tenacity import Retrying, stop_after_attempt, wait_exponential
 
-from firegen_core import lifecycle, workers
+from firegen_core import lifecycle, quota, workers
 from firegen_core.contract import GenerationRequest, awaits_parameters, parse_document
 from firegen_core.jobs import MEDIA_TYPES, RUNPOD_JOB_ID, ClaimedJob, JobKey, WorkerJobs
 from firegen_core.lifecycle import Lease
@@ -96,6 +100,10 @@ class Reconciler:
         self._current: dict[str, threading.Event] = {}  # listener name → it delivered its first snapshot
         self._threads: list[threading.Thread] = []
         self._request_ids: OrderedDict[JobKey, str] = OrderedDict()  # runsync's RunPod job id, until claimed
+        # Client docs heard of but not yet admitted, oldest first: admitted (or refused) by the admission thread.
+        self._admissions: list[tuple[float, int, JobKey]] = []
+        self._admission_seq = itertools.count()
+        self._admission_cv = threading.Condition()
         self._started_at = datetime.now(UTC)
         self._claiming_since = time.time()  # reset by `start`
 
@@ -107,7 +115,8 @@ class Reconciler:
         for media in MEDIA_TYPES:
             for window in (*WINDOWS, CANCEL):
                 self._listen(media, window)
-        for target, name in ((self._dispatch_loop, "dispatch"), (self._sweep_loop, "sweep")):
+        loops = ((self._dispatch_loop, "dispatch"), (self._sweep_loop, "sweep"), (self._admission_loop, "admission"))
+        for target, name in loops:
             thread = threading.Thread(target=target, name=f"reconciler-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -123,6 +132,9 @@ class Reconciler:
             self._queue.clear()
             self._cancels.clear()
             self._cv.notify_all()
+        with self._admission_cv:
+            self._admissions.clear()
+            self._admission_cv.notify_all()
 
     def stop(self, grace: float = 20.0) -> None:
         """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
@@ -214,6 +226,35 @@ class Reconciler:
             return False, None
         wait = at - time.time()
         return wait <= 0, max(wait, 0.01)
+
+    def _admit_later(self, key: JobKey, doc: dict, created: float) -> None:
+        """A queued doc its client wrote, not yet admitted (no function saw it first): admitted against its user's
+        limits now, not when a slot claims it (a claim takes one at a time, so a backlog would never count)."""
+        if doc.get(quota.ADMITTED) or doc.get(lifecycle.CANCEL_REQUESTED):
+            return
+        with self._admission_cv:
+            if self._claiming and all(queued != key for _, _, queued in self._admissions):
+                heapq.heappush(self._admissions, (created, next(self._admission_seq), key))
+                self._admission_cv.notify()
+
+    def _admission_loop(self) -> None:
+        # The listeners' first snapshots come in any order (the newest window's, newest first): admit only once
+        # all are in, oldest first, so a backlog's oldest docs are the ones admitted.
+        self.wait_listening(self.sweep_interval)
+        while True:
+            with self._admission_cv:
+                while self._claiming and not self._admissions:
+                    self._admission_cv.wait()
+                if not self._claiming:
+                    return
+                _, _, key = heapq.heappop(self._admissions)
+            try:
+                written = self.store.admit(key).written
+            except Exception as exc:  # the claim admits it in any case
+                log.warning("admission_error", path=key.path, error=str(exc))
+                continue
+            if written and written.get("status") == lifecycle.FAILED:
+                log.info("job_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=written["error_type"])
 
     def _group(self, request: GenerationRequest) -> Hashable | None:
         """The batch a job may join (None: it runs alone): only with BATCH_MAX > 1."""
@@ -414,6 +455,7 @@ class Reconciler:
             self._cancel_queued(key)
         else:
             self._stop_if_queued_again(key, doc)
+            self._admit_later(key, doc, timestamp(doc.get("created_at"), time.time()))
             self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc), doc=doc)
 
     def _stop_if_queued_again(self, key: JobKey, doc: dict) -> None:
@@ -479,6 +521,8 @@ class Reconciler:
                     if doc.get(lifecycle.CANCEL_REQUESTED) and doc.get("status") == lifecycle.QUEUED:
                         self._cancel_queued(key)
                         continue
+                    if query is not expired:
+                        self._admit_later(key, doc, timestamp(doc.get("created_at") or _updated(snapshot), 0.0))
                     self._offer(
                         key,
                         doc.get("created_at") or _updated(snapshot),

@@ -13,7 +13,10 @@ from fixtures_scheduling import (  # noqa: F401  (fixtures)
 )
 
 from firegen_core.jobs import JobKey
+from firegen_core.quota import Limits
 from listener.reconciler import LISTEN_LIMIT
+
+BACKLOG_LIMITS = Limits(max_pending=1000, daily_budget=1e6)  # one user's backlog here is past USER_MAX_PENDING
 
 
 def backlog(user: str, count: int) -> list[JobKey]:
@@ -23,7 +26,7 @@ def backlog(user: str, count: int) -> list[JobKey]:
 def run_a_then_b(sched_worker, firestore_client, a_jobs: int) -> StepGenerator:
     """User A queues `a_jobs`; while A's first runs, user B queues one; then everything runs."""
     generator = StepGenerator(threading.Event())
-    worker = sched_worker("one", generator)
+    worker = sched_worker("one", generator, limits=BACKLOG_LIMITS)
     queue_jobs(firestore_client, backlog("userA", a_jobs))
     assert generator.started.wait(15)  # A's first is running (held)
     b = JobKey("userB", "images", "b-only")
@@ -50,7 +53,7 @@ def test_behind_a_backlog_longer_than_the_listeners_window(sched_worker, firesto
 
 def test_the_candidate_set_is_bounded_whatever_the_backlog(sched_worker, firestore_client):
     generator = StepGenerator(threading.Event())
-    worker = sched_worker("small", generator, capacity=10, sweep=0.2)
+    worker = sched_worker("small", generator, capacity=10, sweep=0.2, limits=BACKLOG_LIMITS)
     keys = backlog("userA", 40)
     queue_jobs(firestore_client, keys)
     assert generator.started.wait(15)

@@ -325,6 +325,31 @@ def test_past_the_limits_a_client_doc_ends_failed_at_the_trigger_and_at_a_worker
     assert generator.calls == [] and counts(firestore_client) == (0, 0)
 
 
+def test_a_backlog_of_client_docs_no_function_saw_is_bounded_by_user_max_pending(firestore_client, results):
+    """Docs a client writes where no function sees them (not deployed, or the trigger late): the worker's listener
+    is their first door, and admits them as it hears of them, oldest first. A claim alone, one job at a time,
+    would never see more than one pending and let any backlog through."""
+    limits = Limits(max_pending=2)
+    store = WorkerJobs(firestore_client, worker_id="w", limits=limits)
+    generator = StubGenerator(threading.Event())  # the first job holds the slot
+    worker = Reconciler(store, JobRunner(store, generator, results), sweep_interval=30).start()
+    keys = [JobKey(USER, "images", f"flood-{i}") for i in range(5)]
+    try:
+        assert worker.wait_listening(10)
+        for key in keys:  # one at a time: each its own created_at, in this order
+            write_client_doc(firestore_client, key.file_uid)
+        assert emu.wait_until(lambda: all(doc(firestore_client, k)["status"] == "failed" for k in keys[2:]), 15, 0.05)
+        assert counts(firestore_client)[1] == 2
+        generator.gate.set()
+        assert emu.wait_until(lambda: all(doc(firestore_client, k)["status"] == "completed" for k in keys[:2]), 15)
+    finally:
+        worker.stop(grace=0)
+    for key in keys[2:]:
+        refused = doc(firestore_client, key)
+        assert refused["error_type"] == "QuotaExceeded" and "USER_MAX_PENDING" in refused["error_message"]
+    assert sorted(generator.calls) == ["flood-0", "flood-1"] and counts(firestore_client) == (0, 0)
+
+
 def test_past_the_limits_runsync_answers_the_contracts_error(firestore_emulator, storage_emulator, emulator_logs):
     """A real worker process (no models: the refusal comes before any generation) with USER_MAX_PENDING=1."""
     from test_worker_api import post

@@ -18,6 +18,7 @@ from google.cloud.firestore import SERVER_TIMESTAMP
 from PIL import Image
 
 from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.quota import Limits
 from listener.reconciler import Reconciler
 from listener.runner import JobRunner
 from listener.storage import ResultStore, RetryPolicy
@@ -83,8 +84,8 @@ class CountingReconciler(Reconciler):
 def make_worker(firestore_client, results):
     started: list[Reconciler] = []
 
-    def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1, grace=0.0):
-        store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=lease)
+    def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1, grace=0.0, limits=Limits()):
+        store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=lease, limits=limits)
         reconciler = CountingReconciler(
             store,
             JobRunner(store, generator or StubGenerator(), results),
@@ -395,7 +396,7 @@ def test_a_dead_workers_job_goes_before_the_backlog(make_worker, firestore_clien
         )
     batch.commit()
     generator = StubGenerator()
-    make_worker("survivor", generator, sweep=0.2)
+    make_worker("survivor", generator, sweep=0.2, limits=Limits(max_pending=100))  # the backlog is one user's
     wait_until(lambda: len(generator.calls) == 61, timeout=90)
     # Found by the sweep once its lease ran out, it is run next, not after everything queued since.
     assert generator.calls.index("orphan") < 20, generator.calls  # about 8 here; at the back of the line: ~50
