@@ -5,7 +5,8 @@ and Firestore launcher jar that scripts/setup_firebase_cli.py installs under .em
 its own: a firebase.json with the chosen ports (the UI off, no Storage: that comes from gcp-storage-emulator),
 the repo's firestore.rules, and a copy of functions/ (vendored modules included, functions/venv linked) with an
 emulator-only secret (`.secret.local`) and parameters (`.env.local`). The CLI passes its environment on to the
-functions, but the secret and the endpoint parameter must come from those files, or it asks for them.
+functions, but not for params: each param's value comes from those files (the secret and the endpoint, or it asks
+for them; one with a default gets that default written into `.env.local`, whatever the environment says).
 
 `missing()` says why the CLI cannot run here (None when it can). The helpers below talk to the emulators as an
 app does: `sign_up`/`sign_in` (Auth emulator REST) and `call` (a callable function over HTTP).

@@ -27,11 +27,12 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,6 +42,8 @@ from devtools import emulators as emu
 from devtools import firebase_cli, web
 from devtools.client import Client, StackInfo, shown_path
 from devtools.worker import WorkerProcess
+from firegen_core import lifecycle
+from firegen_core.quota import Limits
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "out" / "dev"
@@ -88,6 +91,38 @@ def firebase_config() -> tuple[str, dict[str, int]]:
     except (OSError, ValueError, KeyError):
         pass
     return project, ports
+
+
+# The settings both the worker and the functions read (README "Per-user limits", "Retention"). The Firebase CLI
+# does not hand its own environment's values of the functions' params to them: it writes the params' defaults into
+# the project's functions/.env.local and uses those. So make dev writes each of these there itself, with the same
+# value the worker gets, or the callable admits what the worker refuses.
+USER_LIMITS = {
+    "USER_MAX_RUNNING": Limits.max_running,
+    "USER_MAX_PENDING": Limits.max_pending,
+    "USER_DAILY_BUDGET": int(Limits.daily_budget),
+}
+
+
+def shared_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET and RETENTION_DAYS from `environ` (unset or empty:
+    the default both sides share). ValueError naming the variable when a value is one either side would refuse:
+    the functions declare the limits as int params, so the budget must be whole there, though the worker would
+    take 30.5."""
+    values = {}
+    for name, default in USER_LIMITS.items():
+        raw = (environ.get(name) or "").strip()
+        if raw and not (re.fullmatch(r"[0-9]+", raw) and int(raw) >= 1):
+            raise ValueError(
+                f"{name} must be a whole number, 1 or more (got {raw!r}): the worker and the functions read it"
+            )
+        values[name] = str(int(raw) if raw else default)
+    try:
+        lifecycle.retention_days(environ)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: the worker and the functions read it") from None
+    values["RETENTION_DAYS"] = (environ.get("RETENTION_DAYS") or "").strip() or f"{lifecycle.RETENTION_DAYS_DEFAULT:g}"
+    return values
 
 
 def say(text: str) -> None:
@@ -147,8 +182,9 @@ class CliFailed(Exception):
 class Stack:
     """The processes of one `make dev`, started in order and stopped in reverse, whatever happens between."""
 
-    def __init__(self, args):
+    def __init__(self, args, shared: dict[str, str]):
         self.args, self.ports = args, args.ports
+        self.shared = shared  # shared_settings(): the same values to the worker and to the functions
         self.logs = args.out / "logs"
         self.started: list[emu.Emulator] = []
         self._guard = threading.Lock()  # a start in a helper thread vs. stop_all()
@@ -170,6 +206,7 @@ class Stack:
             port=self.ports["worker"],
             IMAGE_MODEL=self.args.image_model,
             VIDEO_MODEL=self.args.video_model,
+            **self.shared,
         )
         self.start(
             worker,
@@ -186,6 +223,7 @@ class Stack:
             self.args.project,
             runsync_url,
             ports={name: self.ports[name] for name in ("auth", "functions", "firestore", "hosting")},
+            function_env=self.shared,
             hosting=web.missing() is None,
         )
         firestore, auth = cli.address("firestore"), cli.address("auth")
@@ -397,9 +435,15 @@ def run_examples(client: Client, cli: bool, watch: Callable[[], None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        shared = shared_settings()
+    except ValueError as exc:  # before anything starts: the worker would fail on it, the functions later
+        say(f"make dev: {exc}")
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     state = args.out / "stack.json"
-    stack = Stack(args)
+    stack = Stack(args, shared)
+    say(f"settings the worker and the functions share: {' '.join(f'{k}={v}' for k, v in shared.items())}")
 
     def interrupt(*_):
         raise KeyboardInterrupt

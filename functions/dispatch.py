@@ -426,16 +426,23 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any) -> dict[str, Any
     """
     if not uid:
         raise CallError("unauthenticated", "Sign in to cancel a generation")
+    # Worded as generateWithRunPod words its refusals: "X is required" for a missing field, the contract's
+    # "Validation failed: ..." for a wrong one, "user_id must be the signed-in user's uid" for another user's.
     if not isinstance(data, Mapping):
-        raise CallError("invalid-argument", "input must be a JSON object")
+        raise CallError("invalid-argument", invalid("input must be a JSON object").message)
     for name in ("userId", "user_id"):
         if data.get(name) not in (None, "", uid):
-            raise CallError("permission-denied", "Only the signed-in user's own generations can be cancelled")
+            raise CallError("permission-denied", f"{name} must be the signed-in user's uid")
     media = data.get("mediaType", data.get("media_type"))
+    if media in (None, ""):
+        raise CallError("invalid-argument", "mediaType is required")
     if media not in MEDIA_TYPES:
-        raise CallError("invalid-argument", f"mediaType must be one of {', '.join(MEDIA_TYPES)}")
+        raise CallError("invalid-argument", invalid(f"mediaType must be one of {', '.join(MEDIA_TYPES)}").message)
+    file_uid = data.get("fileUid", data.get("file_uid"))
+    if file_uid in (None, ""):
+        raise CallError("invalid-argument", "fileUid is required")
     try:
-        file_uid = check_id("fileUid", data.get("fileUid", data.get("file_uid")))
+        file_uid = check_id("fileUid", file_uid)
     except ContractError as exc:
         raise CallError("invalid-argument", exc.message) from None
     key = JobKey(uid, media, file_uid)

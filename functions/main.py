@@ -16,8 +16,10 @@ Configuration (see the README's "Cloud Functions" section):
     USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET: int params, the per-user limits (same as the worker's)
     ENFORCE_APP_CHECK    optional environment variable: on by default when deployed, off under the emulators
 
-Logs: the records of dispatch and runpod_client (standard `logging`, so they import anywhere) are written by
-`firebase_functions.logger`: one JSON entry each, with `severity` and `message`, as Cloud Logging reads them.
+Logs: the records of dispatch and runpod_client (standard `logging`, so they import anywhere), and those the
+firebase_functions SDK itself writes through the root logger, are written by `firebase_functions.logger`: one
+JSON entry each, with `severity` and `message`, as Cloud Logging reads them. The SDK's messages that may quote a
+caller's token are cut before the quote.
 """
 
 from __future__ import annotations
@@ -84,8 +86,15 @@ def enforce_app_check() -> bool:
     return os.environ.get("FUNCTIONS_EMULATOR") != "true"
 
 
+# The SDK's own messages that can quote what a caller sent: google-auth's error for a malformed ID or App Check
+# token quotes the token ("Wrong number of segments in token: b'...'"), and "extra fields" quotes the request body.
+# Only the SDK's fixed text before the quote is written.
+_QUOTES_THE_CALLER = ("Error validating token: ", "Request body has extra fields: ")
+
+
 class _FirebaseLogHandler(logging.Handler):
-    """Standard-logging records of the functions' modules, written through firebase_functions.logger."""
+    """Standard-logging records (the functions' modules, and the SDK's through the root logger), written through
+    firebase_functions.logger: one JSON entry each, with its severity."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -97,15 +106,33 @@ class _FirebaseLogHandler(logging.Handler):
                 write = logger.info
             else:
                 write = logger.debug
-            write(record.getMessage(), logger=record.name)
+            write(_message(record), logger=record.name)
         except Exception:
             self.handleError(record)
+
+
+def _message(record: logging.LogRecord) -> str:
+    try:
+        message = record.getMessage()
+    except (TypeError, ValueError):  # the SDK passes an argument its text has no placeholder for
+        message = str(record.msg)
+    for prefix in _QUOTES_THE_CALLER:
+        if message.startswith(prefix):
+            return f"{prefix}(the rest is withheld: it may quote the caller's token or request)"
+    if record.exc_info:  # logging.exception() in the SDK's scheduler wrapper: the traceback is the point
+        message = f"{message}\n{logging.Formatter().formatException(record.exc_info)}"
+    return message
 
 
 _functions_log = logging.getLogger("functions")
 _functions_log.handlers[:] = [_FirebaseLogHandler()]
 _functions_log.setLevel(logging.INFO)
 _functions_log.propagate = False
+# The SDK logs with `logging.warning(...)` and the like: on a root logger without a handler, the first such call
+# runs logging.basicConfig(), and its records come out as plain text ("WARNING:root:..."), which Cloud Logging
+# reads as one unstructured line each. A handler of ours on the root logger first means they are JSON entries too
+# (at the root's WARNING level, as before); the functions' own records stop at their logger, so none is doubled.
+logging.getLogger().handlers[:] = [_FirebaseLogHandler()]
 
 
 class _EmulatorCredential(firebase_admin.credentials.Base):

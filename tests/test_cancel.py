@@ -157,18 +157,38 @@ def test_the_callable_cancels_queued_and_running_jobs(sched_worker, firestore_cl
 def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
     key = JobKey("owner", "images", "mine")
     queue_jobs(firestore_client, [key])
+    # Worded as generateWithRunPod's refusals are (before: "mediaType must be one of ..." without the contract's
+    # prefix, "input must be a JSON object" without it, a missing fileUid as "must be a string").
     cases = [
-        (None, {"fileUid": "mine", "mediaType": "images"}, "unauthenticated"),
-        ("thief", {"fileUid": "mine", "mediaType": "images"}, "not-found"),  # the path is the caller's own
-        ("thief", {"fileUid": "mine", "mediaType": "images", "userId": "owner"}, "permission-denied"),
-        ("owner", {"fileUid": "mine", "mediaType": "gifs"}, "invalid-argument"),
-        ("owner", {"fileUid": "../x", "mediaType": "images"}, "invalid-argument"),
-        ("owner", ["mine"], "invalid-argument"),
+        (None, {"fileUid": "mine", "mediaType": "images"}, "unauthenticated", "Sign in to cancel a generation"),
+        ("thief", {"fileUid": "mine", "mediaType": "images"}, "not-found", "No such generation"),  # the caller's path
+        (
+            "thief",
+            {"fileUid": "mine", "mediaType": "images", "userId": "owner"},
+            "permission-denied",
+            "userId must be the signed-in user's uid",
+        ),
+        (
+            "owner",
+            {"fileUid": "mine", "mediaType": "gifs"},
+            "invalid-argument",
+            "Validation failed: mediaType must be one of images, videos",
+        ),
+        ("owner", {"fileUid": "mine"}, "invalid-argument", "mediaType is required"),
+        ("owner", {"mediaType": "images"}, "invalid-argument", "fileUid is required"),
+        (
+            "owner",
+            {"fileUid": 7, "mediaType": "images"},
+            "invalid-argument",
+            "Validation failed: fileUid must be a string",
+        ),
+        ("owner", {"fileUid": "../x", "mediaType": "images"}, "invalid-argument", "Validation failed: fileUid may"),
+        ("owner", ["mine"], "invalid-argument", "Validation failed: input must be a JSON object"),
     ]
-    for uid, data, code in cases:
+    for uid, data, code, message in cases:
         with pytest.raises(dispatch.CallError) as refused:
             dispatch.cancel(firestore_client, uid=uid, data=data)
-        assert refused.value.code == code, (uid, data)
+        assert refused.value.code == code and refused.value.message.startswith(message), (uid, data, refused.value)
     assert read(firestore_client, key)["status"] == "queued" and "cancel_requested" not in read(firestore_client, key)
 
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -111,10 +112,17 @@ def assert_examples_done(output: str, out: Path) -> None:
 )
 def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys):
     run = StackRun(tmp_path)
+    # The settings the worker and the functions share, from make dev's environment (before, the functions got
+    # their params' defaults: the callable admitted what the worker refused). Wide enough for what runs here.
+    shared = {"USER_MAX_RUNNING": "3", "USER_MAX_PENDING": "6", "USER_DAILY_BUDGET": "30", "RETENTION_DAYS": "7"}
+    run.env.update(shared)
     state = run.out / "stack.json"
     with running_stack(run.cmd, run.env) as stack:
         output = stack.output
         assert "falling back" not in output
+        assert f"settings the worker and the functions share: {' '.join(f'{k}={v}' for k, v in shared.items())}\n" in (
+            output
+        )
         assert "[test-img-001] generateWithRunPod answered accepted: Generation started" in output
         if web.missing() is None:  # the Hosting emulator serves the web app (tests/test_web_app.py drives it)
             assert f"web app: http://127.0.0.1:{run.ports['hosting']}/\n" in output
@@ -168,10 +176,43 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
             "ValidationError",
         )
         assert doc["error_message"] == "width must be between 256 and 1024" and "failed_at" in doc
+        assert abs(doc["expire_at"] - doc["failed_at"] - timedelta(days=7)) < timedelta(minutes=1)  # RETENTION_DAYS
+
+        # USER_DAILY_BUDGET reached the functions: the callable itself refuses a video that costs more than the
+        # whole budget (about 44 GPU-seconds), naming make dev's 30 (the params' default, 600, admitted it).
+        costly = {"prompt": "a long video", "file_uid": "costly-1", "num_frames": 81, "num_inference_steps": 50}
+        refused = firebase_cli.call(f"{info.functions}/generateWithRunPod", costly, client.token)["error"]
+        assert refused["status"] == "RESOURCE_EXHAUSTED", refused
+        assert "(USER_DAILY_BUDGET)" in refused["message"] and " of 30 are left today" in refused["message"]
+        # Whoever wrote the user's usage doc last (the callable or the worker), its limits are make dev's.
+        usage = firestore_client(info).document(f"usage/{client.uid}").get().to_dict()
+        assert usage["limits"] == {"max_running": 3, "max_pending": 6, "daily_budget": 30}
+        env_file = (run.out / "firebase" / "functions" / ".env.local").read_text().splitlines()
+        assert all(f"{k}={v}" in env_file for k, v in shared.items()), env_file
     output = stack.output
     assert stack.proc.returncode == 0, output
     assert "stopping..." in output and "all processes stopped" in output
     assert not state.exists()
+    assert run.left_behind() == []
+
+
+@pytest.mark.parametrize(
+    "name,value,said",
+    [
+        ("USER_MAX_PENDING", "five", "USER_MAX_PENDING must be a whole number, 1 or more (got 'five')"),
+        # The worker would take it; the functions' int param would not.
+        ("USER_DAILY_BUDGET", "30.5", "USER_DAILY_BUDGET must be a whole number, 1 or more (got '30.5')"),
+        ("USER_MAX_RUNNING", "0", "USER_MAX_RUNNING must be a whole number, 1 or more (got '0')"),
+        ("RETENTION_DAYS", "-1", "RETENTION_DAYS must be a number of days, 0 or more (got '-1')"),
+    ],
+)
+def test_make_dev_names_a_bad_shared_setting_in_one_line(tmp_path, name, value, said):
+    """A setting the worker and the functions share, set wrong in make dev's environment: one line naming it, exit
+    code 1, nothing started (before, the worker's start failed with its log's tail, or the functions took it)."""
+    run = StackRun(tmp_path)
+    result = subprocess.run(run.cmd, env={**run.env, name: value}, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (result.stdout, result.stderr) == (f"make dev: {said}: the worker and the functions read it\n", "")
     assert run.left_behind() == []
 
 

@@ -812,7 +812,7 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     unreadable = [str(p) for p in deploy.rglob("*") if p.is_file() and p.stat().st_mode & 0o444 != 0o444]
     assert unreadable == []
     script = (
-        "import json, main\n"
+        "import json, sys, main\n"
         "out = {}\n"
         "for name in ('generateWithRunPod', 'dispatchQueuedJob', 'redispatchStaleJobs'):\n"
         "    e = getattr(main, name).__firebase_endpoint__\n"
@@ -828,6 +828,13 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
         "    logging.getLogger('functions.dispatch').warning('dispatch_not_recorded path=%s', 'generations/u/images/f')\n"
         "out['log'] = buffer.getvalue()\n"
+        "from firebase_functions.private import util\n"  # the SDK's own records, through the root logger
+        "from werkzeug.test import EnvironBuilder\n"
+        "request = EnvironBuilder(method='POST', json={'data': {}}, headers={'Authorization': 'Bearer ' + sys.argv[1]})\n"
+        "buffer = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
+        "    util.on_call_check_tokens(request.get_request())\n"
+        "out['sdk_log'] = buffer.getvalue()\n"
         "for worker_only in ('generation', 'listener', 'torch'):\n"
         "    try:\n"
         "        __import__(worker_only); out[worker_only] = True\n"
@@ -838,7 +845,12 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", RUNPOD_ATTEMPTS="5", MAX_DISPATCHES="4")
     result = subprocess.run(
-        [str(FUNCTIONS_PYTHON), "-c", script], cwd=deploy, env=env, capture_output=True, text=True, timeout=60
+        [str(FUNCTIONS_PYTHON), "-c", script, BAD_TOKEN],
+        cwd=deploy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -858,6 +870,15 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     entry = json.loads(out["log"].strip().splitlines()[-1])
     assert entry["severity"] == "WARNING"
     assert entry["message"] == "dispatch_not_recorded path=generations/u/images/f"
+    # So are the SDK's, which it writes through the root logger (a token that is no JWT: refused, and why logged),
+    # each once, without the token google-auth's error quotes.
+    sdk = [json.loads(line) for line in out["sdk_log"].strip().splitlines()]
+    assert [(e["severity"], e["logger"]) for e in sdk] == [("ERROR", "root"), ("WARNING", "root")], sdk
+    assert (
+        sdk[0]["message"]
+        == "Error validating token: (the rest is withheld: it may quote the caller's token or request)"
+    )
+    assert sdk[1]["message"].startswith("Callable request verification failed: ") and BAD_TOKEN not in out["sdk_log"]
 
 
 _APP_CHECK_PROBE = """
@@ -935,6 +956,17 @@ def test_the_indexes_cover_the_queries():
 
 # ---------------------------------------------------------------------------------------------- Firebase CLI
 CLI_KEY = "cli-secret-key-7b1d"
+BAD_TOKEN = "not-a-jwt-4f2a9c"  # must never show up in a log line
+
+
+def json_entry(line: str) -> dict | None:
+    """The JSON entry a function wrote on this line of the CLI's output (after the CLI's own prefix), or None."""
+    start = line.find("{")
+    try:
+        entry = json.loads(line[start:]) if start >= 0 else None
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 @pytest.mark.skipif(
@@ -983,6 +1015,26 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
         assert cli.call("generateWithRunPod", {"prompt": "a car"}) == {
             "error": {"message": "Sign in to generate", "status": "UNAUTHENTICATED"}
         }
+        # A token that is no JWT: the SDK refuses it before our code runs, and logs why through the root logger.
+        # Those records are JSON entries with their severity too (before: "WARNING:root:..." plain text), and
+        # the token, which google-auth's error quotes, is in none of them.
+        assert cli.call("generateWithRunPod", {"prompt": "a car"}, BAD_TOKEN) == {
+            "error": {"message": "Unauthenticated", "status": "UNAUTHENTICATED"}
+        }
+
+        def sdk_entries() -> dict[str, dict]:
+            entries = (json_entry(line) for line in cli.log_path.read_text().splitlines())
+            return {
+                entry["severity"]: entry
+                for entry in entries
+                if entry and entry.get("logger") == "root" and "token" in entry.get("message", "")
+            }
+
+        assert emu.wait_until(lambda: {"WARNING", "ERROR"} <= set(sdk_entries()), 30, 0.1), cli.log_tail()
+        assert sdk_entries()["WARNING"]["message"].startswith("Callable request verification failed: ")
+        assert sdk_entries()["ERROR"]["message"].startswith("Error validating token: (the rest is withheld")
+        logged = cli.log_path.read_text()
+        assert BAD_TOKEN not in logged and "WARNING:root:" not in logged and "ERROR:root:" not in logged
         assert (
             cli.call("generateWithRunPod", {"prompt": "a car", "user_id": other_uid}, token)["error"]["status"]
             == "PERMISSION_DENIED"
