@@ -3,7 +3,8 @@
 With the Firebase CLI's emulators (what `make dev` runs when it can), the client does what the contract's client
 sample does, as a signed-in user of the Auth emulator: it writes the queued doc with the user's ID token (so
 firestore.rules apply), calls the `generateWithRunPod` callable over HTTP (or, `via="document"`, leaves the
-dispatch to the Firestore trigger), and follows the doc with a listener, as that user, until it is final.
+dispatch to the Firestore trigger), and follows the doc with a listener, as that user, until it is final (reading
+it every few seconds too: see POLL_S).
 Without them (the fallback), it writes the doc as admin and posts runsync to the worker itself, as the function
 would (or leaves the doc to the worker's reconciler).
 
@@ -22,6 +23,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
@@ -31,6 +33,13 @@ REPO = Path(__file__).resolve().parent.parent
 STATE = REPO / "out" / "dev" / "stack.json"
 DEV_EMAIL = "dev@firegen.test"
 CALLABLE = "generateWithRunPod"
+# A listener alone does not always see a job's end. On the Firestore emulator, a doc's Listen target added while
+# the doc is written can get that write twice, a stale "no such doc" after it, a corrupt frame (the stream is then
+# reopened), or, with no error, no message ever again: under `make dev --once` a worker completed the video while
+# its listener, silent since the queued doc, waited out the timeout. So the client writes the doc once its
+# listener has its first state, and while it waits for the end it also reads the doc every POLL_S.
+LISTENING_S = 10.0  # at most this long for the listener's first state (then it writes anyway: the reads cover it)
+POLL_S = 2.0
 _print_lock = threading.Lock()
 
 
@@ -80,6 +89,12 @@ def shown_path(path: Path) -> str:
         return str(path)
 
 
+def _written_at(snapshot) -> datetime:
+    """When the snapshot's state was written (update_time: a datetime, or a protobuf Timestamp on some paths)."""
+    updated = snapshot.update_time
+    return updated if isinstance(updated, datetime) else updated.ToDatetime(tzinfo=UTC)
+
+
 class Client:
     def __init__(self, info: StackInfo, email: str = DEV_EMAIL):
         self.info = info
@@ -120,24 +135,37 @@ class Client:
         options = {k: v for k, v in data.items() if k not in ("prompt", "user_id", "file_uid", "use_cloud_storage")}
         media_type = "videos" if VIDEO_FIELDS & {k for k, v in options.items() if v is not None} else "images"
         ref = self.db.document(f"generations/{data['user_id']}/{media_type}/{file_uid}")
-        done = threading.Event()
+        done, listening = threading.Event(), threading.Event()
+        shown_lock = threading.Lock()  # the listener's thread and this one's reads both show states
         started = time.monotonic()
         last: dict = {}
 
-        def on_snapshot(docs, changes, read_time):
-            for snapshot in docs:
+        def show(snapshot) -> None:
+            if not snapshot.exists:
+                return
+            written_at = _written_at(snapshot)
+            with shown_lock:
+                # A read and the listener can bring the same write, or an older state after a newer one.
+                if "written_at" in last and written_at <= last["written_at"]:
+                    return
                 doc = snapshot.to_dict() or {}
                 shown = (doc.get("status"), doc.get("progress"))
-                if doc and shown != (last.get("status"), last.get("progress")):
+                if shown != (last.get("status"), last.get("progress")):
                     processing = doc.get("status") == "processing" and doc.get("progress")
                     progress = f" {doc['progress']:.0%}" if processing else ""
                     self.say(file_uid, f"{time.monotonic() - started:5.1f}s  {doc.get('status')}{progress}")
-                last.update(status=shown[0], progress=shown[1], doc=doc)
+                last.update(status=shown[0], progress=shown[1], doc=doc, written_at=written_at)
                 if doc.get("status") in ("completed", "failed"):
                     done.set()
 
+        def on_snapshot(docs, changes, read_time):
+            for snapshot in docs:
+                show(snapshot)
+            listening.set()
+
         watch = ref.on_snapshot(on_snapshot)
         try:
+            listening.wait(LISTENING_S)  # see LISTENING_S: the write then reaches a listener already in place
             try:  # the contract's client sample: setDoc(docRef, {status: 'queued', created_at: serverTimestamp(), ...})
                 ref.set(
                     {
@@ -163,10 +191,16 @@ class Client:
             if not written:
                 self.failures += 1
                 return None
-            if not done.wait(timeout):
-                self.say(file_uid, f"no result after {timeout:.0f} s")
-                self.failures += 1
-                return None
+            deadline = time.monotonic() + timeout
+            while not done.wait(max(0.0, min(POLL_S, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    self.say(file_uid, f"no result after {timeout:.0f} s")
+                    self.failures += 1
+                    return None
+                try:  # see POLL_S: the end the listener missed
+                    show(ref.get(retry=None, timeout=POLL_S * 5))
+                except exceptions.GoogleAPICallError:
+                    pass  # a read that failed is only a missed look; the listener and the next read go on
         finally:
             watch.unsubscribe()
         doc = last["doc"]

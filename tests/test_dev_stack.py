@@ -5,6 +5,7 @@ developer's `make dev` and other tests can run beside it), acting as the contrac
   refused request against the running stack, then Ctrl-C.
 - The fallback without the CLI, with `--once`.
 - A worker killed under it: said, restarted (a bounded number of times), its job finished by the new one.
+- The client's wait for a job's end when its listener goes silent (as the emulator's Listen stream can).
 
 Each run must leave no process and no port behind: every process the stack starts inherits a marker variable
 from it, and none may carry it after the stack exits.
@@ -18,10 +19,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from fixtures_stack import running_stack
@@ -342,3 +346,48 @@ def test_make_dev_restarts_a_worker_killed_again_while_it_restarts(tmp_path):
         assert "; restarting it (2 of 2)" in stack.output
         assert stack.proc.poll() is None
     assert run.left_behind() == []
+
+
+def test_the_client_sees_the_end_of_a_job_its_listener_missed(firestore_emulator, firestore_client, capsys):
+    """The emulator's Listen stream for a doc can stall around the doc's first write (seen under `make dev --once`:
+    the worker completed the video while its listener never got a message after the queued doc, and the client
+    said "no result after 300 s"). Here the listener is made to go silent after its first state, as that one did:
+    the client still sees each state it reads, in order, and the end well before its timeout."""
+    from google.cloud.firestore_v1.document import DocumentReference
+
+    real = DocumentReference.on_snapshot
+
+    def stalling(ref, callback):  # the first state (no doc yet), then nothing
+        heard: list = []
+        return real(ref, lambda *args: None if heard else heard.append(callback(*args)))
+
+    info = StackInfo(
+        project=firestore_client.project,
+        firestore=firestore_emulator.host_port,
+        storage="",
+        bucket="",
+        runsync_url="",
+        out=".",
+    )
+    request = {"prompt": "a stalled listener", "user_id": "u1", "file_uid": "stalled-1", "use_cloud_storage": True}
+    doc = firestore_client.document("generations/u1/images/stalled-1")
+
+    def worker() -> None:  # what a worker writes: processing, then completed
+        assert emu.wait_until(lambda: doc.get().exists, 30, 0.05)
+        doc.update({"status": "processing", "progress": 0.5})
+        doc.update({"status": "completed", "progress": 1.0, "generated": True, "images": []})
+
+    helper = threading.Thread(target=worker, daemon=True)
+    helper.start()
+    with mock.patch.object(DocumentReference, "on_snapshot", stalling):
+        client = Client(info)
+        started = time.monotonic()
+        final = client.generate(request, via="document", timeout=30)
+    helper.join(30)
+    said = capsys.readouterr().out
+    assert final is not None and final["status"] == "completed", said
+    assert client.failures == 0 and time.monotonic() - started < 20, said
+    seen = statuses(said, "stalled-1")
+    order = ["queued", "processing", "completed"]
+    assert seen[-1] == "completed" and [order.index(s) for s in seen] == sorted(order.index(s) for s in seen), said
+    assert "no result" not in said
