@@ -105,7 +105,8 @@ USER_LIMITS = {
 
 
 def shared_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET and RETENTION_DAYS from `environ` (unset or empty:
+    """USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET, RETENTION_DAYS and PLACEHOLDER_GRACE_SECONDS from
+    `environ` (unset or empty:
     the default both sides share). ValueError naming the variable when a value is one either side would refuse:
     the functions declare the limits as int params, so the budget must be whole there, though the worker would
     take 30.5."""
@@ -122,6 +123,14 @@ def shared_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     except ValueError as exc:
         raise ValueError(f"{exc}: the worker and the functions read it") from None
     values["RETENTION_DAYS"] = (environ.get("RETENTION_DAYS") or "").strip() or f"{lifecycle.RETENTION_DAYS_DEFAULT:g}"
+    # How long the worker's listeners and the functions' trigger leave a doc with only its prompt to its request.
+    grace = (environ.get("PLACEHOLDER_GRACE_SECONDS") or "").strip() or "5"
+    if not (re.fullmatch(r"[0-9]+", grace) and int(grace) <= 60):
+        raise ValueError(
+            f"PLACEHOLDER_GRACE_SECONDS must be a whole number from 0 to 60 (got {grace!r}): the worker and the "
+            "functions read it"
+        )
+    values["PLACEHOLDER_GRACE_SECONDS"] = grace
     return values
 
 

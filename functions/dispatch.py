@@ -21,6 +21,7 @@ worker's contract ignores them. Docs are written only through the worker's own j
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from firegen_core.contract import (
     VIDEO_FIELDS,
     ContractError,
     GenerationRequest,
+    awaits_parameters,
     check_id,
     clip,
     finished_otherwise,
@@ -287,8 +289,14 @@ def dispatch_created(
     media_type: str,
     file_uid: str,
     limits: Limits = Limits(),
+    grace: float = 0.0,
 ) -> str:
     """The Firestore trigger on generations/{uid}/{media}/{fileUid} creation: dispatch the job once.
+
+    A doc that states its prompt and no parameter (`contract.awaits_parameters`) is what the contract's Firebase
+    Function flow writes before it sends the parameters to runsync, and what a client writes before it calls the
+    callable with them: the trigger leaves it to that request for up to `grace` seconds from its creation
+    (PLACEHOLDER_GRACE_SECONDS, as the workers' listeners do). Dispatched at once, its defaults would run first.
 
     Returns what happened: "skipped" (not a queued job, or already dispatched: the callable did, a worker's
     runsync handler wrote it, or this is a repeated delivery of the same event), "invalid" (the doc breaks the
@@ -298,6 +306,8 @@ def dispatch_created(
     if media_type not in MEDIA_TYPES:
         return "skipped"
     key = JobKey(user_id, media_type, file_uid)
+    if grace > 0:
+        _await_request(db, key, grace)
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
@@ -321,6 +331,23 @@ def dispatch_created(
         _fail_queued(store, key, VALIDATION_ERROR, exc.message)
         return "invalid"
     return _deliver(store, runpod, key, request).outcome
+
+
+def _await_request(db: firestore.Client, key: JobKey, grace: float, poll: float = 0.25) -> None:
+    """Wait, at most until `grace` seconds past the doc's creation, while it awaits its parameters: until its
+    request restates it (the function's runsync, at a worker), the callable dispatches it, or a worker takes it."""
+    while True:
+        snapshot = db.document(key.path).get()
+        doc = snapshot.to_dict() if snapshot.exists else None
+        if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
+            return
+        if not awaits_parameters(doc):
+            return
+        created = doc.get("created_at") if isinstance(doc.get("created_at"), datetime) else snapshot.create_time
+        left = (created + timedelta(seconds=grace) - datetime.now(UTC)).total_seconds()
+        if left <= 0:
+            return
+        time.sleep(min(poll, left))
 
 
 # ------------------------------------------------------------------------------------------------ schedule

@@ -69,6 +69,13 @@ USER_DAILY_BUDGET = params.IntParam(
     description="one user's estimated GPU-seconds per UTC day (see the README's cost model)",
 )
 
+# The workers read the same variable (a float there; whole seconds here).
+PLACEHOLDER_GRACE_SECONDS = params.IntParam(
+    "PLACEHOLDER_GRACE_SECONDS",
+    default=5,
+    description="seconds the trigger leaves a doc with only its prompt to the request that brings its parameters",
+)
+
 options.set_global_options(max_instances=10)
 
 _OFF, _ON = ("0", "false", "off", "no"), ("1", "true", "on", "yes")
@@ -235,6 +242,7 @@ def dispatchQueuedJob(event: firestore_fn.Event) -> None:
         media_type=event.params["media"],
         file_uid=event.params["fileUid"],
         limits=_limits(),
+        grace=float(PLACEHOLDER_GRACE_SECONDS.value),
     )
     logger.info("dispatchQueuedJob", document=event.document, outcome=outcome)
 

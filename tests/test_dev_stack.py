@@ -118,7 +118,13 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
     run = StackRun(tmp_path)
     # The settings the worker and the functions share, from make dev's environment (before, the functions got
     # their params' defaults: the callable admitted what the worker refused). Wide enough for what runs here.
-    shared = {"USER_MAX_RUNNING": "3", "USER_MAX_PENDING": "6", "USER_DAILY_BUDGET": "30", "RETENTION_DAYS": "7"}
+    shared = {
+        "USER_MAX_RUNNING": "3",
+        "USER_MAX_PENDING": "6",
+        "USER_DAILY_BUDGET": "30",
+        "RETENTION_DAYS": "7",
+        "PLACEHOLDER_GRACE_SECONDS": "4",
+    }
     run.env.update(shared)
     state = run.out / "stack.json"
     with running_stack(run.cmd, run.env) as stack:
@@ -208,6 +214,11 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         ("USER_DAILY_BUDGET", "30.5", "USER_DAILY_BUDGET must be a whole number, 1 or more (got '30.5')"),
         ("USER_MAX_RUNNING", "0", "USER_MAX_RUNNING must be a whole number, 1 or more (got '0')"),
         ("RETENTION_DAYS", "-1", "RETENTION_DAYS must be a number of days, 0 or more (got '-1')"),
+        (
+            "PLACEHOLDER_GRACE_SECONDS",
+            "2.5",
+            "PLACEHOLDER_GRACE_SECONDS must be a whole number from 0 to 60 (got '2.5')",
+        ),
     ],
 )
 def test_make_dev_names_a_bad_shared_setting_in_one_line(tmp_path, name, value, said):

@@ -624,6 +624,68 @@ def test_trigger_and_callable_dispatch_once_between_them(worker):
         assert worker.runsync_calls(file_uid) == 1
 
 
+def test_the_trigger_leaves_a_doc_awaiting_its_parameters_to_its_request(firestore_client, stub):
+    """A doc with only its prompt: the contract's function flow (its runsync brings the parameters) or a client's
+    doc before its callable call. Dispatched at once, the trigger's runsync ran the defaults first (a second run
+    once the request came, or the request refused as "already finished with other parameters")."""
+    import threading
+    import time
+
+    grace = 3.0
+    runpod = stub(ACCEPTED)
+    key = "generations/u-grace/images/{}"
+    # The callable's call comes within the grace: it dispatches the job, the trigger sends nothing.
+    firestore_client.document(key.format("g-callable")).set(client_doc())
+    call = threading.Timer(
+        0.5,
+        lambda: dispatch.generate(
+            firestore_client,
+            runpod.client(),
+            uid="u-grace",
+            data={"prompt": "A red sports car", "file_uid": "g-callable", "width": 768},
+        ),
+    )
+    call.start()
+    outcome = dispatch.dispatch_created(
+        firestore_client, runpod.client(), user_id="u-grace", media_type="images", file_uid="g-callable", grace=grace
+    )
+    call.join()
+    assert outcome == "skipped"
+    assert [body["input"].get("width") for _, body in runpod.requests] == [768]  # the callable's request alone
+    # The function's runsync restates the doc at a worker (here: written as that worker would) within the grace:
+    # the trigger then dispatches the doc as it now stands.
+    firestore_client.document(key.format("g-runsync")).set(client_doc())
+    threading.Timer(0.5, lambda: firestore_client.document(key.format("g-runsync")).update({"width": 384})).start()
+    assert (
+        dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-grace", media_type="images", file_uid="g-runsync", grace=grace
+        )
+        == "accepted"
+    )
+    assert runpod.requests[-1][1]["input"]["width"] == 384
+    # Nothing comes: dispatched with its defaults once the grace from its creation has passed; a doc that states a
+    # parameter is dispatched at once.
+    for file_uid, fields, at_least, at_most in (
+        ("g-bare", {}, grace - 0.3, grace + 2),
+        ("g-stated", {"width": 512}, 0, 1),
+    ):
+        firestore_client.document(key.format(file_uid)).set(client_doc(**fields))
+        started = time.monotonic()
+        assert (
+            dispatch.dispatch_created(
+                firestore_client,
+                runpod.client(),
+                user_id="u-grace",
+                media_type="images",
+                file_uid=file_uid,
+                grace=grace,
+            )
+            == "accepted"
+        )
+        assert at_least <= time.monotonic() - started <= at_most, file_uid
+        assert runpod.requests[-1][1]["input"]["file_uid"] == file_uid
+
+
 def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(firestore_client, stub):
     path = "generations/u-inv/images/inv-1"
     firestore_client.document(path).set(client_doc(numFrames=16))  # a video field in images
