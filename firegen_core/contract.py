@@ -282,7 +282,9 @@ def awaits_parameters(doc: Mapping[str, Any]) -> bool:
         fields = normalise_document_fields(doc)
     except ContractError:
         return False
-    return all(fields.get(name) is None for name in PARAMETER_FIELDS - {"prompt"})
+    # An empty negative prompt is none (a function's "other metadata" may well carry one).
+    stated = {name for name in PARAMETER_FIELDS - {"prompt"} if fields.get(name) is not None}
+    return stated <= {"negative_prompt"} and not fields.get("negative_prompt")
 
 
 def finished_otherwise(request: GenerationRequest, changes: Mapping[str, Any]) -> ContractError:

@@ -310,6 +310,7 @@ def test_restatement_names_what_the_request_says_otherwise(doc, given, changes):
         ({"status": "queued", "prompt": "a cat", "width": 512}, False),  # a default, stated all the same
         ({"status": "queued", "prompt": "a cat", "numFrames": 16}, False),  # camelCase
         ({"status": "queued", "prompt": "a cat", "negative_prompt": "blur"}, False),
+        ({"status": "queued", "prompt": "a cat", "negative_prompt": ""}, True),  # none
         ({"status": "queued", "prompt": "a cat", "task_type": "text2image"}, False),  # the worker's own shape
         ({"status": "queued", "prompt": "a cat", "seed": 1, "Seed": 2}, False),  # broken: its parser decides
     ],
