@@ -270,13 +270,18 @@ def restatement(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str,
     }
 
 
+# Written on a job doc by the request that created it (runsync, the callable: `jobs.queued_document`), and only
+# there: such a doc states its request, however few parameters it names. Clients cannot write it (the rules).
+REQUESTED_AT = "requested_at"
+
+
 def awaits_parameters(doc: Mapping[str, Any]) -> bool:
-    """A client's queued doc that names its job's prompt and none of its parameters: what the contract's own
-    Firebase Function flow writes (prompt and "other metadata") before it sends the parameters to runsync. A
-    worker that ran it at once would generate the defaults, and a fast job would be finished, with the wrong
-    parameters, before its request arrives. Docs in the worker's shape (`task_type`: the callable, a runsync
-    handler) are the request already."""
-    if doc.get("task_type") is not None:
+    """A queued doc that names its job's prompt and none of its parameters: what the contract's own Firebase
+    Function flow writes (prompt and "other metadata", which may well be `task_type`, `user_id`...) before it
+    sends the parameters to runsync. A worker that ran it at once would generate the defaults, and a fast job
+    would be finished, with the wrong parameters, before its request arrives. A doc a request wrote (the
+    callable, a runsync handler: `REQUESTED_AT`) is the request already."""
+    if doc.get(REQUESTED_AT) is not None:
         return False
     try:
         fields = normalise_document_fields(doc)

@@ -38,6 +38,7 @@ from .contract import (
     KNOWN_FIELDS,
     MEDIA_TYPE,
     PARAMETER_FIELDS,
+    REQUESTED_AT,
     ContractError,
     GenerationRequest,
     parse_document,
@@ -443,4 +444,5 @@ def queued_document(request: GenerationRequest) -> dict[str, Any]:
         "task_type": request.task_type,
         "user_id": request.user_id,
         "file_uid": request.file_uid,
+        REQUESTED_AT: SERVER_TIMESTAMP,
     }

@@ -143,6 +143,8 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         "quota_admitted": {"type": "boolean"},
         "cost": number,
         "runpod_job_id": {"type": "string"},
+        # Created by a request (runsync, the callable) with its parameters: never left to await them.
+        contract.REQUESTED_AT: TIMESTAMP_REF,
         "expire_at": TIMESTAMP_REF,
     }
     return props

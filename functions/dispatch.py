@@ -37,6 +37,7 @@ from runpod_client import RunPodClient, Verdict
 from firegen_core import lifecycle, workers
 from firegen_core.contract import (
     MAX_PROMPT_CHARS,
+    REQUESTED_AT,
     VIDEO_FIELDS,
     ContractError,
     GenerationRequest,
@@ -312,10 +313,9 @@ def dispatch_created(
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
             return None
-        if doc.get("task_type"):
-            # Written in the worker's shape (firegen_core.jobs.queued_document), which clients cannot write (the
-            # rules refuse task_type): by the callable, which dispatches it, or by a worker's runsync handler,
-            # which is running it. Either way a worker is already on it.
+        if doc.get(REQUESTED_AT):
+            # Created by a request (firegen_core.jobs.queued_document; clients cannot write the marker): by the
+            # callable, which dispatches it, or by a worker's runsync handler, which is running it.
             return None
         return _markers(doc, BY_TRIGGER)
 

@@ -311,7 +311,9 @@ def test_restatement_names_what_the_request_says_otherwise(doc, given, changes):
         ({"status": "queued", "prompt": "a cat", "numFrames": 16}, False),  # camelCase
         ({"status": "queued", "prompt": "a cat", "negative_prompt": "blur"}, False),
         ({"status": "queued", "prompt": "a cat", "negative_prompt": ""}, True),  # none
-        ({"status": "queued", "prompt": "a cat", "task_type": "text2image"}, False),  # the worker's own shape
+        # A function's "other metadata" may name the task and the ids: still no parameter stated.
+        ({"status": "queued", "prompt": "a cat", "task_type": "text2image", "user_id": "u", "file_uid": "f"}, True),
+        ({"status": "queued", "prompt": "a cat", "task_type": "text2image", "requested_at": 1}, False),  # a request's
         ({"status": "queued", "prompt": "a cat", "seed": 1, "Seed": 2}, False),  # broken: its parser decides
     ],
 )

@@ -667,6 +667,7 @@ def test_the_trigger_leaves_a_doc_awaiting_its_parameters_to_its_request(firesto
     # parameter is dispatched at once.
     for file_uid, fields, at_least, at_most in (
         ("g-bare", {}, grace - 0.3, grace + 2),
+        ("g-metadata", {"task_type": "text2image", "user_id": "u-grace", "file_uid": "g-metadata"}, grace - 0.3, 9),
         ("g-stated", {"width": 512}, 0, 1),
     ):
         firestore_client.document(key.format(file_uid)).set(client_doc(**fields))

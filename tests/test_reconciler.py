@@ -504,16 +504,22 @@ def test_a_later_try_removes_the_images_an_earlier_try_of_more_images_left(fires
 GRACE = 1.5
 
 
-def test_a_doc_awaiting_its_parameters_is_left_to_its_runsync_which_runs_it_at_once(make_worker, firestore_client):
-    """The contract's Firebase Function flow: the queued doc with the prompt, then runsync with the parameters.
-    Run at once, the doc's defaults would be generated (on a GPU, finished before the request arrives: then it is
-    refused as "already finished with other parameters"); instead it waits for its request, which runs it."""
+@pytest.mark.parametrize("metadata", [{}, {"task_type": "text2image"}], ids=["prompt", "task-type"])
+def test_a_doc_awaiting_its_parameters_is_left_to_its_runsync_which_runs_it_at_once(
+    make_worker, firestore_client, metadata
+):
+    """The contract's Firebase Function flow: the queued doc with the prompt (and "other metadata", which may name
+    the task and the ids), then runsync with the parameters. Run at once, the doc's defaults would be generated (on
+    a GPU, finished before the request arrives: then it is refused as "already finished with other parameters", or
+    run twice); instead it waits for its request, which runs it."""
     from listener.handler import RunsyncHandler
 
     generator = StubGenerator()
     worker = make_worker(generator=generator, grace=60)  # a grace no test outlives: only the runsync can start it
     key = JobKey("grace-user", "images", "awaits-params")
-    write_job(firestore_client, key)
+    write_job(
+        firestore_client, key, **metadata, **({"user_id": key.user_id, "file_uid": key.file_uid} if metadata else {})
+    )
     # Heard of, and left queued (were it run at once, the stand-in would have finished it by now).
     wait_until(lambda: worker.is_candidate(key) or doc(firestore_client, key)["status"] != "queued")
     handler = RunsyncHandler(worker.store, worker.submit, preempt=worker.preempt)

@@ -119,6 +119,7 @@ export interface JobDoc {
   quota_admitted?: boolean;
   cost?: number;
   runpod_job_id?: string;
+  requested_at?: Timestamp;
   expire_at?: Timestamp;
 }
 
