@@ -155,6 +155,11 @@ class _Run:
     overrun: GenerationError  # the error it ends with past its deadline
     heartbeat: Heartbeat
     abort: threading.Event  # the worker is leaving: release it
+    # In a batch the pipeline goes on for the other jobs after this one stops: `on_stop` writes this job's end
+    # at once (on a thread of its own, off the GPU loop), and `outcome` is what it wrote.
+    on_stop: Callable[[_Run], None] | None = None
+    ending: threading.Thread | None = None
+    outcome: RunOutcome | None = None
 
     @property
     def expired(self) -> bool:
@@ -163,6 +168,9 @@ class _Run:
     def progress(self, fraction: float) -> None:
         """The generation's progress callback: stops it (Interrupted) at its next step when it must stop."""
         if self.heartbeat.lost.is_set() or self.abort.is_set() or self.cancel.is_set() or self.expired:
+            if self.on_stop is not None and self.ending is None:
+                self.ending = threading.Thread(target=self.on_stop, args=(self,), name="job-end", daemon=True)
+                self.ending.start()
             raise Interrupted()
         self.heartbeat.post(fraction)
 
@@ -231,6 +239,7 @@ class JobRunner:
                     overrun,
                     stack.enter_context(Heartbeat(self.store, job, self.renew_interval, hard_deadline, overrun)),
                     self.abort,
+                    self._end_now if len(parsed) > 1 else None,
                 )
                 for index, (job, cancel, request) in parsed.items()
             }
@@ -269,6 +278,10 @@ class JobRunner:
         """Upload a generated job's files and complete it; or fail, stop or release it. The job's heartbeat
         stops before its last write, except `complete`, which it covers (the upload is done by then)."""
         job, heartbeat, request = run.job, run.heartbeat, run.request
+        if run.ending is not None:  # a batched job that stopped early: its end is written already
+            run.ending.join()
+            if run.outcome is not None:
+                return run.outcome
         written: str | None = None
         try:
             if isinstance(result, BaseException):
@@ -317,6 +330,15 @@ class JobRunner:
             )
         log.info("job_completed", seconds=round(time.monotonic() - run.started, 3), outputs=len(urls), **_ids(job))
         return RunOutcome.COMPLETED
+
+    def _end_now(self, run: _Run) -> None:
+        """A job of a batch that must stop (its owner cancelled it, its lease is lost...): its end is written
+        now, while the batch goes on for the others, not when they finish (its images are dropped then)."""
+        try:
+            run.heartbeat.stop()
+            run.outcome = self._interrupted(run)
+        except Exception as exc:  # written again once the batch ends (`_deliver`)
+            log.warning("write_error", error=str(exc), **_ids(run.job))
 
     def _interrupted(self, run: _Run) -> RunOutcome:
         """A job whose generation stopped: nothing to write when its lease was lost; failed `Cancelled` or

@@ -138,9 +138,13 @@ def test_cancelling_one_job_of_a_batch_stops_that_job_alone(make_worker, firesto
     assert spy.calls == [["first"], ["a1", "b1", "c1"]]
     firestore_client.document(keys[1].path).update({"cancel_requested": True})
     wait_until(lambda: "b1" in spy.stopped)
+    # Its doc ends now, while the batch still runs for the others (not when they finish).
+    b1 = wait_until(lambda: finished(firestore_client, keys[1]), timeout=30)
+    assert (b1["status"], b1["error_type"], b1["error_message"]) == ("failed", "Cancelled", "Cancelled by the user")
+    assert [finished(firestore_client, key) for key in (keys[0], keys[2])] == [None, None]
     spy.batch_gate.set()
     a1, b1, c1 = (wait_until(lambda key=key: finished(firestore_client, key), timeout=120) for key in keys)
-    assert (b1["status"], b1["error_type"], b1["error_message"]) == ("failed", "Cancelled", "Cancelled by the user")
+    assert b1["status"] == "failed" and b1["modified"] == b1["failed_at"]  # written once
     assert a1["status"] == c1["status"] == "completed"
     assert spy.stopped == {"b1"}
 
