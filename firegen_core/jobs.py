@@ -190,7 +190,7 @@ class JobStore:
                 batch.update(snapshot.reference, update, option=self._unchanged(snapshot))
             else:
                 batch.create(snapshot.reference, update)
-            change = quota.change(before, update)
+            change = quota.change(before, update, now)
             if change:
                 fields = usage.after(change).document(self.limits, now, SERVER_TIMESTAMP)
                 if usage_snapshot.exists:

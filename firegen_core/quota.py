@@ -9,8 +9,9 @@ Counts are derived from the job doc alone, so every transition keeps them exact 
 
 A job is admitted once (`quota_admitted: true`, with its `cost`), at whichever door sees it first: the
 callable, the creation trigger, the runsync handler, or a worker (its listener, as it hears of a client's doc;
-else its claim). Admission charges the cost to the
-day's spend; nothing is refunded. A job never admitted (refused, or a doc that breaks the contract) never counts.
+else its claim). Admission charges the cost to the day's spend; a job that fails without ever being claimed
+(`never_ran`: cancelled while queued, never picked up) is refunded the same day, any other is not. A job never
+admitted (refused, or a doc that breaks the contract) never counts.
 
 The usage doc `usage/{uid}`: running, pending, spent_today, day (UTC date of spent_today: it starts again at 0
 at UTC midnight, reset lazily by the next write of a new day), limits, resets_at, updated_at.
@@ -139,14 +140,27 @@ def merged(before: Mapping[str, Any] | None, update: Mapping[str, Any]) -> dict[
     return {**(before or {}), **update}
 
 
-def _charged(doc: Mapping[str, Any] | None) -> float:
-    return float(doc.get(COST) or 0) if doc is not None and admitted(doc) else 0.0
+def never_ran(doc: Mapping[str, Any]) -> bool:
+    """Failed before any worker claimed it: cancelled while queued, never picked up, its dispatch refused."""
+    return doc.get("status") == "failed" and not doc.get("attempts")
 
 
-def change(before: Mapping[str, Any] | None, update: Mapping[str, Any]) -> Change:
+def _charged(doc: Mapping[str, Any] | None, today: str | None) -> float:
+    if doc is None or not admitted(doc):
+        return 0.0
+    # A job that ended without running used no GPU: refunded, if it was charged today (a job is admitted when it
+    # is written, so one created on an earlier day was charged to that day's spend, which is gone).
+    created = doc.get("created_at")
+    if today is not None and never_ran(doc) and (not isinstance(created, datetime) or day_of(created) == today):
+        return 0.0
+    return float(doc.get(COST) or 0)
+
+
+def change(before: Mapping[str, Any] | None, update: Mapping[str, Any], now: datetime | None = None) -> Change:
     after = merged(before, update)
     # Charged at admission; a job restated with other parameters after it is charged (or refunded) the difference.
-    charge = _charged(after) - _charged(before)
+    today = day_of(now) if now is not None else None
+    charge = _charged(after, today) - _charged(before, today)
     return Change(
         running=int(running(after)) - int(running(before)),
         pending=int(pending(after)) - int(pending(before)),
@@ -170,6 +184,11 @@ def budget_refusal(usage: Usage, cost: float, limits: Limits, now: datetime, *, 
     if usage.spent_today + cost > limits.daily_budget:
         left = max(limits.daily_budget - usage.spent_today, 0.0)
         needs = f"{cost + charged:.1f} GPU-seconds" + (f" ({charged:.1f} already charged)" if charged else "")
+        if cost + charged > limits.daily_budget:  # waiting for the reset would not help
+            return (
+                f"Daily GPU budget exceeded (USER_DAILY_BUDGET): this job needs {needs}, more than the whole "
+                f"daily budget of {limits.daily_budget:g}; ask for fewer steps, images, frames or pixels"
+            )
         return (
             f"Daily GPU budget exceeded (USER_DAILY_BUDGET): this job needs {needs}, "
             f"{left:.1f} of {limits.daily_budget:g} are left today; the budget resets at "

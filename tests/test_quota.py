@@ -109,6 +109,22 @@ def test_usage_resets_its_spend_at_utc_midnight_and_counts_follow_the_doc():
     assert not quota.change({"status": "queued"}, {"status": "failed"})  # never admitted: never counted
 
 
+def test_a_job_that_fails_before_any_worker_took_it_is_refunded_on_its_day():
+    now = datetime(2026, 11, 27, 10, tzinfo=UTC)
+    queued = {
+        "status": "queued",
+        "quota_admitted": True,
+        "cost": 2.0,
+        "created_at": datetime(2026, 11, 27, 9, tzinfo=UTC),
+    }
+    assert quota.change(queued, {"status": "failed"}, now) == quota.Change(0, -1, -2.0)  # cancelled while queued
+    assert quota.change({**queued, "attempts": 1}, {"status": "failed"}, now) == quota.Change(0, -1, 0.0)  # it ran
+    yesterday = {**queued, "created_at": datetime(2026, 11, 26, 23, tzinfo=UTC)}
+    assert quota.change(yesterday, {"status": "failed"}, now) == quota.Change(0, -1, 0.0)  # that day's spend is gone
+    refunded = {**queued, "status": "failed"}
+    assert not quota.change(refunded, {"error_message": "x"}, now)  # refunded once
+
+
 def test_refusals_name_the_limit_and_when_the_budget_resets():
     now = datetime(2026, 11, 27, 10, tzinfo=UTC)
     limits = Limits(max_pending=2, daily_budget=10)
@@ -118,6 +134,12 @@ def test_refusals_name_the_limit_and_when_the_budget_resets():
     budget = quota.refusal(Usage(0, 0, 8.0, "2026-11-27"), 4.0, limits, now)
     assert "USER_DAILY_BUDGET" in budget and "2.0 of 10 are left" in budget and "2026-11-28 00:00 UTC" in budget
     assert max(len(pending), len(budget)) <= 300
+    # A job that alone needs more than the whole budget would never fit, whenever it is sent.
+    never = quota.refusal(Usage(0, 0, 0.0, "2026-11-27"), 12.0, limits, now)
+    assert never == (
+        "Daily GPU budget exceeded (USER_DAILY_BUDGET): this job needs 12.0 GPU-seconds, more than the whole daily "
+        "budget of 10; ask for fewer steps, images, frames or pixels"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- races
@@ -202,6 +224,18 @@ def test_a_killed_workers_job_counts_once_and_stops_counting_when_it_ends(firest
     assert survivor.complete(taken[-1], {"status": "completed", "generated": True})
     assert counts(firestore_client) == (0, 1)
     assert survivor.claim(waiting) is not None and counts(firestore_client) == (1, 1)
+
+
+def test_a_job_cancelled_before_any_worker_took_it_gives_its_cost_back(firestore_client):
+    store = JobStore(firestore_client)
+    ran, cancelled = write_client_doc(firestore_client, "ran"), write_client_doc(firestore_client, "cancelled-early")
+    worker = WorkerJobs(firestore_client, worker_id="w")
+    assert worker.complete(worker.claim(ran), {"status": "completed", "generated": True})
+    assert store.admit(cancelled).written
+    assert usage(firestore_client)["spent_today"] == doc(firestore_client, ran)["cost"] * 2
+    assert store.cancel(cancelled).after["status"] == "failed"
+    assert counts(firestore_client) == (0, 0)
+    assert usage(firestore_client)["spent_today"] == doc(firestore_client, ran)["cost"]  # the cancelled one's back
 
 
 def test_a_job_released_on_shutdown_stops_running_but_stays_pending(firestore_client):
