@@ -11,6 +11,7 @@ skipped by one of them. The queries every reader needs (queued jobs, expired lea
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -46,6 +47,8 @@ from .contract import (
 )
 from .errors import QUOTA_EXCEEDED, GenerationError
 from .lifecycle import Lease
+
+log = logging.getLogger(__name__)
 
 COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
@@ -400,6 +403,16 @@ class WorkerJobs:
         if written is None:
             landed = next((lease for lease in tried if lifecycle.holds(before, lease)), None)
             return ClaimedJob(key, landed, before, outcome.read_time) if landed else None
+        if written.get("status") == lifecycle.FAILED:  # past MAX_ATTEMPTS, or cancelled: this claim ended it
+            fields = {"user_id": key.user_id, "file_uid": key.file_uid, "attempts": before.get("attempts")}
+            log.warning(
+                "job_failed",
+                extra={
+                    **fields,
+                    "error_type": written.get("error_type"),
+                    "error_message": written.get("error_message"),
+                },
+            )
         if written.get("status") != lifecycle.PROCESSING:
             return None
         return ClaimedJob(key, Lease(self.worker_id, written["attempts"]), before, outcome.read_time)
@@ -428,9 +441,17 @@ class WorkerJobs:
             job, lambda doc, now: lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
         )
 
-    def release(self, job: ClaimedJob) -> bool:
-        """Give the job back to the queue (shutdown); past `max_releases` releases it fails instead."""
-        return self._fenced(job, lambda doc, now: lifecycle.counted_release(doc, max_releases=self.max_releases))
+    def release(self, job: ClaimedJob) -> dict | None:
+        """Give the job back to the queue (shutdown); past `max_releases` releases it fails instead. Returns what
+        was written (its `status` says which), None when the lease was lost."""
+        return self.transition(
+            job.key,
+            lambda doc, now: (
+                lifecycle.counted_release(doc, max_releases=self.max_releases)
+                if lifecycle.holds(doc, job.lease)
+                else None
+            ),
+        ).written
 
 
 def queued_document(request: GenerationRequest) -> dict[str, Any]:

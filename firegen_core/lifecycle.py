@@ -116,7 +116,7 @@ def claim(doc: Doc | None, now: datetime, *, worker_id: str, lease_seconds: floa
     if attempts - int(doc.get(RESTATED) or 0) >= max_attempts:
         last = "its worker stopped responding" if doc.get("status") == PROCESSING else "it was given up"
         return failure(
-            GenerationError(EXCEPTION, f"Generation failed after {attempts} attempts: {last}"),
+            GenerationError(EXCEPTION, f"Generation failed after {attempts} attempt{'s' * (attempts != 1)}: {last}"),
             user_id=doc.get("user_id"),
             file_uid=doc.get("file_uid"),
         )
@@ -196,7 +196,8 @@ def counted_release(doc: Doc, *, max_releases: int) -> dict:
     releases = int(doc.get(RELEASES) or 0) + 1
     if releases > max_releases:
         message = f"Generation stopped: its workers shut down before it ended {releases} times; please try again"
-        return failure(GenerationError(EXCEPTION, message), user_id=doc.get("user_id"), file_uid=doc.get("file_uid"))
+        error = GenerationError(EXCEPTION, message)
+        return {**failure(error, user_id=doc.get("user_id"), file_uid=doc.get("file_uid")), RELEASES: releases}
     return {**release(doc), RELEASES: releases}
 
 

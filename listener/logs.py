@@ -72,7 +72,9 @@ def configure(worker_id: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            # `extra={...}`: the fields of our own modules' standard-library records (firegen_core is shared with
+            # the functions, so it logs through `logging`).
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(), *shared],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
@@ -86,5 +88,5 @@ def configure(worker_id: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     # Libraries' chatter stays at warnings; our own standard-logging modules follow the chosen level.
     root.setLevel(logging.WARNING)
-    for name in ("generation", "listener"):
+    for name in ("generation", "listener", "firegen_core"):
         logging.getLogger(name).setLevel(numeric)

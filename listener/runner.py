@@ -293,7 +293,8 @@ class JobRunner:
                 heartbeat.stop()
                 return self._lost(job)
             t1 = time.monotonic()
-            urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
+            with structlog.contextvars.bound_contextvars(**_ids(job)):  # its retries' log lines name the job
+                urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
             fields = lifecycle.success(
                 task_type=request.task_type,
                 user_id=job.key.user_id,
@@ -352,8 +353,13 @@ class JobRunner:
             if outcome == RunOutcome.FAILED:
                 self._remove_results(job, run.request)  # an earlier attempt's partial upload
             return outcome
-        released = self.store.release(job)
-        log.info("job_released", released=released, **_ids(job))
+        written = self.store.release(job)
+        if written is not None and written.get("status") == lifecycle.FAILED:  # past MAX_RELEASES
+            log.warning(
+                "job_failed", error_type=written["error_type"], error_message=written["error_message"], **_ids(job)
+            )
+            return RunOutcome.FAILED
+        log.info("job_released", released=written is not None, **_ids(job))
         return RunOutcome.RELEASED
 
     def _fail(self, job: ClaimedJob, error: GenerationError) -> RunOutcome:

@@ -25,7 +25,6 @@ download URL, `{emulator}/download/storage/v1/b/{bucket}/o/{quoted name}?alt=med
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 from firegen_core.contract import PARAMS, TEXT2IMAGE, TEXT2VIDEO
 from listener.settings import MAX_SIGNED_URL_SECONDS, Settings, UrlStyle
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("listener.storage")
 
 _FOLDER = {TEXT2IMAGE: "image", TEXT2VIDEO: "video"}
 DEFAULT_FORMAT = {TEXT2IMAGE: ("png", "image/png"), TEXT2VIDEO: ("mp4", "video/mp4")}
@@ -254,7 +253,7 @@ class ResultStore:
 
         def before_sleep(state: Any) -> None:
             exc = state.outcome.exception()
-            log.warning("storage upload of %s failed (%s), retry %d", name, _reason(exc), state.attempt_number)
+            log.warning("upload_retry", object=name, error=_reason(exc), retry=state.attempt_number)
             if self.on_retry:
                 self.on_retry(name, state.attempt_number, exc)
 

@@ -242,11 +242,103 @@ def test_a_job_released_too_many_times_fails_with_a_clear_message(firestore_clie
         job = store.claim(key)
         assert job is not None and store.release(job)
     doc = read(firestore_client, key)
-    assert (doc["status"], doc["error_type"], doc["error_message"]) == (
+    assert (doc["status"], doc["error_type"], doc["error_message"], doc["releases"]) == (
         "failed",
         "Exception",
         "Generation stopped: its workers shut down before it ended 3 times; please try again",
+        3,  # as its message says
     )
+
+
+ENDINGS_SCRIPT = """
+import sys
+from google.cloud import firestore
+from google.cloud.firestore import SERVER_TIMESTAMP
+from firegen_core.jobs import JobKey, WorkerJobs
+from listener.logs import configure
+from listener.runner import JobRunner
+
+class Leaving:  # the worker is leaving while the job runs (SIGTERM past the grace): its job is released
+    def generate(self, request, progress=None):
+        progress(0.5)
+
+configure("w-log")
+client = firestore.Client()
+for name in ("bounced", "abandoned"):
+    client.document(f"generations/u1/images/{name}").set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "p"})
+bounced, abandoned = JobKey("u1", "images", "bounced"), JobKey("u1", "images", "abandoned")
+store = WorkerJobs(client, worker_id="w-log", lease_seconds=0.2, max_releases=0, max_attempts=1)
+runner = JobRunner(store, Leaving(), results=None)
+runner.abort.set()
+print("outcome", runner.run(store.claim(bounced)), flush=True)
+store.claim(abandoned)  # then the worker dies: its lease runs out, and attempts are used up
+import time; time.sleep(0.5)
+print("claimed", store.claim(abandoned), flush=True)
+
+# Storage down: the upload's retries name the job.
+from types import SimpleNamespace
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from listener.storage import ResultStore, RetryPolicy
+
+class OneImage:
+    def generate(self, request, progress=None):
+        return SimpleNamespace(seed=1, files=[(b"png", "png", "image/png")], video_info=None)
+
+down = f"http://127.0.0.1:{sys.argv[1]}"
+results = ResultStore(
+    storage.Client(project="p", credentials=AnonymousCredentials(), client_options={"api_endpoint": down}),
+    "b",
+    emulator_host=down,
+    retry=RetryPolicy(attempts=2, max_seconds=3, initial_wait=0.01, max_wait=0.01, request_timeout=1),
+)
+client.document("generations/u1/images/unstored").set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "p"})
+store = WorkerJobs(client, worker_id="w-log")
+print("stored", JobRunner(store, OneImage(), results).run(store.claim(JobKey("u1", "images", "unstored"))), flush=True)
+"""
+
+
+def test_endings_a_transition_writes_and_upload_retries_are_logged_with_the_job(emulator_env):
+    """Two endings are written by a transition (a release past MAX_RELEASES, a claim past MAX_ATTEMPTS), not by
+    a run that fails: the worker that wrote one says so (before: a `job_released` line, and nothing at all). An
+    upload's retries are events named like the others, with the job's ids (before: a sentence naming the object)."""
+    import json
+    import os
+    import subprocess
+
+    from devtools import emulators as emu
+
+    done = subprocess.run(
+        [sys.executable, "-c", ENDINGS_SCRIPT, str(emu.free_port())],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **emulator_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "outcome failed" in done.stdout and "claimed None" in done.stdout and "stored failed" in done.stdout
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    [retry] = [e for e in events if e["event"] == "upload_retry"]
+    assert (retry["message"], retry["file_uid"], retry["user_id"], retry["retry"]) == (
+        "upload_retry",
+        "unstored",
+        "u1",
+        1,
+    )
+    assert retry["object"] == "generating/u1/image/unstored.png" and retry["severity"] == "WARNING"
+    failed = {e["file_uid"]: e for e in events if e["event"] == "job_failed"}
+    assert failed.pop("unstored")["error_type"] == "ConnectionError"
+    assert failed.keys() == {"bounced", "abandoned"} and not [e for e in events if e["event"] == "job_released"]
+    assert failed["bounced"]["error_message"].startswith("Generation stopped: its workers shut down before it ended")
+    assert failed["abandoned"]["error_message"] == "Generation failed after 1 attempt: its worker stopped responding"
+    for event in failed.values():
+        assert (event["severity"], event["user_id"], event["worker_id"], event["error_type"]) == (
+            "WARNING",
+            "u1",
+            "w-log",
+            "Exception",
+        )
 
 
 def test_shutdown_releases_are_counted_on_the_doc(sched_worker, firestore_client):

@@ -177,7 +177,7 @@ def test_releases_are_counted_and_bounded():
     second = lifecycle.counted_release({**running, "releases": 1}, max_releases=2)
     assert second["releases"] == 2
     third = lifecycle.counted_release({**running, "releases": 2}, max_releases=2)
-    assert (third["status"], third["error_type"]) == ("failed", "Exception")
+    assert (third["status"], third["error_type"], third["releases"]) == ("failed", "Exception", 3)
     assert third["error_message"] == (
         "Generation stopped: its workers shut down before it ended 3 times; please try again"
     )
