@@ -193,7 +193,7 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         costly = {"prompt": "a long video", "file_uid": "costly-1", "num_frames": 81, "num_inference_steps": 50}
         refused = firebase_cli.call(f"{info.functions}/generateWithRunPod", costly, client.token)["error"]
         assert refused["status"] == "RESOURCE_EXHAUSTED", refused
-        assert "(USER_DAILY_BUDGET)" in refused["message"] and " of 30 are left today" in refused["message"]
+        assert "(USER_DAILY_BUDGET)" in refused["message"] and "the whole daily budget of 30;" in refused["message"]
         # Whoever wrote the user's usage doc last (the callable or the worker), its limits are make dev's.
         usage = firestore_client(info).document(f"usage/{client.uid}").get().to_dict()
         assert usage["limits"] == {"max_running": 3, "max_pending": 6, "daily_budget": 30}
