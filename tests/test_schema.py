@@ -159,9 +159,15 @@ def test_the_web_apps_check_gives_the_contracts_messages(tmp_path):
         "process.stdout.write(JSON.stringify(requests.map((r) => contractMessage(r))));\n"
     )
     cases = _page_cases()
-    # Past 2^53 the Firestore SDK writes a number as a double, which the contract reads as no integer.
+    expected = [_document_message(c) for c in cases]
+    # Past 2^53 the Firestore SDK writes a number as a double, which the contract reads as no integer...
     cases.append({**cases[-1], "seed": 2**60})
-    expected = [_document_message(c) for c in cases[:-1]] + [_document_message({**cases[-1], "seed": 2.0**60})]
+    expected.append(_document_message({**cases[-1], "seed": 2.0**60}))
+    # ...but a seed past 64 bits (typed 1e20) is refused for its size, as the callable refuses it.
+    for seed in (10**20, -(10**20), 2**63, -(2**63) - 2**11):
+        cases.append({**cases[-1], "seed": seed})
+        expected.append(_document_message(cases[-1]))
+    assert expected[-4] == "Validation failed: seed must fit in a signed 64-bit integer"
     out = subprocess.run(
         ["node", str(runner)], input=json.dumps(cases), capture_output=True, text=True, check=True, timeout=60
     )

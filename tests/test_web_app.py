@@ -400,3 +400,212 @@ def test_progress_updates_live_with_a_cancel_button_until_the_job_ends(open_page
     assert card.locator(".error").inner_text() == "CUDA Out of Memory during video generation"
     assert card.get_by_role("button", name="Cancel video held-by-hand").count() == 0
     assert app.problems() == []
+
+
+def _held_job(stack, uid: str, file_uid: str, **fields):
+    """A processing video job written by hand, held by a worker that does not exist (with a long lease, so the
+    real worker leaves it alone): the test moves it as a worker would, through the Admin SDK."""
+    ref = firestore_client(stack).document(f"generations/{uid}/videos/{file_uid}")
+    ref.set(
+        {
+            "prompt": file_uid,
+            "num_frames": 16,
+            "status": "processing",
+            "created_at": SERVER_TIMESTAMP,
+            "generated": False,
+            "error": False,
+            "worker_id": "a-worker-elsewhere",
+            "lease_expires_at": datetime.now(UTC) + timedelta(hours=1),
+            "attempts": 1,
+            "progress": 0.1,
+            **fields,
+        }
+    )
+    return ref
+
+
+def test_a_focused_cancel_button_keeps_its_focus_through_progress_updates(open_page, stack):
+    """Audit: each progress write rebuilt the card, so a keyboard user's focused Cancel went and the focus fell
+    to <body>. The card is updated in place: the same button keeps the focus and Enter cancels."""
+    app = open_page()
+    ref = _held_job(stack, app.uid, "held-for-keys")
+    cancel = app.job("held-for-keys").get_by_role("button", name="Cancel video held-for-keys")
+    cancel.wait_for(timeout=30_000)
+    cancel.focus()
+    app.page.evaluate("window.focusedCancel = document.activeElement")
+    for progress in (0.2, 0.3, 0.5, 0.7):
+        ref.update({"progress": progress})
+        app.page.wait_for_function(
+            "p => document.querySelector(\".job[data-file-uid='held-for-keys'] progress\").value === p",
+            arg=progress,
+            timeout=30_000,
+        )
+    assert app.page.evaluate("document.activeElement === window.focusedCancel && window.focusedCancel.isConnected")
+    app.page.keyboard.press("Enter")
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent.startsWith('Cancel requested')", timeout=30_000
+    )
+    assert ref.get().to_dict().get("cancel_requested") is True  # the worker fails it at its next step
+    # Asked, the button refuses presses and keeps the focus; when the job ends and it goes, the card has it.
+    app.page.wait_for_function("() => window.focusedCancel.getAttribute('aria-disabled') === 'true'", timeout=30_000)
+    assert app.page.evaluate("document.activeElement === window.focusedCancel")
+    ref.update({"status": "failed", "error": True, "error_type": "Cancelled", "error_message": "Cancelled"})
+    assert app.wait_final("held-for-keys") == "failed"
+    assert app.page.evaluate("document.activeElement.dataset.fileUid") == "held-for-keys"
+    assert app.problems() == []
+
+
+def test_generate_keeps_the_focus_on_its_button(open_page):
+    """Audit: the button was disabled while the request was sent, which dropped the keyboard's focus to <body>.
+    It refuses presses meanwhile (aria-disabled) and keeps the focus."""
+    app = open_page()
+    app.fill(Prompt="focus stays", Width="256", Height="256", Steps="10")
+    file_uid = app.generate()
+    app.page.wait_for_function(
+        "() => !['', 'Submitting…'].includes(document.getElementById('form-status').textContent)", timeout=30_000
+    )
+    assert app.page.evaluate("document.activeElement.id") == "submit"
+    assert app.wait_final(file_uid) == "completed"
+    assert app.problems() == []
+
+
+def test_a_cancel_on_a_job_that_finished_meanwhile_says_so_not_the_rules_text(open_page, stack):
+    """Audit: where cancelGeneration fails (here made a 404, as where it is not deployed) the page sets
+    cancel_requested on the doc; on a job that has finished meanwhile the rules refuse it, and the page showed
+    their evaluation text. It says the job has finished."""
+    app = open_page()
+    ref = _held_job(stack, app.uid, "finishes-first")
+    cancel = app.job("finishes-first").get_by_role("button", name="Cancel video finishes-first")
+    cancel.wait_for(timeout=30_000)
+
+    def finish_then_404(route):
+        ref.update({"status": "completed", "progress": 1.0, "generated": True})
+        route.fulfill(status=404, body="Not Found")
+
+    app.page.route("**/cancelGeneration", finish_then_404)
+    cancel.click()
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+    assert app.page.get_by_role("alert").inner_text() == "Generation already completed: nothing to cancel"
+    assert ref.get().to_dict().get("cancel_requested") is None
+    # The 404 and the refused write (a 403) are what the browser logs.
+    assert [p for p in app.problems() if "status of 40" not in p] == []
+
+
+def test_text_a_number_field_cannot_read_is_refused_in_both_flows(open_page, stack):
+    """Audit: typing "5e" or "-" into a number field leaves its value empty (validity.badInput), so the job ran
+    at the default size. Both flows refuse it with the contract's message for a field that is no integer."""
+    app = open_page()
+    db = firestore_client(stack)
+    for via, typed, label, expected in (
+        ("the generateWithRunPod callable", "5e", "Width", contract_message(width="5e")),
+        ("a queued job document (the trigger dispatches it)", "-", "Width", contract_message(width="-")),
+        ("the generateWithRunPod callable", "-", "Seed (empty: random)", contract_message(seed="-")),
+    ):
+        app.page.get_by_label(via).check()
+        app.fill(Prompt="unreadable number")
+        field = app.page.get_by_label(label, exact=True)
+        field.fill("")
+        field.click()
+        app.page.keyboard.type(typed)
+        assert field.evaluate("e => e.validity.badInput"), (label, typed)
+        app.page.evaluate("document.getElementById('form-error').textContent = ''")
+        app.page.get_by_role("button", name="Generate").click()
+        app.page.wait_for_selector("#form-error:not(:empty)", timeout=10_000)
+        assert app.page.get_by_role("alert").inner_text() == expected, (via, label)
+        field.fill("")
+    assert expected == "Validation failed: seed must be an integer or null"
+    assert contract_message(width="5e") == "Validation failed: width must be an integer"
+    assert app.page.locator(".job").count() == 0
+    assert list(db.collection(f"generations/{app.uid}/images").stream()) == []
+    assert app.problems() == []
+
+
+def test_the_callable_unreachable_says_so_plainly(open_page):
+    """Audit: the callable failing offline (or with a server error page) showed just "internal". A queued doc
+    written offline waits for the connection, and says so."""
+    app = open_page()
+    app.fill(Prompt="no server answers")
+    app.page.route("**/generateWithRunPod", lambda route: route.fulfill(status=500, body="<html>Traceback</html>"))
+    app.page.get_by_role("button", name="Generate").click()
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+    no_answer = "Could not reach the server; check your connection and try again"
+    assert app.page.get_by_role("alert").inner_text() == no_answer
+    app.page.unroute("**/generateWithRunPod")
+    app.page.evaluate("document.getElementById('form-error').textContent = ''")
+    app.context.set_offline(True)
+    app.page.get_by_role("button", name="Generate").click()
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+    assert app.page.get_by_role("alert").inner_text() == no_answer
+
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    app.fill(Prompt="written offline", Width="256", Height="256", Steps="10")
+    app.page.get_by_role("button", name="Generate").click()
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent === 'Waiting for the connection…'", timeout=15_000
+    )
+    app.context.set_offline(False)
+    app.page.wait_for_function(
+        "() => / queued$/.test(document.getElementById('form-status').textContent)", timeout=60_000
+    )
+    # What the browser logs of the requests it could not send.
+    assert [
+        p for p in app.problems() if not re.search(r"status of 500|ERR_INTERNET_DISCONNECTED|transport errored", p)
+    ] == []
+
+
+def test_a_failed_start_says_not_signed_in(stack, browser):
+    """Audit: a start that failed (here its emulator config is missing) left the header saying "Signing in…"."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.route("**/firegen-emulators.json", lambda route: route.fulfill(status=404, body="nope"))
+        page.goto(stack.web_url)
+        page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+        assert page.locator("#form-error").inner_text().startswith("The app could not start: ")
+        assert page.locator("#who").inner_text() == "Not signed in: the app could not start"
+        assert page.locator("#submit").is_disabled() and not page.locator("#no-jobs").is_visible()
+    finally:
+        context.close()
+
+
+def test_no_jobs_yet_is_never_shown_to_a_user_with_jobs(open_page, stack):
+    """Audit: after a reload "No jobs yet." showed until the jobs arrived. It shows only once both collections
+    have answered (before: "Loading your jobs…"); a user with no jobs does see it."""
+    app = open_page()
+    app.page.wait_for_function("() => document.getElementById('no-jobs').textContent === 'No jobs yet.'")
+    _held_job(stack, app.uid, "only-a-video")  # the images collection answers empty
+    app.job("only-a-video").wait_for(timeout=30_000)
+    app.context.add_init_script(
+        """window.noJobsShown = false;
+        new MutationObserver(() => {
+            const p = document.getElementById('no-jobs');
+            if (p && !p.hidden && p.textContent.includes('No jobs yet')) window.noJobsShown = true;
+        }).observe(document, { subtree: true, childList: true, attributes: true, characterData: true });"""
+    )
+    for _ in range(3):
+        app.page.reload()
+        app.job("only-a-video").wait_for(timeout=30_000)
+        assert app.page.evaluate("window.noJobsShown") is False
+        assert not app.page.locator("#no-jobs").is_visible()
+    assert app.problems() == []
+
+
+def test_a_long_prompt_is_clipped_and_a_job_at_100_percent_is_finishing(open_page, stack):
+    """Audit: a 2,000-character prompt filled the card; a video encoding and uploading showed "Processing
+    100%". The card clips the prompt (the whole in its title) and says the job is finishing."""
+    app = open_page()
+    prompt = "a long prompt " * 142 + "end"
+    assert len(prompt) <= 2000
+    _held_job(stack, app.uid, "long-prompt", prompt=prompt, progress=1.0)
+    card = app.job("long-prompt")
+    card.wait_for(timeout=30_000)
+    shown = card.locator(".prompt")
+    assert len(shown.inner_text()) == 200 and shown.inner_text().endswith("…")
+    assert shown.get_attribute("title") == prompt
+    assert card.get_attribute("data-status") == "processing"
+    assert card.locator(".percent").inner_text() == "100%, finishing…"
+    assert card.get_by_role(
+        "button", name="Cancel video long-prompt"
+    ).is_enabled()  # a completion meeting the flag fails
+    app.shot("finishing")
+    assert app.problems() == []

@@ -1,6 +1,7 @@
 // The form → a GenerationRequest. Ranges, steps and defaults come from the contract's schema
 // (contract.gen.ts); the form does not validate: the callable answers with the contract's message, and for a
-// queued doc the page writes itself validate.ts gives the same one.
+// queued doc the page writes itself (or a number field whose text the browser cannot read) validate.ts gives
+// the same one.
 import { REQUEST_SCHEMA, type GenerationRequest, type MediaType } from "./contract.gen";
 
 type Props = typeof REQUEST_SCHEMA.properties;
@@ -59,6 +60,17 @@ export function applyRanges(form: HTMLFormElement): void {
   }
 }
 
+/** Number inputs whose text the browser cannot read as a number ("5e", "-"): their value reads as "". */
+function unreadableFields(form: HTMLFormElement): [string, string][] {
+  const fields: [string, string][] = [["seed", "seed"], ...Object.entries(FIELDS[mediaType(form)])];
+  return fields.filter(([id]) => input(id).validity.badInput);
+}
+
+/** Whether a number field holds text that is no number (the request holds it as text, which the contract refuses). */
+export function unreadable(form: HTMLFormElement): boolean {
+  return unreadableFields(form).length > 0;
+}
+
 /** The request the form describes. Empty number fields are left out (the contract's defaults apply). */
 export function readRequest(form: HTMLFormElement, userId: string, fileUid: string): GenerationRequest {
   const media = mediaType(form);
@@ -77,6 +89,9 @@ export function readRequest(form: HTMLFormElement, userId: string, fileUid: stri
     const element = input(id);
     if (element.value !== "") request[field] = element.valueAsNumber;
   }
+  // Left out, such a field would quietly run at its default: it goes in as text, which the contract refuses as
+  // no number (the browser does not tell what was typed).
+  for (const [, field] of unreadableFields(form)) (request as unknown as Record<string, unknown>)[field] = "(not a number)";
   // A video job with every video field left to its default still names one, so it is a video job everywhere.
   if (media === "videos" && request.num_frames === undefined) request.num_frames = REQUEST_SCHEMA.properties.num_frames.default;
   return request;

@@ -13,7 +13,13 @@ export type CancelHandler = (job: Job) => void;
 
 const MEDIA: MediaType[] = ["images", "videos"];
 
-export function listenToJobs(db: Firestore, uid: string, onJobs: (jobs: Job[]) => void, onError: (e: Error) => void): Unsubscribe {
+/** `loaded`: both collections have answered once (before that, no job listed may only mean none has arrived). */
+export function listenToJobs(
+  db: Firestore,
+  uid: string,
+  onJobs: (jobs: Job[], loaded: boolean) => void,
+  onError: (e: Error) => void,
+): Unsubscribe {
   const byMedia = new Map<MediaType, Job[]>();
   const stops = MEDIA.map((media) =>
     onSnapshot(
@@ -24,7 +30,8 @@ export function listenToJobs(db: Firestore, uid: string, onJobs: (jobs: Job[]) =
           media,
           snapshot.docs.map((d) => ({ id: d.id, media, doc: d.data({ serverTimestamps: "estimate" }) as JobDoc })),
         );
-        onJobs([...byMedia.values()].flat().sort((a, b) => millis(b.doc.created_at) - millis(a.doc.created_at)));
+        const jobs = [...byMedia.values()].flat().sort((a, b) => millis(b.doc.created_at) - millis(a.doc.created_at));
+        onJobs(jobs, byMedia.size === MEDIA.length);
       },
       onError,
     ),
@@ -94,48 +101,80 @@ export function renderJobs(list: HTMLOListElement, jobs: Job[], onCancel: Cancel
   const order: HTMLLIElement[] = [];
   for (const job of jobs) {
     const key = `${job.media}/${job.id}`;
-    let li = existing.get(key);
-    if (!li) {
-      li = el("li", { className: "job" });
-      li.dataset.key = key;
-      li.dataset.fileUid = job.id;
-      li.dataset.media = job.media;
-    }
-    update(li, job, onCancel);
+    const li = existing.get(key) ?? card(job, onCancel);
+    update(li, job);
     order.push(li);
   }
-  list.replaceChildren(...order); // moves the existing nodes: a playing video is not rebuilt
+  // Moves the existing nodes, and only those out of place: a playing video is not rebuilt, and a node moved
+  // loses its focus.
+  order.forEach((li, i) => {
+    if (list.children[i] !== li) list.insertBefore(li, list.children[i] ?? null);
+  });
+  while (list.children.length > order.length) list.lastElementChild!.remove();
 }
 
-function update(li: HTMLLIElement, job: Job, onCancel: CancelHandler): void {
+/** A job's card, built once: updates change its parts in place, so a focused Cancel button keeps its focus. */
+function card(job: Job, onCancel: CancelHandler): HTMLLIElement {
+  const li = el("li", { className: "job" });
+  li.dataset.key = `${job.media}/${job.id}`;
+  li.dataset.fileUid = job.id;
+  li.dataset.media = job.media;
+  const kind = job.media === "videos" ? "Video" : "Image";
+  const bar = el("progress", { max: 1, value: 0 });
+  bar.setAttribute("aria-label", `Progress of ${kind.toLowerCase()} ${job.id}`);
+  const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel" });
+  cancel.setAttribute("aria-label", `Cancel ${kind.toLowerCase()} ${job.id}`);
+  // Only its id and media are read, which never change. Once asked, the button refuses presses but is not
+  // disabled: a disabled button would drop the keyboard's focus to <body>.
+  cancel.addEventListener("click", () => cancel.getAttribute("aria-disabled") !== "true" && onCancel(job));
+  li.append(
+    el("h3", {}, `${kind}: `, el("span", { className: "prompt" })),
+    el("div", { className: "state" }, el("span", { className: "status" }), bar, el("span", { className: "percent" }), cancel),
+    el("dl"),
+  );
+  return li;
+}
+
+/** Longer prompts are clipped in the card (a prompt may have 2,000 characters); the title holds the whole. */
+const PROMPT_SHOWN = 200;
+
+function update(li: HTMLLIElement, job: Job): void {
   const { doc } = job;
   const final = (FINAL_STATES as readonly string[]).includes(doc.status);
   const progress = doc.status === "completed" ? 1 : (doc.progress ?? 0);
-  const kind = job.media === "videos" ? "Video" : "Image";
   const state = `${doc.status}|${progress}|${doc.error_message ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}`;
   if (li.dataset.state === state) return;
   li.dataset.state = state;
   li.dataset.status = doc.status;
 
-  const bar = el("progress", { max: 1, value: progress });
-  bar.setAttribute("aria-label", `Progress of ${kind.toLowerCase()} ${job.id}`);
-  const row = el("div", { className: "state" }, el("span", { className: "status", textContent: doc.status }), bar,
-    el("span", { className: "percent", textContent: `${Math.round(progress * 100)}%` }));
-  if (!final) {
-    const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel", disabled: !!doc.cancel_requested });
-    cancel.setAttribute("aria-label", `Cancel ${kind.toLowerCase()} ${job.id}`);
-    cancel.addEventListener("click", () => onCancel(job));
-    row.append(cancel);
+  const prompt = li.querySelector<HTMLElement>(".prompt")!;
+  const text = doc.prompt ?? "(no prompt recorded)";
+  const chars = [...text];
+  prompt.textContent = chars.length > PROMPT_SHOWN ? `${chars.slice(0, PROMPT_SHOWN - 1).join("")}…` : text;
+  prompt.title = chars.length > PROMPT_SHOWN ? text : "";
+  li.querySelector(".status")!.textContent = doc.status;
+  li.querySelector("progress")!.value = progress;
+  // At 100% the worker still encodes and uploads the result (the job is not completed yet, and can be cancelled).
+  const finishing = doc.status === "processing" && progress >= 1;
+  li.querySelector(".percent")!.textContent = `${Math.round(progress * 100)}%${finishing ? ", finishing…" : ""}`;
+  const cancel = li.querySelector<HTMLButtonElement>("button.cancel");
+  if (cancel && final) {
+    // A focused button that goes would leave the focus on <body>: it stays on the card instead.
+    if (document.activeElement === cancel) {
+      li.tabIndex = -1;
+      li.focus();
+    }
+    cancel.remove();
+  } else if (cancel) {
+    if (doc.cancel_requested) cancel.setAttribute("aria-disabled", "true");
+    else cancel.removeAttribute("aria-disabled");
   }
-  const parts: Node[] = [el("h3", {}, `${kind}: `, el("span", { className: "prompt", textContent: doc.prompt ?? "(no prompt recorded)" })), row];
+  li.querySelector("p.error")?.remove();
   if (doc.status === "failed") {
-    parts.push(el("p", { className: "error", textContent: doc.error_message ?? "Generation failed" }));
+    li.querySelector(".state")!.after(el("p", { className: "error", textContent: doc.error_message ?? "Generation failed" }));
     if (doc.error_type) li.dataset.errorType = doc.error_type;
   }
-  parts.push(details(doc));
-  // Keep a gallery already shown (a video may be playing); build it once the job has completed.
-  const shown = li.querySelector(".gallery");
-  if (shown) parts.push(shown);
-  else if (doc.status === "completed") parts.push(gallery(job));
-  li.replaceChildren(...parts);
+  li.querySelector("dl")!.replaceWith(details(doc));
+  // Built once the job has completed, and kept (a video may be playing).
+  if (doc.status === "completed" && !li.querySelector(".gallery")) li.append(gallery(job));
 }

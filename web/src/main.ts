@@ -3,11 +3,11 @@
 // live, their images and videos.
 import { initializeApp } from "firebase/app";
 import { connectAuthEmulator, getAuth, onAuthStateChanged, signInAnonymously } from "firebase/auth";
-import { connectFirestoreEmulator, doc, getFirestore, serverTimestamp, setDoc, updateDoc } from "firebase/firestore";
+import { connectFirestoreEmulator, doc, getDoc, getFirestore, serverTimestamp, setDoc, updateDoc } from "firebase/firestore";
 import { connectFunctionsEmulator, getFunctions, httpsCallable, type Functions } from "firebase/functions";
 import { hostPort, loadConfig } from "./config";
-import type { GenerationRequest, MediaType } from "./contract.gen";
-import { applyRanges, mediaType, readRequest } from "./form";
+import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
+import { applyRanges, mediaType, readRequest, unreadable } from "./form";
 import { listenToJobs, renderJobs, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
@@ -24,6 +24,12 @@ const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as 
 
 /** A job document firestore.rules refused although the contract's check passed (their own text names no field). */
 const RULES_REFUSED = "The job could not be queued: the server refused its document";
+/** A cancel through the doc that firestore.rules refused, on a job that has not finished (their text names nothing). */
+const CANCEL_REFUSED = "Cancel failed: the server refused it";
+/** The callable failing without an answer of its own (offline, or a server error page): the SDK says just "internal". */
+const NO_ANSWER = "Could not reach the server; check your connection and try again";
+/** How long a queued doc's write may wait before the page says it waits for the connection (offline, it waits). */
+const SLOW_WRITE_MS = 4000;
 
 function say(text: string): void {
   $("form-error").textContent = "";
@@ -41,6 +47,13 @@ function message(error: unknown): string {
 
 function isCode(error: unknown, ...codes: string[]): boolean {
   return typeof error === "object" && error !== null && codes.includes((error as { code?: string }).code ?? "");
+}
+
+/** What to show for a failed callable: its own message, unless it got no answer it could read. */
+function callableMessage(error: unknown): string {
+  const unanswered = isCode(error, "functions/unavailable", "functions/deadline-exceeded")
+    || (isCode(error, "functions/internal") && message(error) === "internal");
+  return unanswered ? NO_ANSWER : message(error);
 }
 
 async function main(): Promise<void> {
@@ -86,13 +99,19 @@ async function main(): Promise<void> {
       // Where cancelGeneration is not deployed the call fails as not-found, or as internal when the 404 carries
       // no CORS headers (the emulator's does not).
       if (!isCode(error, "functions/not-found", "functions/unimplemented", "functions/internal")) {
-        return fail(message(error));
+        return fail(callableMessage(error));
       }
       // No cancelGeneration callable here: ask through the doc (the rules let an owner set exactly this flag).
+      const ref = doc(db, "generations", uid, job.media, job.id);
       try {
-        await updateDoc(doc(db, "generations", uid, job.media, job.id), { cancel_requested: true });
+        await updateDoc(ref, { cancel_requested: true });
       } catch (docError) {
-        return fail(`Cancel failed: ${message(docError)}`);
+        if (!isCode(docError, "permission-denied")) return fail(`Cancel failed: ${message(docError)}`);
+        // The rules allow the flag only on a job that has not finished (their own text is no message for a
+        // user): say so as the callable does, where the job has finished meanwhile.
+        const status = await getDoc(ref).then((snapshot) => String(snapshot.get("status")), () => "");
+        const finished = (FINAL_STATES as readonly string[]).includes(status);
+        return fail(finished ? `Generation already ${status}: nothing to cancel` : CANCEL_REFUSED);
       }
     }
     say(`Cancel requested for ${job.id}`);
@@ -101,25 +120,39 @@ async function main(): Promise<void> {
   listenToJobs(
     db,
     uid,
-    (jobs) => {
+    (jobs, loaded) => {
+      // Until both collections have answered, no job listed is no news: "No jobs yet." would flash on a reload.
+      $("no-jobs").textContent = loaded ? "No jobs yet." : "Loading your jobs…";
       $("no-jobs").hidden = jobs.length > 0;
       renderJobs(list, jobs, cancel);
     },
-    (error) => fail(`Listening to your jobs failed: ${error.message}`),
+    (error) => {
+      $("no-jobs").hidden = true;
+      fail(`Listening to your jobs failed: ${error.message}`);
+    },
   );
 
   const button = $<HTMLButtonElement>("submit");
+  // While a request is sent the button refuses presses but stays enabled: a disabled button would drop the
+  // keyboard's focus to <body>.
+  let sending = false;
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    if (sending) return;
     const request = readRequest(form, uid, crypto.randomUUID());
     const media = mediaType(form);
     const via = functions ? new FormData(form).get("via") : "document";
     // The callable answers a refused request with the contract's message; a document write has only the rules'
-    // verdict, so the page checks the request against the contract first.
-    const refused = via === "document" ? contractMessage(request) : null;
+    // verdict, so the page checks the request against the contract first. Text in a number field that the
+    // browser cannot read never reaches the callable (its value would be lost): the same check refuses it.
+    const refused = via === "document" || unreadable(form) ? contractMessage(request) : null;
     if (refused) return fail(refused);
-    button.disabled = true;
+    sending = true;
+    button.setAttribute("aria-disabled", "true");
     say("Submitting…");
+    // Offline, a queued doc's write waits (the SDK sends it once the connection is back): say so.
+    const waiting = () => say(navigator.onLine ? "Still waiting for the server…" : "Waiting for the connection…");
+    const slow = via === "document" ? setTimeout(waiting, SLOW_WRITE_MS) : undefined;
     try {
       if (via === "document") {
         await writeJob(request, media);
@@ -130,9 +163,11 @@ async function main(): Promise<void> {
       }
     } catch (error) {
       // The callable's invalid-argument carries the contract's own message.
-      fail(isCode(error, "permission-denied") && via === "document" ? RULES_REFUSED : message(error));
+      fail(isCode(error, "permission-denied") && via === "document" ? RULES_REFUSED : callableMessage(error));
     } finally {
-      button.disabled = false;
+      clearTimeout(slow);
+      sending = false;
+      button.removeAttribute("aria-disabled");
     }
   });
 
@@ -153,5 +188,7 @@ async function main(): Promise<void> {
 }
 
 main().catch((error) => {
+  $("who").textContent = "Not signed in: the app could not start";
+  $("no-jobs").hidden = true;
   fail(`The app could not start: ${message(error)}`);
 });

@@ -47,10 +47,12 @@ function check(name: string, node: Spec, value: unknown, required: boolean): str
     }
   } else if (spec.type === "integer" || spec.type === "number") {
     const integer = spec.type === "integer";
+    const typeMessage = invalid(`${name} must be ${integer ? "an integer" : "a number"}${nullable ? " or null" : ""}`);
+    if (typeof value !== "number" || (integer && !Number.isInteger(value))) return typeMessage;
+    // A seed past 64 bits is refused for its size (the contract's int64 check, as the callable answers it).
+    if (name === "seed" && (value < -(2 ** 63) || value >= 2 ** 63)) return invalid("seed must fit in a signed 64-bit integer");
     // Past 2^53 the Firestore SDK stores a number as a double, which the contract does not read as an integer.
-    if (typeof value !== "number" || (integer && !Number.isSafeInteger(value))) {
-      return invalid(`${name} must be ${integer ? "an integer" : "a number"}${nullable ? " or null" : ""}`);
-    }
+    if (integer && !Number.isSafeInteger(value)) return typeMessage;
     const { minimum = -Infinity, maximum = Infinity } = spec;
     if (!(Number.isFinite(value) && minimum <= value && value <= maximum)) {
       const bound = (b: number) => (integer ? String(b) : b.toFixed(1));
