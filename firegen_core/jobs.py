@@ -238,11 +238,11 @@ class JobStore:
                         GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
                     )
                     return {**_request_part(update), **failed} if before is None else failed
-                update = {**update, quota.ADMITTED: True, quota.COST: cost}
+                update = {**update, quota.ADMITTED: True, quota.COST: cost, quota.CHARGED_ON: quota.day_of(now)}
                 after = quota.merged(before, update)
         if quota.running(after) and not quota.running(before) and usage.running >= self.limits.max_running:
             # Past USER_MAX_RUNNING the job stays queued (admitted, if it was just now); it never fails for it.
-            admission = {k: update[k] for k in (quota.ADMITTED, quota.COST) if k in update}
+            admission = {k: update[k] for k in (quota.ADMITTED, quota.COST, quota.CHARGED_ON) if k in update}
             return admission if admission and not quota.admitted(before) else None
         return update
 
@@ -404,15 +404,8 @@ class WorkerJobs:
             landed = next((lease for lease in tried if lifecycle.holds(before, lease)), None)
             return ClaimedJob(key, landed, before, outcome.read_time) if landed else None
         if written.get("status") == lifecycle.FAILED:  # past MAX_ATTEMPTS, or cancelled: this claim ended it
-            fields = {"user_id": key.user_id, "file_uid": key.file_uid, "attempts": before.get("attempts")}
-            log.warning(
-                "job_failed",
-                extra={
-                    **fields,
-                    "error_type": written.get("error_type"),
-                    "error_message": written.get("error_message"),
-                },
-            )
+            fields = {"user_id": key.user_id, "file_uid": key.file_uid, "error_type": written.get("error_type")}
+            log.warning("job_failed", extra={**fields, "error_message": written.get("error_message")})
         if written.get("status") != lifecycle.PROCESSING:
             return None
         return ClaimedJob(key, Lease(self.worker_id, written["attempts"]), before, outcome.read_time)

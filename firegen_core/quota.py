@@ -10,7 +10,8 @@ Counts are derived from the job doc alone, so every transition keeps them exact 
 A job is admitted once (`quota_admitted: true`, with its `cost`), at whichever door sees it first: the
 callable, the creation trigger, the runsync handler, or a worker (its listener, as it hears of a client's doc;
 else its claim). Admission charges the cost to the day's spend; a job that fails without ever being claimed
-(`never_ran`: cancelled while queued, never picked up) is refunded the same day, any other is not. A job never
+(`never_ran`: cancelled while queued, never picked up) is refunded the day it was charged (`charged_on`), any
+other is not. A job never
 admitted (refused, or a doc that breaks the contract) never counts.
 
 The usage doc `usage/{uid}`: running, pending, spent_today, day (UTC date of spent_today: it starts again at 0
@@ -29,6 +30,7 @@ from .contract import GenerationRequest
 USAGE_COLLECTION = "usage"
 ADMITTED = "quota_admitted"  # on a job doc: counted in its user's usage while pending
 COST = "cost"  # on a job doc: its estimated cost in GPU-seconds, charged at admission
+CHARGED_ON = "charged_on"  # on a job doc: the UTC day (YYYY-MM-DD) whose spend its admission charged
 
 # --- the cost model: estimated GPU-seconds on an H100 (bf16), from the README's measured figures -----------
 # SDXL 1024x1024, 30 steps with CFG: 2.46 s per image. Cost grows with pixels x steps x images.
@@ -148,10 +150,11 @@ def never_ran(doc: Mapping[str, Any]) -> bool:
 def _charged(doc: Mapping[str, Any] | None, today: str | None) -> float:
     if doc is None or not admitted(doc):
         return 0.0
-    # A job that ended without running used no GPU: refunded, if it was charged today (a job is admitted when it
-    # is written, so one created on an earlier day was charged to that day's spend, which is gone).
+    # A job that ended without running used no GPU: refunded, if it was charged today (an earlier day's spend is
+    # gone). Jobs admitted before `charged_on` was written: charged the day they were created.
     created = doc.get("created_at")
-    if today is not None and never_ran(doc) and (not isinstance(created, datetime) or day_of(created) == today):
+    charged_on = doc.get(CHARGED_ON) or (day_of(created) if isinstance(created, datetime) else today)
+    if today is not None and never_ran(doc) and charged_on == today:
         return 0.0
     return float(doc.get(COST) or 0)
 

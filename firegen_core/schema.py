@@ -142,6 +142,7 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         # Per-user limits (firegen_core.quota): admitted into the user's usage, at this estimated cost.
         "quota_admitted": {"type": "boolean"},
         "cost": number,
+        "charged_on": {"type": "string", "format": "date"},
         "runpod_job_id": {"type": "string"},
         # Created by a request (runsync, the callable) with its parameters: never left to await them.
         contract.REQUESTED_AT: TIMESTAMP_REF,

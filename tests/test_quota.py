@@ -123,6 +123,10 @@ def test_a_job_that_fails_before_any_worker_took_it_is_refunded_on_its_day():
     assert quota.change(yesterday, {"status": "failed"}, now) == quota.Change(0, -1, 0.0)  # that day's spend is gone
     refunded = {**queued, "status": "failed"}
     assert not quota.change(refunded, {"error_message": "x"}, now)  # refunded once
+    # The day it was charged decides, where the doc says it: a refused job sent again a day later is charged then.
+    again = {**yesterday, "charged_on": "2026-11-27"}
+    assert quota.change(again, {"status": "failed"}, now) == quota.Change(0, -1, -2.0)
+    assert quota.change({**queued, "charged_on": "2026-11-26"}, {"status": "failed"}, now).charge == 0.0
 
 
 def test_refusals_name_the_limit_and_when_the_budget_resets():
@@ -231,7 +235,8 @@ def test_a_job_cancelled_before_any_worker_took_it_gives_its_cost_back(firestore
     ran, cancelled = write_client_doc(firestore_client, "ran"), write_client_doc(firestore_client, "cancelled-early")
     worker = WorkerJobs(firestore_client, worker_id="w")
     assert worker.complete(worker.claim(ran), {"status": "completed", "generated": True})
-    assert store.admit(cancelled).written
+    admitted = store.admit(cancelled).written
+    assert admitted and admitted["charged_on"] == quota.day_of(datetime.now(UTC))
     assert usage(firestore_client)["spent_today"] == doc(firestore_client, ran)["cost"] * 2
     assert store.cancel(cancelled).after["status"] == "failed"
     assert counts(firestore_client) == (0, 0)

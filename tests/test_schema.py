@@ -100,7 +100,7 @@ def test_every_field_written_on_a_job_doc_has_a_type():
         lifecycle.failure(errors.GenerationError(errors.EXCEPTION, "boom"), user_id="u1", file_uid="f1"),
         lifecycle.counted_release({"status": "processing", "attempts": 1, "releases": 1}, max_releases=3),
         lifecycle.cancel({"status": "processing", "user_id": "u1", "file_uid": "f1"}) or {},
-        {quota.ADMITTED: True, quota.COST: quota.estimate(request)},
+        {quota.ADMITTED: True, quota.COST: quota.estimate(request), quota.CHARGED_ON: "2026-12-01"},
     ]
     for fields in written:
         assert set(fields) <= set(job), set(fields) - set(job)

@@ -118,6 +118,7 @@ export interface JobDoc {
   releases?: number;
   quota_admitted?: boolean;
   cost?: number;
+  charged_on?: string;
   runpod_job_id?: string;
   requested_at?: Timestamp;
   expire_at?: Timestamp;
