@@ -157,12 +157,15 @@ class GenerationResult:
 
 
 def quiet_loading() -> None:
-    """No loading progress bars from diffusers/transformers: they would flood logs and command output."""
+    """No loading progress bars from diffusers/transformers: they would flood logs and command output. Their
+    warnings go to the root logger (the worker's JSON lines), not to their own plain-text stderr handlers."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.disable_default_handler()
+        library.enable_propagation()
 
 
 # A CUDA error that is not out-of-memory leaves the CUDA context unusable (an illegal access, a device-side

@@ -73,6 +73,9 @@ def test_the_hub_test_passes_with_no_firebase_behind_the_worker():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout + done.stderr
     assert "'status': 'completed'" in out and "'image_count': 1" in out
+    # The libraries' own warnings (here transformers', torchvision being absent, as in the image) are JSON lines
+    # too, not their plain-text handlers' "[transformers] ..." on stderr.
+    assert "[transformers]" not in done.stderr and "[diffusers]" not in done.stderr
 
 
 @pytest.mark.parametrize("key", ["title", "description", "type", "category", "config"])
