@@ -233,7 +233,8 @@ def generate(
     fields["user_id"] = uid
     if fields.get("file_uid") in (None, ""):
         fields["file_uid"] = uuid.uuid4().hex  # the reply's fileUid names it
-    fields.setdefault("use_cloud_storage", True)
+    if fields.get("use_cloud_storage") is None:  # left out or null, as any other field: the callable's default
+        fields["use_cloud_storage"] = True
     try:
         request = parse_runsync_input(fields)
         if not request.use_cloud_storage:

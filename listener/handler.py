@@ -143,6 +143,8 @@ class RunsyncHandler:
             "status": lifecycle.COMPLETED,
             "seed": result.seed,
             "task_type": request.task_type,
+            # Optional here (no doc, no object names need them), echoed where given as on a success doc.
+            **{name: value for name in ("user_id", "file_uid") if (value := getattr(request, name))},
         }
         if request.is_video:
             output.update(videos=encoded, video_info=result.video_info)

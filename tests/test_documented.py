@@ -156,6 +156,10 @@ def test_an_inline_result_just_under_20_mb_is_returned():
     under = INLINE_LIMIT_BYTES * 3 // 4 - 3
     answer = RunsyncHandler(store=None, submit=None, generator=SizedGenerator(under)).handle(INLINE)
     assert answer["status"] == "completed" and answer["image_count"] == 2
+    assert "user_id" not in answer and "file_uid" not in answer  # optional inline, echoed only where given
+    ids = {"user_id": "u1", "file_uid": "f1"}
+    named = RunsyncHandler(store=None, submit=None, generator=SizedGenerator(64)).handle({**INLINE, **ids})
+    assert (named["error"], named["user_id"], named["file_uid"]) == (False, "u1", "f1")
     assert sum(len(base64.b64decode(data)) for data in answer["images"]) == under
     assert sum(len(data) for data in answer["images"]) <= INLINE_LIMIT_BYTES
 

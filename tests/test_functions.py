@@ -246,6 +246,15 @@ def test_callable_defaults_user_id_and_file_uid(worker):
     assert doc["user_id"] == "u-default" and doc["status"] == "completed"
 
 
+def test_callable_takes_a_null_use_cloud_storage_as_left_out(firestore_client, stub):
+    """Null is "not given" for every field the callable reads (before: "use_cloud_storage is required" for null
+    alone, and the client's doc failed with it)."""
+    runpod = stub(ACCEPTED)
+    data = {"prompt": "a car", "file_uid": "null-ucs", "use_cloud_storage": None}
+    reply = dispatch.generate(firestore_client, runpod.client(), uid="u-null", data=data)
+    assert reply["status"] == "accepted" and runpod.requests[0][1]["input"]["use_cloud_storage"] is True
+
+
 @pytest.mark.parametrize(
     "data,message",
     [
