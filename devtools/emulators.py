@@ -100,10 +100,14 @@ def unique_id(prefix: str) -> str:
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The end of what the process's latest start wrote: a log is appended to across starts (and runs), and an
+    earlier start's lines would read as this one's."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace")
     except OSError:
         return "(no log)"
+    latest = text.rfind("\n===== start #")
+    return "\n".join(text[latest + 1 if latest >= 0 else 0 :].splitlines()[-lines:])
 
 
 # ---------------------------------------------------------------------------------------------- base class

@@ -134,6 +134,20 @@ def shared_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     return values
 
 
+def taken_ports(args, cli: bool) -> list[str]:
+    """The ports this run needs that something else already holds, as "8000 (worker)"."""
+    needed = PORT_NAMES if cli else tuple(name for name in PORT_NAMES if name not in ("auth", "functions"))
+    return [f"{args.ports[name]} ({name})" for name in needed if emu.port_open(emu.HOST, args.ports[name])]
+
+
+def taken_hint(ports: list[str]) -> str:
+    first = ports[0].split(" (")[1].rstrip(")")
+    return (
+        f"port{'s' * (len(ports) > 1)} {', '.join(ports)} already taken by another process (another make dev?): "
+        f'stop it, or run beside it with DEV_ARGS="--free-ports" (or --{first}-port N)'
+    )
+
+
 def say(text: str) -> None:
     print(text, flush=True)
 
@@ -141,8 +155,9 @@ def say(text: str) -> None:
 def parse_args(argv: list[str] | None):
     project, ports = firebase_config()
     parser = argparse.ArgumentParser(prog="make dev", description=__doc__.splitlines()[0])
-    parser.add_argument("--image-model", default=os.environ.get("IMAGE_MODEL", "tiny"))
-    parser.add_argument("--video-model", default=os.environ.get("VIDEO_MODEL", "tiny"))
+    # An empty IMAGE_MODEL= is unset, not the worker's own default (the full-size model, not on this machine).
+    parser.add_argument("--image-model", default=os.environ.get("IMAGE_MODEL") or "tiny")
+    parser.add_argument("--video-model", default=os.environ.get("VIDEO_MODEL") or "tiny")
     parser.add_argument("--once", action="store_true", help="stop after the two examples (for scripts and CI)")
     parser.add_argument("--no-examples", action="store_true", help="start the stack only")
     parser.add_argument(
@@ -325,10 +340,14 @@ class Stack:
             try:
                 return self.with_firebase_cli(storage, bucket)
             except CliFailed as exc:
+                if "already taken" in str(exc):  # the fallback needs the same ports: say which, and how around it
+                    raise emu.EmulatorError(str(exc)) from exc
                 why = f"it failed to start: {exc}"
                 self.stop_all(keep=1)  # the Storage emulator stays
+        elif not self.args.no_firebase_cli:
+            why += "; setup: python3 scripts/setup_firebase_cli.py"
         say(
-            f"make dev: the Firebase CLI cannot run ({why}; setup: python3 scripts/setup_firebase_cli.py): "
+            f"make dev: the Firebase CLI cannot run ({why}): "
             "falling back to the standalone Firestore emulator and direct runsync (no Auth, Functions or rules)"
         )
         return self.fallback(storage, bucket)
@@ -449,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # before anything starts: the worker would fail on it, the functions later
         say(f"make dev: {exc}")
         return 1
+    taken = taken_ports(args, cli=not args.no_firebase_cli and firebase_cli.missing() is None)
+    if taken:  # before anything starts (a port found taken half-way stopped make dev after 15 s of starting)
+        say(f"make dev: {taken_hint(taken)}")
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     state = args.out / "stack.json"
     stack = Stack(args, shared)
@@ -471,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
             client = Client(info)
             t1 = time.monotonic()
             run_examples(client, cli=info.functions is not None, watch=stack.watch)
+            done = f"{client.failures} of the 2 examples failed" if client.failures else "both examples done"
             say(
-                f"\nboth examples done in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s after start); "
+                f"\n{done} in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s after start); "
                 f"results in {shown_path(args.out)}"
             )
         if args.once:
@@ -488,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         say("\nstopping...")
         return 0
     except (emu.EmulatorError, emu.EmulatorUnavailable, requests.RequestException) as exc:
-        say(f"make dev: {exc}")
+        taken = taken_ports(args, cli=True) if "already taken" in str(exc) else []
+        say(f"make dev: {exc}" + (f"\nmake dev: {taken_hint(taken)}" if taken else ""))
         return 1
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave processes behind

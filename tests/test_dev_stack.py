@@ -231,6 +231,26 @@ def test_make_dev_names_a_bad_shared_setting_in_one_line(tmp_path, name, value, 
     assert run.left_behind() == []
 
 
+def test_make_dev_names_a_taken_port_and_the_way_around_it_before_starting_anything(tmp_path):
+    """Another process holds a port make dev needs (another make dev, a dev server on 5000...): one line naming it
+    and `--free-ports`, exit code 1, nothing started (before: the emulators started, and 15 s later one line with
+    no way around it; a taken hosting port sent it to the fallback, which needs the same port)."""
+    import socket
+
+    run = StackRun(tmp_path, "--no-firebase-cli")
+    with socket.socket() as holder:
+        holder.bind((emu.HOST, run.ports["worker"]))
+        holder.listen()
+        result = subprocess.run(run.cmd, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (result.stdout, result.stderr) == (
+        f"make dev: port {run.ports['worker']} (worker) already taken by another process (another make dev?): "
+        'stop it, or run beside it with DEV_ARGS="--free-ports" (or --worker-port N)\n',
+        "",
+    )
+    assert not (run.out / "logs").exists() and run.left_behind() == []
+
+
 def test_make_dev_once_without_the_firebase_cli(tmp_path):
     """The fallback (`--no-firebase-cli`, or where the CLI cannot run): the standalone Firestore emulator, the
     image posted to runsync by the client, the video found by the worker's listener; `--once` then exits."""
@@ -242,7 +262,7 @@ def test_make_dev_once_without_the_firebase_cli(tmp_path):
     result = subprocess.run(run.cmd, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert output.count("make dev: the Firebase CLI cannot run (--no-firebase-cli;") == 1
+    assert output.count("make dev: the Firebase CLI cannot run (--no-firebase-cli):") == 1
     assert "[test-img-001] runsync answered COMPLETED" in output
     if web.missing() is None:  # a static server for the web app
         assert f"web app: http://127.0.0.1:{run.ports['hosting']}/\n" in output
