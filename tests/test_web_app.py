@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_stack import running_stack
-from google.cloud.firestore import SERVER_TIMESTAMP
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
 from devtools import emulators as emu
 from devtools import firebase_cli, web
@@ -399,6 +399,12 @@ def test_progress_updates_live_with_a_cancel_button_until_the_job_ends(open_page
     assert app.wait_final("held-by-hand") == "failed"
     assert card.locator(".error").inner_text() == "CUDA Out of Memory during video generation"
     assert card.get_by_role("button", name="Cancel video held-by-hand").count() == 0
+    # A job that ended can run again (one refused for its user's limits, sent again): its card follows, Cancel
+    # included (before: the button was gone for good, and the old error type stayed on the card).
+    ref.update({"status": "processing", "error": False, "error_type": DELETE_FIELD, "error_message": DELETE_FIELD})
+    again = card.get_by_role("button", name="Cancel video held-by-hand")
+    again.wait_for(timeout=30_000)
+    assert again.is_enabled() and card.locator(".error").count() == 0 and card.get_attribute("data-error-type") is None
     assert app.problems() == []
 
 

@@ -157,19 +157,18 @@ function update(li: HTMLLIElement, job: Job): void {
   // At 100% the worker still encodes and uploads the result (the job is not completed yet, and can be cancelled).
   const finishing = doc.status === "processing" && progress >= 1;
   li.querySelector(".percent")!.textContent = `${Math.round(progress * 100)}%${finishing ? ", finishing…" : ""}`;
-  const cancel = li.querySelector<HTMLButtonElement>("button.cancel");
-  if (cancel && final) {
+  // Hidden, not removed, once the job ends: a job refused for its user's limits and sent again runs once more.
+  const cancel = li.querySelector<HTMLButtonElement>("button.cancel")!;
+  if (final && document.activeElement === cancel) {
     // A focused button that goes would leave the focus on <body>: it stays on the card instead.
-    if (document.activeElement === cancel) {
-      li.tabIndex = -1;
-      li.focus();
-    }
-    cancel.remove();
-  } else if (cancel) {
-    if (doc.cancel_requested) cancel.setAttribute("aria-disabled", "true");
-    else cancel.removeAttribute("aria-disabled");
+    li.tabIndex = -1;
+    li.focus();
   }
+  cancel.hidden = final;
+  if (doc.cancel_requested) cancel.setAttribute("aria-disabled", "true");
+  else cancel.removeAttribute("aria-disabled");
   li.querySelector("p.error")?.remove();
+  delete li.dataset.errorType;
   if (doc.status === "failed") {
     li.querySelector(".state")!.after(el("p", { className: "error", textContent: doc.error_message ?? "Generation failed" }));
     if (doc.error_type) li.dataset.errorType = doc.error_type;
