@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     argv = sys.argv[1:] if argv is None else argv
     # The SDK logs every handler output at DEBUG by default: inline results (base64 media) would flood the logs.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+    # gRPC's core writes its INFO notes in its own plain format on stderr (each fork, for a subprocess, while
+    # the Firestore streams run): only its errors are worth a line that breaks the JSON stream.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from .settings import SettingsError, load_settings
 
     try:
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             elif production:
                 worker.fitness_check()
             _stop_claiming_when_uvicorn_exits(worker.reconciler)
+            _sdk_prints_as_events(runpod.serverless, log)
             runpod.serverless.start({"handler": worker.handler, "concurrency_modifier": worker.concurrency_modifier})
         else:
             log.info("reconciler_only", reason="not on RunPod and no --rp_serve_api: no runsync door")
@@ -145,8 +149,19 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         # RunPod sends SIGTERM before it stops an idle worker: finish the running job within the grace period,
         # or give it back to the queue for another worker.
         worker.shutdown()
-    log.info("worker_exit", code=worker.exit_code, reason=worker.failure or "shutdown")
+        # Here, not after: a signal ends the worker by SystemExit through this `finally`.
+        log.info("worker_exit", code=worker.exit_code, reason=worker.failure or "shutdown")
     return worker.exit_code
+
+
+def _sdk_prints_as_events(module, log) -> None:
+    """The SDK's start banner is a bare `print` in `runpod.serverless` (its logger writes JSON on RunPod, the
+    banner does not): a module-level `print` there takes it into the worker's JSON stream instead."""
+
+    def said(*args: object, **kwargs: object) -> None:
+        log.info("runpod_sdk", said=" ".join(str(a) for a in args).strip(" -"))
+
+    module.print = said
 
 
 def _stop_claiming_when_uvicorn_exits(reconciler) -> None:

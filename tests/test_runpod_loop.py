@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import runpod
 from fixtures_keys import pem_body, service_account_key
 from google.api_core.exceptions import Cancelled
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
@@ -218,8 +219,16 @@ def test_runsync_jobs_go_through_the_sdk_loop_several_at_once(
         code = worker.wait_exit(30)
         worker.stop()
     assert code == 0
+    # Every line the worker wrote is JSON: the SDK's start banner and gRPC's notes (a plain line each before)
+    # included; only devtools' own start/stop markers are not the worker's.
+    plain = [line for line in worker.log_path.read_text().splitlines() if line and not line.startswith(("{", "====="))]
+    assert plain == []
     lines = json_lines(worker)
     ours = [line for line in lines if "event" in line]
+    assert [line["said"] for line in ours if line["event"] == "runpod_sdk"] == [
+        f"Starting Serverless Worker |  Version {runpod.__version__}"
+    ]
+    assert [(line["code"], line["reason"]) for line in ours if line["event"] == "worker_exit"] == [(0, "shutdown")]
     assert ours and all(line["severity"] in ("DEBUG", "INFO", "WARNING", "ERROR") for line in ours)
     assert all(line["message"] == line["event"] for line in ours)
     accepted = {line["requestId"]: line["file_uid"] for line in ours if line["event"] == "request_accepted"}
