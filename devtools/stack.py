@@ -134,6 +134,28 @@ def shared_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     return values
 
 
+# The functions' own params (functions/main.py), which the worker does not read: passed on from make dev's
+# environment where set, for the same reason (else the Firebase CLI writes their defaults).
+FUNCTION_SETTINGS = ("RUNPOD_ATTEMPTS", "RUNPOD_TIMEOUT_SECONDS", "REDISPATCH_AFTER_MINUTES", "MAX_DISPATCHES")
+
+
+def function_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """FUNCTION_SETTINGS and ENFORCE_APP_CHECK set in `environ`; ValueError naming a value the functions refuse."""
+    values = {}
+    for name in FUNCTION_SETTINGS:
+        raw = (environ.get(name) or "").strip()
+        if raw and not (re.fullmatch(r"[0-9]+", raw) and int(raw) >= 1):
+            raise ValueError(f"{name} must be a whole number, 1 or more (got {raw!r}): the functions read it")
+        if raw:
+            values[name] = str(int(raw))
+    enforce = (environ.get("ENFORCE_APP_CHECK") or "").strip().lower()
+    if enforce and enforce not in ("on", "off"):
+        raise ValueError(f"ENFORCE_APP_CHECK must be on or off (got {enforce!r}): the functions read it")
+    if enforce:
+        values["ENFORCE_APP_CHECK"] = enforce
+    return values
+
+
 def taken_ports(args, cli: bool) -> list[str]:
     """The ports this run needs that something else already holds, as "8000 (worker)"."""
     needed = PORT_NAMES if cli else tuple(name for name in PORT_NAMES if name not in ("auth", "functions"))
@@ -206,9 +228,10 @@ class CliFailed(Exception):
 class Stack:
     """The processes of one `make dev`, started in order and stopped in reverse, whatever happens between."""
 
-    def __init__(self, args, shared: dict[str, str]):
+    def __init__(self, args, shared: dict[str, str], functions_only: dict[str, str] | None = None):
         self.args, self.ports = args, args.ports
         self.shared = shared  # shared_settings(): the same values to the worker and to the functions
+        self.functions_only = functions_only or {}  # function_settings()
         self.logs = args.out / "logs"
         self.started: list[emu.Emulator] = []
         self._guard = threading.Lock()  # a start in a helper thread vs. stop_all()
@@ -247,7 +270,7 @@ class Stack:
             self.args.project,
             runsync_url,
             ports={name: self.ports[name] for name in ("auth", "functions", "firestore", "hosting")},
-            function_env=self.shared,
+            function_env={**self.shared, **self.functions_only},
             hosting=web.missing() is None,
         )
         firestore, auth = cli.address("firestore"), cli.address("auth")
@@ -464,7 +487,7 @@ def run_examples(client: Client, cli: bool, watch: Callable[[], None]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        shared = shared_settings()
+        shared, functions_only = shared_settings(), function_settings()
     except ValueError as exc:  # before anything starts: the worker would fail on it, the functions later
         say(f"make dev: {exc}")
         return 1
@@ -474,8 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     state = args.out / "stack.json"
-    stack = Stack(args, shared)
+    stack = Stack(args, shared, functions_only)
     say(f"settings the worker and the functions share: {' '.join(f'{k}={v}' for k, v in shared.items())}")
+    if functions_only:
+        say(f"settings for the functions: {' '.join(f'{k}={v}' for k, v in functions_only.items())}")
 
     def interrupt(*_):
         raise KeyboardInterrupt

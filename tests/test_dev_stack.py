@@ -126,6 +126,9 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         "PLACEHOLDER_GRACE_SECONDS": "4",
     }
     run.env.update(shared)
+    # The functions' own params too (before: their defaults, whatever make dev's environment said).
+    functions_only = {"RUNPOD_TIMEOUT_SECONDS": "25", "MAX_DISPATCHES": "4"}
+    run.env.update(functions_only)
     state = run.out / "stack.json"
     with running_stack(run.cmd, run.env) as stack:
         output = stack.output
@@ -198,7 +201,8 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         usage = firestore_client(info).document(f"usage/{client.uid}").get().to_dict()
         assert usage["limits"] == {"max_running": 3, "max_pending": 6, "daily_budget": 30}
         env_file = (run.out / "firebase" / "functions" / ".env.local").read_text().splitlines()
-        assert all(f"{k}={v}" in env_file for k, v in shared.items()), env_file
+        assert all(f"{k}={v}" in env_file for k, v in {**shared, **functions_only}.items()), env_file
+        assert "settings for the functions: RUNPOD_TIMEOUT_SECONDS=25 MAX_DISPATCHES=4\n" in output
     output = stack.output
     assert stack.proc.returncode == 0, output
     assert "stopping..." in output and "all processes stopped" in output
@@ -209,25 +213,49 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
 @pytest.mark.parametrize(
     "name,value,said",
     [
-        ("USER_MAX_PENDING", "five", "USER_MAX_PENDING must be a whole number, 1 or more (got 'five')"),
+        (
+            "USER_MAX_PENDING",
+            "five",
+            "USER_MAX_PENDING must be a whole number, 1 or more (got 'five'): the worker and the functions read it",
+        ),
         # The worker would take it; the functions' int param would not.
-        ("USER_DAILY_BUDGET", "30.5", "USER_DAILY_BUDGET must be a whole number, 1 or more (got '30.5')"),
-        ("USER_MAX_RUNNING", "0", "USER_MAX_RUNNING must be a whole number, 1 or more (got '0')"),
-        ("RETENTION_DAYS", "-1", "RETENTION_DAYS must be a number of days, 0 or more (got '-1')"),
+        (
+            "USER_DAILY_BUDGET",
+            "30.5",
+            "USER_DAILY_BUDGET must be a whole number, 1 or more (got '30.5'): the worker and the functions read it",
+        ),
+        (
+            "USER_MAX_RUNNING",
+            "0",
+            "USER_MAX_RUNNING must be a whole number, 1 or more (got '0'): the worker and the functions read it",
+        ),
+        (
+            "RETENTION_DAYS",
+            "-1",
+            "RETENTION_DAYS must be a number of days, 0 or more (got '-1'): the worker and the functions read it",
+        ),
         (
             "PLACEHOLDER_GRACE_SECONDS",
             "2.5",
-            "PLACEHOLDER_GRACE_SECONDS must be a whole number from 0 to 60 (got '2.5')",
+            "PLACEHOLDER_GRACE_SECONDS must be a whole number from 0 to 60 (got '2.5'): the worker and the functions "
+            "read it",
         ),
+        # The functions' own params (passed on from make dev's environment where set).
+        (
+            "RUNPOD_ATTEMPTS",
+            "three",
+            "RUNPOD_ATTEMPTS must be a whole number, 1 or more (got 'three'): the functions read it",
+        ),
+        ("ENFORCE_APP_CHECK", "maybe", "ENFORCE_APP_CHECK must be on or off (got 'maybe'): the functions read it"),
     ],
 )
 def test_make_dev_names_a_bad_shared_setting_in_one_line(tmp_path, name, value, said):
-    """A setting the worker and the functions share, set wrong in make dev's environment: one line naming it, exit
+    """A setting the worker and the functions read, set wrong in make dev's environment: one line naming it, exit
     code 1, nothing started (before, the worker's start failed with its log's tail, or the functions took it)."""
     run = StackRun(tmp_path)
     result = subprocess.run(run.cmd, env={**run.env, name: value}, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert (result.stdout, result.stderr) == (f"make dev: {said}: the worker and the functions read it\n", "")
+    assert (result.stdout, result.stderr) == (f"make dev: {said}\n", "")
     assert run.left_behind() == []
 
 
