@@ -1,8 +1,8 @@
 """The worker's Google clients (Firestore, Cloud Storage), built from the configured credentials.
 
 - Under the emulators: anonymous credentials, as the emulators expect (a configured key is still validated).
-- A service account key's JSON text (FIREBASE_SERVICE_ACCOUNT_JSON, or GOOGLE_APPLICATION_CREDENTIALS holding
-  JSON): credentials from it, passed to both clients; the project defaults to the key's `project_id`. Signed
+- A service account key (FIREBASE_SERVICE_ACCOUNT_JSON: its JSON text, base64 or a key file's path; or
+  GOOGLE_APPLICATION_CREDENTIALS holding its JSON or base64, `listener.settings`): credentials from it, passed to both clients; the project defaults to the key's `project_id`. Signed
   URLs (URL_STYLE=signed) are signed offline with that key.
 - Otherwise Application Default Credentials, as the Google libraries find them.
 A key that the auth library cannot load stops start-up with one line naming the variable, never its content; so
@@ -18,6 +18,11 @@ from .settings import Settings, SettingsError
 NO_CREDENTIALS = (
     "no Google credentials: set FIREBASE_SERVICE_ACCOUNT_JSON to the worker's service account key (its JSON text), "
     "or run where Application Default Credentials exist"
+)
+
+BAD_KEY_PATH = (
+    "GOOGLE_APPLICATION_CREDENTIALS is neither a service account key (its JSON text or base64) nor the path of a "
+    "readable key file"
 )
 
 
@@ -50,5 +55,8 @@ def clients(settings: Settings) -> tuple[Any, Any]:
         db = firestore.Client(project=project, credentials=None if settings.firestore_emulator_host else creds)
         files = storage.Client(project=project, credentials=None if settings.storage_emulator_host else creds)
     except DefaultCredentialsError:  # no key given and no Application Default Credentials (a RunPod worker)
+        # Google's own message for a path that names no file quotes the value: a key pasted in the wrong place.
+        if settings.google_application_credentials is not None:
+            raise SettingsError(BAD_KEY_PATH) from None
         raise SettingsError(NO_CREDENTIALS) from None
     return db, files

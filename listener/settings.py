@@ -6,15 +6,18 @@ one line that names each wrong variable ("STORAGE_BUCKET is required", "URL_STYL
 signed, token"). Every field is read from the variable named in its `validation_alias` (case-insensitive);
 empty values count as unset.
 
-Credentials: the service account's JSON *text* may come in `FIREBASE_SERVICE_ACCOUNT_JSON`, or in
-`GOOGLE_APPLICATION_CREDENTIALS` when that variable holds JSON instead of a path (a RunPod secret is an
-environment string, while Google's lookup reads that variable as a file path). It is checked here, kept as a
+Credentials: the service account's JSON *text* (or its base64, or for the first a key file's path) may come in
+`FIREBASE_SERVICE_ACCOUNT_JSON`, or in `GOOGLE_APPLICATION_CREDENTIALS` when that variable holds the key instead
+of a path (a RunPod secret is an environment string, while Google's lookup reads that variable as a file path). It is checked here, kept as a
 `SecretStr` (never printed, never logged) and turned into credentials by `listener.credentials`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -98,14 +101,16 @@ class Settings(ModelSettings):
     @classmethod
     def _service_account(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            _parse_service_account(value.get_secret_value())
+            _parse_service_account(_key_text(value.get_secret_value(), path_ok=True) or "")
         return value
 
     @field_validator("google_application_credentials", mode="after")
     @classmethod
     def _credentials_json(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and _looks_like_json(value.get_secret_value()):
-            _parse_service_account(value.get_secret_value())
+        if value is not None:
+            text = _key_text(value.get_secret_value(), path_ok=False)
+            if text is not None:
+                _parse_service_account(text)
         return value
 
     @property
@@ -115,14 +120,46 @@ class Settings(ModelSettings):
         return service_account_info(self)
 
 
-def _looks_like_json(text: str) -> bool:
-    return text.lstrip().startswith("{")
+_URLSAFE = str.maketrans("-_", "+/")
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text.strip()).is_file()
+    except (OSError, ValueError):  # a pasted key is no path: too long, or a NUL in it
+        return False
+
+
+def _key_text(text: str, *, path_ok: bool) -> str | None:
+    """A key's JSON text from what a secret may hold: the JSON itself, its base64 (what many guides put in
+    environment variables, to keep the key's newlines and quotes out of the way), or, with `path_ok`, the path of
+    a key file (one on a network volume). None: none of those."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        return stripped
+    packed = "".join(stripped.split())  # base64 tools wrap their output at 76 characters
+    if re.fullmatch(r"[A-Za-z0-9+/_-]+=*", packed):
+        try:
+            decoded = base64.b64decode(packed.rstrip("=").translate(_URLSAFE) + "=" * (-len(packed.rstrip("=")) % 4))
+            if decoded.lstrip().startswith(b"{"):
+                return decoded.decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            pass
+    if path_ok and _is_file(stripped):
+        try:
+            return Path(stripped).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise ValueError("names a key file that cannot be read") from None
+    if path_ok:
+        raise ValueError("is neither a service account key's JSON text, its base64, nor a key file's path")
+    return None
 
 
 def _parse_service_account(text: str) -> dict[str, Any]:
     # The messages never quote the value: it is a private key.
     try:
-        info = json.loads(text)
+        # strict=False: a key pasted through a form can come with the private key's "\n"s turned into newlines.
+        info = json.loads(text, strict=False)
     except ValueError:
         raise ValueError("is not valid JSON (expected a service account key's JSON text)") from None
     if not isinstance(info, dict) or not all(isinstance(info.get(k), str) and info[k] for k in SERVICE_ACCOUNT_KEYS):
@@ -132,12 +169,12 @@ def _parse_service_account(text: str) -> dict[str, Any]:
 
 def service_account_info(settings: Settings) -> tuple[str, dict[str, Any]] | None:
     if settings.firebase_service_account_json is not None:
-        return "FIREBASE_SERVICE_ACCOUNT_JSON", _parse_service_account(
-            settings.firebase_service_account_json.get_secret_value()
-        )
+        text = _key_text(settings.firebase_service_account_json.get_secret_value(), path_ok=True)
+        return "FIREBASE_SERVICE_ACCOUNT_JSON", _parse_service_account(text or "")
     path_or_json = settings.google_application_credentials
-    if path_or_json is not None and _looks_like_json(path_or_json.get_secret_value()):
-        return "GOOGLE_APPLICATION_CREDENTIALS", _parse_service_account(path_or_json.get_secret_value())
+    text = None if path_or_json is None else _key_text(path_or_json.get_secret_value(), path_ok=False)
+    if text is not None:
+        return "GOOGLE_APPLICATION_CREDENTIALS", _parse_service_account(text)
     return None
 
 

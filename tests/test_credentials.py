@@ -5,6 +5,7 @@ no log line carries a signed URL's signature, a token or a key."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -83,8 +84,50 @@ def test_the_keys_json_text_builds_both_clients_and_signs_urls(production_env, v
         verify_v4_signature(url, other)
 
 
+def wrapped_base64(text: str, encode=base64.b64encode) -> str:
+    """As `base64` prints it: 76 characters a line."""
+    packed = encode(text.encode()).decode()
+    return "\n".join(packed[i : i + 76] for i in range(0, len(packed), 76))
+
+
+@pytest.mark.parametrize(
+    "variable,form",
+    [
+        ("FIREBASE_SERVICE_ACCOUNT_JSON", "base64"),
+        ("FIREBASE_SERVICE_ACCOUNT_JSON", "urlsafe-base64"),
+        ("FIREBASE_SERVICE_ACCOUNT_JSON", "file"),
+        ("FIREBASE_SERVICE_ACCOUNT_JSON", "pasted-newlines"),
+        ("GOOGLE_APPLICATION_CREDENTIALS", "base64"),
+    ],
+)
+def test_the_key_in_the_other_forms_a_secret_holds(production_env, tmp_path, variable, form):
+    """What guides tell users to put in a secret besides the JSON text: its base64 (wrapped or not, either
+    alphabet), a key file's path (a network volume), the JSON with its private key's \\n escapes turned into
+    real newlines by a form. Before: "is not valid JSON" for each, and a path or base64 in
+    GOOGLE_APPLICATION_CREDENTIALS went to Google's lookup, whose message quotes the value."""
+    key_json, key = service_account_key("demo-keyed")
+    path = tmp_path / "key.json"
+    path.write_text(key_json)
+    value = {
+        "base64": wrapped_base64(key_json),
+        "urlsafe-base64": base64.urlsafe_b64encode(key_json.encode()).decode().rstrip("="),
+        "file": str(path),
+        "pasted-newlines": key_json.replace("\\n", "\n"),
+    }[form]
+    assert value != key_json
+    production_env.setenv(variable, value)
+    settings = load_settings()
+    assert settings.service_account[0] == variable
+    assert settings.service_account[1] == json.loads(key_json)
+    _, files = clients(settings)
+    url = ResultStore(files, settings.storage_bucket, url_style="signed").url_for("generating/u/image/f.png")
+    verify_v4_signature(url, key)
+
+
 def test_a_key_file_path_is_left_to_application_default_credentials(production_env, tmp_path):
-    production_env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+    path = tmp_path / "key.json"
+    path.write_text(service_account_key("demo-keyed")[0])
+    production_env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
     assert load_settings().service_account is None
 
 
@@ -105,6 +148,17 @@ def test_a_key_file_path_is_left_to_application_default_credentials(production_e
             "FIREBASE_SERVICE_ACCOUNT_JSON",
             json.dumps({"client_email": "a@b.c", "private_key": f"-----BEGIN PRIVATE KEY-----\n{SECRET_MARK}\n"}),
             "FIREBASE_SERVICE_ACCOUNT_JSON holds a service account key that cannot be loaded",
+        ),
+        (
+            "FIREBASE_SERVICE_ACCOUNT_JSON",
+            SECRET_MARK,
+            "FIREBASE_SERVICE_ACCOUNT_JSON is neither a service account key's JSON text, its base64, nor a key "
+            "file's path",
+        ),
+        (
+            "FIREBASE_SERVICE_ACCOUNT_JSON",
+            base64.b64encode(json.dumps({"private_key": SECRET_MARK}).encode()).decode(),
+            "FIREBASE_SERVICE_ACCOUNT_JSON is not a service account key (JSON with client_email and private_key)",
         ),
     ],
 )
@@ -193,3 +247,18 @@ def test_no_credentials_at_all_stop_start_up_with_one_line(tmp_path):
         [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {NO_CREDENTIALS}\n")
+
+
+def test_a_key_path_that_names_no_file_stops_start_up_without_quoting_it(tmp_path):
+    """A key pasted into GOOGLE_APPLICATION_CREDENTIALS in a form the worker cannot read is taken for a path by
+    Google's lookup, whose error quotes it ("File ... was not found"): one line naming the variable instead."""
+    from listener.credentials import BAD_KEY_PATH
+
+    env = {k: v for k, v in os.environ.items() if k != "FIREBASE_SERVICE_ACCOUNT_JSON"}
+    env = {k: v for k, v in env.items() if not k.endswith("_EMULATOR_HOST")}
+    env.update(STORAGE_BUCKET="b", GOOGLE_CLOUD_PROJECT="demo-x", GOOGLE_APPLICATION_CREDENTIALS=SECRET_MARK)
+    result = subprocess.run(
+        [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {BAD_KEY_PATH}\n")
+    assert SECRET_MARK not in result.stdout
