@@ -19,6 +19,7 @@ from devtools import emulators as emu
 REPO = Path(__file__).resolve().parent.parent
 DIST = REPO / "web" / "dist"
 EMULATORS_FILE = "firegen-emulators.json"
+APP_FILE = "firegen-app.json"  # scripts/setup_web.py's app_settings()
 
 
 def missing() -> str | None:
@@ -55,6 +56,8 @@ def prepare_site(
     shutil.copytree(DIST, root, ignore=shutil.ignore_patterns(".*"))
     emulators = {"auth": auth, "firestore": firestore, "functions": functions, **({"uid": uid} if uid else {})}
     (root / EMULATORS_FILE).write_text(json.dumps(emulators, indent=2))
+    if not (root / APP_FILE).exists():  # a bundle built before setup_web wrote it: no App Check
+        (root / APP_FILE).write_text(json.dumps({"appCheckSiteKey": None}))
     if project:
         init = root / "__" / "firebase" / "init.json"
         init.parent.mkdir(parents=True)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +62,18 @@ def bundle() -> Path:
     return DIST
 
 
+def app_settings(environ=os.environ) -> Path:
+    """web/dist/firegen-app.json, which the page reads at start: the App Check site key from this environment
+    (FIREGEN_APP_CHECK_SITE_KEY, a reCAPTCHA Enterprise key; Hosting's predeploy runs this script, so it is the
+    deployer's), or null. Written at every run: the key is no input of the bundle."""
+    key = (environ.get("FIREGEN_APP_CHECK_SITE_KEY") or "").strip() or None
+    if key is not None and not re.fullmatch(r"[A-Za-z0-9_-]{20,100}", key):
+        raise SystemExit("setup_web: FIREGEN_APP_CHECK_SITE_KEY is not a reCAPTCHA Enterprise site key")
+    path = DIST / "firegen-app.json"
+    path.write_text(json.dumps({"appCheckSiteKey": key}, indent=2) + "\n")
+    return path
+
+
 def chromium() -> str | None:
     return next((p for p in CHROMIUM_PATHS if os.access(p, os.X_OK)), None) or shutil.which("chromium")
 
@@ -85,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     npm_packages()
     bundle()
-    print(f"setup_web: ready; the app is {DIST.relative_to(ROOT)}", flush=True)
+    settings = json.loads(app_settings().read_text())
+    check = "with App Check (reCAPTCHA Enterprise)" if settings["appCheckSiteKey"] else "without App Check"
+    print(f"setup_web: ready; the app is {DIST.relative_to(ROOT)}, {check}", flush=True)
     if args.browser:
         print(f"setup_web: browser {install_chromium()}", flush=True)
     return 0

@@ -12,9 +12,16 @@ export interface EmulatorConfig {
   uid?: string;
 }
 
+/** What scripts/setup_web.py writes beside the bundle, from its environment at build (deploy) time. */
+export interface AppSettings {
+  /** FIREGEN_APP_CHECK_SITE_KEY: a reCAPTCHA Enterprise site key; the page then sends App Check tokens. */
+  appCheckSiteKey: string | null;
+}
+
 export interface AppConfig {
   options: FirebaseOptions;
   emulators: EmulatorConfig | null;
+  settings: AppSettings;
 }
 
 const LOCAL_HOSTS = new Set(["127.0.0.1", "localhost", "[::1]"]);
@@ -29,7 +36,8 @@ export async function loadConfig(): Promise<AppConfig> {
   const options = await getJson<FirebaseOptions>("/__/firebase/init.json");
   const local = LOCAL_HOSTS.has(location.hostname);
   const emulators = local ? await getJson<EmulatorConfig>("/firegen-emulators.json") : null;
-  return { options, emulators };
+  const settings = await getJson<AppSettings>("/firegen-app.json");
+  return { options, emulators, settings };
 }
 
 /** "127.0.0.1:8080" → ["127.0.0.1", 8080] */

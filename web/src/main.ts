@@ -2,6 +2,7 @@
 // the generateWithRunPod callable (or a queued job document, the contract's other client flow), the user's jobs
 // live, their images and videos.
 import { initializeApp } from "firebase/app";
+import { initializeAppCheck, ReCaptchaEnterpriseProvider } from "firebase/app-check";
 import { connectAuthEmulator, getAuth, onAuthStateChanged, signInAnonymously } from "firebase/auth";
 import { connectFirestoreEmulator, doc, getDoc, getFirestore, serverTimestamp, setDoc, updateDoc } from "firebase/firestore";
 import { connectFunctionsEmulator, getFunctions, httpsCallable, type Functions } from "firebase/functions";
@@ -59,6 +60,12 @@ function callableMessage(error: unknown): string {
 async function main(): Promise<void> {
   const config = await loadConfig();
   const app = initializeApp(config.options);
+  if (config.settings.appCheckSiteKey) {
+    // Before any other service: deployed, the callables (and Firestore, once enforced) refuse calls without a
+    // token, and each service asks App Check for one from its first request on.
+    const provider = new ReCaptchaEnterpriseProvider(config.settings.appCheckSiteKey);
+    initializeAppCheck(app, { provider, isTokenAutoRefreshEnabled: true });
+  }
   const db = getFirestore(app);
   const emulators = config.emulators;
   let functions: Functions | null = getFunctions(app);
