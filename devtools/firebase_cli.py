@@ -1,4 +1,5 @@
-"""The Firebase CLI's Auth, Functions and Firestore emulators as one process group, for `make dev` and the tests.
+"""The Firebase CLI's Auth, Functions and Firestore emulators as one process group, for `make dev` and the tests
+(or another set of them: `emulators=("auth", "storage")` runs the Auth and Storage emulators under storage.rules).
 
 `FirebaseCli` runs `firebase emulators:start --only auth,functions,firestore` (the firebase-tools, Java runtime
 and Firestore launcher jar that scripts/setup_firebase_cli.py installs under .emulators/) in a project folder of
@@ -32,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 FUNCTIONS = REPO / "functions"
 FUNCTIONS_PYTHON = FUNCTIONS / "venv" / "bin" / "python"
 REGION = "us-central1"
-PORT_NAMES = ("auth", "functions", "firestore", "hub", "logging", "websocket", "hosting")
+PORT_NAMES = ("auth", "functions", "firestore", "storage", "hub", "logging", "websocket", "hosting")
+EMULATORS = ("functions", "auth", "firestore")  # the first one's port is `self.port`
 STOP_WAIT_S = 20.0
 
 
@@ -54,6 +56,12 @@ def emulator_jar() -> Path | None:
     return setup.gcloud_firestore_jar(root) if root else None
 
 
+def storage_rules_runtime() -> Path | None:
+    """The Storage emulator's rules runtime jar that scripts/setup_firebase_cli.py built (None: not built, or stale)."""
+    engine = emulator_jar() or setup.cli_firestore_jar()
+    return setup.storage_rules_runtime(engine, build=False) if engine else None
+
+
 @functools.cache
 def missing() -> str | None:
     """Why the Firebase CLI's emulators cannot run here, or None. (Run `python3 scripts/setup_firebase_cli.py`.)"""
@@ -69,6 +77,19 @@ def missing() -> str | None:
         return (
             "no Firestore emulator: neither the gcloud cloud-firestore-emulator component nor the Firebase CLI's "
             "download (`make test` gets it where the network allows)"
+        )
+    return None
+
+
+@functools.cache
+def missing_storage() -> str | None:
+    """Why the CLI's Storage emulator cannot run here, or None: the CLI itself, or its rules runtime (built by
+    scripts/setup_firebase_cli.py from scripts/storage_rules_runtime/)."""
+    if missing():
+        return missing()
+    if storage_rules_runtime() is None:
+        return (
+            "the Storage emulator's rules runtime is not built or is stale (needs javac and a Firestore emulator jar)"
         )
     return None
 
@@ -146,8 +167,10 @@ def kill_survivors(processes: set[tuple[int, str]]) -> None:
 class FirebaseCli(emu.Emulator):
     """`firebase emulators:start --only auth,functions,firestore` in `workdir`, a project folder of its own.
 
-    `ports`: any of auth, functions, firestore, hub, logging, websocket, hosting (the rest: free ports);
-    `self.port` is the Functions emulator's. `hosting`: also the Hosting emulator, serving `site_root` (which the
+    `emulators`: which of auth, functions, firestore, storage to run (storage: under the repo's storage.rules,
+    with scripts/setup_firebase_cli.py's rules runtime). `ports`: any of auth, functions, firestore, storage, hub,
+    logging, websocket, hosting (the rest: free ports); `self.port` is the first emulator's (the Functions
+    emulator's by default). `hosting`: also the Hosting emulator, serving `site_root` (which the
     caller fills: devtools/web.py) with firebase.json's hosting settings. `function_env` goes into functions/.env.local (parameters and environment of the
     functions), `api_key` into functions/.secret.local as RUNPOD_API_KEY.
     """
@@ -165,10 +188,12 @@ class FirebaseCli(emu.Emulator):
         api_key: str = "local-dev-key",
         function_env: dict[str, str] | None = None,
         hosting: bool = False,
+        emulators: tuple[str, ...] = EMULATORS,
     ):
         self.hosting = hosting
+        self.emulators = emulators
         self.ports = {name: (ports or {}).get(name) or emu.free_port() for name in PORT_NAMES}
-        super().__init__(log_dir, self.ports["functions"])
+        super().__init__(log_dir, self.ports[emulators[0]])
         self.workdir, self.project = Path(workdir), project
         self._descendants: set[tuple[int, str]] = set()
         self._log_start = 0
@@ -176,6 +201,32 @@ class FirebaseCli(emu.Emulator):
         self._write_project(api_key, env)
 
     def _write_project(self, api_key: str, function_env: dict[str, str]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if "functions" in self.emulators:
+            self._write_functions(api_key, function_env)
+        shutil.copy2(REPO / "firestore.rules", self.workdir / "firestore.rules")
+        shutil.copy2(REPO / "storage.rules", self.workdir / "storage.rules")
+        config = json.loads((REPO / "firebase.json").read_text())
+        if "functions" in self.emulators:
+            config["functions"][0].pop("predeploy", None)  # vendored already
+        else:
+            config.pop("functions")
+        if "storage" not in self.emulators:
+            config.pop("storage", None)
+        config.pop("hosting", None)
+        if self.hosting:
+            config["hosting"] = {**json.loads((REPO / "firebase.json").read_text())["hosting"], "public": "public"}
+            config["hosting"].pop("predeploy", None)
+        hosted = {
+            name: {"host": self.host, "port": self.ports[name]}
+            for name in (*self.emulators, "hub", "logging", *(("hosting",) if self.hosting else ()))
+        }
+        if "firestore" in hosted:
+            hosted["firestore"]["websocketPort"] = self.ports["websocket"]
+        config["emulators"] = {"singleProjectMode": True, **hosted, "ui": {"enabled": False}}
+        (self.workdir / "firebase.json").write_text(json.dumps(config, indent=2))
+
+    def _write_functions(self, api_key: str, function_env: dict[str, str]) -> None:
         vendor_shared.vendor()
         functions = self.workdir / "functions"
         if functions.exists():
@@ -190,25 +241,10 @@ class FirebaseCli(emu.Emulator):
                 shutil.copytree(item, functions / item.name, ignore=shutil.ignore_patterns("__pycache__"))
         (functions / ".secret.local").write_text(f"RUNPOD_API_KEY={api_key}\n")
         (functions / ".env.local").write_text("".join(f"{k}={v}\n" for k, v in function_env.items()))
-        shutil.copy2(REPO / "firestore.rules", self.workdir / "firestore.rules")
-        config = json.loads((REPO / "firebase.json").read_text())
-        config["functions"][0].pop("predeploy", None)  # vendored already
-        config.pop("storage", None)
-        config.pop("hosting", None)
-        if self.hosting:
-            config["hosting"] = {**json.loads((REPO / "firebase.json").read_text())["hosting"], "public": "public"}
-            config["hosting"].pop("predeploy", None)
-        hosted = {
-            name: {"host": self.host, "port": self.ports[name]}
-            for name in ("auth", "functions", "firestore", "hub", "logging", *(("hosting",) if self.hosting else ()))
-        }
-        hosted["firestore"]["websocketPort"] = self.ports["websocket"]
-        config["emulators"] = {"singleProjectMode": True, **hosted, "ui": {"enabled": False}}
-        (self.workdir / "firebase.json").write_text(json.dumps(config, indent=2))
 
     # -------------------------------------------------------------------------------- Emulator hooks
     def command(self) -> list[str]:
-        only = "auth,functions,firestore" + (",hosting" if self.hosting else "")
+        only = ",".join(self.emulators) + (",hosting" if self.hosting else "")
         return [str(setup.FIREBASE), "emulators:start", "--only", only, "--project", self.project]
 
     def cwd(self) -> Path:
@@ -227,6 +263,8 @@ class FirebaseCli(emu.Emulator):
         )
         env = {k: v for k, v in os.environ.items() if k not in drop}
         env.update(setup.cli_env(), NO_UPDATE_NOTIFIER="1", CI="true")
+        if "storage" in self.emulators and (runtime := storage_rules_runtime()):
+            env["STORAGE_EMULATOR_BINARY_PATH"] = str(runtime)
         return env
 
     def is_ready(self) -> bool:
@@ -235,8 +273,9 @@ class FirebaseCli(emu.Emulator):
             return b"All emulators ready" in log.read()
 
     def start(self) -> FirebaseCli:
-        setup.firestore_launcher(emulator_jar())
-        for name in self._served()[1:]:  # the functions port is checked by Emulator.start
+        if "firestore" in self.emulators:
+            setup.firestore_launcher(emulator_jar())
+        for name in self._served()[1:]:  # the first emulator's port is checked by Emulator.start
             if emu.port_open(self.host, self.ports[name]):
                 raise emu.EmulatorError(f"{self.name}: port {self.ports[name]} ({name}) is already taken")
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -281,7 +320,7 @@ class FirebaseCli(emu.Emulator):
         ]
 
     def _served(self) -> tuple[str, ...]:
-        return ("functions", "auth", "firestore", *(("hosting",) if self.hosting else ()))
+        return (*self.emulators, *(("hosting",) if self.hosting else ()))
 
     @property
     def site_root(self) -> Path:
@@ -299,7 +338,7 @@ class FirebaseCli(emu.Emulator):
 
     @property
     def functions_url(self) -> str:
-        return f"http://{self.host}:{self.port}/{self.project}/{REGION}"
+        return f"http://{self.host}:{self.ports['functions']}/{self.project}/{REGION}"
 
     def url(self, function: str) -> str:  # type: ignore[override]
         return f"{self.functions_url}/{function}"

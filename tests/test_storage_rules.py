@@ -1,0 +1,272 @@
+"""storage.rules under the Firebase CLI's own Storage emulator, with real ID tokens from its Auth emulator, through
+the Firebase Storage REST API the web SDK calls (`/v0/b/{bucket}/o/{quoted name}`, `Authorization: Firebase
+<idToken>`). The PyPI Storage emulator the other tests use evaluates no rules.
+
+The results are seeded as the worker writes them: listener.storage's ResultStore, through google-cloud-storage on
+the emulator's Cloud Storage API, which (like the Admin SDK) the rules do not apply to. Each test seeds its own
+objects, so a refused write or delete that the rules wrongly let through spoils no other test.
+
+The emulator's rules runtime is scripts/storage_rules_runtime/ (Google's rules engine from the Firestore emulator
+jar): the CLI's own is a download no package registry serves.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from urllib.parse import parse_qs, quote, urlparse
+
+import pytest
+import requests
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage  # type: ignore[attr-defined]
+
+from devtools import emulators as emu
+from devtools import firebase_cli
+from devtools.firebase_cli import FirebaseCli
+from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO
+from listener.storage import ResultStore, RetryPolicy
+
+pytestmark = pytest.mark.skipif(
+    firebase_cli.missing_storage() is not None,
+    reason=f"Firebase CLI Storage emulator: {firebase_cli.missing_storage()} (run `python3 scripts/setup_firebase_cli.py`)",
+)
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+MP4 = b"\x00\x00\x00\x18ftypmp42" + bytes(range(200)) * 10
+MEDIA = {TEXT2IMAGE: (PNG, "png", "image/png"), TEXT2VIDEO: (MP4, "mp4", "video/mp4")}
+FAST = RetryPolicy(attempts=2, max_seconds=10, initial_wait=0.01, max_wait=0.05, request_timeout=10)
+TIMEOUT_S = 10
+
+
+class Stack:
+    """The CLI's Auth and Storage emulators, one bucket, two signed-in users, and the worker's result store."""
+
+    def __init__(self, cli: FirebaseCli):
+        self.cli = cli
+        self.base = f"http://{cli.address('storage')}"
+        self.bucket = f"{cli.project}.appspot.com"
+        self.owner, self.owner_token = cli.sign_up("owner@example.com")
+        self.stranger, self.stranger_token = cli.sign_up("stranger@example.com")
+        # The worker's client under STORAGE_EMULATOR_HOST: anonymous, on the emulator's Cloud Storage API.
+        self.client = storage.Client(
+            project=cli.project, credentials=AnonymousCredentials(), client_options={"api_endpoint": self.base}
+        )
+        self.store = ResultStore(self.client, self.bucket, url_style="token", retry=FAST, emulator_host=self.base)
+
+    def token(self, who: str | None) -> str | None:
+        return {"owner": self.owner_token, "stranger": self.stranger_token, None: None}[who]
+
+    def seed(self, task_type: str, user: str | None = None) -> tuple[str, str]:
+        """One result uploaded by the worker's own code: (object name, the URL it records on the job doc)."""
+        data, ext, content_type = MEDIA[task_type]
+        file_uid = uuid.uuid4().hex[:12]
+        [url] = self.store.upload(user or self.owner, file_uid, task_type, [(data, ext, content_type)])
+        folder = "image" if task_type == TEXT2IMAGE else "video"
+        return f"generating/{user or self.owner}/{folder}/{file_uid}.{ext}", url
+
+    def seed_admin(self, name: str, data: bytes = PNG) -> None:
+        """An object anywhere, written as admin (`Bearer owner`, which the emulator lets past the rules)."""
+        r = requests.post(
+            f"{self.base}/v0/b/{self.bucket}/o",
+            params={"name": name},
+            data=data,
+            headers={"Authorization": "Bearer owner", "Content-Type": "image/png"},
+            timeout=TIMEOUT_S,
+        )
+        assert r.status_code == 200, r.text
+
+    # Checks of what is stored go through the admin client, so they hold whatever the rules let users read.
+    def exists(self, name: str) -> bool:
+        return self.client.bucket(self.bucket).blob(name).exists()
+
+    def stored(self, name: str) -> tuple[bytes, dict | None]:
+        """(bytes, custom metadata) of an object."""
+        blob = self.client.bucket(self.bucket).blob(name)
+        data = blob.download_as_bytes()
+        blob.reload()
+        return data, blob.metadata
+
+    # ------------------------------------------------------------------ the web SDK's requests
+    def _headers(self, who: str | None) -> dict[str, str]:
+        token = self.token(who)
+        return {"Authorization": f"Firebase {token}"} if token else {}
+
+    def object_url(self, name: str) -> str:
+        return f"{self.base}/v0/b/{self.bucket}/o/{quote(name, safe='')}"
+
+    def metadata(self, who: str | None, name: str) -> requests.Response:  # getMetadata()
+        return requests.get(self.object_url(name), headers=self._headers(who), timeout=TIMEOUT_S)
+
+    def media(self, who: str | None, name: str) -> requests.Response:  # getBytes() / getBlob()
+        return requests.get(
+            self.object_url(name), params={"alt": "media"}, headers=self._headers(who), timeout=TIMEOUT_S
+        )
+
+    def upload(self, who: str | None, name: str, data: bytes = b"not yours") -> requests.Response:  # uploadBytes()
+        boundary = uuid.uuid4().hex
+        body = (
+            (
+                f"--{boundary}\r\nContent-Type: application/json; charset=utf-8\r\n\r\n"
+                f"{json.dumps({'name': name, 'contentType': 'image/png'})}\r\n"
+                f"--{boundary}\r\nContent-Type: image/png\r\n\r\n"
+            ).encode()
+            + data
+            + f"\r\n--{boundary}--".encode()
+        )
+        headers = {
+            **self._headers(who),
+            "X-Goog-Upload-Protocol": "multipart",
+            "Content-Type": f"multipart/related; boundary={boundary}",
+        }
+        return requests.post(
+            f"{self.base}/v0/b/{self.bucket}/o", params={"name": name}, data=body, headers=headers, timeout=TIMEOUT_S
+        )
+
+    def update_metadata(self, who: str | None, name: str) -> requests.Response:  # updateMetadata()
+        return requests.patch(
+            self.object_url(name),
+            json={"customMetadata": {"by": str(who)}},
+            headers=self._headers(who),
+            timeout=TIMEOUT_S,
+        )
+
+    def delete(self, who: str | None, name: str) -> requests.Response:  # deleteObject()
+        return requests.delete(self.object_url(name), headers=self._headers(who), timeout=TIMEOUT_S)
+
+    def list(self, who: str | None, prefix: str) -> requests.Response:  # list() / listAll()
+        return requests.get(
+            f"{self.base}/v0/b/{self.bucket}/o",
+            params={"prefix": prefix, "delimiter": "/"},
+            headers=self._headers(who),
+            timeout=TIMEOUT_S,
+        )
+
+
+@pytest.fixture(scope="module")
+def stack(emulator_logs, tmp_path_factory):
+    cli = FirebaseCli(
+        emulator_logs,
+        tmp_path_factory.mktemp("storage-rules"),
+        emu.unique_id("demo-srules"),
+        "http://127.0.0.1:9/unused",  # no functions run here
+        emulators=("storage", "auth"),
+    )
+    cli.start()
+    try:
+        yield Stack(cli)
+    finally:
+        cli.stop()
+
+
+def refused(response: requests.Response) -> bool:
+    """A rules denial. Anything else that is no success (a 400 from a malformed request, a 404) would pass for a
+    denial, so it fails the test instead."""
+    if response.status_code == 403:
+        return True
+    assert response.status_code == 200, (response.status_code, response.text[:300])
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- reading
+@pytest.mark.parametrize("task_type", [TEXT2IMAGE, TEXT2VIDEO])
+def test_the_owner_reads_metadata_and_bytes(stack, task_type):
+    name, _ = stack.seed(task_type)
+    data, _, content_type = MEDIA[task_type]
+    meta = stack.metadata("owner", name)
+    assert meta.status_code == 200, meta.text
+    assert (meta.json()["name"], meta.json()["contentType"], int(meta.json()["size"])) == (
+        name,
+        content_type,
+        len(data),
+    )
+    media = stack.media("owner", name)
+    assert media.status_code == 200, media.text
+    assert media.content == data
+
+
+@pytest.mark.parametrize("task_type", [TEXT2IMAGE, TEXT2VIDEO])
+@pytest.mark.parametrize("who", ["stranger", None])
+def test_another_user_and_no_token_are_refused(stack, task_type, who):
+    name, _ = stack.seed(task_type)
+    assert refused(stack.metadata(who, name))
+    assert refused(stack.media(who, name))
+
+
+# ---------------------------------------------------------------------------------------------- writing
+@pytest.mark.parametrize("who", ["owner", "stranger", None])
+def test_nobody_uploads_under_generating_not_even_the_owner(stack, who):
+    existing, _ = stack.seed(TEXT2IMAGE)
+    new = f"generating/{stack.owner}/image/{uuid.uuid4().hex[:12]}.png"
+    assert refused(stack.upload(who, new))
+    assert refused(stack.upload(who, existing))  # an overwrite of a result
+    assert not stack.exists(new)
+    assert stack.stored(existing)[0] == PNG
+
+
+@pytest.mark.parametrize("who", ["owner", "stranger", None])
+def test_nobody_updates_metadata_or_deletes_under_generating(stack, who):
+    name, _ = stack.seed(TEXT2VIDEO)
+    assert refused(stack.update_metadata(who, name))
+    assert refused(stack.delete(who, name))
+    data, metadata = stack.stored(name)
+    assert data == MP4
+    assert "by" not in (metadata or {})
+
+
+@pytest.mark.parametrize("who", ["owner", "stranger", None])
+def test_nothing_outside_generating_is_readable_or_writable(stack, who):
+    outside = [
+        f"{uuid.uuid4().hex[:8]}.png",
+        f"uploads/{stack.owner}/{uuid.uuid4().hex[:8]}.png",
+        f"{stack.owner}/image/{uuid.uuid4().hex[:8]}.png",
+    ]
+    for name in outside:
+        stack.seed_admin(name)
+        assert refused(stack.metadata(who, name)), name
+        assert refused(stack.media(who, name)), name
+        assert refused(stack.upload(who, name)), name
+        assert refused(stack.delete(who, name)), name
+        assert stack.exists(name), name
+    fresh = f"uploads/{stack.owner}/{uuid.uuid4().hex[:8]}.png"
+    assert refused(stack.upload(who, fresh))
+    assert not stack.exists(fresh)
+
+
+# ---------------------------------------------------------------------------------------------- listing
+def test_listing_another_users_folder_is_refused_and_the_owner_lists_only_their_own(stack):
+    """`read` covers `list`: under rules_version 2 `{allPaths=**}` also matches the folder itself, so the owner
+    may list generating/{uid}/ (their own results), and nobody may list anyone else's or the folders above."""
+    image, _ = stack.seed(TEXT2IMAGE)
+    stack.seed(TEXT2IMAGE, user=stack.stranger)
+    own = stack.list("owner", f"generating/{stack.owner}/image/")
+    assert own.status_code == 200, own.text
+    assert image in [item["name"] for item in own.json()["items"]]
+    assert all(item["name"].startswith(f"generating/{stack.owner}/") for item in own.json()["items"])
+    for who in ("stranger", None):
+        assert refused(stack.list(who, f"generating/{stack.owner}/")), who
+        assert refused(stack.list(who, f"generating/{stack.owner}/image/")), who
+    for who in ("owner", "stranger", None):
+        assert refused(stack.list(who, "generating/")), who
+        assert refused(stack.list(who, "")), who
+
+
+# ---------------------------------------------------------------------------------------------- token URLs
+@pytest.mark.parametrize("task_type", [TEXT2IMAGE, TEXT2VIDEO])
+def test_the_download_token_the_worker_records_opens_its_object_with_no_auth(stack, task_type):
+    """README (URL_STYLE=token): Firebase download URLs work on a private bucket. A request that carries the
+    object's download token is let through without rules; another token, or another object's, is not."""
+    name, recorded = stack.seed(task_type)
+    token = parse_qs(urlparse(recorded).query)["token"][0]
+    data = MEDIA[task_type][0]
+    # The URL as the worker records it under an emulator (the emulator's download path) serves the result.
+    assert requests.get(recorded, timeout=TIMEOUT_S).content == data
+    # The deployed form, https://firebasestorage.googleapis.com/v0/b/{bucket}/o/{name}?alt=media&token=...
+    as_deployed = requests.get(stack.object_url(name), params={"alt": "media", "token": token}, timeout=TIMEOUT_S)
+    assert as_deployed.status_code == 200, as_deployed.text
+    assert as_deployed.content == data
+    _, other_url = stack.seed(task_type)
+    other_token = parse_qs(urlparse(other_url).query)["token"][0]
+    for wrong in (str(uuid.uuid4()), other_token):
+        r = requests.get(stack.object_url(name), params={"alt": "media", "token": wrong}, timeout=TIMEOUT_S)
+        assert refused(r)
