@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set up the web app (web/): its npm packages and its bundle, and with --browser the Chromium its tests drive.
 
-    web/node_modules/   `npm ci` from web/package-lock.json (the Firebase JS SDK, esbuild, TypeScript)
+    web/node_modules/   `npm ci` from web/package-lock.json (the Firebase JS SDK, esbuild, TypeScript,
+                        axe-core for the browser tests)
     web/dist/           `npm run build`: type-check, then esbuild's bundle beside web/public/ (Hosting serves it)
     /usr/bin/chromium   Debian's `chromium`, installed with apt-get when missing (--browser; `make test`).
                         Playwright's own browser download needs the network's CDN, so the tests use this one.

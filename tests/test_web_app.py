@@ -379,10 +379,10 @@ def test_progress_updates_live_with_a_cancel_button_until_the_job_ends(open_page
         }
     )
     card = app.job("held-by-hand")
-    bar = card.get_by_role("progressbar", name="Progress of video held-by-hand")
+    bar = card.get_by_role("progressbar", name="Progress of video “held by hand”")
     bar.wait_for(timeout=30_000)
     assert bar.get_attribute("value") == "0.4" and "40%" in card.inner_text()
-    assert card.get_by_role("button", name="Cancel video held-by-hand").is_enabled()
+    assert card.get_by_role("button", name="Cancel video “held by hand”").is_enabled()
     app.shot("processing")
     ref.update({"progress": 0.8})
     app.page.wait_for_function(
@@ -398,11 +398,11 @@ def test_progress_updates_live_with_a_cancel_button_until_the_job_ends(open_page
     )
     assert app.wait_final("held-by-hand") == "failed"
     assert card.locator(".error").inner_text() == "CUDA Out of Memory during video generation"
-    assert card.get_by_role("button", name="Cancel video held-by-hand").count() == 0
+    assert card.get_by_role("button", name="Cancel video “held by hand”").count() == 0
     # A job that ended can run again (one refused for its user's limits, sent again): its card follows, Cancel
     # included (before: the button was gone for good, and the old error type stayed on the card).
     ref.update({"status": "processing", "error": False, "error_type": DELETE_FIELD, "error_message": DELETE_FIELD})
-    again = card.get_by_role("button", name="Cancel video held-by-hand")
+    again = card.get_by_role("button", name="Cancel video “held by hand”")
     again.wait_for(timeout=30_000)
     assert again.is_enabled() and card.locator(".error").count() == 0 and card.get_attribute("data-error-type") is None
     assert app.problems() == []
@@ -435,7 +435,7 @@ def test_a_focused_cancel_button_keeps_its_focus_through_progress_updates(open_p
     to <body>. The card is updated in place: the same button keeps the focus and Enter cancels."""
     app = open_page()
     ref = _held_job(stack, app.uid, "held-for-keys")
-    cancel = app.job("held-for-keys").get_by_role("button", name="Cancel video held-for-keys")
+    cancel = app.job("held-for-keys").get_by_role("button", name="Cancel video “held-for-keys”")
     cancel.wait_for(timeout=30_000)
     cancel.focus()
     app.page.evaluate("window.focusedCancel = document.activeElement")
@@ -481,7 +481,7 @@ def test_a_cancel_on_a_job_that_finished_meanwhile_says_so_not_the_rules_text(op
     their evaluation text. It says the job has finished."""
     app = open_page()
     ref = _held_job(stack, app.uid, "finishes-first")
-    cancel = app.job("finishes-first").get_by_role("button", name="Cancel video finishes-first")
+    cancel = app.job("finishes-first").get_by_role("button", name="Cancel video “finishes-first”")
     cancel.wait_for(timeout=30_000)
 
     def finish_then_404(route):
@@ -611,7 +611,7 @@ def test_a_long_prompt_is_clipped_and_a_job_at_100_percent_is_finishing(open_pag
     assert card.get_attribute("data-status") == "processing"
     assert card.locator(".percent").inner_text() == "100%, finishing…"
     assert card.get_by_role(
-        "button", name="Cancel video long-prompt"
+        "button", name="Cancel video “a long prompt a long prompt"
     ).is_enabled()  # a completion meeting the flag fails
     app.shot("finishing")
     assert app.problems() == []
@@ -685,3 +685,229 @@ def test_setup_web_writes_the_site_key_from_its_environment(tmp_path, monkeypatc
     }
     with pytest.raises(SystemExit, match="FIREGEN_APP_CHECK_SITE_KEY is not a reCAPTCHA Enterprise site key"):
         setup_web.app_settings({"FIREGEN_APP_CHECK_SITE_KEY": '"><script>'})
+
+
+# ---------------------------------------------------------------------------------------------- accessibility
+AXE = ROOT / "web" / "node_modules" / "axe-core" / "axe.min.js"  # a devDependency of web/ (npm ci installs it)
+PIXEL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+def axe_violations(page) -> list[str]:
+    """axe-core's serious and critical violations on the page as it stands: 'rule: target (summary)' each."""
+    if not AXE.is_file():
+        pytest.fail(f"{AXE} is missing: run python3 scripts/setup_web.py")
+    if not page.evaluate("typeof window.axe === 'object'"):
+        page.add_script_tag(path=str(AXE))
+    return page.evaluate(
+        """() => axe.run(document, {resultTypes: ['violations']}).then(r => r.violations
+            .filter(v => ['serious', 'critical'].includes(v.impact))
+            .flatMap(v => v.nodes.map(n => `${v.id}: ${n.target.join(' ')} (${n.failureSummary.split('\\n').pop().trim()})`)))"""
+    )
+
+
+def _every_kind_of_job(stack, uid: str) -> None:
+    """A job in each state a card shows, written by hand (no worker runs them): running, at 100%, failed with an
+    error, cancelled, a completed image and a completed video (their media are data URLs)."""
+    _held_job(stack, uid, "running", prompt="a fox in the snow", progress=0.45)
+    _held_job(stack, uid, "finishing", prompt="a red bicycle " * 30, progress=1.0)
+    failed = {"status": "failed", "error": True}
+    _held_job(
+        stack,
+        uid,
+        "oom",
+        prompt="a castle in the clouds",
+        error_type="OutOfMemoryError",
+        error_message="CUDA Out of Memory during video generation",
+        **failed,
+    )
+    _held_job(
+        stack,
+        uid,
+        "cancelled",
+        prompt="a cat chasing a laser",
+        error_type="Cancelled",
+        error_message="Cancelled by the user",
+        cancel_requested=True,
+        **failed,
+    )
+    done = {"status": "completed", "progress": 1.0, "generated": True, "seed": 42, "generation_seconds": 1.5}
+    _held_job(
+        stack,
+        uid,
+        "a-video",
+        prompt="waves on a beach",
+        videos=["data:video/mp4;base64,AAAA"],
+        video_info={"width": 256, "height": 256, "frames": 16, "fps": 8, "duration_seconds": 2.0},
+        **done,
+    )
+    db = firestore_client(stack)
+    db.document(f"generations/{uid}/images/an-image").set(
+        {
+            "prompt": "a lighthouse at dusk",
+            "width": 256,
+            "height": 256,
+            "images": [PIXEL, PIXEL],
+            "created_at": SERVER_TIMESTAMP,
+            "error": False,
+            **done,
+        }
+    )
+
+
+def test_axe_finds_nothing_serious_in_either_colour_scheme_and_the_page_fits_375px(open_page, stack):
+    """Audit: in the dark scheme the page set no colours of its own, so the error red (2.9:1), the muted grey
+    (3.9:1) and the completed green (3.7:1) were under AA on the browser's dark canvas, and axe-core, which
+    reads no canvas, measured the links against white. Each scheme sets its background and its colours."""
+    app = open_page(width=375)
+    _every_kind_of_job(stack, app.uid)
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 6", timeout=30_000)
+    # A refused field as well (the document flow: the page's own check, no job written).
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    app.fill(Prompt="far too wide", Width="2000")
+    app.page.get_by_role("button", name="Generate").click()
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=10_000)
+    found = {}
+    for scheme in ("light", "dark"):
+        app.page.emulate_media(color_scheme=scheme)
+        # axe-core measures against the page's own background: the page has to set one.
+        assert app.page.evaluate("getComputedStyle(document.body).backgroundColor") != "rgba(0, 0, 0, 0)", scheme
+        for width in (375, 1280):
+            app.page.set_viewport_size({"width": width, "height": 900})
+            assert app.page.evaluate("document.documentElement.scrollWidth") <= width, (scheme, width)
+            found[f"{scheme} {width}"] = axe_violations(app.page)
+            app.shot(f"jobs-{scheme}-{width}")
+    assert found == {key: [] for key in found}
+
+
+def test_the_live_region_tells_a_jobs_start_and_end_not_its_percent(open_page, stack):
+    """Audit: nothing told a screen reader that a job had started, finished or failed (only the visual card
+    changed). A polite live region says each job's start and end, with a failure's message; its percent never."""
+    app = open_page()
+    news = app.page.locator("#job-news")
+    assert news.get_attribute("role") == "status" and news.get_attribute("aria-live") == "polite"
+    app.page.evaluate(
+        """() => { window.said = [];
+        new MutationObserver(() => window.said.push(document.getElementById('job-news').textContent))
+            .observe(document.getElementById('job-news'), { childList: true, characterData: true, subtree: true }); }"""
+    )
+    ref = _held_job(stack, app.uid, "told", prompt="a heron in the reeds")
+    app.job("told").wait_for(timeout=30_000)
+    # A job that comes up (as on a reload) is no news, nor is its progress.
+    for progress in (0.3, 0.6, 0.9):
+        ref.update({"progress": progress})
+        app.page.wait_for_function(
+            "p => document.querySelector(\".job[data-file-uid='told'] progress\").value === p", arg=progress
+        )
+    ref.update({"status": "failed", "error": True, "error_type": "OutOfMemoryError", "error_message": "CUDA OOM"})
+    ended = "Video “a heron in the reeds” failed: CUDA OOM"
+    app.page.wait_for_function("s => window.said.at(-1) === s", arg=ended, timeout=30_000)
+    # Sent again (as after its user's limits refused it): it starts, then completes.
+    ref.update({"status": "processing", "error": False, "error_type": DELETE_FIELD, "error_message": DELETE_FIELD})
+    started = "Video “a heron in the reeds” started"
+    app.page.wait_for_function("s => window.said.at(-1) === s", arg=started, timeout=30_000)
+    ref.update({"status": "completed", "progress": 1.0, "generated": True, "videos": []})
+    done = "Video “a heron in the reeds” completed"
+    app.page.wait_for_function("s => window.said.at(-1) === s", arg=done, timeout=30_000)
+    assert app.page.evaluate("window.said") == [ended, started, done]  # not a percent in between
+    # A cancel reads as one, not as a failure.
+    cancelled = _held_job(stack, app.uid, "stopped", prompt="a stopped job")
+    app.job("stopped").wait_for(timeout=30_000)
+    cancelled.update(
+        {"status": "failed", "error": True, "error_type": "Cancelled", "error_message": "Cancelled by the user"}
+    )
+    app.page.wait_for_function("() => window.said.at(-1) === 'Video “a stopped job” cancelled'", timeout=30_000)
+    assert app.job("stopped").locator(".status").inner_text() == "Cancelled"
+    assert app.problems() == []
+
+
+def test_a_refused_field_is_marked_invalid_and_described_by_the_error(open_page):
+    """Audit: the contract's message showed under Generate, tied to no field: a screen reader on Width heard
+    nothing of it. The field it names is aria-invalid, and the message is its description (with its range)."""
+    app = open_page()
+    width = app.page.get_by_label("Width", exact=True)
+    prompt = app.page.get_by_label("Prompt", exact=True)
+    error = app.page.locator("#form-error")
+
+    def refused(expected: str) -> None:
+        app.page.get_by_role("button", name="Generate").click()
+        app.page.wait_for_function(
+            "text => document.getElementById('form-error').textContent === text", arg=expected, timeout=30_000
+        )
+
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    app.fill(Prompt="far too wide", Width="2000")
+    refused(contract_message(width=2000))
+    assert width.get_attribute("aria-invalid") == "true"
+    assert width.get_attribute("aria-describedby").split() == ["width-range", "form-error"]
+    description = app.page.evaluate(
+        "() => document.getElementById('width').ariaDescribedByElements.map(e => e.textContent).join(' ')"
+    )
+    assert description == f"256–1024, step 8, default 512 {contract_message(width=2000)}"
+    app.fill(Prompt="   ", Width="256")
+    refused(contract_message(prompt="   "))
+    assert prompt.get_attribute("aria-invalid") == "true" and width.get_attribute("aria-invalid") is None
+    assert width.get_attribute("aria-describedby") == "width-range"
+    # The callable's own message marks its field the same way.
+    app.page.get_by_label("the generateWithRunPod callable").check()
+    app.fill(Prompt="too wide again", Width="2000")
+    refused(contract_message(width=2000))
+    assert width.get_attribute("aria-invalid") == "true" and prompt.get_attribute("aria-invalid") is None
+    assert error.get_attribute("role") == "alert"
+    assert [p for p in app.problems() if "status of 400" not in p] == []
+
+
+def _tab_to(app: Page, js: str, most: int = 40) -> dict:
+    """Press Tab until the focused element matches `js` (a predicate on `e`); each stop must show a focus ring."""
+    for _ in range(most):
+        app.page.keyboard.press("Tab")
+        stop = app.page.evaluate(
+            f"""() => {{ const e = document.activeElement, s = getComputedStyle(e);
+                return {{ hit: ({js})(e), ring: s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2,
+                         what: e.outerHTML.slice(0, 80) }}; }}"""
+        )
+        assert stop["ring"], f"no visible focus ring on {stop['what']}"
+        if stop["hit"]:
+            return stop
+    raise AssertionError(f"Tab never reached {js}")
+
+
+def test_the_keyboard_alone_fills_submits_opens_and_cancels(open_page, stack):
+    """Tab, typing, Enter and Space only: fill the form, generate, hear the job end, open its image; skip to the
+    jobs and cancel one. Each stop on the way shows a focus ring; the names read are the jobs' prompts, not ids."""
+    app = open_page()
+    first = _tab_to(app, "e => true")
+    assert "Skip to your jobs" in first["what"]
+    _tab_to(app, "e => e.id === 'prompt'")
+    app.page.keyboard.type("a kite over the dunes")
+    for field, value in (("width", "256"), ("height", "256"), ("num_inference_steps", "10")):
+        _tab_to(app, f"e => e.id === '{field}'")
+        app.page.keyboard.type(value)
+    _tab_to(app, "e => e.id === 'submit'")
+    app.page.keyboard.press("Enter")
+    app.page.wait_for_function(
+        "() => document.getElementById('job-news').textContent === 'Image “a kite over the dunes” completed'",
+        timeout=DONE_S,
+    )
+    card = app.page.locator(".job[data-status=completed]")
+    assert card.locator("img").get_attribute("alt") == "Image 1: a kite over the dunes"
+    _tab_to(app, "e => e.textContent === 'Download image 1'")
+    with app.context.expect_page(timeout=30_000) as opened:
+        app.page.keyboard.press("Enter")
+    opened.value.close()
+
+    _held_job(stack, app.uid, "to-cancel", prompt="a job to cancel")
+    cancel = app.page.get_by_role("button", name="Cancel video “a job to cancel”")
+    cancel.wait_for(timeout=30_000)
+    app.page.reload()
+    app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    cancel.wait_for(timeout=30_000)
+    # From the top of the page: the skip link, whose Enter jumps past the form to the jobs.
+    assert "Skip to your jobs" in _tab_to(app, "e => true", most=1)["what"]
+    app.page.keyboard.press("Enter")
+    _tab_to(app, "e => e.classList.contains('cancel')", most=3)
+    app.page.keyboard.press("Space")
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent === 'Cancel requested for to-cancel'", timeout=30_000
+    )
+    assert firestore_client(stack).document(f"generations/{app.uid}/videos/to-cancel").get().get("cancel_requested")
+    assert app.problems() == []

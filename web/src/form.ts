@@ -45,14 +45,16 @@ export function applyRanges(form: HTMLFormElement): void {
     element.max = String(spec.maximum);
     element.step = String(spec.multipleOf ?? 1);
     element.placeholder = String(spec.default);
-    element.setAttribute("aria-describedby", `${id}-range`);
+    describedBy(element, `${id}-range`, true);
     let hint = document.getElementById(`${id}-range`);
     if (!hint) {
       hint = document.createElement("small");
       hint.id = `${id}-range`;
       element.after(hint);
     }
-    hint.textContent = `${spec.minimum}–${spec.maximum}${spec.multipleOf ? `, ×${spec.multipleOf}` : ""}`;
+    // The default is in the hint too: the placeholder that shows it goes once the field is filled.
+    const step = spec.multipleOf ? `, step ${spec.multipleOf}` : "";
+    hint.textContent = `${spec.minimum}–${spec.maximum}${step}, default ${spec.default}`;
   }
   for (const box of form.querySelectorAll<HTMLElement>("[data-for]")) {
     box.hidden = box.dataset.for !== media;
@@ -95,4 +97,37 @@ export function readRequest(form: HTMLFormElement, userId: string, fileUid: stri
   // A video job with every video field left to its default still names one, so it is a video job everywhere.
   if (media === "videos" && request.num_frames === undefined) request.num_frames = REQUEST_SCHEMA.properties.num_frames.default;
   return request;
+}
+
+/** The form's input for each request field the contract may name in a message (a video's size is Width/Height). */
+const INPUT_OF: Record<string, string> = {
+  prompt: "prompt",
+  negative_prompt: "negative_prompt",
+  seed: "seed",
+  ...Object.fromEntries(Object.values(FIELDS).flatMap((fields) => Object.entries(fields).map(([id, field]) => [field, id]))),
+};
+
+function describedBy(element: HTMLElement, id: string, on: boolean): void {
+  const ids = new Set((element.getAttribute("aria-describedby") ?? "").split(/\s+/).filter(Boolean));
+  if (on) ids.add(id);
+  else ids.delete(id);
+  if (ids.size) element.setAttribute("aria-describedby", [...ids].join(" "));
+  else element.removeAttribute("aria-describedby");
+}
+
+/** Tie the form's error to the field it names (the contract's messages start with it: `width must be between…`,
+ * `Validation failed: seed must be…`): aria-invalid, and the error as its description. Any field marked before is
+ * cleared; null clears only. Returns the field marked, if any. */
+export function markInvalid(message: string | null, errorId: string): HTMLElement | null {
+  for (const marked of document.querySelectorAll<HTMLElement>("[aria-invalid=true]")) {
+    marked.removeAttribute("aria-invalid");
+    describedBy(marked, errorId, false);
+  }
+  const name = message?.match(/^(?:Validation failed: )?([a-z_]+)\b/)?.[1];
+  const id = name && Object.hasOwn(INPUT_OF, name) ? INPUT_OF[name] : null;
+  const element = id ? document.getElementById(id) : null;
+  if (!element) return null;
+  element.setAttribute("aria-invalid", "true");
+  describedBy(element, errorId, true);
+  return element;
 }

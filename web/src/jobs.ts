@@ -95,14 +95,20 @@ function link(url: string, text: string): HTMLAnchorElement {
   return el("a", { href: url, textContent: text, download: "", target: "_blank", rel: "noopener" });
 }
 
-/** Create or update the list item of each job; media elements are built once, when the job completes. */
-export function renderJobs(list: HTMLOListElement, jobs: Job[], onCancel: CancelHandler): void {
+/** Create or update the list item of each job; media elements are built once, when the job completes. Returns
+ * what to tell screen readers: each job already listed that started, ended or was queued again (a job listed for
+ * the first time, as on a reload, is no news; a percent never is). */
+export function renderJobs(list: HTMLOListElement, jobs: Job[], onCancel: CancelHandler): string[] {
   const existing = new Map([...list.children].map((li) => [(li as HTMLElement).dataset.key!, li as HTMLLIElement]));
   const order: HTMLLIElement[] = [];
+  const said: string[] = [];
   for (const job of jobs) {
     const key = `${job.media}/${job.id}`;
-    const li = existing.get(key) ?? card(job, onCancel);
+    const known = existing.get(key);
+    const li = known ?? card(job, onCancel);
+    const before = known?.dataset.phase;
     update(li, job);
+    if (known && before !== li.dataset.phase) said.push(news(job, li.dataset.phase!));
     order.push(li);
   }
   // Moves the existing nodes, and only those out of place: a playing video is not rebuilt, and a node moved
@@ -111,7 +117,43 @@ export function renderJobs(list: HTMLOListElement, jobs: Job[], onCancel: Cancel
     if (list.children[i] !== li) list.insertBefore(li, list.children[i] ?? null);
   });
   while (list.children.length > order.length) list.lastElementChild!.remove();
+  return said;
 }
+
+/** A job's phase as the page shows it: its status, but "cancelled" for a job that failed for its user's cancel. */
+function phase(doc: JobDoc): string {
+  return doc.status === "failed" && doc.error_type === "Cancelled" ? "cancelled" : doc.status;
+}
+
+const PHASE_NEWS: Record<string, string> = {
+  queued: "queued",
+  processing: "started",
+  completed: "completed",
+  failed: "failed",
+  cancelled: "cancelled",
+};
+
+function news(job: Job, now: string): string {
+  const what = `${kindOf(job)} ${quoted(job.doc)} ${PHASE_NEWS[now] ?? now}`;
+  return now === "failed" ? `${what}: ${job.doc.error_message ?? "Generation failed"}` : what;
+}
+
+function kindOf(job: Job): string {
+  return job.media === "videos" ? "Video" : "Image";
+}
+
+/** The prompt, clipped, in quotes: what names a job to a screen reader (its id is a UUID, no name to hear). */
+function quoted(doc: JobDoc): string {
+  return `“${clip(doc.prompt ?? "(no prompt recorded)", NAME_CHARS)}”`;
+}
+
+function clip(text: string, most: number): string {
+  const chars = [...text];
+  return chars.length > most ? `${chars.slice(0, most - 1).join("")}…` : text;
+}
+
+/** How much of a prompt goes into a control's accessible name and into the news. */
+const NAME_CHARS = 60;
 
 /** A job's card, built once: updates change its parts in place, so a focused Cancel button keeps its focus. */
 function card(job: Job, onCancel: CancelHandler): HTMLLIElement {
@@ -119,11 +161,10 @@ function card(job: Job, onCancel: CancelHandler): HTMLLIElement {
   li.dataset.key = `${job.media}/${job.id}`;
   li.dataset.fileUid = job.id;
   li.dataset.media = job.media;
-  const kind = job.media === "videos" ? "Video" : "Image";
+  const kind = kindOf(job);
+  // Their accessible names (the job's kind and prompt) are set by update(), as the prompt may arrive later.
   const bar = el("progress", { max: 1, value: 0 });
-  bar.setAttribute("aria-label", `Progress of ${kind.toLowerCase()} ${job.id}`);
   const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel" });
-  cancel.setAttribute("aria-label", `Cancel ${kind.toLowerCase()} ${job.id}`);
   // Only its id and media are read, which never change. Once asked, the button refuses presses but is not
   // disabled: a disabled button would drop the keyboard's focus to <body>.
   cancel.addEventListener("click", () => cancel.getAttribute("aria-disabled") !== "true" && onCancel(job));
@@ -142,23 +183,30 @@ function update(li: HTMLLIElement, job: Job): void {
   const { doc } = job;
   const final = (FINAL_STATES as readonly string[]).includes(doc.status);
   const progress = doc.status === "completed" ? 1 : (doc.progress ?? 0);
-  const state = `${doc.status}|${progress}|${doc.error_message ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}`;
+  const state = `${doc.status}|${progress}|${doc.error_type ?? ""}|${doc.error_message ?? ""}|${doc.prompt ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}`;
   if (li.dataset.state === state) return;
   li.dataset.state = state;
   li.dataset.status = doc.status;
 
   const prompt = li.querySelector<HTMLElement>(".prompt")!;
   const text = doc.prompt ?? "(no prompt recorded)";
-  const chars = [...text];
-  prompt.textContent = chars.length > PROMPT_SHOWN ? `${chars.slice(0, PROMPT_SHOWN - 1).join("")}…` : text;
-  prompt.title = chars.length > PROMPT_SHOWN ? text : "";
-  li.querySelector(".status")!.textContent = doc.status;
-  li.querySelector("progress")!.value = progress;
+  prompt.textContent = clip(text, PROMPT_SHOWN);
+  prompt.title = prompt.textContent === text ? "" : text;
+  li.dataset.phase = phase(doc);
+  li.querySelector(".status")!.textContent = li.dataset.phase;
+  const kind = kindOf(job).toLowerCase();
+  const bar = li.querySelector("progress")!;
+  bar.value = progress;
+  bar.setAttribute("aria-label", `Progress of ${kind} ${quoted(doc)}`);
   // At 100% the worker still encodes and uploads the result (the job is not completed yet, and can be cancelled).
   const finishing = doc.status === "processing" && progress >= 1;
-  li.querySelector(".percent")!.textContent = `${Math.round(progress * 100)}%${finishing ? ", finishing…" : ""}`;
+  const percent = li.querySelector<HTMLElement>(".percent")!;
+  percent.textContent = `${Math.round(progress * 100)}%${finishing ? ", finishing…" : ""}`;
+  // An ended job's status says it all: a failed job's empty bar and 0% only read as a job stuck at the start.
+  bar.hidden = percent.hidden = final;
   // Hidden, not removed, once the job ends: a job refused for its user's limits and sent again runs once more.
   const cancel = li.querySelector<HTMLButtonElement>("button.cancel")!;
+  cancel.setAttribute("aria-label", `Cancel ${kind} ${quoted(doc)}`);
   if (final && document.activeElement === cancel) {
     // A focused button that goes would leave the focus on <body>: it stays on the card instead.
     li.tabIndex = -1;

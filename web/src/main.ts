@@ -8,7 +8,7 @@ import { connectFirestoreEmulator, doc, getDoc, getFirestore, serverTimestamp, s
 import { connectFunctionsEmulator, getFunctions, httpsCallable, type Functions } from "firebase/functions";
 import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
-import { applyRanges, mediaType, readRequest, unreadable } from "./form";
+import { applyRanges, markInvalid, mediaType, readRequest, unreadable } from "./form";
 import { listenToJobs, renderJobs, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
@@ -34,12 +34,15 @@ const SLOW_WRITE_MS = 4000;
 
 function say(text: string): void {
   $("form-error").textContent = "";
+  markInvalid(null, "form-error");
   $("form-status").textContent = text;
 }
 
+/** Show an error; one that names a field of the form marks that field invalid and is its description. */
 function fail(text: string): void {
   $("form-status").textContent = "";
   $("form-error").textContent = text;
+  markInvalid(text, "form-error");
 }
 
 function message(error: unknown): string {
@@ -131,7 +134,9 @@ async function main(): Promise<void> {
       // Until both collections have answered, no job listed is no news: "No jobs yet." would flash on a reload.
       $("no-jobs").textContent = loaded ? "No jobs yet." : "Loading your jobs…";
       $("no-jobs").hidden = jobs.length > 0;
-      renderJobs(list, jobs, cancel);
+      const news = renderJobs(list, jobs, cancel);
+      // Screen readers hear a job start or end (not its every percent), and what failed it.
+      if (news.length) $("job-news").textContent = news.join(". ");
     },
     (error) => {
       $("no-jobs").hidden = true;
