@@ -64,6 +64,14 @@ class StorageUnavailable(StorageError):
     """Storage kept failing with transient errors until the retry budget ran out."""
 
 
+class StorageAccessError(RuntimeError):
+    """At start-up: the bucket is missing, or the worker may not write there (`ResultStore.check_access`)."""
+
+
+# What the worker does in its bucket: create objects, and delete them (an overwrite needs it too).
+WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard one `upload()` call tries. `attempts` counts tries per object; `max_seconds` bounds the whole
@@ -243,26 +251,15 @@ class ResultStore:
                 data, content_type=content_type, retry=None, timeout=min(policy.request_timeout, timeout)
             )
 
-        backoff = wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait)
-
-        def wait(state: Any) -> float:
-            return max(0.0, min(backoff(state), deadline - time.monotonic()))
-
-        def stop(state: Any) -> bool:
-            return state.attempt_number >= policy.attempts or time.monotonic() >= deadline
-
         def before_sleep(state: Any) -> None:
             exc = state.outcome.exception()
             log.warning("upload_retry", object=name, error=_reason(exc), retry=state.attempt_number)
             if self.on_retry:
                 self.on_retry(name, state.attempt_number, exc)
 
-        retrying = Retrying(
-            retry=retry_if_exception(is_transient), stop=stop, wait=wait, before_sleep=before_sleep, reraise=True
-        )
         started = time.monotonic()
         try:
-            retrying(attempt)
+            self._retrying(deadline, before_sleep)(attempt)
         except Exception as exc:
             took = time.monotonic() - started
             if is_transient(exc):
@@ -271,6 +268,44 @@ class ResultStore:
                     f"({_reason(exc)})"
                 ) from exc
             raise StorageError(f"Storage upload of {name} failed ({_reason(exc)})") from exc
+
+    def _retrying(self, deadline: float, before_sleep: Callable[[Any], None] | None = None) -> Retrying:
+        """Transient failures tried again, with backoff, within the policy's attempts and `deadline`."""
+        policy = self.retry
+        backoff = wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait)
+
+        def wait(state: Any) -> float:
+            return max(0.0, min(backoff(state), deadline - time.monotonic()))
+
+        def stop(state: Any) -> bool:
+            return state.attempt_number >= policy.attempts or time.monotonic() >= deadline
+
+        return Retrying(
+            retry=retry_if_exception(is_transient), stop=stop, wait=wait, before_sleep=before_sleep, reraise=True
+        )
+
+    # -- checking
+    def check_access(self) -> None:
+        """At start-up: the bucket exists and the worker's credentials may write there, and overwrite (a job run
+        again writes its names again; a cancelled job's objects are deleted). Raises StorageAccessError naming
+        the bucket and what is missing: without this check every job would fail at its upload, after its GPU
+        time. Asks IAM's testIamPermissions, which needs no permission of its own."""
+        deadline = time.monotonic() + self.retry.max_seconds
+        bucket = self.client.bucket(self.bucket_name)
+        try:
+            granted = self._retrying(deadline)(
+                bucket.test_iam_permissions, list(WRITE_PERMISSIONS), timeout=self.retry.request_timeout, retry=None
+            )
+        except api_exceptions.NotFound:
+            raise StorageAccessError(f"bucket {self.bucket_name} does not exist (STORAGE_BUCKET)") from None
+        except Exception as exc:
+            raise StorageAccessError(f"bucket {self.bucket_name} could not be checked ({_reason(exc)})") from None
+        missing = [permission for permission in WRITE_PERMISSIONS if permission not in granted]
+        if missing:
+            raise StorageAccessError(
+                f"the worker's credentials may not write to bucket {self.bucket_name}: no {', '.join(missing)} "
+                "(grant its service account roles/storage.objectAdmin on the bucket)"
+            )
 
     # -- removing
     def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:

@@ -128,13 +128,18 @@ class Worker:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def fitness_check(self) -> None:
-        """The start-up check of the accelerator (registered with the SDK's `register_fitness_check`). On
-        failure: stop claiming, release any job at once, and raise (the SDK then exits the process with 1)."""
-        check = getattr(self.generator, "check_device", None)
-        if check is None:
-            return
+        """The start-up check of the accelerator and of the results' bucket (registered with the SDK's
+        `register_fitness_check`). On failure: stop claiming, release any job at once, and raise (the SDK then
+        exits the process with 1). A worker that cannot write its results would fail every job after its GPU
+        time; stopped, it leaves them queued for a worker that can. The bucket is checked on Cloud Storage only:
+        under the emulator (make dev, the tests, the Hub's test with no Firebase behind it) there is no IAM."""
+        checks = [getattr(self.generator, "check_device", None)]
+        if not self.settings.storage_emulator_host:
+            checks.append(getattr(self.runner.results, "check_access", None))
         try:
-            check()
+            for check in checks:
+                if check is not None:
+                    check()
         except Exception as exc:
             self.failure = f"fitness check failed: {type(exc).__name__}"
             log.error("fitness_check_failed", error_type=type(exc).__name__, error=str(exc)[:300])

@@ -17,8 +17,10 @@ from firegen_core.errors import CONNECTION_ERROR, classify
 from listener.settings import Settings, SettingsError, load_settings
 from listener.storage import (
     TOKEN_METADATA_KEY,
+    WRITE_PERMISSIONS,
     ResultStore,
     RetryPolicy,
+    StorageAccessError,
     StorageError,
     StorageUnavailable,
     is_transient,
@@ -398,3 +400,75 @@ def test_public_urls_are_warned_about_at_start_up(storage_client, clean_env):
     with structlog.testing.capture_logs() as logs:
         ResultStore.from_settings(storage_client, load_settings())
     assert logs == []
+
+
+# ---------------------------------------------------------------------------------------------- start-up check
+class GrantedOnly:
+    """The bucket as IAM would answer for an account holding only `granted` (the emulator grants every
+    permission it is asked about, and real IAM cannot run here: this stand-in answers testIamPermissions only;
+    first with `failures` transient errors)."""
+
+    def __init__(self, client, granted, failures=0):
+        self.client, self.granted, self.failures, self.calls = client, set(granted), failures, 0
+
+    def bucket(self, name):
+        real, stand_in = self.client.bucket(name), self
+
+        class Bucket:
+            def test_iam_permissions(self, permissions, **kwargs):
+                stand_in.calls += 1
+                if stand_in.calls <= stand_in.failures:
+                    from google.api_core.exceptions import ServiceUnavailable
+
+                    raise ServiceUnavailable("try again")
+                real.test_iam_permissions(permissions, **kwargs)  # the bucket exists (else NotFound)
+                return [p for p in permissions if p in stand_in.granted]
+
+        return Bucket()
+
+
+def test_the_start_up_check_passes_on_a_bucket_the_worker_may_write(store):
+    store.check_access()
+
+
+def test_the_start_up_check_names_a_missing_bucket(storage_client, storage_emulator):
+    store = ResultStore(storage_client, "no-such-bucket-here", retry=FAST, emulator_host=storage_emulator.url)
+    with pytest.raises(StorageAccessError, match=r"^bucket no-such-bucket-here does not exist \(STORAGE_BUCKET\)$"):
+        store.check_access()
+
+
+def test_the_start_up_check_names_the_missing_permission_and_retries_transient_errors(storage_client, bucket):
+    creator_only = GrantedOnly(storage_client, ["storage.objects.create"])
+    with pytest.raises(StorageAccessError) as caught:
+        ResultStore(creator_only, bucket.name, retry=FAST).check_access()
+    assert str(caught.value) == (
+        f"the worker's credentials may not write to bucket {bucket.name}: no storage.objects.delete (grant its "
+        "service account roles/storage.objectAdmin on the bucket)"
+    )
+    flaky = GrantedOnly(storage_client, WRITE_PERMISSIONS, failures=2)
+    ResultStore(flaky, bucket.name, retry=FAST).check_access()
+    assert flaky.calls == 3
+
+
+def test_a_worker_that_cannot_write_its_results_fails_its_fitness_check(
+    firestore_client, storage_client, bucket, monkeypatch
+):
+    """Before: the worker started, and every job failed at its upload after its GPU time. The check runs on
+    Cloud Storage only (the settings name no emulator here; the client still reaches the emulator, explicitly)."""
+    from listener.worker import build_worker
+
+    class Generator:
+        def generate(self, request, progress=None):
+            raise AssertionError("no job may run")
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+    settings = load_settings(storage_bucket=bucket.name)
+    assert settings.storage_emulator_host is None
+    fine = build_worker(settings, Generator(), firestore_client, storage_client, worker_id="fine")
+    fine.fitness_check()
+    assert fine.failure is None
+    missing = load_settings(storage_bucket="no-such-bucket-here")
+    worker = build_worker(missing, Generator(), firestore_client, storage_client, worker_id="blind")
+    with pytest.raises(StorageAccessError, match="^bucket no-such-bucket-here does not exist"):
+        worker.fitness_check()
+    assert (worker.failure, worker.exit_code) == ("fitness check failed: StorageAccessError", 1)
