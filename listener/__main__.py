@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         print(f"listener: configuration error: {exc}", file=sys.stderr)
         return 2
 
-    from .logs import configure
+    from .logs import configure, route_runpod_sdk
 
     worker_id = make_worker_id()
     configure(worker_id, settings.log_level)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             elif production:
                 worker.fitness_check()
             _stop_claiming_when_uvicorn_exits(worker.reconciler)
-            _sdk_prints_as_events(runpod.serverless, log)
+            route_runpod_sdk()
             runpod.serverless.start({"handler": worker.handler, "concurrency_modifier": worker.concurrency_modifier})
         else:
             log.info("reconciler_only", reason="not on RunPod and no --rp_serve_api: no runsync door")
@@ -152,16 +152,6 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         # Here, not after: a signal ends the worker by SystemExit through this `finally`.
         log.info("worker_exit", code=worker.exit_code, reason=worker.failure or "shutdown")
     return worker.exit_code
-
-
-def _sdk_prints_as_events(module, log) -> None:
-    """The SDK's start banner is a bare `print` in `runpod.serverless` (its logger writes JSON on RunPod, the
-    banner does not): a module-level `print` there takes it into the worker's JSON stream instead."""
-
-    def said(*args: object, **kwargs: object) -> None:
-        log.info("runpod_sdk", said=" ".join(str(a) for a in args).strip(" -"))
-
-    module.print = said
 
 
 def _stop_claiming_when_uvicorn_exits(reconciler) -> None:

@@ -44,6 +44,16 @@ def _redact(logger: object, method: str, event: EventDict) -> EventDict:
     return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
 
 
+_add_extras = structlog.stdlib.ExtraAdder()
+
+
+def _extras(logger: logging.Logger, method: str, event: EventDict) -> EventDict:
+    """A record's `extra={...}` fields, but uvicorn's `color_message` (the message again, with terminal colours)."""
+    event = _add_extras(logger, method, event)
+    event.pop("color_message", None)
+    return event
+
+
 def configure(worker_id: str, level: str = "INFO") -> None:
     def add_worker_id(logger: object, method: str, event: EventDict) -> EventDict:
         event.setdefault("worker_id", worker_id)
@@ -74,7 +84,7 @@ def configure(worker_id: str, level: str = "INFO") -> None:
         structlog.stdlib.ProcessorFormatter(
             # `extra={...}`: the fields of our own modules' standard-library records (firegen_core is shared with
             # the functions, so it logs through `logging`).
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(), *shared],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, _extras, *shared],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
@@ -90,3 +100,52 @@ def configure(worker_id: str, level: str = "INFO") -> None:
     root.setLevel(logging.WARNING)
     for name in ("generation", "listener", "firegen_core"):
         logging.getLogger(name).setLevel(numeric)
+
+
+# The SDK's level names, and the closest of structlog's.
+_RUNPOD_LEVELS = {"TRACE": "debug", "DEBUG": "debug", "INFO": "info", "WARN": "warning", "ERROR": "error"}
+
+
+def _clipped(text: str, most: int = 4096) -> str:
+    """As the SDK cuts a long message (an inline result's base64 media, in `--test_input`'s `Job result`): from
+    the middle, so that its end (the result's status) is kept."""
+    if len(text) <= most:
+        return text
+    return f"{text[: most // 2]} ...{len(text) - most} characters cut... {text[-most // 2 :]}"
+
+
+def route_runpod_sdk() -> None:
+    """The RunPod SDK's output as events of this stream: its logger (plain `INFO   | <id> | Started.` lines
+    outside RunPod, JSON of its own shape, without `severity`, on it), its start banner (a bare `print`) and the
+    local API's uvicorn lines (uvicorn's own handlers). Each becomes a `runpod_sdk` event with `said` and, for a
+    job's line, `requestId`. Left as it is where the SDK's internals are not the ones this was written for."""
+    import runpod.serverless
+    from runpod.serverless.modules import rp_logger
+
+    log = structlog.get_logger("runpod")
+    levels = getattr(rp_logger, "LOG_LEVELS", None)
+    if isinstance(levels, list) and callable(getattr(rp_logger.RunPodLogger, "log", None)):
+
+        def sdk_log(self, message, message_level="INFO", job_id=None):
+            # The SDK's own filter: its level (RUNPOD_LOG_LEVEL), and TIP always shown.
+            level = str(message_level).upper()
+            if self.level == "NOTSET" or (
+                level in levels and levels.index(self.level) > levels.index(level) and level != "TIP"
+            ):
+                return
+            fields = {"requestId": job_id} if job_id else {}
+            getattr(log, _RUNPOD_LEVELS.get(level, "info"))("runpod_sdk", said=_clipped(str(message)), **fields)
+
+        rp_logger.RunPodLogger.log = sdk_log
+
+    def said(*args: object, **kwargs: object) -> None:
+        log.info("runpod_sdk", said=" ".join(str(a) for a in args).strip(" -"))
+
+    runpod.serverless.print = said  # the module's `print`: only the banner uses it
+    try:
+        from uvicorn.config import LOGGING_CONFIG
+    except ImportError:  # pragma: no cover - the SDK's local API always brings uvicorn
+        return
+    # uvicorn.run() applies this dict (its default argument, the same object) when the local API starts.
+    for name in ("uvicorn", "uvicorn.access"):
+        LOGGING_CONFIG["loggers"][name] = {"handlers": [], "level": "INFO", "propagate": True}

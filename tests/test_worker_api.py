@@ -172,6 +172,21 @@ def test_the_contracts_image_example_end_to_end(stack):
     assert (image.format, image.size) == ("PNG", (512, 512))
 
 
+def test_every_line_of_the_local_workers_output_is_json(stack):
+    """Under --rp_serve_api (no RUNPOD_ENDPOINT_ID) the SDK's logger wrote `INFO   | <id> | Started.` per runsync
+    request and uvicorn its own lines, in plain text (a soak audit: 1,585 such lines): now events of the stream."""
+    path = "generations/json-user/images/json-1"
+    request = {**IMAGE_EXAMPLE["input"], "user_id": "json-user", "file_uid": "json-1", "width": 256, "height": 256}
+    assert stack.runsync({"input": request})["output"]["status"] == "accepted"
+    assert emu.wait_until(lambda: (stack.doc(path) or {}).get("status") == "completed", 60), stack.doc(path)
+    lines = [line for line in stack.worker.log_path.read_text().splitlines() if line and not line.startswith("=====")]
+    assert [line for line in lines if not line.startswith("{")] == []
+    events = [json.loads(line) for line in lines]
+    assert any(e.get("logger") == "uvicorn.error" and e["event"].startswith("Uvicorn running on") for e in events)
+    assert not [e for e in events if "color_message" in e]  # uvicorn's copy of the message with terminal colours
+    assert any(e["event"] == "runpod_sdk" and e["said"] == "Started." and e.get("requestId") for e in events)
+
+
 def test_a_worker_with_fp8_off_logs_nothing_of_torchaos_import(stack):
     """FIREGEN_FP8 is off (the default), yet transformers and diffusers import torchao while the worker loads its
     models; on this CPU that import warns of kernels it cannot load, which this worker never calls."""
