@@ -5,7 +5,8 @@ oldest `created_at` first within a user):
 - `on_snapshot` listeners on queued docs (collection-group queries over `images` and `videos`), each a bounded
   window ordered by `created_at`: the oldest LISTEN_LIMIT queued docs, and the newest NEWEST_LIMIT (so a new
   user's job is seen at once even behind another user's backlog longer than the first window). A doc that
-  leaves both windows (REMOVED: claimed, failed, or pushed out) stops being a candidate;
+  leaves both windows (REMOVED) because it was claimed, failed or cancelled stops being a candidate; one pushed
+  out past a full window's far end (`_pushed_out`) is still queued and keeps its place;
 - a periodic sweep that queries the oldest queued docs and expired leases: the safety net for anything a
   listener missed (and the only way to see a lease run out, which no document write announces; such a job, a
   dead worker's, goes first in line: it is older than anything queued since);
@@ -96,6 +97,7 @@ class Reconciler:
         self._stopping = threading.Event()
         self._watches: dict[str, object] = {}  # listener name ("images", "images:newest", "videos:cancel") → watch
         self._windows: dict[str, set[str]] = {}  # listener name → doc paths in its current result
+        self._edges: dict[str, float | None] = {}  # listener name → its full window's far end (`_far_end`)
         self._heard: dict[str, float] = {}  # listener name → when it last delivered a snapshot
         self._current: dict[str, threading.Event] = {}  # listener name → it delivered its first snapshot
         self._threads: list[threading.Thread] = []
@@ -433,6 +435,7 @@ class Reconciler:
         def on_snapshot(docs, changes, read_time):
             with self._cv:
                 self._windows[name] = {doc.reference.path for doc in docs}
+                self._edges[name] = _far_end(docs, window)
             self._heard[name] = time.monotonic()
             current.set()
             for change in changes:
@@ -449,7 +452,8 @@ class Reconciler:
         if change == "REMOVED":
             with self._cv:
                 elsewhere = any(key.path in self._windows.get(_name(key.media_type, w), ()) for w in WINDOWS)
-            if not elsewhere:
+                pushed_out = self._pushed_out(name, doc)
+            if not elsewhere and not pushed_out:
                 self._withdraw(key)
         elif doc.get(lifecycle.CANCEL_REQUESTED):
             self._cancel_queued(key)
@@ -457,6 +461,19 @@ class Reconciler:
             self._stop_if_queued_again(key, doc)
             self._admit_later(key, doc, timestamp(doc.get("created_at"), time.time()))
             self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc), doc=doc)
+
+    def _pushed_out(self, name: str, doc: dict) -> bool:
+        """Whether a doc left a full window past its far end: still queued, in the middle of a backlog that neither
+        window holds (the newest window's oldest doc is newer; the oldest window's newest is older, after a
+        released job came back in). It stays a candidate: dropped, a user's one job would wait behind everything
+        older than it, whatever the fair order (audit: 54 jobs of other users before it). A doc that left because
+        it was claimed, failed or cancelled leaves the window to an older (newer) doc, so it is not this; what it
+        gets wrong (both at once) costs one claim that finds the job taken."""
+        edge = self._edges.get(name)
+        created = timestamp(doc.get("created_at"), float("nan"))
+        if edge is None or created != created:  # a window not full, or a doc without created_at
+            return False
+        return created <= edge if name.endswith(":newest") else created >= edge
 
     def _stop_if_queued_again(self, key: JobKey, doc: dict) -> None:
         """A job running here shows up queued, still carrying this claim's attempt: its request restated it on
@@ -556,6 +573,18 @@ class Reconciler:
 def _name(media: str, window: str) -> str:
     """A listener's name: the media type for the main (oldest) window, as the watchdog's logs always said."""
     return media if window == "oldest" else f"{media}:{window}"
+
+
+def _far_end(docs, window: str) -> float | None:
+    """The `created_at` at a full window's far end (its newest for the oldest window, its oldest for the newest),
+    past which a doc can only have been pushed out; None while the window is not full."""
+    if window not in WINDOWS or len(docs) < WINDOWS[window][1]:
+        return None
+    times = [timestamp((doc.to_dict() or {}).get("created_at"), float("nan")) for doc in docs]
+    times = [t for t in times if t == t]
+    if not times:
+        return None
+    return min(times) if window == "newest" else max(times)
 
 
 def _updated(snapshot) -> float | None:

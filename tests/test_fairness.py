@@ -14,7 +14,7 @@ from fixtures_scheduling import (  # noqa: F401  (fixtures)
 
 from firegen_core.jobs import JobKey
 from firegen_core.quota import Limits
-from listener.reconciler import LISTEN_LIMIT
+from listener.reconciler import LISTEN_LIMIT, NEWEST_LIMIT, Reconciler, _far_end
 
 BACKLOG_LIMITS = Limits(max_pending=1000, daily_budget=1e6)  # one user's backlog here is past USER_MAX_PENDING
 
@@ -49,6 +49,51 @@ def test_behind_a_backlog_longer_than_the_listeners_window(sched_worker, firesto
     newest-first window, not after A's backlog."""
     generator = run_a_then_b(sched_worker, firestore_client, LISTEN_LIMIT + 30)
     assert generator.calls.index("b-only") == 1, generator.calls[:5]
+
+
+def test_a_job_pushed_out_of_the_newest_window_keeps_its_place(sched_worker, firestore_client):
+    """Audit: B's one job, heard by the newest-first window, was dropped when NEWEST_LIMIT newer docs pushed it
+    out of it, and waited until it reached the oldest-first window: 54 jobs of other users ran before it. It stays
+    a candidate, and runs next."""
+    generator = StepGenerator(threading.Event())
+    worker = sched_worker("one", generator, sweep=30, limits=BACKLOG_LIMITS)  # the listeners alone
+    queue_jobs(firestore_client, backlog("userA", LISTEN_LIMIT + 10))
+    assert generator.started.wait(15)
+    b = JobKey("userB", "images", "b-only")
+    queue_jobs(firestore_client, [b])
+    wait_until(lambda: worker.is_candidate(b))
+    later = [JobKey("userA", "images", f"userA-late-{i:02d}") for i in range(NEWEST_LIMIT + 5)]
+    queue_jobs(firestore_client, later)
+    wait_until(lambda: worker.is_candidate(later[-1]))
+    assert worker.is_candidate(b)
+    generator.gate.set()
+    wait_until(lambda: "b-only" in generator.calls, timeout=60)
+    assert generator.calls.index("b-only") == 1, generator.calls[:5]
+
+
+class Doc:
+    def __init__(self, created_at):
+        self.created_at = created_at
+
+    def to_dict(self):
+        return {"created_at": self.created_at}
+
+
+def test_a_window_tells_a_doc_pushed_out_from_one_that_left_the_queue():
+    """A full window's far end: past it a doc can only have been pushed out (still queued); a doc claimed, failed
+    or cancelled leaves its place to one from beyond the far end, so it lies inside."""
+    full_newest = [Doc(float(t)) for t in range(100, 100 - NEWEST_LIMIT, -1)]  # newest first: 100 .. 81
+    assert _far_end(full_newest, "newest") == 81.0
+    assert _far_end(full_newest[:-1], "newest") is None  # not full: nothing is pushed out of it
+    full_oldest = [Doc(float(t)) for t in range(LISTEN_LIMIT)]  # 0 .. 99
+    assert _far_end(full_oldest, "oldest") == LISTEN_LIMIT - 1
+    reconciler = Reconciler.__new__(Reconciler)
+    reconciler._edges = {"images:newest": 81.0, "images": 99.0}
+    assert reconciler._pushed_out("images:newest", {"created_at": 80.0})  # older than all 20 newest
+    assert not reconciler._pushed_out("images:newest", {"created_at": 90.0})  # claimed: an older one came in
+    assert reconciler._pushed_out("images", {"created_at": 99.5})  # a released older job came back in
+    assert not reconciler._pushed_out("images", {"created_at": 50.0})
+    assert not reconciler._pushed_out("images:newest", {})  # no created_at: no place to keep
 
 
 def test_the_candidate_set_is_bounded_whatever_the_backlog(sched_worker, firestore_client):
