@@ -64,7 +64,7 @@ class RunsyncHandler:
     def __init__(
         self,
         store: WorkerJobs,
-        submit: Callable[[JobKey, GenerationRequest, str | None], None],
+        submit: Callable[[JobKey, GenerationRequest, str | None, object], None],
         generator=None,
         preempt: Callable[[JobKey, Lease], None] | None = None,
     ):
@@ -108,7 +108,8 @@ class RunsyncHandler:
             log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, finished_otherwise=sorted(changes))
             return rejected(finished_otherwise(request, changes).message)
         if status == lifecycle.QUEUED:
-            self.submit(key, request, request_id)  # the request: which batch it may join; its id: the job's logs
+            # The request: which batch it may join; its id: the job's logs; its doc's age: its place in line.
+            self.submit(key, request, request_id, doc.get("created_at"))
         restated = sorted(PARAMETER_FIELDS & (outcome.written or {}).keys()) if outcome.before is not None else []
         log.info(
             "request_accepted",

@@ -189,17 +189,27 @@ class Reconciler:
 
     # --- candidates ------------------------------------------------------------------------------------------
 
-    def submit(self, key: JobKey, request: GenerationRequest | None = None, request_id: str | None = None) -> None:
-        """A job this worker was asked to run (runsync): queued in fair order, as if just created. `request_id`:
-        the RunPod job's id, which the job's log lines carry when this worker runs it (a doc the functions
-        dispatched has its own, `runpod_job_id`)."""
+    def submit(
+        self,
+        key: JobKey,
+        request: GenerationRequest | None = None,
+        request_id: str | None = None,
+        created_at: object = None,
+    ) -> None:
+        """A job this worker was asked to run (runsync): queued in fair order, by its doc's `created_at` where the
+        doc had one (a doc its client wrote before the request, which may have waited for it: an audit saw such a
+        job placed after another user's newer one), else as if just created. `request_id`: the RunPod job's id,
+        which the job's log lines carry when this worker runs it (a doc the functions dispatched has its own,
+        `runpod_job_id`)."""
+        if not isinstance(created_at, datetime | int | float):  # a doc this request created: a server timestamp
+            created_at = None
         if request_id:
             with self._cv:
                 self._request_ids[key] = request_id
                 self._request_ids.move_to_end(key)
                 while len(self._request_ids) > self._queue.capacity:
                     self._request_ids.popitem(last=False)
-        self._offer(key, group=self._group(request) if request is not None else None)
+        self._offer(key, created_at, group=self._group(request) if request is not None else None)
 
     def _offer(
         self,

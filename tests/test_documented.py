@@ -170,7 +170,7 @@ def test_firestore_down_answers_could_not_record_within_its_bound(monkeypatch):
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emu.free_port()}")
     client = firestore.Client(project="demo-down", credentials=AnonymousCredentials())
     submitted = []
-    handler = RunsyncHandler(WorkerJobs(client, worker_id="w"), lambda key, request, request_id: submitted.append(key))
+    handler = RunsyncHandler(WorkerJobs(client, worker_id="w"), lambda key, *rest: submitted.append(key))
     started = time.monotonic()
     answer = handler.handle({"prompt": "a car", "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
     took = time.monotonic() - started

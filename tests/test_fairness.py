@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta
 
 from fixtures_scheduling import (  # noqa: F401  (fixtures)
     StepGenerator,
@@ -69,6 +70,23 @@ def test_a_job_pushed_out_of_the_newest_window_keeps_its_place(sched_worker, fir
     generator.gate.set()
     wait_until(lambda: "b-only" in generator.calls, timeout=60)
     assert generator.calls.index("b-only") == 1, generator.calls[:5]
+
+
+def test_a_job_a_request_brings_takes_its_place_by_its_docs_age(sched_worker, firestore_client):
+    """Audit (one place): a job that reached the worker through runsync was placed by its arrival, after another
+    user's newer doc. Docs without `created_at` here, so that no listener hears them first."""
+    generator = StepGenerator(threading.Event())
+    worker = sched_worker("one", generator, sweep=30, limits=BACKLOG_LIMITS)
+    queue_jobs(firestore_client, backlog("userA", 1))
+    assert generator.started.wait(15)
+    newer, older = JobKey("userY", "images", "y-new"), JobKey("userX", "images", "x-old")
+    for key in (newer, older):
+        firestore_client.document(key.path).set({"status": "queued", "prompt": "p", "generated": False})
+    worker.submit(newer)
+    worker.submit(older, created_at=datetime.now(UTC) - timedelta(minutes=1))
+    generator.gate.set()
+    wait_until(lambda: len(generator.calls) == 3, timeout=60)
+    assert generator.calls[1:] == ["x-old", "y-new"]
 
 
 class Doc:
