@@ -510,19 +510,23 @@ class Reconciler:
         while not self._stopping.wait(interval):
             interval = self.sweep_interval
             try:
-                workers.beat(
-                    self.store.client,
-                    self.store.worker_id,
-                    busy=self.busy,
-                    concurrency=self.concurrency,
-                    started_at=self._started_at,
-                )
+                self.beat()
             except Exception as exc:
                 log.warning("worker_beat_error", error=str(exc))
             try:
                 self.sweep()
             except Exception as exc:
                 log.warning("sweep_error", error=str(exc))
+
+    def beat(self) -> None:
+        """This worker's heartbeat (`workers/{worker_id}`): also the start-up check that it may write Firestore."""
+        workers.beat(
+            self.store.client,
+            self.store.worker_id,
+            busy=self.busy,
+            concurrency=self.concurrency,
+            started_at=self._started_at,
+        )
 
     def sweep(self) -> int:
         """Offer the oldest queued and the lease-expired jobs; restart listeners that died or missed a doc."""

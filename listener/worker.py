@@ -75,6 +75,10 @@ class DeviceGuard:
         return getattr(self.generator, name)
 
 
+class FirestoreAccessError(RuntimeError):
+    """At start-up: the worker may not write Firestore, or the project has no database (`Worker.fitness_check`)."""
+
+
 @dataclass
 class Worker:
     settings: Settings
@@ -131,9 +135,12 @@ class Worker:
         """The start-up check of the accelerator and of the results' bucket (registered with the SDK's
         `register_fitness_check`). On failure: stop claiming, release any job at once, and raise (the SDK then
         exits the process with 1). A worker that cannot write its results would fail every job after its GPU
-        time; stopped, it leaves them queued for a worker that can. The bucket is checked on Cloud Storage only:
-        under the emulator (make dev, the tests, the Hub's test with no Firebase behind it) there is no IAM."""
+        time; stopped, it leaves them queued for a worker that can. Firestore and the bucket are checked on Google
+        Cloud only: under the emulators (make dev, the tests, the Hub's test with no Firebase behind it) there is
+        no IAM."""
         checks = [getattr(self.generator, "check_device", None)]
+        if not self.settings.firestore_emulator_host:
+            checks.append(self._check_firestore)
         if not self.settings.storage_emulator_host:
             checks.append(getattr(self.runner.results, "check_access", None))
         try:
@@ -146,6 +153,24 @@ class Worker:
             self.shutdown(grace=0)
             raise
         log.info("fitness_check_passed")
+
+    def _check_firestore(self) -> None:
+        """The worker's first heartbeat, a write: a project without a Firestore database, or credentials that may
+        not write it, would leave the worker up and idle, every request answered "Could not record the job"."""
+        from google.api_core import exceptions
+
+        project = self.store.client.project
+        try:
+            self.reconciler.beat()
+        except exceptions.PermissionDenied as exc:  # also a project whose Firestore API is off: Google's words say so
+            raise FirestoreAccessError(
+                f"the worker's credentials may not write Firestore of project {project} (grant its service account "
+                f"roles/datastore.user): {str(exc.message)[:200]}"
+            ) from None
+        except exceptions.NotFound:
+            raise FirestoreAccessError(
+                f"project {project} has no Firestore database (GOOGLE_CLOUD_PROJECT, or the key's project_id)"
+            ) from None
 
     # --- the RunPod SDK ---------------------------------------------------------------------------------------
     def concurrency_modifier(self, current: int) -> int:

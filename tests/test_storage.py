@@ -472,3 +472,49 @@ def test_a_worker_that_cannot_write_its_results_fails_its_fitness_check(
     with pytest.raises(StorageAccessError, match="^bucket no-such-bucket-here does not exist"):
         worker.fitness_check()
     assert (worker.failure, worker.exit_code) == ("fitness check failed: StorageAccessError", 1)
+
+
+@pytest.mark.parametrize(
+    "answer,said",
+    [
+        (
+            "PermissionDenied",
+            "the worker's credentials may not write Firestore of project {project} (grant its service account "
+            "roles/datastore.user): Missing or insufficient permissions.",
+        ),
+        ("NotFound", "project {project} has no Firestore database (GOOGLE_CLOUD_PROJECT, or the key's project_id)"),
+    ],
+)
+def test_a_worker_that_cannot_write_firestore_fails_its_fitness_check(
+    firestore_client, storage_client, bucket, monkeypatch, answer, said
+):
+    """Before: the worker stayed up and idle, answering every request "Could not record the job in Firestore".
+    Its first heartbeat is the check. The emulator lets every write through (there is no IAM to refuse one), so
+    the heartbeat's write answers here as Firestore does for an account without access, or a project without a
+    database; the rest is the real worker."""
+    from google.api_core import exceptions
+
+    from firegen_core import workers
+    from listener.worker import FirestoreAccessError, build_worker
+
+    class Generator:
+        def generate(self, request, progress=None):
+            raise AssertionError("no job may run")
+
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST")
+    settings = load_settings(storage_bucket=bucket.name)
+    assert settings.firestore_emulator_host is None
+    fine = build_worker(settings, Generator(), firestore_client, storage_client, worker_id="fine")
+    fine.fitness_check()  # the heartbeat written (to the emulator, through the client built for it)
+    assert firestore_client.document(f"{workers.WORKERS}/fine").get().exists
+
+    def refused(*args, **kwargs):
+        error = getattr(exceptions, answer)
+        raise error("Missing or insufficient permissions." if answer == "PermissionDenied" else "no database")
+
+    monkeypatch.setattr(workers, "beat", refused)
+    worker = build_worker(settings, Generator(), firestore_client, storage_client, worker_id="blind")
+    with pytest.raises(FirestoreAccessError) as caught:
+        worker.fitness_check()
+    assert str(caught.value) == said.format(project=firestore_client.project)
+    assert (worker.failure, worker.exit_code) == ("fitness check failed: FirestoreAccessError", 1)
