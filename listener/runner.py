@@ -87,6 +87,7 @@ class Heartbeat:
     hard_deadline: float = float("inf")  # time.monotonic() past which this thread fails the job
     overrun: GenerationError | None = None
     lost: threading.Event = field(default_factory=threading.Event)
+    forced: bool = False  # `lost` because this thread failed the job `Timeout` itself (written, and logged)
     finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -110,6 +111,7 @@ class Heartbeat:
             if self._done.is_set():
                 return
             if self.overrun is not None and time.monotonic() > self.hard_deadline:
+                self.forced = True
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
                 failed = _quietly(lambda: self.store.fail(self.job, self.overrun))
                 log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
@@ -291,7 +293,7 @@ class JobRunner:
             # dead, taken over) must not overwrite the new owner's objects or download tokens.
             if not self._while_held(heartbeat, lambda: self.store.holds(job)):
                 heartbeat.stop()
-                return self._lost(job)
+                return self._lost(job, heartbeat)
             t1 = time.monotonic()
             with structlog.contextvars.bound_contextvars(**_ids(job)):  # its retries' log lines name the job
                 urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
@@ -317,10 +319,12 @@ class JobRunner:
             return self._interrupted(run)
         except Exception as exc:
             heartbeat.stop()
+            if heartbeat.lost.is_set():  # failed `Timeout` by the heartbeat, or taken over: not ours to fail
+                return self._lost(job, heartbeat)
             return self._fail(job, classify(exc))
         heartbeat.stop()
         if written is None:
-            return self._lost(job)
+            return self._lost(job, heartbeat)
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
             self._remove_results(job, request)
             log.info("job_cancelled", during="upload", **_ids(job))
@@ -346,7 +350,7 @@ class JobRunner:
         `Timeout` when its owner or its deadline stopped it; else (shutdown, a broken device) released."""
         job = run.job
         if run.heartbeat.lost.is_set():
-            return self._lost(job)
+            return self._lost(job, run.heartbeat)
         if run.cancel.is_set() or run.expired:
             error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else run.overrun
             outcome = self._fail(job, error)
@@ -399,7 +403,9 @@ class JobRunner:
         return retrying(call)
 
     @staticmethod
-    def _lost(job: ClaimedJob) -> RunOutcome:
+    def _lost(job: ClaimedJob, heartbeat: Heartbeat | None = None) -> RunOutcome:
+        if heartbeat is not None and heartbeat.forced:  # failed `Timeout` by the heartbeat, which logged it
+            return RunOutcome.FAILED
         log.warning("job_lost", reason="lease taken over; nothing written", **_ids(job))
         return RunOutcome.LOST
 

@@ -234,6 +234,28 @@ def test_a_generation_stuck_in_a_step_is_failed_by_the_heartbeat(sched_worker, f
     assert read(firestore_client, key)["error_type"] == "Timeout"
 
 
+def test_a_stuck_generation_failed_by_the_heartbeat_ends_failed_not_lost(firestore_client, results):
+    """Audit: the worker that failed its own stuck job `Timeout` then logged `job_lost` ("lease taken over;
+    nothing written") when the step came back: its run ends failed, as its doc says."""
+    from listener.runner import JobRunner, RunOutcome
+
+    generator = Stuck()
+    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=30)
+    runner = JobRunner(store, generator, results, deadline=Deadline(floor_seconds=0.5, multiple=1), renew_interval=0.2)
+    key = JobKey("u1", "images", "stuck-alone")
+    queue_jobs(firestore_client, [key])
+    outcome: list = []
+    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
+    running.start()
+    try:
+        doc = wait_until(lambda: finished(firestore_client, key), timeout=10)
+        assert (doc["status"], doc["error_type"]) == ("failed", "Timeout")
+    finally:
+        generator.release.set()
+        running.join(30)
+    assert outcome == [RunOutcome.FAILED]
+
+
 def test_a_job_released_too_many_times_fails_with_a_clear_message(firestore_client):
     key = JobKey("u1", "videos", "bouncing")
     queue_jobs(firestore_client, [key], numFrames=16)
