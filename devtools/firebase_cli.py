@@ -196,6 +196,7 @@ class FirebaseCli(emu.Emulator):
         super().__init__(log_dir, self.ports[emulators[0]])
         self.workdir, self.project = Path(workdir), project
         self._descendants: set[tuple[int, str]] = set()
+        self._scanned = 0.0  # when is_ready() last looked for the processes it started
         self._log_start = 0
         env = {"RUNPOD_ENDPOINT_ID": "local", "RUNPOD_RUNSYNC_URL": runsync_url, **(function_env or {})}
         self._write_project(api_key, env)
@@ -268,6 +269,11 @@ class FirebaseCli(emu.Emulator):
         return env
 
     def is_ready(self) -> bool:
+        # Polled while it starts: the Java it starts outlives a CLI that fails to start (a port taken meanwhile),
+        # so it is known from the moment it runs, for stop() to end it.
+        if self._proc is not None and time.monotonic() - self._scanned > 0.5:
+            self._scanned = time.monotonic()
+            self._descendants |= descendants(self._proc.pid)
         with open(self.log_path, "rb") as log:  # this start's output only: the log is appended to across runs
             log.seek(self._log_start)
             return b"All emulators ready" in log.read()
@@ -280,7 +286,7 @@ class FirebaseCli(emu.Emulator):
                 raise emu.EmulatorError(f"{self.name}: port {self.ports[name]} ({name}) is already taken")
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         super().start()
-        self._descendants = descendants(self.pid)  # Java runs in a group of its own: remember it now
+        self._descendants |= descendants(self.pid)  # Java runs in a group of its own: remember it now
         return self
 
     def _before_terminate(self, proc) -> None:

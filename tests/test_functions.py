@@ -1350,3 +1350,36 @@ def test_redispatch_stale_jobs_invoked_as_deployed(tmp_path, firestore_emulator,
     assert (doc["status"], doc["dispatch_count"], doc["dispatched_by"]) == ("completed", 1, "scheduler")
     assert "dispatch_count" not in worker.wait_status(fresh) and worker.runsync_calls("stale-1") == 1
     assert_key_nowhere(result.stdout, result.stderr)
+
+
+@pytest.mark.skipif(
+    firebase_cli.missing() is not None,
+    reason=f"Firebase CLI emulators: {firebase_cli.missing()} (run `python3 scripts/setup_firebase_cli.py`)",
+)
+def test_a_cli_that_fails_to_start_leaves_no_emulator_running(emulator_logs, tmp_path):
+    """A port the CLI was given is taken after its own check and before it binds it (CI: another process got the
+    same free port meanwhile): it exits, and the Firestore emulator (Java) it had started outlived it, holding its
+    port (before: the start's error was masked by "ports ... still taken after stop", and the Java stayed)."""
+    import socket
+
+    cli = FirebaseCli(emulator_logs, tmp_path / "project", emu.unique_id("demo-cli"), "http://127.0.0.1:9/runsync")
+    holder = socket.socket()
+    taken = threading.Event()
+
+    def take_the_logging_port_once_firestore_runs():
+        if emu.wait_until(lambda: emu.port_open("127.0.0.1", cli.ports["firestore"]), 60):
+            holder.bind(("127.0.0.1", cli.ports["logging"]))
+            holder.listen()
+            taken.set()
+
+    thief = threading.Thread(target=take_the_logging_port_once_firestore_runs)
+    thief.start()
+    try:
+        with pytest.raises(emu.EmulatorError, match="exited with code"):
+            cli.start()
+    finally:
+        thief.join(60)
+        holder.close()
+    assert taken.is_set()
+    assert not emu.port_open("127.0.0.1", cli.ports["firestore"])
+    assert not [process for process in cli._descendants if firebase_cli._stat(process[0])]
