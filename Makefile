@@ -4,6 +4,9 @@ PYTHON ?= python3
 # first, on its own, at the lock's version: the CPU wheel locally (the Dockerfile installs the CUDA wheel of the
 # same version instead), so nothing later can make pip pick a torch by itself.
 TORCH ?= $(shell grep '^torch==' constraints.txt)
+# Where that wheel comes from: pip's own configuration by default (the workplace's machines find the CPU wheel
+# locally); on a machine whose pip would take PyPI's CUDA build, `make TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -14,7 +17,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 

@@ -43,6 +43,7 @@ from devtools import firebase_cli, web
 from devtools.client import Client, StackInfo, shown_path
 from devtools.worker import WorkerProcess
 from firegen_core import lifecycle
+from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
 from firegen_core.quota import Limits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,9 +126,9 @@ def shared_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     values["RETENTION_DAYS"] = (environ.get("RETENTION_DAYS") or "").strip() or f"{lifecycle.RETENTION_DAYS_DEFAULT:g}"
     # How long the worker's listeners and the functions' trigger leave a doc with only its prompt to its request.
     grace = (environ.get("PLACEHOLDER_GRACE_SECONDS") or "").strip() or "5"
-    if not (re.fullmatch(r"[0-9]+", grace) and int(grace) <= 60):
+    if not (re.fullmatch(r"[0-9]+", grace) and int(grace) <= MAX_PLACEHOLDER_GRACE_SECONDS):
         raise ValueError(
-            f"PLACEHOLDER_GRACE_SECONDS must be a whole number from 0 to 60 (got {grace!r}): the worker and the "
+            f"PLACEHOLDER_GRACE_SECONDS must be a whole number from 0 to {MAX_PLACEHOLDER_GRACE_SECONDS} (got {grace!r}): the worker and the "
             "functions read it"
         )
     values["PLACEHOLDER_GRACE_SECONDS"] = grace
@@ -206,7 +207,7 @@ def parse_args(argv: list[str] | None):
             f"--{name}-port",
             type=int,
             default=int(os.environ.get(env, 0)) or None,
-            help=f"default {ports[name]} (firebase.json), or {env}",
+            help=f"default {ports[name]}{'' if name == 'worker' else ' (firebase.json)'}, or {env}",
         )
     parser.add_argument(
         "--free-ports",

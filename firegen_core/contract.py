@@ -273,6 +273,9 @@ def restatement(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str,
 # Written on a job doc by the request that created it (runsync, the callable: `jobs.queued_document`), and only
 # there: such a doc states its request, however few parameters it names. Clients cannot write it (the rules).
 REQUESTED_AT = "requested_at"
+# How long a doc that awaits its parameters may be left to its request, at most (PLACEHOLDER_GRACE_SECONDS: the
+# workers, the trigger and make dev): the trigger that waits it out has 120 s in all.
+MAX_PLACEHOLDER_GRACE_SECONDS = 60
 
 
 def awaits_parameters(doc: Mapping[str, Any]) -> bool:

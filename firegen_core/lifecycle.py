@@ -191,7 +191,7 @@ def restate(doc: Doc | None, changes: Mapping[str, Any]) -> dict | None:
 
 
 def counted_release(doc: Doc, *, max_releases: int) -> dict:
-    """`release`, counted: the job's `max_releases`-th release fails it instead (it keeps landing on workers
+    """`release`, counted: a release past the job's `max_releases` fails it instead (it keeps landing on workers
     that shut down before it ends, so it would never end)."""
     releases = int(doc.get(RELEASES) or 0) + 1
     if releases > max_releases:

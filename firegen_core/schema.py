@@ -139,6 +139,8 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         # Issue #11: the owner asks to stop a queued or processing job; it then ends failed, error_type Cancelled.
         "cancel_requested": {"type": "boolean"},
         "releases": {"type": "integer", "minimum": 0},
+        # Running tries its requests stopped, to run it again with the parameters they stated (lifecycle.restate).
+        lifecycle.RESTATED: {"type": "integer", "minimum": 0},
         # Per-user limits (firegen_core.quota): admitted into the user's usage, at this estimated cost.
         "quota_admitted": {"type": "boolean"},
         "cost": number,

@@ -14,6 +14,9 @@ Configuration (see the README's "Cloud Functions" section):
     RUNPOD_ATTEMPTS, RUNPOD_TIMEOUT_SECONDS, REDISPATCH_AFTER_MINUTES, MAX_DISPATCHES: integer params with
                          defaults (functions/.env or the deploy prompt)
     USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET: int params, the per-user limits (same as the worker's)
+    PLACEHOLDER_GRACE_SECONDS: int param (0 to 60, as the workers'): how long the trigger leaves a doc with only its
+                         prompt to the request that brings its parameters
+    RETENTION_DAYS       optional environment variable (as the workers'): `expire_at` on the jobs they end
     ENFORCE_APP_CHECK    optional environment variable: on by default when deployed, off under the emulators
 
 Logs: the records of dispatch and runpod_client (standard `logging`, so they import anywhere), and those the
@@ -37,6 +40,7 @@ import firebase_admin
 from firebase_functions import firestore_fn, https_fn, logger, options, params, scheduler_fn
 from runpod_client import RunPodClient, runsync_url
 
+from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
 from firegen_core.quota import Limits
 
 RUNPOD_API_KEY = params.SecretParam("RUNPOD_API_KEY", description="RunPod API key (Bearer token for runsync)")
@@ -73,7 +77,7 @@ USER_DAILY_BUDGET = params.IntParam(
 PLACEHOLDER_GRACE_SECONDS = params.IntParam(
     "PLACEHOLDER_GRACE_SECONDS",
     default=5,
-    description="seconds the trigger leaves a doc with only its prompt to the request that brings its parameters",
+    description="seconds (0 to 60) the trigger leaves a doc with only its prompt to the request that brings its parameters",
 )
 
 options.set_global_options(max_instances=10)
@@ -140,6 +144,10 @@ _functions_log.propagate = False
 # reads as one unstructured line each. A handler of ours on the root logger first means they are JSON entries too
 # (at the root's WARNING level, as before); the functions' own records stop at their logger, so none is doubled.
 logging.getLogger().handlers[:] = [_FirebaseLogHandler()]
+# google-api-core turns off the `google` logger's propagation unless it was configured: its records (retries,
+# a watch's close) would then reach no handler and come out in plain text from Python's last resort.
+logging.getLogger("google").setLevel(logging.WARNING)
+logging.getLogger("google").propagate = True
 
 
 class _EmulatorCredential(firebase_admin.credentials.Base):
@@ -203,6 +211,17 @@ def _policy() -> dispatch.Policy:
     )
 
 
+def _grace() -> float:
+    """PLACEHOLDER_GRACE_SECONDS within the workers' bounds (0 to 60: they refuse to start past them); the trigger,
+    whose own timeout is 120 s, never waits longer than they would."""
+    value = PLACEHOLDER_GRACE_SECONDS.value
+    if not 0 <= value <= MAX_PLACEHOLDER_GRACE_SECONDS:
+        logger.warn(
+            f"PLACEHOLDER_GRACE_SECONDS must be between 0 and {MAX_PLACEHOLDER_GRACE_SECONDS}; {value} taken as the bound"
+        )
+    return float(min(max(value, 0), MAX_PLACEHOLDER_GRACE_SECONDS))
+
+
 @https_fn.on_call(
     secrets=[RUNPOD_API_KEY],
     timeout_sec=70,
@@ -242,7 +261,7 @@ def dispatchQueuedJob(event: firestore_fn.Event) -> None:
         media_type=event.params["media"],
         file_uid=event.params["fileUid"],
         limits=_limits(),
-        grace=float(PLACEHOLDER_GRACE_SECONDS.value),
+        grace=_grace(),
     )
     logger.info("dispatchQueuedJob", document=event.document, outcome=outcome)
 

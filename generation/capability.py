@@ -72,6 +72,21 @@ def make_generator(seed: int):
 OFFLOAD_BELOW_GIB = 40
 
 
+def _unavailable(torch, device: str) -> str | None:
+    """Why FIREGEN_DEVICE's accelerator is not there (torch would say so with a traceback at the first use)."""
+    kind, _, index = device.partition(":")
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
+    module = backend.get(kind)
+    if module is None:
+        return None
+    if not module.is_available():
+        return f"FIREGEN_DEVICE is {device} but torch {torch.__version__} sees no {kind} device on this machine"
+    count = module.device_count() if hasattr(module, "device_count") else 1
+    if index and int(index) >= count:
+        return f"FIREGEN_DEVICE is {device} but this machine has {count} {kind} device(s), numbered from 0"
+    return None
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and in what precision the models run. `detect` picks CUDA with bfloat16 when there is a GPU."""
@@ -104,6 +119,8 @@ class Runtime:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         cuda = device.startswith("cuda")
+        if reason := _unavailable(torch, device):
+            raise ValueError(reason)
         if dtype is None:
             if not cuda:
                 dtype = "float32"  # half precision on CPU is slow and poorly supported

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, get_args
 
@@ -60,6 +61,15 @@ class ModelSettings(BaseSettings):
     @classmethod
     def _strip(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        # A device torch would refuse only when the first model loads (or, named "cuda" on a machine without one,
+        # with a traceback): refused here by its form; Runtime.detect then checks that the card is there.
+        if value is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:[0-9]+)?", value.lower()):
+            raise ValueError("cpu, cuda, cuda:N, mps or xpu")
+        return value.lower() if value is not None else None
 
     @field_validator("dtype", mode="before")
     @classmethod

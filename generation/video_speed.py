@@ -67,15 +67,13 @@ def parse_video_cache(mode: str | None, threshold: str | None) -> float | None:
     mode = (mode or "off").strip().lower()
     if mode not in VIDEO_CACHE_MODES:
         raise ValueError(f"FIREGEN_VIDEO_CACHE must be one of {', '.join(VIDEO_CACHE_MODES)} (got {mode!r})")
-    if mode == "off":
-        return None
-    try:
+    try:  # checked with the cache off too: a wrong value is said at start-up, not when the cache is turned on
         value = float(threshold) if threshold else DEFAULT_CACHE_THRESHOLD
     except ValueError:
         value = -1.0
     if not 0 < value < 1:
         raise ValueError(f"FIREGEN_VIDEO_CACHE_THRESHOLD must be a number between 0 and 1 (got {threshold!r})")
-    return value
+    return None if mode == "off" else value
 
 
 def apply_step_cache(transformer, threshold: float) -> None:

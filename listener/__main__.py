@@ -25,6 +25,21 @@ def make_worker_id() -> str:
     return f"{pod}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+USAGE = """usage: python -m listener [RunPod SDK flags: --rp_serve_api --rp_api_host H --rp_api_port N, --test_input JSON]
+
+The generation worker: the RunPod serverless handler (the runsync contract) and the Firestore reconciler in one
+process. Configured by environment variables only (README "Configuration"): STORAGE_BUCKET is required, the
+project comes from GOOGLE_CLOUD_PROJECT or the credentials, FIRESTORE_EMULATOR_HOST and STORAGE_EMULATOR_HOST
+point it at the emulators, IMAGE_MODEL and VIDEO_MODEL choose the models (`tiny` for the built-in test models).
+A wrong setting stops it with one line naming the variable (exit 2). Without RunPod's job API
+(RUNPOD_WEBHOOK_GET_JOB) and without --rp_serve_api it runs the reconciler alone."""
+
+NO_GPU = (
+    "torch sees no CUDA device: jobs run on the CPU (on a GPU endpoint, the host's driver may be older than the "
+    "image's CUDA: set the endpoint's allowed CUDA versions); FIREGEN_DEVICE=cpu says it is on purpose"
+)
+
+
 def _on_runpod_queue(argv: list[str]) -> bool:
     """RunPod's production job loop (its job API), where the SDK runs the fitness checks."""
     flags = ("--rp_serve_api", "--test_input")
@@ -40,6 +55,10 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     """The worker. `wrap_generator` (the benchmarks' slow worker, the tests' injected faults) wraps the engine
     in another generator; everything else is the production worker."""
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(USAGE)
+        return 0
+    production = _on_runpod_queue(argv)
     # The SDK logs every handler output at DEBUG by default: inline results (base64 media) would flood the logs.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     # gRPC's core writes its INFO notes in its own plain format on stderr (each fork, for a subprocess, while
@@ -75,18 +94,22 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     except ValueError as exc:  # a speed option this card cannot run (FIREGEN_FP8 on a CPU, ...): one line
         print(f"listener: configuration error: {exc}", file=sys.stderr)
         return 2
+    if production and settings.device is None and engine.runtime.device == "cpu":
+        # On a GPU worker whose torch sees no card (a driver older than the image's CUDA), every job would run on
+        # the CPU, for most of an hour. Said, not refused: a CPU endpoint with the tiny models is legitimate.
+        log.warning("no_gpu", note=NO_GPU)
     for task_type, failure in engine.preload().items():
         log.warning("model_not_available", task_type=task_type, error=failure.message)
     loaded = time.perf_counter()
 
     generator = wrap_generator(engine) if wrap_generator else engine
     worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=worker_id)
-    production = _on_runpod_queue(argv)
     if not production:
         # RunPod's job loop runs the fitness checks itself (below); elsewhere the worker runs its own once.
         try:
             worker.fitness_check()
         except Exception:
+            log.info("worker_exit", code=worker.exit_code, reason=worker.failure)
             return worker.exit_code
 
     def leave(signum, frame):

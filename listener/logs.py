@@ -96,10 +96,21 @@ def configure(worker_id: str, level: str = "INFO") -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    keep_google_records()
     # Libraries' chatter stays at warnings; our own standard-logging modules follow the chosen level.
     root.setLevel(logging.WARNING)
     for name in ("generation", "listener", "firegen_core"):
         logging.getLogger(name).setLevel(numeric)
+
+
+def keep_google_records() -> None:
+    """google-api-core (client_logging, on its first client) turns off the `google` logger's propagation unless
+    that logger was configured: its records then reach no handler, and Python's last resort writes them in plain
+    text on stderr ("Background thread did not exit." at every Firestore listener's close that timed out). A level
+    of its own counts as configured there; propagation is set back in case a client came first."""
+    google = logging.getLogger("google")
+    google.setLevel(logging.WARNING)
+    google.propagate = True
 
 
 # The SDK's level names, and the closest of structlog's.

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 
+from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
 from generation.settings import ModelSettings, SettingsError, env, load
 
 UrlStyle = Literal["public", "signed", "token"]
@@ -66,7 +67,11 @@ class Settings(ModelSettings):
     # How long a queued doc that awaits its parameters (the contract's Firebase Function flow: prompt first, the
     # parameters in the runsync that follows) is left to that runsync before a listener runs it with the defaults.
     placeholder_grace_seconds: float = Field(
-        5.0, ge=0, le=60, allow_inf_nan=False, validation_alias=env("PLACEHOLDER_GRACE_SECONDS")
+        5.0,
+        ge=0,
+        le=MAX_PLACEHOLDER_GRACE_SECONDS,
+        allow_inf_nan=False,
+        validation_alias=env("PLACEHOLDER_GRACE_SECONDS"),
     )
     # A job's deadline: max(floor, multiple x its estimated GPU time) (firegen_core.deadline).
     job_timeout_floor_seconds: float = Field(120.0, gt=0, validation_alias=env("JOB_TIMEOUT_FLOOR_SECONDS"))

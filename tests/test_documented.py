@@ -102,6 +102,98 @@ def test_a_bad_setting_stops_the_worker_with_one_line_and_exit_code_2(env, line)
     assert (result.returncode, result.stderr, result.stdout) == (2, line + "\n", "")
 
 
+# Settings the engine checks once the clients are made (the emulators' clients need no server to be made).
+EMULATED = {
+    "STORAGE_BUCKET": "b",
+    "GOOGLE_CLOUD_PROJECT": "demo-settings",
+    "FIRESTORE_EMULATOR_HOST": "127.0.0.1:9",
+    "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9",
+    "IMAGE_MODEL": "none",
+    "VIDEO_MODEL": "none",
+}
+
+
+@pytest.mark.parametrize(
+    "env,line",
+    [
+        ({"FIREGEN_DEVICE": "tpu"}, "FIREGEN_DEVICE must be cpu, cuda, cuda:N, mps or xpu (got 'tpu')"),
+        # Checked with the cache off too (it was taken as it came once the cache was turned on).
+        (
+            {"FIREGEN_VIDEO_CACHE_THRESHOLD": "2"},
+            "FIREGEN_VIDEO_CACHE_THRESHOLD must be a number between 0 and 1 (got '2')",
+        ),
+    ],
+)
+def test_a_wrong_model_setting_stops_the_worker_with_one_line(env, line):
+    result = run_worker({**EMULATED, **env})
+    assert (result.returncode, result.stderr, result.stdout) == (2, f"listener: configuration error: {line}\n", "")
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_line_not_a_traceback():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    result = run_worker({**EMULATED, "FIREGEN_DEVICE": "cuda"})
+    line = f"listener: configuration error: FIREGEN_DEVICE is cuda but torch {torch.__version__} sees no cuda device"
+    assert (result.returncode, result.stderr, result.stdout) == (2, f"{line} on this machine\n", "")
+
+
+def test_listener_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "listener", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: python -m listener") and "STORAGE_BUCKET is required" in result.stdout
+
+
+def test_a_failed_fitness_check_off_runpod_says_worker_exit():
+    """Off RunPod the worker runs its fitness check itself; its end is logged as any other end."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fault_worker"],
+        env={**os.environ, **EMULATED, "FAULT": "fitness"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert [e["event"] for e in events if e["event"] in ("fitness_check_failed", "worker_exit")] == [
+        "fitness_check_failed",
+        "worker_exit",
+    ]
+    assert events[-1]["code"] == 1 and events[-1]["reason"] == "fitness check failed: RuntimeError"
+
+
+GOOGLE_LOG_SCRIPT = """
+import logging, sys
+from google.api_core import client_logging
+from listener.logs import configure
+if sys.argv[1] == "client-first":
+    client_logging.initialize_logging()  # what the first Google client runs
+configure("w-1")
+client_logging.initialize_logging()
+logging.getLogger("google.api_core.bidi").warning("Background thread did not exit.")
+"""
+
+
+@pytest.mark.parametrize("order", ["client-first", "logs-first"])
+def test_google_clients_records_are_json_lines(order):
+    """google-api-core turns the `google` logger's propagation off: its records (a Firestore listener's close that
+    timed out, at a worker's exit) came out in plain text on stderr, from Python's last resort."""
+    result = subprocess.run(
+        [sys.executable, "-c", GOOGLE_LOG_SCRIPT, order], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.stderr == ""
+    line = json.loads(result.stdout)
+    assert (line["severity"], line["logger"], line["message"]) == (
+        "WARNING",
+        "google.api_core.bidi",
+        "Background thread did not exit.",
+    )
+
+
 LOG_SCRIPT = """
 import sys, structlog
 from listener.logs import configure

@@ -907,6 +907,13 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
         "    util.on_call_check_tokens(request.get_request())\n"
         "out['sdk_log'] = buffer.getvalue()\n"
+        "from google.api_core import client_logging\n"  # what a Google client runs first: `google` stops propagating
+        "client_logging.initialize_logging()\n"
+        "buffer = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
+        "    logging.getLogger('google.api_core.bidi').warning('Background thread did not exit.')\n"
+        "    out['grace'] = main._grace()\n"
+        "out['google_log'] = buffer.getvalue()\n"
         "for worker_only in ('generation', 'listener', 'torch'):\n"
         "    try:\n"
         "        __import__(worker_only); out[worker_only] = True\n"
@@ -916,6 +923,7 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", RUNPOD_ATTEMPTS="5", MAX_DISPATCHES="4")
+    env.update(PLACEHOLDER_GRACE_SECONDS="90")
     result = subprocess.run(
         [str(FUNCTIONS_PYTHON), "-c", script, BAD_TOKEN],
         cwd=deploy,
@@ -951,6 +959,14 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         == "Error validating token: (the rest is withheld: it may quote the caller's token or request)"
     )
     assert sdk[1]["message"].startswith("Callable request verification failed: ") and BAD_TOKEN not in out["sdk_log"]
+    # Google's client libraries' records too, though google-api-core turns their logger's propagation off (they
+    # came out as plain text from Python's last resort); a grace past the workers' bound is taken as the bound.
+    google = [json.loads(line) for line in out["google_log"].strip().splitlines()]
+    assert [(e["severity"], e.get("logger"), e["message"]) for e in google] == [
+        ("WARNING", "google.api_core.bidi", "Background thread did not exit."),
+        ("WARNING", None, "PLACEHOLDER_GRACE_SECONDS must be between 0 and 60; 90 taken as the bound"),
+    ], google
+    assert out["grace"] == 60.0
 
 
 _APP_CHECK_PROBE = """

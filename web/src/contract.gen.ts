@@ -116,6 +116,7 @@ export interface JobDoc {
   dispatch_error?: string;
   cancel_requested?: boolean;
   releases?: number;
+  restated?: number;
   quota_admitted?: boolean;
   cost?: number;
   charged_on?: string;
