@@ -44,7 +44,7 @@ dev: $(STAMP)
 
 # While `make dev` runs: make submit PROMPT="a lighthouse at dusk" [VIDEO=1]
 submit: $(STAMP)
-	$(BIN)/python -m devtools.client --prompt "$(PROMPT)" $(if $(VIDEO),--video)
+	$(BIN)/python -m devtools.client --prompt "$(PROMPT)" $(if $(VIDEO),--video) $(if $(OPTIONS),--options '$(OPTIONS)') $(SUBMIT_ARGS)
 
 # Lint, format and types: the same configuration (pyproject.toml) as the pre-commit hooks.
 lint: $(STAMP)
