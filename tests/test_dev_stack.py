@@ -143,17 +143,14 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         info = StackInfo(**json.loads(state.read_text()))
         assert info.auth == f"127.0.0.1:{run.ports['auth']}" and info.functions
 
-        submit = subprocess.run(  # make submit PROMPT=... (through the callable)
+        submit = subprocess.run(  # make submit, as README says (through the callable)
             [
-                sys.executable,
-                "-m",
-                "devtools.client",
-                "--stack",
-                str(state),
-                "--prompt",
-                "a lighthouse at dusk",
-                "--options",
-                '{"width": 256, "height": 256}',
+                "make",
+                "--no-print-directory",
+                "submit",
+                "PROMPT=a lighthouse at dusk",
+                'OPTIONS={"width": 256, "height": 256}',
+                f"SUBMIT_ARGS=--stack {state}",
             ],
             env=run.env,
             cwd=ROOT,
