@@ -217,17 +217,18 @@ class JobStore:
         """The user's limits applied to a decided update: admission, then USER_MAX_RUNNING."""
         after = quota.merged(before, update)
         if admit and quota.pending(after) and quota.admitted(before) and PARAMETER_FIELDS & update.keys():
-            # Restated with other parameters: charged the new estimate's difference, within the budget.
-            cost = _cost(key, after)
-            charged = float((before or {}).get(quota.COST) or 0)
-            extra = (cost or 0.0) - charged
-            why = quota.budget_refusal(usage, extra, self.limits, now, charged=charged) if extra > 0 else None
-            if why is not None:
-                return lifecycle.failure(
-                    GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
-                )
+            # Restated with other parameters: charged as quota.restated_cost says, within the budget.
+            cost, old = _cost(key, after), _cost(key, before or {})
             if cost is not None:
-                update = {**update, quota.COST: cost}
+                charge = quota.restated_cost(before or {}, old or 0.0, cost, now)
+                extra = quota.change(before, {**update, **charge}, now).charge
+                charged = round(charge[quota.COST] - extra, 3)  # of its whole charge, what it paid already
+                why = quota.budget_refusal(usage, extra, self.limits, now, charged=charged) if extra > 0 else None
+                if why is not None:
+                    return lifecycle.failure(
+                        GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
+                    )
+                update = {**update, **charge}
                 after = quota.merged(before, update)
         if admit and after.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) and not quota.admitted(after):
             cost = _cost(key, after)

@@ -147,21 +147,44 @@ def never_ran(doc: Mapping[str, Any]) -> bool:
     return doc.get("status") == "failed" and not doc.get("attempts")
 
 
+def charged_on(doc: Mapping[str, Any], today: str | None) -> str | None:
+    """The UTC day whose spend the job's cost went to (jobs admitted before `charged_on` was written: the day
+    they were created)."""
+    created = doc.get("created_at")
+    return doc.get(CHARGED_ON) or (day_of(created) if isinstance(created, datetime) else today)
+
+
 def _charged(doc: Mapping[str, Any] | None, today: str | None) -> float:
+    """What the job adds to `today`'s spend: its cost, charged today. An earlier day's spend is gone with that
+    day (a change to such a job moves nothing of it to today's), and a job that ended without running used no
+    GPU (refunded)."""
     if doc is None or not admitted(doc):
         return 0.0
-    # A job that ended without running used no GPU: refunded, if it was charged today (an earlier day's spend is
-    # gone). Jobs admitted before `charged_on` was written: charged the day they were created.
-    created = doc.get("created_at")
-    charged_on = doc.get(CHARGED_ON) or (day_of(created) if isinstance(created, datetime) else today)
-    if today is not None and never_ran(doc) and charged_on == today:
+    if today is not None and (charged_on(doc, today) != today or never_ran(doc)):
         return 0.0
     return float(doc.get(COST) or 0)
 
 
+def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: float, now: datetime) -> dict:
+    """The charge fields of an admitted job restated with other parameters (a request for its file_uid that
+    states others): its new estimate, plus what its stopped tries used. A queued job's estimate is replaced; a
+    running one's try is stopped, and the GPU time it ran (since its `started_at`, at most its estimate) stays
+    charged: restating a running job again and again cannot run it for free, each stopped try counts against
+    the budget (the contract's function flow, where a worker took the doc a moment before its request came,
+    pays that moment). A job charged on an earlier day is charged today, anew: that day's spend is gone."""
+    today = day_of(now)
+    charged = float(before.get(COST) or 0) if charged_on(before, today) == today else 0.0
+    kept = max(charged - old_estimate, 0.0)  # earlier stopped tries
+    if before.get("status") == "processing":
+        started = before.get("started_at")
+        ran = (now - started).total_seconds() if isinstance(started, datetime) else old_estimate
+        kept += min(max(ran, 0.0), old_estimate)
+    return {COST: round(kept + new_estimate, 3), CHARGED_ON: today}
+
+
 def change(before: Mapping[str, Any] | None, update: Mapping[str, Any], now: datetime | None = None) -> Change:
     after = merged(before, update)
-    # Charged at admission; a job restated with other parameters after it is charged (or refunded) the difference.
+    # Charged at admission (and again, as `restated_cost` says, by a restatement).
     today = day_of(now) if now is not None else None
     charge = _charged(after, today) - _charged(before, today)
     return Change(

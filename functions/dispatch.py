@@ -150,7 +150,11 @@ def _record_refusal(store: JobStore, uid: str, fields: Mapping[str, Any], messag
         if doc is None:
             return created
         # The client's doc is this request's job: queued, or already taken by a worker from the doc alone (the
-        # worker's fenced writes then land nowhere), it fails with the refusal.
+        # worker's fenced writes then land nowhere), it fails with the refusal. A doc a valid request created
+        # (`requested_at`) is that request's job, not this one's: a bad call repeated with its file_uid changes
+        # nothing (it failed a running job, charged, whose own request was then refused too).
+        if REQUESTED_AT in doc:
+            return None
         return failed if doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) else None
 
     try:

@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from test_functions import ACCEPTED, StubRunPod, client_doc, dispatch, nobody_listening
@@ -470,9 +470,10 @@ def test_a_refused_job_sent_again_once_the_limits_allow_is_admitted(firestore_cl
 
 
 # ---------------------------------------------------------------------------------------------- restated jobs
-def test_a_running_job_restated_by_its_request_is_queued_again_and_charged_the_difference(firestore_client):
+def test_a_running_job_restated_by_its_request_is_queued_again_and_charged_what_will_run(firestore_client):
     """The contract's function flow when a worker took the placeholder doc first: the request's parameters win,
-    the running claim is ended (fenced off), and the user is charged for what will now run."""
+    the running claim is ended (fenced off), and the user is charged for what will now run, plus the moment
+    the stopped try ran."""
     key = write_client_doc(firestore_client, "restated")
     worker = WorkerJobs(firestore_client, worker_id="w-old")
     job = worker.claim(key)
@@ -485,7 +486,8 @@ def test_a_running_job_restated_by_its_request_is_queued_again_and_charged_the_d
     after = doc(firestore_client, key)
     assert (after["status"], after["width"], after["num_images_per_prompt"], after["seed"]) == ("queued", 1024, 2, 7)
     assert not {"worker_id", "lease_expires_at", "progress"} & after.keys()
-    assert after["cost"] == pytest.approx(quota.estimate(bigger)) and after["cost"] > placeholder_cost
+    ran = (after["modified"] - after["started_at"]).total_seconds()  # at least what the restatement measured
+    assert quota.estimate(bigger) < after["cost"] <= quota.estimate(bigger) + min(ran, placeholder_cost) + 1e-3
     assert counts(firestore_client) == (0, 1)
     assert usage(firestore_client)["spent_today"] == pytest.approx(after["cost"], abs=1e-3)
     # The old run can write nothing more; the next claim is a new attempt (a fence the old run never matches).
@@ -500,6 +502,75 @@ def test_a_running_job_restated_by_its_request_is_queued_again_and_charged_the_d
         again = worker.claim(key)
         assert again is not None and again.doc["status"] == "queued"
     assert (doc(firestore_client, key)["attempts"], doc(firestore_client, key)["restated"]) == (5, 4)
+
+
+def started_seconds_ago(client, key: JobKey, seconds: float) -> None:
+    """The running try as if it began `seconds` ago (a try that ran that long, without waiting for it)."""
+    started = client.document(key.path).get().to_dict()["started_at"]
+    client.document(key.path).update({"started_at": started - timedelta(seconds=seconds)})
+
+
+def test_restating_a_running_job_again_and_again_is_charged_each_stopped_try(firestore_client):
+    """A security audit ran one video nine times for one cheap charge: each time its try was nearly done, the
+    user's request restated it (steps 49, 50, 49...), which stopped the try and queued it again, charged only
+    the estimates' difference, and never counted against MAX_ATTEMPTS. Each stopped try's GPU time (at most its
+    estimate) now stays charged, so the budget ends it."""
+    key = JobKey(USER, "videos", "again-and-again")
+    big = {"num_frames": 81, "video_width": 1024, "video_height": 1024}
+    steps = itertools.cycle([49, 50])
+    estimate = quota.estimate(request(key.file_uid, num_inference_steps=50, **big))
+    limits = Limits(daily_budget=estimate * 3.5)
+    store, worker = JobStore(firestore_client, limits=limits), WorkerJobs(firestore_client, worker_id="w-1")
+    store.ensure_queued(request(key.file_uid, num_inference_steps=next(steps), **big))
+    tries = 0
+    while True:
+        assert worker.claim(key) is not None
+        tries += 1
+        started_seconds_ago(firestore_client, key, estimate * 0.9)  # nearly done
+        after = store.ensure_queued(request(key.file_uid, num_inference_steps=next(steps), **big)).after
+        if after["status"] == "failed":
+            break
+        assert usage(firestore_client)["spent_today"] == pytest.approx(after["cost"], abs=0.01)
+        assert tries < 10, "restated ten times within a budget of 3.5 tries"
+    assert after["error_type"] == "QuotaExceeded" and "USER_DAILY_BUDGET" in after["error_message"]
+    assert tries == 3  # the first charge, two stopped tries of 0.9 each, then a third does not fit in 3.5
+    assert usage(firestore_client)["spent_today"] <= limits.daily_budget
+
+
+def test_restating_a_job_charged_yesterday_charges_today(firestore_client):
+    """The audit's day shift: a job charged before midnight and restated after it refunded yesterday's charge
+    from today's spend (590 -> 417), letting a job past the budget in. That day's spend is gone: today is
+    charged the new estimate."""
+    key = write_client_doc(firestore_client, "over-midnight")
+    store = JobStore(firestore_client)
+    store.ensure_queued(request("over-midnight", width=1024, height=1024, num_inference_steps=50))
+    yesterday = quota.day_of(datetime.now(UTC) - timedelta(days=1))
+    firestore_client.document(key.path).update({"charged_on": yesterday})
+    firestore_client.document(f"usage/{USER}").update({"spent_today": 500.0})
+    cheap = request("over-midnight", width=256, height=256, num_inference_steps=10)
+    after = store.ensure_queued(cheap).after
+    assert (after["status"], after["cost"]) == ("queued", quota.estimate(cheap))
+    assert after["charged_on"] == quota.day_of(datetime.now(UTC))
+    assert usage(firestore_client)["spent_today"] == pytest.approx(500.0 + quota.estimate(cheap), abs=1e-3)
+
+
+def test_a_bad_call_repeated_for_a_callables_job_changes_nothing(firestore_client):
+    """The audit: the callable's job running, the same file_uid called again with width 2048 failed the running
+    job, charged, and the original valid call was then refused too. The doc is the first call's job."""
+    data = {"prompt": "a red car", "file_uid": "bad-repeat", "width": 1024, "height": 1024}
+    reply = dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data)
+    assert reply["success"]
+    key = JobKey(USER, "images", "bad-repeat")
+    job = WorkerJobs(firestore_client, worker_id="w-1").claim(key)
+    assert job is not None
+    with pytest.raises(dispatch.CallError) as raised:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data={**data, "width": 2048})
+    assert (raised.value.code, raised.value.message) == ("invalid-argument", "width must be between 256 and 1024")
+    after = doc(firestore_client, key)
+    assert (after["status"], after["width"]) == ("processing", 1024) and "error_type" not in after
+    assert WorkerJobs(firestore_client, worker_id="w-1").renew(job)  # its run goes on
+    again = dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data)
+    assert again["success"] and again["fileUid"] == "bad-repeat"
 
 
 def test_the_callables_refusal_fails_the_clients_doc_even_once_a_worker_took_it(firestore_client):
