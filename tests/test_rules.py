@@ -267,6 +267,16 @@ CREATES = [
     Create("negativePrompt too long", sample(negativePrompt="x" * 2001), DENY, contract=False),
     Create("numImagesPerPrompt 0", sample(numImagesPerPrompt=0), DENY, contract=False),
     Create("prompt of 2,000 characters", sample(prompt="x" * 2000), ALLOW, contract=True),
+    # The security audit: size() counts UTF-16 units (an emoji is 2), strip() more spaces than RE2's \s.
+    Create("prompt of 2,000 emoji", sample(prompt="\U0001f697" * 2000), ALLOW, contract=True),
+    Create("prompt of 2,001 emoji", sample(prompt="\U0001f697" * 2001), DENY, contract=False),
+    Create("negativePrompt of 2,000 emoji", sample(negativePrompt="\U0001f697" * 2000), ALLOW, contract=True),
+    Create(
+        "prompt of 1,000 emoji and 1,001 letters", sample(prompt="\U0001f697" * 1000 + "x" * 1001), DENY, contract=False
+    ),
+    Create("prompt of no-break spaces", sample(prompt="\u00a0\u00a0"), DENY, contract=False),
+    Create("prompt of a vertical tab and ideographic spaces", sample(prompt="\x0b\u3000\u2003"), DENY, contract=False),
+    Create("prompt of one letter among Unicode spaces", sample(prompt="\u00a0a\u3000"), ALLOW, contract=True),
     Create("unknown media path", sample(), DENY, path=f"generations/{OWNER}/gifs/file-1"),
 ]
 
