@@ -5,6 +5,11 @@ Object names are deterministic per job, so a retried job overwrites its objects 
     text2image: generating/{user_id}/image/{file_uid}.png, {file_uid}_1.png, {file_uid}_2.png, ...
     text2video: generating/{user_id}/video/{file_uid}.mp4
 
+Such a name can belong to two jobs of one user: `x_1.png` is image 1 of job `x` and image 0 of job `x_1`. Every
+object therefore names its job in its metadata (`firegen_file_uid`), and a job that finds one of its names owned
+by another job writes `{file_uid}!{index}.{ext}` instead (`alternate_name`); removing a job's results deletes
+only what it owns. An object without that metadata (written before it existed) counts as the job's own.
+
 Transient failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff,
 bounded by a number of attempts and a total time (`RetryPolicy`). The library's own retry is switched off so
 that budget is the only one. What still fails is raised as `StorageError` (a `ConnectionError`, so
@@ -30,7 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 from urllib.parse import quote
 
 import requests
@@ -45,11 +50,17 @@ from firegen_core.contract import PARAMS, TEXT2IMAGE, TEXT2VIDEO
 from listener.settings import MAX_SIGNED_URL_SECONDS, Settings, UrlStyle
 
 log = structlog.get_logger("listener.storage")
+T = TypeVar("T")
 
 _FOLDER = {TEXT2IMAGE: "image", TEXT2VIDEO: "video"}
 DEFAULT_FORMAT = {TEXT2IMAGE: ("png", "image/png"), TEXT2VIDEO: ("mp4", "video/mp4")}
 URL_STYLES = get_args(UrlStyle)
 TOKEN_METADATA_KEY = "firebaseStorageDownloadTokens"
+OWNER_METADATA_KEY = "firegen_file_uid"  # the job (of the folder's user) that wrote the object
+# Between a file_uid and the index in an alternate name: a file_uid never holds it (firegen_core.contract's
+# _ID_PATTERN), so no normal name, and no other job's alternate, can equal one. It is legal in object names,
+# quotes to %21 in URLs, and needs no escaping in a shell or a gsutil/gcloud path, unlike `#`, `?`, `*` or `[`.
+ALTERNATE_MARK = "!"
 PUBLIC_BASE = "https://storage.googleapis.com"
 FIREBASE_BASE = "https://firebasestorage.googleapis.com"
 
@@ -99,18 +110,33 @@ def _check_part(name: str, value: str) -> str:
     return value
 
 
-def object_name(user_id: str, file_uid: str, task_type: str, index: int = 0, ext: str | None = None) -> str:
-    """The name of a job's `index`-th result object (index 0 has no suffix)."""
+def _most(task_type: str) -> int:
+    """The most result objects a job of `task_type` may have."""
+    return int(PARAMS["num_images_per_prompt"].high) if task_type == TEXT2IMAGE else 1
+
+
+def _name(user_id: str, file_uid: str, task_type: str, tail: str, ext: str | None) -> str:
     if task_type not in _FOLDER:
         raise ValueError(f"unknown task_type {task_type!r}")
+    ext = _check_part("ext", (ext or DEFAULT_FORMAT[task_type][0]).lstrip("."))
+    if ALTERNATE_MARK in _check_part("file_uid", file_uid):
+        raise ValueError(f"file_uid {file_uid!r} cannot hold {ALTERNATE_MARK!r}: alternate names would collide")
+    return f"generating/{_check_part('user_id', user_id)}/{_FOLDER[task_type]}/{file_uid}{tail}.{ext}"
+
+
+def object_name(user_id: str, file_uid: str, task_type: str, index: int = 0, ext: str | None = None) -> str:
+    """The name of a job's `index`-th result object (index 0 has no suffix)."""
     if index < 0:
         raise ValueError("index must be >= 0")
-    ext = _check_part("ext", (ext or DEFAULT_FORMAT[task_type][0]).lstrip("."))
-    suffix = f"_{index}" if index else ""
-    return (
-        f"generating/{_check_part('user_id', user_id)}/{_FOLDER[task_type]}/"
-        f"{_check_part('file_uid', file_uid)}{suffix}.{ext}"
-    )
+    return _name(user_id, file_uid, task_type, f"_{index}" if index else "", ext)
+
+
+def alternate_name(user_id: str, file_uid: str, task_type: str, index: int = 0, ext: str | None = None) -> str:
+    """Where a job's `index`-th result goes when another job of the same user owns `object_name`: as
+    deterministic (a retry finds the other job's object again, and writes here again), and this job's alone."""
+    if index < 0:
+        raise ValueError("index must be >= 0")
+    return _name(user_id, file_uid, task_type, f"{ALTERNATE_MARK}{index}", ext)
 
 
 def object_names(user_id: str, file_uid: str, task_type: str, count: int, ext: str | None = None) -> list[str]:
@@ -118,6 +144,17 @@ def object_names(user_id: str, file_uid: str, task_type: str, count: int, ext: s
     if count < 1:
         raise ValueError("count must be >= 1")
     return [object_name(user_id, file_uid, task_type, i, ext) for i in range(count)]
+
+
+def is_contested(file_uid: str, task_type: str, index: int) -> bool:
+    """Whether another job of the same user could own this job's `index`-th name: every suffixed name, and an
+    unsuffixed one whose file_uid ends like a suffix (`x_1.png`: image 0 of `x_1` and image 1 of `x`). Only
+    these names are checked before an upload, so the common single-image job costs no extra request."""
+    return index >= 1 or any(file_uid.endswith(f"_{i}") for i in range(1, _most(task_type)))
+
+
+def _owner(blob: Any) -> str | None:
+    return (blob.metadata or {}).get(OWNER_METADATA_KEY)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -222,34 +259,77 @@ class ResultStore:
 
     # -- uploading
     def upload(self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple[bytes, str, str]]) -> list[str]:
-        """Upload a job's files, `(data, ext, content_type)` each, under the job's deterministic names; return
-        one URL per file in the same order. Raises StorageError / StorageUnavailable."""
+        """Upload a job's files, `(data, ext, content_type)` each, under the job's deterministic names (its
+        alternate, where another job owns one); return one URL per file, in the same order, for the names
+        written. Raises StorageError / StorageUnavailable."""
         if not files:
             raise ValueError("no files to upload")
-        names = [object_name(user_id, file_uid, task_type, i, ext) for i, (_, ext, _) in enumerate(files)]
+        for index, (_, ext, _) in enumerate(files):  # a bad name is refused before anything is written
+            object_name(user_id, file_uid, task_type, index, ext)
         deadline = time.monotonic() + self.retry.max_seconds
         bucket = self.client.bucket(self.bucket_name)
         urls = []
-        for name, (data, _, content_type) in zip(names, files):
+        for index, (data, ext, content_type) in enumerate(files):
+            name, stale = self._target(bucket, user_id, file_uid, task_type, index, ext, deadline)
             token = str(uuid.uuid4()) if self.url_style == "token" else None
-            self._put(bucket, name, data, content_type or DEFAULT_FORMAT[task_type][1], token, deadline)
+            self._put(bucket, name, data, content_type or DEFAULT_FORMAT[task_type][1], token, file_uid, deadline)
+            if stale:
+                self._drop_stale(bucket, stale)
             urls.append(self._url(bucket, name, token))
         return urls
 
-    def _put(self, bucket: Any, name: str, data: bytes, content_type: str, token: str | None, deadline: float) -> None:
+    def _target(
+        self, bucket: Any, user_id: str, file_uid: str, task_type: str, index: int, ext: str, deadline: float
+    ) -> tuple[str, str | None]:
+        """(where the job's `index`-th file goes, the job's other name for it or None). The other name goes
+        once the file is written: an earlier try may have written there, and a retry must not leave two."""
+        name = object_name(user_id, file_uid, task_type, index, ext)
+        if not is_contested(file_uid, task_type, index):
+            return name, None
+        alternate = alternate_name(user_id, file_uid, task_type, index, ext)
+        found = self._within_budget(
+            "check", name, lambda timeout: bucket.get_blob(name, timeout=timeout, retry=None), deadline
+        )
+        if found is not None and _owner(found) not in (None, file_uid):
+            return alternate, None
+        return name, alternate
+
+    def _put(
+        self,
+        bucket: Any,
+        name: str,
+        data: bytes,
+        content_type: str,
+        token: str | None,
+        file_uid: str,
+        deadline: float,
+    ) -> None:
+        def attempt(timeout: float) -> None:
+            blob = bucket.blob(name)
+            blob.metadata = {OWNER_METADATA_KEY: file_uid, **({TOKEN_METADATA_KEY: token} if token else {})}
+            blob.upload_from_string(data, content_type=content_type, retry=None, timeout=timeout)
+
+        self._within_budget("upload", name, attempt, deadline)
+
+    def _drop_stale(self, bucket: Any, name: str) -> None:
+        """Delete a job's own object it no longer uses. Its results are written by then: a failure here is
+        logged, never the job's failure."""
+        try:
+            self._delete(bucket, name)
+        except Exception as exc:
+            log.warning("stale_object_left", object=name, error=_reason(exc))
+
+    def _within_budget(self, what: str, name: str, call: Callable[[float], T], deadline: float) -> T:
+        """`call(request timeout)`, tried again on transient failures within the retry policy and `deadline`;
+        what still fails is raised as StorageError / StorageUnavailable, naming `what` was done to `name`."""
         policy = self.retry
         attempts = 0
 
-        def attempt() -> None:
+        def attempt() -> T:
             nonlocal attempts
             attempts += 1
-            blob = bucket.blob(name)
-            if token:
-                blob.metadata = {TOKEN_METADATA_KEY: token}
             timeout = max(deadline - time.monotonic(), min(1.0, policy.request_timeout))
-            blob.upload_from_string(
-                data, content_type=content_type, retry=None, timeout=min(policy.request_timeout, timeout)
-            )
+            return call(min(policy.request_timeout, timeout))
 
         def before_sleep(state: Any) -> None:
             exc = state.outcome.exception()
@@ -259,15 +339,15 @@ class ResultStore:
 
         started = time.monotonic()
         try:
-            self._retrying(deadline, before_sleep)(attempt)
+            return self._retrying(deadline, before_sleep)(attempt)
         except Exception as exc:
             took = time.monotonic() - started
             if is_transient(exc):
                 raise StorageUnavailable(
-                    f"Storage unavailable: upload of {name} failed after {attempts} attempt(s) in {took:.1f}s "
+                    f"Storage unavailable: {what} of {name} failed after {attempts} attempt(s) in {took:.1f}s "
                     f"({_reason(exc)})"
                 ) from exc
-            raise StorageError(f"Storage upload of {name} failed ({_reason(exc)})") from exc
+            raise StorageError(f"Storage {what} of {name} failed ({_reason(exc)})") from exc
 
     def _retrying(self, deadline: float, before_sleep: Callable[[Any], None] | None = None) -> Retrying:
         """Transient failures tried again, with backoff, within the policy's attempts and `deadline`."""
@@ -310,25 +390,37 @@ class ResultStore:
     # -- removing
     def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:
         """Delete a job's result objects (a cancelled or timed-out job's partial upload); returns how many
-        existed. Only the job's own deterministic names: never a prefix, which would match other jobs."""
-        return self._delete(object_names(user_id, file_uid, task_type, count))
+        existed. Only the job's own names: its deterministic ones it owns, and its alternates; never a prefix,
+        which would match other jobs."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        return self._remove(user_id, file_uid, task_type, range(count))
 
     def remove_beyond(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:
         """Delete the job's image names past its first `count` (an earlier try of more images, stopped after its
         upload: its request restated it); returns how many existed."""
-        most = PARAMS["num_images_per_prompt"].high if task_type == TEXT2IMAGE else 1
-        return self._delete(object_names(user_id, file_uid, task_type, int(most))[count:])
+        return self._remove(user_id, file_uid, task_type, range(count, _most(task_type)))
 
-    def _delete(self, names: list[str]) -> int:
+    def _remove(self, user_id: str, file_uid: str, task_type: str, indices: range) -> int:
         bucket = self.client.bucket(self.bucket_name)
         removed = 0
-        for name in names:
-            try:
-                bucket.blob(name).delete(timeout=self.retry.request_timeout)
-                removed += 1
-            except api_exceptions.NotFound:
-                pass
+        for index in indices:
+            name = object_name(user_id, file_uid, task_type, index)
+            if is_contested(file_uid, task_type, index):
+                removed += self._delete(bucket, alternate_name(user_id, file_uid, task_type, index))
+                found = bucket.get_blob(name, timeout=self.retry.request_timeout)
+                if found is None or _owner(found) not in (None, file_uid):  # another job's result
+                    continue
+            removed += self._delete(bucket, name)
         return removed
+
+    def _delete(self, bucket: Any, name: str) -> int:
+        """1 when the object existed and is deleted, 0 when there was none."""
+        try:
+            bucket.blob(name).delete(timeout=self.retry.request_timeout)
+            return 1
+        except api_exceptions.NotFound:
+            return 0
 
     # -- URLs
     def url_for(self, name: str, token: str | None = None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from urllib.parse import parse_qs, quote, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import pytest
 import requests
@@ -13,7 +13,9 @@ import structlog
 import structlog.testing
 
 from devtools import emulators as emu
+from firegen_core.contract import ContractError, check_id
 from firegen_core.errors import CONNECTION_ERROR, classify
+from listener import storage as results
 from listener.settings import Settings, SettingsError, load_settings
 from listener.storage import (
     TOKEN_METADATA_KEY,
@@ -47,6 +49,26 @@ def fetch(url: str) -> requests.Response:
 
 def images(*blobs: bytes):
     return [(b, "png", "image/png") for b in blobs]
+
+
+def name_of(url: str) -> str:
+    """The object an emulator download URL is for."""
+    return unquote(urlparse(url).path.rsplit("/o/", 1)[1])
+
+
+def token_of(url: str) -> str:
+    return parse_qs(urlparse(url).query)["token"][0]
+
+
+def intact(bucket, url: str, data: bytes) -> None:
+    """The object behind a URL a job recorded still has its bytes, and its token still opens it (Firebase Storage
+    serves a token URL only while the token is in the object's metadata; the emulator checks no token)."""
+    assert fetch(url).content == data
+    assert bucket.get_blob(name_of(url)).metadata[TOKEN_METADATA_KEY] == token_of(url)
+
+
+def stored(bucket) -> list[str]:
+    return sorted(blob.name.rsplit("/", 1)[1] for blob in bucket.list_blobs())
 
 
 def signing_credentials():
@@ -91,6 +113,36 @@ def test_object_names_refuse_bad_parts(user_id, file_uid, task_type):
         object_names(user_id, file_uid, task_type, 1)
 
 
+def test_a_name_another_job_may_own_has_an_alternate_that_no_other_name_equals():
+    """`x_1.png` is image 1 of job `x` and image 0 of job `x_1` (a file_uid may hold `_`): such a name is
+    contested, and its alternate holds `!`, which no file_uid may hold, so it is the job's alone."""
+    assert results.is_contested("x", "text2image", 1) and results.is_contested("x_1", "text2image", 0)
+    assert results.is_contested("x_3", "text2image", 0) and not results.is_contested("x_4", "text2image", 0)
+    assert not results.is_contested("x", "text2image", 0) and not results.is_contested("x_1", "text2video", 0)
+    assert results.alternate_name("user123", "file456", "text2image", 1) == "generating/user123/image/file456!1.png"
+    assert results.alternate_name("u", "x_1", "text2image", 0) == "generating/u/image/x_1!0.png"
+    with pytest.raises(ContractError):
+        check_id("file_uid", "file456!1")
+    with pytest.raises(ValueError):  # nor may the store's names: `!` is what keeps alternates apart
+        results.object_name("u", "file456!1", "text2image")
+    uids = ["x", "x_1", "x_2", "x_3", "x_1_1", "x.png", "x_", "_1", "x.1"]
+    owners: dict[str, set[str]] = {}
+    for uid in uids:
+        for i in range(4):
+            owners.setdefault(results.object_name("u", uid, "text2image", i), set()).add(uid)
+    alternates = [results.alternate_name("u", uid, "text2image", i) for uid in uids for i in range(4)]
+    assert len(set(alternates)) == len(alternates) and not set(alternates) & set(owners)
+    for name, jobs in owners.items():  # a name two jobs could use is a contested one for each of them
+        if len(jobs) > 1:
+            assert all(
+                results.is_contested(uid, "text2image", i)
+                for uid in jobs
+                for i in range(4)
+                if results.object_name("u", uid, "text2image", i) == name
+            ), name
+    assert quote(alternates[1], safe="") == "generating%2Fu%2Fimage%2Fx%211.png"
+
+
 # ---------------------------------------------------------------------------------------------- uploads
 def test_upload_two_images_and_a_video(store, bucket):
     urls = store.upload("user123", "file456", "text2image", images(PNG, PNG2))
@@ -122,6 +174,64 @@ def test_reupload_overwrites_and_adds_nothing(store, bucket):
     urls = store.upload("u", "f", "text2image", images(b"new-0", b"new-1"))
     assert len(list(bucket.list_blobs())) == 2
     assert [fetch(u).content for u in urls] == [b"new-0", b"new-1"]
+
+
+# Security audit: job `x`'s image 1 and job `x_1`'s image 0 had the same name, `x_1.png`.
+def test_a_job_never_overwrites_another_jobs_result_of_the_same_name(store, bucket):
+    [other] = store.upload("u", "c_1", "text2image", images(PNG))
+    urls = store.upload("u", "c", "text2image", images(b"c-0", b"c-1"))
+    intact(bucket, other, PNG)
+    assert [fetch(u).content for u in urls] == [b"c-0", b"c-1"]
+    assert [name_of(u) for u in urls] == ["generating/u/image/c.png", "generating/u/image/c!1.png"]
+    # A retry of `c` finds `c_1`'s object again, and overwrites its own names: nothing more.
+    again = store.upload("u", "c", "text2image", images(b"c-0 again", b"c-1 again"))
+    assert [name_of(u) for u in again] == [name_of(u) for u in urls]
+    assert [fetch(u).content for u in again] == [b"c-0 again", b"c-1 again"]
+    intact(bucket, other, PNG)
+    assert stored(bucket) == ["c!1.png", "c.png", "c_1.png"]
+    # The other way round: `c_1` comes after `c` took `c_1.png`, and writes its own alternate.
+    urls = store.upload("u", "k", "text2image", images(b"k-0", b"k-1"))
+    [late] = store.upload("u", "k_1", "text2image", images(PNG2))
+    assert name_of(late) == "generating/u/image/k_1!0.png"
+    intact(bucket, late, PNG2)
+    intact(bucket, urls[1], b"k-1")
+    # An object without owner metadata (written before it existed) counts as the job's own, as it did.
+    bucket.blob("generating/u/image/m_1.png").upload_from_string(b"old", content_type="image/png")
+    urls = store.upload("u", "m", "text2image", images(b"m-0", b"m-1"))
+    assert name_of(urls[1]) == "generating/u/image/m_1.png" and fetch(urls[1]).content == b"m-1"
+    # Once `c_1`'s result is gone, a retry of `c` takes `c_1.png` and leaves no copy at its alternate.
+    assert store.remove("u", "c_1", "text2image", 1) == 1
+    urls = store.upload("u", "c", "text2image", images(b"c-0", b"c-1"))
+    assert name_of(urls[1]) == "generating/u/image/c_1.png" and fetch(urls[1]).content == b"c-1"
+    assert [n for n in stored(bucket) if n.startswith("c")] == ["c.png", "c_1.png"]
+
+
+def test_a_cancelled_job_removes_only_its_own_objects(store, bucket):
+    others = {uid: store.upload("u", uid, "text2image", images(uid.encode()))[0] for uid in ("d_1", "d_2")}
+    store.upload("u", "d", "text2image", images(b"d-0", b"d-1", b"d-2"))  # a try stopped short of its 4 images
+    again = store.upload("u", "d", "text2image", images(b"d-0", b"d-1", b"d-2"))
+    assert stored(bucket) == ["d!1.png", "d!2.png", "d.png", "d_1.png", "d_2.png"]
+    assert fetch(again[2]).content == b"d-2"
+    assert store.remove("u", "d", "text2image", 4) == 3
+    assert stored(bucket) == ["d_1.png", "d_2.png"]
+    for uid, url in others.items():
+        intact(bucket, url, uid.encode())
+
+
+def test_a_job_completing_on_a_later_try_removes_only_its_own_extra_images(store, bucket):
+    [other] = store.upload("u", "e_2", "text2image", images(PNG))
+    # Its request restated to one image before the first try uploaded anything.
+    store.upload("u", "e", "text2image", images(b"e-0"))
+    assert store.remove_beyond("u", "e", "text2image", 1) == 0
+    intact(bucket, other, PNG)
+    # A first try that uploaded its 4 images: the later try of 1 image removes the three others, its own.
+    first = store.upload("u", "e", "text2image", images(b"e-0", b"e-1", b"e-2", b"e-3"))
+    assert [name_of(u).rsplit("/", 1)[1] for u in first] == ["e.png", "e_1.png", "e!2.png", "e_3.png"]
+    [url] = store.upload("u", "e", "text2image", images(b"e-0 again"))
+    assert store.remove_beyond("u", "e", "text2image", 1) == 3
+    assert stored(bucket) == ["e.png", "e_2.png"]
+    assert fetch(url).content == b"e-0 again"
+    intact(bucket, other, PNG)
 
 
 # ---------------------------------------------------------------------------------------------- URL styles

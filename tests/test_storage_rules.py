@@ -270,3 +270,21 @@ def test_the_download_token_the_worker_records_opens_its_object_with_no_auth(sta
     for wrong in (str(uuid.uuid4()), other_token):
         r = requests.get(stack.object_url(name), params={"alt": "media", "token": wrong}, timeout=TIMEOUT_S)
         assert refused(r)
+
+
+# ---------------------------------------------------------------------------------------------- path tricks
+@pytest.mark.parametrize("via", ["{me}/../{them}", "{me}/image/../../{them}", "{me}/./../{them}"])
+def test_a_dot_dot_path_under_ones_own_folder_does_not_reach_another_users_results(stack, via):
+    """Security audit, on this emulator: `generating/{me}/../{them}/image/x.png` matched the rule with uid = me, and
+    the emulator resolved the `..` and served the other user's object."""
+    name, _ = stack.seed(TEXT2IMAGE, user=stack.stranger)
+    rest = name.removeprefix(f"generating/{stack.stranger}/")
+    trick = f"generating/{via.format(me=stack.owner, them=stack.stranger)}/{rest}"
+    assert refused(stack.metadata("owner", trick))
+    assert refused(stack.media("owner", trick))
+    listed = stack.list("owner", f"generating/{via.format(me=stack.owner, them=stack.stranger)}/image/")
+    assert refused(listed) or listed.json().get("items", []) == []
+    assert stack.stored(name)[0] == PNG
+    # Nor does it tell which names exist there; the owner's own missing object is still a plain 404.
+    assert refused(stack.metadata("owner", trick.replace(rest, "nothing-here.png")))
+    assert stack.metadata("owner", f"generating/{stack.owner}/image/nothing-here.png").status_code == 404
