@@ -79,8 +79,9 @@ class StorageAccessError(RuntimeError):
     """At start-up: the bucket is missing, or the worker may not write there (`ResultStore.check_access`)."""
 
 
-# What the worker does in its bucket: create objects, and delete them (an overwrite needs it too).
-WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete")
+# What the worker does in its bucket: create objects, and delete them (an overwrite needs it too), and read the
+# metadata of a name another job of the user may own (`is_contested`) before it writes there.
+WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "storage.objects.get")
 
 
 @dataclass(frozen=True)
