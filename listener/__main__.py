@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -112,7 +113,17 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             log.info("worker_exit", code=worker.exit_code, reason=worker.failure)
             return worker.exit_code
 
+    leaving = threading.Event()
+    exit_code: int | str | None = None  # a SystemExit's own code, where it is not the worker's
+
     def leave(signum, frame):
+        if leaving.is_set():
+            # A second signal (Ctrl-C twice, a supervisor's repeat): its SystemExit would end the `finally` below
+            # while jobs run, and the process abort in torch's threads, the job left `processing` until its
+            # lease ran out. It releases the running jobs now instead of at the grace's end.
+            worker.hurry()
+            return
+        leaving.set()
         worker.reconciler.stop_claiming()  # at the signal: a doc queued from now on is left to other workers
         worker.begin_shutdown()  # the `finally` below waits for the grace period
         raise SystemExit(worker.exit_code)
@@ -124,10 +135,12 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     # always ends in the `finally` below, never in the default action that kills the process mid-claim.
     try:
         signal.signal(signal.SIGTERM, leave)
-        worker.start()
-        # `--test_input` runs its one job and exits: no queued doc is ever heard, so no need to wait for the
-        # listeners (on the Hub, which runs the tests with no Firebase behind the worker, that wait was 30 s).
+        # `--test_input` runs its one job and exits: it neither listens nor sweeps (an audit saw each local test
+        # claim a queued video of the project's, hold it through the shutdown grace and release it, until its
+        # releases failed it), so there are no listeners to wait for either (on the Hub, which runs the tests with
+        # no Firebase behind the worker, that wait was 30 s).
         one_job = any(a.split("=")[0] == "--test_input" for a in argv)
+        worker.start(listen=not one_job)
         if not one_job and not worker.reconciler.wait_listening(30):
             log.warning("listeners_not_current", note="the sweep covers until they are")
         # torch, diffusers and the Google clients leave ~500k long-lived objects: a full collection then takes
@@ -168,12 +181,23 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             signal.set_wakeup_fd(wake_w)
             while True:
                 os.read(wake_r, 1)
+    except SystemExit as exc:
+        # The SDK's local API (uvicorn) exits 3 when it cannot start (its port taken): not a clean shutdown.
+        if exc.code not in (None, 0, worker.exit_code) and worker.failure is None:
+            worker.failure = f"exit {exc.code}"
+            exit_code = exc.code
+        raise
     finally:
         # RunPod sends SIGTERM before it stops an idle worker: finish the running job within the grace period,
         # or give it back to the queue for another worker.
+        leaving.set()
         worker.shutdown()
         # Here, not after: a signal ends the worker by SystemExit through this `finally`.
-        log.info("worker_exit", code=worker.exit_code, reason=worker.failure or "shutdown")
+        log.info(
+            "worker_exit",
+            code=worker.exit_code if exit_code is None else exit_code,
+            reason=worker.failure or "shutdown",
+        )
     return worker.exit_code
 
 

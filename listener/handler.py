@@ -123,20 +123,36 @@ class RunsyncHandler:
 
     def inline(self, request: GenerationRequest) -> dict[str, Any]:
         """`use_cloud_storage: false`: generate in the request and return the media as base64."""
+        ids = {name: value for name in ("user_id", "file_uid") if (value := getattr(request, name))}
+
+        def refused(message: str, **why: str) -> dict[str, Any]:
+            log.info("request_refused", inline=True, **why, **ids)
+            return rejected(message)
+
         if self.generator is None:
-            return rejected("Inline generation is not available on this worker")
+            return refused("Inline generation is not available on this worker", reason="no generator")
+        started = time.perf_counter()
         try:
             result = self.generator.generate(request)
         except Interrupted:  # the worker is leaving (its GPU failed, or it is shutting down)
-            return rejected("The worker stopped before the generation finished; please retry")
+            return refused("The worker stopped before the generation finished; please retry", reason="worker leaving")
         except Exception as exc:
-            return rejected(classify(exc).message)
+            error = classify(exc)
+            return refused(error.message, error_type=error.error_type)
         size = sum(len(data) for data, *_ in result.files)
         if size * 4 / 3 > INLINE_LIMIT_BYTES:
-            return rejected(
+            return refused(
                 f"Result is {size / 1e6:.1f} MB, over RunPod's 20 MB response limit once encoded: "
-                "use use_cloud_storage: true, or ask for fewer or smaller outputs"
+                "use use_cloud_storage: true, or ask for fewer or smaller outputs",
+                reason="over 20 MB",
             )
+        log.info(
+            "inline_completed",
+            task_type=request.task_type,
+            bytes=size,
+            generation_seconds=round(time.perf_counter() - started, 3),
+            **ids,
+        )
         encoded = [base64.b64encode(data).decode("ascii") for data, *_ in result.files]
         output: dict[str, Any] = {
             "generated": True,
@@ -145,7 +161,7 @@ class RunsyncHandler:
             "seed": result.seed,
             "task_type": request.task_type,
             # Optional here (no doc, no object names need them), echoed where given as on a success doc.
-            **{name: value for name in ("user_id", "file_uid") if (value := getattr(request, name))},
+            **ids,
         }
         if request.is_video:
             output.update(videos=encoded, video_info=result.video_info)

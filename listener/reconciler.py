@@ -111,18 +111,22 @@ class Reconciler:
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
-    def start(self) -> Reconciler:
+    def start(self, listen: bool = True) -> Reconciler:
+        """`listen=False`: only the jobs `submit` brings are claimed (the SDK's one-shot `--test_input`: a local
+        test must not take, and shut down on, the project's queued jobs)."""
         self._claiming = True
         self._claiming_since = time.time()
-        for media in MEDIA_TYPES:
-            for window in (*WINDOWS, CANCEL):
-                self._listen(media, window)
-        loops = ((self._dispatch_loop, "dispatch"), (self._sweep_loop, "sweep"), (self._admission_loop, "admission"))
+        loops = [(self._dispatch_loop, "dispatch")]
+        if listen:
+            for media in MEDIA_TYPES:
+                for window in (*WINDOWS, CANCEL):
+                    self._listen(media, window)
+            loops += [(self._sweep_loop, "sweep"), (self._admission_loop, "admission")]
         for target, name in loops:
             thread = threading.Thread(target=target, name=f"reconciler-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        log.info("reconciler_started", worker_id=self.store.worker_id, concurrency=self.concurrency)
+        log.info("reconciler_started", worker_id=self.store.worker_id, concurrency=self.concurrency, listening=listen)
         return self
 
     def stop_claiming(self) -> None:

@@ -97,8 +97,8 @@ class Worker:
     def exit_code(self) -> int:
         return 1 if self.failure else 0
 
-    def start(self) -> Worker:
-        self.reconciler.start()
+    def start(self, listen: bool = True) -> Worker:
+        self.reconciler.start(listen)
         return self
 
     # --- shutdown ---------------------------------------------------------------------------------------------
@@ -120,6 +120,13 @@ class Worker:
         """`shutdown` in a thread of its own: safe from a signal handler (it never blocks the caller)."""
         if not self._shutdown_started:
             threading.Thread(target=self.shutdown, args=(grace,), name="worker-shutdown", daemon=True).start()
+
+    def hurry(self) -> None:
+        """Release the running jobs now rather than at the shutdown grace's end (a second signal): they stop at
+        their next step, and go back to the queue, as at the grace's end."""
+        if not self.runner.abort.is_set():
+            log.info("shutdown_hurried", releasing=self.reconciler.busy)
+            self.runner.abort.set()
 
     # --- a broken accelerator ---------------------------------------------------------------------------------
     def device_failed(self, exc: BaseException) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from google.cloud.firestore import SERVER_TIMESTAMP
 
 from firegen_core.contract import parse_runsync_input
 
@@ -42,14 +43,22 @@ def test_the_test_input_is_a_contract_request():
 
 
 def test_test_input_runs_locally_against_the_emulators(emulator_env, firestore_client):
+    # A job of the project's own, queued: a one-shot local test must leave it alone (an audit saw each run claim
+    # such a job, hold it through the shutdown grace and release it, until its releases failed it).
+    queued = firestore_client.document("generations/someone/images/not-for-the-test")
+    queued.set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "a red car", "width": 256})
     done = run_test_input(TEST_INPUT, emulator_env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout + done.stderr
     assert "Local testing complete" in out
     assert "'status': 'completed'" in out and "'seed': 42" in out and "'image_count': 1" in out
-    # Inline generation writes no job doc.
+    # Inline generation writes no job doc, and is logged.
     key = TEST_INPUT["input"]
     assert not firestore_client.document(f"generations/{key['user_id']}/images/{key['file_uid']}").get().exists
+    [completed] = [e for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "inline_completed"]
+    assert (completed["file_uid"], completed["task_type"]) == (key["file_uid"], "text2image")
+    left = queued.get().to_dict()
+    assert left["status"] == "queued" and not {"attempts", "releases", "worker_id"} & left.keys(), left
 
 
 def _closed_port() -> int:

@@ -9,11 +9,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import av
 import pytest
@@ -24,6 +30,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from devtools import emulators as emu
 from devtools.worker import WorkerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The contract's "Testing Examples", as written.
 IMAGE_EXAMPLE = {
@@ -434,6 +442,70 @@ def test_sigterm_stops_claiming_and_ends_the_running_job_cleanly(
         assert not [e for e in stack.worker.events("job_claimed") if "after-sigterm" in e]
     finally:
         stack.worker.stop()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_second_signal_releases_the_running_job_at_once_and_exits_cleanly(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, mode
+):
+    """A video audit: a second SIGTERM (or Ctrl-C) within the grace ended the `finally` that waits for the job,
+    and the process aborted in torch's threads (SIGABRT, "terminate called without an active exception" in
+    plain text), no `job_released`, no `worker_exit`, the job `processing` until its lease ran out."""
+    stack = make_stack(
+        firestore_emulator,
+        storage_emulator,
+        emulator_logs,
+        tiny_cache,
+        serve_api=MODES[mode],
+        SHUTDOWN_GRACE_SECONDS="120",
+        IMAGE_MODEL="none",
+    )
+    try:
+        running = "generations/test-user/videos/twice"
+        stack.firestore.document(running).set(queued_doc(**LONG_VIDEO))
+        assert emu.wait_until(lambda: (stack.doc(running) or {}).get("status") == "processing", 60)
+        stack.worker.signal(signal.SIGTERM)
+        time.sleep(1)  # the scenario: a second signal a moment after the first (the audit's was 3 s later)
+        stack.worker.signal(signal.SIGTERM)
+        assert stack.worker.wait_exit(60) == 0  # far within the 120 s grace the first signal left it
+        doc = stack.doc(running)
+        assert doc["status"] == "queued" and doc["attempts"] == 0 and "worker_id" not in doc
+        assert stack.worker.events("shutdown_hurried") and stack.worker.events("job_released")
+        exits = [json.loads(line) for line in stack.worker.events("worker_exit")]
+        assert [(e["code"], e["reason"]) for e in exits] == [(0, "shutdown")]
+    finally:
+        stack.worker.stop()
+
+
+def test_a_taken_port_is_not_a_clean_exit(firestore_emulator, storage_emulator, emulator_logs, tiny_cache):
+    """The audit: the SDK's local API could not bind its port (uvicorn exits 3), and the worker's last line said
+    `worker_exit` code 0, reason shutdown."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        project = emu.unique_id("demo-worker")
+        env = emu.emulator_env(firestore_emulator, storage_emulator, project, "b")
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "listener",
+                "--rp_serve_api",
+                "--rp_api_host",
+                "127.0.0.1",
+                "--rp_api_port",
+                str(port),
+            ],
+            env={**os.environ, **env, "IMAGE_MODEL": "none", "VIDEO_MODEL": "none", "FIREGEN_CACHE": str(tiny_cache)},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    [exit_line] = [e for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "worker_exit"]
+    assert (exit_line["code"], exit_line["reason"]) == (3, "exit 3")
 
 
 def job_count(stack) -> int:
