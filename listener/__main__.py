@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     # always ends in the `finally` below, never in the default action that kills the process mid-claim.
     try:
         signal.signal(signal.SIGTERM, leave)
+        signal.signal(signal.SIGINT, leave)
         # `--test_input` runs its one job and exits: it neither listens nor sweeps (an audit saw each local test
         # claim a queued video of the project's, hold it through the shutdown grace and release it, until its
         # releases failed it), so there are no listeners to wait for either (on the Hub, which runs the tests with
@@ -168,10 +169,13 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
                 worker.fitness_check()
             _stop_claiming_when_uvicorn_exits(worker.reconciler)
             route_runpod_sdk()
+            # `start` installs the SDK's own SIGINT handler (a bare sys.exit): a second Ctrl-C would end the
+            # `finally` below while a job runs, as a second SIGTERM did. Where the SDK has it, it is `leave`.
+            if callable(getattr(runpod.serverless, "_signal_handler", None)):
+                runpod.serverless._signal_handler = leave
             runpod.serverless.start({"handler": worker.handler, "concurrency_modifier": worker.concurrency_modifier})
         else:
             log.info("reconciler_only", reason="not on RunPod and no --rp_serve_api: no runsync door")
-            signal.signal(signal.SIGINT, leave)
             # Not signal.pause(): the kernel may hand SIGTERM to any of the process's threads (gRPC's, the
             # reconciler's), and then pause() in the main thread never returns. Every signal with a Python
             # handler is also written to the wakeup fd, whichever thread got it: reading it wakes the main

@@ -372,22 +372,24 @@ def queued_doc(**options) -> dict:
     return {"status": "queued", "prompt": "Waves", "generated": False, "error": False, **options}
 
 
+@pytest.fixture
+def stack_in(firestore_emulator, storage_emulator, emulator_logs, tiny_cache):
+    """`stack_in(mode, **settings)`: a worker in one of MODES, with its own project and bucket."""
+
+    def start(mode: str, **settings) -> Stack:
+        return make_stack(
+            firestore_emulator, storage_emulator, emulator_logs, tiny_cache, serve_api=MODES[mode], **settings
+        )
+
+    return start
+
+
 @pytest.mark.parametrize("mode", list(MODES))
-def test_an_idle_worker_claims_nothing_after_sigterm(
-    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, mode
-):
+def test_an_idle_worker_claims_nothing_after_sigterm(stack_in, mode):
     """An idle worker told to stop (SIGTERM) exits 0 and leaves a doc queued after the signal to other workers,
     even while its listener still hears of it."""
     # No model to load (a quicker start): a claim would still show, as a job failed ModelNotAvailable.
-    stack = make_stack(
-        firestore_emulator,
-        storage_emulator,
-        emulator_logs,
-        tiny_cache,
-        serve_api=MODES[mode],
-        IMAGE_MODEL="none",
-        VIDEO_MODEL="none",
-    )
+    stack = stack_in(mode, IMAGE_MODEL="none", VIDEO_MODEL="none")
     try:
         stack.worker.signal(signal.SIGTERM)
         late = "generations/test-user/images/after-sigterm"
@@ -444,29 +446,20 @@ def test_sigterm_stops_claiming_and_ends_the_running_job_cleanly(
         stack.worker.stop()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_a_second_signal_releases_the_running_job_at_once_and_exits_cleanly(
-    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, mode
-):
+def test_a_second_signal_releases_the_running_job_at_once_and_exits_cleanly(stack_in, mode, signum):
     """A video audit: a second SIGTERM (or Ctrl-C) within the grace ended the `finally` that waits for the job,
     and the process aborted in torch's threads (SIGABRT, "terminate called without an active exception" in
     plain text), no `job_released`, no `worker_exit`, the job `processing` until its lease ran out."""
-    stack = make_stack(
-        firestore_emulator,
-        storage_emulator,
-        emulator_logs,
-        tiny_cache,
-        serve_api=MODES[mode],
-        SHUTDOWN_GRACE_SECONDS="120",
-        IMAGE_MODEL="none",
-    )
+    stack = stack_in(mode, SHUTDOWN_GRACE_SECONDS="120", IMAGE_MODEL="none")
     try:
         running = "generations/test-user/videos/twice"
         stack.firestore.document(running).set(queued_doc(**LONG_VIDEO))
         assert emu.wait_until(lambda: (stack.doc(running) or {}).get("status") == "processing", 60)
-        stack.worker.signal(signal.SIGTERM)
+        stack.worker.signal(signum)
         time.sleep(1)  # the scenario: a second signal a moment after the first (the audit's was 3 s later)
-        stack.worker.signal(signal.SIGTERM)
+        stack.worker.signal(signum)
         assert stack.worker.wait_exit(60) == 0  # far within the 120 s grace the first signal left it
         doc = stack.doc(running)
         assert doc["status"] == "queued" and doc["attempts"] == 0 and "worker_id" not in doc
