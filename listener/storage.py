@@ -271,9 +271,26 @@ class ResultStore:
         bucket = self.client.bucket(self.bucket_name)
         urls = []
         for index, (data, ext, content_type) in enumerate(files):
-            name, stale = self._target(bucket, user_id, file_uid, task_type, index, ext, deadline)
             token = str(uuid.uuid4()) if self.url_style == "token" else None
-            self._put(bucket, name, data, content_type or DEFAULT_FORMAT[task_type][1], token, file_uid, deadline)
+            for last in (False, True):
+                name, stale, generation = self._target(bucket, user_id, file_uid, task_type, index, ext, deadline)
+                try:
+                    self._put(
+                        bucket,
+                        name,
+                        data,
+                        content_type or DEFAULT_FORMAT[task_type][1],
+                        token,
+                        file_uid,
+                        deadline,
+                        generation,
+                    )
+                    break
+                except StorageError as exc:
+                    # Another job wrote the name between the check and this upload: check again (it is then
+                    # theirs, and this job takes its alternate).
+                    if last or not isinstance(exc.__cause__, api_exceptions.PreconditionFailed):
+                        raise
             if stale:
                 self._drop_stale(bucket, stale)
             urls.append(self._url(bucket, name, token))
@@ -281,19 +298,21 @@ class ResultStore:
 
     def _target(
         self, bucket: Any, user_id: str, file_uid: str, task_type: str, index: int, ext: str, deadline: float
-    ) -> tuple[str, str | None]:
-        """(where the job's `index`-th file goes, the job's other name for it or None). The other name goes
-        once the file is written: an earlier try may have written there, and a retry must not leave two."""
+    ) -> tuple[str, str | None, int | None]:
+        """(where the job's `index`-th file goes, the job's other name for it or None, the generation the upload
+        must find there: 0 for none, None for no condition). The other name goes once the file is written: an
+        earlier try may have written there, and a retry must not leave two. The generation makes the check and
+        the upload one step: two jobs that both found a contested name free cannot both write it."""
         name = object_name(user_id, file_uid, task_type, index, ext)
         if not is_contested(file_uid, task_type, index):
-            return name, None
+            return name, None, None
         alternate = alternate_name(user_id, file_uid, task_type, index, ext)
         found = self._within_budget(
             "check", name, lambda timeout: bucket.get_blob(name, timeout=timeout, retry=None), deadline
         )
         if found is not None and _owner(found) not in (None, file_uid):
-            return alternate, None
-        return name, alternate
+            return alternate, None, None
+        return name, alternate, (found.generation or 0) if found is not None else 0
 
     def _put(
         self,
@@ -304,11 +323,13 @@ class ResultStore:
         token: str | None,
         file_uid: str,
         deadline: float,
+        generation: int | None = None,
     ) -> None:
         def attempt(timeout: float) -> None:
             blob = bucket.blob(name)
             blob.metadata = {OWNER_METADATA_KEY: file_uid, **({TOKEN_METADATA_KEY: token} if token else {})}
-            blob.upload_from_string(data, content_type=content_type, retry=None, timeout=timeout)
+            condition = {} if generation is None else {"if_generation_match": generation}
+            blob.upload_from_string(data, content_type=content_type, retry=None, timeout=timeout, **condition)
 
         self._within_budget("upload", name, attempt, deadline)
 

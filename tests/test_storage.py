@@ -206,6 +206,57 @@ def test_a_job_never_overwrites_another_jobs_result_of_the_same_name(store, buck
     assert [n for n in stored(bucket) if n.startswith("c")] == ["c.png", "c_1.png"]
 
 
+class Preconditioned:
+    """The bucket as Cloud Storage enforces `if_generation_match` (the emulator ignores it; a stand-in on the
+    upload call only): another job's upload of `racing` lands between this job's check and its own upload."""
+
+    def __init__(self, client, racing, other_upload):
+        self.client, self.racing, self.other_upload, self.conditions = client, racing, other_upload, []
+
+    def bucket(self, name):
+        real, stand_in = self.client.bucket(name), self
+
+        class Bucket:
+            def blob(self, blob_name):
+                blob = real.blob(blob_name)
+                upload = blob.upload_from_string
+
+                def conditional_upload(data, if_generation_match=None, **kwargs):
+                    stand_in.conditions.append((blob_name, if_generation_match))
+                    if blob_name == stand_in.racing and stand_in.other_upload is not None:
+                        stand_in.other_upload(), setattr(stand_in, "other_upload", None)
+                    found = real.get_blob(blob_name)
+                    if if_generation_match is not None and (found.generation if found else 0) != if_generation_match:
+                        from google.api_core.exceptions import PreconditionFailed
+
+                        raise PreconditionFailed("At least one of the pre-conditions you specified did not hold.")
+                    return upload(data, **kwargs)
+
+                blob.upload_from_string = conditional_upload
+                return blob
+
+            def __getattr__(self, attr):
+                return getattr(real, attr)
+
+        return Bucket()
+
+
+def test_two_jobs_racing_for_a_name_do_not_both_write_it(store, storage_client, bucket, storage_emulator):
+    """The re-check audit (from the code): `x` and `x_1` finishing together could both find `x_1.png` free, and
+    the later upload overwrite the earlier. The upload is conditional on what the check found."""
+    other = []
+    racing = Preconditioned(
+        storage_client,
+        "generating/u/image/r_1.png",
+        lambda: other.extend(store.upload("u", "r_1", "text2image", images(PNG))),
+    )
+    racer = ResultStore(racing, bucket.name, retry=FAST, emulator_host=storage_emulator.url)
+    urls = racer.upload("u", "r", "text2image", images(b"r-0", b"r-1"))
+    assert [name_of(u) for u in urls] == ["generating/u/image/r.png", "generating/u/image/r!1.png"]
+    intact(bucket, other[0], PNG)
+    assert ("generating/u/image/r_1.png", 0) in racing.conditions  # found free: written only if still free
+
+
 def test_a_cancelled_job_removes_only_its_own_objects(store, bucket):
     others = {uid: store.upload("u", uid, "text2image", images(uid.encode()))[0] for uid in ("d_1", "d_2")}
     store.upload("u", "d", "text2image", images(b"d-0", b"d-1", b"d-2"))  # a try stopped short of its 4 images
