@@ -150,7 +150,7 @@ class Reconciler:
             _close(watch)
         if not self.wait_idle(grace):
             log.warning("shutdown_grace_exceeded", releasing=len(self._active))
-            self.runner.abort.set()
+            self.runner.release_running()
             self.wait_idle(30.0)
         for thread in self._threads:
             thread.join(timeout=5)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar, cast
@@ -72,13 +72,16 @@ class Results(Protocol):
     def remove_beyond(self, user_id: str, file_uid: str, task_type: str, count: int) -> int: ...
 
 
-@dataclass
+@dataclass(eq=False)  # a running thread's holder: compared (and hashed) by identity
 class Heartbeat:
     """Renews the job's lease in the background and carries throttled progress writes off the GPU loop.
 
     Also the backstop of the job's deadline: a generation that does not come back to its progress callback
     (stuck inside one step) is failed `Timeout` from here one beat past its deadline; the runner, finding the
-    lease gone, then writes nothing.
+    lease gone, then writes nothing. Likewise the worker's leaving (`abort`, SIGTERM past its grace): the job
+    is released from here at once, not once the generation comes back (a video's decode and encode have no
+    step to stop at: an audit saw the release 10-15 s past the grace, when RunPod may already have killed the
+    worker, and the job then waits out its lease).
     """
 
     store: WorkerJobs
@@ -86,8 +89,9 @@ class Heartbeat:
     interval: float
     hard_deadline: float = float("inf")  # time.monotonic() past which this thread fails the job
     overrun: GenerationError | None = None
+    abort: threading.Event | None = None  # the worker is leaving: release the job (`JobRunner.release_running`)
     lost: threading.Event = field(default_factory=threading.Event)
-    forced: bool = False  # `lost` because this thread failed the job `Timeout` itself (written, and logged)
+    ended: RunOutcome | None = None  # `lost` because this thread ended the job itself (written, and logged)
     finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
@@ -111,10 +115,16 @@ class Heartbeat:
             if self._done.is_set():
                 return
             if self.overrun is not None and time.monotonic() > self.hard_deadline:
-                self.forced = True
+                self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
                 failed = _quietly(lambda: self.store.fail(self.job, self.overrun))
                 log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
+                return
+            if self.abort is not None and self.abort.is_set():
+                if self.finishing.is_set():
+                    return  # its final write is under way: that is its end
+                self.lost.set()
+                self.ended = _quietly(lambda: release(self.store, self.job)) or RunOutcome.RELEASED
                 return
             progress, self._progress = self._progress, None
             try:
@@ -126,6 +136,9 @@ class Heartbeat:
                     return
             except Exception as exc:  # Firestore briefly away: the lease has slack, try again next beat
                 log.warning("lease_renew_error", error=str(exc), **_ids(self.job))
+
+    def wake(self) -> None:
+        self._wake.set()
 
     def stop(self) -> None:
         self._done.set()
@@ -177,6 +190,16 @@ class _Run:
         self.heartbeat.post(fraction)
 
 
+def release(store: WorkerJobs, job: ClaimedJob) -> RunOutcome:
+    """Give the job back to the queue (fenced; past MAX_RELEASES it fails instead), and say so."""
+    written = store.release(job)
+    if written is not None and written.get("status") == lifecycle.FAILED:  # past MAX_RELEASES
+        log.warning("job_failed", error_type=written["error_type"], error_message=written["error_message"], **_ids(job))
+        return RunOutcome.FAILED
+    log.info("job_released", released=written is not None, **_ids(job))
+    return RunOutcome.RELEASED
+
+
 def _quietly(call) -> Any:
     try:
         return call()
@@ -201,6 +224,14 @@ class JobRunner:
         self.renew_interval = renew_interval or max(store.lease_seconds / 3, 0.2)
         self.deadline = deadline or Deadline()
         self.abort = threading.Event()  # set on shutdown past the grace period: release running jobs
+        self._heartbeats: set[Heartbeat] = set()  # of the jobs running now
+
+    def release_running(self) -> None:
+        """The worker is leaving (its shutdown grace is over, or a second signal): every running job goes back
+        to the queue now, from its heartbeat, whether or not its generation reaches a step to stop at."""
+        self.abort.set()
+        for heartbeat in list(self._heartbeats):
+            heartbeat.wake()
 
     def run(self, job: ClaimedJob, cancel: threading.Event | None = None) -> RunOutcome:
         """Run a claimed job to its end; returns the final state written (or 'lost' / 'released').
@@ -239,7 +270,7 @@ class JobRunner:
                     started,
                     started + limit,
                     overrun,
-                    stack.enter_context(Heartbeat(self.store, job, self.renew_interval, hard_deadline, overrun)),
+                    stack.enter_context(self._heartbeat(job, hard_deadline, overrun)),
                     self.abort,
                     self._end_now if len(parsed) > 1 else None,
                 )
@@ -357,14 +388,16 @@ class JobRunner:
             if outcome == RunOutcome.FAILED:
                 self._remove_results(job, run.request)  # an earlier attempt's partial upload
             return outcome
-        written = self.store.release(job)
-        if written is not None and written.get("status") == lifecycle.FAILED:  # past MAX_RELEASES
-            log.warning(
-                "job_failed", error_type=written["error_type"], error_message=written["error_message"], **_ids(job)
-            )
-            return RunOutcome.FAILED
-        log.info("job_released", released=written is not None, **_ids(job))
-        return RunOutcome.RELEASED
+        return release(self.store, job)
+
+    @contextmanager
+    def _heartbeat(self, job: ClaimedJob, hard_deadline: float, overrun: GenerationError) -> Iterator[Heartbeat]:
+        with Heartbeat(self.store, job, self.renew_interval, hard_deadline, overrun, self.abort) as heartbeat:
+            self._heartbeats.add(heartbeat)
+            try:
+                yield heartbeat
+            finally:
+                self._heartbeats.discard(heartbeat)
 
     def _fail(self, job: ClaimedJob, error: GenerationError) -> RunOutcome:
         if not self.store.fail(job, error):
@@ -404,8 +437,8 @@ class JobRunner:
 
     @staticmethod
     def _lost(job: ClaimedJob, heartbeat: Heartbeat | None = None) -> RunOutcome:
-        if heartbeat is not None and heartbeat.forced:  # failed `Timeout` by the heartbeat, which logged it
-            return RunOutcome.FAILED
+        if heartbeat is not None and heartbeat.ended is not None:  # ended by the heartbeat, which logged it
+            return heartbeat.ended
         log.warning("job_lost", reason="lease taken over; nothing written", **_ids(job))
         return RunOutcome.LOST
 

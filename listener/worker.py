@@ -126,7 +126,7 @@ class Worker:
         their next step, and go back to the queue, as at the grace's end."""
         if not self.runner.abort.is_set():
             log.info("shutdown_hurried", releasing=self.reconciler.busy)
-            self.runner.abort.set()
+            self.runner.release_running()
 
     # --- a broken accelerator ---------------------------------------------------------------------------------
     def device_failed(self, exc: BaseException) -> None:

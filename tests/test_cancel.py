@@ -213,8 +213,10 @@ class Stuck:
 
     def __init__(self):
         self.release = threading.Event()
+        self.started = threading.Event()
 
     def generate(self, request, progress=None):
+        self.started.set()
         self.release.wait(30)
         raise RuntimeError("unstuck")
 
@@ -254,6 +256,35 @@ def test_a_stuck_generation_failed_by_the_heartbeat_ends_failed_not_lost(firesto
         generator.release.set()
         running.join(30)
     assert outcome == [RunOutcome.FAILED]
+
+
+def test_a_worker_leaving_releases_a_job_stuck_in_a_step_at_once(firestore_client, results):
+    """A video audit: past the shutdown grace, a job in its decode and encode (no step to stop at) was released
+    only once they came back, 10-15 s later, when RunPod may have killed the worker already. Its heartbeat
+    releases it now; the generation coming back later writes nothing more."""
+    from listener.runner import JobRunner, RunOutcome
+
+    generator = Stuck()
+    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=300)
+    # Beats 100 s apart: the release must not wait for the next one.
+    runner = JobRunner(store, generator, results, renew_interval=100)
+    key = JobKey("u1", "images", "stuck-leaving")
+    queue_jobs(firestore_client, [key])
+    outcome: list = []
+    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
+    running.start()
+    try:
+        assert generator.started.wait(10)
+        runner.release_running()
+        doc = wait_until(lambda: (d := read(firestore_client, key))["status"] == "queued" and d, timeout=5)
+        assert doc["releases"] == 1 and "worker_id" not in doc
+        assert running.is_alive()  # released while the generation is still out
+    finally:
+        generator.release.set()
+        running.join(30)
+    assert outcome == [RunOutcome.RELEASED]
+    doc = read(firestore_client, key)
+    assert (doc["status"], doc["releases"]) == ("queued", 1)
 
 
 def test_a_job_released_too_many_times_fails_with_a_clear_message(firestore_client):
