@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,19 @@ class Stuck:
         raise RuntimeError("unstuck")
 
 
+@contextmanager
+def running_stuck(store, runner, generator: Stuck, key: JobKey):
+    """(the thread running the claimed job, its outcome once it ends); the step comes back on leaving."""
+    outcome: list = []
+    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
+    running.start()
+    try:
+        yield running, outcome
+    finally:
+        generator.release.set()
+        running.join(30)
+
+
 def test_a_generation_stuck_in_a_step_is_failed_by_the_heartbeat(sched_worker, firestore_client):
     generator = Stuck()
     worker = sched_worker("w", generator, deadline=Deadline(floor_seconds=0.5, multiple=1), renew=0.2)
@@ -246,15 +260,9 @@ def test_a_stuck_generation_failed_by_the_heartbeat_ends_failed_not_lost(firesto
     runner = JobRunner(store, generator, results, deadline=Deadline(floor_seconds=0.5, multiple=1), renew_interval=0.2)
     key = JobKey("u1", "images", "stuck-alone")
     queue_jobs(firestore_client, [key])
-    outcome: list = []
-    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
-    running.start()
-    try:
+    with running_stuck(store, runner, generator, key) as (_, outcome):
         doc = wait_until(lambda: finished(firestore_client, key), timeout=10)
         assert (doc["status"], doc["error_type"]) == ("failed", "Timeout")
-    finally:
-        generator.release.set()
-        running.join(30)
     assert outcome == [RunOutcome.FAILED]
 
 
@@ -270,18 +278,12 @@ def test_a_worker_leaving_releases_a_job_stuck_in_a_step_at_once(firestore_clien
     runner = JobRunner(store, generator, results, renew_interval=100)
     key = JobKey("u1", "images", "stuck-leaving")
     queue_jobs(firestore_client, [key])
-    outcome: list = []
-    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
-    running.start()
-    try:
+    with running_stuck(store, runner, generator, key) as (running, outcome):
         assert generator.started.wait(10)
         runner.release_running()
         doc = wait_until(lambda: (d := read(firestore_client, key))["status"] == "queued" and d, timeout=5)
         assert doc["releases"] == 1 and "worker_id" not in doc
         assert running.is_alive()  # released while the generation is still out
-    finally:
-        generator.release.set()
-        running.join(30)
     assert outcome == [RunOutcome.RELEASED]
     doc = read(firestore_client, key)
     assert (doc["status"], doc["releases"]) == ("queued", 1)
