@@ -269,7 +269,7 @@ class ResultStore:
             object_name(user_id, file_uid, task_type, index, ext)
         deadline = time.monotonic() + self.retry.max_seconds
         bucket = self.client.bucket(self.bucket_name)
-        urls = []
+        urls, unused = [], []
         for index, (data, ext, content_type) in enumerate(files):
             token = str(uuid.uuid4()) if self.url_style == "token" else None
             for last in (False, True):
@@ -292,8 +292,10 @@ class ResultStore:
                     if last or not isinstance(exc.__cause__, api_exceptions.PreconditionFailed):
                         raise
             if stale:
-                self._drop_stale(bucket, stale)
+                unused.append(stale)
             urls.append(self._url(bucket, name, token))
+        if unused:
+            self._drop_stale(bucket, user_id, file_uid, task_type, unused)
         return urls
 
     def _target(
@@ -333,13 +335,17 @@ class ResultStore:
 
         self._within_budget("upload", name, attempt, deadline)
 
-    def _drop_stale(self, bucket: Any, name: str) -> None:
-        """Delete a job's own object it no longer uses. Its results are written by then: a failure here is
-        logged, never the job's failure."""
+    def _drop_stale(self, bucket: Any, user_id: str, file_uid: str, task_type: str, unused: list[str]) -> None:
+        """Delete the job's own alternates it no longer uses (an earlier try wrote there). One listing of its
+        alternates (no other job's name starts like them) rather than a delete per name: almost always there are
+        none. Its results are written by then: a failure here is logged, never the job's failure."""
+        prefix = alternate_name(user_id, file_uid, task_type).rsplit(ALTERNATE_MARK, 1)[0] + ALTERNATE_MARK
         try:
-            self._delete(bucket, name)
+            found = [blob.name for blob in bucket.list_blobs(prefix=prefix, timeout=self.retry.request_timeout)]
+            for name in set(found) & set(unused):
+                self._delete(bucket, name)
         except Exception as exc:
-            log.warning("stale_object_left", object=name, error=_reason(exc))
+            log.warning("stale_object_left", objects=unused, error=_reason(exc))
 
     def _within_budget(self, what: str, name: str, call: Callable[[float], T], deadline: float) -> T:
         """`call(request timeout)`, tried again on transient failures within the retry policy and `deadline`;
