@@ -56,6 +56,11 @@ _FOLDER = {TEXT2IMAGE: "image", TEXT2VIDEO: "video"}
 DEFAULT_FORMAT = {TEXT2IMAGE: ("png", "image/png"), TEXT2VIDEO: ("mp4", "video/mp4")}
 URL_STYLES = get_args(UrlStyle)
 TOKEN_METADATA_KEY = "firebaseStorageDownloadTokens"
+# A result's bytes never change under the URL a doc records: each upload has a new download token (a new URL),
+# signed URLs differ each time, and a public URL is recorded only once its job completed, after which nothing
+# writes its name again. So browsers may keep it: an app's job list does not fetch every image again. `private`:
+# results are per user, never for shared caches.
+CACHE_CONTROL = "private, max-age=31536000, immutable"
 OWNER_METADATA_KEY = "firegen_file_uid"  # the job (of the folder's user) that wrote the object
 # Between a file_uid and the index in an alternate name: a file_uid never holds it (firegen_core.contract's
 # _ID_PATTERN), so no normal name, and no other job's alternate, can equal one. It is legal in object names,
@@ -330,6 +335,7 @@ class ResultStore:
         def attempt(timeout: float) -> None:
             blob = bucket.blob(name)
             blob.metadata = {OWNER_METADATA_KEY: file_uid, **({TOKEN_METADATA_KEY: token} if token else {})}
+            blob.cache_control = CACHE_CONTROL
             condition = {} if generation is None else {"if_generation_match": generation}
             blob.upload_from_string(data, content_type=content_type, retry=None, timeout=timeout, **condition)
 

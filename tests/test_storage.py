@@ -161,12 +161,15 @@ def test_upload_two_images_and_a_video(store, bucket):
         "generating/user123/image/file456_1.png",
         "generating/user123/video/file789.mp4",
     ]
+    # Browsers may keep a result: its bytes never change under the URL a doc records.
+    assert {b.cache_control for b in bucket.list_blobs()} == {"private, max-age=31536000, immutable"}
 
 
-def test_a_large_video_goes_through_the_resumable_path(store):
+def test_a_large_video_goes_through_the_resumable_path(store, bucket):
     big = MP4 + b"\x01" * (9 * 1024 * 1024)  # above the library's 8 MiB multipart limit
     [url] = store.upload("u", "big", "text2video", [(big, "mp4", "video/mp4")])
     assert fetch(url).content == big
+    assert bucket.get_blob("generating/u/video/big.mp4").cache_control == "private, max-age=31536000, immutable"
 
 
 def test_reupload_overwrites_and_adds_nothing(store, bucket):
