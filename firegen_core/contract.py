@@ -29,8 +29,14 @@ MAX_MESSAGE_CHARS = 300  # every message stored on a doc or returned to a client
 MAX_QUOTED_CHARS = 60  # a client's own text quoted in a message (an unknown field's name)
 
 
+# A lone UTF-16 surrogate: JSON and JavaScript strings can carry one, UTF-8 (Firestore, HTTP bodies) cannot.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """At most `limit` characters, an ellipsis marking a cut."""
+    """At most `limit` characters, an ellipsis marking a cut; a lone surrogate (a client's text quoted) becomes
+    U+FFFD, so that the message can always be written and sent."""
+    text = _SURROGATE.sub("\ufffd", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -139,6 +145,8 @@ def _check_text(data: Mapping[str, Any], name: str, *, required: bool) -> str | 
         raise invalid(f"{name} must be a string")
     if len(value) > MAX_PROMPT_CHARS:
         raise invalid(f"{name} must be at most {MAX_PROMPT_CHARS} characters")
+    if _SURROGATE.search(value):
+        raise invalid(f"{name} must be valid Unicode text (it holds a lone UTF-16 surrogate)")
     return value
 
 
@@ -163,7 +171,8 @@ def _check_number(name: str, value: Any) -> int | float:
             raise invalid(f"{name} must be an integer")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise invalid(f"{name} must be a number")
-    if not (math.isfinite(value) and spec.low <= value <= spec.high):
+    # An int compares exactly at any size; math.isfinite would overflow on one past float's range (10**400).
+    if not ((isinstance(value, int) or math.isfinite(value)) and spec.low <= value <= spec.high):
         low, high = _format_bound(spec.low, spec.kind), _format_bound(spec.high, spec.kind)
         raise ContractError(f"{name} must be between {low} and {high}")
     if spec.multiple_of and value % spec.multiple_of:
@@ -205,6 +214,11 @@ def _build(data: Mapping[str, Any], *, use_cloud_storage: bool, task_type: str) 
 
 def _video_given(data: Mapping[str, Any]) -> bool:
     return any(data.get(name) is not None for name in VIDEO_FIELDS)
+
+
+def media_type_of(data: Mapping[str, Any]) -> str:
+    """The collection a request's job doc is in ("videos" when it gives any video field), valid or not."""
+    return MEDIA_TYPE[TEXT2VIDEO if _video_given(data) else TEXT2IMAGE]
 
 
 def parse_runsync_input(data: Any) -> GenerationRequest:

@@ -42,6 +42,7 @@ from .contract import (
     REQUESTED_AT,
     ContractError,
     GenerationRequest,
+    awaits_parameters,
     parse_document,
     restatement,
 )
@@ -252,13 +253,19 @@ class JobStore:
         snapshot = self.ref(job.key).get(**BOUND)
         return lifecycle.holds(snapshot.to_dict() if snapshot.exists else None, job.lease)
 
-    def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
-        """Fail a queued job without running it (for example when the callable's request was rejected)."""
+    def fail_unclaimed(self, key: JobKey, error: GenerationError, *, awaiting_only: bool = False) -> bool:
+        """Fail a queued job without running it (for example when the callable's request was rejected).
+
+        `awaiting_only`: only a doc that awaits its request's parameters (`awaits_parameters`: the contract's
+        function flow writes the doc, then sends the parameters to runsync). When that runsync is refused, the
+        doc stands for a job nobody asked for as it is: left queued, its defaults would run after the grace."""
         return self.transition(
             key,
             lambda doc, now: (
                 lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
-                if doc is not None and doc.get("status") == lifecycle.QUEUED
+                if doc is not None
+                and doc.get("status") == lifecycle.QUEUED
+                and (not awaiting_only or awaits_parameters(doc))
                 else None
             ),
         ).applied

@@ -29,7 +29,7 @@ from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
 from . import quota
 from .contract import clip, snake_case
-from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, QUOTA_EXCEEDED, GenerationError
+from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 
 
 class JobStatus(StrEnum):
@@ -151,12 +151,13 @@ def release(doc: Doc) -> dict:
 
 
 def refused(doc: Doc | None) -> bool:
-    """Failed `QuotaExceeded` at its admission: never admitted, never run. Its refusal says to try again when the
-    limits allow, and the same request (the same file_uid) is that try (`restate`)."""
+    """Refused, never admitted nor run: failed `QuotaExceeded` at its admission (its refusal says to try again
+    when the limits allow), or `ValidationError` (a request the contract refused: the contract's answer is "fix
+    parameters and retry"). The next request with its file_uid is that try (`restate`)."""
     return (
         doc is not None
         and doc.get("status") == FAILED
-        and doc.get("error_type") == QUOTA_EXCEEDED
+        and doc.get("error_type") in (QUOTA_EXCEEDED, VALIDATION_ERROR)
         and not doc.get(quota.ADMITTED)
         and not doc.get("attempts")
     )

@@ -46,6 +46,7 @@ from firegen_core.contract import (
     clip,
     finished_otherwise,
     invalid,
+    media_type_of,
     normalise_document_fields,
     parse_document,
     parse_runsync_input,
@@ -133,7 +134,7 @@ def _record_refusal(store: JobStore, uid: str, fields: Mapping[str, Any], messag
     with the request's prompt where it is a string.
     Only for ids that are safe document ids: anything else gets the error reply alone."""
     try:
-        key = JobKey(uid, _media_of(fields), check_id("file_uid", fields.get("file_uid")))
+        key = JobKey(uid, media_type_of(fields), check_id("file_uid", fields.get("file_uid")))
     except ContractError:
         return
     error = GenerationError(VALIDATION_ERROR, message)
@@ -196,10 +197,6 @@ def _deliver(store: JobStore, runpod: RunPodClient, key: JobKey, request: Genera
 
 
 # ------------------------------------------------------------------------------------------------ callable
-def _media_of(fields: Mapping[str, Any]) -> str:
-    return "videos" if any(fields.get(name) is not None for name in VIDEO_FIELDS) else "images"
-
-
 def _reply(key: JobKey, message: str, status: str) -> dict[str, Any]:
     return {"success": True, "fileUid": key.file_uid, "mediaType": key.media_type, "status": status, "message": message}
 
@@ -256,7 +253,7 @@ def generate(
         update = lifecycle.restate(doc, restatement(doc, request)) or {}
         count = int(doc.get(DISPATCH_COUNT) or 0)
         retry = DISPATCH_ERROR in doc and count < policy.max_dispatches  # the last dispatch never arrived
-        again = lifecycle.refused(doc)  # refused for the user's limits: this call is its new try
+        again = lifecycle.refused(doc)  # refused for its limits or its parameters: this call is its new try
         if update.get("status", doc.get("status")) == lifecycle.QUEUED and (count == 0 or retry or again):
             return {**update, **_markers(doc, BY_CALLABLE)}
         return update or None

@@ -24,12 +24,14 @@ from firegen_core.contract import (
     PARAMETER_FIELDS,
     ContractError,
     GenerationRequest,
+    check_id,
     clip,
     finished_otherwise,
+    media_type_of,
     parse_runsync_input,
     restatement,
 )
-from firegen_core.errors import Interrupted, classify
+from firegen_core.errors import VALIDATION_ERROR, GenerationError, Interrupted, classify
 from firegen_core.jobs import JobKey, WorkerJobs
 from firegen_core.lifecycle import Lease
 
@@ -87,6 +89,7 @@ class RunsyncHandler:
             request = parse_runsync_input(data)
         except ContractError as exc:
             log.info("request_rejected", error=exc.message, **_named(data))
+            self._fail_awaiting(data, exc.message)
             return rejected(exc.message)
         if not request.use_cloud_storage:
             return self.inline(request)
@@ -120,6 +123,33 @@ class RunsyncHandler:
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return accepted(request)
+
+    def _fail_awaiting(self, data: Any, message: str) -> None:
+        """A refused request whose file_uid names a doc that awaits its parameters (the contract's function flow:
+        the doc first, then this request) fails that doc with the refusal, as the contract's function then does
+        itself: left queued, the doc's defaults would run after the grace, a job nobody asked for. Any other doc,
+        or none, is left as it is (a refused runsync creates nothing)."""
+        if not isinstance(data, dict) or data.get("use_cloud_storage") is not True:
+            return
+        try:
+            key = JobKey(
+                check_id("user_id", data.get("user_id")),
+                media_type_of(data),
+                check_id("file_uid", data.get("file_uid")),
+            )
+        except ContractError:
+            return
+        try:
+            if self.store.fail_unclaimed(key, GenerationError(VALIDATION_ERROR, message), awaiting_only=True):
+                log.info(
+                    "job_failed",
+                    user_id=key.user_id,
+                    file_uid=key.file_uid,
+                    error_type=VALIDATION_ERROR,
+                    reason="its request was refused",
+                )
+        except Exception as exc:
+            log.warning("refusal_not_recorded", user_id=key.user_id, file_uid=key.file_uid, error=type(exc).__name__)
 
     def inline(self, request: GenerationRequest) -> dict[str, Any]:
         """`use_cloud_storage: false`: generate in the request and return the media as base64."""

@@ -67,6 +67,8 @@ REFUSALS = [
     (with_(video_height=1040), "video_height must be between 256 and 1024"),
     (with_(video_guidance_scale=0.9), "video_guidance_scale must be between 1.0 and 20.0"),
     (with_(video_guidance_scale=21), "video_guidance_scale must be between 1.0 and 20.0"),
+    (with_(width=10**400), "width must be between 256 and 1024"),
+    (with_(guidance_scale=-(10**400)), "guidance_scale must be between 1.0 and 20.0"),
     # strict types
     (with_(width=True), "Validation failed: width must be an integer"),
     (with_(width="512"), "Validation failed: width must be an integer"),
@@ -78,6 +80,15 @@ REFUSALS = [
     (with_(prompt=["a"]), "Validation failed: prompt must be a string"),
     (with_(prompt="x" * 2001), "Validation failed: prompt must be at most 2000 characters"),
     (with_(negative_prompt=3), "Validation failed: negative_prompt must be a string"),
+    (
+        with_(prompt="a\udfff"),
+        "Validation failed: prompt must be valid Unicode text (it holds a lone UTF-16 surrogate)",
+    ),
+    (
+        with_(negative_prompt="\ud83d"),
+        "Validation failed: negative_prompt must be valid Unicode text (it holds a lone UTF-16 surrogate)",
+    ),
+    (with_(**{"\ud800x": 1}), "Validation failed: unknown field '\ufffdx'"),
     (with_(seed="42"), "Validation failed: seed must be an integer or null"),
     (with_(seed=1.5), "Validation failed: seed must be an integer or null"),
     (with_(seed=True), "Validation failed: seed must be an integer or null"),

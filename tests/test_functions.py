@@ -260,7 +260,13 @@ def test_callable_takes_a_null_use_cloud_storage_as_left_out(firestore_client, s
     [
         ({"numFrames": 100}, "num_frames must be between 16 and 81"),
         ({"width": 2048}, "width must be between 256 and 1024"),
+        ({"width": 10**400}, "width must be between 256 and 1024"),  # was INTERNAL (an OverflowError)
         ({"prompt": "  "}, "prompt is required"),
+        # JavaScript strings carry lone surrogates and httpsCallable sends them: was INTERNAL
+        (
+            {"prompt": "a \ud800"},
+            "Validation failed: prompt must be valid Unicode text (it holds a lone UTF-16 surrogate)",
+        ),
         ({"guidanceScale": "high"}, "Validation failed: guidance_scale must be a number"),
         ({"colour": "red"}, "Validation failed: unknown field 'colour'"),
         (
@@ -307,12 +313,37 @@ def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
     assert runpod.requests == []
 
 
+@pytest.mark.parametrize("client_wrote", [False, True])
+def test_a_refused_call_fixed_and_sent_again_with_its_file_uid_runs(firestore_client, stub, client_wrote):
+    """The contract's answer to a refusal is "fix parameters and retry": the fixed call with the same file_uid is
+    that try (it answered the first call's stale message, quoting a field it no longer breaks)."""
+    path = "generations/u-fix/images/fixed"
+    if client_wrote:
+        firestore_client.document(path).create(client_doc())
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(
+            firestore_client, runpod.client(), uid="u-fix", data={"prompt": "a car", "file_uid": "fixed", "width": 2048}
+        )
+    assert raised.value.message == "width must be between 256 and 1024"
+    assert firestore_client.document(path).get().to_dict()["error_type"] == "ValidationError"
+    reply = dispatch.generate(
+        firestore_client, runpod.client(), uid="u-fix", data={"prompt": "a car", "file_uid": "fixed", "width": 256}
+    )
+    assert (reply["status"], reply["fileUid"]) == ("accepted", "fixed")
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["error"], doc["width"], doc["prompt"]) == ("queued", False, 256, "a car")
+    assert not {"error_type", "error_message", "failed_at"} & doc.keys()
+    assert [r[1]["input"]["width"] for r in runpod.requests] == [256]
+
+
 @pytest.mark.parametrize(
     "prompt,kept",
     [
         ("a red sports car", "a red sports car"),
         ("w" * 5000, "w" * 1999 + "…"),  # refused for its length, kept cut to the contract's 2000 characters
         (42, None),  # not a string: nothing to show
+        ("a \udc00", "a \ufffd"),  # refused for its lone surrogate, which a Firestore string cannot hold
     ],
 )
 def test_a_failed_doc_the_callable_creates_keeps_the_requests_prompt(firestore_client, stub, prompt, kept):

@@ -235,6 +235,15 @@ def test_the_contracts_video_example_end_to_end(stack):
         ({"prompt": None}, "prompt is required"),
         ({"width": 2048}, "width must be between 256 and 1024"),
         ({"numFrames": 16}, "Validation failed: unknown field 'numFrames' (did you mean 'num_frames'?)"),
+        # An int past float's range was a traceback (OverflowError); a lone surrogate, which JSON and JavaScript
+        # strings carry and UTF-8 cannot, was "Could not record the job ... please retry", or an HTTP 500 when
+        # quoted in the refusal.
+        ({"width": 10**400}, "width must be between 256 and 1024"),
+        (
+            {"prompt": "a \ud800 b"},
+            "Validation failed: prompt must be valid Unicode text (it holds a lone UTF-16 surrogate)",
+        ),
+        ({"\ud800x": 1}, "Validation failed: unknown field '\ufffdx'"),
         (
             {"file_uid": "../x"},
             "Validation failed: file_uid may contain only letters, digits and - _ . : @ + = ~, "
@@ -294,6 +303,35 @@ def test_the_contracts_function_flow_runs_the_parameters_runsync_sends(stack):
     # Sent again as it was (the contract's "Timeout: retry the request"): the same job, accepted, not run again.
     assert stack.runsync(body)["output"]["status"] == "accepted"
     assert stack.doc(path) == doc
+
+
+def test_the_function_flows_refused_request_fails_its_doc_and_the_fixed_one_runs(stack):
+    """The contract's function flow with a refused request: the doc (prompt alone) was left queued, and after the
+    grace the worker ran its defaults, charged, a job nobody asked for. The refusal now fails that doc at once,
+    and the request sent again fixed (the contract's "fix parameters and retry") runs with its parameters."""
+    path = "generations/test-user/images/function-refused"
+    stack.firestore.document(path).set(
+        {"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "a cat", "generated": False, "error": False}
+    )
+    body = {"input": {**IMAGE_EXAMPLE["input"], "prompt": "a cat", "file_uid": "function-refused", "width": 2048}}
+    assert stack.runsync(body)["error"] == "width must be between 256 and 1024"
+    doc = stack.doc(path)
+    assert (doc["status"], doc["error_type"], doc["error_message"]) == (
+        "failed",
+        "ValidationError",
+        "width must be between 256 and 1024",
+    )
+    body["input"]["width"] = 256
+    assert stack.runsync(body)["output"]["status"] == "accepted"
+    doc = stack.wait_finished(path)
+    assert (doc["status"], doc["width"], doc["attempts"]) == ("completed", 256, 1)
+    assert Image.open(io.BytesIO(download(doc["image_url"]))).size == (256, 512)
+    # A doc that states its job (a parameter, or a request's own) is not failed by another's refused request.
+    stated = "generations/test-user/images/function-stated"
+    stack.firestore.document(stated).set({"status": "queued", "prompt": "a dog", "width": 256})
+    body["input"].update(file_uid="function-stated", width=2048)
+    assert stack.runsync(body)["error"] == "width must be between 256 and 1024"
+    assert stack.wait_finished(stated)["status"] == "completed"
 
 
 def test_a_running_job_restated_by_its_request_stops_and_runs_with_the_requests_parameters(stack):
