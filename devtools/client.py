@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
-from firegen_core.contract import VIDEO_FIELDS
+from firegen_core.contract import ContractError, media_type_of, normalise_document_fields
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = REPO / "out" / "dev" / "stack.json"
@@ -133,7 +133,10 @@ class Client:
         data = {**data, **({"user_id": self.uid} if self.uid else {})}
         file_uid = data["file_uid"]
         options = {k: v for k, v in data.items() if k not in ("prompt", "user_id", "file_uid", "use_cloud_storage")}
-        media_type = "videos" if VIDEO_FIELDS & {k for k, v in options.items() if v is not None} else "images"
+        try:  # the client sample's camelCase spellings (numFrames) name video fields too
+            media_type = media_type_of(normalise_document_fields(options))
+        except ContractError:  # one field given twice: the function says so
+            media_type = media_type_of(options)
         ref = self.db.document(f"generations/{data['user_id']}/{media_type}/{file_uid}")
         done, listening = threading.Event(), threading.Event()
         shown_lock = threading.Lock()  # the listener's thread and this one's reads both show states
@@ -189,6 +192,7 @@ class Client:
                     file_uid, f"runsync answered {answer.get('status')}: {answer.get('output') or answer.get('error')}"
                 )
             if not written:
+                self.say(file_uid, "no result to watch: the job's doc was not written")
                 self.failures += 1
                 return None
             deadline = time.monotonic() + timeout

@@ -198,8 +198,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path(os.environ.get("FIREGEN_DEV_OUT", OUT)),
-        help="results, logs and stack.json (default out/dev, or FIREGEN_DEV_OUT)",
+        help="results, logs and stack.json (default out/dev, or FIREGEN_DEV_OUT; where another running make dev "
+        "holds that folder, the folder's name plus -HOSTING_PORT)",
     )
     for name in PORT_NAMES:
         env = f"FIREGEN_DEV_{name.upper()}_PORT"
@@ -215,6 +215,8 @@ def parse_args(argv: list[str] | None):
         help="free ports for every port not given (for tests beside a running `make dev`)",
     )
     args = parser.parse_args(argv)
+    args.out_given = args.out is not None
+    args.out = args.out or Path(os.environ.get("FIREGEN_DEV_OUT", OUT))
     args.ports = {
         name: getattr(args, f"{name}_port") or (emu.free_port() if args.free_ports else ports[name])
         for name in PORT_NAMES
@@ -485,6 +487,16 @@ def run_examples(client: Client, cli: bool, watch: Callable[[], None]) -> None:
             watch()  # a worker killed during the examples is restarted, and they finish
 
 
+def running_in(out: Path) -> bool:
+    """Whether `out` holds the state of a stack that still answers (another make dev's; a stopped one removes it,
+    a killed one leaves it behind, with nothing listening)."""
+    try:
+        host, port = json.loads((out / "stack.json").read_text())["firestore"].rsplit(":", 1)
+        return emu.port_open(host, int(port))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -496,6 +508,14 @@ def main(argv: list[str] | None = None) -> int:
     if taken:  # before anything starts (a port found taken half-way stopped make dev after 15 s of starting)
         say(f"make dev: {taken_hint(taken)}")
         return 1
+    if not args.out_given and running_in(args.out):
+        # Beside another make dev (--free-ports): its page reads its emulators' addresses from its folder, and
+        # make submit its stack.json; written over, they would lead to this stack, and after it to none.
+        taken, args.out = args.out, args.out.with_name(f"{args.out.name}-{args.ports['hosting']}")
+        say(
+            f"make dev: {shown_path(taken)} is another running make dev's; this one's is {shown_path(args.out)} "
+            f'(make submit SUBMIT_ARGS="--stack {shown_path(args.out / "stack.json")}")'
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     state = args.out / "stack.json"
     stack = Stack(args, shared, functions_only)

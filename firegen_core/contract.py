@@ -318,6 +318,10 @@ def finished_otherwise(request: GenerationRequest, changes: Mapping[str, Any]) -
     )
 
 
+# A job doc's results go to Cloud Storage: inline results (`use_cloud_storage: false`) are runsync's alone.
+CLOUD_ONLY = "use_cloud_storage must be true: results go to Cloud Storage"
+
+
 def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[str, Any]) -> GenerationRequest:
     """Turn a job document at generations/{user_id}/{media_type}/{file_uid} into a request.
 
@@ -329,6 +333,8 @@ def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[s
     if media_type not in TASK_TYPE:
         raise invalid(f"media type must be 'images' or 'videos', not '{media_type}'")
     fields = {k: v for k, v in normalise_document_fields(data).items() if k in KNOWN_FIELDS}
+    if fields.get("use_cloud_storage") not in (None, True):
+        raise invalid(CLOUD_ONLY)
     task_type = TASK_TYPE[media_type]
     if task_type == TEXT2IMAGE and _video_given(fields):
         video_field = sorted(name for name in VIDEO_FIELDS if fields.get(name) is not None)[0]

@@ -151,16 +151,17 @@ def release(doc: Doc) -> dict:
 
 
 def refused(doc: Doc | None) -> bool:
-    """Refused, never admitted nor run: failed `QuotaExceeded` at its admission (its refusal says to try again
-    when the limits allow), or `ValidationError` (a request the contract refused: the contract's answer is "fix
+    """Refused, never run: failed `QuotaExceeded` at its admission (its refusal says to try again when the
+    limits allow), or `ValidationError` (a request the contract refused: the contract's answer is "fix
     parameters and retry"). The next request with its file_uid is that try (`restate`)."""
-    return (
-        doc is not None
-        and doc.get("status") == FAILED
-        and doc.get("error_type") in (QUOTA_EXCEEDED, VALIDATION_ERROR)
-        and not doc.get(quota.ADMITTED)
-        and not doc.get("attempts")
-    )
+    if doc is None or doc.get("status") != FAILED:
+        return False
+    if doc.get("error_type") == QUOTA_EXCEEDED:
+        return not doc.get(quota.ADMITTED) and not doc.get("attempts")
+    # A doc that breaks the contract is never admitted; a claim reads it after taking it, and fails it (`attempts`
+    # 1) before any generation. An admitted one was failed by its request's refusal: before it ran (refunded), or
+    # after a worker ran it from the doc alone (charged: its answer stands).
+    return doc.get("error_type") == VALIDATION_ERROR and (not doc.get(quota.ADMITTED) or quota.never_ran(doc))
 
 
 def restate(doc: Doc | None, changes: Mapping[str, Any]) -> dict | None:
@@ -176,7 +177,9 @@ def restate(doc: Doc | None, changes: Mapping[str, Any]) -> dict | None:
     aliases = {name: DELETE_FIELD for name in doc if name not in changes and snake_case(name) in changes}
     update: dict[str, Any] = {**changes, **aliases, "modified": SERVER_TIMESTAMP}
     if refused(doc):
-        return {**update, "status": QUEUED, "error": False, **dict.fromkeys(REFUSAL_FIELDS, DELETE_FIELD)}
+        # Admitted again, under the limits as they now stand (its refusal refunded it, or never charged it).
+        gone = (*REFUSAL_FIELDS, "worker_id", "lease_expires_at", "progress", quota.ADMITTED)
+        return {**update, "status": QUEUED, "error": False, **dict.fromkeys(gone, DELETE_FIELD)}
     if not changes or doc.get("status") not in (QUEUED, PROCESSING):
         return None
     if doc.get("status") == PROCESSING:

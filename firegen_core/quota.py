@@ -143,8 +143,10 @@ def merged(before: Mapping[str, Any] | None, update: Mapping[str, Any]) -> dict[
 
 
 def never_ran(doc: Mapping[str, Any]) -> bool:
-    """Failed before any worker claimed it: cancelled while queued, never picked up, its dispatch refused."""
-    return doc.get("status") == "failed" and not doc.get("attempts")
+    """Failed before any worker claimed it: cancelled while queued, never picked up, its dispatch refused. A
+    release gives its try back to `attempts` (a shutdown is no failure of the job) but counts in `releases`:
+    a job released, then cancelled while queued, ran on a GPU until its release."""
+    return doc.get("status") == "failed" and not doc.get("attempts") and not doc.get("releases")
 
 
 def charged_on(doc: Mapping[str, Any], today: str | None) -> str | None:

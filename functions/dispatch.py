@@ -36,6 +36,7 @@ from runpod_client import RunPodClient, Verdict
 
 from firegen_core import lifecycle, workers
 from firegen_core.contract import (
+    CLOUD_ONLY,
     MAX_PROMPT_CHARS,
     REQUESTED_AT,
     VIDEO_FIELDS,
@@ -239,7 +240,7 @@ def generate(
     try:
         request = parse_runsync_input(fields)
         if not request.use_cloud_storage:
-            raise invalid("use_cloud_storage must be true: results go to Cloud Storage")
+            raise invalid(CLOUD_ONLY)
     except ContractError as exc:
         _record_refusal(store, uid, fields, exc.message)
         raise CallError("invalid-argument", exc.message) from None

@@ -28,7 +28,7 @@ from firegen_core.deadline import Deadline, timeout_message
 from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, TIMEOUT, GenerationError, Interrupted, classify
 from firegen_core.jobs import RUNPOD_JOB_ID, ClaimedJob, WorkerJobs
 
-from .storage import is_transient
+from .storage import Superseded, claim_stamp, is_transient
 
 log = structlog.get_logger("listener.runner")
 
@@ -65,7 +65,9 @@ class BatchGenerator(Generator, Protocol):
 
 
 class Results(Protocol):
-    def upload(self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple]) -> list[str]: ...
+    def upload(
+        self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple], *, claim: int | None = None
+    ) -> list[str]: ...
 
     def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int: ...
 
@@ -327,7 +329,13 @@ class JobRunner:
                 return self._lost(job, heartbeat)
             t1 = time.monotonic()
             with structlog.contextvars.bound_contextvars(**_ids(job)):  # its retries' log lines name the job
-                urls = self.results.upload(job.key.user_id, job.key.file_uid, request.task_type, result.files)
+                urls = self.results.upload(
+                    job.key.user_id,
+                    job.key.file_uid,
+                    request.task_type,
+                    result.files,
+                    claim=claim_stamp(job.claimed_at),
+                )
             fields = lifecycle.success(
                 task_type=request.task_type,
                 user_id=job.key.user_id,
@@ -348,14 +356,17 @@ class JobRunner:
         except Interrupted:
             heartbeat.stop()  # every write from here on is the job's last
             return self._interrupted(run)
+        except Superseded:  # taken over during its upload (this worker stalled): the new owner's objects stand
+            heartbeat.stop()
+            return self._lost(job, heartbeat, reason="lease taken over during the upload; later objects left alone")
         except Exception as exc:
             heartbeat.stop()
             if heartbeat.lost.is_set():  # failed `Timeout` by the heartbeat, or taken over: not ours to fail
                 return self._lost(job, heartbeat)
             return self._fail(job, classify(exc))
         heartbeat.stop()
-        if written is None:
-            return self._lost(job, heartbeat)
+        if written is None:  # its objects are the new owner's to write over
+            return self._lost(job, heartbeat, reason="lease taken over during the upload; not completed")
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
             self._remove_results(job, request)
             log.info("job_cancelled", during="upload", **_ids(job))
@@ -436,10 +447,12 @@ class JobRunner:
         return retrying(call)
 
     @staticmethod
-    def _lost(job: ClaimedJob, heartbeat: Heartbeat | None = None) -> RunOutcome:
+    def _lost(
+        job: ClaimedJob, heartbeat: Heartbeat | None = None, reason: str = "lease taken over; nothing written"
+    ) -> RunOutcome:
         if heartbeat is not None and heartbeat.ended is not None:  # ended by the heartbeat, which logged it
             return heartbeat.ended
-        log.warning("job_lost", reason="lease taken over; nothing written", **_ids(job))
+        log.warning("job_lost", reason=reason, **_ids(job))
         return RunOutcome.LOST
 
 

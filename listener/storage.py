@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
 from urllib.parse import quote
 
@@ -62,6 +62,9 @@ TOKEN_METADATA_KEY = "firebaseStorageDownloadTokens"
 # results are per user, never for shared caches.
 CACHE_CONTROL = "private, max-age=31536000, immutable"
 OWNER_METADATA_KEY = "firegen_file_uid"  # the job (of the folder's user) that wrote the object
+# When the try that wrote the object claimed its job (the claim's server time, microseconds since the epoch): a
+# later claim's is greater, and a try never writes over a later try's object (`Superseded`).
+CLAIM_METADATA_KEY = "firegen_claim"
 # Between a file_uid and the index in an alternate name: a file_uid never holds it (firegen_core.contract's
 # _ID_PATTERN), so no normal name, and no other job's alternate, can equal one. It is legal in object names,
 # quotes to %21 in URLs, and needs no escaping in a shell or a gsutil/gcloud path, unlike `#`, `?`, `*` or `[`.
@@ -78,6 +81,12 @@ class StorageError(ConnectionError):
 
 class StorageUnavailable(StorageError):
     """Storage kept failing with transient errors until the retry budget ran out."""
+
+
+class Superseded(Exception):
+    """A later try of the job (it took the job over: this try's lease ran out, its worker stalled) wrote one of
+    its objects: this try must write nothing more. Its own fence, checked before the upload, could not see it:
+    the takeover came during the upload."""
 
 
 class StorageAccessError(RuntimeError):
@@ -157,6 +166,19 @@ def is_contested(file_uid: str, task_type: str, index: int) -> bool:
     unsuffixed one whose file_uid ends like a suffix (`x_1.png`: image 0 of `x_1` and image 1 of `x`). Only
     these names are checked before an upload, so the common single-image job costs no extra request."""
     return index >= 1 or any(file_uid.endswith(f"_{i}") for i in range(1, _most(task_type)))
+
+
+def claim_stamp(claimed_at: datetime) -> int:
+    """A claim's server time as the integer `upload(claim=...)` takes: microseconds since the epoch."""
+    return round(claimed_at.timestamp() * 1_000_000)
+
+
+def _claim_of(blob: Any) -> int:
+    """The claim stamp an object records; 0 for none (written before it existed) or one that is no number."""
+    try:
+        return int((blob.metadata or {}).get(CLAIM_METADATA_KEY) or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _owner(blob: Any) -> str | None:
@@ -264,10 +286,23 @@ class ResultStore:
         )
 
     # -- uploading
-    def upload(self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple[bytes, str, str]]) -> list[str]:
+    def upload(
+        self,
+        user_id: str,
+        file_uid: str,
+        task_type: str,
+        files: Sequence[tuple[bytes, str, str]],
+        *,
+        claim: int | None = None,
+    ) -> list[str]:
         """Upload a job's files, `(data, ext, content_type)` each, under the job's deterministic names (its
         alternate, where another job owns one); return one URL per file, in the same order, for the names
-        written. Raises StorageError / StorageUnavailable."""
+        written. Raises StorageError / StorageUnavailable.
+
+        `claim`: when this try claimed the job (`claim_stamp`). Each object then records it, and is written only
+        over the generation found there by a check that it is no later try's: a worker that stalled mid-upload
+        (stopped, swapped out, its request delayed) while another took the job over and completed it, never
+        overwrites the completed job's objects and download tokens when it wakes (`Superseded`)."""
         if not files:
             raise ValueError("no files to upload")
         for index, (_, ext, _) in enumerate(files):  # a bad name is refused before anything is written
@@ -277,24 +312,23 @@ class ResultStore:
         urls, unused = [], []
         for index, (data, ext, content_type) in enumerate(files):
             token = str(uuid.uuid4()) if self.url_style == "token" else None
-            for last in (False, True):
-                name, stale, generation = self._target(bucket, user_id, file_uid, task_type, index, ext, deadline)
+            metadata = {OWNER_METADATA_KEY: file_uid, **({TOKEN_METADATA_KEY: token} if token else {})}
+            if claim is not None:
+                metadata[CLAIM_METADATA_KEY] = str(claim)
+            for tries_left in reversed(range(3)):
+                name, stale, generation = self._target(
+                    bucket, user_id, file_uid, task_type, index, ext, deadline, claim
+                )
                 try:
                     self._put(
-                        bucket,
-                        name,
-                        data,
-                        content_type or DEFAULT_FORMAT[task_type][1],
-                        token,
-                        file_uid,
-                        deadline,
-                        generation,
+                        bucket, name, data, content_type or DEFAULT_FORMAT[task_type][1], metadata, deadline, generation
                     )
                     break
                 except StorageError as exc:
-                    # Another job wrote the name between the check and this upload: check again (it is then
-                    # theirs, and this job takes its alternate).
-                    if last or not isinstance(exc.__cause__, api_exceptions.PreconditionFailed):
+                    # Someone wrote the name between the check and this upload: check again (another job's, and
+                    # this job takes its alternate; a later try's, and this one stops; an earlier try's, which
+                    # woke up, and this one writes over it).
+                    if not tries_left or not isinstance(exc.__cause__, api_exceptions.PreconditionFailed):
                         raise
             if stale:
                 unused.append(stale)
@@ -304,22 +338,42 @@ class ResultStore:
         return urls
 
     def _target(
-        self, bucket: Any, user_id: str, file_uid: str, task_type: str, index: int, ext: str, deadline: float
+        self,
+        bucket: Any,
+        user_id: str,
+        file_uid: str,
+        task_type: str,
+        index: int,
+        ext: str,
+        deadline: float,
+        claim: int | None = None,
     ) -> tuple[str, str | None, int | None]:
         """(where the job's `index`-th file goes, the job's other name for it or None, the generation the upload
         must find there: 0 for none, None for no condition). The other name goes once the file is written: an
         earlier try may have written there, and a retry must not leave two. The generation makes the check and
-        the upload one step: two jobs that both found a contested name free cannot both write it."""
+        the upload one step: two jobs that both found a contested name free cannot both write it, and a try
+        cannot write over a later try's object that landed after its check."""
         name = object_name(user_id, file_uid, task_type, index, ext)
-        if not is_contested(file_uid, task_type, index):
+        contested = is_contested(file_uid, task_type, index)
+        if not contested and claim is None:
             return name, None, None
-        alternate = alternate_name(user_id, file_uid, task_type, index, ext)
-        found = self._within_budget(
+        found, other = self._get(bucket, name, deadline), None
+        if contested:
+            alternate = alternate_name(user_id, file_uid, task_type, index, ext)
+            if found is not None and _owner(found) not in (None, file_uid):
+                if claim is None:
+                    return alternate, None, None
+                name, found = alternate, self._get(bucket, alternate, deadline)
+            else:
+                other = alternate
+        if claim is not None and found is not None and _claim_of(found) > claim:
+            raise Superseded(f"{name}: written by a later try of the job")
+        return name, other, (found.generation or 0) if found is not None else 0
+
+    def _get(self, bucket: Any, name: str, deadline: float) -> Any:
+        return self._within_budget(
             "check", name, lambda timeout: bucket.get_blob(name, timeout=timeout, retry=None), deadline
         )
-        if found is not None and _owner(found) not in (None, file_uid):
-            return alternate, None, None
-        return name, alternate, (found.generation or 0) if found is not None else 0
 
     def _put(
         self,
@@ -327,14 +381,13 @@ class ResultStore:
         name: str,
         data: bytes,
         content_type: str,
-        token: str | None,
-        file_uid: str,
+        metadata: dict[str, str],
         deadline: float,
         generation: int | None = None,
     ) -> None:
         def attempt(timeout: float) -> None:
             blob = bucket.blob(name)
-            blob.metadata = {OWNER_METADATA_KEY: file_uid, **({TOKEN_METADATA_KEY: token} if token else {})}
+            blob.metadata = metadata
             blob.cache_control = CACHE_CONTROL
             condition = {} if generation is None else {"if_generation_match": generation}
             blob.upload_from_string(data, content_type=content_type, retry=None, timeout=timeout, **condition)

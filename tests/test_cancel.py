@@ -85,8 +85,8 @@ class CancelDuringUpload:
     def __init__(self, results, client):
         self.results, self.client = results, client
 
-    def upload(self, user_id, file_uid, task_type, files):
-        urls = self.results.upload(user_id, file_uid, task_type, files)
+    def upload(self, user_id, file_uid, task_type, files, **kwargs):
+        urls = self.results.upload(user_id, file_uid, task_type, files, **kwargs)
         cancel(self.client, JobKey(user_id, "images", file_uid))
         return urls
 

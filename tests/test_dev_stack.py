@@ -163,18 +163,24 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         saved = re.search(r"saved (\S+\.png)", submit.stdout)
         assert saved and (ROOT / saved.group(1)).is_file()
 
-        # A request the contract refuses, as the contract's client sample sends it: the rules refuse the doc,
-        # the callable answers invalid-argument with the contract's message and records the refusal as a
-        # failed doc with the contract's error fields.
+        # A request the contract refuses, as the contract's client sample sends it: the rules let the doc in
+        # (the worker's contract is the judge), the callable answers invalid-argument with the contract's message
+        # and fails the doc with the contract's error fields, which the client reads on it.
         client = Client(info)
         capsys.readouterr()
         request = {"prompt": "too wide", "file_uid": "too-wide-1", "use_cloud_storage": True, "width": 2048}
-        assert client.generate(request) is None and client.failures == 1
+        assert client.generate(request)["status"] == "failed" and client.failures == 1
         said = capsys.readouterr().out
-        assert "[too-wide-1] firestore.rules refused the queued doc (PERMISSION_DENIED)" in said
+        assert "PERMISSION_DENIED" not in said
         assert (
             "[too-wide-1] generateWithRunPod refused it (INVALID_ARGUMENT): width must be between 256 and 1024" in said
         )
+        assert "[too-wide-1] failed (ValidationError): width must be between 256 and 1024" in said
+        # The client sample's camelCase options name a video too (the newcomer audit: `make submit` watched
+        # images/ and exited 1, silently, while the video ran under videos/).
+        camel = dict(numFrames=16, videoWidth=256, videoHeight=256, numInferenceSteps=10)
+        video = client.generate({"prompt": "waves", "file_uid": "camel-1", "use_cloud_storage": True, **camel})
+        assert video["status"] == "completed" and video["video_info"]["width"] == 256 and client.failures == 1
         assert firebase_cli.call(f"{info.functions}/generateWithRunPod", request, client.token) == {
             "error": {"message": "width must be between 256 and 1024", "status": "INVALID_ARGUMENT"}
         }
@@ -283,10 +289,26 @@ def test_make_dev_once_without_the_firebase_cli(tmp_path):
         emu.firestore_backend()
     except emu.EmulatorUnavailable as exc:
         pytest.skip(str(exc))
+    import socket
+
     run = StackRun(tmp_path, "--once", "--no-firebase-cli")
-    result = subprocess.run(run.cmd, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    # Beside another running make dev (--free-ports), whose folder is the default one: this run takes its own
+    # (the newcomer audit: the second wrote over the first's page settings and stack.json, and removed them).
+    other = run.out.with_name("other")
+    other.mkdir()
+    with socket.socket() as firestore:
+        firestore.bind((emu.HOST, 0))
+        firestore.listen()
+        other_state = json.dumps({"firestore": f"{emu.HOST}:{firestore.getsockname()[1]}"})
+        (other / "stack.json").write_text(other_state)
+        cmd = [arg for arg in run.cmd if arg not in ("--out", str(run.out))]
+        env = {**run.env, "FIREGEN_DEV_OUT": str(other)}
+        result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert (other / "stack.json").read_text() == other_state and sorted(os.listdir(other)) == ["stack.json"]
+    run.out = other.with_name(f"other-{run.ports['hosting']}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
+    assert f"make dev: {other} is another running make dev's; this one's is {run.out} " in output
     assert output.count("make dev: the Firebase CLI cannot run (--no-firebase-cli):") == 1
     assert "[test-img-001] runsync answered COMPLETED" in output
     if web.missing() is None:  # a static server for the web app

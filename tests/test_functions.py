@@ -407,12 +407,14 @@ def test_a_refusal_from_runpod_fails_the_doc(firestore_client, stub):
     )
     assert doc["error_message"] == "width must be a multiple of 64" and doc["failed_at"] and doc["modified"]
     assert len(runpod.requests) == 1
-    # Calling again answers from the doc, without another dispatch.
+    # Calling again is the refused job's next try (it never ran: the contract's "fix parameters and retry"), sent
+    # again, and refused again here.
     with pytest.raises(CallError) as again:
         dispatch.generate(
             firestore_client, runpod.client(), uid="u-skew", data={"prompt": "a car", "file_uid": "skew-1"}
         )
-    assert again.value.message == "width must be a multiple of 64" and len(runpod.requests) == 1
+    assert again.value.message == "width must be a multiple of 64" and len(runpod.requests) == 2
+    assert firestore_client.document("generations/u-skew/images/skew-1").get().to_dict()["status"] == "failed"
 
 
 def test_uid_checks(firestore_client, stub):

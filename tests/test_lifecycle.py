@@ -185,3 +185,36 @@ def test_the_worker_validates_retention_at_start_up(monkeypatch):
     monkeypatch.setenv("RETENTION_DAYS", "-1")
     with pytest.raises(SettingsError, match="^RETENTION_DAYS must be greater than or equal to 0"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    "doc,again",
+    [
+        # Refused at admission (never admitted nor run): its request's next try.
+        ({"status": "failed", "error_type": "QuotaExceeded"}, True),
+        # The contract refused it: a refused request's doc, or a client's doc its worker failed on reading it.
+        ({"status": "failed", "error_type": "ValidationError"}, True),
+        ({"status": "failed", "error_type": "ValidationError", "attempts": 1, "worker_id": "w1"}, True),
+        # Ran, or may have: its answer stands.
+        ({"status": "failed", "error_type": "QuotaExceeded", "attempts": 1}, False),
+        # Admitted (its doc was valid), then failed by its request's refusal before it ran: refunded, so queued
+        # and admitted again; after a worker ran it from the doc alone, charged, and its answer stands.
+        ({"status": "failed", "error_type": "ValidationError", "quota_admitted": True}, True),
+        ({"status": "failed", "error_type": "ValidationError", "quota_admitted": True, "attempts": 1}, False),
+        ({"status": "failed", "error_type": "ValidationError", "quota_admitted": True, "releases": 1}, False),
+        ({"status": "failed", "error_type": "OutOfMemoryError", "attempts": 1}, False),
+        ({"status": "failed", "error_type": "Cancelled"}, False),
+        ({"status": "completed"}, False),
+        ({"status": "queued"}, False),
+    ],
+)
+def test_a_refused_job_is_queued_again_by_its_next_request(doc, again):
+    update = lifecycle.restate(doc, {"width": 256})
+    assert lifecycle.refused(doc) is again
+    if again:
+        assert update is not None and (update["status"], update["error"], update["width"]) == ("queued", False, 256)
+        gone = {"error_type", "error_message", "failed_at", "expire_at", "worker_id", "lease_expires_at", "progress"}
+        gone.add("quota_admitted")
+        assert {k for k, v in update.items() if v is DELETE_FIELD} >= gone
+    else:
+        assert update is None or update.get("status") != "queued" or doc["status"] == "queued"

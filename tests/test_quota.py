@@ -119,6 +119,10 @@ def test_a_job_that_fails_before_any_worker_took_it_is_refunded_on_its_day():
     }
     assert quota.change(queued, {"status": "failed"}, now) == quota.Change(0, -1, -2.0)  # cancelled while queued
     assert quota.change({**queued, "attempts": 1}, {"status": "failed"}, now) == quota.Change(0, -1, 0.0)  # it ran
+    # Released by a leaving worker (its try given back to `attempts`), then cancelled while queued: it ran too
+    # (the chaos audit: refunded in full after its GPU time).
+    released = {**queued, "attempts": 0, "releases": 1}
+    assert quota.change(released, {"status": "failed"}, now) == quota.Change(0, -1, 0.0)
     yesterday = {**queued, "created_at": datetime(2026, 11, 26, 23, tzinfo=UTC)}
     assert quota.change(yesterday, {"status": "failed"}, now) == quota.Change(0, -1, 0.0)  # that day's spend is gone
     refunded = {**queued, "status": "failed"}

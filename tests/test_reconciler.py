@@ -150,6 +150,18 @@ def test_a_bad_client_doc_fails_with_the_contracts_message(make_worker, firestor
     assert (data["status"], data["error"], data["generated"]) == ("failed", True, False)
     assert data["error_message"] == "width must be between 256 and 1024"
     assert data["error_type"] == "ValidationError" and "failed_at" in data
+    # firestore.rules let clients write such docs so that they read this message: no GPU time, nothing charged.
+    assert not data.get("cost") and not data.get("quota_admitted")
+    usage = firestore_client.document("usage/u1").get().to_dict() or {}
+    assert not usage.get("spent_today") and not usage.get("pending"), usage
+    # A doc's use_cloud_storage: false is refused as the callable refuses it (the doc's results go to Storage).
+    key = JobKey("u1", "images", "inline-doc")
+    write_job(firestore_client, key, use_cloud_storage=False)
+    data = wait_until(lambda: finished(firestore_client, key))
+    assert (data["error_type"], data["error_message"]) == (
+        "ValidationError",
+        "Validation failed: use_cloud_storage must be true: results go to Cloud Storage",
+    )
 
 
 def test_a_killed_workers_job_is_finished_by_another_after_its_lease(make_worker, firestore_client, bucket):

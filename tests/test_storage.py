@@ -260,6 +260,45 @@ def test_two_jobs_racing_for_a_name_do_not_both_write_it(store, storage_client, 
     assert ("generating/u/image/r_1.png", 0) in racing.conditions  # found free: written only if still free
 
 
+def test_a_stalled_try_never_writes_over_a_later_trys_objects(store, bucket):
+    """The chaos audit: a worker stopped (SIGSTOP) mid-upload woke after another had taken its job over and
+    completed it, and wrote over 3 of the 4 images with new download tokens: on Cloud Storage the completed doc's
+    URLs were refused (the emulator ignores tokens). Each object records its try's claim, and no try writes over
+    a later one's."""
+    early, late = 1_700_000_000_000_000, 1_700_000_000_000_001
+    store.upload("u", "s", "text2image", images(b"stalled-0"), claim=early)  # before the stall
+    done = store.upload("u", "s", "text2image", images(b"new-0", b"new-1", b"new-2"), claim=late)  # the new owner
+    with pytest.raises(results.Superseded):
+        store.upload("u", "s", "text2image", images(b"stalled-0", b"stalled-1", b"stalled-2"), claim=early)
+    for url, data in zip(done, (b"new-0", b"new-1", b"new-2"), strict=True):
+        intact(bucket, url, data)
+    # A later try writes over an earlier one's objects, as a retry always did (and over objects without a claim).
+    again = store.upload("u", "s", "text2image", images(b"later-0", b"later-1", b"later-2"), claim=late + 1)
+    assert [fetch(url).content for url in again] == [b"later-0", b"later-1", b"later-2"]
+    assert {b.metadata[results.CLAIM_METADATA_KEY] for b in bucket.list_blobs(prefix="generating/u/image/s")} == {
+        str(late + 1)
+    }
+
+
+def test_a_later_try_landing_during_a_stalled_uploads_request_wins(store, storage_client, bucket, storage_emulator):
+    """The takeover lands between the stalled try's check of an image and its upload (its request delayed): the
+    upload is conditional on the generation the check found, so it fails, and the check again finds the later
+    try's object."""
+    early, late = 1_000_000, 2_000_000
+    done = []
+    racing = Preconditioned(
+        storage_client,
+        "generating/u/image/t_1.png",
+        lambda: done.extend(store.upload("u", "t", "text2image", images(b"new-0", b"new-1"), claim=late)),
+    )
+    stalled = ResultStore(racing, bucket.name, retry=FAST, emulator_host=storage_emulator.url)
+    with pytest.raises(results.Superseded):
+        stalled.upload("u", "t", "text2image", images(b"old-0", b"old-1"), claim=early)
+    for url, data in zip(done, (b"new-0", b"new-1"), strict=True):
+        intact(bucket, url, data)
+    assert ("generating/u/image/t_1.png", 0) in racing.conditions  # found free: written only if still free
+
+
 def test_a_cancelled_job_removes_only_its_own_objects(store, bucket):
     others = {uid: store.upload("u", uid, "text2image", images(uid.encode()))[0] for uid in ("d_1", "d_2")}
     store.upload("u", "d", "text2image", images(b"d-0", b"d-1", b"d-2"))  # a try stopped short of its 4 images

@@ -25,7 +25,7 @@ from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from devtools import emulators as emu
 from devtools import firebase_cli, web
 from devtools.client import StackInfo, firestore_client
-from firegen_core.contract import ContractError, parse_runsync_input
+from firegen_core.contract import ContractError, awaits_parameters, parse_runsync_input
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "out" / "web"
@@ -226,6 +226,22 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
     assert app.problems() == []
 
 
+def test_an_image_document_with_every_field_at_its_default_states_its_job(open_page, stack):
+    """The newcomer audit: written with the prompt alone, the page's image doc waited PLACEHOLDER_GRACE_SECONDS
+    (5 s) for a request that never follows it (the contract's function flow writes such a doc, then the
+    parameters to runsync). It names its steps, as a video's doc names its frames."""
+    app = open_page()
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    app.fill(Prompt="a lighthouse with every default")
+    file_uid = app.generate()
+    ref = firestore_client(stack).document(f"generations/{app.uid}/images/{file_uid}")
+    assert emu.wait_until(lambda: ref.get().exists, 30)  # the page shows its card before the write lands
+    doc = ref.get().to_dict()
+    assert doc["num_inference_steps"] == 20 and not awaits_parameters(doc)
+    assert app.wait_final(file_uid) == "completed", app.job(file_uid).inner_text()
+    assert app.problems() == []
+
+
 def test_a_video_job_written_as_a_document_plays(open_page):
     app = open_page()
     app.page.get_by_label("Video", exact=True).check()
@@ -269,6 +285,12 @@ def test_a_bad_input_shows_the_contracts_message(open_page, stack):
     doc = firestore_client(stack).document(f"generations/{app.uid}/images/{file_uid}").get().to_dict()
     assert (doc["error_type"], doc["error_message"]) == ("ValidationError", expected)
     app.shot("bad-input")
+    # A blank prompt's refusal: its card names no prompt, it says so (the newcomer audit: "Image:" and nothing).
+    app.fill(Prompt="   ", Width="256")
+    blank = app.generate()
+    assert app.wait_final(blank) == "failed"
+    assert app.job(blank).locator(".error").inner_text() == "prompt is required"
+    assert app.job(blank).locator(".prompt").inner_text() == "(no prompt recorded)"
     # The callable's HTTP 400 is the one thing the browser logs about it.
     assert [p for p in app.problems() if "status of 400" not in p] == []
 

@@ -313,6 +313,9 @@ def test_the_function_flows_refused_request_fails_its_doc_and_the_fixed_one_runs
     stack.firestore.document(path).set(
         {"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "a cat", "generated": False, "error": False}
     )
+    # The worker's listener admits the doc as soon as it hears of it (charged its defaults' cost): the refusal
+    # refunds it, and the fixed request is admitted anew (it was refused "failed before" when the admission won).
+    assert emu.wait_until(lambda: (stack.doc(path) or {}).get("quota_admitted"), 10)
     body = {"input": {**IMAGE_EXAMPLE["input"], "prompt": "a cat", "file_uid": "function-refused", "width": 2048}}
     assert stack.runsync(body)["error"] == "width must be between 256 and 1024"
     doc = stack.doc(path)
@@ -324,7 +327,7 @@ def test_the_function_flows_refused_request_fails_its_doc_and_the_fixed_one_runs
     body["input"]["width"] = 256
     assert stack.runsync(body)["output"]["status"] == "accepted"
     doc = stack.wait_finished(path)
-    assert (doc["status"], doc["width"], doc["attempts"]) == ("completed", 256, 1)
+    assert (doc["status"], doc["width"], doc["attempts"], doc["quota_admitted"]) == ("completed", 256, 1, True)
     assert Image.open(io.BytesIO(download(doc["image_url"]))).size == (256, 512)
     # A doc that states its job (a parameter, or a request's own) is not failed by another's refused request.
     stated = "generations/test-user/images/function-stated"

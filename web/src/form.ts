@@ -96,6 +96,10 @@ export function readRequest(form: HTMLFormElement, userId: string, fileUid: stri
   for (const [, field] of unreadableFields(form)) (request as unknown as Record<string, unknown>)[field] = "(not a number)";
   // A video job with every video field left to its default still names one, so it is a video job everywhere.
   if (media === "videos" && request.num_frames === undefined) request.num_frames = REQUEST_SCHEMA.properties.num_frames.default;
+  // An image job with every field left to its default still names one, its steps, so that its doc states its job:
+  // a queued doc with the prompt alone is left to a request that would follow it (PLACEHOLDER_GRACE_SECONDS).
+  if (media === "images" && Object.values(FIELDS.images).every((field) => request[field] === undefined))
+    request.num_inference_steps = REQUEST_SCHEMA.properties.num_inference_steps.default;
   return request;
 }
 

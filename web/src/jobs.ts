@@ -144,7 +144,12 @@ function kindOf(job: Job): string {
 
 /** The prompt, clipped, in quotes: what names a job to a screen reader (its id is a UUID, no name to hear). */
 function quoted(doc: JobDoc): string {
-  return `“${clip(doc.prompt ?? "(no prompt recorded)", NAME_CHARS)}”`;
+  return `“${clip(promptOf(doc), NAME_CHARS)}”`;
+}
+
+/** A refused request's doc may hold a blank prompt (refused for it: "prompt is required"), or none. */
+function promptOf(doc: JobDoc): string {
+  return doc.prompt?.trim() ? doc.prompt : "(no prompt recorded)";
 }
 
 function clip(text: string, most: number): string {
@@ -189,7 +194,7 @@ function update(li: HTMLLIElement, job: Job): void {
   li.dataset.status = doc.status;
 
   const prompt = li.querySelector<HTMLElement>(".prompt")!;
-  const text = doc.prompt ?? "(no prompt recorded)";
+  const text = promptOf(doc);
   prompt.textContent = clip(text, PROMPT_SHOWN);
   prompt.title = prompt.textContent === text ? "" : text;
   li.dataset.phase = phase(doc);
