@@ -47,6 +47,9 @@ CANCEL_REQUESTED = "cancel_requested"  # set by the job's owner (client or the c
 RELEASES = "releases"  # how many times leaving workers gave the job back
 RESTATED = "restated"  # how many running tries its requests stopped (lifecycle.restate): not failures
 FINAL_STATES = (COMPLETED, FAILED)
+# Why the functions' last dispatch of the job did not reach a worker (functions/dispatch.py); removed by the
+# next dispatch, and by the job's completion.
+DISPATCH_ERROR = "dispatch_error"
 REFUSAL_FIELDS = ("error_type", "error_message", "failed_at", "expire_at")  # of `failure`, gone when queued again
 
 Doc = Mapping[str, Any]
@@ -231,8 +234,11 @@ def drop_cancelled(doc: Doc | None) -> dict | None:
 
 
 def completion(doc: Doc, fields: Mapping[str, Any]) -> dict:
-    """What a finished run writes: its success fields, unless the owner cancelled it meanwhile."""
-    return cancelled(doc) if doc.get(CANCEL_REQUESTED) else dict(fields)
+    """What a finished run writes: its success fields, unless the owner cancelled it meanwhile. A dispatch that
+    failed on its way (`dispatch_error`) is no news once a worker completed the job."""
+    if doc.get(CANCEL_REQUESTED):
+        return cancelled(doc)
+    return {**fields, **({DISPATCH_ERROR: DELETE_FIELD} if DISPATCH_ERROR in doc else {})}
 
 
 def success(

@@ -63,7 +63,7 @@ log = logging.getLogger("functions.dispatch")
 DISPATCH_COUNT = "dispatch_count"  # how many times a worker was woken for this job
 DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
 DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
-DISPATCH_ERROR = "dispatch_error"  # why the last dispatch did not reach a worker; removed by the next one
+DISPATCH_ERROR = lifecycle.DISPATCH_ERROR  # why the last dispatch did not reach a worker; removed by the next one
 DISPATCH_FIELDS = (DISPATCH_COUNT, DISPATCHED_AT, DISPATCHED_BY, DISPATCH_ERROR)
 
 BY_CALLABLE, BY_TRIGGER, BY_SCHEDULER = "callable", "trigger", "scheduler"

@@ -218,3 +218,15 @@ def test_a_refused_job_is_queued_again_by_its_next_request(doc, again):
         assert {k for k, v in update.items() if v is DELETE_FIELD} >= gone
     else:
         assert update is None or update.get("status") != "queued" or doc["status"] == "queued"
+
+
+def test_a_completion_removes_a_stale_dispatch_error():
+    """The chaos audit: completed docs kept "RunPod did not answer after 3 attempt(s)..." from a dispatch that
+    failed while the worker restarted, though a worker had completed them since."""
+    fields = {"status": "completed", "generated": True}
+    assert lifecycle.completion({"status": "processing", "dispatch_error": "x"}, fields) == {
+        **fields,
+        "dispatch_error": DELETE_FIELD,
+    }
+    assert lifecycle.completion({"status": "processing"}, fields) == fields
+    assert lifecycle.completion({"status": "processing", "cancel_requested": True}, fields)["status"] == "failed"
