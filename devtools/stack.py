@@ -547,8 +547,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.once:
             return 0 if client is None or client.failures == 0 else 1
+        # Where this stack is not the default folder's, make submit must be told which it is.
+        target = "" if args.out == OUT else f' SUBMIT_ARGS="--stack {shown_path(state)}"'
         say(
-            "the stack keeps running: in another terminal, `make submit PROMPT='a lighthouse at dusk'` "
+            f"the stack keeps running: in another terminal, `make submit PROMPT='a lighthouse at dusk'{target}` "
             "(add VIDEO=1 for a video). Ctrl-C stops everything."
         )
         while True:

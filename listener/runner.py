@@ -120,7 +120,11 @@ class Heartbeat:
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
                 failed = _quietly(lambda: self.store.fail(self.job, self.overrun))
-                log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
+                if failed is False:  # fenced off: another worker took the job over while this one stalled
+                    self.ended = RunOutcome.LOST
+                    log.warning("job_lost", reason="lease taken over while this worker stalled", **_ids(self.job))
+                else:
+                    log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
                 return
             if self.abort is not None and self.abort.is_set():
                 if self.finishing.is_set():

@@ -266,6 +266,26 @@ def test_a_stuck_generation_failed_by_the_heartbeat_ends_failed_not_lost(firesto
     assert outcome == [RunOutcome.FAILED]
 
 
+def test_a_worker_that_stalled_past_its_deadline_while_another_took_over_ends_lost(firestore_client):
+    """The re-check of the chaos audit: a worker stopped (SIGSTOP) past its job's deadline, while another took the
+    job over and completed it, woke up to its heartbeat's `Timeout`, which the fence turned away, and logged
+    `job_timeout_forced`: its run ends lost (`job_lost`), as it is, and the new owner's doc stands."""
+    from firegen_core.errors import TIMEOUT, GenerationError
+    from listener.runner import Heartbeat, RunOutcome
+
+    key = JobKey("u1", "images", "stalled")
+    queue_jobs(firestore_client, [key])
+    store = WorkerJobs(firestore_client, worker_id="stalled", lease_seconds=300)
+    job = store.claim(key)
+    firestore_client.document(key.path).update({"worker_id": "new-owner", "attempts": 2})  # the takeover
+    overrun = GenerationError(TIMEOUT, "too long")
+    with Heartbeat(store, job, interval=100, hard_deadline=time.monotonic() + 0.2, overrun=overrun) as heartbeat:
+        assert heartbeat.lost.wait(10)
+    assert heartbeat.ended == RunOutcome.LOST
+    doc = read(firestore_client, key)
+    assert (doc["status"], doc["worker_id"]) == ("processing", "new-owner")
+
+
 def test_a_worker_leaving_releases_a_job_stuck_in_a_step_at_once(firestore_client, results):
     """A video audit: past the shutdown grace, a job in its decode and encode (no step to stop at) was released
     only once they came back, 10-15 s later, when RunPod may have killed the worker already. Its heartbeat
