@@ -302,6 +302,7 @@ def awaits_parameters(doc: Mapping[str, Any]) -> bool:
         return False
     try:
         fields = normalise_document_fields(doc)
+        _check_text(fields, "prompt", required=True)  # one with no usable prompt is refused now: no request fixes it
     except ContractError:
         return False
     # An empty negative prompt is none (a function's "other metadata" may well carry one).
@@ -333,7 +334,8 @@ def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[s
     if media_type not in TASK_TYPE:
         raise invalid(f"media type must be 'images' or 'videos', not '{media_type}'")
     fields = {k: v for k, v in normalise_document_fields(data).items() if k in KNOWN_FIELDS}
-    if fields.get("use_cloud_storage") not in (None, True):
+    cloud = fields.get("use_cloud_storage")
+    if cloud is not None and cloud is not True:  # `is`: 1 == True, and runsync refuses 1 as no boolean
         raise invalid(CLOUD_ONLY)
     task_type = TASK_TYPE[media_type]
     if task_type == TEXT2IMAGE and _video_given(fields):

@@ -46,7 +46,7 @@ from .contract import (
     parse_document,
     restatement,
 )
-from .errors import QUOTA_EXCEEDED, GenerationError
+from .errors import QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from .lifecycle import Lease
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,10 @@ class JobStore:
                     failed = lifecycle.failure(
                         GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
                     )
-                    return {**_request_part(update), **failed} if before is None else failed
+                    if before is None:
+                        return {**_request_part(update), **failed}
+                    # A refused job its request queued again (`lifecycle.restate`) stays unadmitted: refused.
+                    return {**failed, **{k: v for k, v in update.items() if k == quota.ADMITTED}}
                 update = {**update, quota.ADMITTED: True, quota.COST: cost, quota.CHARGED_ON: quota.day_of(now)}
                 after = quota.merged(before, update)
         if quota.running(after) and not quota.running(before) and usage.running >= self.limits.max_running:
@@ -277,26 +280,33 @@ class JobStore:
     def admit(self, key: JobKey) -> Outcome:
         """Admit a queued job its client wrote (or refuse it, failed `QuotaExceeded`), as soon as a worker hears
         of it: USER_MAX_PENDING bounds a user's backlog of docs even where no function sees them, which a claim,
-        taking them one at a time, never would. A job already admitted, or being cancelled, is left alone."""
+        taking them one at a time, never would. A job already admitted, or being cancelled, is left alone. A doc
+        that breaks the contract (firestore.rules let a client write one, so that it reads the contract's
+        message) is failed `ValidationError` here, without taking a generation slot."""
 
         def decide(doc: dict | None, now: datetime) -> dict | None:
             if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(lifecycle.CANCEL_REQUESTED):
                 return None
-            return None if quota.admitted(doc) else {}
+            if quota.admitted(doc):
+                return None
+            return _contract_failure(key, doc) or {}
 
         return self.transition(key, decide, admit=True)
 
-    def ensure_queued(self, request: GenerationRequest) -> Outcome:
+    def ensure_queued(self, request: GenerationRequest, request_id: str | None = None) -> Outcome:
         """Create the job's queued doc, admitted, unless a doc exists (`.after`: the doc as it now stands).
 
         A doc that exists (written by the callable, the client, or an earlier call) keeps its state; a live one
         takes the parameters the request gives where it says otherwise (`lifecycle.restate`: a running one is
-        queued again). A job past the user's limits is created failed `QuotaExceeded`.
+        queued again). A job past the user's limits is created failed `QuotaExceeded`. `request_id`: the RunPod
+        job that brought the request, on the doc it creates (whichever path of a worker claims the job then logs
+        it as the job's requestId, also a listener that hears of the doc before the request reaches the slot).
         """
         key = JobKey.of(request)
+        created = {**queued_document(request), **({RUNPOD_JOB_ID: request_id} if request_id else {})}
 
         def decide(doc: dict | None, now: datetime) -> dict | None:
-            return queued_document(request) if doc is None else lifecycle.restate(doc, restatement(doc, request))
+            return created if doc is None else lifecycle.restate(doc, restatement(doc, request), request.parameters())
 
         return self.transition(key, decide, admit=True)
 
@@ -332,6 +342,17 @@ class JobStore:
             .where(filter=FieldFilter("lease_expires_at", "<", now))
             .limit(limit)
         )
+
+
+def _contract_failure(key: JobKey, doc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The failure a queued doc that breaks the contract ends with (`ValidationError`, the contract's message);
+    None for a doc that states a job."""
+    try:
+        parse_document(key.user_id, key.media_type, key.file_uid, doc)
+    except ContractError as exc:
+        error = GenerationError(VALIDATION_ERROR, exc.message)
+        return lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
+    return None
 
 
 def _request_part(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -397,6 +418,10 @@ class WorkerJobs:
         def decide(doc: lifecycle.Doc | None, now: datetime) -> dict | None:
             if any(lifecycle.holds(doc, lease) for lease in tried):
                 return None  # ours already
+            if doc is not None and doc.get("status") == lifecycle.QUEUED and not doc.get(lifecycle.CANCEL_REQUESTED):
+                broken = _contract_failure(key, doc)
+                if broken is not None:  # failed as its admission would have: no slot, no attempt
+                    return broken
             update = lifecycle.claim(
                 doc, now, worker_id=self.worker_id, lease_seconds=self.lease_seconds, max_attempts=self.max_attempts
             )

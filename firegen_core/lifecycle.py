@@ -28,7 +28,7 @@ from typing import Any, TypeGuard
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
 from . import quota
-from .contract import clip, snake_case
+from .contract import KNOWN_FIELDS, clip, snake_case
 from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 
 
@@ -159,29 +159,35 @@ def refused(doc: Doc | None) -> bool:
     parameters and retry"). The next request with its file_uid is that try (`restate`)."""
     if doc is None or doc.get("status") != FAILED:
         return False
+    # Never charged (a doc that breaks the contract is never admitted), or refunded: admitted, then failed before it
+    # ran (its request refused, its restatement past the budget). One a worker ran stays charged: its answer stands.
+    refunded = not doc.get(quota.ADMITTED) or quota.never_ran(doc)
     if doc.get("error_type") == QUOTA_EXCEEDED:
-        return not doc.get(quota.ADMITTED) and not doc.get("attempts")
-    # A doc that breaks the contract is never admitted; a claim reads it after taking it, and fails it (`attempts`
-    # 1) before any generation. An admitted one was failed by its request's refusal: before it ran (refunded), or
-    # after a worker ran it from the doc alone (charged: its answer stands).
-    return doc.get("error_type") == VALIDATION_ERROR and (not doc.get(quota.ADMITTED) or quota.never_ran(doc))
+        return refunded and not doc.get("attempts")
+    return doc.get("error_type") == VALIDATION_ERROR and refunded
 
 
-def restate(doc: Doc | None, changes: Mapping[str, Any]) -> dict | None:
+def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, Any] | None = None) -> dict | None:
     """A live job's parameters changed by the request that states it (`contract.restatement`). A queued job just
     takes them; a running one is queued again with them, its try stopped (the fence ends it: its lease is gone,
     and `attempts` keeps counting, so a later claim's fence can never match the stale run's; `restated` counts
-    such tries, which `claim` does not hold against max_attempts). A job its user's limits refused is queued
-    again, to be admitted again (or refused again, under the limits as they now stand). Any other finished job
-    is left as it is: its answer says it ran with other parameters."""
+    such tries, which `claim` does not hold against max_attempts). A job refused for its user's limits or its
+    parameters (`refused`) is queued again, to be admitted again (or refused again, under the limits as they now
+    stand); `stated`, the request's fields as given (`GenerationRequest.parameters`), then replace the doc's
+    request fields, so that a field the refused doc broke the contract with, and the new request leaves out, is
+    gone. Any other finished job is left as it is: its answer says it ran with other parameters."""
     if doc is None:
         return None
     # A camelCase spelling the doc holds would now say the opposite of its snake_case field.
     aliases = {name: DELETE_FIELD for name in doc if name not in changes and snake_case(name) in changes}
     update: dict[str, Any] = {**changes, **aliases, "modified": SERVER_TIMESTAMP}
     if refused(doc):
-        # Admitted again, under the limits as they now stand (its refusal refunded it, or never charged it).
-        gone = (*REFUSAL_FIELDS, "worker_id", "lease_expires_at", "progress", quota.ADMITTED)
+        if stated is not None:
+            stale = {name: DELETE_FIELD for name in doc if snake_case(name) in KNOWN_FIELDS and name not in stated}
+            update = {**stale, **stated, "modified": SERVER_TIMESTAMP}
+        # Admitted again, under the limits as they now stand (its refusal refunded it, or never charged it); a
+        # cancel asked of the refused job is not one of the new request's.
+        gone = (*REFUSAL_FIELDS, "worker_id", "lease_expires_at", "progress", quota.ADMITTED, CANCEL_REQUESTED)
         return {**update, "status": QUEUED, "error": False, **dict.fromkeys(gone, DELETE_FIELD)}
     if not changes or doc.get("status") not in (QUEUED, PROCESSING):
         return None

@@ -251,7 +251,7 @@ def generate(
         if doc is None:
             return {**queued_document(request), **_markers(None, BY_CALLABLE)}
         # The client's own doc takes the parameters this call gives (a running job is queued again with them).
-        update = lifecycle.restate(doc, restatement(doc, request)) or {}
+        update = lifecycle.restate(doc, restatement(doc, request), request.parameters()) or {}
         count = int(doc.get(DISPATCH_COUNT) or 0)
         retry = DISPATCH_ERROR in doc and count < policy.max_dispatches  # the last dispatch never arrived
         again = lifecycle.refused(doc)  # refused for its limits or its parameters: this call is its new try

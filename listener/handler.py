@@ -28,6 +28,7 @@ from firegen_core.contract import (
     clip,
     finished_otherwise,
     media_type_of,
+    normalise_document_fields,
     parse_runsync_input,
     restatement,
 )
@@ -95,7 +96,7 @@ class RunsyncHandler:
             return self.inline(request)
         key = JobKey.of(request)
         try:
-            outcome = self.store.ensure_queued(request)
+            outcome = self.store.ensure_queued(request, request_id)
         except Exception as exc:
             log.error("request_not_recorded", user_id=key.user_id, file_uid=key.file_uid, error=str(exc))
             return rejected("Could not record the job in Firestore; please retry (the same file_uid is safe to resend)")
@@ -132,9 +133,13 @@ class RunsyncHandler:
         if not isinstance(data, dict) or data.get("use_cloud_storage") is not True:
             return
         try:
+            fields = normalise_document_fields(data)  # a video named in camelCase (numFrames) is under videos
+        except ContractError:
+            fields = data
+        try:
             key = JobKey(
                 check_id("user_id", data.get("user_id")),
-                media_type_of(data),
+                media_type_of(fields),
                 check_id("file_uid", data.get("file_uid")),
             )
         except ContractError:

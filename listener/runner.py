@@ -120,9 +120,9 @@ class Heartbeat:
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
                 failed = _quietly(lambda: self.store.fail(self.job, self.overrun))
-                if failed is False:  # fenced off: another worker took the job over while this one stalled
+                if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
-                    log.warning("job_lost", reason="lease taken over while this worker stalled", **_ids(self.job))
+                    log.warning("job_lost", reason="no longer this try's at its deadline", **_ids(self.job))
                 else:
                     log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
                 return

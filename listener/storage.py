@@ -334,7 +334,7 @@ class ResultStore:
                 unused.append(stale)
             urls.append(self._url(bucket, name, token))
         if unused:
-            self._drop_stale(bucket, user_id, file_uid, task_type, unused)
+            self._drop_stale(bucket, user_id, file_uid, task_type, unused, claim)
         return urls
 
     def _target(
@@ -394,14 +394,18 @@ class ResultStore:
 
         self._within_budget("upload", name, attempt, deadline)
 
-    def _drop_stale(self, bucket: Any, user_id: str, file_uid: str, task_type: str, unused: list[str]) -> None:
+    def _drop_stale(
+        self, bucket: Any, user_id: str, file_uid: str, task_type: str, unused: list[str], claim: int | None = None
+    ) -> None:
         """Delete the job's own alternates it no longer uses (an earlier try wrote there). One listing of its
         alternates (no other job's name starts like them) rather than a delete per name: almost always there are
-        none. Its results are written by then: a failure here is logged, never the job's failure."""
+        none. Its results are written by then: a failure here is logged, never the job's failure. A later try's
+        alternate stays (this try stalled, and the later one wrote there while the main name was another job's)."""
         prefix = alternate_name(user_id, file_uid, task_type).rsplit(ALTERNATE_MARK, 1)[0] + ALTERNATE_MARK
         try:
-            found = [blob.name for blob in bucket.list_blobs(prefix=prefix, timeout=self.retry.request_timeout)]
-            for name in set(found) & set(unused):
+            found = bucket.list_blobs(prefix=prefix, timeout=self.retry.request_timeout)
+            ours = {blob.name for blob in found if claim is None or _claim_of(blob) <= claim}
+            for name in ours & set(unused):
                 self._delete(bucket, name)
         except Exception as exc:
             log.warning("stale_object_left", objects=unused, error=_reason(exc))

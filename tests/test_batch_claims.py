@@ -152,17 +152,20 @@ def test_cancelling_one_job_of_a_batch_stops_that_job_alone(make_worker, firesto
 USERS = (("userA", "a1"), ("userB", "b1"), ("userC", "c1"))
 
 
-def test_a_batch_fails_a_broken_doc_alone(firestore_client, results, engine):
-    """The runner's side: a doc that breaks the contract fails on its own; the others of the batch complete."""
+def test_a_broken_doc_is_failed_by_its_claim_and_the_batch_runs_without_it(firestore_client, results, engine):
+    """A doc that breaks the contract fails on its own, at its claim (no slot, no attempt); the others of the
+    batch complete."""
     store = WorkerJobs(firestore_client, worker_id="w")
     keys = [write_job(firestore_client, user, name) for user, name in USERS]
     firestore_client.document(keys[1].path).update({"width": 257})
     jobs = [store.claim(key) for key in keys]
+    assert jobs[1] is None
+    broken = doc(firestore_client, keys[1])
+    assert (broken["error_type"], broken.get("attempts")) == ("ValidationError", None)
     spy = Spy(engine)
-    outcomes = JobRunner(store, spy, results).run_batch([(job, None) for job in jobs])
-    assert outcomes == ["completed", "failed", "completed"]
+    outcomes = JobRunner(store, spy, results).run_batch([(job, None) for job in jobs if job is not None])
+    assert outcomes == ["completed", "completed"]
     assert spy.calls == [["a1", "c1"]]
-    assert doc(firestore_client, keys[1])["error_type"] == "ValidationError"
 
 
 def test_batch_max_is_a_validated_setting():

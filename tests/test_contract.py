@@ -3,6 +3,7 @@
 import pytest
 
 from firegen_core.contract import (
+    CLOUD_ONLY,
     TEXT2IMAGE,
     TEXT2VIDEO,
     ContractError,
@@ -251,6 +252,9 @@ def test_doc_worker_fields_and_unknown_metadata_are_skipped():
         ("images", dict(CLIENT_DOC, prompt=""), "prompt is required"),
         ("images", {k: v for k, v in CLIENT_DOC.items() if k != "prompt"}, "prompt is required"),
         ("images", dict(CLIENT_DOC, width=2048), "width must be between 256 and 1024"),
+        # A doc's results go to Storage (the callable refuses false alike); 1 is no `true` (runsync refuses it).
+        ("images", dict(CLIENT_DOC, use_cloud_storage=False), f"Validation failed: {CLOUD_ONLY}"),
+        ("images", dict(CLIENT_DOC, useCloudStorage=1), f"Validation failed: {CLOUD_ONLY}"),
         ("videos", dict(CLIENT_DOC, numFrames=100), "num_frames must be between 16 and 81"),
         ("videos", dict(CLIENT_DOC, numFrames="16"), "Validation failed: num_frames must be an integer"),
         (
@@ -326,6 +330,10 @@ def test_restatement_names_what_the_request_says_otherwise(doc, given, changes):
         ({"status": "queued", "prompt": "a cat", "task_type": "text2image", "user_id": "u", "file_uid": "f"}, True),
         ({"status": "queued", "prompt": "a cat", "task_type": "text2image", "requested_at": 1}, False),  # a request's
         ({"status": "queued", "prompt": "a cat", "seed": 1, "Seed": 2}, False),  # broken: its parser decides
+        # No usable prompt: refused at once, as no request can fix it (the rules let such docs in).
+        ({"status": "queued"}, False),
+        ({"status": "queued", "prompt": 5}, False),
+        ({"status": "queued", "prompt": "   "}, False),
     ],
 )
 def test_a_doc_awaits_its_parameters_when_it_states_none_but_the_prompt(doc, awaits):

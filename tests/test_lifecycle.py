@@ -230,3 +230,25 @@ def test_a_completion_removes_a_stale_dispatch_error():
     }
     assert lifecycle.completion({"status": "processing"}, fields) == fields
     assert lifecycle.completion({"status": "processing", "cancel_requested": True}, fields)["status"] == "failed"
+
+
+def test_the_request_that_queues_a_refused_job_again_replaces_its_request_fields():
+    """The day's review: a fixed request that leaves out the field the refused doc broke the contract with (or
+    its `use_cloud_storage: false`) queued the doc again still broken: never admitted, failed again, while the
+    callable answered "accepted" and dispatched it each time. The request now replaces the doc's request."""
+    doc = {
+        "status": "failed",
+        "error_type": "ValidationError",
+        "prompt": "a cat",
+        "width": 300,
+        "numFrames": 16,
+        "use_cloud_storage": False,
+        "app_tag": "kept",
+        "cancel_requested": True,
+    }
+    stated = {"prompt": "a cat", "height": 256}
+    update = lifecycle.restate(doc, {"height": 256}, stated)
+    assert update is not None and (update["status"], update["prompt"], update["height"]) == ("queued", "a cat", 256)
+    deleted = {k for k, v in update.items() if v is DELETE_FIELD}
+    assert {"width", "numFrames", "use_cloud_storage", "cancel_requested", "quota_admitted"} <= deleted
+    assert "app_tag" not in update  # an app's own metadata is no request field

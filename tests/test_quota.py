@@ -637,3 +637,28 @@ def test_the_callable_restates_the_clients_placeholder_doc(firestore_client):
         "Validation failed: file_uid 'callable-restated' already finished with other parameters (width); "
         "use a new file_uid for a new job"
     )
+
+
+def test_a_job_refused_for_its_request_comes_back_fixed_even_past_a_full_slot(firestore_client):
+    """The day's review: a client's admitted doc, failed by its refused request (refunded), then sent again fixed
+    while its user was full: refused `QuotaExceeded` but left `quota_admitted`, so it could never come back,
+    whatever its refusal said. It stays unadmitted, and comes back once the limits allow."""
+    user = "u-fix-full"
+    store = JobStore(firestore_client, limits=Limits(max_pending=1))
+    key = write_client_doc(firestore_client, "fix-full", user=user)
+    assert store.admit(key).after.get("quota_admitted") is True
+    assert store.fail_unclaimed(key, GenerationError("ValidationError", "width must be between 256 and 1024"))
+    assert counts(firestore_client, user) == (0, 0) and not usage(firestore_client, user).get("spent_today")
+    other = store.ensure_queued(request("other", user=user))
+    assert other.after["status"] == "queued"  # the user's one slot
+    refused = store.ensure_queued(request("fix-full", user=user, width=256)).after
+    assert (refused["status"], refused["error_type"], refused.get("quota_admitted")) == (
+        "failed",
+        "QuotaExceeded",
+        None,
+    )
+    store.transition(JobKey.of(request("other", user=user)), lambda doc, now: {"status": "failed"})  # slot free
+    again = store.ensure_queued(request("fix-full", user=user, width=256)).after
+    assert (again["status"], again["quota_admitted"], again["width"]) == ("queued", True, 256)
+    assert counts(firestore_client, user) == (0, 1)
+    assert usage(firestore_client, user)["spent_today"] == pytest.approx(again["cost"])

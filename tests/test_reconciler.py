@@ -152,6 +152,8 @@ def test_a_bad_client_doc_fails_with_the_contracts_message(make_worker, firestor
     assert data["error_type"] == "ValidationError" and "failed_at" in data
     # firestore.rules let clients write such docs so that they read this message: no GPU time, nothing charged.
     assert not data.get("cost") and not data.get("quota_admitted")
+    # Failed on sight, by its admission or its claim: it took no generation slot and no attempt.
+    assert "started_at" not in data and not data.get("attempts") and "worker_id" not in data
     usage = firestore_client.document("usage/u1").get().to_dict() or {}
     assert not usage.get("spent_today") and not usage.get("pending"), usage
     # A doc's use_cloud_storage: false is refused as the callable refuses it (the doc's results go to Storage).

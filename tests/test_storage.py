@@ -280,6 +280,21 @@ def test_a_stalled_try_never_writes_over_a_later_trys_objects(store, bucket):
     }
 
 
+def test_a_stalled_try_never_deletes_a_later_trys_alternate(store, storage_client, bucket):
+    """The day's review: a later try wrote image 1 of `v` at its alternate `v!1.png` (`v_1.png` was job `v_1`'s);
+    `v_1`'s result went; a stalled earlier try then wrote `v_1.png`, and deleted `v!1.png`, its "stale" alternate,
+    which the later try's completed doc names. Only alternates of no later try are removed."""
+    store.upload("u", "v_1", "text2image", images(b"other"))
+    later = store.upload("u", "v", "text2image", images(b"v-0", b"v-1"), claim=2_000)
+    assert name_of(later[1]) == "generating/u/image/v!1.png"
+    alternate = name_of(later[1])
+    real = storage_client.bucket(bucket.name)
+    store._drop_stale(real, "u", "v", "text2image", [alternate], claim=1_000)  # the stalled try's clean-up
+    intact(bucket, later[1], b"v-1")
+    store._drop_stale(real, "u", "v", "text2image", [alternate], claim=3_000)  # a later try's own clean-up
+    assert bucket.get_blob(alternate) is None
+
+
 def test_a_later_try_landing_during_a_stalled_uploads_request_wins(store, storage_client, bucket, storage_emulator):
     """The takeover lands between the stalled try's check of an image and its upload (its request delayed): the
     upload is conditional on the generation the check found, so it fails, and the check again finds the later

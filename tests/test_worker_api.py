@@ -329,6 +329,12 @@ def test_the_function_flows_refused_request_fails_its_doc_and_the_fixed_one_runs
     doc = stack.wait_finished(path)
     assert (doc["status"], doc["width"], doc["attempts"], doc["quota_admitted"]) == ("completed", 256, 1, True)
     assert Image.open(io.BytesIO(download(doc["image_url"]))).size == (256, 512)
+    # A video's placeholder, its request refused for a camelCase name (the review: looked for under images/).
+    video = "generations/test-user/videos/function-camel"
+    stack.firestore.document(video).set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "waves"})
+    camel = {**IMAGE_EXAMPLE["input"], "prompt": "waves", "file_uid": "function-camel", "numFrames": 16}
+    assert stack.runsync({"input": camel})["error"].startswith("Validation failed: unknown field 'numFrames'")
+    assert stack.doc(video)["error_type"] == "ValidationError"
     # A doc that states its job (a parameter, or a request's own) is not failed by another's refused request.
     stated = "generations/test-user/images/function-stated"
     stack.firestore.document(stated).set({"status": "queued", "prompt": "a dog", "width": 256})
