@@ -45,6 +45,7 @@ from .contract import (
     awaits_parameters,
     parse_document,
     restatement,
+    snake_case,
 )
 from .errors import QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from .lifecycle import Lease
@@ -241,8 +242,10 @@ class JobStore:
                     )
                     if before is None:
                         return {**_request_part(update), **failed}
-                    # A refused job its request queued again (`lifecycle.restate`) stays unadmitted: refused.
-                    return {**failed, **{k: v for k, v in update.items() if k == quota.ADMITTED}}
+                    # The request refused, as it asked (a refused job it queued again: `lifecycle.restate`, whose
+                    # fields replace the doc's), and unadmitted: it may come back.
+                    asked = {k: v for k, v in update.items() if snake_case(k) in KNOWN_FIELDS or k == quota.ADMITTED}
+                    return {**asked, **failed}
                 update = {**update, quota.ADMITTED: True, quota.COST: cost, quota.CHARGED_ON: quota.day_of(now)}
                 after = quota.merged(before, update)
         if quota.running(after) and not quota.running(before) and usage.running >= self.limits.max_running:

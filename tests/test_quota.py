@@ -645,17 +645,18 @@ def test_a_job_refused_for_its_request_comes_back_fixed_even_past_a_full_slot(fi
     whatever its refusal said. It stays unadmitted, and comes back once the limits allow."""
     user = "u-fix-full"
     store = JobStore(firestore_client, limits=Limits(max_pending=1))
-    key = write_client_doc(firestore_client, "fix-full", user=user)
+    key = write_client_doc(firestore_client, "fix-full", user=user, width=512)
     assert store.admit(key).after.get("quota_admitted") is True
     assert store.fail_unclaimed(key, GenerationError("ValidationError", "width must be between 256 and 1024"))
     assert counts(firestore_client, user) == (0, 0) and not usage(firestore_client, user).get("spent_today")
     other = store.ensure_queued(request("other", user=user))
     assert other.after["status"] == "queued"  # the user's one slot
     refused = store.ensure_queued(request("fix-full", user=user, width=256)).after
-    assert (refused["status"], refused["error_type"], refused.get("quota_admitted")) == (
+    assert (refused["status"], refused["error_type"], refused.get("quota_admitted"), refused["width"]) == (
         "failed",
         "QuotaExceeded",
         None,
+        256,  # what was refused, as asked (the re-check: it showed the first request's width)
     )
     store.transition(JobKey.of(request("other", user=user)), lambda doc, now: {"status": "failed"})  # slot free
     again = store.ensure_queued(request("fix-full", user=user, width=256)).after
