@@ -257,6 +257,8 @@ def test_workers_reconnect_by_themselves_after_a_firestore_restart(
             client, after
         )
         assert [worker.pid for worker in started] == pids and all(worker.running for worker in started)
+        # A job's `job_completed` line follows its doc's completion by moments: a CI run read the logs in between.
+        assert emu.wait_until(lambda: all(completions(started, after).values()), 10, 0.1), completions(started, after)
         assert completions(started, after) == {job.key.file_uid: 1 for job in after}
         assert not any(events(worker, "job_runner_crashed") for worker in started)
     names = {blob.name for blob in bucket.list_blobs()}
