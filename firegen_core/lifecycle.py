@@ -50,6 +50,7 @@ FINAL_STATES = (COMPLETED, FAILED)
 # Why the functions' last dispatch of the job did not reach a worker (functions/dispatch.py); removed by the
 # next dispatch, and by the job's completion.
 DISPATCH_ERROR = "dispatch_error"
+DISPATCH_COUNT = "dispatch_count"  # the functions' count of dispatches (functions/dispatch.py)
 REFUSAL_FIELDS = ("error_type", "error_message", "failed_at", "expire_at")  # of `failure`, gone when queued again
 
 Doc = Mapping[str, Any]
@@ -186,8 +187,10 @@ def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, An
             stale = {name: DELETE_FIELD for name in doc if snake_case(name) in KNOWN_FIELDS and name not in stated}
             update = {**stale, **stated, "modified": SERVER_TIMESTAMP}
         # Admitted again, under the limits as they now stand (its refusal refunded it, or never charged it); a
-        # cancel asked of the refused job is not one of the new request's.
+        # cancel asked of the refused job is not one of the new request's, nor are its dispatches (they count
+        # toward giving up on a job no worker picks up).
         gone = (*REFUSAL_FIELDS, "worker_id", "lease_expires_at", "progress", quota.ADMITTED, CANCEL_REQUESTED)
+        gone = (*gone, DISPATCH_COUNT, DISPATCH_ERROR)
         return {**update, "status": QUEUED, "error": False, **dict.fromkeys(gone, DELETE_FIELD)}
     if not changes or doc.get("status") not in (QUEUED, PROCESSING):
         return None

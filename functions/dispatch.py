@@ -60,7 +60,7 @@ from firegen_core.quota import Limits
 log = logging.getLogger("functions.dispatch")
 
 # Fields this codebase adds to a job doc (the worker ignores them).
-DISPATCH_COUNT = "dispatch_count"  # how many times a worker was woken for this job
+DISPATCH_COUNT = lifecycle.DISPATCH_COUNT  # how many times a worker was woken for this job
 DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
 DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
 DISPATCH_ERROR = lifecycle.DISPATCH_ERROR  # why the last dispatch did not reach a worker; removed by the next one
@@ -256,7 +256,7 @@ def generate(
         retry = DISPATCH_ERROR in doc and count < policy.max_dispatches  # the last dispatch never arrived
         again = lifecycle.refused(doc)  # refused for its limits or its parameters: this call is its new try
         if update.get("status", doc.get("status")) == lifecycle.QUEUED and (count == 0 or retry or again):
-            return {**update, **_markers(doc, BY_CALLABLE)}
+            return {**update, **_markers(None if again else doc, BY_CALLABLE)}
         return update or None
 
     outcome = store.transition(key, decide, admit=True)

@@ -327,12 +327,15 @@ def test_a_refused_call_fixed_and_sent_again_with_its_file_uid_runs(firestore_cl
         )
     assert raised.value.message == "width must be between 256 and 1024"
     assert firestore_client.document(path).get().to_dict()["error_type"] == "ValidationError"
+    if client_wrote:  # its trigger and the sweep dispatched the client's doc before; the fixed job starts afresh
+        firestore_client.document(path).update({"dispatch_count": 3, "dispatch_error": "RunPod did not answer"})
     reply = dispatch.generate(
         firestore_client, runpod.client(), uid="u-fix", data={"prompt": "a car", "file_uid": "fixed", "width": 256}
     )
     assert (reply["status"], reply["fileUid"]) == ("accepted", "fixed")
     doc = firestore_client.document(path).get().to_dict()
     assert (doc["status"], doc["error"], doc["width"], doc["prompt"]) == ("queued", False, 256, "a car")
+    assert (doc["dispatch_count"], doc["dispatched_by"]) == (1, "callable") and "dispatch_error" not in doc
     assert not {"error_type", "error_message", "failed_at"} & doc.keys()
     assert [r[1]["input"]["width"] for r in runpod.requests] == [256]
 
