@@ -36,6 +36,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
@@ -99,6 +100,24 @@ def unique_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+# The harness's own lines in a process's log are JSON, as the worker's are, so a reader of JSON lines (jq, a log
+# shipper) takes the whole file; the start line marks where the latest start's output begins.
+START_MARK = '{"event": "harness_process_started"'
+
+
+def _mark(event: str, **fields: object) -> bytes:
+    at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    line = {
+        "event": event,
+        **fields,
+        "severity": "INFO",
+        "message": event,
+        "timestamp": at,
+        "logger": "devtools.harness",
+    }
+    return (json.dumps(line) + "\n").encode()
+
+
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The end of what the process's latest start wrote: a log is appended to across starts (and runs), and an
     earlier start's lines would read as this one's."""
@@ -106,7 +125,7 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         text = path.read_text(errors="replace")
     except OSError:
         return "(no log)"
-    latest = text.rfind("\n===== start #")
+    latest = text.rfind("\n" + START_MARK)
     return "\n".join(text[latest + 1 if latest >= 0 else 0 :].splitlines()[-lines:])
 
 
@@ -175,7 +194,7 @@ class Emulator:
             self.starts += 1
             t0 = time.monotonic()
             with open(self.log_path, "ab") as log:
-                log.write(f"\n===== start #{self.starts} at {time.strftime('%H:%M:%S')}: {' '.join(cmd)}\n".encode())
+                log.write(b"\n" + _mark("harness_process_started", start=self.starts, command=" ".join(cmd)))
                 log.flush()
                 self._proc = subprocess.Popen(
                     cmd,
@@ -233,7 +252,7 @@ class Emulator:
                     f"process group?); log {self.log_path}"
                 )
             with open(self.log_path, "ab") as log:
-                log.write(f"===== stopped at {time.strftime('%H:%M:%S')}, exit code {proc.returncode}\n".encode())
+                log.write(_mark("harness_process_stopped", start=self.starts, exit_code=proc.returncode))
 
     def _group_alive(self, proc: subprocess.Popen, pgid: int) -> bool:
         proc.poll()

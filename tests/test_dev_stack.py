@@ -469,3 +469,17 @@ def test_the_client_sees_the_end_of_a_job_its_listener_missed(firestore_emulator
     order = ["queued", "processing", "completed"]
     assert seen[-1] == "completed" and [order.index(s) for s in seen] == sorted(order.index(s) for s in seen), said
     assert "no result" not in said
+
+
+def test_a_process_logs_harness_lines_are_json_and_its_tail_is_its_latest_start(tmp_path):
+    """make dev's worker log held `===== start #2 ...` lines among the worker's JSON (a log shipper or jq choked on
+    them); the tail shown when a start fails is still only the latest start's output."""
+    log = tmp_path / "worker.log"
+    first = emu._mark("harness_process_started", start=1, command="python -m listener")
+    second = emu._mark("harness_process_started", start=2, command="python -m listener")
+    stopped = emu._mark("harness_process_stopped", start=1, exit_code=-9)
+    log.write_bytes(first + b'{"event": "earlier"}\n' + stopped + b"\n" + second + b'{"event": "later"}\n')
+    assert all(json.loads(line)["event"] for line in log.read_text().splitlines() if line)
+    tail = emu._tail(log)
+    assert "earlier" not in tail and tail.splitlines()[1] == '{"event": "later"}'
+    assert json.loads(tail.splitlines()[0])["start"] == 2

@@ -219,10 +219,14 @@ def test_runsync_jobs_go_through_the_sdk_loop_several_at_once(
         code = worker.wait_exit(30)
         worker.stop()
     assert code == 0
-    # Every line the worker wrote is JSON: the SDK's start banner and gRPC's notes (a plain line each before)
-    # included; only devtools' own start/stop markers are not the worker's.
-    plain = [line for line in worker.log_path.read_text().splitlines() if line and not line.startswith(("{", "====="))]
+    # Every line of the worker's log is JSON: the SDK's start banner and gRPC's notes (a plain line each before)
+    # included, and the harness's own start/stop lines.
+    plain = [line for line in worker.log_path.read_text().splitlines() if line and not line.startswith("{")]
     assert plain == []
+    assert [line["event"] for line in json_lines(worker) if line.get("logger") == "devtools.harness"] == [
+        "harness_process_started",
+        "harness_process_stopped",
+    ]
     lines = json_lines(worker)
     ours = [line for line in lines if "event" in line]
     sdk = [line for line in ours if line["event"] == "runpod_sdk"]
