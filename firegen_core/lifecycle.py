@@ -189,8 +189,8 @@ def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, An
         # Admitted again, under the limits as they now stand (its refusal refunded it, or never charged it); a
         # cancel asked of the refused job is not one of the new request's, nor are its dispatches (they count
         # toward giving up on a job no worker picks up).
-        gone = (*REFUSAL_FIELDS, "worker_id", "lease_expires_at", "progress", quota.ADMITTED, CANCEL_REQUESTED)
-        gone = (*gone, DISPATCH_COUNT, DISPATCH_ERROR)
+        gone: tuple[str, ...] = (*REFUSAL_FIELDS, "worker_id", "lease_expires_at", "progress", quota.ADMITTED)
+        gone = (*gone, CANCEL_REQUESTED, DISPATCH_COUNT, DISPATCH_ERROR)
         return {**update, "status": QUEUED, "error": False, **dict.fromkeys(gone, DELETE_FIELD)}
     if not changes or doc.get("status") not in (QUEUED, PROCESSING):
         return None
