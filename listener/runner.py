@@ -95,6 +95,7 @@ class Heartbeat:
     lost: threading.Event = field(default_factory=threading.Event)
     ended: RunOutcome | None = None  # `lost` because this thread ended the job itself (written, and logged)
     finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
+    timed_out: bool = False  # this thread wrote the job's `Timeout` failure
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _progress: float | None = None
@@ -116,10 +117,12 @@ class Heartbeat:
             self._wake.clear()
             if self._done.is_set():
                 return
-            if self.overrun is not None and time.monotonic() > self.hard_deadline:
+            # Once its final write is under way the job's results are stored: `complete` decides its end.
+            if self.overrun is not None and time.monotonic() > self.hard_deadline and not self.finishing.is_set():
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
                 failed = _quietly(lambda: self.store.fail(self.job, self.overrun))
+                self.timed_out = failed is True
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
                     log.warning("job_lost", reason="no longer this try's at its deadline", **_ids(self.job))
@@ -186,9 +189,13 @@ class _Run:
     def expired(self) -> bool:
         return time.monotonic() > self.deadline
 
+    @property
+    def must_stop(self) -> bool:
+        return self.heartbeat.lost.is_set() or self.abort.is_set() or self.cancel.is_set() or self.expired
+
     def progress(self, fraction: float) -> None:
         """The generation's progress callback: stops it (Interrupted) at its next step when it must stop."""
-        if self.heartbeat.lost.is_set() or self.abort.is_set() or self.cancel.is_set() or self.expired:
+        if self.must_stop:
             if self.on_stop is not None and self.ending is None:
                 self.ending = threading.Thread(target=self.on_stop, args=(self,), name="job-end", daemon=True)
                 self.ending.start()
@@ -295,7 +302,11 @@ class JobRunner:
             generated = self._generate(list(runs.values()))
             seconds = time.monotonic() - t0
             for (index, run), result in zip(runs.items(), generated, strict=True):
-                outcomes[index] = self._deliver(run, result, seconds)
+                try:
+                    outcomes[index] = self._deliver(run, result, seconds)
+                except Exception as exc:  # its lease lapses and another try runs it; the batch's others go on
+                    log.error("job_runner_crashed", error=repr(exc), **_ids(run.job))
+                    outcomes[index] = RunOutcome.LOST
         return [outcomes[index] for index in range(len(jobs))]
 
     def _generate(self, runs: list[_Run]) -> list[Any]:
@@ -325,10 +336,13 @@ class JobRunner:
         try:
             if isinstance(result, BaseException):
                 raise result
-            run.progress(1.0)
+            # Not `run.progress`: in a batch that would also start `_end_now`, and the end would be written twice.
+            if run.must_stop:
+                raise Interrupted()
+            heartbeat.post(1.0)
             # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
             # dead, taken over) must not overwrite the new owner's objects or download tokens.
-            if not self._while_held(heartbeat, lambda: self.store.holds(job)):
+            if not self._while_held(job, lambda: self.store.holds(job), heartbeat):
                 heartbeat.stop()
                 return self._lost(job, heartbeat)
             t1 = time.monotonic()
@@ -356,7 +370,7 @@ class JobRunner:
             # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done,
             # so the job neither fails nor runs again for it.
             heartbeat.finishing.set()
-            written = self._while_held(heartbeat, lambda: self.store.complete(job, fields))
+            written = self._while_held(job, lambda: self.store.complete(job, fields), heartbeat)
         except Interrupted:
             heartbeat.stop()  # every write from here on is the job's last
             return self._interrupted(run)
@@ -365,10 +379,15 @@ class JobRunner:
             return self._lost(job, heartbeat, reason="lease taken over during the upload; later objects left alone")
         except Exception as exc:
             heartbeat.stop()
+            if heartbeat.timed_out:  # failed `Timeout` by the heartbeat mid-upload: what it stored goes
+                self._remove_results(job, request)
             if heartbeat.lost.is_set():  # failed `Timeout` by the heartbeat, or taken over: not ours to fail
                 return self._lost(job, heartbeat)
             return self._fail(job, classify(exc))
         heartbeat.stop()
+        if written is None and heartbeat.timed_out:  # failed `Timeout` during its upload: no doc names its objects
+            self._remove_results(job, request)
+            return RunOutcome.FAILED
         if written is None:  # its objects are the new owner's to write over
             return self._lost(job, heartbeat, reason="lease taken over during the upload; not completed")
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
@@ -415,7 +434,7 @@ class JobRunner:
                 self._heartbeats.discard(heartbeat)
 
     def _fail(self, job: ClaimedJob, error: GenerationError) -> RunOutcome:
-        if not self.store.fail(job, error):
+        if not self._while_held(job, lambda: self.store.fail(job, error)):
             return self._lost(job)  # not this claim's job any more (restated, taken over): nothing was failed
         log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))
         return RunOutcome.FAILED
@@ -428,23 +447,24 @@ class JobRunner:
         if removed:
             log.info("job_results_removed", objects=removed, **_ids(job))
 
-    def _while_held(self, heartbeat: Heartbeat, call: Callable[[], T]) -> T | None:
+    def _while_held(self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat | None = None) -> T | None:
         """`call()` (a fenced store call), tried again on transient Firestore errors for as long as the lease
-        may still be ours: until the heartbeat reports it lost, or for one lease period at most. None when the
-        lease is already known lost."""
-        if heartbeat.lost.is_set():
+        may still be ours: until the heartbeat (if any) reports it lost, or for one lease period at most. None
+        when the lease is already known lost."""
+        lost = heartbeat.lost if heartbeat is not None else threading.Event()
+        if lost.is_set():
             return None
         first, longest = FINAL_WRITE_WAIT
         lease_period = stop_after_delay(self.store.lease_seconds)
         retrying = Retrying(
             retry=retry_if_exception(transient),
-            stop=lambda state: heartbeat.lost.is_set() or lease_period(state),
+            stop=lambda state: lost.is_set() or lease_period(state),
             wait=wait_exponential_jitter(initial=first, max=longest),
             before_sleep=lambda state: log.warning(
                 "store_retry",
                 error=str(state.outcome and state.outcome.exception()),
                 try_number=state.attempt_number,
-                **_ids(heartbeat.job),
+                **_ids(job),
             ),
             reraise=True,
         )

@@ -17,6 +17,7 @@ import pytest
 from google.cloud.firestore import SERVER_TIMESTAMP
 from PIL import Image
 
+from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey, WorkerJobs
 from firegen_core.quota import Limits
 from listener.reconciler import Reconciler
@@ -557,3 +558,135 @@ def test_a_doc_awaiting_its_parameters_runs_with_the_defaults_once_the_grace_end
     assert generator.calls == [stated.file_uid, bare.file_uid]  # the younger doc went first
     claimed = final["lease_expires_at"].timestamp() - 30.0  # the lease is 30 s from its claim
     assert claimed >= written + GRACE - 0.25, f"claimed {claimed - written:.2f} s after it was written"
+
+
+class HeldUpload:
+    """The real ResultStore whose `upload` writes the objects, then returns only once `release()` says so (a big
+    video's upload, or its retries, running on): the test decides what happens meanwhile."""
+
+    def __init__(self, results: ResultStore, release):
+        self.results, self.release = results, release
+
+    def upload(self, *args, **kwargs):
+        urls = self.results.upload(*args, **kwargs)
+        assert wait_until(self.release, 20)
+        return urls
+
+    def __getattr__(self, name):
+        return getattr(self.results, name)
+
+
+def test_a_job_timed_out_during_its_upload_leaves_no_objects(firestore_client, results, bucket):
+    """The day's review: the heartbeat failed the job `Timeout` while its upload ran on; the upload then ended and
+    its objects stayed in the bucket, with live download tokens, named by no doc."""
+    key = JobKey("u1", "images", "slow-upload")
+    write_job(firestore_client, key, num_images_per_prompt=2)
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+    timed_out = lambda: (doc(firestore_client, key) or {}).get("error_type") == "Timeout"  # noqa: E731
+    runner = JobRunner(
+        store, StubGenerator(), HeldUpload(results, timed_out), renew_interval=0.2, deadline=Deadline(1.0, 0.001)
+    )
+    assert runner.run(store.claim(key)) == "failed"
+    data = doc(firestore_client, key)
+    assert (data["status"], data["error_type"], data.get("images")) == ("failed", "Timeout", None)
+    assert list(blobs(bucket)) == []
+
+
+class SlowCompletion(WorkerJobs):
+    """`complete` held up by Firestore (a blip, as BlippingStore's) until `past` says the job's deadline is over."""
+
+    def __init__(self, *args, past, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.past, self.blips = past, 0
+
+    def complete(self, job, fields):
+        if not self.past():
+            self.blips += 1
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+        return super().complete(job, fields)
+
+
+def test_a_job_whose_final_write_is_under_way_at_its_deadline_completes(firestore_client, results, bucket):
+    """Its results are stored; only a Firestore blip holds its completion up past the deadline: the heartbeat
+    leaves it to `complete` (it failed the job `Timeout`, and the stored objects were named by no doc)."""
+    key = JobKey("u1", "images", "late-write")
+    write_job(firestore_client, key)
+    ends = time.monotonic() + 1.0 + 0.2 + 0.5  # the deadline's floor, one beat, and some
+    store = SlowCompletion(firestore_client, worker_id="w1", lease_seconds=30, past=lambda: time.monotonic() > ends)
+    runner = JobRunner(store, StubGenerator(), results, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
+    assert runner.run(store.claim(key)) == "completed"
+    data = doc(firestore_client, key)
+    assert (data["status"], data["images"] and len(data["images"]), store.blips > 0) == ("completed", 1, True)
+    assert list(blobs(bucket)) == ["generating/u1/image/late-write.png"]
+
+
+class BatchStub(StubGenerator):
+    """Two jobs at once; `during(requests)` runs as the batch's generation ends (after its last step)."""
+
+    def __init__(self, during=lambda requests: None):
+        super().__init__()
+        self.during = during
+
+    def generate_batch(self, requests, progress=None):
+        for report in progress or []:
+            report(0.5)
+        outputs = [self.generate(request) for request in requests]
+        self.during(requests)
+        return outputs
+
+
+class CountingFails(WorkerJobs):
+    def __init__(self, *args, failing=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fails: list[tuple[str, bool]] = []
+        self.failing = failing  # an error the first `fail` of this file_uid raises
+
+    def fail(self, job, error):
+        if self.failing and self.failing[0] == job.key.file_uid:
+            _, exc = self.failing
+            self.failing = None
+            raise exc
+        failed = super().fail(job, error)
+        self.fails.append((job.key.file_uid, failed))
+        return failed
+
+
+def test_a_batched_job_cancelled_as_its_generation_ends_is_failed_once(firestore_client, results, bucket):
+    """The day's review: its delivery's stop check also started the batch's early-end thread, so two threads
+    wrote its end (one fenced off, logged a false `job_lost`, and the run was reported lost)."""
+    keys = [JobKey("u1", "images", name) for name in ("kept", "cancelled")]
+    for key in keys:
+        write_job(firestore_client, key)
+    store = CountingFails(firestore_client, worker_id="w1", lease_seconds=30)
+    cancel = threading.Event()
+    runner = JobRunner(store, BatchStub(during=lambda requests: cancel.set()), results)
+    outcomes = runner.run_batch([(store.claim(keys[0]), None), (store.claim(keys[1]), cancel)])
+    assert outcomes == ["completed", "failed"]
+    assert store.fails == [("cancelled", True)]
+    assert doc(firestore_client, keys[1])["error_type"] == "Cancelled"
+    assert list(blobs(bucket)) == ["generating/u1/image/kept.png"]
+
+
+@pytest.mark.parametrize("transient", [True, False])
+def test_a_failure_that_cannot_be_written_at_once_leaves_the_batchs_other_jobs_delivered(
+    firestore_client, results, bucket, transient
+):
+    """The review: a job's `fail` was not retried like the final writes, and its error left the delivery loop,
+    so the batch's later jobs were neither uploaded nor completed (run again after their leases, GPU paid twice)."""
+    from google.api_core.exceptions import PermissionDenied, ServiceUnavailable
+
+    keys = [JobKey("u1", "images", name) for name in ("bad", "good")]
+    for key in keys:
+        write_job(firestore_client, key)
+    error = ServiceUnavailable("failed to connect") if transient else PermissionDenied("no")
+    store = CountingFails(firestore_client, worker_id="w1", lease_seconds=30, failing=("bad", error))
+    cancel = threading.Event()
+    runner = JobRunner(store, BatchStub(during=lambda requests: cancel.set()), results)
+    outcomes = runner.run_batch([(store.claim(keys[0]), cancel), (store.claim(keys[1]), None)])
+    # A transient error is retried (the job ends `Cancelled`); another leaves that job to its lease.
+    assert outcomes == (["failed", "completed"] if transient else ["lost", "completed"])
+    assert doc(firestore_client, keys[0])["status"] == ("failed" if transient else "processing")
+    assert doc(firestore_client, keys[1])["status"] == "completed"
+    assert "generating/u1/image/good.png" in blobs(bucket)
