@@ -445,7 +445,7 @@ CANCELLED_REPLY = "Generation cancelled"
 CANCELLING_REPLY = "Cancelling: the worker stops the generation at its next step"
 
 
-def cancel(db: firestore.Client, *, uid: str | None, data: Any) -> dict[str, Any]:
+def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits = Limits()) -> dict[str, Any]:
     """The `cancelGeneration` callable: {fileUid, mediaType} of one of the caller's jobs.
 
     A queued job is failed `Cancelled` now; a processing one gets `cancel_requested: true` and its worker
@@ -476,7 +476,7 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any) -> dict[str, Any
     except ContractError as exc:
         raise CallError("invalid-argument", exc.message) from None
     key = JobKey(uid, media, file_uid)
-    outcome = _store(db).cancel(key)
+    outcome = _store(db, limits).cancel(key)  # its refund rewrites the usage doc, limits included
     doc = outcome.before
     if doc is None:
         raise CallError("not-found", "No such generation")

@@ -245,7 +245,7 @@ def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
 @https_fn.on_call(timeout_sec=30, enforce_app_check=enforce_app_check())
 def cancelGeneration(req: https_fn.CallableRequest) -> dict:
     try:
-        return dispatch.cancel(_firestore(), uid=req.auth.uid if req.auth else None, data=req.data)
+        return dispatch.cancel(_firestore(), uid=req.auth.uid if req.auth else None, data=req.data, limits=_limits())
     except dispatch.CallError as exc:
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
 

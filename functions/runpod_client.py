@@ -88,7 +88,9 @@ class RunPodClient:
         session: requests.Session | None = None,
     ):
         self.url = url
-        self._api_key = api_key
+        # A secret set with `echo $KEY | firebase functions:secrets:set` ends in a newline, which no HTTP header
+        # may hold: every dispatch would fail "InvalidHeader".
+        self._api_key = api_key.strip()
         self.attempts = max(1, attempts)
         self.timeout = timeout
         self.connect_timeout = connect_timeout

@@ -495,6 +495,15 @@ def test_5xx_is_retried_with_the_bearer_key_and_in_queue_means_queued(firestore_
     assert doc["runpod_job_id"] == "job-9"  # the worker logs it as the job's requestId
 
 
+def test_a_key_set_with_its_trailing_newline_still_dispatches(stub):
+    """`echo $KEY | firebase functions:secrets:set RUNPOD_API_KEY` stores the newline too, which no HTTP header may
+    hold: every dispatch was undelivered ("InvalidHeader") and every job waited out the scheduler's give-up."""
+    runpod = stub((200, {"id": "job-1", "status": "IN_QUEUE"}))
+    client = RunPodClient(runpod.url, f"{API_KEY}\n", **FAST)
+    assert client.runsync({"prompt": "a car"}).outcome == "queued"
+    assert [auth for auth, _ in runpod.requests] == [f"Bearer {API_KEY}"]
+
+
 @pytest.mark.parametrize(
     "answer,outcome",
     [

@@ -247,6 +247,20 @@ def test_a_job_cancelled_before_any_worker_took_it_gives_its_cost_back(firestore
     assert usage(firestore_client)["spent_today"] == doc(firestore_client, ran)["cost"]  # the cancelled one's back
 
 
+def test_the_cancel_callable_keeps_the_deployed_limits_on_the_usage_doc(firestore_client):
+    """The day's review: cancelGeneration's refund rewrote `usage/{uid}` with the default limits (600 GPU-s where
+    the deploy set 30), which an app showing what is left then read."""
+    limits = Limits(max_running=1, max_pending=5, daily_budget=30)
+    data = {"prompt": "a red car", "file_uid": "cancel-limits"}
+    dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data, limits=limits)
+    reply = dispatch.cancel(
+        firestore_client, uid=USER, data={"fileUid": "cancel-limits", "mediaType": "images"}, limits=limits
+    )
+    assert reply["status"] == "cancelled"
+    assert usage(firestore_client)["limits"] == {"max_running": 1, "max_pending": 5, "daily_budget": 30.0}
+    assert usage(firestore_client)["spent_today"] == 0
+
+
 def test_a_job_released_on_shutdown_stops_running_but_stays_pending(firestore_client):
     key = write_client_doc(firestore_client, "released")
     leaving = WorkerJobs(firestore_client, worker_id="leaving")
