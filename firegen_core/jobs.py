@@ -33,6 +33,7 @@ from google.api_core.exceptions import (
 )
 from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP, FieldFilter
+from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from . import lifecycle, quota
 from .contract import (
@@ -47,7 +48,7 @@ from .contract import (
     restatement,
     snake_case,
 )
-from .errors import QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
+from .errors import CANCELLED, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from .lifecycle import Lease
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
 RUNPOD_JOB_ID = "runpod_job_id"  # the RunPod job that dispatched the job (the functions write it; logged as requestId)
 MAX_CONFLICTS = 40
+CLAIM_TRIES = 3  # a claim's calls that failed (Firestore briefly away), tried again knowing its earlier tries
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
 # Conflicts back off exponentially with full jitter (first ~10 ms, at most 250 ms a wait): racers for one user's
 # usage doc (one user's burst of requests) spread out instead of colliding again on the next round trip.
@@ -415,7 +417,9 @@ class WorkerJobs:
 
         A commit may land while its answer is lost (a timeout, a cancelled call): sent again, it then conflicts
         with itself. A claim that finds its own earlier try in the doc is this claim, not a lost race, or the job
-        would sit `processing` under this worker, unrun, until its lease ran out."""
+        would sit `processing` under this worker, unrun, until its lease ran out. So a failed call is tried again
+        here, where the earlier tries are known (the caller's own retry would not know them): a listener that
+        offers the key meanwhile is not heard, and a dropped candidate would wait for the next sweep."""
         tried: list[Lease] = []
 
         def decide(doc: lifecycle.Doc | None, now: datetime) -> dict | None:
@@ -432,7 +436,8 @@ class WorkerJobs:
                 tried.append(Lease(self.worker_id, update["attempts"]))
             return update
 
-        outcome = self.jobs.transition(key, decide, admit=True)
+        retrying = Retrying(stop=stop_after_attempt(CLAIM_TRIES), wait=wait_exponential(0.1, max=1), reraise=True)
+        outcome = retrying(self.jobs.transition, key, decide, admit=True)
         written, before = outcome.written, outcome.before
         if before is None:
             return None
@@ -460,15 +465,23 @@ class WorkerJobs:
         )
         if outcome.written is not None:
             return outcome.written.get("status")
-        before = outcome.before or {}
-        # This completion landed on an earlier try whose answer was lost (see `claim`): nobody else completes it.
-        ours = (before.get("worker_id"), before.get("attempts")) == (job.lease.worker_id, job.lease.attempt)
-        return lifecycle.COMPLETED if ours and before.get("status") == lifecycle.COMPLETED else None
+        # This completion landed on an earlier try whose answer was lost (see `claim`): nobody else ends it. It
+        # was written `failed` where the owner had cancelled the job (lifecycle.completion).
+        if _landed(outcome.before, job, lifecycle.COMPLETED):
+            return lifecycle.COMPLETED
+        return lifecycle.FAILED if _landed(outcome.before, job, lifecycle.FAILED, CANCELLED) else None
 
     def fail(self, job: ClaimedJob, error: GenerationError) -> bool:
-        return self._fenced(
-            job, lambda doc, now: lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
+        outcome = self.transition(
+            job.key,
+            lambda doc, now: (
+                lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
+                if lifecycle.holds(doc, job.lease)
+                else None
+            ),
         )
+        # Applied, or applied by an earlier try whose answer was lost (its retry finds the job failed so).
+        return outcome.applied or _landed(outcome.before, job, lifecycle.FAILED, error.error_type)
 
     def release(self, job: ClaimedJob) -> dict | None:
         """Give the job back to the queue (shutdown); past `max_releases` releases it fails instead. Returns what
@@ -481,6 +494,13 @@ class WorkerJobs:
                 else None
             ),
         ).written
+
+
+def _landed(doc: Mapping[str, Any] | None, job: ClaimedJob, status: str, error_type: str | None = None) -> bool:
+    """Whether the doc is in `status` (with `error_type`) under this claim: a write of this claim landed."""
+    doc = doc or {}
+    ours = (doc.get("worker_id"), doc.get("attempts")) == (job.lease.worker_id, job.lease.attempt)
+    return ours and doc.get("status") == status and (error_type is None or doc.get("error_type") == error_type)
 
 
 def queued_document(request: GenerationRequest) -> dict[str, Any]:

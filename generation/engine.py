@@ -266,6 +266,9 @@ class Engine:
         """The loaded pipeline for `task_type`, loading it on first use; ModelNotAvailable if it can't be."""
         if not self.config.enabled(task_type):
             raise _not_loaded(task_type)
+        loaded = self._pipelines.get(task_type)
+        if loaded is not None:  # not behind the lock: a failing model's reload (minutes for Wan) holds it
+            return loaded
         with self._load_lock:
             if task_type not in self._pipelines:
                 self._pipelines[task_type] = CAPABILITIES[task_type].load(

@@ -35,7 +35,6 @@ from datetime import UTC, datetime
 
 import structlog
 from google.cloud.firestore import Query
-from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from firegen_core import lifecycle, quota, workers
 from firegen_core.contract import GenerationRequest, awaits_parameters, parse_document
@@ -154,6 +153,8 @@ class Reconciler:
             self.wait_idle(30.0)
         for thread in self._threads:
             thread.join(timeout=5)
+        for watch in self._watches.values():  # one the sweep's watchdog restarted as `stop` began
+            _close(watch)
         try:
             workers.leave(self.store.client, self.store.worker_id)
         except Exception as exc:
@@ -364,13 +365,8 @@ class Reconciler:
         when not to `start` (only forget it)."""
         job = None
         try:
-            # A claim is a compare-and-set, safe to repeat. Repeating it matters: while the claim is in flight
-            # the key is taken, so a listener that offers it meanwhile is not heard, and a dropped candidate
-            # would wait for the next sweep (an emulator's "call already cancelled" on a listener restart).
             if start:
-                job = Retrying(stop=stop_after_attempt(3), wait=wait_exponential(0.1, max=1), reraise=True)(
-                    self.store.claim, key
-                )
+                job = self.store.claim(key)  # tried again there on errors, knowing its earlier tries
         except Exception as exc:
             log.warning("claim_error", path=key.path, error=str(exc))
         if job is None:

@@ -261,6 +261,20 @@ def test_a_local_folder_loads_and_each_pipeline_loads_once(engine, tiny_cache):
     assert first.files[0].data == engine.generate(image_request()).files[0].data  # same weights, same bytes
 
 
+def test_a_loaded_model_is_handed_out_while_another_model_loads(engine):
+    """The day's review: every job waited on the one load lock, so while a failing video model was loaded again
+    (minutes for Wan) image jobs on the worker's other slots waited for their loaded SDXL."""
+    import threading
+
+    loaded = engine.pipeline("text2image")
+    got: list = []
+    with engine._load_lock:  # another model's load under way
+        fetch = threading.Thread(target=lambda: got.append(engine.pipeline("text2image")), daemon=True)
+        fetch.start()
+        fetch.join(10)
+        assert got == [loaded]
+
+
 def test_engine_config_from_env():
     config = EngineConfig.from_env(
         {

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
-from google.api_core.exceptions import FailedPrecondition
+from google.api_core.exceptions import FailedPrecondition, RetryError, ServiceUnavailable
 
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
@@ -206,17 +206,18 @@ class LostAnswer:
     commit fails its own precondition. A stand-in for a lost response (the emulator's "call already cancelled"
     does it, but not on demand); the commits themselves are the emulator's."""
 
-    def __init__(self, monkeypatch, times: int = 1):
+    def __init__(self, monkeypatch, times: int = 1, error: Exception | None = None):
         from google.cloud.firestore_v1.batch import WriteBatch
 
         self.left = times
         real = WriteBatch.commit
+        error = error or FailedPrecondition("the stored version does not match the required base version")
 
         def commit(batch, *args, **kwargs):
             result = real(batch, *args, **kwargs)
             if self.left:
                 self.left -= 1
-                raise FailedPrecondition("the stored version does not match the required base version")
+                raise error
             return result
 
         monkeypatch.setattr(WriteBatch, "commit", commit)
@@ -229,6 +230,45 @@ def test_a_claim_whose_answer_was_lost_is_still_this_claim(firestore_client, mon
     assert job is not None and job.lease.attempt == 1  # not taken for a lost race, nor claimed twice
     doc = read(firestore_client)
     assert (doc["status"], doc["worker_id"], doc["attempts"]) == ("processing", "w1", 1)
+
+
+# The client's own retry of an unavailable Firestore ran out after the commit had landed: the call raises.
+OUT_OF_RETRIES = RetryError("Timeout of 15.0s exceeded", ServiceUnavailable("connection reset"))
+
+
+def test_a_claim_whose_call_failed_after_it_landed_is_still_this_claim(firestore_client, monkeypatch):
+    """The day's review: the reconciler's retry of a claim whose call raised (its commit landed) was a new claim,
+    which found the job `processing` under this worker and gave up: the job sat unrun for a whole lease."""
+    queue(firestore_client)
+    LostAnswer(monkeypatch, error=OUT_OF_RETRIES)
+    job = store(firestore_client).claim(KEY)
+    assert job is not None and job.lease.attempt == 1
+    assert (read(firestore_client)["status"], read(firestore_client)["attempts"]) == ("processing", 1)
+
+
+def test_a_failure_or_cancelled_completion_whose_call_failed_after_it_landed_says_so_when_retried(
+    firestore_client, monkeypatch
+):
+    """The runner retries a final write whose call raised; finding its own write, the retry said the lease was
+    lost (a false `job_lost`, and a cancelled job's uploaded results were left in the bucket)."""
+    queue(firestore_client)
+    jobs = store(firestore_client)
+    job = jobs.claim(KEY)
+    LostAnswer(monkeypatch, error=OUT_OF_RETRIES)
+    with pytest.raises(RetryError):
+        jobs.fail(job, GenerationError("Cancelled", "Generation cancelled by its owner"))
+    assert jobs.fail(job, GenerationError("Cancelled", "Generation cancelled by its owner"))
+    assert not jobs.fail(job, GenerationError("Timeout", "too long"))  # not the failure this claim wrote
+
+    other = JobKey(KEY.user_id, KEY.media_type, "cancelled-while-uploading")
+    queue(firestore_client, other)
+    running = jobs.claim(other)
+    firestore_client.document(other.path).update({"cancel_requested": True})
+    LostAnswer(monkeypatch, error=OUT_OF_RETRIES)
+    with pytest.raises(RetryError):
+        jobs.complete(running, {"status": "completed", "generated": True})
+    assert jobs.complete(running, {"status": "completed", "generated": True}) == "failed"
+    assert read(firestore_client, other)["error_type"] == "Cancelled"
 
 
 def test_a_completion_whose_answer_was_lost_says_completed(firestore_client, monkeypatch):
