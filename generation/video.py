@@ -114,10 +114,13 @@ class VideoPipeline(DiffusionCapability):
         width = self.pipe.text_encoder.config.d_model
         # WanPipeline.__call__'s max_sequence_length: prompts are padded to 512 tokens.
         embeds = torch.zeros(1, WAN_TEXT_TOKENS, width, device=self.runtime.device, dtype=self.pipe.transformer.dtype)
-        sibling.transformer.negative = embeds  # what batch_cfg's capture of encode_prompt does in a job
+        # What batch_cfg's capture of encode_prompt does in a job: a job without CFG has no negative embeddings,
+        # so its transformer batch is of 1 (with them here, the no-CFG shapes compiled the CFG batch again).
+        negative = embeds if guidance > 1 else None
+        sibling.transformer.negative = negative
         sibling(
             prompt_embeds=embeds,
-            negative_prompt_embeds=embeds,
+            negative_prompt_embeds=negative,
             width=video_width,
             height=video_height,
             num_frames=frames_to_generate(frames, self.pipe.vae_scale_factor_temporal),

@@ -131,10 +131,14 @@ def test_the_wan_warm_up_compiles_what_videos_of_other_sizes_and_lengths_run(tin
     pipeline = VideoPipeline.load("tiny", Runtime(compile_backend=compiles))
     assert pipeline.compiler.wait(COMPILE_DEADLINE_S) and pipeline.compiler.state == "compiled"
     warmed_up = compiles.graphs
-    for width, height, frames in [(256, 256, 16), (320, 256, 24)]:
+    for width, height, frames, guidance in [(256, 256, 16, 5.0), (320, 256, 24, 5.0), (256, 256, 16, 1.0)]:
         runs = compiles.runs
-        pipeline.generate(video_request(video_width=width, video_height=height, num_frames=frames), 1)
-        assert compiles.runs == runs + 3  # the 3 steps, each pass pair one batch
+        request = video_request(
+            video_width=width, video_height=height, num_frames=frames, video_guidance_scale=guidance
+        )
+        pipeline.generate(request, 1)
+        # The 3 steps, each pass pair one batch; without CFG (a review: it ran eagerly) one pass each.
+        assert compiles.runs == runs + 3, (width, height, frames, guidance)
     assert compiles.graphs == warmed_up
 
 
