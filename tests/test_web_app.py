@@ -548,6 +548,29 @@ def test_text_a_number_field_cannot_read_is_refused_in_both_flows(open_page, sta
     assert app.problems() == []
 
 
+def test_a_seed_past_what_the_page_holds_exactly_is_refused_in_both_flows(open_page, stack):
+    """A review: 9007199254740993 typed as the seed went to the callable as 9007199254740992 (a JavaScript number is
+    a double), and the job ran with a seed nobody typed; through a document it read "must be an integer"."""
+    app = open_page()
+    db = firestore_client(stack)
+    expected = (
+        "Validation failed: seed must be between -9007199254740991 and 9007199254740991 in this page "
+        "(a larger one would be rounded)"
+    )
+    for via in ("the generateWithRunPod callable", "a queued job document (the trigger dispatches it)"):
+        app.page.get_by_label(via).check()
+        app.fill(Prompt="a big seed")
+        app.page.get_by_label("Seed (empty: random)", exact=True).fill("9007199254740993")
+        app.page.evaluate("document.getElementById('form-error').textContent = ''")
+        app.page.get_by_role("button", name="Generate").click()
+        app.page.wait_for_selector("#form-error:not(:empty)", timeout=10_000)
+        assert app.page.get_by_role("alert").inner_text() == expected, via
+    app.page.get_by_label("Seed (empty: random)", exact=True).fill("9007199254740991")  # the largest it holds
+    app.page.get_by_role("button", name="Generate").click()
+    seeds = lambda: [d.to_dict().get("seed") for d in db.collection(f"generations/{app.uid}/images").stream()]  # noqa: E731
+    assert emu.wait_until(seeds, 30, 0.2) and seeds() == [9007199254740991]
+
+
 def test_the_callable_unreachable_says_so_plainly(open_page):
     """Audit: the callable failing offline (or with a server error page) showed just "internal". A queued doc
     written offline waits for the connection, and says so."""

@@ -73,6 +73,12 @@ export function unreadable(form: HTMLFormElement): boolean {
   return unreadableFields(form).length > 0;
 }
 
+/** Whether the seed typed is past what a JavaScript number holds exactly (it would be sent rounded). */
+export function inexactSeed(form: HTMLFormElement): boolean {
+  const seed = (form.querySelector("#seed") as HTMLInputElement).value;
+  return seed !== "" && !Number.isSafeInteger(Number(seed));
+}
+
 /** The request the form describes. Empty number fields are left out (the contract's defaults apply). */
 export function readRequest(form: HTMLFormElement, userId: string, fileUid: string): GenerationRequest {
   const media = mediaType(form);

@@ -8,7 +8,7 @@ import { connectFirestoreEmulator, doc, getDoc, getFirestore, serverTimestamp, s
 import { connectFunctionsEmulator, getFunctions, httpsCallable, type Functions } from "firebase/functions";
 import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
-import { applyRanges, markInvalid, mediaType, readRequest, unreadable } from "./form";
+import { applyRanges, inexactSeed, markInvalid, mediaType, readRequest, unreadable } from "./form";
 import { listenToJobs, renderJobs, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
@@ -157,7 +157,7 @@ async function main(): Promise<void> {
     // The callable answers a refused request with the contract's message; a document write has only the rules'
     // verdict, so the page checks the request against the contract first. Text in a number field that the
     // browser cannot read never reaches the callable (its value would be lost): the same check refuses it.
-    const refused = via === "document" || unreadable(form) ? contractMessage(request) : null;
+    const refused = via === "document" || unreadable(form) || inexactSeed(form) ? contractMessage(request) : null;
     if (refused) return fail(refused);
     sending = true;
     button.setAttribute("aria-disabled", "true");

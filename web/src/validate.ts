@@ -51,7 +51,11 @@ function check(name: string, node: Spec, value: unknown, required: boolean): str
     if (typeof value !== "number" || (integer && !Number.isInteger(value))) return typeMessage;
     // A seed past 64 bits is refused for its size (the contract's int64 check, as the callable answers it).
     if (name === "seed" && (value < -(2 ** 63) || value >= 2 ** 63)) return invalid("seed must fit in a signed 64-bit integer");
-    // Past 2^53 the Firestore SDK stores a number as a double, which the contract does not read as an integer.
+    // Past 2^53 a JavaScript number is a double: the seed typed would reach the worker rounded (the callable) or
+    // as a double, which the contract does not read as an integer (a document).
+    if (name === "seed" && !Number.isSafeInteger(value)) {
+      return invalid(`seed must be between ${-Number.MAX_SAFE_INTEGER} and ${Number.MAX_SAFE_INTEGER} in this page (a larger one would be rounded)`);
+    }
     if (integer && !Number.isSafeInteger(value)) return typeMessage;
     const { minimum = -Infinity, maximum = Infinity } = spec;
     if (!(Number.isFinite(value) && minimum <= value && value <= maximum)) {
