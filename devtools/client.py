@@ -243,9 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stack", type=Path, default=STATE, help="the running stack's state file")
     args = parser.parse_args(argv)
     try:
+        options = json.loads(args.options)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict):
+        print(
+            f"make submit: OPTIONS must be a JSON object, e.g. '{{\"width\": 768}}' (got {args.options})",
+            file=sys.stderr,
+        )
+        return 2
+    try:
         info = StackInfo(**json.loads(args.stack.read_text()))
     except OSError:
         print("make submit: no running stack (start it with `make dev` in another terminal)", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError):
+        print(f"make submit: {args.stack} is no stack state file (start `make dev` again)", file=sys.stderr)
         return 2
     data = {
         "prompt": args.prompt,
@@ -253,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "file_uid": uuid.uuid4().hex[:12],
         "use_cloud_storage": True,
         **({"num_frames": 16, "fps": 8} if args.video else {}),
-        **json.loads(args.options),
+        **options,
     }
     try:
         doc = Client(info).generate(data, via=args.via)

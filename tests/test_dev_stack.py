@@ -483,3 +483,17 @@ def test_a_process_logs_harness_lines_are_json_and_its_tail_is_its_latest_start(
     tail = emu._tail(log)
     assert "earlier" not in tail and tail.splitlines()[1] == '{"event": "later"}'
     assert json.loads(tail.splitlines()[0])["start"] == 2
+
+
+@pytest.mark.parametrize("options", ['{"width": 768,}', "[1]", "768"])
+def test_make_submit_with_options_that_are_no_json_object_says_so(tmp_path, capsys, options):
+    """A review: `make submit OPTIONS='{"width": 768,}'` ended in a JSONDecodeError traceback."""
+    from devtools import client
+
+    state = tmp_path / "stack.json"
+    assert client.main(["--prompt", "x", "--options", options, "--stack", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("make submit: OPTIONS must be a JSON object") and "Traceback" not in err
+    state.write_text('{"project": "p"')  # a state file cut short
+    assert client.main(["--prompt", "x", "--stack", str(state)]) == 2
+    assert capsys.readouterr().err == f"make submit: {state} is no stack state file (start `make dev` again)\n"
