@@ -331,6 +331,17 @@ class JobStore:
             query = query.where(filter=FieldFilter("created_at", "<=", created_before))
         return query.order_by("created_at").limit(limit)
 
+    def users_with_pending(self, *, limit: int, after: firestore.DocumentSnapshot | None = None) -> firestore.Query:
+        """Users with jobs queued or running (their usage docs: `pending` counts both), at most `limit`, after
+        the `after` of an earlier page."""
+        query = (
+            self.client.collection(quota.USAGE_COLLECTION)
+            .where(filter=FieldFilter("pending", ">", 0))
+            .order_by("pending")
+            .limit(limit)
+        )
+        return query.start_after(after) if after is not None else query
+
     def cancelling(self, media: str) -> firestore.Query:
         """Unfinished jobs whose owner asked to cancel them (everyone's: for a worker's cancel listener)."""
         return (
@@ -403,6 +414,7 @@ class WorkerJobs:
         self.cancel, self.cancelling, self.holds = self.jobs.cancel, self.jobs.cancelling, self.jobs.holds
         self.admit = self.jobs.admit
         self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
+        self.users_with_pending = self.jobs.users_with_pending
 
     def _fenced(self, job: ClaimedJob, make: Callable[[lifecycle.Doc, datetime], dict]) -> bool:
         return self.jobs.transition(

@@ -74,6 +74,10 @@ class FairQueue(Generic[K]):
     def users(self) -> int:
         return len(self._by_user)
 
+    def oldest(self, user: str, where: Callable[[K], bool] = lambda key: True) -> float | None:
+        """The `created` of the user's oldest entry whose key is `where`; None when the user has none."""
+        return next((entry.created for entry in self._by_user.get(user, ()) if where(entry.key)), None)
+
     def add(
         self,
         key: K,

@@ -109,6 +109,33 @@ def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client
     assert objects(bucket) == []
 
 
+def test_cancels_of_queued_jobs_never_hold_up_the_workers_claims(sched_worker, firestore_client):
+    """Audit: 2,426 queued jobs cancelled at once were failed one by one by the loop that claims, so no job of
+    anyone started for 11 minutes. Here one cancel's write is held (a slow Firestore) while another user's job
+    comes: it is claimed and runs meanwhile."""
+    generator = StubGenerator()
+    worker = sched_worker("w", generator, sweep=30)
+    dropping, held = threading.Event(), threading.Event()
+    drop = worker._drop
+
+    def slow_drop(key):
+        dropping.set()
+        held.wait(30)
+        drop(key)
+
+    worker._drop = slow_drop
+    cancelled, runs = JobKey("userA", "images", "cancelled"), JobKey("userB", "images", "runs")
+    queue_jobs(firestore_client, [cancelled], cancel_requested=True)
+    assert dropping.wait(15)
+    queue_jobs(firestore_client, [runs])
+    try:
+        assert wait_until(lambda: finished(firestore_client, runs), timeout=20)["status"] == "completed"
+    finally:
+        held.set()
+    assert outcome(wait_until(lambda: finished(firestore_client, cancelled))) == CANCELLED
+    assert generator.calls == ["runs"]
+
+
 def test_a_cancel_of_a_finished_job_changes_nothing(sched_worker, firestore_client):
     sched_worker("w")
     key = JobKey("u1", "images", "done")

@@ -13,7 +13,8 @@ from fixtures_scheduling import (  # noqa: F401  (fixtures)
     wait_until,
 )
 
-from firegen_core.jobs import JobKey
+from firegen_core.contract import parse_runsync_input
+from firegen_core.jobs import JobKey, JobStore
 from firegen_core.quota import Limits
 from listener.reconciler import LISTEN_LIMIT, NEWEST_LIMIT, Reconciler, _far_end
 
@@ -70,6 +71,36 @@ def test_a_job_pushed_out_of_the_newest_window_keeps_its_place(sched_worker, fir
     generator.gate.set()
     wait_until(lambda: "b-only" in generator.calls, timeout=60)
     assert generator.calls.index("b-only") == 1, generator.calls[:5]
+
+
+def test_users_whose_jobs_sit_in_the_middle_of_a_backlog_get_their_turn_oldest_first(sched_worker, firestore_client):
+    """Audit (3,000 queued docs of 60 users): a user whose docs were all written in the middle of the backlog
+    (past the oldest window, before the newest) waited for everything older, one job behind 374 of other users;
+    and one seen only through the newest window ran its newer docs first. The sweep looks such users up through
+    their usage docs (`pending`: docs the functions or a worker admitted) and offers each one's oldest."""
+    store = JobStore(firestore_client, limits=BACKLOG_LIMITS)
+
+    def through_the_callable(user: str, file_uid: str) -> JobKey:  # created admitted, as the functions create it
+        request = parse_runsync_input(
+            {"prompt": "A red sports car", "user_id": user, "file_uid": file_uid, "use_cloud_storage": True}
+        )
+        store.ensure_queued(request)
+        return JobKey.of(request)
+
+    queue_jobs(firestore_client, backlog("userA", LISTEN_LIMIT + 10))
+    c_only, d_old = through_the_callable("userC", "c-only"), through_the_callable("userD", "d-old")
+    queue_jobs(firestore_client, [JobKey("userA", "images", f"userA-late-{i:02d}") for i in range(NEWEST_LIMIT + 5)])
+    d_new = JobKey("userD", "images", "d-new")
+    queue_jobs(firestore_client, [d_new])
+    generator = StepGenerator(threading.Event())
+    worker = sched_worker("one", generator, limits=BACKLOG_LIMITS)
+    assert generator.started.wait(15)
+    wait_until(lambda: worker.is_candidate(c_only) and worker.is_candidate(d_old))
+    generator.gate.set()
+    wait_until(lambda: {"c-only", "d-old", "d-new"} <= set(generator.calls), timeout=60)
+    calls = generator.calls
+    assert calls[0].startswith("userA-") and set(calls[1:3]) == {"c-only", "d-old"}, calls[:6]
+    assert calls.index("d-old") < calls.index("d-new"), calls[:8]
 
 
 def test_a_job_a_request_brings_takes_its_place_by_its_docs_age(sched_worker, firestore_client):
