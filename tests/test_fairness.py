@@ -203,3 +203,5 @@ def test_the_indexes_cover_the_scheduling_queries():
             (("cancel_requested", "ASCENDING"), ("status", "ASCENDING")),  # cancel listener
         ]:
             assert (media, "COLLECTION_GROUP", fields) in composite
+        # One user's oldest queued docs (the sweep's look-up of users behind a backlog: `_discover`).
+        assert (media, "COLLECTION", (("status", "ASCENDING"), ("created_at", "ASCENDING"))) in composite
