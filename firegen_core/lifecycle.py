@@ -51,13 +51,15 @@ FINAL_STATES = (COMPLETED, FAILED)
 # next dispatch, and by the job's completion.
 DISPATCH_ERROR = "dispatch_error"
 DISPATCH_COUNT = "dispatch_count"  # the functions' count of dispatches (functions/dispatch.py)
-REFUSAL_FIELDS = ("error_type", "error_message", "failed_at", "expire_at")  # of `failure`, gone when queued again
+EXPIRE_AT = "expire_at"
+REFUSAL_FIELDS = ("error_type", "error_message", "failed_at", EXPIRE_AT)  # of `failure`, gone when queued again
 
 Doc = Mapping[str, Any]
 
 # Retention: a finished job's doc carries `expire_at` (finish time + RETENTION_DAYS) for a Firestore TTL policy on
 # that field, which deletes the doc some time after (the policy is the operator's choice; README "Retention").
 RETENTION_DAYS_DEFAULT = 30.0
+RETENTION_DAYS_MAX = 36500.0  # a century: past it a date overflows Python's (audit: 1e300 crashed every job's end)
 
 
 def retention_days(env: Mapping[str, str] = os.environ) -> float:
@@ -69,8 +71,8 @@ def retention_days(env: Mapping[str, str] = os.environ) -> float:
         days = float(raw)
     except ValueError:
         days = math.nan
-    if not (math.isfinite(days) and days >= 0):
-        raise ValueError(f"RETENTION_DAYS must be a number of days, 0 or more (got {raw!r})")
+    if not (math.isfinite(days) and 0 <= days <= RETENTION_DAYS_MAX):
+        raise ValueError(f"RETENTION_DAYS must be a number of days from 0 to {RETENTION_DAYS_MAX:g} (got {raw!r})")
     return days
 
 
@@ -78,7 +80,7 @@ def expiry(days: float | None = None, now: datetime | None = None) -> dict:
     """`{"expire_at": now + days}`, or nothing when retention is off. A client timestamp: a TTL field needs a
     value, and a server-side "timestamp plus days" does not exist."""
     days = retention_days() if days is None else days
-    return {"expire_at": (now or datetime.now(UTC)) + timedelta(days=days)} if days > 0 else {}
+    return {EXPIRE_AT: (now or datetime.now(UTC)) + timedelta(days=days)} if days > 0 else {}
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,26 @@ def _bounded(seconds: float) -> dict:
     return {"timeout": seconds, "retry": Retry(timeout=seconds)}
 
 
-def beat(client: firestore.Client, worker_id: str, *, busy: int, concurrency: int, started_at: datetime) -> None:
-    """Say this worker is alive now (server time), with how many of its slots are busy."""
-    client.collection(WORKERS).document(worker_id).set(
-        {SEEN_AT: SERVER_TIMESTAMP, "busy": busy, "concurrency": concurrency, "started_at": started_at},
-        **_bounded(CALL_TIMEOUT),
+def beat(
+    client: firestore.Client,
+    worker_id: str,
+    *,
+    busy: int,
+    concurrency: int,
+    started_at: datetime,
+    timeout: float = CALL_TIMEOUT,
+) -> datetime:
+    """Say this worker is alive now (server time), with how many of its slots are busy. Returns the write's
+    server time."""
+    result = (
+        client.collection(WORKERS)
+        .document(worker_id)
+        .set(
+            {SEEN_AT: SERVER_TIMESTAMP, "busy": busy, "concurrency": concurrency, "started_at": started_at},
+            **_bounded(timeout),
+        )
     )
+    return result.update_time
 
 
 def leave(client: firestore.Client, worker_id: str) -> None:

@@ -52,6 +52,7 @@ LISTEN_LIMIT = 100  # the oldest queued docs each listener holds (per media type
 NEWEST_LIMIT = 20  # the newest queued docs a second listener holds: new arrivals behind a long backlog
 CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 SWEEP_LIMIT = 50
+START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
 DISCOVER_USERS = 100  # users with pending work one sweep looks up beyond a full window (the next sweep: the next ones)
 DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
 SPREAD = 8
@@ -109,11 +110,14 @@ class Reconciler:
         self._admissions: list[tuple[float, int, JobKey]] = []
         self._admission_seq = itertools.count()
         self._admission_cv = threading.Condition()
-        self._started_at = datetime.now(UTC)
-        self._claiming_since = time.time()  # reset by `start`
-        self._discover_after: DocumentSnapshot | None = (
-            None  # the last usage doc the last `_discover` looked at, when there were more
-        )
+        # Firestore's clock minus this host's, in seconds, from each heartbeat's write: leases, `created_at` and the
+        # placeholder grace are server times, and a host's clock may be minutes off (audit: a worker 5 minutes slow
+        # left a dead worker's job `processing` 5 minutes past its lease; one fast ran placeholders at once).
+        self._clock_offset = 0.0
+        self._started_local = time.time()
+        self._claiming_since = time.time()  # by this host's clock; reset by `start`
+        # The last usage doc the last `_discover` looked at, when there were more.
+        self._discover_after: DocumentSnapshot | None = None
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
@@ -124,6 +128,10 @@ class Reconciler:
         self._claiming_since = time.time()
         loops = [(self._dispatch_loop, "dispatch")]
         if listen:
+            try:  # the clock's measure, before the listeners' first docs are weighed against it
+                self.beat(timeout=START_BEAT_TIMEOUT)
+            except Exception as exc:
+                log.warning("worker_beat_error", error=str(exc))
             for media in MEDIA_TYPES:
                 for window in (*WINDOWS, CANCEL):
                     self._listen(media, window)
@@ -233,10 +241,10 @@ class Reconciler:
         doc: dict | None = None,
     ) -> None:
         """Hold a candidate; `doc`: the queued doc it was heard of by (None: asked for, e.g. by runsync)."""
-        created = timestamp(created_at, time.time())
+        created = timestamp(created_at, self.server_time())
         not_before = 0.0
         if doc is not None and self.placeholder_grace > 0 and not first and awaits_parameters(doc):
-            not_before = max(created, self._claiming_since) + self.placeholder_grace
+            not_before = max(created, self._claiming_since + self._clock_offset) + self.placeholder_grace
         with self._cv:
             if not self._claiming or key in self._active or key in self._cancels:
                 return
@@ -248,7 +256,7 @@ class Reconciler:
         at = self._queue.ready_at()
         if at is None:
             return False, None
-        wait = at - time.time()
+        wait = at - self.server_time()
         return wait <= 0, max(wait, 0.01)
 
     def _admit_later(self, key: JobKey, doc: dict, created: float) -> None:
@@ -482,7 +490,7 @@ class Reconciler:
             self._cancel_queued(key)
         else:
             self._stop_if_queued_again(key, doc)
-            self._admit_later(key, doc, timestamp(doc.get("created_at"), time.time()))
+            self._admit_later(key, doc, timestamp(doc.get("created_at"), self.server_time()))
             self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc), doc=doc)
 
     def _pushed_out(self, name: str, doc: dict) -> bool:
@@ -531,19 +539,28 @@ class Reconciler:
             except Exception as exc:
                 log.warning("sweep_error", error=str(exc))
 
-    def beat(self) -> None:
-        """This worker's heartbeat (`workers/{worker_id}`): also the start-up check that it may write Firestore."""
-        workers.beat(
+    def beat(self, timeout: float = workers.CALL_TIMEOUT) -> None:
+        """This worker's heartbeat (`workers/{worker_id}`): also the start-up check that it may write Firestore,
+        and the measure of this host's clock against Firestore's."""
+        sent = time.time()
+        written = workers.beat(
             self.store.client,
             self.store.worker_id,
             busy=self.busy,
             concurrency=self.concurrency,
-            started_at=self._started_at,
+            started_at=datetime.fromtimestamp(self._started_local + self._clock_offset, UTC),
+            timeout=timeout,
         )
+        if isinstance(written, datetime):
+            self._clock_offset = written.timestamp() - (sent + time.time()) / 2
+
+    def server_time(self) -> float:
+        """Now by Firestore's clock (seconds since the epoch), as the last heartbeat measured it."""
+        return time.time() + self._clock_offset
 
     def sweep(self) -> int:
         """Offer the oldest queued and the lease-expired jobs; restart listeners that died or missed a doc."""
-        now = datetime.now(UTC)
+        now = datetime.fromtimestamp(self.server_time(), UTC)
         found = 0
         for media in MEDIA_TYPES:
             expired = self.store.expired(media, now, limit=SWEEP_LIMIT)
@@ -622,7 +639,7 @@ class Reconciler:
         seconds = _updated(snapshot)
         if seconds is None:
             return False
-        age = datetime.now(UTC).timestamp() - seconds
+        age = self.server_time() - seconds
         return age > 2 * self.sweep_interval and time.monotonic() - self._heard.get(name, 0) > age
 
 

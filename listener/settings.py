@@ -23,11 +23,13 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 
 from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
+from firegen_core.lifecycle import RETENTION_DAYS_MAX
 from generation.settings import ModelSettings, SettingsError, env, load
 
 UrlStyle = Literal["public", "signed", "token"]
 MAX_BATCH = 16  # a sane bound: a batch holds every image of its jobs in GPU memory at once
 MAX_SIGNED_URL_SECONDS = 7 * 24 * 3600  # V4 signed URLs live at most 7 days
+HOUR, DAY, WEEK = 3600, 24 * 3600, 7 * 24 * 3600
 SERVICE_ACCOUNT_KEYS = ("client_email", "private_key")
 
 __all__ = ["Settings", "SettingsError", "load_settings", "service_account_info"]
@@ -52,14 +54,22 @@ class Settings(ModelSettings):
         MAX_SIGNED_URL_SECONDS, ge=1, le=MAX_SIGNED_URL_SECONDS, validation_alias=env("SIGNED_URL_EXPIRY_SECONDS")
     )
     upload_retry_attempts: int = Field(5, ge=1, validation_alias=env("UPLOAD_RETRY_ATTEMPTS"))
-    upload_retry_max_seconds: float = Field(60.0, gt=0, validation_alias=env("UPLOAD_RETRY_MAX_SECONDS"))
+    upload_retry_max_seconds: float = Field(
+        60.0, gt=0, le=HOUR, allow_inf_nan=False, validation_alias=env("UPLOAD_RETRY_MAX_SECONDS")
+    )
 
     # Job queue
-    lease_seconds: int = Field(120, gt=0, validation_alias=env("LEASE_SECONDS"))
+    # Upper bounds on times: past them a date or a wait overflows (audit: LEASE_SECONDS=999999999999 started, then
+    # every claim failed "date value out of range" and the job stayed queued).
+    lease_seconds: int = Field(120, gt=0, le=DAY, validation_alias=env("LEASE_SECONDS"))
     max_attempts: int = Field(3, ge=1, validation_alias=env("MAX_ATTEMPTS"))
-    sweep_interval_seconds: float = Field(10.0, gt=0, validation_alias=env("SWEEP_INTERVAL_SECONDS"))
+    sweep_interval_seconds: float = Field(
+        10.0, gt=0, le=HOUR, allow_inf_nan=False, validation_alias=env("SWEEP_INTERVAL_SECONDS")
+    )
     concurrency: int = Field(1, ge=1, validation_alias=env("CONCURRENCY"))
-    shutdown_grace_seconds: float = Field(20.0, ge=0, validation_alias=env("SHUTDOWN_GRACE_SECONDS"))
+    shutdown_grace_seconds: float = Field(
+        20.0, ge=0, le=HOUR, allow_inf_nan=False, validation_alias=env("SHUTDOWN_GRACE_SECONDS")
+    )
     max_releases: int = Field(3, ge=1, validation_alias=env("MAX_RELEASES"))
     # A free slot claims up to BATCH_MAX queued text2image jobs that can share one UNet batch (same size, steps
     # and guidance) and runs them in one pipeline call. 1: one job at a time.
@@ -74,8 +84,12 @@ class Settings(ModelSettings):
         validation_alias=env("PLACEHOLDER_GRACE_SECONDS"),
     )
     # A job's deadline: max(floor, multiple x its estimated GPU time) (firegen_core.deadline).
-    job_timeout_floor_seconds: float = Field(120.0, gt=0, validation_alias=env("JOB_TIMEOUT_FLOOR_SECONDS"))
-    job_timeout_multiple: float = Field(5.0, gt=0, validation_alias=env("JOB_TIMEOUT_MULTIPLE"))
+    job_timeout_floor_seconds: float = Field(
+        120.0, gt=0, le=WEEK, allow_inf_nan=False, validation_alias=env("JOB_TIMEOUT_FLOOR_SECONDS")
+    )
+    job_timeout_multiple: float = Field(
+        5.0, gt=0, le=1000, allow_inf_nan=False, validation_alias=env("JOB_TIMEOUT_MULTIPLE")
+    )
 
     # RunPod: runsync jobs one worker takes at once from RunPod's queue (each is answered in milliseconds;
     # generation runs in the reconciler's CONCURRENCY slots, not in the request).
@@ -87,7 +101,9 @@ class Settings(ModelSettings):
     user_daily_budget: float = Field(600.0, gt=0, validation_alias=env("USER_DAILY_BUDGET"))
     # Read by firegen_core.lifecycle itself (the functions share it); validated here so start-up names a bad value.
     # The default is lifecycle.RETENTION_DAYS_DEFAULT (tests/test_lifecycle.py checks they agree).
-    retention_days: float = Field(30.0, ge=0, allow_inf_nan=False, validation_alias=env("RETENTION_DAYS"))
+    retention_days: float = Field(
+        30.0, ge=0, le=RETENTION_DAYS_MAX, allow_inf_nan=False, validation_alias=env("RETENTION_DAYS")
+    )
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=env("LOG_LEVEL"))

@@ -235,7 +235,7 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         (
             "RETENTION_DAYS",
             "-1",
-            "RETENTION_DAYS must be a number of days, 0 or more (got '-1'): the worker and the functions read it",
+            "RETENTION_DAYS must be a number of days from 0 to 36500 (got '-1'): the worker and the functions read it",
         ),
         (
             "PLACEHOLDER_GRACE_SECONDS",

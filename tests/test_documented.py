@@ -52,6 +52,14 @@ def test_documented_defaults(clean_env):
         ("UPLOAD_RETRY_ATTEMPTS", "0", "UPLOAD_RETRY_ATTEMPTS must be greater than or equal to 1"),
         ("UPLOAD_RETRY_MAX_SECONDS", "0", "UPLOAD_RETRY_MAX_SECONDS must be greater than 0"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR"),
+        # Times past what a date or a wait holds (a clock audit: each started, then broke every job).
+        ("LEASE_SECONDS", "999999999999", "LEASE_SECONDS must be less than or equal to 86400"),
+        ("SWEEP_INTERVAL_SECONDS", "999999999999", "SWEEP_INTERVAL_SECONDS must be less than or equal to 3600"),
+        ("SHUTDOWN_GRACE_SECONDS", "inf", "SHUTDOWN_GRACE_SECONDS must be a finite number"),
+        ("JOB_TIMEOUT_FLOOR_SECONDS", "1e400", "JOB_TIMEOUT_FLOOR_SECONDS must be a finite number"),
+        ("JOB_TIMEOUT_MULTIPLE", "1001", "JOB_TIMEOUT_MULTIPLE must be less than or equal to 1000"),
+        ("UPLOAD_RETRY_MAX_SECONDS", "3601", "UPLOAD_RETRY_MAX_SECONDS must be less than or equal to 3600"),
+        ("RETENTION_DAYS", "1e300", "RETENTION_DAYS must be less than or equal to 36500"),
     ],
 )
 def test_documented_bounds(clean_env, name, value, message):

@@ -278,3 +278,27 @@ def test_a_completion_whose_answer_was_lost_says_completed(firestore_client, mon
     LostAnswer(monkeypatch)
     assert jobs.complete(job, {"status": "completed", "generated": True}) == "completed"
     assert store(firestore_client, worker="w2").claim(KEY) is None
+
+
+def test_a_finished_jobs_expire_at_counts_from_firestores_clock(firestore_client, monkeypatch):
+    """A clock audit: `expire_at` was this host's clock plus RETENTION_DAYS (5 minutes late on a host 5 minutes
+    fast); it is the finish's server time plus the days."""
+    from datetime import UTC, datetime
+
+    import firegen_core.lifecycle as lifecycle_module
+
+    class FiveMinutesFast(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(minutes=5)
+
+    monkeypatch.delenv("RETENTION_DAYS", raising=False)
+    monkeypatch.setattr(lifecycle_module, "datetime", FiveMinutesFast)
+    queue(firestore_client)
+    jobs = store(firestore_client)
+    job = jobs.claim(KEY)
+    fields = lifecycle_module.success(task_type="text2image", user_id="u", file_uid="f", urls=["a.png"], seed=1)
+    assert fields["expire_at"] > datetime.now(UTC) + timedelta(days=30, minutes=4)  # the host's
+    assert jobs.complete(job, fields) == "completed"
+    doc = read(firestore_client)
+    assert abs(doc["expire_at"] - doc["completed_at"] - timedelta(days=30)) < timedelta(seconds=5)

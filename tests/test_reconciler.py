@@ -690,3 +690,73 @@ def test_a_failure_that_cannot_be_written_at_once_leaves_the_batchs_other_jobs_d
     assert doc(firestore_client, keys[0])["status"] == ("failed" if transient else "processing")
     assert doc(firestore_client, keys[1])["status"] == "completed"
     assert "generating/u1/image/good.png" in blobs(bucket)
+
+
+class SkewedClock:
+    """This host's clock `skew` seconds off Firestore's, for the reconciler module only (its `time` and `datetime`;
+    the emulator and the test keep the real one): a stand-in for a RunPod host whose clock is minutes off, which
+    no test can set (libfaketime breaks Python's sleeps)."""
+
+    def __init__(self, skew: float):
+        self.skew = skew
+
+    def time(self) -> float:
+        return time.time() + self.skew
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def skewed(monkeypatch):
+    import listener.reconciler as module
+
+    def skew(seconds: float) -> None:
+        from datetime import datetime, timedelta
+
+        class Skewed(type):  # `datetime` itself but for `now`: isinstance and the rest as before
+            def __instancecheck__(cls, value):
+                return isinstance(value, datetime)
+
+            def __getattr__(cls, name):
+                return getattr(datetime, name)
+
+        class SkewedDatetime(metaclass=Skewed):
+            @staticmethod
+            def now(tz=None):
+                return datetime.now(tz) + timedelta(seconds=seconds)
+
+        monkeypatch.setattr(module, "time", SkewedClock(seconds))
+        monkeypatch.setattr(module, "datetime", SkewedDatetime)
+
+    return skew
+
+
+def test_a_worker_whose_clock_is_slow_takes_a_dead_workers_job_over_when_its_lease_ends(
+    make_worker, firestore_client, skewed
+):
+    """Audit: with its host 5 minutes slow, the only live worker took a dead worker's job over 301 s past its
+    lease: the sweep asked for leases expired before its own clock's now."""
+    key = JobKey("u1", "images", "orphan")
+    write_job(firestore_client, key)
+    dead = WorkerJobs(firestore_client, worker_id="dead", lease_seconds=1.0)
+    assert dead.claim(key) is not None  # and never renewed: its worker is gone
+    skewed(-300)
+    make_worker("slow", sweep=0.3)
+    data = wait_until(lambda: finished(firestore_client, key), timeout=15)
+    assert (data["status"], data["attempts"], data["worker_id"]) == ("completed", 2, "slow")
+
+
+def test_a_worker_whose_clock_is_fast_still_leaves_a_placeholder_its_grace(make_worker, firestore_client, skewed):
+    """Audit: with its host 5 minutes fast, a worker ran a prompt-only doc (the contract's function flow) at once,
+    before its runsync brought the parameters: the defaults ran, then the job again (charged both)."""
+    skewed(300)
+    worker = make_worker("fast", sweep=0.3, grace=2.0)
+    wait_until(lambda: worker.sweeps >= 8)  # up for a while (its grace is counted from its start too)
+    key = JobKey("u1", "images", "placeholder")
+    firestore_client.document(key.path).set(
+        {"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "A red sports car"}
+    )
+    data = wait_until(lambda: finished(firestore_client, key), timeout=15)
+    waited = (data["started_at"] - data["created_at"]).total_seconds()
+    assert data["status"] == "completed" and 2.0 <= waited < 6.0, waited
