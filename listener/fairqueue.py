@@ -128,12 +128,12 @@ class FairQueue(Generic[K]):
         batch = self.pop_batch(1, spread)
         return batch[0] if batch else None
 
-    def pop_batch(self, size: int, spread: int = 1, per_user: int | None = None) -> list[K]:
+    def pop_batch(self, size: int, spread: int = 1, per_user: int | None = None, now: float | None = None) -> list[K]:
         """The next job (as `pop`) and, when it has a group, up to `size - 1` more of that group, each the next
         in fair order among the group's candidates, at most `per_user` from one user (USER_MAX_RUNNING: a claim
         past it would be refused). A batch is fair as single jobs are: alternating users, each one's oldest.
-        Deferred candidates are left where they are."""
-        now = time.time()
+        Deferred candidates are left where they are (`now`: the clock their `not_before` is by)."""
+        now = time.time() if now is None else now
         lead = self._take(lambda entry: entry.not_before <= now, spread)
         if lead is None:
             return []

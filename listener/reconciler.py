@@ -353,7 +353,9 @@ class Reconciler:
                     self._cv.wait(wait)
                 if not self._claiming:
                     return
-                keys = self._queue.pop_batch(self.batch_max, self._spread, self.store.limits.max_running)
+                keys = self._queue.pop_batch(
+                    self.batch_max, self._spread, self.store.limits.max_running, now=self.server_time()
+                )
                 stops = {}
                 for key in keys:
                     # Registered before the claim: a cancel heard while it is in flight still reaches the job.

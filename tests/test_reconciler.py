@@ -742,9 +742,15 @@ def test_a_worker_whose_clock_is_slow_takes_a_dead_workers_job_over_when_its_lea
     dead = WorkerJobs(firestore_client, worker_id="dead", lease_seconds=1.0)
     assert dead.claim(key) is not None  # and never renewed: its worker is gone
     skewed(-300)
-    make_worker("slow", sweep=0.3)
+    make_worker("slow", sweep=0.3, grace=1.0)
     data = wait_until(lambda: finished(firestore_client, key), timeout=15)
     assert (data["status"], data["attempts"], data["worker_id"]) == ("completed", 2, "slow")
+    # A prompt-only doc (awaiting its runsync) runs once its grace is over, not once this host's clock says so.
+    placeholder = JobKey("u1", "images", "placeholder")
+    firestore_client.document(placeholder.path).set(
+        {"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "A red sports car"}
+    )
+    assert wait_until(lambda: finished(firestore_client, placeholder), timeout=15)["status"] == "completed"
 
 
 def test_a_worker_whose_clock_is_fast_still_leaves_a_placeholder_its_grace(make_worker, firestore_client, skewed):
