@@ -693,7 +693,7 @@ def test_a_failure_that_cannot_be_written_at_once_leaves_the_batchs_other_jobs_d
 
 
 class SkewedClock:
-    """This host's clock `skew` seconds off Firestore's, for the reconciler module only (its `time` and `datetime`;
+    """This host's clock `skew` seconds off Firestore's, for the reconciler's modules only (`time` and `datetime`;
     the emulator and the test keep the real one): a stand-in for a RunPod host whose clock is minutes off, which
     no test can set (libfaketime breaks Python's sleeps)."""
 
@@ -709,6 +709,7 @@ class SkewedClock:
 
 @pytest.fixture
 def skewed(monkeypatch):
+    import listener.fairqueue as fairqueue
     import listener.reconciler as module
 
     def skew(seconds: float) -> None:
@@ -728,6 +729,7 @@ def skewed(monkeypatch):
 
         monkeypatch.setattr(module, "time", SkewedClock(seconds))
         monkeypatch.setattr(module, "datetime", SkewedDatetime)
+        monkeypatch.setattr(fairqueue, "time", SkewedClock(seconds))
 
     return skew
 
