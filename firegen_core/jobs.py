@@ -187,11 +187,11 @@ class JobStore:
                 {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
             )
             update = decide(before, now)
-            if update is not None and isinstance(update.get(lifecycle.EXPIRE_AT), datetime):
-                update = {**update, **lifecycle.expiry(now=now)}  # from the finish's server time, not this host's
             if update is not None:
                 usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
                 update = self._limit(key, before, update, usage, now, admit=admit)
+            if update and isinstance(update.get(lifecycle.EXPIRE_AT), datetime):
+                update = {**update, **lifecycle.expiry(now=now)}  # from the finish's server time, not this host's
             if not update:  # nothing to write (an admission of a doc that breaks the contract decides nothing)
                 return Outcome(before, None, now)
             batch = self.client.batch()

@@ -259,7 +259,7 @@ class Engine:
         """Per loaded model: "eager" (not compiling), "compiling" (serving eagerly meanwhile), "compiled", "failed"."""
         return {
             task_type: pipeline.compiler.state if pipeline.compiler else "eager"
-            for task_type, pipeline in self._pipelines.items()
+            for task_type, pipeline in list(self._pipelines.items())  # a load may add one meanwhile
         }
 
     def pipeline(self, task_type: str) -> DiffusionCapability:

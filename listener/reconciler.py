@@ -53,6 +53,7 @@ NEWEST_LIMIT = 20  # the newest queued docs a second listener holds: new arrival
 CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 SWEEP_LIMIT = 50
 START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
+CLOCK_SAMPLE_MAX_SECONDS = 1.0  # a heartbeat slower than this (retried) says too little of when its write landed
 DISCOVER_USERS = 100  # users with pending work one sweep looks up beyond a full window (the next sweep: the next ones)
 DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
 SPREAD = 8
@@ -116,8 +117,10 @@ class Reconciler:
         self._clock_offset = 0.0
         self._started_local = time.time()
         self._claiming_since = time.time()  # by this host's clock; reset by `start`
-        # The last usage doc the last `_discover` looked at, when there were more.
+        # The last usage doc the last `_discover` looked at, when there were more; per (user, media type), the
+        # oldest doc it found, so that the user is not looked up again while that doc waits its turn here.
         self._discover_after: DocumentSnapshot | None = None
+        self._discovered: dict[tuple[str, str], JobKey] = {}
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
@@ -553,8 +556,9 @@ class Reconciler:
             started_at=datetime.fromtimestamp(self._started_local + self._clock_offset, UTC),
             timeout=timeout,
         )
-        if isinstance(written, datetime):
-            self._clock_offset = written.timestamp() - (sent + time.time()) / 2
+        returned = time.time()
+        if isinstance(written, datetime) and returned - sent <= CLOCK_SAMPLE_MAX_SECONDS:
+            self._clock_offset = written.timestamp() - (sent + returned) / 2
 
     def server_time(self) -> float:
         """Now by Firestore's clock (seconds since the epoch), as the last heartbeat measured it."""
@@ -612,6 +616,9 @@ class Reconciler:
         self._discover_after = users[-1] if len(users) == DISCOVER_USERS else None
         found = 0
         for usage in users:
+            counts = usage.to_dict() or {}
+            if int(counts.get("pending") or 0) <= int(counts.get("running") or 0):
+                continue  # nothing of theirs queued (pending counts their running jobs too)
             for media, edge in edges.items():
 
                 def of_media(key: JobKey, media: str = media) -> bool:
@@ -619,11 +626,20 @@ class Reconciler:
 
                 with self._cv:
                     oldest = self._queue.oldest(usage.id, of_media)
-                if oldest is not None and oldest <= edge:
+                    known = self._discovered.get((usage.id, media))
+                    waiting = known is not None and (known in self._queue or known in self._active)
+                if waiting or (oldest is not None and oldest <= edge):
                     continue
+                self._discovered.pop((usage.id, media), None)
                 for snapshot in self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER).stream():
                     found += 1
-                    self._found(JobKey(usage.id, media, snapshot.id), snapshot, snapshot.to_dict() or {})
+                    key = JobKey(usage.id, media, snapshot.id)
+                    self._discovered.setdefault((usage.id, media), key)
+                    self._found(key, snapshot, snapshot.to_dict() or {})
+        with self._cv:  # what was found and has since run (or left the queue) is forgotten
+            self._discovered = {
+                user: key for user, key in self._discovered.items() if key in self._queue or key in self._active
+            }
         return found
 
     def _watchdog(self, media: str, missed: bool) -> None:

@@ -95,7 +95,6 @@ class Heartbeat:
     lost: threading.Event = field(default_factory=threading.Event)
     ended: RunOutcome | None = None  # `lost` because this thread ended the job itself (written, and logged)
     finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
-    timed_out: bool = False  # this thread wrote the job's `Timeout` failure
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _progress: float | None = None
@@ -122,7 +121,6 @@ class Heartbeat:
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
                 failed = _quietly(lambda: self.store.fail(self.job, self.overrun))
-                self.timed_out = failed is True
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
                     log.warning("job_lost", reason="no longer this try's at its deadline", **_ids(self.job))
@@ -266,7 +264,7 @@ class JobRunner:
             try:
                 request = parse_document(job.key.user_id, job.key.media_type, job.key.file_uid, job.doc)
             except Exception as exc:
-                outcomes[index] = self._fail(job, classify(exc))
+                outcomes[index] = _quietly(lambda exc=exc, job=job: self._fail(job, classify(exc))) or RunOutcome.LOST
                 continue
             parsed[index] = (job, cancel or threading.Event(), request)
         limit = self.deadline.seconds_for([request for _, _, request in parsed.values()])
@@ -379,13 +377,13 @@ class JobRunner:
             return self._lost(job, heartbeat, reason="lease taken over during the upload; later objects left alone")
         except Exception as exc:
             heartbeat.stop()
-            if heartbeat.timed_out:  # failed `Timeout` by the heartbeat mid-upload: what it stored goes
+            if self._timed_out(run):  # failed `Timeout` by the heartbeat mid-upload: what it stored goes
                 self._remove_results(job, request)
             if heartbeat.lost.is_set():  # failed `Timeout` by the heartbeat, or taken over: not ours to fail
                 return self._lost(job, heartbeat)
             return self._fail(job, classify(exc))
         heartbeat.stop()
-        if written is None and heartbeat.timed_out:  # failed `Timeout` during its upload: no doc names its objects
+        if written is None and self._timed_out(run):  # failed `Timeout` during its upload: no doc names its objects
             self._remove_results(job, request)
             return RunOutcome.FAILED
         if written is None:  # its objects are the new owner's to write over
@@ -400,6 +398,14 @@ class JobRunner:
             )
         log.info("job_completed", seconds=round(time.monotonic() - run.started, 3), outputs=len(urls), **_ids(job))
         return RunOutcome.COMPLETED
+
+    def _timed_out(self, run: _Run) -> bool:
+        """Whether the heartbeat failed the job `Timeout` (or set out to), by Firestore's word: its write may still
+        be under way past the heartbeat's join, or have landed with its answer lost, so the failure is written (or
+        found written: `fail` knows its own landed write) here too, retried like the final writes."""
+        if run.heartbeat.ended != RunOutcome.FAILED:
+            return False
+        return bool(_quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun))))
 
     def _end_now(self, run: _Run) -> None:
         """A job of a batch that must stop (its owner cancelled it, its lease is lost...): its end is written

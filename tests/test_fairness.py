@@ -103,6 +103,41 @@ def test_users_whose_jobs_sit_in_the_middle_of_a_backlog_get_their_turn_oldest_f
     assert calls.index("d-old") < calls.index("d-new"), calls[:8]
 
 
+def test_a_user_found_behind_a_backlog_is_not_looked_up_again_while_its_jobs_wait(sched_worker, firestore_client):
+    """The day's review: each sweep looked up again every user it had found (their docs are past the oldest
+    window by definition): 31 queries a sweep for 30 users, on every worker, for as long as the backlog lasted."""
+    store = JobStore(firestore_client, limits=BACKLOG_LIMITS)
+    queue_jobs(firestore_client, backlog("userA", LISTEN_LIMIT + 10))
+    middle = [f"user{n:02d}" for n in range(5)]
+    for user in middle:
+        for i in range(2):
+            fields = {"prompt": "p", "user_id": user, "file_uid": f"{user}-{i}", "use_cloud_storage": True}
+            store.ensure_queued(parse_runsync_input(fields))
+    queue_jobs(firestore_client, [JobKey("userA", "images", f"userA-late-{i:02d}") for i in range(NEWEST_LIMIT + 5)])
+    generator = StepGenerator(threading.Event())  # the first job holds the one slot: the backlog stays
+    worker = sched_worker("one", generator, sweep=0.3, limits=BACKLOG_LIMITS)
+    assert generator.started.wait(15)
+    wait_until(lambda: all(worker.is_candidate(JobKey(user, "images", f"{user}-0")) for user in middle))
+    looked_up: list[str] = []
+    sweeps: list[int] = []
+    oldest_queued, sweep = worker.store.oldest_queued, worker.sweep
+
+    def counted(media, **kwargs):
+        if kwargs.get("user_id"):
+            looked_up.append(kwargs["user_id"])
+        return oldest_queued(media, **kwargs)
+
+    def counted_sweep():
+        found = sweep()
+        sweeps.append(found)
+        return found
+
+    worker.store.oldest_queued, worker.sweep = counted, counted_sweep
+    wait_until(lambda: len(sweeps) >= 4)
+    assert looked_up == [] and len(generator.calls) == 1  # the held job: nothing else ran meanwhile
+    generator.gate.set()
+
+
 def test_a_job_a_request_brings_takes_its_place_by_its_docs_age(sched_worker, firestore_client):
     """Audit (one place): a job that reached the worker through runsync was placed by its arrival, after another
     user's newer doc. Docs without `created_at` here, so that no listener hears them first."""

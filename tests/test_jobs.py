@@ -302,3 +302,15 @@ def test_a_finished_jobs_expire_at_counts_from_firestores_clock(firestore_client
     assert jobs.complete(job, fields) == "completed"
     doc = read(firestore_client)
     assert abs(doc["expire_at"] - doc["completed_at"] - timedelta(days=30)) < timedelta(seconds=5)
+    # A refusal for the user's limits, which the write itself decides (the day's review: it kept the host's).
+    from firegen_core.jobs import JobStore
+    from firegen_core.quota import Limits
+
+    full = JobStore(firestore_client, limits=Limits(max_pending=1))
+    waiting, refused = (JobKey(KEY.user_id, KEY.media_type, name) for name in ("waiting", "refused"))
+    for key in (waiting, refused):
+        queue(firestore_client, key)
+        full.admit(key)
+    doc = read(firestore_client, refused)
+    assert doc["error_type"] == "QuotaExceeded"
+    assert abs(doc["expire_at"] - doc["failed_at"] - timedelta(days=30)) < timedelta(seconds=5)

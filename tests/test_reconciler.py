@@ -768,3 +768,53 @@ def test_a_worker_whose_clock_is_fast_still_leaves_a_placeholder_its_grace(make_
     data = wait_until(lambda: finished(firestore_client, key), timeout=15)
     waited = (data["started_at"] - data["created_at"]).total_seconds()
     assert data["status"] == "completed" and 2.0 <= waited < 6.0, waited
+
+
+class SlowHeartbeatFail(WorkerJobs):
+    """`fail` from the heartbeat thread takes 8 s (Firestore slow: its own retries run up to 15 s)."""
+
+    def fail(self, job, error):
+        if threading.current_thread().name.startswith("heartbeat-"):
+            time.sleep(8)
+        return super().fail(job, error)
+
+
+def test_a_timeout_whose_failure_outlasts_the_heartbeats_join_still_leaves_no_objects(
+    firestore_client, results, bucket
+):
+    """The day's review: the clean-up after a `Timeout` during the upload read the heartbeat's verdict after a 5 s
+    join, so a slow Firestore (when timeouts cluster) left the objects, with live download tokens."""
+    key = JobKey("u1", "images", "slow-fail")
+    write_job(firestore_client, key, num_images_per_prompt=2)
+    store = SlowHeartbeatFail(firestore_client, worker_id="w1", lease_seconds=30)
+    t0 = time.monotonic()
+    upload = HeldUpload(results, lambda: time.monotonic() > t0 + 2.5)  # it ends past the hard deadline
+    runner = JobRunner(store, StubGenerator(), upload, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
+    assert runner.run(store.claim(key)) == "failed"
+    data = doc(firestore_client, key)
+    assert (data["status"], data["error_type"], data.get("images")) == ("failed", "Timeout", None)
+    assert list(blobs(bucket)) == []
+
+
+def test_a_slow_heartbeat_does_not_measure_the_clock(make_worker, monkeypatch):
+    """The day's review: a heartbeat whose write was retried lands near the end of the call, and the midpoint
+    read the clock seconds off (placeholders then ran early). Only a quick write measures it."""
+    from datetime import UTC, datetime, timedelta
+
+    import listener.reconciler as module
+
+    worker = make_worker("clock", sweep=30)
+    wait_until(lambda: worker.sweeps >= 1)  # its own first heartbeat (on the sweep thread) is behind it
+    lands = {"after": 0.0, "skew": 0.0}
+
+    def beat(*args, **kwargs):
+        time.sleep(lands["after"])
+        return datetime.now(UTC) + timedelta(seconds=lands["skew"])
+
+    monkeypatch.setattr(module.workers, "beat", beat)
+    lands.update(after=0.0, skew=300.0)
+    worker.beat()
+    assert 299 < worker.server_time() - time.time() < 301  # a quick write: Firestore is 5 minutes ahead
+    lands.update(after=1.5, skew=0.0)
+    worker.beat()
+    assert 299 < worker.server_time() - time.time() < 301  # a slow one says nothing
