@@ -495,7 +495,12 @@ class WorkerJobs:
             ),
         )
         # Applied, or applied by an earlier try whose answer was lost (its retry finds the job failed so).
-        return outcome.applied or _landed(outcome.before, job, lifecycle.FAILED, error.error_type)
+        if outcome.applied:
+            return True
+        # Its own message too: a claim past MAX_ATTEMPTS fails the job under the old claim's worker and attempt.
+        wrote = lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
+        landed = _landed(outcome.before, job, lifecycle.FAILED, error.error_type)
+        return landed and (outcome.before or {}).get("error_message") == wrote.get("error_message")
 
     def release(self, job: ClaimedJob) -> dict | None:
         """Give the job back to the queue (shutdown); past `max_releases` releases it fails instead. Returns what

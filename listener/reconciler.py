@@ -56,6 +56,7 @@ START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) n
 CLOCK_SAMPLE_MAX_SECONDS = 1.0  # a heartbeat slower than this (retried) says too little of when its write landed
 DISCOVER_USERS = 100  # users with pending work one sweep looks up beyond a full window (the next sweep: the next ones)
 DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
+DISCOVER_MEMORY = 10_000  # (user, media type) pairs remembered as having nothing queued
 SPREAD = 8
 WINDOWS = {"oldest": (Query.ASCENDING, LISTEN_LIMIT), "newest": (Query.DESCENDING, NEWEST_LIMIT)}
 CANCEL = "cancel"
@@ -121,6 +122,8 @@ class Reconciler:
         # oldest doc it found, so that the user is not looked up again while that doc waits its turn here.
         self._discover_after: DocumentSnapshot | None = None
         self._discovered: dict[tuple[str, str], JobKey] = {}
+        # Per (user, media type) whose look-up found nothing: the usage doc's update time then (a new job changes it).
+        self._found_none: dict[tuple[str, str], object] = {}
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
@@ -547,7 +550,7 @@ class Reconciler:
     def beat(self, timeout: float = workers.CALL_TIMEOUT) -> None:
         """This worker's heartbeat (`workers/{worker_id}`): also the start-up check that it may write Firestore,
         and the measure of this host's clock against Firestore's."""
-        sent = time.time()
+        sent, started = time.time(), time.monotonic()
         written = workers.beat(
             self.store.client,
             self.store.worker_id,
@@ -556,9 +559,11 @@ class Reconciler:
             started_at=datetime.fromtimestamp(self._started_local + self._clock_offset, UTC),
             timeout=timeout,
         )
-        returned = time.time()
-        if isinstance(written, datetime) and returned - sent <= CLOCK_SAMPLE_MAX_SECONDS:
-            self._clock_offset = written.timestamp() - (sent + returned) / 2
+        took = time.monotonic() - started
+        if isinstance(written, datetime) and took <= CLOCK_SAMPLE_MAX_SECONDS:
+            with self._cv:  # a candidate deferred by the old measure may be due by the new one
+                self._clock_offset = written.timestamp() - (sent + took / 2)
+                self._cv.notify_all()
 
     def server_time(self) -> float:
         """Now by Firestore's clock (seconds since the epoch), as the last heartbeat measured it."""
@@ -617,8 +622,9 @@ class Reconciler:
         found = 0
         for usage in users:
             counts = usage.to_dict() or {}
-            if int(counts.get("pending") or 0) <= int(counts.get("running") or 0):
-                continue  # nothing of theirs queued (pending counts their running jobs too)
+            running = int(counts.get("running") or 0)
+            if int(counts.get("pending") or 0) <= running or running >= self.store.limits.max_running:
+                continue  # nothing of theirs queued (pending counts running jobs too), or no claim of theirs may win
             for media, edge in edges.items():
 
                 def of_media(key: JobKey, media: str = media) -> bool:
@@ -627,19 +633,22 @@ class Reconciler:
                 with self._cv:
                     oldest = self._queue.oldest(usage.id, of_media)
                     known = self._discovered.get((usage.id, media))
-                    waiting = known is not None and (known in self._queue or known in self._active)
-                if waiting or (oldest is not None and oldest <= edge):
+                    waiting = known is not None and known in self._queue
+                none_since = self._found_none.get((usage.id, media))
+                if waiting or (oldest is not None and oldest <= edge) or none_since == usage.update_time:
                     continue
                 self._discovered.pop((usage.id, media), None)
+                self._found_none[(usage.id, media)] = usage.update_time
                 for snapshot in self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER).stream():
                     found += 1
                     key = JobKey(usage.id, media, snapshot.id)
                     self._discovered.setdefault((usage.id, media), key)
+                    self._found_none.pop((usage.id, media), None)
                     self._found(key, snapshot, snapshot.to_dict() or {})
-        with self._cv:  # what was found and has since run (or left the queue) is forgotten
-            self._discovered = {
-                user: key for user, key in self._discovered.items() if key in self._queue or key in self._active
-            }
+        with self._cv:  # what was found and has since been taken (or left the queue) is forgotten
+            self._discovered = {user: key for user, key in self._discovered.items() if key in self._queue}
+        if len(self._found_none) > DISCOVER_MEMORY:
+            self._found_none.clear()
         return found
 
     def _watchdog(self, media: str, missed: bool) -> None:

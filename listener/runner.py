@@ -112,7 +112,10 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._done.is_set():
-            self._wake.wait(min(self.interval, max(self.hard_deadline - time.monotonic(), 0.01)))
+            wait = self.interval
+            if self.overrun is not None and not self.finishing.is_set():  # past it, `complete` decides: no hurry
+                wait = min(wait, max(self.hard_deadline - time.monotonic(), 0.01))
+            self._wake.wait(wait)
             self._wake.clear()
             if self._done.is_set():
                 return
@@ -342,7 +345,7 @@ class JobRunner:
             # dead, taken over) must not overwrite the new owner's objects or download tokens.
             if not self._while_held(job, lambda: self.store.holds(job), heartbeat):
                 heartbeat.stop()
-                return self._lost(job, heartbeat)
+                return self._lost_or_timed_out(run)
             t1 = time.monotonic()
             with structlog.contextvars.bound_contextvars(**_ids(job)):  # its retries' log lines name the job
                 urls = self.results.upload(
@@ -407,6 +410,15 @@ class JobRunner:
             return False
         return bool(_quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun))))
 
+    def _lost_or_timed_out(self, run: _Run) -> RunOutcome:
+        """A run whose lease the heartbeat gave up: failed `Timeout` (settled here: the heartbeat's own write may
+        have failed in the Firestore blip that timeouts cluster in, and the job would then wait out its lease and
+        run again), else lost."""
+        if self._timed_out(run):
+            self._remove_results(run.job, run.request)  # an earlier attempt's partial upload
+            return RunOutcome.FAILED
+        return self._lost(run.job, run.heartbeat)
+
     def _end_now(self, run: _Run) -> None:
         """A job of a batch that must stop (its owner cancelled it, its lease is lost...): its end is written
         now, while the batch goes on for the others, not when they finish (its images are dropped then)."""
@@ -421,7 +433,7 @@ class JobRunner:
         `Timeout` when its owner or its deadline stopped it; else (shutdown, a broken device) released."""
         job = run.job
         if run.heartbeat.lost.is_set():
-            return self._lost(job, run.heartbeat)
+            return self._lost_or_timed_out(run)
         if run.cancel.is_set() or run.expired:
             error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else run.overrun
             outcome = self._fail(job, error)

@@ -133,8 +133,12 @@ def test_a_user_found_behind_a_backlog_is_not_looked_up_again_while_its_jobs_wai
         return found
 
     worker.store.oldest_queued, worker.sweep = counted, counted_sweep
+    # A user whose usage says it has a job queued, which no query finds (a re-review: looked up every sweep), and
+    # one at USER_MAX_RUNNING (its claims could not win): the first is looked up once, the second never.
+    firestore_client.document("usage/userZ").set({"pending": 2, "running": 0})
+    firestore_client.document("usage/userR").set({"pending": 3, "running": 2})
     wait_until(lambda: len(sweeps) >= 4)
-    assert looked_up == [] and len(generator.calls) == 1  # the held job: nothing else ran meanwhile
+    assert looked_up == ["userZ"] and len(generator.calls) == 1  # the held job: nothing else ran meanwhile
     generator.gate.set()
 
 

@@ -818,3 +818,59 @@ def test_a_slow_heartbeat_does_not_measure_the_clock(make_worker, monkeypatch):
     lands.update(after=1.5, skew=0.0)
     worker.beat()
     assert 299 < worker.server_time() - time.time() < 301  # a slow one says nothing
+
+
+class HeartbeatFailErrors(WorkerJobs):
+    """The heartbeat's `Timeout` write fails (a Firestore blip at the deadline); the runner's own calls go through."""
+
+    def fail(self, job, error):
+        if threading.current_thread().name.startswith("heartbeat-"):
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("blip at the deadline")
+        return super().fail(job, error)
+
+
+class SlowStep(StubGenerator):
+    def generate(self, request, progress=None):
+        time.sleep(2.0)  # one step past the hard deadline (1.0 s and one 0.2 s beat)
+        return super().generate(request, progress)
+
+
+def test_a_timeout_whose_heartbeat_write_failed_is_written_when_the_step_comes_back(firestore_client, results):
+    """A re-review: the step came back (Interrupted) after the heartbeat's `Timeout` write had failed, and nothing
+    was written: the doc stayed `processing` until its lease ran out, then ran again (a whole deadline of GPU)."""
+    key = JobKey("u1", "images", "blip-timeout")
+    write_job(firestore_client, key)
+    store = HeartbeatFailErrors(firestore_client, worker_id="w1", lease_seconds=30)
+    runner = JobRunner(store, SlowStep(), results, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
+    assert runner.run(store.claim(key)) == "failed"
+    data = doc(firestore_client, key)
+    assert (data["status"], data["error_type"]) == ("failed", "Timeout")
+
+
+class CountingRenewals:
+    """A store for the heartbeat alone: counts renewals."""
+
+    def __init__(self):
+        self.renewals = 0
+
+    def renew(self, job, progress=None):
+        self.renewals += 1
+        return True
+
+
+def test_a_heartbeat_past_its_deadline_while_the_completion_is_written_renews_at_its_pace():
+    """A re-review: past the hard deadline with the completion under way, the heartbeat renewed every 10 ms (129
+    renewals in 2 s, each a read and a write that also collides with the completion's own)."""
+    from listener.runner import Heartbeat
+
+    store = CountingRenewals()
+    job = SimpleNamespace(key=JobKey("u1", "images", "late"), lease=None, doc={})
+    heartbeat = Heartbeat(store, job, interval=0.5, hard_deadline=time.monotonic() - 1, overrun=object())
+    heartbeat.finishing.set()
+    heartbeat.wake()
+    started = time.monotonic()
+    wait_until(lambda: time.monotonic() - started > 1.2, timeout=5)  # the interval's pace: nothing to wait for
+    heartbeat.stop()
+    assert 1 <= store.renewals <= 4, store.renewals
