@@ -53,6 +53,15 @@ from .lifecycle import Lease
 
 log = logging.getLogger(__name__)
 
+
+class Misfiled(ContractError):
+    """A request whose client filed its job's doc under the other media type (`key`), whose contract it breaks."""
+
+    def __init__(self, message: str, key: JobKey):
+        super().__init__(message)
+        self.key = key
+
+
 COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
 RUNPOD_JOB_ID = "runpod_job_id"  # the RunPod job that dispatched the job (the functions write it; logged as requestId)
@@ -300,6 +309,32 @@ class JobStore:
 
         return self.transition(key, decide, admit=True)
 
+    def as_filed(self, request: GenerationRequest, data: Mapping[str, Any]) -> GenerationRequest:
+        """The request as the job its client filed. The contract's client sample files its doc under `videos` by
+        `numFrames` alone, while a request is a video by any video field: `{fps: 10}` had its doc under `images`
+        failed ("fps is a video field") while the request ran, charged, a video under `videos` that no client
+        listened to. Where no doc exists under the request's media type and the client's own doc for its
+        file_uid (no request wrote it: no `requested_at`) is under the other one, live or refused for its
+        parameters or limits, that doc is the request's job: `data` (the request's fields) read as that doc's
+        media type. Raises `Misfiled` (a ContractError naming that doc) where they break it."""
+        key = JobKey.of(request)
+        other = JobKey(key.user_id, next(media for media in MEDIA_TYPES if media != key.media_type), key.file_uid)
+        docs = {
+            snapshot.reference.path: snapshot
+            for snapshot in self.client.get_all([self.ref(key), self.ref(other)], **BOUND)
+        }
+        own, filed = docs.get(key.path), docs.get(other.path)
+        if (own is not None and own.exists) or filed is None or not filed.exists:
+            return request
+        doc = filed.to_dict() or {}
+        live = doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
+        if REQUESTED_AT in doc or not (live or lifecycle.refused(doc)):
+            return request  # the other media type's own job (a request's, or finished): this one is new
+        try:
+            return parse_document(other.user_id, other.media_type, other.file_uid, data)
+        except ContractError as exc:
+            raise Misfiled(exc.message, other) from None
+
     def ensure_queued(self, request: GenerationRequest, request_id: str | None = None) -> Outcome:
         """Create the job's queued doc, admitted, unless a doc exists (`.after`: the doc as it now stands).
 
@@ -414,7 +449,7 @@ class WorkerJobs:
         self.ensure_queued, self.transition = self.jobs.ensure_queued, self.jobs.transition
         self.fail_unclaimed, self.ref, self.usage = self.jobs.fail_unclaimed, self.jobs.ref, self.jobs.usage
         self.cancel, self.cancelling, self.holds = self.jobs.cancel, self.jobs.cancelling, self.jobs.holds
-        self.admit = self.jobs.admit
+        self.admit, self.as_filed = self.jobs.admit, self.jobs.as_filed
         self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
         self.users_with_pending = self.jobs.users_with_pending
 

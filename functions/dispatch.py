@@ -54,7 +54,7 @@ from firegen_core.contract import (
     restatement,
 )
 from firegen_core.errors import CANCELLED, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
-from firegen_core.jobs import MEDIA_TYPES, RUNPOD_JOB_ID, JobKey, JobStore, queued_document
+from firegen_core.jobs import MEDIA_TYPES, RUNPOD_JOB_ID, JobKey, JobStore, Misfiled, queued_document
 from firegen_core.quota import Limits
 
 log = logging.getLogger("functions.dispatch")
@@ -129,15 +129,18 @@ def _fail_queued(store: JobStore, key: JobKey, error_type: str, message: str) ->
     return store.fail_unclaimed(key, GenerationError(error_type, message))
 
 
-def _record_refusal(store: JobStore, uid: str, fields: Mapping[str, Any], message: str) -> None:
+def _record_refusal(
+    store: JobStore, uid: str, fields: Mapping[str, Any], message: str, key: JobKey | None = None
+) -> None:
     """The contract's flow for a rejected job: its doc ends `failed` with the error fields, so a client that
     listens to it sees why. The client's queued doc is failed; where it wrote none, a failed one is created,
-    with the request's prompt where it is a string.
+    with the request's prompt where it is a string. `key`: the doc, where the refusal named it (`Misfiled`).
     Only for ids that are safe document ids: anything else gets the error reply alone."""
-    try:
-        key = JobKey(uid, media_type_of(fields), check_id("file_uid", fields.get("file_uid")))
-    except ContractError:
-        return
+    if key is None:
+        try:
+            key = JobKey(uid, media_type_of(fields), check_id("file_uid", fields.get("file_uid")))
+        except ContractError:
+            return
     error = GenerationError(VALIDATION_ERROR, message)
     failed = lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
 
@@ -241,8 +244,9 @@ def generate(
         request = parse_runsync_input(fields)
         if not request.use_cloud_storage:
             raise invalid(CLOUD_ONLY)
+        request = store.as_filed(request, fields)
     except ContractError as exc:
-        _record_refusal(store, uid, fields, exc.message)
+        _record_refusal(store, uid, fields, exc.message, exc.key if isinstance(exc, Misfiled) else None)
         raise CallError("invalid-argument", exc.message) from None
 
     key = JobKey.of(request)

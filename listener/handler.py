@@ -33,7 +33,7 @@ from firegen_core.contract import (
     restatement,
 )
 from firegen_core.errors import VALIDATION_ERROR, GenerationError, Interrupted, classify
-from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.jobs import JobKey, Misfiled, WorkerJobs
 from firegen_core.lifecycle import Lease
 
 log = structlog.get_logger("listener.handler")
@@ -96,7 +96,13 @@ class RunsyncHandler:
             return self.inline(request)
         key = JobKey.of(request)
         try:
+            request = self.store.as_filed(request, data)
+            key = JobKey.of(request)
             outcome = self.store.ensure_queued(request, request_id)
+        except Misfiled as exc:
+            log.info("request_rejected", error=exc.message, **_named(data))
+            self._fail_awaiting(data, exc.message, exc.key)
+            return rejected(exc.message)
         except Exception as exc:
             log.error("request_not_recorded", user_id=key.user_id, file_uid=key.file_uid, error=str(exc))
             return rejected("Could not record the job in Firestore; please retry (the same file_uid is safe to resend)")
@@ -125,25 +131,27 @@ class RunsyncHandler:
         )
         return accepted(request)
 
-    def _fail_awaiting(self, data: Any, message: str) -> None:
+    def _fail_awaiting(self, data: Any, message: str, key: JobKey | None = None) -> None:
         """A refused request whose file_uid names a doc that awaits its parameters (the contract's function flow:
         the doc first, then this request) fails that doc with the refusal, as the contract's function then does
         itself: left queued, the doc's defaults would run after the grace, a job nobody asked for. Any other doc,
-        or none, is left as it is (a refused runsync creates nothing)."""
+        or none, is left as it is (a refused runsync creates nothing). `key`: the doc, where the refusal named it
+        (`Misfiled`: under the other media type)."""
         if not isinstance(data, dict) or data.get("use_cloud_storage") is not True:
             return
-        try:
-            fields = normalise_document_fields(data)  # a video named in camelCase (numFrames) is under videos
-        except ContractError:
-            fields = data
-        try:
-            key = JobKey(
-                check_id("user_id", data.get("user_id")),
-                media_type_of(fields),
-                check_id("file_uid", data.get("file_uid")),
-            )
-        except ContractError:
-            return
+        if key is None:
+            try:
+                fields = normalise_document_fields(data)  # a video named in camelCase (numFrames) is under videos
+            except ContractError:
+                fields = data
+            try:
+                key = JobKey(
+                    check_id("user_id", data.get("user_id")),
+                    media_type_of(fields),
+                    check_id("file_uid", data.get("file_uid")),
+                )
+            except ContractError:
+                return
         try:
             if self.store.fail_unclaimed(key, GenerationError(VALIDATION_ERROR, message), awaiting_only=True):
                 log.info(

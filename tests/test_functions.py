@@ -313,6 +313,55 @@ def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
     assert runpod.requests == []
 
 
+@pytest.mark.parametrize("doc_status", ["queued", "failed"])
+def test_a_video_call_for_a_doc_the_client_sample_filed_under_images_is_refused(firestore_client, stub, doc_status):
+    """The contract's client sample files its doc by `numFrames` alone: `{fps: 10}` wrote it under images, where
+    it failed ("fps is a video field"), while the callable ran, charged, a video under videos that the client
+    never listened to. The client's doc is the call's job: the call is refused with the doc's message. (The
+    worker or the trigger fails such a doc on sight: `failed` is the doc as the call then finds it.)"""
+    images, videos = "generations/u-filed/images/fps-only", "generations/u-filed/videos/fps-only"
+    message = "Validation failed: fps is a video field: video jobs belong under generations/{user_id}/videos"
+    firestore_client.document(images).create(client_doc(fps=10))
+    if doc_status == "failed":
+        firestore_client.document(images).update(
+            {"status": "failed", "error": True, "error_type": "ValidationError", "error_message": message}
+        )
+    runpod = stub(ACCEPTED)
+    data = {"prompt": "A red sports car", "user_id": "u-filed", "file_uid": "fps-only", "fps": 10}
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
+    assert (raised.value.code, raised.value.message) == ("invalid-argument", message)
+    doc = firestore_client.document(images).get().to_dict()
+    assert (doc["status"], doc["error_type"], doc["error_message"]) == ("failed", "ValidationError", message)
+    assert not firestore_client.document(videos).get().exists and runpod.requests == []
+
+
+def test_an_image_call_for_a_doc_the_client_filed_under_videos_runs_that_video(firestore_client, stub):
+    """A client's videos doc with its prompt alone, then the call with image options only: the doc is the job (it
+    ran its defaults after the grace, and the call ran an image besides, both charged)."""
+    runpod = stub(ACCEPTED)
+    firestore_client.document("generations/u-filed/videos/v-doc").create(client_doc())
+    data = {"prompt": "A red sports car", "file_uid": "v-doc", "seed": 5}
+    reply = dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
+    assert (reply["status"], reply["mediaType"]) == ("accepted", "videos")
+    doc = firestore_client.document("generations/u-filed/videos/v-doc").get().to_dict()
+    assert (doc["status"], doc["seed"]) == ("queued", 5)
+    assert not firestore_client.document("generations/u-filed/images/v-doc").get().exists
+    assert [body["input"].get("num_frames") for _, body in runpod.requests] == [16]
+
+
+def test_a_finished_job_of_the_other_media_type_does_not_take_a_new_call(firestore_client, stub):
+    """One file_uid may name an image and a video: a completed image does not make a video call misfiled."""
+    runpod = stub(ACCEPTED)
+    firestore_client.document("generations/u-filed/images/both").create(
+        client_doc(status="completed", generated=True)
+    )
+    data = {"prompt": "waves", "file_uid": "both", "fps": 10}
+    reply = dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
+    assert (reply["status"], reply["mediaType"]) == ("accepted", "videos")
+    assert firestore_client.document("generations/u-filed/videos/both").get().to_dict()["fps"] == 10
+
+
 @pytest.mark.parametrize("client_wrote", [False, True])
 def test_a_refused_call_fixed_and_sent_again_with_its_file_uid_runs(firestore_client, stub, client_wrote):
     """The contract's answer to a refusal is "fix parameters and retry": the fixed call with the same file_uid is

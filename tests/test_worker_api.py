@@ -343,6 +343,27 @@ def test_the_function_flows_refused_request_fails_its_doc_and_the_fixed_one_runs
     assert stack.wait_finished(stated)["status"] == "completed"
 
 
+def test_the_function_flows_doc_under_the_other_media_type_is_the_requests_job(stack):
+    """The contract's function flow, its doc filed by `numFrames` alone as the client sample files it: a request
+    with `fps` and no `num_frames` ran a video under videos (charged) while the function's images doc, its prompt
+    alone, ran its defaults after the grace (charged too). The doc is the request's job: under images the request's
+    `fps` breaks it (refused, the doc failed with the message); under videos an image-only request runs that video."""
+    images = "generations/test-user/images/filed-images"
+    stack.firestore.document(images).set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "waves"})
+    body = {"input": {**IMAGE_EXAMPLE["input"], "prompt": "waves", "file_uid": "filed-images", "fps": 10}}
+    message = "Validation failed: fps is a video field: video jobs belong under generations/{user_id}/videos"
+    assert stack.runsync(body)["error"] == message
+    assert (stack.doc(images)["status"], stack.doc(images)["error_message"]) == ("failed", message)
+    assert stack.doc("generations/test-user/videos/filed-images") is None
+    videos = "generations/test-user/videos/filed-videos"
+    stack.firestore.document(videos).set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "waves"})
+    body = {"input": {**IMAGE_EXAMPLE["input"], "prompt": "waves", "file_uid": "filed-videos", "seed": 3}}
+    assert stack.runsync(body)["output"]["status"] == "accepted"
+    doc = stack.wait_finished(videos)
+    assert (doc["status"], doc["seed"], doc["attempts"]) == ("completed", 3, 1) and doc["video_url"]
+    assert stack.doc("generations/test-user/images/filed-videos") is None
+
+
 def test_a_running_job_restated_by_its_request_stops_and_runs_with_the_requests_parameters(stack):
     """The listener took the placeholder doc before the request came: that run (a long one here) stops at its
     next step, writes nothing, and the job runs again with the request's parameters."""
