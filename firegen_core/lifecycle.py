@@ -102,7 +102,7 @@ def holds(doc: Doc | None, lease: Lease) -> TypeGuard[Doc]:
 
 def lease_expired(doc: Doc, now: datetime) -> bool:
     expires = doc.get("lease_expires_at")
-    return expires is None or expires <= now
+    return not isinstance(expires, datetime) or expires <= now  # none, or unreadable: nobody holds it
 
 
 def claimable(doc: Doc | None, now: datetime) -> TypeGuard[Doc]:
@@ -118,8 +118,8 @@ def claim(doc: Doc | None, now: datetime, *, worker_id: str, lease_seconds: floa
         return None
     if doc.get(CANCEL_REQUESTED):
         return cancelled(doc)
-    attempts = int(doc.get("attempts") or 0)
-    if attempts - int(doc.get(RESTATED) or 0) >= max_attempts:
+    attempts = int(quota.number(doc, "attempts"))
+    if attempts - int(quota.number(doc, RESTATED)) >= max_attempts:
         last = "its worker stopped responding" if doc.get("status") == PROCESSING else "it was given up"
         return failure(
             GenerationError(EXCEPTION, f"Generation failed after {attempts} attempt{'s' * (attempts != 1)}: {last}"),
@@ -151,7 +151,7 @@ def release(doc: Doc) -> dict:
         "worker_id": DELETE_FIELD,
         "lease_expires_at": DELETE_FIELD,
         "progress": DELETE_FIELD,
-        "attempts": max(int(doc.get("attempts") or 1) - 1, 0),
+        "attempts": max(int(quota.number(doc, "attempts") or 1) - 1, 0),
         "modified": SERVER_TIMESTAMP,
     }
 
@@ -197,7 +197,7 @@ def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, An
     if not changes or doc.get("status") not in (QUEUED, PROCESSING):
         return None
     if doc.get("status") == PROCESSING:
-        restated = int(doc.get(RESTATED) or 0) + 1
+        restated = int(quota.number(doc, RESTATED)) + 1
         update.update(
             status=QUEUED,
             worker_id=DELETE_FIELD,
@@ -211,7 +211,7 @@ def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, An
 def counted_release(doc: Doc, *, max_releases: int) -> dict:
     """`release`, counted: a release past the job's `max_releases` fails it instead (it keeps landing on workers
     that shut down before it ends, so it would never end)."""
-    releases = int(doc.get(RELEASES) or 0) + 1
+    releases = int(quota.number(doc, RELEASES)) + 1
     if releases > max_releases:
         message = f"Generation stopped: its workers shut down before it ended {releases} times; please try again"
         error = GenerationError(EXCEPTION, message)

@@ -20,6 +20,7 @@ at UTC midnight, reset lazily by the next write of a new day), limits, resets_at
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -49,6 +50,15 @@ def estimate(request: GenerationRequest) -> float:
     else:
         work = SDXL_SECONDS * request.width * request.height * request.num_images_per_prompt
     return round(JOB_OVERHEAD_SECONDS + work * request.num_inference_steps, 3)
+
+
+def number(doc: Mapping[str, Any], name: str) -> float:
+    """A count or amount a job or usage doc keeps (`attempts`, `spent_today`, ...): 0 where absent or unreadable.
+    An admin's stray value (`attempts: "abc"`) must not wedge a job: every claim of it raised, once a sweep."""
+    value = doc.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0
+    return max(value, 0)
 
 
 @dataclass(frozen=True)
@@ -101,8 +111,8 @@ class Usage:
     def read(cls, doc: Mapping[str, Any] | None, now: datetime) -> Usage:
         doc = doc or {}
         today = day_of(now)
-        spent = float(doc.get("spent_today") or 0) if doc.get("day") == today else 0.0
-        return cls(int(doc.get("running") or 0), int(doc.get("pending") or 0), spent, today)
+        spent = float(number(doc, "spent_today")) if doc.get("day") == today else 0.0
+        return cls(int(number(doc, "running")), int(number(doc, "pending")), spent, today)
 
     def after(self, change: Change) -> Usage:
         # Never below 0: a count can only go negative if a job doc was deleted or edited by hand.
@@ -164,7 +174,7 @@ def _charged(doc: Mapping[str, Any] | None, today: str | None) -> float:
         return 0.0
     if today is not None and (charged_on(doc, today) != today or never_ran(doc)):
         return 0.0
-    return float(doc.get(COST) or 0)
+    return float(number(doc, COST))
 
 
 def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: float, now: datetime) -> dict:

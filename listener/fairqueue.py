@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random
 import time
 from collections import OrderedDict
@@ -44,13 +45,14 @@ class _Entry(Generic[K]):
     not_before: float = field(compare=False, default=0.0)
 
 
-def timestamp(value: datetime | float | None, default: float) -> float:
-    """A created_at as seconds since the epoch (a Firestore timestamp is a datetime); `default` when unknown."""
-    if value is None:
-        return default
+def timestamp(value: object, default: float) -> float:
+    """A created_at as seconds since the epoch (a Firestore timestamp is a datetime); `default` when unknown or
+    unreadable (an admin's `created_at: "yesterday"` raised in a listener's callback, which killed the listener)."""
     if isinstance(value, datetime):
         return value.timestamp()
-    return float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return default
 
 
 class FairQueue(Generic[K]):

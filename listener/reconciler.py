@@ -491,7 +491,10 @@ class Reconciler:
                     key = JobKey.from_path(change.document.reference.path)
                 except ValueError:
                     continue  # an `images`/`videos` collection outside generations/: not ours
-                handle(name, key, change.type.name, change.document.to_dict() or {})
+                try:
+                    handle(name, key, change.type.name, change.document.to_dict() or {})
+                except Exception as exc:  # one doc's surprise must not end the listener (its thread would die)
+                    log.warning("listener_doc_error", path=key.path, error=str(exc))
 
         self._heard[name] = time.monotonic()
         self._watches[name] = query.on_snapshot(on_snapshot)
@@ -600,7 +603,10 @@ class Reconciler:
                     if query is unordered and doc.get("created_at") is not None:
                         continue  # found by the ordered query
                     found += 1
-                    self._found(key, snapshot, doc, expired=query is expired)
+                    try:
+                        self._found(key, snapshot, doc, expired=query is expired)
+                    except Exception as exc:  # one doc's surprise must not stop the sweep of the others
+                        log.warning("sweep_error", path=key.path, error=str(exc))
                     missed |= query is ordered and self._missed_by_listener(_name(media, "oldest"), snapshot)
             self._watchdog(media, missed)
         return found + self._discover()

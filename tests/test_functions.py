@@ -353,9 +353,7 @@ def test_an_image_call_for_a_doc_the_client_filed_under_videos_runs_that_video(f
 def test_a_finished_job_of_the_other_media_type_does_not_take_a_new_call(firestore_client, stub):
     """One file_uid may name an image and a video: a completed image does not make a video call misfiled."""
     runpod = stub(ACCEPTED)
-    firestore_client.document("generations/u-filed/images/both").create(
-        client_doc(status="completed", generated=True)
-    )
+    firestore_client.document("generations/u-filed/images/both").create(client_doc(status="completed", generated=True))
     data = {"prompt": "waves", "file_uid": "both", "fps": 10}
     reply = dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
     assert (reply["status"], reply["mediaType"]) == ("accepted", "videos")

@@ -874,3 +874,23 @@ def test_a_heartbeat_past_its_deadline_while_the_completion_is_written_renews_at
     wait_until(lambda: time.monotonic() - started > 1.2, timeout=5)  # the interval's pace: nothing to wait for
     heartbeat.stop()
     assert 1 <= store.renewals <= 4, store.renewals
+
+
+def test_docs_an_admin_wrote_with_unreadable_fields_neither_wedge_nor_stop_the_worker(make_worker, firestore_client):
+    """Audit (an operator's view): a doc written by a server with `created_at: "yesterday"` raised in the
+    listener's callback, which ended the listener's thread (no restart, no line naming the doc), then in every
+    sweep; one with `attempts: "abc"` made every claim of it fail, once a sweep, for ever. Unreadable dates and
+    counts read as none: both run, and the listeners go on hearing new docs (the sweep is 30 s away here)."""
+    make_worker(sweep=30)
+    odd = {
+        JobKey("u1", "images", "odd-created"): {"created_at": "yesterday"},
+        JobKey("u1", "images", "odd-attempts"): {"attempts": "abc"},
+    }
+    for key, fields in odd.items():
+        write_job(firestore_client, key, **fields)
+    after = JobKey("u3", "images", "after")
+    write_job(firestore_client, after)
+    assert wait_until(lambda: finished(firestore_client, after))["status"] == "completed"
+    for key in odd:
+        data = wait_until(lambda key=key: finished(firestore_client, key))
+        assert (data["status"], data["attempts"]) == ("completed", 1), key
