@@ -40,7 +40,7 @@ from google.cloud.firestore import DocumentSnapshot, Query
 
 from firegen_core import lifecycle, quota, workers
 from firegen_core.contract import GenerationRequest, awaits_parameters, parse_document
-from firegen_core.jobs import MEDIA_TYPES, RUNPOD_JOB_ID, ClaimedJob, JobKey, WorkerJobs
+from firegen_core.jobs import BOUND, MEDIA_TYPES, RUNPOD_JOB_ID, ClaimedJob, JobKey, WorkerJobs
 from firegen_core.lifecycle import Lease
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
@@ -548,6 +548,7 @@ class Reconciler:
         # once as soon as the listeners are current, instead of a whole interval later.
         self.wait_listening(self.sweep_interval)
         interval = 0.0
+        failed = 0  # sweeps in a row that failed (Firestore away): the first one after says it is over
         while not self._stopping.wait(interval):
             interval = self.sweep_interval
             try:
@@ -557,7 +558,12 @@ class Reconciler:
             try:
                 self.sweep()
             except Exception as exc:
-                log.warning("sweep_error", error=str(exc))
+                failed += 1
+                log.warning("sweep_error", error=str(exc), failed_sweeps=failed)
+            else:
+                if failed:
+                    log.info("sweep_recovered", failed_sweeps=failed)
+                failed = 0
             self._swept.set()
 
     def beat(self, timeout: float = workers.CALL_TIMEOUT) -> None:
@@ -594,7 +600,7 @@ class Reconciler:
             missed = False
             ordered = self._queued(media, limit=SWEEP_LIMIT)
             for query in (expired, ordered, unordered):
-                for snapshot in query.stream():
+                for snapshot in query.stream(**BOUND):
                     try:
                         key = JobKey.from_path(snapshot.reference.path)
                     except ValueError:
@@ -633,7 +639,7 @@ class Reconciler:
         edges = {media: edge for media, edge in ends.items() if edge is not None}  # the full windows
         if not edges:
             return 0
-        users = list(self.store.users_with_pending(limit=DISCOVER_USERS, after=self._discover_after).stream())
+        users = list(self.store.users_with_pending(limit=DISCOVER_USERS, after=self._discover_after).stream(**BOUND))
         self._discover_after = users[-1] if len(users) == DISCOVER_USERS else None
         found = 0
         for usage in users:
@@ -655,7 +661,7 @@ class Reconciler:
                     continue
                 self._discovered.pop((usage.id, media), None)
                 self._found_none[(usage.id, media)] = usage.update_time
-                for snapshot in self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER).stream():
+                for snapshot in self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER).stream(**BOUND):
                     found += 1
                     key = JobKey(usage.id, media, snapshot.id)
                     self._discovered.setdefault((usage.id, media), key)
