@@ -34,6 +34,17 @@ ERROR_TYPES = (
     TIMEOUT,
 )
 CANCELLED_MESSAGE = "Cancelled by the user"
+# What a job's failure says to whoever runs the worker, as a log level: a client's doing (its parameters, its
+# limits, its cancel) is news; a job past its time limit, a warning; the rest (the GPU, the network, a bug) an
+# error, which is what an operator's alert watches.
+CLIENTS_DOING = frozenset({VALIDATION_ERROR, QUOTA_EXCEEDED, CANCELLED})
+
+
+def failure_level(error_type: object) -> str:
+    """The log level of a job that failed with `error_type`: "info", "warning" or "error"."""
+    if error_type in CLIENTS_DOING:
+        return "info"
+    return "warning" if error_type == TIMEOUT else "error"
 
 
 class GenerationError(Exception):

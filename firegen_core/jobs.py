@@ -48,7 +48,7 @@ from .contract import (
     restatement,
     snake_case,
 )
-from .errors import CANCELLED, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
+from .errors import CANCELLED, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError, failure_level
 from .lifecycle import Lease
 
 log = logging.getLogger(__name__)
@@ -493,9 +493,13 @@ class WorkerJobs:
         if written is None:
             landed = next((lease for lease in tried if lifecycle.holds(before, lease)), None)
             return ClaimedJob(key, landed, before, outcome.read_time) if landed else None
-        if written.get("status") == lifecycle.FAILED:  # past MAX_ATTEMPTS, or cancelled: this claim ended it
-            fields = {"user_id": key.user_id, "file_uid": key.file_uid, "error_type": written.get("error_type")}
-            log.warning("job_failed", extra={**fields, "error_message": written.get("error_message")})
+        if written.get("status") == lifecycle.FAILED:  # past MAX_ATTEMPTS, cancelled, or breaks the contract
+            error_type = written.get("error_type")
+            fields = {"user_id": key.user_id, "file_uid": key.file_uid, "error_type": error_type}
+            # Refused on sight is `job_refused`, as at its admission (README "Logs"), whichever door saw it first.
+            event = "job_refused" if error_type in (VALIDATION_ERROR, QUOTA_EXCEEDED) else "job_failed"
+            level = logging.getLevelName(failure_level(error_type).upper())
+            log.log(level, event, extra={**fields, "error_message": written.get("error_message")})
         if written.get("status") != lifecycle.PROCESSING:
             return None
         return ClaimedJob(key, Lease(self.worker_id, written["attempts"]), before, outcome.read_time)

@@ -8,6 +8,7 @@ picks up every queued doc, it just has no HTTP door.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import socket
@@ -52,6 +53,15 @@ def _on_runpod(argv: list[str]) -> bool:
     return bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB")) or any(a.split("=")[0] in flags for a in argv)
 
 
+def _configuration_error(exc: Exception) -> int:
+    """One line naming the setting on stderr, for a person at a terminal; and the same as a JSON event on stdout,
+    for the platforms' log views (an alert on severity sees the one line a worker that never starts writes)."""
+    print(f"listener: configuration error: {exc}", file=sys.stderr)
+    event = {"event": "configuration_error", "severity": "ERROR", "message": "configuration_error", "error": str(exc)}
+    print(json.dumps(event), flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] | None = None) -> int:
     """The worker. `wrap_generator` (the benchmarks' slow worker, the tests' injected faults) wraps the engine
     in another generator; everything else is the production worker."""
@@ -73,8 +83,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
         firestore_client, storage_client = clients(settings)
     except SettingsError as exc:  # one line naming the variable; a secret's value is never in it
-        print(f"listener: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _configuration_error(exc)
 
     from .logs import configure, route_runpod_sdk
 
@@ -93,8 +102,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     try:
         engine = Engine(EngineConfig.from_settings(settings))
     except ValueError as exc:  # a speed option this card cannot run (FIREGEN_FP8 on a CPU, ...): one line
-        print(f"listener: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _configuration_error(exc)
     if production and settings.device is None and engine.runtime.device == "cpu":
         # On a GPU worker whose torch sees no card (a driver older than the image's CUDA), every job would run on
         # the CPU, for most of an hour. Said, not refused: a CPU endpoint with the tiny models is legitimate.
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         try:
             worker.fitness_check()
         except Exception:
-            log.info("worker_exit", code=worker.exit_code, reason=worker.failure)
+            log.error("worker_exit", code=worker.exit_code, reason=worker.failure)
             return worker.exit_code
 
     leaving = threading.Event()
@@ -197,11 +205,8 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         leaving.set()
         worker.shutdown()
         # Here, not after: a signal ends the worker by SystemExit through this `finally`.
-        log.info(
-            "worker_exit",
-            code=worker.exit_code if exit_code is None else exit_code,
-            reason=worker.failure or "shutdown",
-        )
+        code = worker.exit_code if exit_code is None else exit_code
+        (log.error if code else log.info)("worker_exit", code=code, reason=worker.failure or "shutdown")
     return worker.exit_code
 
 

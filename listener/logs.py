@@ -98,7 +98,7 @@ def configure(worker_id: str, level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     keep_google_records()
     # Libraries' chatter stays at warnings; our own standard-logging modules follow the chosen level.
-    root.setLevel(logging.WARNING)
+    root.setLevel(max(logging.WARNING, numeric))  # LOG_LEVEL=ERROR quiets them too
     for name in ("generation", "listener", "firegen_core"):
         logging.getLogger(name).setLevel(numeric)
 
@@ -158,5 +158,7 @@ def route_runpod_sdk() -> None:
     except ImportError:  # pragma: no cover - the SDK's local API always brings uvicorn
         return
     # uvicorn.run() applies this dict (its default argument, the same object) when the local API starts.
+    level = logging.getLevelName(max(logging.INFO, logging.getLogger("listener").getEffectiveLevel()))
     for name in ("uvicorn", "uvicorn.access"):
-        LOGGING_CONFIG["loggers"][name] = {"handlers": [], "level": "INFO", "propagate": True}
+        LOGGING_CONFIG["loggers"][name] = {"handlers": [], "level": level, "propagate": True}
+    LOGGING_CONFIG["loggers"]["uvicorn.error"] = {"level": level}

@@ -661,7 +661,9 @@ class Reconciler:
                     continue
                 self._discovered.pop((usage.id, media), None)
                 self._found_none[(usage.id, media)] = usage.update_time
-                for snapshot in self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER).stream(**BOUND):
+                for snapshot in self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER).stream(
+                    **BOUND
+                ):
                     found += 1
                     key = JobKey(usage.id, media, snapshot.id)
                     self._discovered.setdefault((usage.id, media), key)

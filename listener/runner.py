@@ -25,7 +25,15 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 from firegen_core import lifecycle
 from firegen_core.contract import GenerationRequest, parse_document
 from firegen_core.deadline import Deadline, timeout_message
-from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, TIMEOUT, GenerationError, Interrupted, classify
+from firegen_core.errors import (
+    CANCELLED,
+    CANCELLED_MESSAGE,
+    TIMEOUT,
+    GenerationError,
+    Interrupted,
+    classify,
+    failure_level,
+)
 from firegen_core.jobs import RUNPOD_JOB_ID, ClaimedJob, WorkerJobs
 
 from .storage import Superseded, claim_stamp, is_transient
@@ -127,7 +135,9 @@ class Heartbeat:
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
                     log.warning("job_lost", reason="no longer this try's at its deadline", **_ids(self.job))
-                else:
+                elif failed:
+                    _log_failure(self.overrun.error_type, self.overrun.message, self.job, by="heartbeat")
+                else:  # the write failed (Firestore away): the runner settles it when the step comes back
                     log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
                 return
             if self.abort is not None and self.abort.is_set():
@@ -204,11 +214,17 @@ class _Run:
         self.heartbeat.post(fraction)
 
 
+def _log_failure(error_type: str, message: str, job: ClaimedJob, **more: object) -> None:
+    """A job's end as failed: `job_failed`, at the level its error type says (errors.failure_level)."""
+    level = failure_level(error_type)
+    getattr(log, level)("job_failed", error_type=error_type, error_message=message, **more, **_ids(job))
+
+
 def release(store: WorkerJobs, job: ClaimedJob) -> RunOutcome:
     """Give the job back to the queue (fenced; past MAX_RELEASES it fails instead), and say so."""
     written = store.release(job)
     if written is not None and written.get("status") == lifecycle.FAILED:  # past MAX_RELEASES
-        log.warning("job_failed", error_type=written["error_type"], error_message=written["error_message"], **_ids(job))
+        _log_failure(written["error_type"], written["error_message"], job)
         return RunOutcome.FAILED
     log.info("job_released", released=written is not None, **_ids(job))
     return RunOutcome.RELEASED
@@ -454,7 +470,7 @@ class JobRunner:
     def _fail(self, job: ClaimedJob, error: GenerationError) -> RunOutcome:
         if not self._while_held(job, lambda: self.store.fail(job, error)):
             return self._lost(job)  # not this claim's job any more (restated, taken over): nothing was failed
-        log.warning("job_failed", error_type=error.error_type, error_message=error.message, **_ids(job))
+        _log_failure(error.error_type, error.message, job)
         return RunOutcome.FAILED
 
     def _remove_results(self, job: ClaimedJob, request: GenerationRequest) -> None:

@@ -220,6 +220,22 @@ def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
     assert read(firestore_client, key)["status"] == "queued" and "cancel_requested" not in read(firestore_client, key)
 
 
+def test_the_callable_refuses_a_snake_case_user_id_naming_another_user(firestore_client):
+    """The callable takes `user_id` as well as `userId`: one naming another user is refused too, and the call
+    does not go on to cancel the caller's own job of that fileUid (the path is built from the auth uid)."""
+    own = JobKey("thief", "images", "mine")
+    queue_jobs(firestore_client, [JobKey("owner", "images", "mine"), own])
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.cancel(
+            firestore_client, uid="thief", data={"fileUid": "mine", "mediaType": "images", "user_id": "owner"}
+        )
+    assert (refused.value.code, refused.value.message) == (
+        "permission-denied",
+        "user_id must be the signed-in user's uid",
+    )
+    assert read(firestore_client, own)["status"] == "queued" and "cancel_requested" not in read(firestore_client, own)
+
+
 # ---------------------------------------------------------------------------------------------- bounded work
 def test_a_job_past_its_deadline_is_stopped_as_timeout(sched_worker, firestore_client):
     generator = StubGenerator(threading.Event())  # never finishes on its own
@@ -377,6 +393,21 @@ store.claim(abandoned)  # then the worker dies: its lease runs out, and attempts
 import time; time.sleep(0.5)
 print("claimed", store.claim(abandoned), flush=True)
 
+# A client's doc that breaks the contract, refused on sight by the claim; a step that never comes back in time,
+# failed `Timeout` by the heartbeat.
+from firegen_core.deadline import Deadline
+client.document("generations/u1/images/broken").set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "p", "width": 2048})
+print("refused", store.claim(JobKey("u1", "images", "broken")), flush=True)
+
+class Stuck:
+    def generate(self, request, progress=None):
+        time.sleep(3)
+
+client.document("generations/u1/images/stuck").set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "p"})
+timed = WorkerJobs(client, worker_id="w-log", lease_seconds=30)
+runner = JobRunner(timed, Stuck(), results=None, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
+print("stuck", runner.run(timed.claim(JobKey("u1", "images", "stuck"))), flush=True)
+
 # Storage down: the upload's retries name the job.
 from types import SimpleNamespace
 from google.auth.credentials import AnonymousCredentials
@@ -420,6 +451,7 @@ def test_endings_a_transition_writes_and_upload_retries_are_logged_with_the_job(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "outcome failed" in done.stdout and "claimed None" in done.stdout and "stored failed" in done.stdout
+    assert "refused None" in done.stdout and "stuck failed" in done.stdout
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     [retry] = [e for e in events if e["event"] == "upload_retry"]
     assert (retry["message"], retry["file_uid"], retry["user_id"], retry["retry"]) == (
@@ -430,13 +462,29 @@ def test_endings_a_transition_writes_and_upload_retries_are_logged_with_the_job(
     )
     assert retry["object"] == "generating/u1/image/unstored.png" and retry["severity"] == "WARNING"
     failed = {e["file_uid"]: e for e in events if e["event"] == "job_failed"}
+    # Severity by who must act (audit: a job lost to Storage being down was a WARNING, like a user's bad width):
+    # infrastructure and bugs are errors, a job past its time limit a warning, a client's doing news.
+    assert {name: event["severity"] for name, event in failed.items()} == {
+        "unstored": "ERROR",
+        "bounced": "ERROR",
+        "abandoned": "ERROR",
+        "stuck": "WARNING",
+    }
     assert failed.pop("unstored")["error_type"] == "ConnectionError"
+    # The heartbeat's forced Timeout is a `job_failed` like the others (audit: only `job_timeout_forced`, which a
+    # count of failures missed).
+    stuck = failed.pop("stuck")
+    assert (stuck["error_type"], stuck["by"]) == ("Timeout", "heartbeat")
+    # A doc refused on sight by a claim is `job_refused`, as by a listener (audit: `job_failed` on one worker,
+    # `job_refused` on another, for the same doc).
+    [refused] = [e for e in events if e.get("file_uid") == "broken" and e["event"] in ("job_failed", "job_refused")]
+    assert (refused["event"], refused["error_type"], refused["severity"]) == ("job_refused", "ValidationError", "INFO")
     assert failed.keys() == {"bounced", "abandoned"} and not [e for e in events if e["event"] == "job_released"]
     assert failed["bounced"]["error_message"].startswith("Generation stopped: its workers shut down before it ended")
     assert failed["abandoned"]["error_message"] == "Generation failed after 1 attempt: its worker stopped responding"
     for event in failed.values():
         assert (event["severity"], event["user_id"], event["worker_id"], event["error_type"]) == (
-            "WARNING",
+            "ERROR",
             "u1",
             "w-log",
             "Exception",

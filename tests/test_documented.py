@@ -108,7 +108,16 @@ def run_worker(env: dict[str, str], timeout: float = 60) -> subprocess.Completed
 )
 def test_a_bad_setting_stops_the_worker_with_one_line_and_exit_code_2(env, line):
     result = run_worker(env)
-    assert (result.returncode, result.stderr, result.stdout) == (2, line + "\n", "")
+    assert (result.returncode, result.stderr) == (2, line + "\n")
+    assert_configuration_event(result.stdout, line)
+
+
+def assert_configuration_event(stdout: str, line: str) -> None:
+    """The same line as a JSON event on stdout (audit: the one plain-text line of a worker that never starts was
+    the one a platform's alert on severity could not see)."""
+    (event,) = [json.loads(text) for text in stdout.splitlines()]
+    assert (event["event"], event["severity"]) == ("configuration_error", "ERROR")
+    assert "listener: configuration error: " + event["error"] == line
 
 
 # Settings the engine checks once the clients are made (the emulators' clients need no server to be made).
@@ -135,7 +144,8 @@ EMULATED = {
 )
 def test_a_wrong_model_setting_stops_the_worker_with_one_line(env, line):
     result = run_worker({**EMULATED, **env})
-    assert (result.returncode, result.stderr, result.stdout) == (2, f"listener: configuration error: {line}\n", "")
+    assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {line}\n")
+    assert_configuration_event(result.stdout, f"listener: configuration error: {line}")
 
 
 def test_a_cuda_device_this_machine_lacks_is_one_line_not_a_traceback():
@@ -145,7 +155,8 @@ def test_a_cuda_device_this_machine_lacks_is_one_line_not_a_traceback():
         pytest.skip("this machine has a CUDA device")
     result = run_worker({**EMULATED, "FIREGEN_DEVICE": "cuda"})
     line = f"listener: configuration error: FIREGEN_DEVICE is cuda but torch {torch.__version__} sees no cuda device"
-    assert (result.returncode, result.stderr, result.stdout) == (2, f"{line} on this machine\n", "")
+    assert (result.returncode, result.stderr) == (2, f"{line} on this machine\n")
+    assert_configuration_event(result.stdout, f"{line} on this machine")
 
 
 def test_listener_help():
@@ -173,6 +184,7 @@ def test_a_failed_fitness_check_off_runpod_says_worker_exit():
         "worker_exit",
     ]
     assert events[-1]["code"] == 1 and events[-1]["reason"] == "fitness check failed: RuntimeError"
+    assert events[-1]["severity"] == "ERROR"
 
 
 GOOGLE_LOG_SCRIPT = """
@@ -204,25 +216,36 @@ def test_google_clients_records_are_json_lines(order):
 
 
 LOG_SCRIPT = """
-import sys, structlog
-from listener.logs import configure
+import logging, sys, structlog
+from listener.logs import configure, route_runpod_sdk
 configure("w-1", sys.argv[1])
+route_runpod_sdk()
 log = structlog.get_logger("listener.test")
-log.debug("a_debug"); log.info("an_info"); log.warning("a_warning")
+log.debug("a_debug"); log.info("an_info"); log.warning("a_warning"); log.error("an_error")
+logging.getLogger("transformers.tokenization").warning("a_library_warning")
+logging.getLogger("uvicorn.error").info("a_server_info")  # as uvicorn.run() configures it, from LOGGING_CONFIG
 """
 
 
 @pytest.mark.parametrize(
     "level,events",
-    [("INFO", ["an_info", "a_warning"]), ("WARNING", ["a_warning"]), ("DEBUG", ["a_debug", "an_info", "a_warning"])],
+    [
+        ("INFO", ["an_info", "a_warning", "an_error", "a_library_warning", "a_server_info"]),
+        ("WARNING", ["a_warning", "an_error", "a_library_warning"]),
+        ("DEBUG", ["a_debug", "an_info", "a_warning", "an_error", "a_library_warning", "a_server_info"]),
+        # Audit: LOG_LEVEL=ERROR still let libraries' warnings and the local API's info lines through.
+        ("ERROR", ["an_error"]),
+    ],
 )
 def test_log_level_filters_the_json_events(level, events):
-    result = subprocess.run(
-        [sys.executable, "-c", LOG_SCRIPT, level], cwd=ROOT, capture_output=True, text=True, timeout=60
+    script = LOG_SCRIPT.replace(
+        "route_runpod_sdk()",
+        "route_runpod_sdk()\nimport logging.config\nfrom uvicorn.config import LOGGING_CONFIG\n"
+        "logging.config.dictConfig(LOGGING_CONFIG)",
     )
+    result = subprocess.run([sys.executable, "-c", script, level], cwd=ROOT, capture_output=True, text=True, timeout=60)
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [line["event"] for line in lines] == events
-    assert all(line["worker_id"] == "w-1" and "timestamp" in line for line in lines)
+    assert [line.get("event") for line in lines] == events, result.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------- runsync answers

@@ -47,6 +47,28 @@ def test_an_expired_lease_is_claimable_and_counts_an_attempt():
     assert (update["worker_id"], update["attempts"]) == ("w1", 2)
 
 
+def test_a_processing_doc_without_a_lease_is_claimable():
+    """A processing doc that carries no `lease_expires_at` (a claim whose lease field was lost or removed) has no
+    owner whose lease runs: it must be taken over, not stuck processing for ever."""
+    doc = {k: v for k, v in processing(attempts=1).items() if k != "lease_expires_at"}
+    assert lifecycle.claimable(doc, NOW)
+    update = lifecycle.claim(doc, NOW, **CLAIM)
+    assert update is not None and (update["status"], update["worker_id"], update["attempts"]) == ("processing", "w1", 2)
+
+
+def test_restated_tries_do_not_count_against_max_attempts():
+    """README "restated": a try its request stopped (lifecycle.restate) is counted in `restated`, not against
+    MAX_ATTEMPTS: a job restated as often as it was tried is claimed again, not failed."""
+    restated = lifecycle.restate(processing(attempts=3), {"width": 256})
+    assert restated is not None and (restated["status"], restated["restated"]) == ("queued", 1)
+    doc = {"status": "queued", "attempts": 3, "restated": 1, "user_id": "u", "file_uid": "f"}
+    update = lifecycle.claim(doc, NOW, **CLAIM)
+    assert update is not None and update["status"] == "processing" and update["attempts"] == 4
+    # Only the tries that were not restated count: 4 tries, 1 restated, are 3 attempts (max_attempts=3).
+    update = lifecycle.claim(dict(doc, attempts=4), NOW, **CLAIM)
+    assert update is not None and update["status"] == "failed"
+
+
 def test_past_max_attempts_the_job_fails_instead():
     update = lifecycle.claim(processing(attempts=3, expires_in=-1), NOW, **CLAIM)
     assert update["status"] == "failed" and update["error"] is True and update["generated"] is False

@@ -150,6 +150,19 @@ def test_refusals_name_the_limit_and_when_the_budget_resets():
     )
 
 
+def test_a_job_may_spend_exactly_up_to_the_daily_budget():
+    """USER_DAILY_BUDGET is what a user may spend in a day: a job that brings the spend exactly to it is admitted,
+    one a thousandth of a GPU-second past it is refused; a restated job whose total (with what it was charged
+    already) is exactly the whole budget fits after the reset, so its refusal names the reset, not "more than the
+    whole daily budget"."""
+    now = datetime(2026, 11, 27, 10, tzinfo=UTC)
+    limits = Limits(daily_budget=10)
+    assert quota.budget_refusal(Usage(0, 0, 6.0, "2026-11-27"), 4.0, limits, now) is None
+    assert quota.refusal(Usage(0, 0, 0.0, "2026-11-27"), 10.0, limits, now) is None
+    assert "4.0 of 10 are left" in quota.budget_refusal(Usage(0, 0, 6.0, "2026-11-27"), 4.001, limits, now)
+    assert "resets at" in quota.budget_refusal(Usage(0, 0, 9.0, "2026-11-27"), 2.0, limits, now, charged=8.0)
+
+
 # ---------------------------------------------------------------------------------------------- races
 def test_eight_admissions_racing_for_the_last_slot_admit_exactly_one(firestore_client):
     store = JobStore(firestore_client, limits=Limits(max_pending=3))

@@ -382,6 +382,45 @@ def test_a_firestore_blip_after_the_upload_neither_fails_nor_reruns_the_job(fire
     assert generator.calls == ["blip"] and list(blobs(bucket)) == ["generating/u1/image/blip.png"]
 
 
+class BlippingRenewal(WorkerJobs):
+    """The job store with Firestore away for the first call of `renew` (a stand-in, as BlippingStore is)."""
+
+    renewals = 0
+
+    def renew(self, job, progress=None):
+        self.renewals += 1
+        if self.renewals == 1:
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+        return super().renew(job, progress=progress)
+
+
+def test_a_firestore_blip_during_a_renewal_keeps_the_job(firestore_client, results):
+    """A lease has slack: one renewal that fails on a transient error is tried again at the next beat. The job
+    goes on under its claim (renewed again, completed once, one attempt), not given up as lost."""
+    key = JobKey("u1", "images", "renew-blip")
+    write_job(firestore_client, key)
+    store = BlippingRenewal(firestore_client, worker_id="w1", lease_seconds=30)
+    generator = StubGenerator(threading.Event())
+    runner = JobRunner(store, generator, results, renew_interval=0.1)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
+    thread.start()
+    try:
+        assert wait_until(lambda: store.renewals >= 3, timeout=10)  # renewed again after the failed one
+    finally:
+        generator.gate.set()
+        thread.join(15)
+    data = doc(firestore_client, key)
+    assert (outcome, data["status"], data["attempts"], generator.calls) == (
+        ["completed"],
+        "completed",
+        1,
+        ["renew-blip"],
+    )
+
+
 def test_a_storage_outage_fails_the_job_as_connection_error(make_worker, firestore_client, storage_emulator):
     key = JobKey("u1", "images", "no-storage")
     _, generator = hold_a_job(make_worker, firestore_client, "w1", key)
@@ -558,6 +597,21 @@ def test_a_doc_awaiting_its_parameters_runs_with_the_defaults_once_the_grace_end
     assert generator.calls == [stated.file_uid, bare.file_uid]  # the younger doc went first
     claimed = final["lease_expires_at"].timestamp() - 30.0  # the lease is 30 s from its claim
     assert claimed >= written + GRACE - 0.25, f"claimed {claimed - written:.2f} s after it was written"
+
+
+def test_a_doc_written_before_the_worker_started_waits_the_grace_from_its_start(make_worker, firestore_client):
+    """The grace counts from the doc's creation or the worker's start, whichever is later: a cold worker hears of a
+    doc long after its creation, and the runsync that woke it comes next. Counted from `created_at` alone, a doc
+    written 10 s before the start would run its defaults at once, before its request."""
+    from datetime import UTC, datetime, timedelta
+
+    key = JobKey("grace-user", "images", "before-start")
+    write_job(firestore_client, key, created_at=datetime.now(UTC) - timedelta(seconds=10))
+    started = time.time()
+    make_worker(grace=GRACE)
+    final = wait_until(lambda: (d := doc(firestore_client, key))["status"] == "completed" and d, timeout=15)
+    claimed = final["lease_expires_at"].timestamp() - 30.0  # the lease is 30 s from its claim
+    assert claimed >= started + GRACE - 0.25, f"claimed {claimed - started:.2f} s after the worker started"
 
 
 class HeldUpload:

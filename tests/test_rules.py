@@ -324,6 +324,45 @@ def test_create(rest, case: Create):
         assert doc["status"] == {"stringValue": "queued"} and "timestampValue" in doc["created_at"]
 
 
+# Every request field the rules pass through bounded(), written out (not read from the rules: a field whose bound
+# was dropped there must still be tried here).
+BOUNDED = [
+    "prompt",
+    "seed",
+    "width",
+    "height",
+    "fps",
+    "use_cloud_storage",
+    "useCloudStorage",
+    "negative_prompt",
+    "negativePrompt",
+    "num_images_per_prompt",
+    "numImagesPerPrompt",
+    "num_inference_steps",
+    "numInferenceSteps",
+    "guidance_scale",
+    "guidanceScale",
+    "num_frames",
+    "numFrames",
+    "video_width",
+    "videoWidth",
+    "video_height",
+    "videoHeight",
+    "video_guidance_scale",
+    "videoGuidanceScale",
+]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_every_request_field_is_bounded(rest, name):
+    """Each field holds a scalar or text of at most 10,000 UTF-16 units: 10,001 characters, or a list, is refused
+    (an unbounded field would let a client store a megabyte per doc that every worker then reads)."""
+    path = f"generations/{OWNER}/images/{{}}"
+    assert allowed(rest.commit(OWNER, path.format("at-bound"), sample(**{name: "x" * 10_000})))
+    assert not allowed(rest.commit(OWNER, path.format("long"), sample(**{name: "x" * 10_001})))
+    assert not allowed(rest.commit(OWNER, path.format("list"), sample(**{name: ["x"]})))
+
+
 def test_a_document_id_like_x_is_refused_by_firestore_and_the_contract(rest):
     """`__x__` ids: the rules' validId refuses them, but Firestore itself refuses them first (reserved), before
     any rule runs; the contract refuses them too."""

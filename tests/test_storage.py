@@ -523,6 +523,23 @@ def test_transient_errors():
     assert not is_transient(StorageUnavailable("x"))
 
 
+def test_raw_client_library_network_errors_are_connection_errors():
+    """A Firestore, Storage or auth call that fails on the network outside ResultStore's retries (a final write,
+    a token refresh) raises the client library's own exception, no builtin ConnectionError: the job still ends
+    `ConnectionError`, as the contract says for upload or storage failures, not `Exception`."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+
+    raw = [
+        gexc.ServiceUnavailable("backend down"),
+        requests.ConnectionError("connection refused"),
+        auth_exc.TransportError("token endpoint unreachable"),
+    ]
+    for exc in raw:
+        err = classify(exc)
+        assert (err.error_type, err.message) == (CONNECTION_ERROR, f"Upload or storage failure: {exc}"), exc
+
+
 # ---------------------------------------------------------------------------------------------- settings
 SETTINGS_VARS = [
     "GOOGLE_CLOUD_PROJECT",

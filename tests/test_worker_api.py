@@ -566,7 +566,7 @@ def test_a_taken_port_is_not_a_clean_exit(firestore_emulator, storage_emulator, 
         )
     assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
     [exit_line] = [e for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "worker_exit"]
-    assert (exit_line["code"], exit_line["reason"]) == (3, "exit 3")
+    assert (exit_line["code"], exit_line["reason"], exit_line["severity"]) == (3, "exit 3", "ERROR")
 
 
 def job_count(stack) -> int:
