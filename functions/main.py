@@ -117,9 +117,14 @@ class _FirebaseLogHandler(logging.Handler):
                 write = logger.info
             else:
                 write = logger.debug
-            write(_message(record), logger=record.name)
+            # `extra={...}` (firegen_core's records) as fields of their own, as the worker's JSON lines have them.
+            fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRIBUTES and not k.startswith("_")}
+            write(_message(record), logger=record.name, **fields)
         except Exception:
             self.handleError(record)
+
+
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
 def _message(record: logging.LogRecord) -> str:
@@ -229,25 +234,44 @@ def _grace() -> float:
     enforce_app_check=enforce_app_check(),
 )
 def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
+    uid = req.auth.uid if req.auth else None
     try:
-        return dispatch.generate(
-            _firestore(),
-            _runpod(),
-            uid=req.auth.uid if req.auth else None,
-            data=req.data,
-            policy=_policy(),
-            limits=_limits(),
-        )
+        reply = dispatch.generate(_firestore(), _runpod(), uid=uid, data=req.data, policy=_policy(), limits=_limits())
     except dispatch.CallError as exc:
+        _refused("generateWithRunPod", uid, exc)
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
+    logger.info(
+        "generateWithRunPod",
+        user_id=uid,
+        fileUid=reply["fileUid"],
+        mediaType=reply["mediaType"],
+        status=reply["status"],
+    )
+    return reply
+
+
+def _refused(function: str, uid: str | None, exc: dispatch.CallError) -> None:
+    """A refused call, logged (audit: the functions' logs showed nothing of a refusal but the emulator's lines):
+    the code and the message the client got, never its token or its request."""
+    logger.info(function, user_id=uid, refused=exc.code, error=exc.message)
 
 
 @https_fn.on_call(timeout_sec=30, enforce_app_check=enforce_app_check())
 def cancelGeneration(req: https_fn.CallableRequest) -> dict:
+    uid = req.auth.uid if req.auth else None
     try:
-        return dispatch.cancel(_firestore(), uid=req.auth.uid if req.auth else None, data=req.data, limits=_limits())
+        reply = dispatch.cancel(_firestore(), uid=uid, data=req.data, limits=_limits())
     except dispatch.CallError as exc:
+        _refused("cancelGeneration", uid, exc)
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
+    logger.info(
+        "cancelGeneration",
+        user_id=uid,
+        fileUid=reply.get("fileUid"),
+        mediaType=reply.get("mediaType"),
+        status=reply.get("status"),
+    )
+    return reply
 
 
 @firestore_fn.on_document_created(

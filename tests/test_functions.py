@@ -1224,6 +1224,20 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
         }
         assert len(runpod.requests) == 1
 
+        # Each call's outcome is an entry of its own (audit: a refusal left nothing but the emulator's lines).
+        def calls() -> list[dict]:
+            entries = (json_entry(line) for line in cli.log_path.read_text().splitlines())
+            return [entry for entry in entries if entry and entry.get("message") == "generateWithRunPod"]
+
+        def outcomes() -> list:
+            return [(e.get("status") or e.get("refused"), e.get("user_id"), e.get("error")) for e in calls()]
+
+        width = ("invalid-argument", uid, "width must be between 256 and 1024")
+        assert emu.wait_until(lambda: width in outcomes(), 30, 0.1), cli.log_tail()
+        assert {("accepted", uid, None), ("permission-denied", uid, "user_id must be the signed-in user's uid")} <= set(
+            outcomes()
+        )
+
         # The client's own write, with its real ID token, through the rules; its trigger wakes a worker.
         from test_rules import SERVER_TIME, Rest, encode
 
