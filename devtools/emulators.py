@@ -118,6 +118,16 @@ def _mark(event: str, **fields: object) -> bytes:
     return (json.dumps(line) + "\n").encode()
 
 
+def _line_start(path: Path) -> bytes:
+    """What to write before a line appended to `path` so that it starts a line: a newline after an unended one."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(-1, os.SEEK_END)
+            return b"" if log.read(1) == b"\n" else b"\n"
+    except OSError:  # empty, or none yet
+        return b""
+
+
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     """The end of what the process's latest start wrote: a log is appended to across starts (and runs), and an
     earlier start's lines would read as this one's."""
@@ -194,7 +204,11 @@ class Emulator:
             self.starts += 1
             t0 = time.monotonic()
             with open(self.log_path, "ab") as log:
-                log.write(b"\n" + _mark("harness_process_started", start=self.starts, command=" ".join(cmd)))
+                # On a line of its own (a killed process may have left one unended), and no blank line: JSON lines.
+                log.write(
+                    _line_start(self.log_path)
+                    + _mark("harness_process_started", start=self.starts, command=" ".join(cmd))
+                )
                 log.flush()
                 self._proc = subprocess.Popen(
                     cmd,

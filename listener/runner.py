@@ -290,8 +290,13 @@ class JobRunner:
         overrun = GenerationError(TIMEOUT, timeout_message(limit))
         hard_deadline = started + limit + self.renew_interval
         with ExitStack() as stack:
-            if len(jobs) == 1 and (request_id := _ids(jobs[0][0]).get("requestId")):
-                stack.enter_context(structlog.contextvars.bound_contextvars(requestId=request_id))
+            # Every line of this thread names its job(s): also the libraries' (a prompt cut to CLIP's 77 tokens).
+            if len(jobs) == 1:
+                stack.enter_context(structlog.contextvars.bound_contextvars(**_ids(jobs[0][0])))
+            else:
+                stack.enter_context(
+                    structlog.contextvars.bound_contextvars(file_uids=[j.key.file_uid for j, _ in jobs])
+                )
             runs = {
                 index: _Run(
                     job,

@@ -416,6 +416,8 @@ from listener.storage import ResultStore, RetryPolicy
 
 class OneImage:
     def generate(self, request, progress=None):
+        import logging
+        logging.getLogger("diffusers.pipelines").warning("a library's warning, during the job")
         return SimpleNamespace(seed=1, files=[(b"png", "png", "image/png")], video_info=None)
 
 down = f"http://127.0.0.1:{sys.argv[1]}"
@@ -453,6 +455,9 @@ def test_endings_a_transition_writes_and_upload_retries_are_logged_with_the_job(
     assert "outcome failed" in done.stdout and "claimed None" in done.stdout and "stored failed" in done.stdout
     assert "refused None" in done.stdout and "stuck failed" in done.stdout
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    # A library's line in the job's thread names the job (audit: CLIP's truncation warning named nothing).
+    [library] = [e for e in events if e["event"] == "a library's warning, during the job"]
+    assert (library["logger"], library["user_id"], library["file_uid"]) == ("diffusers.pipelines", "u1", "unstored")
     [retry] = [e for e in events if e["event"] == "upload_retry"]
     assert (retry["message"], retry["file_uid"], retry["user_id"], retry["retry"]) == (
         "upload_retry",

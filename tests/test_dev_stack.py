@@ -478,8 +478,14 @@ def test_a_process_logs_harness_lines_are_json_and_its_tail_is_its_latest_start(
     first = emu._mark("harness_process_started", start=1, command="python -m listener")
     second = emu._mark("harness_process_started", start=2, command="python -m listener")
     stopped = emu._mark("harness_process_stopped", start=1, exit_code=-9)
-    log.write_bytes(first + b'{"event": "earlier"}\n' + stopped + b"\n" + second + b'{"event": "later"}\n')
-    assert all(json.loads(line)["event"] for line in log.read_text().splitlines() if line)
+    # Appended as the harness appends them: a start after an unended line (a killed process) starts a line of its
+    # own, and no blank line comes before a mark (audit: each log began with one, which a JSON-lines reader refuses).
+    for part in (first, b'{"event": "earlier"}\n', stopped, b'{"event": "cut short', second, b'{"event": "later"}\n'):
+        with open(log, "ab") as out:
+            out.write((emu._line_start(log) if part.startswith(b'{"event": "harness') else b"") + part)
+    lines = log.read_text().splitlines()
+    assert all(json.loads(line)["event"] for line in lines if line != '{"event": "cut short')
+    assert lines[0] == first.decode().strip() and "" not in lines
     tail = emu._tail(log)
     assert "earlier" not in tail and tail.splitlines()[1] == '{"event": "later"}'
     assert json.loads(tail.splitlines()[0])["start"] == 2
