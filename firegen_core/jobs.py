@@ -314,9 +314,10 @@ class JobStore:
         `numFrames` alone, while a request is a video by any video field: `{fps: 10}` had its doc under `images`
         failed ("fps is a video field") while the request ran, charged, a video under `videos` that no client
         listened to. Where no doc exists under the request's media type and the client's own doc for its
-        file_uid (no request wrote it: no `requested_at`) is under the other one, live or refused for its
-        parameters or limits, that doc is the request's job: `data` (the request's fields) read as that doc's
-        media type. Raises `Misfiled` (a ContractError naming that doc) where they break it."""
+        file_uid (no request wrote it: no `requested_at`) is under the other one, that doc is the request's job,
+        whatever its state (a live one takes the request, a finished one answers for it, as one of the request's
+        own media type would): `data` (the request's fields) read as that doc's media type. Raises `Misfiled` (a
+        ContractError naming that doc) where they break it."""
         key = JobKey.of(request)
         other = JobKey(key.user_id, next(media for media in MEDIA_TYPES if media != key.media_type), key.file_uid)
         docs = {
@@ -326,10 +327,8 @@ class JobStore:
         own, filed = docs.get(key.path), docs.get(other.path)
         if (own is not None and own.exists) or filed is None or not filed.exists:
             return request
-        doc = filed.to_dict() or {}
-        live = doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
-        if REQUESTED_AT in doc or not (live or lifecycle.refused(doc)):
-            return request  # the other media type's own job (a request's, or finished): this one is new
+        if REQUESTED_AT in (filed.to_dict() or {}):
+            return request  # the other media type's own job, which a request created: this one is new
         try:
             return parse_document(other.user_id, other.media_type, other.file_uid, data)
         except ContractError as exc:

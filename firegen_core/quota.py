@@ -185,7 +185,7 @@ def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: 
     the budget (the contract's function flow, where a worker took the doc a moment before its request came,
     pays that moment). A job charged on an earlier day is charged today, anew: that day's spend is gone."""
     today = day_of(now)
-    charged = float(before.get(COST) or 0) if charged_on(before, today) == today else 0.0
+    charged = float(number(before, COST)) if charged_on(before, today) == today else 0.0
     kept = max(charged - old_estimate, 0.0)  # earlier stopped tries
     if before.get("status") == "processing":
         started = before.get("started_at")

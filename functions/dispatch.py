@@ -34,7 +34,7 @@ from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from runpod_client import RunPodClient, Verdict
 
-from firegen_core import lifecycle, workers
+from firegen_core import lifecycle, quota, workers
 from firegen_core.contract import (
     CLOUD_ONLY,
     MAX_PROMPT_CHARS,
@@ -103,7 +103,7 @@ def _store(db: firestore.Client, limits: Limits = Limits()) -> JobStore:
 
 def _markers(doc: Mapping[str, Any] | None, by: str) -> dict[str, Any]:
     markers: dict[str, Any] = {
-        DISPATCH_COUNT: int((doc or {}).get(DISPATCH_COUNT) or 0) + 1,
+        DISPATCH_COUNT: int(quota.number(doc or {}, DISPATCH_COUNT)) + 1,
         DISPATCHED_AT: SERVER_TIMESTAMP,
         DISPATCHED_BY: by,
     }
@@ -256,7 +256,7 @@ def generate(
             return {**queued_document(request), **_markers(None, BY_CALLABLE)}
         # The client's own doc takes the parameters this call gives (a running job is queued again with them).
         update = lifecycle.restate(doc, restatement(doc, request), request.parameters()) or {}
-        count = int(doc.get(DISPATCH_COUNT) or 0)
+        count = int(quota.number(doc, DISPATCH_COUNT))
         retry = DISPATCH_ERROR in doc and count < policy.max_dispatches  # the last dispatch never arrived
         again = lifecycle.refused(doc)  # refused for its limits or its parameters: this call is its new try
         if update.get("status", doc.get("status")) == lifecycle.QUEUED and (count == 0 or retry or again):
@@ -422,7 +422,7 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
         nonlocal waiting
         if not _stale(doc, now, policy):
             return None
-        count = int(doc.get(DISPATCH_COUNT) or 0)
+        count = int(quota.number(doc, DISPATCH_COUNT))
         if count >= policy.max_dispatches:
             waiting = alive  # in a live worker's backlog: it waits its turn
             if alive:

@@ -13,6 +13,7 @@ by `<redacted>` before it is written.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 
@@ -159,6 +160,8 @@ def route_runpod_sdk() -> None:
         return
     # uvicorn.run() applies this dict (its default argument, the same object) when the local API starts.
     level = logging.getLevelName(max(logging.INFO, logging.getLogger("listener").getEffectiveLevel()))
+    # The SDK passes uvicorn.run() a level of its own (UVICORN_LOG_LEVEL, else info), set after the dict: too.
+    os.environ.setdefault("UVICORN_LOG_LEVEL", level.lower())
     for name in ("uvicorn", "uvicorn.access"):
         LOGGING_CONFIG["loggers"][name] = {"handlers": [], "level": level, "propagate": True}
     LOGGING_CONFIG["loggers"]["uvicorn.error"] = {"level": level}

@@ -644,8 +644,8 @@ class Reconciler:
         found = 0
         for usage in users:
             counts = usage.to_dict() or {}
-            running = int(counts.get("running") or 0)
-            if int(counts.get("pending") or 0) <= running or running >= self.store.limits.max_running:
+            running = int(quota.number(counts, "running"))
+            if int(quota.number(counts, "pending")) <= running or running >= self.store.limits.max_running:
                 continue  # nothing of theirs queued (pending counts running jobs too), or no claim of theirs may win
             for media, edge in edges.items():
 

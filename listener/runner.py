@@ -107,6 +107,12 @@ class Heartbeat:
     _done: threading.Event = field(default_factory=threading.Event)
     _progress: float | None = None
     _posted: float = 0.0
+    _logged: threading.Lock = field(default_factory=threading.Lock)  # the Timeout's `job_failed`: logged once
+
+    def first_to_log(self) -> bool:
+        """Whether the caller is the first to log the job's Timeout (this thread, or the runner that settles it
+        when this thread's write failed: both may find it written)."""
+        return self._logged.acquire(blocking=False)
 
     def __post_init__(self):
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.job.key.file_uid}", daemon=True)
@@ -135,7 +141,7 @@ class Heartbeat:
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
                     log.warning("job_lost", reason="no longer this try's at its deadline", **_ids(self.job))
-                elif failed:
+                elif failed and self.first_to_log():
                     _log_failure(self.overrun.error_type, self.overrun.message, self.job, by="heartbeat")
                 else:  # the write failed (Firestore away): the runner settles it when the step comes back
                     log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
@@ -436,6 +442,8 @@ class JobRunner:
         have failed in the Firestore blip that timeouts cluster in, and the job would then wait out its lease and
         run again), else lost."""
         if self._timed_out(run):
+            if run.heartbeat.first_to_log():  # the heartbeat's own write failed: its line said job_timeout_forced
+                _log_failure(run.overrun.error_type, run.overrun.message, run.job, by="runner")
             self._remove_results(run.job, run.request)  # an earlier attempt's partial upload
             return RunOutcome.FAILED
         return self._lost(run.job, run.heartbeat)

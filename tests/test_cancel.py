@@ -478,6 +478,7 @@ def test_endings_a_transition_writes_and_upload_retries_are_logged_with_the_job(
     assert failed.pop("unstored")["error_type"] == "ConnectionError"
     # The heartbeat's forced Timeout is a `job_failed` like the others (audit: only `job_timeout_forced`, which a
     # count of failures missed).
+    assert [e["file_uid"] for e in events if e["event"] == "job_failed"].count("stuck") == 1  # once, by either
     stuck = failed.pop("stuck")
     assert (stuck["error_type"], stuck["by"]) == ("Timeout", "heartbeat")
     # A doc refused on sight by a claim is `job_refused`, as by a listener (audit: `job_failed` on one worker,

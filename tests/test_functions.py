@@ -313,27 +313,54 @@ def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
     assert runpod.requests == []
 
 
-@pytest.mark.parametrize("doc_status", ["queued", "failed"])
-def test_a_video_call_for_a_doc_the_client_sample_filed_under_images_is_refused(firestore_client, stub, doc_status):
+MISFILED = "Validation failed: fps is a video field: video jobs belong under generations/{user_id}/videos"
+CLIENT_DOC_STATES = {
+    "queued": {},
+    "refused on sight": {"status": "failed", "error": True, "error_type": "ValidationError", "error_message": MISFILED},
+    "running": {"status": "processing", "worker_id": "w1", "attempts": 1},
+    "cancelled": {
+        "status": "failed",
+        "error": True,
+        "error_type": "Cancelled",
+        "error_message": "Cancelled by the user",
+    },
+    "refused for its limits": {"status": "failed", "error": True, "error_type": "QuotaExceeded", "error_message": "x"},
+    "completed": {"status": "completed", "generated": True},
+}
+
+
+@pytest.mark.parametrize("state", list(CLIENT_DOC_STATES))
+def test_a_video_call_for_a_doc_the_client_sample_filed_under_images_is_refused(firestore_client, stub, state):
     """The contract's client sample files its doc by `numFrames` alone: `{fps: 10}` wrote it under images, where
     it failed ("fps is a video field"), while the callable ran, charged, a video under videos that the client
-    never listened to. The client's doc is the call's job: the call is refused with the doc's message. (The
-    worker or the trigger fails such a doc on sight: `failed` is the doc as the call then finds it.)"""
+    never listened to. The client's doc is the call's job, whatever its state (the day's review: a cancelled one,
+    or one a worker ran from the doc alone, let the call, or the same call sent again, run the video): the call
+    is refused with the message of that doc's contract, every time; a live doc fails with it."""
     images, videos = "generations/u-filed/images/fps-only", "generations/u-filed/videos/fps-only"
-    message = "Validation failed: fps is a video field: video jobs belong under generations/{user_id}/videos"
-    firestore_client.document(images).create(client_doc(fps=10))
-    if doc_status == "failed":
-        firestore_client.document(images).update(
-            {"status": "failed", "error": True, "error_type": "ValidationError", "error_message": message}
-        )
+    firestore_client.document(images).create(client_doc(fps=10, **CLIENT_DOC_STATES[state]))
     runpod = stub(ACCEPTED)
     data = {"prompt": "A red sports car", "user_id": "u-filed", "file_uid": "fps-only", "fps": 10}
-    with pytest.raises(CallError) as raised:
-        dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
-    assert (raised.value.code, raised.value.message) == ("invalid-argument", message)
+    for _ in range(2):  # and the same call again
+        with pytest.raises(CallError) as raised:
+            dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
+        assert (raised.value.code, raised.value.message) == ("invalid-argument", MISFILED)
     doc = firestore_client.document(images).get().to_dict()
-    assert (doc["status"], doc["error_type"], doc["error_message"]) == ("failed", "ValidationError", message)
+    if state in ("queued", "running"):
+        assert (doc["status"], doc["error_type"], doc["error_message"]) == ("failed", "ValidationError", MISFILED)
+    else:
+        assert doc["status"] == CLIENT_DOC_STATES[state]["status"]  # its end stands
     assert not firestore_client.document(videos).get().exists and runpod.requests == []
+    assert (firestore_client.document("usage/u-filed").get().to_dict() or {}).get("spent_today", 0) == 0
+
+
+def test_an_image_call_for_a_cancelled_video_the_client_filed_answers_for_it(firestore_client, stub):
+    """The day's review: the owner cancelled the doc before the call arrived; the call ran a new job beside it."""
+    runpod = stub(ACCEPTED)
+    firestore_client.document("generations/u-filed/videos/gone").create(client_doc(**CLIENT_DOC_STATES["cancelled"]))
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data={"prompt": "x", "file_uid": "gone"})
+    assert raised.value.message == "Cancelled by the user"
+    assert not firestore_client.document("generations/u-filed/images/gone").get().exists and runpod.requests == []
 
 
 def test_an_image_call_for_a_doc_the_client_filed_under_videos_runs_that_video(firestore_client, stub):
@@ -350,10 +377,13 @@ def test_an_image_call_for_a_doc_the_client_filed_under_videos_runs_that_video(f
     assert [body["input"].get("num_frames") for _, body in runpod.requests] == [16]
 
 
-def test_a_finished_job_of_the_other_media_type_does_not_take_a_new_call(firestore_client, stub):
-    """One file_uid may name an image and a video: a completed image does not make a video call misfiled."""
+def test_a_request_created_job_of_the_other_media_type_does_not_take_a_new_call(firestore_client, stub):
+    """One file_uid may name an image and a video: an image a request created (`requested_at`) does not make a
+    video call for the same file_uid misfiled."""
     runpod = stub(ACCEPTED)
-    firestore_client.document("generations/u-filed/images/both").create(client_doc(status="completed", generated=True))
+    firestore_client.document("generations/u-filed/images/both").create(
+        client_doc(status="completed", generated=True, requested_at=firestore.SERVER_TIMESTAMP)
+    )
     data = {"prompt": "waves", "file_uid": "both", "fps": 10}
     reply = dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
     assert (reply["status"], reply["mediaType"]) == ("accepted", "videos")

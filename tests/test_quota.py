@@ -690,3 +690,11 @@ def test_a_job_refused_for_its_request_comes_back_fixed_even_past_a_full_slot(fi
     assert (again["status"], again["quota_admitted"], again["width"]) == ("queued", True, 256)
     assert counts(firestore_client, user) == (0, 1)
     assert usage(firestore_client, user)["spent_today"] == pytest.approx(again["cost"])
+
+
+def test_a_restatement_reads_an_unreadable_charge_as_none():
+    """The day's review: a job whose `cost` an admin edited (`"abc"`) answered every restating request "Could not
+    record the job", a transient error, for ever. Its charge reads as none: the restatement charges the new cost."""
+    now = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    before = {"status": "queued", "quota_admitted": True, "cost": "abc", "charged_on": "2026-12-01"}
+    assert quota.restated_cost(before, 1.41, 3.46, now)[quota.COST] == 3.46

@@ -14,6 +14,7 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
+import structlog
 from google.cloud.firestore import SERVER_TIMESTAMP
 from PIL import Image
 
@@ -898,9 +899,13 @@ def test_a_timeout_whose_heartbeat_write_failed_is_written_when_the_step_comes_b
     write_job(firestore_client, key)
     store = HeartbeatFailErrors(firestore_client, worker_id="w1", lease_seconds=30)
     runner = JobRunner(store, SlowStep(), results, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
-    assert runner.run(store.claim(key)) == "failed"
+    with structlog.testing.capture_logs() as logs:  # the capture reaches every thread (structlog's global config)
+        assert runner.run(store.claim(key)) == "failed"
     data = doc(firestore_client, key)
     assert (data["status"], data["error_type"]) == ("failed", "Timeout")
+    # Its end is a `job_failed` like any other, logged once (the day's review: only `job_timeout_forced`).
+    failed = [e for e in logs if e["event"] == "job_failed"]
+    assert [(e["error_type"], e["by"], e["log_level"]) for e in failed] == [("Timeout", "runner", "warning")]
 
 
 class CountingRenewals:
@@ -935,7 +940,7 @@ def test_docs_an_admin_wrote_with_unreadable_fields_neither_wedge_nor_stop_the_w
     listener's callback, which ended the listener's thread (no restart, no line naming the doc), then in every
     sweep; one with `attempts: "abc"` made every claim of it fail, once a sweep, for ever. Unreadable dates and
     counts read as none: both run, and the listeners go on hearing new docs (the sweep is 30 s away here)."""
-    make_worker(sweep=30)
+    worker = make_worker(sweep=30)
     odd = {
         JobKey("u1", "images", "odd-created"): {"created_at": "yesterday"},
         JobKey("u1", "images", "odd-attempts"): {"attempts": "abc"},
@@ -948,3 +953,7 @@ def test_docs_an_admin_wrote_with_unreadable_fields_neither_wedge_nor_stop_the_w
     for key in odd:
         data = wait_until(lambda key=key: finished(firestore_client, key))
         assert (data["status"], data["attempts"]) == ("completed", 1), key
+    # A usage doc an admin edited: the backlog look-up reads its counts as none (the day's review: every sweep
+    # raised, and the users after it were never looked up).
+    firestore_client.document("usage/u-odd").set({"pending": 3, "running": "abc"})
+    worker.sweep()
