@@ -165,7 +165,7 @@ def _record_refusal(
     try:
         store.transition(key, decide)
     except Exception as exc:
-        log.warning("refusal_not_recorded path=%s error=%s", key.path, type(exc).__name__)
+        log.warning("refusal_not_recorded", extra={"path": key.path, "error": type(exc).__name__})
 
 
 def _record_verdict(db: firestore.Client, key: JobKey, verdict: Verdict) -> None:
@@ -181,19 +181,14 @@ def _record_verdict(db: firestore.Client, key: JobKey, verdict: Verdict) -> None
     try:
         db.document(key.path).update(fields)
     except Exception as exc:
-        log.warning("dispatch_not_recorded path=%s error=%s", key.path, type(exc).__name__)
+        log.warning("dispatch_not_recorded", extra={"path": key.path, "error": type(exc).__name__})
 
 
 def _deliver(store: JobStore, runpod: RunPodClient, key: JobKey, request: GenerationRequest) -> Verdict:
     """POST the job; a refusal fails its doc (when still queued), a failure to deliver is noted on it."""
     verdict = runpod.runsync(runsync_input(request))
-    log.info(
-        "dispatched path=%s outcome=%s attempts=%d runpod_job_id=%s",
-        key.path,
-        verdict.outcome,
-        verdict.attempts,
-        verdict.job_id,
-    )
+    fields = {"path": key.path, "outcome": verdict.outcome, "attempts": verdict.attempts}
+    log.info("dispatched", extra={**fields, "runpod_job_id": verdict.job_id})
     if verdict.outcome == runpod_client.REJECTED:
         _fail_queued(store, key, VALIDATION_ERROR, verdict.message)
     _record_verdict(store.client, key, verdict)
@@ -411,7 +406,7 @@ def redispatch_stale(
                     continue  # an `images` collection somewhere else
                 counts[_redispatch_one(store, runpod, key, policy, alive=alive)] += 1
     if counts:
-        log.info("redispatch_sweep %s", dict(counts))
+        log.info("redispatch_sweep", extra={"counts": dict(counts)})
     return counts
 
 

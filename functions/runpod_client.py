@@ -125,7 +125,7 @@ class RunPodClient:
         except RetryError as exc:
             last = exc.last_attempt.exception()
             message = self.scrub(f"RunPod did not answer after {tries} attempt(s): {last}")
-            log.warning("runsync_undelivered attempts=%d error=%s", tries, message)
+            log.warning("runsync_undelivered", extra={"attempts": tries, "error": message})
             return Verdict(UNDELIVERED, message, attempts=tries)
         return Verdict(verdict.outcome, self.scrub(verdict.message), verdict.job_id, tries)
 

@@ -81,6 +81,9 @@ def configure(worker_id: str, level: str = "INFO") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stdout)
+    # The floor for every record, libraries' too: a library that sets its own logger's level (transformers,
+    # diffusers: WARNING) passes the root's by, since a record is weighed by the logger it starts from.
+    handler.setLevel(numeric)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             # `extra={...}`: the fields of our own modules' standard-library records (firegen_core is shared with

@@ -137,7 +137,7 @@ class Heartbeat:
             if self.overrun is not None and time.monotonic() > self.hard_deadline and not self.finishing.is_set():
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
-                failed = _quietly(lambda: self.store.fail(self.job, self.overrun))
+                failed = _quietly(lambda: self.store.fail(self.job, self.overrun), self.job)
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
                     log.warning("job_lost", reason="no longer this try's at its deadline", **_ids(self.job))
@@ -150,7 +150,7 @@ class Heartbeat:
                 if self.finishing.is_set():
                     return  # its final write is under way: that is its end
                 self.lost.set()
-                self.ended = _quietly(lambda: release(self.store, self.job)) or RunOutcome.RELEASED
+                self.ended = _quietly(lambda: release(self.store, self.job), self.job) or RunOutcome.RELEASED
                 return
             progress, self._progress = self._progress, None
             try:
@@ -236,11 +236,12 @@ def release(store: WorkerJobs, job: ClaimedJob) -> RunOutcome:
     return RunOutcome.RELEASED
 
 
-def _quietly(call) -> Any:
+def _quietly(call, job: ClaimedJob) -> Any:
+    """`call()`, or None where it raised (logged with the job it was for: the heartbeat's thread names none)."""
     try:
         return call()
     except Exception as exc:
-        log.warning("write_error", error=str(exc))
+        log.warning("write_error", error=str(exc), **_ids(job))
         return None
 
 
@@ -289,7 +290,9 @@ class JobRunner:
             try:
                 request = parse_document(job.key.user_id, job.key.media_type, job.key.file_uid, job.doc)
             except Exception as exc:
-                outcomes[index] = _quietly(lambda exc=exc, job=job: self._fail(job, classify(exc))) or RunOutcome.LOST
+                outcomes[index] = (
+                    _quietly(lambda exc=exc, job=job: self._fail(job, classify(exc)), job) or RunOutcome.LOST
+                )
                 continue
             parsed[index] = (job, cancel or threading.Event(), request)
         limit = self.deadline.seconds_for([request for _, _, request in parsed.values()])
@@ -424,7 +427,8 @@ class JobRunner:
             return RunOutcome.FAILED
         if job.lease.attempt > 1:  # an earlier try may have uploaded more images (its request then restated it)
             _quietly(
-                lambda: self.results.remove_beyond(job.key.user_id, job.key.file_uid, request.task_type, len(urls))
+                lambda: self.results.remove_beyond(job.key.user_id, job.key.file_uid, request.task_type, len(urls)),
+                job,
             )
         log.info("job_completed", seconds=round(time.monotonic() - run.started, 3), outputs=len(urls), **_ids(job))
         return RunOutcome.COMPLETED
@@ -435,7 +439,7 @@ class JobRunner:
         found written: `fail` knows its own landed write) here too, retried like the final writes."""
         if run.heartbeat.ended != RunOutcome.FAILED:
             return False
-        return bool(_quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun))))
+        return bool(_quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun)), run.job))
 
     def _lost_or_timed_out(self, run: _Run) -> RunOutcome:
         """A run whose lease the heartbeat gave up: failed `Timeout` (settled here: the heartbeat's own write may
@@ -490,7 +494,9 @@ class JobRunner:
         """Delete the job's objects; only ever called right after this worker wrote the job's end (it held the
         lease, so no other worker is writing the same names)."""
         count = 1 if request.is_video else request.num_images_per_prompt
-        removed = _quietly(lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count))
+        removed = _quietly(
+            lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count), job
+        )
         if removed:
             log.info("job_results_removed", objects=removed, **_ids(job))
 

@@ -222,6 +222,7 @@ configure("w-1", sys.argv[1])
 route_runpod_sdk()
 log = structlog.get_logger("listener.test")
 log.debug("a_debug"); log.info("an_info"); log.warning("a_warning"); log.error("an_error")
+logging.getLogger("transformers").setLevel(logging.WARNING)  # as transformers sets its own (re-check)
 logging.getLogger("transformers.tokenization").warning("a_library_warning")
 logging.getLogger("uvicorn.error").info("a_server_info")  # as uvicorn.run() configures it, from LOGGING_CONFIG
 """

@@ -209,7 +209,7 @@ def test_callable_accepted_end_to_end(worker, caplog):
     assert (doc["dispatch_count"], doc["dispatched_by"]) == (1, "callable") and doc["dispatched_at"]
     assert doc["created_at"] and doc["task_type"] == "text2image"
     assert worker.runsync_calls("img-1") == 1
-    assert_key_nowhere(reply, doc, caplog.text)
+    assert_key_nowhere(reply, doc, caplog.text, *(str(vars(record)) for record in caplog.records))
 
 
 def test_callable_after_the_client_sample_wrote_its_doc(worker):
@@ -553,7 +553,7 @@ def test_runpod_down_leaves_the_job_queued(firestore_client, caplog):
     assert again["status"] == "accepted"
     doc = firestore_client.document("generations/u-down/images/down-1").get().to_dict()
     assert doc["dispatch_count"] == 2 and "dispatch_error" not in doc
-    assert_key_nowhere(reply, doc, caplog.text, verdict)
+    assert_key_nowhere(reply, doc, caplog.text, verdict, *(str(vars(record)) for record in caplog.records))
 
 
 def test_5xx_is_retried_with_the_bearer_key_and_in_queue_means_queued(firestore_client, stub):
@@ -1020,7 +1020,7 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "import contextlib, io, logging\n"
         "buffer = io.StringIO()\n"
         "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
-        "    logging.getLogger('functions.dispatch').warning('dispatch_not_recorded path=%s', 'generations/u/images/f')\n"
+        "    logging.getLogger('functions.dispatch').warning('dispatch_not_recorded', extra={'path': 'generations/u/images/f'})\n"
         "out['log'] = buffer.getvalue()\n"
         "from firebase_functions.private import util\n"  # the SDK's own records, through the root logger
         "from werkzeug.test import EnvironBuilder\n"
@@ -1071,7 +1071,7 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     # The functions' standard-logging records are written by firebase_functions.logger: Cloud Logging's fields.
     entry = json.loads(out["log"].strip().splitlines()[-1])
     assert entry["severity"] == "WARNING"
-    assert entry["message"] == "dispatch_not_recorded path=generations/u/images/f"
+    assert (entry["message"], entry["path"]) == ("dispatch_not_recorded", "generations/u/images/f")  # fields
     # So are the SDK's, which it writes through the root logger (a token that is no JWT: refused, and why logged),
     # each once, without the token google-auth's error quotes.
     sdk = [json.loads(line) for line in out["sdk_log"].strip().splitlines()]

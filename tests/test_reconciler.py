@@ -906,6 +906,9 @@ def test_a_timeout_whose_heartbeat_write_failed_is_written_when_the_step_comes_b
     # Its end is a `job_failed` like any other, logged once (the day's review: only `job_timeout_forced`).
     failed = [e for e in logs if e["event"] == "job_failed"]
     assert [(e["error_type"], e["by"], e["log_level"]) for e in failed] == [("Timeout", "runner", "warning")]
+    # The heartbeat's failed write names the job too (the re-check: `write_error` named none).
+    write_errors = [e for e in logs if e["event"] == "write_error"]
+    assert write_errors and all(e["file_uid"] == "blip-timeout" for e in write_errors)
 
 
 class CountingRenewals:
