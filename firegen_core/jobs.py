@@ -44,6 +44,7 @@ from .contract import (
     ContractError,
     GenerationRequest,
     awaits_parameters,
+    normalise_document_fields,
     parse_document,
     restatement,
     snake_case,
@@ -314,10 +315,11 @@ class JobStore:
         `numFrames` alone, while a request is a video by any video field: `{fps: 10}` had its doc under `images`
         failed ("fps is a video field") while the request ran, charged, a video under `videos` that no client
         listened to. Where no doc exists under the request's media type and the client's own doc for its
-        file_uid (no request wrote it: no `requested_at`) is under the other one, that doc is the request's job,
-        whatever its state (a live one takes the request, a finished one answers for it, as one of the request's
-        own media type would): `data` (the request's fields) read as that doc's media type. Raises `Misfiled` (a
-        ContractError naming that doc) where they break it."""
+        file_uid (no request wrote it: no `requested_at`) is under the other one, that doc is the request's job
+        when it is live or refused, or when it ended stating no parameter the request does not state equally (the
+        sample writes its options into both; one file_uid may also name another job of the other media type):
+        `data` (the request's fields) read as that doc's media type. Raises `Misfiled` (a ContractError naming
+        that doc) where they break it."""
         key = JobKey.of(request)
         other = JobKey(key.user_id, next(media for media in MEDIA_TYPES if media != key.media_type), key.file_uid)
         docs = {
@@ -327,8 +329,12 @@ class JobStore:
         own, filed = docs.get(key.path), docs.get(other.path)
         if (own is not None and own.exists) or filed is None or not filed.exists:
             return request
-        if REQUESTED_AT in (filed.to_dict() or {}):
+        doc = filed.to_dict() or {}
+        if REQUESTED_AT in doc:
             return request  # the other media type's own job, which a request created: this one is new
+        live = doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
+        if not (live or lifecycle.refused(doc)) and not _states_no_more_than(doc, data):
+            return request  # a finished job that states parameters this request does not: another job
         try:
             return parse_document(other.user_id, other.media_type, other.file_uid, data)
         except ContractError as exc:
@@ -573,3 +579,15 @@ def queued_document(request: GenerationRequest) -> dict[str, Any]:
         "file_uid": request.file_uid,
         REQUESTED_AT: SERVER_TIMESTAMP,
     }
+
+
+def _states_no_more_than(doc: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
+    """Whether every parameter the doc states is stated, equal, by the request (the client sample writes its
+    options into both): a misfiled doc of this request, not another job that shares its file_uid."""
+    try:
+        stated, given = normalise_document_fields(doc), normalise_document_fields(data)
+    except ContractError:
+        return False
+    return all(
+        given.get(name) == value for name, value in stated.items() if name in PARAMETER_FIELDS and value is not None
+    )

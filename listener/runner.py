@@ -141,8 +141,9 @@ class Heartbeat:
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
                     log.warning("job_lost", reason="no longer this try's at its deadline", **_ids(self.job))
-                elif failed and self.first_to_log():
-                    _log_failure(self.overrun.error_type, self.overrun.message, self.job, by="heartbeat")
+                elif failed:
+                    if self.first_to_log():  # else the runner, past the join, wrote and logged it first
+                        _log_failure(self.overrun.error_type, self.overrun.message, self.job, by="heartbeat")
                 else:  # the write failed (Firestore away): the runner settles it when the step comes back
                     log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
                 return
@@ -439,15 +440,18 @@ class JobRunner:
         found written: `fail` knows its own landed write) here too, retried like the final writes."""
         if run.heartbeat.ended != RunOutcome.FAILED:
             return False
-        return bool(_quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun)), run.job))
+        settled = bool(
+            _quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun)), run.job)
+        )
+        if settled and run.heartbeat.first_to_log():  # the heartbeat's own write failed: the runner's is the end
+            _log_failure(run.overrun.error_type, run.overrun.message, run.job, by="runner")
+        return settled
 
     def _lost_or_timed_out(self, run: _Run) -> RunOutcome:
         """A run whose lease the heartbeat gave up: failed `Timeout` (settled here: the heartbeat's own write may
         have failed in the Firestore blip that timeouts cluster in, and the job would then wait out its lease and
         run again), else lost."""
         if self._timed_out(run):
-            if run.heartbeat.first_to_log():  # the heartbeat's own write failed: its line said job_timeout_forced
-                _log_failure(run.overrun.error_type, run.overrun.message, run.job, by="runner")
             self._remove_results(run.job, run.request)  # an earlier attempt's partial upload
             return RunOutcome.FAILED
         return self._lost(run.job, run.heartbeat)

@@ -357,8 +357,9 @@ def test_an_image_call_for_a_cancelled_video_the_client_filed_answers_for_it(fir
     """The day's review: the owner cancelled the doc before the call arrived; the call ran a new job beside it."""
     runpod = stub(ACCEPTED)
     firestore_client.document("generations/u-filed/videos/gone").create(client_doc(**CLIENT_DOC_STATES["cancelled"]))
+    data = {"prompt": "A red sports car", "file_uid": "gone"}  # the doc's prompt: the sample writes it into both
     with pytest.raises(CallError) as raised:
-        dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data={"prompt": "x", "file_uid": "gone"})
+        dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
     assert raised.value.message == "Cancelled by the user"
     assert not firestore_client.document("generations/u-filed/images/gone").get().exists and runpod.requests == []
 
@@ -377,17 +378,26 @@ def test_an_image_call_for_a_doc_the_client_filed_under_videos_runs_that_video(f
     assert [body["input"].get("num_frames") for _, body in runpod.requests] == [16]
 
 
-def test_a_request_created_job_of_the_other_media_type_does_not_take_a_new_call(firestore_client, stub):
-    """One file_uid may name an image and a video: an image a request created (`requested_at`) does not make a
-    video call for the same file_uid misfiled."""
+@pytest.mark.parametrize(
+    "filed",
+    [
+        {"requested_at": firestore.SERVER_TIMESTAMP},  # a request created it
+        {"width": 768},  # the client wrote it, for a job the call does not state
+        {"prompt": "a boat"},
+    ],
+)
+def test_a_finished_job_of_the_other_media_type_does_not_take_another_call(firestore_client, stub, filed):
+    """One file_uid may name an image and a video: a finished image does not make a video call for the same
+    file_uid misfiled when a request created it, or when it states what the call does not (the re-review: a
+    completed client image refused every later video call with its file_uid, "num_frames is a video field")."""
     runpod = stub(ACCEPTED)
     firestore_client.document("generations/u-filed/images/both").create(
-        client_doc(status="completed", generated=True, requested_at=firestore.SERVER_TIMESTAMP)
+        client_doc(status="completed", generated=True, **filed)
     )
-    data = {"prompt": "waves", "file_uid": "both", "fps": 10}
+    data = {"prompt": "A red sports car", "file_uid": "both", "num_frames": 33}
     reply = dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
     assert (reply["status"], reply["mediaType"]) == ("accepted", "videos")
-    assert firestore_client.document("generations/u-filed/videos/both").get().to_dict()["fps"] == 10
+    assert firestore_client.document("generations/u-filed/videos/both").get().to_dict()["num_frames"] == 33
 
 
 @pytest.mark.parametrize("client_wrote", [False, True])

@@ -845,10 +845,32 @@ def test_a_timeout_whose_failure_outlasts_the_heartbeats_join_still_leaves_no_ob
     t0 = time.monotonic()
     upload = HeldUpload(results, lambda: time.monotonic() > t0 + 2.5)  # it ends past the hard deadline
     runner = JobRunner(store, StubGenerator(), upload, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
-    assert runner.run(store.claim(key)) == "failed"
+    with structlog.testing.capture_logs() as logs:
+        assert runner.run(store.claim(key)) == "failed"
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("heartbeat-")], 20)
     data = doc(firestore_client, key)
     assert (data["status"], data["error_type"], data.get("images")) == ("failed", "Timeout", None)
     assert list(blobs(bucket)) == []
+    # Its end logged once, by whichever wrote first; the heartbeat's write landing later says nothing (the
+    # re-review: it logged `job_timeout_forced`, "could not write", with failed=True).
+    ends = [(e["event"], e.get("by")) for e in logs if e["event"] in ("job_failed", "job_timeout_forced")]
+    assert ends == [("job_failed", "runner")], ends
+
+
+def test_a_timeout_settled_after_the_upload_is_logged(firestore_client, results, bucket):
+    """The re-review: the heartbeat's `Timeout` write failed (a blip) while the upload ran on; the runner wrote it
+    once the upload ended, and logged no `job_failed`."""
+    key = JobKey("u1", "images", "upload-blip")
+    write_job(firestore_client, key)
+    store = HeartbeatFailErrors(firestore_client, worker_id="w1", lease_seconds=30)
+    t0 = time.monotonic()
+    upload = HeldUpload(results, lambda: time.monotonic() > t0 + 2.5)  # it ends past the hard deadline
+    runner = JobRunner(store, StubGenerator(), upload, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
+    with structlog.testing.capture_logs() as logs:
+        assert runner.run(store.claim(key)) == "failed"
+    assert doc(firestore_client, key)["error_type"] == "Timeout" and list(blobs(bucket)) == []
+    failed = [(e["error_type"], e["by"]) for e in logs if e["event"] == "job_failed"]
+    assert failed == [("Timeout", "runner")], failed
 
 
 def test_a_slow_heartbeat_does_not_measure_the_clock(make_worker, monkeypatch):
