@@ -278,14 +278,16 @@ class JobStore:
 
         `awaiting_only`: only a doc that awaits its request's parameters (`awaits_parameters`: the contract's
         function flow writes the doc, then sends the parameters to runsync). When that runsync is refused, the
-        doc stands for a job nobody asked for as it is: left queued, its defaults would run after the grace."""
+        doc stands for a job nobody asked for as it is: left queued, its defaults would run after the grace; one
+        a worker took after the grace (a cold start's runsync comes late) is failed too, its run fenced off (the
+        contract's function would fail it with a write of its own, past the user's usage counts: a running job
+        counted for ever, and two of them keep the user's jobs from starting at USER_MAX_RUNNING)."""
+        statuses = (lifecycle.QUEUED, lifecycle.PROCESSING) if awaiting_only else (lifecycle.QUEUED,)
         return self.transition(
             key,
             lambda doc, now: (
                 lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
-                if doc is not None
-                and doc.get("status") == lifecycle.QUEUED
-                and (not awaiting_only or awaits_parameters(doc))
+                if doc is not None and doc.get("status") in statuses and (not awaiting_only or awaits_parameters(doc))
                 else None
             ),
         ).applied
@@ -310,17 +312,10 @@ class JobStore:
 
         return self.transition(key, decide, admit=True)
 
-    def as_filed(self, request: GenerationRequest, data: Mapping[str, Any]) -> GenerationRequest:
-        """The request as the job its client filed. The contract's client sample files its doc under `videos` by
-        `numFrames` alone, while a request is a video by any video field: `{fps: 10}` had its doc under `images`
-        failed ("fps is a video field") while the request ran, charged, a video under `videos` that no client
-        listened to. Where no doc exists under the request's media type and the client's own doc for its
-        file_uid (no request wrote it: no `requested_at`) is under the other one, that doc is the request's job
-        when it is live or refused, or when it ended stating no parameter the request does not state equally (the
-        sample writes its options into both; one file_uid may also name another job of the other media type):
-        `data` (the request's fields) read as that doc's media type. Raises `Misfiled` (a ContractError naming
-        that doc) where they break it."""
-        key = JobKey.of(request)
+    def filed_elsewhere(self, key: JobKey) -> tuple[JobKey, dict[str, Any]] | None:
+        """The client's own doc (no request wrote it: no `requested_at`) for `key`'s file_uid under the other media
+        type, where none is under `key`'s: the contract's client sample files its doc under `videos` by
+        `numFrames` alone, while a request is a video by any video field."""
         other = JobKey(key.user_id, next(media for media in MEDIA_TYPES if media != key.media_type), key.file_uid)
         docs = {
             snapshot.reference.path: snapshot
@@ -328,10 +323,21 @@ class JobStore:
         }
         own, filed = docs.get(key.path), docs.get(other.path)
         if (own is not None and own.exists) or filed is None or not filed.exists:
-            return request
+            return None
         doc = filed.to_dict() or {}
-        if REQUESTED_AT in doc:
-            return request  # the other media type's own job, which a request created: this one is new
+        return None if REQUESTED_AT in doc else (other, doc)
+
+    def as_filed(self, request: GenerationRequest, data: Mapping[str, Any]) -> GenerationRequest:
+        """The request as the job its client filed: `{fps: 10}` had its doc under `images` failed ("fps is a video
+        field") while the request ran, charged, a video under `videos` that no client listened to. The doc
+        `filed_elsewhere` is the request's job when it is live or refused, or when it ended stating no parameter
+        the request does not state equally (the sample writes its options into both; one file_uid may also name
+        another job of the other media type): `data` (the request's fields) read as that doc's media type.
+        Raises `Misfiled` (a ContractError naming that doc) where they break it."""
+        filed = self.filed_elsewhere(JobKey.of(request))
+        if filed is None:
+            return request
+        other, doc = filed
         live = doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
         if not (live or lifecycle.refused(doc)) and not _states_no_more_than(doc, data):
             return request  # a finished job that states parameters this request does not: another job
@@ -454,7 +460,7 @@ class WorkerJobs:
         self.ensure_queued, self.transition = self.jobs.ensure_queued, self.jobs.transition
         self.fail_unclaimed, self.ref, self.usage = self.jobs.fail_unclaimed, self.jobs.ref, self.jobs.usage
         self.cancel, self.cancelling, self.holds = self.jobs.cancel, self.jobs.cancelling, self.jobs.holds
-        self.admit, self.as_filed = self.jobs.admit, self.jobs.as_filed
+        self.admit, self.as_filed, self.filed_elsewhere = self.jobs.admit, self.jobs.as_filed, self.jobs.filed_elsewhere
         self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
         self.users_with_pending = self.jobs.users_with_pending
 

@@ -168,6 +168,28 @@ def _record_refusal(
         log.warning("refusal_not_recorded", extra={"path": key.path, "error": type(exc).__name__})
 
 
+def _filed(store: JobStore, uid: str, fields: Mapping[str, Any], error: ContractError) -> tuple[JobKey | None, str]:
+    """A refused call whose client filed its doc under the other media type (the client sample files by
+    `numFrames` alone): that doc, and the message of that doc's contract where the call breaks it, which the
+    worker writes on the doc too (the audit: `{fps: 99}` answered "fps must be between 6 and 15" while the doc
+    said "fps is a video field", and a failed doc nobody listened to was created under videos)."""
+    try:
+        filed = store.filed_elsewhere(JobKey(uid, media_type_of(fields), check_id("file_uid", fields.get("file_uid"))))
+    except ContractError:
+        return None, error.message
+    except Exception as exc:  # Firestore away: the refusal stands, as the contract says it
+        log.warning("refusal_not_recorded", extra={"file_uid": fields.get("file_uid"), "error": type(exc).__name__})
+        return None, error.message
+    if filed is None:
+        return None, error.message
+    other, _ = filed
+    try:
+        parse_document(other.user_id, other.media_type, other.file_uid, fields)
+    except ContractError as exc:
+        return other, exc.message
+    return other, error.message
+
+
 def _record_verdict(db: firestore.Client, key: JobKey, verdict: Verdict) -> None:
     """Note on the doc the RunPod job id of this dispatch (`runpod_job_id`: the worker logs it as the job's
     requestId, so both platforms' logs meet) and, when the job was not delivered, why."""
@@ -241,8 +263,9 @@ def generate(
             raise invalid(CLOUD_ONLY)
         request = store.as_filed(request, fields)
     except ContractError as exc:
-        _record_refusal(store, uid, fields, exc.message, exc.key if isinstance(exc, Misfiled) else None)
-        raise CallError("invalid-argument", exc.message) from None
+        key, message = (exc.key, exc.message) if isinstance(exc, Misfiled) else _filed(store, uid, fields, exc)
+        _record_refusal(store, uid, fields, message, key)
+        raise CallError("invalid-argument", message) from None
 
     key = JobKey.of(request)
 

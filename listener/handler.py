@@ -153,6 +153,10 @@ class RunsyncHandler:
             except ContractError:
                 return
         try:
+            # The function may have filed its doc under the other media type (by `num_frames` alone, as the
+            # client sample does): the audit's `{fps: 99}` left its images doc queued, admitted, charged.
+            filed = self.store.filed_elsewhere(key)
+            key = filed[0] if filed is not None else key
             if self.store.fail_unclaimed(key, GenerationError(VALIDATION_ERROR, message), awaiting_only=True):
                 log.info(
                     "job_failed",

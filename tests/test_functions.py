@@ -353,6 +353,22 @@ def test_a_video_call_for_a_doc_the_client_sample_filed_under_images_is_refused(
     assert (firestore_client.document("usage/u-filed").get().to_dict() or {}).get("spent_today", 0) == 0
 
 
+def test_a_call_refused_for_its_values_answers_with_the_message_of_the_doc_the_client_filed(firestore_client, stub):
+    """Audit: the client sample's `{fps: 99}` (its doc under images) was answered "fps must be between 6 and 15"
+    while its doc said "fps is a video field", and the callable created a failed doc under videos that nobody
+    listened to. The call is the doc's: one message, one doc."""
+    runpod = stub(ACCEPTED)
+    images = "generations/u-filed/images/fps-99"
+    firestore_client.document(images).create(client_doc(fps=99))
+    data = {"prompt": "A red sports car", "file_uid": "fps-99", "fps": 99}
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
+    assert raised.value.message == MISFILED
+    doc = firestore_client.document(images).get().to_dict()
+    assert (doc["status"], doc["error_message"]) == ("failed", MISFILED)
+    assert not firestore_client.document("generations/u-filed/videos/fps-99").get().exists and runpod.requests == []
+
+
 def test_an_image_call_for_a_cancelled_video_the_client_filed_answers_for_it(firestore_client, stub):
     """The day's review: the owner cancelled the doc before the call arrived; the call ran a new job beside it."""
     runpod = stub(ACCEPTED)

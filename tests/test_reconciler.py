@@ -982,3 +982,28 @@ def test_docs_an_admin_wrote_with_unreadable_fields_neither_wedge_nor_stop_the_w
     # raised, and the users after it were never looked up).
     firestore_client.document("usage/u-odd").set({"pending": 3, "running": "abc"})
     worker.sweep()
+
+
+def test_a_refused_request_fails_its_placeholder_a_worker_already_runs(firestore_client):
+    """The contract's function flow, its runsync late (a cold start) past the grace: a worker runs the placeholder's
+    defaults, then the request is refused. The handler left the running doc alone; the contract's function then
+    failed it with a write of its own, past the usage counts: `running` counted for ever (two such, and the user's
+    jobs never start at USER_MAX_RUNNING). The refusal fails it, and the running run is fenced off."""
+    from listener.handler import RunsyncHandler
+
+    key = JobKey("u-late", "images", "late-refused")
+    write_job(firestore_client, key)  # the prompt alone
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+    job = store.claim(key)
+    assert job is not None and doc(firestore_client, key)["status"] == "processing"
+    handler = RunsyncHandler(WorkerJobs(firestore_client, worker_id="w2"), lambda *args: None)
+    data = {"prompt": "A red sports car", "user_id": "u-late", "file_uid": "late-refused", "use_cloud_storage": True}
+    assert handler.handle({**data, "width": 2048}) == {
+        "status": "failed",
+        "error": "width must be between 256 and 1024",
+    }
+    data = doc(firestore_client, key)
+    assert (data["status"], data["error_type"]) == ("failed", "ValidationError")
+    usage = firestore_client.document("usage/u-late").get().to_dict()
+    assert (usage["pending"], usage["running"]) == (0, 0)
+    assert not store.renew(job)  # the run that took it is fenced off

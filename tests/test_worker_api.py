@@ -364,6 +364,30 @@ def test_the_function_flows_doc_under_the_other_media_type_is_the_requests_job(s
     assert stack.doc("generations/test-user/images/filed-videos") is None
 
 
+@pytest.mark.parametrize(
+    "media,change,message",
+    [
+        ("images", {"fps": 99}, "fps must be between 6 and 15"),
+        ("videos", {"width": 2048}, "width must be between 256 and 1024"),
+    ],
+)
+def test_a_refused_request_fails_its_placeholder_filed_under_the_other_media_type(stack, media, change, message):
+    """Audit (the client sample's filing, in the contract's function flow): a refused request's placeholder under
+    the other media type stayed queued, admitted and charged (the function's own `updateDoc` then failed it past
+    the usage counts: 20 such refusals and the user was locked out at USER_MAX_PENDING); left alone, its defaults
+    ran. It is failed with the refusal, and refunded."""
+    file_uid = f"filed-refused-{media}"
+    path = f"generations/test-refused/{media}/{file_uid}"
+    stack.firestore.document(path).set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "waves"})
+    assert emu.wait_until(lambda: (stack.doc(path) or {}).get("quota_admitted"), 10)  # the listener's admission
+    body = {"input": {**IMAGE_EXAMPLE["input"], "user_id": "test-refused", "file_uid": file_uid, **change}}
+    assert stack.runsync(body)["error"] == message
+    doc = stack.doc(path)
+    assert (doc["status"], doc["error_type"], doc["error_message"]) == ("failed", "ValidationError", message)
+    usage = stack.doc("usage/test-refused")
+    assert (usage["pending"], usage["spent_today"]) == (0, 0)
+
+
 def test_a_running_job_restated_by_its_request_stops_and_runs_with_the_requests_parameters(stack):
     """The listener took the placeholder doc before the request came: that run (a long one here) stops at its
     next step, writes nothing, and the job runs again with the request's parameters."""
