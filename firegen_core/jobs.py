@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -68,6 +68,7 @@ MEDIA_TYPES = tuple(MEDIA_TYPE.values())
 RUNPOD_JOB_ID = "runpod_job_id"  # the RunPod job that dispatched the job (the functions write it; logged as requestId)
 MAX_CONFLICTS = 40
 CLAIM_TRIES = 3  # a claim's calls that failed (Firestore briefly away), tried again knowing its earlier tries
+RECOUNT_EVERY = 30.0  # seconds: a user's counts held at a limit are recounted from their docs at most this often
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
 # Conflicts back off exponentially with full jitter (first ~10 ms, at most 250 ms a wait): racers for one user's
 # usage doc (one user's burst of requests) spread out instead of colliding again on the next round trip.
@@ -156,6 +157,7 @@ class JobStore:
     def __init__(self, client: firestore.Client, *, limits: quota.Limits = quota.Limits()):
         self.client = client
         self.limits = limits
+        self._recounted: dict[str, float] = {}  # user → when `_recount` last counted their docs (monotonic)
 
     def ref(self, key: JobKey) -> firestore.DocumentReference:
         return self.client.document(key.path)
@@ -199,6 +201,7 @@ class JobStore:
             update = decide(before, now)
             if update is not None:
                 usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
+                usage = (self._recount(key, usage) if admit else None) or usage
                 update = self._limit(key, before, update, usage, now, admit=admit)
             if update and isinstance(update.get(lifecycle.EXPIRE_AT), datetime):
                 update = {**update, **lifecycle.expiry(now=now)}  # from the finish's server time, not this host's
@@ -223,6 +226,37 @@ class JobStore:
                 continue  # someone wrote first: decide again on what they wrote
             return Outcome(before, update, now)
         raise Aborted(f"{key.path}: still contended after {attempt + 1} tries")
+
+    def _recount(self, key: JobKey, usage: quota.Usage) -> quota.Usage | None:
+        """The user's counts as their docs show them, where the usage doc holds them at a limit and they are lower:
+        a live job doc failed or deleted by a write of one's own, past the counts (an admin, a function's own
+        `updateDoc`), stayed counted for ever, and enough of them refused every job (USER_MAX_PENDING) or kept the
+        user's jobs from starting (USER_MAX_RUNNING). Written with the transition's next change of the counts, under
+        the usage doc's precondition: a count that moved meanwhile makes it read and decide again. At most every
+        RECOUNT_EVERY seconds per user (two count queries per media type)."""
+        if usage.pending < self.limits.max_pending and usage.running < self.limits.max_running:
+            return None
+        now = time.monotonic()
+        if now - self._recounted.get(key.user_id, -RECOUNT_EVERY) < RECOUNT_EVERY:
+            return None
+        if len(self._recounted) >= 10_000:
+            self._recounted.clear()
+        self._recounted[key.user_id] = now
+        pending = running = 0
+        for media in MEDIA_TYPES:
+            mine = self.client.collection(COLLECTION, key.user_id, media).where(
+                filter=FieldFilter(quota.ADMITTED, "==", True)
+            )
+            live = mine.where(filter=FieldFilter("status", "in", [lifecycle.QUEUED, lifecycle.PROCESSING]))
+            pending += _count(live)
+            running += _count(mine.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING)))
+        if pending >= usage.pending and running >= usage.running:
+            return None
+        log.warning(
+            "usage_recounted",
+            extra={"user_id": key.user_id, "pending": [usage.pending, pending], "running": [usage.running, running]},
+        )
+        return replace(usage, pending=min(pending, usage.pending), running=min(running, usage.running))
 
     def _unchanged(self, snapshot):
         return self.client.write_option(last_update_time=snapshot.update_time)
@@ -597,3 +631,10 @@ def _states_no_more_than(doc: Mapping[str, Any], data: Mapping[str, Any]) -> boo
     return all(
         given.get(name) == value for name, value in stated.items() if name in PARAMETER_FIELDS and value is not None
     )
+
+
+def _count(query: firestore.Query) -> int:
+    """How many docs a query matches (an aggregation: one read per 1,000 index entries)."""
+    results: Any = query.count(alias="n").get(**BOUND)
+    first = results[0]
+    return int((first[0] if isinstance(first, list) else first).value)  # one list per query run, by version

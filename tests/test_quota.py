@@ -698,3 +698,23 @@ def test_a_restatement_reads_an_unreadable_charge_as_none():
     now = datetime(2026, 12, 1, 12, tzinfo=UTC)
     before = {"status": "queued", "quota_admitted": True, "cost": "abc", "charged_on": "2026-12-01"}
     assert quota.restated_cost(before, 1.41, 3.46, now)[quota.COST] == 3.46
+
+
+def test_counts_a_write_of_ones_own_left_behind_are_recounted_at_the_limit(firestore_client):
+    """The client sample audit: a live job doc failed by a write of one's own (the contract's function fails a
+    refused request's doc with `updateDoc`; an admin in the console) stayed counted: 20 and every job of the user
+    was refused at USER_MAX_PENDING, 2 running and none of theirs started at USER_MAX_RUNNING. At a limit, the
+    counts are taken from the user's docs."""
+    limits = Limits(max_running=1, max_pending=2)
+    running, queued = write_client_doc(firestore_client, "running"), write_client_doc(firestore_client, "queued")
+    worker = WorkerJobs(firestore_client, worker_id="w", limits=limits)
+    assert worker.claim(running) is not None and worker.jobs.admit(queued).written
+    assert counts(firestore_client) == (1, 2)
+    # Ended by a write of its own, past the counts:
+    firestore_client.document(running.path).update({"status": "failed", "error": True})
+    assert counts(firestore_client) == (1, 2)
+    # A new request is admitted (pending recounted: 1), and the queued job starts (running recounted: 0).
+    third = WorkerJobs(firestore_client, worker_id="w2", limits=limits)  # a store of its own: no recent recount
+    assert third.ensure_queued(request("third")).after["status"] == "queued"
+    assert counts(firestore_client) == (0, 2)
+    assert third.claim(queued) is not None and counts(firestore_client) == (1, 2)
