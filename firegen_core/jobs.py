@@ -157,7 +157,6 @@ class JobStore:
     def __init__(self, client: firestore.Client, *, limits: quota.Limits = quota.Limits()):
         self.client = client
         self.limits = limits
-        self._recounted: dict[str, float] = {}  # user → when `_recount` last counted their docs (monotonic)
 
     def ref(self, key: JobKey) -> firestore.DocumentReference:
         return self.client.document(key.path)
@@ -201,7 +200,7 @@ class JobStore:
             update = decide(before, now)
             if update is not None:
                 usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
-                usage = (self._recount(key, usage) if admit else None) or usage
+                usage = (self._recount(key, usage, before, update) if admit else None) or usage
                 update = self._limit(key, before, update, usage, now, admit=admit)
             if update and isinstance(update.get(lifecycle.EXPIRE_AT), datetime):
                 update = {**update, **lifecycle.expiry(now=now)}  # from the finish's server time, not this host's
@@ -227,36 +226,46 @@ class JobStore:
             return Outcome(before, update, now)
         raise Aborted(f"{key.path}: still contended after {attempt + 1} tries")
 
-    def _recount(self, key: JobKey, usage: quota.Usage) -> quota.Usage | None:
-        """The user's counts as their docs show them, where the usage doc holds them at a limit and they are lower:
-        a live job doc failed or deleted by a write of one's own, past the counts (an admin, a function's own
-        `updateDoc`), stayed counted for ever, and enough of them refused every job (USER_MAX_PENDING) or kept the
-        user's jobs from starting (USER_MAX_RUNNING). Written with the transition's next change of the counts, under
-        the usage doc's precondition: a count that moved meanwhile makes it read and decide again. At most every
-        RECOUNT_EVERY seconds per user (two count queries per media type)."""
-        if usage.pending < self.limits.max_pending and usage.running < self.limits.max_running:
+    def _recount(self, key: JobKey, usage: quota.Usage, before: dict | None, update: dict) -> quota.Usage | None:
+        """The user's counts as their docs show them, where the usage doc's would refuse this transition (admit a
+        job past USER_MAX_PENDING, start one past USER_MAX_RUNNING) and the docs show fewer: a live job doc failed
+        or deleted by a write of one's own, past the counts (an admin, the contract's function's `updateDoc`),
+        stayed counted for ever, and enough of them refused every job or kept the user's jobs from starting.
+        Lowered only, and written with the transition's change of the counts under the usage doc's precondition
+        (a count that moved meanwhile makes it read and decide again). Counts found right are not counted again
+        for RECOUNT_EVERY seconds in this process (two count queries per media type)."""
+        after = quota.merged(before, update)
+        live = after.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
+        admits = live and not quota.admitted(before) and usage.pending >= self.limits.max_pending
+        starts = after.get("status") == lifecycle.PROCESSING and not quota.running(before)
+        if not admits and not (starts and usage.running >= self.limits.max_running):
             return None
-        now = time.monotonic()
-        if now - self._recounted.get(key.user_id, -RECOUNT_EVERY) < RECOUNT_EVERY:
+        user = (self.client.project, key.user_id)
+        if time.monotonic() - _COUNTED_RIGHT.get(user, -RECOUNT_EVERY) < RECOUNT_EVERY:
             return None
-        if len(self._recounted) >= 10_000:
-            self._recounted.clear()
-        self._recounted[key.user_id] = now
         pending = running = 0
         for media in MEDIA_TYPES:
             mine = self.client.collection(COLLECTION, key.user_id, media).where(
                 filter=FieldFilter(quota.ADMITTED, "==", True)
             )
-            live = mine.where(filter=FieldFilter("status", "in", [lifecycle.QUEUED, lifecycle.PROCESSING]))
-            pending += _count(live)
+            live_docs = mine.where(filter=FieldFilter("status", "in", [lifecycle.QUEUED, lifecycle.PROCESSING]))
+            pending += _count(live_docs)
             running += _count(mine.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING)))
         if pending >= usage.pending and running >= usage.running:
+            if len(_COUNTED_RIGHT) >= 10_000:
+                _COUNTED_RIGHT.clear()
+            _COUNTED_RIGHT[user] = time.monotonic()  # right: a user truly at a limit is not counted often
             return None
+        counted = replace(usage, pending=min(pending, usage.pending), running=min(running, usage.running))
         log.warning(
             "usage_recounted",
-            extra={"user_id": key.user_id, "pending": [usage.pending, pending], "running": [usage.running, running]},
+            extra={
+                "user_id": key.user_id,
+                "pending": [usage.pending, counted.pending],
+                "running": [usage.running, counted.running],
+            },
         )
-        return replace(usage, pending=min(pending, usage.pending), running=min(running, usage.running))
+        return counted
 
     def _unchanged(self, snapshot):
         return self.client.write_option(last_update_time=snapshot.update_time)
@@ -307,24 +316,27 @@ class JobStore:
         snapshot = self.ref(job.key).get(**BOUND)
         return lifecycle.holds(snapshot.to_dict() if snapshot.exists else None, job.lease)
 
-    def fail_unclaimed(self, key: JobKey, error: GenerationError, *, awaiting_only: bool = False) -> bool:
-        """Fail a queued job without running it (for example when the callable's request was rejected).
+    def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
+        """Fail a queued job without running it (for example when the callable's request was rejected)."""
+        return self._fail_where(key, error, (lifecycle.QUEUED,), awaiting=False).applied
 
-        `awaiting_only`: only a doc that awaits its request's parameters (`awaits_parameters`: the contract's
-        function flow writes the doc, then sends the parameters to runsync). When that runsync is refused, the
-        doc stands for a job nobody asked for as it is: left queued, its defaults would run after the grace; one
-        a worker took after the grace (a cold start's runsync comes late) is failed too, its run fenced off (the
-        contract's function would fail it with a write of its own, past the user's usage counts: a running job
-        counted for ever, and two of them keep the user's jobs from starting at USER_MAX_RUNNING)."""
-        statuses = (lifecycle.QUEUED, lifecycle.PROCESSING) if awaiting_only else (lifecycle.QUEUED,)
+    def fail_awaiting(self, key: JobKey, error: GenerationError) -> Outcome:
+        """Fail a doc that awaits its request's parameters (`awaits_parameters`: the contract's function flow
+        writes the doc, then sends the parameters to runsync) when that runsync is refused: the doc stands for a
+        job nobody asked for as it is. Left queued, its defaults would run after the grace; one a worker took
+        after the grace (a cold start's runsync comes late) is failed too (`.displaced`: the run to stop), since
+        the contract's function would fail it with a write of its own, past the user's usage counts."""
+        return self._fail_where(key, error, (lifecycle.QUEUED, lifecycle.PROCESSING), awaiting=True)
+
+    def _fail_where(self, key: JobKey, error: GenerationError, statuses: tuple[str, ...], *, awaiting: bool) -> Outcome:
         return self.transition(
             key,
             lambda doc, now: (
                 lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
-                if doc is not None and doc.get("status") in statuses and (not awaiting_only or awaits_parameters(doc))
+                if doc is not None and doc.get("status") in statuses and (not awaiting or awaits_parameters(doc))
                 else None
             ),
-        ).applied
+        )
 
     def cancel(self, key: JobKey) -> Outcome:
         """The owner's cancel: fail a queued job now, ask a running one's worker to stop (lifecycle.cancel)."""
@@ -346,10 +358,13 @@ class JobStore:
 
         return self.transition(key, decide, admit=True)
 
-    def filed_elsewhere(self, key: JobKey) -> tuple[JobKey, dict[str, Any]] | None:
-        """The client's own doc (no request wrote it: no `requested_at`) for `key`'s file_uid under the other media
-        type, where none is under `key`'s: the contract's client sample files its doc under `videos` by
-        `numFrames` alone, while a request is a video by any video field."""
+    def filed_elsewhere(self, key: JobKey, data: Mapping[str, Any]) -> JobKey | None:
+        """Where the client filed the job a request (`key`, its fields `data`) names, when not under `key`'s media
+        type: the contract's client sample files its doc under `videos` by `numFrames` alone, while a request is a
+        video by any video field. It is the client's own doc (no request wrote it: no `requested_at`) for the
+        file_uid under the other media type, with none under `key`'s, while it is live or refused, or once it
+        ended if it states no parameter the request does not state equally (the sample writes its options into
+        both; one file_uid may also name another job of the other media type)."""
         other = JobKey(key.user_id, next(media for media in MEDIA_TYPES if media != key.media_type), key.file_uid)
         docs = {
             snapshot.reference.path: snapshot
@@ -359,22 +374,19 @@ class JobStore:
         if (own is not None and own.exists) or filed is None or not filed.exists:
             return None
         doc = filed.to_dict() or {}
-        return None if REQUESTED_AT in doc else (other, doc)
+        if REQUESTED_AT in doc:
+            return None  # the other media type's own job, which a request created
+        live = doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
+        return other if live or lifecycle.refused(doc) or _states_no_more_than(doc, data) else None
 
     def as_filed(self, request: GenerationRequest, data: Mapping[str, Any]) -> GenerationRequest:
-        """The request as the job its client filed: `{fps: 10}` had its doc under `images` failed ("fps is a video
-        field") while the request ran, charged, a video under `videos` that no client listened to. The doc
-        `filed_elsewhere` is the request's job when it is live or refused, or when it ended stating no parameter
-        the request does not state equally (the sample writes its options into both; one file_uid may also name
-        another job of the other media type): `data` (the request's fields) read as that doc's media type.
-        Raises `Misfiled` (a ContractError naming that doc) where they break it."""
-        filed = self.filed_elsewhere(JobKey.of(request))
-        if filed is None:
+        """The request as the job its client filed (`filed_elsewhere`): `{fps: 10}` had its doc under `images`
+        failed ("fps is a video field") while the request ran, charged, a video under `videos` that no client
+        listened to. `data` (the request's fields) read as that doc's media type; raises `Misfiled` (a
+        ContractError naming that doc) where they break it."""
+        other = self.filed_elsewhere(JobKey.of(request), data)
+        if other is None:
             return request
-        other, doc = filed
-        live = doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
-        if not (live or lifecycle.refused(doc)) and not _states_no_more_than(doc, data):
-            return request  # a finished job that states parameters this request does not: another job
         try:
             return parse_document(other.user_id, other.media_type, other.file_uid, data)
         except ContractError as exc:
@@ -493,6 +505,7 @@ class WorkerJobs:
         # What a worker does without its id (the runsync handler, the reconciler's queries) is the store's own.
         self.ensure_queued, self.transition = self.jobs.ensure_queued, self.jobs.transition
         self.fail_unclaimed, self.ref, self.usage = self.jobs.fail_unclaimed, self.jobs.ref, self.jobs.usage
+        self.fail_awaiting = self.jobs.fail_awaiting
         self.cancel, self.cancelling, self.holds = self.jobs.cancel, self.jobs.cancelling, self.jobs.holds
         self.admit, self.as_filed, self.filed_elsewhere = self.jobs.admit, self.jobs.as_filed, self.jobs.filed_elsewhere
         self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
@@ -631,6 +644,11 @@ def _states_no_more_than(doc: Mapping[str, Any], data: Mapping[str, Any]) -> boo
     return all(
         given.get(name) == value for name, value in stated.items() if name in PARAMETER_FIELDS and value is not None
     )
+
+
+# Per (project, user), when `JobStore._recount` last found their counts right (monotonic): shared by every store of the
+# process (the functions make one per call).
+_COUNTED_RIGHT: dict[tuple[str, str], float] = {}
 
 
 def _count(query: firestore.Query) -> int:

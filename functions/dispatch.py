@@ -174,15 +174,16 @@ def _filed(store: JobStore, uid: str, fields: Mapping[str, Any], error: Contract
     worker writes on the doc too (the audit: `{fps: 99}` answered "fps must be between 6 and 15" while the doc
     said "fps is a video field", and a failed doc nobody listened to was created under videos)."""
     try:
-        filed = store.filed_elsewhere(JobKey(uid, media_type_of(fields), check_id("file_uid", fields.get("file_uid"))))
+        other = store.filed_elsewhere(
+            JobKey(uid, media_type_of(fields), check_id("file_uid", fields.get("file_uid"))), fields
+        )
     except ContractError:
         return None, error.message
     except Exception as exc:  # Firestore away: the refusal stands, as the contract says it
         log.warning("refusal_not_recorded", extra={"file_uid": fields.get("file_uid"), "error": type(exc).__name__})
         return None, error.message
-    if filed is None:
+    if other is None:
         return None, error.message
-    other, _ = filed
     try:
         parse_document(other.user_id, other.media_type, other.file_uid, fields)
     except ContractError as exc:

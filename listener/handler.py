@@ -155,9 +155,11 @@ class RunsyncHandler:
         try:
             # The function may have filed its doc under the other media type (by `num_frames` alone, as the
             # client sample does): the audit's `{fps: 99}` left its images doc queued, admitted, charged.
-            filed = self.store.filed_elsewhere(key)
-            key = filed[0] if filed is not None else key
-            if self.store.fail_unclaimed(key, GenerationError(VALIDATION_ERROR, message), awaiting_only=True):
+            key = self.store.filed_elsewhere(key, data) or key
+            outcome = self.store.fail_awaiting(key, GenerationError(VALIDATION_ERROR, message))
+            if outcome.displaced is not None and self.preempt is not None:
+                self.preempt(key, outcome.displaced)  # a worker ran its defaults (here: stopped now)
+            if outcome.applied:
                 log.info(
                     "job_failed",
                     user_id=key.user_id,

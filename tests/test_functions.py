@@ -369,6 +369,22 @@ def test_a_call_refused_for_its_values_answers_with_the_message_of_the_doc_the_c
     assert not firestore_client.document("generations/u-filed/videos/fps-99").get().exists and runpod.requests == []
 
 
+def test_a_refused_call_is_not_answered_for_another_job_of_the_other_media_type(firestore_client, stub):
+    """The last review: a video call with `fps: 99` whose file_uid also named a finished client image of another
+    prompt was answered "fps is a video field" (that image's contract), and its own failed doc was never made."""
+    runpod = stub(ACCEPTED)
+    firestore_client.document("generations/u-filed/images/x").create(
+        client_doc(status="completed", generated=True, prompt="a boat")
+    )
+    data = {"prompt": "A red sports car", "file_uid": "x", "num_frames": 33, "fps": 99}
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-filed", data=data)
+    assert raised.value.message == "fps must be between 6 and 15"
+    assert firestore_client.document("generations/u-filed/videos/x").get().to_dict()["error_message"] == (
+        "fps must be between 6 and 15"
+    )
+
+
 def test_an_image_call_for_a_cancelled_video_the_client_filed_answers_for_it(firestore_client, stub):
     """The day's review: the owner cancelled the doc before the call arrived; the call ran a new job beside it."""
     runpod = stub(ACCEPTED)

@@ -718,3 +718,32 @@ def test_counts_a_write_of_ones_own_left_behind_are_recounted_at_the_limit(fires
     assert third.ensure_queued(request("third")).after["status"] == "queued"
     assert counts(firestore_client) == (0, 2)
     assert third.claim(queued) is not None and counts(firestore_client) == (1, 2)
+
+
+def test_a_burst_at_a_wrong_limit_is_admitted_as_the_docs_allow(firestore_client):
+    """The last review: the first request's recount marked the user for 30 s before it counted, so the requests
+    beside it (one worker's runsync threads share its store) were refused on the stored count. Counts are only
+    marked once found right; each racer counts, and the usage doc's precondition keeps the limit."""
+    limits = Limits(max_pending=2)
+    firestore_client.document(f"usage/{USER}").set({"pending": 2, "running": 0})  # left behind: no doc is live
+    store = JobStore(firestore_client, limits=limits)
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda i: store.ensure_queued(request(f"burst-{i}")), range(4)))
+    assert sorted(o.after["status"] for o in outcomes) == ["failed", "failed", "queued", "queued"]
+    assert counts(firestore_client) == (0, 2)
+
+
+def test_counts_found_right_are_not_counted_again_for_a_while(firestore_client, monkeypatch):
+    """The last review: the functions make a store per call, so a user truly at USER_MAX_PENDING was recounted
+    (four count queries) on every call: counts found right are remembered for the process."""
+    from firegen_core import jobs
+
+    limits = Limits(max_pending=1)
+    assert JobStore(firestore_client, limits=limits).ensure_queued(request("only")).after["status"] == "queued"
+    queries: list = []
+    real = jobs._count
+    monkeypatch.setattr(jobs, "_count", lambda query: queries.append(query) or real(query))
+    for i in range(3):  # a store per call, as the callable makes them
+        refused = JobStore(firestore_client, limits=limits).ensure_queued(request(f"more-{i}"))
+        assert refused.after["error_type"] == "QuotaExceeded"
+    assert len(queries) == 4  # the first call's two per media type, then none

@@ -996,12 +996,16 @@ def test_a_refused_request_fails_its_placeholder_a_worker_already_runs(firestore
     store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
     job = store.claim(key)
     assert job is not None and doc(firestore_client, key)["status"] == "processing"
-    handler = RunsyncHandler(WorkerJobs(firestore_client, worker_id="w2"), lambda *args: None)
+    stopped: list = []
+    handler = RunsyncHandler(
+        WorkerJobs(firestore_client, worker_id="w2"), lambda *args: None, preempt=lambda *args: stopped.append(args)
+    )
     data = {"prompt": "A red sports car", "user_id": "u-late", "file_uid": "late-refused", "use_cloud_storage": True}
     assert handler.handle({**data, "width": 2048}) == {
         "status": "failed",
         "error": "width must be between 256 and 1024",
     }
+    assert stopped == [(key, job.lease)]  # a run on this worker stops now (the last review), elsewhere at its renewal
     data = doc(firestore_client, key)
     assert (data["status"], data["error_type"]) == ("failed", "ValidationError")
     usage = firestore_client.document("usage/u-late").get().to_dict()
