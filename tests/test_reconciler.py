@@ -834,6 +834,13 @@ class SlowHeartbeatFail(WorkerJobs):
         return super().fail(job, error)
 
 
+def upload_past_the_deadline(store: WorkerJobs, results) -> tuple[WorkerJobs, JobRunner]:
+    """A runner whose job's upload ends past its hard deadline (1.0 s and one 0.2 s beat)."""
+    t0 = time.monotonic()
+    upload = HeldUpload(results, lambda: time.monotonic() > t0 + 2.5)
+    return store, JobRunner(store, StubGenerator(), upload, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
+
+
 def test_a_timeout_whose_failure_outlasts_the_heartbeats_join_still_leaves_no_objects(
     firestore_client, results, bucket
 ):
@@ -841,10 +848,9 @@ def test_a_timeout_whose_failure_outlasts_the_heartbeats_join_still_leaves_no_ob
     join, so a slow Firestore (when timeouts cluster) left the objects, with live download tokens."""
     key = JobKey("u1", "images", "slow-fail")
     write_job(firestore_client, key, num_images_per_prompt=2)
-    store = SlowHeartbeatFail(firestore_client, worker_id="w1", lease_seconds=30)
-    t0 = time.monotonic()
-    upload = HeldUpload(results, lambda: time.monotonic() > t0 + 2.5)  # it ends past the hard deadline
-    runner = JobRunner(store, StubGenerator(), upload, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
+    store, runner = upload_past_the_deadline(
+        SlowHeartbeatFail(firestore_client, worker_id="w1", lease_seconds=30), results
+    )
     with structlog.testing.capture_logs() as logs:
         assert runner.run(store.claim(key)) == "failed"
         wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("heartbeat-")], 20)
@@ -862,10 +868,9 @@ def test_a_timeout_settled_after_the_upload_is_logged(firestore_client, results,
     once the upload ended, and logged no `job_failed`."""
     key = JobKey("u1", "images", "upload-blip")
     write_job(firestore_client, key)
-    store = HeartbeatFailErrors(firestore_client, worker_id="w1", lease_seconds=30)
-    t0 = time.monotonic()
-    upload = HeldUpload(results, lambda: time.monotonic() > t0 + 2.5)  # it ends past the hard deadline
-    runner = JobRunner(store, StubGenerator(), upload, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
+    store, runner = upload_past_the_deadline(
+        HeartbeatFailErrors(firestore_client, worker_id="w1", lease_seconds=30), results
+    )
     with structlog.testing.capture_logs() as logs:
         assert runner.run(store.claim(key)) == "failed"
     assert doc(firestore_client, key)["error_type"] == "Timeout" and list(blobs(bucket)) == []
