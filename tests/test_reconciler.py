@@ -105,6 +105,18 @@ def make_worker(firestore_client, results):
         reconciler.stop(grace=0)
 
 
+@pytest.fixture
+def runner_logs(monkeypatch):
+    """The runner's events, as structlog's capture sees them, on a logger made inside the capture: a test that
+    configured the worker's logs in this process (tests/test_credentials.py) left the module's logger cached
+    (`cache_logger_on_first_use`), which a capture alone does not reach."""
+    import listener.runner as runner_module
+
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(runner_module, "log", structlog.get_logger("listener.runner"))
+        yield logs
+
+
 def write_job(client, key: JobKey, **fields):
     """A queued doc as the contract's client sample writes it (created_at: serverTimestamp())."""
     client.document(key.path).set(
@@ -842,7 +854,7 @@ def upload_past_the_deadline(store: WorkerJobs, results) -> tuple[WorkerJobs, Jo
 
 
 def test_a_timeout_whose_failure_outlasts_the_heartbeats_join_still_leaves_no_objects(
-    firestore_client, results, bucket
+    firestore_client, results, bucket, runner_logs
 ):
     """The day's review: the clean-up after a `Timeout` during the upload read the heartbeat's verdict after a 5 s
     join, so a slow Firestore (when timeouts cluster) left the objects, with live download tokens."""
@@ -851,9 +863,9 @@ def test_a_timeout_whose_failure_outlasts_the_heartbeats_join_still_leaves_no_ob
     store, runner = upload_past_the_deadline(
         SlowHeartbeatFail(firestore_client, worker_id="w1", lease_seconds=30), results
     )
-    with structlog.testing.capture_logs() as logs:
-        assert runner.run(store.claim(key)) == "failed"
-        wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("heartbeat-")], 20)
+    logs = runner_logs
+    assert runner.run(store.claim(key)) == "failed"
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("heartbeat-")], 20)
     data = doc(firestore_client, key)
     assert (data["status"], data["error_type"], data.get("images")) == ("failed", "Timeout", None)
     assert list(blobs(bucket)) == []
@@ -863,7 +875,7 @@ def test_a_timeout_whose_failure_outlasts_the_heartbeats_join_still_leaves_no_ob
     assert ends == [("job_failed", "runner")], ends
 
 
-def test_a_timeout_settled_after_the_upload_is_logged(firestore_client, results, bucket):
+def test_a_timeout_settled_after_the_upload_is_logged(firestore_client, results, bucket, runner_logs):
     """The re-review: the heartbeat's `Timeout` write failed (a blip) while the upload ran on; the runner wrote it
     once the upload ended, and logged no `job_failed`."""
     key = JobKey("u1", "images", "upload-blip")
@@ -871,8 +883,8 @@ def test_a_timeout_settled_after_the_upload_is_logged(firestore_client, results,
     store, runner = upload_past_the_deadline(
         HeartbeatFailErrors(firestore_client, worker_id="w1", lease_seconds=30), results
     )
-    with structlog.testing.capture_logs() as logs:
-        assert runner.run(store.claim(key)) == "failed"
+    logs = runner_logs
+    assert runner.run(store.claim(key)) == "failed"
     assert doc(firestore_client, key)["error_type"] == "Timeout" and list(blobs(bucket)) == []
     failed = [(e["error_type"], e["by"]) for e in logs if e["event"] == "job_failed"]
     assert failed == [("Timeout", "runner")], failed
@@ -919,15 +931,17 @@ class SlowStep(StubGenerator):
         return super().generate(request, progress)
 
 
-def test_a_timeout_whose_heartbeat_write_failed_is_written_when_the_step_comes_back(firestore_client, results):
+def test_a_timeout_whose_heartbeat_write_failed_is_written_when_the_step_comes_back(
+    firestore_client, results, runner_logs
+):
     """A re-review: the step came back (Interrupted) after the heartbeat's `Timeout` write had failed, and nothing
     was written: the doc stayed `processing` until its lease ran out, then ran again (a whole deadline of GPU)."""
     key = JobKey("u1", "images", "blip-timeout")
     write_job(firestore_client, key)
     store = HeartbeatFailErrors(firestore_client, worker_id="w1", lease_seconds=30)
     runner = JobRunner(store, SlowStep(), results, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
-    with structlog.testing.capture_logs() as logs:  # the capture reaches every thread (structlog's global config)
-        assert runner.run(store.claim(key)) == "failed"
+    logs = runner_logs  # every thread's (structlog's global config)
+    assert runner.run(store.claim(key)) == "failed"
     data = doc(firestore_client, key)
     assert (data["status"], data["error_type"]) == ("failed", "Timeout")
     # Its end is a `job_failed` like any other, logged once (the day's review: only `job_timeout_forced`).
