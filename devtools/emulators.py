@@ -25,6 +25,7 @@ import contextlib
 import functools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -59,10 +60,36 @@ class EmulatorError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = HOST) -> int:
+    """A port free now, below the range the kernel takes outgoing connections' ports from (one picked from that
+    range was taken by such a connection before its server bound it: seen once in CI), and never the same twice
+    in a process."""
+    low = _ephemeral_low()
+    for _ in range(200 if low > 10_001 else 0):
+        port = random.randrange(10_000, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's range for outgoing connections (Linux's default where unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:

@@ -210,3 +210,13 @@ def test_storage_emulator_runs_in_memory_on_a_given_port(emulator_logs):
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)
     assert not emu.port_open(emu.HOST, port)
+
+
+def test_free_ports_are_below_the_outgoing_connections_range_and_never_repeat():
+    """CI: a port picked by the kernel for a free one (from the range it also gives outgoing connections) was
+    taken by a connection before make dev's server could bind it ("port 39765 is already taken")."""
+    from devtools import emulators
+
+    ports = [emulators.free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(port < emulators._ephemeral_low() for port in ports)
