@@ -2,8 +2,8 @@
 
 A worker must be ready in seconds, and `torch.compile` of SDXL's UNet takes ~106 s cold on an H100. So the
 capability loads and serves eagerly at once; a `BackgroundCompile` thread compiles the denoiser by running one
-warm-up step per shape on a second pipeline object that shares the same modules (own scheduler, own per-call state:
-it never touches the pipeline jobs run on). Once the first shape (the contract's default job) is compiled, jobs
+warm-up step per shape on a second pipeline object that shares the same modules (own scheduler and tokenizers, own
+per-call state: it never touches the pipeline jobs run on). Once the first shape (the contract's default job) is compiled, jobs
 switch, between two jobs, to a run-only module (`torch._dynamo.run`): it runs the compiled graphs whose guards a
 job's inputs pass, and the eager module for any other shape. So a job never compiles on its own time (a recompile
 of SDXL's UNet takes a minute or more on a GPU, under the pipeline's lock, with every later job waiting), and each
@@ -130,9 +130,17 @@ def _count(info) -> int:
 
 
 def sibling_pipeline(pipe):
-    """A second pipeline object on the same modules, with its own scheduler (and per-call state)."""
-    components = dict(pipe.components)
-    components["scheduler"] = copy.deepcopy(pipe.scheduler)
+    """A second pipeline object on the same modules (weights), with its own copy of every other component and its
+    own per-call state. Tokenizers especially: a fast tokenizer sets its padding and truncation on itself for each
+    call, so two threads on one tokenizer mix them, and SDXL's `encode_prompt` pads to the maximum length, then
+    encodes again padded to the longest to check for truncation (a job running while the warm-up encoded its
+    prompt failed "Sizes of tensors must match", or the warm-up did and the worker stayed eager)."""
+    import torch
+
+    components = {
+        name: value if value is None or isinstance(value, torch.nn.Module) else copy.deepcopy(value)
+        for name, value in pipe.components.items()
+    }
     sibling = type(pipe)(**components)
     sibling.set_progress_bar_config(disable=True)
     return sibling

@@ -25,7 +25,7 @@ from fixtures_generation import (  # noqa: F401
 )
 
 from generation.capability import Runtime
-from generation.compiling import CompileCache, default_cache_dir
+from generation.compiling import CompileCache, default_cache_dir, sibling_pipeline
 from generation.engine import Engine, EngineConfig
 from generation.image import BatchItem, ImagePipeline
 from generation.video import VideoPipeline
@@ -85,6 +85,42 @@ def test_jobs_run_eagerly_while_the_unet_compiles_and_compiled_after_the_swap(en
     [eager] = engine.pipeline("text2image").generate(image_request(), 7)
     # Fused projections add the same products in another order: equal to within rounding.
     assert max_difference(during, eager) <= 2 and max_difference(after, eager) <= 2
+
+
+def test_the_warm_ups_prompt_encoding_beside_a_jobs_mixes_neither(tiny_cache):
+    """The warm-up encodes its prompt on the sibling pipeline while a job encodes its own: on one shared fast
+    tokenizer the two calls' padding mixed ("Sizes of tensors must match": the job failed, or the warm-up did and
+    the worker stayed eager; seen in a parallel test run). The GIL is handed over every microsecond so that the
+    threads interleave within the tokenizer's calls: on the shared tokenizer ~7 of 500 encodings failed."""
+    import sys
+
+    pipe = ImagePipeline.load("tiny", Runtime()).pipe
+    sibling = sibling_pipeline(pipe)
+    assert sibling.unet is pipe.unet and sibling.text_encoder_2 is pipe.text_encoder_2  # the weights, once
+    assert sibling.tokenizer is not pipe.tokenizer and sibling.tokenizer_2 is not pipe.tokenizer_2
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    failures: list[str] = []
+
+    def encode(on, prompt: str) -> None:
+        for _ in range(800):
+            try:
+                on.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=True)
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    try:
+        threads = [
+            threading.Thread(target=encode, args=(pipe, "a lighthouse at dusk over the sea")),
+            threading.Thread(target=encode, args=(sibling, "warm-up")),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
 
 
 def test_a_failing_compiler_leaves_the_unet_eager(tiny_cache, caplog, small_warm_up):
