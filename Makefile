@@ -11,6 +11,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The suite's processes (pytest-xdist, a file's tests in one): the tests mostly wait on emulators and
+# subprocesses, so two share two cores well; more cores, up to four.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, max(2, len(os.sched_getaffinity(0)))))")
 
 .PHONY: venv firebase-cli web web-types dev submit lint test bench clean
 
@@ -55,7 +58,7 @@ lint: $(STAMP)
 # --browser: Debian's chromium (apt-get) for the browser tests, which Playwright drives.
 test: $(STAMP) firebase-cli lint
 	$(PYTHON) scripts/setup_web.py --browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

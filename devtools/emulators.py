@@ -63,13 +63,18 @@ class EmulatorError(RuntimeError):
 _HANDED_OUT: set[int] = set()
 
 
+# "LOW-HIGH": the ports free_port picks from (HIGH excluded), inherited by subprocesses. Parallel test processes
+# each set a slice of their own (`use_port_slice`): a port one picked as free could be bound by another meanwhile.
+FREE_PORTS_ENV = "FIREGEN_FREE_PORTS"
+
+
 def free_port(host: str = HOST) -> int:
     """A port free now, below the range the kernel takes outgoing connections' ports from (one picked from that
-    range was taken by such a connection before its server bound it: seen once in CI), and never the same twice
-    in a process."""
-    low = _ephemeral_low()
-    for _ in range(200 if low > 10_001 else 0):
-        port = random.randrange(10_000, low)
+    range was taken by such a connection before its server bound it: seen once in CI), within FIREGEN_FREE_PORTS
+    when set, and never the same twice in a process."""
+    low, high = _port_range()
+    for _ in range(200 if high > low + 1 else 0):
+        port = random.randrange(low, high)
         if port in _HANDED_OUT:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -82,6 +87,23 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _port_range() -> tuple[int, int]:
+    low, high = 10_000, _ephemeral_low()
+    try:
+        first, last = (int(part) for part in os.environ.get(FREE_PORTS_ENV, "").split("-"))
+    except ValueError:  # unset or not LOW-HIGH
+        return low, high
+    return max(first, 1024), min(last, high)
+
+
+def use_port_slice(index: int, count: int) -> None:
+    """Pick free ports, here and in every subprocess started from now on, from the `index`th of `count` equal
+    slices of the usual range (one per parallel test process)."""
+    low, high = 10_000, _ephemeral_low()
+    size = (high - low) // count
+    os.environ[FREE_PORTS_ENV] = f"{low + index * size}-{low + (index + 1) * size}"
 
 
 def _ephemeral_low() -> int:

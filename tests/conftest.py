@@ -33,6 +33,14 @@ EMULATOR_FIXTURES = {
 }
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (`make test` runs the suite in parallel processes), each process and the subprocesses it
+    # starts pick free ports from a slice of their own.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    if worker.startswith("gw"):
+        emu.use_port_slice(int(worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 # ------------------------------------------------------------------------------------------------ session
 @pytest.fixture(scope="session")
 def emulator_logs(tmp_path_factory) -> Path:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 import requests
@@ -220,3 +221,25 @@ def test_free_ports_are_below_the_outgoing_connections_range_and_never_repeat():
     ports = [emulators.free_port() for _ in range(50)]
     assert len(set(ports)) == 50
     assert all(port < emulators._ephemeral_low() for port in ports)
+
+
+def test_parallel_test_processes_pick_free_ports_from_slices_of_their_own(monkeypatch):
+    """`make test` runs the suite in several processes: a port one of them picked as free (handed to an emulator
+    that binds it seconds later) must never be another's pick meanwhile. A subprocess inherits the slice."""
+    monkeypatch.delenv(emu.FREE_PORTS_ENV, raising=False)
+    slices = []
+    for index in range(3):
+        emu.use_port_slice(index, 3)
+        low, high = (int(part) for part in os.environ[emu.FREE_PORTS_ENV].split("-"))
+        assert all(low <= emu.free_port() < high for _ in range(20))
+        slices.append(range(low, high))
+        inherited = subprocess.run(
+            [sys.executable, "-c", "from devtools import emulators; print(emulators.free_port())"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parents[1],
+        )
+        assert int(inherited.stdout) in slices[-1]
+    assert slices[0].stop <= slices[1].start and slices[1].stop <= slices[2].start <= slices[2].stop
+    assert slices[2].stop <= emu._ephemeral_low()
