@@ -44,7 +44,7 @@ from firegen_core.jobs import BOUND, MEDIA_TYPES, RUNPOD_JOB_ID, ClaimedJob, Job
 from firegen_core.lifecycle import Lease
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
-from .runner import JobRunner, RunOutcome
+from .runner import JobRunner, RunOutcome, quietly, release
 
 log = structlog.get_logger("listener.reconciler")
 
@@ -54,6 +54,7 @@ CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 SWEEP_LIMIT = 50
 START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
 FIRST_SWEEP_WAIT = 3.0  # the first claim after start waits this long at most for the first sweep
+DISPATCH_RETRY_SECONDS = 1.0  # after an unexpected error in the dispatch loop (logged `dispatch_error`)
 CLOCK_SAMPLE_MAX_SECONDS = 1.0  # a heartbeat slower than this (retried) says too little of when its write landed
 DISCOVER_USERS = 100  # users with pending work one sweep looks up beyond a full window (the next sweep: the next ones)
 DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
@@ -357,46 +358,64 @@ class Reconciler:
     def _dispatch_loop(self) -> None:
         self._swept.wait(FIRST_SWEEP_WAIT)
         while True:
-            with self._cv:
-                while self._claiming:
-                    if self._slots >= self.concurrency:
-                        self._cv.wait()
-                        continue
-                    ready, wait = self._ready()
-                    if ready:
-                        break
-                    self._cv.wait(wait)
-                if not self._claiming:
+            try:
+                if not self._dispatch():
                     return
-                keys = self._queue.pop_batch(
-                    self.batch_max, self._spread, self.store.limits.max_running, now=self.server_time()
-                )
-                stops = {}
-                for key in keys:
-                    # Registered before the claim: a cancel heard while it is in flight still reaches the job.
-                    stops[key] = self._stops[key] = threading.Event()
-                    self._active[key] = None
-                self._slots += bool(keys)
-            if not keys:
-                continue
-            # The rest of a batch is not claimed once the worker stops (they stay queued for other workers).
-            claimed = [self._claim(key, start=index == 0 or self._claiming) for index, key in enumerate(keys)]
-            jobs = [job for job in claimed if job is not None]
-            self._spread = 1 if jobs else SPREAD
-            if not jobs:
-                with self._cv:
-                    self._slots -= 1
-                    self._cv.notify_all()
-                continue
-            name = f"job-{jobs[0].key.file_uid}" + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")
-            thread = threading.Thread(
-                target=self._run, args=([(job, stops[job.key]) for job in jobs],), name=name, daemon=True
+            except Exception as exc:  # a dead dispatch thread leaves a worker that listens and never claims again
+                log.error("dispatch_error", error=repr(exc))
+                self._stopping.wait(DISPATCH_RETRY_SECONDS)
+
+    def _dispatch(self) -> bool:
+        """Wait for a free slot and a ready candidate, claim its batch and start it; False once claiming is over."""
+        with self._cv:
+            while self._claiming:
+                if self._slots >= self.concurrency:
+                    self._cv.wait()
+                    continue
+                ready, wait = self._ready()
+                if ready:
+                    break
+                self._cv.wait(wait)
+            if not self._claiming:
+                return False
+            keys = self._queue.pop_batch(
+                self.batch_max, self._spread, self.store.limits.max_running, now=self.server_time()
             )
-            with self._cv:
-                for job in jobs:
-                    self._active[job.key] = thread
-                    self._leases[job.key] = job.lease
-            thread.start()
+            stops = {}
+            for key in keys:
+                # Registered before the claim: a cancel heard while it is in flight still reaches the job.
+                stops[key] = self._stops[key] = threading.Event()
+                self._active[key] = None
+            self._slots += bool(keys)
+        if not keys:
+            return True
+        jobs: list[ClaimedJob] = []
+        started = False
+        try:
+            # The rest of a batch is not claimed once the worker stops (they stay queued for other workers).
+            for index, key in enumerate(keys):
+                job = self._claim(key, start=index == 0 or self._claiming)
+                if job is not None:
+                    jobs.append(job)
+            self._spread = 1 if jobs else SPREAD
+            if jobs:
+                name = f"job-{jobs[0].key.file_uid}" + (f"+{len(jobs) - 1}" if len(jobs) > 1 else "")
+                thread = threading.Thread(
+                    target=self._run, args=([(job, stops[job.key]) for job in jobs],), name=name, daemon=True
+                )
+                with self._cv:
+                    for job in jobs:
+                        self._active[job.key] = thread
+                thread.start()  # "can't start new thread" where the process is out of threads
+                started = True
+        except BaseException:
+            for job in jobs:  # claimed and never to run: back to the queue now rather than when its lease ends
+                quietly(lambda job=job: release(self.store, job), job)
+            raise
+        finally:
+            if not started:
+                self._settle(keys)
+        return True
 
     def _claim(self, key: JobKey, *, start: bool = True) -> ClaimedJob | None:
         """Claim a candidate; None when it is not ours (taken, finished, or its user at USER_MAX_RUNNING), or
@@ -415,6 +434,9 @@ class Reconciler:
             return None
         with self._cv:
             request_id = self._request_ids.pop(key, None)
+            # At once, not when its batch's last claim returns: a restatement heard meanwhile (`preempt`) finds the
+            # claim and stops its run, which otherwise ran its old parameters to its next lease renewal.
+            self._leases[key] = job.lease
         if request_id and not job.doc.get(RUNPOD_JOB_ID):
             job.doc[RUNPOD_JOB_ID] = request_id  # the runner's log lines carry it as requestId
         request_id = job.doc.get(RUNPOD_JOB_ID)
@@ -451,16 +473,20 @@ class Reconciler:
         except BaseException as exc:  # never let a job thread die silently with a slot held
             log.error("job_runner_crashed", error=repr(exc), paths=[job.key.path for job, _ in jobs])
         finally:
-            with self._cv:
-                for job, _ in jobs:
-                    self._active.pop(job.key, None)
-                    self._stops.pop(job.key, None)
-                    self._leases.pop(job.key, None)
-                self._slots -= 1
-                self._cv.notify_all()
+            self._settle([job.key for job, _ in jobs])
         for key in lost:
             # Heard while it ran here (and so ignored): queued again (restated) or taken over; a claim tells which.
             self._offer(key)
+
+    def _settle(self, keys: list[JobKey]) -> None:
+        """The slot of a batch of `keys` is free: none of them runs here any more."""
+        with self._cv:
+            for key in keys:
+                self._active.pop(key, None)
+                self._stops.pop(key, None)
+                self._leases.pop(key, None)
+            self._slots -= 1
+            self._cv.notify_all()
 
     # --- listeners and the sweep (also the watchdog) ---------------------------------------------------------
 

@@ -106,6 +106,7 @@ class Heartbeat:
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _progress: float | None = None
+    _progress_lock: threading.Lock = field(default_factory=threading.Lock)
     _posted: float = 0.0
     _logged: threading.Lock = field(default_factory=threading.Lock)  # the Timeout's `job_failed`: logged once
 
@@ -121,7 +122,8 @@ class Heartbeat:
     def post(self, fraction: float) -> None:
         if fraction - self._posted >= PROGRESS_STEP or (fraction >= 1.0 > self._posted):
             self._posted = fraction
-            self._progress = fraction
+            with self._progress_lock:
+                self._progress = fraction
             self._wake.set()
 
     def _run(self) -> None:
@@ -137,7 +139,7 @@ class Heartbeat:
             if self.overrun is not None and time.monotonic() > self.hard_deadline and not self.finishing.is_set():
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
-                failed = _quietly(lambda: self.store.fail(self.job, self.overrun), self.job)
+                failed = quietly(lambda: self.store.fail(self.job, self.overrun), self.job)
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
                     log.warning("job_lost", reason="no longer this try's at its deadline", **_ids(self.job))
@@ -150,10 +152,12 @@ class Heartbeat:
             if self.abort is not None and self.abort.is_set():
                 if self.finishing.is_set():
                     return  # its final write is under way: that is its end
+                self.ended = RunOutcome.RELEASED  # before `lost`: a runner past its 5 s join reads no `job_lost`
                 self.lost.set()
-                self.ended = _quietly(lambda: release(self.store, self.job), self.job) or RunOutcome.RELEASED
+                self.ended = quietly(lambda: release(self.store, self.job), self.job) or RunOutcome.RELEASED
                 return
-            progress, self._progress = self._progress, None
+            with self._progress_lock:  # a fraction posted meanwhile is the next beat's, never dropped
+                progress, self._progress = self._progress, None
             try:
                 if not self.store.renew(self.job, progress=progress):
                     if self.finishing.is_set():
@@ -237,7 +241,7 @@ def release(store: WorkerJobs, job: ClaimedJob) -> RunOutcome:
     return RunOutcome.RELEASED
 
 
-def _quietly(call, job: ClaimedJob) -> Any:
+def quietly(call, job: ClaimedJob) -> Any:
     """`call()`, or None where it raised (logged with the job it was for: the heartbeat's thread names none)."""
     try:
         return call()
@@ -292,7 +296,7 @@ class JobRunner:
                 request = parse_document(job.key.user_id, job.key.media_type, job.key.file_uid, job.doc)
             except Exception as exc:
                 outcomes[index] = (
-                    _quietly(lambda exc=exc, job=job: self._fail(job, classify(exc)), job) or RunOutcome.LOST
+                    quietly(lambda exc=exc, job=job: self._fail(job, classify(exc)), job) or RunOutcome.LOST
                 )
                 continue
             parsed[index] = (job, cancel or threading.Event(), request)
@@ -427,7 +431,7 @@ class JobRunner:
             log.info("job_cancelled", during="upload", **_ids(job))
             return RunOutcome.FAILED
         if job.lease.attempt > 1:  # an earlier try may have uploaded more images (its request then restated it)
-            _quietly(
+            quietly(
                 lambda: self.results.remove_beyond(job.key.user_id, job.key.file_uid, request.task_type, len(urls)),
                 job,
             )
@@ -441,7 +445,7 @@ class JobRunner:
         if run.heartbeat.ended != RunOutcome.FAILED:
             return False
         settled = bool(
-            _quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun)), run.job)
+            quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun)), run.job)
         )
         if settled and run.heartbeat.first_to_log():  # the heartbeat's own write failed: the runner's is the end
             _log_failure(run.overrun.error_type, run.overrun.message, run.job, by="runner")
@@ -498,9 +502,7 @@ class JobRunner:
         """Delete the job's objects; only ever called right after this worker wrote the job's end (it held the
         lease, so no other worker is writing the same names)."""
         count = 1 if request.is_video else request.num_images_per_prompt
-        removed = _quietly(
-            lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count), job
-        )
+        removed = quietly(lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count), job)
         if removed:
             log.info("job_results_removed", objects=removed, **_ids(job))
 

@@ -132,8 +132,9 @@ class Worker:
     def device_failed(self, exc: BaseException) -> None:
         """A job hit a CUDA error: stop claiming, and have the process leave (SIGTERM to itself, so whichever
         loop runs, the SDK's or uvicorn's, ends the way it does on RunPod's own SIGTERM)."""
-        if self.failure is None:
-            self.failure = f"device failure: {type(exc).__name__}"
+        with self._shutdown_lock:  # two jobs failing at once: one SIGTERM (a second would hurry the others)
+            first, self.failure = self.failure is None, self.failure or f"device failure: {type(exc).__name__}"
+        if first:
             log.error("device_failed", error_type=type(exc).__name__, action="release the job and exit")
             self.begin_shutdown()
             os.kill(os.getpid(), signal.SIGTERM)

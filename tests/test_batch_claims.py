@@ -14,6 +14,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import structlog
 from fixtures_generation import engine, tiny_cache  # noqa: F401
 from google.cloud.firestore import SERVER_TIMESTAMP
 from test_batching import TOLERANCE
@@ -24,6 +25,7 @@ from firegen_core import errors
 from firegen_core.contract import GenerationRequest, parse_document
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.lifecycle import Lease
 from listener.fairqueue import FairQueue
 from listener.runner import JobRunner
 from listener.settings import SettingsError, load_settings
@@ -243,3 +245,82 @@ def test_a_batch_may_run_as_long_as_its_jobs_together():
     deadline = Deadline(floor_seconds=10, multiple=5)
     assert deadline.seconds_for([big, big]) == pytest.approx(2 * deadline.seconds(big))
     assert deadline.seconds_for([]) == deadline.seconds(None) == 10
+
+
+# --- the dispatch loop's windows ------------------------------------------------------------------------------
+
+
+def hold_claim(worker, file_uid: str):
+    """The worker's claim of `file_uid` waits for the returned gate (set by the test); `waiting` once it does.
+    A wrapper of the real claim on the real emulator: only its timing is the test's."""
+    store = worker.reconciler.store
+    claim, gate, waiting = store.claim, threading.Event(), threading.Event()
+
+    def held(key):
+        if key.file_uid == file_uid:
+            waiting.set()
+            assert gate.wait(30)
+        return claim(key)
+
+    store.claim = held
+    return gate, waiting
+
+
+def test_a_restatement_heard_while_the_batch_is_still_claiming_stops_the_claimed_run(
+    make_worker, firestore_client, engine
+):
+    """The run of a1, claimed while b1's claim (same batch) is still in flight, is the one a restatement heard
+    now must stop. Before, its lease was recorded only once the whole batch was claimed: the restatement found
+    nothing to stop and the run went on with its old parameters until its next lease renewal (a review's
+    finding)."""
+    spy = Spy(engine, hold="first", hold_batches=True)
+    worker = make_worker(spy, batch_max=2)
+    write_job(firestore_client, "u0", "first")
+    assert spy.holding.wait(30)
+    a1 = write_job(firestore_client, "userA", "a1", seed=1)
+    write_job(firestore_client, "userB", "b1", seed=2)
+    wait_until(lambda: worker.reconciler.candidates == 2)
+    gate, waiting = hold_claim(worker, "b1")
+    spy.gate.set()
+    assert waiting.wait(30)
+    claimed = firestore_client.document(a1.path).get().to_dict()
+    assert claimed["status"] == "processing"  # a1's claim has landed
+    worker.reconciler.preempt(a1, Lease(claimed["worker_id"], claimed["attempts"]))
+    gate.set()
+    assert spy.batching.wait(60)
+    wait_until(lambda: "a1" in spy.stopped)  # at the batch's first step, not at a renewal 40 s on
+    spy.batch_gate.set()
+
+
+def test_a_dispatch_that_fails_unexpectedly_releases_its_claims_and_the_worker_claims_on(
+    make_worker, firestore_client, engine, monkeypatch
+):
+    """Stand-in fault: the job thread's start fails once as CPython's does where a process is out of threads
+    (no real way to exhaust them here). Before, the dispatch thread died: the worker listened and never claimed
+    again, and the claimed job stayed `processing` until its lease ended (a review's finding)."""
+    from listener import reconciler as module
+
+    spy = Spy(engine)
+    worker = make_worker(spy)
+    start, failed = threading.Thread.start, []
+
+    def start_once_failing(thread):
+        if thread.name.startswith("job-") and not failed:
+            failed.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+
+    monkeypatch.setattr(module.threading.Thread, "start", start_once_failing)
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(module, "log", structlog.get_logger("listener.reconciler"))  # see runner_logs
+        a1 = write_job(firestore_client, "userA", "a1", seed=1)
+        # Released at once by the failed dispatch (not left to its 120 s lease), claimed again by the same
+        # worker, which goes on.
+        done = wait_until(lambda: finished(firestore_client, a1), timeout=60)
+    assert failed == ["job-a1"] and done["status"] == "completed"
+    assert (done["attempts"], done["releases"]) == (1, 1)  # a release gives its attempt back
+    b1 = write_job(firestore_client, "userB", "b1", seed=2)
+    assert wait_until(lambda: finished(firestore_client, b1), timeout=60)["status"] == "completed"
+    assert worker.reconciler.busy == 0
+    [event] = [log for log in logs if log["event"] == "dispatch_error"]
+    assert event["log_level"] == "error" and "can't start new thread" in event["error"]
