@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # The suite's processes (pytest-xdist, a file's tests in one): the tests mostly wait on emulators and
 # subprocesses, so two share two cores well; more cores, up to four.
-TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, max(2, len(os.sched_getaffinity(0)))))")
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(min(4, max(2, n or 2)))")
 
 .PHONY: venv firebase-cli web web-types dev submit lint test bench clean
 
