@@ -11,11 +11,13 @@ skipped by one of them. The queries every reader needs (queued jobs, expired lea
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -66,6 +68,10 @@ class Misfiled(ContractError):
 COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
 RUNPOD_JOB_ID = "runpod_job_id"  # the RunPod job that dispatched the job (the functions write it; logged as requestId)
+# The requests the functions sent to RunPod for the job (`fingerprint`s, the last DISPATCHES_KEPT): a runsync that
+# states one of them is that dispatch arriving, perhaps late (a cold start), and not a request of its own.
+DISPATCHED_INPUTS = "dispatched_inputs"
+DISPATCHES_KEPT = 10
 MAX_CONFLICTS = 40
 CLAIM_TRIES = 3  # a claim's calls that failed (Firestore briefly away), tried again knowing its earlier tries
 RECOUNT_EVERY = 30.0  # seconds: a user's counts held at a limit are recounted from their docs at most this often
@@ -397,7 +403,7 @@ class JobStore:
 
         A doc that exists (written by the callable, the client, or an earlier call) keeps its state; a live one
         takes the parameters the request gives where it says otherwise (`lifecycle.restate`: a running one is
-        queued again). A job past the user's limits is created failed `QuotaExceeded`. `request_id`: the RunPod
+        queued again), unless the request is one the functions sent for it (`dispatched`). A job past the user's limits is created failed `QuotaExceeded`. `request_id`: the RunPod
         job that brought the request, on the doc it creates (whichever path of a worker claims the job then logs
         it as the job's requestId, also a listener that hears of the doc before the request reaches the slot).
         """
@@ -405,7 +411,11 @@ class JobStore:
         created = {**queued_document(request), **({RUNPOD_JOB_ID: request_id} if request_id else {})}
 
         def decide(doc: dict | None, now: datetime) -> dict | None:
-            return created if doc is None else lifecycle.restate(doc, restatement(doc, request), request.parameters())
+            if doc is None:
+                return created
+            if dispatched(doc, request):
+                return None
+            return lifecycle.restate(doc, restatement(doc, request), request.parameters())
 
         return self.transition(key, decide, admit=True)
 
@@ -617,6 +627,42 @@ def _landed(doc: Mapping[str, Any] | None, job: ClaimedJob, status: str, error_t
     doc = doc or {}
     ours = (doc.get("worker_id"), doc.get("attempts")) == (job.lease.worker_id, job.lease.attempt)
     return ours and doc.get("status") == status and (error_type is None or doc.get("error_type") == error_type)
+
+
+def fingerprint(request: GenerationRequest) -> str:
+    """A digest of the job a request states, with its defaults (what the worker parses from the runsync input the
+    functions build from it). Numbers as floats: a JSON hop may turn 7.0 into 7; seeds stay below 2^53."""
+    stated = {
+        name: float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+        for name, value in asdict(request).items()
+        if name != "given"
+    }
+    return hashlib.sha256(json.dumps(stated, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def dispatches_with(doc: Mapping[str, Any] | None, request: GenerationRequest) -> list[str]:
+    """The doc's `dispatched_inputs` with `request`'s added last."""
+    sent = (doc or {}).get(DISPATCHED_INPUTS)
+    mark = fingerprint(request)
+    kept = [item for item in sent if item != mark] if isinstance(sent, list) else []
+    return [*kept, mark][-DISPATCHES_KEPT:]
+
+
+def dispatched(doc: Mapping[str, Any] | None, request: GenerationRequest) -> bool:
+    """Whether `request` is one the functions sent to RunPod for this doc: its runsync wakes a worker for the job,
+    and the doc, which may have moved on since (restated by a later call, refused), stands. Taken for a request
+    of its own, a late one put back parameters a later call replaced, and queued again a job the callable had
+    refused (audit: a cold start's runsync, minutes late)."""
+    sent = (doc or {}).get(DISPATCHED_INPUTS)
+    return isinstance(sent, list) and fingerprint(request) in sent
+
+
+def stated_request(key: JobKey, doc: Mapping[str, Any]) -> GenerationRequest | None:
+    """The request a job's doc states, or None where it breaks the contract."""
+    try:
+        return parse_document(key.user_id, key.media_type, key.file_uid, doc)
+    except ContractError:
+        return None
 
 
 def queued_document(request: GenerationRequest) -> dict[str, Any]:

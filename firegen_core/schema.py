@@ -136,6 +136,8 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         "dispatched_at": TIMESTAMP_REF,
         "dispatched_by": {"enum": ["callable", "trigger", "scheduler"]},
         "dispatch_error": {"type": "string"},
+        # The requests the functions sent to RunPod for the job, as digests (firegen_core.jobs.fingerprint).
+        "dispatched_inputs": {"type": "array", "items": {"type": "string"}},
         # Issue #11: the owner asks to stop a queued or processing job; it then ends failed, error_type Cancelled.
         "cancel_requested": {"type": "boolean"},
         "releases": {"type": "integer", "minimum": 0},

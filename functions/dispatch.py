@@ -54,7 +54,17 @@ from firegen_core.contract import (
     restatement,
 )
 from firegen_core.errors import CANCELLED, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
-from firegen_core.jobs import MEDIA_TYPES, RUNPOD_JOB_ID, JobKey, JobStore, Misfiled, queued_document
+from firegen_core.jobs import (
+    DISPATCHED_INPUTS,
+    MEDIA_TYPES,
+    RUNPOD_JOB_ID,
+    JobKey,
+    JobStore,
+    Misfiled,
+    dispatches_with,
+    queued_document,
+    stated_request,
+)
 from firegen_core.quota import Limits
 
 log = logging.getLogger("functions.dispatch")
@@ -101,13 +111,19 @@ def _store(db: firestore.Client, limits: Limits = Limits()) -> JobStore:
     return JobStore(db, limits=limits)
 
 
-def _markers(doc: Mapping[str, Any] | None, by: str) -> dict[str, Any]:
+def _markers(
+    doc: Mapping[str, Any] | None, by: str, request: GenerationRequest | None, *, afresh: bool = False
+) -> dict[str, Any]:
+    """The fields of one more dispatch of `request` (None: a doc that breaks the contract, failed next);
+    `afresh`: the first of a refused job's new try."""
     markers: dict[str, Any] = {
-        DISPATCH_COUNT: int(quota.number(doc or {}, DISPATCH_COUNT)) + 1,
+        DISPATCH_COUNT: (0 if afresh else int(quota.number(doc or {}, DISPATCH_COUNT))) + 1,
         DISPATCHED_AT: SERVER_TIMESTAMP,
         DISPATCHED_BY: by,
     }
-    if doc and DISPATCH_ERROR in doc:
+    if request is not None:  # every one kept, a new try's too: an earlier try's runsync may still arrive
+        markers[DISPATCHED_INPUTS] = dispatches_with(doc, request)
+    if doc and DISPATCH_ERROR in doc and not afresh:
         markers[DISPATCH_ERROR] = DELETE_FIELD
     return markers
 
@@ -191,31 +207,42 @@ def _filed(store: JobStore, uid: str, fields: Mapping[str, Any], error: Contract
     return other, error.message
 
 
-def _record_verdict(db: firestore.Client, key: JobKey, verdict: Verdict) -> None:
+def _record_verdict(store: JobStore, key: JobKey, verdict: Verdict, count: int) -> dict[str, Any] | None:
     """Note on the doc the RunPod job id of this dispatch (`runpod_job_id`: the worker logs it as the job's
-    requestId, so both platforms' logs meet) and, when the job was not delivered, why."""
-    fields: dict[str, Any] = {}
-    if verdict.job_id:
-        fields[RUNPOD_JOB_ID] = verdict.job_id
-    if verdict.outcome == runpod_client.UNDELIVERED:
-        fields[DISPATCH_ERROR] = clip(verdict.message)
-    if not fields:
-        return
+    requestId, so both platforms' logs meet) and, when the job was not delivered, why: only while the job still
+    waits on this dispatch (`count`, its `dispatch_count`). A warm worker may have taken the job, even finished it,
+    while the call failed (audit: a completed doc said its dispatch never arrived). The doc as it then stands
+    (None where it could not be read)."""
+
+    def decide(doc: dict | None, now: datetime) -> dict | None:
+        if doc is None:
+            return None
+        fields: dict[str, Any] = {}
+        if verdict.job_id and doc.get(RUNPOD_JOB_ID) != verdict.job_id:
+            fields[RUNPOD_JOB_ID] = verdict.job_id
+        waiting = doc.get("status") == lifecycle.QUEUED and quota.number(doc, DISPATCH_COUNT) == count
+        if verdict.outcome == runpod_client.UNDELIVERED and waiting:
+            fields[DISPATCH_ERROR] = clip(verdict.message)
+        return fields or None
+
     try:
-        db.document(key.path).update(fields)
+        return store.transition(key, decide).after
     except Exception as exc:
         log.warning("dispatch_not_recorded", extra={"path": key.path, "error": type(exc).__name__})
+        return None
 
 
-def _deliver(store: JobStore, runpod: RunPodClient, key: JobKey, request: GenerationRequest) -> Verdict:
-    """POST the job; a refusal fails its doc (when still queued), a failure to deliver is noted on it."""
+def _deliver(
+    store: JobStore, runpod: RunPodClient, key: JobKey, request: GenerationRequest, count: int
+) -> tuple[Verdict, dict[str, Any] | None]:
+    """POST the job (`count`: the dispatch_count this dispatch wrote); a refusal fails its doc (when still
+    queued), a failure to deliver is noted on it. The verdict, and the doc as it then stands (None: unread)."""
     verdict = runpod.runsync(runsync_input(request))
     fields = {"path": key.path, "outcome": verdict.outcome, "attempts": verdict.attempts}
     log.info("dispatched", extra={**fields, "runpod_job_id": verdict.job_id})
     if verdict.outcome == runpod_client.REJECTED:
         _fail_queued(store, key, VALIDATION_ERROR, verdict.message)
-    _record_verdict(store.client, key, verdict)
-    return verdict
+    return verdict, _record_verdict(store, key, verdict, count)
 
 
 # ------------------------------------------------------------------------------------------------ callable
@@ -272,14 +299,14 @@ def generate(
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None:
-            return {**queued_document(request), **_markers(None, BY_CALLABLE)}
+            return {**queued_document(request), **_markers(None, BY_CALLABLE, request)}
         # The client's own doc takes the parameters this call gives (a running job is queued again with them).
         update = lifecycle.restate(doc, restatement(doc, request), request.parameters()) or {}
         count = int(quota.number(doc, DISPATCH_COUNT))
         retry = DISPATCH_ERROR in doc and count < policy.max_dispatches  # the last dispatch never arrived
         again = lifecycle.refused(doc)  # refused for its limits or its parameters: this call is its new try
         if update.get("status", doc.get("status")) == lifecycle.QUEUED and (count == 0 or retry or again):
-            return {**update, **_markers(None if again else doc, BY_CALLABLE)}
+            return {**update, **_markers(doc, BY_CALLABLE, request, afresh=again)}
         return update or None
 
     outcome = store.transition(key, decide, admit=True)
@@ -297,11 +324,13 @@ def generate(
             return _reply(key, PENDING_MESSAGE, "queued")
         return _reply(key, STARTED_MESSAGE, "accepted")
 
-    verdict = _deliver(store, runpod, key, request)
+    verdict, now = _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
     if verdict.outcome == runpod_client.ACCEPTED:
         return _reply(key, STARTED_MESSAGE, "accepted")
     if verdict.outcome == runpod_client.REJECTED:
         raise CallError("invalid-argument", verdict.message)
+    if now and now.get("status") in (lifecycle.PROCESSING, lifecycle.COMPLETED):  # a warm worker took it meanwhile
+        return _reply(key, STARTED_MESSAGE, "accepted")
     if verdict.outcome == runpod_client.QUEUED:
         return _reply(key, QUEUED_MESSAGE, "queued")
     return _reply(key, PENDING_MESSAGE, "queued")
@@ -343,7 +372,7 @@ def dispatch_created(
             # Created by a request (firegen_core.jobs.queued_document; clients cannot write the marker): by the
             # callable, which dispatches it, or by a worker's runsync handler, which is running it.
             return None
-        return _markers(doc, BY_TRIGGER)
+        return _markers(doc, BY_TRIGGER, stated_request(key, doc))
 
     store = _store(db, limits)
     outcome = store.transition(key, decide, admit=True)
@@ -356,7 +385,7 @@ def dispatch_created(
     except ContractError as exc:
         _fail_queued(store, key, VALIDATION_ERROR, exc.message)
         return "invalid"
-    return _deliver(store, runpod, key, request).outcome
+    return _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])[0].outcome
 
 
 def _await_request(db: firestore.Client, key: JobKey, grace: float, poll: float = 0.25) -> None:
@@ -447,7 +476,7 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
             if alive:
                 return None
             return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
-        return _markers(doc, BY_SCHEDULER)
+        return _markers(doc, BY_SCHEDULER, stated_request(key, doc))
 
     outcome = store.transition(key, decide)
     if not outcome.applied:
@@ -459,7 +488,7 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
     except ContractError as exc:
         _fail_queued(store, key, VALIDATION_ERROR, exc.message)
         return "invalid"
-    verdict = _deliver(store, runpod, key, request)
+    verdict, _ = _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
     return "redispatched" if verdict.delivered else verdict.outcome
 
 

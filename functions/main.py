@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -179,21 +180,23 @@ def _init_admin() -> None:
 
 _init_admin()  # the callable verifies ID tokens with the default app before it calls us
 _db = None
+_db_lock = threading.Lock()
 
 
 def _firestore():
     global _db
-    if _db is None:
-        from google.cloud import firestore
+    with _db_lock:  # a cold instance's concurrent first requests: one client (and gRPC channel), not one each
+        if _db is None:
+            from google.cloud import firestore
 
-        project = os.environ.get("GCLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT")
-        if os.environ.get("FIRESTORE_EMULATOR_HOST"):
-            from google.auth.credentials import AnonymousCredentials
+            project = os.environ.get("GCLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT")
+            if os.environ.get("FIRESTORE_EMULATOR_HOST"):
+                from google.auth.credentials import AnonymousCredentials
 
-            _db = firestore.Client(project=project, credentials=AnonymousCredentials())
-        else:
-            _db = firestore.Client(project=project)
-    return _db
+                _db = firestore.Client(project=project, credentials=AnonymousCredentials())
+            else:
+                _db = firestore.Client(project=project)
+        return _db
 
 
 def _runpod() -> RunPodClient:

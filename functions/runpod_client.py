@@ -5,10 +5,11 @@ RunPod wraps the worker's answer in an envelope:
     {"id", "status": "FAILED", "error": "<the contract's message>"}       the worker refused the request
     {"id", "status": "IN_QUEUE" | "IN_PROGRESS"}                          no worker answered within runsync's
                                                                           wait (cold start): the job is queued
-Connection errors, connect timeouts, HTTP 5xx and 429 are retried (a few attempts, short exponential waits, one
+Failures to connect, connect timeouts, HTTP 5xx and 429 are retried (a few attempts, short exponential waits, one
 overall deadline): the worker is idempotent by file_uid, so sending the same job twice is safe. A request sent
-but not answered in time (a read timeout: RunPod holds runsync open during a cold start) is QUEUED, not sent
-again: each send would be one more RunPod job, and RunPod starts workers for its queue. Whatever still fails is
+but not answered in time (a read timeout: RunPod holds runsync open during a cold start), or whose connection
+dropped once it was sent, is QUEUED, not sent again: each send would be one more RunPod job, and RunPod starts
+workers for its queue. Whatever still fails is
 UNDELIVERED: the caller leaves the Firestore doc queued, where a warm worker's listener or the scheduled
 re-dispatch will still find it.
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 from tenacity import (
     RetryError,
     Retrying,
@@ -144,6 +146,10 @@ class RunPodClient:
                 QUEUED, f"RunPod took the job but did not answer within {timeout:g} s (a worker is starting)"
             )
         except requests.ConnectionError as exc:
+            if _sent(exc):
+                # The connection dropped once the request was on its way: RunPod may hold the job, and sending it
+                # again would queue one more RunPod job for it (audit: 3 POSTs of one job, each read in full).
+                return Verdict(QUEUED, "the connection to RunPod dropped after the job was sent; it may be queued")
             raise _Transient(f"connection failed ({type(exc).__name__})") from None
         except requests.RequestException as exc:  # a malformed URL, say: repeating will not help
             return Verdict(UNDELIVERED, f"the request to RunPod failed ({type(exc).__name__})")
@@ -158,6 +164,25 @@ class RunPodClient:
         except ValueError:
             return Verdict(UNDELIVERED, f"RunPod answered HTTP {status} with a body that is not JSON")
         return read_envelope(envelope)
+
+
+def _sent(exc: BaseException) -> bool:
+    """Whether a connection error came after the connection was made (urllib3's "Connection aborted": reset or
+    closed while the request was sent or its answer awaited), rather than while connecting (refused, DNS, TLS)."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, urllib3.exceptions.ProtocolError):
+            return True
+        if isinstance(error, urllib3.exceptions.MaxRetryError) and isinstance(error.reason, BaseException):
+            pending.append(error.reason)
+        pending += [arg for arg in error.args if isinstance(arg, BaseException)]
+        pending += [cause for cause in (error.__cause__, error.__context__) if cause is not None]
+    return False
 
 
 def read_envelope(envelope: Any) -> Verdict:

@@ -33,7 +33,7 @@ from firegen_core.contract import (
     restatement,
 )
 from firegen_core.errors import VALIDATION_ERROR, GenerationError, Interrupted, classify
-from firegen_core.jobs import JobKey, Misfiled, WorkerJobs
+from firegen_core.jobs import JobKey, Misfiled, WorkerJobs, dispatched, stated_request
 from firegen_core.lifecycle import Lease
 
 log = structlog.get_logger("listener.handler")
@@ -113,6 +113,13 @@ class RunsyncHandler:
         if status == lifecycle.FAILED:
             log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=doc.get("error_type"))
             return rejected(doc.get("error_message") or "Generation failed")
+        if dispatched(doc, request):
+            # The functions' dispatch of this doc, perhaps from before a later call restated it: a wake-up. The job
+            # runs as its doc now states it (the runner reads the doc it claims), whatever this input says.
+            if status == lifecycle.QUEUED:
+                self.submit(key, stated_request(key, doc) or request, request_id, doc.get("created_at"))
+            log.info("request_accepted", user_id=key.user_id, file_uid=key.file_uid, status=status, dispatch=True)
+            return accepted(request)
         changes = restatement(doc, request)
         if changes:  # a finished job (a live one took the request's parameters)
             log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, finished_otherwise=sorted(changes))

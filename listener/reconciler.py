@@ -54,7 +54,7 @@ CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 SWEEP_LIMIT = 50
 START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
 FIRST_SWEEP_WAIT = 3.0  # the first claim after start waits this long at most for the first sweep
-DISPATCH_RETRY_SECONDS = 1.0  # after an unexpected error in the dispatch loop (logged `dispatch_error`)
+DISPATCH_RETRY_SECONDS = 1.0  # after an unexpected error in the dispatch loop (logged `claim_loop_error`)
 CLOCK_SAMPLE_MAX_SECONDS = 1.0  # a heartbeat slower than this (retried) says too little of when its write landed
 DISCOVER_USERS = 100  # users with pending work one sweep looks up beyond a full window (the next sweep: the next ones)
 DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
@@ -362,7 +362,7 @@ class Reconciler:
                 if not self._dispatch():
                     return
             except Exception as exc:  # a dead dispatch thread leaves a worker that listens and never claims again
-                log.error("dispatch_error", error=repr(exc))
+                log.error("claim_loop_error", error=repr(exc))
                 self._stopping.wait(DISPATCH_RETRY_SECONDS)
 
     def _dispatch(self) -> bool:

@@ -322,5 +322,5 @@ def test_a_dispatch_that_fails_unexpectedly_releases_its_claims_and_the_worker_c
     b1 = write_job(firestore_client, "userB", "b1", seed=2)
     assert wait_until(lambda: finished(firestore_client, b1), timeout=60)["status"] == "completed"
     assert worker.reconciler.busy == 0
-    [event] = [log for log in logs if log["event"] == "dispatch_error"]
+    [event] = [log for log in logs if log["event"] == "claim_loop_error"]
     assert event["log_level"] == "error" and "can't start new thread" in event["error"]

@@ -90,7 +90,7 @@ def worker(firestore_emulator, storage_emulator, emulator_logs, tmp_path_factory
 
 class StubRunPod:
     """A scripted stand-in for api.runpod.ai on 127.0.0.1: answers (status, body) in turn, the last one for
-    ever; records each request's Authorization header and body.
+    ever (None: closes the connection unanswered); records each request's Authorization header and body.
 
     Used only where the real local worker (the `worker` fixture) cannot serve: answers it never gives (5xx,
     IN_QUEUE, 401, TIMED_OUT, a FAILED from a newer worker's contract); what RunPod receives, which the SDK's
@@ -108,7 +108,11 @@ class StubRunPod:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 stub.requests.append((self.headers.get("Authorization"), body))
-                status, answer = stub.answers[min(len(stub.requests), len(stub.answers)) - 1]
+                scripted = stub.answers[min(len(stub.requests), len(stub.answers)) - 1]
+                if scripted is None:  # DROP: the request read in full, the connection closed unanswered
+                    self.close_connection = True
+                    return
+                status, answer = scripted
                 data = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -612,6 +616,46 @@ def test_5xx_is_retried_with_the_bearer_key_and_in_queue_means_queued(firestore_
     doc = firestore_client.document("generations/u-cold/images/cold-1").get().to_dict()
     assert doc["status"] == "queued" and "dispatch_error" not in doc
     assert doc["runpod_job_id"] == "job-9"  # the worker logs it as the job's requestId
+
+
+def test_a_connection_dropped_after_the_job_was_sent_is_not_sent_again(firestore_client, stub):
+    """Each send is one more RunPod job (and RunPod starts workers for its queue): a connection that dropped once
+    the request was sent was retried as if it never connected (audit: 3 POSTs of one job, each read in full)."""
+    runpod = stub(None)
+    reply = dispatch.generate(
+        firestore_client, runpod.client(), uid="u-drop", data={"prompt": "a car", "file_uid": "drop-1"}
+    )
+    assert len(runpod.requests) == 1
+    assert reply["status"] == "queued" and reply["message"] == dispatch.QUEUED_MESSAGE
+    doc = firestore_client.document("generations/u-drop/images/drop-1").get().to_dict()
+    assert doc["status"] == "queued" and "dispatch_error" not in doc  # a client's retry does not send it again
+    refused = nobody_listening().runsync({"prompt": "a car"})  # never connected: sent again, then undelivered
+    assert refused.outcome == "undelivered" and refused.attempts == FAST["attempts"] > 1
+
+
+def test_a_job_a_warm_worker_finished_during_a_failed_dispatch_is_answered_started_without_a_dispatch_error(
+    firestore_client,
+):
+    """A warm worker's listener takes the doc, and completes it, while the callable's runsync fails: the verdict
+    was written after the completion (which removes `dispatch_error` for good), so the completed doc said its
+    dispatch never arrived, and the caller was told "queued" (audit). Stand-in for RunPod: a failed delivery
+    during which the worker's own job store claims and completes the job (a network failure cannot be staged
+    with the real worker)."""
+    from firegen_core.jobs import JobKey, WorkerJobs
+
+    class FinishedMeanwhile:
+        def runsync(self, job_input):
+            worker = WorkerJobs(firestore_client, worker_id="warm")
+            job = worker.claim(JobKey(job_input["user_id"], "images", job_input["file_uid"]))
+            assert job is not None and worker.complete(job, {"status": "completed", "generated": True})
+            return runpod_client.Verdict(runpod_client.UNDELIVERED, "RunPod did not answer after 3 attempt(s)")
+
+    reply = dispatch.generate(
+        firestore_client, FinishedMeanwhile(), uid="u-warm", data={"prompt": "a car", "file_uid": "warm-1"}
+    )
+    assert reply["status"] == "accepted" and reply["message"] == dispatch.STARTED_MESSAGE
+    doc = firestore_client.document("generations/u-warm/images/warm-1").get().to_dict()
+    assert doc["status"] == "completed" and "dispatch_error" not in doc
 
 
 def test_a_key_set_with_its_trailing_newline_still_dispatches(stub):
@@ -1577,3 +1621,112 @@ def test_a_cli_that_fails_to_start_leaves_no_emulator_running(emulator_logs, tmp
     assert taken.is_set()
     assert not emu.port_open("127.0.0.1", cli.ports["firestore"])
     assert not [process for process in cli._descendants if firebase_cli._stat(process[0])]
+
+
+# --- a runsync the functions sent, arriving late (a cold start) ------------------------------------------------
+
+
+def late_runsync_handler(db, submitted: list):
+    """The worker's own runsync handler on the test's project (the request a cold endpoint's worker takes
+    minutes later); `submitted`: what it hands to the worker's slot."""
+    from firegen_core.jobs import WorkerJobs
+    from listener.handler import RunsyncHandler
+
+    return RunsyncHandler(WorkerJobs(db, worker_id="late"), lambda key, request, *rest: submitted.append(request))
+
+
+def test_a_late_runsync_never_puts_back_parameters_a_later_call_replaced(firestore_client, stub):
+    """The callable dispatched A to a cold endpoint; a second call for the file_uid restated the queued job as B
+    (no second dispatch: one is on its way). When A's runsync reached a worker, minutes later, the job took A's
+    parameters back, a mix nobody asked for, and a run of B under way was stopped, its try charged (audit)."""
+    from firegen_core.jobs import JobKey, WorkerJobs
+
+    runpod = stub((200, {"id": "rp-a", "status": "IN_QUEUE"}))
+    path = "generations/u-late/images/late-1"
+    call = {"prompt": "A: a red car", "file_uid": "late-1"}
+    assert dispatch.generate(firestore_client, runpod.client(), uid="u-late", data=call)["status"] == "queued"
+    restated = {"prompt": "B: a blue boat", "file_uid": "late-1", "num_inference_steps": 40}
+    assert dispatch.generate(firestore_client, runpod.client(), uid="u-late", data=restated)["status"] == "accepted"
+    [(_, sent)] = runpod.requests  # A's, still on its way
+    submitted: list = []
+    handler = late_runsync_handler(firestore_client, submitted)
+
+    assert handler.handle(sent["input"], "rp-a")["status"] == "accepted"  # it wakes a worker for the job
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["prompt"], doc["num_inference_steps"]) == ("queued", "B: a blue boat", 40)
+    assert [(request.prompt, request.num_inference_steps) for request in submitted] == [("B: a blue boat", 40)]
+
+    job = WorkerJobs(firestore_client, worker_id="w1").claim(JobKey("u-late", "images", "late-1"))
+    assert job is not None and job.doc["prompt"] == "B: a blue boat"
+    handler.handle(sent["input"], "rp-a")  # RunPod's duplicate of it, while B runs
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["worker_id"], doc["attempts"]) == ("processing", "w1", 1)  # its run goes on
+    assert WorkerJobs(firestore_client, worker_id="w1").complete(job, {"status": "completed", "generated": True})
+    usage = firestore_client.document("usage/u-late").get().to_dict()
+    assert usage["spent_today"] == pytest.approx(doc["cost"]) and usage["pending"] == 0  # one try, charged once
+
+
+def test_a_late_runsync_never_brings_back_a_job_the_callable_refused(firestore_client, stub):
+    """The client wrote its doc, whose trigger dispatched it to a cold endpoint; then its callable call broke the
+    contract, which failed the doc (refunded). The late runsync read as the refused job's next try: queued again,
+    admitted, charged, and ran on the doc's parameters after the app was told invalid-argument (audit)."""
+    runpod = stub((200, {"id": "rp-t", "status": "IN_QUEUE"}))
+    path = "generations/u-refused/images/ref-1"
+    firestore_client.document(path).set(client_doc())
+    assert (
+        dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-refused", media_type="images", file_uid="ref-1"
+        )
+        == "queued"
+    )
+    bad = {"prompt": "A red sports car", "file_uid": "ref-1", "guidance_scale": 99}
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-refused", data=bad)
+    assert raised.value.code == "invalid-argument"
+    [(_, sent)] = runpod.requests
+    submitted: list = []
+
+    answer = late_runsync_handler(firestore_client, submitted).handle(sent["input"], "rp-t")
+    assert answer["status"] == "failed" and submitted == []
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["error_type"]) == ("failed", "ValidationError")
+    usage = firestore_client.document("usage/u-refused").get().to_dict()
+    assert usage["pending"] == 0 and usage.get("spent_today", 0) == 0
+
+
+def test_a_new_request_for_a_dispatched_job_still_restates_it(firestore_client, stub):
+    """Only the functions' own dispatches are wake-ups: a runsync stating other parameters (the contract's own
+    Firebase Function flow, a caller's fixed request) restates the live job as before."""
+    runpod = stub((200, {"id": "rp-n", "status": "IN_QUEUE"}))
+    call = {"prompt": "a car", "file_uid": "new-1"}
+    dispatch.generate(firestore_client, runpod.client(), uid="u-new", data=call)
+    handler = late_runsync_handler(firestore_client, [])
+    other = {**runpod.requests[0][1]["input"], "prompt": "a boat"}
+    assert handler.handle(other, "rp-other")["status"] == "accepted"
+    assert firestore_client.document("generations/u-new/images/new-1").get().to_dict()["prompt"] == "a boat"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt": "a car"},
+        {"prompt": "a car", "guidance_scale": 7, "seed": 2**53, "width": 768, "negative_prompt": "blur"},
+        {"prompt": "a fox", "num_frames": 16},  # a video whose doc names no video field but its count
+        {"prompt": "a fox", "fps": 8, "video_guidance_scale": 5.0},
+    ],
+)
+def test_a_dispatch_is_recognised_after_its_json_hop(fields):
+    """What the worker parses from the runsync input the functions built has the request's fingerprint, also
+    where a JSON hop wrote 7.0 as 7 (JavaScript's numbers)."""
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import dispatched, dispatches_with, fingerprint
+
+    request = parse_runsync_input({**fields, "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
+    sent = dispatch.runsync_input(request)
+    hopped = {
+        name: int(value) if isinstance(value, float) and value.is_integer() else value for name, value in sent.items()
+    }
+    assert fingerprint(parse_runsync_input(json.loads(json.dumps(hopped)))) == fingerprint(request)
+    doc = {"dispatched_inputs": dispatches_with(None, request)}
+    assert dispatched(doc, parse_runsync_input(sent))
+    assert not dispatched(doc, parse_runsync_input({**sent, "prompt": "another"}))

@@ -114,6 +114,7 @@ export interface JobDoc {
   dispatched_at?: Timestamp;
   dispatched_by?: "callable" | "trigger" | "scheduler";
   dispatch_error?: string;
+  dispatched_inputs?: string[];
   cancel_requested?: boolean;
   releases?: number;
   restated?: number;
