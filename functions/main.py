@@ -239,7 +239,8 @@ def _grace() -> float:
 def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
     uid = req.auth.uid if req.auth else None
     try:
-        reply = dispatch.generate(_firestore(), _runpod(), uid=uid, data=req.data, policy=_policy(), limits=_limits())
+        with _runpod() as runpod:
+            reply = dispatch.generate(_firestore(), runpod, uid=uid, data=req.data, policy=_policy(), limits=_limits())
     except dispatch.CallError as exc:
         _refused("generateWithRunPod", uid, exc)
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
@@ -281,19 +282,21 @@ def cancelGeneration(req: https_fn.CallableRequest) -> dict:
     document="generations/{uid}/{media}/{fileUid}", secrets=[RUNPOD_API_KEY], timeout_sec=120
 )
 def dispatchQueuedJob(event: firestore_fn.Event) -> None:
-    outcome = dispatch.dispatch_created(
-        _firestore(),
-        _runpod(),
-        user_id=event.params["uid"],
-        media_type=event.params["media"],
-        file_uid=event.params["fileUid"],
-        limits=_limits(),
-        grace=_grace(),
-    )
+    with _runpod() as runpod:
+        outcome = dispatch.dispatch_created(
+            _firestore(),
+            runpod,
+            user_id=event.params["uid"],
+            media_type=event.params["media"],
+            file_uid=event.params["fileUid"],
+            limits=_limits(),
+            grace=_grace(),
+        )
     logger.info("dispatchQueuedJob", document=event.document, outcome=outcome)
 
 
 @scheduler_fn.on_schedule(schedule="every 5 minutes", secrets=[RUNPOD_API_KEY], timeout_sec=300)
 def redispatchStaleJobs(event: scheduler_fn.ScheduledEvent) -> None:
-    counts = dispatch.redispatch_stale(_firestore(), _runpod(), policy=_policy(), limits=_limits())
+    with _runpod() as runpod:
+        counts = dispatch.redispatch_stale(_firestore(), runpod, policy=_policy(), limits=_limits())
     logger.info("redispatchStaleJobs", counts=dict(counts))

@@ -101,6 +101,12 @@ class RunPodClient:
         self.wait_max = wait_max
         self.session = session or requests.Session()
 
+    def __enter__(self) -> RunPodClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.session.close()  # its pooled connections, not left to the garbage collector of a warm instance
+
     def __repr__(self) -> str:  # never the key
         return f"<RunPodClient {self.url} attempts={self.attempts}>"
 

@@ -658,6 +658,24 @@ def test_a_job_a_warm_worker_finished_during_a_failed_dispatch_is_answered_start
     assert doc["status"] == "completed" and "dispatch_error" not in doc
 
 
+def test_a_client_used_in_a_with_block_closes_its_connections(stub):
+    """The functions make a client per call: its pooled connections are closed with it, not left to a warm
+    instance's garbage collector."""
+    import requests
+
+    class Closing(requests.Session):
+        closed = False
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    runpod, session = stub((200, {"id": "j", "status": "IN_QUEUE"})), Closing()
+    with runpod.client(session=session) as client:
+        assert client.runsync({"prompt": "a car"}).outcome == "queued" and not session.closed
+    assert session.closed
+
+
 def test_a_key_set_with_its_trailing_newline_still_dispatches(stub):
     """`echo $KEY | firebase functions:secrets:set RUNPOD_API_KEY` stores the newline too, which no HTTP header may
     hold: every dispatch was undelivered ("InvalidHeader") and every job waited out the scheduler's give-up."""
