@@ -335,14 +335,14 @@ class JobStore:
         return self._fail_where(key, error, (lifecycle.QUEUED, lifecycle.PROCESSING), awaiting=True)
 
     def _fail_where(self, key: JobKey, error: GenerationError, statuses: tuple[str, ...], *, awaiting: bool) -> Outcome:
-        return self.transition(
-            key,
-            lambda doc, now: (
-                lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
-                if doc is not None and doc.get("status") in statuses and (not awaiting or awaits_parameters(doc))
-                else None
-            ),
-        )
+        def decide(doc: dict | None, now: datetime) -> dict | None:
+            if doc is None or doc.get("status") not in statuses or (awaiting and not awaits_parameters(doc)):
+                return None
+            failed = lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
+            # The awaited request spoke (refused): no earlier dispatch of the doc speaks for it any more.
+            return {**failed, **superseded(doc)} if awaiting else failed
+
+        return self.transition(key, decide)
 
     def cancel(self, key: JobKey) -> Outcome:
         """The owner's cancel: fail a queued job now, ask a running one's worker to stop (lifecycle.cancel)."""
@@ -415,7 +415,8 @@ class JobStore:
                 return created
             if dispatched(doc, request):
                 return None
-            return lifecycle.restate(doc, restatement(doc, request), request.parameters())
+            update = lifecycle.restate(doc, restatement(doc, request), request.parameters())
+            return {**update, **superseded(doc)} if update else update
 
         return self.transition(key, decide, admit=True)
 
@@ -631,12 +632,9 @@ def _landed(doc: Mapping[str, Any] | None, job: ClaimedJob, status: str, error_t
 
 def fingerprint(request: GenerationRequest) -> str:
     """A digest of the job a request states, with its defaults (what the worker parses from the runsync input the
-    functions build from it). Numbers as floats: a JSON hop may turn 7.0 into 7; seeds stay below 2^53."""
-    stated = {
-        name: float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
-        for name, value in asdict(request).items()
-        if name != "given"
-    }
+    functions build from it; the contract's parser gives float parameters as floats, so a JSON hop that wrote 7.0
+    as 7 changes nothing, and seeds keep every digit)."""
+    stated = {name: value for name, value in asdict(request).items() if name != "given"}
     return hashlib.sha256(json.dumps(stated, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -650,11 +648,19 @@ def dispatches_with(doc: Mapping[str, Any] | None, request: GenerationRequest) -
 
 def dispatched(doc: Mapping[str, Any] | None, request: GenerationRequest) -> bool:
     """Whether `request` is one the functions sent to RunPod for this doc: its runsync wakes a worker for the job,
-    and the doc, which may have moved on since (restated by a later call, refused), stands. Taken for a request
-    of its own, a late one put back parameters a later call replaced, and queued again a job the callable had
-    refused (audit: a cold start's runsync, minutes late)."""
+    and the doc, which may have moved on since (restated by a later call, refused by the callable), stands. Taken
+    for a request of its own, a late one put back parameters a later call replaced, and queued again a job the
+    callable had refused (audit: a cold start's runsync, minutes late). A request of its own that changes the job
+    (`superseded`) ends this: the same parameters sent again after it are a request, not that dispatch."""
     sent = (doc or {}).get(DISPATCHED_INPUTS)
     return isinstance(sent, list) and fingerprint(request) in sent
+
+
+def superseded(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """What a runsync request of its own (not a dispatch of the functions) writes beside its change of the job:
+    the dispatches before it no longer speak for the job (the contract's "fix parameters and retry" may state
+    exactly what the trigger dispatched before the refusal: the review's case)."""
+    return {DISPATCHED_INPUTS: DELETE_FIELD} if DISPATCHED_INPUTS in doc else {}
 
 
 def stated_request(key: JobKey, doc: Mapping[str, Any]) -> GenerationRequest | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -173,22 +174,26 @@ class RunPodClient:
 
 
 def _sent(exc: BaseException) -> bool:
-    """Whether a connection error came after the connection was made (urllib3's "Connection aborted": reset or
-    closed while the request was sent or its answer awaited), rather than while connecting (refused, DNS, TLS)."""
+    """Whether a connection error came once the request was on its way (reset or closed while it was sent or its
+    answer awaited), rather than while connecting (refused, DNS, the TLS handshake). urllib3 wraps any OSError of
+    the call in ProtocolError ("Connection aborted"), a reset in the TLS handshake too (the review's case): the
+    error's own traceback says whether it came from inside urllib3's connection's `connect`."""
     seen: set[int] = set()
     pending: list[BaseException] = [exc]
+    aborted = connecting = False
     while pending:
         error = pending.pop()
         if id(error) in seen:
             continue
         seen.add(id(error))
-        if isinstance(error, urllib3.exceptions.ProtocolError):
-            return True
+        aborted = aborted or isinstance(error, urllib3.exceptions.ProtocolError)
+        frames = traceback.extract_tb(error.__traceback__)
+        connecting = connecting or any(frame.name == "connect" and "urllib3" in frame.filename for frame in frames)
         if isinstance(error, urllib3.exceptions.MaxRetryError) and isinstance(error.reason, BaseException):
             pending.append(error.reason)
         pending += [arg for arg in error.args if isinstance(arg, BaseException)]
         pending += [cause for cause in (error.__cause__, error.__context__) if cause is not None]
-    return False
+    return aborted and not connecting
 
 
 def read_envelope(envelope: Any) -> Verdict:

@@ -1748,3 +1748,80 @@ def test_a_dispatch_is_recognised_after_its_json_hop(fields):
     doc = {"dispatched_inputs": dispatches_with(None, request)}
     assert dispatched(doc, parse_runsync_input(sent))
     assert not dispatched(doc, parse_runsync_input({**sent, "prompt": "another"}))
+    assert not dispatched(doc, parse_runsync_input({**sent, "seed": (sent.get("seed") or 0) + 1}))  # every digit counts
+
+
+def test_the_contracts_fixed_retry_after_a_refusal_is_a_request_even_where_it_states_the_dispatched_job(
+    firestore_client, stub
+):
+    """The contract's function flow with the trigger deployed: the trigger dispatched the placeholder's defaults,
+    the app's runsync broke the contract (refused: the doc failed), and the app's fixed runsync states exactly those
+    defaults. It was taken for the trigger's dispatch arriving and refused with the old message (the review's
+    case): a request of its own (the refused one) ends what earlier dispatches speak for."""
+    runpod = stub((200, {"id": "rp-t", "status": "IN_QUEUE"}))
+    path = "generations/u-fix/images/fix-1"
+    firestore_client.document(path).set({**client_doc(), "prompt": "a red car"})
+    assert (
+        dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-fix", media_type="images", file_uid="fix-1"
+        )
+        == "queued"
+    )
+    submitted: list = []
+    handler = late_runsync_handler(firestore_client, submitted)
+    fixed = {"prompt": "a red car", "user_id": "u-fix", "file_uid": "fix-1", "use_cloud_storage": True}
+    assert handler.handle({**fixed, "width": 300}, "app-1")["status"] == "failed"
+    assert firestore_client.document(path).get().to_dict()["status"] == "failed"
+
+    assert handler.handle(fixed, "app-2")["status"] == "accepted"
+    assert firestore_client.document(path).get().to_dict()["status"] == "queued" and len(submitted) == 1
+    [(_, sent)] = runpod.requests
+    assert handler.handle(sent["input"], "rp-t")["status"] == "accepted"  # the trigger's, late: the same job
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc.get("width")) == ("queued", None)
+
+
+def test_a_runsync_restating_a_dispatched_job_back_to_its_dispatched_parameters_restates_it(firestore_client, stub):
+    """A direct runsync caller restated a dispatched job (steps 25), then sent the dispatched request (steps 40)
+    again: it was taken for the dispatch and answered "accepted" for a job that kept steps 25 (the review's case)."""
+    runpod = stub((200, {"id": "rp-d", "status": "IN_QUEUE"}))
+    call = {"prompt": "a car", "file_uid": "back-1", "num_inference_steps": 40}
+    dispatch.generate(firestore_client, runpod.client(), uid="u-back", data=call)
+    handler = late_runsync_handler(firestore_client, [])
+    [(_, sent)] = runpod.requests
+    assert handler.handle({**sent["input"], "num_inference_steps": 25}, "direct-1")["status"] == "accepted"
+    assert handler.handle(sent["input"], "direct-2")["status"] == "accepted"
+    doc = firestore_client.document("generations/u-back/images/back-1").get().to_dict()
+    assert doc["num_inference_steps"] == 40
+
+
+def test_a_reset_during_the_tls_handshake_is_sent_again(tmp_path):
+    """urllib3 wraps a reset in the TLS handshake in the same "Connection aborted" as one after the request was
+    sent: it was taken as sent, answered "queued" with no `dispatch_error`, although RunPod never got the call
+    (the review's case). A raw socket stands in for a server whose connections reset after the ClientHello."""
+    import socket
+    import struct
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    connections: list[int] = []
+
+    def reset_after_hello():
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            connections.append(1)
+            connection.recv(4096)  # the ClientHello
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()  # RST
+
+    threading.Thread(target=reset_after_hello, daemon=True).start()
+    try:
+        client = RunPodClient(f"https://127.0.0.1:{server.getsockname()[1]}/runsync", API_KEY, **FAST)
+        verdict = client.runsync({"prompt": "a car"})
+    finally:
+        server.close()
+    assert (verdict.outcome, verdict.attempts, len(connections)) == ("undelivered", FAST["attempts"], FAST["attempts"])
