@@ -39,6 +39,12 @@ def pytest_configure(config):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
     if worker.startswith("gw"):
         emu.use_port_slice(int(worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    else:
+        # The functions' copy of firegen_core, written once before the processes start: a process starting the
+        # Firebase CLI would otherwise swap it in while another copies functions/ for its own CLI.
+        from devtools.firebase_cli import vendor_shared
+
+        vendor_shared.vendor()
 
 
 # ------------------------------------------------------------------------------------------------ session
