@@ -68,9 +68,13 @@ class Misfiled(ContractError):
 COLLECTION = "generations"
 MEDIA_TYPES = tuple(MEDIA_TYPE.values())
 RUNPOD_JOB_ID = "runpod_job_id"  # the RunPod job that dispatched the job (the functions write it; logged as requestId)
-# The requests the functions sent to RunPod for the job (`fingerprint`s, the last DISPATCHES_KEPT): a runsync that
-# states one of them is that dispatch arriving, perhaps late (a cold start), and not a request of its own.
+# The requests the functions sent to RunPod for the job whose runsync has not reached a worker yet (`fingerprint`s,
+# the last DISPATCHES_KEPT): a runsync that states one of them is that dispatch arriving, perhaps late (a cold
+# start), and not a request of its own.
 DISPATCHED_INPUTS = "dispatched_inputs"
+# The RunPod jobs of the dispatches that did reach a worker (`arrived`): RunPod's redelivery of one is that
+# dispatch again, where another runsync stating the same request is a request of its own.
+ARRIVED_DISPATCHES = "arrived_dispatches"
 DISPATCHES_KEPT = 10
 MAX_CONFLICTS = 40
 CLAIM_TRIES = 3  # a claim's calls that failed (Firestore briefly away), tried again knowing its earlier tries
@@ -339,8 +343,7 @@ class JobStore:
             if doc is None or doc.get("status") not in statuses or (awaiting and not awaits_parameters(doc)):
                 return None
             failed = lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
-            # The awaited request spoke (refused): no earlier dispatch of the doc speaks for it any more.
-            return {**failed, **superseded(doc)} if awaiting else failed
+            return failed
 
         return self.transition(key, decide)
 
@@ -403,8 +406,9 @@ class JobStore:
 
         A doc that exists (written by the callable, the client, or an earlier call) keeps its state; a live one
         takes the parameters the request gives where it says otherwise (`lifecycle.restate`: a running one is
-        queued again), unless the request is one the functions sent for it (`dispatched`). A job past the user's limits is created failed `QuotaExceeded`. `request_id`: the RunPod
-        job that brought the request, on the doc it creates (whichever path of a worker claims the job then logs
+        queued again), unless the request is a dispatch of the functions arriving (`dispatched`: marked arrived,
+        nothing else changed). A job past the user's limits is created failed `QuotaExceeded`. `request_id`: the
+        RunPod job that brought the request, on the doc it creates (whichever path of a worker claims the job then logs
         it as the job's requestId, also a listener that hears of the doc before the request reaches the slot).
         """
         key = JobKey.of(request)
@@ -413,10 +417,9 @@ class JobStore:
         def decide(doc: dict | None, now: datetime) -> dict | None:
             if doc is None:
                 return created
-            if dispatched(doc, request):
-                return None
-            update = lifecycle.restate(doc, restatement(doc, request), request.parameters())
-            return {**update, **superseded(doc)} if update else update
+            if dispatched(doc, request, request_id):
+                return arrived(doc, request, request_id)
+            return lifecycle.restate(doc, restatement(doc, request), request.parameters())
 
         return self.transition(key, decide, admit=True)
 
@@ -639,28 +642,40 @@ def fingerprint(request: GenerationRequest) -> str:
 
 
 def dispatches_with(doc: Mapping[str, Any] | None, request: GenerationRequest) -> list[str]:
-    """The doc's `dispatched_inputs` with `request`'s added last."""
+    """The doc's `dispatched_inputs` with `request`'s added last (once per dispatch: two of the same request on
+    their way are two runsyncs to come)."""
     sent = (doc or {}).get(DISPATCHED_INPUTS)
-    mark = fingerprint(request)
-    kept = [item for item in sent if item != mark] if isinstance(sent, list) else []
-    return [*kept, mark][-DISPATCHES_KEPT:]
+    return [*(sent if isinstance(sent, list) else []), fingerprint(request)][-DISPATCHES_KEPT:]
 
 
-def dispatched(doc: Mapping[str, Any] | None, request: GenerationRequest) -> bool:
-    """Whether `request` is one the functions sent to RunPod for this doc: its runsync wakes a worker for the job,
-    and the doc, which may have moved on since (restated by a later call, refused by the callable), stands. Taken
-    for a request of its own, a late one put back parameters a later call replaced, and queued again a job the
-    callable had refused (audit: a cold start's runsync, minutes late). A request of its own that changes the job
-    (`superseded`) ends this: the same parameters sent again after it are a request, not that dispatch."""
-    sent = (doc or {}).get(DISPATCHED_INPUTS)
+def dispatched(doc: Mapping[str, Any] | None, request: GenerationRequest, request_id: str | None = None) -> bool:
+    """Whether `request` is a dispatch the functions sent to RunPod for this doc: one not arrived yet, or RunPod's
+    redelivery (`request_id`, its RunPod job) of one that did. Its runsync wakes a worker for the job, and the doc,
+    which may have moved on since (restated by a later call or by the contract's function's own runsync,
+    refused), stands. Taken for a request of its own, a late one put back parameters a later call replaced, and
+    queued again a job that had been refused (audit: a cold start's runsync, minutes late, behind the app's own).
+    Each dispatch arrives once (`arrived`): the same parameters sent again afterwards (the contract's "fix
+    parameters and retry") are a request."""
+    doc = doc or {}
+    sent, seen = doc.get(DISPATCHED_INPUTS), doc.get(ARRIVED_DISPATCHES)
+    if request_id and isinstance(seen, list) and request_id in seen:
+        return True
     return isinstance(sent, list) and fingerprint(request) in sent
 
 
-def superseded(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """What a runsync request of its own (not a dispatch of the functions) writes beside its change of the job:
-    the dispatches before it no longer speak for the job (the contract's "fix parameters and retry" may state
-    exactly what the trigger dispatched before the refusal: the review's case)."""
-    return {DISPATCHED_INPUTS: DELETE_FIELD} if DISPATCHED_INPUTS in doc else {}
+def arrived(doc: Mapping[str, Any], request: GenerationRequest, request_id: str | None) -> dict[str, Any] | None:
+    """The write that marks a dispatch of `request` arrived (`dispatched` was true); None for a redelivery."""
+    sent, seen = doc.get(DISPATCHED_INPUTS), doc.get(ARRIVED_DISPATCHES)
+    seen = seen if isinstance(seen, list) else []
+    mark = fingerprint(request)
+    if request_id in seen or not isinstance(sent, list) or mark not in sent:
+        return None
+    sent = list(sent)
+    sent.remove(mark)
+    update: dict[str, Any] = {DISPATCHED_INPUTS: sent or DELETE_FIELD}
+    if request_id:
+        update[ARRIVED_DISPATCHES] = [*seen, request_id][-DISPATCHES_KEPT:]
+    return update
 
 
 def stated_request(key: JobKey, doc: Mapping[str, Any]) -> GenerationRequest | None:

@@ -136,8 +136,10 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         "dispatched_at": TIMESTAMP_REF,
         "dispatched_by": {"enum": ["callable", "trigger", "scheduler"]},
         "dispatch_error": {"type": "string"},
-        # The requests the functions sent to RunPod for the job, as digests (firegen_core.jobs.fingerprint).
+        # The requests the functions sent to RunPod for the job, not arrived yet, as digests (jobs.fingerprint).
         "dispatched_inputs": {"type": "array", "items": {"type": "string"}},
+        # The RunPod jobs of those that reached a worker (a redelivery of one is recognised by it).
+        "arrived_dispatches": {"type": "array", "items": {"type": "string"}},
         # Issue #11: the owner asks to stop a queued or processing job; it then ends failed, error_type Cancelled.
         "cancel_requested": {"type": "boolean"},
         "releases": {"type": "integer", "minimum": 0},

@@ -31,6 +31,12 @@ def fresh_dynamo():
     pipelines in one process, and dynamo's limits count every graph of a function across all of them."""
     import torch
 
+    from generation import compiling
+
+    # A compile still running from an earlier test (one that failed before releasing its blocking backend) holds
+    # the lock, and resetting dynamo under it would break it: wait for it, then reset.
+    assert compiling._COMPILE_LOCK.acquire(timeout=240), "an earlier test's background compile is still running"
+    compiling._COMPILE_LOCK.release()
     torch._dynamo.reset()
     yield
 

@@ -1737,7 +1737,7 @@ def test_a_dispatch_is_recognised_after_its_json_hop(fields):
     """What the worker parses from the runsync input the functions built has the request's fingerprint, also
     where a JSON hop wrote 7.0 as 7 (JavaScript's numbers)."""
     from firegen_core.contract import parse_runsync_input
-    from firegen_core.jobs import dispatched, dispatches_with, fingerprint
+    from firegen_core.jobs import arrived, dispatched, dispatches_with, fingerprint
 
     request = parse_runsync_input({**fields, "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
     sent = dispatch.runsync_input(request)
@@ -1746,18 +1746,29 @@ def test_a_dispatch_is_recognised_after_its_json_hop(fields):
     }
     assert fingerprint(parse_runsync_input(json.loads(json.dumps(hopped)))) == fingerprint(request)
     doc = {"dispatched_inputs": dispatches_with(None, request)}
+    doc = {"dispatched_inputs": dispatches_with(doc, request)}  # two of it on their way
     assert dispatched(doc, parse_runsync_input(sent))
+    once = {**doc, **arrived(doc, request, "rp-1")}
+    assert dispatched(once, request) and dispatched(once, request, "rp-1")  # one more to come; rp-1 redelivered
+    assert arrived(once, request, "rp-1") is None  # a redelivery changes nothing
+    none_left = {**once, **arrived(once, request, "rp-2")}
+    assert none_left["dispatched_inputs"] is firestore.DELETE_FIELD and none_left["arrived_dispatches"] == [
+        "rp-1",
+        "rp-2",
+    ]
+    assert dispatched(none_left, request, "rp-2") and not dispatched(none_left, request, "rp-3")
     assert not dispatched(doc, parse_runsync_input({**sent, "prompt": "another"}))
     assert not dispatched(doc, parse_runsync_input({**sent, "seed": (sent.get("seed") or 0) + 1}))  # every digit counts
 
 
-def test_the_contracts_fixed_retry_after_a_refusal_is_a_request_even_where_it_states_the_dispatched_job(
+def test_the_trigger_dispatch_arriving_behind_the_contracts_refused_runsync_changes_nothing_and_a_fixed_retry_runs(
     firestore_client, stub
 ):
-    """The contract's function flow with the trigger deployed: the trigger dispatched the placeholder's defaults,
-    the app's runsync broke the contract (refused: the doc failed), and the app's fixed runsync states exactly those
-    defaults. It was taken for the trigger's dispatch arriving and refused with the old message (the review's
-    case): a request of its own (the refused one) ends what earlier dispatches speak for."""
+    """The contract's function flow with the trigger deployed, on a cold endpoint: the trigger dispatched the
+    placeholder's defaults after its grace, behind the app's own runsync in RunPod's queue. The app's runsync broke
+    the contract (the doc failed); the trigger's, arriving next, must not bring the job back (a re-review: queued,
+    run and charged on the defaults). The app's fixed retry, stating exactly those defaults, is a request: it runs
+    (the review: refused with the old message)."""
     runpod = stub((200, {"id": "rp-t", "status": "IN_QUEUE"}))
     path = "generations/u-fix/images/fix-1"
     firestore_client.document(path).set({**client_doc(), "prompt": "a red car"})
@@ -1767,32 +1778,58 @@ def test_the_contracts_fixed_retry_after_a_refusal_is_a_request_even_where_it_st
         )
         == "queued"
     )
+    [(_, sent)] = runpod.requests  # the placeholder's defaults, on their way
     submitted: list = []
     handler = late_runsync_handler(firestore_client, submitted)
     fixed = {"prompt": "a red car", "user_id": "u-fix", "file_uid": "fix-1", "use_cloud_storage": True}
     assert handler.handle({**fixed, "width": 300}, "app-1")["status"] == "failed"
-    assert firestore_client.document(path).get().to_dict()["status"] == "failed"
+
+    assert handler.handle(sent["input"], "rp-t")["status"] == "failed"  # the trigger's, late: still the refusal
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["error_type"], submitted) == ("failed", "ValidationError", [])
+    assert firestore_client.document("usage/u-fix").get().to_dict().get("spent_today", 0) == 0
 
     assert handler.handle(fixed, "app-2")["status"] == "accepted"
-    assert firestore_client.document(path).get().to_dict()["status"] == "queued" and len(submitted) == 1
-    [(_, sent)] = runpod.requests
-    assert handler.handle(sent["input"], "rp-t")["status"] == "accepted"  # the trigger's, late: the same job
     doc = firestore_client.document(path).get().to_dict()
-    assert (doc["status"], doc.get("width")) == ("queued", None)
+    assert (doc["status"], doc.get("width"), len(submitted)) == ("queued", None, 1)
+
+
+def test_the_trigger_dispatch_arriving_behind_the_contracts_runsync_never_puts_back_the_defaults(
+    firestore_client, stub
+):
+    """As above, the app's runsync valid (33 frames at 12 fps): the trigger's dispatch of the placeholder's
+    defaults (16 frames, named by the dispatch), arriving next, restated the video back to 16 frames at 12 fps, a
+    mix nobody asked for (a re-review)."""
+    runpod = stub((200, {"id": "rp-v", "status": "IN_QUEUE"}))
+    path = "generations/u-vid/videos/vid-1"
+    firestore_client.document(path).set({**client_doc(), "prompt": "a fox"})
+    dispatch.dispatch_created(firestore_client, runpod.client(), user_id="u-vid", media_type="videos", file_uid="vid-1")
+    [(_, sent)] = runpod.requests
+    assert sent["input"]["num_frames"] == 16
+    submitted: list = []
+    handler = late_runsync_handler(firestore_client, submitted)
+    app = {"prompt": "a fox", "user_id": "u-vid", "file_uid": "vid-1", "use_cloud_storage": True}
+    assert handler.handle({**app, "num_frames": 33, "fps": 12}, "app-1")["status"] == "accepted"
+    assert handler.handle(sent["input"], "rp-v")["status"] == "accepted"
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["num_frames"], doc["fps"]) == ("queued", 33, 12)
+    assert [(request.num_frames, request.fps) for request in submitted] == [(33, 12), (33, 12)]
 
 
 def test_a_runsync_restating_a_dispatched_job_back_to_its_dispatched_parameters_restates_it(firestore_client, stub):
-    """A direct runsync caller restated a dispatched job (steps 25), then sent the dispatched request (steps 40)
-    again: it was taken for the dispatch and answered "accepted" for a job that kept steps 25 (the review's case)."""
+    """A direct runsync caller restated a dispatched job (steps 25) after its dispatch arrived, then sent the
+    dispatched request (steps 40) again: it was taken for the dispatch and answered "accepted" for a job that kept
+    steps 25 (the review's case). A dispatch is recognised once."""
     runpod = stub((200, {"id": "rp-d", "status": "IN_QUEUE"}))
     call = {"prompt": "a car", "file_uid": "back-1", "num_inference_steps": 40}
     dispatch.generate(firestore_client, runpod.client(), uid="u-back", data=call)
     handler = late_runsync_handler(firestore_client, [])
     [(_, sent)] = runpod.requests
+    assert handler.handle(sent["input"], "rp-d")["status"] == "accepted"  # the dispatch arrives
     assert handler.handle({**sent["input"], "num_inference_steps": 25}, "direct-1")["status"] == "accepted"
     assert handler.handle(sent["input"], "direct-2")["status"] == "accepted"
     doc = firestore_client.document("generations/u-back/images/back-1").get().to_dict()
-    assert doc["num_inference_steps"] == 40
+    assert doc["num_inference_steps"] == 40 and "dispatched_inputs" not in doc
 
 
 def test_a_reset_during_the_tls_handshake_is_sent_again(tmp_path):

@@ -115,6 +115,7 @@ export interface JobDoc {
   dispatched_by?: "callable" | "trigger" | "scheduler";
   dispatch_error?: string;
   dispatched_inputs?: string[];
+  arrived_dispatches?: string[];
   cancel_requested?: boolean;
   releases?: number;
   restated?: number;
