@@ -8,7 +8,7 @@ read nor write these docs (firestore.rules).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from google.api_core.retry import Retry
 from google.cloud import firestore
@@ -18,6 +18,10 @@ WORKERS = "workers"
 SEEN_AT = "seen_at"
 CALL_TIMEOUT = 15.0  # seconds, retries included: liveness is best effort and must never hold up a sweep
 LEAVE_TIMEOUT = 5.0  # on shutdown: the doc ages out anyway (the sweep reads `seen_at`, not its presence)
+# A worker that never stopped cleanly (killed, out of memory, its machine gone) never deletes its doc, and each start
+# is a new id: every beat moves `expire_at` this far ahead, for firestore.indexes.json's TTL policy on `workers`
+# (a soak audit: one doc left for good per crash).
+EXPIRE_DAYS = 7
 
 
 def _bounded(seconds: float) -> dict:
@@ -39,7 +43,13 @@ def beat(
         client.collection(WORKERS)
         .document(worker_id)
         .set(
-            {SEEN_AT: SERVER_TIMESTAMP, "busy": busy, "concurrency": concurrency, "started_at": started_at},
+            {
+                SEEN_AT: SERVER_TIMESTAMP,
+                "busy": busy,
+                "concurrency": concurrency,
+                "started_at": started_at,
+                "expire_at": datetime.now(UTC) + timedelta(days=EXPIRE_DAYS),
+            },
             **_bounded(timeout),
         )
     )

@@ -38,6 +38,9 @@ def test_a_busy_worker_keeps_its_backlog_from_failing(sched_worker, firestore_cl
     backlog = stale_backlog(firestore_client, 6)
     heartbeat = wait_until(lambda: (firestore_client.document("workers/busy").get().to_dict() or {}).get("busy"))
     assert heartbeat == 1
+    # A worker killed now would leave its doc behind: it expires a week after its last beat (TTL policy).
+    doc = firestore_client.document("workers/busy").get().to_dict()
+    assert timedelta(days=6.99) < doc["expire_at"] - doc[workers.SEEN_AT] < timedelta(days=7.01)
 
     runpod = stub(ACCEPTED)
     counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
