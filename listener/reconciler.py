@@ -240,8 +240,11 @@ class Reconciler:
             created_at = None
         if request_id:
             with self._cv:
-                self._request_ids[key] = request_id
-                self._request_ids.move_to_end(key)
+                # Only while the job may still be claimed here: one running already (a listener heard of its doc a
+                # moment before the request came) would keep its id until the bound (a soak audit).
+                if self._active.get(key) is None:
+                    self._request_ids[key] = request_id
+                    self._request_ids.move_to_end(key)
                 while len(self._request_ids) > self._queue.capacity:
                     self._request_ids.popitem(last=False)
         self._offer(key, created_at, group=self._group(request) if request is not None else None)
@@ -318,6 +321,8 @@ class Reconciler:
     def _withdraw(self, key: JobKey) -> None:
         with self._cv:
             self._queue.discard(key)
+            if key not in self._active:  # no claim of it here to log its RunPod job id
+                self._request_ids.pop(key, None)
 
     def _cancel_queued(self, key: JobKey) -> None:
         with self._cv:
@@ -430,6 +435,7 @@ class Reconciler:
             with self._cv:
                 self._stops.pop(key, None)
                 self._active.pop(key, None)
+                self._request_ids.pop(key, None)  # not ours: the worker that has it logs it
                 self._cv.notify_all()
             return None
         with self._cv:
@@ -451,6 +457,8 @@ class Reconciler:
 
     def _drop(self, key: JobKey) -> None:
         """Fail a queued job its owner cancelled: one short write, no slot needed."""
+        with self._cv:
+            self._request_ids.pop(key, None)
         try:
             if self.store.transition(key, lambda doc, now: lifecycle.drop_cancelled(doc)).applied:
                 log.info("job_cancelled", user_id=key.user_id, file_uid=key.file_uid, during="queue")

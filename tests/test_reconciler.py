@@ -1030,3 +1030,30 @@ def test_a_refused_request_fails_its_placeholder_a_worker_already_runs(firestore
     usage = firestore_client.document("usage/u-late").get().to_dict()
     assert (usage["pending"], usage["running"]) == (0, 0)
     assert not store.renew(job)  # the run that took it is fenced off
+
+
+def test_a_runsyncs_request_id_is_kept_only_while_its_job_may_be_claimed_here(make_worker, firestore_client):
+    """The RunPod job id a runsync brought is kept until the job's claim logs it: one kept for a job cancelled
+    while queued, claimed elsewhere, or already running here stayed until the bound of 1,000 (a soak audit: 43 after
+    3,134 jobs, 93 once 50 queued runsync jobs were cancelled)."""
+    gate = threading.Event()
+    worker = make_worker(generator=StubGenerator(gate))
+    running = JobKey("u1", "images", "running")
+    write_job(firestore_client, running)
+    wait_until(lambda: (doc(firestore_client, running) or {}).get("status") == "processing")
+    worker.submit(running, request_id="rp-running")  # its request, a moment after a listener claimed it
+    cancelled = JobKey("u2", "images", "cancelled")
+    write_job(firestore_client, cancelled)
+    worker.submit(cancelled, request_id="rp-cancelled")
+    elsewhere = JobKey("u3", "images", "elsewhere")
+    write_job(firestore_client, elsewhere)
+    other = WorkerJobs(firestore_client, worker_id="w2").claim(elsewhere)
+    assert other is not None
+    worker.submit(elsewhere, request_id="rp-elsewhere")
+    firestore_client.document(cancelled.path).update({"cancel_requested": True})
+    wait_until(lambda: (doc(firestore_client, cancelled) or {}).get("status") == "failed")
+    gate.set()
+    wait_until(lambda: (doc(firestore_client, running) or {}).get("status") == "completed")
+    # The last candidate, elsewhere's, ends with its claim (w2 holds it): none is left.
+    wait_until(lambda: not worker.candidates and not worker.busy)
+    assert dict(worker._request_ids) == {}
