@@ -670,12 +670,21 @@ def arrived(doc: Mapping[str, Any], request: GenerationRequest, request_id: str 
     mark = fingerprint(request)
     if request_id in seen or not isinstance(sent, list) or mark not in sent:
         return None
-    sent = list(sent)
-    sent.remove(mark)
-    update: dict[str, Any] = {DISPATCHED_INPUTS: sent or DELETE_FIELD}
+    update = undelivered(doc, request) or {}
     if request_id:
         update[ARRIVED_DISPATCHES] = [*seen, request_id][-DISPATCHES_KEPT:]
     return update
+
+
+def undelivered(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str, Any] | None:
+    """The write that drops one dispatch of `request` from the doc's `dispatched_inputs` (arrived, or answered
+    without reaching a worker's record of the job: its runsync is not on its way any more), None where none is."""
+    sent, mark = doc.get(DISPATCHED_INPUTS), fingerprint(request)
+    if not isinstance(sent, list) or mark not in sent:
+        return None
+    sent = list(sent)
+    sent.remove(mark)
+    return {DISPATCHED_INPUTS: sent or DELETE_FIELD}
 
 
 def stated_request(key: JobKey, doc: Mapping[str, Any]) -> GenerationRequest | None:

@@ -64,6 +64,7 @@ from firegen_core.jobs import (
     dispatches_with,
     queued_document,
     stated_request,
+    undelivered,
 )
 from firegen_core.quota import Limits
 
@@ -207,17 +208,22 @@ def _filed(store: JobStore, uid: str, fields: Mapping[str, Any], error: Contract
     return other, error.message
 
 
-def _record_verdict(store: JobStore, key: JobKey, verdict: Verdict, count: int) -> dict[str, Any] | None:
+def _record_verdict(
+    store: JobStore, key: JobKey, verdict: Verdict, count: int, request: GenerationRequest
+) -> dict[str, Any] | None:
     """Note on the doc the RunPod job id of this dispatch (`runpod_job_id`: the worker logs it as the job's
     requestId, so both platforms' logs meet) and, when the job was not delivered, why: only while the job still
     waits on this dispatch (`count`, its `dispatch_count`). A warm worker may have taken the job, even finished it,
-    while the call failed (audit: a completed doc said its dispatch never arrived). The doc as it then stands
-    (None where it could not be read)."""
+    while the call failed (audit: a completed doc said its dispatch never arrived). A dispatch refused or not
+    delivered will not arrive: its digest goes (left, it took the next request stating the same job for it: a
+    re-check). The doc as it then stands (None where it could not be read)."""
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None:
             return None
         fields: dict[str, Any] = {}
+        if verdict.outcome in (runpod_client.REJECTED, runpod_client.UNDELIVERED):
+            fields.update(undelivered(doc, request) or {})
         if verdict.job_id and doc.get(RUNPOD_JOB_ID) != verdict.job_id:
             fields[RUNPOD_JOB_ID] = verdict.job_id
         waiting = doc.get("status") == lifecycle.QUEUED and quota.number(doc, DISPATCH_COUNT) == count
@@ -242,7 +248,7 @@ def _deliver(
     log.info("dispatched", extra={**fields, "runpod_job_id": verdict.job_id})
     if verdict.outcome == runpod_client.REJECTED:
         _fail_queued(store, key, VALIDATION_ERROR, verdict.message)
-    return verdict, _record_verdict(store, key, verdict, count)
+    return verdict, _record_verdict(store, key, verdict, count, request)
 
 
 # ------------------------------------------------------------------------------------------------ callable

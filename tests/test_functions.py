@@ -1865,3 +1865,23 @@ def test_a_reset_during_the_tls_handshake_is_sent_again(tmp_path):
     finally:
         server.close()
     assert (verdict.outcome, verdict.attempts, len(connections)) == ("undelivered", FAST["attempts"], FAST["attempts"])
+
+
+def test_a_dispatch_that_never_reached_runpod_leaves_no_digest_to_take_a_later_request_for_it(firestore_client, stub):
+    """The trigger's dispatch of a placeholder's defaults was not delivered (429 on every try): its digest stayed,
+    and the app's fixed retry after a refusal, stating those defaults, was taken for it and refused with the old
+    message (a re-check)."""
+    runpod = stub((429, {"error": "Too Many Requests"}))
+    path = "generations/u-gone/images/gone-1"
+    firestore_client.document(path).set({**client_doc(), "prompt": "a red car"})
+    outcome = dispatch.dispatch_created(
+        firestore_client, runpod.client(), user_id="u-gone", media_type="images", file_uid="gone-1"
+    )
+    assert outcome == "undelivered" and len(runpod.requests) == FAST["attempts"]
+    doc = firestore_client.document(path).get().to_dict()
+    assert "dispatch_error" in doc and "dispatched_inputs" not in doc
+    handler = late_runsync_handler(firestore_client, [])
+    app = {"prompt": "a red car", "user_id": "u-gone", "file_uid": "gone-1", "use_cloud_storage": True}
+    assert handler.handle({**app, "width": 300}, "app-1")["status"] == "failed"
+    assert handler.handle(app, "app-2")["status"] == "accepted"
+    assert firestore_client.document(path).get().to_dict()["status"] == "queued"
