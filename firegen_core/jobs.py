@@ -458,6 +458,17 @@ class JobStore:
             .where(filter=FieldFilter("status", "in", [lifecycle.QUEUED, lifecycle.PROCESSING]))
         )
 
+    def processing(self, media: str, *, limit: int, after: firestore.DocumentSnapshot | None = None) -> firestore.Query:
+        """Processing jobs in document order, at most `limit`, after the `after` of an earlier page: the only way
+        to find one whose lease is missing or unreadable (an admin's write), which `expired` never returns."""
+        query = (
+            self.client.collection_group(media)
+            .where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
+            .order_by("__name__")
+            .limit(limit)
+        )
+        return query.start_after(after) if after is not None else query
+
     def expired(self, media: str, now: datetime, *, limit: int) -> firestore.Query:
         """Processing jobs whose lease ran out before `now` (their worker is gone), at most `limit`."""
         return (
@@ -523,7 +534,7 @@ class WorkerJobs:
         self.cancel, self.cancelling, self.holds = self.jobs.cancel, self.jobs.cancelling, self.jobs.holds
         self.admit, self.as_filed, self.filed_elsewhere = self.jobs.admit, self.jobs.as_filed, self.jobs.filed_elsewhere
         self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
-        self.users_with_pending = self.jobs.users_with_pending
+        self.users_with_pending, self.processing = self.jobs.users_with_pending, self.jobs.processing
 
     def _fenced(self, job: ClaimedJob, make: Callable[[lifecycle.Doc, datetime], dict]) -> bool:
         return self.jobs.transition(

@@ -52,6 +52,8 @@ LISTEN_LIMIT = 100  # the oldest queued docs each listener holds (per media type
 NEWEST_LIMIT = 20  # the newest queued docs a second listener holds: new arrivals behind a long backlog
 CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 SWEEP_LIMIT = 50
+# How often a sweep also reads a page of the processing docs for leases no query finds (missing or not a date).
+UNLEASED_SCAN_SECONDS = 300.0
 START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
 FIRST_SWEEP_WAIT = 3.0  # the first claim after start waits this long at most for the first sweep
 DISPATCH_RETRY_SECONDS = 1.0  # after an unexpected error in the dispatch loop (logged `claim_loop_error`)
@@ -130,6 +132,9 @@ class Reconciler:
         self._discovered: dict[tuple[str, str], JobKey] = {}
         # Per (user, media type) whose look-up found nothing: the usage doc's update time then (a new job changes it).
         self._found_none: dict[tuple[str, str], object] = {}
+        # Per media type, the last processing doc the last scan for unreadable leases read (None: start over).
+        self._unleased_after: dict[str, DocumentSnapshot | None] = {}
+        self._unleased_due = 0.0  # by the monotonic clock
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
@@ -649,7 +654,35 @@ class Reconciler:
                         log.warning("sweep_error", path=key.path, error=str(exc))
                     missed |= query is ordered and self._missed_by_listener(_name(media, "oldest"), snapshot)
             self._watchdog(media, missed)
+        if time.monotonic() >= self._unleased_due:
+            self._unleased_due = time.monotonic() + UNLEASED_SCAN_SECONDS
+            found += self._unleased()
         return found + self._discover()
+
+    def _unleased(self) -> int:
+        """A `processing` doc whose lease is missing or not a date (an admin's write) is claimable, but the expiry
+        query compares dates and never returns it: each scan reads one page of the processing docs per media type,
+        in document order, the next scan going on from there, so every one is read within a few scans at a
+        bounded cost."""
+        found = 0
+        for media in MEDIA_TYPES:
+            after = self._unleased_after.get(media)
+            page = list(self.store.processing(media, limit=SWEEP_LIMIT, after=after).stream(**BOUND))
+            self._unleased_after[media] = page[-1] if len(page) == SWEEP_LIMIT else None
+            for snapshot in page:
+                doc = snapshot.to_dict() or {}
+                if isinstance(doc.get("lease_expires_at"), datetime):
+                    continue  # the expiry query's
+                try:
+                    key = JobKey.from_path(snapshot.reference.path)
+                    self._found(key, snapshot, doc, expired=True)
+                except ValueError:
+                    continue
+                except Exception as exc:  # one doc's surprise must not stop the scan of the others
+                    log.warning("sweep_error", path=snapshot.reference.path, error=str(exc))
+                    continue
+                found += 1
+        return found
 
     def _found(self, key: JobKey, snapshot, doc: dict, *, expired: bool = False) -> None:
         """A doc a query found queued (or processing under an expired lease): a candidate, admitted first where

@@ -822,6 +822,28 @@ def test_a_worker_whose_clock_is_slow_takes_a_dead_workers_job_over_when_its_lea
     assert wait_until(lambda: finished(firestore_client, placeholder), timeout=15)["status"] == "completed"
 
 
+def test_a_processing_doc_whose_lease_no_query_can_compare_is_found_and_run(make_worker, firestore_client, monkeypatch):
+    """An admin's `processing` doc with no lease, or a lease that is not a date, is claimable but was never found:
+    the sweep's expiry query compares dates. A scan pages through the processing docs (here a page of one, each
+    sweep), past one whose lease is live."""
+    import listener.reconciler as reconciler_module
+
+    monkeypatch.setattr(reconciler_module, "SWEEP_LIMIT", 1)
+    monkeypatch.setattr(reconciler_module, "UNLEASED_SCAN_SECONDS", 0.0)
+    alive = JobKey("u1", "images", "a-held")  # first in document order, held by a live worker
+    write_job(firestore_client, alive)
+    assert WorkerJobs(firestore_client, worker_id="alive", lease_seconds=600).claim(alive) is not None
+    missing, unreadable = JobKey("u1", "images", "b-missing"), JobKey("u2", "videos", "c-unreadable")
+    write_job(firestore_client, missing, status="processing", worker_id="gone", attempts=1)
+    write_job(firestore_client, unreadable, status="processing", worker_id="gone", attempts=1, numFrames=17)
+    firestore_client.document(unreadable.path).update({"lease_expires_at": "tomorrow"})
+    make_worker("sweeper", sweep=0.2)
+    for key in (missing, unreadable):
+        data = wait_until(lambda key=key: finished(firestore_client, key), timeout=20)
+        assert (data["status"], data["worker_id"], data["attempts"]) == ("completed", "sweeper", 2)
+    assert doc(firestore_client, alive)["worker_id"] == "alive"
+
+
 def test_a_worker_whose_clock_is_fast_still_leaves_a_placeholder_its_grace(make_worker, firestore_client, skewed):
     """Audit: with its host 5 minutes fast, a worker ran a prompt-only doc (the contract's function flow) at once,
     before its runsync brought the parameters: the defaults ran, then the job again (charged both)."""
