@@ -274,9 +274,12 @@ class FirebaseCli(emu.Emulator):
         if self._proc is not None and time.monotonic() - self._scanned > 0.5:
             self._scanned = time.monotonic()
             self._descendants |= descendants(self._proc.pid)
+        return b"All emulators ready" in self._this_start()
+
+    def _this_start(self) -> bytes:
         with open(self.log_path, "rb") as log:  # this start's output only: the log is appended to across runs
             log.seek(self._log_start)
-            return b"All emulators ready" in log.read()
+            return log.read()
 
     def start(self) -> FirebaseCli:
         if "firestore" in self.emulators:
@@ -287,6 +290,11 @@ class FirebaseCli(emu.Emulator):
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         super().start()
         self._descendants |= descendants(self.pid)  # Java runs in a group of its own: remember it now
+        # The CLI says "All emulators ready" also when it could not load the functions (audit: a stack ready
+        # with every callable answering 404): that start failed.
+        if "functions" in self.emulators and b"Loaded functions definitions" not in self._this_start():
+            self.stop()
+            raise emu.EmulatorError(f"{self.name}: the functions failed to load; log {self.log_path}")
         return self
 
     def _before_terminate(self, proc) -> None:

@@ -6,6 +6,8 @@ so the mapping works in processes that never load a model (the Cloud Function, t
 
 from __future__ import annotations
 
+import re
+
 from .contract import MAX_MESSAGE_CHARS as MAX_MESSAGE_CHARS  # re-exported: the limit lives with ContractError
 from .contract import ContractError, clip
 
@@ -34,6 +36,10 @@ ERROR_TYPES = (
     TIMEOUT,
 )
 CANCELLED_MESSAGE = "Cancelled by the user"
+# A runsync's answer when the worker could not write the job's doc (Firestore away): a transient failure of the
+# worker, which the functions tell from a verdict on the request by this prefix.
+NOT_RECORDED_PREFIX = "Could not record the job"
+NOT_RECORDED = f"{NOT_RECORDED_PREFIX} in Firestore; please retry (the same file_uid is safe to resend)"
 # What a job's failure says to whoever runs the worker, as a log level: a client's doing (its parameters, its
 # limits, its cancel) is news; a job past its time limit, a warning; the rest (the GPU, the network, a bug) an
 # error, which is what an operator's alert watches.
@@ -72,8 +78,13 @@ class Interrupted(BaseException):
     """
 
 
+# A URL's query in a library's message (`...?X-Goog-Signature=...`, `?token=...`): a signed URL's signature or a
+# download token, which a job's `error_message` and the logs must never carry.
+_QUERY = re.compile(r"\?[^\s'\"()]*=[^\s'\"()]*")
+
+
 def _short(exc: BaseException) -> str:
-    return clip(" ".join(str(exc).split()) or type(exc).__name__)
+    return clip(_QUERY.sub("?<query removed>", " ".join(str(exc).split())) or type(exc).__name__)
 
 
 def _is_oom(exc: BaseException) -> bool:

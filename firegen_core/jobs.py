@@ -5,8 +5,8 @@ doc), asks a pure decision function what to write given the server's read time, 
 if both docs are unchanged since the read (else it reads and decides again), or nothing. It also keeps the
 user's usage (`quota`) exact: whatever a transition does to a job's status, the usage doc gets the change in
 the same commit. `JobStore` knows no worker; `WorkerJobs` adds a worker's claim, renew, complete, fail and
-release, one line each on top of `transition`, so the fencing (status + worker_id + attempt) can never be
-skipped by one of them. The queries every reader needs (queued jobs, expired leases) live here too.
+release: the last four go through `WorkerJobs._fenced`, the one place that checks the claim still holds the job
+(status + worker_id + attempt), and the claim fences on its own earlier tries (`claim`). The queries every reader needs (queued jobs, expired leases) live here too.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
+import tenacity
 from google.api_core import retry as retries
 from google.api_core.exceptions import (
     Aborted,
@@ -28,6 +28,7 @@ from google.api_core.exceptions import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
+    GoogleAPIError,
     InternalServerError,
     NotFound,
     ResourceExhausted,
@@ -35,7 +36,6 @@ from google.api_core.exceptions import (
 )
 from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP, FieldFilter
-from tenacity import Retrying, stop_after_attempt, wait_exponential
 
 from . import lifecycle, quota
 from .contract import (
@@ -55,6 +55,10 @@ from .errors import CANCELLED, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from .lifecycle import Lease
 
 log = logging.getLogger(__name__)
+
+
+class _Conflict(Exception):
+    """A compare-and-set whose precondition failed: another write landed between its read and its write."""
 
 
 class Misfiled(ContractError):
@@ -174,10 +178,6 @@ class JobStore:
     def usage_ref(self, user_id: str) -> firestore.DocumentReference:
         return self.client.collection(quota.USAGE_COLLECTION).document(user_id)
 
-    def usage(self, user_id: str) -> dict[str, Any] | None:
-        snapshot = self.usage_ref(user_id).get(**BOUND)
-        return snapshot.to_dict() if snapshot.exists else None
-
     def _read(self, key: JobKey):
         """The job doc and its user's usage doc, in one round trip, at one read time."""
         job, usage = self.ref(key), self.usage_ref(key.user_id)
@@ -198,43 +198,48 @@ class JobStore:
         and not yet admitted is admitted (or refused, failed `QuotaExceeded`), and any transition that would
         start a job past USER_MAX_RUNNING leaves it queued instead.
         """
-        deadline = time.monotonic() + CALL_TIMEOUT  # the bound a runsync caller is promised, conflicts included
-        for attempt in range(MAX_CONFLICTS):
-            if attempt and time.monotonic() > deadline:
-                break
-            snapshot, usage_snapshot = self._read(key)
-            now = snapshot.read_time
-            before = (
-                {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
-            )
-            update = decide(before, now)
-            if update is not None:
-                usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
-                usage = (self._recount(key, usage, before, update) if admit else None) or usage
-                update = self._limit(key, before, update, usage, now, admit=admit)
-            if update and isinstance(update.get(lifecycle.EXPIRE_AT), datetime):
-                update = {**update, **lifecycle.expiry(now=now)}  # from the finish's server time, not this host's
-            if not update:  # nothing to write (an admission of a doc that breaks the contract decides nothing)
-                return Outcome(before, None, now)
-            batch = self.client.batch()
-            if snapshot.exists:
-                batch.update(snapshot.reference, update, option=self._unchanged(snapshot))
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Conflict),  # someone wrote first: decide again on what they wrote
+            # CALL_TIMEOUT: the bound a runsync caller is promised, conflicts included
+            stop=tenacity.stop_after_attempt(MAX_CONFLICTS) | tenacity.stop_after_delay(CALL_TIMEOUT),
+            wait=tenacity.wait_random_exponential(CONFLICT_BACKOFF, max=CONFLICT_BACKOFF_MAX),
+        )
+        try:
+            return retrying(self._compare_and_set, key, decide, admit)
+        except tenacity.RetryError as exc:
+            raise Aborted(f"{key.path}: still contended after {exc.last_attempt.attempt_number} tries") from None
+
+    def _compare_and_set(self, key: JobKey, decide: Decide, admit: bool) -> Outcome:
+        """One read-decide-write of `transition`; `_Conflict` where a precondition failed."""
+        snapshot, usage_snapshot = self._read(key)
+        now = snapshot.read_time
+        before = {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
+        update = decide(before, now)
+        if update is not None:
+            usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
+            usage = (self._recount(key, usage, before, update) if admit else None) or usage
+            update = self._limit(key, before, update, usage, now, admit=admit)
+        if update and isinstance(update.get(lifecycle.EXPIRE_AT), datetime):
+            update = {**update, **lifecycle.expiry(now=now)}  # from the finish's server time, not this host's
+        if not update:  # nothing to write (an admission of a doc that breaks the contract decides nothing)
+            return Outcome(before, None, now)
+        batch = self.client.batch()
+        if snapshot.exists:
+            batch.update(snapshot.reference, update, option=self._unchanged(snapshot))
+        else:
+            batch.create(snapshot.reference, update)
+        change = quota.change(before, update, now)
+        if change:
+            fields = usage.after(change).document(self.limits, now, SERVER_TIMESTAMP)
+            if usage_snapshot.exists:
+                batch.update(usage_snapshot.reference, fields, option=self._unchanged(usage_snapshot))
             else:
-                batch.create(snapshot.reference, update)
-            change = quota.change(before, update, now)
-            if change:
-                fields = usage.after(change).document(self.limits, now, SERVER_TIMESTAMP)
-                if usage_snapshot.exists:
-                    batch.update(usage_snapshot.reference, fields, option=self._unchanged(usage_snapshot))
-                else:
-                    batch.create(usage_snapshot.reference, fields)
-            try:
-                batch.commit(**BOUND)
-            except (FailedPrecondition, AlreadyExists, NotFound):
-                time.sleep(random.uniform(0, min(CONFLICT_BACKOFF * 2**attempt, CONFLICT_BACKOFF_MAX)))
-                continue  # someone wrote first: decide again on what they wrote
-            return Outcome(before, update, now)
-        raise Aborted(f"{key.path}: still contended after {attempt + 1} tries")
+                batch.create(usage_snapshot.reference, fields)
+        try:
+            batch.commit(**BOUND)
+        except (FailedPrecondition, AlreadyExists, NotFound) as exc:
+            raise _Conflict from exc
+        return Outcome(before, update, now)
 
     def _recount(self, key: JobKey, usage: quota.Usage, before: dict | None, update: dict) -> quota.Usage | None:
         """The user's counts as their docs show them, where the usage doc's would refuse this transition (admit a
@@ -507,8 +512,9 @@ def _cost(key: JobKey, doc: Mapping[str, Any]) -> float | None:
         return None
 
 
-class WorkerJobs:
-    """One worker's side of the store: its claims under its id and lease, fenced on (worker_id, attempt)."""
+class WorkerJobs(JobStore):
+    """One worker's side of the store: its claims under its id and lease, fenced on (worker_id, attempt). What a
+    worker does without its id (the runsync handler, the reconciler's queries) is the store's own."""
 
     def __init__(
         self,
@@ -520,26 +526,16 @@ class WorkerJobs:
         max_releases: int = 3,
         limits: quota.Limits = quota.Limits(),
     ):
-        self.jobs = JobStore(client, limits=limits)
-        self.client = client
-        self.limits = limits
+        super().__init__(client, limits=limits)
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.max_releases = max_releases
-        # What a worker does without its id (the runsync handler, the reconciler's queries) is the store's own.
-        self.ensure_queued, self.transition = self.jobs.ensure_queued, self.jobs.transition
-        self.fail_unclaimed, self.ref, self.usage = self.jobs.fail_unclaimed, self.jobs.ref, self.jobs.usage
-        self.fail_awaiting = self.jobs.fail_awaiting
-        self.cancel, self.cancelling, self.holds = self.jobs.cancel, self.jobs.cancelling, self.jobs.holds
-        self.admit, self.as_filed, self.filed_elsewhere = self.jobs.admit, self.jobs.as_filed, self.jobs.filed_elsewhere
-        self.queued, self.oldest_queued, self.expired = self.jobs.queued, self.jobs.oldest_queued, self.jobs.expired
-        self.users_with_pending, self.processing = self.jobs.users_with_pending, self.jobs.processing
 
-    def _fenced(self, job: ClaimedJob, make: Callable[[lifecycle.Doc, datetime], dict]) -> bool:
-        return self.jobs.transition(
-            job.key, lambda doc, now: make(doc, now) if lifecycle.holds(doc, job.lease) else None
-        ).applied
+    def _fenced(self, job: ClaimedJob, make: Callable[[lifecycle.Doc, datetime], dict | None]) -> Outcome:
+        """A transition of a claimed job, decided by `make` only while this claim still holds it (processing under
+        this worker and attempt): a worker that lost its lease writes nothing."""
+        return self.transition(job.key, lambda doc, now: make(doc, now) if lifecycle.holds(doc, job.lease) else None)
 
     def claim(self, key: JobKey) -> ClaimedJob | None:
         """Take the job if it is queued or its lease ran out; exactly one of many racing workers wins.
@@ -568,8 +564,15 @@ class WorkerJobs:
                 tried.append(Lease(self.worker_id, update["attempts"]))
             return update
 
-        retrying = Retrying(stop=stop_after_attempt(CLAIM_TRIES), wait=wait_exponential(0.1, max=1), reraise=True)
-        outcome = retrying(self.jobs.transition, key, decide, admit=True)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(
+                (GoogleAPIError, OSError)
+            ),  # Firestore's or the network's, not a bug
+            stop=tenacity.stop_after_attempt(CLAIM_TRIES),
+            wait=tenacity.wait_exponential(0.1, max=1),
+            reraise=True,
+        )
+        outcome = retrying(self.transition, key, decide, admit=True)
         written, before = outcome.written, outcome.before
         if before is None:
             return None
@@ -591,14 +594,12 @@ class WorkerJobs:
         """Extend the lease (and record progress) while this worker still owns the job."""
         return self._fenced(
             job, lambda doc, now: lifecycle.renewal(now, lease_seconds=self.lease_seconds, progress=progress)
-        )
+        ).applied
 
     def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> str | None:
         """Record the result; returns the status written: `completed`, or `failed` when the owner cancelled the
         job meanwhile (lifecycle.completion); None when the lease was lost."""
-        outcome = self.transition(
-            job.key, lambda doc, now: lifecycle.completion(doc, fields) if lifecycle.holds(doc, job.lease) else None
-        )
+        outcome = self._fenced(job, lambda doc, now: lifecycle.completion(doc, fields))
         if outcome.written is not None:
             return outcome.written.get("status")
         # This completion landed on an earlier try whose answer was lost (see `claim`): nobody else ends it. It
@@ -608,13 +609,8 @@ class WorkerJobs:
         return lifecycle.FAILED if _landed(outcome.before, job, lifecycle.FAILED, CANCELLED) else None
 
     def fail(self, job: ClaimedJob, error: GenerationError) -> bool:
-        outcome = self.transition(
-            job.key,
-            lambda doc, now: (
-                lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
-                if lifecycle.holds(doc, job.lease)
-                else None
-            ),
+        outcome = self._fenced(
+            job, lambda doc, now: lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
         )
         # Applied, or applied by an earlier try whose answer was lost (its retry finds the job failed so).
         if outcome.applied:
@@ -627,13 +623,8 @@ class WorkerJobs:
     def release(self, job: ClaimedJob) -> dict | None:
         """Give the job back to the queue (shutdown); past `max_releases` releases it fails instead. Returns what
         was written (its `status` says which), None when the lease was lost."""
-        return self.transition(
-            job.key,
-            lambda doc, now: (
-                lifecycle.counted_release(doc, max_releases=self.max_releases)
-                if lifecycle.holds(doc, job.lease)
-                else None
-            ),
+        return self._fenced(
+            job, lambda doc, now: lifecycle.counted_release(doc, max_releases=self.max_releases)
         ).written
 
 

@@ -20,16 +20,25 @@ worker's contract ignores them. Docs are written only through the worker's own j
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import runpod_client
+from google.api_core.exceptions import (
+    Aborted,
+    Cancelled,
+    DeadlineExceeded,
+    InternalServerError,
+    RetryError,
+    ServiceUnavailable,
+)
 from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from runpod_client import RunPodClient, Verdict
@@ -53,7 +62,14 @@ from firegen_core.contract import (
     parse_runsync_input,
     restatement,
 )
-from firegen_core.errors import CANCELLED, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
+from firegen_core.errors import (
+    CANCELLED,
+    EXCEPTION,
+    NOT_RECORDED,
+    QUOTA_EXCEEDED,
+    VALIDATION_ERROR,
+    GenerationError,
+)
 from firegen_core.jobs import (
     DISPATCHED_INPUTS,
     MEDIA_TYPES,
@@ -69,13 +85,13 @@ from firegen_core.jobs import (
 from firegen_core.quota import Limits
 
 log = logging.getLogger("functions.dispatch")
+P, R = ParamSpec("P"), TypeVar("R")
 
 # Fields this codebase adds to a job doc (the worker ignores them).
 DISPATCH_COUNT = lifecycle.DISPATCH_COUNT  # how many times a worker was woken for this job
 DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
 DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
 DISPATCH_ERROR = lifecycle.DISPATCH_ERROR  # why the last dispatch did not reach a worker; removed by the next one
-DISPATCH_FIELDS = (DISPATCH_COUNT, DISPATCHED_AT, DISPATCHED_BY, DISPATCH_ERROR)
 
 BY_CALLABLE, BY_TRIGGER, BY_SCHEDULER = "callable", "trigger", "scheduler"
 
@@ -92,6 +108,29 @@ class CallError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+# Firestore away (the client's retries ran out), or a doc contended past the call's bound.
+FIRESTORE_AWAY = (RetryError, ServiceUnavailable, DeadlineExceeded, InternalServerError, Aborted, Cancelled)
+CANCEL_NOT_RECORDED = "Could not record the cancel in Firestore; please retry"
+
+
+def _unavailable_when_firestore_is_away(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """A callable whose Firestore calls failed answers `unavailable` with `message` (the client's to retry), not
+    the framework's bare INTERNAL for an exception (audit: the web app showed "INTERNAL"); logged as an error."""
+
+    def wrap(call: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(call)
+        def answered(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return call(*args, **kwargs)
+            except FIRESTORE_AWAY as exc:
+                log.error("firestore_unavailable", extra={"call": call.__name__, "error": str(exc)})
+                raise CallError("unavailable", message) from exc
+
+        return answered
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -256,6 +295,7 @@ def _reply(key: JobKey, message: str, status: str) -> dict[str, Any]:
     return {"success": True, "fileUid": key.file_uid, "mediaType": key.media_type, "status": status, "message": message}
 
 
+@_unavailable_when_firestore_is_away(NOT_RECORDED)
 def generate(
     db: firestore.Client,
     runpod: RunPodClient,
@@ -503,6 +543,7 @@ CANCELLED_REPLY = "Generation cancelled"
 CANCELLING_REPLY = "Cancelling: the worker stops the generation at its next step"
 
 
+@_unavailable_when_firestore_is_away(CANCEL_NOT_RECORDED)
 def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits = Limits()) -> dict[str, Any]:
     """The `cancelGeneration` callable: {fileUid, mediaType} of one of the caller's jobs.
 

@@ -6,7 +6,7 @@
                          (only when no worker has been alive for the whole stale period)
     cancelGeneration     callable (Firebase Auth required): cancel one of the caller's queued or running jobs
 
-Configuration (see the README's "Cloud Functions" section):
+Configuration (the params are declared in config.py; see the README's "Cloud Functions" section):
     RUNPOD_API_KEY       secret (`firebase functions:secrets:set RUNPOD_API_KEY`)
     RUNPOD_ENDPOINT_ID   string param, asked at the first deploy (or set in functions/.env)
     RUNPOD_RUNSYNC_URL   optional environment variable: the whole runsync URL, e.g. a local worker's
@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,48 +39,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # dispatch, runpod_cli
 
 import dispatch
 import firebase_admin
-from firebase_functions import firestore_fn, https_fn, logger, options, params, scheduler_fn
+from config import (
+    MAX_DISPATCHES,
+    PLACEHOLDER_GRACE_SECONDS,
+    REDISPATCH_AFTER_MINUTES,
+    RUNPOD_API_KEY,
+    RUNPOD_ATTEMPTS,
+    RUNPOD_ENDPOINT_ID,
+    RUNPOD_TIMEOUT_SECONDS,
+    USER_DAILY_BUDGET,
+    USER_MAX_PENDING,
+    USER_MAX_RUNNING,
+)
+from firebase_functions import firestore_fn, https_fn, logger, options, scheduler_fn
 from runpod_client import RunPodClient, runsync_url
 
 from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
 from firegen_core.quota import Limits
-
-RUNPOD_API_KEY = params.SecretParam("RUNPOD_API_KEY", description="RunPod API key (Bearer token for runsync)")
-RUNPOD_ENDPOINT_ID = params.StringParam(
-    "RUNPOD_ENDPOINT_ID", description="RunPod Serverless endpoint id of the firegen worker"
-)
-
-# Tuning, typed and validated by the Functions framework (ints: the framework's FloatParam is not public in 0.6).
-RUNPOD_ATTEMPTS = params.IntParam("RUNPOD_ATTEMPTS", default=3, description="runsync attempts (transient errors)")
-RUNPOD_TIMEOUT_SECONDS = params.IntParam(
-    "RUNPOD_TIMEOUT_SECONDS", default=20, description="seconds each runsync attempt may take"
-)
-REDISPATCH_AFTER_MINUTES = params.IntParam(
-    "REDISPATCH_AFTER_MINUTES", default=10, description="minutes after which a queued job is dispatched again"
-)
-MAX_DISPATCHES = params.IntParam(
-    "MAX_DISPATCHES", default=3, description="dispatches of one job before it is failed as never picked up"
-)
-
-# Per-user limits (firegen_core.quota); the worker reads the same variables. Defaults as in Limits.
-USER_MAX_RUNNING = params.IntParam(
-    "USER_MAX_RUNNING", default=Limits.max_running, description="at most this many of one user's jobs processing"
-)
-USER_MAX_PENDING = params.IntParam(
-    "USER_MAX_PENDING", default=Limits.max_pending, description="at most this many of one user's jobs queued or running"
-)
-USER_DAILY_BUDGET = params.IntParam(
-    "USER_DAILY_BUDGET",
-    default=int(Limits.daily_budget),
-    description="one user's estimated GPU-seconds per UTC day (see the README's cost model)",
-)
-
-# The workers read the same variable (a float there; whole seconds here).
-PLACEHOLDER_GRACE_SECONDS = params.IntParam(
-    "PLACEHOLDER_GRACE_SECONDS",
-    default=5,
-    description="seconds (0 to 60) the trigger leaves a doc with only its prompt to the request that brings its parameters",
-)
 
 options.set_global_options(max_instances=10)
 
@@ -238,38 +214,33 @@ def _grace() -> float:
 )
 def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
     uid = req.auth.uid if req.auth else None
-    try:
+
+    def generate() -> dict:
         with _runpod() as runpod:
-            reply = dispatch.generate(_firestore(), runpod, uid=uid, data=req.data, policy=_policy(), limits=_limits())
-    except dispatch.CallError as exc:
-        _refused("generateWithRunPod", uid, exc)
-        raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
-    logger.info(
-        "generateWithRunPod",
-        user_id=uid,
-        fileUid=reply["fileUid"],
-        mediaType=reply["mediaType"],
-        status=reply["status"],
-    )
-    return reply
+            return dispatch.generate(_firestore(), runpod, uid=uid, data=req.data, policy=_policy(), limits=_limits())
 
-
-def _refused(function: str, uid: str | None, exc: dispatch.CallError) -> None:
-    """A refused call, logged (audit: the functions' logs showed nothing of a refusal but the emulator's lines):
-    the code and the message the client got, never its token or its request."""
-    logger.info(function, user_id=uid, refused=exc.code, error=exc.message)
+    return _answer("generateWithRunPod", uid, generate)
 
 
 @https_fn.on_call(timeout_sec=30, enforce_app_check=enforce_app_check())
 def cancelGeneration(req: https_fn.CallableRequest) -> dict:
     uid = req.auth.uid if req.auth else None
+    return _answer(
+        "cancelGeneration", uid, lambda: dispatch.cancel(_firestore(), uid=uid, data=req.data, limits=_limits())
+    )
+
+
+def _answer(function: str, uid: str | None, call: Callable[[], dict]) -> dict:
+    """A callable's reply, its outcome logged; a refusal (`dispatch.CallError`) is the client's HttpsError, logged
+    too (audit: the functions' logs showed nothing of a refusal but the emulator's lines): the code and the
+    message the client got, never its token or its request."""
     try:
-        reply = dispatch.cancel(_firestore(), uid=uid, data=req.data, limits=_limits())
+        reply = call()
     except dispatch.CallError as exc:
-        _refused("cancelGeneration", uid, exc)
+        logger.info(function, user_id=uid, refused=exc.code, error=exc.message)
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
     logger.info(
-        "cancelGeneration",
+        function,
         user_id=uid,
         fileUid=reply.get("fileUid"),
         mediaType=reply.get("mediaType"),

@@ -38,6 +38,8 @@ from tenacity import (
     wait_exponential,
 )
 
+from firegen_core.errors import NOT_RECORDED_PREFIX
+
 log = logging.getLogger("functions.runpod")
 
 RUNPOD_RUNSYNC_URL = "https://api.runpod.ai/v2/{endpoint_id}/runsync"
@@ -49,7 +51,7 @@ UNDELIVERED = "undelivered"  # nobody answered usefully (down, timeouts, 5xx, ba
 
 # A worker answers with this when it could not write the job's doc (Firestore unreachable): a transient
 # failure of the worker, not a verdict on the request (listener/handler.py).
-WORKER_TRANSIENT_PREFIXES = ("Could not record the job",)
+WORKER_TRANSIENT_PREFIXES = (NOT_RECORDED_PREFIX,)
 
 
 @dataclass(frozen=True)

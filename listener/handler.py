@@ -32,7 +32,7 @@ from firegen_core.contract import (
     parse_runsync_input,
     restatement,
 )
-from firegen_core.errors import VALIDATION_ERROR, GenerationError, Interrupted, classify
+from firegen_core.errors import NOT_RECORDED, VALIDATION_ERROR, GenerationError, Interrupted, classify
 from firegen_core.jobs import JobKey, Misfiled, WorkerJobs, dispatched, stated_request
 from firegen_core.lifecycle import Lease
 
@@ -105,7 +105,7 @@ class RunsyncHandler:
             return rejected(exc.message)
         except Exception as exc:
             log.error("request_not_recorded", user_id=key.user_id, file_uid=key.file_uid, error=str(exc))
-            return rejected("Could not record the job in Firestore; please retry (the same file_uid is safe to resend)")
+            return rejected(NOT_RECORDED)
         if outcome.displaced is not None and self.preempt is not None:
             self.preempt(key, outcome.displaced)
         doc = outcome.after

@@ -32,7 +32,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sized
 from datetime import UTC, datetime
 
 import structlog
@@ -296,13 +296,7 @@ class Reconciler:
         # The listeners' first snapshots come in any order (the newest window's, newest first): admit only once
         # all are in, oldest first, so a backlog's oldest docs are the ones admitted.
         self.wait_listening(self.sweep_interval)
-        while True:
-            with self._admission_cv:
-                while self._claiming and not self._admissions:
-                    self._admission_cv.wait()
-                if not self._claiming:
-                    return
-                _, _, key = heapq.heappop(self._admissions)
+        while (key := self._next(self._admission_cv, self._admissions, self._oldest_admission)) is not None:
             try:
                 written = self.store.admit(key).written
             except Exception as exc:  # the claim admits it in any case
@@ -310,6 +304,9 @@ class Reconciler:
                 continue
             if written and written.get("status") == lifecycle.FAILED:
                 log.info("job_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=written["error_type"])
+
+    def _oldest_admission(self) -> JobKey:
+        return heapq.heappop(self._admissions)[2]
 
     def _group(self, request: GenerationRequest) -> Hashable | None:
         """The batch a job may join (None: it runs alone): only with BATCH_MAX > 1."""
@@ -356,14 +353,15 @@ class Reconciler:
     def _cancel_loop(self) -> None:
         # Apart from the claims: a user cancelling hundreds of queued jobs at once (each one write) held up every
         # claim of the worker until the last was failed (audit: 2,426 cancels, no job started for 11 minutes).
-        while True:
-            with self._cv:
-                while self._claiming and not self._cancels:
-                    self._cv.wait()
-                if not self._claiming:
-                    return
-                cancelled = self._cancels.pop()
+        while (cancelled := self._next(self._cv, self._cancels, self._cancels.pop)) is not None:
             self._drop(cancelled)
+
+    def _next(self, cv: threading.Condition, pending: Sized, take: Callable[[], JobKey]) -> JobKey | None:
+        """The next of `pending` (taken by `take` under `cv`) once there is one; None once claiming stops."""
+        with cv:
+            while self._claiming and not pending:
+                cv.wait()
+            return take() if self._claiming else None
 
     def _dispatch_loop(self) -> None:
         self._swept.wait(FIRST_SWEEP_WAIT)

@@ -54,6 +54,13 @@ class RunOutcome(StrEnum):
 
 
 FINAL_WRITE_WAIT = (0.2, 5.0)  # backoff of the fence check and the final write: first wait, longest wait (s)
+# How long a generated job's fence check and completion are tried while Firestore is away (at least a lease): a
+# failure would wait for Firestore just the same and throw the generation away, and no claim lands meanwhile.
+FINISH_PATIENCE_SECONDS = 600.0
+
+
+class NotRecorded(Exception):
+    """Firestore stayed away through a generated job's fence check or completion (FINISH_PATIENCE_SECONDS)."""
 
 
 def transient(exc: BaseException) -> bool:
@@ -378,7 +385,7 @@ class JobRunner:
             heartbeat.post(1.0)
             # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
             # dead, taken over) must not overwrite the new owner's objects or download tokens.
-            if not self._while_held(job, lambda: self.store.holds(job), heartbeat):
+            if not self._recorded(job, lambda: self.store.holds(job), heartbeat):
                 heartbeat.stop()
                 return self._lost_or_timed_out(run)
             t1 = time.monotonic()
@@ -406,13 +413,19 @@ class JobRunner:
             # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done,
             # so the job neither fails nor runs again for it.
             heartbeat.finishing.set()
-            written = self._while_held(job, lambda: self.store.complete(job, fields), heartbeat)
+            written = self._recorded(job, lambda: self.store.complete(job, fields), heartbeat)
         except Interrupted:
             heartbeat.stop()  # every write from here on is the job's last
             return self._interrupted(run)
         except Superseded:  # taken over during its upload (this worker stalled): the new owner's objects stand
             heartbeat.stop()
             return self._lost(job, heartbeat, reason="lease taken over during the upload; later objects left alone")
+        except NotRecorded as exc:  # left `processing`: it runs again once its lease ends, its objects written over
+            heartbeat.stop()
+            if heartbeat.lost.is_set():  # ended by the heartbeat meanwhile (its deadline), or taken over
+                return self._lost(job, heartbeat)
+            log.error("job_not_recorded", error=str(exc.__cause__), **_ids(job))
+            return RunOutcome.LOST
         except Exception as exc:
             heartbeat.stop()
             if self._timed_out(run):  # failed `Timeout` by the heartbeat mid-upload: what it stored goes
@@ -494,7 +507,8 @@ class JobRunner:
 
     def _fail(self, job: ClaimedJob, error: GenerationError) -> RunOutcome:
         if not self._while_held(job, lambda: self.store.fail(job, error)):
-            return self._lost(job)  # not this claim's job any more (restated, taken over): nothing was failed
+            # Not this claim's job any more: nothing was failed (a restated job's `job_preempted` came first).
+            return self._lost(job, reason="no longer this claim's (restated, or taken over); nothing written")
         _log_failure(error.error_type, error.message, job)
         return RunOutcome.FAILED
 
@@ -506,15 +520,28 @@ class JobRunner:
         if removed:
             log.info("job_results_removed", objects=removed, **_ids(job))
 
-    def _while_held(self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat | None = None) -> T | None:
+    def _recorded(self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat) -> T | None:
+        """A generated job's fence check or completion: tried while Firestore is away for FINISH_PATIENCE_SECONDS,
+        not one lease period, as the fence is the claim, not the clock (audit: a 36 s Firestore pause under a 10 s
+        lease failed a finished job `ConnectionError`). Past it, `NotRecorded`."""
+        try:
+            return self._while_held(job, call, heartbeat, within=max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds))
+        except Exception as exc:
+            if transient(exc):
+                raise NotRecorded() from exc
+            raise
+
+    def _while_held(
+        self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat | None = None, within: float | None = None
+    ) -> T | None:
         """`call()` (a fenced store call), tried again on transient Firestore errors for as long as the lease
-        may still be ours: until the heartbeat (if any) reports it lost, or for one lease period at most. None
-        when the lease is already known lost."""
+        may still be ours: until the heartbeat (if any) reports it lost, or for one lease period at most (or
+        `within` seconds). None when the lease is already known lost."""
         lost = heartbeat.lost if heartbeat is not None else threading.Event()
         if lost.is_set():
             return None
         first, longest = FINAL_WRITE_WAIT
-        lease_period = stop_after_delay(self.store.lease_seconds)
+        lease_period = stop_after_delay(within if within is not None else self.store.lease_seconds)
         retrying = Retrying(
             retry=retry_if_exception(transient),
             stop=lambda state: lost.is_set() or lease_period(state),

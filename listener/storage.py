@@ -11,8 +11,9 @@ by another job writes `{file_uid}!{index}.{ext}` instead (`alternate_name`); rem
 only what it owns. An object without that metadata (written before it existed) counts as the job's own.
 
 Transient failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff,
-bounded by a number of attempts and a total time (`RetryPolicy`). The library's own retry is switched off so
-that budget is the only one. What still fails is raised as `StorageError` (a `ConnectionError`, so
+bounded by a number of attempts and a total time (`RetryPolicy`). The library's own retry is switched off on the
+upload's calls (the name check and the upload) so that budget is the only one; the clean-ups (deletes, the listing
+of alternates: best effort, after a job's result is decided) keep the library's default. What still fails is raised as `StorageError` (a `ConnectionError`, so
 firegen_core.errors.classify reports it as the contract's "ConnectionError"); `StorageUnavailable` when the
 retry budget ran out. Messages name the object and the kind of failure, never a URL, token or signature.
 
@@ -41,6 +42,8 @@ from urllib.parse import quote
 import requests
 import structlog
 from google.api_core import exceptions as api_exceptions
+from google.auth.exceptions import TransportError
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -196,22 +199,10 @@ def is_transient(exc: BaseException) -> bool:
         return exc.code in TRANSIENT_HTTP or isinstance(
             exc, (api_exceptions.TooManyRequests, api_exceptions.ServerError, api_exceptions.RetryError)
         )
-    try:
-        from google.auth.exceptions import TransportError
-
-        if isinstance(exc, TransportError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
-
-        if isinstance(exc, DataCorruption):
-            return True
-        if isinstance(exc, InvalidResponse):
-            return getattr(getattr(exc, "response", None), "status_code", None) in TRANSIENT_HTTP
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(exc, (TransportError, DataCorruption)):
+        return True
+    if isinstance(exc, InvalidResponse):
+        return getattr(getattr(exc, "response", None), "status_code", None) in TRANSIENT_HTTP
     return False
 
 

@@ -321,6 +321,6 @@ def test_a_dispatch_that_fails_unexpectedly_releases_its_claims_and_the_worker_c
     assert (done["attempts"], done["releases"]) == (1, 1)  # a release gives its attempt back
     b1 = write_job(firestore_client, "userB", "b1", seed=2)
     assert wait_until(lambda: finished(firestore_client, b1), timeout=60)["status"] == "completed"
-    assert worker.reconciler.busy == 0
+    wait_until(lambda: worker.reconciler.busy == 0, timeout=10)  # its slot is freed just after its doc ends
     [event] = [log for log in logs if log["event"] == "claim_loop_error"]
     assert event["log_level"] == "error" and "can't start new thread" in event["error"]

@@ -259,6 +259,41 @@ def test_callable_takes_a_null_use_cloud_storage_as_left_out(firestore_client, s
     assert reply["status"] == "accepted" and runpod.requests[0][1]["input"]["use_cloud_storage"] is True
 
 
+def test_the_callables_answer_unavailable_with_a_message_when_firestore_is_away(stub, monkeypatch):
+    """Audit: with Firestore unresponsive, the callable raised its client library's timeout, which the framework
+    answers INTERNAL (the web app showed just that). A Firestore that refuses connections here (a closed port),
+    each call's bound shortened."""
+    from google.api_core import retry as retries
+    from google.api_core.exceptions import ServiceUnavailable
+    from google.auth.credentials import AnonymousCredentials
+
+    from firegen_core import jobs
+
+    short = retries.Retry(predicate=retries.if_exception_type(ServiceUnavailable), initial=0.05, timeout=0.5)
+    monkeypatch.setitem(jobs.BOUND, "retry", short)
+    monkeypatch.setitem(jobs.BOUND, "timeout", 0.5)
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST", raising=False)
+    away = firestore.Client(
+        project="demo-firegen",
+        credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": f"127.0.0.1:{emu.free_port()}"},
+    )
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(away, runpod.client(), uid="u-away", data={"prompt": "a car", "file_uid": "away-1"})
+    assert (raised.value.code, raised.value.message) == (
+        "unavailable",
+        "Could not record the job in Firestore; please retry (the same file_uid is safe to resend)",
+    )
+    with pytest.raises(CallError) as raised:
+        dispatch.cancel(away, uid="u-away", data={"fileUid": "away-1", "mediaType": "images"})
+    assert (raised.value.code, raised.value.message) == (
+        "unavailable",
+        "Could not record the cancel in Firestore; please retry",
+    )
+    assert runpod.requests == []
+
+
 @pytest.mark.parametrize(
     "data,message",
     [
@@ -1100,6 +1135,27 @@ def test_the_functions_deploy_the_versions_the_tests_ran():
     done = subprocess.run([str(FUNCTIONS_PYTHON), "-c", script, *pins], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout) == pins
     assert "google-api-core" in pins  # firegen_core imports it directly
+    assert "urllib3" in pins  # runpod_client reads its tracebacks' frames (`_sent`)
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_the_manifest_is_served_again_by_the_same_process(tmp_path):
+    """The Functions framework's discovery server runs main.py afresh for each request for the manifest: the
+    emulator, under load, sent its request again, the second run raised "Duplicate Parameter Error" (a param
+    declared twice), and the emulator ran with no functions (audit: every callable answered 404)."""
+    deploy = _deploy_folder(tmp_path)
+    script = (
+        "from firebase_functions.private import serving\n"
+        "first, second = serving.get_functions(), serving.get_functions()\n"
+        "print(sorted(first) == sorted(second), sorted(second))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen")
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", script], cwd=deploy, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "True" and "'generateWithRunPod'" in result.stdout
 
 
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")

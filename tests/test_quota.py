@@ -708,7 +708,7 @@ def test_counts_a_write_of_ones_own_left_behind_are_recounted_at_the_limit(fires
     limits = Limits(max_running=1, max_pending=2)
     running, queued = write_client_doc(firestore_client, "running"), write_client_doc(firestore_client, "queued")
     worker = WorkerJobs(firestore_client, worker_id="w", limits=limits)
-    assert worker.claim(running) is not None and worker.jobs.admit(queued).written
+    assert worker.claim(running) is not None and worker.admit(queued).written
     assert counts(firestore_client) == (1, 2)
     # Ended by a write of its own, past the counts:
     firestore_client.document(running.path).update({"status": "failed", "error": True})

@@ -395,6 +395,56 @@ def test_a_firestore_blip_after_the_upload_neither_fails_nor_reruns_the_job(fire
     assert generator.calls == ["blip"] and list(blobs(bucket)) == ["generating/u1/image/blip.png"]
 
 
+class FirestoreAway(WorkerJobs):
+    """The job store with Firestore away for `complete` until `back` (a stand-in, as BlippingStore is)."""
+
+    def __init__(self, *args, back: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.back, self.tries = back, 0
+
+    def complete(self, job, fields):
+        if time.monotonic() < self.back:
+            self.tries += 1
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+        return super().complete(job, fields)
+
+
+def test_firestore_away_longer_than_the_lease_after_the_upload_still_completes_the_job(
+    firestore_client, results, bucket
+):
+    """Audit: Firestore paused 36 s under a 10 s lease: the completion was tried for one lease period, then the job
+    was failed `ConnectionError` once Firestore came back, its generation thrown away. The fence is the claim:
+    with nobody else claiming meanwhile, the completion lands."""
+    key = JobKey("u1", "images", "outage")
+    write_job(firestore_client, key)
+    store = FirestoreAway(firestore_client, worker_id="w1", lease_seconds=1.0, back=time.monotonic() + 3.5)
+    assert JobRunner(store, StubGenerator(), results).run(store.claim(key)) == "completed"
+    data = doc(firestore_client, key)
+    assert (data["status"], data["attempts"]) == ("completed", 1) and store.tries > 1
+
+
+def test_firestore_away_past_the_patience_leaves_the_job_to_run_again(firestore_client, results, bucket, monkeypatch):
+    """Past FINISH_PATIENCE_SECONDS the job is not failed (that too would wait for Firestore): it stays
+    `processing` and runs again once its lease ends (`job_not_recorded`)."""
+    import listener.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "FINISH_PATIENCE_SECONDS", 1.5)
+    key = JobKey("u1", "images", "long-outage")
+    write_job(firestore_client, key)
+    store = FirestoreAway(firestore_client, worker_id="w1", lease_seconds=1.0, back=time.monotonic() + 600)
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(runner_module, "log", structlog.get_logger("listener.runner"))
+        assert JobRunner(store, StubGenerator(), results).run(store.claim(key)) == "lost"
+    assert [e["log_level"] for e in logs if e["event"] == "job_not_recorded"] == ["error"]
+    assert doc(firestore_client, key)["status"] == "processing"
+    rerun = WorkerJobs(firestore_client, worker_id="w2", lease_seconds=30)
+    job = wait_until(lambda: rerun.claim(key), timeout=10)
+    assert JobRunner(rerun, StubGenerator(), results).run(job) == "completed"
+    assert (doc(firestore_client, key)["status"], doc(firestore_client, key)["attempts"]) == ("completed", 2)
+
+
 class BlippingRenewal(WorkerJobs):
     """The job store with Firestore away for the first call of `renew` (a stand-in, as BlippingStore is)."""
 

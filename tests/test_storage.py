@@ -540,6 +540,21 @@ def test_raw_client_library_network_errors_are_connection_errors():
         assert (err.error_type, err.message) == (CONNECTION_ERROR, f"Upload or storage failure: {exc}"), exc
 
 
+def test_a_library_error_naming_a_signed_or_token_url_leaves_its_query_out_of_the_jobs_message():
+    """A job's `error_message` is the client's to read: a URL's query in a library's message (a V4 signature, a
+    download token) must not reach it."""
+    exc = requests.ConnectionError(
+        "HTTPSConnectionPool(host='storage.googleapis.com', port=443): Max retries exceeded with url: "
+        "/b/bucket/o/generating%2Fu%2Fimage%2Ff.png?X-Goog-Signature=abc123&X-Goog-Credential=sa%40p (reset)"
+    )
+    err = classify(exc)
+    assert err.error_type == CONNECTION_ERROR and "abc123" not in err.message and "sa%40p" not in err.message
+    assert "url: /b/bucket/o/generating%2Fu%2Fimage%2Ff.png?<query removed> (reset)" in err.message
+    token = classify(RuntimeError("GET http://127.0.0.1:9199/o/f.png?alt=media&token=9f0e-secret failed"))
+    assert "9f0e-secret" not in token.message and token.message.endswith("f.png?<query removed> failed")
+    assert classify(ValueError("did you mean 'num_frames'?")).message.endswith("did you mean 'num_frames'?")
+
+
 # ---------------------------------------------------------------------------------------------- settings
 SETTINGS_VARS = [
     "GOOGLE_CLOUD_PROJECT",

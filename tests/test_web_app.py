@@ -222,6 +222,7 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
         "a lighthouse at dusk" in text and re.search(r"Seed\s+\d+", text) and re.search(r"Generation\s+[\d.]+ s", text)
     )
     assert card.get_attribute("data-status") == "completed" and "Cancel" not in text
+    assert app.page.locator("#form-status").inner_text() == ""  # "Generation started (…)" is old news (audit)
     app.shot("image")
     assert app.problems() == []
 
@@ -571,6 +572,11 @@ def test_a_seed_past_what_the_page_holds_exactly_is_refused_in_both_flows(open_p
     assert emu.wait_until(seeds, 30, 0.2) and seeds() == [9007199254740991]
 
 
+def _answering(status: int, body: dict):
+    """A route handler answering every call with `status` and `body`, as a callable's server would."""
+    return lambda route: route.fulfill(status=status, json=body, headers={"Access-Control-Allow-Origin": "*"})
+
+
 def test_the_callable_unreachable_says_so_plainly(open_page):
     """Audit: the callable failing offline (or with a server error page) showed just "internal". A queued doc
     written offline waits for the connection, and says so."""
@@ -581,6 +587,17 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
     app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
     no_answer = "Could not reach the server; check your connection and try again"
     assert app.page.get_by_role("alert").inner_text() == no_answer
+    # A server's own 500 (an unhandled exception: the SDK says "INTERNAL"), and its `unavailable` with a message.
+    for status, body, shown in (
+        (500, {"error": {"status": "INTERNAL", "message": "INTERNAL"}}, no_answer),
+        (503, {"error": {"status": "UNAVAILABLE", "message": "Could not record the job"}}, "Could not record the job"),
+    ):
+        app.page.unroute("**/generateWithRunPod")
+        app.page.route("**/generateWithRunPod", _answering(status, body))
+        app.page.evaluate("document.getElementById('form-error').textContent = ''")
+        app.page.get_by_role("button", name="Generate").click()
+        app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+        assert app.page.get_by_role("alert").inner_text() == shown
     app.page.unroute("**/generateWithRunPod")
     app.page.evaluate("document.getElementById('form-error').textContent = ''")
     app.context.set_offline(True)
@@ -600,7 +617,31 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
     )
     # What the browser logs of the requests it could not send, and the Firestore SDK of being offline (after 10 s
     # offline, which a loaded machine takes: a CI run saw it).
-    offline = r"status of 500|ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
+    offline = r"status of 50[03]|ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
+    assert [p for p in app.problems() if not re.search(offline, p)] == []
+
+
+def test_offline_the_page_says_its_jobs_are_as_last_seen_and_a_cancel_says_it_cannot_reach_the_server(open_page, stack):
+    """Audit: offline, a finished job read "Processing 0%" with nothing said, and a cancel read "Cancelling…" for a
+    minute while its button refused presses."""
+    app = open_page()
+    _held_job(stack, app.uid, "held-offline")
+    cancel = app.job("held-offline").get_by_role("button", name="Cancel video “held-offline”")
+    notice = app.page.locator("#connection")
+    assert notice.is_hidden()
+    app.context.set_offline(True)
+    notice.wait_for(state="visible", timeout=10_000)
+    assert notice.inner_text() == "Offline: your jobs as last seen; they update when the connection is back."
+    app.shot("offline")
+    cancel.click()
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=10_000)
+    assert (
+        app.page.get_by_role("alert").inner_text() == "Could not reach the server; check your connection and try again"
+    )
+    assert cancel.get_attribute("aria-disabled") is None  # the user may try again
+    app.context.set_offline(False)
+    notice.wait_for(state="hidden", timeout=60_000)
+    offline = r"ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
     assert [p for p in app.problems() if not re.search(offline, p)] == []
 
 

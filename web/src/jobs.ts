@@ -17,21 +17,26 @@ const MEDIA: MediaType[] = ["images", "videos"];
 export function listenToJobs(
   db: Firestore,
   uid: string,
-  onJobs: (jobs: Job[], loaded: boolean) => void,
+  onJobs: (jobs: Job[], loaded: boolean, cached: boolean) => void,
   onError: (e: Error) => void,
 ): Unsubscribe {
   const byMedia = new Map<MediaType, Job[]>();
+  const cachedMedia = new Set<MediaType>();
   const stops = MEDIA.map((media) =>
     onSnapshot(
       collection(db, "generations", uid, media),
+      // Metadata changes too: a listener that loses the server says so (`fromCache`), with no change of its docs.
+      { includeMetadataChanges: true },
       (snapshot) => {
+        if (snapshot.metadata.fromCache) cachedMedia.add(media);
+        else cachedMedia.delete(media);
         // "estimate": a job just written shows its local time until the server's timestamp arrives.
         byMedia.set(
           media,
           snapshot.docs.map((d) => ({ id: d.id, media, doc: d.data({ serverTimestamps: "estimate" }) as JobDoc })),
         );
         const jobs = [...byMedia.values()].flat().sort((a, b) => millis(b.doc.created_at) - millis(a.doc.created_at));
-        onJobs(jobs, byMedia.size === MEDIA.length);
+        onJobs(jobs, byMedia.size === MEDIA.length, cachedMedia.size > 0);
       },
       onError,
     ),

@@ -32,7 +32,11 @@ const NO_ANSWER = "Could not reach the server; check your connection and try aga
 /** How long a queued doc's write may wait before the page says it waits for the connection (offline, it waits). */
 const SLOW_WRITE_MS = 4000;
 
+/** The job the form's status line speaks of, until it ends. */
+let named: string | null = null;
+
 function say(text: string): void {
+  named = null;
   $("form-error").textContent = "";
   markInvalid(null, "form-error");
   $("form-status").textContent = text;
@@ -53,11 +57,23 @@ function isCode(error: unknown, ...codes: string[]): boolean {
   return typeof error === "object" && error !== null && codes.includes((error as { code?: string }).code ?? "");
 }
 
-/** What to show for a failed callable: its own message, unless it got no answer it could read. */
+/** What to show for a failed callable: its own message, unless it got no answer it could read (offline, a server
+ * error page, a timeout: the SDK's message is then its code, "internal", or "INTERNAL" for a server's 500). */
 function callableMessage(error: unknown): string {
-  const unanswered = isCode(error, "functions/unavailable", "functions/deadline-exceeded")
-    || (isCode(error, "functions/internal") && message(error) === "internal");
+  const code = (error as { code?: string } | null)?.code ?? "";
+  const bare = message(error).toLowerCase() === code.replace(/^functions\//, "");
+  const unanswered = bare && isCode(error, "functions/unavailable", "functions/deadline-exceeded", "functions/internal");
   return unanswered ? NO_ANSWER : message(error);
+}
+
+/** The jobs listed are the last the page heard of: offline, or the server unreachable (audit: a finished job
+ * read "Processing 0%" for as long as the connection was gone, and nothing said so). */
+function showConnection(cached: boolean): void {
+  const notice = $("connection");
+  notice.hidden = navigator.onLine && !cached;
+  notice.textContent = navigator.onLine
+    ? "Cannot reach the server: your jobs as last seen; they update once it answers."
+    : "Offline: your jobs as last seen; they update when the connection is back.";
 }
 
 async function main(): Promise<void> {
@@ -100,7 +116,19 @@ async function main(): Promise<void> {
     if ((event.target as HTMLInputElement).name === "media") applyRanges(form);
   });
 
+  let cached = false;
+  let listed: Job[] = [];
+  /** The form's line about a job is old news once the job ended (its card says how): it goes. */
+  const settle = () => {
+    if (listed.some((job) => job.id === named && (FINAL_STATES as readonly string[]).includes(job.doc.status))) {
+      $("form-status").textContent = "";
+      named = null;
+    }
+  };
   const cancel = async (job: Job) => {
+    // Offline, the callable fails as it does where it is not deployed, and the doc's write would wait unseen
+    // (audit: "Cancelling…" for a minute, the button refusing presses).
+    if (!navigator.onLine) return fail(NO_ANSWER);
     say(`Cancelling ${job.id}…`);
     try {
       if (!functions) throw Object.assign(new Error("no functions"), { code: "functions/not-found" });
@@ -125,12 +153,20 @@ async function main(): Promise<void> {
       }
     }
     say(`Cancel requested for ${job.id}`);
+    named = job.id;
+    settle();
   };
 
+  window.addEventListener("online", () => showConnection(cached));
+  window.addEventListener("offline", () => showConnection(cached));
   listenToJobs(
     db,
     uid,
-    (jobs, loaded) => {
+    (jobs, loaded, fromCache) => {
+      cached = fromCache;
+      showConnection(cached);
+      listed = jobs;
+      settle();
       // Until both collections have answered, no job listed is no news: "No jobs yet." would flash on a reload.
       $("no-jobs").textContent = loaded ? "No jobs yet." : "Loading your jobs…";
       $("no-jobs").hidden = jobs.length > 0;
@@ -169,9 +205,13 @@ async function main(): Promise<void> {
       if (via === "document") {
         await writeJob(request, media);
         say(`Job ${request.file_uid} queued`);
+        named = request.file_uid;
+        settle();
       } else {
         const reply = await httpsCallable<GenerationRequest, GenerateReply>(functions!, "generateWithRunPod")(request);
         say(`${reply.data.message} (${reply.data.fileUid})`);
+        named = reply.data.fileUid;
+        settle();
       }
     } catch (error) {
       // The callable's invalid-argument carries the contract's own message.

@@ -1,0 +1,47 @@
+"""The functions' params (typed, validated and prompted for by the Functions framework), declared here, once per
+process: the framework's discovery server runs main.py afresh for each request for its manifest, and a param
+declared twice is an error (seen under load: the emulator's discovery sent its request again, the second run of
+main.py raised "Duplicate Parameter Error" and the codebase failed to load). An imported module runs once."""
+
+from __future__ import annotations
+
+from firebase_functions import params
+
+from firegen_core.quota import Limits
+
+RUNPOD_API_KEY = params.SecretParam("RUNPOD_API_KEY", description="RunPod API key (Bearer token for runsync)")
+RUNPOD_ENDPOINT_ID = params.StringParam(
+    "RUNPOD_ENDPOINT_ID", description="RunPod Serverless endpoint id of the firegen worker"
+)
+
+# Tuning, typed and validated by the Functions framework (ints: the framework's FloatParam is not public in 0.6).
+RUNPOD_ATTEMPTS = params.IntParam("RUNPOD_ATTEMPTS", default=3, description="runsync attempts (transient errors)")
+RUNPOD_TIMEOUT_SECONDS = params.IntParam(
+    "RUNPOD_TIMEOUT_SECONDS", default=20, description="seconds each runsync attempt may take"
+)
+REDISPATCH_AFTER_MINUTES = params.IntParam(
+    "REDISPATCH_AFTER_MINUTES", default=10, description="minutes after which a queued job is dispatched again"
+)
+MAX_DISPATCHES = params.IntParam(
+    "MAX_DISPATCHES", default=3, description="dispatches of one job before it is failed as never picked up"
+)
+
+# Per-user limits (firegen_core.quota); the worker reads the same variables. Defaults as in Limits.
+USER_MAX_RUNNING = params.IntParam(
+    "USER_MAX_RUNNING", default=Limits.max_running, description="at most this many of one user's jobs processing"
+)
+USER_MAX_PENDING = params.IntParam(
+    "USER_MAX_PENDING", default=Limits.max_pending, description="at most this many of one user's jobs queued or running"
+)
+USER_DAILY_BUDGET = params.IntParam(
+    "USER_DAILY_BUDGET",
+    default=int(Limits.daily_budget),
+    description="one user's estimated GPU-seconds per UTC day (see the README's cost model)",
+)
+
+# The workers read the same variable (a float there; whole seconds here).
+PLACEHOLDER_GRACE_SECONDS = params.IntParam(
+    "PLACEHOLDER_GRACE_SECONDS",
+    default=5,
+    description="seconds (0 to 60) the trigger leaves a doc with only its prompt to the request that brings its parameters",
+)

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Give finished job docs that lack `expire_at` one, so the TTL policy deletes them (README "Upgrading").
+
+Releases before per-user limits (2026-11-26 and earlier), and workers of such a release still running during a
+rolling deploy, finished jobs without `expire_at`: a doc without it is never deleted, while the bucket's lifecycle
+rule deletes its files, so its URLs break. This sets `expire_at` = the job's finish (`completed_at` or
+`failed_at`; else its last write) + RETENTION_DAYS on every `completed` or `failed` job doc without one. A doc
+whose time is already past is deleted by the TTL policy within about a day, as it would have been.
+
+    .venv/bin/python scripts/backfill_expire_at.py --project my-app --dry-run   # count only
+    .venv/bin/python scripts/backfill_expire_at.py --project my-app             # write
+
+Credentials: Application Default Credentials (`gcloud auth application-default login`, or
+GOOGLE_APPLICATION_CREDENTIALS), with write access to Firestore; FIRESTORE_EMULATOR_HOST points it at an
+emulator. RETENTION_DAYS as the workers read it (default 30; 0 refuses: docs are then kept for good). Each write
+is made only if the doc has not changed since it was read: a doc that changed meanwhile is left to its writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # firegen_core, from a checkout
+
+from google.api_core.exceptions import FailedPrecondition, NotFound
+from google.cloud import firestore
+from google.cloud.firestore import FieldFilter
+
+from firegen_core import lifecycle
+from firegen_core.jobs import BOUND, MEDIA_TYPES
+
+PAGE = 300
+
+
+@dataclass
+class Backfilled:
+    finished: int = 0  # finished job docs read
+    missing: int = 0  # of those, without `expire_at`
+    written: int = 0  # given one
+    changed: int = 0  # changed since read: left alone
+
+
+def backfill(client: firestore.Client, *, days: float, dry_run: bool = False) -> Backfilled:
+    """Set `expire_at` on every finished job doc of the project that lacks one (none when `dry_run`)."""
+    counts = Backfilled()
+    for media in MEDIA_TYPES:
+        query = (
+            client.collection_group(media)
+            .where(filter=FieldFilter("status", "in", [lifecycle.COMPLETED, lifecycle.FAILED]))
+            .order_by("__name__")
+            .limit(PAGE)
+        )
+        after = None
+        while True:
+            page = list((query.start_after(after) if after is not None else query).stream(**BOUND))
+            for snapshot in page:
+                counts.finished += 1
+                doc = snapshot.to_dict() or {}
+                if lifecycle.EXPIRE_AT in doc:
+                    continue
+                counts.missing += 1
+                if dry_run:
+                    continue
+                ended = _finished_at(doc) or snapshot.update_time
+                try:
+                    snapshot.reference.update(
+                        {lifecycle.EXPIRE_AT: ended + timedelta(days=days)},
+                        option=client.write_option(last_update_time=snapshot.update_time),
+                        **BOUND,
+                    )
+                    counts.written += 1
+                except (FailedPrecondition, NotFound):
+                    counts.changed += 1
+            if len(page) < PAGE:
+                break
+            after = page[-1]
+    return counts
+
+
+def _finished_at(doc: dict) -> datetime | None:
+    for name in ("completed_at", "failed_at"):
+        value = doc.get(name)
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", required=True, help="the Firebase project id")
+    parser.add_argument("--dry-run", action="store_true", help="count the docs without expire_at; write nothing")
+    args = parser.parse_args(argv)
+    try:
+        days = lifecycle.retention_days()
+    except ValueError as exc:
+        print(f"backfill_expire_at: {exc}", file=sys.stderr)
+        return 2
+    if days <= 0:
+        print("backfill_expire_at: RETENTION_DAYS=0 keeps finished docs for good: nothing to do", file=sys.stderr)
+        return 2
+    counts = backfill(firestore.Client(project=args.project), days=days, dry_run=args.dry_run)
+    verb = "would be given" if args.dry_run else "given"
+    print(
+        f"{counts.finished} finished job docs read, {counts.missing} without expire_at: "
+        f"{counts.missing if args.dry_run else counts.written} {verb} one (finish + {days:g} days)"
+        + (f", {counts.changed} changed meanwhile and left to their writer" if counts.changed else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""scripts/backfill_expire_at.py on the real Firestore emulator: the upgrade audit found every doc an earlier
+release finished without `expire_at`, so the TTL policy never deleted it while the bucket's rule deleted its files."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "backfill_expire_at.py"
+spec = importlib.util.spec_from_file_location("backfill_expire_at", SCRIPT)
+backfill = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = backfill  # its dataclass looks its module up
+spec.loader.exec_module(backfill)
+
+FINISHED = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+
+
+def old_doc(client, path: str, **fields) -> None:
+    client.document(path).set({"prompt": "a cat", "generated": False, "error": False, **fields})
+
+
+def test_finished_docs_without_expire_at_get_their_finish_plus_the_retention(firestore_client):
+    done, failed = "generations/u1/images/done", "generations/u1/videos/failed"
+    undated, queued, kept = (
+        "generations/u2/images/undated",
+        "generations/u2/images/queued",
+        "generations/u2/images/kept",
+    )
+    old_doc(firestore_client, done, status="completed", completed_at=FINISHED)
+    old_doc(firestore_client, failed, status="failed", failed_at=FINISHED + timedelta(hours=1))
+    old_doc(firestore_client, undated, status="completed")  # no finish time: its last write stands in
+    old_doc(firestore_client, queued, status="queued")
+    old_doc(firestore_client, kept, status="completed", expire_at=FINISHED)
+
+    dry = backfill.backfill(firestore_client, days=30, dry_run=True)
+    assert (dry.finished, dry.missing, dry.written) == (4, 3, 0)
+    assert "expire_at" not in firestore_client.document(done).get().to_dict()
+
+    counts = backfill.backfill(firestore_client, days=30)
+    assert (counts.finished, counts.missing, counts.written, counts.changed) == (4, 3, 3, 0)
+    expiry = {path: firestore_client.document(path).get().to_dict().get("expire_at") for path in (done, failed, kept)}
+    assert expiry == {
+        done: FINISHED + timedelta(days=30),
+        failed: FINISHED + timedelta(days=30, hours=1),
+        kept: FINISHED,  # its own, untouched
+    }
+    written = firestore_client.document(undated).get()
+    assert written.to_dict()["expire_at"] - timedelta(days=30) <= written.update_time
+    assert "expire_at" not in firestore_client.document(queued).get().to_dict()
+    assert backfill.backfill(firestore_client, days=30).missing == 0  # run again: nothing left to do
+
+
+def test_pages_through_more_docs_than_a_page(firestore_client, monkeypatch):
+    monkeypatch.setattr(backfill, "PAGE", 2)
+    for index in range(5):
+        old_doc(firestore_client, f"generations/u{index}/images/j{index}", status="completed", completed_at=FINISHED)
+    assert backfill.backfill(firestore_client, days=1).written == 5
+
+
+@pytest.mark.parametrize("retention, says", [("0", "nothing to do"), ("abc", "RETENTION_DAYS must be a number")])
+def test_the_command_refuses_a_retention_that_sets_no_expiry(retention, says, monkeypatch):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--project", "demo-none"],
+        env={"RETENTION_DAYS": retention, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_command_says_what_it_did(firestore_client, capsys):
+    old_doc(firestore_client, "generations/u1/images/done", status="completed", completed_at=FINISHED)
+    assert backfill.main(["--project", firestore_client.project, "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "1 finished job docs read, 1 without expire_at: 1 would be given one (finish + 30 days)"
+    )
+    assert backfill.main(["--project", firestore_client.project]) == 0
+    assert capsys.readouterr().out.strip() == (
+        "1 finished job docs read, 1 without expire_at: 1 given one (finish + 30 days)"
+    )
