@@ -55,8 +55,12 @@ COPY listener ./listener
 # network volume (e.g. /runpod-volume/hf) and set HF_HUB_OFFLINE=0 for a first download there.
 # Expandable segments: on an H100 the Wan run peaked at 20.6 GiB allocated but 29.7 GiB reserved (bench/gpu.py):
 # the caching allocator's fragmentation, not the models, is what would not fit a 24 GB card.
+# FIREGEN_DEVICE=cuda: the GPU image refuses to start where torch sees no card (a host driver older than the
+# image's CUDA), so RunPod starts the worker elsewhere; left to "CUDA if present", it would run on the CPU and take
+# jobs from the shared queue for most of an hour each. FIREGEN_DEVICE=cpu runs it on a CPU on purpose.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    FIREGEN_DEVICE=cuda \
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     HF_HOME=/models \
     HF_HUB_OFFLINE=1 \

@@ -466,7 +466,7 @@ class ResultStore:
         if missing:
             raise StorageAccessError(
                 f"the worker's credentials may not write to bucket {self.bucket_name}: no {', '.join(missing)} "
-                "(grant its service account roles/storage.objectAdmin on the bucket)"
+                "(grant its service account roles/storage.objectUser on the bucket)"
             )
 
     # -- removing

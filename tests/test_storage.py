@@ -693,7 +693,7 @@ def test_the_start_up_check_names_the_missing_permission_and_retries_transient_e
         ResultStore(creator_only, bucket.name, retry=FAST).check_access()
     assert str(caught.value) == (
         f"the worker's credentials may not write to bucket {bucket.name}: no storage.objects.delete, "
-        "storage.objects.get (grant its service account roles/storage.objectAdmin on the bucket)"
+        "storage.objects.get (grant its service account roles/storage.objectUser on the bucket)"
     )
     flaky = GrantedOnly(storage_client, WRITE_PERMISSIONS, failures=2)
     ResultStore(flaky, bucket.name, retry=FAST).check_access()
