@@ -344,9 +344,11 @@ class JobRunner:
             t0 = time.monotonic()
             generated = self._generate(list(runs.values()))
             seconds = time.monotonic() - t0
+            # Each job's writes wait out a Firestore outage until then: the batch's jobs share it, one after another.
+            patient_until = time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
             for (index, run), result in zip(runs.items(), generated, strict=True):
                 try:
-                    outcomes[index] = self._deliver(run, result, seconds)
+                    outcomes[index] = self._deliver(run, result, seconds, patient_until)
                 except Exception as exc:  # its lease lapses and another try runs it; the batch's others go on
                     log.error("job_runner_crashed", error=repr(exc), **_ids(run.job))
                     outcomes[index] = RunOutcome.LOST
@@ -367,7 +369,7 @@ class JobRunner:
         except Exception as exc:
             return [classify(exc)] * len(runs)
 
-    def _deliver(self, run: _Run, result: Any, generation_seconds: float) -> RunOutcome:
+    def _deliver(self, run: _Run, result: Any, generation_seconds: float, patient_until: float) -> RunOutcome:
         """Upload a generated job's files and complete it; or fail, stop or release it. The job's heartbeat
         stops before its last write, except `complete`, which it covers (the upload is done by then)."""
         job, heartbeat, request = run.job, run.heartbeat, run.request
@@ -385,7 +387,7 @@ class JobRunner:
             heartbeat.post(1.0)
             # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
             # dead, taken over) must not overwrite the new owner's objects or download tokens.
-            if not self._recorded(job, lambda: self.store.holds(job), heartbeat):
+            if not self._recorded(job, lambda: self.store.holds(job), heartbeat, patient_until):
                 heartbeat.stop()
                 return self._lost_or_timed_out(run)
             t1 = time.monotonic()
@@ -413,7 +415,7 @@ class JobRunner:
             # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done,
             # so the job neither fails nor runs again for it.
             heartbeat.finishing.set()
-            written = self._recorded(job, lambda: self.store.complete(job, fields), heartbeat)
+            written = self._recorded(job, lambda: self.store.complete(job, fields), heartbeat, patient_until)
         except Interrupted:
             heartbeat.stop()  # every write from here on is the job's last
             return self._interrupted(run)
@@ -520,12 +522,13 @@ class JobRunner:
         if removed:
             log.info("job_results_removed", objects=removed, **_ids(job))
 
-    def _recorded(self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat) -> T | None:
-        """A generated job's fence check or completion: tried while Firestore is away for FINISH_PATIENCE_SECONDS,
-        not one lease period, as the fence is the claim, not the clock (audit: a 36 s Firestore pause under a 10 s
-        lease failed a finished job `ConnectionError`). Past it, `NotRecorded`."""
+    def _recorded(self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat, until: float) -> T | None:
+        """A generated job's fence check or completion: tried while Firestore is away until `until` (its batch's
+        FINISH_PATIENCE_SECONDS from the generation's end), not one lease period, as the fence is the claim, not
+        the clock (audit: a 36 s Firestore pause under a 10 s lease failed a finished job `ConnectionError`).
+        Past it, `NotRecorded`."""
         try:
-            return self._while_held(job, call, heartbeat, within=max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds))
+            return self._while_held(job, call, heartbeat, within=max(until - time.monotonic(), 0.0))
         except Exception as exc:
             if transient(exc):
                 raise NotRecorded() from exc
