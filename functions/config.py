@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from firebase_functions import params
 
+from firegen_core import lifecycle
 from firegen_core.quota import Limits
 
 RUNPOD_API_KEY = params.SecretParam("RUNPOD_API_KEY", description="RunPod API key (Bearer token for runsync)")
@@ -45,3 +46,7 @@ PLACEHOLDER_GRACE_SECONDS = params.IntParam(
     default=5,
     description="seconds (0 to 60) the trigger leaves a doc with only its prompt to the request that brings its parameters",
 )
+
+# RETENTION_DAYS is a plain variable (the workers read the same): checked once here, at the deploy's discovery and
+# at each cold start, not first at the write that ends a job (a ValueError there, answered INTERNAL).
+lifecycle.retention_days()

@@ -1159,6 +1159,20 @@ def test_the_manifest_is_served_again_by_the_same_process(tmp_path):
 
 
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_a_bad_retention_stops_the_functions_from_loading_naming_it(tmp_path):
+    """Before, a bad RETENTION_DAYS showed only at the first write that ended a job: a ValueError there, which the
+    callable answered INTERNAL (a review). Checked when the functions load: the deploy's discovery fails."""
+    deploy = _deploy_folder(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", RETENTION_DAYS="thirty")
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", "import main"], cwd=deploy, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "ValueError: RETENTION_DAYS must be a number of days from 0 to 36500 (got 'thirty')" in result.stderr
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
 def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     """main.py imports from the deploy folder alone, with only functions/requirements.txt installed."""
     deploy = _deploy_folder(tmp_path)
