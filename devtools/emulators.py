@@ -352,21 +352,7 @@ class Emulator:
 # ---------------------------------------------------------------------------------------------- Firestore
 @functools.cache
 def gcloud_sdk_root() -> str | None:
-    gcloud = shutil.which("gcloud")
-    if not gcloud:
-        return None
-    try:
-        out = subprocess.run(
-            [gcloud, "info", "--format=value(installation.sdk_root)"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    root = out.stdout.strip()
-    return root if out.returncode == 0 and root else None
+    return _setup_script().gcloud_sdk_root()
 
 
 @functools.cache

@@ -94,12 +94,12 @@ def java_runtime() -> Path:
     return JDK
 
 
-def gcloud_firestore_jar(sdk_root: str | None = None) -> Path | None:
-    """The gcloud SDK's Firestore emulator jar (`sdk_root`: where `gcloud info` says the SDK is)."""
-    if sdk_root is None:
-        gcloud = shutil.which("gcloud")
-        if not gcloud:
-            return None
+def gcloud_sdk_root() -> str | None:
+    """Where `gcloud info` says the gcloud SDK is (None: no gcloud, or it did not answer)."""
+    gcloud = shutil.which("gcloud")
+    if not gcloud:
+        return None
+    try:
         out = subprocess.run(
             [gcloud, "info", "--format=value(installation.sdk_root)"],
             capture_output=True,
@@ -107,11 +107,19 @@ def gcloud_firestore_jar(sdk_root: str | None = None) -> Path | None:
             timeout=60,
             stdin=subprocess.DEVNULL,
         )
-        if out.returncode != 0:
-            return None
-        sdk_root = out.stdout.strip()
-    jar = Path(sdk_root) / "platform" / "cloud-firestore-emulator" / "cloud-firestore-emulator.jar"
-    return jar if sdk_root and jar.is_file() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    root = out.stdout.strip()
+    return root if out.returncode == 0 and root else None
+
+
+def gcloud_firestore_jar(sdk_root: str | None = None) -> Path | None:
+    """The gcloud SDK's Firestore emulator jar (`sdk_root`: where `gcloud info` says the SDK is)."""
+    sdk_root = sdk_root or gcloud_sdk_root()
+    jar = (
+        Path(sdk_root) / "platform" / "cloud-firestore-emulator" / "cloud-firestore-emulator.jar" if sdk_root else None
+    )
+    return jar if jar is not None and jar.is_file() else None
 
 
 def firestore_launcher(emulator_jar: Path | None = None) -> Path | None:
