@@ -57,10 +57,11 @@ from runpod_client import RunPodClient, runsync_url
 from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
 from firegen_core.quota import Limits
 
-# cpu=1: set_global_options' own default is "gcf_gen1" (a sixth of a CPU, one request at a time per instance), and
-# the callables and the trigger mostly wait on RunPod (up to RUNPOD_TIMEOUT_SECONDS a call): with a whole CPU an
-# instance serves up to 80 at once (the deploy's default concurrency), so 10 instances are not 10 calls.
-options.set_global_options(max_instances=10, cpu=1)
+# cpu=1: set_global_options' own default is "gcf_gen1" (a sixth of a CPU, one request at a time per instance),
+# while the callables and the trigger mostly wait on RunPod (up to RUNPOD_TIMEOUT_SECONDS a call). concurrency=4:
+# the Python runtime's server (functions-framework's gunicorn) runs 4 threads per CPU unless THREADS says
+# otherwise, and calls routed past them would queue inside the instance instead of starting another.
+options.set_global_options(max_instances=10, cpu=1, concurrency=4)
 
 _OFF, _ON = ("0", "false", "off", "no"), ("1", "true", "on", "yes")
 

@@ -110,6 +110,9 @@ class Heartbeat:
     lost: threading.Event = field(default_factory=threading.Event)
     ended: RunOutcome | None = None  # `lost` because this thread ended the job itself (written, and logged)
     finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
+    # Generated, and waiting on Firestore (its fence check) or on its batch-mates' delivery: not the job's own time,
+    # so the deadline is held (`hold_deadline`), and moved on by the time held (`resume_deadline`).
+    held: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _progress: float | None = None
@@ -136,14 +139,19 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._done.is_set():
             wait = self.interval
-            if self.overrun is not None and not self.finishing.is_set():  # past it, `complete` decides: no hurry
+            # Its final write under way, `complete` decides its end; held (`_Run.hold`), the deadline waits.
+            if self.overrun is not None and not self.finishing.is_set() and not self.held.is_set():
                 wait = min(wait, max(self.hard_deadline - time.monotonic(), 0.01))
             self._wake.wait(wait)
             self._wake.clear()
             if self._done.is_set():
                 return
-            # Once its final write is under way the job's results are stored: `complete` decides its end.
-            if self.overrun is not None and time.monotonic() > self.hard_deadline and not self.finishing.is_set():
+            if (
+                self.overrun is not None
+                and not self.finishing.is_set()
+                and not self.held.is_set()
+                and time.monotonic() > self.hard_deadline
+            ):
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
                 failed = quietly(lambda: self.store.fail(self.job, self.overrun), self.job)
@@ -174,6 +182,11 @@ class Heartbeat:
                     return
             except Exception as exc:  # Firestore briefly away: the lease has slack, try again next beat
                 log.warning("lease_renew_error", error=str(exc), **_ids(self.job))
+
+    def resume_deadline(self, held_seconds: float) -> None:
+        self.hard_deadline += held_seconds  # before `held` clears: the thread never reads the old deadline as live
+        self.held.clear()
+        self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -214,9 +227,26 @@ class _Run:
     ending: threading.Thread | None = None
     outcome: RunOutcome | None = None
 
+    held_since: float | None = None  # generated, and held (`hold`) since
+
     @property
     def expired(self) -> bool:
-        return time.monotonic() > self.deadline
+        return self.held_since is None and time.monotonic() > self.deadline
+
+    def hold(self) -> None:
+        """Generated within its time: what follows until its own upload (waiting on batch-mates' delivery, its
+        fence check waiting out a Firestore outage) is not its time (a review: a 4 s outage after a batch's
+        generation failed its second job `Timeout`, its images thrown away)."""
+        if not self.expired:
+            self.held_since = time.monotonic()
+            self.heartbeat.held.set()
+
+    def resume(self) -> None:
+        """Its own upload starts: the deadline runs again, moved on by the time held."""
+        if self.held_since is not None:
+            held, self.held_since = time.monotonic() - self.held_since, None
+            self.deadline += held
+            self.heartbeat.resume_deadline(held)
 
     @property
     def must_stop(self) -> bool:
@@ -344,6 +374,8 @@ class JobRunner:
             t0 = time.monotonic()
             generated = self._generate(list(runs.values()))
             seconds = time.monotonic() - t0
+            for run in runs.values():
+                run.hold()
             # Each job's writes wait out a Firestore outage until then: the batch's jobs share it, one after another.
             patient_until = time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
             for (index, run), result in zip(runs.items(), generated, strict=True):
@@ -390,6 +422,7 @@ class JobRunner:
             if not self._recorded(job, lambda: self.store.holds(job), heartbeat, patient_until):
                 heartbeat.stop()
                 return self._lost_or_timed_out(run)
+            run.resume()
             t1 = time.monotonic()
             with structlog.contextvars.bound_contextvars(**_ids(job)):  # its retries' log lines name the job
                 urls = self.results.upload(
@@ -424,8 +457,8 @@ class JobRunner:
             return self._lost(job, heartbeat, reason="lease taken over during the upload; later objects left alone")
         except NotRecorded as exc:  # left `processing`: it runs again once its lease ends, its objects written over
             heartbeat.stop()
-            if heartbeat.lost.is_set():  # ended by the heartbeat meanwhile (its deadline), or taken over
-                return self._lost(job, heartbeat)
+            if heartbeat.lost.is_set():  # ended by the heartbeat meanwhile (its deadline, the worker leaving)
+                return self._lost_or_timed_out(run)
             log.error("job_not_recorded", error=str(exc.__cause__), **_ids(job))
             return RunOutcome.LOST
         except Exception as exc:

@@ -31,7 +31,7 @@ from google.cloud import firestore
 from google.cloud.firestore import FieldFilter
 
 from firegen_core import lifecycle
-from firegen_core.jobs import BOUND, MEDIA_TYPES
+from firegen_core.jobs import BOUND, MEDIA_TYPES, JobKey
 
 PAGE = 300
 
@@ -58,6 +58,10 @@ def backfill(client: firestore.Client, *, days: float, dry_run: bool = False) ->
         while True:
             page = list((query.start_after(after) if after is not None else query).stream(**BOUND))
             for snapshot in page:
+                try:  # a collection named images or videos outside `generations/`: the app's own, not a job
+                    JobKey.from_path(snapshot.reference.path)
+                except ValueError:
+                    continue
                 counts.finished += 1
                 doc = snapshot.to_dict() or {}
                 if lifecycle.EXPIRE_AT in doc:

@@ -36,6 +36,8 @@ def test_finished_docs_without_expire_at_get_their_finish_plus_the_retention(fir
     old_doc(firestore_client, undated, status="completed")  # no finish time: its last write stands in
     old_doc(firestore_client, queued, status="queued")
     old_doc(firestore_client, kept, status="completed", expire_at=FINISHED)
+    # The app's own docs in collections of the same names are no jobs (a review: the TTL policy would delete them).
+    firestore_client.document("products/p1/images/hero").set({"status": "completed"})
 
     dry = backfill.backfill(firestore_client, days=30, dry_run=True)
     assert (dry.finished, dry.missing, dry.written) == (4, 3, 0)
@@ -53,6 +55,7 @@ def test_finished_docs_without_expire_at_get_their_finish_plus_the_retention(fir
     assert written.to_dict()["expire_at"] - timedelta(days=30) <= written.update_time
     assert "expire_at" not in firestore_client.document(queued).get().to_dict()
     assert backfill.backfill(firestore_client, days=30).missing == 0  # run again: nothing left to do
+    assert "expire_at" not in firestore_client.document("products/p1/images/hero").get().to_dict()
 
 
 def test_pages_through_more_docs_than_a_page(firestore_client, monkeypatch):

@@ -1187,7 +1187,7 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "    out[name] = {'callable': e.callableTrigger is not None, 'event': e.eventTrigger,\n"
         "                 'schedule': (e.scheduleTrigger or {}).get('schedule'),\n"
         "                 'secrets': e.secretEnvironmentVariables,\n"
-        "                 'cpu': str(e.cpu), 'max_instances': str(e.maxInstances)}\n"
+        "                 'cpu': str(e.cpu), 'concurrency': str(e.concurrency), 'max_instances': str(e.maxInstances)}\n"
         "import firegen_core.contract, firegen_core.jobs\n"
         "out['core'] = [firegen_core.contract.__file__, firegen_core.jobs.__file__]\n"
         "out['params'] = [main.RUNPOD_ATTEMPTS.value, main.RUNPOD_TIMEOUT_SECONDS.value,\n"
@@ -1239,9 +1239,9 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     assert out["redispatchStaleJobs"]["schedule"] == "every 5 minutes"
     for name in ("generateWithRunPod", "dispatchQueuedJob", "redispatchStaleJobs"):
         assert out[name]["secrets"] == [{"key": "RUNPOD_API_KEY"}]
-        # A whole CPU, so an instance serves many calls at once (the deploy's default concurrency): the SDK's
-        # default "gcf_gen1" served one at a time, and 10 instances were 10 calls waiting on RunPod (deploy audit).
-        assert (out[name]["cpu"], out[name]["max_instances"]) == ("1", "10")
+        # A whole CPU and 4 calls at once (the runtime server's threads per CPU): the SDK's default "gcf_gen1"
+        # served one at a time, and 10 instances were 10 calls waiting on RunPod (deploy audit).
+        assert (out[name]["cpu"], out[name]["concurrency"], out[name]["max_instances"]) == ("1", "4", "10")
     assert all(path.startswith(str(deploy)) for path in out["core"])
     assert (out["generation"], out["listener"], out["torch"]) == (False, False, False)
     # Tuning values are typed params: set ones are read as ints, unset ones take their defaults.

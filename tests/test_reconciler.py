@@ -1129,3 +1129,72 @@ def test_a_runsyncs_request_id_is_kept_only_while_its_job_may_be_claimed_here(ma
     # The last candidate, elsewhere's, ends with its claim (w2 holds it): none is left.
     wait_until(lambda: not worker.candidates and not worker.busy)
     assert dict(worker._request_ids) == {}
+
+
+class FirestoreAwayForFencedCalls(WorkerJobs):
+    """Firestore away for every fenced call (the fence check, renewals, completion, failure) until `back`: a
+    stand-in, as BlippingStore is."""
+
+    def __init__(self, *args, back: float = float("inf"), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.back = back
+
+    def _away(self):
+        if time.monotonic() < self.back:
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+
+    def holds(self, job):
+        self._away()
+        return super().holds(job)
+
+    def renew(self, job, progress=None):
+        self._away()
+        return super().renew(job, progress=progress)
+
+    def complete(self, job, fields):
+        self._away()
+        return super().complete(job, fields)
+
+    def fail(self, job, error):
+        self._away()
+        return super().fail(job, error)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_firestore_away_after_the_generation_does_not_count_against_the_jobs_time(
+    firestore_client, results, bucket, batch
+):
+    """A review: Firestore away for 4 s as a generation ended, under a 2 s time limit: the fence check's wait (and,
+    in a batch, the wait for the first job's delivery) counted against the jobs' deadline, and the heartbeat failed
+    them `Timeout` (its write failing too, the doc stayed `processing`), their images thrown away. Waiting on
+    Firestore or on batch-mates is not the job's time: both complete."""
+    keys = [JobKey("u1", "images", f"held-{batch}-{n}") for n in range(batch)]
+    for key in keys:
+        write_job(firestore_client, key)
+    store = FirestoreAwayForFencedCalls(firestore_client, worker_id="w1", lease_seconds=30)
+    jobs = [store.claim(key) for key in keys]
+    store.back = time.monotonic() + 4.0
+    runner = JobRunner(store, BatchStub(), results, renew_interval=0.2, deadline=Deadline(2.0, 0.001))
+    assert runner.run_batch([(job, None) for job in jobs]) == ["completed"] * batch
+    assert [doc(firestore_client, key)["status"] for key in keys] == ["completed"] * batch
+
+
+class SlowLastStep(StubGenerator):
+    """Its generation comes back 1.5 s after its last step: past a 1 s limit, before the heartbeat's next beat."""
+
+    def generate(self, request, progress=None):
+        result = super().generate(request, progress)
+        time.sleep(1.5)
+        return result
+
+
+def test_a_job_that_ran_past_its_time_during_its_generation_still_times_out(firestore_client, results, bucket):
+    """The hold is for a job generated within its time: one whose generation itself ran past it fails `Timeout`."""
+    key = JobKey("u1", "images", "slow-generation")
+    write_job(firestore_client, key)
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+    runner = JobRunner(store, SlowLastStep(), results, renew_interval=5.0, deadline=Deadline(1.0, 0.001))
+    assert runner.run(store.claim(key)) == "failed"
+    assert doc(firestore_client, key)["error_type"] == "Timeout"
