@@ -126,9 +126,10 @@ async function main(): Promise<void> {
     }
   };
   const cancel = async (job: Job) => {
-    // Offline, the callable fails as it does where it is not deployed, and the doc's write would wait unseen
-    // (audit: "Cancelling…" for a minute, the button refusing presses).
-    if (!navigator.onLine) return fail(NO_ANSWER);
+    // Offline (or the server unreachable, as the listeners found), the callable fails as it does where it is not
+    // deployed, and the doc's write would wait unseen (audit: "Cancelling…" for a minute, the button refusing
+    // presses).
+    if (!navigator.onLine || cached) return fail(NO_ANSWER);
     say(`Cancelling ${job.id}…`);
     try {
       if (!functions) throw Object.assign(new Error("no functions"), { code: "functions/not-found" });
