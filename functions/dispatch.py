@@ -65,7 +65,6 @@ from firegen_core.contract import (
 from firegen_core.errors import (
     CANCELLED,
     EXCEPTION,
-    NOT_RECORDED,
     QUOTA_EXCEEDED,
     VALIDATION_ERROR,
     GenerationError,
@@ -112,7 +111,9 @@ class CallError(Exception):
 
 # Firestore away (the client's retries ran out), or a doc contended past the call's bound.
 FIRESTORE_AWAY = (RetryError, ServiceUnavailable, DeadlineExceeded, InternalServerError, Aborted, Cancelled)
-CANCEL_NOT_RECORDED = "Could not record the cancel in Firestore; please retry"
+# Said to an app's user (the worker's runsync says more: NOT_RECORDED, the same file_uid is safe to send again).
+JOB_NOT_RECORDED = "Could not record the job in Firestore; please try again"
+CANCEL_NOT_RECORDED = "Could not record the cancel in Firestore; please try again"
 
 
 def _unavailable_when_firestore_is_away(message: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -295,7 +296,7 @@ def _reply(key: JobKey, message: str, status: str) -> dict[str, Any]:
     return {"success": True, "fileUid": key.file_uid, "mediaType": key.media_type, "status": status, "message": message}
 
 
-@_unavailable_when_firestore_is_away(NOT_RECORDED)
+@_unavailable_when_firestore_is_away(JOB_NOT_RECORDED)
 def generate(
     db: firestore.Client,
     runpod: RunPodClient,

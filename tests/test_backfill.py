@@ -87,3 +87,18 @@ def test_the_command_says_what_it_did(firestore_client, capsys):
     assert capsys.readouterr().out.strip() == (
         "1 finished job docs read, 1 without expire_at: 1 given one (finish + 30 days)"
     )
+
+
+def test_a_doc_changed_since_it_was_read_is_left_to_its_writer(firestore_client, monkeypatch):
+    path = "generations/u1/images/moved"
+    old_doc(firestore_client, path, status="completed", completed_at=FINISHED)
+    real = backfill._finished_at
+
+    def meanwhile(doc):
+        firestore_client.document(path).update({"status": "queued"})  # a request restated it meanwhile
+        return real(doc)
+
+    monkeypatch.setattr(backfill, "_finished_at", meanwhile)
+    counts = backfill.backfill(firestore_client, days=30)
+    assert (counts.written, counts.changed) == (0, 1)
+    assert "expire_at" not in firestore_client.document(path).get().to_dict()

@@ -214,6 +214,9 @@ def test_a_window_tells_a_doc_pushed_out_from_one_that_left_the_queue():
     assert reconciler._pushed_out("images", {"created_at": 99.5})  # a released older job came back in
     assert not reconciler._pushed_out("images", {"created_at": 50.0})
     assert not reconciler._pushed_out("images:newest", {})  # no created_at: no place to keep
+    # Docs sharing one server timestamp (one batch of writes) with the far end: pushed out as well (mutation audit).
+    assert reconciler._pushed_out("images:newest", {"created_at": 81.0})
+    assert reconciler._pushed_out("images", {"created_at": 99.0})
 
 
 def test_the_candidate_set_is_bounded_whatever_the_backlog(sched_worker, firestore_client):
@@ -276,3 +279,24 @@ def test_the_indexes_cover_the_scheduling_queries():
             assert (media, "COLLECTION_GROUP", fields) in composite
         # One user's oldest queued docs (the sweep's look-up of users behind a backlog: `_discover`).
         assert (media, "COLLECTION", (("status", "ASCENDING"), ("created_at", "ASCENDING"))) in composite
+
+
+def test_users_past_the_first_page_of_usage_docs_are_discovered(sched_worker, firestore_client, monkeypatch):
+    """Mutation audit: a look-up that never went past its first page of users went unseen (every test's users fit
+    one page)."""
+    import listener.reconciler as reconciler_module
+
+    monkeypatch.setattr(reconciler_module, "DISCOVER_USERS", 2)
+    store = JobStore(firestore_client, limits=BACKLOG_LIMITS)
+    queue_jobs(firestore_client, backlog("userA", LISTEN_LIMIT + 10))
+    middle = [f"user{n:02d}" for n in range(5)]
+    for user in middle:
+        store.ensure_queued(
+            parse_runsync_input({"prompt": "p", "user_id": user, "file_uid": f"{user}-0", "use_cloud_storage": True})
+        )
+    queue_jobs(firestore_client, [JobKey("userA", "images", f"userA-late-{i:02d}") for i in range(NEWEST_LIMIT + 5)])
+    generator = StepGenerator(threading.Event())
+    worker = sched_worker("one", generator, sweep=0.3, limits=BACKLOG_LIMITS)
+    assert generator.started.wait(15)
+    wait_until(lambda: all(worker.is_candidate(JobKey(u, "images", f"{u}-0")) for u in middle), timeout=20)
+    generator.gate.set()

@@ -283,13 +283,13 @@ def test_the_callables_answer_unavailable_with_a_message_when_firestore_is_away(
         dispatch.generate(away, runpod.client(), uid="u-away", data={"prompt": "a car", "file_uid": "away-1"})
     assert (raised.value.code, raised.value.message) == (
         "unavailable",
-        "Could not record the job in Firestore; please retry (the same file_uid is safe to resend)",
+        "Could not record the job in Firestore; please try again",
     )
     with pytest.raises(CallError) as raised:
         dispatch.cancel(away, uid="u-away", data={"fileUid": "away-1", "mediaType": "images"})
     assert (raised.value.code, raised.value.message) == (
         "unavailable",
-        "Could not record the cancel in Firestore; please retry",
+        "Could not record the cancel in Firestore; please try again",
     )
     assert runpod.requests == []
 
@@ -1959,3 +1959,73 @@ def test_a_dispatch_that_never_reached_runpod_leaves_no_digest_to_take_a_later_r
     assert handler.handle({**app, "width": 300}, "app-1")["status"] == "failed"
     assert handler.handle(app, "app-2")["status"] == "accepted"
     assert firestore_client.document(path).get().to_dict()["status"] == "queued"
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+# Each of these failed under a hand mutation the suite let through (audit16).
+def test_a_dispatch_the_worker_refused_leaves_no_digest(firestore_client, stub):
+    runpod = stub((200, {"id": "rp-r", "status": "FAILED", "error": "Validation failed: something the worker refused"}))
+    path = "generations/u-rej/images/rej-1"
+    firestore_client.document(path).set({**client_doc(), "prompt": "a red car"})
+    outcome = dispatch.dispatch_created(
+        firestore_client, runpod.client(), user_id="u-rej", media_type="images", file_uid="rej-1"
+    )
+    assert outcome == "rejected"
+    assert "dispatched_inputs" not in firestore_client.document(path).get().to_dict()
+
+
+def test_an_older_dispatch_failing_writes_no_dispatch_error_over_a_newer_one(firestore_client):
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobKey, JobStore
+
+    path = "generations/u-old/images/old-1"
+    firestore_client.document(path).set({**client_doc(), "prompt": "a car", "dispatch_count": 2})
+    req = parse_runsync_input({"prompt": "a car", "user_id": "u-old", "file_uid": "old-1", "use_cloud_storage": True})
+    verdict = runpod_client.Verdict(runpod_client.UNDELIVERED, "RunPod refused the call: HTTP 404")
+    dispatch._record_verdict(JobStore(firestore_client), JobKey("u-old", "images", "old-1"), verdict, 1, req)
+    assert "dispatch_error" not in firestore_client.document(path).get().to_dict()
+
+
+def test_the_digests_kept_are_bounded():
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import DISPATCHED_INPUTS, DISPATCHES_KEPT, dispatches_with
+
+    req = parse_runsync_input({"prompt": "a car", "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
+    doc: dict = {}
+    for _ in range(DISPATCHES_KEPT + 3):
+        doc[DISPATCHED_INPUTS] = dispatches_with(doc, req)
+    assert len(doc[DISPATCHED_INPUTS]) == DISPATCHES_KEPT
+
+
+@pytest.mark.parametrize("error", ["DeadlineExceeded", "InternalServerError", "Aborted", "Cancelled"])
+def test_each_firestore_failure_answers_unavailable(firestore_client, stub, monkeypatch, error):
+    from google.api_core import exceptions
+
+    from firegen_core.jobs import JobStore
+
+    def away(*args, **kwargs):
+        raise getattr(exceptions, error)("Firestore away")  # a stand-in: the emulator fails none of these on demand
+
+    monkeypatch.setattr(JobStore, "transition", away)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(
+            firestore_client, stub(ACCEPTED).client(), uid="u-dl", data={"prompt": "a car", "file_uid": "dl-1"}
+        )
+    assert raised.value.code == "unavailable"
+
+
+def test_a_refused_client_doc_of_the_other_media_type_takes_the_call(firestore_client, stub):
+    images = "generations/u-rf/images/rf-1"
+    firestore_client.document(images).create(
+        client_doc(fps=10, width=512, **CLIENT_DOC_STATES["refused for its limits"])
+    )
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(
+            firestore_client,
+            runpod.client(),
+            uid="u-rf",
+            data={"prompt": "A red sports car", "file_uid": "rf-1", "fps": 10},
+        )
+    assert raised.value.message == MISFILED
+    assert not firestore_client.document("generations/u-rf/videos/rf-1").get().exists and runpod.requests == []

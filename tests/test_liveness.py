@@ -78,3 +78,12 @@ def test_below_the_dispatch_limit_a_live_workers_backlog_is_still_redispatched(f
     runpod = stub(ACCEPTED)
     assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(redispatched=1)
     assert read(firestore_client, key)["dispatch_count"] == 2 and len(runpod.requests) == 1
+
+
+def test_a_long_lived_workers_doc_expires_a_week_after_its_last_beat(firestore_client):
+    """Mutation audit: `expire_at` from the worker's start would delete a worker alive for a week."""
+    workers.beat(
+        firestore_client, "old-worker", busy=0, concurrency=1, started_at=datetime.now(UTC) - timedelta(days=30)
+    )
+    doc = firestore_client.document("workers/old-worker").get().to_dict()
+    assert timedelta(days=6.99) < doc["expire_at"] - doc[workers.SEEN_AT] < timedelta(days=7.01)

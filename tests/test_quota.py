@@ -747,3 +747,16 @@ def test_counts_found_right_are_not_counted_again_for_a_while(firestore_client, 
         refused = JobStore(firestore_client, limits=limits).ensure_queued(request(f"more-{i}"))
         assert refused.after["error_type"] == "QuotaExceeded"
     assert len(queries) == 4  # the first call's two per media type, then none
+
+
+def test_a_recount_never_raises_a_count(firestore_client, monkeypatch):
+    """Mutation audit: a recount taking the docs' count where it is higher than the usage doc's went unseen."""
+    from firegen_core import jobs
+
+    monkeypatch.setattr(jobs, "_COUNTED_RIGHT", {})
+    limits = Limits(max_running=1, max_pending=2)
+    firestore_client.document(f"usage/{USER}").set({"pending": 2, "running": 0})
+    ran = write_client_doc(firestore_client, "admin-run")
+    firestore_client.document(ran.path).update({"status": "processing", "quota_admitted": True})
+    assert JobStore(firestore_client, limits=limits).ensure_queued(request("new")).after["status"] == "queued"
+    assert counts(firestore_client) == (0, 2)

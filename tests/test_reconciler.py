@@ -1198,3 +1198,30 @@ def test_a_job_that_ran_past_its_time_during_its_generation_still_times_out(fire
     runner = JobRunner(store, SlowLastStep(), results, renew_interval=5.0, deadline=Deadline(1.0, 0.001))
     assert runner.run(store.claim(key)) == "failed"
     assert doc(firestore_client, key)["error_type"] == "Timeout"
+
+
+class FenceCheckAway(WorkerJobs):
+    """Firestore away for the fence check until `back` (a stand-in, as BlippingStore is)."""
+
+    def __init__(self, *args, back: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.back, self.tries = back, 0
+
+    def holds(self, job):
+        if time.monotonic() < self.back:
+            self.tries += 1
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+        return super().holds(job)
+
+
+def test_firestore_away_through_the_fence_check_longer_than_the_lease_still_completes(
+    firestore_client, results, bucket
+):
+    """Mutation audit: the fence check waiting one lease period only (as before) went unseen."""
+    key = JobKey("u1", "images", "fence-outage")
+    write_job(firestore_client, key)
+    store = FenceCheckAway(firestore_client, worker_id="w1", lease_seconds=1.0, back=time.monotonic() + 3.5)
+    assert JobRunner(store, StubGenerator(), results).run(store.claim(key)) == "completed"
+    assert doc(firestore_client, key)["status"] == "completed" and store.tries > 1

@@ -553,6 +553,8 @@ def test_a_library_error_naming_a_signed_or_token_url_leaves_its_query_out_of_th
     token = classify(RuntimeError("GET http://127.0.0.1:9199/o/f.png?alt=media&token=9f0e-secret failed"))
     assert "9f0e-secret" not in token.message and token.message.endswith("f.png?<query removed> failed")
     assert classify(ValueError("did you mean 'num_frames'?")).message.endswith("did you mean 'num_frames'?")
+    unexpected = classify(OSError("GET http://h/o/f.png?alt=media&token=9f0e-secret failed"))  # the last branch
+    assert "9f0e-secret" not in unexpected.message
 
 
 # ---------------------------------------------------------------------------------------------- settings
