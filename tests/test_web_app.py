@@ -222,7 +222,8 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
         "a lighthouse at dusk" in text and re.search(r"Seed\s+\d+", text) and re.search(r"Generation\s+[\d.]+ s", text)
     )
     assert card.get_attribute("data-status") == "completed" and "Cancel" not in text
-    assert app.page.locator("#form-status").inner_text() == ""  # "Generation started (…)" is old news (audit)
+    # "Generation started (…)" is old news once the job ended and the line was up a while (audit)
+    app.page.wait_for_function("() => document.getElementById('form-status').textContent === ''", timeout=15_000)
     app.shot("image")
     assert app.problems() == []
 
@@ -572,9 +573,12 @@ def test_a_seed_past_what_the_page_holds_exactly_is_refused_in_both_flows(open_p
     assert emu.wait_until(seeds, 30, 0.2) and seeds() == [9007199254740991]
 
 
-def _answering(status: int, body: dict):
-    """A route handler answering every call with `status` and `body`, as a callable's server would."""
-    return lambda route: route.fulfill(status=status, json=body, headers={"Access-Control-Allow-Origin": "*"})
+def _answering(status: int, body: dict | str):
+    """A route handler answering every call with `status` and `body`, as a callable's server (or a proxy) would."""
+    headers = {"Access-Control-Allow-Origin": "*"}
+    if isinstance(body, str):
+        return lambda route: route.fulfill(status=status, body=body, headers=headers)
+    return lambda route: route.fulfill(status=status, json=body, headers=headers)
 
 
 def test_the_callable_unreachable_says_so_plainly(open_page):
@@ -590,6 +594,7 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
     # A server's own 500 (an unhandled exception: the SDK says "INTERNAL"), and its `unavailable` with a message.
     for status, body, shown in (
         (500, {"error": {"status": "INTERNAL", "message": "INTERNAL"}}, no_answer),
+        (502, "<html>Bad gateway</html>", no_answer),  # a proxy's page: the SDK says "unknown"
         (503, {"error": {"status": "UNAVAILABLE", "message": "Could not record the job"}}, "Could not record the job"),
     ):
         app.page.unroute("**/generateWithRunPod")
@@ -617,7 +622,7 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
     )
     # What the browser logs of the requests it could not send, and the Firestore SDK of being offline (after 10 s
     # offline, which a loaded machine takes: a CI run saw it).
-    offline = r"status of 50[03]|ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
+    offline = r"status of 50[023]|ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
     assert [p for p in app.problems() if not re.search(offline, p)] == []
 
 
@@ -997,3 +1002,42 @@ def test_the_keyboard_alone_fills_submits_opens_and_cancels(open_page, stack):
     )
     assert firestore_client(stack).document(f"generations/{app.uid}/videos/to-cancel").get().get("cancel_requested")
     assert app.problems() == []
+
+
+def test_a_cancel_whose_call_fails_after_its_job_ended_says_the_job_ended(open_page, stack):
+    """Audit: on a flaky connection the cancel call hung, the card read Completed, and a minute later the form said
+    it could not reach the server. It says the job ended, as the callable does, and "Cancelling…" goes."""
+    app = open_page()
+    ref = _held_job(stack, app.uid, "held-flaky")
+    held: list = []
+    app.page.route("**/cancelGeneration", lambda route: held.append(route))  # the call hangs
+    app.job("held-flaky").get_by_role("button", name="Cancel video “held-flaky”").click()
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent === 'Cancelling held-flaky…'", timeout=10_000
+    )
+    ref.update({"status": "completed", "generated": True, "progress": 1.0})
+    assert app.wait_final("held-flaky") == "completed"
+    app.page.wait_for_function("() => document.getElementById('form-status').textContent === ''", timeout=15_000)
+    held[0].abort()  # the connection drops: the call fails
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=15_000)
+    assert app.page.get_by_role("alert").inner_text() == "Generation already completed: nothing to cancel"
+    assert [p for p in app.problems() if "ERR_FAILED" not in p] == []
+
+
+def test_a_page_whose_listeners_cannot_reach_the_server_says_so(open_page, stack):
+    """Online, but Firestore's listen channel refused (a broken path to the server): the notice says the server
+    cannot be reached, and goes once it can (mutation audit: only the browser's offline state was tested)."""
+    app = open_page()
+    _held_job(stack, app.uid, "held-unreachable")
+    app.job("held-unreachable").wait_for(timeout=30_000)
+    notice = app.page.locator("#connection")
+    app.page.route("**/google.firestore.v1.Firestore/Listen/**", lambda route: route.abort())
+    # The Firestore SDK's own connectivity monitor hears this and drops its streams (navigator.onLine stays true,
+    # so the page's offline handling does not apply); the refused channel keeps them from coming back.
+    app.page.evaluate("() => window.dispatchEvent(new Event('offline'))")
+    notice.wait_for(state="visible", timeout=60_000)
+    assert notice.inner_text() == "Cannot reach the server: your jobs as last seen; they update once it answers."
+    app.page.unroute("**/google.firestore.v1.Firestore/Listen/**")
+    notice.wait_for(state="hidden", timeout=60_000)
+    unreachable = r"ERR_FAILED|ERR_NAME_NOT_RESOLVED|transport errored|Could not reach Cloud Firestore backend"
+    assert [p for p in app.problems() if not re.search(unreachable, p)] == []

@@ -31,9 +31,21 @@ const CANCEL_REFUSED = "Cancel failed: the server refused it";
 const NO_ANSWER = "Could not reach the server; check your connection and try again";
 /** How long a queued doc's write may wait before the page says it waits for the connection (offline, it waits). */
 const SLOW_WRITE_MS = 4000;
+/** How long the form's line about a job stays at least, once the job ended (a quick job's went in half a second). */
+const MIN_SHOWN_MS = 4000;
+/** The cancel callable's own limit is 30 s: past it (and a margin) no answer will come. */
+const CANCEL_TIMEOUT_MS = 35_000;
+const OFFLINE = "Offline: your jobs as last seen; they update when the connection is back.";
+const UNREACHABLE = "Cannot reach the server: your jobs as last seen; they update once it answers.";
 
-/** The job the form's status line speaks of, until it ends. */
+/** The job the form's status line speaks of, until it ends, and since when. */
 let named: string | null = null;
+let namedAt = 0;
+
+function name(id: string): void {
+  named = id;
+  namedAt = Date.now();
+}
 
 function say(text: string): void {
   named = null;
@@ -60,20 +72,34 @@ function isCode(error: unknown, ...codes: string[]): boolean {
 /** What to show for a failed callable: its own message, unless it got no answer it could read (offline, a server
  * error page, a timeout: the SDK's message is then its code, "internal", or "INTERNAL" for a server's 500). */
 function callableMessage(error: unknown): string {
+  // Any code alone (a proxy's 502 reads "unknown", a 429 "resource-exhausted"): no message of the server's.
   const code = (error as { code?: string } | null)?.code ?? "";
-  const bare = message(error).toLowerCase() === code.replace(/^functions\//, "");
-  const unanswered = bare && isCode(error, "functions/unavailable", "functions/deadline-exceeded", "functions/internal");
-  return unanswered ? NO_ANSWER : message(error);
+  return message(error).toLowerCase() === code.replace(/^functions\//, "") ? NO_ANSWER : message(error);
 }
 
 /** The jobs listed are the last the page heard of: offline, or the server unreachable (audit: a finished job
  * read "Processing 0%" for as long as the connection was gone, and nothing said so). */
 function showConnection(cached: boolean): void {
   const notice = $("connection");
-  notice.hidden = navigator.onLine && !cached;
-  notice.textContent = navigator.onLine
-    ? "Cannot reach the server: your jobs as last seen; they update once it answers."
-    : "Offline: your jobs as last seen; they update when the connection is back.";
+  if (navigator.onLine && !cached) {
+    if (!notice.hidden) clearConnectionError();
+    notice.hidden = true;
+    return;
+  }
+  // Back online, the listeners catch up a moment later: "Offline" stays until they do (not a flash of "Cannot
+  // reach the server" in a live region).
+  if (navigator.onLine && !notice.hidden && notice.textContent === OFFLINE) return;
+  notice.textContent = navigator.onLine ? UNREACHABLE : OFFLINE;
+  notice.hidden = false;
+}
+
+/** An error the connection caused goes once the connection is back (an audit saw it stay beside a finished job). */
+function clearConnectionError(): void {
+  const error = $("form-error").textContent ?? "";
+  if (error === NO_ANSWER || error.startsWith("Could not record the")) {
+    $("form-error").textContent = "";
+    markInvalid(null, "form-error");
+  }
 }
 
 async function main(): Promise<void> {
@@ -118,12 +144,17 @@ async function main(): Promise<void> {
 
   let cached = false;
   let listed: Job[] = [];
-  /** The form's line about a job is old news once the job ended (its card says how): it goes. */
+  const ended = (id: string | null) =>
+    listed.some((job) => job.id === id && (FINAL_STATES as readonly string[]).includes(job.doc.status));
+  /** The form's line about a job is old news once the job ended (its card says how): it goes, a while later. */
   const settle = () => {
-    if (listed.some((job) => job.id === named && (FINAL_STATES as readonly string[]).includes(job.doc.status))) {
+    if (!ended(named)) return;
+    const id = named;
+    setTimeout(() => {
+      if (named !== id) return; // the line speaks of something else by now
       $("form-status").textContent = "";
       named = null;
-    }
+    }, Math.max(0, namedAt + MIN_SHOWN_MS - Date.now()));
   };
   const cancel = async (job: Job) => {
     // Offline (or the server unreachable, as the listeners found), the callable fails as it does where it is not
@@ -131,10 +162,17 @@ async function main(): Promise<void> {
     // presses).
     if (!navigator.onLine || cached) return fail(NO_ANSWER);
     say(`Cancelling ${job.id}…`);
+    name(job.id); // the line goes when the job ends, whatever the call comes to
     try {
       if (!functions) throw Object.assign(new Error("no functions"), { code: "functions/not-found" });
-      await httpsCallable(functions, "cancelGeneration")({ fileUid: job.id, mediaType: job.media });
+      const call = httpsCallable(functions, "cancelGeneration", { timeout: CANCEL_TIMEOUT_MS });
+      await call({ fileUid: job.id, mediaType: job.media });
     } catch (error) {
+      // A call that failed once the job had ended anyway (a flaky connection): say so as the callable would (an
+      // audit saw "Could not reach the server" beside a Completed card).
+      const end = listed.find((listedJob) => listedJob.id === job.id && ended(job.id));
+      if (end && end.doc.error_type !== "Cancelled") return fail(`Generation already ${end.doc.status}: nothing to cancel`);
+      if (end) return say(`Cancel requested for ${job.id}`);
       // Where cancelGeneration is not deployed the call fails as not-found, or as internal when the 404 carries
       // no CORS headers (the emulator's does not).
       if (!isCode(error, "functions/not-found", "functions/unimplemented", "functions/internal")) {
@@ -154,7 +192,7 @@ async function main(): Promise<void> {
       }
     }
     say(`Cancel requested for ${job.id}`);
-    named = job.id;
+    name(job.id);
     settle();
   };
 
@@ -169,7 +207,8 @@ async function main(): Promise<void> {
       listed = jobs;
       settle();
       // Until both collections have answered, no job listed is no news: "No jobs yet." would flash on a reload.
-      $("no-jobs").textContent = loaded ? "No jobs yet." : "Loading your jobs…";
+      // Nor is it from the cache alone (the server unreachable at a reload): the jobs are not known yet.
+      $("no-jobs").textContent = loaded && !fromCache ? "No jobs yet." : "Loading your jobs…";
       $("no-jobs").hidden = jobs.length > 0;
       const news = renderJobs(list, jobs, cancel);
       // Screen readers hear a job start or end (not its every percent), and what failed it.
@@ -206,12 +245,12 @@ async function main(): Promise<void> {
       if (via === "document") {
         await writeJob(request, media);
         say(`Job ${request.file_uid} queued`);
-        named = request.file_uid;
+        name(request.file_uid);
         settle();
       } else {
         const reply = await httpsCallable<GenerationRequest, GenerateReply>(functions!, "generateWithRunPod")(request);
         say(`${reply.data.message} (${reply.data.fileUid})`);
-        named = reply.data.fileUid;
+        name(reply.data.fileUid);
         settle();
       }
     } catch (error) {
