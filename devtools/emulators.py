@@ -36,7 +36,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
@@ -87,6 +87,13 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def hold_ports(ports: Iterable[int | None]) -> None:
+    """Never pick these ports as free in this process: ports given to it (by the command line of a process that
+    picked them) and not bound yet (seen: a stack run by a test picked its CLI's websocket port among the ports
+    the test had given it, and the CLI refused to start, "port taken")."""
+    _HANDED_OUT.update(port for port in ports if port)
 
 
 def _port_range() -> tuple[int, int]:

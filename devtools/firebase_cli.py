@@ -192,6 +192,7 @@ class FirebaseCli(emu.Emulator):
     ):
         self.hosting = hosting
         self.emulators = emulators
+        emu.hold_ports((ports or {}).values())
         self.ports = {name: (ports or {}).get(name) or emu.free_port() for name in PORT_NAMES}
         super().__init__(log_dir, self.ports[emulators[0]])
         self.workdir, self.project = Path(workdir), project

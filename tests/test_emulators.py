@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -243,3 +244,49 @@ def test_parallel_test_processes_pick_free_ports_from_slices_of_their_own(monkey
         assert int(inherited.stdout) in slices[-1]
     assert slices[0].stop <= slices[1].start and slices[1].stop <= slices[2].start <= slices[2].stop
     assert slices[2].stop <= emu._ephemeral_low()
+
+
+def _free_run(length: int) -> int:
+    """The first of `length` consecutive ports, each free now, in this process's range."""
+
+    def bindable(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind((emu.HOST, port))
+            except OSError:
+                return False
+            return True
+
+    start = emu.free_port()
+    while not all(bindable(port) for port in range(start, start + length)):
+        start += length
+    return start
+
+
+def test_ports_given_to_the_cli_are_never_its_own_picks(monkeypatch, tmp_path):
+    """CI: make dev, run by a test that gave it ports on its command line (not bound yet), picked the Firebase
+    CLI's other ports (hub, logging, websocket) among them; the CLI refused to start: "port taken"."""
+    from devtools import firebase_cli
+
+    base = _free_run(len(firebase_cli.PORT_NAMES))
+    monkeypatch.setenv(emu.FREE_PORTS_ENV, f"{base}-{base + len(firebase_cli.PORT_NAMES)}")
+    monkeypatch.setattr(emu, "_HANDED_OUT", set())  # as in a process just started
+    given = dict(zip(("auth", "functions", "firestore", "hosting"), range(base, base + 4), strict=True))
+    cli = firebase_cli.FirebaseCli(
+        tmp_path / "logs", tmp_path / "firebase", "demo-ports", "http://127.0.0.1:1/runsync", ports=given
+    )
+    assert {name: cli.ports[name] for name in given} == given
+    assert sorted(cli.ports.values()) == list(range(base, base + len(firebase_cli.PORT_NAMES)))
+
+
+def test_ports_given_to_make_dev_are_never_its_free_picks(monkeypatch):
+    """The same within make dev's own arguments: `--free-ports` beside given ports picks none of them."""
+    from devtools import stack
+
+    base = _free_run(len(stack.PORT_NAMES))
+    monkeypatch.setenv(emu.FREE_PORTS_ENV, f"{base}-{base + len(stack.PORT_NAMES)}")
+    given = [arg for i, name in enumerate(stack.PORT_NAMES[1:], 1) for arg in (f"--{name}-port", str(base + i))]
+    for _ in range(5):  # one pick among 6 ports: a random one would be one of the given 5 times in 6
+        monkeypatch.setattr(emu, "_HANDED_OUT", set())
+        args = stack.parse_args(["--free-ports", *given])
+        assert args.ports[stack.PORT_NAMES[0]] == base
