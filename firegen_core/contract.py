@@ -235,7 +235,7 @@ def parse_runsync_input(data: Any) -> GenerationRequest:
     if cloud is None:
         raise ContractError("use_cloud_storage is required")
     if not isinstance(cloud, bool):
-        raise invalid("use_cloud_storage must be a boolean")
+        raise invalid(NOT_BOOLEAN)
     for name in ID_FIELDS:
         value = data.get(name)
         if value is None or value == "":
@@ -319,6 +319,7 @@ def finished_otherwise(request: GenerationRequest, changes: Mapping[str, Any]) -
     )
 
 
+NOT_BOOLEAN = "use_cloud_storage must be a boolean"
 # A job doc's results go to Cloud Storage: inline results (`use_cloud_storage: false`) are runsync's alone.
 CLOUD_ONLY = "use_cloud_storage must be true: results go to Cloud Storage"
 
@@ -335,7 +336,9 @@ def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[s
         raise invalid(f"media type must be 'images' or 'videos', not '{media_type}'")
     fields = {k: v for k, v in normalise_document_fields(data).items() if k in KNOWN_FIELDS}
     cloud = fields.get("use_cloud_storage")
-    if cloud is not None and cloud is not True:  # `is`: 1 == True, and runsync refuses 1 as no boolean
+    if cloud is not None and not isinstance(cloud, bool):  # as runsync says it (1 == True, and is no boolean)
+        raise invalid(NOT_BOOLEAN)
+    if cloud is False:
         raise invalid(CLOUD_ONLY)
     task_type = TASK_TYPE[media_type]
     if task_type == TEXT2IMAGE and _video_given(fields):

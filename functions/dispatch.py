@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 import uuid
 from collections import Counter
@@ -296,6 +297,32 @@ def _reply(key: JobKey, message: str, status: str) -> dict[str, Any]:
     return {"success": True, "fileUid": key.file_uid, "mediaType": key.media_type, "status": status, "message": message}
 
 
+# Firebase's client SDKs send a 64-bit integer (Android's Long, iOS's Int64, a Flutter int past 32 bits) as
+# protobuf JSON, {"@type": ".../Int64Value", "value": "42"}: the Node Functions SDK reads it as a number, the
+# Python one hands it on as that object (audit: an Android app's Long seed was refused "must be an integer").
+_WRAPPED_INTEGERS = frozenset(f"type.googleapis.com/google.protobuf.{name}" for name in ("Int64Value", "UInt64Value"))
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
+
+
+def unwrapped(data: Any) -> Any:
+    """A callable's data with its fields' wrapped 64-bit integers as ints (anything else as it came)."""
+    if not isinstance(data, Mapping):
+        return data
+    return {name: _unwrapped_integer(value) for name, value in data.items()}
+
+
+def _unwrapped_integer(value: Any) -> Any:
+    if (
+        isinstance(value, Mapping)
+        and value.keys() == {"@type", "value"}
+        and value["@type"] in _WRAPPED_INTEGERS
+        and isinstance(value["value"], str)
+        and _INTEGER_TEXT.fullmatch(value["value"])
+    ):
+        return int(value["value"])
+    return value
+
+
 @_unavailable_when_firestore_is_away(JOB_NOT_RECORDED)
 def generate(
     db: firestore.Client,
@@ -322,7 +349,7 @@ def generate(
     if not isinstance(data, Mapping):
         raise CallError("invalid-argument", invalid("input must be a JSON object").message)
     try:
-        fields = normalise_document_fields(data)
+        fields = normalise_document_fields(unwrapped(data))
     except ContractError as exc:
         raise CallError("invalid-argument", exc.message) from None
     if fields.get("user_id") not in (None, "", uid):

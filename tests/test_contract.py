@@ -252,9 +252,15 @@ def test_doc_worker_fields_and_unknown_metadata_are_skipped():
         ("images", dict(CLIENT_DOC, prompt=""), "prompt is required"),
         ("images", {k: v for k, v in CLIENT_DOC.items() if k != "prompt"}, "prompt is required"),
         ("images", dict(CLIENT_DOC, width=2048), "width must be between 256 and 1024"),
-        # A doc's results go to Storage (the callable refuses false alike); 1 is no `true` (runsync refuses it).
+        # A doc's results go to Storage (the callable refuses false alike); 1 or "true" is no boolean, as runsync
+        # and the callable say it (audit: the doc's message said it must be true).
         ("images", dict(CLIENT_DOC, use_cloud_storage=False), f"Validation failed: {CLOUD_ONLY}"),
-        ("images", dict(CLIENT_DOC, useCloudStorage=1), f"Validation failed: {CLOUD_ONLY}"),
+        ("images", dict(CLIENT_DOC, useCloudStorage=1), "Validation failed: use_cloud_storage must be a boolean"),
+        (
+            "images",
+            dict(CLIENT_DOC, use_cloud_storage="true"),
+            "Validation failed: use_cloud_storage must be a boolean",
+        ),
         ("videos", dict(CLIENT_DOC, numFrames=100), "num_frames must be between 16 and 81"),
         ("videos", dict(CLIENT_DOC, numFrames="16"), "Validation failed: num_frames must be an integer"),
         (

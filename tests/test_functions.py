@@ -259,6 +259,40 @@ def test_callable_takes_a_null_use_cloud_storage_as_left_out(firestore_client, s
     assert reply["status"] == "accepted" and runpod.requests[0][1]["input"]["use_cloud_storage"] is True
 
 
+LONG = "type.googleapis.com/google.protobuf.Int64Value"
+
+
+def test_the_callable_reads_the_client_sdks_wrapped_64_bit_integers(firestore_client, stub):
+    """Firebase's Android and iOS SDKs send a Long / Int64 as {"@type": ".../Int64Value", "value": "..."}, which
+    the Node Functions SDK reads as a number and the Python one does not (audit: an Android app's seed was
+    refused "seed must be an integer or null"). Read as the int it states; a wrapper that states no integer is
+    refused as the field's wrong type."""
+    runpod = stub(ACCEPTED)
+    seed = {"@type": LONG, "value": "9223372036854775807"}
+    width = {"@type": "type.googleapis.com/google.protobuf.UInt64Value", "value": "512"}
+    data = {"prompt": "a car", "file_uid": "long-1", "seed": seed, "width": width}
+    assert dispatch.generate(firestore_client, runpod.client(), uid="u-long", data=data)["status"] == "accepted"
+    sent = runpod.requests[0][1]["input"]
+    assert (sent["seed"], sent["width"]) == (2**63 - 1, 512)
+    doc = firestore_client.document("generations/u-long/images/long-1").get().to_dict()
+    assert (doc["seed"], doc["width"]) == (2**63 - 1, 512)
+    for wrapped, message in (
+        ({"@type": LONG, "value": "4.5"}, "Validation failed: seed must be an integer or null"),
+        (
+            {"@type": LONG, "value": "9223372036854775808"},
+            "Validation failed: seed must fit in a signed 64-bit integer",
+        ),
+        ({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "7"}, None),
+    ):
+        with pytest.raises(CallError) as raised:
+            dispatch.generate(
+                firestore_client, runpod.client(), uid="u-long", data={"prompt": "a car", "seed": wrapped}
+            )
+        assert raised.value.code == "invalid-argument"
+        assert raised.value.message == (message or "Validation failed: seed must be an integer or null")
+    assert len(runpod.requests) == 1
+
+
 def test_the_callables_answer_unavailable_with_a_message_when_firestore_is_away(stub, monkeypatch):
     """Audit: with Firestore unresponsive, the callable raised its client library's timeout, which the framework
     answers INTERNAL (the web app showed just that). A Firestore that refuses connections here (a closed port),
@@ -1434,6 +1468,10 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
             "error": {"message": "width must be between 256 and 1024", "status": "INVALID_ARGUMENT"}
         }
         assert len(runpod.requests) == 1
+        # An Android app's Long, as its SDK puts it on the wire, through the real Functions SDK.
+        long_seed = {"prompt": "a car", "file_uid": "cli-long", "seed": {"@type": LONG, "value": "-42"}}
+        assert cli.call("generateWithRunPod", long_seed, token)["result"]["status"] == "accepted"
+        assert runpod.requests[1][1]["input"]["seed"] == -42
 
         # Each call's outcome is an entry of its own (audit: a refusal left nothing but the emulator's lines).
         def calls() -> list[dict]:
@@ -1478,8 +1516,8 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
             timeout=10,
         )
         assert written.status_code == 200, written.text
-        assert emu.wait_until(lambda: len(runpod.requests) == 2, 30, 0.1), cli.log_tail()
-        assert runpod.requests[1] == (
+        assert emu.wait_until(lambda: len(runpod.requests) == 3, 30, 0.1), cli.log_tail()
+        assert runpod.requests[2] == (
             f"Bearer {CLI_KEY}",
             {
                 "input": {
