@@ -34,6 +34,7 @@ FUNCTIONS = REPO / "functions"
 FUNCTIONS_PYTHON = FUNCTIONS / "venv" / "bin" / "python"
 REGION = "us-central1"
 PORT_NAMES = ("auth", "functions", "firestore", "storage", "hub", "logging", "websocket", "hosting")
+DISCOVERY_TIMEOUT_S = 60
 EMULATORS = ("functions", "auth", "firestore")  # the first one's port is `self.port`
 STOP_WAIT_S = 20.0
 
@@ -265,6 +266,9 @@ class FirebaseCli(emu.Emulator):
         )
         env = {k: v for k, v in os.environ.items() if k not in drop}
         env.update(setup.cli_env(), NO_UPDATE_NOTIFIER="1", CI="true")
+        # The CLI gives the functions' code 10 s to declare its functions; on a busy machine (a 2-core laptop
+        # beside a test run) it took longer, and make dev fell back to the stack without Functions (audit).
+        env.setdefault("FUNCTIONS_DISCOVERY_TIMEOUT", str(DISCOVERY_TIMEOUT_S))
         if "storage" in self.emulators and (runtime := storage_rules_runtime()):
             env["STORAGE_EMULATOR_BINARY_PATH"] = str(runtime)
         return env

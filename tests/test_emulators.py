@@ -290,3 +290,15 @@ def test_ports_given_to_make_dev_are_never_its_free_picks(monkeypatch):
         monkeypatch.setattr(emu, "_HANDED_OUT", set())
         args = stack.parse_args(["--free-ports", *given])
         assert args.ports[stack.PORT_NAMES[0]] == base
+
+
+def test_the_cli_gives_the_functions_time_to_load_on_a_busy_machine(monkeypatch, tmp_path):
+    """Audit: under load the functions took past the CLI's 10 s to declare themselves, and make dev fell back to
+    the stack without Functions. The CLI's own override is set (a value of the user's own is kept)."""
+    from devtools import firebase_cli
+
+    monkeypatch.delenv("FUNCTIONS_DISCOVERY_TIMEOUT", raising=False)
+    cli = firebase_cli.FirebaseCli(tmp_path / "logs", tmp_path / "firebase", "demo-slow", "http://127.0.0.1:1/r")
+    assert int(cli.process_env()["FUNCTIONS_DISCOVERY_TIMEOUT"]) >= 60
+    monkeypatch.setenv("FUNCTIONS_DISCOVERY_TIMEOUT", "120")
+    assert cli.process_env()["FUNCTIONS_DISCOVERY_TIMEOUT"] == "120"
