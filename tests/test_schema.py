@@ -120,6 +120,10 @@ def _page_cases() -> list[dict]:
         {"seed": 1.5},
         {"seed": -7},
         {},
+        # Python's whitespace, not JavaScript's (audit: "\x85" was written and then refused by the worker).
+        *({"prompt": blank} for blank in ("\x1c", "\x85", "\u3000 \t", "\ufeff", "\u200b")),
+        {"prompt": "car \ud800 red"},  # a lone surrogate (JSON carries it to Node as one)
+        {"negative_prompt": "\udc00"},
     ]
     for name, spec in schema.request_schema()["properties"].items():
         if name not in contract.PARAMS:
@@ -127,6 +131,7 @@ def _page_cases() -> list[dict]:
         step = spec.get("multipleOf", 1)
         wrong_type = spec["minimum"] + 0.5 if spec["type"] == "integer" else "high"
         cases += [{name: value} for value in (spec["minimum"] - step, spec["maximum"] + step, spec["default"])]
+        cases += [{name: value} for value in (10**19, -(2**64))]  # past 2^53, still integers in JSON
         cases.append({name: wrong_type})
         if "multipleOf" in spec:
             cases.append({name: spec["minimum"] + spec["multipleOf"] // 2})
@@ -164,15 +169,21 @@ def test_the_web_apps_check_gives_the_contracts_messages(tmp_path):
     # says why first (and refuses it for the callable too, which would get it rounded)...
     cases.append({**cases[-1], "seed": 2**60})
     assert _document_message({**cases[-1], "seed": 2.0**60}) == "Validation failed: seed must be an integer or null"
-    expected.append(
+    in_this_page = (
         "Validation failed: seed must be between -9007199254740991 and 9007199254740991 in this page "
         "(a larger one would be rounded)"
     )
+    expected.append(in_this_page)
     # ...but a seed past 64 bits (typed 1e20) is refused for its size, as the callable refuses it.
-    for seed in (10**20, -(10**20), 2**63, -(2**63) - 2**11):
+    for seed in (10**20, -(10**20), 2**63 + 2**11, -(2**63) - 2**11):
         cases.append({**cases[-1], "seed": seed})
         expected.append(_document_message(cases[-1]))
     assert expected[-4] == "Validation failed: seed must fit in a signed 64-bit integer"
+    # 2^63 - 1 fits, and reads as 2^63 in JavaScript, as -2^63 - 1 reads as -2^63: the page cannot tell them from
+    # a seed that does not fit (audit: it said 2^63 - 1 did not fit), and says what it can send.
+    for seed in (2**63 - 1, 2**63, -(2**63) - 1):
+        cases.append({**cases[-1], "seed": seed})
+        expected.append(in_this_page)
     out = subprocess.run(
         ["node", str(runner)], input=json.dumps(cases), capture_output=True, text=True, check=True, timeout=60
     )

@@ -1041,3 +1041,247 @@ def test_a_page_whose_listeners_cannot_reach_the_server_says_so(open_page, stack
     notice.wait_for(state="hidden", timeout=60_000)
     unreachable = r"ERR_FAILED|ERR_NAME_NOT_RESOLVED|transport errored|Could not reach Cloud Firestore backend"
     assert [p for p in app.problems() if not re.search(unreachable, p)] == []
+
+
+# ---------------------------------------------------------------------------------------------- ended jobs
+NO_ANSWER = "Could not reach the server; check your connection and try again"
+
+
+def _ended_image(stack, uid: str, file_uid: str, **fields):
+    """An image job written by hand in an ended state (no worker takes a completed or failed doc)."""
+    ref = firestore_client(stack).document(f"generations/{uid}/images/{file_uid}")
+    ref.set({"created_at": SERVER_TIMESTAMP, "generated": False, "error": True, "status": "failed", **fields})
+    return ref
+
+
+def _form(app: Page) -> dict:
+    """The form as it stands: each field's value (and the media chosen), and which number fields show."""
+    return app.page.evaluate(
+        """() => ({
+            media: document.querySelector('input[name=media]:checked').value,
+            values: Object.fromEntries([...document.querySelectorAll('#generate textarea, #generate input[type=number]')]
+                .map(e => [e.id, e.value])),
+            shown: [...document.querySelectorAll('#generate input[type=number]')].filter(e => e.checkVisibility())
+                .map(e => e.id),
+        })"""
+    )
+
+
+def test_edit_as_new_fills_the_form_from_a_completed_job_and_from_a_refused_one(open_page, stack):
+    """An ended job's card offers its request again in the form (the old card stays), for its media type, the
+    focus on the prompt; a refused job's message marks its field, so its user fixes it and generates."""
+    app = open_page()
+    done = {"status": "completed", "progress": 1.0, "generated": True, "seed": 42}
+    _held_job(
+        stack,
+        app.uid,
+        "done-video",
+        prompt="waves on a beach",
+        negative_prompt="blurry",
+        video_width=256,
+        video_height=384,
+        num_inference_steps=12,
+        num_frames=24,
+        fps=6,
+        videos=[],
+        **done,
+    )
+    edit = app.page.get_by_role("button", name="Edit as new video “waves on a beach”")
+    edit.wait_for(timeout=30_000)
+    app.fill(Number_of_images="3")  # the other media type's field: the job's request does not state it
+    edit.click()
+    form = _form(app)
+    assert form["media"] == "videos" and form["shown"] == [
+        "width",
+        "height",
+        "num_inference_steps",
+        "num_frames",
+        "fps",
+        "seed",
+    ]
+    values = {"prompt": "waves on a beach", "negative_prompt": "blurry", "width": "256", "height": "384"}
+    values |= {"num_inference_steps": "12", "num_frames": "24", "fps": "6", "num_images_per_prompt": ""}
+    # A completed job's seed is the one it ran with, drawn or asked for: its doc does not say which.
+    assert form["values"] == {**values, "seed": ""}
+    assert app.page.evaluate("document.activeElement.id") == "prompt"
+    said = "Form filled from video “waves on a beach”: change it and press Generate"
+    assert app.page.locator("#form-status").inner_text() == said
+    assert app.page.get_by_label("Width", exact=True).get_attribute("step") == "16"  # the video's ranges
+
+    # A request the callable refused: its doc holds its prompt and the message, which marks the field it names.
+    app.page.get_by_label("Image", exact=True).check()
+    app.fill(Prompt="far too wide", Width="2048", Height="256", Steps="10", Negative_prompt="")
+    refused = app.generate()
+    assert app.wait_final(refused) == "failed"
+    card = app.job(refused)
+    assert card.get_by_role("button", name=re.compile("^Try again")).count() == 0  # the same request fails again
+    app.fill(Prompt="", Width="", Height="", Steps="")
+    card.get_by_role("button", name="Edit as new image “far too wide”").click()
+    form = _form(app)
+    assert form["media"] == "images" and "num_frames" not in form["shown"]
+    assert form["values"]["prompt"] == "far too wide" and form["values"]["width"] == ""  # the doc kept no width
+    width = app.page.get_by_label("Width", exact=True)
+    assert width.get_attribute("aria-invalid") == "true"
+    assert app.page.get_by_role("alert").inner_text() == contract_message(width=2048)
+    assert app.page.evaluate("document.activeElement.id") == "prompt"
+    app.fill(Width="256", Height="256", Steps="10")
+    fixed = app.generate()
+    assert app.wait_final(fixed) == "completed", app.job(fixed).inner_text()
+    assert card.get_attribute("data-status") == "failed"  # the refused card stays
+
+    # A client's own doc refused for a field keeps its fields: they come back, its seed too (its request's).
+    _ended_image(
+        stack,
+        app.uid,
+        "client-refused",
+        prompt="a client's doc",
+        width=2000,
+        height=256,
+        seed=7,
+        error_type="ValidationError",
+        error_message=contract_message(width=2000),
+    )
+    app.page.get_by_role("button", name="Edit as new image “a client's doc”").click()
+    form = _form(app)["values"]
+    assert (form["width"], form["height"], form["seed"], form["num_inference_steps"]) == ("2000", "256", "7", "")
+    assert width.get_attribute("aria-invalid") == "true"
+    assert [p for p in app.problems() if "status of 400" not in p] == []
+
+
+def test_try_again_sends_a_cancelled_jobs_request_as_a_new_job_once(open_page, stack):
+    """A cancelled or failed job's request again, through the form's flow, as a new job that completes; the old
+    card stays. A double click sends it once; an error reads as the form's, beside the card too."""
+    app = open_page()
+    db = firestore_client(stack)
+    params = {"prompt": "a cancelled kite", "negative_prompt": "fog", "width": 256, "height": 256}
+    params |= {"num_inference_steps": 10, "seed": 11}
+    _ended_image(stack, app.uid, "was-cancelled", error_type="Cancelled", error_message="Cancelled", **params)
+    retry = app.page.get_by_role("button", name="Try again image “a cancelled kite”")
+    retry.wait_for(timeout=30_000)
+    retry.dblclick()
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 2", timeout=30_000)
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent.startsWith('Generation')", timeout=30_000
+    )
+    assert app.page.evaluate("document.activeElement.classList.contains('retry')")
+    new = next(
+        uid
+        for uid in app.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)")
+        if uid != "was-cancelled"
+    )
+    assert app.wait_final(new) == "completed", app.job(new).inner_text()
+    doc = db.document(f"generations/{app.uid}/images/{new}").get().to_dict()
+    assert {key: doc.get(key) for key in params} == params  # its seed too: the request stated it
+    assert len(list(db.collection(f"generations/{app.uid}/images").stream())) == 2  # sent once
+    assert app.job("was-cancelled").get_attribute("data-phase") == "cancelled"
+
+    # Offline, it says so as the form does, and beside the card; once the connection is back, that goes.
+    app.context.set_offline(True)
+    app.page.locator("#connection").wait_for(state="visible", timeout=30_000)
+    retry.click()
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+    assert app.page.get_by_role("alert").inner_text() == NO_ANSWER
+    assert app.job("was-cancelled").locator(".note").inner_text() == NO_ANSWER
+    app.context.set_offline(False)
+    app.page.locator("#connection").wait_for(state="hidden", timeout=60_000)
+    app.page.wait_for_function(
+        "() => document.querySelector('.job[data-file-uid=was-cancelled] .note').textContent === ''", timeout=30_000
+    )
+    assert app.page.locator("#form-error").inner_text() == ""
+
+    # A failed job, through the queued doc: the same request written as a new doc.
+    _ended_image(stack, app.uid, "ran-out", error_type="OutOfMemoryError", error_message="CUDA OOM", **params)
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    app.job("ran-out").wait_for(timeout=30_000)
+    app.job("ran-out").get_by_role("button", name="Try again image “a cancelled kite”").click()
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent.endsWith('queued')", timeout=30_000
+    )
+    queued = app.page.locator("#form-status").inner_text().split()[1]
+    doc = db.document(f"generations/{app.uid}/images/{queued}").get().to_dict()
+    assert {key: doc.get(key) for key in params} == params
+    assert app.wait_final(queued) == "completed", app.job(queued).inner_text()
+    offline = r"ERR_INTERNET_DISCONNECTED|ERR_FAILED|transport errored|Could not reach Cloud Firestore backend"
+    assert [p for p in app.problems() if not re.search(offline, p)] == []
+
+
+def test_dismiss_hides_a_failed_job_in_this_browser_until_show_dismissed(open_page, stack):
+    """Failed and cancelled cards can be dismissed (firestore.rules forbid deleting a job): hidden in this
+    browser, through a reload; "Show N dismissed" brings them back. A live or completed job is never hidden."""
+    app = open_page()
+    _every_kind_of_job(stack, app.uid)
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 6", timeout=30_000)
+    dismiss = app.page.get_by_role("button", name=re.compile("^Dismiss "))
+    assert sorted(dismiss.evaluate_all("bs => bs.map(b => b.ariaLabel)")) == [
+        "Dismiss video “a castle in the clouds”",
+        "Dismiss video “a cat chasing a laser”",
+    ]
+    show = app.page.get_by_role("button", name=re.compile(r"^Show \d+ dismissed$"))
+    assert show.count() == 0
+    app.page.get_by_role("button", name="Dismiss video “a castle in the clouds”").click()
+    assert app.job("oom").is_hidden() and show.inner_text() == "Show 1 dismissed"
+    assert app.page.evaluate("document.activeElement.classList.contains('job')")  # not <body>
+    assert app.page.locator("#job-news").inner_text() == "Video “a castle in the clouds” dismissed"
+    app.page.get_by_role("button", name="Dismiss video “a cat chasing a laser”").click()
+    assert app.job("cancelled").is_hidden() and show.inner_text() == "Show 2 dismissed"
+    app.page.reload()
+    app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    show.wait_for(timeout=30_000)
+    assert show.inner_text() == "Show 2 dismissed"
+    assert app.job("oom").is_hidden() and app.job("cancelled").is_hidden() and app.job("running").is_visible()
+    # Run again (sent again after its user's limits refused it), it shows: a live job is never hidden.
+    oom = firestore_client(stack).document(f"generations/{app.uid}/videos/oom")
+    oom.update({"status": "processing", "error": False, "error_type": DELETE_FIELD, "error_message": DELETE_FIELD})
+    app.job("oom").wait_for(state="visible", timeout=30_000)
+    assert show.inner_text() == "Show 1 dismissed"
+    show.click()
+    assert app.job("cancelled").is_visible() and show.count() == 0
+    assert app.page.evaluate("document.activeElement.dataset.fileUid") == "cancelled"
+    app.page.reload()
+    app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    app.job("cancelled").wait_for(timeout=30_000)
+    assert app.page.locator(".job:visible").count() == 6 and show.count() == 0
+    assert app.problems() == []
+
+
+def test_an_ended_cards_buttons_are_named_by_its_prompt_and_axe_finds_nothing_serious(open_page, stack):
+    app = open_page(width=375)
+    _every_kind_of_job(stack, app.uid)
+    refused = {"error_type": "ValidationError", "error_message": contract_message(width=2000)}
+    _ended_image(stack, app.uid, "refused", prompt="a refused doc", width=2000, **refused)
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 7", timeout=30_000)
+    buttons = app.page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll('.job')].map(li => [li.dataset.fileUid,
+            [...li.querySelectorAll('button:not([hidden])')].map(b => b.ariaLabel)]))"""
+    )
+    castle, cat = "video “a castle in the clouds”", "video “a cat chasing a laser”"
+    assert buttons == {
+        "refused": ["Edit as new image “a refused doc”", "Dismiss image “a refused doc”"],
+        "an-image": ["Edit as new image “a lighthouse at dusk”"],
+        "a-video": ["Edit as new video “waves on a beach”"],
+        "cancelled": [f"Edit as new {cat}", f"Try again {cat}", f"Dismiss {cat}"],
+        "oom": [f"Edit as new {castle}", f"Try again {castle}", f"Dismiss {castle}"],
+        "finishing": [f"Cancel video “{('a red bicycle ' * 30)[:59]}…”"],
+        "running": ["Cancel video “a fox in the snow”"],
+    }
+    # Each is reached by the keyboard, with a focus ring; the visible text is in its name.
+    # From the cancelled card on (past the video's own controls).
+    app.page.evaluate(
+        "() => { const li = document.querySelector('.job[data-file-uid=cancelled]'); li.tabIndex = -1; li.focus(); }"
+    )
+    for cls in ("edit", "retry", "dismiss"):
+        stop = _tab_to(app, f"e => e.classList.contains('{cls}')")
+        assert app.page.evaluate("document.activeElement.ariaLabel").startswith(
+            app.page.evaluate("document.activeElement.textContent")
+        ), stop
+    app.page.get_by_role("button", name="Dismiss image “a refused doc”").click()
+    found = {}
+    for scheme in ("light", "dark"):
+        app.page.emulate_media(color_scheme=scheme)
+        for width in (375, 1280):
+            app.page.set_viewport_size({"width": width, "height": 900})
+            assert app.page.evaluate("document.documentElement.scrollWidth") <= width, (scheme, width)
+            found[f"{scheme} {width}"] = axe_violations(app.page)
+            app.shot(f"ended-{scheme}-{width}")
+    assert found == {key: [] for key in found}
+    assert app.problems() == []

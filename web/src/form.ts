@@ -2,7 +2,7 @@
 // (contract.gen.ts); the form does not validate: the callable answers with the contract's message, and for a
 // queued doc the page writes itself (or a number field whose text the browser cannot read) validate.ts gives
 // the same one.
-import { REQUEST_SCHEMA, type GenerationRequest, type MediaType } from "./contract.gen";
+import { REQUEST_SCHEMA, type GenerationRequest, type JobDoc, type MediaType } from "./contract.gen";
 
 type Props = typeof REQUEST_SCHEMA.properties;
 type NumericField = {
@@ -100,6 +100,11 @@ export function readRequest(form: HTMLFormElement, userId: string, fileUid: stri
   // Left out, such a field would quietly run at its default: it goes in as text, which the contract refuses as
   // no number (the browser does not tell what was typed).
   for (const [, field] of unreadableFields(form)) (request as unknown as Record<string, unknown>)[field] = "(not a number)";
+  return statesItsJob(request, media);
+}
+
+/** A request that names no field of its media type gets one at its default, so that it states its job. */
+function statesItsJob(request: GenerationRequest, media: MediaType): GenerationRequest {
   // A video job with every video field left to its default still names one, so it is a video job everywhere.
   if (media === "videos" && request.num_frames === undefined) request.num_frames = REQUEST_SCHEMA.properties.num_frames.default;
   // An image job with every field left to its default still names one, its steps, so that its doc states its job:
@@ -107,6 +112,39 @@ export function readRequest(form: HTMLFormElement, userId: string, fileUid: stri
   if (media === "images" && Object.values(FIELDS.images).every((field) => request[field] === undefined))
     request.num_inference_steps = REQUEST_SCHEMA.properties.num_inference_steps.default;
   return request;
+}
+
+/** The request fields a job's doc keeps as its request sent them (the page fills the ids and cloud storage). */
+const REQUEST_FIELDS = Object.keys(REQUEST_SCHEMA.properties).filter(
+  (name) => !["user_id", "file_uid", "use_cloud_storage"].includes(name),
+) as (keyof GenerationRequest)[];
+
+/** A job's request again, as a new job (`fileUid`): every request field its doc holds (a null one is left out,
+ * as the form leaves out an empty one). A finished job's doc holds the seed it ran with, drawn or asked for; only
+ * a failed job's (cancelled included) is its request's. */
+export function requestOf(doc: JobDoc, media: MediaType, userId: string, fileUid: string): GenerationRequest {
+  const request: Record<string, unknown> = { prompt: doc.prompt ?? "" };
+  for (const name of REQUEST_FIELDS) {
+    const value = (doc as unknown as Record<string, unknown>)[name];
+    if (value !== undefined && value !== null && !(name === "seed" && doc.status === "completed")) request[name] = value;
+  }
+  Object.assign(request, { user_id: userId, file_uid: fileUid, use_cloud_storage: true });
+  return statesItsJob(request as unknown as GenerationRequest, media);
+}
+
+/** Fill the form with a job's request (`requestOf`: the seed only where the doc holds its request's), for its
+ * media type; a field its doc does not state is left empty (its default). */
+export function fillForm(form: HTMLFormElement, doc: JobDoc, media: MediaType): void {
+  const request = requestOf(doc, media, "", "") as unknown as Record<string, unknown>;
+  const text = (value: unknown) => (typeof value === "number" || typeof value === "string" ? String(value) : "");
+  (form.querySelector(`input[name=media][value=${media}]`) as HTMLInputElement).checked = true;
+  applyRanges(form);
+  (document.getElementById("prompt") as HTMLTextAreaElement).value = text(doc.prompt);
+  (document.getElementById("negative_prompt") as HTMLTextAreaElement).value = text(doc.negative_prompt);
+  input("seed").value = text(request.seed);
+  // Every number field, the other media type's too (they come back when it is chosen): only the doc's stand.
+  for (const fields of Object.values(FIELDS)) for (const id of Object.keys(fields)) input(id).value = "";
+  for (const [id, field] of Object.entries(FIELDS[media])) input(id).value = text((doc as unknown as Record<string, unknown>)[field]);
 }
 
 /** The form's input for each request field the contract may name in a message (a video's size is Width/Height). */

@@ -9,7 +9,33 @@ export interface Job {
   doc: JobDoc;
 }
 
-export type CancelHandler = (job: Job) => void;
+/** What a card's buttons do; each is given the job as last listed. `retry` resolves to its error, if any. */
+export interface CardHandlers {
+  cancel: (job: Job) => void;
+  edit: (job: Job) => void;
+  retry: (job: Job) => Promise<string | null>;
+  dismiss: (job: Job) => void;
+}
+
+/** A job's key in the list (and among the dismissed): one file_uid may name an image and a video. */
+export function keyOf(job: Job): string {
+  return `${job.media}/${job.id}`;
+}
+
+/** Failed and cancelled jobs may be dismissed; a queued, processing or completed one is always listed. */
+export function dismissable(job: Job): boolean {
+  return job.doc.status === "failed";
+}
+
+/** A job refused for its parameters: sending it again as it was would be refused again. */
+function refusedForInput(doc: JobDoc): boolean {
+  return doc.status === "failed" && doc.error_type === "ValidationError";
+}
+
+/** The job's kind and prompt, as its controls are named: `video “waves on a beach”`. */
+export function named(job: Job): string {
+  return `${kindOf(job).toLowerCase()} ${quoted(job.doc)}`;
+}
 
 const MEDIA: MediaType[] = ["images", "videos"];
 
@@ -103,16 +129,21 @@ function link(url: string, text: string): HTMLAnchorElement {
 /** Create or update the list item of each job; media elements are built once, when the job completes. Returns
  * what to tell screen readers: each job already listed that started, ended or was queued again (a job listed for
  * the first time, as on a reload, is no news; a percent never is). */
-export function renderJobs(list: HTMLOListElement, jobs: Job[], onCancel: CancelHandler): string[] {
+export function renderJobs(
+  list: HTMLOListElement,
+  jobs: Job[],
+  handlers: CardHandlers,
+  hidden: (job: Job) => boolean = () => false,
+): string[] {
   const existing = new Map([...list.children].map((li) => [(li as HTMLElement).dataset.key!, li as HTMLLIElement]));
   const order: HTMLLIElement[] = [];
   const said: string[] = [];
   for (const job of jobs) {
-    const key = `${job.media}/${job.id}`;
-    const known = existing.get(key);
-    const li = known ?? card(job, onCancel);
+    const known = existing.get(keyOf(job));
+    const li = known ?? card(job, handlers);
     const before = known?.dataset.phase;
     update(li, job);
+    li.hidden = hidden(job);
     if (known && before !== li.dataset.phase) said.push(news(job, li.dataset.phase!));
     order.push(li);
   }
@@ -165,10 +196,29 @@ function clip(text: string, most: number): string {
 /** How much of a prompt goes into a control's accessible name and into the news. */
 const NAME_CHARS = 60;
 
+/** The job each card shows, as last listed (its buttons act on that). */
+const shown = new WeakMap<HTMLLIElement, Job>();
+
+/** A button that refuses presses while `act` runs (aria-disabled, not disabled: that would drop the keyboard's
+ * focus to <body>), so a double click acts once. */
+function busyButton(className: string, text: string, act: () => Promise<unknown> | void): HTMLButtonElement {
+  const button = el("button", { type: "button", className, textContent: text });
+  button.addEventListener("click", async () => {
+    if (button.getAttribute("aria-disabled") === "true") return;
+    button.setAttribute("aria-disabled", "true");
+    try {
+      await act();
+    } finally {
+      button.removeAttribute("aria-disabled");
+    }
+  });
+  return button;
+}
+
 /** A job's card, built once: updates change its parts in place, so a focused Cancel button keeps its focus. */
-function card(job: Job, onCancel: CancelHandler): HTMLLIElement {
+function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   const li = el("li", { className: "job" });
-  li.dataset.key = `${job.media}/${job.id}`;
+  li.dataset.key = keyOf(job);
   li.dataset.fileUid = job.id;
   li.dataset.media = job.media;
   const kind = kindOf(job);
@@ -177,10 +227,27 @@ function card(job: Job, onCancel: CancelHandler): HTMLLIElement {
   const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel" });
   // Only its id and media are read, which never change. Once asked, the button refuses presses but is not
   // disabled: a disabled button would drop the keyboard's focus to <body>.
-  cancel.addEventListener("click", () => cancel.getAttribute("aria-disabled") !== "true" && onCancel(job));
+  cancel.addEventListener("click", () => cancel.getAttribute("aria-disabled") !== "true" && handlers.cancel(job));
+  // An ended job's buttons (update() shows those its state allows). What a try again met is said beside it too:
+  // the form's line, where the page says it aloud, may be far above the card.
+  const note = el("p", { className: "note" });
+  const latest = () => shown.get(li) ?? job;
+  const retry = busyButton("retry", "Try again", async () => {
+    note.textContent = "";
+    note.textContent = (await handlers.retry(latest())) ?? "";
+  });
+  const actions = el(
+    "div",
+    { className: "actions" },
+    el("button", { type: "button", className: "edit", textContent: "Edit as new", onclick: () => handlers.edit(latest()) }),
+    retry,
+    el("button", { type: "button", className: "dismiss", textContent: "Dismiss", onclick: () => handlers.dismiss(latest()) }),
+  );
   li.append(
     el("h3", {}, `${kind}: `, el("span", { className: "prompt" })),
     el("div", { className: "state" }, el("span", { className: "status" }), bar, el("span", { className: "percent" }), cancel),
+    actions,
+    note,
     el("dl"),
   );
   return li;
@@ -190,6 +257,7 @@ function card(job: Job, onCancel: CancelHandler): HTMLLIElement {
 const PROMPT_SHOWN = 200;
 
 function update(li: HTMLLIElement, job: Job): void {
+  shown.set(li, job);
   const { doc } = job;
   const final = (FINAL_STATES as readonly string[]).includes(doc.status);
   const progress = doc.status === "completed" ? 1 : (doc.progress ?? 0);
@@ -215,14 +283,25 @@ function update(li: HTMLLIElement, job: Job): void {
   // An ended job's status says it all: a failed job's empty bar and 0% only read as a job stuck at the start.
   bar.hidden = percent.hidden = final;
   // Hidden, not removed, once the job ends: a job refused for its user's limits and sent again runs once more.
+  // Likewise an ended job's buttons, while it runs again.
   const cancel = li.querySelector<HTMLButtonElement>("button.cancel")!;
-  cancel.setAttribute("aria-label", `Cancel ${kind} ${quoted(doc)}`);
-  if (final && document.activeElement === cancel) {
-    // A focused button that goes would leave the focus on <body>: it stays on the card instead.
-    li.tabIndex = -1;
-    li.focus();
+  const buttons: [HTMLButtonElement, string, boolean][] = [
+    [cancel, "Cancel", !final],
+    [li.querySelector<HTMLButtonElement>("button.edit")!, "Edit as new", final],
+    [li.querySelector<HTMLButtonElement>("button.retry")!, "Try again", doc.status === "failed" && !refusedForInput(doc)],
+    [li.querySelector<HTMLButtonElement>("button.dismiss")!, "Dismiss", dismissable(job)],
+  ];
+  for (const [button, action, shows] of buttons) {
+    button.setAttribute("aria-label", `${action} ${kind} ${quoted(doc)}`);
+    if (!shows && document.activeElement === button) {
+      // A focused button that goes would leave the focus on <body>: it stays on the card instead.
+      li.tabIndex = -1;
+      li.focus();
+    }
+    button.hidden = !shows;
   }
-  cancel.hidden = final;
+  // What a try again met is old news once the job runs again.
+  if (!final) li.querySelector(".note")!.textContent = "";
   if (doc.cancel_requested) cancel.setAttribute("aria-disabled", "true");
   else cancel.removeAttribute("aria-disabled");
   li.querySelector("p.error")?.remove();

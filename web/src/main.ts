@@ -8,8 +8,9 @@ import { connectFirestoreEmulator, doc, getDoc, getFirestore, serverTimestamp, s
 import { connectFunctionsEmulator, getFunctions, httpsCallable, type Functions } from "firebase/functions";
 import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
-import { applyRanges, inexactSeed, markInvalid, mediaType, readRequest, unreadable } from "./form";
-import { listenToJobs, renderJobs, type Job } from "./jobs";
+import { Dismissed } from "./dismissed";
+import { applyRanges, fillForm, inexactSeed, markInvalid, mediaType, readRequest, requestOf, unreadable } from "./form";
+import { dismissable, keyOf, listenToJobs, named as nameOf, renderJobs, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
 /** The callable's reply (functions/dispatch.py `generate`). */
@@ -54,11 +55,16 @@ function say(text: string): void {
   $("form-status").textContent = text;
 }
 
-/** Show an error; one that names a field of the form marks that field invalid and is its description. */
-function fail(text: string): void {
+/** Show an error; one that names a field of the form marks that field invalid and is its description (not for a
+ * card's request, which the form does not hold: `mark` false). */
+function fail(text: string, mark = true): void {
   $("form-status").textContent = "";
   $("form-error").textContent = text;
-  markInvalid(text, "form-error");
+  markInvalid(mark ? text : null, "form-error");
+}
+
+function capital(text: string): string {
+  return text.charAt(0).toUpperCase() + text.slice(1);
 }
 
 function message(error: unknown): string {
@@ -96,10 +102,18 @@ function showConnection(cached: boolean): void {
 /** An error the connection caused goes once the connection is back (an audit saw it stay beside a finished job). */
 function clearConnectionError(): void {
   const error = $("form-error").textContent ?? "";
-  if (error === NO_ANSWER || error.startsWith("Could not record the")) {
+  if (connectionError(error)) {
     $("form-error").textContent = "";
     markInvalid(null, "form-error");
   }
+  // A card's note of a try again that the connection failed goes with it.
+  for (const note of document.querySelectorAll<HTMLElement>(".job .note")) {
+    if (connectionError(note.textContent ?? "")) note.textContent = "";
+  }
+}
+
+function connectionError(text: string): boolean {
+  return text === NO_ANSWER || text.startsWith("Could not record the");
 }
 
 async function main(): Promise<void> {
@@ -144,6 +158,7 @@ async function main(): Promise<void> {
 
   let cached = false;
   let listed: Job[] = [];
+  const dismissed = new Dismissed(config.options.projectId ?? "", uid);
   const ended = (id: string | null) =>
     listed.some((job) => job.id === id && (FINAL_STATES as readonly string[]).includes(job.doc.status));
   /** The form's line about a job is old news once the job ended (its card says how): it goes, a while later. */
@@ -198,6 +213,76 @@ async function main(): Promise<void> {
 
   window.addEventListener("online", () => showConnection(cached));
   window.addEventListener("offline", () => showConnection(cached));
+  /** Fill the form with an ended job's request, to change it and send it as a new job; the focus goes to the
+   * prompt. A job refused for its input shows its message, on the field it names, as the form's own refusal. */
+  const edit = (job: Job) => {
+    fillForm(form, job.doc, job.media);
+    const filled = `Form filled from ${nameOf(job)}: change it and press Generate`;
+    if (job.doc.status === "failed" && job.doc.error_type === "ValidationError") fail(job.doc.error_message ?? "Generation failed");
+    else say("");
+    $("form-status").textContent = filled;
+    $<HTMLTextAreaElement>("prompt").focus();
+  };
+  /** Send a failed or cancelled job's request again, as a new job, as the form sends its own. */
+  const retry = async (job: Job): Promise<string | null> => {
+    const request = requestOf(job.doc, job.media, uid, crypto.randomUUID());
+    const via = functions ? new FormData(form).get("via") : "document";
+    // The contract's own check first, in either flow: the doc's values may be past what the page sends exactly (a
+    // seed beyond 2^53 read from another client's doc), and the page says so as its form does.
+    const refused = contractMessage(request);
+    if (refused) {
+      fail(refused, false);
+      return refused;
+    }
+    return send(request, job.media, via === "document" ? "document" : "callable", false);
+  };
+  /** Hide a failed or cancelled job in this browser; the focus goes to the card that takes its place. */
+  const dismiss = (job: Job) => {
+    if (!dismissable(job)) return;
+    const li = list.querySelector<HTMLLIElement>(`li[data-key="${CSS.escape(keyOf(job))}"]`);
+    dismissed.add(keyOf(job));
+    render();
+    $("job-news").textContent = `${capital(nameOf(job))} dismissed`;
+    const visible = (node: Element | null | undefined) => (node && !(node as HTMLElement).hidden ? (node as HTMLElement) : null);
+    let next: HTMLElement | null = null;
+    for (let node = li?.nextElementSibling; node && !next; node = node.nextElementSibling) next = visible(node);
+    for (let node = li?.previousElementSibling; node && !next; node = node.previousElementSibling) next = visible(node);
+    next ??= $("show-dismissed");
+    if (next.tagName === "LI") next.tabIndex = -1;
+    next.focus();
+  };
+  const handlers = { cancel, edit, retry, dismiss };
+  const showDismissed = $<HTMLButtonElement>("show-dismissed");
+  showDismissed.addEventListener("click", () => {
+    const back = listed.filter((job) => dismissable(job) && dismissed.has(keyOf(job)));
+    dismissed.clear();
+    render();
+    $("job-news").textContent = `${back.length} dismissed ${back.length === 1 ? "job" : "jobs"} shown again`;
+    // The button goes: the focus goes to the first job it brought back.
+    const first = back.length ? list.querySelector<HTMLLIElement>(`li[data-key="${CSS.escape(keyOf(back[0]))}"]`) : null;
+    const target = first ?? $("jobs-title");
+    if (first) first.tabIndex = -1;
+    target.focus();
+  });
+  let loadedOnce = false;
+  /** The jobs as last listed, less those dismissed; returns what to tell screen readers. */
+  const render = (): string[] => {
+    const hidden = (job: Job) => dismissable(job) && dismissed.has(keyOf(job));
+    const count = listed.filter(hidden).length;
+    // Until both collections have answered, no job listed is no news: "No jobs yet." would flash on a reload.
+    // Nor is it from the cache alone (the server unreachable at a reload): the jobs are not known yet.
+    $("no-jobs").textContent = loadedOnce && !cached ? "No jobs yet." : "Loading your jobs…";
+    $("no-jobs").hidden = listed.length > 0;
+    showDismissed.textContent = `Show ${count} dismissed`;
+    if (!count && document.activeElement === showDismissed) $("jobs-title").focus();
+    showDismissed.hidden = count === 0;
+    return renderJobs(list, listed, handlers, hidden);
+  };
+  window.addEventListener("storage", (event) => {
+    if (!dismissed.concerns(event)) return;
+    dismissed.reload();
+    render();
+  });
   listenToJobs(
     db,
     uid,
@@ -205,12 +290,11 @@ async function main(): Promise<void> {
       cached = fromCache;
       showConnection(cached);
       listed = jobs;
+      loadedOnce = loaded;
       settle();
-      // Until both collections have answered, no job listed is no news: "No jobs yet." would flash on a reload.
-      // Nor is it from the cache alone (the server unreachable at a reload): the jobs are not known yet.
-      $("no-jobs").textContent = loaded && !fromCache ? "No jobs yet." : "Loading your jobs…";
-      $("no-jobs").hidden = jobs.length > 0;
-      const news = renderJobs(list, jobs, cancel);
+      // Jobs deleted at their expiry are forgotten, once the server has said which there are.
+      if (loaded && !fromCache) dismissed.keepOnly(new Set(jobs.map(keyOf)));
+      const news = render();
       // Screen readers hear a job start or end (not its every percent), and what failed it.
       if (news.length) $("job-news").textContent = news.join(". ");
     },
@@ -237,6 +321,22 @@ async function main(): Promise<void> {
     if (refused) return fail(refused);
     sending = true;
     button.setAttribute("aria-disabled", "true");
+    try {
+      await send(request, media, via === "document" ? "document" : "callable", true);
+    } finally {
+      sending = false;
+      button.removeAttribute("aria-disabled");
+    }
+  });
+
+  /** Send a request through the callable or as a queued doc, saying how it goes on the form's lines; resolves to
+   * the error shown, if any. `mark`: a refusal marks the form's field it names (the form's own request). */
+  async function send(
+    request: GenerationRequest,
+    media: MediaType,
+    via: "callable" | "document",
+    mark: boolean,
+  ): Promise<string | null> {
     say("Submitting…");
     // Offline, a queued doc's write waits (the SDK sends it once the connection is back): say so.
     const waiting = () => say(navigator.onLine ? "Still waiting for the server…" : "Waiting for the connection…");
@@ -253,15 +353,16 @@ async function main(): Promise<void> {
         name(reply.data.fileUid);
         settle();
       }
+      return null;
     } catch (error) {
       // The callable's invalid-argument carries the contract's own message.
-      fail(isCode(error, "permission-denied") && via === "document" ? RULES_REFUSED : callableMessage(error));
+      const text = isCode(error, "permission-denied") && via === "document" ? RULES_REFUSED : callableMessage(error);
+      fail(text, mark);
+      return text;
     } finally {
       clearTimeout(slow);
-      sending = false;
-      button.removeAttribute("aria-disabled");
     }
-  });
+  }
 
   /** The contract's other client flow: write the queued doc; the dispatchQueuedJob trigger (or a worker) takes it. */
   async function writeJob(request: GenerationRequest, media: MediaType): Promise<void> {

@@ -21,6 +21,16 @@ const FILLED_BY_PAGE = new Set(["user_id", "file_uid", "use_cloud_storage"]);
 
 const invalid = (what: string) => `Validation failed: ${what}`;
 
+// Python's str.strip() whitespace, which the contract strips to find a blank prompt: JavaScript's trim() also
+// strips U+FEFF and not U+001C-U+001F nor U+0085 (audit: a prompt of "\x85" was written, then refused by the
+// worker; one of a BOM was refused here, accepted by the callable).
+const BLANK = /^[\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$/;
+// A lone UTF-16 surrogate, which the Firestore SDK would write as U+FFFD (the contract refuses it).
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+// JSON.stringify writes a number from 1e21 up with an exponent, which the contract (Python's json) reads as a
+// float: no integer, as the callable would say it.
+const JSON_INTEGER_LIMIT = 1e21;
+
 /** The contract's message for the first field it refuses, or null where it accepts the request. */
 export function contractMessage(request: GenerationRequest): string | null {
   const required = REQUEST_SCHEMA.required as readonly string[];
@@ -34,7 +44,7 @@ export function contractMessage(request: GenerationRequest): string | null {
 }
 
 function check(name: string, node: Spec, value: unknown, required: boolean): string | null {
-  if (value === undefined || value === null || (required && typeof value === "string" && !value.trim())) {
+  if (value === undefined || value === null || (required && typeof value === "string" && BLANK.test(value))) {
     return required ? `${name} is required` : null;
   }
   const nullable = node.anyOf !== undefined;
@@ -45,18 +55,21 @@ function check(name: string, node: Spec, value: unknown, required: boolean): str
     if (spec.maxLength !== undefined && [...value].length > spec.maxLength) {
       return invalid(`${name} must be at most ${spec.maxLength} characters`);
     }
+    if (LONE_SURROGATE.test(value)) return invalid(`${name} must be valid Unicode text (it holds a lone UTF-16 surrogate)`);
   } else if (spec.type === "integer" || spec.type === "number") {
     const integer = spec.type === "integer";
     const typeMessage = invalid(`${name} must be ${integer ? "an integer" : "a number"}${nullable ? " or null" : ""}`);
-    if (typeof value !== "number" || (integer && !Number.isInteger(value))) return typeMessage;
-    // A seed past 64 bits is refused for its size (the contract's int64 check, as the callable answers it).
-    if (name === "seed" && (value < -(2 ** 63) || value >= 2 ** 63)) return invalid("seed must fit in a signed 64-bit integer");
+    if (typeof value !== "number" || (integer && !(Number.isInteger(value) && Math.abs(value) < JSON_INTEGER_LIMIT))) {
+      return typeMessage;
+    }
+    // A seed past 64 bits is refused for its size (the contract's int64 check, as the callable answers it). At
+    // exactly ±2^63 the number typed may have been one that fits (2^63 - 1 reads as 2^63): the next message holds.
+    if (name === "seed" && (value < -(2 ** 63) || value > 2 ** 63)) return invalid("seed must fit in a signed 64-bit integer");
     // Past 2^53 a JavaScript number is a double: the seed typed would reach the worker rounded (the callable) or
     // as a double, which the contract does not read as an integer (a document).
     if (name === "seed" && !Number.isSafeInteger(value)) {
       return invalid(`seed must be between ${-Number.MAX_SAFE_INTEGER} and ${Number.MAX_SAFE_INTEGER} in this page (a larger one would be rounded)`);
     }
-    if (integer && !Number.isSafeInteger(value)) return typeMessage;
     const { minimum = -Infinity, maximum = Infinity } = spec;
     if (!(Number.isFinite(value) && minimum <= value && value <= maximum)) {
       const bound = (b: number) => (integer ? String(b) : b.toFixed(1));
