@@ -335,6 +335,7 @@ def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[s
     if media_type not in TASK_TYPE:
         raise invalid(f"media type must be 'images' or 'videos', not '{media_type}'")
     fields = {k: v for k, v in normalise_document_fields(data).items() if k in KNOWN_FIELDS}
+    _check_text(fields, "prompt", required=True)  # first, as runsync and the callable check it
     cloud = fields.get("use_cloud_storage")
     if cloud is not None and not isinstance(cloud, bool):  # as runsync says it (1 == True, and is no boolean)
         raise invalid(NOT_BOOLEAN)

@@ -261,6 +261,7 @@ def test_doc_worker_fields_and_unknown_metadata_are_skipped():
             dict(CLIENT_DOC, use_cloud_storage="true"),
             "Validation failed: use_cloud_storage must be a boolean",
         ),
+        ("images", dict(CLIENT_DOC, prompt=" ", use_cloud_storage=False), "prompt is required"),  # runsync's order
         ("videos", dict(CLIENT_DOC, numFrames=100), "num_frames must be between 16 and 81"),
         ("videos", dict(CLIENT_DOC, numFrames="16"), "Validation failed: num_frames must be an integer"),
         (
