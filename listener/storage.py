@@ -118,7 +118,10 @@ class RetryPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
-        return cls(attempts=settings.upload_retry_attempts, max_seconds=settings.upload_retry_max_seconds)
+        # A request's timeout a third of the budget: a server that hangs (not refuses) would otherwise take the
+        # whole budget with its first request, and nothing be tried again (chaos audit: a Storage paused 90 s).
+        budget = settings.upload_retry_max_seconds
+        return cls(attempts=settings.upload_retry_attempts, max_seconds=budget, request_timeout=min(60.0, budget / 3))
 
 
 # ---------------------------------------------------------------------------------------------- names

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -492,6 +493,29 @@ def test_a_hanging_server_times_out_within_the_budget(bucket):
         with pytest.raises(StorageUnavailable, match="timed out"):
             store.upload("u", "f", "text2image", images(PNG))
         assert time.monotonic() - started < 3
+
+
+def test_a_hanging_server_is_tried_again_within_the_budget_the_settings_give(clean_env, bucket):
+    """Chaos audit: with the default settings a request's timeout was the whole budget (60 s), so a Storage that
+    hung got one request and no retry. A request now has a third of the budget."""
+    with socket.socket() as server:
+        server.bind((emu.HOST, 0))
+        server.listen(16)
+        url = f"http://{emu.HOST}:{server.getsockname()[1]}"
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        clean_env.setenv("STORAGE_BUCKET", bucket.name)
+        clean_env.setenv("STORAGE_EMULATOR_HOST", url)
+        clean_env.setenv("UPLOAD_RETRY_MAX_SECONDS", "3")
+        client = storage.Client(project="p", credentials=AnonymousCredentials(), client_options={"api_endpoint": url})
+        store = ResultStore.from_settings(client, load_settings())
+        with structlog.testing.capture_logs() as logs, pytest.raises(StorageUnavailable) as raised:
+            store.upload("u", "f", "text2image", images(PNG))
+        assert re.search(r"after [2-9] attempt\(s\)", str(raised.value)), raised.value
+        assert [entry["event"] for entry in logs if entry["event"] == "upload_retry"]
+    clean_env.delenv("UPLOAD_RETRY_MAX_SECONDS")
+    assert RetryPolicy.from_settings(load_settings()).request_timeout == 20  # the default budget's third
 
 
 def test_a_permanent_error_is_not_retried(storage_client, storage_emulator):
