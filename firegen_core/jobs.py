@@ -215,9 +215,11 @@ class JobStore:
         now = snapshot.read_time
         before = {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
         update = decide(before, now)
+        recounted = None
         if update is not None:
-            usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
-            usage = (self._recount(key, usage, before, update) if admit else None) or usage
+            usage = read = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
+            recounted = self._recount(key, usage, before, update) if admit else None
+            usage = recounted or usage
             update = self._limit(key, before, update, usage, now, admit=admit)
         if update and isinstance(update.get(lifecycle.EXPIRE_AT), datetime):
             update = {**update, **lifecycle.expiry(now=now)}  # from the finish's server time, not this host's
@@ -239,6 +241,15 @@ class JobStore:
             batch.commit(**BOUND)
         except (FailedPrecondition, AlreadyExists, NotFound) as exc:
             raise _Conflict from exc
+        if recounted and change:  # said once written: counts read just before another's transition are no drift
+            log.warning(
+                "usage_recounted",
+                extra={
+                    "user_id": key.user_id,
+                    "pending": [read.pending, recounted.pending],
+                    "running": [read.running, recounted.running],
+                },
+            )
         return Outcome(before, update, now)
 
     def _recount(self, key: JobKey, usage: quota.Usage, before: dict | None, update: dict) -> quota.Usage | None:
@@ -271,16 +282,7 @@ class JobStore:
                 _COUNTED_RIGHT.clear()
             _COUNTED_RIGHT[user] = time.monotonic()  # right: a user truly at a limit is not counted often
             return None
-        counted = replace(usage, pending=min(pending, usage.pending), running=min(running, usage.running))
-        log.warning(
-            "usage_recounted",
-            extra={
-                "user_id": key.user_id,
-                "pending": [usage.pending, counted.pending],
-                "running": [usage.running, counted.running],
-            },
-        )
-        return counted
+        return replace(usage, pending=min(pending, usage.pending), running=min(running, usage.running))
 
     def _unchanged(self, snapshot):
         return self.client.write_option(last_update_time=snapshot.update_time)
