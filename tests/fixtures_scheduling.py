@@ -48,7 +48,7 @@ def sched_worker(firestore_client, results):
         )
         reconciler = Reconciler(job_store, runner, sweep_interval=sweep, capacity=capacity)
         started.append(reconciler.start())
-        assert reconciler.wait_listening(10)
+        assert reconciler.wait_listening(60)
         return reconciler
 
     yield make

@@ -75,7 +75,7 @@ def make_worker(firestore_client, storage_client, bucket, emulator_env):
         settings = load_settings(storage_bucket=bucket.name, sweep_interval_seconds=30, **settings)
         worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=f"w{len(workers)}")
         workers.append(worker.start())
-        assert worker.reconciler.wait_listening(10)
+        assert worker.reconciler.wait_listening(60)
         return worker
 
     yield make

@@ -96,7 +96,7 @@ def make_worker(firestore_client, results):
             placeholder_grace=grace,
         )
         started.append(reconciler.start())
-        assert reconciler.wait_listening(10)
+        assert reconciler.wait_listening(60)
         return reconciler
 
     yield make
@@ -545,7 +545,7 @@ def test_a_claim_on_its_way_when_the_worker_stops_runs_within_the_grace_or_is_gi
     store = SlowClaimStore(firestore_client, worker_id="leaving", lease_seconds=30)
     generator = StubGenerator()
     worker = Reconciler(store, JobRunner(store, generator, results), sweep_interval=SLOW_SWEEP).start()
-    assert worker.wait_listening(10)
+    assert worker.wait_listening(60)
     key = JobKey("u1", "images", "in-flight")
     write_job(firestore_client, key)
     assert store.entered.wait(10)
