@@ -279,17 +279,22 @@ class Emulator:
                 if self not in STARTED:
                     STARTED.append(self)
             proc = self._proc
-            if not wait_until(lambda: proc.poll() is not None or self.is_ready(), START_TIMEOUT_S, 0.05) or (
+            limit = self.start_timeout()
+            if not wait_until(lambda: proc.poll() is not None or self.is_ready(), limit, 0.05) or (
                 proc.poll() is not None
             ):
                 code = proc.poll()
                 self.stop()
-                why = f"exited with code {code}" if code is not None else f"not ready after {START_TIMEOUT_S:.0f}s"
+                why = f"exited with code {code}" if code is not None else f"not ready after {limit:.0f}s"
                 raise EmulatorError(
                     f"{self.name} on {self.host_port} {why}; log {self.log_path}:\n{_tail(self.log_path)}"
                 )
             self.last_start_seconds = time.monotonic() - t0
             return self
+
+    def start_timeout(self) -> float:
+        """How long a start may take to be ready (EMULATOR_START_TIMEOUT)."""
+        return START_TIMEOUT_S
 
     def ensure_running(self) -> Emulator:
         """Start it if a test left it stopped (or its process died, or it stopped answering)."""

@@ -35,6 +35,16 @@ FUNCTIONS_PYTHON = FUNCTIONS / "venv" / "bin" / "python"
 REGION = "us-central1"
 PORT_NAMES = ("auth", "functions", "firestore", "storage", "hub", "logging", "websocket", "hosting")
 DISCOVERY_TIMEOUT_S = 60
+
+
+def _discovery_timeout() -> float:
+    """FUNCTIONS_DISCOVERY_TIMEOUT (seconds, the Firebase CLI's own setting), else DISCOVERY_TIMEOUT_S."""
+    try:
+        return max(float(os.environ.get("FUNCTIONS_DISCOVERY_TIMEOUT") or DISCOVERY_TIMEOUT_S), 0.0)
+    except ValueError:
+        return DISCOVERY_TIMEOUT_S
+
+
 EMULATORS = ("functions", "auth", "firestore")  # the first one's port is `self.port`
 STOP_WAIT_S = 20.0
 
@@ -266,12 +276,18 @@ class FirebaseCli(emu.Emulator):
         )
         env = {k: v for k, v in os.environ.items() if k not in drop}
         env.update(setup.cli_env(), NO_UPDATE_NOTIFIER="1", CI="true")
-        # The CLI gives the functions' code 10 s to declare its functions; on a busy machine (a 2-core laptop
-        # beside a test run) it took longer, and make dev fell back to the stack without Functions (audit).
+        # The CLI gives the functions' code 10 s to declare its functions (and a function 30 s to serve once
+        # started); on a busy machine (a 2-core laptop beside a test run) it took longer, and make dev fell back
+        # to the stack without Functions (audit). A value of the user's own is kept.
         env.setdefault("FUNCTIONS_DISCOVERY_TIMEOUT", str(DISCOVERY_TIMEOUT_S))
         if "storage" in self.emulators and (runtime := storage_rules_runtime()):
             env["STORAGE_EMULATOR_BINARY_PATH"] = str(runtime)
         return env
+
+    def start_timeout(self) -> float:
+        # "All emulators ready" comes once the functions have declared themselves, which may take the whole
+        # discovery timeout after the rest has started.
+        return super().start_timeout() + (_discovery_timeout() if "functions" in self.emulators else 0)
 
     def is_ready(self) -> bool:
         # Polled while it starts: the Java it starts outlives a CLI that fails to start (a port taken meanwhile),

@@ -29,6 +29,8 @@ MAX_MESSAGE_CHARS = 300  # every message stored on a doc or returned to a client
 MAX_QUOTED_CHARS = 60  # a client's own text quoted in a message (an unknown field's name)
 
 
+NOT_BOOLEAN = "use_cloud_storage must be a boolean"  # runsync's; a doc's and the callable's alike
+
 # A lone UTF-16 surrogate: JSON and JavaScript strings can carry one, UTF-8 (Firestore, HTTP bodies) cannot.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -319,7 +321,6 @@ def finished_otherwise(request: GenerationRequest, changes: Mapping[str, Any]) -
     )
 
 
-NOT_BOOLEAN = "use_cloud_storage must be a boolean"
 # A job doc's results go to Cloud Storage: inline results (`use_cloud_storage: false`) are runsync's alone.
 CLOUD_ONLY = "use_cloud_storage must be true: results go to Cloud Storage"
 
@@ -339,11 +340,12 @@ def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[s
     cloud = fields.get("use_cloud_storage")
     if cloud is not None and not isinstance(cloud, bool):  # as runsync says it (1 == True, and is no boolean)
         raise invalid(NOT_BOOLEAN)
-    if cloud is False:
-        raise invalid(CLOUD_ONLY)
     task_type = TASK_TYPE[media_type]
     if task_type == TEXT2IMAGE and _video_given(fields):
         video_field = sorted(name for name in VIDEO_FIELDS if fields.get(name) is not None)[0]
         raise invalid(f"{video_field} is a video field: video jobs belong under generations/{{user_id}}/videos")
     fields.update(user_id=user_id, file_uid=file_uid)
-    return _build(fields, use_cloud_storage=True, task_type=task_type)
+    request = _build(fields, use_cloud_storage=True, task_type=task_type)
+    if cloud is False:  # after the parameters, as the callable refuses it
+        raise invalid(CLOUD_ONLY)
+    return request

@@ -215,11 +215,12 @@ class JobStore:
         now = snapshot.read_time
         before = {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
         update = decide(before, now)
-        recounted = None
+        recount: tuple[quota.Usage, quota.Usage] | None = None  # (as read, as the docs count it)
         if update is not None:
-            usage = read = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
+            usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
             recounted = self._recount(key, usage, before, update) if admit else None
-            usage = recounted or usage
+            if recounted:
+                recount, usage = (usage, recounted), recounted
             update = self._limit(key, before, update, usage, now, admit=admit)
         if update and isinstance(update.get(lifecycle.EXPIRE_AT), datetime):
             update = {**update, **lifecycle.expiry(now=now)}  # from the finish's server time, not this host's
@@ -231,8 +232,8 @@ class JobStore:
         else:
             batch.create(snapshot.reference, update)
         change = quota.change(before, update, now)
-        if change:
-            fields = usage.after(change).document(self.limits, now, SERVER_TIMESTAMP)
+        if change or recount:  # lowered counts are written even where this transition counts for nothing
+            fields = (usage.after(change) if change else usage).document(self.limits, now, SERVER_TIMESTAMP)
             if usage_snapshot.exists:
                 batch.update(usage_snapshot.reference, fields, option=self._unchanged(usage_snapshot))
             else:
@@ -241,13 +242,14 @@ class JobStore:
             batch.commit(**BOUND)
         except (FailedPrecondition, AlreadyExists, NotFound) as exc:
             raise _Conflict from exc
-        if recounted and change:  # said once written: counts read just before another's transition are no drift
+        if recount:  # said once written: counts read just before another's transition landed were no drift
+            read, counted = recount
             log.warning(
                 "usage_recounted",
                 extra={
                     "user_id": key.user_id,
-                    "pending": [read.pending, recounted.pending],
-                    "running": [read.running, recounted.running],
+                    "pending": [read.pending, counted.pending],
+                    "running": [read.running, counted.running],
                 },
             )
         return Outcome(before, update, now)

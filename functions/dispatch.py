@@ -301,10 +301,10 @@ def _reply(key: JobKey, message: str, status: str) -> dict[str, Any]:
 # protobuf JSON, {"@type": ".../Int64Value", "value": "42"}: the Node Functions SDK reads it as a number, the
 # Python one hands it on as that object (audit: an Android app's Long seed was refused "must be an integer").
 _WRAPPED_INTEGERS = frozenset(f"type.googleapis.com/google.protobuf.{name}" for name in ("Int64Value", "UInt64Value"))
-_INTEGER_TEXT = re.compile(r"-?[0-9]+")
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,40}")  # bounded: int() refuses 4,300 digits (ValueError: INTERNAL)
 
 
-def unwrapped(data: Any) -> Any:
+def _unwrapped(data: Any) -> Any:
     """A callable's data with its fields' wrapped 64-bit integers as ints (anything else as it came)."""
     if not isinstance(data, Mapping):
         return data
@@ -349,7 +349,7 @@ def generate(
     if not isinstance(data, Mapping):
         raise CallError("invalid-argument", invalid("input must be a JSON object").message)
     try:
-        fields = normalise_document_fields(unwrapped(data))
+        fields = normalise_document_fields(_unwrapped(data))
     except ContractError as exc:
         raise CallError("invalid-argument", exc.message) from None
     if fields.get("user_id") not in (None, "", uid):

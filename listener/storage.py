@@ -101,6 +101,12 @@ class StorageAccessError(RuntimeError):
 WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "storage.objects.get")
 
 
+def request_timeout_for(max_seconds: float) -> float:
+    """A request's timeout: a third of the call's budget, so that a server that hangs (not refuses) is tried
+    again (chaos audit: a Storage paused 90 s took the whole 60 s with its first request), from 1 s to 60 s."""
+    return max(1.0, min(60.0, max_seconds / 3))
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard one `upload()` call tries. `attempts` counts tries per object; `max_seconds` bounds the whole
@@ -110,7 +116,7 @@ class RetryPolicy:
     max_seconds: float = 60.0
     initial_wait: float = 0.5
     max_wait: float = 8.0
-    request_timeout: float = 60.0
+    request_timeout: float = request_timeout_for(60.0)
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.max_seconds <= 0 or self.initial_wait < 0 or self.request_timeout <= 0:
@@ -118,10 +124,10 @@ class RetryPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
-        # A request's timeout a third of the budget: a server that hangs (not refuses) would otherwise take the
-        # whole budget with its first request, and nothing be tried again (chaos audit: a Storage paused 90 s).
         budget = settings.upload_retry_max_seconds
-        return cls(attempts=settings.upload_retry_attempts, max_seconds=budget, request_timeout=min(60.0, budget / 3))
+        return cls(
+            attempts=settings.upload_retry_attempts, max_seconds=budget, request_timeout=request_timeout_for(budget)
+        )
 
 
 # ---------------------------------------------------------------------------------------------- names

@@ -262,6 +262,7 @@ def test_doc_worker_fields_and_unknown_metadata_are_skipped():
             "Validation failed: use_cloud_storage must be a boolean",
         ),
         ("images", dict(CLIENT_DOC, prompt=" ", use_cloud_storage=False), "prompt is required"),  # runsync's order
+        ("images", dict(CLIENT_DOC, width=2048, use_cloud_storage=False), "width must be between 256 and 1024"),
         ("videos", dict(CLIENT_DOC, numFrames=100), "num_frames must be between 16 and 81"),
         ("videos", dict(CLIENT_DOC, numFrames="16"), "Validation failed: num_frames must be an integer"),
         (

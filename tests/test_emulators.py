@@ -300,5 +300,9 @@ def test_the_cli_gives_the_functions_time_to_load_on_a_busy_machine(monkeypatch,
     monkeypatch.delenv("FUNCTIONS_DISCOVERY_TIMEOUT", raising=False)
     cli = firebase_cli.FirebaseCli(tmp_path / "logs", tmp_path / "firebase", "demo-slow", "http://127.0.0.1:1/r")
     assert int(cli.process_env()["FUNCTIONS_DISCOVERY_TIMEOUT"]) >= 60
+    # ...and its start waits that long beyond the others' (the review: a 60 s wait for "All emulators ready" cut
+    # the 60 s discovery short).
+    assert cli.start_timeout() == emu.START_TIMEOUT_S + int(cli.process_env()["FUNCTIONS_DISCOVERY_TIMEOUT"])
     monkeypatch.setenv("FUNCTIONS_DISCOVERY_TIMEOUT", "120")
     assert cli.process_env()["FUNCTIONS_DISCOVERY_TIMEOUT"] == "120"
+    assert cli.start_timeout() == emu.START_TIMEOUT_S + 120

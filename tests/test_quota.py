@@ -792,3 +792,19 @@ def test_a_recount_overtaken_by_another_transition_says_nothing(firestore_client
         assert store.ensure_queued(request("overtaken-2")).after["status"] == "queued"
     assert ended.is_set() and counts(firestore_client) == (0, 1)
     assert "usage_recounted" not in caplog.text
+
+
+def test_lowered_counts_are_written_where_the_job_is_still_refused(firestore_client, monkeypatch, caplog):
+    """The review: a recount that still left the user at USER_MAX_PENDING refused the job, which counts for
+    nothing, so the lowered counts were never written (counted again on every call) nor logged."""
+    from firegen_core import jobs
+
+    monkeypatch.setattr(jobs, "_COUNTED_RIGHT", {})
+    store = JobStore(firestore_client, limits=Limits(max_pending=1))
+    assert store.ensure_queued(request("live")).after["status"] == "queued"
+    firestore_client.document(f"usage/{USER}").update({"pending": 3})  # left behind by writes of one's own
+    with caplog.at_level("WARNING", logger=jobs.log.name):
+        assert store.ensure_queued(request("past")).after["error_type"] == "QuotaExceeded"
+    assert counts(firestore_client) == (0, 1)
+    [recounted] = [record for record in caplog.records if record.getMessage() == "usage_recounted"]
+    assert recounted.pending == [3, 1]
