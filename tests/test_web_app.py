@@ -118,6 +118,8 @@ class Page:
         """Press Generate from the keyboard; the new job's file uid (the first card that was not there before)."""
         before = set(self.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)"))
         button = self.page.get_by_role("button", name="Generate")
+        # After a request sent it refuses presses for a second (a double press sends one job).
+        self.page.wait_for_selector("#submit:not([aria-disabled=true])", timeout=30_000)
         button.focus()
         self.page.keyboard.press("Enter")
         try:
@@ -1284,4 +1286,264 @@ def test_an_ended_cards_buttons_are_named_by_its_prompt_and_axe_finds_nothing_se
             found[f"{scheme} {width}"] = axe_violations(app.page)
             app.shot(f"ended-{scheme}-{width}")
     assert found == {key: [] for key in found}
+    assert app.problems() == []
+
+
+def test_a_doc_with_fields_of_any_type_shows_as_a_card_and_stops_no_other(open_page, stack):
+    """Audit: a client's doc whose prompt was a number (the rules accept any scalar; the worker fails it "prompt must
+    be a string") broke the whole list for good: `n.prompt?.trim is not a function`, no later job was listed, and
+    after a reload the list was empty. A field of any type shows (a scalar as its text, else as none), and a card
+    that fails all the same stops no other."""
+    app = open_page()
+    db = firestore_client(stack)
+    _ended_image(stack, app.uid, "before", prompt="a job before", error_type="RuntimeError", error_message="boom")
+    app.job("before").wait_for(timeout=30_000)
+    # As a client writes it (the rules accept it): queued, and the worker fails it.
+    db.document(f"generations/{app.uid}/images/a-number").set(
+        {
+            "prompt": 123,
+            "width": 256,
+            "height": 256,
+            "num_inference_steps": 10,
+            "status": "queued",
+            "created_at": SERVER_TIMESTAMP,
+            "generated": False,
+            "error": False,
+        }
+    )
+    odd = {"negative_prompt": [1, 2], "seed": "abc", "queue_seconds": "1", "generation_seconds": True}
+    odd |= {"upload_seconds": {"s": 1}, "dispatched_by": 5, "width": "wide", "height": [], "cancel_requested": "yes"}
+    _ended_image(stack, app.uid, "a-map", prompt={"text": "a map"}, error_type=7, error_message=404, images="no", **odd)
+    _held_job(stack, app.uid, "a-boolean", prompt=True, progress="half")
+    _held_job(
+        stack,
+        app.uid,
+        "odd-video",
+        prompt=None,
+        status="completed",
+        progress=2,
+        videos=[1, None, "data:video/mp4;base64,AAAA"],
+        video_info={"frames": "x", "fps": None},
+        created_at="yesterday",
+    )
+    _ended_image(stack, app.uid, "after", prompt="a job after", error_type="RuntimeError", error_message="boom")
+    app.job("after").wait_for(timeout=30_000)
+    assert app.wait_final("a-number") == "failed"
+    number = app.job("a-number")
+    assert number.locator(".prompt").inner_text() == "123"
+    assert number.locator(".error").inner_text() == contract_message(prompt=123)
+    assert number.get_by_role("button", name="Edit as new image “123”").count() == 1
+    a_map = app.job("a-map")
+    assert a_map.locator(".prompt").inner_text() == "(no prompt recorded)"
+    assert a_map.locator(".error").inner_text() == "404"
+    assert a_map.get_attribute("data-error-type") is None and a_map.locator("dl div").count() == 0
+    assert app.job("a-boolean").locator(".prompt").inner_text() == "true"
+    assert app.job("a-boolean").locator(".percent").inner_text() == "0%"
+    assert app.job("odd-video").get_attribute("data-status") == "completed"
+    assert app.job("odd-video").locator("video").count() == 1
+    # Its request again is the contract's to judge, as the form's is.
+    a_map.get_by_role("button", name="Try again image “(no prompt recorded)”").click()
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=10_000)
+    assert a_map.locator(".note").inner_text() == contract_message(prompt={"text": "a map"})
+    app.page.reload()
+    app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    app.job("after").wait_for(timeout=30_000)
+    assert app.page.locator(".job").count() == 6
+    # A card that fails for what no one foresaw (made to here): the others are listed all the same.
+    app.page.evaluate(
+        """() => { const toFixed = Number.prototype.toFixed;
+        Number.prototype.toFixed = function (digits) {
+            if (Number(this) === 13.37) throw new Error('a card that fails');
+            return toFixed.call(this, digits);
+        }; }"""
+    )
+    _held_job(stack, app.uid, "breaks", status="completed", progress=1.0, generation_seconds=13.37, videos=[])
+    _ended_image(stack, app.uid, "after-it", prompt="a job after it", error_type="RuntimeError", error_message="boom")
+    app.job("after-it").wait_for(timeout=30_000)
+    assert app.job("breaks").count() == 1 and app.job("after-it").locator(".prompt").inner_text() == "a job after it"
+    assert [p for p in app.problems() if "could not be shown in full" not in p] == []
+
+
+def test_a_double_press_sends_one_job_even_where_the_list_moves_under_the_pointer(open_page, stack):
+    """Audit: Try again refused presses only while its write was in flight (tens of ms), so Enter pressed twice
+    150-400 ms apart sent two jobs, as Generate did; and a double click on a lower card's Try again sent another
+    card's job too (the new card goes on top, the list moves, the second click lands on the next Try again). Each
+    refuses presses for a second, and a Try again within a second of another is ignored."""
+    app = open_page()
+    db = firestore_client(stack)
+    params = {"width": 256, "height": 256, "num_inference_steps": 10, "error_message": "boom"}
+    _ended_image(stack, app.uid, "older", prompt="an older kite", error_type="RuntimeError", **params)
+    _ended_image(stack, app.uid, "newer", prompt="a newer kite", error_type="Cancelled", **params)
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 2", timeout=30_000)
+    assert app.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)") == ["newer", "older"]
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    jobs = db.collection(f"generations/{app.uid}/images")
+
+    def sent(press) -> list[str]:
+        """The prompts of the jobs `press` sent (a second job would be written within the second waited)."""
+        before = {doc.id for doc in jobs.stream()}
+        press()
+        assert emu.wait_until(lambda: len(list(jobs.stream())) > len(before), 30, 0.2)
+        app.page.wait_for_timeout(2_000)
+        return [doc.get("prompt") for doc in jobs.stream() if doc.id not in before]
+
+    retry = app.job("newer").locator("button.retry")
+
+    def click(button) -> None:
+        """The pointer's click where the button is now (a locator's click would wait for it to take presses)."""
+        button.scroll_into_view_if_needed()
+        box = button.bounding_box()
+        app.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+    def double_click() -> None:
+        click(app.job("older").locator("button.retry"))
+        app.page.wait_for_timeout(150)
+        click(retry)  # where the list moved the second click to
+
+    assert sent(double_click) == ["an older kite"]
+
+    def enter_twice(gap_ms: int):
+        def press() -> None:
+            app.page.keyboard.press("Enter")
+            app.page.wait_for_timeout(gap_ms)
+            app.page.keyboard.press("Enter")
+
+        return press
+
+    retry.focus()
+    assert sent(enter_twice(400)) == ["a newer kite"]
+    app.fill(Prompt="pressed twice", Width="256", Height="256", Steps="10")
+    app.page.get_by_role("button", name="Generate").focus()
+    assert sent(enter_twice(400)) == ["pressed twice"]
+    # A second later, each takes presses again.
+    assert app.page.locator("#submit").get_attribute("aria-disabled") is None
+    assert retry.get_attribute("aria-disabled") is None
+    assert app.problems() == []
+
+
+def test_a_dismissed_job_that_runs_again_is_dismissed_no_more(open_page, stack):
+    """Audit: a dismissed job that ran again showed again, but failed again it was hidden again, under the focus
+    (on its Cancel) that fell to <body>, while the live region spoke of a card nobody saw. Run again, it is no
+    longer dismissed: its new failure shows, through a reload too."""
+    app = open_page()
+    failed = {"status": "failed", "error": True, "error_type": "OutOfMemoryError", "error_message": "CUDA OOM"}
+    ref = _held_job(stack, app.uid, "again", prompt="a job run again", **failed)
+    app.page.get_by_role("button", name="Dismiss video “a job run again”").click()
+    show = app.page.locator("#show-dismissed")
+    assert app.job("again").is_hidden() and show.inner_text() == "Show 1 dismissed"
+    ref.update({"status": "processing", "error": False, "error_type": DELETE_FIELD, "error_message": DELETE_FIELD})
+    cancel = app.page.get_by_role("button", name="Cancel video “a job run again”")
+    cancel.wait_for(timeout=30_000)
+    assert show.is_hidden()
+    cancel.focus()
+    ref.update({**failed, "error_message": "CUDA OOM again"})
+    said = "Video “a job run again” failed: CUDA OOM again"
+    app.page.wait_for_function("s => document.getElementById('job-news').textContent === s", arg=said, timeout=30_000)
+    assert app.job("again").is_visible() and show.is_hidden()
+    assert app.page.evaluate("document.activeElement.dataset.fileUid") == "again"
+    app.page.reload()
+    app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    app.job("again").wait_for(state="visible", timeout=30_000)
+    assert show.is_hidden()
+    assert app.problems() == []
+
+
+def test_a_card_that_goes_from_under_the_focus_passes_it_on(open_page, stack):
+    """Audit: a Dismiss in another tab (a storage event) hid the card that had the focus here, which fell to
+    <body>. Whatever hides or removes the focused card, the focus goes where Dismiss sends it: the next card,
+    else the one before, else Show N dismissed."""
+    app = open_page()
+    failed = {"status": "failed", "error": True, "error_type": "OutOfMemoryError", "error_message": "CUDA OOM"}
+    for name in ("first", "second", "third"):  # listed newest first: third, second, first
+        _held_job(stack, app.uid, name, **failed)
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 3", timeout=30_000)
+    other = app.context.new_page()  # a second tab of the same user
+    other.goto(stack.web_url)
+    other.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    other.wait_for_function("() => document.querySelectorAll('.job').length === 3", timeout=30_000)
+    focused = "() => document.activeElement.dataset.fileUid ?? document.activeElement.id"
+    other.locator(".job[data-file-uid=second] button.retry").focus()
+    app.page.get_by_role("button", name="Dismiss video “second”").click()
+    other.locator(".job[data-file-uid=second]").wait_for(state="hidden", timeout=10_000)
+    assert other.evaluate(focused) == "first"
+    # Deleted (at its expiry) under the focus: none follows it, the one before has it.
+    firestore_client(stack).document(f"generations/{app.uid}/videos/first").delete()
+    other.locator(".job[data-file-uid=first]").wait_for(state="detached", timeout=30_000)
+    assert other.evaluate(focused) == "third"
+    app.page.get_by_role("button", name="Dismiss video “third”").click()
+    other.locator(".job[data-file-uid=third]").wait_for(state="hidden", timeout=10_000)
+    assert other.evaluate(focused) == "show-dismissed"
+    assert app.problems() == []
+
+
+def test_edit_as_new_and_try_again_read_a_client_docs_camel_case_fields(open_page, stack):
+    """Audit: a client's doc in the camelCase of the contract's client sample (numFrames: 24, fps: 6) filled an
+    empty Frames, and Try again sent 16 frames. A field is read by its name, else its camelCase one
+    (firegen_core/contract.py's normalise_document_fields)."""
+    app = open_page()
+    camel = {"numFrames": 24, "fps": 6, "videoWidth": 256, "videoHeight": 320, "numInferenceSteps": 10}
+    firestore_client(stack).document(f"generations/{app.uid}/videos/camel").set(
+        {
+            "prompt": "a camel case video",
+            "negativePrompt": "fog",
+            **camel,
+            "created_at": SERVER_TIMESTAMP,
+            "status": "failed",
+            "error": True,
+            "error_type": "Cancelled",
+            "error_message": "Cancelled by the user",
+        }
+    )
+    app.page.get_by_role("button", name="Edit as new video “a camel case video”").click()
+    values = _form(app)["values"]
+    assert {key: values[key] for key in ("negative_prompt", "width", "height", "num_inference_steps")} == {
+        "negative_prompt": "fog",
+        "width": "256",
+        "height": "320",
+        "num_inference_steps": "10",
+    }
+    assert (values["num_frames"], values["fps"]) == ("24", "6")
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    app.job("camel").get_by_role("button", name="Try again video “a camel case video”").click()
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent.endsWith('queued')", timeout=30_000
+    )
+    queued = app.page.locator("#form-status").inner_text().split()[1]
+    doc = firestore_client(stack).document(f"generations/{app.uid}/videos/{queued}").get().to_dict()
+    fields = ("negative_prompt", "num_frames", "fps", "video_width", "video_height", "num_inference_steps")
+    assert {key: doc.get(key) for key in fields} == {
+        "negative_prompt": "fog",
+        "num_frames": 24,
+        "fps": 6,
+        "video_width": 256,
+        "video_height": 320,
+        "num_inference_steps": 10,
+    }
+    assert app.problems() == []
+
+
+def test_a_refusal_that_names_a_hidden_field_marks_none(open_page, stack):
+    """Audit: Edit as new on an image job refused "fps is a video field" marked the FPS input invalid, hidden and
+    disabled for an image: no field a user could see was marked. The message shows; no field is marked."""
+    app = open_page()
+    message = "Validation failed: fps is a video field: video jobs belong under generations/{user_id}/videos"
+    refused = {"error_type": "ValidationError", "error_message": message}
+    _ended_image(stack, app.uid, "fps-image", prompt="an image with fps", fps=10, width=256, height=256, **refused)
+    app.page.get_by_role("button", name="Edit as new image “an image with fps”").click()
+    assert app.page.get_by_role("alert").inner_text() == message
+    assert app.page.locator("[aria-invalid=true]").count() == 0
+    assert app.problems() == []
+
+
+def test_a_prompt_is_clipped_between_graphemes(open_page, stack):
+    """Audit: a prompt was clipped by code points, which cut a family emoji (five of them, joined) in a button's
+    name. The card and the names clip between graphemes."""
+    app = open_page()
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+    _held_job(stack, app.uid, "families", prompt=family * 250)
+    card = app.job("families")
+    card.wait_for(timeout=30_000)
+    assert card.locator(".prompt").inner_text() == family * 199 + "…"
+    assert card.locator("button.cancel").get_attribute("aria-label") == f"Cancel video “{family * 59}…”"
+    assert card.locator(".prompt").get_attribute("title") == family * 250
     assert app.problems() == []

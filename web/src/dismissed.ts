@@ -29,7 +29,16 @@ export class Dismissed {
   }
 
   add(key: string): void {
+    this.reload(); // what another tab saved meanwhile stands
     this.keys.add(key);
+    this.save();
+  }
+
+  /** Forget these keys (jobs that run again: dismissed no more). */
+  forget(keys: string[]): void {
+    if (!keys.some((key) => this.keys.has(key))) return;
+    this.reload();
+    for (const key of keys) this.keys.delete(key);
     this.save();
   }
 

@@ -2,7 +2,7 @@
 // (contract.gen.ts); the form does not validate: the callable answers with the contract's message, and for a
 // queued doc the page writes itself (or a number field whose text the browser cannot read) validate.ts gives
 // the same one.
-import { REQUEST_SCHEMA, type GenerationRequest, type JobDoc, type MediaType } from "./contract.gen";
+import { REQUEST_SCHEMA, type GenerationRequest, type MediaType } from "./contract.gen";
 
 type Props = typeof REQUEST_SCHEMA.properties;
 type NumericField = {
@@ -119,13 +119,21 @@ const REQUEST_FIELDS = Object.keys(REQUEST_SCHEMA.properties).filter(
   (name) => !["user_id", "file_uid", "use_cloud_storage"].includes(name),
 ) as (keyof GenerationRequest)[];
 
-/** A job's request again, as a new job (`fileUid`): every request field its doc holds (a null one is left out,
- * as the form leaves out an empty one). A finished job's doc holds the seed it ran with, drawn or asked for; only
- * a failed job's (cancelled included) is its request's. */
-export function requestOf(doc: JobDoc, media: MediaType, userId: string, fileUid: string): GenerationRequest {
-  const request: Record<string, unknown> = { prompt: doc.prompt ?? "" };
+/** A request field of a doc as written: by its name, else by the camelCase one of the contract's client sample
+ * (`numFrames`), as the worker reads a doc (firegen_core/contract.py's normalise_document_fields; audit: a
+ * client's numFrames: 24 filled an empty Frames, and Try again sent 16 frames). */
+function fieldOf(doc: Record<string, unknown>, name: string): unknown {
+  return doc[name] !== undefined ? doc[name] : doc[name.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase())];
+}
+
+/** A job's request again, as a new job (`fileUid`), from its doc as written: every request field its doc holds
+ * (a null one is left out, as the form leaves out an empty one), whatever its value (the contract's check says
+ * what is wrong with it). A finished job's doc holds the seed it ran with, drawn or asked for; only a failed
+ * job's (cancelled included) is its request's. */
+export function requestOf(doc: Record<string, unknown>, media: MediaType, userId: string, fileUid: string): GenerationRequest {
+  const request: Record<string, unknown> = { prompt: fieldOf(doc, "prompt") ?? "" };
   for (const name of REQUEST_FIELDS) {
-    const value = (doc as unknown as Record<string, unknown>)[name];
+    const value = fieldOf(doc, name);
     if (value !== undefined && value !== null && !(name === "seed" && doc.status === "completed")) request[name] = value;
   }
   Object.assign(request, { user_id: userId, file_uid: fileUid, use_cloud_storage: true });
@@ -134,17 +142,17 @@ export function requestOf(doc: JobDoc, media: MediaType, userId: string, fileUid
 
 /** Fill the form with a job's request (`requestOf`: the seed only where the doc holds its request's), for its
  * media type; a field its doc does not state is left empty (its default). */
-export function fillForm(form: HTMLFormElement, doc: JobDoc, media: MediaType): void {
+export function fillForm(form: HTMLFormElement, doc: Record<string, unknown>, media: MediaType): void {
   const request = requestOf(doc, media, "", "") as unknown as Record<string, unknown>;
   const text = (value: unknown) => (typeof value === "number" || typeof value === "string" ? String(value) : "");
   (form.querySelector(`input[name=media][value=${media}]`) as HTMLInputElement).checked = true;
   applyRanges(form);
-  (document.getElementById("prompt") as HTMLTextAreaElement).value = text(doc.prompt);
-  (document.getElementById("negative_prompt") as HTMLTextAreaElement).value = text(doc.negative_prompt);
+  (document.getElementById("prompt") as HTMLTextAreaElement).value = text(fieldOf(doc, "prompt"));
+  (document.getElementById("negative_prompt") as HTMLTextAreaElement).value = text(fieldOf(doc, "negative_prompt"));
   input("seed").value = text(request.seed);
   // Every number field, the other media type's too (they come back when it is chosen): only the doc's stand.
   for (const fields of Object.values(FIELDS)) for (const id of Object.keys(fields)) input(id).value = "";
-  for (const [id, field] of Object.entries(FIELDS[media])) input(id).value = text((doc as unknown as Record<string, unknown>)[field]);
+  for (const [id, field] of Object.entries(FIELDS[media])) input(id).value = text(fieldOf(doc, field));
 }
 
 /** The form's input for each request field the contract may name in a message (a video's size is Width/Height). */
@@ -165,7 +173,8 @@ function describedBy(element: HTMLElement, id: string, on: boolean): void {
 
 /** Tie the form's error to the field it names (the contract's messages start with it: `width must be between…`,
  * `Validation failed: seed must be…`): aria-invalid, and the error as its description. Any field marked before is
- * cleared; null clears only. Returns the field marked, if any. */
+ * cleared; null clears only. A field the form hides or disables (FPS on an image job: `fps is a video field`) is
+ * never marked: nobody could see or fix it there (the message still shows). Returns the field marked, if any. */
 export function markInvalid(message: string | null, errorId: string): HTMLElement | null {
   for (const marked of document.querySelectorAll<HTMLElement>("[aria-invalid=true]")) {
     marked.removeAttribute("aria-invalid");
@@ -174,7 +183,7 @@ export function markInvalid(message: string | null, errorId: string): HTMLElemen
   const name = message?.match(/^(?:Validation failed: )?([a-z_]+)\b/)?.[1];
   const id = name && Object.hasOwn(INPUT_OF, name) ? INPUT_OF[name] : null;
   const element = id ? document.getElementById(id) : null;
-  if (!element) return null;
+  if (!element || (element as HTMLInputElement).disabled || element.closest("[hidden]")) return null;
   element.setAttribute("aria-invalid", "true");
   describedBy(element, errorId, true);
   return element;

@@ -6,7 +6,10 @@ import { FINAL_STATES, type JobDoc, type MediaType, type Timestamp } from "./con
 export interface Job {
   id: string;
   media: MediaType;
+  /** What the card shows of the doc: each field it reads of the type it reads (`readable`). */
   doc: JobDoc;
+  /** The doc as written, whatever its values: a job's request again is read from it (and checked by the contract). */
+  written: Record<string, unknown>;
 }
 
 /** What a card's buttons do; each is given the job as last listed. `retry` resolves to its error, if any. */
@@ -59,7 +62,10 @@ export function listenToJobs(
         // "estimate": a job just written shows its local time until the server's timestamp arrives.
         byMedia.set(
           media,
-          snapshot.docs.map((d) => ({ id: d.id, media, doc: d.data({ serverTimestamps: "estimate" }) as JobDoc })),
+          snapshot.docs.map((d) => {
+            const written = d.data({ serverTimestamps: "estimate" });
+            return { id: d.id, media, doc: readable(written), written };
+          }),
         );
         const jobs = [...byMedia.values()].flat().sort((a, b) => millis(b.doc.created_at) - millis(a.doc.created_at));
         onJobs(jobs, byMedia.size === MEDIA.length, cachedMedia.size > 0);
@@ -72,6 +78,62 @@ export function listenToJobs(
 
 function millis(t: Timestamp | undefined): number {
   return t ? t.seconds * 1000 + t.nanoseconds / 1e6 : Number.MAX_SAFE_INTEGER;
+}
+
+/** A value as text: a string as it is, a number or a boolean as it reads; anything else is none. */
+function text(value: unknown): string | undefined {
+  if (typeof value === "string") return value;
+  return typeof value === "number" || typeof value === "boolean" ? String(value) : undefined;
+}
+
+function finite(value: unknown): number | undefined {
+  return typeof value === "number" && Number.isFinite(value) ? value : undefined;
+}
+
+function oneOf<T extends string>(value: unknown): T | undefined {
+  return typeof value === "string" ? (value as T) : undefined;
+}
+
+/** A job's doc as its card reads it. A doc is written by clients too: the rules accept any scalar in a request
+ * field (the worker then fails the job, "prompt must be a string"), and the Admin SDK anything (audit: a prompt
+ * of 123 threw in the list's rendering, and no later job was ever listed). Each field the page reads keeps a value
+ * of its type, a text field a scalar as text; any other value is left out, as if the doc did not hold it. */
+function readable(data: Record<string, unknown>): JobDoc {
+  const status = typeof data.status === "string" ? data.status : "unknown";
+  const urls = (value: unknown) => (Array.isArray(value) ? value.filter((url): url is string => typeof url === "string") : undefined);
+  const time = (value: unknown) =>
+    typeof value === "object" && value !== null && finite((value as Timestamp).seconds) !== undefined
+      ? ({ seconds: (value as Timestamp).seconds, nanoseconds: finite((value as Timestamp).nanoseconds) ?? 0 } as Timestamp)
+      : undefined;
+  const info = data.video_info as Record<string, unknown> | null | undefined;
+  const numbers = ["frames", "fps", "duration_seconds", "width", "height"] as const;
+  const doc: Record<string, unknown> = {
+    status,
+    created_at: time(data.created_at),
+    prompt: text(data.prompt),
+    error_message: text(data.error_message),
+    error_type: oneOf(data.error_type),
+    seed: finite(data.seed),
+    progress: finite(data.progress) === undefined ? undefined : Math.min(1, Math.max(0, data.progress as number)),
+    queue_seconds: finite(data.queue_seconds),
+    generation_seconds: finite(data.generation_seconds),
+    upload_seconds: finite(data.upload_seconds),
+    dispatched_by: oneOf(data.dispatched_by),
+    cancel_requested: data.cancel_requested === true,
+    width: finite(data.width),
+    height: finite(data.height),
+    images: urls(data.images),
+    image_url: oneOf(data.image_url),
+    videos: urls(data.videos),
+    video_url: oneOf(data.video_url),
+    // Its caption and size only where each of its numbers is one.
+    video_info:
+      typeof info === "object" && info !== null && numbers.every((name) => finite(info[name]) !== undefined)
+        ? Object.fromEntries(numbers.map((name) => [name, info[name]]))
+        : undefined,
+  };
+  for (const [name, value] of Object.entries(doc)) if (value === undefined) delete doc[name];
+  return doc as unknown as JobDoc;
 }
 
 function el<K extends keyof HTMLElementTagNameMap>(tag: K, props: Partial<HTMLElementTagNameMap[K]> = {}, ...children: (Node | string)[]) {
@@ -107,14 +169,14 @@ function gallery(job: Job): HTMLElement {
     const info = doc.video_info;
     (doc.videos ?? (doc.video_url ? [doc.video_url] : [])).forEach((url, i) => {
       const video = el("video", { src: url, controls: true, preload: "auto", muted: true, loop: true, playsInline: true });
-      video.setAttribute("aria-label", `Video ${i + 1}: ${doc.prompt ?? ""}`);
+      video.setAttribute("aria-label", `Video ${i + 1}: ${promptOf(doc)}`);
       if (info) Object.assign(video, { width: info.width, height: info.height });
       const caption = info ? `${info.frames} frames at ${info.fps} fps, ${info.duration_seconds} s ` : "";
       box.append(el("figure", {}, video, el("figcaption", {}, caption, link(url, `Download video ${i + 1}`))));
     });
   } else {
     (doc.images ?? (doc.image_url ? [doc.image_url] : [])).forEach((url, i) => {
-      const img = el("img", { src: url, alt: `Image ${i + 1}: ${doc.prompt ?? ""}`, decoding: "async" });
+      const img = el("img", { src: url, alt: `Image ${i + 1}: ${promptOf(doc)}`, decoding: "async" });
       if (doc.width && doc.height) Object.assign(img, { width: doc.width, height: doc.height });
       box.append(el("figure", {}, img, el("figcaption", {}, link(url, `Download image ${i + 1}`))));
     });
@@ -142,9 +204,15 @@ export function renderJobs(
     const known = existing.get(keyOf(job));
     const li = known ?? card(job, handlers);
     const before = known?.dataset.phase;
-    update(li, job);
-    li.hidden = hidden(job);
-    if (known && before !== li.dataset.phase) said.push(news(job, li.dataset.phase!));
+    try {
+      update(li, job);
+      li.hidden = hidden(job);
+      if (known && before !== li.dataset.phase) said.push(news(job, li.dataset.phase!));
+    } catch (error) {
+      // What no one foresaw: this card shows what it could, and every other card is listed and updated all the
+      // same (audit: one doc's error stopped the whole list for good).
+      console.error(`firegen: the card of ${keyOf(job)} could not be shown in full`, error);
+    }
     order.push(li);
   }
   // Moves the existing nodes, and only those out of place: a playing video is not rebuilt, and a node moved
@@ -188,9 +256,17 @@ function promptOf(doc: JobDoc): string {
   return doc.prompt?.trim() ? doc.prompt : "(no prompt recorded)";
 }
 
+/** Clipped between graphemes, what a reader sees as characters (audit: clipped by code points, a family emoji,
+ * five of them joined, was cut in a button's name). */
+const GRAPHEMES = new Intl.Segmenter(undefined, { granularity: "grapheme" });
+
 function clip(text: string, most: number): string {
-  const chars = [...text];
-  return chars.length > most ? `${chars.slice(0, most - 1).join("")}…` : text;
+  const kept: string[] = [];
+  for (const { segment } of GRAPHEMES.segment(text)) {
+    if (kept.length === most) return `${kept.slice(0, most - 1).join("")}…`;
+    kept.push(segment);
+  }
+  return text;
 }
 
 /** How much of a prompt goes into a control's accessible name and into the news. */
@@ -199,20 +275,35 @@ const NAME_CHARS = 60;
 /** The job each card shows, as last listed (its buttons act on that). */
 const shown = new WeakMap<HTMLLIElement, Job>();
 
-/** A button that refuses presses while `act` runs (aria-disabled, not disabled: that would drop the keyboard's
- * focus to <body>), so a double click acts once. */
-function busyButton(className: string, text: string, act: () => Promise<unknown> | void): HTMLButtonElement {
-  const button = el("button", { type: "button", className, textContent: text });
-  button.addEventListener("click", async () => {
-    if (button.getAttribute("aria-disabled") === "true") return;
-    button.setAttribute("aria-disabled", "true");
-    try {
-      await act();
-    } finally {
-      button.removeAttribute("aria-disabled");
-    }
-  });
-  return button;
+/** How long a Try again refuses presses at least, and every other Try again with it: a double click acts once,
+ * whatever the list does meanwhile (audit: a queued doc's write took tens of ms, and a second press 150-400 ms
+ * later sent a second job; and the new job's card goes on top, so the list moves under the pointer and the second
+ * click of a double click landed on the next card's Try again). */
+export const QUIET_MS = 1000;
+
+/** Until when (performance.now()) the last Try again pressed keeps the list's buttons from acting, and its card. */
+let quiet = { until: -Infinity, card: null as HTMLLIElement | null };
+
+/** Whether a press on `li`'s buttons is the stray second click of a double click on another card's Try again. */
+function stray(li: HTMLLIElement): boolean {
+  return performance.now() < quiet.until && quiet.card !== li;
+}
+
+/** Whether a card's button refuses presses (aria-disabled, not disabled: that would drop the keyboard's focus to
+ * <body>). A Try again while its request is sent, and every Try again for QUIET_MS after one was pressed; a Cancel
+ * once asked, and for QUIET_MS after another card's Try again (the new job's card, on top, may be under the
+ * pointer: its Cancel would stop the job just sent). */
+function refusing(button: HTMLButtonElement): boolean {
+  if (button.classList.contains("retry")) return button.dataset.sending === "true" || performance.now() < quiet.until;
+  return button.dataset.asked === "true" || stray(button.closest("li")!);
+}
+
+/** Mark the refusals of the Try again and Cancel buttons under `root` (the page, or a card). */
+function showRefusals(root: ParentNode = document): void {
+  for (const button of root.querySelectorAll<HTMLButtonElement>(".job button.retry, .job button.cancel")) {
+    if (refusing(button)) button.setAttribute("aria-disabled", "true");
+    else button.removeAttribute("aria-disabled");
+  }
 }
 
 /** A job's card, built once: updates change its parts in place, so a focused Cancel button keeps its focus. */
@@ -225,16 +316,27 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   // Their accessible names (the job's kind and prompt) are set by update(), as the prompt may arrive later.
   const bar = el("progress", { max: 1, value: 0 });
   const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel" });
-  // Only its id and media are read, which never change. Once asked, the button refuses presses but is not
-  // disabled: a disabled button would drop the keyboard's focus to <body>.
-  cancel.addEventListener("click", () => cancel.getAttribute("aria-disabled") !== "true" && handlers.cancel(job));
+  // Only its id and media are read, which never change. Once asked, the button refuses presses (`refusing`).
+  cancel.addEventListener("click", () => refusing(cancel) || handlers.cancel(job));
   // An ended job's buttons (update() shows those its state allows). What a try again met is said beside it too:
   // the form's line, where the page says it aloud, may be far above the card.
   const note = el("p", { className: "note" });
   const latest = () => shown.get(li) ?? job;
-  const retry = busyButton("retry", "Try again", async () => {
-    note.textContent = "";
-    note.textContent = (await handlers.retry(latest())) ?? "";
+  const retry = el("button", { type: "button", className: "retry", textContent: "Try again" });
+  retry.addEventListener("click", async () => {
+    if (refusing(retry)) return;
+    quiet = { until: performance.now() + QUIET_MS, card: li };
+    retry.dataset.sending = "true";
+    showRefusals();
+    // A little past the end, so the clock has surely passed it.
+    setTimeout(showRefusals, QUIET_MS + 20);
+    try {
+      note.textContent = "";
+      note.textContent = (await handlers.retry(latest())) ?? "";
+    } finally {
+      delete retry.dataset.sending;
+      showRefusals();
+    }
   });
   const actions = el(
     "div",
@@ -302,8 +404,9 @@ function update(li: HTMLLIElement, job: Job): void {
   }
   // What a try again met is old news once the job runs again.
   if (!final) li.querySelector(".note")!.textContent = "";
-  if (doc.cancel_requested) cancel.setAttribute("aria-disabled", "true");
-  else cancel.removeAttribute("aria-disabled");
+  if (doc.cancel_requested) cancel.dataset.asked = "true";
+  else delete cancel.dataset.asked;
+  showRefusals(li);
   li.querySelector("p.error")?.remove();
   delete li.dataset.errorType;
   if (doc.status === "failed") {

@@ -10,7 +10,7 @@ import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
 import { Dismissed } from "./dismissed";
 import { applyRanges, fillForm, inexactSeed, markInvalid, mediaType, readRequest, requestOf, unreadable } from "./form";
-import { dismissable, keyOf, listenToJobs, named as nameOf, renderJobs, type Job } from "./jobs";
+import { dismissable, keyOf, listenToJobs, named as nameOf, QUIET_MS, renderJobs, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
 /** The callable's reply (functions/dispatch.py `generate`). */
@@ -216,7 +216,7 @@ async function main(): Promise<void> {
   /** Fill the form with an ended job's request, to change it and send it as a new job; the focus goes to the
    * prompt. A job refused for its input shows its message, on the field it names, as the form's own refusal. */
   const edit = (job: Job) => {
-    fillForm(form, job.doc, job.media);
+    fillForm(form, job.written, job.media);
     const filled = `Form filled from ${nameOf(job)}: change it and press Generate`;
     if (job.doc.status === "failed" && job.doc.error_type === "ValidationError") fail(job.doc.error_message ?? "Generation failed");
     else say("");
@@ -225,7 +225,7 @@ async function main(): Promise<void> {
   };
   /** Send a failed or cancelled job's request again, as a new job, as the form sends its own. */
   const retry = async (job: Job): Promise<string | null> => {
-    const request = requestOf(job.doc, job.media, uid, crypto.randomUUID());
+    const request = requestOf(job.written, job.media, uid, crypto.randomUUID());
     const via = functions ? new FormData(form).get("via") : "document";
     // The contract's own check first, in either flow: the doc's values may be past what the page sends exactly (a
     // seed beyond 2^53 read from another client's doc), and the page says so as its form does.
@@ -240,16 +240,21 @@ async function main(): Promise<void> {
   const dismiss = (job: Job) => {
     if (!dismissable(job)) return;
     const li = list.querySelector<HTMLLIElement>(`li[data-key="${CSS.escape(keyOf(job))}"]`);
+    const cards = [...list.children] as HTMLLIElement[];
     dismissed.add(keyOf(job));
     render();
     $("job-news").textContent = `${capital(nameOf(job))} dismissed`;
-    const visible = (node: Element | null | undefined) => (node && !(node as HTMLElement).hidden ? (node as HTMLElement) : null);
-    let next: HTMLElement | null = null;
-    for (let node = li?.nextElementSibling; node && !next; node = node.nextElementSibling) next = visible(node);
-    for (let node = li?.previousElementSibling; node && !next; node = node.previousElementSibling) next = visible(node);
-    next ??= $("show-dismissed");
-    if (next.tagName === "LI") next.tabIndex = -1;
-    next.focus();
+    if (li) passFocus(li, cards);
+  };
+  /** The focus of a card that went (hidden or removed): to the next card shown as `cards` were ordered, else the
+   * one before, else Show N dismissed (else the list's title), never to <body>. */
+  const passFocus = (gone: HTMLLIElement, cards: HTMLLIElement[]) => {
+    const at = cards.indexOf(gone);
+    const shown = (li: HTMLLIElement | undefined) => li !== undefined && li.isConnected && !li.hidden;
+    const next = cards.slice(at + 1).find(shown) ?? cards.slice(0, Math.max(at, 0)).reverse().find(shown);
+    const target: HTMLElement = next ?? (showDismissed.hidden ? $("jobs-title") : showDismissed);
+    if (next) next.tabIndex = -1;
+    target.focus();
   };
   const handlers = { cancel, edit, retry, dismiss };
   const showDismissed = $<HTMLButtonElement>("show-dismissed");
@@ -265,8 +270,17 @@ async function main(): Promise<void> {
     target.focus();
   });
   let loadedOnce = false;
-  /** The jobs as last listed, less those dismissed; returns what to tell screen readers. */
+  /** The jobs as last listed, less those dismissed; returns what to tell screen readers. A card that goes from
+   * under the focus (dismissed in another tab, deleted at its expiry) passes it on as Dismiss does (audit: the
+   * focus fell to <body>). */
   const render = (): string[] => {
+    const cards = [...list.children] as HTMLLIElement[];
+    const focused = document.activeElement?.closest<HTMLLIElement>("li.job") ?? null;
+    const said = renderList();
+    if (focused && (focused.hidden || !focused.isConnected)) passFocus(focused, cards);
+    return said;
+  };
+  const renderList = (): string[] => {
     const hidden = (job: Job) => dismissable(job) && dismissed.has(keyOf(job));
     const count = listed.filter(hidden).length;
     // Until both collections have answered, no job listed is no news: "No jobs yet." would flash on a reload.
@@ -294,6 +308,9 @@ async function main(): Promise<void> {
       settle();
       // Jobs deleted at their expiry are forgotten, once the server has said which there are.
       if (loaded && !fromCache) dismissed.keepOnly(new Set(jobs.map(keyOf)));
+      // A dismissed job that runs again is dismissed no more: failed again, it is news, shown (audit: it was hidden
+      // again under the focus, and the live region spoke of a card nobody saw). As the server says it, not a cache.
+      if (!fromCache) dismissed.forget(jobs.filter((job) => !dismissable(job)).map(keyOf));
       const news = render();
       // Screen readers hear a job start or end (not its every percent), and what failed it.
       if (news.length) $("job-news").textContent = news.join(". ");
@@ -305,8 +322,8 @@ async function main(): Promise<void> {
   );
 
   const button = $<HTMLButtonElement>("submit");
-  // While a request is sent the button refuses presses but stays enabled: a disabled button would drop the
-  // keyboard's focus to <body>.
+  // While a request is sent, and for a second at least, the button refuses presses but stays enabled: a disabled
+  // button would drop the keyboard's focus to <body>.
   let sending = false;
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -321,9 +338,13 @@ async function main(): Promise<void> {
     if (refused) return fail(refused);
     sending = true;
     button.setAttribute("aria-disabled", "true");
+    // For a second at least, whatever the request takes: a queued doc's write takes tens of ms, and a double press
+    // (Enter twice, 150-400 ms apart) made two jobs (audit).
+    const held = new Promise((resolve) => setTimeout(resolve, QUIET_MS));
     try {
       await send(request, media, via === "document" ? "document" : "callable", true);
     } finally {
+      await held;
       sending = false;
       button.removeAttribute("aria-disabled");
     }
