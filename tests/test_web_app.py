@@ -785,6 +785,22 @@ AXE = ROOT / "web" / "node_modules" / "axe-core" / "axe.min.js"  # a devDependen
 PIXEL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 
 
+def axe_in_every_scheme_and_width(app, shot: str) -> dict[str, list[str]]:
+    """axe-core's serious and critical violations, light and dark, at 375 and 1280 px (each fitting its width),
+    by "scheme width" where there are any; a screenshot of each."""
+    found = {}
+    for scheme in ("light", "dark"):
+        app.page.emulate_media(color_scheme=scheme)
+        # axe-core measures against the page's own background: the page has to set one.
+        assert app.page.evaluate("getComputedStyle(document.body).backgroundColor") != "rgba(0, 0, 0, 0)", scheme
+        for width in (375, 1280):
+            app.page.set_viewport_size({"width": width, "height": 900})
+            assert app.page.evaluate("document.documentElement.scrollWidth") <= width, (scheme, width)
+            found[f"{scheme} {width}"] = axe_violations(app.page)
+            app.shot(f"{shot}-{scheme}-{width}")
+    return {key: violations for key, violations in found.items() if violations}
+
+
 def axe_violations(page) -> list[str]:
     """axe-core's serious and critical violations on the page as it stands: 'rule: target (summary)' each."""
     if not AXE.is_file():
@@ -859,17 +875,7 @@ def test_axe_finds_nothing_serious_in_either_colour_scheme_and_the_page_fits_375
     app.fill(Prompt="far too wide", Width="2000")
     app.page.get_by_role("button", name="Generate").click()
     app.page.wait_for_selector("#form-error:not(:empty)", timeout=10_000)
-    found = {}
-    for scheme in ("light", "dark"):
-        app.page.emulate_media(color_scheme=scheme)
-        # axe-core measures against the page's own background: the page has to set one.
-        assert app.page.evaluate("getComputedStyle(document.body).backgroundColor") != "rgba(0, 0, 0, 0)", scheme
-        for width in (375, 1280):
-            app.page.set_viewport_size({"width": width, "height": 900})
-            assert app.page.evaluate("document.documentElement.scrollWidth") <= width, (scheme, width)
-            found[f"{scheme} {width}"] = axe_violations(app.page)
-            app.shot(f"jobs-{scheme}-{width}")
-    assert found == {key: [] for key in found}
+    assert axe_in_every_scheme_and_width(app, "jobs") == {}
 
 
 def test_the_live_region_tells_a_jobs_start_and_end_not_its_percent(open_page, stack):
@@ -1277,15 +1283,7 @@ def test_an_ended_cards_buttons_are_named_by_its_prompt_and_axe_finds_nothing_se
             app.page.evaluate("document.activeElement.textContent")
         ), stop
     app.page.get_by_role("button", name="Dismiss image “a refused doc”").click()
-    found = {}
-    for scheme in ("light", "dark"):
-        app.page.emulate_media(color_scheme=scheme)
-        for width in (375, 1280):
-            app.page.set_viewport_size({"width": width, "height": 900})
-            assert app.page.evaluate("document.documentElement.scrollWidth") <= width, (scheme, width)
-            found[f"{scheme} {width}"] = axe_violations(app.page)
-            app.shot(f"ended-{scheme}-{width}")
-    assert found == {key: [] for key in found}
+    assert axe_in_every_scheme_and_width(app, "ended") == {}
     assert app.problems() == []
 
 
