@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -306,3 +307,29 @@ def test_the_cli_gives_the_functions_time_to_load_on_a_busy_machine(monkeypatch,
     monkeypatch.setenv("FUNCTIONS_DISCOVERY_TIMEOUT", "120")
     assert cli.process_env()["FUNCTIONS_DISCOVERY_TIMEOUT"] == "120"
     assert cli.start_timeout() == emu.START_TIMEOUT_S + 120
+
+
+def test_a_start_waits_as_long_as_its_emulator_says(monkeypatch, tmp_path):
+    """Mutation audit: nothing checked that a start waits `start_timeout()` (the Firebase CLI's: the others' and
+    its functions' discovery) rather than EMULATOR_START_TIMEOUT alone."""
+
+    class Slow(emu.Emulator):
+        name = "slow"
+
+        def command(self) -> list[str]:
+            return [sys.executable, "-c", "import time; time.sleep(30)"]
+
+        def is_ready(self) -> bool:
+            return self._proc is not None and time.monotonic() - self.started_at > 1.5
+
+        def start_timeout(self) -> float:
+            return 20.0
+
+    monkeypatch.setattr(emu, "START_TIMEOUT_S", 0.5)
+    slow = Slow(tmp_path)
+    slow.started_at = time.monotonic()
+    try:
+        slow.start()
+        assert slow.last_start_seconds >= 1.4
+    finally:
+        slow.stop(grace=1)

@@ -279,6 +279,9 @@ def test_the_callable_reads_the_client_sdks_wrapped_64_bit_integers(firestore_cl
     for wrapped, message in (
         ({"@type": LONG, "value": "4.5"}, "Validation failed: seed must be an integer or null"),
         ({"@type": LONG, "value": "9" * 5000}, "Validation failed: seed must be an integer or null"),  # no INTERNAL
+        ({"@type": LONG, "value": 7}, None),  # the SDKs send text; anything else is no wrapped integer
+        ({"@type": LONG, "value": None}, None),
+        ({"@type": LONG, "value": "7", "extra": 1}, None),
         (
             {"@type": LONG, "value": "9223372036854775808"},
             "Validation failed: seed must fit in a signed 64-bit integer",

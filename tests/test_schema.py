@@ -184,6 +184,15 @@ def test_the_web_apps_check_gives_the_contracts_messages(tmp_path):
     for seed in (2**63 - 1, 2**63, -(2**63) - 1):
         cases.append({**cases[-1], "seed": seed})
         expected.append(in_this_page)
+    # From 1e21 JSON.stringify writes an exponent, which the contract reads as a float: no integer, as the
+    # callable would answer the page's request.
+    for field in ("width", "seed"):
+        cases.append({**cases[-1], "seed": None, field: 10**21})
+        expected.append(_document_message({**cases[-1], field: float(10**21)}))
+    assert expected[-2:] == [
+        "Validation failed: width must be an integer",
+        "Validation failed: seed must be an integer or null",
+    ]
     out = subprocess.run(
         ["node", str(runner)], input=json.dumps(cases), capture_output=True, text=True, check=True, timeout=60
     )

@@ -516,6 +516,9 @@ def test_a_hanging_server_is_tried_again_within_the_budget_the_settings_give(cle
         assert [entry["event"] for entry in logs if entry["event"] == "upload_retry"]
     clean_env.delenv("UPLOAD_RETRY_MAX_SECONDS")
     assert RetryPolicy.from_settings(load_settings()).request_timeout == 20  # the default budget's third
+    for budget, timeout in (("0.5", 1.0), ("3600", 60.0)):  # at least a second, at most a minute
+        clean_env.setenv("UPLOAD_RETRY_MAX_SECONDS", budget)
+        assert RetryPolicy.from_settings(load_settings()).request_timeout == timeout
 
 
 def test_a_permanent_error_is_not_retried(storage_client, storage_emulator):
