@@ -1419,6 +1419,47 @@ def test_a_double_press_sends_one_job_even_where_the_list_moves_under_the_pointe
     assert app.problems() == []
 
 
+def test_a_stray_click_after_try_again_never_cancels_the_job_it_sent(open_page, stack):
+    """Mutation audit: nothing pressed a Cancel in the second after a Try again, when the new job's card has just
+    gone on top, under the pointer: the second click of a double click would cancel the job just sent."""
+    app = open_page()
+    params = {"width": 512, "height": 512, "num_inference_steps": 20, "error_message": "boom"}
+    _ended_image(stack, app.uid, "stray", prompt="a stray kite", error_type="RuntimeError", **params)
+    app.job("stray").wait_for(timeout=30_000)
+    app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    app.job("stray").locator("button.retry").click()
+    app.page.wait_for_function("() => document.querySelector('.job').dataset.fileUid !== 'stray'", timeout=10_000)
+    new = app.page.locator(".job").first
+    cancel = new.locator("button.cancel")
+    assert cancel.get_attribute("aria-disabled") == "true"
+    box = cancel.bounding_box()
+    app.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    doc = firestore_client(stack).document(f"generations/{app.uid}/images/{new.get_attribute('data-file-uid')}")
+
+    def ended() -> dict | None:
+        data = doc.get().to_dict() or {}
+        return data if data.get("status") in ("completed", "failed") else None
+
+    assert emu.wait_until(ended, 240, 0.5)
+    assert (ended()["status"], ended().get("cancel_requested")) == ("completed", None)
+    assert app.problems() == []
+
+
+def test_a_dismissed_job_deleted_at_its_expiry_is_forgotten(open_page, stack):
+    """Mutation audit: nothing read what Dismiss keeps in localStorage: a job deleted (its TTL) is dropped from it,
+    or the list of dismissed jobs would only grow."""
+    app = open_page()
+    ref = _ended_image(stack, app.uid, "expiring", prompt="an expiring kite", error_type="RuntimeError")
+    app.page.get_by_role("button", name="Dismiss image “an expiring kite”").click()
+    kept = """() => Object.keys(localStorage).filter((k) => k.startsWith("firegen.dismissed/") && k.endsWith("/" + UID))
+        .flatMap((k) => JSON.parse(localStorage.getItem(k)))""".replace("UID", json.dumps(app.uid))
+    assert app.page.evaluate(kept) == ["images/expiring"]
+    ref.delete()
+    app.job("expiring").wait_for(state="detached", timeout=30_000)
+    app.page.wait_for_function(f"() => ({kept})().length === 0", timeout=10_000)
+    assert app.problems() == []
+
+
 def test_a_dismissed_job_that_runs_again_is_dismissed_no_more(open_page, stack):
     """Audit: a dismissed job that ran again showed again, but failed again it was hidden again, under the focus
     (on its Cancel) that fell to <body>, while the live region spoke of a card nobody saw. Run again, it is no
