@@ -44,7 +44,7 @@ from firegen_core.jobs import BOUND, MEDIA_TYPES, RUNPOD_JOB_ID, ClaimedJob, Job
 from firegen_core.lifecycle import Lease
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
-from .runner import JobRunner, RunOutcome, quietly, release
+from .runner import JobRunner, RunOutcome, quietly, release, transient
 
 log = structlog.get_logger("listener.reconciler")
 
@@ -135,6 +135,11 @@ class Reconciler:
         # Per media type, the last processing doc the last scan for unreadable leases read (None: start over).
         self._unleased_after: dict[str, DocumentSnapshot | None] = {}
         self._unleased_due = 0.0  # by the monotonic clock
+        # Before this (monotonic) time, the sweep takes over no expired lease: after Firestore was away from this
+        # worker, every lease counts as renewed when it came back, since the owners were cut off as this worker was
+        # (chaos audit: a 2-minute outage ending as an owner's generation did; this worker's sweep took the job over
+        # seconds before the owner's fence check came through, and the generation was thrown away).
+        self._takeovers_from = 0.0
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
@@ -596,10 +601,13 @@ class Reconciler:
                 self.sweep()
             except Exception as exc:
                 failed += 1
+                if transient(exc):  # Firestore away (not a bug here, which must not stop takeovers for good)
+                    self._takeovers_from = time.monotonic() + self.store.lease_seconds
                 log.warning("sweep_error", error=str(exc), failed_sweeps=failed)
             else:
                 if failed:
-                    log.info("sweep_recovered", failed_sweeps=failed)
+                    deferred = max(0.0, self._takeovers_from - time.monotonic())
+                    log.info("sweep_recovered", failed_sweeps=failed, takeovers_in_seconds=round(deferred, 1))
                 failed = 0
             self._swept.set()
 
@@ -629,14 +637,17 @@ class Reconciler:
         """Offer the oldest queued and the lease-expired jobs; restart listeners that died or missed a doc."""
         now = datetime.fromtimestamp(self.server_time(), UTC)
         found = 0
+        takeovers = time.monotonic() >= self._takeovers_from
         for media in MEDIA_TYPES:
-            expired = self.store.expired(media, now, limit=SWEEP_LIMIT)
+            expired = self.store.expired(media, now, limit=SWEEP_LIMIT) if takeovers else None
             # Docs without `created_at` (the contract's flows always write it) are outside every ordered query:
             # an unordered one still finds them, in document order.
             unordered = self.store.queued(media).limit(SWEEP_LIMIT)
             missed = False
             ordered = self._queued(media, limit=SWEEP_LIMIT)
             for query in (expired, ordered, unordered):
+                if query is None:
+                    continue
                 for snapshot in query.stream(**BOUND):
                     try:
                         key = JobKey.from_path(snapshot.reference.path)

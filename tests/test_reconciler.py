@@ -1225,3 +1225,57 @@ def test_firestore_away_through_the_fence_check_longer_than_the_lease_still_comp
     store = FenceCheckAway(firestore_client, worker_id="w1", lease_seconds=1.0, back=time.monotonic() + 3.5)
     assert JobRunner(store, StubGenerator(), results).run(store.claim(key)) == "completed"
     assert doc(firestore_client, key)["status"] == "completed" and store.tries > 1
+
+
+class SweepAway(WorkerJobs):
+    """Firestore away for the sweep's queries from when `away` is called until `back` (a stand-in, as
+    BlippingStore is)."""
+
+    back = 0.0
+
+    def _away(self):
+        if time.monotonic() < self.back:
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+
+    def expired(self, *args, **kwargs):
+        self._away()
+        return super().expired(*args, **kwargs)
+
+    def queued(self, *args, **kwargs):
+        self._away()
+        return super().queued(*args, **kwargs)
+
+
+def test_after_an_outage_a_sweep_leaves_expired_leases_to_their_owners_for_a_lease(firestore_client, results):
+    """Chaos audit: Firestore away 2 minutes, past every lease, as an owner's generation ended: when it came back,
+    another worker's sweep took the job over seconds before the owner's fence check came through, and the owner's
+    generation was thrown away (one attempt used). The sweeper was cut off too: for one of its lease periods after
+    its last failed sweep it takes nothing over, so a live owner renews and keeps its job, and a dead owner's job
+    is taken over after that."""
+    alive, dead = JobKey("u1", "images", "owner-alive"), JobKey("u2", "images", "owner-dead")
+    for key in (alive, dead):
+        write_job(firestore_client, key)
+    owner = WorkerJobs(firestore_client, worker_id="owner", lease_seconds=30)
+    job = owner.claim(alive)
+    assert job is not None and WorkerJobs(firestore_client, worker_id="gone", lease_seconds=30).claim(dead)
+    store = SweepAway(firestore_client, worker_id="sweeper", lease_seconds=2.0)
+    generator = StubGenerator()
+    sweeper = Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.2).start()
+    try:
+        assert sweeper.wait_listening(60)
+        store.back = back = time.monotonic() + 3.0
+        for key in (alive, dead):  # both leases run out within the outage (written here, as its minutes would)
+            firestore_client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})
+        wait_until(lambda: time.monotonic() >= back + 0.5, timeout=10)  # the owner's renewal comes late
+        assert owner.renew(job)  # nobody took it over meanwhile
+        wait_until(lambda: doc(firestore_client, dead)["worker_id"] == "sweeper", timeout=15)
+        assert time.monotonic() >= back + 1.5  # a lease (2 s) after its last failed sweep (at most 0.2 s before)
+        assert wait_until(lambda: finished(firestore_client, dead))["status"] == "completed"
+        data = doc(firestore_client, alive)
+        assert (data["status"], data["worker_id"], data["attempts"]) == ("processing", "owner", 1)
+        assert generator.calls == ["owner-dead"]
+    finally:
+        sweeper.runner.abort.set()
+        sweeper.stop(grace=0)
