@@ -1586,3 +1586,33 @@ def test_a_prompt_is_clipped_between_graphemes(open_page, stack):
     assert card.locator("button.cancel").get_attribute("aria-label") == f"Cancel video “{family * 59}…”"
     assert card.locator(".prompt").get_attribute("title") == family * 250
     assert app.problems() == []
+
+
+def test_a_double_click_on_dismiss_dismisses_one_card(open_page, stack):
+    """Dismiss hides its card and the one below moves up under the pointer: the second click of a double click
+    dismissed that one too (noted by the session that added Dismiss). For a second after a Dismiss the other
+    cards' buttons refuse presses, as after a Try again."""
+    app = open_page()
+    params = {"width": 256, "height": 256, "num_inference_steps": 10, "error_message": "boom"}
+    for name in ("lower", "upper"):  # listed newest first: upper, lower
+        _ended_image(stack, app.uid, name, prompt=f"the {name} kite", error_type="RuntimeError", **params)
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 2", timeout=30_000)
+    assert app.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)") == ["upper", "lower"]
+    box = app.job("upper").locator("button.dismiss").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    app.page.mouse.click(x, y)
+    app.page.wait_for_timeout(150)  # a double click's second click
+    lower = app.job("lower").locator("button.dismiss")
+    assert lower.get_attribute("aria-disabled") == "true"
+    box = lower.bounding_box()  # where the list moved the second click to (the pointer's click: no waiting)
+    app.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert app.job("upper").is_hidden() and app.job("lower").is_visible()
+    assert app.page.locator("#show-dismissed").inner_text() == "Show 1 dismissed"
+    lower.wait_for(state="visible")
+    app.page.wait_for_function(
+        "() => !document.querySelector('.job[data-file-uid=lower] button.dismiss').hasAttribute('aria-disabled')",
+        timeout=5_000,
+    )
+    lower.click()  # a second later it takes presses again
+    assert app.job("lower").is_hidden() and app.page.locator("#show-dismissed").inner_text() == "Show 2 dismissed"
+    assert app.problems() == []

@@ -278,10 +278,13 @@ const shown = new WeakMap<HTMLLIElement, Job>();
 /** How long a Try again refuses presses at least, and every other Try again with it: a double click acts once,
  * whatever the list does meanwhile (audit: a queued doc's write took tens of ms, and a second press 150-400 ms
  * later sent a second job; and the new job's card goes on top, so the list moves under the pointer and the second
- * click of a double click landed on the next card's Try again). */
+ * click of a double click landed on the next card's Try again). A Dismiss likewise keeps the other cards' buttons
+ * from acting for as long. */
 export const QUIET_MS = 1000;
 
-/** Until when (performance.now()) the last Try again pressed keeps the list's buttons from acting, and its card. */
+/** Until when (performance.now()) the last Try again or Dismiss pressed keeps the list's buttons from acting, and
+ * its card (a dismissed card goes, and the one below moves up under the pointer: a double click's second click
+ * would dismiss it, or press whatever of it is there). */
 let quiet = { until: -Infinity, card: null as HTMLLIElement | null };
 
 /** Whether a press on `li`'s buttons is the stray second click of a double click on another card's Try again. */
@@ -291,19 +294,27 @@ function stray(li: HTMLLIElement): boolean {
 
 /** Whether a card's button refuses presses (aria-disabled, not disabled: that would drop the keyboard's focus to
  * <body>). A Try again while its request is sent, and every Try again for QUIET_MS after one was pressed; a Cancel
- * once asked, and for QUIET_MS after another card's Try again (the new job's card, on top, may be under the
- * pointer: its Cancel would stop the job just sent). */
+ * once asked; and any other card's button for QUIET_MS after a Try again (the new job's card, on top, may be under
+ * the pointer: its Cancel would stop the job just sent) or a Dismiss. */
 function refusing(button: HTMLButtonElement): boolean {
   if (button.classList.contains("retry")) return button.dataset.sending === "true" || performance.now() < quiet.until;
   return button.dataset.asked === "true" || stray(button.closest("li")!);
 }
 
-/** Mark the refusals of the Try again and Cancel buttons under `root` (the page, or a card). */
+/** Mark the refusals of the buttons of the cards under `root` (the page, or a card). */
 function showRefusals(root: ParentNode = document): void {
-  for (const button of root.querySelectorAll<HTMLButtonElement>(".job button.retry, .job button.cancel")) {
+  for (const button of root.querySelectorAll<HTMLButtonElement>(".job button")) {
     if (refusing(button)) button.setAttribute("aria-disabled", "true");
     else button.removeAttribute("aria-disabled");
   }
+}
+
+/** A press on `li`'s Try again or Dismiss: for QUIET_MS, the other cards' buttons (and every Try again) refuse. */
+function quieten(li: HTMLLIElement): void {
+  quiet = { until: performance.now() + QUIET_MS, card: li };
+  showRefusals();
+  // A little past the end, so the clock has surely passed it.
+  setTimeout(showRefusals, QUIET_MS + 20);
 }
 
 /** A job's card, built once: updates change its parts in place, so a focused Cancel button keeps its focus. */
@@ -325,11 +336,8 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   const retry = el("button", { type: "button", className: "retry", textContent: "Try again" });
   retry.addEventListener("click", async () => {
     if (refusing(retry)) return;
-    quiet = { until: performance.now() + QUIET_MS, card: li };
     retry.dataset.sending = "true";
-    showRefusals();
-    // A little past the end, so the clock has surely passed it.
-    setTimeout(showRefusals, QUIET_MS + 20);
+    quieten(li);
     try {
       note.textContent = "";
       note.textContent = (await handlers.retry(latest())) ?? "";
@@ -338,13 +346,15 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
       showRefusals();
     }
   });
-  const actions = el(
-    "div",
-    { className: "actions" },
-    el("button", { type: "button", className: "edit", textContent: "Edit as new", onclick: () => handlers.edit(latest()) }),
-    retry,
-    el("button", { type: "button", className: "dismiss", textContent: "Dismiss", onclick: () => handlers.dismiss(latest()) }),
-  );
+  const edit = el("button", { type: "button", className: "edit", textContent: "Edit as new" });
+  edit.addEventListener("click", () => refusing(edit) || handlers.edit(latest()));
+  const dismiss = el("button", { type: "button", className: "dismiss", textContent: "Dismiss" });
+  dismiss.addEventListener("click", () => {
+    if (refusing(dismiss)) return;
+    quieten(li);
+    handlers.dismiss(latest());
+  });
+  const actions = el("div", { className: "actions" }, edit, retry, dismiss);
   li.append(
     el("h3", {}, `${kind}: `, el("span", { className: "prompt" })),
     el("div", { className: "state" }, el("span", { className: "status" }), bar, el("span", { className: "percent" }), cancel),
