@@ -634,7 +634,8 @@ class Reconciler:
         return time.time() + self._clock_offset
 
     def sweep(self) -> int:
-        """Offer the oldest queued and the lease-expired jobs; restart listeners that died or missed a doc."""
+        """Offer the oldest queued and the lease-expired jobs (those not within a lease of a failed sweep: see
+        `_takeovers_from`); restart listeners that died or missed a doc."""
         now = datetime.fromtimestamp(self.server_time(), UTC)
         found = 0
         takeovers = time.monotonic() >= self._takeovers_from
