@@ -168,9 +168,16 @@ class Outcome:
 class JobStore:
     """Job docs and their users' usage docs. No worker id: the Cloud Functions use it as it is."""
 
-    def __init__(self, client: firestore.Client, *, limits: quota.Limits = quota.Limits()):
+    def __init__(
+        self,
+        client: firestore.Client,
+        *,
+        limits: quota.Limits = quota.Limits(),
+        retention_days: float = lifecycle.RETENTION_DAYS_DEFAULT,
+    ):
         self.client = client
         self.limits = limits
+        self.retention_days = retention_days  # RETENTION_DAYS: each write that ends a job sets `expire_at`
 
     def ref(self, key: JobKey) -> firestore.DocumentReference:
         return self.client.document(key.path)
@@ -222,8 +229,8 @@ class JobStore:
             if recounted:
                 recount, usage = (usage, recounted), recounted
             update = self._limit(key, before, update, usage, now, admit=admit)
-        if update and isinstance(update.get(lifecycle.EXPIRE_AT), datetime):
-            update = {**update, **lifecycle.expiry(now=now)}  # from the finish's server time, not this host's
+        if update and update.get("status") in lifecycle.FINAL_STATES:  # from the finish's server time
+            update = {**update, **lifecycle.expiry(self.retention_days, now)}
         if not update:  # nothing to write (an admission of a doc that breaks the contract decides nothing)
             return Outcome(before, None, now)
         batch = self.client.batch()
@@ -529,8 +536,9 @@ class WorkerJobs(JobStore):
         max_attempts: int = 3,
         max_releases: int = 3,
         limits: quota.Limits = quota.Limits(),
+        retention_days: float = lifecycle.RETENTION_DAYS_DEFAULT,
     ):
-        super().__init__(client, limits=limits)
+        super().__init__(client, limits=limits, retention_days=retention_days)
         self.worker_id = worker_id
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts

@@ -18,10 +18,9 @@ shutdown are counted (`releases`), so a job cannot bounce between leaving worker
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeGuard
 
@@ -62,8 +61,9 @@ RETENTION_DAYS_DEFAULT = 30.0
 RETENTION_DAYS_MAX = 36500.0  # a century: past it a date overflows Python's (audit: 1e300 crashed every job's end)
 
 
-def retention_days(env: Mapping[str, str] = os.environ) -> float:
-    """RETENTION_DAYS (default 30; 0: finished docs get no `expire_at`). ValueError naming it when it is wrong."""
+def retention_days(env: Mapping[str, str]) -> float:
+    """RETENTION_DAYS from `env` (default 30; 0: finished docs get no `expire_at`). ValueError naming it when it
+    is wrong. Read at the edges (the worker's settings, the functions), which hand it to their `JobStore`."""
     raw = (env.get("RETENTION_DAYS") or "").strip()
     if not raw:
         return RETENTION_DAYS_DEFAULT
@@ -76,11 +76,11 @@ def retention_days(env: Mapping[str, str] = os.environ) -> float:
     return days
 
 
-def expiry(days: float | None = None, now: datetime | None = None) -> dict:
-    """`{"expire_at": now + days}`, or nothing when retention is off. A client timestamp: a TTL field needs a
-    value, and a server-side "timestamp plus days" does not exist."""
-    days = retention_days() if days is None else days
-    return {EXPIRE_AT: (now or datetime.now(UTC)) + timedelta(days=days)} if days > 0 else {}
+def expiry(days: float, now: datetime) -> dict:
+    """`{"expire_at": now + days}`, or nothing when retention is off (0 days). The job store adds it to every
+    write that ends a job, `now` being that write's server time: a TTL field needs a value, and a server-side
+    "timestamp plus days" does not exist."""
+    return {EXPIRE_AT: now + timedelta(days=days)} if days > 0 else {}
 
 
 @dataclass(frozen=True)
@@ -282,7 +282,6 @@ def success(
     else:
         fields.update(videos=list(urls), video_url=urls[0], video_info=dict(video_info))
     fields.update({name: round(value, 3) for name, value in (timings or {}).items()})
-    fields.update(expiry())
     return fields
 
 
@@ -298,5 +297,4 @@ def failure(error: GenerationError, *, user_id: str | None, file_uid: str | None
         "modified": SERVER_TIMESTAMP,
     }
     fields.update({k: v for k, v in (("user_id", user_id), ("file_uid", file_uid)) if v is not None})
-    fields.update(expiry())
     return fields

@@ -5,6 +5,8 @@ main.py raised "Duplicate Parameter Error" and the codebase failed to load). An 
 
 from __future__ import annotations
 
+import os
+
 from firebase_functions import params
 
 from firegen_core import lifecycle
@@ -49,4 +51,4 @@ PLACEHOLDER_GRACE_SECONDS = params.IntParam(
 
 # RETENTION_DAYS is a plain variable (the workers read the same): checked once here, at the deploy's discovery and
 # at each cold start, not first at the write that ends a job (a ValueError there, answered INTERNAL).
-lifecycle.retention_days()
+lifecycle.retention_days(os.environ)

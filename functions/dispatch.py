@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import time
 import uuid
@@ -150,7 +151,8 @@ CALL_ERROR_CODES = {VALIDATION_ERROR: "invalid-argument", QUOTA_EXCEEDED: "resou
 
 
 def _store(db: firestore.Client, limits: Limits = Limits()) -> JobStore:
-    return JobStore(db, limits=limits)
+    # RETENTION_DAYS is a plain variable, as the workers read it (config.py checks it at each cold start).
+    return JobStore(db, limits=limits, retention_days=lifecycle.retention_days(os.environ))
 
 
 def _markers(

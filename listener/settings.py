@@ -99,8 +99,8 @@ class Settings(ModelSettings):
     user_max_running: int = Field(2, ge=1, validation_alias=env("USER_MAX_RUNNING"))
     user_max_pending: int = Field(20, ge=1, validation_alias=env("USER_MAX_PENDING"))
     user_daily_budget: float = Field(600.0, gt=0, validation_alias=env("USER_DAILY_BUDGET"))
-    # Read by firegen_core.lifecycle itself (the functions share it); validated here so start-up names a bad value.
-    # The default is lifecycle.RETENTION_DAYS_DEFAULT (tests/test_lifecycle.py checks they agree).
+    # The job store's (the functions read the same variable). The default is lifecycle.RETENTION_DAYS_DEFAULT
+    # (tests/test_lifecycle.py checks they agree).
     retention_days: float = Field(
         30.0, ge=0, le=RETENTION_DAYS_MAX, allow_inf_nan=False, validation_alias=env("RETENTION_DAYS")
     )

@@ -221,6 +221,7 @@ def build_worker(
         max_attempts=settings.max_attempts,
         max_releases=settings.max_releases,
         limits=Limits(settings.user_max_running, settings.user_max_pending, settings.user_daily_budget),
+        retention_days=settings.retention_days,
     )
     results = ResultStore.from_settings(storage_client, settings)
     worker: Worker

@@ -19,6 +19,7 @@ is made only if the doc has not changed since it was read: a doc that changed me
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="count the docs without expire_at; write nothing")
     args = parser.parse_args(argv)
     try:
-        days = lifecycle.retention_days()
+        days = lifecycle.retention_days(os.environ)
     except ValueError as exc:
         print(f"backfill_expire_at: {exc}", file=sys.stderr)
         return 2

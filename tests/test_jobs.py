@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from google.api_core.exceptions import FailedPrecondition, RetryError, ServiceUnavailable
 
+from firegen_core import lifecycle
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
 from firegen_core.jobs import JobKey, WorkerJobs
@@ -280,37 +281,31 @@ def test_a_completion_whose_answer_was_lost_says_completed(firestore_client, mon
     assert store(firestore_client, worker="w2").claim(KEY) is None
 
 
-def test_a_finished_jobs_expire_at_counts_from_firestores_clock(firestore_client, monkeypatch):
+def test_a_finished_jobs_expire_at_is_its_finish_by_firestores_clock_plus_the_stores_retention(firestore_client):
     """A clock audit: `expire_at` was this host's clock plus RETENTION_DAYS (5 minutes late on a host 5 minutes
-    fast); it is the finish's server time plus the days."""
-    from datetime import UTC, datetime
-
-    import firegen_core.lifecycle as lifecycle_module
-
-    class FiveMinutesFast(datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return datetime.now(tz) + timedelta(minutes=5)
-
-    monkeypatch.delenv("RETENTION_DAYS", raising=False)
-    monkeypatch.setattr(lifecycle_module, "datetime", FiveMinutesFast)
-    queue(firestore_client)
-    jobs = store(firestore_client)
-    job = jobs.claim(KEY)
-    fields = lifecycle_module.success(task_type="text2image", user_id="u", file_uid="f", urls=["a.png"], seed=1)
-    assert fields["expire_at"] > datetime.now(UTC) + timedelta(days=30, minutes=4)  # the host's
-    assert jobs.complete(job, fields) == "completed"
-    doc = read(firestore_client)
-    assert abs(doc["expire_at"] - doc["completed_at"] - timedelta(days=30)) < timedelta(seconds=5)
-    # A refusal for the user's limits, which the write itself decides (the day's review: it kept the host's).
+    fast); it is the finish's server time plus the days the store was given (the worker's settings, the
+    functions' variable), on every write that ends a job; none with a retention of 0."""
     from firegen_core.jobs import JobStore
     from firegen_core.quota import Limits
 
-    full = JobStore(firestore_client, limits=Limits(max_pending=1))
-    waiting, refused = (JobKey(KEY.user_id, KEY.media_type, name) for name in ("waiting", "refused"))
+    queue(firestore_client)
+    jobs = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=60, retention_days=1.5)
+    job = jobs.claim(KEY)
+    fields = lifecycle.success(task_type="text2image", user_id="u", file_uid="f", urls=["a.png"], seed=1)
+    assert jobs.complete(job, fields) == "completed"
+    doc = read(firestore_client)
+    assert abs(doc["expire_at"] - doc["completed_at"] - timedelta(hours=36)) < timedelta(seconds=5)
+    # A refusal for the user's limits, which the write itself decides (the day's review: it kept the host's).
+    full = JobStore(firestore_client, limits=Limits(max_pending=1), retention_days=2)
+    waiting, refused, kept = (JobKey(KEY.user_id, KEY.media_type, name) for name in ("waiting", "refused", "kept"))
     for key in (waiting, refused):
         queue(firestore_client, key)
         full.admit(key)
     doc = read(firestore_client, refused)
     assert doc["error_type"] == "QuotaExceeded"
-    assert abs(doc["expire_at"] - doc["failed_at"] - timedelta(days=30)) < timedelta(seconds=5)
+    assert abs(doc["expire_at"] - doc["failed_at"] - timedelta(days=2)) < timedelta(seconds=5)
+    queue(firestore_client, kept)
+    forever = WorkerJobs(firestore_client, worker_id="w2", lease_seconds=60, retention_days=0)
+    assert forever.fail(forever.claim(kept), GenerationError("OutOfMemoryError", "Out of memory"))
+    doc = read(firestore_client, kept)
+    assert doc["status"] == "failed" and "expire_at" not in doc
