@@ -10,7 +10,8 @@ then acts as the contract's client, signed in to the Auth emulator:
   `generateWithRunPod` callable, which dispatches it to the worker's runsync;
 - video example: writes the queued doc only; the `dispatchQueuedJob` Firestore trigger dispatches it;
 and prints each doc's status progression live, with the result URLs and the files saved under out/dev/.
-It keeps running for `make submit PROMPT=...` until Ctrl-C (or SIGTERM), which stops every process it started.
+It keeps running for `make submit PROMPT=...` until Ctrl-C (or SIGTERM, or SIGHUP: its terminal closed), which
+stops every process it started.
 It watches what it started: a worker that dies is said in one line and started again (at most
 `--worker-restarts` times; the queue is in Firestore, so the new worker takes the dead one's job over once its
 lease ends); any other process that dies ends `make dev` (its state went with it), saying which one.
@@ -171,8 +172,14 @@ def taken_hint(ports: list[str]) -> str:
     )
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def say(text: str) -> None:
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except OSError:  # its terminal is gone (closed: SIGHUP, then EIO): stopping the processes must go on
+        pass
 
 
 def parse_args(argv: list[str] | None):
@@ -527,7 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     def interrupt(*_):
         raise KeyboardInterrupt
 
-    for signum in (signal.SIGINT, signal.SIGTERM):  # also where SIGINT came in ignored (a background job)
+    # Ctrl-C, SIGTERM, and SIGHUP (its terminal closed: the processes it started, each in a session of its own,
+    # would keep running and holding their ports); also where SIGINT came in ignored (a background job).
+    for signum in STOP_SIGNALS:
         signal.signal(signum, interrupt)
     t0 = time.monotonic()
     try:
@@ -565,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"make dev: {exc}" + (f"\nmake dev: {taken_hint(taken)}" if taken else ""))
         return 1
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not leave processes behind
+        for signum in STOP_SIGNALS:  # a second Ctrl-C must not leave processes behind
             signal.signal(signum, signal.SIG_IGN)
         had = bool(stack.started)
         stack.stop_all()

@@ -33,8 +33,9 @@ class StackProcess:
 
 
 @contextlib.contextmanager
-def running_stack(cmd: list[str], env: dict[str, str]) -> Iterator[StackProcess]:
-    """Start the stack, wait until it says it keeps running, yield it; then Ctrl-C it and wait for its exit.
+def running_stack(cmd: list[str], env: dict[str, str], stop: int = signal.SIGINT) -> Iterator[StackProcess]:
+    """Start the stack, wait until it says it keeps running, yield it; then Ctrl-C it (or send `stop` to its
+    process group: SIGHUP, its terminal closed) and wait for its exit.
 
     Its return code is the caller's to check (`stack.proc.returncode`, once the block has ended)."""
     proc = subprocess.Popen(
@@ -51,6 +52,6 @@ def running_stack(cmd: list[str], env: dict[str, str]) -> Iterator[StackProcess]
         yield stack
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, stop)
         proc.wait(timeout=90)
         reader.join(10)

@@ -403,13 +403,14 @@ def test_make_dev_ends_saying_so_when_the_clis_firestore_emulator_dies(tmp_path)
 
 def test_make_dev_restarts_a_worker_killed_again_while_it_restarts(tmp_path):
     """A worker that dies while it is being started again is tried again, within --worker-restarts (before, the
-    failed start ended `make dev` after one restart)."""
+    failed start ended `make dev` after one restart). Its terminal closed then (SIGHUP), make dev stops everything
+    as Ctrl-C does (the newcomer audit: it died alone and left the emulators and the worker holding the ports)."""
     try:
         emu.firestore_backend()
     except emu.EmulatorUnavailable as exc:
         pytest.skip(str(exc))
     run = StackRun(tmp_path, "--no-firebase-cli", "--no-examples", "--worker-restarts", "2")
-    with running_stack(run.cmd, run.env) as stack:
+    with running_stack(run.cmd, run.env, stop=signal.SIGHUP) as stack:
         killed = run.worker_pid()
         os.kill(killed, signal.SIGKILL)
         assert emu.wait_until(lambda: "restarting it (1 of 2)" in stack.output, 60, 0.05), stack.output
@@ -423,6 +424,7 @@ def test_make_dev_restarts_a_worker_killed_again_while_it_restarts(tmp_path):
         assert "make dev: the restarted worker did not start (" in stack.output
         assert "; restarting it (2 of 2)" in stack.output
         assert stack.proc.poll() is None
+    assert stack.proc.returncode == 0 and "all processes stopped" in stack.output, stack.output
     assert run.left_behind() == []
 
 
