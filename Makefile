@@ -46,7 +46,10 @@ dev: $(STAMP)
 	$(BIN)/python -m devtools.stack $(DEV_ARGS)
 
 # While `make dev` runs: make submit PROMPT="a lighthouse at dusk" [VIDEO=1]
+# PROMPT="" (given, empty) sends the empty prompt, which the contract refuses; left out, it is a usage error.
+SUBMIT_USAGE := make submit: PROMPT is required, e.g. make submit PROMPT="a lighthouse at dusk" (VIDEO=1 for a video)
 submit: $(STAMP)
+	@$(if $(filter undefined,$(origin PROMPT)),echo '$(SUBMIT_USAGE)' >&2; exit 2)
 	$(BIN)/python -m devtools.client --prompt "$(PROMPT)" $(if $(VIDEO),--video) $(if $(OPTIONS),--options '$(OPTIONS)') $(SUBMIT_ARGS)
 
 # Lint, format and types: the same configuration (pyproject.toml) as the pre-commit hooks.

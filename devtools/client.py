@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
-from firegen_core.contract import ContractError, media_type_of, normalise_document_fields
+from firegen_core.contract import ContractError, media_type_of, normalise_document_fields, parse_runsync_input
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = REPO / "out" / "dev" / "stack.json"
@@ -93,6 +93,16 @@ def _written_at(snapshot) -> datetime:
     """When the snapshot's state was written (update_time: a datetime, or a protobuf Timestamp on some paths)."""
     updated = snapshot.update_time
     return updated if isinstance(updated, datetime) else updated.ToDatetime(tzinfo=UTC)
+
+
+def _contract_problem(data: dict) -> str:
+    """What the contract says of a request the rules refused (": " and its message), as the callable would say
+    it; nothing where it finds none (the rules refused for another reason)."""
+    try:
+        parse_runsync_input({"use_cloud_storage": True, **normalise_document_fields(data)})
+    except ContractError as exc:
+        return f": {exc.message}"
+    return ""
 
 
 class Client:
@@ -182,10 +192,13 @@ class Client:
                 )
                 written = True
             except exceptions.PermissionDenied:
-                self.say(file_uid, "firestore.rules refused the queued doc (PERMISSION_DENIED)")
+                why = _contract_problem(data)
+                self.say(file_uid, "firestore.rules refused the queued doc (PERMISSION_DENIED)" + why)
                 written = False
             if via == "callable":
                 self.say(file_uid, self.call_function(data))
+                # A request the callable refused is recorded as a failed doc (the contract's), which is watched.
+                written = written or ref.get().exists
             elif via == "runsync" and written:
                 answer = post_runsync(self.info.runsync_url, data)
                 self.say(
@@ -210,12 +223,10 @@ class Client:
         doc = last["doc"]
         if self.info.functions:  # the dispatch marker of functions/dispatch.py, when a function sent it
             by = doc.get("dispatched_by")
-            self.say(
-                file_uid,
-                f"dispatched by the {by}"
-                if by
-                else "taken from the queue by the worker's own listener (no dispatch was needed)",
-            )
+            if by:
+                self.say(file_uid, f"dispatched by the {by}")
+            elif doc.get("worker_id"):  # else refused before any worker took it: its failure says why
+                self.say(file_uid, "taken from the queue by the worker's own listener (no dispatch was needed)")
         if doc["status"] == "failed":
             self.failures += 1
             self.say(file_uid, f"failed ({doc.get('error_type')}): {doc.get('error_message')}")

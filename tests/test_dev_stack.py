@@ -176,6 +176,7 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
             "[too-wide-1] generateWithRunPod refused it (INVALID_ARGUMENT): width must be between 256 and 1024" in said
         )
         assert "[too-wide-1] failed (ValidationError): width must be between 256 and 1024" in said
+        assert "[too-wide-1] taken from the queue" not in said  # the newcomer audit: it never ran
         # The client sample's camelCase options name a video too (the newcomer audit: `make submit` watched
         # images/ and exited 1, silently, while the video ran under videos/).
         camel = dict(numFrames=16, videoWidth=256, videoHeight=256, numInferenceSteps=10)
@@ -193,6 +194,18 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         )
         assert doc["error_message"] == "width must be between 256 and 1024" and "failed_at" in doc
         assert abs(doc["expire_at"] - doc["failed_at"] - timedelta(days=7)) < timedelta(minutes=1)  # RETENTION_DAYS
+        # A field the rules refuse (the newcomer audit: the rules' refusal named nothing, and the callable's failed
+        # doc was said "not written", beside the failed status the client had just shown).
+        bogus = {"prompt": "a kite", "file_uid": "bogus-1", "use_cloud_storage": True, "bogus": 1}
+        assert client.generate(bogus)["status"] == "failed"
+        said = capsys.readouterr().out
+        unknown = "Validation failed: unknown field 'bogus'"
+        assert f"[bogus-1] firestore.rules refused the queued doc (PERMISSION_DENIED): {unknown}" in said
+        assert f"[bogus-1] failed (ValidationError): {unknown}" in said and "not written" not in said
+        assert client.generate({**bogus, "file_uid": "bogus-2"}, via="document") is None
+        said = capsys.readouterr().out
+        assert f"[bogus-2] firestore.rules refused the queued doc (PERMISSION_DENIED): {unknown}" in said
+        assert "[bogus-2] no result to watch: the job's doc was not written" in said
 
         # USER_DAILY_BUDGET reached the functions: the callable itself refuses a video that costs more than the
         # whole budget (about 44 GPU-seconds), naming make dev's 30 (the params' default, 600, admitted it).
@@ -505,3 +518,21 @@ def test_make_submit_with_options_that_are_no_json_object_says_so(tmp_path, caps
     state.write_text('{"project": "p"')  # a state file cut short
     assert client.main(["--prompt", "x", "--stack", str(state)]) == 2
     assert capsys.readouterr().err == f"make submit: {state} is no stack state file (start `make dev` again)\n"
+
+
+def test_make_submit_without_a_prompt_says_how_to_give_one(tmp_path):
+    """The newcomer audit: `make submit` alone sent a job with an empty prompt (refused, a failed doc in the user's
+    history). Left out, PROMPT is a usage error; given empty (PROMPT=""), it is sent, for the contract to refuse."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMPT"}
+    stamp = [f"--old-file={ROOT / '.venv' / '.installed'}"]  # never a set-up here
+    result = subprocess.run(["make", "-s", *stamp, "submit"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith('make submit: PROMPT is required, e.g. make submit PROMPT="a lighthouse at dusk"')
+    given = subprocess.run(
+        ["make", "-n", *stamp, "submit", "PROMPT=", f"SUBMIT_ARGS=--stack {tmp_path / 'none.json'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert given.returncode == 0 and '-m devtools.client --prompt ""' in given.stdout, given.stdout + given.stderr
