@@ -164,11 +164,44 @@ def taken_ports(args, cli: bool) -> list[str]:
     return [f"{args.ports[name]} ({name})" for name in needed if emu.port_open(emu.HOST, args.ports[name])]
 
 
+def port_holders(ports: list[int]) -> dict[int, str]:
+    """pid → command line (cut short) of the processes listening on `ports` that this user may look into (from
+    Linux's /proc; none found elsewhere)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) in ports:  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    holders: dict[int, str] = {}
+    for fds in Path("/proc").glob("[0-9]*/fd") if inodes else ():
+        try:
+            if any(os.readlink(fd) in inodes for fd in fds.iterdir()):
+                command = " ".join((fds.parent / "cmdline").read_bytes().decode(errors="replace").split())
+                holders[int(fds.parent.name)] = command if len(command) <= 60 else command[:59] + "…"
+        except OSError:  # another user's, or gone meanwhile
+            continue
+    return holders
+
+
 def taken_hint(ports: list[str]) -> str:
+    """One line for the ports (as "8000 (worker)") something else holds: by whom where it can be seen (a make dev
+    killed with SIGKILL leaves its processes running: the newcomer audit had to find them by hand)."""
     first = ports[0].split(" (")[1].rstrip(")")
+    holders = port_holders([int(port.split(" ")[0]) for port in ports])
+    if holders:
+        who = ", ".join(f"{pid} ({command})" for pid, command in sorted(holders.items()))
+        by = f"pid{'s' * (len(holders) > 1)} {who}"
+        stop = f"stop {'them' if len(holders) > 1 else 'it'} (kill {' '.join(map(str, sorted(holders)))})"
+    else:
+        by, stop = "another process (another make dev?)", "stop it"
     return (
-        f"port{'s' * (len(ports) > 1)} {', '.join(ports)} already taken by another process (another make dev?): "
-        f'stop it, or run beside it with DEV_ARGS="--free-ports" (or --{first}-port N)'
+        f"port{'s' * (len(ports) > 1)} {', '.join(ports)} already taken by {by}: "
+        f'{stop}, or run beside it with DEV_ARGS="--free-ports" (or --{first}-port N)'
     )
 
 
