@@ -57,6 +57,9 @@ UNLEASED_SCAN_SECONDS = 300.0
 START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
 FIRST_SWEEP_WAIT = 3.0  # the first claim after start waits this long at most for the first sweep
 DISPATCH_RETRY_SECONDS = 1.0  # after an unexpected error in the dispatch loop (logged `claim_loop_error`)
+# A heartbeat or a sweep's query that took longer (its retries included) was held up by Firestore (SIGSTOP-like: a
+# call hangs, then answers when it is back): see `_firestore_failed`. Past a loaded emulator's slowest seen answers.
+SLOW_CALL_SECONDS = 5.0
 CLOCK_SAMPLE_MAX_SECONDS = 1.0  # a heartbeat slower than this (retried) says too little of when its write landed
 DISCOVER_USERS = 100  # users with pending work one sweep looks up beyond a full window (the next sweep: the next ones)
 DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
@@ -135,11 +138,10 @@ class Reconciler:
         # Per media type, the last processing doc the last scan for unreadable leases read (None: start over).
         self._unleased_after: dict[str, DocumentSnapshot | None] = {}
         self._unleased_due = 0.0  # by the monotonic clock
-        # Before this (monotonic) time, the sweep takes over no expired lease: after Firestore was away from this
-        # worker, every lease counts as renewed when it came back, since the owners were cut off as this worker was
-        # (chaos audit: a 2-minute outage ending as an owner's generation did; this worker's sweep took the job over
-        # seconds before the owner's fence check came through, and the generation was thrown away).
+        # Before this (monotonic) time, or while Firestore is in trouble here, the sweep takes over no expired lease
+        # (see `_firestore_failed`).
         self._takeovers_from = 0.0
+        self._troubled = False
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
@@ -593,23 +595,47 @@ class Reconciler:
         failed = 0  # sweeps in a row that failed (Firestore away): the first one after says it is over
         while not self._stopping.wait(interval):
             interval = self.sweep_interval
+            started = time.monotonic()
             try:
                 self.beat()
             except Exception as exc:
+                self._firestore_failed(exc)
                 log.warning("worker_beat_error", error=str(exc))
+            else:
+                self._firestore_answered(time.monotonic() - started)
+            started = time.monotonic()
             try:
                 self.sweep()
             except Exception as exc:
                 failed += 1
-                if transient(exc):  # Firestore away (not a bug here, which must not stop takeovers for good)
-                    self._takeovers_from = time.monotonic() + self.store.lease_seconds
+                self._firestore_failed(exc)
                 log.warning("sweep_error", error=str(exc), failed_sweeps=failed)
             else:
+                self._firestore_answered(time.monotonic() - started)
                 if failed:
                     deferred = max(0.0, self._takeovers_from - time.monotonic())
                     log.info("sweep_recovered", failed_sweeps=failed, takeovers_in_seconds=round(deferred, 1))
                 failed = 0
             self._swept.set()
+
+    # After Firestore was away from this worker, every lease counts as renewed when it came back: the owners were
+    # cut off as this worker was. So a transient failure of a heartbeat or a sweep, or one held up past
+    # SLOW_CALL_SECONDS (a call that hung until Firestore came back), stops takeovers of expired leases until one
+    # lease period after the first heartbeat or sweep that answered again (the chaos audit: a 2-minute outage
+    # ended as an owner's generation did, and another worker's sweep took the job over seconds before the owner's
+    # fence check came through, throwing the generation away; counted from the last failure instead, a short
+    # lease had run out before Firestore came back, and the re-check saw the same).
+    def _firestore_failed(self, exc: BaseException) -> None:
+        if transient(exc):  # not a bug here, which must not stop takeovers for good
+            self._troubled = True
+
+    def _firestore_answered(self, took: float) -> None:
+        if self._troubled or took > SLOW_CALL_SECONDS:
+            self._troubled = False
+            self._takeovers_from = time.monotonic() + self.store.lease_seconds
+
+    def _takeovers_allowed(self) -> bool:
+        return not self._troubled and time.monotonic() >= self._takeovers_from
 
     def beat(self, timeout: float = workers.CALL_TIMEOUT) -> None:
         """This worker's heartbeat (`workers/{worker_id}`): also the start-up check that it may write Firestore,
@@ -634,40 +660,53 @@ class Reconciler:
         return time.time() + self._clock_offset
 
     def sweep(self) -> int:
-        """Offer the oldest queued and the lease-expired jobs (those not within a lease of a failed sweep: see
-        `_takeovers_from`); restart listeners that died or missed a doc."""
+        """Offer the oldest queued and the lease-expired jobs (not within a lease of Firestore's return: see
+        `_firestore_failed`); restart listeners that died or missed a doc."""
         now = datetime.fromtimestamp(self.server_time(), UTC)
         found = 0
-        takeovers = time.monotonic() >= self._takeovers_from
         for media in MEDIA_TYPES:
-            expired = self.store.expired(media, now, limit=SWEEP_LIMIT) if takeovers else None
             # Docs without `created_at` (the contract's flows always write it) are outside every ordered query:
             # an unordered one still finds them, in document order.
             unordered = self.store.queued(media).limit(SWEEP_LIMIT)
             missed = False
             ordered = self._queued(media, limit=SWEEP_LIMIT)
-            for query in (expired, ordered, unordered):
-                if query is None:
-                    continue
-                for snapshot in query.stream(**BOUND):
+            sources = (
+                ("expired", self._expired(media, now)),
+                ("ordered", ordered.stream(**BOUND)),
+                ("unordered", unordered.stream(**BOUND)),
+            )
+            for source, snapshots in sources:
+                for snapshot in snapshots:
                     try:
                         key = JobKey.from_path(snapshot.reference.path)
                     except ValueError:
                         continue
                     doc = snapshot.to_dict() or {}
-                    if query is unordered and doc.get("created_at") is not None:
+                    if source == "unordered" and doc.get("created_at") is not None:
                         continue  # found by the ordered query
                     found += 1
                     try:
-                        self._found(key, snapshot, doc, expired=query is expired)
+                        self._found(key, snapshot, doc, expired=source == "expired")
                     except Exception as exc:  # one doc's surprise must not stop the sweep of the others
                         log.warning("sweep_error", path=key.path, error=str(exc))
-                    missed |= query is ordered and self._missed_by_listener(_name(media, "oldest"), snapshot)
+                    missed |= source == "ordered" and self._missed_by_listener(_name(media, "oldest"), snapshot)
             self._watchdog(media, missed)
         if time.monotonic() >= self._unleased_due:
             self._unleased_due = time.monotonic() + UNLEASED_SCAN_SECONDS
             found += self._unleased()
         return found + self._discover()
+
+    def _expired(self, media: str, now: datetime) -> list[DocumentSnapshot]:
+        """The processing docs of `media` whose lease ran out before `now`; none while takeovers wait (see
+        `_firestore_failed`), nor where the query itself was held up (Firestore away until just now)."""
+        if not self._takeovers_allowed():
+            return []
+        started = time.monotonic()
+        found = list(self.store.expired(media, now, limit=SWEEP_LIMIT).stream(**BOUND))
+        if time.monotonic() - started > SLOW_CALL_SECONDS:
+            self._troubled = True
+            return []
+        return found
 
     def _unleased(self) -> int:
         """A `processing` doc whose lease is missing or not a date (an admin's write) is claimable, but the expiry

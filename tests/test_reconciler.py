@@ -1252,8 +1252,9 @@ def test_after_an_outage_a_sweep_leaves_expired_leases_to_their_owners_for_a_lea
     """Chaos audit: Firestore away 2 minutes, past every lease, as an owner's generation ended: when it came back,
     another worker's sweep took the job over seconds before the owner's fence check came through, and the owner's
     generation was thrown away (one attempt used). The sweeper was cut off too: for one of its lease periods after
-    its last failed sweep it takes nothing over, so a live owner renews and keeps its job, and a dead owner's job
-    is taken over after that."""
+    Firestore answered it again it takes nothing over, so a live owner renews and keeps its job, and a dead owner's
+    job is taken over after that (the re-check: counted from its last failed sweep, a short lease had run out
+    before Firestore came back)."""
     alive, dead = JobKey("u1", "images", "owner-alive"), JobKey("u2", "images", "owner-dead")
     for key in (alive, dead):
         write_job(firestore_client, key)
@@ -1271,11 +1272,62 @@ def test_after_an_outage_a_sweep_leaves_expired_leases_to_their_owners_for_a_lea
         wait_until(lambda: time.monotonic() >= back + 0.5, timeout=10)  # the owner's renewal comes late
         assert owner.renew(job)  # nobody took it over meanwhile
         wait_until(lambda: doc(firestore_client, dead)["worker_id"] == "sweeper", timeout=15)
-        assert time.monotonic() >= back + 1.5  # a lease (2 s) after its last failed sweep (at most 0.2 s before)
+        assert time.monotonic() >= back + 1.9  # a lease (2 s) after its first sweep that worked again
         assert wait_until(lambda: finished(firestore_client, dead))["status"] == "completed"
         data = doc(firestore_client, alive)
         assert (data["status"], data["worker_id"], data["attempts"]) == ("processing", "owner", 1)
         assert generator.calls == ["owner-dead"]
+    finally:
+        sweeper.runner.abort.set()
+        sweeper.stop(grace=0)
+
+
+class HeldExpiry(WorkerJobs):
+    """The expiry query held up until `held_until` (Firestore stopped, not refusing: the call hangs, then answers
+    once it is back; a stand-in, as BlippingStore is)."""
+
+    held_until = 0.0
+
+    def expired(self, *args, **kwargs):
+        query, store = super().expired(*args, **kwargs), self
+
+        class Held:
+            def stream(self, **kwargs):
+                time.sleep(max(0.0, store.held_until - time.monotonic()))
+                return query.stream(**kwargs)
+
+        return Held()
+
+
+def test_expired_leases_a_held_up_sweep_finds_wait_a_lease_too(firestore_client, results, monkeypatch):
+    """The chaos re-check: Firestore stopped 25 s, the sweep's query hung through it and answered once Firestore was
+    back, with the leases that had run out meanwhile, and nothing had failed: a takeover at once. A query held up
+    past SLOW_CALL_SECONDS counts as an outage: its expired leases wait a lease period from its answer."""
+    import listener.reconciler as reconciler_module
+
+    monkeypatch.setattr(reconciler_module, "SLOW_CALL_SECONDS", 0.5)
+    alive, dead = JobKey("u1", "images", "held-alive"), JobKey("u2", "images", "held-dead")
+    for key in (alive, dead):
+        write_job(firestore_client, key)
+    owner = WorkerJobs(firestore_client, worker_id="owner", lease_seconds=30)
+    job = owner.claim(alive)
+    assert job is not None and WorkerJobs(firestore_client, worker_id="gone", lease_seconds=30).claim(dead)
+    store = HeldExpiry(firestore_client, worker_id="sweeper", lease_seconds=2.0)
+    generator = StubGenerator()
+    sweeper = Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.2).start()
+    try:
+        assert sweeper.wait_listening(60)
+        store.held_until = back = time.monotonic() + 1.5
+        for key in (alive, dead):  # both leases run out while the query hangs
+            firestore_client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})
+        wait_until(lambda: time.monotonic() >= back + 0.5, timeout=10)
+        assert owner.renew(job)  # nobody took it over meanwhile
+        wait_until(lambda: doc(firestore_client, dead)["worker_id"] == "sweeper", timeout=15)
+        assert time.monotonic() >= back + 1.9  # a lease (2 s) after the held query answered
+        data = doc(firestore_client, alive)
+        assert (data["status"], data["worker_id"], data["attempts"]) == ("processing", "owner", 1)
+        assert wait_until(lambda: finished(firestore_client, dead))["status"] == "completed"
+        assert generator.calls == ["held-dead"]
     finally:
         sweeper.runner.abort.set()
         sweeper.stop(grace=0)
