@@ -1255,31 +1255,8 @@ def test_after_an_outage_a_sweep_leaves_expired_leases_to_their_owners_for_a_lea
     Firestore answered it again it takes nothing over, so a live owner renews and keeps its job, and a dead owner's
     job is taken over after that (the re-check: counted from its last failed sweep, a short lease had run out
     before Firestore came back)."""
-    alive, dead = JobKey("u1", "images", "owner-alive"), JobKey("u2", "images", "owner-dead")
-    for key in (alive, dead):
-        write_job(firestore_client, key)
-    owner = WorkerJobs(firestore_client, worker_id="owner", lease_seconds=30)
-    job = owner.claim(alive)
-    assert job is not None and WorkerJobs(firestore_client, worker_id="gone", lease_seconds=30).claim(dead)
     store = SweepAway(firestore_client, worker_id="sweeper", lease_seconds=2.0)
-    generator = StubGenerator()
-    sweeper = Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.2).start()
-    try:
-        assert sweeper.wait_listening(60)
-        store.back = back = time.monotonic() + 3.0
-        for key in (alive, dead):  # both leases run out within the outage (written here, as its minutes would)
-            firestore_client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})
-        wait_until(lambda: time.monotonic() >= back + 0.5, timeout=10)  # the owner's renewal comes late
-        assert owner.renew(job)  # nobody took it over meanwhile
-        wait_until(lambda: doc(firestore_client, dead)["worker_id"] == "sweeper", timeout=15)
-        assert time.monotonic() >= back + 1.9  # a lease (2 s) after its first sweep that worked again
-        assert wait_until(lambda: finished(firestore_client, dead))["status"] == "completed"
-        data = doc(firestore_client, alive)
-        assert (data["status"], data["worker_id"], data["attempts"]) == ("processing", "owner", 1)
-        assert generator.calls == ["owner-dead"]
-    finally:
-        sweeper.runner.abort.set()
-        sweeper.stop(grace=0)
+    owners_keep_their_jobs_through_an_outage(firestore_client, results, store, "back", 3.0, "owner")
 
 
 class HeldExpiry(WorkerJobs):
@@ -1306,28 +1283,36 @@ def test_expired_leases_a_held_up_sweep_finds_wait_a_lease_too(firestore_client,
     import listener.reconciler as reconciler_module
 
     monkeypatch.setattr(reconciler_module, "SLOW_CALL_SECONDS", 0.5)
-    alive, dead = JobKey("u1", "images", "held-alive"), JobKey("u2", "images", "held-dead")
-    for key in (alive, dead):
-        write_job(firestore_client, key)
-    owner = WorkerJobs(firestore_client, worker_id="owner", lease_seconds=30)
-    job = owner.claim(alive)
-    assert job is not None and WorkerJobs(firestore_client, worker_id="gone", lease_seconds=30).claim(dead)
     store = HeldExpiry(firestore_client, worker_id="sweeper", lease_seconds=2.0)
+    owners_keep_their_jobs_through_an_outage(firestore_client, results, store, "held_until", 1.5, "held")
+
+
+def owners_keep_their_jobs_through_an_outage(client, results, store, ends: str, seconds: float, name: str) -> None:
+    """A live owner's job and a dead owner's, both leases run out within an outage of `seconds` that `store` (the
+    sweeper's, lease 2 s) stands in for, its attribute `ends` the outage's end: the live owner's late renewal finds
+    its job still its own, and the dead owner's job is taken over a lease after Firestore answered again."""
+    alive, dead = JobKey("u1", "images", f"{name}-alive"), JobKey("u2", "images", f"{name}-dead")
+    for key in (alive, dead):
+        write_job(client, key)
+    owner = WorkerJobs(client, worker_id="owner", lease_seconds=30)
+    job = owner.claim(alive)
+    assert job is not None and WorkerJobs(client, worker_id="gone", lease_seconds=30).claim(dead)
     generator = StubGenerator()
     sweeper = Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.2).start()
     try:
         assert sweeper.wait_listening(60)
-        store.held_until = back = time.monotonic() + 1.5
-        for key in (alive, dead):  # both leases run out while the query hangs
-            firestore_client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})
-        wait_until(lambda: time.monotonic() >= back + 0.5, timeout=10)
+        back = time.monotonic() + seconds
+        setattr(store, ends, back)
+        for key in (alive, dead):  # both leases run out within the outage (written here, as its minutes would)
+            client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})
+        wait_until(lambda: time.monotonic() >= back + 0.5, timeout=10)  # the owner's renewal comes late
         assert owner.renew(job)  # nobody took it over meanwhile
-        wait_until(lambda: doc(firestore_client, dead)["worker_id"] == "sweeper", timeout=15)
-        assert time.monotonic() >= back + 1.9  # a lease (2 s) after the held query answered
-        data = doc(firestore_client, alive)
+        wait_until(lambda: doc(client, dead)["worker_id"] == "sweeper", timeout=15)
+        assert time.monotonic() >= back + 1.9  # a lease (2 s) after Firestore answered again
+        data = doc(client, alive)
         assert (data["status"], data["worker_id"], data["attempts"]) == ("processing", "owner", 1)
-        assert wait_until(lambda: finished(firestore_client, dead))["status"] == "completed"
-        assert generator.calls == ["held-dead"]
+        assert wait_until(lambda: finished(client, dead))["status"] == "completed"
+        assert generator.calls == [f"{name}-dead"]
     finally:
         sweeper.runner.abort.set()
         sweeper.stop(grace=0)
