@@ -13,7 +13,7 @@ import threading
 
 import pytest
 from google.cloud.firestore import SERVER_TIMESTAMP
-from test_reconciler import StubGenerator, results, wait_until
+from test_reconciler import LISTENING_SECONDS, StubGenerator, results, wait_until
 
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey, WorkerJobs
@@ -48,7 +48,7 @@ def sched_worker(firestore_client, results):
         )
         reconciler = Reconciler(job_store, runner, sweep_interval=sweep, capacity=capacity)
         started.append(reconciler.start())
-        assert reconciler.wait_listening(60)
+        assert reconciler.wait_listening(LISTENING_SECONDS)
         return reconciler
 
     yield make

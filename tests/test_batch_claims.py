@@ -19,7 +19,7 @@ from fixtures_generation import engine, tiny_cache  # noqa: F401
 from google.cloud.firestore import SERVER_TIMESTAMP
 from test_batching import TOLERANCE
 from test_generation import pixels
-from test_reconciler import doc, finished, results, wait_until  # noqa: F401
+from test_reconciler import LISTENING_SECONDS, doc, finished, results, wait_until  # noqa: F401
 
 from firegen_core import errors
 from firegen_core.contract import GenerationRequest, parse_document
@@ -75,7 +75,7 @@ def make_worker(firestore_client, storage_client, bucket, emulator_env):
         settings = load_settings(storage_bucket=bucket.name, sweep_interval_seconds=30, **settings)
         worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=f"w{len(workers)}")
         workers.append(worker.start())
-        assert worker.reconciler.wait_listening(60)
+        assert worker.reconciler.wait_listening(LISTENING_SECONDS)
         return worker
 
     yield make

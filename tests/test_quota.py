@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from test_functions import ACCEPTED, StubRunPod, client_doc, dispatch, nobody_listening
-from test_reconciler import StubGenerator, results  # noqa: F401  (results: the Storage fixture)
+from test_reconciler import LISTENING_SECONDS, StubGenerator, results  # noqa: F401  (results: the Storage fixture)
 
 from devtools import emulators as emu
 from firegen_core import quota
@@ -310,7 +310,7 @@ def test_two_workers_never_run_two_jobs_of_a_user_past_user_max_running(firestor
         store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=30, limits=limits)
         workers.append(Reconciler(store, JobRunner(store, Counting(), results), sweep_interval=0.3).start())
     try:
-        assert all(w.wait_listening(60) for w in workers)
+        assert all(w.wait_listening(LISTENING_SECONDS) for w in workers)
         keys = [write_client_doc(firestore_client, f"job-{i}", width=256) for i in range(4)]
         other = write_client_doc(firestore_client, "other-user", user="u-other")
         assert emu.wait_until(
@@ -385,7 +385,7 @@ def test_past_the_limits_a_client_doc_ends_failed_at_the_trigger_and_at_a_worker
     generator = StubGenerator()
     worker = Reconciler(store, JobRunner(store, generator, results), sweep_interval=30).start()
     try:
-        assert worker.wait_listening(60)
+        assert worker.wait_listening(LISTENING_SECONDS)
         key = write_client_doc(firestore_client, "via-worker")
         assert emu.wait_until(lambda: doc(firestore_client, key)["status"] == "failed", 15, 0.05)
     finally:
@@ -405,7 +405,7 @@ def test_a_backlog_of_client_docs_no_function_saw_is_bounded_by_user_max_pending
     worker = Reconciler(store, JobRunner(store, generator, results), sweep_interval=30).start()
     keys = [JobKey(USER, "images", f"flood-{i}") for i in range(5)]
     try:
-        assert worker.wait_listening(60)
+        assert worker.wait_listening(LISTENING_SECONDS)
         for key in keys:  # one at a time: each its own created_at, in this order
             write_client_doc(firestore_client, key.file_uid)
         assert emu.wait_until(lambda: all(doc(firestore_client, k)["status"] == "failed" for k in keys[2:]), 15, 0.05)

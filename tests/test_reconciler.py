@@ -52,6 +52,11 @@ class StubGenerator:
         return SimpleNamespace(seed=42 if request.seed is None else request.seed, files=files, video_info=None)
 
 
+# How long a test waits for a new worker's listeners to attach: under a second on an idle machine, far longer
+# under the parallel suite's load (a 10 s wait failed there).
+LISTENING_SECONDS = 60.0
+
+
 def wait_until(predicate, timeout=15.0, interval=0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -96,7 +101,7 @@ def make_worker(firestore_client, results):
             placeholder_grace=grace,
         )
         started.append(reconciler.start())
-        assert reconciler.wait_listening(60)
+        assert reconciler.wait_listening(LISTENING_SECONDS)
         return reconciler
 
     yield make
@@ -545,7 +550,7 @@ def test_a_claim_on_its_way_when_the_worker_stops_runs_within_the_grace_or_is_gi
     store = SlowClaimStore(firestore_client, worker_id="leaving", lease_seconds=30)
     generator = StubGenerator()
     worker = Reconciler(store, JobRunner(store, generator, results), sweep_interval=SLOW_SWEEP).start()
-    assert worker.wait_listening(60)
+    assert worker.wait_listening(LISTENING_SECONDS)
     key = JobKey("u1", "images", "in-flight")
     write_job(firestore_client, key)
     assert store.entered.wait(10)
@@ -1300,7 +1305,7 @@ def owners_keep_their_jobs_through_an_outage(client, results, store, ends: str, 
     generator = StubGenerator()
     sweeper = Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.2).start()
     try:
-        assert sweeper.wait_listening(60)
+        assert sweeper.wait_listening(LISTENING_SECONDS)
         back = time.monotonic() + seconds
         setattr(store, ends, back)
         for key in (alive, dead):  # both leases run out within the outage (written here, as its minutes would)

@@ -286,29 +286,42 @@ def test_the_pinned_swap_copies_the_text_encoder_in_once_per_video_and_gives_the
 
 def test_wan_runs_each_steps_two_passes_as_one_batch_and_draws_the_same_video(engine):
     """VideoPipeline.place wraps Wan's transformer (video_speed.CfgBatched): one batch of 2 per step instead of
-    a pass for the prompt and one for the negative prompt. Within 2 levels of the two-pass video (float32
-    rounding in a bigger batch)."""
+    a pass for the prompt and one for the negative prompt. Each step's two predictions equal the two passes' within
+    float32 rounding (1e-5; measured 1.2e-6). The videos then agree but at a few spots: the tiny random VAE turns
+    such a difference into up to 73 levels at 336 of 147,456 values (measured on an AMD EPYC, none on the CI's
+    machines so far), so the video is held to 99% of its values within 2 levels."""
     from diffusers import WanPipeline
 
     batched = engine.pipeline("text2video")
     assert video_speed.is_cfg_batched(batched.pipe.transformer)
     inner = video_speed.denoiser(batched.pipe.transformer)
-    batches = []
-    hook = inner.register_forward_pre_hook(
-        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
-    )
+    batches, predictions = [], []
+    hooks = [
+        inner.register_forward_pre_hook(
+            lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+        ),
+        inner.register_forward_hook(lambda module, args, output: predictions.append(output[0].detach().clone())),
+    ]
     try:
         request = video_request(num_inference_steps=3)
         video = batched.generate(request, 5).astype(int)
+        assert batches == [2, 2, 2]  # one call a step, on both halves
+        two_pass = WanPipeline(**{**batched.pipe.components, "transformer": inner})
+        two_pass.set_progress_bar_config(disable=True)
+        alone = VideoPipeline(two_pass, Runtime(), "tiny").generate(request, 5).astype(int)
     finally:
-        hook.remove()
-    assert batches == [2, 2, 2]  # one call a step, on both halves
-    two_pass = WanPipeline(**{**batched.pipe.components, "transformer": inner})
-    two_pass.set_progress_bar_config(disable=True)
-    alone = VideoPipeline(two_pass, Runtime(), "tiny").generate(request, 5).astype(int)
-    assert np.abs(video - alone).max() <= 2
+        for hook in hooks:
+            hook.remove()
+    assert batches == [2, 2, 2, 1, 1, 1, 1, 1, 1]
+    one_batch, passes = predictions[:3], predictions[3:]
+    for step, both in enumerate(one_batch):
+        conditional, unconditional = both.chunk(2)
+        assert torch.allclose(conditional, passes[2 * step], rtol=0, atol=1e-5), step
+        assert torch.allclose(unconditional, passes[2 * step + 1], rtol=0, atol=1e-5), step
+    off = np.abs(video - alone)
+    assert (off > 2).mean() < 0.01, (off.max(), (off > 2).sum())
     # Guidance 1 (no negative pass): nothing to batch.
-    batches.clear()
+    batches = []
     hook = inner.register_forward_pre_hook(
         lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
     )

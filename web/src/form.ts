@@ -1,7 +1,6 @@
 // The form → a GenerationRequest. Ranges, steps and defaults come from the contract's schema
-// (contract.gen.ts); the form does not validate: the callable answers with the contract's message, and for a
-// queued doc the page writes itself (or a number field whose text the browser cannot read) validate.ts gives
-// the same one.
+// (contract.gen.ts); the form does not validate: before sending a request, through the callable or as a queued doc,
+// the page checks it with validate.ts, which gives the contract's own message.
 import { REQUEST_SCHEMA, type GenerationRequest, type MediaType } from "./contract.gen";
 
 type Props = typeof REQUEST_SCHEMA.properties;
@@ -66,17 +65,6 @@ export function applyRanges(form: HTMLFormElement): void {
 function unreadableFields(form: HTMLFormElement): [string, string][] {
   const fields: [string, string][] = [["seed", "seed"], ...Object.entries(FIELDS[mediaType(form)])];
   return fields.filter(([id]) => input(id).validity.badInput);
-}
-
-/** Whether a number field holds text that is no number (the request holds it as text, which the contract refuses). */
-export function unreadable(form: HTMLFormElement): boolean {
-  return unreadableFields(form).length > 0;
-}
-
-/** Whether the seed typed is past what a JavaScript number holds exactly (it would be sent rounded). */
-export function inexactSeed(form: HTMLFormElement): boolean {
-  const seed = (form.querySelector("#seed") as HTMLInputElement).value;
-  return seed !== "" && !Number.isSafeInteger(Number(seed));
 }
 
 /** The request the form describes. Empty number fields are left out (the contract's defaults apply). */

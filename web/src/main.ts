@@ -9,7 +9,7 @@ import { connectFunctionsEmulator, getFunctions, httpsCallable, type Functions }
 import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
 import { Dismissed } from "./dismissed";
-import { applyRanges, fillForm, inexactSeed, markInvalid, mediaType, readRequest, requestOf, unreadable } from "./form";
+import { applyRanges, fillForm, markInvalid, mediaType, readRequest, requestOf } from "./form";
 import { dismissable, keyOf, listenToJobs, named as nameOf, QUIET_MS, renderJobs, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
@@ -331,10 +331,11 @@ async function main(): Promise<void> {
     const request = readRequest(form, uid, crypto.randomUUID());
     const media = mediaType(form);
     const via = functions ? new FormData(form).get("via") : "document";
-    // The callable answers a refused request with the contract's message; a document write has only the rules'
-    // verdict, so the page checks the request against the contract first. Text in a number field that the
-    // browser cannot read never reaches the callable (its value would be lost): the same check refuses it.
-    const refused = via === "document" || unreadable(form) || inexactSeed(form) ? contractMessage(request) : null;
+    // The contract's own check first, in either flow: a request it refuses is sent nowhere. A document write has
+    // only the rules' verdict, which names no field; the callable would answer with the contract's message but
+    // record the refusal as a failed job, one more card for a typo (newcomer audit). Text in a number field that
+    // the browser cannot read is refused here too (its value would be lost on the way).
+    const refused = contractMessage(request);
     if (refused) return fail(refused);
     sending = true;
     button.setAttribute("aria-disabled", "true");

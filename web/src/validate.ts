@@ -1,7 +1,7 @@
-// The contract's check of a request, in the page, for the flow where it writes the queued doc itself: only
-// firestore.rules answer that write, and their refusal names no field. Limits and ranges come from the contract's
-// schema (contract.gen.ts); the messages are firegen_core/contract.py's, word for word and in its order
-// (tests/test_schema.py compares the two field by field).
+// The contract's check of a request, in the page, before it sends one through either flow: only firestore.rules
+// answer a queued doc's write, and their refusal names no field; the callable would record its refusal as a failed
+// job. Limits and ranges come from the contract's schema (contract.gen.ts); the messages are
+// firegen_core/contract.py's, word for word and in its order (tests/test_schema.py compares the two field by field).
 import { REQUEST_SCHEMA, type GenerationRequest } from "./contract.gen";
 
 /** A request property as schema.py writes it (the subset read here). */
