@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 import structlog
 from structlog.typing import EventDict, Processor
@@ -105,6 +106,15 @@ def configure(worker_id: str, level: str = "INFO") -> None:
     root.setLevel(max(logging.WARNING, numeric))  # LOG_LEVEL=ERROR quiets them too
     for name in ("generation", "listener", "firegen_core"):
         logging.getLogger(name).setLevel(numeric)
+    warnings.showwarning = _warning_event
+
+
+def _warning_event(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning (a library's UserWarning or FutureWarning: torch's compiler warns at a bf16 UNet's compile)
+    as an event of this stream: Python writes it in plain text, over several lines, on stderr."""
+    structlog.get_logger("py.warnings").warning(
+        "python_warning", category=category.__name__, said=str(message), where=f"{filename}:{lineno}"
+    )
 
 
 def keep_google_records() -> None:

@@ -187,6 +187,36 @@ def test_a_failed_fitness_check_off_runpod_says_worker_exit():
     assert events[-1]["severity"] == "ERROR"
 
 
+WARNING_SCRIPT = """
+import sys, warnings, structlog
+from listener.logs import configure
+configure("w-1", sys.argv[1])
+structlog.contextvars.bind_contextvars(file_uid="a-job")
+warnings.warn("Dynamo detected a call to a `functools.lru_cache`-wrapped function", UserWarning)
+"""
+
+
+@pytest.mark.parametrize("level", ["INFO", "ERROR"])
+def test_python_warnings_are_json_lines(level):
+    """A library's Python warning (torch's compiler warns at a bf16 UNet's compile) came out in plain text, over
+    several lines, on stderr: it is a `python_warning` event, with the job it came from; LOG_LEVEL=ERROR quiets it."""
+    result = subprocess.run(
+        [sys.executable, "-c", WARNING_SCRIPT, level], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.stderr == ""
+    if level == "ERROR":
+        assert result.stdout == ""
+        return
+    line = json.loads(result.stdout)
+    assert (line["severity"], line["event"], line["category"], line["file_uid"]) == (
+        "WARNING",
+        "python_warning",
+        "UserWarning",
+        "a-job",
+    )
+    assert line["said"].startswith("Dynamo detected") and line["where"] == "<string>:6"
+
+
 GOOGLE_LOG_SCRIPT = """
 import logging, sys
 from google.api_core import client_logging
