@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -134,6 +135,16 @@ logging.getLogger().handlers[:] = [_FirebaseLogHandler()]
 # a watch's close) would then reach no handler and come out in plain text from Python's last resort.
 logging.getLogger("google").setLevel(logging.WARNING)
 logging.getLogger("google").propagate = True
+
+
+def _warning_record(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning (a library's UserWarning or DeprecationWarning) as a JSON entry: Python writes it in plain
+    text, over several lines, on stderr."""
+    fields = {"category": category.__name__, "said": str(message), "where": f"{filename}:{lineno}"}
+    logging.getLogger("py.warnings").warning("python_warning", extra=fields)
+
+
+warnings.showwarning = _warning_record
 
 
 class _EmulatorCredential(firebase_admin.credentials.Base):

@@ -1248,6 +1248,8 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
         "    logging.getLogger('google.api_core.bidi').warning('Background thread did not exit.')\n"
         "    out['grace'] = main._grace()\n"
+        "    import warnings\n"
+        "    warnings.warn('Detected filter using positional arguments.', UserWarning)\n"
         "out['google_log'] = buffer.getvalue()\n"
         "for worker_only in ('generation', 'listener', 'torch'):\n"
         "    try:\n"
@@ -1303,7 +1305,9 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     assert [(e["severity"], e.get("logger"), e["message"]) for e in google] == [
         ("WARNING", "google.api_core.bidi", "Background thread did not exit."),
         ("WARNING", None, "PLACEHOLDER_GRACE_SECONDS must be between 0 and 60; 90 taken as the bound"),
+        ("WARNING", "py.warnings", "python_warning"),  # a Python warning too (it was plain text on stderr)
     ], google
+    assert (google[2]["category"], google[2]["said"]) == ("UserWarning", "Detected filter using positional arguments.")
     assert out["grace"] == 60.0
 
 
