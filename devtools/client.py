@@ -152,6 +152,24 @@ class Client:
         shown_lock = threading.Lock()  # the listener's thread and this one's reads both show states
         started = time.monotonic()
         last: dict = {}
+        # The states the listener hears before the request's own answer is said wait for it, so the lines read in
+        # the order of events (a refused call's doc failed before its answer came back: the lines came in any order).
+        held: list[str] | None = []
+
+        def tell(text: str) -> None:
+            if held is None:
+                self.say(file_uid, text)
+            else:
+                held.append(text)
+
+        def answered(text: str | None = None) -> None:
+            nonlocal held
+            with shown_lock:
+                if text is not None:
+                    self.say(file_uid, text)
+                for line in held or []:
+                    self.say(file_uid, line)
+                held = None
 
         def show(snapshot) -> None:
             if not snapshot.exists:
@@ -166,7 +184,7 @@ class Client:
                 if shown != (last.get("status"), last.get("progress")):
                     processing = doc.get("status") == "processing" and doc.get("progress")
                     progress = f" {doc['progress']:.0%}" if processing else ""
-                    self.say(file_uid, f"{time.monotonic() - started:5.1f}s  {doc.get('status')}{progress}")
+                    tell(f"{time.monotonic() - started:5.1f}s  {doc.get('status')}{progress}")
                 last.update(status=shown[0], progress=shown[1], doc=doc, written_at=written_at)
                 if doc.get("status") in ("completed", "failed"):
                     done.set()
@@ -196,14 +214,13 @@ class Client:
                 self.say(file_uid, "firestore.rules refused the queued doc (PERMISSION_DENIED)" + why)
                 written = False
             if via == "callable":
-                self.say(file_uid, self.call_function(data))
+                answered(self.call_function(data))
                 # A request the callable refused is recorded as a failed doc (the contract's), which is watched.
                 written = written or ref.get().exists
             elif via == "runsync" and written:
                 answer = post_runsync(self.info.runsync_url, data)
-                self.say(
-                    file_uid, f"runsync answered {answer.get('status')}: {answer.get('output') or answer.get('error')}"
-                )
+                answered(f"runsync answered {answer.get('status')}: {answer.get('output') or answer.get('error')}")
+            answered()
             if not written:
                 self.say(file_uid, "no result to watch: the job's doc was not written")
                 self.failures += 1

@@ -160,6 +160,8 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         )
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "generateWithRunPod answered accepted" in submit.stdout and "completed" in submit.stdout
+        first_state = re.search(r"\] +\d+\.\ds  \w+", submit.stdout)  # "[id]   0.1s  queued", or processing
+        assert first_state and submit.stdout.index("answered accepted") < first_state.start(), submit.stdout
         saved = re.search(r"saved (\S+\.png)", submit.stdout)
         assert saved and (ROOT / saved.group(1)).is_file()
 
@@ -176,6 +178,8 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
             "[too-wide-1] generateWithRunPod refused it (INVALID_ARGUMENT): width must be between 256 and 1024" in said
         )
         assert "[too-wide-1] failed (ValidationError): width must be between 256 and 1024" in said
+        # In the order of events: the call's answer, then the failed doc it recorded (the lines came in any order).
+        assert said.index("refused it (INVALID_ARGUMENT)") < said.index("s  failed\n"), said
         assert "[too-wide-1] taken from the queue" not in said  # the newcomer audit: it never ran
         # The client sample's camelCase options name a video too (the newcomer audit: `make submit` watched
         # images/ and exited 1, silently, while the video ran under videos/).
