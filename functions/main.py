@@ -57,6 +57,7 @@ from runpod_client import RunPodClient, runsync_url
 
 from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
 from firegen_core.quota import Limits
+from firegen_core.redaction import redact, redacted
 
 # cpu=1: set_global_options' own default is "gcf_gen1" (a sixth of a CPU, one request at a time per instance),
 # while the callables and the trigger mostly wait on RunPod (up to RUNPOD_TIMEOUT_SECONDS a call). concurrency=4:
@@ -101,7 +102,8 @@ class _FirebaseLogHandler(logging.Handler):
                 write = logger.debug
             # `extra={...}` (firegen_core's records) as fields of their own, as the worker's JSON lines have them.
             fields = {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRIBUTES and not k.startswith("_")}
-            write(_message(record), logger=record.name, **fields)
+            # A library's record may quote a URL or a token endpoint's answer: the worker's last guard, here too.
+            write(redact(_message(record)), logger=record.name, **redacted(fields))
         except Exception:
             self.handleError(record)
 

@@ -14,26 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import warnings
 
 import structlog
 from structlog.typing import EventDict, Processor
 
+from firegen_core.redaction import redacted
+
 SEVERITY = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "warn": "WARNING", "error": "ERROR"}
 SEVERITY.update(critical="CRITICAL", exception="ERROR")
-
-_SECRETS = re.compile(
-    r"(?P<keep>(?:[?&](?:X-Goog-Signature|X-Goog-Credential|Signature|token|access_token|key)=)|"
-    r"(?:Bearer\s+))[^&\s\"']+"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
-    re.IGNORECASE | re.DOTALL,
-)
-
-
-def redact(text: str) -> str:
-    return _SECRETS.sub(lambda m: (m.group("keep") or "") + "<redacted>", text)
 
 
 def _platform_fields(logger: object, method: str, event: EventDict) -> EventDict:
@@ -43,7 +33,7 @@ def _platform_fields(logger: object, method: str, event: EventDict) -> EventDict
 
 
 def _redact(logger: object, method: str, event: EventDict) -> EventDict:
-    return {key: redact(value) if isinstance(value, str) else value for key, value in event.items()}
+    return {key: redacted(value) for key, value in event.items()}
 
 
 _add_extras = structlog.stdlib.ExtraAdder()
@@ -139,10 +129,11 @@ def _clipped(text: str, most: int = 4096) -> str:
     return f"{text[: most // 2]} ...{len(text) - most} characters cut... {text[-most // 2 :]}"
 
 
-def route_runpod_sdk() -> None:
+def route_runpod_sdk(local_api: bool = False) -> None:
     """The RunPod SDK's output as events of this stream: its logger (plain `INFO   | <id> | Started.` lines
-    outside RunPod, JSON of its own shape, without `severity`, on it), its start banner (a bare `print`) and the
-    local API's uvicorn lines (uvicorn's own handlers). Each becomes a `runpod_sdk` event with `said` and, for a
+    outside RunPod, JSON of its own shape, without `severity`, on it), its start banner (a bare `print`), the local API's
+    webhook failure (with `local_api`; a bare `print` too, quoting the webhook's URL) and its uvicorn lines
+    (uvicorn's own handlers). Each becomes a `runpod_sdk` event with `said` and, for a
     job's line, `requestId`. Left as it is where the SDK's internals are not the ones this was written for."""
     import runpod.serverless
     from runpod.serverless.modules import rp_logger
@@ -167,6 +158,14 @@ def route_runpod_sdk() -> None:
         log.info("runpod_sdk", said=" ".join(str(a) for a in args).strip(" -"))
 
     runpod.serverless.print = said  # the module's `print`: only the banner uses it
+    if local_api:  # the SDK imports its local API only to serve it (--rp_serve_api, or its realtime port)
+        from runpod.serverless.modules import rp_fastapi
+
+        def webhook_failed(*args: object, **kwargs: object) -> None:
+            # Its one print: a webhook that could not be sent, quoting the webhook's URL (a token in it redacted).
+            log.warning("runpod_sdk", said=" ".join(str(a) for a in args))
+
+        rp_fastapi.print = webhook_failed
     try:
         from uvicorn.config import LOGGING_CONFIG
     except ImportError:  # pragma: no cover - the SDK's local API always brings uvicorn

@@ -216,6 +216,9 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
             "leak_attempt",
             url="https://x/o?X-Goog-Signature=abc123&token=t0k3n",
             key=json.loads(key_json)["private_key"],
+            # Within a list or a dict too (the logs audit: only top-level strings were looked at).
+            urls=["https://x/o?alt=media&token=l1stt0k3n"],
+            nested={"answer": '{"access_token": "ya29.n3st3d", "expires_in": 3599}'},
         )
     structlog.reset_defaults()
     logging.getLogger().handlers[:] = root_handlers
@@ -223,7 +226,7 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
     signatures = [dict(parse_qsl(urlsplit(url).query))["X-Goog-Signature"] for url in doc["images"]]
     text = captured.getvalue()
     assert '"job_completed"' in text and '"leak_attempt"' in text
-    for secret in (*signatures, "abc123", "t0k3n", pem_body(key_json)):
+    for secret in (*signatures, "abc123", "t0k3n", "l1stt0k3n", "ya29.n3st3d", pem_body(key_json)):
         assert secret not in text
     assert all(json.loads(line)["severity"] for line in text.splitlines())
 
@@ -262,3 +265,28 @@ def test_a_key_path_that_names_no_file_stops_start_up_without_quoting_it(tmp_pat
     )
     assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {BAD_KEY_PATH}\n")
     assert SECRET_MARK not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        ("https://x/o?alt=media&token=abc-123", "https://x/o?alt=media&token=<redacted>"),
+        (
+            "next=https%3A%2F%2Fx%2Fo%3Falt%3Dmedia%26token%3Dabc",
+            "next=https%3A%2F%2Fx%2Fo%3Falt%3Dmedia%26token%3D<redacted>",
+        ),
+        (
+            '{"access_token": "ya29.abc", "token_type": "Bearer"}',
+            '{"access_token": "<redacted>", "token_type": "Bearer"}',
+        ),
+        ("Authorization: Bearer eyJhbGciOi.x.y", "Authorization: Bearer <redacted>"),
+        # Nothing else: words that only look like it are left as they are.
+        ("the tokenizer's token count: 77", "the tokenizer's token count: 77"),
+        ('{"token_count": 77}', '{"token_count": 77}'),
+    ],
+)
+def test_the_last_guard_of_the_logs_takes_out_what_looks_like_a_credential(text, shown):
+    from firegen_core.redaction import redact, redacted
+
+    assert redact(text) == shown
+    assert redacted({"a": [text, (text, 1)], "b": None}) == {"a": [shown, [shown, 1]], "b": None}

@@ -1250,6 +1250,8 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "    out['grace'] = main._grace()\n"
         "    import warnings\n"
         "    warnings.warn('Detected filter using positional arguments.', UserWarning)\n"
+        "    logging.getLogger('google.auth').warning('refresh answered %s', '{\"access_token\": \"ya29.fn\"}',"
+        " extra={'urls': ['https://x/o?alt=media&token=fnt0k3n']})\n"
         "out['google_log'] = buffer.getvalue()\n"
         "for worker_only in ('generation', 'listener', 'torch'):\n"
         "    try:\n"
@@ -1306,7 +1308,9 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         ("WARNING", "google.api_core.bidi", "Background thread did not exit."),
         ("WARNING", None, "PLACEHOLDER_GRACE_SECONDS must be between 0 and 60; 90 taken as the bound"),
         ("WARNING", "py.warnings", "python_warning"),  # a Python warning too (it was plain text on stderr)
+        ("WARNING", "google.auth", 'refresh answered {"access_token": "<redacted>"}'),
     ], google
+    assert google[3]["urls"] == ["https://x/o?alt=media&token=<redacted>"]  # the worker's last guard, here too
     assert (google[2]["category"], google[2]["said"]) == ("UserWarning", "Detected filter using positional arguments.")
     assert out["grace"] == 60.0
 

@@ -193,6 +193,21 @@ def test_every_line_of_the_local_workers_output_is_json(stack):
     assert any(e.get("logger") == "uvicorn.error" and e["event"].startswith("Uvicorn running on") for e in events)
     assert not [e for e in events if "color_message" in e]  # uvicorn's copy of the message with terminal colours
     assert any(e["event"] == "runpod_sdk" and e["said"] == "Started." and e.get("requestId") for e in events)
+    # A webhook the local API could not send: the SDK printed its URL, a token in it too, in plain text (logs audit).
+    hook = "http://127.0.0.1:9/hook?token=WEBHOOKSECRET&Signature=SIGSECRET"
+    webhook_request = {**request, "file_uid": "json-2"}
+    assert stack.runsync({"input": webhook_request, "webhook": hook})["output"]["status"] == "accepted"
+
+    def webhook_failed():
+        return [json.loads(line) for line in stack.worker.log_path.read_text().splitlines() if "WEBHOOK" in line]
+
+    assert emu.wait_until(webhook_failed, 60)
+    [event] = webhook_failed()
+    assert (event["event"], event["severity"]) == ("runpod_sdk", "WARNING")
+    assert event["said"].startswith(
+        "WEBHOOK | Request to http://127.0.0.1:9/hook?token=<redacted>&Signature=<redacted>"
+    )
+    assert "SECRET" not in stack.worker.log_path.read_text()
 
 
 def test_a_worker_with_fp8_off_logs_nothing_of_torchaos_import(stack):
