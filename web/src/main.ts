@@ -377,7 +377,8 @@ async function main(): Promise<void> {
       }
       return null;
     } catch (error) {
-      // The callable's invalid-argument carries the contract's own message.
+      // The callable's refusal carries its own message: the user's limits (resource-exhausted), or, were the page's
+      // check and the contract's ever to differ, the contract's message, which marks its field.
       const text = isCode(error, "permission-denied") && via === "document" ? RULES_REFUSED : callableMessage(error);
       fail(text, mark);
       return text;
