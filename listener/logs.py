@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import warnings
 
 import structlog
@@ -97,6 +98,18 @@ def configure(worker_id: str, level: str = "INFO") -> None:
     for name in ("generation", "listener", "firegen_core"):
         logging.getLogger(name).setLevel(numeric)
     warnings.showwarning = _warning_event
+    threading.excepthook = _thread_crashed
+
+
+def _thread_crashed(args: threading.ExceptHookArgs) -> None:
+    """An exception no code of a thread caught (a library's thread, or a bug of ours): Python prints its traceback
+    in plain text on stderr. An ERROR event with the traceback instead; a thread's SystemExit stays silent."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else None
+    structlog.get_logger("listener").error(
+        "thread_crashed", thread=name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+    )
 
 
 def _warning_event(message, category, filename, lineno, file=None, line=None) -> None:

@@ -217,6 +217,30 @@ def test_python_warnings_are_json_lines(level):
     assert line["said"].startswith("Dynamo detected") and line["where"] == "<string>:6"
 
 
+THREAD_SCRIPT = """
+import sys, threading
+from listener.logs import configure
+configure("w-1")
+def crash():
+    raise ValueError("a bug in a thread")
+def leave():
+    sys.exit(0)
+for target in (crash, leave):
+    thread = threading.Thread(target=target, name=target.__name__)
+    thread.start()
+    thread.join()
+"""
+
+
+def test_an_exception_no_thread_caught_is_a_json_event():
+    """The logs audit: Python printed an uncaught exception of a thread as a plain traceback on stderr."""
+    result = subprocess.run([sys.executable, "-c", THREAD_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stderr == ""
+    [line] = [json.loads(line) for line in result.stdout.splitlines()]  # a thread's sys.exit() says nothing
+    assert (line["severity"], line["event"], line["thread"]) == ("ERROR", "thread_crashed", "crash")
+    assert line["exception"].endswith("ValueError: a bug in a thread")
+
+
 GOOGLE_LOG_SCRIPT = """
 import logging, sys
 from google.api_core import client_logging
