@@ -1242,6 +1242,33 @@ def test_try_again_sends_a_cancelled_jobs_request_as_a_new_job_once(open_page, s
     assert [p for p in app.problems() if not re.search(offline, p)] == []
 
 
+def test_try_again_on_a_job_refused_for_its_users_limits_sends_it_again_under_its_own_id(open_page, stack):
+    """The contract's "try again" for a QuotaExceeded job is the same request under the same file_uid: the callable
+    admits it again once the limits allow, and its card goes back to queued and completes (the web re-check: each
+    Try again made a new job, and a new failed card while the budget was spent)."""
+    app = open_page()
+    db = firestore_client(stack)
+    usage = db.document(f"usage/{app.uid}")
+    today = datetime.now(UTC).date().isoformat()
+    usage.set({"running": 0, "pending": 0, "spent_today": 599.9, "day": today})  # of 600 (make dev's default)
+    calls: list[str] = []
+    app.page.on(
+        "request", lambda r: calls.append(r.url) if r.method == "POST" and "generateWithRunPod" in r.url else None
+    )
+    app.fill(Prompt="over the budget", Width="256", Height="256", Steps="10")
+    refused = app.generate()
+    assert app.wait_final(refused) == "failed"
+    doc = db.document(f"generations/{app.uid}/images/{refused}").get().to_dict()
+    assert doc["error_type"] == "QuotaExceeded" and app.page.get_by_role("alert").inner_text() == doc["error_message"]
+    usage.set({"running": 0, "pending": 0, "spent_today": 0.0, "day": today})  # a new day's budget, say
+    app.job(refused).get_by_role("button", name="Try again image “over the budget”").click()
+    app.page.wait_for_selector(f".job[data-file-uid='{refused}']:not([data-status=failed])", timeout=30_000)
+    assert app.wait_final(refused) == "completed", app.job(refused).inner_text()
+    assert app.page.locator(".job").count() == 1 and len(calls) == 2  # the same job, sent again once
+    # The server's refusal (HTTP 429) is the one thing the browser logs.
+    assert [p for p in app.problems() if "status of 429" not in p] == []
+
+
 def test_dismiss_hides_a_failed_job_in_this_browser_until_show_dismissed(open_page, stack):
     """Failed and cancelled cards can be dismissed (firestore.rules forbid deleting a job): hidden in this
     browser, through a reload; "Show N dismissed" brings them back. A live or completed job is never hidden."""

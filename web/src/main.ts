@@ -223,10 +223,13 @@ async function main(): Promise<void> {
     $("form-status").textContent = filled;
     $<HTMLTextAreaElement>("prompt").focus();
   };
-  /** Send a failed or cancelled job's request again, as a new job, as the form sends its own. */
+  /** Send a failed or cancelled job's request again, as the form sends its own: as a new job, but for a job refused
+   * for its user's limits, which the callable takes again under its own id (the contract's "try again": the same
+   * request re-admitted, its card back to queued, no new card). A doc the page writes is always a new job. */
   const retry = async (job: Job): Promise<string | null> => {
-    const request = requestOf(job.written, job.media, uid, crypto.randomUUID());
     const via = functions ? new FormData(form).get("via") : "document";
+    const again = via !== "document" && job.doc.status === "failed" && job.doc.error_type === "QuotaExceeded";
+    const request = requestOf(job.written, job.media, uid, again ? job.id : crypto.randomUUID());
     // The contract's own check first, in either flow: the doc's values may be past what the page sends exactly (a
     // seed beyond 2^53 read from another client's doc), and the page says so as its form does.
     const refused = contractMessage(request);
