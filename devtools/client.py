@@ -152,8 +152,8 @@ class Client:
         shown_lock = threading.Lock()  # the listener's thread and this one's reads both show states
         started = time.monotonic()
         last: dict = {}
-        # The states the listener hears before the request's own answer is said wait for it, so the lines read in
-        # the order of events (a refused call's doc failed before its answer came back: the lines came in any order).
+        # The states the listener hears before the request's answer is said wait for it: the answer comes first, then
+        # the states in their order, whatever the timing (a refused call's failed doc came before or after it).
         held: list[str] | None = []
 
         def tell(text: str) -> None:
@@ -236,6 +236,7 @@ class Client:
                 except exceptions.GoogleAPICallError:
                     pass  # a read that failed is only a missed look; the listener and the next read go on
         finally:
+            answered()  # a call that raised (no server, Ctrl-C) leaves the states heard so far to say
             watch.unsubscribe()
         doc = last["doc"]
         if self.info.functions:  # the dispatch marker of functions/dispatch.py, when a function sent it

@@ -7,27 +7,33 @@ from __future__ import annotations
 import re
 from typing import Any
 
+_TOKEN_NAMES = r"access_token|refresh_token|id_token|client_secret"
 _SECRETS = re.compile(
-    # A URL's query parameter, also percent-encoded (a URL inside another URL's query).
-    r"(?P<keep>(?:(?:[?&]|%3F|%26)(?:X-Goog-Signature|X-Goog-Credential|Signature|token|access_token|key)(?:=|%3D))"
-    r"|(?:Bearer\s+)"
-    # An OAuth token in JSON text (a token endpoint's answer quoted in an error).
-    r"|(?:[\"'](?:access_token|refresh_token|id_token|client_secret)[\"']\s*:\s*[\"']))[^&\s\"']+"
+    # A URL's or a form's parameter, also percent-encoded (a URL inside another URL's query: its value ends at %26).
+    r"(?P<keep>(?:(?:[?&]|%3F|%26)(?:X-Goog-Signature|X-Goog-Credential|Signature|token|key|" + _TOKEN_NAMES + r")"
+    r"(?:=|%3D))"
+    r"|(?:(?-i:Bearer)[ \t]+)"
+    # An OAuth token in JSON text (a token endpoint's answer quoted in an error), also with its quotes escaped.
+    r"|(?:\\?[\"'](?:" + _TOKEN_NAMES + r")\\?[\"']\s*:\s*\\?[\"']))(?:(?!%26)[^&\s\"'\\])+"
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
     re.IGNORECASE | re.DOTALL,
 )
+# Deeper than this, a value is written as its redacted text (a value that holds itself would recurse for ever).
+_DEPTH = 8
 
 
 def redact(text: str) -> str:
     return _SECRETS.sub(lambda m: (m.group("keep") or "") + "<redacted>", text)
 
 
-def redacted(value: Any) -> Any:
+def redacted(value: Any, depth: int = 0) -> Any:
     """`value` with every string in it redacted, within lists, tuples and dicts too (a field of URLs)."""
     if isinstance(value, str):
         return redact(value)
+    if isinstance(value, dict | list | tuple) and depth >= _DEPTH:
+        return redact(repr(value))
     if isinstance(value, dict):
-        return {key: redacted(item) for key, item in value.items()}
+        return {key: redacted(item, depth + 1) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [redacted(item) for item in value]
+        return [redacted(item, depth + 1) for item in value]
     return value

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
                 worker.fitness_check()
             _stop_claiming_when_uvicorn_exits(worker.reconciler)
             serve_api = any(a.split("=")[0] == "--rp_serve_api" for a in argv)
-            route_runpod_sdk(local_api=serve_api or bool(os.environ.get("RUNPOD_REALTIME_PORT")))
+            route_runpod_sdk(local_api=serve_api or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0"))
             # `start` installs the SDK's own SIGINT handler (a bare sys.exit): a second Ctrl-C would end the
             # `finally` below while a job runs, as a second SIGTERM did. Where the SDK has it, it is `leave`.
             if callable(getattr(runpod.serverless, "_signal_handler", None)):

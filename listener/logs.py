@@ -6,8 +6,8 @@ Our own modules log through structlog; libraries (and the few modules of ours th
 Each line carries the fields the platforms read: `severity` (Cloud Logging's level names) and `message` (the
 event), beside `event` and `level`; and `requestId`, RunPod's job id, on the lines of a runsync request (and
 of a job a RunPod job dispatched, from its doc's `runpod_job_id`). As a last guard, what looks like a
-credential in a line (a signed URL's signature, a download token, a private key, a bearer token) is replaced
-by `<redacted>` before it is written.
+credential in a line, in any field (firegen_core/redaction.py), is replaced by `<redacted>` before it is written.
+Python's own plain-text output, a warning or a thread's uncaught exception, is made an event too.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from contextlib import redirect_stdout
 from urllib.parse import parse_qsl, urlsplit
 
@@ -204,6 +205,7 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
     captured = io.StringIO()
     root_handlers = logging.getLogger().handlers[:]
     monkeypatch.setattr(logging.getLogger(), "handlers", root_handlers)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # configure() sets it: pytest's, back after
     with redirect_stdout(captured):
         logs.configure("log-test")
         store.ensure_queued(request)
@@ -280,8 +282,12 @@ def test_a_key_path_that_names_no_file_stops_start_up_without_quoting_it(tmp_pat
             '{"access_token": "<redacted>", "token_type": "Bearer"}',
         ),
         ("Authorization: Bearer eyJhbGciOi.x.y", "Authorization: Bearer <redacted>"),
-        # Nothing else: words that only look like it are left as they are.
+        ('{\\"access_token\\": \\"ya29.abc\\"}', '{\\"access_token\\": \\"<redacted>\\"}'),
+        ("grant=x&refresh_token=1//0abc&client_id=9", "grant=x&refresh_token=<redacted>&client_id=9"),
+        ("u=%3Fa%3D1%26token%3Dabc%26foo%3Dbar", "u=%3Fa%3D1%26token%3D<redacted>%26foo%3Dbar"),  # the rest kept
+        # Nothing else: words that only look like it are left as they are (a prompt may reach a library's line).
         ("the tokenizer's token count: 77", "the tokenizer's token count: 77"),
+        ("a flag bearer  riding, a standard-bearer\nwalks", "a flag bearer  riding, a standard-bearer\nwalks"),
         ('{"token_count": 77}', '{"token_count": 77}'),
     ],
 )
@@ -290,3 +296,6 @@ def test_the_last_guard_of_the_logs_takes_out_what_looks_like_a_credential(text,
 
     assert redact(text) == shown
     assert redacted({"a": [text, (text, 1)], "b": None}) == {"a": [shown, [shown, 1]], "b": None}
+    itself: list = ["https://x/o?token=s3cr3t"]
+    itself.append(itself)  # a value that holds itself is written as its text, not recursed into for ever
+    assert "s3cr3t" not in str(redacted(itself)) and "token=<redacted>" in str(redacted(itself))

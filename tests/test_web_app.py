@@ -1265,6 +1265,18 @@ def test_try_again_on_a_job_refused_for_its_users_limits_sends_it_again_under_it
     app.page.wait_for_selector(f".job[data-file-uid='{refused}']:not([data-status=failed])", timeout=30_000)
     assert app.wait_final(refused) == "completed", app.job(refused).inner_text()
     assert app.page.locator(".job").count() == 1 and len(calls) == 2  # the same job, sent again once
+    # One that ran, then was refused (a running job restated past the budget), keeps its answer: a new job.
+    ran = dict(prompt="ran, then over", width=256, height=256, num_inference_steps=10, attempts=1)
+    _ended_image(stack, app.uid, "ran-then-over", error_type="QuotaExceeded", error_message="over the budget", **ran)
+    app.job("ran-then-over").get_by_role("button", name="Try again image “ran, then over”").click()
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 3", timeout=30_000)
+    [new] = [
+        uid
+        for uid in app.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)")
+        if uid not in (refused, "ran-then-over")
+    ]
+    assert app.wait_final(new) == "completed", app.job(new).inner_text()
+    assert app.job("ran-then-over").get_attribute("data-status") == "failed" and len(calls) == 3
     # The server's refusal (HTTP 429) is the one thing the browser logs.
     assert [p for p in app.problems() if "status of 429" not in p] == []
 

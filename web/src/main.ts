@@ -228,7 +228,7 @@ async function main(): Promise<void> {
    * request re-admitted, its card back to queued, no new card). A doc the page writes is always a new job. */
   const retry = async (job: Job): Promise<string | null> => {
     const via = functions ? new FormData(form).get("via") : "document";
-    const again = via !== "document" && job.doc.status === "failed" && job.doc.error_type === "QuotaExceeded";
+    const again = via !== "document" && refusedAtAdmission(job);
     const request = requestOf(job.written, job.media, uid, again ? job.id : crypto.randomUUID());
     // The contract's own check first, in either flow: the doc's values may be past what the page sends exactly (a
     // seed beyond 2^53 read from another client's doc), and the page says so as its form does.
@@ -239,6 +239,13 @@ async function main(): Promise<void> {
     }
     return send(request, job.media, via === "document" ? "document" : "callable", false);
   };
+  /** Refused for its user's limits and never run (firegen_core/lifecycle.py `refused`): the callable admits it
+   * again under its id. One that ran (a running job restated past the budget) keeps its answer: a new job. */
+  const refusedAtAdmission = (job: Job) =>
+    job.doc.status === "failed" &&
+    job.doc.error_type === "QuotaExceeded" &&
+    !job.written.attempts &&
+    !job.written.releases;
   /** Hide a failed or cancelled job in this browser; the focus goes to the card that takes its place. */
   const dismiss = (job: Job) => {
     if (!dismissable(job)) return;
