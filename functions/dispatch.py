@@ -357,7 +357,8 @@ def generate(
     if fields.get("user_id") not in (None, "", uid):
         raise CallError("permission-denied", "user_id must be the signed-in user's uid")
     fields["user_id"] = uid
-    if fields.get("file_uid") in (None, ""):
+    named = fields.get("file_uid") not in (None, "")
+    if not named:
         fields["file_uid"] = uuid.uuid4().hex  # the reply's fileUid names it
     if fields.get("use_cloud_storage") is None:  # left out or null, as any other field: the callable's default
         fields["use_cloud_storage"] = True
@@ -368,7 +369,10 @@ def generate(
         request = store.as_filed(request, fields)
     except ContractError as exc:
         key, message = (exc.key, exc.message) if isinstance(exc, Misfiled) else _filed(store, uid, fields, exc)
-        _record_refusal(store, uid, fields, message, key)
+        # A call that named no job leaves no failed doc behind: the refusal carries no id, so nothing could find
+        # it (protocol audit: each such call left a doc under a random id, kept until its retention ended).
+        if named:
+            _record_refusal(store, uid, fields, message, key)
         raise CallError("invalid-argument", message) from None
 
     key = JobKey.of(request)

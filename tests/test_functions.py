@@ -390,6 +390,19 @@ def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
     assert runpod.requests == []
 
 
+def test_bad_params_of_a_call_that_names_no_job_leave_no_doc(firestore_client, stub):
+    """The protocol audit: a refused call without a file_uid left a failed doc under an id of the callable's own,
+    which its answer does not carry: nothing could find it, and it stayed for the retention's days."""
+    runpod = stub(ACCEPTED)
+    for data in ({"prompt": 123}, {}, {"prompt": "x", "fps": 99}):
+        with pytest.raises(CallError) as raised:
+            dispatch.generate(firestore_client, runpod.client(), uid="u-nameless", data=data)
+        assert raised.value.code == "invalid-argument"
+    for media in ("images", "videos"):
+        assert list(firestore_client.collection(f"generations/u-nameless/{media}").stream()) == []
+    assert runpod.requests == []
+
+
 MISFILED = "Validation failed: fps is a video field: video jobs belong under generations/{user_id}/videos"
 CLIENT_DOC_STATES = {
     "queued": {},
