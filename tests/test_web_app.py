@@ -315,9 +315,9 @@ def test_a_bad_input_shows_the_contracts_message(open_page, stack):
     assert len(calls) == 1 and app.page.locator(".job").count() == 1
     # A blank prompt the callable refused (called as this user, not by the page): its card names no prompt, it
     # says so (the newcomer audit: "Image:" and nothing).
-    reply = app.call(stack, {"prompt": "   ", "width": 256})
+    reply = app.call(stack, {"prompt": "   ", "width": 256, "file_uid": "blank-refused"})
     assert reply["error"]["message"] == "prompt is required", reply
-    blank = app.page.locator(".job[data-status=failed]")
+    blank = app.job("blank-refused")
     blank.wait_for(timeout=30_000)
     assert blank.locator(".error").inner_text() == "prompt is required"
     assert blank.locator(".prompt").inner_text() == "(no prompt recorded)"
