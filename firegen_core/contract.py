@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -227,11 +227,7 @@ def parse_runsync_input(data: Any) -> GenerationRequest:
     """Validate the `input` of a runsync request, strictly."""
     if not isinstance(data, Mapping):
         raise invalid("input must be a JSON object")
-    for name in data:
-        if name not in KNOWN_FIELDS:
-            hint = snake_case(str(name))
-            suffix = f" (did you mean '{hint}'?)" if hint in KNOWN_FIELDS else ""
-            raise invalid(f"unknown field '{clip(str(name), MAX_QUOTED_CHARS)}'{suffix}")
+    refuse_unknown(data, KNOWN_FIELDS)
     _check_text(data, "prompt", required=True)
     cloud = data.get("use_cloud_storage")
     if cloud is None:
@@ -249,14 +245,23 @@ def parse_runsync_input(data: Any) -> GenerationRequest:
     return _build(data, use_cloud_storage=cloud, task_type=task_type)
 
 
-def normalise_document_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+def refuse_unknown(data: Mapping[str, Any], known: Collection[str]) -> None:
+    """Refuse the first name of `data` not in `known`, hinting at its snake_case spelling where that is known."""
+    for name in data:
+        if name not in known:
+            hint = snake_case(str(name))
+            suffix = f" (did you mean '{hint}'?)" if hint in known else ""
+            raise invalid(f"unknown field '{clip(str(name), MAX_QUOTED_CHARS)}'{suffix}")
+
+
+def normalise_document_fields(data: Mapping[str, Any], known: Collection[str] = KNOWN_FIELDS) -> dict[str, Any]:
     """Read the client sample's camelCase spellings (numFrames, ...) as their snake_case fields.
 
     Unknown names are kept as they are, so the caller decides whether they matter.
     """
     out: dict[str, Any] = {}
     for name, value in data.items():
-        key = snake_case(name) if snake_case(name) in KNOWN_FIELDS else name
+        key = snake_case(name) if snake_case(name) in known else name
         if key in out and out[key] != value:
             raise invalid(f"{key} is given twice with different values")
         out[key] = value

@@ -62,6 +62,7 @@ from firegen_core.contract import (
     normalise_document_fields,
     parse_document,
     parse_runsync_input,
+    refuse_unknown,
     restatement,
 )
 from firegen_core.errors import (
@@ -573,6 +574,7 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
 
 
 # ------------------------------------------------------------------------------------------------ cancel
+CANCEL_FIELDS = frozenset({"file_uid", "media_type", "user_id"})  # or their camelCase spellings
 CANCELLED_REPLY = "Generation cancelled"
 CANCELLING_REPLY = "Cancelling: the worker stops the generation at its next step"
 
@@ -584,7 +586,7 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     A queued job is failed `Cancelled` now; a processing one gets `cancel_requested: true` and its worker
     fails it `Cancelled` at its next denoising step. Reply: {success: True, fileUid, mediaType, status:
     "cancelled" | "cancelling", message}. Only the caller's own jobs can be named (the path is built from the
-    auth uid): another user's job is simply not found. A finished job is left as it is (failed-precondition;
+    auth uid): another user's job is simply not found. Unknown fields are refused. A finished job is left as it is (failed-precondition;
     a job already cancelled answers "cancelled" again, so a retried call is harmless).
     """
     if not uid:
@@ -596,12 +598,18 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     for name in ("userId", "user_id"):
         if data.get(name) not in (None, "", uid):
             raise CallError("permission-denied", f"{name} must be the signed-in user's uid")
-    media = data.get("mediaType", data.get("media_type"))
+    try:
+        # Strict as generateWithRunPod is: a misspelt field (`fileID`) was taken for no field at all.
+        fields = normalise_document_fields(data, CANCEL_FIELDS)
+        refuse_unknown(fields, CANCEL_FIELDS)
+    except ContractError as exc:
+        raise CallError("invalid-argument", exc.message) from None
+    media = fields.get("media_type")
     if media in (None, ""):
         raise CallError("invalid-argument", "mediaType is required")
     if media not in MEDIA_TYPES:
         raise CallError("invalid-argument", invalid(f"mediaType must be one of {', '.join(MEDIA_TYPES)}").message)
-    file_uid = data.get("fileUid", data.get("file_uid"))
+    file_uid = fields.get("file_uid")
     if file_uid in (None, ""):
         raise CallError("invalid-argument", "fileUid is required")
     try:

@@ -212,12 +212,42 @@ def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
         ),
         ("owner", {"fileUid": "../x", "mediaType": "images"}, "invalid-argument", "Validation failed: fileUid may"),
         ("owner", ["mine"], "invalid-argument", "Validation failed: input must be a JSON object"),
+        # Strict as generateWithRunPod: a misspelt name was taken for no field (the call cancelled by the other).
+        (
+            "owner",
+            {"fileID": "other", "file_uid": "mine", "mediaType": "images"},
+            "invalid-argument",
+            "Validation failed: unknown field 'fileID'",
+        ),
+        (
+            "owner",
+            {"fileUid": "mine", "mediaType": "images", "force": True},
+            "invalid-argument",
+            "Validation failed: unknown field 'force'",
+        ),
+        (
+            "owner",
+            {"fileUid": "other", "file_uid": "mine", "mediaType": "images"},
+            "invalid-argument",
+            "Validation failed: file_uid is given twice with different values",
+        ),
     ]
     for uid, data, code, message in cases:
         with pytest.raises(dispatch.CallError) as refused:
             dispatch.cancel(firestore_client, uid=uid, data=data)
         assert refused.value.code == code and refused.value.message.startswith(message), (uid, data, refused.value)
     assert read(firestore_client, key)["status"] == "queued" and "cancel_requested" not in read(firestore_client, key)
+
+
+def test_the_callable_takes_snake_case_names_and_a_name_given_in_both_spellings_alike(firestore_client):
+    keys = [JobKey("owner", "images", "snake"), JobKey("owner", "videos", "both")]
+    queue_jobs(firestore_client, keys)
+    for data in (
+        {"file_uid": "snake", "media_type": "images", "user_id": "owner"},
+        {"fileUid": "both", "file_uid": "both", "mediaType": "videos", "media_type": "videos"},
+    ):
+        assert dispatch.cancel(firestore_client, uid="owner", data=data)["status"] == "cancelled", data
+    assert [outcome(read(firestore_client, key)) for key in keys] == [CANCELLED, CANCELLED]
 
 
 def test_the_callable_refuses_a_snake_case_user_id_naming_another_user(firestore_client):
