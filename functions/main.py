@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dispatch, runpod_client and the vendored packages
 
+import callable_body
 import dispatch
 import firebase_admin
 from config import (
@@ -228,7 +229,12 @@ def _grace() -> float:
     return float(min(max(value, 0), MAX_PLACEHOLDER_GRACE_SECONDS))
 
 
-@https_fn.on_call(
+def _callable(**kwargs: object) -> Callable[[Callable[[https_fn.CallableRequest], dict]], Callable]:
+    """`@https_fn.on_call(**kwargs)`, a body the SDK cannot read answered INVALID_ARGUMENT (callable_body)."""
+    return lambda func: callable_body.guarded(https_fn.on_call(**kwargs)(func))
+
+
+@_callable(
     secrets=[RUNPOD_API_KEY],
     timeout_sec=70,
     memory=options.MemoryOption.MB_512,
@@ -244,7 +250,7 @@ def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
     return _answer("generateWithRunPod", uid, generate)
 
 
-@https_fn.on_call(timeout_sec=30, enforce_app_check=enforce_app_check())
+@_callable(timeout_sec=30, enforce_app_check=enforce_app_check())
 def cancelGeneration(req: https_fn.CallableRequest) -> dict:
     uid = req.auth.uid if req.auth else None
     return _answer(

@@ -1383,6 +1383,66 @@ def test_app_check_is_enforced_when_deployed_and_off_under_the_emulators(tmp_pat
         assert out["cancelGeneration"] == [401, refused if flag else ours_cancel], env
 
 
+ORIGIN = "https://app.example"  # a browser's call: the answer must name it, or the page sees a CORS error
+_BODY_PROBE = """
+import contextlib, io, json, sys, main
+from flask import Flask, request
+bodies = [b"not json", b"5", b"true", b"[]", b"\\xff\\xfe{",
+          b'{"data": ' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"data": {"seed": ' + b"9" * 5000 + b"}}",
+          b'{"data": {"prompt": "a car"}}', b"{}"]
+out = []
+for body in bodies:
+    for name in ("generateWithRunPod", "cancelGeneration"):
+        log = io.StringIO()
+        headers = {"Origin": sys.argv[1]}
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            with Flask("probe").test_request_context("/", method="POST", data=body, headers=headers,
+                                                     content_type="application/json"):
+                reply = getattr(main, name)(request)
+        entries = [json.loads(line) for line in log.getvalue().splitlines() if line.startswith("{")]
+        out.append([name, reply.status_code, reply.get_json(), reply.headers.get("Access-Control-Allow-Origin"),
+                    [(e["severity"], e["message"]) for e in entries]])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_a_callable_body_the_sdk_cannot_read_is_refused_as_invalid_argument_not_internal(tmp_path):
+    """Through the SDK's own request handling: a body that is not JSON, JSON that is no object, or JSON Python's
+    parser refuses (5,000 digits, 5,000 deep) was HTTP 500 INTERNAL with an ERROR "Unhandled error" (the SDK
+    parses the body before our code runs); now 400 INVALID_ARGUMENT, a WARNING, the CORS header a browser needs
+    to read it. A readable call is answered as before, and the SDK still refuses an object without `data`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", FIRESTORE_EMULATOR_HOST="127.0.0.1:1")
+    env.update(RUNPOD_ENDPOINT_ID="probe", RUNPOD_API_KEY="probe-key")
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", _BODY_PROBE, ORIGIN],
+        cwd=_deploy_folder(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    replies = json.loads(result.stdout.strip().splitlines()[-1])
+    refused = {
+        "error": {"status": "INVALID_ARGUMENT", "message": 'Bad Request: the body must be a JSON object {"data": ...}'}
+    }
+    for name, status, body, origin, entries in replies[:14]:
+        assert (status, body, origin) == (400, refused, ORIGIN), (name, status, body)
+        assert entries == [["WARNING", "callable_body_unreadable"]], (name, entries)
+    signed_out = {"generateWithRunPod": "Sign in to generate", "cancelGeneration": "Sign in to cancel a generation"}
+    for name, status, body, origin, _ in replies[14:16]:
+        assert (status, body["error"]["message"], origin) == (401, signed_out[name], ORIGIN)
+    for _, status, body, origin, entries in replies[16:]:  # the SDK's own refusal, its entry a WARNING
+        assert (status, body, origin) == (
+            400,
+            {"error": {"status": "INVALID_ARGUMENT", "message": "Bad Request"}},
+            ORIGIN,
+        )
+        assert all(severity == "WARNING" for severity, _ in entries), entries
+
+
 def test_the_indexes_cover_the_queries():
     config = json.loads((ROOT / "firestore.indexes.json").read_text())
     composite = {
