@@ -18,7 +18,7 @@ from typing import Any
 from flask import Request, Response, jsonify, make_response
 from flask_cors import cross_origin
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("functions.callable_body")
 
 MESSAGE = 'Bad Request: the body must be a JSON object {"data": ...}'
 

@@ -369,11 +369,12 @@ def generate(
             raise invalid(CLOUD_ONLY)
         request = store.as_filed(request, fields)
     except ContractError as exc:
+        # A call that named no job leaves no failed doc behind, nor looks for one: the refusal carries no id, so
+        # nothing could find it (protocol audit: each such call left a doc under a random id for its retention).
+        if not named:
+            raise CallError("invalid-argument", exc.message) from None
         key, message = (exc.key, exc.message) if isinstance(exc, Misfiled) else _filed(store, uid, fields, exc)
-        # A call that named no job leaves no failed doc behind: the refusal carries no id, so nothing could find
-        # it (protocol audit: each such call left a doc under a random id, kept until its retention ended).
-        if named:
-            _record_refusal(store, uid, fields, message, key)
+        _record_refusal(store, uid, fields, message, key)
         raise CallError("invalid-argument", message) from None
 
     key = JobKey.of(request)

@@ -223,7 +223,7 @@ def _grace() -> float:
     whose own timeout is 120 s, never waits longer than they would."""
     value = PLACEHOLDER_GRACE_SECONDS.value
     if not 0 <= value <= MAX_PLACEHOLDER_GRACE_SECONDS:
-        logger.warn(
+        _functions_log.warning(
             f"PLACEHOLDER_GRACE_SECONDS must be between 0 and {MAX_PLACEHOLDER_GRACE_SECONDS}; {value} taken as the bound"
         )
     return float(min(max(value, 0), MAX_PLACEHOLDER_GRACE_SECONDS))
@@ -265,15 +265,10 @@ def _answer(function: str, uid: str | None, call: Callable[[], dict]) -> dict:
     try:
         reply = call()
     except dispatch.CallError as exc:
-        logger.info(function, user_id=uid, refused=exc.code, error=exc.message)
+        _functions_log.info(function, extra={"user_id": uid, "refused": exc.code, "error": exc.message})
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
-    logger.info(
-        function,
-        user_id=uid,
-        fileUid=reply.get("fileUid"),
-        mediaType=reply.get("mediaType"),
-        status=reply.get("status"),
-    )
+    fields = {"user_id": uid, **{name: reply.get(name) for name in ("fileUid", "mediaType", "status")}}
+    _functions_log.info(function, extra=fields)
     return reply
 
 
@@ -291,11 +286,11 @@ def dispatchQueuedJob(event: firestore_fn.Event) -> None:
             limits=_limits(),
             grace=_grace(),
         )
-    logger.info("dispatchQueuedJob", document=event.document, outcome=outcome)
+    _functions_log.info("dispatchQueuedJob", extra={"document": event.document, "outcome": outcome})
 
 
 @scheduler_fn.on_schedule(schedule="every 5 minutes", secrets=[RUNPOD_API_KEY], timeout_sec=300)
 def redispatchStaleJobs(event: scheduler_fn.ScheduledEvent) -> None:
     with _runpod() as runpod:
         counts = dispatch.redispatch_stale(_firestore(), runpod, policy=_policy(), limits=_limits())
-    logger.info("redispatchStaleJobs", counts=dict(counts))
+    _functions_log.info("redispatchStaleJobs", extra={"counts": dict(counts)})

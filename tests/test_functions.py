@@ -1325,7 +1325,7 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     google = [json.loads(line) for line in out["google_log"].strip().splitlines()]
     assert [(e["severity"], e.get("logger"), e["message"]) for e in google] == [
         ("WARNING", "google.api_core.bidi", "Background thread did not exit."),
-        ("WARNING", None, "PLACEHOLDER_GRACE_SECONDS must be between 0 and 60; 90 taken as the bound"),
+        ("WARNING", "functions", "PLACEHOLDER_GRACE_SECONDS must be between 0 and 60; 90 taken as the bound"),
         ("WARNING", "py.warnings", "python_warning"),  # a Python warning too (it was plain text on stderr)
         ("WARNING", "google.auth", 'refresh answered {"access_token": "<redacted>"}'),
     ], google
@@ -1441,6 +1441,51 @@ def test_a_callable_body_the_sdk_cannot_read_is_refused_as_invalid_argument_not_
             ORIGIN,
         )
         assert all(severity == "WARNING" for severity, _ in entries), entries
+
+
+_REFUSAL_PROBE = """
+import base64, contextlib, io, json, sys, main
+from flask import Flask, request
+def b64(obj): return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+claims = {"sub": "u1", "user_id": "u1", "aud": "demo-firegen", "iss": "https://securetoken.google.com/demo-firegen",
+          "iat": 1, "exp": 9999999999, "auth_time": 1}
+token = b64({"alg": "none", "typ": "JWT"}) + "." + b64(claims) + "."  # the Auth emulator's kind: unsigned
+log = io.StringIO()
+data = {"prompt": "a car", "Bearer " + sys.argv[1]: 1}
+with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with Flask("probe").test_request_context("/", method="POST", json={"data": data},
+                                             headers={"Authorization": "Bearer " + token}):
+        reply = main.generateWithRunPod(request)
+print(json.dumps([reply.status_code, reply.get_json(), log.getvalue()]))
+"""
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_a_callables_outcome_entry_passes_the_redaction_guard_and_a_nameless_refusal_reads_nothing(tmp_path):
+    """The callables' outcome entries were written by firebase_functions.logger directly, past the guard every
+    other entry passes: a refusal quoting the caller's text (an unknown field's name) wrote a token as sent. A
+    refused call that names no file_uid looked Firestore up for a doc under the id the callable made up (none can
+    be there): with Firestore away, a `refusal_not_recorded` WARNING for nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", FIRESTORE_EMULATOR_HOST="127.0.0.1:1")
+    env.update(FIREBASE_AUTH_EMULATOR_HOST="127.0.0.1:1", RUNPOD_ENDPOINT_ID="probe", RUNPOD_API_KEY="probe-key")
+    secret = "s3cr3t-t0ken-9f1b2c"
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", _REFUSAL_PROBE, secret],
+        cwd=_deploy_folder(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    status, body, log = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (status, body["error"]["message"]) == (400, f"Validation failed: unknown field 'Bearer {secret}'")
+    entries = [json.loads(line) for line in log.splitlines()]
+    assert [(e["severity"], e["logger"], e["message"], e["error"]) for e in entries] == [
+        ("INFO", "functions", "generateWithRunPod", "Validation failed: unknown field 'Bearer <redacted>'")
+    ], entries
+    assert secret not in log
 
 
 def test_the_indexes_cover_the_queries():
