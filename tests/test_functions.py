@@ -21,6 +21,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.cloud import firestore
@@ -1383,6 +1384,24 @@ def test_app_check_is_enforced_when_deployed_and_off_under_the_emulators(tmp_pat
         assert out["cancelGeneration"] == [401, refused if flag else ours_cancel], env
 
 
+def _probe(tmp_path: Path, script: str, *args: str) -> Any:
+    """What `script` prints last (JSON), run by the functions' Python in the deploy folder, under the emulators'
+    settings: Firestore at a closed port (nothing reaches it), the Auth emulator's unsigned tokens taken."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", FIRESTORE_EMULATOR_HOST="127.0.0.1:1")
+    env.update(FIREBASE_AUTH_EMULATOR_HOST="127.0.0.1:1", RUNPOD_ENDPOINT_ID="probe", RUNPOD_API_KEY="probe-key")
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", script, *args],
+        cwd=_deploy_folder(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 ORIGIN = "https://app.example"  # a browser's call: the answer must name it, or the page sees a CORS error
 _BODY_PROBE = """
 import contextlib, io, json, sys, main
@@ -1412,19 +1431,7 @@ def test_a_callable_body_the_sdk_cannot_read_is_refused_as_invalid_argument_not_
     parser refuses (5,000 digits, 5,000 deep) was HTTP 500 INTERNAL with an ERROR "Unhandled error" (the SDK
     parses the body before our code runs); now 400 INVALID_ARGUMENT, a WARNING, the CORS header a browser needs
     to read it. A readable call is answered as before, and the SDK still refuses an object without `data`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", FIRESTORE_EMULATOR_HOST="127.0.0.1:1")
-    env.update(RUNPOD_ENDPOINT_ID="probe", RUNPOD_API_KEY="probe-key")
-    result = subprocess.run(
-        [str(FUNCTIONS_PYTHON), "-c", _BODY_PROBE, ORIGIN],
-        cwd=_deploy_folder(tmp_path),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    replies = json.loads(result.stdout.strip().splitlines()[-1])
+    replies = _probe(tmp_path, _BODY_PROBE, ORIGIN)
     refused = {
         "error": {"status": "INVALID_ARGUMENT", "message": 'Bad Request: the body must be a JSON object {"data": ...}'}
     }
@@ -1466,20 +1473,8 @@ def test_a_callables_outcome_entry_passes_the_redaction_guard_and_a_nameless_ref
     other entry passes: a refusal quoting the caller's text (an unknown field's name) wrote a token as sent. A
     refused call that names no file_uid looked Firestore up for a doc under the id the callable made up (none can
     be there): with Firestore away, a `refusal_not_recorded` WARNING for nothing."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", FIRESTORE_EMULATOR_HOST="127.0.0.1:1")
-    env.update(FIREBASE_AUTH_EMULATOR_HOST="127.0.0.1:1", RUNPOD_ENDPOINT_ID="probe", RUNPOD_API_KEY="probe-key")
     secret = "s3cr3t-t0ken-9f1b2c"
-    result = subprocess.run(
-        [str(FUNCTIONS_PYTHON), "-c", _REFUSAL_PROBE, secret],
-        cwd=_deploy_folder(tmp_path),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    status, body, log = json.loads(result.stdout.strip().splitlines()[-1])
+    status, body, log = _probe(tmp_path, _REFUSAL_PROBE, secret)
     assert (status, body["error"]["message"]) == (400, f"Validation failed: unknown field 'Bearer {secret}'")
     entries = [json.loads(line) for line in log.splitlines()]
     assert [(e["severity"], e["logger"], e["message"], e["error"]) for e in entries] == [
