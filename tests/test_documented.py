@@ -328,8 +328,8 @@ def test_an_inline_result_over_20_mb_once_encoded_is_refused():
     answer = handler.handle(INLINE)
     assert answer == {
         "status": "failed",
-        "error": "Result is 15.7 MB, over RunPod's 20 MB response limit once encoded: use use_cloud_storage: true, "
-        "or ask for fewer or smaller outputs",
+        "error": "Result is 21.0 MB once encoded (base64), over RunPod's 20 MB response limit: use use_cloud_storage: "
+        "true, or ask for fewer or smaller outputs",
     }
 
 
