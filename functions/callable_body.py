@@ -1,10 +1,10 @@
-"""A callable's body the firebase_functions SDK cannot read, answered as the callable protocol's INVALID_ARGUMENT.
+"""A callable's body that is no callable request, answered as the protocol's INVALID_ARGUMENT with what is wrong.
 
 The SDK reads the body before any code of ours runs. A body that is not JSON, JSON that is no object (`5`,
 `true`, `[]`), or JSON Python's parser refuses (an integer of 5,000 digits, arrays nested 5,000 deep) raised
 inside it and came back HTTP 500 INTERNAL with an ERROR entry "Unhandled error": a caller's mistake told as the
-operator's fault (runsync answers such bodies 400). The SDK still refuses every other malformed call itself (a
-GET, no JSON content type, an object without `data` or with more): those it answers 400 already.
+operator's fault (runsync answers such bodies 400). An object without `data`, or with more, or a body not sent as
+JSON, it answered "Bad Request" alone. A GET or a CORS preflight goes to the SDK as it came.
 """
 
 from __future__ import annotations
@@ -20,18 +20,21 @@ from flask_cors import cross_origin
 
 log = logging.getLogger("functions.callable_body")
 
-MESSAGE = 'Bad Request: the body must be a JSON object {"data": ...}'
+NOT_JSON = "Bad Request: send the body as JSON (Content-Type: application/json)"
+NOT_A_CALL = 'Bad Request: the body must be a JSON object {"data": ...} and nothing else'
 
 
-def readable(request: Request) -> bool:
-    """False for a POST of JSON content whose body does not parse to a JSON object; True for all else."""
-    if request.method != "POST" or not request.is_json:
-        return True
+def problem(request: Request) -> str | None:
+    """What makes a POST no callable request, or None (also for any other method)."""
+    if request.method != "POST":
+        return None
+    if request.mimetype != "application/json":  # the SDK's own test: the media type, any charset
+        return NOT_JSON
     try:
-        # Cached: the SDK reads the same bytes again.
-        return isinstance(json.loads(request.get_data(cache=True)), dict)
+        body = json.loads(request.get_data(cache=True))  # cached: the SDK reads the same bytes again
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        return False
+        return NOT_A_CALL
+    return None if isinstance(body, dict) and body.keys() == {"data"} else NOT_A_CALL
 
 
 def guarded(endpoint: Callable[[Request], Any], origins: Any = "*") -> Callable[[Request], Any]:
@@ -39,14 +42,16 @@ def guarded(endpoint: Callable[[Request], Any], origins: Any = "*") -> Callable[
     SDK's default "*"), so that a browser reads the refusal instead of a CORS error."""
 
     @cross_origin(methods="POST", origins=origins)
-    def refuse() -> Response:
-        return make_response(jsonify(error={"status": "INVALID_ARGUMENT", "message": MESSAGE}), 400)
+    def refuse(message: str) -> Response:
+        return make_response(jsonify(error={"status": "INVALID_ARGUMENT", "message": message}), 400)
 
     @functools.wraps(endpoint)  # the SDK's endpoint attributes too: deploy's discovery reads them
     def call(request: Request) -> Any:
-        if readable(request):
+        message = problem(request)
+        if message is None:
             return endpoint(request)
-        log.warning("callable_body_unreadable", extra={"function": endpoint.__name__, "bytes": request.content_length})
-        return refuse()
+        fields = {"function": endpoint.__name__, "error": message, "bytes": request.content_length}
+        log.warning("callable_body_unreadable", extra=fields)
+        return refuse(message)
 
     return call

@@ -1406,48 +1406,43 @@ ORIGIN = "https://app.example"  # a browser's call: the answer must name it, or 
 _BODY_PROBE = """
 import contextlib, io, json, sys, main
 from flask import Flask, request
-bodies = [b"not json", b"5", b"true", b"[]", b"\\xff\\xfe{",
-          b'{"data": ' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"data": {"seed": ' + b"9" * 5000 + b"}}",
-          b'{"data": {"prompt": "a car"}}', b"{}"]
+JSON = "application/json"
+bodies = [(b"not json", JSON), (b"5", JSON), (b"true", JSON), (b"[]", JSON), (b"\\xff\\xfe{", JSON),
+          (b'{"data": ' + b"[" * 5000 + b"]" * 5000 + b"}", JSON), (b'{"data": {"seed": ' + b"9" * 5000 + b"}}", JSON),
+          (b"{}", JSON), (b'{"dat": {}}', JSON), (b'{"data": {}, "x": 1}', JSON),
+          (b'{"data": {}}', "text/plain"), (b'{"data": {}}', None),
+          (b'{"data": {"prompt": "a car"}}', JSON), (b'{"data": {}}', "application/json; charset=utf-8")]
 out = []
-for body in bodies:
+for body, content_type in bodies:
     for name in ("generateWithRunPod", "cancelGeneration"):
         log = io.StringIO()
-        headers = {"Origin": sys.argv[1]}
+        headers = {"Origin": sys.argv[1], **({"Content-Type": content_type} if content_type else {})}
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            with Flask("probe").test_request_context("/", method="POST", data=body, headers=headers,
-                                                     content_type="application/json"):
+            with Flask("probe").test_request_context("/", method="POST", data=body, headers=headers):
                 reply = getattr(main, name)(request)
         entries = [json.loads(line) for line in log.getvalue().splitlines() if line.startswith("{")]
         out.append([name, reply.status_code, reply.get_json(), reply.headers.get("Access-Control-Allow-Origin"),
-                    [(e["severity"], e["message"]) for e in entries]])
+                    [(e["severity"], e["message"], e.get("error")) for e in entries]])
 print(json.dumps(out))
 """
 
 
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
-def test_a_callable_body_the_sdk_cannot_read_is_refused_as_invalid_argument_not_internal(tmp_path):
+def test_a_callable_body_that_is_no_callable_request_is_refused_saying_what_is_wrong(tmp_path):
     """Through the SDK's own request handling: a body that is not JSON, JSON that is no object, or JSON Python's
     parser refuses (5,000 digits, 5,000 deep) was HTTP 500 INTERNAL with an ERROR "Unhandled error" (the SDK
-    parses the body before our code runs); now 400 INVALID_ARGUMENT, a WARNING, the CORS header a browser needs
-    to read it. A readable call is answered as before, and the SDK still refuses an object without `data`."""
+    parses the body before our code runs); an object without `data` or with more, or a body not sent as JSON, was
+    "Bad Request" alone. Now 400 INVALID_ARGUMENT saying what is wrong, a WARNING, and the CORS header a browser
+    needs to read it. A callable request is answered as before, whatever its charset."""
     replies = _probe(tmp_path, _BODY_PROBE, ORIGIN)
-    refused = {
-        "error": {"status": "INVALID_ARGUMENT", "message": 'Bad Request: the body must be a JSON object {"data": ...}'}
-    }
-    for name, status, body, origin, entries in replies[:14]:
-        assert (status, body, origin) == (400, refused, ORIGIN), (name, status, body)
-        assert entries == [["WARNING", "callable_body_unreadable"]], (name, entries)
+    not_a_call = 'Bad Request: the body must be a JSON object {"data": ...} and nothing else'
+    not_json = "Bad Request: send the body as JSON (Content-Type: application/json)"
+    for (name, status, body, origin, entries), message in zip(replies[:24], [not_a_call] * 20 + [not_json] * 4):
+        assert (status, body, origin) == (400, {"error": {"status": "INVALID_ARGUMENT", "message": message}}, ORIGIN)
+        assert entries == [["WARNING", "callable_body_unreadable", message]], (name, entries)
     signed_out = {"generateWithRunPod": "Sign in to generate", "cancelGeneration": "Sign in to cancel a generation"}
-    for name, status, body, origin, _ in replies[14:16]:
+    for name, status, body, origin, _ in replies[24:]:
         assert (status, body["error"]["message"], origin) == (401, signed_out[name], ORIGIN)
-    for _, status, body, origin, entries in replies[16:]:  # the SDK's own refusal, its entry a WARNING
-        assert (status, body, origin) == (
-            400,
-            {"error": {"status": "INVALID_ARGUMENT", "message": "Bad Request"}},
-            ORIGIN,
-        )
-        assert all(severity == "WARNING" for severity, _ in entries), entries
 
 
 _REFUSAL_PROBE = """
