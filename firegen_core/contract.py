@@ -254,15 +254,25 @@ def refuse_unknown(data: Mapping[str, Any], known: Collection[str]) -> None:
             raise invalid(f"unknown field '{clip(str(name), MAX_QUOTED_CHARS)}'{suffix}")
 
 
-def normalise_document_fields(data: Mapping[str, Any], known: Collection[str] = KNOWN_FIELDS) -> dict[str, Any]:
+def field_name(name: str, known: Collection[str] = KNOWN_FIELDS) -> str:
+    """The field a name of a request or doc stands for: its snake_case spelling where that is known."""
+    return snake_case(name) if snake_case(name) in known else name
+
+
+def normalise_document_fields(
+    data: Mapping[str, Any], known: Collection[str] = KNOWN_FIELDS, *, first: bool = False
+) -> dict[str, Any]:
     """Read the client sample's camelCase spellings (numFrames, ...) as their snake_case fields.
 
-    Unknown names are kept as they are, so the caller decides whether they matter.
+    Unknown names are kept as they are, so the caller decides whether they matter. A field given twice with
+    different values is refused, or with `first`, read as its first spelling says (a refusal's record).
     """
     out: dict[str, Any] = {}
     for name, value in data.items():
-        key = snake_case(name) if snake_case(name) in known else name
+        key = field_name(name, known)
         if key in out and out[key] != value:
+            if first:
+                continue
             raise invalid(f"{key} is given twice with different values")
         out[key] = value
     return out

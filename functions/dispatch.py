@@ -56,6 +56,7 @@ from firegen_core.contract import (
     awaits_parameters,
     check_id,
     clip,
+    field_name,
     finished_otherwise,
     invalid,
     media_type_of,
@@ -351,19 +352,26 @@ def generate(
     store = _store(db, limits)
     if not isinstance(data, Mapping):
         raise CallError("invalid-argument", invalid("input must be a JSON object").message)
+    raw = _unwrapped(data)
     try:
-        fields = normalise_document_fields(_unwrapped(data))
+        fields, twice = normalise_document_fields(raw), None
     except ContractError as exc:
-        raise CallError("invalid-argument", exc.message) from None
-    if fields.get("user_id") not in (None, "", uid):
+        # Refused below as any field the contract refuses, its job's doc failed with it (fuzz audit: the client's
+        # queued doc was left to run, at its defaults, charged, after the call was refused).
+        fields, twice = normalise_document_fields(raw, first=True), exc
+    spelt = {key: [value for name, value in raw.items() if field_name(name) == key] for key in ("user_id", "file_uid")}
+    if any(value not in (None, "", uid) for value in spelt["user_id"]):
         raise CallError("permission-denied", "user_id must be the signed-in user's uid")
     fields["user_id"] = uid
-    named = fields.get("file_uid") not in (None, "")
+    # A file_uid given twice, differently, names no one job.
+    named = fields.get("file_uid") not in (None, "") and all(v == fields["file_uid"] for v in spelt["file_uid"])
     if not named:
         fields["file_uid"] = uuid.uuid4().hex  # the reply's fileUid names it
     if fields.get("use_cloud_storage") is None:  # left out or null, as any other field: the callable's default
         fields["use_cloud_storage"] = True
     try:
+        if twice is not None:
+            raise twice
         request = parse_runsync_input(fields)
         if not request.use_cloud_storage:
             raise invalid(CLOUD_ONLY)

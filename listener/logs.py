@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
@@ -47,6 +48,32 @@ def _extras(logger: logging.Logger, method: str, event: EventDict) -> EventDict:
     return event
 
 
+# diffusers' note on a prompt longer than CLIP's 77 tokens, which quotes the cut text.
+_TRUNCATED = re.compile(
+    r"The following part of your input was truncated because (\w+) can only handle sequences up to (\d+) tokens"
+)
+
+
+class _PromptTruncated(logging.Filter):
+    """diffusers' note quoted the rest of a user's prompt (up to ~2,000 characters, twice an image: SDXL's two
+    encoders) at WARNING in every line (fuzz audit): an event of ours, `prompt_truncated`, without the text, at
+    INFO: a long prompt is the client's right, nothing for the operator to act on."""
+
+    def __init__(self, floor: int) -> None:
+        super().__init__()
+        self.floor = floor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = _TRUNCATED.match(str(record.msg))
+        if match is None:
+            return True
+        if self.floor > logging.INFO:
+            return False
+        record.msg, record.args, record.levelno, record.levelname = "prompt_truncated", (), logging.INFO, "INFO"
+        record.encoder, record.max_tokens = match[1], int(match[2])  # fields of the event (`_extras`)
+        return True
+
+
 def configure(worker_id: str, level: str = "INFO") -> None:
     def add_worker_id(logger: object, method: str, event: EventDict) -> EventDict:
         event.setdefault("worker_id", worker_id)
@@ -76,6 +103,7 @@ def configure(worker_id: str, level: str = "INFO") -> None:
     # The floor for every record, libraries' too: a library that sets its own logger's level (transformers,
     # diffusers: WARNING) passes the root's by, since a record is weighed by the logger it starts from.
     handler.setLevel(numeric)
+    handler.addFilter(_PromptTruncated(numeric))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             # `extra={...}`: the fields of our own modules' standard-library records (firegen_core is shared with

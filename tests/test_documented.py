@@ -217,6 +217,42 @@ def test_python_warnings_are_json_lines(level):
     assert line["said"].startswith("Dynamo detected") and line["where"] == "<string>:6"
 
 
+TRUNCATION_SCRIPT = """
+import sys
+import torch
+from listener.logs import configure
+configure("w-1", sys.argv[1])
+torch.set_num_threads(1)
+from firegen_core.contract import GenerationRequest
+from generation.engine import Engine, EngineConfig, quiet_loading
+quiet_loading()  # as the worker does: the libraries' records to the root logger
+engine = Engine(EngineConfig(image_model="tiny", video_model="tiny", device="cpu"))
+prompt = "a red car " + " ".join(f"private-{i}" for i in range(60))  # CLIP keeps 77 tokens: bytes, here
+engine.generate(GenerationRequest(prompt=prompt, seed=1, width=64, height=64, num_inference_steps=1))
+"""
+
+
+@pytest.mark.parametrize("level", ["INFO", "WARNING"])
+def test_a_prompt_clip_cuts_is_an_info_event_that_does_not_quote_it(level, tmp_path):
+    """The real SDXL pipeline (tiny, random weights) with a prompt past CLIP's 77 tokens: diffusers' note quoted
+    the cut text of the user's prompt at WARNING, twice an image (fuzz audit: 52 such lines of a prompt each)."""
+    env = {**os.environ, "FIREGEN_CACHE": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", TRUNCATION_SCRIPT, level], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "private" not in result.stdout + result.stderr  # its decoded tokens: "private - 59"
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    cut = [e for e in events if e["event"] == "prompt_truncated"]
+    if level == "WARNING":
+        assert cut == []
+        return
+    assert len(cut) == 2 and all(  # SDXL's two text encoders
+        (e["severity"], e["encoder"], e["max_tokens"], e["message"]) == ("INFO", "CLIP", 77, "prompt_truncated")
+        for e in cut
+    ), cut
+
+
 THREAD_SCRIPT = """
 import sys, threading
 from listener.logs import configure

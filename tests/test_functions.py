@@ -351,6 +351,9 @@ def test_the_callables_answer_unavailable_with_a_message_when_firestore_is_away(
             {"use_cloud_storage": False},
             "Validation failed: use_cloud_storage must be true: results go to Cloud Storage",
         ),
+        # Fuzz audit: refused, but the client's doc was left queued, to run at its defaults, charged.
+        ({"width": 256, "Width": 512}, "Validation failed: width is given twice with different values"),
+        ({"num_frames": 16, "numFrames": 17}, "Validation failed: num_frames is given twice with different values"),
     ],
 )
 def test_callable_refuses_bad_params_with_the_contracts_message(firestore_client, stub, data, message):
@@ -388,6 +391,38 @@ def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
         "u-bad",
         "nodoc",
     )
+    assert runpod.requests == []
+
+
+def test_a_field_given_twice_fails_the_job_it_names_and_names_none_when_it_is_the_file_uid(firestore_client, stub):
+    """Fuzz audit: a call refused for a field given in two spellings left no failed doc (the client sample's
+    listener waits on one). One whose file_uid is the doubled field names no job: it leaves none. A user_id
+    naming another user in either spelling is refused as such."""
+    runpod = stub(ACCEPTED)
+    twice = "Validation failed: num_frames is given twice with different values"
+    calls = [
+        ({"prompt": "x", "file_uid": "twice", "num_frames": 16, "numFrames": 17}, ("invalid-argument", twice)),
+        (
+            {"prompt": "x", "file_uid": "a", "fileUid": "b"},
+            ("invalid-argument", "Validation failed: file_uid is given twice with different values"),
+        ),
+        (
+            {"prompt": "x", "file_uid": "c", "user_id": "u-twice", "userId": "other"},
+            ("permission-denied", "user_id must be the signed-in user's uid"),
+        ),
+    ]
+    for data, refusal in calls:
+        with pytest.raises(CallError) as raised:
+            dispatch.generate(firestore_client, runpod.client(), uid="u-twice", data=data)
+        assert (raised.value.code, raised.value.message) == refusal
+    docs = {
+        doc.reference.path: doc.to_dict()
+        for media in ("images", "videos")
+        for doc in firestore_client.collection(f"generations/u-twice/{media}").stream()
+    }
+    assert list(docs) == ["generations/u-twice/videos/twice"]
+    doc = docs["generations/u-twice/videos/twice"]
+    assert (doc["status"], doc["error_type"], doc["error_message"]) == ("failed", "ValidationError", twice)
     assert runpod.requests == []
 
 
