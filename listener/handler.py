@@ -199,9 +199,9 @@ class RunsyncHandler:
         size = sum(len(data) for data, *_ in result.files)
         if size * 4 / 3 > INLINE_LIMIT_BYTES:
             # The size that meets the limit, rounded up (a contract audit read "19.5 MB, over ... 20 MB" as absurd).
-            encoded = math.ceil(size * 4 / 3 / 1e5) / 10
+            megabytes = math.ceil(size * 4 / 3 / 1e5) / 10
             return refused(
-                f"Result is {encoded:.1f} MB once encoded (base64), over RunPod's 20 MB response limit: "
+                f"Result is {megabytes:.1f} MB once encoded (base64), over RunPod's 20 MB response limit: "
                 "use use_cloud_storage: true, or ask for fewer or smaller outputs",
                 reason="over 20 MB",
             )
