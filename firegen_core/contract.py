@@ -256,7 +256,18 @@ def refuse_unknown(data: Mapping[str, Any], known: Collection[str]) -> None:
 
 def field_name(name: str, known: Collection[str] = KNOWN_FIELDS) -> str:
     """The field a name of a request or doc stands for: its snake_case spelling where that is known."""
-    return snake_case(name) if snake_case(name) in known else name
+    snake = snake_case(name)
+    return snake if snake in known else name
+
+
+def spellings(data: Mapping[str, Any], key: str, known: Collection[str] = KNOWN_FIELDS) -> list[tuple[str, Any]]:
+    """Each (name, value) of `data` that stands for the field `key`, in any spelling."""
+    return [(name, value) for name, value in data.items() if field_name(name, known) == key]
+
+
+def left_out(value: Any) -> bool:
+    """A null or empty value: a field given so says nothing (the contract reads null as left out)."""
+    return value is None or value == ""
 
 
 def normalise_document_fields(
@@ -264,17 +275,20 @@ def normalise_document_fields(
 ) -> dict[str, Any]:
     """Read the client sample's camelCase spellings (numFrames, ...) as their snake_case fields.
 
-    Unknown names are kept as they are, so the caller decides whether they matter. A field given twice with
-    different values is refused, or with `first`, read as its first spelling says (a refusal's record).
+    Unknown names are kept as they are, so the caller decides whether they matter. A spelling that is null or
+    empty gives way to one that says something, whatever their order. A field given twice with different values
+    (of different types too: `1` is not `true`) is refused, or with `first`, read as its first spelling says (a
+    refusal's record).
     """
     out: dict[str, Any] = {}
     for name, value in data.items():
         key = field_name(name, known)
-        if key in out and out[key] != value:
-            if first:
-                continue
+        if key not in out or left_out(out[key]):
+            out[key] = value
+        elif left_out(value) or (type(value) is type(out[key]) and value == out[key]):
+            continue
+        elif not first:
             raise invalid(f"{key} is given twice with different values")
-        out[key] = value
     return out
 
 

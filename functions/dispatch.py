@@ -56,15 +56,16 @@ from firegen_core.contract import (
     awaits_parameters,
     check_id,
     clip,
-    field_name,
     finished_otherwise,
     invalid,
+    left_out,
     media_type_of,
     normalise_document_fields,
     parse_document,
     parse_runsync_input,
     refuse_unknown,
     restatement,
+    spellings,
 )
 from firegen_core.errors import (
     CANCELLED,
@@ -359,12 +360,12 @@ def generate(
         # Refused below as any field the contract refuses, its job's doc failed with it (fuzz audit: the client's
         # queued doc was left to run, at its defaults, charged, after the call was refused).
         fields, twice = normalise_document_fields(raw, first=True), exc
-    spelt = {key: [value for name, value in raw.items() if field_name(name) == key] for key in ("user_id", "file_uid")}
-    if any(value not in (None, "", uid) for value in spelt["user_id"]):
+    if any(not left_out(value) and value != uid for _, value in spellings(raw, "user_id")):
         raise CallError("permission-denied", "user_id must be the signed-in user's uid")
     fields["user_id"] = uid
     # A file_uid given twice, differently, names no one job.
-    named = fields.get("file_uid") not in (None, "") and all(v == fields["file_uid"] for v in spelt["file_uid"])
+    file_uids = {repr(value) for _, value in spellings(raw, "file_uid") if not left_out(value)}
+    named = len(file_uids) == 1
     if not named:
         fields["file_uid"] = uuid.uuid4().hex  # the reply's fileUid names it
     if fields.get("use_cloud_storage") is None:  # left out or null, as any other field: the callable's default
@@ -375,7 +376,8 @@ def generate(
         request = parse_runsync_input(fields)
         if not request.use_cloud_storage:
             raise invalid(CLOUD_ONLY)
-        request = store.as_filed(request, fields)
+        if named:  # a made-up file_uid names no doc the client filed
+            request = store.as_filed(request, fields)
     except ContractError as exc:
         # A call that named no job leaves no failed doc behind, nor looks for one: the refusal carries no id, so
         # nothing could find it (protocol audit: each such call left a doc under a random id for its retention).
@@ -595,7 +597,8 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     A queued job is failed `Cancelled` now; a processing one gets `cancel_requested: true` and its worker
     fails it `Cancelled` at its next denoising step. Reply: {success: True, fileUid, mediaType, status:
     "cancelled" | "cancelling", message}. Only the caller's own jobs can be named (the path is built from the
-    auth uid): another user's job is simply not found. Unknown fields are refused. A finished job is left as it is (failed-precondition;
+    auth uid): another user's job is simply not found.
+    Unknown fields are refused. A finished job is left as it is (failed-precondition;
     a job already cancelled answers "cancelled" again, so a retried call is harmless).
     """
     if not uid:
@@ -604,8 +607,8 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     # "Validation failed: ..." for a wrong one, "user_id must be the signed-in user's uid" for another user's.
     if not isinstance(data, Mapping):
         raise CallError("invalid-argument", invalid("input must be a JSON object").message)
-    for name in ("userId", "user_id"):
-        if data.get(name) not in (None, "", uid):
+    for name, value in spellings(data, "user_id", CANCEL_FIELDS):  # `UserId` too, as generateWithRunPod reads it
+        if not left_out(value) and value != uid:
             raise CallError("permission-denied", f"{name} must be the signed-in user's uid")
     try:
         # Strict as generateWithRunPod is: a misspelt field (`fileID`) was taken for no field at all.

@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dispatch, runpod_client and the vendored packages
 
@@ -84,6 +85,7 @@ def enforce_app_check() -> bool:
 # The SDK's own messages that can quote what a caller sent: google-auth's error for a malformed ID or App Check
 # token quotes the token ("Wrong number of segments in token: b'...'"), and "extra fields" quotes the request body.
 # Only the SDK's fixed text before the quote is written.
+# (callable_body refuses a body with extra fields before the SDK reads it: kept for the SDK's own path.)
 _QUOTES_THE_CALLER = ("Error validating token: ", "Request body has extra fields: ")
 # The SDK's ERRORs for a caller's mistake it answers with a 4xx (a call that is no callable request, a token that
 # does not validate): WARNING, as the worker logs a client's doing, so that an alert on ERROR means ours to act on
@@ -229,9 +231,12 @@ def _grace() -> float:
     return float(min(max(value, 0), MAX_PLACEHOLDER_GRACE_SECONDS))
 
 
-def _callable(**kwargs: object) -> Callable[[Callable[[https_fn.CallableRequest], dict]], Callable]:
-    """`@https_fn.on_call(**kwargs)`, a body the SDK cannot read answered INVALID_ARGUMENT (callable_body)."""
-    return lambda func: callable_body.guarded(https_fn.on_call(**kwargs)(func))
+def _callable(**kwargs: Any) -> Callable[[Callable[[https_fn.CallableRequest], dict]], Callable]:
+    """`@https_fn.on_call(**kwargs)`, a POST that is no callable request answered INVALID_ARGUMENT (callable_body),
+    its refusal readable from the origins the callable's own answers are (the SDK's default: any)."""
+    cors = kwargs.get("cors")
+    origins = cors.cors_origins if cors is not None and cors.cors_origins is not None else "*"
+    return lambda func: callable_body.guarded(https_fn.on_call(**kwargs)(func), origins)
 
 
 @_callable(

@@ -48,9 +48,11 @@ def _extras(logger: logging.Logger, method: str, event: EventDict) -> EventDict:
     return event
 
 
-# diffusers' note on a prompt longer than CLIP's 77 tokens, which quotes the cut text.
+# diffusers' notes on a prompt longer than its text encoder takes, which quote the cut text: "... because CLIP can
+# only handle sequences up to 77 tokens: [...]" (SDXL) or "... because `max_sequence_length` is set to 512 tokens".
 _TRUNCATED = re.compile(
-    r"The following part of your input was truncated because (\w+) can only handle sequences up to (\d+) tokens"
+    r"The following part of your input was truncated because (?:(\w+) can only handle sequences up to|.*? is set to)"
+    r" *(\d+) tokens"
 )
 
 
@@ -64,13 +66,17 @@ class _PromptTruncated(logging.Filter):
         self.floor = floor
 
     def filter(self, record: logging.LogRecord) -> bool:
-        match = _TRUNCATED.match(str(record.msg))
+        try:
+            said = record.getMessage()  # as written: the text may come in the record's arguments
+        except (TypeError, ValueError):
+            said = str(record.msg)
+        match = _TRUNCATED.match(said)
         if match is None:
             return True
         if self.floor > logging.INFO:
             return False
         record.msg, record.args, record.levelno, record.levelname = "prompt_truncated", (), logging.INFO, "INFO"
-        record.encoder, record.max_tokens = match[1], int(match[2])  # fields of the event (`_extras`)
+        record.encoder, record.max_tokens = match[1] or "text encoder", int(match[2])  # the event's fields
         return True
 
 

@@ -253,6 +253,32 @@ def test_a_prompt_clip_cuts_is_an_info_event_that_does_not_quote_it(level, tmp_p
     ), cut
 
 
+TRUNCATION_WORDINGS = """
+import logging
+from listener.logs import configure
+configure("w-1")
+log = logging.getLogger("diffusers.pipelines.some_pipeline")
+log.warning("The following part of your input was truncated because CLIP can only handle sequences up to %d tokens: %s",
+            77, ["secret words"])
+log.warning("The following part of your input was truncated because `max_sequence_length` is set to  512 tokens: %s",
+            ["secret words"])
+"""
+
+
+def test_a_truncation_note_in_arguments_or_in_diffusers_other_wording_quotes_no_prompt_either():
+    """A review: the note was matched before its arguments were put in, and diffusers' other pipelines word it
+    after `max_sequence_length`."""
+    result = subprocess.run(
+        [sys.executable, "-c", TRUNCATION_WORDINGS], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "secret" not in result.stdout + result.stderr, result.stdout + result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(e["event"], e["severity"], e["encoder"], e["max_tokens"]) for e in events] == [
+        ("prompt_truncated", "INFO", "CLIP", 77),
+        ("prompt_truncated", "INFO", "text encoder", 512),
+    ]
+
+
 THREAD_SCRIPT = """
 import sys, threading
 from listener.logs import configure

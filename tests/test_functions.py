@@ -394,6 +394,9 @@ def test_bad_params_without_a_doc_leave_a_failed_doc(firestore_client, stub):
     assert runpod.requests == []
 
 
+WIDTH, FPS = "width must be between 256 and 1024", "fps must be between 6 and 15"
+
+
 def test_a_field_given_twice_fails_the_job_it_names_and_names_none_when_it_is_the_file_uid(firestore_client, stub):
     """Fuzz audit: a call refused for a field given in two spellings left no failed doc (the client sample's
     listener waits on one). One whose file_uid is the doubled field names no job: it leaves none. A user_id
@@ -410,6 +413,17 @@ def test_a_field_given_twice_fails_the_job_it_names_and_names_none_when_it_is_th
             {"prompt": "x", "file_uid": "c", "user_id": "u-twice", "userId": "other"},
             ("permission-denied", "user_id must be the signed-in user's uid"),
         ),
+        # A review: a null spelling is no second value (the call named no job, and its client's doc ran); nor does
+        # a null first spelling decide the media type; `1` is not `true`.
+        ({"prompt": "x", "file_uid": "nulled", "fileUid": None, "width": 2048}, ("invalid-argument", WIDTH)),
+        (
+            {"prompt": "x", "fileUid": "order", "numFrames": None, "num_frames": 16, "fps": 99},
+            ("invalid-argument", FPS),
+        ),
+        (
+            {"prompt": "x", "file_uid": "typed", "useCloudStorage": 1, "use_cloud_storage": True},
+            ("invalid-argument", "Validation failed: use_cloud_storage is given twice with different values"),
+        ),
     ]
     for data, refusal in calls:
         with pytest.raises(CallError) as raised:
@@ -420,9 +434,17 @@ def test_a_field_given_twice_fails_the_job_it_names_and_names_none_when_it_is_th
         for media in ("images", "videos")
         for doc in firestore_client.collection(f"generations/u-twice/{media}").stream()
     }
-    assert list(docs) == ["generations/u-twice/videos/twice"]
-    doc = docs["generations/u-twice/videos/twice"]
-    assert (doc["status"], doc["error_type"], doc["error_message"]) == ("failed", "ValidationError", twice)
+    ended = {path: (doc["status"], doc["error_type"], doc["error_message"]) for path, doc in docs.items()}
+    assert ended == {
+        "generations/u-twice/videos/twice": ("failed", "ValidationError", twice),
+        "generations/u-twice/images/nulled": ("failed", "ValidationError", WIDTH),
+        "generations/u-twice/videos/order": ("failed", "ValidationError", FPS),
+        "generations/u-twice/images/typed": (
+            "failed",
+            "ValidationError",
+            "Validation failed: use_cloud_storage is given twice with different values",
+        ),
+    }
     assert runpod.requests == []
 
 
@@ -1446,14 +1468,17 @@ bodies = [(b"not json", JSON), (b"5", JSON), (b"true", JSON), (b"[]", JSON), (b"
           (b'{"data": ' + b"[" * 5000 + b"]" * 5000 + b"}", JSON), (b'{"data": {"seed": ' + b"9" * 5000 + b"}}", JSON),
           (b"{}", JSON), (b'{"dat": {}}', JSON), (b'{"data": {}, "x": 1}', JSON),
           (b'{"data": {}}', "text/plain"), (b'{"data": {}}', None),
-          (b'{"data": {"prompt": "a car"}}', JSON), (b'{"data": {}}', "application/json; charset=utf-8")]
+          (b'{"data": {"prompt": "a car"}}', JSON), (b'{"data": {}}', "Application/JSON; charset=utf-8")]
+calls = [("POST", body, content_type) for body, content_type in bodies] + [("GET", b"", None), ("OPTIONS", b"", None)]
 out = []
-for body, content_type in bodies:
+for method, body, content_type in calls:
     for name in ("generateWithRunPod", "cancelGeneration"):
         log = io.StringIO()
         headers = {"Origin": sys.argv[1], **({"Content-Type": content_type} if content_type else {})}
+        if method == "OPTIONS":  # a browser's CORS preflight
+            headers.update({"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            with Flask("probe").test_request_context("/", method="POST", data=body, headers=headers):
+            with Flask("probe").test_request_context("/", method=method, data=body, headers=headers):
                 reply = getattr(main, name)(request)
         entries = [json.loads(line) for line in log.getvalue().splitlines() if line.startswith("{")]
         out.append([name, reply.status_code, reply.get_json(), reply.headers.get("Access-Control-Allow-Origin"),
@@ -1476,8 +1501,18 @@ def test_a_callable_body_that_is_no_callable_request_is_refused_saying_what_is_w
         assert (status, body, origin) == (400, {"error": {"status": "INVALID_ARGUMENT", "message": message}}, ORIGIN)
         assert entries == [["WARNING", "callable_body_unreadable", message]], (name, entries)
     signed_out = {"generateWithRunPod": "Sign in to generate", "cancelGeneration": "Sign in to cancel a generation"}
-    for name, status, body, origin, _ in replies[24:]:
+    for name, status, body, origin, _ in replies[24:28]:
         assert (status, body["error"]["message"], origin) == (401, signed_out[name], ORIGIN)
+    # A GET is the SDK's to refuse, as before (the emulator probes each function so); a preflight is answered.
+    for _, status, body, origin, entries in replies[28:30]:
+        assert (status, body, origin) == (
+            400,
+            {"error": {"status": "INVALID_ARGUMENT", "message": "Bad Request"}},
+            ORIGIN,
+        )
+        assert {severity for severity, *_ in entries} == {"WARNING"}
+    assert [(status, origin) for _, status, _, origin, _ in replies[30:]] == [(200, ORIGIN)] * 2
+    assert len(replies) == 32
 
 
 _REFUSAL_PROBE = """
