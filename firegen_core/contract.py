@@ -271,14 +271,18 @@ def left_out(value: Any) -> bool:
 
 
 def normalise_document_fields(
-    data: Mapping[str, Any], known: Collection[str] = KNOWN_FIELDS, *, first: bool = False
+    data: Mapping[str, Any],
+    known: Collection[str] = KNOWN_FIELDS,
+    *,
+    first: bool = False,
+    called: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Read the client sample's camelCase spellings (numFrames, ...) as their snake_case fields.
 
     Unknown names are kept as they are, so the caller decides whether they matter. A spelling that is null or
     empty gives way to one that says something, whatever their order. A field given twice with different values
     (of different types too: `1` is not `true`) is refused, or with `first`, read as its first spelling says (a
-    refusal's record).
+    refusal's record); the refusal names the field as `called` does (a callable whose words are camelCase).
     """
     out: dict[str, Any] = {}
     for name, value in data.items():
@@ -288,7 +292,7 @@ def normalise_document_fields(
         elif left_out(value) or (type(value) is type(out[key]) and value == out[key]):
             continue
         elif not first:
-            raise invalid(f"{key} is given twice with different values")
+            raise invalid(f"{(called or {}).get(key, key)} is given twice with different values")
     return out
 
 

@@ -585,7 +585,8 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
 
 
 # ------------------------------------------------------------------------------------------------ cancel
-CANCEL_FIELDS = frozenset({"file_uid", "media_type", "user_id"})  # or their camelCase spellings
+CANCEL_NAMES = {"file_uid": "fileUid", "media_type": "mediaType", "user_id": "userId"}  # its refusals' words
+CANCEL_FIELDS = frozenset(CANCEL_NAMES)  # in either spelling
 CANCELLED_REPLY = "Generation cancelled"
 CANCELLING_REPLY = "Cancelling: the worker stops the generation at its next step"
 
@@ -612,7 +613,7 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
             raise CallError("permission-denied", f"{name} must be the signed-in user's uid")
     try:
         # Strict as generateWithRunPod is: a misspelt field (`fileID`) was taken for no field at all.
-        fields = normalise_document_fields(data, CANCEL_FIELDS)
+        fields = normalise_document_fields(data, CANCEL_FIELDS, called=CANCEL_NAMES)
         refuse_unknown(fields, CANCEL_FIELDS)
     except ContractError as exc:
         raise CallError("invalid-argument", exc.message) from None

@@ -54,12 +54,16 @@ _TRUNCATED = re.compile(
     r"The following part of your input was truncated because (?:(\w+) can only handle sequences up to|.*? is set to)"
     r" *(\d+) tokens"
 )
+# transformers' warning before it, once per tokenizer: diffusers tokenizes a prompt untruncated only to quote what it
+# cut, and encodes it truncated, so the "indexing errors" it foretells never come.
+_LONGER = "Token indices sequence length is longer than the specified maximum sequence length"
 
 
 class _PromptTruncated(logging.Filter):
     """diffusers' note quoted the rest of a user's prompt (up to ~2,000 characters, twice an image: SDXL's two
     encoders) at WARNING in every line (fuzz audit): an event of ours, `prompt_truncated`, without the text, at
-    INFO: a long prompt is the client's right, nothing for the operator to act on."""
+    INFO: a long prompt is the client's right, nothing for the operator to act on. transformers' warning that comes
+    first, of errors that never come, is dropped."""
 
     def __init__(self, floor: int) -> None:
         super().__init__()
@@ -70,6 +74,8 @@ class _PromptTruncated(logging.Filter):
             said = record.getMessage()  # as written: the text may come in the record's arguments
         except (TypeError, ValueError):
             said = str(record.msg)
+        if said.startswith(_LONGER):
+            return False
         match = _TRUNCATED.match(said)
         if match is None:
             return True

@@ -229,7 +229,7 @@ def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
             "owner",
             {"fileUid": "other", "file_uid": "mine", "mediaType": "images"},
             "invalid-argument",
-            "Validation failed: file_uid is given twice with different values",
+            "Validation failed: fileUid is given twice with different values",  # its words, as "fileUid is required"
         ),
         # A review: read as user_id in any spelling, it was let through in one the check did not know.
         ("thief", {"fileUid": "mine", "mediaType": "images", "UserId": "owner"}, "permission-denied", "UserId must be"),
