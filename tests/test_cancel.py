@@ -569,3 +569,34 @@ def test_a_run_restated_on_another_worker_stops_at_once_and_runs_again_with_the_
     assert (doc["status"], doc["attempts"], doc["width"]) == ("completed", 2, 256)
     assert generator.calls == ["restated", "restated"]
     assert worker.wait_idle(5)
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+def test_a_retried_cancel_of_a_running_job_answers_cancelling_again(firestore_client):
+    """A second press of Cancel while the worker has not yet stopped (the doc is still processing, its
+    cancel_requested already set) is no error: it answers "cancelling" as the first did, not "Generation already
+    processing: nothing to cancel" (failed-precondition)."""
+    key = JobKey("owner", "videos", "running-twice")
+    queue_jobs(firestore_client, [key], numFrames=16)
+    firestore_client.document(key.path).update({"status": "processing"})  # a worker took it (no worker here)
+    data = {"fileUid": "running-twice", "mediaType": "videos"}
+    first = dispatch.cancel(firestore_client, uid="owner", data=data)
+    again = dispatch.cancel(firestore_client, uid="owner", data=data)
+    assert (first["status"], again["status"]) == ("cancelling", "cancelling"), (first, again)
+    assert again["message"] == "Cancelling: the worker stops the generation at its next step"
+    doc = read(firestore_client, key)
+    assert (doc["status"], doc["cancel_requested"]) == ("processing", True)
+
+
+def test_an_empty_file_uid_or_media_type_is_required_as_a_missing_one(firestore_client):
+    """The contract reads "" as left out: an empty fileUid or mediaType is "X is required", as a missing one is
+    (not the id check's or the media type's "Validation failed: ..." message)."""
+    queue_jobs(firestore_client, [JobKey("owner", "images", "e")])
+    for data, message in [
+        ({"fileUid": "", "mediaType": "images"}, "fileUid is required"),
+        ({"fileUid": "e", "mediaType": ""}, "mediaType is required"),
+    ]:
+        with pytest.raises(dispatch.CallError) as refused:
+            dispatch.cancel(firestore_client, uid="owner", data=data)
+        assert (refused.value.code, refused.value.message) == ("invalid-argument", message), data
+    assert read(firestore_client, JobKey("owner", "images", "e"))["status"] == "queued"

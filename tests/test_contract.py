@@ -346,3 +346,26 @@ def test_restatement_names_what_the_request_says_otherwise(doc, given, changes):
 )
 def test_a_doc_awaits_its_parameters_when_it_states_none_but_the_prompt(doc, awaits):
     assert awaits_parameters(doc) is awaits
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+@pytest.mark.parametrize(
+    "doc,field",
+    [
+        (dict(CLIENT_DOC, seed=0, Seed=7), "seed"),
+        (dict(CLIENT_DOC, use_cloud_storage=False, useCloudStorage=True), "use_cloud_storage"),
+    ],
+)
+def test_a_false_or_zero_spelling_is_a_value_not_a_left_out_one(doc, field):
+    """Only null and "" are left out: `0` or `false` beside another spelling's value is a field given twice, not
+    a gap the other spelling fills (seed 0 then Seed 7 ran with seed 7)."""
+    with pytest.raises(ContractError) as info:
+        parse_document("u", "images", "f", doc)
+    assert info.value.message == f"Validation failed: {field} is given twice with different values"
+
+
+def test_a_refusals_record_reads_a_field_given_twice_as_its_first_spelling_says():
+    from firegen_core.contract import normalise_document_fields
+
+    data = {"prompt": "a cat", "Prompt": "a dog", "width": 256, "Width": 512, "seed": None, "Seed": 3}
+    assert normalise_document_fields(data, first=True) == {"prompt": "a cat", "width": 256, "seed": 3}

@@ -299,3 +299,37 @@ def test_the_last_guard_of_the_logs_takes_out_what_looks_like_a_credential(text,
     itself: list = ["https://x/o?token=s3cr3t"]
     itself.append(itself)  # a value that holds itself is written as its text, not recursed into for ever
     assert "s3cr3t" not in str(redacted(itself)) and "token=<redacted>" in str(redacted(itself))
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+@pytest.mark.parametrize(
+    "text,shown",
+    [
+        # A V4 signed URL's credential (the signer's account and scope) as well as its signature.
+        (
+            "https://s/o?X-Goog-Credential=sa%40p.iam%2F20240101&X-Goog-Date=1",
+            "https://s/o?X-Goog-Credential=<redacted>&X-Goog-Date=1",
+        ),
+        ("GET https://x/v1/a:lookup?key=AIzaSyFAKEFAKE", "GET https://x/v1/a:lookup?key=<redacted>"),  # an API key
+        (
+            '{"client_secret": "GOCSPX-abc", "type": "authorized_user"}',
+            '{"client_secret": "<redacted>", "type": "authorized_user"}',
+        ),
+        ("grant=x&client_secret=GOCSPX-abc&a=1", "grant=x&client_secret=<redacted>&a=1"),
+        # Any case: lower-case percent-encoding, a parameter's name in capitals.
+        ("u=%3fa%3d1%26token%3dabc%26foo%3dbar", "u=%3fa%3d1%26token%3d<redacted>%26foo%3dbar"),
+        ("https://x/o?alt=media&Token=abc", "https://x/o?alt=media&Token=<redacted>"),
+        # A key cut short (a message clipped at 300 characters) has no END line: the rest is taken out all the same.
+        ("key: -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0B", "key: <redacted>"),
+        # Two keys: each is taken out, what lies between them is kept.
+        (
+            "-----BEGIN PRIVATE KEY-----\nA\n-----END PRIVATE KEY----- kept -----BEGIN RSA PRIVATE KEY-----\nB\n"
+            "-----END RSA PRIVATE KEY-----",
+            "<redacted> kept <redacted>",
+        ),
+    ],
+)
+def test_the_last_guard_also_takes_out_credentials_api_keys_client_secrets_any_case_and_cut_keys(text, shown):
+    from firegen_core.redaction import redact
+
+    assert redact(text) == shown

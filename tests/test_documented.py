@@ -398,7 +398,7 @@ def test_an_inline_result_over_20_mb_once_encoded_is_refused():
 
 
 def test_an_inline_result_just_under_20_mb_is_returned():
-    under = INLINE_LIMIT_BYTES * 3 // 4 - 3
+    under = INLINE_LIMIT_BYTES * 3 // 4 - 300  # the answer's other fields and base64's padding fit in the rest
     answer = RunsyncHandler(store=None, submit=None, generator=SizedGenerator(under)).handle(INLINE)
     assert answer["status"] == "completed" and answer["image_count"] == 2
     assert "user_id" not in answer and "file_uid" not in answer  # optional inline, echoed only where given
@@ -406,7 +406,16 @@ def test_an_inline_result_just_under_20_mb_is_returned():
     named = RunsyncHandler(store=None, submit=None, generator=SizedGenerator(64)).handle({**INLINE, **ids})
     assert (named["error"], named["user_id"], named["file_uid"]) == (False, "u1", "f1")
     assert sum(len(base64.b64decode(data)) for data in answer["images"]) == under
-    assert sum(len(data) for data in answer["images"]) <= INLINE_LIMIT_BYTES
+    assert len(json.dumps(answer)) <= INLINE_LIMIT_BYTES
+
+
+def test_an_inline_result_whose_answer_passes_20_mb_by_its_padding_and_fields_is_refused():
+    """4/3 of the raw bytes is under the limit, the JSON answer RunPod carries is not (mutation audit: the check
+    counted neither base64's padding per file nor the fields around the files)."""
+    raw = INLINE_LIMIT_BYTES * 3 // 4 - 3  # two files of 3n+1 and 3n+2 bytes: 4/3 of it is 20 MiB less 4 bytes
+    assert raw * 4 / 3 <= INLINE_LIMIT_BYTES
+    answer = RunsyncHandler(store=None, submit=None, generator=SizedGenerator(raw)).handle(INLINE)
+    assert answer["status"] == "failed" and answer["error"].startswith("Result is 21.0 MB once encoded"), answer
 
 
 def test_firestore_down_answers_could_not_record_within_its_bound(monkeypatch):
@@ -437,3 +446,39 @@ def test_firestore_down_fails_a_sweep_within_its_bound(monkeypatch):
     with pytest.raises(Exception):  # noqa: B017 (what the client raises is its own: unavailable, or its deadline)
         reconciler.sweep()
     assert time.monotonic() - started <= CALL_TIMEOUT + 3
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+def test_an_inline_refusal_over_20_mb_is_logged_as_documented(monkeypatch):
+    """README: `request_refused` with `inline: true` and `reason` `over 20 MB` (and the ids where given)."""
+    import structlog
+
+    import listener.handler as handler_module
+
+    over = INLINE_LIMIT_BYTES * 3 // 4 + 3
+    handler = RunsyncHandler(store=None, submit=None, generator=SizedGenerator(over))
+    with structlog.testing.capture_logs() as logs:
+        # A logger made inside the capture: one cached by a test that configured the worker's logs in this process
+        # would not reach it (as tests/test_reconciler.py's runner_logs).
+        monkeypatch.setattr(handler_module, "log", structlog.get_logger("listener.handler"))
+        handler.handle({**INLINE, "user_id": "u1", "file_uid": "f1"})
+    refused = [e for e in logs if e["event"] == "request_refused"]
+    assert [(e["inline"], e["reason"], e["user_id"], e["file_uid"]) for e in refused] == [
+        (True, "over 20 MB", "u1", "f1")
+    ], logs
+
+
+BAD_ARGUMENTS = """
+import logging
+from listener.logs import configure
+configure("w-1")
+logging.getLogger("some.library").warning("%d tokens", "not a number")  # a library's own bug
+print("still running")
+"""
+
+
+def test_a_library_record_whose_arguments_do_not_fit_its_text_does_not_raise_into_its_caller():
+    """The truncation filter reads every record's message: one that cannot be formatted must not raise out of the
+    library's log call (it would fail the generation that logged it); logging reports it as it always does."""
+    result = subprocess.run([sys.executable, "-c", BAD_ARGUMENTS], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "still running" in result.stdout, result.stderr

@@ -2263,3 +2263,63 @@ def test_a_refused_client_doc_of_the_other_media_type_takes_the_call(firestore_c
         )
     assert raised.value.message == MISFILED
     assert not firestore_client.document("generations/u-rf/videos/rf-1").get().exists and runpod.requests == []
+
+
+# ---------------------------------------------------------------------------------------------- mutation audit
+def test_a_null_user_id_is_left_out_and_a_file_uid_of_no_string_is_refused_as_such(firestore_client, stub):
+    """Null is "not given" for user_id too, in either spelling (not "user_id must be the signed-in user's uid");
+    a file_uid that is a list or an object is the contract's invalid-argument, not INTERNAL (a TypeError)."""
+    runpod = stub(ACCEPTED)
+    data = {"prompt": "a car", "file_uid": "null-uid", "user_id": None, "userId": None}
+    assert dispatch.generate(firestore_client, runpod.client(), uid="u-nulluid", data=data)["status"] == "accepted"
+    for file_uid in (["a"], {"a": 1}):
+        with pytest.raises(CallError) as raised:
+            dispatch.generate(
+                firestore_client, runpod.client(), uid="u-nulluid", data={"prompt": "x", "file_uid": file_uid}
+            )
+        assert (raised.value.code, raised.value.message) == (
+            "invalid-argument",
+            "Validation failed: file_uid must be a string",
+        )
+    assert len(runpod.requests) == 1
+
+
+def test_a_refused_calls_created_doc_keeps_the_first_spelling_of_a_prompt_given_twice(firestore_client, stub):
+    """The failed doc a refusal leaves shows the prompt as its first spelling gave it (contract:
+    normalise_document_fields(first=True), "a refusal's record")."""
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(
+            firestore_client,
+            runpod.client(),
+            uid="u-first",
+            data={"prompt": "a cat", "Prompt": "a dog", "file_uid": "p"},
+        )
+    assert raised.value.message == "Validation failed: prompt is given twice with different values"
+    doc = firestore_client.document("generations/u-first/images/p").get().to_dict()
+    assert (doc["status"], doc["prompt"]) == ("failed", "a cat")
+
+
+_BODY_FIELDS_PROBE = """
+import contextlib, io, json, main
+from flask import Flask, request
+out = []
+for name in ("generateWithRunPod", "cancelGeneration"):
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with Flask("probe").test_request_context("/", method="POST", data=b"[1, 2]", content_type="application/json"):
+            getattr(main, name)(request)
+    out += [json.loads(line) for line in log.getvalue().splitlines() if line.startswith("{")]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_a_refused_callable_body_is_logged_naming_its_function_and_its_size(tmp_path):
+    """`callable_body_unreadable` says which callable got the body and how many bytes it was (an operator's
+    first questions: a client's bug or someone's probing)."""
+    entries = _probe(tmp_path, _BODY_FIELDS_PROBE)
+    assert [(e["message"], e.get("function"), e.get("bytes")) for e in entries] == [
+        ("callable_body_unreadable", "generateWithRunPod", 6),
+        ("callable_body_unreadable", "cancelGeneration", 6),
+    ], entries
