@@ -2287,14 +2287,9 @@ def test_a_null_user_id_is_left_out_and_a_file_uid_of_no_string_is_refused_as_su
 def test_a_refused_calls_created_doc_keeps_the_first_spelling_of_a_prompt_given_twice(firestore_client, stub):
     """The failed doc a refusal leaves shows the prompt as its first spelling gave it (contract:
     normalise_document_fields(first=True), "a refusal's record")."""
-    runpod = stub(ACCEPTED)
+    data = {"prompt": "a cat", "Prompt": "a dog", "file_uid": "p"}
     with pytest.raises(CallError) as raised:
-        dispatch.generate(
-            firestore_client,
-            runpod.client(),
-            uid="u-first",
-            data={"prompt": "a cat", "Prompt": "a dog", "file_uid": "p"},
-        )
+        dispatch.generate(firestore_client, stub(ACCEPTED).client(), uid="u-first", data=data)
     assert raised.value.message == "Validation failed: prompt is given twice with different values"
     doc = firestore_client.document("generations/u-first/images/p").get().to_dict()
     assert (doc["status"], doc["prompt"]) == ("failed", "a cat")
