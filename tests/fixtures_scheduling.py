@@ -13,7 +13,7 @@ import threading
 
 import pytest
 from google.cloud.firestore import SERVER_TIMESTAMP
-from test_reconciler import LISTENING_SECONDS, StubGenerator, results, wait_until
+from test_reconciler import StubGenerator, results, started_reconcilers, wait_until
 
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey, WorkerJobs
@@ -39,22 +39,18 @@ class StepGenerator(StubGenerator):
 
 @pytest.fixture
 def sched_worker(firestore_client, results):
-    started: list[Reconciler] = []
+    with started_reconcilers() as start:
 
-    def make(name="w1", generator=None, *, sweep=0.3, lease=30.0, capacity=1000, deadline=None, renew=None, **store):
-        job_store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=lease, **store)
-        runner = JobRunner(
-            job_store, generator or StubGenerator(), results, deadline=deadline or Deadline(), renew_interval=renew
-        )
-        reconciler = Reconciler(job_store, runner, sweep_interval=sweep, capacity=capacity)
-        started.append(reconciler.start())
-        assert reconciler.wait_listening(LISTENING_SECONDS)
-        return reconciler
+        def make(
+            name="w1", generator=None, *, sweep=0.3, lease=30.0, capacity=1000, deadline=None, renew=None, **store
+        ):
+            job_store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=lease, **store)
+            runner = JobRunner(
+                job_store, generator or StubGenerator(), results, deadline=deadline or Deadline(), renew_interval=renew
+            )
+            return start(Reconciler(job_store, runner, sweep_interval=sweep, capacity=capacity))
 
-    yield make
-    for reconciler in started:
-        reconciler.runner.abort.set()
-        reconciler.stop(grace=0)
+        yield make
 
 
 def queue_jobs(client, keys: list[JobKey], **fields) -> None:

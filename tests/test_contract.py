@@ -2,6 +2,7 @@
 
 import pytest
 
+from devtools.stack import IMAGE_EXAMPLE, VIDEO_EXAMPLE
 from firegen_core.contract import (
     CLOUD_ONLY,
     TEXT2IMAGE,
@@ -132,32 +133,15 @@ def test_refusals_carry_the_contracts_message(data, message):
 
 
 def test_contract_image_example_is_text2image_with_defaults():
-    request = parse_runsync_input(
-        {
-            "prompt": "A sunset over mountains",
-            "user_id": "test-user",
-            "file_uid": "test-img-001",
-            "use_cloud_storage": True,
-            "width": 512,
-            "height": 512,
-        }
-    )
+    """The contract's "Testing Examples" as written (make dev runs them)."""
+    request = parse_runsync_input(IMAGE_EXAMPLE)
     assert request.task_type == TEXT2IMAGE and request.media_type == "images" and not request.is_video
     assert (request.width, request.height, request.num_images_per_prompt) == (512, 512, 1)
     assert (request.num_inference_steps, request.guidance_scale, request.seed) == (20, 7.5, None)
 
 
 def test_contract_video_example_is_text2video():
-    request = parse_runsync_input(
-        {
-            "prompt": "Waves crashing on beach",
-            "user_id": "test-user",
-            "file_uid": "test-vid-001",
-            "use_cloud_storage": True,
-            "num_frames": 16,
-            "fps": 8,
-        }
-    )
+    request = parse_runsync_input(VIDEO_EXAMPLE)
     assert request.task_type == TEXT2VIDEO and request.media_type == "videos"
     assert (request.num_frames, request.fps, request.video_width, request.video_height) == (16, 8, 512, 512)
     assert request.video_guidance_scale == 5.0

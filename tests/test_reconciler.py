@@ -7,6 +7,7 @@ which a stand-in that blocks on demand lets us drive deterministically.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
@@ -57,6 +58,25 @@ class StubGenerator:
 LISTENING_SECONDS = 60.0
 
 
+@contextlib.contextmanager
+def started_reconcilers():
+    """`start(reconciler)`: starts a worker and waits for its listeners; on leaving, each worker started is
+    stopped, its running jobs aborted."""
+    started: list[Reconciler] = []
+
+    def start(reconciler: Reconciler) -> Reconciler:
+        started.append(reconciler.start())
+        assert reconciler.wait_listening(LISTENING_SECONDS)
+        return reconciler
+
+    try:
+        yield start
+    finally:
+        for reconciler in started:
+            reconciler.runner.abort.set()
+            reconciler.stop(grace=0)
+
+
 def wait_until(predicate, timeout=15.0, interval=0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -89,25 +109,21 @@ class CountingReconciler(Reconciler):
 
 @pytest.fixture
 def make_worker(firestore_client, results):
-    started: list[Reconciler] = []
+    with started_reconcilers() as start:
 
-    def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1, grace=0.0, limits=Limits()):
-        store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=lease, limits=limits)
-        reconciler = CountingReconciler(
-            store,
-            JobRunner(store, generator or StubGenerator(), results),
-            concurrency=concurrency,
-            sweep_interval=sweep,
-            placeholder_grace=grace,
-        )
-        started.append(reconciler.start())
-        assert reconciler.wait_listening(LISTENING_SECONDS)
-        return reconciler
+        def make(name="w1", generator=None, lease=30.0, sweep=0.3, concurrency=1, grace=0.0, limits=Limits()):
+            store = WorkerJobs(firestore_client, worker_id=name, lease_seconds=lease, limits=limits)
+            return start(
+                CountingReconciler(
+                    store,
+                    JobRunner(store, generator or StubGenerator(), results),
+                    concurrency=concurrency,
+                    sweep_interval=sweep,
+                    placeholder_grace=grace,
+                )
+            )
 
-    yield make
-    for reconciler in started:
-        reconciler.runner.abort.set()
-        reconciler.stop(grace=0)
+        yield make
 
 
 @pytest.fixture

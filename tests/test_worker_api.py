@@ -29,31 +29,14 @@ from PIL import Image
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from devtools import emulators as emu
+from devtools import stack as examples
 from devtools.worker import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The contract's "Testing Examples", as written.
-IMAGE_EXAMPLE = {
-    "input": {
-        "prompt": "A sunset over mountains",
-        "user_id": "test-user",
-        "file_uid": "test-img-001",
-        "use_cloud_storage": True,
-        "width": 512,
-        "height": 512,
-    }
-}
-VIDEO_EXAMPLE = {
-    "input": {
-        "prompt": "Waves crashing on beach",
-        "user_id": "test-user",
-        "file_uid": "test-vid-001",
-        "use_cloud_storage": True,
-        "num_frames": 16,
-        "fps": 8,
-    }
-}
+# The contract's "Testing Examples", as written (make dev's examples too).
+IMAGE_EXAMPLE = {"input": examples.IMAGE_EXAMPLE}
+VIDEO_EXAMPLE = {"input": examples.VIDEO_EXAMPLE}
 
 
 def post(url: str, body: dict, timeout: float = 30) -> dict:
