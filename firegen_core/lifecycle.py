@@ -178,7 +178,8 @@ def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, An
     parameters (`refused`) is queued again, to be admitted again (or refused again, under the limits as they now
     stand); `stated`, the request's fields as given (`GenerationRequest.parameters`), then replace the doc's
     request fields, so that a field the refused doc broke the contract with, and the new request leaves out, is
-    gone. Any other finished job is left as it is: its answer says it ran with other parameters."""
+    gone. Any other finished job is left as it is: its answer says it ran with other parameters. A live job whose
+    owner asked to cancel it (`cancel_requested`) takes no parameters: a queued one ends cancelled now."""
     if doc is None:
         return None
     # A camelCase spelling the doc holds would now say the opposite of its snake_case field.
@@ -194,7 +195,14 @@ def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, An
         gone: tuple[str, ...] = (*REFUSAL_FIELDS, "worker_id", "lease_expires_at", "progress", quota.ADMITTED)
         gone = (*gone, CANCEL_REQUESTED, DISPATCH_COUNT, DISPATCH_ERROR)
         return {**update, "status": QUEUED, "error": False, **dict.fromkeys(gone, DELETE_FIELD)}
-    if not changes or doc.get("status") not in (QUEUED, PROCESSING):
+    if doc.get("status") not in (QUEUED, PROCESSING):
+        return None
+    if doc.get(CANCEL_REQUESTED):
+        # The owner's cancel wins over a request that states the job again, as over its completion: a queued job
+        # ends now, a running one at its next step. Queued again with the request's parameters, it would be
+        # charged its new estimate for a run that never comes (ledger audit).
+        return cancelled(doc) if doc.get("status") == QUEUED else None
+    if not changes:
         return None
     if doc.get("status") == PROCESSING:
         restated = int(quota.number(doc, RESTATED)) + 1
@@ -235,6 +243,12 @@ def cancel(doc: Doc | None) -> dict | None:
     if doc.get("status") == PROCESSING and not doc.get(CANCEL_REQUESTED):
         return {CANCEL_REQUESTED: True}
     return None
+
+
+def being_cancelled(doc: Doc | None) -> bool:
+    """A live job whose owner asked to cancel it: it ends cancelled (queued: at once; running: at its worker's
+    next step), whatever a request for it now says (`restate`)."""
+    return doc is not None and doc.get("status") in (QUEUED, PROCESSING) and bool(doc.get(CANCEL_REQUESTED))
 
 
 def drop_cancelled(doc: Doc | None) -> dict | None:

@@ -69,6 +69,7 @@ from firegen_core.contract import (
 )
 from firegen_core.errors import (
     CANCELLED,
+    CANCELLED_MESSAGE,
     EXCEPTION,
     QUOTA_EXCEEDED,
     VALIDATION_ERROR,
@@ -407,6 +408,8 @@ def generate(
         # Refused just now for the user's limits, or failed before (a retried call): report it.
         code = CALL_ERROR_CODES.get(doc.get("error_type"), "failed-precondition")
         raise CallError(code, doc.get("error_message") or "Generation failed")
+    if lifecycle.being_cancelled(doc):  # its worker ends it at its next step: answered as it will end
+        raise CallError("failed-precondition", CANCELLED_MESSAGE)
     changes = restatement(doc, request)
     if changes:  # a completed job that ran with other parameters (a live one took this call's)
         raise CallError("already-exists", finished_otherwise(request, changes).message)

@@ -34,7 +34,15 @@ from firegen_core.contract import (
     parse_runsync_input,
     restatement,
 )
-from firegen_core.errors import NOT_RECORDED, VALIDATION_ERROR, GenerationError, Interrupted, classify
+from firegen_core.errors import (
+    CANCELLED,
+    CANCELLED_MESSAGE,
+    NOT_RECORDED,
+    VALIDATION_ERROR,
+    GenerationError,
+    Interrupted,
+    classify,
+)
 from firegen_core.jobs import JobKey, Misfiled, WorkerJobs, dispatched, stated_request
 from firegen_core.lifecycle import Lease
 
@@ -122,6 +130,9 @@ class RunsyncHandler:
                 self.submit(key, stated_request(key, doc) or request, request_id, doc.get("created_at"))
             log.info("request_accepted", user_id=key.user_id, file_uid=key.file_uid, status=status, dispatch=True)
             return accepted(request)
+        if lifecycle.being_cancelled(doc):
+            log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=CANCELLED)
+            return rejected(CANCELLED_MESSAGE)
         changes = restatement(doc, request)
         if changes:  # a finished job (a live one took the request's parameters)
             log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, finished_otherwise=sorted(changes))

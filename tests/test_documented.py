@@ -403,6 +403,7 @@ def test_an_inline_result_just_under_20_mb_is_returned():
     assert answer["status"] == "completed" and answer["image_count"] == 2
     assert "user_id" not in answer and "file_uid" not in answer  # optional inline, echoed only where given
     ids = {"user_id": "u1", "file_uid": "f1"}
+    # With no store: an inline request writes no doc and counts against no user's limits (README).
     named = RunsyncHandler(store=None, submit=None, generator=SizedGenerator(64)).handle({**INLINE, **ids})
     assert (named["error"], named["user_id"], named["file_uid"]) == (False, "u1", "f1")
     assert sum(len(base64.b64decode(data)) for data in answer["images"]) == under

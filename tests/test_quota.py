@@ -24,6 +24,7 @@ from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
 from firegen_core.jobs import JobKey, JobStore, WorkerJobs
 from firegen_core.quota import Limits, Usage
+from listener.handler import RunsyncHandler
 from listener.reconciler import Reconciler
 from listener.runner import JobRunner
 
@@ -636,6 +637,57 @@ def test_a_restatement_past_the_daily_budget_fails_the_job(firestore_client):
     charged, whole = quota.estimate(request("x")), quota.estimate(huge)
     assert f"this job needs {whole:.1f} GPU-seconds ({charged:.1f} already charged)" in after["error_message"]
     assert doc(firestore_client, key)["status"] == "failed"
+
+
+def running_with_a_cancel_asked(client, file_uid: str) -> tuple[JobKey, float]:
+    """A client's job a worker took, then its owner's cancel (the doc's flag); the worker has not yet reached its
+    next step. Returns the job and what it was charged."""
+    key = write_client_doc(client, file_uid)
+    assert WorkerJobs(client, worker_id="w-busy").claim(key) is not None
+    client.document(key.path).update({"cancel_requested": True})
+    return key, doc(client, key)["cost"]
+
+
+@pytest.mark.parametrize("door", ["runsync", "callable"])
+def test_a_cancel_asked_of_a_running_job_wins_over_a_request_that_restates_it(firestore_client, door):
+    """The ledger audit: a request restating a running job whose owner had asked to cancel it queued it again
+    with the new parameters and charged their estimate (plus the stopped try), answered "accepted", and the job
+    then ended cancelled all the same, charged for a run that never came. The cancel wins, as it wins over the
+    job's completion: the job keeps running to its next step, unchanged and charged as before, and the request
+    is answered as the job will end."""
+    key, charged = running_with_a_cancel_asked(firestore_client, f"cancel-then-{door}")
+    bigger = {"prompt": "a red car", "file_uid": key.file_uid, "width": 1024, "height": 1024, "seed": 7}
+    for data in (bigger, {"prompt": "a red car", "file_uid": key.file_uid}):  # restated, or as it stands
+        if door == "runsync":
+            handler = RunsyncHandler(WorkerJobs(firestore_client, worker_id="w-api"), submit=None)
+            answer = handler.handle({**data, "user_id": USER, "use_cloud_storage": True})
+            assert answer == {"error": "Cancelled by the user", "status": "failed"}, data
+        else:
+            with pytest.raises(dispatch.CallError) as refused:
+                dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data)
+            assert (refused.value.code, refused.value.message) == ("failed-precondition", "Cancelled by the user")
+    after = doc(firestore_client, key)
+    assert (after["status"], after["worker_id"], after.get("width"), after["cost"]) == (
+        "processing",
+        "w-busy",
+        None,
+        charged,
+    )
+    assert "restated" not in after and "dispatch_count" not in after
+    assert usage(firestore_client)["spent_today"] == pytest.approx(charged) and counts(firestore_client) == (1, 1)
+
+
+def test_a_queued_job_with_a_cancel_asked_ends_cancelled_at_its_restatement(firestore_client):
+    """Before any worker's listener failed it: the request ends it cancelled there and then, refunded (it never
+    ran), rather than queueing it with its new parameters."""
+    key = write_client_doc(firestore_client, "queued-cancel")
+    JobStore(firestore_client).ensure_queued(request("queued-cancel"))
+    assert usage(firestore_client)["spent_today"] > 0
+    firestore_client.document(key.path).update({"cancel_requested": True})
+    outcome = JobStore(firestore_client).ensure_queued(request("queued-cancel", width=1024, height=1024))
+    after = outcome.after
+    assert (after["status"], after["error_type"], after.get("width")) == ("failed", "Cancelled", None)
+    assert usage(firestore_client)["spent_today"] == 0 and counts(firestore_client) == (0, 0)
 
 
 def test_the_callable_restates_the_clients_placeholder_doc(firestore_client):
