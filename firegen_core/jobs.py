@@ -83,6 +83,8 @@ DISPATCHES_KEPT = 10
 MAX_CONFLICTS = 40
 CLAIM_TRIES = 3  # a claim's calls that failed (Firestore briefly away), tried again knowing its earlier tries
 RECOUNT_EVERY = 30.0  # seconds: a user's counts held at a limit are recounted from their docs at most this often
+# The tail of a refused restatement of a job that ran: its file_uid will answer this refusal from now on.
+RAN_BEFORE = "it ran before this request restated it, so send it as a new job (a new file_uid)"
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
 # Conflicts back off exponentially with full jitter (first ~10 ms, at most 250 ms a wait): racers for one user's
 # usage doc (one user's burst of requests) spread out instead of colliding again on the next round trip.
@@ -310,6 +312,9 @@ class JobStore:
                 charged = round(charge[quota.COST] - extra, 3)  # of its whole charge, what it paid already
                 why = quota.budget_refusal(usage, extra, self.limits, now, charged=charged) if extra > 0 else None
                 if why is not None:
+                    if quota.number(before or {}, "attempts"):
+                        # A job that ran keeps its answer (`lifecycle.refused`): this file_uid cannot come back.
+                        why += f"; {RAN_BEFORE}"
                     return lifecycle.failure(
                         GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
                     )

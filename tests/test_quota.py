@@ -639,6 +639,32 @@ def test_a_restatement_past_the_daily_budget_fails_the_job(firestore_client):
     assert doc(firestore_client, key)["status"] == "failed"
 
 
+def test_a_running_job_restated_past_the_daily_budget_is_told_to_come_back_as_a_new_job(firestore_client):
+    """The ledger audit: the refusal said when the budget resets, as if the same request could then be sent
+    again; but a job that ran keeps its answer (its stopped try stays charged), so its file_uid answers this
+    refusal for good. The message says to send it under a new file_uid."""
+    key = write_client_doc(firestore_client, "ran-then-over")
+    limits = Limits(daily_budget=quota.estimate(request("x")) * 3.5)  # room for 3.5 default images
+    JobStore(firestore_client, limits=limits).ensure_queued(request("ran-then-over"))
+    JobStore(firestore_client, limits=limits).ensure_queued(request("another"))
+    assert WorkerJobs(firestore_client, worker_id="w-1", limits=limits).claim(key) is not None
+    # Within the whole budget (3.9 of 4.9), past what is left of it (2.1).
+    bigger = request("ran-then-over", width=1024, height=1024, num_inference_steps=35)
+    after = JobStore(firestore_client, limits=limits).ensure_queued(bigger).after
+    assert (after["status"], after["error_type"]) == ("failed", "QuotaExceeded")
+    assert after["error_message"].endswith(
+        "UTC; it ran before this request restated it, so send it as a new job (a new file_uid)"
+    ), after["error_message"]
+    again = JobStore(firestore_client, limits=Limits()).ensure_queued(request("ran-then-over")).after
+    assert (again["status"], again["error_message"]) == ("failed", after["error_message"])  # even within limits
+    # A job that never ran comes back under its own file_uid: its refusal says no such thing.
+    write_client_doc(firestore_client, "queued-then-over")
+    JobStore(firestore_client, limits=limits).ensure_queued(request("queued-then-over"))
+    over = request("queued-then-over", width=1024, height=1024, num_inference_steps=35)
+    refused = JobStore(firestore_client, limits=limits).ensure_queued(over).after
+    assert refused["error_type"] == "QuotaExceeded" and refused["error_message"].endswith("UTC"), refused
+
+
 def running_with_a_cancel_asked(client, file_uid: str) -> tuple[JobKey, float]:
     """A client's job a worker took, then its owner's cancel (the doc's flag); the worker has not yet reached its
     next step. Returns the job and what it was charged."""
