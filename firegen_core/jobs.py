@@ -312,7 +312,7 @@ class JobStore:
                 charged = round(charge[quota.COST] - extra, 3)  # of its whole charge, what it paid already
                 why = quota.budget_refusal(usage, extra, self.limits, now, charged=charged) if extra > 0 else None
                 if why is not None:
-                    if quota.number(before or {}, "attempts"):
+                    if quota.ran(before or {}):
                         # A job that ran keeps its answer (`lifecycle.refused`): this file_uid cannot come back.
                         why += f"; {RAN_BEFORE}"
                     return lifecycle.failure(

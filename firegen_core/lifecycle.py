@@ -166,7 +166,7 @@ def refused(doc: Doc | None) -> bool:
     # ran (its request refused, its restatement past the budget). One a worker ran stays charged: its answer stands.
     refunded = not doc.get(quota.ADMITTED) or quota.never_ran(doc)
     if doc.get("error_type") == QUOTA_EXCEEDED:
-        return refunded and not doc.get("attempts")
+        return refunded and not quota.ran(doc)
     return doc.get("error_type") == VALIDATION_ERROR and refunded
 
 

@@ -152,11 +152,15 @@ def merged(before: Mapping[str, Any] | None, update: Mapping[str, Any]) -> dict[
     return {**(before or {}), **update}
 
 
+def ran(doc: Mapping[str, Any]) -> bool:
+    """A worker claimed it once. A release gives its try back to `attempts` (a shutdown is no failure of the
+    job) but counts in `releases`: a job released, then queued again, ran on a GPU until its release."""
+    return bool(doc.get("attempts") or doc.get("releases"))
+
+
 def never_ran(doc: Mapping[str, Any]) -> bool:
-    """Failed before any worker claimed it: cancelled while queued, never picked up, its dispatch refused. A
-    release gives its try back to `attempts` (a shutdown is no failure of the job) but counts in `releases`:
-    a job released, then cancelled while queued, ran on a GPU until its release."""
-    return doc.get("status") == "failed" and not doc.get("attempts") and not doc.get("releases")
+    """Failed before any worker claimed it: cancelled while queued, never picked up, its dispatch refused."""
+    return doc.get("status") == "failed" and not ran(doc)
 
 
 def charged_on(doc: Mapping[str, Any], today: str | None) -> str | None:

@@ -35,8 +35,6 @@ from firegen_core.contract import (
     restatement,
 )
 from firegen_core.errors import (
-    CANCELLED,
-    CANCELLED_MESSAGE,
     NOT_RECORDED,
     VALIDATION_ERROR,
     GenerationError,
@@ -131,8 +129,11 @@ class RunsyncHandler:
             log.info("request_accepted", user_id=key.user_id, file_uid=key.file_uid, status=status, dispatch=True)
             return accepted(request)
         if lifecycle.being_cancelled(doc):
-            log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=CANCELLED)
-            return rejected(CANCELLED_MESSAGE)
+            # Running, its owner's cancel pending (a queued one ended cancelled at `restate`, above): it ends at its
+            # worker's next step, whatever this request says. Accepted, since the worker updates its doc: answered
+            # failed, the contract's function would fail the doc itself, under the run that writes `Cancelled`.
+            log.info("request_accepted", user_id=key.user_id, file_uid=key.file_uid, status=status, cancelling=True)
+            return accepted(request)
         changes = restatement(doc, request)
         if changes:  # a finished job (a live one took the request's parameters)
             log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, finished_otherwise=sorted(changes))

@@ -22,7 +22,7 @@ from devtools import emulators as emu
 from firegen_core import quota
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
-from firegen_core.jobs import JobKey, JobStore, WorkerJobs
+from firegen_core.jobs import RAN_BEFORE, ClaimedJob, JobKey, JobStore, WorkerJobs
 from firegen_core.quota import Limits, Usage
 from listener.handler import RunsyncHandler
 from listener.reconciler import Reconciler
@@ -665,13 +665,34 @@ def test_a_running_job_restated_past_the_daily_budget_is_told_to_come_back_as_a_
     assert refused["error_type"] == "QuotaExceeded" and refused["error_message"].endswith("UTC"), refused
 
 
-def running_with_a_cancel_asked(client, file_uid: str) -> tuple[JobKey, float]:
+def running_with_a_cancel_asked(client, file_uid: str) -> tuple[ClaimedJob, float]:
     """A client's job a worker took, then its owner's cancel (the doc's flag); the worker has not yet reached its
-    next step. Returns the job and what it was charged."""
+    next step. Returns the worker's claim and what the job was charged."""
     key = write_client_doc(client, file_uid)
-    assert WorkerJobs(client, worker_id="w-busy").claim(key) is not None
+    job = WorkerJobs(client, worker_id="w-busy").claim(key)
+    assert job is not None
     client.document(key.path).update({"cancel_requested": True})
-    return key, doc(client, key)["cost"]
+    return job, doc(client, key)["cost"]
+
+
+def restating_requests(client, key: JobKey) -> list[dict]:
+    """Requests for the job: with other parameters, and as its doc states it."""
+    prompt = doc(client, key)["prompt"]
+    return [
+        {"prompt": "a red car", "file_uid": key.file_uid, "width": 1024, "height": 1024, "seed": 7},
+        {"prompt": prompt, "file_uid": key.file_uid},
+    ]
+
+
+def runsync_answer(client, data: dict) -> dict:
+    handler = RunsyncHandler(WorkerJobs(client, worker_id="w-api"), submit=None)
+    return handler.handle({**data, "user_id": USER, "use_cloud_storage": True})
+
+
+def assert_refused_as_cancelled(client, data: dict) -> None:
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.generate(client, nobody_listening(), uid=USER, data=data)
+    assert (refused.value.code, refused.value.message) == ("failed-precondition", "Cancelled by the user"), data
 
 
 @pytest.mark.parametrize("door", ["runsync", "callable"])
@@ -679,19 +700,17 @@ def test_a_cancel_asked_of_a_running_job_wins_over_a_request_that_restates_it(fi
     """The ledger audit: a request restating a running job whose owner had asked to cancel it queued it again
     with the new parameters and charged their estimate (plus the stopped try), answered "accepted", and the job
     then ended cancelled all the same, charged for a run that never came. The cancel wins, as it wins over the
-    job's completion: the job keeps running to its next step, unchanged and charged as before, and the request
-    is answered as the job will end."""
-    key, charged = running_with_a_cancel_asked(firestore_client, f"cancel-then-{door}")
-    bigger = {"prompt": "a red car", "file_uid": key.file_uid, "width": 1024, "height": 1024, "seed": 7}
-    for data in (bigger, {"prompt": "a red car", "file_uid": key.file_uid}):  # restated, or as it stands
+    job's completion: the job keeps running to its next step, unchanged and charged as before. Runsync answers
+    accepted (its worker updates the doc: the contract's function then writes nothing, and the run's `Cancelled`
+    lands); the callable, as the job will end."""
+    job, charged = running_with_a_cancel_asked(firestore_client, f"cancel-then-{door}")
+    key = job.key
+    for data in restating_requests(firestore_client, key):
         if door == "runsync":
-            handler = RunsyncHandler(WorkerJobs(firestore_client, worker_id="w-api"), submit=None)
-            answer = handler.handle({**data, "user_id": USER, "use_cloud_storage": True})
-            assert answer == {"error": "Cancelled by the user", "status": "failed"}, data
+            answer = runsync_answer(firestore_client, data)
+            assert (answer["status"], answer["file_uid"]) == ("accepted", key.file_uid), data
         else:
-            with pytest.raises(dispatch.CallError) as refused:
-                dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data)
-            assert (refused.value.code, refused.value.message) == ("failed-precondition", "Cancelled by the user")
+            assert_refused_as_cancelled(firestore_client, data)
     after = doc(firestore_client, key)
     assert (after["status"], after["worker_id"], after.get("width"), after["cost"]) == (
         "processing",
@@ -701,19 +720,77 @@ def test_a_cancel_asked_of_a_running_job_wins_over_a_request_that_restates_it(fi
     )
     assert "restated" not in after and "dispatch_count" not in after
     assert usage(firestore_client)["spent_today"] == pytest.approx(charged) and counts(firestore_client) == (1, 1)
+    # The run reaches its next step: its Cancelled lands, under the claim the requests left alone.
+    assert WorkerJobs(firestore_client, worker_id="w-busy").fail(
+        job, GenerationError("Cancelled", "Cancelled by the user")
+    )
+    ended = doc(firestore_client, key)
+    assert (ended["status"], ended["error_type"], ended["error_message"]) == (
+        "failed",
+        "Cancelled",
+        "Cancelled by the user",
+    )
+    assert "failed_at" in ended and "expire_at" in ended
+    assert counts(firestore_client) == (0, 0) and usage(firestore_client)["spent_today"] == pytest.approx(charged)
 
 
-def test_a_queued_job_with_a_cancel_asked_ends_cancelled_at_its_restatement(firestore_client):
+@pytest.mark.parametrize("door", ["runsync", "callable"])
+def test_a_queued_job_with_a_cancel_asked_ends_cancelled_at_its_restatement(firestore_client, door):
     """Before any worker's listener failed it: the request ends it cancelled there and then, refunded (it never
-    ran), rather than queueing it with its new parameters."""
-    key = write_client_doc(firestore_client, "queued-cancel")
-    JobStore(firestore_client).ensure_queued(request("queued-cancel"))
+    ran), rather than queueing it with its new parameters; both doors answer so, and again after."""
+    key = write_client_doc(firestore_client, f"queued-cancel-{door}")
+    JobStore(firestore_client).ensure_queued(request(key.file_uid))
     assert usage(firestore_client)["spent_today"] > 0
     firestore_client.document(key.path).update({"cancel_requested": True})
-    outcome = JobStore(firestore_client).ensure_queued(request("queued-cancel", width=1024, height=1024))
-    after = outcome.after
-    assert (after["status"], after["error_type"], after.get("width")) == ("failed", "Cancelled", None)
+    for data in restating_requests(firestore_client, key):
+        if door == "runsync":
+            assert runsync_answer(firestore_client, data) == {"error": "Cancelled by the user", "status": "failed"}
+        else:
+            assert_refused_as_cancelled(firestore_client, data)
+        after = doc(firestore_client, key)
+        assert (after["status"], after["error_type"], after.get("width")) == ("failed", "Cancelled", None), data
+        assert usage(firestore_client)["spent_today"] == 0 and counts(firestore_client) == (0, 0)
+
+
+def test_the_functions_dispatch_arriving_after_a_cancel_is_a_wake_up_and_the_job_ends_cancelled(firestore_client):
+    """The callable's dispatch reaches runsync after the owner asked to cancel the queued job: answered accepted
+    (the functions take a failed answer for a dispatch that failed), the job as its doc says; a claim then ends it
+    cancelled, refunded."""
+    runpod = StubRunPod([ACCEPTED])
+    try:
+        data = {"prompt": "a red car", "file_uid": "dispatch-after-cancel"}
+        assert dispatch.generate(firestore_client, runpod.client(), uid=USER, data=data)["status"] == "accepted"
+        sent = runpod.requests[0][1]["input"]
+    finally:
+        runpod.close()
+    key = JobKey(USER, "images", "dispatch-after-cancel")
+    firestore_client.document(key.path).update({"cancel_requested": True})
+    woken: list[JobKey] = []
+    handler = RunsyncHandler(WorkerJobs(firestore_client, worker_id="w-api"), submit=lambda key, *_: woken.append(key))
+    assert handler.handle(sent)["status"] == "accepted"
+    assert doc(firestore_client, key)["status"] == "queued" and woken == [key]
+    assert WorkerJobs(firestore_client, worker_id="w-1").claim(key) is None
+    after = doc(firestore_client, key)
+    assert (after["status"], after["error_type"]) == ("failed", "Cancelled")
     assert usage(firestore_client)["spent_today"] == 0 and counts(firestore_client) == (0, 0)
+
+
+def test_a_released_job_restated_past_the_daily_budget_is_told_to_come_back_as_a_new_job(firestore_client):
+    """A release gives the try back to `attempts` but the job ran on a GPU until it (`releases`): it keeps its
+    answer, so its refusal says to come back under a new file_uid, and its file_uid answers so for good."""
+    key = write_client_doc(firestore_client, "released-then-over")
+    limits = Limits(daily_budget=quota.estimate(request("x")) * 3.5)
+    JobStore(firestore_client, limits=limits).ensure_queued(request("released-then-over"))
+    JobStore(firestore_client, limits=limits).ensure_queued(request("another"))
+    worker = WorkerJobs(firestore_client, worker_id="w-1", limits=limits)
+    job = worker.claim(key)
+    assert job is not None and worker.release(job)["status"] == "queued"
+    assert doc(firestore_client, key)["attempts"] == 0  # the try given back: only `releases` says it ran
+    bigger = request("released-then-over", width=1024, height=1024, num_inference_steps=35)
+    after = JobStore(firestore_client, limits=limits).ensure_queued(bigger).after
+    assert (after["error_type"], after["error_message"].endswith(RAN_BEFORE)) == ("QuotaExceeded", True), after
+    again = JobStore(firestore_client, limits=Limits()).ensure_queued(request("released-then-over")).after
+    assert (again["status"], again["error_message"]) == ("failed", after["error_message"])
 
 
 def test_the_callable_restates_the_clients_placeholder_doc(firestore_client):
