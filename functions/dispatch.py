@@ -452,7 +452,8 @@ def dispatch_created(
     Returns what happened: "skipped" (not a queued job, or already dispatched: the callable did, a worker's
     runsync handler wrote it, or this is a repeated delivery of the same event), "invalid" (the doc breaks the
     contract: failed here, no worker woken), "refused" (past the user's limits: failed `QuotaExceeded`, no
-    worker woken), or the verdict's outcome.
+    worker woken), "cancelled" (its owner's flag came first: failed `Cancelled`, no worker woken), or the
+    verdict's outcome.
     """
     if media_type not in MEDIA_TYPES:
         return "skipped"
@@ -467,14 +468,16 @@ def dispatch_created(
             # Created by a request (firegen_core.jobs.queued_document; clients cannot write the marker): by the
             # callable, which dispatches it, or by a worker's runsync handler, which is running it.
             return None
-        return _markers(doc, BY_TRIGGER, stated_request(key, doc))
+        # Its owner's cancel (the doc's flag, within the grace, where no worker may be up to hear it): ended here
+        # rather than dispatched, which would wake a GPU worker for it.
+        return lifecycle.drop_cancelled(doc) or _markers(doc, BY_TRIGGER, stated_request(key, doc))
 
     store = _store(db, limits)
     outcome = store.transition(key, decide, admit=True)
     if not outcome.applied:
         return "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
-        return "refused"
+        return "cancelled" if outcome.written.get("error_type") == CANCELLED else "refused"
     try:
         request = parse_document(user_id, media_type, file_uid, outcome.before)
     except ContractError as exc:
@@ -536,7 +539,8 @@ def redispatch_stale(
     limits: Limits = Limits(),
 ) -> Counter:
     """The scheduled sweep. Returns counts: redispatched, failed, waiting (dispatched enough, in a live worker's
-    backlog: left queued), skipped, invalid, and each verdict outcome."""
+    backlog: left queued), cancelled (queued with its owner's cancel flag: ended, not dispatched), skipped,
+    invalid, and each verdict outcome."""
     now = now or datetime.now(UTC)
     cutoff = now - policy.redispatch_after
     counts: Counter = Counter()
@@ -565,6 +569,8 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
         nonlocal waiting
         if not _stale(doc, now, policy):
             return None
+        if (ended := lifecycle.drop_cancelled(doc)) is not None:  # as the trigger's: no worker woken for it
+            return ended
         count = int(quota.number(doc, DISPATCH_COUNT))
         if count >= policy.max_dispatches:
             waiting = alive  # in a live worker's backlog: it waits its turn
@@ -577,7 +583,7 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
     if not outcome.applied:
         return "waiting" if waiting else "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
-        return "failed"
+        return "cancelled" if outcome.written.get("error_type") == CANCELLED else "failed"
     try:
         request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
     except ContractError as exc:

@@ -1082,6 +1082,35 @@ def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(fi
     assert runpod.requests == []
 
 
+def test_trigger_and_schedule_end_a_queued_doc_cancelled_by_its_flag_without_waking_a_worker(firestore_client, stub):
+    """The web app's Cancel on a doc it just wrote (no callable): within the grace no worker may be up to hear
+    the flag, and a dispatch would wake a GPU worker for a job nobody wants. Refunded: it never ran."""
+    path = "generations/u-cx/images/{}"
+    firestore_client.document(path.format("c-trigger")).set(client_doc(cancel_requested=True))
+    old = datetime.now(UTC) - timedelta(hours=1)
+    stale = {**client_doc(width=256), "created_at": old, "dispatch_count": 1, "dispatched_at": old}
+    firestore_client.document(path.format("c-swept")).set({**stale, "cancel_requested": True})
+    runpod = stub(ACCEPTED)
+    outcome = dispatch.dispatch_created(
+        firestore_client, runpod.client(), user_id="u-cx", media_type="images", file_uid="c-trigger"
+    )
+    policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
+    assert (outcome, dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == (
+        "cancelled",
+        Counter(cancelled=1),
+    )
+    assert runpod.requests == []
+    for name in ("c-trigger", "c-swept"):
+        doc = firestore_client.document(path.format(name)).get().to_dict()
+        assert (doc["status"], doc["error_type"], doc["error_message"]) == (
+            "failed",
+            "Cancelled",
+            "Cancelled by the user",
+        ), name
+    usage = firestore_client.document("usage/u-cx").get().to_dict() or {}
+    assert (usage.get("pending", 0), usage.get("running", 0), usage.get("spent_today", 0)) == (0, 0, 0)
+
+
 def test_trigger_sends_num_frames_for_a_video_doc_with_defaults_only(firestore_client, stub):
     firestore_client.document("generations/u-v/videos/v-1").set(client_doc())
     runpod = stub(ACCEPTED)
