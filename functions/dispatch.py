@@ -406,8 +406,7 @@ def generate(
     doc = outcome.after
     if doc.get("status") == lifecycle.FAILED:
         # Refused just now for the user's limits, or failed before (a retried call): report it.
-        code = CALL_ERROR_CODES.get(doc.get("error_type"), "failed-precondition")
-        raise CallError(code, doc.get("error_message") or "Generation failed")
+        raise _failed_call(doc)
     if lifecycle.being_cancelled(doc):  # its worker ends it at its next step: answered as it will end
         raise CallError("failed-precondition", CANCELLED_MESSAGE)
     changes = restatement(doc, request)
@@ -423,12 +422,22 @@ def generate(
     if verdict.outcome == runpod_client.ACCEPTED:
         return _reply(key, STARTED_MESSAGE, "accepted")
     if verdict.outcome == runpod_client.REJECTED:
+        if now and now.get("status") == lifecycle.FAILED and now.get("error_type") != VALIDATION_ERROR:
+            # The job ended before its dispatch arrived (its owner's cancel, a timeout): the worker's "failed"
+            # answer says so, and the call answers as the job ended, not "fix parameters and retry".
+            raise _failed_call(now)
         raise CallError("invalid-argument", verdict.message)
     if now and now.get("status") in (lifecycle.PROCESSING, lifecycle.COMPLETED):  # a warm worker took it meanwhile
         return _reply(key, STARTED_MESSAGE, "accepted")
     if verdict.outcome == runpod_client.QUEUED:
         return _reply(key, QUEUED_MESSAGE, "queued")
     return _reply(key, PENDING_MESSAGE, "queued")
+
+
+def _failed_call(doc: Mapping[str, Any]) -> CallError:
+    """The callable's answer for a job that ended failed: its recorded error, coded by its kind."""
+    code = CALL_ERROR_CODES.get(doc.get("error_type"), "failed-precondition")
+    return CallError(code, doc.get("error_message") or "Generation failed")
 
 
 # ------------------------------------------------------------------------------------------------ trigger

@@ -945,6 +945,30 @@ def test_the_trigger_wakes_a_busy_real_worker_once(worker):
     assert worker.runsync_calls("trig-first") == 1
 
 
+def test_the_callable_answers_as_the_job_ended_when_it_ended_before_its_dispatch_arrived(worker):
+    """The owner's cancel lands while the callable's dispatch is on its way: the real worker answers it
+    failed, "Cancelled by the user", and the call says the same, `failed-precondition` (before: the worker's
+    failed answer read as a refusal of the parameters, `invalid-argument`: "fix parameters and retry")."""
+    from firegen_core.jobs import JobKey, JobStore
+
+    key = JobKey("u-late", "images", "late-cancel")
+    busy_video(worker, "late-cancel-busy")  # its listener could take the job first: the cancel would then wait
+
+    class CancelledOnTheWay(RunPodClient):
+        def _once(self, job_input, timeout):
+            JobStore(worker.db).cancel(key)
+            return super()._once(job_input, timeout)
+
+    runpod = CancelledOnTheWay(worker.process.runsync_url, API_KEY, **FAST)
+    with pytest.raises(dispatch.CallError) as raised:
+        dispatch.generate(worker.db, runpod, uid="u-late", data={"prompt": "a car", "file_uid": "late-cancel"})
+    assert (raised.value.code, raised.value.message) == ("failed-precondition", "Cancelled by the user")
+    refused = lambda: [e for e in worker.process.events("request_refused") if '"late-cancel"' in e]  # noqa: E731
+    assert emu.wait_until(refused, 10, 0.05) and '"Cancelled"' in refused()[0]  # the worker's answer, as it said
+    doc = worker.doc(key.path)
+    assert (doc["status"], doc["error_type"]) == ("failed", "Cancelled")
+
+
 def test_the_trigger_skips_a_doc_a_real_worker_already_took(worker):
     """The worker's listener comes first (an idle worker claims a client's doc at once): the trigger, delivered
     after, sends nothing, and the job runs once."""
