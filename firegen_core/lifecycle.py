@@ -170,6 +170,20 @@ def refused(doc: Doc | None) -> bool:
     return doc.get("error_type") == VALIDATION_ERROR and refunded
 
 
+RAN_BEFORE_REFUSAL = "a worker ran it before its request was refused, so send it as a new job (a new file_uid)"
+
+
+def recorded_error(doc: Doc) -> str:
+    """What a later request for a failed job is told: its recorded message. A job refused for its parameters
+    after a worker took it (its doc alone, before its request came) keeps that answer, as any job that ran (its
+    run stays charged): a fixed request under its file_uid is told to come as a new job, not the old refusal as
+    if it were this request's."""
+    message = doc.get("error_message") or "Generation failed"
+    if doc.get("error_type") == VALIDATION_ERROR and not refused(doc):
+        return f"{message}; {RAN_BEFORE_REFUSAL}"
+    return message
+
+
 def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, Any] | None = None) -> dict | None:
     """A live job's parameters changed by the request that states it (`contract.restatement`). A queued job just
     takes them; a running one is queued again with them, its try stopped (the fence ends it: its lease is gone,

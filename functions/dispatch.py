@@ -435,9 +435,11 @@ def generate(
 
 
 def _failed_call(doc: Mapping[str, Any]) -> CallError:
-    """The callable's answer for a job that ended failed: its recorded error, coded by its kind."""
+    """The callable's answer for a job that ended failed: its recorded error, coded by its kind (a refusal of
+    parameters that cannot come back under its file_uid is no refusal of this call's: failed-precondition)."""
+    message = lifecycle.recorded_error(doc)
     code = CALL_ERROR_CODES.get(doc.get("error_type"), "failed-precondition")
-    return CallError(code, doc.get("error_message") or "Generation failed")
+    return CallError(code if message == doc.get("error_message") else "failed-precondition", message)
 
 
 # ------------------------------------------------------------------------------------------------ trigger

@@ -19,7 +19,7 @@ from test_functions import ACCEPTED, StubRunPod, client_doc, dispatch, nobody_li
 from test_reconciler import LISTENING_SECONDS, StubGenerator, results  # noqa: F401  (results: the Storage fixture)
 
 from devtools import emulators as emu
-from firegen_core import quota
+from firegen_core import lifecycle, quota
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
 from firegen_core.jobs import RAN_BEFORE, ClaimedJob, JobKey, JobStore, WorkerJobs
@@ -623,6 +623,18 @@ def test_the_callables_refusal_fails_the_clients_doc_even_once_a_worker_took_it(
     )
     assert counts(firestore_client) == (0, 0)
     assert not WorkerJobs(firestore_client, worker_id="w-1").renew(job)  # the run is fenced off
+    # It ran (charged): the fixed request under its file_uid is told to come as a new job, through either door,
+    # not the old refusal as if it were its own (review: "width must be ..." answered a width of 512).
+    fixed = {**data, "width": 512}
+    told = f"width must be between 256 and 1024; {lifecycle.RAN_BEFORE_REFUSAL}"
+    with pytest.raises(dispatch.CallError) as again:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=fixed)
+    assert (again.value.code, again.value.message) == ("failed-precondition", told)
+    answer = RunsyncHandler(WorkerJobs(firestore_client, worker_id="w-api"), submit=None).handle(
+        {**fixed, "user_id": USER, "use_cloud_storage": True}
+    )
+    assert answer == {"error": told, "status": "failed"}
+    assert doc(firestore_client, key)["status"] == "failed" and counts(firestore_client) == (0, 0)
 
 
 def test_a_restatement_past_the_daily_budget_fails_the_job(firestore_client):
