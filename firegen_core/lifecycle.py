@@ -134,6 +134,8 @@ def claim(doc: Doc | None, now: datetime, *, worker_id: str, lease_seconds: floa
         "started_at": SERVER_TIMESTAMP,
         "modified": SERVER_TIMESTAMP,
         "progress": 0.0,
+        # It runs again, with its whole cost: no longer what a restatement stopped alone.
+        **({quota.STOPPED_COST: DELETE_FIELD} if quota.STOPPED_COST in doc else {}),
     }
 
 

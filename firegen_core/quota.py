@@ -32,6 +32,9 @@ USAGE_COLLECTION = "usage"
 ADMITTED = "quota_admitted"  # on a job doc: counted in its user's usage while pending
 COST = "cost"  # on a job doc: its estimated cost in GPU-seconds, charged at admission
 CHARGED_ON = "charged_on"  # on a job doc: the UTC day (YYYY-MM-DD) whose spend its admission charged
+# On a job doc its request restated: what its stopped tries used, within its cost, until a worker takes it again
+# (a job that ends before that is charged this alone: its new estimate never ran).
+STOPPED_COST = "stopped_cost"
 
 # --- the cost model: estimated GPU-seconds on an H100 (bf16), from the README's measured figures -----------
 # SDXL 1024x1024, 30 steps with CFG: 2.46 s per image. Cost grows with pixels x steps x images.
@@ -178,6 +181,9 @@ def _charged(doc: Mapping[str, Any] | None, today: str | None) -> float:
         return 0.0
     if today is not None and (charged_on(doc, today) != today or never_ran(doc)):
         return 0.0
+    stopped = doc.get(STOPPED_COST)
+    if doc.get("status") == "failed" and isinstance(stopped, int | float) and not isinstance(stopped, bool):
+        return float(number(doc, STOPPED_COST))  # ended before a worker took it again (a claim clears it)
     return float(number(doc, COST))
 
 
@@ -187,7 +193,9 @@ def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: 
     running one's try is stopped, and the GPU time it ran (since its `started_at`, at most its estimate) stays
     charged: restating a running job again and again cannot run it for free, each stopped try counts against
     the budget (the contract's function flow, where a worker took the doc a moment before its request came,
-    pays that moment). A job charged on an earlier day is charged today, anew: that day's spend is gone."""
+    pays that moment). A job charged on an earlier day is charged today, anew: that day's spend is gone. Until a
+    worker takes it again, `STOPPED_COST` says what of it the stopped tries used: all it is charged if it ends
+    first (cancelled while queued, given up)."""
     today = day_of(now)
     charged = float(number(before, COST)) if charged_on(before, today) == today else 0.0
     kept = max(charged - old_estimate, 0.0)  # earlier stopped tries
@@ -195,7 +203,7 @@ def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: 
         started = before.get("started_at")
         ran = (now - started).total_seconds() if isinstance(started, datetime) else old_estimate
         kept += min(max(ran, 0.0), old_estimate)
-    return {COST: round(kept + new_estimate, 3), CHARGED_ON: today}
+    return {COST: round(kept + new_estimate, 3), CHARGED_ON: today, STOPPED_COST: round(kept, 3)}
 
 
 def change(before: Mapping[str, Any] | None, update: Mapping[str, Any], now: datetime | None = None) -> Change:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import contract, errors, lifecycle
+from . import contract, errors, lifecycle, quota
 
 SCHEMA_VERSION = "https://json-schema.org/draft/2020-12/schema"
 TIMESTAMP_REF = {"$ref": "#/$defs/Timestamp"}
@@ -149,6 +149,8 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         "quota_admitted": {"type": "boolean"},
         "cost": number,
         "charged_on": {"type": "string", "format": "date"},
+        # Of `cost`, what tries a restatement stopped used, until a worker takes the job again.
+        quota.STOPPED_COST: number,
         "runpod_job_id": {"type": "string"},
         # Created by a request (runsync, the callable) with its parameters: never left to await them.
         contract.REQUESTED_AT: TIMESTAMP_REF,

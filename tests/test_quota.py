@@ -637,6 +637,32 @@ def test_the_callables_refusal_fails_the_clients_doc_even_once_a_worker_took_it(
     assert doc(firestore_client, key)["status"] == "failed" and counts(firestore_client) == (0, 0)
 
 
+@pytest.mark.parametrize("end", ["cancelled while queued", "run again"])
+def test_a_running_job_restated_then_ended_before_running_again_is_charged_its_stopped_try_alone(firestore_client, end):
+    """The review: restated with other parameters, a running job is charged its new estimate plus its stopped
+    try; cancelled before a worker took it again, it kept the whole new estimate, for a run that never came. It
+    keeps what its stopped try used (`stopped_cost`); run again, it is charged its whole cost."""
+    key = write_client_doc(firestore_client, f"restated-then-{end.split()[0]}")
+    worker = WorkerJobs(firestore_client, worker_id="w-old")
+    assert worker.claim(key) is not None
+    bigger = request(key.file_uid, width=1024, height=1024, num_images_per_prompt=2, seed=7)
+    JobStore(firestore_client).ensure_queued(bigger)
+    restated = doc(firestore_client, key)
+    stopped = restated["stopped_cost"]
+    assert restated["cost"] == pytest.approx(quota.estimate(bigger) + stopped, abs=1e-3) and stopped > 0
+    assert usage(firestore_client)["spent_today"] == pytest.approx(restated["cost"], abs=1e-3)
+    if end == "run again":
+        job = worker.claim(key)
+        assert job is not None and "stopped_cost" not in doc(firestore_client, key)
+        assert worker.fail(job, GenerationError("RuntimeError", "boom"))  # it ran: its whole cost stands
+        charged = restated["cost"]
+    else:
+        assert JobStore(firestore_client).cancel(key).after["error_type"] == "Cancelled"
+        charged = stopped
+    assert usage(firestore_client)["spent_today"] == pytest.approx(charged, abs=1e-3)
+    assert counts(firestore_client) == (0, 0)
+
+
 def test_a_restatement_past_the_daily_budget_fails_the_job(firestore_client):
     key = write_client_doc(firestore_client, "restated-over")
     limits = Limits(daily_budget=quota.estimate(request("x")) * 1.5)

@@ -122,6 +122,7 @@ export interface JobDoc {
   quota_admitted?: boolean;
   cost?: number;
   charged_on?: string;
+  stopped_cost?: number;
   runpod_job_id?: string;
   requested_at?: Timestamp;
   expire_at?: Timestamp;
