@@ -203,7 +203,8 @@ def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: 
         started = before.get("started_at")
         ran = (now - started).total_seconds() if isinstance(started, datetime) else old_estimate
         kept += min(max(ran, 0.0), old_estimate)
-    return {COST: round(kept + new_estimate, 3), CHARGED_ON: today, STOPPED_COST: round(kept, 3)}
+    stopped = {STOPPED_COST: round(kept, 3)} if before.get("status") == "processing" or STOPPED_COST in before else {}
+    return {COST: round(kept + new_estimate, 3), CHARGED_ON: today, **stopped}
 
 
 def change(before: Mapping[str, Any] | None, update: Mapping[str, Any], now: datetime | None = None) -> Change:

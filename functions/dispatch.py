@@ -422,7 +422,11 @@ def generate(
     if verdict.outcome == runpod_client.ACCEPTED:
         return _reply(key, STARTED_MESSAGE, "accepted")
     if verdict.outcome == runpod_client.REJECTED:
-        if now and now.get("status") == lifecycle.FAILED and now.get("error_type") != VALIDATION_ERROR:
+        if (
+            now
+            and now.get("status") == lifecycle.FAILED
+            and (now.get("error_type") != VALIDATION_ERROR or not lifecycle.refused(now))
+        ):
             # The job ended before its dispatch arrived (its owner's cancel, a timeout): the worker's "failed"
             # answer says so, and the call answers as the job ended, not "fix parameters and retry".
             raise _failed_call(now)
@@ -550,7 +554,7 @@ def redispatch_stale(
     limits: Limits = Limits(),
 ) -> Counter:
     """The scheduled sweep. Returns counts: redispatched, failed, waiting (dispatched enough, in a live worker's
-    backlog: left queued), cancelled (queued with its owner's cancel flag: ended, not dispatched), skipped,
+    backlog: left queued), cancelled (its owner's cancel flag on it: ended, not dispatched), skipped,
     invalid, and each verdict outcome."""
     now = now or datetime.now(UTC)
     cutoff = now - policy.redispatch_after
@@ -580,8 +584,8 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
         nonlocal waiting
         if not _stale(doc, now, policy):
             return None
-        if (ended := lifecycle.drop_cancelled(doc)) is not None:  # as the trigger's: no worker woken for it
-            return ended
+        if doc.get(lifecycle.CANCEL_REQUESTED):  # ended as a claim would end it: no worker woken for it
+            return lifecycle.cancelled(doc)
         count = int(quota.number(doc, DISPATCH_COUNT))
         if count >= policy.max_dispatches:
             waiting = alive  # in a live worker's backlog: it waits its turn

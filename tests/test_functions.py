@@ -1106,14 +1106,23 @@ def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(fi
     assert runpod.requests == []
 
 
-def test_trigger_and_schedule_end_a_queued_doc_cancelled_by_its_flag_without_waking_a_worker(firestore_client, stub):
+def test_trigger_and_schedule_end_a_doc_cancelled_by_its_flag_without_waking_a_worker(firestore_client, stub):
     """The web app's Cancel on a doc it just wrote (no callable): within the grace no worker may be up to hear
-    the flag, and a dispatch would wake a GPU worker for a job nobody wants. Refunded: it never ran."""
+    the flag, and a dispatch would wake a GPU worker for a job nobody wants. The sweep ends so a queued job, and
+    a running one whose worker is gone (as a claim would). Refunded where it never ran."""
+    from firegen_core.jobs import JobKey, JobStore
+
     path = "generations/u-cx/images/{}"
-    firestore_client.document(path.format("c-trigger")).set(client_doc(cancel_requested=True))
     old = datetime.now(UTC) - timedelta(hours=1)
     stale = {**client_doc(width=256), "created_at": old, "dispatch_count": 1, "dispatched_at": old}
-    firestore_client.document(path.format("c-swept")).set({**stale, "cancel_requested": True})
+    gone = {**stale, "status": "processing", "attempts": 1, "worker_id": "w-gone", "lease_expires_at": old}
+    for name, fields in (("c-trigger", client_doc()), ("c-swept", stale), ("c-gone", gone)):
+        firestore_client.document(path.format(name)).set(fields)
+        if name != "c-gone":
+            JobStore(firestore_client).admit(JobKey("u-cx", "images", name))  # charged: its refund is checked
+        firestore_client.document(path.format(name)).update({"cancel_requested": True})
+    spent = firestore_client.document("usage/u-cx").get().to_dict()["spent_today"]
+    assert spent > 0
     runpod = stub(ACCEPTED)
     outcome = dispatch.dispatch_created(
         firestore_client, runpod.client(), user_id="u-cx", media_type="images", file_uid="c-trigger"
@@ -1121,18 +1130,18 @@ def test_trigger_and_schedule_end_a_queued_doc_cancelled_by_its_flag_without_wak
     policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
     assert (outcome, dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == (
         "cancelled",
-        Counter(cancelled=1),
+        Counter(cancelled=2),
     )
     assert runpod.requests == []
-    for name in ("c-trigger", "c-swept"):
+    for name in ("c-trigger", "c-swept", "c-gone"):
         doc = firestore_client.document(path.format(name)).get().to_dict()
         assert (doc["status"], doc["error_type"], doc["error_message"]) == (
             "failed",
             "Cancelled",
             "Cancelled by the user",
         ), name
-    usage = firestore_client.document("usage/u-cx").get().to_dict() or {}
-    assert (usage.get("pending", 0), usage.get("running", 0), usage.get("spent_today", 0)) == (0, 0, 0)
+    usage = firestore_client.document("usage/u-cx").get().to_dict()
+    assert (usage["pending"], usage["running"], usage["spent_today"]) == (0, 0, 0)
 
 
 def test_trigger_sends_num_frames_for_a_video_doc_with_defaults_only(firestore_client, stub):

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from test_functions import ACCEPTED, StubRunPod, client_doc, dispatch, nobody_listening
+from test_functions import ACCEPTED, RunPodClient, StubRunPod, client_doc, dispatch, nobody_listening, runpod_client
 from test_reconciler import LISTENING_SECONDS, StubGenerator, results  # noqa: F401  (results: the Storage fixture)
 
 from devtools import emulators as emu
@@ -27,6 +27,8 @@ from firegen_core.quota import Limits, Usage
 from listener.handler import RunsyncHandler
 from listener.reconciler import Reconciler
 from listener.runner import JobRunner
+
+Verdict, REJECTED = runpod_client.Verdict, runpod_client.REJECTED
 
 USER = "u-quota"
 
@@ -661,6 +663,44 @@ def test_a_running_job_restated_then_ended_before_running_again_is_charged_its_s
         charged = stopped
     assert usage(firestore_client)["spent_today"] == pytest.approx(charged, abs=1e-3)
     assert counts(firestore_client) == (0, 0)
+
+
+def test_a_released_job_restated_then_cancelled_keeps_its_charge(firestore_client):
+    """The review: a release gives the try back (`attempts` 0) but the job ran until it; restated while queued
+    (no try stopped: `stopped_cost` is not written) and then cancelled, it kept no charge, where the same job
+    cancelled without the restatement keeps its estimate."""
+    key = write_client_doc(firestore_client, "released-restated")
+    JobStore(firestore_client).ensure_queued(request("released-restated"))
+    worker = WorkerJobs(firestore_client, worker_id="w-1")
+    job = worker.claim(key)
+    assert job is not None and worker.release(job)["status"] == "queued"
+    JobStore(firestore_client).ensure_queued(request("released-restated", width=1024, height=1024))
+    restated = doc(firestore_client, key)
+    assert "stopped_cost" not in restated
+    assert JobStore(firestore_client).cancel(key).after["error_type"] == "Cancelled"
+    assert usage(firestore_client)["spent_today"] == pytest.approx(restated["cost"], abs=1e-3)
+
+
+def test_the_callable_answers_a_refusal_that_cannot_come_back_as_no_refusal_of_its_own(firestore_client):
+    """The review's race: the callable dispatches the client's doc; before the dispatch arrives a worker takes
+    the doc and a bad call for its file_uid fails it. The worker answers the dispatch with the refusal and its
+    "send it as a new job" tail: the call says so, failed-precondition (it read as invalid-argument)."""
+    key = write_client_doc(firestore_client, "raced-refusal")
+    data = {"prompt": "a red car", "file_uid": "raced-refusal", "width": 512}
+
+    class RacedOnTheWay(RunPodClient):
+        def runsync(self, job_input):
+            assert WorkerJobs(firestore_client, worker_id="w-1").claim(key) is not None
+            with pytest.raises(dispatch.CallError):
+                dispatch.generate(firestore_client, nobody_listening(), uid=USER, data={**data, "width": 2000})
+            handler = RunsyncHandler(WorkerJobs(firestore_client, worker_id="w-api"), submit=None)
+            answer = handler.handle(dict(job_input), "rp-raced")
+            return Verdict(REJECTED, answer["error"], "rp-raced")
+
+    with pytest.raises(dispatch.CallError) as raised:
+        dispatch.generate(firestore_client, RacedOnTheWay("http://127.0.0.1:9/runsync", "k"), uid=USER, data=data)
+    told = f"width must be between 256 and 1024; {lifecycle.RAN_BEFORE_REFUSAL}"
+    assert (raised.value.code, raised.value.message) == ("failed-precondition", told)
 
 
 def test_a_restatement_past_the_daily_budget_fails_the_job(firestore_client):
