@@ -503,11 +503,15 @@ def test_a_focused_cancel_button_keeps_its_focus_through_progress_updates(open_p
         "() => document.getElementById('form-status').textContent.startsWith('Cancel requested')", timeout=30_000
     )
     assert ref.get().to_dict().get("cancel_requested") is True  # the worker fails it at its next step
+    # Until that step, the card says the cancel is under way (audit: it read "Processing 0%" for a minute).
+    status = app.job("held-for-keys").locator(".status")
+    status.filter(has_text="Cancelling…").wait_for(timeout=30_000)
     # Asked, the button refuses presses and keeps the focus; when the job ends and it goes, the card has it.
     app.page.wait_for_function("() => window.focusedCancel.getAttribute('aria-disabled') === 'true'", timeout=30_000)
     assert app.page.evaluate("document.activeElement === window.focusedCancel")
     ref.update({"status": "failed", "error": True, "error_type": "Cancelled", "error_message": "Cancelled"})
     assert app.wait_final("held-for-keys") == "failed"
+    assert status.inner_text() == "Cancelled"
     assert app.page.evaluate("document.activeElement.dataset.fileUid") == "held-for-keys"
     assert app.problems() == []
 
@@ -546,6 +550,32 @@ def test_a_cancel_on_a_job_that_finished_meanwhile_says_so_not_the_rules_text(op
     assert ref.get().to_dict().get("cancel_requested") is None
     # The 404 and the refused write (a 403) are what the browser logs.
     assert [p for p in app.problems() if "status of 40" not in p] == []
+
+
+def test_a_refusal_that_is_no_fault_of_the_forms_values_marks_no_field(open_page):
+    """Audit: generateWithRunPod's failed-precondition for a job that cannot come back under its id (its message
+    starts with the field its old request broke) marked Width invalid while it held a valid value. Only a refusal
+    of the request's values (invalid-argument) names a field to fix. The answer is made here (a route): the race
+    that yields it for a page's request needs a worker to take a doc between two calls."""
+    app = open_page()
+    told = "width must be between 256 and 1024; a worker ran it before its request was refused, so send it as a new job"
+    body = json.dumps({"error": {"status": "FAILED_PRECONDITION", "message": told}})
+    app.page.route("**/generateWithRunPod", lambda route: route.fulfill(status=400, body=body))
+    app.fill(Prompt="no field to blame", Width="512")
+    app.page.get_by_role("button", name="Generate").click()
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+    assert app.page.get_by_role("alert").inner_text() == told
+    assert app.page.locator("[aria-invalid=true]").count() == 0
+    # The same message as a refusal of the values marks the field it names.
+    body = json.dumps({"error": {"status": "INVALID_ARGUMENT", "message": "width must be between 256 and 1024"}})
+    app.page.unroute("**/generateWithRunPod")
+    app.page.route("**/generateWithRunPod", lambda route: route.fulfill(status=400, body=body))
+    app.page.wait_for_function("() => !document.getElementById('submit').hasAttribute('aria-disabled')")
+    app.page.evaluate("document.getElementById('form-error').textContent = ''")
+    app.page.get_by_role("button", name="Generate").click()
+    app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+    assert app.page.get_by_label("Width", exact=True).get_attribute("aria-invalid") == "true"
+    assert [p for p in app.problems() if "status of 400" not in p] == []
 
 
 def test_text_a_number_field_cannot_read_is_refused_in_both_flows(open_page, stack):

@@ -383,7 +383,9 @@ function update(li: HTMLLIElement, job: Job): void {
   prompt.textContent = clip(text, PROMPT_SHOWN);
   prompt.title = prompt.textContent === text ? "" : text;
   li.dataset.phase = phase(doc);
-  li.querySelector(".status")!.textContent = li.dataset.phase;
+  // A cancel asked of a live job: it ends at its worker's next step, which on a slow card may be a while (audit:
+  // "Processing 0%" for a minute after Cancel, nothing on the card said so).
+  li.querySelector(".status")!.textContent = !final && doc.cancel_requested ? "cancelling…" : li.dataset.phase;
   const kind = kindOf(job).toLowerCase();
   const bar = li.querySelector("progress")!;
   bar.value = progress;

@@ -390,7 +390,9 @@ async function main(): Promise<void> {
       // The callable's refusal carries its own message: the user's limits (resource-exhausted), or, were the page's
       // check and the contract's ever to differ, the contract's message, which marks its field.
       const text = isCode(error, "permission-denied") && via === "document" ? RULES_REFUSED : callableMessage(error);
-      fail(text, mark);
+      // Only a refusal of the request's values names a field to fix: a job that cannot come back under its id
+      // (failed-precondition: "…so send it as a new job") names one the form holds right (audit: Width marked).
+      fail(text, mark && isCode(error, "invalid-argument", "functions/invalid-argument"));
       return text;
     } finally {
       clearTimeout(slow);
