@@ -114,6 +114,19 @@ class Page:
         for label, value in fields.items():
             self.page.get_by_label(label.replace("_", " "), exact=True).fill(value)
 
+    def cards(self) -> list[str]:
+        return self.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)")
+
+    def new_card(self, known: list[str]) -> str:
+        """The file uid of the one card that is not among `known` (the form's lines name a job by its prompt)."""
+        self.page.wait_for_function(
+            "known => [...document.querySelectorAll('.job')].some(e => !known.includes(e.dataset.fileUid))",
+            arg=known,
+            timeout=30_000,
+        )
+        [new] = [uid for uid in self.cards() if uid not in known]
+        return new
+
     def generate(self) -> str:
         """Press Generate from the keyboard; the new job's file uid (the first card that was not there before)."""
         before = set(self.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)"))
@@ -240,7 +253,7 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
         "a lighthouse at dusk" in text and re.search(r"Seed\s+\d+", text) and re.search(r"Generation\s+[\d.]+ s", text)
     )
     assert card.get_attribute("data-status") == "completed" and "Cancel" not in text
-    # "Generation started (…)" is old news once the job ended and the line was up a while (audit)
+    # "Generation started: image “…”" is old news once the job ended and the line was up a while (audit)
     app.page.wait_for_function("() => document.getElementById('form-status').textContent === ''", timeout=15_000)
     app.shot("image")
     assert app.problems() == []
@@ -1062,7 +1075,8 @@ def test_the_keyboard_alone_fills_submits_opens_and_cancels(open_page, stack):
     _tab_to(app, "e => e.classList.contains('cancel')", most=3)
     app.page.keyboard.press("Space")
     app.page.wait_for_function(
-        "() => document.getElementById('form-status').textContent === 'Cancel requested for to-cancel'", timeout=30_000
+        "() => document.getElementById('form-status').textContent === 'Cancel requested for video “a job to cancel”'",
+        timeout=30_000,
     )
     assert firestore_client(stack).document(f"generations/{app.uid}/videos/to-cancel").get().get("cancel_requested")
     assert app.problems() == []
@@ -1077,7 +1091,7 @@ def test_a_cancel_whose_call_fails_after_its_job_ended_says_the_job_ended(open_p
     app.page.route("**/cancelGeneration", lambda route: held.append(route))  # the call hangs
     app.job("held-flaky").get_by_role("button", name="Cancel video “held-flaky”").click()
     app.page.wait_for_function(
-        "() => document.getElementById('form-status').textContent === 'Cancelling held-flaky…'", timeout=10_000
+        "() => document.getElementById('form-status').textContent === 'Cancelling video “held-flaky”…'", timeout=10_000
     )
     ref.update({"status": "completed", "generated": True, "progress": 1.0})
     assert app.wait_final("held-flaky") == "completed"
@@ -1260,11 +1274,13 @@ def test_try_again_sends_a_cancelled_jobs_request_as_a_new_job_once(open_page, s
     _ended_image(stack, app.uid, "ran-out", error_type="OutOfMemoryError", error_message="CUDA OOM", **params)
     app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
     app.job("ran-out").wait_for(timeout=30_000)
+    known = app.cards()
     app.job("ran-out").get_by_role("button", name="Try again image “a cancelled kite”").click()
     app.page.wait_for_function(
-        "() => document.getElementById('form-status').textContent.endsWith('queued')", timeout=30_000
+        "() => document.getElementById('form-status').textContent === 'Image “a cancelled kite” queued'",
+        timeout=30_000,
     )
-    queued = app.page.locator("#form-status").inner_text().split()[1]
+    queued = app.new_card(known)
     doc = db.document(f"generations/{app.uid}/images/{queued}").get().to_dict()
     assert {key: doc.get(key) for key in params} == params
     assert app.wait_final(queued) == "completed", app.job(queued).inner_text()
@@ -1641,11 +1657,13 @@ def test_edit_as_new_and_try_again_read_a_client_docs_camel_case_fields(open_pag
     }
     assert (values["num_frames"], values["fps"]) == ("24", "6")
     app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
+    known = app.cards()
     app.job("camel").get_by_role("button", name="Try again video “a camel case video”").click()
     app.page.wait_for_function(
-        "() => document.getElementById('form-status').textContent.endsWith('queued')", timeout=30_000
+        "() => document.getElementById('form-status').textContent === 'Video “a camel case video” queued'",
+        timeout=30_000,
     )
-    queued = app.page.locator("#form-status").inner_text().split()[1]
+    queued = app.new_card(known)
     doc = firestore_client(stack).document(f"generations/{app.uid}/videos/{queued}").get().to_dict()
     fields = ("negative_prompt", "num_frames", "fps", "video_width", "video_height", "num_inference_steps")
     assert {key: doc.get(key) for key in fields} == {

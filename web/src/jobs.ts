@@ -37,7 +37,12 @@ function refusedForInput(doc: JobDoc): boolean {
 
 /** The job's kind and prompt, as its controls are named: `video “waves on a beach”`. */
 export function named(job: Job): string {
-  return `${kindOf(job).toLowerCase()} ${quoted(job.doc)}`;
+  return nameFor(job.media, job.doc.prompt);
+}
+
+/** A job as the page names it before its card exists (the form's line about a request it sent). */
+export function nameFor(media: MediaType, prompt: string | undefined): string {
+  return `${media === "videos" ? "video" : "image"} ${quoted({ prompt })}`;
 }
 
 const MEDIA: MediaType[] = ["images", "videos"];
@@ -247,12 +252,12 @@ function kindOf(job: Job): string {
 }
 
 /** The prompt, clipped, in quotes: what names a job to a screen reader (its id is a UUID, no name to hear). */
-function quoted(doc: JobDoc): string {
+function quoted(doc: Pick<JobDoc, "prompt">): string {
   return `“${clip(promptOf(doc), NAME_CHARS)}”`;
 }
 
 /** A refused request's doc may hold a blank prompt (refused for it: "prompt is required"), or none. */
-function promptOf(doc: JobDoc): string {
+function promptOf(doc: Pick<JobDoc, "prompt">): string {
   return doc.prompt?.trim() ? doc.prompt : "(no prompt recorded)";
 }
 

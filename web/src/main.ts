@@ -10,7 +10,7 @@ import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
 import { Dismissed } from "./dismissed";
 import { applyRanges, fillForm, markInvalid, mediaType, readRequest, requestOf } from "./form";
-import { dismissable, keyOf, listenToJobs, named as nameOf, QUIET_MS, renderJobs, type Job } from "./jobs";
+import { dismissable, keyOf, listenToJobs, nameFor, named as nameOf, QUIET_MS, renderJobs, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
 /** The callable's reply (functions/dispatch.py `generate`). */
@@ -176,7 +176,7 @@ async function main(): Promise<void> {
     // deployed, and the doc's write would wait unseen (audit: "Cancelling…" for a minute, the button refusing
     // presses).
     if (!navigator.onLine || cached) return fail(NO_ANSWER);
-    say(`Cancelling ${job.id}…`);
+    say(`Cancelling ${nameOf(job)}…`);
     name(job.id); // the line goes when the job ends, whatever the call comes to
     try {
       if (!functions) throw Object.assign(new Error("no functions"), { code: "functions/not-found" });
@@ -187,7 +187,7 @@ async function main(): Promise<void> {
       // audit saw "Could not reach the server" beside a Completed card).
       const end = listed.find((listedJob) => listedJob.id === job.id && ended(job.id));
       if (end && end.doc.error_type !== "Cancelled") return fail(`Generation already ${end.doc.status}: nothing to cancel`);
-      if (end) return say(`Cancel requested for ${job.id}`);
+      if (end) return say(`Cancel requested for ${nameOf(job)}`);
       // Where cancelGeneration is not deployed the call fails as not-found, or as internal when the 404 carries
       // no CORS headers (the emulator's does not).
       if (!isCode(error, "functions/not-found", "functions/unimplemented", "functions/internal")) {
@@ -206,7 +206,7 @@ async function main(): Promise<void> {
         return fail(finished ? `Generation already ${status}: nothing to cancel` : CANCEL_REFUSED);
       }
     }
-    say(`Cancel requested for ${job.id}`);
+    say(`Cancel requested for ${nameOf(job)}`);
     name(job.id);
     settle();
   };
@@ -376,12 +376,12 @@ async function main(): Promise<void> {
     try {
       if (via === "document") {
         await writeJob(request, media);
-        say(`Job ${request.file_uid} queued`);
+        say(`${capital(nameFor(media, request.prompt))} queued`);
         name(request.file_uid);
         settle();
       } else {
         const reply = await httpsCallable<GenerationRequest, GenerateReply>(functions!, "generateWithRunPod")(request);
-        say(`${reply.data.message} (${reply.data.fileUid})`);
+        say(`${reply.data.message}: ${nameFor(media, request.prompt)}`);
         name(reply.data.fileUid);
         settle();
       }
