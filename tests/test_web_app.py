@@ -253,7 +253,7 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
         "a lighthouse at dusk" in text and re.search(r"Seed\s+\d+", text) and re.search(r"Generation\s+[\d.]+ s", text)
     )
     assert card.get_attribute("data-status") == "completed" and "Cancel" not in text
-    # "Generation started: image “…”" is old news once the job ended and the line was up a while (audit)
+    # "Generation started (image “…”)" is old news once the job ended and the line was up a while (audit)
     app.page.wait_for_function("() => document.getElementById('form-status').textContent === ''", timeout=15_000)
     app.shot("image")
     assert app.problems() == []
@@ -511,9 +511,15 @@ def test_a_focused_cancel_button_keeps_its_focus_through_progress_updates(open_p
             timeout=30_000,
         )
     assert app.page.evaluate("document.activeElement === window.focusedCancel && window.focusedCancel.isConnected")
+    # Restated meanwhile (a request for its file_uid with another prompt): the lines name it as it now stands.
+    ref.update({"prompt": "held, restated"})
+    app.page.wait_for_function(
+        "() => window.focusedCancel.getAttribute('aria-label') === 'Cancel video “held, restated”'", timeout=30_000
+    )
     app.page.keyboard.press("Enter")
     app.page.wait_for_function(
-        "() => document.getElementById('form-status').textContent.startsWith('Cancel requested')", timeout=30_000
+        "() => document.getElementById('form-status').textContent === 'Cancel requested for video “held, restated”'",
+        timeout=30_000,
     )
     assert ref.get().to_dict().get("cancel_requested") is True  # the worker fails it at its next step
     # Until that step, the card says the cancel is under way (audit: it read "Processing 0%" for a minute).

@@ -331,13 +331,14 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   const kind = kindOf(job);
   // Their accessible names (the job's kind and prompt) are set by update(), as the prompt may arrive later.
   const bar = el("progress", { max: 1, value: 0 });
+  // Each button acts on the job as last listed (its prompt, which the lines name it by, may have changed since).
+  const latest = () => shown.get(li) ?? job;
   const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel" });
-  // Only its id and media are read, which never change. Once asked, the button refuses presses (`refusing`).
-  cancel.addEventListener("click", () => refusing(cancel) || handlers.cancel(job));
+  // Once asked, the button refuses presses (`refusing`).
+  cancel.addEventListener("click", () => refusing(cancel) || handlers.cancel(latest()));
   // An ended job's buttons (update() shows those its state allows). What a try again met is said beside it too:
   // the form's line, where the page says it aloud, may be far above the card.
   const note = el("p", { className: "note" });
-  const latest = () => shown.get(li) ?? job;
   const retry = el("button", { type: "button", className: "retry", textContent: "Try again" });
   retry.addEventListener("click", async () => {
     if (refusing(retry)) return;
@@ -398,7 +399,7 @@ function update(li: HTMLLIElement, job: Job): void {
   // At 100% the worker still encodes and uploads the result (the job is not completed yet, and can be cancelled).
   const finishing = doc.status === "processing" && progress >= 1;
   const percent = li.querySelector<HTMLElement>(".percent")!;
-  percent.textContent = `${Math.round(progress * 100)}%${finishing ? ", finishing…" : ""}`;
+  percent.textContent = `${Math.round(progress * 100)}%${finishing && !doc.cancel_requested ? ", finishing…" : ""}`;
   // An ended job's status says it all: a failed job's empty bar and 0% only read as a job stuck at the start.
   bar.hidden = percent.hidden = final;
   // Hidden, not removed, once the job ends: a job refused for its user's limits and sent again runs once more.

@@ -381,7 +381,7 @@ async function main(): Promise<void> {
         settle();
       } else {
         const reply = await httpsCallable<GenerationRequest, GenerateReply>(functions!, "generateWithRunPod")(request);
-        say(`${reply.data.message}: ${nameFor(media, request.prompt)}`);
+        say(`${reply.data.message} (${nameFor(media, request.prompt)})`);
         name(reply.data.fileUid);
         settle();
       }
