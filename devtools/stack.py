@@ -151,7 +151,8 @@ def function_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]
         if raw:
             values[name] = str(int(raw))
     enforce = (environ.get("ENFORCE_APP_CHECK") or "").strip().lower()
-    if enforce and enforce not in ("on", "off"):
+    # The words functions/main.py's enforce_app_check() takes (a review: make dev refused its `true`).
+    if enforce and enforce not in ("on", "off", "1", "0", "true", "false", "yes", "no"):
         raise ValueError(f"ENFORCE_APP_CHECK must be on or off (got {enforce!r}): the functions read it")
     if enforce:
         values["ENFORCE_APP_CHECK"] = enforce

@@ -160,8 +160,8 @@ def check_id(name: str, value: Any) -> str:
         raise invalid(f"{name} must be at most {MAX_ID_CHARS} characters")
     if not _ID_PATTERN.fullmatch(value) or _RESERVED_ID.fullmatch(value):
         raise invalid(
-            f"{name} may contain only letters, digits and - _ . : @ + = ~, must not start with '.' "
-            "and must not look like __name__"
+            f"{name} may contain only letters, digits and - _ . : @ + = ~, must start with a letter, a digit, "
+            "- or _ and must not look like __name__"
         )
     return value
 

@@ -1,5 +1,6 @@
 """The last guard of the logs, shared by the worker and the functions: what looks like a credential in a line (a
-signed URL's signature, a download token, a bearer token, an OAuth token in JSON text, a private key) is replaced
+signed URL's signature, a download token, an API key parameter, a bearer token, an OAuth token in JSON text or
+bare, a JWT, a RunPod API key, a private key) is replaced
 by `<redacted>` before it is written. Nothing should pass a secret to a log call; this is for what slips through."""
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from typing import Any
 _TOKEN_NAMES = r"access_token|refresh_token|id_token|client_secret"
 _SECRETS = re.compile(
     # A URL's or a form's parameter, also percent-encoded (a URL inside another URL's query: its value ends at %26).
-    r"(?P<keep>(?:(?:[?&]|%3F|%26)(?:X-Goog-Signature|X-Goog-Credential|Signature|token|key|" + _TOKEN_NAMES + r")"
+    r"(?P<keep>(?:(?:[?&]|%3F|%26)(?:X-Goog-Signature|X-Goog-Credential|Signature|token|[\w-]*key|"
+    + _TOKEN_NAMES
+    + r")"
     r"(?:=|%3D))"
     r"|(?:(?-i:Bearer)[ \t]+)"
     # An OAuth token in JSON text (a token endpoint's answer quoted in an error), also with its quotes escaped.
     r"|(?:\\?[\"'](?:" + _TOKEN_NAMES + r")\\?[\"']\s*:\s*\\?[\"']))(?:(?!%26)[^&\s\"'\\])+"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
+    # Bare: a JWT (a Firebase ID token, an App Check token), a Google OAuth access token, a RunPod API key.
+    r"|\beyJ[\w-]{4,}\.eyJ[\w-]{4,}\.[\w-]*|\b(?-i:ya29\.)[\w.-]+|\b(?-i:rpa_)[A-Za-z0-9]{16,}",
     re.IGNORECASE | re.DOTALL,
 )
 # Deeper than this, a value is written as its redacted text (a value that holds itself would recurse for ever).

@@ -65,6 +65,8 @@ def set_attention_backend(model, backend: str) -> None:
 def parse_video_cache(mode: str | None, threshold: str | None) -> float | None:
     """FIREGEN_VIDEO_CACHE and FIREGEN_VIDEO_CACHE_THRESHOLD: the First Block Cache threshold, or None (off)."""
     mode = (mode or "off").strip().lower()
+    if mode in ("0", "false", "no"):  # the words every on/off setting takes for off
+        mode = "off"
     if mode not in VIDEO_CACHE_MODES:
         raise ValueError(f"FIREGEN_VIDEO_CACHE must be one of {', '.join(VIDEO_CACHE_MODES)} (got {mode!r})")
     try:  # checked with the cache off too: a wrong value is said at start-up, not when the cache is turned on
@@ -72,7 +74,9 @@ def parse_video_cache(mode: str | None, threshold: str | None) -> float | None:
     except ValueError:
         value = -1.0
     if not 0 < value < 1:
-        raise ValueError(f"FIREGEN_VIDEO_CACHE_THRESHOLD must be a number between 0 and 1 (got {threshold!r})")
+        raise ValueError(
+            f"FIREGEN_VIDEO_CACHE_THRESHOLD must be a number greater than 0 and less than 1 (got {threshold!r})"
+        )
     return None if mode == "off" else value
 
 

@@ -11,6 +11,7 @@ does a worker with no credentials at all (no key, no Application Default Credent
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .settings import Settings, SettingsError
@@ -24,6 +25,7 @@ BAD_KEY_PATH = (
     "GOOGLE_APPLICATION_CREDENTIALS is neither a service account key (its JSON text or base64) nor the path of a "
     "readable key file"
 )
+BAD_KEY_FILE = "GOOGLE_APPLICATION_CREDENTIALS names a file that holds no credentials Google's libraries can load"
 
 
 def credentials(settings: Settings) -> tuple[Any, str | None]:
@@ -57,6 +59,8 @@ def clients(settings: Settings) -> tuple[Any, Any]:
     except DefaultCredentialsError:  # no key given and no Application Default Credentials (a RunPod worker)
         # Google's own message for a path that names no file quotes the value: a key pasted in the wrong place.
         if settings.google_application_credentials is not None:
-            raise SettingsError(BAD_KEY_PATH) from None
+            # A readable file whose content is no key (a review: it was told it named no readable file).
+            is_file = os.path.isfile(settings.google_application_credentials.get_secret_value())
+            raise SettingsError(BAD_KEY_FILE if is_file else BAD_KEY_PATH) from None
         raise SettingsError(NO_CREDENTIALS) from None
     return db, files

@@ -108,6 +108,24 @@ class Settings(ModelSettings):
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=env("LOG_LEVEL"))
 
+    @field_validator("storage_bucket", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value  # a pasted name's newline
+
+    @field_validator("storage_bucket", mode="after")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        # Said at start-up: a URL or a path instead of the name started the worker, and every job then failed
+        # after its GPU time, at upload (a review; the emulator answered 501, Cloud Storage 400 or 404).
+        if value.startswith("gs://") or "/" in value:
+            raise ValueError("a bucket's name alone, without gs:// or a path (e.g. my-app.firebasestorage.app)")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9._-]*[a-z0-9])?", value):
+            raise ValueError(
+                "a bucket's name: lowercase letters, digits, - _ and ., starting and ending with a letter or a digit"
+            )
+        return value
+
     @field_validator("url_style", mode="before")
     @classmethod
     def _url_style(cls, value: Any) -> Any:

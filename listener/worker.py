@@ -140,9 +140,9 @@ class Worker:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def fitness_check(self) -> None:
-        """The start-up check of the accelerator and of the results' bucket (registered with the SDK's
-        `register_fitness_check`). On failure: stop claiming, release any job at once, and raise (the SDK then
-        exits the process with 1). A worker that cannot write its results would fail every job after its GPU
+        """The start-up check of the accelerator and of the results' bucket, run before the worker claims a job
+        (on RunPod a failure is handed to the SDK's `register_fitness_check`, which reports it and exits 1). On
+        failure: stop claiming, release any job at once, and raise. A worker that cannot write its results would fail every job after its GPU
         time; stopped, it leaves them queued for a worker that can. Firestore and the bucket are checked on Google
         Cloud only: under the emulators (make dev, the tests, the Hub's test with no Firebase behind it) there is
         no IAM."""

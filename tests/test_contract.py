@@ -35,7 +35,8 @@ def with_(**fields):
 
 
 ID_RULE = (
-    "may contain only letters, digits and - _ . : @ + = ~, must not start with '.' and must not look like __name__"
+    "may contain only letters, digits and - _ . : @ + = ~, must start with a letter, a digit, - or _ "
+    "and must not look like __name__"
 )
 
 REFUSALS = [
@@ -114,6 +115,8 @@ REFUSALS = [
     (with_(file_uid="a b"), f"Validation failed: file_uid {ID_RULE}"),
     (with_(file_uid="a\\b"), f"Validation failed: file_uid {ID_RULE}"),
     (with_(file_uid="__name__"), f"Validation failed: file_uid {ID_RULE}"),
+    (with_(file_uid="~a"), f"Validation failed: file_uid {ID_RULE}"),
+    (with_(user_id="@a"), f"Validation failed: user_id {ID_RULE}"),
     (with_(user_id="u" * 129), "Validation failed: user_id must be at most 128 characters"),
     # sizes the models cannot take are refused, never changed
     (with_(width=500), "Validation failed: width must be a multiple of 8 for SDXL (got 500)"),

@@ -269,6 +269,22 @@ def test_a_key_path_that_names_no_file_stops_start_up_without_quoting_it(tmp_pat
     assert SECRET_MARK not in result.stdout
 
 
+def test_a_key_file_that_holds_no_key_says_so(tmp_path):
+    """A readable file with no key in it (a key cut short, a file of another kind): not "no readable key file"."""
+    from listener.credentials import BAD_KEY_FILE
+
+    key_file = tmp_path / "key.json"
+    key_file.write_text('{"type": "service_account", "private_key": "' + SECRET_MARK + '"')  # cut short
+    env = {k: v for k, v in os.environ.items() if k != "FIREBASE_SERVICE_ACCOUNT_JSON"}
+    env = {k: v for k, v in env.items() if not k.endswith("_EMULATOR_HOST")}
+    env.update(STORAGE_BUCKET="b", GOOGLE_CLOUD_PROJECT="demo-x", GOOGLE_APPLICATION_CREDENTIALS=str(key_file))
+    result = subprocess.run(
+        [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {BAD_KEY_FILE}\n")
+    assert SECRET_MARK not in result.stdout
+
+
 @pytest.mark.parametrize(
     "text,shown",
     [
@@ -285,10 +301,16 @@ def test_a_key_path_that_names_no_file_stops_start_up_without_quoting_it(tmp_pat
         ('{\\"access_token\\": \\"ya29.abc\\"}', '{\\"access_token\\": \\"<redacted>\\"}'),
         ("grant=x&refresh_token=1//0abc&client_id=9", "grant=x&refresh_token=<redacted>&client_id=9"),
         ("u=%3Fa%3D1%26token%3Dabc%26foo%3Dbar", "u=%3Fa%3D1%26token%3D<redacted>%26foo%3Dbar"),  # the rest kept
+        # Bare ones (a review): an ID or App Check token, an access token, a RunPod key, an api_key parameter.
+        ("token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1MSJ9.c2ln-_x rejected", "token <redacted> rejected"),
+        ("credentials ya29.a0AfB_byC-1.x expired", "credentials <redacted> expired"),
+        ("RUNPOD_API_KEY=rpa_ABCDEFGHIJ0123456789xyz set", "RUNPOD_API_KEY=<redacted> set"),
+        ("GET /v1/x?api_key=abc123&n=1", "GET /v1/x?api_key=<redacted>&n=1"),
         # Nothing else: words that only look like it are left as they are (a prompt may reach a library's line).
         ("the tokenizer's token count: 77", "the tokenizer's token count: 77"),
         ("a flag bearer  riding, a standard-bearer\nwalks", "a flag bearer  riding, a standard-bearer\nwalks"),
         ('{"token_count": 77}', '{"token_count": 77}'),
+        ("eyJust a word. eyJump. rpa_short ya29 laps", "eyJust a word. eyJump. rpa_short ya29 laps"),
     ],
 )
 def test_the_last_guard_of_the_logs_takes_out_what_looks_like_a_credential(text, shown):

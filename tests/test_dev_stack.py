@@ -33,7 +33,7 @@ from fixtures_stack import running_stack
 from devtools import emulators as emu
 from devtools import firebase_cli, web
 from devtools.client import Client, StackInfo, firestore_client, post_runsync
-from devtools.stack import IMAGE_EXAMPLE
+from devtools.stack import IMAGE_EXAMPLE, function_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "FIREGEN_DEV_STACK_TEST"
@@ -228,6 +228,12 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
     assert "stopping..." in output and "all processes stopped" in output
     assert not state.exists()
     assert run.left_behind() == []
+
+
+def test_make_dev_passes_on_the_words_the_functions_take_for_on_and_off():
+    for word in ("on", "off", "1", "0", "TRUE", "false", "yes", "No"):
+        assert function_settings({"ENFORCE_APP_CHECK": word}) == {"ENFORCE_APP_CHECK": word.lower()}
+    assert function_settings({"ENFORCE_APP_CHECK": " "}) == {}
 
 
 @pytest.mark.parametrize(

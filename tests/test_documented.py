@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from google.cloud import firestore
 
 from devtools import emulators as emu
 from firegen_core.jobs import CALL_TIMEOUT, WorkerJobs
+from generation.video_speed import DEFAULT_CACHE_THRESHOLD
 from listener.handler import INLINE_LIMIT_BYTES, RunsyncHandler
 from listener.reconciler import Reconciler
 from listener.settings import Settings, SettingsError, load_settings
@@ -45,6 +47,49 @@ def test_documented_defaults(clean_env):
     assert s.log_level == "INFO"
 
 
+def configuration_table() -> dict[str, str]:
+    """The README's worker settings table as variable → default as written: a row's names and its defaults pair
+    up in order where it names as many of each (`| `A`, `B` | 120, 5 |`), else each name takes the whole cell."""
+    text = (ROOT / "README.md").read_text().split("## Configuration (the worker", 1)[1].split("\n### ", 1)[0]
+    table = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`([A-Z0-9_]+)`", cells[0].split("(")[0])
+        defaults = [re.sub(r"\s*\(.*\)$", "", d).strip("` ") for d in cells[1].split(", ")]
+        for name, default in zip(names, defaults if len(defaults) == len(names) else [cells[1]] * len(names)):
+            table[name] = default
+    return table
+
+
+def test_the_readmes_configuration_table_gives_each_numeric_and_word_default_as_the_code_has_it(clean_env):
+    """Each worker setting the table gives a number or a plain word as its default (a review found several rows
+    no test held: PLACEHOLDER_GRACE_SECONDS, RUNSYNC_CONCURRENCY, MAX_RELEASES, JOB_TIMEOUT_*)."""
+    table = configuration_table()
+    fields = {str(info.validation_alias): name for name, info in Settings.model_fields.items()}
+    checked = []
+    for variable, written in table.items():
+        if variable not in fields or not re.fullmatch(r"[0-9.]+|[a-z]+|[A-Z]+", written):
+            continue  # a path, a default said in words
+        info = Settings.model_fields[fields[variable]]
+        # The threshold is read as text and parsed with the cache mode (generation.video_speed).
+        default = DEFAULT_CACHE_THRESHOLD if variable == "FIREGEN_VIDEO_CACHE_THRESHOLD" else info.default
+        if written in ("required", "unset"):
+            assert info.is_required() if written == "required" else default is None, variable
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert float(written) == default, variable
+        else:
+            assert str(default).lower() == written.lower(), variable
+        checked.append(variable)
+    must = {"LEASE_SECONDS", "MAX_ATTEMPTS", "SWEEP_INTERVAL_SECONDS", "PLACEHOLDER_GRACE_SECONDS", "CONCURRENCY"}
+    must |= {"BATCH_MAX", "SHUTDOWN_GRACE_SECONDS", "RUNSYNC_CONCURRENCY", "USER_MAX_RUNNING", "USER_MAX_PENDING"}
+    must |= {"USER_DAILY_BUDGET", "MAX_RELEASES", "JOB_TIMEOUT_FLOOR_SECONDS", "JOB_TIMEOUT_MULTIPLE", "URL_STYLE"}
+    must |= {"RETENTION_DAYS", "LOG_LEVEL", "FIREGEN_COMPILE", "FIREGEN_FP8", "FIREGEN_VIDEO_CACHE_THRESHOLD"}
+    must |= {"STORAGE_BUCKET", "FIREBASE_SERVICE_ACCOUNT_JSON"}
+    assert must <= set(checked), must - set(checked)
+
+
 @pytest.mark.parametrize(
     "name,value,message",
     [
@@ -61,6 +106,15 @@ def test_documented_defaults(clean_env):
         ("JOB_TIMEOUT_MULTIPLE", "1001", "JOB_TIMEOUT_MULTIPLE must be less than or equal to 1000"),
         ("UPLOAD_RETRY_MAX_SECONDS", "3601", "UPLOAD_RETRY_MAX_SECONDS must be less than or equal to 3600"),
         ("RETENTION_DAYS", "1e300", "RETENTION_DAYS must be less than or equal to 36500"),
+        ("PLACEHOLDER_GRACE_SECONDS", "61", "PLACEHOLDER_GRACE_SECONDS must be less than or equal to 60"),
+        (
+            "STORAGE_BUCKET",
+            "gs://my-app.firebasestorage.app",
+            "STORAGE_BUCKET must be a bucket's name alone, without gs:// or a path (e.g. my-app.firebasestorage.app) "
+            "(got 'gs://my-app.firebasestorage.app')",
+        ),
+        ("STORAGE_BUCKET", "My-App", "STORAGE_BUCKET must be a bucket's name: lowercase letters, digits, - _ and ."),
+        ("STORAGE_BUCKET", "my-app-", "STORAGE_BUCKET must be a bucket's name: lowercase letters, digits, - _ and ."),
     ],
 )
 def test_documented_bounds(clean_env, name, value, message):
@@ -71,6 +125,7 @@ def test_documented_bounds(clean_env, name, value, message):
 
 
 def test_the_documented_bounds_are_accepted(clean_env):
+    clean_env.setenv("STORAGE_BUCKET", " my_app.firebasestorage.app\n")  # pasted with its newline
     clean_env.setenv("SIGNED_URL_EXPIRY_SECONDS", "604800")
     clean_env.setenv("UPLOAD_RETRY_ATTEMPTS", "1")
     clean_env.setenv("UPLOAD_RETRY_MAX_SECONDS", "0.5")
@@ -78,6 +133,7 @@ def test_the_documented_bounds_are_accepted(clean_env):
     s = load_settings()
     assert (s.signed_url_expiry_seconds, s.upload_retry_attempts, s.upload_retry_max_seconds) == (604800, 1, 0.5)
     assert s.log_level == "DEBUG"
+    assert s.storage_bucket == "my_app.firebasestorage.app"
 
 
 def run_worker(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -138,7 +194,7 @@ EMULATED = {
         # Checked with the cache off too (it was taken as it came once the cache was turned on).
         (
             {"FIREGEN_VIDEO_CACHE_THRESHOLD": "2"},
-            "FIREGEN_VIDEO_CACHE_THRESHOLD must be a number between 0 and 1 (got '2')",
+            "FIREGEN_VIDEO_CACHE_THRESHOLD must be a number greater than 0 and less than 1 (got '2')",
         ),
     ],
 )

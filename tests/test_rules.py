@@ -255,6 +255,14 @@ CREATES = [
     Create(
         "document id the contract refuses", sample(), DENY, path=f"generations/{OWNER}/images/file 1", contract=False
     ),
+    Create("document id starting with ~", sample(), DENY, path=f"generations/{OWNER}/images/~file-1", contract=False),
+    Create(
+        "document id with ~ after its first letter",
+        sample(),
+        ALLOW,
+        path=f"generations/{OWNER}/images/f~1",
+        contract=True,
+    ),
     # The README's promises, case by case (issue #15 item 8).
     Create("camelCase fileUid other than the doc id", sample(fileUid="file-2"), DENY),
     Create("camelCase userId naming someone else", sample(userId=STRANGER), DENY),

@@ -26,6 +26,7 @@ import pytest
 import runpod
 from fixtures_keys import pem_body, service_account_key
 from google.api_core.exceptions import Cancelled
+from google.cloud.firestore import SERVER_TIMESTAMP
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from devtools import emulators as emu
@@ -46,6 +47,8 @@ class JobApi:
         self.takes: list[dict] = []  # each take that handed out jobs: batch size asked, ids, outputs posted before
         self.pings: list[dict] = []
         self.auth: set[str | None] = set()
+        self.failing = 0  # job-takes still to answer 503 (an outage of the job API)
+        self.failed: list[float] = []  # when each of those came
         self.lock = threading.Lock()
         api = self
 
@@ -57,6 +60,11 @@ class JobApi:
                 params = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 api.auth.add(self.headers.get("Authorization"))
                 if "/job-take" in url.path:
+                    with api.lock:
+                        if api.failing:
+                            api.failing -= 1
+                            api.failed.append(time.monotonic())
+                            return self.reply(503, {"error": "unavailable"})
                     batch = "/job-take-batch/" in url.path
                     jobs = api.take(int(params.get("batch_size", 1)) if batch else 1)
                     if not jobs:
@@ -251,6 +259,40 @@ def test_runsync_jobs_go_through_the_sdk_loop_several_at_once(
         assert secret not in text
 
 
+def test_a_failing_job_api_is_asked_again_backed_off_then_its_job_runs(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    """The SDK's loop asked again at once after a failed job-take: with the job API out of reach a worker spun a
+    core and wrote 91,324 `Failed to get job` lines in 35 s (a review). Now 1 s, 2 s, 4 s... between tries."""
+    job_api.failing = 2
+    job_api.queue_runsync("rp-after-outage", image_input("after-outage"))
+    worker = WorkerProcess(
+        emulator_logs,
+        worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
+        serve_api=False,
+        VIDEO_MODEL="none",
+    )
+    worker.start()
+    try:
+        assert emu.wait_until(lambda: "rp-after-outage" in job_api.outputs, 60), worker.log_tail()
+        assert job_api.outputs["rp-after-outage"]["output"]["status"] == "accepted"
+    finally:
+        worker.signal(signal.SIGTERM)
+        code = worker.wait_exit(30)
+        worker.stop()
+    assert code == 0
+    gaps = [later - earlier for earlier, later in zip(job_api.failed, job_api.failed[1:])]
+    assert len(job_api.failed) == 2 and gaps[0] >= 0.9, gaps
+    said = [line for line in json_lines(worker) if line.get("event") == "runpod_job_api_unreachable"]
+    assert [(line["failures"], line["retry_in_seconds"], line["severity"]) for line in said] == [
+        (1, 1.0, "WARNING"),
+        (2, 2.0, "WARNING"),
+    ]
+    assert said[0]["error_type"] == "ClientResponseError" and "503" in said[0]["error"]
+    sdk = [line["said"] for line in json_lines(worker) if line.get("event") == "runpod_sdk"]
+    assert not [line for line in sdk if line.startswith("Failed to get job")]
+
+
 def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
 ):
@@ -323,6 +365,13 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
 ):
     job_api.queue_runsync("rp-never", image_input("never-taken"))
+    # And one in Firestore's queue: the SDK ran the check after the listeners had started, and a worker that
+    # could not write its results failed the docs it claimed meanwhile (an audit).
+    queued = "generations/loop-user/images/queued-in-firestore"
+    client = firestore_emulator.client(project[0])
+    client.document(queued).set(
+        {**image_input("queued-in-firestore"), "status": "queued", "created_at": SERVER_TIMESTAMP}
+    )
     env = {
         **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
         "FAULT": "fitness",
@@ -343,3 +392,6 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
     assert '"event": "fitness_check_failed"' in result.stdout
     assert not job_api.takes and job_api.jobs.qsize() == 1  # the job stays with RunPod for a healthy worker
     assert any(ping.get("status") == "unhealthy" for ping in job_api.pings)  # the SDK told RunPod why
+    job = doc(firestore_emulator, project, queued)
+    assert job["status"] == "queued" and "worker_id" not in job and not job.get("attempts"), job
+    assert '"event": "job_claimed"' not in result.stdout and '"event": "worker_ready"' not in result.stdout

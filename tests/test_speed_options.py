@@ -221,8 +221,11 @@ def test_video_cache_settings():
     assert config.video_cache_threshold == 0.1
     with pytest.raises(ValueError, match="^FIREGEN_VIDEO_CACHE must be one of off, firstblock"):
         EngineConfig.from_env({"FIREGEN_VIDEO_CACHE": "teacache"})
-    with pytest.raises(ValueError, match="^FIREGEN_VIDEO_CACHE_THRESHOLD must be a number between 0 and 1"):
-        EngineConfig.from_env({"FIREGEN_VIDEO_CACHE": "firstblock", "FIREGEN_VIDEO_CACHE_THRESHOLD": "high"})
+    for off in ("off", "0", "false", "no", "OFF"):  # the off words of the README's on/off settings
+        assert EngineConfig.from_env({"FIREGEN_VIDEO_CACHE": off}).video_cache_threshold is None
+    for threshold in ("high", "0", "1", "-0.1"):  # the bounds are no thresholds: 0 never skips, 1 always
+        with pytest.raises(ValueError, match="^FIREGEN_VIDEO_CACHE_THRESHOLD must be a number greater than 0 and less"):
+            EngineConfig.from_env({"FIREGEN_VIDEO_CACHE": "firstblock", "FIREGEN_VIDEO_CACHE_THRESHOLD": threshold})
 
 
 def test_first_block_cache_runs_and_its_psnr_against_the_full_run_is_measured(engine, capsys):

@@ -245,7 +245,7 @@ def test_the_contracts_video_example_end_to_end(stack):
         (
             {"file_uid": "../x"},
             "Validation failed: file_uid may contain only letters, digits and - _ . : @ + = ~, "
-            "must not start with '.' and must not look like __name__",
+            "must start with a letter, a digit, - or _ and must not look like __name__",
         ),
     ],
 )
