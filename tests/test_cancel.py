@@ -38,13 +38,33 @@ def objects(bucket) -> list[str]:
     return sorted(blob.name for blob in bucket.list_blobs())
 
 
+@pytest.fixture
+def events(monkeypatch):
+    """The reconciler's and the runner's events (loggers made inside the capture, as test_reconciler's
+    runner_logs), as (event, file_uid, during)."""
+    import structlog
+
+    import listener.reconciler as reconciler_module
+    import listener.runner as runner_module
+
+    with structlog.testing.capture_logs() as logs:
+        for module in (reconciler_module, runner_module):
+            monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
+        yield logs
+
+
+def cancel_events(logs: list[dict]) -> list[tuple]:
+    said = [e for e in logs if e["event"] in ("job_cancel_requested", "job_cancelled")]
+    return [(e["event"], e["file_uid"], e.get("during")) for e in said]
+
+
 def cancel(client, key: JobKey) -> None:
     """What the client does: updateDoc(ref, {cancel_requested: true}) (allowed by firestore.rules)."""
     client.document(key.path).update({"cancel_requested": True})
 
 
 # ---------------------------------------------------------------------------------------------- by the client
-def test_a_cancelled_queued_job_never_runs(sched_worker, firestore_client):
+def test_a_cancelled_queued_job_never_runs(sched_worker, firestore_client, events):
     generator = StubGenerator(threading.Event())
     sched_worker("w", generator, sweep=30)  # the listeners alone
     running, waiting = JobKey("u1", "images", "running"), JobKey("u1", "images", "waiting")
@@ -58,9 +78,10 @@ def test_a_cancelled_queued_job_never_runs(sched_worker, firestore_client):
     generator.gate.set()
     assert wait_until(lambda: finished(firestore_client, running))["status"] == "completed"
     assert generator.calls == ["running"]
+    assert cancel_events(events) == [("job_cancelled", "waiting", "queue")]
 
 
-def test_a_running_job_stops_within_two_seconds_and_frees_the_slot(sched_worker, firestore_client, bucket):
+def test_a_running_job_stops_within_two_seconds_and_frees_the_slot(sched_worker, firestore_client, bucket, events):
     generator = StepGenerator(threading.Event())  # holds each job, reporting progress at every "step"
     worker = sched_worker("w", generator)
     running, next_job = JobKey("u1", "images", "long"), JobKey("u2", "images", "next")
@@ -77,6 +98,10 @@ def test_a_running_job_stops_within_two_seconds_and_frees_the_slot(sched_worker,
     assert wait_until(lambda: finished(firestore_client, next_job))["status"] == "completed"
     assert objects(bucket) == ["generating/u2/image/next.png"]  # nothing of the cancelled job
     assert worker.wait_idle(5)
+    # A cancel mid-run is said as asked, and ends as the job's failure (job_failed, Cancelled).
+    assert cancel_events(events) == [("job_cancel_requested", "long", None)]
+    [failed] = [e for e in events if e["event"] == "job_failed"]
+    assert (failed["file_uid"], failed["error_type"]) == ("long", "Cancelled")
 
 
 class CancelDuringUpload:
@@ -97,7 +122,7 @@ class CancelDuringUpload:
         return self.results.remove_beyond(*args)
 
 
-def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client, results, bucket):
+def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client, results, bucket, events):
     from listener.runner import JobRunner
 
     key = JobKey("u1", "images", "uploading")
@@ -107,6 +132,7 @@ def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client
     assert JobRunner(store, StubGenerator(), CancelDuringUpload(results, firestore_client)).run(job) == "failed"
     assert outcome(read(firestore_client, key)) == CANCELLED
     assert objects(bucket) == []
+    assert cancel_events(events) == [("job_cancelled", "uploading", "upload")]
 
 
 def test_cancels_of_queued_jobs_never_hold_up_the_workers_claims(sched_worker, firestore_client):

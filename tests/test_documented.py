@@ -47,6 +47,24 @@ def test_documented_defaults(clean_env):
     assert s.log_level == "INFO"
 
 
+def test_the_sdks_level_and_grpcs_verbosity_default_as_documented(clean_env, capsys):
+    """README: RUNPOD_LOG_LEVEL is INFO unless set (the SDK's DEBUG logs every output, inline media included),
+    GRPC_VERBOSITY ERROR unless set; set ones are kept. Set before the settings are read: a worker that stops
+    at a configuration error has them too."""
+    from listener.__main__ import main
+
+    clean_env.delenv("STORAGE_BUCKET")  # main() stops at once, at the settings
+    for name in ("RUNPOD_LOG_LEVEL", "GRPC_VERBOSITY"):
+        clean_env.delenv(name, raising=False)
+    assert main([]) == 2
+    assert (os.environ["RUNPOD_LOG_LEVEL"], os.environ["GRPC_VERBOSITY"]) == ("INFO", "ERROR")
+    clean_env.setenv("RUNPOD_LOG_LEVEL", "WARN")
+    clean_env.setenv("GRPC_VERBOSITY", "DEBUG")
+    assert main([]) == 2
+    assert (os.environ["RUNPOD_LOG_LEVEL"], os.environ["GRPC_VERBOSITY"]) == ("WARN", "DEBUG")
+    assert "STORAGE_BUCKET is required" in capsys.readouterr().err
+
+
 def configuration_table() -> dict[str, str]:
     """The README's worker settings table as variable → default as written: a row's names and its defaults pair
     up in order where it names as many of each (`| `A`, `B` | 120, 5 |`), else each name takes the whole cell."""
@@ -477,14 +495,22 @@ def test_an_inline_result_whose_answer_passes_20_mb_by_its_padding_and_fields_is
 
 def test_firestore_down_answers_could_not_record_within_its_bound(monkeypatch):
     """Firestore unreachable (nothing listens on its port): runsync answers the README's retry message, within
-    the job store's 15 s bound, and hands nothing to the local slot."""
+    the job store's 15 s bound, hands nothing to the local slot, and logs `request_not_recorded`."""
+    import structlog
+
+    import listener.handler as handler_module
+
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emu.free_port()}")
     client = firestore.Client(project="demo-down", credentials=AnonymousCredentials())
     submitted = []
     handler = RunsyncHandler(WorkerJobs(client, worker_id="w"), lambda key, *rest: submitted.append(key))
     started = time.monotonic()
-    answer = handler.handle({"prompt": "a car", "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(handler_module, "log", structlog.get_logger("listener.handler"))  # as below
+        answer = handler.handle({"prompt": "a car", "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
     took = time.monotonic() - started
+    [said] = [e for e in logs if e["event"] == "request_not_recorded"]
+    assert (said["log_level"], said["user_id"], said["file_uid"]) == ("error", "u", "f") and said["error"]
     assert answer == {
         "status": "failed",
         "error": "Could not record the job in Firestore; please retry (the same file_uid is safe to resend)",

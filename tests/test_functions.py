@@ -722,6 +722,9 @@ def test_runpod_down_leaves_the_job_queued(firestore_client, caplog):
     elapsed = time.monotonic() - t0
     assert (verdict.outcome, verdict.attempts) == ("undelivered", 3) and elapsed < 5
     assert "connection failed" in verdict.message
+    [undelivered] = logged(caplog, "runsync_undelivered")
+    assert (undelivered.levelno, undelivered.attempts) == (logging.WARNING, 3)
+    assert "connection failed" in undelivered.error
 
     reply = dispatch.generate(firestore_client, down, uid="u-down", data={"prompt": "a car", "file_uid": "down-1"})
     assert reply == {
@@ -733,6 +736,13 @@ def test_runpod_down_leaves_the_job_queued(firestore_client, caplog):
     }
     doc = firestore_client.document("generations/u-down/images/down-1").get().to_dict()
     assert doc["status"] == "queued" and doc["dispatch_count"] == 1 and "did not answer" in doc["dispatch_error"]
+    [sent] = logged(caplog, "dispatched")
+    assert (sent.path, sent.outcome, sent.attempts, sent.runpod_job_id) == (
+        "generations/u-down/images/down-1",
+        "undelivered",
+        3,
+        None,
+    )
     # The client retries (the contract: "Timeout: Retry the request"): dispatched again, the error cleared on success.
     up = StubRunPod([ACCEPTED])
     try:
@@ -1185,7 +1195,12 @@ def test_trigger_ignores_docs_that_are_not_queued_jobs(firestore_client, stub):
 
 
 # ---------------------------------------------------------------------------------------------- schedule
-def test_scheduled_redispatch_is_bounded(firestore_client, stub):
+def logged(caplog, message: str) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.getMessage() == message]
+
+
+def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
+    caplog.set_level(logging.INFO)
     old = datetime.now(UTC) - timedelta(hours=1)
     base = {**client_doc(width=256), "created_at": old}
     docs = {
@@ -1214,6 +1229,15 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub):
     assert counts == Counter(redispatched=3, failed=1, skipped=1)  # skipped: "recent"
     sent = sorted(body["input"]["file_uid"] for _, body in runpod.requests)
     assert sent == ["lost-worker", "never", "once"]
+    # Logged as the README says: each dispatch with its path, outcome, attempts and RunPod's job id; the sweep's
+    # counts once.
+    said = sorted((r.path, r.outcome, r.attempts, bool(r.runpod_job_id)) for r in logged(caplog, "dispatched"))
+    assert said == [
+        (f"generations/u-s/{path}", "accepted", 1, True)
+        for path in ("images/never", "images/once", "videos/lost-worker")
+    ]
+    [sweep] = logged(caplog, "redispatch_sweep")
+    assert sweep.counts == {"redispatched": 3, "failed": 1, "skipped": 1} and sweep.levelno == logging.INFO
 
     def read(name, media="images"):
         return firestore_client.document(f"generations/u-s/{media}/{name}").get().to_dict()
@@ -2305,7 +2329,7 @@ def test_the_digests_kept_are_bounded():
 
 
 @pytest.mark.parametrize("error", ["DeadlineExceeded", "InternalServerError", "Aborted", "Cancelled"])
-def test_each_firestore_failure_answers_unavailable(firestore_client, stub, monkeypatch, error):
+def test_each_firestore_failure_answers_unavailable(firestore_client, stub, monkeypatch, error, caplog):
     from google.api_core import exceptions
 
     from firegen_core.jobs import JobStore
@@ -2319,6 +2343,8 @@ def test_each_firestore_failure_answers_unavailable(firestore_client, stub, monk
             firestore_client, stub(ACCEPTED).client(), uid="u-dl", data={"prompt": "a car", "file_uid": "dl-1"}
         )
     assert raised.value.code == "unavailable"
+    [said] = logged(caplog, "firestore_unavailable")
+    assert (said.levelno, said.call) == (logging.ERROR, "generate") and said.error.endswith(" Firestore away")
 
 
 def test_a_refused_client_doc_of_the_other_media_type_takes_the_call(firestore_client, stub):

@@ -1269,15 +1269,27 @@ class SweepAway(WorkerJobs):
         return super().queued(*args, **kwargs)
 
 
-def test_after_an_outage_a_sweep_leaves_expired_leases_to_their_owners_for_a_lease(firestore_client, results):
+def test_after_an_outage_a_sweep_leaves_expired_leases_to_their_owners_for_a_lease(
+    firestore_client, results, monkeypatch
+):
     """Chaos audit: Firestore away 2 minutes, past every lease, as an owner's generation ended: when it came back,
     another worker's sweep took the job over seconds before the owner's fence check came through, and the owner's
     generation was thrown away (one attempt used). The sweeper was cut off too: for one of its lease periods after
     Firestore answered it again it takes nothing over, so a live owner renews and keeps its job, and a dead owner's
     job is taken over after that (the re-check: counted from its last failed sweep, a short lease had run out
     before Firestore came back)."""
+    import listener.reconciler as reconciler_module
+
     store = SweepAway(firestore_client, worker_id="sweeper", lease_seconds=2.0)
-    owners_keep_their_jobs_through_an_outage(firestore_client, results, store, "back", 3.0, "owner")
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(reconciler_module, "log", structlog.get_logger("listener.reconciler"))
+        owners_keep_their_jobs_through_an_outage(firestore_client, results, store, "back", 3.0, "owner")
+    # As the README says: each failed sweep in a row counted, then the first one that worked, with the time it
+    # still leaves expired leases to their owners (a lease, 2 s, from Firestore's answer).
+    failed = [(e["failed_sweeps"], e["log_level"]) for e in logs if e["event"] == "sweep_error"]
+    assert failed and failed == [(n, "warning") for n in range(1, len(failed) + 1)]
+    [recovered] = [e for e in logs if e["event"] == "sweep_recovered"]
+    assert recovered["failed_sweeps"] == len(failed) and 1.0 <= recovered["takeovers_in_seconds"] <= 2.0
 
 
 class HeldExpiry(WorkerJobs):

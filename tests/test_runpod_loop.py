@@ -260,7 +260,7 @@ def test_runsync_jobs_go_through_the_sdk_loop_several_at_once(
 
 
 def test_a_failing_job_api_is_asked_again_backed_off_then_its_job_runs(
-    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path
 ):
     """The SDK's loop asked again at once after a failed job-take: with the job API out of reach a worker spun a
     core and wrote 91,324 `Failed to get job` lines in 35 s (a review). Now 1 s, 2 s, 4 s... between tries."""
@@ -270,7 +270,7 @@ def test_a_failing_job_api_is_asked_again_backed_off_then_its_job_runs(
         emulator_logs,
         worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
         serve_api=False,
-        VIDEO_MODEL="none",
+        VIDEO_MODEL=str(tmp_path),  # a folder with no model in it: said at start, the worker serves images
     )
     worker.start()
     try:
@@ -291,6 +291,12 @@ def test_a_failing_job_api_is_asked_again_backed_off_then_its_job_runs(
     assert said[0]["error_type"] == "ClientResponseError" and "503" in said[0]["error"]
     sdk = [line["said"] for line in json_lines(worker) if line.get("event") == "runpod_sdk"]
     assert not [line for line in sdk if line.startswith("Failed to get job")]
+    # The README's start-up warnings: on RunPod with no CUDA device, and a model that could not be loaded.
+    events = {line.get("event"): line for line in json_lines(worker)}
+    assert events["no_gpu"]["severity"] == "WARNING"
+    missing = events["model_not_available"]
+    assert (missing["severity"], missing["task_type"]) == ("WARNING", "text2video")
+    assert missing["error"] == f"Video model folder {tmp_path} not found or not a diffusers pipeline"
 
 
 def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(

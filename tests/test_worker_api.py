@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -255,6 +256,27 @@ def test_bad_inputs_are_refused_over_http_and_write_nothing(stack, change, messa
     answer = stack.runsync(body)
     assert (answer["status"], answer["error"]) == ("FAILED", message)
     assert stack.doc("generations/test-user/images/bad-input") is None
+
+
+@pytest.mark.parametrize(
+    "body,status,detail",
+    [
+        (b"[]", 422, list),  # no object
+        (b'{"prompt": "a car"}', 422, list),  # no `input`
+        (b'{"input": 5}', 422, list),  # an `input` that is no object
+        (b'{"input": ' + b"9" * 5000 + b"}", 400, "There was an error parsing the body"),  # past Python's int limit
+    ],
+)
+def test_a_body_that_is_no_runsync_request_never_reaches_the_worker(stack, body, status, detail):
+    """README: the SDK's local API answers such a body itself, with a `detail` of its own."""
+    request = urllib.request.Request(
+        stack.worker.runsync_url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=30)
+    answer = json.loads(raised.value.read())
+    assert raised.value.code == status
+    assert isinstance(answer["detail"], list) if detail is list else answer["detail"] == detail
 
 
 def test_eight_identical_requests_start_one_generation(stack):
