@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -472,6 +472,57 @@ def test_access(rest, case: Access):
     assert allowed(response) is case.expect
     if before is not None:  # a denied write changed nothing
         assert rest.get("admin", case.path).json()["fields"] == before["fields"]
+
+
+def monitoring_query(rest: Rest, uid: str | None, owner: str, where: list[dict], order: list | None = None):
+    """A query on `owner`'s images, as the contract's monitoring samples make it (query(collection(db,
+    'generations', userId, 'images'), where(...), orderBy(...))), run as `uid`."""
+    query: dict[str, Any] = {"from": [{"collectionId": "images"}]}
+    filters = [{"fieldFilter": f} for f in where]
+    query["where"] = filters[0] if len(filters) == 1 else {"compositeFilter": {"op": "AND", "filters": filters}}
+    if order:
+        query["orderBy"] = order
+    return rest.session.post(
+        f"{rest.url}/generations/{owner}:runQuery",
+        json={"structuredQuery": query},
+        headers=rest._headers(uid),
+        timeout=10,
+    )
+
+
+def test_the_contracts_monitoring_queries_work_for_the_signed_in_user_alone(rest):
+    """README: "active generations" and "stuck jobs" work for the signed-in user on their own collection."""
+    now = datetime.now(UTC)
+    old, recent = now - timedelta(minutes=10), now - timedelta(minutes=1)
+    jobs = {
+        "queued-old": {**QUEUED_JOB, "created_at": old, "modified": old},
+        "queued-new": {**QUEUED_JOB, "created_at": recent, "modified": recent},
+        "stuck": {**RUNNING_JOB, "created_at": old - timedelta(seconds=1), "modified": old},
+        "moving": {**RUNNING_JOB, "created_at": old - timedelta(minutes=1), "modified": recent},
+        "done": {**DONE, "created_at": now, "modified": now},
+    }
+    rest.seed({f"generations/{OWNER}/images/{name}": data for name, data in jobs.items()})
+    rest.seed({f"generations/{STRANGER}/images/theirs": {**RUNNING_JOB, "created_at": old, "modified": old}})
+
+    def status(*values: str) -> dict:
+        if len(values) == 1:
+            return {"field": {"fieldPath": "status"}, "op": "EQUAL", "value": encode(values[0])}
+        return {"field": {"fieldPath": "status"}, "op": "IN", "value": encode(list(values))}
+
+    active = ([status("queued", "processing")], [{"field": {"fieldPath": "created_at"}, "direction": "DESCENDING"}])
+    five_minutes_ago = {
+        "field": {"fieldPath": "modified"},
+        "op": "LESS_THAN",
+        "value": encode(now - timedelta(minutes=5)),
+    }
+    stuck = ([status("processing"), five_minutes_ago], None)
+    for (where, order), expected in ((active, ["queued-new", "queued-old", "stuck", "moving"]), (stuck, ["stuck"])):
+        response = monitoring_query(rest, OWNER, OWNER, where, order)
+        assert response.status_code == 200, response.text[:500]
+        names = [row["document"]["name"].rsplit("/", 1)[1] for row in response.json() if "document" in row]
+        assert names == expected if order else sorted(names) == expected, names
+        assert not allowed(monitoring_query(rest, STRANGER, OWNER, where, order))  # not someone else's
+        assert not allowed(monitoring_query(rest, None, OWNER, where, order))
 
 
 # ---------------------------------------------------------------------------------------------- cancellation

@@ -333,3 +333,25 @@ def test_wan_runs_each_steps_two_passes_as_one_batch_and_draws_the_same_video(en
     finally:
         hook.remove()
     assert batches == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "gib,bf16,offload,dtype",
+    [(24, True, True, "bfloat16"), (80, True, False, "bfloat16"), (16, False, True, "float16")],
+)
+def test_the_cuda_defaults_follow_the_card(monkeypatch, gib, bf16, offload, dtype):
+    """README: FIREGEN_OFFLOAD_TEXT_ENCODER `auto` is on for a CUDA card under 40 GiB; FIREGEN_DTYPE defaults to
+    bf16 on CUDA, fp16 on a card without bf16, and FIREGEN_COMPILE `auto` is on. This machine has no CUDA card:
+    torch's answers about one are stood in for (the only mock here), the decisions are the product's own."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    runtime = Runtime.detect(compile=None)
+    assert (runtime.device, runtime.dtype, runtime.offload_text_encoder) == ("cuda", dtype, offload)
+    assert runtime.compile_backend == "inductor"
+    cpu = Runtime.detect(device="cpu", compile=None)  # and on a CPU: fp32, no offload, eager
+    assert (cpu.dtype, cpu.offload_text_encoder, cpu.compile_backend) == ("float32", False, None)
