@@ -215,7 +215,21 @@ def test_a_killed_workers_job_is_finished_by_another_after_its_lease(make_worker
 SLOW_SWEEP = 120.0  # the periodic sweep runs once at start, then not again within any test
 
 
-def test_a_closed_listener_is_restarted_by_the_watchdog(make_worker, firestore_client):
+@pytest.fixture
+def reconciler_logs(monkeypatch):
+    """The reconciler's events, on a logger made inside the capture (as runner_logs)."""
+    import listener.reconciler as reconciler_module
+
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(reconciler_module, "log", structlog.get_logger("listener.reconciler"))
+        yield logs
+
+
+def restarts(logs: list[dict]) -> list[tuple]:
+    return sorted((e["listener"], e["reason"], e["log_level"]) for e in logs if e["event"] == "listener_restarted")
+
+
+def test_a_closed_listener_is_restarted_by_the_watchdog(make_worker, firestore_client, reconciler_logs):
     """The watchdog (one sweep, run here by hand) restarts a listener that closed. The doc is written after that
     sweep, with the next one two minutes away: only the restarted listener can deliver it."""
     worker = make_worker(sweep=SLOW_SWEEP)
@@ -228,9 +242,10 @@ def test_a_closed_listener_is_restarted_by_the_watchdog(make_worker, firestore_c
     write_job(firestore_client, key)
     assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
     assert worker.sweeps == 2  # no periodic sweep ran: the listener found it
+    assert restarts(reconciler_logs) == [("images", "closed", "warning")]
 
 
-def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_client):
+def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_client, reconciler_logs):
     """A listener that stays open but stops delivering: a sweep finds a queued doc older than two sweep
     intervals that the listener never spoke of, and restarts it. Then a new doc, written with the periodic sweep
     two minutes away, is delivered by the restarted listener."""
@@ -253,6 +268,7 @@ def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_c
     write_job(firestore_client, key)
     assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
     assert worker.sweeps == 2
+    assert restarts(reconciler_logs) == [("images", "silent", "warning"), ("images:newest", "silent", "warning")]
 
 
 def doc_time(client, key) -> float:
@@ -1270,7 +1286,7 @@ class SweepAway(WorkerJobs):
 
 
 def test_after_an_outage_a_sweep_leaves_expired_leases_to_their_owners_for_a_lease(
-    firestore_client, results, monkeypatch
+    firestore_client, results, reconciler_logs
 ):
     """Chaos audit: Firestore away 2 minutes, past every lease, as an owner's generation ended: when it came back,
     another worker's sweep took the job over seconds before the owner's fence check came through, and the owner's
@@ -1278,12 +1294,9 @@ def test_after_an_outage_a_sweep_leaves_expired_leases_to_their_owners_for_a_lea
     Firestore answered it again it takes nothing over, so a live owner renews and keeps its job, and a dead owner's
     job is taken over after that (the re-check: counted from its last failed sweep, a short lease had run out
     before Firestore came back)."""
-    import listener.reconciler as reconciler_module
-
     store = SweepAway(firestore_client, worker_id="sweeper", lease_seconds=2.0)
-    with structlog.testing.capture_logs() as logs:
-        monkeypatch.setattr(reconciler_module, "log", structlog.get_logger("listener.reconciler"))
-        owners_keep_their_jobs_through_an_outage(firestore_client, results, store, "back", 3.0, "owner")
+    owners_keep_their_jobs_through_an_outage(firestore_client, results, store, "back", 3.0, "owner")
+    logs = reconciler_logs
     # As the README says: each failed sweep in a row counted, then the first one that worked, with the time it
     # still leaves expired leases to their owners (a lease, 2 s, from Firestore's answer).
     failed = [(e["failed_sweeps"], e["log_level"]) for e in logs if e["event"] == "sweep_error"]
