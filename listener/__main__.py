@@ -7,6 +7,7 @@ picks up every queued doc, it just has no HTTP door.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -113,24 +114,6 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
     generator = wrap_generator(engine) if wrap_generator else engine
     worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=worker_id)
-    # The fitness check runs before the worker claims anything, on RunPod too: run by the SDK, it came after the
-    # listeners had started, and a worker that could not write its results failed the queued docs it claimed
-    # meanwhile, at each restart (an audit: 3 jobs failed). On RunPod's job loop a failure is handed on to the
-    # SDK's own fitness check, which tells RunPod the worker is unhealthy and exits 1.
-    report = None
-    if production:
-        import runpod
-
-        report = getattr(runpod.serverless, "register_fitness_check", None)  # runpod >= 1.8
-    unfit: Exception | None = None
-    try:
-        worker.fitness_check()
-    except Exception as exc:
-        if report is None:
-            log.error("worker_exit", code=worker.exit_code, reason=worker.failure)
-            return worker.exit_code
-        unfit = exc
-
     leaving = threading.Event()
     exit_code: int | str | None = None  # a SystemExit's own code, where it is not the worker's
 
@@ -159,37 +142,37 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         # releases failed it), so there are no listeners to wait for either (on the Hub, which runs the tests with
         # no Firebase behind the worker, that wait was 30 s).
         one_job = any(a.split("=")[0] == "--test_input" for a in argv)
-        if unfit is None:
-            worker.start(listen=not one_job)
-            if not one_job and not worker.reconciler.wait_listening(30):
-                log.warning("listeners_not_current", note="the sweep covers until they are")
-            # torch, diffusers and the Google clients leave ~500k long-lived objects: a full collection then takes
-            # 100-200 ms on a request's path (the runsync accept p99). They live as long as the process: take them
-            # out of the collector's reach; only what is allocated from here on is ever scanned.
-            gc.freeze()
-            log.info(
-                "worker_ready",
-                import_seconds=round(imported - _T0, 3),
-                load_seconds=round(loaded - imported, 3),
-                ready_seconds=round(time.perf_counter() - _T0, 3),
-                frozen_objects=gc.get_freeze_count(),
-                project=worker.store.client.project,
-                bucket=settings.storage_bucket,
-                image_model=settings.image_model,
-                video_model=settings.video_model,
-            )
+        if _on_runpod(argv):
+            serve_api = any(a.split("=")[0] == "--rp_serve_api" for a in argv)
+            route_runpod_sdk(local_api=serve_api or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0"))
+        if not _fit(worker, production):
+            return worker.exit_code
+        worker.start(listen=not one_job)
+        if not one_job and not worker.reconciler.wait_listening(30):
+            log.warning("listeners_not_current", note="the sweep covers until they are")
+        # torch, diffusers and the Google clients leave ~500k long-lived objects: a full collection then takes
+        # 100-200 ms on a request's path (the runsync accept p99). They live as long as the process: take them out
+        # of the collector's reach; only what is allocated from here on is ever scanned.
+        gc.freeze()
+        log.info(
+            "worker_ready",
+            import_seconds=round(imported - _T0, 3),
+            load_seconds=round(loaded - imported, 3),
+            ready_seconds=round(time.perf_counter() - _T0, 3),
+            frozen_objects=gc.get_freeze_count(),
+            project=worker.store.client.project,
+            bucket=settings.storage_bucket,
+            image_model=settings.image_model,
+            video_model=settings.video_model,
+        )
         if _on_runpod(argv):
             import runpod
 
-            if unfit is not None and report is not None:
-                report(_failing(unfit))  # the SDK runs it before it takes a job: it says so to RunPod and exits 1
             if production:
                 from .job_api import back_off_job_fetches
 
-                back_off_job_fetches()
+                back_off_job_fetches(stopping=lambda: leaving.is_set() or worker.shutting_down)
             _stop_claiming_when_uvicorn_exits(worker.reconciler)
-            serve_api = any(a.split("=")[0] == "--rp_serve_api" for a in argv)
-            route_runpod_sdk(local_api=serve_api or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0"))
             # `start` installs the SDK's own SIGINT handler (a bare sys.exit): a second Ctrl-C would end the
             # `finally` below while a job runs, as a second SIGTERM did. Where the SDK has it, it is `leave`.
             if callable(getattr(runpod.serverless, "_signal_handler", None)):
@@ -223,13 +206,40 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     return worker.exit_code
 
 
-def _failing(error: Exception) -> Callable[[], None]:
-    """A fitness check for the SDK that fails as the worker's own did."""
+def _fit(worker, production: bool) -> bool:
+    """The start-up fitness check, before the worker claims anything (run by the SDK, on RunPod's job loop, it
+    came after the listeners had started, and a worker that could not write its results failed the queued docs it
+    claimed meanwhile, at each restart: an audit saw 3 jobs failed). On RunPod's job loop it runs through the SDK's
+    own runner, with the SDK's GPU and system checks: a failure is reported to RunPod as unhealthy and ends the
+    process there and then (the SDK's os._exit(1)); the SDK's `start` then has none left to run. False: unfit
+    (elsewhere, or with an SDK that has no such runner)."""
+    import structlog
 
-    def check() -> None:
-        raise error
+    fitness: Any = None
+    if production:
+        from runpod.serverless.modules import rp_fitness
 
-    return check
+        fitness = rp_fitness
+    names = ("register_fitness_check", "run_fitness_checks", "clear_fitness_checks")
+    if fitness is not None and all(callable(getattr(fitness, name, None)) for name in names):
+
+        def firegen_fitness_check() -> None:  # the name the SDK logs and reports
+            try:
+                worker.fitness_check()
+            except Exception:
+                # os._exit follows: no `finally` to say it
+                structlog.get_logger("listener").error("worker_exit", code=1, reason=worker.failure)
+                raise
+
+        fitness.register_fitness_check(firegen_fitness_check)
+        asyncio.run(fitness.run_fitness_checks())
+        fitness.clear_fitness_checks()
+        return True
+    try:
+        worker.fitness_check()
+    except Exception:
+        return False
+    return True
 
 
 def _stop_claiming_when_uvicorn_exits(reconciler) -> None:

@@ -26,6 +26,7 @@ BAD_KEY_PATH = (
     "readable key file"
 )
 BAD_KEY_FILE = "GOOGLE_APPLICATION_CREDENTIALS names a file that holds no credentials Google's libraries can load"
+UNREADABLE_KEY_FILE = "GOOGLE_APPLICATION_CREDENTIALS names a path that cannot be read as a key file"
 
 
 def credentials(settings: Settings) -> tuple[Any, str | None]:
@@ -63,4 +64,6 @@ def clients(settings: Settings) -> tuple[Any, Any]:
             is_file = os.path.isfile(settings.google_application_credentials.get_secret_value())
             raise SettingsError(BAD_KEY_FILE if is_file else BAD_KEY_PATH) from None
         raise SettingsError(NO_CREDENTIALS) from None
+    except OSError:  # Google's lookup opens the path itself: a folder, a file it may not read (a traceback before)
+        raise SettingsError(UNREADABLE_KEY_FILE) from None
     return db, files

@@ -97,6 +97,10 @@ class Worker:
     def exit_code(self) -> int:
         return 1 if self.failure else 0
 
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown_started
+
     def start(self, listen: bool = True) -> Worker:
         self.reconciler.start(listen)
         return self
@@ -141,7 +145,7 @@ class Worker:
 
     def fitness_check(self) -> None:
         """The start-up check of the accelerator and of the results' bucket, run before the worker claims a job
-        (on RunPod a failure is handed to the SDK's `register_fitness_check`, which reports it and exits 1). On
+        (on RunPod by the SDK's fitness runner, which reports a failure and exits 1: `listener.__main__._fit`). On
         failure: stop claiming, release any job at once, and raise. A worker that cannot write its results would fail every job after its GPU
         time; stopped, it leaves them queued for a worker that can. Firestore and the bucket are checked on Google
         Cloud only: under the emulators (make dev, the tests, the Hub's test with no Firebase behind it) there is

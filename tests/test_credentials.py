@@ -269,19 +269,25 @@ def test_a_key_path_that_names_no_file_stops_start_up_without_quoting_it(tmp_pat
     assert SECRET_MARK not in result.stdout
 
 
-def test_a_key_file_that_holds_no_key_says_so(tmp_path):
-    """A readable file with no key in it (a key cut short, a file of another kind): not "no readable key file"."""
-    from listener.credentials import BAD_KEY_FILE
+@pytest.mark.parametrize("what", ["a file with no key", "a folder"])
+def test_a_key_file_that_holds_no_key_says_so(tmp_path, what):
+    """A readable file with no key in it (a key cut short, a file of another kind): not "no readable key file";
+    a path Google's lookup cannot open (a folder; as root no file is unreadable): one line, not a traceback."""
+    from listener.credentials import BAD_KEY_FILE, UNREADABLE_KEY_FILE
 
     key_file = tmp_path / "key.json"
-    key_file.write_text('{"type": "service_account", "private_key": "' + SECRET_MARK + '"')  # cut short
+    if what == "a folder":
+        key_file.mkdir()
+    else:
+        key_file.write_text('{"type": "service_account", "private_key": "' + SECRET_MARK + '"')  # cut short
     env = {k: v for k, v in os.environ.items() if k != "FIREBASE_SERVICE_ACCOUNT_JSON"}
     env = {k: v for k, v in env.items() if not k.endswith("_EMULATOR_HOST")}
     env.update(STORAGE_BUCKET="b", GOOGLE_CLOUD_PROJECT="demo-x", GOOGLE_APPLICATION_CREDENTIALS=str(key_file))
     result = subprocess.run(
         [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
-    assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {BAD_KEY_FILE}\n")
+    said = BAD_KEY_FILE if what == "a file with no key" else UNREADABLE_KEY_FILE
+    assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {said}\n")
     assert SECRET_MARK not in result.stdout
 
 
@@ -311,6 +317,8 @@ def test_a_key_file_that_holds_no_key_says_so(tmp_path):
         ("a flag bearer  riding, a standard-bearer\nwalks", "a flag bearer  riding, a standard-bearer\nwalks"),
         ('{"token_count": 77}', '{"token_count": 77}'),
         ("eyJust a word. eyJump. rpa_short ya29 laps", "eyJust a word. eyJump. rpa_short ya29 laps"),
+        ("Eyjafjallajokull.eyjolfur.x", "Eyjafjallajokull.eyjolfur.x"),  # not a JWT: those start with eyJ
+        ("?monkey=1&sort_key=2&hotkey=3", "?monkey=1&sort_key=2&hotkey=3"),  # a key parameter is key or api_key
     ],
 )
 def test_the_last_guard_of_the_logs_takes_out_what_looks_like_a_credential(text, shown):

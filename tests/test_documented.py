@@ -82,13 +82,13 @@ def configuration_table() -> dict[str, str]:
 
 
 def test_the_readmes_configuration_table_gives_each_numeric_and_word_default_as_the_code_has_it(clean_env):
-    """Each worker setting the table gives a number or a plain word as its default (a review found several rows
+    """Each worker setting the table gives a number, a word or a model id as its default (a review found several rows
     no test held: PLACEHOLDER_GRACE_SECONDS, RUNSYNC_CONCURRENCY, MAX_RELEASES, JOB_TIMEOUT_*)."""
     table = configuration_table()
     fields = {str(info.validation_alias): name for name, info in Settings.model_fields.items()}
     checked = []
     for variable, written in table.items():
-        if variable not in fields or not re.fullmatch(r"[0-9.]+|[a-z]+|[A-Z]+", written):
+        if variable not in fields or not re.fullmatch(r"[\w./-]+", written):
             continue  # a path, a default said in words
         info = Settings.model_fields[fields[variable]]
         # The threshold is read as text and parsed with the cache mode (generation.video_speed).
@@ -104,7 +104,7 @@ def test_the_readmes_configuration_table_gives_each_numeric_and_word_default_as_
     must |= {"BATCH_MAX", "SHUTDOWN_GRACE_SECONDS", "RUNSYNC_CONCURRENCY", "USER_MAX_RUNNING", "USER_MAX_PENDING"}
     must |= {"USER_DAILY_BUDGET", "MAX_RELEASES", "JOB_TIMEOUT_FLOOR_SECONDS", "JOB_TIMEOUT_MULTIPLE", "URL_STYLE"}
     must |= {"RETENTION_DAYS", "LOG_LEVEL", "FIREGEN_COMPILE", "FIREGEN_FP8", "FIREGEN_VIDEO_CACHE_THRESHOLD"}
-    must |= {"STORAGE_BUCKET", "FIREBASE_SERVICE_ACCOUNT_JSON"}
+    must |= {"STORAGE_BUCKET", "FIREBASE_SERVICE_ACCOUNT_JSON", "IMAGE_MODEL", "VIDEO_MODEL"}
     assert must <= set(checked), must - set(checked)
 
 

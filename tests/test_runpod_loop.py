@@ -238,7 +238,12 @@ def test_runsync_jobs_go_through_the_sdk_loop_several_at_once(
     lines = json_lines(worker)
     ours = [line for line in lines if "event" in line]
     sdk = [line for line in ours if line["event"] == "runpod_sdk"]
-    assert sdk[0]["said"] == f"Starting Serverless Worker |  Version {runpod.__version__}"
+    said = [line["said"] for line in sdk]
+    banner = said.index(f"Starting Serverless Worker |  Version {runpod.__version__}")
+    # The fitness checks (the SDK's runner, ours among them) before anything was claimed, and not run again.
+    checked = [n for n, line in enumerate(ours) if line.get("said", "").startswith("All fitness checks passed")]
+    first_claim = min(n for n, line in enumerate(ours) if line["event"] in ("job_claimed", "worker_ready"))
+    assert len(checked) == 1 and checked[0] < first_claim and said.index(ours[checked[0]]["said"]) < banner
     # The SDK's own logger, through ours (its JSON on RunPod has no `severity`): a job's lines carry its id.
     assert {line["requestId"] for line in sdk if line.get("requestId")} >= {f"rp-job-{n}" for n in range(4)}
     assert all(line["severity"] in ("DEBUG", "INFO", "WARNING", "ERROR") for line in sdk)
@@ -395,9 +400,57 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
         timeout=120,
     )
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert '"event": "fitness_check_failed"' in result.stdout
+    assert '"event": "fitness_check_failed"' in result.stdout and '"event": "worker_exit"' in result.stdout
+    assert "Fitness check failed: firegen_fitness_check" in result.stdout  # the SDK's line, through ours
     assert not job_api.takes and job_api.jobs.qsize() == 1  # the job stays with RunPod for a healthy worker
     assert any(ping.get("status") == "unhealthy" for ping in job_api.pings)  # the SDK told RunPod why
     job = doc(firestore_emulator, project, queued)
     assert job["status"] == "queued" and "worker_id" not in job and not job.get("attempts"), job
     assert '"event": "job_claimed"' not in result.stdout and '"event": "worker_ready"' not in result.stdout
+
+
+def test_a_paced_fetch_waits_longer_with_each_failure_in_a_row_and_stops_waiting_when_the_worker_leaves():
+    """The pacing of listener/job_api.py, on a fetch that fails as aiohttp does when nothing listens (a stand-in
+    for the SDK's get_job, whose failures a real loop shows in the test above). The waits are recorded, not
+    slept: 1 s, 2 s, 4 s... 30 s across the SDK's calls, from 1 s again after a fetch that worked."""
+    import asyncio
+
+    import aiohttp
+    from runpod.http_client import TooManyRequests
+
+    from listener import job_api
+
+    answers: list = []
+    waited: list[float] = []
+
+    async def fetch(session, num_jobs=1):
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    leaving = threading.Event()
+    paced = job_api.PacedFetch(fetch, leaving.is_set)
+
+    async def wait(seconds):
+        waited.append(seconds)
+
+    paced._wait = wait  # type: ignore[method-assign]
+    down = aiohttp.ClientConnectionError("Cannot connect to host 127.0.0.1:9")
+    answers += [down] * 7 + [[{"id": "j"}], down]
+    results = [asyncio.run(paced(None, 1)) for _ in range(9)]
+    assert results == [None] * 7 + [[{"id": "j"}], None]
+    assert waited == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 1.0]
+    # What is no outage goes to the SDK as it came: its own 429 debounce, and any other error.
+    for error in (TooManyRequests(None, (), status=429), ValueError("a bug")):
+        answers.append(error)
+        with pytest.raises(type(error)):
+            asyncio.run(paced(None, 1))
+    # A real wait, cut short by the worker leaving (a SIGTERM was held up to the SDK's 90 s fetch bound).
+    paced = job_api.PacedFetch(fetch, leaving.is_set)
+    paced.failures = 10  # the next wait is 30 s
+    answers.append(down)
+    leaving.set()
+    started = time.monotonic()
+    assert asyncio.run(paced(None, 1)) is None
+    assert time.monotonic() - started < 5
