@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -191,6 +193,11 @@ class RunsyncHandler:
         except Exception as exc:
             log.warning("refusal_not_recorded", user_id=key.user_id, file_uid=key.file_uid, error=type(exc).__name__)
 
+    # Inline generations run on threads of their own, as many as there are models: torch keeps an OpenMP team in
+    # each thread that ran its CPU work, for good, and every thread of the requests' pool would keep one (a soak:
+    # one more team per inline request, up to the pool's size, 32 threads on a large host).
+    _generating = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inline-generation")
+
     def inline(self, request: GenerationRequest) -> dict[str, Any]:
         """`use_cloud_storage: false`: generate in the request and return the media as base64."""
         ids = {name: value for name in ("user_id", "file_uid") if (value := getattr(request, name))}
@@ -203,7 +210,8 @@ class RunsyncHandler:
             return refused("Inline generation is not available on this worker", reason="no generator")
         started = time.perf_counter()
         try:
-            result = self.generator.generate(request)
+            context = contextvars.copy_context()  # the request's log fields go along
+            result = self._generating.submit(context.run, self.generator.generate, request).result()
         except Interrupted:  # the worker is leaving (its GPU failed, or it is shutting down)
             return refused("The worker stopped before the generation finished; please retry", reason="worker leaving")
         except Exception as exc:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -458,6 +459,25 @@ class SizedGenerator:
 
 
 INLINE = {"prompt": "a car", "use_cloud_storage": False, "num_images_per_prompt": 2}
+
+
+def test_inline_generations_run_on_threads_of_their_own():
+    """Not on the requests' threads, each of which would keep an OpenMP team of torch's for good (a soak)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = []
+
+    class Recording(SizedGenerator):
+        def generate(self, request, progress=None):
+            names.append(threading.current_thread().name)
+            return super().generate(request, progress)
+
+    handler = RunsyncHandler(store=None, submit=None, generator=Recording(10))
+    with ThreadPoolExecutor(8) as requests:
+        answers = list(requests.map(lambda _: handler.handle(INLINE), range(16)))
+    assert all(answer["status"] == "completed" for answer in answers)
+    assert len(names) == 16 and all(name.startswith("inline-generation") for name in names)
+    assert len(set(names)) <= 2
 
 
 def test_an_inline_result_over_20_mb_once_encoded_is_refused():
