@@ -548,10 +548,12 @@ def test_sigterm_stops_claiming_and_ends_the_running_job_cleanly(
         doc = stack.doc(running)
         if within_grace:
             assert (doc["status"], doc["attempts"]) == ("completed", 1)
-            assert not stack.worker.events("job_released")
+            assert not stack.worker.events("job_released") and not stack.worker.events("shutdown_grace_exceeded")
         else:
             assert doc["status"] == "queued" and doc["attempts"] == 0 and "worker_id" not in doc
             assert stack.worker.events("job_released")
+            [exceeded] = stack.worker.events("shutdown_grace_exceeded")  # README: said, with what it releases
+            assert '"releasing": 1' in exceeded and '"severity": "WARNING"' in exceeded
         assert stack.doc(late) == {**queued_doc(**SHORT_IMAGE)}  # never claimed: no attempts, no worker_id
         assert not [e for e in stack.worker.events("job_claimed") if "after-sigterm" in e]
     finally:
