@@ -11,7 +11,7 @@ from typing import Any
 _TOKEN_NAMES = r"access_token|refresh_token|id_token|client_secret"
 _SECRETS = re.compile(
     # A URL's or a form's parameter, also percent-encoded (a URL inside another URL's query: its value ends at %26).
-    r"(?P<keep>(?:(?:[?&]|%3F|%26)(?:X-Goog-Signature|X-Goog-Credential|Signature|token|(?:api[_-]?)?key|"
+    r"(?P<keep>(?:(?:[?&]|%3F|%26)(?:X-Goog-Signature|X-Goog-Credential|Signature|token|(?:[\w-]*[_-])?(?:api[_-]?)?key|"
     + _TOKEN_NAMES
     + r")"
     r"(?:=|%3D))"

@@ -44,7 +44,8 @@ NO_GPU = (
 
 
 def _on_runpod_queue(argv: list[str]) -> bool:
-    """RunPod's production job loop (its job API), where the SDK runs the fitness checks."""
+    """On RunPod with its job API (the SDK's job loop, or its realtime port), not the local API or a test input:
+    the SDK's fitness checks apply."""
     flags = ("--rp_serve_api", "--test_input")
     return bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB")) and not any(a.split("=")[0] in flags for a in argv)
 
@@ -210,9 +211,10 @@ def _fit(worker, production: bool) -> bool:
     """The start-up fitness check, before the worker claims anything (run by the SDK, on RunPod's job loop, it
     came after the listeners had started, and a worker that could not write its results failed the queued docs it
     claimed meanwhile, at each restart: an audit saw 3 jobs failed). On RunPod's job loop it runs through the SDK's
-    own runner, with the SDK's GPU and system checks: a failure is reported to RunPod as unhealthy and ends the
-    process there and then (the SDK's os._exit(1)); the SDK's `start` then has none left to run. False: unfit
-    (elsewhere, or with an SDK that has no such runner)."""
+    own runner, after the SDK's GPU and system checks (ours writes the worker's heartbeat doc, which a failure of
+    theirs, ending the process with os._exit, would leave behind): a failure is reported to RunPod as unhealthy
+    and ends the process there and then (the SDK's os._exit(1)). The SDK's `start` then has none left to run.
+    False: unfit (elsewhere, or with an SDK that has no such runner)."""
     import structlog
 
     fitness: Any = None
@@ -231,15 +233,27 @@ def _fit(worker, production: bool) -> bool:
                 structlog.get_logger("listener").error("worker_exit", code=1, reason=worker.failure)
                 raise
 
+        asyncio.run(fitness.run_fitness_checks())  # the SDK's own, registered by this first run
+        fitness.clear_fitness_checks()
         fitness.register_fitness_check(firegen_fitness_check)
         asyncio.run(fitness.run_fitness_checks())
         fitness.clear_fitness_checks()
+        # Its `start` runs them again (none are left; the SDK registers its own only once): where it does so by
+        # this name, not even that, whatever a later SDK does with its registrations.
+        from runpod.serverless import worker as sdk_worker
+
+        if callable(getattr(sdk_worker, "run_fitness_checks", None)):
+            sdk_worker.run_fitness_checks = _checked
         return True
     try:
         worker.fitness_check()
     except Exception:
         return False
     return True
+
+
+async def _checked() -> None:
+    """The fitness checks, run already (`_fit`)."""
 
 
 def _stop_claiming_when_uvicorn_exits(reconciler) -> None:

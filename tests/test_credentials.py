@@ -318,7 +318,8 @@ def test_a_key_file_that_holds_no_key_says_so(tmp_path, what):
         ('{"token_count": 77}', '{"token_count": 77}'),
         ("eyJust a word. eyJump. rpa_short ya29 laps", "eyJust a word. eyJump. rpa_short ya29 laps"),
         ("Eyjafjallajokull.eyjolfur.x", "Eyjafjallajokull.eyjolfur.x"),  # not a JWT: those start with eyJ
-        ("?monkey=1&sort_key=2&hotkey=3", "?monkey=1&sort_key=2&hotkey=3"),  # a key parameter is key or api_key
+        ("?monkey=1&hotkey=3", "?monkey=1&hotkey=3"),  # a key parameter is key, api_key or another's *_key
+        ("?private_key=a&x-api-key=b&n=1", "?private_key=<redacted>&x-api-key=<redacted>&n=1"),
     ],
 )
 def test_the_last_guard_of_the_logs_takes_out_what_looks_like_a_credential(text, shown):
