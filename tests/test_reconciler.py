@@ -421,6 +421,65 @@ class BlippingStore(WorkerJobs):
         return super().complete(job, fields)
 
 
+class ClaimBlip(WorkerJobs):
+    """The job store with Firestore away for the first `claim` (a stand-in, as BlippingStore is)."""
+
+    blips = 1
+
+    def claim(self, *args, **kwargs):
+        if self.blips:
+            self.blips -= 1
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+        return super().claim(*args, **kwargs)
+
+
+def test_a_claim_that_failed_is_logged_and_tried_again_by_the_next_sweep(firestore_client, results, reconciler_logs):
+    """README: `claim_error` (with `path`), retried by the next event or sweep."""
+    key = JobKey("u1", "images", "claim-blip")
+    store = ClaimBlip(firestore_client, worker_id="w1", lease_seconds=30)
+    with started_reconcilers() as start:
+        start(Reconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=0.3))
+        write_job(firestore_client, key)
+        data = wait_until(lambda: finished(firestore_client, key))
+    assert (data["status"], data["attempts"], store.blips) == ("completed", 1, 0)
+    [said] = [e for e in reconciler_logs if e["event"] == "claim_error"]
+    assert (said["path"], said["log_level"]) == (key.path, "warning") and "failed to connect" in said["error"]
+
+
+class RenewBlip(WorkerJobs):
+    """The job store with Firestore away for the first lease renewal (a stand-in); `renewed`: one went through."""
+
+    blips = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.renewed = threading.Event()
+
+    def renew(self, *args, **kwargs):
+        if self.blips:
+            self.blips -= 1
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+        renewed = super().renew(*args, **kwargs)
+        self.renewed.set()
+        return renewed
+
+
+def test_a_lease_renewal_that_failed_is_logged_and_the_next_one_keeps_the_job(firestore_client, results, runner_logs):
+    """README: `lease_renew_error`, retried by the next beat (the lease has slack): the job ends as it would."""
+    key = JobKey("u1", "images", "renew-blip")
+    write_job(firestore_client, key)
+    store = RenewBlip(firestore_client, worker_id="w1", lease_seconds=1.5)  # a renewal every 0.5 s
+    generator = StubGenerator(gate=store.renewed)  # runs until a renewal after the failed one went through
+    assert JobRunner(store, generator, results).run(store.claim(key)) == "completed"
+    assert (doc(firestore_client, key)["status"], store.blips) == ("completed", 0)
+    [said] = [e for e in runner_logs if e["event"] == "lease_renew_error"]
+    assert (said["file_uid"], said["log_level"]) == ("renew-blip", "warning") and "failed to connect" in said["error"]
+
+
 def test_a_firestore_blip_after_the_upload_neither_fails_nor_reruns_the_job(firestore_client, results, bucket):
     key = JobKey("u1", "images", "blip")
     write_job(firestore_client, key)
