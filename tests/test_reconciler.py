@@ -421,30 +421,41 @@ class BlippingStore(WorkerJobs):
         return super().complete(job, fields)
 
 
-class ClaimBlip(WorkerJobs):
-    """The job store with Firestore away for the first `claim` (a stand-in, as BlippingStore is)."""
+def first_call_fails(method: str) -> type[WorkerJobs]:
+    """The job store with Firestore away for the first call of `method` (a stand-in, as BlippingStore is)."""
 
-    blips = 1
+    class Blip(WorkerJobs):
+        blips = 1
 
-    def claim(self, *args, **kwargs):
+    def failing(self, *args, **kwargs):
         if self.blips:
             self.blips -= 1
             from google.api_core.exceptions import ServiceUnavailable
 
             raise ServiceUnavailable("failed to connect to all addresses")
-        return super().claim(*args, **kwargs)
+        return getattr(WorkerJobs, method)(self, *args, **kwargs)
+
+    setattr(Blip, method, failing)
+    return Blip
 
 
-def test_a_claim_that_failed_is_logged_and_tried_again_by_the_next_sweep(firestore_client, results, reconciler_logs):
-    """README: `claim_error` (with `path`), retried by the next event or sweep."""
-    key = JobKey("u1", "images", "claim-blip")
-    store = ClaimBlip(firestore_client, worker_id="w1", lease_seconds=30)
+@pytest.mark.parametrize(
+    "method,event",
+    [("claim", "claim_error"), ("admit", "admission_error")],
+)
+def test_a_queue_call_that_failed_is_logged_and_the_job_still_runs(
+    firestore_client, results, reconciler_logs, method, event
+):
+    """README: `claim_error` and `admission_error` (with `path`), each retried by the next event or sweep (the
+    claim admits a job its admission missed)."""
+    key = JobKey("u1", "images", f"{method}-blip")
+    store = first_call_fails(method)(firestore_client, worker_id="w1", lease_seconds=30)
     with started_reconcilers() as start:
         start(Reconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=0.3))
         write_job(firestore_client, key)
         data = wait_until(lambda: finished(firestore_client, key))
     assert (data["status"], data["attempts"], store.blips) == ("completed", 1, 0)
-    [said] = [e for e in reconciler_logs if e["event"] == "claim_error"]
+    [said] = [e for e in reconciler_logs if e["event"] == event]
     assert (said["path"], said["log_level"]) == (key.path, "warning") and "failed to connect" in said["error"]
 
 
