@@ -8,6 +8,7 @@ picks up every queued doc, it just has no HTTP door.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         if _on_runpod(argv):
             serve_api = any(a.split("=")[0] == "--rp_serve_api" for a in argv)
             route_runpod_sdk(local_api=serve_api or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0"))
-        if not _fit(worker, production):
+        if not _fit(worker, production, settings.fitness_check_timeout_seconds):
             return worker.exit_code
         worker.start(listen=not one_job)
         if not one_job and not worker.reconciler.wait_listening(30):
@@ -207,7 +208,48 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     return worker.exit_code
 
 
-def _fit(worker, production: bool) -> bool:
+def _fit(worker, production: bool, timeout: float) -> bool:
+    """The start-up fitness checks (`_run_fitness_checks`), bounded by `timeout` seconds (`_fitness_deadline`)."""
+    deadline = _fitness_deadline(timeout, production)
+    try:
+        return _run_fitness_checks(worker, production)
+    finally:
+        deadline.cancel()
+
+
+def _fitness_deadline(seconds: float, production: bool) -> threading.Timer:
+    """Ends the process (exit 1) unless cancelled within `seconds`. A card whose driver hangs hangs `nvidia-smi`,
+    which the SDK's system checks ask with no time limit: the worker stayed initializing for good, neither ready
+    nor gone for RunPod to replace. Nothing is claimed before the checks end, so there is nothing to give back;
+    the stuck thread cannot be interrupted, so the exit is os._exit, as the SDK's own after a failed check."""
+
+    def past_deadline() -> None:
+        import structlog
+
+        log = structlog.get_logger("listener")
+        error = f"the start-up checks ran past {seconds:g} s (FITNESS_CHECK_TIMEOUT_SECONDS): a hung driver or device"
+        log.error("fitness_check_failed", error_type="FitnessCheckTimeout", error=error)
+        log.error("worker_exit", code=1, reason="fitness check failed: FitnessCheckTimeout")
+        if production:
+            from runpod.serverless.modules import rp_fitness
+
+            # The SDK's report of a failed check (private, so looked up: a later SDK without it exits unreported).
+            report = getattr(rp_fitness, "_report_unhealthy", None)
+            if callable(report):
+                report("firegen_fitness_deadline", error)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed stream must not stop the exit
+                stream.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, past_deadline)
+    timer.daemon = True
+    timer.name = "fitness-deadline"
+    timer.start()
+    return timer
+
+
+def _run_fitness_checks(worker, production: bool) -> bool:
     """The start-up fitness check, before the worker claims anything (run by the SDK, on RunPod's job loop, it
     came after the listeners had started, and a worker that could not write its results failed the queued docs it
     claimed meanwhile, at each restart: an audit saw 3 jobs failed). On RunPod's job loop it runs through the SDK's

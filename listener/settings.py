@@ -71,6 +71,11 @@ class Settings(ModelSettings):
         20.0, ge=0, le=HOUR, allow_inf_nan=False, validation_alias=env("SHUTDOWN_GRACE_SECONDS")
     )
     max_releases: int = Field(3, ge=1, validation_alias=env("MAX_RELEASES"))
+    # The start-up checks (the SDK's GPU and system checks, then ours) must end within this: a hung driver's
+    # nvidia-smi (the SDK asks it with no time limit) kept a worker "initializing" for good, never ready, never gone.
+    fitness_check_timeout_seconds: float = Field(
+        180.0, gt=0, le=HOUR, allow_inf_nan=False, validation_alias=env("FITNESS_CHECK_TIMEOUT_SECONDS")
+    )
     # A free slot claims up to BATCH_MAX queued text2image jobs that can share one UNet batch (same size, steps
     # and guidance) and runs them in one pipeline call. 1: one job at a time.
     batch_max: int = Field(1, ge=1, le=MAX_BATCH, validation_alias=env("BATCH_MAX"))

@@ -411,6 +411,65 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
     assert '"event": "job_claimed"' not in result.stdout and '"event": "worker_ready"' not in result.stdout
 
 
+def test_start_up_checks_that_hang_end_the_worker_at_their_deadline(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path
+):
+    """A card whose driver hangs hangs `nvidia-smi`, which the SDK's system checks ask with no time limit: the
+    worker stayed initializing for good. Here a real `nvidia-smi` that never answers (a script on PATH: this
+    machine has none to hang) and the real SDK: past FITNESS_CHECK_TIMEOUT_SECONDS the worker says why, tells
+    RunPod it is unhealthy and exits 1, having claimed nothing."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\nexec sleep 300\n")
+    smi.chmod(0o755)
+    queued = "generations/loop-user/images/queued-behind-a-hung-driver"
+    client = firestore_emulator.client(project[0])
+    client.document(queued).set(
+        {**image_input("queued-behind-a-hung-driver"), "status": "queued", "created_at": SERVER_TIMESTAMP}
+    )
+    env = {
+        **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
+        "PATH": f"{smi.parent}{os.pathsep}{os.environ['PATH']}",
+        "FITNESS_CHECK_TIMEOUT_SECONDS": "3",
+        # The SDK's system checks on: they ask `nvidia-smi` whether there is a GPU (with no time limit) first.
+        "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "false",
+        "IMAGE_MODEL": "none",
+        "VIDEO_MODEL": "none",
+        "PYTHONUNBUFFERED": "1",
+    }
+    # Files, not pipes: the hung `sleep`s outlive the worker (as on a broken card) and would hold a pipe open.
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("w") as stdout_file, err.open("w") as stderr_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "listener"],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=stdout_file,
+            stderr=stderr_file,
+            start_new_session=True,  # its group: the `sleep`s it left are killed below
+        )
+    try:
+        process.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stdout, stderr = out.read_text(), err.read_text()
+    assert process.returncode == 1, stdout[-3000:] + stderr[-3000:]
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    failed = [e for e in events if e.get("event") == "fitness_check_failed"]
+    assert len(failed) == 1 and failed[0]["error_type"] == "FitnessCheckTimeout", failed
+    assert "FITNESS_CHECK_TIMEOUT_SECONDS" in failed[0]["error"] and failed[0]["severity"] == "ERROR"
+    assert events[-1]["event"] == "worker_exit" and events[-1]["code"] == 1, events[-3:]
+    unhealthy = [ping for ping in job_api.pings if ping.get("status") == "unhealthy"]
+    assert unhealthy and unhealthy[0].get("check") == "firegen_fitness_deadline", job_api.pings
+    assert not any(e.get("event") in ("worker_ready", "job_claimed") for e in events)
+    assert not job_api.takes
+    job = doc(firestore_emulator, project, queued)
+    assert job["status"] == "queued" and "worker_id" not in job and not job.get("attempts"), job
+
+
 def test_a_paced_fetch_waits_longer_with_each_failure_in_a_row_and_stops_waiting_when_the_worker_leaves():
     """The pacing of listener/job_api.py, on a fetch that fails as aiohttp does when nothing listens (a stand-in
     for the SDK's get_job, whose failures a real loop shows in the test above). The waits are recorded, not
