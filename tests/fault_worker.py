@@ -1,8 +1,11 @@
-"""`python -m tests.fault_worker`: the production worker (`python -m listener`) with an injected accelerator
-fault, for the tests: this machine has no GPU to break, so the fault is raised where a broken card raises it.
+"""`python -m tests.fault_worker`: the production worker (`python -m listener`) with an injected fault, for the
+tests: this machine has no GPU to break, so the fault is raised where a broken card raises it; and Firestore's
+listen streams cannot be made to stay silent on demand.
 
-FAULT=job      every generation raises the CUDA error of a corrupted context (not out-of-memory)
-FAULT=fitness  the start-up device check (the SDK's fitness check) raises one
+FAULT=job        every generation raises the CUDA error of a corrupted context (not out-of-memory)
+FAULT=fitness    the start-up device check (the SDK's fitness check) raises one
+FAULT=listeners  the listeners attach, but no snapshot of theirs reaches the worker (as when the listen streams
+                 never answer), and the start's 30 s wait for them is cut to 1 s
 """
 
 from __future__ import annotations
@@ -27,8 +30,28 @@ class FaultyGenerator:
         self.engine.check_device()
 
 
+def silence_listeners() -> None:
+    """FAULT=listeners (the worker's listeners are its only `on_snapshot` callers)."""
+    from google.cloud.firestore_v1.query import Query
+
+    from listener.reconciler import Reconciler
+
+    on_snapshot, wait_listening = Query.on_snapshot, Reconciler.wait_listening
+
+    def attach_deaf(query, callback):
+        return on_snapshot(query, lambda *args: None)
+
+    def wait_a_second_at_most(reconciler, timeout):
+        return wait_listening(reconciler, min(timeout, 1.0))
+
+    Query.on_snapshot = attach_deaf  # type: ignore[method-assign]
+    Reconciler.wait_listening = wait_a_second_at_most  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     from listener.__main__ import main
 
     fault = os.environ["FAULT"]
+    if fault == "listeners":
+        silence_listeners()
     sys.exit(main(wrap_generator=lambda engine: FaultyGenerator(engine, fault)))

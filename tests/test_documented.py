@@ -585,3 +585,59 @@ def test_a_library_record_whose_arguments_do_not_fit_its_text_does_not_raise_int
     library's log call (it would fail the generation that logged it); logging reports it as it always does."""
     result = subprocess.run([sys.executable, "-c", BAD_ARGUMENTS], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "still running" in result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- make test
+# The Makefile's python (PYTHON), seeing `cores` CPUs: it runs the `-c` code make hands it.
+FAKE_CORES_PYTHON = """import os, sys
+cores = int(os.environ["FAKE_CORES"])
+os.sched_getaffinity = lambda pid: set(range(cores))
+os.cpu_count = lambda: cores
+exec(sys.argv[2])
+"""
+
+
+# What a make running this suite (or the caller's environment) would hand down and set instead.
+MAKE_INHERITED = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "TEST_WORKERS", "PYTEST_ARGS", "PYTHON")
+
+
+def make_test_command(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    """The pytest command `make test` runs (printed by `make -n`, nothing run), split into its words."""
+    clean = {name: value for name, value in os.environ.items() if name not in MAKE_INHERITED}
+    done = subprocess.run(
+        ["make", "-n", "--no-print-directory", "test", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **(env or {})},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [line] = [line for line in done.stdout.splitlines() if " -m pytest " in line]
+    return line.split()
+
+
+def test_make_test_runs_as_many_processes_as_cores_from_2_to_4_and_0_runs_in_one(tmp_path):
+    """README: `TEST_WORKERS`: as many as the machine has cores, at least 2 and at most 4; `TEST_WORKERS=0` runs
+    in one process. The Makefile's own expression, evaluated by make with its python made to see 1, 3, 4 or 16
+    cores (this machine has what it has), and here as it is; then the command `TEST_WORKERS=0` gives, run."""
+    fake = tmp_path / "fake_cores.py"
+    fake.write_text(FAKE_CORES_PYTHON)
+    python = f"PYTHON={sys.executable} {fake}"
+    for cores, workers in [(1, 2), (2, 2), (3, 3), (4, 4), (16, 4)]:
+        command = make_test_command(python, env={"FAKE_CORES": str(cores)})
+        assert command[command.index("-n") + 1] == str(workers), (cores, command)
+    here = min(4, max(2, len(os.sched_getaffinity(0))))
+    command = make_test_command()
+    assert command[command.index("-n") + 1 :][:3] == [str(here), "--dist", "loadfile"]
+
+    one = make_test_command("TEST_WORKERS=0", f"PYTEST_ARGS=-q -p no:cacheprovider {tmp_path / 'test_one.py'}")
+    assert one[:6] == [".venv/bin/python", "-m", "pytest", "-n", "0", "--dist"]
+    (tmp_path / "test_one.py").write_text(
+        "import os\n\ndef test_in_the_main_process():\n    assert 'PYTEST_XDIST_WORKER' not in os.environ\n"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
+    done = subprocess.run(
+        [str(ROOT / one[0]), *one[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from google.cloud import firestore
 from google.cloud.firestore_v1.base_query import FieldFilter
 
@@ -333,3 +335,92 @@ def test_a_start_waits_as_long_as_its_emulator_says(monkeypatch, tmp_path):
         assert slow.last_start_seconds >= 1.4
     finally:
         slow.stop(grace=1)
+
+
+@pytest.mark.parametrize(
+    "setting,local_emulator,docker_answers,mode",
+    [
+        ("docker", True, False, "docker"),  # forced: even where a local emulator could run
+        ("local", False, True, "local"),
+        ("auto", True, True, "local"),
+        ("auto", False, True, "docker"),
+        ("auto", False, False, "local"),  # then the tests that need an emulator say it is missing
+        (None, False, True, "docker"),  # auto is the default
+        (None, True, True, "local"),
+    ],
+)
+def test_firegen_emulators_chooses_local_processes_or_docker_compose(
+    monkeypatch, setting, local_emulator, docker_answers, mode
+):
+    """README: `FIREGEN_EMULATORS=docker` runs both emulators from docker-compose.yml; `auto`, the default, does so
+    only where no local Firestore emulator can be had and `docker info` answers. Both findings are stand-ins
+    (this machine has a local emulator and no Docker engine, whatever a case needs); a forced mode asks neither."""
+    asked: list[str] = []
+
+    def backend() -> tuple[str, str]:
+        asked.append("local emulator")
+        if not local_emulator:
+            raise emu.EmulatorUnavailable("no Firestore emulator here")
+        return "binary", "/opt/cloud_firestore_emulator"
+
+    def docker_available() -> bool:
+        asked.append("docker info")
+        return docker_answers
+
+    monkeypatch.setattr(emu, "firestore_backend", backend)
+    monkeypatch.setattr(emu, "docker_available", docker_available)
+    if setting is None:
+        monkeypatch.delenv("FIREGEN_EMULATORS", raising=False)
+    else:
+        monkeypatch.setenv("FIREGEN_EMULATORS", setting)
+    assert emu.emulator_mode() == mode
+    if setting in ("docker", "local"):
+        assert asked == []
+
+
+# A stand-in for the docker CLI (no Docker engine here): each call recorded with the ports it was handed.
+FAKE_DOCKER = """#!/bin/sh
+echo "$FIRESTORE_EMULATOR_PORT $STORAGE_EMULATOR_PORT $*" >> "$DOCKER_CALLS"
+"""
+
+
+def interpolated(text: str, env: dict[str, str]) -> str:
+    """docker-compose.yml's `${VAR:-default}`, read as compose reads it."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1]) or m[2], text)
+
+
+def test_docker_mode_publishes_each_emulator_on_the_port_the_harness_looks_for_it(monkeypatch, tmp_path):
+    """README: `FIREGEN_EMULATORS=docker` runs both emulators from docker-compose.yml. No Docker engine runs here:
+    `docker` is a stand-in that records its calls, and the services count as answering. What is checked is the
+    harness's side: it brings up the repository's compose file (and takes it down), hands compose the host ports
+    it picked, and docker-compose.yml publishes each emulator on that port of 127.0.0.1 (the Storage emulator's
+    URLs with it), which is where the tests' clients are pointed."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "docker").write_text(FAKE_DOCKER)
+    (tools / "docker").chmod(0o755)
+    calls = tmp_path / "docker-calls"
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DOCKER_CALLS", str(calls))
+    monkeypatch.setattr(emu.DockerService, "is_ready", lambda self: True)
+    compose_file = Path(__file__).resolve().parent.parent / "docker-compose.yml"
+    compose = emu.DockerCompose(compose_file, tmp_path)
+    with compose.up() as (firestore_service, storage_service):
+        assert len(calls.read_text().splitlines()) == 1  # up, and nothing else yet
+    ports = {"FIRESTORE_EMULATOR_PORT": str(firestore_service.port), "STORAGE_EMULATOR_PORT": str(storage_service.port)}
+    handed = " ".join(ports.values())
+    assert calls.read_text().splitlines() == [
+        f"{handed} compose -f {compose_file} -p {compose.project} up -d --wait",
+        f"{handed} compose -f {compose_file} -p {compose.project} down -v",
+    ]
+    assert firestore_service.port != storage_service.port
+    services = yaml.safe_load(interpolated(compose_file.read_text(), ports))["services"]
+    for service in (firestore_service, storage_service):
+        [published] = services[service.service]["ports"]
+        host, port, inside = published.split(":")
+        assert f"{host}:{port}" == service.host_port  # FIRESTORE_EMULATOR_HOST, STORAGE_EMULATOR_HOST's host
+        command = services[service.service]["command"]  # and the container's emulator listens on its side
+        assert any(arg.endswith((f"-port={inside}", f"0.0.0.0:{inside}")) for arg in command), command
+    storage_command = services["storage"]["command"]
+    assert f"-external-url={storage_service.url}" in storage_command
+    assert f"-public-host={storage_service.host_port}" in storage_command

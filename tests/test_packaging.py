@@ -105,3 +105,35 @@ def test_the_deploy_source_is_world_readable_even_under_a_strict_umask(tmp_path)
         assert vendor_shared.unreadable() == []
     finally:
         sys.path.remove(str(ROOT / "scripts"))
+
+
+def test_vendor_shared_check_says_whether_the_functions_copy_is_current(tmp_path):
+    """README: `python3 scripts/vendor_shared.py --check` says whether functions/firegen_core is current: exit 0
+    when it is; non-zero, naming each stale file, when the core changed since the copy (or there is none); and
+    it repairs nothing. Run on a copy of what the script reads (the folder above its own is its root), never on
+    the repository's functions/."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "vendor_shared.py", root / "scripts")
+    shutil.copytree(ROOT / "firegen_core", root / "firegen_core", ignore=shutil.ignore_patterns("__pycache__"))
+    ignored = shutil.ignore_patterns("venv", "__pycache__", "firegen_core", ".firegen_core.*")
+    shutil.copytree(ROOT / "functions", root / "functions", ignore=ignored)
+
+    def vendor_shared(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "scripts/vendor_shared.py", *args]
+        return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=60)
+
+    missing = vendor_shared("--check")
+    assert missing.returncode != 0 and "vendor_shared: out of date: firegen_core/jobs.py" in missing.stderr
+    assert not (root / "functions" / "firegen_core").exists()
+    assert vendor_shared().returncode == 0  # the copy, as the predeploy hook and make dev/test write it
+    current = vendor_shared("--check")
+    assert (current.returncode, current.stdout, current.stderr) == (0, "", "")
+
+    edited = root / "firegen_core" / "jobs.py"
+    edited.write_text(edited.read_text() + "\n# changed since the copy\n")
+    stale = vendor_shared("--check")
+    assert stale.returncode != 0
+    assert stale.stderr.splitlines() == ["vendor_shared: out of date: firegen_core/jobs.py"]
+    copy = root / "functions" / "firegen_core" / "jobs.py"
+    assert copy.read_text() == (ROOT / "firegen_core" / "jobs.py").read_text()  # as it was: nothing repaired

@@ -16,9 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import structlog
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import firestore
 from google.cloud.firestore import SERVER_TIMESTAMP
 from PIL import Image
 
+from devtools import emulators as emu
+from firegen_core import workers
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey, WorkerJobs
 from firegen_core.quota import Limits
@@ -457,6 +461,83 @@ def test_a_queue_call_that_failed_is_logged_and_the_job_still_runs(
     assert (data["status"], data["attempts"], store.blips) == ("completed", 1, 0)
     [said] = [e for e in reconciler_logs if e["event"] == event]
     assert (said["path"], said["log_level"]) == (key.path, "warning") and "failed to connect" in said["error"]
+
+
+def test_a_cancel_whose_write_failed_is_logged_and_the_job_still_ends_cancelled(
+    firestore_client, results, reconciler_logs
+):
+    """README: `cancel_error` (with `path`), retried by the next event or sweep: a queued job its owner cancelled,
+    whose failing write met Firestore away once, still ends failed `Cancelled`, never run. The stand-in fails the
+    store's first `transition`: with this job alone (cancelled before any worker saw it), no admission, claim or
+    run makes that call, only the cancel's; the single error logged (by the cancel) shows it."""
+    key = JobKey("u1", "images", "cancel-blip")
+    store = first_call_fails("transition")(firestore_client, worker_id="w1", lease_seconds=30)
+    generator = StubGenerator()
+    with started_reconcilers() as start:
+        start(Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
+        write_job(firestore_client, key, cancel_requested=True)
+        data = wait_until(lambda: finished(firestore_client, key))
+    assert (data["status"], data["error_type"], store.blips) == ("failed", "Cancelled", 0)
+    assert generator.calls == [] and not data.get("attempts") and "worker_id" not in data
+    failed = [e for e in reconciler_logs if "failed to connect" in str(e.get("error"))]
+    assert [(e["event"], e["path"], e["log_level"]) for e in failed] == [("cancel_error", key.path, "warning")]
+    # Its `job_cancelled` line is not checked: the emulator may answer a commit that landed CANCELLED ("call already
+    # cancelled"); the client sends it again, its precondition fails on its own write, and the transition, reading
+    # the job failed already, reports nothing applied.
+
+
+class ChokingReconciler(CountingReconciler):
+    """The reconciler with a listener handler that raises on the doc `choke` (a stand-in: the docs that made it
+    raise, an admin's unreadable fields, are read as none since the audit above, so no real doc does it on
+    demand)."""
+
+    def _on_queue_change(self, name, key, change, doc):
+        if key.file_uid == "choke":
+            raise ValueError("no sense to be made of this doc")
+        super()._on_queue_change(name, key, change, doc)
+
+
+def test_a_doc_a_listener_could_not_take_in_is_logged_and_the_listener_goes_on(
+    firestore_client, results, reconciler_logs
+):
+    """README: `listener_doc_error` (with `path`; the listener goes on). The next doc, written once the first was
+    refused, with the periodic sweep two minutes away, can only reach the worker through the same listeners."""
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+    with started_reconcilers() as start:
+        worker = start(ChokingReconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=SLOW_SWEEP))
+        assert wait_until(lambda: worker.sweeps == 1)  # the sweep at start is done; the next is far away
+        choke = JobKey("u1", "images", "choke")
+        write_job(firestore_client, choke)
+        said = wait_until(lambda: [e for e in reconciler_logs if e["event"] == "listener_doc_error"])
+        after = JobKey("u1", "images", "after-choke")
+        write_job(firestore_client, after)
+        assert wait_until(lambda: finished(firestore_client, after))["status"] == "completed"
+        assert worker.sweeps == 1  # no sweep ran since: a listener delivered it
+    assert {(e["path"], e["log_level"]) for e in said} == {(choke.path, "warning")}
+    assert all(e["error"] == "no sense to be made of this doc" for e in said)
+    assert doc(firestore_client, choke)["status"] == "queued" and not restarts(reconciler_logs)
+
+
+def test_a_worker_doc_that_could_not_be_removed_is_logged_and_the_stop_completes(monkeypatch, reconciler_logs):
+    """README: `worker_doc_not_removed`: Firestore unreachable as the worker stops (nothing listens on its port: a
+    real client's delete of the heartbeat doc fails), said, and the stop still ends with `reconciler_stopped`,
+    within the delete's bound (LEAVE_TIMEOUT: 5 s, which a dead port takes 2 to 5 s to run out; 1 s here)."""
+    monkeypatch.setattr(workers, "LEAVE_TIMEOUT", 1.0)
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emu.free_port()}")
+    client = firestore.Client(project="demo-down", credentials=AnonymousCredentials())
+    try:
+        # No listeners, no heartbeat (start's, which would fail too): only the claim loop, which stops at once.
+        reconciler = Reconciler(WorkerJobs(client, worker_id="w-down"), runner=None)  # type: ignore[arg-type]
+        reconciler.start(listen=False)
+        started = time.monotonic()
+        reconciler.stop(grace=0)
+        took = time.monotonic() - started
+    finally:
+        client.close()
+    said = [(e["event"], e["log_level"]) for e in reconciler_logs if e["event"] != "reconciler_started"]
+    assert said == [("worker_doc_not_removed", "warning"), ("reconciler_stopped", "info")]
+    [not_removed] = [e for e in reconciler_logs if e["event"] == "worker_doc_not_removed"]
+    assert not_removed["error"] and took < workers.LEAVE_TIMEOUT + 3, took
 
 
 class RenewBlip(WorkerJobs):

@@ -470,6 +470,43 @@ def test_start_up_checks_that_hang_end_the_worker_at_their_deadline(
     assert job["status"] == "queued" and "worker_id" not in job and not job.get("attempts"), job
 
 
+def test_listeners_not_current_at_start_are_said_and_the_sweep_covers_for_them(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    """README: `listeners_not_current` (at start: the sweep covers until they are). Stand-ins (tests/fault_worker.py,
+    FAULT=listeners): no snapshot of the listeners reaches the worker, and its 30 s wait for them is cut to 1 s. The
+    rest is the production worker: it says so before it is ready, and a doc queued in Firestore is still claimed,
+    found by the sweep (every second here), and run (no model is loaded, to start quicker: it fails as such)."""
+    worker = WorkerProcess(
+        emulator_logs,
+        {**worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache), "FAULT": "listeners"},
+        serve_api=False,
+        module="tests.fault_worker",
+        IMAGE_MODEL="none",
+        VIDEO_MODEL="none",
+    )
+    worker.start()
+    path = "generations/loop-user/images/swept"
+    try:
+        firestore_emulator.client(project[0]).document(path).set(
+            {**image_input("swept"), "status": "queued", "created_at": SERVER_TIMESTAMP}
+        )
+        done = emu.wait_until(lambda: doc(firestore_emulator, project, path).get("status") == "failed", 60)
+        assert done, worker.log_tail()
+    finally:
+        worker.signal(signal.SIGTERM)
+        code = worker.wait_exit(30)
+        worker.stop()
+    assert code == 0
+    lines = [line for line in json_lines(worker) if "event" in line]
+    events = [line["event"] for line in lines]
+    assert events.index("listeners_not_current") < events.index("worker_ready") < events.index("job_claimed")
+    [said] = [line for line in lines if line["event"] == "listeners_not_current"]
+    assert (said["severity"], said["note"]) == ("WARNING", "the sweep covers until they are")
+    job = doc(firestore_emulator, project, path)
+    assert (job["error_type"], job["attempts"]) == ("ModelNotAvailable", 1)
+
+
 def test_a_paced_fetch_waits_longer_with_each_failure_in_a_row_and_stops_waiting_when_the_worker_leaves():
     """The pacing of listener/job_api.py, on a fetch that fails as aiohttp does when nothing listens (a stand-in
     for the SDK's get_job, whose failures a real loop shows in the test above). The waits are recorded, not
