@@ -11,10 +11,13 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from contextlib import redirect_stdout
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
@@ -289,6 +292,49 @@ def test_a_key_file_that_holds_no_key_says_so(tmp_path, what):
     said = BAD_KEY_FILE if what == "a file with no key" else UNREADABLE_KEY_FILE
     assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {said}\n")
     assert SECRET_MARK not in result.stdout
+
+
+def test_an_application_default_credentials_file_that_cannot_be_read_says_so():
+    """No key given, and gcloud's Application Default Credentials file is there but may not be read (a volume
+    mounted with the wrong owner): one line that says what to set instead, not GOOGLE_APPLICATION_CREDENTIALS,
+    which is unset. Root reads every file: there, the worker runs as `nobody` (setpriv)."""
+    from listener.credentials import UNREADABLE_ADC
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: no file is unreadable")
+        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import listener.credentials"], cwd=REPO, check=False)
+        if probe.returncode:
+            pytest.skip("`nobody` cannot run the worker from this checkout (a folder above it is root's alone)")
+    home = Path(tempfile.mkdtemp(prefix="firegen-adc-"))  # pytest's own folders are root's alone
+    try:
+        adc = home / ".config" / "gcloud" / "application_default_credentials.json"
+        adc.parent.mkdir(parents=True)
+        adc.write_text(service_account_key("demo-x")[0])
+        adc.chmod(0)
+        for folder in (adc.parent, adc.parent.parent, home):
+            folder.chmod(0o755)
+        env = {k: v for k, v in os.environ.items() if k not in ("FIREBASE_SERVICE_ACCOUNT_JSON", "CLOUDSDK_CONFIG")}
+        env = {k: v for k, v in env.items() if not k.endswith("_EMULATOR_HOST")}
+        env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+        env.update(STORAGE_BUCKET="b", GOOGLE_CLOUD_PROJECT="demo-x", HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
+        result = subprocess.run(
+            [*prefix, sys.executable, "-m", "listener"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        shutil.rmtree(home)
+    assert (result.returncode, result.stderr) == (
+        2,
+        f"listener: configuration error: {UNREADABLE_ADC} (PermissionError)\n",
+    ), result.stdout[-2000:]
 
 
 @pytest.mark.parametrize(
