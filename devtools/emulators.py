@@ -625,10 +625,13 @@ class DockerCompose:
 
 
 def emulator_mode() -> str:
-    """`local` or `docker`, from FIREGEN_EMULATORS (local | docker | auto, default auto)."""
-    mode = os.environ.get("FIREGEN_EMULATORS", "auto").strip().lower()
+    """`local` or `docker`, from FIREGEN_EMULATORS (local | docker | auto, default auto). ValueError: another
+    value (a typo ran the emulators some other way than asked, and said nothing)."""
+    mode = os.environ.get("FIREGEN_EMULATORS", "").strip().lower() or "auto"
     if mode in ("local", "docker"):
         return mode
+    if mode != "auto":
+        raise ValueError(f"FIREGEN_EMULATORS must be local, docker or auto, not {mode!r}")
     try:
         firestore_backend()
         return "local"

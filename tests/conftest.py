@@ -60,7 +60,10 @@ def emulator_logs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def emulator_mode() -> str:
     """'local' (processes on this machine) or 'docker' (docker-compose.yml via pytest-docker)."""
-    return emu.emulator_mode()
+    try:
+        return emu.emulator_mode()
+    except ValueError as exc:  # once, not as an error of every test that needs an emulator
+        pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture(scope="session")
