@@ -8,7 +8,6 @@ picks up every queued doc, it just has no HTTP door.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import os
@@ -98,13 +97,23 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
     from generation.engine import Engine, EngineConfig, quiet_loading
 
+    from .startup import Deadline, runpod_report
     from .worker import build_worker
 
     imported = time.perf_counter()
     quiet_loading()  # one JSON event per line: no progress bars in the worker's output
+    # From the first touch of the card (the engine's device detection) to `worker_ready`.
+    start = Deadline(
+        settings.startup_timeout_seconds,
+        event="startup_timed_out",
+        fields={"error": f"the start ran past {settings.startup_timeout_seconds:g} s (STARTUP_TIMEOUT_SECONDS)"},
+        exit_reason="start-up timed out",
+        report=runpod_report("firegen_start_deadline") if production else None,
+    )
     try:
         engine = Engine(EngineConfig.from_settings(settings))
     except ValueError as exc:  # a speed option this card cannot run (FIREGEN_FP8 on a CPU, ...): one line
+        start.done()
         return _configuration_error(exc)
     if production and settings.device is None and engine.runtime.device == "cpu":
         # On a GPU worker whose torch sees no card (a driver older than the image's CUDA), every job would run on
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         if _on_runpod(argv):
             serve_api = any(a.split("=")[0] == "--rp_serve_api" for a in argv)
             route_runpod_sdk(local_api=serve_api or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0"))
-        if not _fit(worker, production, settings.fitness_check_timeout_seconds):
+        if not _fit(worker, production, settings.fitness_check_timeout_seconds, start):
             return worker.exit_code
         worker.start(listen=not one_job)
         if not one_job and not worker.reconciler.wait_listening(30):
@@ -156,6 +165,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         # 100-200 ms on a request's path (the runsync accept p99). They live as long as the process: take them out
         # of the collector's reach; only what is allocated from here on is ever scanned.
         gc.freeze()
+        start.done()
         log.info(
             "worker_ready",
             import_seconds=round(imported - _T0, 3),
@@ -198,6 +208,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             exit_code = exc.code
         raise
     finally:
+        start.done()  # a signal while it started: the shutdown below has its own bounds
         # RunPod sends SIGTERM before it stops an idle worker: finish the running job within the grace period,
         # or give it back to the queue for another worker.
         leaving.set()
@@ -208,48 +219,28 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     return worker.exit_code
 
 
-def _fit(worker, production: bool, timeout: float) -> bool:
-    """The start-up fitness checks (`_run_fitness_checks`), bounded by `timeout` seconds (`_fitness_deadline`)."""
-    deadline = _fitness_deadline(timeout, production)
+def _fit(worker, production: bool, timeout: float, start: Any) -> bool:
+    """The start-up fitness checks (`_run_fitness_checks`), which must end within `timeout` seconds."""
+    from .startup import Deadline, runpod_report
+
+    deadline = Deadline(
+        timeout,
+        event="fitness_check_failed",
+        fields={
+            "error_type": "FitnessCheckTimeout",
+            "error": f"the start-up checks ran past {timeout:g} s (FITNESS_CHECK_TIMEOUT_SECONDS)",
+        },
+        exit_reason="fitness check failed: FitnessCheckTimeout",
+        report=runpod_report("firegen_fitness_deadline") if production else None,
+        outer=start,
+    )
     try:
-        return _run_fitness_checks(worker, production)
+        return _run_fitness_checks(worker, production, deadline)
     finally:
-        deadline.cancel()
+        deadline.done()
 
 
-def _fitness_deadline(seconds: float, production: bool) -> threading.Timer:
-    """Ends the process (exit 1) unless cancelled within `seconds`. A card whose driver hangs hangs `nvidia-smi`,
-    which the SDK's system checks ask with no time limit: the worker stayed initializing for good, neither ready
-    nor gone for RunPod to replace. Nothing is claimed before the checks end, so there is nothing to give back;
-    the stuck thread cannot be interrupted, so the exit is os._exit, as the SDK's own after a failed check."""
-
-    def past_deadline() -> None:
-        import structlog
-
-        log = structlog.get_logger("listener")
-        error = f"the start-up checks ran past {seconds:g} s (FITNESS_CHECK_TIMEOUT_SECONDS): a hung driver or device"
-        log.error("fitness_check_failed", error_type="FitnessCheckTimeout", error=error)
-        log.error("worker_exit", code=1, reason="fitness check failed: FitnessCheckTimeout")
-        if production:
-            from runpod.serverless.modules import rp_fitness
-
-            # The SDK's report of a failed check (private, so looked up: a later SDK without it exits unreported).
-            report = getattr(rp_fitness, "_report_unhealthy", None)
-            if callable(report):
-                report("firegen_fitness_deadline", error)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a closed stream must not stop the exit
-                stream.flush()
-        os._exit(1)
-
-    timer = threading.Timer(seconds, past_deadline)
-    timer.daemon = True
-    timer.name = "fitness-deadline"
-    timer.start()
-    return timer
-
-
-def _run_fitness_checks(worker, production: bool) -> bool:
+def _run_fitness_checks(worker, production: bool, deadline: Any) -> bool:
     """The start-up fitness check, before the worker claims anything (run by the SDK, on RunPod's job loop, it
     came after the listeners had started, and a worker that could not write its results failed the queued docs it
     claimed meanwhile, at each restart: an audit saw 3 jobs failed). On RunPod's job loop it runs through the SDK's
@@ -271,6 +262,7 @@ def _run_fitness_checks(worker, production: bool) -> bool:
             try:
                 worker.fitness_check()
             except Exception:
+                deadline.done()  # the SDK's failure path ends the process: the deadline must not say it too
                 # os._exit follows: no `finally` to say it
                 structlog.get_logger("listener").error("worker_exit", code=1, reason=worker.failure)
                 raise

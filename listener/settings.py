@@ -71,8 +71,11 @@ class Settings(ModelSettings):
         20.0, ge=0, le=HOUR, allow_inf_nan=False, validation_alias=env("SHUTDOWN_GRACE_SECONDS")
     )
     max_releases: int = Field(3, ge=1, validation_alias=env("MAX_RELEASES"))
-    # The start-up checks (the SDK's GPU and system checks, then ours) must end within this: a hung driver's
-    # nvidia-smi (the SDK asks it with no time limit) kept a worker "initializing" for good, never ready, never gone.
+    # Deadlines on the start (listener.startup): a hung driver's nvidia-smi (the SDK asks it with no time limit) or
+    # CUDA initialisation, a stalled network volume, kept a worker "initializing" for good, never ready, never gone.
+    startup_timeout_seconds: float = Field(
+        1800.0, gt=0, le=DAY, allow_inf_nan=False, validation_alias=env("STARTUP_TIMEOUT_SECONDS")
+    )
     fitness_check_timeout_seconds: float = Field(
         180.0, gt=0, le=HOUR, allow_inf_nan=False, validation_alias=env("FITNESS_CHECK_TIMEOUT_SECONDS")
     )

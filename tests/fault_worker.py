@@ -6,6 +6,8 @@ FAULT=job        every generation raises the CUDA error of a corrupted context (
 FAULT=fitness    the start-up device check (the SDK's fitness check) raises one
 FAULT=listeners  the listeners attach, but no snapshot of theirs reaches the worker (as when the listen streams
                  never answer), and the start's 30 s wait for them is cut to 1 s
+FAULT=stall      the models' load never returns (as from a network volume that stalls, or a card whose driver
+                 hangs CUDA's initialisation: no file here can be made to stall a read)
 """
 
 from __future__ import annotations
@@ -54,4 +56,13 @@ if __name__ == "__main__":
     fault = os.environ["FAULT"]
     if fault == "listeners":
         silence_listeners()
+    if fault == "stall":
+        import threading
+
+        from generation.engine import Engine
+
+        def stalled_preload(engine):
+            threading.Event().wait()
+
+        Engine.preload = stalled_preload  # type: ignore[method-assign]
     sys.exit(main(wrap_generator=lambda engine: FaultyGenerator(engine, fault)))

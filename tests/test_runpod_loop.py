@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -411,37 +412,54 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
     assert '"event": "job_claimed"' not in result.stdout and '"event": "worker_ready"' not in result.stdout
 
 
-def test_start_up_checks_that_hang_end_the_worker_at_their_deadline(
-    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path
+def hanging_start(step: str, folder: Path) -> dict[str, str]:
+    """The settings of a worker whose start hangs at `step`, with what hangs under `folder`."""
+    if step == "checks":
+        # A card whose driver hangs hangs `nvidia-smi`, which the SDK's system checks ask (with no time limit)
+        # before anything else: a script on PATH that never answers (this machine has no driver to hang).
+        smi = folder / "bin" / "nvidia-smi"
+        smi.parent.mkdir()
+        smi.write_text("#!/bin/sh\nexec sleep 300\n")
+        smi.chmod(0o755)
+        return {
+            "PATH": f"{smi.parent}{os.pathsep}{os.environ['PATH']}",
+            "FITNESS_CHECK_TIMEOUT_SECONDS": "3",
+            "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "false",  # the SDK's system checks on
+            "IMAGE_MODEL": "none",
+        }
+    # A stand-in (tests/fault_worker.py): a load that never returns, as from a network volume that stalls.
+    return {"STARTUP_TIMEOUT_SECONDS": "3", "FAULT": "stall", "IMAGE_MODEL": "tiny"}
+
+
+@pytest.mark.parametrize(
+    "step,event,check",
+    [
+        ("checks", "fitness_check_failed", "firegen_fitness_deadline"),
+        ("model load", "startup_timed_out", "firegen_start_deadline"),
+    ],
+)
+def test_a_start_that_hangs_ends_the_worker_at_its_deadline(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path, step, event, check
 ):
-    """A card whose driver hangs hangs `nvidia-smi`, which the SDK's system checks ask with no time limit: the
-    worker stayed initializing for good. Here a real `nvidia-smi` that never answers (a script on PATH: this
-    machine has none to hang) and the real SDK: past FITNESS_CHECK_TIMEOUT_SECONDS the worker says why, tells
-    RunPod it is unhealthy and exits 1, having claimed nothing."""
-    smi = tmp_path / "bin" / "nvidia-smi"
-    smi.parent.mkdir()
-    smi.write_text("#!/bin/sh\nexec sleep 300\n")
-    smi.chmod(0o755)
-    queued = "generations/loop-user/images/queued-behind-a-hung-driver"
+    """A hung start kept the worker initializing for good, neither ready nor gone for RunPod to replace. Past its
+    deadline (FITNESS_CHECK_TIMEOUT_SECONDS for the start-up checks, STARTUP_TIMEOUT_SECONDS for the whole start)
+    the worker says where it was stuck, tells RunPod it is unhealthy and exits 1, having claimed nothing."""
+    queued = "generations/loop-user/images/queued-behind-a-hung-start"
     client = firestore_emulator.client(project[0])
     client.document(queued).set(
-        {**image_input("queued-behind-a-hung-driver"), "status": "queued", "created_at": SERVER_TIMESTAMP}
+        {**image_input("queued-behind-a-hung-start"), "status": "queued", "created_at": SERVER_TIMESTAMP}
     )
     env = {
         **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
-        "PATH": f"{smi.parent}{os.pathsep}{os.environ['PATH']}",
-        "FITNESS_CHECK_TIMEOUT_SECONDS": "3",
-        # The SDK's system checks on: they ask `nvidia-smi` whether there is a GPU (with no time limit) first.
-        "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "false",
-        "IMAGE_MODEL": "none",
         "VIDEO_MODEL": "none",
         "PYTHONUNBUFFERED": "1",
+        **hanging_start(step, tmp_path),
     }
     # Files, not pipes: the hung `sleep`s outlive the worker (as on a broken card) and would hold a pipe open.
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     with out.open("w") as stdout_file, err.open("w") as stderr_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "listener"],
+            [sys.executable, "-m", "tests.fault_worker" if "FAULT" in env else "listener"],
             cwd=REPO,
             env={**os.environ, **env},
             stdout=stdout_file,
@@ -458,12 +476,17 @@ def test_start_up_checks_that_hang_end_the_worker_at_their_deadline(
     stdout, stderr = out.read_text(), err.read_text()
     assert process.returncode == 1, stdout[-3000:] + stderr[-3000:]
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    failed = [e for e in events if e.get("event") == "fitness_check_failed"]
-    assert len(failed) == 1 and failed[0]["error_type"] == "FitnessCheckTimeout", failed
-    assert "FITNESS_CHECK_TIMEOUT_SECONDS" in failed[0]["error"] and failed[0]["severity"] == "ERROR"
+    [said] = [e for e in events if e.get("event") == event]
+    assert said["severity"] == "ERROR"
+    if step == "checks":
+        assert said["error_type"] == "FitnessCheckTimeout" and "FITNESS_CHECK_TIMEOUT_SECONDS" in said["error"]
+        assert any(frame.startswith("runpod.serverless.utils.rp_cuda:is_available") for frame in said["stuck_in"])
+    else:
+        assert "STARTUP_TIMEOUT_SECONDS" in said["error"]
+        assert any(":stalled_preload:" in frame for frame in said["stuck_in"]), said["stuck_in"]
     assert events[-1]["event"] == "worker_exit" and events[-1]["code"] == 1, events[-3:]
     unhealthy = [ping for ping in job_api.pings if ping.get("status") == "unhealthy"]
-    assert unhealthy and unhealthy[0].get("check") == "firegen_fitness_deadline", job_api.pings
+    assert [ping.get("check") for ping in unhealthy] == [check], job_api.pings
     assert not any(e.get("event") in ("worker_ready", "job_claimed") for e in events)
     assert not job_api.takes
     job = doc(firestore_emulator, project, queued)

@@ -1,0 +1,138 @@
+"""Deadlines on the worker's start: a step that never returns must end the process, not keep it starting.
+
+A card whose driver hangs hangs `nvidia-smi` (which the RunPod SDK's system checks ask with no time limit) and
+CUDA's initialisation (the engine's device detection, the models' move to the card); a network volume that stalls
+hangs a model's load. Each kept the worker initializing for good: neither ready nor gone for RunPod to replace.
+Nothing is claimed before the start ends, so there is nothing to give back: past its deadline the process says
+where it was stuck and ends with os._exit(1) (the stuck thread cannot be interrupted), as the SDK does after a
+failed fitness check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+# The faulthandler's exit, this long after a deadline whose timer could not run: a call in C that holds the GIL
+# (the timer thread then never gets it) still ends the process, its threads' stacks on stderr.
+BACKSTOP_SECONDS = 15.0
+REPORT_SECONDS = 5.0  # the unhealthy report's own bound (its HTTP timeout leaves out the name lookup)
+
+
+def stuck_in(thread_id: int, depth: int = 8) -> list[str]:
+    """The innermost `depth` frames of a thread, "module:function:line", innermost last."""
+    frame = sys._current_frames().get(thread_id)
+    if frame is None:
+        return []
+    stack = traceback.extract_stack(frame)[-depth:]
+    return [f"{_module(entry.filename)}:{entry.name}:{entry.lineno}" for entry in stack]
+
+
+def _module(filename: str) -> str:
+    parts = filename.replace("\\", "/").split("/")
+    for root in ("site-packages", "listener", "generation", "firegen_core"):
+        if root in parts:
+            return ".".join(parts[parts.index(root) + (root == "site-packages") :]).removesuffix(".py")
+    return parts[-1].removesuffix(".py")
+
+
+class Deadline:
+    """Ends the process (exit 1) unless `done()` is called within `seconds` of its creation.
+
+    `event` and `fields` are the ERROR line it writes then (with `stuck_in`, where the main thread was), before
+    `worker_exit`; `report(reason)` (RunPod's unhealthy report) is given REPORT_SECONDS. `done()` and the timer
+    decide under one lock: once the timer has begun, `done()` never returns (the process is ending: the caller
+    must not go on to claim jobs), and once `done()` has, the timer does nothing. Deadlines nest: an inner one's
+    `done()` hands the faulthandler's backstop back to the outer one."""
+
+    def __init__(
+        self,
+        seconds: float,
+        *,
+        event: str,
+        fields: dict[str, Any],
+        exit_reason: str,
+        report: Callable[[str], None] | None = None,
+        outer: Deadline | None = None,
+    ):
+        self.seconds = seconds
+        self.event, self.fields, self.exit_reason = event, fields, exit_reason
+        self.report = report
+        self.outer = outer
+        self._ends = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._done = self._expired = False
+        self._main = threading.main_thread().ident or 0
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.name = f"{event}-deadline"
+        self._timer.start()
+        _backstop(seconds)
+
+    def done(self) -> None:
+        with self._lock:
+            self._done = True
+            expired = self._expired
+        self._timer.cancel()
+        if expired:
+            threading.Event().wait()  # the timer ends the process: nothing more may happen here
+        faulthandler.cancel_dump_traceback_later()
+        if self.outer is not None:
+            self.outer._rearm()
+
+    def _rearm(self) -> None:
+        with self._lock:
+            if not self._done:
+                _backstop(max(self._ends - time.monotonic(), 0.0))
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._expired = True
+        try:
+            import structlog
+
+            log = structlog.get_logger("listener")
+            where = stuck_in(self._main)
+            log.error(self.event, stuck_in=where, **self.fields)
+            log.error("worker_exit", code=1, reason=self.exit_reason)
+            if self.report is not None:
+                reason = f"{self.fields.get('error', self.event)} (in {where[-1] if where else 'an unknown step'})"
+                reporter = threading.Thread(target=self.report, args=(reason,), daemon=True)
+                reporter.start()
+                reporter.join(REPORT_SECONDS)
+        finally:  # whatever the lines or the report raised: the point is the exit
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):  # a closed stream must not stop the exit
+                    stream.flush()
+            os._exit(1)
+
+
+def _backstop(seconds: float) -> None:
+    faulthandler.dump_traceback_later(seconds + BACKSTOP_SECONDS, exit=True)
+
+
+def runpod_report(check: str) -> Callable[[str], None] | None:
+    """RunPod's unhealthy report of a failed check, named `check` (the SDK's; private, so looked up: a later SDK
+    without it, or with another signature, exits unreported)."""
+    try:
+        from runpod.serverless.modules import rp_fitness
+    except ImportError:  # pragma: no cover - the worker's image always has the SDK
+        return None
+    report = getattr(rp_fitness, "_report_unhealthy", None)
+    if not callable(report):
+        return None
+
+    def send(reason: str) -> None:
+        with contextlib.suppress(Exception):
+            report(check, reason)
+
+    return send

@@ -1,0 +1,140 @@
+"""listener/startup.py's deadlines, each in a process of its own (a deadline ends its process): the races at the
+deadline, a report that raises, a hang that holds the GIL, and nested deadlines. The worker's own hung starts are
+in tests/test_runpod_loop.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+from devtools.worker import REPO
+
+PRELUDE = """
+import ctypes, sys, threading, time
+import structlog
+structlog.configure(processors=[structlog.processors.JSONRenderer()])
+from listener import startup
+"""
+
+
+def run(script: str, timeout: float = 60) -> tuple[int, list[dict], str]:
+    result = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    plain = [line for line in result.stdout.splitlines() if not line.startswith("{")]
+    return result.returncode, lines, "\n".join(plain) + result.stderr
+
+
+def backstop_after(said: str) -> float:
+    """The seconds the faulthandler's exit waited, from its "Timeout (0:00:01.99)!" line."""
+    found = re.search(r"Timeout \((\d+):(\d+):([\d.]+)\)!", said)
+    assert found, said
+    hours, minutes, seconds = found.groups()
+    return round(int(hours) * 3600 + int(minutes) * 60 + float(seconds), 1)
+
+
+def test_a_start_done_in_time_goes_on_and_its_deadline_never_fires():
+    code, lines, said = run(
+        """
+        deadline = startup.Deadline(0.5, event="late", fields={}, exit_reason="late")
+        deadline.done()
+        time.sleep(1.5)  # past the deadline: what is tested is that nothing happens
+        print("went on")
+        """
+    )
+    assert (code, lines) == (0, []) and "went on" in said, said
+
+
+def test_done_after_the_deadline_began_never_returns():
+    """A check that passed as its deadline fired: `done()` must not hand back to a caller that would go on to
+    claim jobs while the process ends."""
+    code, lines, said = run(
+        """
+        reporting = threading.Event()
+
+        def slow_report(reason):
+            reporting.set()
+            time.sleep(2)
+
+        deadline = startup.Deadline(0.2, event="late", fields={}, exit_reason="late", report=slow_report)
+        assert reporting.wait(30)
+        deadline.done()
+        print("went on")
+        """
+    )
+    assert code == 1 and "went on" not in said, said
+    assert [line["event"] for line in lines] == ["late", "worker_exit"]
+
+
+def test_a_report_that_raises_still_ends_the_process():
+    """The SDK's report is private: a later SDK may give it another signature. The exit is the guarantee."""
+    code, lines, said = run(
+        """
+        def report(reason, *, exc):
+            pass
+
+        startup.Deadline(0.2, event="late", fields={"error": "x"}, exit_reason="late", report=report)
+        threading.Event().wait(30)
+        print("still alive")
+        """
+    )
+    assert code == 1 and "still alive" not in said, said
+    assert [line["event"] for line in lines] == ["late", "worker_exit"]
+
+
+def test_a_hang_that_holds_the_gil_ends_at_the_backstop():
+    """A call in C that never lets go of the GIL: the timer's thread never runs; the faulthandler's exit does,
+    with every thread's stack on stderr."""
+    code, lines, said = run(
+        """
+        startup.BACKSTOP_SECONDS = 0.5
+        startup.Deadline(0.5, event="late", fields={}, exit_reason="late")
+        ctypes.PyDLL(None).sleep(20)  # PyDLL: called with the GIL held
+        print("went on")
+        """
+    )
+    assert code == 1 and "went on" not in said, said
+    assert backstop_after(said) == 1.0 and "Thread" in said, said
+    assert lines == []  # the timer's thread never got the GIL
+
+
+def test_an_inner_deadline_done_hands_the_backstop_back_to_the_outer_one():
+    code, lines, said = run(
+        """
+        startup.BACKSTOP_SECONDS = 0.5
+        outer = startup.Deadline(1.5, event="start", fields={}, exit_reason="start")
+        inner = startup.Deadline(30, event="checks", fields={}, exit_reason="checks", outer=outer)
+        inner.done()
+        ctypes.PyDLL(None).sleep(20)
+        print("went on")
+        """
+    )
+    assert code == 1 and "went on" not in said, said
+    assert 1.0 <= backstop_after(said) <= 2.0, said  # the outer's remaining time, not the inner's 30 s
+    assert lines == []
+
+
+def test_where_it_was_stuck_is_said():
+    code, lines, said = run(
+        """
+        def stuck_here():
+            threading.Event().wait(30)
+
+        startup.Deadline(0.3, event="late", fields={"error": "too slow"}, exit_reason="too slow")
+        stuck_here()
+        """
+    )
+    assert code == 1, said
+    late, exit_line = lines
+    assert late["event"] == "late" and late["error"] == "too slow"
+    assert any(":stuck_here:" in frame for frame in late["stuck_in"]), late
+    assert late["stuck_in"][-1].startswith("threading:wait:")
+    assert exit_line == {"event": "worker_exit", "code": 1, "reason": "too slow"}
