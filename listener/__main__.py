@@ -111,20 +111,24 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         report=runpod_report("firegen_start_deadline") if production else None,
     )
     try:
-        engine = Engine(EngineConfig.from_settings(settings))
-    except ValueError as exc:  # a speed option this card cannot run (FIREGEN_FP8 on a CPU, ...): one line
-        start.done()
-        return _configuration_error(exc)
-    if production and settings.device is None and engine.runtime.device == "cpu":
-        # On a GPU worker whose torch sees no card (a driver older than the image's CUDA), every job would run on
-        # the CPU, for most of an hour. Said, not refused: a CPU endpoint with the tiny models is legitimate.
-        log.warning("no_gpu", note=NO_GPU)
-    for task_type, failure in engine.preload().items():
-        log.warning("model_not_available", task_type=task_type, error=failure.message)
-    loaded = time.perf_counter()
+        try:
+            engine = Engine(EngineConfig.from_settings(settings))
+        except ValueError as exc:  # a speed option this card cannot run (FIREGEN_FP8 on a CPU, ...): one line
+            start.done()
+            return _configuration_error(exc)
+        if production and settings.device is None and engine.runtime.device == "cpu":
+            # On a GPU worker whose torch sees no card (a driver older than the image's CUDA), every job would run
+            # on the CPU, for most of an hour. Said, not refused: a CPU endpoint with the tiny models is legitimate.
+            log.warning("no_gpu", note=NO_GPU)
+        for task_type, failure in engine.preload().items():
+            log.warning("model_not_available", task_type=task_type, error=failure.message)
+        loaded = time.perf_counter()
 
-    generator = wrap_generator(engine) if wrap_generator else engine
-    worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=worker_id)
+        generator = wrap_generator(engine) if wrap_generator else engine
+        worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=worker_id)
+    except BaseException:  # ended here: no deadline may outlive the start
+        start.done()
+        raise
     leaving = threading.Event()
     exit_code: int | str | None = None  # a SystemExit's own code, where it is not the worker's
 
@@ -158,6 +162,9 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             route_runpod_sdk(local_api=serve_api or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0"))
         if not _fit(worker, production, settings.fitness_check_timeout_seconds, start):
             return worker.exit_code
+        # Before the first claim: a deadline that fired as the checks ended holds the process here, and none
+        # fires once the worker claims (its readiness below has bounds of its own).
+        start.done()
         worker.start(listen=not one_job)
         if not one_job and not worker.reconciler.wait_listening(30):
             log.warning("listeners_not_current", note="the sweep covers until they are")
@@ -165,7 +172,6 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         # 100-200 ms on a request's path (the runsync accept p99). They live as long as the process: take them out
         # of the collector's reach; only what is allocated from here on is ever scanned.
         gc.freeze()
-        start.done()
         log.info(
             "worker_ready",
             import_seconds=round(imported - _T0, 3),

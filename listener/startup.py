@@ -14,6 +14,7 @@ import contextlib
 import faulthandler
 import os
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -24,15 +25,25 @@ from typing import Any
 # (the timer thread then never gets it) still ends the process, its threads' stacks on stderr.
 BACKSTOP_SECONDS = 15.0
 REPORT_SECONDS = 5.0  # the unhealthy report's own bound (its HTTP timeout leaves out the name lookup)
+# Held by the deadline that ends the process: one says so, once; a `done()` that comes after never returns.
+_EXITING = threading.Lock()
+_STDLIB = sysconfig.get_paths()["stdlib"]
 
 
-def stuck_in(thread_id: int, depth: int = 8) -> list[str]:
-    """The innermost `depth` frames of a thread, "module:function:line", innermost last."""
+def stuck_in(thread_id: int, depth: int = 8) -> list[tuple[str, bool]]:
+    """The innermost `depth` frames of a thread, "module:function:line", innermost last, each with whether it
+    is the standard library's. Source files are not read (a stalled file system must not stall the exit)."""
     frame = sys._current_frames().get(thread_id)
     if frame is None:
         return []
-    stack = traceback.extract_stack(frame)[-depth:]
-    return [f"{_module(entry.filename)}:{entry.name}:{entry.lineno}" for entry in stack]
+    stack = traceback.StackSummary.extract(traceback.walk_stack(frame), limit=depth, lookup_lines=False)
+    return [
+        (f"{_module(entry.filename)}:{entry.name}:{entry.lineno}", _stdlib(entry.filename)) for entry in reversed(stack)
+    ]
+
+
+def _stdlib(filename: str) -> bool:
+    return filename.startswith(("<frozen", _STDLIB)) and "site-packages" not in filename
 
 
 def _module(filename: str) -> str:
@@ -49,8 +60,9 @@ class Deadline:
     `event` and `fields` are the ERROR line it writes then (with `stuck_in`, where the main thread was), before
     `worker_exit`; `report(reason)` (RunPod's unhealthy report) is given REPORT_SECONDS. `done()` and the timer
     decide under one lock: once the timer has begun, `done()` never returns (the process is ending: the caller
-    must not go on to claim jobs), and once `done()` has, the timer does nothing. Deadlines nest: an inner one's
-    `done()` hands the faulthandler's backstop back to the outer one."""
+    must not go on to claim jobs), and once `done()` has, the timer does nothing. One deadline ends the process
+    (`_EXITING`): a `done()` of any while it does never returns either. Deadlines nest: an inner one's backstop
+    is no later than the outer's, and its `done()` hands the backstop back to the outer one."""
 
     def __init__(
         self,
@@ -70,42 +82,52 @@ class Deadline:
         self._lock = threading.Lock()
         self._done = self._expired = False
         self._main = threading.main_thread().ident or 0
+        # The backstop first (it may raise, e.g. a stderr with no file behind it): a timer started then would be
+        # left running with nobody to stop it. An outer deadline's nearer end stays the backstop's.
+        _backstop(min(seconds, outer._left()) if outer is not None else seconds)
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self._timer.name = f"{event}-deadline"
         self._timer.start()
-        _backstop(seconds)
 
     def done(self) -> None:
         with self._lock:
             self._done = True
             expired = self._expired
         self._timer.cancel()
-        if expired:
-            threading.Event().wait()  # the timer ends the process: nothing more may happen here
+        if expired or _EXITING.locked():  # this deadline or another is ending the process
+            _hold()
         faulthandler.cancel_dump_traceback_later()
         if self.outer is not None:
             self.outer._rearm()
 
+    def _left(self) -> float:
+        return max(self._ends - time.monotonic(), 0.0)
+
     def _rearm(self) -> None:
         with self._lock:
             if not self._done:
-                _backstop(max(self._ends - time.monotonic(), 0.0))
+                _backstop(self._left())
 
     def _expire(self) -> None:
         with self._lock:
             if self._done:
                 return
             self._expired = True
+        if not _EXITING.acquire(blocking=False):
+            return  # another deadline is ending the process, and says so
         try:
             import structlog
 
             log = structlog.get_logger("listener")
-            where = stuck_in(self._main)
+            frames = stuck_in(self._main)
+            where = [name for name, _ in frames]
             log.error(self.event, stuck_in=where, **self.fields)
             log.error("worker_exit", code=1, reason=self.exit_reason)
             if self.report is not None:
-                reason = f"{self.fields.get('error', self.event)} (in {where[-1] if where else 'an unknown step'})"
+                # The innermost frame outside the standard library: `threading:wait` would say little.
+                step = next((name for name, stdlib in reversed(frames) if not stdlib), where[-1] if where else None)
+                reason = f"{self.fields.get('error', self.event)} (in {step or 'an unknown step'})"
                 reporter = threading.Thread(target=self.report, args=(reason,), daemon=True)
                 reporter.start()
                 reporter.join(REPORT_SECONDS)
@@ -114,6 +136,14 @@ class Deadline:
                 with contextlib.suppress(Exception):  # a closed stream must not stop the exit
                     stream.flush()
             os._exit(1)
+
+
+def _hold() -> None:
+    """Never return: the process is ending (by the deadline's timer, or its backstop). A signal's SystemExit
+    must not end the wait either: the caller would go on, and a `finally` cancel the backstop."""
+    while True:
+        with contextlib.suppress(BaseException):
+            threading.Event().wait()
 
 
 def _backstop(seconds: float) -> None:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from devtools.worker import REPO
 
 PRELUDE = """
@@ -74,6 +76,68 @@ def test_done_after_the_deadline_began_never_returns():
     assert [line["event"] for line in lines] == ["late", "worker_exit"]
 
 
+@pytest.mark.parametrize("inner_seconds", [30, 0.4])
+def test_an_inner_done_after_the_outer_deadline_began_never_returns_and_one_deadline_says_so(inner_seconds):
+    """The start's deadline fired while the checks (an inner deadline, far from its own end or past it too) ran
+    and then ended: the checks' `done()` must not hand back either; an inner one that fired meanwhile says
+    nothing more."""
+    code, lines, said = run(
+        f"""
+        reporting = threading.Event()
+
+        def slow_report(reason):
+            reporting.set()
+            time.sleep(2)
+
+        outer = startup.Deadline(0.2, event="start", fields={{}}, exit_reason="start", report=slow_report)
+        inner = startup.Deadline({inner_seconds}, event="checks", fields={{}}, exit_reason="checks", outer=outer)
+        assert reporting.wait(30)
+        time.sleep(0.5)  # past the inner's 0.4 s too, while the outer's report runs
+        inner.done()
+        print("went on")
+        """
+    )
+    assert code == 1 and "went on" not in said, said
+    assert [line["event"] for line in lines] == ["start", "worker_exit"]
+
+
+def test_a_signal_while_done_holds_does_not_end_the_process_cleanly():
+    """A SIGTERM (the worker's handler raises SystemExit) while `done()` holds: the process still ends 1, by the
+    deadline, not 0 by the signal's `finally`."""
+    code, lines, said = run(
+        """
+        import os, signal
+
+        def leave(signum, frame):
+            raise SystemExit(0)
+
+        signal.signal(signal.SIGTERM, leave)
+        reporting = threading.Event()
+
+        def slow_report(reason):
+            reporting.set()
+            time.sleep(2)
+
+        def signal_soon():
+            time.sleep(0.5)  # by then the main thread holds in done(), entered at once below
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        # As in the worker: the checks' deadline inside the start's, whose done() is in main's `finally`.
+        start = startup.Deadline(30, event="start", fields={}, exit_reason="start")
+        checks = startup.Deadline(0.2, event="late", fields={}, exit_reason="late", report=slow_report, outer=start)
+        assert reporting.wait(30)
+        threading.Thread(target=signal_soon).start()
+        try:
+            checks.done()
+        finally:
+            start.done()
+            print("went on")
+        """
+    )
+    assert code == 1 and "went on" not in said, said
+    assert [line["event"] for line in lines] == ["late", "worker_exit"]  # the signal's `finally` said nothing
+
+
 def test_a_report_that_raises_still_ends_the_process():
     """The SDK's report is private: a later SDK may give it another signature. The exit is the guarantee."""
     code, lines, said = run(
@@ -122,6 +186,21 @@ def test_an_inner_deadline_done_hands_the_backstop_back_to_the_outer_one():
     assert lines == []
 
 
+def test_an_inner_deadline_never_puts_off_the_outer_ones_backstop():
+    code, lines, said = run(
+        """
+        startup.BACKSTOP_SECONDS = 0.5
+        outer = startup.Deadline(1.0, event="start", fields={}, exit_reason="start")
+        inner = startup.Deadline(30, event="checks", fields={}, exit_reason="checks", outer=outer)
+        ctypes.PyDLL(None).sleep(20)
+        print("went on")
+        """
+    )
+    assert code == 1 and "went on" not in said, said
+    assert backstop_after(said) <= 1.5, said  # the outer's end, not the inner's 30 s
+    assert lines == []
+
+
 def test_where_it_was_stuck_is_said():
     code, lines, said = run(
         """
@@ -137,4 +216,5 @@ def test_where_it_was_stuck_is_said():
     assert late["event"] == "late" and late["error"] == "too slow"
     assert any(":stuck_here:" in frame for frame in late["stuck_in"]), late
     assert late["stuck_in"][-1].startswith("threading:wait:")
+    assert all(frame.count(":") == 2 for frame in late["stuck_in"])  # module:function:line, no source text
     assert exit_line == {"event": "worker_exit", "code": 1, "reason": "too slow"}
