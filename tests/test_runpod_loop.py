@@ -191,6 +191,33 @@ def doc(firestore_emulator, project, path: str) -> dict:
     return snapshot.to_dict() or {}
 
 
+def fault_worker(fault, firestore_emulator, storage_emulator, emulator_logs, cache, job_api, project) -> WorkerProcess:
+    """The production worker in RunPod's job loop with a fault of tests/fault_worker.py, and no model (it starts
+    quicker)."""
+    return WorkerProcess(
+        emulator_logs,
+        {**worker_env(firestore_emulator, storage_emulator, project, job_api, cache), "FAULT": fault},
+        serve_api=False,
+        module="tests.fault_worker",
+        IMAGE_MODEL="none",
+        VIDEO_MODEL="none",
+    )
+
+
+def queue_in_firestore(firestore_emulator, project, file_uid: str) -> str:
+    """A doc queued in Firestore (not RunPod's queue): its path."""
+    path = f"generations/loop-user/images/{file_uid}"
+    client = firestore_emulator.client(project[0])
+    client.document(path).set({**image_input(file_uid), "status": "queued", "created_at": SERVER_TIMESTAMP})
+    return path
+
+
+def assert_untouched(firestore_emulator, project, path: str) -> None:
+    """Still queued, never claimed: left for a healthy worker."""
+    job = doc(firestore_emulator, project, path)
+    assert job["status"] == "queued" and "worker_id" not in job and not job.get("attempts"), job
+
+
 def json_lines(worker: WorkerProcess) -> list[dict]:
     return [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
 
@@ -352,14 +379,7 @@ def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
 def test_a_cuda_error_releases_the_job_and_ends_the_worker(
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
 ):
-    worker = WorkerProcess(
-        emulator_logs,
-        {**worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache), "FAULT": "job"},
-        serve_api=False,
-        module="tests.fault_worker",
-        IMAGE_MODEL="none",
-        VIDEO_MODEL="none",
-    )
+    worker = fault_worker("job", firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
     worker.start()
     try:
         job_api.queue_runsync("rp-broken", image_input("on-a-broken-card"))
@@ -381,11 +401,7 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
     job_api.queue_runsync("rp-never", image_input("never-taken"))
     # And one in Firestore's queue: the SDK ran the check after the listeners had started, and a worker that
     # could not write its results failed the docs it claimed meanwhile (an audit).
-    queued = "generations/loop-user/images/queued-in-firestore"
-    client = firestore_emulator.client(project[0])
-    client.document(queued).set(
-        {**image_input("queued-in-firestore"), "status": "queued", "created_at": SERVER_TIMESTAMP}
-    )
+    queued = queue_in_firestore(firestore_emulator, project, "queued-in-firestore")
     env = {
         **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
         "FAULT": "fitness",
@@ -407,8 +423,7 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
     assert "Fitness check failed: firegen_fitness_check" in result.stdout  # the SDK's line, through ours
     assert not job_api.takes and job_api.jobs.qsize() == 1  # the job stays with RunPod for a healthy worker
     assert any(ping.get("status") == "unhealthy" for ping in job_api.pings)  # the SDK told RunPod why
-    job = doc(firestore_emulator, project, queued)
-    assert job["status"] == "queued" and "worker_id" not in job and not job.get("attempts"), job
+    assert_untouched(firestore_emulator, project, queued)
     assert '"event": "job_claimed"' not in result.stdout and '"event": "worker_ready"' not in result.stdout
 
 
@@ -444,11 +459,7 @@ def test_a_start_that_hangs_ends_the_worker_at_its_deadline(
     """A hung start kept the worker initializing for good, neither ready nor gone for RunPod to replace. Past its
     deadline (FITNESS_CHECK_TIMEOUT_SECONDS for the start-up checks, STARTUP_TIMEOUT_SECONDS for the whole start)
     the worker says where it was stuck, tells RunPod it is unhealthy and exits 1, having claimed nothing."""
-    queued = "generations/loop-user/images/queued-behind-a-hung-start"
-    client = firestore_emulator.client(project[0])
-    client.document(queued).set(
-        {**image_input("queued-behind-a-hung-start"), "status": "queued", "created_at": SERVER_TIMESTAMP}
-    )
+    queued = queue_in_firestore(firestore_emulator, project, "queued-behind-a-hung-start")
     env = {
         **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
         "VIDEO_MODEL": "none",
@@ -489,8 +500,7 @@ def test_a_start_that_hangs_ends_the_worker_at_its_deadline(
     assert [ping.get("check") for ping in unhealthy] == [check], job_api.pings
     assert not any(e.get("event") in ("worker_ready", "job_claimed") for e in events)
     assert not job_api.takes
-    job = doc(firestore_emulator, project, queued)
-    assert job["status"] == "queued" and "worker_id" not in job and not job.get("attempts"), job
+    assert_untouched(firestore_emulator, project, queued)
 
 
 def test_listeners_not_current_at_start_are_said_and_the_sweep_covers_for_them(
@@ -500,13 +510,8 @@ def test_listeners_not_current_at_start_are_said_and_the_sweep_covers_for_them(
     FAULT=listeners): no snapshot of the listeners reaches the worker, and its 30 s wait for them is cut to 1 s. The
     rest is the production worker: it says so before it is ready, and a doc queued in Firestore is still claimed,
     found by the sweep (every second here), and run (no model is loaded, to start quicker: it fails as such)."""
-    worker = WorkerProcess(
-        emulator_logs,
-        {**worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache), "FAULT": "listeners"},
-        serve_api=False,
-        module="tests.fault_worker",
-        IMAGE_MODEL="none",
-        VIDEO_MODEL="none",
+    worker = fault_worker(
+        "listeners", firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
     )
     worker.start()
     path = "generations/loop-user/images/swept"
