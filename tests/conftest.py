@@ -50,29 +50,6 @@ def pytest_configure(config):
             pass
 
 
-# ------------------------------------------------------------------------------------------------ order
-# The files whose tests take longest, longest first (`--durations`, summed by file). pytest-xdist's loadfile hands
-# out files in collection order: the longest, collected last (test_worker_api.py), left one process working alone
-# at the end of the run. Nothing else depends on the order (`-p randomly` shuffles it, after this).
-LONGEST_FILES = (
-    "test_worker_api.py",
-    "test_dev_stack.py",
-    "test_compiling.py",
-    "test_functions.py",
-    "test_web_app.py",
-    "test_bench_gpu.py",
-    "test_documented.py",
-    "test_runpod_loop.py",
-    "test_chaos.py",
-)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: n for n, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
-
-
 # ------------------------------------------------------------------------------------------------ session
 @pytest.fixture(scope="session")
 def emulator_logs(tmp_path_factory) -> Path:

@@ -137,11 +137,3 @@ def test_vendor_shared_check_says_whether_the_functions_copy_is_current(tmp_path
     assert stale.stderr.splitlines() == ["vendor_shared: out of date: firegen_core/jobs.py"]
     copy = root / "functions" / "firegen_core" / "jobs.py"
     assert copy.read_text() == (ROOT / "firegen_core" / "jobs.py").read_text()  # as it was: nothing repaired
-
-
-def test_the_longest_files_run_first_are_files_of_the_suite():
-    """tests/conftest.py's LONGEST_FILES: a file renamed or removed would silently lose its place."""
-    from conftest import LONGEST_FILES
-
-    assert len(set(LONGEST_FILES)) == len(LONGEST_FILES)
-    assert [name for name in LONGEST_FILES if not (ROOT / "tests" / name).is_file()] == []
