@@ -188,6 +188,12 @@ class FirebaseCli(emu.Emulator):
 
     name = "firebase-cli"
 
+    @property
+    def jvm(self) -> bool:  # type: ignore[override]
+        """Its Firestore emulator is Java. Not with the Storage emulator: the CLI says each line of its rules
+        runtime's stderr as an "Unexpected rules runtime error", the `java` launcher's note on the options too."""
+        return "storage" not in self.emulators
+
     def __init__(
         self,
         log_dir: Path,

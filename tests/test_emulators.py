@@ -207,6 +207,36 @@ def test_rules_emulator_enforces_rules_and_stops_cleanly(firestore_emulator_fact
     assert not emu.port_open(secured.host, secured.port)
 
 
+def test_the_firestore_emulators_java_runs_with_the_harness_options_then_the_users(
+    emulator_logs, monkeypatch, project_id
+):
+    """C2 and G1 off (JVM_OPTIONS: most of an emulator's CPU in a test run); an option of the user's own comes
+    after them, so it wins. The `java` launcher itself says which options it took."""
+    monkeypatch.setenv("JDK_JAVA_OPTIONS", "-Xmx512m")
+    with emu.FirestoreEmulator(emulator_logs) as firestore_emulator:
+        client = firestore_emulator.client(project_id)
+        client.document("jvm/options").set({"ok": True})
+        assert client.document("jvm/options").get().to_dict() == {"ok": True}
+        # Where its Java writes: its log, or under the Firebase CLI (the backend where gcloud is missing), the CLI's
+        logs = [firestore_emulator.log_path, firestore_emulator._workdir / "firestore-debug.log"]
+        said = "".join(log.read_text() for log in logs if log.is_file())
+        assert "Picked up JDK_JAVA_OPTIONS: -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmx512m" in said
+
+
+def test_the_clis_java_takes_the_options_except_beside_the_storage_emulators_rules_runtime(tmp_path):
+    """The CLI says each line its Storage rules runtime writes on stderr as an error: the launcher's note on the
+    options would be one (tests/test_storage_rules.py runs that CLI)."""
+    from devtools.firebase_cli import FirebaseCli
+
+    def cli(*emulators: str) -> FirebaseCli:
+        return FirebaseCli(
+            tmp_path, tmp_path / "project", "demo-jvm", "http://127.0.0.1:9/runsync", emulators=emulators
+        )
+
+    assert cli("functions", "auth", "firestore").jvm and cli("firestore").jvm
+    assert not cli("storage", "auth").jvm
+
+
 def test_storage_emulator_runs_in_memory_on_a_given_port(emulator_logs):
     port = emu.free_port()
     with emu.StorageEmulator(emulator_logs, port=port, in_memory=True) as s:

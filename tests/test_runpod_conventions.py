@@ -108,3 +108,27 @@ def test_the_hubs_root_handler_py_is_the_worker():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main is listener.__main__.main
+
+
+def test_the_worker_imports_the_sdk_without_its_cpu_probe():
+    """The SDK's import asks py-cpuinfo for the processor's name (only --rp_debugger shows it), and py-cpuinfo
+    starts an interpreter of its own to answer: 1.3 s of CPU on each worker start. The worker reads the name from
+    /proc/cpuinfo instead, and leaves py-cpuinfo as it found it. In a process of its own: the SDK imports once."""
+    code = """
+import sys
+import cpuinfo
+
+def probe():
+    sys.exit("py-cpuinfo's probe ran")
+
+cpuinfo.get_cpu_info = probe
+from listener.__main__ import _import_runpod_sdk, _processor_name
+
+_import_runpod_sdk()
+from runpod.serverless.utils import rp_debugger
+
+assert rp_debugger.PROCESSOR == _processor_name() != "", rp_debugger.PROCESSOR
+assert cpuinfo.get_cpu_info is probe
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
