@@ -607,6 +607,32 @@ class WorkerJobs(JobStore):
             return None
         return ClaimedJob(key, Lease(self.worker_id, written["attempts"]), before, outcome.read_time)
 
+    def drop(self, key: JobKey) -> bool:
+        """Fail a queued job its owner cancelled (one write, no claim); True where this call's write landed.
+
+        Like a claim's (see `claim`), its commit may land while its answer is lost: the retry then reads the job
+        failed and decides nothing. A drop carries no lease to know its own write by, but it carries `expire_at`,
+        computed from its try's server time: a doc whose `expire_at` is one of this call's, to the microsecond,
+        was failed by this call. (With no retention, no `expire_at`: such a landing stays unknown.)"""
+        tried: list[datetime] = []
+
+        def decide(doc: lifecycle.Doc | None, now: datetime) -> dict | None:
+            update = lifecycle.drop_cancelled(doc)
+            if update is not None:
+                tried.append(now)
+            return update
+
+        outcome = self.transition(key, decide)
+        if outcome.applied:
+            return True
+        doc = outcome.before or {}
+        expire_at = doc.get(lifecycle.EXPIRE_AT)
+        return (
+            (doc.get("status"), doc.get("error_type")) == (lifecycle.FAILED, CANCELLED)
+            and expire_at is not None
+            and any(lifecycle.expiry(self.retention_days, now).get(lifecycle.EXPIRE_AT) == expire_at for now in tried)
+        )
+
     def renew(self, job: ClaimedJob, progress: float | None = None) -> bool:
         """Extend the lease (and record progress) while this worker still owns the job."""
         return self._fenced(

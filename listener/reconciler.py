@@ -470,7 +470,7 @@ class Reconciler:
         with self._cv:
             self._request_ids.pop(key, None)
         try:
-            if self.store.transition(key, lambda doc, now: lifecycle.drop_cancelled(doc)).applied:
+            if self.store.drop(key):
                 log.info("job_cancelled", user_id=key.user_id, file_uid=key.file_uid, during="queue")
         except Exception as exc:
             log.warning("cancel_error", path=key.path, error=str(exc))

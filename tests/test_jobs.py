@@ -281,6 +281,23 @@ def test_a_completion_whose_answer_was_lost_says_completed(firestore_client, mon
     assert store(firestore_client, worker="w2").claim(KEY) is None
 
 
+def test_a_cancelled_queued_jobs_drop_whose_answer_was_lost_is_still_this_drop(firestore_client, monkeypatch):
+    """Its `job_cancelled` line went missing (3 of 40 runs under load): the emulator answered a drop that had
+    landed `Cancelled`, the client sent it again, that failed its precondition on the drop's own write, and the
+    drop, reading the job failed already, reported nothing done. Another worker's later drop did nothing."""
+    queue(firestore_client, cancel_requested=True)
+    LostAnswer(monkeypatch)
+    assert store(firestore_client).drop(KEY)
+    assert (read(firestore_client)["status"], read(firestore_client)["error_type"]) == ("failed", "Cancelled")
+    assert not store(firestore_client, worker="w2").drop(KEY)
+    # With no retention a drop's write carries nothing of its own (no `expire_at`): not claimed as this one's.
+    other = JobKey(KEY.user_id, KEY.media_type, "kept-for-ever")
+    queue(firestore_client, other, cancel_requested=True)
+    LostAnswer(monkeypatch)
+    assert not WorkerJobs(firestore_client, worker_id="w1", retention_days=0).drop(other)
+    assert read(firestore_client, other)["error_type"] == "Cancelled"
+
+
 def test_a_finished_jobs_expire_at_is_its_finish_by_firestores_clock_plus_the_stores_retention(firestore_client):
     """A clock audit: `expire_at` was this host's clock plus RETENTION_DAYS (5 minutes late on a host 5 minutes
     fast); it is the finish's server time plus the days the store was given (the worker's settings, the

@@ -481,9 +481,10 @@ def test_a_cancel_whose_write_failed_is_logged_and_the_job_still_ends_cancelled(
     assert generator.calls == [] and not data.get("attempts") and "worker_id" not in data
     failed = [e for e in reconciler_logs if "failed to connect" in str(e.get("error"))]
     assert [(e["event"], e["path"], e["log_level"]) for e in failed] == [("cancel_error", key.path, "warning")]
-    # Its `job_cancelled` line is not checked: the emulator may answer a commit that landed CANCELLED ("call already
-    # cancelled"); the client sends it again, its precondition fails on its own write, and the transition, reading
-    # the job failed already, reports nothing applied.
+    # Said once, by the drop that landed, even where the emulator answered that drop `CANCELLED` ("call already
+    # cancelled") and the client's resend failed on its own write (`WorkerJobs.drop`).
+    dropped = [e for e in reconciler_logs if e["event"] == "job_cancelled"]
+    assert [(e["file_uid"], e["during"]) for e in dropped] == [(key.file_uid, "queue")]
 
 
 class ChokingReconciler(CountingReconciler):
