@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -199,12 +200,17 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 # The emulators are JVMs that do little work each: HotSpot's optimising compiler (C2) and G1's concurrent threads
 # cost them more CPU than they save (a Firestore emulator's start and 1,500 writes: 17 s of CPU, 10 s with these),
 # and on a machine of two cores a test run's CPU is its time. Put before the user's own JDK_JAVA_OPTIONS (the
-# `java` launcher's variable), which win where they say otherwise.
+# `java` launcher's variable), which win where they say otherwise; a collector of the user's (there or in
+# JAVA_TOOL_OPTIONS) is the only one: the JVM refuses to start with two.
 JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
+_COLLECTOR = re.compile(r"-XX:\+Use\w*GC\b")
 
 
 def with_jvm_options(env: dict[str, str]) -> dict[str, str]:
-    return {**env, "JDK_JAVA_OPTIONS": " ".join([*JVM_OPTIONS, env.get("JDK_JAVA_OPTIONS", "")]).strip()}
+    users = env.get("JDK_JAVA_OPTIONS", "")
+    chosen = _COLLECTOR.search(f"{env.get('JAVA_TOOL_OPTIONS', '')} {users}")
+    ours = [option for option in JVM_OPTIONS if not (chosen and _COLLECTOR.fullmatch(option))]
+    return {**env, "JDK_JAVA_OPTIONS": " ".join([*ours, users]).strip()}
 
 
 class Emulator:

@@ -11,7 +11,6 @@ import asyncio
 import gc
 import json
 import os
-import platform
 import signal
 import socket
 import sys
@@ -56,36 +55,6 @@ def _on_runpod(argv: list[str]) -> bool:
     return bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB")) or any(a.split("=")[0] in flags for a in argv)
 
 
-def _import_runpod_sdk() -> None:
-    """The RunPod SDK, imported without the CPU probe it runs on import: its debugger module asks py-cpuinfo for
-    the processor's name (shown only under --rp_debugger), and py-cpuinfo starts a Python interpreter of its own
-    to answer, 1.3 s of CPU on every worker start. The name is read from /proc/cpuinfo instead."""
-    try:
-        import cpuinfo
-    except ImportError:  # an SDK without it probes nothing
-        cpuinfo = None
-    probe = getattr(cpuinfo, "get_cpu_info", None)
-    if cpuinfo is not None:
-        cpuinfo.get_cpu_info = lambda: {"brand_raw": _processor_name()}
-    try:
-        import runpod.serverless  # noqa: F401
-    finally:
-        if cpuinfo is not None:
-            cpuinfo.get_cpu_info = probe
-
-
-def _processor_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "Unable to get processor info."
-
-
 def _configuration_error(exc: Exception) -> int:
     """One line naming the setting on stderr, for a person at a terminal; and the same as a JSON event on stdout,
     for the platforms' log views (an alert on severity sees the one line a worker that never starts writes)."""
@@ -128,9 +97,11 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
     from generation.engine import Engine, EngineConfig, quiet_loading
 
-    from .startup import Deadline, runpod_report
+    from .startup import Deadline, import_runpod_sdk, runpod_report
     from .worker import build_worker
 
+    if _on_runpod(argv):
+        import_runpod_sdk()  # before anything of the SDK's (the start deadline's report is)
     imported = time.perf_counter()
     quiet_loading()  # one JSON event per line: no progress bars in the worker's output
     # From the first touch of the card (the engine's device detection) to `worker_ready`.
@@ -189,7 +160,6 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         # no Firebase behind the worker, that wait was 30 s).
         one_job = any(a.split("=")[0] == "--test_input" for a in argv)
         if _on_runpod(argv):
-            _import_runpod_sdk()
             serve_api = any(a.split("=")[0] == "--rp_serve_api" for a in argv)
             route_runpod_sdk(local_api=serve_api or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0"))
         if not _fit(worker, production, settings.fitness_check_timeout_seconds, start):

@@ -5,7 +5,7 @@ CUDA's initialisation (the engine's device detection, the models' move to the ca
 hangs a model's load. Each kept the worker initializing for good: neither ready nor gone for RunPod to replace.
 Nothing is claimed before the start ends, so there is nothing to give back: past its deadline the process says
 where it was stuck and ends with os._exit(1) (the stuck thread cannot be interrupted), as the SDK does after a
-failed fitness check.
+failed fitness check. (And a start's cost: the RunPod SDK imported without the CPU probe it runs on import.)
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import platform
 import sys
 import sysconfig
 import threading
@@ -154,6 +155,7 @@ def runpod_report(check: str) -> Callable[[str], None] | None:
     """RunPod's unhealthy report of a failed check, named `check` (the SDK's; private, so looked up: a later SDK
     without it, or with another signature, exits unreported)."""
     try:
+        import_runpod_sdk()
         from runpod.serverless.modules import rp_fitness
     except ImportError:  # pragma: no cover - the worker's image always has the SDK
         return None
@@ -166,3 +168,36 @@ def runpod_report(check: str) -> Callable[[str], None] | None:
             report(check, reason)
 
     return send
+
+
+def import_runpod_sdk() -> None:
+    """The RunPod SDK, imported without the CPU probe it runs on import: its debugger module asks py-cpuinfo for
+    the processor's name (shown only under --rp_debugger), and py-cpuinfo starts a Python interpreter of its own
+    to answer, 1.3 s of CPU on every worker start. The name is read from /proc/cpuinfo instead. Every first import
+    of the SDK in the worker comes here (once imported, this does nothing)."""
+    if "runpod.serverless" in sys.modules:
+        return
+    try:
+        import cpuinfo
+    except ImportError:  # an SDK without it probes nothing
+        cpuinfo = None
+    probe = getattr(cpuinfo, "get_cpu_info", None)
+    if cpuinfo is not None:
+        cpuinfo.get_cpu_info = lambda: {"brand_raw": processor_name()}
+    try:
+        import runpod.serverless  # noqa: F401
+    finally:
+        if cpuinfo is not None:
+            cpuinfo.get_cpu_info = probe
+
+
+def processor_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "Unable to get processor info."

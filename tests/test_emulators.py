@@ -211,8 +211,15 @@ def test_the_firestore_emulators_java_runs_with_the_harness_options_then_the_use
     emulator_logs, monkeypatch, project_id
 ):
     """C2 and G1 off (JVM_OPTIONS: most of an emulator's CPU in a test run); an option of the user's own comes
-    after them, so it wins. The `java` launcher itself says which options it took."""
-    monkeypatch.setenv("JDK_JAVA_OPTIONS", "-Xmx512m")
+    after them, so it wins, and a collector of the user's is the only one (a review: with two, the JVM refused to
+    start, and so did every emulator). The `java` launcher itself says which options it took."""
+    assert emu.with_jvm_options({"JDK_JAVA_OPTIONS": "-Xmx512m"})["JDK_JAVA_OPTIONS"] == (
+        "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmx512m"
+    )
+    assert emu.with_jvm_options({"JAVA_TOOL_OPTIONS": "-XX:+UseParallelGC"})["JDK_JAVA_OPTIONS"] == (
+        "-XX:TieredStopAtLevel=1"
+    )
+    monkeypatch.setenv("JDK_JAVA_OPTIONS", "-XX:+UseG1GC -Xmx512m")
     with emu.FirestoreEmulator(emulator_logs) as firestore_emulator:
         client = firestore_emulator.client(project_id)
         client.document("jvm/options").set({"ok": True})
@@ -220,7 +227,7 @@ def test_the_firestore_emulators_java_runs_with_the_harness_options_then_the_use
         # Where its Java writes: its log, or under the Firebase CLI (the backend where gcloud is missing), the CLI's
         logs = [firestore_emulator.log_path, firestore_emulator._workdir / "firestore-debug.log"]
         said = "".join(log.read_text() for log in logs if log.is_file())
-        assert "Picked up JDK_JAVA_OPTIONS: -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xmx512m" in said
+        assert "Picked up JDK_JAVA_OPTIONS: -XX:TieredStopAtLevel=1 -XX:+UseG1GC -Xmx512m" in said
 
 
 def test_the_clis_java_takes_the_options_except_beside_the_storage_emulators_rules_runtime(tmp_path):
