@@ -298,6 +298,29 @@ def test_a_cancelled_queued_jobs_drop_whose_answer_was_lost_is_still_this_drop(f
     assert read(firestore_client, other)["error_type"] == "Cancelled"
 
 
+def test_a_drop_that_another_cancel_beat_is_not_this_drop(firestore_client, monkeypatch):
+    """The owner's cancel (the function's) lands between this drop's read and its commit: the drop's own try
+    failed, so the job failed as the function wrote it is not this drop's, and it says nothing."""
+    from google.cloud.firestore_v1.batch import WriteBatch
+
+    from firegen_core.jobs import JobStore
+
+    queue(firestore_client, cancel_requested=True)
+    real = WriteBatch.commit
+    beaten = []
+
+    def commit(batch, *args, **kwargs):
+        if not beaten:  # the drop's first commit: the function's cancel lands just before it
+            beaten.append(True)
+            monkeypatch.setattr(WriteBatch, "commit", real)
+            JobStore(firestore_client).cancel(KEY)
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(WriteBatch, "commit", commit)
+    assert not store(firestore_client).drop(KEY)
+    assert beaten and read(firestore_client)["error_type"] == "Cancelled"
+
+
 def test_a_finished_jobs_expire_at_is_its_finish_by_firestores_clock_plus_the_stores_retention(firestore_client):
     """A clock audit: `expire_at` was this host's clock plus RETENTION_DAYS (5 minutes late on a host 5 minutes
     fast); it is the finish's server time plus the days the store was given (the worker's settings, the
