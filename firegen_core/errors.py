@@ -90,7 +90,9 @@ def _short(exc: BaseException) -> str:
 def _is_oom(exc: BaseException) -> bool:
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
         return True
-    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+    # torch's CPU allocator says "can't allocate memory" (a CPU-only dev run with a big job), CUDA "out of memory".
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def classify(exc: BaseException, *, during: str = "generation") -> GenerationError:
@@ -100,7 +102,9 @@ def classify(exc: BaseException, *, during: str = "generation") -> GenerationErr
     if isinstance(exc, ContractError):
         return GenerationError(VALIDATION_ERROR, exc.message)
     if _is_oom(exc) or isinstance(exc, MemoryError):
-        return GenerationError(OUT_OF_MEMORY, f"Out of memory during {during}")
+        # The contract's own example names the GPU's memory: "CUDA Out of Memory during image generation".
+        ran_out = "CUDA Out of Memory" if "cuda" in str(exc).lower() else "Out of memory"
+        return GenerationError(OUT_OF_MEMORY, f"{ran_out} during {during}")
     if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.startswith(
         ("google.api_core", "google.auth", "requests", "urllib3")
     ):

@@ -210,8 +210,24 @@ def test_out_of_memory_twice_fails_as_out_of_memory(engine, monkeypatch):
     with pytest.raises(errors.GenerationError) as failure:
         engine.generate(image_request())
     assert failure.value.error_type == errors.OUT_OF_MEMORY
-    assert failure.value.message == "Out of memory during image generation"
+    assert failure.value.message == "CUDA Out of Memory during image generation"  # the contract's example
     assert len(stand_in.calls) == 2
+
+
+def test_the_out_of_memory_message_names_cuda_where_the_gpus_memory_ran_out():
+    during = {"during": "video generation"}
+    cuda = [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+    ]
+    for exc in cuda:
+        assert errors.classify(exc, **during).message == "CUDA Out of Memory during video generation", exc
+    try:  # what torch's CPU allocator raises, for real
+        torch.empty(1 << 60, dtype=torch.uint8)
+    except RuntimeError as exc:
+        cpu = errors.classify(exc, **during)
+    assert (cpu.error_type, cpu.message) == (errors.OUT_OF_MEMORY, "Out of memory during video generation")
+    assert errors.classify(MemoryError()).message == "Out of memory during generation"
 
 
 def test_other_errors_are_classified_without_a_retry(engine, monkeypatch):
