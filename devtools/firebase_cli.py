@@ -328,6 +328,10 @@ class FirebaseCli(emu.Emulator):
         # The CLI runs Java in a process group of its own and stops it (and the functions) on SIGINT. Whatever
         # it started and left behind (a crash) is ended after the group, in stop().
         self._descendants |= descendants(proc.pid)
+        if proc.poll() is not None:
+            # It ended by itself (a failed start, a crash): nothing stops what it left running but stop()'s kill,
+            # so waiting here for its ports only delayed saying why it failed (by STOP_WAIT_S: 20 s).
+            return
         # While it starts, the CLI finishes starting before a first SIGINT stops it; a second one stops it now.
         for _ in range(1 if self.last_start_seconds else 2):
             with contextlib.suppress(ProcessLookupError):
