@@ -148,6 +148,9 @@ class Policy:
     redispatch_after: timedelta = timedelta(minutes=10)
     max_dispatches: int = 3
     scan_limit: int = 100
+    # A sweep starts no dispatch past this: one can take RunPod's whole deadline (50 s), and the scheduled
+    # function ends at 300 s, cut off mid-sweep with its counts unsaid. The rest wait for the next sweep.
+    sweep_budget: timedelta = timedelta(seconds=200)
 
 
 # How a failed job's error_type answers the callable; any other failure is failed-precondition.
@@ -552,25 +555,32 @@ def redispatch_stale(
     policy: Policy = Policy(),
     now: datetime | None = None,
     limits: Limits = Limits(),
+    clock: Callable[[], float] = time.monotonic,
 ) -> Counter:
     """The scheduled sweep. Returns counts: redispatched, failed, waiting (dispatched enough, in a live worker's
     backlog: left queued), cancelled (its owner's cancel flag on it: ended, not dispatched), skipped,
-    invalid, and each verdict outcome."""
+    invalid, deferred (found past the sweep's budget: untouched, for the next sweep), and each verdict outcome."""
     now = now or datetime.now(UTC)
     cutoff = now - policy.redispatch_after
     counts: Counter = Counter()
     store = _store(db, limits)
+    ends = clock() + policy.sweep_budget.total_seconds()
     # Workers seen within the stale period are working through a backlog: nothing fails for want of a worker.
     alive = workers.alive_since(db, cutoff)
     for media in MEDIA_TYPES:
         queued = store.oldest_queued(media, created_before=cutoff, limit=policy.scan_limit)
         expired = store.expired(media, now, limit=policy.scan_limit)
         for query in (queued, expired):
-            for snapshot in query.stream():
+            # Read whole first: a query's stream held open across dispatches of up to 50 s each could outlive
+            # its deadline.
+            for snapshot in list(query.stream()):
                 try:
                     key = JobKey.from_path(snapshot.reference.path)
                 except ValueError:
                     continue  # an `images` collection somewhere else
+                if clock() >= ends:
+                    counts["deferred"] += 1
+                    continue
                 counts[_redispatch_one(store, runpod, key, policy, alive=alive)] += 1
     if counts:
         log.info("redispatch_sweep", extra={"counts": dict(counts)})

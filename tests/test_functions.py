@@ -1260,6 +1260,29 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
     assert len(runpod.requests) == 3
 
 
+def test_a_sweep_past_its_budget_leaves_the_rest_for_the_next(firestore_client, stub):
+    """The scheduled function ends at 300 s and one dispatch can take RunPod's 50 s deadline: a sweep starts no
+    dispatch past `sweep_budget`, leaves those jobs untouched and says how many (here each dispatch "takes"
+    100 s of the sweep's clock, so two of four go out with a budget of 150 s)."""
+    old = datetime.now(UTC) - timedelta(hours=1)
+    paths = [f"generations/u-b/images/j{n}" for n in range(4)]
+    for n, path in enumerate(paths):
+        firestore_client.document(path).set({**client_doc(), "created_at": old + timedelta(seconds=n)})
+    runpod = stub(ACCEPTED)
+    policy = Policy(sweep_budget=timedelta(seconds=150))
+    counts = dispatch.redispatch_stale(
+        firestore_client, runpod.client(), policy=policy, clock=lambda: 100.0 * len(runpod.requests)
+    )
+    assert counts == Counter(redispatched=2, deferred=2)
+    assert sorted(body["input"]["file_uid"] for _, body in runpod.requests) == ["j0", "j1"]  # the oldest first
+    left = [firestore_client.document(path).get().to_dict() for path in paths[2:]]
+    assert [(doc["status"], doc.get("dispatch_count")) for doc in left] == [("queued", None)] * 2
+    # The next sweep, with its own budget, sends them.
+    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(
+        redispatched=2, skipped=2
+    )
+
+
 def test_a_sweep_while_runpod_is_down_records_why(firestore_client):
     old = datetime.now(UTC) - timedelta(hours=1)
     firestore_client.document("generations/u-d/images/j").set({**client_doc(), "created_at": old})

@@ -107,6 +107,16 @@ def test_the_deploy_source_is_world_readable_even_under_a_strict_umask(tmp_path)
         sys.path.remove(str(ROOT / "scripts"))
 
 
+def test_the_functions_deploy_as_a_codebase_of_their_own():
+    """Deployed into a project an app is deployed in already, `firebase deploy --only functions` from here must
+    leave the app's own functions (its `default` codebase) alone: the CLI offers to delete a codebase's functions
+    that its folder no longer has (README "Into an existing Firebase project")."""
+    [functions] = json.loads((ROOT / "firebase.json").read_text())["functions"]
+    assert functions["codebase"] == "firegen"
+    readme = (ROOT / "README.md").read_text()
+    assert "names their codebase `firegen`" in readme and "`--only functions:firegen`" in readme
+
+
 def test_vendor_shared_check_says_whether_the_functions_copy_is_current(tmp_path):
     """README: `python3 scripts/vendor_shared.py --check` says whether functions/firegen_core is current: exit 0
     when it is; non-zero, naming each stale file, when the core changed since the copy (or there is none); and
