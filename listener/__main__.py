@@ -64,6 +64,19 @@ def _configuration_error(exc: Exception) -> int:
     return 2
 
 
+def _crash_reason(exc: BaseException) -> str:
+    return f"crashed: {type(exc).__name__}"
+
+
+def _crashed(log: Any, exc: BaseException, *, exit_line: bool = True) -> int:
+    """An exception nothing in the worker expected: its traceback as an ERROR event (Python would print it in plain
+    text on stderr, outside the JSON stream the platforms read), then the worker's exit line."""
+    log.error("worker_crashed", exc_info=exc)
+    if exit_line:
+        log.error("worker_exit", code=1, reason=_crash_reason(exc))
+    return 1
+
+
 def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] | None = None) -> int:
     """The worker. `wrap_generator` (the benchmarks' slow worker, the tests' injected faults) wraps the engine
     in another generator; everything else is the production worker."""
@@ -128,8 +141,10 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
         generator = wrap_generator(engine) if wrap_generator else engine
         worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=worker_id)
-    except BaseException:  # ended here: no deadline may outlive the start
+    except BaseException as exc:  # ended here: no deadline may outlive the start
         start.done()
+        if isinstance(exc, Exception):
+            return _crashed(log, exc)
         raise
     leaving = threading.Event()
     exit_code: int | str | None = None  # a SystemExit's own code, where it is not the worker's
@@ -215,6 +230,10 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             worker.failure = f"exit {exc.code}"
             exit_code = exc.code
         raise
+    except Exception as exc:  # a bug, or the SDK's: its last line was `worker_exit` code 0, "shutdown"
+        _crashed(log, exc, exit_line=False)
+        worker.failure = worker.failure or _crash_reason(exc)
+        exit_code = 1
     finally:
         start.done()  # a signal while it started: the shutdown below has its own bounds
         # RunPod sends SIGTERM before it stops an idle worker: finish the running job within the grace period,
@@ -224,7 +243,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         # Here, not after: a signal ends the worker by SystemExit through this `finally`.
         code = worker.exit_code if exit_code is None else exit_code
         (log.error if code else log.info)("worker_exit", code=code, reason=worker.failure or "shutdown")
-    return worker.exit_code
+    return 1 if exit_code == 1 else worker.exit_code
 
 
 def _fit(worker, production: bool, timeout: float, start: Any) -> bool:

@@ -139,6 +139,17 @@ def configure(worker_id: str, level: str = "INFO") -> None:
         logging.getLogger(name).setLevel(numeric)
     warnings.showwarning = _warning_event
     threading.excepthook = _thread_crashed
+    sys.excepthook = _uncaught
+
+
+def _uncaught(exc_type, exc, traceback) -> None:
+    """An exception that ends the process with nothing of the worker's to say it (main() says its own, as
+    `worker_crashed`): an ERROR event with the traceback, where Python prints it in plain text on stderr. Ctrl-C's
+    stays as Python shows it, at a terminal."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, traceback)
+        return
+    structlog.get_logger("listener").error("uncaught_exception", exc_info=(exc_type, exc, traceback))
 
 
 def _thread_crashed(args: threading.ExceptHookArgs) -> None:

@@ -8,6 +8,8 @@ FAULT=listeners  the listeners attach, but no snapshot of theirs reaches the wor
                  never answer), and the start's 30 s wait for them is cut to 1 s
 FAULT=stall      the models' load never returns (as from a network volume that stalls, or a card whose driver
                  hangs CUDA's initialisation: no file here can be made to stall a read)
+FAULT=crash      a bug in the start: the engine's wrapping raises a TypeError
+FAULT=crash-sdk  a bug in the RunPod SDK's loop: its start() raises, once the worker serves
 """
 
 from __future__ import annotations
@@ -65,4 +67,20 @@ if __name__ == "__main__":
             threading.Event().wait()
 
         Engine.preload = stalled_preload  # type: ignore[method-assign]
-    sys.exit(main(wrap_generator=lambda engine: FaultyGenerator(engine, fault)))
+    if fault == "crash-sdk":
+        from listener.startup import import_runpod_sdk
+
+        import_runpod_sdk()
+        import runpod.serverless
+
+        def broken_start(config):
+            raise RuntimeError("a bug in the SDK's loop")
+
+        runpod.serverless.start = broken_start
+
+    def wrap(engine):
+        if fault == "crash":
+            raise TypeError("a bug in the worker's start")
+        return FaultyGenerator(engine, fault)
+
+    sys.exit(main(wrap_generator=wrap))

@@ -262,6 +262,41 @@ def test_a_failed_fitness_check_off_runpod_says_worker_exit():
     assert events[-1]["severity"] == "ERROR"
 
 
+def test_a_bug_in_the_start_is_said_as_json_then_the_exit_line():
+    """The deploy review: an exception the start did not expect (here the engine's wrapping raises a TypeError)
+    was a plain traceback on stderr, and no `worker_exit` at all."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fault_worker"],
+        env={**os.environ, **EMULATED, "FAULT": "crash"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    crashed, exit_line = [json.loads(line) for line in result.stdout.splitlines()][-2:]
+    assert (crashed["event"], crashed["severity"]) == ("worker_crashed", "ERROR")
+    assert crashed["exception"].endswith("TypeError: a bug in the worker's start")
+    assert (exit_line["event"], exit_line["code"], exit_line["reason"]) == ("worker_exit", 1, "crashed: TypeError")
+
+
+MAIN_THREAD_SCRIPT = """
+from listener.logs import configure
+configure("w-1")
+raise LookupError("nothing caught it")
+"""
+
+
+def test_an_exception_nothing_caught_in_the_main_thread_is_a_json_event():
+    result = subprocess.run(
+        [sys.executable, "-c", MAIN_THREAD_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stderr) == (1, "")
+    [line] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert (line["severity"], line["event"]) == ("ERROR", "uncaught_exception")
+    assert line["exception"].endswith("LookupError: nothing caught it")
+
+
 WARNING_SCRIPT = """
 import sys, warnings, structlog
 from listener.logs import configure

@@ -427,6 +427,38 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
     assert '"event": "job_claimed"' not in result.stdout and '"event": "worker_ready"' not in result.stdout
 
 
+def test_a_bug_in_the_sdks_loop_ends_the_worker_saying_so(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    """The deploy review: an exception out of the SDK's loop (here its start() raises) was a plain traceback on
+    stderr after a `worker_exit` of code 0, reason shutdown: the platforms' last word was a clean exit."""
+    env = {
+        **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
+        "FAULT": "crash-sdk",
+        "IMAGE_MODEL": "none",
+        "VIDEO_MODEL": "none",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fault_worker"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    said = [e["event"] for e in events if e["event"] in ("reconciler_started", "worker_crashed", "worker_exit")]
+    assert said == ["reconciler_started", "worker_crashed", "worker_exit"]
+    [crashed] = [e for e in events if e["event"] == "worker_crashed"]
+    assert crashed["severity"] == "ERROR" and crashed["exception"].endswith("RuntimeError: a bug in the SDK's loop")
+    assert (events[-1]["event"], events[-1]["code"], events[-1]["reason"]) == (
+        "worker_exit",
+        1,
+        "crashed: RuntimeError",
+    )
+
+
 def hanging_start(step: str, folder: Path) -> dict[str, str]:
     """The settings of a worker whose start hangs at `step`, with what hangs under `folder`."""
     if step == "checks":
