@@ -84,7 +84,6 @@ from firegen_core.jobs import (
     Misfiled,
     dispatches_with,
     queued_document,
-    stated_request,
     undelivered,
 )
 from firegen_core.quota import Limits
@@ -163,17 +162,16 @@ def _store(db: firestore.Client, limits: Limits = Limits()) -> JobStore:
 
 
 def _markers(
-    doc: Mapping[str, Any] | None, by: str, request: GenerationRequest | None, *, afresh: bool = False
+    doc: Mapping[str, Any] | None, by: str, request: GenerationRequest, *, afresh: bool = False
 ) -> dict[str, Any]:
-    """The fields of one more dispatch of `request` (None: a doc that breaks the contract, failed next);
-    `afresh`: the first of a refused job's new try."""
+    """The fields of one more dispatch of `request`; `afresh`: the first of a refused job's new try."""
     markers: dict[str, Any] = {
         DISPATCH_COUNT: (0 if afresh else int(quota.number(doc or {}, DISPATCH_COUNT))) + 1,
         DISPATCHED_AT: SERVER_TIMESTAMP,
         DISPATCHED_BY: by,
+        # Every one kept, a new try's too: an earlier try's runsync may still arrive.
+        DISPATCHED_INPUTS: dispatches_with(doc, request),
     }
-    if request is not None:  # every one kept, a new try's too: an earlier try's runsync may still arrive
-        markers[DISPATCHED_INPUTS] = dispatches_with(doc, request)
     if doc and DISPATCH_ERROR in doc and not afresh:
         markers[DISPATCH_ERROR] = DELETE_FIELD
     return markers
@@ -479,6 +477,8 @@ def dispatch_created(
     if grace > 0:
         _await_request(db, key, grace)
 
+    refusal = _Refusal(key)
+
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
             return None
@@ -488,20 +488,44 @@ def dispatch_created(
             return None
         # Its owner's cancel (the doc's flag, within the grace, where no worker may be up to hear it): ended here
         # rather than dispatched, which would wake a GPU worker for it.
-        return lifecycle.drop_cancelled(doc) or _markers(doc, BY_TRIGGER, stated_request(key, doc))
+        if dropped := lifecycle.drop_cancelled(doc):
+            return dropped
+        request = refusal.read(doc)
+        return None if request is None else _markers(doc, BY_TRIGGER, request)
 
     store = _store(db, limits)
     outcome = store.transition(key, decide, admit=True)
+    if refusal.fail(store):
+        return "invalid"
     if not outcome.applied:
         return "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
         return "cancelled" if outcome.written.get("error_type") == CANCELLED else "refused"
-    try:
-        request = parse_document(user_id, media_type, file_uid, outcome.before)
-    except ContractError as exc:
-        _fail_queued(store, key, VALIDATION_ERROR, exc.message)
-        return "invalid"
+    request = parse_document(user_id, media_type, file_uid, outcome.before)
     return _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])[0].outcome
+
+
+class _Refusal:
+    """A doc that breaks the contract, as a transition's decide() found it: failed after the transition (as a
+    worker's listener fails it), never marked dispatched, as no dispatch went out for it."""
+
+    def __init__(self, key: JobKey):
+        self.key = key
+        self.message: str | None = None
+
+    def read(self, doc: Mapping[str, Any]) -> GenerationRequest | None:
+        self.message = None  # decide() runs again on a contended transaction: its last read counts
+        try:
+            return parse_document(self.key.user_id, self.key.media_type, self.key.file_uid, doc)
+        except ContractError as exc:
+            self.message = exc.message
+            return None
+
+    def fail(self, store: JobStore) -> bool:
+        if self.message is None:
+            return False
+        _fail_queued(store, self.key, VALIDATION_ERROR, self.message)
+        return True
 
 
 def _await_request(db: firestore.Client, key: JobKey, grace: float, poll: float = 0.25) -> None:
@@ -589,6 +613,7 @@ def redispatch_stale(
 
 def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy, *, alive: bool) -> str:
     waiting = False
+    refusal = _Refusal(key)
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
         nonlocal waiting
@@ -602,18 +627,17 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
             if alive:
                 return None
             return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
-        return _markers(doc, BY_SCHEDULER, stated_request(key, doc))
+        request = refusal.read(doc)
+        return None if request is None else _markers(doc, BY_SCHEDULER, request)
 
     outcome = store.transition(key, decide)
+    if refusal.fail(store):
+        return "invalid"
     if not outcome.applied:
         return "waiting" if waiting else "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
         return "cancelled" if outcome.written.get("error_type") == CANCELLED else "failed"
-    try:
-        request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
-    except ContractError as exc:
-        _fail_queued(store, key, VALIDATION_ERROR, exc.message)
-        return "invalid"
+    request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
     verdict, _ = _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
     return "redispatched" if verdict.delivered else verdict.outcome
 

@@ -155,6 +155,9 @@ def nobody_listening() -> RunPodClient:
     return RunPodClient(f"http://127.0.0.1:{emu.free_port()}/runsync", API_KEY, **FAST)
 
 
+DISPATCH_MARKERS = {"dispatch_count", "dispatched_at", "dispatched_by", "dispatched_inputs", "dispatch_error"}
+
+
 def client_doc(**options) -> dict:
     """The contract's client sample, as the Admin SDK writes it (rules are tested in test_rules.py)."""
     return {
@@ -1115,6 +1118,8 @@ def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(fi
     assert (doc["status"], doc["error_type"]) == ("failed", "ValidationError")
     assert doc["error_message"].startswith("Validation failed: num_frames is a video field")
     assert runpod.requests == []
+    # Nothing went out: no dispatch recorded (the audit: dispatched_by "trigger" with no dispatch_error).
+    assert not DISPATCH_MARKERS & doc.keys(), doc
 
 
 def test_trigger_and_schedule_end_a_doc_cancelled_by_its_flag_without_waking_a_worker(firestore_client, stub):
@@ -1918,6 +1923,7 @@ def test_a_stale_invalid_doc_is_failed_by_the_sweep_without_waking_a_worker(fire
         "ValidationError",
         "width must be between 256 and 1024",
     )
+    assert not DISPATCH_MARKERS & doc.keys(), doc
     assert runpod.requests == []  # nothing sent: a stand-in that records requests, in a project of its own
 
 
