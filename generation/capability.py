@@ -190,6 +190,24 @@ class StepProgress:
             self.report(fraction)  # may raise errors.Interrupted, which must reach the caller unchanged
         return {}
 
+    def check(self, *hook_args: object) -> None:
+        """Between steps' worth of work that has no step (a video's decode): the same fraction again, so that a
+        job that must stop (cancelled, released) raises errors.Interrupted here too. A forward pre-hook's
+        arguments are ignored."""
+        if self.report is not None:
+            self.report(self.reported)
+
+
+@contextmanager
+def checked_calls(module: Any, check: Callable[..., None]) -> Iterator[None]:
+    """`check` before each call of `module` (a forward pre-hook), for the length of the block."""
+    handle = module.register_forward_pre_hook(check) if module is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
 
 # --- loading ----------------------------------------------------------------------------------------------
 

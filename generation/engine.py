@@ -31,10 +31,11 @@ Configuration from the environment, validated by `generation.settings.ModelSetti
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -286,7 +287,11 @@ class Engine:
         loaded = time.perf_counter()
         seed = resolve_seed(request.seed)
         output = pipeline.generate(request, seed, progress)
-        return self._finish(request, seed, output, pipeline.role, (started, loaded, time.perf_counter()))
+        # A video's encode takes seconds with no step in it: the job's progress, at its end already, is asked
+        # again before each frame, so that a job that must stop (cancelled, released) stops there too.
+        still_wanted = functools.partial(progress, 1.0) if progress is not None else None
+        marks = (started, loaded, time.perf_counter())
+        return self._finish(request, seed, output, pipeline.role, marks, still_wanted)
 
     def generate_batch(
         self, requests: list[GenerationRequest], progress: list[ProgressFn | None] | None = None
@@ -319,21 +324,32 @@ class Engine:
                 results.append(failure)
         return results
 
-    def _finish(self, request: GenerationRequest, seed: int, output, role: str, marks: tuple) -> GenerationResult:
+    def _finish(
+        self,
+        request: GenerationRequest,
+        seed: int,
+        output,
+        role: str,
+        marks: tuple,
+        between_frames: Callable[[], None] | None = None,
+    ) -> GenerationResult:
         """Encode `output`; `marks`: when the job started, its model was there and its generation ended."""
         started, loaded, generated = marks
         try:
-            files, width, height, info = self._encode(request, output)
+            files, width, height, info = self._encode(request, output, between_frames)
         except Exception as exc:
             raise errors.classify(exc, during=f"{role.lower()} encoding") from exc
         timings = Timings(loaded - started, generated - loaded, time.perf_counter() - generated)
         return GenerationResult(request.task_type, seed, files, width, height, info, timings)
 
     @staticmethod
-    def _encode(request: GenerationRequest, output) -> tuple[list[OutputFile], int, int, dict | None]:
+    def _encode(
+        request: GenerationRequest, output, between_frames: Callable[[], None] | None = None
+    ) -> tuple[list[OutputFile], int, int, dict | None]:
         if request.is_video:
             count, height, width, _ = output.shape
-            files = [OutputFile(media.encode_mp4(output, request.fps), *media.MP4)]
+            mp4 = media.encode_mp4(output, request.fps, between_frames=between_frames)
+            files = [OutputFile(mp4, *media.MP4)]
             return files, width, height, media.video_info(count, request.fps, width, height)
         width, height = output[0].size
         return [OutputFile(media.encode_png(image), *media.PNG) for image in output], width, height, None

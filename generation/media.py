@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -65,8 +65,15 @@ def to_uint8_frames(frames: np.ndarray | Sequence) -> np.ndarray:
     return array
 
 
-def encode_mp4(frames: np.ndarray | Sequence, fps: int, encoding: VideoEncoding = VideoEncoding()) -> bytes:
-    """H.264 MP4 with exactly len(frames) frames at `fps`; width and height must be even (4:2:0 chroma)."""
+def encode_mp4(
+    frames: np.ndarray | Sequence,
+    fps: int,
+    encoding: VideoEncoding = VideoEncoding(),
+    *,
+    between_frames: Callable[[], None] | None = None,
+) -> bytes:
+    """H.264 MP4 with exactly len(frames) frames at `fps`; width and height must be even (4:2:0 chroma).
+    `between_frames` is called before each frame's encode (it may raise to stop, e.g. a cancelled job's)."""
     import av
 
     array = to_uint8_frames(frames)
@@ -80,12 +87,14 @@ def encode_mp4(frames: np.ndarray | Sequence, fps: int, encoding: VideoEncoding 
     with tempfile.TemporaryDirectory(prefix="firegen-mp4-") as folder:
         path = os.path.join(folder, "video.mp4")
         with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart", "fflags": "+bitexact"}) as out:
-            _write_frames(out, array, fps, encoding)
+            _write_frames(out, array, fps, encoding, between_frames)
         with open(path, "rb") as file:
             return file.read()
 
 
-def _write_frames(container, array: np.ndarray, fps: int, encoding: VideoEncoding) -> None:
+def _write_frames(
+    container, array: np.ndarray, fps: int, encoding: VideoEncoding, between_frames: Callable[[], None] | None
+) -> None:
     import av
 
     _, height, width, _ = array.shape
@@ -95,6 +104,8 @@ def _write_frames(container, array: np.ndarray, fps: int, encoding: VideoEncodin
     stream.codec_context.flags |= av.codec.context.Flags.bitexact
     stream.options = {"crf": str(encoding.crf), "preset": encoding.preset, "threads": str(encoding.threads)}
     for index, pixels in enumerate(array):
+        if between_frames is not None:
+            between_frames()
         frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
         frame.pts = index
         container.mux(stream.encode(frame))

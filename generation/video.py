@@ -9,7 +9,7 @@ from firegen_core import errors
 from firegen_core.contract import TEXT2VIDEO, GenerationRequest
 
 from . import video_speed
-from .capability import DiffusionCapability, ProgressFn, Runtime, StepProgress, make_generator
+from .capability import DiffusionCapability, ProgressFn, Runtime, StepProgress, checked_calls, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +140,22 @@ class VideoPipeline(DiffusionCapability):
             steps.start(parts=1)
             if video_speed.is_cfg_batched(self.pipe.transformer):
                 self.pipe.transformer.batching = batched  # the leaner retry runs the two passes one by one
-            return self.pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                width=request.video_width,
-                height=request.video_height,
-                num_frames=frames,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.video_guidance_scale,
-                generator=make_generator(seed),
-                output_type="np",
-                callback_on_step_end=steps.on_step_end,
-            ).frames[0]
+            # The VAE decodes a latent frame (or tile) per call of its decoder, for seconds after the last step:
+            # a cancel then stops it at the next call, not after the whole decode and encode (audit: 10 s).
+            # Here, under the pipeline's lock: a waiting job's check must never run in this one's decode.
+            with checked_calls(getattr(self.pipe.vae, "decoder", None), steps.check):
+                return self.pipe(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    width=request.video_width,
+                    height=request.video_height,
+                    num_frames=frames,
+                    num_inference_steps=request.num_inference_steps,
+                    guidance_scale=request.video_guidance_scale,
+                    generator=make_generator(seed),
+                    output_type="np",
+                    callback_on_step_end=steps.on_step_end,
+                ).frames[0]
 
         video = to_uint8_frames(self._run(lambda: run(True), lambda: run(False))[: request.num_frames])
         expected = (request.num_frames, request.video_height, request.video_width, 3)

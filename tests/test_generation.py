@@ -144,7 +144,62 @@ def test_frames_to_generate_rounds_up_to_the_vae_frame_counts(wanted, generated)
 def test_progress_rises_after_every_step_and_ends_at_one(engine, make_request):
     seen = []
     engine.generate(make_request(num_inference_steps=4), progress=seen.append)
-    assert seen == [0.25, 0.5, 0.75, 1.0]
+    # A video's decode and encode ask the last fraction again (a check for a stop, below): never lower.
+    assert [f for n, f in enumerate(seen) if seen[n - 1 : n] != [f]] == [0.25, 0.5, 0.75, 1.0]
+    assert seen == sorted(seen)
+
+
+class StopAt:
+    """A job's progress callback that stops it (errors.Interrupted) at its `at`-th report of 1.0: the last step's
+    is the first; a video's decode and encode ask it again before each piece of their work."""
+
+    def __init__(self, at: int | None = None):
+        self.at, self.ones = at, 0
+
+    def __call__(self, fraction: float) -> None:
+        self.ones += fraction == 1.0
+        if self.ones == self.at:
+            raise errors.Interrupted()
+
+
+def test_a_video_stops_in_its_decode_or_its_encode_where_its_job_must(engine):
+    """The audit: a cancel after a video's last step waited out its whole decode and encode (10 s here, seconds of
+    GPU on a card) before the job ended. Each latent frame's decode and each frame's encode asks first."""
+    decoder = engine.pipeline("text2video").pipe.vae.decoder
+    decoded = []
+    counting = decoder.register_forward_hook(lambda *args: decoded.append(1))
+    try:
+        whole = StopAt()
+        full = engine.generate(video_request(), progress=whole)
+        calls = len(decoded)
+        assert calls > 1 and whole.ones == 1 + calls + 16  # the last step, each decoder call, each of 16 frames
+        for at, decoded_before_the_stop in [(2, 0), (3, 1), (2 + calls, calls)]:  # in the decode; its first frame
+            decoded.clear()
+            with pytest.raises(errors.Interrupted):
+                engine.generate(video_request(), progress=StopAt(at))
+            assert len(decoded) == decoded_before_the_stop, at
+    finally:
+        counting.remove()
+    # Stopped mid-decode, the VAE's frame cache is cleared by the next decode: the same video as before.
+    assert engine.generate(video_request()).files[0].data == full.files[0].data
+    assert decoder._forward_pre_hooks == {}  # the job's checks went with it
+
+
+def test_encode_mp4_asks_before_each_frame_and_stops_where_told():
+    frames = np.zeros((5, 16, 16, 3), dtype=np.uint8)
+    asked = []
+    assert media.probe_mp4(media.encode_mp4(frames, 8, between_frames=lambda: asked.append(1))).frames == 5
+    assert len(asked) == 5
+
+    def stop_at_the_third():
+        asked.append(1)
+        if len(asked) == 3:
+            raise errors.Interrupted()
+
+    asked.clear()
+    with pytest.raises(errors.Interrupted):
+        media.encode_mp4(frames, 8, between_frames=stop_at_the_third)
+    assert len(asked) == 3
 
 
 def test_interrupted_from_the_progress_callback_propagates_unchanged(engine):
