@@ -97,6 +97,12 @@ def test_hub_json_has_what_the_hub_requires(key):
     assert min(tuple(map(int, v.split("."))) for v in config["allowedCudaVersions"]) >= (12, 8)
 
 
+def test_the_hubs_description_asks_for_a_longer_idle_timeout():
+    """hub.json has no idle-timeout field, and RunPod's default (5 s) stops a worker mid-video (the handler answers
+    before the work ends): a Hub deploy reads what to set in the description (the deploy review)."""
+    assert "idle timeout" in HUB["description"] and "5 s" in HUB["description"]
+
+
 def test_the_hubs_root_handler_py_is_the_worker():
     """The RunPod Hub looks for a root handler.py: it must run the same worker as the Dockerfile's CMD."""
     import importlib.util
