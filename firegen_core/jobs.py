@@ -384,7 +384,7 @@ class JobStore:
                 return None
             if quota.admitted(doc):
                 return None
-            return _contract_failure(key, doc) or {}
+            return contract_failure(key, doc) or {}
 
         return self.transition(key, decide, admit=True)
 
@@ -500,7 +500,7 @@ class JobStore:
         )
 
 
-def _contract_failure(key: JobKey, doc: Mapping[str, Any]) -> dict[str, Any] | None:
+def contract_failure(key: JobKey, doc: Mapping[str, Any]) -> dict[str, Any] | None:
     """The failure a queued doc that breaks the contract ends with (`ValidationError`, the contract's message);
     None for a doc that states a job."""
     try:
@@ -571,7 +571,7 @@ class WorkerJobs(JobStore):
             if any(lifecycle.holds(doc, lease) for lease in tried):
                 return None  # ours already
             if doc is not None and doc.get("status") == lifecycle.QUEUED and not doc.get(lifecycle.CANCEL_REQUESTED):
-                broken = _contract_failure(key, doc)
+                broken = contract_failure(key, doc)
                 if broken is not None:  # failed as its admission would have: no slot, no attempt
                     return broken
             update = lifecycle.claim(

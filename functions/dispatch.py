@@ -82,8 +82,10 @@ from firegen_core.jobs import (
     JobKey,
     JobStore,
     Misfiled,
+    contract_failure,
     dispatches_with,
     queued_document,
+    stated_request,
     undelivered,
 )
 from firegen_core.quota import Limits
@@ -477,8 +479,6 @@ def dispatch_created(
     if grace > 0:
         _await_request(db, key, grace)
 
-    refusal = _Refusal(key)
-
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
             return None
@@ -488,44 +488,30 @@ def dispatch_created(
             return None
         # Its owner's cancel (the doc's flag, within the grace, where no worker may be up to hear it): ended here
         # rather than dispatched, which would wake a GPU worker for it.
-        if dropped := lifecycle.drop_cancelled(doc):
-            return dropped
-        request = refusal.read(doc)
-        return None if request is None else _markers(doc, BY_TRIGGER, request)
+        return lifecycle.drop_cancelled(doc) or _refused_or_marked(key, doc, BY_TRIGGER)
 
     store = _store(db, limits)
     outcome = store.transition(key, decide, admit=True)
-    if refusal.fail(store):
-        return "invalid"
     if not outcome.applied:
         return "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
-        return "cancelled" if outcome.written.get("error_type") == CANCELLED else "refused"
+        return _failed_outcome(outcome.written, otherwise="refused")
     request = parse_document(user_id, media_type, file_uid, outcome.before)
     return _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])[0].outcome
 
 
-class _Refusal:
-    """A doc that breaks the contract, as a transition's decide() found it: failed after the transition (as a
-    worker's listener fails it), never marked dispatched, as no dispatch went out for it."""
+def _refused_or_marked(key: JobKey, doc: Mapping[str, Any], by: str) -> dict[str, Any]:
+    """A doc that breaks the contract is failed in the same write that would mark it dispatched: nothing goes out
+    for it, and a request that restated it meanwhile (the callable's) makes the write decide again."""
+    request = stated_request(key, doc)
+    if request is None:
+        return contract_failure(key, doc) or {}  # the same parse: never empty
+    return _markers(doc, by, request)
 
-    def __init__(self, key: JobKey):
-        self.key = key
-        self.message: str | None = None
 
-    def read(self, doc: Mapping[str, Any]) -> GenerationRequest | None:
-        self.message = None  # decide() runs again on a contended transaction: its last read counts
-        try:
-            return parse_document(self.key.user_id, self.key.media_type, self.key.file_uid, doc)
-        except ContractError as exc:
-            self.message = exc.message
-            return None
-
-    def fail(self, store: JobStore) -> bool:
-        if self.message is None:
-            return False
-        _fail_queued(store, self.key, VALIDATION_ERROR, self.message)
-        return True
+def _failed_outcome(written: Mapping[str, Any], *, otherwise: str) -> str:
+    """What a transition that failed the job says it did."""
+    return {CANCELLED: "cancelled", VALIDATION_ERROR: "invalid"}.get(written.get("error_type"), otherwise)
 
 
 def _await_request(db: firestore.Client, key: JobKey, grace: float, poll: float = 0.25) -> None:
@@ -591,21 +577,25 @@ def redispatch_stale(
     ends = clock() + policy.sweep_budget.total_seconds()
     # Workers seen within the stale period are working through a backlog: nothing fails for want of a worker.
     alive = workers.alive_since(db, cutoff)
-    for media in MEDIA_TYPES:
-        queued = store.oldest_queued(media, created_before=cutoff, limit=policy.scan_limit)
-        expired = store.expired(media, now, limit=policy.scan_limit)
-        for query in (queued, expired):
-            # Read whole first: a query's stream held open across dispatches of up to 50 s each could outlive
-            # its deadline.
-            for snapshot in list(query.stream()):
-                try:
-                    key = JobKey.from_path(snapshot.reference.path)
-                except ValueError:
-                    continue  # an `images` collection somewhere else
-                if clock() >= ends:
-                    counts["deferred"] += 1
-                    continue
-                counts[_redispatch_one(store, runpod, key, policy, alive=alive)] += 1
+    # Read whole first (a query's stream held open across dispatches of up to 50 s each could outlive its
+    # deadline), in the order the budget serves them: jobs whose worker died mid-run, then the queued ones oldest
+    # first, videos and images alike.
+    expired = [s for media in MEDIA_TYPES for s in store.expired(media, now, limit=policy.scan_limit).stream()]
+    queued = [
+        s
+        for media in MEDIA_TYPES
+        for s in store.oldest_queued(media, created_before=cutoff, limit=policy.scan_limit).stream()
+    ]
+    queued.sort(key=lambda snapshot: snapshot.get("created_at"))
+    for snapshot in expired + queued:
+        try:
+            key = JobKey.from_path(snapshot.reference.path)
+        except ValueError:
+            continue  # an `images` collection somewhere else
+        if clock() >= ends:
+            counts["deferred"] += 1
+            continue
+        counts[_redispatch_one(store, runpod, key, policy, alive=alive)] += 1
     if counts:
         log.info("redispatch_sweep", extra={"counts": dict(counts)})
     return counts
@@ -613,7 +603,6 @@ def redispatch_stale(
 
 def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy, *, alive: bool) -> str:
     waiting = False
-    refusal = _Refusal(key)
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
         nonlocal waiting
@@ -627,16 +616,13 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
             if alive:
                 return None
             return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
-        request = refusal.read(doc)
-        return None if request is None else _markers(doc, BY_SCHEDULER, request)
+        return _refused_or_marked(key, doc, BY_SCHEDULER)
 
     outcome = store.transition(key, decide)
-    if refusal.fail(store):
-        return "invalid"
     if not outcome.applied:
         return "waiting" if waiting else "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
-        return "cancelled" if outcome.written.get("error_type") == CANCELLED else "failed"
+        return _failed_outcome(outcome.written, otherwise="failed")
     request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
     verdict, _ = _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
     return "redispatched" if verdict.delivered else verdict.outcome

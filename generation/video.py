@@ -144,18 +144,25 @@ class VideoPipeline(DiffusionCapability):
             # a cancel then stops it at the next call, not after the whole decode and encode (audit: 10 s).
             # Here, under the pipeline's lock: a waiting job's check must never run in this one's decode.
             with checked_calls(getattr(self.pipe.vae, "decoder", None), steps.check):
-                return self.pipe(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    width=request.video_width,
-                    height=request.video_height,
-                    num_frames=frames,
-                    num_inference_steps=request.num_inference_steps,
-                    guidance_scale=request.video_guidance_scale,
-                    generator=make_generator(seed),
-                    output_type="np",
-                    callback_on_step_end=steps.on_step_end,
-                ).frames[0]
+                try:
+                    return self.pipe(
+                        prompt=request.prompt,
+                        negative_prompt=request.negative_prompt,
+                        width=request.video_width,
+                        height=request.video_height,
+                        num_frames=frames,
+                        num_inference_steps=request.num_inference_steps,
+                        guidance_scale=request.video_guidance_scale,
+                        generator=make_generator(seed),
+                        output_type="np",
+                        callback_on_step_end=steps.on_step_end,
+                    ).frames[0]
+                finally:
+                    # A decode stopped mid-way keeps its frame cache (GiBs of activations at the contract's
+                    # sizes, on the card) until the next decode clears it: the next jobs need that memory now.
+                    clear_cache = getattr(self.pipe.vae, "clear_cache", None)
+                    if callable(clear_cache):
+                        clear_cache()
 
         video = to_uint8_frames(self._run(lambda: run(True), lambda: run(False))[: request.num_frames])
         expected = (request.num_frames, request.video_height, request.video_width, 3)

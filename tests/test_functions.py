@@ -1122,6 +1122,34 @@ def test_trigger_fails_a_doc_that_breaks_the_contract_without_waking_a_worker(fi
     assert not DISPATCH_MARKERS & doc.keys(), doc
 
 
+def test_a_doc_the_callable_restates_while_the_trigger_refuses_it_is_the_callables_job(
+    firestore_client, stub, monkeypatch
+):
+    """The contract's client flow (its doc, then the callable with the same file_uid) with a bad value in the doc:
+    the callable restates and dispatches the job between the trigger's read of the doc and its write. The
+    trigger's refusal is written in the same compare-and-set as a dispatch would be, so it decides again on the
+    restated doc (a review: failed apart from that read, it failed the dispatched job with the old message)."""
+    path = "generations/u-race/images/race-1"
+    firestore_client.document(path).set(client_doc(width=99999))
+    runpod = stub(ACCEPTED)
+    replies = []
+    read = dispatch.stated_request
+
+    def callable_in_between(key, doc):
+        if not replies:
+            data = {"prompt": "A red sports car", "width": 512, "file_uid": "race-1"}
+            replies.append(dispatch.generate(firestore_client, runpod.client(), uid="u-race", data=data))
+        return read(key, doc)
+
+    monkeypatch.setattr(dispatch, "stated_request", callable_in_between)
+    outcome = dispatch.dispatch_created(
+        firestore_client, runpod.client(), user_id="u-race", media_type="images", file_uid="race-1"
+    )
+    doc = firestore_client.document(path).get().to_dict()
+    assert (outcome, replies[0]["status"], len(runpod.requests)) == ("skipped", "accepted", 1)
+    assert (doc["status"], doc["width"], doc["dispatched_by"], doc.get("error")) == ("queued", 512, "callable", False)
+
+
 def test_trigger_and_schedule_end_a_doc_cancelled_by_its_flag_without_waking_a_worker(firestore_client, stub):
     """The web app's Cancel on a doc it just wrote (no callable): within the grace no worker may be up to hear
     the flag, and a dispatch would wake a GPU worker for a job nobody wants. The sweep ends so a queued job, and
@@ -1268,23 +1296,39 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
 def test_a_sweep_past_its_budget_leaves_the_rest_for_the_next(firestore_client, stub):
     """The scheduled function ends at 300 s and one dispatch can take RunPod's 50 s deadline: a sweep starts no
     dispatch past `sweep_budget`, leaves those jobs untouched and says how many (here each dispatch "takes"
-    100 s of the sweep's clock, so two of four go out with a budget of 150 s)."""
+    100 s of the sweep's clock, so two go out with a budget of 150 s). It serves first a job whose worker died
+    mid-run, then the oldest queued, a video before newer images (a review: images always went first)."""
     old = datetime.now(UTC) - timedelta(hours=1)
-    paths = [f"generations/u-b/images/j{n}" for n in range(4)]
-    for n, path in enumerate(paths):
+    images = [f"generations/u-b/images/j{n}" for n in range(3)]
+    for n, path in enumerate(images):
         firestore_client.document(path).set({**client_doc(), "created_at": old + timedelta(seconds=n)})
+    firestore_client.document("generations/u-b/videos/v-oldest").set(
+        {**client_doc(numFrames=16), "created_at": old - timedelta(minutes=1)}
+    )
+    firestore_client.document("generations/u-b/images/lost").set(
+        {
+            **client_doc(),
+            "created_at": old + timedelta(minutes=5),
+            "status": "processing",
+            "dispatch_count": 1,
+            "dispatched_at": old,
+            "worker_id": "w-gone",
+            "lease_expires_at": old,
+            "attempts": 1,
+        }
+    )
     runpod = stub(ACCEPTED)
     policy = Policy(sweep_budget=timedelta(seconds=150))
     counts = dispatch.redispatch_stale(
         firestore_client, runpod.client(), policy=policy, clock=lambda: 100.0 * len(runpod.requests)
     )
-    assert counts == Counter(redispatched=2, deferred=2)
-    assert sorted(body["input"]["file_uid"] for _, body in runpod.requests) == ["j0", "j1"]  # the oldest first
-    left = [firestore_client.document(path).get().to_dict() for path in paths[2:]]
-    assert [(doc["status"], doc.get("dispatch_count")) for doc in left] == [("queued", None)] * 2
+    assert counts == Counter(redispatched=2, deferred=3)
+    assert [body["input"]["file_uid"] for _, body in runpod.requests] == ["lost", "v-oldest"]
+    left = [firestore_client.document(path).get().to_dict() for path in images]
+    assert [(doc["status"], doc.get("dispatch_count")) for doc in left] == [("queued", None)] * 3
     # The next sweep, with its own budget, sends them.
     assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(
-        redispatched=2, skipped=2
+        redispatched=3, skipped=2
     )
 
 

@@ -178,6 +178,8 @@ def test_a_video_stops_in_its_decode_or_its_encode_where_its_job_must(engine):
             with pytest.raises(errors.Interrupted):
                 engine.generate(video_request(), progress=StopAt(at))
             assert len(decoded) == decoded_before_the_stop, at
+            # The VAE's frame cache (its activations: GiBs on a card) is let go, not kept until the next video.
+            assert all(entry is None for entry in engine.pipeline("text2video").pipe.vae._feat_map), at
     finally:
         counting.remove()
     # Stopped mid-decode, the VAE's frame cache is cleared by the next decode: the same video as before.
