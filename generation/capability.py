@@ -188,6 +188,8 @@ class StepProgress:
         if self.report is not None and fraction > self.reported:
             self.reported = fraction
             self.report(fraction)  # may raise errors.Interrupted, which must reach the caller unchanged
+        else:  # an out-of-memory retry's steps, short of the furthest reported: a stop still stops them
+            self.check()
         return {}
 
     def check(self, *hook_args: object) -> None:

@@ -250,9 +250,36 @@ def test_out_of_memory_retries_once_image_by_image_with_a_lean_vae(engine, monke
     result = engine.generate(image_request(num_images_per_prompt=2, num_inference_steps=2), progress=seen.append)
     assert len(result.files) == 2
     assert stand_in.calls == [{"images": 2, "lean": False}, {"images": 1, "lean": True}, {"images": 1, "lean": True}]
-    assert seen == [0.25, 0.5, 0.75, 1.0]  # the retry reports over both images, never going back
+    # The retry reports over both images, never going back: its steps short of the furthest point ask that again
+    # (a check for a stop: a cancel must not wait out the retry's first half).
+    assert [f for n, f in enumerate(seen) if seen[n - 1 : n] != [f]] == [0.25, 0.5, 0.75, 1.0]
+    assert seen == sorted(seen)
     vae = engine.pipeline("text2image").pipe.vae
     assert not (vae.use_tiling or vae.use_slicing)  # back to the normal mode for the next job
+
+
+def test_a_retrys_steps_short_of_the_furthest_reported_still_ask_for_a_stop():
+    """An out-of-memory retry starts over: its steps report nothing new until they pass the first try's furthest
+    point, but each asks that point again, so a cancel stops the retry at its next step (a review: it ran on)."""
+    from types import SimpleNamespace
+
+    from generation.capability import StepProgress
+
+    asked: list[float] = []
+    steps = StepProgress(asked.append)
+    pipe = SimpleNamespace(num_timesteps=4)
+    for step in range(3):
+        steps.on_step_end(pipe, step, None, {})
+    steps.start(parts=1)  # the leaner retry
+    steps.on_step_end(pipe, 0, None, {})
+    assert asked == [0.25, 0.5, 0.75, 0.75]
+
+    def stop(fraction):
+        raise errors.Interrupted()
+
+    steps.report = stop
+    with pytest.raises(errors.Interrupted):
+        steps.on_step_end(pipe, 1, None, {})
 
 
 def test_video_out_of_memory_retries_once_with_a_lean_vae(engine, monkeypatch):
