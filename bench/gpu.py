@@ -540,7 +540,7 @@ def measure_wan(capability, gpu: Gpu, work: dict, steps: int) -> dict:
     fractions = [0.0]
 
     def on_step(fraction: float) -> None:
-        if fraction <= fractions[-1]:  # the decode's and encode's stop checks ask the last step's again
+        if fraction <= fractions[-1]:  # the decode's stop checks ask the last step's again
             return
         fractions.append(fraction)
         gpu.sync()

@@ -167,8 +167,8 @@ class Runtime:
 class StepProgress:
     """Turns diffusers' per-step callbacks into fractions 0..1 for a job made of `parts` pipeline runs.
 
-    Reported fractions only ever increase: after an out-of-memory retry starts over, nothing is reported until
-    the retry passes the furthest point already reported.
+    Reported fractions never go back: after an out-of-memory retry starts over, its steps report the furthest
+    point already reported again (a check for a stop) until they pass it; so does a video's decode (`check`).
     """
 
     def __init__(self, report: ProgressFn | None):
