@@ -242,16 +242,21 @@ def test_listener_help():
     assert result.stdout.startswith("usage: python -m listener") and "STORAGE_BUCKET is required" in result.stdout
 
 
-def test_a_failed_fitness_check_off_runpod_says_worker_exit():
-    """Off RunPod the worker runs its fitness check itself; its end is logged as any other end."""
-    result = subprocess.run(
+def fault_worker(fault: str) -> subprocess.CompletedProcess:
+    """`tests.fault_worker` with `fault`, run to its end, no Firebase behind it (EMULATED points at nothing)."""
+    return subprocess.run(
         [sys.executable, "-m", "tests.fault_worker"],
-        env={**os.environ, **EMULATED, "FAULT": "fitness"},
+        env={**os.environ, **EMULATED, "FAULT": fault},
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_a_failed_fitness_check_off_runpod_says_worker_exit():
+    """Off RunPod the worker runs its fitness check itself; its end is logged as any other end."""
+    result = fault_worker("fitness")
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.returncode == 1, result.stderr[-2000:]
     assert [e["event"] for e in events if e["event"] in ("fitness_check_failed", "worker_exit")] == [
@@ -265,14 +270,7 @@ def test_a_failed_fitness_check_off_runpod_says_worker_exit():
 def test_a_bug_in_the_start_is_said_as_json_then_the_exit_line():
     """The deploy review: an exception the start did not expect (here the engine's wrapping raises a TypeError)
     was a plain traceback on stderr, and no `worker_exit` at all."""
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.fault_worker"],
-        env={**os.environ, **EMULATED, "FAULT": "crash"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = fault_worker("crash")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     crashed, exit_line = [json.loads(line) for line in result.stdout.splitlines()][-2:]
     assert (crashed["event"], crashed["severity"]) == ("worker_crashed", "ERROR")

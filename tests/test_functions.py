@@ -170,6 +170,18 @@ def client_doc(**options) -> dict:
     }
 
 
+def worker_gone(since: datetime) -> dict:
+    """A job's fields while it runs on a worker that died: dispatched once, claimed, its lease run out `since`."""
+    return {
+        "status": "processing",
+        "dispatch_count": 1,
+        "dispatched_at": since,
+        "worker_id": "w-gone",
+        "lease_expires_at": since,
+        "attempts": 1,
+    }
+
+
 def assert_key_nowhere(*texts):
     for text in texts:
         assert API_KEY not in str(text)
@@ -1242,16 +1254,7 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
         "generations/u-s/images/given-up": {**base, "dispatch_count": 2, "dispatched_at": old},
         "generations/u-s/images/recent": {**base, "dispatch_count": 1, "dispatched_at": datetime.now(UTC)},
         "generations/u-s/images/fresh": client_doc(),
-        "generations/u-s/videos/lost-worker": {
-            **base,
-            "status": "processing",
-            "dispatch_count": 1,
-            "dispatched_at": old,
-            "worker_id": "w-gone",
-            "lease_expires_at": old,
-            "attempts": 1,
-            "numFrames": 16,
-        },
+        "generations/u-s/videos/lost-worker": {**base, **worker_gone(old), "numFrames": 16},
         "generations/u-s/images/done": {**base, "status": "completed"},
     }
     for path, doc in docs.items():
@@ -1306,16 +1309,7 @@ def test_a_sweep_past_its_budget_leaves_the_rest_for_the_next(firestore_client, 
         {**client_doc(numFrames=16), "created_at": old - timedelta(minutes=1)}
     )
     firestore_client.document("generations/u-b/images/lost").set(
-        {
-            **client_doc(),
-            "created_at": old + timedelta(minutes=5),
-            "status": "processing",
-            "dispatch_count": 1,
-            "dispatched_at": old,
-            "worker_id": "w-gone",
-            "lease_expires_at": old,
-            "attempts": 1,
-        }
+        {**client_doc(), "created_at": old + timedelta(minutes=5), **worker_gone(old)}
     )
     runpod = stub(ACCEPTED)
     policy = Policy(sweep_budget=timedelta(seconds=150))

@@ -395,22 +395,11 @@ def test_a_cuda_error_releases_the_job_and_ends_the_worker(
     assert worker.events("job_failed") == []
 
 
-def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
-    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
-):
-    job_api.queue_runsync("rp-never", image_input("never-taken"))
-    # And one in Firestore's queue: the SDK ran the check after the listeners had started, and a worker that
-    # could not write its results failed the docs it claimed meanwhile (an audit).
-    queued = queue_in_firestore(firestore_emulator, project, "queued-in-firestore")
-    env = {
-        **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
-        "FAULT": "fitness",
-        "IMAGE_MODEL": "none",
-        "VIDEO_MODEL": "none",
-        "PYTHONUNBUFFERED": "1",
-    }
-    # The worker exits on its own: run it to its end (WorkerProcess waits for a server that stays up).
-    result = subprocess.run(
+def run_fault_worker(fault: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`tests.fault_worker` with `fault` and no models, run to its end: it exits on its own (WorkerProcess waits
+    for a server that stays up)."""
+    env = {**env, "FAULT": fault, "IMAGE_MODEL": "none", "VIDEO_MODEL": "none", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
         [sys.executable, "-m", "tests.fault_worker"],
         cwd=REPO,
         env={**os.environ, **env},
@@ -418,6 +407,16 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
         text=True,
         timeout=120,
     )
+
+
+def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    job_api.queue_runsync("rp-never", image_input("never-taken"))
+    # And one in Firestore's queue: the SDK ran the check after the listeners had started, and a worker that
+    # could not write its results failed the docs it claimed meanwhile (an audit).
+    queued = queue_in_firestore(firestore_emulator, project, "queued-in-firestore")
+    result = run_fault_worker("fitness", worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache))
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert '"event": "fitness_check_failed"' in result.stdout and '"event": "worker_exit"' in result.stdout
     assert "Fitness check failed: firegen_fitness_check" in result.stdout  # the SDK's line, through ours
@@ -432,19 +431,8 @@ def test_a_bug_in_the_sdks_loop_ends_the_worker_saying_so(
 ):
     """The deploy review: an exception out of the SDK's loop (here its start() raises) was a plain traceback on
     stderr after a `worker_exit` of code 0, reason shutdown: the platforms' last word was a clean exit."""
-    env = {
-        **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
-        "FAULT": "crash-sdk",
-        "IMAGE_MODEL": "none",
-        "VIDEO_MODEL": "none",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.fault_worker"],
-        cwd=REPO,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_fault_worker(
+        "crash-sdk", worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache)
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
