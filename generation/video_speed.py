@@ -34,10 +34,11 @@ DEFAULT_CACHE_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default
 def attention_backend(requested: str, device: str) -> str:
     """The backend to set for `requested` (`auto` or a name of diffusers' AttentionBackendName). ValueError, one
     line naming the setting, for a name diffusers doesn't know."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
     requested = requested.strip().lower()
     if requested != "auto":
+        # Here only: importing diffusers costs a worker that loads no model ~4 s of CPU (torch's compiler with it).
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
         known = {name.value for name in AttentionBackendName}
         if requested not in known:
             raise ValueError(

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
     log = structlog.get_logger("listener")
 
+    from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO
     from generation.engine import Engine, EngineConfig, quiet_loading
 
     from .startup import Deadline, import_runpod_sdk, runpod_report
@@ -116,7 +117,11 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     if _on_runpod(argv):
         import_runpod_sdk()  # before anything of the SDK's (the start deadline's report is)
     imported = time.perf_counter()
-    quiet_loading()  # one JSON event per line: no progress bars in the worker's output
+    # One JSON event per line: no progress bars in the worker's output. It imports diffusers (torch's compiler with
+    # it: ~4 s of CPU), which a worker with no model to load (IMAGE_MODEL and VIDEO_MODEL none) never needs.
+    models = EngineConfig(image_model=settings.image_model, video_model=settings.video_model)
+    if models.enabled(TEXT2IMAGE) or models.enabled(TEXT2VIDEO):
+        quiet_loading()
     # From the first touch of the card (the engine's device detection) to `worker_ready`.
     start = Deadline(
         settings.startup_timeout_seconds,

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from fixtures_generation import tiny_cache  # noqa: F401
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
 
@@ -341,10 +342,10 @@ engine.generate(GenerationRequest(prompt=prompt, seed=1, width=64, height=64, nu
 
 
 @pytest.mark.parametrize("level", ["INFO", "WARNING"])
-def test_a_prompt_clip_cuts_is_an_info_event_that_does_not_quote_it(level, tmp_path):
+def test_a_prompt_clip_cuts_is_an_info_event_that_does_not_quote_it(level, tiny_cache):
     """The real SDXL pipeline (tiny, random weights) with a prompt past CLIP's 77 tokens: diffusers' note quoted
     the cut text of the user's prompt at WARNING, twice an image (fuzz audit: 52 such lines of a prompt each)."""
-    env = {**os.environ, "FIREGEN_CACHE": str(tmp_path)}
+    env = {**os.environ, "FIREGEN_CACHE": str(tiny_cache)}  # built once: not a tiny SDXL each run
     result = subprocess.run(
         [sys.executable, "-c", TRUNCATION_SCRIPT, level], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

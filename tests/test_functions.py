@@ -928,6 +928,7 @@ def test_trigger_dispatches_once_under_duplicate_delivery(worker):
     )  # a late redelivery
     assert worker.doc(busy)["status"] == "processing"  # the slot was still busy: only the trigger dispatched
     assert sorted(outcomes) == ["accepted", "skipped", "skipped", "skipped"]
+    free_the_slot(worker, busy)
     doc = worker.wait_status(path, timeout=120)
     assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
         "completed",
@@ -948,6 +949,14 @@ def busy_video(worker, file_uid: str) -> str:
     return path
 
 
+def free_the_slot(worker, busy: str) -> None:
+    """The busy video cancelled (the owner's cancel) once the test needs the slot busy no more: what waits for the
+    slot runs now, not after the rest of a video that is ~10 s of a shared core."""
+    from firegen_core.jobs import JobKey, JobStore
+
+    JobStore(worker.db).cancel(JobKey.from_path(busy))
+
+
 def test_the_trigger_wakes_a_busy_real_worker_once(worker):
     """The trigger comes first (the worker's one slot is busy, so its listener cannot take the doc): one
     dispatch is accepted, the redelivery skips, and the doc runs once, after the busy job."""
@@ -961,6 +970,7 @@ def test_the_trigger_wakes_a_busy_real_worker_once(worker):
     ]
     assert worker.doc(busy)["status"] == "processing"  # the slot was still busy: the trigger was first
     assert outcomes == ["accepted", "skipped"]
+    free_the_slot(worker, busy)
     doc = worker.wait_status(path, timeout=120)
     assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
         "completed",
@@ -978,7 +988,7 @@ def test_the_callable_answers_as_the_job_ended_when_it_ended_before_its_dispatch
     from firegen_core.jobs import JobKey, JobStore
 
     key = JobKey("u-late", "images", "late-cancel")
-    busy_video(worker, "late-cancel-busy")  # its listener could take the job first: the cancel would then wait
+    busy = busy_video(worker, "late-cancel-busy")  # its listener could take the job first: the cancel would wait
 
     class CancelledOnTheWay(RunPodClient):
         def _once(self, job_input, timeout):
@@ -989,6 +999,7 @@ def test_the_callable_answers_as_the_job_ended_when_it_ended_before_its_dispatch
     with pytest.raises(dispatch.CallError) as raised:
         dispatch.generate(worker.db, runpod, uid="u-late", data={"prompt": "a car", "file_uid": "late-cancel"})
     assert (raised.value.code, raised.value.message) == ("failed-precondition", "Cancelled by the user")
+    free_the_slot(worker, busy)
     refused = lambda: [e for e in worker.process.events("request_refused") if '"late-cancel"' in e]  # noqa: E731
     assert emu.wait_until(refused, 10, 0.05) and '"Cancelled"' in refused()[0]  # the worker's answer, as it said
     doc = worker.doc(key.path)
@@ -1042,6 +1053,7 @@ def test_trigger_and_callable_dispatch_once_between_them(worker):
         "message": "Generation started",
     }
     assert worker.doc(busy)["status"] == "processing"  # all of it happened while the slot was busy
+    free_the_slot(worker, busy)
     for file_uid, by in (("both-1", "callable"), ("both-2", "trigger")):
         doc = worker.wait_status(f"generations/u-both/images/{file_uid}", timeout=120)
         assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
@@ -2075,6 +2087,7 @@ def test_redispatch_stale_jobs_invoked_as_deployed(tmp_path, firestore_emulator,
     )
     assert result.returncode == 0, result.stderr
     assert worker.doc(busy)["status"] == "processing"  # the docs were still queued when the sweep ran
+    free_the_slot(worker, busy)
     assert "status 200" in result.stdout
     assert '"counts": {"redispatched": 1}, "message": "redispatchStaleJobs"' in result.stdout
     doc = worker.wait_status(stale, timeout=120)
