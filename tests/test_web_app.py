@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,16 +64,17 @@ def contract_message(**fields) -> str:
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @contextlib.contextmanager
-def run_stack(out: Path, *flags: str):
-    """`make dev`'s stack without its examples, on free ports; yields its StackInfo, then stops it (Ctrl-C)."""
+def run_stack(out: Path, *flags: str, stop: int = signal.SIGINT):
+    """`make dev`'s stack without its examples, on free ports; yields its StackInfo, then stops it (Ctrl-C, or
+    `stop`), which must stop everything it started."""
     cmd = [sys.executable, "-m", "devtools.stack", "--no-examples", "--free-ports", "--out", str(out), *flags]
     cmd += ["--project", emu.unique_id("demo-web")]
-    with running_stack(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}) as running:
+    with running_stack(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, stop=stop) as running:
         info = StackInfo(**json.loads((out / "stack.json").read_text()))
         assert info.web_url and f"web app: {info.web_url}\n" in running.output, running.output
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", info.web_url)
         yield info
-    assert running.proc.returncode == 0, running.output
+    assert running.proc.returncode == 0 and "all processes stopped" in running.output, running.output
 
 
 @pytest.fixture(scope="module")
@@ -404,12 +406,14 @@ def test_another_users_job_never_appears(open_page, stack):
 
 def test_the_fallback_serves_the_page_statically_with_job_documents(tmp_path, browser):
     """Where the Firebase CLI cannot run, make dev serves web/dist with a static server; with no Auth emulator the
-    page acts as make dev's example user and writes job documents, which the worker's listener takes."""
+    page acts as make dev's example user and writes job documents, which the worker's listener takes. Its terminal
+    closed then (SIGHUP), make dev stops everything as Ctrl-C does (the newcomer audit: it died alone and left the
+    emulators and the worker holding the ports)."""
     try:
         emu.firestore_backend()
     except emu.EmulatorUnavailable as exc:
         pytest.skip(str(exc))
-    with run_stack(tmp_path / "dev", "--no-firebase-cli") as info:
+    with run_stack(tmp_path / "dev", "--no-firebase-cli", stop=signal.SIGHUP) as info:
         app = Page(browser, info.web_url)
         try:
             assert app.uid == "test-user"
