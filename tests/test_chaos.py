@@ -4,7 +4,7 @@
   holds a job. Every job must complete exactly once: one completed doc each, exactly the deterministic Storage
   objects, one `job_completed` event per job across all the workers' logs, and the orphan taken over by another
   worker once its lease ran out.
-- The Firestore emulator restarts under running workers (its data is gone: the jobs written after the restart
+- Then the Firestore emulator restarts under the two left (its data is gone: the jobs written after the restart
   are the ones to watch); the workers must reconnect by themselves and run them.
 
 Short leases and sweeps (LEASE_SECONDS=3, SWEEP_INTERVAL_SECONDS=1) keep the file quick; every wait is a poll
@@ -179,36 +179,62 @@ def kill_while_holding(client, jobs: list[Job], by_id: dict[str, WorkerProcess])
     return chosen[0]
 
 
-def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(
-    emulator_env, firestore_client, bucket, tiny_cache, tmp_path
+@pytest.fixture
+def own_firestore(emulator_logs):
+    """A Firestore emulator of this test's own, free to restart without disturbing the session's."""
+    try:
+        emulator = emu.FirestoreEmulator(emulator_logs)
+    except emu.EmulatorUnavailable as e:
+        pytest.skip(str(e))
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+def test_a_killed_worker_and_a_restarted_firestore_lose_nothing_and_double_nothing(
+    own_firestore, storage_emulator, project_id, bucket, tiny_cache, tmp_path
 ):
+    """Both scenarios on one set of workers (their starts are most of this file's time): one killed mid-job
+    first, then the Firestore emulator restarted under the two left."""
+    env = {
+        **emu.emulator_env(own_firestore, storage_emulator, project_id, bucket.name),
+        "FIREGEN_CACHE": str(tiny_cache),
+    }
+    with workers(3, env, tmp_path) as started:
+        survivors = kill_one_mid_job(own_firestore.client(project_id), bucket, started)
+        restart_firestore_under(own_firestore, project_id, bucket, survivors)
+
+
+def kill_one_mid_job(client, bucket, started: list[WorkerProcess]) -> list[WorkerProcess]:
+    """Two dozen jobs; the first worker seen holding one is killed. Returns the workers left."""
     jobs = make_jobs("chaos-user", "kill", images=20, videos=4)
-    with workers(3, {**emulator_env, "FIREGEN_CACHE": str(tiny_cache)}, tmp_path) as started:
-        by_id = {worker_id(worker): worker for worker in started}
-        write(firestore_client, jobs)
-        victim, orphan = kill_while_holding(firestore_client, jobs, by_id)
-        assert victim.wait_exit(10) == -signal.SIGKILL
-        survivors = [worker for worker in started if worker is not victim]
+    by_id = {worker_id(worker): worker for worker in started}
+    write(client, jobs)
+    victim, orphan = kill_while_holding(client, jobs, by_id)
+    assert victim.wait_exit(10) == -signal.SIGKILL
+    survivors = [worker for worker in started if worker is not victim]
 
-        overdue: list[float] = []  # how long past its lease's end each doc was seen still in processing
+    overdue: list[float] = []  # how long past its lease's end each doc was seen still in processing
 
-        def all_finished() -> bool:
-            now = datetime.now(UTC)
-            found = docs(firestore_client, jobs)
-            overdue.extend(
-                (now - data["lease_expires_at"]).total_seconds()
-                for data in found.values()
-                if data.get("status") == "processing"
-            )
-            return len(found) == len(jobs) and all(d["status"] in ("completed", "failed") for d in found.values())
+    def all_finished() -> bool:
+        now = datetime.now(UTC)
+        found = docs(client, jobs)
+        overdue.extend(
+            (now - data["lease_expires_at"]).total_seconds()
+            for data in found.values()
+            if data.get("status") == "processing"
+        )
+        return len(found) == len(jobs) and all(d["status"] in ("completed", "failed") for d in found.values())
 
-        assert emu.wait_until(all_finished, 90, 0.1), statuses(firestore_client, jobs)
-        assert all(worker.running for worker in survivors)
+    assert emu.wait_until(all_finished, 90, 0.1), statuses(client, jobs)
+    assert all(worker.running for worker in survivors)
+    # A job's `job_completed` line follows its doc's completion by moments.
+    assert emu.wait_until(lambda: all(completions(started, jobs).values()), 10, 0.1), completions(started, jobs)
 
     # Nothing stayed in processing past its lease plus one sweep, and the time a survivor needs to free a slot.
     longest = max(event["seconds"] for worker in started for event in events(worker, "job_completed"))
     assert max(overdue, default=0.0) <= SWEEP_SECONDS + longest + ROUND_TRIPS_SECONDS, (max(overdue), longest)
-    final = docs(firestore_client, jobs)
+    final = docs(client, jobs)
     assert sorted(data["status"] for data in final.values()) == ["completed"] * len(jobs)
     # The orphan: claimed a second time, by a survivor, once the victim's lease ran out.
     assert final[orphan]["attempts"] == 2 and final[orphan]["worker_id"] in set(by_id) - {worker_id(victim)}
@@ -222,44 +248,28 @@ def test_a_worker_killed_mid_job_loses_nothing_and_doubles_nothing(
     for job in jobs:
         urls = final[job.key].get("images") or final[job.key]["videos"]
         assert [urllib.parse.unquote(urllib.parse.urlsplit(url).path.split("/o/", 1)[1]) for url in urls] == job.objects
+    return survivors
 
 
-@pytest.fixture
-def own_firestore(emulator_logs):
-    """A Firestore emulator of this test's own, free to restart without disturbing the session's."""
-    try:
-        emulator = emu.FirestoreEmulator(emulator_logs)
-    except emu.EmulatorUnavailable as e:
-        pytest.skip(str(e))
-    emulator.start()
-    yield emulator
-    emulator.stop()
-
-
-def test_workers_reconnect_by_themselves_after_a_firestore_restart(
-    own_firestore, storage_emulator, project_id, bucket, tiny_cache, tmp_path
-):
-    env = {
-        **emu.emulator_env(own_firestore, storage_emulator, project_id, bucket.name),
-        "FIREGEN_CACHE": str(tiny_cache),
-    }
+def restart_firestore_under(firestore, project_id: str, bucket, running: list[WorkerProcess]) -> None:
+    """The emulator restarts mid-stream (its data gone: the jobs written after it are the ones to watch): the
+    workers reconnect by themselves and run them, each once."""
     before = make_jobs("restart-user", "before", images=6, videos=1)
     after = make_jobs("restart-user", "after", images=6, videos=1)
-    with workers(2, env, tmp_path) as started:
-        pids = [worker.pid for worker in started]
-        client = own_firestore.client(project_id)
-        write(client, before)
-        assert emu.wait_until(lambda: "processing" in statuses(client, before), 30, 0.02)
-        own_firestore.restart()  # mid-stream: jobs running, queued and done are all gone with the data
-        client = own_firestore.client(project_id)
-        write(client, after)
-        assert emu.wait_until(lambda: statuses(client, after) == ["completed"] * len(after), 45, 0.2), statuses(
-            client, after
-        )
-        assert [worker.pid for worker in started] == pids and all(worker.running for worker in started)
-        # A job's `job_completed` line follows its doc's completion by moments: a CI run read the logs in between.
-        assert emu.wait_until(lambda: all(completions(started, after).values()), 10, 0.1), completions(started, after)
-        assert completions(started, after) == {job.key.file_uid: 1 for job in after}
-        assert not any(events(worker, "job_runner_crashed") for worker in started)
+    pids = [worker.pid for worker in running]
+    client = firestore.client(project_id)
+    write(client, before)
+    assert emu.wait_until(lambda: "processing" in statuses(client, before), 30, 0.02)
+    firestore.restart()  # mid-stream: jobs running, queued and done are all gone with the data
+    client = firestore.client(project_id)
+    write(client, after)
+    assert emu.wait_until(lambda: statuses(client, after) == ["completed"] * len(after), 45, 0.2), statuses(
+        client, after
+    )
+    assert [worker.pid for worker in running] == pids and all(worker.running for worker in running)
+    # A job's `job_completed` line follows its doc's completion by moments: a CI run read the logs in between.
+    assert emu.wait_until(lambda: all(completions(running, after).values()), 10, 0.1), completions(running, after)
+    assert completions(running, after) == {job.key.file_uid: 1 for job in after}
+    assert not any(events(worker, "job_runner_crashed") for worker in running)
     names = {blob.name for blob in bucket.list_blobs()}
     assert all(name in names for job in after for name in job.objects)
