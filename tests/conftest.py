@@ -1,6 +1,7 @@
 """Shared fixtures: the Firestore and Storage emulators (one of each per session) and fresh clients per test.
 
-Session-scoped:  emulator_logs, emulator_mode, firestore_emulator, firestore_emulator_factory, storage_emulator
+Session-scoped:  emulator_logs, emulator_mode, firestore_emulator, firestore_emulator_factory, storage_emulator,
+                 tiny_cache and engine (tests/fixtures_generation.py)
 Function-scoped: project_id, firestore_client, storage_client, bucket, emulator_env
 
 Each test gets its own Firestore project id and its own bucket, so tests never see each other's data. A test
@@ -19,6 +20,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+# The tiny pipelines' session fixtures, for every module from here: a session fixture imported into a test module
+# is that module's own (pytest makes one per module that defines it), and each such module built and loaded the
+# tiny pipelines again.
+from fixtures_generation import engine, tiny_cache  # noqa: F401
 
 from devtools import emulators as emu
 

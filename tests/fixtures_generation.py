@@ -1,6 +1,7 @@
 """Session fixtures for the generation tests: the tiny pipelines are built and loaded once per test session.
 
-Import the fixtures by name in a test module (`from fixtures_generation import engine, tiny_cache`).
+`tiny_cache` and `engine` are conftest.py's (one of each per session); import the others by name in a test module
+(`from fixtures_generation import one_thread`).
 """
 
 from __future__ import annotations

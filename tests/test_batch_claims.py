@@ -15,7 +15,6 @@ import urllib.request
 import numpy as np
 import pytest
 import structlog
-from fixtures_generation import engine, tiny_cache  # noqa: F401
 from google.cloud.firestore import SERVER_TIMESTAMP
 from test_batching import TOLERANCE
 from test_generation import pixels

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from diffusers import StableDiffusionXLPipeline
-from fixtures_generation import engine, image_request, tiny_cache, video_request  # noqa: F401
+from fixtures_generation import image_request, video_request
 from test_generation import OOM_ERRORS, flaky, pixels
 
 from firegen_core import errors

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from fixtures_generation import float8_anywhere, fresh_dynamo, image_request, one_thread, small_warm_up, tiny_cache  # noqa: F401
+from fixtures_generation import float8_anywhere, fresh_dynamo, image_request, one_thread, small_warm_up  # noqa: F401
 
 from bench import gpu as bench_gpu_module
 from bench import gpu_speed

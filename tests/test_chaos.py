@@ -97,15 +97,15 @@ def statuses(client, jobs: list[Job]) -> list[str]:
     return [found.get(job.key, {}).get("status", "missing") for job in jobs]
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory) -> Path:
-    """One FIREGEN_CACHE for every worker here, built once up front (not by three workers racing on two cores)."""
+@pytest.fixture
+def built_tiny(tiny_cache) -> Path:
+    """The session's FIREGEN_CACHE, both tiny pipelines built up front (not by three workers racing on two cores;
+    most often another test here built them already)."""
     from generation import tiny
 
-    cache = tmp_path_factory.mktemp("chaos-tiny")
     for kind in tiny.KINDS:
-        tiny.ensure(kind, cache)
-    return cache
+        tiny.ensure(kind, tiny_cache)
+    return tiny_cache
 
 
 @contextlib.contextmanager
@@ -192,13 +192,13 @@ def own_firestore(emulator_logs):
 
 
 def test_a_killed_worker_and_a_restarted_firestore_lose_nothing_and_double_nothing(
-    own_firestore, storage_emulator, project_id, bucket, tiny_cache, tmp_path
+    own_firestore, storage_emulator, project_id, bucket, built_tiny, tmp_path
 ):
     """Both scenarios on one set of workers (their starts are most of this file's time): one killed mid-job
     first, then the Firestore emulator restarted under the two left."""
     env = {
         **emu.emulator_env(own_firestore, storage_emulator, project_id, bucket.name),
-        "FIREGEN_CACHE": str(tiny_cache),
+        "FIREGEN_CACHE": str(built_tiny),
     }
     with workers(3, env, tmp_path) as started:
         survivors = kill_one_mid_job(own_firestore.client(project_id), bucket, started)

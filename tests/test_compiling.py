@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 import torch
 from fixtures_generation import (  # noqa: F401
-    engine,
     fresh_dynamo,
     image_request,
     one_thread,
     small_warm_up,
-    tiny_cache,
     video_request,
 )
 

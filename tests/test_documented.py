@@ -15,7 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from fixtures_generation import tiny_cache  # noqa: F401
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, WanPipeline
-from fixtures_generation import PROMPT, engine, image_request, tiny_cache, video_request  # noqa: F401
+from fixtures_generation import PROMPT, image_request, video_request
 from PIL import Image
 
 from firegen_core import contract, errors

@@ -156,11 +156,6 @@ def project(firestore_emulator, storage_emulator):
     return project, bucket.name
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-models")
-
-
 def worker_env(firestore_emulator, storage_emulator, project, job_api, cache, key_json=None) -> dict[str, str]:
     project_id, bucket = project
     env = {

@@ -15,13 +15,11 @@ import pytest
 import torch
 from fixtures_generation import (  # noqa: F401
     PROMPT,
-    engine,
     float8_anywhere,
     fresh_dynamo,
     image_request,
     one_thread,
     small_warm_up,
-    tiny_cache,
     video_request,
 )
 

@@ -126,11 +126,6 @@ def make_stack(firestore_emulator, storage_emulator, emulator_logs, cache, **set
     return Stack(worker, firestore_emulator.client(project), bucket)
 
 
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-models")
-
-
 @pytest.fixture(scope="module")
 def stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache):
     stack = make_stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache)
