@@ -19,6 +19,12 @@ import os
 from collections import Counter
 from pathlib import Path
 
+# torch on one thread in every process of the suite (these and the workers, stacks and scripts they start, which
+# inherit it) unless set otherwise: the tiny models gain nothing from a second thread, and on two cores shared by
+# two test processes and their subprocesses OpenMP's spin-waits cost a job three times its CPU (an image and a
+# video beside one busy process: 8.7-10.1 s of CPU on two threads, 2.9-3.5 s on one). Before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 # The tiny pipelines' session fixtures, for every module from here: a session fixture imported into a test module
