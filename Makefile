@@ -48,8 +48,9 @@ dev: $(STAMP)
 # While `make dev` runs: make submit PROMPT="a lighthouse at dusk" [VIDEO=1]
 # PROMPT="" (given, empty) sends the empty prompt, which the contract refuses; left out, it is a usage error.
 SUBMIT_USAGE := make submit: PROMPT is required, e.g. make submit PROMPT="a lighthouse at dusk" (VIDEO=1 for a video)
+# SUBMIT_ARGS=--help needs no PROMPT: it only lists the client's flags.
 submit: $(STAMP)
-	@$(if $(filter undefined,$(origin PROMPT)),echo '$(SUBMIT_USAGE)' >&2; exit 2)
+	@$(if $(filter -h --help,$(SUBMIT_ARGS)),,$(if $(filter undefined,$(origin PROMPT)),echo '$(SUBMIT_USAGE)' >&2; exit 2))
 	$(BIN)/python -m devtools.client --prompt "$(PROMPT)" $(if $(VIDEO),--video) $(if $(OPTIONS),--options '$(OPTIONS)') $(SUBMIT_ARGS)
 
 # Lint, format and types: the same configuration (pyproject.toml) as the pre-commit hooks.

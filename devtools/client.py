@@ -258,11 +258,15 @@ class Client:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make submit", description="Submit one job to the stack `make dev` runs.")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--video", action="store_true", help="a text2video job (16 frames at 8 fps)")
+    parser = argparse.ArgumentParser(
+        prog="make submit",
+        description="Submit one job to the stack `make dev` runs. Make's PROMPT=, VIDEO=1 and OPTIONS= are --prompt, "
+        "--video and --options; the other flags go in SUBMIT_ARGS.",
+    )
+    parser.add_argument("--prompt", required=True, help="the job's prompt (PROMPT=)")
+    parser.add_argument("--video", action="store_true", help="a text2video job (16 frames at 8 fps; VIDEO=1)")
     parser.add_argument("--user-id", default="dev-user", help="without the Firebase CLI (signed in: the user's uid)")
-    parser.add_argument("--options", default="{}", help="more contract fields as JSON, e.g. '{\"width\": 768}'")
+    parser.add_argument("--options", default="{}", help="more contract fields as JSON, e.g. OPTIONS='{\"width\": 768}'")
     parser.add_argument(
         "--via",
         choices=("callable", "document"),

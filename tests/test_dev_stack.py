@@ -534,3 +534,9 @@ def test_make_submit_without_a_prompt_says_how_to_give_one(tmp_path):
         text=True,
     )
     assert given.returncode == 0 and '-m devtools.client --prompt ""' in given.stdout, given.stdout + given.stderr
+    # The README's `SUBMIT_ARGS=--help` lists the flags; it needs no prompt (it said PROMPT is required).
+    usage = subprocess.run(
+        ["make", "-s", *stamp, "submit", "SUBMIT_ARGS=--help"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert usage.returncode == 0 and usage.stderr == "", usage.stderr
+    assert usage.stdout.startswith("usage: make submit") and "--via {callable,document}" in usage.stdout
