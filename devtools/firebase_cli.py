@@ -110,28 +110,33 @@ def _auth_url(auth_host: str, method: str) -> str:
     return f"http://{auth_host}/identitytoolkit.googleapis.com/v1/accounts:{method}?key=any-api-key"
 
 
-def sign_up(auth_host: str, email: str, password: str = "secret-123") -> tuple[str, str]:
-    """A new user of the Auth emulator at `auth_host` (host:port): (uid, ID token)."""
-    r = requests.post(
-        _auth_url(auth_host, "signUp"),
+def _password_call(auth_host: str, method: str, email: str, password: str) -> requests.Response:
+    return requests.post(
+        _auth_url(auth_host, method),
         json={"email": email, "password": password, "returnSecureToken": True},
         timeout=10,
     )
+
+
+def _user(r: requests.Response) -> tuple[str, str]:
     r.raise_for_status()
     return r.json()["localId"], r.json()["idToken"]
+
+
+def sign_up(auth_host: str, email: str, password: str = "secret-123") -> tuple[str, str]:
+    """A new user of the Auth emulator at `auth_host` (host:port): (uid, ID token)."""
+    return _user(_password_call(auth_host, "signUp", email, password))
 
 
 def sign_in(auth_host: str, email: str, password: str = "secret-123") -> tuple[str, str]:
     """Sign in as `email`, signing up first when the Auth emulator does not know it: (uid, ID token)."""
-    r = requests.post(
-        _auth_url(auth_host, "signInWithPassword"),
-        json={"email": email, "password": password, "returnSecureToken": True},
-        timeout=10,
-    )
+    r = _password_call(auth_host, "signInWithPassword", email, password)
     if r.status_code == 400 and "EMAIL_NOT_FOUND" in r.text:
-        return sign_up(auth_host, email, password)
-    r.raise_for_status()
-    return r.json()["localId"], r.json()["idToken"]
+        r = _password_call(auth_host, "signUp", email, password)
+        if r.status_code == 400 and "EMAIL_EXISTS" in r.text:
+            # Another client (`make submit`s started together) signed the user up between our two calls.
+            r = _password_call(auth_host, "signInWithPassword", email, password)
+    return _user(r)
 
 
 def call(url: str, data: dict, token: str | None = None, timeout: float = 70) -> dict:

@@ -13,7 +13,9 @@ jar): the CLI's own is a download no package registry serves.
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, quote, urlparse
 
 import pytest
@@ -290,3 +292,22 @@ def test_a_dot_dot_path_under_ones_own_folder_does_not_reach_another_users_resul
     # Nor does it tell which names exist there; the owner's own missing object is still a plain 404.
     assert refused(stack.metadata("owner", trick.replace(rest, "nothing-here.png")))
     assert stack.metadata("owner", f"generating/{stack.owner}/image/nothing-here.png").status_code == 404
+
+
+# ---------------------------------------------------------------------------------------------- the dev client
+def test_several_clients_signing_in_as_one_new_user_at_once_all_get_in(stack):
+    """Found running five `make submit`s at once: each signs in as the dev user, the Auth emulator did not know it
+    yet, all signed it up, and all but the first got EMAIL_EXISTS ("the stack does not answer"). On this module's
+    Auth emulator: clients started together on a new user all sign in, as that one user."""
+    auth = stack.cli.address("auth")
+    for n in range(3):
+        email = f"together-{n}@example.com"
+        start = threading.Barrier(6)
+
+        def sign_in(email: str = email, start: threading.Barrier = start) -> str:
+            start.wait(timeout=TIMEOUT_S)
+            return firebase_cli.sign_in(auth, email)[0]
+
+        with ThreadPoolExecutor(6) as pool:
+            uids = [f.result(timeout=TIMEOUT_S * 3) for f in [pool.submit(sign_in) for _ in range(6)]]
+        assert len(set(uids)) == 1 and uids[0]
