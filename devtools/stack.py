@@ -244,10 +244,15 @@ def parse_args(argv: list[str] | None):
     )
     for name in PORT_NAMES:
         env = f"FIREGEN_DEV_{name.upper()}_PORT"
+        raw = os.environ.get(env, "").strip()  # exported empty: as if unset
+        try:
+            default = port_number(raw) if raw else None
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{env} {exc}")
         parser.add_argument(
             f"--{name}-port",
-            type=int,
-            default=int(os.environ.get(env, 0)) or None,
+            type=port_number,
+            default=default,
             help=f"default {ports[name]}{'' if name == 'worker' else ' (firebase.json)'}, or {env}",
         )
     parser.add_argument(
@@ -264,6 +269,13 @@ def parse_args(argv: list[str] | None):
         for name in PORT_NAMES
     }
     return args
+
+
+def port_number(text: str) -> int:
+    value = int(text) if re.fullmatch(r"[0-9]{1,5}", text.strip()) else 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535 (got {text!r})")
+    return value
 
 
 class CliFailed(Exception):
@@ -556,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         taken, args.out = args.out, args.out.with_name(f"{args.out.name}-{args.ports['hosting']}")
         say(
             f"make dev: {shown_path(taken)} is another running make dev's; this one's is {shown_path(args.out)} "
-            f'(make submit SUBMIT_ARGS="--stack {shown_path(args.out / "stack.json")}")'
+            f"(make submit PROMPT='...' SUBMIT_ARGS=\"--stack {shown_path(args.out / 'stack.json')}\")"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     state = args.out / "stack.json"

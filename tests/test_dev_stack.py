@@ -336,7 +336,11 @@ def test_make_dev_once_without_the_firebase_cli(tmp_path):
     run.out = other.with_name(f"other-{run.ports['hosting']}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert f"make dev: {other} is another running make dev's; this one's is {run.out} " in output
+    stack = run.out / "stack.json"  # a command that runs as it stands: PROMPT= left out, make submit refuses it
+    assert (
+        f"make dev: {other} is another running make dev's; this one's is {run.out} (make submit PROMPT='...' SUBMIT_ARGS=\"--stack {stack}\")\n"
+        in output
+    )
     assert output.count("make dev: the Firebase CLI cannot run (--no-firebase-cli):") == 1
     assert "[test-img-001] runsync answered COMPLETED" in output
     if web.missing() is None:  # a static server for the web app

@@ -332,6 +332,28 @@ def test_ports_given_to_make_dev_are_never_its_free_picks(monkeypatch):
         assert args.ports[stack.PORT_NAMES[0]] == base
 
 
+def test_make_dev_ports_from_its_environment_empty_is_unset_and_a_bad_one_says_which(monkeypatch, capsys):
+    """Audit: FIREGEN_DEV_WORKER_PORT exported empty (or not a number) ended make dev in a ValueError traceback."""
+    from devtools import stack
+
+    monkeypatch.setenv("FIREGEN_DEV_WORKER_PORT", "")
+    assert stack.parse_args([]).ports["worker"] == 8000
+    monkeypatch.setenv("FIREGEN_DEV_WORKER_PORT", " 8123 ")
+    assert stack.parse_args([]).ports["worker"] == 8123
+    for bad in ("abc", "0", "70000"):
+        monkeypatch.setenv("FIREGEN_DEV_WORKER_PORT", bad)
+        with pytest.raises(SystemExit) as stopped:
+            stack.parse_args([])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert f"make dev: error: FIREGEN_DEV_WORKER_PORT must be a port number from 1 to 65535 (got '{bad}')" in err
+        assert "Traceback" not in err
+    monkeypatch.delenv("FIREGEN_DEV_WORKER_PORT")
+    with pytest.raises(SystemExit):
+        stack.parse_args(["--worker-port", "http"])
+    assert "argument --worker-port: must be a port number from 1 to 65535 (got 'http')" in capsys.readouterr().err
+
+
 def test_the_cli_gives_the_functions_time_to_load_on_a_busy_machine(monkeypatch, tmp_path):
     """Audit: under load the functions took past the CLI's 10 s to declare themselves, and make dev fell back to
     the stack without Functions. The CLI's own override is set (a value of the user's own is kept)."""

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -575,6 +576,36 @@ def test_a_cancel_on_a_job_that_finished_meanwhile_says_so_not_the_rules_text(op
     assert [p for p in app.problems() if "status of 40" not in p] == []
 
 
+def test_a_double_clicked_cancel_calls_once_and_refuses_presses_while_its_call_is_under_way(open_page, stack):
+    """Audit: the Cancel button refused presses only once the doc said the cancel was asked, so a double click
+    called cancelGeneration twice. It refuses them from the first press (aria-disabled, keeping the focus)."""
+    app = open_page()
+    ref = _held_job(stack, app.uid, "cancel-once")
+    cancel = app.job("cancel-once").get_by_role("button", name="Cancel video “cancel-once”")
+    cancel.wait_for(timeout=30_000)
+    calls = []
+    app.page.route("**/cancelGeneration", lambda route: calls.append(route))  # held until the test lets one go
+    cancel.dblclick()
+    deadline = time.monotonic() + 30
+    while not calls and time.monotonic() < deadline:
+        app.page.wait_for_timeout(50)  # the route's handler runs while Playwright is waited on
+    assert len(calls) == 1 and cancel.get_attribute("aria-disabled") == "true"
+    cancel.click(force=True)  # refused: no second call
+    calls[0].continue_()
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent === 'Cancel requested for video “cancel-once”'",
+        timeout=30_000,
+    )
+    assert ref.get().to_dict().get("cancel_requested") is True
+    assert len(calls) == 1
+    # Asked: it keeps refusing until the job ends (the doc's flag, not the call, says so now).
+    app.page.wait_for_function(
+        "() => document.querySelector(\".job[data-file-uid='cancel-once'] button.cancel\").getAttribute('aria-disabled') === 'true'",
+        timeout=30_000,
+    )
+    assert app.problems() == []
+
+
 def test_a_refusal_that_is_no_fault_of_the_forms_values_marks_no_field(open_page):
     """Audit: generateWithRunPod's failed-precondition for a job that cannot come back under its id (its message
     starts with the field its old request broke) marked Width invalid while it held a valid value. Only a refusal
@@ -857,6 +888,23 @@ def test_setup_web_writes_the_site_key_from_its_environment(tmp_path, monkeypatc
     }
     with pytest.raises(SystemExit, match="FIREGEN_APP_CHECK_SITE_KEY is not a reCAPTCHA Enterprise site key"):
         setup_web.app_settings({"FIREGEN_APP_CHECK_SITE_KEY": '"><script>'})
+
+
+def test_make_test_without_chromium_and_no_way_to_install_it_goes_on_to_skip_the_browser_tests(monkeypatch, capsys):
+    """Audit: `make test` stopped before any test for a user who is not root (or has no apt-get) on a machine
+    without chromium, where the README says the browser tests skip. Under CI it still stops there, saying why.
+    Stand-ins (this machine has chromium and root): no chromium found, no way to run apt-get."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import setup_web
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(setup_web, "chromium", lambda: None)
+    monkeypatch.setattr(setup_web, "apt_prefix", lambda: None)
+    assert setup_web.install_chromium({}) is None
+    assert capsys.readouterr().err.startswith("setup_web: Chromium is missing and this user cannot apt-get it")
+    with pytest.raises(SystemExit, match="cannot apt-get it: install Debian's package"):
+        setup_web.install_chromium({"CI": "true"})
 
 
 # ---------------------------------------------------------------------------------------------- accessibility

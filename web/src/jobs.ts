@@ -14,7 +14,7 @@ export interface Job {
 
 /** What a card's buttons do; each is given the job as last listed. `retry` resolves to its error, if any. */
 export interface CardHandlers {
-  cancel: (job: Job) => void;
+  cancel: (job: Job) => Promise<unknown>;
   edit: (job: Job) => void;
   retry: (job: Job) => Promise<string | null>;
   dismiss: (job: Job) => void;
@@ -299,11 +299,11 @@ function stray(li: HTMLLIElement): boolean {
 
 /** Whether a card's button refuses presses (aria-disabled, not disabled: that would drop the keyboard's focus to
  * <body>). A Try again while its request is sent, and every Try again for QUIET_MS after one was pressed; a Cancel
- * once asked; and any other card's button for QUIET_MS after a Try again (the new job's card, on top, may be under
+ * while its call is under way and once asked; and any other card's button for QUIET_MS after a Try again (the new job's card, on top, may be under
  * the pointer: its Cancel would stop the job just sent) or a Dismiss. */
 function refusing(button: HTMLButtonElement): boolean {
   if (button.classList.contains("retry")) return button.dataset.sending === "true" || performance.now() < quiet.until;
-  return button.dataset.asked === "true" || stray(button.closest("li")!);
+  return button.dataset.sending === "true" || button.dataset.asked === "true" || stray(button.closest("li")!);
 }
 
 /** Mark the refusals of the buttons of the cards under `root` (the page, or a card). */
@@ -335,7 +335,18 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   const latest = () => shown.get(li) ?? job;
   const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel" });
   // Once asked, the button refuses presses (`refusing`).
-  cancel.addEventListener("click", () => refusing(cancel) || handlers.cancel(latest()));
+  // Refused while its call is under way too (a double click asked twice), and again once the doc says it was asked.
+  cancel.addEventListener("click", async () => {
+    if (refusing(cancel)) return;
+    cancel.dataset.sending = "true";
+    showRefusals(li);
+    try {
+      await handlers.cancel(latest());
+    } finally {
+      delete cancel.dataset.sending;
+      showRefusals(li);
+    }
+  });
   // An ended job's buttons (update() shows those its state allows). What a try again met is said beside it too:
   // the form's line, where the page says it aloud, may be far above the card.
   const note = el("p", { className: "note" });
