@@ -293,6 +293,13 @@ class FirebaseCli(emu.Emulator):
         env.setdefault("FUNCTIONS_DISCOVERY_TIMEOUT", str(DISCOVERY_TIMEOUT_S))
         if "storage" in self.emulators and (runtime := storage_rules_runtime()):
             env["STORAGE_EMULATOR_BINARY_PATH"] = str(runtime)
+        if "storage" in self.emulators:
+            # The CLI's Storage emulator keeps its objects in os.tmpdir()/firebase/storage/blobs, one folder for
+            # the machine: another user's (a run as root before) refused this one (EACCES, "An unexpected error"),
+            # and two emulators at once would share it. Node's os.tmpdir() is TMPDIR: one of this run's own.
+            tmp = self.workdir / "tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            env["TMPDIR"] = str(tmp)
         return env
 
     def start_timeout(self) -> float:

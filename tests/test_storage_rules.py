@@ -311,3 +311,13 @@ def test_several_clients_signing_in_as_one_new_user_at_once_all_get_in(stack):
         with ThreadPoolExecutor(6) as pool:
             uids = [f.result(timeout=TIMEOUT_S * 3) for f in [pool.submit(sign_in) for _ in range(6)]]
         assert len(set(uids)) == 1 and uids[0]
+
+
+def test_the_emulators_objects_are_kept_in_this_runs_folder_not_the_machines_tmp(stack):
+    """Found running `make test` as a user other than the one who ran it before: the CLI's Storage emulator keeps
+    its objects in os.tmpdir()/firebase/storage/blobs, which the earlier user's run (root) had made, and it failed
+    to start (EACCES, "An unexpected error has occurred"). Its TMPDIR is a folder of this run's own."""
+    name, _ = stack.seed(TEXT2IMAGE)
+    blobs = stack.cli.workdir / "tmp" / "firebase" / "storage" / "blobs"
+    assert any(path.read_bytes() == PNG for path in blobs.rglob("*") if path.is_file()), sorted(blobs.rglob("*"))
+    assert stack.media("owner", name).content == PNG
