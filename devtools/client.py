@@ -130,6 +130,14 @@ class Client:
         result = reply.get("result") or {}
         return f"{CALLABLE} answered {result.get('status')}: {result.get('message')}"
 
+    def _still(self, doc: dict) -> str:
+        """Where a job the client stops waiting for stands; it goes on in the worker without the client."""
+        status = doc.get("status") or "not seen yet"
+        if status == "processing" and doc.get("progress"):
+            status += f" ({doc['progress']:.0%})"
+        where = f" or watch it in the web app ({self.info.web_url})" if self.info.web_url else ""
+        return f"the job is {status} and goes on in the worker (wait longer with SUBMIT_ARGS='--wait 1800'{where})"
+
     def generate(self, data: dict, via: str = "callable", timeout: float = 300) -> dict | None:
         """Run one job the way the contract's client does. `data` is the runsync input (prompt, user_id,
         file_uid, use_cloud_storage, options); signed in, user_id is the user's uid. `via`: "callable" (write the
@@ -228,7 +236,7 @@ class Client:
             deadline = time.monotonic() + timeout
             while not done.wait(max(0.0, min(POLL_S, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
-                    self.say(file_uid, f"no result after {timeout:.0f} s")
+                    self.say(file_uid, f"no result after {timeout:.0f} s: {self._still(last.get('doc') or {})}")
                     self.failures += 1
                     return None
                 try:  # see POLL_S: the end the listener missed
@@ -257,6 +265,16 @@ class Client:
         return doc
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"a number of seconds above 0 (got {text!r})")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="make submit",
@@ -274,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         help="call the function after writing the doc, or only write it (default: callable)",
     )
     parser.add_argument("--stack", type=Path, default=STATE, help="the running stack's state file")
+    parser.add_argument(
+        "--wait",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for the job's end (default 300; the job goes on in the worker either way)",
+    )
     args = parser.parse_args(argv)
     try:
         options = json.loads(args.options)
@@ -302,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         **options,
     }
     try:
-        doc = Client(info).generate(data, via=args.via)
+        doc = Client(info).generate(data, via=args.via, timeout=args.wait)
     except OSError as exc:  # requests' and urllib's connection errors included
         print(f"make submit: the stack in {args.stack} does not answer ({exc})", file=sys.stderr)
         return 2

@@ -40,7 +40,10 @@ from .storage import Superseded, claim_stamp, is_transient
 
 log = structlog.get_logger("listener.runner")
 
-PROGRESS_STEP = 0.25  # a job writes its progress a handful of times, not at every denoising step
+PROGRESS_STEP = 0.25  # a job writes its progress a handful of times, not at every denoising step...
+# ...but a long one (a video on a slower card: a quarter may be a minute or more) also writes how far it got once
+# this long has passed since its last write, so its client's progress never stands still that long.
+PROGRESS_EVERY_S = 5.0
 T = TypeVar("T")
 
 
@@ -118,6 +121,7 @@ class Heartbeat:
     _progress: float | None = None
     _progress_lock: threading.Lock = field(default_factory=threading.Lock)
     _posted: float = 0.0
+    _posted_at: float = field(default_factory=time.monotonic)
     _logged: threading.Lock = field(default_factory=threading.Lock)  # the Timeout's `job_failed`: logged once
 
     def first_to_log(self) -> bool:
@@ -130,8 +134,10 @@ class Heartbeat:
         self._thread.start()
 
     def post(self, fraction: float) -> None:
-        if fraction - self._posted >= PROGRESS_STEP or (fraction >= 1.0 > self._posted):
-            self._posted = fraction
+        now = time.monotonic()
+        overdue = fraction > self._posted and now - self._posted_at >= PROGRESS_EVERY_S
+        if overdue or fraction - self._posted >= PROGRESS_STEP or (fraction >= 1.0 > self._posted):
+            self._posted, self._posted_at = fraction, now
             with self._progress_lock:
                 self._progress = fraction
             self._wake.set()

@@ -33,6 +33,7 @@ from fixtures_stack import running_stack
 from devtools import emulators as emu
 from devtools import firebase_cli, web
 from devtools.client import Client, StackInfo, firestore_client, post_runsync
+from devtools.client import main as client_main
 from devtools.stack import IMAGE_EXAMPLE, function_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -486,6 +487,47 @@ def test_the_client_sees_the_end_of_a_job_its_listener_missed(firestore_emulator
     order = ["queued", "processing", "completed"]
     assert seen[-1] == "completed" and [order.index(s) for s in seen] == sorted(order.index(s) for s in seen), said
     assert "no result" not in said
+
+
+def test_a_client_that_stops_waiting_says_where_the_job_stands(firestore_emulator, firestore_client, capsys):
+    """A job longer than the client's wait (a big video on the tiny model on a CPU): it said only "no result after
+    300 s", as if the job were lost. It now says the job's state and progress, that it goes on in the worker, and
+    how to wait longer."""
+    info = StackInfo(
+        project=firestore_client.project,
+        firestore=firestore_emulator.host_port,
+        storage="",
+        bucket="",
+        runsync_url="",
+        out=".",
+        web_url="http://127.0.0.1:5000/",
+    )
+    request = {"prompt": "a long video", "user_id": "u1", "file_uid": "long-1", "use_cloud_storage": True}
+    doc = firestore_client.document("generations/u1/images/long-1")
+    helper = threading.Thread(
+        target=lambda: (
+            emu.wait_until(lambda: doc.get().exists, 30, 0.05) and doc.update({"status": "processing", "progress": 0.4})
+        ),
+        daemon=True,
+    )
+    helper.start()
+    client = Client(info)
+    final = client.generate(request, via="document", timeout=3)
+    helper.join(30)
+    said = capsys.readouterr().out
+    assert final is None and client.failures == 1, said
+    assert (
+        "[long-1] no result after 3 s: the job is processing (40%) and goes on in the worker (wait longer with "
+        "SUBMIT_ARGS='--wait 1800' or watch it in the web app (http://127.0.0.1:5000/))"
+    ) in said, said
+
+
+def test_make_submit_wait_must_be_a_positive_number(capsys):
+    for bad in ("0", "-5", "soon", "nan"):
+        with pytest.raises(SystemExit) as exited:
+            client_main(["--prompt", "x", "--wait", bad])
+        assert exited.value.code == 2
+        assert f"argument --wait: a number of seconds above 0 (got '{bad}')" in capsys.readouterr().err
 
 
 def test_a_process_logs_harness_lines_are_json_and_its_tail_is_its_latest_start(tmp_path):

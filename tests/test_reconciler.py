@@ -26,6 +26,7 @@ from firegen_core import workers
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey, WorkerJobs
 from firegen_core.quota import Limits
+from listener import runner as runner_module
 from listener.reconciler import Reconciler
 from listener.runner import JobRunner
 from listener.storage import ResultStore, RetryPolicy
@@ -671,6 +672,50 @@ def test_a_firestore_blip_during_a_renewal_keeps_the_job(firestore_client, resul
         1,
         ["renew-blip"],
     )
+
+
+class ProgressRecorder(WorkerJobs):
+    """The job store, noting each progress it writes (with the lease's renewal) and when."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.written: list[tuple[float, float]] = []
+
+    def renew(self, job, progress=None):
+        renewed = super().renew(job, progress=progress)
+        if progress is not None:
+            self.written.append((time.monotonic(), progress))
+        return renewed
+
+
+class SlowSteps:
+    """A long denoising loop: `steps` steps of `step_seconds` each (its work), progress after each."""
+
+    def __init__(self, steps: int, step_seconds: float):
+        self.steps, self.step_seconds = steps, step_seconds
+
+    def generate(self, request, progress=None):
+        for step in range(1, self.steps + 1):
+            time.sleep(self.step_seconds)
+            progress(step / self.steps)
+        return SimpleNamespace(seed=1, files=[(png_bytes(), "png", "image/png")], video_info=None)
+
+
+def test_a_long_job_writes_its_progress_between_the_quarters(firestore_client, results, monkeypatch):
+    """A quarter of a long video can be a minute: its progress is also written once PROGRESS_EVERY_S has passed
+    since the last write (not at every step: the writes stay that far apart unless a quarter is crossed)."""
+    monkeypatch.setattr(runner_module, "PROGRESS_EVERY_S", 0.3)
+    key = JobKey("u1", "videos", "long-steps")
+    write_job(firestore_client, key, num_frames=16)
+    store = ProgressRecorder(firestore_client, worker_id="w1", lease_seconds=30)
+    started = time.monotonic()
+    assert JobRunner(store, SlowSteps(40, 0.05), results).run(store.claim(key)) == "completed"
+    elapsed = time.monotonic() - started
+    fractions = [fraction for _, fraction in store.written]
+    assert fractions == sorted(set(fractions)) and fractions[-1] == 1.0
+    assert [f for f in fractions if f % 0.25], f"only quarters written: {fractions}"
+    assert len(fractions) <= elapsed / 0.3 + 5, f"{len(fractions)} writes in {elapsed:.1f} s: {fractions}"
+    assert doc(firestore_client, key)["progress"] == 1.0
 
 
 def test_a_storage_outage_fails_the_job_as_connection_error(make_worker, firestore_client, storage_emulator):
