@@ -608,9 +608,19 @@ class JobRunner:
         return RunOutcome.LOST
 
 
-def deadline_from(settings) -> Deadline:
-    """The deadline policy of JOB_TIMEOUT_FLOOR_SECONDS and JOB_TIMEOUT_MULTIPLE."""
-    return Deadline(settings.job_timeout_floor_seconds, settings.job_timeout_multiple)
+# The deadline's estimates are H100 figures, which say nothing of a CPU (make dev's tiny models): there, the largest
+# image the contract allows (4 at 1024x1024, 50 steps) took 120 s on a 2-core machine, its 120 s limit, and the
+# largest video 688 s of its 871. Unless JOB_TIMEOUT_MULTIPLE is set, a worker on no CUDA card uses this multiple.
+CPU_TIMEOUT_MULTIPLE = 50.0
+
+
+def deadline_from(settings, device: str | None = None) -> Deadline:
+    """The deadline policy of JOB_TIMEOUT_FLOOR_SECONDS and JOB_TIMEOUT_MULTIPLE, for jobs run on `device` (None:
+    not known, a stand-in generator)."""
+    multiple = settings.job_timeout_multiple
+    if device is not None and not device.startswith("cuda") and "job_timeout_multiple" not in settings.model_fields_set:
+        multiple = CPU_TIMEOUT_MULTIPLE
+    return Deadline(settings.job_timeout_floor_seconds, multiple)
 
 
 def _queue_seconds(job: ClaimedJob) -> float:

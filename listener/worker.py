@@ -230,7 +230,8 @@ def build_worker(
     results = ResultStore.from_settings(storage_client, settings)
     worker: Worker
     guarded = DeviceGuard(generator, lambda exc: worker.device_failed(exc))
-    runner = JobRunner(store, guarded, results, deadline=deadline_from(settings))
+    device = getattr(getattr(generator, "runtime", None), "device", None)  # the engine's; a stand-in has none
+    runner = JobRunner(store, guarded, results, deadline=deadline_from(settings, device))
     batches = callable(getattr(generator, "generate_batch", None))  # a stand-in generator may not batch
     reconciler = Reconciler(
         store,

@@ -20,13 +20,13 @@ from test_batching import TOLERANCE
 from test_generation import pixels
 from test_reconciler import LISTENING_SECONDS, doc, finished, results, wait_until  # noqa: F401
 
-from firegen_core import errors
+from firegen_core import errors, quota
 from firegen_core.contract import GenerationRequest, parse_document
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey, WorkerJobs
 from firegen_core.lifecycle import Lease
 from listener.fairqueue import FairQueue
-from listener.runner import JobRunner
+from listener.runner import CPU_TIMEOUT_MULTIPLE, JobRunner
 from listener.settings import SettingsError, load_settings
 from listener.worker import DeviceGuard, build_worker
 
@@ -184,6 +184,36 @@ def test_a_worker_whose_generator_cannot_batch_runs_jobs_alone(firestore_client,
     settings = load_settings(storage_bucket=bucket.name, batch_max=8)
     assert build_worker(settings, Plain(), firestore_client, storage_client, worker_id="p").reconciler.batch_max == 1
     assert build_worker(settings, engine, firestore_client, storage_client, worker_id="e").reconciler.batch_max == 8
+
+
+def test_a_worker_on_a_cpu_gives_jobs_the_cpu_multiple_unless_one_is_set(
+    firestore_client, storage_client, bucket, engine, monkeypatch
+):
+    """The deadline's estimates are H100 figures: on the CPU (make dev's tiny models) the contract's largest image
+    ran into its 120 s limit. A worker on a CPU gives jobs CPU_TIMEOUT_MULTIPLE times the estimate, unless
+    JOB_TIMEOUT_MULTIPLE says otherwise; a generator of unknown device keeps the setting."""
+    largest = GenerationRequest(
+        prompt="x", user_id="u", file_uid="f", width=1024, height=1024, num_images_per_prompt=4, num_inference_steps=50
+    )
+    monkeypatch.delenv("JOB_TIMEOUT_MULTIPLE", raising=False)
+
+    def deadline(generator, **env) -> float:
+        settings = load_settings(storage_bucket=bucket.name, **env)
+        worker = build_worker(settings, generator, firestore_client, storage_client, worker_id="d")
+        return worker.runner.deadline.seconds(largest)
+
+    estimate = quota.estimate(largest)
+    assert engine.runtime.device == "cpu"
+    assert deadline(engine) == pytest.approx(CPU_TIMEOUT_MULTIPLE * estimate) and deadline(engine) > 600
+    assert deadline(engine, job_timeout_multiple=5) == pytest.approx(max(120, 5 * estimate))
+    monkeypatch.setenv("JOB_TIMEOUT_MULTIPLE", "7")
+    assert deadline(engine) == pytest.approx(max(120, 7 * estimate))
+    monkeypatch.delenv("JOB_TIMEOUT_MULTIPLE")
+
+    class Elsewhere:  # a stand-in generator: no device known
+        def generate(self, request, progress=None): ...
+
+    assert deadline(Elsewhere()) == pytest.approx(max(120, 5 * estimate))
 
 
 def test_a_device_failure_inside_a_batch_stops_the_worker_and_releases_the_jobs():
