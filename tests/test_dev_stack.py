@@ -444,6 +444,19 @@ def test_make_dev_ends_saying_so_when_the_clis_firestore_emulator_dies(tmp_path)
     kill_and_expect_the_end(run, java, said)
 
 
+def firestore_only(firestore_emulator, firestore_client, **more) -> StackInfo:
+    """A stack of the Firestore emulator alone, for the client's own logic."""
+    return StackInfo(
+        project=firestore_client.project,
+        firestore=firestore_emulator.host_port,
+        storage="",
+        bucket="",
+        runsync_url="",
+        out=".",
+        **more,
+    )
+
+
 def test_the_client_sees_the_end_of_a_job_its_listener_missed(firestore_emulator, firestore_client, capsys):
     """The emulator's Listen stream for a doc can stall around the doc's first write (seen under `make dev --once`:
     the worker completed the video while its listener never got a message after the queued doc, and the client
@@ -457,14 +470,7 @@ def test_the_client_sees_the_end_of_a_job_its_listener_missed(firestore_emulator
         heard: list = []
         return real(ref, lambda *args: None if heard else heard.append(callback(*args)))
 
-    info = StackInfo(
-        project=firestore_client.project,
-        firestore=firestore_emulator.host_port,
-        storage="",
-        bucket="",
-        runsync_url="",
-        out=".",
-    )
+    info = firestore_only(firestore_emulator, firestore_client)
     request = {"prompt": "a stalled listener", "user_id": "u1", "file_uid": "stalled-1", "use_cloud_storage": True}
     doc = firestore_client.document("generations/u1/images/stalled-1")
 
@@ -493,15 +499,7 @@ def test_a_client_that_stops_waiting_says_where_the_job_stands(firestore_emulato
     """A job longer than the client's wait (a big video on the tiny model on a CPU): it said only "no result after
     300 s", as if the job were lost. It now says the job's state and progress, that it goes on in the worker, and
     how to wait longer."""
-    info = StackInfo(
-        project=firestore_client.project,
-        firestore=firestore_emulator.host_port,
-        storage="",
-        bucket="",
-        runsync_url="",
-        out=".",
-        web_url="http://127.0.0.1:5000/",
-    )
+    info = firestore_only(firestore_emulator, firestore_client, web_url="http://127.0.0.1:5000/")
     request = {"prompt": "a long video", "user_id": "u1", "file_uid": "long-1", "use_cloud_storage": True}
     doc = firestore_client.document("generations/u1/images/long-1")
     helper = threading.Thread(
