@@ -105,6 +105,15 @@ def _contract_problem(data: dict) -> str:
     return ""
 
 
+def state_of(doc: dict) -> str:
+    """A doc's status as the client says it: `processing 40%`; at 100% the steps are done and a video's decode and
+    encode, then the upload, are under way: `processing 100%, finishing` (the web app's words)."""
+    state, progress = str(doc.get("status")), doc.get("progress")
+    if state == "processing" and progress:
+        state += f" {progress:.0%}" + (", finishing" if progress >= 1 else "")
+    return state
+
+
 class Client:
     def __init__(self, info: StackInfo, email: str = DEV_EMAIL):
         self.info = info
@@ -132,11 +141,9 @@ class Client:
 
     def _still(self, doc: dict) -> str:
         """Where a job the client stops waiting for stands; it goes on in the worker without the client."""
-        status = doc.get("status") or "not seen yet"
-        if status == "processing" and doc.get("progress"):
-            status += f" ({doc['progress']:.0%})"
         where = f" or watch it in the web app ({self.info.web_url})" if self.info.web_url else ""
-        return f"the job is {status} and goes on in the worker (wait longer with SUBMIT_ARGS='--wait 1800'{where})"
+        state = state_of(doc) if doc.get("status") else "not seen yet"
+        return f"the job is {state} and goes on in the worker (wait longer with SUBMIT_ARGS='--wait 1800'{where})"
 
     def generate(self, data: dict, via: str = "callable", timeout: float = 300) -> dict | None:
         """Run one job the way the contract's client does. `data` is the runsync input (prompt, user_id,
@@ -190,9 +197,7 @@ class Client:
                 doc = snapshot.to_dict() or {}
                 shown = (doc.get("status"), doc.get("progress"))
                 if shown != (last.get("status"), last.get("progress")):
-                    processing = doc.get("status") == "processing" and doc.get("progress")
-                    progress = f" {doc['progress']:.0%}" if processing else ""
-                    tell(f"{time.monotonic() - started:5.1f}s  {doc.get('status')}{progress}")
+                    tell(f"{time.monotonic() - started:5.1f}s  {state_of(doc)}")
                 last.update(status=shown[0], progress=shown[1], doc=doc, written_at=written_at)
                 if doc.get("status") in ("completed", "failed"):
                     done.set()

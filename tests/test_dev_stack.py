@@ -32,7 +32,7 @@ from fixtures_stack import running_stack
 
 from devtools import emulators as emu
 from devtools import firebase_cli, web
-from devtools.client import Client, StackInfo, firestore_client, post_runsync
+from devtools.client import Client, StackInfo, firestore_client, post_runsync, state_of
 from devtools.client import main as client_main
 from devtools.stack import IMAGE_EXAMPLE, function_settings
 
@@ -502,22 +502,34 @@ def test_a_client_that_stops_waiting_says_where_the_job_stands(firestore_emulato
     info = firestore_only(firestore_emulator, firestore_client, web_url="http://127.0.0.1:5000/")
     request = {"prompt": "a long video", "user_id": "u1", "file_uid": "long-1", "use_cloud_storage": True}
     doc = firestore_client.document("generations/u1/images/long-1")
-    helper = threading.Thread(
-        target=lambda: (
-            emu.wait_until(lambda: doc.get().exists, 30, 0.05) and doc.update({"status": "processing", "progress": 0.4})
-        ),
-        daemon=True,
-    )
+    written = threading.Event()
+
+    def worker() -> None:  # 40%, then the steps done: a video's decode and encode, the upload, take their time
+        assert emu.wait_until(lambda: doc.get().exists, 30, 0.05)
+        doc.update({"status": "processing", "progress": 0.4})
+        doc.update({"status": "processing", "progress": 1.0})
+        written.set()
+
+    helper = threading.Thread(target=worker, daemon=True)
     helper.start()
     client = Client(info)
     final = client.generate(request, via="document", timeout=3)
     helper.join(30)
     said = capsys.readouterr().out
-    assert final is None and client.failures == 1, said
+    assert written.is_set() and final is None and client.failures == 1, said
+    assert re.search(r"^\[long-1\]\s+[\d.]+s  processing 100%, finishing$", said, re.M), said
     assert (
-        "[long-1] no result after 3 s: the job is processing (40%) and goes on in the worker (wait longer with "
-        "SUBMIT_ARGS='--wait 1800' or watch it in the web app (http://127.0.0.1:5000/))"
+        "[long-1] no result after 3 s: the job is processing 100%, finishing and goes on in the worker (wait longer "
+        "with SUBMIT_ARGS='--wait 1800' or watch it in the web app (http://127.0.0.1:5000/))"
     ) in said, said
+
+
+def test_the_client_says_a_docs_state_as_the_web_app_does():
+    assert state_of({"status": "queued", "progress": 0}) == "queued"
+    assert state_of({"status": "processing"}) == "processing"
+    assert state_of({"status": "processing", "progress": 0.4}) == "processing 40%"
+    assert state_of({"status": "processing", "progress": 1.0}) == "processing 100%, finishing"
+    assert state_of({"status": "completed", "progress": 1.0}) == "completed"
 
 
 def test_make_submit_wait_must_be_a_positive_number(capsys):
