@@ -214,7 +214,17 @@ def test_every_control_has_a_label_and_the_page_fits_375px(open_page):
             .filter(el => !el.labels?.length && !el.getAttribute('aria-label')).map(el => el.outerHTML)"""
     )
     assert unlabelled == []
-    for label in ("Prompt", "Negative prompt", "Image", "Video", "Width", "Height", "Steps", "Number of images"):
+    for label in (
+        "Prompt",
+        "Negative prompt",
+        "Image",
+        "Video",
+        "Width",
+        "Height",
+        "Steps",
+        "Number of images",
+        "Guidance",
+    ):
         assert app.page.get_by_label(label, exact=True).count() == 1, label
     app.page.get_by_label("Video", exact=True).check()
     for label in ("Frames", "FPS"):
@@ -337,6 +347,41 @@ def test_a_bad_input_shows_the_contracts_message(open_page, stack):
     blank.wait_for(timeout=30_000)
     assert blank.locator(".error").inner_text() == "prompt is required"
     assert blank.locator(".prompt").inner_text() == "(no prompt recorded)"
+    assert app.problems() == []
+
+
+def test_guidance_is_sent_as_the_media_types_own_field(open_page, stack):
+    """Audit: the form had no guidance, one of the contract's optional parameters ("how closely to follow the
+    prompt"): every job from the page ran at 7.5 (images) or 5.0 (videos). One Guidance field, sent as an image's
+    guidance_scale or a video's video_guidance_scale, its range and default the contract's."""
+    app = open_page()
+    guidance = app.page.get_by_label("Guidance", exact=True)
+    hint = app.page.locator("#guidance_scale-range")
+    assert hint.inner_text() == "1.0–20.0, default 7.5" and guidance.get_attribute("placeholder") == "7.5"
+    assert (guidance.get_attribute("min"), guidance.get_attribute("max")) == ("1", "20")
+    app.fill(Prompt="a red car", Width="256", Height="256", Steps="10", Guidance="25")
+    app.page.get_by_role("button", name="Generate").click()
+    expected = contract_message(guidance_scale=25)
+    assert expected == "guidance_scale must be between 1.0 and 20.0"
+    app.page.wait_for_function(
+        "text => document.getElementById('form-error').textContent === text", arg=expected, timeout=30_000
+    )
+    assert guidance.get_attribute("aria-invalid") == "true" and app.page.locator(".job").count() == 0
+    app.fill(Guidance="9.5")
+    image = app.generate()
+    app.page.get_by_label("Video", exact=True).check()
+    assert hint.inner_text() == "1.0–20.0, default 5.0" and guidance.get_attribute("placeholder") == "5.0"
+    app.fill(Prompt="waves", Frames="16", Guidance="3")
+    video = app.generate()
+    db = firestore_client(stack)
+    docs = {
+        uid: db.document(f"generations/{app.uid}/{media}/{uid}")
+        for uid, media in ((image, "images"), (video, "videos"))
+    }
+    assert app.wait_final(image) == "completed" and app.wait_final(video) == "completed"
+    written = {uid: ref.get().to_dict() for uid, ref in docs.items()}
+    assert written[image]["guidance_scale"] == 9.5 and "video_guidance_scale" not in written[image]
+    assert written[video]["video_guidance_scale"] == 3 and "guidance_scale" not in written[video]
     assert app.problems() == []
 
 
@@ -1219,6 +1264,7 @@ def test_edit_as_new_fills_the_form_from_a_completed_job_and_from_a_refused_one(
         num_inference_steps=12,
         num_frames=24,
         fps=6,
+        video_guidance_scale=6.5,
         videos=[],
         **done,
     )
@@ -1233,10 +1279,12 @@ def test_edit_as_new_fills_the_form_from_a_completed_job_and_from_a_refused_one(
         "num_inference_steps",
         "num_frames",
         "fps",
+        "guidance_scale",
         "seed",
     ]
     values = {"prompt": "waves on a beach", "negative_prompt": "blurry", "width": "256", "height": "384"}
     values |= {"num_inference_steps": "12", "num_frames": "24", "fps": "6", "num_images_per_prompt": ""}
+    values |= {"guidance_scale": "6.5"}  # the video's own guidance, in the one Guidance field
     # A completed job's seed is the one it ran with, drawn or asked for: its doc does not say which.
     assert form["values"] == {**values, "seed": ""}
     assert app.page.evaluate("document.activeElement.id") == "prompt"
@@ -1772,6 +1820,8 @@ def test_a_double_click_on_dismiss_dismisses_one_card(open_page, stack):
         _ended_image(stack, app.uid, name, prompt=f"the {name} kite", error_type="RuntimeError", **params)
     app.page.wait_for_function("() => document.querySelectorAll('.job').length === 2", timeout=30_000)
     assert app.page.eval_on_selector_all(".job", "els => els.map(e => e.dataset.fileUid)") == ["upper", "lower"]
+    # The pointer clicks where the cards are on the screen: the list at the top of it, below the form.
+    app.page.evaluate("document.getElementById('jobs-title').scrollIntoView()")
     box = app.job("upper").locator("button.dismiss").bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     app.page.mouse.click(x, y)

@@ -15,6 +15,7 @@ const FIELDS: Record<MediaType, Record<string, NumericField>> = {
     height: "height",
     num_inference_steps: "num_inference_steps",
     num_images_per_prompt: "num_images_per_prompt",
+    guidance_scale: "guidance_scale",
   },
   videos: {
     width: "video_width",
@@ -22,6 +23,7 @@ const FIELDS: Record<MediaType, Record<string, NumericField>> = {
     num_inference_steps: "num_inference_steps",
     num_frames: "num_frames",
     fps: "fps",
+    guidance_scale: "video_guidance_scale",
   },
 };
 
@@ -37,13 +39,16 @@ export function mediaType(form: HTMLFormElement): MediaType {
 export function applyRanges(form: HTMLFormElement): void {
   const media = mediaType(form);
   for (const [id, field] of Object.entries(FIELDS[media])) {
-    const spec: { minimum: number; maximum: number; default: number; multipleOf?: number } =
+    const spec: { type: string; minimum: number; maximum: number; default: number; multipleOf?: number } =
       REQUEST_SCHEMA.properties[field];
+    // A guidance is any number in its range (the contract's messages write its bounds as 1.0 and 20.0).
+    const decimal = spec.type === "number";
+    const show = (value: number) => (decimal ? value.toFixed(1) : String(value));
     const element = input(id);
     element.min = String(spec.minimum);
     element.max = String(spec.maximum);
-    element.step = String(spec.multipleOf ?? 1);
-    element.placeholder = String(spec.default);
+    element.step = decimal ? "0.1" : String(spec.multipleOf ?? 1);
+    element.placeholder = show(spec.default);
     describedBy(element, `${id}-range`, true);
     let hint = document.getElementById(`${id}-range`);
     if (!hint) {
@@ -53,7 +58,7 @@ export function applyRanges(form: HTMLFormElement): void {
     }
     // The default is in the hint too: the placeholder that shows it goes once the field is filled.
     const step = spec.multipleOf ? `, step ${spec.multipleOf}` : "";
-    hint.textContent = `${spec.minimum}–${spec.maximum}${step}, default ${spec.default}`;
+    hint.textContent = `${show(spec.minimum)}–${show(spec.maximum)}${step}, default ${show(spec.default)}`;
   }
   for (const box of form.querySelectorAll<HTMLElement>("[data-for]")) {
     box.hidden = box.dataset.for !== media;
