@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ import subprocess
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devtools import web_types
 from firegen_core import contract, errors, lifecycle, quota, schema
@@ -148,21 +151,39 @@ def _document_message(request: dict) -> str | None:
     return None
 
 
-def test_the_web_apps_check_gives_the_contracts_messages(tmp_path):
-    """web/src/validate.ts (the page's check before it writes a queued doc) run in Node on the page's requests:
-    the contract's message for each, word for word, and nothing where the contract accepts it."""
+@pytest.fixture(scope="module")
+def page_check(tmp_path_factory):
+    """web/src/validate.ts's contractMessage, in one Node process for the module: the page's message for each
+    request of a list (a line of JSON each way)."""
     _require_web_modules()
-    bundle = tmp_path / "validate.mjs"
+    folder = tmp_path_factory.mktemp("validate")
     source = web_types.REPO / "web" / "src" / "validate.ts"
+    bundle = folder / "validate.mjs"
     build = [str(ESBUILD), str(source), "--bundle", "--format=esm", f"--outfile={bundle}", "--log-level=warning"]
     subprocess.run(build, check=True, timeout=120)
-    runner = tmp_path / "run.mjs"
+    runner = folder / "run.mjs"
     runner.write_text(
-        'import { readFileSync } from "node:fs";\n'
+        'import { createInterface } from "node:readline";\n'
         'import { contractMessage } from "./validate.mjs";\n'
-        'const requests = JSON.parse(readFileSync(0, "utf8"));\n'
-        "process.stdout.write(JSON.stringify(requests.map((r) => contractMessage(r))));\n"
+        "for await (const line of createInterface({ input: process.stdin })) {\n"
+        "  process.stdout.write(JSON.stringify(JSON.parse(line).map((r) => contractMessage(r))) + '\\n');\n"
+        "}\n"
     )
+    node = subprocess.Popen(["node", str(runner)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def messages(requests: list[dict]) -> list[str | None]:
+        assert node.stdin and node.stdout
+        node.stdin.write(json.dumps(requests) + "\n")
+        node.stdin.flush()
+        return json.loads(node.stdout.readline())
+
+    yield messages
+    node.communicate(timeout=30)
+
+
+def test_the_web_apps_check_gives_the_contracts_messages(page_check):
+    """web/src/validate.ts (the page's check before it writes a queued doc) run in Node on the page's requests:
+    the contract's message for each, word for word, and nothing where the contract accepts it."""
     cases = _page_cases()
     expected = [_document_message(c) for c in cases]
     # Past 2^53 the Firestore SDK writes a number as a double, which the contract reads as no integer: the page
@@ -193,9 +214,68 @@ def test_the_web_apps_check_gives_the_contracts_messages(tmp_path):
         "Validation failed: width must be an integer",
         "Validation failed: seed must be an integer or null",
     ]
-    out = subprocess.run(
-        ["node", str(runner)], input=json.dumps(cases), capture_output=True, text=True, check=True, timeout=60
-    )
-    drift = {i: (got, want) for i, (got, want) in enumerate(zip(json.loads(out.stdout), expected)) if got != want}
+    drift = {i: (got, want) for i, (got, want) in enumerate(zip(page_check(cases), expected)) if got != want}
     assert drift == {}, "the page's check and the contract differ (case index: (page, contract))"
     assert expected.count(None) < len(expected) and "width must be between 256 and 1024" in expected
+
+
+@functools.cache
+def _any_value(name: str) -> st.SearchStrategy:
+    """Any value a job doc may hold for a request field, as the page would send it again (`Edit as new`, `Try
+    again` read a doc's fields whatever their type): near the field's range and far from it, of every JSON type.
+    Left out: what a JavaScript number cannot hold as the contract's Python reads it (integers past 2^53, which
+    the page refuses with a message of its own, tested above; an integral float, which JavaScript reads as an
+    integer; NaN and infinities, which JSON has no words for)."""
+    safe = 2**53 - 1
+    fraction = st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: not f.is_integer())
+    values = [st.none(), st.booleans(), st.integers(-safe, safe), fraction, st.text(max_size=8)]
+    values += [st.lists(st.integers(0, 9), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)]
+    if name in contract.PARAMS:
+        spec = contract.PARAMS[name]
+        near = st.floats(spec.low - 8, spec.high + 8).filter(lambda f: not f.is_integer())
+        values += [st.integers(int(spec.low) - 40, int(spec.high) + 40), near]
+    if name in contract.TEXT_FIELDS:
+        # Blank, at and past the 2,000 code point limit, astral characters (two UTF-16 units), lone surrogates.
+        piece = st.sampled_from(["a", " ", "\x85", "\u3000", "\ufeff", "\N{GRINNING FACE}", "\ud800", "\udc00"])
+        long = st.builds(lambda c, n: c * n, st.sampled_from(["x", "\N{GRINNING FACE}", " "]), st.integers(1998, 2002))
+        values += [st.text(piece, max_size=6), long]
+    return st.one_of(values)
+
+
+@st.composite
+def _page_requests(draw) -> dict:
+    """A request as the page may send it for an image or a video job (any request field of its media type, of
+    any value; the page fills the ids and cloud storage)."""
+    media = draw(st.sampled_from(["images", "videos"]))
+    names = [
+        "prompt",
+        "negative_prompt",
+        "seed",
+        *(n for n in contract.PARAMS if media == "videos" or n not in contract.VIDEO_FIELDS),
+    ]
+    chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)))
+    fields = {name: draw(_any_value(name)) for name in chosen}
+    if media == "videos":
+        fields.setdefault("num_frames", 16)  # as the page's statesItsJob: a video request names a video field
+    return {**BASE, **fields, "_media": media}
+
+
+@settings(max_examples=1500, deadline=None, database=None)
+@given(requests=st.lists(_page_requests(), min_size=1, max_size=3))
+def test_the_web_apps_check_agrees_with_the_contract_on_any_request(page_check, requests):
+    """Property: on requests drawn at random (several fields wrong at once, of any type), the page's check gives
+    the message the contract gives the same request as a queued doc of its media type (the first field refused,
+    in the contract's order), or none where the contract accepts it."""
+    # As JSON carries them (the page's values are JavaScript's): a lone surrogate drawn beside another reads as
+    # the pair, one character, in both languages.
+    bodies = json.loads(json.dumps([{k: v for k, v in r.items() if k != "_media" and v is not None} for r in requests]))
+    expected = []
+    for request, body in zip(requests, bodies, strict=True):
+        try:
+            parse_document(body["user_id"], request["_media"], body["file_uid"], body)
+            expected.append(None)
+        except ContractError as exc:
+            expected.append(exc.message)
+    got = page_check(bodies)
+    drift = [(body, page, want) for body, page, want in zip(bodies, got, expected, strict=True) if page != want]
+    assert drift == [], "the page's check and the contract differ: (request, page, contract)"
