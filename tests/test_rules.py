@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +25,11 @@ from typing import Any
 
 import pytest
 import requests
+from fixtures_requests import request_value
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from firegen_core import contract
 from firegen_core.contract import ContractError, parse_document
 
 RULES = Path(__file__).resolve().parent.parent / "firestore.rules"
@@ -369,6 +375,80 @@ def test_every_request_field_is_bounded(rest, name):
     assert allowed(rest.commit(OWNER, path.format("at-bound"), sample(**{name: "x" * 10_000})))
     assert not allowed(rest.commit(OWNER, path.format("long"), sample(**{name: "x" * 10_001})))
     assert not allowed(rest.commit(OWNER, path.format("list"), sample(**{name: ["x"]})))
+
+
+def _as_a_client_sdk_writes(value: Any) -> Any:
+    """A client SDK writes a lone UTF-16 surrogate as U+FFFD (Firestore holds UTF-8 text)."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
+
+
+def _utf16_units(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+ID_FIELDS = {"user_id": "userId", "file_uid": "fileUid"}
+
+
+def _camel(name: str) -> str:
+    """The client sample's spelling of a request field (numFrames)."""
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+
+
+@st.composite
+def _client_docs(draw) -> tuple[str, dict]:
+    """A job doc as any client may write it: the sample's state fields and any request fields, in either spelling
+    (or both), of any value, text around the rules' bound included; ids of the path's, another's, or none."""
+    media = draw(st.sampled_from(["images", "videos"]))
+    file_uid = f"fuzz-{uuid.uuid4().hex}"
+    around_bound = st.builds(
+        lambda c, n: c * n,
+        st.sampled_from(["x", "\N{GRINNING FACE}"]),
+        st.sampled_from([4999, 5000, 5001, 9999, 10_000, 10_001]),
+    )
+    data = sample()
+    del data["prompt"]
+    for name in draw(st.lists(st.sampled_from(sorted(contract.PARAMETER_FIELDS | {"use_cloud_storage"})), unique=True)):
+        for spelling in draw(st.sampled_from([[name], [_camel(name)], [name, _camel(name)]])):
+            value = draw(st.one_of(request_value(name), around_bound).map(_as_a_client_sdk_writes))
+            data[spelling] = value
+    for name, camel in ID_FIELDS.items():
+        own = OWNER if name == "user_id" else file_uid
+        for spelling in draw(st.lists(st.sampled_from([name, camel]), unique=True)):
+            data[spelling] = draw(st.sampled_from([own, STRANGER, None, 7]))
+    return f"generations/{OWNER}/{media}/{file_uid}", data
+
+
+def _names_another_id(path: str, data: dict) -> bool:
+    """The doc names a user or file id other than its path's (the contract reads the ids from the path alone;
+    the rules refuse a doc that claims another's)."""
+    _, uid, _, file_uid = path.split("/")
+    own = {"user_id": uid, "userId": uid, "file_uid": file_uid, "fileUid": file_uid}
+    return any(data.get(name) is not None and data[name] != id_ for name, id_ in own.items())
+
+
+def _within_the_rules_bounds(data: dict) -> bool:
+    """Every request field a scalar, or text of at most 10,000 UTF-16 units."""
+    request = {k: v for k, v in data.items() if k not in ("status", "created_at", "generated", "error")}
+    return all(
+        v is None or isinstance(v, int | float | bool) or (isinstance(v, str) and _utf16_units(v) <= 10_000)
+        for v in request.values()
+    )
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=_client_docs())
+def test_the_rules_let_in_any_doc_within_their_bounds_and_every_doc_the_contract_accepts(rest, doc):
+    """Property, on docs drawn at random: a client's create (the sample's state fields) is allowed exactly where
+    its request fields are within the rules' bounds and it claims no other id than its path's; a doc the contract
+    accepts is never refused but for such a claim (the rules bound what a doc holds; its contract is the
+    worker's to check, with its message)."""
+    path, data = doc
+    let_in = allowed(rest.commit(OWNER, path, data))
+    claims_another = _names_another_id(path, data)
+    assert let_in is (_within_the_rules_bounds(data) and not claims_another)
+    assert let_in or claims_another or not contract_accepts(path, data), "the rules refuse a doc the contract accepts"
 
 
 def test_a_document_id_like_x_is_refused_by_firestore_and_the_contract(rest):

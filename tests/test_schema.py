@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import subprocess
 from datetime import UTC, datetime
 
 import pytest
+from fixtures_requests import request_value
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -219,29 +219,6 @@ def test_the_web_apps_check_gives_the_contracts_messages(page_check):
     assert expected.count(None) < len(expected) and "width must be between 256 and 1024" in expected
 
 
-@functools.cache
-def _any_value(name: str) -> st.SearchStrategy:
-    """Any value a job doc may hold for a request field, as the page would send it again (`Edit as new`, `Try
-    again` read a doc's fields whatever their type): near the field's range and far from it, of every JSON type.
-    Left out: what a JavaScript number cannot hold as the contract's Python reads it (integers past 2^53, which
-    the page refuses with a message of its own, tested above; an integral float, which JavaScript reads as an
-    integer; NaN and infinities, which JSON has no words for)."""
-    safe = 2**53 - 1
-    fraction = st.floats(allow_nan=False, allow_infinity=False).filter(lambda f: not f.is_integer())
-    values = [st.none(), st.booleans(), st.integers(-safe, safe), fraction, st.text(max_size=8)]
-    values += [st.lists(st.integers(0, 9), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)]
-    if name in contract.PARAMS:
-        spec = contract.PARAMS[name]
-        near = st.floats(spec.low - 8, spec.high + 8).filter(lambda f: not f.is_integer())
-        values += [st.integers(int(spec.low) - 40, int(spec.high) + 40), near]
-    if name in contract.TEXT_FIELDS:
-        # Blank, at and past the 2,000 code point limit, astral characters (two UTF-16 units), lone surrogates.
-        piece = st.sampled_from(["a", " ", "\x85", "\u3000", "\ufeff", "\N{GRINNING FACE}", "\ud800", "\udc00"])
-        long = st.builds(lambda c, n: c * n, st.sampled_from(["x", "\N{GRINNING FACE}", " "]), st.integers(1998, 2002))
-        values += [st.text(piece, max_size=6), long]
-    return st.one_of(values)
-
-
 @st.composite
 def _page_requests(draw) -> dict:
     """A request as the page may send it for an image or a video job (any request field of its media type, of
@@ -254,7 +231,7 @@ def _page_requests(draw) -> dict:
         *(n for n in contract.PARAMS if media == "videos" or n not in contract.VIDEO_FIELDS),
     ]
     chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)))
-    fields = {name: draw(_any_value(name)) for name in chosen}
+    fields = {name: draw(request_value(name)) for name in chosen}
     if media == "videos":
         fields.setdefault("num_frames", 16)  # as the page's statesItsJob: a video request names a video field
     return {**BASE, **fields, "_media": media}
