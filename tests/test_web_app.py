@@ -265,6 +265,7 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
     assert (
         "a lighthouse at dusk" in text and re.search(r"Seed\s+\d+", text) and re.search(r"Generation\s+[\d.]+ s", text)
     )
+    assert re.search(r"Steps\s+10\s+Guidance\s+7\.5\b", text), text  # the guidance left to its default
     assert card.get_attribute("data-status") == "completed" and "Cancel" not in text
     # "Generation started (image “…”)" is old news once the job ended and the line was up a while (audit)
     app.page.wait_for_function("() => document.getElementById('form-status').textContent === ''", timeout=15_000)
@@ -382,6 +383,9 @@ def test_guidance_is_sent_as_the_media_types_own_field(open_page, stack):
     written = {uid: ref.get().to_dict() for uid, ref in docs.items()}
     assert written[image]["guidance_scale"] == 9.5 and "video_guidance_scale" not in written[image]
     assert written[video]["video_guidance_scale"] == 3 and "guidance_scale" not in written[video]
+    # Each card says what its job ran with.
+    assert re.search(r"Steps\s+10\s+Guidance\s+9\.5\b", app.job(image).inner_text()), app.job(image).inner_text()
+    assert re.search(r"Steps\s+10\s+Guidance\s+3\b", app.job(video).inner_text()), app.job(video).inner_text()
     assert app.problems() == []
 
 

@@ -115,7 +115,7 @@ const REQUEST_FIELDS = Object.keys(REQUEST_SCHEMA.properties).filter(
 /** A request field of a doc as written: by its name, else by the camelCase one of the contract's client sample
  * (`numFrames`), as the worker reads a doc (firegen_core/contract.py's normalise_document_fields; audit: a
  * client's numFrames: 24 filled an empty Frames, and Try again sent 16 frames). */
-function fieldOf(doc: Record<string, unknown>, name: string): unknown {
+export function fieldOf(doc: Record<string, unknown>, name: string): unknown {
   return doc[name] !== undefined ? doc[name] : doc[name.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase())];
 }
 

@@ -1,7 +1,8 @@
 // The user's jobs, live: one onSnapshot per media collection (generations/{uid}/images and .../videos; the rules
 // let a user read only their own), rendered as a list that is updated in place so a playing video keeps playing.
 import { collection, onSnapshot, type Firestore, type Unsubscribe } from "firebase/firestore";
-import { FINAL_STATES, type JobDoc, type MediaType, type Timestamp } from "./contract.gen";
+import { FINAL_STATES, REQUEST_SCHEMA, type JobDoc, type MediaType, type Timestamp } from "./contract.gen";
+import { fieldOf } from "./form";
 
 export interface Job {
   id: string;
@@ -151,10 +152,21 @@ function seconds(value: number | undefined): string | null {
   return value === undefined ? null : `${value.toFixed(1)} s`;
 }
 
-/** The facts under a job: seed, timings, who dispatched it. */
-function details(doc: JobDoc): HTMLDListElement {
+/** A request parameter of the job's doc (either spelling), as the job runs it: the doc's number, else, on a job that
+ * ran, the contract's default; none where the doc holds no number (a refused job's may hold anything). */
+function parameter(job: Job, name: "num_inference_steps" | "guidance_scale" | "video_guidance_scale"): string | null {
+  const value = finite(fieldOf(job.written, name));
+  if (value !== undefined) return String(value);
+  return job.doc.status === "completed" ? String(REQUEST_SCHEMA.properties[name].default) : null;
+}
+
+/** The facts under a job: seed, steps and guidance, timings, who dispatched it. */
+function details(job: Job): HTMLDListElement {
+  const { doc } = job;
   const rows: [string, string | null][] = [
     ["Seed", doc.seed === undefined || doc.seed === null ? null : String(doc.seed)],
+    ["Steps", parameter(job, "num_inference_steps")],
+    ["Guidance", parameter(job, job.media === "videos" ? "video_guidance_scale" : "guidance_scale")],
     ["Queued", seconds(doc.queue_seconds)],
     ["Generation", seconds(doc.generation_seconds)],
     ["Upload", seconds(doc.upload_seconds)],
@@ -442,7 +454,7 @@ function update(li: HTMLLIElement, job: Job): void {
     li.querySelector(".state")!.after(el("p", { className: "error", textContent: doc.error_message ?? "Generation failed" }));
     if (doc.error_type) li.dataset.errorType = doc.error_type;
   }
-  li.querySelector("dl")!.replaceWith(details(doc));
+  li.querySelector("dl")!.replaceWith(details(job));
   // Built once the job has completed, and kept (a video may be playing).
   if (doc.status === "completed" && !li.querySelector(".gallery")) li.append(gallery(job));
 }
