@@ -120,8 +120,9 @@ class Ledger(RuleBasedStateMachine):
         running = sum(quota.running(d) for d in docs)
         assert usage.get("running", 0) == running
         assert usage.get("pending", 0) == sum(quota.pending(d) for d in docs)
-        spent = sum(quota._charged(d, today) for d in docs)
-        assert usage.get("spent_today", 0.0) == pytest.approx(spent, abs=0.01)
+        if usage.get("day", today) == today:  # past UTC midnight the doc holds the day before's until its next write
+            spent = sum(quota._charged(d, today) for d in docs)
+            assert usage.get("spent_today", 0.0) == pytest.approx(spent, abs=0.01)
         assert running <= LIMITS.max_running
         assert sum(d.get("status") == lifecycle.PROCESSING for d in docs) == running  # every running job counted
 
