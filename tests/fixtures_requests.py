@@ -32,3 +32,23 @@ def request_value(name: str) -> st.SearchStrategy:
         long = st.builds(lambda c, n: c * n, st.sampled_from(["x", "\N{GRINNING FACE}", " "]), st.integers(1998, 2002))
         values += [st.text(piece, max_size=6), long]
     return st.one_of(values)
+
+
+@functools.cache
+def valid_value(name: str) -> st.SearchStrategy:
+    """A value the contract accepts for the request field `name` (text fields: non-blank text)."""
+    if name in contract.PARAMS:
+        spec = contract.PARAMS[name]
+        if spec.kind is float:
+            return st.floats(spec.low, spec.high)
+        step = spec.multiple_of or 1
+        return (
+            st.integers(int(spec.low) // step, int(spec.high) // step)
+            .map(lambda n: n * step)
+            .filter(lambda n: spec.low <= n <= spec.high)
+        )
+    if name == "seed":
+        return st.integers(0, 2**32)
+    if name == "use_cloud_storage":
+        return st.just(True)
+    return st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=20).filter(str.strip)

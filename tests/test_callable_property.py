@@ -1,0 +1,108 @@
+"""The `generateWithRunPod` callable on any body: a property test (Hypothesis) on the real Firestore emulator.
+
+A client may call it with anything: any request field in either spelling (or both), any value, ids of its own,
+of another user or none, fields the contract does not know, or no object at all. Whatever it sends, the call
+answers with the contract's reply or a Functions error code and a message (never an unhandled exception, which
+the SDK turns into INTERNAL), and what it leaves in Firestore matches its answer: an accepted job queued and
+counted, a refusal of a job it names recorded on that job's doc with the same message. RunPod is a stand-in
+(test_functions.StubRunPod) that accepts every dispatch: RunPod's hosted API cannot run here. `CALLABLE_EXAMPLES`
+sets how many bodies are drawn (120; 5,000 on 2026-12-04 found nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Any
+
+from fixtures_requests import request_value, valid_value
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_functions import ACCEPTED, dispatch, stub  # noqa: F401  (stub: the RunPod stand-in fixture)
+
+from firegen_core import contract, lifecycle, quota
+from firegen_core.errors import VALIDATION_ERROR
+
+# The Functions error codes the callable answers with (functions/dispatch.py); anything else is a fault.
+CODES = {"invalid-argument", "permission-denied", "resource-exhausted", "failed-precondition", "already-exists"}
+UID = "u-any-body"
+
+
+def _camel(name: str) -> str:
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+
+
+@st.composite
+def _bodies(draw) -> Any:
+    """A callable's `data`: mostly an object of request fields (any spelling, any value, a fresh file_uid or
+    another id, the caller's uid or another's), sometimes with an unknown field, sometimes no object at all."""
+    if draw(st.integers(0, 19)) == 19:
+        return draw(st.one_of(st.none(), st.integers(), st.text(max_size=4), st.lists(st.integers(), max_size=2)))
+    data: dict[str, Any] = {}
+    names = sorted(contract.PARAMETER_FIELDS | {"use_cloud_storage"})
+    for name in draw(st.lists(st.sampled_from(names), unique=True, max_size=6)):
+        for spelling in draw(st.sampled_from([[name], [_camel(name)], [name, _camel(name)]])):
+            data[spelling] = draw(st.one_of(valid_value(name), request_value(name)))
+    if draw(st.integers(0, 3)) < 3:
+        data.setdefault("prompt", "a red car")
+    fresh = f"f-{uuid.uuid4().hex[:12]}"
+    for spelling in draw(st.lists(st.sampled_from(["file_uid", "fileUid"]), unique=True)):
+        data[spelling] = draw(st.sampled_from([fresh, fresh, None, "../up", 7, "other-" + fresh]))
+    for spelling in draw(st.lists(st.sampled_from(["user_id", "userId"]), unique=True, max_size=1)):
+        data[spelling] = draw(st.sampled_from([UID, None, "someone-else"]))
+    if draw(st.integers(0, 9)) == 9:
+        data["colour"] = "red"
+    return data
+
+
+def _named_file_uid(data: Any) -> str | None:
+    """The one file_uid the body names (in either spelling), where it names exactly one."""
+    if not isinstance(data, dict):
+        return None
+    given = {repr(v): v for k, v in data.items() if k in ("file_uid", "fileUid") and v is not None}
+    return next(iter(given.values())) if len(given) == 1 and isinstance(next(iter(given.values())), str) else None
+
+
+def test_the_callable_answers_any_body_with_a_code_and_leaves_firestore_as_it_says(firestore_client, stub):
+    runpod = stub(ACCEPTED).client()
+    seen: set[str] = set()
+
+    @settings(
+        max_examples=int(os.environ.get("CALLABLE_EXAMPLES", 120)),
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(data=_bodies())
+    def call(data):
+        uid = f"{UID}-{uuid.uuid4().hex[:8]}"  # a user of its own: no example's jobs count against another's limits
+        data = {k: (uid if v == UID else v) for k, v in data.items()} if isinstance(data, dict) else data
+        try:
+            reply = dispatch.generate(firestore_client, runpod, uid=uid, data=data)
+        except dispatch.CallError as exc:
+            assert exc.code in CODES, (exc.code, exc.message, data)
+            assert exc.message and "Traceback" not in exc.message
+            seen.add(exc.code)
+            file_uid = _named_file_uid(data)
+            if exc.code == "invalid-argument" and file_uid and contract._ID_PATTERN.fullmatch(file_uid):
+                # The refusal is recorded on the job it names (images or videos), with the call's message.
+                docs = [
+                    firestore_client.document(f"generations/{uid}/{media}/{file_uid}").get()
+                    for media in ("images", "videos")
+                ]
+                recorded = [d.to_dict() for d in docs if d.exists]
+                assert [(d["status"], d["error_type"], d["error_message"]) for d in recorded] == [
+                    (lifecycle.FAILED, VALIDATION_ERROR, exc.message)
+                ], (data, recorded)
+            return
+        seen.add(reply["status"])
+        assert reply["success"] is True and reply["status"] in ("accepted", "queued"), reply
+        doc = firestore_client.document(f"generations/{uid}/{reply['mediaType']}/{reply['fileUid']}").get()
+        assert doc.exists and doc.get("status") == lifecycle.QUEUED and quota.admitted(doc.to_dict()), data
+        usage = firestore_client.document(f"{quota.USAGE_COLLECTION}/{uid}").get().to_dict()
+        assert usage["pending"] == 1
+
+    call()
+    # The draws reached both ends: jobs accepted and requests refused for their input.
+    assert {"accepted", "invalid-argument"} <= seen, seen
