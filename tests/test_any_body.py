@@ -1,12 +1,14 @@
-"""The `generateWithRunPod` callable on any body: a property test (Hypothesis) on the real Firestore emulator.
+"""The job's two doors on any body: property tests (Hypothesis) on the real Firestore emulator.
 
-A client may call it with anything: any request field in either spelling (or both), any value, ids of its own,
-of another user or none, fields the contract does not know, or no object at all. Whatever it sends, the call
-answers with the contract's reply or a Functions error code and a message (never an unhandled exception, which
-the SDK turns into INTERNAL), and what it leaves in Firestore matches its answer: an accepted job queued and
-counted, a refusal of a job it names recorded on that job's doc with the same message. RunPod is a stand-in
+A client may call the `generateWithRunPod` callable, or runsync, with anything: any request field in either
+spelling (or both), any value, ids of its own, of another user or none, fields the contract does not know, or no
+object at all. Whatever it sends, the door answers with the contract's reply or its error (the callable: a
+Functions error code and a message; runsync: `{"error", "status": "failed"}` with the contract's message), never
+an unhandled exception (which the SDKs turn into INTERNAL or a stack trace), and what it leaves in Firestore
+matches its answer: an accepted job queued and counted, a refusal of a job the callable's body names recorded on
+that job's doc with the same message, a refused runsync creating nothing. RunPod is a stand-in
 (test_functions.StubRunPod) that accepts every dispatch: RunPod's hosted API cannot run here. `CALLABLE_EXAMPLES`
-sets how many bodies are drawn (120; 5,000 on 2026-12-04 found nothing).
+and `RUNSYNC_EXAMPLES` set how many bodies are drawn (120 each; 5,000 each on 2026-12-04 found nothing).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from test_functions import ACCEPTED, dispatch, stub  # noqa: F401  (stub: the Ru
 
 from firegen_core import contract, lifecycle, quota
 from firegen_core.errors import VALIDATION_ERROR
+from firegen_core.jobs import JobKey, WorkerJobs
+from listener.handler import RunsyncHandler
 
 # The Functions error codes the callable answers with (functions/dispatch.py); anything else is a fault.
 CODES = {"invalid-argument", "permission-denied", "resource-exhausted", "failed-precondition", "already-exists"}
@@ -106,3 +110,46 @@ def test_the_callable_answers_any_body_with_a_code_and_leaves_firestore_as_it_sa
     call()
     # The draws reached both ends: jobs accepted and requests refused for their input.
     assert {"accepted", "invalid-argument"} <= seen, seen
+
+
+def test_runsync_answers_any_input_as_the_contract_does_and_creates_nothing_it_refuses(firestore_client):
+    submitted: list[JobKey] = []
+    handler = RunsyncHandler(
+        WorkerJobs(firestore_client, worker_id="w-any"), submit=lambda key, *_: submitted.append(key)
+    )
+
+    @settings(max_examples=int(os.environ.get("RUNSYNC_EXAMPLES", 120)), deadline=None, database=None)
+    @given(data=_bodies())
+    def call(data):
+        uid = f"{UID}-{uuid.uuid4().hex[:8]}"
+        users = {UID: uid, "someone-else": f"{uid}-x"}  # runsync trusts the ids it is given (RunPod's key is the auth)
+        if isinstance(data, dict):  # runsync's input names its user and asks for cloud storage itself
+            named = {k: users.get(v, v) if isinstance(v, str) else v for k, v in data.items()}
+            data = {"user_id": uid, "use_cloud_storage": True, **named}
+        answer = handler.handle(data)
+        try:
+            request = contract.parse_runsync_input(data)
+        except contract.ContractError as exc:
+            assert answer == {"error": exc.message, "status": "failed"}, (data, answer)
+            for user in users.values():
+                for media in ("images", "videos"):
+                    assert not firestore_client.collection("generations", user, media).get(), data
+            return
+        if not request.use_cloud_storage:  # inline generation, which a handler without a generator refuses
+            assert answer == {"error": "Inline generation is not available on this worker", "status": "failed"}
+            return
+        seen.add(answer["status"])
+        assert answer == {
+            "status": "accepted",
+            "message": "Generation task accepted and processing",
+            "user_id": request.user_id,
+            "file_uid": request.file_uid,
+            "task_type": request.task_type,
+        }, (data, answer)
+        doc = firestore_client.document(JobKey.of(request).path).get()
+        assert doc.get("status") == lifecycle.QUEUED and quota.admitted(doc.to_dict())
+        assert submitted[-1] == JobKey.of(request)
+
+    seen: set[str] = set()
+    call()
+    assert "accepted" in seen
