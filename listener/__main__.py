@@ -41,6 +41,25 @@ NO_GPU = (
     "torch sees no CUDA device: jobs run on the CPU (on a GPU endpoint, the host's driver may be older than the "
     "image's CUDA: set the endpoint's allowed CUDA versions); FIREGEN_DEVICE=cpu says it is on purpose"
 )
+FULL_MODELS_ON_CPU = (
+    "torch sees no CUDA device: the full models run on the CPU, minutes per image and far longer per video (a venv "
+    "with CUDA torch: make TORCH_INDEX=https://download.pytorch.org/whl/cu128 venv); FIREGEN_DEVICE=cpu says it is "
+    "on purpose"
+)
+
+
+def no_gpu_note(*, production: bool, device_chosen: bool, device: str, model_refs: list[str]) -> str | None:
+    """What the worker warns when torch found no card, or None. On RunPod every job would run on the CPU, for most
+    of an hour; elsewhere only a full model (not `tiny`, not `none`) makes that slow enough to say. Said, not
+    refused: a CPU endpoint with the tiny models is legitimate, and FIREGEN_DEVICE=cpu chooses the CPU."""
+    if device_chosen or device != "cpu":
+        return None
+    if production:
+        return NO_GPU
+    from generation.capability import DISABLED, TINY
+
+    full = [ref for ref in model_refs if ref.strip().lower() not in (TINY, DISABLED)]
+    return FULL_MODELS_ON_CPU if full else None
 
 
 def _on_runpod_queue(argv: list[str]) -> bool:
@@ -136,10 +155,14 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         except ValueError as exc:  # a speed option this card cannot run (FIREGEN_FP8 on a CPU, ...): one line
             start.done()
             return _configuration_error(exc)
-        if production and settings.device is None and engine.runtime.device == "cpu":
-            # On a GPU worker whose torch sees no card (a driver older than the image's CUDA), every job would run
-            # on the CPU, for most of an hour. Said, not refused: a CPU endpoint with the tiny models is legitimate.
-            log.warning("no_gpu", note=NO_GPU)
+        note = no_gpu_note(
+            production=production,
+            device_chosen=settings.device is not None,
+            device=engine.runtime.device,
+            model_refs=[models.image_model, models.video_model],
+        )
+        if note:
+            log.warning("no_gpu", note=note)
         for task_type, failure in engine.preload().items():
             log.warning("model_not_available", task_type=task_type, error=failure.message)
         loaded = time.perf_counter()

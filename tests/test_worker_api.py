@@ -591,6 +591,56 @@ def test_a_second_signal_releases_the_running_job_at_once_and_exits_cleanly(stac
         stack.worker.stop()
 
 
+def test_a_full_model_on_a_cpu_only_torch_is_warned_of_at_start(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, tmp_path
+):
+    """README (Two commands): `IMAGE_MODEL=<a hub id> make dev` on the CPU wheel warns that torch sees no CUDA
+    device (it said so, yet only RunPod's job loop warned: the full SDXL ran on the CPU without a word). A folder is
+    a full model by its name: it need not load for the warning, so an empty one keeps the start quick."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here: the full model runs on it, unwarned")
+    project = emu.unique_id("demo-worker")
+    env = emu.emulator_env(firestore_emulator, storage_emulator, project, "b")
+    worker = WorkerProcess(
+        emulator_logs, {**env, "FIREGEN_CACHE": str(tiny_cache)}, IMAGE_MODEL=str(tmp_path), VIDEO_MODEL="none"
+    )
+    worker.start()
+    try:
+        [warned] = [json.loads(line) for line in worker.events("no_gpu")]
+    finally:
+        worker.stop()
+    assert warned["severity"] == "WARNING"
+    assert warned["note"].startswith("torch sees no CUDA device: the full models run on the CPU")
+    assert "FIREGEN_DEVICE=cpu" in warned["note"]
+
+
+@pytest.mark.parametrize(
+    ("production", "chosen", "device", "models", "said"),
+    [
+        (True, False, "cpu", ["tiny", "none"], "NO_GPU"),  # a RunPod GPU worker whose torch sees no card
+        (True, True, "cpu", ["tiny", "none"], None),  # FIREGEN_DEVICE=cpu: on purpose
+        (True, False, "cuda", ["stabilityai/stable-diffusion-xl-base-1.0", "tiny"], None),
+        (False, False, "cpu", [" Tiny ", "NONE"], None),  # make dev's models
+        (False, False, "cpu", ["tiny", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"], "FULL_MODELS_ON_CPU"),
+        (False, True, "cpu", ["stabilityai/stable-diffusion-xl-base-1.0", "none"], None),
+        (False, False, "cuda:1", ["stabilityai/stable-diffusion-xl-base-1.0", "none"], None),
+    ],
+)
+def test_which_cpu_starts_are_warned_of(production, chosen, device, models, said):
+    from listener import __main__ as worker_main
+
+    note = worker_main.no_gpu_note(production=production, device_chosen=chosen, device=device, model_refs=models)
+    assert note == (getattr(worker_main, said) if said else None)
+
+
+def test_the_tiny_models_on_the_cpu_are_not_warned_of(stack):
+    """make dev's own models on the CPU are what it is for: no `no_gpu` line to alarm a newcomer."""
+    assert '"event": "worker_ready"' in stack.worker.log_path.read_text()
+    assert stack.worker.events("no_gpu") == []
+
+
 def test_a_taken_port_is_not_a_clean_exit(firestore_emulator, storage_emulator, emulator_logs, tiny_cache):
     """The audit: the SDK's local API could not bind its port (uvicorn exits 3), and the worker's last line said
     `worker_exit` code 0, reason shutdown."""
