@@ -316,7 +316,13 @@ class Stack:
             worker,
             f"the worker on {worker.url} (IMAGE_MODEL={self.args.image_model}, VIDEO_MODEL={self.args.video_model})",
         )
+        self.say_warnings(worker)
         return worker
+
+    @staticmethod
+    def say_warnings(worker: WorkerProcess) -> None:
+        for warning in worker.start_warnings():
+            say(f"make dev: the worker warns: {warning}")
 
     def with_firebase_cli(self, storage: emu.StorageEmulator, bucket: str) -> StackInfo:
         """The CLI's emulators, and the worker on their Firestore as soon as it answers (while the functions load)."""
@@ -482,6 +488,7 @@ class Stack:
                 )
                 continue
             say(f"make dev: the worker is back (pid {worker.pid}, ready in {worker.last_start_seconds:.1f} s)")
+            self.say_warnings(worker)
             return
 
     def abort_starts(self, but: emu.Emulator) -> None:

@@ -6,6 +6,7 @@ file, SIGTERM then SIGKILL), so a worker can be started, signalled and stopped l
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -73,3 +74,22 @@ class WorkerProcess(emu.Emulator):
 
     def events(self, name: str) -> list[str]:
         return [line for line in self.log_path.read_text().splitlines() if f'"event": "{name}"' in line]
+
+    def start_warnings(self) -> list[str]:
+        """What its latest start warned of, one line each (`no_gpu`, `model_not_available`): make dev says them
+        on the terminal, where a newcomer looks, not only in the log."""
+        said = []
+        for line in self.log_tail(400).splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if event.get("event") == "worker_ready":
+                break
+            if event.get("severity") in ("WARNING", "ERROR"):
+                about = f" ({event['task_type']})" if event.get("task_type") else ""
+                detail = event.get("note") or event.get("error") or ""
+                said.append(f"{event.get('event')}{about}{': ' if detail else ''}{detail}")
+        return said

@@ -167,6 +167,14 @@ def quiet_loading() -> None:
         library.disable_progress_bar()
         library.disable_default_handler()
         library.enable_propagation()
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_the_torchvision_fallback)
+
+
+def _not_the_torchvision_fallback(record: logging.LogRecord) -> bool:
+    """Drops transformers' word that an image processor falls back to its PIL twin without torchvision: the
+    pipelines import CLIP's and SigLIP's processors, which no text-to-image or text-to-video job uses, and the
+    image has no torchvision, so every start logged two WARNING lines an alert on severity would page for."""
+    return "requires torchvision (not installed); falling back to" not in record.getMessage()
 
 
 # A CUDA error that is not out-of-memory leaves the CUDA context unusable (an illegal access, a device-side

@@ -361,9 +361,23 @@ def test_make_dev_restarts_a_killed_worker_even_while_it_restarts_then_gives_up_
         emu.firestore_backend()
     except emu.EmulatorUnavailable as exc:
         pytest.skip(str(exc))
-    run = StackRun(tmp_path, "--no-firebase-cli", "--no-examples", "--worker-restarts", "2")
+    # A video model that is no model (an empty folder: this test runs no video): its start's warnings are said on
+    # the terminal, where a newcomer looks, at each start (they were in the worker's log alone).
+    no_model = tmp_path / "no-video-model"
+    no_model.mkdir()
+    run = StackRun(
+        tmp_path, "--no-firebase-cli", "--no-examples", "--worker-restarts", "2", "--video-model", str(no_model)
+    )
     with running_stack(run.cmd, run.env) as stack:
         info = StackInfo(**json.loads((run.out / "stack.json").read_text()))
+        missing = (
+            f"make dev: the worker warns: model_not_available (text2video): Video model folder {no_model} not found"
+        )
+        assert emu.wait_until(lambda: missing in stack.output, 10, 0.05), stack.output
+        import torch
+
+        no_gpu = "make dev: the worker warns: no_gpu: torch sees no CUDA device: the full models run on the CPU"
+        assert (no_gpu in stack.output) != torch.cuda.is_available(), stack.output
         job = {**IMAGE_EXAMPLE, "file_uid": "killed-worker-1", "width": 256, "height": 256}
         assert post_runsync(info.runsync_url, job)["output"]["status"] == "accepted"
         killed = run.worker_pid()
@@ -394,6 +408,7 @@ def test_make_dev_restarts_a_killed_worker_even_while_it_restarts_then_gives_up_
         and "after 2 restart(s) (--worker-restarts 2): stopping everything; run `make dev` again" in output
     ), output
     assert output.count("make dev: the worker is back") == 1 and "all processes stopped" in output
+    assert output.count(missing) == 2, output  # the first start's, and the restart's
     assert run.left_behind() == []
 
 

@@ -189,13 +189,16 @@ def test_every_line_of_the_local_workers_output_is_json(stack):
     assert "SECRET" not in stack.worker.log_path.read_text()
 
 
-def test_a_worker_with_fp8_off_logs_nothing_of_torchaos_import(stack):
+def test_a_worker_logs_nothing_of_the_optional_backends_it_never_uses(stack):
     """FIREGEN_FP8 is off (the default), yet transformers and diffusers import torchao while the worker loads its
-    models; on this CPU that import warns of kernels it cannot load, which this worker never calls."""
+    models; on this CPU that import warns of kernels it cannot load, which this worker never calls. Nor of
+    torchvision, which neither this venv nor the GPU image has: transformers warned at every start (two WARNING
+    lines) that CLIP's and SigLIP's image processors fall back to PIL, processors no job of the worker's uses."""
     log = stack.worker.log_path.read_text()
     assert '"event": "worker_ready"' in log
     noise = [line for line in log.splitlines() if "torchao" in line or "triton" in line.lower() or "_pytree" in line]
     assert noise == []
+    assert [line for line in log.splitlines() if "torchvision" in line] == []
 
 
 def test_the_contracts_video_example_end_to_end(stack):
