@@ -188,12 +188,10 @@ class FairQueue(Generic[K]):
         counts = {u: len(entries) for u, entries in self._by_user.items()}
         counts[user] = counts.get(user, 0) + 1
         biggest = max(counts, key=lambda u: counts[u])
-        if biggest == user and not first:
-            entries = self._by_user.get(user, [])
-            if not entries or created >= entries[-1].created:
-                return False  # the new entry is that user's newest: it is the one to drop
-        candidates = [e for e in self._by_user.get(biggest, []) if not e.first]
+        candidates = [e for e in self._by_user.get(biggest, []) if not e.first]  # a first never gives way
         if not candidates:
             return False
+        if biggest == user and not first and created >= candidates[-1].created:
+            return False  # the new entry is the newest that could give way: it is the one to drop
         self.discard(candidates[-1].key)
         return True

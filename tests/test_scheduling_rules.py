@@ -94,6 +94,17 @@ def test_bounded_whatever_the_backlog_and_the_biggest_user_makes_room():
     assert drain(queue)[:3] == ["a0000", "b", "a0001"]
 
 
+def test_a_full_queue_never_gives_up_an_older_job_for_a_newer_one_of_the_same_user():
+    """Found by tests/test_fairqueue.py: the new entry was compared with the user's newest entry, a first (which
+    never gives way) among them, so an older queued job was evicted to hold a newer one."""
+    queue = FairQueue(capacity=3)
+    queue.add("a-old", "A", 0)
+    queue.add("a-first", "A", 9, first=True)  # a dead worker's job: never evicted
+    queue.add("b", "B", 0)
+    assert not queue.add("a-new", "A", 5)
+    assert {"a-old", "a-first", "b"} == {key for key in ("a-old", "a-first", "b", "a-new") if key in queue}
+
+
 def test_spread_picks_among_the_first_users_only():
     queue = FairQueue()
     for user in "ABCDE":
