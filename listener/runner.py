@@ -587,7 +587,7 @@ class JobRunner:
         retrying = Retrying(
             retry=retry_if_exception(transient),
             stop=lambda state: lost.is_set() or lease_period(state),
-            wait=wait_exponential_jitter(initial=first, max=longest),
+            wait=wait_exponential_jitter(multiplier=first, max=longest),
             before_sleep=lambda state: log.warning(
                 "store_retry",
                 error=str(state.outcome and state.outcome.exception()),

@@ -443,7 +443,9 @@ class ResultStore:
     def _retrying(self, deadline: float, before_sleep: Callable[[Any], None] | None = None) -> Retrying:
         """Transient failures tried again, with backoff, within the policy's attempts and `deadline`."""
         policy = self.retry
-        backoff = wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait)
+        backoff = wait_exponential_jitter(
+            multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait
+        )
 
         def wait(state: Any) -> float:
             return max(0.0, min(backoff(state), deadline - time.monotonic()))

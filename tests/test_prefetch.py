@@ -93,7 +93,7 @@ def fp16_sdxl(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fp16")
     source = tiny.ensure("sdxl", root / "cache")
-    StableDiffusionXLPipeline.from_pretrained(str(source), torch_dtype=torch.float16).save_pretrained(
+    StableDiffusionXLPipeline.from_pretrained(str(source), dtype=torch.float16).save_pretrained(
         root / "sdxl", variant="fp16"
     )
     return root / "sdxl"
