@@ -91,5 +91,7 @@ class WorkerProcess(emu.Emulator):
             if event.get("severity") in ("WARNING", "ERROR"):
                 about = f" ({event['task_type']})" if event.get("task_type") else ""
                 detail = event.get("note") or event.get("error") or ""
-                said.append(f"{event.get('event')}{about}{': ' if detail else ''}{detail}")
+                what = f"{event.get('event')}{about}{': ' if detail else ''}{detail}"
+                library = str(event.get("logger") or "listener").split(".")[0]  # a library's own word: whose
+                said.append(" ".join((what if library == "listener" else f"{library}: {what}").split()))
         return said

@@ -575,6 +575,38 @@ def test_a_process_logs_harness_lines_are_json_and_its_tail_is_its_latest_start(
     assert json.loads(tail.splitlines()[0])["start"] == 2
 
 
+def test_the_warnings_make_dev_says_are_its_workers_latest_start_up_ones_one_line_each(tmp_path):
+    """Only the latest start's, up to `worker_ready`; a library's said as its own (its text on one line: the Hub's
+    offline warning is two), the worker's with what it names."""
+    from devtools.worker import WorkerProcess
+
+    worker = WorkerProcess(tmp_path, {})
+    hub = "Couldn't connect to the Hub: [Errno -2] Name or service not known.\nWill try to load from local cache."
+    lines = [
+        emu._mark("harness_process_started", start=1, command="python -m listener"),
+        {"event": "no_gpu", "severity": "WARNING", "note": "an earlier start's"},
+        emu._mark("harness_process_started", start=2, command="python -m listener"),
+        {"event": "reconciler_started", "severity": "INFO"},
+        {"event": "no_gpu", "severity": "WARNING", "note": "torch sees no CUDA device"},
+        {"event": hub, "severity": "WARNING", "logger": "diffusers.pipelines.pipeline_utils"},
+        {"event": "model_not_available", "severity": "WARNING", "task_type": "text2video", "error": "not found"},
+        "not JSON: a line a crash printed",
+        {"event": "worker_ready", "severity": "INFO"},
+        {"event": "job_failed", "severity": "ERROR", "error": "a job's, after the start"},
+    ]
+    worker.log_path.write_bytes(
+        b"".join(
+            line if isinstance(line, bytes) else (json.dumps(line) if isinstance(line, dict) else line).encode() + b"\n"
+            for line in lines
+        )
+    )
+    assert worker.start_warnings() == [
+        "no_gpu: torch sees no CUDA device",
+        "diffusers: Couldn't connect to the Hub: [Errno -2] Name or service not known. Will try to load from local cache.",
+        "model_not_available (text2video): not found",
+    ]
+
+
 @pytest.mark.parametrize("options", ['{"width": 768,}', "[1]", "768"])
 def test_make_submit_with_options_that_are_no_json_object_says_so(tmp_path, capsys, options):
     """A review: `make submit OPTIONS='{"width": 768,}'` ended in a JSONDecodeError traceback."""
