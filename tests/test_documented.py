@@ -3,6 +3,7 @@ code), LOG_LEVEL, the inline 20 MB refusal, and the runsync answer when Firestor
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import os
@@ -452,6 +453,29 @@ logging.getLogger("transformers").setLevel(logging.WARNING)  # as transformers s
 logging.getLogger("transformers.tokenization").warning("a_library_warning")
 logging.getLogger("uvicorn.error").info("a_server_info")  # as uvicorn.run() configures it, from LOGGING_CONFIG
 """
+
+
+def test_every_warning_and_error_event_the_code_writes_is_in_the_readmes_logs():
+    """An alert is set on an event's name: each WARNING or ERROR event the worker, the engine or the shared core
+    writes (a log call whose first argument is its snake_case name) is named in the README, so none goes unnoticed
+    by an operator reading the Logs section."""
+    written = set()
+    for folder in ("listener", "generation", "firegen_core", "functions"):
+        for path in (ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("warning", "error", "exception", "critical")
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)
+                    and re.fullmatch(r"[a-z]+(_[a-z]+)+|[a-z]+", node.args[0].value)
+                ):
+                    written.add(node.args[0].value)
+    readme = (ROOT / "README.md").read_text()
+    assert {"no_gpu", "fitness_check_failed", "job_lost", "thread_crashed", "usage_recounted"} <= written
+    assert sorted(name for name in written if f"`{name}`" not in readme) == []
 
 
 @pytest.mark.parametrize(
