@@ -1,12 +1,19 @@
 """Every rule of the request contract, with the exact message a client sees."""
 
+import re
+
 import pytest
+from fixtures_requests import valid_value
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devtools.stack import IMAGE_EXAMPLE, VIDEO_EXAMPLE
 from firegen_core.contract import (
     CLOUD_ONLY,
+    PARAMETER_FIELDS,
     TEXT2IMAGE,
     TEXT2VIDEO,
+    VIDEO_FIELDS,
     ContractError,
     GenerationRequest,
     awaits_parameters,
@@ -14,6 +21,7 @@ from firegen_core.contract import (
     parse_runsync_input,
     restatement,
 )
+from firegen_core.jobs import queued_document
 
 BASE = {"prompt": "A red sports car on a mountain road", "user_id": "u1", "file_uid": "f1", "use_cloud_storage": True}
 
@@ -356,3 +364,37 @@ def test_a_refusals_record_reads_a_field_given_twice_as_its_first_spelling_says(
 
     data = {"prompt": "a cat", "Prompt": "a dog", "width": 256, "Width": 512, "seed": None, "Seed": 3}
     assert normalise_document_fields(data, first=True) == {"prompt": "a cat", "width": 256, "seed": 3}
+
+
+# --- a request's job doc read back (Hypothesis) -------------------------------------------------------------
+def _camel(name: str) -> str:
+    return re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+
+
+@st.composite
+def _accepted_requests(draw) -> dict:
+    """A runsync input the contract accepts: any of its parameters, each with a value in range."""
+    video = draw(st.booleans())
+    names = sorted(PARAMETER_FIELDS - {"prompt"} - (set() if video else set(VIDEO_FIELDS)))
+    chosen = draw(st.lists(st.sampled_from(names), unique=True))
+    if video and not VIDEO_FIELDS & set(chosen):
+        chosen.append(draw(st.sampled_from(sorted(VIDEO_FIELDS))))
+    data = {**BASE, "prompt": draw(valid_value("prompt"))}
+    data.update({name: draw(valid_value(name)) for name in chosen})
+    return data
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(data=_accepted_requests(), camel_case=st.booleans())
+def test_a_requests_job_doc_reads_back_as_the_same_request(data, camel_case):
+    """What runsync and the callable write (`queued_document`) is what any worker that later claims the doc (after
+    a restart, a lost lease, a release) generates from: the same parameters, defaults and task type; so is the
+    client sample's camelCase spelling of it."""
+    request = parse_runsync_input(data)
+    doc = queued_document(request)
+    if camel_case:
+        doc = {_camel(name): value for name, value in doc.items()}
+    again = parse_document(request.user_id, request.media_type, request.file_uid, doc)
+    assert again == request
+    assert again.parameters() == request.parameters()
+    assert restatement(doc, request) == {}  # the request sent again (a retry) changes nothing
