@@ -210,6 +210,12 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and not hasattr(report, "wasxfail") and in_ci():
         report.outcome = "failed"
         report.longrepr = f"CI is set: a missing component fails the run instead of skipping: {_skip_reason(report)}"
+    if report.failed and report.when == "call":  # the web app's tests: what each page showed, while it is open
+        for n, page in enumerate(getattr(getattr(item, "funcargs", {}).get("open_page"), "pages", []), 1):
+            try:
+                report.sections.append((f"web page {n}", page.diagnosis()))
+            except Exception as exc:  # a page that is gone says so, and the report goes on
+                report.sections.append((f"web page {n}", f"no diagnosis: {exc!r}"))
     if report.failed and EMULATOR_FIXTURES & set(getattr(item, "fixturenames", ())):
         for emulator in list(emu.STARTED):
             report.sections.append(

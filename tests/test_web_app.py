@@ -149,8 +149,11 @@ class Page:
 
     def diagnosis(self) -> str:
         """What the page said, what the browser logged, and the end of each of the stack's logs."""
-        said = {el: self.page.locator(f"#{el}").inner_text() for el in ("form-status", "form-error")}
-        lines = [f"page: {said}", "console:", *self.console]
+        said = self.page.evaluate(
+            """() => Object.fromEntries(['who', 'connection', 'no-jobs', 'form-status', 'form-error']
+                .map(id => [id, document.getElementById(id)?.textContent]))"""
+        )
+        lines = [f"page of {self.uid}: {said}", f"cards: {self.cards()}", "console:", *self.console]
         for log in sorted(self.logs.glob("*.log")) if self.logs else []:
             lines += [f"--- {log.name}", *log.read_text(errors="replace").splitlines()[-40:]]
         return "\n".join(lines)
@@ -201,6 +204,7 @@ def open_page(stack, browser):
         pages.append(Page(browser, stack.web_url, logs=Path(stack.out) / "logs", **kw))
         return pages[-1]
 
+    factory.pages = pages  # a failed test's report says what each page showed (conftest.py)
     yield factory
     for page in pages:
         page.close()
