@@ -33,7 +33,20 @@ REPO = Path(__file__).resolve().parent.parent
 FUNCTIONS = REPO / "functions"
 FUNCTIONS_PYTHON = FUNCTIONS / "venv" / "bin" / "python"
 REGION = "us-central1"
-PORT_NAMES = ("auth", "functions", "firestore", "storage", "hub", "logging", "websocket", "hosting")
+# eventarc and tasks: the Functions emulator starts them, on 9299 and 9499 unless told: a second CLI (a make dev beside
+# another, --free-ports; the tests' stacks beside make dev's) failed to start on those, and its stack fell back.
+PORT_NAMES = (
+    "auth",
+    "functions",
+    "firestore",
+    "storage",
+    "hub",
+    "logging",
+    "websocket",
+    "hosting",
+    "eventarc",
+    "tasks",
+)
 DISCOVERY_TIMEOUT_S = 60
 
 
@@ -185,7 +198,7 @@ class FirebaseCli(emu.Emulator):
 
     `emulators`: which of auth, functions, firestore, storage to run (storage: under the repo's storage.rules,
     with scripts/setup_firebase_cli.py's rules runtime). `ports`: any of auth, functions, firestore, storage, hub,
-    logging, websocket, hosting (the rest: free ports); `self.port` is the first emulator's (the Functions
+    logging, websocket, hosting, eventarc, tasks (the rest: free ports); `self.port` is the first emulator's (the Functions
     emulator's by default). `hosting`: also the Hosting emulator, serving `site_root` (which the
     caller fills: devtools/web.py) with firebase.json's hosting settings. `function_env` goes into functions/.env.local (parameters and environment of the
     functions), `api_key` into functions/.secret.local as RUNPOD_API_KEY.
@@ -245,6 +258,8 @@ class FirebaseCli(emu.Emulator):
             name: {"host": self.host, "port": self.ports[name]}
             for name in (*self.emulators, "hub", "logging", *(("hosting",) if self.hosting else ()))
         }
+        if "functions" in self.emulators:
+            hosted |= {name: {"host": self.host, "port": self.ports[name]} for name in ("eventarc", "tasks")}
         if "firestore" in hosted:
             hosted["firestore"]["websocketPort"] = self.ports["websocket"]
         config["emulators"] = {"singleProjectMode": True, **hosted, "ui": {"enabled": False}}

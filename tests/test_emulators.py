@@ -319,6 +319,24 @@ def test_ports_given_to_the_cli_are_never_its_own_picks(monkeypatch, tmp_path):
     assert sorted(cli.ports.values()) == list(range(base, base + len(firebase_cli.PORT_NAMES)))
 
 
+def test_every_emulator_the_cli_starts_listens_on_a_port_of_ours(tmp_path):
+    """The Functions emulator also starts Eventarc's and Cloud Tasks' emulators, on 9299 and 9499 unless told: a
+    second CLI (a make dev beside another, with --free-ports; the web tests' stack beside a make dev test's) failed
+    to start ("listen EADDRINUSE 127.0.0.1:9299") and its stack fell back to the standalone Firestore."""
+    import json
+
+    from devtools import firebase_cli
+
+    cli = firebase_cli.FirebaseCli(
+        tmp_path / "logs", tmp_path / "firebase", "demo-ports", "http://127.0.0.1:1/runsync", hosting=True
+    )
+    emulators = json.loads((tmp_path / "firebase" / "firebase.json").read_text())["emulators"]
+    listening = {name: spec["port"] for name, spec in emulators.items() if isinstance(spec, dict) and "port" in spec}
+    assert set(listening) == {"auth", "functions", "firestore", "hub", "logging", "hosting", "eventarc", "tasks"}
+    assert listening == {name: cli.ports[name] for name in listening}
+    assert emulators["firestore"]["websocketPort"] == cli.ports["websocket"]
+
+
 def test_ports_given_to_make_dev_are_never_its_free_picks(monkeypatch):
     """The same within make dev's own arguments: `--free-ports` beside given ports picks none of them."""
     from devtools import stack
