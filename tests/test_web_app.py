@@ -72,6 +72,9 @@ def run_stack(out: Path, *flags: str, stop: int = signal.SIGINT):
     cmd += ["--project", emu.unique_id("demo-web")]
     with running_stack(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, stop=stop) as running:
         info = StackInfo(**json.loads((out / "stack.json").read_text()))
+        # A CLI that is set up here yet failed to start (a port taken) leaves the fallback, and every test that
+        # signs in would fail on its own terms: said once, here, with the stack's words.
+        assert info.auth or "--no-firebase-cli" in flags, running.output
         assert info.web_url and f"web app: {info.web_url}\n" in running.output, running.output
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", info.web_url)
         yield info
