@@ -10,6 +10,9 @@ Sections (each can be run alone with --only NAME):
   and while a listener is open (what bounds the accept latency on the emulator).
 - batching: jobs per second of the real worker (tiny SDXL on this CPU) draining 16 queued 256x256 jobs, with
   BATCH_MAX 1 and 4 (the listener's claim-a-batch path end to end; the GPU figure is bench/gpu.py's).
+- soak: the real worker (tiny models) through rounds of mixed jobs (images and videos, by runsync and by
+  client doc, some cancelled), its resident memory, threads and open files measured idle after each round:
+  what a long-lived RunPod worker would leak (`--soak-rounds`, `--soak-jobs`).
 A GPU section runs only where CUDA is present (see bench/gpu.py).
 """
 
@@ -396,6 +399,76 @@ def bench_batching(firestore_emulator, storage_emulator, logs: Path, cache: Path
     return figures
 
 
+# --- soak: what a long-lived worker keeps -----------------------------------------------------------------------
+
+
+def process_figures(pid: int) -> tuple[float, int, int]:
+    """Resident memory (MiB), threads and open file descriptors of a process (Linux's /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return round(rss_kib / 1024, 1), len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def soak_round(worker: WorkerProcess, db, round_no: int, jobs: int) -> list:
+    """One round's jobs, as the product's clients send them: a video in ten, half by runsync and half by a
+    client's queued doc, one in seven cancelled by its owner as it waits or runs."""
+    from google.cloud import firestore
+
+    refs = []
+    for i in range(jobs):
+        user, file_uid = f"soak-user-{i % 4}", f"soak{round_no}-{i}-{uuid.uuid4().hex[:4]}"
+        if i % 10 == 9:
+            media, params = "videos", {"num_frames": 16, "video_width": 256, "video_height": 256}
+        else:
+            media, params = "images", {"width": 256, "height": 256}
+        params = {"prompt": f"soak {i}", "num_inference_steps": 10, **params}
+        ref = db.document(f"generations/{user}/{media}/{file_uid}")
+        if i % 2:
+            body = {**params, "user_id": user, "file_uid": file_uid, "use_cloud_storage": True}
+            answer = post_runsync(worker.runsync_url, body)
+            assert (answer.get("output") or {}).get("status") == "accepted", answer
+        else:
+            queued = {"status": "queued", "generated": False, "error": False, "created_at": firestore.SERVER_TIMESTAMP}
+            ref.set({**queued, **params})
+        if i % 7 == 3:
+            ref.update({"cancel_requested": True})
+        refs.append(ref)
+    return refs
+
+
+def bench_soak(firestore_emulator, storage_emulator, logs: Path, cache: Path, rounds: int, jobs: int) -> dict:
+    """The worker's figures after each round, once every job of it has ended (the worker idle). The first round
+    is the warm-up (the pipelines' first calls, the clients' pools): growth is measured from its end. Resident
+    memory moves by ~200 MiB from round to round as the allocator keeps or returns freed blocks, so a leak shows
+    as a rising floor: the lowest of the later half of the rounds against the lowest of the earlier half."""
+    worker = start_worker(firestore_emulator, storage_emulator, logs, cache)
+    outcomes: dict[str, int] = {}
+    samples = []
+    started = time.perf_counter()
+    try:
+        db = firestore_emulator.client(worker.env["GOOGLE_CLOUD_PROJECT"])
+        for round_no in range(rounds):
+            for doc in wait_done(db, soak_round(worker, db, round_no, jobs), timeout=600):
+                outcome = doc.get("error_type") or doc["status"]
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            samples.append(process_figures(worker.pid))
+        seconds = time.perf_counter() - started
+    finally:
+        worker.stop()
+    warm = samples[1:] or samples
+    earlier, later = warm[: len(warm) // 2] or warm, warm[len(warm) // 2 :]
+    return {
+        "soak_jobs": rounds * jobs,
+        "soak_jobs_per_s": round(rounds * jobs / seconds, 2),
+        "soak_outcomes": ", ".join(f"{name} {count}" for name, count in sorted(outcomes.items())),
+        "soak_rss_mib_after_warmup": samples[0][0],
+        "soak_rss_mib_max": max(rss for rss, _, _ in samples),
+        "soak_rss_floor_growth_mib": round(min(s[0] for s in later) - min(s[0] for s in earlier), 1),
+        "soak_threads_growth": warm[-1][1] - samples[0][1],
+        "soak_fds_growth": warm[-1][2] - samples[0][2],
+    }
+
+
 TARGETS = {
     "accept_seq_p99_ms": ("<", 50),
     "accept_8conc_p99_ms": ("<", 200),
@@ -407,6 +480,9 @@ TARGETS = {
     "speedup_gpu0.5s_4w_vs_1w": (">=", 3),
     "fair_b_wait_jobs": ("<", 2),
     "cancel_running_max_ms": ("<", 2000),
+    "soak_rss_floor_growth_mib": ("<", 100),
+    "soak_threads_growth": ("<", 1),
+    "soak_fds_growth": ("<", 1),
 }
 
 
@@ -418,13 +494,16 @@ def verdict(name: str, value) -> str:
     return f"{'ok ' if ok else 'MISS'} (target {op} {limit})"
 
 
+SECTIONS = ["pipelines", "lifecycle", "scheduling", "worker", "batching", "soak"]  # all but the first on emulators
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make bench", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--only", choices=["pipelines", "lifecycle", "scheduling", "worker", "batching", "gpu"], action="append"
-    )
+    parser.add_argument("--only", choices=[*SECTIONS, "gpu"], action="append")
+    parser.add_argument("--soak-rounds", type=int, default=12, help="soak: rounds of jobs (the first is the warm-up)")
+    parser.add_argument("--soak-jobs", type=int, default=20, help="soak: jobs a round")
     args = parser.parse_args(argv)
-    sections = args.only or ["pipelines", "lifecycle", "scheduling", "worker", "batching", "gpu"]
+    sections = args.only or [*SECTIONS, "gpu"]
     report = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "sections": {},
@@ -438,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.gpu import bench_gpu
 
             report["sections"]["gpu"] = bench_gpu()
-        if {"lifecycle", "scheduling", "worker", "batching"} & set(sections):
+        if set(SECTIONS[1:]) & set(sections):
             with (
                 emu.FirestoreEmulator(tmp / "logs") as firestore,
                 emu.StorageEmulator(tmp / "logs", in_memory=True) as storage,
@@ -451,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
                     report["sections"]["worker"] = bench_worker(firestore, storage, tmp / "logs", cache)
                 if "batching" in sections:
                     report["sections"]["batching"] = bench_batching(firestore, storage, tmp / "logs", cache)
+                if "soak" in sections:
+                    report["sections"]["soak"] = bench_soak(
+                        firestore, storage, tmp / "logs", cache, args.soak_rounds, args.soak_jobs
+                    )
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps(report, indent=2))
     print(f"\n{'figure':<40} {'value':>12}  check")

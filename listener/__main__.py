@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         print(USAGE)
         return 0
     production = _on_runpod_queue(argv)
+    from .allocator import limit_arenas
+
+    arenas = limit_arenas(os.environ)  # before any thread is started: each would take an arena of its own
     # The SDK logs every handler output at DEBUG by default: inline results (base64 media) would flood the logs.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     # gRPC's core writes its INFO notes in its own plain format on stderr (each fork, for a subprocess, while
@@ -223,6 +226,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             load_seconds=round(loaded - imported, 3),
             ready_seconds=round(time.perf_counter() - _T0, 3),
             frozen_objects=gc.get_freeze_count(),
+            malloc_arena_max=arenas or os.environ.get("MALLOC_ARENA_MAX"),
             project=worker.store.client.project,
             bucket=settings.storage_bucket,
             image_model=settings.image_model,

@@ -729,3 +729,9 @@ def test_the_ready_worker_has_frozen_its_startup_heap(stack):
     the worker freezes them once ready (gc.freeze), so only later allocations are ever scanned."""
     ready = json.loads(stack.worker.events("worker_ready")[-1])
     assert ready["frozen_objects"] > 100_000
+
+
+def test_the_worker_limits_the_c_allocators_arenas(stack):
+    """listener.allocator: started as RunPod and make dev start it (no MALLOC_ARENA_MAX), the worker keeps two."""
+    assert "MALLOC_ARENA_MAX" not in stack.worker.process_env()
+    assert json.loads(stack.worker.events("worker_ready")[-1])["malloc_arena_max"] == 2
