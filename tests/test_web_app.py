@@ -280,6 +280,41 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
     assert app.problems() == []
 
 
+def test_a_long_history_fetches_the_images_scrolled_near_not_all_of_them_at_once(open_page, stack):
+    """A user's month of jobs is listed whole: its images are fetched as they come near (loading=lazy), not all
+    as the page opens (each a full-size PNG; 30 of them here, copies of a real result, a day apart). What the page
+    fetched is the browser's own count (its resource timing entries)."""
+    app = open_page(width=375)
+    app.fill(Prompt="the latest of many", Width="256", Height="256", Steps="10")
+    file_uid = app.generate()
+    assert app.wait_final(file_uid) == "completed", app.job(file_uid).inner_text()
+    url = app.job(file_uid).locator("img").get_attribute("src")
+    done = {"status": "completed", "generated": True, "error": False, "width": 256, "height": 256, "seed": 1}
+    db = firestore_client(stack)
+    batch = db.batch()
+    for day in range(1, 31):
+        ref = db.document(f"generations/{app.uid}/images/day-{day}")
+        created = datetime.now(UTC) - timedelta(days=day)
+        batch.set(ref, {**done, "prompt": f"{day} days ago", "images": [f"{url}&copy={day}"], "created_at": created})
+    batch.commit()
+    fetched = "() => performance.getEntriesByType('resource').filter(e => e.name.includes('&copy=')).length"
+    app.page.wait_for_function("() => document.querySelectorAll('.job img').length === 31", timeout=30_000)
+    app.page.wait_for_function(f"() => ({fetched})() > 0", timeout=10_000)  # those near the top, at once
+    app.page.wait_for_timeout(1000)  # a page that fetched them all would have by now: none is fetched later
+    assert 0 < app.page.evaluate(fetched) < 30, app.page.evaluate(fetched)
+    for _ in range(100):  # scrolled through, each is fetched as it comes near
+        if app.page.evaluate(fetched) == 30:
+            break
+        app.page.mouse.wheel(0, 400)
+        app.page.wait_for_timeout(100)
+    assert app.page.evaluate(fetched) == 30
+    app.page.wait_for_function(
+        "() => [...document.querySelectorAll('.job img')].every(i => i.complete && i.naturalWidth === 256)",
+        timeout=30_000,
+    )
+    assert app.problems() == []
+
+
 def test_an_image_document_with_every_field_at_its_default_states_its_job(open_page, stack):
     """The newcomer audit: written with the prompt alone, the page's image doc waited PLACEHOLDER_GRACE_SECONDS
     (5 s) for a request that never follows it (the contract's function flow writes such a doc, then the
@@ -306,7 +341,7 @@ def test_a_video_job_written_as_a_document_plays(open_page):
     video = app.job(file_uid).locator("video")
     assert video.count() == 1 and video.get_attribute("controls") is not None
     app.page.wait_for_function(
-        "uid => document.querySelector(`.job[data-file-uid='${uid}'] video`).readyState >= 2",
+        "uid => document.querySelector(`.job[data-file-uid='${uid}'] video`).readyState >= 1",  # its metadata
         arg=file_uid,
         timeout=30_000,
     )

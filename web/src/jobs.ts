@@ -185,7 +185,9 @@ function gallery(job: Job): HTMLElement {
   if (job.media === "videos") {
     const info = doc.video_info;
     (doc.videos ?? (doc.video_url ? [doc.video_url] : [])).forEach((url, i) => {
-      const video = el("video", { src: url, controls: true, preload: "auto", muted: true, loop: true, playsInline: true });
+      // "metadata": its size, length and first frame; the rest when played. A user's month of videos, each several
+      // MB at full size, was all fetched whenever the page opened.
+      const video = el("video", { src: url, controls: true, preload: "metadata", muted: true, loop: true, playsInline: true });
       video.setAttribute("aria-label", `Video ${i + 1}: ${promptOf(doc)}`);
       if (info) Object.assign(video, { width: info.width, height: info.height });
       const caption = info ? `${info.frames} frames at ${info.fps} fps, ${info.duration_seconds} s ` : "";
@@ -193,7 +195,8 @@ function gallery(job: Job): HTMLElement {
     });
   } else {
     (doc.images ?? (doc.image_url ? [doc.image_url] : [])).forEach((url, i) => {
-      const img = el("img", { src: url, alt: `Image ${i + 1}: ${promptOf(doc)}`, decoding: "async" });
+      // Lazy: the images of a long history are fetched as they are scrolled near, not all as the page opens.
+      const img = el("img", { src: url, alt: `Image ${i + 1}: ${promptOf(doc)}`, decoding: "async", loading: "lazy" });
       if (doc.width && doc.height) Object.assign(img, { width: doc.width, height: doc.height });
       box.append(el("figure", {}, img, el("figcaption", {}, link(url, `Download image ${i + 1}`))));
     });
