@@ -315,6 +315,43 @@ def test_a_long_history_fetches_the_images_scrolled_near_not_all_of_them_at_once
     assert app.problems() == []
 
 
+def test_the_newest_fifty_of_each_media_type_are_listed_and_older_ones_on_demand(open_page, stack):
+    """A month of history was read whole (a Firestore read each) and rendered whole at every page open: the page
+    lists each media type's newest 50 (jobs.ts PAGE), the history without a gap (a video older than the 50th
+    image waits with the older images), and Show older jobs lists the rest."""
+    app = open_page()
+    now = datetime.now(UTC)
+    failed = {"status": "failed", "generated": False, "error": True, "error_type": "RuntimeError", "error_message": "x"}
+    db = firestore_client(stack)
+    batch = db.batch()
+    for minute in range(1, 61):
+        ref = db.document(f"generations/{app.uid}/images/img-{minute}")
+        batch.set(ref, {**failed, "prompt": f"image {minute}", "created_at": now - timedelta(minutes=minute)})
+    for name, minute in (("vid-new", 30.5), ("vid-old", 55.5)):
+        ref = db.document(f"generations/{app.uid}/videos/{name}")
+        batch.set(ref, {**failed, "prompt": name, "created_at": now - timedelta(minutes=minute)})
+    batch.commit()
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 51", timeout=30_000)
+    older = app.page.get_by_role("button", name="Show older jobs")
+    assert older.is_visible()
+    cards = app.cards()
+    assert cards[0] == "img-1" and cards[-1] == "img-50" and "vid-new" in cards and "vid-old" not in cards
+    app.page.evaluate(
+        """() => { const notice = document.getElementById('connection'); window.noticeShown = false;
+        new MutationObserver(() => { window.noticeShown ||= !notice.hidden; }).observe(notice, {attributes: true}); }"""
+    )
+    older.click()
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 62", timeout=30_000)
+    cards = app.cards()
+    assert cards[-1] == "img-60" and cards.index("img-55") < cards.index("vid-old") < cards.index("img-56")
+    older.wait_for(state="hidden", timeout=10_000)
+    # The focus on the first job it brought (as Show N dismissed does), not fallen to <body> with the button.
+    assert app.page.evaluate("document.activeElement.dataset.fileUid") == "img-51"
+    # The wider listener's first answer is the cache's: no word of a lost connection came and went meanwhile.
+    assert app.page.evaluate("window.noticeShown") is False
+    assert app.problems() == []
+
+
 def test_an_image_document_with_every_field_at_its_default_states_its_job(open_page, stack):
     """The newcomer audit: written with the prompt alone, the page's image doc waited PLACEHOLDER_GRACE_SECONDS
     (5 s) for a request that never follows it (the contract's function flow writes such a doc, then the

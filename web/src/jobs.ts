@@ -1,6 +1,6 @@
 // The user's jobs, live: one onSnapshot per media collection (generations/{uid}/images and .../videos; the rules
 // let a user read only their own), rendered as a list that is updated in place so a playing video keeps playing.
-import { collection, onSnapshot, type Firestore, type Unsubscribe } from "firebase/firestore";
+import { collection, limit, onSnapshot, orderBy, query, type Firestore, type Unsubscribe } from "firebase/firestore";
 import { FINAL_STATES, REQUEST_SCHEMA, type JobDoc, type MediaType, type Timestamp } from "./contract.gen";
 import { fieldOf } from "./form";
 
@@ -48,18 +48,27 @@ export function nameFor(media: MediaType, prompt: string | undefined): string {
 
 const MEDIA: MediaType[] = ["images", "videos"];
 
-/** `loaded`: both collections have answered once (before that, no job listed may only mean none has arrived). */
+/** How many of each media type's newest jobs are listed at first, and how many more each "Show older jobs" adds:
+ * a user's month of history was read whole (a read billed per doc) and rendered whole at every page open. */
+export const PAGE = 50;
+
+/** The newest `count` jobs of each media type, live, said once both collections have answered (before that, no
+ * job listed may only mean none has arrived; and a wider listener's first answer, of one type alone, would take
+ * the other's cards away a moment). `more`: older jobs exist beyond those listed. A job's doc without
+ * `created_at` is not listed (every flow of the contract writes one: the rules require it of clients, runsync and
+ * the callable write it; an admin's doc without one is outside the ordered query). */
 export function listenToJobs(
   db: Firestore,
   uid: string,
-  onJobs: (jobs: Job[], loaded: boolean, cached: boolean) => void,
+  count: number,
+  onJobs: (jobs: Job[], cached: boolean, more: boolean) => void,
   onError: (e: Error) => void,
 ): Unsubscribe {
   const byMedia = new Map<MediaType, Job[]>();
   const cachedMedia = new Set<MediaType>();
   const stops = MEDIA.map((media) =>
     onSnapshot(
-      collection(db, "generations", uid, media),
+      query(collection(db, "generations", uid, media), orderBy("created_at", "desc"), limit(count)),
       // Metadata changes too: a listener that loses the server says so (`fromCache`), with no change of its docs.
       { includeMetadataChanges: true },
       (snapshot) => {
@@ -73,13 +82,26 @@ export function listenToJobs(
             return { id: d.id, media, doc: readable(written), written };
           }),
         );
-        const jobs = [...byMedia.values()].flat().sort((a, b) => millis(b.doc.created_at) - millis(a.doc.created_at));
-        onJobs(jobs, byMedia.size === MEDIA.length, cachedMedia.size > 0);
+        if (byMedia.size < MEDIA.length) return;
+        const { jobs, more } = newest([...byMedia.values()], count);
+        onJobs(jobs, cachedMedia.size > 0, more);
       },
       onError,
     ),
   );
   return () => stops.forEach((stop) => stop());
+}
+
+/** Each media type's newest `count`, merged newest first and cut where a full one ends: past that point its
+ * older jobs are not known, and another type's listed there would leave a gap in the history. */
+export function newest(byMedia: Job[][], count: number): { jobs: Job[]; more: boolean } {
+  const full = byMedia.filter((jobs) => jobs.length >= count);
+  const boundary = Math.max(-Infinity, ...full.map((jobs) => Math.min(...jobs.map((job) => millis(job.doc.created_at)))));
+  const jobs = byMedia
+    .flat()
+    .filter((job) => millis(job.doc.created_at) >= boundary)
+    .sort((a, b) => millis(b.doc.created_at) - millis(a.doc.created_at));
+  return { jobs, more: full.length > 0 };
 }
 
 function millis(t: Timestamp | undefined): number {

@@ -10,7 +10,7 @@ import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
 import { Dismissed } from "./dismissed";
 import { applyRanges, fillForm, markInvalid, mediaType, readRequest, requestOf } from "./form";
-import { dismissable, keyOf, listenToJobs, nameFor, named as nameOf, QUIET_MS, renderJobs, type Job } from "./jobs";
+import { dismissable, keyOf, listenToJobs, nameFor, named as nameOf, PAGE, QUIET_MS, renderJobs, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
 /** The callable's reply (functions/dispatch.py `generate`). */
@@ -307,29 +307,64 @@ async function main(): Promise<void> {
     dismissed.reload();
     render();
   });
-  listenToJobs(
-    db,
-    uid,
-    (jobs, loaded, fromCache) => {
-      cached = fromCache;
-      showConnection(cached);
-      listed = jobs;
-      loadedOnce = loaded;
-      settle();
-      // Jobs deleted at their expiry are forgotten, once the server has said which there are.
-      if (loaded && !fromCache) dismissed.keepOnly(new Set(jobs.map(keyOf)));
-      // A dismissed job that runs again is dismissed no more: failed again, it is news, shown (audit: it was hidden
-      // again under the focus, and the live region spoke of a card nobody saw). As the server says it, not a cache.
-      if (!fromCache) dismissed.forget(jobs.filter((job) => !dismissable(job)).map(keyOf));
-      const news = render();
-      // Screen readers hear a job start or end (not its every percent), and what failed it.
-      if (news.length) $("job-news").textContent = news.join(". ");
-    },
-    (error) => {
-      $("no-jobs").hidden = true;
-      fail(`Listening to your jobs failed: ${error.message}`);
-    },
-  );
+  const showOlder = $<HTMLButtonElement>("show-older");
+  let shown = PAGE;
+  let olderFrom: number | null = null; // Show older jobs was pressed with this many cards listed
+  let widening = false; // until the wider listener has heard from the server
+  const listen = () =>
+    listenToJobs(
+      db,
+      uid,
+      shown,
+      (jobs, fromCache, more) => {
+        // A wider listener's first answer is the cache's (the narrower one's docs): no news of the connection (it
+        // flashed "Cannot reach the server").
+        if (!(widening && fromCache)) {
+          cached = fromCache;
+          showConnection(cached);
+        }
+        if (!fromCache) widening = false;
+        listed = jobs;
+        loadedOnce = true;
+        const olderFocused = document.activeElement === showOlder;
+        // As the server says it: the cache's first answer to a wider listener holds only the narrower one's docs.
+        if (!fromCache) showOlder.hidden = !more;
+        settle();
+        // Jobs deleted at their expiry are forgotten, once the server has said which there are: all of them, none
+        // older left unlisted (a dismissed job past the newest listed is not gone).
+        if (!fromCache && !more) dismissed.keepOnly(new Set(jobs.map(keyOf)));
+        // A dismissed job that runs again is dismissed no more: failed again, it is news, shown (audit: it was hidden
+        // again under the focus, and the live region spoke of a card nobody saw). As the server says it, not a cache.
+        if (!fromCache) dismissed.forget(jobs.filter((job) => !dismissable(job)).map(keyOf));
+        const news = render();
+        // Screen readers hear a job start or end (not its every percent), and what failed it.
+        if (news.length) $("job-news").textContent = news.join(". ");
+        // As Show N dismissed does: the focus goes to the first job it brought, or, none come, from the button
+        // that went to the list's title, never to <body>; once the server has said which there are.
+        const cards = [...list.children] as HTMLLIElement[];
+        const first = olderFrom === null || fromCache ? undefined : cards.slice(olderFrom).find((li) => !li.hidden);
+        if (!fromCache) olderFrom = null;
+        if (first) {
+          first.tabIndex = -1;
+          first.focus();
+        } else if (olderFocused && showOlder.hidden) $("jobs-title").focus();
+      },
+      (error) => {
+        $("no-jobs").hidden = true;
+        fail(`Listening to your jobs failed: ${error.message}`);
+      },
+    );
+  let stopListening = listen();
+  showOlder.addEventListener("click", () => {
+    shown += PAGE;
+    olderFrom = list.children.length;
+    widening = true;
+    // The wider listener first: the SDK answers it from the docs the narrower one holds, so no card goes meanwhile.
+    const narrower = stopListening;
+    stopListening = listen();
+    narrower();
+    $("job-news").textContent = "Older jobs listed";
+  });
 
   const button = $<HTMLButtonElement>("submit");
   // While a request is sent, and for a second at least, the button refuses presses but stays enabled: a disabled
