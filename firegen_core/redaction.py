@@ -1,10 +1,13 @@
 """The last guard of the logs, shared by the worker and the functions: what looks like a credential in a line (a
 signed URL's signature, a download token, an API key parameter, a bearer token, an OAuth token in JSON text or
 bare, a JWT, a RunPod API key, a private key) is replaced
-by `<redacted>` before it is written. Nothing should pass a secret to a log call; this is for what slips through."""
+by `<redacted>` before it is written; so is the value of each credential the process holds in its environment
+(`SECRET_VARIABLES`), whatever its shape (a RunPod API key made before RunPod's `rpa_` prefix). Nothing should pass a
+secret to a log call; this is for what slips through."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -26,12 +29,22 @@ _SECRETS = re.compile(
     r"|(?<!\w)(?-i:rpa_)[A-Za-z0-9]{16,}",
     re.IGNORECASE | re.DOTALL,
 )
+# The variables that hold a credential where this code runs: the functions' Firebase secret, the RunPod worker's own
+# key (RunPod sets it in each worker). Read at each call: a secret set after import counts.
+SECRET_VARIABLES = ("RUNPOD_API_KEY", "RUNPOD_AI_API_KEY")
+# Shorter values are no credential (a placeholder such as "x"): replacing them would garble every line.
+_SHORTEST_SECRET = 12
 # Deeper than this, a value is written as its redacted text (a value that holds itself would recurse for ever).
 _DEPTH = 8
 
 
 def redact(text: str) -> str:
-    return _SECRETS.sub(lambda m: (m.group("keep") or "") + "<redacted>", text)
+    text = _SECRETS.sub(lambda m: (m.group("keep") or "") + "<redacted>", text)
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if len(value) >= _SHORTEST_SECRET and value in text:
+            text = text.replace(value, "<redacted>")
+    return text
 
 
 def redacted(value: Any, depth: int = 0) -> Any:

@@ -569,7 +569,7 @@ def redispatch_stale(
 ) -> Counter:
     """The scheduled sweep. Returns counts: redispatched, failed, waiting (dispatched enough, in a live worker's
     backlog: left queued), cancelled (its owner's cancel flag on it: ended, not dispatched), skipped,
-    invalid, deferred (found past the sweep's budget: untouched, for the next sweep), and each verdict outcome."""
+    invalid, foreign (a doc outside generations/ the queries met: skipped), deferred (found past the sweep's budget: untouched, for the next sweep), and each verdict outcome."""
     now = now or datetime.now(UTC)
     cutoff = now - policy.redispatch_after
     counts: Counter = Counter()
@@ -590,8 +590,9 @@ def redispatch_stale(
     for snapshot in expired + queued:
         try:
             key = JobKey.from_path(snapshot.reference.path)
-        except ValueError:
-            continue  # an `images` collection somewhere else
+        except ValueError:  # another app's `images` or `videos` (see the README's "Into an existing Firebase project")
+            counts["foreign"] += 1
+            continue
         if clock() >= ends:
             counts["deferred"] += 1
             continue

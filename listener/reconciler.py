@@ -64,6 +64,7 @@ CLOCK_SAMPLE_MAX_SECONDS = 1.0  # a heartbeat slower than this (retried) says to
 DISCOVER_USERS = 100  # users with pending work one sweep looks up beyond a full window (the next sweep: the next ones)
 DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
 DISCOVER_MEMORY = 10_000  # (user, media type) pairs remembered as having nothing queued
+FOREIGN_REPORTED = 100  # docs outside generations/ said (logged) once each: a flood of them is not a flood of lines
 SPREAD = 8
 WINDOWS = {"oldest": (Query.ASCENDING, LISTEN_LIMIT), "newest": (Query.DESCENDING, NEWEST_LIMIT)}
 CANCEL = "cancel"
@@ -142,6 +143,7 @@ class Reconciler:
         # (see `_firestore_failed`).
         self._takeovers_from = 0.0
         self._troubled = False
+        self._foreign: set[str] = set()  # docs outside generations/ its queries met, each said once (`_not_ours`)
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
@@ -534,7 +536,8 @@ class Reconciler:
                 try:
                     key = JobKey.from_path(change.document.reference.path)
                 except ValueError:
-                    continue  # an `images`/`videos` collection outside generations/: not ours
+                    self._not_ours(change.document.reference.path)
+                    continue
                 try:
                     handle(name, key, change.type.name, change.document.to_dict() or {})
                 except Exception as exc:  # one doc's surprise must not end the listener (its thread would die)
@@ -680,6 +683,7 @@ class Reconciler:
                     try:
                         key = JobKey.from_path(snapshot.reference.path)
                     except ValueError:
+                        self._not_ours(snapshot.reference.path)
                         continue
                     doc = snapshot.to_dict() or {}
                     if source == "unordered" and doc.get("created_at") is not None:
@@ -708,6 +712,21 @@ class Reconciler:
             return []
         return found
 
+    def _not_ours(self, path: str) -> None:
+        """The queries are collection groups, so another app's `images` or `videos` docs with a `status` of the
+        contract's match them too. They are skipped, yet they take places in the queries' bounded pages, which
+        could hide this product's own jobs (a client who can write such docs elsewhere in the project): said to the
+        operator once a doc, for the first FOREIGN_REPORTED of them."""
+        if path in self._foreign or len(self._foreign) >= FOREIGN_REPORTED:
+            return
+        self._foreign.add(path)
+        log.warning(
+            "foreign_doc_skipped",
+            path=path,
+            why="an images/videos doc outside generations/ matches the worker's queries; "
+            "see the README's 'Into an existing Firebase project'",
+        )
+
     def _unleased(self) -> int:
         """A `processing` doc whose lease is missing or not a date (an admin's write) is claimable, but the expiry
         query compares dates and never returns it: each scan reads one page of the processing docs per media type,
@@ -726,6 +745,7 @@ class Reconciler:
                     key = JobKey.from_path(snapshot.reference.path)
                     self._found(key, snapshot, doc, expired=True)
                 except ValueError:
+                    self._not_ours(snapshot.reference.path)
                     continue
                 except Exception as exc:  # one doc's surprise must not stop the scan of the others
                     log.warning("sweep_error", path=snapshot.reference.path, error=str(exc))

@@ -206,6 +206,8 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
         {"prompt": "p", "user_id": "u", "file_uid": "signed-1", "use_cloud_storage": True, "num_images_per_prompt": 2}
     )
     captured = io.StringIO()
+    # The worker's own RunPod key (RunPod sets it), of no shape the guard's patterns know.
+    monkeypatch.setenv("RUNPOD_AI_API_KEY", "OLDSTYLE0RUNPOD0KEY0123")
     root_handlers = logging.getLogger().handlers[:]
     monkeypatch.setattr(logging.getLogger(), "handlers", root_handlers)
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # configure() sets it: pytest's, back after
@@ -224,6 +226,7 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
             # Within a list or a dict too (the logs audit: only top-level strings were looked at).
             urls=["https://x/o?alt=media&token=l1stt0k3n"],
             nested={"answer": '{"access_token": "ya29.n3st3d", "expires_in": 3599}'},
+            sdk="job fetch refused for OLDSTYLE0RUNPOD0KEY0123",
         )
     structlog.reset_defaults()
     logging.getLogger().handlers[:] = root_handlers
@@ -231,7 +234,16 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
     signatures = [dict(parse_qsl(urlsplit(url).query))["X-Goog-Signature"] for url in doc["images"]]
     text = captured.getvalue()
     assert '"job_completed"' in text and '"leak_attempt"' in text
-    for secret in (*signatures, "abc123", "t0k3n", "l1stt0k3n", "ya29.n3st3d", pem_body(key_json)):
+    assert "job fetch refused for <redacted>" in text
+    for secret in (
+        *signatures,
+        "abc123",
+        "t0k3n",
+        "l1stt0k3n",
+        "ya29.n3st3d",
+        "OLDSTYLE0RUNPOD0KEY",
+        pem_body(key_json),
+    ):
         assert secret not in text
     assert all(json.loads(line)["severity"] for line in text.splitlines())
 
@@ -410,3 +422,21 @@ def test_the_last_guard_also_takes_out_credentials_api_keys_client_secrets_any_c
     from firegen_core.redaction import redact
 
     assert redact(text) == shown
+
+
+@pytest.mark.parametrize("variable", ["RUNPOD_API_KEY", "RUNPOD_AI_API_KEY"])
+def test_the_last_guard_takes_out_the_processs_own_runpod_key_whatever_its_shape(monkeypatch, variable):
+    """A key made before RunPod's `rpa_` prefix matches no pattern: the value the process holds is taken out as it
+    is (the review: only messages the functions' RunPod client built were scrubbed of it); a placeholder too short
+    to be a key (make dev's are longer) is left, lest every line holding its letters be garbled."""
+    from firegen_core.redaction import SECRET_VARIABLES, redact
+
+    assert variable in SECRET_VARIABLES
+    for name in SECRET_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    line = "runsync refused: 401 for key 0A1B2C3D4E5F6G7H8I9J (twice: 0A1B2C3D4E5F6G7H8I9J)"
+    assert redact(line) == line  # no pattern knows it
+    monkeypatch.setenv(variable, " 0A1B2C3D4E5F6G7H8I9J\n")  # a secret pasted with its newline
+    assert redact(line) == "runsync refused: 401 for key <redacted> (twice: <redacted>)"
+    monkeypatch.setenv(variable, "key")
+    assert redact(line) == line

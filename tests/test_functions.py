@@ -1268,13 +1268,19 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
         "generations/u-s/images/fresh": client_doc(),
         "generations/u-s/videos/lost-worker": {**base, **worker_gone(old), "numFrames": 16},
         "generations/u-s/images/done": {**base, "status": "completed"},
+        # Another app's `images` and `videos` in the same project, met by the collection-group queries: counted
+        # (the operator sees them in the sweep's line), never dispatched nor written.
+        "posts/p1/images/old": base,
+        "users/u9/videos/lost": {**base, **worker_gone(old)},
     }
     for path, doc in docs.items():
         firestore_client.document(path).set(doc)
     runpod = stub(ACCEPTED)
     policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
     counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)
-    assert counts == Counter(redispatched=3, failed=1, skipped=1)  # skipped: "recent"
+    assert counts == Counter(redispatched=3, failed=1, skipped=1, foreign=2)  # skipped: "recent"
+    for path in ("posts/p1/images/old", "users/u9/videos/lost"):
+        assert firestore_client.document(path).get().to_dict() == docs[path]
     sent = sorted(body["input"]["file_uid"] for _, body in runpod.requests)
     assert sent == ["lost-worker", "never", "once"]
     # Logged as the README says: each dispatch with its path, outcome, attempts and RunPod's job id; the sweep's
@@ -1285,7 +1291,8 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
         for path in ("images/never", "images/once", "videos/lost-worker")
     ]
     [sweep] = logged(caplog, "redispatch_sweep")
-    assert sweep.counts == {"redispatched": 3, "failed": 1, "skipped": 1} and sweep.levelno == logging.INFO
+    assert sweep.counts == {"redispatched": 3, "failed": 1, "skipped": 1, "foreign": 2}
+    assert sweep.levelno == logging.INFO
 
     def read(name, media="images"):
         return firestore_client.document(f"generations/u-s/{media}/{name}").get().to_dict()
@@ -1304,7 +1311,7 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
     )
     assert read("recent")["dispatch_count"] == 1 and read("fresh").get("dispatch_count") is None
     # A second sweep right away sends nothing: everything was just dispatched or is final.
-    assert set(dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == {"skipped"}
+    assert set(dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == {"skipped", "foreign"}
     assert len(runpod.requests) == 3
 
 

@@ -234,6 +234,33 @@ def restarts(logs: list[dict]) -> list[tuple]:
     return sorted((e["listener"], e["reason"], e["log_level"]) for e in logs if e["event"] == "listener_restarted")
 
 
+def test_another_apps_images_docs_are_skipped_and_said_once_each(make_worker, firestore_client, reconciler_logs):
+    """The queries are collection groups: docs of an `images` collection outside generations/ (an existing app's,
+    in the same project) that look queued or expired are met by the listeners and by every sweep. They are never
+    touched, and the operator is told once each (they take places in the queries' bounded pages)."""
+    from datetime import UTC, datetime, timedelta
+
+    foreign = ["posts/p1/images/queued", "users/u9/images/expired"]
+    firestore_client.document(foreign[0]).set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "x"})
+    past = datetime.now(UTC) - timedelta(hours=1)
+    firestore_client.document(foreign[1]).set({"status": "processing", "lease_expires_at": past, "created_at": past})
+    worker = make_worker(sweep=SLOW_SWEEP)
+    key = JobKey("u1", "images", "ours")
+    write_job(firestore_client, key)
+    assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
+    worker.sweep()
+    worker.sweep()
+    said = [e for e in reconciler_logs if e["event"] == "foreign_doc_skipped"]
+    assert sorted(e["path"] for e in said) == sorted(foreign)
+    assert all("Into an existing Firebase project" in e["why"] and e["log_level"] == "warning" for e in said)
+    assert firestore_client.document(foreign[0]).get().to_dict()["status"] == "queued"  # untouched
+    assert firestore_client.document(foreign[1]).get().to_dict() == {
+        "status": "processing",
+        "lease_expires_at": past,
+        "created_at": past,
+    }
+
+
 def test_a_closed_listener_is_restarted_by_the_watchdog(make_worker, firestore_client, reconciler_logs):
     """The watchdog (one sweep, run here by hand) restarts a listener that closed. The doc is written after that
     sweep, with the next one two minutes away: only the restarted listener can deliver it."""
