@@ -11,7 +11,9 @@ await build({
   entryPoints: [new URL("./src/main.ts", import.meta.url).pathname],
   bundle: true,
   format: "esm",
-  target: "es2022",
+  // The browsers the page is built for (the Firebase JS SDK's own floor is ES2020): syntax newer than theirs is
+  // rewritten. An older browser gets public/boot.js's message, not a page stuck at "Signing in…".
+  target: ["es2020", "chrome100", "edge100", "firefox100", "safari15"],
   minify: true,
   sourcemap: true,
   legalComments: "linked",

@@ -66,12 +66,24 @@ export function listenToJobs(
 ): Unsubscribe {
   const byMedia = new Map<MediaType, Job[]>();
   const cachedMedia = new Set<MediaType>();
-  const stops = MEDIA.map((media) =>
-    onSnapshot(
+  let failed = false;
+  // A listener that failed (the rules refused it, its user's token revoked) is over: the error is said once, for
+  // the page to listen again, and the other one's news is none until then. (Stopped here at once, before its own
+  // error came, the other query listened to again answered nothing: the SDK's quirk, seen on the emulator.)
+  const fail = (error: Error) => {
+    if (failed) return;
+    failed = true;
+    onError(error);
+  };
+  const stops: Unsubscribe[] = [];
+  const stop = () => stops.forEach((unsubscribe) => unsubscribe());
+  for (const media of MEDIA) {
+    const unsubscribe = onSnapshot(
       query(collection(db, "generations", uid, media), orderBy("created_at", "desc"), limit(count)),
       // Metadata changes too: a listener that loses the server says so (`fromCache`), with no change of its docs.
       { includeMetadataChanges: true },
       (snapshot) => {
+        if (failed) return;
         if (snapshot.metadata.fromCache) cachedMedia.add(media);
         else cachedMedia.delete(media);
         // "estimate": a job just written shows its local time until the server's timestamp arrives.
@@ -86,10 +98,11 @@ export function listenToJobs(
         const { jobs, more } = newest([...byMedia.values()], count);
         onJobs(jobs, cachedMedia.size > 0, more);
       },
-      onError,
-    ),
-  );
-  return () => stops.forEach((stop) => stop());
+      fail,
+    );
+    stops.push(unsubscribe);
+  }
+  return stop;
 }
 
 /** Each media type's newest `count`, merged newest first and cut where a full one ends: past that point its
@@ -206,24 +219,46 @@ function gallery(job: Job): HTMLElement {
   const box = el("div", { className: "gallery" });
   if (job.media === "videos") {
     const info = doc.video_info;
-    (doc.videos ?? (doc.video_url ? [doc.video_url] : [])).forEach((url, i) => {
+    mediaUrls(job).forEach((url, i) => {
       // "metadata": its size, length and first frame; the rest when played. A user's month of videos, each several
       // MB at full size, was all fetched whenever the page opened.
       const video = el("video", { src: url, controls: true, preload: "metadata", muted: true, loop: true, playsInline: true });
       video.setAttribute("aria-label", `Video ${i + 1}: ${promptOf(doc)}`);
       if (info) Object.assign(video, { width: info.width, height: info.height });
       const caption = info ? `${info.frames} frames at ${info.fps} fps, ${info.duration_seconds} s ` : "";
-      box.append(el("figure", {}, video, el("figcaption", {}, caption, link(url, `Download video ${i + 1}`))));
+      box.append(figure(video, `Video ${i + 1}`, el("figcaption", {}, caption, link(url, `Download video ${i + 1}`))));
     });
   } else {
-    (doc.images ?? (doc.image_url ? [doc.image_url] : [])).forEach((url, i) => {
+    mediaUrls(job).forEach((url, i) => {
       // Lazy: the images of a long history are fetched as they are scrolled near, not all as the page opens.
       const img = el("img", { src: url, alt: `Image ${i + 1}: ${promptOf(doc)}`, decoding: "async", loading: "lazy" });
       if (doc.width && doc.height) Object.assign(img, { width: doc.width, height: doc.height });
-      box.append(el("figure", {}, img, el("figcaption", {}, link(url, `Download image ${i + 1}`))));
+      box.append(figure(img, `Image ${i + 1}`, el("figcaption", {}, link(url, `Download image ${i + 1}`))));
     });
   }
+  box.dataset.urls = mediaUrls(job).join(" ");
   return box;
+}
+
+/** A result's URLs, as the gallery shows them. */
+function mediaUrls({ media, doc }: Job): string[] {
+  if (media === "videos") return doc.videos ?? (doc.video_url ? [doc.video_url] : []);
+  return doc.images ?? (doc.image_url ? [doc.image_url] : []);
+}
+
+/** A result that cannot be loaded says so in place of a blank frame or a broken image (the review: a signed URL
+ * expires after 7 days at most, a doc lives RETENTION_DAYS; an object may have been deleted), its dead link gone. */
+function figure(media: HTMLImageElement | HTMLVideoElement, what: string, caption: HTMLElement): HTMLElement {
+  const gone = el("p", {
+    className: "gone",
+    textContent: `${what} could not be loaded: its link may have expired, or the file was deleted`,
+    hidden: true,
+  });
+  media.addEventListener("error", () => {
+    media.hidden = caption.hidden = true;
+    gone.hidden = false;
+  });
+  return el("figure", {}, media, caption, gone);
 }
 
 function link(url: string, text: string): HTMLAnchorElement {
@@ -300,11 +335,17 @@ function promptOf(doc: Pick<JobDoc, "prompt">): string {
 
 /** Clipped between graphemes, what a reader sees as characters (audit: clipped by code points, a family emoji,
  * five of them joined, was cut in a button's name). */
-const GRAPHEMES = new Intl.Segmenter(undefined, { granularity: "grapheme" });
+const GRAPHEMES = typeof Intl.Segmenter === "function" ? new Intl.Segmenter(undefined, { granularity: "grapheme" }) : null;
+
+/** A text's graphemes, or where the browser has no Intl.Segmenter (Firefox before 125), its code points: a joined
+ * emoji may then be cut, the page still runs (the review: the whole bundle failed at this line). */
+function graphemes(text: string): Iterable<string> {
+  return GRAPHEMES ? Array.from(GRAPHEMES.segment(text), ({ segment }) => segment) : Array.from(text);
+}
 
 function clip(text: string, most: number): string {
   const kept: string[] = [];
-  for (const { segment } of GRAPHEMES.segment(text)) {
+  for (const segment of graphemes(text)) {
     if (kept.length === most) return `${kept.slice(0, most - 1).join("")}…`;
     kept.push(segment);
   }
@@ -427,7 +468,7 @@ function update(li: HTMLLIElement, job: Job): void {
   const { doc } = job;
   const final = (FINAL_STATES as readonly string[]).includes(doc.status);
   const progress = doc.status === "completed" ? 1 : (doc.progress ?? 0);
-  const state = `${doc.status}|${progress}|${doc.error_type ?? ""}|${doc.error_message ?? ""}|${doc.prompt ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}`;
+  const state = `${doc.status}|${mediaUrls(job).join(" ")}|${progress}|${doc.error_type ?? ""}|${doc.error_message ?? ""}|${doc.prompt ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}`;
   if (li.dataset.state === state) return;
   li.dataset.state = state;
   li.dataset.status = doc.status;
@@ -480,6 +521,10 @@ function update(li: HTMLLIElement, job: Job): void {
     if (doc.error_type) li.dataset.errorType = doc.error_type;
   }
   li.querySelector("dl")!.replaceWith(details(job));
-  // Built once the job has completed, and kept (a video may be playing).
-  if (doc.status === "completed" && !li.querySelector(".gallery")) li.append(gallery(job));
+  // Built once the job has completed, and kept (a video may be playing), unless its URLs change (an app that signs
+  // them again as they expire).
+  const built = li.querySelector<HTMLElement>(".gallery");
+  if (doc.status !== "completed") return;
+  if (!built) li.append(gallery(job));
+  else if (built.dataset.urls !== mediaUrls(job).join(" ")) built.replaceWith(gallery(job));
 }

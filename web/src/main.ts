@@ -38,6 +38,11 @@ const MIN_SHOWN_MS = 4000;
 const CANCEL_TIMEOUT_MS = 35_000;
 const OFFLINE = "Offline: your jobs as last seen; they update when the connection is back.";
 const UNREACHABLE = "Cannot reach the server: your jobs as last seen; they update once it answers.";
+/** After a listener failed, the page listens again this long later, doubling up to LISTEN_RETRY_MAX_MS. */
+const LISTEN_RETRY_MS = 2000;
+const LISTEN_RETRY_MAX_MS = 60_000;
+/** Offline, a queued doc's write waits in this tab alone (the SDK's cache is in memory): closing it loses the job. */
+const WAIT_OFFLINE = "Waiting for the connection… (keep this page open: the job is sent once it is back)";
 
 /** The job the form's status line speaks of, until it ends, and since when. */
 let named: string | null = null;
@@ -324,6 +329,7 @@ async function main(): Promise<void> {
           showConnection(cached);
         }
         if (!fromCache) widening = false;
+        if (!fromCache) retryIn = 0;
         listed = jobs;
         loadedOnce = true;
         const olderFocused = document.activeElement === showOlder;
@@ -350,12 +356,32 @@ async function main(): Promise<void> {
         } else if (olderFocused && showOlder.hidden) $("jobs-title").focus();
       },
       (error) => {
-        $("no-jobs").hidden = true;
-        fail(`Listening to your jobs failed: ${error.message}`);
+        // The listeners are over: said where the connection's state is, and heard again from the server a while
+        // later (the review: a failed listener was never restarted, its cards froze
+        // at their last percent, and the error, on the form's line, went with the next thing said there).
+        widening = false;
+        olderFrom = null;
+        retryIn = Math.min(LISTEN_RETRY_MAX_MS, retryIn ? retryIn * 2 : LISTEN_RETRY_MS);
+        const notice = $("connection");
+        // The rules' own text (the emulator's quotes a rule) is no message for a user.
+        const why = isCode(error, "permission-denied") ? "the server refused to list them" : error.message;
+        notice.textContent = `Your jobs stopped updating: ${why}. Listening again in ${retryIn / 1000} s.`;
+        notice.hidden = false;
+        cached = true;
+        retryTimer = setTimeout(() => {
+          const failed = stopListening;
+          stopListening = listen();
+          failed();
+        }, retryIn);
       },
     );
+  let retryIn = 0; // the wait before listening again after a failure; 0 once the server answered
+  let retryTimer: ReturnType<typeof setTimeout> | undefined;
   let stopListening = listen();
   showOlder.addEventListener("click", () => {
+    // Once per press that the server answered: a double click read (and billed) two pages more.
+    if (widening) return;
+    clearTimeout(retryTimer);
     shown += PAGE;
     olderFrom = list.children.length;
     widening = true;
@@ -406,11 +432,12 @@ async function main(): Promise<void> {
   ): Promise<string | null> {
     say("Submitting…");
     // Offline, a queued doc's write waits (the SDK sends it once the connection is back): say so.
-    const waiting = () => say(navigator.onLine ? "Still waiting for the server…" : "Waiting for the connection…");
+    const waiting = () => say(navigator.onLine ? "Still waiting for the server…" : WAIT_OFFLINE);
     const slow = via === "document" ? setTimeout(waiting, SLOW_WRITE_MS) : undefined;
     try {
       if (via === "document") {
-        await writeJob(request, media);
+        unsent += 1;
+        await writeJob(request, media).finally(() => (unsent -= 1));
         say(`${capital(nameFor(media, request.prompt))} queued`);
         name(request.file_uid);
         settle();
@@ -446,9 +473,19 @@ async function main(): Promise<void> {
     });
   }
 
+  // A queued doc not yet sent lives in this tab alone (offline, the SDK's memory cache holds it): leaving the page
+  // would lose the job without a word (the review), so the browser asks first.
+  let unsent = 0;
+  window.addEventListener("beforeunload", (event) => {
+    if (unsent > 0) event.preventDefault();
+  });
+
   button.disabled = false;
   document.body.dataset.ready = "true";
 }
+
+// The bundle ran: public/boot.js says so otherwise (a browser too old to parse it, or a bundle that did not load).
+document.documentElement.dataset.started = "true";
 
 main().catch((error) => {
   $("who").textContent = "Not signed in: the app could not start";

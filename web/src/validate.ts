@@ -25,8 +25,9 @@ const invalid = (what: string) => `Validation failed: ${what}`;
 // strips U+FEFF and not U+001C-U+001F nor U+0085 (audit: a prompt of "\x85" was written, then refused by the
 // worker; one of a BOM was refused here, accepted by the callable).
 const BLANK = /^[\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$/;
-// A lone UTF-16 surrogate, which the Firestore SDK would write as U+FFFD (the contract refuses it).
-const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+// A lone UTF-16 surrogate, which the Firestore SDK would write as U+FFFD (the contract refuses it). No lookbehind:
+// Safari before 16.4 cannot parse one, and the whole bundle with it (the review: a page stuck at "Signing in…").
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?:^|[^\ud800-\udbff])[\udc00-\udfff]/;
 // JSON.stringify writes a number from 1e21 up with an exponent, which the contract (Python's json) reads as a
 // float: no integer, as the callable would say it.
 const JSON_INTEGER_LIMIT = 1e21;
