@@ -1484,6 +1484,28 @@ def test_a_page_whose_listeners_cannot_reach_the_server_says_so(open_page, stack
     assert [p for p in app.problems() if not re.search(unreachable, p)] == []
 
 
+def test_back_online_on_a_network_that_cannot_reach_the_server_the_notice_says_so(open_page, stack):
+    """The review: back online where the server cannot be reached (a captive portal's network), the notice said
+    "Offline" for good. It stays while the listeners catch up, 10 s at most, then says the server is out of reach."""
+    app = open_page()
+    _held_job(stack, app.uid, "held-portal")
+    app.job("held-portal").wait_for(timeout=30_000)
+    notice = app.page.locator("#connection")
+    app.context.set_offline(True)
+    notice.wait_for(state="visible", timeout=10_000)
+    assert notice.inner_text().startswith("Offline: ")
+    app.page.route("**/google.firestore.v1.Firestore/Listen/**", lambda route: route.abort())
+    app.context.set_offline(False)
+    app.page.wait_for_function(
+        "() => document.getElementById('connection').textContent.startsWith('Cannot reach the server: ')",
+        timeout=30_000,
+    )
+    app.page.unroute("**/google.firestore.v1.Firestore/Listen/**")
+    notice.wait_for(state="hidden", timeout=60_000)
+    unreachable = r"ERR_FAILED|ERR_NAME_NOT_RESOLVED|ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
+    assert [p for p in app.problems() if not re.search(unreachable, p)] == []
+
+
 # ---------------------------------------------------------------------------------------------- ended jobs
 NO_ANSWER = "Could not reach the server; check your connection and try again"
 

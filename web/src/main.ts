@@ -88,6 +88,11 @@ function callableMessage(error: unknown): string {
   return message(error).toLowerCase() === code.replace(/^functions\//, "") ? NO_ANSWER : message(error);
 }
 
+/** How long "Offline" may stay once the browser is online again, while the listeners catch up. */
+const CATCH_UP_MS = 10_000;
+/** When the browser last came online (Date.now()). */
+let onlineAt = 0;
+
 /** The jobs listed are the last the page heard of: offline, or the server unreachable (audit: a finished job
  * read "Processing 0%" for as long as the connection was gone, and nothing said so). */
 function showConnection(cached: boolean): void {
@@ -98,8 +103,10 @@ function showConnection(cached: boolean): void {
     return;
   }
   // Back online, the listeners catch up a moment later: "Offline" stays until they do (not a flash of "Cannot
-  // reach the server" in a live region).
-  if (navigator.onLine && !notice.hidden && notice.textContent === OFFLINE) return;
+  // reach the server" in a live region), for CATCH_UP_MS at most (the review: online on a network that cannot reach
+  // the server, a captive portal's, it said "Offline" for good).
+  const catchingUp = Date.now() - onlineAt < CATCH_UP_MS;
+  if (navigator.onLine && !notice.hidden && notice.textContent === OFFLINE && catchingUp) return;
   notice.textContent = navigator.onLine ? UNREACHABLE : OFFLINE;
   notice.hidden = false;
 }
@@ -216,7 +223,11 @@ async function main(): Promise<void> {
     settle();
   };
 
-  window.addEventListener("online", () => showConnection(cached));
+  window.addEventListener("online", () => {
+    onlineAt = Date.now();
+    showConnection(cached);
+    setTimeout(() => showConnection(cached), CATCH_UP_MS + 50);
+  });
   window.addEventListener("offline", () => showConnection(cached));
   /** Fill the form with an ended job's request, to change it and send it as a new job; the focus goes to the
    * prompt. A job refused for its input shows its message, on the field it names, as the form's own refusal. */
