@@ -1082,6 +1082,40 @@ def test_the_page_fits_a_narrow_phone_with_its_text_at_double_size(stack, browse
         app.close()
 
 
+def test_a_start_the_network_failed_says_so_and_starts_again_once_online(stack, browser):
+    """The review: a sign-in the network failed read the SDK's "Firebase: Error (auth/network-request-failed)."
+    and stayed failed; one refused as anonymous sign-in is off named no cause. Each says why, and the first starts
+    again once the browser is back online."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.route("**/accounts:signUp*", lambda route: route.abort())
+        page.goto(stack.web_url)
+        page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+        assert page.locator("#form-error").inner_text() == (
+            "The app could not start: could not reach the server; check your connection (the page starts again once "
+            "it is back)"
+        )
+        page.unroute("**/accounts:signUp*")
+        page.evaluate("() => window.dispatchEvent(new Event('online'))")
+        page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+        assert page.locator("#who").inner_text().startswith("Signed in anonymously as ")
+
+        page.route(
+            "**/accounts:signUp*",
+            lambda route: route.fulfill(status=400, json={"error": {"code": 400, "message": "ADMIN_ONLY_OPERATION"}}),
+        )
+        page.evaluate("() => indexedDB.deleteDatabase('firebaseLocalStorageDb')")  # a new visitor: signs up
+        page.reload()
+        page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+        assert page.locator("#form-error").inner_text() == (
+            "The app could not start: anonymous sign-in is not enabled in this Firebase project (Firebase console > "
+            "Authentication > Sign-in method)"
+        )
+    finally:
+        context.close()
+
+
 def test_no_jobs_yet_is_never_shown_to_a_user_with_jobs(open_page, stack):
     """Audit: after a reload "No jobs yet." showed until the jobs arrived. It shows only once both collections
     have answered (before: "Loading your jobs…"); a user with no jobs does see it."""

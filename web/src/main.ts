@@ -501,5 +501,18 @@ document.documentElement.dataset.started = "true";
 main().catch((error) => {
   $("who").textContent = "Not signed in: the app could not start";
   $("no-jobs").hidden = true;
-  fail(`The app could not start: ${message(error)}`);
+  fail(`The app could not start: ${startFailure(error)}`);
+  // A start the network failed starts again once the browser is back online (the review: it stayed failed).
+  if (isCode(error, "auth/network-request-failed")) window.addEventListener("online", () => location.reload(), { once: true });
 });
+
+/** Why the start failed, for the page's user: the SDK's own text ("Firebase: Error (auth/...)") says little. */
+function startFailure(error: unknown): string {
+  if (isCode(error, "auth/network-request-failed")) {
+    return "could not reach the server; check your connection (the page starts again once it is back)";
+  }
+  if (isCode(error, "auth/admin-restricted-operation", "auth/operation-not-allowed")) {
+    return "anonymous sign-in is not enabled in this Firebase project (Firebase console > Authentication > Sign-in method)";
+  }
+  return message(error);
+}
