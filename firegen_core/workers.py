@@ -1,13 +1,16 @@
 """Worker liveness: each running worker keeps a doc `workers/{worker_id}` with the server time it was last seen.
 
-Workers write it from their sweep loop (every SWEEP_INTERVAL_SECONDS) and delete it when they stop cleanly; the
-scheduled sweep of the Cloud Functions reads it: a queued job is failed for want of a worker only when no worker
-has been seen for the whole stale period, never because the backlog is long (issue #11). Clients can neither
-read nor write these docs (firestore.rules).
+Workers write it from their sweep loop (every SWEEP_INTERVAL_SECONDS) and, when they stop cleanly, mark it left
+(seen then, `left_at`); the scheduled sweep of the Cloud Functions reads them (`sightings`): a job is failed for
+want of a worker only when no worker runs now (none seen within the stale period that has not left) and none was
+seen since the job's last dispatch, never because the backlog is long (issue #11), nor because the workers that
+were working through it stopped (RunPod scales workers down while a Firestore backlog waits: a review). Clients
+can neither read nor write these docs (firestore.rules).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from google.api_core.retry import Retry
@@ -16,12 +19,17 @@ from google.cloud.firestore import SERVER_TIMESTAMP, FieldFilter
 
 WORKERS = "workers"
 SEEN_AT = "seen_at"
+LEFT_AT = "left_at"
 CALL_TIMEOUT = 15.0  # seconds, retries included: liveness is best effort and must never hold up a sweep
 LEAVE_TIMEOUT = 5.0  # on shutdown: the doc ages out anyway (the sweep reads `seen_at`, not its presence)
 # A worker that never stopped cleanly (killed, out of memory, its machine gone) never deletes its doc, and each start
 # is a new id: every beat moves `expire_at` this far ahead, for firestore.indexes.json's TTL policy on `workers`
 # (a soak audit: one doc left for good per crash).
 EXPIRE_DAYS = 7
+# A worker that left is of use to the sweep for as long as a job waits for its next dispatch (minutes): a day.
+LEFT_EXPIRE_DAYS = 1
+# The docs seen within a stale period read to find one that has not left (a few per running worker, at most).
+SIGHTINGS_READ = 50
 
 
 def _bounded(seconds: float) -> dict:
@@ -57,10 +65,33 @@ def beat(
 
 
 def leave(client: firestore.Client, worker_id: str) -> None:
-    client.collection(WORKERS).document(worker_id).delete(**_bounded(LEAVE_TIMEOUT))
+    """A clean stop: seen now, and gone. The doc stays a day (its TTL): that a worker ran until now tells the sweep
+    that the endpoint starts workers, so a job left queued behind it is woken again, not failed."""
+    client.collection(WORKERS).document(worker_id).set(
+        {
+            SEEN_AT: SERVER_TIMESTAMP,
+            LEFT_AT: SERVER_TIMESTAMP,
+            "busy": 0,
+            "expire_at": datetime.now(UTC) + timedelta(days=LEFT_EXPIRE_DAYS),
+        },
+        merge=True,
+        **_bounded(LEAVE_TIMEOUT),
+    )
 
 
-def alive_since(client: firestore.Client, since: datetime) -> bool:
-    """Whether any worker has been seen at or after `since`."""
-    query = client.collection(WORKERS).where(filter=FieldFilter(SEEN_AT, ">=", since)).limit(1)
-    return any(True for _ in query.stream(**_bounded(CALL_TIMEOUT)))
+@dataclass(frozen=True)
+class Sightings:
+    running: bool  # a worker seen within the period asked about that has not left
+    last_seen: datetime | None  # the latest any worker was seen, left or not (None: none ever)
+
+
+def sightings(client: firestore.Client, since: datetime) -> Sightings:
+    """What the workers' docs say at `since` and after."""
+    collection = client.collection(WORKERS)
+    recent = collection.where(filter=FieldFilter(SEEN_AT, ">=", since)).limit(SIGHTINGS_READ)
+    docs = [snapshot.to_dict() or {} for snapshot in recent.stream(**_bounded(CALL_TIMEOUT))]
+    # Past SIGHTINGS_READ seen lately, some surely run: so many workers do not all stop within minutes.
+    running = len(docs) == SIGHTINGS_READ or any(not doc.get(LEFT_AT) for doc in docs)
+    newest = collection.order_by(SEEN_AT, direction=firestore.Query.DESCENDING).limit(1)
+    seen = [(snapshot.to_dict() or {}).get(SEEN_AT) for snapshot in newest.stream(**_bounded(CALL_TIMEOUT))]
+    return Sightings(running, seen[0] if seen and isinstance(seen[0], datetime) else None)

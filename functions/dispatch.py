@@ -569,14 +569,16 @@ def redispatch_stale(
 ) -> Counter:
     """The scheduled sweep. Returns counts: redispatched, failed, waiting (dispatched enough, in a live worker's
     backlog: left queued), cancelled (its owner's cancel flag on it: ended, not dispatched), skipped,
-    invalid, foreign (a doc outside generations/ the queries met: skipped), deferred (found past the sweep's budget: untouched, for the next sweep), and each verdict outcome."""
+    invalid, foreign (a doc outside generations/ the queries met: skipped), error (its dispatch failed unexpectedly:
+    logged `redispatch_error`, the next sweep tries again), deferred (found past the sweep's budget: untouched, for the next sweep), and each verdict outcome."""
     now = now or datetime.now(UTC)
     cutoff = now - policy.redispatch_after
     counts: Counter = Counter()
     store = _store(db, limits)
     ends = clock() + policy.sweep_budget.total_seconds()
-    # Workers seen within the stale period are working through a backlog: nothing fails for want of a worker.
-    alive = workers.alive_since(db, cutoff)
+    # Workers running (seen within the stale period, not left) are working through a backlog: nothing fails for want
+    # of a worker. Nor does a job that a worker was seen after its last dispatch: workers came, and went leaving it.
+    seen = workers.sightings(db, cutoff)
     # Read whole first (a query's stream held open across dispatches of up to 50 s each could outlive its
     # deadline), in the order the budget serves them: jobs whose worker died mid-run, then the queued ones oldest
     # first, videos and images alike.
@@ -596,13 +598,19 @@ def redispatch_stale(
         if clock() >= ends:
             counts["deferred"] += 1
             continue
-        counts[_redispatch_one(store, runpod, key, policy, alive=alive)] += 1
+        try:
+            counts[_redispatch_one(store, runpod, key, policy, seen=seen)] += 1
+        except Exception as exc:  # one job's trouble (Firestore contended, away a moment) leaves the others theirs
+            counts["error"] += 1
+            log.warning("redispatch_error", extra={"path": key.path, "error": f"{type(exc).__name__}: {exc}"[:300]})
     if counts:
         log.info("redispatch_sweep", extra={"counts": dict(counts)})
     return counts
 
 
-def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy, *, alive: bool) -> str:
+def _redispatch_one(
+    store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy, *, seen: workers.Sightings
+) -> str:
     waiting = False
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
@@ -613,10 +621,14 @@ def _redispatch_one(store: JobStore, runpod: RunPodClient, key: JobKey, policy: 
             return lifecycle.cancelled(doc)
         count = int(quota.number(doc, DISPATCH_COUNT))
         if count >= policy.max_dispatches:
-            waiting = alive  # in a live worker's backlog: it waits its turn
-            if alive:
+            waiting = seen.running  # in a running worker's backlog: it waits its turn
+            if waiting:
                 return None
-            return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
+            last = _last_dispatch(doc)
+            if not (seen.last_seen and last and seen.last_seen > last):
+                return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
+            # Workers ran after its last dispatch and left it queued (RunPod scaled them down while the backlog
+            # waited, or the one running it died): the endpoint starts workers, so one is woken for it again.
         return _refused_or_marked(key, doc, BY_SCHEDULER)
 
     outcome = store.transition(key, decide)

@@ -277,8 +277,11 @@ def _answer(function: str, uid: str | None, call: Callable[[], dict]) -> dict:
     return reply
 
 
+# 180 s: the placeholder wait (PLACEHOLDER_GRACE_SECONDS, up to 60 s), RunPod's runsync (its 50 s deadline and a
+# retry's connect) and the store's writes (15 s each at worst); at 120 s a slow run was killed past its marking, and
+# its job waited for the sweep (a review).
 @firestore_fn.on_document_created(
-    document="generations/{uid}/{media}/{fileUid}", secrets=[RUNPOD_API_KEY], timeout_sec=120
+    document="generations/{uid}/{media}/{fileUid}", secrets=[RUNPOD_API_KEY], timeout_sec=180
 )
 def dispatchQueuedJob(event: firestore_fn.Event) -> None:
     with _runpod() as runpod:

@@ -1345,6 +1345,34 @@ def test_a_sweep_past_its_budget_leaves_the_rest_for_the_next(firestore_client, 
     )
 
 
+def test_one_jobs_unexpected_error_leaves_the_sweep_to_the_others(firestore_client, stub, caplog, monkeypatch):
+    """The review: nothing caught an error of one job's dispatch (Firestore contended past its bound, away a
+    moment): the rest of the sweep was abandoned, its counts never logged. Here the first job's transition raises
+    (a stand-in: no emulator fault hits one doc alone); the others go, and the sweep says it."""
+    caplog.set_level(logging.INFO)
+    old = datetime.now(UTC) - timedelta(hours=1)
+    for n in range(3):
+        firestore_client.document(f"generations/u-e/images/j{n}").set(
+            {**client_doc(), "created_at": old + timedelta(seconds=n)}
+        )
+    real = dispatch._redispatch_one
+
+    def first_fails(store, runpod, key, policy, **kw):
+        if key.file_uid == "j0":
+            raise RuntimeError("409 Too much contention on these documents")
+        return real(store, runpod, key, policy, **kw)
+
+    monkeypatch.setattr(dispatch, "_redispatch_one", first_fails)
+    runpod = stub(ACCEPTED)
+    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=Policy())
+    assert counts == Counter(redispatched=2, error=1)
+    assert sorted(body["input"]["file_uid"] for _, body in runpod.requests) == ["j1", "j2"]
+    [error] = logged(caplog, "redispatch_error")
+    assert error.path == "generations/u-e/images/j0" and "contention" in error.error
+    [sweep] = logged(caplog, "redispatch_sweep")
+    assert sweep.counts == {"redispatched": 2, "error": 1}
+
+
 def test_a_sweep_while_runpod_is_down_records_why(firestore_client):
     old = datetime.now(UTC) - timedelta(hours=1)
     firestore_client.document("generations/u-d/images/j").set({**client_doc(), "created_at": old})

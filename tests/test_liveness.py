@@ -17,13 +17,15 @@ from firegen_core.jobs import JobKey
 POLICY = dispatch.Policy(redispatch_after=timedelta(minutes=10), max_dispatches=3)
 
 
-def stale_backlog(client, count: int) -> list[JobKey]:
-    """Jobs queued an hour ago and dispatched the most times allowed: the old sweep failed every one."""
+def stale_backlog(client, count: int, dispatched: timedelta = timedelta(hours=1)) -> list[JobKey]:
+    """Jobs queued an hour ago and dispatched the most times allowed, the last time `dispatched` ago: the old
+    sweep failed every one."""
     old = datetime.now(UTC) - timedelta(hours=1)
     keys = [JobKey(f"user-{i % 3}", "images", f"old-{i:02d}") for i in range(count)]
     batch = client.batch()
+    last = datetime.now(UTC) - dispatched
     for key in keys:
-        fields = {**client_doc(), "created_at": old, "dispatch_count": 3, "dispatched_at": old}
+        fields = {**client_doc(), "created_at": old, "dispatch_count": 3, "dispatched_at": last}
         batch.set(client.document(key.path), fields)
     batch.commit()
     return keys
@@ -53,18 +55,57 @@ def test_a_busy_worker_keeps_its_backlog_from_failing(sched_worker, firestore_cl
     assert worker.wait_idle(5)
 
 
-def test_with_no_live_worker_the_stale_backlog_fails(sched_worker, firestore_client, stub):
+def test_with_no_worker_seen_since_its_last_dispatch_the_stale_backlog_fails(sched_worker, firestore_client, stub):
+    """Dispatched the most times allowed, the last 20 minutes ago, and no worker seen since: RunPod starts none."""
     worker = sched_worker("gone", StubGenerator(threading.Event()), sweep=0.2)
     wait_until(lambda: firestore_client.document("workers/gone").get().exists)
-    worker.stop(grace=0)  # a clean stop removes its liveness doc
-    assert not firestore_client.document("workers/gone").get().exists
-    # A worker seen long ago does not count either.
-    old = datetime.now(UTC) - timedelta(minutes=11)
-    firestore_client.document("workers/long-gone").set({workers.SEEN_AT: old, "busy": 0})
-    backlog = stale_backlog(firestore_client, 3)
-    counts = dispatch.redispatch_stale(firestore_client, stub(ACCEPTED).client(), policy=POLICY)
+    worker.stop(grace=0)  # a clean stop marks its liveness doc left, seen as it left
+    doc = firestore_client.document("workers/gone").get().to_dict()
+    assert doc[workers.LEFT_AT] == doc[workers.SEEN_AT] and doc["busy"] == 0
+    assert timedelta(hours=23.9) < doc["expire_at"] - doc[workers.SEEN_AT] < timedelta(hours=24.1)  # a day's TTL
+    # As if it left half an hour ago; and one killed (never left) 40 minutes ago.
+    left = datetime.now(UTC) - timedelta(minutes=30)
+    firestore_client.document("workers/gone").update({workers.SEEN_AT: left, workers.LEFT_AT: left})
+    firestore_client.document("workers/long-gone").set(
+        {workers.SEEN_AT: datetime.now(UTC) - timedelta(minutes=40), "busy": 0}
+    )
+    backlog = stale_backlog(firestore_client, 3, dispatched=timedelta(minutes=20))
+    runpod = stub(ACCEPTED)
+    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
     assert counts == Counter(failed=3)
     assert {read(firestore_client, key)["error_type"] for key in backlog} == {"Exception"}
+    assert runpod.requests == []
+
+
+def test_a_backlog_its_workers_left_is_dispatched_again_not_failed(sched_worker, firestore_client, stub):
+    """The review: RunPod stops workers on its idle timeout while a Firestore backlog waits (each runsync answered
+    at once), and a clean stop deleted the worker's doc: the next sweep found no worker and failed every job already
+    dispatched the most times, "No GPU worker picked up the job", within seconds of one working. A worker seen after
+    a job's last dispatch shows the endpoint starts workers: the job is dispatched again, and one wakes for it."""
+    worker = sched_worker("scaled-down", StubGenerator(threading.Event()), sweep=0.2)
+    wait_until(lambda: firestore_client.document("workers/scaled-down").get().exists)
+    worker.stop(grace=0)
+    backlog = stale_backlog(firestore_client, 3)  # dispatched 3 times, the last an hour ago
+    runpod = stub(ACCEPTED)
+    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
+    assert counts == Counter(redispatched=3)
+    assert [(read(firestore_client, k)["status"], read(firestore_client, k)["dispatch_count"]) for k in backlog] == [
+        ("queued", 4)
+    ] * 3
+    assert sorted(body["input"]["file_uid"] for _, body in runpod.requests) == [k.file_uid for k in backlog]
+    # Dispatched again just now: the next sweep leaves them (not stale), whatever the workers.
+    assert set(dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)) <= {"skipped"}
+    assert len(runpod.requests) == 3
+
+
+def test_a_worker_killed_minutes_ago_still_counts_as_running(firestore_client, stub):
+    """A killed worker never marks its doc left: seen within the stale period, it counts as running (its jobs'
+    leases end, and another worker, or this one's replacement, takes them), and the backlog waits its turn."""
+    firestore_client.document("workers/killed").set({workers.SEEN_AT: datetime.now(UTC) - timedelta(minutes=2)})
+    stale_backlog(firestore_client, 2)
+    runpod = stub(ACCEPTED)
+    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(waiting=2)
+    assert runpod.requests == []
 
 
 def test_below_the_dispatch_limit_a_live_workers_backlog_is_still_redispatched(firestore_client, stub):
