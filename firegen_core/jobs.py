@@ -440,7 +440,17 @@ class JobStore:
                 return created
             if dispatched(doc, request, request_id):
                 return arrived(doc, request, request_id)
-            return lifecycle.restate(doc, restatement(doc, request), request.parameters())
+            update = lifecycle.restate(doc, restatement(doc, request), request.parameters())
+            if (
+                request_id
+                and not doc.get(RUNPOD_JOB_ID)
+                and doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
+            ):
+                # A RunPod job brought it to this worker: the functions' trigger, waiting on the client's doc for
+                # its request, then wakes no second worker for it (the review: the contract's own function flow,
+                # its doc and then its runsync, was dispatched twice, one more RunPod job, maybe one more GPU).
+                update = {**(update or {}), RUNPOD_JOB_ID: request_id}
+            return update
 
         return self.transition(key, decide, admit=True)
 

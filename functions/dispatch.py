@@ -482,9 +482,11 @@ def dispatch_created(
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
             return None
-        if doc.get(REQUESTED_AT):
+        if doc.get(REQUESTED_AT) or doc.get(RUNPOD_JOB_ID):
             # Created by a request (firegen_core.jobs.queued_document; clients cannot write the marker): by the
-            # callable, which dispatches it, or by a worker's runsync handler, which is running it.
+            # callable, which dispatches it, or by a worker's runsync handler, which is running it. Or its request
+            # reached a worker while the trigger waited (the contract's function flow: the runsync restated it
+            # there, naming its RunPod job): that worker has it, and no second one is woken.
             return None
         # Its owner's cancel (the doc's flag, within the grace, where no worker may be up to hear it): ended here
         # rather than dispatched, which would wake a GPU worker for it.

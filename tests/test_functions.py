@@ -1093,17 +1093,29 @@ def test_the_trigger_leaves_a_doc_awaiting_its_parameters_to_its_request(firesto
     call.join()
     assert outcome == "skipped"
     assert [body["input"].get("width") for _, body in runpod.requests] == [768]  # the callable's request alone
-    # The function's runsync restates the doc at a worker (here: written as that worker would) within the grace:
-    # the trigger then dispatches the doc as it now stands.
+    # The function's runsync restates the doc at a worker within the grace (the worker's own write, naming the
+    # RunPod job that brought it): that worker has the job, and the trigger wakes no second one (the review: it
+    # dispatched the doc as it then stood, one more RunPod job).
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobStore
+
     firestore_client.document(key.format("g-runsync")).set(client_doc())
-    threading.Timer(0.5, lambda: firestore_client.document(key.format("g-runsync")).update({"width": 384})).start()
+    runsync = parse_runsync_input(
+        {"prompt": "A red sports car", "user_id": "u-grace", "file_uid": "g-runsync", "use_cloud_storage": True}
+        | {"width": 384}
+    )
+    threading.Timer(0.5, lambda: JobStore(firestore_client).ensure_queued(runsync, "rp-function-runsync")).start()
+    sent = len(runpod.requests)
     assert (
         dispatch.dispatch_created(
             firestore_client, runpod.client(), user_id="u-grace", media_type="images", file_uid="g-runsync", grace=grace
         )
-        == "accepted"
+        == "skipped"
     )
-    assert runpod.requests[-1][1]["input"]["width"] == 384
+    assert len(runpod.requests) == sent
+    restated = firestore_client.document(key.format("g-runsync")).get().to_dict()
+    assert (restated["width"], restated["runpod_job_id"], restated["status"]) == (384, "rp-function-runsync", "queued")
+    assert "dispatch_count" not in restated
     # Nothing comes: dispatched with its defaults once the grace from its creation has passed; a doc that states a
     # parameter is dispatched at once.
     for file_uid, fields, at_least, at_most in (
