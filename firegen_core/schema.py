@@ -135,6 +135,8 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         "dispatch_count": {"type": "integer", "minimum": 0},
         "dispatched_at": TIMESTAMP_REF,
         "dispatched_by": {"enum": ["callable", "trigger", "scheduler"]},
+        # The last dispatch's own id: its dispatcher knows its marking landed where the write's answer was lost.
+        "dispatch_token": {"type": "string"},
         "dispatch_error": {"type": "string"},
         # The requests the functions sent to RunPod for the job, not arrived yet, as digests (jobs.fingerprint).
         "dispatched_inputs": {"type": "array", "items": {"type": "string"}},

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -82,6 +82,7 @@ from firegen_core.jobs import (
     JobKey,
     JobStore,
     Misfiled,
+    Outcome,
     contract_failure,
     dispatches_with,
     queued_document,
@@ -97,6 +98,7 @@ P, R = ParamSpec("P"), TypeVar("R")
 DISPATCH_COUNT = lifecycle.DISPATCH_COUNT  # how many times a worker was woken for this job
 DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
 DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
+DISPATCH_TOKEN = "dispatch_token"  # the last marking's own id (`_Marking`)
 DISPATCH_ERROR = lifecycle.DISPATCH_ERROR  # why the last dispatch did not reach a worker; removed by the next one
 
 BY_CALLABLE, BY_TRIGGER, BY_SCHEDULER = "callable", "trigger", "scheduler"
@@ -163,20 +165,47 @@ def _store(db: firestore.Client, limits: Limits = Limits()) -> JobStore:
     return JobStore(db, limits=limits, retention_days=lifecycle.retention_days(os.environ))
 
 
-def _markers(
-    doc: Mapping[str, Any] | None, by: str, request: GenerationRequest, *, afresh: bool = False
-) -> dict[str, Any]:
-    """The fields of one more dispatch of `request`; `afresh`: the first of a refused job's new try."""
-    markers: dict[str, Any] = {
-        DISPATCH_COUNT: (0 if afresh else int(quota.number(doc or {}, DISPATCH_COUNT))) + 1,
-        DISPATCHED_AT: SERVER_TIMESTAMP,
-        DISPATCHED_BY: by,
-        # Every one kept, a new try's too: an earlier try's runsync may still arrive.
-        DISPATCHED_INPUTS: dispatches_with(doc, request),
-    }
-    if doc and DISPATCH_ERROR in doc and not afresh:
-        markers[DISPATCH_ERROR] = DELETE_FIELD
-    return markers
+class _Marking:
+    """One dispatcher's marks on a job, each try's with a token of its own (`dispatch_token`). A try whose commit
+    landed but whose answer was lost is sent again by the client library, which the doc's new update time refuses;
+    read again, the doc showed the job dispatched, as if by another: nothing was sent, the callable said
+    "Generation started", and the job waited for the sweep (a review). A doc bearing one of this dispatcher's
+    tokens is its own marking, and its dispatch goes out."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.landed: dict[str, Any] | None = None
+
+    def markers(
+        self, doc: Mapping[str, Any] | None, by: str, request: GenerationRequest, *, afresh: bool = False
+    ) -> dict[str, Any]:
+        """The fields of one more dispatch of `request`; `afresh`: the first of a refused job's new try."""
+        self.tokens.append(uuid.uuid4().hex)
+        markers: dict[str, Any] = {
+            DISPATCH_COUNT: (0 if afresh else int(quota.number(doc or {}, DISPATCH_COUNT))) + 1,
+            DISPATCHED_AT: SERVER_TIMESTAMP,
+            DISPATCHED_BY: by,
+            DISPATCH_TOKEN: self.tokens[-1],
+            # Every one kept, a new try's too: an earlier try's runsync may still arrive.
+            DISPATCHED_INPUTS: dispatches_with(doc, request),
+        }
+        if doc and DISPATCH_ERROR in doc and not afresh:
+            markers[DISPATCH_ERROR] = DELETE_FIELD
+        return markers
+
+    def landed_here(self, doc: Mapping[str, Any] | None) -> bool:
+        """Whether `doc` bears this dispatcher's marking (a decide then writes nothing more)."""
+        if doc is not None and doc.get(DISPATCH_TOKEN) in self.tokens:
+            self.landed = dict(doc)
+            return True
+        return False
+
+    def outcome(self, outcome: Outcome) -> Outcome:
+        """The transition's outcome, with a marking that landed unanswered as written by it."""
+        if outcome.applied or self.landed is None:
+            return outcome
+        marks = {name: self.landed[name] for name in (DISPATCH_COUNT, DISPATCHED_BY, DISPATCH_TOKEN)}
+        return replace(outcome, before=self.landed, written=marks)
 
 
 def runsync_input(request: GenerationRequest) -> dict[str, Any]:
@@ -392,20 +421,23 @@ def generate(
         raise CallError("invalid-argument", message) from None
 
     key = JobKey.of(request)
+    marking = _Marking()
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
+        if marking.landed_here(doc):
+            return None
         if doc is None:
-            return {**queued_document(request), **_markers(None, BY_CALLABLE, request)}
+            return {**queued_document(request), **marking.markers(None, BY_CALLABLE, request)}
         # The client's own doc takes the parameters this call gives (a running job is queued again with them).
         update = lifecycle.restate(doc, restatement(doc, request), request.parameters()) or {}
         count = int(quota.number(doc, DISPATCH_COUNT))
         retry = DISPATCH_ERROR in doc and count < policy.max_dispatches  # the last dispatch never arrived
         again = lifecycle.refused(doc)  # refused for its limits or its parameters: this call is its new try
         if update.get("status", doc.get("status")) == lifecycle.QUEUED and (count == 0 or retry or again):
-            return {**update, **_markers(doc, BY_CALLABLE, request, afresh=again)}
+            return {**update, **marking.markers(doc, BY_CALLABLE, request, afresh=again)}
         return update or None
 
-    outcome = store.transition(key, decide, admit=True)
+    outcome = marking.outcome(store.transition(key, decide, admit=True))
     doc = outcome.after
     if doc.get("status") == lifecycle.FAILED:
         # Refused just now for the user's limits, or failed before (a retried call): report it.
@@ -478,8 +510,11 @@ def dispatch_created(
     key = JobKey(user_id, media_type, file_uid)
     if grace > 0:
         _await_request(db, key, grace)
+    marking = _Marking()
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
+        if marking.landed_here(doc):
+            return None
         if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
             return None
         if doc.get(REQUESTED_AT) or doc.get(RUNPOD_JOB_ID):
@@ -490,10 +525,10 @@ def dispatch_created(
             return None
         # Its owner's cancel (the doc's flag, within the grace, where no worker may be up to hear it): ended here
         # rather than dispatched, which would wake a GPU worker for it.
-        return lifecycle.drop_cancelled(doc) or _refused_or_marked(key, doc, BY_TRIGGER)
+        return lifecycle.drop_cancelled(doc) or _refused_or_marked(key, doc, BY_TRIGGER, marking)
 
     store = _store(db, limits)
-    outcome = store.transition(key, decide, admit=True)
+    outcome = marking.outcome(store.transition(key, decide, admit=True))
     if not outcome.applied:
         return "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
@@ -502,13 +537,13 @@ def dispatch_created(
     return _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])[0].outcome
 
 
-def _refused_or_marked(key: JobKey, doc: Mapping[str, Any], by: str) -> dict[str, Any]:
+def _refused_or_marked(key: JobKey, doc: Mapping[str, Any], by: str, marking: _Marking) -> dict[str, Any]:
     """A doc that breaks the contract is failed in the same write that would mark it dispatched: nothing goes out
     for it, and a request that restated it meanwhile (the callable's) makes the write decide again."""
     request = stated_request(key, doc)
     if request is None:
         return contract_failure(key, doc) or {}  # the same parse: never empty
-    return _markers(doc, by, request)
+    return marking.markers(doc, by, request)
 
 
 def _failed_outcome(written: Mapping[str, Any], *, otherwise: str) -> str:
@@ -614,9 +649,12 @@ def _redispatch_one(
     store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy, *, seen: workers.Sightings
 ) -> str:
     waiting = False
+    marking = _Marking()
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
         nonlocal waiting
+        if marking.landed_here(doc):
+            return None
         if not _stale(doc, now, policy):
             return None
         if doc.get(lifecycle.CANCEL_REQUESTED):  # ended as a claim would end it: no worker woken for it
@@ -631,9 +669,9 @@ def _redispatch_one(
                 return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
             # Workers ran after its last dispatch and left it queued (RunPod scaled them down while the backlog
             # waited, or the one running it died): the endpoint starts workers, so one is woken for it again.
-        return _refused_or_marked(key, doc, BY_SCHEDULER)
+        return _refused_or_marked(key, doc, BY_SCHEDULER, marking)
 
-    outcome = store.transition(key, decide)
+    outcome = marking.outcome(store.transition(key, decide))
     if not outcome.applied:
         return "waiting" if waiting else "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:

@@ -1357,6 +1357,60 @@ def test_a_sweep_past_its_budget_leaves_the_rest_for_the_next(firestore_client, 
     )
 
 
+@pytest.fixture
+def lost_answer(monkeypatch):
+    """The first commit that marks a dispatch lands, and its answer is lost: the client library sends it again,
+    which the doc's new update time refuses (FailedPrecondition). A stand-in at the batch's commit: the emulator
+    loses no answer on demand."""
+    from google.api_core.exceptions import FailedPrecondition
+    from google.cloud.firestore_v1.batch import WriteBatch
+
+    real = WriteBatch.commit
+    lost: list[str] = []
+
+    def commit(self, *args, **kwargs):
+        marking = any("dispatched_by" in str(write) for write in self._write_pbs)  # emptied by the commit
+        result = real(self, *args, **kwargs)
+        if marking and not lost:
+            lost.append("lost")
+            raise FailedPrecondition("the stored version does not match the required base version")
+        return result
+
+    monkeypatch.setattr(WriteBatch, "commit", commit)
+    return lost
+
+
+@pytest.mark.parametrize("dispatcher", ["callable", "trigger", "sweep"])
+def test_a_marking_whose_answer_was_lost_is_known_for_its_own_and_goes_out(
+    firestore_client, stub, lost_answer, dispatcher
+):
+    """The review: read again, the doc showed the job marked dispatched, by another as it seemed; nothing was sent
+    (the callable even said "Generation started"), and the job waited for the sweep. Each dispatcher knows its
+    own marking by its token, and sends the job once."""
+    runpod = stub(ACCEPTED)
+    path = f"generations/u-lost/images/{dispatcher}"
+    if dispatcher == "callable":
+        reply = dispatch.generate(
+            firestore_client, runpod.client(), uid="u-lost", data={"prompt": "a car", "file_uid": dispatcher}
+        )
+        assert (reply["status"], reply["message"]) == ("accepted", "Generation started")
+    elif dispatcher == "trigger":
+        firestore_client.document(path).set(client_doc(width=512))
+        outcome = dispatch.dispatch_created(
+            firestore_client, runpod.client(), user_id="u-lost", media_type="images", file_uid=dispatcher
+        )
+        assert outcome == "accepted"
+    else:
+        firestore_client.document(path).set(
+            {**client_doc(width=512), "created_at": datetime.now(UTC) - timedelta(hours=1)}
+        )
+        assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=Policy()) == Counter(redispatched=1)
+    assert lost_answer == ["lost"]
+    assert [body["input"]["file_uid"] for _, body in runpod.requests] == [dispatcher]
+    doc = firestore_client.document(path).get().to_dict()
+    assert doc["dispatch_count"] == 1 and doc["runpod_job_id"]
+
+
 def test_one_jobs_unexpected_error_leaves_the_sweep_to_the_others(firestore_client, stub, caplog, monkeypatch):
     """The review: nothing caught an error of one job's dispatch (Firestore contended past its bound, away a
     moment): the rest of the sweep was abandoned, its counts never logged. Here the first job's transition raises

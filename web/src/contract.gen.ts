@@ -113,6 +113,7 @@ export interface JobDoc {
   dispatch_count?: number;
   dispatched_at?: Timestamp;
   dispatched_by?: "callable" | "trigger" | "scheduler";
+  dispatch_token?: string;
   dispatch_error?: string;
   dispatched_inputs?: string[];
   arrived_dispatches?: string[];
