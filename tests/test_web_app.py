@@ -1116,6 +1116,31 @@ def test_a_start_the_network_failed_says_so_and_starts_again_once_online(stack, 
         context.close()
 
 
+def test_a_page_signed_out_elsewhere_starts_again_signed_in_anew(open_page):
+    """The review: signed out later (in another tab, or the anonymous account deleted: its token refresh fails),
+    the page stayed the old user's, its listeners refused and its calls unauthenticated. It starts again, as a new
+    user. Signed out here as another tab would: the Auth SDK's record taken out of IndexedDB, which it watches."""
+    app = open_page()
+    before = app.uid
+    with app.page.expect_navigation(timeout=30_000):
+        app.page.evaluate(
+            """() => new Promise((resolve, reject) => {
+                const opened = indexedDB.open("firebaseLocalStorageDb");
+                opened.onerror = () => reject(opened.error);
+                opened.onsuccess = () => {
+                    const cleared = opened.result.transaction("firebaseLocalStorage", "readwrite")
+                        .objectStore("firebaseLocalStorage").clear();
+                    cleared.onsuccess = () => { opened.result.close(); resolve(); };
+                };
+            })"""
+        )
+    app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    after = app.page.evaluate("document.body.dataset.uid")
+    assert after and after != before
+    assert app.page.locator("#who").inner_text() == f"Signed in anonymously as {after}"
+    assert app.problems() == []
+
+
 def test_no_jobs_yet_is_never_shown_to_a_user_with_jobs(open_page, stack):
     """Audit: after a reload "No jobs yet." showed until the jobs arrived. It shows only once both collections
     have answered (before: "Loading your jobs…"); a user with no jobs does see it."""

@@ -158,6 +158,13 @@ async function main(): Promise<void> {
     await signInAnonymously(auth);
     uid = await new Promise<string>((resolve) => onAuthStateChanged(auth, (user) => user && resolve(user.uid)));
     $("who").textContent = `Signed in anonymously as ${uid}`;
+    // Signed out later (in another tab, or the account deleted, as apps do with old anonymous users: its token
+    // refresh then fails): the page was still the old user's, its listeners refused, its calls unauthenticated
+    // (the review). It starts again, signed in anew.
+    const started = uid;
+    onAuthStateChanged(auth, (user) => {
+      if (user?.uid !== started) location.reload();
+    });
   }
   document.body.dataset.uid = uid;
 
