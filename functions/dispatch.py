@@ -99,6 +99,8 @@ DISPATCH_COUNT = lifecycle.DISPATCH_COUNT  # how many times a worker was woken f
 DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
 DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
 DISPATCH_TOKEN = "dispatch_token"  # the last marking's own id (`_Marking`)
+# A job at MAX_DISPATCHES that working workers left queued is dispatched again, up to this many times MAX_DISPATCHES.
+LEFT_BEHIND_FACTOR = 2
 DISPATCH_ERROR = lifecycle.DISPATCH_ERROR  # why the last dispatch did not reach a worker; removed by the next one
 
 BY_CALLABLE, BY_TRIGGER, BY_SCHEDULER = "callable", "trigger", "scheduler"
@@ -665,10 +667,12 @@ def _redispatch_one(
             if waiting:
                 return None
             last = _last_dispatch(doc)
-            if not (seen.last_seen and last and seen.last_seen > last):
+            worked = seen.last_worked is not None and last is not None and seen.last_worked > last
+            if not worked or count >= policy.max_dispatches * LEFT_BEHIND_FACTOR:
                 return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
-            # Workers ran after its last dispatch and left it queued (RunPod scaled them down while the backlog
-            # waited, or the one running it died): the endpoint starts workers, so one is woken for it again.
+            # Workers that ran jobs to their end were seen after its last dispatch, and left it queued (RunPod scaled
+            # them down while the backlog waited, or the one running it died): the endpoint runs jobs, so one is
+            # woken for it again; up to LEFT_BEHIND_FACTOR times MAX_DISPATCHES in all, whatever comes.
         return _refused_or_marked(key, doc, BY_SCHEDULER, marking)
 
     outcome = marking.outcome(store.transition(key, decide))

@@ -144,6 +144,7 @@ class Reconciler:
         self._takeovers_from = 0.0
         self._troubled = False
         self._foreign: set[str] = set()  # docs outside generations/ its queries met, each said once (`_not_ours`)
+        self._finished = 0  # jobs run here to their end (completed or failed): its liveness doc says it (`beat`)
 
     # --- lifecycle of the reconciler itself ------------------------------------------------------------------
 
@@ -200,7 +201,7 @@ class Reconciler:
         for watch in self._watches.values():  # one the sweep's watchdog restarted as `stop` began
             _close(watch)
         try:
-            workers.leave(self.store.client, self.store.worker_id)
+            workers.leave(self.store.client, self.store.worker_id, finished=self._finished)
         except Exception as exc:
             log.warning("worker_doc_not_removed", error=str(exc))
         log.info("reconciler_stopped", worker_id=self.store.worker_id)
@@ -487,6 +488,8 @@ class Reconciler:
                 batches.setdefault(group if group is not None else job.key, []).append((job, stop))
             for batch in batches.values():
                 outcomes = self.runner.run_batch(batch)
+                with self._cv:
+                    self._finished += sum(outcome in (RunOutcome.COMPLETED, RunOutcome.FAILED) for outcome in outcomes)
                 lost += [
                     job.key for (job, _), outcome in zip(batch, outcomes, strict=True) if outcome == RunOutcome.LOST
                 ]
@@ -650,6 +653,7 @@ class Reconciler:
             busy=self.busy,
             concurrency=self.concurrency,
             started_at=datetime.fromtimestamp(self._started_local + self._clock_offset, UTC),
+            finished=self._finished,
             timeout=timeout,
         )
         took = time.monotonic() - started

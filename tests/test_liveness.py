@@ -82,9 +82,12 @@ def test_a_backlog_its_workers_left_is_dispatched_again_not_failed(sched_worker,
     at once), and a clean stop deleted the worker's doc: the next sweep found no worker and failed every job already
     dispatched the most times, "No GPU worker picked up the job", within seconds of one working. A worker seen after
     a job's last dispatch shows the endpoint starts workers: the job is dispatched again, and one wakes for it."""
-    worker = sched_worker("scaled-down", StubGenerator(threading.Event()), sweep=0.2)
-    wait_until(lambda: firestore_client.document("workers/scaled-down").get().exists)
+    worker = sched_worker("scaled-down", StubGenerator(), sweep=0.2)
+    done = JobKey("earlier", "images", "done")
+    queue_jobs(firestore_client, [done])
+    wait_until(lambda: (read(firestore_client, done) or {}).get("status") == "completed")
     worker.stop(grace=0)
+    assert firestore_client.document("workers/scaled-down").get().get(workers.FINISHED) == 1  # it ran jobs
     backlog = stale_backlog(firestore_client, 3)  # dispatched 3 times, the last an hour ago
     runpod = stub(ACCEPTED)
     counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
@@ -96,6 +99,46 @@ def test_a_backlog_its_workers_left_is_dispatched_again_not_failed(sched_worker,
     # Dispatched again just now: the next sweep leaves them (not stale), whatever the workers.
     assert set(dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)) <= {"skipped"}
     assert len(runpod.requests) == 3
+
+
+def test_workers_that_never_ran_a_job_wake_none_again_and_the_redispatches_are_bounded(firestore_client, stub):
+    """The review of the rule above: a worker that fails its start-up check (a broken GPU, a bucket it cannot write)
+    or crashes before its first job also leaves a doc seen after the dispatch that started it; counted, every
+    queued job of a broken endpoint would wake a GPU every 10 minutes for ever. Only workers that ran jobs to their
+    end count, and past twice MAX_DISPATCHES the job fails whatever the workers did."""
+    now = datetime.now(UTC)
+    firestore_client.document("workers/failed-check").set(
+        {workers.SEEN_AT: now - timedelta(minutes=11), workers.LEFT_AT: now - timedelta(minutes=11), "busy": 0}
+    )
+    firestore_client.document("workers/crash-looping").set(
+        {workers.SEEN_AT: now - timedelta(minutes=12), workers.FINISHED: 0}
+    )
+    backlog = stale_backlog(firestore_client, 2)
+    runpod = stub(ACCEPTED)
+    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(failed=2)
+    assert runpod.requests == [] and {read(firestore_client, k)["status"] for k in backlog} == {"failed"}
+    # A worker that ran jobs, seen after the last dispatch: woken again, up to 6 dispatches in all.
+    firestore_client.document("workers/worked").set(
+        {
+            workers.SEEN_AT: now - timedelta(minutes=11),
+            workers.LEFT_AT: now - timedelta(minutes=11),
+            workers.FINISHED: 5,
+        }
+    )
+    old = now - timedelta(hours=1)
+    for count, name in ((5, "fifth"), (6, "sixth")):
+        firestore_client.document(f"generations/u-cap/images/{name}").set(
+            {**client_doc(), "created_at": old, "dispatch_count": count, "dispatched_at": old}
+        )
+    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(
+        redispatched=1, failed=1
+    )
+    assert [body["input"]["file_uid"] for _, body in runpod.requests] == ["fifth"]
+    sixth = firestore_client.document("generations/u-cap/images/sixth").get().to_dict()
+    assert (sixth["status"], sixth["error_message"]) == (
+        "failed",
+        "No GPU worker picked up the job after 6 dispatches, 10 minutes apart; please try again",
+    )
 
 
 def test_a_worker_killed_minutes_ago_still_counts_as_running(firestore_client, stub):

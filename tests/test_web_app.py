@@ -363,6 +363,50 @@ def test_the_newest_fifty_of_each_media_type_are_listed_and_older_ones_on_demand
     assert app.problems() == []
 
 
+def test_show_older_pressed_offline_is_not_ignored_for_good(open_page, stack):
+    """The review of the double-click guard: offline, the wider listener never hears from the server, and every
+    later press was ignored until it did. A press a second after the last counts: back online, both are listed."""
+    app = open_page()
+    now = datetime.now(UTC)
+    failed = {"status": "failed", "generated": False, "error": True, "error_type": "RuntimeError", "error_message": "x"}
+    db = firestore_client(stack)
+    batch = db.batch()
+    for minute in range(1, 111):
+        ref = db.document(f"generations/{app.uid}/images/old-{minute}")
+        batch.set(ref, {**failed, "prompt": f"image {minute}", "created_at": now - timedelta(minutes=minute)})
+    batch.commit()
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 50", timeout=30_000)
+    older = app.page.get_by_role("button", name="Show older jobs")
+    app.context.set_offline(True)
+    older.click()
+    app.page.wait_for_timeout(1200)  # past the double click's second
+    older.click()
+    app.context.set_offline(False)
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 110", timeout=60_000)
+    older.wait_for(state="hidden", timeout=10_000)
+    offline = r"ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
+    assert [p for p in app.problems() if not re.search(offline, p)] == []
+
+
+def test_a_start_the_server_did_not_answer_starts_again_while_online(stack, browser):
+    """The review: a start the network failed starts again on the browser's `online` event, which never comes to a
+    browser online all along (the server out of reach): it starts again 30 s later (the page's clock run on)."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.clock.install()
+        page.route("**/accounts:signUp*", lambda route: route.abort())
+        page.goto(stack.web_url)
+        page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+        page.unroute("**/accounts:signUp*")
+        with page.expect_navigation(timeout=30_000):
+            page.clock.fast_forward(31_000)
+        page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+        assert page.locator("#who").inner_text().startswith("Signed in anonymously as ")
+    finally:
+        context.close()
+
+
 def test_an_image_document_with_every_field_at_its_default_states_its_job(open_page, stack):
     """The newcomer audit: written with the prompt alone, the page's image doc waited PLACEHOLDER_GRACE_SECONDS
     (5 s) for a request that never follows it (the contract's function flow writes such a doc, then the

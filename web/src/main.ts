@@ -88,6 +88,8 @@ function callableMessage(error: unknown): string {
   return message(error).toLowerCase() === code.replace(/^functions\//, "") ? NO_ANSWER : message(error);
 }
 
+/** How long after a start the network failed, online, the page starts again. */
+const START_RETRY_MS = 30_000;
 /** How long "Offline" may stay once the browser is online again, while the listeners catch up. */
 const CATCH_UP_MS = 10_000;
 /** When the browser last came online (Date.now()). */
@@ -334,6 +336,7 @@ async function main(): Promise<void> {
   let shown = PAGE;
   let olderFrom: number | null = null; // Show older jobs was pressed with this many cards listed
   let widening = false; // until the wider listener has heard from the server
+  let widenedAt = -Infinity; // when Show older jobs was last pressed (performance.now())
   const listen = () =>
     listenToJobs(
       db,
@@ -397,8 +400,10 @@ async function main(): Promise<void> {
   let retryTimer: ReturnType<typeof setTimeout> | undefined;
   let stopListening = listen();
   showOlder.addEventListener("click", () => {
-    // Once per press that the server answered: a double click read (and billed) two pages more.
-    if (widening) return;
+    // A double click read (and billed) two pages more: a press while the last one's wider listener has not heard
+    // from the server counts once it is a while old (offline, the server may not answer for long).
+    if (widening && performance.now() - widenedAt < QUIET_MS) return;
+    widenedAt = performance.now();
     clearTimeout(retryTimer);
     shown += PAGE;
     olderFrom = list.children.length;
@@ -509,8 +514,12 @@ main().catch((error) => {
   $("who").textContent = "Not signed in: the app could not start";
   $("no-jobs").hidden = true;
   fail(`The app could not start: ${startFailure(error)}`);
-  // A start the network failed starts again once the browser is back online (the review: it stayed failed).
-  if (isCode(error, "auth/network-request-failed")) window.addEventListener("online", () => location.reload(), { once: true });
+  // A start the network failed starts again once the browser is back online, or (online all along: the server was
+  // out of reach) a while later (the review: it stayed failed).
+  if (isCode(error, "auth/network-request-failed")) {
+    window.addEventListener("online", () => location.reload(), { once: true });
+    setTimeout(() => navigator.onLine && location.reload(), START_RETRY_MS);
+  }
 });
 
 /** Why the start failed, for the page's user: the SDK's own text ("Firebase: Error (auth/...)") says little. */
