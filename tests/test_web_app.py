@@ -316,22 +316,33 @@ def test_a_long_history_fetches_the_images_scrolled_near_not_all_of_them_at_once
     assert app.problems() == []
 
 
+# Where a history's videos stand among its images, minutes ago (`_history`).
+VIDEO_MINUTES = {"vid-new": 30.5, "vid-old": 55.5}
+
+
+def _history(stack, uid: str, jobs: list[str]) -> None:
+    """Failed jobs written by hand (`images/img-7`: 7 minutes old; a video at its VIDEO_MINUTES), in one batch."""
+    now = datetime.now(UTC)
+    failed = {"status": "failed", "generated": False, "error": True, "error_type": "RuntimeError", "error_message": "x"}
+    db = firestore_client(stack)
+    batch = db.batch()
+    for job in jobs:
+        media, name = job.split("/")
+        minutes = VIDEO_MINUTES[name] if media == "videos" else int(name.rsplit("-", 1)[1])
+        prompt = name if media == "videos" else f"image {minutes}"
+        ref = db.document(f"generations/{uid}/{job}")
+        batch.set(ref, {**failed, "prompt": prompt, "created_at": now - timedelta(minutes=minutes)})
+    batch.commit()
+
+
 def test_the_newest_fifty_of_each_media_type_are_listed_and_older_ones_on_demand(open_page, stack):
     """A month of history was read whole (a Firestore read each) and rendered whole at every page open: the page
     lists each media type's newest 50 (jobs.ts PAGE), the history without a gap (a video older than the 50th
     image waits with the older images), and Show older jobs lists 50 more of each at a time."""
     app = open_page()
-    now = datetime.now(UTC)
-    failed = {"status": "failed", "generated": False, "error": True, "error_type": "RuntimeError", "error_message": "x"}
-    db = firestore_client(stack)
-    batch = db.batch()
-    for minute in range(1, 111):
-        ref = db.document(f"generations/{app.uid}/images/img-{minute}")
-        batch.set(ref, {**failed, "prompt": f"image {minute}", "created_at": now - timedelta(minutes=minute)})
-    for name, minute in (("vid-new", 30.5), ("vid-old", 55.5)):
-        ref = db.document(f"generations/{app.uid}/videos/{name}")
-        batch.set(ref, {**failed, "prompt": name, "created_at": now - timedelta(minutes=minute)})
-    batch.commit()
+    _history(
+        stack, app.uid, [f"images/img-{minute}" for minute in range(1, 111)] + ["videos/vid-new", "videos/vid-old"]
+    )
     app.page.wait_for_function("() => document.querySelectorAll('.job').length === 51", timeout=30_000)
     older = app.page.get_by_role("button", name="Show older jobs")
     assert older.is_visible()
@@ -367,14 +378,7 @@ def test_show_older_pressed_offline_is_not_ignored_for_good(open_page, stack):
     """The review of the double-click guard: offline, the wider listener never hears from the server, and every
     later press was ignored until it did. A press a second after the last counts: back online, both are listed."""
     app = open_page()
-    now = datetime.now(UTC)
-    failed = {"status": "failed", "generated": False, "error": True, "error_type": "RuntimeError", "error_message": "x"}
-    db = firestore_client(stack)
-    batch = db.batch()
-    for minute in range(1, 111):
-        ref = db.document(f"generations/{app.uid}/images/old-{minute}")
-        batch.set(ref, {**failed, "prompt": f"image {minute}", "created_at": now - timedelta(minutes=minute)})
-    batch.commit()
+    _history(stack, app.uid, [f"images/old-{minute}" for minute in range(1, 111)])
     app.page.wait_for_function("() => document.querySelectorAll('.job').length === 50", timeout=30_000)
     older = app.page.get_by_role("button", name="Show older jobs")
     app.context.set_offline(True)
