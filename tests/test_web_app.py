@@ -975,6 +975,50 @@ def test_a_failed_start_says_not_signed_in(stack, browser):
         context.close()
 
 
+SERVED = ("", "app.js", "boot.js", "style.css", web.APP_FILE)
+
+
+def test_a_deployed_page_is_revalidated_at_each_load_and_never_framed(stack, browser):
+    """firebase.json's Hosting headers, as the Hosting emulator serves them. Without them Hosting lets a browser keep
+    each file an hour (its default `max-age=3600`): a fix deployed reached users an hour later, and index.html and
+    app.js, kept apart, could come from two deploys. `no-cache` revalidates each at every load (a 304 by its ETag). The page spends its user's GPU quota on a click: no other site may frame it
+    (clickjacking). No script-src: the Firebase SDK's own hosts (App Check's reCAPTCHA among them) stay reachable."""
+    for name in SERVED:
+        with urllib.request.urlopen(stack.web_url + name, timeout=30) as answer:
+            headers = answer.headers
+        assert headers["Cache-Control"] == "no-cache", (name, dict(headers))
+        assert headers["X-Content-Type-Options"] == "nosniff", name
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"].split("; "), name
+        assert headers["X-Frame-Options"] == "DENY", name
+        assert headers["ETag"], name  # what the revalidation sends (Hosting answers 304; the emulator never does)
+
+    def framed(strip_headers: bool) -> bool:
+        """Whether a page of another origin that frames the app shows it."""
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            if strip_headers:  # the control: the same page served without the two headers is shown
+
+                def bare(route):
+                    answer = route.fetch()
+                    kept = {k: v for k, v in answer.headers.items() if k.lower() not in FRAMING}
+                    route.fulfill(response=answer, headers=kept)
+
+                page.route(stack.web_url, bare)
+            page.set_content(f'<iframe src="{stack.web_url}" onload="document.body.dataset.loaded = 1"></iframe>')
+            page.wait_for_selector("body[data-loaded]", timeout=30_000)
+            # Loaded: the app's own document, its form there to click, or the error page a refused frame gets.
+            return bool(page.frames[1].evaluate("!!document.getElementById('generate')"))
+        finally:
+            context.close()
+
+    assert framed(strip_headers=True)
+    assert not framed(strip_headers=False)
+
+
+FRAMING = ("content-security-policy", "x-frame-options")
+
+
 @pytest.mark.parametrize("bundle", ["unparsable", "missing"])
 def test_a_browser_that_cannot_run_the_bundle_is_told_so(stack, browser, bundle):
     """The review: a browser too old to parse the bundle (a lookbehind in a regex on Safari before 16.4), or a
