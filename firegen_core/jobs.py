@@ -689,11 +689,30 @@ def _landed(doc: Mapping[str, Any] | None, job: ClaimedJob, status: str, error_t
 
 
 def fingerprint(request: GenerationRequest) -> str:
-    """A digest of the job a request states, with its defaults (what the worker parses from the runsync input the
-    functions build from it; the contract's parser gives float parameters as floats, so a JSON hop that wrote 7.0
-    as 7 changes nothing, and seeds keep every digit)."""
-    stated = {name: value for name, value in asdict(request).items() if name != "given"}
+    """A digest of the job a request states: its task type and the fields it gives, as the contract's parser reads
+    them (float parameters as floats, so a JSON hop that wrote 7.0 as 7 changes nothing, and seeds keep every
+    digit). Defaults are left out: a deploy that adds an optional field or changes a default digests the requests
+    of the last one alike, where the functions of one and the workers of the other run side by side (a rollout)."""
+    data = asdict(request)
+    stated = {name: data[name] for name in request.given | {"prompt"} if name in PARAMETER_FIELDS}
+    return _digest({**{name: value for name, value in stated.items() if value is not None}, "task": request.task_type})
+
+
+def _legacy_fingerprint(request: GenerationRequest) -> str:
+    """The digest of releases up to 2026-12-05 (every field, defaults included), which functions still running
+    from one wrote while this release's workers take over: recognised, never written. Drop it a release later."""
+    return _digest({name: value for name, value in asdict(request).items() if name != "given"})
+
+
+def _digest(stated: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(stated, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _sent_mark(sent: Any, request: GenerationRequest) -> str | None:
+    """The mark in `dispatched_inputs` that is a dispatch of `request`, if any."""
+    if not isinstance(sent, list):
+        return None
+    return next((mark for mark in (fingerprint(request), _legacy_fingerprint(request)) if mark in sent), None)
 
 
 def dispatches_with(doc: Mapping[str, Any] | None, request: GenerationRequest) -> list[str]:
@@ -712,18 +731,17 @@ def dispatched(doc: Mapping[str, Any] | None, request: GenerationRequest, reques
     Each dispatch arrives once (`arrived`): the same parameters sent again afterwards (the contract's "fix
     parameters and retry") are a request."""
     doc = doc or {}
-    sent, seen = doc.get(DISPATCHED_INPUTS), doc.get(ARRIVED_DISPATCHES)
+    seen = doc.get(ARRIVED_DISPATCHES)
     if request_id and isinstance(seen, list) and request_id in seen:
         return True
-    return isinstance(sent, list) and fingerprint(request) in sent
+    return _sent_mark(doc.get(DISPATCHED_INPUTS), request) is not None
 
 
 def arrived(doc: Mapping[str, Any], request: GenerationRequest, request_id: str | None) -> dict[str, Any] | None:
     """The write that marks a dispatch of `request` arrived (`dispatched` was true); None for a redelivery."""
-    sent, seen = doc.get(DISPATCHED_INPUTS), doc.get(ARRIVED_DISPATCHES)
+    seen = doc.get(ARRIVED_DISPATCHES)
     seen = seen if isinstance(seen, list) else []
-    mark = fingerprint(request)
-    if request_id in seen or not isinstance(sent, list) or mark not in sent:
+    if request_id in seen or _sent_mark(doc.get(DISPATCHED_INPUTS), request) is None:
         return None
     update = undelivered(doc, request) or {}
     if request_id:
@@ -734,12 +752,13 @@ def arrived(doc: Mapping[str, Any], request: GenerationRequest, request_id: str 
 def undelivered(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str, Any] | None:
     """The write that drops one dispatch of `request` from the doc's `dispatched_inputs` (arrived, or answered
     without reaching a worker's record of the job: its runsync is not on its way any more), None where none is."""
-    sent, mark = doc.get(DISPATCHED_INPUTS), fingerprint(request)
-    if not isinstance(sent, list) or mark not in sent:
+    sent = doc.get(DISPATCHED_INPUTS)
+    mark = _sent_mark(sent, request)
+    if mark is None or not isinstance(sent, list):
         return None
-    sent = list(sent)
-    sent.remove(mark)
-    return {DISPATCHED_INPUTS: sent or DELETE_FIELD}
+    left = list(sent)
+    left.remove(mark)
+    return {DISPATCHED_INPUTS: left or DELETE_FIELD}
 
 
 def stated_request(key: JobKey, doc: Mapping[str, Any]) -> GenerationRequest | None:

@@ -47,10 +47,11 @@ def beat(
     concurrency: int,
     started_at: datetime,
     finished: int = 0,
+    code: str | None = None,
     timeout: float = CALL_TIMEOUT,
 ) -> datetime:
     """Say this worker is alive now (server time), with how many of its slots are busy and how many jobs it ran to
-    their end. Returns the write's server time. Merged: a beat that lands after the worker left (its write slow)
+    their end, and which code it runs (`code`: listener.version). Returns the write's server time. Merged: a beat that lands after the worker left (its write slow)
     keeps `left_at`."""
     result = (
         client.collection(WORKERS)
@@ -63,6 +64,7 @@ def beat(
                 "started_at": started_at,
                 FINISHED: finished,
                 "expire_at": datetime.now(UTC) + timedelta(days=EXPIRE_DAYS),
+                **({"code": code} if code else {}),
             },
             merge=True,
             **_bounded(timeout),

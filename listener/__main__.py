@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     from generation.engine import Engine, EngineConfig, quiet_loading
 
     from .startup import Deadline, import_runpod_sdk, runpod_report
+    from .version import code_version
     from .worker import build_worker
 
     if _on_runpod(argv):
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             frozen_objects=gc.get_freeze_count(),
             malloc_arena_max=arenas or os.environ.get("MALLOC_ARENA_MAX"),
             project=worker.store.client.project,
+            code=code_version(),
             bucket=settings.storage_bucket,
             image_model=settings.image_model,
             video_model=settings.video_model,

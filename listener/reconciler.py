@@ -45,6 +45,7 @@ from firegen_core.lifecycle import Lease
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
 from .runner import JobRunner, RunOutcome, quietly, release, transient
+from .version import code_version
 
 log = structlog.get_logger("listener.reconciler")
 
@@ -654,6 +655,7 @@ class Reconciler:
             concurrency=self.concurrency,
             started_at=datetime.fromtimestamp(self._started_local + self._clock_offset, UTC),
             finished=self._finished,
+            code=code_version(),
             timeout=timeout,
         )
         took = time.monotonic() - started

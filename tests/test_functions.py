@@ -2350,6 +2350,33 @@ def test_a_dispatch_is_recognised_after_its_json_hop(fields):
     assert not dispatched(doc, parse_runsync_input({**sent, "seed": (sent.get("seed") or 0) + 1}))  # every digit counts
 
 
+def test_a_dispatch_is_recognised_across_a_rollout():
+    """Functions and workers of two deploys run side by side for minutes (RunPod rolls its workers; functions deploy
+    apart). The digest leaves out what the request did not give: a release whose default differs (played by the
+    parsed request's default replaced) or that adds an optional field digests it alike. The last release's digests
+    (every field, defaults included), which its functions wrote, are recognised and taken off as they arrive."""
+    import hashlib
+    from dataclasses import asdict, replace
+
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import arrived, dispatched, fingerprint, undelivered
+
+    request = parse_runsync_input(
+        {"prompt": "a fox", "width": 768, "user_id": "u", "file_uid": "f", "use_cloud_storage": True}
+    )
+    other_defaults = replace(request, height=2048, num_inference_steps=12, guidance_scale=3.0)
+    assert fingerprint(other_defaults) == fingerprint(request)
+    assert fingerprint(replace(request, width=1024)) != fingerprint(request)  # a given field's value counts
+
+    old = {name: value for name, value in asdict(request).items() if name != "given"}
+    old_mark = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:32]
+    doc = {"dispatched_inputs": ["elsewhere", old_mark]}
+    assert dispatched(doc, request)
+    assert arrived(doc, request, "rp-1") == {"dispatched_inputs": ["elsewhere"], "arrived_dispatches": ["rp-1"]}
+    assert undelivered(doc, request) == {"dispatched_inputs": ["elsewhere"]}
+    assert not dispatched(doc, replace(request, width=1024, given=request.given))
+
+
 def test_the_trigger_dispatch_arriving_behind_the_contracts_refused_runsync_changes_nothing_and_a_fixed_retry_runs(
     firestore_client, stub
 ):

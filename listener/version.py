@@ -1,0 +1,27 @@
+"""Which code a worker runs: a digest of its Python sources (firegen_core, listener, generation), alike on every
+worker of one image and different on the next. It is `code` on the worker's doc (`workers/{worker_id}`) and in
+`worker_ready`, so an operator sees a rollout's two deploys side by side and when the last old worker has gone
+(README, Upgrading). A digest rather than a number: nothing to bump by hand, and an image built from a checkout
+without .git (RunPod's builds) carries no commit."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+PACKAGES = ("firegen_core", "listener", "generation")
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def code_version() -> str:
+    return source_digest(_ROOT)
+
+
+def source_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for package in PACKAGES:
+        for source in sorted((root / package).rglob("*.py")):
+            digest.update(source.relative_to(root).as_posix().encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
