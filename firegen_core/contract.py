@@ -136,6 +136,14 @@ class GenerationRequest:
         data = asdict(self)
         return {name: data[name] for name in sorted(self.given | {"prompt"}) if name in KNOWN_FIELDS}
 
+    def runsync_parameters(self) -> dict[str, Any]:
+        """`parameters()` as a runsync input states them: a video naming no video field (all defaults, its doc in
+        `videos`) names num_frames, since runsync tells a video by its video fields."""
+        data = self.parameters()
+        if self.is_video and not VIDEO_FIELDS & data.keys():
+            data["num_frames"] = self.num_frames
+        return data
+
 
 def _check_text(data: Mapping[str, Any], name: str, *, required: bool) -> str | None:
     value = data.get(name)

@@ -693,8 +693,7 @@ def fingerprint(request: GenerationRequest) -> str:
     them (float parameters as floats, so a JSON hop that wrote 7.0 as 7 changes nothing, and seeds keep every
     digit). Defaults are left out: a deploy that adds an optional field or changes a default digests the requests
     of the last one alike, where the functions of one and the workers of the other run side by side (a rollout)."""
-    data = asdict(request)
-    stated = {name: data[name] for name in request.given | {"prompt"} if name in PARAMETER_FIELDS}
+    stated = {name: value for name, value in request.runsync_parameters().items() if name in PARAMETER_FIELDS}
     return _digest({**{name: value for name, value in stated.items() if value is not None}, "task": request.task_type})
 
 

@@ -50,7 +50,6 @@ from firegen_core.contract import (
     CLOUD_ONLY,
     MAX_PROMPT_CHARS,
     REQUESTED_AT,
-    VIDEO_FIELDS,
     ContractError,
     GenerationRequest,
     awaits_parameters,
@@ -211,15 +210,9 @@ class _Marking:
 
 
 def runsync_input(request: GenerationRequest) -> dict[str, Any]:
-    """The runsync `input` for a validated request: the fields as given, snake_case, cloud storage on.
-
-    A video job whose doc names no video field (all defaults) gets num_frames explicitly: runsync decides
-    the task type from the video fields, a doc from its collection.
-    """
-    data = {**request.parameters(), "user_id": request.user_id, "file_uid": request.file_uid, "use_cloud_storage": True}
-    if request.is_video and not VIDEO_FIELDS & data.keys():
-        data["num_frames"] = request.num_frames
-    return data
+    """The runsync `input` for a validated request: the fields as given, snake_case, cloud storage on."""
+    ids = {"user_id": request.user_id, "file_uid": request.file_uid, "use_cloud_storage": True}
+    return {**request.runsync_parameters(), **ids}
 
 
 def _fail_queued(store: JobStore, key: JobKey, error_type: str, message: str) -> bool:
