@@ -179,7 +179,8 @@ class JobStore:
     ):
         self.client = client
         self.limits = limits
-        self.retention_days = retention_days  # RETENTION_DAYS: each write that ends a job sets `expire_at`
+        # RETENTION_DAYS: each write that ends a job sets `expire_at`, and each usage write of an idle user
+        self.retention_days = retention_days
 
     def ref(self, key: JobKey) -> firestore.DocumentReference:
         return self.client.document(key.path)
@@ -242,7 +243,13 @@ class JobStore:
             batch.create(snapshot.reference, update)
         change = quota.change(before, update, now)
         if change or recount:  # lowered counts are written even where this transition counts for nothing
-            fields = (usage.after(change) if change else usage).document(self.limits, now, SERVER_TIMESTAMP)
+            after = usage.after(change) if change else usage
+            fields = after.document(self.limits, now, SERVER_TIMESTAMP)
+            expire_at = quota.usage_expiry(after, now, self.retention_days)
+            if expire_at is not None:
+                fields[lifecycle.EXPIRE_AT] = expire_at
+            elif usage_snapshot.exists and lifecycle.EXPIRE_AT in (usage_snapshot.to_dict() or {}):
+                fields[lifecycle.EXPIRE_AT] = DELETE_FIELD
             if usage_snapshot.exists:
                 batch.update(usage_snapshot.reference, fields, option=self._unchanged(usage_snapshot))
             else:

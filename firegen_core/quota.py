@@ -15,7 +15,8 @@ other is not. A job never
 admitted (refused, or a doc that breaks the contract) never counts.
 
 The usage doc `usage/{uid}`: running, pending, spent_today, day (UTC date of spent_today: it starts again at 0
-at UTC midnight, reset lazily by the next write of a new day), limits, resets_at, updated_at.
+at UTC midnight, reset lazily by the next write of a new day), limits, resets_at, updated_at, and, while nothing
+of the user's is pending, expire_at (`usage_expiry`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def day_of(now: datetime) -> str:
 def resets_at(now: datetime) -> datetime:
     """The next UTC midnight: when the day's spend starts again at 0."""
     return datetime.combine(now.astimezone(UTC).date() + timedelta(days=1), time(), tzinfo=UTC)
+
+
+def usage_expiry(usage: Usage, now: datetime, retention_days: float) -> datetime | None:
+    """When a user's usage doc may go (its `expire_at`, for the TTL policy on `usage`): RETENTION_DAYS past the
+    day's reset, once nothing of the user's is pending; None while something is (a doc gone would forget what it
+    counts) or with retention off. A new uid per browser (anonymous sign-in) left one doc for good per user ever."""
+    if retention_days <= 0 or usage.running or usage.pending:
+        return None
+    return resets_at(now) + timedelta(days=retention_days)
 
 
 @dataclass(frozen=True)

@@ -1846,9 +1846,11 @@ def test_the_indexes_cover_the_queries():
         # README "Retention": the TTL policy lives here too, or every `firebase deploy` offers to delete it.
         ttl = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == (media, "expire_at")]
         assert ttl == [{"collectionGroup": media, "fieldPath": "expire_at", "ttl": True, "indexes": []}]
-    # The liveness docs of workers that never stopped cleanly (firegen_core.workers.EXPIRE_DAYS).
-    ttl = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == ("workers", "expire_at")]
-    assert ttl == [{"collectionGroup": "workers", "fieldPath": "expire_at", "ttl": True, "indexes": []}]
+    # The liveness docs of workers that never stopped cleanly (firegen_core.workers.EXPIRE_DAYS), and the usage
+    # docs of users with nothing pending (quota.usage_expiry).
+    for group in ("workers", "usage"):
+        ttl = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == (group, "expire_at")]
+        assert ttl == [{"collectionGroup": group, "fieldPath": "expire_at", "ttl": True, "indexes": []}]
 
 
 # ---------------------------------------------------------------------------------------------- Firebase CLI

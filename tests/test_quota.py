@@ -250,6 +250,33 @@ def test_a_killed_workers_job_counts_once_and_stops_counting_when_it_ends(firest
     assert survivor.claim(waiting) is not None and counts(firestore_client) == (1, 1)
 
 
+def test_a_users_usage_doc_expires_once_nothing_of_theirs_is_pending_and_not_before(firestore_client):
+    """A new uid per browser (anonymous sign-in) left a usage doc for good per user ever: it now carries
+    `expire_at` (for the TTL policy on `usage`) while nothing of the user's is pending, RETENTION_DAYS past the
+    day's reset (so a TTL deletion forgets no spend of the day), and none while a job is pending or running (a doc
+    deleted then would forget its counts). RETENTION_DAYS=0: none."""
+    store, worker = (
+        JobStore(firestore_client, retention_days=3),
+        WorkerJobs(firestore_client, worker_id="w", retention_days=3),
+    )
+    first, second = write_client_doc(firestore_client, "first"), write_client_doc(firestore_client, "second")
+    assert store.admit(first).written and "expire_at" not in usage(firestore_client)
+    claimed = worker.claim(first)
+    assert claimed and counts(firestore_client) == (1, 1) and "expire_at" not in usage(firestore_client)
+    assert worker.complete(claimed, {"status": "completed", "generated": True})
+    written = usage(firestore_client)
+    assert counts(firestore_client) == (0, 0)
+    assert written["expire_at"] == quota.resets_at(written["updated_at"]) + timedelta(days=3)
+    assert store.admit(second).written and counts(firestore_client) == (0, 1)
+    assert "expire_at" not in usage(firestore_client)  # pending again: taken off
+    assert store.cancel(second).after["status"] == "failed" and "expire_at" in usage(firestore_client)
+
+    kept = JobStore(firestore_client, retention_days=0)
+    other = write_client_doc(firestore_client, "other", user="keeper")
+    assert kept.admit(other).written and kept.cancel(other).after["status"] == "failed"
+    assert counts(firestore_client, "keeper") == (0, 0) and "expire_at" not in usage(firestore_client, "keeper")
+
+
 def test_a_job_cancelled_before_any_worker_took_it_gives_its_cost_back(firestore_client):
     store = JobStore(firestore_client)
     ran, cancelled = write_client_doc(firestore_client, "ran"), write_client_doc(firestore_client, "cancelled-early")
