@@ -686,6 +686,20 @@ def _held_job(stack, uid: str, file_uid: str, **fields):
     return ref
 
 
+def test_the_tab_title_counts_the_jobs_under_way(open_page, stack):
+    """A video renders for minutes while its user reads another tab: the page's title says how many jobs are under
+    way, `(2) firegen`, and is `firegen` again once none is."""
+    app = open_page()
+    assert app.page.title() == "firegen"
+    first, second = _held_job(stack, app.uid, "title-1"), _held_job(stack, app.uid, "title-2")
+    app.page.wait_for_function("() => document.title === '(2) firegen'", timeout=30_000)
+    first.update({"status": "completed", "generated": True, "progress": 1.0})
+    app.page.wait_for_function("() => document.title === '(1) firegen'", timeout=30_000)
+    second.update({"status": "failed", "error": True, "error_type": "Cancelled", "error_message": "Cancelled"})
+    app.page.wait_for_function("() => document.title === 'firegen'", timeout=30_000)
+    assert app.problems() == []
+
+
 def test_a_focused_cancel_button_keeps_its_focus_through_progress_updates(open_page, stack):
     """Audit: each progress write rebuilt the card, so a keyboard user's focused Cancel went and the focus fell
     to <body>. The card is updated in place: the same button keeps the focus and Enter cancels."""

@@ -301,6 +301,13 @@ export function renderJobs(
   return said;
 }
 
+/** The page's title with how many of the jobs listed are under way (queued or processing), `(2) firegen`: what a
+ * tab in the background shows of a video that renders for minutes. */
+export function titled(base: string, jobs: Job[]): string {
+  const under = jobs.filter((job) => job.doc.status === "queued" || job.doc.status === "processing").length;
+  return under ? `(${under}) ${base}` : base;
+}
+
 /** A job's phase as the page shows it: its status, but "cancelled" for a job that failed for its user's cancel. */
 function phase(doc: JobDoc): string {
   return doc.status === "failed" && doc.error_type === "Cancelled" ? "cancelled" : doc.status;

@@ -10,7 +10,7 @@ import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
 import { Dismissed } from "./dismissed";
 import { applyRanges, fillForm, markInvalid, mediaType, readRequest, requestOf } from "./form";
-import { dismissable, keyOf, listenToJobs, nameFor, named as nameOf, PAGE, QUIET_MS, renderJobs, type Job } from "./jobs";
+import { dismissable, keyOf, listenToJobs, nameFor, named as nameOf, PAGE, QUIET_MS, renderJobs, titled, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
 /** The callable's reply (functions/dispatch.py `generate`). */
@@ -23,6 +23,7 @@ interface GenerateReply {
 }
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+const TITLE = document.title;
 
 /** A job document firestore.rules refused although the contract's check passed (their own text names no field). */
 const RULES_REFUSED = "The job could not be queued: the server refused its document";
@@ -325,6 +326,7 @@ async function main(): Promise<void> {
     showDismissed.textContent = `Show ${count} dismissed`;
     if (!count && document.activeElement === showDismissed) $("jobs-title").focus();
     showDismissed.hidden = count === 0;
+    document.title = titled(TITLE, listed);
     return renderJobs(list, listed, handlers, hidden);
   };
   window.addEventListener("storage", (event) => {
