@@ -47,12 +47,12 @@ def beat(
     concurrency: int,
     started_at: datetime,
     finished: int = 0,
-    code: str | None = None,
+    code_version: str | None = None,
     timeout: float = CALL_TIMEOUT,
 ) -> datetime:
-    """Say this worker is alive now (server time), with how many of its slots are busy and how many jobs it ran to
-    their end, and which code it runs (`code`: listener.version). Returns the write's server time. Merged: a beat that lands after the worker left (its write slow)
-    keeps `left_at`."""
+    """Say this worker is alive now (server time), with how many of its slots are busy, how many jobs it ran to
+    their end, and which code it runs (`code_version`: listener.version). Returns the write's server time. Merged: a
+    beat that lands after the worker left (its write slow) keeps `left_at`."""
     result = (
         client.collection(WORKERS)
         .document(worker_id)
@@ -64,7 +64,7 @@ def beat(
                 "started_at": started_at,
                 FINISHED: finished,
                 "expire_at": datetime.now(UTC) + timedelta(days=EXPIRE_DAYS),
-                **({"code": code} if code else {}),
+                **({"code_version": code_version} if code_version else {}),
             },
             merge=True,
             **_bounded(timeout),

@@ -655,7 +655,7 @@ class Reconciler:
             concurrency=self.concurrency,
             started_at=datetime.fromtimestamp(self._started_local + self._clock_offset, UTC),
             finished=self._finished,
-            code=code_version(),
+            code_version=code_version(),
             timeout=timeout,
         )
         took = time.monotonic() - started

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Give finished job docs that lack `expire_at` one, so the TTL policy deletes them (README "Upgrading").
+"""Give finished job docs and idle users' usage docs that lack `expire_at` one, so the TTL policy deletes them
+(README "Upgrading").
 
 Releases before per-user limits (2026-11-26 and earlier), and workers of such a release still running during a
 rolling deploy, finished jobs without `expire_at`: a doc without it is never deleted, while the bucket's lifecycle
 rule deletes its files, so its URLs break. This sets `expire_at` = the job's finish (`completed_at` or
 `failed_at`; else its last write) + RETENTION_DAYS on every `completed` or `failed` job doc without one. A doc
-whose time is already past is deleted by the TTL policy within about a day, as it would have been.
+whose time is already past is deleted by the TTL policy within about a day, as it would have been. Likewise each
+user's usage doc (`usage/{uid}`) with nothing pending or running, which releases before 2026-12-05 never dated:
+`expire_at` = the UTC midnight after its last write + RETENTION_DAYS, as the workers now write it.
 
     .venv/bin/python scripts/backfill_expire_at.py --project my-app --dry-run   # count only
     .venv/bin/python scripts/backfill_expire_at.py --project my-app             # write
@@ -31,7 +34,7 @@ from google.api_core.exceptions import FailedPrecondition, NotFound
 from google.cloud import firestore
 from google.cloud.firestore import FieldFilter
 
-from firegen_core import lifecycle
+from firegen_core import lifecycle, quota
 from firegen_core.jobs import BOUND, MEDIA_TYPES, JobKey
 
 PAGE = 300
@@ -86,6 +89,39 @@ def backfill(client: firestore.Client, *, days: float, dry_run: bool = False) ->
     return counts
 
 
+def backfill_usage(client: firestore.Client, *, days: float, dry_run: bool = False) -> Backfilled:
+    """Set `expire_at` on every usage doc of a user with nothing pending or running that lacks one (`finished`
+    counts the usage docs read)."""
+    counts = Backfilled()
+    query = client.collection(quota.USAGE_COLLECTION).order_by("__name__").limit(PAGE)
+    after = None
+    while True:
+        page = list((query.start_after(after) if after is not None else query).stream(**BOUND))
+        for snapshot in page:
+            counts.finished += 1
+            doc = snapshot.to_dict() or {}
+            if lifecycle.EXPIRE_AT in doc or quota.number(doc, "pending") or quota.number(doc, "running"):
+                continue  # dated, or counting jobs (a doc gone would forget them)
+            counts.missing += 1
+            if dry_run:
+                continue
+            written = doc.get("updated_at")
+            last = written if isinstance(written, datetime) else snapshot.update_time
+            try:
+                snapshot.reference.update(
+                    {lifecycle.EXPIRE_AT: quota.resets_at(last) + timedelta(days=days)},
+                    option=client.write_option(last_update_time=snapshot.update_time),
+                    **BOUND,
+                )
+                counts.written += 1
+            except (FailedPrecondition, NotFound):
+                counts.changed += 1
+        if len(page) < PAGE:
+            break
+        after = page[-1]
+    return counts
+
+
 def _finished_at(doc: dict) -> datetime | None:
     for name in ("completed_at", "failed_at"):
         value = doc.get(name)
@@ -107,13 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     if days <= 0:
         print("backfill_expire_at: RETENTION_DAYS=0 keeps finished docs for good: nothing to do", file=sys.stderr)
         return 2
-    counts = backfill(firestore.Client(project=args.project), days=days, dry_run=args.dry_run)
+    client = firestore.Client(project=args.project)
     verb = "would be given" if args.dry_run else "given"
-    print(
-        f"{counts.finished} finished job docs read, {counts.missing} without expire_at: "
-        f"{counts.missing if args.dry_run else counts.written} {verb} one (finish + {days:g} days)"
-        + (f", {counts.changed} changed meanwhile and left to their writer" if counts.changed else "")
-    )
+    for counts, what, base in (
+        (backfill(client, days=days, dry_run=args.dry_run), "finished job docs", "finish"),
+        (backfill_usage(client, days=days, dry_run=args.dry_run), "usage docs", "the midnight after its last write"),
+    ):
+        print(
+            f"{counts.finished} {what} read, {counts.missing} without expire_at"
+            + (" and counting no job" if what == "usage docs" else "")
+            + f": {counts.missing if args.dry_run else counts.written} {verb} one ({base} + {days:g} days)"
+            + (f", {counts.changed} changed meanwhile and left to their writer" if counts.changed else "")
+        )
     return 0
 
 

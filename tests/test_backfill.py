@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from firegen_core import quota
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "backfill_expire_at.py"
 spec = importlib.util.spec_from_file_location("backfill_expire_at", SCRIPT)
 backfill = importlib.util.module_from_spec(spec)
@@ -79,14 +81,41 @@ def test_the_command_refuses_a_retention_that_sets_no_expiry(retention, says, mo
 
 def test_the_command_says_what_it_did(firestore_client, capsys):
     old_doc(firestore_client, "generations/u1/images/done", status="completed", completed_at=FINISHED)
+    firestore_client.document("usage/u1").set({"running": 0, "pending": 0, "updated_at": FINISHED})
     assert backfill.main(["--project", firestore_client.project, "--dry-run"]) == 0
-    assert capsys.readouterr().out.strip() == (
-        "1 finished job docs read, 1 without expire_at: 1 would be given one (finish + 30 days)"
-    )
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "1 finished job docs read, 1 without expire_at: 1 would be given one (finish + 30 days)",
+        "1 usage docs read, 1 without expire_at and counting no job: 1 would be given one (the midnight after its "
+        "last write + 30 days)",
+    ]
     assert backfill.main(["--project", firestore_client.project]) == 0
-    assert capsys.readouterr().out.strip() == (
-        "1 finished job docs read, 1 without expire_at: 1 given one (finish + 30 days)"
-    )
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "1 finished job docs read, 1 without expire_at: 1 given one (finish + 30 days)",
+        "1 usage docs read, 1 without expire_at and counting no job: 1 given one (the midnight after its last write "
+        "+ 30 days)",
+    ]
+
+
+def test_usage_docs_of_users_with_nothing_pending_get_the_midnight_after_their_last_write_plus_the_retention(
+    firestore_client,
+):
+    """Releases before 2026-12-05 never dated a usage doc: a user who never comes back (an anonymous uid of one
+    browser) left it for good. A doc still counting jobs is left undated (gone, it would forget them)."""
+    usage = firestore_client.collection("usage")
+    usage.document("idle").set({"running": 0, "pending": 0, "spent_today": 4.2, "updated_at": FINISHED})
+    usage.document("bare").set({"spent_today": 1.0})  # no counts, no time: its last write stands in
+    usage.document("waiting").set({"running": 0, "pending": 2, "updated_at": FINISHED})
+    usage.document("dated").set({"running": 0, "pending": 0, "expire_at": FINISHED})
+    bare_written = usage.document("bare").get().update_time
+    dry = backfill.backfill_usage(firestore_client, days=30, dry_run=True)
+    assert (dry.finished, dry.missing, dry.written) == (4, 2, 0)
+    counts = backfill.backfill_usage(firestore_client, days=30)
+    assert (counts.finished, counts.missing, counts.written, counts.changed) == (4, 2, 2, 0)
+    expiry = {name: usage.document(name).get().to_dict().get("expire_at") for name in ("idle", "waiting", "dated")}
+    assert expiry == {"idle": datetime(2026, 12, 21, tzinfo=UTC), "waiting": None, "dated": FINISHED}
+    bare = usage.document("bare").get().to_dict()
+    assert bare["expire_at"] == quota.resets_at(bare_written) + timedelta(days=30)
+    assert backfill.backfill_usage(firestore_client, days=30).missing == 0
 
 
 def test_a_doc_changed_since_it_was_read_is_left_to_its_writer(firestore_client, monkeypatch):

@@ -266,7 +266,7 @@ def test_a_users_usage_doc_expires_once_nothing_of_theirs_is_pending_and_not_bef
     assert worker.complete(claimed, {"status": "completed", "generated": True})
     written = usage(firestore_client)
     assert counts(firestore_client) == (0, 0)
-    assert written["expire_at"] == quota.resets_at(written["updated_at"]) + timedelta(days=3)
+    assert written["expire_at"] == written["resets_at"] + timedelta(days=3)
     assert store.admit(second).written and counts(firestore_client) == (0, 1)
     assert "expire_at" not in usage(firestore_client)  # pending again: taken off
     assert store.cancel(second).after["status"] == "failed" and "expire_at" in usage(firestore_client)

@@ -741,18 +741,21 @@ def test_the_worker_limits_the_c_allocators_arenas(stack):
 
 def test_the_worker_says_which_code_it_runs_in_its_log_and_its_doc(stack, tmp_path):
     """A rollout runs two deploys' workers side by side; README (Upgrading) has the functions deployed once the
-    last old worker has gone, which its `code` tells: a digest of this checkout's sources, on `worker_ready` and on
-    `workers/{worker_id}`. Any source changed, it changes."""
+    last old worker has gone, which its `code_version` tells: a digest of this checkout's sources and installed
+    distributions, on `worker_ready` and on `workers/{worker_id}`. Any source changed, it changes."""
     from listener.version import PACKAGES, code_version, source_digest
 
     ready = json.loads(stack.worker.events("worker_ready")[-1])
-    assert ready["code"] == code_version() and re.fullmatch(r"[0-9a-f]{12}", ready["code"])
+    assert ready["code_version"] == code_version() and re.fullmatch(r"[0-9a-f]{12}", ready["code_version"])
     assert emu.wait_until(lambda: stack.firestore.document(f"workers/{ready['worker_id']}").get().to_dict() or {}, 30)
-    assert stack.firestore.document(f"workers/{ready['worker_id']}").get().to_dict()["code"] == ready["code"]
+    assert (
+        stack.firestore.document(f"workers/{ready['worker_id']}").get().to_dict()["code_version"]
+        == ready["code_version"]
+    )
 
     for package in PACKAGES:
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
-    assert source_digest(tmp_path) == ready["code"]
+    assert source_digest(tmp_path) == ready["code_version"]
     changed = tmp_path / "listener" / "runner.py"
     changed.write_text(changed.read_text() + "\n# another deploy\n")
-    assert source_digest(tmp_path) != ready["code"]
+    assert source_digest(tmp_path) != ready["code_version"]
