@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # firegen_core,
 
 from google.api_core.exceptions import FailedPrecondition, NotFound
 from google.cloud import firestore
-from google.cloud.firestore import FieldFilter
+from google.cloud.firestore import DocumentSnapshot, FieldFilter
 
 from firegen_core import lifecycle, quota
 from firegen_core.jobs import BOUND, MEDIA_TYPES, JobKey
@@ -50,66 +51,63 @@ class Backfilled:
 
 def backfill(client: firestore.Client, *, days: float, dry_run: bool = False) -> Backfilled:
     """Set `expire_at` on every finished job doc of the project that lacks one (none when `dry_run`)."""
+
+    def due(snapshot: DocumentSnapshot, doc: dict) -> datetime | None:
+        return (
+            None if lifecycle.EXPIRE_AT in doc else (_finished_at(doc) or snapshot.update_time) + timedelta(days=days)
+        )
+
     counts = Backfilled()
     for media in MEDIA_TYPES:
-        query = (
-            client.collection_group(media)
-            .where(filter=FieldFilter("status", "in", [lifecycle.COMPLETED, lifecycle.FAILED]))
-            .order_by("__name__")
-            .limit(PAGE)
+        query = client.collection_group(media).where(
+            filter=FieldFilter("status", "in", [lifecycle.COMPLETED, lifecycle.FAILED])
         )
-        after = None
-        while True:
-            page = list((query.start_after(after) if after is not None else query).stream(**BOUND))
-            for snapshot in page:
-                try:  # a collection named images or videos outside `generations/`: the app's own, not a job
-                    JobKey.from_path(snapshot.reference.path)
-                except ValueError:
-                    continue
-                counts.finished += 1
-                doc = snapshot.to_dict() or {}
-                if lifecycle.EXPIRE_AT in doc:
-                    continue
-                counts.missing += 1
-                if dry_run:
-                    continue
-                ended = _finished_at(doc) or snapshot.update_time
-                try:
-                    snapshot.reference.update(
-                        {lifecycle.EXPIRE_AT: ended + timedelta(days=days)},
-                        option=client.write_option(last_update_time=snapshot.update_time),
-                        **BOUND,
-                    )
-                    counts.written += 1
-                except (FailedPrecondition, NotFound):
-                    counts.changed += 1
-            if len(page) < PAGE:
-                break
-            after = page[-1]
+        _date(client, query, due, counts, dry_run=dry_run, keep=_is_job)
     return counts
 
 
 def backfill_usage(client: firestore.Client, *, days: float, dry_run: bool = False) -> Backfilled:
     """Set `expire_at` on every usage doc of a user with nothing pending or running that lacks one (`finished`
     counts the usage docs read)."""
+
+    def due(snapshot: DocumentSnapshot, doc: dict) -> datetime | None:
+        if lifecycle.EXPIRE_AT in doc or quota.number(doc, "pending") or quota.number(doc, "running"):
+            return None  # dated, or counting jobs (a doc gone would forget them)
+        written = doc.get("updated_at")
+        return quota.resets_at(written if isinstance(written, datetime) else snapshot.update_time) + timedelta(
+            days=days
+        )
+
     counts = Backfilled()
-    query = client.collection(quota.USAGE_COLLECTION).order_by("__name__").limit(PAGE)
-    after = None
+    _date(client, client.collection(quota.USAGE_COLLECTION), due, counts, dry_run=dry_run)
+    return counts
+
+
+def _date(
+    client: firestore.Client,
+    query: firestore.Query | firestore.CollectionReference,
+    due: Callable[[DocumentSnapshot, dict], datetime | None],
+    counts: Backfilled,
+    *,
+    dry_run: bool,
+    keep: Callable[[DocumentSnapshot], bool] = lambda snapshot: True,
+) -> None:
+    """Page through `query`'s docs (those `keep` takes), giving each the `expire_at` that `due` says it lacks, only
+    where the doc has not changed since it was read."""
+    query, after = query.order_by("__name__").limit(PAGE), None
     while True:
         page = list((query.start_after(after) if after is not None else query).stream(**BOUND))
-        for snapshot in page:
+        for snapshot in filter(keep, page):
             counts.finished += 1
-            doc = snapshot.to_dict() or {}
-            if lifecycle.EXPIRE_AT in doc or quota.number(doc, "pending") or quota.number(doc, "running"):
-                continue  # dated, or counting jobs (a doc gone would forget them)
+            expire_at = due(snapshot, snapshot.to_dict() or {})
+            if expire_at is None:
+                continue
             counts.missing += 1
             if dry_run:
                 continue
-            written = doc.get("updated_at")
-            last = written if isinstance(written, datetime) else snapshot.update_time
             try:
                 snapshot.reference.update(
-                    {lifecycle.EXPIRE_AT: quota.resets_at(last) + timedelta(days=days)},
+                    {lifecycle.EXPIRE_AT: expire_at},
                     option=client.write_option(last_update_time=snapshot.update_time),
                     **BOUND,
                 )
@@ -117,9 +115,16 @@ def backfill_usage(client: firestore.Client, *, days: float, dry_run: bool = Fal
             except (FailedPrecondition, NotFound):
                 counts.changed += 1
         if len(page) < PAGE:
-            break
+            return
         after = page[-1]
-    return counts
+
+
+def _is_job(snapshot: DocumentSnapshot) -> bool:
+    try:  # a collection named images or videos outside `generations/`: the app's own, not a job
+        JobKey.from_path(snapshot.reference.path)
+    except ValueError:
+        return False
+    return True
 
 
 def _finished_at(doc: dict) -> datetime | None:
