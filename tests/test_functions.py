@@ -703,6 +703,27 @@ def test_a_refusal_from_runpod_fails_the_doc(firestore_client, stub):
     assert firestore_client.document("generations/u-skew/images/skew-1").get().to_dict()["status"] == "failed"
 
 
+def test_a_worker_of_an_earlier_deploy_refusing_a_field_it_does_not_know_leaves_the_job_queued(
+    firestore_client, stub, caplog
+):
+    """The functions deployed before the workers' rollout ended (README, Upgrading): a worker of the earlier deploy
+    refuses a field this contract knows ("unknown field"). That is no verdict on the user's request (the callable
+    validated it): the job stays queued, the refusal noted, for the sweep to dispatch again to a newer worker;
+    before, it failed ValidationError, blaming the user."""
+    refusal = "Validation failed: unknown field 'video_guidance_scale'"
+    runpod = stub((200, {"id": "j-old", "status": "FAILED", "error": refusal}))
+    data = {"prompt": "a fox", "file_uid": "behind-1", "num_frames": 16, "video_guidance_scale": 4.0}
+    with caplog.at_level("WARNING", logger="functions.runpod"):
+        answer = dispatch.generate(firestore_client, runpod.client(), uid="u-behind", data=data)
+    assert (answer["success"], answer["status"]) == (True, "queued")
+    doc = firestore_client.document("generations/u-behind/videos/behind-1").get().to_dict()
+    assert (doc["status"], doc["error"]) == ("queued", False) and "error_type" not in doc
+    assert doc["dispatch_error"] == (
+        f"a worker of an earlier deploy refused the job ({refusal}): deploy the workers before the functions"
+    )
+    assert [r.refused for r in caplog.records if r.getMessage() == "worker_behind"] == [refusal]
+
+
 def test_uid_checks(firestore_client, stub):
     runpod = stub(ACCEPTED)
     with pytest.raises(CallError) as raised:
