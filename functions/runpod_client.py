@@ -53,7 +53,7 @@ UNDELIVERED = "undelivered"  # nobody answered usefully (down, timeouts, 5xx, ba
 # failure of the worker, not a verdict on the request (listener/handler.py).
 WORKER_TRANSIENT_PREFIXES = (NOT_RECORDED_PREFIX,)
 # The functions send only fields their own contract knows (dispatch.runsync_input): a worker that calls one unknown
-# runs an earlier deploy's contract (functions deployed before the workers' rollout ended: README, Upgrading). No
+# runs another deploy's contract (functions deployed before the workers' rollout ended: README, Upgrading). No
 # verdict on the user's request: the job waits queued for a worker of this deploy (the sweep dispatches it again).
 OLDER_WORKER_PREFIX = "Validation failed: unknown field '"
 
@@ -237,7 +237,9 @@ def _refusal(error: Any, job_id: str | None) -> Verdict:
             return Verdict(UNDELIVERED, error, job_id)
         if error.startswith(OLDER_WORKER_PREFIX):
             log.warning("worker_behind", extra={"refused": error, "runpod_job_id": job_id})
-            behind = f"a worker of an earlier deploy refused the job ({error}): deploy the workers before the functions"
+            behind = (
+                f"a worker of another deploy refused the job ({error}): deploy the workers first, then the functions"
+            )
             return Verdict(UNDELIVERED, behind, job_id)
         return Verdict(REJECTED, error, job_id)
     return Verdict(UNDELIVERED, "RunPod reported the job failed without a message", job_id)

@@ -719,7 +719,7 @@ def test_a_worker_of_an_earlier_deploy_refusing_a_field_it_does_not_know_leaves_
     doc = firestore_client.document("generations/u-behind/videos/behind-1").get().to_dict()
     assert (doc["status"], doc["error"]) == ("queued", False) and "error_type" not in doc
     assert doc["dispatch_error"] == (
-        f"a worker of an earlier deploy refused the job ({refusal}): deploy the workers before the functions"
+        f"a worker of another deploy refused the job ({refusal}): deploy the workers first, then the functions"
     )
     assert [r.refused for r in caplog.records if r.getMessage() == "worker_behind"] == [refusal]
 
