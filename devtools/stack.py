@@ -333,7 +333,13 @@ class Stack:
             self.args.project,
             runsync_url,
             ports={name: self.ports[name] for name in ("auth", "functions", "firestore", "hosting")},
-            function_env={**self.shared, **self.functions_only},
+            # The results' bucket, for deleteGeneration: the worker's, on the Storage emulator.
+            function_env={
+                **self.shared,
+                **self.functions_only,
+                "STORAGE_BUCKET": bucket,
+                "STORAGE_EMULATOR_HOST": storage.url,
+            },
             hosting=web.missing() is None,
         )
         firestore, auth = cli.address("firestore"), cli.address("auth")

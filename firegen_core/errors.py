@@ -36,6 +36,8 @@ ERROR_TYPES = (
     TIMEOUT,
 )
 CANCELLED_MESSAGE = "Cancelled by the user"
+# A runsync that arrives for a job its owner deleted (firegen_core.deletion): answered so, and not run again.
+DELETED_MESSAGE = "Generation deleted by its owner"
 # A runsync's answer when the worker could not write the job's doc (Firestore away): a transient failure of the
 # worker, which the functions tell from a verdict on the request by this prefix.
 NOT_RECORDED_PREFIX = "Could not record the job"

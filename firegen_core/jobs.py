@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import tenacity
@@ -80,6 +80,10 @@ DISPATCHED_INPUTS = "dispatched_inputs"
 # dispatch again, where another runsync stating the same request is a request of its own.
 ARRIVED_DISPATCHES = "arrived_dispatches"
 DISPATCHES_KEPT = 10
+# A deleted job's dispatches still to come (`tombstone`), at generations/{uid}/deleted_jobs/{media}-{file_uid}: kept
+# TOMBSTONE_DAYS (TTL on `expire_at`), past the day RunPod keeps a request it has not delivered.
+DELETED_JOBS = "deleted_jobs"
+TOMBSTONE_DAYS = 2.0
 MAX_CONFLICTS = 40
 CLAIM_TRIES = 3  # a claim's calls that failed (Firestore briefly away), tried again knowing its earlier tries
 RECOUNT_EVERY = 30.0  # seconds: a user's counts held at a limit are recounted from their docs at most this often
@@ -444,7 +448,8 @@ class JobStore:
 
         def decide(doc: dict | None, now: datetime) -> dict | None:
             if doc is None:
-                return created
+                # Read after the doc was found missing: a deletion writes its tombstone in the doc's own commit.
+                return None if self._deleted_dispatch(key, request, request_id) else created
             if dispatched(doc, request, request_id):
                 return arrived(doc, request, request_id)
             update = lifecycle.restate(doc, restatement(doc, request), request.parameters())
@@ -460,6 +465,12 @@ class JobStore:
             return update
 
         return self.transition(key, decide, admit=True)
+
+    def _deleted_dispatch(self, key: JobKey, request: GenerationRequest, request_id: str | None) -> bool:
+        """Whether `request` is a dispatch of a job its owner deleted (`deletion`), arriving late: it must not create
+        the job again, a GPU run nobody asked for."""
+        snapshot = tombstone_ref(self.client, key).get(**BOUND)
+        return snapshot.exists and dispatched(snapshot.to_dict(), request, request_id)
 
     # --- queries ---------------------------------------------------------------------------------------------
 
@@ -765,6 +776,25 @@ def undelivered(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str,
     left = list(sent)
     left.remove(mark)
     return {DISPATCHED_INPUTS: left or DELETE_FIELD}
+
+
+def tombstone_ref(client: firestore.Client, key: JobKey) -> firestore.DocumentReference:
+    return client.collection(COLLECTION, key.user_id, DELETED_JOBS).document(f"{key.media_type}-{key.file_uid}")
+
+
+def tombstone(doc: Mapping[str, Any], now: datetime) -> dict[str, Any] | None:
+    """What a deleted job's doc leaves behind: the dispatches that may still arrive for it (as `dispatched` reads
+    them: the functions' not yet arrived, and the RunPod jobs that brought it, which RunPod may deliver again);
+    None where there is none."""
+    sent, seen, brought = doc.get(DISPATCHED_INPUTS), doc.get(ARRIVED_DISPATCHES), doc.get(RUNPOD_JOB_ID)
+    arrived = [*(seen if isinstance(seen, list) else []), *([brought] if isinstance(brought, str) and brought else [])]
+    if not sent and not arrived:
+        return None
+    return {
+        DISPATCHED_INPUTS: sent if isinstance(sent, list) else [],
+        ARRIVED_DISPATCHES: arrived,
+        lifecycle.EXPIRE_AT: now + timedelta(days=TOMBSTONE_DAYS),
+    }
 
 
 def stated_request(key: JobKey, doc: Mapping[str, Any]) -> GenerationRequest | None:

@@ -9,6 +9,7 @@
   period (`workers/{id}` docs, firegen_core.workers): a long backlog on live workers never fails a job.
 - `cancel`: the `cancelGeneration` callable: the owner cancels a queued job (failed `Cancelled` at once) or a
   running one (its worker stops it at the next step).
+- `delete`: the `deleteGeneration` callable: the owner deletes a finished job, its results and its doc.
 
 Each job is dispatched through one compare-and-set that marks it first (`dispatch_count`, `dispatched_at`,
 `dispatched_by`), so of a client's setDoc, its trigger (delivered at least once) and its callable call, only
@@ -32,11 +33,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
+import requests
 import runpod_client
 from google.api_core.exceptions import (
     Aborted,
     Cancelled,
     DeadlineExceeded,
+    Forbidden,
     InternalServerError,
     RetryError,
     ServiceUnavailable,
@@ -45,7 +48,7 @@ from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from runpod_client import RunPodClient, Verdict
 
-from firegen_core import lifecycle, quota, workers
+from firegen_core import deletion, lifecycle, quota, workers
 from firegen_core.contract import (
     CLOUD_ONLY,
     MAX_PROMPT_CHARS,
@@ -679,36 +682,30 @@ def _redispatch_one(
 
 
 # ------------------------------------------------------------------------------------------------ cancel
-CANCEL_NAMES = {"file_uid": "fileUid", "media_type": "mediaType", "user_id": "userId"}  # its refusals' words
-CANCEL_FIELDS = frozenset(CANCEL_NAMES)  # in either spelling
+# The fields of the calls that name one of the caller's jobs (cancelGeneration, deleteGeneration)
+JOB_NAMES = {"file_uid": "fileUid", "media_type": "mediaType", "user_id": "userId"}  # their refusals' words
+JOB_FIELDS = frozenset(JOB_NAMES)  # in either spelling
 CANCELLED_REPLY = "Generation cancelled"
 CANCELLING_REPLY = "Cancelling: the worker stops the generation at its next step"
+DELETED_REPLY = "Generation deleted"
+DELETE_NOT_RECORDED = "Could not delete the generation; please try again"
 
 
-@_unavailable_when_firestore_is_away(CANCEL_NOT_RECORDED)
-def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits = Limits()) -> dict[str, Any]:
-    """The `cancelGeneration` callable: {fileUid, mediaType} of one of the caller's jobs.
-
-    A queued job is failed `Cancelled` now; a processing one gets `cancel_requested: true` and its worker
-    fails it `Cancelled` at its next denoising step. Reply: {success: True, fileUid, mediaType, status:
-    "cancelled" | "cancelling", message}. Only the caller's own jobs can be named (the path is built from the
-    auth uid): another user's job is simply not found.
-    Unknown fields are refused. A finished job is left as it is (failed-precondition;
-    a job already cancelled answers "cancelled" again, so a retried call is harmless).
-    """
+def _named_job(uid: str | None, data: Any, verb: str) -> JobKey:
+    """The caller's own job a call names ({fileUid, mediaType}), or the CallError that refuses the call. Worded as
+    generateWithRunPod words its refusals: "X is required" for a missing field, the contract's "Validation
+    failed: ..." for a wrong one, "user_id must be the signed-in user's uid" for another user's."""
     if not uid:
-        raise CallError("unauthenticated", "Sign in to cancel a generation")
-    # Worded as generateWithRunPod words its refusals: "X is required" for a missing field, the contract's
-    # "Validation failed: ..." for a wrong one, "user_id must be the signed-in user's uid" for another user's.
+        raise CallError("unauthenticated", f"Sign in to {verb} a generation")
     if not isinstance(data, Mapping):
         raise CallError("invalid-argument", invalid("input must be a JSON object").message)
-    for name, value in spellings(data, "user_id", CANCEL_FIELDS):  # `UserId` too, as generateWithRunPod reads it
+    for name, value in spellings(data, "user_id", JOB_FIELDS):  # `UserId` too, as generateWithRunPod reads it
         if not left_out(value) and value != uid:
             raise CallError("permission-denied", f"{name} must be the signed-in user's uid")
     try:
         # Strict as generateWithRunPod is: a misspelt field (`fileID`) was taken for no field at all.
-        fields = normalise_document_fields(data, CANCEL_FIELDS, called=CANCEL_NAMES)
-        refuse_unknown(fields, CANCEL_FIELDS)
+        fields = normalise_document_fields(data, JOB_FIELDS, called=JOB_NAMES)
+        refuse_unknown(fields, JOB_FIELDS)
     except ContractError as exc:
         raise CallError("invalid-argument", exc.message) from None
     media = fields.get("media_type")
@@ -723,12 +720,26 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
         file_uid = check_id("fileUid", file_uid)
     except ContractError as exc:
         raise CallError("invalid-argument", exc.message) from None
-    key = JobKey(uid, media, file_uid)
+    return JobKey(uid, media, file_uid)
+
+
+@_unavailable_when_firestore_is_away(CANCEL_NOT_RECORDED)
+def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits = Limits()) -> dict[str, Any]:
+    """The `cancelGeneration` callable: {fileUid, mediaType} of one of the caller's jobs.
+
+    A queued job is failed `Cancelled` now; a processing one gets `cancel_requested: true` and its worker
+    fails it `Cancelled` at its next denoising step. Reply: {success: True, fileUid, mediaType, status:
+    "cancelled" | "cancelling", message}. Only the caller's own jobs can be named (the path is built from the
+    auth uid): another user's job is simply not found.
+    Unknown fields are refused. A finished job is left as it is (failed-precondition;
+    a job already cancelled answers "cancelled" again, so a retried call is harmless).
+    """
+    key = _named_job(uid, data, "cancel")
     outcome = _store(db, limits).cancel(key)  # its refund rewrites the usage doc, limits included
     doc = outcome.before
     if doc is None:
         raise CallError("not-found", "No such generation")
-    reply = {"success": True, "fileUid": file_uid, "mediaType": media}
+    reply = {"success": True, "fileUid": key.file_uid, "mediaType": key.media_type}
     written = outcome.written or {}
     if written.get("status") == lifecycle.FAILED:
         return {**reply, "status": "cancelled", "message": CANCELLED_REPLY}
@@ -739,3 +750,38 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     if doc.get("status") == lifecycle.FAILED and doc.get("error_type") == CANCELLED:
         return {**reply, "status": "cancelled", "message": CANCELLED_REPLY}
     raise CallError("failed-precondition", f"Generation already {doc.get('status')}: nothing to cancel")
+
+
+@_unavailable_when_firestore_is_away(DELETE_NOT_RECORDED)
+def delete(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any) -> dict[str, Any]:
+    """The `deleteGeneration` callable: {fileUid, mediaType} of one of the caller's finished jobs, whose results
+    are deleted from `bucket` and then its doc (firegen_core.deletion). Reply: {success: True, fileUid, mediaType,
+    status: "deleted", message}. A queued or processing job is refused (failed-precondition): cancel it first. A
+    job not found (another user's, or deleted already: a retried call) is `not-found`."""
+    key = _named_job(uid, data, "delete")
+    if bucket is None:  # the functions' configuration names none (logged)
+        raise CallError("unavailable", DELETE_NOT_RECORDED)
+    try:
+        deleted = deletion.delete_finished(JobStore(db), bucket, key)
+    except deletion.NotFinished as exc:
+        raise CallError("failed-precondition", f"Generation is {exc.status}: cancel it first, then delete it") from None
+    except requests.RequestException as exc:  # Storage unreachable (its API errors are FIRESTORE_AWAY's kinds)
+        log.error("storage_unavailable", extra={"call": "delete", "error": type(exc).__name__})
+        raise CallError("unavailable", DELETE_NOT_RECORDED) from None
+    except Forbidden:
+        # Ours to fix, not the caller's: said in the log with what to grant, the caller told to try later.
+        log.error(
+            "delete_forbidden",
+            extra={"bucket": getattr(bucket, "name", None), "grant": "roles/storage.objectUser on the bucket"},
+        )
+        raise CallError("unavailable", DELETE_NOT_RECORDED) from None
+    if deleted is None:
+        raise CallError("not-found", "No such generation")
+    log.info("job_deleted", extra={"user_id": key.user_id, "file_uid": key.file_uid, "objects": deleted.removed})
+    return {
+        "success": True,
+        "fileUid": key.file_uid,
+        "mediaType": key.media_type,
+        "status": "deleted",
+        "message": DELETED_REPLY,
+    }

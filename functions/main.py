@@ -5,6 +5,7 @@
     redispatchStaleJobs  every 5 minutes: wake a worker again for stale jobs, fail them after a few tries
                          (only when no worker has been alive for the whole stale period)
     cancelGeneration     callable (Firebase Auth required): cancel one of the caller's queued or running jobs
+    deleteGeneration     callable (Firebase Auth required): delete one of the caller's finished jobs, files and doc
 
 Configuration (the params are declared in config.py; see the README's "Cloud Functions" section):
     RUNPOD_API_KEY       secret (`firebase functions:secrets:set RUNPOD_API_KEY`)
@@ -18,6 +19,8 @@ Configuration (the params are declared in config.py; see the README's "Cloud Fun
                          prompt to the request that brings its parameters
     RETENTION_DAYS       optional environment variable (as the workers'): `expire_at` on the jobs they end
     ENFORCE_APP_CHECK    optional environment variable: on by default when deployed, off under the emulators
+    STORAGE_BUCKET       optional environment variable: the results' bucket (deleteGeneration), as the workers'
+                         (default: the project's default bucket, FIREBASE_CONFIG's storageBucket)
 
 Logs: the records of dispatch and runpod_client (standard `logging`, so they import anywhere), and those the
 firebase_functions SDK itself writes through the root logger, are written by `firebase_functions.logger`: one
@@ -27,6 +30,7 @@ caller's token are cut before the quote.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -184,20 +188,44 @@ _db = None
 _db_lock = threading.Lock()
 
 
+def _google_client(make: Callable[..., Any], emulator_host: str) -> Any:
+    """`make(project=..., credentials=...)` for this project: anonymous where `emulator_host` (the variable the
+    library reads itself) names an emulator, the runtime's own credentials otherwise."""
+    project = os.environ.get("GCLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT")
+    if os.environ.get(emulator_host):
+        from google.auth.credentials import AnonymousCredentials
+
+        return make(project=project, credentials=AnonymousCredentials())
+    return make(project=project)
+
+
 def _firestore():
     global _db
     with _db_lock:  # a cold instance's concurrent first requests: one client (and gRPC channel), not one each
         if _db is None:
             from google.cloud import firestore
 
-            project = os.environ.get("GCLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT")
-            if os.environ.get("FIRESTORE_EMULATOR_HOST"):
-                from google.auth.credentials import AnonymousCredentials
-
-                _db = firestore.Client(project=project, credentials=AnonymousCredentials())
-            else:
-                _db = firestore.Client(project=project)
+            _db = _google_client(firestore.Client, "FIRESTORE_EMULATOR_HOST")
         return _db
+
+
+_bucket_client = None
+
+
+def _bucket() -> Any:
+    """The results' bucket: STORAGE_BUCKET (the workers' setting), else the project's default bucket."""
+    global _bucket_client
+    with _db_lock:
+        if _bucket_client is None:
+            from google.cloud import storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
+
+            _bucket_client = _google_client(storage.Client, "STORAGE_EMULATOR_HOST")
+    config = json.loads(os.environ.get("FIREBASE_CONFIG") or "{}") if not os.environ.get("STORAGE_BUCKET") else {}
+    name = (os.environ.get("STORAGE_BUCKET") or config.get("storageBucket") or "").strip()
+    if not name:
+        _functions_log.error("STORAGE_BUCKET is not set and the project names no default bucket")
+        return None  # dispatch.delete answers `unavailable`, once it has checked the call
+    return _bucket_client.bucket(name)
 
 
 def _runpod() -> RunPodClient:
@@ -261,6 +289,12 @@ def cancelGeneration(req: https_fn.CallableRequest) -> dict:
     return _answer(
         "cancelGeneration", uid, lambda: dispatch.cancel(_firestore(), uid=uid, data=req.data, limits=_limits())
     )
+
+
+@_callable(timeout_sec=60, enforce_app_check=enforce_app_check())
+def deleteGeneration(req: https_fn.CallableRequest) -> dict:
+    uid = req.auth.uid if req.auth else None
+    return _answer("deleteGeneration", uid, lambda: dispatch.delete(_firestore(), _bucket(), uid=uid, data=req.data))
 
 
 def _answer(function: str, uid: str | None, call: Callable[[], dict]) -> dict:

@@ -37,6 +37,7 @@ from firegen_core.contract import (
     restatement,
 )
 from firegen_core.errors import (
+    DELETED_MESSAGE,
     NOT_RECORDED,
     VALIDATION_ERROR,
     GenerationError,
@@ -119,6 +120,9 @@ class RunsyncHandler:
         if outcome.displaced is not None and self.preempt is not None:
             self.preempt(key, outcome.displaced)
         doc = outcome.after
+        if not doc:  # nothing created: a late dispatch of a job its owner deleted (jobs.tombstone)
+            log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, deleted=True)
+            return rejected(DELETED_MESSAGE)
         status = doc.get("status")
         if status == lifecycle.FAILED:
             log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=doc.get("error_type"))

@@ -1,14 +1,7 @@
 """Upload a job's results to Cloud Storage and give back the URLs the job document carries.
 
-Object names are deterministic per job, so a retried job overwrites its objects and never adds more:
-
-    text2image: generating/{user_id}/image/{file_uid}.png, {file_uid}_1.png, {file_uid}_2.png, ...
-    text2video: generating/{user_id}/video/{file_uid}.mp4
-
-Such a name can belong to two jobs of one user: `x_1.png` is image 1 of job `x` and image 0 of job `x_1`. Every
-object therefore names its job in its metadata (`firegen_file_uid`), and a job that finds one of its names owned
-by another job writes `{file_uid}!{index}.{ext}` instead (`alternate_name`); removing a job's results deletes
-only what it owns. An object without that metadata (written before it existed) counts as the job's own.
+Object names are deterministic per job (firegen_core.results: the names, and which of them a job owns), so a
+retried job overwrites its objects and never adds more.
 
 Transient failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential backoff,
 bounded by a number of attempts and a total time (`RetryPolicy`). The library's own retry is switched off on the
@@ -49,14 +42,22 @@ from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
 if TYPE_CHECKING:  # pragma: no cover
     from google.cloud import storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
-from firegen_core.contract import PARAMS, TEXT2IMAGE, TEXT2VIDEO
+from firegen_core import results
+from firegen_core.results import (
+    ALTERNATE_MARK,
+    DEFAULT_FORMAT,
+    OWNER_METADATA_KEY,
+    alternate_name,
+    is_contested,
+    most,
+    object_name,
+    owner,
+)
 from listener.settings import MAX_SIGNED_URL_SECONDS, Settings, UrlStyle
 
 log = structlog.get_logger("listener.storage")
 T = TypeVar("T")
 
-_FOLDER = {TEXT2IMAGE: "image", TEXT2VIDEO: "video"}
-DEFAULT_FORMAT = {TEXT2IMAGE: ("png", "image/png"), TEXT2VIDEO: ("mp4", "video/mp4")}
 URL_STYLES = get_args(UrlStyle)
 TOKEN_METADATA_KEY = "firebaseStorageDownloadTokens"
 # A result's bytes never change under the URL a doc records: each upload has a new download token (a new URL),
@@ -64,14 +65,9 @@ TOKEN_METADATA_KEY = "firebaseStorageDownloadTokens"
 # writes its name again. So browsers may keep it: an app's job list does not fetch every image again. `private`:
 # results are per user, never for shared caches.
 CACHE_CONTROL = "private, max-age=31536000, immutable"
-OWNER_METADATA_KEY = "firegen_file_uid"  # the job (of the folder's user) that wrote the object
 # When the try that wrote the object claimed its job (the claim's server time, microseconds since the epoch): a
 # later claim's is greater, and a try never writes over a later try's object (`Superseded`).
 CLAIM_METADATA_KEY = "firegen_claim"
-# Between a file_uid and the index in an alternate name: a file_uid never holds it (firegen_core.contract's
-# _ID_PATTERN), so no normal name, and no other job's alternate, can equal one. It is legal in object names,
-# quotes to %21 in URLs, and needs no escaping in a shell or a gsutil/gcloud path, unlike `#`, `?`, `*` or `[`.
-ALTERNATE_MARK = "!"
 PUBLIC_BASE = "https://storage.googleapis.com"
 FIREBASE_BASE = "https://firebasestorage.googleapis.com"
 
@@ -131,55 +127,6 @@ class RetryPolicy:
 
 
 # ---------------------------------------------------------------------------------------------- names
-def _check_part(name: str, value: str) -> str:
-    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or not value.isprintable():
-        raise ValueError(f"{name} {value!r} cannot be part of an object name")
-    return value
-
-
-def _most(task_type: str) -> int:
-    """The most result objects a job of `task_type` may have."""
-    return int(PARAMS["num_images_per_prompt"].high) if task_type == TEXT2IMAGE else 1
-
-
-def _name(user_id: str, file_uid: str, task_type: str, tail: str, ext: str | None) -> str:
-    if task_type not in _FOLDER:
-        raise ValueError(f"unknown task_type {task_type!r}")
-    ext = _check_part("ext", (ext or DEFAULT_FORMAT[task_type][0]).lstrip("."))
-    if ALTERNATE_MARK in _check_part("file_uid", file_uid):
-        raise ValueError(f"file_uid {file_uid!r} cannot hold {ALTERNATE_MARK!r}: alternate names would collide")
-    return f"generating/{_check_part('user_id', user_id)}/{_FOLDER[task_type]}/{file_uid}{tail}.{ext}"
-
-
-def object_name(user_id: str, file_uid: str, task_type: str, index: int = 0, ext: str | None = None) -> str:
-    """The name of a job's `index`-th result object (index 0 has no suffix)."""
-    if index < 0:
-        raise ValueError("index must be >= 0")
-    return _name(user_id, file_uid, task_type, f"_{index}" if index else "", ext)
-
-
-def alternate_name(user_id: str, file_uid: str, task_type: str, index: int = 0, ext: str | None = None) -> str:
-    """Where a job's `index`-th result goes when another job of the same user owns `object_name`: as
-    deterministic (a retry finds the other job's object again, and writes here again), and this job's alone."""
-    if index < 0:
-        raise ValueError("index must be >= 0")
-    return _name(user_id, file_uid, task_type, f"{ALTERNATE_MARK}{index}", ext)
-
-
-def object_names(user_id: str, file_uid: str, task_type: str, count: int, ext: str | None = None) -> list[str]:
-    """The names of a job's `count` result objects, in order."""
-    if count < 1:
-        raise ValueError("count must be >= 1")
-    return [object_name(user_id, file_uid, task_type, i, ext) for i in range(count)]
-
-
-def is_contested(file_uid: str, task_type: str, index: int) -> bool:
-    """Whether another job of the same user could own this job's `index`-th name: every suffixed name, and an
-    unsuffixed one whose file_uid ends like a suffix (`x_1.png`: image 0 of `x_1` and image 1 of `x`). Only
-    these names are checked before an upload, so the common single-image job costs no extra request."""
-    return index >= 1 or any(file_uid.endswith(f"_{i}") for i in range(1, _most(task_type)))
-
-
 def claim_stamp(claimed_at: datetime) -> int:
     """A claim's server time as the integer `upload(claim=...)` takes: microseconds since the epoch."""
     return round(claimed_at.timestamp() * 1_000_000)
@@ -191,10 +138,6 @@ def _claim_of(blob: Any) -> int:
         return int((blob.metadata or {}).get(CLAIM_METADATA_KEY) or 0)
     except (TypeError, ValueError):
         return 0
-
-
-def _owner(blob: Any) -> str | None:
-    return (blob.metadata or {}).get(OWNER_METADATA_KEY)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -360,7 +303,7 @@ class ResultStore:
         found, other = self._get(bucket, name, deadline), None
         if contested:
             alternate = alternate_name(user_id, file_uid, task_type, index, ext)
-            if found is not None and _owner(found) not in (None, file_uid):
+            if found is not None and owner(found) not in (None, file_uid):
                 if claim is None:
                     return alternate, None, None
                 name, found = alternate, self._get(bucket, alternate, deadline)
@@ -406,7 +349,7 @@ class ResultStore:
             found = bucket.list_blobs(prefix=prefix, timeout=self.retry.request_timeout)
             ours = {blob.name for blob in found if claim is None or _claim_of(blob) <= claim}
             for name in ours & set(unused):
-                self._delete(bucket, name)
+                results.delete_object(bucket, name, self.retry.request_timeout)
         except Exception as exc:
             log.warning("stale_object_left", objects=unused, error=_reason(exc))
 
@@ -492,28 +435,11 @@ class ResultStore:
     def remove_beyond(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:
         """Delete the job's image names past its first `count` (an earlier try of more images, stopped after its
         upload: its request restated it); returns how many existed."""
-        return self._remove(user_id, file_uid, task_type, range(count, _most(task_type)))
+        return self._remove(user_id, file_uid, task_type, range(count, most(task_type)))
 
     def _remove(self, user_id: str, file_uid: str, task_type: str, indices: range) -> int:
         bucket = self.client.bucket(self.bucket_name)
-        removed = 0
-        for index in indices:
-            name = object_name(user_id, file_uid, task_type, index)
-            if is_contested(file_uid, task_type, index):
-                removed += self._delete(bucket, alternate_name(user_id, file_uid, task_type, index))
-                found = bucket.get_blob(name, timeout=self.retry.request_timeout)
-                if found is None or _owner(found) not in (None, file_uid):  # another job's result
-                    continue
-            removed += self._delete(bucket, name)
-        return removed
-
-    def _delete(self, bucket: Any, name: str) -> int:
-        """1 when the object existed and is deleted, 0 when there was none."""
-        try:
-            bucket.blob(name).delete(timeout=self.retry.request_timeout)
-            return 1
-        except api_exceptions.NotFound:
-            return 0
+        return results.remove(bucket, user_id, file_uid, task_type, indices, self.retry.request_timeout)
 
     # -- URLs
     def url_for(self, name: str, token: str | None = None) -> str:

@@ -1868,8 +1868,8 @@ def test_the_indexes_cover_the_queries():
         ttl = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == (media, "expire_at")]
         assert ttl == [{"collectionGroup": media, "fieldPath": "expire_at", "ttl": True, "indexes": []}]
     # The liveness docs of workers that never stopped cleanly (firegen_core.workers.EXPIRE_DAYS), and the usage
-    # docs of users with nothing pending (quota.usage_expiry).
-    for group in ("workers", "usage"):
+    # docs of users with nothing pending (quota.usage_expiry), and deleted jobs' tombstones (jobs.tombstone).
+    for group in ("workers", "usage", "deleted_jobs"):
         ttl = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == (group, "expire_at")]
         assert ttl == [{"collectionGroup": group, "fieldPath": "expire_at", "ttl": True, "indexes": []}]
 

@@ -463,6 +463,7 @@ def test_a_document_id_like_x_is_refused_by_firestore_and_the_contract(rest):
 # ---------------------------------------------------------------------------------------------- reads, updates
 JOB = f"generations/{OWNER}/images/file-1"
 USAGE = f"usage/{OWNER}"
+TOMBSTONE = f"generations/{OWNER}/deleted_jobs/images-file-0"  # firegen_core.jobs.tombstone_ref
 DONE = {
     "status": "completed",
     "generated": True,
@@ -524,6 +525,11 @@ ACCESS = [
     Access("owner raises own limits", "update", OWNER, DENY, path=USAGE, data={"limits": {"max_pending": 999}}),
     Access("owner overwrites own usage", "set", OWNER, DENY, path=USAGE, data={"running": 0, "pending": 0}),
     Access("owner deletes own usage", "delete", OWNER, DENY, path=USAGE),
+    # A deleted job's tombstone (README "Deletion"): the Admin SDK's alone, its owner's included.
+    Access("owner reads own deleted job's tombstone", "get", OWNER, DENY, path=TOMBSTONE),
+    Access("owner lists own tombstones", "list", OWNER, DENY, path=f"generations/{OWNER}/deleted_jobs"),
+    Access("owner clears own tombstone", "delete", OWNER, DENY, path=TOMBSTONE),
+    Access("owner writes a tombstone", "set", OWNER, DENY, path=TOMBSTONE, data={"dispatched_inputs": []}),
 ]
 
 
@@ -536,6 +542,7 @@ def test_access(rest, case: Access):
                 for path in (JOB, f"generations/{OWNER}/videos/file-9", f"generations/{STRANGER}/images/file-b")
             },
             USAGE: USED,
+            TOMBSTONE: {"dispatched_inputs": ["0123abcd"], "arrived_dispatches": []},
         }
     )
     before = rest.get("admin", case.path).json() if case.action in ("update", "set", "delete") else None

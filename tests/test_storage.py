@@ -16,6 +16,7 @@ import structlog.testing
 from devtools import emulators as emu
 from firegen_core.contract import ContractError, check_id
 from firegen_core.errors import CONNECTION_ERROR, classify
+from firegen_core.results import object_names
 from listener import storage as results
 from listener.settings import Settings, SettingsError, load_settings
 from listener.storage import (
@@ -27,7 +28,6 @@ from listener.storage import (
     StorageError,
     StorageUnavailable,
     is_transient,
-    object_names,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4

@@ -1938,12 +1938,13 @@ def test_an_ended_cards_buttons_are_named_by_its_prompt_and_axe_finds_nothing_se
             [...li.querySelectorAll('button:not([hidden])')].map(b => b.ariaLabel)]))"""
     )
     castle, cat = "video “a castle in the clouds”", "video “a cat chasing a laser”"
+    refused_doc, image, video = "image “a refused doc”", "image “a lighthouse at dusk”", "video “waves on a beach”"
     assert buttons == {
-        "refused": ["Edit as new image “a refused doc”", "Dismiss image “a refused doc”"],
-        "an-image": ["Edit as new image “a lighthouse at dusk”"],
-        "a-video": ["Edit as new video “waves on a beach”"],
-        "cancelled": [f"Edit as new {cat}", f"Try again {cat}", f"Dismiss {cat}"],
-        "oom": [f"Edit as new {castle}", f"Try again {castle}", f"Dismiss {castle}"],
+        "refused": [f"Edit as new {refused_doc}", f"Dismiss {refused_doc}", f"Delete {refused_doc}"],
+        "an-image": [f"Edit as new {image}", f"Delete {image}"],
+        "a-video": [f"Edit as new {video}", f"Delete {video}"],
+        "cancelled": [f"Edit as new {cat}", f"Try again {cat}", f"Dismiss {cat}", f"Delete {cat}"],
+        "oom": [f"Edit as new {castle}", f"Try again {castle}", f"Dismiss {castle}", f"Delete {castle}"],
         "finishing": [f"Cancel video “{('a red bicycle ' * 30)[:59]}…”"],
         "running": ["Cancel video “a fox in the snow”"],
     }
@@ -1952,7 +1953,7 @@ def test_an_ended_cards_buttons_are_named_by_its_prompt_and_axe_finds_nothing_se
     app.page.evaluate(
         "() => { const li = document.querySelector('.job[data-file-uid=cancelled]'); li.tabIndex = -1; li.focus(); }"
     )
-    for cls in ("edit", "retry", "dismiss"):
+    for cls in ("edit", "retry", "dismiss", "delete"):
         stop = _tab_to(app, f"e => e.classList.contains('{cls}')")
         assert app.page.evaluate("document.activeElement.ariaLabel").startswith(
             app.page.evaluate("document.activeElement.textContent")
@@ -2294,4 +2295,46 @@ def test_a_double_click_on_dismiss_dismisses_one_card(open_page, stack):
     )
     lower.click()  # a second later it takes presses again
     assert app.job("lower").is_hidden() and app.page.locator("#show-dismissed").inner_text() == "Show 2 dismissed"
+    assert app.problems() == []
+
+
+def _status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_delete_removes_a_finished_job_its_files_and_its_card_once_confirmed(open_page, stack):
+    """Delete (the deleteGeneration callable, through the Functions emulator, on the worker's bucket): asked to
+    confirm; declined, nothing happens; confirmed, the result's file and the doc are gone, the card goes with the
+    focus passed on, and the live region says so. A live job's card has no Delete."""
+    app = open_page()
+    app.fill(Prompt="a lighthouse to forget", Width="256", Height="256", Steps="10")
+    file_uid = app.generate()
+    assert app.wait_final(file_uid) == "completed"
+    _held_job(stack, app.uid, "running")
+    app.job("running").wait_for(timeout=30_000)
+    assert app.job("running").locator("button.delete").is_hidden()
+    url = app.job(file_uid).get_by_role("link", name="Download image 1").get_attribute("href")
+    assert _status_of(url) == 200
+    delete = app.page.get_by_role("button", name="Delete image “a lighthouse to forget”")
+    asked: list[str] = []
+
+    def answer(dialog, accept: bool) -> None:
+        asked.append(dialog.message)
+        dialog.accept() if accept else dialog.dismiss()
+
+    app.page.once("dialog", lambda dialog: answer(dialog, False))
+    delete.click()
+    assert asked == ["Delete image “a lighthouse to forget” and its files? This cannot be undone."]
+    doc = firestore_client(stack).document(f"generations/{app.uid}/images/{file_uid}")
+    assert doc.get().exists and app.job(file_uid).is_visible() and _status_of(url) == 200
+    app.page.once("dialog", lambda dialog: answer(dialog, True))
+    delete.click()
+    app.job(file_uid).wait_for(state="detached", timeout=30_000)
+    assert not doc.get().exists and _status_of(url) == 404
+    assert app.page.locator("#job-news").inner_text() == "Image “a lighthouse to forget” deleted"
+    assert app.page.evaluate("document.activeElement.dataset.fileUid") == "running"  # not <body>
     assert app.problems() == []

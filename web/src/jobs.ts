@@ -19,6 +19,8 @@ export interface CardHandlers {
   edit: (job: Job) => void;
   retry: (job: Job) => Promise<string | null>;
   dismiss: (job: Job) => void;
+  /** Deletes a finished job (deleteGeneration), once the user confirms; resolves to what the card says of a failure. */
+  remove: (job: Job) => Promise<string | null>;
 }
 
 /** A job's key in the list (and among the dismissed): one file_uid may name an image and a video. */
@@ -407,6 +409,23 @@ function quieten(li: HTMLLIElement): void {
   setTimeout(showRefusals, QUIET_MS + 20);
 }
 
+/** A press on `li`'s `button` runs `act`, unless the button refuses it; the button refuses presses until `act` ends.
+ * `quietens`: a Try again's, which keeps the other cards' buttons from acting for QUIET_MS too (`quieten`). */
+function onPress(button: HTMLButtonElement, li: HTMLLIElement, act: () => Promise<unknown>, quietens = false): void {
+  button.addEventListener("click", async () => {
+    if (refusing(button)) return;
+    button.dataset.sending = "true";
+    if (quietens) quieten(li);
+    else showRefusals(li);
+    try {
+      await act();
+    } finally {
+      delete button.dataset.sending;
+      showRefusals(quietens ? document : li);
+    }
+  });
+}
+
 /** A job's card, built once: updates change its parts in place, so a focused Cancel button keeps its focus. */
 function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   const li = el("li", { className: "job" });
@@ -421,33 +440,17 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel" });
   // Once asked, the button refuses presses (`refusing`).
   // Refused while its call is under way too (a double click asked twice), and again once the doc says it was asked.
-  cancel.addEventListener("click", async () => {
-    if (refusing(cancel)) return;
-    cancel.dataset.sending = "true";
-    showRefusals(li);
-    try {
-      await handlers.cancel(latest());
-    } finally {
-      delete cancel.dataset.sending;
-      showRefusals(li);
-    }
-  });
+  onPress(cancel, li, () => handlers.cancel(latest()));
   // An ended job's buttons (update() shows those its state allows). What a try again met is said beside it too:
   // the form's line, where the page says it aloud, may be far above the card.
   const note = el("p", { className: "note" });
   const retry = el("button", { type: "button", className: "retry", textContent: "Try again" });
-  retry.addEventListener("click", async () => {
-    if (refusing(retry)) return;
-    retry.dataset.sending = "true";
-    quieten(li);
-    try {
-      note.textContent = "";
-      note.textContent = (await handlers.retry(latest())) ?? "";
-    } finally {
-      delete retry.dataset.sending;
-      showRefusals();
-    }
-  });
+  /** What the call met, beside the card. */
+  const noted = async (call: (job: Job) => Promise<string | null>) => {
+    note.textContent = "";
+    note.textContent = (await call(latest())) ?? "";
+  };
+  onPress(retry, li, () => noted(handlers.retry), true);
   const edit = el("button", { type: "button", className: "edit", textContent: "Edit as new" });
   edit.addEventListener("click", () => refusing(edit) || handlers.edit(latest()));
   const dismiss = el("button", { type: "button", className: "dismiss", textContent: "Dismiss" });
@@ -456,7 +459,10 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
     quieten(li);
     handlers.dismiss(latest());
   });
-  const actions = el("div", { className: "actions" }, edit, retry, dismiss);
+  // Its card goes once the listener hears the doc is gone; until the call ends it refuses presses.
+  const remove = el("button", { type: "button", className: "delete", textContent: "Delete" });
+  onPress(remove, li, () => noted(handlers.remove));
+  const actions = el("div", { className: "actions" }, edit, retry, dismiss, remove);
   li.append(
     el("h3", {}, `${kind}: `, el("span", { className: "prompt" })),
     el("div", { className: "state" }, el("span", { className: "status" }), bar, el("span", { className: "percent" }), cancel),
@@ -506,6 +512,7 @@ function update(li: HTMLLIElement, job: Job): void {
     [li.querySelector<HTMLButtonElement>("button.edit")!, "Edit as new", final],
     [li.querySelector<HTMLButtonElement>("button.retry")!, "Try again", doc.status === "failed" && !refusedForInput(doc)],
     [li.querySelector<HTMLButtonElement>("button.dismiss")!, "Dismiss", dismissable(job)],
+    [li.querySelector<HTMLButtonElement>("button.delete")!, "Delete", final],
   ];
   for (const [button, action, shows] of buttons) {
     button.setAttribute("aria-label", `${action} ${kind} ${quoted(doc)}`);

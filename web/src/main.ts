@@ -37,6 +37,9 @@ const SLOW_WRITE_MS = 4000;
 const MIN_SHOWN_MS = 4000;
 /** The cancel callable's own limit is 30 s: past it (and a margin) no answer will come. */
 const CANCEL_TIMEOUT_MS = 35_000;
+/** deleteGeneration's own timeout (60 s) and a little more. */
+const DELETE_TIMEOUT_MS = 65_000;
+const DELETE_UNAVAILABLE = "Deleting needs the deleteGeneration function, which this project has not deployed";
 const OFFLINE = "Offline: your jobs as last seen; they update when the connection is back.";
 const UNREACHABLE = "Cannot reach the server: your jobs as last seen; they update once it answers.";
 /** After a listener failed, the page listens again this long later, doubling up to LISTEN_RETRY_MAX_MS. */
@@ -292,7 +295,27 @@ async function main(): Promise<void> {
     if (next) next.tabIndex = -1;
     target.focus();
   };
-  const handlers = { cancel, edit, retry, dismiss };
+  /** Delete a finished job, its files and its doc (the deleteGeneration callable), once the user confirms: its card
+   * goes as the listener hears the doc is gone, the focus passed on as a Dismiss passes it. Resolves to what the card
+   * says of a failure. */
+  const remove = async (job: Job): Promise<string | null> => {
+    if (!window.confirm(`Delete ${nameOf(job)} and its files? This cannot be undone.`)) return null;
+    if (!navigator.onLine || cached) return NO_ANSWER;
+    try {
+      if (!functions) throw Object.assign(new Error("no functions"), { code: "functions/not-found" });
+      const call = httpsCallable(functions, "deleteGeneration", { timeout: DELETE_TIMEOUT_MS });
+      await call({ fileUid: job.id, mediaType: job.media });
+    } catch (error) {
+      // Gone meanwhile (deleted in another tab): as asked.
+      if (message(error) === "No such generation") return null;
+      // Where deleteGeneration is not deployed the call fails as not-found (or unimplemented).
+      if (isCode(error, "functions/not-found", "functions/unimplemented")) return DELETE_UNAVAILABLE;
+      return callableMessage(error);
+    }
+    $("job-news").textContent = `${capital(nameOf(job))} deleted`;
+    return null;
+  };
+  const handlers = { cancel, edit, retry, dismiss, remove };
   const showDismissed = $<HTMLButtonElement>("show-dismissed");
   showDismissed.addEventListener("click", () => {
     const back = listed.filter((job) => dismissable(job) && dismissed.has(keyOf(job)));

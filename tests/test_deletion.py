@@ -1,0 +1,204 @@
+"""Deleting a finished job (`deleteGeneration`, firegen_core.deletion) on the real Firestore and Storage emulators:
+its results and its doc go, another job's results stay, a live job is refused, and a dispatch of the deleted job
+that arrives late runs nothing (the tombstone). The web app's Delete button, through the Functions emulator, is in
+test_web_app.py."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from firegen_core import deletion, lifecycle, results
+from firegen_core.contract import TEXT2IMAGE, parse_runsync_input
+from firegen_core.errors import GenerationError
+from firegen_core.jobs import (
+    DISPATCHED_INPUTS,
+    TOMBSTONE_DAYS,
+    JobKey,
+    WorkerJobs,
+    dispatches_with,
+    tombstone_ref,
+)
+from listener.handler import RunsyncHandler
+from listener.storage import ResultStore, RetryPolicy
+
+sys.path.append(str(Path(__file__).resolve().parent.parent / "functions"))
+import dispatch
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 40
+FAST = RetryPolicy(attempts=2, max_seconds=5, initial_wait=0.01, max_wait=0.05, request_timeout=5)
+
+
+def request_for(uid: str, file_uid: str, **more):
+    return parse_runsync_input(
+        {"user_id": uid, "file_uid": file_uid, "prompt": "a lighthouse", "use_cloud_storage": True, **more}
+    )
+
+
+@pytest.fixture
+def store(firestore_client):
+    return WorkerJobs(firestore_client, worker_id="w-delete")
+
+
+@pytest.fixture
+def files(storage_client, bucket, storage_emulator):
+    return ResultStore(storage_client, bucket.name, retry=FAST, emulator_host=storage_emulator.url)
+
+
+def completed(store: WorkerJobs, files: ResultStore, uid: str, file_uid: str, images: int = 1, **doc) -> JobKey:
+    """A job run as a worker runs it: queued, claimed, its images uploaded, completed. `doc`: fields written on the
+    queued doc first (the functions' dispatch marks)."""
+    request = request_for(uid, file_uid, num_images_per_prompt=images)
+    key = JobKey.of(request)
+    store.ensure_queued(request)
+    if doc:
+        store.ref(key).update(doc)
+    job = store.claim(key)
+    assert job is not None
+    urls = files.upload(uid, file_uid, TEXT2IMAGE, [(PNG, "png", "image/png")] * images)
+    fields = lifecycle.success(task_type=TEXT2IMAGE, user_id=uid, file_uid=file_uid, urls=urls, seed=7)
+    assert store.complete(job, fields) == lifecycle.COMPLETED
+    return key
+
+
+def names(bucket) -> list[str]:
+    return sorted(blob.name for blob in bucket.list_blobs())
+
+
+def call(firestore_client, bucket, uid, **data):
+    return dispatch.delete(firestore_client, bucket, uid=uid, data=data)
+
+
+def refusal(firestore_client, bucket, uid, **data) -> tuple[str, str]:
+    with pytest.raises(dispatch.CallError) as refused:
+        call(firestore_client, bucket, uid, **data)
+    return refused.value.code, refused.value.message
+
+
+def test_a_finished_job_is_deleted_with_its_results_and_no_other_jobs(firestore_client, bucket, store, files):
+    # `x` has two images, `x_1.png` and all; `x_1` is another job whose first image is `x_1.png` too, so `x`'s
+    # second went to its alternate name: deleting `x` takes what `x` owns and leaves `x_1`'s image.
+    other = completed(store, files, "u-del", "x_1")
+    key = completed(store, files, "u-del", "x", images=2)
+    assert names(bucket) == [
+        "generating/u-del/image/x!1.png",
+        "generating/u-del/image/x.png",
+        "generating/u-del/image/x_1.png",
+    ]
+    reply = call(firestore_client, bucket, "u-del", fileUid="x", mediaType="images")
+    assert reply == {
+        "success": True,
+        "fileUid": "x",
+        "mediaType": "images",
+        "status": "deleted",
+        "message": "Generation deleted",
+    }
+    assert names(bucket) == ["generating/u-del/image/x_1.png"]
+    assert not store.ref(key).get().exists
+    assert store.ref(other).get().get("status") == lifecycle.COMPLETED
+    # Deleted already (a retried call): nothing to find.
+    assert refusal(firestore_client, bucket, "u-del", fileUid="x", mediaType="images") == (
+        "not-found",
+        "No such generation",
+    )
+
+
+def test_a_failed_or_cancelled_job_is_deleted_too(firestore_client, bucket, store):
+    request = request_for("u-fail", "f1")
+    store.ensure_queued(request)
+    assert store.cancel(JobKey.of(request)).written["status"] == lifecycle.FAILED
+    assert call(firestore_client, bucket, "u-fail", file_uid="f1", media_type="images")["status"] == "deleted"
+    assert not store.ref(JobKey.of(request)).get().exists
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_a_live_job_is_refused_and_kept(firestore_client, bucket, store, files, running):
+    key = JobKey.of(request_for("u-live", "l1"))
+    store.ensure_queued(request_for("u-live", "l1"))
+    if running:
+        assert store.claim(key) is not None
+        files.upload("u-live", "l1", TEXT2IMAGE, [(PNG, "png", "image/png")])  # mid-upload, as it were
+    status = "processing" if running else "queued"
+    assert refusal(firestore_client, bucket, "u-live", fileUid="l1", mediaType="images") == (
+        "failed-precondition",
+        f"Generation is {status}: cancel it first, then delete it",
+    )
+    assert store.ref(key).get().get("status") == status
+    assert names(bucket) == (["generating/u-live/image/l1.png"] if running else [])
+
+
+def test_only_the_callers_own_job_and_only_a_well_formed_call(firestore_client, bucket, store, files):
+    key = completed(store, files, "u-owner", "mine")
+    assert refusal(firestore_client, bucket, "u-thief", fileUid="mine", mediaType="images") == (
+        "not-found",
+        "No such generation",
+    )
+    assert refusal(firestore_client, bucket, "u-thief", fileUid="mine", mediaType="images", userId="u-owner") == (
+        "permission-denied",
+        "userId must be the signed-in user's uid",
+    )
+    assert refusal(firestore_client, bucket, None, fileUid="mine", mediaType="images") == (
+        "unauthenticated",
+        "Sign in to delete a generation",
+    )
+    assert refusal(firestore_client, bucket, "u-owner", mediaType="images") == (
+        "invalid-argument",
+        "fileUid is required",
+    )
+    assert refusal(firestore_client, bucket, "u-owner", fileUid="mine", mediaType="images", force=True) == (
+        "invalid-argument",
+        "Validation failed: unknown field 'force'",
+    )
+    assert refusal(firestore_client, None, "u-owner", fileUid="mine", mediaType="images") == (
+        "unavailable",
+        "Could not delete the generation; please try again",
+    )  # no bucket configured: said once the call is known good
+    assert store.ref(key).get().exists and names(bucket) == ["generating/u-owner/image/mine.png"]
+
+
+def test_a_job_started_again_while_it_is_deleted_is_not_deleted(firestore_client, bucket, store, monkeypatch):
+    # A failed job's request restated (the contract's "fix parameters and retry", same file_uid) between the
+    # deletion's read and its delete: the delete is fenced on the doc as read, reads again, and refuses.
+    request = request_for("u-race", "r1", num_inference_steps=40)
+    key = JobKey.of(request)
+    store.ensure_queued(request)
+    store.fail_unclaimed(key, GenerationError("ValidationError", "too many steps"))
+    removed = results.remove
+
+    def remove_then_restated(*args, **kwargs):
+        store.ensure_queued(request_for("u-race", "r1", num_inference_steps=30))
+        return removed(*args, **kwargs)
+
+    monkeypatch.setattr(results, "remove", remove_then_restated)
+    with pytest.raises(deletion.NotFinished):
+        deletion.delete_finished(store, bucket, key)
+    assert store.ref(key).get().get("status") == lifecycle.QUEUED
+
+
+def test_a_late_dispatch_of_a_deleted_job_runs_nothing(firestore_client, bucket, store, files):
+    # The functions dispatched the job (their mark on the doc), and a warm worker's listener ran it before the
+    # dispatch reached a worker; its owner deleted it; then the dispatch arrives.
+    request = request_for("u-late", "d1")
+    key = completed(store, files, "u-late", "d1", **{DISPATCHED_INPUTS: dispatches_with(None, request)})
+    before = datetime.now(UTC)
+    assert call(firestore_client, bucket, "u-late", fileUid="d1", mediaType="images")["status"] == "deleted"
+    mark = tombstone_ref(firestore_client, key).get().to_dict()
+    assert before + timedelta(days=TOMBSTONE_DAYS) - timedelta(minutes=1) < mark[lifecycle.EXPIRE_AT]
+    submitted: list = []
+    handler = RunsyncHandler(store, submit=lambda key, *_: submitted.append(key))
+    data = {"user_id": "u-late", "file_uid": "d1", "prompt": "a lighthouse", "use_cloud_storage": True}
+    assert handler.handle(data, "runpod-job-1") == {"error": "Generation deleted by its owner", "status": "failed"}
+    assert not store.ref(key).get().exists and not submitted
+    # Another request under the same file_uid (other parameters) is the owner's new job.
+    again = handler.handle({**data, "num_inference_steps": 20}, "runpod-job-2")
+    assert again["status"] == "accepted" and submitted == [key]
+    assert store.ref(key).get().get("status") == lifecycle.QUEUED
+
+
+def test_a_job_with_no_dispatch_to_come_leaves_no_tombstone(firestore_client, bucket, store, files):
+    key = completed(store, files, "u-none", "n1")  # taken by a listener: no dispatch, no RunPod job
+    call(firestore_client, bucket, "u-none", fileUid="n1", mediaType="images")
+    assert not tombstone_ref(firestore_client, key).get().exists
