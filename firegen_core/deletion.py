@@ -7,6 +7,9 @@ failed job's request restated) is not deleted under its new run. A dispatch the 
 has not arrived yet (`jobs.DISPATCHED_INPUTS`), or RunPod's redelivery of one that did, would find no doc and
 create the job again, a second GPU run nobody asked for: the doc's record of them stays behind as a tombstone
 (`jobs.tombstone`) that the worker reads before it creates a doc, deleted by TTL after TOMBSTONE_DAYS.
+
+`erase_user` deletes all a user has here (an account deleted, an erasure request): the callable
+`deleteAllGenerations` and scripts/delete_user_data.py.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from google.api_core.exceptions import Aborted, FailedPrecondition
 
 from . import lifecycle, results
 from .contract import TASK_TYPE
-from .jobs import BOUND, JobKey, JobStore, tombstone, tombstone_ref
+from .jobs import BOUND, COLLECTION, MEDIA_TYPES, JobKey, JobStore, tombstone, tombstone_ref
 
 TRIES = 5  # reads and fenced deletes of one doc that another write got to first
 STORAGE_TIMEOUT = 10.0  # seconds per Storage request
@@ -64,3 +67,45 @@ def delete_finished(store: JobStore, bucket: Any, key: JobKey) -> Deleted | None
             continue
         return Deleted(doc, removed)
     raise Aborted(f"{key.path}: still being written after {TRIES} tries to delete it")
+
+
+ERASE_PAGE = 100  # a user's jobs one erasure pass takes on (the callable's pass must end well within its timeout)
+
+
+@dataclass
+class Erasure:
+    deleted: int = 0  # finished jobs deleted (results and doc)
+    stopping: int = 0  # running jobs asked to stop: deleted by a later pass, once they have
+    objects: int = 0  # objects left under the user's folder, deleted once no job of theirs was left
+    done: bool = False  # nothing of the user's left: no job doc, no file, no usage doc
+
+
+def erase_user(store: JobStore, bucket: Any, user_id: str, *, page: int = ERASE_PAGE) -> Erasure:
+    """One pass of deleting everything a user has here (an account deleted, an erasure request): each finished job
+    deleted as `delete_finished` deletes one; a queued one cancelled and deleted; a running one asked to stop
+    (`cancel_requested`), left to a later pass. Once no job doc of the user's is left, whatever is still under
+    their folder in the bucket (results whose docs TTL deleted first; an upload no doc recorded) and their usage
+    doc go too. At most `page` jobs a pass: call it again until `.done`. A deleted job's tombstone stays until its
+    TTL (two days): a late dispatch would otherwise run it again, and bring its files back."""
+    folder = f"generating/{results.check_part('user_id', user_id)}/"  # no `/` in it: no other user's folder
+    erasure = Erasure()
+    seen = 0
+    for media in MEDIA_TYPES:
+        docs = store.client.collection(COLLECTION, user_id, media).limit(page - seen).get(**BOUND)
+        for snapshot in docs:
+            seen += 1
+            key = JobKey(user_id, media, snapshot.id)
+            if (snapshot.to_dict() or {}).get("status") not in lifecycle.FINAL_STATES:
+                store.cancel(key)  # a queued job ends here and now; a running one at its worker's next step
+            try:
+                erasure.deleted += delete_finished(store, bucket, key) is not None
+            except NotFinished:
+                erasure.stopping += 1
+        if seen >= page:
+            return erasure
+    if not erasure.stopping:  # every doc the user had is gone (fewer than `page`, each deleted)
+        for blob in bucket.list_blobs(prefix=folder, timeout=STORAGE_TIMEOUT):
+            erasure.objects += results.delete_object(bucket, blob.name, STORAGE_TIMEOUT)
+        store.usage_ref(user_id).delete(**BOUND)
+        erasure.done = True
+    return erasure

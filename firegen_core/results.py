@@ -29,7 +29,7 @@ OWNER_METADATA_KEY = "firegen_file_uid"  # the job (of the folder's user) that w
 ALTERNATE_MARK = "!"
 
 
-def _check_part(name: str, value: str) -> str:
+def check_part(name: str, value: str) -> str:
     if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or not value.isprintable():
         raise ValueError(f"{name} {value!r} cannot be part of an object name")
     return value
@@ -43,10 +43,10 @@ def most(task_type: str) -> int:
 def _name(user_id: str, file_uid: str, task_type: str, tail: str, ext: str | None) -> str:
     if task_type not in FOLDER:
         raise ValueError(f"unknown task_type {task_type!r}")
-    ext = _check_part("ext", (ext or DEFAULT_FORMAT[task_type][0]).lstrip("."))
-    if ALTERNATE_MARK in _check_part("file_uid", file_uid):
+    ext = check_part("ext", (ext or DEFAULT_FORMAT[task_type][0]).lstrip("."))
+    if ALTERNATE_MARK in check_part("file_uid", file_uid):
         raise ValueError(f"file_uid {file_uid!r} cannot hold {ALTERNATE_MARK!r}: alternate names would collide")
-    return f"generating/{_check_part('user_id', user_id)}/{FOLDER[task_type]}/{file_uid}{tail}.{ext}"
+    return f"generating/{check_part('user_id', user_id)}/{FOLDER[task_type]}/{file_uid}{tail}.{ext}"
 
 
 def object_name(user_id: str, file_uid: str, task_type: str, index: int = 0, ext: str | None = None) -> str:

@@ -9,7 +9,8 @@
   period (`workers/{id}` docs, firegen_core.workers): a long backlog on live workers never fails a job.
 - `cancel`: the `cancelGeneration` callable: the owner cancels a queued job (failed `Cancelled` at once) or a
   running one (its worker stops it at the next step).
-- `delete`: the `deleteGeneration` callable: the owner deletes a finished job, its results and its doc.
+- `delete`: the `deleteGeneration` callable: the owner deletes a finished job, its results and its doc;
+  `delete_all`, the `deleteAllGenerations` callable: all the caller has here (an app's account deletion).
 
 Each job is dispatched through one compare-and-set that marks it first (`dispatch_count`, `dispatched_at`,
 `dispatched_by`), so of a client's setDoc, its trigger (delivered at least once) and its callable call, only
@@ -28,8 +29,9 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -752,6 +754,23 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     raise CallError("failed-precondition", f"Generation already {doc.get('status')}: nothing to cancel")
 
 
+@contextmanager
+def _deleting_in(bucket: Any) -> Iterator[None]:
+    """Storage's failures of a deletion answered `unavailable` (the client's to retry), logged as ours: unreachable,
+    or the functions' service account may not delete in the bucket (an operator's to grant)."""
+    try:
+        yield
+    except requests.RequestException as exc:  # Storage unreachable (its API errors are FIRESTORE_AWAY's kinds)
+        log.error("storage_unavailable", extra={"call": "delete", "error": type(exc).__name__})
+        raise CallError("unavailable", DELETE_NOT_RECORDED) from None
+    except Forbidden:
+        log.error(
+            "delete_forbidden",
+            extra={"bucket": getattr(bucket, "name", None), "grant": "roles/storage.objectUser on the bucket"},
+        )
+        raise CallError("unavailable", DELETE_NOT_RECORDED) from None
+
+
 @_unavailable_when_firestore_is_away(DELETE_NOT_RECORDED)
 def delete(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any) -> dict[str, Any]:
     """The `deleteGeneration` callable: {fileUid, mediaType} of one of the caller's finished jobs, whose results
@@ -762,19 +781,10 @@ def delete(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any) -> 
     if bucket is None:  # the functions' configuration names none (logged)
         raise CallError("unavailable", DELETE_NOT_RECORDED)
     try:
-        deleted = deletion.delete_finished(JobStore(db), bucket, key)
+        with _deleting_in(bucket):
+            deleted = deletion.delete_finished(JobStore(db), bucket, key)
     except deletion.NotFinished as exc:
         raise CallError("failed-precondition", f"Generation is {exc.status}: cancel it first, then delete it") from None
-    except requests.RequestException as exc:  # Storage unreachable (its API errors are FIRESTORE_AWAY's kinds)
-        log.error("storage_unavailable", extra={"call": "delete", "error": type(exc).__name__})
-        raise CallError("unavailable", DELETE_NOT_RECORDED) from None
-    except Forbidden:
-        # Ours to fix, not the caller's: said in the log with what to grant, the caller told to try later.
-        log.error(
-            "delete_forbidden",
-            extra={"bucket": getattr(bucket, "name", None), "grant": "roles/storage.objectUser on the bucket"},
-        )
-        raise CallError("unavailable", DELETE_NOT_RECORDED) from None
     if deleted is None:
         raise CallError("not-found", "No such generation")
     log.info("job_deleted", extra={"user_id": key.user_id, "file_uid": key.file_uid, "objects": deleted.removed})
@@ -785,3 +795,41 @@ def delete(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any) -> 
         "status": "deleted",
         "message": DELETED_REPLY,
     }
+
+
+ERASE_NAMES = {"user_id": "userId"}  # deleteAllGenerations takes no field but the caller's own uid
+ERASE_FIELDS = frozenset(ERASE_NAMES)
+
+
+@_unavailable_when_firestore_is_away(DELETE_NOT_RECORDED)
+def delete_all(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any) -> dict[str, Any]:
+    """The `deleteAllGenerations` callable: one pass of deleting all the caller has here (firegen_core.deletion
+    `erase_user`: their jobs, their files, their usage doc), for an app's account deletion. Reply: {success: True,
+    status: "deleted" | "deleting", deleted, stopping, message}; "deleting": call again (running jobs are
+    stopping, or there were more jobs than one pass takes on)."""
+    if not uid:
+        raise CallError("unauthenticated", "Sign in to delete your generations")
+    if data is not None and not isinstance(data, Mapping):
+        raise CallError("invalid-argument", invalid("input must be a JSON object").message)
+    for name, value in spellings(data or {}, "user_id", ERASE_FIELDS):
+        if not left_out(value) and value != uid:
+            raise CallError("permission-denied", f"{name} must be the signed-in user's uid")
+    try:
+        refuse_unknown(normalise_document_fields(data or {}, ERASE_FIELDS, called=ERASE_NAMES), ERASE_FIELDS)
+    except ContractError as exc:
+        raise CallError("invalid-argument", exc.message) from None
+    if bucket is None:  # the functions' configuration names none (logged)
+        raise CallError("unavailable", DELETE_NOT_RECORDED)
+    with _deleting_in(bucket):
+        erased = deletion.erase_user(JobStore(db), bucket, uid)
+    log.info("user_erased" if erased.done else "user_erasing", extra={"user_id": uid, **asdict(erased)})
+    reply = {"success": True, "deleted": erased.deleted, "stopping": erased.stopping}
+    if erased.done:
+        return {**reply, "status": "deleted", "message": "All your generations are deleted"}
+    if erased.stopping:
+        one = erased.stopping == 1
+        what = "1 running generation is" if one else f"{erased.stopping} running generations are"
+        message = f"Deleting: {what} stopping; call again in a moment to delete {'it' if one else 'them'}"
+    else:
+        message = "Deleting: call again to delete the rest"
+    return {**reply, "status": "deleting", "message": message}

@@ -6,6 +6,7 @@
                          (only when no worker has been alive for the whole stale period)
     cancelGeneration     callable (Firebase Auth required): cancel one of the caller's queued or running jobs
     deleteGeneration     callable (Firebase Auth required): delete one of the caller's finished jobs, files and doc
+    deleteAllGenerations callable (Firebase Auth required): delete all the caller's jobs, files and usage doc
 
 Configuration (the params are declared in config.py; see the README's "Cloud Functions" section):
     RUNPOD_API_KEY       secret (`firebase functions:secrets:set RUNPOD_API_KEY`)
@@ -295,6 +296,14 @@ def cancelGeneration(req: https_fn.CallableRequest) -> dict:
 def deleteGeneration(req: https_fn.CallableRequest) -> dict:
     uid = req.auth.uid if req.auth else None
     return _answer("deleteGeneration", uid, lambda: dispatch.delete(_firestore(), _bucket(), uid=uid, data=req.data))
+
+
+@_callable(timeout_sec=120, enforce_app_check=enforce_app_check())
+def deleteAllGenerations(req: https_fn.CallableRequest) -> dict:
+    uid = req.auth.uid if req.auth else None
+    return _answer(
+        "deleteAllGenerations", uid, lambda: dispatch.delete_all(_firestore(), _bucket(), uid=uid, data=req.data)
+    )
 
 
 def _answer(function: str, uid: str | None, call: Callable[[], dict]) -> dict:

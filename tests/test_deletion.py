@@ -1,10 +1,12 @@
 """Deleting a finished job (`deleteGeneration`, firegen_core.deletion) on the real Firestore and Storage emulators:
 its results and its doc go, another job's results stay, a live job is refused, and a dispatch of the deleted job
-that arrives late runs nothing (the tombstone). The web app's Delete button, through the Functions emulator, is in
-test_web_app.py."""
+that arrives late runs nothing (the tombstone). A user's data erased (`deleteAllGenerations`,
+scripts/delete_user_data.py). The web app's Delete button, through the Functions emulator, is in test_web_app.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from firegen_core import deletion, lifecycle, results
 from firegen_core.contract import TEXT2IMAGE, parse_runsync_input
-from firegen_core.errors import GenerationError
+from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, GenerationError
 from firegen_core.jobs import (
     DISPATCHED_INPUTS,
     TOMBSTONE_DAYS,
@@ -27,6 +29,8 @@ from listener.storage import ResultStore, RetryPolicy
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "functions"))
 import dispatch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "delete_user_data.py"
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 40
 FAST = RetryPolicy(attempts=2, max_seconds=5, initial_wait=0.01, max_wait=0.05, request_timeout=5)
@@ -202,3 +206,95 @@ def test_a_job_with_no_dispatch_to_come_leaves_no_tombstone(firestore_client, bu
     key = completed(store, files, "u-none", "n1")  # taken by a listener: no dispatch, no RunPod job
     call(firestore_client, bucket, "u-none", fileUid="n1", mediaType="images")
     assert not tombstone_ref(firestore_client, key).get().exists
+
+
+# ------------------------------------------------------------------------------------------ a user's data erased
+def running_video(store: WorkerJobs, uid: str, file_uid: str):
+    request = request_for(uid, file_uid, num_frames=16)
+    store.ensure_queued(request)
+    job = store.claim(JobKey.of(request))
+    assert job is not None
+    return job
+
+
+def user_docs(firestore_client, uid: str) -> list[str]:
+    return [
+        d.id for media in ("images", "videos") for d in firestore_client.collection("generations", uid, media).get()
+    ]
+
+
+def test_erasing_a_user_deletes_their_jobs_files_and_usage_and_no_one_elses(firestore_client, bucket, store, files):
+    completed(store, files, "u-gone", "done1", images=2)
+    store.ensure_queued(request_for("u-gone", "q1"))
+    job = running_video(store, "u-gone", "p1")
+    # A result whose doc the TTL policy deleted first (the bucket's rule deletes files two days later).
+    bucket.blob("generating/u-gone/image/old.png").upload_from_string(PNG)
+    completed(store, files, "u-stays", "s1")
+    first = deletion.erase_user(store, bucket, "u-gone")
+    assert (first.deleted, first.stopping, first.objects, first.done) == (2, 1, 0, False)
+    assert user_docs(firestore_client, "u-gone") == ["p1"]
+    assert store.ref(job.key).get().get(lifecycle.CANCEL_REQUESTED) is True
+    # Its worker stops it at its next step, as a worker does.
+    assert store.fail(job, GenerationError(CANCELLED, CANCELLED_MESSAGE))
+    second = deletion.erase_user(store, bucket, "u-gone")
+    assert (second.deleted, second.stopping, second.objects, second.done) == (1, 0, 1, True)
+    assert user_docs(firestore_client, "u-gone") == []
+    assert not store.usage_ref("u-gone").get().exists
+    assert names(bucket) == ["generating/u-stays/image/s1.png"]
+    assert user_docs(firestore_client, "u-stays") == ["s1"] and store.usage_ref("u-stays").get().exists
+
+
+def test_a_pass_takes_on_a_bounded_number_of_jobs(firestore_client, bucket, store, files):
+    for n in range(3):
+        completed(store, files, "u-many", f"m{n}")
+    passes = []
+    while not passes or not passes[-1].done:
+        passes.append(deletion.erase_user(store, bucket, "u-many", page=2))
+        assert len(passes) < 5
+    assert [(p.deleted, p.done) for p in passes] == [(2, False), (1, True)]
+    assert names(bucket) == [] and user_docs(firestore_client, "u-many") == []
+
+
+def test_the_callable_erases_the_callers_own_data_alone(firestore_client, bucket, store, files):
+    completed(store, files, "u-me", "a1")
+    running_video(store, "u-me", "v1")
+    completed(store, files, "u-else", "b1")
+    reply = dispatch.delete_all(firestore_client, bucket, uid="u-me", data=None)
+    assert reply == {
+        "success": True,
+        "status": "deleting",
+        "deleted": 1,
+        "stopping": 1,
+        "message": "Deleting: 1 running generation is stopping; call again in a moment to delete it",
+    }
+    for data, expected in (
+        ({"userId": "u-else"}, ("permission-denied", "userId must be the signed-in user's uid")),
+        ({"everything": True}, ("invalid-argument", "Validation failed: unknown field 'everything'")),
+    ):
+        with pytest.raises(dispatch.CallError) as refused:
+            dispatch.delete_all(firestore_client, bucket, uid="u-me", data=data)
+        assert (refused.value.code, refused.value.message) == expected
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.delete_all(firestore_client, bucket, uid=None, data={})
+    assert refused.value.code == "unauthenticated"
+    assert user_docs(firestore_client, "u-else") == ["b1"]
+
+
+def test_the_script_erases_users_and_says_what_it_could_not(firestore_client, bucket, store, files, emulator_env):
+    completed(store, files, "u-s1", "a1")
+    completed(store, files, "u-s2", "b1")
+    running_video(store, "u-s3", "c1")  # its worker never comes back to it: still stopping at the end of --wait
+    command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", bucket.name]
+    env = {**os.environ, **emulator_env}
+    ran = subprocess.run([*command, "u-s1", "u-s2"], env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == [
+        "u-s1: 1 jobs deleted, 0 other objects; nothing left",
+        "u-s2: 1 jobs deleted, 0 other objects; nothing left",
+    ]
+    ran = subprocess.run([*command, "--wait", "1", "u-s3"], env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stdout.splitlines() == [
+        "u-s3: 0 jobs deleted, 0 other objects; 1 running jobs still stopping after 1 s: run it again later"
+    ]
+    assert names(bucket) == [] and user_docs(firestore_client, "u-s3") == ["c1"]

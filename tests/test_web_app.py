@@ -2338,3 +2338,33 @@ def test_delete_removes_a_finished_job_its_files_and_its_card_once_confirmed(ope
     assert app.page.locator("#job-news").inner_text() == "Image “a lighthouse to forget” deleted"
     assert app.page.evaluate("document.activeElement.dataset.fileUid") == "running"  # not <body>
     assert app.problems() == []
+
+
+def test_delete_all_generations_erases_the_signed_in_users_data_through_the_functions(open_page, stack):
+    """deleteAllGenerations, called as the page's user (an app's account deletion), on the Functions emulator and
+    the worker's bucket: a running job is asked to stop and deleted by the next call once it has; the list empties."""
+    app = open_page()
+    app.fill(Prompt="a harbour to erase", Width="256", Height="256", Steps="10")
+    file_uid = app.generate()
+    assert app.wait_final(file_uid) == "completed"
+    url = app.job(file_uid).get_by_role("link", name="Download image 1").get_attribute("href")
+    held = _held_job(stack, app.uid, "running")
+    app.job("running").wait_for(timeout=30_000)
+    first = app.call(stack, {}, name="deleteAllGenerations")["result"]
+    assert (first["status"], first["deleted"], first["stopping"]) == ("deleting", 1, 1), first
+    assert held.get().get("cancel_requested") is True and _status_of(url) == 404
+    held.update(
+        {"status": "failed", "error": True, "error_type": "Cancelled", "error_message": "Cancelled by the user"}
+    )
+    second = app.call(stack, {}, name="deleteAllGenerations")["result"]
+    assert second == {
+        "success": True,
+        "status": "deleted",
+        "deleted": 1,
+        "stopping": 0,
+        "message": "All your generations are deleted",
+    }
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 0", timeout=30_000)
+    assert app.page.locator("#no-jobs").inner_text() == "No jobs yet."
+    assert not firestore_client(stack).document(f"usage/{app.uid}").get().exists
+    assert app.problems() == []
