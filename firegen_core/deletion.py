@@ -2,7 +2,9 @@
 doc, in that order, so that a deletion that fails half-way leaves a doc to delete again, never files no doc names.
 
 Only a finished job (completed or failed, cancelled included): a live one's worker would go on writing its
-results. The doc's delete is fenced on the doc as read (its `update_time`), so a job started again meanwhile (a
+results. A completed job's results are the ones its doc records (its URLs, which name their bucket: a bucket
+other than the one given is refused, `ElsewhereBucket`, not taken for one holding nothing); a failed job's, any
+partial upload a worker left, only where the object names this job as its owner. The doc's delete is fenced on the doc as read (its `update_time`), so a job started again meanwhile (a
 failed job's request restated) is not deleted under its new run. A dispatch the functions sent for the job that
 has not arrived yet (`jobs.DISPATCHED_INPUTS`), or RunPod's redelivery of one that did, would find no doc and
 create the job again, a second GPU run nobody asked for: the doc's record of them stays behind as a tombstone
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from google.api_core.exceptions import Aborted, FailedPrecondition
+from google.api_core.exceptions import Aborted, AlreadyExists, FailedPrecondition, NotFound
 
 from . import lifecycle, results
 from .contract import TASK_TYPE
@@ -25,6 +27,7 @@ from .jobs import BOUND, COLLECTION, MEDIA_TYPES, JobKey, JobStore, tombstone, t
 
 TRIES = 5  # reads and fenced deletes of one doc that another write got to first
 STORAGE_TIMEOUT = 10.0  # seconds per Storage request
+STORAGE_BUDGET = 40.0  # seconds of Storage requests for one job's deletion (the callables' own limit is 60 s)
 
 
 class NotFinished(Exception):
@@ -35,16 +38,31 @@ class NotFinished(Exception):
         self.status = status
 
 
+class ElsewhereBucket(Exception):
+    """The job's results are in another bucket than the one given (its recorded URLs name another)."""
+
+
+def recorded_urls(doc: dict[str, Any]) -> list[str]:
+    """The result URLs a completed job's doc records (`images`, else `videos`, else `image_url` / `video_url`)."""
+    for name in ("images", "videos"):
+        value = doc.get(name)
+        if isinstance(value, list) and value:
+            return [url for url in value if isinstance(url, str)]
+    return [doc[name] for name in ("image_url", "video_url") if isinstance(doc.get(name), str)]
+
+
 @dataclass(frozen=True)
 class Deleted:
     doc: dict[str, Any]  # the doc as it was deleted
     removed: int  # result objects deleted from the bucket
 
 
-def delete_finished(store: JobStore, bucket: Any, key: JobKey) -> Deleted | None:
+def delete_finished(store: JobStore, bucket: Any, key: JobKey, budget: results.Budget | None = None) -> Deleted | None:
     """Delete a finished job's results from `bucket` (a google-cloud-storage Bucket) and then its doc; None where
-    there is no doc. NotFinished for a live job."""
+    there is no doc. NotFinished for a live job; ElsewhereBucket where its results are in another bucket;
+    results.OutOfTime where Storage's requests took longer than `budget` (STORAGE_BUDGET)."""
     task_type = TASK_TYPE[key.media_type]
+    budget = budget or results.Budget(STORAGE_TIMEOUT, STORAGE_BUDGET)
     for _ in range(TRIES):
         snapshot = store.ref(key).get(**BOUND)
         if not snapshot.exists:
@@ -53,23 +71,31 @@ def delete_finished(store: JobStore, bucket: Any, key: JobKey) -> Deleted | None
         status = doc.get("status")
         if status not in lifecycle.FINAL_STATES:
             raise NotFinished(str(status))
-        removed = results.remove(
-            bucket, key.user_id, key.file_uid, task_type, range(results.most(task_type)), STORAGE_TIMEOUT
-        )
+        urls = recorded_urls(doc) if status == lifecycle.COMPLETED else []
+        if urls and not any(f"/{bucket.name}/" in url for url in urls):
+            raise ElsewhereBucket(bucket.name)
+        # A completed job: the objects it records. Any other: whatever a worker may have left, strictly its own.
+        indices = range(len(urls)) if urls else range(results.most(task_type))
+        removed = results.remove(bucket, key.user_id, key.file_uid, task_type, indices, budget, strict=not urls)
         batch = store.client.batch()
         batch.delete(snapshot.reference, option=store.client.write_option(last_update_time=snapshot.update_time))
-        mark = tombstone(doc, snapshot.read_time)
-        if mark is not None:
-            batch.set(tombstone_ref(store.client, key), mark)
+        # An earlier job of the same file_uid, deleted too, may have left one: both are kept.
+        grave = tombstone_ref(store.client, key).get(**BOUND)
+        mark = tombstone(doc, snapshot.read_time, grave.to_dict() if grave.exists else None)
+        if mark is not None and grave.exists:
+            batch.update(grave.reference, mark, option=store.client.write_option(last_update_time=grave.update_time))
+        elif mark is not None:
+            batch.create(grave.reference, mark)
         try:
             batch.commit(**BOUND)
-        except FailedPrecondition:  # written since the read: decide again on what it holds now
+        except (FailedPrecondition, AlreadyExists, NotFound):  # written since the read: decide again on what is now
             continue
         return Deleted(doc, removed)
     raise Aborted(f"{key.path}: still being written after {TRIES} tries to delete it")
 
 
 ERASE_PAGE = 100  # a user's jobs one erasure pass takes on (the callable's pass must end well within its timeout)
+ERASE_SECONDS = 60.0  # of Storage's requests one pass may take (deleteAllGenerations' own limit is 120 s)
 
 
 @dataclass
@@ -80,32 +106,39 @@ class Erasure:
     done: bool = False  # nothing of the user's left: no job doc, no file, no usage doc
 
 
-def erase_user(store: JobStore, bucket: Any, user_id: str, *, page: int = ERASE_PAGE) -> Erasure:
+def erase_user(
+    store: JobStore, bucket: Any, user_id: str, *, page: int = ERASE_PAGE, seconds: float = ERASE_SECONDS
+) -> Erasure:
     """One pass of deleting everything a user has here (an account deleted, an erasure request): each finished job
     deleted as `delete_finished` deletes one; a queued one cancelled and deleted; a running one asked to stop
     (`cancel_requested`), left to a later pass. Once no job doc of the user's is left, whatever is still under
     their folder in the bucket (results whose docs TTL deleted first; an upload no doc recorded) and their usage
-    doc go too. At most `page` jobs a pass: call it again until `.done`. A deleted job's tombstone stays until its
-    TTL (two days): a late dispatch would otherwise run it again, and bring its files back."""
+    doc go too. At most `page` jobs and `seconds` of Storage's requests a pass: call it again until `.done`. A
+    deleted job's tombstone stays until its TTL (two days): a late dispatch would otherwise run it again, and
+    bring its files back."""
     folder = f"generating/{results.check_part('user_id', user_id)}/"  # no `/` in it: no other user's folder
+    budget = results.Budget(STORAGE_TIMEOUT, seconds)
     erasure = Erasure()
     seen = 0
-    for media in MEDIA_TYPES:
-        docs = store.client.collection(COLLECTION, user_id, media).limit(page - seen).get(**BOUND)
-        for snapshot in docs:
-            seen += 1
-            key = JobKey(user_id, media, snapshot.id)
-            if (snapshot.to_dict() or {}).get("status") not in lifecycle.FINAL_STATES:
-                store.cancel(key)  # a queued job ends here and now; a running one at its worker's next step
-            try:
-                erasure.deleted += delete_finished(store, bucket, key) is not None
-            except NotFinished:
-                erasure.stopping += 1
-        if seen >= page:
-            return erasure
-    if not erasure.stopping:  # every doc the user had is gone (fewer than `page`, each deleted)
-        for blob in bucket.list_blobs(prefix=folder, timeout=STORAGE_TIMEOUT):
-            erasure.objects += results.delete_object(bucket, blob.name, STORAGE_TIMEOUT)
-        store.usage_ref(user_id).delete(**BOUND)
-        erasure.done = True
+    try:
+        for media in MEDIA_TYPES:
+            docs = store.client.collection(COLLECTION, user_id, media).limit(page - seen).get(**BOUND)
+            for snapshot in docs:
+                seen += 1
+                key = JobKey(user_id, media, snapshot.id)
+                if (snapshot.to_dict() or {}).get("status") not in lifecycle.FINAL_STATES:
+                    store.cancel(key)  # a queued job ends here and now; a running one at its worker's next step
+                try:
+                    erasure.deleted += delete_finished(store, bucket, key, budget) is not None
+                except NotFinished:
+                    erasure.stopping += 1
+            if seen >= page:
+                return erasure
+        if not erasure.stopping:  # every doc the user had is gone (fewer than `page`, each deleted)
+            for blob in bucket.list_blobs(prefix=folder, **budget.call()):
+                erasure.objects += results.delete_object(bucket, blob.name, budget)
+            store.usage_ref(user_id).delete(**BOUND)
+            erasure.done = True
+    except results.OutOfTime:  # this pass's time is spent: the next one goes on from what is left
+        pass
     return erasure

@@ -84,6 +84,7 @@ DISPATCHES_KEPT = 10
 # TOMBSTONE_DAYS (TTL on `expire_at`), past the day RunPod keeps a request it has not delivered.
 DELETED_JOBS = "deleted_jobs"
 TOMBSTONE_DAYS = 2.0
+TOMBSTONE_TRIES = 5
 MAX_CONFLICTS = 40
 CLAIM_TRIES = 3  # a claim's calls that failed (Firestore briefly away), tried again knowing its earlier tries
 RECOUNT_EVERY = 30.0  # seconds: a user's counts held at a limit are recounted from their docs at most this often
@@ -468,9 +469,23 @@ class JobStore:
 
     def _deleted_dispatch(self, key: JobKey, request: GenerationRequest, request_id: str | None) -> bool:
         """Whether `request` is a dispatch of a job its owner deleted (`deletion`), arriving late: it must not create
-        the job again, a GPU run nobody asked for."""
-        snapshot = tombstone_ref(self.client, key).get(**BOUND)
-        return snapshot.exists and dispatched(snapshot.to_dict(), request, request_id)
+        the job again, a GPU run nobody asked for. Its mark is used up as on a doc (`arrived`): the same request
+        sent afterwards is the owner's new job."""
+        ref = tombstone_ref(self.client, key)
+        for _ in range(TOMBSTONE_TRIES):
+            snapshot = ref.get(**BOUND)
+            grave = snapshot.to_dict() if snapshot.exists else None
+            if grave is None or not dispatched(grave, request, request_id):
+                return False
+            used = arrived(grave, request, request_id)
+            if not used:  # RunPod's redelivery of a dispatch that arrived: its record stays
+                return True
+            try:
+                ref.update(used, option=self.client.write_option(last_update_time=snapshot.update_time), **BOUND)
+                return True
+            except (FailedPrecondition, NotFound):  # another late dispatch used a mark meanwhile: read again
+                continue
+        return True  # contended past its tries: refused, which runs nothing twice
 
     # --- queries ---------------------------------------------------------------------------------------------
 
@@ -782,17 +797,25 @@ def tombstone_ref(client: firestore.Client, key: JobKey) -> firestore.DocumentRe
     return client.collection(COLLECTION, key.user_id, DELETED_JOBS).document(f"{key.media_type}-{key.file_uid}")
 
 
-def tombstone(doc: Mapping[str, Any], now: datetime) -> dict[str, Any] | None:
+def tombstone(doc: Mapping[str, Any], now: datetime, earlier: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """What a deleted job's doc leaves behind: the dispatches that may still arrive for it (as `dispatched` reads
-    them: the functions' not yet arrived, and the RunPod jobs that brought it, which RunPod may deliver again);
-    None where there is none."""
-    sent, seen, brought = doc.get(DISPATCHED_INPUTS), doc.get(ARRIVED_DISPATCHES), doc.get(RUNPOD_JOB_ID)
-    arrived = [*(seen if isinstance(seen, list) else []), *([brought] if isinstance(brought, str) and brought else [])]
-    if not sent and not arrived:
+    them: the functions' not yet arrived, and the RunPod jobs that brought it, which RunPod may deliver again),
+    with those of an `earlier` tombstone of the same file_uid; None where there is none."""
+
+    def listed(source: Mapping[str, Any], name: str) -> list:
+        value = source.get(name)
+        return value if isinstance(value, list) else []
+
+    before = earlier or {}
+    sent = [*listed(before, DISPATCHED_INPUTS), *listed(doc, DISPATCHED_INPUTS)]
+    brought = doc.get(RUNPOD_JOB_ID)
+    seen = [*listed(before, ARRIVED_DISPATCHES), *listed(doc, ARRIVED_DISPATCHES)]
+    seen = list(dict.fromkeys([*seen, *([brought] if isinstance(brought, str) and brought else [])]))
+    if not sent and not seen:
         return None
     return {
-        DISPATCHED_INPUTS: sent if isinstance(sent, list) else [],
-        ARRIVED_DISPATCHES: arrived,
+        DISPATCHED_INPUTS: sent,
+        ARRIVED_DISPATCHES: seen,
         lifecycle.EXPIRE_AT: now + timedelta(days=TOMBSTONE_DAYS),
     }
 

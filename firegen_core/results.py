@@ -14,9 +14,11 @@ before it existed) counts as the job's own.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from .contract import PARAMS, TEXT2IMAGE, TEXT2VIDEO
 
@@ -82,25 +84,51 @@ def owner(blob: Any) -> str | None:
     return (blob.metadata or {}).get(OWNER_METADATA_KEY)
 
 
-def remove(bucket: Any, user_id: str, file_uid: str, task_type: str, indices: range, timeout: float) -> int:
+class OutOfTime(TimeoutError):
+    """A removal's time ran out before its last request (`Budget`)."""
+
+
+class Budget:
+    """The time a removal's requests may take, each request's timeout and retry cut to what is left of it; None:
+    each request as `timeout` and the library's default retry say (the worker's clean-ups)."""
+
+    def __init__(self, timeout: float, seconds: float | None = None):
+        self.timeout = timeout
+        self.until = None if seconds is None else time.monotonic() + seconds
+
+    def call(self) -> dict[str, Any]:
+        """The `timeout` and `retry` of the next request; OutOfTime once the budget is spent."""
+        if self.until is None:
+            return {"timeout": self.timeout, "retry": DEFAULT_RETRY}
+        left = self.until - time.monotonic()
+        if left <= 0:
+            raise OutOfTime("Storage did not answer in time")
+        return {"timeout": min(self.timeout, left), "retry": DEFAULT_RETRY.with_timeout(left)}
+
+
+def remove(
+    bucket: Any, user_id: str, file_uid: str, task_type: str, indices: range, budget: Budget, *, strict: bool = False
+) -> int:
     """Delete the job's result objects of `indices` from `bucket` (a google-cloud-storage Bucket): the
-    deterministic names it owns, and its alternates. Returns how many existed."""
+    deterministic names it owns, and its alternates. Returns how many existed. A contested name without owner
+    metadata (written before it existed) counts as the job's own, unless `strict`."""
     removed = 0
+    ours = (file_uid,) if strict else (None, file_uid)
     for index in indices:
         name = object_name(user_id, file_uid, task_type, index)
         if is_contested(file_uid, task_type, index):
-            removed += delete_object(bucket, alternate_name(user_id, file_uid, task_type, index), timeout)
-            found = bucket.get_blob(name, timeout=timeout)
-            if found is None or owner(found) not in (None, file_uid):  # another job's result
+            removed += delete_object(bucket, alternate_name(user_id, file_uid, task_type, index), budget)
+            found = bucket.get_blob(name, **budget.call())
+            if found is None or owner(found) not in ours:  # another job's result
                 continue
-        removed += delete_object(bucket, name, timeout)
+        removed += delete_object(bucket, name, budget)
     return removed
 
 
-def delete_object(bucket: Any, name: str, timeout: float) -> int:
+def delete_object(bucket: Any, name: str, budget: Budget) -> int:
     """1 when the object existed and is deleted, 0 when there was none."""
     try:
-        bucket.blob(name).delete(timeout=timeout)
+        bucket.blob(name).delete(**budget.call())
         return 1
     except api_exceptions.NotFound:
         return 0

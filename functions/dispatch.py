@@ -42,10 +42,12 @@ from google.api_core.exceptions import (
     Cancelled,
     DeadlineExceeded,
     Forbidden,
+    GoogleAPICallError,
     InternalServerError,
     RetryError,
     ServiceUnavailable,
 )
+from google.auth.exceptions import GoogleAuthError
 from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from runpod_client import RunPodClient, Verdict
@@ -756,18 +758,20 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
 
 @contextmanager
 def _deleting_in(bucket: Any) -> Iterator[None]:
-    """Storage's failures of a deletion answered `unavailable` (the client's to retry), logged as ours: unreachable,
-    or the functions' service account may not delete in the bucket (an operator's to grant)."""
+    """A deletion's failures answered `unavailable` (the client's to retry), logged as ours (ERROR): Storage or
+    Firestore away or past the deletion's time; the functions' service account may not delete in the bucket (an
+    operator's to grant); the job's results in another bucket than the functions' (an operator's to set)."""
+    name = getattr(bucket, "name", None)
     try:
         yield
-    except requests.RequestException as exc:  # Storage unreachable (its API errors are FIRESTORE_AWAY's kinds)
-        log.error("storage_unavailable", extra={"call": "delete", "error": type(exc).__name__})
-        raise CallError("unavailable", DELETE_NOT_RECORDED) from None
     except Forbidden:
-        log.error(
-            "delete_forbidden",
-            extra={"bucket": getattr(bucket, "name", None), "grant": "roles/storage.objectUser on the bucket"},
-        )
+        log.error("delete_forbidden", extra={"bucket": name, "grant": "roles/storage.objectUser on the bucket"})
+        raise CallError("unavailable", DELETE_NOT_RECORDED) from None
+    except deletion.ElsewhereBucket:
+        log.error("delete_elsewhere", extra={"bucket": name, "set": "STORAGE_BUCKET to the workers' bucket"})
+        raise CallError("unavailable", DELETE_NOT_RECORDED) from None
+    except (*FIRESTORE_AWAY, GoogleAPICallError, GoogleAuthError, requests.RequestException, TimeoutError) as exc:
+        log.error("deletion_unavailable", extra={"bucket": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
         raise CallError("unavailable", DELETE_NOT_RECORDED) from None
 
 

@@ -34,7 +34,7 @@ from firegen_core.errors import (
     classify,
     failure_level,
 )
-from firegen_core.jobs import RUNPOD_JOB_ID, ClaimedJob, WorkerJobs
+from firegen_core.jobs import BOUND, RUNPOD_JOB_ID, ClaimedJob, WorkerJobs
 
 from .storage import Superseded, claim_stamp, is_transient
 
@@ -90,6 +90,8 @@ class Results(Protocol):
     def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int: ...
 
     def remove_beyond(self, user_id: str, file_uid: str, task_type: str, count: int) -> int: ...
+
+    def remove_written(self, user_id: str, file_uid: str, task_type: str, count: int, claim: int) -> int: ...
 
 
 @dataclass(eq=False)  # a running thread's holder: compared (and hashed) by identity
@@ -472,13 +474,15 @@ class JobRunner:
             if self._timed_out(run):  # failed `Timeout` by the heartbeat mid-upload: what it stored goes
                 self._remove_results(job, request)
             if heartbeat.lost.is_set():  # failed `Timeout` by the heartbeat, or taken over: not ours to fail
+                self._drop_if_deleted(job, request)
                 return self._lost(job, heartbeat)
             return self._fail(job, classify(exc))
         heartbeat.stop()
         if written is None and self._timed_out(run):  # failed `Timeout` during its upload: no doc names its objects
             self._remove_results(job, request)
             return RunOutcome.FAILED
-        if written is None:  # its objects are the new owner's to write over
+        if written is None:  # its objects are the new owner's to write over, unless the job is gone
+            self._drop_if_deleted(job, request)
             return self._lost(job, heartbeat, reason="lease taken over during the upload; not completed")
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
             self._remove_results(job, request)
@@ -560,6 +564,20 @@ class JobRunner:
         removed = quietly(lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count), job)
         if removed:
             log.info("job_results_removed", objects=removed, **_ids(job))
+
+    def _drop_if_deleted(self, job: ClaimedJob, request: GenerationRequest) -> None:
+        """After an upload whose completion found the job no longer this claim's: where its owner deleted it
+        meanwhile (`deleteGeneration`, which deleted what was there then), no doc names what this try wrote and no
+        later try writes over it, so it goes: the objects that record this claim, no other."""
+        gone = quietly(lambda: not self.store.ref(job.key).get(**BOUND).exists, job)
+        if not gone:
+            return
+        count = 1 if request.is_video else request.num_images_per_prompt
+        stamp = claim_stamp(job.claimed_at)
+        removed = quietly(
+            lambda: self.results.remove_written(job.key.user_id, job.key.file_uid, request.task_type, count, stamp), job
+        )
+        log.info("job_results_removed", objects=removed, reason="job deleted", **_ids(job))
 
     def _recorded(self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat, until: float) -> T | None:
         """A generated job's fence check or completion: tried while Firestore is away until `until` (its batch's

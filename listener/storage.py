@@ -349,7 +349,7 @@ class ResultStore:
             found = bucket.list_blobs(prefix=prefix, timeout=self.retry.request_timeout)
             ours = {blob.name for blob in found if claim is None or _claim_of(blob) <= claim}
             for name in ours & set(unused):
-                results.delete_object(bucket, name, self.retry.request_timeout)
+                results.delete_object(bucket, name, results.Budget(self.retry.request_timeout))
         except Exception as exc:
             log.warning("stale_object_left", objects=unused, error=_reason(exc))
 
@@ -437,9 +437,30 @@ class ResultStore:
         upload: its request restated it); returns how many existed."""
         return self._remove(user_id, file_uid, task_type, range(count, most(task_type)))
 
+    def remove_written(self, user_id: str, file_uid: str, task_type: str, count: int, claim: int) -> int:
+        """Delete the objects of the job's first `count` that the try of `claim` (`claim_stamp`) wrote, under either
+        name, and no other (a later try's, another job's); returns how many. Each delete holds to the object's
+        generation as read."""
+        bucket, budget = self.client.bucket(self.bucket_name), results.Budget(self.retry.request_timeout)
+        removed = 0
+        for index in range(count):
+            for name in (
+                object_name(user_id, file_uid, task_type, index),
+                alternate_name(user_id, file_uid, task_type, index),
+            ):
+                found = bucket.get_blob(name, **budget.call())
+                if found is None or owner(found) != file_uid or _claim_of(found) != claim:
+                    continue
+                try:
+                    found.delete(if_generation_match=found.generation, **budget.call())
+                    removed += 1
+                except (api_exceptions.NotFound, api_exceptions.PreconditionFailed):  # gone, or written again since
+                    pass
+        return removed
+
     def _remove(self, user_id: str, file_uid: str, task_type: str, indices: range) -> int:
         bucket = self.client.bucket(self.bucket_name)
-        return results.remove(bucket, user_id, file_uid, task_type, indices, self.retry.request_timeout)
+        return results.remove(bucket, user_id, file_uid, task_type, indices, results.Budget(self.retry.request_timeout))
 
     # -- URLs
     def url_for(self, name: str, token: str | None = None) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from firegen_core import deletion, lifecycle, results
 from firegen_core.contract import TEXT2IMAGE, parse_runsync_input
-from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, GenerationError
+from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, TIMEOUT, GenerationError
 from firegen_core.jobs import (
     DISPATCHED_INPUTS,
     TOMBSTONE_DAYS,
@@ -52,10 +52,12 @@ def files(storage_client, bucket, storage_emulator):
     return ResultStore(storage_client, bucket.name, retry=FAST, emulator_host=storage_emulator.url)
 
 
-def completed(store: WorkerJobs, files: ResultStore, uid: str, file_uid: str, images: int = 1, **doc) -> JobKey:
+def completed(
+    store: WorkerJobs, files: ResultStore, uid: str, file_uid: str, images: int = 1, request=None, **doc
+) -> JobKey:
     """A job run as a worker runs it: queued, claimed, its images uploaded, completed. `doc`: fields written on the
     queued doc first (the functions' dispatch marks)."""
-    request = request_for(uid, file_uid, num_images_per_prompt=images)
+    request = request or request_for(uid, file_uid, num_images_per_prompt=images)
     key = JobKey.of(request)
     store.ensure_queued(request)
     if doc:
@@ -196,8 +198,8 @@ def test_a_late_dispatch_of_a_deleted_job_runs_nothing(firestore_client, bucket,
     data = {"user_id": "u-late", "file_uid": "d1", "prompt": "a lighthouse", "use_cloud_storage": True}
     assert handler.handle(data, "runpod-job-1") == {"error": "Generation deleted by its owner", "status": "failed"}
     assert not store.ref(key).get().exists and not submitted
-    # Another request under the same file_uid (other parameters) is the owner's new job.
-    again = handler.handle({**data, "num_inference_steps": 20}, "runpod-job-2")
+    # Its mark is used up: the same request sent again is the owner's new job.
+    again = handler.handle(data, "runpod-job-2")
     assert again["status"] == "accepted" and submitted == [key]
     assert store.ref(key).get().get("status") == lifecycle.QUEUED
 
@@ -255,6 +257,13 @@ def test_a_pass_takes_on_a_bounded_number_of_jobs(firestore_client, bucket, stor
     assert names(bucket) == [] and user_docs(firestore_client, "u-many") == []
 
 
+def test_a_pass_whose_time_is_spent_leaves_the_rest_to_the_next(firestore_client, bucket, store, files):
+    key = completed(store, files, "u-time", "t1")
+    spent = deletion.erase_user(store, bucket, "u-time", seconds=0.0)  # Storage as slow as the whole pass
+    assert (spent.deleted, spent.done) == (0, False) and store.ref(key).get().exists
+    assert deletion.erase_user(store, bucket, "u-time").done and names(bucket) == []
+
+
 def test_the_callable_erases_the_callers_own_data_alone(firestore_client, bucket, store, files):
     completed(store, files, "u-me", "a1")
     running_video(store, "u-me", "v1")
@@ -298,3 +307,91 @@ def test_the_script_erases_users_and_says_what_it_could_not(firestore_client, bu
         "u-s3: 0 jobs deleted, 0 other objects; 1 running jobs still stopping after 1 s: run it again later"
     ]
     assert names(bucket) == [] and user_docs(firestore_client, "u-s3") == ["c1"]
+
+
+# ------------------------------------------------------------------------------------ what a review found
+def test_results_in_another_bucket_are_no_reason_to_delete_the_doc(
+    firestore_client, storage_client, bucket, store, files
+):
+    # The functions' bucket is not the workers' (STORAGE_BUCKET unset, the default bucket another): an empty
+    # bucket is not taken for a job whose files are all gone.
+    key = completed(store, files, "u-where", "w1")
+    other = storage_client.create_bucket(f"{bucket.name}-other")
+    assert refusal(firestore_client, other, "u-where", fileUid="w1", mediaType="images") == (
+        "unavailable",
+        "Could not delete the generation; please try again",
+    )
+    assert store.ref(key).get().exists and names(bucket) == ["generating/u-where/image/w1.png"]
+
+
+def test_an_object_of_a_release_before_owner_metadata_is_no_other_jobs_to_delete(
+    firestore_client, bucket, store, files
+):
+    # `x_1.png` without owner metadata (written before it existed) is image 0 of job `x_1` as much as image 1 of
+    # `x`: a job `x` of one image, or a failed one, takes none of it.
+    legacy = "generating/u-old/image/x_1.png"
+    bucket.blob(legacy).upload_from_string(PNG)
+    completed(store, files, "u-old", "x")
+    store.ensure_queued(request_for("u-old", "y", num_images_per_prompt=2))
+    assert store.cancel(JobKey("u-old", "images", "y")).written["status"] == lifecycle.FAILED
+    bucket.blob("generating/u-old/image/y_1.png").upload_from_string(PNG)  # likewise for a failed job
+    for file_uid in ("x", "y"):
+        assert call(firestore_client, bucket, "u-old", fileUid=file_uid, mediaType="images")["status"] == "deleted"
+    assert names(bucket) == [legacy, "generating/u-old/image/y_1.png"]
+
+
+def test_storage_past_the_deletions_time_leaves_the_job_to_delete_again(
+    firestore_client, bucket, store, files, monkeypatch
+):
+    key = completed(store, files, "u-slow", "s1")
+    monkeypatch.setattr(deletion, "STORAGE_BUDGET", 0.0)  # Storage as slow as the whole budget
+    assert refusal(firestore_client, bucket, "u-slow", fileUid="s1", mediaType="images") == (
+        "unavailable",
+        "Could not delete the generation; please try again",
+    )
+    assert store.ref(key).get().exists
+
+
+def test_a_job_deleted_twice_under_one_file_uid_keeps_both_tombstones(firestore_client, bucket, store, files):
+    first = request_for("u-twice", "t1")
+    key = completed(store, files, "u-twice", "t1", **{DISPATCHED_INPUTS: dispatches_with(None, first)})
+    call(firestore_client, bucket, "u-twice", fileUid="t1", mediaType="images")
+    second = request_for("u-twice", "t1", num_inference_steps=20)  # the owner's new job, under the same file_uid
+    completed(store, files, "u-twice", "t1", request=second, **{DISPATCHED_INPUTS: dispatches_with(None, second)})
+    call(firestore_client, bucket, "u-twice", fileUid="t1", mediaType="images")
+    handler = RunsyncHandler(store, submit=lambda *_: None)
+    for late in (first, second):  # both dispatches arrive late: neither runs
+        data = {"user_id": "u-twice", "file_uid": "t1", "use_cloud_storage": True, **late.parameters()}
+        assert handler.handle(data, None)["error"] == "Generation deleted by its owner"
+    assert not store.ref(key).get().exists
+
+
+class DeletedDuringUpload:
+    """The real ResultStore; while this try uploads, its job ends (the heartbeat's `Timeout`, or another try) and
+    its owner deletes it."""
+
+    def __init__(self, results, store, bucket, job):
+        self.results, self.store, self.bucket, self.job = results, store, bucket, job
+
+    def upload(self, user_id, file_uid, task_type, files, **kwargs):
+        assert self.store.fail(self.job, GenerationError(TIMEOUT, "Generation took too long"))
+        assert deletion.delete_finished(self.store, self.bucket, self.job.key) is not None
+        return self.results.upload(user_id, file_uid, task_type, files, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.results, name)
+
+
+def test_an_upload_that_lands_after_its_job_was_deleted_is_removed(firestore_client, bucket, store, files):
+    from test_reconciler import StubGenerator
+
+    from listener.runner import JobRunner
+
+    other = completed(store, files, "u-up", "keep")  # another job of the user's: left alone
+    request = request_for("u-up", "late", num_images_per_prompt=2)
+    store.ensure_queued(request)
+    job = store.claim(JobKey.of(request))
+    runner = JobRunner(store, StubGenerator(), DeletedDuringUpload(files, store, bucket, job))
+    assert runner.run(job) == "lost"
+    assert names(bucket) == ["generating/u-up/image/keep.png"]
+    assert not store.ref(job.key).get().exists and store.ref(other).get().exists
