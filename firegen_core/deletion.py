@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from google.api_core.exceptions import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from google.api_core.exceptions import Aborted, AlreadyExists, FailedPrecondition, NotFound, RetryError
 
-from . import lifecycle, results
+from . import lifecycle, quota, results
 from .contract import TASK_TYPE
 from .jobs import BOUND, COLLECTION, MEDIA_TYPES, JobKey, JobStore, tombstone, tombstone_ref
 
@@ -96,34 +96,46 @@ def delete_finished(store: JobStore, bucket: Any, key: JobKey, budget: results.B
 
 ERASE_PAGE = 100  # a user's jobs one erasure pass takes on (the callable's pass must end well within its timeout)
 ERASE_SECONDS = 60.0  # of Storage's requests one pass may take (deleteAllGenerations' own limit is 120 s)
+SWEEP_PAGE = 500  # objects of the user's folder listed a request
 
 
 @dataclass
 class Erasure:
     deleted: int = 0  # finished jobs deleted (results and doc)
     stopping: int = 0  # running jobs asked to stop: deleted by a later pass, once they have
+    elsewhere: int = 0  # jobs whose results are in another bucket than the one given: left (ElsewhereBucket)
     objects: int = 0  # objects left under the user's folder, deleted once no job of theirs was left
-    done: bool = False  # nothing of the user's left: no job doc, no file, no usage doc
+    done: bool = False  # no job doc of the user's left, no file (and, with `usage`, no usage doc)
 
 
 def erase_user(
-    store: JobStore, bucket: Any, user_id: str, *, page: int = ERASE_PAGE, seconds: float = ERASE_SECONDS
+    store: JobStore,
+    bucket: Any,
+    user_id: str,
+    *,
+    page: int = ERASE_PAGE,
+    seconds: float = ERASE_SECONDS,
+    usage: bool = False,
 ) -> Erasure:
     """One pass of deleting everything a user has here (an account deleted, an erasure request): each finished job
     deleted as `delete_finished` deletes one; a queued one cancelled and deleted; a running one asked to stop
     (`cancel_requested`), left to a later pass. Once no job doc of the user's is left, whatever is still under
-    their folder in the bucket (results whose docs TTL deleted first; an upload no doc recorded) and their usage
-    doc go too. At most `page` jobs and `seconds` of Storage's requests a pass: call it again until `.done`. A
-    deleted job's tombstone stays until its TTL (two days): a late dispatch would otherwise run it again, and
-    bring its files back."""
+    their folder in the bucket (results whose docs TTL deleted first; an upload no doc recorded), but what was
+    written since the pass began (a job of theirs created meanwhile), and with `usage` their usage doc, where it
+    counts no job. At most `page` jobs and about `seconds` a pass: call it again until `.done`. A deleted job's
+    tombstone stays until its TTL (two days): a late dispatch would otherwise run it again, and bring its files
+    back. Without `usage` the usage doc stays, idle, until its own TTL: deleted, it would give the user back the
+    day's spent budget (the callable's caller may go on using the app)."""
     folder = f"generating/{results.check_part('user_id', user_id)}/"  # no `/` in it: no other user's folder
     budget = results.Budget(STORAGE_TIMEOUT, seconds)
     erasure = Erasure()
-    seen = 0
     try:
+        began = store.usage_ref(user_id).get(**BOUND).read_time  # the server's clock, as the objects' times are
+        seen = 0
         for media in MEDIA_TYPES:
             docs = store.client.collection(COLLECTION, user_id, media).limit(page - seen).get(**BOUND)
             for snapshot in docs:
+                budget.call()  # OutOfTime once this pass's time is spent
                 seen += 1
                 key = JobKey(user_id, media, snapshot.id)
                 if (snapshot.to_dict() or {}).get("status") not in lifecycle.FINAL_STATES:
@@ -132,13 +144,47 @@ def erase_user(
                     erasure.deleted += delete_finished(store, bucket, key, budget) is not None
                 except NotFinished:
                     erasure.stopping += 1
+                except ElsewhereBucket:
+                    erasure.elsewhere += 1
             if seen >= page:
                 return erasure
-        if not erasure.stopping:  # every doc the user had is gone (fewer than `page`, each deleted)
-            for blob in bucket.list_blobs(prefix=folder, **budget.call()):
-                erasure.objects += results.delete_object(bucket, blob.name, budget)
-            store.usage_ref(user_id).delete(**BOUND)
-            erasure.done = True
-    except results.OutOfTime:  # this pass's time is spent: the next one goes on from what is left
+        if erasure.stopping or erasure.elsewhere or _has_jobs(store, user_id):  # a job created meanwhile
+            return erasure
+        erasure.objects += _sweep(bucket, folder, began, budget)
+        erasure.done = not usage or _drop_usage(store, user_id)
+    except (results.OutOfTime, RetryError):  # this pass's time is spent: the next one goes on from what is left
         pass
     return erasure
+
+
+def _has_jobs(store: JobStore, user_id: str) -> bool:
+    return any(store.client.collection(COLLECTION, user_id, media).limit(1).get(**BOUND) for media in MEDIA_TYPES)
+
+
+def _sweep(bucket: Any, folder: str, began: Any, budget: results.Budget) -> int:
+    """Delete what is under `folder` but was written since `began`; a page of the listing at a time, each within
+    what is left of `budget`. How many it deleted."""
+    deleted, token = 0, None
+    while True:
+        listing = bucket.list_blobs(prefix=folder, page_token=token, max_results=SWEEP_PAGE, **budget.call())
+        for blob in next(listing.pages, []):
+            if blob.time_created is None or blob.time_created < began:
+                deleted += results.delete_object(bucket, blob.name, budget)
+        token = listing.next_page_token
+        if not token:
+            return deleted
+
+
+def _drop_usage(store: JobStore, user_id: str) -> bool:
+    """Delete the user's usage doc where it counts no job (fenced on it as read); whether none is left."""
+    snapshot = store.usage_ref(user_id).get(**BOUND)
+    if not snapshot.exists:
+        return True
+    counts = quota.Usage.read(snapshot.to_dict(), snapshot.read_time)
+    if counts.pending or counts.running:
+        return False
+    try:
+        snapshot.reference.delete(option=store.client.write_option(last_update_time=snapshot.update_time), **BOUND)
+    except (FailedPrecondition, NotFound):  # written meanwhile: the next pass decides again
+        return False
+    return True

@@ -35,7 +35,7 @@ from google.api_core.exceptions import (
     ServiceUnavailable,
 )
 from google.cloud import firestore
-from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP, FieldFilter
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP, ArrayUnion, FieldFilter
 
 from . import lifecycle, quota
 from .contract import (
@@ -85,6 +85,7 @@ DISPATCHES_KEPT = 10
 DELETED_JOBS = "deleted_jobs"
 TOMBSTONE_DAYS = 2.0
 TOMBSTONE_TRIES = 5
+TOMBSTONE_KEPT = 100  # of each list a tombstone holds: deletions of one file_uid add theirs, never without end
 MAX_CONFLICTS = 40
 CLAIM_TRIES = 3  # a claim's calls that failed (Firestore briefly away), tried again knowing its earlier tries
 RECOUNT_EVERY = 30.0  # seconds: a user's counts held at a limit are recounted from their docs at most this often
@@ -477,8 +478,16 @@ class JobStore:
             grave = snapshot.to_dict() if snapshot.exists else None
             if grave is None or not dispatched(grave, request, request_id):
                 return False
-            used = arrived(grave, request, request_id)
-            if not used:  # RunPod's redelivery of a dispatch that arrived: its record stays
+            seen = grave.get(ARRIVED_DISPATCHES)
+            if request_id and isinstance(seen, list) and request_id in seen:
+                return True  # RunPod's redelivery of a dispatch that arrived: its record stays
+            # As `arrived` marks one on a doc, but none of the tombstone's ids dropped to make room: each one dropped
+            # would let its redelivery run the job again.
+            used = {
+                **(undelivered(grave, request) or {}),
+                **({ARRIVED_DISPATCHES: ArrayUnion([request_id])} if request_id else {}),
+            }
+            if not used:
                 return True
             try:
                 ref.update(used, option=self.client.write_option(last_update_time=snapshot.update_time), **BOUND)
@@ -807,10 +816,10 @@ def tombstone(doc: Mapping[str, Any], now: datetime, earlier: Mapping[str, Any] 
         return value if isinstance(value, list) else []
 
     before = earlier or {}
-    sent = [*listed(before, DISPATCHED_INPUTS), *listed(doc, DISPATCHED_INPUTS)]
+    sent = [*listed(before, DISPATCHED_INPUTS), *listed(doc, DISPATCHED_INPUTS)][-TOMBSTONE_KEPT:]
     brought = doc.get(RUNPOD_JOB_ID)
     seen = [*listed(before, ARRIVED_DISPATCHES), *listed(doc, ARRIVED_DISPATCHES)]
-    seen = list(dict.fromkeys([*seen, *([brought] if isinstance(brought, str) and brought else [])]))
+    seen = list(dict.fromkeys([*seen, *([brought] if isinstance(brought, str) and brought else [])]))[-TOMBSTONE_KEPT:]
     if not sent and not seen:
         return None
     return {

@@ -808,7 +808,8 @@ ERASE_FIELDS = frozenset(ERASE_NAMES)
 @_unavailable_when_firestore_is_away(DELETE_NOT_RECORDED)
 def delete_all(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any) -> dict[str, Any]:
     """The `deleteAllGenerations` callable: one pass of deleting all the caller has here (firegen_core.deletion
-    `erase_user`: their jobs, their files, their usage doc), for an app's account deletion. Reply: {success: True,
+    `erase_user`: their jobs, their files; their usage doc stays, idle, to its TTL, so that the day's spend
+    stands), for an app's account deletion. Reply: {success: True,
     status: "deleted" | "deleting", deleted, stopping, message}; "deleting": call again (running jobs are
     stopping, or there were more jobs than one pass takes on)."""
     if not uid:
@@ -827,6 +828,9 @@ def delete_all(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any)
     with _deleting_in(bucket):
         erased = deletion.erase_user(JobStore(db), bucket, uid)
     log.info("user_erased" if erased.done else "user_erasing", extra={"user_id": uid, **asdict(erased)})
+    if erased.elsewhere:  # never deleted by calling again: an operator's to set (the pass did the rest)
+        with _deleting_in(bucket):
+            raise deletion.ElsewhereBucket(getattr(bucket, "name", None))
     reply = {"success": True, "deleted": erased.deleted, "stopping": erased.stopping}
     if erased.done:
         return {**reply, "status": "deleted", "message": "All your generations are deleted"}

@@ -37,11 +37,11 @@ def erase(store: JobStore, bucket, user_id: str, *, wait: float) -> Erasure:
     """Passes of `erase_user` until nothing of the user's is left or `wait` seconds have gone; the totals."""
     total, deadline = Erasure(), time.monotonic() + wait
     while True:
-        step = erase_user(store, bucket, user_id)
+        step = erase_user(store, bucket, user_id, usage=True)
         total.deleted += step.deleted
         total.objects += step.objects
-        total.stopping, total.done = step.stopping, step.done
-        if step.done or time.monotonic() >= deadline:
+        total.stopping, total.elsewhere, total.done = step.stopping, step.elsewhere, step.done
+        if step.done or step.elsewhere or time.monotonic() >= deadline:
             return total
         if step.stopping and not step.deleted:  # only running jobs left: give their workers a step's time
             time.sleep(POLL_SECONDS)
@@ -60,13 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     for uid in args.uids:
         try:
             erased = erase(store, bucket, uid, wait=args.wait)
-        except ValueError as exc:  # no uid at all (`a/b`): nothing of anyone's is touched
+        except Exception as exc:  # no uid at all (`a/b`: nothing touched), Firestore or Storage away: the next uid
             left += 1
-            print(f"{uid}: {exc}")
+            print(f"{uid}: not deleted: {type(exc).__name__}: {exc}")
             continue
         said = f"{uid}: {erased.deleted} jobs deleted, {erased.objects} other objects"
         if erased.done:
             print(f"{said}; nothing left")
+        elif erased.elsewhere:
+            left += 1
+            print(f"{said}; {erased.elsewhere} jobs' results are in another bucket than --bucket: left")
         else:
             left += 1
             print(f"{said}; {erased.stopping} running jobs still stopping after {args.wait:g} s: run it again later")

@@ -238,7 +238,7 @@ def test_erasing_a_user_deletes_their_jobs_files_and_usage_and_no_one_elses(fire
     assert store.ref(job.key).get().get(lifecycle.CANCEL_REQUESTED) is True
     # Its worker stops it at its next step, as a worker does.
     assert store.fail(job, GenerationError(CANCELLED, CANCELLED_MESSAGE))
-    second = deletion.erase_user(store, bucket, "u-gone")
+    second = deletion.erase_user(store, bucket, "u-gone", usage=True)  # the operator's script: the usage doc too
     assert (second.deleted, second.stopping, second.objects, second.done) == (1, 0, 1, True)
     assert user_docs(firestore_client, "u-gone") == []
     assert not store.usage_ref("u-gone").get().exists
@@ -287,6 +287,69 @@ def test_the_callable_erases_the_callers_own_data_alone(firestore_client, bucket
         dispatch.delete_all(firestore_client, bucket, uid=None, data={})
     assert refused.value.code == "unauthenticated"
     assert user_docs(firestore_client, "u-else") == ["b1"]
+
+
+def test_the_callable_gives_back_no_spent_budget(firestore_client, bucket, store, files):
+    # The caller may go on using the app: their usage doc stays, idle, its day's spend as it was.
+    completed(store, files, "u-spent", "a1")
+    spent = store.usage_ref("u-spent").get().get("spent_today")
+    assert spent > 0
+    assert dispatch.delete_all(firestore_client, bucket, uid="u-spent", data={})["status"] == "deleted"
+    usage = store.usage_ref("u-spent").get().to_dict()
+    assert (usage["spent_today"], usage["pending"], usage["running"]) == (spent, 0, 0)
+    assert user_docs(firestore_client, "u-spent") == [] and names(bucket) == []
+
+
+def test_a_job_created_while_a_pass_runs_keeps_its_files(firestore_client, bucket, store, files, monkeypatch):
+    completed(store, files, "u-busy", "old")
+    checked = deletion._has_jobs
+
+    def then_a_new_job(*args):  # created just after the pass looked for jobs, before it sweeps the folder
+        found = checked(*args)
+        files.upload("u-busy", "new", TEXT2IMAGE, [(PNG, "png", "image/png")])
+        return found
+
+    monkeypatch.setattr(deletion, "_has_jobs", then_a_new_job)
+    assert deletion.erase_user(store, bucket, "u-busy").deleted == 1
+    assert names(bucket) == ["generating/u-busy/image/new.png"]
+
+
+def test_results_in_another_bucket_leave_the_erasure_undone_and_say_so(
+    firestore_client, storage_client, bucket, store, files, emulator_env
+):
+    completed(store, files, "u-far", "f1")
+    other = storage_client.create_bucket(f"{bucket.name}-far")
+    erased = deletion.erase_user(store, other, "u-far")
+    assert (erased.elsewhere, erased.done) == (1, False) and user_docs(firestore_client, "u-far") == ["f1"]
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.delete_all(firestore_client, other, uid="u-far", data={})
+    assert refused.value.code == "unavailable"
+    completed(store, files, "u-near", "n1")  # the script goes on to the next uid
+    command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", other.name]
+    ran = subprocess.run(
+        [*command, "u-far", "u-near"], env={**os.environ, **emulator_env}, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stdout.splitlines() == [
+        "u-far: 0 jobs deleted, 0 other objects; 1 jobs' results are in another bucket than --bucket: left",
+        "u-near: 0 jobs deleted, 0 other objects; 1 jobs' results are in another bucket than --bucket: left",
+    ]
+
+
+def test_a_used_tombstone_mark_drops_none_of_its_ids(firestore_client, store):
+    # A tombstone of many deletions holds more RunPod ids than a doc keeps (DISPATCHES_KEPT): using one of its
+    # marks drops none, so every redelivery stays refused.
+    request = request_for("u-ids", "i1")
+    key = JobKey.of(request)
+    ids = [f"rp{n}" for n in range(15)]
+    tombstone_ref(firestore_client, key).set(
+        {DISPATCHED_INPUTS: dispatches_with(None, request), "arrived_dispatches": ids}
+    )
+    handler = RunsyncHandler(store, submit=lambda *_: None)
+    data = {"user_id": "u-ids", "file_uid": "i1", "prompt": "a lighthouse", "use_cloud_storage": True}
+    assert handler.handle(data, "rp-late")["error"] == "Generation deleted by its owner"
+    assert handler.handle(data, "rp0")["error"] == "Generation deleted by its owner"
+    assert not store.ref(key).get().exists
 
 
 def test_the_script_erases_users_and_says_what_it_could_not(firestore_client, bucket, store, files, emulator_env):

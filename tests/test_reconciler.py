@@ -1167,7 +1167,8 @@ def test_a_worker_whose_clock_is_fast_still_leaves_a_placeholder_its_grace(make_
     )
     data = wait_until(lambda: finished(firestore_client, key), timeout=15)
     waited = (data["started_at"] - data["created_at"]).total_seconds()
-    assert data["status"] == "completed" and 2.0 <= waited < 6.0, waited
+    # The worker knows the server's clock to within a heartbeat's round trip (here a few ms: once 1.99 s was seen).
+    assert data["status"] == "completed" and 1.9 <= waited < 6.0, waited
 
 
 class SlowHeartbeatFail(WorkerJobs):

@@ -2366,5 +2366,6 @@ def test_delete_all_generations_erases_the_signed_in_users_data_through_the_func
     }
     app.page.wait_for_function("() => document.querySelectorAll('.job').length === 0", timeout=30_000)
     assert app.page.locator("#no-jobs").inner_text() == "No jobs yet."
-    assert not firestore_client(stack).document(f"usage/{app.uid}").get().exists
+    usage = firestore_client(stack).document(f"usage/{app.uid}").get().to_dict()  # stays: the day's spend stands
+    assert (usage["pending"], usage["running"]) == (0, 0) and usage["spent_today"] > 0
     assert app.problems() == []
