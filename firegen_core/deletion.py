@@ -152,8 +152,11 @@ def erase_user(
             return erasure
         erasure.objects += _sweep(bucket, folder, began, budget)
         erasure.done = not usage or _drop_usage(store, user_id)
-    except (results.OutOfTime, RetryError):  # this pass's time is spent: the next one goes on from what is left
+    except results.OutOfTime:  # this pass's time is spent: the next one goes on from what is left
         pass
+    except RetryError:  # a request's retries cut short by the pass's time, as above; else Firestore or Storage away
+        if not budget.spent():
+            raise
     return erasure
 
 

@@ -96,6 +96,9 @@ class Budget:
         self.timeout = timeout
         self.until = None if seconds is None else time.monotonic() + seconds
 
+    def spent(self) -> bool:
+        return self.until is not None and time.monotonic() >= self.until
+
     def call(self) -> dict[str, Any]:
         """The `timeout` and `retry` of the next request; OutOfTime once the budget is spent."""
         if self.until is None:

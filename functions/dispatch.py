@@ -44,6 +44,7 @@ from google.api_core.exceptions import (
     Forbidden,
     GoogleAPICallError,
     InternalServerError,
+    PermissionDenied,
     RetryError,
     ServiceUnavailable,
 )
@@ -764,8 +765,11 @@ def _deleting_in(bucket: Any) -> Iterator[None]:
     name = getattr(bucket, "name", None)
     try:
         yield
-    except Forbidden:
-        log.error("delete_forbidden", extra={"bucket": name, "grant": "roles/storage.objectUser on the bucket"})
+    except Forbidden as exc:  # Storage's 403, or Firestore's PERMISSION_DENIED (a subclass): each its own grant
+        grant = (
+            "roles/datastore.user" if isinstance(exc, PermissionDenied) else "roles/storage.objectUser on the bucket"
+        )
+        log.error("delete_forbidden", extra={"bucket": name, "grant": grant})
         raise CallError("unavailable", DELETE_NOT_RECORDED) from None
     except deletion.ElsewhereBucket:
         log.error("delete_elsewhere", extra={"bucket": name, "set": "STORAGE_BUCKET to the workers' bucket"})

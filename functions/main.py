@@ -6,7 +6,7 @@
                          (only when no worker has been alive for the whole stale period)
     cancelGeneration     callable (Firebase Auth required): cancel one of the caller's queued or running jobs
     deleteGeneration     callable (Firebase Auth required): delete one of the caller's finished jobs, files and doc
-    deleteAllGenerations callable (Firebase Auth required): delete all the caller's jobs, files and usage doc
+    deleteAllGenerations callable (Firebase Auth required): delete all the caller's jobs and files, a pass a call
 
 Configuration (the params are declared in config.py; see the README's "Cloud Functions" section):
     RUNPOD_API_KEY       secret (`firebase functions:secrets:set RUNPOD_API_KEY`)
@@ -224,7 +224,7 @@ def _bucket() -> Any:
     config = json.loads(os.environ.get("FIREBASE_CONFIG") or "{}") if not os.environ.get("STORAGE_BUCKET") else {}
     name = (os.environ.get("STORAGE_BUCKET") or config.get("storageBucket") or "").strip()
     if not name:
-        _functions_log.error("STORAGE_BUCKET is not set and the project names no default bucket")
+        _functions_log.error("storage_bucket_unset", extra={"set": "STORAGE_BUCKET in functions/.env"})
         return None  # dispatch.delete answers `unavailable`, once it has checked the call
     return _bucket_client.bucket(name)
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from google.api_core.exceptions import Forbidden, PermissionDenied, RetryError
 
 from firegen_core import deletion, lifecycle, results
 from firegen_core.contract import TEXT2IMAGE, parse_runsync_input
@@ -458,3 +459,40 @@ def test_an_upload_that_lands_after_its_job_was_deleted_is_removed(firestore_cli
     assert runner.run(job) == "lost"
     assert names(bucket) == ["generating/u-up/image/keep.png"]
     assert not store.ref(job.key).get().exists and store.ref(other).get().exists
+
+
+def test_firestore_failing_a_pass_is_said_not_taken_for_a_pass_out_of_time(
+    firestore_client, bucket, store, files, monkeypatch
+):
+    # Firestore away (its retries given up) while the pass still has time: the call fails (`unavailable`), rather
+    # than answering "call again to delete the rest" for as long as the outage lasts.
+    completed(store, files, "u-away", "a1")
+
+    def away(*args, **kwargs):
+        raise RetryError("Timeout of 15.0s exceeded", None)
+
+    monkeypatch.setattr(deletion, "delete_finished", away)
+    with pytest.raises(RetryError):
+        deletion.erase_user(store, bucket, "u-away")
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.delete_all(firestore_client, bucket, uid="u-away", data={})
+    assert (refused.value.code, refused.value.message) == (
+        "unavailable",
+        "Could not delete the generation; please try again",
+    )
+
+
+@pytest.mark.parametrize(
+    "denied, grant",
+    [
+        (PermissionDenied("Missing or insufficient permissions."), "roles/datastore.user"),
+        (Forbidden("storage.objects.delete denied"), "roles/storage.objectUser on the bucket"),
+    ],
+)
+def test_a_permission_the_functions_lack_is_named_for_the_operator(bucket, denied, grant, caplog):
+    # IAM cannot run on the emulators: the refusals are raised as Firestore's and Storage's clients raise them.
+    with pytest.raises(dispatch.CallError) as refused, dispatch._deleting_in(bucket):
+        raise denied
+    assert refused.value.code == "unavailable"
+    [record] = [r for r in caplog.records if r.msg == "delete_forbidden"]
+    assert (record.levelname, record.grant) == ("ERROR", grant)
