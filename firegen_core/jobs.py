@@ -464,6 +464,11 @@ class JobStore:
                 # its request, then wakes no second worker for it (the review: the contract's own function flow,
                 # its doc and then its runsync, was dispatched twice, one more RunPod job, maybe one more GPU).
                 update = {**(update or {}), RUNPOD_JOB_ID: request_id}
+            elif request_id:
+                # RunPod's redelivery of this request is this request again (`dispatched`), not a new one: once the
+                # doc moved on it would put back what a later call replaced, and once the doc was deleted create
+                # the job again (its tombstone keeps these ids).
+                update = {**(update or {}), **heard(doc, request_id)}
             return update
 
         return self.transition(key, decide, admit=True)
@@ -773,7 +778,7 @@ def dispatched(doc: Mapping[str, Any] | None, request: GenerationRequest, reques
     parameters and retry") are a request."""
     doc = doc or {}
     seen = doc.get(ARRIVED_DISPATCHES)
-    if request_id and isinstance(seen, list) and request_id in seen:
+    if request_id and (request_id == doc.get(RUNPOD_JOB_ID) or (isinstance(seen, list) and request_id in seen)):
         return True
     return _sent_mark(doc.get(DISPATCHED_INPUTS), request) is not None
 
@@ -788,6 +793,16 @@ def arrived(doc: Mapping[str, Any], request: GenerationRequest, request_id: str 
     if request_id:
         update[ARRIVED_DISPATCHES] = [*seen, request_id][-DISPATCHES_KEPT:]
     return update
+
+
+def heard(doc: Mapping[str, Any], request_id: str) -> dict[str, Any]:
+    """The write that records a RunPod job whose request stated the doc (`ensure_queued`) as arrived; {} where it
+    is recorded already."""
+    seen = doc.get(ARRIVED_DISPATCHES)
+    seen = seen if isinstance(seen, list) else []
+    if request_id in seen:
+        return {}
+    return {ARRIVED_DISPATCHES: [*seen, request_id][-DISPATCHES_KEPT:]}
 
 
 def undelivered(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str, Any] | None:

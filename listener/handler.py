@@ -63,6 +63,10 @@ def accepted(request: GenerationRequest) -> dict[str, Any]:
     }
 
 
+# The id the RunPod SDK gives every `--test_input` run (runpod/serverless/modules/rp_local.py): many requests'.
+LOCAL_TEST_ID = "local_test"
+
+
 def rejected(message: str) -> dict[str, Any]:
     return {"error": message, "status": "failed"}
 
@@ -93,7 +97,9 @@ class RunsyncHandler:
         # carries RunPod's job id as `requestId` (the context goes along to the thread).
         request_id = job.get("id")
         with structlog.contextvars.bound_contextvars(**({"requestId": request_id} if request_id else {})):
-            return await asyncio.to_thread(self.handle, job.get("input"), request_id)
+            # The id of one RunPod job only (a request of that id again is its redelivery): not the SDK's.
+            job_id = None if request_id == LOCAL_TEST_ID else request_id
+            return await asyncio.to_thread(self.handle, job.get("input"), job_id)
 
     def handle(self, data: Any, request_id: str | None = None) -> dict[str, Any]:
         started = time.perf_counter()

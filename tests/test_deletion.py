@@ -295,7 +295,13 @@ def test_the_callable_gives_back_no_spent_budget(firestore_client, bucket, store
     completed(store, files, "u-spent", "a1")
     spent = store.usage_ref("u-spent").get().get("spent_today")
     assert spent > 0
-    assert dispatch.delete_all(firestore_client, bucket, uid="u-spent", data={})["status"] == "deleted"
+    assert dispatch.delete_all(firestore_client, bucket, uid="u-spent", data={}) == {
+        "success": True,
+        "status": "deleted",
+        "deleted": 1,
+        "stopping": 0,
+        "message": "All your generations are deleted",
+    }
     usage = store.usage_ref("u-spent").get().to_dict()
     assert (usage["spent_today"], usage["pending"], usage["running"]) == (spent, 0, 0)
     assert user_docs(firestore_client, "u-spent") == [] and names(bucket) == []
@@ -351,6 +357,21 @@ def test_a_used_tombstone_mark_drops_none_of_its_ids(firestore_client, store):
     assert handler.handle(data, "rp-late")["error"] == "Generation deleted by its owner"
     assert handler.handle(data, "rp0")["error"] == "Generation deleted by its owner"
     assert not store.ref(key).get().exists
+
+
+def test_a_runsync_that_stated_a_finished_job_again_runs_nothing_when_redelivered_after_its_deletion(
+    firestore_client, bucket, store, files
+):
+    # `rp-2` stated the completed job again (nothing to change); RunPod delivering it again once its owner deleted the
+    # job (its worker died before answering) found no doc, and no mark of rp-2 on the tombstone: the job ran again.
+    data = {"user_id": "u-again", "file_uid": "a1", "prompt": "a lighthouse", "use_cloud_storage": True}
+    completed(store, files, "u-again", "a1", request=parse_runsync_input(data))
+    handler = RunsyncHandler(store, submit=lambda *_: None)
+    assert handler.handle(data, "rp-2")["status"] == "accepted"
+    assert call(firestore_client, bucket, "u-again", fileUid="a1", mediaType="images")["status"] == "deleted"
+    assert handler.handle(data, "rp-2")["error"] == "Generation deleted by its owner"
+    assert not store.ref(JobKey.of(parse_runsync_input(data))).get().exists
+    assert handler.handle(data, "rp-3")["status"] == "accepted"  # the owner's new request for the file_uid
 
 
 def test_the_script_erases_users_and_says_what_it_could_not(firestore_client, bucket, store, files, emulator_env):

@@ -2471,6 +2471,37 @@ def test_a_runsync_restating_a_dispatched_job_back_to_its_dispatched_parameters_
     assert doc["num_inference_steps"] == 40 and "dispatched_inputs" not in doc
 
 
+def test_runpods_redelivery_of_a_runsync_never_puts_back_what_a_later_one_replaced(firestore_client):
+    """RunPod delivers a request again when its worker died before answering it: `app-1`, which created the job,
+    came again after `app-2` restated it (steps 40), and took the job back to steps 25, as would a redelivery of
+    `app-2` after `app-3`. A RunPod job's request is heard once, whichever runsync it was."""
+    submitted: list = []
+    handler = late_runsync_handler(firestore_client, submitted)
+    app = {"prompt": "a car", "user_id": "u-redo", "file_uid": "redo-1", "use_cloud_storage": True}
+    for request_id, steps in (("app-1", 25), ("app-2", 40), ("app-1", 25), ("app-3", 30), ("app-2", 40)):
+        assert handler.handle({**app, "num_inference_steps": steps}, request_id)["status"] == "accepted"
+    doc = firestore_client.document("generations/u-redo/images/redo-1").get().to_dict()
+    assert (doc["num_inference_steps"], doc["runpod_job_id"], doc["arrived_dispatches"]) == (
+        30,
+        "app-1",
+        ["app-2", "app-3"],
+    )
+    assert [request.num_inference_steps for request in submitted] == [25, 40, 40, 30, 30]
+
+
+def test_the_sdks_local_test_id_names_no_one_request(firestore_client):
+    """The SDK's `--test_input` runs all carry the id "local_test": a run with other parameters is a request of its
+    own, not RunPod's redelivery of the one before."""
+    import asyncio
+
+    handler = late_runsync_handler(firestore_client, [])
+    app = {"prompt": "a car", "user_id": "u-local", "file_uid": "local-1", "use_cloud_storage": True}
+    for steps in (25, 40):
+        answer = asyncio.run(handler({"id": "local_test", "input": {**app, "num_inference_steps": steps}}))
+        assert answer["status"] == "accepted"
+    assert firestore_client.document("generations/u-local/images/local-1").get().get("num_inference_steps") == 40
+
+
 def test_a_reset_during_the_tls_handshake_is_sent_again(tmp_path):
     """urllib3 wraps a reset in the TLS handshake in the same "Connection aborted" as one after the request was
     sent: it was taken as sent, answered "queued" with no `dispatch_error`, although RunPod never got the call
