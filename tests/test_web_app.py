@@ -2340,32 +2340,42 @@ def test_delete_removes_a_finished_job_its_files_and_its_card_once_confirmed(ope
     assert app.problems() == []
 
 
-def test_delete_all_generations_erases_the_signed_in_users_data_through_the_functions(open_page, stack):
-    """deleteAllGenerations, called as the page's user (an app's account deletion), on the Functions emulator and
-    the worker's bucket: a running job is asked to stop and deleted by the next call once it has; the list empties."""
+def test_delete_all_my_jobs_erases_the_users_data_through_the_functions_once_confirmed(open_page, stack):
+    """Delete all my jobs (deleteAllGenerations, an app's account deletion, on the Functions emulator and the
+    worker's bucket), once confirmed: a finished job goes with its file; a running one is asked to stop, the page
+    calling again while it stops and saying so, and deleted once it has; the page says what it did, the list
+    empties, the button goes (the focus to the list's title), and the day's spend stands."""
     app = open_page()
+    button = app.page.get_by_role("button", name="Delete all my jobs")
     app.fill(Prompt="a harbour to erase", Width="256", Height="256", Steps="10")
     file_uid = app.generate()
     assert app.wait_final(file_uid) == "completed"
     url = app.job(file_uid).get_by_role("link", name="Download image 1").get_attribute("href")
     held = _held_job(stack, app.uid, "running")
     app.job("running").wait_for(timeout=30_000)
-    first = app.call(stack, {}, name="deleteAllGenerations")["result"]
-    assert (first["status"], first["deleted"], first["stopping"]) == ("deleting", 1, 1), first
+    asked: list[str] = []
+
+    def answer(dialog, accept: bool) -> None:
+        asked.append(dialog.message)
+        dialog.accept() if accept else dialog.dismiss()
+
+    app.page.once("dialog", lambda dialog: answer(dialog, False))
+    button.click()
+    assert asked == ["Delete all your jobs and their files? Running jobs are stopped. This cannot be undone."]
+    assert _status_of(url) == 200 and "cancel_requested" not in held.get().to_dict()
+    app.page.once("dialog", lambda dialog: answer(dialog, True))
+    button.click()
+    says = "(text) => document.getElementById('delete-all-status').textContent === text"
+    app.page.wait_for_function(says, arg="Deleting all your jobs… 1 deleted, 1 running stopping", timeout=60_000)
     assert held.get().get("cancel_requested") is True and _status_of(url) == 404
+    assert button.get_attribute("aria-disabled") == "true"
     held.update(
         {"status": "failed", "error": True, "error_type": "Cancelled", "error_message": "Cancelled by the user"}
     )
-    second = app.call(stack, {}, name="deleteAllGenerations")["result"]
-    assert second == {
-        "success": True,
-        "status": "deleted",
-        "deleted": 1,
-        "stopping": 0,
-        "message": "All your generations are deleted",
-    }
+    app.page.wait_for_function(says, arg="All your jobs are deleted (2 jobs deleted)", timeout=60_000)
     app.page.wait_for_function("() => document.querySelectorAll('.job').length === 0", timeout=30_000)
     assert app.page.locator("#no-jobs").inner_text() == "No jobs yet."
+    assert button.is_hidden() and app.page.evaluate("document.activeElement.id") == "jobs-title"
     usage = firestore_client(stack).document(f"usage/{app.uid}").get().to_dict()  # stays: the day's spend stands
     assert (usage["pending"], usage["running"]) == (0, 0) and usage["spent_today"] > 0
     assert app.problems() == []

@@ -10,6 +10,7 @@ import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
 import { Dismissed } from "./dismissed";
 import { applyRanges, fillForm, markInvalid, mediaType, readRequest, requestOf } from "./form";
+import { eraseAll, erasedMessage, ERASE_TIMEOUT_MS, type EraseReply } from "./erase";
 import { dismissable, keyOf, listenToJobs, nameFor, named as nameOf, PAGE, QUIET_MS, renderJobs, titled, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
@@ -40,6 +41,7 @@ const CANCEL_TIMEOUT_MS = 35_000;
 /** deleteGeneration's own timeout (60 s) and a little more. */
 const DELETE_TIMEOUT_MS = 65_000;
 const DELETE_UNAVAILABLE = "Deleting needs the deleteGeneration function, which this project has not deployed";
+const ERASE_UNAVAILABLE = "Deleting all needs the deleteAllGenerations function, which this project has not deployed";
 const OFFLINE = "Offline: your jobs as last seen; they update when the connection is back.";
 const UNREACHABLE = "Cannot reach the server: your jobs as last seen; they update once it answers.";
 /** After a listener failed, the page listens again this long later, doubling up to LISTEN_RETRY_MAX_MS. */
@@ -147,6 +149,7 @@ async function main(): Promise<void> {
   const emulators = config.emulators;
   let functions: Functions | null = getFunctions(app);
   let uid: string;
+  let signedIn = false; // through Firebase Auth: the callables know who calls
   if (emulators) {
     connectFirestoreEmulator(db, ...hostPort(emulators.firestore));
     if (emulators.functions) connectFunctionsEmulator(functions, ...hostPort(emulators.functions));
@@ -164,6 +167,7 @@ async function main(): Promise<void> {
     await signInAnonymously(auth);
     uid = await new Promise<string>((resolve) => onAuthStateChanged(auth, (user) => user && resolve(user.uid)));
     $("who").textContent = `Signed in anonymously as ${uid}`;
+    signedIn = true;
     // Signed out later (in another tab, or the account deleted, as apps do with old anonymous users: its token
     // refresh then fails): the page was still the old user's, its listeners refused, its calls unauthenticated
     // (the review). It starts again, signed in anew.
@@ -183,6 +187,8 @@ async function main(): Promise<void> {
 
   let cached = false;
   let listed: Job[] = [];
+  const deleteAll = $<HTMLButtonElement>("delete-all");
+  let erasing = false; // while Delete all my jobs calls (erase.ts)
   const dismissed = new Dismissed(config.options.projectId ?? "", uid);
   const ended = (id: string | null) =>
     listed.some((job) => job.id === id && (FINAL_STATES as readonly string[]).includes(job.doc.status));
@@ -349,6 +355,9 @@ async function main(): Promise<void> {
     showDismissed.textContent = `Show ${count} dismissed`;
     if (!count && document.activeElement === showDismissed) $("jobs-title").focus();
     showDismissed.hidden = count === 0;
+    const eraseShown = erasing || (signedIn && functions !== null && listed.length > 0);
+    if (!eraseShown && document.activeElement === deleteAll) $("jobs-title").focus();
+    deleteAll.hidden = !eraseShown;
     document.title = titled(TITLE, listed);
     return renderJobs(list, listed, handlers, hidden);
   };
@@ -356,6 +365,43 @@ async function main(): Promise<void> {
     if (!dismissed.concerns(event)) return;
     dismissed.reload();
     render();
+  });
+  /** Delete all the user's jobs and files (an app's account deletion), once confirmed: passes of the
+   * deleteAllGenerations callable until it says all is deleted (erase.ts); the cards go as the listeners hear. */
+  deleteAll.addEventListener("click", async () => {
+    if (erasing) return;
+    if (!window.confirm("Delete all your jobs and their files? Running jobs are stopped. This cannot be undone.")) return;
+    const status = $("delete-all-status");
+    if (!navigator.onLine || cached) {
+      status.textContent = NO_ANSWER;
+      return;
+    }
+    // Refuses presses but stays enabled, as Generate does: a disabled button would drop the focus to <body>.
+    erasing = true;
+    deleteAll.setAttribute("aria-disabled", "true");
+    status.textContent = "Deleting all your jobs…";
+    try {
+      const call = httpsCallable<Record<string, never>, EraseReply>(functions!, "deleteAllGenerations", {
+        timeout: ERASE_TIMEOUT_MS,
+      });
+      const erased = await eraseAll(
+        () => call({}).then((reply) => reply.data),
+        (sofar) => {
+          if (sofar.done) return;
+          const running = sofar.stopping ? `, ${sofar.stopping} running stopping` : "";
+          status.textContent = `Deleting all your jobs… ${sofar.deleted} deleted${running}`;
+        },
+      );
+      status.textContent = erasedMessage(erased);
+    } catch (error) {
+      status.textContent = isCode(error, "functions/not-found", "functions/unimplemented")
+        ? ERASE_UNAVAILABLE
+        : callableMessage(error);
+    } finally {
+      erasing = false;
+      deleteAll.removeAttribute("aria-disabled");
+      render();
+    }
   });
   const showOlder = $<HTMLButtonElement>("show-older");
   let shown = PAGE;
