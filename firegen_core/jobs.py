@@ -464,11 +464,12 @@ class JobStore:
                 # its request, then wakes no second worker for it (the review: the contract's own function flow,
                 # its doc and then its runsync, was dispatched twice, one more RunPod job, maybe one more GPU).
                 update = {**(update or {}), RUNPOD_JOB_ID: request_id}
-            elif request_id:
+            elif request_id and update:
                 # RunPod's redelivery of this request is this request again (`dispatched`), not a new one: once the
                 # doc moved on it would put back what a later call replaced, and once the doc was deleted create
-                # the job again (its tombstone keeps these ids).
-                update = {**(update or {}), **heard(doc, request_id)}
+                # the job again (its tombstone keeps these ids). Only where it changes the doc: one that changes
+                # nothing writes nothing (a finished doc stays as it was; eight at once contend for nothing).
+                update = {**update, **heard(doc, request_id)}
             return update
 
         return self.transition(key, decide, admit=True)

@@ -359,17 +359,19 @@ def test_a_used_tombstone_mark_drops_none_of_its_ids(firestore_client, store):
     assert not store.ref(key).get().exists
 
 
-def test_a_runsync_that_stated_a_finished_job_again_runs_nothing_when_redelivered_after_its_deletion(
+def test_a_runsync_that_restated_a_job_runs_nothing_when_redelivered_after_its_deletion(
     firestore_client, bucket, store, files
 ):
-    # `rp-2` stated the completed job again (nothing to change); RunPod delivering it again once its owner deleted the
-    # job (its worker died before answering) found no doc, and no mark of rp-2 on the tombstone: the job ran again.
+    # `rp-2` restated the job `rp-1` brought (12 steps): RunPod delivering rp-2 again once its owner deleted the job
+    # (its worker died before answering) found no doc, and no mark of rp-2 on the tombstone: the job ran again.
     data = {"user_id": "u-again", "file_uid": "a1", "prompt": "a lighthouse", "use_cloud_storage": True}
-    completed(store, files, "u-again", "a1", request=parse_runsync_input(data))
+    restated = {**data, "num_inference_steps": 12}
     handler = RunsyncHandler(store, submit=lambda *_: None)
-    assert handler.handle(data, "rp-2")["status"] == "accepted"
+    assert handler.handle(data, "rp-1")["status"] == handler.handle(restated, "rp-2")["status"] == "accepted"
+    completed(store, files, "u-again", "a1", request=parse_runsync_input(restated))
     assert call(firestore_client, bucket, "u-again", fileUid="a1", mediaType="images")["status"] == "deleted"
-    assert handler.handle(data, "rp-2")["error"] == "Generation deleted by its owner"
+    for redelivered, request_id in ((restated, "rp-2"), (data, "rp-1")):
+        assert handler.handle(redelivered, request_id)["error"] == "Generation deleted by its owner"
     assert not store.ref(JobKey.of(parse_runsync_input(data))).get().exists
     assert handler.handle(data, "rp-3")["status"] == "accepted"  # the owner's new request for the file_uid
 
