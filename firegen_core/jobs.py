@@ -80,6 +80,8 @@ DISPATCHED_INPUTS = "dispatched_inputs"
 # dispatch again, where another runsync stating the same request is a request of its own.
 ARRIVED_DISPATCHES = "arrived_dispatches"
 DISPATCHES_KEPT = 10
+# What a refusal keeps of the request it refuses: its RunPod job, whose redelivery is that request again.
+REQUEST_MARKS = (RUNPOD_JOB_ID, ARRIVED_DISPATCHES)
 # A deleted job's dispatches still to come (`tombstone`), at generations/{uid}/deleted_jobs/{media}-{file_uid}: kept
 # TOMBSTONE_DAYS (TTL on `expire_at`), past the day RunPod keeps a request it has not delivered.
 DELETED_JOBS = "deleted_jobs"
@@ -328,9 +330,13 @@ class JobStore:
                     if quota.ran(before or {}):
                         # A job that ran keeps its answer (`lifecycle.refused`): this file_uid cannot come back.
                         why += f"; {RAN_BEFORE}"
-                    return lifecycle.failure(
-                        GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
-                    )
+                    marks = {k: update[k] for k in REQUEST_MARKS if k in update}
+                    return {
+                        **marks,
+                        **lifecycle.failure(
+                            GenerationError(QUOTA_EXCEEDED, why), user_id=key.user_id, file_uid=key.file_uid
+                        ),
+                    }
                 update = {**update, **charge}
                 after = quota.merged(before, update)
         if admit and after.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) and not quota.admitted(after):
@@ -345,7 +351,11 @@ class JobStore:
                         return {**_request_part(update), **failed}
                     # The request refused, as it asked (a refused job it queued again: `lifecycle.restate`, whose
                     # fields replace the doc's), and unadmitted: it may come back.
-                    asked = {k: v for k, v in update.items() if snake_case(k) in KNOWN_FIELDS or k == quota.ADMITTED}
+                    asked = {
+                        k: v
+                        for k, v in update.items()
+                        if snake_case(k) in KNOWN_FIELDS or k in (quota.ADMITTED, *REQUEST_MARKS)
+                    }
                     return {**asked, **failed}
                 update = {**update, quota.ADMITTED: True, quota.COST: cost, quota.CHARGED_ON: quota.day_of(now)}
                 after = quota.merged(before, update)
@@ -446,7 +456,7 @@ class JobStore:
         it as the job's requestId, also a listener that hears of the doc before the request reaches the slot).
         """
         key = JobKey.of(request)
-        created = {**queued_document(request), **({RUNPOD_JOB_ID: request_id} if request_id else {})}
+        created = {**queued_document(request), **(brought(request_id, {}) if request_id else {})}
 
         def decide(doc: dict | None, now: datetime) -> dict | None:
             if doc is None:
@@ -455,21 +465,18 @@ class JobStore:
             if dispatched(doc, request, request_id):
                 return arrived(doc, request, request_id)
             update = lifecycle.restate(doc, restatement(doc, request), request.parameters())
-            if (
-                request_id
-                and not doc.get(RUNPOD_JOB_ID)
-                and doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
-            ):
-                # A RunPod job brought it to this worker: the functions' trigger, waiting on the client's doc for
-                # its request, then wakes no second worker for it (the review: the contract's own function flow,
-                # its doc and then its runsync, was dispatched twice, one more RunPod job, maybe one more GPU).
-                update = {**(update or {}), RUNPOD_JOB_ID: request_id}
-            elif request_id and update:
+            # A RunPod job brought a live doc with none to this worker: the functions' trigger, waiting on the
+            # client's doc for its request, then wakes no second worker for it (the review: the contract's own
+            # function flow, its doc and then its runsync, was dispatched twice, one more RunPod job, maybe one more
+            # GPU). Likewise a refused job this request queues again.
+            live = doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
+            brings = (live and not doc.get(RUNPOD_JOB_ID)) or lifecycle.refused(doc)
+            if request_id and (update or brings):
                 # RunPod's redelivery of this request is this request again (`dispatched`), not a new one: once the
                 # doc moved on it would put back what a later call replaced, and once the doc was deleted create
                 # the job again (its tombstone keeps these ids). Only where it changes the doc: one that changes
                 # nothing writes nothing (a finished doc stays as it was; eight at once contend for nothing).
-                update = {**update, **heard(doc, request_id)}
+                update = {**(update or {}), **heard(doc, request_id), **(brought(request_id, doc) if brings else {})}
             return update
 
         return self.transition(key, decide, admit=True)
@@ -570,8 +577,9 @@ def contract_failure(key: JobKey, doc: Mapping[str, Any]) -> dict[str, Any] | No
 
 
 def _request_part(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A new doc's request and creation fields (a refused job was never dispatched nor run: no other marks)."""
-    return {k: v for k, v in doc.items() if k in KNOWN_FIELDS or k in ("created_at", "task_type")}
+    """A new doc's request and creation fields, and the RunPod job that brought it (a refused job was never
+    dispatched nor run: no other marks)."""
+    return {k: v for k, v in doc.items() if k in KNOWN_FIELDS or k in ("created_at", "task_type", *REQUEST_MARKS)}
 
 
 def _present(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -804,6 +812,12 @@ def heard(doc: Mapping[str, Any], request_id: str) -> dict[str, Any]:
     if request_id in seen:
         return {}
     return {ARRIVED_DISPATCHES: [*seen, request_id][-DISPATCHES_KEPT:]}
+
+
+def brought(request_id: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The write that names the RunPod job that brought the job (its logs' requestId), listed as arrived too: the
+    functions' later dispatch replaces `runpod_job_id`, and its redelivery must still be known."""
+    return {RUNPOD_JOB_ID: request_id, **heard(doc, request_id)}
 
 
 def undelivered(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str, Any] | None:

@@ -2484,9 +2484,57 @@ def test_runpods_redelivery_of_a_runsync_never_puts_back_what_a_later_one_replac
     assert (doc["num_inference_steps"], doc["runpod_job_id"], doc["arrived_dispatches"]) == (
         30,
         "app-1",
-        ["app-2", "app-3"],
+        ["app-1", "app-2", "app-3"],
     )
     assert [request.num_inference_steps for request in submitted] == [25, 40, 40, 30, 30]
+
+
+def test_a_redelivery_is_known_after_the_functions_dispatch_named_the_job_anew(firestore_client, stub):
+    """`app-1` created the job; the functions' sweep dispatched it again and named it by its own RunPod job
+    (`runpod_job_id`, for the logs); app-2 restated it. RunPod's redelivery of app-1 took the job back to app-1's
+    parameters: its id had gone with `runpod_job_id` (the review)."""
+    handler = late_runsync_handler(firestore_client, [])
+    app = {"prompt": "a car", "user_id": "u-anew", "file_uid": "anew-1", "use_cloud_storage": True}
+    path = "generations/u-anew/images/anew-1"
+    assert handler.handle({**app, "num_inference_steps": 25}, "app-1")["status"] == "accepted"
+    firestore_client.document(path).update({"created_at": datetime.now(UTC) - timedelta(hours=1)})
+    runpod = stub(ACCEPTED)
+    policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
+    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(redispatched=1)
+    [(_, sent)] = runpod.requests
+    assert handler.handle(sent["input"], "job-1")["status"] == "accepted"
+    assert firestore_client.document(path).get().get("runpod_job_id") == "job-1"
+    assert handler.handle({**app, "num_inference_steps": 40}, "app-2")["status"] == "accepted"
+    assert handler.handle({**app, "num_inference_steps": 25}, "app-1")["status"] == "accepted"  # redelivered
+    assert firestore_client.document(path).get().get("num_inference_steps") == 40
+
+
+def test_a_refused_requests_redelivery_is_that_refusal_again(firestore_client):
+    """A request refused for its user's limits (rp-1, and rp-3 restating the refused job) kept no mark of its
+    RunPod job: once the owner's retry (rp-2, 40 steps) ran it, rp-1's redelivery took the job back to 25 steps
+    (the review)."""
+    from firegen_core.jobs import JobKey, WorkerJobs
+    from firegen_core.quota import Limits
+    from listener.handler import RunsyncHandler
+
+    store = WorkerJobs(firestore_client, worker_id="late", limits=Limits(max_pending=1))
+    handler = RunsyncHandler(store, lambda *_: None)
+    app = {"prompt": "a car", "user_id": "u-full", "use_cloud_storage": True}
+    assert handler.handle({**app, "file_uid": "first"}, "rp-0")["status"] == "accepted"
+    refused = handler.handle({**app, "file_uid": "then", "num_inference_steps": 25}, "rp-1")
+    assert refused["status"] == "failed" and refused["error"].startswith("Too many jobs")
+    again = handler.handle({**app, "file_uid": "then", "num_inference_steps": 30}, "rp-3")
+    assert again["status"] == "failed"
+    assert handler.handle({**app, "file_uid": "then", "num_inference_steps": 30}, "rp-3") == again  # redelivered
+    store.cancel(JobKey("u-full", "images", "first"))  # room again
+    path = "generations/u-full/images/then"
+    assert handler.handle({**app, "file_uid": "then", "num_inference_steps": 40}, "rp-2")["status"] == "accepted"
+    for steps, request_id in ((25, "rp-1"), (30, "rp-3")):  # redelivered: refused once, each
+        assert handler.handle({**app, "file_uid": "then", "num_inference_steps": steps}, request_id)["status"] == (
+            "accepted"
+        )
+    doc = firestore_client.document(path).get().to_dict()
+    assert (doc["status"], doc["num_inference_steps"], doc["runpod_job_id"]) == ("queued", 40, "rp-2")
 
 
 def test_the_sdks_local_test_id_names_no_one_request(firestore_client):

@@ -735,9 +735,10 @@ def test_a_restatement_past_the_daily_budget_fails_the_job(firestore_client):
     limits = Limits(daily_budget=quota.estimate(request("x")) * 1.5)
     JobStore(firestore_client, limits=limits).ensure_queued(request("restated-over"))
     huge = request("restated-over", width=1024, height=1024, num_images_per_prompt=4, num_inference_steps=50)
-    after = JobStore(firestore_client, limits=limits).ensure_queued(huge).after
+    after = JobStore(firestore_client, limits=limits).ensure_queued(huge, "rp-huge").after
     assert (after["status"], after["error_type"]) == ("failed", "QuotaExceeded")
     assert "USER_DAILY_BUDGET" in after["error_message"] and counts(firestore_client) == (0, 0)
+    assert after["arrived_dispatches"] == ["rp-huge"]  # its redelivery is this refusal again, not a request
     # The message names the job's whole new cost and what it was charged already, not just the difference.
     charged, whole = quota.estimate(request("x")), quota.estimate(huge)
     assert f"this job needs {whole:.1f} GPU-seconds ({charged:.1f} already charged)" in after["error_message"]

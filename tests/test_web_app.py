@@ -951,7 +951,7 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
 
 def test_offline_the_page_says_its_jobs_are_as_last_seen_and_a_cancel_says_it_cannot_reach_the_server(open_page, stack):
     """Audit: offline, a finished job read "Processing 0%" with nothing said, and a cancel read "Cancelling…" for a
-    minute while its button refused presses."""
+    minute while its button refused presses. Delete all my jobs says so too."""
     app = open_page()
     _held_job(stack, app.uid, "held-offline")
     cancel = app.job("held-offline").get_by_role("button", name="Cancel video “held-offline”")
@@ -968,8 +968,13 @@ def test_offline_the_page_says_its_jobs_are_as_last_seen_and_a_cancel_says_it_ca
         app.page.get_by_role("alert").inner_text() == "Could not reach the server; check your connection and try again"
     )
     assert cancel.get_attribute("aria-disabled") is None  # the user may try again
+    app.page.once("dialog", lambda dialog: dialog.accept())
+    app.page.get_by_role("button", name="Delete all my jobs").click()
+    says = "(text) => document.getElementById('delete-all-status').textContent === text"
+    app.page.wait_for_function(says, arg="Could not reach the server; check your connection and try again")
     app.context.set_offline(False)
     notice.wait_for(state="hidden", timeout=60_000)
+    assert app.page.locator("#delete-all-status").inner_text() == ""  # old news once back, as the form's error
     offline = r"ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
     assert [p for p in app.problems() if not re.search(offline, p)] == []
 

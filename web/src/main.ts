@@ -126,8 +126,8 @@ function clearConnectionError(): void {
     $("form-error").textContent = "";
     markInvalid(null, "form-error");
   }
-  // A card's note of a try again that the connection failed goes with it.
-  for (const note of document.querySelectorAll<HTMLElement>(".job .note")) {
+  // A card's note of a try again that the connection failed goes with it, as does Delete all my jobs' line.
+  for (const note of document.querySelectorAll<HTMLElement>(".job .note, #delete-all-status")) {
     if (connectionError(note.textContent ?? "")) note.textContent = "";
   }
 }
