@@ -2311,6 +2311,19 @@ def _status_of(url: str) -> int:
         return exc.code
 
 
+def _press_and_answer(app, button, *, accept: bool) -> str:
+    """Press a button that asks to confirm, answer its dialog; what the dialog asked ("" where none came)."""
+    asked: list[str] = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept() if accept else dialog.dismiss()
+
+    app.page.once("dialog", answer)
+    button.click()
+    return "".join(asked)
+
+
 def test_delete_removes_a_finished_job_its_files_and_its_card_once_confirmed(open_page, stack):
     """Delete (the deleteGeneration callable, through the Functions emulator, on the worker's bucket): asked to
     confirm; declined, nothing happens; confirmed, the result's file and the doc are gone, the card goes with the
@@ -2325,19 +2338,11 @@ def test_delete_removes_a_finished_job_its_files_and_its_card_once_confirmed(ope
     url = app.job(file_uid).get_by_role("link", name="Download image 1").get_attribute("href")
     assert _status_of(url) == 200
     delete = app.page.get_by_role("button", name="Delete image “a lighthouse to forget”")
-    asked: list[str] = []
-
-    def answer(dialog, accept: bool) -> None:
-        asked.append(dialog.message)
-        dialog.accept() if accept else dialog.dismiss()
-
-    app.page.once("dialog", lambda dialog: answer(dialog, False))
-    delete.click()
-    assert asked == ["Delete image “a lighthouse to forget” and its files? This cannot be undone."]
+    asked = "Delete image “a lighthouse to forget” and its files? This cannot be undone."
+    assert _press_and_answer(app, delete, accept=False) == asked
     doc = firestore_client(stack).document(f"generations/{app.uid}/images/{file_uid}")
     assert doc.get().exists and app.job(file_uid).is_visible() and _status_of(url) == 200
-    app.page.once("dialog", lambda dialog: answer(dialog, True))
-    delete.click()
+    assert _press_and_answer(app, delete, accept=True) == asked
     app.job(file_uid).wait_for(state="detached", timeout=30_000)
     assert not doc.get().exists and _status_of(url) == 404
     assert app.page.locator("#job-news").inner_text() == "Image “a lighthouse to forget” deleted"
@@ -2358,18 +2363,10 @@ def test_delete_all_my_jobs_erases_the_users_data_through_the_functions_once_con
     url = app.job(file_uid).get_by_role("link", name="Download image 1").get_attribute("href")
     held = _held_job(stack, app.uid, "running")
     app.job("running").wait_for(timeout=30_000)
-    asked: list[str] = []
-
-    def answer(dialog, accept: bool) -> None:
-        asked.append(dialog.message)
-        dialog.accept() if accept else dialog.dismiss()
-
-    app.page.once("dialog", lambda dialog: answer(dialog, False))
-    button.click()
-    assert asked == ["Delete all your jobs and their files? Running jobs are stopped. This cannot be undone."]
+    asked = "Delete all your jobs and their files? Running jobs are stopped. This cannot be undone."
+    assert _press_and_answer(app, button, accept=False) == asked
     assert _status_of(url) == 200 and "cancel_requested" not in held.get().to_dict()
-    app.page.once("dialog", lambda dialog: answer(dialog, True))
-    button.click()
+    assert _press_and_answer(app, button, accept=True) == asked
     says = "(text) => document.getElementById('delete-all-status').textContent === text"
     app.page.wait_for_function(says, arg="Deleting all your jobs… 1 deleted, 1 running stopping", timeout=60_000)
     assert held.get().get("cancel_requested") is True and _status_of(url) == 404
