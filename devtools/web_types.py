@@ -3,7 +3,7 @@
     python -m devtools.web_types           write web/src/contract.gen.ts (`make web-types`)
     python -m devtools.web_types --check   exit 1 when the committed file differs from a fresh generation
 
-The file holds TypeScript interfaces for the request and the job document, and the schema itself as a
+The file holds TypeScript interfaces for the request, the job document and the usage doc, and the request's schema as a
 constant, from which the page's form takes its ranges. tests/test_schema.py fails when it drifts.
 Only the JSON Schema subset that schema.py writes is translated ($ref, anyOf, enum, primitive types, arrays,
 objects with properties); anything else is an error, not a silent `any`.
@@ -88,6 +88,11 @@ def render() -> str:
     )
     parts.append(
         "/** A job document at generations/{user_id}/{images|videos}/{file_uid}. */\n" + interface(job["title"], job)
+    )
+    usage = schemas["usage"]
+    parts.append(
+        "/** A user's usage of the per-user limits at usage/{user_id}, which its owner may read. */\n"
+        + interface(usage["title"], usage)
     )
     parts.append('export type JobStatus = JobDoc["status"];')
     parts.append('export type ErrorType = NonNullable<JobDoc["error_type"]>;')

@@ -191,11 +191,41 @@ def job_doc_schema() -> dict[str, Any]:
     }
 
 
+def usage_doc_schema() -> dict[str, Any]:
+    """A user's usage of the per-user limits at usage/{user_id} (quota.Usage.document), which its owner may read:
+    what an app shows of what is left."""
+    count = {"type": "integer", "minimum": 0}
+    limits = {
+        "type": "object",
+        "description": "USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET as the last writer had them",
+        "properties": {"max_running": count, "max_pending": count, "daily_budget": {"type": "number"}},
+        "required": ["max_running", "max_pending", "daily_budget"],
+    }
+    return {
+        "$schema": SCHEMA_VERSION,
+        "title": "UsageDoc",
+        "type": "object",
+        "properties": {
+            "running": {**count, "description": "The user's admitted jobs processing now"},
+            "pending": {**count, "description": "The user's admitted jobs queued or processing"},
+            "spent_today": {"type": "number", "minimum": 0, "description": "GPU-seconds charged on `day`"},
+            "day": {"type": "string", "format": "date", "description": "A UTC date: another day's spend is 0 today"},
+            "limits": limits,
+            "resets_at": {**TIMESTAMP_REF, "description": "The next UTC midnight, when the day's spend restarts"},
+            "updated_at": TIMESTAMP_REF,
+            "expire_at": TIMESTAMP_REF,
+        },
+        "required": ["running", "pending", "spent_today", "day", "limits", "resets_at", "updated_at"],
+        "$defs": {"Timestamp": TIMESTAMP},
+    }
+
+
 def contract_schemas() -> dict[str, Any]:
-    """Both schemas and the enumerations a client needs, in one document."""
+    """The schemas and the enumerations a client needs, in one document."""
     return {
         "request": request_schema(),
         "job": job_doc_schema(),
+        "usage": usage_doc_schema(),
         "media_types": dict(contract.MEDIA_TYPE),
         "error_types": list(errors.ERROR_TYPES),
         "final_states": list(lifecycle.FINAL_STATES),

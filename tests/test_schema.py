@@ -4,7 +4,8 @@
   run `make web-types`), and the web app type-checks against it;
 - the schema's ranges are the ones the worker's validation applies (checked against `parse_runsync_input`);
 - the web app's own check (web/src/validate.ts, run in Node) gives the contract's messages, word for word;
-- every field the worker and the functions write on a job doc has a type in the job doc's schema.
+- every field the worker and the functions write on a job doc has a type in the job doc's schema, and the usage
+  doc's schema is what they write there.
 """
 
 from __future__ import annotations
@@ -110,6 +111,15 @@ def test_every_field_written_on_a_job_doc_has_a_type():
     assert job["status"]["enum"] == ["queued", "processing", "completed", "failed"]
     assert job["error_type"]["enum"] == list(errors.ERROR_TYPES)
     assert set(schema.VIDEO_INFO["required"]) == set(written[2]["video_info"])
+
+
+def test_the_usage_doc_schema_is_what_the_worker_writes():
+    usage = schema.usage_doc_schema()
+    now = datetime.now(UTC)
+    written = quota.Usage.read(None, now).document(quota.Limits(), now, "server time")
+    written[lifecycle.EXPIRE_AT] = now
+    assert set(written) == set(usage["properties"]) and set(usage["required"]) <= set(written)
+    assert set(written["limits"]) == set(usage["properties"]["limits"]["properties"])
 
 
 def _page_cases() -> list[dict]:

@@ -970,8 +970,7 @@ def test_offline_the_page_says_its_jobs_are_as_last_seen_and_a_cancel_says_it_ca
     assert cancel.get_attribute("aria-disabled") is None  # the user may try again
     app.page.once("dialog", lambda dialog: dialog.accept())
     app.page.get_by_role("button", name="Delete all my jobs").click()
-    says = "(text) => document.getElementById('delete-all-status').textContent === text"
-    app.page.wait_for_function(says, arg="Could not reach the server; check your connection and try again")
+    _wait_text(app, "delete-all-status", "Could not reach the server; check your connection and try again")
     app.context.set_offline(False)
     notice.wait_for(state="hidden", timeout=60_000)
     assert app.page.locator("#delete-all-status").inner_text() == ""  # old news once back, as the form's error
@@ -2311,6 +2310,12 @@ def _status_of(url: str) -> int:
         return exc.code
 
 
+def _wait_text(app, element_id: str, text: str, timeout: float = 30_000) -> None:
+    """Until the element's text is exactly `text`."""
+    said = "([id, text]) => document.getElementById(id).textContent === text"
+    app.page.wait_for_function(said, arg=[element_id, text], timeout=timeout)
+
+
 def _press_and_answer(app, button, *, accept: bool) -> str:
     """Press a button that asks to confirm, answer its dialog; what the dialog asked ("" where none came)."""
     asked: list[str] = []
@@ -2354,12 +2359,22 @@ def test_delete_all_my_jobs_erases_the_users_data_through_the_functions_once_con
     """Delete all my jobs (deleteAllGenerations, an app's account deletion, on the Functions emulator and the
     worker's bucket), once confirmed: a finished job goes with its file; a running one is asked to stop, the page
     calling again while it stops and saying so, and deleted once it has; the page says what it did, the list
-    empties, the button goes (the focus to the list's title), and the day's spend stands."""
+    empties, the button goes (the focus to the list's title), and the day's spend stands, as the line of the user's
+    limits says (usage/{uid}, live)."""
     app = open_page()
     button = app.page.get_by_role("button", name="Delete all my jobs")
+    limits = app.page.locator("#usage")
+    _wait_text(app, "usage", "Your limits: nothing used yet")
     app.fill(Prompt="a harbour to erase", Width="256", Height="256", Steps="10")
     file_uid = app.generate()
     assert app.wait_final(file_uid) == "completed"
+    spent = firestore_client(stack).document(f"usage/{app.uid}").get().get("spent_today")
+    line = r"Your limits: 0 of 20 jobs queued or running \(0 of 2 at once\); ([\d.]+) of 600 GPU-seconds used today"
+    app.page.wait_for_function(
+        "(line) => new RegExp(`^${line}$`).test(document.getElementById('usage').textContent)", arg=line
+    )
+    used = limits.inner_text()
+    assert abs(float(re.fullmatch(line, used)[1]) - spent) <= 0.05 and spent > 0  # to a tenth
     url = app.job(file_uid).get_by_role("link", name="Download image 1").get_attribute("href")
     held = _held_job(stack, app.uid, "running")
     app.job("running").wait_for(timeout=30_000)
@@ -2367,17 +2382,16 @@ def test_delete_all_my_jobs_erases_the_users_data_through_the_functions_once_con
     assert _press_and_answer(app, button, accept=False) == asked
     assert _status_of(url) == 200 and "cancel_requested" not in held.get().to_dict()
     assert _press_and_answer(app, button, accept=True) == asked
-    says = "(text) => document.getElementById('delete-all-status').textContent === text"
-    app.page.wait_for_function(says, arg="Deleting all your jobs… 1 deleted, 1 running stopping", timeout=60_000)
+    _wait_text(app, "delete-all-status", "Deleting all your jobs… 1 deleted, 1 running stopping", timeout=60_000)
     assert held.get().get("cancel_requested") is True and _status_of(url) == 404
     assert button.get_attribute("aria-disabled") == "true"
     held.update(
         {"status": "failed", "error": True, "error_type": "Cancelled", "error_message": "Cancelled by the user"}
     )
-    app.page.wait_for_function(says, arg="All your jobs are deleted (2 jobs deleted)", timeout=60_000)
+    _wait_text(app, "delete-all-status", "All your jobs are deleted (2 jobs deleted)", timeout=60_000)
     app.page.wait_for_function("() => document.querySelectorAll('.job').length === 0", timeout=30_000)
     assert app.page.locator("#no-jobs").inner_text() == "No jobs yet."
     assert button.is_hidden() and app.page.evaluate("document.activeElement.id") == "jobs-title"
     usage = firestore_client(stack).document(f"usage/{app.uid}").get().to_dict()  # stays: the day's spend stands
-    assert (usage["pending"], usage["running"]) == (0, 0) and usage["spent_today"] > 0
+    assert (usage["pending"], usage["running"], usage["spent_today"]) == (0, 0, spent) and limits.inner_text() == used
     assert app.problems() == []

@@ -129,6 +129,24 @@ export interface JobDoc {
   expire_at?: Timestamp;
 }
 
+/** A user's usage of the per-user limits at usage/{user_id}, which its owner may read. */
+export interface UsageDoc {
+  /** The user's admitted jobs processing now */
+  running: number;
+  /** The user's admitted jobs queued or processing */
+  pending: number;
+  /** GPU-seconds charged on `day` */
+  spent_today: number;
+  /** A UTC date: another day's spend is 0 today */
+  day: string;
+  /** USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET as the last writer had them */
+  limits: { max_running: number; max_pending: number; daily_budget: number; };
+  /** The next UTC midnight, when the day's spend restarts */
+  resets_at: Timestamp;
+  updated_at: Timestamp;
+  expire_at?: Timestamp;
+}
+
 export type JobStatus = JobDoc["status"];
 
 export type ErrorType = NonNullable<JobDoc["error_type"]>;

@@ -4,13 +4,23 @@
 import { initializeApp } from "firebase/app";
 import { initializeAppCheck, ReCaptchaEnterpriseProvider } from "firebase/app-check";
 import { connectAuthEmulator, getAuth, onAuthStateChanged, signInAnonymously } from "firebase/auth";
-import { connectFirestoreEmulator, doc, getDoc, getFirestore, serverTimestamp, setDoc, updateDoc } from "firebase/firestore";
+import {
+  connectFirestoreEmulator,
+  doc,
+  getDoc,
+  getFirestore,
+  onSnapshot,
+  serverTimestamp,
+  setDoc,
+  updateDoc,
+} from "firebase/firestore";
 import { connectFunctionsEmulator, getFunctions, httpsCallable, type Functions } from "firebase/functions";
 import { hostPort, loadConfig } from "./config";
 import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract.gen";
 import { Dismissed } from "./dismissed";
 import { applyRanges, fillForm, markInvalid, mediaType, readRequest, requestOf } from "./form";
 import { eraseAll, erasedMessage, ERASE_TIMEOUT_MS, type EraseReply } from "./erase";
+import { usageLine } from "./usage";
 import { dismissable, keyOf, listenToJobs, nameFor, named as nameOf, PAGE, QUIET_MS, renderJobs, titled, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
@@ -177,6 +187,21 @@ async function main(): Promise<void> {
     });
   }
   document.body.dataset.uid = uid;
+
+  // What is left of the user's limits, live; the day's spend goes back to 0 at midnight UTC without a write, so the
+  // line is drawn again each minute too. A listener the server refuses (rules without the usage match) hides it.
+  let usage: Record<string, unknown> | undefined;
+  const showUsage = () => ($("usage").textContent = usageLine(usage, new Date()));
+  onSnapshot(
+    doc(db, "usage", uid),
+    (snapshot) => {
+      usage = snapshot.data();
+      showUsage();
+      $("usage").hidden = false;
+    },
+    () => ($("usage").hidden = true),
+  );
+  setInterval(showUsage, 60_000);
 
   const form = $<HTMLFormElement>("generate");
   const list = $<HTMLOListElement>("jobs");

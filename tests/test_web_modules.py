@@ -1,0 +1,158 @@
+"""The web app's pure modules run in Node: the Delete all my jobs loop (web/src/erase.ts `eraseAll`) against
+scripted replies of the deleteAllGenerations callable with a fake clock (the waits and the stops a browser test
+cannot reach: a running job that never stops, Storage failing), and the line of the user's limits
+(web/src/usage.ts `usageLine`) on usage docs a browser test cannot wait for (another day, limits reached, an
+admin's stray values). The page's own use of them, through the emulators, is in test_web_app.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from test_schema import ESBUILD, _require_web_modules
+
+from devtools import web_types
+
+ERASE_RUNNER = """
+import { eraseAll, erasedMessage } from "./erase.mjs";
+const out = [];
+for (const scenario of JSON.parse(process.argv[2])) {
+  let now = 0;
+  let calls = 0;
+  const sleeps = [];
+  const heard = [];
+  const pass = async () => {
+    const reply = scenario.replies[Math.min(calls, scenario.replies.length - 1)];
+    calls += 1;
+    now += scenario.passMs ?? 0;
+    if (reply.code) throw Object.assign(new Error(reply.code), { code: reply.code });
+    return reply;
+  };
+  const sleep = async (ms) => { sleeps.push(ms); now += ms; };
+  try {
+    const erased = await eraseAll(pass, (sofar) => heard.push({ ...sofar }), sleep, () => now);
+    out.push({ erased, message: erasedMessage(erased), sleeps, heard, calls });
+  } catch (error) {
+    out.push({ thrown: error.code, sleeps, calls });
+  }
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def deleting(deleted: int, stopping: int) -> dict:
+    return {"success": True, "status": "deleting", "deleted": deleted, "stopping": stopping, "message": "Deleting"}
+
+
+DONE = {"success": True, "status": "deleted", "deleted": 1, "stopping": 0, "message": "All deleted"}
+
+
+USAGE_RUNNER = """
+import { usageLine } from "./usage.mjs";
+const [docs, now] = JSON.parse(process.argv[2]);
+console.log(JSON.stringify(docs.map((doc) => usageLine(doc ?? undefined, new Date(now)))));
+"""
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """web/src/<name>.ts bundled for Node, with a runner script; runs it with its argument as JSON."""
+    _require_web_modules()
+    folder = tmp_path_factory.mktemp("web-modules")
+
+    def build(name: str, runner: str):
+        source = web_types.REPO / "web" / "src" / f"{name}.ts"
+        out = folder / f"{name}.mjs"
+        subprocess.run(
+            [str(ESBUILD), str(source), "--bundle", "--format=esm", f"--outfile={out}", "--log-level=warning"],
+            check=True,
+        )
+        (folder / f"run-{name}.mjs").write_text(runner)
+
+        def run(argument) -> list:
+            done = subprocess.run(
+                ["node", str(folder / f"run-{name}.mjs"), json.dumps(argument)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        return run
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def erase(bundle):
+    run = bundle("erase", ERASE_RUNNER)
+    return lambda *scenarios: run(scenarios)
+
+
+@pytest.fixture(scope="module")
+def usage_line(bundle):
+    return bundle("usage", USAGE_RUNNER)
+
+
+def test_passes_go_on_at_once_while_jobs_are_left_and_a_moment_apart_while_running_ones_stop(erase):
+    [result] = erase({"replies": [deleting(100, 0), deleting(3, 1), deleting(0, 1), DONE]})
+    assert (result["calls"], result["sleeps"]) == (4, [2000, 2000])
+    assert result["erased"] == {"done": True, "deleted": 104, "stopping": 0}
+    assert result["message"] == "All your jobs are deleted (104 jobs deleted)"
+    assert [sofar["deleted"] for sofar in result["heard"]] == [100, 103, 103, 104]  # a running total
+
+
+def test_unavailable_is_tried_again_with_a_backoff_then_said(erase):
+    unavailable = {"code": "functions/unavailable"}
+    recovers, fails, refused = erase(
+        {"replies": [unavailable, unavailable, DONE]},
+        {"replies": [unavailable]},
+        {"replies": [{"code": "functions/permission-denied"}]},
+    )
+    assert (recovers["calls"], recovers["sleeps"], recovers["erased"]["done"]) == (3, [2000, 4000], True)
+    assert (fails["thrown"], fails["calls"], fails["sleeps"]) == ("functions/unavailable", 3, [2000, 4000])
+    assert (refused["thrown"], refused["calls"], refused["sleeps"]) == ("functions/permission-denied", 1, [])
+
+
+def test_a_running_job_that_never_stops_ends_the_calls_after_five_minutes_and_says_so(erase):
+    [result] = erase({"replies": [deleting(2, 1), deleting(0, 1)], "passMs": 58_000})
+    assert result["erased"] == {"done": False, "deleted": 2, "stopping": 1}
+    assert result["calls"] == 6  # 6 x 60 s: the first pass past 5 minutes is the last
+    assert result["message"] == (
+        "2 jobs deleted; 1 running job is still stopping: press Delete all my jobs again in a few minutes"
+    )
+
+
+LIMITS = {"max_running": 2, "max_pending": 20, "daily_budget": 600}
+
+
+def usage(**fields) -> dict:
+    return {"running": 1, "pending": 3, "spent_today": 12.34, "day": "2026-12-05", "limits": LIMITS, **fields}
+
+
+def test_the_limits_line_says_what_is_left_and_when_a_job_would_be_refused(usage_line):
+    lines = usage_line(
+        [
+            [
+                None,
+                usage(),
+                usage(day="2026-12-04"),  # yesterday's spend: none today
+                usage(spent_today=600),
+                usage(pending=20),
+                usage(running="2", pending=None, spent_today=-5),  # an admin's stray values
+            ],
+            "2026-12-05T10:00:00Z",
+        ]
+    )
+    assert lines == [
+        "Your limits: nothing used yet",
+        "Your limits: 3 of 20 jobs queued or running (1 of 2 at once); 12.3 of 600 GPU-seconds used today",
+        "Your limits: 3 of 20 jobs queued or running (1 of 2 at once); 0 of 600 GPU-seconds used today",
+        "Your limits: 3 of 20 jobs queued or running (1 of 2 at once); 600 of 600 GPU-seconds used today: today's "
+        "budget is spent, new jobs are refused until 00:00 UTC",
+        "Your limits: 20 of 20 jobs queued or running (1 of 2 at once); 12.3 of 600 GPU-seconds used today: new jobs "
+        "are refused until one of these ends",
+        "Your limits: 0 of 20 jobs queued or running (0 of 2 at once); 0 of 600 GPU-seconds used today",
+    ]

@@ -1,0 +1,31 @@
+// The signed-in user's usage of the per-user limits (usage/{uid}, which its owner may read: firestore.rules), as one
+// line above their jobs: what is left before a job is refused `QuotaExceeded` (README "Per-user limits").
+import type { UsageDoc } from "./contract.gen";
+
+/** A count or an amount as the doc holds it: 0 where an admin's write left something else. */
+function amount(value: unknown): number {
+  return typeof value === "number" && Number.isFinite(value) && value > 0 ? value : 0;
+}
+
+/** GPU-seconds: whole where whole, else to a tenth. */
+function seconds(value: number): string {
+  return Number.isInteger(value) ? String(value) : value.toFixed(1);
+}
+
+/** The line for the usage doc as it stands at `now` (undefined: no doc, nothing admitted so far or gone by its TTL). */
+export function usageLine(usage: Partial<UsageDoc> | undefined, now: Date): string {
+  const limits = usage?.limits;
+  if (!usage || !limits) return "Your limits: nothing used yet";
+  // Another day's spend is 0 today (the doc is written again only when a job of the user's moves).
+  const spent = usage.day === now.toISOString().slice(0, 10) ? amount(usage.spent_today) : 0;
+  const pending = amount(usage.pending);
+  const budget = amount(limits.daily_budget);
+  const jobs = `${pending} of ${amount(limits.max_pending)} jobs queued or running (${amount(usage.running)} of ${amount(limits.max_running)} at once)`;
+  const refused =
+    spent >= budget
+      ? ": today's budget is spent, new jobs are refused until 00:00 UTC"
+      : pending >= amount(limits.max_pending)
+        ? ": new jobs are refused until one of these ends"
+        : "";
+  return `Your limits: ${jobs}; ${seconds(spent)} of ${seconds(budget)} GPU-seconds used today${refused}`;
+}
