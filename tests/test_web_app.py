@@ -113,6 +113,17 @@ class Page:
         self.page.goto(url)
         self.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
         self.uid = self.page.evaluate("document.body.dataset.uid")
+        # Until its jobs' listeners have the server's first answer, where they get one: a doc a test writes while a
+        # listener's query is still being set up was never delivered once (the emulator's; the page saw "No jobs
+        # yet." for good). A page whose listeners cannot answer (offline, refused) is the test's to look at.
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        with contextlib.suppress(PlaywrightTimeout):
+            self.page.wait_for_function(
+                "() => document.getElementById('no-jobs').hidden || "
+                "document.getElementById('no-jobs').textContent === 'No jobs yet.'",
+                timeout=20_000,
+            )
 
     def problems(self) -> list[str]:
         return [line for line in self.console if line.startswith(("error", "warning", "pageerror"))]
