@@ -20,11 +20,11 @@ import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures_http import LocalServer, QuietHandler
 from google.cloud import firestore
 
 from devtools import emulators as emu
@@ -90,7 +90,7 @@ def worker(firestore_emulator, storage_emulator, emulator_logs, tmp_path_factory
         process.stop()
 
 
-class StubRunPod:
+class StubRunPod(LocalServer):
     """A scripted stand-in for api.runpod.ai on 127.0.0.1: answers (status, body) in turn, the last one for
     ever (None: closes the connection unanswered); records each request's Authorization header and body.
 
@@ -106,7 +106,7 @@ class StubRunPod:
         self.requests: list[tuple[str | None, dict]] = []
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 stub.requests.append((self.headers.get("Authorization"), body))
@@ -114,28 +114,13 @@ class StubRunPod:
                 if scripted is None:  # DROP: the request read in full, the connection closed unanswered
                     self.close_connection = True
                     return
-                status, answer = scripted
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(*scripted)
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v2/endpoint/runsync"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        super().__init__(Handler)
+        self.url = f"{self.origin}/v2/endpoint/runsync"
 
     def client(self, **kw) -> RunPodClient:
         return RunPodClient(self.url, API_KEY, **{**FAST, **kw})
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -949,15 +934,7 @@ def test_trigger_dispatches_once_under_duplicate_delivery(worker):
     )  # a late redelivery
     assert worker.doc(busy)["status"] == "processing"  # the slot was still busy: only the trigger dispatched
     assert sorted(outcomes) == ["accepted", "skipped", "skipped", "skipped"]
-    free_the_slot(worker, busy)
-    doc = worker.wait_status(path, timeout=120)
-    assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
-        "completed",
-        1,
-        1,
-        "trigger",
-    )
-    assert worker.runsync_calls("trig-1") == 1
+    runs_once_dispatched_by_the_trigger(worker, busy, path)
 
 
 def busy_video(worker, file_uid: str) -> str:
@@ -978,6 +955,19 @@ def free_the_slot(worker, busy: str) -> None:
     JobStore(worker.db).cancel(JobKey.from_path(busy))
 
 
+def runs_once_dispatched_by_the_trigger(worker, busy: str, path: str) -> None:
+    """Once the slot is free, the doc completes on its first attempt, dispatched once, by the trigger."""
+    free_the_slot(worker, busy)
+    doc = worker.wait_status(path, timeout=120)
+    assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
+        "completed",
+        1,
+        1,
+        "trigger",
+    )
+    assert worker.runsync_calls(path.rsplit("/", 1)[1]) == 1
+
+
 def test_the_trigger_wakes_a_busy_real_worker_once(worker):
     """The trigger comes first (the worker's one slot is busy, so its listener cannot take the doc): one
     dispatch is accepted, the redelivery skips, and the doc runs once, after the busy job."""
@@ -991,15 +981,7 @@ def test_the_trigger_wakes_a_busy_real_worker_once(worker):
     ]
     assert worker.doc(busy)["status"] == "processing"  # the slot was still busy: the trigger was first
     assert outcomes == ["accepted", "skipped"]
-    free_the_slot(worker, busy)
-    doc = worker.wait_status(path, timeout=120)
-    assert (doc["status"], doc["attempts"], doc["dispatch_count"], doc["dispatched_by"]) == (
-        "completed",
-        1,
-        1,
-        "trigger",
-    )
-    assert worker.runsync_calls("trig-first") == 1
+    runs_once_dispatched_by_the_trigger(worker, busy, path)
 
 
 def test_the_callable_answers_as_the_job_ended_when_it_ended_before_its_dispatch_arrived(worker):
@@ -2037,7 +2019,7 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
 
 
 # ---------------------------------------------------------------------------------------------- README claims
-class HangingRunPod:
+class HangingRunPod(LocalServer):
     """An endpoint that accepts the connection and never answers. A stand-in on purpose: a real local worker
     always answers; this is RunPod's side of a network or platform stall."""
 
@@ -2046,23 +2028,17 @@ class HangingRunPod:
         self.requests = 0
         hanging = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):
                 hanging.requests += 1
                 hanging.stop.wait(60)
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v2/endpoint/runsync"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        super().__init__(Handler)
+        self.url = f"{self.origin}/v2/endpoint/runsync"
 
     def close(self):
         self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def test_a_hanging_endpoint_is_read_as_queued_after_one_send(firestore_client):

@@ -19,12 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import runpod
+from fixtures_http import LocalServer, QuietHandler
 from fixtures_keys import pem_body, service_account_key
 from google.api_core.exceptions import Cancelled
 from google.cloud.firestore import SERVER_TIMESTAMP
@@ -38,7 +38,7 @@ POD = "test-pod"
 HOLD_SECONDS = 2.0  # the job-take long poll, as RunPod's holds a request open until a job comes
 
 
-class JobApi:
+class JobApi(LocalServer):
     """A stand-in for RunPod's job API: job-take (single and batch, each queued job handed out once, held
     open up to HOLD_SECONDS like the real long poll), job-done (outputs recorded), job-stop, ping."""
 
@@ -53,7 +53,7 @@ class JobApi:
         self.lock = threading.Lock()
         api = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
@@ -91,21 +91,8 @@ class JobApi:
                     return self.reply(200, {})
                 return self.reply(404)
 
-            def reply(self, status, body=None):
-                data = json.dumps(body).encode() if body is not None else b""
-                self.send_response(status)
-                if body is not None:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}/v2/test-endpoint"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(Handler)
+        self.base = f"{self.origin}/v2/test-endpoint"
 
     def take(self, count: int) -> list[dict]:
         jobs = []
@@ -136,10 +123,6 @@ class JobApi:
             "RUNPOD_SKIP_GPU_CHECK": "true",
             "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
         }
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

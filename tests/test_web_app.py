@@ -627,24 +627,9 @@ def test_the_fallback_serves_the_page_statically_with_job_documents(tmp_path, br
 
 
 def test_progress_updates_live_with_a_cancel_button_until_the_job_ends(open_page, stack):
-    """The job's doc moved by hand (as a worker would, through the Admin SDK): the page follows each write. The
-    doc is held by a worker that does not exist, with a long lease, so the real worker leaves it alone."""
+    """The job's doc moved by hand (`_held_job`): the page follows each write."""
     app = open_page()
-    ref = firestore_client(stack).document(f"generations/{app.uid}/videos/held-by-hand")
-    ref.set(
-        {
-            "prompt": "held by hand",
-            "num_frames": 16,
-            "status": "processing",
-            "created_at": SERVER_TIMESTAMP,
-            "generated": False,
-            "error": False,
-            "worker_id": "a-worker-elsewhere",
-            "lease_expires_at": datetime.now(UTC) + timedelta(hours=1),
-            "attempts": 1,
-            "progress": 0.4,
-        }
-    )
+    ref = _held_job(stack, app.uid, "held-by-hand", prompt="held by hand", progress=0.4)
     card = app.job("held-by-hand")
     bar = card.get_by_role("progressbar", name="Progress of video “held by hand”")
     bar.wait_for(timeout=30_000)
