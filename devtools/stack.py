@@ -43,8 +43,7 @@ from devtools import emulators as emu
 from devtools import firebase_cli, web
 from devtools.client import Client, StackInfo, shown_path
 from devtools.worker import WorkerProcess
-from firegen_core import lifecycle
-from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
+from firegen_core import function_params, lifecycle
 from firegen_core.quota import Limits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,41 +98,30 @@ def firebase_config() -> tuple[str, dict[str, int]]:
 # does not hand its own environment's values of the functions' params to them: it writes the params' defaults into
 # the project's functions/.env.local and uses those. So make dev writes each of these there itself, with the same
 # value the worker gets, or the callable admits what the worker refuses.
-USER_LIMITS = {
+USER_LIMITS = ("USER_MAX_RUNNING", "USER_MAX_PENDING", "USER_DAILY_BUDGET")
+SHARED_INT_PARAMS = (*USER_LIMITS, "PLACEHOLDER_GRACE_SECONDS")
+SHARED_DEFAULTS = {
     "USER_MAX_RUNNING": Limits.max_running,
     "USER_MAX_PENDING": Limits.max_pending,
     "USER_DAILY_BUDGET": int(Limits.daily_budget),
+    "PLACEHOLDER_GRACE_SECONDS": 5,
 }
 
 
 def shared_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET, RETENTION_DAYS and PLACEHOLDER_GRACE_SECONDS from
-    `environ` (unset or empty:
-    the default both sides share). ValueError naming the variable when a value is one either side would refuse:
-    the functions declare the limits as int params, so the budget must be whole there, though the worker would
-    take 30.5."""
-    values = {}
-    for name, default in USER_LIMITS.items():
-        raw = (environ.get(name) or "").strip()
-        if raw and not (re.fullmatch(r"[0-9]+", raw) and int(raw) >= 1):
-            raise ValueError(
-                f"{name} must be a whole number, 1 or more (got {raw!r}): the worker and the functions read it"
-            )
-        values[name] = str(int(raw) if raw else default)
+    `environ` (unset or empty: the default both sides share). ValueError naming the variable when a value is one
+    either side would refuse: the functions declare the limits and the grace as int params, so they must be whole
+    there, though the worker would take 30.5."""
     try:
+        values = {**SHARED_DEFAULTS, **function_params.whole_numbers(environ, SHARED_INT_PARAMS)}
         lifecycle.retention_days(environ)
     except ValueError as exc:
         raise ValueError(f"{exc}: the worker and the functions read it") from None
-    values["RETENTION_DAYS"] = (environ.get("RETENTION_DAYS") or "").strip() or f"{lifecycle.RETENTION_DAYS_DEFAULT:g}"
-    # How long the worker's listeners and the functions' trigger leave a doc with only its prompt to its request.
-    grace = (environ.get("PLACEHOLDER_GRACE_SECONDS") or "").strip() or "5"
-    if not (re.fullmatch(r"[0-9]+", grace) and int(grace) <= MAX_PLACEHOLDER_GRACE_SECONDS):
-        raise ValueError(
-            f"PLACEHOLDER_GRACE_SECONDS must be a whole number from 0 to {MAX_PLACEHOLDER_GRACE_SECONDS} (got {grace!r}): the worker and the "
-            "functions read it"
-        )
-    values["PLACEHOLDER_GRACE_SECONDS"] = grace
-    return values
+    shared = {name: str(values[name]) for name in USER_LIMITS}
+    shared["RETENTION_DAYS"] = (environ.get("RETENTION_DAYS") or "").strip() or f"{lifecycle.RETENTION_DAYS_DEFAULT:g}"
+    shared["PLACEHOLDER_GRACE_SECONDS"] = str(values["PLACEHOLDER_GRACE_SECONDS"])
+    return shared
 
 
 # The functions' own params (functions/main.py), which the worker does not read: passed on from make dev's
@@ -143,13 +131,10 @@ FUNCTION_SETTINGS = ("RUNPOD_ATTEMPTS", "RUNPOD_TIMEOUT_SECONDS", "REDISPATCH_AF
 
 def function_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """FUNCTION_SETTINGS and ENFORCE_APP_CHECK set in `environ`; ValueError naming a value the functions refuse."""
-    values = {}
-    for name in FUNCTION_SETTINGS:
-        raw = (environ.get(name) or "").strip()
-        if raw and not (re.fullmatch(r"[0-9]+", raw) and int(raw) >= 1):
-            raise ValueError(f"{name} must be a whole number, 1 or more (got {raw!r}): the functions read it")
-        if raw:
-            values[name] = str(int(raw))
+    try:
+        values = {name: str(value) for name, value in function_params.whole_numbers(environ, FUNCTION_SETTINGS).items()}
+    except ValueError as exc:
+        raise ValueError(f"{exc}: the functions read it") from None
     enforce = (environ.get("ENFORCE_APP_CHECK") or "").strip().lower()
     # The words functions/main.py's enforce_app_check() takes (a review: make dev refused its `true`).
     if enforce and enforce not in ("on", "off", "1", "0", "true", "false", "yes", "no"):

@@ -29,6 +29,7 @@ from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from . import quota
 from .contract import KNOWN_FIELDS, clip, snake_case
 from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
+from .redaction import got
 
 
 class JobStatus(StrEnum):
@@ -72,7 +73,7 @@ def retention_days(env: Mapping[str, str]) -> float:
     except ValueError:
         days = math.nan
     if not (math.isfinite(days) and 0 <= days <= RETENTION_DAYS_MAX):
-        raise ValueError(f"RETENTION_DAYS must be a number of days from 0 to {RETENTION_DAYS_MAX:g} (got {raw!r})")
+        raise ValueError(f"RETENTION_DAYS must be a number of days from 0 to {RETENTION_DAYS_MAX:g} {got(raw)}")
     return days
 
 

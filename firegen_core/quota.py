@@ -65,6 +65,13 @@ def number(doc: Mapping[str, Any], name: str) -> float:
     return max(value, 0)
 
 
+# The limits' upper bounds: each admission writes them into the usage doc, and Firestore refuses an integer past 64
+# bits (an audit: USER_MAX_PENDING=99999999999999999999 for "no limit" started, then every admission failed, "Could
+# not record the job"). Past what any app needs, so the bound is "no limit" in practice.
+MAX_COUNT_LIMIT = 1_000_000
+MAX_DAILY_BUDGET = 1_000_000_000  # GPU-seconds a day: ~31 years of one GPU
+
+
 @dataclass(frozen=True)
 class Limits:
     """USER_MAX_RUNNING, USER_MAX_PENDING, USER_DAILY_BUDGET (GPU-seconds per UTC day)."""
@@ -74,8 +81,9 @@ class Limits:
     daily_budget: float = 600.0
 
     def __post_init__(self):
-        if self.max_running < 1 or self.max_pending < 1 or self.daily_budget <= 0:
-            raise ValueError(f"user limits must be positive: {self}")
+        counts = (self.max_running, self.max_pending)
+        if not (all(1 <= n <= MAX_COUNT_LIMIT for n in counts) and 0 < self.daily_budget <= MAX_DAILY_BUDGET):
+            raise ValueError(f"user limits must be positive and within their bounds: {self}")
 
     def document(self) -> dict[str, Any]:
         return {"max_running": self.max_running, "max_pending": self.max_pending, "daily_budget": self.daily_budget}

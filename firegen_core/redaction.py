@@ -30,8 +30,14 @@ _SECRETS = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 # The variables that hold a credential where this code runs: the functions' Firebase secret, the RunPod worker's own
-# key (RunPod sets it in each worker). Read at each call: a secret set after import counts.
-SECRET_VARIABLES = ("RUNPOD_API_KEY", "RUNPOD_AI_API_KEY")
+# key (RunPod sets it in each worker), the worker's service account key (its base64 matches no pattern; a key file's
+# path there is taken out too, which costs nothing). Read at each call: a secret set after import counts.
+SECRET_VARIABLES = (
+    "RUNPOD_API_KEY",
+    "RUNPOD_AI_API_KEY",
+    "FIREBASE_SERVICE_ACCOUNT_JSON",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 # Shorter values are no credential (a placeholder such as "x"): replacing them would garble every line.
 _SHORTEST_SECRET = 12
 # Deeper than this, a value is written as its redacted text (a value that holds itself would recurse for ever).
@@ -45,6 +51,19 @@ def redact(text: str) -> str:
         if len(value) >= _SHORTEST_SECRET and value in text:
             text = text.replace(value, "<redacted>")
     return text
+
+
+# A wrong setting is quoted back only while short: a long one may be a secret pasted into the wrong variable (an
+# audit: a service account's key set as STORAGE_BUCKET was printed whole, private key and all, into the logs).
+QUOTED_AT_MOST = 64
+
+
+def got(value: Any) -> str:
+    """How a message about a wrong setting shows the value it got: "(got 'abc')", redacted, or its length alone."""
+    quoted = redact(repr(value))
+    if len(quoted) <= QUOTED_AT_MOST:
+        return f"(got {quoted})"
+    return f"(got {len(str(value))} characters, not shown)"
 
 
 def redacted(value: Any, depth: int = 0) -> Any:

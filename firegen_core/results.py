@@ -14,6 +14,7 @@ before it existed) counts as the job's own.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -23,6 +24,20 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from .contract import PARAMS, TEXT2IMAGE, TEXT2VIDEO
 
 FOLDER = {TEXT2IMAGE: "image", TEXT2VIDEO: "video"}
+_BUCKET_NAME = re.compile(r"[a-z0-9]([a-z0-9._-]*[a-z0-9])?")
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """What STORAGE_BUCKET must be where `name` is not a bucket's name alone, else None. Said where the setting is
+    read: a URL or a path started the worker, and every job then failed after its GPU time, at upload (a review);
+    the functions deleted a deleted job's files nowhere."""
+    if name.startswith("gs://") or "/" in name:
+        return "a bucket's name alone, without gs:// or a path (e.g. my-app.firebasestorage.app)"
+    if not _BUCKET_NAME.fullmatch(name):
+        return "a bucket's name: lowercase letters, digits, - _ and ., starting and ending with a letter or a digit"
+    return None
+
+
 DEFAULT_FORMAT = {TEXT2IMAGE: ("png", "image/png"), TEXT2VIDEO: ("mp4", "video/mp4")}
 OWNER_METADATA_KEY = "firegen_file_uid"  # the job (of the folder's user) that wrote the object
 # Between a file_uid and the index in an alternate name: a file_uid never holds it (firegen_core.contract's

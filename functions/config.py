@@ -9,15 +9,17 @@ import os
 
 from firebase_functions import params
 
-from firegen_core import lifecycle
+from firegen_core import function_params, lifecycle
 from firegen_core.quota import Limits
+from firegen_core.redaction import got
+from firegen_core.results import bucket_name_problem
 
 RUNPOD_API_KEY = params.SecretParam("RUNPOD_API_KEY", description="RunPod API key (Bearer token for runsync)")
 RUNPOD_ENDPOINT_ID = params.StringParam(
     "RUNPOD_ENDPOINT_ID", description="RunPod Serverless endpoint id of the firegen worker"
 )
 
-# Tuning, typed and validated by the Functions framework (ints: the framework's FloatParam is not public in 0.6).
+# Tuning, typed by the Functions framework (ints: its FloatParam is not public in 0.6); their ranges are checked below.
 RUNPOD_ATTEMPTS = params.IntParam("RUNPOD_ATTEMPTS", default=3, description="runsync attempts (transient errors)")
 RUNPOD_TIMEOUT_SECONDS = params.IntParam(
     "RUNPOD_TIMEOUT_SECONDS", default=20, description="seconds each runsync attempt may take"
@@ -49,6 +51,15 @@ PLACEHOLDER_GRACE_SECONDS = params.IntParam(
     description="seconds (0 to 60) the trigger leaves a doc with only its prompt to the request that brings its parameters",
 )
 
-# RETENTION_DAYS is a plain variable (the workers read the same): checked once here, at the deploy's discovery and
-# at each cold start, not first at the write that ends a job (a ValueError there, answered INTERNAL).
+# Checked once here, at the deploy's discovery and at each cold start, not first at the call that reads them (a
+# ValueError there, answered INTERNAL). A blank int param counts as unset, as on the workers (the SDK would hand
+# "" to int() at every use): taken out of this process's environment, the param's default holds.
+for _name in function_params.INT_PARAMS:
+    if not os.environ.get(_name, "x").strip():
+        del os.environ[_name]
+function_params.whole_numbers(os.environ)
+# RETENTION_DAYS and STORAGE_BUCKET are plain variables (the workers read the same).
 lifecycle.retention_days(os.environ)
+_bucket = (os.environ.get("STORAGE_BUCKET") or "").strip()
+if _bucket and (_problem := bucket_name_problem(_bucket)):
+    raise ValueError(f"STORAGE_BUCKET must be {_problem} {got(_bucket)}")

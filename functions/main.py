@@ -62,7 +62,6 @@ from config import (
 from firebase_functions import firestore_fn, https_fn, logger, options, scheduler_fn
 from runpod_client import RunPodClient, runsync_url
 
-from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
 from firegen_core.quota import Limits
 from firegen_core.redaction import redact, redacted
 
@@ -250,14 +249,7 @@ def _policy() -> dispatch.Policy:
 
 
 def _grace() -> float:
-    """PLACEHOLDER_GRACE_SECONDS within the workers' bounds (0 to 60: they refuse to start past them); the trigger,
-    whose own timeout is 120 s, never waits longer than they would."""
-    value = PLACEHOLDER_GRACE_SECONDS.value
-    if not 0 <= value <= MAX_PLACEHOLDER_GRACE_SECONDS:
-        _functions_log.warning(
-            f"PLACEHOLDER_GRACE_SECONDS must be between 0 and {MAX_PLACEHOLDER_GRACE_SECONDS}; {value} taken as the bound"
-        )
-    return float(min(max(value, 0), MAX_PLACEHOLDER_GRACE_SECONDS))
+    return float(PLACEHOLDER_GRACE_SECONDS.value)  # within the workers' bounds (config.py checks it)
 
 
 def _callable(**kwargs: Any) -> Callable[[Callable[[https_fn.CallableRequest], dict]], Callable]:

@@ -19,6 +19,8 @@ from typing import Any, Literal, TypeVar, get_args
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from firegen_core.redaction import got
+
 from .image import IMAGE_MODEL_DEFAULT
 from .video import VIDEO_MODEL_DEFAULT
 
@@ -119,7 +121,7 @@ def _line(cls: type[BaseSettings], error: Mapping[str, Any]) -> str:
     msg = msg.removeprefix("Value error, ").removeprefix("Input should be ")
     if annotation is not None and SecretStr in (annotation, *get_args(annotation)):
         return f"{var} {msg}"  # a secret's value is never echoed, not even a wrong one
-    return f"{var} must be {msg} (got {error.get('input')!r})"
+    return f"{var} must be {msg} {got(error.get('input'))}"
 
 
 @functools.cache

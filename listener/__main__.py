@@ -77,8 +77,11 @@ def _on_runpod(argv: list[str]) -> bool:
 def _configuration_error(exc: Exception) -> int:
     """One line naming the setting on stderr, for a person at a terminal; and the same as a JSON event on stdout,
     for the platforms' log views (an alert on severity sees the one line a worker that never starts writes)."""
-    print(f"listener: configuration error: {exc}", file=sys.stderr)
-    event = {"event": "configuration_error", "severity": "ERROR", "message": "configuration_error", "error": str(exc)}
+    from firegen_core.redaction import redact  # the last guard, as on every other line the worker writes
+
+    said = redact(str(exc))
+    print(f"listener: configuration error: {said}", file=sys.stderr)
+    event = {"event": "configuration_error", "severity": "ERROR", "message": "configuration_error", "error": said}
     print(json.dumps(event), flush=True)
     return 2
 
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
     arenas = limit_arenas(os.environ)  # before any thread is started: each would take an arena of its own
     # The SDK logs every handler output at DEBUG by default: inline results (base64 media) would flood the logs.
-    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+    if not os.environ.get("RUNPOD_LOG_LEVEL", "").strip():
+        os.environ["RUNPOD_LOG_LEVEL"] = "INFO"
     # gRPC's core writes its INFO notes in its own plain format on stderr (each fork, for a subprocess, while
     # the Firestore streams run): only its errors are worth a line that breaks the JSON stream.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         firestore_client, storage_client = clients(settings)
     except SettingsError as exc:  # one line naming the variable; a secret's value is never in it
         return _configuration_error(exc)
+    os.environ["RUNPOD_LOG_LEVEL"] = settings.runpod_log_level  # as the SDK spells it, before it is imported
 
     from .logs import configure, route_runpod_sdk
 
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             load_seconds=round(loaded - imported, 3),
             ready_seconds=round(time.perf_counter() - _T0, 3),
             frozen_objects=gc.get_freeze_count(),
-            malloc_arena_max=arenas or os.environ.get("MALLOC_ARENA_MAX"),
+            malloc_arena_max=arenas or os.environ.get("MALLOC_ARENA_MAX", "").strip() or None,
             project=worker.store.client.project,
             code_version=code_version(),
             bucket=settings.storage_bucket,

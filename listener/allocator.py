@@ -22,7 +22,8 @@ _M_ARENA_MAX = -8  # malloc.h
 def limit_arenas(environ: Mapping[str, str]) -> int | None:
     """Apply ARENA_MAX unless the environment sets MALLOC_ARENA_MAX (glibc read it at start) or the C library is
     not glibc (musl has no arenas to limit). Returns the limit it applied, else None."""
-    if "MALLOC_ARENA_MAX" in environ or platform.libc_ver()[0] != "glibc":
+    # Blank counts as unset, as for every other setting (glibc ignores it: the threads got their arenas again).
+    if environ.get("MALLOC_ARENA_MAX", "").strip() or platform.libc_ver()[0] != "glibc":
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

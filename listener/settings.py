@@ -24,10 +24,17 @@ from pydantic import Field, SecretStr, field_validator
 
 from firegen_core.contract import MAX_PLACEHOLDER_GRACE_SECONDS
 from firegen_core.lifecycle import RETENTION_DAYS_MAX
+from firegen_core.quota import MAX_COUNT_LIMIT, MAX_DAILY_BUDGET
+from firegen_core.results import bucket_name_problem
 from generation.settings import ModelSettings, SettingsError, env, load
 
 UrlStyle = Literal["public", "signed", "token"]
 MAX_BATCH = 16  # a sane bound: a batch holds every image of its jobs in GPU memory at once
+# Sane bounds on counts: past them an operator's "no limit" (99999999999999999999) meant a thread per slot or a
+# retry loop without end.
+MAX_SLOTS = 64  # CONCURRENCY: generation slots on one worker's card(s)
+MAX_TRIES = 100  # MAX_ATTEMPTS, MAX_RELEASES, UPLOAD_RETRY_ATTEMPTS
+MAX_RUNSYNC_CONCURRENCY = 1000
 MAX_SIGNED_URL_SECONDS = 7 * 24 * 3600  # V4 signed URLs live at most 7 days
 HOUR, DAY, WEEK = 3600, 24 * 3600, 7 * 24 * 3600
 SERVICE_ACCOUNT_KEYS = ("client_email", "private_key")
@@ -53,7 +60,7 @@ class Settings(ModelSettings):
     signed_url_expiry_seconds: int = Field(
         MAX_SIGNED_URL_SECONDS, ge=1, le=MAX_SIGNED_URL_SECONDS, validation_alias=env("SIGNED_URL_EXPIRY_SECONDS")
     )
-    upload_retry_attempts: int = Field(5, ge=1, validation_alias=env("UPLOAD_RETRY_ATTEMPTS"))
+    upload_retry_attempts: int = Field(5, ge=1, le=MAX_TRIES, validation_alias=env("UPLOAD_RETRY_ATTEMPTS"))
     upload_retry_max_seconds: float = Field(
         60.0, gt=0, le=HOUR, allow_inf_nan=False, validation_alias=env("UPLOAD_RETRY_MAX_SECONDS")
     )
@@ -62,15 +69,15 @@ class Settings(ModelSettings):
     # Upper bounds on times: past them a date or a wait overflows (audit: LEASE_SECONDS=999999999999 started, then
     # every claim failed "date value out of range" and the job stayed queued).
     lease_seconds: int = Field(120, gt=0, le=DAY, validation_alias=env("LEASE_SECONDS"))
-    max_attempts: int = Field(3, ge=1, validation_alias=env("MAX_ATTEMPTS"))
+    max_attempts: int = Field(3, ge=1, le=MAX_TRIES, validation_alias=env("MAX_ATTEMPTS"))
     sweep_interval_seconds: float = Field(
         10.0, gt=0, le=HOUR, allow_inf_nan=False, validation_alias=env("SWEEP_INTERVAL_SECONDS")
     )
-    concurrency: int = Field(1, ge=1, validation_alias=env("CONCURRENCY"))
+    concurrency: int = Field(1, ge=1, le=MAX_SLOTS, validation_alias=env("CONCURRENCY"))
     shutdown_grace_seconds: float = Field(
         20.0, ge=0, le=HOUR, allow_inf_nan=False, validation_alias=env("SHUTDOWN_GRACE_SECONDS")
     )
-    max_releases: int = Field(3, ge=1, validation_alias=env("MAX_RELEASES"))
+    max_releases: int = Field(3, ge=1, le=MAX_TRIES, validation_alias=env("MAX_RELEASES"))
     # Deadlines on the start (listener.startup): a hung driver's nvidia-smi (the SDK asks it with no time limit) or
     # CUDA initialisation, a stalled network volume, kept a worker "initializing" for good, never ready, never gone.
     startup_timeout_seconds: float = Field(
@@ -101,12 +108,14 @@ class Settings(ModelSettings):
 
     # RunPod: runsync jobs one worker takes at once from RunPod's queue (each is answered in milliseconds;
     # generation runs in the reconciler's CONCURRENCY slots, not in the request).
-    runsync_concurrency: int = Field(8, ge=1, validation_alias=env("RUNSYNC_CONCURRENCY"))
+    runsync_concurrency: int = Field(8, ge=1, le=MAX_RUNSYNC_CONCURRENCY, validation_alias=env("RUNSYNC_CONCURRENCY"))
 
     # Per-user limits (firegen_core.quota; the Cloud Functions read the same variables)
-    user_max_running: int = Field(2, ge=1, validation_alias=env("USER_MAX_RUNNING"))
-    user_max_pending: int = Field(20, ge=1, validation_alias=env("USER_MAX_PENDING"))
-    user_daily_budget: float = Field(600.0, gt=0, validation_alias=env("USER_DAILY_BUDGET"))
+    user_max_running: int = Field(2, ge=1, le=MAX_COUNT_LIMIT, validation_alias=env("USER_MAX_RUNNING"))
+    user_max_pending: int = Field(20, ge=1, le=MAX_COUNT_LIMIT, validation_alias=env("USER_MAX_PENDING"))
+    user_daily_budget: float = Field(
+        600.0, gt=0, le=MAX_DAILY_BUDGET, allow_inf_nan=False, validation_alias=env("USER_DAILY_BUDGET")
+    )
     # The job store's (the functions read the same variable). The default is lifecycle.RETENTION_DAYS_DEFAULT
     # (tests/test_lifecycle.py checks they agree).
     retention_days: float = Field(
@@ -115,6 +124,11 @@ class Settings(ModelSettings):
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=env("LOG_LEVEL"))
+    # The RunPod SDK's own, which it checks at import: a word it does not know (`WARNING`, LOG_LEVEL's) raised there,
+    # a traceback that named no variable, and on RunPod a worker that crashed at every start (an audit).
+    runpod_log_level: Literal["NOTSET", "TRACE", "DEBUG", "INFO", "WARN", "ERROR"] = Field(
+        "INFO", validation_alias=env("RUNPOD_LOG_LEVEL")
+    )
 
     @field_validator("storage_bucket", mode="before")
     @classmethod
@@ -124,14 +138,9 @@ class Settings(ModelSettings):
     @field_validator("storage_bucket", mode="after")
     @classmethod
     def _bucket_name(cls, value: str) -> str:
-        # Said at start-up: a URL or a path instead of the name started the worker, and every job then failed
-        # after its GPU time, at upload (a review; the emulator answered 501, Cloud Storage 400 or 404).
-        if value.startswith("gs://") or "/" in value:
-            raise ValueError("a bucket's name alone, without gs:// or a path (e.g. my-app.firebasestorage.app)")
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9._-]*[a-z0-9])?", value):
-            raise ValueError(
-                "a bucket's name: lowercase letters, digits, - _ and ., starting and ending with a letter or a digit"
-            )
+        problem = bucket_name_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("url_style", mode="before")
@@ -143,6 +152,14 @@ class Settings(ModelSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("runpod_log_level", mode="before")
+    @classmethod
+    def _sdk_level(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            return "WARN" if value == "WARNING" else value  # the SDK's word for it
+        return value
 
     @field_validator("firebase_service_account_json", mode="after")
     @classmethod

@@ -95,6 +95,7 @@ class StorageAccessError(RuntimeError):
 # What the worker does in its bucket: create objects, and delete them (an overwrite needs it too), and read the
 # metadata of a name another job of the user may own (`is_contested`) before it writes there.
 WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "storage.objects.get")
+SIGNING_CHECK_NAME = "firegen-signing-check"  # a name signed at start-up, never written
 
 
 def request_timeout_for(max_seconds: float) -> float:
@@ -422,6 +423,13 @@ class ResultStore:
                 f"the worker's credentials may not write to bucket {self.bucket_name}: no {', '.join(missing)} "
                 "(grant its service account roles/storage.objectUser on the bucket)"
             )
+        if self.url_style == "signed" and not self.emulator_url:
+            # One URL signed now, as each job's will be: credentials that cannot sign (no key, no signBlob) would
+            # otherwise fail every job at its upload, after its GPU time (an audit).
+            try:
+                self._signed(bucket.blob(SIGNING_CHECK_NAME), SIGNING_CHECK_NAME)
+            except StorageError as exc:
+                raise StorageAccessError(f"{exc} (URL_STYLE=signed)") from None
 
     # -- removing
     def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:

@@ -57,3 +57,7 @@ def test_threads_get_no_more_than_the_limits_arenas():
 
 def test_malloc_arena_max_in_the_environment_is_glibcs_own_and_wins():
     assert arenas("limit", MALLOC_ARENA_MAX="4") == ("None", 4)
+
+
+def test_a_blank_malloc_arena_max_is_unset_and_the_limit_applies():
+    assert arenas("limit", MALLOC_ARENA_MAX=" ") == (str(ARENA_MAX), ARENA_MAX)

@@ -424,8 +424,11 @@ def test_the_last_guard_also_takes_out_credentials_api_keys_client_secrets_any_c
     assert redact(text) == shown
 
 
-@pytest.mark.parametrize("variable", ["RUNPOD_API_KEY", "RUNPOD_AI_API_KEY"])
-def test_the_last_guard_takes_out_the_processs_own_runpod_key_whatever_its_shape(monkeypatch, variable):
+@pytest.mark.parametrize(
+    "variable",
+    ["RUNPOD_API_KEY", "RUNPOD_AI_API_KEY", "FIREBASE_SERVICE_ACCOUNT_JSON", "GOOGLE_APPLICATION_CREDENTIALS"],
+)
+def test_the_last_guard_takes_out_the_processs_own_secrets_whatever_their_shape(monkeypatch, variable):
     """A key made before RunPod's `rpa_` prefix matches no pattern: the value the process holds is taken out as it
     is (the review: only messages the functions' RunPod client built were scrubbed of it); a placeholder too short
     to be a key (make dev's are longer) is left, lest every line holding its letters be garbled."""

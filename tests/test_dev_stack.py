@@ -243,18 +243,26 @@ def test_make_dev_passes_on_the_words_the_functions_take_for_on_and_off():
         (
             "USER_MAX_PENDING",
             "five",
-            "USER_MAX_PENDING must be a whole number, 1 or more (got 'five'): the worker and the functions read it",
+            "USER_MAX_PENDING must be a whole number from 1 to 1000000 (got 'five'): the worker and the functions read it",
         ),
         # The worker would take it; the functions' int param would not.
         (
             "USER_DAILY_BUDGET",
             "30.5",
-            "USER_DAILY_BUDGET must be a whole number, 1 or more (got '30.5'): the worker and the functions read it",
+            "USER_DAILY_BUDGET must be a whole number from 1 to 1000000000 (got '30.5'): the worker and the functions "
+            "read it",
         ),
         (
             "USER_MAX_RUNNING",
             "0",
-            "USER_MAX_RUNNING must be a whole number, 1 or more (got '0'): the worker and the functions read it",
+            "USER_MAX_RUNNING must be a whole number from 1 to 1000000 (got '0'): the worker and the functions read it",
+        ),
+        # "No limit" as an operator may write it: past what Firestore holds in the usage doc.
+        (
+            "USER_MAX_PENDING",
+            "99999999999999999999",
+            "USER_MAX_PENDING must be a whole number from 1 to 1000000 (got '99999999999999999999'): the worker and "
+            "the functions read it",
         ),
         (
             "RETENTION_DAYS",
@@ -271,7 +279,7 @@ def test_make_dev_passes_on_the_words_the_functions_take_for_on_and_off():
         (
             "RUNPOD_ATTEMPTS",
             "three",
-            "RUNPOD_ATTEMPTS must be a whole number, 1 or more (got 'three'): the functions read it",
+            "RUNPOD_ATTEMPTS must be a whole number from 1 to 10 (got 'three'): the functions read it",
         ),
         ("ENFORCE_APP_CHECK", "maybe", "ENFORCE_APP_CHECK must be on or off (got 'maybe'): the functions read it"),
     ],

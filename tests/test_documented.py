@@ -12,10 +12,12 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from fixtures_keys import pem_body, service_account_key
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
 
@@ -47,6 +49,21 @@ def test_documented_defaults(clean_env):
     s = load_settings()
     assert (s.signed_url_expiry_seconds, s.upload_retry_attempts, s.upload_retry_max_seconds) == (604800, 5, 60)
     assert s.log_level == "INFO"
+
+
+def test_runpod_log_level_takes_the_sdks_words_and_log_levels_warning(clean_env):
+    """The RunPod SDK checks RUNPOD_LOG_LEVEL when it is imported: a word it does not know crashed the worker at
+    every start with a traceback (an audit: LOG_LEVEL's `WARNING`). The settings take the SDK's own words, and
+    WARNING as its WARN."""
+    from runpod.serverless.modules.rp_logger import LOG_LEVELS
+
+    annotation = Settings.model_fields["runpod_log_level"].annotation
+    assert list(typing.get_args(annotation)) == LOG_LEVELS
+    clean_env.setenv("STORAGE_BUCKET", "b")
+    assert load_settings().runpod_log_level == "INFO"
+    for said, level in (("warning", "WARN"), (" Error ", "ERROR"), ("trace", "TRACE")):
+        clean_env.setenv("RUNPOD_LOG_LEVEL", said)
+        assert load_settings().runpod_log_level == level
 
 
 def test_the_sdks_level_and_grpcs_verbosity_default_as_documented(clean_env, capsys):
@@ -180,12 +197,34 @@ def run_worker(env: dict[str, str], timeout: float = 60) -> subprocess.Completed
             {"STORAGE_BUCKET": "b", "LOG_LEVEL": "LOUD"},
             "listener: configuration error: LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR",
         ),
+        (
+            {"STORAGE_BUCKET": "b", "RUNPOD_LOG_LEVEL": "LOUD"},
+            "listener: configuration error: RUNPOD_LOG_LEVEL must be one of NOTSET, TRACE, DEBUG, INFO, WARN, ERROR",
+        ),
     ],
 )
 def test_a_bad_setting_stops_the_worker_with_one_line_and_exit_code_2(env, line):
     result = run_worker(env)
     assert (result.returncode, result.stderr) == (2, line + "\n")
     assert_configuration_event(result.stdout, line)
+
+
+def test_a_secret_in_the_wrong_variable_is_never_echoed():
+    """A service account's key pasted into STORAGE_BUCKET (the row above in RunPod's editor), as its JSON text or
+    its base64: the line names the variable, not the value (an audit: the whole key, private key and all, was
+    printed into the platform's logs); a RunPod key there is taken out by the last guard."""
+    key_json, _ = service_account_key("p")
+    pem = pem_body(key_json)
+    for value in (key_json, base64.b64encode(key_json.encode()).decode()):
+        result = run_worker({"STORAGE_BUCKET": value})
+        line = "listener: configuration error: STORAGE_BUCKET must be a bucket's name"
+        assert result.returncode == 2 and result.stderr.startswith(line), result.stderr
+        assert f"(got {len(value)} characters, not shown)" in result.stderr
+        assert pem not in result.stderr + result.stdout and value[20:60] not in result.stderr + result.stdout
+        assert_configuration_event(result.stdout, result.stderr.rstrip("\n"))
+    result = run_worker({"STORAGE_BUCKET": "b", "LEASE_SECONDS": "rpa_0A1B2C3D4E5F6G7H8I9J"})
+    line = "listener: configuration error: LEASE_SECONDS must be a valid integer, unable to parse string as an integer"
+    assert (result.returncode, result.stderr) == (2, f"{line} (got '<redacted>')\n")
 
 
 def assert_configuration_event(stdout: str, line: str) -> None:

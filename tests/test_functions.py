@@ -1546,18 +1546,52 @@ def test_the_manifest_is_served_again_by_the_same_process(tmp_path):
     assert result.stdout.split()[0] == "True" and "'generateWithRunPod'" in result.stdout
 
 
+def _whole(name: str, value: str, low: int, high: int) -> tuple[str, str, str]:
+    return name, value, f"{name} must be a whole number from {low} to {high} (got {value!r})"
+
+
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
-def test_a_bad_retention_stops_the_functions_from_loading_naming_it(tmp_path):
-    """Before, a bad RETENTION_DAYS showed only at the first write that ended a job: a ValueError there, which the
-    callable answered INTERNAL (a review). Checked when the functions load: the deploy's discovery fails."""
+@pytest.mark.parametrize(
+    "name,value,said",
+    [
+        ("RETENTION_DAYS", "thirty", "RETENTION_DAYS must be a number of days from 0 to 36500 (got 'thirty')"),
+        _whole("USER_MAX_PENDING", "abc", 1, 1000000),
+        _whole("USER_MAX_RUNNING", "99999999999999999999", 1, 1000000),
+        _whole("MAX_DISPATCHES", "0", 1, 100),
+        _whole("RUNPOD_TIMEOUT_SECONDS", "0", 1, 50),
+        _whole("REDISPATCH_AFTER_MINUTES", "-10", 1, 1440),
+        _whole("RUNPOD_ATTEMPTS", "0", 1, 10),
+        _whole("USER_DAILY_BUDGET", "30.5", 1, 1000000000),
+        _whole("PLACEHOLDER_GRACE_SECONDS", "2.5", 0, 60),  # a worker's value (it takes fractions)
+        _whole("PLACEHOLDER_GRACE_SECONDS", "90", 0, 60),
+        # As the workers refuse it (before: deleteGeneration deleted the job's files in no bucket, `delete_elsewhere`).
+        (
+            "STORAGE_BUCKET",
+            "gs://my-app.firebasestorage.app",
+            "STORAGE_BUCKET must be a bucket's name alone, without gs:// or a path (e.g. my-app.firebasestorage.app) "
+            "(got 'gs://my-app.firebasestorage.app')",
+        ),
+        # A long value may be a secret pasted into the wrong variable: never quoted back.
+        (
+            "USER_MAX_RUNNING",
+            "x" * 100,
+            "USER_MAX_RUNNING must be a whole number from 1 to 1000000 (got 100 characters, not shown)",
+        ),
+    ],
+)
+def test_a_bad_setting_stops_the_functions_from_loading_naming_it(tmp_path, name, value, said):
+    """Before, a bad value showed only at the first call that read it (the Functions SDK reads an int param with
+    int() at each use, and the Firebase CLI checks no .env value): every callable answered INTERNAL, every trigger
+    crashed, or worse, it was taken (MAX_DISPATCHES=0 failed every queued job at the first sweep). Checked when the
+    functions load: the deploy's discovery fails, naming it."""
     deploy = _deploy_folder(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", RETENTION_DAYS="thirty")
+    env.update({"FUNCTIONS_EMULATOR": "true", "GCLOUD_PROJECT": "demo-firegen", name: value})
     result = subprocess.run(
         [str(FUNCTIONS_PYTHON), "-c", "import main"], cwd=deploy, env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1
-    assert "ValueError: RETENTION_DAYS must be a number of days from 0 to 36500 (got 'thirty')" in result.stderr
+    assert f"ValueError: {said}" in result.stderr
 
 
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
@@ -1579,7 +1613,8 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "import firegen_core.contract, firegen_core.jobs\n"
         "out['core'] = [firegen_core.contract.__file__, firegen_core.jobs.__file__]\n"
         "out['params'] = [main.RUNPOD_ATTEMPTS.value, main.RUNPOD_TIMEOUT_SECONDS.value,\n"
-        "                 main.REDISPATCH_AFTER_MINUTES.value, main._policy().max_dispatches]\n"
+        "                 main.REDISPATCH_AFTER_MINUTES.value, main._policy().max_dispatches,\n"
+        "                 main._limits().max_pending, main._grace()]\n"
         "import contextlib, io, logging\n"
         "buffer = io.StringIO()\n"
         "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
@@ -1601,7 +1636,6 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "buffer = io.StringIO()\n"
         "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
         "    logging.getLogger('google.api_core.bidi').warning('Background thread did not exit.')\n"
-        "    out['grace'] = main._grace()\n"
         "    import warnings\n"
         "    warnings.warn('Detected filter using positional arguments.', UserWarning)\n"
         "    logging.getLogger('google.auth').warning('refresh answered %s', '{\"access_token\": \"ya29.fn\"}',"
@@ -1616,7 +1650,7 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(FUNCTIONS_EMULATOR="true", GCLOUD_PROJECT="demo-firegen", RUNPOD_ATTEMPTS="5", MAX_DISPATCHES="4")
-    env.update(PLACEHOLDER_GRACE_SECONDS="90")
+    env.update(PLACEHOLDER_GRACE_SECONDS="7", USER_MAX_PENDING=" ")  # blank: unset, as on the workers
     result = subprocess.run(
         [str(FUNCTIONS_PYTHON), "-c", script, BAD_TOKEN],
         cwd=deploy,
@@ -1640,8 +1674,8 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         assert (out[name]["cpu"], out[name]["concurrency"], out[name]["max_instances"]) == ("1", "4", "10")
     assert all(path.startswith(str(deploy)) for path in out["core"])
     assert (out["generation"], out["listener"], out["torch"]) == (False, False, False)
-    # Tuning values are typed params: set ones are read as ints, unset ones take their defaults.
-    assert out["params"] == [5, 20, 10, 4]
+    # Tuning values are typed params: set ones are read as ints, unset (or blank) ones take their defaults.
+    assert out["params"] == [5, 20, 10, 4, 20, 7.0]
     # The functions' standard-logging records are written by firebase_functions.logger: Cloud Logging's fields.
     entry = json.loads(out["log"].strip().splitlines()[-1])
     assert entry["severity"] == "WARNING"
@@ -1658,17 +1692,15 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     )
     assert sdk[1]["message"].startswith("Callable request verification failed: ") and BAD_TOKEN not in out["sdk_log"]
     # Google's client libraries' records too, though google-api-core turns their logger's propagation off (they
-    # came out as plain text from Python's last resort); a grace past the workers' bound is taken as the bound.
+    # came out as plain text from Python's last resort).
     google = [json.loads(line) for line in out["google_log"].strip().splitlines()]
     assert [(e["severity"], e.get("logger"), e["message"]) for e in google] == [
         ("WARNING", "google.api_core.bidi", "Background thread did not exit."),
-        ("WARNING", "functions", "PLACEHOLDER_GRACE_SECONDS must be between 0 and 60; 90 taken as the bound"),
         ("WARNING", "py.warnings", "python_warning"),  # a Python warning too (it was plain text on stderr)
         ("WARNING", "google.auth", 'refresh answered {"access_token": "<redacted>"}'),
     ], google
-    assert google[3]["urls"] == ["https://x/o?alt=media&token=<redacted>"]  # the worker's last guard, here too
-    assert (google[2]["category"], google[2]["said"]) == ("UserWarning", "Detected filter using positional arguments.")
-    assert out["grace"] == 60.0
+    assert google[2]["urls"] == ["https://x/o?alt=media&token=<redacted>"]  # the worker's last guard, here too
+    assert (google[1]["category"], google[1]["said"]) == ("UserWarning", "Detected filter using positional arguments.")
 
 
 _APP_CHECK_PROBE = """

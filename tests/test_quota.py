@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -88,13 +89,37 @@ def test_the_worker_reads_the_limits_from_its_environment(monkeypatch):
     monkeypatch.setenv("USER_MAX_PENDING", "0")
     with pytest.raises(SettingsError, match="USER_MAX_PENDING"):
         load_settings()
+    # "No limit" as an operator may write it: refused at start-up, where it started and then every admission failed
+    # (Firestore holds no integer past 64 bits in the usage doc).
+    monkeypatch.setenv("USER_MAX_PENDING", "99999999999999999999")
+    said = r"^USER_MAX_PENDING must be less than or equal to 1000000 \(got '99999999999999999999'\)$"
+    with pytest.raises(SettingsError, match=said):
+        load_settings()
+    monkeypatch.setenv("USER_MAX_PENDING", "1000000")
+    monkeypatch.setenv("USER_DAILY_BUDGET", "inf")
+    with pytest.raises(SettingsError, match=r"^USER_DAILY_BUDGET must be a finite number \(got 'inf'\)$"):
+        load_settings()
 
 
-def test_limits_must_be_positive():
+def test_limits_must_be_positive_and_within_bounds_a_usage_doc_can_hold(firestore_client):
     assert (Limits().max_running, Limits().max_pending, Limits().daily_budget) == (2, 20, 600.0)
-    for bad in (dict(max_running=0), dict(max_pending=0), dict(daily_budget=0)):
+    for bad in (
+        dict(max_running=0),
+        dict(max_pending=0),
+        dict(daily_budget=0),
+        dict(max_running=quota.MAX_COUNT_LIMIT + 1),
+        dict(max_pending=quota.MAX_COUNT_LIMIT + 1),
+        dict(daily_budget=quota.MAX_DAILY_BUDGET * 1.01),
+        dict(daily_budget=math.inf),
+        dict(daily_budget=math.nan),
+    ):
         with pytest.raises(ValueError):
             Limits(**bad)
+    # The highest limits are admitted, and written in the user's usage doc.
+    highest = Limits(quota.MAX_COUNT_LIMIT, quota.MAX_COUNT_LIMIT, quota.MAX_DAILY_BUDGET)
+    store = JobStore(firestore_client, limits=highest)
+    assert store.ensure_queued(request("unbounded")).after["status"] == "queued"
+    assert usage(firestore_client)["limits"] == highest.document()
 
 
 def test_usage_resets_its_spend_at_utc_midnight_and_counts_follow_the_doc():

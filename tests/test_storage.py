@@ -406,6 +406,19 @@ def test_signed_url_without_signing_credentials_is_a_storage_error(storage_clien
         store.upload("u", "f", "text2image", images(PNG))
 
 
+def test_the_start_up_check_signs_a_url_when_urls_are_signed(storage_client, bucket):
+    """Credentials that cannot sign stop the start (every job would fail at its upload, after its GPU time);
+    ones that can pass. The bucket is the emulator's; the URL is signed as on Cloud Storage (no emulator URL)."""
+    cannot = ResultStore(storage_client, bucket.name, url_style="signed", retry=FAST)  # anonymous credentials
+    with pytest.raises(StorageAccessError, match=r"needs credentials that can sign .*\(URL_STYLE=signed\)$"):
+        cannot.check_access()
+    ResultStore(storage_client, bucket.name, retry=FAST).check_access()  # token URLs sign nothing
+    can = ResultStore(
+        storage_client, bucket.name, url_style="signed", retry=FAST, signing_credentials=signing_credentials()
+    )
+    can.check_access()
+
+
 def test_signed_style_under_the_emulator_falls_back_to_the_emulator_url(storage_client, bucket, storage_emulator):
     store = ResultStore(storage_client, bucket.name, url_style="signed", retry=FAST, emulator_host=storage_emulator.url)
     [url] = store.upload("u", "f", "text2image", images(PNG))

@@ -1,0 +1,49 @@
+"""The Cloud Functions' int params and the range each must be in, checked where the functions load and by `make
+dev` before it hands them to the emulated functions.
+
+The Functions SDK reads an int param with `int(os.environ[name])` at each use and checks nothing (nor does the
+Firebase CLI check a `.env` value at deploy): an audit's `USER_MAX_PENDING=abc` deployed, then every callable
+answered INTERNAL and every trigger crashed; `MAX_DISPATCHES=0` failed every queued job at the first sweep;
+`RUNPOD_TIMEOUT_SECONDS=0` raised past the client's retries; a worker's `PLACEHOLDER_GRACE_SECONDS=2.5` crashed
+every trigger call. Checked once when the functions load (a deploy's discovery, each cold start), a wrong value
+fails the deploy with one line that names it, as `RETENTION_DAYS` does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from .contract import MAX_PLACEHOLDER_GRACE_SECONDS
+from .quota import MAX_COUNT_LIMIT, MAX_DAILY_BUDGET
+from .redaction import got
+
+# name: (lowest, highest), whole numbers
+INT_PARAMS: dict[str, tuple[int, int]] = {
+    "RUNPOD_ATTEMPTS": (1, 10),
+    # Every attempt ends within the client's 50 s deadline, which keeps a call within the callable's 70 s timeout.
+    "RUNPOD_TIMEOUT_SECONDS": (1, 50),
+    "REDISPATCH_AFTER_MINUTES": (1, 24 * 60),
+    "MAX_DISPATCHES": (1, 100),
+    "USER_MAX_RUNNING": (1, MAX_COUNT_LIMIT),
+    "USER_MAX_PENDING": (1, MAX_COUNT_LIMIT),
+    # Whole GPU-seconds: the SDK's float param is private, so the functions cannot take the worker's 30.5.
+    "USER_DAILY_BUDGET": (1, MAX_DAILY_BUDGET),
+    "PLACEHOLDER_GRACE_SECONDS": (0, MAX_PLACEHOLDER_GRACE_SECONDS),
+}
+
+
+def whole_numbers(environ: Mapping[str, str], names: tuple[str, ...] = tuple(INT_PARAMS)) -> dict[str, int]:
+    """The params of `names` set in `environ` to something other than blanks, as ints. ValueError naming the first
+    that is no whole number within its range."""
+    values = {}
+    for name in names:
+        raw = environ.get(name)
+        if raw is None or not raw.strip():
+            continue
+        low, high = INT_PARAMS[name]
+        # Digits alone: int() would also take "+5", "1_000" and other scripts' digits, which a worker refuses.
+        if not (re.fullmatch(r"[0-9]+", raw.strip()) and low <= int(raw) <= high):
+            raise ValueError(f"{name} must be a whole number from {low} to {high} {got(raw)}")
+        values[name] = int(raw)
+    return values
