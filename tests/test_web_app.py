@@ -262,6 +262,50 @@ def test_every_control_has_a_label_and_the_page_fits_375px(open_page):
     assert app.problems() == []
 
 
+# A prompt in the style common for Stable Diffusion: tags joined by commas, no space anywhere.
+UNBROKEN = ("masterpiece,best_quality,ultra_detailed,8k,photorealistic,cinematic_lighting," * 4)[:300]
+
+
+def test_a_long_unbroken_prompt_or_message_never_widens_a_phones_page(open_page, stack):
+    """The review: a prompt without a space ("masterpiece,best_quality,...", 300 characters) pushed the page wider
+    than a 360 px phone once a line quoted it (the form's line about the job sent, a card's heading), as did a
+    message with a long unbroken token (a URL, a path) on the form's error line or the connection's notice. Each
+    line breaks such a word where it must."""
+    app = open_page(width=360)
+    width = "document.documentElement.scrollWidth"
+    widths: dict[str, int] = {}
+    app.fill(Prompt=UNBROKEN, Width="256")
+    accepted = {"success": True, "fileUid": "never-run", "mediaType": "images", "status": "accepted"}
+    app.page.route("**/generateWithRunPod", _answering(200, {"result": {**accepted, "message": "Job accepted"}}))
+    app.page.get_by_role("button", name="Generate").click()
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent.startsWith('Job accepted (image “masterpiece,')",
+        timeout=30_000,
+    )
+    widths["the form's line"] = app.page.evaluate(width)
+    told = f"Could not record the job at https://example.com/{UNBROKEN}"
+    app.page.unroute("**/generateWithRunPod")
+    app.page.route("**/generateWithRunPod", _answering(503, {"error": {"status": "UNAVAILABLE", "message": told}}))
+    app.page.wait_for_selector("#submit:not([aria-disabled=true])", timeout=30_000)
+    app.page.get_by_role("button", name="Generate").click()
+    _wait_text(app, "form-error", told)
+    widths["the form's error"] = app.page.evaluate(width)
+    _held_job(stack, app.uid, "unbroken", prompt=UNBROKEN)
+    app.job("unbroken").wait_for(timeout=30_000)
+    widths["a card"] = app.page.evaluate(width)
+    # What a listener's failure may say: the SDK's own message (the page cannot make one of those on demand).
+    app.page.evaluate(
+        """told => { const notice = document.getElementById('connection');
+            notice.textContent = `Your jobs stopped updating: ${told}.`;
+            notice.hidden = false; }""",
+        told,
+    )
+    widths["the connection's notice"] = app.page.evaluate(width)
+    app.shot("unbroken-360")
+    assert widths == dict.fromkeys(widths, 360)
+    assert [p for p in app.problems() if "status of 503" not in p] == []
+
+
 def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
     app = open_page()
     app.fill(Prompt="a lighthouse at dusk", Width="256", Height="320", Steps="10", Number_of_images="2")
