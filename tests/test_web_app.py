@@ -2395,6 +2395,30 @@ def test_delete_removes_a_finished_job_its_files_and_its_card_once_confirmed(ope
     assert app.problems() == []
 
 
+def test_a_failed_delete_is_said_beside_its_card_and_in_the_live_region(open_page, stack):
+    """The review: a Delete that failed said so on its card alone, which is no live region: a screen reader heard
+    nothing, and the button was back as if nothing had happened. The live region says it too, whether the call
+    failed (here the callable's `unavailable`) or could not be sent (offline)."""
+    app = open_page()
+    _ended_image(stack, app.uid, "kept", prompt="a harbour that stays", status="completed", error=False)
+    card = app.job("kept")
+    delete = card.get_by_role("button", name="Delete image “a harbour that stays”")
+    delete.wait_for(timeout=30_000)
+    told = "Could not delete the generation; please try again"  # functions/dispatch.py DELETE_NOT_RECORDED
+    app.page.route("**/deleteGeneration", _answering(503, {"error": {"status": "UNAVAILABLE", "message": told}}))
+    _press_and_answer(app, delete, accept=True)
+    _wait_text(app, "job-news", f"Could not delete image “a harbour that stays”: {told}")
+    assert card.locator(".note").inner_text() == told
+    app.context.set_offline(True)
+    _press_and_answer(app, delete, accept=True)
+    _wait_text(app, "job-news", f"Could not delete image “a harbour that stays”: {NO_ANSWER}")
+    assert card.locator(".note").inner_text() == NO_ANSWER
+    app.context.set_offline(False)
+    assert firestore_client(stack).document(f"generations/{app.uid}/images/kept").get().exists
+    offline = r"status of 503|ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
+    assert [p for p in app.problems() if not re.search(offline, p)] == []
+
+
 def test_delete_all_my_jobs_erases_the_users_data_through_the_functions_once_confirmed(open_page, stack):
     """Delete all my jobs (deleteAllGenerations, an app's account deletion, on the Functions emulator and the
     worker's bucket), once confirmed: a finished job goes with its file; a running one is asked to stop, the page

@@ -328,23 +328,28 @@ async function main(): Promise<void> {
   };
   /** Delete a finished job, its files and its doc (the deleteGeneration callable), once the user confirms: its card
    * goes as the listener hears the doc is gone, the focus passed on as a Dismiss passes it. Resolves to what the card
-   * says of a failure. */
+   * says of a failure, which the live region says too: the card's note is no live region (the review: a failed
+   * Delete was silent to a screen reader, its button back as if nothing had happened). */
   const remove = async (job: Job): Promise<string | null> => {
     if (!window.confirm(`Delete ${nameOf(job)} and its files? This cannot be undone.`)) return null;
-    if (!navigator.onLine || cached) return NO_ANSWER;
+    const failed = !navigator.onLine || cached ? NO_ANSWER : await deleteCall(job);
+    $("job-news").textContent = failed ? `Could not delete ${nameOf(job)}: ${failed}` : `${capital(nameOf(job))} deleted`;
+    return failed;
+  };
+  /** The deleteGeneration call; resolves to its failure, if any (a job gone meanwhile, deleted in another tab, is
+   * none: as asked). */
+  const deleteCall = async (job: Job): Promise<string | null> => {
     try {
       if (!functions) throw Object.assign(new Error("no functions"), { code: "functions/not-found" });
       const call = httpsCallable(functions, "deleteGeneration", { timeout: DELETE_TIMEOUT_MS });
       await call({ fileUid: job.id, mediaType: job.media });
+      return null;
     } catch (error) {
-      // Gone meanwhile (deleted in another tab): as asked.
       if (message(error) === "No such generation") return null;
       // Where deleteGeneration is not deployed the call fails as not-found (or unimplemented).
       if (isCode(error, "functions/not-found", "functions/unimplemented")) return DELETE_UNAVAILABLE;
       return callableMessage(error);
     }
-    $("job-news").textContent = `${capital(nameOf(job))} deleted`;
-    return null;
   };
   const handlers = { cancel, edit, retry, dismiss, remove };
   const showDismissed = $<HTMLButtonElement>("show-dismissed");
