@@ -817,6 +817,36 @@ def test_a_cancel_on_a_job_that_finished_meanwhile_says_so_not_the_rules_text(op
     assert [p for p in app.problems() if "status of 40" not in p] == []
 
 
+def test_a_failed_cancel_is_said_beside_its_card_through_progress_updates(open_page, stack):
+    """The review: a cancel's failure was said on the form's error line alone, at the top of the form: a screen away
+    from the card on a phone. Its card says it too, as a Try again's or a Delete's, and keeps saying it through the
+    job's progress writes (the card's line was cleared at each), until the job moves on (here it ends)."""
+    app = open_page(width=375)
+    ref = _held_job(stack, app.uid, "not-stopped", prompt="a job that goes on")
+    card = app.job("not-stopped")
+    cancel = card.get_by_role("button", name="Cancel video “a job that goes on”")
+    cancel.wait_for(timeout=30_000)
+    told = "Could not record the cancel in Firestore; please try again"  # functions/dispatch.py CANCEL_NOT_RECORDED
+    app.page.route("**/cancelGeneration", _answering(503, {"error": {"status": "UNAVAILABLE", "message": told}}))
+    cancel.click()
+    note = card.locator(".note")
+    note.filter(has_text=told).wait_for(timeout=30_000)
+    assert app.page.get_by_role("alert").inner_text() == told  # the form's alert, for a screen reader, stays
+    assert app.page.locator("[aria-invalid=true]").count() == 0  # a card's failure names no field of the form
+    for progress in (0.3, 0.6):
+        ref.update({"progress": progress})
+        app.page.wait_for_function(
+            "p => document.querySelector(\".job[data-file-uid='not-stopped'] progress\").value === p",
+            arg=progress,
+            timeout=30_000,
+        )
+        assert note.inner_text() == told
+    ref.update({"status": "completed", "generated": True, "progress": 1.0})
+    assert app.wait_final("not-stopped") == "completed"
+    assert note.inner_text() == ""
+    assert [p for p in app.problems() if "status of 503" not in p] == []
+
+
 def test_a_double_clicked_cancel_calls_once_and_refuses_presses_while_its_call_is_under_way(open_page, stack):
     """Audit: the Cancel button refused presses only once the doc said the cancel was asked, so a double click
     called cancelGeneration twice. It refuses them from the first press (aria-disabled, keeping the focus)."""

@@ -15,7 +15,8 @@ export interface Job {
 
 /** What a card's buttons do; each is given the job as last listed. `retry` resolves to its error, if any. */
 export interface CardHandlers {
-  cancel: (job: Job) => Promise<unknown>;
+  /** Resolves to what the card says of a failure, as `remove` does. */
+  cancel: (job: Job) => Promise<string | null>;
   edit: (job: Job) => void;
   retry: (job: Job) => Promise<string | null>;
   dismiss: (job: Job) => void;
@@ -438,18 +439,19 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   // Each button acts on the job as last listed (its prompt, which the lines name it by, may have changed since).
   const latest = () => shown.get(li) ?? job;
   const cancel = el("button", { type: "button", className: "cancel", textContent: "Cancel" });
-  // Once asked, the button refuses presses (`refusing`).
-  // Refused while its call is under way too (a double click asked twice), and again once the doc says it was asked.
-  onPress(cancel, li, () => handlers.cancel(latest()));
-  // An ended job's buttons (update() shows those its state allows). What a try again met is said beside it too:
-  // the form's line, where the page says it aloud, may be far above the card.
+  // What a cancel, a try again or a delete met is said beside the card too: the form's lines, where the page says
+  // it aloud, may be far above the card (a screen away on a phone).
   const note = el("p", { className: "note" });
-  const retry = el("button", { type: "button", className: "retry", textContent: "Try again" });
   /** What the call met, beside the card. */
   const noted = async (call: (job: Job) => Promise<string | null>) => {
     note.textContent = "";
     note.textContent = (await call(latest())) ?? "";
   };
+  // Once asked, the button refuses presses (`refusing`).
+  // Refused while its call is under way too (a double click asked twice), and again once the doc says it was asked.
+  onPress(cancel, li, () => noted(handlers.cancel));
+  // An ended job's buttons (update() shows those its state allows).
+  const retry = el("button", { type: "button", className: "retry", textContent: "Try again" });
   onPress(retry, li, () => noted(handlers.retry), true);
   const edit = el("button", { type: "button", className: "edit", textContent: "Edit as new" });
   edit.addEventListener("click", () => refusing(edit) || handlers.edit(latest()));
@@ -490,7 +492,11 @@ function update(li: HTMLLIElement, job: Job): void {
   const text = promptOf(doc);
   prompt.textContent = clip(text, PROMPT_SHOWN);
   prompt.title = prompt.textContent === text ? "" : text;
+  const before = li.dataset.phase;
   li.dataset.phase = phase(doc);
+  // What a button met is old news once the job moves on (it runs again, or ends), not at each of its progress
+  // writes (a cancel's failure went with the job's next percent, a second later).
+  if (li.dataset.phase !== before) li.querySelector(".note")!.textContent = "";
   // A cancel asked of a live job: it ends at its worker's next step, which on a slow card may be a while (audit:
   // "Processing 0%" for a minute after Cancel, nothing on the card said so).
   li.querySelector(".status")!.textContent = !final && doc.cancel_requested ? "cancelling…" : li.dataset.phase;
@@ -523,8 +529,6 @@ function update(li: HTMLLIElement, job: Job): void {
     }
     button.hidden = !shows;
   }
-  // What a try again met is old news once the job runs again.
-  if (!final) li.querySelector(".note")!.textContent = "";
   if (doc.cancel_requested) cancel.dataset.asked = "true";
   else delete cancel.dataset.asked;
   showRefusals(li);

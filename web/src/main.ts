@@ -227,11 +227,17 @@ async function main(): Promise<void> {
       named = null;
     }, Math.max(0, namedAt + MIN_SHOWN_MS - Date.now()));
   };
-  const cancel = async (job: Job) => {
+  /** Ask a job to stop; resolves to what its card says of a failure, which the form's alert says too (the card's
+   * line, beside its Cancel: on a phone the form's is a screen away, the review). */
+  const cancel = async (job: Job): Promise<string | null> => {
+    const failed = (text: string) => {
+      fail(text, false);
+      return text;
+    };
     // Offline (or the server unreachable, as the listeners found), the callable fails as it does where it is not
     // deployed, and the doc's write would wait unseen (audit: "Cancelling…" for a minute, the button refusing
     // presses).
-    if (!navigator.onLine || cached) return fail(NO_ANSWER);
+    if (!navigator.onLine || cached) return failed(NO_ANSWER);
     say(`Cancelling ${nameOf(job)}…`);
     name(job.id); // the line goes when the job ends, whatever the call comes to
     try {
@@ -242,29 +248,33 @@ async function main(): Promise<void> {
       // A call that failed once the job had ended anyway (a flaky connection): say so as the callable would (an
       // audit saw "Could not reach the server" beside a Completed card).
       const end = listed.find((listedJob) => listedJob.id === job.id && ended(job.id));
-      if (end && end.doc.error_type !== "Cancelled") return fail(`Generation already ${end.doc.status}: nothing to cancel`);
-      if (end) return say(`Cancel requested for ${nameOf(job)}`);
+      if (end && end.doc.error_type !== "Cancelled") return failed(`Generation already ${end.doc.status}: nothing to cancel`);
+      if (end) {
+        say(`Cancel requested for ${nameOf(job)}`);
+        return null;
+      }
       // Where cancelGeneration is not deployed the call fails as not-found, or as internal when the 404 carries
       // no CORS headers (the emulator's does not).
       if (!isCode(error, "functions/not-found", "functions/unimplemented", "functions/internal")) {
-        return fail(callableMessage(error));
+        return failed(callableMessage(error));
       }
       // No cancelGeneration callable here: ask through the doc (the rules let an owner set exactly this flag).
       const ref = doc(db, "generations", uid, job.media, job.id);
       try {
         await updateDoc(ref, { cancel_requested: true });
       } catch (docError) {
-        if (!isCode(docError, "permission-denied")) return fail(`Cancel failed: ${message(docError)}`);
+        if (!isCode(docError, "permission-denied")) return failed(`Cancel failed: ${message(docError)}`);
         // The rules allow the flag only on a job that has not finished (their own text is no message for a
         // user): say so as the callable does, where the job has finished meanwhile.
         const status = await getDoc(ref).then((snapshot) => String(snapshot.get("status")), () => "");
         const finished = (FINAL_STATES as readonly string[]).includes(status);
-        return fail(finished ? `Generation already ${status}: nothing to cancel` : CANCEL_REFUSED);
+        return failed(finished ? `Generation already ${status}: nothing to cancel` : CANCEL_REFUSED);
       }
     }
     say(`Cancel requested for ${nameOf(job)}`);
     name(job.id);
     settle();
+    return null;
   };
 
   window.addEventListener("online", () => {
