@@ -1600,8 +1600,10 @@ def test_the_live_region_tells_a_jobs_start_and_end_not_its_percent(open_page, s
 
 def test_a_refused_field_is_marked_invalid_and_described_by_the_error(open_page):
     """Audit: the contract's message showed under Generate, tied to no field: a screen reader on Width heard
-    nothing of it. The field it names is aria-invalid, and the message is its description (with its range)."""
+    nothing of it. The field it names is aria-invalid, and the message is its description (with its range). The
+    review: the focus stayed on Generate; it goes to that field."""
     app = open_page()
+    focused = "document.activeElement.id"
     width = app.page.get_by_label("Width", exact=True)
     prompt = app.page.get_by_label("Prompt", exact=True)
     error = app.page.locator("#form-error")
@@ -1615,7 +1617,7 @@ def test_a_refused_field_is_marked_invalid_and_described_by_the_error(open_page)
     app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
     app.fill(Prompt="far too wide", Width="2000")
     refused(contract_message(width=2000))
-    assert width.get_attribute("aria-invalid") == "true"
+    assert width.get_attribute("aria-invalid") == "true" and app.page.evaluate(focused) == "width"
     assert width.get_attribute("aria-describedby").split() == ["width-range", "form-error"]
     description = app.page.evaluate(
         "() => document.getElementById('width').ariaDescribedByElements.map(e => e.textContent).join(' ')"
@@ -1624,12 +1626,14 @@ def test_a_refused_field_is_marked_invalid_and_described_by_the_error(open_page)
     app.fill(Prompt="   ", Width="256")
     refused(contract_message(prompt="   "))
     assert prompt.get_attribute("aria-invalid") == "true" and width.get_attribute("aria-invalid") is None
+    assert app.page.evaluate(focused) == "prompt"
     assert width.get_attribute("aria-describedby") == "width-range"
     # In the callable's flow the same (the page's check, before any call).
     app.page.get_by_label("the generateWithRunPod callable").check()
     app.fill(Prompt="too wide again", Width="2000")
     refused(contract_message(width=2000))
     assert width.get_attribute("aria-invalid") == "true" and prompt.get_attribute("aria-invalid") is None
+    assert app.page.evaluate(focused) == "width"
     assert error.get_attribute("role") == "alert"
     assert app.problems() == []
 

@@ -77,11 +77,11 @@ function say(text: string): void {
 }
 
 /** Show an error; one that names a field of the form marks that field invalid and is its description (not for a
- * card's request, which the form does not hold: `mark` false). */
-function fail(text: string, mark = true): void {
+ * card's request, which the form does not hold: `mark` false). Returns the field marked, if any. */
+function fail(text: string, mark = true): HTMLElement | null {
   $("form-status").textContent = "";
   $("form-error").textContent = text;
-  markInvalid(mark ? text : null, "form-error");
+  return markInvalid(mark ? text : null, "form-error");
 }
 
 function capital(text: string): string {
@@ -541,7 +541,13 @@ async function main(): Promise<void> {
     // record the refusal as a failed job, one more card for a typo (newcomer audit). Text in a number field that
     // the browser cannot read is refused here too (its value would be lost on the way).
     const refused = contractMessage(request);
-    if (refused) return fail(refused);
+    if (refused) {
+      // The focus goes to the field to fix, which reads the message as its description (the review: it stayed on
+      // Generate, and a keyboard user went looking for the field). Not on a later refusal of the callable's: by
+      // then the user may be typing elsewhere.
+      fail(refused)?.focus();
+      return;
+    }
     sending = true;
     button.setAttribute("aria-disabled", "true");
     // For a second at least, whatever the request takes: a queued doc's write takes tens of ms, and a double press
