@@ -1241,6 +1241,8 @@ def test_a_result_that_cannot_be_loaded_says_so_and_a_new_url_shows_it(stack, op
         timeout=30_000,
     )
     assert card.locator(".gone:not([hidden])").count() == 0
+    alts = card.locator("img").evaluate_all("imgs => imgs.map(i => i.alt)")
+    assert alts == ["Image 1 of 2: “expired”", "Image 2 of 2: “expired”"]
     assert [p for p in app.problems() if not re.search(r"404|Failed to load resource", p)] == []
 
 
@@ -1353,11 +1355,12 @@ def test_no_jobs_yet_is_never_shown_to_a_user_with_jobs(open_page, stack):
 
 def test_a_long_prompt_is_clipped_and_a_job_at_100_percent_is_finishing(open_page, stack):
     """Audit: a 2,000-character prompt filled the card; a video encoding and uploading showed "Processing
-    100%". The card clips the prompt (the whole in its title) and says the job is finishing."""
+    100%". The card clips the prompt (the whole in its title) and says the job is finishing. The review: each
+    result was named by the whole prompt, read out again per result; it is clipped there too."""
     app = open_page()
     prompt = "a long prompt " * 142 + "end"
     assert len(prompt) <= 2000
-    _held_job(stack, app.uid, "long-prompt", prompt=prompt, progress=1.0)
+    ref = _held_job(stack, app.uid, "long-prompt", prompt=prompt, progress=1.0)
     card = app.job("long-prompt")
     card.wait_for(timeout=30_000)
     shown = card.locator(".prompt")
@@ -1369,6 +1372,10 @@ def test_a_long_prompt_is_clipped_and_a_job_at_100_percent_is_finishing(open_pag
         "button", name="Cancel video “a long prompt a long prompt"
     ).is_enabled()  # a completion meeting the flag fails
     app.shot("finishing")
+    ref.update({"status": "completed", "generated": True, "videos": [PNG_1PX, PNG_1PX + "#2"]})
+    card.locator("video").first.wait_for(state="attached", timeout=30_000)
+    named = card.locator("video").evaluate_all("vs => vs.map(v => v.ariaLabel)")
+    assert named == [f"Video {i} of 2: “{prompt[:59]}…”" for i in (1, 2)]
     assert app.problems() == []
 
 
@@ -1671,7 +1678,7 @@ def test_the_keyboard_alone_fills_submits_opens_and_cancels(open_page, stack):
         timeout=DONE_S,
     )
     card = app.page.locator(".job[data-status=completed]")
-    assert card.locator("img").get_attribute("alt") == "Image 1: a kite over the dunes"
+    assert card.locator("img").get_attribute("alt") == "Image 1 of 1: “a kite over the dunes”"
     _tab_to(app, "e => e.textContent === 'Download image 1'")
     with app.context.expect_page(timeout=30_000) as opened:
         app.page.keyboard.press("Enter")

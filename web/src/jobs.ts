@@ -220,26 +220,30 @@ function details(job: Job): HTMLDListElement {
 function gallery(job: Job): HTMLElement {
   const { doc } = job;
   const box = el("div", { className: "gallery" });
+  const urls = mediaUrls(job);
+  // Named by the prompt clipped, as the card's controls are: the whole prompt (up to 2,000 characters) was read out
+  // again for each result (the review).
+  const label = (what: string, i: number) => `${what} ${i + 1} of ${urls.length}: ${quoted(doc)}`;
   if (job.media === "videos") {
     const info = doc.video_info;
-    mediaUrls(job).forEach((url, i) => {
+    urls.forEach((url, i) => {
       // "metadata": its size, length and first frame; the rest when played. A user's month of videos, each several
       // MB at full size, was all fetched whenever the page opened.
       const video = el("video", { src: url, controls: true, preload: "metadata", muted: true, loop: true, playsInline: true });
-      video.setAttribute("aria-label", `Video ${i + 1}: ${promptOf(doc)}`);
+      video.setAttribute("aria-label", label("Video", i));
       if (info) Object.assign(video, { width: info.width, height: info.height });
       const caption = info ? `${info.frames} frames at ${info.fps} fps, ${info.duration_seconds} s ` : "";
       box.append(figure(video, `Video ${i + 1}`, el("figcaption", {}, caption, link(url, `Download video ${i + 1}`))));
     });
   } else {
-    mediaUrls(job).forEach((url, i) => {
+    urls.forEach((url, i) => {
       // Lazy: the images of a long history are fetched as they are scrolled near, not all as the page opens.
-      const img = el("img", { src: url, alt: `Image ${i + 1}: ${promptOf(doc)}`, decoding: "async", loading: "lazy" });
+      const img = el("img", { src: url, alt: label("Image", i), decoding: "async", loading: "lazy" });
       if (doc.width && doc.height) Object.assign(img, { width: doc.width, height: doc.height });
       box.append(figure(img, `Image ${i + 1}`, el("figcaption", {}, link(url, `Download image ${i + 1}`))));
     });
   }
-  box.dataset.urls = mediaUrls(job).join(" ");
+  box.dataset.urls = urls.join(" ");
   return box;
 }
 
