@@ -469,8 +469,12 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   const remove = el("button", { type: "button", className: "delete", textContent: "Delete" });
   onPress(remove, li, () => noted(handlers.remove));
   const actions = el("div", { className: "actions" }, edit, retry, dismiss, remove);
+  // The rest of a clipped prompt, on demand (update() shows it where the prompt is clipped): in a title's tooltip
+  // it was out of reach of touch and the keyboard (the review).
+  const full = el("details", { className: "full-prompt", hidden: true }, el("summary", { textContent: "Full prompt" }), el("p"));
   li.append(
     el("h3", {}, `${kind}: `, el("span", { className: "prompt" })),
+    full,
     el("div", { className: "state" }, el("span", { className: "status" }), bar, el("span", { className: "percent" }), cancel),
     actions,
     note,
@@ -479,7 +483,7 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   return li;
 }
 
-/** Longer prompts are clipped in the card (a prompt may have 2,000 characters); the title holds the whole. */
+/** Longer prompts are clipped in the card (a prompt may have 2,000 characters); its Full prompt shows the whole. */
 const PROMPT_SHOWN = 200;
 
 function update(li: HTMLLIElement, job: Job): void {
@@ -492,10 +496,21 @@ function update(li: HTMLLIElement, job: Job): void {
   li.dataset.state = state;
   li.dataset.status = doc.status;
 
+  const kind = kindOf(job).toLowerCase();
   const prompt = li.querySelector<HTMLElement>(".prompt")!;
   const text = promptOf(doc);
   prompt.textContent = clip(text, PROMPT_SHOWN);
-  prompt.title = prompt.textContent === text ? "" : text;
+  const full = li.querySelector<HTMLDetailsElement>("details.full-prompt")!;
+  const summary = full.querySelector("summary")!;
+  const whole = prompt.textContent === text ? "" : text;
+  // Written only when it changes: an open one keeps its place and its text's selection through progress writes.
+  if (full.querySelector("p")!.textContent !== whole) full.querySelector("p")!.textContent = whole;
+  summary.setAttribute("aria-label", `Full prompt of ${kind} ${quoted(doc)}`);
+  if (!whole && document.activeElement === summary) {
+    li.tabIndex = -1;
+    li.focus();
+  }
+  full.hidden = !whole;
   const before = li.dataset.phase;
   li.dataset.phase = phase(doc);
   // What a button met is old news once the job moves on (it runs again, or ends), not at each of its progress
@@ -504,7 +519,6 @@ function update(li: HTMLLIElement, job: Job): void {
   // A cancel asked of a live job: it ends at its worker's next step, which on a slow card may be a while (audit:
   // "Processing 0%" for a minute after Cancel, nothing on the card said so).
   li.querySelector(".status")!.textContent = !final && doc.cancel_requested ? "cancelling…" : li.dataset.phase;
-  const kind = kindOf(job).toLowerCase();
   const bar = li.querySelector("progress")!;
   bar.value = progress;
   bar.setAttribute("aria-label", `Progress of ${kind} ${quoted(doc)}`);
