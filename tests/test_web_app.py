@@ -295,9 +295,8 @@ def test_a_long_unbroken_prompt_or_message_never_widens_a_phones_page(open_page,
     widths["a card"] = app.page.evaluate(width)
     # What a listener's failure may say: the SDK's own message (the page cannot make one of those on demand).
     app.page.evaluate(
-        """told => { const notice = document.getElementById('connection');
-            notice.textContent = `Your jobs stopped updating: ${told}.`;
-            notice.hidden = false; }""",
+        """told => { document.getElementById('connection-news').textContent = `Your jobs stopped updating: ${told}.`;
+            document.getElementById('connection').hidden = false; }""",
         told,
     )
     widths["the connection's notice"] = app.page.evaluate(width)
@@ -1019,9 +1018,16 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
         app.page.close(run_before_unload=True)
 
 
+HEARD = """() => { const live = document.getElementById('connection-news'); window.heard = [];
+    new MutationObserver(() => window.heard.push(live.textContent))
+        .observe(live, { childList: true, characterData: true, subtree: true }); }"""
+
+
 def test_offline_the_page_says_its_jobs_are_as_last_seen_and_a_cancel_says_it_cannot_reach_the_server(open_page, stack):
     """Audit: offline, a finished job read "Processing 0%" with nothing said, and a cancel read "Cancelling…" for a
-    minute while its button refused presses. Delete all my jobs says so too."""
+    minute while its button refused presses. Delete all my jobs says so too. The review: the notice, a live region,
+    was written again, and heard again, at each word of the connection's state that changed nothing; it is written
+    once, and again once it has gone and comes back."""
     app = open_page()
     _held_job(stack, app.uid, "held-offline")
     cancel = app.job("held-offline").get_by_role("button", name="Cancel video “held-offline”")
@@ -1030,7 +1036,15 @@ def test_offline_the_page_says_its_jobs_are_as_last_seen_and_a_cancel_says_it_ca
     assert notice.is_hidden()
     app.context.set_offline(True)
     notice.wait_for(state="visible", timeout=10_000)
-    assert notice.inner_text() == "Offline: your jobs as last seen; they update when the connection is back."
+    offline_news = "Offline: your jobs as last seen; they update when the connection is back."
+    assert notice.inner_text() == offline_news
+    live = app.page.locator("#connection-news")
+    assert (live.get_attribute("role"), live.get_attribute("aria-live")) == ("status", "polite")
+    app.page.evaluate(HEARD)
+    said_again = """async () => { for (let i = 0; i < 3; i++) window.dispatchEvent(new Event('offline'));
+        await new Promise((done) => setTimeout(done));  // past the observer's callback
+        return window.heard; }"""
+    assert app.page.evaluate(said_again) == [] and live.inner_text() == offline_news
     app.shot("offline")
     cancel.click()
     app.page.wait_for_selector("#form-error:not(:empty)", timeout=10_000)
@@ -1044,6 +1058,10 @@ def test_offline_the_page_says_its_jobs_are_as_last_seen_and_a_cancel_says_it_ca
     app.context.set_offline(False)
     notice.wait_for(state="hidden", timeout=60_000)
     assert app.page.locator("#delete-all-status").inner_text() == ""  # old news once back, as the form's error
+    app.context.set_offline(True)  # once more: news again
+    notice.wait_for(state="visible", timeout=10_000)
+    assert app.page.evaluate("window.heard.at(-1)") == offline_news
+    app.context.set_offline(False)
     offline = r"ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
     assert [p for p in app.problems() if not re.search(offline, p)] == []
 
@@ -1182,7 +1200,9 @@ service cloud.firestore { match /databases/{database}/documents { match /{path=*
 def test_jobs_the_server_refused_to_list_are_listened_to_again(stack, open_page):
     """The review: a listener the server failed (the rules changed, a token revoked) was never restarted: the
     cards froze at their last percent, the error sat on the form's line until the next message took it. The page
-    says its jobs stopped updating, listens again (2 s, then doubling), and once the server answers lists them."""
+    says its jobs stopped updating, listens again (2 s, then doubling), and once the server answers lists them.
+    The review: each retry wrote the notice's whole line, a live region, again: a screen reader heard it every few
+    seconds. Its news is said once, the countdown beside it out of the live region."""
     try:
         _deny_reads(stack, DENY_ALL)
         app = open_page()
@@ -1192,9 +1212,17 @@ def test_jobs_the_server_refused_to_list_are_listened_to_again(stack, open_page)
             r"Your jobs stopped updating: the server refused to list them\. Listening again in \d+ s\.",
             notice.inner_text(),
         ), notice.inner_text()
+        # Again from the start, its live region listened to from the first: the first failure is news, a retry none.
+        app.context.add_init_script(f"document.addEventListener('DOMContentLoaded', {HEARD})")
+        app.page.reload()
         app.page.wait_for_function(
             "() => /again in (4|8|16) s/.test(document.getElementById('connection').textContent)", timeout=30_000
         )  # tried again, and refused again
+        news = "Your jobs stopped updating: the server refused to list them."
+        assert app.page.evaluate("window.heard") == [news]
+        live = app.page.locator("#connection-news")
+        assert live.inner_text() == news
+        assert live.get_attribute("role") == "status" and notice.get_attribute("aria-live") is None
         assert app.page.locator("#no-jobs").inner_text() == "Loading your jobs…"
     finally:
         _deny_reads(stack, None)

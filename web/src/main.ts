@@ -111,22 +111,37 @@ const CATCH_UP_MS = 10_000;
 /** When the browser last came online (Date.now()). */
 let onlineAt = 0;
 
+/** Show the notice at the top: `news` in its live region, written only when it changes (the review: each write is
+ * heard anew, and every answer of a listener from the cache wrote "Offline…" again, every retry its whole line),
+ * and `retry`, when the page listens again, beside it and out of that region. */
+function notify(news: string, retry = ""): void {
+  const live = $("connection-news");
+  if (live.textContent !== news) live.textContent = news;
+  $("connection-retry").textContent = retry;
+  $("connection").hidden = false;
+}
+
+/** The notice goes, emptied: the same news later (offline once more) is written, and heard, again. */
+function unnotify(): void {
+  $("connection").hidden = true;
+  $("connection-news").textContent = $("connection-retry").textContent = "";
+}
+
 /** The jobs listed are the last the page heard of: offline, or the server unreachable (audit: a finished job
  * read "Processing 0%" for as long as the connection was gone, and nothing said so). */
 function showConnection(cached: boolean): void {
   const notice = $("connection");
   if (navigator.onLine && !cached) {
     if (!notice.hidden) clearConnectionError();
-    notice.hidden = true;
+    unnotify();
     return;
   }
   // Back online, the listeners catch up a moment later: "Offline" stays until they do (not a flash of "Cannot
   // reach the server" in a live region), for CATCH_UP_MS at most (the review: online on a network that cannot reach
   // the server, a captive portal's, it said "Offline" for good).
   const catchingUp = Date.now() - onlineAt < CATCH_UP_MS;
-  if (navigator.onLine && !notice.hidden && notice.textContent === OFFLINE && catchingUp) return;
-  notice.textContent = navigator.onLine ? UNREACHABLE : OFFLINE;
-  notice.hidden = false;
+  if (navigator.onLine && !notice.hidden && $("connection-news").textContent === OFFLINE && catchingUp) return;
+  notify(navigator.onLine ? UNREACHABLE : OFFLINE);
 }
 
 /** An error the connection caused goes once the connection is back (an audit saw it stay beside a finished job). */
@@ -494,11 +509,9 @@ async function main(): Promise<void> {
         widening = false;
         olderFrom = null;
         retryIn = Math.min(LISTEN_RETRY_MAX_MS, retryIn ? retryIn * 2 : LISTEN_RETRY_MS);
-        const notice = $("connection");
         // The rules' own text (the emulator's quotes a rule) is no message for a user.
         const why = isCode(error, "permission-denied") ? "the server refused to list them" : error.message;
-        notice.textContent = `Your jobs stopped updating: ${why}. Listening again in ${retryIn / 1000} s.`;
-        notice.hidden = false;
+        notify(`Your jobs stopped updating: ${why}.`, ` Listening again in ${retryIn / 1000} s.`);
         cached = true;
         retryTimer = setTimeout(() => {
           const failed = stopListening;
