@@ -34,6 +34,7 @@ from pathlib import Path
 from devtools import emulators as emu
 from devtools.client import post_runsync
 from devtools.worker import WorkerProcess
+from firegen_core.quota import MAX_COUNT_LIMIT, MAX_DAILY_BUDGET
 
 REPO = Path(__file__).resolve().parent.parent
 REPORT = REPO / "out" / "bench" / "report.json"
@@ -78,7 +79,11 @@ def bench_pipelines(cache: Path) -> dict:
 
 # The benchmarks load the queue with one user's jobs: they measure the queue, not the per-user limits, so the
 # workers run with those lifted.
-UNLIMITED = {"USER_MAX_RUNNING": "100000", "USER_MAX_PENDING": "1000000", "USER_DAILY_BUDGET": "1e12"}
+UNLIMITED = {
+    "USER_MAX_RUNNING": str(MAX_COUNT_LIMIT),
+    "USER_MAX_PENDING": str(MAX_COUNT_LIMIT),
+    "USER_DAILY_BUDGET": str(MAX_DAILY_BUDGET),
+}
 
 
 class NoopWorkers:

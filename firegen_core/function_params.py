@@ -6,7 +6,8 @@ Firebase CLI check a `.env` value at deploy): an audit's `USER_MAX_PENDING=abc` 
 answered INTERNAL and every trigger crashed; `MAX_DISPATCHES=0` failed every queued job at the first sweep;
 `RUNPOD_TIMEOUT_SECONDS=0` raised past the client's retries; a worker's `PLACEHOLDER_GRACE_SECONDS=2.5` crashed
 every trigger call. Checked once when the functions load (a deploy's discovery, each cold start), a wrong value
-fails the deploy with one line that names it, as `RETENTION_DAYS` does.
+fails the deploy with one line that names it, as `RETENTION_DAYS` does. A value typed at the deploy's prompt comes
+after the discovery: the prompt itself holds it to the range (`range_pattern`, which the CLI's prompt retries on).
 """
 
 from __future__ import annotations
@@ -31,6 +32,22 @@ INT_PARAMS: dict[str, tuple[int, int]] = {
     "USER_DAILY_BUDGET": (1, MAX_DAILY_BUDGET),
     "PLACEHOLDER_GRACE_SECONDS": (0, MAX_PLACEHOLDER_GRACE_SECONDS),
 }
+
+
+def range_pattern(low: int, high: int) -> str:
+    """A regular expression (Python's and JavaScript's) of the whole numbers from `low` (0 or 1) to `high`, written
+    without leading zeros."""
+    if low not in (0, 1) or high < 1:
+        raise ValueError(f"no pattern for {low} to {high}")
+    top = str(high)
+    shorter = [f"[1-9][0-9]{{{digits - 1}}}" for digits in range(1, len(top))]
+    # As long as `high`: its first i digits, then a smaller one, then any.
+    below = [
+        f"{top[:i]}[{int(i == 0)}-{int(digit) - 1}][0-9]{{{len(top) - i - 1}}}"
+        for i, digit in enumerate(top)
+        if int(digit) > int(i == 0)
+    ]
+    return "^(" + "|".join(["0"] * (low == 0) + shorter + below + [top]) + ")$"
 
 
 def whole_numbers(environ: Mapping[str, str], names: tuple[str, ...] = tuple(INT_PARAMS)) -> dict[str, int]:

@@ -19,42 +19,53 @@ RUNPOD_ENDPOINT_ID = params.StringParam(
     "RUNPOD_ENDPOINT_ID", description="RunPod Serverless endpoint id of the firegen worker"
 )
 
-# Tuning, typed by the Functions framework (ints: its FloatParam is not public in 0.6); their ranges are checked below.
-RUNPOD_ATTEMPTS = params.IntParam("RUNPOD_ATTEMPTS", default=3, description="runsync attempts (transient errors)")
-RUNPOD_TIMEOUT_SECONDS = params.IntParam(
-    "RUNPOD_TIMEOUT_SECONDS", default=20, description="seconds each runsync attempt may take"
+
+def _whole_number(name: str, default: int, description: str) -> params.IntParam:
+    """An int param (the framework's FloatParam is not public in 0.6) held to its range (function_params) where the
+    deploy prompts for it."""
+    low, high = function_params.INT_PARAMS[name]
+    within = f"a whole number from {low} to {high}"
+    prompt = params.TextInput(
+        example=str(default),
+        validation_regex=function_params.range_pattern(low, high),
+        validation_error_message=f"{name} must be {within}",
+    )
+    return params.IntParam(name, default=default, description=f"{description} ({within})", input=prompt)
+
+
+# Tuning
+RUNPOD_ATTEMPTS = _whole_number("RUNPOD_ATTEMPTS", 3, "runsync attempts (transient errors)")
+RUNPOD_TIMEOUT_SECONDS = _whole_number("RUNPOD_TIMEOUT_SECONDS", 20, "seconds each runsync attempt may take")
+REDISPATCH_AFTER_MINUTES = _whole_number(
+    "REDISPATCH_AFTER_MINUTES", 10, "minutes after which a queued job is dispatched again"
 )
-REDISPATCH_AFTER_MINUTES = params.IntParam(
-    "REDISPATCH_AFTER_MINUTES", default=10, description="minutes after which a queued job is dispatched again"
-)
-MAX_DISPATCHES = params.IntParam(
-    "MAX_DISPATCHES", default=3, description="dispatches of one job before it is failed as never picked up"
-)
+MAX_DISPATCHES = _whole_number("MAX_DISPATCHES", 3, "dispatches of one job before it is failed as never picked up")
 
 # Per-user limits (firegen_core.quota); the worker reads the same variables. Defaults as in Limits.
-USER_MAX_RUNNING = params.IntParam(
-    "USER_MAX_RUNNING", default=Limits.max_running, description="at most this many of one user's jobs processing"
+USER_MAX_RUNNING = _whole_number(
+    "USER_MAX_RUNNING", Limits.max_running, "at most this many of one user's jobs processing"
 )
-USER_MAX_PENDING = params.IntParam(
-    "USER_MAX_PENDING", default=Limits.max_pending, description="at most this many of one user's jobs queued or running"
+USER_MAX_PENDING = _whole_number(
+    "USER_MAX_PENDING", Limits.max_pending, "at most this many of one user's jobs queued or running"
 )
-USER_DAILY_BUDGET = params.IntParam(
+USER_DAILY_BUDGET = _whole_number(
     "USER_DAILY_BUDGET",
-    default=int(Limits.daily_budget),
-    description="one user's estimated GPU-seconds per UTC day (see the README's cost model)",
+    int(Limits.daily_budget),
+    "one user's estimated GPU-seconds per UTC day (see the README's cost model)",
 )
 
 # The workers read the same variable (a float there; whole seconds here).
-PLACEHOLDER_GRACE_SECONDS = params.IntParam(
+PLACEHOLDER_GRACE_SECONDS = _whole_number(
     "PLACEHOLDER_GRACE_SECONDS",
-    default=5,
-    description="seconds (0 to 60) the trigger leaves a doc with only its prompt to the request that brings its parameters",
+    5,
+    "seconds the trigger leaves a doc with only its prompt to the request that brings its parameters",
 )
 
 # Checked once here, at the deploy's discovery and at each cold start, not first at the call that reads them (a
 # ValueError there, answered INTERNAL). A blank int param counts as unset, as on the workers (the SDK would hand
-# "" to int() at every use): taken out of this process's environment, the param's default holds.
-for _name in function_params.INT_PARAMS:
+# "" to int() at every use): taken out of this process's environment, the param's default holds. So does a blank
+# STORAGE_BUCKET (the project's default bucket).
+for _name in (*function_params.INT_PARAMS, "STORAGE_BUCKET"):
     if not os.environ.get(_name, "x").strip():
         del os.environ[_name]
 function_params.whole_numbers(os.environ)

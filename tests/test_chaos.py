@@ -28,6 +28,7 @@ from google.api_core.exceptions import FailedPrecondition
 from devtools import emulators as emu
 from devtools.worker import WorkerProcess
 from firegen_core.jobs import JobKey
+from firegen_core.quota import MAX_DAILY_BUDGET
 
 LEASE_SECONDS = 3.0
 SWEEP_SECONDS = 1.0
@@ -37,7 +38,7 @@ SETTINGS = {
     "SWEEP_INTERVAL_SECONDS": str(SWEEP_SECONDS),
     "USER_MAX_RUNNING": "1000",
     "USER_MAX_PENDING": "100000",
-    "USER_DAILY_BUDGET": "1e12",
+    "USER_DAILY_BUDGET": str(MAX_DAILY_BUDGET),
 }
 # Beyond lease + one sweep, a taken-over job may wait for one running job to end (the survivors are busy) and a
 # few round trips on two shared cores; no more: it goes first in line, before anything queued since.

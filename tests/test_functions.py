@@ -1546,6 +1546,25 @@ def test_the_manifest_is_served_again_by_the_same_process(tmp_path):
     assert result.stdout.split()[0] == "True" and "'generateWithRunPod'" in result.stdout
 
 
+def test_the_deploys_prompt_takes_each_int_param_within_its_range_alone():
+    """A value typed at the deploy's prompt comes after the check at load: the Firebase CLI's prompt retries what its
+    param's `validationRegex` refuses (its JavaScript RegExp, run here in Node on every value near the bounds)."""
+    from firegen_core.function_params import INT_PARAMS, range_pattern
+
+    cases = {}
+    for name, (low, high) in INT_PARAMS.items():
+        near = {*range(0, 120), high - 1, high, high + 1, high * 10, low - 1, 10 ** len(str(high)) - 1, 1440, 999}
+        values = [str(n) for n in sorted(near)] + ["", "05", "1.5", "+3", " 4", "1e3", "abc"]
+        cases[name] = [
+            range_pattern(low, high),
+            values,
+            [v.isdigit() and str(int(v)) == v and low <= int(v) <= high for v in values],
+        ]
+    script = "const cases = JSON.parse(process.argv[1]); for (const [name, [p, values, want]] of Object.entries(cases)) { const r = new RegExp(p); values.forEach((v, i) => { if (r.test(v) !== want[i]) { console.log(name, JSON.stringify(v)); process.exitCode = 1; } }); }"
+    result = subprocess.run(["node", "-e", script, json.dumps(cases)], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
 def _whole(name: str, value: str, low: int, high: int) -> tuple[str, str, str]:
     return name, value, f"{name} must be a whole number from {low} to {high} (got {value!r})"
 
@@ -1597,6 +1616,8 @@ def test_a_bad_setting_stops_the_functions_from_loading_naming_it(tmp_path, name
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
 def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     """main.py imports from the deploy folder alone, with only functions/requirements.txt installed."""
+    from firegen_core.function_params import range_pattern
+
     deploy = _deploy_folder(tmp_path)
     assert not (deploy / "venv").exists() and (deploy / "firegen_core" / "jobs.py").is_file()
     unreadable = [str(p) for p in deploy.rglob("*") if p.is_file() and p.stat().st_mode & 0o444 != 0o444]
@@ -1615,6 +1636,8 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
         "out['params'] = [main.RUNPOD_ATTEMPTS.value, main.RUNPOD_TIMEOUT_SECONDS.value,\n"
         "                 main.REDISPATCH_AFTER_MINUTES.value, main._policy().max_dispatches,\n"
         "                 main._limits().max_pending, main._grace()]\n"
+        "from firebase_functions.private import manifest\n"  # what the deploy's prompt is given
+        "out['prompt'] = manifest._param_to_spec(main.RUNPOD_ATTEMPTS)['input']\n"
         "import contextlib, io, logging\n"
         "buffer = io.StringIO()\n"
         "with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):\n"
@@ -1676,6 +1699,13 @@ def test_the_deploy_folder_imports_in_the_functions_venv(tmp_path):
     assert (out["generation"], out["listener"], out["torch"]) == (False, False, False)
     # Tuning values are typed params: set ones are read as ints, unset (or blank) ones take their defaults.
     assert out["params"] == [5, 20, 10, 4, 20, 7.0]
+    assert out["prompt"] == {
+        "text": {
+            "example": "3",
+            "validationRegex": range_pattern(1, 10),
+            "validationErrorMessage": "RUNPOD_ATTEMPTS must be a whole number from 1 to 10",
+        }
+    }
     # The functions' standard-logging records are written by firebase_functions.logger: Cloud Logging's fields.
     entry = json.loads(out["log"].strip().splitlines()[-1])
     assert entry["severity"] == "WARNING"

@@ -1764,6 +1764,8 @@ def test_a_cancel_whose_call_fails_after_its_job_ended_says_the_job_ended(open_p
     held[0].abort()  # the connection drops: the call fails
     app.page.wait_for_selector("#form-error:not(:empty)", timeout=15_000)
     assert app.page.get_by_role("alert").inner_text() == "Generation already completed: nothing to cancel"
+    # Not on the card, which says how the job ended: a note there would stay on the finished card for good.
+    assert app.job("held-flaky").locator(".note").inner_text() == ""
     assert [p for p in app.problems() if "ERR_FAILED" not in p] == []
 
 

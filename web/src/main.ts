@@ -249,6 +249,12 @@ async function main(): Promise<void> {
       fail(text, false);
       return text;
     };
+    // The job ended first: the form's alert says so, not the card, which shows how it ended (a note there would stay
+    // on the finished card for good, nothing moving it on).
+    const over = (status: string) => {
+      fail(`Generation already ${status}: nothing to cancel`, false);
+      return null;
+    };
     // Offline (or the server unreachable, as the listeners found), the callable fails as it does where it is not
     // deployed, and the doc's write would wait unseen (audit: "Cancelling…" for a minute, the button refusing
     // presses).
@@ -263,7 +269,7 @@ async function main(): Promise<void> {
       // A call that failed once the job had ended anyway (a flaky connection): say so as the callable would (an
       // audit saw "Could not reach the server" beside a Completed card).
       const end = listed.find((listedJob) => listedJob.id === job.id && ended(job.id));
-      if (end && end.doc.error_type !== "Cancelled") return failed(`Generation already ${end.doc.status}: nothing to cancel`);
+      if (end && end.doc.error_type !== "Cancelled") return over(end.doc.status);
       if (end) {
         say(`Cancel requested for ${nameOf(job)}`);
         return null;
@@ -283,7 +289,7 @@ async function main(): Promise<void> {
         // user): say so as the callable does, where the job has finished meanwhile.
         const status = await getDoc(ref).then((snapshot) => String(snapshot.get("status")), () => "");
         const finished = (FINAL_STATES as readonly string[]).includes(status);
-        return failed(finished ? `Generation already ${status}: nothing to cancel` : CANCEL_REFUSED);
+        return finished ? over(status) : failed(CANCEL_REFUSED);
       }
     }
     say(`Cancel requested for ${nameOf(job)}`);
