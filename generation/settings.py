@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, get_args
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from firegen_core.redaction import got
@@ -58,6 +58,15 @@ class ModelSettings(BaseSettings):
     preload: OnOff = Field("off", validation_alias=env("FIREGEN_PRELOAD"))
     cache_dir: str | None = Field(None, validation_alias=env("FIREGEN_CACHE"))
     hf_hub_offline: OnOff = Field("off", validation_alias=env("HF_HUB_OFFLINE"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, data: Any) -> Any:
+        # Spaces alone count as unset, as an empty value does (env_ignore_empty): " " was refused as "a valid
+        # integer" where "" took the default (an audit).
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if not (isinstance(value, str) and not value.strip())}
+        return data
 
     @field_validator("image_model", "video_model", "device", "attention_backend", mode="before")
     @classmethod

@@ -173,6 +173,25 @@ def test_the_documented_bounds_are_accepted(clean_env):
     assert s.storage_bucket == "my_app.firebasestorage.app"
 
 
+def test_a_setting_of_spaces_alone_is_unset_as_an_empty_one_is(clean_env):
+    """README: empty values count as unset. So do spaces alone (a value cleared to " " in an editor, or pasted with
+    its newline): " " was refused "must be a valid integer" where "" took the default."""
+    clean_env.setenv("STORAGE_BUCKET", "b")
+    for name in ("USER_MAX_RUNNING", "LEASE_SECONDS", "URL_STYLE", "FIREGEN_COMPILE", "RETENTION_DAYS"):
+        clean_env.setenv(name, " \n")
+    s = load_settings()
+    assert (s.user_max_running, s.lease_seconds, s.url_style, s.compile, s.retention_days) == (
+        2,
+        120,
+        "token",
+        "auto",
+        30,
+    )
+    clean_env.setenv("STORAGE_BUCKET", "  ")
+    with pytest.raises(SettingsError, match="^STORAGE_BUCKET is required$"):
+        load_settings()
+
+
 def run_worker(env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in {str(n) for n in WORKER_VARS}}
     return subprocess.run(
