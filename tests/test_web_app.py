@@ -295,7 +295,7 @@ def test_a_long_unbroken_prompt_or_message_never_widens_a_phones_page(open_page,
     widths["a card"] = app.page.evaluate(width)
     # What a listener's failure may say: the SDK's own message (the page cannot make one of those on demand).
     app.page.evaluate(
-        """told => { document.getElementById('connection-news').textContent = `Your jobs stopped updating: ${told}.`;
+        """told => { document.getElementById('connection-text').textContent = `Your jobs stopped updating: ${told}.`;
             document.getElementById('connection').hidden = false; }""",
         told,
     )
@@ -1034,10 +1034,16 @@ def test_offline_the_page_says_its_jobs_are_as_last_seen_and_a_cancel_says_it_ca
     cancel.wait_for(timeout=30_000)  # shown before the page goes offline (under load it came later, and never)
     notice = app.page.locator("#connection")
     assert notice.is_hidden()
+    # The live region is rendered while the notice is hidden: one that was not (display: none until it showed) is
+    # not heard by every screen reader as its text comes.
+    rendered = "() => { const live = document.getElementById('connection-news'); return !live.closest('[hidden]') && getComputedStyle(live).display !== 'none'; }"
+    assert app.page.evaluate(rendered)
     app.context.set_offline(True)
     notice.wait_for(state="visible", timeout=10_000)
     offline_news = "Offline: your jobs as last seen; they update when the connection is back."
     assert notice.inner_text() == offline_news
+    # Said once to a screen reader: the notice's visible text is hidden from it, the live region says it.
+    assert app.page.locator("#connection-text").get_attribute("aria-hidden") == "true"
     live = app.page.locator("#connection-news")
     assert (live.get_attribute("role"), live.get_attribute("aria-live")) == ("status", "polite")
     app.page.evaluate(HEARD)

@@ -111,10 +111,11 @@ const CATCH_UP_MS = 10_000;
 /** When the browser last came online (Date.now()). */
 let onlineAt = 0;
 
-/** Show the notice at the top: `news` in its live region, written only when it changes (the review: each write is
- * heard anew, and every answer of a listener from the cache wrote "Offline…" again, every retry its whole line),
- * and `retry`, when the page listens again, beside it and out of that region. */
+/** Show the notice at the top, `news` and, when the page listens again, `retry` beside it; `news` is said in the
+ * live region too, written only when it changes (the review: each write is heard anew, and every answer of a
+ * listener from the cache wrote "Offline…" again, every retry its whole line). */
 function notify(news: string, retry = ""): void {
+  $("connection-text").textContent = news;
   const live = $("connection-news");
   if (live.textContent !== news) live.textContent = news;
   $("connection-retry").textContent = retry;
@@ -124,7 +125,7 @@ function notify(news: string, retry = ""): void {
 /** The notice goes, emptied: the same news later (offline once more) is written, and heard, again. */
 function unnotify(): void {
   $("connection").hidden = true;
-  $("connection-news").textContent = $("connection-retry").textContent = "";
+  for (const id of ["connection-text", "connection-news", "connection-retry"]) $(id).textContent = "";
 }
 
 /** The jobs listed are the last the page heard of: offline, or the server unreachable (audit: a finished job
