@@ -125,7 +125,10 @@ def _line(cls: type[BaseSettings], error: Mapping[str, Any]) -> str:
     if kind == "literal_error":
         options = [arg for arg in get_args(annotation) if arg is not None and not isinstance(arg, type)]
         flat = [o for arg in options for o in (get_args(arg) or [arg])]
-        return f"{var} must be one of {', '.join(map(str, flat))}"
+        # The words taken for on and off are said too (an audit: "must be one of on, off" where `true` was refused
+        # for a typo, and `1` would have done).
+        also = " (or 1/0, true/false, yes/no)" if {"on", "off"} <= set(flat) else ""
+        return f"{var} must be one of {', '.join(map(str, flat))}{also}"
     msg = str(error.get("msg", "is invalid"))
     msg = msg.removeprefix("Value error, ").removeprefix("Input should be ")
     if annotation is not None and SecretStr in (annotation, *get_args(annotation)):

@@ -263,7 +263,9 @@ def test_compile_settings_from_the_environment(tmp_path, monkeypatch):
     assert config.compile_cache == default_cache_dir({"HF_HOME": str(tmp_path)})
     assert EngineConfig.from_env({"FIREGEN_COMPILE": "off", "FIREGEN_COMPILE_CACHE": "off"}).compile_cache is None
     assert EngineConfig.from_env({"FIREGEN_COMPILE": "on", "FIREGEN_COMPILE_CACHE": "/v/c"}).compile_cache == "/v/c"
-    with pytest.raises(ValueError, match="^FIREGEN_COMPILE must be one of auto, on, off$"):
+    with pytest.raises(
+        ValueError, match="^FIREGEN_COMPILE must be one of auto, on, off \\(or 1/0, true/false, yes/no\\)$"
+    ):
         EngineConfig.from_env({"FIREGEN_COMPILE": "fast"})
     # On a CPU, auto and on both leave the models eager (inductor there costs more than it saves).
     assert Runtime.detect("cpu", compile=None).compile_backend is None

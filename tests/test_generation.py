@@ -402,7 +402,9 @@ def test_engine_config_from_env():
     assert EngineConfig.from_env({}).offload_text_encoder is None  # auto: decided by the card's memory
     assert EngineConfig.from_env({"FIREGEN_OFFLOAD_TEXT_ENCODER": "on"}).offload_text_encoder is True
     assert EngineConfig.from_env({"FIREGEN_OFFLOAD_TEXT_ENCODER": "0"}).offload_text_encoder is False
-    with pytest.raises(ValueError, match="^FIREGEN_OFFLOAD_TEXT_ENCODER must be one of auto, on, off$"):
+    with pytest.raises(
+        ValueError, match="^FIREGEN_OFFLOAD_TEXT_ENCODER must be one of auto, on, off \\(or 1/0, true/false, yes/no\\)$"
+    ):
         EngineConfig.from_env({"FIREGEN_OFFLOAD_TEXT_ENCODER": "maybe"})
     # Off CUDA there is nothing to offload to: the flag is dropped.
     assert Runtime.detect("cpu", offload=True).offload_text_encoder is False
@@ -502,7 +504,7 @@ def test_cli_bad_setting_prints_one_line_and_exits_2(tmp_path, capsys, monkeypat
     monkeypatch.setenv("FIREGEN_OFFLOAD_TEXT_ENCODER", "sometimes")
     assert cli.main(["--prompt", PROMPT, "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
-        "configuration error: FIREGEN_OFFLOAD_TEXT_ENCODER must be one of auto, on, off\n"
+        "configuration error: FIREGEN_OFFLOAD_TEXT_ENCODER must be one of auto, on, off (or 1/0, true/false, yes/no)\n"
     )
 
 

@@ -653,12 +653,17 @@ def test_settings_errors_name_the_variable(clean_env):
         load_settings()
     clean_env.setenv("LEASE_SECONDS", "60")
     clean_env.setenv("FIREGEN_OFFLOAD_TEXT_ENCODER", "sometimes")
-    with pytest.raises(SettingsError, match="^FIREGEN_OFFLOAD_TEXT_ENCODER must be one of auto, on, off$"):
+    with pytest.raises(
+        SettingsError,
+        match="^FIREGEN_OFFLOAD_TEXT_ENCODER must be one of auto, on, off \\(or 1/0, true/false, yes/no\\)$",
+    ):
         load_settings()
     clean_env.setenv("FIREGEN_OFFLOAD_TEXT_ENCODER", " TRUE ")
     assert load_settings().offload_text_encoder == "on"
     clean_env.setenv("FIREGEN_COMPILE", "fast")
-    with pytest.raises(SettingsError, match="^FIREGEN_COMPILE must be one of auto, on, off$"):
+    with pytest.raises(
+        SettingsError, match="^FIREGEN_COMPILE must be one of auto, on, off \\(or 1/0, true/false, yes/no\\)$"
+    ):
         load_settings()
 
 
