@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from google.api_core.exceptions import Aborted, AlreadyExists, FailedPrecondition, NotFound, RetryError
+from google.api_core.exceptions import Aborted, RetryError
 
 from . import lifecycle, quota, results
 from .contract import TASK_TYPE
-from .jobs import BOUND, COLLECTION, MEDIA_TYPES, JobKey, JobStore, tombstone, tombstone_ref
+from .jobs import BOUND, COLLECTION, COMMIT_CONFLICTS, MEDIA_TYPES, JobKey, JobStore, tombstone, tombstone_ref
 
 TRIES = 5  # reads and fenced deletes of one doc that another write got to first
 STORAGE_TIMEOUT = 10.0  # seconds per Storage request
@@ -88,7 +88,7 @@ def delete_finished(store: JobStore, bucket: Any, key: JobKey, budget: results.B
             batch.create(grave.reference, mark)
         try:
             batch.commit(**BOUND)
-        except (FailedPrecondition, AlreadyExists, NotFound):  # written since the read: decide again on what is now
+        except COMMIT_CONFLICTS:  # written since the read: decide again on what is now
             continue
         return Deleted(doc, removed)
     raise Aborted(f"{key.path}: still being written after {TRIES} tries to delete it")
@@ -188,6 +188,6 @@ def _drop_usage(store: JobStore, user_id: str) -> bool:
         return False
     try:
         snapshot.reference.delete(option=store.client.write_option(last_update_time=snapshot.update_time), **BOUND)
-    except (FailedPrecondition, NotFound):  # written meanwhile: the next pass decides again
+    except COMMIT_CONFLICTS:  # written meanwhile: the next pass decides again
         return False
     return True

@@ -97,6 +97,10 @@ CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang
 # Conflicts back off exponentially with full jitter (first ~10 ms, at most 250 ms a wait): racers for one user's
 # usage doc (one user's burst of requests) spread out instead of colliding again on the next round trip.
 CONFLICT_BACKOFF, CONFLICT_BACKOFF_MAX = 0.01, 0.25
+# A conditional write that did not land, for another's write since the read: decide again on what is there now.
+# Aborted: production Firestore's "Too much contention" on a hot doc (one user's usage doc, written by each of
+# their jobs' moves), which the emulator never answers; it wrote nothing either.
+COMMIT_CONFLICTS = (FailedPrecondition, AlreadyExists, NotFound, Aborted)
 # The client's own retry has a 60 s deadline of its own, whatever `timeout` says: each call gets both bounds.
 BOUND: dict[str, Any] = {
     "timeout": CALL_TIMEOUT,
@@ -264,7 +268,7 @@ class JobStore:
                 batch.create(usage_snapshot.reference, fields)
         try:
             batch.commit(**BOUND)
-        except (FailedPrecondition, AlreadyExists, NotFound) as exc:
+        except COMMIT_CONFLICTS as exc:
             raise _Conflict from exc
         if recount:  # said once written: counts read just before another's transition landed were no drift
             read, counted = recount
@@ -505,7 +509,7 @@ class JobStore:
             try:
                 ref.update(used, option=self.client.write_option(last_update_time=snapshot.update_time), **BOUND)
                 return True
-            except (FailedPrecondition, NotFound):  # another late dispatch used a mark meanwhile: read again
+            except COMMIT_CONFLICTS:  # another late dispatch used a mark meanwhile: read again
                 continue
         return True  # contended past its tries: refused, which runs nothing twice
 

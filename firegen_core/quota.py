@@ -211,13 +211,15 @@ def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: 
     running one's try is stopped, and the GPU time it ran (since its `started_at`, at most its estimate) stays
     charged: restating a running job again and again cannot run it for free, each stopped try counts against
     the budget (the contract's function flow, where a worker took the doc a moment before its request came,
-    pays that moment). A job charged on an earlier day is charged today, anew: that day's spend is gone. Until a
-    worker takes it again, `STOPPED_COST` says what of it the stopped tries used: all it is charged if it ends
-    first (cancelled while queued, given up)."""
+    pays that moment). A job charged on an earlier day is charged its new estimate today, anew: that day's spend
+    is gone, and it paid the whole of the stopped try's estimate. Until a worker takes it again, `STOPPED_COST`
+    says what of it the stopped tries used: all it is charged if it ends first (cancelled while queued, given
+    up)."""
     today = day_of(now)
-    charged = float(number(before, COST)) if charged_on(before, today) == today else 0.0
+    charged_today = charged_on(before, today) == today
+    charged = float(number(before, COST)) if charged_today else 0.0
     kept = max(charged - old_estimate, 0.0)  # earlier stopped tries
-    if before.get("status") == "processing":
+    if before.get("status") == "processing" and charged_today:
         started = before.get("started_at")
         ran = (now - started).total_seconds() if isinstance(started, datetime) else old_estimate
         kept += min(max(ran, 0.0), old_estimate)

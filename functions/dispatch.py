@@ -573,7 +573,11 @@ def _await_request(db: firestore.Client, key: JobKey, grace: float, poll: float 
 
 # ------------------------------------------------------------------------------------------------ schedule
 def _last_dispatch(doc: Mapping[str, Any]) -> datetime | None:
-    return doc.get(DISPATCHED_AT) or doc.get("created_at")
+    """When the job was last sent to a worker (None: no date to tell; an admin's doc may hold anything there)."""
+    for field in (DISPATCHED_AT, "created_at"):
+        if isinstance(value := doc.get(field), datetime):
+            return value
+    return None
 
 
 def _stale(doc: Mapping[str, Any] | None, now: datetime, policy: Policy) -> bool:

@@ -129,8 +129,10 @@ class Reconciler:
         # placeholder grace are server times, and a host's clock may be minutes off (audit: a worker 5 minutes slow
         # left a dead worker's job `processing` 5 minutes past its lease; one fast ran placeholders at once).
         self._clock_offset = 0.0
-        self._started_local = time.time()
-        self._claiming_since = time.time()  # by this host's clock; reset by `start`
+        # Monotonic marks, read as server times through the clock's latest measure (`_server_time_at`): a host
+        # clock stepped after start (NTP, a resumed VM) moved wall-clock marks by the step (the clock review).
+        self._started_mono = time.monotonic()
+        self._claiming_since = time.monotonic()  # reset by `start`
         # The last usage doc the last `_discover` looked at, when there were more; per (user, media type), the
         # oldest doc it found, so that the user is not looked up again while that doc waits its turn here.
         self._discover_after: DocumentSnapshot | None = None
@@ -153,7 +155,7 @@ class Reconciler:
         """`listen=False`: only the jobs `submit` brings are claimed (the SDK's one-shot `--test_input`: a local
         test must not take, and shut down on, the project's queued jobs)."""
         self._claiming = True
-        self._claiming_since = time.time()
+        self._claiming_since = time.monotonic()
         loops = [(self._dispatch_loop, "dispatch")]
         if listen:
             try:  # the clock's measure, before the listeners' first docs are weighed against it
@@ -278,7 +280,7 @@ class Reconciler:
         created = timestamp(created_at, self.server_time())
         not_before = 0.0
         if doc is not None and self.placeholder_grace > 0 and not first and awaits_parameters(doc):
-            not_before = max(created, self._claiming_since + self._clock_offset) + self.placeholder_grace
+            not_before = max(created, self._server_time_at(self._claiming_since)) + self.placeholder_grace
         with self._cv:
             if not self._claiming or key in self._active or key in self._cancels:
                 return
@@ -653,7 +655,7 @@ class Reconciler:
             self.store.worker_id,
             busy=self.busy,
             concurrency=self.concurrency,
-            started_at=datetime.fromtimestamp(self._started_local + self._clock_offset, UTC),
+            started_at=datetime.fromtimestamp(self._server_time_at(self._started_mono), UTC),
             finished=self._finished,
             code_version=code_version(),
             timeout=timeout,
@@ -667,6 +669,10 @@ class Reconciler:
     def server_time(self) -> float:
         """Now by Firestore's clock (seconds since the epoch), as the last heartbeat measured it."""
         return time.time() + self._clock_offset
+
+    def _server_time_at(self, mark: float) -> float:
+        """The server time of `mark`, a `time.monotonic()` reading."""
+        return self.server_time() - (time.monotonic() - mark)
 
     def sweep(self) -> int:
         """Offer the oldest queued and the lease-expired jobs (not within a lease of Firestore's return: see

@@ -64,14 +64,19 @@ def bundle() -> Path:
 
 
 def app_settings(environ=os.environ) -> Path:
-    """web/dist/firegen-app.json, which the page reads at start: the App Check site key from this environment
-    (FIREGEN_APP_CHECK_SITE_KEY, a reCAPTCHA Enterprise key; Hosting's predeploy runs this script, so it is the
-    deployer's), or null. Written at every run: the key is no input of the bundle."""
+    """web/dist/firegen-app.json, which the page reads at start, from this environment (Hosting's predeploy runs
+    this script, so it is the deployer's): the App Check site key (FIREGEN_APP_CHECK_SITE_KEY, a reCAPTCHA
+    Enterprise key), or null; the region the callables were deployed to (FIREGEN_FUNCTIONS_REGION, where
+    `set_global_options(region=...)` moved them), or null for the SDKs' us-central1. Written at every run: neither
+    is an input of the bundle."""
     key = (environ.get("FIREGEN_APP_CHECK_SITE_KEY") or "").strip() or None
     if key is not None and not re.fullmatch(r"[A-Za-z0-9_-]{20,100}", key):
         raise SystemExit("setup_web: FIREGEN_APP_CHECK_SITE_KEY is not a reCAPTCHA Enterprise site key")
+    region = (environ.get("FIREGEN_FUNCTIONS_REGION") or "").strip() or None
+    if region is not None and not re.fullmatch(r"[a-z]+(-[a-z]+)+[0-9]+", region):
+        raise SystemExit("setup_web: FIREGEN_FUNCTIONS_REGION is not a Cloud Functions region such as europe-west1")
     path = DIST / "firegen-app.json"
-    path.write_text(json.dumps({"appCheckSiteKey": key}, indent=2) + "\n")
+    path.write_text(json.dumps({"appCheckSiteKey": key, "functionsRegion": region}, indent=2) + "\n")
     return path
 
 

@@ -1271,6 +1271,19 @@ def logged(caplog, message: str) -> list[logging.LogRecord]:
     return [record for record in caplog.records if record.getMessage() == message]
 
 
+def test_a_lost_workers_job_whose_dates_an_admin_wrote_as_text_is_dispatched_again(firestore_client, stub):
+    """The clock review: a processing doc whose worker is gone, its `dispatched_at` and `created_at` written by an
+    admin as text and a number, raised TypeError comparing them: `redispatch_error` at every sweep, for ever. No
+    readable date counts as long ago."""
+    old = datetime.now(UTC) - timedelta(hours=1)
+    lost = {**client_doc(width=256), **worker_gone(old), "dispatched_at": "2026-12-01T10:00:00Z", "created_at": 5}
+    firestore_client.document("generations/u-s/images/text-dates").set(lost)
+    runpod = stub(ACCEPTED)
+    policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
+    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(redispatched=1)
+    assert [body["input"]["file_uid"] for _, body in runpod.requests] == ["text-dates"]
+
+
 def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
     caplog.set_level(logging.INFO)
     old = datetime.now(UTC) - timedelta(hours=1)

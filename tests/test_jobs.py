@@ -233,6 +233,31 @@ def test_a_claim_whose_answer_was_lost_is_still_this_claim(firestore_client, mon
     assert (doc["status"], doc["worker_id"], doc["attempts"]) == ("processing", "w1", 1)
 
 
+def test_a_commit_production_firestore_aborts_for_contention_is_decided_again(firestore_client, monkeypatch):
+    """The production review: Firestore answers a write to a hot doc (a user's usage doc, written by each of their
+    jobs' moves) ABORTED "Too much contention"; the transition ended there ("Could not record the job"). It wrote
+    nothing, so it is decided again. A stand-in: the emulator never aborts a batch; the commits are its own."""
+    from google.api_core.exceptions import Aborted
+    from google.cloud.firestore_v1.batch import WriteBatch
+
+    from firegen_core.jobs import JobStore
+
+    real, aborted = WriteBatch.commit, []
+
+    def commit(batch, *args, **kwargs):
+        if len(aborted) < 2:
+            aborted.append(True)
+            raise Aborted("Too much contention on these documents. Please try again.")
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(WriteBatch, "commit", commit)
+    request = parse_runsync_input({"prompt": "p", "user_id": "bob", "file_uid": "hot", "use_cloud_storage": True})
+    outcome = JobStore(firestore_client).ensure_queued(request)
+    assert len(aborted) == 2 and outcome.applied
+    assert read(firestore_client, JobKey("bob", "images", "hot"))["quota_admitted"] is True
+    assert firestore_client.document("usage/bob").get().to_dict()["pending"] == 1
+
+
 # The client's own retry of an unavailable Firestore ran out after the commit had landed: the call raises.
 OUT_OF_RETRIES = RetryError("Timeout of 15.0s exceeded", ServiceUnavailable("connection reset"))
 

@@ -640,6 +640,24 @@ def test_restating_a_job_charged_yesterday_charges_today(firestore_client):
     assert usage(firestore_client)["spent_today"] == pytest.approx(500.0 + quota.estimate(cheap), abs=1e-3)
 
 
+def test_a_running_job_charged_yesterday_and_restated_today_is_charged_its_new_estimate_alone(firestore_client):
+    """The clock review: a job admitted before midnight, running past it and restated after, was charged its
+    stopped try again today (yesterday paid the try's whole estimate): up to 174 GPU-seconds of today's budget
+    for nothing. Today is charged the new estimate, as the README says."""
+    key = write_client_doc(firestore_client, "running-over-midnight")
+    store, worker = JobStore(firestore_client), WorkerJobs(firestore_client, worker_id="w-1")
+    store.ensure_queued(request(key.file_uid, width=1024, height=1024, num_inference_steps=50))
+    assert worker.claim(key) is not None
+    started_seconds_ago(firestore_client, key, 90)
+    yesterday = quota.day_of(datetime.now(UTC) - timedelta(days=1))
+    firestore_client.document(key.path).update({"charged_on": yesterday})
+    firestore_client.document(f"usage/{USER}").update({"spent_today": 100.0})
+    cheap = request(key.file_uid, width=256, height=256, num_inference_steps=10)
+    after = store.ensure_queued(cheap).after
+    assert (after["status"], after["cost"], after["stopped_cost"]) == ("queued", quota.estimate(cheap), 0)
+    assert usage(firestore_client)["spent_today"] == pytest.approx(100.0 + quota.estimate(cheap), abs=1e-3)
+
+
 def test_a_bad_call_repeated_for_a_callables_job_changes_nothing(firestore_client):
     """The audit: the callable's job running, the same file_uid called again with width 2048 failed the running
     job, charged, and the original valid call was then refused too. The doc is the first call's job."""

@@ -1133,6 +1133,24 @@ def test_a_worker_whose_clock_is_slow_takes_a_dead_workers_job_over_when_its_lea
     assert wait_until(lambda: finished(firestore_client, placeholder), timeout=15)["status"] == "completed"
 
 
+def test_a_placeholder_runs_after_its_grace_when_the_hosts_clock_was_stepped_back_after_start(
+    make_worker, firestore_client, skewed
+):
+    """The clock review: the grace's start was this host's wall clock at start, read later through the clock's
+    new measure: a clock stepped 10 minutes back after start (NTP, a resumed VM) held prompt-only docs 10 minutes
+    past their grace."""
+    worker = make_worker("stepped", sweep=0.3, grace=1.0)
+    skewed(-600)
+    worker.beat()  # the new measure: Firestore's clock 600 s ahead of this host's
+    placeholder = JobKey("u1", "images", "stepped-placeholder")
+    firestore_client.document(placeholder.path).set(
+        {"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "A red sports car"}
+    )
+    assert wait_until(lambda: finished(firestore_client, placeholder), timeout=15)["status"] == "completed"
+    started = firestore_client.document(f"{workers.WORKERS}/stepped").get().to_dict()["started_at"]
+    assert abs(time.time() - started.timestamp()) < 60  # its start as it was, not 10 minutes later
+
+
 def test_a_processing_doc_whose_lease_no_query_can_compare_is_found_and_run(make_worker, firestore_client, monkeypatch):
     """An admin's `processing` doc with no lease, or a lease that is not a date, is claimable but was never found:
     the sweep's expiry query compares dates. A scan pages through the processing docs (here a page of one, each

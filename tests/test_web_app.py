@@ -1490,13 +1490,36 @@ def test_setup_web_writes_the_site_key_from_its_environment(tmp_path, monkeypatc
     finally:
         sys.path.pop(0)
     monkeypatch.setattr(setup_web, "DIST", tmp_path)
-    assert json.loads(setup_web.app_settings({}).read_text()) == {"appCheckSiteKey": None}
+    assert json.loads(setup_web.app_settings({}).read_text()) == {"appCheckSiteKey": None, "functionsRegion": None}
     key = "6LcAbCdEfGhIjKlMnOpQrStUvWxYz0123456789_-"
-    assert json.loads(setup_web.app_settings({"FIREGEN_APP_CHECK_SITE_KEY": f" {key}\n"}).read_text()) == {
-        "appCheckSiteKey": key
+    environ = {"FIREGEN_APP_CHECK_SITE_KEY": f" {key}\n", "FIREGEN_FUNCTIONS_REGION": "northamerica-northeast1 "}
+    assert json.loads(setup_web.app_settings(environ).read_text()) == {
+        "appCheckSiteKey": key,
+        "functionsRegion": "northamerica-northeast1",
     }
     with pytest.raises(SystemExit, match="FIREGEN_APP_CHECK_SITE_KEY is not a reCAPTCHA Enterprise site key"):
         setup_web.app_settings({"FIREGEN_APP_CHECK_SITE_KEY": '"><script>'})
+    with pytest.raises(SystemExit, match="FIREGEN_FUNCTIONS_REGION is not a Cloud Functions region"):
+        setup_web.app_settings({"FIREGEN_FUNCTIONS_REGION": "https://evil.example/"})
+
+
+def test_the_page_calls_the_callables_in_the_region_it_was_deployed_with(stack, browser):
+    """The production review: the README's data-residency advice moves the functions out of us-central1, where the
+    page went on calling them (the SDK's default): every call failed. Deployed with FIREGEN_FUNCTIONS_REGION, the
+    page calls them there (the emulator has none there: only the request's address is checked)."""
+    context = browser.new_context()
+    try:
+        settings = {"appCheckSiteKey": None, "functionsRegion": "europe-west1"}
+        context.route("**/firegen-app.json", lambda route: route.fulfill(json=settings))
+        page = context.new_page()
+        page.goto(stack.web_url)
+        page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+        page.get_by_label("Prompt", exact=True).fill("a lighthouse, elsewhere")
+        with page.expect_request("**/generateWithRunPod") as sent:
+            page.get_by_role("button", name="Generate").click()
+        assert f"/{stack.project}/europe-west1/generateWithRunPod" in sent.value.url
+    finally:
+        context.close()
 
 
 def test_make_test_without_chromium_and_no_way_to_install_it_goes_on_to_skip_the_browser_tests(monkeypatch, capsys):

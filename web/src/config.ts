@@ -16,6 +16,8 @@ export interface EmulatorConfig {
 export interface AppSettings {
   /** FIREGEN_APP_CHECK_SITE_KEY: a reCAPTCHA Enterprise site key; the page then sends App Check tokens. */
   appCheckSiteKey: string | null;
+  /** FIREGEN_FUNCTIONS_REGION: where the callables run, if not us-central1 (the SDK's default). */
+  functionsRegion?: string | null;
 }
 
 export interface AppConfig {

@@ -173,7 +173,7 @@ async function main(): Promise<void> {
   }
   const db = getFirestore(app);
   const emulators = config.emulators;
-  let functions: Functions | null = getFunctions(app);
+  let functions: Functions | null = getFunctions(app, config.settings.functionsRegion ?? undefined);
   let uid: string;
   let signedIn = false; // through Firebase Auth: the callables know who calls
   if (emulators) {
