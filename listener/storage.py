@@ -96,6 +96,13 @@ class StorageAccessError(RuntimeError):
 # metadata of a name another job of the user may own (`is_contested`) before it writes there.
 WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "storage.objects.get")
 SIGNING_CHECK_NAME = "firegen-signing-check"  # a name signed at start-up, never written
+DOWNLOAD_CHECK_PREFIX = "firegen-download-check/"  # an object written, downloaded by its URL and deleted at start-up
+
+
+def download_status(url: str, timeout: float) -> int:
+    """The HTTP status a GET of `url` answers (its body is not read)."""
+    with requests.get(url, timeout=timeout, stream=True) as response:
+        return response.status_code
 
 
 def request_timeout_for(max_seconds: float) -> float:
@@ -192,6 +199,7 @@ class ResultStore:
         signed_url_expiry: timedelta | int = MAX_SIGNED_URL_SECONDS,
         signing_credentials: Any = None,
         on_retry: Callable[[str, int, BaseException], None] | None = None,
+        download_check: Callable[[str, float], int] | None = None,
     ):
         if url_style not in URL_STYLES:
             raise ValueError(f"url_style must be one of {', '.join(URL_STYLES)}")
@@ -208,6 +216,8 @@ class ResultStore:
         self.signed_url_expiry = expiry
         self.signing_credentials = signing_credentials
         self.on_retry = on_retry  # called (object name, attempt number, error) before each backoff wait
+        # GETs a URL for its HTTP status, at start-up (`check_access`): None, no download is tried.
+        self.download_check = download_check
 
     @classmethod
     def from_settings(cls, client: storage.Client, settings: Settings, **kwargs: Any) -> ResultStore:
@@ -226,7 +236,7 @@ class ResultStore:
             retry=RetryPolicy.from_settings(settings),
             emulator_host=settings.storage_emulator_host,
             signed_url_expiry=settings.signed_url_expiry_seconds,
-            **kwargs,
+            **{"download_check": None if settings.storage_emulator_host else download_status, **kwargs},
         )
 
     # -- uploading
@@ -430,6 +440,42 @@ class ResultStore:
                 self._signed(bucket.blob(SIGNING_CHECK_NAME), SIGNING_CHECK_NAME)
             except StorageError as exc:
                 raise StorageAccessError(f"{exc} (URL_STYLE=signed)") from None
+        if self.url_style in ("token", "public") and self.download_check and not self.emulator_url:
+            self._check_download(bucket, deadline, self.download_check)
+
+    def _check_download(self, bucket: Any, deadline: float, get: Callable[[str, float], int]) -> None:
+        """One object written and fetched by its URL as a client would (the production review: a token URL is
+        served by Firebase Storage, which needs the bucket linked to Firebase and its service agent allowed to
+        read it, a public one by a world-readable bucket: otherwise every job completes with URLs that answer
+        403 or 412). A 4xx stops the start; anything else unexpected (Firebase Storage unreachable a moment) is
+        logged, and the worker starts: its jobs may well work."""
+        name = f"{DOWNLOAD_CHECK_PREFIX}{uuid.uuid4().hex}.txt"
+        token = str(uuid.uuid4()) if self.url_style == "token" else None
+        metadata = {TOKEN_METADATA_KEY: token} if token else {}
+        self._put(bucket, name, b"firegen download check", "text/plain", metadata, deadline)
+        status: int | None = None
+        try:
+            status = get(self._url(bucket, name, token), self.retry.request_timeout)
+            problem = f"HTTP {status}"
+        except requests.RequestException as exc:
+            problem = _reason(exc)
+        finally:
+            try:
+                results.delete_object(bucket, name, results.Budget(self.retry.request_timeout))
+            except Exception as exc:  # one small object left behind stops nothing
+                log.warning("download_check_left", object=name, error=_reason(exc))
+        if status is not None and 400 <= status < 500:
+            how = {
+                "token": "link the bucket to Firebase (the console's Storage page), and let its service agent read "
+                "it (re-link it where its IAM policy was rewritten), or use URL_STYLE=signed",
+                "public": "the bucket is not world-readable; URL_STYLE=token works with a private bucket",
+            }[self.url_style]
+            raise StorageAccessError(
+                f"download URLs of bucket {self.bucket_name} do not work: a {self.url_style} URL answered HTTP "
+                f"{status} (URL_STYLE={self.url_style}: {how})"
+            )
+        if status != 200:
+            log.warning("download_check_inconclusive", url_style=self.url_style, error=problem)
 
     # -- removing
     def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:

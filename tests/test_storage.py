@@ -747,6 +747,79 @@ def test_the_start_up_check_names_the_missing_permission_and_retries_transient_e
     assert flaky.calls == 3
 
 
+class DownloadAnswer:
+    """What Firebase Storage's (or Cloud Storage's public) download endpoint answers, which cannot run here: the
+    only stand-in. It records each URL asked for, and the probe object as the real bucket (the emulator) holds it
+    then."""
+
+    def __init__(self, bucket, answer):
+        self.bucket, self.answer, self.asked = bucket, answer, []
+
+    def __call__(self, url: str, timeout: float) -> int:
+        name = unquote(urlparse(url).path.rsplit("/o/", 1)[-1]) if "/o/" in url else urlparse(url).path.split("/", 2)[2]
+        blob = self.bucket.get_blob(name)
+        self.asked.append(
+            (url, name, (blob.metadata or {}) if blob else None, blob.download_as_bytes() if blob else b"")
+        )
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize("url_style", ["token", "public"])
+def test_the_start_up_check_downloads_a_result_by_its_url_and_stops_on_a_refusal(storage_client, bucket, url_style):
+    """The production review: token URLs are served by Firebase Storage, which needs the bucket linked to Firebase
+    and its service agent allowed to read it (else HTTP 412 for every download), public ones by a world-readable
+    bucket (else 403): jobs completed, every result's URL dead. One object is written, fetched by its URL as a
+    client would, and deleted; a 4xx stops the start, naming what to do."""
+    refusal = 412 if url_style == "token" else 403
+    refused = DownloadAnswer(bucket, refusal)
+    store = ResultStore(storage_client, bucket.name, url_style=url_style, retry=FAST, download_check=refused)
+    with pytest.raises(StorageAccessError) as caught:
+        store.check_access()
+    said = str(caught.value)
+    assert said.startswith(f"download URLs of bucket {bucket.name} do not work: a {url_style} URL answered ")
+    assert f"HTTP {refusal} (URL_STYLE={url_style}: " in said
+    assert ("link the bucket to Firebase" if url_style == "token" else "not world-readable") in said
+    [(url, name, metadata, data)] = refused.asked
+    assert name.startswith(results.DOWNLOAD_CHECK_PREFIX) and data == b"firegen download check"
+    if url_style == "token":
+        token = metadata[TOKEN_METADATA_KEY]
+        assert url == f"{results.FIREBASE_BASE}/v0/b/{bucket.name}/o/{quote(name, safe='')}?alt=media&token={token}"
+    else:
+        assert url == f"{results.PUBLIC_BASE}/{bucket.name}/{name}"
+    assert not list(bucket.list_blobs(prefix=results.DOWNLOAD_CHECK_PREFIX))  # the probe is gone
+    served = DownloadAnswer(bucket, 200)
+    ResultStore(storage_client, bucket.name, url_style=url_style, retry=FAST, download_check=served).check_access()
+    assert len(served.asked) == 1 and not list(bucket.list_blobs(prefix=results.DOWNLOAD_CHECK_PREFIX))
+
+
+def test_a_download_check_that_cannot_tell_lets_the_worker_start_and_says_so(storage_client, bucket):
+    """Firebase Storage unreachable a moment, or a 5xx: no reason to keep a worker down whose jobs may well work."""
+    for answer, error in ((requests.ConnectionError("connection refused"), "connection failed"), (503, "HTTP 503")):
+        with structlog.testing.capture_logs() as logs:
+            check = DownloadAnswer(bucket, answer)
+            ResultStore(storage_client, bucket.name, retry=FAST, download_check=check).check_access()
+        [said] = [entry for entry in logs if entry["event"] == "download_check_inconclusive"]
+        assert (said["error"], said["log_level"], len(check.asked)) == (error, "warning", 1)
+    assert not list(bucket.list_blobs(prefix=results.DOWNLOAD_CHECK_PREFIX))
+
+
+def test_download_status_is_the_answers_http_status():
+    from fixtures_http import LocalServer, QuietHandler
+
+    class Refusing(QuietHandler):
+        def do_GET(self):
+            self.reply(412 if "refused" in self.path else 200, {"error": {"code": 412}})
+
+    server = LocalServer(Refusing)
+    try:
+        assert results.download_status(f"{server.origin}/v0/b/b/o/refused?alt=media", 5) == 412
+        assert results.download_status(f"{server.origin}/v0/b/b/o/fine?alt=media", 5) == 200
+    finally:
+        server.close()
+
+
 def test_a_worker_that_cannot_write_its_results_fails_its_fitness_check(
     firestore_client, storage_client, bucket, monkeypatch
 ):
@@ -759,11 +832,13 @@ def test_a_worker_that_cannot_write_its_results_fails_its_fitness_check(
             raise AssertionError("no job may run")
 
     monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+    downloads = DownloadAnswer(bucket, 200)  # the one stand-in: see its doc
+    monkeypatch.setattr(results, "download_status", downloads)
     settings = load_settings(storage_bucket=bucket.name)
     assert settings.storage_emulator_host is None
     fine = build_worker(settings, Generator(), firestore_client, storage_client, worker_id="fine")
     fine.fitness_check()
-    assert fine.failure is None
+    assert fine.failure is None and len(downloads.asked) == 1  # a result's URL downloads
     missing = load_settings(storage_bucket="no-such-bucket-here")
     worker = build_worker(missing, Generator(), firestore_client, storage_client, worker_id="blind")
     with pytest.raises(StorageAccessError, match="^bucket no-such-bucket-here does not exist"):
