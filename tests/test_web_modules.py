@@ -55,24 +55,37 @@ console.log(JSON.stringify(docs.map((doc) => usageLine(doc ?? undefined, new Dat
 """
 
 
+CLOCK_RUNNER = """
+import { ServerClock } from "./usage.mjs";
+const out = [];
+for (const { heard, now } of JSON.parse(process.argv[2])) {
+  const clock = new ServerClock();
+  for (const [server, local, fresh] of heard) clock.observe(Date.parse(server), Date.parse(local), fresh);
+  out.push(clock.now(Date.parse(now)).toISOString());
+}
+console.log(JSON.stringify(out));
+"""
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """web/src/<name>.ts bundled for Node, with a runner script; runs it with its argument as JSON."""
     _require_web_modules()
     folder = tmp_path_factory.mktemp("web-modules")
 
-    def build(name: str, runner: str):
+    def build(name: str, runner: str, label: str | None = None):
         source = web_types.REPO / "web" / "src" / f"{name}.ts"
         out = folder / f"{name}.mjs"
         subprocess.run(
             [str(ESBUILD), str(source), "--bundle", "--format=esm", f"--outfile={out}", "--log-level=warning"],
             check=True,
         )
-        (folder / f"run-{name}.mjs").write_text(runner)
+        script = folder / f"run-{label or name}.mjs"
+        script.write_text(runner)
 
         def run(argument) -> list:
             done = subprocess.run(
-                ["node", str(folder / f"run-{name}.mjs"), json.dumps(argument)],
+                ["node", str(script), json.dumps(argument)],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -155,4 +168,35 @@ def test_the_limits_line_says_what_is_left_and_when_a_job_would_be_refused(usage
         "Your limits: 20 of 20 jobs queued or running (1 of 2 at once); 12.3 of 600 GPU-seconds used today: new jobs "
         "are refused until one of these ends",
         "Your limits: 0 of 20 jobs queued or running (0 of 2 at once); 0 of 600 GPU-seconds used today",
+    ]
+
+
+@pytest.fixture(scope="module")
+def server_clock(bundle):
+    return bundle("usage", CLOCK_RUNNER, "server-clock")
+
+
+def test_the_page_tells_the_day_by_firestores_clock_from_the_usage_docs_writes(server_clock):
+    """The clock review: the day whose spend the line shows was the browser's: a clock 2 minutes fast showed a
+    spent budget as free from 23:58 UTC while the server refused every job until its midnight. The usage doc's
+    `updated_at`, heard as it is written, sets the page's clock; an old write read at load only says the server's
+    now is at least that; a write heard hours late (a reconnection) says nothing."""
+    assert server_clock(
+        [
+            {"heard": [], "now": "2026-12-05T23:59:00Z"},  # nothing heard: the browser's own
+            # 2 minutes fast: a fresh write at 23:57:00 heard at (browser) 23:59:00.
+            {"heard": [["2026-12-05T23:57:00Z", "2026-12-05T23:59:00Z", True]], "now": "2026-12-06T00:00:30Z"},
+            # 3 minutes slow: the first read shows a write later than the browser's now.
+            {"heard": [["2026-12-06T00:01:00Z", "2026-12-05T23:58:30Z", False]], "now": "2026-12-05T23:59:00Z"},
+            # An old write read at load says nothing of a browser that is right.
+            {"heard": [["2026-12-05T08:00:00Z", "2026-12-05T23:59:00Z", False]], "now": "2026-12-05T23:59:30Z"},
+            # A write heard 3 hours late is no measure.
+            {"heard": [["2026-12-05T21:00:00Z", "2026-12-06T00:00:10Z", True]], "now": "2026-12-06T00:00:20Z"},
+        ]
+    ) == [
+        "2026-12-05T23:59:00.000Z",
+        "2026-12-05T23:58:30.000Z",
+        "2026-12-06T00:01:30.000Z",
+        "2026-12-05T23:59:30.000Z",
+        "2026-12-06T00:00:20.000Z",
     ]

@@ -12,6 +12,7 @@ import {
   onSnapshot,
   serverTimestamp,
   setDoc,
+  Timestamp,
   updateDoc,
 } from "firebase/firestore";
 import { connectFunctionsEmulator, getFunctions, httpsCallable, type Functions } from "firebase/functions";
@@ -20,7 +21,7 @@ import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract
 import { Dismissed } from "./dismissed";
 import { applyRanges, fillForm, markInvalid, mediaType, readRequest, requestOf } from "./form";
 import { eraseAll, erasedMessage, ERASE_TIMEOUT_MS, type EraseReply } from "./erase";
-import { usageLine } from "./usage";
+import { ServerClock, usageLine } from "./usage";
 import { dismissable, keyOf, listenToJobs, nameFor, named as nameOf, PAGE, QUIET_MS, renderJobs, titled, type Job } from "./jobs";
 import { contractMessage } from "./validate";
 
@@ -207,11 +208,18 @@ async function main(): Promise<void> {
   // What is left of the user's limits, live; the day's spend goes back to 0 at midnight UTC without a write, so the
   // line is drawn again each minute too. A listener the server refuses (rules without the usage match) hides it.
   let usage: Record<string, unknown> | undefined;
-  const showUsage = () => ($("usage").textContent = usageLine(usage, new Date()));
+  let heardUsage = false;
+  const serverClock = new ServerClock();
+  const showUsage = () => ($("usage").textContent = usageLine(usage, serverClock.now()));
   onSnapshot(
     doc(db, "usage", uid),
     (snapshot) => {
       usage = snapshot.data();
+      const written = usage?.updated_at;
+      if (written instanceof Timestamp && !snapshot.metadata.fromCache && !snapshot.metadata.hasPendingWrites) {
+        serverClock.observe(written.toMillis(), Date.now(), heardUsage);
+        heardUsage = true;
+      }
       showUsage();
       $("usage").hidden = false;
     },

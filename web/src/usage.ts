@@ -29,3 +29,28 @@ export function usageLine(usage: Partial<UsageDoc> | undefined, now: Date): stri
         : "";
   return `Your limits: ${jobs}; ${seconds(spent)} of ${seconds(budget)} GPU-seconds used today${refused}`;
 }
+
+/** How far this browser's clock may plausibly be from Firestore's; a write heard further off was heard late. */
+const PLAUSIBLE_SKEW_MS = 10 * 60_000;
+
+/**
+ * Firestore's clock as this page can tell it: the usage doc's `updated_at` is the server's time of its write (the
+ * clock review: "today" was the browser's, so a clock minutes fast showed a spent budget as free at midnight, and
+ * one slow showed it spent after the server's reset). A write heard as it happens gives the offset; any write
+ * says the server's now was at least its time.
+ */
+export class ServerClock {
+  private offset = 0;
+
+  /** A write of the server's at `serverMs`, heard at `localMs`; `fresh`: heard as it happened (not a first read). */
+  observe(serverMs: number, localMs: number, fresh: boolean): void {
+    if (!Number.isFinite(serverMs)) return;
+    const atLeast = serverMs - localMs;
+    if (fresh && Math.abs(atLeast) <= PLAUSIBLE_SKEW_MS) this.offset = atLeast;
+    else if (atLeast > this.offset && atLeast <= PLAUSIBLE_SKEW_MS) this.offset = atLeast;
+  }
+
+  now(localMs: number = Date.now()): Date {
+    return new Date(localMs + this.offset);
+  }
+}
