@@ -33,6 +33,26 @@ NOT_BOOLEAN = "use_cloud_storage must be a boolean"  # runsync's; a doc's and th
 
 # A lone UTF-16 surrogate: JSON and JavaScript strings can carry one, UTF-8 (Firestore, HTTP bodies) cannot.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# What a prompt of no visible text holds: Python's whitespace (str.strip's), and control (Cc) and format (Cf)
+# characters, which CLIP's text cleaning drops (the unicode review: a prompt of NUL, U+200B or U+FEFF ran as an
+# empty one, charged). As a regex class (BMP as escapes, the rest as characters: Python's re and JavaScript's
+# u-flag RegExp read it alike), which the JSON Schema's prompt pattern and the web page share (Unicode 14, as
+# tests/test_contract.py derives it).
+_BLANK_RANGES = (
+    (0x0, 0x20), (0x7F, 0xA0), (0xAD, 0xAD), (0x600, 0x605), (0x61C, 0x61C), (0x6DD, 0x6DD), (0x70F, 0x70F),
+    (0x890, 0x891), (0x8E2, 0x8E2), (0x1680, 0x1680), (0x180E, 0x180E), (0x2000, 0x200F), (0x2028, 0x202F),
+    (0x205F, 0x2064), (0x2066, 0x206F), (0x3000, 0x3000), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB), (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD), (0x13430, 0x13438), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0001, 0xE0001),
+    (0xE0020, 0xE007F),
+)  # fmt: skip
+
+
+def _class_char(code: int) -> str:
+    return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+
+BLANK_CLASS = "".join(_class_char(low) + (f"-{_class_char(high)}" if high > low else "") for low, high in _BLANK_RANGES)
+_BLANK = re.compile(f"[{BLANK_CLASS}]*")
 
 
 def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -49,6 +69,14 @@ class ContractError(ValueError):
         message = clip(message)
         super().__init__(message)
         self.message = message
+
+
+def quoted(text: str) -> str:
+    """A client's own text as a message quotes it: at most MAX_QUOTED_CHARS characters, each that would not show
+    (control, format and separator characters: NUL, a newline, U+200B, U+202E) as its escape, so that the message
+    says what was sent (the unicode review: "unknown field 'prompt\\u200b'" read as if `prompt` were unknown) and
+    carries nothing a page or a log line would act on."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in clip(text, MAX_QUOTED_CHARS))
 
 
 def invalid(what: str) -> ContractError:
@@ -147,7 +175,7 @@ class GenerationRequest:
 
 def _check_text(data: Mapping[str, Any], name: str, *, required: bool) -> str | None:
     value = data.get(name)
-    if value is None or (required and isinstance(value, str) and not value.strip()):
+    if value is None or (required and isinstance(value, str) and _BLANK.fullmatch(value)):
         if required:
             raise ContractError(f"{name} is required")
         return None
@@ -168,7 +196,7 @@ def check_id(name: str, value: Any) -> str:
         raise invalid(f"{name} must be at most {MAX_ID_CHARS} characters")
     if not _ID_PATTERN.fullmatch(value) or _RESERVED_ID.fullmatch(value):
         raise invalid(
-            f"{name} may contain only letters, digits and - _ . : @ + = ~, must start with a letter, a digit, "
+            f"{name} may contain only ASCII letters, digits and - _ . : @ + = ~, must start with a letter, a digit, "
             "- or _ and must not look like __name__"
         )
     return value
@@ -259,7 +287,7 @@ def refuse_unknown(data: Mapping[str, Any], known: Collection[str]) -> None:
         if name not in known:
             hint = snake_case(str(name))
             suffix = f" (did you mean '{hint}'?)" if hint in known else ""
-            raise invalid(f"unknown field '{clip(str(name), MAX_QUOTED_CHARS)}'{suffix}")
+            raise invalid(f"unknown field '{quoted(str(name))}'{suffix}")
 
 
 def field_name(name: str, known: Collection[str] = KNOWN_FIELDS) -> str:

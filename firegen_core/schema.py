@@ -67,14 +67,17 @@ def _id() -> dict[str, Any]:
         "type": "string",
         "minLength": 1,
         "maxLength": contract.MAX_ID_CHARS,
-        "pattern": contract._ID_PATTERN.pattern,
+        # Anchored: a JSON Schema pattern matches anywhere in the string (the unicode review: "../../x" passed).
+        "pattern": f"^{contract._ID_PATTERN.pattern}$",
+        "not": {"pattern": f"^{contract._RESERVED_ID.pattern}$"},
     }
 
 
 def request_properties() -> dict[str, dict[str, Any]]:
     text = {"type": "string", "maxLength": contract.MAX_PROMPT_CHARS}
     props: dict[str, dict[str, Any]] = {
-        "prompt": {**text, "minLength": 1},
+        # Something visible: a prompt of spaces, control or format characters alone is "prompt is required".
+        "prompt": {**text, "minLength": 1, "pattern": f"[^{contract.BLANK_CLASS}]"},
         "negative_prompt": _nullable(text),
         "user_id": _id(),
         "file_uid": _id(),

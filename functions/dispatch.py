@@ -784,7 +784,9 @@ def _deleting_in(bucket: Any) -> Iterator[None]:
 
 
 @_unavailable_when_firestore_is_away(DELETE_NOT_RECORDED)
-def delete(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any) -> dict[str, Any]:
+def delete(
+    db: firestore.Client, bucket: Any, *, uid: str | None, data: Any, limits: Limits = Limits()
+) -> dict[str, Any]:
     """The `deleteGeneration` callable: {fileUid, mediaType} of one of the caller's finished jobs, whose results
     are deleted from `bucket` and then its doc (firegen_core.deletion). Reply: {success: True, fileUid, mediaType,
     status: "deleted", message}. A queued or processing job is refused (failed-precondition): cancel it first. A
@@ -794,7 +796,7 @@ def delete(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any) -> 
         raise CallError("unavailable", DELETE_NOT_RECORDED)
     try:
         with _deleting_in(bucket):
-            deleted = deletion.delete_finished(JobStore(db), bucket, key)
+            deleted = deletion.delete_finished(_store(db, limits), bucket, key)
     except deletion.NotFinished as exc:
         raise CallError("failed-precondition", f"Generation is {exc.status}: cancel it first, then delete it") from None
     if deleted is None:
@@ -814,7 +816,9 @@ ERASE_FIELDS = frozenset(ERASE_NAMES)
 
 
 @_unavailable_when_firestore_is_away(DELETE_NOT_RECORDED)
-def delete_all(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any) -> dict[str, Any]:
+def delete_all(
+    db: firestore.Client, bucket: Any, *, uid: str | None, data: Any, limits: Limits = Limits()
+) -> dict[str, Any]:
     """The `deleteAllGenerations` callable: one pass of deleting all the caller has here (firegen_core.deletion
     `erase_user`: their jobs, their files; their usage doc stays, idle, to its TTL, so that the day's spend
     stands), for an app's account deletion. Reply: {success: True,
@@ -834,7 +838,7 @@ def delete_all(db: firestore.Client, bucket: Any, *, uid: str | None, data: Any)
     if bucket is None:  # the functions' configuration names none (logged)
         raise CallError("unavailable", DELETE_NOT_RECORDED)
     with _deleting_in(bucket):
-        erased = deletion.erase_user(JobStore(db), bucket, uid)
+        erased = deletion.erase_user(_store(db, limits), bucket, uid)
     log.info("user_erased" if erased.done else "user_erasing", extra={"user_id": uid, **asdict(erased)})
     if erased.elsewhere:  # never deleted by calling again: an operator's to set (the pass did the rest)
         with _deleting_in(bucket):

@@ -287,14 +287,20 @@ def cancelGeneration(req: https_fn.CallableRequest) -> dict:
 @_callable(timeout_sec=60, enforce_app_check=enforce_app_check())
 def deleteGeneration(req: https_fn.CallableRequest) -> dict:
     uid = req.auth.uid if req.auth else None
-    return _answer("deleteGeneration", uid, lambda: dispatch.delete(_firestore(), _bucket(), uid=uid, data=req.data))
+    return _answer(
+        "deleteGeneration",
+        uid,
+        lambda: dispatch.delete(_firestore(), _bucket(), uid=uid, data=req.data, limits=_limits()),
+    )
 
 
 @_callable(timeout_sec=120, enforce_app_check=enforce_app_check())
 def deleteAllGenerations(req: https_fn.CallableRequest) -> dict:
     uid = req.auth.uid if req.auth else None
     return _answer(
-        "deleteAllGenerations", uid, lambda: dispatch.delete_all(_firestore(), _bucket(), uid=uid, data=req.data)
+        "deleteAllGenerations",
+        uid,
+        lambda: dispatch.delete_all(_firestore(), _bucket(), uid=uid, data=req.data, limits=_limits()),
     )
 
 

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
 from urllib.parse import quote
 
@@ -36,6 +36,7 @@ import requests
 import structlog
 from google.api_core import exceptions as api_exceptions
 from google.auth.exceptions import TransportError
+from google.cloud.storage._signing import generate_signed_url_v4
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from tenacity import Retrying, retry_if_exception, wait_exponential_jitter
 
@@ -200,6 +201,7 @@ class ResultStore:
         signing_credentials: Any = None,
         on_retry: Callable[[str, int, BaseException], None] | None = None,
         download_check: Callable[[str, float], int] | None = None,
+        server_time: Callable[[], float] | None = None,
     ):
         if url_style not in URL_STYLES:
             raise ValueError(f"url_style must be one of {', '.join(URL_STYLES)}")
@@ -218,6 +220,8 @@ class ResultStore:
         self.on_retry = on_retry  # called (object name, attempt number, error) before each backoff wait
         # GETs a URL for its HTTP status, at start-up (`check_access`): None, no download is tried.
         self.download_check = download_check
+        # Now by Firestore's clock (seconds since the epoch; the worker's measure of it), which dates signed URLs.
+        self.server_time = server_time
 
     @classmethod
     def from_settings(cls, client: storage.Client, settings: Settings, **kwargs: Any) -> ResultStore:
@@ -437,7 +441,7 @@ class ResultStore:
             # One URL signed now, as each job's will be: credentials that cannot sign (no key, no signBlob) would
             # otherwise fail every job at its upload, after its GPU time (an audit).
             try:
-                self._signed(bucket.blob(SIGNING_CHECK_NAME), SIGNING_CHECK_NAME)
+                self._signed(SIGNING_CHECK_NAME)
             except StorageError as exc:
                 raise StorageAccessError(f"{exc} (URL_STYLE=signed)") from None
         if self.url_style in ("token", "public") and self.download_check and not self.emulator_url:
@@ -531,17 +535,26 @@ class ResultStore:
                 raise ValueError("token URLs need the object's download token")
             return f"{FIREBASE_BASE}/v0/b/{self.bucket_name}/o/{quoted}?alt=media&token={token}"
         if self.url_style == "signed":
-            return self._signed(bucket.blob(name), name)
+            return self._signed(name)
         return f"{PUBLIC_BASE}/{self.bucket_name}/{quote(name, safe='/~')}"
 
-    def _signed(self, blob: Any, name: str) -> str:
+    def _signed(self, name: str) -> str:
         credentials = self.signing_credentials or getattr(self.client, "_credentials", None)
         kwargs: dict[str, Any] = dict(
-            version="v4", expiration=self.signed_url_expiry, method="GET", api_access_endpoint=PUBLIC_BASE
+            resource=f"/{self.bucket_name}/{quote(name, safe='/~')}",
+            expiration=self.signed_url_expiry,
+            method="GET",
+            api_access_endpoint=PUBLIC_BASE,
+            universe_domain=getattr(self.client, "universe_domain", None) or "googleapis.com",
         )
+        if self.server_time is not None:
+            # X-Goog-Date is when the URL becomes usable: by a host clock minutes fast (RunPod's hosts may be), a
+            # result could not be fetched for minutes after its job completed (the clock review). The library takes
+            # the date only through this parameter of its V4 signer, which `Blob.generate_signed_url` calls.
+            kwargs["_request_timestamp"] = datetime.fromtimestamp(self.server_time(), UTC).strftime("%Y%m%dT%H%M%SZ")
         try:
             if credentials is not None and hasattr(credentials, "sign_bytes"):
-                return blob.generate_signed_url(credentials=credentials, **kwargs)
+                return generate_signed_url_v4(credentials, **kwargs)
             # Credentials without a key (Compute Engine, workload identity): sign through IAM signBlob.
             email = getattr(credentials, "service_account_email", None)
             if credentials is None or not email:
@@ -552,7 +565,9 @@ class ResultStore:
                 from google.auth.transport.requests import Request
 
                 credentials.refresh(Request())
-            return blob.generate_signed_url(service_account_email=email, access_token=credentials.token, **kwargs)
+            return generate_signed_url_v4(
+                credentials, service_account_email=email, access_token=credentials.token, **kwargs
+            )
         except StorageError:
             raise
         except Exception as exc:

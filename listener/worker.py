@@ -242,6 +242,7 @@ def build_worker(
         batch_key=batch_key if batches else None,
         placeholder_grace=settings.placeholder_grace_seconds,
     )
+    results.server_time = reconciler.server_time
     handler = RunsyncHandler(store, reconciler.submit, guarded, preempt=reconciler.preempt)
     worker = Worker(settings, store, runner, reconciler, handler, guarded)
     return worker

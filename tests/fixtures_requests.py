@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 from hypothesis import strategies as st
 
@@ -51,4 +52,6 @@ def valid_value(name: str) -> st.SearchStrategy:
         return st.integers(0, 2**32)
     if name == "use_cloud_storage":
         return st.just(True)
-    return st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=20).filter(str.strip)
+    visible = re.compile(f"[^{contract.BLANK_CLASS}]")
+    text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=20)
+    return text.filter(lambda value: visible.search(value) is not None)

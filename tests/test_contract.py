@@ -43,7 +43,7 @@ def with_(**fields):
 
 
 ID_RULE = (
-    "may contain only letters, digits and - _ . : @ + = ~, must start with a letter, a digit, - or _ "
+    "may contain only ASCII letters, digits and - _ . : @ + = ~, must start with a letter, a digit, - or _ "
     "and must not look like __name__"
 )
 
@@ -53,6 +53,9 @@ REFUSALS = [
     (with_(prompt=None), "prompt is required"),
     (with_(prompt=""), "prompt is required"),
     (with_(prompt="   "), "prompt is required"),
+    # nothing visible: control and format characters, which CLIP's cleaning drops (the unicode review)
+    (with_(prompt="\x00"), "prompt is required"),
+    (with_(prompt=" \u200b\ufeff\u2028\U000e0041 "), "prompt is required"),
     (with_(use_cloud_storage=...), "use_cloud_storage is required"),
     (with_(user_id=...), "user_id and file_uid are required for cloud storage"),
     (with_(file_uid=...), "user_id and file_uid are required for cloud storage"),
@@ -113,6 +116,9 @@ REFUSALS = [
     (with_(guidanceScale=7), "Validation failed: unknown field 'guidanceScale' (did you mean 'guidance_scale'?)"),
     (with_(fileUid="x"), "Validation failed: unknown field 'fileUid' (did you mean 'file_uid'?)"),
     (with_(style="anime"), "Validation failed: unknown field 'style'"),
+    # what would not show is written as its escape (the unicode review)
+    (with_(**{"prompt\u200b": "x"}), "Validation failed: unknown field 'prompt\\u200b'"),
+    (with_(**{"a\x00\n\u202e\U000e0041b": 1}), "Validation failed: unknown field 'a\\x00\\n\\u202e\\U000e0041b'"),
     # ids are safe Firestore document ids and Storage path segments
     (with_(user_id="a/b"), f"Validation failed: user_id {ID_RULE}"),
     (with_(file_uid="../etc"), f"Validation failed: file_uid {ID_RULE}"),
@@ -398,3 +404,19 @@ def test_a_requests_job_doc_reads_back_as_the_same_request(data, camel_case):
     assert again == request
     assert again.parameters() == request.parameters()
     assert restatement(doc, request) == {}  # the request sent again (a retry) changes nothing
+
+
+def test_the_blank_class_is_pythons_whitespace_with_control_and_format_characters():
+    """`contract.BLANK_CLASS`, written out as ranges (the schema and the page take it as a regex class), is what
+    its comment says, for this Python's Unicode."""
+    import unicodedata
+
+    from firegen_core import contract
+
+    blank = re.compile(f"[{contract.BLANK_CLASS}]")
+    for code in range(0x110000):
+        char = chr(code)
+        if 0xD800 <= code <= 0xDFFF:  # no character alone
+            continue
+        expected = char.isspace() or unicodedata.category(char) in ("Cc", "Cf")
+        assert bool(blank.fullmatch(char)) == expected, hex(code)

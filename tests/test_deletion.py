@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from google.api_core.exceptions import Forbidden, PermissionDenied, RetryError
 
-from firegen_core import deletion, lifecycle, results
+from firegen_core import deletion, lifecycle, quota, results
 from firegen_core.contract import TEXT2IMAGE, parse_runsync_input
 from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, TIMEOUT, GenerationError
 from firegen_core.jobs import (
@@ -25,6 +25,7 @@ from firegen_core.jobs import (
     dispatches_with,
     tombstone_ref,
 )
+from firegen_core.quota import Limits
 from listener.handler import RunsyncHandler
 from listener.storage import ResultStore, RetryPolicy
 
@@ -288,6 +289,22 @@ def test_the_callable_erases_the_callers_own_data_alone(firestore_client, bucket
         dispatch.delete_all(firestore_client, bucket, uid=None, data={})
     assert refused.value.code == "unauthenticated"
     assert user_docs(firestore_client, "u-else") == ["b1"]
+
+
+def test_the_callable_keeps_the_usage_doc_under_the_deployed_limits_and_retention(
+    firestore_client, bucket, store, monkeypatch
+):
+    """The maintainability review: deleteAllGenerations' cancels wrote the user's usage doc with the default
+    limits and a 30-day expiry, whatever USER_MAX_* and RETENTION_DAYS the functions were deployed with (the
+    page's limits line then showed 20 jobs where 5 were allowed)."""
+    monkeypatch.setenv("RETENTION_DAYS", "3")
+    store.ensure_queued(request_for("u-limited", "q1"))
+    limits = Limits(max_running=1, max_pending=5, daily_budget=50.0)
+    reply = dispatch.delete_all(firestore_client, bucket, uid="u-limited", data={}, limits=limits)
+    assert reply["status"] == "deleted" and user_docs(firestore_client, "u-limited") == []
+    usage = store.usage_ref("u-limited").get().to_dict()
+    assert usage["limits"] == {"max_running": 1, "max_pending": 5, "daily_budget": 50.0} and usage["pending"] == 0
+    assert usage["expire_at"] - quota.resets_at(datetime.now(UTC)) == timedelta(days=3)
 
 
 def test_the_callable_gives_back_no_spent_budget(firestore_client, bucket, store, files):

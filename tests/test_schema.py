@@ -84,6 +84,32 @@ def test_the_request_schema_is_closed_and_requires_the_contracts_fields():
     assert request["properties"]["prompt"]["maxLength"] == contract.MAX_PROMPT_CHARS
 
 
+def test_the_schemas_id_rule_refuses_what_the_contract_refuses():
+    """The unicode review: the id pattern was unanchored, and a JSON Schema pattern matches anywhere in the string:
+    a client validating with the schema sent "../../x", "a/b", "josé" and "__x__", which the contract refuses."""
+    import re
+
+    from test_contract import ID_RULE, REFUSALS
+
+    spec = schema.request_schema()["properties"]["user_id"]
+
+    def accepts(value: str) -> bool:  # JSON Schema's `pattern` and `not` on a string (ECMA-262 search)
+        return bool(re.search(spec["pattern"], value)) and not re.search(spec["not"]["pattern"], value)
+
+    refused = [
+        data[name]
+        for data, message in REFUSALS
+        if message.endswith(ID_RULE)
+        for name in contract.ID_FIELDS
+        if message.startswith(f"Validation failed: {name} ")
+    ]
+    assert len(refused) >= 9
+    for value in [*refused, "../../x", "josé", "__x__", "a b"]:
+        assert not accepts(value), value
+    for value in ["u1", "a:b@c+d=e~f", "a..b", "x.", "_", "-", "A" * 128]:
+        assert accepts(value), value
+
+
 def test_every_field_written_on_a_job_doc_has_a_type():
     job = schema.job_doc_schema()["properties"]
     now = datetime.now(UTC)
@@ -135,6 +161,8 @@ def _page_cases() -> list[dict]:
         {},
         # Python's whitespace, not JavaScript's (audit: "\x85" was written and then refused by the worker).
         *({"prompt": blank} for blank in ("\x1c", "\x85", "\u3000 \t", "\ufeff", "\u200b")),
+        # Nothing visible: control and format characters too, astral ones included (the unicode review).
+        *({"prompt": blank} for blank in ("\x00", "\x1b\u202e", "\U000e0041\U0001d173", "\u2066a\u2069")),
         {"prompt": "car \ud800 red"},  # a lone surrogate (JSON carries it to Node as one)
         {"negative_prompt": "\udc00"},
     ]

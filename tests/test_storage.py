@@ -6,6 +6,7 @@ import re
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
 import pytest
@@ -398,6 +399,38 @@ def test_signed_url_v4(storage_client, bucket):
     assert query["X-Goog-Expires"] == ["3600"]
     assert query["X-Goog-Credential"][0].startswith("worker@demo-test.iam.gserviceaccount.com/")
     assert "X-Goog-Signature" in query
+
+
+def test_signed_urls_are_dated_by_firestores_clock_as_the_worker_measured_it(storage_client, bucket, monkeypatch):
+    """The clock review: X-Goog-Date is when a signed URL becomes usable, and it was this host's clock: a RunPod host
+    minutes fast made every result unusable for minutes after its job completed. The worker's measure of
+    Firestore's clock dates them. Signed as the library's own `Blob.generate_signed_url` signs (same URL, byte for
+    byte, at the same date: its date fixed for the comparison)."""
+    from google.cloud.storage import _signing
+
+    server = datetime(2026, 12, 5, 23, 58, 7, tzinfo=UTC)
+    credentials = signing_credentials()
+    store = ResultStore(
+        storage_client,
+        bucket.name,
+        url_style="signed",
+        retry=FAST,
+        signed_url_expiry=3600,
+        signing_credentials=credentials,
+        server_time=server.timestamp,
+    )
+    [url] = store.upload("user123", "file 456", "text2image", images(PNG))
+    query = parse_qs(urlparse(url).query)
+    assert query["X-Goog-Date"] == ["20261205T235807Z"] and "/20261205/auto/storage/" in query["X-Goog-Credential"][0]
+    monkeypatch.setattr(_signing, "get_v4_now_dtstamps", lambda: ("20261205T235807Z", "20261205"))
+    blob = bucket.blob("generating/user123/image/file 456.png")
+    assert url == blob.generate_signed_url(
+        version="v4",
+        expiration=3600,
+        method="GET",
+        api_access_endpoint="https://storage.googleapis.com",
+        credentials=credentials,
+    )
 
 
 def test_signed_url_without_signing_credentials_is_a_storage_error(storage_client, bucket):
@@ -839,6 +872,7 @@ def test_a_worker_that_cannot_write_its_results_fails_its_fitness_check(
     fine = build_worker(settings, Generator(), firestore_client, storage_client, worker_id="fine")
     fine.fitness_check()
     assert fine.failure is None and len(downloads.asked) == 1  # a result's URL downloads
+    assert fine.runner.results.server_time == fine.reconciler.server_time  # signed URLs dated by Firestore's clock
     missing = load_settings(storage_bucket="no-such-bucket-here")
     worker = build_worker(missing, Generator(), firestore_client, storage_client, worker_id="blind")
     with pytest.raises(StorageAccessError, match="^bucket no-such-bucket-here does not exist"):

@@ -2511,6 +2511,25 @@ def test_delete_removes_a_finished_job_its_files_and_its_card_once_confirmed(ope
     assert app.problems() == []
 
 
+def test_a_right_to_left_prompt_reads_in_its_own_direction_and_turns_no_sentence_around(open_page, stack):
+    """The unicode review: an Arabic prompt's "!" stood on the wrong side in its card's heading, and a prompt with a
+    U+202E (right-to-left override) turned the Delete confirmation around ("... ?selif sti dna ”foor a no"). The
+    prompt's elements and fields take their direction from their text (dir=auto, which isolates them); a prompt in
+    a sentence goes without its direction controls."""
+    app = open_page()
+    prompt = "مرحبا بالعالم! a cat on a \u202eroof"
+    _ended_image(stack, app.uid, "rtl", prompt=prompt, status="failed", error_type="RuntimeError")
+    card = app.job("rtl")
+    card.wait_for(timeout=30_000)
+    assert card.locator(".prompt").get_attribute("dir") == "auto"
+    assert card.locator(".prompt").text_content() == prompt  # shown as written, isolated
+    assert card.locator("details.full-prompt p").get_attribute("dir") == "auto"
+    assert [app.page.get_attribute(f"#{field}", "dir") for field in ("prompt", "negative_prompt")] == ["auto", "auto"]
+    asked = _press_and_answer(app, card.locator("button.delete"), accept=False)
+    assert asked == "Delete image “مرحبا بالعالم! a cat on a roof” and its files? This cannot be undone."
+    assert app.problems() == []
+
+
 def test_a_failed_delete_is_said_beside_its_card_and_in_the_live_region(open_page, stack):
     """The review: a Delete that failed said so on its card alone, which is no live region: a screen reader heard
     nothing, and the button was back as if nothing had happened. The live region says it too, whether the call

@@ -245,7 +245,7 @@ def test_the_contracts_video_example_end_to_end(stack):
         ({"\ud800x": 1}, "Validation failed: unknown field '\ufffdx'"),
         (
             {"file_uid": "../x"},
-            "Validation failed: file_uid may contain only letters, digits and - _ . : @ + = ~, "
+            "Validation failed: file_uid may contain only ASCII letters, digits and - _ . : @ + = ~, "
             "must start with a letter, a digit, - or _ and must not look like __name__",
         ),
     ],

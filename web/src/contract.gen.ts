@@ -166,6 +166,7 @@ export const REQUEST_SCHEMA = {
       "type": "string",
       "maxLength": 2000,
       "minLength": 1,
+      "pattern": "[^\\u0000-\\u0020\\u007f-\\u00a0\\u00ad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u0890-\\u0891\\u08e2\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u2064\\u2066-\\u206f\\u3000\\ufeff\\ufff9-\\ufffb\ud804\udcbd\ud804\udccd\ud80d\udc30-\ud80d\udc38\ud82f\udca0-\ud82f\udca3\ud834\udd73-\ud834\udd7a\udb40\udc01\udb40\udc20-\udb40\udc7f]",
       "description": "Text description for generation"
     },
     "negative_prompt": {
@@ -184,14 +185,20 @@ export const REQUEST_SCHEMA = {
       "type": "string",
       "minLength": 1,
       "maxLength": 128,
-      "pattern": "[A-Za-z0-9_\\-][A-Za-z0-9_\\-.:@+=~]*",
+      "pattern": "^[A-Za-z0-9_\\-][A-Za-z0-9_\\-.:@+=~]*$",
+      "not": {
+        "pattern": "^__.*__$"
+      },
       "description": "Firebase user UID"
     },
     "file_uid": {
       "type": "string",
       "minLength": 1,
       "maxLength": 128,
-      "pattern": "[A-Za-z0-9_\\-][A-Za-z0-9_\\-.:@+=~]*",
+      "pattern": "^[A-Za-z0-9_\\-][A-Za-z0-9_\\-.:@+=~]*$",
+      "not": {
+        "pattern": "^__.*__$"
+      },
       "description": "Unique identifier for this generation (the job document's id)"
     },
     "use_cloud_storage": {

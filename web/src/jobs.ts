@@ -337,10 +337,14 @@ function kindOf(job: Job): string {
   return job.media === "videos" ? "Video" : "Image";
 }
 
-/** The prompt, clipped, in quotes: what names a job to a screen reader (its id is a UUID, no name to hear). */
+/** The prompt, clipped, in quotes: what names a job to a screen reader (its id is a UUID, no name to hear). Without
+ * its explicit direction controls: in a sentence (a confirm, the news) a U+202E turned the rest of it around (the
+ * unicode review: "Delete image “a cat.enodnu eb tonnac sihT ?selif sti dna ”foor a no"). */
 function quoted(doc: Pick<JobDoc, "prompt">): string {
-  return `“${clip(promptOf(doc), NAME_CHARS)}”`;
+  return `“${clip(promptOf(doc).replace(DIRECTION_CONTROLS, ""), NAME_CHARS)}”`;
 }
+
+const DIRECTION_CONTROLS = /[\u202a-\u202e\u2066-\u2069]/g;
 
 /** A refused request's doc may hold a blank prompt (refused for it: "prompt is required"), or none. */
 function promptOf(doc: Pick<JobDoc, "prompt">): string {
@@ -471,9 +475,10 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   const actions = el("div", { className: "actions" }, edit, retry, dismiss, remove);
   // The rest of a clipped prompt, on demand (update() shows it where the prompt is clipped): in a title's tooltip
   // it was out of reach of touch and the keyboard (the review).
-  const full = el("details", { className: "full-prompt", hidden: true }, el("summary", { textContent: "Full prompt" }), el("p"));
+  // dir=auto: a prompt in Arabic or Hebrew reads right to left, isolated from the text around it.
+  const full = el("details", { className: "full-prompt", hidden: true }, el("summary", { textContent: "Full prompt" }), el("p", { dir: "auto" }));
   li.append(
-    el("h3", {}, `${kind}: `, el("span", { className: "prompt" })),
+    el("h3", {}, `${kind}: `, el("span", { className: "prompt", dir: "auto" })),
     full,
     el("div", { className: "state" }, el("span", { className: "status" }), bar, el("span", { className: "percent" }), cancel),
     actions,

@@ -21,10 +21,10 @@ const FILLED_BY_PAGE = new Set(["user_id", "file_uid", "use_cloud_storage"]);
 
 const invalid = (what: string) => `Validation failed: ${what}`;
 
-// Python's str.strip() whitespace, which the contract strips to find a blank prompt: JavaScript's trim() also
-// strips U+FEFF and not U+001C-U+001F nor U+0085 (audit: a prompt of "\x85" was written, then refused by the
-// worker; one of a BOM was refused here, accepted by the callable).
-const BLANK = /^[\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$/;
+// Something visible, as the contract tells a blank prompt (whitespace, control and format characters alone), from
+// the schema's own class: JavaScript's trim() differs from Python's strip() (audit: a prompt of "\x85" was written,
+// then refused by the worker; one of a BOM was refused here, accepted by the callable).
+const VISIBLE = new RegExp(REQUEST_SCHEMA.properties.prompt.pattern, "u");
 // A lone UTF-16 surrogate, which the Firestore SDK would write as U+FFFD (the contract refuses it). No lookbehind:
 // Safari before 16.4 cannot parse one, and the whole bundle with it (the review: a page stuck at "Signing in…").
 const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?:^|[^\ud800-\udbff])[\udc00-\udfff]/;
@@ -45,7 +45,7 @@ export function contractMessage(request: GenerationRequest): string | null {
 }
 
 function check(name: string, node: Spec, value: unknown, required: boolean): string | null {
-  if (value === undefined || value === null || (required && typeof value === "string" && BLANK.test(value))) {
+  if (value === undefined || value === null || (required && typeof value === "string" && !VISIBLE.test(value))) {
     return required ? `${name} is required` : null;
   }
   const nullable = node.anyOf !== undefined;
