@@ -380,15 +380,21 @@ def test_token_url_under_the_emulator_downloads(storage_client, bucket, storage_
     assert fetch(url).content == PNG
 
 
-def test_signed_url_v4(storage_client, bucket):
-    store = ResultStore(
+def signed_store(storage_client, bucket, credentials=None, **more) -> ResultStore:
+    """A store of signed URLs that expire after an hour, signing with `credentials` (a new key's by default)."""
+    return ResultStore(
         storage_client,
         bucket.name,
         url_style="signed",
         retry=FAST,
         signed_url_expiry=3600,
-        signing_credentials=signing_credentials(),
+        signing_credentials=credentials or signing_credentials(),
+        **more,
     )
+
+
+def test_signed_url_v4(storage_client, bucket):
+    store = signed_store(storage_client, bucket)
     [url] = store.upload("user123", "file456", "text2image", images(PNG))
     parsed = urlparse(url)
     query = parse_qs(parsed.query)
@@ -410,15 +416,7 @@ def test_signed_urls_are_dated_by_firestores_clock_as_the_worker_measured_it(sto
 
     server = datetime(2026, 12, 5, 23, 58, 7, tzinfo=UTC)
     credentials = signing_credentials()
-    store = ResultStore(
-        storage_client,
-        bucket.name,
-        url_style="signed",
-        retry=FAST,
-        signed_url_expiry=3600,
-        signing_credentials=credentials,
-        server_time=server.timestamp,
-    )
+    store = signed_store(storage_client, bucket, credentials, server_time=server.timestamp)
     [url] = store.upload("user123", "file 456", "text2image", images(PNG))
     query = parse_qs(urlparse(url).query)
     assert query["X-Goog-Date"] == ["20261205T235807Z"] and "/20261205/auto/storage/" in query["X-Goog-Credential"][0]
