@@ -76,7 +76,16 @@ def quoted(text: str) -> str:
     (control, format and separator characters: NUL, a newline, U+200B, U+202E) as its escape, so that the message
     says what was sent (the unicode review: "unknown field 'prompt\\u200b'" read as if `prompt` were unknown) and
     carries nothing a page or a log line would act on."""
-    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in clip(text, MAX_QUOTED_CHARS))
+    pieces = [char if char.isprintable() else ascii(char)[1:-1] for char in text]  # a lone surrogate: escaped too
+    if sum(map(len, pieces)) <= MAX_QUOTED_CHARS:
+        return "".join(pieces)
+    kept, size = [], 0
+    for piece in pieces:  # cut between escapes, never in one
+        if size + len(piece) > MAX_QUOTED_CHARS - 1:
+            break
+        kept.append(piece)
+        size += len(piece)
+    return "".join(kept) + "…"
 
 
 def invalid(what: str) -> ContractError:

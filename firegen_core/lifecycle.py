@@ -52,6 +52,7 @@ FINAL_STATES = (COMPLETED, FAILED)
 DISPATCH_ERROR = "dispatch_error"
 DISPATCH_COUNT = "dispatch_count"  # the functions' count of dispatches (functions/dispatch.py)
 EXPIRE_AT = "expire_at"
+PROMPT_TRUNCATED = "prompt_truncated"  # on a completed job: the model took only the start of its prompt
 REFUSAL_FIELDS = ("error_type", "error_message", "failed_at", EXPIRE_AT)  # of `failure`, gone when queued again
 
 Doc = Mapping[str, Any]
@@ -292,8 +293,10 @@ def success(
     seed: int,
     video_info: dict | None = None,
     timings: Mapping[str, float] | None = None,
+    prompt_truncated: bool = False,
 ) -> dict:
-    """The contract's success document fields, plus the job's timings so users can see what it cost."""
+    """The contract's success document fields, plus the job's timings so users can see what it cost, and
+    `prompt_truncated: true` where the model took only the start of the prompt."""
     if not urls:
         raise ValueError("a completed job has at least one result")
     fields: dict[str, Any] = {
@@ -313,6 +316,8 @@ def success(
     else:
         fields.update(videos=list(urls), video_url=urls[0], video_info=dict(video_info))
     fields.update({name: round(value, 3) for name, value in (timings or {}).items()})
+    if prompt_truncated:
+        fields[PROMPT_TRUNCATED] = True
     return fields
 
 

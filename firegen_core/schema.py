@@ -69,14 +69,17 @@ def _id() -> dict[str, Any]:
         "maxLength": contract.MAX_ID_CHARS,
         # Anchored: a JSON Schema pattern matches anywhere in the string (the unicode review: "../../x" passed).
         "pattern": f"^{contract._ID_PATTERN.pattern}$",
-        "not": {"pattern": f"^{contract._RESERVED_ID.pattern}$"},
+        # And a final newline, which `$` lets through in Python's re (a validator written in Python uses it).
+        "not": {"pattern": f"^{contract._RESERVED_ID.pattern}$|\n"},
     }
 
 
 def request_properties() -> dict[str, dict[str, Any]]:
     text = {"type": "string", "maxLength": contract.MAX_PROMPT_CHARS}
     props: dict[str, dict[str, Any]] = {
-        # Something visible: a prompt of spaces, control or format characters alone is "prompt is required".
+        # Something visible: a prompt of spaces, control or format characters alone is "prompt is required". An
+        # ECMA-262 pattern read with the u flag, as JSON Schema 2020-12 validators read one (Ajv 8's default): its
+        # characters past U+FFFF are characters, not UTF-16 pairs.
         "prompt": {**text, "minLength": 1, "pattern": f"[^{contract.BLANK_CLASS}]"},
         "negative_prompt": _nullable(text),
         "user_id": _id(),
@@ -135,6 +138,10 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         "queue_seconds": number,
         "generation_seconds": number,
         "upload_seconds": number,
+        lifecycle.PROMPT_TRUNCATED: {
+            "type": "boolean",
+            "description": "On a completed job: the model took only the start of the prompt (77 CLIP tokens for images)",
+        },
         "dispatch_count": {"type": "integer", "minimum": 0},
         "dispatched_at": TIMESTAMP_REF,
         "dispatched_by": {"enum": ["callable", "trigger", "scheduler"]},
@@ -184,6 +191,10 @@ def job_doc_schema() -> dict[str, Any]:
     spellings, which `contract.parse_document` reads too) and the state fields the worker and the functions write.
     """
     request = request_properties()
+    # A refused request's doc keeps the prompt it was refused for, a blank one included.
+    request["prompt"] = {
+        name: value for name, value in request["prompt"].items() if name not in ("minLength", "pattern")
+    }
     return {
         "$schema": SCHEMA_VERSION,
         "title": "JobDoc",

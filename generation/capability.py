@@ -283,6 +283,24 @@ class DiffusionCapability:
         """The decoded output of one job (images, or a video's frames); each capability runs its own pipeline."""
         raise NotImplementedError
 
+    # The pipeline's tokenizers whose text encoders cut a prompt, each with the tokens it keeps (None: the
+    # tokenizer's `model_max_length`).
+    PROMPT_TOKENIZERS: ClassVar[tuple[tuple[str, int | None], ...]] = (("tokenizer", None),)
+
+    def prompt_cut(self, prompt: str) -> bool:
+        """Whether a text encoder takes only the start of `prompt` (diffusers cuts the rest, saying so in a log line
+        only: the contract's 2,000 characters are far more than CLIP's 77 tokens, about 60 English words, and a CJK
+        or emoji prompt takes several tokens a character). Under the pipeline's lock: a fast tokenizer keeps the
+        truncation of its last call on itself."""
+        with self._lock:
+            for name, keeps in self.PROMPT_TOKENIZERS:
+                tokenizer = getattr(self.pipe, name, None)
+                if tokenizer is not None:
+                    tokens = len(tokenizer(prompt, truncation=False)["input_ids"])
+                    if tokens > (keeps or tokenizer.model_max_length):
+                        return True
+        return False
+
     @classmethod
     def load(
         cls,

@@ -155,6 +155,7 @@ class GenerationResult:
     height: int
     video_info: dict | None = None
     timings: Timings = field(default_factory=Timings)
+    prompt_truncated: bool = False  # a text encoder took only the start of the prompt
 
 
 def quiet_loading() -> None:
@@ -294,12 +295,13 @@ class Engine:
         pipeline = self.pipeline(request.task_type)
         loaded = time.perf_counter()
         seed = resolve_seed(request.seed)
+        cut = pipeline.prompt_cut(request.prompt)
         output = pipeline.generate(request, seed, progress)
         # A video's encode takes seconds with no step in it: the job's progress, at its end already, is asked
         # again before each frame, so that a job that must stop (cancelled, released) stops there too.
         still_wanted = functools.partial(progress, 1.0) if progress is not None else None
         marks = (started, loaded, time.perf_counter())
-        return self._finish(request, seed, output, pipeline.role, marks, still_wanted)
+        return self._finish(request, seed, output, pipeline.role, marks, still_wanted, cut=cut)
 
     def generate_batch(
         self, requests: list[GenerationRequest], progress: list[ProgressFn | None] | None = None
@@ -315,18 +317,19 @@ class Engine:
             assert isinstance(pipeline, ImagePipeline)  # batches are text2image only (batch_key)
             loaded = time.perf_counter()
             seeds = [resolve_seed(request.seed) for request in requests]
+            cuts = [pipeline.prompt_cut(request.prompt) for request in requests]
             items = [BatchItem(*item) for item in zip(requests, seeds, progress, strict=True)]
             outputs = pipeline.generate_batch(items)
         except (errors.GenerationError, errors.Interrupted) as failure:
             return [failure] * len(requests)
         marks = (started, loaded, time.perf_counter())
         results: list[GenerationResult | errors.GenerationError | errors.Interrupted] = []
-        for request, seed, output in zip(requests, seeds, outputs):
+        for request, seed, output, cut in zip(requests, seeds, outputs, cuts):
             try:
                 results.append(
                     output
                     if isinstance(output, errors.Interrupted)
-                    else self._finish(request, seed, output, pipeline.role, marks)
+                    else self._finish(request, seed, output, pipeline.role, marks, cut=cut)
                 )
             except errors.GenerationError as failure:
                 results.append(failure)
@@ -340,15 +343,18 @@ class Engine:
         role: str,
         marks: tuple,
         between_frames: Callable[[], None] | None = None,
+        *,
+        cut: bool = False,
     ) -> GenerationResult:
-        """Encode `output`; `marks`: when the job started, its model was there and its generation ended."""
+        """Encode `output`; `marks`: when the job started, its model was there and its generation ended; `cut`: its
+        prompt was longer than a text encoder takes."""
         started, loaded, generated = marks
         try:
             files, width, height, info = self._encode(request, output, between_frames)
         except Exception as exc:
             raise errors.classify(exc, during=f"{role.lower()} encoding") from exc
         timings = Timings(loaded - started, generated - loaded, time.perf_counter() - generated)
-        return GenerationResult(request.task_type, seed, files, width, height, info, timings)
+        return GenerationResult(request.task_type, seed, files, width, height, info, timings, prompt_truncated=cut)
 
     @staticmethod
     def _encode(

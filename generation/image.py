@@ -64,6 +64,7 @@ class _BatchProgress:
 class ImagePipeline(DiffusionCapability):
     """text2image: SDXL. Image i of a request uses its own generator seeded seed+i, so it can be redone alone."""
 
+    PROMPT_TOKENIZERS = (("tokenizer", None), ("tokenizer_2", None))  # SDXL's two CLIP encoders, 77 tokens each
     task_type = TEXT2IMAGE
     tiny_kind = "sdxl"
     role = "Image"

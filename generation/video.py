@@ -44,6 +44,7 @@ def offload_text_encoder(pipe, device: str, *, use_stream: bool, blocks_per_grou
 class VideoPipeline(DiffusionCapability):
     """text2video: Wan 2.1. Produces exactly `num_frames` frames (generating the next 4k+1 and trimming)."""
 
+    PROMPT_TOKENIZERS = (("tokenizer", WAN_TEXT_TOKENS),)  # T5, cut at the pipeline's max_sequence_length
     task_type = TEXT2VIDEO
     tiny_kind = "wan"
     role = "Video"

@@ -236,6 +236,7 @@ class RunsyncHandler:
             "task_type": request.task_type,
             # Optional here (no doc, no object names need them), echoed where given as on a success doc.
             **ids,
+            **({lifecycle.PROMPT_TRUNCATED: True} if getattr(result, "prompt_truncated", False) else {}),
         }
         if request.is_video:
             output.update(videos=encoded, video_info=result.video_info)

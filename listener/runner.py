@@ -447,6 +447,7 @@ class JobRunner:
                 urls=urls,
                 seed=result.seed,
                 video_info=result.video_info,
+                prompt_truncated=getattr(result, "prompt_truncated", False),  # a stand-in generator's says nothing
                 timings={
                     "queue_seconds": _queue_seconds(job),
                     "generation_seconds": generation_seconds,

@@ -97,7 +97,11 @@ class StorageAccessError(RuntimeError):
 # metadata of a name another job of the user may own (`is_contested`) before it writes there.
 WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "storage.objects.get")
 SIGNING_CHECK_NAME = "firegen-signing-check"  # a name signed at start-up, never written
-DOWNLOAD_CHECK_PREFIX = "firegen-download-check/"  # an object written, downloaded by its URL and deleted at start-up
+# An object written, downloaded by its URL and deleted at start-up: under generating/, where the retention's lifecycle
+# rule deletes one a worker could not (a name no user's folder has: no id starts with a dot).
+DOWNLOAD_CHECK_PREFIX = "generating/.firegen-download-check/"
+# A download refused for a moment, not for the bucket: no reason to keep a worker down.
+PASSING_REFUSALS = {408, 429}
 
 
 def download_status(url: str, timeout: float) -> int:
@@ -468,7 +472,7 @@ class ResultStore:
                 results.delete_object(bucket, name, results.Budget(self.retry.request_timeout))
             except Exception as exc:  # one small object left behind stops nothing
                 log.warning("download_check_left", object=name, error=_reason(exc))
-        if status is not None and 400 <= status < 500:
+        if status is not None and 400 <= status < 500 and status not in PASSING_REFUSALS:
             how = {
                 "token": "link the bucket to Firebase (the console's Storage page), and let its service agent read "
                 "it (re-link it where its IAM policy was rewritten), or use URL_STYLE=signed",

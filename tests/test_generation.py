@@ -134,6 +134,19 @@ def test_an_offloaded_text_encoder_gives_the_same_video(engine, tiny_cache):
     assert np.array_equal(offloaded.generate(video_request(), 5), resident.generate(video_request(), 5))
 
 
+def test_a_prompt_longer_than_the_text_encoder_takes_is_reported_cut(engine):
+    """The unicode review: SDXL's CLIP encoders take 77 tokens (the tiny tokenizer: a token per byte), Wan's T5 512
+    (the tiny one: about one per character), and diffusers cut the rest, saying so in a log line alone: the
+    result says it, the batch's per job."""
+    long_image, long_video = "a lighthouse " * 7, "waves " * 120  # 91 bytes; 720 characters
+    assert not engine.generate(image_request()).prompt_truncated
+    assert engine.generate(image_request(prompt=long_image)).prompt_truncated
+    assert not engine.generate(video_request(num_frames=5, num_inference_steps=2)).prompt_truncated
+    assert engine.generate(video_request(prompt=long_video, num_frames=5, num_inference_steps=2)).prompt_truncated
+    batched = engine.generate_batch([image_request(), image_request(prompt=long_image, seed=7)])
+    assert [result.prompt_truncated for result in batched] == [False, True]
+
+
 @pytest.mark.parametrize(("wanted", "generated"), [(16, 17), (17, 17), (18, 21), (81, 81), (1, 1)])
 def test_frames_to_generate_rounds_up_to_the_vae_frame_counts(wanted, generated):
     assert frames_to_generate(wanted, 4) == generated

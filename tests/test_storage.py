@@ -431,6 +431,40 @@ def test_signed_urls_are_dated_by_firestores_clock_as_the_worker_measured_it(sto
     )
 
 
+def test_keyless_credentials_sign_through_iam_as_the_library_does(storage_client, bucket, monkeypatch):
+    """Credentials without a key (workload identity, a Compute Engine account) sign through IAM's signBlob: the
+    same URL as `Blob.generate_signed_url` with the account's email and token, dated by Firestore's clock. IAM
+    cannot be reached here: its answer is the one stand-in (a fixed signature), the rest is the library's."""
+    import base64
+
+    from google.cloud.storage import _signing
+
+    class Keyless:  # what google.auth gives on Compute Engine: an email and a token, no sign_bytes
+        service_account_email, token, valid = "worker@demo-test.iam.gserviceaccount.com", "access-token", True
+
+    signed_with = []
+
+    def sign_blob(message, access_token, service_account_email, universe_domain="googleapis.com"):
+        signed_with.append((access_token, service_account_email))
+        return base64.b64encode(b"signature from IAM").decode()
+
+    monkeypatch.setattr(_signing, "_sign_message", sign_blob)
+    server = datetime(2026, 12, 5, 23, 58, 7, tzinfo=UTC)
+    store = signed_store(storage_client, bucket, Keyless(), server_time=server.timestamp)
+    [url] = store.upload("user123", "file456", "text2image", images(PNG))
+    assert signed_with == [("access-token", Keyless.service_account_email)]
+    monkeypatch.setattr(_signing, "get_v4_now_dtstamps", lambda: ("20261205T235807Z", "20261205"))
+    assert url == bucket.blob("generating/user123/image/file456.png").generate_signed_url(
+        version="v4",
+        expiration=3600,
+        method="GET",
+        api_access_endpoint="https://storage.googleapis.com",
+        credentials=Keyless(),
+        service_account_email=Keyless.service_account_email,
+        access_token="access-token",
+    )
+
+
 def test_signed_url_without_signing_credentials_is_a_storage_error(storage_client, bucket):
     store = ResultStore(storage_client, bucket.name, url_style="signed", retry=FAST)  # anonymous credentials
     with pytest.raises(StorageError, match="can sign"):
@@ -826,8 +860,14 @@ def test_the_start_up_check_downloads_a_result_by_its_url_and_stops_on_a_refusal
 
 
 def test_a_download_check_that_cannot_tell_lets_the_worker_start_and_says_so(storage_client, bucket):
-    """Firebase Storage unreachable a moment, or a 5xx: no reason to keep a worker down whose jobs may well work."""
-    for answer, error in ((requests.ConnectionError("connection refused"), "connection failed"), (503, "HTTP 503")):
+    """Firebase Storage unreachable a moment, a 5xx, or a rate limit: no reason to keep a worker down whose jobs may
+    well work."""
+    tries = (
+        (requests.ConnectionError("connection refused"), "connection failed"),
+        (503, "HTTP 503"),
+        (429, "HTTP 429"),
+    )
+    for answer, error in tries:
         with structlog.testing.capture_logs() as logs:
             check = DownloadAnswer(bucket, answer)
             ResultStore(storage_client, bucket.name, retry=FAST, download_check=check).check_access()

@@ -2530,6 +2530,23 @@ def test_a_right_to_left_prompt_reads_in_its_own_direction_and_turns_no_sentence
     assert app.problems() == []
 
 
+def test_a_completed_job_whose_prompt_the_model_cut_says_so_on_its_card(open_page, stack):
+    """A job's `prompt_truncated`: the model read only the start of its prompt (SDXL: 77 tokens); the card says
+    so, and how to use it all. A job whose prompt fitted says nothing of it."""
+    app = open_page()
+    _ended_image(
+        stack, app.uid, "cut", prompt="a lighthouse " * 40, status="completed", error=False, prompt_truncated=True
+    )
+    _ended_image(stack, app.uid, "whole", prompt="a lighthouse", status="completed", error=False)
+    app.job("cut").wait_for(timeout=30_000)
+    app.job("whole").wait_for(timeout=30_000)
+    assert app.job("cut").locator("p.cut").inner_text() == (
+        "The model read only the start of this prompt (77 tokens, about 60 English words): shorten it to use it all"
+    )
+    assert app.job("whole").locator("p.cut").count() == 0
+    assert app.problems() == []
+
+
 def test_a_failed_delete_is_said_beside_its_card_and_in_the_live_region(open_page, stack):
     """The review: a Delete that failed said so on its card alone, which is no live region: a screen reader heard
     nothing, and the button was back as if nothing had happened. The live region says it too, whether the call

@@ -192,6 +192,14 @@ def test_the_page_tells_the_day_by_firestores_clock_from_the_usage_docs_writes(s
             {"heard": [["2026-12-05T08:00:00Z", "2026-12-05T23:59:00Z", False]], "now": "2026-12-05T23:59:30Z"},
             # A write heard 3 hours late is no measure.
             {"heard": [["2026-12-05T21:00:00Z", "2026-12-06T00:00:10Z", True]], "now": "2026-12-06T00:00:20Z"},
+            # A write heard 5 minutes late (a reconnection) does not undo the measure of one heard at once.
+            {
+                "heard": [
+                    ["2026-12-05T23:50:00Z", "2026-12-05T23:50:00Z", True],
+                    ["2026-12-05T23:51:00Z", "2026-12-05T23:56:00Z", True],
+                ],
+                "now": "2026-12-06T00:00:05Z",
+            },
         ]
     ) == [
         "2026-12-05T23:59:00.000Z",
@@ -199,4 +207,5 @@ def test_the_page_tells_the_day_by_firestores_clock_from_the_usage_docs_writes(s
         "2026-12-06T00:01:30.000Z",
         "2026-12-05T23:59:30.000Z",
         "2026-12-06T00:00:20.000Z",
+        "2026-12-06T00:00:05.000Z",
     ]

@@ -110,6 +110,8 @@ export interface JobDoc {
   queue_seconds?: number;
   generation_seconds?: number;
   upload_seconds?: number;
+  /** On a completed job: the model took only the start of the prompt (77 CLIP tokens for images) */
+  prompt_truncated?: boolean;
   dispatch_count?: number;
   dispatched_at?: Timestamp;
   dispatched_by?: "callable" | "trigger" | "scheduler";
@@ -187,7 +189,7 @@ export const REQUEST_SCHEMA = {
       "maxLength": 128,
       "pattern": "^[A-Za-z0-9_\\-][A-Za-z0-9_\\-.:@+=~]*$",
       "not": {
-        "pattern": "^__.*__$"
+        "pattern": "^__.*__$|\n"
       },
       "description": "Firebase user UID"
     },
@@ -197,7 +199,7 @@ export const REQUEST_SCHEMA = {
       "maxLength": 128,
       "pattern": "^[A-Za-z0-9_\\-][A-Za-z0-9_\\-.:@+=~]*$",
       "not": {
-        "pattern": "^__.*__$"
+        "pattern": "^__.*__$|\n"
       },
       "description": "Unique identifier for this generation (the job document's id)"
     },

@@ -164,6 +164,7 @@ function readable(data: Record<string, unknown>): JobDoc {
     upload_seconds: finite(data.upload_seconds),
     dispatched_by: oneOf(data.dispatched_by),
     cancel_requested: data.cancel_requested === true,
+    prompt_truncated: data.prompt_truncated === true ? true : undefined,
     width: finite(data.width),
     height: finite(data.height),
     images: urls(data.images),
@@ -488,6 +489,13 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   return li;
 }
 
+/** A completed job's `prompt_truncated`: its text encoder took the start of the prompt alone, and said so only in
+ * a log line. */
+const CUT: Record<MediaType, string> = {
+  images: "The model read only the start of this prompt (77 tokens, about 60 English words): shorten it to use it all",
+  videos: "The model read only the start of this prompt (512 tokens): shorten it to use it all",
+};
+
 /** Longer prompts are clipped in the card (a prompt may have 2,000 characters); its Full prompt shows the whole. */
 const PROMPT_SHOWN = 200;
 
@@ -496,7 +504,7 @@ function update(li: HTMLLIElement, job: Job): void {
   const { doc } = job;
   const final = (FINAL_STATES as readonly string[]).includes(doc.status);
   const progress = doc.status === "completed" ? 1 : (doc.progress ?? 0);
-  const state = `${doc.status}|${mediaUrls(job).join(" ")}|${progress}|${doc.error_type ?? ""}|${doc.error_message ?? ""}|${doc.prompt ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}`;
+  const state = `${doc.status}|${mediaUrls(job).join(" ")}|${progress}|${doc.error_type ?? ""}|${doc.error_message ?? ""}|${doc.prompt ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}|${doc.prompt_truncated ?? ""}`;
   if (li.dataset.state === state) return;
   li.dataset.state = state;
   li.dataset.status = doc.status;
@@ -560,6 +568,10 @@ function update(li: HTMLLIElement, job: Job): void {
   if (doc.status === "failed") {
     li.querySelector(".state")!.after(el("p", { className: "error", textContent: doc.error_message ?? "Generation failed" }));
     if (doc.error_type) li.dataset.errorType = doc.error_type;
+  }
+  li.querySelector("p.cut")?.remove();
+  if (doc.status === "completed" && doc.prompt_truncated === true) {
+    li.querySelector(".state")!.after(el("p", { className: "cut", textContent: CUT[job.media] }));
   }
   li.querySelector("dl")!.replaceWith(details(job));
   // Built once the job has completed, and kept (a video may be playing), unless its URLs change (an app that signs

@@ -36,21 +36,21 @@ const PLAUSIBLE_SKEW_MS = 10 * 60_000;
 /**
  * Firestore's clock as this page can tell it: the usage doc's `updated_at` is the server's time of its write (the
  * clock review: "today" was the browser's, so a clock minutes fast showed a spent budget as free at midnight, and
- * one slow showed it spent after the server's reset). A write heard as it happens gives the offset; any write
- * says the server's now was at least its time.
+ * one slow showed it spent after the server's reset). Each write heard says the server's now was at least its time
+ * when heard: the closest such bound is the measure, as a write heard late (a reconnection) only lowers its own.
+ * One read at load counts only where it shows this clock behind (an old write says nothing of one ahead).
  */
 export class ServerClock {
-  private offset = 0;
+  private offset: number | null = null;
 
   /** A write of the server's at `serverMs`, heard at `localMs`; `fresh`: heard as it happened (not a first read). */
   observe(serverMs: number, localMs: number, fresh: boolean): void {
-    if (!Number.isFinite(serverMs)) return;
     const atLeast = serverMs - localMs;
-    if (fresh && Math.abs(atLeast) <= PLAUSIBLE_SKEW_MS) this.offset = atLeast;
-    else if (atLeast > this.offset && atLeast <= PLAUSIBLE_SKEW_MS) this.offset = atLeast;
+    if (!Number.isFinite(atLeast) || Math.abs(atLeast) > PLAUSIBLE_SKEW_MS || (!fresh && atLeast <= 0)) return;
+    this.offset = Math.max(this.offset ?? atLeast, atLeast);
   }
 
   now(localMs: number = Date.now()): Date {
-    return new Date(localMs + this.offset);
+    return new Date(localMs + (this.offset ?? 0));
   }
 }
