@@ -4,9 +4,8 @@
 doc), asks a pure decision function what to write given the server's read time, and writes exactly that, only
 if both docs are unchanged since the read (else it reads and decides again), or nothing. It also keeps the
 user's usage (`quota`) exact: whatever a transition does to a job's status, the usage doc gets the change in
-the same commit. `JobStore` knows no worker; `WorkerJobs` adds a worker's claim, renew, complete, fail and
-release: the last four go through `WorkerJobs._fenced`, the one place that checks the claim still holds the job
-(status + worker_id + attempt), and the claim fences on its own earlier tries (`claim`). The queries every reader needs (queued jobs, expired leases) live here too.
+the same commit. `JobStore` knows no worker: a worker's claim and every write it makes under it are
+`claims.WorkerJobs`'s. The queries every reader needs (queued jobs, expired leases) live here too.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from google.api_core.exceptions import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
-    GoogleAPIError,
     InternalServerError,
     NotFound,
     ResourceExhausted,
@@ -51,7 +49,7 @@ from .contract import (
     restatement,
     snake_case,
 )
-from .errors import CANCELLED, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError, failure_level
+from .errors import QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from .lifecycle import Lease
 
 log = logging.getLogger(__name__)
@@ -89,7 +87,6 @@ TOMBSTONE_DAYS = 2.0
 TOMBSTONE_TRIES = 5
 TOMBSTONE_KEPT = 100  # of each list a tombstone holds: deletions of one file_uid add theirs, never without end
 MAX_CONFLICTS = 40
-CLAIM_TRIES = 3  # a claim's calls that failed (Firestore briefly away), tried again knowing its earlier tries
 RECOUNT_EVERY = 30.0  # seconds: a user's counts held at a limit are recounted from their docs at most this often
 # The tail of a refused restatement of a job that ran: its file_uid will answer this refusal from now on.
 RAN_BEFORE = "it ran before this request restated it, so send it as a new job (a new file_uid)"
@@ -596,156 +593,6 @@ def _cost(key: JobKey, doc: Mapping[str, Any]) -> float | None:
         return quota.estimate(parse_document(key.user_id, key.media_type, key.file_uid, _present(doc)))
     except ContractError:
         return None
-
-
-class WorkerJobs(JobStore):
-    """One worker's side of the store: its claims under its id and lease, fenced on (worker_id, attempt). What a
-    worker does without its id (the runsync handler, the reconciler's queries) is the store's own."""
-
-    def __init__(
-        self,
-        client: firestore.Client,
-        *,
-        worker_id: str,
-        lease_seconds: float = 120,
-        max_attempts: int = 3,
-        max_releases: int = 3,
-        limits: quota.Limits = quota.Limits(),
-        retention_days: float = lifecycle.RETENTION_DAYS_DEFAULT,
-    ):
-        super().__init__(client, limits=limits, retention_days=retention_days)
-        self.worker_id = worker_id
-        self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
-        self.max_releases = max_releases
-
-    def _fenced(self, job: ClaimedJob, make: Callable[[lifecycle.Doc, datetime], dict | None]) -> Outcome:
-        """A transition of a claimed job, decided by `make` only while this claim still holds it (processing under
-        this worker and attempt): a worker that lost its lease writes nothing."""
-        return self.transition(job.key, lambda doc, now: make(doc, now) if lifecycle.holds(doc, job.lease) else None)
-
-    def claim(self, key: JobKey) -> ClaimedJob | None:
-        """Take the job if it is queued or its lease ran out; exactly one of many racing workers wins.
-
-        A job not yet admitted is admitted here (a doc its client wrote, seen first by this worker); a job
-        past its user's USER_MAX_RUNNING stays queued (None).
-
-        A commit may land while its answer is lost (a timeout, a cancelled call): sent again, it then conflicts
-        with itself. A claim that finds its own earlier try in the doc is this claim, not a lost race, or the job
-        would sit `processing` under this worker, unrun, until its lease ran out. So a failed call is tried again
-        here, where the earlier tries are known (the caller's own retry would not know them): a listener that
-        offers the key meanwhile is not heard, and a dropped candidate would wait for the next sweep."""
-        tried: list[Lease] = []
-
-        def decide(doc: lifecycle.Doc | None, now: datetime) -> dict | None:
-            if any(lifecycle.holds(doc, lease) for lease in tried):
-                return None  # ours already
-            if doc is not None and doc.get("status") == lifecycle.QUEUED and not doc.get(lifecycle.CANCEL_REQUESTED):
-                broken = contract_failure(key, doc)
-                if broken is not None:  # failed as its admission would have: no slot, no attempt
-                    return broken
-            update = lifecycle.claim(
-                doc, now, worker_id=self.worker_id, lease_seconds=self.lease_seconds, max_attempts=self.max_attempts
-            )
-            if update is not None and update.get("status") == lifecycle.PROCESSING:
-                tried.append(Lease(self.worker_id, update["attempts"]))
-            return update
-
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(
-                (GoogleAPIError, OSError)
-            ),  # Firestore's or the network's, not a bug
-            stop=tenacity.stop_after_attempt(CLAIM_TRIES),
-            wait=tenacity.wait_exponential(0.1, max=1),
-            reraise=True,
-        )
-        outcome = retrying(self.transition, key, decide, admit=True)
-        written, before = outcome.written, outcome.before
-        if before is None:
-            return None
-        if written is None:
-            landed = next((lease for lease in tried if lifecycle.holds(before, lease)), None)
-            return ClaimedJob(key, landed, before, outcome.read_time) if landed else None
-        if written.get("status") == lifecycle.FAILED:  # past MAX_ATTEMPTS, cancelled, or breaks the contract
-            error_type = written.get("error_type")
-            fields = {"user_id": key.user_id, "file_uid": key.file_uid, "error_type": error_type}
-            # Refused on sight is `job_refused`, as at its admission (README "Logs"), whichever door saw it first.
-            event = "job_refused" if error_type in (VALIDATION_ERROR, QUOTA_EXCEEDED) else "job_failed"
-            level = logging.getLevelName(failure_level(error_type).upper())
-            log.log(level, event, extra={**fields, "error_message": written.get("error_message")})
-        if written.get("status") != lifecycle.PROCESSING:
-            return None
-        return ClaimedJob(key, Lease(self.worker_id, written["attempts"]), before, outcome.read_time)
-
-    def drop(self, key: JobKey) -> bool:
-        """Fail a queued job its owner cancelled (one write, no claim); True where this call's write landed.
-
-        Like a claim's (see `claim`), its commit may land while its answer is lost: the retry then reads the job
-        failed and decides nothing. A drop carries no lease to know its own write by, but it carries `expire_at`,
-        computed from its try's server time: a doc whose `expire_at` is one of this call's, to the microsecond,
-        was failed by this call. (With no retention, no `expire_at`: such a landing stays unknown.)"""
-        tried: list[datetime] = []
-
-        def decide(doc: lifecycle.Doc | None, now: datetime) -> dict | None:
-            update = lifecycle.drop_cancelled(doc)
-            if update is not None:
-                tried.append(now)
-            return update
-
-        outcome = self.transition(key, decide)
-        if outcome.applied:
-            return True
-        doc = outcome.before or {}
-        expire_at = doc.get(lifecycle.EXPIRE_AT)
-        return (
-            (doc.get("status"), doc.get("error_type")) == (lifecycle.FAILED, CANCELLED)
-            and expire_at is not None
-            and any(lifecycle.expiry(self.retention_days, now).get(lifecycle.EXPIRE_AT) == expire_at for now in tried)
-        )
-
-    def renew(self, job: ClaimedJob, progress: float | None = None) -> bool:
-        """Extend the lease (and record progress) while this worker still owns the job."""
-        return self._fenced(
-            job, lambda doc, now: lifecycle.renewal(now, lease_seconds=self.lease_seconds, progress=progress)
-        ).applied
-
-    def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> str | None:
-        """Record the result; returns the status written: `completed`, or `failed` when the owner cancelled the
-        job meanwhile (lifecycle.completion); None when the lease was lost."""
-        outcome = self._fenced(job, lambda doc, now: lifecycle.completion(doc, fields))
-        if outcome.written is not None:
-            return outcome.written.get("status")
-        # This completion landed on an earlier try whose answer was lost (see `claim`): nobody else ends it. It
-        # was written `failed` where the owner had cancelled the job (lifecycle.completion).
-        if _landed(outcome.before, job, lifecycle.COMPLETED):
-            return lifecycle.COMPLETED
-        return lifecycle.FAILED if _landed(outcome.before, job, lifecycle.FAILED, CANCELLED) else None
-
-    def fail(self, job: ClaimedJob, error: GenerationError) -> bool:
-        outcome = self._fenced(
-            job, lambda doc, now: lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
-        )
-        # Applied, or applied by an earlier try whose answer was lost (its retry finds the job failed so).
-        if outcome.applied:
-            return True
-        # Its own message too: a claim past MAX_ATTEMPTS fails the job under the old claim's worker and attempt.
-        wrote = lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
-        landed = _landed(outcome.before, job, lifecycle.FAILED, error.error_type)
-        return landed and (outcome.before or {}).get("error_message") == wrote.get("error_message")
-
-    def release(self, job: ClaimedJob) -> dict | None:
-        """Give the job back to the queue (shutdown); past `max_releases` releases it fails instead. Returns what
-        was written (its `status` says which), None when the lease was lost."""
-        return self._fenced(
-            job, lambda doc, now: lifecycle.counted_release(doc, max_releases=self.max_releases)
-        ).written
-
-
-def _landed(doc: Mapping[str, Any] | None, job: ClaimedJob, status: str, error_type: str | None = None) -> bool:
-    """Whether the doc is in `status` (with `error_type`) under this claim: a write of this claim landed."""
-    doc = doc or {}
-    ours = (doc.get("worker_id"), doc.get("attempts")) == (job.lease.worker_id, job.lease.attempt)
-    return ours and doc.get("status") == status and (error_type is None or doc.get("error_type") == error_type)
 
 
 def fingerprint(request: GenerationRequest) -> str:

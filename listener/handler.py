@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from firegen_core import lifecycle
+from firegen_core.claims import WorkerJobs
 from firegen_core.contract import (
     PARAMETER_FIELDS,
     ContractError,
@@ -44,7 +45,7 @@ from firegen_core.errors import (
     Interrupted,
     classify,
 )
-from firegen_core.jobs import JobKey, Misfiled, WorkerJobs, dispatched, stated_request
+from firegen_core.jobs import JobKey, Misfiled, dispatched, stated_request
 from firegen_core.lifecycle import Lease
 
 log = structlog.get_logger("listener.handler")

@@ -23,6 +23,7 @@ from google.api_core.exceptions import Aborted, RetryError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from firegen_core import lifecycle
+from firegen_core.claims import WorkerJobs
 from firegen_core.contract import GenerationRequest, parse_document
 from firegen_core.deadline import Deadline, timeout_message
 from firegen_core.errors import (
@@ -34,7 +35,7 @@ from firegen_core.errors import (
     classify,
     failure_level,
 )
-from firegen_core.jobs import BOUND, RUNPOD_JOB_ID, ClaimedJob, WorkerJobs
+from firegen_core.jobs import BOUND, RUNPOD_JOB_ID, ClaimedJob
 
 from .storage import Superseded, claim_stamp, is_transient
 

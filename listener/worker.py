@@ -23,8 +23,8 @@ from typing import Any, cast
 
 import structlog
 
+from firegen_core.claims import WorkerJobs
 from firegen_core.errors import Interrupted
-from firegen_core.jobs import WorkerJobs
 from firegen_core.quota import Limits
 from generation.engine import batch_key, is_device_failure
 

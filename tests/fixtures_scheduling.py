@@ -15,8 +15,9 @@ import pytest
 from google.cloud.firestore import SERVER_TIMESTAMP
 from test_reconciler import StubGenerator, results, started_reconcilers, wait_until
 
+from firegen_core.claims import WorkerJobs
 from firegen_core.deadline import Deadline
-from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.jobs import JobKey
 from listener.reconciler import Reconciler
 from listener.runner import JobRunner
 

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from test_functions import ACCEPTED, dispatch, stub  # noqa: F401  (stub: the RunPod stand-in fixture)
 
 from firegen_core import contract, lifecycle, quota
+from firegen_core.claims import WorkerJobs
 from firegen_core.errors import VALIDATION_ERROR
-from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.jobs import JobKey
 from listener.handler import RunsyncHandler
 
 # The Functions error codes the callable answers with (functions/dispatch.py); anything else is a fault.

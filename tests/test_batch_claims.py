@@ -21,9 +21,10 @@ from test_generation import pixels
 from test_reconciler import LISTENING_SECONDS, doc, finished, results, wait_until  # noqa: F401
 
 from firegen_core import errors, quota
+from firegen_core.claims import WorkerJobs
 from firegen_core.contract import GenerationRequest, parse_document
 from firegen_core.deadline import Deadline
-from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.jobs import JobKey
 from firegen_core.lifecycle import Lease
 from listener.fairqueue import FairQueue
 from listener.runner import CPU_TIMEOUT_MULTIPLE, JobRunner

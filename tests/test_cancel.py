@@ -21,8 +21,9 @@ from fixtures_scheduling import (  # noqa: F401  (fixtures)
     wait_until,
 )
 
+from firegen_core.claims import WorkerJobs
 from firegen_core.deadline import Deadline
-from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.jobs import JobKey
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "functions"))
 import dispatch
@@ -432,7 +433,8 @@ ENDINGS_SCRIPT = """
 import sys
 from google.cloud import firestore
 from google.cloud.firestore import SERVER_TIMESTAMP
-from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.claims import WorkerJobs
+from firegen_core.jobs import JobKey
 from listener.logs import configure
 from listener.runner import JobRunner
 

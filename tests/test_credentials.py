@@ -193,8 +193,9 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
     from google.oauth2 import service_account
 
     from bench.noop import NoopGenerator
+    from firegen_core.claims import WorkerJobs
     from firegen_core.contract import parse_runsync_input
-    from firegen_core.jobs import JobKey, WorkerJobs
+    from firegen_core.jobs import JobKey
     from listener import logs
     from listener.runner import JobRunner
 

@@ -22,7 +22,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
 
 from devtools import emulators as emu
-from firegen_core.jobs import CALL_TIMEOUT, WorkerJobs
+from firegen_core.claims import WorkerJobs
+from firegen_core.jobs import CALL_TIMEOUT
 from generation.video_speed import DEFAULT_CACHE_THRESHOLD
 from listener.handler import INLINE_LIMIT_BYTES, RunsyncHandler
 from listener.reconciler import Reconciler

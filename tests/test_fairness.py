@@ -13,8 +13,9 @@ from fixtures_scheduling import (  # noqa: F401  (fixtures)
     wait_until,
 )
 
+from firegen_core.claims import WorkerJobs
 from firegen_core.contract import parse_runsync_input
-from firegen_core.jobs import JobKey, JobStore, WorkerJobs
+from firegen_core.jobs import JobKey, JobStore
 from firegen_core.quota import Limits
 from listener.reconciler import LISTEN_LIMIT, NEWEST_LIMIT, Reconciler, _far_end
 from listener.runner import JobRunner

@@ -817,7 +817,8 @@ def test_a_job_a_warm_worker_finished_during_a_failed_dispatch_is_answered_start
     dispatch never arrived, and the caller was told "queued" (audit). Stand-in for RunPod: a failed delivery
     during which the worker's own job store claims and completes the job (a network failure cannot be staged
     with the real worker)."""
-    from firegen_core.jobs import JobKey, WorkerJobs
+    from firegen_core.claims import WorkerJobs
+    from firegen_core.jobs import JobKey
 
     class FinishedMeanwhile:
         def runsync(self, job_input):
@@ -2310,7 +2311,7 @@ def test_a_cli_that_fails_to_start_leaves_no_emulator_running(emulator_logs, tmp
 def late_runsync_handler(db, submitted: list):
     """The worker's own runsync handler on the test's project (the request a cold endpoint's worker takes
     minutes later); `submitted`: what it hands to the worker's slot."""
-    from firegen_core.jobs import WorkerJobs
+    from firegen_core.claims import WorkerJobs
     from listener.handler import RunsyncHandler
 
     return RunsyncHandler(WorkerJobs(db, worker_id="late"), lambda key, request, *rest: submitted.append(request))
@@ -2320,7 +2321,8 @@ def test_a_late_runsync_never_puts_back_parameters_a_later_call_replaced(firesto
     """The callable dispatched A to a cold endpoint; a second call for the file_uid restated the queued job as B
     (no second dispatch: one is on its way). When A's runsync reached a worker, minutes later, the job took A's
     parameters back, a mix nobody asked for, and a run of B under way was stopped, its try charged (audit)."""
-    from firegen_core.jobs import JobKey, WorkerJobs
+    from firegen_core.claims import WorkerJobs
+    from firegen_core.jobs import JobKey
 
     runpod = stub((200, {"id": "rp-a", "status": "IN_QUEUE"}))
     path = "generations/u-late/images/late-1"
@@ -2564,7 +2566,8 @@ def test_a_refused_requests_redelivery_is_that_refusal_again(firestore_client):
     """A request refused for its user's limits (rp-1, and rp-3 restating the refused job) kept no mark of its
     RunPod job: once the owner's retry (rp-2, 40 steps) ran it, rp-1's redelivery took the job back to 25 steps
     (the review)."""
-    from firegen_core.jobs import JobKey, WorkerJobs
+    from firegen_core.claims import WorkerJobs
+    from firegen_core.jobs import JobKey
     from firegen_core.quota import Limits
     from listener.handler import RunsyncHandler
 

@@ -9,9 +9,10 @@ import pytest
 from google.api_core.exceptions import FailedPrecondition, RetryError, ServiceUnavailable
 
 from firegen_core import lifecycle
+from firegen_core.claims import WorkerJobs
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
-from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.jobs import JobKey
 
 KEY = JobKey("user123", "images", "file456")
 

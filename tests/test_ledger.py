@@ -22,9 +22,10 @@ from test_functions import client_doc
 
 from devtools import emulators as emu
 from firegen_core import lifecycle, quota
+from firegen_core.claims import WorkerJobs
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import VALIDATION_ERROR, GenerationError
-from firegen_core.jobs import ClaimedJob, JobKey, JobStore, WorkerJobs
+from firegen_core.jobs import ClaimedJob, JobKey, JobStore
 from firegen_core.quota import Limits
 
 FILE_UIDS = ("a", "b", "c", "d")

@@ -21,9 +21,10 @@ from test_reconciler import LISTENING_SECONDS, StubGenerator, results  # noqa: F
 
 from devtools import emulators as emu
 from firegen_core import lifecycle, quota
+from firegen_core.claims import WorkerJobs
 from firegen_core.contract import parse_runsync_input
 from firegen_core.errors import GenerationError
-from firegen_core.jobs import RAN_BEFORE, ClaimedJob, JobKey, JobStore, WorkerJobs
+from firegen_core.jobs import RAN_BEFORE, ClaimedJob, JobKey, JobStore
 from firegen_core.quota import Limits, Usage
 from listener.handler import RunsyncHandler
 from listener.reconciler import Reconciler

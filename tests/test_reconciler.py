@@ -23,8 +23,9 @@ from PIL import Image
 
 from devtools import emulators as emu
 from firegen_core import workers
+from firegen_core.claims import WorkerJobs
 from firegen_core.deadline import Deadline
-from firegen_core.jobs import JobKey, WorkerJobs
+from firegen_core.jobs import JobKey
 from firegen_core.quota import Limits
 from listener import runner as runner_module
 from listener.reconciler import Reconciler
