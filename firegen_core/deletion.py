@@ -6,9 +6,9 @@ results. A completed job's results are the ones its doc records (its URLs, which
 other than the one given is refused, `ElsewhereBucket`, not taken for one holding nothing); a failed job's, any
 partial upload a worker left, only where the object names this job as its owner. The doc's delete is fenced on the doc as read (its `update_time`), so a job started again meanwhile (a
 failed job's request restated) is not deleted under its new run. A dispatch the functions sent for the job that
-has not arrived yet (`jobs.DISPATCHED_INPUTS`), or RunPod's redelivery of one that did, would find no doc and
+has not arrived yet (`dispatches.DISPATCHED_INPUTS`), or RunPod's redelivery of one that did, would find no doc and
 create the job again, a second GPU run nobody asked for: the doc's record of them stays behind as a tombstone
-(`jobs.tombstone`) that the worker reads before it creates a doc, deleted by TTL after TOMBSTONE_DAYS.
+(`dispatches.tombstone`) that the worker reads before it creates a doc, deleted by TTL after TOMBSTONE_DAYS.
 
 `erase_user` deletes all a user has here (an account deleted, an erasure request): the callable
 `deleteAllGenerations` and scripts/delete_user_data.py.
@@ -23,7 +23,8 @@ from google.api_core.exceptions import Aborted, RetryError
 
 from . import lifecycle, quota, results
 from .contract import TASK_TYPE
-from .jobs import BOUND, COLLECTION, COMMIT_CONFLICTS, MEDIA_TYPES, JobKey, JobStore, tombstone, tombstone_ref
+from .dispatches import tombstone
+from .jobs import BOUND, COLLECTION, COMMIT_CONFLICTS, MEDIA_TYPES, JobKey, JobStore, tombstone_ref
 
 TRIES = 5  # reads and fenced deletes of one doc that another write got to first
 STORAGE_TIMEOUT = 10.0  # seconds per Storage request

@@ -148,7 +148,7 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         # The last dispatch's own id: its dispatcher knows its marking landed where the write's answer was lost.
         "dispatch_token": {"type": "string"},
         "dispatch_error": {"type": "string"},
-        # The requests the functions sent to RunPod for the job, not arrived yet, as digests (jobs.fingerprint).
+        # The requests the functions sent to RunPod for the job, not arrived yet, as digests (dispatches.fingerprint).
         "dispatched_inputs": {"type": "array", "items": {"type": "string"}},
         # The RunPod jobs of those that reached a worker (a redelivery of one is recognised by it).
         "arrived_dispatches": {"type": "array", "items": {"type": "string"}},

@@ -74,6 +74,7 @@ from firegen_core.contract import (
     restatement,
     spellings,
 )
+from firegen_core.dispatches import DISPATCHED_INPUTS, RUNPOD_JOB_ID, dispatches_with, undelivered
 from firegen_core.errors import (
     CANCELLED,
     CANCELLED_MESSAGE,
@@ -83,18 +84,14 @@ from firegen_core.errors import (
     GenerationError,
 )
 from firegen_core.jobs import (
-    DISPATCHED_INPUTS,
     MEDIA_TYPES,
-    RUNPOD_JOB_ID,
     JobKey,
     JobStore,
     Misfiled,
     Outcome,
     contract_failure,
-    dispatches_with,
     queued_document,
     stated_request,
-    undelivered,
 )
 from firegen_core.quota import Limits
 

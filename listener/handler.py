@@ -37,6 +37,7 @@ from firegen_core.contract import (
     parse_runsync_input,
     restatement,
 )
+from firegen_core.dispatches import dispatched
 from firegen_core.errors import (
     DELETED_MESSAGE,
     NOT_RECORDED,
@@ -45,7 +46,7 @@ from firegen_core.errors import (
     Interrupted,
     classify,
 )
-from firegen_core.jobs import JobKey, Misfiled, dispatched, stated_request
+from firegen_core.jobs import JobKey, Misfiled, stated_request
 from firegen_core.lifecycle import Lease
 
 log = structlog.get_logger("listener.handler")
@@ -127,7 +128,7 @@ class RunsyncHandler:
         if outcome.displaced is not None and self.preempt is not None:
             self.preempt(key, outcome.displaced)
         doc = outcome.after
-        if not doc:  # nothing created: a late dispatch of a job its owner deleted (jobs.tombstone)
+        if not doc:  # nothing created: a late dispatch of a job its owner deleted (dispatches.tombstone)
             log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, deleted=True)
             return rejected(DELETED_MESSAGE)
         status = doc.get("status")

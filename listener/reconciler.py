@@ -41,7 +41,8 @@ from google.cloud.firestore import DocumentSnapshot, Query
 from firegen_core import lifecycle, quota, workers
 from firegen_core.claims import WorkerJobs
 from firegen_core.contract import GenerationRequest, awaits_parameters, parse_document
-from firegen_core.jobs import BOUND, MEDIA_TYPES, RUNPOD_JOB_ID, ClaimedJob, JobKey
+from firegen_core.dispatches import RUNPOD_JOB_ID
+from firegen_core.jobs import BOUND, MEDIA_TYPES, ClaimedJob, JobKey
 from firegen_core.lifecycle import Lease
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp

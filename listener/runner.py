@@ -26,6 +26,7 @@ from firegen_core import lifecycle
 from firegen_core.claims import WorkerJobs
 from firegen_core.contract import GenerationRequest, parse_document
 from firegen_core.deadline import Deadline, timeout_message
+from firegen_core.dispatches import RUNPOD_JOB_ID
 from firegen_core.errors import (
     CANCELLED,
     CANCELLED_MESSAGE,
@@ -35,7 +36,7 @@ from firegen_core.errors import (
     classify,
     failure_level,
 )
-from firegen_core.jobs import BOUND, RUNPOD_JOB_ID, ClaimedJob
+from firegen_core.jobs import BOUND, ClaimedJob
 
 from .storage import Superseded, claim_stamp, is_transient
 

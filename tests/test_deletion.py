@@ -17,8 +17,9 @@ from google.api_core.exceptions import Forbidden, PermissionDenied, RetryError
 from firegen_core import deletion, lifecycle, quota, results
 from firegen_core.claims import WorkerJobs
 from firegen_core.contract import TEXT2IMAGE, parse_runsync_input
+from firegen_core.dispatches import DISPATCHED_INPUTS, TOMBSTONE_DAYS, dispatches_with
 from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, TIMEOUT, GenerationError
-from firegen_core.jobs import DISPATCHED_INPUTS, TOMBSTONE_DAYS, JobKey, dispatches_with, tombstone_ref
+from firegen_core.jobs import JobKey, tombstone_ref
 from firegen_core.quota import Limits
 from listener.handler import RunsyncHandler
 from listener.storage import ResultStore, RetryPolicy

@@ -1926,7 +1926,7 @@ def test_the_indexes_cover_the_queries():
         ttl = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == (media, "expire_at")]
         assert ttl == [{"collectionGroup": media, "fieldPath": "expire_at", "ttl": True, "indexes": []}]
     # The liveness docs of workers that never stopped cleanly (firegen_core.workers.EXPIRE_DAYS), and the usage
-    # docs of users with nothing pending (quota.usage_expiry), and deleted jobs' tombstones (jobs.tombstone).
+    # docs of users with nothing pending (quota.usage_expiry), and deleted jobs' tombstones (dispatches.tombstone).
     for group in ("workers", "usage", "deleted_jobs"):
         ttl = [o for o in config["fieldOverrides"] if (o["collectionGroup"], o["fieldPath"]) == (group, "expire_at")]
         assert ttl == [{"collectionGroup": group, "fieldPath": "expire_at", "ttl": True, "indexes": []}]
@@ -2402,7 +2402,7 @@ def test_a_dispatch_is_recognised_after_its_json_hop(fields):
     """What the worker parses from the runsync input the functions built has the request's fingerprint, also
     where a JSON hop wrote 7.0 as 7 (JavaScript's numbers)."""
     from firegen_core.contract import parse_runsync_input
-    from firegen_core.jobs import arrived, dispatched, dispatches_with, fingerprint
+    from firegen_core.dispatches import arrived, dispatched, dispatches_with, fingerprint
 
     request = parse_runsync_input({**fields, "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
     sent = dispatch.runsync_input(request)
@@ -2435,7 +2435,7 @@ def test_a_dispatch_is_recognised_across_a_rollout():
     from dataclasses import asdict, replace
 
     from firegen_core.contract import parse_runsync_input
-    from firegen_core.jobs import arrived, dispatched, fingerprint, undelivered
+    from firegen_core.dispatches import arrived, dispatched, fingerprint, undelivered
 
     request = parse_runsync_input(
         {"prompt": "a fox", "width": 768, "user_id": "u", "file_uid": "f", "use_cloud_storage": True}
@@ -2683,7 +2683,7 @@ def test_an_older_dispatch_failing_writes_no_dispatch_error_over_a_newer_one(fir
 
 def test_the_digests_kept_are_bounded():
     from firegen_core.contract import parse_runsync_input
-    from firegen_core.jobs import DISPATCHED_INPUTS, DISPATCHES_KEPT, dispatches_with
+    from firegen_core.dispatches import DISPATCHED_INPUTS, DISPATCHES_KEPT, dispatches_with
 
     req = parse_runsync_input({"prompt": "a car", "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
     doc: dict = {}
