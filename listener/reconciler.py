@@ -46,7 +46,8 @@ from firegen_core.jobs import BOUND, MEDIA_TYPES, ClaimedJob, JobKey
 from firegen_core.lifecycle import Lease
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
-from .runner import JobRunner, RunOutcome, quietly, release, transient
+from .lease import RunOutcome, quietly, release
+from .runner import JobRunner, transient
 from .version import code_version
 
 log = structlog.get_logger("listener.reconciler")

@@ -41,15 +41,16 @@ def objects(bucket) -> list[str]:
 
 @pytest.fixture
 def events(monkeypatch):
-    """The reconciler's and the runner's events (loggers made inside the capture, as test_reconciler's
+    """The reconciler's, the runner's and its leases' events (loggers made inside the capture, as test_reconciler's
     runner_logs), as (event, file_uid, during)."""
     import structlog
 
+    import listener.lease as lease_module
     import listener.reconciler as reconciler_module
     import listener.runner as runner_module
 
     with structlog.testing.capture_logs() as logs:
-        for module in (reconciler_module, runner_module):
+        for module in (reconciler_module, runner_module, lease_module):
             monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
         yield logs
 
@@ -357,7 +358,8 @@ def test_a_generation_stuck_in_a_step_is_failed_by_the_heartbeat(sched_worker, f
 def test_a_stuck_generation_failed_by_the_heartbeat_ends_failed_not_lost(firestore_client, results):
     """Audit: the worker that failed its own stuck job `Timeout` then logged `job_lost` ("lease taken over;
     nothing written") when the step came back: its run ends failed, as its doc says."""
-    from listener.runner import JobRunner, RunOutcome
+    from listener.lease import RunOutcome
+    from listener.runner import JobRunner
 
     generator = Stuck()
     store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=30)
@@ -375,7 +377,7 @@ def test_a_worker_that_stalled_past_its_deadline_while_another_took_over_ends_lo
     job over and completed it, woke up to its heartbeat's `Timeout`, which the fence turned away, and logged
     `job_timeout_forced`: its run ends lost (`job_lost`), as it is, and the new owner's doc stands."""
     from firegen_core.errors import TIMEOUT, GenerationError
-    from listener.runner import Heartbeat, RunOutcome
+    from listener.lease import Heartbeat, RunOutcome
 
     key = JobKey("u1", "images", "stalled")
     queue_jobs(firestore_client, [key])
@@ -394,7 +396,8 @@ def test_a_worker_leaving_releases_a_job_stuck_in_a_step_at_once(firestore_clien
     """A video audit: past the shutdown grace, a job in its decode and encode (no step to stop at) was released
     only once they came back, 10-15 s later, when RunPod may have killed the worker already. Its heartbeat
     releases it now; the generation coming back later writes nothing more."""
-    from listener.runner import JobRunner, RunOutcome
+    from listener.lease import RunOutcome
+    from listener.runner import JobRunner
 
     generator = Stuck()
     store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=300)

@@ -27,6 +27,7 @@ from firegen_core.claims import WorkerJobs
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey
 from firegen_core.quota import Limits
+from listener import lease as lease_module
 from listener import runner as runner_module
 from listener.reconciler import Reconciler
 from listener.runner import JobRunner
@@ -134,13 +135,12 @@ def make_worker(firestore_client, results):
 
 @pytest.fixture
 def runner_logs(monkeypatch):
-    """The runner's events, as structlog's capture sees them, on a logger made inside the capture: a test that
-    configured the worker's logs in this process (tests/test_credentials.py) left the module's logger cached
-    (`cache_logger_on_first_use`), which a capture alone does not reach."""
-    import listener.runner as runner_module
-
+    """The runner's events (its heartbeat's too), as structlog's capture sees them, on loggers made inside the
+    capture: a test that configured the worker's logs in this process (tests/test_credentials.py) left the
+    modules' loggers cached (`cache_logger_on_first_use`), which a capture alone does not reach."""
     with structlog.testing.capture_logs() as logs:
-        monkeypatch.setattr(runner_module, "log", structlog.get_logger("listener.runner"))
+        for module in (runner_module, lease_module):
+            monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
         yield logs
 
 
@@ -732,7 +732,7 @@ class SlowSteps:
 def test_a_long_job_writes_its_progress_between_the_quarters(firestore_client, results, monkeypatch):
     """A quarter of a long video can be a minute: its progress is also written once PROGRESS_EVERY_S has passed
     since the last write (not at every step: the writes stay that far apart unless a quarter is crossed)."""
-    monkeypatch.setattr(runner_module, "PROGRESS_EVERY_S", 0.3)
+    monkeypatch.setattr(lease_module, "PROGRESS_EVERY_S", 0.3)
     key = JobKey("u1", "videos", "long-steps")
     write_job(firestore_client, key, num_frames=16)
     store = ProgressRecorder(firestore_client, worker_id="w1", lease_seconds=30)
@@ -1319,7 +1319,7 @@ class CountingRenewals:
 def test_a_heartbeat_past_its_deadline_while_the_completion_is_written_renews_at_its_pace():
     """A re-review: past the hard deadline with the completion under way, the heartbeat renewed every 10 ms (129
     renewals in 2 s, each a read and a write that also collides with the completion's own)."""
-    from listener.runner import Heartbeat
+    from listener.lease import Heartbeat
 
     store = CountingRenewals()
     job = SimpleNamespace(key=JobKey("u1", "images", "late"), lease=None, doc={})
