@@ -4,9 +4,6 @@
   contract, creates the queued job doc unless the client already wrote it (a client's doc takes the call's
   parameters where it says otherwise: `lifecycle.restate`), and dispatches it to RunPod.
 - `dispatch_created`: the Firestore trigger for job docs that clients write themselves: dispatch once.
-- `redispatch_stale`: the scheduled sweep: wake a worker again for jobs nobody picked up, a bounded number of
-  times, then fail them with a clear message, but only when no worker has been alive for the whole stale
-  period (`workers/{id}` docs, firegen_core.workers): a long backlog on live workers never fails a job.
 - `cancel`: the `cancelGeneration` callable: the owner cancels a queued job (failed `Cancelled` at once) or a
   running one (its worker stops it at the next step).
 - `delete`: the `deleteGeneration` callable: the owner deletes a finished job, its results and its doc;
@@ -28,7 +25,6 @@ import os
 import re
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -53,7 +49,7 @@ from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from runpod_client import RunPodClient, Verdict
 
-from firegen_core import deletion, lifecycle, quota, workers
+from firegen_core import deletion, lifecycle, quota
 from firegen_core.contract import (
     CLOUD_ONLY,
     MAX_PROMPT_CHARS,
@@ -78,7 +74,6 @@ from firegen_core.dispatches import DISPATCHED_INPUTS, RUNPOD_JOB_ID, dispatches
 from firegen_core.errors import (
     CANCELLED,
     CANCELLED_MESSAGE,
-    EXCEPTION,
     QUOTA_EXCEEDED,
     VALIDATION_ERROR,
     GenerationError,
@@ -103,8 +98,6 @@ DISPATCH_COUNT = lifecycle.DISPATCH_COUNT  # how many times a worker was woken f
 DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
 DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
 DISPATCH_TOKEN = "dispatch_token"  # the last marking's own id (`_Marking`)
-# A job at MAX_DISPATCHES that working workers left queued is dispatched again, up to this many times MAX_DISPATCHES.
-LEFT_BEHIND_FACTOR = 2
 DISPATCH_ERROR = lifecycle.DISPATCH_ERROR  # why the last dispatch did not reach a worker; removed by the next one
 
 BY_CALLABLE, BY_TRIGGER, BY_SCHEDULER = "callable", "trigger", "scheduler"
@@ -566,125 +559,6 @@ def _await_request(db: firestore.Client, key: JobKey, grace: float, poll: float 
         if left <= 0:
             return
         time.sleep(min(poll, left))
-
-
-# ------------------------------------------------------------------------------------------------ schedule
-def _last_dispatch(doc: Mapping[str, Any]) -> datetime | None:
-    """When the job was last sent to a worker (None: no date to tell; an admin's doc may hold anything there)."""
-    for field in (DISPATCHED_AT, "created_at"):
-        if isinstance(value := doc.get(field), datetime):
-            return value
-    return None
-
-
-def _stale(doc: Mapping[str, Any] | None, now: datetime, policy: Policy) -> bool:
-    """Queued and not dispatched for a while, or processing under an expired lease (its worker is gone)."""
-    if doc is None:
-        return False
-    status = doc.get("status")
-    if status == lifecycle.PROCESSING:
-        if not lifecycle.lease_expired(doc, now):
-            return False
-    elif status != lifecycle.QUEUED:
-        return False
-    last = _last_dispatch(doc)
-    return last is None or last <= now - policy.redispatch_after
-
-
-def _given_up(count: int, policy: Policy) -> GenerationError:
-    minutes = policy.redispatch_after.total_seconds() / 60
-    return GenerationError(
-        EXCEPTION,
-        f"No GPU worker picked up the job after {count} dispatches, {minutes:g} minutes apart; please try again",
-    )
-
-
-def redispatch_stale(
-    db: firestore.Client,
-    runpod: RunPodClient,
-    *,
-    policy: Policy = Policy(),
-    now: datetime | None = None,
-    limits: Limits = Limits(),
-    clock: Callable[[], float] = time.monotonic,
-) -> Counter:
-    """The scheduled sweep. Returns counts: redispatched, failed, waiting (dispatched enough, in a live worker's
-    backlog: left queued), cancelled (its owner's cancel flag on it: ended, not dispatched), skipped,
-    invalid, foreign (a doc outside generations/ the queries met: skipped), error (its dispatch failed unexpectedly:
-    logged `redispatch_error`, the next sweep tries again), deferred (found past the sweep's budget: untouched, for the next sweep), and each verdict outcome."""
-    now = now or datetime.now(UTC)
-    cutoff = now - policy.redispatch_after
-    counts: Counter = Counter()
-    store = _store(db, limits)
-    ends = clock() + policy.sweep_budget.total_seconds()
-    # Workers running (seen within the stale period, not left) are working through a backlog: nothing fails for want
-    # of a worker. Nor does a job that a worker was seen after its last dispatch: workers came, and went leaving it.
-    seen = workers.sightings(db, cutoff)
-    # Read whole first (a query's stream held open across dispatches of up to 50 s each could outlive its
-    # deadline), in the order the budget serves them: jobs whose worker died mid-run, then the queued ones oldest
-    # first, videos and images alike.
-    expired = [s for media in MEDIA_TYPES for s in store.expired(media, now, limit=policy.scan_limit).stream()]
-    queued = [
-        s
-        for media in MEDIA_TYPES
-        for s in store.oldest_queued(media, created_before=cutoff, limit=policy.scan_limit).stream()
-    ]
-    queued.sort(key=lambda snapshot: snapshot.get("created_at"))
-    for snapshot in expired + queued:
-        try:
-            key = JobKey.from_path(snapshot.reference.path)
-        except ValueError:  # another app's `images` or `videos` (see the README's "Into an existing Firebase project")
-            counts["foreign"] += 1
-            continue
-        if clock() >= ends:
-            counts["deferred"] += 1
-            continue
-        try:
-            counts[_redispatch_one(store, runpod, key, policy, seen=seen)] += 1
-        except Exception as exc:  # one job's trouble (Firestore contended, away a moment) leaves the others theirs
-            counts["error"] += 1
-            log.warning("redispatch_error", extra={"path": key.path, "error": f"{type(exc).__name__}: {exc}"[:300]})
-    if counts:
-        log.info("redispatch_sweep", extra={"counts": dict(counts)})
-    return counts
-
-
-def _redispatch_one(
-    store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy, *, seen: workers.Sightings
-) -> str:
-    waiting = False
-    marking = _Marking()
-
-    def decide(doc: dict | None, now: datetime) -> dict | None:
-        nonlocal waiting
-        if marking.landed_here(doc):
-            return None
-        if not _stale(doc, now, policy):
-            return None
-        if doc.get(lifecycle.CANCEL_REQUESTED):  # ended as a claim would end it: no worker woken for it
-            return lifecycle.cancelled(doc)
-        count = int(quota.number(doc, DISPATCH_COUNT))
-        if count >= policy.max_dispatches:
-            waiting = seen.running  # in a running worker's backlog: it waits its turn
-            if waiting:
-                return None
-            last = _last_dispatch(doc)
-            worked = seen.last_worked is not None and last is not None and seen.last_worked > last
-            if not worked or count >= policy.max_dispatches * LEFT_BEHIND_FACTOR:
-                return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
-            # Workers that ran jobs to their end were seen after its last dispatch, and left it queued (RunPod scaled
-            # them down while the backlog waited, or the one running it died): the endpoint runs jobs, so one is
-            # woken for it again; up to LEFT_BEHIND_FACTOR times MAX_DISPATCHES in all, whatever comes.
-        return _refused_or_marked(key, doc, BY_SCHEDULER, marking)
-
-    outcome = marking.outcome(store.transition(key, decide))
-    if not outcome.applied:
-        return "waiting" if waiting else "skipped"
-    if outcome.written.get("status") == lifecycle.FAILED:
-        return _failed_outcome(outcome.written, otherwise="failed")
-    request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
-    verdict, _ = _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
-    return "redispatched" if verdict.delivered else verdict.outcome
 
 
 # ------------------------------------------------------------------------------------------------ cancel

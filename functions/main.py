@@ -1,4 +1,4 @@
-"""The Firebase Functions of firegen: declarations only; the logic is in dispatch.py.
+"""The Firebase Functions of firegen: declarations only; the logic is in dispatch.py (the sweep: sweep.py).
 
     generateWithRunPod   callable (Firebase Auth required): validate, create the queued doc, dispatch to RunPod
     dispatchQueuedJob    Firestore trigger on generations/{uid}/{media}/{fileUid} creation: dispatch once
@@ -23,7 +23,7 @@ Configuration (the params are declared in config.py; see the README's "Cloud Fun
     STORAGE_BUCKET       optional environment variable: the results' bucket (deleteGeneration), as the workers'
                          (default: the project's default bucket, FIREBASE_CONFIG's storageBucket)
 
-Logs: the records of dispatch and runpod_client (standard `logging`, so they import anywhere), and those the
+Logs: the records of dispatch, sweep and runpod_client (standard `logging`, so they import anywhere), and those the
 firebase_functions SDK itself writes through the root logger, are written by `firebase_functions.logger`: one
 JSON entry each, with `severity` and `message`, as Cloud Logging reads them. The SDK's messages that may quote a
 caller's token are cut before the quote.
@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # dispatch, runpod_cli
 import callable_body
 import dispatch
 import firebase_admin
+import sweep
 from config import (
     MAX_DISPATCHES,
     PLACEHOLDER_GRACE_SECONDS,
@@ -341,5 +342,5 @@ def dispatchQueuedJob(event: firestore_fn.Event) -> None:
 @scheduler_fn.on_schedule(schedule="every 5 minutes", secrets=[RUNPOD_API_KEY], timeout_sec=300)
 def redispatchStaleJobs(event: scheduler_fn.ScheduledEvent) -> None:
     with _runpod() as runpod:
-        counts = dispatch.redispatch_stale(_firestore(), runpod, policy=_policy(), limits=_limits())
+        counts = sweep.redispatch_stale(_firestore(), runpod, policy=_policy(), limits=_limits())
     _functions_log.info("redispatchStaleJobs", extra={"counts": dict(counts)})

@@ -40,6 +40,7 @@ FUNCTIONS_PYTHON = firebase_cli.FUNCTIONS_PYTHON
 sys.path.append(str(FUNCTIONS))
 import dispatch  # noqa: E402
 import runpod_client  # noqa: E402
+import sweep  # noqa: E402
 
 vendor_shared = load_script("vendor_shared")
 CallError, Policy, RunPodClient = dispatch.CallError, dispatch.Policy, runpod_client.RunPodClient
@@ -1212,7 +1213,7 @@ def test_trigger_and_schedule_end_a_doc_cancelled_by_its_flag_without_waking_a_w
         firestore_client, runpod.client(), user_id="u-cx", media_type="images", file_uid="c-trigger"
     )
     policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
-    assert (outcome, dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == (
+    assert (outcome, sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == (
         "cancelled",
         Counter(cancelled=2),
     )
@@ -1281,7 +1282,7 @@ def test_a_lost_workers_job_whose_dates_an_admin_wrote_as_text_is_dispatched_aga
     firestore_client.document("generations/u-s/images/text-dates").set(lost)
     runpod = stub(ACCEPTED)
     policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
-    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(redispatched=1)
+    assert sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(redispatched=1)
     assert [body["input"]["file_uid"] for _, body in runpod.requests] == ["text-dates"]
 
 
@@ -1306,7 +1307,7 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
         firestore_client.document(path).set(doc)
     runpod = stub(ACCEPTED)
     policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
-    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)
+    counts = sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy)
     assert counts == Counter(redispatched=3, failed=1, skipped=1, foreign=2)  # skipped: "recent"
     for path in ("posts/p1/images/old", "users/u9/videos/lost"):
         assert firestore_client.document(path).get().to_dict() == docs[path]
@@ -1319,9 +1320,9 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
         (f"generations/u-s/{path}", "accepted", 1, True)
         for path in ("images/never", "images/once", "videos/lost-worker")
     ]
-    [sweep] = logged(caplog, "redispatch_sweep")
-    assert sweep.counts == {"redispatched": 3, "failed": 1, "skipped": 1, "foreign": 2}
-    assert sweep.levelno == logging.INFO
+    [swept] = logged(caplog, "redispatch_sweep")
+    assert swept.counts == {"redispatched": 3, "failed": 1, "skipped": 1, "foreign": 2}
+    assert swept.levelno == logging.INFO
 
     def read(name, media="images"):
         return firestore_client.document(f"generations/u-s/{media}/{name}").get().to_dict()
@@ -1340,7 +1341,7 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
     )
     assert read("recent")["dispatch_count"] == 1 and read("fresh").get("dispatch_count") is None
     # A second sweep right away sends nothing: everything was just dispatched or is final.
-    assert set(dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == {"skipped", "foreign"}
+    assert set(sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == {"skipped", "foreign"}
     assert len(runpod.requests) == 3
 
 
@@ -1361,7 +1362,7 @@ def test_a_sweep_past_its_budget_leaves_the_rest_for_the_next(firestore_client, 
     )
     runpod = stub(ACCEPTED)
     policy = Policy(sweep_budget=timedelta(seconds=150))
-    counts = dispatch.redispatch_stale(
+    counts = sweep.redispatch_stale(
         firestore_client, runpod.client(), policy=policy, clock=lambda: 100.0 * len(runpod.requests)
     )
     assert counts == Counter(redispatched=2, deferred=3)
@@ -1369,7 +1370,7 @@ def test_a_sweep_past_its_budget_leaves_the_rest_for_the_next(firestore_client, 
     left = [firestore_client.document(path).get().to_dict() for path in images]
     assert [(doc["status"], doc.get("dispatch_count")) for doc in left] == [("queued", None)] * 3
     # The next sweep, with its own budget, sends them.
-    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(
+    assert sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(
         redispatched=3, skipped=2
     )
 
@@ -1421,7 +1422,7 @@ def test_a_marking_whose_answer_was_lost_is_known_for_its_own_and_goes_out(
         firestore_client.document(path).set(
             {**client_doc(width=512), "created_at": datetime.now(UTC) - timedelta(hours=1)}
         )
-        assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=Policy()) == Counter(redispatched=1)
+        assert sweep.redispatch_stale(firestore_client, runpod.client(), policy=Policy()) == Counter(redispatched=1)
     assert lost_answer == ["lost"]
     assert [body["input"]["file_uid"] for _, body in runpod.requests] == [dispatcher]
     doc = firestore_client.document(path).get().to_dict()
@@ -1438,28 +1439,28 @@ def test_one_jobs_unexpected_error_leaves_the_sweep_to_the_others(firestore_clie
         firestore_client.document(f"generations/u-e/images/j{n}").set(
             {**client_doc(), "created_at": old + timedelta(seconds=n)}
         )
-    real = dispatch._redispatch_one
+    real = sweep._redispatch_one
 
     def first_fails(store, runpod, key, policy, **kw):
         if key.file_uid == "j0":
             raise RuntimeError("409 Too much contention on these documents")
         return real(store, runpod, key, policy, **kw)
 
-    monkeypatch.setattr(dispatch, "_redispatch_one", first_fails)
+    monkeypatch.setattr(sweep, "_redispatch_one", first_fails)
     runpod = stub(ACCEPTED)
-    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=Policy())
+    counts = sweep.redispatch_stale(firestore_client, runpod.client(), policy=Policy())
     assert counts == Counter(redispatched=2, error=1)
     assert sorted(body["input"]["file_uid"] for _, body in runpod.requests) == ["j1", "j2"]
     [error] = logged(caplog, "redispatch_error")
     assert error.path == "generations/u-e/images/j0" and "contention" in error.error
-    [sweep] = logged(caplog, "redispatch_sweep")
-    assert sweep.counts == {"redispatched": 2, "error": 1}
+    [swept] = logged(caplog, "redispatch_sweep")
+    assert swept.counts == {"redispatched": 2, "error": 1}
 
 
 def test_a_sweep_while_runpod_is_down_records_why(firestore_client):
     old = datetime.now(UTC) - timedelta(hours=1)
     firestore_client.document("generations/u-d/images/j").set({**client_doc(), "created_at": old})
-    counts = dispatch.redispatch_stale(firestore_client, nobody_listening(), policy=Policy())
+    counts = sweep.redispatch_stale(firestore_client, nobody_listening(), policy=Policy())
     assert counts == Counter(undelivered=1)
     doc = firestore_client.document("generations/u-d/images/j").get().to_dict()
     assert doc["status"] == "queued" and doc["dispatch_count"] == 1 and doc["dispatch_error"]
@@ -2141,7 +2142,7 @@ def test_a_stale_invalid_doc_is_failed_by_the_sweep_without_waking_a_worker(fire
     path = "generations/u-sv/images/bad-old"
     firestore_client.document(path).set({**client_doc(width=100), "created_at": old})
     runpod = stub(ACCEPTED)
-    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=Policy())
+    counts = sweep.redispatch_stale(firestore_client, runpod.client(), policy=Policy())
     assert counts == Counter(invalid=1)
     doc = firestore_client.document(path).get().to_dict()
     assert (doc["status"], doc["error_type"], doc["error_message"]) == (
@@ -2553,7 +2554,7 @@ def test_a_redelivery_is_known_after_the_functions_dispatch_named_the_job_anew(f
     firestore_client.document(path).update({"created_at": datetime.now(UTC) - timedelta(hours=1)})
     runpod = stub(ACCEPTED)
     policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
-    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(redispatched=1)
+    assert sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy) == Counter(redispatched=1)
     [(_, sent)] = runpod.requests
     assert handler.handle(sent["input"], "job-1")["status"] == "accepted"
     assert firestore_client.document(path).get().get("runpod_job_id") == "job-1"

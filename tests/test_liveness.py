@@ -9,7 +9,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from fixtures_scheduling import StubGenerator, queue_jobs, read, results, sched_worker, wait_until  # noqa: F401
-from test_functions import ACCEPTED, client_doc, dispatch, stub  # noqa: F401  (stub is a fixture)
+from test_functions import ACCEPTED, client_doc, dispatch, stub, sweep  # noqa: F401  (stub is a fixture)
 
 from firegen_core import workers
 from firegen_core.jobs import JobKey
@@ -45,7 +45,7 @@ def test_a_busy_worker_keeps_its_backlog_from_failing(sched_worker, firestore_cl
     assert timedelta(days=6.99) < doc["expire_at"] - doc[workers.SEEN_AT] < timedelta(days=7.01)
 
     runpod = stub(ACCEPTED)
-    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
+    counts = sweep.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
     assert counts["failed"] == 0 and counts["waiting"] == 6, counts
     assert [read(firestore_client, key)["status"] for key in backlog] == ["queued"] * 6
     assert runpod.requests == []  # dispatched enough already: nothing more sent
@@ -71,7 +71,7 @@ def test_with_no_worker_seen_since_its_last_dispatch_the_stale_backlog_fails(sch
     )
     backlog = stale_backlog(firestore_client, 3, dispatched=timedelta(minutes=20))
     runpod = stub(ACCEPTED)
-    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
+    counts = sweep.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
     assert counts == Counter(failed=3)
     assert {read(firestore_client, key)["error_type"] for key in backlog} == {"Exception"}
     assert runpod.requests == []
@@ -90,14 +90,14 @@ def test_a_backlog_its_workers_left_is_dispatched_again_not_failed(sched_worker,
     assert firestore_client.document("workers/scaled-down").get().get(workers.FINISHED) == 1  # it ran jobs
     backlog = stale_backlog(firestore_client, 3)  # dispatched 3 times, the last an hour ago
     runpod = stub(ACCEPTED)
-    counts = dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
+    counts = sweep.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
     assert counts == Counter(redispatched=3)
     assert [(read(firestore_client, k)["status"], read(firestore_client, k)["dispatch_count"]) for k in backlog] == [
         ("queued", 4)
     ] * 3
     assert sorted(body["input"]["file_uid"] for _, body in runpod.requests) == [k.file_uid for k in backlog]
     # Dispatched again just now: the next sweep leaves them (not stale), whatever the workers.
-    assert set(dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)) <= {"skipped"}
+    assert set(sweep.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)) <= {"skipped"}
     assert len(runpod.requests) == 3
 
 
@@ -115,7 +115,7 @@ def test_workers_that_never_ran_a_job_wake_none_again_and_the_redispatches_are_b
     )
     backlog = stale_backlog(firestore_client, 2)
     runpod = stub(ACCEPTED)
-    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(failed=2)
+    assert sweep.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(failed=2)
     assert runpod.requests == [] and {read(firestore_client, k)["status"] for k in backlog} == {"failed"}
     # A worker that ran jobs, seen after the last dispatch: woken again, up to 6 dispatches in all.
     firestore_client.document("workers/worked").set(
@@ -130,9 +130,7 @@ def test_workers_that_never_ran_a_job_wake_none_again_and_the_redispatches_are_b
         firestore_client.document(f"generations/u-cap/images/{name}").set(
             {**client_doc(), "created_at": old, "dispatch_count": count, "dispatched_at": old}
         )
-    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(
-        redispatched=1, failed=1
-    )
+    assert sweep.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(redispatched=1, failed=1)
     assert [body["input"]["file_uid"] for _, body in runpod.requests] == ["fifth"]
     sixth = firestore_client.document("generations/u-cap/images/sixth").get().to_dict()
     assert (sixth["status"], sixth["error_message"]) == (
@@ -147,7 +145,7 @@ def test_a_worker_killed_minutes_ago_still_counts_as_running(firestore_client, s
     firestore_client.document("workers/killed").set({workers.SEEN_AT: datetime.now(UTC) - timedelta(minutes=2)})
     stale_backlog(firestore_client, 2)
     runpod = stub(ACCEPTED)
-    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(waiting=2)
+    assert sweep.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(waiting=2)
     assert runpod.requests == []
 
 
@@ -160,7 +158,7 @@ def test_below_the_dispatch_limit_a_live_workers_backlog_is_still_redispatched(f
         {**client_doc(), "created_at": old, "dispatch_count": 1, "dispatched_at": old}
     )
     runpod = stub(ACCEPTED)
-    assert dispatch.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(redispatched=1)
+    assert sweep.redispatch_stale(firestore_client, runpod.client(), policy=POLICY) == Counter(redispatched=1)
     assert read(firestore_client, key)["dispatch_count"] == 2 and len(runpod.requests) == 1
 
 

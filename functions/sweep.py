@@ -1,0 +1,160 @@
+"""The scheduled sweep (`redispatchStaleJobs`): a job nobody picked up gets a worker woken for it again.
+
+A dispatch may reach no worker (RunPod down, a worker that died mid-run, one scaled away with its backlog), and
+nothing else would wake one for the job. So `redispatch_stale` dispatches stale jobs again, a bounded number of
+times, then fails them with a clear message, but only when no worker has been alive for the whole stale period
+(`workers/{id}` docs, firegen_core.workers): a long backlog on live workers never fails a job. Each job's
+re-dispatch is marked in one compare-and-set as `dispatch` marks its own (`_Marking`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from dispatch import (
+    BY_SCHEDULER,
+    DISPATCH_COUNT,
+    DISPATCHED_AT,
+    Policy,
+    _deliver,
+    _failed_outcome,
+    _Marking,
+    _refused_or_marked,
+    _store,
+)
+from google.cloud import firestore
+from runpod_client import RunPodClient
+
+from firegen_core import lifecycle, quota, workers
+from firegen_core.contract import parse_document
+from firegen_core.errors import EXCEPTION, GenerationError
+from firegen_core.jobs import MEDIA_TYPES, JobKey, JobStore
+from firegen_core.quota import Limits
+
+# Its records keep the logger they were always written under (each log entry names it: README "Logs").
+log = logging.getLogger("functions.dispatch")
+# A job at MAX_DISPATCHES that working workers left queued is dispatched again, up to this many times MAX_DISPATCHES.
+LEFT_BEHIND_FACTOR = 2
+
+
+def _last_dispatch(doc: Mapping[str, Any]) -> datetime | None:
+    """When the job was last sent to a worker (None: no date to tell; an admin's doc may hold anything there)."""
+    for field in (DISPATCHED_AT, "created_at"):
+        if isinstance(value := doc.get(field), datetime):
+            return value
+    return None
+
+
+def _stale(doc: Mapping[str, Any] | None, now: datetime, policy: Policy) -> bool:
+    """Queued and not dispatched for a while, or processing under an expired lease (its worker is gone)."""
+    if doc is None:
+        return False
+    status = doc.get("status")
+    if status == lifecycle.PROCESSING:
+        if not lifecycle.lease_expired(doc, now):
+            return False
+    elif status != lifecycle.QUEUED:
+        return False
+    last = _last_dispatch(doc)
+    return last is None or last <= now - policy.redispatch_after
+
+
+def _given_up(count: int, policy: Policy) -> GenerationError:
+    minutes = policy.redispatch_after.total_seconds() / 60
+    return GenerationError(
+        EXCEPTION,
+        f"No GPU worker picked up the job after {count} dispatches, {minutes:g} minutes apart; please try again",
+    )
+
+
+def redispatch_stale(
+    db: firestore.Client,
+    runpod: RunPodClient,
+    *,
+    policy: Policy = Policy(),
+    now: datetime | None = None,
+    limits: Limits = Limits(),
+    clock: Callable[[], float] = time.monotonic,
+) -> Counter:
+    """The scheduled sweep. Returns counts: redispatched, failed, waiting (dispatched enough, in a live worker's
+    backlog: left queued), cancelled (its owner's cancel flag on it: ended, not dispatched), skipped,
+    invalid, foreign (a doc outside generations/ the queries met: skipped), error (its dispatch failed unexpectedly:
+    logged `redispatch_error`, the next sweep tries again), deferred (found past the sweep's budget: untouched, for the next sweep), and each verdict outcome."""
+    now = now or datetime.now(UTC)
+    cutoff = now - policy.redispatch_after
+    counts: Counter = Counter()
+    store = _store(db, limits)
+    ends = clock() + policy.sweep_budget.total_seconds()
+    # Workers running (seen within the stale period, not left) are working through a backlog: nothing fails for want
+    # of a worker. Nor does a job that a worker was seen after its last dispatch: workers came, and went leaving it.
+    seen = workers.sightings(db, cutoff)
+    # Read whole first (a query's stream held open across dispatches of up to 50 s each could outlive its
+    # deadline), in the order the budget serves them: jobs whose worker died mid-run, then the queued ones oldest
+    # first, videos and images alike.
+    expired = [s for media in MEDIA_TYPES for s in store.expired(media, now, limit=policy.scan_limit).stream()]
+    queued = [
+        s
+        for media in MEDIA_TYPES
+        for s in store.oldest_queued(media, created_before=cutoff, limit=policy.scan_limit).stream()
+    ]
+    queued.sort(key=lambda snapshot: snapshot.get("created_at"))
+    for snapshot in expired + queued:
+        try:
+            key = JobKey.from_path(snapshot.reference.path)
+        except ValueError:  # another app's `images` or `videos` (see the README's "Into an existing Firebase project")
+            counts["foreign"] += 1
+            continue
+        if clock() >= ends:
+            counts["deferred"] += 1
+            continue
+        try:
+            counts[_redispatch_one(store, runpod, key, policy, seen=seen)] += 1
+        except Exception as exc:  # one job's trouble (Firestore contended, away a moment) leaves the others theirs
+            counts["error"] += 1
+            log.warning("redispatch_error", extra={"path": key.path, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    if counts:
+        log.info("redispatch_sweep", extra={"counts": dict(counts)})
+    return counts
+
+
+def _redispatch_one(
+    store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy, *, seen: workers.Sightings
+) -> str:
+    waiting = False
+    marking = _Marking()
+
+    def decide(doc: dict | None, now: datetime) -> dict | None:
+        nonlocal waiting
+        if marking.landed_here(doc):
+            return None
+        if not _stale(doc, now, policy):
+            return None
+        if doc.get(lifecycle.CANCEL_REQUESTED):  # ended as a claim would end it: no worker woken for it
+            return lifecycle.cancelled(doc)
+        count = int(quota.number(doc, DISPATCH_COUNT))
+        if count >= policy.max_dispatches:
+            waiting = seen.running  # in a running worker's backlog: it waits its turn
+            if waiting:
+                return None
+            last = _last_dispatch(doc)
+            worked = seen.last_worked is not None and last is not None and seen.last_worked > last
+            if not worked or count >= policy.max_dispatches * LEFT_BEHIND_FACTOR:
+                return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
+            # Workers that ran jobs to their end were seen after its last dispatch, and left it queued (RunPod scaled
+            # them down while the backlog waited, or the one running it died): the endpoint runs jobs, so one is
+            # woken for it again; up to LEFT_BEHIND_FACTOR times MAX_DISPATCHES in all, whatever comes.
+        return _refused_or_marked(key, doc, BY_SCHEDULER, marking)
+
+    outcome = marking.outcome(store.transition(key, decide))
+    if not outcome.applied:
+        return "waiting" if waiting else "skipped"
+    if outcome.written.get("status") == lifecycle.FAILED:
+        return _failed_outcome(outcome.written, otherwise="failed")
+    request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
+    verdict, _ = _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
+    return "redispatched" if verdict.delivered else verdict.outcome
