@@ -97,7 +97,7 @@ P, R = ParamSpec("P"), TypeVar("R")
 DISPATCH_COUNT = lifecycle.DISPATCH_COUNT  # how many times a worker was woken for this job
 DISPATCHED_AT = "dispatched_at"  # server time of the last dispatch
 DISPATCHED_BY = "dispatched_by"  # "callable" | "trigger" | "scheduler"
-DISPATCH_TOKEN = "dispatch_token"  # the last marking's own id (`_Marking`)
+DISPATCH_TOKEN = "dispatch_token"  # the last marking's own id (`Marking`)
 DISPATCH_ERROR = lifecycle.DISPATCH_ERROR  # why the last dispatch did not reach a worker; removed by the next one
 
 BY_CALLABLE, BY_TRIGGER, BY_SCHEDULER = "callable", "trigger", "scheduler"
@@ -159,12 +159,12 @@ class Policy:
 CALL_ERROR_CODES = {VALIDATION_ERROR: "invalid-argument", QUOTA_EXCEEDED: "resource-exhausted"}
 
 
-def _store(db: firestore.Client, limits: Limits = Limits()) -> JobStore:
+def job_store(db: firestore.Client, limits: Limits = Limits()) -> JobStore:
     # RETENTION_DAYS is a plain variable, as the workers read it (config.py checks it at each cold start).
     return JobStore(db, limits=limits, retention_days=lifecycle.retention_days(os.environ))
 
 
-class _Marking:
+class Marking:
     """One dispatcher's marks on a job, each try's with a token of its own (`dispatch_token`). A try whose commit
     landed but whose answer was lost is sent again by the client library, which the doc's new update time refuses;
     read again, the doc showed the job dispatched, as if by another: nothing was sent, the callable said
@@ -310,7 +310,7 @@ def _record_verdict(
         return None
 
 
-def _deliver(
+def deliver(
     store: JobStore, runpod: RunPodClient, key: JobKey, request: GenerationRequest, count: int
 ) -> tuple[Verdict, dict[str, Any] | None]:
     """POST the job (`count`: the dispatch_count this dispatch wrote); a refusal fails its doc (when still
@@ -376,7 +376,7 @@ def generate(
     """
     if not uid:
         raise CallError("unauthenticated", "Sign in to generate")
-    store = _store(db, limits)
+    store = job_store(db, limits)
     if not isinstance(data, Mapping):
         raise CallError("invalid-argument", invalid("input must be a JSON object").message)
     raw = _unwrapped(data)
@@ -414,7 +414,7 @@ def generate(
         raise CallError("invalid-argument", message) from None
 
     key = JobKey.of(request)
-    marking = _Marking()
+    marking = Marking()
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if marking.landed_here(doc):
@@ -446,7 +446,7 @@ def generate(
             return _reply(key, PENDING_MESSAGE, "queued")
         return _reply(key, STARTED_MESSAGE, "accepted")
 
-    verdict, now = _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
+    verdict, now = deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
     if verdict.outcome == runpod_client.ACCEPTED:
         return _reply(key, STARTED_MESSAGE, "accepted")
     if verdict.outcome == runpod_client.REJECTED:
@@ -503,7 +503,7 @@ def dispatch_created(
     key = JobKey(user_id, media_type, file_uid)
     if grace > 0:
         _await_request(db, key, grace)
-    marking = _Marking()
+    marking = Marking()
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
         if marking.landed_here(doc):
@@ -518,19 +518,19 @@ def dispatch_created(
             return None
         # Its owner's cancel (the doc's flag, within the grace, where no worker may be up to hear it): ended here
         # rather than dispatched, which would wake a GPU worker for it.
-        return lifecycle.drop_cancelled(doc) or _refused_or_marked(key, doc, BY_TRIGGER, marking)
+        return lifecycle.drop_cancelled(doc) or refused_or_marked(key, doc, BY_TRIGGER, marking)
 
-    store = _store(db, limits)
+    store = job_store(db, limits)
     outcome = marking.outcome(store.transition(key, decide, admit=True))
     if not outcome.applied:
         return "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
-        return _failed_outcome(outcome.written, otherwise="refused")
+        return failed_outcome(outcome.written, otherwise="refused")
     request = parse_document(user_id, media_type, file_uid, outcome.before)
-    return _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])[0].outcome
+    return deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])[0].outcome
 
 
-def _refused_or_marked(key: JobKey, doc: Mapping[str, Any], by: str, marking: _Marking) -> dict[str, Any]:
+def refused_or_marked(key: JobKey, doc: Mapping[str, Any], by: str, marking: Marking) -> dict[str, Any]:
     """A doc that breaks the contract is failed in the same write that would mark it dispatched: nothing goes out
     for it, and a request that restated it meanwhile (the callable's) makes the write decide again."""
     request = stated_request(key, doc)
@@ -539,7 +539,7 @@ def _refused_or_marked(key: JobKey, doc: Mapping[str, Any], by: str, marking: _M
     return marking.markers(doc, by, request)
 
 
-def _failed_outcome(written: Mapping[str, Any], *, otherwise: str) -> str:
+def failed_outcome(written: Mapping[str, Any], *, otherwise: str) -> str:
     """What a transition that failed the job says it did."""
     return {CANCELLED: "cancelled", VALIDATION_ERROR: "invalid"}.get(written.get("error_type"), otherwise)
 
@@ -615,7 +615,7 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     a job already cancelled answers "cancelled" again, so a retried call is harmless).
     """
     key = _named_job(uid, data, "cancel")
-    outcome = _store(db, limits).cancel(key)  # its refund rewrites the usage doc, limits included
+    outcome = job_store(db, limits).cancel(key)  # its refund rewrites the usage doc, limits included
     doc = outcome.before
     if doc is None:
         raise CallError("not-found", "No such generation")
@@ -667,7 +667,7 @@ def delete(
         raise CallError("unavailable", DELETE_NOT_RECORDED)
     try:
         with _deleting_in(bucket):
-            deleted = deletion.delete_finished(_store(db, limits), bucket, key)
+            deleted = deletion.delete_finished(job_store(db, limits), bucket, key)
     except deletion.NotFinished as exc:
         raise CallError("failed-precondition", f"Generation is {exc.status}: cancel it first, then delete it") from None
     if deleted is None:
@@ -709,7 +709,7 @@ def delete_all(
     if bucket is None:  # the functions' configuration names none (logged)
         raise CallError("unavailable", DELETE_NOT_RECORDED)
     with _deleting_in(bucket):
-        erased = deletion.erase_user(_store(db, limits), bucket, uid)
+        erased = deletion.erase_user(job_store(db, limits), bucket, uid)
     log.info("user_erased" if erased.done else "user_erasing", extra={"user_id": uid, **asdict(erased)})
     if erased.elsewhere:  # never deleted by calling again: an operator's to set (the pass did the rest)
         with _deleting_in(bucket):

@@ -4,7 +4,7 @@ A dispatch may reach no worker (RunPod down, a worker that died mid-run, one sca
 nothing else would wake one for the job. So `redispatch_stale` dispatches stale jobs again, a bounded number of
 times, then fails them with a clear message, but only when no worker has been alive for the whole stale period
 (`workers/{id}` docs, firegen_core.workers): a long backlog on live workers never fails a job. Each job's
-re-dispatch is marked in one compare-and-set as `dispatch` marks its own (`_Marking`).
+re-dispatch is marked in one compare-and-set as `dispatch` marks its own (`Marking`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from dispatch import (
     BY_SCHEDULER,
     DISPATCH_COUNT,
     DISPATCHED_AT,
+    Marking,
     Policy,
-    _deliver,
-    _failed_outcome,
-    _Marking,
-    _refused_or_marked,
-    _store,
+    deliver,
+    failed_outcome,
+    job_store,
+    refused_or_marked,
 )
 from google.cloud import firestore
 from runpod_client import RunPodClient
@@ -88,7 +88,7 @@ def redispatch_stale(
     now = now or datetime.now(UTC)
     cutoff = now - policy.redispatch_after
     counts: Counter = Counter()
-    store = _store(db, limits)
+    store = job_store(db, limits)
     ends = clock() + policy.sweep_budget.total_seconds()
     # Workers running (seen within the stale period, not left) are working through a backlog: nothing fails for want
     # of a worker. Nor does a job that a worker was seen after its last dispatch: workers came, and went leaving it.
@@ -126,7 +126,7 @@ def _redispatch_one(
     store: JobStore, runpod: RunPodClient, key: JobKey, policy: Policy, *, seen: workers.Sightings
 ) -> str:
     waiting = False
-    marking = _Marking()
+    marking = Marking()
 
     def decide(doc: dict | None, now: datetime) -> dict | None:
         nonlocal waiting
@@ -148,13 +148,13 @@ def _redispatch_one(
             # Workers that ran jobs to their end were seen after its last dispatch, and left it queued (RunPod scaled
             # them down while the backlog waited, or the one running it died): the endpoint runs jobs, so one is
             # woken for it again; up to LEFT_BEHIND_FACTOR times MAX_DISPATCHES in all, whatever comes.
-        return _refused_or_marked(key, doc, BY_SCHEDULER, marking)
+        return refused_or_marked(key, doc, BY_SCHEDULER, marking)
 
     outcome = marking.outcome(store.transition(key, decide))
     if not outcome.applied:
         return "waiting" if waiting else "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
-        return _failed_outcome(outcome.written, otherwise="failed")
+        return failed_outcome(outcome.written, otherwise="failed")
     request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
-    verdict, _ = _deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
+    verdict, _ = deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
     return "redispatched" if verdict.delivered else verdict.outcome

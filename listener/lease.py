@@ -111,12 +111,12 @@ class Heartbeat:
                 failed = quietly(lambda: self.store.fail(self.job, self.overrun), self.job)
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
-                    log.warning("job_lost", reason="no longer this try's at its deadline", **_ids(self.job))
+                    log.warning("job_lost", reason="no longer this try's at its deadline", **job_ids(self.job))
                 elif failed:
                     if self.first_to_log():  # else the runner, past the join, wrote and logged it first
-                        _log_failure(self.overrun.error_type, self.overrun.message, self.job, by="heartbeat")
+                        log_failure(self.overrun.error_type, self.overrun.message, self.job, by="heartbeat")
                 else:  # the write failed (Firestore away): the runner settles it when the step comes back
-                    log.warning("job_timeout_forced", failed=failed, **_ids(self.job))
+                    log.warning("job_timeout_forced", failed=failed, **job_ids(self.job))
                 return
             if self.abort is not None and self.abort.is_set():
                 if self.finishing.is_set():
@@ -131,11 +131,11 @@ class Heartbeat:
                 if not self.store.renew(self.job, progress=progress):
                     if self.finishing.is_set():
                         return  # the final write landed first: nothing was lost
-                    log.warning("lease_lost", **_ids(self.job))
+                    log.warning("lease_lost", **job_ids(self.job))
                     self.lost.set()
                     return
             except Exception as exc:  # Firestore briefly away: the lease has slack, try again next beat
-                log.warning("lease_renew_error", error=str(exc), **_ids(self.job))
+                log.warning("lease_renew_error", error=str(exc), **job_ids(self.job))
 
     def resume_deadline(self, held_seconds: float) -> None:
         self.hard_deadline += held_seconds  # before `held` clears: the thread never reads the old deadline as live
@@ -157,25 +157,25 @@ class Heartbeat:
         self.stop()  # the one place a job's heartbeat ends: before any final write but `complete`
 
 
-def _ids(job: ClaimedJob) -> dict[str, Any]:
+def job_ids(job: ClaimedJob) -> dict[str, Any]:
     ids = {"user_id": job.key.user_id, "file_uid": job.key.file_uid, "attempt": job.lease.attempt}
     request_id = job.doc.get(RUNPOD_JOB_ID)  # the RunPod job that dispatched it: its log lines carry it
     return {**ids, "requestId": request_id} if isinstance(request_id, str) and request_id else ids
 
 
-def _log_failure(error_type: str, message: str, job: ClaimedJob, **more: object) -> None:
+def log_failure(error_type: str, message: str, job: ClaimedJob, **more: object) -> None:
     """A job's end as failed: `job_failed`, at the level its error type says (errors.failure_level)."""
     level = failure_level(error_type)
-    getattr(log, level)("job_failed", error_type=error_type, error_message=message, **more, **_ids(job))
+    getattr(log, level)("job_failed", error_type=error_type, error_message=message, **more, **job_ids(job))
 
 
 def release(store: WorkerJobs, job: ClaimedJob) -> RunOutcome:
     """Give the job back to the queue (fenced; past MAX_RELEASES it fails instead), and say so."""
     written = store.release(job)
     if written is not None and written.get("status") == lifecycle.FAILED:  # past MAX_RELEASES
-        _log_failure(written["error_type"], written["error_message"], job)
+        log_failure(written["error_type"], written["error_message"], job)
         return RunOutcome.FAILED
-    log.info("job_released", released=written is not None, **_ids(job))
+    log.info("job_released", released=written is not None, **job_ids(job))
     return RunOutcome.RELEASED
 
 
@@ -184,5 +184,5 @@ def quietly(call, job: ClaimedJob) -> Any:
     try:
         return call()
     except Exception as exc:
-        log.warning("write_error", error=str(exc), **_ids(job))
+        log.warning("write_error", error=str(exc), **job_ids(job))
         return None

@@ -35,7 +35,7 @@ from firegen_core.errors import (
 )
 from firegen_core.jobs import BOUND, ClaimedJob
 
-from .lease import Heartbeat, RunOutcome, _ids, _log_failure, quietly, release
+from .lease import Heartbeat, RunOutcome, job_ids, log_failure, quietly, release
 from .storage import Superseded, claim_stamp, is_transient
 
 log = structlog.get_logger("listener.runner")
@@ -190,7 +190,7 @@ class JobRunner:
         with ExitStack() as stack:
             # Every line of this thread names its job(s): also the libraries' (a prompt cut to CLIP's 77 tokens).
             if len(jobs) == 1:
-                stack.enter_context(structlog.contextvars.bound_contextvars(**_ids(jobs[0][0])))
+                stack.enter_context(structlog.contextvars.bound_contextvars(**job_ids(jobs[0][0])))
             else:
                 stack.enter_context(
                     structlog.contextvars.bound_contextvars(file_uids=[j.key.file_uid for j, _ in jobs])
@@ -216,7 +216,7 @@ class JobRunner:
                     task_type=run.request.task_type,
                     deadline_seconds=round(limit, 1),
                     **extra,
-                    **_ids(run.job),
+                    **job_ids(run.job),
                 )
             t0 = time.monotonic()
             generated = self._generate(list(runs.values()))
@@ -229,7 +229,7 @@ class JobRunner:
                 try:
                     outcomes[index] = self._deliver(run, result, seconds, patient_until)
                 except Exception as exc:  # its lease lapses and another try runs it; the batch's others go on
-                    log.error("job_runner_crashed", error=repr(exc), **_ids(run.job))
+                    log.error("job_runner_crashed", error=repr(exc), **job_ids(run.job))
                     outcomes[index] = RunOutcome.LOST
         return [outcomes[index] for index in range(len(jobs))]
 
@@ -271,7 +271,7 @@ class JobRunner:
                 return self._lost_or_timed_out(run)
             run.resume()
             t1 = time.monotonic()
-            with structlog.contextvars.bound_contextvars(**_ids(job)):  # its retries' log lines name the job
+            with structlog.contextvars.bound_contextvars(**job_ids(job)):  # its retries' log lines name the job
                 urls = self.results.upload(
                     job.key.user_id,
                     job.key.file_uid,
@@ -307,7 +307,7 @@ class JobRunner:
             heartbeat.stop()
             if heartbeat.lost.is_set():  # ended by the heartbeat meanwhile (its deadline, the worker leaving)
                 return self._lost_or_timed_out(run)
-            log.error("job_not_recorded", error=str(exc.__cause__), **_ids(job))
+            log.error("job_not_recorded", error=str(exc.__cause__), **job_ids(job))
             return RunOutcome.LOST
         except Exception as exc:
             heartbeat.stop()
@@ -326,14 +326,14 @@ class JobRunner:
             return self._lost(job, heartbeat, reason="lease taken over during the upload; not completed")
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
             self._remove_results(job, request)
-            log.info("job_cancelled", during="upload", **_ids(job))
+            log.info("job_cancelled", during="upload", **job_ids(job))
             return RunOutcome.FAILED
         if job.lease.attempt > 1:  # an earlier try may have uploaded more images (its request then restated it)
             quietly(
                 lambda: self.results.remove_beyond(job.key.user_id, job.key.file_uid, request.task_type, len(urls)),
                 job,
             )
-        log.info("job_completed", seconds=round(time.monotonic() - run.started, 3), outputs=len(urls), **_ids(job))
+        log.info("job_completed", seconds=round(time.monotonic() - run.started, 3), outputs=len(urls), **job_ids(job))
         return RunOutcome.COMPLETED
 
     def _timed_out(self, run: _Run) -> bool:
@@ -346,7 +346,7 @@ class JobRunner:
             quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun)), run.job)
         )
         if settled and run.heartbeat.first_to_log():  # the heartbeat's own write failed: the runner's is the end
-            _log_failure(run.overrun.error_type, run.overrun.message, run.job, by="runner")
+            log_failure(run.overrun.error_type, run.overrun.message, run.job, by="runner")
         return settled
 
     def _lost_or_timed_out(self, run: _Run) -> RunOutcome:
@@ -365,7 +365,7 @@ class JobRunner:
             run.heartbeat.stop()
             run.outcome = self._interrupted(run)
         except Exception as exc:  # written again once the batch ends (`_deliver`)
-            log.warning("write_error", error=str(exc), **_ids(run.job))
+            log.warning("write_error", error=str(exc), **job_ids(run.job))
 
     def _interrupted(self, run: _Run) -> RunOutcome:
         """A job whose generation stopped: nothing to write when its lease was lost; failed `Cancelled` or
@@ -394,7 +394,7 @@ class JobRunner:
         if not self._while_held(job, lambda: self.store.fail(job, error)):
             # Not this claim's job any more: nothing was failed (a restated job's `job_preempted` came first).
             return self._lost(job, reason="no longer this claim's (restated, or taken over); nothing written")
-        _log_failure(error.error_type, error.message, job)
+        log_failure(error.error_type, error.message, job)
         return RunOutcome.FAILED
 
     def _remove_results(self, job: ClaimedJob, request: GenerationRequest) -> None:
@@ -403,7 +403,7 @@ class JobRunner:
         count = 1 if request.is_video else request.num_images_per_prompt
         removed = quietly(lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count), job)
         if removed:
-            log.info("job_results_removed", objects=removed, **_ids(job))
+            log.info("job_results_removed", objects=removed, **job_ids(job))
 
     def _drop_if_deleted(self, job: ClaimedJob, request: GenerationRequest) -> None:
         """After an upload whose completion found the job no longer this claim's: where its owner deleted it
@@ -417,7 +417,7 @@ class JobRunner:
         removed = quietly(
             lambda: self.results.remove_written(job.key.user_id, job.key.file_uid, request.task_type, count, stamp), job
         )
-        log.info("job_results_removed", objects=removed, reason="job deleted", **_ids(job))
+        log.info("job_results_removed", objects=removed, reason="job deleted", **job_ids(job))
 
     def _recorded(self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat, until: float) -> T | None:
         """A generated job's fence check or completion: tried while Firestore is away until `until` (its batch's
@@ -450,7 +450,7 @@ class JobRunner:
                 "store_retry",
                 error=str(state.outcome and state.outcome.exception()),
                 try_number=state.attempt_number,
-                **_ids(job),
+                **job_ids(job),
             ),
             reraise=True,
         )
@@ -462,7 +462,7 @@ class JobRunner:
     ) -> RunOutcome:
         if heartbeat is not None and heartbeat.ended is not None:  # ended by the heartbeat, which logged it
             return heartbeat.ended
-        log.warning("job_lost", reason=reason, **_ids(job))
+        log.warning("job_lost", reason=reason, **job_ids(job))
         return RunOutcome.LOST
 
 
