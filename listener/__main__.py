@@ -7,7 +7,6 @@ picks up every queued doc, it just has no HTTP door.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 import os
@@ -138,6 +137,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO
     from generation.engine import Engine, EngineConfig, quiet_loading
 
+    from . import fitness
     from .startup import Deadline, import_runpod_sdk, runpod_report
     from .version import code_version
     from .worker import build_worker
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         if _on_runpod(argv):
             serve_api = any(a.split("=")[0] == "--rp_serve_api" for a in argv)
             route_runpod_sdk(local_api=serve_api or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0"))
-        if not _fit(worker, production, settings.fitness_check_timeout_seconds, start):
+        if not fitness.check(worker, production, settings.fitness_check_timeout_seconds, start):
             return worker.exit_code
         # Before the first claim: a deadline that fired as the checks ended holds the process here, and none
         # fires once the worker claims (its readiness below has bounds of its own).
@@ -283,77 +283,6 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         code = worker.exit_code if exit_code is None else exit_code
         (log.error if code else log.info)("worker_exit", code=code, reason=worker.failure or "shutdown")
     return 1 if exit_code == 1 else worker.exit_code
-
-
-def _fit(worker, production: bool, timeout: float, start: Any) -> bool:
-    """The start-up fitness checks (`_run_fitness_checks`), which must end within `timeout` seconds."""
-    from .startup import Deadline, runpod_report
-
-    deadline = Deadline(
-        timeout,
-        event="fitness_check_failed",
-        fields={
-            "error_type": "FitnessCheckTimeout",
-            "error": f"the start-up checks ran past {timeout:g} s (FITNESS_CHECK_TIMEOUT_SECONDS)",
-        },
-        exit_reason="fitness check failed: FitnessCheckTimeout",
-        report=runpod_report("firegen_fitness_deadline") if production else None,
-        outer=start,
-    )
-    try:
-        return _run_fitness_checks(worker, production, deadline)
-    finally:
-        deadline.done()
-
-
-def _run_fitness_checks(worker, production: bool, deadline: Any) -> bool:
-    """The start-up fitness check, before the worker claims anything (run by the SDK, on RunPod's job loop, it
-    came after the listeners had started, and a worker that could not write its results failed the queued docs it
-    claimed meanwhile, at each restart: an audit saw 3 jobs failed). On RunPod's job loop it runs through the SDK's
-    own runner, after the SDK's GPU and system checks (ours writes the worker's heartbeat doc, which a failure of
-    theirs, ending the process with os._exit, would leave behind): a failure is reported to RunPod as unhealthy
-    and ends the process there and then (the SDK's os._exit(1)). The SDK's `start` then has none left to run.
-    False: unfit (elsewhere, or with an SDK that has no such runner)."""
-    import structlog
-
-    fitness: Any = None
-    if production:
-        from runpod.serverless.modules import rp_fitness
-
-        fitness = rp_fitness
-    names = ("register_fitness_check", "run_fitness_checks", "clear_fitness_checks")
-    if fitness is not None and all(callable(getattr(fitness, name, None)) for name in names):
-
-        def firegen_fitness_check() -> None:  # the name the SDK logs and reports
-            try:
-                worker.fitness_check()
-            except Exception:
-                deadline.done()  # the SDK's failure path ends the process: the deadline must not say it too
-                # os._exit follows: no `finally` to say it
-                structlog.get_logger("listener").error("worker_exit", code=1, reason=worker.failure)
-                raise
-
-        asyncio.run(fitness.run_fitness_checks())  # the SDK's own, registered by this first run
-        fitness.clear_fitness_checks()
-        fitness.register_fitness_check(firegen_fitness_check)
-        asyncio.run(fitness.run_fitness_checks())
-        fitness.clear_fitness_checks()
-        # Its `start` runs them again (none are left; the SDK registers its own only once): where it does so by
-        # this name, not even that, whatever a later SDK does with its registrations.
-        from runpod.serverless import worker as sdk_worker
-
-        if callable(getattr(sdk_worker, "run_fitness_checks", None)):
-            sdk_worker.run_fitness_checks = _checked
-        return True
-    try:
-        worker.fitness_check()
-    except Exception:
-        return False
-    return True
-
-
-async def _checked() -> None:
-    """The fitness checks, run already (`_fit`)."""
 
 
 def _stop_claiming_when_uvicorn_exits(reconciler) -> None:

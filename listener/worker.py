@@ -145,7 +145,7 @@ class Worker:
 
     def fitness_check(self) -> None:
         """The start-up check of the accelerator and of the results' bucket, run before the worker claims a job
-        (on RunPod by the SDK's fitness runner, which reports a failure and exits 1: `listener.__main__._fit`). On
+        (on RunPod by the SDK's fitness runner, which reports a failure and exits 1: `listener.fitness.check`). On
         failure: stop claiming, release any job at once, and raise. A worker that cannot write its results would fail every job after its GPU
         time; stopped, it leaves them queued for a worker that can. Firestore and the bucket are checked on Google
         Cloud only: under the emulators (make dev, the tests, the Hub's test with no Firebase behind it) there is
