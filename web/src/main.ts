@@ -21,6 +21,7 @@ import { FINAL_STATES, type GenerationRequest, type MediaType } from "./contract
 import { Dismissed } from "./dismissed";
 import { applyRanges, fillForm, markInvalid, mediaType, readRequest, requestOf } from "./form";
 import { eraseAll, erasedMessage, ERASE_TIMEOUT_MS, type EraseReply } from "./erase";
+import { CATCH_UP_MS, cameOnline, NO_ANSWER, notify, showConnection, START_RETRY_MS } from "./connection";
 import { ServerClock, usageLine } from "./usage";
 import { dismissable, keyOf, listenToJobs, nameFor, named as nameOf, PAGE, QUIET_MS, renderJobs, titled, type Job } from "./jobs";
 import { contractMessage } from "./validate";
@@ -41,8 +42,6 @@ const TITLE = document.title;
 const RULES_REFUSED = "The job could not be queued: the server refused its document";
 /** A cancel through the doc that firestore.rules refused, on a job that has not finished (their text names nothing). */
 const CANCEL_REFUSED = "Cancel failed: the server refused it";
-/** The callable failing without an answer of its own (offline, or a server error page): the SDK says just "internal". */
-const NO_ANSWER = "Could not reach the server; check your connection and try again";
 /** How long a queued doc's write may wait before the page says it waits for the connection (offline, it waits). */
 const SLOW_WRITE_MS = 4000;
 /** How long the form's line about a job stays at least, once the job ended (a quick job's went in half a second). */
@@ -53,8 +52,6 @@ const CANCEL_TIMEOUT_MS = 35_000;
 const DELETE_TIMEOUT_MS = 65_000;
 const DELETE_UNAVAILABLE = "Deleting needs the deleteGeneration function, which this project has not deployed";
 const ERASE_UNAVAILABLE = "Deleting all needs the deleteAllGenerations function, which this project has not deployed";
-const OFFLINE = "Offline: your jobs as last seen; they update when the connection is back.";
-const UNREACHABLE = "Cannot reach the server: your jobs as last seen; they update once it answers.";
 /** After a listener failed, the page listens again this long later, doubling up to LISTEN_RETRY_MAX_MS. */
 const LISTEN_RETRY_MS = 2000;
 const LISTEN_RETRY_MAX_MS = 60_000;
@@ -103,64 +100,6 @@ function callableMessage(error: unknown): string {
   // Any code alone (a proxy's 502 reads "unknown", a 429 "resource-exhausted"): no message of the server's.
   const code = (error as { code?: string } | null)?.code ?? "";
   return message(error).toLowerCase() === code.replace(/^functions\//, "") ? NO_ANSWER : message(error);
-}
-
-/** How long after a start the network failed, online, the page starts again. */
-const START_RETRY_MS = 30_000;
-/** How long "Offline" may stay once the browser is online again, while the listeners catch up. */
-const CATCH_UP_MS = 10_000;
-/** When the browser last came online (Date.now()). */
-let onlineAt = 0;
-
-/** Show the notice at the top, `news` and, when the page listens again, `retry` beside it; `news` is said in the
- * live region too, written only when it changes (the review: each write is heard anew, and every answer of a
- * listener from the cache wrote "Offline…" again, every retry its whole line). */
-function notify(news: string, retry = ""): void {
-  $("connection-text").textContent = news;
-  const live = $("connection-news");
-  if (live.textContent !== news) live.textContent = news;
-  $("connection-retry").textContent = retry;
-  $("connection").hidden = false;
-}
-
-/** The notice goes, emptied: the same news later (offline once more) is written, and heard, again. */
-function unnotify(): void {
-  $("connection").hidden = true;
-  for (const id of ["connection-text", "connection-news", "connection-retry"]) $(id).textContent = "";
-}
-
-/** The jobs listed are the last the page heard of: offline, or the server unreachable (audit: a finished job
- * read "Processing 0%" for as long as the connection was gone, and nothing said so). */
-function showConnection(cached: boolean): void {
-  const notice = $("connection");
-  if (navigator.onLine && !cached) {
-    if (!notice.hidden) clearConnectionError();
-    unnotify();
-    return;
-  }
-  // Back online, the listeners catch up a moment later: "Offline" stays until they do (not a flash of "Cannot
-  // reach the server" in a live region), for CATCH_UP_MS at most (the review: online on a network that cannot reach
-  // the server, a captive portal's, it said "Offline" for good).
-  const catchingUp = Date.now() - onlineAt < CATCH_UP_MS;
-  if (navigator.onLine && !notice.hidden && $("connection-news").textContent === OFFLINE && catchingUp) return;
-  notify(navigator.onLine ? UNREACHABLE : OFFLINE);
-}
-
-/** An error the connection caused goes once the connection is back (an audit saw it stay beside a finished job). */
-function clearConnectionError(): void {
-  const error = $("form-error").textContent ?? "";
-  if (connectionError(error)) {
-    $("form-error").textContent = "";
-    markInvalid(null, "form-error");
-  }
-  // A card's note of a try again that the connection failed goes with it, as does Delete all my jobs' line.
-  for (const note of document.querySelectorAll<HTMLElement>(".job .note, #delete-all-status")) {
-    if (connectionError(note.textContent ?? "")) note.textContent = "";
-  }
-}
-
-function connectionError(text: string): boolean {
-  return text === NO_ANSWER || text.startsWith("Could not record the");
 }
 
 async function main(): Promise<void> {
@@ -308,7 +247,7 @@ async function main(): Promise<void> {
   };
 
   window.addEventListener("online", () => {
-    onlineAt = Date.now();
+    cameOnline();
     showConnection(cached);
     setTimeout(() => showConnection(cached), CATCH_UP_MS + 50);
   });
