@@ -317,7 +317,14 @@ def deliver(
     queued), a failure to deliver is noted on it. The verdict, and the doc as it then stands (None: unread)."""
     verdict = runpod.runsync(runsync_input(request))
     fields = {"path": key.path, "outcome": verdict.outcome, "attempts": verdict.attempts}
-    log.info("dispatched", extra={**fields, "runpod_job_id": verdict.job_id})
+    if verdict.outcome == runpod_client.UNDELIVERED:
+        # No worker woken: WARNING; ERROR where RunPod refused the call itself (the key, the endpoint id), which
+        # fails every dispatch (the review: it was INFO, while a warm worker's listener hid it by running the jobs).
+        refused = verdict.http_status in (401, 403, 404)
+        level, fields = (logging.ERROR if refused else logging.WARNING), {**fields, "error": verdict.message}
+    else:
+        level = logging.INFO
+    log.log(level, "dispatched", extra={**fields, "runpod_job_id": verdict.job_id})
     if verdict.outcome == runpod_client.REJECTED:
         _fail_queued(store, key, VALIDATION_ERROR, verdict.message)
     return verdict, _record_verdict(store, key, verdict, count, request)

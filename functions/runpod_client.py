@@ -24,7 +24,7 @@ import logging
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import requests
@@ -64,6 +64,7 @@ class Verdict:
     message: str
     job_id: str | None = None
     attempts: int = 1
+    http_status: int | None = None  # RunPod's refusal of the call itself (401/403: the key; 404: the endpoint)
 
     @property
     def delivered(self) -> bool:
@@ -142,7 +143,7 @@ class RunPodClient:
             message = self.scrub(f"RunPod did not answer after {tries} attempt(s): {last}")
             log.warning("runsync_undelivered", extra={"attempts": tries, "error": message})
             return Verdict(UNDELIVERED, message, attempts=tries)
-        return Verdict(verdict.outcome, self.scrub(verdict.message), verdict.job_id, tries)
+        return replace(verdict, message=self.scrub(verdict.message), attempts=tries)
 
     def _once(self, job_input: Mapping[str, Any], timeout: float) -> Verdict:
         headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
@@ -171,7 +172,9 @@ class RunPodClient:
             raise _Transient(f"HTTP {status}")
         if status >= 400:
             # 401/403: a wrong API key; 404: a wrong endpoint id. Repeating will not help.
-            return Verdict(UNDELIVERED, f"RunPod refused the call: HTTP {status}")
+            hint = {401: "RUNPOD_API_KEY", 403: "RUNPOD_API_KEY", 404: "RUNPOD_ENDPOINT_ID"}.get(status)
+            said = f"RunPod refused the call: HTTP {status}" + (f" (check {hint})" if hint else "")
+            return Verdict(UNDELIVERED, said, http_status=status)
         try:
             envelope = response.json()
         except ValueError:

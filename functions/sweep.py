@@ -118,7 +118,9 @@ def redispatch_stale(
             counts["error"] += 1
             log.warning("redispatch_error", extra={"path": key.path, "error": f"{type(exc).__name__}: {exc}"[:300]})
     if counts:
-        log.info("redispatch_sweep", extra={"counts": dict(counts)})
+        # ERROR where it failed jobs: no worker picked them up (the endpoint scaled to no worker, its workers fail to
+        # start, the RunPod key or endpoint is wrong), which an alert on errors must see.
+        (log.error if counts.get("failed") else log.info)("redispatch_sweep", extra={"counts": dict(counts)})
     return counts
 
 

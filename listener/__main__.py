@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         if note:
             log.warning("no_gpu", note=note)
         for task_type, failure in engine.preload().items():
-            log.warning("model_not_available", task_type=task_type, error=failure.message)
+            # ERROR: every job of that model fails ModelNotAvailable until the setting or the volume is fixed.
+            log.error("model_not_available", task_type=task_type, error=failure.message)
         loaded = time.perf_counter()
 
         generator = wrap_generator(engine) if wrap_generator else engine

@@ -597,7 +597,7 @@ def test_the_warnings_make_dev_says_are_its_workers_latest_start_up_ones_one_lin
         {"event": "reconciler_started", "severity": "INFO"},
         {"event": "no_gpu", "severity": "WARNING", "note": "torch sees no CUDA device"},
         {"event": hub, "severity": "WARNING", "logger": "diffusers.pipelines.pipeline_utils"},
-        {"event": "model_not_available", "severity": "WARNING", "task_type": "text2video", "error": "not found"},
+        {"event": "model_not_available", "severity": "ERROR", "task_type": "text2video", "error": "not found"},
         "not JSON: a line a crash printed",
         {"event": "worker_ready", "severity": "INFO"},
         {"event": "job_failed", "severity": "ERROR", "error": "a job's, after the start"},

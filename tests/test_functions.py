@@ -759,12 +759,14 @@ def test_runpod_down_leaves_the_job_queued(firestore_client, caplog):
     doc = firestore_client.document("generations/u-down/images/down-1").get().to_dict()
     assert doc["status"] == "queued" and doc["dispatch_count"] == 1 and "did not answer" in doc["dispatch_error"]
     [sent] = logged(caplog, "dispatched")
-    assert (sent.path, sent.outcome, sent.attempts, sent.runpod_job_id) == (
+    assert (sent.path, sent.outcome, sent.attempts, sent.runpod_job_id, sent.levelno) == (
         "generations/u-down/images/down-1",
         "undelivered",
         3,
         None,
+        logging.WARNING,  # no worker woken: an operator's alert sees it
     )
+    assert "did not answer" in sent.error
     # The client retries (the contract: "Timeout: Retry the request"): dispatched again, the error cleared on success.
     up = StubRunPod([ACCEPTED])
     try:
@@ -852,6 +854,25 @@ def test_a_client_used_in_a_with_block_closes_its_connections(stub):
     with runpod.client(session=session) as client:
         assert client.runsync({"prompt": "a car"}).outcome == "queued" and not session.closed
     assert session.closed
+
+
+@pytest.mark.parametrize(
+    "status,setting", [(401, "RUNPOD_API_KEY"), (403, "RUNPOD_API_KEY"), (404, "RUNPOD_ENDPOINT_ID")]
+)
+def test_runpod_refusing_the_call_itself_is_an_error_naming_the_setting(
+    firestore_client, stub, caplog, status, setting
+):
+    """The diagnosability review: a wrong or rotated API key, or a wrong endpoint id, fails every dispatch, and it
+    was logged at INFO without a reason (a warm worker's listener then ran the jobs anyway, hiding it until the
+    endpoint scaled to zero). ERROR, naming the setting to check, on the log line and the doc."""
+    caplog.set_level(logging.INFO)
+    runpod = stub((status, {"error": "Unauthorized"}))
+    reply = dispatch.generate(firestore_client, runpod.client(), uid="u-key", data={"prompt": "a car", "file_uid": "k"})
+    assert reply["status"] == "queued"
+    said = f"RunPod refused the call: HTTP {status} (check {setting})"
+    [sent] = logged(caplog, "dispatched")
+    assert (sent.levelno, sent.outcome, sent.error) == (logging.ERROR, "undelivered", said)
+    assert firestore_client.document("generations/u-key/images/k").get().get("dispatch_error") == said
 
 
 def test_a_key_set_with_its_trailing_newline_still_dispatches(stub):
@@ -1322,7 +1343,7 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
     ]
     [swept] = logged(caplog, "redispatch_sweep")
     assert swept.counts == {"redispatched": 3, "failed": 1, "skipped": 1, "foreign": 2}
-    assert swept.levelno == logging.INFO
+    assert swept.levelno == logging.ERROR  # it gave a job up: no worker took it (an alert on errors sees it)
 
     def read(name, media="images"):
         return firestore_client.document(f"generations/u-s/{media}/{name}").get().to_dict()
@@ -1454,7 +1475,7 @@ def test_one_jobs_unexpected_error_leaves_the_sweep_to_the_others(firestore_clie
     [error] = logged(caplog, "redispatch_error")
     assert error.path == "generations/u-e/images/j0" and "contention" in error.error
     [swept] = logged(caplog, "redispatch_sweep")
-    assert swept.counts == {"redispatched": 2, "error": 1}
+    assert swept.counts == {"redispatched": 2, "error": 1} and swept.levelno == logging.INFO  # none given up
 
 
 def test_a_sweep_while_runpod_is_down_records_why(firestore_client):

@@ -308,7 +308,7 @@ def test_a_failing_job_api_is_asked_again_backed_off_then_its_job_runs(
     assert events["fitness_check_passed"]["severity"] == "INFO"
     assert (events["reconciler_started"]["listening"], events["reconciler_started"]["concurrency"]) == (True, 1)
     missing = events["model_not_available"]
-    assert (missing["severity"], missing["task_type"]) == ("WARNING", "text2video")
+    assert (missing["severity"], missing["task_type"]) == ("ERROR", "text2video")
     assert missing["error"] == f"Video model folder {tmp_path} not found or not a diffusers pipeline"
 
 
