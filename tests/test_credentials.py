@@ -181,6 +181,33 @@ def test_a_malformed_key_stops_start_up_naming_the_variable_never_its_value(vari
     assert SECRET_MARK not in result.stderr + result.stdout
 
 
+@pytest.fixture
+def configured_logging_undone(monkeypatch):
+    """All that `listener.logs.configure` sets in this process, put back after the test (the test review: the root
+    logger left at WARNING, the worker's excepthooks and structlog's configuration leaked into the tests that came
+    after it in the same process, whose log captures then missed records)."""
+    import sys
+    import warnings
+
+    import structlog
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    loggers = [root, *(logging.getLogger(name) for name in ("generation", "listener", "firegen_core", "google"))]
+    kept = [(logger, logger.level, logger.propagate) for logger in loggers]
+    for module, name in ((threading, "excepthook"), (sys, "excepthook"), (warnings, "showwarning")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    was_configured, config = structlog.is_configured(), structlog.get_config()
+    yield
+    if was_configured:
+        structlog.configure(**config)
+    else:
+        structlog.reset_defaults()
+    for logger, level, propagate in kept:
+        logger.setLevel(level)  # which also empties the loggers' cached answers
+        logger.propagate = propagate
+
+
 def test_settings_errors_never_echo_a_secret(production_env):
     production_env.setenv("FIREBASE_SERVICE_ACCOUNT_JSON", SECRET_MARK)
     with pytest.raises(SettingsError) as caught:
@@ -188,7 +215,9 @@ def test_settings_errors_never_echo_a_secret(production_env):
     assert SECRET_MARK not in str(caught.value) and "FIREBASE_SERVICE_ACCOUNT_JSON" in str(caught.value)
 
 
-def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, storage_client, bucket, monkeypatch):
+def test_no_log_line_carries_a_signed_url_a_token_or_a_key(
+    firestore_client, storage_client, bucket, monkeypatch, configured_logging_undone
+):
     """A job run with signed URLs (uploaded to the emulator, signed with the generated key), its log captured."""
     from google.oauth2 import service_account
 
@@ -209,9 +238,6 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
     captured = io.StringIO()
     # The worker's own RunPod key (RunPod sets it), of no shape the guard's patterns know.
     monkeypatch.setenv("RUNPOD_AI_API_KEY", "OLDSTYLE0RUNPOD0KEY0123")
-    root_handlers = logging.getLogger().handlers[:]
-    monkeypatch.setattr(logging.getLogger(), "handlers", root_handlers)
-    monkeypatch.setattr(threading, "excepthook", threading.excepthook)  # configure() sets it: pytest's, back after
     with redirect_stdout(captured):
         logs.configure("log-test")
         store.ensure_queued(request)
@@ -229,8 +255,6 @@ def test_no_log_line_carries_a_signed_url_a_token_or_a_key(firestore_client, sto
             nested={"answer": '{"access_token": "ya29.n3st3d", "expires_in": 3599}'},
             sdk="job fetch refused for OLDSTYLE0RUNPOD0KEY0123",
         )
-    structlog.reset_defaults()
-    logging.getLogger().handlers[:] = root_handlers
     doc = firestore_client.document(JobKey.of(request).path).get().to_dict()
     signatures = [dict(parse_qsl(urlsplit(url).query))["X-Goog-Signature"] for url in doc["images"]]
     text = captured.getvalue()

@@ -40,7 +40,8 @@ WORKER_VARS = [
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in WORKER_VARS:
-        monkeypatch.delenv(str(name), raising=False)
+        monkeypatch.setenv(str(name), "")  # recorded: whatever the test or its code sets, undone after it
+        monkeypatch.delenv(str(name))
     monkeypatch.setenv("STORAGE_BUCKET", "b")
     return monkeypatch
 
@@ -74,8 +75,9 @@ def test_the_sdks_level_and_grpcs_verbosity_default_as_documented(clean_env, cap
     from listener.__main__ import main
 
     clean_env.delenv("STORAGE_BUCKET")  # main() stops at once, at the settings
-    for name in ("RUNPOD_LOG_LEVEL", "GRPC_VERBOSITY"):
-        clean_env.delenv(name, raising=False)
+    for name in ("RUNPOD_LOG_LEVEL", "GRPC_VERBOSITY"):  # unset, as recorded: what main() sets is undone after
+        clean_env.setenv(name, "")
+        clean_env.delenv(name)
     assert main([]) == 2
     assert (os.environ["RUNPOD_LOG_LEVEL"], os.environ["GRPC_VERBOSITY"]) == ("INFO", "ERROR")
     clean_env.setenv("RUNPOD_LOG_LEVEL", "WARN")

@@ -11,7 +11,7 @@ import itertools
 import json
 import math
 import threading
-import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
@@ -346,20 +346,30 @@ def test_a_job_released_on_shutdown_stops_running_but_stays_pending(firestore_cl
 
 
 def test_two_workers_never_run_two_jobs_of_a_user_past_user_max_running(firestore_client, results):
+    """The test review: the peak was bound by the two workers alone (it could never pass 2), and the workers met
+    only by chance (a sleep). Now each of the user's jobs runs until the other user's job is running beside it:
+    the two workers overlap for sure, and the user's own peak is 1."""
     limits = Limits(max_running=1)
-    active, peak, lock = [0], [0], threading.Lock()
+    active, peaks, lock = Counter(), Counter(), threading.Lock()
+    other_running = threading.Event()
 
     class Counting(StubGenerator):
         def generate(self, request, progress=None):
             with lock:
-                active[0] += 1
-                peak[0] = max(peak[0], active[0])
+                active[request.user_id] += 1
+                active["all"] += 1
+                for name in (request.user_id, "all"):
+                    peaks[name] = max(peaks[name], active[name])
             try:
-                time.sleep(0.3)  # GPU time, so that the two workers overlap if they may
+                if request.user_id == "u-other":
+                    other_running.set()
+                else:  # held until the other user's job runs beside it (the other worker's, by then)
+                    other_running.wait(30)
                 return super().generate(request, progress)
             finally:
                 with lock:
-                    active[0] -= 1
+                    active[request.user_id] -= 1
+                    active["all"] -= 1
 
     workers = []
     for name in ("w1", "w2"):
@@ -375,7 +385,7 @@ def test_two_workers_never_run_two_jobs_of_a_user_past_user_max_running(firestor
     finally:
         for w in workers:
             w.stop(grace=0)
-    assert peak[0] <= 2  # the other user's job may run beside one of this user's
+    assert (peaks[USER], peaks["u-other"], peaks["all"]) == (1, 1, 2)  # the workers overlapped; the user's never
     starts = sorted((doc(firestore_client, k)["started_at"], doc(firestore_client, k)["completed_at"]) for k in keys)
     assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(starts))
     assert counts(firestore_client) == (0, 0) and counts(firestore_client, "u-other") == (0, 0)

@@ -688,7 +688,8 @@ SETTINGS_VARS = [
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in SETTINGS_VARS:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded: whatever the test or its code sets, undone after it
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
