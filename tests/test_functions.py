@@ -928,10 +928,10 @@ def test_runsync_url():
 
 
 # ---------------------------------------------------------------------------------------------- trigger
-def test_trigger_dispatches_once_under_duplicate_delivery(worker):
+def test_trigger_dispatches_once_under_duplicate_delivery(worker, busy_slot):
     """Three deliveries at once and a late one, to the real worker (its one slot kept busy, so its listener
     cannot take the doc first): exactly one runsync, and the job runs once."""
-    busy = busy_video(worker, "dup-busy")
+    busy = busy_slot("dup-busy")
     path = "generations/u-trigger/images/trig-1"
     worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
     barrier = threading.Barrier(3)
@@ -970,6 +970,22 @@ def busy_video(worker, file_uid: str) -> str:
     return path
 
 
+@pytest.fixture
+def busy_slot(worker):
+    """`busy_slot(file_uid)`: `busy_video` on the module's worker, its video cancelled at the test's end whatever
+    that end (the test review: a failed assertion left the shared worker's one slot busy with a long video, and
+    the tests after it failed for want of a free worker)."""
+    occupied: list[str] = []
+
+    def occupy(file_uid: str) -> str:
+        occupied.append(busy_video(worker, file_uid))
+        return occupied[-1]
+
+    yield occupy
+    for path in occupied:
+        free_the_slot(worker, path)  # done already by a test that passed: the job has ended, nothing changes
+
+
 def free_the_slot(worker, busy: str) -> None:
     """The busy video cancelled (the owner's cancel) once the test needs the slot busy no more: what waits for the
     slot runs now, not after the rest of a video that is ~10 s of a shared core."""
@@ -991,10 +1007,10 @@ def runs_once_dispatched_by_the_trigger(worker, busy: str, path: str) -> None:
     assert worker.runsync_calls(path.rsplit("/", 1)[1]) == 1
 
 
-def test_the_trigger_wakes_a_busy_real_worker_once(worker):
+def test_the_trigger_wakes_a_busy_real_worker_once(worker, busy_slot):
     """The trigger comes first (the worker's one slot is busy, so its listener cannot take the doc): one
     dispatch is accepted, the redelivery skips, and the doc runs once, after the busy job."""
-    busy = busy_video(worker, "trig-busy")
+    busy = busy_slot("trig-busy")
     path = "generations/u-trigger/images/trig-first"
     worker.db.document(path).set(client_doc(width=256, height=256, num_inference_steps=10))
     runpod = worker.client()
@@ -1007,14 +1023,14 @@ def test_the_trigger_wakes_a_busy_real_worker_once(worker):
     runs_once_dispatched_by_the_trigger(worker, busy, path)
 
 
-def test_the_callable_answers_as_the_job_ended_when_it_ended_before_its_dispatch_arrived(worker):
+def test_the_callable_answers_as_the_job_ended_when_it_ended_before_its_dispatch_arrived(worker, busy_slot):
     """The owner's cancel lands while the callable's dispatch is on its way: the real worker answers it
     failed, "Cancelled by the user", and the call says the same, `failed-precondition` (before: the worker's
     failed answer read as a refusal of the parameters, `invalid-argument`: "fix parameters and retry")."""
     from firegen_core.jobs import JobKey, JobStore
 
     key = JobKey("u-late", "images", "late-cancel")
-    busy = busy_video(worker, "late-cancel-busy")  # its listener could take the job first: the cancel would wait
+    busy = busy_slot("late-cancel-busy")  # its listener could take the job first: the cancel would wait
 
     class CancelledOnTheWay(RunPodClient):
         def _once(self, job_input, timeout):
@@ -1049,9 +1065,9 @@ def test_the_trigger_skips_a_doc_a_real_worker_already_took(worker):
     assert worker.runsync_calls("trig-late") == 0
 
 
-def test_trigger_and_callable_dispatch_once_between_them(worker):
+def test_trigger_and_callable_dispatch_once_between_them(worker, busy_slot):
     """Against the real worker, its one slot kept busy so that its listener cannot take the docs first."""
-    busy = busy_video(worker, "both-busy")
+    busy = busy_slot("both-busy")
     small = {"width": 256, "height": 256, "num_inference_steps": 10}
     # The callable wrote and dispatched the doc: its creation trigger skips it.
     reply = dispatch.generate(
@@ -2255,13 +2271,15 @@ print("status", response.status_code)
 
 
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
-def test_redispatch_stale_jobs_invoked_as_deployed(tmp_path, firestore_emulator, firestore_client, project_id, worker):
+def test_redispatch_stale_jobs_invoked_as_deployed(
+    tmp_path, firestore_emulator, firestore_client, project_id, worker, busy_slot
+):
     """`redispatchStaleJobs` as Cloud Scheduler invokes it (an HTTP request with the scheduler's headers to the
     deployed function in the functions' venv), on the emulator: a stale queued doc is dispatched to the real
     worker, which runs it; a fresh one is left alone."""
     old = datetime.now(UTC) - timedelta(hours=1)
     stale, fresh = "generations/u-cron/images/stale-1", "generations/u-cron/images/fresh-1"
-    busy = busy_video(worker, "cron-busy")  # its one slot busy: its listener leaves the docs queued meanwhile
+    busy = busy_slot("cron-busy")  # its one slot busy: its listener leaves the docs queued meanwhile
     small = client_doc(width=256, height=256, num_inference_steps=10)
     worker.db.document(stale).set({**small, "created_at": old})
     worker.db.document(fresh).set(small)

@@ -1191,11 +1191,16 @@ def test_a_worker_whose_clock_is_fast_still_leaves_a_placeholder_its_grace(make_
 
 
 class SlowHeartbeatFail(WorkerJobs):
-    """`fail` from the heartbeat thread takes 8 s (Firestore slow: its own retries run up to 15 s)."""
+    """`fail` from the heartbeat thread lasts until `released` (Firestore slow: its own retries run up to 15 s),
+    past the runner's join of the heartbeat however long that join waits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.released = threading.Event()
 
     def fail(self, job, error):
         if threading.current_thread().name.startswith("heartbeat-"):
-            time.sleep(8)
+            assert self.released.wait(60)
         return super().fail(job, error)
 
 
@@ -1217,7 +1222,8 @@ def test_a_timeout_whose_failure_outlasts_the_heartbeats_join_still_leaves_no_ob
         SlowHeartbeatFail(firestore_client, worker_id="w1", lease_seconds=30), results
     )
     logs = runner_logs
-    assert runner.run(store.claim(key)) == "failed"
+    assert runner.run(store.claim(key)) == "failed"  # while the heartbeat's `fail` still waits
+    store.released.set()
     wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("heartbeat-")], 20)
     data = doc(firestore_client, key)
     assert (data["status"], data["error_type"], data.get("images")) == ("failed", "Timeout", None)
