@@ -237,8 +237,11 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             project=worker.store.client.project,
             code_version=code_version(),
             bucket=settings.storage_bucket,
+            url_style=settings.url_style,
             image_model=settings.image_model,
             video_model=settings.video_model,
+            firestore_emulator_host=settings.firestore_emulator_host,
+            storage_emulator_host=settings.storage_emulator_host,
         )
         if _on_runpod(argv):
             import runpod

@@ -333,7 +333,16 @@ class JobRunner:
                 lambda: self.results.remove_beyond(job.key.user_id, job.key.file_uid, request.task_type, len(urls)),
                 job,
             )
-        log.info("job_completed", seconds=round(time.monotonic() - run.started, 3), outputs=len(urls), **job_ids(job))
+        # What it cost, where an operator reads (the doc has them too): a GPU-seconds jump shows here first.
+        timings = {name: fields[name] for name in ("queue_seconds", "generation_seconds", "upload_seconds")}
+        log.info(
+            "job_completed",
+            seconds=round(time.monotonic() - run.started, 3),
+            outputs=len(urls),
+            task_type=request.task_type,
+            **timings,
+            **job_ids(job),
+        )
         return RunOutcome.COMPLETED
 
     def _timed_out(self, run: _Run) -> bool:

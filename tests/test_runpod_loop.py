@@ -306,6 +306,8 @@ def test_a_failing_job_api_is_asked_again_backed_off_then_its_job_runs(
     events = {line.get("event"): line for line in json_lines(worker)}
     assert events["no_gpu"]["severity"] == "WARNING"
     assert events["fitness_check_passed"]["severity"] == "INFO"
+    ready = events["worker_ready"]  # where its results go, said once (a stray emulator host sends them nowhere)
+    assert (ready["url_style"], ready["storage_emulator_host"]) == ("token", storage_emulator.url)
     assert (events["reconciler_started"]["listening"], events["reconciler_started"]["concurrency"]) == (True, 1)
     missing = events["model_not_available"]
     assert (missing["severity"], missing["task_type"]) == ("ERROR", "text2video")

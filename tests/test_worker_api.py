@@ -299,6 +299,13 @@ def test_a_prompt_the_model_takes_only_the_start_of_says_so_on_its_doc_and_inlin
     assert stack.runsync(body)["output"]["status"] == "accepted"
     doc = stack.wait_finished("generations/test-user/images/long-prompt")
     assert (doc["status"], doc["prompt_truncated"]) == ("completed", True)
+    # Its log line says what it cost, as its doc does (the diagnosability review: an operator reads the logs).
+    said = lambda: [json.loads(e) for e in stack.worker.events("job_completed") if '"long-prompt"' in e]  # noqa: E731
+    assert emu.wait_until(said, 10, 0.05)
+    [completed] = said()
+    assert completed["task_type"] == "text2image"
+    for name in ("queue_seconds", "generation_seconds", "upload_seconds"):
+        assert completed[name] == doc[name]
     inline = {"input": {"prompt": prompt, "use_cloud_storage": False, "width": 256, "height": 256}}
     assert stack.runsync(inline)["output"]["prompt_truncated"] is True
 
