@@ -115,8 +115,11 @@ class Worker:
         if not first:
             self._stopped.wait()
             return
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        # Said at once: a SIGTERM's only trace was the jobs released or `reconciler_stopped` up to the grace later.
+        log.info("shutdown_started", grace_seconds=grace, running=self.reconciler.busy)
         try:
-            self.reconciler.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+            self.reconciler.stop(grace)
         finally:
             self._stopped.set()
 

@@ -12,13 +12,14 @@ its path) stays until its TTL deletes it, two days later: it keeps a late dispat
 
 Credentials: Application Default Credentials (`gcloud auth application-default login`, or
 GOOGLE_APPLICATION_CREDENTIALS) that may write Firestore and delete objects in the bucket;
-FIRESTORE_EMULATOR_HOST and STORAGE_EMULATOR_HOST point it at emulators. The same as the callable
+FIRESTORE_EMULATOR_HOST and STORAGE_EMULATOR_HOST point it at emulators; RETENTION_DAYS as the workers have it. The same as the callable
 `deleteAllGenerations`, which a signed-in user calls for their own data.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # firegen_core,
 
 from google.cloud import firestore, storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
+from firegen_core import lifecycle, quota
 from firegen_core.deletion import Erasure, erase_user
 from firegen_core.jobs import JobStore
 
@@ -47,6 +49,18 @@ def erase(store: JobStore, bucket, user_id: str, *, wait: float) -> Erasure:
             time.sleep(POLL_SECONDS)
 
 
+def store_for(db: firestore.Client, user_id: str) -> JobStore:
+    """A store that writes the user's usage doc with the limits it states (the deployment's, as its workers and
+    functions last wrote them) and RETENTION_DAYS from the environment: a pass that stops part-way (a running job
+    still stopping) leaves the doc as the deployment would, not with this script's defaults."""
+    stated = (db.collection(quota.USAGE_COLLECTION).document(user_id).get().to_dict() or {}).get("limits")
+    try:
+        limits = quota.Limits(**stated) if isinstance(stated, dict) else quota.Limits()
+    except (TypeError, ValueError):  # an admin's edit: the defaults, as anywhere else
+        limits = quota.Limits()
+    return JobStore(db, limits=limits, retention_days=lifecycle.retention_days(os.environ))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", required=True, help="the Firebase project id")
@@ -54,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for running jobs to stop")
     parser.add_argument("uids", nargs="+", metavar="UID", help="the users' Firebase Auth uids")
     args = parser.parse_args(argv)
-    store = JobStore(firestore.Client(project=args.project))
+    db = firestore.Client(project=args.project)
     bucket = storage.Client(project=args.project).bucket(args.bucket)
     left = 0
     for uid in args.uids:
         try:
-            erased = erase(store, bucket, uid, wait=args.wait)
+            erased = erase(store_for(db, uid), bucket, uid, wait=args.wait)
         except Exception as exc:  # no uid at all (`a/b`: nothing touched), Firestore or Storage away: the next uid
             left += 1
             print(f"{uid}: not deleted: {type(exc).__name__}: {exc}")

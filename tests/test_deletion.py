@@ -408,6 +408,25 @@ def test_the_script_erases_users_and_says_what_it_could_not(firestore_client, bu
     assert names(bucket) == [] and user_docs(firestore_client, "u-s3") == ["c1"]
 
 
+def test_a_pass_that_stops_part_way_leaves_the_usage_doc_with_the_deployments_limits(
+    firestore_client, bucket, emulator_env
+):
+    """The script wrote the usage doc of a queued job's cancel with its own default limits and RETENTION_DAYS: a
+    user still stopping (a running job) was left with a doc that told the page "2 running at most" where the
+    deployment allows 5."""
+    deployed = quota.Limits(max_running=5, max_pending=30, daily_budget=1000.0)
+    store = WorkerJobs(firestore_client, worker_id="w-delete", limits=deployed)
+    running_video(store, "u-lim", "runs")
+    store.ensure_queued(request_for("u-lim", "waits"))
+    command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", bucket.name]
+    env = {**os.environ, **emulator_env, "RETENTION_DAYS": "0"}
+    ran = subprocess.run([*command, "--wait", "0", "u-lim"], env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 1, ran.stderr
+    assert user_docs(firestore_client, "u-lim") == ["runs"]  # the queued job went, the running one stops
+    usage = firestore_client.collection(quota.USAGE_COLLECTION).document("u-lim").get().to_dict()
+    assert (usage["pending"], usage["limits"]) == (1, deployed.document()), usage
+
+
 # ------------------------------------------------------------------------------------ what a review found
 def test_results_in_another_bucket_are_no_reason_to_delete_the_doc(
     firestore_client, storage_client, bucket, store, files

@@ -118,8 +118,16 @@ def test_a_signal_while_done_holds_does_not_end_the_process_cleanly():
             reporting.set()
             time.sleep(2)
 
+        def holding() -> bool:
+            frame = sys._current_frames().get(threading.main_thread().ident)
+            while frame is not None and frame.f_code.co_name != "_hold":
+                frame = frame.f_back
+            return frame is not None
+
         def signal_soon():
-            time.sleep(0.5)  # by then the main thread holds in done(), entered at once below
+            deadline = time.monotonic() + 30
+            while not holding() and time.monotonic() < deadline:  # the main thread in done(), entered below
+                time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGTERM)
 
         # As in the worker: the checks' deadline inside the start's, whose done() is in main's `finally`.

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -605,7 +604,8 @@ def test_a_second_signal_releases_the_running_job_at_once_and_exits_cleanly(stac
         stack.firestore.document(running).set(queued_doc(**LONG_VIDEO))
         assert emu.wait_until(lambda: (stack.doc(running) or {}).get("status") == "processing", 60)
         stack.worker.signal(signum)
-        time.sleep(1)  # the scenario: a second signal a moment after the first (the audit's was 3 s later)
+        # The scenario: a second signal once the first's shutdown has begun (the audit's was 3 s later).
+        assert emu.wait_until(lambda: stack.worker.events("shutdown_started"), 30)
         stack.worker.signal(signum)
         assert stack.worker.wait_exit(60) == 0  # far within the 120 s grace the first signal left it
         doc = stack.doc(running)
