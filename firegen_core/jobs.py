@@ -513,13 +513,21 @@ class JobStore:
         return source.where(filter=FieldFilter("status", "==", lifecycle.QUEUED))
 
     def oldest_queued(
-        self, media: str, *, limit: int, user_id: str | None = None, created_before: datetime | None = None
+        self,
+        media: str,
+        *,
+        limit: int,
+        user_id: str | None = None,
+        created_before: datetime | None = None,
+        after: firestore.DocumentSnapshot | None = None,
     ) -> firestore.Query:
-        """Queued jobs oldest first (by `created_at`; a doc without one is not in it), at most `limit`."""
+        """Queued jobs oldest first (by `created_at`; a doc without one is not in it), at most `limit`, after the
+        `after` of an earlier page."""
         query = self.queued(media, user_id=user_id)
         if created_before is not None:
             query = query.where(filter=FieldFilter("created_at", "<=", created_before))
-        return query.order_by("created_at").limit(limit)
+        query = query.order_by("created_at").limit(limit)
+        return query.start_after(after) if after is not None else query
 
     def users_with_pending(self, *, limit: int, after: firestore.DocumentSnapshot | None = None) -> firestore.Query:
         """Users with jobs queued or running (their usage docs: `pending` counts both), at most `limit`, after
@@ -540,25 +548,33 @@ class JobStore:
             .where(filter=FieldFilter("status", "in", [lifecycle.QUEUED, lifecycle.PROCESSING]))
         )
 
-    def processing(self, media: str, *, limit: int, after: firestore.DocumentSnapshot | None = None) -> firestore.Query:
-        """Processing jobs in document order, at most `limit`, after the `after` of an earlier page: the only way
-        to find one whose lease is missing or unreadable (an admin's write), which `expired` never returns."""
+    def in_document_order(
+        self, media: str, status: str, *, limit: int, after: firestore.DocumentSnapshot | None = None
+    ) -> firestore.Query:
+        """Jobs of one status in document order, at most `limit`, after the `after` of an earlier page: the only
+        way to find a processing one whose lease is missing or unreadable (an admin's write), which `expired` never
+        returns, or a queued one without `created_at`, which no ordered query does."""
         query = (
             self.client.collection_group(media)
-            .where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
+            .where(filter=FieldFilter("status", "==", status))
             .order_by("__name__")
             .limit(limit)
         )
         return query.start_after(after) if after is not None else query
 
-    def expired(self, media: str, now: datetime, *, limit: int) -> firestore.Query:
-        """Processing jobs whose lease ran out before `now` (their worker is gone), at most `limit`."""
-        return (
+    def expired(
+        self, media: str, now: datetime, *, limit: int, after: firestore.DocumentSnapshot | None = None
+    ) -> firestore.Query:
+        """Processing jobs whose lease ran out before `now` (their worker is gone), at most `limit`, after the
+        `after` of an earlier page."""
+        query = (
             self.client.collection_group(media)
             .where(filter=FieldFilter("status", "==", lifecycle.PROCESSING))
             .where(filter=FieldFilter("lease_expires_at", "<", now))
+            .order_by("lease_expires_at")
             .limit(limit)
         )
+        return query.start_after(after) if after is not None else query
 
 
 def contract_failure(key: JobKey, doc: Mapping[str, Any]) -> dict[str, Any] | None:

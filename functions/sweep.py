@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from dispatch import (
@@ -40,6 +41,8 @@ from firegen_core.quota import Limits
 log = logging.getLogger("functions.dispatch")
 # A job at MAX_DISPATCHES that working workers left queued is dispatched again, up to this many times MAX_DISPATCHES.
 LEFT_BEHIND_FACTOR = 2
+# Pages of `scan_limit` docs a sweep reads per media type and query at most, past docs with nothing to do now.
+SCAN_PAGES = 10
 
 
 def _last_dispatch(doc: Mapping[str, Any]) -> datetime | None:
@@ -96,12 +99,10 @@ def redispatch_stale(
     # Read whole first (a query's stream held open across dispatches of up to 50 s each could outlive its
     # deadline), in the order the budget serves them: jobs whose worker died mid-run, then the queued ones oldest
     # first, videos and images alike.
-    expired = [s for media in MEDIA_TYPES for s in store.expired(media, now, limit=policy.scan_limit).stream()]
-    queued = [
-        s
-        for media in MEDIA_TYPES
-        for s in store.oldest_queued(media, created_before=cutoff, limit=policy.scan_limit).stream()
-    ]
+    queries = [partial(store.expired, media, now) for media in MEDIA_TYPES]
+    expired = [s for query in queries for s in _due(query, policy, now, seen, counts)]
+    queries = [partial(store.oldest_queued, media, created_before=cutoff) for media in MEDIA_TYPES]
+    queued = [s for query in queries for s in _due(query, policy, now, seen, counts)]
     queued.sort(key=lambda snapshot: snapshot.get("created_at"))
     for snapshot in expired + queued:
         try:
@@ -122,6 +123,36 @@ def redispatch_stale(
         # start, the RunPod key or endpoint is wrong), which an alert on errors must see.
         (log.error if counts.get("failed") else log.info)("redispatch_sweep", extra={"counts": dict(counts)})
     return counts
+
+
+def _due(
+    query: Callable[..., firestore.Query], policy: Policy, now: datetime, seen: workers.Sightings, counts: Counter
+) -> list[Any]:
+    """Up to `scan_limit` docs of `query`'s pages (each after the last page's end) that a dispatch or a failure
+    may be due for, at most SCAN_PAGES pages read. Docs with nothing to do now are counted here (`skipped`:
+    dispatched within the stale period; `waiting`: at MAX_DISPATCHES with workers running) and passed: a page that
+    held only those was all a sweep read before (a scale review: re-dispatched jobs keep their place at the head,
+    so with 100 of them the 101st was never reached, and the last of 10,000 stale jobs failed 50 hours late)."""
+    found: list[Any] = []
+    after = None
+    for _ in range(SCAN_PAGES):
+        page = list(query(limit=policy.scan_limit, after=after).stream())
+        for snapshot in page:
+            doc = snapshot.to_dict() or {}
+            if not _stale(doc, now, policy):
+                counts["skipped"] += 1
+            elif (
+                int(quota.number(doc, DISPATCH_COUNT)) >= policy.max_dispatches
+                and seen.running
+                and not doc.get(lifecycle.CANCEL_REQUESTED)
+            ):
+                counts["waiting"] += 1
+            else:
+                found.append(snapshot)
+        if len(page) < policy.scan_limit or len(found) >= policy.scan_limit:
+            return found[: policy.scan_limit]
+        after = page[-1]
+    return found[: policy.scan_limit]
 
 
 def _redispatch_one(

@@ -8,7 +8,8 @@ Pure (no Firestore): the reconciler feeds it from its listeners and sweep and ta
 - "First" entries (a dead worker's job, found by the sweep once its lease ran out) go before everything: they
   were started once already, so they are older than anything queued since.
 - Bounded: at most `capacity` entries whatever the backlog. When full, the newest entry of the user holding the
-  most entries makes room (or the new entry is dropped, when it would be that entry itself). A dropped entry is
+  most entries makes room (or the new entry is dropped, when it would be that entry itself, or when every user
+  holds one: a user's only entry gives way to a "first" alone). A dropped entry is
   still a queued doc: the listeners and the sweep offer it again once it is among the oldest.
 - Batches (`pop_batch`): a candidate may carry a group (its batch key); the next job, then more of its group, each
   the next in fair order among the group's candidates, at most `per_user` of one user.
@@ -189,8 +190,8 @@ class FairQueue(Generic[K]):
         counts[user] = counts.get(user, 0) + 1
         biggest = max(counts, key=lambda u: counts[u])
         candidates = [e for e in self._by_user.get(biggest, []) if not e.first]  # a first never gives way
-        if not candidates:
-            return False
+        if not candidates or (counts[biggest] == 1 and not first):
+            return False  # a user's only candidate gives way to a dead worker's job alone
         if biggest == user and not first and created >= candidates[-1].created:
             return False  # the new entry is the newest that could give way: it is the one to drop
         self.discard(candidates[-1].key)

@@ -56,7 +56,8 @@ LISTEN_LIMIT = 100  # the oldest queued docs each listener holds (per media type
 NEWEST_LIMIT = 20  # the newest queued docs a second listener holds: new arrivals behind a long backlog
 CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 SWEEP_LIMIT = 50
-# How often a sweep also reads a page of the processing docs for leases no query finds (missing or not a date).
+# How often a sweep also reads a page of the processing docs for leases no query finds (missing or not a date),
+# and one of the queued docs for those without `created_at`, which no ordered query finds.
 UNLEASED_SCAN_SECONDS = 300.0
 START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
 FIRST_SWEEP_WAIT = 3.0  # the first claim after start waits this long at most for the first sweep
@@ -125,7 +126,9 @@ class Reconciler:
         self._threads: list[threading.Thread] = []
         self._request_ids: OrderedDict[JobKey, str] = OrderedDict()  # runsync's RunPod job id, until claimed
         # Client docs heard of but not yet admitted, oldest first: admitted (or refused) by the admission thread.
+        # A heap, and each held key's entry in it (a key withdrawn meanwhile leaves its entry, passed over).
         self._admissions: list[tuple[float, int, JobKey]] = []
+        self._admitting: dict[JobKey, int] = {}
         self._admission_seq = itertools.count()
         self._admission_cv = threading.Condition()
         # Firestore's clock minus this host's, in seconds, from each heartbeat's write: leases, `created_at` and the
@@ -143,7 +146,7 @@ class Reconciler:
         # Per (user, media type) whose look-up found nothing: the usage doc's update time then (a new job changes it).
         self._found_none: dict[tuple[str, str], object] = {}
         # Per media type, the last processing doc the last scan for unreadable leases read (None: start over).
-        self._unleased_after: dict[str, DocumentSnapshot | None] = {}
+        self._scan_after: dict[tuple[str, str], DocumentSnapshot | None] = {}  # (media, status): the last page's end
         self._unleased_due = 0.0  # by the monotonic clock
         # Before this (monotonic) time, or while Firestore is in trouble here, the sweep takes over no expired lease
         # (see `_firestore_failed`).
@@ -190,6 +193,7 @@ class Reconciler:
             self._cv.notify_all()
         with self._admission_cv:
             self._admissions.clear()
+            self._admitting.clear()
             self._admission_cv.notify_all()
 
     def stop(self, grace: float = 20.0) -> None:
@@ -304,15 +308,19 @@ class Reconciler:
         if doc.get(quota.ADMITTED) or doc.get(lifecycle.CANCEL_REQUESTED):
             return
         with self._admission_cv:
-            if self._claiming and all(queued != key for _, _, queued in self._admissions):
-                heapq.heappush(self._admissions, (created, next(self._admission_seq), key))
+            # Bounded, as the candidates are: a doc left out is admitted by its claim, or heard of again. Looked up
+            # by key: a scan of the heap per doc heard took 16 s of a listener's callback for a 10,000-doc flood.
+            if self._claiming and key not in self._admitting and len(self._admitting) < self._queue.capacity:
+                seq = next(self._admission_seq)
+                heapq.heappush(self._admissions, (created, seq, key))
+                self._admitting[key] = seq
                 self._admission_cv.notify()
 
     def _admission_loop(self) -> None:
         # The listeners' first snapshots come in any order (the newest window's, newest first): admit only once
         # all are in, oldest first, so a backlog's oldest docs are the ones admitted.
         self.wait_listening(self.sweep_interval)
-        while (key := self._next(self._admission_cv, self._admissions, self._oldest_admission)) is not None:
+        while (key := self._next(self._admission_cv, self._admitting, self._oldest_admission)) is not None:
             try:
                 written = self.store.admit(key).written
             except Exception as exc:  # the claim admits it in any case
@@ -322,7 +330,11 @@ class Reconciler:
                 log.info("job_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=written["error_type"])
 
     def _oldest_admission(self) -> JobKey:
-        return heapq.heappop(self._admissions)[2]
+        while True:  # `_admitting` holds one at least: its entry is in the heap
+            _, seq, key = heapq.heappop(self._admissions)
+            if self._admitting.get(key) == seq:
+                del self._admitting[key]
+                return key
 
     def _group(self, request: GenerationRequest) -> Hashable | None:
         """The batch a job may join (None: it runs alone): only with BATCH_MAX > 1."""
@@ -341,6 +353,10 @@ class Reconciler:
             self._queue.discard(key)
             if key not in self._active:  # no claim of it here to log its RunPod job id
                 self._request_ids.pop(key, None)
+        with self._admission_cv:  # gone from the queue (refused, cancelled, another's): nothing to admit
+            self._admitting.pop(key, None)
+            if not self._admitting:
+                self._admissions.clear()
 
     def _cancel_queued(self, key: JobKey) -> None:
         with self._cv:
@@ -683,16 +699,9 @@ class Reconciler:
         now = datetime.fromtimestamp(self.server_time(), UTC)
         found = 0
         for media in MEDIA_TYPES:
-            # Docs without `created_at` (the contract's flows always write it) are outside every ordered query:
-            # an unordered one still finds them, in document order.
-            unordered = self.store.queued(media).limit(SWEEP_LIMIT)
             missed = False
             ordered = self._queued(media, limit=SWEEP_LIMIT)
-            sources = (
-                ("expired", self._expired(media, now)),
-                ("ordered", ordered.stream(**BOUND)),
-                ("unordered", unordered.stream(**BOUND)),
-            )
+            sources = (("expired", self._expired(media, now)), ("ordered", ordered.stream(**BOUND)))
             for source, snapshots in sources:
                 for snapshot in snapshots:
                     try:
@@ -701,8 +710,6 @@ class Reconciler:
                         self._not_ours(snapshot.reference.path)
                         continue
                     doc = snapshot.to_dict() or {}
-                    if source == "unordered" and doc.get("created_at") is not None:
-                        continue  # found by the ordered query
                     found += 1
                     try:
                         self._found(key, snapshot, doc, expired=source == "expired")
@@ -711,8 +718,11 @@ class Reconciler:
                     missed |= source == "ordered" and self._missed_by_listener(_name(media, "oldest"), snapshot)
             self._watchdog(media, missed)
         if time.monotonic() >= self._unleased_due:
-            self._unleased_due = time.monotonic() + UNLEASED_SCAN_SECONDS
-            found += self._unleased()
+            unqueried = self._unqueried()
+            # Where it found some, the next page at the next sweep: a batch of them (an admin's import) runs at
+            # the queue's pace, not a page every 5 minutes.
+            self._unleased_due = time.monotonic() + (0.0 if unqueried else UNLEASED_SCAN_SECONDS)
+            found += unqueried
         return found + self._discover()
 
     def _expired(self, media: str, now: datetime) -> list[DocumentSnapshot]:
@@ -742,23 +752,27 @@ class Reconciler:
             "see the README's 'Into an existing Firebase project'",
         )
 
-    def _unleased(self) -> int:
-        """A `processing` doc whose lease is missing or not a date (an admin's write) is claimable, but the expiry
-        query compares dates and never returns it: each scan reads one page of the processing docs per media type,
-        in document order, the next scan going on from there, so every one is read within a few scans at a
-        bounded cost."""
+    def _unqueried(self) -> int:
+        """Docs no ordered query returns, both an admin's writes (the contract's flows write neither): a
+        `processing` doc whose lease is missing or not a date is claimable, but the expiry query compares dates; a
+        `queued` one without `created_at` is outside every query ordered by it. Each scan reads one page of each
+        status per media type in document order, the next scan going on from there, so every one is read within a
+        few scans at a bounded cost (before, each sweep read the first 50 queued docs, ~600 reads a minute a worker
+        behind a backlog, and never the 51st: a scale review)."""
         found = 0
-        for media in MEDIA_TYPES:
-            after = self._unleased_after.get(media)
-            page = list(self.store.processing(media, limit=SWEEP_LIMIT, after=after).stream(**BOUND))
-            self._unleased_after[media] = page[-1] if len(page) == SWEEP_LIMIT else None
+        for media, status in itertools.product(MEDIA_TYPES, (lifecycle.PROCESSING, lifecycle.QUEUED)):
+            after = self._scan_after.get((media, status))
+            page = list(self.store.in_document_order(media, status, limit=SWEEP_LIMIT, after=after).stream(**BOUND))
+            self._scan_after[(media, status)] = page[-1] if len(page) == SWEEP_LIMIT else None
             for snapshot in page:
                 doc = snapshot.to_dict() or {}
-                if isinstance(doc.get("lease_expires_at"), datetime):
+                if status == lifecycle.PROCESSING and isinstance(doc.get("lease_expires_at"), datetime):
                     continue  # the expiry query's
+                if status == lifecycle.QUEUED and doc.get("created_at") is not None:
+                    continue  # the ordered queries'
                 try:
                     key = JobKey.from_path(snapshot.reference.path)
-                    self._found(key, snapshot, doc, expired=True)
+                    self._found(key, snapshot, doc, expired=status == lifecycle.PROCESSING)
                 except ValueError:
                     self._not_ours(snapshot.reference.path)
                     continue
@@ -787,17 +801,26 @@ class Reconciler:
         far end. Nothing when the windows hold the whole queue."""
         with self._cv:
             ends = {media: self._edges.get(_name(media, "oldest")) for media in MEDIA_TYPES}
+            # A look-up per user the candidates can still hold (each keeps one: FairQueue never pushes out a
+            # user's only candidate): past that, what one pass found pushed out what the last had (2,000 users
+            # behind a backlog, a scale review), and every pass looked up every user again, ~400 reads a worker
+            # each sweep. The next users are looked up once claims have served some.
+            room = self._queue.capacity - self._queue.users()
         edges = {media: edge for media, edge in ends.items() if edge is not None}  # the full windows
-        if not edges:
+        if not edges or room <= 0:
             return 0
-        users = list(self.store.users_with_pending(limit=DISCOVER_USERS, after=self._discover_after).stream(**BOUND))
+        start = self._discover_after
+        users = list(self.store.users_with_pending(limit=DISCOVER_USERS, after=start).stream(**BOUND))
         self._discover_after = users[-1] if len(users) == DISCOVER_USERS else None
         found = 0
-        for usage in users:
+        for at, usage in enumerate(users):
             counts = usage.to_dict() or {}
             running = int(quota.number(counts, "running"))
             if int(quota.number(counts, "pending")) <= running or running >= self.store.limits.max_running:
                 continue  # nothing of theirs queued (pending counts running jobs too), or no claim of theirs may win
+            if room <= 0:  # the next pass goes on from this user
+                self._discover_after = users[at - 1] if at else start
+                break
             for media, edge in edges.items():
 
                 def of_media(key: JobKey, media: str = media) -> bool:
@@ -812,6 +835,7 @@ class Reconciler:
                     continue
                 self._discovered.pop((usage.id, media), None)
                 self._found_none[(usage.id, media)] = usage.update_time
+                room -= 1
                 for snapshot in self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER).stream(
                     **BOUND
                 ):

@@ -301,3 +301,44 @@ def test_users_past_the_first_page_of_usage_docs_are_discovered(sched_worker, fi
     assert generator.started.wait(15)
     wait_until(lambda: all(worker.is_candidate(JobKey(u, "images", f"{u}-0")) for u in middle), timeout=20)
     generator.gate.set()
+
+
+def test_users_behind_a_backlog_are_looked_up_once_while_their_candidates_wait(firestore_client):
+    """A scale review: with more users behind a full window than the candidates hold, what one sweep's look-ups
+    found pushed out what the last's had (each user's only candidate), so every sweep looked them all up again
+    (~400 reads a worker each sweep at 2,000 users). Now each user keeps a candidate, and look-ups stop at what the
+    candidates can hold. The reconciler is driven by its sweep alone (no listeners, no slots)."""
+    users, per_user, capacity = 150, 3, 60
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    batch = firestore_client.batch()
+    for u in range(users):
+        batch.set(firestore_client.document(f"usage/behind-{u:03d}"), {"pending": per_user, "running": 0})
+        for j in range(per_user):
+            doc = {"status": "queued", "prompt": "p", "quota_admitted": True, "created_at": t0 + timedelta(seconds=u)}
+            batch.set(firestore_client.document(f"generations/behind-{u:03d}/images/j{j}"), doc)
+        if u % 100 == 99:
+            batch.commit()
+            batch = firestore_client.batch()
+    batch.commit()
+    store = WorkerJobs(firestore_client, worker_id="w", limits=BACKLOG_LIMITS)
+    looked_up: list[str] = []
+    oldest_queued = store.oldest_queued
+
+    def counted(*args, **kwargs):
+        looked_up.append(kwargs["user_id"])
+        return oldest_queued(*args, **kwargs)
+
+    store.oldest_queued = counted  # type: ignore[method-assign]
+    reconciler = Reconciler(store, runner=None, capacity=capacity)  # type: ignore[arg-type]
+    reconciler._claiming = True
+    reconciler._watchdog = lambda media, missed: None  # no listeners to restart here
+    reconciler._edges = {"images": t0.timestamp() - 1}  # a full oldest window whose far end is before them all
+    per_sweep = []
+    for _ in range(5):
+        before = len(looked_up)
+        reconciler.sweep()
+        per_sweep.append(len(looked_up) - before)
+    assert len(looked_up) == len(set(looked_up)) <= capacity, per_sweep  # no user looked up twice
+    assert per_sweep[-2:] == [0, 0], per_sweep
+    holding = {key.user_id for key in reconciler._queue._entries}
+    assert len(holding) == capacity, len(holding)  # one candidate each for as many users as it holds

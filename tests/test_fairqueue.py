@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from listener.fairqueue import FairQueue
 
 KEYS = [f"k{n}" for n in range(14)]
-USERS = ["ann", "bob", "cy", "dee"]
+USERS = ["ann", "bob", "cy", "dee", "ann", "bob", "eve", "fay", "gus"]  # more than CAPACITY: each may hold one
 GROUPS = [None, "g1", "g1", "g2"]
 CAPACITY = 6
 
@@ -98,13 +98,16 @@ class FairQueueModel(RuleBasedStateMachine):
 
     def make_room(self, key: str, new: Held, answer: bool) -> None:
         """Full: the newest entry of the user holding the most (the new one counted) makes room, never a first;
-        the new entry is dropped when it would be that entry itself (or the user has none to give)."""
+        the new entry is dropped when it would be that entry itself (or the user has none to give), or when every
+        user holds one and it is no first (a user's only entry gives way to a first alone)."""
         counts: dict[str, int] = {}
         for held in [*self.held.values(), new]:
             counts[held.user] = counts.get(held.user, 0) + 1
         biggest = [u for u, n in counts.items() if n == max(counts.values())]  # ties: the docstring says not which
 
         def victim(user: str) -> str | None:
+            if counts[user] == 1 and not new.first:
+                return None
             givers = {k: h for k, h in self.held.items() if h.user == user and not h.first}
             if user == new.user and not new.first:
                 givers[key] = new
