@@ -29,6 +29,10 @@ PROGRESS_STEP = 0.25  # a job writes its progress a handful of times, not at eve
 # ...but a long one (a video on a slower card: a quarter may be a minute or more) also writes how far it got once
 # this long has passed since its last write, so its client's progress never stands still that long.
 PROGRESS_EVERY_S = 5.0
+# A renewal that failed (Firestore away) is tried again this soon, not a beat (a third of the lease) later: after an
+# outage a peer's sweep takes over expired leases a lease after it answers again, and an owner whose channel came
+# back late then renewed up to a beat after that (a resilience review).
+RENEW_RETRY_SECONDS = 5.0
 
 
 class RunOutcome(StrEnum):
@@ -91,8 +95,9 @@ class Heartbeat:
             self._wake.set()
 
     def _run(self) -> None:
+        failing = False  # the last renewal failed: the next comes sooner than a beat
         while not self._done.is_set():
-            wait = self.interval
+            wait = min(self.interval, RENEW_RETRY_SECONDS) if failing else self.interval
             # Its final write under way, `complete` decides its end; held (`_Run.hold`), the deadline waits.
             if self.overrun is not None and not self.finishing.is_set() and not self.held.is_set():
                 wait = min(wait, max(self.hard_deadline - time.monotonic(), 0.01))
@@ -128,14 +133,20 @@ class Heartbeat:
             with self._progress_lock:  # a fraction posted meanwhile is the next beat's, never dropped
                 progress, self._progress = self._progress, None
             try:
-                if not self.store.renew(self.job, progress=progress):
-                    if self.finishing.is_set():
-                        return  # the final write landed first: nothing was lost
-                    log.warning("lease_lost", **job_ids(self.job))
-                    self.lost.set()
-                    return
-            except Exception as exc:  # Firestore briefly away: the lease has slack, try again next beat
+                renewed = self.store.renew(self.job, progress=progress)
+            except Exception as exc:  # Firestore briefly away: the lease has slack, try again soon
                 log.warning("lease_renew_error", error=str(exc), **job_ids(self.job))
+                failing = True
+                with self._progress_lock:  # the fraction goes with the next try, unless a newer one came
+                    self._progress = progress if self._progress is None else self._progress
+                continue
+            failing = False
+            if not renewed:
+                if self.finishing.is_set():
+                    return  # the final write landed first: nothing was lost
+                log.warning("lease_lost", **job_ids(self.job))
+                self.lost.set()
+                return
 
     def resume_deadline(self, held_seconds: float) -> None:
         self.hard_deadline += held_seconds  # before `held` clears: the thread never reads the old deadline as live

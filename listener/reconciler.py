@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sized
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from google.cloud.firestore import DocumentSnapshot, Query
@@ -59,6 +60,7 @@ SWEEP_LIMIT = 50
 # How often a sweep also reads a page of the processing docs for leases no query finds (missing or not a date),
 # and one of the queued docs for those without `created_at`, which no ordered query finds.
 UNLEASED_SCAN_SECONDS = 300.0
+PAUSE_LISTENERS_AFTER = 2  # sweeps failed in a row (Firestore away) before the listeners are closed until it is back
 START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
 FIRST_SWEEP_WAIT = 3.0  # the first claim after start waits this long at most for the first sweep
 DISPATCH_RETRY_SECONDS = 1.0  # after an unexpected error in the dispatch loop (logged `claim_loop_error`)
@@ -146,6 +148,7 @@ class Reconciler:
         # Per (user, media type) whose look-up found nothing: the usage doc's update time then (a new job changes it).
         self._found_none: dict[tuple[str, str], object] = {}
         # Per media type, the last processing doc the last scan for unreadable leases read (None: start over).
+        self._slowest_call = 0.0  # the longest one query of the current (or last) sweep took, in seconds
         self._scan_after: dict[tuple[str, str], DocumentSnapshot | None] = {}  # (media, status): the last page's end
         self._unleased_due = 0.0  # by the monotonic clock
         # Before this (monotonic) time, or while Firestore is in trouble here, the sweep takes over no expired lease
@@ -631,20 +634,29 @@ class Reconciler:
                 log.warning("worker_beat_error", error=str(exc))
             else:
                 self._firestore_answered(time.monotonic() - started)
-            started = time.monotonic()
             try:
                 self.sweep()
             except Exception as exc:
                 failed += 1
                 self._firestore_failed(exc)
                 log.warning("sweep_error", error=str(exc), failed_sweeps=failed)
+                if failed == PAUSE_LISTENERS_AFTER and transient(exc):
+                    self._pause_listeners(failed)
             else:
-                self._firestore_answered(time.monotonic() - started)
+                self._firestore_answered(self._slowest_call)
                 if failed:
                     deferred = max(0.0, self._takeovers_from - time.monotonic())
                     log.info("sweep_recovered", failed_sweeps=failed, takeovers_in_seconds=round(deferred, 1))
                 failed = 0
             self._swept.set()
+
+    def _pause_listeners(self, failed: int) -> None:
+        """Firestore away for sweeps in a row: the listeners' streams reopen at once, without end, while it is (a
+        resilience review: six listeners tried 32,000 times in a 15 s outage, 40% of a core on the GIL beside the
+        generation). Closed until a sweep answers again; its watchdog listens again then (`listener_restarted`)."""
+        log.info("listeners_paused", failed_sweeps=failed)
+        for watch in list(self._watches.values()):
+            _close(watch)
 
     # After Firestore was away from this worker, every lease counts as renewed when it came back: the owners were
     # cut off as this worker was. So a transient failure of a heartbeat or a sweep, or one held up past
@@ -697,11 +709,12 @@ class Reconciler:
         """Offer the oldest queued and the lease-expired jobs (not within a lease of Firestore's return: see
         `_firestore_failed`); restart listeners that died or missed a doc."""
         now = datetime.fromtimestamp(self.server_time(), UTC)
+        self._slowest_call = 0.0
         found = 0
         for media in MEDIA_TYPES:
             missed = False
             ordered = self._queued(media, limit=SWEEP_LIMIT)
-            sources = (("expired", self._expired(media, now)), ("ordered", ordered.stream(**BOUND)))
+            sources = (("expired", self._expired(media, now)), ("ordered", self._read(ordered)))
             for source, snapshots in sources:
                 for snapshot in snapshots:
                     try:
@@ -718,24 +731,52 @@ class Reconciler:
                     missed |= source == "ordered" and self._missed_by_listener(_name(media, "oldest"), snapshot)
             self._watchdog(media, missed)
         if time.monotonic() >= self._unleased_due:
-            unqueried = self._unqueried()
+            unqueried = self._unqueried([(m, s) for m in MEDIA_TYPES for s in (lifecycle.PROCESSING, lifecycle.QUEUED)])
             # Where it found some, the next page at the next sweep: a batch of them (an admin's import) runs at
             # the queue's pace, not a page every 5 minutes.
             self._unleased_due = time.monotonic() + (0.0 if unqueried else UNLEASED_SCAN_SECONDS)
             found += unqueried
+        else:
+            found += self._unqueried([(media, lifecycle.QUEUED) for media in MEDIA_TYPES if self._undated(media)])
         return found + self._discover()
+
+    def _undated(self, media: str) -> bool:
+        """Whether queued docs of `media` without `created_at` may wait: more are queued than the oldest window
+        holds while it is not full (a count: one read). Behind a full window the scan's cadence finds them."""
+        name = _name(media, "oldest")
+        with self._cv:
+            window, full = self._windows.get(name), self._edges.get(name) is not None
+        if window is None or full:
+            return False
+        started = time.monotonic()
+        try:
+            # A list of each answer's results (its declared type says a flat list).
+            answers: Any = self.store.queued(media).count().get(**BOUND)
+            counted = answers[0][0].value
+        finally:
+            self._slowest_call = max(self._slowest_call, time.monotonic() - started)
+        return int(counted) > len(window)
 
     def _expired(self, media: str, now: datetime) -> list[DocumentSnapshot]:
         """The processing docs of `media` whose lease ran out before `now`; none while takeovers wait (see
         `_firestore_failed`), nor where the query itself was held up (Firestore away until just now)."""
         if not self._takeovers_allowed():
             return []
-        started = time.monotonic()
-        found = list(self.store.expired(media, now, limit=SWEEP_LIMIT).stream(**BOUND))
-        if time.monotonic() - started > SLOW_CALL_SECONDS:
+        found = self._read(self.store.expired(media, now, limit=SWEEP_LIMIT))
+        if self._slowest_call > SLOW_CALL_SECONDS:
             self._troubled = True
             return []
         return found
+
+    def _read(self, query: Query) -> list[DocumentSnapshot]:
+        """A query's docs, its time counted in the sweep's slowest call: what tells a call held up by an outage
+        (SLOW_CALL_SECONDS) is one call's time, not the sweep's, many calls long behind a backlog (a resilience
+        review: a healthy 5 s sweep stopped every takeover, a dead worker's job left `processing`)."""
+        started = time.monotonic()
+        try:
+            return list(query.stream(**BOUND))
+        finally:
+            self._slowest_call = max(self._slowest_call, time.monotonic() - started)
 
     def _not_ours(self, path: str) -> None:
         """The queries are collection groups, so another app's `images` or `videos` docs with a `status` of the
@@ -752,17 +793,17 @@ class Reconciler:
             "see the README's 'Into an existing Firebase project'",
         )
 
-    def _unqueried(self) -> int:
+    def _unqueried(self, scans: list[tuple[str, str]]) -> int:
         """Docs no ordered query returns, both an admin's writes (the contract's flows write neither): a
         `processing` doc whose lease is missing or not a date is claimable, but the expiry query compares dates; a
         `queued` one without `created_at` is outside every query ordered by it. Each scan reads one page of each
-        status per media type in document order, the next scan going on from there, so every one is read within a
-        few scans at a bounded cost (before, each sweep read the first 50 queued docs, ~600 reads a minute a worker
-        behind a backlog, and never the 51st: a scale review)."""
+        status per media type in document order (`scans`), the next scan going on from there, so every one is read
+        within a few scans at a bounded cost (before, each sweep read the first 50 queued docs, ~600 reads a minute
+        a worker behind a backlog, and never the 51st: a scale review)."""
         found = 0
-        for media, status in itertools.product(MEDIA_TYPES, (lifecycle.PROCESSING, lifecycle.QUEUED)):
+        for media, status in scans:
             after = self._scan_after.get((media, status))
-            page = list(self.store.in_document_order(media, status, limit=SWEEP_LIMIT, after=after).stream(**BOUND))
+            page = self._read(self.store.in_document_order(media, status, limit=SWEEP_LIMIT, after=after))
             self._scan_after[(media, status)] = page[-1] if len(page) == SWEEP_LIMIT else None
             for snapshot in page:
                 doc = snapshot.to_dict() or {}
@@ -810,7 +851,7 @@ class Reconciler:
         if not edges or room <= 0:
             return 0
         start = self._discover_after
-        users = list(self.store.users_with_pending(limit=DISCOVER_USERS, after=start).stream(**BOUND))
+        users = self._read(self.store.users_with_pending(limit=DISCOVER_USERS, after=start))
         self._discover_after = users[-1] if len(users) == DISCOVER_USERS else None
         found = 0
         for at, usage in enumerate(users):
@@ -836,9 +877,7 @@ class Reconciler:
                 self._discovered.pop((usage.id, media), None)
                 self._found_none[(usage.id, media)] = usage.update_time
                 room -= 1
-                for snapshot in self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER).stream(
-                    **BOUND
-                ):
+                for snapshot in self._read(self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER)):
                     found += 1
                     key = JobKey(usage.id, media, snapshot.id)
                     self._discovered.setdefault((usage.id, media), key)

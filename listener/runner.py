@@ -36,7 +36,7 @@ from firegen_core.errors import (
 from firegen_core.jobs import BOUND, ClaimedJob
 
 from .lease import Heartbeat, RunOutcome, job_ids, log_failure, quietly, release
-from .storage import Superseded, claim_stamp, is_transient
+from .storage import Superseded, claim_stamp, is_transient, refused_access
 
 log = structlog.get_logger("listener.runner")
 
@@ -150,6 +150,8 @@ class JobRunner:
         self.renew_interval = renew_interval or max(store.lease_seconds / 3, 0.2)
         self.deadline = deadline or Deadline()
         self.abort = threading.Event()  # set on shutdown past the grace period: release running jobs
+        # Called when the bucket refuses an upload for want of access (the worker's part: stop claiming and leave).
+        self.on_storage_refused: Callable[[BaseException], None] | None = None
         self._heartbeats: set[Heartbeat] = set()  # of the jobs running now
 
     def release_running(self) -> None:
@@ -316,6 +318,12 @@ class JobRunner:
             if heartbeat.lost.is_set():  # failed `Timeout` by the heartbeat, or taken over: not ours to fail
                 self._drop_if_deleted(job, request)
                 return self._lost(job, heartbeat)
+            if refused_access(exc) and self.on_storage_refused is not None:
+                # The bucket refuses this worker (a resilience review: its grant revoked mid-run, every job it
+                # claimed next was generated, charged and failed, the queue drained into failures). The job goes
+                # back to the queue and the worker leaves; its replacement's start-up check says what is wrong.
+                self.on_storage_refused(exc)
+                return release(self.store, job)
             return self._fail(job, classify(exc))
         heartbeat.stop()
         if written is None and self._timed_out(run):  # failed `Timeout` during its upload: no doc names its objects

@@ -83,6 +83,13 @@ class StorageUnavailable(StorageError):
     """Storage kept failing with transient errors until the retry budget ran out."""
 
 
+def refused_access(exc: BaseException) -> bool:
+    """Whether a failed upload was refused for want of access (HTTP 401/403: the worker's grant revoked, its key
+    disabled, the bucket's policy rewritten while it ran): every later job's upload would be refused too."""
+    cause = exc.__cause__ if isinstance(exc, StorageError) else None
+    return isinstance(cause, api_exceptions.Unauthorized | api_exceptions.Forbidden)
+
+
 class Superseded(Exception):
     """A later try of the job (it took the job over: this try's lease ran out, its worker stalled) wrote one of
     its objects: this try must write nothing more. Its own fence, checked before the upload, could not see it:

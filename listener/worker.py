@@ -137,12 +137,22 @@ class Worker:
 
     # --- a broken accelerator ---------------------------------------------------------------------------------
     def device_failed(self, exc: BaseException) -> None:
-        """A job hit a CUDA error: stop claiming, and have the process leave (SIGTERM to itself, so whichever
-        loop runs, the SDK's or uvicorn's, ends the way it does on RunPod's own SIGTERM)."""
+        """A job hit a CUDA error: stop claiming, and have the process leave."""
+        self._leave("device_failed", f"device failure: {type(exc).__name__}", error_type=type(exc).__name__)
+
+    def storage_refused(self, exc: BaseException) -> None:
+        """The bucket refused a job's upload for want of access: every later job's would be refused too, after
+        its GPU time. Stop claiming and leave (the job is released); a replacement's start-up check refuses to
+        start until the access is back, and the jobs wait queued."""
+        self._leave("storage_refused", "storage refused the upload", error=str(exc)[:300])
+
+    def _leave(self, event: str, failure: str, **fields: Any) -> None:
+        """Stop claiming, and have the process leave non-zero (SIGTERM to itself, so whichever loop runs, the
+        SDK's or uvicorn's, ends the way it does on RunPod's own SIGTERM)."""
         with self._shutdown_lock:  # two jobs failing at once: one SIGTERM (a second would hurry the others)
-            first, self.failure = self.failure is None, self.failure or f"device failure: {type(exc).__name__}"
+            first, self.failure = self.failure is None, self.failure or failure
         if first:
-            log.error("device_failed", error_type=type(exc).__name__, action="release the job and exit")
+            log.error(event, **fields, action="release the job and exit")
             self.begin_shutdown()
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -235,6 +245,7 @@ def build_worker(
     guarded = DeviceGuard(generator, lambda exc: worker.device_failed(exc))
     device = getattr(getattr(generator, "runtime", None), "device", None)  # the engine's; a stand-in has none
     runner = JobRunner(store, guarded, results, deadline=deadline_from(settings, device))
+    runner.on_storage_refused = lambda exc: worker.storage_refused(exc)
     batches = callable(getattr(generator, "generate_batch", None))  # a stand-in generator may not batch
     reconciler = Reconciler(
         store,

@@ -8,6 +8,8 @@ FAULT=listeners  the listeners attach, but no snapshot of theirs reaches the wor
                  never answer), and the start's 30 s wait for them is cut to 1 s
 FAULT=stall      the models' load never returns (as from a network volume that stalls, or a card whose driver
                  hangs CUDA's initialisation: no file here can be made to stall a read)
+FAULT=storage    every generation returns a small PNG at once, and the bucket refuses each upload HTTP 403 (the
+                 worker's grant revoked while it runs: the Storage emulator has no IAM to revoke)
 FAULT=crash      a bug in the start: the engine's wrapping raises a TypeError
 FAULT=crash-sdk  a bug in the RunPod SDK's loop: its start() raises, once the worker serves
 """
@@ -26,6 +28,14 @@ class FaultyGenerator:
     def generate(self, request, progress=None):
         if self.fault == "job":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if self.fault == "storage":
+            from PIL import Image
+
+            from generation.engine import GenerationResult, OutputFile
+            from generation.media import encode_png
+
+            png = OutputFile(encode_png(Image.new("RGB", (request.width, request.height))), "png", "image/png")
+            return GenerationResult(request.task_type, 1, [png], request.width, request.height)
         return self.engine.generate(request, progress)
 
     def check_device(self) -> None:
@@ -67,6 +77,14 @@ if __name__ == "__main__":
             threading.Event().wait()
 
         Engine.preload = stalled_preload  # type: ignore[method-assign]
+    if fault == "storage":
+        from google.api_core.exceptions import Forbidden
+        from google.cloud.storage import Blob
+
+        def refused(blob, *args, **kwargs):
+            raise Forbidden("worker@project.iam.gserviceaccount.com does not have storage.objects.create access")
+
+        Blob.upload_from_string = refused  # type: ignore[method-assign]
     if fault == "crash-sdk":
         from listener.startup import import_runpod_sdk
 

@@ -1382,6 +1382,41 @@ def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
     assert len(runpod.requests) == 3
 
 
+def test_a_sweep_reaches_stale_jobs_behind_a_page_of_just_redispatched_ones(firestore_client, stub, monkeypatch):
+    """A scale review: a sweep read `scan_limit` oldest queued docs and no more; a re-dispatched job keeps its
+    `created_at`, so for the next 10 minutes the same page was all "skipped" and the stale jobs behind it waited
+    (behind 10,000 stale jobs of a broken endpoint, the last failed ~50 hours late). It pages past them, up to
+    SCAN_PAGES pages."""
+    now = datetime.now(UTC)
+    old = now - timedelta(hours=2)
+    for n in range(12):
+        firestore_client.document(f"generations/u-p{n:02d}/images/j").set(
+            {
+                **client_doc(width=256),
+                "created_at": old + timedelta(seconds=n),
+                "dispatch_count": 1,
+                "dispatched_at": old,
+            }
+        )
+    runpod = stub(ACCEPTED)
+    policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=3, scan_limit=5)
+
+    def sent_by(at: datetime) -> list[str]:
+        before = len(runpod.requests)
+        counts = sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy, now=at)
+        users = sorted(body["input"]["user_id"] for _, body in runpod.requests[before:])
+        assert counts["redispatched"] == len(users), counts
+        return users
+
+    assert sent_by(now) == [f"u-p{n:02d}" for n in range(5)]
+    assert sent_by(now + timedelta(minutes=5)) == [f"u-p{n:02d}" for n in range(5, 10)]
+    pages = sweep.SCAN_PAGES
+    monkeypatch.setattr(sweep, "SCAN_PAGES", 2)  # the read bound: 10 docs, the first 10 just re-dispatched
+    assert sent_by(now + timedelta(minutes=6)) == []
+    monkeypatch.setattr(sweep, "SCAN_PAGES", pages)
+    assert sent_by(now + timedelta(minutes=6)) == ["u-p10", "u-p11"]
+
+
 def test_a_sweep_past_its_budget_leaves_the_rest_for_the_next(firestore_client, stub):
     """The scheduled function ends at 300 s and one dispatch can take RunPod's 50 s deadline: a sweep starts no
     dispatch past `sweep_budget`, leaves those jobs untouched and says how many (here each dispatch "takes"

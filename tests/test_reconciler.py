@@ -18,7 +18,7 @@ import pytest
 import structlog
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import firestore
-from google.cloud.firestore import SERVER_TIMESTAMP
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from PIL import Image
 
 from devtools import emulators as emu
@@ -602,6 +602,34 @@ def test_a_lease_renewal_that_failed_is_logged_and_the_next_one_keeps_the_job(fi
     assert (said["file_uid"], said["log_level"]) == ("renew-blip", "warning") and "failed to connect" in said["error"]
 
 
+def test_a_failed_renewal_is_tried_again_soon_not_a_beat_later(firestore_client, results, monkeypatch):
+    """A resilience review: after an outage a peer takes expired leases over a lease after Firestore answers it
+    again; an owner whose renewal failed waited a whole beat (a third of the lease) to try again, so a late
+    channel could lose it the job. Here a beat is 5 s and the retry 0.2 s."""
+    monkeypatch.setattr(lease_module, "RENEW_RETRY_SECONDS", 0.2)
+    key = JobKey("u1", "images", "renew-soon")
+    write_job(firestore_client, key)
+    store = RenewBlip(firestore_client, worker_id="w1", lease_seconds=15.0)
+    tries: list[float] = []
+    renew = store.renew
+
+    def timed(*args, **kwargs):
+        tries.append(time.monotonic())
+        return renew(*args, **kwargs)
+
+    store.renew = timed  # type: ignore[method-assign]
+
+    class Quiet(StubGenerator):
+        """Held until a renewal went through, saying nothing meanwhile (a progress post would wake a renewal)."""
+
+        def generate(self, request, progress=None):
+            assert store.renewed.wait(30)
+            return super().generate(request)
+
+    assert JobRunner(store, Quiet(), results).run(store.claim(key)) == "completed"
+    assert len(tries) >= 2 and tries[1] - tries[0] < 2.5, [round(t - tries[0], 2) for t in tries]
+
+
 def test_a_firestore_blip_after_the_upload_neither_fails_nor_reruns_the_job(firestore_client, results, bucket):
     key = JobKey("u1", "images", "blip")
     write_job(firestore_client, key)
@@ -1174,6 +1202,26 @@ def test_a_processing_doc_whose_lease_no_query_can_compare_is_found_and_run(make
     assert doc(firestore_client, alive)["worker_id"] == "alive"
 
 
+def test_a_queued_doc_without_created_at_behind_a_page_of_dated_ones_is_found_and_run(
+    make_worker, firestore_client, monkeypatch
+):
+    """A scale review: a sweep read the first page of queued docs in document order for those no ordered query
+    finds (no `created_at`), every sweep, and never a second page: behind 50 dated docs (here: 3) one sorting
+    after them waited for good, and each sweep paid for the page. The scan pages on, as the processing one does."""
+    import listener.reconciler as reconciler_module
+
+    monkeypatch.setattr(reconciler_module, "SWEEP_LIMIT", 3)
+    monkeypatch.setattr(reconciler_module, "UNLEASED_SCAN_SECONDS", 0.0)
+    for n in range(4):  # prompt-only docs (the contract's function flow), held queued by the placeholder grace
+        write_job(firestore_client, JobKey(f"a{n}", "images", "dated"))
+    undated = JobKey("zz", "images", "undated")
+    write_job(firestore_client, undated, width=256)
+    firestore_client.document(undated.path).update({"created_at": DELETE_FIELD})
+    make_worker("sweeper", sweep=0.2, grace=600.0)
+    data = wait_until(lambda: finished(firestore_client, undated), timeout=30)
+    assert (data["status"], data["worker_id"]) == ("completed", "sweeper")
+
+
 def test_a_worker_whose_clock_is_fast_still_leaves_a_placeholder_its_grace(make_worker, firestore_client, skewed):
     """Audit: with its host 5 minutes fast, a worker ran a prompt-only doc (the contract's function flow) at once,
     before its runsync brought the parameters: the defaults ran, then the job again (charged both)."""
@@ -1612,3 +1660,82 @@ def owners_keep_their_jobs_through_an_outage(client, results, store, ends: str, 
     finally:
         sweeper.runner.abort.set()
         sweeper.stop(grace=0)
+
+
+def test_admissions_are_held_once_each_bounded_and_dropped_when_their_doc_leaves_the_queue(firestore_client):
+    """A scale review: each doc heard was checked against every held admission (a 10,000-doc flood took 16 s of a
+    listener's callback), the list had no bound, and a doc that left the queue (refused by the trigger,
+    cancelled) was still admitted, a transaction per worker. Driven by hand: no listener, no admission thread."""
+    reconciler = Reconciler(WorkerJobs(firestore_client, worker_id="w"), runner=None, capacity=5)  # type: ignore[arg-type]
+    reconciler._claiming = True
+    keys = [JobKey(f"u{n}", "images", "j") for n in range(8)]
+    for n, key in enumerate(reversed(keys[:4])):  # heard newest first, as the newest window delivers
+        reconciler._admit_later(key, {}, float(10 - n))
+    reconciler._admit_later(keys[0], {}, 99.0)  # heard again: held once
+    reconciler._on_queue_change("images", keys[1], "REMOVED", {"status": "failed"})
+    for key in keys[4:]:  # past the bound (the candidates' capacity): left to the claim
+        reconciler._admit_later(key, {}, 20.0)
+    assert len(reconciler._admitting) == 5 and keys[1] not in reconciler._admitting
+    taken = [reconciler._oldest_admission() for _ in range(len(reconciler._admitting))]
+    assert taken == [keys[0], keys[2], keys[3], keys[4], keys[5]] and not reconciler._admitting
+
+
+class SlowPages(WorkerJobs):
+    """Each paged scan's query answers in 0.3 s: a healthy Firestore far away, not an outage (a stand-in)."""
+
+    def in_document_order(self, *args, **kwargs):
+        query = super().in_document_order(*args, **kwargs)
+
+        class Slow:
+            def stream(self, **kwargs):
+                time.sleep(0.3)
+                return query.stream(**kwargs)
+
+        return Slow()
+
+
+def test_a_sweep_of_many_answered_calls_still_takes_a_dead_workers_job_over(firestore_client, results, monkeypatch):
+    """A resilience review: a sweep longer than SLOW_CALL_SECONDS in all (many queries behind a backlog, none of
+    them slow) counted as one call held up by an outage, and stopped takeovers for a lease after it, every sweep:
+    a dead worker's job stayed `processing`. One call's time tells an outage."""
+    import listener.reconciler as reconciler_module
+
+    monkeypatch.setattr(reconciler_module, "SLOW_CALL_SECONDS", 0.5)
+    monkeypatch.setattr(reconciler_module, "UNLEASED_SCAN_SECONDS", 0.0)  # 4 pages a sweep: 1.2 s in all
+    dead = JobKey("u1", "images", "left-by-the-dead")
+    write_job(firestore_client, dead)
+    assert WorkerJobs(firestore_client, worker_id="gone", lease_seconds=30).claim(dead) is not None
+    store = SlowPages(firestore_client, worker_id="sweeper", lease_seconds=2.0)
+    sweeper = CountingReconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=0.2).start()
+    try:
+        wait_until(lambda: sweeper.sweeps >= 2)  # past its first sweep (which takes over at once in any case)
+        firestore_client.document(dead.path).update({"lease_expires_at": SERVER_TIMESTAMP})  # its owner died
+        assert wait_until(lambda: finished(firestore_client, dead), timeout=20)["worker_id"] == "sweeper"
+    finally:
+        sweeper.stop(grace=0)
+
+
+def test_listeners_are_closed_while_firestore_is_away_and_listen_again_once_it_is_back(
+    firestore_client, results, reconciler_logs
+):
+    """A resilience review: while Firestore was away the listeners' streams reopened at once, without end (six
+    listeners, 32,000 tries in a 15 s outage, 40% of a core on the GIL beside the generation). After two failed
+    sweeps in a row they are closed; the first sweep that answers listens again."""
+    store = SweepAway(firestore_client, worker_id="w", lease_seconds=30.0)
+    reconciler = CountingReconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=0.2).start()
+    try:
+        assert reconciler.wait_listening(LISTENING_SECONDS)
+        before = dict(reconciler._watches)
+        store.back = time.monotonic() + 2.0
+        wait_until(lambda: any(e["event"] == "listeners_paused" for e in reconciler_logs), timeout=10)
+        assert all(watch._closed for watch in before.values())
+        wait_until(lambda: all(reconciler._watches[name] is not before[name] for name in before), timeout=15)
+        assert not any(watch._closed for watch in reconciler._watches.values())
+        key = JobKey("u1", "images", "after-the-outage")
+        write_job(firestore_client, key, width=256)
+        assert wait_until(lambda: finished(firestore_client, key), timeout=15)["status"] == "completed"
+        [paused] = [e for e in reconciler_logs if e["event"] == "listeners_paused"]
+        assert paused["failed_sweeps"] == 2
+        assert {e["listener"] for e in reconciler_logs if e["event"] == "listener_restarted"} == set(before)
+    finally:
+        reconciler.stop(grace=0)

@@ -375,6 +375,33 @@ def test_a_cuda_error_releases_the_job_and_ends_the_worker(
     assert worker.events("job_failed") == []
 
 
+def test_a_bucket_that_refuses_the_worker_mid_run_releases_the_job_and_ends_the_worker(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    """A resilience review: with the worker's grant on the bucket revoked while it ran, each job's upload was
+    refused 403 after its generation, the job failed `ConnectionError` (charged), and the worker claimed the next:
+    the queue drained into failures. The job goes back to the queue and the worker leaves (its replacement's
+    start-up check refuses to start while the access is missing); the other queued job is left untouched."""
+    waiting = queue_in_firestore(firestore_emulator, project, "behind-it")
+    worker = fault_worker("storage", firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
+    worker.start()
+    try:
+        job_api.queue_runsync("rp-refused", image_input("upload-refused"))
+        code = worker.wait_exit(60)
+    finally:
+        worker.stop()
+    assert code == 1, worker.log_tail()
+    refused = doc(firestore_emulator, project, "generations/loop-user/images/upload-refused")
+    claimed = doc(firestore_emulator, project, waiting)
+    ran = refused if refused.get("releases") else claimed  # the worker takes either first
+    assert (ran["status"], ran["attempts"], ran["releases"]) == ("queued", 0, 1) and "error_type" not in ran, ran
+    other = claimed if ran is refused else refused
+    assert other["status"] == "queued" and not other.get("attempts"), other
+    [said] = [line for line in json_lines(worker) if line["event"] == "storage_refused"]
+    assert said["level"] == "error" and "403" in said["error"] and said["action"] == "release the job and exit"
+    assert worker.events("job_released") and worker.events("job_failed") == []
+
+
 def run_fault_worker(fault: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """`tests.fault_worker` with `fault` and no models, run to its end: it exits on its own (WorkerProcess waits
     for a server that stays up)."""
