@@ -211,9 +211,23 @@ def check_id(name: str, value: Any) -> str:
     return value
 
 
+# The largest whole number a double holds exactly: past it, a seed sent as floating point may have been rounded.
+EXACT_FLOAT_INT = 2**53
+
+
+def _whole(value: Any) -> Any:
+    """A whole number sent as floating point (1024.0) as an int: what Flutter and Unity apps on phones, an Android
+    or iOS Slider, Python's float arithmetic and Jackson send for a whole number, and what the JSON Schema's
+    `integer` allows (a review: one Dart app's docs ran on the web and failed on phones)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _check_number(name: str, value: Any) -> int | float:
     spec = PARAMS[name]
     if spec.kind is int:
+        value = _whole(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid(f"{name} must be an integer")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -231,6 +245,9 @@ def _check_number(name: str, value: Any) -> int | float:
 def _check_seed(value: Any) -> int | None:
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer() and abs(value) > EXACT_FLOAT_INT:
+        raise invalid("seed must be an integer or null (one past 2^53 sent as floating point may have been rounded)")
+    value = _whole(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid("seed must be an integer or null")
     if not INT64_MIN <= value <= INT64_MAX:
@@ -334,11 +351,18 @@ def normalise_document_fields(
         key = field_name(name, known)
         if key not in out or left_out(out[key]):
             out[key] = value
-        elif left_out(value) or (type(value) is type(out[key]) and value == out[key]):
+        elif left_out(value) or _same(value, out[key]):
             continue
         elif not first:
             raise invalid(f"{(called or {}).get(key, key)} is given twice with different values")
     return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """One value twice: equal numbers whatever their type (7 and 7.0: a camelCase map merged with snake_case
+    options), else equal values of one type (`1` is not `true`)."""
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b))
+    return bool(a == b) and (numbers or type(a) is type(b))
 
 
 def restatement(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 DEFAULT_CAPACITY = 1000
+MILLISECONDS_FROM = 1e11  # a numeric created_at past this counts milliseconds since the epoch
 K = TypeVar("K", bound=Hashable)
 
 
@@ -52,7 +53,9 @@ def timestamp(value: object, default: float) -> float:
     if isinstance(value, datetime):
         return value.timestamp()
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
+        # Milliseconds (an Admin SDK's `Date.now()` or `currentTimeMillis()`): read as seconds, the job was dated
+        # 50,000 years ahead and went after every other (a review). Seconds pass 1e11 in the year 5138.
+        return float(value) / 1000 if abs(value) > MILLISECONDS_FROM else float(value)
     return default
 
 

@@ -86,7 +86,14 @@ REFUSALS = [
     # strict types
     (with_(width=True), "Validation failed: width must be an integer"),
     (with_(width="512"), "Validation failed: width must be an integer"),
-    (with_(width=512.0), "Validation failed: width must be an integer"),
+    (with_(width=512.5), "Validation failed: width must be an integer"),
+    (with_(width=float("nan")), "Validation failed: width must be an integer"),
+    (with_(seed=4.5), "Validation failed: seed must be an integer or null"),
+    (
+        with_(seed=float(2**60)),
+        "Validation failed: seed must be an integer or null (one past 2^53 sent as floating point may have been "
+        "rounded)",
+    ),
     (with_(num_frames=16.5), "Validation failed: num_frames must be an integer"),
     (with_(guidance_scale="7.5"), "Validation failed: guidance_scale must be a number"),
     (with_(guidance_scale=False), "Validation failed: guidance_scale must be a number"),
@@ -197,6 +204,36 @@ def test_bounds_are_inclusive(value):
 @pytest.mark.parametrize("seed", [0, 1234567890, 2**63 - 1, -(2**63)])
 def test_seed_accepts_any_int64(seed):
     assert parse_runsync_input(with_(seed=seed)).seed == seed
+
+
+def test_whole_numbers_sent_as_floating_point_are_read_as_integers():
+    """A review: Flutter and Unity apps on phones, an Android or iOS Slider, Python's float arithmetic and Jackson
+    send a whole number as 1024.0 (the JSON Schema's `integer` allows it): refused "must be an integer", one Dart
+    app's docs ran on the web (JS numbers) and failed on phones. Read as the integer, in docs and requests."""
+    image = {"width": 1024.0, "height": 768.0, "num_inference_steps": 30.0, "num_images_per_prompt": 2.0}
+    read = parse_runsync_input(with_(**image, seed=42.0))
+    assert (read.width, read.height, read.num_inference_steps, read.num_images_per_prompt, read.seed) == (
+        1024,
+        768,
+        30,
+        2,
+        42,
+    )
+    assert all(type(v) is int for v in (read.width, read.num_inference_steps, read.seed))
+    video = parse_document("u", "videos", "f", {"prompt": "waves", "fps": 8.0, "numFrames": 16.0, "videoWidth": 512.0})
+    assert (video.fps, video.num_frames, video.video_width) == (8, 16, 512) and type(video.fps) is int
+    assert parse_runsync_input(with_(seed=-float(2**53))).seed == -(2**53)  # still exact
+
+
+def test_one_number_spelled_twice_as_int_and_float_is_one_value():
+    """A camelCase map (a Kotlin data class, json_serializable) merged with snake_case options gave
+    `guidanceScale: 7` and `guidance_scale: 7.0`: refused as "given twice with different values"."""
+    read = parse_document(
+        "u", "images", "f", dict(CLIENT_DOC, guidanceScale=7, guidance_scale=7.0, Width=512.0, width=512)
+    )
+    assert (read.guidance_scale, read.width) == (7.0, 512)
+    with pytest.raises(ContractError):  # `1` is still not `true`
+        parse_document("u", "images", "f", dict(CLIENT_DOC, useCloudStorage=1, use_cloud_storage=True))
 
 
 def test_inline_request_needs_no_ids():

@@ -188,3 +188,15 @@ def test_the_fair_queue_keeps_its_docstrings_word():
             database=None,
         ),
     )
+
+
+def test_a_created_at_in_milliseconds_is_read_as_such():
+    """A review: an Admin SDK's `created_at: Date.now()` (or `currentTimeMillis()`) was read as seconds, 50,000
+    years ahead: the job went after every other queued job."""
+    from listener.fairqueue import timestamp
+
+    assert timestamp(1_700_000_000_000, 0.0) == 1_700_000_000.0 and timestamp(1_700_000_000.5, 0.0) == 1_700_000_000.5
+    queue: FairQueue[str] = FairQueue()
+    queue.add("written-in-ms-an-hour-ago", "ann", timestamp(1_700_000_000_000 - 3_600_000, 0.0))
+    queue.add("now", "ann", timestamp(1_700_000_000, 0.0))
+    assert queue.pop() == "written-in-ms-an-hour-ago"

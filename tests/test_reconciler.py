@@ -1727,8 +1727,8 @@ def test_listeners_are_closed_while_firestore_is_away_and_listen_again_once_it_i
         assert reconciler.wait_listening(LISTENING_SECONDS)
         before = dict(reconciler._watches)
         store.back = time.monotonic() + 2.0
-        wait_until(lambda: any(e["event"] == "listeners_paused" for e in reconciler_logs), timeout=10)
-        assert all(watch._closed for watch in before.values())
+        said = lambda: any(e["event"] == "listeners_paused" for e in reconciler_logs)  # noqa: E731
+        wait_until(lambda: said() and all(watch._closed for watch in before.values()), timeout=10)
         wait_until(lambda: all(reconciler._watches[name] is not before[name] for name in before), timeout=15)
         assert not any(watch._closed for watch in reconciler._watches.values())
         key = JobKey("u1", "images", "after-the-outage")

@@ -227,7 +227,10 @@ def test_the_web_apps_check_gives_the_contracts_messages(page_check):
     # Past 2^53 the Firestore SDK writes a number as a double, which the contract reads as no integer: the page
     # says why first (and refuses it for the callable too, which would get it rounded)...
     cases.append({**cases[-1], "seed": 2**60})
-    assert _document_message({**cases[-1], "seed": 2.0**60}) == "Validation failed: seed must be an integer or null"
+    assert _document_message({**cases[-1], "seed": 2.0**60}) == (
+        "Validation failed: seed must be an integer or null (one past 2^53 sent as floating point may have been "
+        "rounded)"
+    )
     in_this_page = (
         "Validation failed: seed must be between -9007199254740991 and 9007199254740991 in this page "
         "(a larger one would be rounded)"
@@ -243,14 +246,15 @@ def test_the_web_apps_check_gives_the_contracts_messages(page_check):
     for seed in (2**63 - 1, 2**63, -(2**63) - 1):
         cases.append({**cases[-1], "seed": seed})
         expected.append(in_this_page)
-    # From 1e21 JSON.stringify writes an exponent, which the contract reads as a float: no integer, as the
-    # callable would answer the page's request.
+    # From 1e21 JSON.stringify writes an exponent, which the contract reads as a float: a whole width is read as
+    # the integer, out of range, and a seed that large may have been rounded, as the callable would answer.
     for field in ("width", "seed"):
         cases.append({**cases[-1], "seed": None, field: 10**21})
         expected.append(_document_message({**cases[-1], field: float(10**21)}))
     assert expected[-2:] == [
-        "Validation failed: width must be an integer",
-        "Validation failed: seed must be an integer or null",
+        "width must be between 256 and 1024",
+        "Validation failed: seed must be an integer or null (one past 2^53 sent as floating point may have been "
+        "rounded)",
     ]
     drift = {i: (got, want) for i, (got, want) in enumerate(zip(page_check(cases), expected)) if got != want}
     assert drift == {}, "the page's check and the contract differ (case index: (page, contract))"

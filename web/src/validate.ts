@@ -29,7 +29,7 @@ const VISIBLE = new RegExp(REQUEST_SCHEMA.properties.prompt.pattern, "u");
 // Safari before 16.4 cannot parse one, and the whole bundle with it (the review: a page stuck at "Signing in…").
 const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?:^|[^\ud800-\udbff])[\udc00-\udfff]/;
 // JSON.stringify writes a number from 1e21 up with an exponent, which the contract (Python's json) reads as a
-// float: no integer, as the callable would say it.
+// float: a whole one is read as the integer, but a seed that large may have been rounded, as the callable says.
 const JSON_INTEGER_LIMIT = 1e21;
 
 /** The contract's message for the first field it refuses, or null where it accepts the request. */
@@ -60,8 +60,9 @@ function check(name: string, node: Spec, value: unknown, required: boolean): str
   } else if (spec.type === "integer" || spec.type === "number") {
     const integer = spec.type === "integer";
     const typeMessage = invalid(`${name} must be ${integer ? "an integer" : "a number"}${nullable ? " or null" : ""}`);
-    if (typeof value !== "number" || (integer && !(Number.isInteger(value) && Math.abs(value) < JSON_INTEGER_LIMIT))) {
-      return typeMessage;
+    if (typeof value !== "number" || (integer && !Number.isInteger(value))) return typeMessage;
+    if (name === "seed" && Math.abs(value) >= JSON_INTEGER_LIMIT) {
+      return invalid("seed must be an integer or null (one past 2^53 sent as floating point may have been rounded)");
     }
     // A seed past 64 bits is refused for its size (the contract's int64 check, as the callable answers it). At
     // exactly ±2^63 the number typed may have been one that fits (2^63 - 1 reads as 2^63): the next message holds.
