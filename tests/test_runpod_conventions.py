@@ -103,6 +103,19 @@ def test_the_hubs_description_asks_for_a_longer_idle_timeout():
     assert "idle timeout" in HUB["description"] and "5 s" in HUB["description"]
 
 
+def test_the_endpoint_settings_name_what_keeps_a_worker_generating():
+    """A review of RunPod's lifecycle: Request count scaling counts RunPod's own requests, answered at once here,
+    so it keeps no worker for a Firestore job; a backlog outlasts any idle timeout; a first start that downloads
+    the models outlasts RunPod's 7-minute start unless RUNPOD_INIT_TIMEOUT says more. The Hub's description and
+    the README's endpoint settings say so."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "Queue delay" in HUB["description"] and "active workers" in HUB["description"]
+    assert "- **auto-scaling type**: Queue delay." in readme and "keep active workers for a backlog" in readme
+    assert "`RUNPOD_INIT_TIMEOUT=1800`" in readme
+
+
 def test_the_hubs_root_handler_py_is_the_worker():
     """The RunPod Hub looks for a root handler.py: it must run the same worker as the Dockerfile's CMD."""
     import importlib.util
