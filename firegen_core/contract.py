@@ -211,8 +211,9 @@ def check_id(name: str, value: Any) -> str:
     return value
 
 
-# The largest whole number a double holds exactly: past it, a seed sent as floating point may have been rounded.
-EXACT_FLOAT_INT = 2**53
+# Past JavaScript's Number.MAX_SAFE_INTEGER a double no longer tells neighbouring integers apart (2^53 + 1 arrives
+# as 2^53): a seed sent as floating point past it may have been rounded.
+MAX_SAFE_INTEGER = 2**53 - 1
 
 
 def _whole(value: Any) -> Any:
@@ -245,7 +246,7 @@ def _check_number(name: str, value: Any) -> int | float:
 def _check_seed(value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, float) and value.is_integer() and abs(value) > EXACT_FLOAT_INT:
+    if isinstance(value, float) and value.is_integer() and abs(value) > MAX_SAFE_INTEGER:
         raise invalid("seed must be an integer or null (one past 2^53 sent as floating point may have been rounded)")
     value = _whole(value)
     if isinstance(value, bool) or not isinstance(value, int):

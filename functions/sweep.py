@@ -139,7 +139,9 @@ def _due(
         page = list(query(limit=policy.scan_limit, after=after).stream())
         for snapshot in page:
             doc = snapshot.to_dict() or {}
-            if not _stale(doc, now, policy):
+            if not _ours(snapshot):
+                found.append(snapshot)  # counted `foreign` as it is met, whatever it holds
+            elif not _stale(doc, now, policy):
                 counts["skipped"] += 1
             elif (
                 int(quota.number(doc, DISPATCH_COUNT)) >= policy.max_dispatches
@@ -153,6 +155,14 @@ def _due(
             return found[: policy.scan_limit]
         after = page[-1]
     return found[: policy.scan_limit]
+
+
+def _ours(snapshot: Any) -> bool:
+    try:
+        JobKey.from_path(snapshot.reference.path)
+    except ValueError:
+        return False
+    return True
 
 
 def _redispatch_one(

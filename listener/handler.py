@@ -16,6 +16,7 @@ import base64
 import contextvars
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -101,9 +102,17 @@ class RunsyncHandler:
         with structlog.contextvars.bound_contextvars(**({"requestId": request_id} if request_id else {})):
             # The id of one RunPod job only (a request of that id again is its redelivery): not the SDK's.
             job_id = None if request_id == LOCAL_TEST_ID else request_id
-            return await asyncio.to_thread(self.handle, job.get("input"), job_id)
+            stop = threading.Event()
+            try:
+                return await asyncio.to_thread(self.handle, job.get("input"), job_id, stop)
+            except asyncio.CancelledError:
+                # RunPod stopped the request (its execution timeout, a cancel): the SDK cancels this task, which
+                # leaves the thread running; an inline generation stops at its next step (a review: a timed-out
+                # video ran to its end for nobody, holding the model from the queue's jobs).
+                stop.set()
+                raise
 
-    def handle(self, data: Any, request_id: str | None = None) -> dict[str, Any]:
+    def handle(self, data: Any, request_id: str | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             request = parse_runsync_input(data)
@@ -112,7 +121,7 @@ class RunsyncHandler:
             self._fail_awaiting(data, exc.message)
             return rejected(exc.message)
         if not request.use_cloud_storage:
-            return self.inline(request)
+            return self.inline(request, stop)
         key = JobKey.of(request)
         try:
             request = self.store.as_filed(request, data)
@@ -210,8 +219,9 @@ class RunsyncHandler:
     # one more team per inline request, up to the pool's size, 32 threads on a large host).
     _generating = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inline-generation")
 
-    def inline(self, request: GenerationRequest) -> dict[str, Any]:
-        """`use_cloud_storage: false`: generate in the request and return the media as base64."""
+    def inline(self, request: GenerationRequest, stop: threading.Event | None = None) -> dict[str, Any]:
+        """`use_cloud_storage: false`: generate in the request and return the media as base64; `stop`, once set,
+        ends the generation at its next step."""
         ids = {name: value for name in ("user_id", "file_uid") if (value := getattr(request, name))}
 
         def refused(message: str, **why: str) -> dict[str, Any]:
@@ -221,11 +231,17 @@ class RunsyncHandler:
         if self.generator is None:
             return refused("Inline generation is not available on this worker", reason="no generator")
         started = time.perf_counter()
+
+        def progress(fraction: float) -> None:
+            if stop is not None and stop.is_set():
+                raise Interrupted()
+
         try:
             context = contextvars.copy_context()  # the request's log fields go along
-            result = self._generating.submit(context.run, self.generator.generate, request).result()
-        except Interrupted:  # the worker is leaving (its GPU failed, or it is shutting down)
-            return refused("The worker stopped before the generation finished; please retry", reason="worker leaving")
+            result = self._generating.submit(context.run, self.generator.generate, request, progress).result()
+        except Interrupted:  # stopped by RunPod, or the worker is leaving (its GPU failed, or it is shutting down)
+            why = "stopped by RunPod" if stop is not None and stop.is_set() else "worker leaving"
+            return refused("The worker stopped before the generation finished; please retry", reason=why)
         except Exception as exc:
             error = classify(exc)
             return refused(error.message, error_type=error.error_type)

@@ -147,9 +147,9 @@ class Reconciler:
         self._discovered: dict[tuple[str, str], JobKey] = {}
         # Per (user, media type) whose look-up found nothing: the usage doc's update time then (a new job changes it).
         self._found_none: dict[tuple[str, str], object] = {}
-        # Per media type, the last processing doc the last scan for unreadable leases read (None: start over).
         self._slowest_call = 0.0  # the longest one query of the current (or last) sweep took, in seconds
-        self._scan_after: dict[tuple[str, str], DocumentSnapshot | None] = {}  # (media, status): the last page's end
+        # Per (media type, status), the last doc the last page of `_unqueried` read (None: start over).
+        self._scan_after: dict[tuple[str, str], DocumentSnapshot | None] = {}
         self._unleased_due = 0.0  # by the monotonic clock
         # Before this (monotonic) time, or while Firestore is in trouble here, the sweep takes over no expired lease
         # (see `_firestore_failed`).
@@ -640,7 +640,9 @@ class Reconciler:
                 failed += 1
                 self._firestore_failed(exc)
                 log.warning("sweep_error", error=str(exc), failed_sweeps=failed)
-                if failed == PAUSE_LISTENERS_AFTER and transient(exc):
+                if failed >= PAUSE_LISTENERS_AFTER and transient(exc):
+                    # At each failed sweep: one part-way through restarted a media type's listeners (its own queries
+                    # answered) before another query failed.
                     self._pause_listeners(failed)
             else:
                 self._firestore_answered(self._slowest_call)
@@ -654,8 +656,10 @@ class Reconciler:
         """Firestore away for sweeps in a row: the listeners' streams reopen at once, without end, while it is (a
         resilience review: six listeners tried 32,000 times in a 15 s outage, 40% of a core on the GIL beside the
         generation). Closed until a sweep answers again; its watchdog listens again then (`listener_restarted`)."""
-        log.info("listeners_paused", failed_sweeps=failed)
-        for watch in list(self._watches.values()):
+        open_watches = [watch for watch in self._watches.values() if not getattr(watch, "_closed", False)]
+        if open_watches:
+            log.info("listeners_paused", failed_sweeps=failed)
+        for watch in open_watches:
             _close(watch)
 
     # After Firestore was away from this worker, every lease counts as renewed when it came back: the owners were

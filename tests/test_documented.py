@@ -670,6 +670,54 @@ def test_firestore_down_fails_a_sweep_within_its_bound(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- mutation audit
+class SteppingGenerator:
+    """Steps until told to stop (its progress callback raises), counting them. A stand-in on purpose: what is
+    tested is the handler's stop, not a model's steps."""
+
+    def __init__(self):
+        self.started, self.ended, self.steps = threading.Event(), threading.Event(), 0
+
+    def generate(self, request, progress=None):
+        try:
+            while self.steps < 3000:  # a minute at most: a generation nobody stops
+                self.steps += 1
+                if progress is not None:
+                    progress(self.steps / 3000)
+                self.started.set()
+                time.sleep(0.02)
+            return SimpleNamespace(seed=1, files=[], video_info=None)
+        finally:
+            self.ended.set()
+
+
+def test_an_inline_generation_stops_when_runpod_stops_its_request(monkeypatch):
+    """A review: RunPod stops a request (its execution timeout, a cancel) by cancelling the handler's task (the SDK's
+    `stop_job`), which left the generation's thread running to its end for nobody, holding the model from the
+    queue's jobs. It stops at its next step, said as `request_refused` with `reason` `stopped by RunPod`."""
+    import asyncio
+
+    import structlog
+
+    import listener.handler as handler_module
+
+    generator = SteppingGenerator()
+    handler = RunsyncHandler(store=None, submit=None, generator=generator)
+
+    async def stopped() -> None:
+        task = asyncio.create_task(handler({"id": "rp-stopped", "input": INLINE}))
+        assert await asyncio.to_thread(generator.started.wait, 30)
+        task.cancel()  # as the SDK's JobScaler.stop_job does
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(handler_module, "log", structlog.get_logger("listener.handler"))
+        asyncio.run(stopped())
+        assert generator.ended.wait(10) and generator.steps < 3000
+    refused = [e for e in logs if e["event"] == "request_refused"]
+    assert [(e["inline"], e["reason"]) for e in refused] == [(True, "stopped by RunPod")], logs
+
+
 def test_an_inline_refusal_over_20_mb_is_logged_as_documented(monkeypatch):
     """README: `request_refused` with `inline: true` and `reason` `over 20 MB` (and the ids where given)."""
     import structlog

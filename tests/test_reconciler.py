@@ -1222,6 +1222,21 @@ def test_a_queued_doc_without_created_at_behind_a_page_of_dated_ones_is_found_an
     assert (data["status"], data["worker_id"]) == ("completed", "sweeper")
 
 
+def test_a_queued_doc_without_created_at_is_found_by_the_count_between_scheduled_scans(
+    make_worker, firestore_client, monkeypatch
+):
+    """Between the scan's 5-minute rounds, a sweep counts the queued docs (one read) and reads a page where more are
+    queued than the listeners hold: an undated doc written after the worker's first scan runs within sweeps."""
+    import listener.reconciler as reconciler_module
+
+    monkeypatch.setattr(reconciler_module, "UNLEASED_SCAN_SECONDS", 3600.0)
+    worker = make_worker("counter", sweep=0.2)
+    wait_until(lambda: worker.sweeps >= 3)  # its start's scan is behind it
+    undated = JobKey("u1", "images", "undated-later")
+    firestore_client.document(undated.path).set({"status": "queued", "prompt": "an admin's doc", "width": 256})
+    assert wait_until(lambda: finished(firestore_client, undated), timeout=20)["status"] == "completed"
+
+
 def test_a_worker_whose_clock_is_fast_still_leaves_a_placeholder_its_grace(make_worker, firestore_client, skewed):
     """Audit: with its host 5 minutes fast, a worker ran a prompt-only doc (the contract's function flow) at once,
     before its runsync brought the parameters: the defaults ran, then the job again (charged both)."""
