@@ -182,6 +182,19 @@ def fault_worker(fault, firestore_emulator, storage_emulator, emulator_logs, cac
     )
 
 
+def run_to_its_exit(fault: str, stack: tuple, job_id: str, file_uid: str) -> tuple[WorkerProcess, int | None]:
+    """A fault worker (`stack`: the emulators, logs, cache, job API and project fixtures, in fault_worker's order)
+    given one image runsync, run until it exits (60 s at most): the worker and its exit code."""
+    job_api = stack[4]
+    worker = fault_worker(fault, *stack)
+    worker.start()
+    try:
+        job_api.queue_runsync(job_id, image_input(file_uid))
+        return worker, worker.wait_exit(60)
+    finally:
+        worker.stop()
+
+
 def queue_in_firestore(firestore_emulator, project, file_uid: str) -> str:
     """A doc queued in Firestore (not RunPod's queue): its path."""
     path = f"generations/loop-user/images/{file_uid}"
@@ -359,13 +372,8 @@ def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
 def test_a_cuda_error_releases_the_job_and_ends_the_worker(
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
 ):
-    worker = fault_worker("job", firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
-    worker.start()
-    try:
-        job_api.queue_runsync("rp-broken", image_input("on-a-broken-card"))
-        code = worker.wait_exit(60)
-    finally:
-        worker.stop()
+    stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
+    worker, code = run_to_its_exit("job", stack, "rp-broken", "on-a-broken-card")
     assert code == 1, worker.log_tail()
     assert job_api.outputs["rp-broken"]["output"]["status"] == "accepted"
     job = doc(firestore_emulator, project, "generations/loop-user/images/on-a-broken-card")
@@ -383,13 +391,8 @@ def test_a_bucket_that_refuses_the_worker_mid_run_releases_the_job_and_ends_the_
     the queue drained into failures. The job goes back to the queue and the worker leaves (its replacement's
     start-up check refuses to start while the access is missing); the other queued job is left untouched."""
     waiting = queue_in_firestore(firestore_emulator, project, "behind-it")
-    worker = fault_worker("storage", firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
-    worker.start()
-    try:
-        job_api.queue_runsync("rp-refused", image_input("upload-refused"))
-        code = worker.wait_exit(60)
-    finally:
-        worker.stop()
+    stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
+    worker, code = run_to_its_exit("storage", stack, "rp-refused", "upload-refused")
     assert code == 1, worker.log_tail()
     refused = doc(firestore_emulator, project, "generations/loop-user/images/upload-refused")
     claimed = doc(firestore_emulator, project, waiting)
