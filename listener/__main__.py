@@ -172,11 +172,6 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         )
         if note:
             log.warning("no_gpu", note=note)
-        for task_type, failure in engine.preload().items():
-            # ERROR: every job of that model fails ModelNotAvailable until the setting or the volume is fixed.
-            log.error("model_not_available", task_type=task_type, error=failure.message)
-        loaded = time.perf_counter()
-
         generator = wrap_generator(engine) if wrap_generator else engine
         worker = build_worker(settings, generator, firestore_client, storage_client, worker_id=worker_id)
     except BaseException as exc:  # ended here: no deadline may outlive the start
@@ -217,6 +212,14 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             route_runpod_sdk(local_api=serve_api or os.environ.get("RUNPOD_REALTIME_PORT", "0") not in ("", "0"))
         if not fitness.check(worker, production, settings.fitness_check_timeout_seconds, start):
             return worker.exit_code
+        # The models after the checks, none of which needs them: a worker that may not write Firestore or its
+        # bucket (a revoked grant, a wrong STORAGE_BUCKET) exits before a load it would pay for at every restart
+        # RunPod makes for the queued requests (a review of RunPod's lifecycle).
+        load_started = time.perf_counter()
+        for task_type, failure in engine.preload().items():
+            # ERROR: every job of that model fails ModelNotAvailable until the setting or the volume is fixed.
+            log.error("model_not_available", task_type=task_type, error=failure.message)
+        loaded = time.perf_counter()
         # Before the first claim: a deadline that fired as the checks ended holds the process here, and none
         # fires once the worker claims (its readiness below has bounds of its own).
         start.done()
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         log.info(
             "worker_ready",
             import_seconds=round(imported - _T0, 3),
-            load_seconds=round(loaded - imported, 3),
+            load_seconds=round(loaded - load_started, 3),
             ready_seconds=round(time.perf_counter() - _T0, 3),
             frozen_objects=gc.get_freeze_count(),
             malloc_arena_max=arenas or os.environ.get("MALLOC_ARENA_MAX", "").strip() or None,

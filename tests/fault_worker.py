@@ -12,6 +12,7 @@ FAULT=storage    every generation returns a small PNG at once, and the bucket re
                  worker's grant revoked while it runs: the Storage emulator has no IAM to revoke)
 FAULT=crash      a bug in the start: the engine's wrapping raises a TypeError
 FAULT=crash-sdk  a bug in the RunPod SDK's loop: its start() raises, once the worker serves
+Several at once, comma-separated: FAULT=fitness,stall.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import sys
 
 
 class FaultyGenerator:
-    def __init__(self, engine, fault: str):
+    def __init__(self, engine, faults: set[str]):
         self.engine = engine
-        self.fault = fault
+        self.faults = faults
 
     def generate(self, request, progress=None):
-        if self.fault == "job":
+        if "job" in self.faults:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        if self.fault == "storage":
+        if "storage" in self.faults:
             from PIL import Image
 
             from generation.engine import GenerationResult, OutputFile
@@ -39,7 +40,7 @@ class FaultyGenerator:
         return self.engine.generate(request, progress)
 
     def check_device(self) -> None:
-        if self.fault == "fitness":
+        if "fitness" in self.faults:
             raise RuntimeError("CUDA error: uncorrectable ECC error encountered")
         self.engine.check_device()
 
@@ -65,10 +66,10 @@ def silence_listeners() -> None:
 if __name__ == "__main__":
     from listener.__main__ import main
 
-    fault = os.environ["FAULT"]
-    if fault == "listeners":
+    faults = set(os.environ["FAULT"].split(","))
+    if "listeners" in faults:
         silence_listeners()
-    if fault == "stall":
+    if "stall" in faults:
         import threading
 
         from generation.engine import Engine
@@ -77,7 +78,7 @@ if __name__ == "__main__":
             threading.Event().wait()
 
         Engine.preload = stalled_preload  # type: ignore[method-assign]
-    if fault == "storage":
+    if "storage" in faults:
         from google.api_core.exceptions import Forbidden
         from google.cloud.storage import Blob
 
@@ -85,7 +86,7 @@ if __name__ == "__main__":
             raise Forbidden("worker@project.iam.gserviceaccount.com does not have storage.objects.create access")
 
         Blob.upload_from_string = refused  # type: ignore[method-assign]
-    if fault == "crash-sdk":
+    if "crash-sdk" in faults:
         from listener.startup import import_runpod_sdk
 
         import_runpod_sdk()
@@ -97,8 +98,8 @@ if __name__ == "__main__":
         runpod.serverless.start = broken_start
 
     def wrap(engine):
-        if fault == "crash":
+        if "crash" in faults:
             raise TypeError("a bug in the worker's start")
-        return FaultyGenerator(engine, fault)
+        return FaultyGenerator(engine, faults)
 
     sys.exit(main(wrap_generator=wrap))

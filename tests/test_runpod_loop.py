@@ -426,8 +426,15 @@ def test_a_failed_fitness_check_ends_the_worker_before_it_takes_a_job(
     # And one in Firestore's queue: the SDK ran the check after the listeners had started, and a worker that
     # could not write its results failed the docs it claimed meanwhile (an audit).
     queued = queue_in_firestore(firestore_emulator, project, "queued-in-firestore")
-    result = run_fault_worker("fitness", worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache))
+    # The models' load stalls too (a stand-in): the checks come first, so the worker exits without loading them (a
+    # review of RunPod's lifecycle: a worker that cannot work paid for the load at each restart).
+    env = {
+        **worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
+        "STARTUP_TIMEOUT_SECONDS": "20",
+    }
+    result = run_fault_worker("fitness,stall", env)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert '"event": "startup_timed_out"' not in result.stdout
     assert '"event": "fitness_check_failed"' in result.stdout and '"event": "worker_exit"' in result.stdout
     assert "Fitness check failed: firegen_fitness_check" in result.stdout  # the SDK's line, through ours
     assert not job_api.takes and job_api.jobs.qsize() == 1  # the job stays with RunPod for a healthy worker
