@@ -35,6 +35,8 @@ from .settings import Settings
 from .storage import ResultStore
 
 log = structlog.get_logger("listener.worker")
+# How often a main thread waiting for the shutdown runs Python again, so that a signal's handler runs (`shutdown`).
+SIGNAL_SLICE_SECONDS = 0.1
 
 
 class DeviceFailed(Interrupted):
@@ -108,13 +110,23 @@ class Worker:
     # --- shutdown ---------------------------------------------------------------------------------------------
     def shutdown(self, grace: float | None = None) -> None:
         """Stop claiming; finish running jobs within `grace` (default SHUTDOWN_GRACE_SECONDS), then release
-        them. A second call waits for the first to end."""
+        them; returns once that is done (a second call, once the first's is). The wait is in slices: a signal
+        the kernel hands to another of the process's threads runs its Python handler in the main thread only when
+        that thread runs Python again, and a main thread blocked here until the job ended took a second SIGTERM
+        (which releases the job at once) only after the job had ended (a flaky test, then the cause)."""
+        self.begin_shutdown(grace)
+        while not self._stopped.wait(SIGNAL_SLICE_SECONDS):
+            pass
+
+    def begin_shutdown(self, grace: float | None = None) -> None:
+        """Start the shutdown in a thread of its own: safe from a signal handler (it never blocks the caller)."""
         with self._shutdown_lock:
-            first = not self._shutdown_started
+            if self._shutdown_started:
+                return
             self._shutdown_started = True
-        if not first:
-            self._stopped.wait()
-            return
+        threading.Thread(target=self._stop, args=(grace,), name="worker-shutdown", daemon=True).start()
+
+    def _stop(self, grace: float | None) -> None:
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         # Said at once: a SIGTERM's only trace was the jobs released or `reconciler_stopped` up to the grace later.
         log.info("shutdown_started", grace_seconds=grace, running=self.reconciler.busy)
@@ -122,11 +134,6 @@ class Worker:
             self.reconciler.stop(grace)
         finally:
             self._stopped.set()
-
-    def begin_shutdown(self, grace: float | None = None) -> None:
-        """`shutdown` in a thread of its own: safe from a signal handler (it never blocks the caller)."""
-        if not self._shutdown_started:
-            threading.Thread(target=self.shutdown, args=(grace,), name="worker-shutdown", daemon=True).start()
 
     def hurry(self) -> None:
         """Release the running jobs now rather than at the shutdown grace's end (a second signal): they stop at

@@ -226,3 +226,38 @@ def test_where_it_was_stuck_is_said():
     assert late["stuck_in"][-1].startswith("threading:wait:")
     assert all(frame.count(":") == 2 for frame in late["stuck_in"])  # module:function:line, no source text
     assert exit_line == {"event": "worker_exit", "code": 1, "reason": "too slow"}
+
+
+def test_a_signal_another_thread_takes_reaches_a_main_thread_waiting_for_the_shutdown():
+    """A flaky test, then its cause: the kernel may hand SIGTERM to any of the process's threads, and its Python
+    handler then runs in the main thread only once that thread runs Python again. A main thread blocked in
+    `Worker.shutdown` until the running job ended took the second SIGTERM (which releases the job at once) only
+    after the job had ended. Here the signal is sent to another thread, and the handler is what ends the stop."""
+    code, lines, said = run(
+        """
+        import signal
+        from types import SimpleNamespace
+        from listener.worker import Worker
+
+        released, stopping = threading.Event(), threading.Event()
+
+        class Reconciler:
+            busy = 1
+
+            def stop(self, grace):
+                stopping.set()
+                print("released" if released.wait(20) else "ran to its end")
+
+        signal.signal(signal.SIGTERM, lambda signum, frame: released.set())  # as `leave` hurries the job
+
+        def signal_this_thread():
+            stopping.wait(20)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+        threading.Thread(target=signal_this_thread).start()
+        worker = Worker(SimpleNamespace(shutdown_grace_seconds=120), None, None, Reconciler(), None, None)
+        worker.shutdown()
+        """
+    )
+    assert code == 0 and said.strip() == "released", said
+    assert [line["event"] for line in lines] == ["shutdown_started"]
