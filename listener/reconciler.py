@@ -148,6 +148,7 @@ class Reconciler:
         # Per (user, media type) whose look-up found nothing: the usage doc's update time then (a new job changes it).
         self._found_none: dict[tuple[str, str], object] = {}
         self._slowest_call = 0.0  # the longest one query of the current (or last) sweep took, in seconds
+        self._paused = False  # the listeners closed while Firestore is away (`_pause_listeners`)
         # Per (media type, status), the last doc the last page of `_unqueried` read (None: start over).
         self._scan_after: dict[tuple[str, str], DocumentSnapshot | None] = {}
         self._unleased_due = 0.0  # by the monotonic clock
@@ -640,12 +641,14 @@ class Reconciler:
                 failed += 1
                 self._firestore_failed(exc)
                 log.warning("sweep_error", error=str(exc), failed_sweeps=failed)
-                if failed >= PAUSE_LISTENERS_AFTER and transient(exc):
-                    # At each failed sweep: one part-way through restarted a media type's listeners (its own queries
-                    # answered) before another query failed.
+                if failed == PAUSE_LISTENERS_AFTER and transient(exc):
                     self._pause_listeners(failed)
             else:
                 self._firestore_answered(self._slowest_call)
+                if self._paused:  # a whole sweep answered: the listeners again (`_watchdog` waited for this)
+                    self._paused = False
+                    for media in MEDIA_TYPES:
+                        self._watchdog(media, False)
                 if failed:
                     deferred = max(0.0, self._takeovers_from - time.monotonic())
                     log.info("sweep_recovered", failed_sweeps=failed, takeovers_in_seconds=round(deferred, 1))
@@ -655,11 +658,12 @@ class Reconciler:
     def _pause_listeners(self, failed: int) -> None:
         """Firestore away for sweeps in a row: the listeners' streams reopen at once, without end, while it is (a
         resilience review: six listeners tried 32,000 times in a 15 s outage, 40% of a core on the GIL beside the
-        generation). Closed until a sweep answers again; its watchdog listens again then (`listener_restarted`)."""
-        open_watches = [watch for watch in self._watches.values() if not getattr(watch, "_closed", False)]
-        if open_watches:
-            log.info("listeners_paused", failed_sweeps=failed)
-        for watch in open_watches:
+        generation). Closed until a whole sweep answers again (one that failed part-way, its first media type's
+        queries answered, restarted none: they reopened without pause again), then listened to again
+        (`listener_restarted`)."""
+        log.info("listeners_paused", failed_sweeps=failed)
+        self._paused = True
+        for watch in list(self._watches.values()):
             _close(watch)
 
     # After Firestore was away from this worker, every lease counts as renewed when it came back: the owners were
@@ -898,6 +902,8 @@ class Reconciler:
             name = _name(media, window)
             watch = self._watches.get(name)
             silent = missed and window in WINDOWS  # the queued doc reached neither window: restart both
+            if self._paused:
+                continue
             if self._claiming and (silent or watch is None or getattr(watch, "_closed", False)):
                 log.warning("listener_restarted", listener=name, reason="silent" if silent else "closed")
                 _close(watch)

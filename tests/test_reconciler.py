@@ -1754,3 +1754,44 @@ def test_listeners_are_closed_while_firestore_is_away_and_listen_again_once_it_i
         assert {e["listener"] for e in reconciler_logs if e["event"] == "listener_restarted"} == set(before)
     finally:
         reconciler.stop(grace=0)
+
+
+class VideosAway(WorkerJobs):
+    """Firestore away for the sweep's video queries alone until `back`: a sweep fails part-way, its images'
+    queries answered (a stand-in, as SweepAway is)."""
+
+    back = 0.0
+
+    def _away(self, media: str):
+        if media == "videos" and time.monotonic() < self.back:
+            from google.api_core.exceptions import ServiceUnavailable
+
+            raise ServiceUnavailable("failed to connect to all addresses")
+
+    def expired(self, media, *args, **kwargs):
+        self._away(media)
+        return super().expired(media, *args, **kwargs)
+
+    def queued(self, media, *args, **kwargs):
+        self._away(media)
+        return super().queued(media, *args, **kwargs)
+
+
+def test_listeners_paused_stay_closed_until_a_whole_sweep_answers(firestore_client, results, reconciler_logs):
+    """The diff's review: a sweep that failed part-way restarted the first media type's listeners (its own queries
+    answered, and its watchdog saw them closed), which then reopened without pause for the rest of the outage. They
+    wait for a whole sweep that answers."""
+    store = VideosAway(firestore_client, worker_id="w", lease_seconds=30.0)
+    reconciler = CountingReconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=0.2).start()
+    try:
+        assert reconciler.wait_listening(LISTENING_SECONDS)
+        before = dict(reconciler._watches)
+        store.back = time.monotonic() + 3.0
+        said = lambda: any(e["event"] == "listeners_paused" for e in reconciler_logs)  # noqa: E731
+        wait_until(lambda: said() and all(watch._closed for watch in before.values()), timeout=10)
+        wait_until(lambda: time.monotonic() >= store.back - 0.5, timeout=10)  # sweeps failing part-way meanwhile
+        during = [e for e in reconciler_logs if e["event"] == "listener_restarted"]
+        assert during == [] and all(reconciler._watches[name] is before[name] for name in before), during
+        wait_until(lambda: not any(watch._closed for watch in reconciler._watches.values()), timeout=15)
+    finally:
+        reconciler.stop(grace=0)
