@@ -1730,6 +1730,17 @@ def test_a_sweep_of_many_answered_calls_still_takes_a_dead_workers_job_over(fire
         sweeper.stop(grace=0)
 
 
+def paused_by_an_outage(reconciler: Reconciler, store, seconds: float, logs: list[dict]) -> dict:
+    """Once `reconciler` listens, an outage of `seconds` begins (`store.back`, SweepAway's or VideosAway's): its
+    listeners as they were, once it has said `listeners_paused` and closed them all."""
+    assert reconciler.wait_listening(LISTENING_SECONDS)
+    before = dict(reconciler._watches)
+    store.back = time.monotonic() + seconds
+    said = lambda: any(e["event"] == "listeners_paused" for e in logs)  # noqa: E731
+    wait_until(lambda: said() and all(watch._closed for watch in before.values()), timeout=10)
+    return before
+
+
 def test_listeners_are_closed_while_firestore_is_away_and_listen_again_once_it_is_back(
     firestore_client, results, reconciler_logs
 ):
@@ -1739,11 +1750,7 @@ def test_listeners_are_closed_while_firestore_is_away_and_listen_again_once_it_i
     store = SweepAway(firestore_client, worker_id="w", lease_seconds=30.0)
     reconciler = CountingReconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=0.2).start()
     try:
-        assert reconciler.wait_listening(LISTENING_SECONDS)
-        before = dict(reconciler._watches)
-        store.back = time.monotonic() + 2.0
-        said = lambda: any(e["event"] == "listeners_paused" for e in reconciler_logs)  # noqa: E731
-        wait_until(lambda: said() and all(watch._closed for watch in before.values()), timeout=10)
+        before = paused_by_an_outage(reconciler, store, 2.0, reconciler_logs)
         wait_until(lambda: all(reconciler._watches[name] is not before[name] for name in before), timeout=15)
         assert not any(watch._closed for watch in reconciler._watches.values())
         key = JobKey("u1", "images", "after-the-outage")
@@ -1784,11 +1791,7 @@ def test_listeners_paused_stay_closed_until_a_whole_sweep_answers(firestore_clie
     store = VideosAway(firestore_client, worker_id="w", lease_seconds=30.0)
     reconciler = CountingReconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=0.2).start()
     try:
-        assert reconciler.wait_listening(LISTENING_SECONDS)
-        before = dict(reconciler._watches)
-        store.back = time.monotonic() + 3.0
-        said = lambda: any(e["event"] == "listeners_paused" for e in reconciler_logs)  # noqa: E731
-        wait_until(lambda: said() and all(watch._closed for watch in before.values()), timeout=10)
+        before = paused_by_an_outage(reconciler, store, 3.0, reconciler_logs)
         wait_until(lambda: time.monotonic() >= store.back - 0.5, timeout=10)  # sweeps failing part-way meanwhile
         during = [e for e in reconciler_logs if e["event"] == "listener_restarted"]
         assert during == [] and all(reconciler._watches[name] is before[name] for name in before), during
