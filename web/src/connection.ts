@@ -1,8 +1,7 @@
 // The notice at the top of the page about the connection: offline, or the server unreachable, the jobs listed are
 // the last the page heard of (and the live region says so once); errors the connection caused go once it is back.
+import { $ } from "./dom";
 import { markInvalid } from "./form";
-
-const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 
 /** The callable failing without an answer of its own (offline, or a server error page): the SDK says just "internal". */
 export const NO_ANSWER = "Could not reach the server; check your connection and try again";
@@ -12,13 +11,23 @@ const UNREACHABLE = "Cannot reach the server: your jobs as last seen; they updat
 /** How long after a start the network failed, online, the page starts again. */
 export const START_RETRY_MS = 30_000;
 /** How long "Offline" may stay once the browser is online again, while the listeners catch up. */
-export const CATCH_UP_MS = 10_000;
+const CATCH_UP_MS = 10_000;
 /** When the browser last came online (Date.now()). */
 let onlineAt = 0;
 
 /** The browser is online again: "Offline" may stay a moment while the listeners catch up (`showConnection`). */
-export function cameOnline(): void {
+function cameOnline(): void {
   onlineAt = Date.now();
+}
+
+/** The notice follows the browser going online and offline; `cached`: whether the jobs listed are the cache's. */
+export function watchConnection(cached: () => boolean): void {
+  window.addEventListener("online", () => {
+    cameOnline();
+    showConnection(cached());
+    setTimeout(() => showConnection(cached()), CATCH_UP_MS + 50);
+  });
+  window.addEventListener("offline", () => showConnection(cached()));
 }
 
 /** Show the notice at the top, `news` and, when the page listens again, `retry` beside it; `news` is said in the

@@ -49,6 +49,10 @@ export function nameFor(media: MediaType, prompt: string | undefined): string {
   return `${media === "videos" ? "video" : "image"} ${quoted({ prompt })}`;
 }
 
+export function capital(text: string): string {
+  return text.charAt(0).toUpperCase() + text.slice(1);
+}
+
 const MEDIA: MediaType[] = ["images", "videos"];
 
 /** How many of each media type's newest jobs are listed at first, and how many more each "Show older jobs" adds:

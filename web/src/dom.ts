@@ -1,0 +1,1 @@
+export const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
