@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -107,11 +108,14 @@ class WorkerJobs(JobStore):
         this worker and attempt): a worker that lost its lease writes nothing."""
         return self.transition(job.key, lambda doc, now: make(doc, now) if lifecycle.holds(doc, job.lease) else None)
 
-    def renew(self, job: ClaimedJob, progress: float | None = None) -> bool:
-        """Extend the lease (and record progress) while this worker still owns the job."""
-        return self._fenced(
+    def renew(self, job: ClaimedJob, progress: float | None = None) -> Renewal:
+        """Extend the lease (and record progress) while this worker still owns the job; true while it does."""
+        outcome = self._fenced(
             job, lambda doc, now: lifecycle.renewal(now, lease_seconds=self.lease_seconds, progress=progress)
-        ).applied
+        )
+        return Renewal(
+            outcome.applied, outcome.applied and bool((outcome.before or {}).get(lifecycle.CANCEL_REQUESTED))
+        )
 
     def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> str | None:
         """Record the result; returns the status written: `completed`, or `failed` when the owner cancelled the
@@ -169,6 +173,19 @@ class WorkerJobs(JobStore):
             and expire_at is not None
             and any(lifecycle.expiry(self.retention_days, now).get(lifecycle.EXPIRE_AT) == expire_at for now in tried)
         )
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A lease renewal's answer: whether the claim still holds the job, and whether its owner asked to cancel it
+    (the renewal read the doc anyway: a cancel the worker's listener missed, its window full of other requests, stops
+    the run a beat later instead of its running to the end, charged)."""
+
+    held: bool
+    cancel_requested: bool = False
+
+    def __bool__(self) -> bool:
+        return self.held
 
 
 def _landed(doc: Mapping[str, Any] | None, job: ClaimedJob, status: str, error_type: str | None = None) -> bool:

@@ -352,18 +352,23 @@ def normalise_document_fields(
         key = field_name(name, known)
         if key not in out or left_out(out[key]):
             out[key] = value
-        elif left_out(value) or _same(value, out[key]):
+        elif left_out(value) or same(value, out[key]):
             continue
         elif not first:
             raise invalid(f"{(called or {}).get(key, key)} is given twice with different values")
     return out
 
 
-def _same(a: Any, b: Any) -> bool:
+def same(a: Any, b: Any) -> bool:
     """One value twice: equal numbers whatever their type (7 and 7.0: a camelCase map merged with snake_case
-    options), else equal values of one type (`1` is not `true`)."""
+    options), else equal values of one type (`1` is not `true`). Lists nested past Python's recursion limit are
+    not compared (the fuzz audit: RecursionError): no field takes a list."""
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b))
-    return bool(a == b) and (numbers or type(a) is type(b))
+    try:
+        equal = bool(a == b)
+    except RecursionError:
+        equal = False
+    return equal and (numbers or type(a) is type(b))
 
 
 def restatement(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str, Any]:
@@ -437,7 +442,7 @@ def parse_document(user_id: str, media_type: str, file_uid: str, data: Mapping[s
     check_id("user_id", user_id)
     check_id("file_uid", file_uid)
     if media_type not in TASK_TYPE:
-        raise invalid(f"media type must be 'images' or 'videos', not '{media_type}'")
+        raise invalid(f"media type must be 'images' or 'videos', not '{quoted(str(media_type))}'")
     fields = {k: v for k, v in normalise_document_fields(data).items() if k in KNOWN_FIELDS}
     _check_text(fields, "prompt", required=True)  # first, as runsync and the callable check it
     cloud = fields.get("use_cloud_storage")

@@ -22,6 +22,8 @@ log = logging.getLogger("functions.callable_body")
 
 NOT_JSON = "Bad Request: send the body as JSON (Content-Type: application/json)"
 NOT_A_CALL = 'Bad Request: the body must be a JSON object {"data": ...} and nothing else'
+MAX_DEPTH = 64  # arrays and objects within each other; no request of the contract's nests past 3
+TOO_DEEP = f"Bad Request: the body nests arrays or objects more than {MAX_DEPTH} deep"
 
 
 def problem(request: Request) -> str | None:
@@ -34,7 +36,23 @@ def problem(request: Request) -> str | None:
         body = json.loads(request.get_data(cache=True))  # cached: the SDK reads the same bytes again
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return NOT_A_CALL
-    return None if isinstance(body, dict) and body.keys() == {"data"} else NOT_A_CALL
+    if not (isinstance(body, dict) and body.keys() == {"data"}):
+        return NOT_A_CALL
+    # This parse runs a few frames above the SDK's own: a body nested just short of Python's recursion limit here
+    # passed, and the SDK's parse of it raised RecursionError, HTTP 500 INTERNAL (the fuzz audit).
+    return TOO_DEEP if _deeper_than(body, MAX_DEPTH) else None
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest in `value` more than `limit` deep (walked without recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def guarded(endpoint: Callable[[Request], Any], origins: Any = "*") -> Callable[[Request], Any]:

@@ -68,6 +68,7 @@ from firegen_core.contract import (
     parse_runsync_input,
     refuse_unknown,
     restatement,
+    same,
     spellings,
 )
 from firegen_core.dispatches import DISPATCHED_INPUTS, RUNPOD_JOB_ID, dispatches_with, undelivered
@@ -79,7 +80,9 @@ from firegen_core.errors import (
     GenerationError,
 )
 from firegen_core.jobs import (
+    BOUND,
     MEDIA_TYPES,
+    Decide,
     JobKey,
     JobStore,
     Misfiled,
@@ -199,8 +202,23 @@ class Marking:
             return True
         return False
 
-    def outcome(self, outcome: Outcome) -> Outcome:
-        """The transition's outcome, with a marking that landed unanswered as written by it."""
+    def transition(self, store: JobStore, key: JobKey, decide: Decide, *, admit: bool = False) -> Outcome:
+        """`store.transition`, with a marking that landed unanswered as written by it. Also one whose last try's
+        answer was lost as the transition gave up (Firestore slow past its bound): the transition raised, and the
+        dispatch never went out while the doc said it had, so a retried call answered "Generation started" and sent
+        nothing either, and the job waited for the sweep (the fencing review). One read then tells."""
+        try:
+            outcome = store.transition(key, decide, admit=admit)
+        except FIRESTORE_AWAY as exc:
+            if not self.tokens:
+                raise
+            try:
+                snapshot = store.ref(key).get(**BOUND)
+            except FIRESTORE_AWAY:
+                raise exc from None
+            if not self.landed_here(snapshot.to_dict() if snapshot.exists else None):
+                raise
+            outcome = Outcome(None, None, snapshot.read_time)
         if outcome.applied or self.landed is None:
             return outcome
         marks = {name: self.landed[name] for name in (DISPATCH_COUNT, DISPATCHED_BY, DISPATCH_TOKEN)}
@@ -353,6 +371,7 @@ def _unwrapped_integer(value: Any) -> Any:
     if (
         isinstance(value, Mapping)
         and value.keys() == {"@type", "value"}
+        and isinstance(value["@type"], str)  # a list there is unhashable (the fuzz audit: INTERNAL)
         and value["@type"] in _WRAPPED_INTEGERS
         and isinstance(value["value"], str)
         and _INTEGER_TEXT.fullmatch(value["value"])
@@ -396,9 +415,10 @@ def generate(
     if any(not left_out(value) and value != uid for _, value in spellings(raw, "user_id")):
         raise CallError("permission-denied", "user_id must be the signed-in user's uid")
     fields["user_id"] = uid
-    # A file_uid given twice, differently, names no one job.
-    file_uids = {repr(value) for _, value in spellings(raw, "file_uid") if not left_out(value)}
-    named = len(file_uids) == 1
+    # A file_uid given twice, differently, names no one job. The same value twice (0 and 0.0) names one, and is
+    # refused as the contract refuses it (the fuzz audit: it ran under a made-up id).
+    file_uids = [value for _, value in spellings(raw, "file_uid") if not left_out(value)]
+    named = bool(file_uids) and all(same(file_uids[0], value) for value in file_uids[1:])
     if not named:
         fields["file_uid"] = uuid.uuid4().hex  # the reply's fileUid names it
     if fields.get("use_cloud_storage") is None:  # left out or null, as any other field: the callable's default
@@ -437,7 +457,7 @@ def generate(
             return {**update, **marking.markers(doc, BY_CALLABLE, request, afresh=again)}
         return update or None
 
-    outcome = marking.outcome(store.transition(key, decide, admit=True))
+    outcome = marking.transition(store, key, decide, admit=True)
     doc = outcome.after
     if doc.get("status") == lifecycle.FAILED:
         # Refused just now for the user's limits, or failed before (a retried call): report it.
@@ -528,7 +548,7 @@ def dispatch_created(
         return lifecycle.drop_cancelled(doc) or refused_or_marked(key, doc, BY_TRIGGER, marking)
 
     store = job_store(db, limits)
-    outcome = marking.outcome(store.transition(key, decide, admit=True))
+    outcome = marking.transition(store, key, decide, admit=True)
     if not outcome.applied:
         return "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:

@@ -314,7 +314,13 @@ def _answer(function: str, uid: str | None, call: Callable[[], dict]) -> dict:
     except dispatch.CallError as exc:
         _functions_log.info(function, extra={"user_id": uid, "refused": exc.code, "error": exc.message})
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
-    fields = {"user_id": uid, **{name: reply.get(name) for name in ("fileUid", "mediaType", "status")}}
+    # Named as the worker's entries and the other functions' name a job (snake case), not as the reply does.
+    fields = {
+        "user_id": uid,
+        "media_type": reply.get("mediaType"),
+        "file_uid": reply.get("fileUid"),
+        "status": reply.get("status"),
+    }
     _functions_log.info(function, extra=fields)
     return reply
 
@@ -336,7 +342,7 @@ def dispatchQueuedJob(event: firestore_fn.Event) -> None:
             limits=_limits(),
             grace=_grace(),
         )
-    _functions_log.info("dispatchQueuedJob", extra={"document": event.document, "outcome": outcome})
+    _functions_log.info("dispatchQueuedJob", extra={"path": event.document, "outcome": outcome})
 
 
 @scheduler_fn.on_schedule(schedule="every 5 minutes", secrets=[RUNPOD_API_KEY], timeout_sec=300)

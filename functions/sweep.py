@@ -193,7 +193,7 @@ def _redispatch_one(
             # woken for it again; up to LEFT_BEHIND_FACTOR times MAX_DISPATCHES in all, whatever comes.
         return refused_or_marked(key, doc, BY_SCHEDULER, marking)
 
-    outcome = marking.outcome(store.transition(key, decide))
+    outcome = marking.transition(store, key, decide)
     if not outcome.applied:
         return "waiting" if waiting else "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:

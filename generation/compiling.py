@@ -83,21 +83,27 @@ class CompileCache:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            log.info("no compile cache at %s: compiling from scratch", self.path)
+            log.info("compile_cache_missing", extra={"path": str(self.path), "action": "compile from scratch"})
             return False
         except OSError as exc:
-            log.warning("compile cache %s unreadable: %s", self.path, exc)
+            log.warning("compile_cache_not_loaded", extra={"path": str(self.path), "error": _short(exc)})
             return False
         try:
             info = torch.compiler.load_cache_artifacts(data)
         except Exception as exc:  # a truncated or foreign file: compile from scratch, overwrite it afterwards
-            log.warning("compile cache %s not loaded (%s): compiling from scratch", self.path, exc)
+            log.warning(
+                "compile_cache_not_loaded",
+                extra={"path": str(self.path), "error": _short(exc), "action": "compile from scratch"},
+            )
             return False
         if info is None:  # torch logs why (e.g. a checksum mismatch) and loads nothing
-            log.warning("compile cache %s not usable: compiling from scratch", self.path)
+            log.warning(
+                "compile_cache_not_loaded",
+                extra={"path": str(self.path), "error": "torch loaded none of it", "action": "compile from scratch"},
+            )
             return False
         self.in_file = _count(info)
-        log.info("compile cache loaded from %s (%d bytes, %d artifacts)", self.path, len(data), self.in_file)
+        log.info("compile_cache_loaded", extra={"path": str(self.path), "bytes": len(data), "artifacts": self.in_file})
         return True
 
     def save(self, final: bool = True) -> int:
@@ -120,7 +126,7 @@ class CompileCache:
         partial.write_bytes(data)
         os.replace(partial, self.path)
         self.in_file = self.written = count
-        log.info("compile cache written to %s (%d bytes, %d artifacts)", self.path, len(data), count)
+        log.info("compile_cache_written", extra={"path": str(self.path), "bytes": len(data), "artifacts": count})
         return len(data)
 
 
@@ -217,20 +223,32 @@ class BackgroundCompile:
                     self.install(self.pipe, serving)
                 self.seconds = time.perf_counter() - started
                 self.state = "compiled"
-                log.info("%s compiled in %.1f s; jobs now run it compiled", self.name, self.seconds)
+                # Jobs run it compiled from here on.
+                log.info("model_compiled", extra={"model": self.name, "compile_seconds": round(self.seconds, 1)})
                 for shape in rest:
                     try:
                         self.warm_up(sibling, shape)
                     except Exception as exc:
-                        log.warning("%s not compiled for %s, which runs eagerly: %s", self.name, shape, _short(exc))
+                        log.warning(
+                            "compile_shape_failed",
+                            extra={
+                                "model": self.name,
+                                "shape": list(shape),
+                                "error": _short(exc),
+                                "action": "run it eagerly",
+                            },
+                        )
                     else:
                         self.shapes.append(shape)
                         self._save(final=False)
-                log.info("%s compiled for %d of %d warm-up shapes", self.name, len(self.shapes), len(self.pending))
+                log.info(
+                    "compile_warm_up_done",
+                    extra={"model": self.name, "shapes": len(self.shapes), "of": len(self.pending)},
+                )
                 self._save(final=True)
         except Exception as exc:
             self.state, self.error = "failed", _short(exc)
-            log.warning("compiling %s failed, staying eager: %s", self.name, self.error)
+            log.warning("compile_failed", extra={"model": self.name, "error": self.error, "action": "stay eager"})
             if self.on_failure is not None:
                 self.on_failure()
         finally:
@@ -242,7 +260,7 @@ class BackgroundCompile:
         try:
             self.cache.save(final)
         except Exception as exc:  # a full or read-only volume costs the next start, not this one
-            log.warning("compile cache not written: %s", exc)
+            log.warning("compile_cache_not_written", extra={"path": str(self.cache.path), "error": _short(exc)})
 
 
 def _short(exc: BaseException) -> str:

@@ -237,7 +237,7 @@ class Engine:
         self._load_lock = threading.Lock()
         if self.config.preload:
             for task_type, failure in self.preload().items():
-                log.warning("%s not available at start: %s", task_type, failure.message)
+                log.error("model_not_available", extra={"task_type": task_type, "error": failure.message})
 
     def preload(self) -> dict[str, errors.GenerationError]:
         """Load every enabled model now. Returns the failures instead of raising them, so one model missing

@@ -97,7 +97,7 @@ class VideoPipeline(DiffusionCapability):
             # First Block Cache decides in Python, per step, whether to run the other blocks. Under torch.compile
             # its decisions differed from eager's (tiny Wan, threshold 0.5: 18.2 dB against the full run, eager
             # 21.7 dB, while the compiled full run equals the eager one): the cached transformer stays eager.
-            log.info("video step cache on: Wan's transformer is not compiled")
+            log.info("compile_skipped", extra={"model": "video", "reason": "video step cache on"})
             return
         super().warm_up()
 

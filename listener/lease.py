@@ -62,6 +62,7 @@ class Heartbeat:
     hard_deadline: float = float("inf")  # time.monotonic() past which this thread fails the job
     overrun: GenerationError | None = None
     abort: threading.Event | None = None  # the worker is leaving: release the job (`JobRunner.release_running`)
+    cancel: threading.Event | None = None  # set when a renewal reads that the job's owner asked to cancel it
     lost: threading.Event = field(default_factory=threading.Event)
     ended: RunOutcome | None = None  # `lost` because this thread ended the job itself (written, and logged)
     finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
@@ -141,6 +142,9 @@ class Heartbeat:
                     self._progress = progress if self._progress is None else self._progress
                 continue
             failing = False
+            if renewed and renewed.cancel_requested and self.cancel is not None and not self.cancel.is_set():
+                log.info("job_cancel_requested", heard="lease renewal", **job_ids(self.job))
+                self.cancel.set()
             if not renewed:
                 if self.finishing.is_set():
                     return  # the final write landed first: nothing was lost

@@ -205,7 +205,7 @@ class JobRunner:
                     started,
                     started + limit,
                     overrun,
-                    stack.enter_context(self._heartbeat(job, hard_deadline, overrun)),
+                    stack.enter_context(self._heartbeat(job, hard_deadline, overrun, cancel)),
                     self.abort,
                     self._end_now if len(parsed) > 1 else None,
                 )
@@ -313,10 +313,12 @@ class JobRunner:
             return RunOutcome.LOST
         except Exception as exc:
             heartbeat.stop()
-            if self._timed_out(run):  # failed `Timeout` by the heartbeat mid-upload: what it stored goes
+            timed_out = self._timed_out(run)
+            if timed_out:  # failed `Timeout` by the heartbeat mid-upload: what it stored goes
                 self._remove_results(job, request)
             if heartbeat.lost.is_set():  # failed `Timeout` by the heartbeat, or taken over: not ours to fail
-                self._drop_if_deleted(job, request)
+                if not timed_out:
+                    self._drop_if_ended(job, request)
                 return self._lost(job, heartbeat)
             if refused_access(exc) and self.on_storage_refused is not None:
                 # The bucket refuses this worker (a resilience review: its grant revoked mid-run, every job it
@@ -329,8 +331,8 @@ class JobRunner:
         if written is None and self._timed_out(run):  # failed `Timeout` during its upload: no doc names its objects
             self._remove_results(job, request)
             return RunOutcome.FAILED
-        if written is None:  # its objects are the new owner's to write over, unless the job is gone
-            self._drop_if_deleted(job, request)
+        if written is None:  # its objects are the new owner's to write over, unless the job ended
+            self._drop_if_ended(job, request)
             return self._lost(job, heartbeat, reason="lease taken over during the upload; not completed")
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
             self._remove_results(job, request)
@@ -399,8 +401,10 @@ class JobRunner:
         return release(self.store, job)
 
     @contextmanager
-    def _heartbeat(self, job: ClaimedJob, hard_deadline: float, overrun: GenerationError) -> Iterator[Heartbeat]:
-        with Heartbeat(self.store, job, self.renew_interval, hard_deadline, overrun, self.abort) as heartbeat:
+    def _heartbeat(
+        self, job: ClaimedJob, hard_deadline: float, overrun: GenerationError, cancel: threading.Event
+    ) -> Iterator[Heartbeat]:
+        with Heartbeat(self.store, job, self.renew_interval, hard_deadline, overrun, self.abort, cancel) as heartbeat:
             self._heartbeats.add(heartbeat)
             try:
                 yield heartbeat
@@ -422,19 +426,26 @@ class JobRunner:
         if removed:
             log.info("job_results_removed", objects=removed, **job_ids(job))
 
-    def _drop_if_deleted(self, job: ClaimedJob, request: GenerationRequest) -> None:
-        """After an upload whose completion found the job no longer this claim's: where its owner deleted it
-        meanwhile (`deleteGeneration`, which deleted what was there then), no doc names what this try wrote and no
-        later try writes over it, so it goes: the objects that record this claim, no other."""
-        gone = quietly(lambda: not self.store.ref(job.key).get(**BOUND).exists, job)
-        if not gone:
+    def _drop_if_ended(self, job: ClaimedJob, request: GenerationRequest) -> None:
+        """After an upload whose completion found the job no longer this claim's: where it ended meanwhile by
+        another's write (deleted by its owner, `deleteGeneration` deleting what was there then; failed by the
+        functions' sweep giving it up, a refused request, a takeover past MAX_ATTEMPTS; completed by a later
+        claim), no doc names what this try wrote and no later try writes over it, so it goes: the objects that
+        record this claim, no other (the fencing review: a failed job's were left in the bucket for good). A job
+        still queued or running is left: its next try writes over them."""
+        doc = quietly(lambda: self.store.ref(job.key).get(**BOUND), job)
+        if doc is None:
+            return
+        ended = "job deleted" if not doc.exists else f"job {doc.get('status')} by another"
+        if doc.exists and doc.get("status") not in lifecycle.FINAL_STATES:
             return
         count = 1 if request.is_video else request.num_images_per_prompt
         stamp = claim_stamp(job.claimed_at)
         removed = quietly(
             lambda: self.results.remove_written(job.key.user_id, job.key.file_uid, request.task_type, count, stamp), job
         )
-        log.info("job_results_removed", objects=removed, reason="job deleted", **job_ids(job))
+        if removed:
+            log.info("job_results_removed", objects=removed, reason=ended, **job_ids(job))
 
     def _recorded(self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat, until: float) -> T | None:
         """A generated job's fence check or completion: tried while Firestore is away until `until` (its batch's

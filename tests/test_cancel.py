@@ -106,6 +106,29 @@ def test_a_running_job_stops_within_two_seconds_and_frees_the_slot(sched_worker,
     assert (failed["file_uid"], failed["error_type"]) == ("long", "Cancelled")
 
 
+def test_a_cancel_the_listener_missed_stops_the_run_at_its_next_lease_renewal(
+    sched_worker, firestore_client, events, monkeypatch
+):
+    """The cancel listener holds CANCEL_LIMIT requests, in no order: past that (many users cancelling queued jobs
+    at once) a running job's request may be outside its window. The renewal reads the doc anyway: the run stops a
+    beat later, not at its end, charged in full (the fencing review)."""
+    from listener.reconciler import Reconciler
+
+    # A window that holds none of this job's: the full window stood for by a query of a collection with no docs.
+    monkeypatch.setattr(Reconciler, "_cancel_requests", lambda self, media: self.store.cancelling("nothing"))
+    generator = StubGenerator(threading.Event())  # holds the job, reporting progress at every "step"
+    sched_worker("w", generator, lease=3.0)  # a renewal each second
+    key = JobKey("u1", "images", "missed")
+    queue_jobs(firestore_client, [key])
+    assert generator.started.wait(15)
+    cancel(firestore_client, key)
+    doc = wait_until(lambda: finished(firestore_client, key), timeout=15)
+    assert outcome(doc) == CANCELLED
+    [heard] = [e for e in events if e["event"] == "job_cancel_requested"]
+    assert (heard["file_uid"], heard["heard"]) == ("missed", "lease renewal")
+    assert not generator.gate.is_set()  # stopped, not run to its end
+
+
 class CancelDuringUpload:
     """The real ResultStore; the owner's cancel lands while the results are being uploaded."""
 

@@ -130,7 +130,8 @@ def test_a_failing_compiler_leaves_the_unet_eager(tiny_cache, caplog, small_warm
         pipeline = ImagePipeline.load("tiny", Runtime(compile_backend=broken_backend))
         assert pipeline.compiler.wait(COMPILE_DEADLINE_S)
     assert pipeline.compiler.state == "failed" and "no compiler here" in pipeline.compiler.error
-    assert "staying eager" in caplog.text
+    [said] = [record for record in caplog.records if record.msg == "compile_failed"]
+    assert (said.model, said.action) == ("image", "stay eager") and "no compiler here" in said.error
     assert not is_compiled(pipeline.pipe.unet)
     [image] = pipeline.generate(image_request(), 7)
     assert image.size == (64, 64)
@@ -197,8 +198,11 @@ def test_a_warm_up_shape_that_fails_to_compile_runs_eagerly_and_the_others_compi
         pipeline = ImagePipeline.load("tiny", Runtime(compile_backend=compiles))
         assert pipeline.compiler.wait(COMPILE_DEADLINE_S)
     assert pipeline.compiler.state == "compiled" and pipeline.compiler.shapes == [shapes[0], shapes[2]]
-    assert "not compiled for (264, 256, 1, 7.5), which runs eagerly" in caplog.text
-    assert "no compiler for graph 2" in caplog.text
+    [said] = [record for record in caplog.records if record.msg == "compile_shape_failed"]
+    assert (said.shape, said.action) == (
+        [264, 256, 1, 7.5],
+        "run it eagerly",
+    ) and "no compiler for graph 2" in said.error
     for width, height, compiled_steps in [(64, 64, 2), (264, 256, 0), (256, 264, 2)]:
         runs = compiles.runs
         [image] = pipeline.generate(image_request(width=width, height=height, num_inference_steps=2), 7)
@@ -283,7 +287,8 @@ def test_cache_files_that_are_missing_or_foreign_mean_compiling_from_scratch(tmp
     garbage.path.write_bytes(b"not a torch cache")
     with caplog.at_level(logging.WARNING, logger="generation.compiling"):
         assert not garbage.load()
-    assert "compiling from scratch" in caplog.text
+    [said] = [record for record in caplog.records if record.msg == "compile_cache_not_loaded"]
+    assert (said.path, said.action) == (str(garbage.path), "compile from scratch")
 
 
 def test_the_compile_cache_round_trip_turns_a_compile_into_cache_hits(tmp_path, monkeypatch):

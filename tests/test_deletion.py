@@ -515,6 +515,41 @@ def test_an_upload_that_lands_after_its_job_was_deleted_is_removed(firestore_cli
     assert not store.ref(job.key).get().exists and store.ref(other).get().exists
 
 
+class FailedDuringUpload:
+    """The real ResultStore; while this try uploads, another writer fails its job: the functions' sweep giving it
+    up (its lease expired, this worker stalled), written as the sweep writes it, no claim's."""
+
+    def __init__(self, results, store, job):
+        self.results, self.store, self.job = results, store, job
+
+    def upload(self, user_id, file_uid, task_type, files, **kwargs):
+        given_up = GenerationError("Timeout", "No worker took the job")
+        failure = lifecycle.failure(given_up, user_id=user_id, file_uid=file_uid)
+        assert self.store.transition(self.job.key, lambda doc, now: failure).applied
+        return self.results.upload(user_id, file_uid, task_type, files, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.results, name)
+
+
+def test_an_upload_that_lands_after_another_failed_its_job_is_removed(firestore_client, bucket, store, files):
+    """The fencing review: only a deleted job's late objects went; a job failed meanwhile by another writer kept
+    them, named by no doc, in the bucket for good."""
+    from test_reconciler import StubGenerator
+
+    from listener.runner import JobRunner
+
+    other = completed(store, files, "u-gone", "keep")  # another job of the user's: left alone
+    request = request_for("u-gone", "given-up", num_images_per_prompt=2)
+    store.ensure_queued(request)
+    job = store.claim(JobKey.of(request))
+    assert JobRunner(store, StubGenerator(), FailedDuringUpload(files, store, job)).run(job) == "lost"
+    assert names(bucket) == ["generating/u-gone/image/keep.png"]
+    doc = store.ref(job.key).get().to_dict()
+    assert (doc["status"], doc["error_message"]) == ("failed", "No worker took the job")
+    assert store.ref(other).get().exists
+
+
 def test_firestore_failing_a_pass_is_said_not_taken_for_a_pass_out_of_time(
     firestore_client, bucket, store, files, monkeypatch
 ):

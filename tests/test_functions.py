@@ -290,6 +290,8 @@ def test_the_callable_reads_the_client_sdks_wrapped_64_bit_integers(firestore_cl
             "Validation failed: seed must fit in a signed 64-bit integer",
         ),
         ({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "7"}, None),
+        ({"@type": [], "value": "7"}, None),  # the fuzz audit: unhashable, a TypeError (INTERNAL)
+        ({"@type": {}, "value": "7"}, None),
     ):
         with pytest.raises(CallError) as raised:
             dispatch.generate(
@@ -410,6 +412,11 @@ def test_a_field_given_twice_fails_the_job_it_names_and_names_none_when_it_is_th
         (
             {"prompt": "x", "file_uid": "a", "fileUid": "b"},
             ("invalid-argument", "Validation failed: file_uid is given twice with different values"),
+        ),
+        # The fuzz audit: one value twice (0 and 0.0) named no job either, and ran under a made-up id.
+        (
+            {"prompt": "x", "file_uid": 0, "fileUid": 0.0},
+            ("invalid-argument", "Validation failed: file_uid must be a string"),
         ),
         (
             {"prompt": "x", "file_uid": "c", "user_id": "u-twice", "userId": "other"},
@@ -1447,12 +1454,13 @@ def test_a_sweep_past_its_budget_leaves_the_rest_for_the_next(firestore_client, 
     )
 
 
-@pytest.fixture
-def lost_answer(monkeypatch):
+@pytest.fixture(params=["sent again", "given up"])
+def lost_answer(monkeypatch, request):
     """The first commit that marks a dispatch lands, and its answer is lost: the client library sends it again,
-    which the doc's new update time refuses (FailedPrecondition). A stand-in at the batch's commit: the emulator
-    loses no answer on demand."""
-    from google.api_core.exceptions import FailedPrecondition
+    which the doc's new update time refuses (FailedPrecondition); or its retries ran out meanwhile (RetryError, as
+    the client raises it past its bound: Firestore slow). A stand-in at the batch's commit: the emulator loses no
+    answer on demand."""
+    from google.api_core.exceptions import FailedPrecondition, RetryError
     from google.cloud.firestore_v1.batch import WriteBatch
 
     real = WriteBatch.commit
@@ -1463,6 +1471,8 @@ def lost_answer(monkeypatch):
         result = real(self, *args, **kwargs)
         if marking and not lost:
             lost.append("lost")
+            if request.param == "given up":
+                raise RetryError("Timeout of 15.0s exceeded", None)
             raise FailedPrecondition("the stored version does not match the required base version")
         return result
 
@@ -1898,6 +1908,8 @@ bodies = [(b"not json", JSON), (b"5", JSON), (b"true", JSON), (b"[]", JSON), (b"
           (b'{"data": {}}', "text/plain"), (b'{"data": {}}', None),
           (b'{"data": {"prompt": "a car"}}', JSON), (b'{"data": {}}', "Application/JSON; charset=utf-8")]
 calls = [("POST", body, content_type) for body, content_type in bodies] + [("GET", b"", None), ("OPTIONS", b"", None)]
+# Nested just short of the recursion limit of the guard's parse, past the SDK's, a few frames deeper.
+calls += [("POST", b'{"data": {"prompt": "p", "seed": ' + b"[" * n + b"]" * n + b"}}", JSON) for n in (970, 976, 982)]
 out = []
 for method, body, content_type in calls:
     for name in ("generateWithRunPod", "cancelGeneration"):
@@ -1939,8 +1951,12 @@ def test_a_callable_body_that_is_no_callable_request_is_refused_saying_what_is_w
             ORIGIN,
         )
         assert {severity for severity, *_ in entries} == {"WARNING"}
-    assert [(status, origin) for _, status, _, origin, _ in replies[30:]] == [(200, ORIGIN)] * 2
-    assert len(replies) == 32
+    assert [(status, origin) for _, status, _, origin, _ in replies[30:32]] == [(200, ORIGIN)] * 2
+    # The fuzz audit: these passed the guard, and the SDK's own parse raised RecursionError: HTTP 500 INTERNAL.
+    too_deep = "Bad Request: the body nests arrays or objects more than 64 deep"
+    for _, status, body, origin, _ in replies[32:]:
+        assert (status, body, origin) == (400, {"error": {"status": "INVALID_ARGUMENT", "message": too_deep}}, ORIGIN)
+    assert len(replies) == 38
 
 
 _REFUSAL_PROBE = """
@@ -2112,6 +2128,9 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
         assert {("accepted", uid, None), ("permission-denied", uid, "user_id must be the signed-in user's uid")} <= set(
             outcomes()
         )
+        # A job named as the worker's entries name it.
+        [answered] = [e for e in calls() if e.get("file_uid") == "cli-1"]
+        assert (answered["media_type"], answered["status"]) == ("videos", "accepted")
 
         # The client's own write, with its real ID token, through the rules; its trigger wakes a worker.
         from test_rules import SERVER_TIME, Rest, encode
@@ -2157,8 +2176,8 @@ def test_through_the_firebase_cli_emulators(emulator_logs, tmp_path, stub):
         )
         # The trigger logs through firebase_functions.logger: one JSON entry per outcome.
         # The two triggers run concurrently: their lines may come in either order.
-        skipped = f'"document": "generations/{uid}/videos/cli-1", "outcome": "skipped"'
-        accepted = f'"document": "generations/{uid}/images/cli-2", "outcome": "accepted"'
+        skipped = f'"path": "generations/{uid}/videos/cli-1", "outcome": "skipped"'
+        accepted = f'"path": "generations/{uid}/images/cli-2", "outcome": "accepted"'
         assert emu.wait_until(lambda: skipped in cli.log_tail(400) and accepted in cli.log_tail(400), 30, 0.1), (
             cli.log_tail()
         )
