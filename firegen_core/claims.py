@@ -50,8 +50,9 @@ class WorkerJobs(JobStore):
         self.max_attempts = max_attempts
         self.max_releases = max_releases
 
-    def claim(self, key: JobKey) -> ClaimedJob | None:
-        """Take the job if it is queued or its lease ran out; exactly one of many racing workers wins.
+    def claim(self, key: JobKey, *, takeover: bool = True) -> ClaimedJob | None:
+        """Take the job if it is queued or its lease ran out (`takeover` False: queued only); exactly one of many
+        racing workers wins.
 
         A job not yet admitted is admitted here (a doc its client wrote, seen first by this worker); a job
         past its user's USER_MAX_RUNNING stays queued (None).
@@ -66,6 +67,8 @@ class WorkerJobs(JobStore):
         def decide(doc: lifecycle.Doc | None, now: datetime) -> dict | None:
             if any(lifecycle.holds(doc, lease) for lease in tried):
                 return None  # ours already
+            if not takeover and doc is not None and doc.get("status") == lifecycle.PROCESSING:
+                return None
             if doc is not None and doc.get("status") == lifecycle.QUEUED and not doc.get(lifecycle.CANCEL_REQUESTED):
                 broken = contract_failure(key, doc)
                 if broken is not None:  # failed as its admission would have: no slot, no attempt

@@ -467,7 +467,10 @@ class Reconciler:
         job = None
         try:
             if start:
-                job = self.store.claim(key)  # tried again there on errors, knowing its earlier tries
+                # Tried again there on errors, knowing its earlier tries. An expired lease is taken over only when
+                # the sweep would take it (`_takeovers_allowed`), whatever offered the key: a runsync, a key re-offered
+                # after a failed claim (the fencing review: the deferral after an outage held in the sweep alone).
+                job = self.store.claim(key, takeover=self._takeovers_allowed())
         except Exception as exc:
             log.warning("claim_error", path=key.path, error=str(exc))
         if job is None:

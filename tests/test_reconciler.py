@@ -817,10 +817,10 @@ class SlowClaimStore(WorkerJobs):
         super().__init__(*args, **kwargs)
         self.entered, self.gate = threading.Event(), threading.Event()
 
-    def claim(self, key):
+    def claim(self, key, **kwargs):
         self.entered.set()
         assert self.gate.wait(10)
-        return super().claim(key)
+        return super().claim(key, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -1644,6 +1644,31 @@ def test_expired_leases_a_held_up_sweep_finds_wait_a_lease_too(firestore_client,
     monkeypatch.setattr(reconciler_module, "SLOW_CALL_SECONDS", 0.5)
     store = HeldExpiry(firestore_client, worker_id="sweeper", lease_seconds=2.0)
     owners_keep_their_jobs_through_an_outage(firestore_client, results, store, "held_until", 1.5, "held")
+
+
+def test_a_key_offered_outside_the_sweep_waits_out_the_takeover_deferral_too(firestore_client, results):
+    """The fencing review: after an outage only the sweep's query held expired leases back for a lease; a key
+    offered otherwise (a runsync for the job, a key offered again after a failed claim) was taken over at once,
+    the owner's generation, cut off as the claimer was, thrown away."""
+    from google.api_core.exceptions import ServiceUnavailable
+
+    key = JobKey("u1", "images", "offered")
+    write_job(firestore_client, key)
+    owner = WorkerJobs(firestore_client, worker_id="owner", lease_seconds=30)
+    job = owner.claim(key)
+    assert job is not None
+    firestore_client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})  # ran out in the outage
+    store = WorkerJobs(firestore_client, worker_id="claimer", lease_seconds=2.0)
+    claimer = Reconciler(store, JobRunner(store, StubGenerator(), results))  # not started: its claim alone
+    claimer._firestore_failed(ServiceUnavailable("Firestore away"))
+    claimer._firestore_answered(0.1)  # back: takeovers wait a lease (2 s) from now
+    assert claimer._claim(key) is None
+    assert owner.renew(job)  # the owner's late renewal: its job still
+    firestore_client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})  # and now its owner is gone
+    wait_until(lambda: claimer._takeovers_allowed(), timeout=5)
+    taken = claimer._claim(key)
+    assert taken is not None and (taken.lease.worker_id, taken.lease.attempt) == ("claimer", 2)
+    assert store.release(taken)  # back to the queue: nothing runs it here
 
 
 def owners_keep_their_jobs_through_an_outage(client, results, store, ends: str, seconds: float, name: str) -> None:

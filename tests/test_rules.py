@@ -273,6 +273,8 @@ CREATES = [
     Create("camelCase fileUid other than the doc id", sample(fileUid="file-2"), DENY),
     Create("camelCase userId naming someone else", sample(userId=STRANGER), DENY),
     Create("camelCase ids that match", sample(fileUid="file-1", userId=OWNER), ALLOW, contract=True),
+    # The rules fuzz: empty ids name none (the contract reads them as left out) and were refused.
+    Create("empty ids", sample(user_id="", fileUid=""), ALLOW, contract=True),
     Create(
         "document id of 129 characters", sample(), DENY, path=f"generations/{OWNER}/images/{'a' * 129}", contract=False
     ),
@@ -416,7 +418,7 @@ def _client_docs(draw) -> tuple[str, dict]:
     for name, camel in ID_FIELDS.items():
         own = OWNER if name == "user_id" else file_uid
         for spelling in draw(st.lists(st.sampled_from([name, camel]), unique=True)):
-            data[spelling] = draw(st.sampled_from([own, STRANGER, None, 7]))
+            data[spelling] = draw(st.sampled_from([own, STRANGER, None, "", 7]))  # "": none (the rules fuzz)
     return f"generations/{OWNER}/{media}/{file_uid}", data
 
 
@@ -425,7 +427,7 @@ def _names_another_id(path: str, data: dict) -> bool:
     the rules refuse a doc that claims another's)."""
     _, uid, _, file_uid = path.split("/")
     own = {"user_id": uid, "userId": uid, "file_uid": file_uid, "fileUid": file_uid}
-    return any(data.get(name) is not None and data[name] != id_ for name, id_ in own.items())
+    return any(data.get(name) not in (None, "") and data[name] != id_ for name, id_ in own.items())
 
 
 def _within_the_rules_bounds(data: dict) -> bool:
