@@ -286,11 +286,11 @@ def hold_claim(worker, file_uid: str):
     store = worker.reconciler.store
     claim, gate, waiting = store.claim, threading.Event(), threading.Event()
 
-    def held(key):
+    def held(key, **kwargs):
         if key.file_uid == file_uid:
             waiting.set()
             assert gate.wait(30)
-        return claim(key)
+        return claim(key, **kwargs)
 
     store.claim = held
     return gate, waiting

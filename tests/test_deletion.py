@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from google.api_core.exceptions import Forbidden, PermissionDenied, RetryError
 
-from firegen_core import deletion, lifecycle, quota, results
+from firegen_core import deletion, lifecycle, quota
 from firegen_core.claims import WorkerJobs
 from firegen_core.contract import TEXT2IMAGE, parse_runsync_input
 from firegen_core.dispatches import DISPATCHED_INPUTS, TOMBSTONE_DAYS, dispatches_with
@@ -169,16 +169,30 @@ def test_a_job_started_again_while_it_is_deleted_is_not_deleted(firestore_client
     key = JobKey.of(request)
     store.ensure_queued(request)
     store.fail_unclaimed(key, GenerationError("ValidationError", "too many steps"))
-    removed = results.remove
+    marked = deletion.tombstone
 
-    def remove_then_restated(*args, **kwargs):
+    def restated_then_marked(*args, **kwargs):  # between the read and the delete's commit
         store.ensure_queued(request_for("u-race", "r1", num_inference_steps=30))
-        return removed(*args, **kwargs)
+        return marked(*args, **kwargs)
 
-    monkeypatch.setattr(results, "remove", remove_then_restated)
+    monkeypatch.setattr(deletion, "tombstone", restated_then_marked)
     with pytest.raises(deletion.NotFinished):
         deletion.delete_finished(store, bucket, key)
     assert store.ref(key).get().get("status") == lifecycle.QUEUED
+
+
+def test_a_job_never_claimed_takes_no_objects_with_it(firestore_client, bucket, store, files):
+    """The fencing review: a refused job's deletion deleted whatever lay under its names before its fenced delete,
+    so a try of the same file_uid queued again meanwhile (the contract's "fix parameters and retry") and uploading
+    lost its objects, and completed with URLs to nothing. A job never claimed has no objects of its own: the new
+    try's (uploaded here, as it would be while the deletion runs) stay."""
+    request = request_for("u-never", "n1", num_inference_steps=40)
+    key = JobKey.of(request)
+    store.ensure_queued(request)
+    store.fail_unclaimed(key, GenerationError("ValidationError", "too many steps"))
+    files.upload("u-never", "n1", TEXT2IMAGE, [(PNG, "png", "image/png")], claim=1)
+    assert deletion.delete_finished(store, bucket, key).removed == 0
+    assert names(bucket) == ["generating/u-never/image/n1.png"]
 
 
 def test_a_late_dispatch_of_a_deleted_job_runs_nothing(firestore_client, bucket, store, files):
