@@ -147,9 +147,15 @@ class WorkerJobs(JobStore):
     def release(self, job: ClaimedJob) -> dict | None:
         """Give the job back to the queue (shutdown); past `max_releases` releases it fails instead. Returns what
         was written (its `status` says which), None when the lease was lost."""
-        return self._fenced(
-            job, lambda doc, now: lifecycle.counted_release(doc, max_releases=self.max_releases)
-        ).written
+        outcome = self._fenced(job, lambda doc, now: lifecycle.counted_release(doc, max_releases=self.max_releases))
+        if outcome.written is not None:
+            return outcome.written
+        # A failure past max_releases that landed unanswered (see `claim`) keeps this claim's worker and attempt, and
+        # a count of releases only a release past the limit writes: it is this release's, and its end is said.
+        before = outcome.before or {}
+        if _landed(before, job, lifecycle.FAILED) and quota.number(before, lifecycle.RELEASES) > self.max_releases:
+            return {name: before.get(name) for name in ("status", "error_type", "error_message", lifecycle.RELEASES)}
+        return None
 
     def drop(self, key: JobKey) -> bool:
         """Fail a queued job its owner cancelled (one write, no claim); True where this call's write landed.

@@ -79,8 +79,7 @@ def delete_finished(store: JobStore, bucket: Any, key: JobKey, budget: results.B
         # its own. One never claimed has none (only a claim's try uploads), and may be queued again meanwhile (one
         # refused, `lifecycle.refused`), a new try writing under its names: not this doc's to delete (the fencing
         # review: they went, and the new try completed with URLs to nothing).
-        claimed = quota.number(doc, "attempts") > 0
-        indices = range(len(urls)) if urls else range(results.most(task_type) if claimed else 0)
+        indices = range(len(urls)) if urls else range(results.most(task_type) if quota.ran(doc) else 0)
         removed = results.remove(bucket, key.user_id, key.file_uid, task_type, indices, budget, strict=not urls)
         batch = store.client.batch()
         batch.delete(snapshot.reference, option=store.client.write_option(last_update_time=snapshot.update_time))

@@ -195,6 +195,20 @@ def test_a_job_never_claimed_takes_no_objects_with_it(firestore_client, bucket, 
     assert names(bucket) == ["generating/u-never/image/n1.png"]
 
 
+def test_a_job_a_released_try_uploaded_for_takes_its_objects(firestore_client, bucket, store, files):
+    """A release gives its try back to `attempts` (0 again here): the try ran, and what it uploaded before its worker
+    left is the job's, deleted with it (`quota.ran`, not `attempts`, says a worker claimed it)."""
+    request = request_for("u-left", "l1")
+    key = JobKey.of(request)
+    store.ensure_queued(request)
+    job = store.claim(key)
+    files.upload("u-left", "l1", TEXT2IMAGE, [(PNG, "png", "image/png")], claim=1)
+    assert store.release(job)["status"] == lifecycle.QUEUED
+    assert store.cancel(key).written["status"] == lifecycle.FAILED
+    assert deletion.delete_finished(store, bucket, key).removed == 1
+    assert names(bucket) == []
+
+
 def test_a_late_dispatch_of_a_deleted_job_runs_nothing(firestore_client, bucket, store, files):
     # The functions dispatched the job (their mark on the doc), and a warm worker's listener ran it before the
     # dispatch reached a worker; its owner deleted it; then the dispatch arrives.
