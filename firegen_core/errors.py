@@ -89,12 +89,17 @@ def _short(exc: BaseException) -> str:
     return clip(_QUERY.sub("?<query removed>", " ".join(str(exc).split())) or type(exc).__name__)
 
 
-def _is_oom(exc: BaseException) -> bool:
+# torch's CPU allocator says "can't allocate memory" (a CPU-only dev run with a big job), CUDA "out of memory", and
+# cuBLAS, creating its handle or workspace on a full card, CUBLAS_STATUS_ALLOC_FAILED (the GPU-waste review: read as
+# a broken device, the worker left and the job ran again elsewhere from its start, never tried leaner).
+_OUT_OF_MEMORY_MARKERS = ("out of memory", "can't allocate memory", "cublas_status_alloc_failed")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch
         return True
-    # torch's CPU allocator says "can't allocate memory" (a CPU-only dev run with a big job), CUDA "out of memory".
     text = str(exc).lower()
-    return isinstance(exc, (RuntimeError, MemoryError)) and ("out of memory" in text or "can't allocate memory" in text)
+    return isinstance(exc, (RuntimeError, MemoryError)) and any(marker in text for marker in _OUT_OF_MEMORY_MARKERS)
 
 
 def classify(exc: BaseException, *, during: str = "generation") -> GenerationError:
@@ -103,7 +108,7 @@ def classify(exc: BaseException, *, during: str = "generation") -> GenerationErr
         return exc
     if isinstance(exc, ContractError):
         return GenerationError(VALIDATION_ERROR, exc.message)
-    if _is_oom(exc) or isinstance(exc, MemoryError):
+    if is_out_of_memory(exc) or isinstance(exc, MemoryError):
         # The contract's own example names the GPU's memory: "CUDA Out of Memory during image generation".
         ran_out = "CUDA Out of Memory" if "cuda" in str(exc).lower() else "Out of memory"
         return GenerationError(OUT_OF_MEMORY, f"{ran_out} during {during}")

@@ -204,9 +204,9 @@ def is_device_failure(exc: BaseException | None) -> bool:
 
 
 def _says_device_failed(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    if "out of memory" in text or type(exc).__name__ == "OutOfMemoryError":
+    if errors.is_out_of_memory(exc):  # the job's: tried leaner, on the same device
         return False
+    text = str(exc).lower()
     if type(exc).__name__ == "AcceleratorError":  # torch.AcceleratorError: CUDA errors since torch 2.8
         return True
     return isinstance(exc, RuntimeError) and any(marker in text for marker in _DEVICE_FAILURE_MARKERS)

@@ -92,7 +92,7 @@ class _Run:
     deadline: float  # time.monotonic() past which it stops, `Timeout`
     overrun: GenerationError  # the error it ends with past its deadline
     heartbeat: Heartbeat
-    abort: threading.Event  # the worker is leaving: release it
+    abort: threading.Event  # the worker is leaving: release it, unless generated (it delivers)
     # In a batch the pipeline goes on for the other jobs after this one stops: `on_stop` writes this job's end
     # at once (on a thread of its own, off the GPU loop), and `outcome` is what it wrote.
     on_stop: Callable[[_Run], None] | None = None
@@ -111,6 +111,7 @@ class _Run:
         generation failed its second job `Timeout`, its images thrown away)."""
         if not self.expired:
             self.held_since = time.monotonic()
+            self.heartbeat.generated.set()
             self.heartbeat.held.set()
 
     def resume(self) -> None:
@@ -122,7 +123,8 @@ class _Run:
 
     @property
     def must_stop(self) -> bool:
-        return self.heartbeat.lost.is_set() or self.abort.is_set() or self.cancel.is_set() or self.expired
+        leaving = self.abort.is_set() and not self.heartbeat.generated.is_set()  # a generated job delivers
+        return self.heartbeat.lost.is_set() or leaving or self.cancel.is_set() or self.expired
 
     def progress(self, fraction: float) -> None:
         """The generation's progress callback: stops it (Interrupted) at its next step when it must stop."""

@@ -137,7 +137,7 @@ class Worker:
 
     def hurry(self) -> None:
         """Release the running jobs now rather than at the shutdown grace's end (a second signal): they stop at
-        their next step, and go back to the queue, as at the grace's end."""
+        their next step, and go back to the queue, as at the grace's end (one generated already delivers)."""
         if not self.runner.abort.is_set():
             log.info("shutdown_hurried", releasing=self.reconciler.busy)
             self.runner.release_running()

@@ -270,6 +270,17 @@ def _history(doc: dict | None) -> tuple[int, int]:
     return int(quota.number(doc or {}, "attempts")), int(quota.number(doc or {}, lifecycle.RELEASES))
 
 
+def _under_claim(move: str):
+    """The rule of one `move` of a run under a claim drawn from those made so far (`Lifecycle.under_claim`)."""
+
+    @precondition(lambda self: self.claims)
+    @rule(data=st.data())
+    def moved(self, data):
+        self.under_claim(data, move)
+
+    return moved
+
+
 class Lifecycle(RuleBasedStateMachine):
     """Jobs of two users moved through every door, on one in-memory Firestore whose clock the rules advance."""
 
@@ -399,32 +410,13 @@ class Lifecycle(RuleBasedStateMachine):
 
     # One rule per move, so that runs move as often as the other doors fire; the claim drawn may be its job's
     # current one or any earlier, stale one (a worker that stalled past its lease, or whose job was restated,
-    # cancelled, ended): a stale claim's decide must refuse, whatever it asks.
-    @precondition(lambda self: self.claims)
-    @rule(data=st.data())
-    def a_run_renews_its_lease(self, data):
-        self.under_claim(data, "renew")
-
-    @precondition(lambda self: self.claims)
-    @rule(data=st.data())
-    def a_run_completes(self, data):
-        self.under_claim(data, "complete")
-
-    @precondition(lambda self: self.claims)
-    @rule(data=st.data())
-    def a_run_fails(self, data):
-        self.under_claim(data, "fail")
-
-    @precondition(lambda self: self.claims)
-    @rule(data=st.data())
-    def a_leaving_worker_releases_its_run(self, data):
-        """Shutdown: the job goes back to the queue, past MAX_RELEASES it fails (`counted_release`)."""
-        self.under_claim(data, "release")
-
-    @precondition(lambda self: self.claims)
-    @rule(data=st.data())
-    def a_run_stops_when_its_renewal_hears_a_cancel(self, data):
-        self.under_claim(data, "stop if cancelled")
+    # cancelled, ended): a stale claim's decide must refuse, whatever it asks. A leaving worker's release sends the
+    # job back to the queue, past MAX_RELEASES fails it (`counted_release`).
+    a_run_renews_its_lease = _under_claim("renew")
+    a_run_completes = _under_claim("complete")
+    a_run_fails = _under_claim("fail")
+    a_leaving_worker_releases_its_run = _under_claim("release")
+    a_run_stops_when_its_renewal_hears_a_cancel = _under_claim("stop if cancelled")
 
     def under_claim(self, data, move: str) -> None:
         # As often a claim that holds its job as a stale one: stale ones pile up, and most would be drawn.

@@ -999,6 +999,44 @@ def test_a_job_timed_out_during_its_upload_leaves_no_objects(firestore_client, r
     assert list(blobs(bucket)) == []
 
 
+class Recording(WorkerJobs):
+    """The job store, noting whether a renewal or a release came once `leaving` was set."""
+
+    def __init__(self, *args, leaving: threading.Event, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.leaving, self.renewed, self.released = leaving, threading.Event(), threading.Event()
+
+    def renew(self, job, progress=None):
+        if self.leaving.is_set():
+            self.renewed.set()
+        return super().renew(job, progress=progress)
+
+    def release(self, job):
+        self.released.set()
+        return super().release(job)
+
+
+def test_a_job_uploading_as_the_worker_leaves_delivers_rather_than_runs_again(firestore_client, results, bucket):
+    """The GPU-waste review: the grace's end released a job whose generation was done and whose upload was under
+    way, and it ran again in full on another worker (a video: 70 s of an H100). Generated, it delivers: its lease
+    is renewed meanwhile, and it completes."""
+    key = JobKey("u1", "images", "delivering")
+    write_job(firestore_client, key)
+    leaving = threading.Event()
+    store = Recording(firestore_client, worker_id="w1", lease_seconds=30, leaving=leaving)
+    upload = HeldUpload(results, lambda: store.renewed.is_set() or store.released.is_set())
+    runner = JobRunner(store, StubGenerator(), upload, renew_interval=0.2)
+    outcome: list = []
+    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
+    running.start()
+    wait_until(lambda: list(blobs(bucket)), timeout=15)  # generated; its upload held
+    leaving.set()
+    runner.release_running()  # the shutdown grace is over
+    running.join(30)
+    assert outcome == ["completed"] and not store.released.is_set()
+    assert doc(firestore_client, key)["status"] == "completed"
+
+
 class SlowCompletion(WorkerJobs):
     """`complete` held up by Firestore (a blip, as BlippingStore's) until `past` says the job's deadline is over."""
 
