@@ -8,32 +8,47 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+# Layers from the least to the most often changed, so that a code release pushes, and has RunPod's hosts pull,
+# only its small top layers: the weights (tens of GB; a download that runs again still makes the same layer, as
+# BuildKit keys a copy on file contents), the dependencies (the lock, pyproject.toml's list of them), the code. The
+# project itself is not pip-installed: its code runs from /app (CMD's working directory).
+
+# The list of requirements alone: the stages below key on it, not on the whole pyproject.toml.
+FROM ${PYTHON_IMAGE} AS requirements
+COPY pyproject.toml scripts/image_requirements.py /
+RUN python /image_requirements.py /pyproject.toml > /requirements.txt
+
+FROM ${PYTHON_IMAGE} AS deps
 # cu128 wheels need a driver for CUDA 12.8 or newer: allow CUDA 12.8 and up on the RunPod endpoint (README).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-WORKDIR /app
+WORKDIR /build
 # constraints.txt is the one lock (the local .venv and CI use it too): the CUDA wheel of its torch version goes
 # in first, from PyTorch's own index, then everything else at the lock's versions (its torch pin, 2.13.0, is
-# satisfied by 2.13.0+cu128, so nothing replaces it). The fp8 extra (torchao) lets FIREGEN_FP8=on run.
+# satisfied by 2.13.0+cu128, so nothing replaces it). The fp8 extra (torchao) lets FIREGEN_FP8=on run. pip
+# writes each module's bytecode as it installs: kept, so a cold start does not compile torch's and the others'.
 COPY constraints.txt ./
 RUN pip install --index-url "${TORCH_INDEX}" "$(grep '^torch==' constraints.txt)"
-COPY pyproject.toml README.md LICENSE ./
-COPY firegen_core ./firegen_core
-COPY generation ./generation
-COPY listener ./listener
-RUN pip install -c constraints.txt ".[fp8]" \
- && find /opt/venv -name "__pycache__" -type d -prune -exec rm -rf {} +
+COPY --from=requirements /requirements.txt ./
+RUN pip install -c constraints.txt -r requirements.txt
 
-FROM build AS weights
+FROM deps AS weights
 ARG BAKE_MODELS=1
 ARG IMAGE_MODEL=stabilityai/stable-diffusion-xl-base-1.0
 ARG VIDEO_MODEL=Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 ENV HF_HOME=/models
-RUN mkdir -p /models && if [ "$BAKE_MODELS" = "1" ]; then \
-      IMAGE_MODEL="$IMAGE_MODEL" VIDEO_MODEL="$VIDEO_MODEL" python -m generation.prefetch; fi
+WORKDIR /app
+# What generation.prefetch imports (the worker's own reading of IMAGE_MODEL/VIDEO_MODEL and its file choice).
+COPY firegen_core ./firegen_core
+COPY generation ./generation
+# A mistyped BAKE_MODELS (`true`) would bake nothing into an image that reads its weights offline: every job would
+# fail ModelNotAvailable. hf_xet's chunk cache (/models/xet) is the download's, not the worker's.
+RUN case "$BAKE_MODELS" in 0|1) ;; *) echo "BAKE_MODELS must be 0 or 1 (got $BAKE_MODELS)" >&2; exit 1;; esac \
+ && mkdir -p /models \
+ && if [ "$BAKE_MODELS" = "1" ]; then \
+      IMAGE_MODEL="$IMAGE_MODEL" VIDEO_MODEL="$VIDEO_MODEL" python -m generation.prefetch && rm -rf /models/xet; fi
 
 FROM ${PYTHON_IMAGE}
 ARG IMAGE_MODEL=stabilityai/stable-diffusion-xl-base-1.0
@@ -45,12 +60,16 @@ ARG VIDEO_MODEL=Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /opt/venv /opt/venv
 COPY --from=weights /models /models
+COPY --from=deps /opt/venv /opt/venv
 WORKDIR /app
 COPY firegen_core ./firegen_core
 COPY generation ./generation
 COPY listener ./listener
+# handler.py and test_input.json: `python handler.py --test_input "$(cat test_input.json)"` inside the container.
+COPY handler.py test_input.json ./
+# The code's bytecode, written here once rather than by every cold start of a fresh container.
+RUN /opt/venv/bin/python -m compileall -q firegen_core generation listener handler.py
 # Baked weights are read offline: a cold start never waits on the hub. With BAKE_MODELS=0, point HF_HOME at a
 # network volume (e.g. /runpod-volume/hf) and set HF_HUB_OFFLINE=0 for a first download there.
 # Expandable segments: on an H100 the Wan run peaked at 20.6 GiB allocated but 29.7 GiB reserved (bench/gpu.py):

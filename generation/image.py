@@ -89,6 +89,10 @@ class ImagePipeline(DiffusionCapability):
     @classmethod
     def place(cls, pipe, runtime: Runtime) -> None:
         super().place(pipe, runtime)
+        # The VAE decodes a call's images one at a time: a batch of jobs (BATCH_MAX of up to 4 images each) decoded
+        # at once needs a few GiB per 1024x1024 image, and an out-of-memory there re-runs the whole denoising. One
+        # image already fills the GPU, so this costs nothing measurable; the lean retry adds tiling.
+        pipe.vae.enable_slicing()
         if runtime.is_cuda:
             import torch
 

@@ -61,11 +61,14 @@ T = TypeVar("T")
 
 URL_STYLES = get_args(UrlStyle)
 TOKEN_METADATA_KEY = "firebaseStorageDownloadTokens"
-# A result's bytes never change under the URL a doc records: each upload has a new download token (a new URL),
-# signed URLs differ each time, and a public URL is recorded only once its job completed, after which nothing
-# writes its name again. So browsers may keep it: an app's job list does not fetch every image again. `private`:
+# A token or signed URL's bytes never change: each upload has a new download token (a new URL), and signed URLs
+# differ each time. So browsers may keep them: an app's job list does not fetch every image again. `private`:
 # results are per user, never for shared caches.
 CACHE_CONTROL = "private, max-age=31536000, immutable"
+# A public URL is the object's name alone, which a job deleted and sent again under its file_uid writes anew (a
+# year's `immutable` showed the deleted job's image): browsers keep the bytes but ask each time (a 304 while the
+# object is unchanged).
+PUBLIC_CACHE_CONTROL = "private, no-cache"
 # When the try that wrote the object claimed its job (the claim's server time, microseconds since the epoch): a
 # later claim's is greater, and a try never writes over a later try's object (`Superseded`).
 CLAIM_METADATA_KEY = "firegen_claim"
@@ -357,7 +360,7 @@ class ResultStore:
         def attempt(timeout: float) -> None:
             blob = bucket.blob(name)
             blob.metadata = metadata
-            blob.cache_control = CACHE_CONTROL
+            blob.cache_control = PUBLIC_CACHE_CONTROL if self.url_style == "public" else CACHE_CONTROL
             condition = {} if generation is None else {"if_generation_match": generation}
             blob.upload_from_string(data, content_type=content_type, retry=None, timeout=timeout, **condition)
 

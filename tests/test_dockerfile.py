@@ -80,7 +80,7 @@ def in_build_context(path: str) -> bool:
 
 
 def test_the_build_context_is_what_the_image_copies():
-    for kept in ("constraints.txt", "pyproject.toml", "listener/__main__.py", "generation/engine.py"):
+    for kept in ("constraints.txt", "pyproject.toml", "listener/__main__.py", "generation/engine.py", "handler.py"):
         assert in_build_context(kept), kept
     for left_out in (".venv", ".emulators", ".env", "functions/.env.my-app", "key.json", "tests", "web", ".git"):
         assert not in_build_context(left_out), left_out
@@ -99,19 +99,91 @@ def test_every_copy_source_is_in_the_build_context():
             continue
         words = [w for w in shlex.split(args) if not w.startswith("--")]
         sources += words[:-1]
-    assert {"constraints.txt", "pyproject.toml", "firegen_core", "generation", "listener"} <= set(sources)
+    expected = {
+        "constraints.txt",
+        "pyproject.toml",
+        "scripts/image_requirements.py",
+        "firegen_core",
+        "generation",
+        "listener",
+    }
+    assert expected <= set(sources)
     for source in sources:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
         assert in_build_context(source), f"COPY {source}: cut out by .dockerignore"
 
 
 def test_the_image_installs_from_the_one_lock():
-    torch_step, project_step = pip_steps()
-    # CUDA torch at the lock's version, from PyTorch's index; then the project under the lock.
+    torch_step, requirements_step = pip_steps()
+    # CUDA torch at the lock's version, from PyTorch's index; then the project's requirements under the lock.
     assert "--index-url" in torch_step and "$(grep '^torch==' constraints.txt)" in torch_step
-    assert project_step == 'pip install -c constraints.txt ".[fp8]"'  # with torchao: FIREGEN_FP8=on runs there
+    assert requirements_step == "pip install -c constraints.txt -r requirements.txt"
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
     assert pins["torch"] == "2.13.0" and {"diffusers", "transformers", "runpod", "accelerate", "torchao"} <= set(pins)
+
+
+def image_requirements(tmp_path: Path) -> Path:
+    """requirements.txt as the image's first stage writes it."""
+    done = subprocess.run(
+        [sys.executable, "scripts/image_requirements.py", "pyproject.toml"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    written = tmp_path / "requirements.txt"
+    written.write_text(done.stdout)
+    return written
+
+
+def test_the_images_requirements_are_the_projects_with_fp8(tmp_path):
+    import tomllib
+
+    listed = image_requirements(tmp_path).read_text().splitlines()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert listed == project["dependencies"] + project["optional-dependencies"]["fp8"]
+    assert any(line.startswith("torchao") for line in listed) and any(line.startswith("requests") for line in listed)
+
+
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Each stage's instructions, by its name (the last, unnamed: "final")."""
+    named: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for kind, args in instructions():
+        if kind == "FROM":
+            words = args.split()
+            current = named.setdefault(words[2] if len(words) > 2 and words[1].upper() == "AS" else "final", [])
+        current.append((kind, args))
+    return named
+
+
+def test_the_weights_layer_changes_with_the_models_alone():
+    """A code release rebuilds no weights and moves no layer of them: the stages under the weights copy nothing
+    but the requirements, the lock and what the prefetch imports; the final stage lays the weights first."""
+    by_stage = stages()
+    assert list(by_stage) == ["requirements", "deps", "weights", "final"]
+
+    def copied(stage: str) -> list[str]:
+        return [args for kind, args in by_stage[stage] if kind == "COPY"]
+
+    assert copied("requirements") == ["pyproject.toml scripts/image_requirements.py /"]
+    assert copied("deps") == ["constraints.txt ./", "--from=requirements /requirements.txt ./"]
+    assert copied("weights") == ["firegen_core ./firegen_core", "generation ./generation"]
+    assert by_stage["weights"][0] == ("FROM", "deps AS weights")
+    assert copied("final")[:2] == ["--from=weights /models /models", "--from=deps /opt/venv /opt/venv"]
+
+
+def test_a_mistyped_bake_models_stops_the_build(tmp_path):
+    """`--build-arg BAKE_MODELS=true` baked nothing into an image that reads its weights offline."""
+    [bake] = [args for kind, args in stages()["weights"] if kind == "RUN"]
+    for value, code in (("true", 1), ("yes", 1), ("", 1)):
+        done = subprocess.run(
+            ["sh", "-c", bake.split(" && ")[0]],
+            env={**os.environ, "BAKE_MODELS": value},
+            capture_output=True,
+            text=True,
+        )
+        assert (done.returncode, done.stderr.strip()) == (code, f"BAKE_MODELS must be 0 or 1 (got {value})")
+    for value in ("0", "1"):
+        done = subprocess.run(["sh", "-c", bake.split(" && ")[0]], env={**os.environ, "BAKE_MODELS": value})
+        assert done.returncode == 0
 
 
 def test_the_lock_is_what_the_tests_run_on():
@@ -123,10 +195,11 @@ def test_the_lock_is_what_the_tests_run_on():
 
 
 def test_the_images_pip_step_resolves_against_the_lock(tmp_path):
-    """The image's own install line, resolved offline by pip against this venv: with the lock's pins nothing but
-    the project itself would be installed, so the image gets the versions the tests ran."""
-    _, project_step = pip_steps()
-    args = shlex.split(project_step)[2:]  # after `pip install`
+    """The image's own install line, resolved offline by pip against this venv: with the lock's pins nothing is
+    left to install, so the image gets the versions the tests ran."""
+    _, requirements_step = pip_steps()
+    args = shlex.split(requirements_step)[2:]  # after `pip install`
+    args[args.index("requirements.txt")] = str(image_requirements(tmp_path))
     report = tmp_path / "report.json"
     offline = ["--dry-run", "--no-index", "--no-build-isolation", "--report", str(report), "--quiet"]
     done = subprocess.run(
@@ -137,5 +210,4 @@ def test_the_images_pip_step_resolves_against_the_lock(tmp_path):
         timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    installs = {item["metadata"]["name"] for item in json.loads(report.read_text())["install"]}
-    assert installs == {"firegen-worker"}
+    assert json.loads(report.read_text())["install"] == []

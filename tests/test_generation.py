@@ -277,7 +277,7 @@ def test_out_of_memory_retries_once_image_by_image_with_a_lean_vae(engine, monke
     assert [f for n, f in enumerate(seen) if seen[n - 1 : n] != [f]] == [0.25, 0.5, 0.75, 1.0]
     assert seen == sorted(seen)
     vae = engine.pipeline("text2image").pipe.vae
-    assert not (vae.use_tiling or vae.use_slicing)  # back to the normal mode for the next job
+    assert vae.use_slicing and not vae.use_tiling  # back to the normal mode for the next job: one image at a time
 
 
 def test_a_retrys_steps_short_of_the_furthest_reported_still_ask_for_a_stop():

@@ -352,6 +352,9 @@ def test_public_url_is_the_contracts_form(storage_client, bucket):
         f"https://storage.googleapis.com/{bucket.name}/generating/user123/image/file456.png",
         f"https://storage.googleapis.com/{bucket.name}/generating/user123/image/file456_1.png",
     ]
+    # The URL is the name alone, which a job deleted and sent again under its file_uid writes anew: a browser that
+    # kept the first bytes for a year (`immutable`, right for token URLs) would show the deleted job's image.
+    assert {b.cache_control for b in bucket.list_blobs()} == {"private, no-cache"}
 
 
 def test_token_url_and_metadata(storage_client, bucket):
