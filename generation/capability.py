@@ -404,20 +404,25 @@ class DiffusionCapability:
 
     def _run(self, normal: Callable[[], T], lean: Callable[[], T]) -> T:
         """Run `normal`; if it runs out of memory, free what can be freed and run `lean` once."""
-        during = f"{self.role.lower()} generation"
         with self._lock:
-            try:
-                return normal()
-            except Exception as exc:
-                if errors.classify(exc).error_type != errors.OUT_OF_MEMORY:
-                    raise errors.classify(exc, during=during) from exc
-            # Outside the except block, so the failed attempt's traceback (and the tensors its frames hold)
-            # is already released when the cache is emptied.
-            self.runtime.free_memory()
-            try:
-                with lean_vae(self.pipe.vae):
-                    return lean()
-            except Exception as exc:
+            return self._leaner_once(normal, lean)
+
+    def _leaner_once(self, normal: Callable[[], T], lean: Callable[[], T]) -> T:
+        """`_run`'s retry, for a caller that holds the lock (a job of several such steps, none to be run again
+        for another's running out)."""
+        during = f"{self.role.lower()} generation"
+        try:
+            return normal()
+        except Exception as exc:
+            if errors.classify(exc).error_type != errors.OUT_OF_MEMORY:
                 raise errors.classify(exc, during=during) from exc
-            finally:
-                self.runtime.free_memory()
+        # Outside the except block, so the failed attempt's traceback (and the tensors its frames hold)
+        # is already released when the cache is emptied.
+        self.runtime.free_memory()
+        try:
+            with lean_vae(self.pipe.vae):
+                return lean()
+        except Exception as exc:
+            raise errors.classify(exc, during=during) from exc
+        finally:
+            self.runtime.free_memory()

@@ -41,6 +41,22 @@ def offload_text_encoder(pipe, device: str, *, use_stream: bool, blocks_per_grou
     )
 
 
+def decode_latents(pipe, latents) -> Any:
+    """Frames as floats in [0, 1], (videos, frames, height, width, 3): what `WanPipeline.__call__` does after its
+    last step with `output_type="np"` (diffusers 0.42), done apart so that a decode that runs out of memory is
+    tried again alone."""
+    import torch
+
+    vae = pipe.vae
+    with torch.no_grad():  # as the pipeline's own call
+        latents = latents.to(vae.device, vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        video = vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="np")
+
+
 class VideoPipeline(DiffusionCapability):
     """text2video: Wan 2.1. Produces exactly `num_frames` frames (generating the next 4k+1 and trimming)."""
 
@@ -131,33 +147,38 @@ class VideoPipeline(DiffusionCapability):
         )
 
     def generate(self, request: GenerationRequest, seed: int, progress: ProgressFn | None = None) -> Any:
-        """A uint8 array (num_frames, video_height, video_width, 3)."""
+        """A uint8 array (num_frames, video_height, video_width, 3). Out of memory, the part that ran out runs
+        once more, leaner: the denoising with its two passes one by one, or the decode in tiles (from the
+        denoised latents: a decode that runs out never costs the whole denoising again)."""
         from .media import to_uint8_frames
 
         steps = StepProgress(progress)
         frames = frames_to_generate(request.num_frames, self.pipe.vae_scale_factor_temporal)
 
-        def run(batched: bool) -> Any:
+        def denoise(batched: bool) -> Any:
             steps.start(parts=1)
             if video_speed.is_cfg_batched(self.pipe.transformer):
                 self.pipe.transformer.batching = batched  # the leaner retry runs the two passes one by one
+            return self.pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                width=request.video_width,
+                height=request.video_height,
+                num_frames=frames,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.video_guidance_scale,
+                generator=make_generator(seed),
+                output_type="latent",
+                callback_on_step_end=steps.on_step_end,
+            ).frames
+
+        def decode(latents) -> Any:
             # The VAE decodes a latent frame (or tile) per call of its decoder, for seconds after the last step:
             # a cancel then stops it at the next call, not after the whole decode and encode (audit: 10 s).
             # Here, under the pipeline's lock: a waiting job's check must never run in this one's decode.
             with checked_calls(getattr(self.pipe.vae, "decoder", None), steps.check):
                 try:
-                    return self.pipe(
-                        prompt=request.prompt,
-                        negative_prompt=request.negative_prompt,
-                        width=request.video_width,
-                        height=request.video_height,
-                        num_frames=frames,
-                        num_inference_steps=request.num_inference_steps,
-                        guidance_scale=request.video_guidance_scale,
-                        generator=make_generator(seed),
-                        output_type="np",
-                        callback_on_step_end=steps.on_step_end,
-                    ).frames[0]
+                    return decode_latents(self.pipe, latents)[0]
                 finally:
                     # A decode stopped mid-way keeps its frame cache (GiBs of activations at the contract's
                     # sizes, on the card) until the next decode clears it: the next jobs need that memory now.
@@ -165,7 +186,10 @@ class VideoPipeline(DiffusionCapability):
                     if callable(clear_cache):
                         clear_cache()
 
-        video = to_uint8_frames(self._run(lambda: run(True), lambda: run(False))[: request.num_frames])
+        with self._lock:  # the denoising and its decode, with no other job between them
+            latents = self._leaner_once(lambda: denoise(True), lambda: denoise(False))
+            decoded = self._leaner_once(lambda: decode(latents), lambda: decode(latents))
+        video = to_uint8_frames(decoded[: request.num_frames])
         expected = (request.num_frames, request.video_height, request.video_width, 3)
         if video.shape != expected:
             raise errors.GenerationError(

@@ -22,7 +22,7 @@ from generation import media, tiny
 from generation.capability import Runtime, derive_seed, resolve_seed
 from generation.compiling import default_cache_dir
 from generation.engine import Engine, EngineConfig, is_device_failure
-from generation.video import frames_to_generate
+from generation.video import decode_latents, frames_to_generate
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -309,6 +309,37 @@ def test_video_out_of_memory_retries_once_with_a_lean_vae(engine, monkeypatch):
     result = engine.generate(video_request())
     assert media.probe_mp4(result.files[0].data).frames == 16
     assert [call["lean"] for call in stand_in.calls] == [False, True]
+
+
+def test_a_video_decode_that_runs_out_of_memory_is_decoded_again_alone_in_tiles(engine, monkeypatch):
+    """The GPU-waste review: a decode out of memory ran the whole denoising again (minutes on a small card)."""
+    normal = engine.generate(video_request())
+    denoising = flaky(monkeypatch, WanPipeline, RuntimeError("never raised"), failures=0)
+    vae = engine.pipeline("text2video").pipe.vae
+    decode, decodes = vae.decode, []
+
+    def decode_out_of_memory_once(*args, **kwargs):
+        decodes.append(vae.use_tiling)
+        if len(decodes) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", decode_out_of_memory_once)
+    seen: list[float] = []
+    retried = engine.generate(video_request(), progress=seen.append)
+    assert len(denoising.calls) == 1 and decodes == [False, True]  # the decode again, in tiles; no step again
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert retried.files[0].data == normal.files[0].data  # tiles this small are the whole frame: the same video
+    assert not vae.use_tiling  # the next job decodes whole again
+
+
+def test_the_video_decode_done_apart_is_the_pipelines_own(engine):
+    """`decode_latents` does what WanPipeline.__call__ does after its last step (diffusers may change it)."""
+    pipe = engine.pipeline("text2video").pipe
+    options = dict(prompt=PROMPT, width=64, height=48, num_frames=5, num_inference_steps=2)
+    own = pipe(**options, generator=torch.Generator().manual_seed(7), output_type="np").frames
+    latents = pipe(**options, generator=torch.Generator().manual_seed(7), output_type="latent").frames
+    assert np.array_equal(decode_latents(pipe, latents), own)
 
 
 def test_out_of_memory_twice_fails_as_out_of_memory(engine, monkeypatch):
