@@ -260,6 +260,20 @@ def lean_vae(vae) -> Iterator[None]:
             vae.disable_slicing()
 
 
+@contextmanager
+def kept_dtype(module) -> Iterator[None]:
+    """`module`'s dtype as it was, however the block ends. SDXL's pipeline upcasts a float16 VAE to float32 for the
+    decode (`force_upcast`) and casts it back only after a decode that worked: one that ran out of memory left it
+    float32, and the leaner retry and every later image job failed "Input type (c10::Half) and bias type (float)
+    should be the same" (an audit)."""
+    dtype = module.dtype
+    try:
+        yield
+    finally:
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+
+
 class DiffusionCapability:
     """One capability backed by one diffusers pipeline: loading, placement and the out-of-memory retry."""
 

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from firegen_core import errors
 from firegen_core.contract import TEXT2IMAGE, GenerationRequest
 
-from .capability import DiffusionCapability, ProgressFn, Runtime, StepProgress, derive_seed, make_generator
+from .capability import (
+    DiffusionCapability,
+    ProgressFn,
+    Runtime,
+    StepProgress,
+    derive_seed,
+    kept_dtype,
+    make_generator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +62,13 @@ class _BatchProgress:
                 try:
                     self.steps[index].on_step_end(pipe, step, timestep, callback_kwargs)
                 except errors.Interrupted as cancelled:
-                    self.cancelled[index] = cancelled
+                    # A fresh one, never raised: the caught one's traceback holds this frame, whose `self` holds
+                    # it: a cycle that kept the stopped call's latents and embeddings until a garbage collection
+                    # (an audit), out of reach of the out-of-memory retry's freeing too.
+                    self.cancelled[index] = type(cancelled)()
         first = self.cancelled[self.running[0]] if self.running else None
         if first is not None and all(self.cancelled[index] is not None for index in self.running):
-            raise first  # nobody left to run for: stop the pipeline now
+            raise type(first)()  # nobody left to run for: stop the pipeline now
         return {}
 
 
@@ -179,19 +190,20 @@ class ImagePipeline(DiffusionCapability):
             prompt, negative, pooled, negative_pooled = (
                 None if tensor is None else tensor[rows] for tensor in embeddings()
             )
-            return self.pipe(
-                prompt_embeds=prompt,
-                negative_prompt_embeds=negative,
-                pooled_prompt_embeds=pooled,
-                negative_pooled_prompt_embeds=negative_pooled,
-                width=first.width,
-                height=first.height,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                num_images_per_prompt=1,
-                generator=[make_generator(seed) for seed in seeds[rows]],
-                callback_on_step_end=progress.on_step_end,
-            ).images
+            with kept_dtype(self.pipe.vae):  # a decode that fails mid-way leaves SDXL's VAE upcast
+                return self.pipe(
+                    prompt_embeds=prompt,
+                    negative_prompt_embeds=negative,
+                    pooled_prompt_embeds=pooled,
+                    negative_pooled_prompt_embeds=negative_pooled,
+                    width=first.width,
+                    height=first.height,
+                    num_inference_steps=first.num_inference_steps,
+                    guidance_scale=first.guidance_scale,
+                    num_images_per_prompt=1,
+                    generator=[make_generator(seed) for seed in seeds[rows]],
+                    callback_on_step_end=progress.on_step_end,
+                ).images
 
         def normal() -> list:
             progress.start(parts=[1] * len(items), running=list(range(len(items))))

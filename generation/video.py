@@ -157,6 +157,7 @@ class VideoPipeline(DiffusionCapability):
 
         def denoise(batched: bool) -> Any:
             steps.start(parts=1)
+            video_speed.reset_step_cache(self.pipe.transformer)  # nothing of an earlier video's steps
             if video_speed.is_cfg_batched(self.pipe.transformer):
                 self.pipe.transformer.batching = batched  # the leaner retry runs the two passes one by one
             return self.pipe(

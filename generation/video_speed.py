@@ -87,6 +87,16 @@ def apply_step_cache(transformer, threshold: float) -> None:
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
 
 
+def reset_step_cache(transformer) -> None:
+    """Forget the step outputs the cache holds from the last video. diffusers resets it at the end of a pipeline
+    call, on components with `_reset_stateful_cache`, which the CfgBatched wrapper lacked: the next video reused the
+    last one's blocks (another size failed "The size of tensor a (120) must match..."), and a video stopped or
+    failed mid-way never reaches that end."""
+    inner = denoiser(transformer)
+    if getattr(inner, "is_cache_enabled", False):
+        inner._reset_stateful_cache()
+
+
 class PinnedSwap:
     """Keep `module` in (pinned, on CUDA) CPU memory; copy it whole to `device` before its first forward, and
     back (the GPU copy is simply dropped) on `offload()`. The CPU copies are kept, so offloading costs nothing."""
@@ -177,6 +187,10 @@ def _cfg_batched_class():
 
         def cache_context(self, name: str, **kwargs):
             return self.inner.cache_context(name, **kwargs)
+
+        def _reset_stateful_cache(self, recurse: bool = True) -> None:
+            """What diffusers calls at the end of a pipeline call (the step cache's cached tensors go)."""
+            reset_step_cache(self.inner)
 
         def forward(self, hidden_states, timestep, encoder_hidden_states, attention_kwargs=None, return_dict=False):
             import torch

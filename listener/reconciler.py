@@ -108,6 +108,8 @@ class Reconciler:
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the cancel thread
         self._stops: dict[JobKey, threading.Event] = {}  # claimed or running here → its cancel signal
         self._leases: dict[JobKey, Lease] = {}  # running here → the claim it runs under
+        # Claims on their way whose lease a restatement displaced before their answer came back (`preempt`).
+        self._displaced: dict[JobKey, Lease] = {}
         # Jobs this worker runs, and (None) those it is claiming: shutdown waits for both, so a claim in flight
         # when SIGTERM arrives is run within the grace period or released, never left `processing`.
         self._active: dict[JobKey, threading.Thread | None] = {}
@@ -381,7 +383,19 @@ class Reconciler:
         Only that exact claim: its lease is gone from the doc, so its fenced writes (the stop's included) land
         nowhere, and the job runs again from the queue with its new parameters."""
         with self._cv:
+            if key in self._active and key not in self._leases:
+                # Its claim landed, its answer is on the way: the claim stops its run once it has its lease (the
+                # thread-safety review: heard in between, the restatement was dropped, and the run went on with
+                # the old parameters until a lease renewal found the lease gone, up to 40 s).
+                known = self._displaced.get(key)
+                if known is None or lease.attempt > known.attempt:  # the latest (a listener may hear late)
+                    self._displaced[key] = lease
+                return
             stop = self._stops.get(key) if self._leases.get(key) == lease else None
+        self._preempted(key, lease, stop)
+
+    @staticmethod
+    def _preempted(key: JobKey, lease: Lease, stop: threading.Event | None) -> None:
         if stop is not None and not stop.is_set():
             log.info("job_preempted", user_id=key.user_id, file_uid=key.file_uid, attempt=lease.attempt)
             stop.set()
@@ -477,6 +491,7 @@ class Reconciler:
             with self._cv:
                 self._stops.pop(key, None)
                 self._active.pop(key, None)
+                self._displaced.pop(key, None)
                 self._request_ids.pop(key, None)  # not ours: the worker that has it logs it
                 self._cv.notify_all()
             return None
@@ -485,6 +500,8 @@ class Reconciler:
             # At once, not when its batch's last claim returns: a restatement heard meanwhile (`preempt`) finds the
             # claim and stops its run, which otherwise ran its old parameters to its next lease renewal.
             self._leases[key] = job.lease
+            displaced = self._displaced.pop(key, None) == job.lease
+            stop = self._stops.get(key) if displaced else None
         if request_id and not job.doc.get(RUNPOD_JOB_ID):
             job.doc[RUNPOD_JOB_ID] = request_id  # the runner's log lines carry it as requestId
         request_id = job.doc.get(RUNPOD_JOB_ID)
@@ -495,6 +512,7 @@ class Reconciler:
             attempt=job.lease.attempt,
             **({"requestId": request_id} if isinstance(request_id, str) and request_id else {}),
         )
+        self._preempted(key, job.lease, stop)
         return job
 
     def _drop(self, key: JobKey) -> None:
@@ -537,6 +555,7 @@ class Reconciler:
                 self._active.pop(key, None)
                 self._stops.pop(key, None)
                 self._leases.pop(key, None)
+                self._displaced.pop(key, None)
             self._slots -= 1
             self._cv.notify_all()
 
@@ -611,6 +630,8 @@ class Reconciler:
         release one fewer again), so this run is stale. Stopped now rather than at its next lease renewal."""
         with self._cv:
             lease = self._leases.get(key)
+            if lease is None and key in self._active and isinstance(doc.get("attempts"), int):
+                lease = Lease(self.store.worker_id, doc["attempts"])  # a claim on its way: `preempt` keeps it
         if lease is not None and doc.get("attempts") == lease.attempt:
             self.preempt(key, lease)
 
@@ -682,8 +703,10 @@ class Reconciler:
 
     def _firestore_answered(self, took: float) -> None:
         if self._troubled or took > SLOW_CALL_SECONDS:
-            self._troubled = False
+            # The deferral before the all-clear: the claim loop reads them on another thread, and in between the
+            # old (past) `_takeovers_from` let a claim take over (the thread-safety review).
             self._takeovers_from = time.monotonic() + self.store.lease_seconds
+            self._troubled = False
 
     def _takeovers_allowed(self) -> bool:
         return not self._troubled and time.monotonic() >= self._takeovers_from

@@ -15,7 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 import structlog
-from google.cloud.firestore import SERVER_TIMESTAMP
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from test_batching import TOLERANCE
 from test_generation import pixels
 from test_reconciler import LISTENING_SECONDS, doc, finished, results, wait_until  # noqa: F401
@@ -280,17 +280,19 @@ def test_a_batch_may_run_as_long_as_its_jobs_together():
 # --- the dispatch loop's windows ------------------------------------------------------------------------------
 
 
-def hold_claim(worker, file_uid: str):
+def hold_claim(worker, file_uid: str, *, answer: bool = False):
     """The worker's claim of `file_uid` waits for the returned gate (set by the test); `waiting` once it does.
-    A wrapper of the real claim on the real emulator: only its timing is the test's."""
+    With `answer`, the claim lands first and its answer is what waits. A wrapper of the real claim on the real
+    emulator: only its timing is the test's."""
     store = worker.reconciler.store
     claim, gate, waiting = store.claim, threading.Event(), threading.Event()
 
     def held(key, **kwargs):
+        landed = claim(key, **kwargs) if answer else None
         if key.file_uid == file_uid:
             waiting.set()
             assert gate.wait(30)
-        return claim(key, **kwargs)
+        return landed if answer else claim(key, **kwargs)
 
     store.claim = held
     return gate, waiting
@@ -320,6 +322,43 @@ def test_a_restatement_heard_while_the_batch_is_still_claiming_stops_the_claimed
     assert spy.batching.wait(60)
     wait_until(lambda: "a1" in spy.stopped)  # at the batch's first step, not at a renewal 40 s on
     spy.batch_gate.set()
+
+
+@pytest.mark.parametrize("heard", ["runsync", "listener"])
+def test_a_restatement_heard_while_the_claims_answer_is_on_its_way_stops_the_run(
+    make_worker, firestore_client, engine, heard
+):
+    """The thread-safety review: a restatement heard once the claim had landed in Firestore but before its
+    answer came back found no lease here to stop (the runsync's `preempt`, the listener hearing the job queued
+    again with this claim's attempt): dropped, the run went on with its old parameters until a lease renewal
+    found its lease gone (up to 40 s)."""
+    first_steps: list[str] = []
+
+    class FirstStep:
+        def generate(self, request, progress=None):
+            try:
+                progress(0.0)
+            except errors.Interrupted:
+                first_steps.append("stopped")
+                raise
+            first_steps.append("ran")
+            return engine.generate(request, progress)
+
+    worker = make_worker(FirstStep())
+    gate, waiting = hold_claim(worker, "a1", answer=True)
+    a1 = write_job(firestore_client, "userA", "a1", seed=1)
+    assert waiting.wait(30)
+    claimed = firestore_client.document(a1.path).get().to_dict()
+    assert claimed["status"] == "processing"  # landed; its answer waits
+    if heard == "runsync":
+        worker.reconciler.preempt(a1, Lease(claimed["worker_id"], claimed["attempts"]))
+    else:  # another worker's runsync restated it (`lifecycle.restate`): queued again, its attempt kept
+        gone = dict.fromkeys(("worker_id", "lease_expires_at"), DELETE_FIELD)
+        firestore_client.document(a1.path).update({"status": "queued", "restated": 1, "seed": 2, **gone})
+        wait_until(lambda: a1 in worker.reconciler._displaced)  # heard while the answer is still on its way
+    gate.set()
+    wait_until(lambda: first_steps)
+    assert first_steps[0] == "stopped"
 
 
 def test_a_dispatch_that_fails_unexpectedly_releases_its_claims_and_the_worker_claims_on(

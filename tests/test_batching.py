@@ -90,6 +90,38 @@ def test_a_batch_whose_jobs_are_all_cancelled_stops_at_once(engine):
     assert steps == [1 / 3, 1 / 3]  # both saw the first step; no second step ran
 
 
+def test_a_stopped_calls_tensors_go_when_it_returns_not_at_a_garbage_collection(engine, monkeypatch):
+    """An audit: the caught Interrupted, kept per job, held through its traceback the step's frame and so the
+    stopped call's latents and embeddings (a reference cycle), out of reach of the out-of-memory retry's freeing."""
+    import gc
+    import weakref
+
+    from generation.image import _BatchProgress
+
+    latents: list[weakref.ref] = []
+    on_step_end = _BatchProgress.on_step_end
+
+    def watched(self, pipe, step, timestep, callback_kwargs):
+        latents.append(weakref.ref(callback_kwargs["latents"]))
+        return on_step_end(self, pipe, step, timestep, callback_kwargs)
+
+    def cancel(fraction):
+        raise errors.Interrupted()
+
+    monkeypatch.setattr(_BatchProgress, "on_step_end", watched)
+    gc.collect()
+    gc.disable()
+    try:
+        for progress in ([cancel, cancel], [cancel, None]):  # the whole batch stopped; one job of two
+            latents.clear()
+            results = engine.generate_batch([image_request(seed=1), image_request(seed=2)], progress=progress)
+            assert isinstance(results[0], errors.Interrupted)
+            del results
+            assert latents and all(ref() is None for ref in latents)
+    finally:
+        gc.enable()
+
+
 def test_out_of_memory_in_a_batch_retries_image_by_image(engine, monkeypatch):
     stand_in = flaky(monkeypatch, StableDiffusionXLPipeline, OOM_ERRORS[0], failures=1)
     results = engine.generate_batch(MIXED)

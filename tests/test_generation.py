@@ -311,6 +311,31 @@ def test_video_out_of_memory_retries_once_with_a_lean_vae(engine, monkeypatch):
     assert [call["lean"] for call in stand_in.calls] == [False, True]
 
 
+def test_a_float16_decode_that_runs_out_of_memory_leaves_the_vae_in_float16(tiny_cache, monkeypatch):
+    """An audit: SDXL's pipeline upcasts a float16 VAE to float32 to decode (`force_upcast`, as SDXL base's
+    config says) and back only after a decode that worked: one out of memory left it float32, and the retry and
+    every later image job failed "Input type (c10::Half) and bias type (float) should be the same"."""
+    half = Engine(EngineConfig(image_model="tiny", video_model="none", device="cpu", dtype="float16", preload=True))
+    vae = half.pipeline("text2image").pipe.vae
+    vae.register_to_config(force_upcast=True)
+    request = image_request(num_inference_steps=2)
+    before = half.generate(request)
+    decode, decodes = vae.decode, []
+
+    def out_of_memory_once(*args, **kwargs):
+        decodes.append(vae.dtype)
+        if len(decodes) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", out_of_memory_once)
+    retried = half.generate(request)
+    assert decodes[0] == torch.float32 and vae.dtype == torch.float16  # upcast for the decode, and back
+    monkeypatch.undo()
+    assert half.generate(request).files[0].data == before.files[0].data
+    assert len(retried.files) == 1
+
+
 def test_a_video_decode_that_runs_out_of_memory_is_decoded_again_alone_in_tiles(engine, monkeypatch):
     """The GPU-waste review: a decode out of memory ran the whole denoising again (minutes on a small card)."""
     normal = engine.generate(video_request())

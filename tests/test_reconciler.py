@@ -1709,6 +1709,27 @@ def test_a_key_offered_outside_the_sweep_waits_out_the_takeover_deferral_too(fir
     assert store.release(taken)  # back to the queue: nothing runs it here
 
 
+def test_firestore_back_never_reads_as_takeovers_allowed_before_their_deferral(firestore_client, results):
+    """The thread-safety review: the all-clear was written before the deferral, and a claim on the dispatch
+    thread reading between the two saw takeovers allowed (the old deferral long past) as Firestore came back."""
+    from google.api_core.exceptions import ServiceUnavailable
+
+    read: list[bool] = []
+
+    class Watched(Reconciler):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name in ("_troubled", "_takeovers_from") and getattr(self, "watched", False):
+                read.append(self._takeovers_allowed())  # what the dispatch thread would read just then
+
+    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=2.0)
+    reconciler = Watched(store, JobRunner(store, StubGenerator(), results))
+    reconciler._firestore_failed(ServiceUnavailable("Firestore away"))
+    reconciler.watched = True
+    reconciler._firestore_answered(0.1)
+    assert read == [False, False]
+
+
 def owners_keep_their_jobs_through_an_outage(client, results, store, ends: str, seconds: float, name: str) -> None:
     """A live owner's job and a dead owner's, both leases run out within an outage of `seconds` that `store` (the
     sweeper's, lease 2 s) stands in for, its attribute `ends` the outage's end: the live owner's late renewal finds

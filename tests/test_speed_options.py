@@ -25,6 +25,7 @@ from fixtures_generation import (  # noqa: F401
 
 from bench import gpu_speed
 from bench.gpu_speed import psnr
+from firegen_core import errors
 from generation import __main__ as cli
 from generation import fp8, video_speed
 from generation.capability import Runtime
@@ -226,16 +227,23 @@ def test_video_cache_settings():
             EngineConfig.from_env({"FIREGEN_VIDEO_CACHE": "firstblock", "FIREGEN_VIDEO_CACHE_THRESHOLD": threshold})
 
 
-def test_first_block_cache_runs_and_its_psnr_against_the_full_run_is_measured(engine, capsys):
-    """The tiny Wan has one transformer block and First Block Cache needs a head and a tail block: the same
-    tiny architecture with 3 blocks (random weights, fixed seed) runs fully, then with the cache."""
+def three_block_wan(engine):
+    """The tiny Wan has one transformer block and First Block Cache needs a head and a tail block: the same tiny
+    architecture with 3 blocks (random weights, fixed seed). The pipeline, and its bare transformer."""
     from diffusers import WanPipeline, WanTransformer3DModel
 
     tiny_pipe = engine.pipeline("text2video").pipe
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel.from_config({**tiny_pipe.transformer.config, "num_layers": 3}).eval()
+    config = {**video_speed.denoiser(tiny_pipe.transformer).config, "num_layers": 3}
+    transformer = WanTransformer3DModel.from_config(config).eval()
     pipe = WanPipeline(**{**tiny_pipe.components, "transformer": transformer})
     pipe.set_progress_bar_config(disable=True)
+    return pipe, transformer
+
+
+def test_first_block_cache_runs_and_its_psnr_against_the_full_run_is_measured(engine, capsys):
+    """The 3-block tiny Wan runs fully, then with the cache."""
+    pipe, transformer = three_block_wan(engine)
     request = video_request(num_inference_steps=8)
     full = VideoPipeline(pipe, Runtime(), "tiny-3-blocks").generate(request, 5)
 
@@ -253,6 +261,31 @@ def test_first_block_cache_runs_and_its_psnr_against_the_full_run_is_measured(en
         )
     assert value > 10  # the same video, with some steps' tail blocks reused
     assert decisions.computed + decisions.reused == 8 and 0 < decisions.reused < 8  # the first step always runs
+
+
+def test_each_video_starts_with_an_empty_step_cache(engine):
+    """An audit: the cache kept the last video's step outputs (diffusers resets it at a call's end on components
+    that say how, which the CFG wrapper did not): the next video of another size failed "The size of tensor a
+    (120) must match the size of tensor b (60)" (every one, until one of the first size), one of the same size
+    reused the last one's blocks, and a video stopped mid-way never reaches that end."""
+    pipe, _ = three_block_wan(engine)
+    runtime = Runtime(video_cache_threshold=0.5)
+    VideoPipeline.place(pipe, runtime)
+    video = VideoPipeline(pipe, runtime, "tiny-3-blocks")
+    request = video_request(num_inference_steps=8)
+    first = video.generate(request, 5)
+    assert video.generate(video_request(num_inference_steps=8, video_width=96, video_height=64), 5).shape[1:3] == (
+        64,
+        96,
+    )
+
+    def stop_half_way(fraction: float) -> None:
+        if fraction >= 0.5:
+            raise errors.Interrupted()
+
+    with pytest.raises(errors.Interrupted):
+        video.generate(request, 5, stop_half_way)
+    assert np.array_equal(video.generate(request, 5), first)
 
 
 def test_with_the_step_cache_on_the_wan_transformer_is_not_compiled(engine, tmp_path, caplog):
