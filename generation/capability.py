@@ -27,7 +27,7 @@ from firegen_core.contract import GenerationRequest
 
 from . import fp8 as fp8_support
 from . import tiny, video_speed
-from .compiling import BackgroundCompile, CompileCache
+from .compiling import BackgroundCompile, CompileCache, model_tag
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Runtime:
                 dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         if compile is None:
             compile = cuda
-        if fp8 and (reason := fp8_support.refusal(device)):
+        if fp8 and (reason := fp8_support.refusal(device, dtype)):
             raise ValueError(reason)
         if offload is None:
             offload = cuda and torch.cuda.get_device_properties(device).total_memory < OFFLOAD_BELOW_GIB * 2**30
@@ -373,7 +373,9 @@ class DiffusionCapability:
         jobs run eagerly until the compiled module is swapped in (generation.compiling)."""
         if not self.runtime.compile_backend:
             return
-        model = f"{self.role.lower()}-fp8" if self.runtime.fp8 else self.role.lower()
+        runtime = self.runtime
+        config = self.denoiser(self.pipe).config
+        model = model_tag(self.role.lower(), runtime.dtype, runtime.fp8, runtime.attention_backend, config)
         cache = (
             CompileCache(self.runtime.compile_cache, self.runtime.device, model) if self.runtime.compile_cache else None
         )

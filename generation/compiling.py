@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import logging
 import os
 import re
@@ -49,6 +51,17 @@ def default_cache_dir(environ: Mapping[str, str] | None = None) -> str:
         return f"{NETWORK_VOLUME}/firegen-compile"
     hf_home = env.get("HF_HOME") or str(Path("~/.cache/huggingface").expanduser())
     return f"{hf_home}/firegen-compile"
+
+
+def model_tag(role: str, dtype: str, fp8: bool, attention_backend: str, config: Mapping) -> str:
+    """A model's name in its cache file: what its compiled code depends on beyond torch, diffusers and the GPU. The
+    precision and the architecture (the denoiser's config: Wan 1.3B and 14B differ; its weights do not matter, so
+    fine-tunes share) and the attention backend: two endpoints sharing a volume with other settings loaded each
+    other's artifacts, useless, and overwrote the file at each cold start (an audit). Config entries named `_...`
+    (the weights' path, diffusers' version) say nothing of the code."""
+    architecture = {name: value for name, value in dict(config).items() if not name.startswith("_")}
+    described = json.dumps({"config": architecture, "attention": attention_backend}, sort_keys=True, default=str)
+    return "-".join([role, dtype, *(["fp8"] if fp8 else []), hashlib.sha256(described.encode()).hexdigest()[:10]])
 
 
 class CompileCache:

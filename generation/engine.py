@@ -70,7 +70,7 @@ def _fp8(settings: ModelSettings) -> bool:
     import torch
 
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if reason := fp8.refusal(device):
+    if reason := fp8.refusal(device, settings.dtype):
         raise ValueError(reason)
     return True
 

@@ -24,8 +24,9 @@ ALIGNMENT = 16
 ACTIVATION_FLOOR = 1e-12
 
 
-def refusal(device: str) -> str | None:
-    """Why FP8 can't run on `device`, as the one line start-up refuses with; None when it can."""
+def refusal(device: str, dtype: str | None = None) -> str | None:
+    """Why FP8 can't run on `device` in `dtype` (None: the card's own choice, bfloat16 where it can), as the one
+    line start-up refuses with; None when it can."""
     if not device.startswith("cuda"):
         return f"{SETTING}=on needs a CUDA GPU with float8 support (this worker runs on {device}); unset it"
     import torch
@@ -36,6 +37,10 @@ def refusal(device: str) -> str | None:
         return f"{SETTING}=on needs compute capability 8.9+ (Ada, Hopper); {name} is {capability[0]}.{capability[1]}"
     if importlib.util.find_spec("torchao") is None:
         return f"{SETTING}=on needs torchao (pip install 'firegen-worker[fp8]'), which is not installed"
+    if dtype not in (None, "bfloat16"):
+        # torchao's row-wise float8 takes bfloat16 weights alone (`_fits`): in float16 or float32 nothing was
+        # quantized, and the worker served the slower model it was not configured for, saying nothing (an audit).
+        return f"{SETTING}=on needs FIREGEN_DTYPE=bfloat16 (or unset), not {dtype}"
     return None
 
 

@@ -109,7 +109,9 @@ class VideoPipeline(DiffusionCapability):
         pipe.vae.to(runtime.device, torch.float32)
 
     def warm_up(self) -> None:
-        if self.runtime.compile_backend and self.runtime.video_cache_threshold:
+        if self.runtime.compile_backend and getattr(
+            video_speed.denoiser(self.pipe.transformer), "is_cache_enabled", False
+        ):
             # First Block Cache decides in Python, per step, whether to run the other blocks. Under torch.compile
             # its decisions differed from eager's (tiny Wan, threshold 0.5: 18.2 dB against the full run, eager
             # 21.7 dB, while the compiled full run equals the eager one): the cached transformer stays eager.

@@ -81,10 +81,19 @@ def parse_video_cache(mode: str | None, threshold: str | None) -> float | None:
     return None if mode == "off" else value
 
 
-def apply_step_cache(transformer, threshold: float) -> None:
+def apply_step_cache(transformer, threshold: float) -> bool:
+    """False, saying so, where the transformer has a single block: First Block Cache needs the first one and the
+    rest (diffusers' hook failed "pop from empty list", and the video model did not load: the tiny one of
+    `make dev`, an audit)."""
     from diffusers.hooks import FirstBlockCacheConfig
 
+    blocks = len(getattr(transformer, "blocks", ()))
+    if blocks < 2:
+        reason = f"the transformer has {blocks} block; First Block Cache needs 2 or more"
+        log.warning("video_cache_skipped", extra={"reason": reason})
+        return False
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    return True
 
 
 def reset_step_cache(transformer) -> None:

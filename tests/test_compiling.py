@@ -23,7 +23,7 @@ from fixtures_generation import (  # noqa: F401
 )
 
 from generation.capability import Runtime
-from generation.compiling import CompileCache, default_cache_dir, sibling_pipeline
+from generation.compiling import CompileCache, default_cache_dir, model_tag, sibling_pipeline
 from generation.engine import Engine, EngineConfig
 from generation.image import BatchItem, ImagePipeline
 from generation.video import VideoPipeline
@@ -276,6 +276,25 @@ def test_compile_settings_from_the_environment(tmp_path, monkeypatch):
     assert Runtime.detect("cpu", compile=True).compile_backend is None
     engine = Engine(EngineConfig(image_model="none", video_model="none", device="cpu"))
     assert engine.runtime.compile_backend is None and engine.compile_states() == {}
+
+
+def test_a_cache_file_is_per_precision_architecture_and_attention_backend_not_per_weights(engine):
+    """An audit: endpoints sharing a volume with another FIREGEN_DTYPE or Wan size loaded each other's
+    artifacts, useless, and overwrote the file at every cold start."""
+    config = dict(engine.pipeline("text2video").pipe.transformer.config)
+    tag = model_tag("video", "bfloat16", False, "native", config)
+    assert tag.startswith("video-bfloat16-") and tag == model_tag("video", "bfloat16", False, "native", config)
+    fine_tune = {**config, "_name_or_path": "/runpod-volume/hf/another/snapshot", "_diffusers_version": "0.0"}
+    assert model_tag("video", "bfloat16", False, "native", fine_tune) == tag  # weights elsewhere: shared
+    others = {
+        model_tag("video", "float16", False, "native", config),
+        model_tag("video", "bfloat16", True, "native", config),
+        model_tag("video", "bfloat16", False, "_flash_3", config),
+        model_tag("video", "bfloat16", False, "native", {**config, "num_layers": 30}),
+        model_tag("image", "bfloat16", False, "native", config),
+    }
+    assert tag not in others and len(others) == 5
+    assert model_tag("video", "bfloat16", True, "native", config).startswith("video-bfloat16-fp8-")
 
 
 def test_cache_files_that_are_missing_or_foreign_mean_compiling_from_scratch(tmp_path, caplog):

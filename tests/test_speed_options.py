@@ -27,7 +27,7 @@ from bench import gpu_speed
 from bench.gpu_speed import psnr
 from firegen_core import errors
 from generation import __main__ as cli
-from generation import fp8, video_speed
+from generation import fp8, media, video_speed
 from generation.capability import Runtime
 from generation.engine import Engine, EngineConfig
 from generation.image import ImagePipeline
@@ -96,6 +96,13 @@ def test_fp8_on_a_card_without_torchao_or_float8_is_refused(monkeypatch):
     assert fp8.refusal("cuda") == "FIREGEN_FP8=on needs compute capability 8.9+ (Ada, Hopper); Stand-in GPU is 8.6"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert fp8.refusal("cuda") is None
+    # Only bfloat16 weights are quantized: in float16 or float32 FP8 did nothing, and nothing said so (an audit).
+    assert fp8.refusal("cuda", "bfloat16") is None
+    for dtype in ("float16", "float32"):
+        assert fp8.refusal("cuda", dtype) == f"FIREGEN_FP8=on needs FIREGEN_DTYPE=bfloat16 (or unset), not {dtype}"
+        with pytest.raises(ValueError, match=f"not {dtype}$"):
+            EngineConfig.from_env({"FIREGEN_FP8": "on", "FIREGEN_DTYPE": dtype, "FIREGEN_DEVICE": "cuda"})
+    assert EngineConfig.from_env({"FIREGEN_FP8": "on", "FIREGEN_DEVICE": "cuda"}).fp8
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
@@ -286,6 +293,22 @@ def test_each_video_starts_with_an_empty_step_cache(engine):
     with pytest.raises(errors.Interrupted):
         video.generate(request, 5, stop_half_way)
     assert np.array_equal(video.generate(request, 5), first)
+
+
+def test_the_step_cache_on_a_one_block_transformer_is_left_out_saying_so(tiny_cache, caplog):
+    """An audit: FIREGEN_VIDEO_CACHE=firstblock with the tiny Wan (one block, `make dev`'s) failed the video
+    model's load, "Video model tiny is not available: pop from empty list": no video at all."""
+    settings = {
+        "IMAGE_MODEL": "none",
+        "VIDEO_MODEL": "tiny",
+        "FIREGEN_DEVICE": "cpu",
+        "FIREGEN_VIDEO_CACHE": "firstblock",
+    }
+    with caplog.at_level(logging.WARNING, logger="generation.video_speed"):
+        result = Engine(EngineConfig.from_env(settings)).generate(video_request())
+    [said] = [record for record in caplog.records if record.msg == "video_cache_skipped"]
+    assert said.reason == "the transformer has 1 block; First Block Cache needs 2 or more"
+    assert media.probe_mp4(result.files[0].data).frames == 16
 
 
 def test_with_the_step_cache_on_the_wan_transformer_is_not_compiled(engine, tmp_path, caplog):
