@@ -22,7 +22,8 @@ from .redaction import got
 # name: (lowest, highest), whole numbers
 INT_PARAMS: dict[str, tuple[int, int]] = {
     "RUNPOD_ATTEMPTS": (1, 10),
-    # Every attempt ends within the client's 50 s deadline, which keeps a call within the callable's 70 s timeout.
+    # No attempt starts past the client's 50 s deadline, and each reads at most until it (a second at least) after
+    # its 5 s to connect, which keeps a call within the callable's 70 s timeout.
     "RUNPOD_TIMEOUT_SECONDS": (1, 50),
     "REDISPATCH_AFTER_MINUTES": (1, 24 * 60),
     "MAX_DISPATCHES": (1, 100),

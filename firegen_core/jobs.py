@@ -111,6 +111,14 @@ BOUND: dict[str, Any] = {
 Decide = Callable[[dict[str, Any] | None, datetime], "dict | None"]
 
 
+def bound(ends: float) -> dict[str, Any]:
+    """BOUND cut to what is left before `ends` (time.monotonic()): the calls of a transition and their retries
+    end by then together (a review: its 15 s was checked between tries alone, and a slow Firestore held a
+    transition, and a runsync's answer, 45 s). At least a second: a last try that could not succeed is no use."""
+    left = max(ends - time.monotonic(), 1.0)
+    return {"timeout": left, "retry": BOUND["retry"].with_timeout(left)}
+
+
 @dataclass(frozen=True)
 class JobKey:
     user_id: str
@@ -192,10 +200,10 @@ class JobStore:
     def usage_ref(self, user_id: str) -> firestore.DocumentReference:
         return self.client.collection(quota.USAGE_COLLECTION).document(user_id)
 
-    def _read(self, key: JobKey):
+    def _read(self, key: JobKey, ends: float):
         """The job doc and its user's usage doc, in one round trip, at one read time."""
         job, usage = self.ref(key), self.usage_ref(key.user_id)
-        snapshots = {s.reference.path: s for s in self.client.get_all([job, usage], **BOUND)}
+        snapshots = {s.reference.path: s for s in self.client.get_all([job, usage], **bound(ends))}
         return snapshots[job.path], snapshots[usage.path]
 
     def transition(self, key: JobKey, decide: Decide, *, admit: bool = False) -> Outcome:
@@ -218,14 +226,16 @@ class JobStore:
             stop=tenacity.stop_after_attempt(MAX_CONFLICTS) | tenacity.stop_after_delay(CALL_TIMEOUT),
             wait=tenacity.wait_random_exponential(CONFLICT_BACKOFF, max=CONFLICT_BACKOFF_MAX),
         )
+        ends = time.monotonic() + CALL_TIMEOUT
         try:
-            return retrying(self._compare_and_set, key, decide, admit)
+            return retrying(self._compare_and_set, key, decide, admit, ends)
         except tenacity.RetryError as exc:
             raise Aborted(f"{key.path}: still contended after {exc.last_attempt.attempt_number} tries") from None
 
-    def _compare_and_set(self, key: JobKey, decide: Decide, admit: bool) -> Outcome:
-        """One read-decide-write of `transition`; `_Conflict` where a precondition failed."""
-        snapshot, usage_snapshot = self._read(key)
+    def _compare_and_set(self, key: JobKey, decide: Decide, admit: bool, ends: float) -> Outcome:
+        """One read-decide-write of `transition`, its calls ending by `ends`; `_Conflict` where a precondition
+        failed."""
+        snapshot, usage_snapshot = self._read(key, ends)
         now = snapshot.read_time
         before = {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
         update = decide(before, now)
@@ -259,7 +269,7 @@ class JobStore:
             else:
                 batch.create(usage_snapshot.reference, fields)
         try:
-            batch.commit(**BOUND)
+            batch.commit(**bound(ends))
         except COMMIT_CONFLICTS as exc:
             raise _Conflict from exc
         if recount:  # said once written: counts read just before another's transition landed were no drift

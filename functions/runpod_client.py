@@ -34,7 +34,7 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_after_delay,
+    stop_before_delay,
     wait_exponential,
 )
 
@@ -126,7 +126,8 @@ class RunPodClient:
         """POST {"input": job_input} to runsync and read the answer. Never raises for transport problems."""
         started = time.monotonic()
         retrying = Retrying(
-            stop=stop_after_attempt(self.attempts) | stop_after_delay(self.deadline),
+            # Before, not after: the wait before the next attempt counts, so none starts past the deadline.
+            stop=stop_after_attempt(self.attempts) | stop_before_delay(self.deadline),
             wait=wait_exponential(multiplier=self.wait_initial, max=self.wait_max),
             retry=retry_if_exception_type(_Transient),
             reraise=False,

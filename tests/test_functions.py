@@ -105,10 +105,12 @@ class StubRunPod(LocalServer):
     def __init__(self, answers):
         self.answers = list(answers)
         self.requests: list[tuple[str | None, dict]] = []
+        self.arrived: list[float] = []  # time.monotonic() of each request
         stub = self
 
         class Handler(QuietHandler):
             def do_POST(self):
+                stub.arrived.append(time.monotonic())
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 stub.requests.append((self.headers.get("Authorization"), body))
                 scripted = stub.answers[min(len(stub.requests), len(stub.answers)) - 1]
@@ -861,6 +863,17 @@ def test_a_client_used_in_a_with_block_closes_its_connections(stub):
     with runpod.client(session=session) as client:
         assert client.runsync({"prompt": "a car"}).outcome == "queued" and not session.closed
     assert session.closed
+
+
+def test_no_runpod_attempt_starts_past_the_clients_deadline(stub):
+    """A review: the deadline was checked before each backoff wait, not after it, so a last attempt started up to
+    a wait past it (and read for at least a second more): a call ran ~60 s on a 50 s deadline, which the
+    callable's 70 s timeout barely held. Now the next attempt's wait counts: none starts past the deadline."""
+    busy = stub((503, {"error": "busy"}))
+    started = time.monotonic()
+    verdict = busy.client(attempts=10, deadline=1.0, wait_initial=0.3, wait_max=0.3).runsync({"prompt": "x"})
+    assert verdict.outcome == "undelivered" and len(busy.arrived) == verdict.attempts >= 3
+    assert max(busy.arrived) - started < 1.0  # before: the fifth began 1.2 s in
 
 
 @pytest.mark.parametrize(
@@ -1708,6 +1721,30 @@ def test_a_bad_setting_stops_the_functions_from_loading_naming_it(tmp_path, name
     )
     assert result.returncode == 1
     assert f"ValueError: {said}" in result.stderr
+
+
+@pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")
+def test_two_requests_logging_at_once_never_share_a_line(tmp_path):
+    """A review: the functions' logger and the root logger (the SDK's and the libraries' records) had a handler
+    each, and the SDK's `print` writes an entry and its newline apart: two requests (concurrency=4) logging at once
+    shared lines, which Cloud Logging keeps as text with no severity (292 of 6,000 lines, unbuffered)."""
+    deploy = _deploy_folder(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update({"FUNCTIONS_EMULATOR": "true", "GCLOUD_PROJECT": "demo-firegen", "PYTHONUNBUFFERED": "1"})
+    script = (
+        "import logging, threading, main\n"
+        "def say(logger, n):\n"
+        "    for i in range(n): logger.warning('entry_%d', i)\n"
+        "threads = [threading.Thread(target=say, args=(logging.getLogger(name), 3000)) for name in ('functions.x', 'y')]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+    )
+    result = subprocess.run(
+        [str(FUNCTIONS_PYTHON), "-c", script], cwd=deploy, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "entry_" in line or not line.strip()]
+    entries = [json_entry(line) for line in lines]
+    assert len(entries) == 6000 and all(entry and entry["severity"] == "WARNING" for entry in entries)
 
 
 @pytest.mark.skipif(not FUNCTIONS_PYTHON.exists(), reason="functions/venv (python3.11) is not built")

@@ -259,6 +259,37 @@ def test_a_commit_production_firestore_aborts_for_contention_is_decided_again(fi
     assert firestore_client.document("usage/bob").get().to_dict()["pending"] == 1
 
 
+def test_a_transitions_calls_end_within_its_bound_together(firestore_client, monkeypatch):
+    """A review: CALL_TIMEOUT was checked between a transition's tries alone, each call having 15 s of its own: a
+    slow Firestore held one transition (a runsync's answer, a callable) 45 s. Each call now gets what is left.
+    A stand-in slowness: the emulator's reads are real, then the clock moves on past most of the bound."""
+    from google.cloud.firestore_v1.batch import WriteBatch
+
+    from firegen_core import jobs
+
+    monkeypatch.setattr(jobs, "CALL_TIMEOUT", 3.0)
+    clock = {"skew": 0.0}
+    monotonic = time.monotonic
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: monotonic() + clock["skew"])
+    get_all, commit, timeouts = firestore_client.get_all, WriteBatch.commit, {}
+
+    def slow_read(*args, **kwargs):
+        timeouts["read"] = kwargs["timeout"]
+        found = list(get_all(*args, **kwargs))
+        clock["skew"] += 2.5  # the read took most of the transition's 3 s
+        return found
+
+    def timed_commit(batch, *args, **kwargs):
+        timeouts["commit"], timeouts["commit retry"] = kwargs["timeout"], kwargs["retry"].timeout
+        return commit(batch, *args, **kwargs)
+
+    monkeypatch.setattr(firestore_client, "get_all", slow_read)
+    monkeypatch.setattr(WriteBatch, "commit", timed_commit)
+    request = parse_runsync_input({"prompt": "p", "user_id": "bob", "file_uid": "slow", "use_cloud_storage": True})
+    assert jobs.JobStore(firestore_client).ensure_queued(request).applied
+    assert 2.9 < timeouts["read"] <= 3.0 and timeouts["commit"] == timeouts["commit retry"] == 1.0  # its floor
+
+
 # The client's own retry of an unavailable Firestore ran out after the commit had landed: the call raises.
 OUT_OF_RETRIES = RetryError("Timeout of 15.0s exceeded", ServiceUnavailable("connection reset"))
 
