@@ -2611,3 +2611,125 @@ def test_delete_all_my_jobs_erases_the_users_data_through_the_functions_once_con
     usage = firestore_client(stack).document(f"usage/{app.uid}").get().to_dict()  # stays: the day's spend stands
     assert (usage["pending"], usage["running"], usage["spent_today"]) == (0, 0, spent) and limits.inner_text() == used
     assert app.problems() == []
+
+
+# --- races (the race review: a quick user, a slow network) ------------------------------------------------------
+
+
+def _pumped_until(app, predicate, timeout: float = 30) -> None:
+    """Until `predicate()` holds, the page's events (a route's handler) dispatched meanwhile: the sync API runs
+    them only while it waits on the page."""
+    ends = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < ends, "not within its time"
+        app.page.wait_for_timeout(50)
+
+
+def test_generate_while_delete_all_runs_is_refused_not_sent_to_be_deleted(open_page, stack):
+    """Delete all's next pass deleted a job sent meanwhile: "Generation started" said of a job that then vanished.
+    Generate (and Try again) wait until it has finished; its call is held here, as a slow server would."""
+    app = open_page()
+    _ended_image(stack, app.uid, "done-1", prompt="an old harbour", status="completed", error=False)
+    app.job("done-1").wait_for(timeout=30_000)
+    held: list = []
+    # The first call held (its later passes, if any, go through).
+    app.page.route("**/deleteAllGenerations", lambda route: route.continue_() if held else held.append(route))
+    _press_and_answer(app, app.page.get_by_role("button", name="Delete all my jobs"), accept=True)
+    _pumped_until(app, lambda: held)
+    app.fill(Prompt="made during erase", Width="256", Height="256", Steps="10")
+    app.page.get_by_role("button", name="Generate").click()
+    _wait_text(app, "form-error", "Wait until Delete all my jobs has finished")
+    images = firestore_client(stack).collection(f"generations/{app.uid}/images")
+    assert [snapshot.id for snapshot in images.get()] == ["done-1"]
+    held[0].continue_()
+    _wait_text(app, "delete-all-status", "All your jobs are deleted (1 job deleted)", timeout=60_000)
+    app.page.get_by_role("button", name="Generate").click()  # afterwards, sent
+    app.page.wait_for_function("() => document.getElementById('form-status').textContent.startsWith('Generation')")
+    assert app.problems() == []
+
+
+def test_a_slow_show_older_answer_leaves_the_focus_where_the_user_went(open_page, stack):
+    """Show older pressed on a slow network, then the user typed a prompt: the answer took the focus to the first
+    older card, and the rest of the prompt went with it."""
+    app = open_page()
+    _history(stack, app.uid, [f"images/old-{minute}" for minute in range(1, 61)])
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 50", timeout=30_000)
+    app.context.set_offline(True)
+    app.page.get_by_role("button", name="Show older jobs").click()
+    app.page.locator("#prompt").click()
+    app.page.keyboard.type("a cat ")
+    app.context.set_offline(False)
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 60", timeout=60_000)
+    app.page.keyboard.type("on a roof")
+    assert app.page.evaluate("document.activeElement.id") == "prompt"
+    assert app.page.locator("#prompt").input_value() == "a cat on a roof"
+
+
+def test_a_delete_whose_answer_is_lost_after_the_server_deleted_says_deleted(open_page, stack):
+    """The connection dropped with deleteGeneration's answer on its way, the job deleted: the live region said
+    "Could not delete" of a card the listener had already taken away."""
+    app = open_page()
+    _ended_image(stack, app.uid, "gone", prompt="a deleted harbour", status="completed", error=False)
+    card = app.job("gone")
+    card.wait_for(timeout=30_000)
+
+    def answer_lost(route) -> None:
+        route.fetch()  # the server deletes
+        route.abort("connectionreset")
+
+    app.page.route("**/deleteGeneration", answer_lost)
+    _press_and_answer(app, card.locator("button.delete"), accept=True)
+    card.wait_for(state="detached", timeout=30_000)
+    _wait_text(app, "job-news", "Image “a deleted harbour” deleted")
+    assert not firestore_client(stack).document(f"generations/{app.uid}/images/gone").get().exists
+
+
+def test_a_late_cancel_answer_leaves_the_forms_refusal_shown(open_page, stack):
+    """Cancel pressed, its call slow; Generate refused meanwhile: Cancel's answer wiped the refusal."""
+    app = open_page()
+    _held_job(stack, app.uid, "slow-cancel")
+    app.job("slow-cancel").wait_for(timeout=30_000)
+    held: list = []
+    app.page.route("**/cancelGeneration", lambda route: held.append(route))
+    spent = {"error": {"status": "RESOURCE_EXHAUSTED", "message": "Your daily budget is spent"}}
+    app.page.route("**/generateWithRunPod", _answering(429, spent))
+    app.job("slow-cancel").locator("button.cancel").click()
+    _pumped_until(app, lambda: held)
+    app.fill(Prompt="refused meanwhile", Width="256", Height="256", Steps="10")
+    app.page.get_by_role("button", name="Generate").click()
+    _wait_text(app, "form-error", "Your daily budget is spent")
+    held[0].continue_()
+    app.page.wait_for_function(
+        "() => document.getElementById('form-status').textContent.startsWith('Cancel requested')", timeout=30_000
+    )
+    assert app.page.locator("#form-error").inner_text() == "Your daily budget is spent"
+
+
+def test_signed_out_with_a_job_unsent_offline_the_page_starts_again_asking_nothing(open_page, stack):
+    """The leave-page guard of a queued doc not yet sent held the reload for a new user: answered "Stay", the page
+    stayed the old user's for good (its listeners refused, the doc never written: the rules refuse it)."""
+    app = open_page()
+    before = app.uid
+    app.page.locator("input[name=via][value=document]").check()
+    app.fill(Prompt="unsent", Width="256", Height="256", Steps="10")
+    # Its write held back (as offline), the page itself still reachable for the reload.
+    app.page.route("**/google.firestore.v1.Firestore/Write/**", lambda route: route.abort())
+    app.page.get_by_role("button", name="Generate").click()
+    _wait_text(app, "form-status", "Still waiting for the server…")
+    assert firestore_client(stack).collection(f"generations/{before}/images").get() == []
+    asked: list[str] = []
+    app.page.on("dialog", lambda dialog: (asked.append(dialog.type), dialog.dismiss()))
+    with app.page.expect_navigation(timeout=30_000):
+        app.page.evaluate(
+            """() => new Promise((resolve, reject) => {
+                const opened = indexedDB.open("firebaseLocalStorageDb");
+                opened.onerror = () => reject(opened.error);
+                opened.onsuccess = () => {
+                    const cleared = opened.result.transaction("firebaseLocalStorage", "readwrite")
+                        .objectStore("firebaseLocalStorage").clear();
+                    cleared.onsuccess = () => { opened.result.close(); resolve(); };
+                };
+            })"""
+        )
+    app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    assert asked == [] and app.page.evaluate("document.body.dataset.uid") not in ("", before)

@@ -1,6 +1,6 @@
 // What a card's buttons do (jobs.ts `CardHandlers`): cancel a job, fill the form from it, send it again, dismiss it,
 // delete it. Each is a plain function of the job and of the page's context.
-import { doc, getDoc, updateDoc } from "firebase/firestore";
+import { doc, getDoc, getDocFromServer, updateDoc } from "firebase/firestore";
 import { httpsCallable } from "firebase/functions";
 import { NO_ANSWER } from "./connection";
 import { FINAL_STATES } from "./contract.gen";
@@ -11,7 +11,7 @@ import { fillForm, requestOf } from "./form";
 import type { JobList, JobsState } from "./joblist";
 import { capital, dismissable, keyOf, named as nameOf, type CardHandlers, type Job } from "./jobs";
 import type { Session } from "./session";
-import { ended, fail, name, say, settle } from "./status";
+import { ended, fail, name, report, say, settle } from "./status";
 import { viaOf, type Send } from "./submit";
 import { contractMessage } from "./validate";
 
@@ -72,7 +72,7 @@ async function cancel({ session, jobs }: ActionContext, job: Job): Promise<strin
     const end = jobs.listed.find((listedJob) => listedJob.id === job.id && ended(jobs.listed, job.id));
     if (end && end.doc.error_type !== "Cancelled") return over(end.doc.status);
     if (end) {
-      say(`Cancel requested for ${nameOf(job)}`);
+      report(`Cancel requested for ${nameOf(job)}`);
       return null;
     }
     // Where cancelGeneration is not deployed the call fails as not-found, or as internal when the 404 carries
@@ -93,7 +93,7 @@ async function cancel({ session, jobs }: ActionContext, job: Job): Promise<strin
       return finished ? over(status) : failed(CANCEL_REFUSED);
     }
   }
-  say(`Cancel requested for ${nameOf(job)}`);
+  report(`Cancel requested for ${nameOf(job)}`);
   name(job.id);
   settle(jobs.listed);
   return null;
@@ -162,7 +162,8 @@ async function remove({ session, jobs }: ActionContext, job: Job): Promise<strin
 
 /** The deleteGeneration call; resolves to its failure, if any (a job gone meanwhile, deleted in another tab, is
  * none: as asked). */
-async function deleteCall({ functions }: Session, job: Job): Promise<string | null> {
+async function deleteCall(session: Session, job: Job): Promise<string | null> {
+  const { functions } = session;
   try {
     if (!functions) throw Object.assign(new Error("no functions"), { code: "functions/not-found" });
     const call = httpsCallable(functions, "deleteGeneration", { timeout: DELETE_TIMEOUT_MS });
@@ -172,6 +173,15 @@ async function deleteCall({ functions }: Session, job: Job): Promise<string | nu
     if (message(error) === "No such generation") return null;
     // Where deleteGeneration is not deployed the call fails as not-found (or unimplemented).
     if (isCode(error, "functions/not-found", "functions/unimplemented")) return DELETE_UNAVAILABLE;
+    // The answer lost on its way (a dropped connection, a timeout) once the server had deleted the job: as asked
+    // (the race review: "Could not delete" of a card the listener had taken away).
+    if (await gone(session, job)) return null;
     return callableMessage(error);
   }
+}
+
+/** Whether the job's doc is gone, by the server's word (not the cache's); false where that cannot be read. */
+async function gone({ db, uid }: Session, job: Job): Promise<boolean> {
+  const ref = doc(db, "generations", uid, job.media, job.id);
+  return getDocFromServer(ref).then((snapshot) => !snapshot.exists(), () => false);
 }

@@ -76,7 +76,9 @@ export class JobsListener {
     const first =
       this.olderFrom === null || fromCache ? undefined : cards.slice(this.olderFrom).find((li) => !li.hidden);
     if (!fromCache) this.olderFrom = null;
-    if (first) {
+    // Only from where the press left it: a user who moved on (typing a prompt while a slow answer came) keeps
+    // the focus (the race review: the rest of the prompt went to a card).
+    if (first && (olderFocused || document.activeElement === document.body)) {
       first.tabIndex = -1;
       first.focus();
     } else if (olderFocused && this.showOlder.hidden) $("jobs-title").focus();

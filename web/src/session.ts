@@ -19,6 +19,9 @@ export interface Session {
 
 type User = Pick<Session, "uid" | "signedIn">;
 
+/** The page starts again for another user (an unsent job's leave-page guard stands aside). */
+export let reloading = false;
+
 export async function startSession(): Promise<Session> {
   const config = await loadConfig();
   const app = initializeApp(config.options);
@@ -60,7 +63,10 @@ async function signIn(app: FirebaseApp, emulators: EmulatorConfig | null): Promi
   // refresh then fails): the page was still the old user's, its listeners refused, its calls unauthenticated
   // (the review). It starts again, signed in anew.
   onAuthStateChanged(auth, (user) => {
-    if (user?.uid !== uid) location.reload();
+    if (user?.uid !== uid) {
+      reloading = true;
+      location.reload();
+    }
   });
   return { uid, signedIn: true };
 }

@@ -24,6 +24,13 @@ export function say(text: string): void {
   $("form-status").textContent = text;
 }
 
+/** A card action's line (Cancel's answer): the form's status, leaving its alert, which may be a refusal of the form's
+ * own request sent meanwhile (the race review: a late Cancel answer wiped "Your daily budget is spent"). */
+export function report(text: string): void {
+  named = null;
+  $("form-status").textContent = text;
+}
+
 /** Show an error; one that names a field of the form marks that field invalid and is its description (not for a
  * card's request, which the form does not hold: `mark` false). Returns the field marked, if any. */
 export function fail(text: string, mark = true): HTMLElement | null {

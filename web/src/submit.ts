@@ -8,6 +8,7 @@ import { callableMessage, isCode } from "./errors";
 import { mediaType, readRequest } from "./form";
 import type { JobsState } from "./joblist";
 import { capital, nameFor, QUIET_MS } from "./jobs";
+import * as session from "./session";
 import type { Session } from "./session";
 import { fail, name, say, settle } from "./status";
 import { contractMessage } from "./validate";
@@ -39,14 +40,25 @@ export function viaOf(form: HTMLFormElement, functions: Functions | null): Via {
   return via === "document" ? "document" : "callable";
 }
 
+/** Generate (or Try again) pressed while Delete all my jobs runs. */
+export const ERASING = "Wait until Delete all my jobs has finished";
+
 export function sender({ db, functions }: Session, jobs: JobsState): Send {
   // A queued doc not yet sent lives in this tab alone (offline, the SDK's memory cache holds it): leaving the page
   // would lose the job without a word (the review), so the browser asks first.
   let unsent = 0;
   window.addEventListener("beforeunload", (event) => {
-    if (unsent > 0) event.preventDefault();
+    // Not when the user changed (session.ts reloads): the old user's write is refused anyway, and a "Stay" kept the
+    // page the old user's for good (the race review).
+    if (unsent > 0 && !session.reloading) event.preventDefault();
   });
   return async (request, media, via, mark) => {
+    // Delete all's next pass would delete a job sent now, "Generation started" said of a job that then vanished
+    // (the race review).
+    if (jobs.erasing) {
+      fail(ERASING, false);
+      return ERASING;
+    }
     say("Submitting…");
     // Offline, a queued doc's write waits (the SDK sends it once the connection is back): say so.
     const waiting = () => say(navigator.onLine ? "Still waiting for the server…" : WAIT_OFFLINE);
