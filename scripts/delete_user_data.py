@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # firegen_core, from a checkout
 
+from google.api_core.exceptions import NotFound
+from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import firestore, storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
 from firegen_core import lifecycle, quota
@@ -36,16 +38,23 @@ POLL_SECONDS = 2.0  # between passes while running jobs stop
 
 
 def erase(store: JobStore, bucket, user_id: str, *, wait: float) -> Erasure:
-    """Passes of `erase_user` until nothing of the user's is left or `wait` seconds have gone; the totals."""
-    total, deadline = Erasure(), time.monotonic() + wait
+    """Passes of `erase_user` until nothing of the user's is left, or, once running jobs are all that is left,
+    `wait` seconds have gone (a user with thousands of jobs takes passes of its own: a review saw the time run out
+    on them, said as jobs "still stopping"); the totals."""
+    total, deadline = Erasure(), None
     while True:
         step = erase_user(store, bucket, user_id, usage=True)
         total.deleted += step.deleted
         total.objects += step.objects
         total.stopping, total.elsewhere, total.done = step.stopping, step.elsewhere, step.done
-        if step.done or step.elsewhere or time.monotonic() >= deadline:
+        if step.done or step.elsewhere:
             return total
         if step.stopping and not step.deleted:  # only running jobs left: give their workers a step's time
+            deadline = deadline or time.monotonic() + wait
+            if time.monotonic() >= deadline:
+                return total
+            time.sleep(POLL_SECONDS)
+        elif not step.deleted and not step.objects:  # a pass that got nowhere (Storage slow): not at once again
             time.sleep(POLL_SECONDS)
 
 
@@ -61,6 +70,20 @@ def store_for(db: firestore.Client, user_id: str) -> JobStore:
     return JobStore(db, limits=limits, retention_days=lifecycle.retention_days(os.environ))
 
 
+def target(project: str, bucket: str) -> str:
+    """What the script works on, said first; an error where Firestore and Storage would not be the same place
+    (one emulator set: a review saw the jobs looked for in the emulator and the files deleted in production)."""
+    firestore_host, storage_host = (os.environ.get(name, "").strip() for name in EMULATORS)
+    if bool(firestore_host) != bool(storage_host):
+        set_one, unset = EMULATORS if firestore_host else EMULATORS[::-1]
+        raise SystemExit(f"delete_user_data: {set_one} is set and {unset} is not: set both (emulators) or neither")
+    where = f"the emulators ({firestore_host}, {storage_host})" if firestore_host else "production"
+    return f"project {project}, bucket {bucket}, in {where}"
+
+
+EMULATORS = ("FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", required=True, help="the Firebase project id")
@@ -68,25 +91,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for running jobs to stop")
     parser.add_argument("uids", nargs="+", metavar="UID", help="the users' Firebase Auth uids")
     args = parser.parse_args(argv)
-    db = firestore.Client(project=args.project)
-    bucket = storage.Client(project=args.project).bucket(args.bucket)
+    print(f"delete_user_data: {target(args.project, args.bucket)}", flush=True)
+    try:
+        db = firestore.Client(project=args.project)
+        # Checked first: a misspelt bucket deleted the jobs' docs, then stopped at their files, left in the real one.
+        bucket = storage.Client(project=args.project).get_bucket(args.bucket)
+    except NotFound:
+        print(f"delete_user_data: no bucket {args.bucket} in project {args.project}", file=sys.stderr)
+        return 2
+    except DefaultCredentialsError as exc:
+        print(f"delete_user_data: no credentials: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return erase_all(db, bucket, args.uids, wait=args.wait)
+    except KeyboardInterrupt:  # what is done stays done, consistent: a later run goes on from there
+        print("delete_user_data: interrupted; run it again to go on", file=sys.stderr)
+        return 130
+
+
+def erase_all(db: firestore.Client, bucket, uids: list[str], *, wait: float) -> int:
     left = 0
-    for uid in args.uids:
+    for uid in uids:
         try:
-            erased = erase(store_for(db, uid), bucket, uid, wait=args.wait)
+            erased = erase(store_for(db, uid), bucket, uid, wait=wait)
         except Exception as exc:  # no uid at all (`a/b`: nothing touched), Firestore or Storage away: the next uid
             left += 1
             print(f"{uid}: not deleted: {type(exc).__name__}: {exc}")
             continue
         said = f"{uid}: {erased.deleted} jobs deleted, {erased.objects} other objects"
-        if erased.done:
+        if erased.done and not erased.deleted and not erased.objects:
+            print(f"{uid}: no jobs or files found (a misspelt uid, or deleted already); nothing left")
+        elif erased.done:
             print(f"{said}; nothing left")
         elif erased.elsewhere:
             left += 1
             print(f"{said}; {erased.elsewhere} jobs' results are in another bucket than --bucket: left")
         else:
             left += 1
-            print(f"{said}; {erased.stopping} running jobs still stopping after {args.wait:g} s: run it again later")
+            print(f"{said}; {erased.stopping} running jobs still stopping after {wait:g} s: run it again later")
     return 1 if left else 0
 
 

@@ -4,6 +4,7 @@ release finished without `expire_at`, so the TTL policy never deleted it while t
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -82,17 +83,23 @@ def test_the_command_refuses_a_retention_that_sets_no_expiry(retention, says, mo
 def test_the_command_says_what_it_did(firestore_client, capsys):
     old_doc(firestore_client, "generations/u1/images/done", status="completed", completed_at=FINISHED)
     firestore_client.document("usage/u1").set({"running": 0, "pending": 0, "updated_at": FINISHED})
+    firestore_client.document("usage/u2").set({"running": 0, "pending": 1, "updated_at": FINISHED})
     assert backfill.main(["--project", firestore_client.project, "--dry-run"]) == 0
-    assert capsys.readouterr().out.strip().splitlines() == [
+    emulator = os.environ["FIRESTORE_EMULATOR_HOST"]
+    first, *lines = capsys.readouterr().out.strip().splitlines()
+    assert first == f"backfill_expire_at: project {firestore_client.project}, in the emulator at {emulator} (dry run)"
+    assert lines == [
         "1 finished job docs read, 1 without expire_at: 1 would be given one (finish + 30 days)",
-        "1 usage docs read, 1 without expire_at and counting no job: 1 would be given one (the midnight after its "
-        "last write + 30 days)",
+        "2 usage docs read, 1 without expire_at and counting no job: 1 would be given one (the midnight after its "
+        "last write + 30 days); 1 left undated: they count jobs still pending or running (dated once those end; a "
+        "count no job backs is set right at the user's next request at a limit)",
     ]
     assert backfill.main(["--project", firestore_client.project]) == 0
-    assert capsys.readouterr().out.strip().splitlines() == [
+    assert capsys.readouterr().out.strip().splitlines()[1:] == [
         "1 finished job docs read, 1 without expire_at: 1 given one (finish + 30 days)",
-        "1 usage docs read, 1 without expire_at and counting no job: 1 given one (the midnight after its last write "
-        "+ 30 days)",
+        "2 usage docs read, 1 without expire_at and counting no job: 1 given one (the midnight after its last write "
+        "+ 30 days); 1 left undated: they count jobs still pending or running (dated once those end; a count no job "
+        "backs is set right at the user's next request at a limit)",
     ]
 
 

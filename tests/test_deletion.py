@@ -377,7 +377,7 @@ def test_results_in_another_bucket_leave_the_erasure_undone_and_say_so(
         [*command, "u-far", "u-near"], env={**os.environ, **emulator_env}, capture_output=True, text=True, timeout=120
     )
     assert ran.returncode == 1, ran.stderr
-    assert ran.stdout.splitlines() == [
+    assert said(ran, firestore_client.project, other.name, emulator_env) == [
         "u-far: 0 jobs deleted, 0 other objects; 1 jobs' results are in another bucket than --bucket: left",
         "u-near: 0 jobs deleted, 0 other objects; 1 jobs' results are in another bucket than --bucket: left",
     ]
@@ -416,6 +416,14 @@ def test_a_runsync_that_restated_a_job_runs_nothing_when_redelivered_after_its_d
     assert handler.handle(data, "rp-3")["status"] == "accepted"  # the owner's new request for the file_uid
 
 
+def said(ran: subprocess.CompletedProcess, project: str, bucket: str, emulator_env: dict) -> list[str]:
+    """The script's lines after the first, which says what it works on (checked here)."""
+    hosts = f"{emulator_env['FIRESTORE_EMULATOR_HOST']}, {emulator_env['STORAGE_EMULATOR_HOST']}"
+    first, *rest = ran.stdout.splitlines()
+    assert first == f"delete_user_data: project {project}, bucket {bucket}, in the emulators ({hosts})"
+    return rest
+
+
 def test_the_script_erases_users_and_says_what_it_could_not(firestore_client, bucket, store, files, emulator_env):
     completed(store, files, "u-s1", "a1")
     completed(store, files, "u-s2", "b1")
@@ -424,13 +432,13 @@ def test_the_script_erases_users_and_says_what_it_could_not(firestore_client, bu
     env = {**os.environ, **emulator_env}
     ran = subprocess.run([*command, "u-s1", "u-s2"], env=env, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.splitlines() == [
+    assert said(ran, firestore_client.project, bucket.name, emulator_env) == [
         "u-s1: 1 jobs deleted, 0 other objects; nothing left",
         "u-s2: 1 jobs deleted, 0 other objects; nothing left",
     ]
     ran = subprocess.run([*command, "--wait", "1", "u-s3"], env=env, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 1, ran.stderr
-    assert ran.stdout.splitlines() == [
+    assert said(ran, firestore_client.project, bucket.name, emulator_env) == [
         "u-s3: 0 jobs deleted, 0 other objects; 1 running jobs still stopping after 1 s: run it again later"
     ]
     assert names(bucket) == [] and user_docs(firestore_client, "u-s3") == ["c1"]
@@ -456,6 +464,45 @@ def test_a_pass_that_stops_part_way_leaves_the_usage_doc_with_the_deployments_li
 
 
 # ------------------------------------------------------------------------------------ what a review found
+def test_the_script_refuses_one_emulator_set_a_missing_bucket_and_says_when_it_found_nothing(
+    firestore_client, bucket, emulator_env
+):
+    """The operator-scripts review: with FIRESTORE_EMULATOR_HOST alone, the jobs were looked for in the emulator and
+    the files deleted in production, "nothing left"; a misspelt bucket deleted the jobs' docs and then stopped at
+    their files; a misspelt uid read as a deletion done."""
+    command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", bucket.name, "u-x"]
+    env = {**os.environ, **emulator_env}
+    env.pop("STORAGE_EMULATOR_HOST")
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert (ran.returncode, ran.stdout) == (1, "")
+    assert ran.stderr.strip() == (
+        "delete_user_data: FIRESTORE_EMULATOR_HOST is set and STORAGE_EMULATOR_HOST is not: "
+        "set both (emulators) or neither"
+    )
+    env = {**os.environ, **emulator_env}
+    command[command.index(bucket.name)] = f"{bucket.name}-misspelt"
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 2
+    assert (
+        ran.stderr.strip()
+        == f"delete_user_data: no bucket {bucket.name}-misspelt in project {firestore_client.project}"
+    )
+    command[command.index(f"{bucket.name}-misspelt")] = bucket.name
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert said(ran, firestore_client.project, bucket.name, emulator_env) == [
+        "u-x: no jobs or files found (a misspelt uid, or deleted already); nothing left"
+    ]
+
+
+def test_a_usage_doc_whose_counts_no_job_backs_is_deleted_not_waited_on(firestore_client, bucket, store):
+    """The operator-scripts review: a usage doc still counting a job none of the user's docs is (an older release's
+    drift) kept the script passing until its --wait ran out, saying a running job was "still stopping"."""
+    firestore_client.collection(quota.USAGE_COLLECTION).document("u-stale").set({"pending": 1, "running": 1})
+    erased = deletion.erase_user(store, bucket, "u-stale", usage=True)
+    assert erased.done and not store.usage_ref("u-stale").get().exists
+
+
 def test_results_in_another_bucket_are_no_reason_to_delete_the_doc(
     firestore_client, storage_client, bucket, store, files
 ):
