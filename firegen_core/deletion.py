@@ -130,7 +130,7 @@ def erase_user(
     tombstone stays until its TTL (two days): a late dispatch would otherwise run it again, and bring its files
     back. Without `usage` the usage doc stays, idle, until its own TTL: deleted, it would give the user back the
     day's spent budget (the callable's caller may go on using the app)."""
-    folder = f"generating/{results.check_part('user_id', user_id)}/"  # no `/` in it: no other user's folder
+    folder = user_folder(user_id)
     budget = results.Budget(STORAGE_TIMEOUT, seconds)
     erasure = Erasure()
     try:
@@ -162,6 +162,11 @@ def erase_user(
         if not budget.spent():
             raise
     return erasure
+
+
+def user_folder(user_id: str) -> str:
+    """The user's results in the bucket: `generating/{uid}/` (no `/` in the uid: no other user's folder)."""
+    return f"generating/{results.check_part('user_id', user_id)}/"
 
 
 def _has_jobs(store: JobStore, user_id: str) -> bool:

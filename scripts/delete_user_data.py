@@ -10,6 +10,8 @@ its path) stays until its TTL deletes it, two days later: it keeps a late dispat
 
     .venv/bin/python scripts/delete_user_data.py --project my-app --bucket my-app.firebasestorage.app UID [UID ...]
 
+`--dry-run` counts what it would delete (jobs by status, objects, the usage doc) and writes nothing.
+
 Credentials: Application Default Credentials (`gcloud auth application-default login`, or
 GOOGLE_APPLICATION_CREDENTIALS) that may write Firestore and delete objects in the bucket;
 FIRESTORE_EMULATOR_HOST and STORAGE_EMULATOR_HOST point it at emulators; RETENTION_DAYS as the workers have it. The same as the callable
@@ -22,6 +24,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # firegen_core, from a checkout
@@ -31,8 +34,8 @@ from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import firestore, storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
 from firegen_core import lifecycle, quota
-from firegen_core.deletion import Erasure, erase_user
-from firegen_core.jobs import JobStore
+from firegen_core.deletion import Erasure, erase_user, user_folder
+from firegen_core.jobs import BOUND, COLLECTION, MEDIA_TYPES, JobStore
 
 POLL_SECONDS = 2.0  # between passes while running jobs stop
 
@@ -56,6 +59,21 @@ def erase(store: JobStore, bucket, user_id: str, *, wait: float) -> Erasure:
             time.sleep(POLL_SECONDS)
         elif not step.deleted and not step.objects:  # a pass that got nowhere (Storage slow): not at once again
             time.sleep(POLL_SECONDS)
+
+
+def survey(db: firestore.Client, bucket, user_id: str) -> str:
+    """What a run would delete of the user's (`--dry-run`), counted; nothing written."""
+    statuses: Counter[str] = Counter()
+    for media in MEDIA_TYPES:
+        for snapshot in db.collection(COLLECTION, user_id, media).select(["status"]).stream(**BOUND):
+            statuses[str((snapshot.to_dict() or {}).get("status"))] += 1
+    objects = sum(1 for _ in bucket.list_blobs(prefix=user_folder(user_id)))
+    usage = db.collection(quota.USAGE_COLLECTION).document(user_id).get(**BOUND).exists
+    if not statuses and not objects:
+        return f"{user_id}: no jobs or files found" + ("; would delete its usage doc" if usage else "")
+    jobs = ", ".join(f"{status} {count}" for status, count in sorted(statuses.items()))
+    said = f"{user_id}: would delete {statuses.total()} jobs" + (f" ({jobs})" if jobs else "")
+    return f"{said}, {objects} objects" + (" and its usage doc" if usage else "")
 
 
 def store_for(db: firestore.Client, user_id: str) -> JobStore:
@@ -89,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", required=True, help="the Firebase project id")
     parser.add_argument("--bucket", required=True, help="the results' bucket (the workers' STORAGE_BUCKET)")
     parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for running jobs to stop")
+    parser.add_argument("--dry-run", action="store_true", help="count what would be deleted; write nothing")
     parser.add_argument("uids", nargs="+", metavar="UID", help="the users' Firebase Auth uids")
     args = parser.parse_args(argv)
-    print(f"delete_user_data: {target(args.project, args.bucket)}", flush=True)
+    dry = " (dry run: nothing is written)" if args.dry_run else ""
+    print(f"delete_user_data: {target(args.project, args.bucket)}{dry}", flush=True)
     try:
         db = firestore.Client(project=args.project)
         # Checked first: a misspelt bucket deleted the jobs' docs, then stopped at their files, left in the real one.
@@ -103,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"delete_user_data: no credentials: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.dry_run:
+            for uid in args.uids:
+                print(survey(db, bucket, uid))
+            return 0
         return erase_all(db, bucket, args.uids, wait=args.wait)
     except KeyboardInterrupt:  # what is done stays done, consistent: a later run goes on from there
         print("delete_user_data: interrupted; run it again to go on", file=sys.stderr)

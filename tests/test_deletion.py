@@ -495,6 +495,28 @@ def test_the_script_refuses_one_emulator_set_a_missing_bucket_and_says_when_it_f
     ]
 
 
+def test_a_dry_run_counts_what_the_script_would_delete_and_deletes_nothing(
+    firestore_client, bucket, store, files, emulator_env
+):
+    completed(store, files, "u-dry", "d1", images=2)
+    running_video(store, "u-dry", "d2")
+    command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", bucket.name]
+    env = {**os.environ, **emulator_env}
+    ran = subprocess.run(
+        [*command, "--dry-run", "u-dry", "u-none"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    hosts = f"{emulator_env['FIRESTORE_EMULATOR_HOST']}, {emulator_env['STORAGE_EMULATOR_HOST']}"
+    assert ran.stdout.splitlines() == [
+        f"delete_user_data: project {firestore_client.project}, bucket {bucket.name}, in the emulators ({hosts}) "
+        "(dry run: nothing is written)",
+        "u-dry: would delete 2 jobs (completed 1, processing 1), 2 objects and its usage doc",
+        "u-none: no jobs or files found",
+    ]
+    assert sorted(user_docs(firestore_client, "u-dry")) == ["d1", "d2"] and len(names(bucket)) == 2
+    assert lifecycle.CANCEL_REQUESTED not in store.ref(JobKey("u-dry", "videos", "d2")).get().to_dict()
+
+
 def test_a_usage_doc_whose_counts_no_job_backs_is_deleted_not_waited_on(firestore_client, bucket, store):
     """The operator-scripts review: a usage doc still counting a job none of the user's docs is (an older release's
     drift) kept the script passing until its --wait ran out, saying a running job was "still stopping"."""
