@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -618,6 +619,10 @@ def bench_gpu(
     figures: dict = {
         "device": torch.cuda.get_device_name() if runtime.is_cuda else device,
         "scale": scale,
+        # The real models' architectures, sizes and FLOPs with random weights: speeds are theirs, quality (FP8's
+        # PSNR, the step cache's reuse) is not.
+        "weights": "random",
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),  # expandable segments: the image's reserved peaks
         "dtype": runtime.dtype,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -637,7 +642,9 @@ def bench_gpu(
         figures["elapsed_s"] = round(budget.seconds - budget.left(), 1)
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(figures, indent=2))
+            partial = Path(f"{out}.partial")  # whole or not at all: the device may kill the run mid-write
+            partial.write_text(json.dumps(figures, indent=2))
+            os.replace(partial, out)
 
     def run(name: str, measure: Callable[[], dict | None], needs: tuple[str, ...] = ()) -> None:
         """Run one step in its own try, if not skipped, its inputs exist and the budget holds its estimate."""
@@ -700,13 +707,16 @@ def bench_gpu(
         state["sdxl"].pipe.fuse_qkv_projections()  # the UNet's and the VAE's attention
         return measure_sdxl(state["sdxl"], gpu, work, "fused_qkv")
 
-    def sdxl_compiled(mode: str) -> dict:
-        """torch.compile of the (channels-last, fused) UNet, fullgraph; put back to eager afterwards."""
-        pipe = state["sdxl"].pipe
+    def inductor_recipe() -> None:
         if compile_backend == "inductor":
             from torch._inductor import config as inductor_config
 
-            inductor_config.conv_1x1_as_mm = True  # diffusers' recipe for the UNet's 1x1 convolutions
+            inductor_config.conv_1x1_as_mm = True  # diffusers' recipe for the UNet's 1x1 convolutions, as the product's
+
+    def sdxl_compiled(mode: str) -> dict:
+        """torch.compile of the (channels-last, fused) UNet, fullgraph; put back to eager afterwards."""
+        pipe = state["sdxl"].pipe
+        inductor_recipe()
         torch._dynamo.reset()  # each mode compiles from scratch
         eager = pipe.unet
         options = {"mode": mode} if compile_backend == "inductor" else {}
@@ -722,6 +732,7 @@ def bench_gpu(
         return gpu_speed.measure_batch(state["sdxl"], gpu, request, work["batch_sizes"], SEED)
 
     def sdxl_compile_cache() -> dict:
+        inductor_recipe()  # `--compile-modes=` (gpu_session.sh) leaves it to this step
         capability = state["sdxl"]
         width, height, _, _ = capability.WARM_UP_SHAPES[0]  # the job the one compiled shape serves
         request = replace(_image_request(work), width=width, height=height)
