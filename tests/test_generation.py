@@ -311,6 +311,21 @@ def test_video_out_of_memory_retries_once_with_a_lean_vae(engine, monkeypatch):
     assert [call["lean"] for call in stand_in.calls] == [False, True]
 
 
+def decode_out_of_memory_once(monkeypatch, vae, note) -> list:
+    """`vae.decode` runs out of memory (a stand-in: a CPU has no CUDA memory to run out of) at its first call, then
+    decodes; each call's `note()` (the VAE's state then) in the list returned."""
+    decode, notes = vae.decode, []
+
+    def first_out_of_memory(*args, **kwargs):
+        notes.append(note())
+        if len(notes) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", first_out_of_memory)
+    return notes
+
+
 def test_a_float16_decode_that_runs_out_of_memory_leaves_the_vae_in_float16(tiny_cache, monkeypatch):
     """An audit: SDXL's pipeline upcasts a float16 VAE to float32 to decode (`force_upcast`, as SDXL base's
     config says) and back only after a decode that worked: one out of memory left it float32, and the retry and
@@ -320,15 +335,7 @@ def test_a_float16_decode_that_runs_out_of_memory_leaves_the_vae_in_float16(tiny
     vae.register_to_config(force_upcast=True)
     request = image_request(num_inference_steps=2)
     before = half.generate(request)
-    decode, decodes = vae.decode, []
-
-    def out_of_memory_once(*args, **kwargs):
-        decodes.append(vae.dtype)
-        if len(decodes) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
-        return decode(*args, **kwargs)
-
-    monkeypatch.setattr(vae, "decode", out_of_memory_once)
+    decodes = decode_out_of_memory_once(monkeypatch, vae, lambda: vae.dtype)
     retried = half.generate(request)
     assert decodes[0] == torch.float32 and vae.dtype == torch.float16  # upcast for the decode, and back
     monkeypatch.undo()
@@ -341,15 +348,7 @@ def test_a_video_decode_that_runs_out_of_memory_is_decoded_again_alone_in_tiles(
     normal = engine.generate(video_request())
     denoising = flaky(monkeypatch, WanPipeline, RuntimeError("never raised"), failures=0)
     vae = engine.pipeline("text2video").pipe.vae
-    decode, decodes = vae.decode, []
-
-    def decode_out_of_memory_once(*args, **kwargs):
-        decodes.append(vae.use_tiling)
-        if len(decodes) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
-        return decode(*args, **kwargs)
-
-    monkeypatch.setattr(vae, "decode", decode_out_of_memory_once)
+    decodes = decode_out_of_memory_once(monkeypatch, vae, lambda: vae.use_tiling)
     seen: list[float] = []
     retried = engine.generate(video_request(), progress=seen.append)
     assert len(denoising.calls) == 1 and decodes == [False, True]  # the decode again, in tiles; no step again

@@ -1340,6 +1340,21 @@ def test_a_start_the_network_failed_says_so_and_starts_again_once_online(stack, 
         context.close()
 
 
+def _sign_out_elsewhere(app) -> None:
+    """As another tab signing out would: the Auth SDK's record taken out of IndexedDB, which it watches."""
+    app.page.evaluate(
+        """() => new Promise((resolve, reject) => {
+            const opened = indexedDB.open("firebaseLocalStorageDb");
+            opened.onerror = () => reject(opened.error);
+            opened.onsuccess = () => {
+                const cleared = opened.result.transaction("firebaseLocalStorage", "readwrite")
+                    .objectStore("firebaseLocalStorage").clear();
+                cleared.onsuccess = () => { opened.result.close(); resolve(); };
+            };
+        })"""
+    )
+
+
 def test_a_page_signed_out_elsewhere_starts_again_signed_in_anew(open_page):
     """The review: signed out later (in another tab, or the anonymous account deleted: its token refresh fails),
     the page stayed the old user's, its listeners refused and its calls unauthenticated. It starts again, as a new
@@ -1347,17 +1362,7 @@ def test_a_page_signed_out_elsewhere_starts_again_signed_in_anew(open_page):
     app = open_page()
     before = app.uid
     with app.page.expect_navigation(timeout=30_000):
-        app.page.evaluate(
-            """() => new Promise((resolve, reject) => {
-                const opened = indexedDB.open("firebaseLocalStorageDb");
-                opened.onerror = () => reject(opened.error);
-                opened.onsuccess = () => {
-                    const cleared = opened.result.transaction("firebaseLocalStorage", "readwrite")
-                        .objectStore("firebaseLocalStorage").clear();
-                    cleared.onsuccess = () => { opened.result.close(); resolve(); };
-                };
-            })"""
-        )
+        _sign_out_elsewhere(app)
     app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
     after = app.page.evaluate("document.body.dataset.uid")
     assert after and after != before
@@ -2720,16 +2725,6 @@ def test_signed_out_with_a_job_unsent_offline_the_page_starts_again_asking_nothi
     asked: list[str] = []
     app.page.on("dialog", lambda dialog: (asked.append(dialog.type), dialog.dismiss()))
     with app.page.expect_navigation(timeout=30_000):
-        app.page.evaluate(
-            """() => new Promise((resolve, reject) => {
-                const opened = indexedDB.open("firebaseLocalStorageDb");
-                opened.onerror = () => reject(opened.error);
-                opened.onsuccess = () => {
-                    const cleared = opened.result.transaction("firebaseLocalStorage", "readwrite")
-                        .objectStore("firebaseLocalStorage").clear();
-                    cleared.onsuccess = () => { opened.result.close(); resolve(); };
-                };
-            })"""
-        )
+        _sign_out_elsewhere(app)
     app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
     assert asked == [] and app.page.evaluate("document.body.dataset.uid") not in ("", before)
