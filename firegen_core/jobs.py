@@ -115,8 +115,9 @@ def bound(ends: float) -> dict[str, Any]:
     """BOUND cut to what is left before `ends` (time.monotonic()): the calls of a transition and their retries
     end by then together (a review: its 15 s was checked between tries alone, and a slow Firestore held a
     transition, and a runsync's answer, 45 s). At least a second: a last try that could not succeed is no use."""
-    left = max(ends - time.monotonic(), 1.0)
-    return {"timeout": left, "retry": BOUND["retry"].with_timeout(left)}
+    most = BOUND["timeout"]  # each call's own bound still (shortened, where a caller shortens it)
+    left = max(min(ends - time.monotonic(), most), min(1.0, most))
+    return {"timeout": left, "retry": BOUND["retry"].with_timeout(min(left, BOUND["retry"].timeout or left))}
 
 
 @dataclass(frozen=True)

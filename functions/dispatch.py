@@ -575,7 +575,10 @@ def _await_request(db: firestore.Client, key: JobKey, grace: float, poll: float 
     """Wait, at most until `grace` seconds past the doc's creation, while it awaits its parameters: until its
     request restates it (the function's runsync, at a worker), the callable dispatches it, or a worker takes it."""
     while True:
-        snapshot = db.document(key.path).get(**BOUND)  # a slow read must not hold the wait past its grace
+        try:
+            snapshot = db.document(key.path).get(**BOUND)  # a slow read must not hold the wait past its grace
+        except (GoogleAPICallError, RetryError):  # Firestore slow or away: dispatch now, as after the grace
+            return
         doc = snapshot.to_dict() if snapshot.exists else None
         if doc is None or doc.get("status") != lifecycle.QUEUED or doc.get(DISPATCH_COUNT):
             return

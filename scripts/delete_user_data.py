@@ -52,12 +52,12 @@ def erase(store: JobStore, bucket, user_id: str, *, wait: float) -> Erasure:
         total.stopping, total.elsewhere, total.done = step.stopping, step.elsewhere, step.done
         if step.done or step.elsewhere:
             return total
-        if step.stopping and not step.deleted:  # only running jobs left: give their workers a step's time
+        if not step.deleted and not step.objects:
+            # Only running jobs left (give their workers a step's time), or a pass that got nowhere (Storage slow
+            # or away): waited on, `wait` seconds at most from the first such pass.
             deadline = deadline or time.monotonic() + wait
             if time.monotonic() >= deadline:
                 return total
-            time.sleep(POLL_SECONDS)
-        elif not step.deleted and not step.objects:  # a pass that got nowhere (Storage slow): not at once again
             time.sleep(POLL_SECONDS)
 
 
@@ -115,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         db = firestore.Client(project=args.project)
         # Checked first: a misspelt bucket deleted the jobs' docs, then stopped at their files, left in the real one.
-        bucket = storage.Client(project=args.project).get_bucket(args.bucket)
+        # By a listing, which the deletion needs anyway (a bucket's own metadata needs storage.buckets.get, which
+        # Storage Object Admin lacks).
+        bucket = storage.Client(project=args.project).bucket(args.bucket)
+        next(iter(bucket.list_blobs(max_results=1)), None)
     except NotFound:
         print(f"delete_user_data: no bucket {args.bucket} in project {args.project}", file=sys.stderr)
         return 2
@@ -150,9 +153,12 @@ def erase_all(db: firestore.Client, bucket, uids: list[str], *, wait: float) -> 
         elif erased.elsewhere:
             left += 1
             print(f"{said}; {erased.elsewhere} jobs' results are in another bucket than --bucket: left")
-        else:
+        elif erased.stopping:
             left += 1
             print(f"{said}; {erased.stopping} running jobs still stopping after {wait:g} s: run it again later")
+        else:
+            left += 1
+            print(f"{said}; passes got nowhere for {wait:g} s (Firestore or Storage slow or away): run it again later")
     return 1 if left else 0
 
 

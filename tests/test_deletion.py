@@ -517,6 +517,25 @@ def test_a_dry_run_counts_what_the_script_would_delete_and_deletes_nothing(
     assert lifecycle.CANCEL_REQUESTED not in store.ref(JobKey("u-dry", "videos", "d2")).get().to_dict()
 
 
+def test_passes_that_get_nowhere_end_within_the_wait(store, bucket, monkeypatch):
+    """A diff review: with the wait counted only once running jobs were all that was left, passes that got nowhere
+    (Storage slow or away: each pass's time spent, nothing done) went on until Ctrl-C. A stand-in for such a pass:
+    the emulators cannot be made to hang."""
+    import importlib.util
+    import threading
+
+    spec = importlib.util.spec_from_file_location("delete_user_data", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "erase_user", lambda *args, **kwargs: deletion.Erasure())
+    monkeypatch.setattr(script, "POLL_SECONDS", 0.01)
+    ended: list = []
+    runs = threading.Thread(target=lambda: ended.append(script.erase(store, bucket, "u-stuck", wait=0.2)), daemon=True)
+    runs.start()
+    runs.join(30)
+    assert ended and not ended[0].done and not ended[0].stopping
+
+
 def test_a_usage_doc_whose_counts_no_job_backs_is_deleted_not_waited_on(firestore_client, bucket, store):
     """The operator-scripts review: a usage doc still counting a job none of the user's docs is (an older release's
     drift) kept the script passing until its --wait ran out, saying a running job was "still stopping"."""

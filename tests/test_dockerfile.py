@@ -155,8 +155,10 @@ def stages() -> dict[str, list[tuple[str, str]]]:
 
 
 def test_the_weights_layer_changes_with_the_models_alone():
-    """A code release rebuilds no weights and moves no layer of them: the stages under the weights copy nothing
-    but the requirements, the lock and what the prefetch imports; the final stage lays the weights first."""
+    """A release that changes listener/ or the README downloads no weights, and none moves a layer of them: the
+    stages under the weights copy nothing but the requirements, the lock and what the prefetch imports (a change
+    there runs the download again, whose unchanged files make the same layer: BuildKit keys a copy on file
+    contents); the final stage lays the weights first."""
     by_stage = stages()
     assert list(by_stage) == ["requirements", "deps", "weights", "final"]
 

@@ -290,6 +290,19 @@ def test_a_transitions_calls_end_within_its_bound_together(firestore_client, mon
     assert 2.9 < timeouts["read"] <= 3.0 and timeouts["commit"] == timeouts["commit retry"] == 1.0  # its floor
 
 
+def test_the_transitions_bound_never_outlasts_a_calls_own(monkeypatch):
+    """A diff review: `bound` gave each call what was left of 15 s, past a shortened BOUND (a test's 0.5 s to a
+    Firestore away took 7.7 s)."""
+    from google.api_core import retry as retries
+
+    from firegen_core import jobs
+
+    monkeypatch.setitem(jobs.BOUND, "timeout", 0.5)
+    monkeypatch.setitem(jobs.BOUND, "retry", retries.Retry(timeout=0.5))
+    cut = jobs.bound(time.monotonic() + 15)
+    assert cut["timeout"] == 0.5 and cut["retry"].timeout == 0.5
+
+
 # The client's own retry of an unavailable Firestore ran out after the commit had landed: the call raises.
 OUT_OF_RETRIES = RetryError("Timeout of 15.0s exceeded", ServiceUnavailable("connection reset"))
 

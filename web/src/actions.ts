@@ -73,6 +73,8 @@ async function cancel({ session, jobs }: ActionContext, job: Job): Promise<strin
     if (end && end.doc.error_type !== "Cancelled") return over(end.doc.status);
     if (end) {
       report(`Cancel requested for ${nameOf(job)}`);
+      name(job.id); // ended: the line goes a while later, as when the call answers
+      settle(jobs.listed);
       return null;
     }
     // Where cancelGeneration is not deployed the call fails as not-found, or as internal when the 404 carries
