@@ -8,7 +8,9 @@ rule deletes its files, so its URLs break. This sets `expire_at` = the job's fin
 `failed_at`; else its last write) + RETENTION_DAYS on every `completed` or `failed` job doc without one. A doc
 whose time is already past is deleted by the TTL policy within about a day, as it would have been. Likewise each
 user's usage doc (`usage/{uid}`) with nothing pending or running, which releases before 2026-12-05 never dated:
-`expire_at` = the UTC midnight after its last write + RETENTION_DAYS, as the workers now write it.
+`expire_at` = the UTC midnight after its last write + RETENTION_DAYS, as the workers now write it. And each
+worker's doc (`workers/{id}`) without one, which releases of 2026-11-30 and 12-01 wrote: its last beat + 7 days,
++ 1 once it left, as the workers now date theirs.
 
     .venv/bin/python scripts/backfill_expire_at.py --project my-app --dry-run   # count only
     .venv/bin/python scripts/backfill_expire_at.py --project my-app             # write
@@ -35,7 +37,7 @@ from google.api_core.exceptions import FailedPrecondition, NotFound
 from google.cloud import firestore
 from google.cloud.firestore import DocumentSnapshot, FieldFilter
 
-from firegen_core import lifecycle, quota
+from firegen_core import lifecycle, quota, workers
 from firegen_core.jobs import BOUND, MEDIA_TYPES, JobKey
 
 PAGE = 300
@@ -84,6 +86,23 @@ def backfill_usage(client: firestore.Client, *, days: float, dry_run: bool = Fal
 
     counts = Backfilled()
     _date(client, client.collection(quota.USAGE_COLLECTION), due, counts, dry_run=dry_run)
+    return counts
+
+
+def backfill_workers(client: firestore.Client, *, dry_run: bool = False) -> Backfilled:
+    """Set `expire_at` on every worker's doc (`workers/{id}`) that lacks one, as the workers now date theirs: its
+    last beat + 7 days, a day once it left. Releases of 2026-11-30 and 12-01 wrote none, and a worker that never
+    stopped cleanly (each start a new id) left its doc for good (the operator-scripts review)."""
+
+    def due(snapshot: DocumentSnapshot, doc: dict) -> datetime | None:
+        if lifecycle.EXPIRE_AT in doc:
+            return None
+        seen = doc.get(workers.SEEN_AT)
+        days = workers.LEFT_EXPIRE_DAYS if workers.LEFT_AT in doc else workers.EXPIRE_DAYS
+        return (seen if isinstance(seen, datetime) else snapshot.update_time) + timedelta(days=days)
+
+    counts = Backfilled()
+    _date(client, client.collection(workers.WORKERS), due, counts, dry_run=dry_run)
     return counts
 
 
@@ -160,13 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     client = firestore.Client(project=args.project)
     verb = "would be given" if args.dry_run else "given"
     for counts, what, base in (
-        (backfill(client, days=days, dry_run=args.dry_run), "finished job docs", "finish"),
-        (backfill_usage(client, days=days, dry_run=args.dry_run), "usage docs", "the midnight after its last write"),
+        (backfill(client, days=days, dry_run=args.dry_run), "finished job docs", f"finish + {days:g} days"),
+        (
+            backfill_usage(client, days=days, dry_run=args.dry_run),
+            "usage docs",
+            f"the midnight after its last write + {days:g} days",
+        ),
+        (
+            backfill_workers(client, dry_run=args.dry_run),
+            "worker docs",
+            f"its last beat + {workers.EXPIRE_DAYS} days, + {workers.LEFT_EXPIRE_DAYS} once it left",
+        ),
     ):
         print(
             f"{counts.finished} {what} read, {counts.missing} without expire_at"
             + (" and counting no job" if what == "usage docs" else "")
-            + f": {counts.missing if args.dry_run else counts.written} {verb} one ({base} + {days:g} days)"
+            + f": {counts.missing if args.dry_run else counts.written} {verb} one ({base})"
             + (f", {counts.changed} changed meanwhile and left to their writer" if counts.changed else "")
             + (
                 f"; {counts.counting} left undated: they count jobs still pending or running (dated once those end; "

@@ -93,6 +93,7 @@ def test_the_command_says_what_it_did(firestore_client, capsys):
         "2 usage docs read, 1 without expire_at and counting no job: 1 would be given one (the midnight after its "
         "last write + 30 days); 1 left undated: they count jobs still pending or running (dated once those end; a "
         "count no job backs is set right at the user's next request at a limit)",
+        "0 worker docs read, 0 without expire_at: 0 would be given one (its last beat + 7 days, + 1 once it left)",
     ]
     assert backfill.main(["--project", firestore_client.project]) == 0
     assert capsys.readouterr().out.strip().splitlines()[1:] == [
@@ -100,6 +101,7 @@ def test_the_command_says_what_it_did(firestore_client, capsys):
         "2 usage docs read, 1 without expire_at and counting no job: 1 given one (the midnight after its last write "
         "+ 30 days); 1 left undated: they count jobs still pending or running (dated once those end; a count no job "
         "backs is set right at the user's next request at a limit)",
+        "0 worker docs read, 0 without expire_at: 0 given one (its last beat + 7 days, + 1 once it left)",
     ]
 
 
@@ -138,3 +140,23 @@ def test_a_doc_changed_since_it_was_read_is_left_to_its_writer(firestore_client,
     counts = backfill.backfill(firestore_client, days=30)
     assert (counts.written, counts.changed) == (0, 1)
     assert "expire_at" not in firestore_client.document(path).get().to_dict()
+
+
+def test_worker_docs_without_expire_at_get_their_last_beat_plus_a_week_or_a_day_once_left(firestore_client):
+    """The operator-scripts review: releases of 2026-11-30 and 12-01 dated no worker's doc, and a worker that never
+    stopped cleanly (each start a new id) left its doc for good."""
+    from firegen_core import workers
+
+    seen = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    docs = firestore_client.collection(workers.WORKERS)
+    docs.document("crashed").set({workers.SEEN_AT: seen, "busy": 1})
+    docs.document("left").set({workers.SEEN_AT: seen, workers.LEFT_AT: seen, "busy": 0})
+    dated = seen + timedelta(days=3)
+    docs.document("current").set({workers.SEEN_AT: seen, "expire_at": dated})
+    assert backfill.backfill_workers(firestore_client, dry_run=True).written == 0
+    assert "expire_at" not in docs.document("crashed").get().to_dict()
+    counts = backfill.backfill_workers(firestore_client)
+    assert (counts.finished, counts.missing, counts.written) == (3, 2, 2)
+    assert docs.document("crashed").get().get("expire_at") == seen + timedelta(days=7)
+    assert docs.document("left").get().get("expire_at") == seen + timedelta(days=1)
+    assert docs.document("current").get().get("expire_at") == dated
