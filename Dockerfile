@@ -40,9 +40,10 @@ ARG IMAGE_MODEL=stabilityai/stable-diffusion-xl-base-1.0
 ARG VIDEO_MODEL=Wan-AI/Wan2.1-T2V-1.3B-Diffusers
 ENV HF_HOME=/models
 WORKDIR /app
-# What generation.prefetch imports (the worker's own reading of IMAGE_MODEL/VIDEO_MODEL and its file choice).
-COPY firegen_core ./firegen_core
-COPY generation ./generation
+# What generation.prefetch imports, and nothing else (the worker's own reading of IMAGE_MODEL/VIDEO_MODEL and its
+# file choice): a release that changes the rest of the code downloads no weights again.
+COPY firegen_core/__init__.py firegen_core/redaction.py ./firegen_core/
+COPY generation/__init__.py generation/models.py generation/settings.py generation/prefetch.py ./generation/
 # A mistyped BAKE_MODELS (`true`) would bake nothing into an image that reads its weights offline: every job would
 # fail ModelNotAvailable. hf_xet's chunk cache (/models/xet) is the download's, not the worker's.
 RUN case "$BAKE_MODELS" in 0|1) ;; *) echo "BAKE_MODELS must be 0 or 1 (got $BAKE_MODELS)" >&2; exit 1;; esac \

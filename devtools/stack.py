@@ -1,8 +1,8 @@
 """`make dev`: the whole system on this machine, then the contract's two examples as an app would run them.
 
 Starts, each in a process group of its own:
-- the Firebase CLI's Auth, Functions and Firestore emulators (`firebase emulators:start --only
-  auth,functions,firestore`, set up by scripts/setup_firebase_cli.py; devtools/firebase_cli.py), with the
+- the Firebase CLI's Auth, Functions and Firestore emulators, and Hosting's where the web app is built
+  (`firebase emulators:start --only functions,auth,firestore,hosting`, set up by scripts/setup_firebase_cli.py; devtools/firebase_cli.py), with the
   functions pointed at the local worker (RUNPOD_RUNSYNC_URL) and a local RUNPOD_API_KEY secret;
 - a Storage emulator (gcp-storage-emulator) and a worker (`python -m listener --rp_serve_api`, tiny models),
 then acts as the contract's client, signed in to the Auth emulator:

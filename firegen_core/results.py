@@ -81,13 +81,6 @@ def alternate_name(user_id: str, file_uid: str, task_type: str, index: int = 0, 
     return _name(user_id, file_uid, task_type, f"{ALTERNATE_MARK}{index}", ext)
 
 
-def object_names(user_id: str, file_uid: str, task_type: str, count: int, ext: str | None = None) -> list[str]:
-    """The names of a job's `count` result objects, in order."""
-    if count < 1:
-        raise ValueError("count must be >= 1")
-    return [object_name(user_id, file_uid, task_type, i, ext) for i in range(count)]
-
-
 def is_contested(file_uid: str, task_type: str, index: int) -> bool:
     """Whether another job of the same user could own this job's `index`-th name: every suffixed name, and an
     unsuffixed one whose file_uid ends like a suffix (`x_1.png`: image 0 of `x_1` and image 1 of `x`). Only

@@ -1,8 +1,8 @@
 """The contract as JSON Schema (draft 2020-12): the generation request and the job document.
 
 Pure functions of `contract.py`, `errors.py` and `lifecycle.py`, so clients in other languages get their types
-and the form's ranges from the same source as the worker's validation (scripts/gen_web_types.py turns this
-into web/src/contract.gen.ts; tests/test_schema.py fails when the two drift). The schema describes the valid
+and the form's ranges from the same source as the worker's validation (devtools/web_types.py, `make web-types`,
+turns this into web/src/contract.gen.ts; tests/test_schema.py fails when the two drift). The schema describes the valid
 shapes; the exact messages for invalid ones stay the worker's (`contract.py`).
 """
 

@@ -20,7 +20,7 @@ Configuration (the params are declared in config.py; see the README's "Cloud Fun
                          prompt to the request that brings its parameters
     RETENTION_DAYS       optional environment variable (as the workers'): `expire_at` on the jobs they end
     ENFORCE_APP_CHECK    optional environment variable: on by default when deployed, off under the emulators
-    STORAGE_BUCKET       optional environment variable: the results' bucket (deleteGeneration), as the workers'
+    STORAGE_BUCKET       optional environment variable: the results' bucket (deleteGeneration, deleteAllGenerations), as the workers'
                          (default: the project's default bucket, FIREBASE_CONFIG's storageBucket)
 
 Logs: the records of dispatch, sweep and runpod_client (standard `logging`, so they import anywhere), and those the

@@ -2,7 +2,8 @@
 
 The request goes through the same contract as a runsync input (`use_cloud_storage: false`), so a bad value
 prints the message a client would get. Models default to `tiny` here (set IMAGE_MODEL / VIDEO_MODEL for real
-ones), so the command works on any machine.
+ones), so the command works on any machine. The files' paths and the seed go to stdout; the seconds spent (loading
+the model, generating, encoding) to stderr.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from firegen_core import contract, errors
 
-from .capability import TINY
+from .models import TINY
 from .settings import SettingsError, model_settings
 
 
@@ -103,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"seed {result.seed}")
     if result.video_info:
         print(f"video {result.video_info}")
+    spent = result.timings
+    print(
+        f"seconds: load {spent.load_seconds:.2f}, generate {spent.generate_seconds:.2f}, "
+        f"encode {spent.encode_seconds:.2f}",
+        file=sys.stderr,
+    )
     return 0
 
 

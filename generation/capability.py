@@ -28,11 +28,10 @@ from firegen_core.contract import GenerationRequest
 from . import fp8 as fp8_support
 from . import tiny, video_speed
 from .compiling import BackgroundCompile, CompileCache, model_tag
+from .models import TINY
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
-DISABLED = "none"
 
 RANDOM_SEED_LIMIT = 2**32  # a drawn seed fits every client's number type
 _UINT64 = 2**64
@@ -404,7 +403,8 @@ class DiffusionCapability:
     def prepare_compile(self) -> None:
         """Changes to the eager modules that the compiled ones build on (made at load, before FP8 and serving)."""
 
-    # The shapes the background compile warms up, in order (the first: the contract's default job).
+    # The shapes the background compile warms up, in order (the first: the model's own reference job, SDXL's
+    # 1024x1024 image, Wan's the contract's default video).
     WARM_UP_SHAPES: ClassVar[tuple[tuple, ...]] = ()
 
     def compile_warm_up(self, sibling, shape: tuple) -> None:

@@ -3,7 +3,7 @@
 A worker must be ready in seconds, and `torch.compile` of SDXL's UNet takes ~106 s cold on an H100. So the
 capability loads and serves eagerly at once; a `BackgroundCompile` thread compiles the denoiser by running one
 warm-up step per shape on a second pipeline object that shares the same modules (own scheduler and tokenizers, own
-per-call state: it never touches the pipeline jobs run on). Once the first shape (the contract's default job) is compiled, jobs
+per-call state: it never touches the pipeline jobs run on). Once the first shape (the model's reference job) is compiled, jobs
 switch, between two jobs, to a run-only module (`torch._dynamo.run`): it runs the compiled graphs whose guards a
 job's inputs pass, and the eager module for any other shape. So a job never compiles on its own time (a recompile
 of SDXL's UNet takes a minute or more on a GPU, under the pipeline's lock, with every later job waiting), and each
@@ -14,8 +14,8 @@ failed first shape leaves the eager module in place, a failed later one leaves i
 inductor's compiled kernels and AOTAutograd graphs in one blob). Loaded before compiling, so a warm cache turns
 the compile into cache hits; written after each warm-up shape that adds to it, so a worker stopped half-way (a
 serverless worker scaled down when the queue drains) still leaves what it compiled, and a fully warmed-up one
-leaves the whole set. One file per model, torch and diffusers version, device name and FP8 (artifacts from
-another of these never serve, and are simply never read). Put it on the network volume (`FIREGEN_COMPILE_CACHE`)
+leaves the whole set. One file per model (its precision, FP8, attention backend and architecture: `model_tag`), torch and diffusers
+version and device name (artifacts from another of these never serve, and are simply never read). Put it on the network volume (`FIREGEN_COMPILE_CACHE`)
 so every worker of an endpoint shares it.
 """
 
@@ -65,7 +65,7 @@ def model_tag(role: str, dtype: str, fp8: bool, attention_backend: str, config: 
 
 
 class CompileCache:
-    """torch's portable compile artifacts of one model (`model`: e.g. "image", "video-fp8") in one file under
+    """torch's portable compile artifacts of one model (`model`: `model_tag`'s, e.g. "video-bfloat16-fp8-<hash>") in one file under
     `folder`. `save` takes what the process recorded since `recording()` began: compiled, or loaded and hit."""
 
     def __init__(self, folder: str | Path, device: str = "cpu", model: str = "model"):

@@ -43,16 +43,16 @@ from firegen_core import errors
 from firegen_core.contract import TEXT2IMAGE, TEXT2VIDEO, GenerationRequest
 
 from . import fp8, media, video_speed
-from .capability import DISABLED, DiffusionCapability, ProgressFn, Runtime, resolve_seed
+from .capability import DiffusionCapability, ProgressFn, Runtime, resolve_seed
 from .compiling import default_cache_dir
 from .image import (
-    IMAGE_MODEL_DEFAULT,
     BatchItem,
     ImagePipeline,
     batch_key,  # noqa: F401  (re-exported: the listener groups queued jobs with it)
 )
+from .models import DISABLED, IMAGE_MODEL_DEFAULT, VIDEO_MODEL_DEFAULT
 from .settings import ModelSettings, model_settings
-from .video import VIDEO_MODEL_DEFAULT, VideoPipeline
+from .video import VideoPipeline
 
 log = logging.getLogger(__name__)
 

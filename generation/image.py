@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from firegen_core import errors
 from firegen_core.contract import TEXT2IMAGE, GenerationRequest
@@ -17,10 +18,9 @@ from .capability import (
     kept_dtype,
     make_generator,
 )
+from .models import IMAGE_HALF_VARIANT
 
 log = logging.getLogger(__name__)
-
-IMAGE_MODEL_DEFAULT = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 def batch_key(request: GenerationRequest) -> tuple | None:
@@ -79,8 +79,7 @@ class ImagePipeline(DiffusionCapability):
     task_type = TEXT2IMAGE
     tiny_kind = "sdxl"
     role = "Image"
-    # SDXL publishes fp16 files: the image bakes those (half the bytes to read at a cold start; generation.prefetch)
-    HALF_VARIANT = "fp16"
+    HALF_VARIANT = IMAGE_HALF_VARIANT
     VARIANT_PROBE = "unet/diffusion_pytorch_model.safetensors"
 
     @staticmethod
@@ -101,8 +100,8 @@ class ImagePipeline(DiffusionCapability):
     def place(cls, pipe, runtime: Runtime) -> None:
         super().place(pipe, runtime)
         # The VAE decodes a call's images one at a time: a batch of jobs (BATCH_MAX of up to 4 images each) decoded
-        # at once needs a few GiB per 1024x1024 image, and an out-of-memory there re-runs the whole denoising. One
-        # image already fills the GPU, so this costs nothing measurable; the lean retry adds tiling.
+        # at once needs a few GiB per 1024x1024 image. One image already fills the GPU, so this costs nothing
+        # measurable; the lean retry of a decode adds tiling.
         pipe.vae.enable_slicing()
         if runtime.is_cuda:
             import torch
@@ -155,7 +154,8 @@ class ImagePipeline(DiffusionCapability):
         per request, its images (as `generate` would give them, to within rounding) or the `errors.Interrupted`
         its progress raised. Each prompt is encoded alone, exactly as an unbatched call would, so requests with
         and without a negative prompt share a batch. Raises GenerationError for the whole batch, and Interrupted
-        once every request is cancelled. Out of memory: once more, one image at a time with a lean VAE."""
+        once every request is cancelled. Out of memory, the part that ran out runs once more, leaner: the
+        denoising one image at a time, or the decode in tiles (from the denoised latents)."""
         import torch
 
         keys = {batch_key(item.request) for item in items}
@@ -186,53 +186,97 @@ class ImagePipeline(DiffusionCapability):
                 encoded.extend(None if column[0] is None else torch.cat(column) for column in zip(*parts))
             return encoded
 
-        def call(rows: slice) -> list:
+        def call(rows: slice) -> Any:
+            """The denoised latents of `rows`: the decode is done apart (`decode_latents`), so that one that runs
+            out of memory is tried again alone, never costing the batch's denoising again."""
             prompt, negative, pooled, negative_pooled = (
                 None if tensor is None else tensor[rows] for tensor in embeddings()
             )
-            with kept_dtype(self.pipe.vae):  # a decode that fails mid-way leaves SDXL's VAE upcast
-                return self.pipe(
-                    prompt_embeds=prompt,
-                    negative_prompt_embeds=negative,
-                    pooled_prompt_embeds=pooled,
-                    negative_pooled_prompt_embeds=negative_pooled,
-                    width=first.width,
-                    height=first.height,
-                    num_inference_steps=first.num_inference_steps,
-                    guidance_scale=first.guidance_scale,
-                    num_images_per_prompt=1,
-                    generator=[make_generator(seed) for seed in seeds[rows]],
-                    callback_on_step_end=progress.on_step_end,
-                ).images
+            return self.pipe(
+                prompt_embeds=prompt,
+                negative_prompt_embeds=negative,
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                num_images_per_prompt=1,
+                generator=[make_generator(seed) for seed in seeds[rows]],
+                callback_on_step_end=progress.on_step_end,
+                output_type="latent",
+            ).images
 
         def normal() -> list:
             progress.start(parts=[1] * len(items), running=list(range(len(items))))
-            return call(slice(None))
+            return list(call(slice(None)))
 
         def lean() -> list:
             progress.start(parts=counts, running=[])
-            images: list = []
+            latents: list = []
             for row, owner in enumerate(owners):
                 if progress.cancelled[owner] is not None:
-                    images.append(None)
+                    latents.append(None)
                     continue
                 progress.running = [owner]
                 try:
-                    images += call(slice(row, row + 1))
+                    latents += call(slice(row, row + 1))
                 except errors.Interrupted:
                     if all(c is not None for c in progress.cancelled):
                         raise
-                    images.append(None)
+                    latents.append(None)
                     continue
                 progress.steps[owner].next_part()
+            return latents
+
+        def decode(latents: list) -> list:
+            # A cancelled job's rows are not decoded: nobody will see them.
+            rows = [
+                row
+                for row, owner in enumerate(owners)
+                if latents[row] is not None and progress.cancelled[owner] is None
+            ]
+            images: list = [None] * len(owners)
+            if rows:
+                decoded = decode_latents(self.pipe, torch.stack([latents[row] for row in rows]))
+                for row, image in zip(rows, decoded):
+                    images[row] = image
             return images
 
-        images = self._run(normal, lean)
+        with self._lock:  # the denoising and its decode, with no other job between them
+            latents = self._leaner_once(normal, lean)
+            images = self._leaner_once(lambda: decode(latents), lambda: decode(latents))
         results: list[list | errors.Interrupted] = []
         for index, count in enumerate(counts):
             start = sum(counts[:index])
             results.append(progress.cancelled[index] or images[start : start + count])
         return results
+
+
+def decode_latents(pipe, latents) -> list:
+    """PIL images: what `StableDiffusionXLPipeline.__call__` does after its last step with `output_type="pil"`
+    (diffusers 0.42), done apart so that a decode that runs out of memory is tried again alone."""
+    import torch
+
+    vae = pipe.vae
+    # SDXL's float16 VAE overflows: the pipeline decodes in float32 (`force_upcast`), and back to float16 after,
+    # however the decode ends (one that failed mid-way left it float32, and every later image job failed).
+    with torch.no_grad(), kept_dtype(vae):
+        if vae.dtype == torch.float16 and vae.config.force_upcast:
+            vae.to(dtype=torch.float32)
+        latents = latents.to(vae.device, vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        watermark = getattr(pipe, "watermark", None)  # None unless invisible-watermark is installed
+        if watermark is not None:
+            image = watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 def prepare_unet_for_compile(pipe, backend) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .capability import DISABLED, TINY
+from .models import DISABLED, IMAGE_HALF_VARIANT, TINY, VIDEO_HALF_VARIANT
 from .settings import model_settings
 
 # Only what `from_pretrained` reads for a diffusers pipeline folder: model_index.json at the root, and each
@@ -43,11 +43,8 @@ def needs_download(model_ref: str) -> bool:
 def main() -> int:
     from huggingface_hub import HfApi, snapshot_download
 
-    from .image import ImagePipeline
-    from .video import VideoPipeline
-
     settings = model_settings()  # the worker's own reading of IMAGE_MODEL / VIDEO_MODEL
-    models = [(settings.image_model, ImagePipeline.HALF_VARIANT), (settings.video_model, VideoPipeline.HALF_VARIANT)]
+    models = [(settings.image_model, IMAGE_HALF_VARIANT), (settings.video_model, VIDEO_HALF_VARIANT)]
     for ref, variant in models:
         if needs_download(ref):
             files = select(HfApi().list_repo_files(ref), variant)

@@ -3,7 +3,7 @@
 `ModelSettings` holds every variable the generation engine reads (`IMAGE_MODEL`, `VIDEO_MODEL`, `FIREGEN_*`,
 `HF_HUB_OFFLINE`); the worker's `listener.settings.Settings` extends it with its own, and the generation CLI uses
 it alone. `load(cls)` returns the settings or raises `SettingsError` with one line naming each wrong variable
-("FIREGEN_COMPILE must be one of on, off"). Every field is read from the variable named in its
+("FIREGEN_FP8 must be one of on, off (or 1/0, true/false, yes/no)"). Every field is read from the variable named in its
 `validation_alias` (case-insensitive); empty values count as unset. Values of secret fields (`SecretStr`) are
 never echoed in an error.
 """
@@ -21,8 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from firegen_core.redaction import got
 
-from .image import IMAGE_MODEL_DEFAULT
-from .video import VIDEO_MODEL_DEFAULT
+from .models import IMAGE_MODEL_DEFAULT, VIDEO_MODEL_DEFAULT
 
 OnOff = Literal["on", "off"]
 AutoOnOff = Literal["auto", "on", "off"]

@@ -10,11 +10,9 @@ from firegen_core.contract import TEXT2VIDEO, GenerationRequest
 
 from . import video_speed
 from .capability import DiffusionCapability, ProgressFn, Runtime, StepProgress, checked_calls, make_generator
+from .models import VIDEO_HALF_VARIANT
 
 log = logging.getLogger(__name__)
-
-VIDEO_MODEL_DEFAULT = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-
 
 WAN_TEXT_TOKENS = 512
 
@@ -64,6 +62,7 @@ class VideoPipeline(DiffusionCapability):
     task_type = TEXT2VIDEO
     tiny_kind = "wan"
     role = "Video"
+    HALF_VARIANT = VIDEO_HALF_VARIANT
 
     @staticmethod
     def denoiser(pipe):

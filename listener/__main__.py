@@ -55,7 +55,7 @@ def no_gpu_note(*, production: bool, device_chosen: bool, device: str, model_ref
         return None
     if production:
         return NO_GPU
-    from generation.capability import DISABLED, TINY
+    from generation.models import DISABLED, TINY
 
     full = [ref for ref in model_refs if ref.strip().lower() not in (TINY, DISABLED)]
     return FULL_MODELS_ON_CPU if full else None

@@ -69,7 +69,7 @@ class Heartbeat:
     # Generated within its time: a leaving worker lets it deliver rather than release it (`_Run.hold`).
     generated: threading.Event = field(default_factory=threading.Event)
     # Generated, and waiting on Firestore (its fence check) or on its batch-mates' delivery: not the job's own time,
-    # so the deadline is held (`hold_deadline`), and moved on by the time held (`resume_deadline`).
+    # so the deadline is held (`_Run.hold`), and moved on by the time held (`resume_deadline`).
     held: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)

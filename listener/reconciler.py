@@ -15,7 +15,7 @@ oldest `created_at` first within a user):
 - `submit`, from the runsync handler, for the job it just accepted (in fair order like every other door).
 A client's doc that no function admitted is admitted against its user's limits (or refused) as soon as a queued-doc
 listener or the sweep hears of it, oldest first, by an admission thread (`JobStore.admit`).
-A fourth listener per media type hears cancellations (`cancel_requested: true` on a queued or processing doc):
+A third listener per media type hears cancellations (`cancel_requested: true` on a queued or processing doc):
 a queued job is failed `Cancelled` at once (no free slot needed), a job running here is told to stop.
 The sweep is also the watchdog (a listener that closed, or that stayed silent about a queued doc the sweep
 found, is restarted) and the worker's heartbeat (`workers/{worker_id}`, firegen_core.workers). A candidate is

@@ -61,8 +61,11 @@ def test_batched_jobs_equal_their_unbatched_runs_per_seed(engine):
     assert np.abs(pixels(batched[0].files[0].data) - pixels(batched[1].files[0].data)).max() > TOLERANCE
 
 
-def test_each_job_has_its_own_progress_and_one_cancelled_job_leaves_the_others(engine):
+def test_each_job_has_its_own_progress_and_one_cancelled_job_leaves_the_others(engine, monkeypatch):
     seen: list[list[float]] = [[], [], []]
+    vae = engine.pipeline("text2image").pipe.vae
+    decode, decoded = vae.decode, []
+    monkeypatch.setattr(vae, "decode", lambda latents, **kw: decoded.append(len(latents)) or decode(latents, **kw))
 
     def cancel_at_half(fraction):
         seen[1].append(fraction)
@@ -74,6 +77,7 @@ def test_each_job_has_its_own_progress_and_one_cancelled_job_leaves_the_others(e
     assert seen[0] == seen[2] == [0.25, 0.5, 0.75, 1.0]
     assert seen[1] == [0.25, 0.5]  # not called again once it cancelled
     assert isinstance(results[1], errors.Interrupted)
+    assert decoded == [2]  # the cancelled job's image is not decoded
     assert_same_images(results[0], engine.generate(requests[0]))
     assert_same_images(results[2], engine.generate(requests[2]))
 

@@ -167,9 +167,32 @@ def test_the_weights_layer_changes_with_the_models_alone():
 
     assert copied("requirements") == ["pyproject.toml scripts/image_requirements.py /"]
     assert copied("deps") == ["constraints.txt ./", "--from=requirements /requirements.txt ./"]
-    assert copied("weights") == ["firegen_core ./firegen_core", "generation ./generation"]
+    assert [args.split()[-1] for args in copied("weights")] == ["./firegen_core/", "./generation/"]
     assert by_stage["weights"][0] == ("FROM", "deps AS weights")
     assert copied("final")[:2] == ["--from=weights /models /models", "--from=deps /opt/venv /opt/venv"]
+
+
+def test_the_weights_stage_copies_what_the_prefetch_imports_alone(tmp_path):
+    """The prefetch runs (a `tiny` model needs no download) from the weights stage's files alone, and each of them is
+    one it imports: a change to any other module of the code downloads no weights again."""
+    copied = [args.split()[:-1] for kind, args in stages()["weights"] if kind == "COPY"]
+    files = [name for sources in copied for name in sources]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    ours = (
+        "[m.__file__ for m in list(sys.modules.values()) if m.__name__.split('.')[0] in ('generation', 'firegen_core')]"
+    )
+    imported = f"import sys, generation.prefetch; print(*{ours})"
+    done = subprocess.run(
+        [sys.executable, "-c", f"{imported}; sys.exit(generation.prefetch.main())"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "IMAGE_MODEL": "tiny", "VIDEO_MODEL": "none"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(Path(path).relative_to(tmp_path).as_posix() for path in done.stdout.split()) == sorted(files)
 
 
 def test_a_mistyped_bake_models_stops_the_build(tmp_path):

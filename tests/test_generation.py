@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from generation import media, tiny
 from generation.capability import Runtime, derive_seed, resolve_seed
 from generation.compiling import default_cache_dir
 from generation.engine import Engine, EngineConfig, is_device_failure
+from generation.image import decode_latents as image_decode_latents
 from generation.video import decode_latents, frames_to_generate
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -366,6 +368,32 @@ def test_the_video_decode_done_apart_is_the_pipelines_own(engine):
     assert np.array_equal(decode_latents(pipe, latents), own)
 
 
+def test_an_image_decode_that_runs_out_of_memory_is_decoded_again_alone_in_tiles(engine, monkeypatch):
+    """As a video's: the images' decode out of memory ran the whole batch's denoising again, image by image."""
+    request = image_request(num_images_per_prompt=2, num_inference_steps=2)
+    normal = engine.generate(request)
+    denoising = flaky(monkeypatch, StableDiffusionXLPipeline, RuntimeError("never raised"), failures=0)
+    vae = engine.pipeline("text2image").pipe.vae
+    decodes = decode_out_of_memory_once(monkeypatch, vae, lambda: vae.use_tiling)
+    seen: list[float] = []
+    retried = engine.generate(request, progress=seen.append)
+    assert denoising.calls == [{"images": 2, "lean": False}] and decodes == [False, True]  # no step again
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert [f.data for f in retried.files] == [f.data for f in normal.files]  # tiles this small: the whole image
+    assert vae.use_slicing and not vae.use_tiling  # the next job decodes whole again, one image at a time
+
+
+def test_the_image_decode_done_apart_is_the_pipelines_own(engine):
+    """`image.decode_latents` does what StableDiffusionXLPipeline.__call__ does after its last step."""
+    pipe = engine.pipeline("text2image").pipe
+    options = dict(prompt=PROMPT, width=64, height=48, num_images_per_prompt=2, num_inference_steps=2)
+    own = pipe(**options, generator=torch.Generator().manual_seed(7)).images
+    latents = pipe(**options, generator=torch.Generator().manual_seed(7), output_type="latent").images
+    apart = image_decode_latents(pipe, latents)
+    assert len(apart) == len(own) == 2
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(apart, own))
+
+
 def test_out_of_memory_twice_fails_as_out_of_memory(engine, monkeypatch):
     stand_in = flaky(monkeypatch, StableDiffusionXLPipeline, OOM_ERRORS[0], failures=2)
     with pytest.raises(errors.GenerationError) as failure:
@@ -533,8 +561,12 @@ def test_cli_writes_images_and_prints_paths_and_seed(tiny_cache, tmp_path, capsy
         "5",
     ]
     assert cli.main(args) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [str(tmp_path / "generation.png"), str(tmp_path / "generation_1.png"), "seed 5"]
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == [str(tmp_path / "generation.png"), str(tmp_path / "generation_1.png"), "seed 5"]
+    load, generate, encode = map(
+        float, re.fullmatch(r"seconds: load (.+), generate (.+), encode (.+)\n", printed.err).groups()
+    )
+    assert load > 0 and generate > 0 and encode > 0  # a fresh engine: the tiny model loaded for this job
     assert Image.open(tmp_path / "generation_1.png").size == (256, 256)
 
 

@@ -17,7 +17,7 @@ import structlog.testing
 from devtools import emulators as emu
 from firegen_core.contract import ContractError, check_id
 from firegen_core.errors import CONNECTION_ERROR, classify
-from firegen_core.results import object_names
+from firegen_core.results import object_name
 from listener import storage as results
 from listener.settings import Settings, SettingsError, load_settings
 from listener.storage import (
@@ -97,13 +97,13 @@ def signing_credentials():
 
 # ---------------------------------------------------------------------------------------------- names
 def test_object_names_are_deterministic():
-    assert object_names("user123", "file456", "text2image", 3) == [
+    assert [object_name("user123", "file456", "text2image", i) for i in range(3)] == [
         "generating/user123/image/file456.png",
         "generating/user123/image/file456_1.png",
         "generating/user123/image/file456_2.png",
     ]
-    assert object_names("user123", "file789", "text2video", 1) == ["generating/user123/video/file789.mp4"]
-    assert object_names("u", "f", "text2image", 1, ext="webp") == ["generating/u/image/f.webp"]
+    assert object_name("user123", "file789", "text2video") == "generating/user123/video/file789.mp4"
+    assert object_name("u", "f", "text2image", ext="webp") == "generating/u/image/f.webp"
 
 
 @pytest.mark.parametrize(
@@ -112,7 +112,7 @@ def test_object_names_are_deterministic():
 )
 def test_object_names_refuse_bad_parts(user_id, file_uid, task_type):
     with pytest.raises(ValueError):
-        object_names(user_id, file_uid, task_type, 1)
+        object_name(user_id, file_uid, task_type)
 
 
 def test_a_name_another_job_may_own_has_an_alternate_that_no_other_name_equals():

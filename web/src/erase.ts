@@ -16,9 +16,9 @@ export interface EraseReply {
 /** The callable's own limit is 120 s (a pass starts no job after 60 s): past it, and a margin, no answer comes. */
 export const ERASE_TIMEOUT_MS = 125_000;
 /** Between passes while running jobs stop (at their worker's next step). */
-export const STOPPING_WAIT_MS = 2000;
+const STOPPING_WAIT_MS = 2000;
 /** How long the page keeps calling in all: a running job whose worker died ends only once its lease runs out. */
-export const ERASE_PATIENCE_MS = 5 * 60_000;
+const ERASE_PATIENCE_MS = 5 * 60_000;
 /** `unavailable` (Firestore or Storage failing) is tried again this many times, a backoff apart, then said. */
 const UNAVAILABLE_TRIES = 3;
 const UNAVAILABLE_WAIT_MS = 2000;
