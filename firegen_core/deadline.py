@@ -3,8 +3,8 @@
 deadline = max(floor, multiple x estimate)
 
 The estimate is the per-user cost model of `firegen_core.quota` (measured H100 figures, README "Per-user limits"):
-one cost model serves both the budget and the deadline. Attention grows faster than linearly with size, so the
-per-pixel rate is a rough figure: the multiple (default 5) covers slower cards and that error, the floor (default
+one cost model serves both the budget and the deadline. It is a rough figure (a few measured sizes, attention's
+square counted for large videos alone): the multiple (default 5) covers slower cards and that error, the floor (default
 120 s) covers loading and small jobs. On cards much slower than an H100 (L4, A10) raise JOB_TIMEOUT_MULTIPLE.
 """
 

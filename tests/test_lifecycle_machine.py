@@ -245,7 +245,7 @@ BROKEN_DOCS = {
     "videos": ({"num_frames": 16, "fps": 99},),
 }
 # Small enough that the limits are met within a sequence: USER_MAX_RUNNING of 1 and 2, a backlog of 2 or 3, a
-# budget of a few jobs (a default image costs 1.41 GPU-seconds, a 32-frame video 7.85); one at the defaults.
+# budget of a few jobs (a default image costs 1.41 GPU-seconds, a 32-frame video 8.91); one at the defaults.
 LIMITS = (
     quota.Limits(max_running=1, max_pending=2, daily_budget=6),
     quota.Limits(max_running=2, max_pending=3, daily_budget=12),

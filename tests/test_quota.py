@@ -66,7 +66,7 @@ def test_the_cost_model_is_calibrated_on_the_measured_h100_figures():
     full_sdxl = request("a", width=1024, height=1024, num_inference_steps=30)
     assert quota.estimate(full_sdxl) == pytest.approx(quota.JOB_OVERHEAD_SECONDS + 2.46, abs=1e-3)
     wan = request("v", video_width=832, video_height=480, num_frames=81, num_inference_steps=50)
-    assert quota.estimate(wan) == pytest.approx(quota.JOB_OVERHEAD_SECONDS + 50 * 1.32, abs=1e-3)
+    assert quota.estimate(wan) == pytest.approx(quota.JOB_OVERHEAD_SECONDS + 50 * 1.32 + 4.1, abs=1e-3)
     # Linear in images, steps and pixels (beyond the fixed overhead).
     four = request("b", width=1024, height=1024, num_inference_steps=30, num_images_per_prompt=4)
     assert quota.estimate(four) - quota.JOB_OVERHEAD_SECONDS == pytest.approx(4 * 2.46, abs=1e-2)
@@ -75,6 +75,19 @@ def test_the_cost_model_is_calibrated_on_the_measured_h100_figures():
     # The default budget lets a normal user make hundreds of default images (and of full-size ones) a day.
     assert Limits().daily_budget / default_image >= 400
     assert Limits().daily_budget / quota.estimate(full_sdxl) >= 150
+
+
+def test_a_video_larger_than_the_calibration_costs_its_attentions_square():
+    """An audit: the largest video (1024x1024x81, 2.6 times the calibration's pixels) was charged linearly, 174
+    GPU-seconds for ~370 of work by its FLOPs (self-attention grows with the square of the tokens)."""
+    largest = request("v", video_width=1024, video_height=1024, num_frames=81, num_inference_steps=50)
+    scale = 1024 * 1024 / (480 * 832)
+    steps = 50 * 1.32 * (0.3 * scale + 0.7 * scale**2)
+    assert quota.estimate(largest) == pytest.approx(quota.JOB_OVERHEAD_SECONDS + steps + 4.1 * scale, abs=1e-3)
+    assert 370 < quota.estimate(largest) < Limits().daily_budget  # still one job within a default day
+    # At and below the calibration, linear in pixels x frames x steps (a small video: no cheaper than before).
+    half = request("h", video_width=832, video_height=480, num_frames=41, num_inference_steps=50)
+    assert quota.estimate(half) - quota.JOB_OVERHEAD_SECONDS == pytest.approx(41 / 81 * (50 * 1.32 + 4.1), abs=1e-3)
 
 
 def test_the_worker_reads_the_limits_from_its_environment(monkeypatch):
