@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -627,6 +628,51 @@ def test_a_run_restated_on_another_worker_stops_at_once_and_runs_again_with_the_
     assert (doc["status"], doc["attempts"], doc["width"]) == ("completed", 2, 256)
     assert generator.calls == ["restated", "restated"]
     assert worker.wait_idle(5)
+
+
+def test_a_run_restated_in_a_backlogs_middle_stops_when_the_sweep_finds_it(sched_worker, firestore_client, monkeypatch):
+    """An audit: a restated job whose old `created_at` puts it in the middle of a backlog, in neither listener's
+    window, was found queued by the sweep alone, which offered it without stopping the stale run: that went on to
+    its next lease renewal (40 s by default), its user's running count already given back."""
+    from google.cloud.firestore import Query
+
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobStore
+    from listener import reconciler
+
+    monkeypatch.setitem(reconciler.WINDOWS, "oldest", (Query.ASCENDING, 2))
+    monkeypatch.setitem(reconciler.WINDOWS, "newest", (Query.DESCENDING, 1))
+    held, running = threading.Event(), threading.Event()
+
+    class HoldsOne(StubGenerator):
+        """Holds the restated job, at 0% (no progress write, whose fence would find the run stale after 5 s); the
+        backlog's jobs are quick."""
+
+        def generate(self, request, progress=None):
+            if request.file_uid == "restated":
+                running.set()
+            while request.file_uid == "restated" and not held.is_set():
+                progress(0.0)  # a step: where a stop is heard
+                held.wait(0.02)
+            return super().generate(request, progress)
+
+    generator = HoldsOne()
+    sched_worker("w", generator, lease=120.0)
+    key = JobKey("u1", "images", "restated")
+    queue_jobs(firestore_client, [key])
+    assert running.wait(15)
+    before = [JobKey("u2", "images", f"older-{i}") for i in range(3)]
+    # Written before it by the clock its restatement keeps (`created_at`), after it by the queue's: the worker,
+    # busy, leaves them queued, filling the oldest window; newer ones fill the newest.
+    queue_jobs(firestore_client, before, created_at=datetime(2020, 1, 1, tzinfo=UTC))
+    queue_jobs(firestore_client, [JobKey("u3", "images", f"newer-{i}") for i in range(2)])
+    request = {"prompt": "A red sports car", "user_id": "u1", "file_uid": "restated", "use_cloud_storage": True}
+    outcome = JobStore(firestore_client).ensure_queued(parse_runsync_input({**request, "width": 256}))
+    assert outcome.displaced is not None and outcome.displaced.worker_id == "w"
+    assert wait_until(lambda: read(firestore_client, key).get("attempts") == 2 or None, timeout=15)
+    held.set()
+    doc = wait_until(lambda: finished(firestore_client, key), timeout=30)
+    assert (doc["status"], doc["width"]) == ("completed", 256)
 
 
 # ---------------------------------------------------------------------------------------------- mutation audit

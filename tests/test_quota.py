@@ -358,6 +358,39 @@ def test_a_job_released_on_shutdown_stops_running_but_stays_pending(firestore_cl
     assert usage(firestore_client)["spent_today"] == doc(firestore_client, key)["cost"]  # charged once
 
 
+def test_a_job_held_back_by_user_max_running_starts_as_soon_as_one_of_theirs_ends(firestore_client, results):
+    """A latency audit: a worker with more slots than USER_MAX_RUNNING found the user's third job held back and
+    forgot it: nothing offered it again (its doc did not change) until the next sweep, SWEEP_INTERVAL_SECONDS after
+    one of the user's jobs ended (here 300 s: it must start long before)."""
+    limits = Limits(max_running=2)
+    release = {f"job-{i}": threading.Event() for i in range(3)}
+    started: list[str] = []
+
+    class PerJob(StubGenerator):
+        def generate(self, request, progress=None):
+            started.append(request.file_uid)
+            release[request.file_uid].wait(60)
+            return super().generate(request, progress)
+
+    keys = [write_client_doc(firestore_client, f"job-{i}", width=256) for i in range(3)]
+    admitting = JobStore(firestore_client, limits=limits)
+    for key in keys:  # as the functions admit them: no later write of the docs offers them again
+        assert admitting.admit(key).written
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30, limits=limits)
+    worker = Reconciler(store, JobRunner(store, PerJob(), results), concurrency=3, sweep_interval=300).start()
+    try:
+        assert worker.wait_listening(LISTENING_SECONDS)
+        # Two run; the third's claim was tried on the free slot, and held back.
+        assert emu.wait_until(lambda: len(started) == 2 and worker.candidates == 0 and worker.busy == 2, 30, 0.02)
+        assert sorted(started) == ["job-0", "job-1"] and doc(firestore_client, keys[2])["status"] == "queued"
+        release["job-0"].set()
+        assert emu.wait_until(lambda: "job-2" in started, 30, 0.02)
+    finally:
+        for event in release.values():
+            event.set()
+        worker.stop(grace=0)
+
+
 def test_two_workers_never_run_two_jobs_of_a_user_past_user_max_running(firestore_client, results):
     """The test review: the peak was bound by the two workers alone (it could never pass 2), and the workers met
     only by chance (a sleep). Now each of the user's jobs runs until the other user's job is running beside it:
