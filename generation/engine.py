@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -366,4 +367,9 @@ class Engine:
             files = [OutputFile(mp4, *media.MP4)]
             return files, width, height, media.video_info(count, request.fps, width, height)
         width, height = output[0].size
-        return [OutputFile(media.encode_png(image), *media.PNG) for image in output], width, height, None
+        if len(output) == 1:
+            pngs = [media.encode_png(output[0])]
+        else:  # at once: Pillow compresses without the GIL (a 1024x1024 PNG is ~0.25 s of zlib)
+            with ThreadPoolExecutor(len(output), thread_name_prefix="encode") as pool:
+                pngs = list(pool.map(media.encode_png, output))
+        return [OutputFile(png, *media.PNG) for png in pngs], width, height, None

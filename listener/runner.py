@@ -10,9 +10,11 @@ fenced by the store. Generation is stopped through its progress callback, so it 
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
@@ -227,14 +229,28 @@ class JobRunner:
             seconds = time.monotonic() - t0
             for run in runs.values():
                 run.hold()
-            # Each job's writes wait out a Firestore outage until then: the batch's jobs share it, one after another.
+            # Each job's writes wait out a Firestore outage until then: the batch's jobs share it.
             patient_until = time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
-            for (index, run), result in zip(runs.items(), generated, strict=True):
+
+            def deliver(run: _Run, result: Any) -> RunOutcome:
                 try:
-                    outcomes[index] = self._deliver(run, result, seconds, patient_until)
+                    return self._deliver(run, result, seconds, patient_until)
                 except Exception as exc:  # its lease lapses and another try runs it; the batch's others go on
                     log.error("job_runner_crashed", error=repr(exc), **job_ids(run.job))
-                    outcomes[index] = RunOutcome.LOST
+                    return RunOutcome.LOST
+
+            if len(runs) <= 1:
+                for (index, run), result in zip(runs.items(), generated, strict=True):
+                    outcomes[index] = deliver(run, result)
+            else:
+                # A batch's jobs delivered at once, each under its own lease and fence (a latency audit: the 4th of
+                # a batch was done ~0.5 s a job after the 1st); each thread with this one's log context.
+                with ThreadPoolExecutor(len(runs), thread_name_prefix="deliver") as pool:
+                    delivering = {
+                        index: pool.submit(contextvars.copy_context().run, deliver, run, result)
+                        for (index, run), result in zip(runs.items(), generated, strict=True)
+                    }
+                outcomes.update({index: future.result() for index, future in delivering.items()})
         return [outcomes[index] for index in range(len(jobs))]
 
     def _generate(self, runs: list[_Run]) -> list[Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
@@ -72,6 +73,7 @@ PUBLIC_CACHE_CONTROL = "private, no-cache"
 # When the try that wrote the object claimed its job (the claim's server time, microseconds since the epoch): a
 # later claim's is greater, and a try never writes over a later try's object (`Superseded`).
 CLAIM_METADATA_KEY = "firegen_claim"
+UPLOAD_THREADS = 4  # a job's files uploaded at once (an image job has 4 at most)
 PUBLIC_BASE = "https://storage.googleapis.com"
 FIREBASE_BASE = "https://firebasestorage.googleapis.com"
 
@@ -281,33 +283,54 @@ class ResultStore:
             object_name(user_id, file_uid, task_type, index, ext)
         deadline = time.monotonic() + self.retry.max_seconds
         bucket = self.client.bucket(self.bucket_name)
-        urls, unused = [], []
-        for index, (data, ext, content_type) in enumerate(files):
-            token = str(uuid.uuid4()) if self.url_style == "token" else None
-            metadata = {OWNER_METADATA_KEY: file_uid, **({TOKEN_METADATA_KEY: token} if token else {})}
-            if claim is not None:
-                metadata[CLAIM_METADATA_KEY] = str(claim)
-            for tries_left in reversed(range(3)):
-                name, stale, generation = self._target(
-                    bucket, user_id, file_uid, task_type, index, ext, deadline, claim
-                )
-                try:
-                    self._put(
-                        bucket, name, data, content_type or DEFAULT_FORMAT[task_type][1], metadata, deadline, generation
-                    )
-                    break
-                except StorageError as exc:
-                    # Someone wrote the name between the check and this upload: check again (another job's, and
-                    # this job takes its alternate; a later try's, and this one stops; an earlier try's, which
-                    # woke up, and this one writes over it).
-                    if not tries_left or not isinstance(exc.__cause__, api_exceptions.PreconditionFailed):
-                        raise
-            if stale:
-                unused.append(stale)
-            urls.append(self._url(bucket, name, token))
+
+        def one(index: int) -> tuple[str, str | None]:
+            data, ext, content_type = files[index]
+            return self._upload_one(
+                bucket, (user_id, file_uid, task_type, index, ext), data, content_type, deadline, claim
+            )
+
+        # A job's files at once (a latency audit: 4 images took 8 requests one after another); each has its own
+        # names, so they never meet. The client is safe to share across threads (google-cloud-storage's docs).
+        if len(files) == 1:
+            written = [one(0)]
+        else:
+            with ThreadPoolExecutor(min(len(files), UPLOAD_THREADS), thread_name_prefix="upload") as pool:
+                written = list(pool.map(one, range(len(files))))
+        unused = [stale for _, stale in written if stale]
         if unused:
             self._drop_stale(bucket, user_id, file_uid, task_type, unused, claim)
-        return urls
+        return [url for url, _ in written]
+
+    def _upload_one(
+        self,
+        bucket: Any,
+        where: tuple[str, str, str, int, str],
+        data: bytes,
+        content_type: str,
+        deadline: float,
+        claim: int | None,
+    ) -> tuple[str, str | None]:
+        """Upload the job's `index`-th file (`where`: user_id, file_uid, task_type, index, ext): (its URL, the job's
+        other name for it, to delete, or None)."""
+        user_id, file_uid, task_type, index, ext = where
+        token = str(uuid.uuid4()) if self.url_style == "token" else None
+        metadata = {OWNER_METADATA_KEY: file_uid, **({TOKEN_METADATA_KEY: token} if token else {})}
+        content_type = content_type or DEFAULT_FORMAT[task_type][1]
+        if claim is not None:
+            metadata[CLAIM_METADATA_KEY] = str(claim)
+        for tries_left in reversed(range(3)):
+            name, stale, generation = self._target(bucket, user_id, file_uid, task_type, index, ext, deadline, claim)
+            try:
+                self._put(bucket, name, data, content_type, metadata, deadline, generation)
+                return self._url(bucket, name, token), stale
+            except StorageError as exc:
+                # Someone wrote the name between the check and this upload: check again (another job's, and this job
+                # takes its alternate; a later try's, and this one stops; an earlier try's, which woke up, and this
+                # one writes over it).
+                if not tries_left or not isinstance(exc.__cause__, api_exceptions.PreconditionFailed):
+                    raise
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def _target(
         self,

@@ -128,6 +128,29 @@ def test_a_free_slot_runs_compatible_queued_jobs_as_one_batch_each_as_it_would_a
             assert np.abs(pixels(download(url)) - pixels(file.data)).max() <= TOLERANCE, file_uid
 
 
+def test_a_batchs_jobs_are_delivered_at_once(make_worker, firestore_client, engine, monkeypatch):
+    """A latency audit: a batch's jobs were uploaded and completed one after another, the last ~0.5 s a job after
+    the first in production. Three uploads that never meet at once time the barrier out (the jobs then fail)."""
+    spy = Spy(engine, hold="first")
+    worker = make_worker(spy, batch_max=3)
+    together, upload = threading.Barrier(3, timeout=10), worker.runner.results.upload
+
+    def at_once(*args, **kwargs):
+        if kwargs.get("claim") is not None and args[1] != "first":
+            together.wait()
+        return upload(*args, **kwargs)
+
+    monkeypatch.setattr(worker.runner.results, "upload", at_once)
+    write_job(firestore_client, "u0", "first")
+    assert spy.holding.wait(30)
+    keys = [write_job(firestore_client, f"user{i}", f"job{i}", seed=i) for i in range(3)]
+    wait_until(lambda: worker.reconciler.candidates == len(keys))
+    spy.gate.set()
+    done = [wait_until(lambda key=key: finished(firestore_client, key), timeout=120) for key in keys]
+    assert spy.calls == [["first"], ["job0", "job1", "job2"]]
+    assert [data["status"] for data in done] == ["completed"] * 3
+
+
 def test_cancelling_one_job_of_a_batch_stops_that_job_alone(make_worker, firestore_client, engine):
     spy = Spy(engine, hold="first", hold_batches=True)
     worker = make_worker(spy, batch_max=4)

@@ -316,6 +316,22 @@ def test_a_later_try_landing_during_a_stalled_uploads_request_wins(store, storag
     assert ("generating/u/image/t_1.png", 0) in racing.conditions  # found free: written only if still free
 
 
+def test_a_jobs_files_are_uploaded_at_once(store, bucket, monkeypatch):
+    """A latency audit: a job's images went up one after another, a check and an upload each (8 requests in a row
+    for 4 images). Three uploads that never meet at once time the barrier out (BrokenBarrierError)."""
+    together, put = threading.Barrier(3, timeout=10), store._put
+
+    def at_once(*args, **kwargs):
+        together.wait()
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_put", at_once)
+    urls = store.upload("u", "p", "text2image", images(b"p-0", b"p-1", b"p-2"), claim=1)
+    assert [name_of(url) for url in urls] == [f"generating/u/image/p{suffix}.png" for suffix in ("", "_1", "_2")]
+    for url, data in zip(urls, (b"p-0", b"p-1", b"p-2"), strict=True):
+        intact(bucket, url, data)
+
+
 def test_a_cancelled_job_removes_only_its_own_objects(store, bucket):
     others = {uid: store.upload("u", uid, "text2image", images(uid.encode()))[0] for uid in ("d_1", "d_2")}
     store.upload("u", "d", "text2image", images(b"d-0", b"d-1", b"d-2"))  # a try stopped short of its 4 images
