@@ -1235,6 +1235,9 @@ def test_jobs_the_server_refused_to_list_are_listened_to_again(stack, open_page)
     _held_job(stack, app.uid, "listed-again")
     app.job("listed-again").wait_for(timeout=60_000)
     notice.wait_for(state="hidden", timeout=10_000)
+    # The limits' line too (a soak audit: its listener, refused once, was never listened to again).
+    app.page.locator("#usage").wait_for(state="visible", timeout=60_000)
+    assert app.page.locator("#usage").inner_text().startswith("Your limits: ")
     refused = r"permission|false for 'list'|PERMISSION_DENIED"  # the browser's and the SDK's notes of the refusals
     assert [p for p in app.problems() if not re.search(refused, p)] == []
 

@@ -67,6 +67,25 @@ console.log(JSON.stringify(out));
 """
 
 
+DISMISSED_RUNNER = """
+import { Dismissed, DISMISSED_MAX } from "./dismissed.mjs";
+const stored = new Map();
+globalThis.localStorage = {
+  getItem: (key) => stored.get(key) ?? null,
+  setItem: (key, value) => stored.set(key, String(value)),
+  removeItem: (key) => stored.delete(key),
+};
+const [count] = JSON.parse(process.argv[2]);
+const dismissed = new Dismissed("p", "u");
+for (let i = 0; i < count; i += 1) dismissed.add(`images/job-${i}`);
+dismissed.add("images/job-0");  // dismissed again: the latest
+const kept = JSON.parse(stored.get("firegen.dismissed/p/u"));
+const again = new Dismissed("p", "u");  // as the next page load reads it
+console.log(JSON.stringify([DISMISSED_MAX, kept.length, again.has("images/job-0"), again.has("images/job-1"),
+  again.has(`images/job-${count - 1}`)]));
+"""
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """web/src/<name>.ts bundled for Node, with a runner script; runs it with its argument as JSON."""
@@ -209,3 +228,12 @@ def test_the_page_tells_the_day_by_firestores_clock_from_the_usage_docs_writes(s
         "2026-12-06T00:00:20.000Z",
         "2026-12-06T00:00:05.000Z",
     ]
+
+
+def test_dismissed_jobs_are_kept_up_to_a_bound_the_longest_dismissed_going_first(bundle):
+    """A soak audit: a user with more jobs of a type than the page lists (Show older shown) never had a deleted job's
+    key forgotten (that needs the whole history listed), so the keys in localStorage grew with every dismissal."""
+    run = bundle("dismissed", DISMISSED_RUNNER)
+    bound = run([0])[0]
+    assert run([bound + 50]) == [bound, bound, True, False, True]
+    assert run([10])[1:] == [10, True, True, True]  # under the bound, all kept

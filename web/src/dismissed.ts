@@ -1,6 +1,11 @@
 // The failed and cancelled jobs a user dismissed, in this browser only (firestore.rules let no client delete a
 // job): their keys ("videos/<file_uid>") in localStorage, per project and user. Where storage is refused (a
 // private window's quota, storage turned off) they are kept for this page's life.
+
+/** The most keys kept, the latest dismissed: a user with more jobs than a page lists forgets no deleted job's key
+ * (`keepOnly` needs the whole history listed), and the list grew with every dismissal (a soak audit). */
+export const DISMISSED_MAX = 1000;
+
 export class Dismissed {
   private readonly storageKey: string;
   private keys = new Set<string>();
@@ -30,7 +35,12 @@ export class Dismissed {
 
   add(key: string): void {
     this.reload(); // what another tab saved meanwhile stands
+    this.keys.delete(key); // the latest dismissed last: the first to go are the longest dismissed
     this.keys.add(key);
+    for (const old of this.keys) {
+      if (this.keys.size <= DISMISSED_MAX) break;
+      this.keys.delete(old);
+    }
     this.save();
   }
 

@@ -14,6 +14,11 @@ import { settle } from "./status";
 const LISTEN_RETRY_MS = 2000;
 const LISTEN_RETRY_MAX_MS = 60_000;
 
+/** The wait before listening again after a failure, given the last one (0: the server had answered since). */
+export function nextRetry(last: number): number {
+  return Math.min(LISTEN_RETRY_MAX_MS, last ? last * 2 : LISTEN_RETRY_MS);
+}
+
 export class JobsListener {
   private readonly showOlder = $<HTMLButtonElement>("show-older");
   private shown = PAGE;
@@ -90,7 +95,7 @@ export class JobsListener {
     // at their last percent, and the error, on the form's line, went with the next thing said there).
     this.widening = false;
     this.olderFrom = null;
-    this.retryIn = Math.min(LISTEN_RETRY_MAX_MS, this.retryIn ? this.retryIn * 2 : LISTEN_RETRY_MS);
+    this.retryIn = nextRetry(this.retryIn);
     // The rules' own text (the emulator's quotes a rule) is no message for a user.
     const why = isCode(error, "permission-denied") ? "the server refused to list them" : error.message;
     notify(`Your jobs stopped updating: ${why}.`, ` Listening again in ${this.retryIn / 1000} s.`);
