@@ -36,9 +36,10 @@ from firegen_core.errors import (
     classify,
 )
 from firegen_core.jobs import BOUND, ClaimedJob
+from firegen_core.results import most
 
 from .lease import Heartbeat, RunOutcome, job_ids, log_failure, quietly, release
-from .storage import Superseded, claim_stamp, is_transient, refused_access
+from .storage import StorageUnavailable, Superseded, claim_stamp, is_transient, refused_access
 
 log = structlog.get_logger("listener.runner")
 
@@ -277,6 +278,7 @@ class JobRunner:
             if run.outcome is not None:
                 return run.outcome
         written: str | None = None
+        uploading = False  # some of its objects may be written
         try:
             if isinstance(result, BaseException):
                 raise result
@@ -291,6 +293,7 @@ class JobRunner:
                 return self._lost_or_timed_out(run)
             run.resume()
             t1 = time.monotonic()
+            uploading = True
             with structlog.contextvars.bound_contextvars(**job_ids(job)):  # its retries' log lines name the job
                 urls = self.results.upload(
                     job.key.user_id,
@@ -344,7 +347,14 @@ class JobRunner:
                 # back to the queue and the worker leaves; its replacement's start-up check says what is wrong.
                 self.on_storage_refused(exc)
                 return release(self.store, job)
-            return self._fail(job, classify(exc))
+            outcome = self._fail(job, classify(exc))
+            gone = isinstance(exc, StorageUnavailable)  # Storage away: removing would wait out its retries too
+            if outcome == RunOutcome.FAILED and (uploading or job.lease.attempt > 1) and not gone:
+                # No doc names them: what this try uploaded before it failed (a job's files go up at once), or an
+                # earlier try's, stopped during its upload (restated, taken over), that no later try wrote over
+                # (an accounting fuzz: a failed job's bucket kept them).
+                self._remove_results(job, request, every=True)
+            return outcome
         heartbeat.stop()
         if written is None and self._timed_out(run):  # failed `Timeout` during its upload: no doc names its objects
             self._remove_results(job, request)
@@ -436,10 +446,11 @@ class JobRunner:
         log_failure(error.error_type, error.message, job)
         return RunOutcome.FAILED
 
-    def _remove_results(self, job: ClaimedJob, request: GenerationRequest) -> None:
+    def _remove_results(self, job: ClaimedJob, request: GenerationRequest, *, every: bool = False) -> None:
         """Delete the job's objects; only ever called right after this worker wrote the job's end (it held the
-        lease, so no other worker is writing the same names)."""
-        count = 1 if request.is_video else request.num_images_per_prompt
+        lease, so no other worker is writing the same names). `every`: as many as a job of its type may have (an
+        earlier try's request may have asked for more images), not only this request's."""
+        count = most(request.task_type) if every else 1 if request.is_video else request.num_images_per_prompt
         removed = quietly(lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count), job)
         if removed:
             log.info("job_results_removed", objects=removed, **job_ids(job))

@@ -999,6 +999,54 @@ def test_a_job_timed_out_during_its_upload_leaves_no_objects(firestore_client, r
     assert list(blobs(bucket)) == []
 
 
+class Failing(StubGenerator):
+    def generate(self, request, progress=None):
+        raise RuntimeError("boom")
+
+
+def test_a_job_failing_after_an_earlier_trys_upload_leaves_no_objects(firestore_client, results, bucket):
+    """An accounting fuzz: a try restated during its upload left its objects for the next try to write over; that
+    try failed in the generator, and the failed job's objects stayed in the bucket, named by no doc."""
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobStore
+
+    key = JobKey("u1", "images", "orphan")
+    fields = {"prompt": "a red car", "user_id": "u1", "file_uid": "orphan", "use_cloud_storage": True}
+    JobStore(firestore_client).ensure_queued(parse_runsync_input({**fields, "num_images_per_prompt": 3}))
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+
+    class RestatedDuringUpload(HeldUpload):  # to one image: the earlier try's 3 are more than this one asks
+        def upload(self, *args, **kwargs):
+            urls = self.results.upload(*args, **kwargs)
+            JobStore(firestore_client).ensure_queued(parse_runsync_input({**fields, "num_images_per_prompt": 1}))
+            return urls
+
+    assert JobRunner(store, StubGenerator(), RestatedDuringUpload(results, None)).run(store.claim(key)) == "lost"
+    assert len(blobs(bucket)) == 3
+    assert JobRunner(store, Failing(), results).run(store.claim(key)) == "failed"
+    assert doc(firestore_client, key)["error_type"] == "RuntimeError"
+    assert list(blobs(bucket)) == []
+
+
+def test_a_job_whose_upload_failed_part_way_leaves_no_objects(firestore_client, results, bucket):
+    """A job's files go up at once: one refused while the others were written failed the job with them in the
+    bucket, named by no doc."""
+    from listener.storage import StorageError
+
+    key = JobKey("u1", "images", "half-uploaded")
+    write_job(firestore_client, key, num_images_per_prompt=2)
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+
+    class FirstOnly(HeldUpload):
+        def upload(self, user_id, file_uid, task_type, files, **kwargs):
+            self.results.upload(user_id, file_uid, task_type, files[:1], **kwargs)
+            raise StorageError("Storage upload of the second image failed (400 Bad Request)")
+
+    assert JobRunner(store, StubGenerator(), FirstOnly(results, None)).run(store.claim(key)) == "failed"
+    assert doc(firestore_client, key)["error_type"] == "ConnectionError"  # the contract's type of a storage failure
+    assert list(blobs(bucket)) == []
+
+
 class Recording(WorkerJobs):
     """The job store, noting whether a renewal or a release came once `leaving` was set."""
 
