@@ -161,6 +161,18 @@ def test_a_job_a_request_brings_takes_its_place_by_its_docs_age(sched_worker, fi
     assert generator.calls[1:] == ["x-old", "y-new"]
 
 
+class OnStart(StepGenerator):
+    """A StepGenerator that calls `on_start()` as each job starts."""
+
+    def __init__(self, on_start):
+        super().__init__()
+        self.on_start = on_start
+
+    def generate(self, request, progress=None):
+        self.on_start()
+        return super().generate(request, progress)
+
+
 def test_the_first_claim_after_start_waits_for_the_first_sweep(firestore_client, results):
     """Audit: right after a start, 13 of 465 claims took a user's newer doc before its oldest (the newest window's
     first snapshot came first, and users behind a backlog are only found by the sweep). The first claim waits
@@ -174,12 +186,7 @@ def test_the_first_claim_after_start_waits_for_the_first_sweep(firestore_client,
             gate.wait(15)
             return super().sweep()
 
-    class Noting(StepGenerator):
-        def generate(self, request, progress=None):
-            swept_when_claimed.append(reconciler._swept.is_set())
-            return super().generate(request, progress)
-
-    generator = Noting()
+    generator = OnStart(lambda: swept_when_claimed.append(reconciler._swept.is_set()))
     key = JobKey("userA", "images", "first")
     queue_jobs(firestore_client, [key])
     store = WorkerJobs(firestore_client, worker_id="held", lease_seconds=30.0)
@@ -209,14 +216,9 @@ def test_the_first_claim_waits_for_the_sweeps_ordered_queries_alone(firestore_cl
             started.wait(30)
             return super()._discover()
 
-    class Starting(StepGenerator):
-        def generate(self, request, progress=None):
-            started.set()
-            return super().generate(request, progress)
-
     queue_jobs(firestore_client, [JobKey("userA", "images", "first")])
     store = WorkerJobs(firestore_client, worker_id="quick", lease_seconds=30.0)
-    reconciler = HeldDiscovery(store, JobRunner(store, Starting(), results), sweep_interval=30).start()
+    reconciler = HeldDiscovery(store, JobRunner(store, OnStart(started.set), results), sweep_interval=30).start()
     try:
         assert started.wait(20)
     finally:
