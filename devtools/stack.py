@@ -51,6 +51,7 @@ OUT = REPO / "out" / "dev"
 PORT_NAMES = ("auth", "functions", "firestore", "storage", "worker", "hosting")
 WORKER_RESTARTS = 3  # a worker that keeps dying has something to read in its log, not a restart to wait for
 WATCH_INTERVAL_S = 0.5
+BACKGROUND_LOAD_WAIT = 120.0  # the worker's second model's load, for its warnings (then said without them)
 # What a dead process is called in the line that says so (by Emulator.name).
 LABELS = {
     "worker": "the worker",
@@ -306,6 +307,8 @@ class Stack:
 
     @staticmethod
     def say_warnings(worker: WorkerProcess) -> None:
+        # Ready once its first model is: the other's load, in the background, may still warn (a second or two).
+        emu.wait_until(lambda: not worker.loading(), BACKGROUND_LOAD_WAIT, interval=0.2)
         for warning in worker.start_warnings():
             say(f"make dev: the worker warns: {warning}")
 

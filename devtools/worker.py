@@ -75,19 +75,37 @@ class WorkerProcess(emu.Emulator):
     def events(self, name: str) -> list[str]:
         return [line for line in self.log_path.read_text().splitlines() if f'"event": "{name}"' in line]
 
-    def start_warnings(self) -> list[str]:
-        """What its latest start warned of, one line each (`no_gpu`, `model_not_available`): make dev says them
-        on the terminal, where a newcomer looks, not only in the log."""
-        said = []
+    def start_events(self) -> list[dict]:
+        """The JSON lines of its latest start."""
+        events = []
         for line in self.log_tail(400).splitlines():
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(event, dict):
+            if isinstance(event, dict):
+                events.append(event)
+        return events
+
+    def loading(self) -> bool:
+        """Whether it is ready and still loading a model in the background (`worker_ready`'s `loading`, until
+        `models_loaded`)."""
+        events = self.start_events()
+        ready = next((event for event in events if event.get("event") == "worker_ready"), None)
+        loaded = any(event.get("event") == "models_loaded" for event in events)
+        return bool(ready and ready.get("loading")) and not loaded
+
+    def start_warnings(self) -> list[str]:
+        """What its latest start warned of, one line each (`no_gpu`, `model_not_available`): make dev says them
+        on the terminal, where a newcomer looks, not only in the log. Up to `worker_ready`, and then the failure of
+        the model loaded in the background."""
+        said = []
+        events = self.start_events()
+        names = [event.get("event") for event in events]
+        ready = names.index("worker_ready") if "worker_ready" in names else len(names)
+        for at, event in enumerate(events):
+            if at > ready and names[at] != "model_not_available":  # the background load's, after ready
                 continue
-            if event.get("event") == "worker_ready":
-                break
             if event.get("severity") in ("WARNING", "ERROR"):
                 about = f" ({event['task_type']})" if event.get("task_type") else ""
                 detail = event.get("note") or event.get("error") or ""

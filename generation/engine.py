@@ -1,8 +1,8 @@
 """The generation engine: a validated request in, encoded files out. No Firebase here.
 
 `Engine` owns one `ImagePipeline` and one `VideoPipeline`, each loaded at most once per process (at start with
-`preload`, else on the first job that needs it), picks the device and dtype, draws the seed when the request
-has none, and encodes the outputs (PNG, MP4) with `generation.media`. `generate_batch` runs text2image jobs of
+`preload`, in the background with `preload_later`, else on the first job that needs it), picks the device and
+dtype, draws the seed when the request has none, and encodes the outputs (PNG, MP4) with `generation.media`. `generate_batch` runs text2image jobs of
 one `batch_key` in one UNet batch; `compile_states` says which models still run eagerly while they compile.
 
 Configuration from the environment, validated by `generation.settings.ModelSettings` (`EngineConfig.from_settings`):
@@ -35,7 +35,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -235,22 +235,44 @@ class Engine:
             self.config.video_cache_threshold,
         )
         self._pipelines: dict[str, DiffusionCapability] = {}
-        self._load_lock = threading.Lock()
+        # One per model: a job whose model failed to load tries again without waiting on the other's load.
+        self._load_locks = {task_type: threading.Lock() for task_type in CAPABILITIES}
+        self._loading: set[str] = set()  # in `preload_later`'s hands, not yet loaded or failed
         if self.config.preload:
             for task_type, failure in self.preload().items():
                 log.error("model_not_available", extra={"task_type": task_type, "error": failure.message})
 
-    def preload(self) -> dict[str, errors.GenerationError]:
-        """Load every enabled model now. Returns the failures instead of raising them, so one model missing
-        doesn't stop the worker serving the other; a failed load is tried again by the next job that needs it."""
+    def preload(self, task_types: Iterable[str] = CAPABILITIES) -> dict[str, errors.GenerationError]:
+        """Load every enabled model of `task_types` (default: all) now. Returns the failures instead of raising
+        them, so one model missing doesn't stop the worker serving the other; a failed load is tried again by the
+        next job that needs it."""
         failures = {}
-        for task_type in CAPABILITIES:
+        for task_type in task_types:
             if self.config.enabled(task_type):
                 try:
                     self.pipeline(task_type)
                 except errors.GenerationError as failure:
                     failures[task_type] = failure
+                finally:
+                    self._loading.discard(task_type)
         return failures
+
+    def preload_later(
+        self, task_types: Iterable[str], on_end: Callable[[dict[str, errors.GenerationError]], None]
+    ) -> threading.Thread:
+        """`preload` on a thread of its own, then `on_end` with its failures: `loading` says which models it has
+        yet to load (or fail), from this call on."""
+        pending = [task_type for task_type in task_types if self.config.enabled(task_type)]
+        self._loading.update(pending)
+        thread = threading.Thread(
+            target=lambda: on_end(self.preload(pending)), name=f"load-{'+'.join(pending)}", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def loading(self, task_type: str) -> bool:
+        """Whether `preload_later` has yet to load the model of `task_type` (its jobs would wait for it)."""
+        return task_type in self._loading
 
     def check_device(self) -> None:
         """The fitness check: a small computation on the engine's device, read back (which synchronises).
@@ -280,7 +302,7 @@ class Engine:
         loaded = self._pipelines.get(task_type)
         if loaded is not None:  # not behind the lock: a failing model's reload (minutes for Wan) holds it
             return loaded
-        with self._load_lock:
+        with self._load_locks[task_type]:
             if task_type not in self._pipelines:
                 self._pipelines[task_type] = CAPABILITIES[task_type].load(
                     self.config.model_ref(task_type),

@@ -7,6 +7,7 @@ picks up every queued doc, it just has no HTTP door.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -17,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 _T0 = time.perf_counter()
 
@@ -85,6 +86,11 @@ def _configuration_error(exc: Exception) -> int:
     return 2
 
 
+def model_not_available(log: Any, task_type: str, failure: Any) -> None:
+    """ERROR: every job of that model fails ModelNotAvailable until the setting or the volume is fixed."""
+    log.error("model_not_available", task_type=task_type, error=failure.message)
+
+
 def _crash_reason(exc: BaseException) -> str:
     return f"crashed: {type(exc).__name__}"
 
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     from generation.engine import Engine, EngineConfig, quiet_loading
 
     from . import fitness
-    from .startup import Deadline, import_runpod_sdk, runpod_report
+    from .startup import Deadline, import_runpod_sdk, load_later, runpod_report
     from .version import code_version
     from .worker import build_worker
 
@@ -181,8 +187,14 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         raise
     leaving = threading.Event()
     exit_code: int | str | None = None  # a SystemExit's own code, where it is not the worker's
+    background: threading.Thread | None = None  # the video model's load, once the worker is ready
+    pid = os.getpid()
 
     def leave(signum, frame):
+        if os.getpid() != pid:
+            # The RunPod SDK's ping process, forked with this handler: it has no worker of its own to stop (it said
+            # a second `shutdown_started` at every shutdown, from its copy of this one).
+            raise SystemExit(0)
         if leaving.is_set():
             # A second signal (Ctrl-C twice, a supervisor's repeat): its SystemExit would end the `finally` below
             # while jobs run, and the process abort in torch's threads, the job left `processing` until its
@@ -214,15 +226,35 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             return worker.exit_code
         # The models after the checks, none of which needs them: a worker that may not write Firestore or its
         # bucket (a revoked grant, a wrong STORAGE_BUCKET) exits before a load it would pay for at every restart
-        # RunPod makes for the queued requests (a review of RunPod's lifecycle).
+        # RunPod makes for the queued requests (a review of RunPod's lifecycle). The first before the worker is
+        # ready, the other in the background: SDXL loads in seconds, Wan in tens, and image jobs were held for
+        # both; a job of the model still loading is left queued (for a worker that has it) until it is loaded.
         load_started = time.perf_counter()
-        for task_type, failure in engine.preload().items():
-            # ERROR: every job of that model fails ModelNotAvailable until the setting or the volume is fixed.
-            log.error("model_not_available", task_type=task_type, error=failure.message)
+        enabled = [task_type for task_type in (TEXT2IMAGE, TEXT2VIDEO) if models.enabled(task_type)]
+        # `--test_input` loads both: its job runs, then the SDK exits (a load still under way would be cut short).
+        first, later = (enabled, []) if one_job else (enabled[:1], enabled[1:])
+        for task_type, failure in engine.preload(first).items():
+            model_not_available(log, task_type, failure)
         loaded = time.perf_counter()
+        left = start.left()
         # Before the first claim: a deadline that fired as the checks ended holds the process here, and none
-        # fires once the worker claims (its readiness below has bounds of its own).
+        # fires once the worker claims (its readiness below has bounds of its own; a later load's is `left`).
         start.done()
+        if later:
+
+            def loaded_later(failures: dict, seconds: float) -> None:
+                worker.reconciler.claimable_changed()  # first: its jobs wait for nothing else
+                for task_type, failure in failures.items():
+                    model_not_available(log, task_type, failure)
+                done = [task_type for task_type in later if task_type not in failures]
+                log.info("models_loaded", task_types=done, failed=sorted(failures), load_seconds=round(seconds, 3))
+                gc.freeze()  # as below: what the load left lives as long as the process
+
+            def stuck(frames: list[str]) -> None:
+                if not worker.shutting_down:  # leaving already: its running jobs are not hurried
+                    worker.model_load_stuck(settings.startup_timeout_seconds, task_types=later, stuck_in=frames)
+
+            background = load_later(engine, later, left, on_loaded=loaded_later, on_stuck=stuck)
         worker.start(listen=not one_job)
         if not one_job and not worker.reconciler.wait_listening(30):
             log.warning("listeners_not_current", note="the sweep covers until they are")
@@ -234,6 +266,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             "worker_ready",
             import_seconds=round(imported - _T0, 3),
             load_seconds=round(loaded - load_started, 3),
+            loading=[task_type for task_type in later if engine.loading(task_type)],  # until `models_loaded`
             ready_seconds=round(time.perf_counter() - _T0, 3),
             frozen_objects=gc.get_freeze_count(),
             malloc_arena_max=arenas or os.environ.get("MALLOC_ARENA_MAX", "").strip() or None,
@@ -289,7 +322,25 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         # Here, not after: a signal ends the worker by SystemExit through this `finally`.
         code = worker.exit_code if exit_code is None else exit_code
         (log.error if code else log.info)("worker_exit", code=code, reason=worker.failure or "shutdown")
+        if background is not None and background.is_alive():
+            _exit_now(code)
     return 1 if exit_code == 1 else worker.exit_code
+
+
+def _exit_now(code: object) -> NoReturn:
+    """The end of a worker whose video model is still loading: torch in a daemon thread at the interpreter's end
+    aborts the process (`terminate called without an active exception`, exit 134, a crash to RunPod), and a request
+    waiting on the load (an inline one) would hold the end up for good. It ends here instead, its output flushed and
+    the RunPod SDK's ping process stopped, as the interpreter's end would have."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(1)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code if isinstance(code, int) else 1)
 
 
 def _stop_claiming_when_uvicorn_exits(reconciler) -> None:

@@ -15,6 +15,8 @@ Pure (no Firestore): the reconciler feeds it from its listeners and sweep and ta
   the next in fair order among the group's candidates, at most `per_user` of one user.
 - Deferred candidates (`not_before`, seconds since the epoch) are held in their place but handed out only from
   then on; `ready_at` says when the next one is. A key offered again without a deferral is ready at once.
+- Held candidates (`where`, a predicate of the key: the worker's model for them still loading) keep their place
+  and are passed over, by `ready_at` as by `pop_batch`, until `where` takes them.
 - `served` remembers at most `memory` users (least recently served forgotten first).
 """
 
@@ -123,9 +125,11 @@ class FairQueue(Generic[K]):
         self._entries.clear()
         self._by_user.clear()
 
-    def ready_at(self) -> float | None:
-        """When the next candidate may be handed out (a past time: now); None when none is held."""
-        return min((entry.not_before for entry in self._entries.values()), default=None)
+    def ready_at(self, where: Callable[[K], bool] | None = None) -> float | None:
+        """When the next candidate (whose key is `where`) may be handed out (a past time: now); None when none is
+        held."""
+        entries = self._entries.values()
+        return min((entry.not_before for entry in entries if where is None or where(entry.key)), default=None)
 
     def pop(self, spread: int = 1) -> K | None:
         """The next job in fair order and take it out (None when empty). With `spread` > 1, one of the first
@@ -134,24 +138,32 @@ class FairQueue(Generic[K]):
         batch = self.pop_batch(1, spread)
         return batch[0] if batch else None
 
-    def pop_batch(self, size: int, spread: int = 1, per_user: int | None = None, now: float | None = None) -> list[K]:
+    def pop_batch(
+        self,
+        size: int,
+        spread: int = 1,
+        per_user: int | None = None,
+        now: float | None = None,
+        where: Callable[[K], bool] | None = None,
+    ) -> list[K]:
         """The next job (as `pop`) and, when it has a group, up to `size - 1` more of that group, each the next
         in fair order among the group's candidates, at most `per_user` from one user (USER_MAX_RUNNING: a claim
         past it would be refused). A batch is fair as single jobs are: alternating users, each one's oldest.
-        Deferred candidates are left where they are (`now`: the clock their `not_before` is by)."""
+        Deferred candidates, and those whose key is not `where`, are left where they are (`now`: the clock their
+        `not_before` is by)."""
         now = time.time() if now is None else now
-        lead = self._take(lambda entry: entry.not_before <= now, spread)
+
+        def ready(e: _Entry[K]) -> bool:
+            return e.not_before <= now and (where is None or where(e.key))
+
+        lead = self._take(ready, spread)
         if lead is None:
             return []
         batch = [lead]
         taken = {lead.user: 1}
         while lead.group is not None and len(batch) < size:
             entry = self._take(
-                lambda e: (
-                    e.group == lead.group
-                    and e.not_before <= now
-                    and (per_user is None or taken.get(e.user, 0) < per_user)
-                )
+                lambda e: e.group == lead.group and ready(e) and (per_user is None or taken.get(e.user, 0) < per_user)
             )
             if entry is None:
                 break

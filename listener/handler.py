@@ -6,7 +6,8 @@ doc is created only when absent. An existing live doc takes the parameters the r
 function flow writes the doc with the prompt, then sends the parameters here); a finished one decides the answer
 (a failed job answers with its recorded error, a completed one that ran with other parameters says so; a new
 file_uid is a new try), but for a job its user's limits refused, which its request's next try queues again
-(`lifecycle.restate`) to be admitted, or refused again.
+(`lifecycle.restate`) to be admitted, or refused again. A cold worker answers a request for the model it still loads
+once that model is loaded (`_held_for_its_model`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from firegen_core.lifecycle import Lease
 log = structlog.get_logger("listener.handler")
 
 ACCEPTED_MESSAGE = "Generation task accepted and processing"
+# How often an answer held for its model's load (`_held_for_its_model`) looks whether it may go.
+LOAD_WAIT_SLICE_SECONDS = 0.5
 INLINE_LIMIT_BYTES = 20 * 1024 * 1024  # RunPod's response size limit
 
 
@@ -88,11 +91,13 @@ class RunsyncHandler:
         submit: Callable[[JobKey, GenerationRequest, str | None, object], None],
         generator=None,
         preempt: Callable[[JobKey, Lease], None] | None = None,
+        leaving: Callable[[], bool] | None = None,
     ):
         self.store = store
         self.submit = submit
         self.generator = generator
         self.preempt = preempt  # stops a local run of a claim this request's restatement ended
+        self.leaving = leaving  # the worker is shutting down: an answer held for a model's load goes now
 
     async def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         # The SDK awaits handlers on its event loop: the Firestore round trip goes to a thread so that
@@ -104,7 +109,9 @@ class RunsyncHandler:
             job_id = None if request_id == LOCAL_TEST_ID else request_id
             stop = threading.Event()
             try:
-                return await asyncio.to_thread(self.handle, job.get("input"), job_id, stop)
+                answer = await asyncio.to_thread(self.handle, job.get("input"), job_id, stop)
+                await self._held_for_its_model(answer)
+                return answer
             except asyncio.CancelledError:
                 # RunPod stopped the request (its execution timeout, a cancel): the SDK cancels this task, which
                 # leaves the thread running; an inline generation stops at its next step (a review: a timed-out
@@ -174,6 +181,20 @@ class RunsyncHandler:
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
         return accepted(request)
+
+    async def _held_for_its_model(self, answer: dict[str, Any]) -> None:
+        """A cold worker loads its video model once it is ready (`Engine.preload_later`), and leaves that model's
+        jobs queued until then: an accepted request for one is answered once the load has ended. RunPod counts a
+        worker whose requests are all answered as idle, and stops it once its idle timeout has passed (its default:
+        5 s): answered at once, the request that woke a worker for a video left it idle through the model's load
+        (tens of seconds), to be stopped before it ran the job. Held on the event loop, not on a thread of the
+        requests' pool (a burst of video requests would leave none to record an image's); until RunPod stops the
+        request, or the worker leaves."""
+        loading = getattr(self.generator, "loading", None)
+        if answer.get("status") != "accepted" or not callable(loading):
+            return
+        while loading(answer["task_type"]) and not (self.leaving is not None and self.leaving()):
+            await asyncio.sleep(LOAD_WAIT_SLICE_SECONDS)
 
     def _fail_awaiting(self, data: Any, message: str, key: JobKey | None = None) -> None:
         """A refused request whose file_uid names a doc that awaits its parameters (the contract's function flow:

@@ -89,6 +89,7 @@ class Reconciler:
         batch_max: int = 1,
         batch_key: Callable[[GenerationRequest], Hashable | None] | None = None,
         placeholder_grace: float = 0.0,
+        claimable: Callable[[JobKey], bool] | None = None,
     ):
         self.store = store
         self.runner = runner
@@ -103,6 +104,9 @@ class Reconciler:
         # worker hears of it long after its creation, and the runsync that woke it comes next). Its runsync (here:
         # `submit`) takes it at once.
         self.placeholder_grace = placeholder_grace
+        # Whether a candidate may be claimed now (None: all): a job whose model still loads is left queued, for a
+        # worker that has it or for this one once it has (`claimable_changed`), while others are claimed.
+        self.claimable = claimable
         self._cv = threading.Condition()
         self._queue: FairQueue[JobKey] = FairQueue(capacity)
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the cancel thread
@@ -225,6 +229,11 @@ class Reconciler:
             log.warning("worker_doc_not_removed", error=str(exc))
         log.info("reconciler_stopped", worker_id=self.store.worker_id)
 
+    def claimable_changed(self) -> None:
+        """Candidates `claimable` passed over may be claimable now (a model's load ended)."""
+        with self._cv:
+            self._cv.notify_all()
+
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cv:
@@ -239,6 +248,11 @@ class Reconciler:
         """True once every listener has delivered its first snapshot (writes before that may reach only the sweep)."""
         deadline = time.monotonic() + timeout
         return all(event.wait(max(deadline - time.monotonic(), 0)) for event in list(self._current.values()))
+
+    @property
+    def claiming(self) -> bool:
+        """Started, and not told to stop claiming."""
+        return self._claiming
 
     @property
     def busy(self) -> int:
@@ -305,7 +319,7 @@ class Reconciler:
 
     def _ready(self) -> tuple[bool, float | None]:
         """Whether a candidate may be handed out now, else how long until one may (None: none held)."""
-        at = self._queue.ready_at()
+        at = self._queue.ready_at(self.claimable)
         if at is None:
             return False, None
         wait = at - self.server_time()
@@ -440,7 +454,11 @@ class Reconciler:
             if not self._claiming:
                 return False
             keys = self._queue.pop_batch(
-                self.batch_max, self._spread, self.store.limits.max_running, now=self.server_time()
+                self.batch_max,
+                self._spread,
+                self.store.limits.max_running,
+                now=self.server_time(),
+                where=self.claimable,
             )
             stops = {}
             for key in keys:

@@ -5,7 +5,9 @@ CUDA's initialisation (the engine's device detection, the models' move to the ca
 hangs a model's load. Each kept the worker initializing for good: neither ready nor gone for RunPod to replace.
 Nothing is claimed before the start ends, so there is nothing to give back: past its deadline the process says
 where it was stuck and ends with os._exit(1) (the stuck thread cannot be interrupted), as the SDK does after a
-failed fitness check. (And a start's cost: the RunPod SDK imported without the CPU probe it runs on import.)
+failed fitness check. The second model loads once the worker claims (`load_later`): past the rest of the deadline
+the worker leaves as a shutdown does, its running jobs finished or released. (And a start's cost: the RunPod SDK
+imported without the CPU probe it runs on import.)
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class Deadline:
         self._main = threading.main_thread().ident or 0
         # The backstop first (it may raise, e.g. a stderr with no file behind it): a timer started then would be
         # left running with nobody to stop it. An outer deadline's nearer end stays the backstop's.
-        _backstop(min(seconds, outer._left()) if outer is not None else seconds)
+        _backstop(min(seconds, outer.left()) if outer is not None else seconds)
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self._timer.name = f"{event}-deadline"
@@ -102,13 +104,13 @@ class Deadline:
         if self.outer is not None:
             self.outer._rearm()
 
-    def _left(self) -> float:
+    def left(self) -> float:
         return max(self._ends - time.monotonic(), 0.0)
 
     def _rearm(self) -> None:
         with self._lock:
             if not self._done:
-                _backstop(self._left())
+                _backstop(self.left())
 
     def _expire(self) -> None:
         with self._lock:
@@ -137,6 +139,39 @@ class Deadline:
                 with contextlib.suppress(Exception):  # a closed stream must not stop the exit
                     stream.flush()
             os._exit(1)
+
+
+def load_later(
+    engine: Any,
+    task_types: list[str],
+    seconds: float,
+    *,
+    on_loaded: Callable[[dict[str, Any], float], None],
+    on_stuck: Callable[[list[str]], None],
+) -> threading.Thread:
+    """`engine.preload_later(task_types)`, the rest of the start's deadline (`seconds`) on it: then either
+    `on_loaded(failures, seconds it took)`, or past `seconds` still loading, `on_stuck(where its thread is)`
+    (`stuck_in`). One of the two, once. Jobs are claimed meanwhile: the process is not ended here."""
+    decided = threading.Lock()
+    started = time.monotonic()
+
+    def ended(failures: dict[str, Any]) -> None:
+        if decided.acquire(blocking=False):
+            timer.cancel()
+            on_loaded(failures, time.monotonic() - started)
+
+    def expired() -> None:
+        if not any(engine.loading(task_type) for task_type in task_types):
+            return  # loaded (or failed) as the time ran out: `ended` says so
+        if decided.acquire(blocking=False):
+            on_stuck([name for name, _ in stuck_in(thread.ident or 0)])
+
+    timer = threading.Timer(seconds, expired)  # started once `thread` is: a cancel before then still holds
+    timer.daemon = True
+    timer.name = "load-deadline"
+    thread = engine.preload_later(task_types, ended)
+    timer.start()
+    return thread
 
 
 def _hold() -> None:

@@ -9,7 +9,8 @@ The `Worker` also owns the process-level decisions:
   it to the queue; idempotent, and started off the signal handler so the SDK's loop keeps answering meanwhile;
 - a broken accelerator: a CUDA error that is not out-of-memory (raised by a job), or a failed fitness check at
   start-up, releases the job (never fails it: the job is fine, the card is not), stops claiming and makes the
-  process exit non-zero, so RunPod replaces the worker instead of it failing every job it claims.
+  process exit non-zero, so RunPod replaces the worker instead of it failing every job it claims;
+- a model loaded after the worker is ready (`Engine.preload_later`) that never ends loading: the same exit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any, cast
 import structlog
 
 from firegen_core.claims import WorkerJobs
+from firegen_core.contract import TASK_TYPE
 from firegen_core.errors import Interrupted
+from firegen_core.jobs import JobKey
 from firegen_core.quota import Limits
 from generation.engine import batch_key, is_device_failure
 
@@ -153,13 +156,19 @@ class Worker:
         start until the access is back, and the jobs wait queued."""
         self._leave("storage_refused", "storage refused the upload", error=str(exc)[:300])
 
-    def _leave(self, event: str, failure: str, **fields: Any) -> None:
+    def model_load_stuck(self, seconds: float, **fields: Any) -> None:
+        """A model loaded after the start (`Engine.preload_later`) is still loading past the start's deadline (a
+        network volume that stalls): its jobs would wait queued for good. Leave, as the start would have."""
+        error = f"a model's load ran past the start's {seconds:g} s (STARTUP_TIMEOUT_SECONDS)"
+        self._leave("model_load_timed_out", "model load timed out", action="exit", error=error, **fields)
+
+    def _leave(self, event: str, failure: str, action: str = "release the job and exit", **fields: Any) -> None:
         """Stop claiming, and have the process leave non-zero (SIGTERM to itself, so whichever loop runs, the
         SDK's or uvicorn's, ends the way it does on RunPod's own SIGTERM)."""
         with self._shutdown_lock:  # two jobs failing at once: one SIGTERM (a second would hurry the others)
             first, self.failure = self.failure is None, self.failure or failure
         if first:
-            log.error(event, **fields, action="release the job and exit")
+            log.error(event, **fields, action=action)
             self.begin_shutdown()
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -254,6 +263,7 @@ def build_worker(
     runner = JobRunner(store, guarded, results, deadline=deadline_from(settings, device))
     runner.on_storage_refused = lambda exc: worker.storage_refused(exc)
     batches = callable(getattr(generator, "generate_batch", None))  # a stand-in generator may not batch
+    loading = getattr(generator, "loading", None)  # the engine's models loading in the background
     reconciler = Reconciler(
         store,
         runner,
@@ -262,8 +272,20 @@ def build_worker(
         batch_max=settings.batch_max if batches else 1,
         batch_key=batch_key if batches else None,
         placeholder_grace=settings.placeholder_grace_seconds,
+        claimable=_loaded(loading) if callable(loading) else None,
     )
     results.server_time = reconciler.server_time
-    handler = RunsyncHandler(store, reconciler.submit, guarded, preempt=reconciler.preempt)
+    handler = RunsyncHandler(
+        store,
+        reconciler.submit,
+        guarded,
+        preempt=reconciler.preempt,
+        leaving=lambda: worker.shutting_down or not reconciler.claiming,  # uvicorn's exit stops claiming alone
+    )
     worker = Worker(settings, store, runner, reconciler, handler, guarded)
     return worker
+
+
+def _loaded(loading: Callable[[str], bool]) -> Callable[[JobKey], bool]:
+    """Whether a job's model is not loading (loaded, failed, or never to be loaded) by its path's media type."""
+    return lambda key: not loading(TASK_TYPE[key.media_type])

@@ -8,6 +8,9 @@ FAULT=listeners  the listeners attach, but no snapshot of theirs reaches the wor
                  never answer), and the start's 30 s wait for them is cut to 1 s
 FAULT=stall      the models' load never returns (as from a network volume that stalls, or a card whose driver
                  hangs CUDA's initialisation: no file here can be made to stall a read)
+FAULT=gate-video the video model's load waits until the file FAULT_GATE names exists (for good, when it never
+                 does), in torch's code as a load is (its own matrix products): the worker's background load of its
+                 second model, held as long as a test needs
 FAULT=storage    every generation returns a small PNG at once, and the bucket refuses each upload HTTP 403 (the
                  worker's grant revoked while it runs: the Storage emulator has no IAM to revoke)
 FAULT=crash      a bug in the start: the engine's wrapping raises a TypeError
@@ -38,6 +41,9 @@ class FaultyGenerator:
             png = OutputFile(encode_png(Image.new("RGB", (request.width, request.height))), "png", "image/png")
             return GenerationResult(request.task_type, 1, [png], request.width, request.height)
         return self.engine.generate(request, progress)
+
+    def loading(self, task_type: str) -> bool:
+        return self.engine.loading(task_type)
 
     def check_device(self) -> None:
         if "fitness" in self.faults:
@@ -74,10 +80,28 @@ if __name__ == "__main__":
 
         from generation.engine import Engine
 
-        def stalled_preload(engine):
+        def stalled_preload(engine, *task_types):
             threading.Event().wait()
 
         Engine.preload = stalled_preload  # type: ignore[method-assign]
+    if "gate-video" in faults:
+        import time
+        from pathlib import Path
+
+        from generation.video import VideoPipeline
+
+        load, gate = VideoPipeline.load.__func__, Path(os.environ["FAULT_GATE"])  # type: ignore[attr-defined]
+
+        def gated_load(cls, *args, **kwargs):
+            import torch
+
+            square = torch.ones(256, 256)
+            while not gate.exists():
+                torch.mm(square, square)
+                time.sleep(0.002)
+            return load(cls, *args, **kwargs)
+
+        VideoPipeline.load = classmethod(gated_load)  # type: ignore[method-assign, assignment]
     if "storage" in faults:
         from google.api_core.exceptions import Forbidden
         from google.cloud.storage import Blob

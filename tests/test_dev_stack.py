@@ -615,6 +615,36 @@ def test_the_warnings_make_dev_says_are_its_workers_latest_start_up_ones_one_lin
     ]
 
 
+def test_make_dev_waits_for_the_video_models_load_and_says_its_failure_too(tmp_path):
+    """The video model loads after `worker_ready` (`loading`), in the background: its failure, said before that
+    line, is said after it now, up to `models_loaded`; a later job's is not a start-up warning."""
+    from devtools.worker import WorkerProcess
+
+    worker = WorkerProcess(tmp_path, {})
+    lines = [
+        emu._mark("harness_process_started", start=1, command="python -m listener"),
+        {"event": "no_gpu", "severity": "WARNING", "note": "torch sees no CUDA device"},
+        {"event": "worker_ready", "severity": "INFO", "loading": ["text2video"]},
+        {"event": "job_failed", "severity": "ERROR", "error": "a job's, while the video model loads"},
+    ]
+    worker.log_path.write_bytes(
+        b"".join(line if isinstance(line, bytes) else json.dumps(line).encode() + b"\n" for line in lines)
+    )
+    assert worker.loading()
+    later = [
+        {"event": "model_not_available", "severity": "ERROR", "task_type": "text2video", "error": "not found"},
+        {"event": "models_loaded", "severity": "INFO", "task_types": [], "failed": ["text2video"]},
+        {"event": "job_failed", "severity": "ERROR", "error": "a job's, after the start"},
+    ]
+    with worker.log_path.open("a") as log:
+        log.write("".join(json.dumps(line) + "\n" for line in later))
+    assert not worker.loading()
+    assert worker.start_warnings() == [
+        "no_gpu: torch sees no CUDA device",
+        "model_not_available (text2video): not found",
+    ]
+
+
 @pytest.mark.parametrize("options", ['{"width": 768,}', "[1]", "768"])
 def test_make_submit_with_options_that_are_no_json_object_says_so(tmp_path, capsys, options):
     """A review: `make submit OPTIONS='{"width": 768,}'` ended in a JSONDecodeError traceback."""

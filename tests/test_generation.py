@@ -490,11 +490,30 @@ def test_a_loaded_model_is_handed_out_while_another_model_loads(engine):
 
     loaded = engine.pipeline("text2image")
     got: list = []
-    with engine._load_lock:  # another model's load under way
+    with engine._load_locks["text2video"]:  # another model's load under way
         fetch = threading.Thread(target=lambda: got.append(engine.pipeline("text2image")), daemon=True)
         fetch.start()
         fetch.join(10)
         assert got == [loaded]
+
+
+def test_a_model_that_failed_to_load_is_tried_again_while_another_loads(tmp_path):
+    """The worker loads Wan in the background once SDXL is loaded (`preload_later`): an image job whose model
+    failed to load tries again at once, not after the other model's load (minutes for Wan)."""
+    missing = Engine(EngineConfig(image_model=str(tmp_path / "no-such-model"), video_model="tiny", device="cpu"))
+    failed: list = []
+
+    def fetch():
+        try:
+            missing.pipeline("text2image")
+        except errors.ModelNotAvailable as exc:
+            failed.append(exc)
+
+    with missing._load_locks["text2video"]:  # the video model's load under way
+        trying = threading.Thread(target=fetch, daemon=True)
+        trying.start()
+        trying.join(10)
+        assert len(failed) == 1 and "no-such-model" in str(failed[0])
 
 
 def test_engine_config_from_env():
@@ -638,3 +657,28 @@ def test_cli_generation_failure_prints_the_error_type_and_exits_1(tmp_path, caps
     assert capsys.readouterr().err.splitlines() == [
         "ModelNotAvailable: Image model folder /nonexistent/sdxl not found or not a diffusers pipeline"
     ]
+
+
+def test_a_model_loaded_later_is_loading_until_its_load_ends_then_its_end_is_said(tiny_cache):
+    """`preload_later`: the worker's second model, loaded once the worker claims (its jobs are left queued while
+    `loading` says so)."""
+    later = Engine(EngineConfig(image_model="none", video_model="tiny", device="cpu"))
+    ended = threading.Event()
+    failures: list = []
+    with later._load_locks["text2video"]:  # its load held at its start
+        later.preload_later(["text2video", "text2image"], lambda failed: (failures.append(failed), ended.set()))
+        assert later.loading("text2video") and not later.loading("text2image")  # image: `none`, never loaded
+        assert not ended.is_set()
+    assert ended.wait(120)
+    assert failures == [{}] and not later.loading("text2video") and later.loaded("text2video")
+
+
+def test_a_model_loaded_later_that_fails_says_so_and_is_loading_no_more(tmp_path):
+    later = Engine(EngineConfig(image_model="none", video_model=str(tmp_path / "no-such-model"), device="cpu"))
+    ended = threading.Event()
+    failures: list = []
+    later.preload_later(["text2video"], lambda failed: (failures.append(failed), ended.set()))
+    assert ended.wait(60)
+    [failed] = failures
+    assert list(failed) == ["text2video"] and isinstance(failed["text2video"], errors.ModelNotAvailable)
+    assert not later.loading("text2video") and not later.loaded("text2video")

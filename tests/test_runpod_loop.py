@@ -367,6 +367,8 @@ def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
     assert doc(firestore_emulator, project, "generations/loop-user/images/after-term")["status"] == "queued"
     assert worker.events("job_released") and worker.events("reconciler_stopped")
     assert not [line for line in worker.events("job_claimed") if "after-term" in line]
+    # Said once: the SDK's ping process, forked with the worker's signal handlers, said it too from its copy.
+    assert len(worker.events("shutdown_started")) == 1
 
 
 def test_a_cuda_error_releases_the_job_and_ends_the_worker(
@@ -403,6 +405,125 @@ def test_a_bucket_that_refuses_the_worker_mid_run_releases_the_job_and_ends_the_
     [said] = [line for line in json_lines(worker) if line["event"] == "storage_refused"]
     assert said["level"] == "error" and "403" in said["error"] and said["action"] == "release the job and exit"
     assert worker.events("job_released") and worker.events("job_failed") == []
+
+
+def video_input(file_uid: str) -> dict:
+    video = {"prompt": "A drone shot", "user_id": "loop-user", "file_uid": file_uid, "use_cloud_storage": True}
+    return video | {"num_frames": 16, "num_inference_steps": 10, "video_width": 256, "video_height": 256}
+
+
+def gated_video_worker(stack: tuple, gate: Path, **settings: str) -> tuple[WorkerProcess, str, str, str]:
+    """A worker whose video model's load waits for `gate` (FAULT=gate-video), both models `tiny`, started with a
+    video then an image queued in Firestore (the video older: first in line), and a video's runsync `rp-video`
+    waiting in RunPod's queue: the worker and the paths of the video, the image and the runsync's video."""
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project = stack
+    video_path = "generations/loop-user/videos/waits-for-its-model"
+    queued = {"status": "queued", "created_at": SERVER_TIMESTAMP}
+    firestore_emulator.client(project[0]).document(video_path).set(video_input("waits-for-its-model") | queued)
+    image_path = queue_in_firestore(firestore_emulator, project, "while-its-model-loads")
+    job_api.queue_runsync("rp-video", video_input("asked-by-runsync"))
+    env = worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache)
+    worker = WorkerProcess(
+        emulator_logs,
+        {**env, "FAULT": "gate-video", "FAULT_GATE": str(gate)},
+        serve_api=False,
+        module="tests.fault_worker",
+        **settings,
+    )
+    worker.start()
+    return worker, video_path, image_path, "generations/loop-user/videos/asked-by-runsync"
+
+
+def test_the_video_model_loads_once_the_worker_is_ready_and_its_jobs_stay_queued_meanwhile(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path
+):
+    """A cold start loaded SDXL (seconds) and Wan (tens of seconds) before the first claim: an image job waited for
+    both. The worker is ready once its image model is, and loads the video model in the background (held here until
+    the test opens its gate): the queued image runs meanwhile; the video, older and first in line, stays queued
+    (for a worker that has its model: claimed here, it would hold the one slot waiting for the load) until the
+    model is loaded, then runs here. A video's runsync is answered once the model is loaded: RunPod counts a
+    worker whose requests are all answered as idle, and would stop it (its idle timeout) before the load ended."""
+    gate = tmp_path / "gate"
+    stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
+    worker, video_path, image_path, asked_path = gated_video_worker(stack, gate)
+    try:
+        ready = json.loads(worker.events("worker_ready")[-1])
+        assert ready["loading"] == ["text2video"]
+        done = emu.wait_until(lambda: doc(firestore_emulator, project, image_path).get("status") == "completed", 60)
+        assert done, worker.log_tail()
+        assert emu.wait_until(lambda: doc(firestore_emulator, project, asked_path), 30)  # its runsync was taken
+        assert_untouched(firestore_emulator, project, video_path)
+        assert_untouched(firestore_emulator, project, asked_path)
+        assert "rp-video" not in job_api.outputs  # answered once its model is loaded
+        gate.touch()
+        for path in (video_path, asked_path):
+            done = emu.wait_until(lambda p=path: doc(firestore_emulator, project, p).get("status") == "completed", 60)
+            assert done, worker.log_tail()
+        assert job_api.outputs["rp-video"].get("output", {}).get("status") == "accepted", job_api.outputs
+    finally:
+        worker.signal(signal.SIGTERM)
+        code = worker.wait_exit(30)
+        worker.stop()
+    assert code == 0
+    lines = [line for line in json_lines(worker) if "event" in line]
+    [loaded] = [line for line in lines if line["event"] == "models_loaded"]
+    assert (loaded["task_types"], loaded["failed"], loaded["severity"]) == (["text2video"], [], "INFO")
+    claimed = [n for n, line in enumerate(lines) if line["event"] == "job_claimed"]
+    assert [lines[n]["file_uid"] for n in claimed[:2]] == ["while-its-model-loads", "waits-for-its-model"]
+    assert len(claimed) == 3 and lines.index(loaded) < claimed[1]
+    assert len(worker.events("shutdown_started")) == 1  # not also from the SDK's forked ping process
+
+
+def test_a_video_model_load_that_never_ends_ends_the_worker_at_the_starts_deadline(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path
+):
+    """A network volume that stalls the background load would leave the video jobs queued for good behind a worker
+    that serves images. The load is held to what is left of the start's deadline (STARTUP_TIMEOUT_SECONDS): past
+    it the worker says where the load was stuck and leaves (exit 1, for RunPod to replace it); the video job was
+    never claimed, and the image job ran meanwhile; a video's runsync, held for the model, is answered as the
+    worker leaves (it does not hold the process up)."""
+    stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
+    worker, video_path, image_path, asked_path = gated_video_worker(
+        stack, tmp_path / "never", STARTUP_TIMEOUT_SECONDS="20"
+    )
+    try:
+        code = worker.wait_exit(60)
+    finally:
+        worker.stop()
+    assert code == 1, worker.log_tail()
+    assert doc(firestore_emulator, project, image_path)["status"] == "completed"
+    assert_untouched(firestore_emulator, project, video_path)
+    assert_untouched(firestore_emulator, project, asked_path)
+    lines = [line for line in json_lines(worker) if "event" in line]
+    [said] = [line for line in lines if line["event"] == "model_load_timed_out"]
+    assert said["severity"] == "ERROR" and said["task_types"] == ["text2video"]
+    assert said["error"] == "a model's load ran past the start's 20 s (STARTUP_TIMEOUT_SECONDS)"
+    assert any(":gated_load:" in frame for frame in said["stuck_in"]), said["stuck_in"]
+    [exit_line] = [line for line in lines if line["event"] == "worker_exit"]
+    assert (exit_line["code"], exit_line["reason"], said["action"]) == (1, "model load timed out", "exit")
+    assert len(worker.events("shutdown_started")) == 1  # not also from the SDK's forked ping process
+
+
+def test_a_worker_stopped_while_its_video_model_loads_ends_cleanly(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path
+):
+    """RunPod stops a cold worker after its idle timeout whatever it is loading: torch in the loading thread at the
+    interpreter's end aborted the process (exit 134, `terminate called without an active exception`: a crash to
+    RunPod). It ends 0, as any shutdown, its video jobs left queued."""
+    stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
+    worker, video_path, image_path, asked_path = gated_video_worker(stack, tmp_path / "never")
+    try:
+        done = emu.wait_until(lambda: doc(firestore_emulator, project, image_path).get("status") == "completed", 60)
+        assert done, worker.log_tail()
+        worker.signal(signal.SIGTERM)
+        code = worker.wait_exit(30)
+    finally:
+        worker.stop()
+    assert code == 0, worker.log_tail()
+    assert_untouched(firestore_emulator, project, video_path)
+    assert_untouched(firestore_emulator, project, asked_path)
+    [exit_line] = [line for line in json_lines(worker) if line.get("event") == "worker_exit"]
+    assert (exit_line["code"], exit_line["reason"]) == (0, "shutdown")
 
 
 def run_fault_worker(fault: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """listener/startup.py's deadlines, each in a process of its own (a deadline ends its process): the races at the
-deadline, a report that raises, a hang that holds the GIL, and nested deadlines. The worker's own hung starts are
-in tests/test_runpod_loop.py."""
+deadline, a report that raises, a hang that holds the GIL, and nested deadlines; and the background load's
+(`load_later`), which ends no process, in this one. The worker's own hung starts are in tests/test_runpod_loop.py."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
 from devtools.worker import REPO
+from listener import startup
 
 PRELUDE = """
 import ctypes, sys, threading, time
@@ -261,3 +263,62 @@ def test_a_signal_another_thread_takes_reaches_a_main_thread_waiting_for_the_shu
     )
     assert code == 0 and said.strip() == "released", said
     assert [line["event"] for line in lines] == ["shutdown_started"]
+
+
+def test_a_model_loaded_later_is_said_loaded_and_its_deadline_never_fires(tiny_cache):
+    """`load_later`: one of its two ends, once. In this process: its deadline does not end the process (the
+    worker leaves through `on_stuck`)."""
+    from generation.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(image_model="none", video_model="tiny", device="cpu"))
+    loaded, stuck = [], []
+    ended = threading.Event()
+    thread = startup.load_later(
+        engine,
+        ["text2video"],
+        120,
+        on_loaded=lambda failures, seconds: (loaded.append((failures, seconds)), ended.set()),
+        on_stuck=stuck.append,
+    )
+    assert ended.wait(120)
+    thread.join(10)
+    [(failures, seconds)] = loaded
+    assert failures == {} and 0 < seconds < 120 and engine.loaded("text2video")
+    timers = [t for t in threading.enumerate() if t.name == "load-deadline"]
+    for timer in timers:
+        timer.join(5)
+    assert stuck == [] and not any(t.is_alive() for t in timers)
+
+
+def test_a_model_load_past_its_deadline_says_where_it_is_stuck_and_never_says_it_loaded(monkeypatch):
+    """A stand-in for a network volume that stalls (no file here can be made to stall a read): the video model's
+    load waits on an event, past the deadline, then fails."""
+    from firegen_core import errors
+    from generation.engine import Engine, EngineConfig
+    from generation.video import VideoPipeline
+
+    stalled = threading.Event()
+
+    def stalled_load(cls, *args, **kwargs):
+        stalled.wait(60)
+        raise errors.ModelNotAvailable("Video model tiny is not available: the volume stalled")
+
+    monkeypatch.setattr(VideoPipeline, "load", classmethod(stalled_load))
+    engine = Engine(EngineConfig(image_model="none", video_model="tiny", device="cpu"))
+    loaded: list = []
+    stuck = threading.Event()
+    frames: list = []
+    thread = startup.load_later(
+        engine,
+        ["text2video"],
+        0.3,
+        on_loaded=lambda failures, seconds: loaded.append(failures),
+        on_stuck=lambda where: (frames.extend(where), stuck.set()),
+    )
+    assert stuck.wait(30)
+    assert any(":stalled_load:" in frame for frame in frames), frames
+    assert engine.loading("text2video")
+    stalled.set()
+    thread.join(30)
+    assert not thread.is_alive() and loaded == []  # the load's end after its deadline: said by neither
+    assert not engine.loading("text2video")
