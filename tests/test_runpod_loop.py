@@ -213,6 +213,18 @@ def json_lines(worker: WorkerProcess) -> list[dict]:
     return [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
 
 
+def events_of(worker: WorkerProcess) -> list[dict]:
+    return [line for line in json_lines(worker) if "event" in line]
+
+
+def ended_by_sigterm(worker: WorkerProcess) -> int | None:
+    """SIGTERM, as RunPod stops a worker: its exit code (None: not within 30 s), the worker stopped either way."""
+    worker.signal(signal.SIGTERM)
+    code = worker.wait_exit(30)
+    worker.stop()
+    return code
+
+
 def test_runsync_jobs_go_through_the_sdk_loop_several_at_once(
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
 ):
@@ -242,9 +254,7 @@ def test_runsync_jobs_go_through_the_sdk_loop_several_at_once(
         )
         urls = [doc(firestore_emulator, project, p)["image_url"] for p in paths]
     finally:
-        worker.signal(signal.SIGTERM)
-        code = worker.wait_exit(30)
-        worker.stop()
+        code = ended_by_sigterm(worker)
     assert code == 0
     # Every line of the worker's log is JSON: the SDK's start banner and gRPC's notes (a plain line each before)
     # included, and the harness's own start/stop lines.
@@ -301,9 +311,7 @@ def test_a_failing_job_api_is_asked_again_backed_off_then_its_job_runs(
         assert emu.wait_until(lambda: "rp-after-outage" in job_api.outputs, 60), worker.log_tail()
         assert job_api.outputs["rp-after-outage"]["output"]["status"] == "accepted"
     finally:
-        worker.signal(signal.SIGTERM)
-        code = worker.wait_exit(30)
-        worker.stop()
+        code = ended_by_sigterm(worker)
     assert code == 0
     gaps = [later - earlier for earlier, later in zip(job_api.failed, job_api.failed[1:])]
     assert len(job_api.failed) == 2 and gaps[0] >= 0.9, gaps
@@ -461,11 +469,9 @@ def test_the_video_model_loads_once_the_worker_is_ready_and_its_jobs_stay_queued
             assert done, worker.log_tail()
         assert job_api.outputs["rp-video"].get("output", {}).get("status") == "accepted", job_api.outputs
     finally:
-        worker.signal(signal.SIGTERM)
-        code = worker.wait_exit(30)
-        worker.stop()
+        code = ended_by_sigterm(worker)
     assert code == 0
-    lines = [line for line in json_lines(worker) if "event" in line]
+    lines = events_of(worker)
     [loaded] = [line for line in lines if line["event"] == "models_loaded"]
     assert (loaded["task_types"], loaded["failed"], loaded["severity"]) == (["text2video"], [], "INFO")
     claimed = [n for n, line in enumerate(lines) if line["event"] == "job_claimed"]
@@ -494,7 +500,7 @@ def test_a_video_model_load_that_never_ends_ends_the_worker_at_the_starts_deadli
     assert doc(firestore_emulator, project, image_path)["status"] == "completed"
     assert_untouched(firestore_emulator, project, video_path)
     assert_untouched(firestore_emulator, project, asked_path)
-    lines = [line for line in json_lines(worker) if "event" in line]
+    lines = events_of(worker)
     [said] = [line for line in lines if line["event"] == "model_load_timed_out"]
     assert said["severity"] == "ERROR" and said["task_types"] == ["text2video"]
     assert said["error"] == "a model's load ran past the start's 20 s (STARTUP_TIMEOUT_SECONDS)"
@@ -680,11 +686,9 @@ def test_listeners_not_current_at_start_are_said_and_the_sweep_covers_for_them(
         done = emu.wait_until(lambda: doc(firestore_emulator, project, path).get("status") == "failed", 60)
         assert done, worker.log_tail()
     finally:
-        worker.signal(signal.SIGTERM)
-        code = worker.wait_exit(30)
-        worker.stop()
+        code = ended_by_sigterm(worker)
     assert code == 0
-    lines = [line for line in json_lines(worker) if "event" in line]
+    lines = events_of(worker)
     events = [line["event"] for line in lines]
     assert events.index("listeners_not_current") < events.index("worker_ready") < events.index("job_claimed")
     [said] = [line for line in lines if line["event"] == "listeners_not_current"]
