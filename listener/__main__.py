@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     leaving = threading.Event()
     exit_code: int | str | None = None  # a SystemExit's own code, where it is not the worker's
     background: threading.Thread | None = None  # the video model's load, once the worker is ready
+    ready_said = threading.Event()
     pid = os.getpid()
 
     def leave(signum, frame):
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
             def loaded_later(failures: dict, seconds: float) -> None:
                 worker.reconciler.claimable_changed()  # first: its jobs wait for nothing else
+                ready_said.wait()  # its lines after `worker_ready`, whose `loading` they end
                 for task_type, failure in failures.items():
                     model_not_available(log, task_type, failure)
                 done = [task_type for task_type in later if task_type not in failures]
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             "worker_ready",
             import_seconds=round(imported - _T0, 3),
             load_seconds=round(loaded - load_started, 3),
-            loading=[task_type for task_type in later if engine.loading(task_type)],  # until `models_loaded`
+            loading=later,  # the `models_loaded` that follows says when they are (or failed)
             ready_seconds=round(time.perf_counter() - _T0, 3),
             frozen_objects=gc.get_freeze_count(),
             malloc_arena_max=arenas or os.environ.get("MALLOC_ARENA_MAX", "").strip() or None,
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             firestore_emulator_host=settings.firestore_emulator_host,
             storage_emulator_host=settings.storage_emulator_host,
         )
+        ready_said.set()
         if _on_runpod(argv):
             import runpod
 

@@ -193,8 +193,22 @@ class RunsyncHandler:
         loading = getattr(self.generator, "loading", None)
         if answer.get("status") != "accepted" or not callable(loading):
             return
-        while loading(answer["task_type"]) and not (self.leaving is not None and self.leaving()):
+        while loading(answer["task_type"]) and not self._leaving():
             await asyncio.sleep(LOAD_WAIT_SLICE_SECONDS)
+
+    def _model_there(self, task_type: str, stop: threading.Event | None) -> bool:
+        """An inline request's wait for its model's load (`_held_for_its_model`): False where RunPod stopped the
+        request or the worker is leaving meanwhile (waiting in the load's lock, it held the worker's end up: the
+        local API waits for its open requests as it shuts down)."""
+        loading = getattr(self.generator, "loading", None)
+        pause = stop if stop is not None else threading.Event()
+        while callable(loading) and loading(task_type):
+            if pause.wait(LOAD_WAIT_SLICE_SECONDS) or self._leaving():
+                return False
+        return True
+
+    def _leaving(self) -> bool:
+        return self.leaving is not None and self.leaving()
 
     def _fail_awaiting(self, data: Any, message: str, key: JobKey | None = None) -> None:
         """A refused request whose file_uid names a doc that awaits its parameters (the contract's function flow:
@@ -251,6 +265,9 @@ class RunsyncHandler:
 
         if self.generator is None:
             return refused("Inline generation is not available on this worker", reason="no generator")
+        if not self._model_there(request.task_type, stop):
+            why = "stopped by RunPod" if stop is not None and stop.is_set() else "worker leaving"
+            return refused("The worker stopped before the generation finished; please retry", reason=why)
         started = time.perf_counter()
 
         def progress(fraction: float) -> None:

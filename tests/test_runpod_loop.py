@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import requests
 import runpod
 from fixtures_http import LocalServer, QuietHandler
 from fixtures_keys import pem_body, service_account_key
@@ -333,6 +334,10 @@ def test_a_failing_job_api_is_asked_again_backed_off_then_its_job_runs(
     missing = events["model_not_available"]
     assert (missing["severity"], missing["task_type"]) == ("ERROR", "text2video")
     assert missing["error"] == f"Video model folder {tmp_path} not found or not a diffusers pipeline"
+    # The video model loads once the worker is ready: its failure, and its load's end, said after `worker_ready`.
+    names = [line.get("event") for line in json_lines(worker)]
+    assert names.index("worker_ready") < names.index("model_not_available") < names.index("models_loaded")
+    assert (events["models_loaded"]["task_types"], events["models_loaded"]["failed"]) == ([], ["text2video"])
 
 
 def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
@@ -420,7 +425,9 @@ def video_input(file_uid: str) -> dict:
     return video | {"num_frames": 16, "num_inference_steps": 10, "video_width": 256, "video_height": 256}
 
 
-def gated_video_worker(stack: tuple, gate: Path, **settings: str) -> tuple[WorkerProcess, str, str, str]:
+def gated_video_worker(
+    stack: tuple, gate: Path, serve_api: bool = False, **settings: str
+) -> tuple[WorkerProcess, str, str, str]:
     """A worker whose video model's load waits for `gate` (FAULT=gate-video), both models `tiny`, started with a
     video then an image queued in Firestore (the video older: first in line), and a video's runsync `rp-video`
     waiting in RunPod's queue: the worker and the paths of the video, the image and the runsync's video."""
@@ -434,7 +441,7 @@ def gated_video_worker(stack: tuple, gate: Path, **settings: str) -> tuple[Worke
     worker = WorkerProcess(
         emulator_logs,
         {**env, "FAULT": "gate-video", "FAULT_GATE": str(gate)},
-        serve_api=False,
+        serve_api=serve_api,
         module="tests.fault_worker",
         **settings,
     )
@@ -530,6 +537,38 @@ def test_a_worker_stopped_while_its_video_model_loads_ends_cleanly(
     assert_untouched(firestore_emulator, project, asked_path)
     [exit_line] = [line for line in json_lines(worker) if line.get("event") == "worker_exit"]
     assert (exit_line["code"], exit_line["reason"]) == (0, "shutdown")
+
+
+def test_an_inline_video_waiting_for_its_model_does_not_hold_the_workers_end_up(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path
+):
+    """The SDK's local API (as `make dev` runs the worker) waits for its open requests as it shuts down: an inline
+    video waiting in its model's load held the worker's end up for good (a Ctrl-C, or the load's own deadline, ended
+    nothing). It is refused once the worker leaves."""
+    stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
+    worker, *_ = gated_video_worker(stack, tmp_path / "never", serve_api=True)
+    answers: list = []
+    inline = {**video_input("inline-while-loading"), "use_cloud_storage": False}
+
+    def requests_taken() -> int:  # the SDK's `Started.` line, one per request
+        return len([line for line in json_lines(worker) if line.get("said") == "Started."])
+
+    started = requests_taken()
+    sending = threading.Thread(
+        target=lambda: answers.append(requests.post(worker.runsync_url, json={"input": inline}, timeout=60).json()),
+        daemon=True,
+    )
+    try:
+        sending.start()
+        assert emu.wait_until(lambda: requests_taken() > started, 30), worker.log_tail()
+        worker.signal(signal.SIGINT)
+        code = worker.wait_exit(30)
+    finally:
+        worker.stop()
+    assert code == 0, worker.log_tail()
+    sending.join(10)
+    output = answers[0].get("output", answers[0]) if answers else {}
+    assert output.get("error") == "The worker stopped before the generation finished; please retry", answers
 
 
 def run_fault_worker(fault: str, env: dict[str, str]) -> subprocess.CompletedProcess:
