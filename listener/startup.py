@@ -151,24 +151,29 @@ def load_later(
 ) -> threading.Thread:
     """`engine.preload_later(task_types)`, the rest of the start's deadline (`seconds`) on it: then either
     `on_loaded(failures, seconds it took)`, or past `seconds` still loading, `on_stuck(where its thread is)`
-    (`stuck_in`). One of the two, once. Jobs are claimed meanwhile: the process is not ended here."""
+    (`stuck_in`). One of the two, once. Jobs are claimed meanwhile: the process is not ended here, but by the
+    backstop, BACKSTOP_SECONDS later, where the load holds the GIL in C code (the timer's thread then never runs,
+    nor any of the worker's)."""
     decided = threading.Lock()
     started = time.monotonic()
 
     def ended(failures: dict[str, Any]) -> None:
         if decided.acquire(blocking=False):
             timer.cancel()
+            faulthandler.cancel_dump_traceback_later()
             on_loaded(failures, time.monotonic() - started)
 
     def expired() -> None:
         if not any(engine.loading(task_type) for task_type in task_types):
             return  # loaded (or failed) as the time ran out: `ended` says so
         if decided.acquire(blocking=False):
+            faulthandler.cancel_dump_traceback_later()  # this thread runs: the worker leaves by its shutdown
             on_stuck([name for name, _ in stuck_in(thread.ident or 0)])
 
     timer = threading.Timer(seconds, expired)  # started once `thread` is: a cancel before then still holds
     timer.daemon = True
     timer.name = "load-deadline"
+    _backstop(seconds)
     thread = engine.preload_later(task_types, ended)
     timer.start()
     return thread

@@ -180,6 +180,63 @@ def test_a_hang_that_holds_the_gil_ends_at_the_backstop():
     assert lines == []  # the timer's thread never got the GIL
 
 
+def test_a_model_load_that_holds_the_gil_ends_at_the_backstop():
+    """The video model's load, once the worker is ready (`load_later`): stuck in C code that holds the GIL, no
+    thread of the worker runs again (the deadline's timer, the jobs' heartbeats): the faulthandler's exit does. A
+    stand-in for the engine: no load here can be made to hold the GIL."""
+    code, lines, said = run(
+        """
+        startup.BACKSTOP_SECONDS = 0.5
+
+        class Engine:
+            def loading(self, task_type):
+                return True
+
+            def preload_later(self, task_types, on_end):
+                stuck = threading.Thread(target=lambda: ctypes.PyDLL(None).sleep(20), daemon=True)
+                stuck.start()
+                return stuck
+
+        startup.load_later(Engine(), ["text2video"], 0.5, on_loaded=print, on_stuck=print)
+        time.sleep(20)
+        print("went on")
+        """
+    )
+    assert code == 1 and "went on" not in said, said
+    assert backstop_after(said) == 1.0 and "Thread" in said, said
+    assert lines == []
+
+
+@pytest.mark.parametrize("load", ["ends at once", "waits, letting go of the GIL"])
+def test_a_model_load_that_ends_or_is_said_stuck_leaves_no_backstop(load):
+    """Its end, or its deadline's timer that ran (the worker then leaves by its shutdown, which takes its grace),
+    cancels the backstop: it would have ended the process BACKSTOP_SECONDS later, whatever it was doing."""
+    code, _, said = run(
+        f"""
+        startup.BACKSTOP_SECONDS = 0.5
+        ends = {load == "ends at once"}
+
+        class Engine:
+            def loading(self, task_type):
+                return not ends
+
+            def preload_later(self, task_types, on_end):
+                work = (lambda: on_end({{}})) if ends else threading.Event().wait
+                thread = threading.Thread(target=work, daemon=True)
+                thread.start()
+                return thread
+
+        startup.load_later(
+            Engine(), ["text2video"], 0.5, on_loaded=lambda *_: print("loaded"), on_stuck=lambda _: print("stuck")
+        )
+        time.sleep(2.5)
+        print("went on")
+        """
+    )
+    assert code == 0 and "went on" in said, said
+    assert ("loaded" if load == "ends at once" else "stuck") in said, said
+
+
 def test_an_inner_deadline_done_hands_the_backstop_back_to_the_outer_one():
     code, lines, said = run(
         """
