@@ -5,6 +5,9 @@ RunPod wraps the worker's answer in an envelope:
     {"id", "status": "FAILED", "error": "<the contract's message>"}       the worker refused the request
     {"id", "status": "IN_QUEUE" | "IN_PROGRESS"}                          no worker answered within runsync's
                                                                           wait (cold start): the job is queued
+The worker's own answers, unwrapped, as the contract prints them (a gateway or a stand-in for RunPod in front of the
+worker): {"status": "accepted", ...} (HTTP 200) takes the job, {"error", "status": "failed"} (HTTP 200 or 400)
+refuses it.
 Failures to connect, connect timeouts, HTTP 5xx and 429 are retried (a few attempts, short exponential waits, one
 overall deadline): the worker is idempotent by file_uid, so sending the same job twice is safe. A request sent
 but not answered in time (a read timeout: RunPod holds runsync open during a cold start), or whose connection
@@ -171,6 +174,8 @@ class RunPodClient:
         status = response.status_code
         if status >= 500 or status == 429:
             raise _Transient(f"HTTP {status}")
+        if status == 400 and (refusal := _contract_refusal(response)) is not None:
+            return refusal
         if status >= 400:
             # 401/403: a wrong API key; 404: a wrong endpoint id. Repeating will not help.
             hint = {401: "RUNPOD_API_KEY", 403: "RUNPOD_API_KEY", 404: "RUNPOD_ENDPOINT_ID"}.get(status)
@@ -219,11 +224,25 @@ def read_envelope(envelope: Any) -> Verdict:
         if isinstance(output, Mapping) and output.get("error"):
             return _refusal(output["error"], job_id)
         return Verdict(UNDELIVERED, "the worker answered without accepting or refusing the job", job_id)
-    if status == "FAILED":
+    if status == "FAILED":  # RunPod's, or the contract's own {"error", "status": "failed"}
         return _refusal(envelope.get("error"), job_id)
+    if envelope.get("status") == "accepted":  # the contract's own answer, unwrapped
+        return Verdict(ACCEPTED, str(envelope.get("message") or "accepted"), job_id)
     if status in ("IN_QUEUE", "IN_PROGRESS"):
         return Verdict(QUEUED, f"RunPod queued the job ({status})", job_id)
     return Verdict(UNDELIVERED, f"RunPod answered with status {status or 'none'}", job_id)
+
+
+def _contract_refusal(response: requests.Response) -> Verdict | None:
+    """An HTTP 400 whose body is the contract's own refusal ({"error": "<message>", "status": "failed"}): the
+    request's verdict, not a call RunPod refused."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, Mapping) and body.get("status") == "failed" and isinstance(body.get("error"), str):
+        return _refusal(body["error"], None)
+    return None
 
 
 def _refusal(error: Any, job_id: str | None) -> Verdict:

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
     from generation.engine import Engine, EngineConfig, quiet_loading
 
     from . import fitness
-    from .startup import Deadline, import_runpod_sdk, load_later, runpod_report
+    from .startup import LOAD_ORDER_SECONDS, Deadline, import_runpod_sdk, load_later, load_order, runpod_report
     from .version import code_version
     from .worker import build_worker
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         raise
     leaving = threading.Event()
     exit_code: int | str | None = None  # a SystemExit's own code, where it is not the worker's
-    background: threading.Thread | None = None  # the video model's load, once the worker is ready
+    background: threading.Thread | None = None  # the second model's load, once the worker is ready
     ready_said = threading.Event()
     pid = os.getpid()
 
@@ -227,13 +227,18 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             return worker.exit_code
         # The models after the checks, none of which needs them: a worker that may not write Firestore or its
         # bucket (a revoked grant, a wrong STORAGE_BUCKET) exits before a load it would pay for at every restart
-        # RunPod makes for the queued requests (a review of RunPod's lifecycle). The first before the worker is
-        # ready, the other in the background: SDXL loads in seconds, Wan in tens, and image jobs were held for
-        # both; a job of the model still loading is left queued (for a worker that has it) until it is loaded.
+        # RunPod makes for the queued requests (a review of RunPod's lifecycle). The first (the oldest queued job's)
+        # before the worker is ready, the other in the background: SDXL loads in seconds, Wan in tens, and each
+        # job was held for both; a job of the model still loading is left queued (for a worker that has it) until
+        # it is loaded.
         load_started = time.perf_counter()
         enabled = [task_type for task_type in (TEXT2IMAGE, TEXT2VIDEO) if models.enabled(task_type)]
         # `--test_input` loads both: its job runs, then the SDK exits (a load still under way would be cut short).
-        first, later = (enabled, []) if one_job else (enabled[:1], enabled[1:])
+        if one_job:
+            first, later = enabled, []
+        else:
+            enabled = load_order(worker.store, enabled, min(LOAD_ORDER_SECONDS, start.left()))
+            first, later = enabled[:1], enabled[1:]
         for task_type, failure in engine.preload(first).items():
             model_not_available(log, task_type, failure)
         loaded = time.perf_counter()
@@ -268,6 +273,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             "worker_ready",
             import_seconds=round(imported - _T0, 3),
             load_seconds=round(loaded - load_started, 3),
+            loaded=first,  # the oldest queued job's model first (`load_order`)
             loading=later,  # the `models_loaded` that follows says when they are (or failed)
             ready_seconds=round(time.perf_counter() - _T0, 3),
             frozen_objects=gc.get_freeze_count(),
@@ -331,7 +337,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
 
 
 def _exit_now(code: object) -> NoReturn:
-    """The end of a worker whose video model is still loading: torch in a daemon thread at the interpreter's end
+    """The end of a worker whose second model is still loading: torch in a daemon thread at the interpreter's end
     aborts the process (`terminate called without an active exception`, exit 134, a crash to RunPod), and a request
     waiting on the load (an inline one) would hold the end up for good. It ends here instead, its output flushed and
     the RunPod SDK's ping process stopped, as the interpreter's end would have."""

@@ -6,14 +6,15 @@ hangs a model's load. Each kept the worker initializing for good: neither ready 
 Nothing is claimed before the start ends, so there is nothing to give back: past its deadline the process says
 where it was stuck and ends with os._exit(1) (the stuck thread cannot be interrupted), as the SDK does after a
 failed fitness check. The second model loads once the worker claims (`load_later`): past the rest of the deadline
-the worker leaves as a shutdown does, its running jobs finished or released. (And a start's cost: the RunPod SDK
-imported without the CPU probe it runs on import.)
+the worker leaves as a shutdown does, its running jobs finished or released; the first is the model of the oldest
+queued job (`load_order`). (And a start's cost: the RunPod SDK imported without the CPU probe it runs on import.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
+import math
 import os
 import platform
 import sys
@@ -24,9 +25,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from firegen_core.contract import MEDIA_TYPE
+
+from .fairqueue import timestamp
+
 # The faulthandler's exit, this long after a deadline whose timer could not run: a call in C that holds the GIL
 # (the timer thread then never gets it) still ends the process, its threads' stacks on stderr.
 BACKSTOP_SECONDS = 15.0
+LOAD_ORDER_SECONDS = 3.0  # `load_order`'s reads of the queue: past it, the models load in the usual order
 REPORT_SECONDS = 5.0  # the unhealthy report's own bound (its HTTP timeout leaves out the name lookup)
 # Held by the deadline that ends the process: one says so, once; a `done()` that comes after never returns.
 _EXITING = threading.Lock()
@@ -139,6 +145,24 @@ class Deadline:
                 with contextlib.suppress(Exception):  # a closed stream must not stop the exit
                     stream.flush()
             os._exit(1)
+
+
+def load_order(store: Any, task_types: list[str], seconds: float) -> list[str]:
+    """`task_types` in the order their models load at the start: the one of the oldest queued job first (the worker
+    is ready once it is; the other loads in the background). A worker woken for a video would otherwise load SDXL
+    before Wan, the video waiting for both. Queues with nothing queued, or that could not be read within `seconds`
+    (one query each, not retried: the start must not wait on it), keep the order given."""
+    if len(task_types) < 2:
+        return task_types
+    oldest: dict[str, float] = {}
+    try:
+        for task_type in task_types:
+            found = store.oldest_queued(MEDIA_TYPE[task_type], limit=1).get(timeout=seconds, retry=None)
+            if found:
+                oldest[task_type] = timestamp((found[0].to_dict() or {}).get("created_at"), math.inf)
+    except Exception:  # the queue is read again once the worker claims: only the order is lost
+        return task_types
+    return sorted(task_types, key=lambda task_type: oldest.get(task_type, math.inf))
 
 
 def load_later(

@@ -11,6 +11,7 @@ FAULT=stall      the models' load never returns (as from a network volume that s
 FAULT=gate-video the video model's load waits until the file FAULT_GATE names exists (for good, when it never
                  does), in torch's code as a load is (its own matrix products): the worker's background load of its
                  second model, held as long as a test needs
+FAULT=gate-image the same for the image model's load (the second model where the oldest queued job is a video)
 FAULT=storage    every generation returns a small PNG at once, and the bucket refuses each upload HTTP 403 (the
                  worker's grant revoked while it runs: the Storage emulator has no IAM to revoke)
 FAULT=crash      a bug in the start: the engine's wrapping raises a TypeError
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import os
 import sys
+
+GATES = {"gate-image": "generation.image.ImagePipeline", "gate-video": "generation.video.VideoPipeline"}
 
 
 class FaultyGenerator:
@@ -84,25 +87,28 @@ if __name__ == "__main__":
             threading.Event().wait()
 
         Engine.preload = stalled_preload  # type: ignore[method-assign]
-    if "gate-video" in faults:
+    gated = [pipeline for fault, pipeline in GATES.items() if fault in faults]
+    if gated:
+        import importlib
         import time
         from pathlib import Path
 
-        from generation.video import VideoPipeline
+        gate = Path(os.environ["FAULT_GATE"])
+        for name in gated:
+            module, _, cls_name = name.rpartition(".")
+            cls = getattr(importlib.import_module(module), cls_name)
 
-        load, gate = VideoPipeline.load.__func__, Path(os.environ["FAULT_GATE"])  # type: ignore[attr-defined]
+            def gated_load(cls, *args, load=cls.load.__func__, **kwargs):
+                import torch
 
-        def gated_load(cls, *args, **kwargs):
-            import torch
+                torch.set_num_threads(1)  # a third of one core while it waits, not every core (the suite runs beside)
+                square = torch.ones(256, 256)
+                while not gate.exists():
+                    torch.mm(square, square)
+                    time.sleep(0.002)
+                return load(cls, *args, **kwargs)
 
-            torch.set_num_threads(1)  # a third of one core while it waits, not every core (the suite runs beside it)
-            square = torch.ones(256, 256)
-            while not gate.exists():
-                torch.mm(square, square)
-                time.sleep(0.002)
-            return load(cls, *args, **kwargs)
-
-        VideoPipeline.load = classmethod(gated_load)  # type: ignore[method-assign, assignment]
+            cls.load = classmethod(gated_load)
     if "storage" in faults:
         from google.api_core.exceptions import Forbidden
         from google.cloud.storage import Blob

@@ -929,6 +929,12 @@ def test_a_key_set_with_its_trailing_newline_still_dispatches(stub):
             "rejected",
         ),
         ((200, {"id": "j", "status": "TIMED_OUT"}), "undelivered"),
+        # The worker's answers unwrapped, as the contract prints them (a stand-in for RunPod in front of it).
+        ((200, {"status": "accepted", "message": "Generation task accepted and processing"}), "accepted"),
+        ((200, {"error": "prompt is required", "status": "failed"}), "rejected"),
+        ((400, {"error": "width must be between 256 and 1024", "status": "failed"}), "rejected"),
+        ((400, {"error": "Bad Request"}), "undelivered"),
+        ((400, {"error": {"message": "x"}, "status": "failed"}), "undelivered"),
     ],
 )
 def test_runpod_envelopes(stub, answer, outcome):
@@ -936,6 +942,24 @@ def test_runpod_envelopes(stub, answer, outcome):
     verdict = runpod.client().runsync({"prompt": "x"})
     assert verdict.outcome == outcome and len(runpod.requests) == 1  # none of these is retried
     assert_key_nowhere(verdict)
+
+
+def test_the_callable_reads_the_contracts_own_answers_unwrapped(firestore_client, stub):
+    """The contract prints the worker's answers bare ({"status": "accepted"}, or HTTP 400 {"error", "status":
+    "failed"}) and its client sample reads them so: in front of a RunPod stand-in that answers that way, a refusal
+    was "RunPod refused the call: HTTP 400" (the doc left queued, the caller told it started) and an acceptance
+    undelivered. A refusal fails the doc with the worker's message; an acceptance is "Generation started"."""
+    refusing = stub((400, {"error": "width must be between 256 and 1024", "status": "failed"}))
+    with pytest.raises(CallError) as raised:
+        dispatch.generate(firestore_client, refusing.client(), uid="u-bare", data={"prompt": "a car", "file_uid": "r"})
+    assert (raised.value.code, raised.value.message) == ("invalid-argument", "width must be between 256 and 1024")
+    doc = firestore_client.document("generations/u-bare/images/r").get().to_dict()
+    assert (doc["status"], doc["error_message"]) == ("failed", "width must be between 256 and 1024")
+    accepting = stub((200, {"status": "accepted", "message": "Generation task accepted and processing"}))
+    reply = dispatch.generate(
+        firestore_client, accepting.client(), uid="u-bare", data={"prompt": "a car", "file_uid": "a"}
+    )
+    assert (reply["success"], reply["status"], reply["message"]) == (True, "accepted", "Generation started")
 
 
 def test_runsync_url():

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -425,62 +426,74 @@ def video_input(file_uid: str) -> dict:
     return video | {"num_frames": 16, "num_inference_steps": 10, "video_width": 256, "video_height": 256}
 
 
-def gated_video_worker(
-    stack: tuple, gate: Path, serve_api: bool = False, **settings: str
+GATED = {"video": ("videos", video_input), "image": ("images", image_input)}
+
+
+def gated_worker(
+    stack: tuple, gate: Path, gated: str = "video", serve_api: bool = False, **settings: str
 ) -> tuple[WorkerProcess, str, str, str]:
-    """A worker whose video model's load waits for `gate` (FAULT=gate-video), both models `tiny`, started with a
-    video then an image queued in Firestore (the video older: first in line), and a video's runsync `rp-video`
-    waiting in RunPod's queue: the worker and the paths of the video, the image and the runsync's video."""
+    """A worker whose `gated` model's load ("video" or "image") waits for `gate` (FAULT=gate-<gated>), both models
+    `tiny`, started with a job of the other model then one of the gated model queued in Firestore (the other's
+    older: its model loads first, the gated one in the background), and a runsync of the gated model, `rp-<gated>`,
+    waiting in RunPod's queue: the worker and the paths of the gated job, the other job and the runsync's job."""
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project = stack
-    video_path = "generations/loop-user/videos/waits-for-its-model"
-    queued = {"status": "queued", "created_at": SERVER_TIMESTAMP}
-    firestore_emulator.client(project[0]).document(video_path).set(video_input("waits-for-its-model") | queued)
-    image_path = queue_in_firestore(firestore_emulator, project, "while-its-model-loads")
-    job_api.queue_runsync("rp-video", video_input("asked-by-runsync"))
+    client, now = firestore_emulator.client(project[0]), datetime.now(UTC)
+    other = next(kind for kind in GATED if kind != gated)
+    paths = {}
+    for kind, name, age in ((other, "while-its-model-loads", 60), (gated, "waits-for-its-model", 30)):
+        media, make_input = GATED[kind]
+        paths[kind] = f"generations/loop-user/{media}/{name}"
+        queued = {"status": "queued", "created_at": now - timedelta(seconds=age)}  # no tie: the other goes first
+        client.document(paths[kind]).set(make_input(name) | queued)
+    media, make_input = GATED[gated]
+    job_api.queue_runsync(f"rp-{gated}", make_input("asked-by-runsync"))
     env = worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache)
     worker = WorkerProcess(
         emulator_logs,
-        {**env, "FAULT": "gate-video", "FAULT_GATE": str(gate)},
+        {**env, "FAULT": f"gate-{gated}", "FAULT_GATE": str(gate)},
         serve_api=serve_api,
         module="tests.fault_worker",
         **settings,
     )
     worker.start()
-    return worker, video_path, image_path, "generations/loop-user/videos/asked-by-runsync"
+    return worker, paths[gated], paths[other], f"generations/loop-user/{media}/asked-by-runsync"
 
 
-def test_the_video_model_loads_once_the_worker_is_ready_and_its_jobs_stay_queued_meanwhile(
-    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path
+@pytest.mark.parametrize("gated", ["video", "image"])
+def test_the_oldest_queued_jobs_model_loads_first_and_the_others_jobs_stay_queued_while_it_loads(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path, gated
 ):
     """A cold start loaded SDXL (seconds) and Wan (tens of seconds) before the first claim: an image job waited for
-    both. The worker is ready once its image model is, and loads the video model in the background (held here until
-    the test opens its gate): the queued image runs meanwhile; the video, older and first in line, stays queued
-    (for a worker that has its model: claimed here, it would hold the one slot waiting for the load) until the
-    model is loaded, then runs here. A video's runsync is answered once the model is loaded: RunPod counts a
-    worker whose requests are all answered as idle, and would stop it (its idle timeout) before the load ended."""
+    both, and so did a video. The worker loads the model of the oldest queued job first, is ready once it is, and
+    loads the other in the background (held here until the test opens its gate): the oldest job runs meanwhile; the
+    other model's job stays queued (for a worker that has its model: claimed here, it would hold the one slot
+    waiting for the load) until its model is loaded, then runs here. That model's runsync is answered once it is
+    loaded: RunPod counts a worker whose requests are all answered as idle, and would stop it (its idle timeout)
+    before the load ended."""
     gate = tmp_path / "gate"
     stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
-    worker, video_path, image_path, asked_path = gated_video_worker(stack, gate)
+    worker, gated_path, first_path, asked_path = gated_worker(stack, gate, gated)
+    first, later = ("text2image", "text2video") if gated == "video" else ("text2video", "text2image")
     try:
         ready = json.loads(worker.events("worker_ready")[-1])
-        assert ready["loading"] == ["text2video"]
-        done = emu.wait_until(lambda: doc(firestore_emulator, project, image_path).get("status") == "completed", 60)
+        assert (ready["loaded"], ready["loading"]) == ([first], [later])
+        done = emu.wait_until(lambda: doc(firestore_emulator, project, first_path).get("status") == "completed", 60)
         assert done, worker.log_tail()
         assert emu.wait_until(lambda: doc(firestore_emulator, project, asked_path), 30)  # its runsync was taken
-        assert_untouched(firestore_emulator, project, video_path)
+        assert_untouched(firestore_emulator, project, gated_path)
         assert_untouched(firestore_emulator, project, asked_path)
-        assert "rp-video" not in job_api.outputs  # answered once its model is loaded
+        assert f"rp-{gated}" not in job_api.outputs  # answered once its model is loaded
         gate.touch()
-        for path in (video_path, asked_path):
+        for path in (gated_path, asked_path):
             done = emu.wait_until(lambda p=path: doc(firestore_emulator, project, p).get("status") == "completed", 60)
             assert done, worker.log_tail()
-        assert job_api.outputs["rp-video"].get("output", {}).get("status") == "accepted", job_api.outputs
+        assert job_api.outputs[f"rp-{gated}"].get("output", {}).get("status") == "accepted", job_api.outputs
     finally:
         code = ended_by_sigterm(worker)
     assert code == 0
     lines = events_of(worker)
     [loaded] = [line for line in lines if line["event"] == "models_loaded"]
-    assert (loaded["task_types"], loaded["failed"], loaded["severity"]) == (["text2video"], [], "INFO")
+    assert (loaded["task_types"], loaded["failed"], loaded["severity"]) == ([later], [], "INFO")
     claimed = [n for n, line in enumerate(lines) if line["event"] == "job_claimed"]
     assert [lines[n]["file_uid"] for n in claimed[:2]] == ["while-its-model-loads", "waits-for-its-model"]
     assert len(claimed) == 3 and lines.index(loaded) < claimed[1]
@@ -496,9 +509,7 @@ def test_a_video_model_load_that_never_ends_ends_the_worker_at_the_starts_deadli
     never claimed, and the image job ran meanwhile; a video's runsync, held for the model, is answered as the
     worker leaves (it does not hold the process up)."""
     stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
-    worker, video_path, image_path, asked_path = gated_video_worker(
-        stack, tmp_path / "never", STARTUP_TIMEOUT_SECONDS="20"
-    )
+    worker, video_path, image_path, asked_path = gated_worker(stack, tmp_path / "never", STARTUP_TIMEOUT_SECONDS="20")
     try:
         code = worker.wait_exit(60)
     finally:
@@ -524,7 +535,7 @@ def test_a_worker_stopped_while_its_video_model_loads_ends_cleanly(
     interpreter's end aborted the process (exit 134, `terminate called without an active exception`: a crash to
     RunPod). It ends 0, as any shutdown, its video jobs left queued."""
     stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
-    worker, video_path, image_path, asked_path = gated_video_worker(stack, tmp_path / "never")
+    worker, video_path, image_path, asked_path = gated_worker(stack, tmp_path / "never")
     try:
         done = emu.wait_until(lambda: doc(firestore_emulator, project, image_path).get("status") == "completed", 60)
         assert done, worker.log_tail()
@@ -546,7 +557,7 @@ def test_an_inline_video_waiting_for_its_model_does_not_hold_the_workers_end_up(
     video waiting in its model's load held the worker's end up for good (a Ctrl-C, or the load's own deadline, ended
     nothing). It is refused once the worker leaves."""
     stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
-    worker, *_ = gated_video_worker(stack, tmp_path / "never", serve_api=True)
+    worker, *_ = gated_worker(stack, tmp_path / "never", serve_api=True)
     answers: list = []
     inline = {**video_input("inline-while-loading"), "use_cloud_storage": False}
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -379,3 +380,40 @@ def test_a_model_load_past_its_deadline_says_where_it_is_stuck_and_never_says_it
     thread.join(30)
     assert not thread.is_alive() and loaded == []  # the load's end after its deadline: said by neither
     assert not engine.loading("text2video")
+
+
+def test_the_model_of_the_oldest_queued_job_loads_first(firestore_client, monkeypatch):
+    """A worker woken for a video loaded SDXL before Wan: the video waited for both loads. The model of the oldest
+    queued job loads first (a client's `Date.now()` milliseconds read as the seconds they are); with nothing queued
+    the image model first, as before; a queue that cannot be read within its bound holds the start up no longer."""
+    from datetime import UTC, datetime, timedelta
+
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import firestore
+
+    from firegen_core.jobs import JobKey, JobStore
+
+    both, video_first = ["text2image", "text2video"], ["text2video", "text2image"]
+    store, t0 = JobStore(firestore_client), datetime(2026, 1, 1, tzinfo=UTC)
+
+    def queue(key: JobKey, created_at: object, status: str = "queued") -> None:
+        firestore_client.document(key.path).set({"status": status, "prompt": "p", "created_at": created_at})
+
+    assert startup.load_order(store, both, 5) == both
+    queue(JobKey("ann", "images", "newer"), t0 + timedelta(minutes=1))
+    queue(JobKey("bob", "videos", "done"), t0, status="completed")
+    assert startup.load_order(store, both, 5) == both
+    queue(JobKey("bob", "videos", "older"), (t0.timestamp() + 30) * 1000)  # milliseconds, 30 s after t0
+    assert startup.load_order(store, both, 5) == video_first
+    assert startup.load_order(store, ["text2image"], 5) == ["text2image"]
+    queue(JobKey("cyd", "images", "oldest"), t0)
+    assert startup.load_order(store, both, 5) == both
+
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", "127.0.0.1:9")  # nothing listens on the discard port
+    down = firestore.Client(project=firestore_client.project, credentials=AnonymousCredentials())
+    try:
+        started = time.monotonic()
+        assert startup.load_order(JobStore(down), video_first, 2) == video_first
+        assert time.monotonic() - started < 10
+    finally:
+        down.close()
