@@ -354,7 +354,7 @@ def bench_worker(firestore_emulator, storage_emulator, logs: Path, cache: Path) 
     cold = time.perf_counter() - t0
     try:
         ready = json.loads(worker.events("worker_ready")[-1])
-        # The image model before ready; the video model after, in the background (`models_loaded`).
+        # Nothing queued: the image model before ready; the video model after, in the background (`models_loaded`).
         assert emu.wait_until(lambda: worker.events("models_loaded"), 120), worker.log_tail()
         figures = {
             "cold_start_s": round(cold, 2),

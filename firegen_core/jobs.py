@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import tenacity
@@ -530,13 +530,17 @@ class JobStore:
         limit: int,
         user_id: str | None = None,
         created_before: datetime | None = None,
+        dated: bool = False,
         after: firestore.DocumentSnapshot | None = None,
     ) -> firestore.Query:
         """Queued jobs oldest first (by `created_at`; a doc without one is not in it), at most `limit`, after the
-        `after` of an earlier page."""
+        `after` of an earlier page. `dated`: only those whose `created_at` is a timestamp (Firestore orders other
+        types first: null, booleans, numbers)."""
         query = self.queued(media, user_id=user_id)
         if created_before is not None:
             query = query.where(filter=FieldFilter("created_at", "<=", created_before))
+        elif dated:
+            query = query.where(filter=FieldFilter("created_at", ">=", datetime(1, 1, 1, tzinfo=UTC)))
         query = query.order_by("created_at").limit(limit)
         return query.start_after(after) if after is not None else query
 

@@ -234,12 +234,11 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
         load_started = time.perf_counter()
         enabled = [task_type for task_type in (TEXT2IMAGE, TEXT2VIDEO) if models.enabled(task_type)]
         # `--test_input` loads both: its job runs, then the SDK exits (a load still under way would be cut short).
-        if one_job:
-            first, later = enabled, []
-        else:
+        if not one_job and not all(engine.loaded(task_type) for task_type in enabled):  # FIREGEN_PRELOAD=on: both
             enabled = load_order(worker.store, enabled, min(LOAD_ORDER_SECONDS, start.left()))
-            first, later = enabled[:1], enabled[1:]
-        for task_type, failure in engine.preload(first).items():
+        first, later = (enabled, []) if one_job else (enabled[:1], enabled[1:])
+        failed_first = engine.preload(first)
+        for task_type, failure in failed_first.items():
             model_not_available(log, task_type, failure)
         loaded = time.perf_counter()
         left = start.left()
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             "worker_ready",
             import_seconds=round(imported - _T0, 3),
             load_seconds=round(loaded - load_started, 3),
-            loaded=first,  # the oldest queued job's model first (`load_order`)
+            loaded=[task_type for task_type in first if task_type not in failed_first],  # `load_order`'s first
             loading=later,  # the `models_loaded` that follows says when they are (or failed)
             ready_seconds=round(time.perf_counter() - _T0, 3),
             frozen_objects=gc.get_freeze_count(),

@@ -187,9 +187,9 @@ class RunsyncHandler:
         queued job's), and leaves that model's jobs queued until then: an accepted request for one is answered once
         the load has ended. RunPod counts a worker whose requests are all answered as idle, and stops it once its
         idle timeout has passed (its default: 5 s): answered at once, the request that woke a worker for a video
-        left it idle through the model's load (Wan: tens of seconds), to be stopped before it ran the job. Held on the event loop, not on a thread of the
-        requests' pool (a burst of video requests would leave none to record an image's); until RunPod stops the
-        request, or the worker leaves."""
+        left it idle through the model's load (Wan: tens of seconds), to be stopped before it ran the job. Held on
+        the event loop, not on a thread of the requests' pool (a burst of video requests would leave none to record
+        an image's); until RunPod stops the request, or the worker leaves."""
         loading = getattr(self.generator, "loading", None)
         if answer.get("status") != "accepted" or not callable(loading):
             return

@@ -25,14 +25,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from firegen_core.contract import MEDIA_TYPE
-
-from .fairqueue import timestamp
-
 # The faulthandler's exit, this long after a deadline whose timer could not run: a call in C that holds the GIL
 # (the timer thread then never gets it) still ends the process, its threads' stacks on stderr.
 BACKSTOP_SECONDS = 15.0
 LOAD_ORDER_SECONDS = 3.0  # `load_order`'s reads of the queue: past it, the models load in the usual order
+LOAD_ORDER_SEEN = 10  # `load_order`'s oldest queued docs read per media type
 REPORT_SECONDS = 5.0  # the unhealthy report's own bound (its HTTP timeout leaves out the name lookup)
 # Held by the deadline that ends the process: one says so, once; a `done()` that comes after never returns.
 _EXITING = threading.Lock()
@@ -148,20 +145,53 @@ class Deadline:
 
 
 def load_order(store: Any, task_types: list[str], seconds: float) -> list[str]:
-    """`task_types` in the order their models load at the start: the one of the oldest queued job first (the worker
-    is ready once it is; the other loads in the background). A worker woken for a video would otherwise load SDXL
-    before Wan, the video waiting for both. Queues with nothing queued, or that could not be read within `seconds`
-    (one query each, not retried: the start must not wait on it), keep the order given."""
+    """`task_types` in the order their models load at the start: the model of the oldest job this worker could
+    start first (the worker is ready once it is loaded; the other loads in the background). A worker woken for a
+    video would otherwise load SDXL before Wan, the video waiting for both. Among each media type's oldest queued
+    docs (LOAD_ORDER_SEEN), those of this product's paths, not being cancelled, whose user may start one more job
+    (USER_MAX_RUNNING: a backlog its limit holds waits whichever model is loaded); where none is, or the reads
+    (not retried) do not answer within `seconds` together, the order given."""
     if len(task_types) < 2:
         return task_types
-    oldest: dict[str, float] = {}
+    # Here, not at the top: the deadlines above are imported by the start's first steps (and by tests' processes).
+    from firegen_core import lifecycle, quota
+    from firegen_core.contract import MEDIA_TYPE
+    from firegen_core.jobs import JobKey
+
+    from .fairqueue import timestamp
+
+    ends = time.monotonic() + seconds
+
+    def left() -> float:
+        remaining = ends - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the load order's reads ran out of time")
+        return remaining
+
     try:
+        found: list[tuple[str, Any, dict[str, Any]]] = []
         for task_type in task_types:
-            found = store.oldest_queued(MEDIA_TYPE[task_type], limit=1).get(timeout=seconds, retry=None)
-            if found:
-                oldest[task_type] = timestamp((found[0].to_dict() or {}).get("created_at"), math.inf)
+            query = store.oldest_queued(MEDIA_TYPE[task_type], limit=LOAD_ORDER_SEEN, dated=True)
+            for snapshot in query.get(timeout=left(), retry=None):
+                doc = snapshot.to_dict() or {}
+                try:
+                    key = JobKey.from_path(snapshot.reference.path)
+                except ValueError:  # another app's `images`/`videos` doc (the reconciler skips those too)
+                    continue
+                if not doc.get(lifecycle.CANCEL_REQUESTED):
+                    found.append((task_type, key, doc))
+        users = sorted({key.user_id for _, key, _ in found})
+        usage = (
+            store.client.get_all([store.usage_ref(user) for user in users], timeout=left(), retry=None) if users else []
+        )
+        running = {snapshot.id: quota.number(snapshot.to_dict() or {}, "running") for snapshot in usage}
     except Exception:  # the queue is read again once the worker claims: only the order is lost
         return task_types
+    oldest: dict[str, float] = {}
+    for task_type, key, doc in found:
+        if running.get(key.user_id, 0) < store.limits.max_running:
+            created = timestamp(doc.get("created_at"), math.inf)
+            oldest[task_type] = min(oldest.get(task_type, math.inf), created)
     return sorted(task_types, key=lambda task_type: oldest.get(task_type, math.inf))
 
 

@@ -382,38 +382,68 @@ def test_a_model_load_past_its_deadline_says_where_it_is_stuck_and_never_says_it
     assert not engine.loading("text2video")
 
 
-def test_the_model_of_the_oldest_queued_job_loads_first(firestore_client, monkeypatch):
+def test_the_model_of_the_oldest_job_the_worker_could_start_loads_first(firestore_client):
     """A worker woken for a video loaded SDXL before Wan: the video waited for both loads. The model of the oldest
-    queued job loads first (a client's `Date.now()` milliseconds read as the seconds they are); with nothing queued
-    the image model first, as before; a queue that cannot be read within its bound holds the start up no longer."""
+    queued job loads first; with nothing queued the image model, as before. A job that cannot start whichever model
+    is loaded does not choose: one being cancelled, one whose user is at USER_MAX_RUNNING, another app's doc; nor
+    does a `created_at` that is no timestamp (Firestore orders null and numbers before every timestamp: the query's
+    first doc was the wrong one)."""
     from datetime import UTC, datetime, timedelta
-
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import firestore
 
     from firegen_core.jobs import JobKey, JobStore
 
     both, video_first = ["text2image", "text2video"], ["text2video", "text2image"]
     store, t0 = JobStore(firestore_client), datetime(2026, 1, 1, tzinfo=UTC)
 
-    def queue(key: JobKey, created_at: object, status: str = "queued") -> None:
-        firestore_client.document(key.path).set({"status": status, "prompt": "p", "created_at": created_at})
+    def queue(path: str, created_at: object, **fields: object) -> None:
+        firestore_client.document(path).set({"status": "queued", "prompt": "p", "created_at": created_at, **fields})
 
     assert startup.load_order(store, both, 5) == both
-    queue(JobKey("ann", "images", "newer"), t0 + timedelta(minutes=1))
-    queue(JobKey("bob", "videos", "done"), t0, status="completed")
+    queue(JobKey("ann", "images", "newer").path, t0 + timedelta(minutes=10))
+    queue(JobKey("bob", "videos", "done").path, t0, status="completed")
     assert startup.load_order(store, both, 5) == both
-    queue(JobKey("bob", "videos", "older"), (t0.timestamp() + 30) * 1000)  # milliseconds, 30 s after t0
+    queue(JobKey("bob", "videos", "older").path, t0 + timedelta(minutes=5))
     assert startup.load_order(store, both, 5) == video_first
     assert startup.load_order(store, ["text2image"], 5) == ["text2image"]
-    queue(JobKey("cyd", "images", "oldest"), t0)
+    queue(JobKey("cyd", "images", "millis").path, t0.timestamp() * 1000)  # first in Firestore's order: numbers
+    queue(JobKey("cyd", "images", "null").path, None)
+    assert startup.load_order(store, both, 5) == video_first
+    queue(JobKey("dan", "images", "oldest").path, t0)
     assert startup.load_order(store, both, 5) == both
+    # The oldest image can start no sooner for its model: its owner's cancel, its user's running limit, not a job.
+    firestore_client.document(JobKey("dan", "images", "oldest").path).update({"cancel_requested": True})
+    assert startup.load_order(store, both, 5) == video_first
+    queue(JobKey("eve", "images", "held").path, t0)
+    assert startup.load_order(store, both, 5) == both
+    firestore_client.document("usage/eve").set({"running": store.limits.max_running, "pending": 3})
+    assert startup.load_order(store, both, 5) == video_first
+    queue("apps/other/images/theirs", t0 - timedelta(days=3))
+    assert startup.load_order(store, both, 5) == video_first
 
-    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", "127.0.0.1:9")  # nothing listens on the discard port
+
+@pytest.mark.parametrize("server", ["refusing", "silent"])
+def test_a_queue_that_cannot_be_read_in_time_holds_the_start_up_no_longer(firestore_client, monkeypatch, server):
+    """Firestore away (nothing listens), or a connection that never answers: the models load in the order given,
+    within the bound the start gives the reads."""
+    import socket
+
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import firestore
+
+    from firegen_core.jobs import JobStore
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    if server == "silent":  # accepts, and says nothing: the TCP connection stands, no answer ever comes
+        listener.listen(16)
+    host, port = listener.getsockname()
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"{host}:{port}")
     down = firestore.Client(project=firestore_client.project, credentials=AnonymousCredentials())
+    order = ["text2video", "text2image"]
     try:
         started = time.monotonic()
-        assert startup.load_order(JobStore(down), video_first, 2) == video_first
-        assert time.monotonic() - started < 10
+        assert startup.load_order(JobStore(down), order, 2) == order
+        assert time.monotonic() - started < 4
     finally:
         down.close()
+        listener.close()
