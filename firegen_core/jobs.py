@@ -143,6 +143,10 @@ class JobKey:
     def path(self) -> str:
         return f"{COLLECTION}/{self.user_id}/{self.media_type}/{self.file_uid}"
 
+    def other_media(self) -> JobKey:
+        """The same user's and file_uid's job under the other media type."""
+        return JobKey(self.user_id, next(media for media in MEDIA_TYPES if media != self.media_type), self.file_uid)
+
 
 @dataclass(frozen=True)
 class ClaimedJob:
@@ -201,13 +205,13 @@ class JobStore:
     def usage_ref(self, user_id: str) -> firestore.DocumentReference:
         return self.client.collection(quota.USAGE_COLLECTION).document(user_id)
 
-    def _read(self, key: JobKey, ends: float):
-        """The job doc and its user's usage doc, in one round trip, at one read time."""
-        job, usage = self.ref(key), self.usage_ref(key.user_id)
-        snapshots = {s.reference.path: s for s in self.client.get_all([job, usage], **bound(ends))}
-        return snapshots[job.path], snapshots[usage.path]
+    def _read(self, key: JobKey, ends: float, *more: firestore.DocumentReference) -> tuple[Any, ...]:
+        """The job doc, its user's usage doc and `more`, in one round trip, at one read time."""
+        refs = [self.ref(key), self.usage_ref(key.user_id), *more]
+        snapshots = {s.reference.path: s for s in self.client.get_all(refs, **bound(ends))}
+        return tuple(snapshots[ref.path] for ref in refs)
 
-    def transition(self, key: JobKey, decide: Decide, *, admit: bool = False) -> Outcome:
+    def transition(self, key: JobKey, decide: Decide, *, admit: bool = False, read: tuple | None = None) -> Outcome:
         """Read the doc, let `decide` choose the update from it and the server time, and write it atomically.
 
         The write is a compare-and-set: it carries the read's `update_time` as a precondition (or must create
@@ -219,8 +223,10 @@ class JobStore:
         Where the update changes what the job counts for (`quota.change`), the user's usage doc is written in
         the same batch, under a precondition of its own: both land or neither. With `admit`, a job left live
         and not yet admitted is admitted (or refused, failed `QuotaExceeded`), and any transition that would
-        start a job past USER_MAX_RUNNING leaves it queued instead.
+        start a job past USER_MAX_RUNNING leaves it queued instead. `read`: the job's and its usage doc's snapshots
+        (`_read`), read together just before, for the first try (a later one reads again).
         """
+        reads = [read[:2]] if read is not None else []
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Conflict),  # someone wrote first: decide again on what they wrote
             # CALL_TIMEOUT: the bound a runsync caller is promised, conflicts included
@@ -229,14 +235,14 @@ class JobStore:
         )
         ends = time.monotonic() + CALL_TIMEOUT
         try:
-            return retrying(self._compare_and_set, key, decide, admit, ends)
+            return retrying(self._compare_and_set, key, decide, admit, ends, reads)
         except tenacity.RetryError as exc:
             raise Aborted(f"{key.path}: still contended after {exc.last_attempt.attempt_number} tries") from None
 
-    def _compare_and_set(self, key: JobKey, decide: Decide, admit: bool, ends: float) -> Outcome:
+    def _compare_and_set(self, key: JobKey, decide: Decide, admit: bool, ends: float, reads: list) -> Outcome:
         """One read-decide-write of `transition`, its calls ending by `ends`; `_Conflict` where a precondition
-        failed."""
-        snapshot, usage_snapshot = self._read(key, ends)
+        failed. `reads`: a read made for it, used once."""
+        snapshot, usage_snapshot = reads.pop() if reads else self._read(key, ends)
         now = snapshot.read_time
         before = {"user_id": key.user_id, "file_uid": key.file_uid, **snapshot.to_dict()} if snapshot.exists else None
         update = decide(before, now)
@@ -425,34 +431,41 @@ class JobStore:
         file_uid under the other media type, with none under `key`'s, while it is live or refused, or once it
         ended if it states no parameter the request does not state equally (the sample writes its options into
         both; one file_uid may also name another job of the other media type)."""
-        other = JobKey(key.user_id, next(media for media in MEDIA_TYPES if media != key.media_type), key.file_uid)
+        other = key.other_media()
         docs = {
             snapshot.reference.path: snapshot
             for snapshot in self.client.get_all([self.ref(key), self.ref(other)], **BOUND)
         }
-        own, filed = docs.get(key.path), docs.get(other.path)
-        if (own is not None and own.exists) or filed is None or not filed.exists:
-            return None
-        doc = filed.to_dict() or {}
-        if REQUESTED_AT in doc:
-            return None  # the other media type's own job, which a request created
-        live = doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
-        return other if live or lifecycle.refused(doc) or _states_no_more_than(doc, data) else None
+        return _filed_under(other, data, docs.get(key.path), docs.get(other.path))
 
     def as_filed(self, request: GenerationRequest, data: Mapping[str, Any]) -> GenerationRequest:
         """The request as the job its client filed (`filed_elsewhere`): `{fps: 10}` had its doc under `images`
         failed ("fps is a video field") while the request ran, charged, a video under `videos` that no client
         listened to. `data` (the request's fields) read as that doc's media type; raises `Misfiled` (a
         ContractError naming that doc) where they break it."""
-        other = self.filed_elsewhere(JobKey.of(request), data)
-        if other is None:
-            return request
-        try:
-            return parse_document(other.user_id, other.media_type, other.file_uid, data)
-        except ContractError as exc:
-            raise Misfiled(exc.message, other) from None
+        return _as_filed(request, data, self.filed_elsewhere(JobKey.of(request), data))
 
-    def ensure_queued(self, request: GenerationRequest, request_id: str | None = None) -> Outcome:
+    def accept(
+        self, request: GenerationRequest, data: Mapping[str, Any], request_id: str | None = None
+    ) -> tuple[GenerationRequest, Outcome]:
+        """A runsync request's job: `as_filed`, then `ensure_queued` (the request as filed, and the outcome). Its
+        first read takes in one round trip the docs both look at (the job's, the other media type's, its user's
+        usage doc, its tombstone): a latency review counted four round trips before the answer, where the job is
+        new (as a runsync's almost always is) two now, that read and the write."""
+        key = JobKey.of(request)
+        other = key.other_media()
+        own, usage, filed, grave = self._read(
+            key, time.monotonic() + CALL_TIMEOUT, self.ref(other), tombstone_ref(self.client, key)
+        )
+        elsewhere = _filed_under(other, data, own, filed)
+        if elsewhere is not None:  # its client's doc is under the other media type: that job, read there
+            request = _as_filed(request, data, elsewhere)
+            return request, self.ensure_queued(request, request_id)
+        return request, self.ensure_queued(request, request_id, read=(own, usage, grave))
+
+    def ensure_queued(
+        self, request: GenerationRequest, request_id: str | None = None, *, read: tuple | None = None
+    ) -> Outcome:
         """Create the job's queued doc, admitted, unless a doc exists (`.after`: the doc as it now stands).
 
         A doc that exists (written by the callable, the client, or an earlier call) keeps its state; a live one
@@ -461,14 +474,18 @@ class JobStore:
         nothing else changed). A job past the user's limits is created failed `QuotaExceeded`. `request_id`: the
         RunPod job that brought the request, on the doc it creates (whichever path of a worker claims the job then logs
         it as the job's requestId, also a listener that hears of the doc before the request reaches the slot).
+        `read`: the job's, its usage doc's and its tombstone's snapshots, read together just before (`accept`).
         """
         key = JobKey.of(request)
+        graves = [read[2]] if read is not None else []  # the tombstone as read with the doc: the first try's
         created = {**queued_document(request), **(brought(request_id, {}) if request_id else {})}
 
         def decide(doc: dict | None, now: datetime) -> dict | None:
+            # This try's own (the first's): a later try that finds the doc deleted meanwhile reads its tombstone anew.
+            grave = graves.pop() if graves else None
             if doc is None:
-                # Read after the doc was found missing: a deletion writes its tombstone in the doc's own commit.
-                return None if self._deleted_dispatch(key, request, request_id) else created
+                # Read with or after the doc found missing: a deletion writes its tombstone in the doc's own commit.
+                return None if self._deleted_dispatch(key, request, request_id, grave) else created
             if dispatched(doc, request, request_id):
                 return arrived(doc, request, request_id)
             update = lifecycle.restate(doc, restatement(doc, request), request.parameters())
@@ -486,15 +503,18 @@ class JobStore:
                 update = {**(update or {}), **heard(doc, request_id), **(brought(request_id, doc) if brings else {})}
             return update
 
-        return self.transition(key, decide, admit=True)
+        return self.transition(key, decide, admit=True, read=read)
 
-    def _deleted_dispatch(self, key: JobKey, request: GenerationRequest, request_id: str | None) -> bool:
+    def _deleted_dispatch(
+        self, key: JobKey, request: GenerationRequest, request_id: str | None, grave_read: Any = None
+    ) -> bool:
         """Whether `request` is a dispatch of a job its owner deleted (`deletion`), arriving late: it must not create
         the job again, a GPU run nobody asked for. Its mark is used up as on a doc (`arrived`): the same request
-        sent afterwards is the owner's new job."""
+        sent afterwards is the owner's new job. `grave_read`: its snapshot, read with the doc (the first try's)."""
         ref = tombstone_ref(self.client, key)
         for _ in range(TOMBSTONE_TRIES):
-            snapshot = ref.get(**BOUND)
+            snapshot = grave_read if grave_read is not None else ref.get(**BOUND)
+            grave_read = None
             grave = snapshot.to_dict() if snapshot.exists else None
             if grave is None or not dispatched(grave, request, request_id):
                 return False
@@ -607,6 +627,27 @@ def _request_part(doc: Mapping[str, Any]) -> dict[str, Any]:
     """A new doc's request and creation fields, and the RunPod job that brought it (a refused job was never
     dispatched nor run: no other marks)."""
     return {k: v for k, v in doc.items() if k in KNOWN_FIELDS or k in ("created_at", "task_type", *REQUEST_MARKS)}
+
+
+def _filed_under(other: JobKey, data: Mapping[str, Any], own: Any, filed: Any) -> JobKey | None:
+    """`filed_elsewhere`'s verdict on the snapshots of the job's doc (`own`) and its `other` media type's."""
+    if (own is not None and own.exists) or filed is None or not filed.exists:
+        return None
+    doc = filed.to_dict() or {}
+    if REQUESTED_AT in doc:
+        return None  # the other media type's own job, which a request created
+    live = doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
+    return other if live or lifecycle.refused(doc) or _states_no_more_than(doc, data) else None
+
+
+def _as_filed(request: GenerationRequest, data: Mapping[str, Any], other: JobKey | None) -> GenerationRequest:
+    """`as_filed` where the job's client filed it under `other` (None: where the request says)."""
+    if other is None:
+        return request
+    try:
+        return parse_document(other.user_id, other.media_type, other.file_uid, data)
+    except ContractError as exc:
+        raise Misfiled(exc.message, other) from None
 
 
 def _present(doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -131,9 +131,8 @@ class RunsyncHandler:
             return self.inline(request, stop)
         key = JobKey.of(request)
         try:
-            request = self.store.as_filed(request, data)
+            request, outcome = self.store.accept(request, data, request_id)
             key = JobKey.of(request)
-            outcome = self.store.ensure_queued(request, request_id)
         except Misfiled as exc:
             log.info("request_rejected", error=exc.message, **_named(data))
             self._fail_awaiting(data, exc.message, exc.key)

@@ -229,6 +229,29 @@ def test_a_late_dispatch_of_a_deleted_job_runs_nothing(firestore_client, bucket,
     assert store.ref(key).get().get("status") == lifecycle.QUEUED
 
 
+def test_a_dispatch_arriving_as_its_job_is_deleted_runs_nothing(firestore_client, bucket, store, files, monkeypatch):
+    """The accept reads the job's tombstone with its doc (one round trip): the doc found, and deleted by its owner
+    before the accept's write, the write's next try found no doc and took the first read's tombstone, from before
+    the deletion (a review: the job was created again, a GPU run nobody asked for). Each try has its own."""
+    from google.cloud.firestore_v1.batch import WriteBatch
+
+    request = request_for("u-race", "d1")
+    key = completed(store, files, "u-race", "d1", **{DISPATCHED_INPUTS: dispatches_with(None, request)})
+    commit, deleted = WriteBatch.commit, []
+
+    def deleted_first(batch, *args, **kwargs):  # the owner's deletion lands between the accept's read and write
+        if not deleted:
+            deleted.append("deleting")  # the deletion's own commits pass
+            deleted[0] = call(firestore_client, bucket, "u-race", fileUid="d1", mediaType="images")["status"]
+        return commit(batch, *args, **kwargs)
+
+    monkeypatch.setattr(WriteBatch, "commit", deleted_first)
+    handler = RunsyncHandler(store, submit=lambda *_: None)
+    data = {"user_id": "u-race", "file_uid": "d1", "prompt": "a lighthouse", "use_cloud_storage": True}
+    assert handler.handle(data, "runpod-job-1") == {"error": "Generation deleted by its owner", "status": "failed"}
+    assert deleted == ["deleted"] and not store.ref(key).get().exists
+
+
 def test_a_job_with_no_dispatch_to_come_leaves_no_tombstone(firestore_client, bucket, store, files):
     key = completed(store, files, "u-none", "n1")  # taken by a listener: no dispatch, no RunPod job
     call(firestore_client, bucket, "u-none", fileUid="n1", mediaType="images")

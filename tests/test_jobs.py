@@ -419,3 +419,47 @@ def test_a_finished_jobs_expire_at_is_its_finish_by_firestores_clock_plus_the_st
     assert forever.fail(forever.claim(kept), GenerationError("OutOfMemoryError", "Out of memory"))
     doc = read(firestore_client, kept)
     assert doc["status"] == "failed" and "expire_at" not in doc
+
+
+def rpcs(client, monkeypatch) -> list[str]:
+    """The Firestore RPCs `client` makes from here on, by name (its own API client's calls, counted: the
+    emulator answers them as ever)."""
+    api, made = client._firestore_api, []
+    for name in ("batch_get_documents", "get_document", "run_query", "commit"):
+
+        def counted(*args, _call=getattr(api, name), _name=name, **kwargs):
+            made.append(_name)
+            return _call(*args, **kwargs)
+
+        monkeypatch.setattr(api, name, counted)
+    return made
+
+
+def test_a_new_jobs_runsync_is_accepted_in_one_read_and_one_write(firestore_client, monkeypatch):
+    """A latency review: a runsync of a new job took four round trips before its answer (the other media type's doc,
+    the doc and its usage doc, its tombstone, the write). The docs are read together: one read, one write. A job
+    its client filed under the other media type, or one its owner deleted, is read where it is."""
+    from firegen_core.dispatches import DISPATCHED_INPUTS, dispatches_with
+    from firegen_core.jobs import JobStore, tombstone_ref
+
+    store = JobStore(firestore_client)
+    body = {"prompt": "a red car", "user_id": "ann", "file_uid": "new", "use_cloud_storage": True}
+    made = rpcs(firestore_client, monkeypatch)
+    request, outcome = store.accept(parse_runsync_input(body), body, "rp-new")
+    assert made == ["batch_get_documents", "commit"]
+    assert (request.media_type, outcome.after["status"]) == ("images", "queued")
+    assert firestore_client.document("generations/ann/images/new").get().get("status") == "queued"
+
+    # Filed by its client under videos (`numFrames` alone, the contract's client sample): that doc's job.
+    firestore_client.document("generations/ann/videos/filed").set({"status": "queued", "prompt": "a red car"})
+    body = {**body, "file_uid": "filed"}
+    request, outcome = store.accept(parse_runsync_input(body), body)
+    assert (request.media_type, outcome.after["status"]) == ("videos", "queued")
+    assert not firestore_client.document("generations/ann/images/filed").get().exists
+
+    # Deleted by its owner while its dispatch was on its way: the late dispatch creates nothing.
+    key = JobKey("ann", "images", "deleted")
+    body = {**body, "file_uid": "deleted"}
+    tombstone_ref(firestore_client, key).set({DISPATCHED_INPUTS: dispatches_with(None, parse_runsync_input(body))})
+    request, outcome = store.accept(parse_runsync_input(body), body, "rp-late")
+    assert outcome.after == {} and not firestore_client.document(key.path).get().exists

@@ -198,8 +198,8 @@ class Recorded(WorkerJobs):
 
     last: Outcome | None = None
 
-    def transition(self, key: JobKey, decide, *, admit: bool = False) -> Outcome:
-        self.last = super().transition(key, decide, admit=admit)
+    def transition(self, key: JobKey, decide, *, admit: bool = False, read: tuple | None = None) -> Outcome:
+        self.last = super().transition(key, decide, admit=admit, read=read)
         return self.last
 
 
@@ -360,7 +360,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def a_request_states_the_job(self, data):
-        """runsync's `ensure_queued`: creates the job, restates a live one, queues a refused one again."""
+        """runsync's `accept` (`ensure_queued`): creates the job, restates a live one, queues a refused one again."""
         job = self.pick(data, among=JOBS)
         self.step("request")
         self.act("request", job, data)
@@ -495,9 +495,12 @@ class Lifecycle(RuleBasedStateMachine):
         if door == "request":
             parameters = data.draw(st.sampled_from(REQUESTS[job.media_type]), label="parameters")
             body = {"prompt": "A red sports car", "user_id": job.user_id, "file_uid": job.file_uid}
-            request = parse_runsync_input({**body, "use_cloud_storage": True, **parameters})
+            fields = {**body, "use_cloud_storage": True, **parameters}
+            request = parse_runsync_input(fields)
             assert JobKey.of(request) == job
-            return self.store.ensure_queued(request).applied
+            # As the handler takes it: its first try's reads in one round trip (`accept`).
+            request, outcome = self.store.accept(request, fields)
+            return outcome.applied
         if door == "admit":
             return self.store.admit(job).applied
         if door == "cancel":
