@@ -9,8 +9,8 @@ FAULT=listeners  the listeners attach, but no snapshot of theirs reaches the wor
 FAULT=stall      the models' load never returns (as from a network volume that stalls, or a card whose driver
                  hangs CUDA's initialisation: no file here can be made to stall a read)
 FAULT=gate-video the video model's load waits until the file FAULT_GATE names exists (for good, when it never
-                 does), in torch's code as a load is (its own matrix products): the worker's background load of its
-                 second model, held as long as a test needs
+                 does), in torch's C++ code as a load is (a wait on its TCP store, taking no CPU): the worker's
+                 background load of its second model, held as long as a test needs
 FAULT=gate-image the same for the image model's load (the second model where the oldest queued job is a video)
 FAULT=storage    every generation returns a small PNG at once, and the bucket refuses each upload HTTP 403 (the
                  worker's grant revoked while it runs: the Storage emulator has no IAM to revoke)
@@ -89,9 +89,11 @@ if __name__ == "__main__":
         Engine.preload = stalled_preload  # type: ignore[method-assign]
     gated = [pipeline for fault, pipeline in GATES.items() if fault in faults]
     if gated:
+        import contextlib
         import importlib
-        import time
         from pathlib import Path
+
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # each wait's timeout is a C++ warning otherwise
 
         gate = Path(os.environ["FAULT_GATE"])
         for name in gated:
@@ -99,13 +101,16 @@ if __name__ == "__main__":
             cls = getattr(importlib.import_module(module), cls_name)
 
             def gated_load(cls, *args, load=cls.load.__func__, **kwargs):
-                import torch
+                from datetime import timedelta
 
-                torch.set_num_threads(1)  # a third of one core while it waits, not every core (the suite runs beside)
-                square = torch.ones(256, 256)
+                import torch.distributed as dist
+
+                # Waiting in torch's C++ code, as a load is (the GIL released, no CPU taken): a wait on a key of
+                # torch's own TCP store that is never set, a fifth of a second at a time.
+                store = dist.TCPStore("127.0.0.1", 0, 1, True, wait_for_workers=False)
                 while not gate.exists():
-                    torch.mm(square, square)
-                    time.sleep(0.002)
+                    with contextlib.suppress(dist.DistStoreError):
+                        store.wait(["never"], timedelta(milliseconds=200))
                 return load(cls, *args, **kwargs)
 
             cls.load = classmethod(gated_load)
