@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 # The faulthandler's exit, this long after a deadline whose timer could not run: a call in C that holds the GIL
@@ -145,12 +146,13 @@ class Deadline:
 
 
 def load_order(store: Any, task_types: list[str], seconds: float) -> list[str]:
-    """`task_types` in the order their models load at the start: the model of the oldest job this worker could
-    start first (the worker is ready once it is loaded; the other loads in the background). A worker woken for a
-    video would otherwise load SDXL before Wan, the video waiting for both. Among each media type's oldest queued
-    docs (LOAD_ORDER_SEEN), those of this product's paths, not being cancelled, whose user may start one more job
-    (USER_MAX_RUNNING: a backlog its limit holds waits whichever model is loaded); where none is, or the reads
-    (not retried) do not answer within `seconds` together, the order given."""
+    """`task_types` in the order their models load at the start: the model of the job this worker would claim
+    first (the worker is ready once it is loaded; the other loads in the background). A worker woken for a video
+    would otherwise load SDXL before Wan, the video waiting for both. A dead worker's job (its lease ran out)
+    goes first, as in the claims; else the oldest among each media type's oldest queued docs (LOAD_ORDER_SEEN)
+    whose user may start one more job (USER_MAX_RUNNING: a backlog its limit holds waits whichever model is
+    loaded); of this product's paths, not being cancelled. Where none is, or the reads (not retried) do not answer
+    within `seconds` together, the order given."""
     if len(task_types) < 2:
         return task_types
     # Here, not at the top: the deadlines above are imported by the start's first steps (and by tests' processes).
@@ -168,18 +170,27 @@ def load_order(store: Any, task_types: list[str], seconds: float) -> list[str]:
             raise TimeoutError("the load order's reads ran out of time")
         return remaining
 
+    def ours(query: Any) -> list[tuple[Any, dict[str, Any]]]:
+        found = []
+        for snapshot in query.get(timeout=left(), retry=None):
+            doc = snapshot.to_dict() or {}
+            try:
+                key = JobKey.from_path(snapshot.reference.path)
+            except ValueError:  # another app's `images`/`videos` doc (the reconciler skips those too)
+                continue
+            if not doc.get(lifecycle.CANCEL_REQUESTED):
+                found.append((key, doc))
+        return found
+
     try:
         found: list[tuple[str, Any, dict[str, Any]]] = []
+        now = datetime.now(UTC)
         for task_type in task_types:
-            query = store.oldest_queued(MEDIA_TYPE[task_type], limit=LOAD_ORDER_SEEN, dated=True)
-            for snapshot in query.get(timeout=left(), retry=None):
-                doc = snapshot.to_dict() or {}
-                try:
-                    key = JobKey.from_path(snapshot.reference.path)
-                except ValueError:  # another app's `images`/`videos` doc (the reconciler skips those too)
-                    continue
-                if not doc.get(lifecycle.CANCEL_REQUESTED):
-                    found.append((task_type, key, doc))
+            media = MEDIA_TYPE[task_type]
+            if ours(store.expired(media, now, limit=1)):
+                return [task_type, *(other for other in task_types if other != task_type)]
+            queued = ours(store.oldest_queued(media, limit=LOAD_ORDER_SEEN, dated=True))
+            found += [(task_type, key, doc) for key, doc in queued]
         users = sorted({key.user_id for _, key, _ in found})
         usage = (
             store.client.get_all([store.usage_ref(user) for user in users], timeout=left(), retry=None) if users else []

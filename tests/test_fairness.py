@@ -307,7 +307,8 @@ def test_the_indexes_cover_the_scheduling_queries():
     }
     for media in ("images", "videos"):
         for fields in [
-            (("status", "ASCENDING"), ("created_at", "ASCENDING")),  # oldest-first window and sweep
+            # oldest-first window and sweep; a cold worker's load order (`load_order`: its range on created_at too)
+            (("status", "ASCENDING"), ("created_at", "ASCENDING")),
             (("status", "ASCENDING"), ("created_at", "DESCENDING")),  # newest-first window
             (("cancel_requested", "ASCENDING"), ("status", "ASCENDING")),  # cancel listener
         ]:

@@ -421,6 +421,25 @@ def test_the_model_of_the_oldest_job_the_worker_could_start_loads_first(firestor
     assert startup.load_order(store, both, 5) == video_first
 
 
+def test_a_dead_workers_job_chooses_the_first_model_as_it_goes_first_in_the_claims(firestore_client):
+    """A job whose worker died (its lease ran out) is claimed before any queued one: its model loads first."""
+    from datetime import UTC, datetime, timedelta
+
+    from firegen_core.jobs import JobKey, JobStore
+
+    store, now = JobStore(firestore_client), datetime.now(UTC)
+    firestore_client.document(JobKey("ann", "images", "old").path).set(
+        {"status": "queued", "prompt": "p", "created_at": now - timedelta(days=1)}
+    )
+    running = firestore_client.document(JobKey("bob", "videos", "running").path)
+    running.set(
+        {"status": "processing", "prompt": "p", "created_at": now, "lease_expires_at": now + timedelta(minutes=5)}
+    )
+    assert startup.load_order(store, ["text2image", "text2video"], 5) == ["text2image", "text2video"]
+    running.update({"lease_expires_at": now - timedelta(seconds=1)})
+    assert startup.load_order(store, ["text2image", "text2video"], 5) == ["text2video", "text2image"]
+
+
 @pytest.mark.parametrize("server", ["refusing", "silent"])
 def test_a_queue_that_cannot_be_read_in_time_holds_the_start_up_no_longer(firestore_client, monkeypatch, server):
     """Firestore away (nothing listens), or a connection that never answers: the models load in the order given,
