@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 _T0 = time.perf_counter()
@@ -227,15 +228,17 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             return worker.exit_code
         # The models after the checks, none of which needs them: a worker that may not write Firestore or its
         # bucket (a revoked grant, a wrong STORAGE_BUCKET) exits before a load it would pay for at every restart
-        # RunPod makes for the queued requests (a review of RunPod's lifecycle). The first (the oldest queued job's)
-        # before the worker is ready, the other in the background: SDXL loads in seconds, Wan in tens, and each
+        # RunPod makes for the queued requests (a review of RunPod's lifecycle). The first (that of the job it would
+        # claim first) before the worker is ready, the other in the background: SDXL loads in seconds, Wan in tens, and each
         # job was held for both; a job of the model still loading is left queued (for a worker that has it) until
         # it is loaded.
         load_started = time.perf_counter()
         enabled = [task_type for task_type in (TEXT2IMAGE, TEXT2VIDEO) if models.enabled(task_type)]
         # `--test_input` loads both: its job runs, then the SDK exits (a load still under way would be cut short).
         if not one_job and not all(engine.loaded(task_type) for task_type in enabled):  # FIREGEN_PRELOAD=on: both
-            enabled = load_order(worker.store, enabled, min(LOAD_ORDER_SECONDS, start.left()))
+            # Firestore's time, as the fitness check's heartbeat measured it (the claims judge leases by it).
+            now = datetime.fromtimestamp(worker.reconciler.server_time(), UTC)
+            enabled = load_order(worker.store, enabled, min(LOAD_ORDER_SECONDS, start.left()), now)
         first, later = (enabled, []) if one_job else (enabled[:1], enabled[1:])
         failed_first = engine.preload(first)
         for task_type, failure in failed_first.items():

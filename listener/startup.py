@@ -6,8 +6,8 @@ hangs a model's load. Each kept the worker initializing for good: neither ready 
 Nothing is claimed before the start ends, so there is nothing to give back: past its deadline the process says
 where it was stuck and ends with os._exit(1) (the stuck thread cannot be interrupted), as the SDK does after a
 failed fitness check. The second model loads once the worker claims (`load_later`): past the rest of the deadline
-the worker leaves as a shutdown does, its running jobs finished or released; the first is the model of the oldest
-queued job (`load_order`). (And a start's cost: the RunPod SDK imported without the CPU probe it runs on import.)
+the worker leaves as a shutdown does, its running jobs finished or released; the first is the model of the job the
+worker would claim first (`load_order`). (And a start's cost: the RunPod SDK imported without the CPU probe it runs on import.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 # The faulthandler's exit, this long after a deadline whose timer could not run: a call in C that holds the GIL
@@ -31,6 +31,7 @@ from typing import Any
 BACKSTOP_SECONDS = 15.0
 LOAD_ORDER_SECONDS = 3.0  # `load_order`'s reads of the queue: past it, the models load in the usual order
 LOAD_ORDER_SEEN = 10  # `load_order`'s oldest queued docs read per media type
+LOAD_ORDER_DEAD = 3  # ... and dead workers' jobs
 REPORT_SECONDS = 5.0  # the unhealthy report's own bound (its HTTP timeout leaves out the name lookup)
 # Held by the deadline that ends the process: one says so, once; a `done()` that comes after never returns.
 _EXITING = threading.Lock()
@@ -145,14 +146,16 @@ class Deadline:
             os._exit(1)
 
 
-def load_order(store: Any, task_types: list[str], seconds: float) -> list[str]:
+def load_order(store: Any, task_types: list[str], seconds: float, now: datetime) -> list[str]:
     """`task_types` in the order their models load at the start: the model of the job this worker would claim
     first (the worker is ready once it is loaded; the other loads in the background). A worker woken for a video
     would otherwise load SDXL before Wan, the video waiting for both. A dead worker's job (its lease ran out)
-    goes first, as in the claims; else the oldest among each media type's oldest queued docs (LOAD_ORDER_SEEN)
-    whose user may start one more job (USER_MAX_RUNNING: a backlog its limit holds waits whichever model is
-    loaded); of this product's paths, not being cancelled. Where none is, or the reads (not retried) do not answer
-    within `seconds` together, the order given."""
+    goes first, as in the claims (its lease's end judged at `now`, Firestore's time); else the oldest among each
+    media type's oldest queued docs (LOAD_ORDER_SEEN) whose user may start one more job (USER_MAX_RUNNING: a backlog
+    its limit holds waits whichever model is loaded); of this product's paths, not being cancelled, dated by a
+    timestamp (every flow of the contract's; an admin's number or null, which Firestore orders before every
+    timestamp, would hide the rest). Where none is, or the reads (not retried) do not answer within `seconds`
+    together, the order given."""
     if len(task_types) < 2:
         return task_types
     # Here, not at the top: the deadlines above are imported by the start's first steps (and by tests' processes).
@@ -182,15 +185,22 @@ def load_order(store: Any, task_types: list[str], seconds: float) -> list[str]:
                 found.append((key, doc))
         return found
 
+    def first(task_type: str) -> list[str]:
+        return [task_type, *(other for other in task_types if other != task_type)]
+
     try:
+        dead: dict[str, float] = {}  # the oldest dead worker's job of each media type, by its creation
         found: list[tuple[str, Any, dict[str, Any]]] = []
-        now = datetime.now(UTC)
         for task_type in task_types:
             media = MEDIA_TYPE[task_type]
-            if ours(store.expired(media, now, limit=1)):
-                return [task_type, *(other for other in task_types if other != task_type)]
-            queued = ours(store.oldest_queued(media, limit=LOAD_ORDER_SEEN, dated=True))
-            found += [(task_type, key, doc) for key, doc in queued]
+            for _, doc in ours(store.expired(media, now, limit=LOAD_ORDER_DEAD)):
+                created = timestamp(doc.get("created_at"), math.inf)
+                dead[task_type] = min(dead.get(task_type, math.inf), created)
+            if not dead:
+                queued = ours(store.oldest_queued(media, limit=LOAD_ORDER_SEEN, dated=True))
+                found += [(task_type, key, doc) for key, doc in queued]
+        if dead:
+            return first(min(dead, key=lambda task_type: dead[task_type]))
         users = sorted({key.user_id for _, key, _ in found})
         usage = (
             store.client.get_all([store.usage_ref(user) for user in users], timeout=left(), retry=None) if users else []

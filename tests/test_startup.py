@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -388,8 +389,6 @@ def test_the_model_of_the_oldest_job_the_worker_could_start_loads_first(firestor
     is loaded does not choose: one being cancelled, one whose user is at USER_MAX_RUNNING, another app's doc; nor
     does a `created_at` that is no timestamp (Firestore orders null and numbers before every timestamp: the query's
     first doc was the wrong one)."""
-    from datetime import UTC, datetime, timedelta
-
     from firegen_core.jobs import JobKey, JobStore
 
     both, video_first = ["text2image", "text2video"], ["text2video", "text2image"]
@@ -398,46 +397,54 @@ def test_the_model_of_the_oldest_job_the_worker_could_start_loads_first(firestor
     def queue(path: str, created_at: object, **fields: object) -> None:
         firestore_client.document(path).set({"status": "queued", "prompt": "p", "created_at": created_at, **fields})
 
-    assert startup.load_order(store, both, 5) == both
+    assert startup.load_order(store, both, 5, datetime.now(UTC)) == both
     queue(JobKey("ann", "images", "newer").path, t0 + timedelta(minutes=10))
     queue(JobKey("bob", "videos", "done").path, t0, status="completed")
-    assert startup.load_order(store, both, 5) == both
+    assert startup.load_order(store, both, 5, datetime.now(UTC)) == both
     queue(JobKey("bob", "videos", "older").path, t0 + timedelta(minutes=5))
-    assert startup.load_order(store, both, 5) == video_first
-    assert startup.load_order(store, ["text2image"], 5) == ["text2image"]
+    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
+    assert startup.load_order(store, ["text2image"], 5, datetime.now(UTC)) == ["text2image"]
     queue(JobKey("cyd", "images", "millis").path, t0.timestamp() * 1000)  # first in Firestore's order: numbers
     queue(JobKey("cyd", "images", "null").path, None)
-    assert startup.load_order(store, both, 5) == video_first
+    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
     queue(JobKey("dan", "images", "oldest").path, t0)
-    assert startup.load_order(store, both, 5) == both
+    assert startup.load_order(store, both, 5, datetime.now(UTC)) == both
     # The oldest image can start no sooner for its model: its owner's cancel, its user's running limit, not a job.
     firestore_client.document(JobKey("dan", "images", "oldest").path).update({"cancel_requested": True})
-    assert startup.load_order(store, both, 5) == video_first
+    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
     queue(JobKey("eve", "images", "held").path, t0)
-    assert startup.load_order(store, both, 5) == both
+    assert startup.load_order(store, both, 5, datetime.now(UTC)) == both
     firestore_client.document("usage/eve").set({"running": store.limits.max_running, "pending": 3})
-    assert startup.load_order(store, both, 5) == video_first
+    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
     queue("apps/other/images/theirs", t0 - timedelta(days=3))
-    assert startup.load_order(store, both, 5) == video_first
+    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
 
 
 def test_a_dead_workers_job_chooses_the_first_model_as_it_goes_first_in_the_claims(firestore_client):
-    """A job whose worker died (its lease ran out) is claimed before any queued one: its model loads first."""
-    from datetime import UTC, datetime, timedelta
-
+    """A job whose worker died (its lease ran out, by Firestore's time: the `now` given) is claimed before any queued
+    one, the oldest such first: its model loads first."""
     from firegen_core.jobs import JobKey, JobStore
 
     store, now = JobStore(firestore_client), datetime.now(UTC)
+    both, video_first = ["text2image", "text2video"], ["text2video", "text2image"]
     firestore_client.document(JobKey("ann", "images", "old").path).set(
         {"status": "queued", "prompt": "p", "created_at": now - timedelta(days=1)}
     )
     running = firestore_client.document(JobKey("bob", "videos", "running").path)
     running.set(
-        {"status": "processing", "prompt": "p", "created_at": now, "lease_expires_at": now + timedelta(minutes=5)}
+        {"status": "processing", "prompt": "p", "created_at": now, "lease_expires_at": now + timedelta(minutes=2)}
     )
-    assert startup.load_order(store, ["text2image", "text2video"], 5) == ["text2image", "text2video"]
+    assert startup.load_order(store, both, 5, now) == both
+    assert startup.load_order(store, both, 5, now + timedelta(minutes=5)) == video_first  # Firestore's clock ahead
     running.update({"lease_expires_at": now - timedelta(seconds=1)})
-    assert startup.load_order(store, ["text2image", "text2video"], 5) == ["text2video", "text2image"]
+    assert startup.load_order(store, both, 5, now) == video_first
+    # Both media types with a dead worker's job: the older job's.
+    firestore_client.document(JobKey("cyd", "images", "running").path).set(
+        {"status": "processing", "prompt": "p", "created_at": now - timedelta(hours=1), "lease_expires_at": now}
+    )
+    assert startup.load_order(store, both, 5, now + timedelta(seconds=1)) == both
+    running.update({"created_at": now - timedelta(hours=2)})
+    assert startup.load_order(store, both, 5, now + timedelta(seconds=1)) == video_first
 
 
 @pytest.mark.parametrize("server", ["refusing", "silent"])
@@ -461,7 +468,7 @@ def test_a_queue_that_cannot_be_read_in_time_holds_the_start_up_no_longer(firest
     order = ["text2video", "text2image"]
     try:
         started = time.monotonic()
-        assert startup.load_order(JobStore(down), order, 2) == order
+        assert startup.load_order(JobStore(down), order, 2, datetime.now(UTC)) == order
         assert time.monotonic() - started < 4
     finally:
         down.close()
