@@ -498,6 +498,11 @@ def test_a_video_job_written_as_a_document_plays(open_page):
     duration = video.evaluate("v => v.duration")
     assert duration == pytest.approx(16 / 8, abs=0.05)
     assert video.evaluate("v => [v.videoWidth, v.videoHeight]") == [256, 256]
+    # Shown from a millisecond in (a media fragment: Safari on iOS shows no frame for preload "metadata" alone); the
+    # download link is the result's own URL.
+    assert video.evaluate("v => v.currentTime") == pytest.approx(0.001, abs=1e-6)
+    link = app.job(file_uid).get_by_role("link", name="Download video 1").get_attribute("href")
+    assert video.get_attribute("src") == f"{link}#t=0.001" and "#" not in link
     video.evaluate("v => v.play()")
     app.page.wait_for_function(
         "uid => document.querySelector(`.job[data-file-uid='${uid}'] video`).currentTime > 0",

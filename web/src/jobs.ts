@@ -233,8 +233,10 @@ function gallery(job: Job): HTMLElement {
     const info = doc.video_info;
     urls.forEach((url, i) => {
       // "metadata": its size, length and first frame; the rest when played. A user's month of videos, each several
-      // MB at full size, was all fetched whenever the page opened.
-      const video = el("video", { src: url, controls: true, preload: "metadata", muted: true, loop: true, playsInline: true });
+      // MB at full size, was all fetched whenever the page opened. Safari on iOS shows no frame for "metadata"
+      // alone (a blank box until played): a media fragment's start, a millisecond in, has it fetch and show one.
+      const src = `${url}#t=${FIRST_FRAME_AT}`;
+      const video = el("video", { src, controls: true, preload: "metadata", muted: true, loop: true, playsInline: true });
       video.setAttribute("aria-label", label("Video", i));
       if (info) Object.assign(video, { width: info.width, height: info.height });
       const caption = info ? `${info.frames} frames at ${info.fps} fps, ${info.duration_seconds} s ` : "";
@@ -499,6 +501,9 @@ const CUT: Record<MediaType, string> = {
   images: "The model read only the start of this prompt (77 tokens, about 60 English words): shorten it to use it all",
   videos: "The model read only the start of this prompt (512 tokens): shorten it to use it all",
 };
+
+/** Where a card's video is first shown (a media fragment's start, in seconds: see `gallery`). */
+const FIRST_FRAME_AT = 0.001;
 
 /** Longer prompts are clipped in the card (a prompt may have 2,000 characters); its Full prompt shows the whole. */
 const PROMPT_SHOWN = 200;
