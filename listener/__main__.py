@@ -228,10 +228,10 @@ def main(argv: list[str] | None = None, *, wrap_generator: Callable[[Any], Any] 
             return worker.exit_code
         # The models after the checks, none of which needs them: a worker that may not write Firestore or its
         # bucket (a revoked grant, a wrong STORAGE_BUCKET) exits before a load it would pay for at every restart
-        # RunPod makes for the queued requests (a review of RunPod's lifecycle). The first (that of the job it would
-        # claim first) before the worker is ready, the other in the background: SDXL loads in seconds, Wan in tens, and each
-        # job was held for both; a job of the model still loading is left queued (for a worker that has it) until
-        # it is loaded.
+        # RunPod makes for the queued requests (a review of RunPod's lifecycle). The first (the image model, or the
+        # video model where only video jobs wait) before the worker is ready, the other in the background: SDXL loads
+        # in seconds, Wan in tens, and each job was held for both; a job of the model still loading is left queued
+        # (for a worker that has it) until it is loaded.
         load_started = time.perf_counter()
         enabled = [task_type for task_type in (TEXT2IMAGE, TEXT2VIDEO) if models.enabled(task_type)]
         # `--test_input` loads both: its job runs, then the SDK exits (a load still under way would be cut short).

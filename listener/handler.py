@@ -182,13 +182,14 @@ class RunsyncHandler:
         return accepted(request)
 
     async def _held_for_its_model(self, answer: dict[str, Any]) -> None:
-        """A cold worker loads its second model once it is ready (`Engine.preload_later`; the first is that of the
-        job it would claim first), and leaves that model's jobs queued until then: an accepted request for one is answered once
-        the load has ended. RunPod counts a worker whose requests are all answered as idle, and stops it once its
-        idle timeout has passed (its default: 5 s): answered at once, the request that woke a worker for a video
-        left it idle through the model's load (Wan: tens of seconds), to be stopped before it ran the job. Held on
-        the event loop, not on a thread of the requests' pool (a burst of video requests would leave none to record
-        an image's); until RunPod stops the request, or the worker leaves."""
+        """A cold worker loads its second model once it is ready (`Engine.preload_later`; the first is the image
+        model, or the video model where only video jobs wait), and leaves that model's jobs queued until then: an
+        accepted request for one is answered once the load has ended. RunPod counts a worker whose requests are all
+        answered as idle, and stops it once its idle timeout has passed (its default: 5 s): answered at once, the
+        request that woke a worker for a video left it idle through the model's load (Wan: tens of seconds), to be
+        stopped before it ran the job. Held on the event loop, not on a thread of the requests' pool (a burst of
+        video requests would leave none to record an image's); until RunPod stops the request, or the worker
+        leaves."""
         loading = getattr(self.generator, "loading", None)
         if answer.get("status") != "accepted" or not callable(loading):
             return

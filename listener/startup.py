@@ -6,15 +6,15 @@ hangs a model's load. Each kept the worker initializing for good: neither ready 
 Nothing is claimed before the start ends, so there is nothing to give back: past its deadline the process says
 where it was stuck and ends with os._exit(1) (the stuck thread cannot be interrupted), as the SDK does after a
 failed fitness check. The second model loads once the worker claims (`load_later`): past the rest of the deadline
-the worker leaves as a shutdown does, its running jobs finished or released; the first is the model of the job the
-worker would claim first (`load_order`). (And a start's cost: the RunPod SDK imported without the CPU probe it runs on import.)
+the worker leaves as a shutdown does, its running jobs finished or released; the first is the image model, but
+where only the other's jobs wait (`load_order`). (And a start's cost: the RunPod SDK imported without the CPU
+probe it runs on import.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
-import math
 import os
 import platform
 import sys
@@ -31,7 +31,7 @@ from typing import Any
 BACKSTOP_SECONDS = 15.0
 LOAD_ORDER_SECONDS = 3.0  # `load_order`'s reads of the queue: past it, the models load in the usual order
 LOAD_ORDER_SEEN = 10  # `load_order`'s oldest queued docs read per media type
-LOAD_ORDER_DEAD = 3  # ... and dead workers' jobs
+LOAD_ORDER_DEAD = 3  # ... and dead workers' jobs (a foreign or cancelled one may come first)
 REPORT_SECONDS = 5.0  # the unhealthy report's own bound (its HTTP timeout leaves out the name lookup)
 # Held by the deadline that ends the process: one says so, once; a `done()` that comes after never returns.
 _EXITING = threading.Lock()
@@ -147,23 +147,24 @@ class Deadline:
 
 
 def load_order(store: Any, task_types: list[str], seconds: float, now: datetime) -> list[str]:
-    """`task_types` in the order their models load at the start: the model of the job this worker would claim
-    first (the worker is ready once it is loaded; the other loads in the background). A worker woken for a video
-    would otherwise load SDXL before Wan, the video waiting for both. A dead worker's job (its lease ran out)
-    goes first, as in the claims (its lease's end judged at `now`, Firestore's time); else the oldest among each
-    media type's oldest queued docs (LOAD_ORDER_SEEN) whose user may start one more job (USER_MAX_RUNNING: a backlog
-    its limit holds waits whichever model is loaded); of this product's paths, not being cancelled, dated by a
-    timestamp (every flow of the contract's; an admin's number or null, which Firestore orders before every
-    timestamp, would hide the rest). Where none is, or the reads (not retried) do not answer within `seconds`
-    together, the order given."""
+    """`task_types` in the order their models load at the start (the worker is ready once the first is loaded; the
+    other loads in the background). Where the jobs waiting are all of one model, that model first: a worker woken
+    for a video loaded SDXL before Wan, the video waiting for both loads. Where jobs of both wait, or none, the
+    order given, the image model first: it loads in seconds, and its jobs run while Wan loads (Wan first, they
+    waited for both loads and for the video; the video now waits for SDXL's load alone).
+
+    A job waits for this worker where it is a dead worker's (its lease ran out, judged at `now`, Firestore's time),
+    or among each media type's oldest queued docs (LOAD_ORDER_SEEN) with a user who may start one more job
+    (USER_MAX_RUNNING: a backlog its limit holds waits whichever model is loaded); of this product's paths, not
+    being cancelled, a queued one dated by a timestamp (as every flow of the contract dates it; an admin's number
+    or null, which Firestore orders first, would hide the rest). Where the reads (not retried) do not answer
+    within `seconds` together, the order given."""
     if len(task_types) < 2:
         return task_types
     # Here, not at the top: the deadlines above are imported by the start's first steps (and by tests' processes).
     from firegen_core import lifecycle, quota
     from firegen_core.contract import MEDIA_TYPE
     from firegen_core.jobs import JobKey
-
-    from .fairqueue import timestamp
 
     ends = time.monotonic() + seconds
 
@@ -173,47 +174,41 @@ def load_order(store: Any, task_types: list[str], seconds: float, now: datetime)
             raise TimeoutError("the load order's reads ran out of time")
         return remaining
 
-    def ours(query: Any) -> list[tuple[Any, dict[str, Any]]]:
+    def ours(query: Any) -> list[Any]:
+        """The jobs a query found, of this product's paths, not being cancelled: their keys."""
         found = []
         for snapshot in query.get(timeout=left(), retry=None):
-            doc = snapshot.to_dict() or {}
             try:
                 key = JobKey.from_path(snapshot.reference.path)
             except ValueError:  # another app's `images`/`videos` doc (the reconciler skips those too)
                 continue
-            if not doc.get(lifecycle.CANCEL_REQUESTED):
-                found.append((key, doc))
+            if not (snapshot.to_dict() or {}).get(lifecycle.CANCEL_REQUESTED):
+                found.append(key)
         return found
 
-    def first(task_type: str) -> list[str]:
-        return [task_type, *(other for other in task_types if other != task_type)]
-
     try:
-        dead: dict[str, float] = {}  # the oldest dead worker's job of each media type, by its creation
-        found: list[tuple[str, Any, dict[str, Any]]] = []
+        waiting: set[str] = set()
+        queued: list[tuple[str, Any]] = []
         for task_type in task_types:
             media = MEDIA_TYPE[task_type]
-            for _, doc in ours(store.expired(media, now, limit=LOAD_ORDER_DEAD)):
-                created = timestamp(doc.get("created_at"), math.inf)
-                dead[task_type] = min(dead.get(task_type, math.inf), created)
-            if not dead:
-                queued = ours(store.oldest_queued(media, limit=LOAD_ORDER_SEEN, dated=True))
-                found += [(task_type, key, doc) for key, doc in queued]
-        if dead:
-            return first(min(dead, key=lambda task_type: dead[task_type]))
-        users = sorted({key.user_id for _, key, _ in found})
+            if ours(store.expired(media, now, limit=LOAD_ORDER_DEAD)):
+                waiting.add(task_type)
+            else:
+                queued += [
+                    (task_type, key) for key in ours(store.oldest_queued(media, limit=LOAD_ORDER_SEEN, dated=True))
+                ]
+        users = sorted({key.user_id for _, key in queued})
         usage = (
             store.client.get_all([store.usage_ref(user) for user in users], timeout=left(), retry=None) if users else []
         )
         running = {snapshot.id: quota.number(snapshot.to_dict() or {}, "running") for snapshot in usage}
     except Exception:  # the queue is read again once the worker claims: only the order is lost
         return task_types
-    oldest: dict[str, float] = {}
-    for task_type, key, doc in found:
-        if running.get(key.user_id, 0) < store.limits.max_running:
-            created = timestamp(doc.get("created_at"), math.inf)
-            oldest[task_type] = min(oldest.get(task_type, math.inf), created)
-    return sorted(task_types, key=lambda task_type: oldest.get(task_type, math.inf))
+    waiting |= {task_type for task_type, key in queued if running.get(key.user_id, 0) < store.limits.max_running}
+    if len(waiting) != 1:
+        return task_types
+    [alone] = waiting
+    return [alone, *(task_type for task_type in task_types if task_type != alone)]
 
 
 def load_later(

@@ -433,18 +433,22 @@ def gated_worker(
     stack: tuple, gate: Path, gated: str = "video", serve_api: bool = False, **settings: str
 ) -> tuple[WorkerProcess, str, str, str]:
     """A worker whose `gated` model's load ("video" or "image") waits for `gate` (FAULT=gate-<gated>), both models
-    `tiny`, started with a job of the other model then one of the gated model queued in Firestore (the other's
-    older: its model loads first, the gated one in the background), and a runsync of the gated model, `rp-<gated>`,
-    waiting in RunPod's queue: the worker and the paths of the gated job, the other job and the runsync's job."""
+    `tiny`, started with a job of the other model queued in Firestore (its model loads first, the gated one in the
+    background), and a runsync of the gated model, `rp-<gated>`, waiting in RunPod's queue; once it is ready, a job
+    of the gated model queued too (newer than the other): the worker and the paths of the gated job, the other job
+    and the runsync's job."""
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project = stack
     client, now = firestore_emulator.client(project[0]), datetime.now(UTC)
     other = next(kind for kind in GATED if kind != gated)
     paths = {}
-    for kind, name, age in ((other, "while-its-model-loads", 60), (gated, "waits-for-its-model", 30)):
+
+    def queue(kind: str, name: str, age: float) -> None:
         media, make_input = GATED[kind]
         paths[kind] = f"generations/loop-user/{media}/{name}"
-        queued = {"status": "queued", "created_at": now - timedelta(seconds=age)}  # no tie: the other goes first
+        queued = {"status": "queued", "created_at": now - timedelta(seconds=age)}
         client.document(paths[kind]).set(make_input(name) | queued)
+
+    queue(other, "while-its-model-loads", 60)
     media, make_input = GATED[gated]
     job_api.queue_runsync(f"rp-{gated}", make_input("asked-by-runsync"))
     env = worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache)
@@ -456,18 +460,19 @@ def gated_worker(
         **settings,
     )
     worker.start()
+    queue(gated, "waits-for-its-model", 30)  # after the start: queued before it, its model would load first
     return worker, paths[gated], paths[other], f"generations/loop-user/{media}/asked-by-runsync"
 
 
 @pytest.mark.parametrize("gated", ["video", "image"])
-def test_the_oldest_queued_jobs_model_loads_first_and_the_others_jobs_stay_queued_while_it_loads(
+def test_the_waiting_jobs_model_loads_first_and_the_others_jobs_stay_queued_while_it_loads(
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project, tmp_path, gated
 ):
     """A cold start loaded SDXL (seconds) and Wan (tens of seconds) before the first claim: an image job waited for
-    both, and so did a video. The worker loads the model of the oldest queued job first, is ready once it is, and
-    loads the other in the background (held here until the test opens its gate): the oldest job runs meanwhile; the
-    other model's job stays queued (for a worker that has its model: claimed here, it would hold the one slot
-    waiting for the load) until its model is loaded, then runs here. That model's runsync is answered once it is
+    both, and so did a video. The worker loads first the model whose jobs wait (where only one's do), is ready once
+    it is, and loads the other in the background (held here until the test opens its gate): that job runs
+    meanwhile; the other model's job stays queued (for a worker that has its model: claimed here, it would hold the
+    one slot waiting for the load) until its model is loaded, then runs here. That model's runsync is answered once it is
     loaded: RunPod counts a worker whose requests are all answered as idle, and would stop it (its idle timeout)
     before the load ended."""
     gate = tmp_path / "gate"

@@ -383,68 +383,65 @@ def test_a_model_load_past_its_deadline_says_where_it_is_stuck_and_never_says_it
     assert not engine.loading("text2video")
 
 
-def test_the_model_of_the_oldest_job_the_worker_could_start_loads_first(firestore_client):
-    """A worker woken for a video loaded SDXL before Wan: the video waited for both loads. The model of the oldest
-    queued job loads first; with nothing queued the image model, as before. A job that cannot start whichever model
-    is loaded does not choose: one being cancelled, one whose user is at USER_MAX_RUNNING, another app's doc; nor
-    does a `created_at` that is no timestamp (Firestore orders null and numbers before every timestamp: the query's
-    first doc was the wrong one)."""
+def test_where_only_video_jobs_wait_the_video_model_loads_first(firestore_client):
+    """A worker woken for a video loaded SDXL before Wan: the video waited for both loads. Where the jobs waiting are
+    all videos, Wan loads first. Where images wait too, or nothing does, SDXL first as before: it loads in seconds
+    and its jobs run while Wan loads. An image that cannot start whichever model is loaded does not count: one being
+    cancelled, one whose user is at USER_MAX_RUNNING, another app's doc; nor one dated by no timestamp (Firestore
+    orders null and numbers first: such a doc hid the rest)."""
     from firegen_core.jobs import JobKey, JobStore
 
     both, video_first = ["text2image", "text2video"], ["text2video", "text2image"]
     store, t0 = JobStore(firestore_client), datetime(2026, 1, 1, tzinfo=UTC)
 
+    def order(task_types: list[str] = both) -> list[str]:
+        return startup.load_order(store, task_types, 5, datetime.now(UTC))
+
     def queue(path: str, created_at: object, **fields: object) -> None:
         firestore_client.document(path).set({"status": "queued", "prompt": "p", "created_at": created_at, **fields})
 
-    assert startup.load_order(store, both, 5, datetime.now(UTC)) == both
-    queue(JobKey("ann", "images", "newer").path, t0 + timedelta(minutes=10))
+    assert order() == both
     queue(JobKey("bob", "videos", "done").path, t0, status="completed")
-    assert startup.load_order(store, both, 5, datetime.now(UTC)) == both
-    queue(JobKey("bob", "videos", "older").path, t0 + timedelta(minutes=5))
-    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
-    assert startup.load_order(store, ["text2image"], 5, datetime.now(UTC)) == ["text2image"]
-    queue(JobKey("cyd", "images", "millis").path, t0.timestamp() * 1000)  # first in Firestore's order: numbers
-    queue(JobKey("cyd", "images", "null").path, None)
-    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
-    queue(JobKey("dan", "images", "oldest").path, t0)
-    assert startup.load_order(store, both, 5, datetime.now(UTC)) == both
-    # The oldest image can start no sooner for its model: its owner's cancel, its user's running limit, not a job.
-    firestore_client.document(JobKey("dan", "images", "oldest").path).update({"cancel_requested": True})
-    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
+    queue(JobKey("ann", "images", "done").path, t0, status="completed")
+    assert order() == both
+    queue(JobKey("bob", "videos", "waiting").path, t0 + timedelta(minutes=5))
+    assert order() == video_first
+    assert order(["text2image"]) == ["text2image"]
+    queue(JobKey("ann", "images", "waiting").path, t0 + timedelta(minutes=10))
+    assert order() == both
+    firestore_client.document(JobKey("ann", "images", "waiting").path).update({"cancel_requested": True})
+    assert order() == video_first
     queue(JobKey("eve", "images", "held").path, t0)
-    assert startup.load_order(store, both, 5, datetime.now(UTC)) == both
+    assert order() == both
     firestore_client.document("usage/eve").set({"running": store.limits.max_running, "pending": 3})
-    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
+    assert order() == video_first
     queue("apps/other/images/theirs", t0 - timedelta(days=3))
-    assert startup.load_order(store, both, 5, datetime.now(UTC)) == video_first
+    queue(JobKey("cyd", "images", "millis").path, t0.timestamp() * 1000)
+    queue(JobKey("cyd", "images", "null").path, None)
+    assert order() == video_first
+    queue(JobKey("dan", "images", "dated").path, t0 + timedelta(hours=1))
+    assert order() == both
 
 
-def test_a_dead_workers_job_chooses_the_first_model_as_it_goes_first_in_the_claims(firestore_client):
-    """A job whose worker died (its lease ran out, by Firestore's time: the `now` given) is claimed before any queued
-    one, the oldest such first: its model loads first."""
+def test_a_dead_workers_job_waits_as_a_queued_one_does(firestore_client):
+    """A job whose worker died (its lease ran out, by Firestore's time: the `now` given) waits for this worker as a
+    queued one does."""
     from firegen_core.jobs import JobKey, JobStore
 
     store, now = JobStore(firestore_client), datetime.now(UTC)
     both, video_first = ["text2image", "text2video"], ["text2video", "text2image"]
-    firestore_client.document(JobKey("ann", "images", "old").path).set(
-        {"status": "queued", "prompt": "p", "created_at": now - timedelta(days=1)}
-    )
     running = firestore_client.document(JobKey("bob", "videos", "running").path)
     running.set(
         {"status": "processing", "prompt": "p", "created_at": now, "lease_expires_at": now + timedelta(minutes=2)}
     )
-    assert startup.load_order(store, both, 5, now) == both
+    assert startup.load_order(store, both, 5, now) == both  # its worker is alive
     assert startup.load_order(store, both, 5, now + timedelta(minutes=5)) == video_first  # Firestore's clock ahead
     running.update({"lease_expires_at": now - timedelta(seconds=1)})
     assert startup.load_order(store, both, 5, now) == video_first
-    # Both media types with a dead worker's job: the older job's.
-    firestore_client.document(JobKey("cyd", "images", "running").path).set(
-        {"status": "processing", "prompt": "p", "created_at": now - timedelta(hours=1), "lease_expires_at": now}
+    firestore_client.document(JobKey("ann", "images", "queued").path).set(
+        {"status": "queued", "prompt": "p", "created_at": now}
     )
-    assert startup.load_order(store, both, 5, now + timedelta(seconds=1)) == both
-    running.update({"created_at": now - timedelta(hours=2)})
-    assert startup.load_order(store, both, 5, now + timedelta(seconds=1)) == video_first
+    assert startup.load_order(store, both, 5, now) == both
 
 
 @pytest.mark.parametrize("server", ["refusing", "silent"])
