@@ -150,8 +150,8 @@ def load_order(store: Any, task_types: list[str], seconds: float, now: datetime)
     """`task_types` in the order their models load at the start (the worker is ready once the first is loaded; the
     other loads in the background). Where the jobs waiting are all of one model, that model first: a worker woken
     for a video loaded SDXL before Wan, the video waiting for both loads. Where jobs of both wait, or none, the
-    order given, the image model first: it loads in seconds, and its jobs run while Wan loads (Wan first, they
-    waited for both loads and for the video; the video now waits for SDXL's load alone).
+    order given, the image model first: it loads in seconds, and its jobs run while Wan loads (with Wan first, they
+    waited for both loads and then for the video; this way the video waits for SDXL's load alone, a few seconds).
 
     A job waits for this worker where it is a dead worker's (its lease ran out, judged at `now`, Firestore's time),
     or among each media type's oldest queued docs (LOAD_ORDER_SEEN) with a user who may start one more job
