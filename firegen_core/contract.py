@@ -94,7 +94,7 @@ def invalid(what: str) -> ContractError:
 
 @dataclass(frozen=True)
 class Param:
-    """One optional numeric parameter: its type, the contract's range, its default and a size multiple."""
+    """One optional numeric parameter: its type, the contract's range, its default and a multiple it must be."""
 
     kind: type
     low: float
@@ -104,8 +104,11 @@ class Param:
     video: bool = False
 
 
-IMAGE_SIDE = Param(int, 256, 1024, 512, multiple_of=8)
-VIDEO_SIDE = Param(int, 256, 1024, 512, multiple_of=16, video=True)
+# Any side in range: one the model cannot take (SDXL: multiples of 8, Wan: of 16) is generated to the next one it
+# can and cropped to the size asked (generation/capability.py `side_to_generate`). A video's must be even: H.264's
+# 4:2:0 chroma, which every player takes, has no odd sides.
+IMAGE_SIDE = Param(int, 256, 1024, 512)
+VIDEO_SIDE = Param(int, 256, 1024, 512, multiple_of=2, video=True)
 
 PARAMS: dict[str, Param] = {
     "width": IMAGE_SIDE,
@@ -238,7 +241,7 @@ def _check_number(name: str, value: Any) -> int | float:
         low, high = _format_bound(spec.low, spec.kind), _format_bound(spec.high, spec.kind)
         raise ContractError(f"{name} must be between {low} and {high}")
     if spec.multiple_of and value % spec.multiple_of:
-        model = "the video model" if spec.video else "SDXL"
+        model = "H.264 video" if spec.video else "SDXL"
         raise invalid(f"{name} must be a multiple of {spec.multiple_of} for {model} (got {value})")
     return spec.kind(value)
 

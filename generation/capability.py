@@ -55,6 +55,18 @@ def derive_seed(seed: int, index: int) -> int:
     return (seed + index - _INT64_MIN) % _UINT64 + _INT64_MIN
 
 
+def side_to_generate(side: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` >= `side`: a size the model takes, cropped to `side` after (`centred`)."""
+    return -(-side // multiple) * multiple
+
+
+def centred(generated: int, wanted: int) -> slice:
+    """The middle `wanted` of `generated` pixels: a few more generated on each side than asked cost a crop, not a
+    refusal of a size the contract allows (500x500: SDXL takes multiples of 8)."""
+    start = (generated - wanted) // 2
+    return slice(start, start + wanted)
+
+
 def make_generator(seed: int):
     """A CPU generator: diffusers draws the initial noise on it and moves it to the device, so a seed gives the
     same starting noise on any GPU or on the CPU."""

@@ -14,9 +14,11 @@ from .capability import (
     ProgressFn,
     Runtime,
     StepProgress,
+    centred,
     derive_seed,
     kept_dtype,
     make_generator,
+    side_to_generate,
 )
 from .models import IMAGE_HALF_VARIANT
 
@@ -78,6 +80,7 @@ class ImagePipeline(DiffusionCapability):
     PROMPT_TOKENIZERS = (("tokenizer", None), ("tokenizer_2", None))  # SDXL's two CLIP encoders, 77 tokens each
     task_type = TEXT2IMAGE
     tiny_kind = "sdxl"
+    SIDE_MULTIPLE = 8  # SDXL's VAE: other sides are generated to the next multiple and cropped (`centred`)
     role = "Image"
     HALF_VARIANT = IMAGE_HALF_VARIANT
     VARIANT_PROBE = "unet/diffusion_pytorch_model.safetensors"
@@ -197,8 +200,8 @@ class ImagePipeline(DiffusionCapability):
                 negative_prompt_embeds=negative,
                 pooled_prompt_embeds=pooled,
                 negative_pooled_prompt_embeds=negative_pooled,
-                width=first.width,
-                height=first.height,
+                width=side_to_generate(first.width, self.SIDE_MULTIPLE),
+                height=side_to_generate(first.height, self.SIDE_MULTIPLE),
                 num_inference_steps=first.num_inference_steps,
                 guidance_scale=first.guidance_scale,
                 num_images_per_prompt=1,
@@ -240,7 +243,7 @@ class ImagePipeline(DiffusionCapability):
             if rows:
                 decoded = decode_latents(self.pipe, torch.stack([latents[row] for row in rows]))
                 for row, image in zip(rows, decoded):
-                    images[row] = image
+                    images[row] = _cropped(image, first.width, first.height)
             return images
 
         with self._lock:  # the denoising and its decode, with no other job between them
@@ -251,6 +254,14 @@ class ImagePipeline(DiffusionCapability):
             start = sum(counts[:index])
             results.append(progress.cancelled[index] or images[start : start + count])
         return results
+
+
+def _cropped(image, width: int, height: int):
+    """The middle `width` x `height` of a PIL image generated at the next multiples (`side_to_generate`)."""
+    if image.size == (width, height):
+        return image
+    columns, rows = centred(image.width, width), centred(image.height, height)
+    return image.crop((columns.start, rows.start, columns.stop, rows.stop))
 
 
 def decode_latents(pipe, latents) -> list:

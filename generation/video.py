@@ -9,7 +9,16 @@ from firegen_core import errors
 from firegen_core.contract import TEXT2VIDEO, GenerationRequest
 
 from . import video_speed
-from .capability import DiffusionCapability, ProgressFn, Runtime, StepProgress, checked_calls, make_generator
+from .capability import (
+    DiffusionCapability,
+    ProgressFn,
+    Runtime,
+    StepProgress,
+    centred,
+    checked_calls,
+    make_generator,
+    side_to_generate,
+)
 from .models import VIDEO_HALF_VARIANT
 
 log = logging.getLogger(__name__)
@@ -56,11 +65,13 @@ def decode_latents(pipe, latents) -> Any:
 
 
 class VideoPipeline(DiffusionCapability):
-    """text2video: Wan 2.1. Produces exactly `num_frames` frames (generating the next 4k+1 and trimming)."""
+    """text2video: Wan 2.1. Produces exactly `num_frames` frames of `video_width` x `video_height` (generating the
+    next 4k+1 frames and the next multiples of 16 in size, and trimming)."""
 
     PROMPT_TOKENIZERS = (("tokenizer", WAN_TEXT_TOKENS),)  # T5, cut at the pipeline's max_sequence_length
     task_type = TEXT2VIDEO
     tiny_kind = "wan"
+    SIDE_MULTIPLE = 16  # Wan's VAE (8) times its patch (2): other sides are generated to the next one and cropped
     role = "Video"
     HALF_VARIANT = VIDEO_HALF_VARIANT
 
@@ -164,8 +175,8 @@ class VideoPipeline(DiffusionCapability):
             return self.pipe(
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
-                width=request.video_width,
-                height=request.video_height,
+                width=side_to_generate(request.video_width, self.SIDE_MULTIPLE),
+                height=side_to_generate(request.video_height, self.SIDE_MULTIPLE),
                 num_frames=frames,
                 num_inference_steps=request.num_inference_steps,
                 guidance_scale=request.video_guidance_scale,
@@ -192,6 +203,7 @@ class VideoPipeline(DiffusionCapability):
             latents = self._leaner_once(lambda: denoise(True), lambda: denoise(False))
             decoded = self._leaner_once(lambda: decode(latents), lambda: decode(latents))
         video = to_uint8_frames(decoded[: request.num_frames])
+        video = video[:, centred(video.shape[1], request.video_height), centred(video.shape[2], request.video_width)]
         expected = (request.num_frames, request.video_height, request.video_width, 3)
         if video.shape != expected:
             raise errors.GenerationError(

@@ -140,11 +140,9 @@ REFUSALS = [
     (with_(file_uid="~a"), f"Validation failed: file_uid {ID_RULE}"),
     (with_(user_id="@a"), f"Validation failed: user_id {ID_RULE}"),
     (with_(user_id="u" * 129), "Validation failed: user_id must be at most 128 characters"),
-    # sizes the models cannot take are refused, never changed
-    (with_(width=500), "Validation failed: width must be a multiple of 8 for SDXL (got 500)"),
-    (with_(height=260), "Validation failed: height must be a multiple of 8 for SDXL (got 260)"),
-    (with_(video_width=520), "Validation failed: video_width must be a multiple of 16 for the video model (got 520)"),
-    (with_(video_height=264), "Validation failed: video_height must be a multiple of 16 for the video model (got 264)"),
+    # an odd side, which H.264's 4:2:0 video cannot have
+    (with_(video_width=257), "Validation failed: video_width must be a multiple of 2 for H.264 video (got 257)"),
+    (with_(video_height=1023), "Validation failed: video_height must be a multiple of 2 for H.264 video (got 1023)"),
     # not an object at all
     (None, "Validation failed: input must be a JSON object"),
     ([BASE], "Validation failed: input must be a JSON object"),
@@ -199,6 +197,19 @@ def test_full_request_from_the_contract_with_null_seed():
 @pytest.mark.parametrize("value", [256, 1024, 8 * 100])
 def test_bounds_are_inclusive(value):
     assert parse_runsync_input(with_(width=value, height=value)).width == value
+
+
+@pytest.mark.parametrize("value", [257, 500, 1023])
+def test_any_image_side_in_the_contracts_range_is_taken(value):
+    """SDXL takes multiples of 8: the engine generates the next one and crops (test_generation.py)."""
+    request = parse_runsync_input(with_(width=value, height=1280 - value))
+    assert (request.width, request.height) == (value, 1280 - value)
+
+
+@pytest.mark.parametrize("value", [258, 500, 1022])
+def test_any_even_video_side_in_range_is_taken(value):
+    request = parse_runsync_input(with_(video_width=value, video_height=1280 - value))
+    assert (request.video_width, request.video_height) == (value, 1280 - value)
 
 
 @pytest.mark.parametrize("seed", [0, 1234567890, 2**63 - 1, -(2**63)])

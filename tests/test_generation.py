@@ -42,7 +42,7 @@ def test_image_sizes_and_count_from_a_contract_request(engine):
         {
             "prompt": PROMPT,
             "use_cloud_storage": False,
-            "width": 256,
+            "width": 260,  # SDXL takes multiples of 8: generated at 264 and cropped
             "height": 320,
             "num_images_per_prompt": 2,
             "num_inference_steps": 10,
@@ -50,10 +50,10 @@ def test_image_sizes_and_count_from_a_contract_request(engine):
         }
     )
     result = engine.generate(request)
-    assert (result.task_type, result.seed, result.width, result.height) == ("text2image", 7, 256, 320)
+    assert (result.task_type, result.seed, result.width, result.height) == ("text2image", 7, 260, 320)
     assert [(ext, kind) for _, ext, kind in result.files] == [("png", "image/png")] * 2
     for data, _, _ in result.files:
-        assert Image.open(io.BytesIO(data)).size == (256, 320)
+        assert Image.open(io.BytesIO(data)).size == (260, 320)
     assert result.video_info is None
     assert result.timings.generate_seconds > 0
 
@@ -105,24 +105,41 @@ def test_the_largest_seed_with_several_images_runs(engine):
     assert result.seed == INT64_MAX and len(result.files) == 2
 
 
+def test_a_side_sdxl_cannot_take_is_generated_to_the_next_it_can_and_cropped_to_the_middle(engine):
+    pipeline = engine.pipeline("text2image")
+    [whole] = pipeline.generate(image_request(width=64, height=48), 1234)
+    [cropped] = pipeline.generate(image_request(width=58, height=41), 1234)  # generated at 64x48
+    assert cropped.size == (58, 41)
+    assert np.array_equal(np.asarray(cropped), np.asarray(whole.crop((3, 3, 61, 44))))
+
+
 # --- video ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("num_frames", [16, 17])
 def test_video_has_exactly_the_requested_frames_size_and_fps(engine, num_frames):
-    result = engine.generate(video_request(num_frames=num_frames, fps=12, video_width=256, video_height=256))
+    # 250 wide: Wan takes multiples of 16, so it is generated 256 wide and cropped
+    result = engine.generate(video_request(num_frames=num_frames, fps=12, video_width=250, video_height=256))
     ((data, ext, content_type),) = result.files
     assert (ext, content_type) == ("mp4", "video/mp4")
     probe = media.probe_mp4(data)
-    assert (probe.frames, probe.fps, probe.width, probe.height) == (num_frames, 12, 256, 256)
+    assert (probe.frames, probe.fps, probe.width, probe.height) == (num_frames, 12, 250, 256)
     assert result.video_info == {
         "frames": num_frames,
         "fps": 12,
         "duration_seconds": round(num_frames / 12, 3),
-        "width": 256,
+        "width": 250,
         "height": 256,
     }
-    assert (result.width, result.height, result.task_type) == (256, 256, "text2video")
+    assert (result.width, result.height, result.task_type) == (250, 256, "text2video")
+
+
+def test_a_video_side_wan_cannot_take_is_generated_to_the_next_it_can_and_cropped_to_the_middle(engine):
+    pipeline = engine.pipeline("text2video")
+    whole = pipeline.generate(video_request(), 1234)  # 64x48
+    cropped = pipeline.generate(video_request(video_width=54, video_height=34), 1234)  # generated at 64x48
+    assert cropped.shape == (16, 34, 54, 3)
+    assert np.array_equal(cropped, whole[:, 7:41, 5:59])
 
 
 def test_video_same_seed_gives_identical_frames_and_bytes(engine):
@@ -632,7 +649,7 @@ def test_cli_writes_a_video(tiny_cache, tmp_path, capsys):
     [
         (["--width", "100"], "width must be between 256 and 1024"),
         (["--fps", "30"], "fps must be between 6 and 15"),
-        (["--width", "260"], "Validation failed: width must be a multiple of 8 for SDXL (got 260)"),
+        (["--video-width", "261"], "Validation failed: video_width must be a multiple of 2 for H.264 video (got 261)"),
         (["--width", "wide"], "Validation failed: width must be an integer"),
         (["--steps", "12.5"], "Validation failed: num_inference_steps must be an integer"),
     ],

@@ -234,7 +234,7 @@ CREATES = [
     Create("prompt too long", sample(prompt="x" * 2001), ALLOW, contract=False),
     Create("width above 1024", sample(width=2048), ALLOW, contract=False),
     Create("height below 256", sample(height=128), ALLOW, contract=False),
-    Create("width not a multiple of 8", sample(width=500), ALLOW, contract=False),
+    Create("width not a multiple of 8", sample(width=500), ALLOW),
     Create("width as a string", sample(width="512"), ALLOW, contract=False),
     Create("numImagesPerPrompt 5", sample(numImagesPerPrompt=5), ALLOW, contract=False),
     Create("num_inference_steps 9", sample(num_inference_steps=9), ALLOW, contract=False),
@@ -244,7 +244,8 @@ CREATES = [
     Create("numFrames 100", sample(numFrames=100), ALLOW, path=VIDEO_PATH, contract=False),
     Create("num_frames not an integer", sample(num_frames=16.5), ALLOW, path=VIDEO_PATH, contract=False),
     Create("fps 5", sample(fps=5), ALLOW, path=VIDEO_PATH, contract=False),
-    Create("videoWidth not a multiple of 16", sample(videoWidth=520), ALLOW, path=VIDEO_PATH, contract=False),
+    Create("videoWidth not a multiple of 16", sample(videoWidth=520), ALLOW, path=VIDEO_PATH),
+    Create("videoWidth odd", sample(videoWidth=521), ALLOW, path=VIDEO_PATH, contract=False),
     Create("videoGuidanceScale 0.5", sample(videoGuidanceScale=0.5), ALLOW, path=VIDEO_PATH, contract=False),
     Create("video field on an image job", sample(numFrames=16), ALLOW, contract=False),
     Create(

@@ -252,7 +252,7 @@ def test_every_control_has_a_label_and_the_page_fits_375px(open_page):
     # The ranges are the contract's, from the generated types.
     frames = app.page.get_by_label("Frames", exact=True)
     assert (frames.get_attribute("min"), frames.get_attribute("max")) == ("16", "81")
-    assert app.page.get_by_label("Width", exact=True).get_attribute("step") == "16"  # video sizes
+    assert app.page.get_by_label("Width", exact=True).get_attribute("step") == "2"  # a video's sides are even
     nameless = app.page.evaluate(
         "() => [...document.querySelectorAll('button')].filter(b => !b.textContent.trim() && !b.ariaLabel).length"
     )
@@ -596,7 +596,7 @@ def test_a_queued_doc_the_contract_refuses_shows_the_contracts_message(open_page
     cases = [
         (dict(Prompt="far too wide", Width="2000"), contract_message(width=2000)),
         (dict(Prompt="too short", Width="256", Frames="5"), contract_message(num_frames=5)),
-        (dict(Frames="16", Width="264"), contract_message(video_width=264)),  # a video's sides step by 16
+        (dict(Frames="16", Width="263"), contract_message(video_width=263)),  # a video's sides are even
         (dict(Prompt="   ", Width="256"), contract_message(prompt="   ")),
     ]
     assert cases[0][1] == "width must be between 256 and 1024" and cases[3][1] == "prompt is required"
@@ -1715,7 +1715,7 @@ def test_a_refused_field_is_marked_invalid_and_described_by_the_error(open_page)
     description = app.page.evaluate(
         "() => document.getElementById('width').ariaDescribedByElements.map(e => e.textContent).join(' ')"
     )
-    assert description == f"256–1024, step 8, default 512 {contract_message(width=2000)}"
+    assert description == f"256–1024, default 512 {contract_message(width=2000)}"
     app.fill(Prompt="   ", Width="256")
     refused(contract_message(prompt="   "))
     assert prompt.get_attribute("aria-invalid") == "true" and width.get_attribute("aria-invalid") is None
@@ -1918,7 +1918,7 @@ def test_edit_as_new_fills_the_form_from_a_completed_job_and_from_a_refused_one(
     assert app.page.evaluate("document.activeElement.id") == "prompt"
     said = "Form filled from video “waves on a beach”: change it and press Generate"
     assert app.page.locator("#form-status").inner_text() == said
-    assert app.page.get_by_label("Width", exact=True).get_attribute("step") == "16"  # the video's ranges
+    assert app.page.get_by_label("Width", exact=True).get_attribute("step") == "2"  # the video's ranges
 
     # A request the callable refused (called as this user by another client: the page sends no such request): its
     # doc holds its prompt and the message, which marks the field it names.

@@ -28,9 +28,9 @@ export interface GenerationRequest {
   use_cloud_storage: boolean;
   /** For reproducible results (null = random); image i of n uses seed + i */
   seed?: number | null;
-  /** Image width, 256..1024, multiple of 8, default 512 */
+  /** Image width, 256..1024, default 512 */
   width?: number;
-  /** Image height, 256..1024, multiple of 8, default 512 */
+  /** Image height, 256..1024, default 512 */
   height?: number;
   /** Number of images to generate, 1..4, default 1 */
   num_images_per_prompt?: number;
@@ -42,9 +42,9 @@ export interface GenerationRequest {
   num_frames?: number;
   /** Frames per second, 6..15, default 8 */
   fps?: number;
-  /** Video width, 256..1024, multiple of 16, default 512 */
+  /** Video width, 256..1024, multiple of 2, default 512 */
   video_width?: number;
-  /** Video height, 256..1024, multiple of 16, default 512 */
+  /** Video height, 256..1024, multiple of 2, default 512 */
   video_height?: number;
   /** Video-specific guidance, 1.0..20.0, default 5.0 */
   video_guidance_scale?: number;
@@ -64,9 +64,9 @@ export interface JobDoc {
   use_cloud_storage?: boolean;
   /** For reproducible results (null = random); image i of n uses seed + i */
   seed?: number | null;
-  /** Image width, 256..1024, multiple of 8, default 512 */
+  /** Image width, 256..1024, default 512 */
   width?: number;
-  /** Image height, 256..1024, multiple of 8, default 512 */
+  /** Image height, 256..1024, default 512 */
   height?: number;
   /** Number of images to generate, 1..4, default 1 */
   num_images_per_prompt?: number;
@@ -78,9 +78,9 @@ export interface JobDoc {
   num_frames?: number;
   /** Frames per second, 6..15, default 8 */
   fps?: number;
-  /** Video width, 256..1024, multiple of 16, default 512 */
+  /** Video width, 256..1024, multiple of 2, default 512 */
   video_width?: number;
-  /** Video height, 256..1024, multiple of 16, default 512 */
+  /** Video height, 256..1024, multiple of 2, default 512 */
   video_height?: number;
   /** Video-specific guidance, 1.0..20.0, default 5.0 */
   video_guidance_scale?: number;
@@ -225,7 +225,6 @@ export const REQUEST_SCHEMA = {
       "minimum": 256,
       "maximum": 1024,
       "default": 512,
-      "multipleOf": 8,
       "description": "Image width"
     },
     "height": {
@@ -233,7 +232,6 @@ export const REQUEST_SCHEMA = {
       "minimum": 256,
       "maximum": 1024,
       "default": 512,
-      "multipleOf": 8,
       "description": "Image height"
     },
     "num_images_per_prompt": {
@@ -278,7 +276,7 @@ export const REQUEST_SCHEMA = {
       "minimum": 256,
       "maximum": 1024,
       "default": 512,
-      "multipleOf": 16,
+      "multipleOf": 2,
       "x-video": true,
       "description": "Video width"
     },
@@ -287,7 +285,7 @@ export const REQUEST_SCHEMA = {
       "minimum": 256,
       "maximum": 1024,
       "default": 512,
-      "multipleOf": 16,
+      "multipleOf": 2,
       "x-video": true,
       "description": "Video height"
     },

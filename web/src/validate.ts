@@ -78,7 +78,7 @@ function check(name: string, node: Spec, value: unknown, required: boolean): str
       return `${name} must be between ${bound(minimum)} and ${bound(maximum)}`;
     }
     if (spec.multipleOf && value % spec.multipleOf) {
-      const model = spec["x-video"] ? "the video model" : "SDXL";
+      const model = spec["x-video"] ? "H.264 video" : "SDXL";
       return invalid(`${name} must be a multiple of ${spec.multipleOf} for ${model} (got ${value})`);
     }
   }
