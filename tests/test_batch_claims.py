@@ -182,7 +182,7 @@ def test_a_broken_doc_is_failed_by_its_claim_and_the_batch_runs_without_it(fires
     batch complete."""
     store = WorkerJobs(firestore_client, worker_id="w")
     keys = [write_job(firestore_client, user, name) for user, name in USERS]
-    firestore_client.document(keys[1].path).update({"width": 257})
+    firestore_client.document(keys[1].path).update({"width": 2000})
     jobs = [store.claim(key) for key in keys]
     assert jobs[1] is None
     broken = doc(firestore_client, keys[1])

@@ -261,7 +261,7 @@ def test_the_request_that_queues_a_refused_job_again_replaces_its_request_fields
         "status": "failed",
         "error_type": "ValidationError",
         "prompt": "a cat",
-        "width": 300,
+        "width": 2000,
         "numFrames": 16,
         "use_cloud_storage": False,
         "app_tag": "kept",

@@ -241,7 +241,7 @@ REQUESTS = {
 # contract's message).
 CLIENT_DOCS = {"images": ({"num_inference_steps": 30}, {}), "videos": ({"numFrames": 16}, {"num_frames": 32})}
 BROKEN_DOCS = {
-    "images": ({"width": 999}, {"prompt": ""}, {"num_frames": 20}, {"use_cloud_storage": False}),
+    "images": ({"width": 2000}, {"prompt": ""}, {"num_frames": 20}, {"use_cloud_storage": False}),
     "videos": ({"num_frames": 16, "fps": 99},),
 }
 # Small enough that the limits are met within a sequence: USER_MAX_RUNNING of 1 and 2, a backlog of 2 or 3, a
