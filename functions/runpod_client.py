@@ -10,9 +10,9 @@ worker): {"status": "accepted", ...} (HTTP 200) takes the job, {"error", "status
 refuses it.
 Failures to connect, connect timeouts, HTTP 5xx and 429 are retried (a few attempts, short exponential waits, one
 overall deadline): the worker is idempotent by file_uid, so sending the same job twice is safe. A request sent
-but not answered in time (a read timeout: RunPod holds runsync open during a cold start), or whose connection
-dropped once it was sent, is QUEUED, not sent again: each send would be one more RunPod job, and RunPod starts
-workers for its queue. Whatever still fails is
+but not answered in time (a read timeout: RunPod holds runsync open during a cold start), whose connection
+dropped once it was sent, or whose answer broke off or stalled after its status line, is QUEUED, not sent again:
+each send would be one more RunPod job, and RunPod starts workers for its queue. Whatever still fails is
 UNDELIVERED: the caller leaves the Firestore doc queued, where a warm worker's listener or the scheduled
 re-dispatch will still find it.
 
@@ -152,8 +152,14 @@ class RunPodClient:
     def _once(self, job_input: Mapping[str, Any], timeout: float) -> Verdict:
         headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
         try:
+            # The status line and headers alone (`stream`): a body that breaks off or stalls after them is read
+            # apart (`_read_body`), as an answer RunPod gave, not a request that never arrived.
             response = self.session.post(
-                self.url, json={"input": dict(job_input)}, headers=headers, timeout=(self.connect_timeout, timeout)
+                self.url,
+                json={"input": dict(job_input)},
+                headers=headers,
+                timeout=(self.connect_timeout, timeout),
+                stream=True,
             )
         except requests.ConnectTimeout as exc:  # never reached RunPod: safe to send again
             raise _Transient(f"timed out ({type(exc).__name__})") from None
@@ -171,9 +177,16 @@ class RunPodClient:
             raise _Transient(f"connection failed ({type(exc).__name__})") from None
         except requests.RequestException as exc:  # a malformed URL, say: repeating will not help
             return Verdict(UNDELIVERED, f"the request to RunPod failed ({type(exc).__name__})")
+        with response:  # its connection back to the pool, or closed where its body broke off
+            return self._read(response)
+
+    def _read(self, response: requests.Response) -> Verdict:
         status = response.status_code
         if status >= 500 or status == 429:
             raise _Transient(f"HTTP {status}")
+        # Its body, but for a 4xx other than 400, which its status says all of.
+        if status <= 400 and (broken := _read_body(response)) is not None:
+            return broken
         if status == 400 and (refusal := _contract_refusal(response)) is not None:
             return refusal
         if status >= 400:
@@ -186,6 +199,20 @@ class RunPodClient:
         except ValueError:
             return Verdict(UNDELIVERED, f"RunPod answered HTTP {status} with a body that is not JSON")
         return read_envelope(envelope)
+
+
+def _read_body(response: requests.Response) -> Verdict | None:
+    """Read the answer's body; None once read. One that broke off (the connection closed mid-body) or stalled
+    past the read timeout came after RunPod had the request: QUEUED, never sent again (a review: counted
+    undelivered, the job was POSTed again, up to 3 times a call, and a client's retry with other parameters was
+    put back by the first request's late arrival at a worker)."""
+    try:
+        response.content  # noqa: B018 (read here, where a failure has a meaning of its own)
+    except requests.RequestException as exc:
+        return Verdict(
+            QUEUED, f"RunPod's answer broke off after the job was sent ({type(exc).__name__}); it may be queued"
+        )
+    return None
 
 
 def _sent(exc: BaseException) -> bool:

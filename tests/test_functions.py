@@ -31,6 +31,7 @@ from devtools import emulators as emu
 from devtools import firebase_cli
 from devtools.firebase_cli import FirebaseCli, load_script
 from devtools.worker import WorkerProcess
+from firegen_core.dispatches import DISPATCHED_INPUTS
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "functions"
@@ -91,6 +92,14 @@ def worker(firestore_emulator, storage_emulator, emulator_logs, tmp_path_factory
         process.stop()
 
 
+class BrokenBody:
+    """A stub's answer: 200 and the start of its body, then nothing for `stall` seconds, then the connection
+    closed: an answer that broke off (or stalled past the client's read timeout) after RunPod had the request."""
+
+    def __init__(self, stall: float = 0.0):
+        self.stall = stall
+
+
 class StubRunPod(LocalServer):
     """A scripted stand-in for api.runpod.ai on 127.0.0.1: answers (status, body) in turn, the last one for
     ever (None: closes the connection unanswered); records each request's Authorization header and body.
@@ -115,6 +124,16 @@ class StubRunPod(LocalServer):
                 stub.requests.append((self.headers.get("Authorization"), body))
                 scripted = stub.answers[min(len(stub.requests), len(stub.answers)) - 1]
                 if scripted is None:  # DROP: the request read in full, the connection closed unanswered
+                    self.close_connection = True
+                    return
+                if isinstance(scripted, BrokenBody):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "200")
+                    self.end_headers()
+                    self.wfile.write(b'{"id": "job-1", "status": "IN_QUE')
+                    self.wfile.flush()
+                    time.sleep(scripted.stall)
                     self.close_connection = True
                     return
                 self.reply(*scripted)
@@ -819,6 +838,23 @@ def test_a_connection_dropped_after_the_job_was_sent_is_not_sent_again(firestore
     assert doc["status"] == "queued" and "dispatch_error" not in doc  # a client's retry does not send it again
     refused = nobody_listening().runsync({"prompt": "a car"})  # never connected: sent again, then undelivered
     assert refused.outcome == "undelivered" and refused.attempts == FAST["attempts"] > 1
+
+
+@pytest.mark.parametrize("stall", [0.0, 2.0], ids=["broke-off", "stalled"])
+def test_an_answer_that_breaks_off_after_its_status_line_is_queued_and_not_sent_again(firestore_client, stub, stall):
+    """A review: an answer cut short (ChunkedEncodingError) or stalled past the read timeout once RunPod had sent
+    its status line counted as never delivered: the job was POSTed again (3 times a call), its dispatch record
+    dropped, and a client's retry sent it once more."""
+    runpod = stub(BrokenBody(stall))
+    data = {"prompt": "a car", "file_uid": f"cut-{stall:g}"}
+    reply = dispatch.generate(firestore_client, runpod.client(timeout=1.0), uid="u-cut", data=data)
+    assert len(runpod.requests) == 1
+    assert reply["status"] == "queued" and reply["message"] == dispatch.QUEUED_MESSAGE
+    doc = firestore_client.document(f"generations/u-cut/images/{data['file_uid']}").get().to_dict()
+    assert doc["status"] == "queued" and "dispatch_error" not in doc and doc[DISPATCHED_INPUTS]
+    again = dispatch.generate(firestore_client, runpod.client(timeout=1.0), uid="u-cut", data=data)
+    # The client's retry: the job is RunPod's already, answered started and not sent again.
+    assert again["status"] == "accepted" and len(runpod.requests) == 1
 
 
 def test_a_job_a_warm_worker_finished_during_a_failed_dispatch_is_answered_started_without_a_dispatch_error(
@@ -2629,7 +2665,7 @@ def test_the_trigger_dispatch_arriving_behind_the_contracts_refused_runsync_chan
     submitted: list = []
     handler = late_runsync_handler(firestore_client, submitted)
     fixed = {"prompt": "a red car", "user_id": "u-fix", "file_uid": "fix-1", "use_cloud_storage": True}
-    assert handler.handle({**fixed, "width": 300}, "app-1")["status"] == "failed"
+    assert handler.handle({**fixed, "width": 2000}, "app-1")["status"] == "failed"
 
     assert handler.handle(sent["input"], "rp-t")["status"] == "failed"  # the trigger's, late: still the refusal
     doc = firestore_client.document(path).get().to_dict()
@@ -2806,7 +2842,7 @@ def test_a_dispatch_that_never_reached_runpod_leaves_no_digest_to_take_a_later_r
     assert "dispatch_error" in doc and "dispatched_inputs" not in doc
     handler = late_runsync_handler(firestore_client, [])
     app = {"prompt": "a red car", "user_id": "u-gone", "file_uid": "gone-1", "use_cloud_storage": True}
-    assert handler.handle({**app, "width": 300}, "app-1")["status"] == "failed"
+    assert handler.handle({**app, "width": 2000}, "app-1")["status"] == "failed"
     assert handler.handle(app, "app-2")["status"] == "accepted"
     assert firestore_client.document(path).get().to_dict()["status"] == "queued"
 
