@@ -325,6 +325,7 @@ class JobRunner:
             return self._interrupted(run)
         except Superseded:  # taken over during its upload (this worker stalled): the new owner's objects stand
             heartbeat.stop()
+            self._drop_this_try(job, request)  # what its other uploads wrote meanwhile
             return self._lost(job, heartbeat, reason="lease taken over during the upload; later objects left alone")
         except NotRecorded as exc:  # left `processing`: it runs again once its lease ends, its objects written over
             heartbeat.stop()
@@ -339,7 +340,7 @@ class JobRunner:
                 self._remove_results(job, request)
             if heartbeat.lost.is_set():  # failed `Timeout` by the heartbeat, or taken over: not ours to fail
                 if not timed_out:
-                    self._drop_if_ended(job, request)
+                    self._drop_this_try(job, request)
                 return self._lost(job, heartbeat)
             if refused_access(exc) and self.on_storage_refused is not None:
                 # The bucket refuses this worker (a resilience review: its grant revoked mid-run, every job it
@@ -359,8 +360,8 @@ class JobRunner:
         if written is None and self._timed_out(run):  # failed `Timeout` during its upload: no doc names its objects
             self._remove_results(job, request)
             return RunOutcome.FAILED
-        if written is None:  # its objects are the new owner's to write over, unless the job ended
-            self._drop_if_ended(job, request)
+        if written is None:  # no doc will name what this try wrote
+            self._drop_this_try(job, request)
             return self._lost(job, heartbeat, reason="lease taken over during the upload; not completed")
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
             self._remove_results(job, request)
@@ -448,26 +449,30 @@ class JobRunner:
 
     def _remove_results(self, job: ClaimedJob, request: GenerationRequest, *, every: bool = False) -> None:
         """Delete the job's objects; only ever called right after this worker wrote the job's end (it held the
-        lease, so no other worker is writing the same names). `every`: as many as a job of its type may have (an
-        earlier try's request may have asked for more images), not only this request's."""
+        lease, so no other worker is writing the same names). `every`, and for any try after the first: as many
+        as a job of its type may have (an earlier try's request may have asked for more images, and stopped
+        during its upload), not only this request's (a storage review: a cancelled second try left the first's)."""
+        every = every or job.lease.attempt > 1
         count = most(request.task_type) if every else 1 if request.is_video else request.num_images_per_prompt
         removed = quietly(lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count), job)
         if removed:
             log.info("job_results_removed", objects=removed, **job_ids(job))
 
-    def _drop_if_ended(self, job: ClaimedJob, request: GenerationRequest) -> None:
-        """After an upload whose completion found the job no longer this claim's: where it ended meanwhile by
-        another's write (deleted by its owner, `deleteGeneration` deleting what was there then; failed by the
-        functions' sweep giving it up, a refused request, a takeover past MAX_ATTEMPTS; completed by a later
-        claim), no doc names what this try wrote and no later try writes over it, so it goes: the objects that
-        record this claim, no other (the fencing review: a failed job's were left in the bucket for good). A job
-        still queued or running is left: its next try writes over them."""
-        doc = quietly(lambda: self.store.ref(job.key).get(**BOUND), job)
+    def _drop_this_try(self, job: ClaimedJob, request: GenerationRequest) -> None:
+        """After an upload whose completion found the job no longer this claim's (restated, taken over, or ended
+        by another's write: deleted by its owner, failed by the functions' sweep giving it up, completed by a later
+        claim): no doc names what this try wrote, and none will (a later try writes objects of its own, recording
+        its own claim), so it goes: the objects that record this claim, no other (the fencing review: a failed
+        job's were left in the bucket for good; a storage review: a restated job's, left for its next try to write
+        over, stayed where that try asked for fewer images or the job was cancelled before it ran again)."""
+        doc = quietly(lambda: self.store.ref(job.key).get(**BOUND), job)  # what became of it, for the log line
         if doc is None:
-            return
-        ended = "job deleted" if not doc.exists else f"job {doc.get('status')} by another"
-        if doc.exists and doc.get("status") not in lifecycle.FINAL_STATES:
-            return
+            ended = "not this claim's"
+        elif not doc.exists:
+            ended = "job deleted"
+        else:
+            status = doc.get("status")
+            ended = f"job {status} by another" if status in lifecycle.FINAL_STATES else f"job {status} again"
         count = 1 if request.is_video else request.num_images_per_prompt
         stamp = claim_stamp(job.claimed_at)
         removed = quietly(

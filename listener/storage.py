@@ -323,7 +323,7 @@ class ResultStore:
             name, stale, generation = self._target(bucket, user_id, file_uid, task_type, index, ext, deadline, claim)
             try:
                 self._put(bucket, name, data, content_type, metadata, deadline, generation)
-                return self._url(bucket, name, token), stale
+                return self._written_url(bucket, name, token, deadline), stale
             except StorageError as exc:
                 # Someone wrote the name between the check and this upload: check again (another job's, and this job
                 # takes its alternate; a later try's, and this one stops; an earlier try's, which woke up, and this
@@ -364,6 +364,14 @@ class ResultStore:
         if claim is not None and found is not None and _claim_of(found) > claim:
             raise Superseded(f"{name}: written by a later try of the job")
         return name, other, (found.generation or 0) if found is not None else 0
+
+    def _written_url(self, bucket: Any, name: str, token: str | None, deadline: float) -> str:
+        """The URL of an object just written. Keyless credentials sign through IAM's signBlob, a call of its own:
+        one that failed a moment failed the job after its upload (a storage review), so it is retried within the
+        upload's budget too."""
+        if self.url_style != "signed" or self.emulator_url:
+            return self._url(bucket, name, token)
+        return self._within_budget("signing a URL", name, lambda _: self._signed(name, raw=True), deadline)
 
     def _get(self, bucket: Any, name: str, deadline: float) -> Any:
         return self._within_budget(
@@ -426,6 +434,8 @@ class ResultStore:
         started = time.monotonic()
         try:
             return self._retrying(deadline, before_sleep)(attempt)
+        except StorageError:  # already said (a signer's "needs credentials that can sign")
+            raise
         except Exception as exc:
             took = time.monotonic() - started
             if is_transient(exc):
@@ -575,7 +585,8 @@ class ResultStore:
             return self._signed(name)
         return f"{PUBLIC_BASE}/{self.bucket_name}/{quote(name, safe='/~')}"
 
-    def _signed(self, name: str) -> str:
+    def _signed(self, name: str, *, raw: bool = False) -> str:
+        """A V4 signed URL for `name`; a failure as StorageError (`raw`: as the signer raised it, to be retried)."""
         credentials = self.signing_credentials or getattr(self.client, "_credentials", None)
         kwargs: dict[str, Any] = dict(
             resource=f"/{self.bucket_name}/{quote(name, safe='/~')}",
@@ -608,4 +619,6 @@ class ResultStore:
         except StorageError:
             raise
         except Exception as exc:
+            if raw:
+                raise
             raise StorageError(f"Signing a URL for {name} failed ({_reason(exc)})") from exc

@@ -1004,9 +1004,11 @@ class Failing(StubGenerator):
         raise RuntimeError("boom")
 
 
-def test_a_job_failing_after_an_earlier_trys_upload_leaves_no_objects(firestore_client, results, bucket):
+def test_a_try_restated_during_its_upload_leaves_no_objects(firestore_client, results, bucket):
     """An accounting fuzz: a try restated during its upload left its objects for the next try to write over; that
-    try failed in the generator, and the failed job's objects stayed in the bucket, named by no doc."""
+    try failed in the generator, and the failed job's objects stayed in the bucket, named by no doc. A storage
+    review: so did they where the next try asked for fewer images, or the job was cancelled before it ran again.
+    No doc will name what a try restated wrote (a later try writes its own): it goes at once."""
     from firegen_core.contract import parse_runsync_input
     from firegen_core.jobs import JobStore
 
@@ -1022,9 +1024,67 @@ def test_a_job_failing_after_an_earlier_trys_upload_leaves_no_objects(firestore_
             return urls
 
     assert JobRunner(store, StubGenerator(), RestatedDuringUpload(results, None)).run(store.claim(key)) == "lost"
-    assert len(blobs(bucket)) == 3
+    assert list(blobs(bucket)) == []
+    assert doc(firestore_client, key)["status"] == "queued"
     assert JobRunner(store, Failing(), results).run(store.claim(key)) == "failed"
     assert doc(firestore_client, key)["error_type"] == "RuntimeError"
+    assert list(blobs(bucket)) == []
+
+
+def test_a_stalled_try_superseded_during_its_upload_leaves_none_of_its_objects(firestore_client, results, bucket):
+    """A storage review: a try that stalled before its upload of 3 images, while its request restated the job to
+    one image and another worker completed it, met the later try's object at image 0 (`Superseded`) and wrote
+    images 1 and 2 all the same (its files go up at once): left in the bucket, named by no doc."""
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobStore
+
+    key = JobKey("u1", "images", "superseded")
+    fields = {"prompt": "a red car", "user_id": "u1", "file_uid": key.file_uid, "use_cloud_storage": True}
+    JobStore(firestore_client).ensure_queued(parse_runsync_input({**fields, "num_images_per_prompt": 3}))
+    stalled = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+    other = WorkerJobs(firestore_client, worker_id="w2", lease_seconds=30)
+
+    class OvertakenBeforeUpload(HeldUpload):
+        def upload(self, *args, **kwargs):
+            JobStore(firestore_client).ensure_queued(parse_runsync_input({**fields, "num_images_per_prompt": 1}))
+            assert JobRunner(other, StubGenerator(), self.results).run(other.claim(key)) == "completed"
+            return self.results.upload(*args, **kwargs)
+
+    assert JobRunner(stalled, StubGenerator(), OvertakenBeforeUpload(results, None)).run(stalled.claim(key)) == "lost"
+    completed = doc(firestore_client, key)
+    assert (completed["status"], completed["image_count"]) == ("completed", 1)
+    assert list(blobs(bucket)) == ["generating/u1/image/superseded.png"]
+
+
+@pytest.mark.parametrize("end", ["cancelled", "timed out"])
+def test_a_later_try_ending_removes_what_an_earlier_try_left(firestore_client, results, bucket, end):
+    """A storage review: a worker that died during its upload of 3 images left them, and the job's next try (its
+    request restated to one image), cancelled by its owner or past its deadline, deleted only its own one: two
+    stayed, named by no doc."""
+    from firegen_core.contract import parse_runsync_input
+    from firegen_core.jobs import JobStore
+    from listener.storage import claim_stamp
+
+    key = JobKey("u1", "images", f"left-{end[0]}")
+    fields = {"prompt": "a red car", "user_id": "u1", "file_uid": key.file_uid, "use_cloud_storage": True}
+    JobStore(firestore_client).ensure_queued(parse_runsync_input({**fields, "num_images_per_prompt": 3}))
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+    dead = store.claim(key)
+    files = [(png_bytes(), "png", "image/png")] * 3
+    results.upload("u1", key.file_uid, "text2image", files, claim=claim_stamp(dead.claimed_at))  # then it died
+    JobStore(firestore_client).ensure_queued(parse_runsync_input({**fields, "num_images_per_prompt": 1}))
+    assert doc(firestore_client, key)["status"] == "queued" and len(blobs(bucket)) == 3
+    later = store.claim(key)
+    assert later is not None and later.lease.attempt > 1
+    cancel = threading.Event()
+    if end == "cancelled":
+        cancel.set()
+        runner = JobRunner(store, StubGenerator(), results)
+    else:
+        gate = threading.Event()  # never set: its generation runs on until its deadline stops it
+        runner = JobRunner(store, StubGenerator(gate), results, renew_interval=0.2, deadline=Deadline(1.0, 0.001))
+    assert runner.run(later, cancel) == "failed"
+    assert doc(firestore_client, key)["error_type"] == ("Cancelled" if end == "cancelled" else "Timeout")
     assert list(blobs(bucket)) == []
 
 

@@ -490,6 +490,29 @@ def test_signed_url_without_signing_credentials_is_a_storage_error(storage_clien
         store.upload("u", "f", "text2image", images(PNG))
 
 
+def test_a_signing_that_fails_a_moment_is_tried_again(storage_client, bucket):
+    """A storage review: keyless credentials sign through IAM's signBlob, a call of its own, never tried again: a
+    moment's 503 failed the job after its upload. Stand-in for IAM (none runs here): a key whose signer fails once
+    as the transport does."""
+    from google.auth.exceptions import TransportError
+
+    credentials, signed = signing_credentials(), []
+    sign = credentials.sign_bytes
+
+    def flaky(message: bytes) -> bytes:
+        signed.append(message)
+        if len(signed) == 1:
+            raise TransportError("signBlob answered 503")
+        return sign(message)
+
+    credentials.sign_bytes = flaky
+    store = ResultStore(storage_client, bucket.name, url_style="signed", retry=FAST, signing_credentials=credentials)
+    with structlog.testing.capture_logs() as logs:
+        [url] = store.upload("u", "signed-again", "text2image", images(PNG))
+    assert len(signed) == 2 and url.startswith(f"https://storage.googleapis.com/{bucket.name}/generating/u/image/")
+    assert [log["error"] for log in logs if log["event"] == "upload_retry"] == ["TransportError"]
+
+
 def test_the_start_up_check_signs_a_url_when_urls_are_signed(storage_client, bucket):
     """Credentials that cannot sign stop the start (every job would fail at its upload, after its GPU time);
     ones that can pass. The bucket is the emulator's; the URL is signed as on Cloud Storage (no emulator URL)."""
