@@ -153,7 +153,7 @@ class RunPodClient:
         headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
         try:
             # The status line and headers alone (`stream`): a body that breaks off or stalls after them is read
-            # apart (`_read_body`), as an answer RunPod gave, not a request that never arrived.
+            # apart (`_unread`), as an answer RunPod gave, not a request that never arrived.
             response = self.session.post(
                 self.url,
                 json={"input": dict(job_input)},
@@ -185,8 +185,10 @@ class RunPodClient:
         if status >= 500 or status == 429:
             raise _Transient(f"HTTP {status}")
         # Its body, but for a 4xx other than 400, which its status says all of.
-        if status <= 400 and (broken := _read_body(response)) is not None:
-            return broken
+        if status <= 400 and (broken := _unread(response)) is not None:
+            if status == 400:  # a refusal (RunPod's or the worker's) that could not be read: nothing was queued
+                return Verdict(UNDELIVERED, f"RunPod answered HTTP 400 and its answer broke off ({broken})")
+            return Verdict(QUEUED, f"RunPod's answer broke off after the job was sent ({broken}); it may be queued")
         if status == 400 and (refusal := _contract_refusal(response)) is not None:
             return refusal
         if status >= 400:
@@ -201,17 +203,15 @@ class RunPodClient:
         return read_envelope(envelope)
 
 
-def _read_body(response: requests.Response) -> Verdict | None:
-    """Read the answer's body; None once read. One that broke off (the connection closed mid-body) or stalled
-    past the read timeout came after RunPod had the request: QUEUED, never sent again (a review: counted
-    undelivered, the job was POSTed again, up to 3 times a call, and a client's retry with other parameters was
-    put back by the first request's late arrival at a worker)."""
+def _unread(response: requests.Response) -> str | None:
+    """Read the answer's body: None once read, else what broke it off (the connection closed mid-body, or it
+    stalled past the read timeout). Such an answer came after RunPod had the request: a 2xx one is QUEUED, never
+    sent again (a review: counted undelivered, the job was POSTed again, up to 3 times a call, and a client's retry
+    with other parameters was put back by the first request's late arrival at a worker)."""
     try:
         response.content  # noqa: B018 (read here, where a failure has a meaning of its own)
     except requests.RequestException as exc:
-        return Verdict(
-            QUEUED, f"RunPod's answer broke off after the job was sent ({type(exc).__name__}); it may be queued"
-        )
+        return type(exc).__name__
     return None
 
 

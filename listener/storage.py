@@ -24,6 +24,7 @@ download URL, `{emulator}/download/storage/v1/b/{bucket}/o/{quoted name}?alt=med
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -181,6 +182,16 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, InvalidResponse):
         return getattr(getattr(exc, "response", None), "status_code", None) in TRANSIENT_HTTP
     return False
+
+
+def signing_transient(exc: BaseException) -> bool:
+    """Whether signing a URL again may succeed. google-cloud-storage raises a TransportError for any answer of IAM's
+    signBlob but 200, quoting its body: one with a 4xx code but 429 (permission denied) stays so (a review: retried
+    as a moment's, a revoked grant held every job its whole upload budget); a connection that failed names none."""
+    if isinstance(exc, TransportError):
+        code = re.search(r'"code":\s*(\d{3})', str(exc))
+        return code is None or code.group(1) == "429" or code.group(1).startswith("5")
+    return is_transient(exc)
 
 
 def _reason(exc: BaseException) -> str:
@@ -368,10 +379,16 @@ class ResultStore:
     def _written_url(self, bucket: Any, name: str, token: str | None, deadline: float) -> str:
         """The URL of an object just written. Keyless credentials sign through IAM's signBlob, a call of its own:
         one that failed a moment failed the job after its upload (a storage review), so it is retried within the
-        upload's budget too."""
+        upload's budget too. What still fails is a StorageError (Storage itself answered: the job's objects go)."""
         if self.url_style != "signed" or self.emulator_url:
             return self._url(bucket, name, token)
-        return self._within_budget("signing a URL", name, lambda _: self._signed(name, raw=True), deadline)
+        try:
+            retrying = self._retrying(deadline, self._said_retry(name), transient=signing_transient)
+            return retrying(lambda: self._signed(name, raw=True))
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"Signing a URL for {name} failed ({_reason(exc)})") from exc
 
     def _get(self, bucket: Any, name: str, deadline: float) -> Any:
         return self._within_budget(
@@ -425,17 +442,9 @@ class ResultStore:
             timeout = max(deadline - time.monotonic(), min(1.0, policy.request_timeout))
             return call(min(policy.request_timeout, timeout))
 
-        def before_sleep(state: Any) -> None:
-            exc = state.outcome.exception()
-            log.warning("upload_retry", object=name, error=_reason(exc), retry=state.attempt_number)
-            if self.on_retry:
-                self.on_retry(name, state.attempt_number, exc)
-
         started = time.monotonic()
         try:
-            return self._retrying(deadline, before_sleep)(attempt)
-        except StorageError:  # already said (a signer's "needs credentials that can sign")
-            raise
+            return self._retrying(deadline, self._said_retry(name))(attempt)
         except Exception as exc:
             took = time.monotonic() - started
             if is_transient(exc):
@@ -445,8 +454,24 @@ class ResultStore:
                 ) from exc
             raise StorageError(f"Storage {what} of {name} failed ({_reason(exc)})") from exc
 
-    def _retrying(self, deadline: float, before_sleep: Callable[[Any], None] | None = None) -> Retrying:
-        """Transient failures tried again, with backoff, within the policy's attempts and `deadline`."""
+    def _said_retry(self, name: str) -> Callable[[Any], None]:
+        """Before each backoff wait of a call about object `name`: logged, and told to `on_retry`."""
+
+        def before_sleep(state: Any) -> None:
+            exc = state.outcome.exception()
+            log.warning("upload_retry", object=name, error=_reason(exc), retry=state.attempt_number)
+            if self.on_retry:
+                self.on_retry(name, state.attempt_number, exc)
+
+        return before_sleep
+
+    def _retrying(
+        self,
+        deadline: float,
+        before_sleep: Callable[[Any], None] | None = None,
+        transient: Callable[[BaseException], bool] = is_transient,
+    ) -> Retrying:
+        """Failures `transient` says are tried again, with backoff, within the policy's attempts and `deadline`."""
         policy = self.retry
         backoff = wait_exponential_jitter(
             multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait
@@ -459,7 +484,7 @@ class ResultStore:
             return state.attempt_number >= policy.attempts or time.monotonic() >= deadline
 
         return Retrying(
-            retry=retry_if_exception(is_transient), stop=stop, wait=wait, before_sleep=before_sleep, reraise=True
+            retry=retry_if_exception(transient), stop=stop, wait=wait, before_sleep=before_sleep, reraise=True
         )
 
     # -- checking

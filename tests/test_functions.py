@@ -93,11 +93,11 @@ def worker(firestore_emulator, storage_emulator, emulator_logs, tmp_path_factory
 
 
 class BrokenBody:
-    """A stub's answer: 200 and the start of its body, then nothing for `stall` seconds, then the connection
+    """A stub's answer: `status` and the start of its body, then nothing for `stall` seconds, then the connection
     closed: an answer that broke off (or stalled past the client's read timeout) after RunPod had the request."""
 
-    def __init__(self, stall: float = 0.0):
-        self.stall = stall
+    def __init__(self, stall: float = 0.0, status: int = 200):
+        self.stall, self.status = stall, status
 
 
 class StubRunPod(LocalServer):
@@ -127,7 +127,7 @@ class StubRunPod(LocalServer):
                     self.close_connection = True
                     return
                 if isinstance(scripted, BrokenBody):
-                    self.send_response(200)
+                    self.send_response(scripted.status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", "200")
                     self.end_headers()
@@ -855,6 +855,15 @@ def test_an_answer_that_breaks_off_after_its_status_line_is_queued_and_not_sent_
     again = dispatch.generate(firestore_client, runpod.client(timeout=1.0), uid="u-cut", data=data)
     # The client's retry: the job is RunPod's already, answered started and not sent again.
     assert again["status"] == "accepted" and len(runpod.requests) == 1
+
+
+def test_a_refusal_that_breaks_off_is_undelivered(stub):
+    """A 400 whose body broke off: a refusal (RunPod's, or the worker's) that could not be read, and nothing
+    queued, as before the answers were read apart."""
+    runpod = stub(BrokenBody(status=400))
+    verdict = runpod.client().runsync({"prompt": "a car", "user_id": "u", "file_uid": "f", "use_cloud_storage": True})
+    assert verdict.outcome == "undelivered" and len(runpod.requests) == 1
+    assert verdict.message == "RunPod answered HTTP 400 and its answer broke off (ChunkedEncodingError)"
 
 
 def test_a_job_a_warm_worker_finished_during_a_failed_dispatch_is_answered_started_without_a_dispatch_error(

@@ -513,6 +513,27 @@ def test_a_signing_that_fails_a_moment_is_tried_again(storage_client, bucket):
     assert [log["error"] for log in logs if log["event"] == "upload_retry"] == ["TransportError"]
 
 
+def test_a_signing_refused_for_good_is_not_tried_again(storage_client, bucket):
+    """A review of the retry above: signBlob's 403 (the worker's grant to sign revoked) comes as the same
+    TransportError, quoting IAM's answer; tried again, each job held its whole upload budget, then failed as
+    Storage unavailable with its objects left. Stand-in for IAM, as above."""
+    from google.auth.exceptions import TransportError
+
+    credentials, signed = signing_credentials(), []
+    denied = b'{"error": {"code": 403, "message": "Permission iam.serviceAccounts.signBlob denied"}}'
+
+    def refused(message: bytes) -> bytes:
+        signed.append(message)
+        raise TransportError(f"Error calling the IAM signBytes API: {denied!r}")
+
+    credentials.sign_bytes = refused
+    store = ResultStore(storage_client, bucket.name, url_style="signed", retry=FAST, signing_credentials=credentials)
+    with pytest.raises(StorageError) as failed:
+        store.upload("u", "signed-refused", "text2image", images(PNG))
+    assert not isinstance(failed.value, results.StorageUnavailable) and len(signed) == 1
+    assert str(failed.value) == "Signing a URL for generating/u/image/signed-refused.png failed (TransportError)"
+
+
 def test_the_start_up_check_signs_a_url_when_urls_are_signed(storage_client, bucket):
     """Credentials that cannot sign stop the start (every job would fail at its upload, after its GPU time);
     ones that can pass. The bucket is the emulator's; the URL is signed as on Cloud Storage (no emulator URL)."""
