@@ -967,6 +967,12 @@ def _answering(status: int, body: dict | str):
     return lambda route: route.fulfill(status=status, json=body, headers=headers)
 
 
+CREDENTIALS_REFUSED = (
+    "The server did not accept this page's credentials (its sign-in, or its App Check token where the project "
+    "enforces App Check): reload the page and try again"
+)
+
+
 def test_the_callable_unreachable_says_so_plainly(open_page):
     """Audit: the callable failing offline (or with a server error page) showed just "internal". A queued doc
     written offline waits for the connection, and says so."""
@@ -982,6 +988,8 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
         (500, {"error": {"status": "INTERNAL", "message": "INTERNAL"}}, no_answer),
         (502, "<html>Bad gateway</html>", no_answer),  # a proxy's page: the SDK says "unknown"
         (503, {"error": {"status": "UNAVAILABLE", "message": "Could not record the job"}}, "Could not record the job"),
+        # The Functions SDK's refusal of a missing or refused App Check token: the server's answer, not no answer.
+        (401, {"error": {"status": "UNAUTHENTICATED", "message": "Unauthenticated"}}, CREDENTIALS_REFUSED),
     ):
         app.page.unroute("**/generateWithRunPod")
         app.page.route("**/generateWithRunPod", _answering(status, body))
@@ -1015,9 +1023,11 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
     )
     # Sent: nothing is lost by leaving, and nothing asks (a dialog would fail the close: Playwright dismisses none).
     app.page.on("dialog", lambda dialog: pytest.fail(f"asked again: {dialog.type}"))
-    # What the browser logs of the requests it could not send, and the Firestore SDK of being offline (after 10 s
-    # offline, which a loaded machine takes: a CI run saw it).
-    offline = r"status of 50[023]|ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
+    # What the browser logs of the requests it could not send (and of the refusals staged above), and the Firestore
+    # SDK of being offline (after 10 s offline, which a loaded machine takes: a CI run saw it).
+    offline = (
+        r"status of (50[023]|401)|ERR_INTERNET_DISCONNECTED|transport errored|Could not reach Cloud Firestore backend"
+    )
     assert [p for p in app.problems() if not re.search(offline, p)] == []
     with app.page.expect_event("close", timeout=10_000):
         app.page.close(run_before_unload=True)
@@ -1314,6 +1324,11 @@ def test_the_page_fits_a_narrow_phone_with_its_text_at_double_size(stack, browse
         app.close()
 
 
+START_OFFLINE = (
+    "The app could not start: could not reach the server; check your connection (the page starts again once it is back)"
+)
+
+
 def test_a_start_the_network_failed_says_so_and_starts_again_once_online(stack, browser):
     """The review: a sign-in the network failed read the SDK's "Firebase: Error (auth/network-request-failed)."
     and stayed failed; one refused as anonymous sign-in is off named no cause. Each says why, and the first starts
@@ -1324,10 +1339,7 @@ def test_a_start_the_network_failed_says_so_and_starts_again_once_online(stack, 
         page.route("**/accounts:signUp*", lambda route: route.abort())
         page.goto(stack.web_url)
         page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
-        assert page.locator("#form-error").inner_text() == (
-            "The app could not start: could not reach the server; check your connection (the page starts again once "
-            "it is back)"
-        )
+        assert page.locator("#form-error").inner_text() == START_OFFLINE
         page.unroute("**/accounts:signUp*")
         page.evaluate("() => window.dispatchEvent(new Event('online'))")
         page.wait_for_selector("body[data-ready=true]", timeout=60_000)
@@ -1344,6 +1356,23 @@ def test_a_start_the_network_failed_says_so_and_starts_again_once_online(stack, 
             "The app could not start: anonymous sign-in is not enabled in this Firebase project (Firebase console > "
             "Authentication > Sign-in method)"
         )
+    finally:
+        context.close()
+
+
+def test_a_start_whose_configuration_the_network_failed_starts_again_once_online(stack, browser):
+    """A review: the configuration's fetch failing (the network gone between the page and its first request) read
+    the browser's own "Failed to fetch", and the page never started again."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.route("**/firegen-app.json", lambda route: route.abort())
+        page.goto(stack.web_url)
+        page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+        assert page.locator("#form-error").inner_text() == START_OFFLINE
+        page.unroute("**/firegen-app.json")
+        page.evaluate("() => window.dispatchEvent(new Event('online'))")
+        page.wait_for_selector("body[data-ready=true]", timeout=60_000)
     finally:
         context.close()
 

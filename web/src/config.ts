@@ -28,8 +28,14 @@ export interface AppConfig {
 
 const LOCAL_HOSTS = new Set(["127.0.0.1", "localhost", "[::1]"]);
 
+/** The code of a start whose configuration the network failed to fetch: a start the network failed, as a sign-in's
+ * `auth/network-request-failed` (before: the browser's own "Failed to fetch", and no start again once online). */
+export const CONFIG_UNREACHABLE = "config/network-request-failed";
+
 async function getJson<T>(path: string): Promise<T> {
-  const response = await fetch(path, { cache: "no-store" });
+  const response = await fetch(path, { cache: "no-store" }).catch(() => {
+    throw Object.assign(new Error(`${path}: no answer`), { code: CONFIG_UNREACHABLE });
+  });
   if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
   return (await response.json()) as T;
 }

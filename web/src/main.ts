@@ -11,7 +11,7 @@ import { applyRanges } from "./form";
 import { JobList, type JobsState } from "./joblist";
 import { showUsage } from "./limits";
 import { JobsListener } from "./listening";
-import { startFailure, startSession } from "./session";
+import { NETWORK_FAILED, startFailure, startSession } from "./session";
 import { fail } from "./status";
 import { sender, watchSubmit } from "./submit";
 
@@ -49,7 +49,7 @@ main().catch((error) => {
   fail(`The app could not start: ${startFailure(error)}`);
   // A start the network failed starts again once the browser is back online, or (online all along: the server was
   // out of reach) a while later (the review: it stayed failed).
-  if (isCode(error, "auth/network-request-failed")) {
+  if (isCode(error, ...NETWORK_FAILED)) {
     window.addEventListener("online", () => location.reload(), { once: true });
     setTimeout(() => navigator.onLine && location.reload(), START_RETRY_MS);
   }

@@ -5,7 +5,7 @@ import { initializeAppCheck, ReCaptchaEnterpriseProvider } from "firebase/app-ch
 import { connectAuthEmulator, getAuth, onAuthStateChanged, signInAnonymously } from "firebase/auth";
 import { connectFirestoreEmulator, getFirestore, type Firestore } from "firebase/firestore";
 import { connectFunctionsEmulator, getFunctions, type Functions } from "firebase/functions";
-import { hostPort, loadConfig, type EmulatorConfig } from "./config";
+import { CONFIG_UNREACHABLE, hostPort, loadConfig, type EmulatorConfig } from "./config";
 import { $ } from "./dom";
 import { isCode, message } from "./errors";
 
@@ -71,9 +71,12 @@ async function signIn(app: FirebaseApp, emulators: EmulatorConfig | null): Promi
   return { uid, signedIn: true };
 }
 
+/** The codes of a start the network failed: it starts again once the browser is back online. */
+export const NETWORK_FAILED = ["auth/network-request-failed", CONFIG_UNREACHABLE];
+
 /** Why the start failed, for the page's user: the SDK's own text ("Firebase: Error (auth/...)") says little. */
 export function startFailure(error: unknown): string {
-  if (isCode(error, "auth/network-request-failed")) {
+  if (isCode(error, ...NETWORK_FAILED)) {
     return "could not reach the server; check your connection (the page starts again once it is back)";
   }
   if (isCode(error, "auth/admin-restricted-operation", "auth/operation-not-allowed")) {
