@@ -19,6 +19,7 @@ from firegen_core.contract import ContractError, check_id
 from firegen_core.errors import CONNECTION_ERROR, classify
 from firegen_core.results import object_name
 from listener import storage as results
+from listener.credentials import clients
 from listener.settings import Settings, SettingsError, load_settings
 from listener.storage import (
     TOKEN_METADATA_KEY,
@@ -213,10 +214,15 @@ def test_a_job_never_overwrites_another_jobs_result_of_the_same_name(store, buck
 
 class Preconditioned:
     """The bucket as Cloud Storage enforces `if_generation_match` (the emulator ignores it; a stand-in on the
-    upload call only): another job's upload of `racing` lands between this job's check and its own upload."""
+    upload call only): another job's upload of `racing` lands between this job's check and its own upload. This
+    job's other files (uploaded at once, on threads of their own) are written once it has landed: the stand-in's
+    check and upload are two calls, and the other upload landing between them was written over (the flake of
+    `test_a_later_try_landing_during_a_stalled_uploads_request_wins`, 4 runs in 14; Cloud Storage's conditional
+    write is one step)."""
 
     def __init__(self, client, racing, other_upload):
         self.client, self.racing, self.other_upload, self.conditions = client, racing, other_upload, []
+        self.landed = threading.Event()
 
     def bucket(self, name):
         real, stand_in = self.client.bucket(name), self
@@ -230,6 +236,9 @@ class Preconditioned:
                     stand_in.conditions.append((blob_name, if_generation_match))
                     if blob_name == stand_in.racing and stand_in.other_upload is not None:
                         stand_in.other_upload(), setattr(stand_in, "other_upload", None)
+                        stand_in.landed.set()
+                    elif blob_name != stand_in.racing:
+                        assert stand_in.landed.wait(30), "the racing upload never came"
                     found = real.get_blob(blob_name)
                     if if_generation_match is not None and (found.generation if found else 0) != if_generation_match:
                         from google.api_core.exceptions import PreconditionFailed
@@ -796,14 +805,19 @@ def test_settings_errors_name_the_variable(clean_env):
         load_settings()
 
 
-def test_result_store_from_settings(clean_env, storage_client, storage_emulator, bucket):
+def test_result_store_from_settings(clean_env, firestore_emulator, storage_emulator, bucket):
     clean_env.setenv("STORAGE_BUCKET", bucket.name)
-    clean_env.setenv("STORAGE_EMULATOR_HOST", storage_emulator.host_port)  # without a scheme, as often set
+    clean_env.setenv("GOOGLE_CLOUD_PROJECT", "demo-settings")
+    clean_env.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host_port)
+    # Without a scheme, as often set: the worker's URLs took it, and the storage library's client, built as the
+    # worker builds it, took it as its base URL as it stood (a review: every upload refused, InvalidSchema).
+    clean_env.setenv("STORAGE_EMULATOR_HOST", storage_emulator.host_port)
     clean_env.setenv("UPLOAD_RETRY_ATTEMPTS", "2")
     settings = load_settings()
     assert isinstance(settings, Settings)
+    _, files = clients(settings)
     with structlog.testing.capture_logs() as logs:
-        store = ResultStore.from_settings(storage_client, settings)
+        store = ResultStore.from_settings(files, settings)
     assert store.retry.attempts == 2 and store.url_style == "token" and logs == []
     # The default (token) style under the emulator: the emulator's download URL, which downloads as before.
     [url] = store.upload("u", "f", "text2image", images(PNG))
