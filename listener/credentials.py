@@ -50,11 +50,29 @@ def credentials(settings: Settings) -> tuple[Any, str | None]:
     return creds, settings.google_cloud_project or info.get("project_id")
 
 
+def emulator_variables_as_read() -> None:
+    """The emulators' variables, as these settings read them, for the libraries, which read `os.environ` on their
+    own (a review): a blank one, which the settings take as unset (a compose file's `${FIRESTORE_EMULATOR_HOST}`
+    with nothing behind it), switched a library to an emulator at '' (every call failed "Failed to create channel
+    to ''", and the worker left at each start naming no variable); STORAGE_EMULATOR_HOST without its scheme, which
+    the worker's own URLs take, was the storage library's base URL as it stood (every upload refused)."""
+    from .storage import emulator_base_url
+
+    for name in ("FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST"):
+        if name in os.environ and not os.environ[name].strip():
+            del os.environ[name]
+        elif name in os.environ:
+            os.environ[name] = os.environ[name].strip()
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator_base_url(os.environ["STORAGE_EMULATOR_HOST"])
+
+
 def clients(settings: Settings) -> tuple[Any, Any]:
     """(firestore.Client, storage.Client) for these settings. Constructing them makes no network call."""
     from google.auth.exceptions import DefaultCredentialsError
     from google.cloud import firestore, storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
 
+    emulator_variables_as_read()
     creds, project = credentials(settings)  # validated even under the emulators: a bad key fails everywhere
     # The libraries read FIRESTORE_EMULATOR_HOST / STORAGE_EMULATOR_HOST themselves and use the emulators'
     # own credentials there.

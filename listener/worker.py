@@ -223,8 +223,16 @@ class Worker:
         if not self._signals_chained and threading.current_thread() is threading.main_thread():
             self._signals_chained = True
             for signum in (signal.SIGTERM, signal.SIGINT):
-                _chain(signum, self.begin_shutdown)
+                _chain(signum, self.on_signal)
         return self.settings.runsync_concurrency
+
+    def on_signal(self) -> None:
+        """A signal on RunPod's job loop: the first begins the shutdown; a repeat releases the running jobs now,
+        as elsewhere (a review: the SDK's handler replaced the one that did, and a second SIGTERM did nothing)."""
+        if self.shutting_down:
+            self.hurry()
+        else:
+            self.begin_shutdown()
 
 
 def _chain(signum: int, first: Callable[[], None]) -> None:

@@ -128,6 +128,21 @@ def test_the_key_in_the_other_forms_a_secret_holds(production_env, tmp_path, var
     verify_v4_signature(url, key)
 
 
+def test_a_blank_emulator_variable_is_no_emulator_for_the_libraries_either(production_env):
+    """A review: a blank FIRESTORE_EMULATOR_HOST (a compose file's `${...}` with nothing behind it), unset for the
+    settings, was an emulator at '' for google-cloud-firestore, which reads the variable itself: every call failed
+    "Failed to create channel to ''" and the worker left at each start, naming no variable."""
+    key_json, _ = service_account_key("demo-keyed")
+    production_env.setenv("FIREBASE_SERVICE_ACCOUNT_JSON", key_json)
+    production_env.setenv("FIRESTORE_EMULATOR_HOST", "")
+    production_env.setenv("STORAGE_EMULATOR_HOST", "  ")
+    settings = load_settings()
+    assert settings.firestore_emulator_host is None and settings.storage_emulator_host is None
+    db, files = clients(settings)
+    assert db._emulator_host is None and db._credentials.service_account_email.startswith("firegen-worker@")
+    assert files._connection.API_BASE_URL == "https://storage.googleapis.com"
+
+
 def test_a_key_file_path_is_left_to_application_default_credentials(production_env, tmp_path):
     path = tmp_path / "key.json"
     path.write_text(service_account_key("demo-keyed")[0])

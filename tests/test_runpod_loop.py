@@ -385,6 +385,35 @@ def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
     assert len(worker.events("shutdown_started")) == 1
 
 
+def test_a_second_sigterm_releases_the_running_job_at_once(
+    firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
+):
+    """A review: on RunPod's job loop the SDK's own handler replaced the one a second signal released the running
+    jobs by (as `test_worker_api` shows for the other modes): the job waited out the whole grace."""
+    worker = WorkerProcess(
+        emulator_logs,
+        worker_env(firestore_emulator, storage_emulator, project, job_api, tiny_cache),
+        serve_api=False,
+        SHUTDOWN_GRACE_SECONDS="120",
+    )
+    worker.start()
+    long_path = "generations/loop-user/videos/twice"
+    try:
+        video = {"prompt": "A drone shot", "user_id": "loop-user", "file_uid": "twice", "use_cloud_storage": True}
+        video |= {"num_frames": 81, "num_inference_steps": 50, "video_width": 256, "video_height": 256}
+        job_api.queue_runsync("rp-twice", video)
+        assert emu.wait_until(lambda: doc(firestore_emulator, project, long_path).get("status") == "processing", 60)
+        worker.signal(signal.SIGTERM)
+        assert emu.wait_until(lambda: worker.events("shutdown_started"), 30)
+        worker.signal(signal.SIGTERM)
+        assert emu.wait_until(lambda: doc(firestore_emulator, project, long_path).get("status") == "queued", 30)
+        code = worker.wait_exit(60)  # far within the 120 s grace
+    finally:
+        worker.stop()
+    assert code == 0, worker.log_tail()
+    assert worker.events("shutdown_hurried") and worker.events("job_released")
+
+
 def test_a_cuda_error_releases_the_job_and_ends_the_worker(
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
 ):
