@@ -27,6 +27,10 @@ BAD_KEY_PATH = (
 )
 BAD_KEY_FILE = "GOOGLE_APPLICATION_CREDENTIALS names a file that holds no credentials Google's libraries can load"
 UNREADABLE_KEY_FILE = "GOOGLE_APPLICATION_CREDENTIALS names a path that cannot be read as a key file"
+NO_PROJECT = (
+    "no Google Cloud project: set GOOGLE_CLOUD_PROJECT (credentials of a user account, or a key without its "
+    "project_id, name none)"
+)
 UNREADABLE_ADC = (
     "the Application Default Credentials file cannot be read: set FIREBASE_SERVICE_ACCOUNT_JSON to the worker's "
     "service account key (its JSON text) instead"
@@ -87,6 +91,8 @@ def clients(settings: Settings) -> tuple[Any, Any]:
             raise SettingsError(BAD_KEY_FILE if is_file else BAD_KEY_PATH) from None
         raise SettingsError(NO_CREDENTIALS) from None
     except OSError as exc:  # Google's lookup opens the path itself: a folder, a file it may not read
+        if "Project was not passed" in str(exc):  # google-cloud-core's EnvironmentError (a review: read as a bad file)
+            raise SettingsError(NO_PROJECT) from None
         if settings.google_application_credentials is not None:
             raise SettingsError(UNREADABLE_KEY_FILE) from None
         raise SettingsError(f"{UNREADABLE_ADC} ({type(exc).__name__})") from None

@@ -130,10 +130,12 @@ class Settings(ModelSettings):
         "INFO", validation_alias=env("RUNPOD_LOG_LEVEL")
     )
 
-    @field_validator("storage_bucket", mode="before")
+    @field_validator("storage_bucket", "google_cloud_project", mode="before")
     @classmethod
     def _strip(cls, value: Any) -> Any:
-        return value.strip() if isinstance(value, str) else value  # a pasted name's newline
+        # A pasted name's newline: the project's reached Firestore as `projects/my-app\n/...`, refused by a raw
+        # error that named no variable, at every start (a review).
+        return value.strip() if isinstance(value, str) else value
 
     @field_validator("storage_bucket", mode="after")
     @classmethod

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from fixtures_keys import pem_body, service_account_key
 
 from devtools.worker import REPO
-from listener.credentials import clients
+from listener.credentials import NO_PROJECT, clients
 from listener.settings import SettingsError, load_settings
 from listener.storage import ResultStore
 
@@ -148,6 +148,19 @@ def test_a_key_file_path_is_left_to_application_default_credentials(production_e
     path.write_text(service_account_key("demo-keyed")[0])
     production_env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
     assert load_settings().service_account is None
+
+
+def test_credentials_that_name_no_project_ask_for_google_cloud_project(production_env, tmp_path):
+    """A review: a user account's Application Default Credentials (`gcloud auth application-default login`), with
+    no GOOGLE_CLOUD_PROJECT, read "GOOGLE_APPLICATION_CREDENTIALS names a path that cannot be read as a key
+    file": google-cloud-core's "Project was not passed" is an OSError."""
+    path = tmp_path / "adc.json"
+    user = {"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"}
+    path.write_text(json.dumps(user))
+    production_env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
+    with pytest.raises(SettingsError) as refused:
+        clients(load_settings())
+    assert str(refused.value) == NO_PROJECT
 
 
 @pytest.mark.parametrize(

@@ -767,7 +767,7 @@ def clean_env(monkeypatch):
 
 def test_settings_defaults(clean_env):
     clean_env.setenv("STORAGE_BUCKET", "bc-image-gen.firebasestorage.app")
-    clean_env.setenv("GCLOUD_PROJECT", "bc-image-gen")
+    clean_env.setenv("GCLOUD_PROJECT", " bc-image-gen\n")  # pasted
     s = load_settings()
     assert s.storage_bucket == "bc-image-gen.firebasestorage.app" and s.google_cloud_project == "bc-image-gen"
     # Private by default: token URLs work with the default private bucket (and storage.rules keep applying).
