@@ -341,6 +341,17 @@ def test_a_failing_job_api_is_asked_again_backed_off_then_its_job_runs(
     assert (events["models_loaded"]["task_types"], events["models_loaded"]["failed"]) == ([], ["text2video"])
 
 
+def running_a_long_video(firestore_emulator, job_api, project, file_uid: str) -> str:
+    """A video job through the job loop, once it is processing: many short steps, each of which sees a stop, for far
+    longer than a shutdown's grace. Its doc's path."""
+    path = f"generations/loop-user/videos/{file_uid}"
+    video = {"prompt": "A drone shot", "user_id": "loop-user", "file_uid": file_uid, "use_cloud_storage": True}
+    video |= {"num_frames": 81, "num_inference_steps": 50, "video_width": 256, "video_height": 256}
+    job_api.queue_runsync(f"rp-{file_uid}", video)
+    assert emu.wait_until(lambda: doc(firestore_emulator, project, path).get("status") == "processing", 60)
+    return path
+
+
 def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
     firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project
 ):
@@ -352,13 +363,8 @@ def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
         SHUTDOWN_GRACE_SECONDS=str(grace),
     )
     worker.start()
-    long_path = "generations/loop-user/videos/long-job"
     try:
-        # Many short steps: the job lasts far longer than the grace period, and sees a stop at each step.
-        video = {"prompt": "A drone shot", "user_id": "loop-user", "file_uid": "long-job", "use_cloud_storage": True}
-        video |= {"num_frames": 81, "num_inference_steps": 50, "video_width": 256, "video_height": 256}
-        job_api.queue_runsync("rp-long", video)
-        assert emu.wait_until(lambda: doc(firestore_emulator, project, long_path).get("status") == "processing", 60)
+        long_path = running_a_long_video(firestore_emulator, job_api, project, "long-job")
         signalled = time.monotonic()
         worker.signal(signal.SIGTERM)
         # Written after the signal: a stopping worker never claims it (its slot frees when the job is released).
@@ -397,12 +403,8 @@ def test_a_second_sigterm_releases_the_running_job_at_once(
         SHUTDOWN_GRACE_SECONDS="120",
     )
     worker.start()
-    long_path = "generations/loop-user/videos/twice"
     try:
-        video = {"prompt": "A drone shot", "user_id": "loop-user", "file_uid": "twice", "use_cloud_storage": True}
-        video |= {"num_frames": 81, "num_inference_steps": 50, "video_width": 256, "video_height": 256}
-        job_api.queue_runsync("rp-twice", video)
-        assert emu.wait_until(lambda: doc(firestore_emulator, project, long_path).get("status") == "processing", 60)
+        long_path = running_a_long_video(firestore_emulator, job_api, project, "twice")
         worker.signal(signal.SIGTERM)
         assert emu.wait_until(lambda: worker.events("shutdown_started"), 30)
         worker.signal(signal.SIGTERM)

@@ -1332,18 +1332,23 @@ START_OFFLINE = (
 def test_a_start_the_network_failed_says_so_and_starts_again_once_online(stack, browser):
     """The review: a sign-in the network failed read the SDK's "Firebase: Error (auth/network-request-failed)."
     and stayed failed; one refused as anonymous sign-in is off named no cause. Each says why, and the first starts
-    again once the browser is back online."""
+    again once the browser is back online. So does a start whose configuration the network failed to fetch (a
+    review: the browser's own "Failed to fetch", and the page never started again)."""
     context = browser.new_context()
     try:
         page = context.new_page()
-        page.route("**/accounts:signUp*", lambda route: route.abort())
-        page.goto(stack.web_url)
-        page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
-        assert page.locator("#form-error").inner_text() == START_OFFLINE
-        page.unroute("**/accounts:signUp*")
-        page.evaluate("() => window.dispatchEvent(new Event('online'))")
-        page.wait_for_selector("body[data-ready=true]", timeout=60_000)
-        assert page.locator("#who").inner_text().startswith("Signed in anonymously as ")
+        for failing, load in (
+            ("**/accounts:signUp*", lambda: page.goto(stack.web_url)),
+            ("**/firegen-app.json", page.reload),
+        ):
+            page.route(failing, lambda route: route.abort())
+            load()
+            page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+            assert page.locator("#form-error").inner_text() == START_OFFLINE, failing
+            page.unroute(failing)
+            page.evaluate("() => window.dispatchEvent(new Event('online'))")
+            page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+            assert page.locator("#who").inner_text().startswith("Signed in anonymously as ")
 
         page.route(
             "**/accounts:signUp*",
@@ -1356,23 +1361,6 @@ def test_a_start_the_network_failed_says_so_and_starts_again_once_online(stack, 
             "The app could not start: anonymous sign-in is not enabled in this Firebase project (Firebase console > "
             "Authentication > Sign-in method)"
         )
-    finally:
-        context.close()
-
-
-def test_a_start_whose_configuration_the_network_failed_starts_again_once_online(stack, browser):
-    """A review: the configuration's fetch failing (the network gone between the page and its first request) read
-    the browser's own "Failed to fetch", and the page never started again."""
-    context = browser.new_context()
-    try:
-        page = context.new_page()
-        page.route("**/firegen-app.json", lambda route: route.abort())
-        page.goto(stack.web_url)
-        page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
-        assert page.locator("#form-error").inner_text() == START_OFFLINE
-        page.unroute("**/firegen-app.json")
-        page.evaluate("() => window.dispatchEvent(new Event('online'))")
-        page.wait_for_selector("body[data-ready=true]", timeout=60_000)
     finally:
         context.close()
 
