@@ -289,8 +289,9 @@ class Reconciler:
         if request_id:
             with self._cv:
                 # Only while the job may still be claimed here: one running already (a listener heard of its doc a
-                # moment before the request came) would keep its id until the bound (a soak audit).
-                if self._active.get(key) is None:
+                # moment before the request came) would keep its id until the bound (a soak audit), as would one
+                # whose claim has just taken the ids (its lease noted, its thread not yet: a CI run's flake).
+                if self._active.get(key) is None and key not in self._leases:
                     self._request_ids[key] = request_id
                     self._request_ids.move_to_end(key)
                 while len(self._request_ids) > self._queue.capacity:
