@@ -1,10 +1,10 @@
 // The notice at the top of the page about the connection: offline, or the server unreachable, the jobs listed are
 // the last the page heard of (and the live region says so once); errors the connection caused go once it is back.
 import { $ } from "./dom";
+import { NO_ANSWER } from "./errors";
 import { markInvalid } from "./form";
 
-/** The callable failing without an answer of its own (offline, or a server error page): the SDK says just "internal". */
-export const NO_ANSWER = "Could not reach the server; check your connection and try again";
+export { NO_ANSWER };
 const OFFLINE = "Offline: your jobs as last seen; they update when the connection is back.";
 const UNREACHABLE = "Cannot reach the server: your jobs as last seen; they update once it answers.";
 

@@ -1,6 +1,7 @@
 // Deleting all of a user's jobs and files, as an app deletes an account's data: the deleteAllGenerations callable
 // (functions/dispatch.py `delete_all`) does one pass a call, and is called again until it says all is deleted
 // (README "Deletion": at once while nothing is stopping, a moment later while running jobs stop).
+import { unanswered } from "./errors";
 
 /** deleteAllGenerations' reply. */
 export interface EraseReply {
@@ -19,7 +20,9 @@ export const ERASE_TIMEOUT_MS = 125_000;
 const STOPPING_WAIT_MS = 2000;
 /** How long the page keeps calling in all: a running job whose worker died ends only once its lease runs out. */
 const ERASE_PATIENCE_MS = 5 * 60_000;
-/** `unavailable` (Firestore or Storage failing) is tried again this many times, a backoff apart, then said. */
+/** `unavailable` (Firestore or Storage failing), or no answer at all (a connection that broke: a CI run saw the
+ * Functions emulator hang up on one pass), is tried again this many times, a backoff apart, then said. A pass
+ * does what is left to do: calling again is safe. */
 const UNAVAILABLE_TRIES = 3;
 const UNAVAILABLE_WAIT_MS = 2000;
 
@@ -51,7 +54,7 @@ export async function eraseAll(
     } catch (error) {
       const code = (error as { code?: string } | null)?.code;
       failures += 1;
-      if (code !== "functions/unavailable" || failures >= UNAVAILABLE_TRIES) throw error;
+      if (!(code === "functions/unavailable" || unanswered(error)) || failures >= UNAVAILABLE_TRIES) throw error;
       await sleep(UNAVAILABLE_WAIT_MS * 2 ** (failures - 1));
       continue;
     }

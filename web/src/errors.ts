@@ -1,5 +1,8 @@
-// What the page makes of an error the Firebase SDK threw: its code, and the message a user is shown.
-import { NO_ANSWER } from "./connection";
+// What the page makes of an error the Firebase SDK threw: its code, and the message a user is shown. Pure (no
+// DOM): erase.ts, which runs in Node too, uses it.
+
+/** The callable failing without an answer of its own (offline, or a server error page): the SDK says just "internal". */
+export const NO_ANSWER = "Could not reach the server; check your connection and try again";
 
 export function message(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
@@ -18,10 +21,18 @@ export const CREDENTIALS_REFUSED =
 /** What to show for a failed callable: its own message, unless it got no answer it could read (offline, a server
  * error page, a timeout: the SDK's message is then its code, "internal", or "INTERNAL" for a server's 500). */
 export function callableMessage(error: unknown): string {
-  // Any code alone (a proxy's 502 reads "unknown", a 429 "resource-exhausted"): no message of the server's. But
-  // "Unauthenticated" alone is the server's answer (a review: an App Check refusal read "Could not reach the
-  // server; check your connection").
+  if (unanswered(error)) return NO_ANSWER;
+  return isCode(error, "functions/unauthenticated") && !answered(error) ? CREDENTIALS_REFUSED : message(error);
+}
+
+/** Whether a failed callable got no answer of the server's own: its message is then its bare code (a proxy's 502
+ * reads "unknown", a 429 "resource-exhausted"), but for "Unauthenticated" alone, which is the server's answer (a
+ * review: an App Check refusal read "Could not reach the server; check your connection"). */
+export function unanswered(error: unknown): boolean {
+  return !answered(error) && !isCode(error, "functions/unauthenticated");
+}
+
+function answered(error: unknown): boolean {
   const code = ((error as { code?: string } | null)?.code ?? "").replace(/^functions\//, "");
-  if (message(error).toLowerCase() !== code) return message(error);
-  return code === "unauthenticated" ? CREDENTIALS_REFUSED : NO_ANSWER;
+  return message(error).toLowerCase() !== code;
 }
