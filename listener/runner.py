@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 import structlog
-from google.api_core.exceptions import Aborted, RetryError
+from google.api_core.exceptions import Aborted, Cancelled, RetryError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from firegen_core import lifecycle
@@ -57,8 +57,9 @@ class NotRecorded(Exception):
 
 
 def transient(exc: BaseException) -> bool:
-    """A Firestore error worth another try: unavailable, timed out, or contended (`Aborted`)."""
-    return isinstance(exc, (Aborted, RetryError)) or is_transient(exc)
+    """A Firestore error worth another try: unavailable, timed out, contended (`Aborted`), or `Cancelled` by the
+    server (a CI run: a restarting emulator answered a call "call already cancelled"; the RPC did not happen)."""
+    return isinstance(exc, (Aborted, Cancelled, RetryError)) or is_transient(exc)
 
 
 class Generator(Protocol):

@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from google.api_core.exceptions import FailedPrecondition
+import tenacity
+from google.api_core.exceptions import Cancelled, DeadlineExceeded, FailedPrecondition, ServiceUnavailable
 
 from devtools import emulators as emu
 from devtools.worker import WorkerProcess
@@ -80,6 +81,17 @@ def make_jobs(user: str, prefix: str, images: int, videos: int) -> list[Job]:
     return jobs
 
 
+# The test's own reads and writes, tried again while a restarted emulator comes back (a CI run's call right after
+# the restart was answered `Cancelled`, "call already cancelled"), as the workers' own are.
+answered = tenacity.retry(
+    retry=tenacity.retry_if_exception_type((Cancelled, DeadlineExceeded, ServiceUnavailable)),
+    stop=tenacity.stop_after_delay(30),
+    wait=tenacity.wait_fixed(0.2),
+    reraise=True,
+)
+
+
+@answered
 def write(client, jobs: list[Job]) -> None:
     """The queued docs, in one batch: every job lands at once, as from many clients at the same moment."""
     batch = client.batch()
@@ -88,6 +100,7 @@ def write(client, jobs: list[Job]) -> None:
     batch.commit()
 
 
+@answered
 def docs(client, jobs: list[Job]) -> dict[JobKey, dict]:
     refs = [client.document(job.key.path) for job in jobs]
     return {JobKey.from_path(s.reference.path): s.to_dict() for s in client.get_all(refs) if s.exists}
