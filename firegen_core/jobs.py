@@ -624,9 +624,11 @@ def contract_failure(key: JobKey, doc: Mapping[str, Any]) -> dict[str, Any] | No
 
 
 def _request_part(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A new doc's request and creation fields, and the RunPod job that brought it (a refused job was never
-    dispatched nor run: no other marks)."""
-    return {k: v for k, v in doc.items() if k in KNOWN_FIELDS or k in ("created_at", "task_type", *REQUEST_MARKS)}
+    """A new doc's request and creation fields, the RunPod job that brought it (a refused job was never dispatched
+    nor run: no other marks), and `requested_at`: a request's job, refused or not (a review: without it, the job
+    sent again and running was a client's doc to the next bad call of its file_uid, which failed it)."""
+    kept = ("created_at", "task_type", REQUESTED_AT, *REQUEST_MARKS)
+    return {k: v for k, v in doc.items() if k in KNOWN_FIELDS or k in kept}
 
 
 def _filed_under(other: JobKey, data: Mapping[str, Any], own: Any, filed: Any) -> JobKey | None:

@@ -27,7 +27,7 @@ from typing import Any, TypeGuard
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
 from . import quota
-from .contract import KNOWN_FIELDS, clip, snake_case
+from .contract import KNOWN_FIELDS, REQUESTED_AT, clip, snake_case
 from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from .redaction import got
 
@@ -204,9 +204,9 @@ def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, An
     aliases = {name: DELETE_FIELD for name in doc if name not in changes and snake_case(name) in changes}
     update: dict[str, Any] = {**changes, **aliases, "modified": SERVER_TIMESTAMP}
     if refused(doc):
-        if stated is not None:
+        if stated is not None:  # the request states the whole job now: its job (`requested_at`), as if it made it
             stale = {name: DELETE_FIELD for name in doc if snake_case(name) in KNOWN_FIELDS and name not in stated}
-            update = {**stale, **stated, "modified": SERVER_TIMESTAMP}
+            update = {**stale, **stated, "modified": SERVER_TIMESTAMP, REQUESTED_AT: SERVER_TIMESTAMP}
         # Admitted again, under the limits as they now stand (its refusal refunded it, or never charged it); a
         # cancel asked of the refused job is not one of the new request's, nor are its dispatches (they count
         # toward giving up on a job no worker picks up).

@@ -612,6 +612,43 @@ def test_a_refused_job_sent_again_once_the_limits_allow_is_admitted(firestore_cl
     assert counts(firestore_client) == (0, 1)
 
 
+@pytest.mark.parametrize("written_before_the_fix", [False, True])
+def test_a_refused_call_sent_again_stays_its_requests_job(firestore_client, written_before_the_fix):
+    """A review: the refused doc lost `requested_at` (what marks a request's job), and its call sent again never
+    wrote it back. The job, admitted and running, was then a client's doc to a later bad call of its file_uid,
+    which failed it (charged; the README: such a call "changes nothing of that job"); and a video call of that
+    file_uid was taken for the refused image's. A refused doc of an older version, without the mark, gets it when
+    sent again."""
+    from google.cloud.firestore import DELETE_FIELD
+
+    user, limits = emu.unique_id("u-resent"), Limits(max_pending=1)
+    store = WorkerJobs(firestore_client, worker_id="w", limits=limits)
+    data = {"prompt": "a red car", "file_uid": "x", "width": 512, "height": 512}
+    dispatch.generate(firestore_client, nobody_listening(), uid=user, data={**data, "file_uid": "other"}, limits=limits)
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.generate(firestore_client, nobody_listening(), uid=user, data=data, limits=limits)
+    assert refused.value.code == "resource-exhausted"
+    image = JobKey(user, "images", "x")
+    assert "requested_at" in doc(firestore_client, image)
+    if written_before_the_fix:
+        firestore_client.document(image.path).update({"requested_at": DELETE_FIELD})
+    else:  # a video call of the refused image's file_uid is a job of its own
+        with pytest.raises(dispatch.CallError) as video:
+            video_data = {"prompt": "waves", "file_uid": "x", "num_frames": 17, "fps": 8}
+            dispatch.generate(firestore_client, nobody_listening(), uid=user, data=video_data, limits=limits)
+        assert "USER_MAX_PENDING" in video.value.message  # refused for the limits, not "fps is a video field"
+        assert doc(firestore_client, JobKey(user, "videos", "x"))["error_type"] == "QuotaExceeded"
+    dispatch.cancel(firestore_client, uid=user, data={"fileUid": "other", "mediaType": "images"}, limits=limits)
+    reply = dispatch.generate(firestore_client, nobody_listening(), uid=user, data=data, limits=limits)
+    assert reply["success"] and "requested_at" in doc(firestore_client, image)
+    assert store.claim(image) is not None
+    with pytest.raises(dispatch.CallError) as bad:
+        dispatch.generate(firestore_client, nobody_listening(), uid=user, data={**data, "width": 9999}, limits=limits)
+    assert bad.value.code == "invalid-argument"
+    running = doc(firestore_client, image)
+    assert (running["status"], running["width"], running.get("error_type")) == ("processing", 512, None)
+
+
 # ---------------------------------------------------------------------------------------------- restated jobs
 def test_a_running_job_restated_by_its_request_is_queued_again_and_charged_what_will_run(firestore_client):
     """The contract's function flow when a worker took the placeholder doc first: the request's parameters win,
