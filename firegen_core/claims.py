@@ -49,6 +49,9 @@ class WorkerJobs(JobStore):
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.max_releases = max_releases
+        # Told of a job a claim here ended (cancelled, given up) after a try of it ran: that try's worker is gone, and
+        # what it uploaded is no doc's (a review: a cancelled job's partial upload stayed; README "Cancellation").
+        self.on_ended_after_run: Callable[[JobKey], None] | None = None
 
     def claim(self, key: JobKey, *, takeover: bool = True) -> ClaimedJob | None:
         """Take the job if it is queued or its lease ran out (`takeover` False: queued only); exactly one of many
@@ -102,6 +105,8 @@ class WorkerJobs(JobStore):
             event = "job_refused" if error_type in (VALIDATION_ERROR, QUOTA_EXCEEDED) else "job_failed"
             level = logging.getLevelName(failure_level(error_type).upper())
             log.log(level, event, extra={**fields, "error_message": written.get("error_message")})
+            if quota.ran(before) and self.on_ended_after_run is not None:
+                self.on_ended_after_run(key)
         if written.get("status") != lifecycle.PROCESSING:
             return None
         return ClaimedJob(key, Lease(self.worker_id, written["attempts"]), before, outcome.read_time)

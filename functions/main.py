@@ -20,7 +20,8 @@ Configuration (the params are declared in config.py; see the README's "Cloud Fun
                          prompt to the request that brings its parameters
     RETENTION_DAYS       optional environment variable (as the workers'): `expire_at` on the jobs they end
     ENFORCE_APP_CHECK    optional environment variable: on by default when deployed, off under the emulators
-    STORAGE_BUCKET       optional environment variable: the results' bucket (deleteGeneration, deleteAllGenerations), as the workers'
+    STORAGE_BUCKET       optional environment variable: the results' bucket (deleteGeneration, deleteAllGenerations, and
+                         redispatchStaleJobs' clean-up of a gone worker's upload), as the workers'
                          (default: the project's default bucket, FIREBASE_CONFIG's storageBucket)
 
 Logs: the records of dispatch, sweep and runpod_client (standard `logging`, so they import anywhere), and those the
@@ -352,5 +353,5 @@ def dispatchQueuedJob(event: firestore_fn.Event) -> None:
 @scheduler_fn.on_schedule(schedule="every 5 minutes", secrets=[RUNPOD_API_KEY], timeout_sec=300)
 def redispatchStaleJobs(event: scheduler_fn.ScheduledEvent) -> None:
     with _runpod() as runpod:
-        counts = sweep.redispatch_stale(_firestore(), runpod, policy=_policy(), limits=_limits())
+        counts = sweep.redispatch_stale(_firestore(), runpod, policy=_policy(), limits=_limits(), bucket=_bucket)
     _functions_log.info("redispatchStaleJobs", extra={"counts": dict(counts)})

@@ -25,7 +25,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from firegen_core import lifecycle
 from firegen_core.claims import WorkerJobs
-from firegen_core.contract import GenerationRequest, parse_document
+from firegen_core.contract import TASK_TYPE, GenerationRequest, parse_document
 from firegen_core.deadline import Deadline, timeout_message
 from firegen_core.errors import (
     CANCELLED,
@@ -35,7 +35,7 @@ from firegen_core.errors import (
     Interrupted,
     classify,
 )
-from firegen_core.jobs import BOUND, ClaimedJob
+from firegen_core.jobs import BOUND, ClaimedJob, JobKey
 from firegen_core.results import most
 
 from .lease import Heartbeat, RunOutcome, job_ids, log_failure, quietly, release
@@ -78,7 +78,7 @@ class Results(Protocol):
         self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple], *, claim: int | None = None
     ) -> list[str]: ...
 
-    def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int: ...
+    def remove(self, user_id: str, file_uid: str, task_type: str, count: int, *, strict: bool = False) -> int: ...
 
     def remove_beyond(self, user_id: str, file_uid: str, task_type: str, count: int) -> int: ...
 
@@ -458,6 +458,25 @@ class JobRunner:
         removed = quietly(lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count), job)
         if removed:
             log.info("job_results_removed", objects=removed, **job_ids(job))
+
+    def remove_left_behind(self, key: JobKey) -> None:
+        """The objects of a job that a claim here ended (cancelled, given up) after a try of it ran, whose worker is
+        gone with no runner left to remove them: every name a job of its type may have, those its metadata names
+        its own only (`strict`). On a thread of its own, off the claim's. A try that still uploads, its worker
+        alive but its lease lost, removes its own once its completion is refused (`_drop_this_try`)."""
+        task_type = TASK_TYPE[key.media_type]
+        ids = {"user_id": key.user_id, "file_uid": key.file_uid}
+
+        def remove() -> None:
+            try:
+                removed = self.results.remove(key.user_id, key.file_uid, task_type, most(task_type), strict=True)
+            except Exception as exc:
+                log.warning("write_error", error=str(exc), **ids)
+                return
+            if removed:
+                log.info("job_results_removed", objects=removed, reason="job ended after its worker was gone", **ids)
+
+        threading.Thread(target=remove, name=f"remove-{key.file_uid}", daemon=True).start()
 
     def _drop_this_try(self, job: ClaimedJob, request: GenerationRequest) -> None:
         """After an upload whose completion found the job no longer this claim's (restated, taken over, or ended

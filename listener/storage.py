@@ -554,13 +554,14 @@ class ResultStore:
             log.warning("download_check_inconclusive", url_style=self.url_style, error=problem)
 
     # -- removing
-    def remove(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:
+    def remove(self, user_id: str, file_uid: str, task_type: str, count: int, *, strict: bool = False) -> int:
         """Delete a job's result objects (a cancelled or timed-out job's partial upload); returns how many
         existed. Only the job's own names: its deterministic ones it owns, and its alternates; never a prefix,
-        which would match other jobs."""
+        which would match other jobs. `strict`: a contested name only where its metadata names the job
+        (`results.remove`)."""
         if count < 1:
             raise ValueError("count must be >= 1")
-        return self._remove(user_id, file_uid, task_type, range(count))
+        return self._remove(user_id, file_uid, task_type, range(count), strict=strict)
 
     def remove_beyond(self, user_id: str, file_uid: str, task_type: str, count: int) -> int:
         """Delete the job's image names past its first `count` (an earlier try of more images, stopped after its
@@ -588,9 +589,9 @@ class ResultStore:
                     pass
         return removed
 
-    def _remove(self, user_id: str, file_uid: str, task_type: str, indices: range) -> int:
-        bucket = self.client.bucket(self.bucket_name)
-        return results.remove(bucket, user_id, file_uid, task_type, indices, results.Budget(self.retry.request_timeout))
+    def _remove(self, user_id: str, file_uid: str, task_type: str, indices: range, *, strict: bool = False) -> int:
+        bucket, budget = self.client.bucket(self.bucket_name), results.Budget(self.retry.request_timeout)
+        return results.remove(bucket, user_id, file_uid, task_type, indices, budget, strict=strict)
 
     # -- URLs
     def url_for(self, name: str, token: str | None = None) -> str:

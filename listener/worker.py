@@ -270,6 +270,7 @@ def build_worker(
     device = getattr(getattr(generator, "runtime", None), "device", None)  # the engine's; a stand-in has none
     runner = JobRunner(store, guarded, results, deadline=deadline_from(settings, device))
     runner.on_storage_refused = lambda exc: worker.storage_refused(exc)
+    store.on_ended_after_run = runner.remove_left_behind
     batches = callable(getattr(generator, "generate_batch", None))  # a stand-in generator may not batch
     loading = getattr(generator, "loading", None)  # the engine's models loading in the background
     reconciler = Reconciler(

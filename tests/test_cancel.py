@@ -161,6 +161,40 @@ def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client
     assert cancel_events(events) == [("job_cancelled", "uploading", "upload")]
 
 
+@pytest.mark.parametrize("ended", ["cancelled", "given up"])
+def test_a_job_a_takeover_ends_after_its_worker_died_mid_upload_leaves_no_objects(
+    firestore_client, storage_client, results, bucket, events, ended
+):
+    """A review: a running job's owner cancelled it, its worker died mid-upload; the worker that took it over once
+    its lease ran out failed it `Cancelled` (or gave it up, past MAX_ATTEMPTS), and the dead try's objects stayed
+    in the bucket (README "Cancellation": anything already uploaded for it is deleted). Another job's stay."""
+    from listener.settings import load_settings
+    from listener.storage import claim_stamp
+    from listener.worker import build_worker
+
+    key, other = JobKey("u1", "images", "orphaned"), JobKey("u1", "images", "neighbour")
+    queue_jobs(firestore_client, [key, other], num_images_per_prompt=2)
+    dead = WorkerJobs(firestore_client, worker_id="dead", lease_seconds=1)
+    job = dead.claim(key)
+    png = (b"\x89PNG\r\n\x1a\n" + b"pixels" * 40, "png", "image/png")
+    results.upload("u1", "orphaned", "text2image", [png, png], claim=claim_stamp(job.claimed_at))
+    results.upload("u1", "neighbour", "text2image", [png])
+    if ended == "cancelled":
+        cancel(firestore_client, key)
+    settings = load_settings(storage_bucket=bucket.name, max_attempts=1 if ended == "given up" else 3)
+    taker = build_worker(settings, StubGenerator(), firestore_client, storage_client, worker_id="taker").store
+
+    def taken_over() -> dict | None:  # refused while the dead worker's lease lasts
+        assert taker.claim(key) is None
+        return finished(firestore_client, key)
+
+    doc = wait_until(taken_over, timeout=15)
+    assert doc["error_type"] == ("Cancelled" if ended == "cancelled" else "Exception")
+    wait_until(lambda: objects(bucket) == ["generating/u1/image/neighbour.png"], timeout=15)
+    [removed] = [e for e in events if e["event"] == "job_results_removed"]
+    assert (removed["file_uid"], removed["objects"]) == ("orphaned", 2)
+
+
 def test_cancels_of_queued_jobs_never_hold_up_the_workers_claims(sched_worker, firestore_client):
     """Audit: 2,426 queued jobs cancelled at once were failed one by one by the loop that claims, so no job of
     anyone started for 11 minutes. Here one cancel's write is held (a slow Firestore) while another user's job

@@ -1317,11 +1317,19 @@ def test_a_doc_the_callable_restates_while_the_trigger_refuses_it_is_the_callabl
     assert (doc["status"], doc["width"], doc["dispatched_by"], doc.get("error")) == ("queued", 512, "callable", False)
 
 
-def test_trigger_and_schedule_end_a_doc_cancelled_by_its_flag_without_waking_a_worker(firestore_client, stub):
+def test_trigger_and_schedule_end_a_doc_cancelled_by_its_flag_without_waking_a_worker(firestore_client, stub, bucket):
     """The web app's Cancel on a doc it just wrote (no callable): within the grace no worker may be up to hear
     the flag, and a dispatch would wake a GPU worker for a job nobody wants. The sweep ends so a queued job, and
-    a running one whose worker is gone (as a claim would). Refunded where it never ran."""
+    a running one whose worker is gone (as a claim would), removing what that worker had uploaded (a review: it
+    stayed). Refunded where it never ran."""
     from firegen_core.jobs import JobKey, JobStore
+    from firegen_core.results import OWNER_METADATA_KEY, object_name
+
+    for file_uid, count in (("c-gone", 2), ("c-other", 1)):  # c-other: another job's, which stays
+        for index in range(count):
+            blob = bucket.blob(object_name("u-cx", file_uid, "text2image", index))
+            blob.metadata = {OWNER_METADATA_KEY: file_uid}
+            blob.upload_from_string(b"\x89PNG", content_type="image/png")
 
     path = "generations/u-cx/images/{}"
     old = datetime.now(UTC) - timedelta(hours=1)
@@ -1339,11 +1347,15 @@ def test_trigger_and_schedule_end_a_doc_cancelled_by_its_flag_without_waking_a_w
         firestore_client, runpod.client(), user_id="u-cx", media_type="images", file_uid="c-trigger"
     )
     policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
-    assert (outcome, sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy)) == (
+    assert (
+        outcome,
+        sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy, bucket=lambda: bucket),
+    ) == (
         "cancelled",
         Counter(cancelled=2),
     )
     assert runpod.requests == []
+    assert [blob.name for blob in bucket.list_blobs()] == ["generating/u-cx/image/c-other.png"]
     for name in ("c-trigger", "c-swept", "c-gone"):
         doc = firestore_client.document(path.format(name)).get().to_dict()
         assert (doc["status"], doc["error_type"], doc["error_message"]) == (
