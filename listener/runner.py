@@ -436,6 +436,8 @@ class JobRunner:
     ) -> Iterator[Heartbeat]:
         with Heartbeat(self.store, job, self.renew_interval, hard_deadline, overrun, self.abort, cancel) as heartbeat:
             self._heartbeats.add(heartbeat)
+            if self.abort.is_set():  # `release_running` may have woken the others before this one was added
+                heartbeat.wake()
             try:
                 yield heartbeat
             finally:

@@ -191,8 +191,8 @@ def test_a_job_a_takeover_ends_after_its_worker_died_mid_upload_leaves_no_object
     doc = wait_until(taken_over, timeout=15)
     assert doc["error_type"] == ("Cancelled" if ended == "cancelled" else "Exception")
     wait_until(lambda: objects(bucket) == ["generating/u1/image/neighbour.png"], timeout=15)
-    [removed] = [e for e in events if e["event"] == "job_results_removed"]
-    assert (removed["file_uid"], removed["objects"]) == ("orphaned", 2)
+    removed = wait_until(lambda: [e for e in events if e["event"] == "job_results_removed"])  # said once done
+    assert [(e["file_uid"], e["objects"]) for e in removed] == [("orphaned", 2)]
 
 
 def test_cancels_of_queued_jobs_never_hold_up_the_workers_claims(sched_worker, firestore_client):
@@ -454,10 +454,12 @@ def test_a_worker_that_stalled_past_its_deadline_while_another_took_over_ends_lo
     assert (doc["status"], doc["worker_id"]) == ("processing", "new-owner")
 
 
-def test_a_worker_leaving_releases_a_job_stuck_in_a_step_at_once(firestore_client, results):
+@pytest.mark.parametrize("left", ["while it runs", "before it began"])
+def test_a_worker_leaving_releases_a_job_stuck_in_a_step_at_once(firestore_client, results, left):
     """A video audit: past the shutdown grace, a job in its decode and encode (no step to stop at) was released
     only once they came back, 10-15 s later, when RunPod may have killed the worker already. Its heartbeat
-    releases it now; the generation coming back later writes nothing more."""
+    releases it now; the generation coming back later writes nothing more. So too a job whose claim landed after
+    the worker began to leave (a review: its heartbeat waited its first beat, the worker exited meanwhile)."""
     from listener.lease import RunOutcome
     from listener.runner import JobRunner
 
@@ -465,11 +467,14 @@ def test_a_worker_leaving_releases_a_job_stuck_in_a_step_at_once(firestore_clien
     store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=300)
     # Beats 100 s apart: the release must not wait for the next one.
     runner = JobRunner(store, generator, results, renew_interval=100)
-    key = JobKey("u1", "images", "stuck-leaving")
+    key = JobKey("u1", "images", f"stuck-leaving-{left.split()[0]}")
     queue_jobs(firestore_client, [key])
+    if left == "before it began":
+        runner.release_running()
     with running_stuck(store, runner, generator, key) as (running, outcome):
         assert generator.started.wait(10)
-        runner.release_running()
+        if left == "while it runs":
+            runner.release_running()
         doc = wait_until(lambda: (d := read(firestore_client, key))["status"] == "queued" and d, timeout=5)
         assert doc["releases"] == 1 and "worker_id" not in doc
         assert running.is_alive()  # released while the generation is still out

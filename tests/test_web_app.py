@@ -799,23 +799,35 @@ def test_generate_keeps_the_focus_on_its_button(open_page):
     assert app.problems() == []
 
 
-def test_a_cancel_on_a_job_that_finished_meanwhile_says_so_not_the_rules_text(open_page, stack):
+@pytest.mark.parametrize("ended", ["completed", "cancelled"])
+def test_a_cancel_on_a_job_that_finished_meanwhile_says_so_not_the_rules_text(open_page, stack, ended):
     """Audit: where cancelGeneration fails (here made a 404, as where it is not deployed) the page sets
     cancel_requested on the doc; on a job that has finished meanwhile the rules refuse it, and the page showed
-    their evaluation text. It says the job has finished."""
+    their evaluation text. It says the job has finished; or, ended cancelled (a call that got no answer may have
+    cancelled it: a review saw "already failed: nothing to cancel"), that its cancel was asked."""
     app = open_page()
     ref = _held_job(stack, app.uid, "finishes-first")
     cancel = app.job("finishes-first").get_by_role("button", name="Cancel video “finishes-first”")
     cancel.wait_for(timeout=30_000)
+    end = {"status": "completed", "progress": 1.0, "generated": True}
+    if ended == "cancelled":
+        end = {"status": "failed", "error": True, "error_type": "Cancelled", "error_message": "Cancelled by the user"}
 
     def finish_then_404(route):
-        ref.update({"status": "completed", "progress": 1.0, "generated": True})
+        ref.update(end)
         route.fulfill(status=404, body="Not Found")
 
     app.page.route("**/cancelGeneration", finish_then_404)
     cancel.click()
-    app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
-    assert app.page.get_by_role("alert").inner_text() == "Generation already completed: nothing to cancel"
+    if ended == "completed":
+        app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
+        assert app.page.get_by_role("alert").inner_text() == "Generation already completed: nothing to cancel"
+    else:
+        app.page.wait_for_function(
+            "() => document.getElementById('form-status').textContent === 'Cancel requested for video “finishes-first”'",
+            timeout=30_000,
+        )
+        assert app.page.locator("#form-error").inner_text() == ""
     assert ref.get().to_dict().get("cancel_requested") is None
     # The 404 and the refused write (a 403) are what the browser logs.
     assert [p for p in app.problems() if "status of 40" not in p] == []
