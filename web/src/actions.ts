@@ -56,6 +56,12 @@ async function cancel({ session, jobs }: ActionContext, job: Job): Promise<strin
     fail(`Generation already ${status}: nothing to cancel`, false);
     return null;
   };
+  const asked = () => {
+    report(`Cancel requested for ${nameOf(job)}`);
+    name(job.id); // the line goes when the job ends (ended already: a while later, as when the call answers)
+    settle(jobs.listed);
+    return null;
+  };
   // Offline (or the server unreachable, as the listeners found), the callable fails as it does where it is not
   // deployed, and the doc's write would wait unseen (audit: "Cancelling…" for a minute, the button refusing
   // presses).
@@ -71,12 +77,7 @@ async function cancel({ session, jobs }: ActionContext, job: Job): Promise<strin
     // audit saw "Could not reach the server" beside a Completed card).
     const end = jobs.listed.find((listedJob) => listedJob.id === job.id && ended(jobs.listed, job.id));
     if (end && end.doc.error_type !== "Cancelled") return over(end.doc.status);
-    if (end) {
-      report(`Cancel requested for ${nameOf(job)}`);
-      name(job.id); // ended: the line goes a while later, as when the call answers
-      settle(jobs.listed);
-      return null;
-    }
+    if (end) return asked();
     // Where cancelGeneration is not deployed the call fails as not-found, or as internal when the 404 carries
     // no CORS headers (the emulator's does not).
     if (!isCode(error, "functions/not-found", "functions/unimplemented", "functions/internal")) {
@@ -90,15 +91,18 @@ async function cancel({ session, jobs }: ActionContext, job: Job): Promise<strin
       if (!isCode(docError, "permission-denied")) return failed(`Cancel failed: ${message(docError)}`);
       // The rules allow the flag only on a job that has not finished (their own text is no message for a
       // user): say so as the callable does, where the job has finished meanwhile.
-      const status = await getDoc(ref).then((snapshot) => String(snapshot.get("status")), () => "");
+      // A call that got no answer may have cancelled it still (a review: "already failed: nothing to cancel" of
+      // the job this very call cancelled, its end not heard yet).
+      const [status, errorType] = await getDoc(ref).then(
+        (snapshot) => [String(snapshot.get("status")), snapshot.get("error_type")],
+        () => ["", undefined],
+      );
+      if (status === "failed" && errorType === "Cancelled") return asked();
       const finished = (FINAL_STATES as readonly string[]).includes(status);
       return finished ? over(status) : failed(CANCEL_REFUSED);
     }
   }
-  report(`Cancel requested for ${nameOf(job)}`);
-  name(job.id);
-  settle(jobs.listed);
-  return null;
+  return asked();
 }
 
 /** Fill the form with an ended job's request, to change it and send it as a new job; the focus goes to the
