@@ -338,7 +338,7 @@ class DiffusionCapability:
         """Load `model_ref` onto `runtime`; any failure is `ModelNotAvailable` naming the model."""
         try:
             source = resolve_source(model_ref, cls.tiny_kind, cls.role, cache_dir)
-            options = {_dtype_keyword(): runtime.torch_dtype}
+            options = {_dtype_keyword(): cls.load_dtype(runtime)}
             variant = cls.weights_variant(source, runtime)
             if variant:
                 options["variant"] = variant
@@ -363,6 +363,11 @@ class DiffusionCapability:
     # tells whether a local copy has them.
     HALF_VARIANT: ClassVar[str | None] = None
     VARIANT_PROBE: ClassVar[str] = ""
+
+    @classmethod
+    def load_dtype(cls, runtime: Runtime) -> Any:
+        """`from_pretrained`'s precision: the runtime's, every component alike."""
+        return runtime.torch_dtype
 
     @classmethod
     def weights_variant(cls, source: str, runtime: Runtime) -> str | None:

@@ -379,6 +379,26 @@ def test_a_float16_decode_that_runs_out_of_memory_leaves_the_vae_in_float16(tiny
     assert len(retried.files) == 1
 
 
+def test_wans_vae_is_loaded_in_float32_under_a_half_precision_run(tiny_cache):
+    """A review: the whole Wan pipeline was loaded in bfloat16 and its VAE cast up to float32 after, its weights
+    keeping their rounding (25 dB between the two decodes of the same latents, tiny Wan). As Wan's reference loads
+    it: the VAE's weights are the checkpoint's, the transformer in the run's precision."""
+    from diffusers import AutoencoderKLWan
+
+    from generation import video_speed
+    from generation.capability import resolve_source
+    from generation.video import VideoPipeline
+
+    pipe = VideoPipeline.load("tiny", Runtime(dtype="bfloat16")).pipe
+    transformer = video_speed.denoiser(pipe.transformer)
+    assert torch.bfloat16 in {parameter.dtype for parameter in transformer.parameters()}
+    source = resolve_source("tiny", "wan", "Video", None)
+    checkpoint = AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32).state_dict()
+    loaded = pipe.vae.state_dict()
+    assert loaded.keys() == checkpoint.keys()
+    assert all(torch.equal(loaded[name], weights) for name, weights in checkpoint.items())
+
+
 def test_a_video_decode_that_runs_out_of_memory_is_decoded_again_alone_in_tiles(engine, monkeypatch):
     """The GPU-waste review: a decode out of memory ran the whole denoising again (minutes on a small card)."""
     normal = engine.generate(video_request())
