@@ -182,7 +182,7 @@ class ImagePipeline(DiffusionCapability):
                             device=self.pipe._execution_device,
                             num_images_per_prompt=item.request.num_images_per_prompt,
                             do_classifier_free_guidance=cfg,
-                            negative_prompt=item.request.negative_prompt,
+                            negative_prompt=_negative(item.request),
                         )
                         for item in items
                     ]
@@ -298,3 +298,10 @@ def prepare_unet_for_compile(pipe, backend) -> None:
         from torch._inductor import config as inductor_config
 
         inductor_config.conv_1x1_as_mm = True
+
+
+def _negative(request: GenerationRequest) -> str | None:
+    """A blank negative prompt is none, as the contract's clients mean it: SDXL encodes "" (CLIP's empty text)
+    where it zeroes a missing one (`force_zeros_for_empty_prompt`), and the two made different images (a review)."""
+    text = request.negative_prompt
+    return text if text and text.strip() else None

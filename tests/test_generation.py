@@ -379,6 +379,15 @@ def test_a_float16_decode_that_runs_out_of_memory_leaves_the_vae_in_float16(tiny
     assert len(retried.files) == 1
 
 
+def test_a_blank_negative_prompt_is_none(engine):
+    """A review: SDXL encodes an empty negative prompt (CLIP's empty text) where it zeroes a missing one, and the
+    same seed made another image; the README: an empty `negative_prompt` states none."""
+    [none] = engine.generate(image_request()).files
+    for blank in ("", "   "):
+        assert engine.generate(image_request(negative_prompt=blank)).files[0].data == none.data
+    assert engine.generate(image_request(negative_prompt="blurry")).files[0].data != none.data
+
+
 def test_wans_vae_is_loaded_in_float32_under_a_half_precision_run(tiny_cache):
     """A review: the whole Wan pipeline was loaded in bfloat16 and its VAE cast up to float32 after, its weights
     keeping their rounding (25 dB between the two decodes of the same latents, tiny Wan). As Wan's reference loads
