@@ -49,7 +49,7 @@ class WorkerJobs(JobStore):
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.max_releases = max_releases
-        # Told of a job a claim here ended (cancelled, given up) after a try of it ran: that try's worker is gone, and
+        # Told of a job a claim or drop here ended (cancelled, given up) after a try of it ran: that try's worker is gone, and
         # what it uploaded is no doc's (a review: a cancelled job's partial upload stayed; README "Cancellation").
         self.on_ended_after_run: Callable[[JobKey], None] | None = None
 
@@ -179,6 +179,8 @@ class WorkerJobs(JobStore):
 
         outcome = self.transition(key, decide)
         if outcome.applied:
+            if quota.ran(outcome.before or {}) and self.on_ended_after_run is not None:
+                self.on_ended_after_run(key)  # queued again after a try whose worker died mid-upload
             return True
         doc = outcome.before or {}
         expire_at = doc.get(lifecycle.EXPIRE_AT)
