@@ -20,7 +20,7 @@ import structlog
 from firegen_core import lifecycle
 from firegen_core.claims import WorkerJobs
 from firegen_core.dispatches import RUNPOD_JOB_ID
-from firegen_core.errors import GenerationError, failure_level
+from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, GenerationError, failure_level
 from firegen_core.jobs import ClaimedJob
 
 log = structlog.get_logger("listener.lease")
@@ -116,13 +116,14 @@ class Heartbeat:
             ):
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
-                failed = quietly(lambda: self.store.fail(self.job, self.overrun), self.job)
+                end = self._end()
+                failed = quietly(lambda end=end: self.store.fail(self.job, end), self.job)
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
                     log.warning("job_lost", reason="no longer this try's at its deadline", **job_ids(self.job))
                 elif failed:
                     if self.first_to_log():  # else the runner, past the join, wrote and logged it first
-                        log_failure(self.overrun.error_type, self.overrun.message, self.job, by="heartbeat")
+                        log_failure(end.error_type, end.message, self.job, by="heartbeat")
                 else:  # the write failed (Firestore away): the runner settles it when the step comes back
                     log.warning("job_timeout_forced", failed=failed, **job_ids(self.job))
                 return
@@ -157,6 +158,14 @@ class Heartbeat:
                 log.warning("lease_lost", **job_ids(self.job))
                 self.lost.set()
                 return
+
+    def _end(self) -> GenerationError:
+        """What the job ends with past its deadline: `Cancelled` where its owner asked first, as the runner would
+        write had the step come back (a review: a cancelled job stuck in a step ended `Timeout`)."""
+        if self.cancel is not None and self.cancel.is_set():
+            return GenerationError(CANCELLED, CANCELLED_MESSAGE)
+        assert self.overrun is not None
+        return self.overrun
 
     def resume_deadline(self, held_seconds: float) -> None:
         self.hard_deadline += held_seconds  # before `held` clears: the thread never reads the old deadline as live

@@ -433,6 +433,29 @@ def test_a_generation_stuck_in_a_step_is_failed_by_the_heartbeat(sched_worker, f
     assert read(firestore_client, key)["error_type"] == "Timeout"
 
 
+def test_a_stuck_job_its_owner_cancelled_ends_cancelled_past_its_deadline(firestore_client, results):
+    """A review: a job its owner cancelled, stuck in a step past its deadline, was failed `Timeout` by its heartbeat
+    (the page said Failed, not Cancelled), where the runner, had the step come back, wrote `Cancelled`."""
+    from listener.runner import JobRunner
+
+    generator = Stuck()
+    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=30)
+    deadline = Deadline(floor_seconds=0.5, multiple=1)
+    runner = JobRunner(store, generator, results, renew_interval=0.2, deadline=deadline)
+    key = JobKey("u1", "images", "stuck-cancelled")
+    queue_jobs(firestore_client, [key])
+    stop = threading.Event()
+    running = threading.Thread(target=lambda: runner.run(store.claim(key), stop))
+    running.start()
+    try:
+        assert generator.started.wait(10)
+        stop.set()  # the owner's cancel, heard; the step never comes back to stop at
+        assert outcome(wait_until(lambda: finished(firestore_client, key), timeout=10)) == CANCELLED
+    finally:
+        generator.release.set()
+        running.join(30)
+
+
 def test_a_stuck_generation_failed_by_the_heartbeat_ends_failed_not_lost(firestore_client, results):
     """Audit: the worker that failed its own stuck job `Timeout` then logged `job_lost` ("lease taken over;
     nothing written") when the step came back: its run ends failed, as its doc says."""
