@@ -65,6 +65,7 @@ class Heartbeat:
     cancel: threading.Event | None = None  # set when a renewal reads that the job's owner asked to cancel it
     lost: threading.Event = field(default_factory=threading.Event)
     ended: RunOutcome | None = None  # `lost` because this thread ended the job itself (written, and logged)
+    verdict: GenerationError | None = None  # what it failed the job with, past its deadline
     finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
     # Generated within its time: a leaving worker lets it deliver rather than release it (`_Run.hold`).
     generated: threading.Event = field(default_factory=threading.Event)
@@ -116,7 +117,7 @@ class Heartbeat:
             ):
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
-                end = self._end()
+                end = self.verdict = self._end()
                 failed = quietly(lambda end=end: self.store.fail(self.job, end), self.job)
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST

@@ -391,11 +391,10 @@ class JobRunner:
         found written: `fail` knows its own landed write) here too, retried like the final writes."""
         if run.heartbeat.ended != RunOutcome.FAILED:
             return False
-        settled = bool(
-            quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, run.overrun)), run.job)
-        )
+        end = run.heartbeat.verdict or run.overrun  # `Cancelled` where its owner had asked
+        settled = bool(quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, end)), run.job))
         if settled and run.heartbeat.first_to_log():  # the heartbeat's own write failed: the runner's is the end
-            log_failure(run.overrun.error_type, run.overrun.message, run.job, by="runner")
+            log_failure(end.error_type, end.message, run.job, by="runner")
         return settled
 
     def _lost_or_timed_out(self, run: _Run) -> RunOutcome:

@@ -436,6 +436,7 @@ def test_a_generation_stuck_in_a_step_is_failed_by_the_heartbeat(sched_worker, f
 def test_a_stuck_job_its_owner_cancelled_ends_cancelled_past_its_deadline(firestore_client, results):
     """A review: a job its owner cancelled, stuck in a step past its deadline, was failed `Timeout` by its heartbeat
     (the page said Failed, not Cancelled), where the runner, had the step come back, wrote `Cancelled`."""
+    from listener.lease import RunOutcome
     from listener.runner import JobRunner
 
     generator = Stuck()
@@ -444,8 +445,8 @@ def test_a_stuck_job_its_owner_cancelled_ends_cancelled_past_its_deadline(firest
     runner = JobRunner(store, generator, results, renew_interval=0.2, deadline=deadline)
     key = JobKey("u1", "images", "stuck-cancelled")
     queue_jobs(firestore_client, [key])
-    stop = threading.Event()
-    running = threading.Thread(target=lambda: runner.run(store.claim(key), stop))
+    stop, ended = threading.Event(), []
+    running = threading.Thread(target=lambda: ended.append(runner.run(store.claim(key), stop)))
     running.start()
     try:
         assert generator.started.wait(10)
@@ -454,6 +455,7 @@ def test_a_stuck_job_its_owner_cancelled_ends_cancelled_past_its_deadline(firest
     finally:
         generator.release.set()
         running.join(30)
+    assert ended == [RunOutcome.FAILED]  # its end, as its doc says: not lost
 
 
 def test_a_stuck_generation_failed_by_the_heartbeat_ends_failed_not_lost(firestore_client, results):
