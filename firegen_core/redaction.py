@@ -18,7 +18,9 @@ _SECRETS = re.compile(
     + _TOKEN_NAMES
     + r")"
     r"(?:=|%3D))"
-    r"|(?:(?-i:Bearer)[ \t]+)"
+    # "Bearer" as the scheme is spelled; in another case (HTTP takes any) only before a token's length of token text,
+    # so that prose ("the bearer of") stays (a review: "Authorization: bearer <token>" went out whole).
+    r"|(?:(?:(?-i:Bearer)|bearer(?=[ \t]+[\w.~+/=-]{16}))[ \t]+)"
     # An OAuth token in JSON text (a token endpoint's answer quoted in an error), also with its quotes escaped.
     r"|(?:\\?[\"'](?:" + _TOKEN_NAMES + r")\\?[\"']\s*:\s*\\?[\"']))(?:(?!%26)[^&\s\"'\\])+"
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
@@ -76,4 +78,8 @@ def redacted(value: Any, depth: int = 0) -> Any:
         return {key: redacted(item, depth + 1) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [redacted(item, depth + 1) for item in value]
-    return value
+    if value is None or isinstance(value, int | float | bool):
+        return value
+    # Anything else (an exception, bytes, a date) as its text, redacted: passed on, the JSON renderer wrote its repr
+    # after this guard, unredacted (a review: `error=exc` quoting a bearer token went out whole).
+    return redact(str(value))

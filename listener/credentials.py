@@ -51,18 +51,34 @@ def credentials(settings: Settings) -> tuple[Any, str | None]:
         )
     except Exception:  # the library's message may quote the key: say only which variable
         raise SettingsError(f"{variable} holds a service account key that cannot be loaded") from None
-    return creds, settings.google_cloud_project or info.get("project_id")
+    project = settings.google_cloud_project or info.get("project_id")
+    if not project and not (settings.firestore_emulator_host and settings.storage_emulator_host):
+        # Google's lookup of a project then fails as if there were no credentials (a review: told to set the key
+        # it had been given).
+        raise SettingsError(NO_PROJECT)
+    return creds, project
+
+
+# Variables Google's libraries read from `os.environ` on their own, which the settings read blank as unset, stripped.
+READ_BY_THE_LIBRARIES = (
+    "FIRESTORE_EMULATOR_HOST",
+    "STORAGE_EMULATOR_HOST",
+    "GOOGLE_CLOUD_PROJECT",
+    "GCLOUD_PROJECT",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 
 
 def emulator_variables_as_read() -> None:
-    """The emulators' variables, as these settings read them, for the libraries, which read `os.environ` on their
-    own (a review): a blank one, which the settings take as unset (a compose file's `${FIRESTORE_EMULATOR_HOST}`
-    with nothing behind it), switched a library to an emulator at '' (every call failed "Failed to create channel
-    to ''", and the worker left at each start naming no variable); STORAGE_EMULATOR_HOST without its scheme, which
-    the worker's own URLs take, was the storage library's base URL as it stood (every upload refused)."""
+    """The variables Google's libraries read, as these settings read them (a review): a blank one, which the
+    settings take as unset (a compose file's `${FIRESTORE_EMULATOR_HOST}` with nothing behind it), switched a
+    library to an emulator at '' (every call failed "Failed to create channel to ''", and the worker left at each
+    start naming no variable), or to a project of spaces; a key file's path with a newline after it was no file to
+    the library; STORAGE_EMULATOR_HOST without its scheme, which the worker's own URLs take, was the storage
+    library's base URL as it stood (every upload refused)."""
     from .storage import emulator_base_url
 
-    for name in ("FIRESTORE_EMULATOR_HOST", "STORAGE_EMULATOR_HOST"):
+    for name in READ_BY_THE_LIBRARIES:
         if name in os.environ and not os.environ[name].strip():
             del os.environ[name]
         elif name in os.environ:
@@ -96,4 +112,9 @@ def clients(settings: Settings) -> tuple[Any, Any]:
         if settings.google_application_credentials is not None:
             raise SettingsError(UNREADABLE_KEY_FILE) from None
         raise SettingsError(f"{UNREADABLE_ADC} ({type(exc).__name__})") from None
+    except (ValueError, TypeError, AttributeError):  # a file of JSON that is no object (`null`, a list): google-auth
+        # calls `.get` on it (a review: a traceback, exit 1, no line naming the variable)
+        if settings.google_application_credentials is not None:
+            raise SettingsError(BAD_KEY_FILE) from None
+        raise SettingsError(UNREADABLE_ADC) from None
     return db, files

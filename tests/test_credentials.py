@@ -163,6 +163,33 @@ def test_credentials_that_name_no_project_ask_for_google_cloud_project(productio
     assert str(refused.value) == NO_PROJECT
 
 
+@pytest.mark.parametrize("variable", ["FIREBASE_SERVICE_ACCOUNT_JSON", "GOOGLE_APPLICATION_CREDENTIALS"])
+def test_a_key_without_its_project_id_asks_for_google_cloud_project(production_env, variable):
+    """A review: a key with no `project_id` (the settings take it: the key's email and private key are what a
+    key needs) and no GOOGLE_CLOUD_PROJECT was told "no Google credentials: set FIREBASE_SERVICE_ACCOUNT_JSON",
+    the variable it had set: Google's lookup of a project failed as a lookup of credentials."""
+    key = json.loads(service_account_key("demo-keyed")[0])
+    del key["project_id"]
+    production_env.setenv(variable, json.dumps(key))
+    with pytest.raises(SettingsError) as refused:
+        clients(load_settings())
+    assert str(refused.value) == NO_PROJECT
+    production_env.setenv("GOOGLE_CLOUD_PROJECT", "demo-named")
+    assert clients(load_settings())[0].project == "demo-named"
+
+
+def test_the_libraries_read_the_google_variables_as_the_settings_do(production_env, tmp_path):
+    """A review: Google's libraries read GOOGLE_CLOUD_PROJECT and GOOGLE_APPLICATION_CREDENTIALS themselves: a blank
+    project (unset to the settings) was the Firestore client's project of spaces, and a key file's path with a
+    newline after it (pasted) was no readable file to the library."""
+    path = tmp_path / "key.json"
+    path.write_text(service_account_key("demo-keyed")[0])
+    production_env.setenv("GOOGLE_APPLICATION_CREDENTIALS", f"{path}\n")
+    production_env.setenv("GOOGLE_CLOUD_PROJECT", "  ")
+    db, _ = clients(load_settings())
+    assert db.project == "demo-keyed" and db._credentials.service_account_email.startswith("firegen-worker@")
+
+
 @pytest.mark.parametrize(
     "variable,value,line",
     [
@@ -337,15 +364,18 @@ def test_a_key_path_that_names_no_file_stops_start_up_without_quoting_it(tmp_pat
     assert SECRET_MARK not in result.stdout
 
 
-@pytest.mark.parametrize("what", ["a file with no key", "a folder"])
+@pytest.mark.parametrize("what", ["a file with no key", "a folder", "a file of JSON null"])
 def test_a_key_file_that_holds_no_key_says_so(tmp_path, what):
-    """A readable file with no key in it (a key cut short, a file of another kind): not "no readable key file";
-    a path Google's lookup cannot open (a folder; as root no file is unreadable): one line, not a traceback."""
+    """A readable file with no key in it (a key cut short, a file of another kind; JSON that is no object, which
+    google-auth reads with `.get`: a review saw a traceback, exit 1): not "no readable key file"; a path Google's
+    lookup cannot open (a folder; as root no file is unreadable): one line, not a traceback."""
     from listener.credentials import BAD_KEY_FILE, UNREADABLE_KEY_FILE
 
     key_file = tmp_path / "key.json"
     if what == "a folder":
         key_file.mkdir()
+    elif what == "a file of JSON null":
+        key_file.write_text("null")
     else:
         key_file.write_text('{"type": "service_account", "private_key": "' + SECRET_MARK + '"')  # cut short
     env = {k: v for k, v in os.environ.items() if k != "FIREBASE_SERVICE_ACCOUNT_JSON"}
@@ -354,7 +384,7 @@ def test_a_key_file_that_holds_no_key_says_so(tmp_path, what):
     result = subprocess.run(
         [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
-    said = BAD_KEY_FILE if what == "a file with no key" else UNREADABLE_KEY_FILE
+    said = UNREADABLE_KEY_FILE if what == "a folder" else BAD_KEY_FILE
     assert (result.returncode, result.stderr) == (2, f"listener: configuration error: {said}\n")
     assert SECRET_MARK not in result.stdout
 
@@ -400,6 +430,26 @@ def test_an_application_default_credentials_file_that_cannot_be_read_says_so():
         2,
         f"listener: configuration error: {UNREADABLE_ADC} (PermissionError)\n",
     ), result.stdout[-2000:]
+
+
+def test_the_last_guard_takes_out_credentials_in_a_field_of_any_value():
+    """A review: a field whose value was neither text nor a list or dict (an exception passed as `error=exc`,
+    bytes) went past the guard, and the JSON renderer wrote its repr after it, unredacted. Now its text, redacted;
+    numbers, booleans and None stay as they are."""
+    from datetime import UTC, datetime
+
+    from firegen_core.redaction import redacted
+
+    error = ConnectionError("Authorization: Bearer ya29.a0AfH6SMBsecret and https://s/o?X-Goog-Signature=abc123")
+    fields = {"error": error, "at": datetime(2026, 12, 6, tzinfo=UTC), "n": 3, "ok": True, "none": None, "x": 1.5}
+    assert redacted(fields) == {
+        "error": "Authorization: Bearer <redacted> and https://s/o?X-Goog-Signature=<redacted>",
+        "at": "2026-12-06 00:00:00+00:00",
+        "n": 3,
+        "ok": True,
+        "none": None,
+        "x": 1.5,
+    }
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,16 @@ def test_a_bearer_token_never_shows(before, after, space, value, end):
     assert_guarded(text, value, before + "Authorization: Bearer")
 
 
+def test_a_bearer_token_in_another_case_never_shows_and_prose_stays():
+    """A review: HTTP takes the scheme in any case, and "Authorization: bearer <token>" went out whole. In another
+    case than "Bearer", a token's length of token text after it is a token; shorter, it is prose."""
+    for scheme in ("bearer", "BEARER", "bEaReR"):
+        assert (
+            redact(f"Authorization: {scheme} lowercasetoken123456 sent") == f"Authorization: {scheme} <redacted> sent"
+        )
+    assert redact("the bearer of the news, the bearer  of it") == "the bearer of the news, the bearer  of it"
+
+
 @SETTINGS
 @given(
     before=around,
