@@ -49,11 +49,12 @@ from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from runpod_client import RunPodClient, Verdict
 
-from firegen_core import deletion, lifecycle, quota
+from firegen_core import deletion, lifecycle, quota, results
 from firegen_core.contract import (
     CLOUD_ONLY,
     MAX_PROMPT_CHARS,
     REQUESTED_AT,
+    TASK_TYPE,
     ContractError,
     GenerationRequest,
     awaits_parameters,
@@ -94,6 +95,9 @@ from firegen_core.jobs import (
 from firegen_core.quota import Limits
 
 log = logging.getLogger("functions.dispatch")
+# Seconds of Storage requests to remove what a gone worker's try uploaded for a job the functions end
+# (`remove_left_behind`).
+REMOVAL_BUDGET = 10.0
 P, R = ParamSpec("P"), TypeVar("R")
 
 # Fields this codebase adds to a job doc (the worker ignores them).
@@ -634,7 +638,14 @@ def _named_job(uid: str | None, data: Any, verb: str) -> JobKey:
 
 
 @_unavailable_when_firestore_is_away(CANCEL_NOT_RECORDED)
-def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits = Limits()) -> dict[str, Any]:
+def cancel(
+    db: firestore.Client,
+    *,
+    uid: str | None,
+    data: Any,
+    limits: Limits = Limits(),
+    bucket: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
     """The `cancelGeneration` callable: {fileUid, mediaType} of one of the caller's jobs.
 
     A queued job is failed `Cancelled` now; a processing one gets `cancel_requested: true` and its worker
@@ -642,7 +653,8 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     "cancelled" | "cancelling", message}. Only the caller's own jobs can be named (the path is built from the
     auth uid): another user's job is simply not found.
     Unknown fields are refused. A finished job is left as it is (failed-precondition;
-    a job already cancelled answers "cancelled" again, so a retried call is harmless).
+    a job already cancelled answers "cancelled" again, so a retried call is harmless). A queued job an earlier try
+    ran (its worker died mid-upload, then it was released) has what that try uploaded removed from `bucket()`.
     """
     key = _named_job(uid, data, "cancel")
     outcome = job_store(db, limits).cancel(key)  # its refund rewrites the usage doc, limits included
@@ -652,6 +664,8 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     reply = {"success": True, "fileUid": key.file_uid, "mediaType": key.media_type}
     written = outcome.written or {}
     if written.get("status") == lifecycle.FAILED:
+        if quota.ran(doc) and bucket is not None:
+            remove_left_behind(bucket, key)
         return {**reply, "status": "cancelled", "message": CANCELLED_REPLY}
     if written.get(lifecycle.CANCEL_REQUESTED) or (
         doc.get("status") == lifecycle.PROCESSING and doc.get(lifecycle.CANCEL_REQUESTED)
@@ -660,6 +674,26 @@ def cancel(db: firestore.Client, *, uid: str | None, data: Any, limits: Limits =
     if doc.get("status") == lifecycle.FAILED and doc.get("error_type") == CANCELLED:
         return {**reply, "status": "cancelled", "message": CANCELLED_REPLY}
     raise CallError("failed-precondition", f"Generation already {doc.get('status')}: nothing to cancel")
+
+
+def remove_left_behind(bucket: Callable[[], Any], key: JobKey) -> None:
+    """What a try of a job the functions just ended (cancelled, given up) had uploaded before its worker went: no
+    doc names it, and no runner of that try is left to remove it (as a worker's takeover does it:
+    listener.runner.remove_left_behind). Every name a job of its type may have, those its metadata names its own."""
+    task_type = TASK_TYPE[key.media_type]
+    try:
+        found = bucket()
+        if found is None:  # STORAGE_BUCKET unset: said by `storage_bucket_unset`
+            return
+        budget = results.Budget(REMOVAL_BUDGET / 2, REMOVAL_BUDGET)
+        removed = results.remove(
+            found, key.user_id, key.file_uid, task_type, range(results.most(task_type)), budget, strict=True
+        )
+    except Exception as exc:  # left to the owner's Delete, or the bucket's lifecycle rule
+        log.warning("results_not_removed", extra={"path": key.path, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        return
+    if removed:
+        log.info("job_results_removed", extra={"path": key.path, "objects": removed})
 
 
 @contextmanager

@@ -21,7 +21,7 @@ Configuration (the params are declared in config.py; see the README's "Cloud Fun
     RETENTION_DAYS       optional environment variable (as the workers'): `expire_at` on the jobs they end
     ENFORCE_APP_CHECK    optional environment variable: on by default when deployed, off under the emulators
     STORAGE_BUCKET       optional environment variable: the results' bucket (deleteGeneration, deleteAllGenerations, and
-                         redispatchStaleJobs' clean-up of a gone worker's upload), as the workers'
+                         cancelGeneration's and redispatchStaleJobs' clean-up of a gone worker's upload), as the workers'
                          (default: the project's default bucket, FIREBASE_CONFIG's storageBucket)
 
 Logs: the records of dispatch, sweep and runpod_client (standard `logging`, so they import anywhere), and those the
@@ -286,7 +286,9 @@ def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
 def cancelGeneration(req: https_fn.CallableRequest) -> dict:
     uid = req.auth.uid if req.auth else None
     return _answer(
-        "cancelGeneration", uid, lambda: dispatch.cancel(_firestore(), uid=uid, data=req.data, limits=_limits())
+        "cancelGeneration",
+        uid,
+        lambda: dispatch.cancel(_firestore(), uid=uid, data=req.data, limits=_limits(), bucket=_bucket),
     )
 
 

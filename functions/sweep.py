@@ -27,12 +27,13 @@ from dispatch import (
     failed_outcome,
     job_store,
     refused_or_marked,
+    remove_left_behind,
 )
 from google.cloud import firestore
 from runpod_client import RunPodClient
 
-from firegen_core import lifecycle, quota, results, workers
-from firegen_core.contract import TASK_TYPE, parse_document
+from firegen_core import lifecycle, quota, workers
+from firegen_core.contract import parse_document
 from firegen_core.errors import EXCEPTION, GenerationError
 from firegen_core.jobs import MEDIA_TYPES, JobKey, JobStore
 from firegen_core.quota import Limits
@@ -43,8 +44,6 @@ log = logging.getLogger("functions.dispatch")
 LEFT_BEHIND_FACTOR = 2
 # Pages of `scan_limit` docs a sweep reads per media type and query at most, past docs with nothing to do now.
 SCAN_PAGES = 10
-# Seconds of Storage requests to remove what a try of a job the sweep ended had uploaded (`_remove_left_behind`).
-REMOVAL_BUDGET = 10.0
 
 
 def _last_dispatch(doc: Mapping[str, Any]) -> datetime | None:
@@ -207,28 +206,8 @@ def _redispatch_one(
         return "waiting" if waiting else "skipped"
     if outcome.written.get("status") == lifecycle.FAILED:
         if quota.ran(outcome.before or {}) and bucket is not None:
-            _remove_left_behind(bucket, key)
+            remove_left_behind(bucket, key)
         return failed_outcome(outcome.written, otherwise="failed")
     request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
     verdict, _ = deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
     return "redispatched" if verdict.delivered else verdict.outcome
-
-
-def _remove_left_behind(bucket: Callable[[], Any], key: JobKey) -> None:
-    """What a try of a job the sweep just ended (cancelled, given up) had uploaded before its worker went: no doc
-    names it, and no runner of that try is left to remove it (as a worker's takeover does it:
-    listener.runner.remove_left_behind). Every name a job of its type may have, those its metadata names its own."""
-    task_type = TASK_TYPE[key.media_type]
-    try:
-        found = bucket()
-        if found is None:  # STORAGE_BUCKET unset: said by `storage_bucket_unset`
-            return
-        budget = results.Budget(REMOVAL_BUDGET / 2, REMOVAL_BUDGET)
-        removed = results.remove(
-            found, key.user_id, key.file_uid, task_type, range(results.most(task_type)), budget, strict=True
-        )
-    except Exception as exc:  # left to the owner's Delete, or the bucket's lifecycle rule
-        log.warning("results_not_removed", extra={"path": key.path, "error": f"{type(exc).__name__}: {exc}"[:300]})
-        return
-    if removed:
-        log.info("job_results_removed", extra={"path": key.path, "objects": removed})

@@ -195,19 +195,26 @@ def test_a_job_a_takeover_ends_after_its_worker_died_mid_upload_leaves_no_object
     assert [(e["file_uid"], e["objects"]) for e in removed] == [("orphaned", 2)]
 
 
-def test_a_cancelled_queued_job_an_earlier_try_ran_leaves_no_objects(firestore_client, results, bucket):
+@pytest.mark.parametrize("by", ["the doc's flag", "the callable"])
+def test_a_cancelled_queued_job_an_earlier_try_ran_leaves_no_objects(firestore_client, results, bucket, by):
     """Queued again after a try whose worker died mid-upload (taken over, then released), the job is cancelled:
-    the cancel thread's write (`drop`) removes what the dead try had uploaded, as a takeover's claim does."""
+    the cancel thread's write (`drop`), or `cancelGeneration` (the web app's Cancel; a review: it left them),
+    removes what the dead try had uploaded, as a takeover's claim does."""
     from listener.runner import JobRunner
 
-    key = JobKey("u1", "images", "ran-then-queued")
+    key = JobKey("u1", "images", f"ran-then-queued-{by.split()[-1]}")
     queue_jobs(firestore_client, [key], num_images_per_prompt=2, attempts=1, releases=1)
     png = (b"\x89PNG\r\n\x1a\n" + b"pixels" * 40, "png", "image/png")
     results.upload("u1", key.file_uid, "text2image", [png, png])
-    cancel(firestore_client, key)
-    store = WorkerJobs(firestore_client, worker_id="w")
-    store.on_ended_after_run = JobRunner(store, StubGenerator(), results).remove_left_behind
-    assert store.drop(key) and outcome(read(firestore_client, key)) == CANCELLED
+    if by == "the callable":
+        data = {"fileUid": key.file_uid, "mediaType": "images"}
+        assert dispatch.cancel(firestore_client, uid="u1", data=data, bucket=lambda: bucket)["status"] == "cancelled"
+    else:
+        cancel(firestore_client, key)
+        store = WorkerJobs(firestore_client, worker_id="w")
+        store.on_ended_after_run = JobRunner(store, StubGenerator(), results).remove_left_behind
+        assert store.drop(key)
+    assert outcome(read(firestore_client, key)) == CANCELLED
     wait_until(lambda: objects(bucket) == [], timeout=15)
 
 
