@@ -393,8 +393,16 @@ def restatement(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str,
     return {
         name: getattr(request, name)
         for name in sorted(request.given & PARAMETER_FIELDS)
-        if current.get(name) != getattr(request, name)
+        if _meant(name, current.get(name)) != _meant(name, getattr(request, name))
     }
+
+
+def _meant(name: str, value: Any) -> Any:
+    """What a parameter's value makes: a blank negative prompt is none (a review: `""` against a doc without one
+    restated a running job, which ran again for the same image)."""
+    if name == "negative_prompt" and isinstance(value, str) and not value.strip():
+        return None
+    return value
 
 
 # Written on a job doc by the request that created it (runsync, the callable: `jobs.queued_document`), and only

@@ -371,6 +371,14 @@ def test_a_huge_unknown_field_name_gets_a_short_message():
         ({"prompt": BASE["prompt"], "guidanceScale": 7}, {"guidance_scale": 7.0}, {}),  # 7 is 7.0
         ({"prompt": BASE["prompt"], "width": "wide"}, {"width": 768}, {"width": 768}),  # a broken doc
         ({"prompt": BASE["prompt"], "seed": 99, "status": "completed"}, {}, {}),  # a drawn seed vs none asked
+        # A blank negative prompt is none: the same image (a review: it restated a running job).
+        ({"prompt": BASE["prompt"]}, {"negative_prompt": ""}, {}),
+        ({"prompt": BASE["prompt"], "negativePrompt": ""}, {"negative_prompt": "   "}, {}),
+        (
+            {"prompt": BASE["prompt"], "negative_prompt": ""},
+            {"negative_prompt": "blurry"},
+            {"negative_prompt": "blurry"},
+        ),
     ],
 )
 def test_restatement_names_what_the_request_says_otherwise(doc, given, changes):
