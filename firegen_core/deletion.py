@@ -174,8 +174,8 @@ def _has_jobs(store: JobStore, user_id: str) -> bool:
 
 
 def _sweep(bucket: Any, folder: str, began: Any, budget: results.Budget) -> int:
-    """Delete what is under `folder` but was written since `began`; a page of the listing at a time, each within
-    what is left of `budget`. How many it deleted."""
+    """Delete what is under `folder` but what was written since `began` (a job's that ran meanwhile: its doc names
+    it); a page of the listing at a time, each within what is left of `budget`. How many it deleted."""
     deleted, token = 0, None
     while True:
         listing = bucket.list_blobs(prefix=folder, page_token=token, max_results=SWEEP_PAGE, **budget.call())
