@@ -32,7 +32,8 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sized
+from collections.abc import Callable, Hashable, Iterator, Sized
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,7 +48,7 @@ from firegen_core.jobs import BOUND, MEDIA_TYPES, ClaimedJob, JobKey
 from firegen_core.lifecycle import Lease
 
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
-from .lease import RunOutcome, quietly, release
+from .lease import RunOutcome, job_ids, quietly, release
 from .runner import JobRunner, transient
 from .version import code_version
 
@@ -557,8 +558,20 @@ class Reconciler:
             for job, stop in jobs:
                 group = self._doc_group(job.key, job.doc) if len(jobs) > 1 else None
                 batches.setdefault(group if group is not None else job.key, []).append((job, stop))
-            for batch in batches.values():
-                outcomes = self.runner.run_batch(batch)
+            groups = list(batches.values())
+            for index, batch in enumerate(groups):
+                if index:  # it waited while the groups before it ran: still this claim's, and its cancel heard?
+                    batch, gone = self._renewed(batch)
+                    lost += gone
+                # The later groups' leases kept meanwhile (a review: unrenewed, they ran out while a group ran, and
+                # another worker took them over: run twice).
+                waiting = [job for later in groups[index + 1 :] for job, _ in later]
+                try:
+                    with self._renewing(waiting):
+                        outcomes = self.runner.run_batch(batch) if batch else []
+                except Exception as exc:  # a bug in one group: the others still run (a review: left to their leases)
+                    log.error("job_runner_crashed", error=repr(exc), paths=[job.key.path for job, _ in batch])
+                    continue
                 with self._cv:
                     self._finished += sum(outcome in (RunOutcome.COMPLETED, RunOutcome.FAILED) for outcome in outcomes)
                 lost += [
@@ -572,6 +585,45 @@ class Reconciler:
             # Heard while it ran here (and so ignored): queued again (restated) or taken over; a claim tells which.
             self._offer(key)
         self._look_again({job.key.user_id for job, _ in jobs})
+
+    @contextmanager
+    def _renewing(self, jobs: list[ClaimedJob]) -> Iterator[None]:
+        """`jobs`' leases renewed, as their heartbeats would, while the block runs."""
+        if not jobs:
+            yield
+            return
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.runner.renew_interval):
+                for job in jobs:
+                    quietly(lambda job=job: self.store.renew(job), job)
+
+        thread = threading.Thread(target=renew, name="renew-waiting", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=5)
+
+    def _renewed(
+        self, batch: list[tuple[ClaimedJob, threading.Event]]
+    ) -> tuple[list[tuple[ClaimedJob, threading.Event]], list[JobKey]]:
+        """A group of a split batch, about to run after the others: each job's lease renewed (its cancel, which the
+        renewal reads, heard), and those no longer this claim's left out, to be offered again. A renewal that
+        failed (Firestore away) keeps its job: the run's own heartbeat tries again."""
+        held, gone = [], []
+        for job, stop in batch:
+            renewal = quietly(lambda job=job: self.store.renew(job), job)
+            if renewal is not None and not renewal:
+                log.warning("lease_lost", reason="while its batch's other group ran", **job_ids(job))
+                gone.append(job.key)
+                continue
+            if renewal is not None and renewal.cancel_requested:
+                stop.set()
+            held.append((job, stop))
+        return held, gone
 
     def _look_again(self, users: set[str]) -> None:
         """The queued docs of `users` whose claim here was held back while one of their jobs ran here, offered

@@ -1999,3 +1999,49 @@ def test_listeners_paused_stay_closed_until_a_whole_sweep_answers(firestore_clie
         wait_until(lambda: not any(watch._closed for watch in reconciler._watches.values()), timeout=15)
     finally:
         reconciler.stop(grace=0)
+
+
+def test_a_split_batchs_waiting_groups_keep_their_leases_and_a_crashed_group_is_its_own(
+    firestore_client, results, reconciler_logs
+):
+    """A review: a batch split at its claims (its docs' batch keys changed since they were offered) ran its groups
+    one after another, the later ones unrenewed meanwhile: past their lease, another worker took them over (run
+    twice); and one group's crash left the groups after it to their leases. The waiting groups' leases are renewed
+    while a group runs; a group's crash is its own."""
+    keys = [JobKey("u1", "images", name) for name in ("slow", "crashing", "waiting")]
+    for key, width in zip(keys, (512, 768, 1024), strict=True):
+        write_job(firestore_client, key, width=width)
+    from firegen_core.quota import Limits
+
+    many = Limits(max_running=10)  # all three running here at once
+    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=2, limits=many)
+    claimed = [(store.claim(key), threading.Event()) for key in keys]
+
+    class Slow(StubGenerator):
+        def generate(self, request, progress=None):
+            if request.file_uid == "slow":
+                time.sleep(4)  # twice the others' 2 s lease
+            return super().generate(request, progress)
+
+    class Crashing(JobRunner):
+        def run_batch(self, jobs):
+            if jobs[0][0].key.file_uid == "crashing":
+                raise RuntimeError("a bug")
+            return super().run_batch(jobs)
+
+    generator = Slow()
+    reconciler = Reconciler(store, Crashing(store, generator, results), batch_max=3, batch_key=lambda r: r.width)
+    other = WorkerJobs(firestore_client, worker_id="other", lease_seconds=30, limits=many)
+    taken: list = []
+    running = threading.Thread(target=reconciler._run, args=(claimed,))
+    running.start()
+    while running.is_alive():  # another worker's sweep, trying the waiting job's lease all along
+        taken.append(other.claim(keys[2]))
+        time.sleep(0.1)
+    assert taken and not any(taken)
+    assert (doc(firestore_client, keys[0])["status"], doc(firestore_client, keys[2])["status"]) == ("completed",) * 2
+    waited = doc(firestore_client, keys[2])
+    assert (waited["worker_id"], waited["attempts"]) == ("w", 1) and generator.calls == ["slow", "waiting"]
+    [crash] = [e for e in reconciler_logs if e["event"] == "job_runner_crashed"]
+    assert crash["paths"] == [keys[1].path]
+    assert doc(firestore_client, keys[1])["status"] == "processing"  # the crashed group's job: left to its lease
