@@ -66,6 +66,7 @@ class WorkerJobs(JobStore):
         here, where the earlier tries are known (the caller's own retry would not know them): a listener that
         offers the key meanwhile is not heard, and a dropped candidate would wait for the next sweep."""
         tried: list[Lease] = []
+        failed_at: list[datetime] = []  # the server times of tries that failed the job (see `_ended_unanswered`)
 
         def decide(doc: lifecycle.Doc | None, now: datetime) -> dict | None:
             if any(lifecycle.holds(doc, lease) for lease in tried):
@@ -81,6 +82,8 @@ class WorkerJobs(JobStore):
             )
             if update is not None and update.get("status") == lifecycle.PROCESSING:
                 tried.append(Lease(self.worker_id, update["attempts"]))
+            elif update is not None and update.get("status") == lifecycle.FAILED:
+                failed_at.append(now)
             return update
 
         retrying = tenacity.Retrying(
@@ -97,7 +100,13 @@ class WorkerJobs(JobStore):
             return None
         if written is None:
             landed = next((lease for lease in tried if lifecycle.holds(before, lease)), None)
-            return ClaimedJob(key, landed, before, outcome.read_time) if landed else None
+            if landed:
+                return ClaimedJob(key, landed, before, outcome.read_time)
+            if not self._ended_unanswered(before, failed_at):
+                return None
+            # This claim failed it, its answer lost: said, and a run's objects removed, as if answered (a review:
+            # neither happened). The doc as it is now tells both: a failure leaves attempts and releases.
+            written = before
         if written.get("status") == lifecycle.FAILED:  # past MAX_ATTEMPTS, cancelled, or breaks the contract
             error_type = written.get("error_type")
             fields = {"user_id": key.user_id, "file_uid": key.file_uid, "error_type": error_type}
@@ -178,14 +187,20 @@ class WorkerJobs(JobStore):
             return update
 
         outcome = self.transition(key, decide)
-        if outcome.applied:
-            if quota.ran(outcome.before or {}) and self.on_ended_after_run is not None:
-                self.on_ended_after_run(key)  # queued again after a try whose worker died mid-upload
-            return True
         doc = outcome.before or {}
+        if not outcome.applied and not (doc.get("error_type") == CANCELLED and self._ended_unanswered(doc, tried)):
+            return False
+        if quota.ran(doc) and self.on_ended_after_run is not None:
+            self.on_ended_after_run(key)  # queued again after a try whose worker died mid-upload
+        return True
+
+    def _ended_unanswered(self, doc: lifecycle.Doc, tried: list[datetime]) -> bool:
+        """Whether the job was failed by one of this call's tries (at the server times `tried`), its answer lost:
+        its `expire_at`, computed from that try's time, is one of them to the microsecond. With no retention, no
+        `expire_at`: such a landing stays unknown."""
         expire_at = doc.get(lifecycle.EXPIRE_AT)
         return (
-            (doc.get("status"), doc.get("error_type")) == (lifecycle.FAILED, CANCELLED)
+            doc.get("status") == lifecycle.FAILED
             and expire_at is not None
             and any(lifecycle.expiry(self.retention_days, now).get(lifecycle.EXPIRE_AT) == expire_at for now in tried)
         )

@@ -18,7 +18,7 @@ shutdown are counted (`releases`), so a job cannot bounce between leaving worker
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -175,16 +175,22 @@ def refused(doc: Doc | None) -> bool:
 
 
 RAN_BEFORE_REFUSAL = "a worker ran it before its request was refused, so send it as a new job (a new file_uid)"
+FAILED_OTHERWISE = "it failed with other parameters ({}), so send them as a new job (a new file_uid)"
 
 
-def recorded_error(doc: Doc) -> str:
+def recorded_error(doc: Doc, changes: Iterable[str] = ()) -> str:
     """What a later request for a failed job is told: its recorded message. A job refused for its parameters
     after a worker took it (its doc alone, before its request came) keeps that answer, as any job that ran (its
     run stays charged): a fixed request under its file_uid is told to come as a new job, not the old refusal as
-    if it were this request's."""
+    if it were this request's. So is a request whose parameters (`changes`: contract.restatement's) differ from
+    the job's that failed (not cancelled) (an audit: the contract's "fix parameters and retry" after an out-of-memory failure read the
+    old error back, as if the smaller request had run out of memory too)."""
     message = doc.get("error_message") or "Generation failed"
     if doc.get("error_type") == VALIDATION_ERROR and not refused(doc):
         return f"{message}; {RAN_BEFORE_REFUSAL}"
+    # A cancel's message says why on its own: the request's parameters were never the job's to run.
+    if changes and not refused(doc) and doc.get("error_type") != CANCELLED:
+        return f"{message}; {FAILED_OTHERWISE.format(', '.join(changes))}"
     return message
 
 

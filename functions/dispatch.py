@@ -25,7 +25,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -241,7 +241,12 @@ def _fail_queued(store: JobStore, key: JobKey, error_type: str, message: str) ->
 
 
 def _record_refusal(
-    store: JobStore, uid: str, fields: Mapping[str, Any], message: str, key: JobKey | None = None
+    store: JobStore,
+    uid: str,
+    fields: Mapping[str, Any],
+    message: str,
+    key: JobKey | None = None,
+    bucket: Callable[[], Any] | None = None,
 ) -> None:
     """The contract's flow for a rejected job: its doc ends `failed` with the error fields, so a client that
     listens to it sees why. The client's queued doc is failed; where it wrote none, a failed one is created,
@@ -274,9 +279,14 @@ def _record_refusal(
         return failed if doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) else None
 
     try:
-        store.transition(key, decide)
+        outcome = store.transition(key, decide)
     except Exception as exc:
         log.warning("refusal_not_recorded", extra={"path": key.path, "error": type(exc).__name__})
+        return
+    # A queued job an earlier try ran (its worker gone mid-upload, then released), failed here: what that try
+    # uploaded is no doc's, as where a cancel, the sweep or a worker's drop ends such a job.
+    if outcome.applied and quota.ran(outcome.before or {}) and bucket is not None:
+        remove_left_behind(bucket, key)
 
 
 def _filed(store: JobStore, uid: str, fields: Mapping[str, Any], error: ContractError) -> tuple[JobKey | None, str]:
@@ -393,6 +403,7 @@ def generate(
     data: Any,
     policy: Policy = Policy(),
     limits: Limits = Limits(),
+    bucket: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """The `generateWithRunPod` callable. Returns its reply or raises CallError.
 
@@ -441,7 +452,7 @@ def generate(
         if not named:
             raise CallError("invalid-argument", exc.message) from None
         key, message = (exc.key, exc.message) if isinstance(exc, Misfiled) else _filed(store, uid, fields, exc)
-        _record_refusal(store, uid, fields, message, key)
+        _record_refusal(store, uid, fields, message, key, bucket)
         raise CallError("invalid-argument", message) from None
 
     key = JobKey.of(request)
@@ -465,7 +476,7 @@ def generate(
     doc = outcome.after
     if doc.get("status") == lifecycle.FAILED:
         # Refused just now for the user's limits, or failed before (a retried call): report it.
-        raise _failed_call(doc)
+        raise _failed_call(doc, restatement(doc, request))
     if lifecycle.being_cancelled(doc):  # its worker ends it at its next step: answered as it will end
         raise CallError("failed-precondition", CANCELLED_MESSAGE)
     changes = restatement(doc, request)
@@ -497,10 +508,11 @@ def generate(
     return _reply(key, PENDING_MESSAGE, "queued")
 
 
-def _failed_call(doc: Mapping[str, Any]) -> CallError:
+def _failed_call(doc: Mapping[str, Any], changes: Iterable[str] = ()) -> CallError:
     """The callable's answer for a job that ended failed: its recorded error, coded by its kind (a refusal of
-    parameters that cannot come back under its file_uid is no refusal of this call's: failed-precondition)."""
-    message = lifecycle.recorded_error(doc)
+    parameters that cannot come back under its file_uid, or one of other parameters than this call's, is no
+    refusal of this call's: failed-precondition)."""
+    message = lifecycle.recorded_error(doc, changes)
     code = CALL_ERROR_CODES.get(doc.get("error_type"), "failed-precondition")
     return CallError(code if message == doc.get("error_message") else "failed-precondition", message)
 

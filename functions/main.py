@@ -277,7 +277,9 @@ def generateWithRunPod(req: https_fn.CallableRequest) -> dict:
 
     def generate() -> dict:
         with _runpod() as runpod:
-            return dispatch.generate(_firestore(), runpod, uid=uid, data=req.data, policy=_policy(), limits=_limits())
+            return dispatch.generate(
+                _firestore(), runpod, uid=uid, data=req.data, policy=_policy(), limits=_limits(), bucket=_bucket
+            )
 
     return _answer("generateWithRunPod", uid, generate)
 

@@ -149,7 +149,7 @@ class RunsyncHandler:
         status = doc.get("status")
         if status == lifecycle.FAILED:
             log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=doc.get("error_type"))
-            return rejected(lifecycle.recorded_error(doc))
+            return rejected(lifecycle.recorded_error(doc, restatement(doc, request)))
         if dispatched(outcome.before, request, request_id):
             # The functions' dispatch of this doc, perhaps from before a later call restated it: a wake-up. The job
             # runs as its doc now states it (the runner reads the doc it claims), whatever this input says.

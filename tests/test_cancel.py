@@ -791,3 +791,23 @@ def test_an_empty_file_uid_or_media_type_is_required_as_a_missing_one(firestore_
             dispatch.cancel(firestore_client, uid="owner", data=data)
         assert (refused.value.code, refused.value.message) == ("invalid-argument", message), data
     assert read(firestore_client, JobKey("owner", "images", "e"))["status"] == "queued"
+
+
+def test_a_refused_call_that_fails_a_queued_job_an_earlier_try_ran_leaves_no_objects(firestore_client, results, bucket):
+    """Queued again after a try whose worker died mid-upload (released), the client's own doc is failed by a
+    generateWithRunPod call naming its file_uid with a parameter the contract refuses (`_record_refusal`): what
+    the gone try uploaded goes, as a cancel, the sweep or a worker's drop ending such a job removes it."""
+    from runpod_client import RunPodClient
+
+    key = JobKey("u1", "images", "ran-then-refused")
+    queue_jobs(firestore_client, [key], num_images_per_prompt=2, attempts=1, releases=1)
+    png = (b"\x89PNG\r\n\x1a\n" + b"pixels" * 40, "png", "image/png")
+    results.upload("u1", key.file_uid, "text2image", [png, png])
+    assert len(objects(bucket)) == 2
+    nobody = RunPodClient("http://127.0.0.1:9/runsync", "k" * 16, attempts=1, timeout=1.0, deadline=1.0)
+    data = {"file_uid": key.file_uid, "prompt": "A red sports car", "width": 2000}
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.generate(firestore_client, nobody, uid="u1", data=data, bucket=lambda: bucket)
+    assert refused.value.code == "invalid-argument"
+    assert read(firestore_client, key)["error_type"] == "ValidationError"
+    wait_until(lambda: objects(bucket) == [], timeout=15)

@@ -368,6 +368,31 @@ def test_a_cancelled_queued_jobs_drop_whose_answer_was_lost_is_still_this_drop(f
     assert read(firestore_client, other)["error_type"] == "Cancelled"
 
 
+def test_a_jobs_end_whose_answer_was_lost_still_removes_what_an_earlier_try_left(firestore_client, monkeypatch):
+    """A review: a claim that failed a job (cancelled, past its attempts) and a drop of a cancelled one, their commit
+    landed and its answer lost, read the job failed already: the claim said nothing and neither told of the earlier
+    try's uploads (`on_ended_after_run`), which stayed in the bucket, no doc's."""
+    ended: list[JobKey] = []
+    cancelled = JobKey(KEY.user_id, KEY.media_type, "cancelled-after-a-try")
+    given_up = JobKey(KEY.user_id, KEY.media_type, "past-its-attempts")
+    dropped = JobKey(KEY.user_id, KEY.media_type, "dropped-after-a-try")
+    queue(firestore_client, cancelled, cancel_requested=True, attempts=1)
+    queue(firestore_client, given_up, attempts=3)
+    queue(firestore_client, dropped, cancel_requested=True, releases=1)
+    jobs = store(firestore_client)
+    jobs.on_ended_after_run = ended.append
+    for key in (cancelled, given_up):
+        LostAnswer(monkeypatch)
+        assert jobs.claim(key) is None
+    LostAnswer(monkeypatch)
+    assert jobs.drop(dropped)
+    assert ended == [cancelled, given_up, dropped]
+    assert [read(firestore_client, key)["error_type"] for key in ended] == ["Cancelled", "Exception", "Cancelled"]
+    # Another worker's claim of a job failed already is not its end: nothing told.
+    assert store(firestore_client, worker="w2").claim(cancelled) is None
+    assert ended == [cancelled, given_up, dropped]
+
+
 def test_a_drop_that_another_cancel_beat_is_not_this_drop(firestore_client, monkeypatch):
     """The owner's cancel (the function's) lands between this drop's read and its commit: the drop's own try
     failed, so the job failed as the function wrote it is not this drop's, and it says nothing."""

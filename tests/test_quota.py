@@ -1064,6 +1064,29 @@ def test_the_callable_restates_the_clients_placeholder_doc(firestore_client):
     )
 
 
+def test_a_failed_job_called_again_with_other_parameters_is_told_to_come_as_a_new_job(firestore_client):
+    """An audit: after an out-of-memory failure, the call "fixed" (smaller) under the same file_uid read the old
+    error back, as if the smaller job had run out of memory too. The same call again reads it as it is."""
+    key = write_client_doc(firestore_client, "oom-then-smaller", width=1024)
+    firestore_client.document(key.path).update(
+        {"status": "failed", "error": True, "error_type": "OutOfMemoryError", "error_message": OOM, "attempts": 1}
+    )
+    data = {"prompt": doc(firestore_client, key)["prompt"], "file_uid": "oom-then-smaller", "width": 1024}
+    with pytest.raises(dispatch.CallError) as same:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data)
+    assert (same.value.code, same.value.message) == ("failed-precondition", OOM)
+    with pytest.raises(dispatch.CallError) as smaller:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data={**data, "width": 512})
+    assert (smaller.value.code, smaller.value.message) == (
+        "failed-precondition",
+        f"{OOM}; it failed with other parameters (width), so send them as a new job (a new file_uid)",
+    )
+    assert doc(firestore_client, key)["width"] == 1024
+
+
+OOM = "CUDA Out of Memory during image generation"
+
+
 def test_a_job_refused_for_its_request_comes_back_fixed_even_past_a_full_slot(firestore_client):
     """The day's review: a client's admitted doc, failed by its refused request (refunded), then sent again fixed
     while its user was full: refused `QuotaExceeded` but left `quota_admitted`, so it could never come back,

@@ -23,7 +23,7 @@ from PIL import Image
 
 from devtools import emulators as emu
 from firegen_core import workers
-from firegen_core.claims import WorkerJobs
+from firegen_core.claims import Renewal, WorkerJobs
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey
 from firegen_core.quota import Limits
@@ -1537,7 +1537,7 @@ class CountingRenewals:
 
     def renew(self, job, progress=None):
         self.renewals += 1
-        return True
+        return Renewal(held=True)  # what WorkerJobs.renew answers (a bare True raised in the heartbeat's thread)
 
 
 def test_a_heartbeat_past_its_deadline_while_the_completion_is_written_renews_at_its_pace():

@@ -474,13 +474,22 @@ def test_a_failed_job_answers_with_its_recorded_error(stack):
             "status": "failed",
             "error": True,
             "generated": False,
-            "prompt": "x",
+            "prompt": IMAGE_EXAMPLE["input"]["prompt"],
             "error_message": "Out of memory during generation",
             "error_type": "OutOfMemoryError",
         }
     )
     answer = stack.runsync({"input": {**IMAGE_EXAMPLE["input"], "file_uid": "failed-before"}})
     assert (answer["status"], answer["error"]) == ("FAILED", "Out of memory during generation")
+    assert stack.doc(path)["status"] == "failed"
+    # The contract's "fix parameters and retry" under the same file_uid: told why the old error comes back (an
+    # audit: it read as if the smaller request had run out of memory too).
+    smaller = stack.runsync({"input": {**IMAGE_EXAMPLE["input"], "file_uid": "failed-before", "width": 256}})
+    assert (smaller["status"], smaller["error"]) == (
+        "FAILED",
+        "Out of memory during generation; it failed with other parameters (width), so send them as a new job "
+        "(a new file_uid)",
+    )
     assert stack.doc(path)["status"] == "failed"
 
 
