@@ -174,6 +174,12 @@ class Outcome:
         return _present(quota.merged(self.before, self.written or {}))
 
     @property
+    def ended_after_a_run(self) -> bool:
+        """This transition failed a job a try of which ran: what that try uploaded is no doc's. A runner still
+        alive removes its own once its completion is refused; a gone one's is the caller's to remove."""
+        return (self.written or {}).get("status") == lifecycle.FAILED and quota.ran(self.before or {})
+
+    @property
     def displaced(self) -> Lease | None:
         """The claim this transition took the job from (a running job queued again), whose run must stop."""
         before = self.before

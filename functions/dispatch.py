@@ -285,7 +285,7 @@ def _record_refusal(
         return
     # A queued job an earlier try ran (its worker gone mid-upload, then released), failed here: what that try
     # uploaded is no doc's, as where a cancel, the sweep or a worker's drop ends such a job.
-    if outcome.applied and quota.ran(outcome.before or {}) and bucket is not None:
+    if outcome.ended_after_a_run and bucket is not None:
         remove_left_behind(bucket, key)
 
 
@@ -474,6 +474,8 @@ def generate(
 
     outcome = marking.transition(store, key, decide, admit=True)
     doc = outcome.after
+    if outcome.ended_after_a_run and bucket is not None:
+        remove_left_behind(bucket, key)  # a queued job an earlier try ran, cancelled by this call's restatement
     if doc.get("status") == lifecycle.FAILED:
         # Refused just now for the user's limits, or failed before (a retried call): report it.
         raise _failed_call(doc, restatement(doc, request))

@@ -142,6 +142,8 @@ class RunsyncHandler:
             return rejected(NOT_RECORDED)
         if outcome.displaced is not None and self.preempt is not None:
             self.preempt(key, outcome.displaced)
+        if outcome.ended_after_a_run and self.store.on_ended_after_run is not None:
+            self.store.on_ended_after_run(key)  # a queued job an earlier try ran, cancelled by this restatement
         doc = outcome.after
         if not doc:  # nothing created: a late dispatch of a job its owner deleted (dispatches.tombstone)
             log.info("request_refused", user_id=key.user_id, file_uid=key.file_uid, deleted=True)
