@@ -323,6 +323,11 @@ def _answer(function: str, uid: str | None, call: Callable[[], dict]) -> dict:
     except dispatch.CallError as exc:
         _functions_log.info(function, extra={"user_id": uid, "refused": exc.code, "error": exc.message})
         raise https_fn.HttpsError(https_fn.FunctionsErrorCode(exc.code), exc.message) from None
+    except Exception:
+        # A bug, or a failure nothing above answers: the SDK's own entry was "Unhandled error: <the text>" alone,
+        # with no traceback (Error Reporting takes none without one), no function and no user. The same answer.
+        _functions_log.exception(function, extra={"user_id": uid, "refused": "internal"})
+        raise https_fn.HttpsError(https_fn.FunctionsErrorCode.INTERNAL, "INTERNAL") from None
     # Named as the worker's entries and the other functions' name a job (snake case), not as the reply does.
     fields = {
         "user_id": uid,

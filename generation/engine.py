@@ -169,6 +169,15 @@ def quiet_loading() -> None:
         library.disable_progress_bar()
         library.disable_default_handler()
         library.enable_propagation()
+    # torch's own loggers (torch, torch._dynamo, torch._inductor, symbolic shapes, ...) get a plain-text stderr
+    # handler and no propagation at torch's import (torch._logging): the background compile's warnings, and what
+    # torchao's import says with FIREGEN_FP8=on, came out as `W1206 11:58:14.077000 ...] ...`, a line per line.
+    from torch._logging import _internal as torch_logs
+
+    for name in torch_logs.log_registry.get_log_qnames():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
     logging.getLogger("transformers.utils.import_utils").addFilter(_not_the_torchvision_fallback)
 
 

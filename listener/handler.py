@@ -42,11 +42,14 @@ from firegen_core.contract import (
 from firegen_core.dispatches import dispatched
 from firegen_core.errors import (
     DELETED_MESSAGE,
+    EXCEPTION,
     NOT_RECORDED,
+    RUNTIME_ERROR,
     VALIDATION_ERROR,
     GenerationError,
     Interrupted,
     classify,
+    failure_level,
 )
 from firegen_core.jobs import JobKey, Misfiled, stated_request
 from firegen_core.lifecycle import Lease
@@ -261,8 +264,8 @@ class RunsyncHandler:
         ends the generation at its next step."""
         ids = {name: value for name in ("user_id", "file_uid") if (value := getattr(request, name))}
 
-        def refused(message: str, **why: str) -> dict[str, Any]:
-            log.info("request_refused", inline=True, **why, **ids)
+        def refused(message: str, level: str = "info", **why: Any) -> dict[str, Any]:
+            getattr(log, level)("request_refused", inline=True, **why, **ids)
             return rejected(message)
 
         if self.generator is None:
@@ -284,7 +287,11 @@ class RunsyncHandler:
             return refused("The worker stopped before the generation finished; please retry", reason=why)
         except Exception as exc:
             error = classify(exc)
-            return refused(error.message, error_type=error.error_type)
+            # At the level a queued job's failure of this type is said (`job_failed`): an out-of-memory or a bug is
+            # the operator's, whichever door the request came by.
+            level = failure_level(error.error_type)
+            trace: dict[str, Any] = {"exc_info": exc} if error.error_type in (RUNTIME_ERROR, EXCEPTION) else {}
+            return refused(error.message, level, error_type=error.error_type, error_message=error.message, **trace)
         encoded = [base64.b64encode(data).decode("ascii") for data, *_ in result.files]
         output: dict[str, Any] = {
             "generated": True,

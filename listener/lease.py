@@ -20,7 +20,14 @@ import structlog
 from firegen_core import lifecycle
 from firegen_core.claims import WorkerJobs
 from firegen_core.dispatches import RUNPOD_JOB_ID
-from firegen_core.errors import CANCELLED, CANCELLED_MESSAGE, GenerationError, failure_level
+from firegen_core.errors import (
+    CANCELLED,
+    CANCELLED_MESSAGE,
+    EXCEPTION,
+    RUNTIME_ERROR,
+    GenerationError,
+    failure_level,
+)
 from firegen_core.jobs import ClaimedJob
 
 log = structlog.get_logger("listener.lease")
@@ -194,9 +201,14 @@ def job_ids(job: ClaimedJob) -> dict[str, Any]:
     return {**ids, "requestId": request_id} if isinstance(request_id, str) and request_id else ids
 
 
-def log_failure(error_type: str, message: str, job: ClaimedJob, **more: object) -> None:
-    """A job's end as failed: `job_failed`, at the level its error type says (errors.failure_level)."""
+def log_failure(
+    error_type: str, message: str, job: ClaimedJob, cause: BaseException | None = None, **more: object
+) -> None:
+    """A job's end as failed: `job_failed`, at the level its error type says (errors.failure_level); where an
+    exception nothing expected caused it (a bug, a library's), its traceback in `exception`."""
     level = failure_level(error_type)
+    if cause is not None and error_type in (RUNTIME_ERROR, EXCEPTION):
+        more["exc_info"] = cause
     getattr(log, level)("job_failed", error_type=error_type, error_message=message, **more, **job_ids(job))
 
 

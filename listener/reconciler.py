@@ -439,7 +439,7 @@ class Reconciler:
                 if not self._dispatch():
                     return
             except Exception as exc:  # a dead dispatch thread leaves a worker that listens and never claims again
-                log.error("claim_loop_error", error=repr(exc))
+                log.error("claim_loop_error", error=repr(exc), exc_info=exc)
                 self._stopping.wait(DISPATCH_RETRY_SECONDS)
 
     def _dispatch(self) -> bool:
@@ -570,7 +570,9 @@ class Reconciler:
                     with self._renewing(waiting):
                         outcomes = self.runner.run_batch(batch) if batch else []
                 except Exception as exc:  # a bug in one group: the others still run (a review: left to their leases)
-                    log.error("job_runner_crashed", error=repr(exc), paths=[job.key.path for job, _ in batch])
+                    log.error(
+                        "job_runner_crashed", error=repr(exc), exc_info=exc, paths=[job.key.path for job, _ in batch]
+                    )
                     continue
                 with self._cv:
                     self._finished += sum(outcome in (RunOutcome.COMPLETED, RunOutcome.FAILED) for outcome in outcomes)
@@ -578,7 +580,7 @@ class Reconciler:
                     job.key for (job, _), outcome in zip(batch, outcomes, strict=True) if outcome == RunOutcome.LOST
                 ]
         except BaseException as exc:  # never let a job thread die silently with a slot held
-            log.error("job_runner_crashed", error=repr(exc), paths=[job.key.path for job, _ in jobs])
+            log.error("job_runner_crashed", error=repr(exc), exc_info=exc, paths=[job.key.path for job, _ in jobs])
         finally:
             self._settle([job.key for job, _ in jobs])
         for key in lost:

@@ -238,7 +238,7 @@ class JobRunner:
                 try:
                     return self._deliver(run, result, seconds, patient_until)
                 except Exception as exc:  # its lease lapses and another try runs it; the batch's others go on
-                    log.error("job_runner_crashed", error=repr(exc), **job_ids(run.job))
+                    log.error("job_runner_crashed", error=repr(exc), exc_info=exc, **job_ids(run.job))
                     return RunOutcome.LOST
 
             if len(runs) <= 1:
@@ -268,7 +268,7 @@ class JobRunner:
         except Interrupted as exc:
             return [exc] * len(runs)
         except Exception as exc:
-            return [classify(exc)] * len(runs)
+            return [_caused(exc)] * len(runs)
 
     def _deliver(self, run: _Run, result: Any, generation_seconds: float, patient_until: float) -> RunOutcome:
         """Upload a generated job's files and complete it; or fail, stop or release it. The job's heartbeat
@@ -349,7 +349,12 @@ class JobRunner:
                 # back to the queue and the worker leaves; its replacement's start-up check says what is wrong.
                 self.on_storage_refused(exc)
                 return release(self.store, job)
-            outcome = self._fail(job, classify(exc))
+            outcome = self._fail(
+                job,
+                _caused(exc),
+                task_type=request.task_type,
+                seconds=round(time.monotonic() - run.started, 3),
+            )
             gone = isinstance(exc, StorageUnavailable)  # Storage away: removing would wait out its retries too
             if outcome == RunOutcome.FAILED and (uploading or job.lease.attempt > 1) and not gone:
                 # No doc names them: what this try uploaded before it failed (a job's files go up at once), or an
@@ -442,11 +447,11 @@ class JobRunner:
             finally:
                 self._heartbeats.discard(heartbeat)
 
-    def _fail(self, job: ClaimedJob, error: GenerationError) -> RunOutcome:
+    def _fail(self, job: ClaimedJob, error: GenerationError, **more: Any) -> RunOutcome:
         if not self._while_held(job, lambda: self.store.fail(job, error)):
             # Not this claim's job any more: nothing was failed (a restated job's `job_preempted` came first).
             return self._lost(job, reason="no longer this claim's (restated, or taken over); nothing written")
-        log_failure(error.error_type, error.message, job)
+        log_failure(error.error_type, error.message, job, cause=error.__cause__, **more)
         return RunOutcome.FAILED
 
     def _remove_results(self, job: ClaimedJob, request: GenerationRequest, *, every: bool = False) -> None:
@@ -569,3 +574,11 @@ def _queue_seconds(job: ClaimedJob) -> float:
     if created is None or not hasattr(created, "timestamp"):
         return 0.0
     return max(job.claimed_at.timestamp() - created.timestamp(), 0.0)
+
+
+def _caused(exc: Exception) -> GenerationError:
+    """`classify(exc)`, keeping `exc` as its cause: the log line of a job a bug failed shows where it was raised."""
+    error = classify(exc)
+    if error is not exc and error.__cause__ is None:
+        error.__cause__ = exc
+    return error

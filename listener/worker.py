@@ -148,7 +148,12 @@ class Worker:
     # --- a broken accelerator ---------------------------------------------------------------------------------
     def device_failed(self, exc: BaseException) -> None:
         """A job hit a CUDA error: stop claiming, and have the process leave."""
-        self._leave("device_failed", f"device failure: {type(exc).__name__}", error_type=type(exc).__name__)
+        self._leave(
+            "device_failed",
+            f"device failure: {type(exc).__name__}",
+            error_type=type(exc).__name__,
+            error=" ".join(str(exc).split())[:300],  # which CUDA error: an ECC error is the host's, an assert ours
+        )
 
     def storage_refused(self, exc: BaseException) -> None:
         """The bucket refused a job's upload for want of access: every later job's would be refused too, after
