@@ -188,8 +188,10 @@ def recorded_error(doc: Doc, changes: Iterable[str] = ()) -> str:
     message = doc.get("error_message") or "Generation failed"
     if doc.get("error_type") == VALIDATION_ERROR and not refused(doc):
         return f"{message}; {RAN_BEFORE_REFUSAL}"
-    # A cancel's message says why on its own: the request's parameters were never the job's to run.
-    if changes and not refused(doc) and doc.get("error_type") != CANCELLED:
+    # A cancel's message says why on its own: the request's parameters were never the job's to run. So does a
+    # budget refusal of a job that ran: a restatement past the budget leaves the doc's old parameters, so this very
+    # request's refusal would read as an earlier run's failure (and its code turn failed-precondition).
+    if changes and not refused(doc) and doc.get("error_type") not in (CANCELLED, QUOTA_EXCEEDED):
         return f"{message}; {FAILED_OTHERWISE.format(', '.join(changes))}"
     return message
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -172,12 +173,15 @@ def quiet_loading() -> None:
     # torch's own loggers (torch, torch._dynamo, torch._inductor, symbolic shapes, ...) get a plain-text stderr
     # handler and no propagation at torch's import (torch._logging): the background compile's warnings, and what
     # torchao's import says with FIREGEN_FP8=on, came out as `W1206 11:58:14.077000 ...] ...`, a line per line.
-    from torch._logging import _internal as torch_logs
+    # Not where an operator asked torch for its own output (TORCH_LOGS, TORCH_LOGS_OUT): it comes at DEBUG, which the
+    # worker's handler (LOG_LEVEL, INFO by default) drops, and TORCH_LOGS_OUT's file handler would be taken out.
+    if not (os.environ.get("TORCH_LOGS") or os.environ.get("TORCH_LOGS_OUT")):
+        from torch._logging import _internal as torch_logs
 
-    for name in torch_logs.log_registry.get_log_qnames():
-        logger = logging.getLogger(name)
-        logger.handlers[:] = []
-        logger.propagate = True
+        for name in torch_logs.log_registry.get_log_qnames():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = []
+            logger.propagate = True
     logging.getLogger("transformers.utils.import_utils").addFilter(_not_the_torchvision_fallback)
 
 

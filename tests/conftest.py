@@ -45,6 +45,19 @@ EMULATOR_FIXTURES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _pytests_exception_hooks():
+    """A test that calls listener.logs.configure() in-process sets threading.excepthook and sys.excepthook for good:
+    pytest's own thread hook (pyproject: a thread that dies of an exception fails its test) would be gone for every
+    later test of the process. Set back after each test."""
+    import sys
+    import threading
+
+    hooks = threading.excepthook, sys.excepthook
+    yield
+    threading.excepthook, sys.excepthook = hooks
+
+
 def pytest_configure(config):
     # Under pytest-xdist (`make test` runs the suite in parallel processes), each process and the subprocesses it
     # starts pick free ports from a slice of their own.

@@ -133,3 +133,25 @@ def test_torchs_own_loggers_write_json_events_not_plain_text():
         ("torch._inductor.utils", "WARNING"),
     ], events
     assert events[0]["message"] == "torch._dynamo hit config.recompile_limit (8)\n   x"
+
+
+TORCH_LOGS_ASKED = """
+import logging
+from listener.logs import configure
+configure("w1", "INFO")
+from generation.engine import quiet_loading
+quiet_loading()
+from torch._logging import _internal as torch_logs
+torch_logs.getArtifactLogger("torch._dynamo.guards", "recompiles").debug("Recompiling function forward: x changed")
+"""
+
+
+def test_torch_logs_an_operator_asks_for_are_still_written():
+    """TORCH_LOGS=recompiles (or +dynamo) sets torch's loggers to DEBUG and torch's handler wrote them; routed to the
+    worker's handler, which stops at LOG_LEVEL (INFO), they went nowhere."""
+    env = {**os.environ, "TORCH_LOGS": "recompiles"}
+    done = subprocess.run(
+        [sys.executable, "-c", TORCH_LOGS_ASKED], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Recompiling function forward: x changed" in done.stdout + done.stderr, done

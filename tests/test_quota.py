@@ -1229,3 +1229,28 @@ def test_lowered_counts_are_written_where_the_job_is_still_refused(firestore_cli
     assert counts(firestore_client) == (0, 1)
     [recounted] = [record for record in caplog.records if record.getMessage() == "usage_recounted"]
     assert recounted.pending == [3, 1]
+
+
+def test_a_restatement_refused_for_the_budget_after_a_run_is_not_told_it_failed_with_other_parameters(
+    firestore_client,
+):
+    """The request whose own parameters were refused (its restatement past the daily budget, the job having run)
+    is answered the refusal, as `resource-exhausted`: not "it failed with other parameters (...)", which reads as
+    if an earlier run had failed, and the same request sent again answers the same."""
+    key = write_client_doc(firestore_client, "refused-restated")
+    limits = Limits(daily_budget=quota.estimate(request("x")) * 3.5)
+    JobStore(firestore_client, limits=limits).ensure_queued(request("refused-restated"))
+    JobStore(firestore_client, limits=limits).ensure_queued(request("another-one"))
+    worker = WorkerJobs(firestore_client, worker_id="w-1", limits=limits)
+    job = worker.claim(key)
+    assert job is not None and worker.release(job)["status"] == "queued"
+    bigger = {"prompt": "a red car", "file_uid": "refused-restated", "width": 1024, "height": 1024}
+    bigger["num_inference_steps"] = 35
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=bigger, limits=limits)
+    after = doc(firestore_client, key)
+    assert after["error_type"] == "QuotaExceeded" and after["error_message"].endswith(RAN_BEFORE), after
+    assert (refused.value.code, refused.value.message) == ("resource-exhausted", after["error_message"])
+    handler = RunsyncHandler(WorkerJobs(firestore_client, worker_id="w-api", limits=limits), submit=None)
+    answer = handler.handle({**bigger, "user_id": USER, "use_cloud_storage": True})
+    assert answer == {"error": after["error_message"], "status": "failed"}
