@@ -115,13 +115,16 @@ class Page:
         self.uid = self.page.evaluate("document.body.dataset.uid")
         # Until its jobs' listeners have the server's first answer, where they get one: a doc a test writes while a
         # listener's query is still being set up was never delivered once (the emulator's; the page saw "No jobs
-        # yet." for good). A page whose listeners cannot answer (offline, refused) is the test's to look at.
+        # yet." for good). A refusal is an answer too (the page says its jobs stopped updating): no listener is being
+        # set up then, and waiting on would only run out the timeout. A page whose listeners cannot answer (offline,
+        # out of reach) is the test's to look at.
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
         with contextlib.suppress(PlaywrightTimeout):
             self.page.wait_for_function(
                 "() => document.getElementById('no-jobs').hidden || "
-                "document.getElementById('no-jobs').textContent === 'No jobs yet.'",
+                "document.getElementById('no-jobs').textContent === 'No jobs yet.' || "
+                "document.getElementById('connection-news').textContent.startsWith('Your jobs stopped updating')",
                 timeout=20_000,
             )
 
