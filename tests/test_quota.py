@@ -1018,16 +1018,23 @@ def test_the_functions_dispatch_arriving_after_a_cancel_is_a_wake_up_and_the_job
     assert usage(firestore_client)["spent_today"] == 0 and counts(firestore_client) == (0, 0)
 
 
+def released_near_the_budget(client, file_uid: str) -> tuple[JobKey, Limits]:
+    """A client's job that ran until its worker released it, its user's day spent but for a bit more than it: a
+    bigger restatement of it is past the daily budget."""
+    key = write_client_doc(client, file_uid)
+    limits = Limits(daily_budget=quota.estimate(request("x")) * 3.5)
+    JobStore(client, limits=limits).ensure_queued(request(file_uid))
+    JobStore(client, limits=limits).ensure_queued(request(f"another-than-{file_uid}"))
+    worker = WorkerJobs(client, worker_id="w-1", limits=limits)
+    job = worker.claim(key)
+    assert job is not None and worker.release(job)["status"] == "queued"
+    return key, limits
+
+
 def test_a_released_job_restated_past_the_daily_budget_is_told_to_come_back_as_a_new_job(firestore_client):
     """A release gives the try back to `attempts` but the job ran on a GPU until it (`releases`): it keeps its
     answer, so its refusal says to come back under a new file_uid, and its file_uid answers so for good."""
-    key = write_client_doc(firestore_client, "released-then-over")
-    limits = Limits(daily_budget=quota.estimate(request("x")) * 3.5)
-    JobStore(firestore_client, limits=limits).ensure_queued(request("released-then-over"))
-    JobStore(firestore_client, limits=limits).ensure_queued(request("another"))
-    worker = WorkerJobs(firestore_client, worker_id="w-1", limits=limits)
-    job = worker.claim(key)
-    assert job is not None and worker.release(job)["status"] == "queued"
+    key, limits = released_near_the_budget(firestore_client, "released-then-over")
     assert doc(firestore_client, key)["attempts"] == 0  # the try given back: only `releases` says it ran
     bigger = request("released-then-over", width=1024, height=1024, num_inference_steps=35)
     after = JobStore(firestore_client, limits=limits).ensure_queued(bigger).after
@@ -1237,13 +1244,7 @@ def test_a_restatement_refused_for_the_budget_after_a_run_is_not_told_it_failed_
     """The request whose own parameters were refused (its restatement past the daily budget, the job having run)
     is answered the refusal, as `resource-exhausted`: not "it failed with other parameters (...)", which reads as
     if an earlier run had failed, and the same request sent again answers the same."""
-    key = write_client_doc(firestore_client, "refused-restated")
-    limits = Limits(daily_budget=quota.estimate(request("x")) * 3.5)
-    JobStore(firestore_client, limits=limits).ensure_queued(request("refused-restated"))
-    JobStore(firestore_client, limits=limits).ensure_queued(request("another-one"))
-    worker = WorkerJobs(firestore_client, worker_id="w-1", limits=limits)
-    job = worker.claim(key)
-    assert job is not None and worker.release(job)["status"] == "queued"
+    key, limits = released_near_the_budget(firestore_client, "refused-restated")
     bigger = {"prompt": "a red car", "file_uid": "refused-restated", "width": 1024, "height": 1024}
     bigger["num_inference_steps"] = 35
     with pytest.raises(dispatch.CallError) as refused:
