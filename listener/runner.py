@@ -188,7 +188,7 @@ class JobRunner:
                 request = parse_document(job.key.user_id, job.key.media_type, job.key.file_uid, job.doc)
             except Exception as exc:
                 outcomes[index] = (
-                    quietly(lambda exc=exc, job=job: self._fail(job, classify(exc)), job) or RunOutcome.LOST
+                    quietly(lambda exc=exc, job=job: self._fail(job, _caused(exc)), job) or RunOutcome.LOST
                 )
                 continue
             parsed[index] = (job, cancel or threading.Event(), request)

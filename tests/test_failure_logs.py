@@ -13,15 +13,16 @@ from types import SimpleNamespace
 
 import pytest
 import structlog
-from fixtures_scheduling import StubGenerator, results  # noqa: F401  (fixtures)
+from fixtures_scheduling import StubGenerator, read, results  # noqa: F401  (fixtures)
 from test_reconciler import write_job
 
 from devtools import firebase_cli
 from firegen_core.claims import WorkerJobs
 from firegen_core.jobs import JobKey
 from listener import handler as handler_module
+from listener import lease as lease_module
+from listener import runner as runner_module
 from listener.handler import RunsyncHandler
-from listener.logs import configure
 from listener.runner import JobRunner
 from listener.worker import Worker
 
@@ -34,19 +35,42 @@ class Buggy(StubGenerator):
         return pipeline["unet"]  # a bug of ours
 
 
-def test_a_job_a_bug_failed_logs_where_it_was_raised(firestore_client, results, capsys):
+def job_failed(monkeypatch, run) -> dict:
+    """The `job_failed` entry `run()` logs, its traceback formatted as the worker's JSON chain does. Captured, not
+    configured: the worker's configuration in this process would bind loggers that cache it (structlog's
+    `cache_logger_on_first_use`) to this test's output, closed after it, for every later test of the process."""
+    monkeypatch.setattr(lease_module, "log", structlog.get_logger("listener.lease"))
+    with structlog.testing.capture_logs() as logs:
+        run()
+    [failed] = [line for line in logs if line["event"] == "job_failed"]
+    return structlog.processors.format_exc_info(None, "error", failed)
+
+
+def test_a_job_a_bug_failed_logs_where_it_was_raised(firestore_client, results, monkeypatch):
     """`job_failed` said `Unexpected error during generation: 'unet'` at ERROR, and nothing of where, nor what kind
     of job ran how long."""
-    configure("w1", "INFO")
     key = JobKey("u1", "images", "buggy")
     write_job(firestore_client, key)
     store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
-    assert JobRunner(store, Buggy(), results).run(store.claim(key)) == "failed"
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    [failed] = [line for line in lines if line["event"] == "job_failed"]
-    assert (failed["severity"], failed["error_type"]) == ("ERROR", "Exception")
+    failed = job_failed(monkeypatch, lambda: JobRunner(store, Buggy(), results).run(store.claim(key)))
+    assert (failed["log_level"], failed["error_type"]) == ("error", "Exception")
     assert "in generate" in failed["exception"] and "KeyError: 'unet'" in failed["exception"]
     assert failed["task_type"] == "text2image" and failed["seconds"] >= 0
+    assert read(firestore_client, key)["status"] == "failed"
+
+
+def test_a_job_whose_document_a_bug_could_not_read_logs_where_it_was_raised(firestore_client, results, monkeypatch):
+    """The same where reading the job's document raised (a stand-in for a bug there: none is known to raise)."""
+
+    def unreadable(*args):
+        return {}["width"]
+
+    monkeypatch.setattr(runner_module, "parse_document", unreadable)
+    key = JobKey("u1", "images", "unreadable")
+    write_job(firestore_client, key)
+    store = WorkerJobs(firestore_client, worker_id="w1", lease_seconds=30)
+    failed = job_failed(monkeypatch, lambda: JobRunner(store, StubGenerator(), results).run(store.claim(key)))
+    assert "in unreadable" in failed["exception"] and "KeyError: 'width'" in failed["exception"]
 
 
 # A callable whose dispatch raises what nothing answers, called as the Functions SDK calls it.
