@@ -14,6 +14,10 @@ PYTEST_ARGS ?=
 # The suite's processes (pytest-xdist, a file's tests in one): the tests mostly wait on emulators and
 # subprocesses, so two share two cores well; more cores, up to four.
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(min(4, max(2, n or 2)))")
+# A test process that dies (a segfault in a C extension) fails its test and ends the run: pytest-xdist 3.8 puts
+# a replacement process in its place, which under --dist loadfile can wait forever for work (pytest-xdist
+# #1378): a CI run timed out so after a gRPC segfault.
+XDIST_ARGS = -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0
 
 .PHONY: venv firebase-cli web web-types dev submit lint test bench clean
 
@@ -62,7 +66,7 @@ lint: $(STAMP)
 # --browser: Debian's chromium (apt-get) for the browser tests, which Playwright drives.
 test: $(STAMP) firebase-cli lint
 	$(PYTHON) scripts/setup_web.py --browser
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST_ARGS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -594,9 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"web app: {info.web_url}" if info.web_url else f"web app: not served ({web.missing()})")
         client = None
         if not args.no_examples:
-            client = Client(info)
             t1 = time.monotonic()
-            run_examples(client, cli=info.functions is not None, watch=stack.watch)
+            with Client(info) as client:
+                run_examples(client, cli=info.functions is not None, watch=stack.watch)
             done = f"{client.failures} of the 2 examples failed" if client.failures else "both examples done"
             say(
                 f"\n{done} in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s after start); "

@@ -13,6 +13,7 @@ from it, and none may carry it after the stack exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from unittest import mock
@@ -480,6 +481,19 @@ def firestore_only(firestore_emulator, firestore_client, **more) -> StackInfo:
     )
 
 
+@contextlib.contextmanager
+def writing(worker: Callable[[], None]) -> Iterator[None]:
+    """`worker` (what a worker writes) in a thread of its own, ended before the test's Firestore client closes,
+    failed or not: a call in flight on a gRPC channel being closed can crash the test process (a CI run's did)."""
+    helper = threading.Thread(target=worker, daemon=True)
+    helper.start()
+    try:
+        yield
+    finally:
+        helper.join(60)
+        assert not helper.is_alive(), "the worker's writes did not end"
+
+
 def test_the_client_sees_the_end_of_a_job_its_listener_missed(firestore_emulator, firestore_client, capsys):
     """The emulator's Listen stream for a doc can stall around the doc's first write (seen under `make dev --once`:
     the worker completed the video while its listener never got a message after the queued doc, and the client
@@ -502,13 +516,9 @@ def test_the_client_sees_the_end_of_a_job_its_listener_missed(firestore_emulator
         doc.update({"status": "processing", "progress": 0.5})
         doc.update({"status": "completed", "progress": 1.0, "generated": True, "images": []})
 
-    helper = threading.Thread(target=worker, daemon=True)
-    helper.start()
-    with mock.patch.object(DocumentReference, "on_snapshot", stalling):
-        client = Client(info)
+    with writing(worker), mock.patch.object(DocumentReference, "on_snapshot", stalling), Client(info) as client:
         started = time.monotonic()
         final = client.generate(request, via="document", timeout=30)
-    helper.join(30)
     said = capsys.readouterr().out
     assert final is not None and final["status"] == "completed", said
     assert client.failures == 0 and time.monotonic() - started < 20, said
@@ -533,11 +543,8 @@ def test_a_client_that_stops_waiting_says_where_the_job_stands(firestore_emulato
         doc.update({"status": "processing", "progress": 1.0})
         written.set()
 
-    helper = threading.Thread(target=worker, daemon=True)
-    helper.start()
-    client = Client(info)
-    final = client.generate(request, via="document", timeout=3)
-    helper.join(30)
+    with writing(worker), Client(info) as client:
+        final = client.generate(request, via="document", timeout=3)
     said = capsys.readouterr().out
     assert written.is_set() and final is None and client.failures == 1, said
     assert re.search(r"^\[long-1\]\s+[\d.]+s  processing 100%, finishing$", said, re.M), said
