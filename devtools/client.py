@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
+from devtools.emulators import close_firestore
 from firegen_core.contract import ContractError, media_type_of, normalise_document_fields, parse_runsync_input
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,9 +127,8 @@ class Client:
         self.db = firestore_client(info, self.token)
 
     def close(self) -> None:
-        """Close the Firestore client's gRPC channel now rather than whenever the garbage collector frees it, in
-        whatever thread is running then (a channel torn down under another thread's calls can crash the process)."""
-        self.db.close()
+        """Close the Firestore client's gRPC channel now rather than whenever the garbage collector frees it."""
+        close_firestore(self.db)
 
     def __enter__(self) -> Client:
         return self

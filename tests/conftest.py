@@ -172,7 +172,7 @@ def firestore_client(firestore_emulator, project_id, monkeypatch):
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", project_id)
     client = firestore.Client(project=project_id, credentials=AnonymousCredentials())
     yield client
-    client.close()
+    emu.close_firestore(client)
 
 
 @pytest.fixture

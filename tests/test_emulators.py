@@ -146,7 +146,18 @@ def test_firestore_restart_on_the_same_port(firestore_emulator, project_id):
         client.document("generations/u/images/f").set({"status": "queued"})
         assert client.document("generations/u/images/f").get().get("status") == "queued"
     finally:
-        client.close()
+        emu.close_firestore(client)
+
+
+def test_a_closed_firestore_client_has_its_grpc_channel_closed_too(firestore_emulator, project_id):
+    """The library's own close() ends only the HTTP session: the channel was left to the garbage collector, which
+    closes it in whatever thread collects it."""
+    client = firestore_emulator.client(project_id)
+    client.document("generations/u/images/f").set({"status": "queued"})
+    emu.close_firestore(client)
+    with pytest.raises(ValueError, match="Channel closed"):
+        client.document("generations/u/images/f").get(retry=None, timeout=5)
+    emu.close_firestore(firestore_emulator.client(project_id))  # a client that never called has no channel yet
 
 
 def test_storage_restart_keeps_data_and_serves_new_clients(bucket, storage_emulator, project_id):

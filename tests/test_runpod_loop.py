@@ -167,8 +167,11 @@ def image_input(file_uid: str, **more) -> dict:
 
 
 def doc(firestore_emulator, project, path: str) -> dict:
-    snapshot = firestore_emulator.client(project[0]).document(path).get()
-    return snapshot.to_dict() or {}
+    client = firestore_emulator.client(project[0])  # polled: each read's client closed, not left to the GC
+    try:
+        return client.document(path).get().to_dict() or {}
+    finally:
+        emu.close_firestore(client)
 
 
 def fault_worker(fault, firestore_emulator, storage_emulator, emulator_logs, cache, job_api, project) -> WorkerProcess:
@@ -201,7 +204,10 @@ def queue_in_firestore(firestore_emulator, project, file_uid: str) -> str:
     """A doc queued in Firestore (not RunPod's queue): its path."""
     path = f"generations/loop-user/images/{file_uid}"
     client = firestore_emulator.client(project[0])
-    client.document(path).set({**image_input(file_uid), "status": "queued", "created_at": SERVER_TIMESTAMP})
+    try:
+        client.document(path).set({**image_input(file_uid), "status": "queued", "created_at": SERVER_TIMESTAMP})
+    finally:
+        emu.close_firestore(client)
     return path
 
 
