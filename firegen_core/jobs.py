@@ -389,9 +389,10 @@ class JobStore:
         snapshot = self.ref(job.key).get(**BOUND)
         return lifecycle.holds(snapshot.to_dict() if snapshot.exists else None, job.lease)
 
-    def fail_unclaimed(self, key: JobKey, error: GenerationError) -> bool:
-        """Fail a queued job without running it (for example when the callable's request was rejected)."""
-        return self._fail_where(key, error, (lifecycle.QUEUED,), awaiting=False).applied
+    def fail_unclaimed(self, key: JobKey, error: GenerationError) -> Outcome:
+        """Fail a queued job without running it (for example when the callable's request was rejected); `.applied`
+        says whether it was still queued."""
+        return self._fail_where(key, error, (lifecycle.QUEUED,), awaiting=False)
 
     def fail_awaiting(self, key: JobKey, error: GenerationError) -> Outcome:
         """Fail a doc that awaits its request's parameters (`awaits_parameters`: the contract's function flow

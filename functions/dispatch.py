@@ -235,11 +235,6 @@ def runsync_input(request: GenerationRequest) -> dict[str, Any]:
     return {**request.runsync_parameters(), **ids}
 
 
-def _fail_queued(store: JobStore, key: JobKey, error_type: str, message: str) -> bool:
-    """Fail the job if it is still queued (a worker that already claimed it decides its fate)."""
-    return store.fail_unclaimed(key, GenerationError(error_type, message))
-
-
 def _record_refusal(
     store: JobStore,
     uid: str,
@@ -343,10 +338,16 @@ def _record_verdict(
 
 
 def deliver(
-    store: JobStore, runpod: RunPodClient, key: JobKey, request: GenerationRequest, count: int
+    store: JobStore,
+    runpod: RunPodClient,
+    key: JobKey,
+    request: GenerationRequest,
+    count: int,
+    bucket: Callable[[], Any] | None = None,
 ) -> tuple[Verdict, dict[str, Any] | None]:
     """POST the job (`count`: the dispatch_count this dispatch wrote); a refusal fails its doc (when still
-    queued), a failure to deliver is noted on it. The verdict, and the doc as it then stands (None: unread)."""
+    queued: a worker that already claimed it decides its fate), a failure to deliver is noted on it. The verdict,
+    and the doc as it then stands (None: unread)."""
     verdict = runpod.runsync(runsync_input(request))
     fields = {"path": key.path, "outcome": verdict.outcome, "attempts": verdict.attempts}
     if verdict.outcome == runpod_client.UNDELIVERED:
@@ -358,7 +359,9 @@ def deliver(
         level = logging.INFO
     log.log(level, "dispatched", extra={**fields, "runpod_job_id": verdict.job_id})
     if verdict.outcome == runpod_client.REJECTED:
-        _fail_queued(store, key, VALIDATION_ERROR, verdict.message)
+        ended = store.fail_unclaimed(key, GenerationError(VALIDATION_ERROR, verdict.message))
+        if ended.ended_after_a_run and bucket is not None:  # what a gone try uploaded (see `_record_refusal`)
+            remove_left_behind(bucket, key)
     return verdict, _record_verdict(store, key, verdict, count, request)
 
 
@@ -490,7 +493,7 @@ def generate(
             return _reply(key, PENDING_MESSAGE, "queued")
         return _reply(key, STARTED_MESSAGE, "accepted")
 
-    verdict, now = deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
+    verdict, now = deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT], bucket)
     if verdict.outcome == runpod_client.ACCEPTED:
         return _reply(key, STARTED_MESSAGE, "accepted")
     if verdict.outcome == runpod_client.REJECTED:

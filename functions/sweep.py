@@ -209,5 +209,5 @@ def _redispatch_one(
             remove_left_behind(bucket, key)
         return failed_outcome(outcome.written, otherwise="failed")
     request = parse_document(key.user_id, key.media_type, key.file_uid, outcome.before)
-    verdict, _ = deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT])
+    verdict, _ = deliver(store, runpod, key, request, outcome.written[DISPATCH_COUNT], bucket)
     return "redispatched" if verdict.delivered else verdict.outcome

@@ -813,6 +813,42 @@ def test_a_refused_call_that_fails_a_queued_job_an_earlier_try_ran_leaves_no_obj
     wait_until(lambda: objects(bucket) == [], timeout=15)
 
 
+def test_a_workers_refusal_that_fails_a_queued_job_an_earlier_try_ran_leaves_no_objects(
+    firestore_client, results, bucket
+):
+    """The same, where the call was valid here and the worker RunPod woke refused it (a worker of another contract
+    version: `deliver`'s REJECTED): the queued job is failed there, and the gone try's uploads go too (a review:
+    they stayed, no doc's). RunPod's hosted runsync cannot run here: a stand-in answers the worker's refusal."""
+    from fixtures_http import LocalServer, QuietHandler
+    from runpod_client import RunPodClient
+
+    class Refusing(QuietHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.reply(200, {"id": "j", "status": "FAILED", "error": "width must be a multiple of 64"})
+
+    key = JobKey("u1", "images", "ran-then-rejected")
+    queue_jobs(firestore_client, [key], num_images_per_prompt=2, attempts=1, releases=1)
+    png = (b"\x89PNG\r\n\x1a\n" + b"pixels" * 40, "png", "image/png")
+    results.upload("u1", key.file_uid, "text2image", [png, png])
+    assert len(objects(bucket)) == 2
+    server = LocalServer(Refusing)
+    try:
+        runpod = RunPodClient(f"{server.origin}/runsync", "k" * 16, attempts=1, timeout=5.0, deadline=5.0)
+        data = {"file_uid": key.file_uid, "prompt": "A red sports car", "num_images_per_prompt": 2}
+        with pytest.raises(dispatch.CallError) as refused:
+            dispatch.generate(firestore_client, runpod, uid="u1", data=data, bucket=lambda: bucket)
+    finally:
+        server.close()
+    assert (refused.value.code, refused.value.message) == (
+        "failed-precondition",
+        "width must be a multiple of 64; a worker ran it before its request was refused, so send it as a new job "
+        "(a new file_uid)",
+    )
+    assert read(firestore_client, key)["error_type"] == "ValidationError"
+    wait_until(lambda: objects(bucket) == [], timeout=15)
+
+
 @pytest.mark.parametrize("door", ["runsync", "the callable"])
 def test_a_request_that_ends_a_cancelled_job_an_earlier_try_ran_leaves_no_objects(
     firestore_client, results, bucket, door

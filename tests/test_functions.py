@@ -2491,28 +2491,31 @@ def test_redispatch_stale_jobs_invoked_as_deployed(
 def test_a_cli_that_fails_to_start_leaves_no_emulator_running(emulator_logs, tmp_path):
     """A port the CLI was given is taken after its own check and before it binds it (CI: another process got the
     same free port meanwhile): it exits, and the Firestore emulator (Java) it had started outlived it, holding its
-    port (before: the start's error was masked by "ports ... still taken after stop", and the Java stayed)."""
+    port (before: the start's error was masked by "ports ... still taken after stop", and the Java stayed). The
+    logging port, the last the CLI binds, is taken once its hub runs (its ports checked): taken once Firestore ran,
+    the CLI had bound it first on a busy CI machine."""
     import socket
 
     cli = FirebaseCli(emulator_logs, tmp_path / "project", emu.unique_id("demo-cli"), "http://127.0.0.1:9/runsync")
     holder = socket.socket()
     taken = threading.Event()
 
-    def take_the_logging_port_once_firestore_runs():
-        if emu.wait_until(lambda: emu.port_open("127.0.0.1", cli.ports["firestore"]), 60):
+    def take_the_logging_port_once_the_hub_runs():
+        if emu.wait_until(lambda: emu.port_open("127.0.0.1", cli.ports["hub"]), 60):
             holder.bind(("127.0.0.1", cli.ports["logging"]))
             holder.listen()
             taken.set()
 
-    thief = threading.Thread(target=take_the_logging_port_once_firestore_runs)
+    thief = threading.Thread(target=take_the_logging_port_once_the_hub_runs)
     thief.start()
     try:
-        with pytest.raises(emu.EmulatorError, match="exited with code"):
+        with pytest.raises(emu.EmulatorError, match="exited with code") as failed:
             cli.start()
     finally:
         thief.join(60)
         holder.close()
     assert taken.is_set()
+    assert "Firestore Emulator was started" in str(failed.value)  # before the CLI failed: its Java stops too
     assert not emu.port_open("127.0.0.1", cli.ports["firestore"])
     assert not [process for process in cli._descendants if firebase_cli._stat(process[0])]
 

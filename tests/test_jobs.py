@@ -165,9 +165,9 @@ def test_ensure_queued_creates_once_and_leaves_an_existing_doc_that_says_the_sam
 def test_fail_unclaimed_only_fails_a_queued_doc(firestore_client):
     queue(firestore_client)
     s = store(firestore_client)
-    assert s.fail_unclaimed(KEY, GenerationError("Exception", "rejected"))
+    assert s.fail_unclaimed(KEY, GenerationError("Exception", "rejected")).applied
     assert read(firestore_client)["status"] == "failed"
-    assert not s.fail_unclaimed(KEY, GenerationError("Exception", "again"))
+    assert not s.fail_unclaimed(KEY, GenerationError("Exception", "again")).applied
 
 
 @pytest.mark.parametrize("path", ["generations/u/audio/f", "other/u/images/f", "generations/u/images"])

@@ -1102,7 +1102,7 @@ def test_a_job_refused_for_its_request_comes_back_fixed_even_past_a_full_slot(fi
     store = JobStore(firestore_client, limits=Limits(max_pending=1))
     key = write_client_doc(firestore_client, "fix-full", user=user, width=512)
     assert store.admit(key).after.get("quota_admitted") is True
-    assert store.fail_unclaimed(key, GenerationError("ValidationError", "width must be between 256 and 1024"))
+    assert store.fail_unclaimed(key, GenerationError("ValidationError", "width must be between 256 and 1024")).applied
     assert counts(firestore_client, user) == (0, 0) and not usage(firestore_client, user).get("spent_today")
     other = store.ensure_queued(request("other", user=user))
     assert other.after["status"] == "queued"  # the user's one slot
