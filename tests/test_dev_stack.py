@@ -88,6 +88,15 @@ class StackRun:
         return found + [f"pid {pid}: {command[:120]}" for pid, command in self.processes().items()]
 
 
+def read_doc(info: StackInfo, path: str) -> dict:
+    """A doc of the stack's Firestore, read as admin by a client closed after it (see emu.close_firestore)."""
+    db = firestore_client(info)
+    try:
+        return db.document(path).get().to_dict() or {}
+    finally:
+        emu.close_firestore(db)
+
+
 def statuses(output: str, file_uid: str) -> list[str]:
     return re.findall(rf"^\[{file_uid}\]\s+[\d.]+s  (\w+)", output, re.M)
 
@@ -132,7 +141,7 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
     functions_only = {"RUNPOD_TIMEOUT_SECONDS": "25", "MAX_DISPATCHES": "4"}
     run.env.update(functions_only)
     state = run.out / "stack.json"
-    with running_stack(run.cmd, run.env) as stack:
+    with running_stack(run.cmd, run.env) as stack, contextlib.ExitStack() as closing:
         output = stack.output
         assert "falling back" not in output
         assert f"settings the worker and the functions share: {' '.join(f'{k}={v}' for k, v in shared.items())}\n" in (
@@ -170,7 +179,7 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         # A request the contract refuses, as the contract's client sample sends it: the rules let the doc in
         # (the worker's contract is the judge), the callable answers invalid-argument with the contract's message
         # and fails the doc with the contract's error fields, which the client reads on it.
-        client = Client(info)
+        client = closing.enter_context(Client(info))
         capsys.readouterr()
         request = {"prompt": "too wide", "file_uid": "too-wide-1", "use_cloud_storage": True, "width": 2048}
         assert client.generate(request)["status"] == "failed" and client.failures == 1
@@ -191,7 +200,7 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         assert firebase_cli.call(f"{info.functions}/generateWithRunPod", request, client.token) == {
             "error": {"message": "width must be between 256 and 1024", "status": "INVALID_ARGUMENT"}
         }
-        doc = firestore_client(info).document(f"generations/{client.uid}/images/too-wide-1").get().to_dict()
+        doc = read_doc(info, f"generations/{client.uid}/images/too-wide-1")
         assert (doc["status"], doc["error"], doc["generated"], doc["error_type"]) == (
             "failed",
             True,
@@ -220,7 +229,7 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         assert refused["status"] == "RESOURCE_EXHAUSTED", refused
         assert "(USER_DAILY_BUDGET)" in refused["message"] and "the whole daily budget of 30;" in refused["message"]
         # Whoever wrote the user's usage doc last (the callable or the worker), its limits are make dev's.
-        usage = firestore_client(info).document(f"usage/{client.uid}").get().to_dict()
+        usage = read_doc(info, f"usage/{client.uid}")
         assert usage["limits"] == {"max_running": 3, "max_pending": 6, "daily_budget": 30}
         env_file = (run.out / "firebase" / "functions" / ".env.local").read_text().splitlines()
         assert all(f"{k}={v}" in env_file for k, v in {**shared, **functions_only}.items()), env_file
@@ -403,8 +412,8 @@ def test_make_dev_restarts_a_killed_worker_even_while_it_restarts_then_gives_up_
         assert emu.wait_until(lambda: "make dev: the worker is back" in stack.output, 120, 0.2), stack.output
         assert "make dev: the restarted worker did not start (" in stack.output
         assert "; restarting it (2 of 2)" in stack.output
-        doc = firestore_client(info).document(f"generations/{job['user_id']}/images/killed-worker-1")
-        assert emu.wait_until(lambda: (doc.get().to_dict() or {}).get("status") == "completed", 120, 0.5)
+        path = f"generations/{job['user_id']}/images/killed-worker-1"
+        assert emu.wait_until(lambda: read_doc(info, path).get("status") == "completed", 120, 0.5)
 
         restarted = run.worker_pid()
         assert restarted != killed

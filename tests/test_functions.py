@@ -86,10 +86,12 @@ def worker(firestore_emulator, storage_emulator, emulator_logs, tmp_path_factory
     cache = os.environ.get("FIREGEN_CACHE") or str(tmp_path_factory.mktemp("tiny-models"))
     process = WorkerProcess(emulator_logs, {**env, "FIREGEN_CACHE": cache})
     process.start()
+    db = firestore_emulator.client(project)
     try:
-        yield Worker(process, firestore_emulator.client(project))
+        yield Worker(process, db)
     finally:
         process.stop()
+        emu.close_firestore(db)
 
 
 class BrokenBody:
