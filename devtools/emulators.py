@@ -132,6 +132,15 @@ def close_firestore(client) -> None:
     client.close()
 
 
+@contextlib.contextmanager
+def closing_firestore(client):
+    """`client`, closed as `close_firestore` closes it when the block ends."""
+    try:
+        yield client
+    finally:
+        close_firestore(client)
+
+
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

@@ -176,6 +176,18 @@ def firestore_client(firestore_emulator, project_id, monkeypatch):
 
 
 @pytest.fixture
+def unreachable_firestore(monkeypatch):
+    """A Firestore client of a port nothing listens on (FIRESTORE_EMULATOR_HOST: that port, for the test)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import firestore
+
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emu.free_port()}")
+    client = firestore.Client(project="demo-down", credentials=AnonymousCredentials())
+    yield client
+    emu.close_firestore(client)
+
+
+@pytest.fixture
 def storage_client(storage_emulator, project_id, monkeypatch):
     """google.cloud.storage.Client on the emulator (explicit api_endpoint), anonymous.
     STORAGE_EMULATOR_HOST is set for the test (monkeypatch)."""

@@ -215,7 +215,8 @@ def test_a_killed_worker_and_a_restarted_firestore_lose_nothing_and_double_nothi
         "FIREGEN_CACHE": str(built_tiny),
     }
     with workers(3, env, tmp_path) as started:
-        survivors = kill_one_mid_job(own_firestore.client(project_id), bucket, started)
+        with emu.closing_firestore(own_firestore.client(project_id)) as client:
+            survivors = kill_one_mid_job(client, bucket, started)
         restart_firestore_under(own_firestore, project_id, bucket, survivors)
 
 
@@ -271,15 +272,15 @@ def restart_firestore_under(firestore, project_id: str, bucket, running: list[Wo
     before = make_jobs("restart-user", "before", images=6, videos=1)
     after = make_jobs("restart-user", "after", images=6, videos=1)
     pids = [worker.pid for worker in running]
-    client = firestore.client(project_id)
-    write(client, before)
-    assert emu.wait_until(lambda: "processing" in statuses(client, before), 30, 0.02)
+    with emu.closing_firestore(firestore.client(project_id)) as client:
+        write(client, before)
+        assert emu.wait_until(lambda: "processing" in statuses(client, before), 30, 0.02)
     firestore.restart()  # mid-stream: jobs running, queued and done are all gone with the data
-    client = firestore.client(project_id)
-    write(client, after)
-    assert emu.wait_until(lambda: statuses(client, after) == ["completed"] * len(after), 45, 0.2), statuses(
-        client, after
-    )
+    with emu.closing_firestore(firestore.client(project_id)) as client:
+        write(client, after)
+        assert emu.wait_until(lambda: statuses(client, after) == ["completed"] * len(after), 45, 0.2), statuses(
+            client, after
+        )
     assert [worker.pid for worker in running] == pids and all(worker.running for worker in running)
     # A job's `job_completed` line follows its doc's completion by moments: a CI run read the logs in between.
     assert emu.wait_until(lambda: all(completions(running, after).values()), 10, 0.1), completions(running, after)

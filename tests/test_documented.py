@@ -18,10 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 from fixtures_keys import pem_body, service_account_key
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import firestore
 
-from devtools import emulators as emu
 from firegen_core.claims import WorkerJobs
 from firegen_core.jobs import CALL_TIMEOUT
 from generation.video_speed import DEFAULT_CACHE_THRESHOLD
@@ -631,17 +628,15 @@ def test_an_inline_result_whose_answer_passes_20_mb_by_its_padding_and_fields_is
     assert answer["status"] == "failed" and answer["error"].startswith("Result is 21.0 MB once encoded"), answer
 
 
-def test_firestore_down_answers_could_not_record_within_its_bound(monkeypatch):
+def test_firestore_down_answers_could_not_record_within_its_bound(monkeypatch, unreachable_firestore):
     """Firestore unreachable (nothing listens on its port): runsync answers the README's retry message, within
     the job store's 15 s bound, hands nothing to the local slot, and logs `request_not_recorded`."""
     import structlog
 
     import listener.handler as handler_module
 
-    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emu.free_port()}")
-    client = firestore.Client(project="demo-down", credentials=AnonymousCredentials())
     submitted = []
-    handler = RunsyncHandler(WorkerJobs(client, worker_id="w"), lambda key, *rest: submitted.append(key))
+    handler = RunsyncHandler(WorkerJobs(unreachable_firestore, worker_id="w"), lambda key, *rest: submitted.append(key))
     started = time.monotonic()
     with structlog.testing.capture_logs() as logs:
         monkeypatch.setattr(handler_module, "log", structlog.get_logger("listener.handler"))  # as below
@@ -656,13 +651,11 @@ def test_firestore_down_answers_could_not_record_within_its_bound(monkeypatch):
     assert took <= CALL_TIMEOUT + 3 and submitted == []
 
 
-def test_firestore_down_fails_a_sweep_within_its_bound(monkeypatch):
+def test_firestore_down_fails_a_sweep_within_its_bound(unreachable_firestore):
     """Audit (an operator's view): with Firestore away, a sweep's queries waited out the client's default 300 s,
     so the worker logged one line in 4.5 minutes (its heartbeat and watchdog waited behind it). Each call is
     bounded as the job store's are."""
-    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emu.free_port()}")
-    client = firestore.Client(project="demo-down", credentials=AnonymousCredentials())
-    reconciler = Reconciler(WorkerJobs(client, worker_id="w"), runner=None)  # type: ignore[arg-type]
+    reconciler = Reconciler(WorkerJobs(unreachable_firestore, worker_id="w"), runner=None)  # type: ignore[arg-type]
     started = time.monotonic()
     with pytest.raises(Exception):  # noqa: B017 (what the client raises is its own: unavailable, or its deadline)
         reconciler.sweep()

@@ -209,7 +209,7 @@ def test_rules_emulator_enforces_rules_and_stops_cleanly(firestore_emulator_fact
         admin.document("closed/d").set({"status": "queued"})
         assert admin.document("closed/d").get().exists
     finally:
-        admin.close()
+        emu.close_firestore(admin)
 
     pgid = secured.pid
     secured.stop()
@@ -232,9 +232,9 @@ def test_the_firestore_emulators_java_runs_with_the_harness_options_then_the_use
     )
     monkeypatch.setenv("JDK_JAVA_OPTIONS", "-XX:+UseG1GC -Xmx512m")
     with emu.FirestoreEmulator(emulator_logs) as firestore_emulator:
-        client = firestore_emulator.client(project_id)
-        client.document("jvm/options").set({"ok": True})
-        assert client.document("jvm/options").get().to_dict() == {"ok": True}
+        with emu.closing_firestore(firestore_emulator.client(project_id)) as client:
+            client.document("jvm/options").set({"ok": True})
+            assert client.document("jvm/options").get().to_dict() == {"ok": True}
         # Where its Java writes: its log, or under the Firebase CLI (the backend where gcloud is missing), the CLI's
         logs = [firestore_emulator.log_path, firestore_emulator._workdir / "firestore-debug.log"]
         said = "".join(log.read_text() for log in logs if log.is_file())

@@ -344,20 +344,21 @@ def test_the_callables_answer_unavailable_with_a_message_when_firestore_is_away(
         credentials=AnonymousCredentials(),
         client_options={"api_endpoint": f"127.0.0.1:{emu.free_port()}"},
     )
-    runpod = stub(ACCEPTED)
-    with pytest.raises(CallError) as raised:
-        dispatch.generate(away, runpod.client(), uid="u-away", data={"prompt": "a car", "file_uid": "away-1"})
-    assert (raised.value.code, raised.value.message) == (
-        "unavailable",
-        "Could not record the job in Firestore; please try again",
-    )
-    with pytest.raises(CallError) as raised:
-        dispatch.cancel(away, uid="u-away", data={"fileUid": "away-1", "mediaType": "images"})
-    assert (raised.value.code, raised.value.message) == (
-        "unavailable",
-        "Could not record the cancel in Firestore; please try again",
-    )
-    assert runpod.requests == []
+    with emu.closing_firestore(away):
+        runpod = stub(ACCEPTED)
+        with pytest.raises(CallError) as raised:
+            dispatch.generate(away, runpod.client(), uid="u-away", data={"prompt": "a car", "file_uid": "away-1"})
+        assert (raised.value.code, raised.value.message) == (
+            "unavailable",
+            "Could not record the job in Firestore; please try again",
+        )
+        with pytest.raises(CallError) as raised:
+            dispatch.cancel(away, uid="u-away", data={"fileUid": "away-1", "mediaType": "images"})
+        assert (raised.value.code, raised.value.message) == (
+            "unavailable",
+            "Could not record the cancel in Firestore; please try again",
+        )
+        assert runpod.requests == []
 
 
 @pytest.mark.parametrize(

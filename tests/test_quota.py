@@ -566,6 +566,7 @@ def test_past_the_limits_runsync_answers_the_contracts_error(firestore_emulator,
         assert all((r["user_id"], r["file_uid"]) == (USER, "refused") and r["requestId"] for r in refusals)
     finally:
         worker.stop()
+        emu.close_firestore(db)
 
 
 def test_a_refused_job_sent_again_once_the_limits_allow_is_admitted(firestore_client):

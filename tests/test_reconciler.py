@@ -16,12 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 import structlog
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import firestore
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from PIL import Image
 
-from devtools import emulators as emu
 from firegen_core import workers
 from firegen_core.claims import Renewal, WorkerJobs
 from firegen_core.deadline import Deadline
@@ -549,22 +546,19 @@ def test_a_doc_a_listener_could_not_take_in_is_logged_and_the_listener_goes_on(
     assert doc(firestore_client, choke)["status"] == "queued" and not restarts(reconciler_logs)
 
 
-def test_a_worker_doc_that_could_not_be_removed_is_logged_and_the_stop_completes(monkeypatch, reconciler_logs):
+def test_a_worker_doc_that_could_not_be_removed_is_logged_and_the_stop_completes(
+    monkeypatch, unreachable_firestore, reconciler_logs
+):
     """README: `worker_doc_not_removed`: Firestore unreachable as the worker stops (nothing listens on its port: a
     real client's delete of the heartbeat doc fails), said, and the stop still ends with `reconciler_stopped`,
     within the delete's bound (LEAVE_TIMEOUT: 5 s, which a dead port takes 2 to 5 s to run out; 1 s here)."""
     monkeypatch.setattr(workers, "LEAVE_TIMEOUT", 1.0)
-    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{emu.free_port()}")
-    client = firestore.Client(project="demo-down", credentials=AnonymousCredentials())
-    try:
-        # No listeners, no heartbeat (start's, which would fail too): only the claim loop, which stops at once.
-        reconciler = Reconciler(WorkerJobs(client, worker_id="w-down"), runner=None)  # type: ignore[arg-type]
-        reconciler.start(listen=False)
-        started = time.monotonic()
-        reconciler.stop(grace=0)
-        took = time.monotonic() - started
-    finally:
-        client.close()
+    # No listeners, no heartbeat (start's, which would fail too): only the claim loop, which stops at once.
+    reconciler = Reconciler(WorkerJobs(unreachable_firestore, worker_id="w-down"), runner=None)  # type: ignore[arg-type]
+    reconciler.start(listen=False)
+    started = time.monotonic()
+    reconciler.stop(grace=0)
+    took = time.monotonic() - started
     said = [(e["event"], e["log_level"]) for e in reconciler_logs if e["event"] != "reconciler_started"]
     assert said == [("worker_doc_not_removed", "warning"), ("reconciler_stopped", "info")]
     [not_removed] = [e for e in reconciler_logs if e["event"] == "worker_doc_not_removed"]

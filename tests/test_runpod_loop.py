@@ -376,10 +376,9 @@ def test_sigterm_stops_claiming_releases_within_the_grace_and_exits_0(
         # Written after the signal: a stopping worker never claims it (its slot frees when the job is released).
         # The emulator may answer a call made while the worker's streams are torn down with CANCELLED: send again.
         retry = Retrying(retry=retry_if_exception_type(Cancelled), stop=stop_after_attempt(3), reraise=True)
-        retry(
-            firestore_emulator.client(project[0]).document("generations/loop-user/images/after-term").set,
-            {"status": "queued", "prompt": "late", "created_at": time.time()},
-        )
+        with emu.closing_firestore(firestore_emulator.client(project[0])) as client:
+            late = {"status": "queued", "prompt": "late", "created_at": time.time()}
+            retry(client.document("generations/loop-user/images/after-term").set, late)
         assert emu.wait_until(lambda: doc(firestore_emulator, project, long_path).get("status") == "queued", 30)
         released_after = time.monotonic() - signalled
         code = worker.wait_exit(30)
@@ -498,6 +497,7 @@ def gated_worker(
     )
     worker.start()
     queue(gated, "waits-for-its-model", 30)  # after the start: queued before it, its model would load first
+    emu.close_firestore(client)
     return worker, paths[gated], paths[other], f"generations/loop-user/{media}/asked-by-runsync"
 
 
@@ -773,9 +773,8 @@ def test_listeners_not_current_at_start_are_said_and_the_sweep_covers_for_them(
     worker.start()
     path = "generations/loop-user/images/swept"
     try:
-        firestore_emulator.client(project[0]).document(path).set(
-            {**image_input("swept"), "status": "queued", "created_at": SERVER_TIMESTAMP}
-        )
+        with emu.closing_firestore(firestore_emulator.client(project[0])) as client:
+            client.document(path).set({**image_input("swept"), "status": "queued", "created_at": SERVER_TIMESTAMP})
         done = emu.wait_until(lambda: doc(firestore_emulator, project, path).get("status") == "failed", 60)
         assert done, worker.log_tail()
     finally:

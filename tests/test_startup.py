@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from devtools import emulators as emu
 from devtools.worker import REPO
 from listener import startup
 
@@ -468,5 +469,5 @@ def test_a_queue_that_cannot_be_read_in_time_holds_the_start_up_no_longer(firest
         assert startup.load_order(JobStore(down), order, 2, datetime.now(UTC)) == order
         assert time.monotonic() - started < 4
     finally:
-        down.close()
+        emu.close_firestore(down)
         listener.close()

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fixtures_stack import running_stack
@@ -85,7 +86,11 @@ def run_stack(out: Path, *flags: str, stop: int = signal.SIGINT):
         assert info.auth or "--no-firebase-cli" in flags, running.output
         assert info.web_url and f"web app: {info.web_url}\n" in running.output, running.output
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", info.web_url)
-        yield info
+        try:
+            yield info
+        finally:
+            if info.project in ADMINS:
+                emu.close_firestore(ADMINS.pop(info.project))
     assert running.proc.returncode == 0 and "all processes stopped" in running.output, running.output
 
 
@@ -94,6 +99,17 @@ def stack(tmp_path_factory):
     _require()
     with run_stack(tmp_path_factory.mktemp("web-stack")) as info:
         yield info
+
+
+ADMINS: dict[str, Any] = {}  # a stack's project → its admin Firestore client
+
+
+def admin(stack: StackInfo):
+    """The stack's admin Firestore client, one for every test on it, closed as the stack stops (a client per call
+    left dozens of gRPC channels to the garbage collector: see `emu.close_firestore`)."""
+    if stack.project not in ADMINS:
+        ADMINS[stack.project] = firestore_client(stack)
+    return ADMINS[stack.project]
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +371,7 @@ def test_a_long_history_fetches_the_images_scrolled_near_not_all_of_them_at_once
     assert app.wait_final(file_uid) == "completed", app.job(file_uid).inner_text()
     url = app.job(file_uid).locator("img").get_attribute("src")
     done = {"status": "completed", "generated": True, "error": False, "width": 256, "height": 256, "seed": 1}
-    db = firestore_client(stack)
+    db = admin(stack)
     batch = db.batch()
     for day in range(1, 31):
         ref = db.document(f"generations/{app.uid}/images/day-{day}")
@@ -388,7 +404,7 @@ def _history(stack, uid: str, jobs: list[str]) -> None:
     """Failed jobs written by hand (`images/img-7`: 7 minutes old; a video at its VIDEO_MINUTES), in one batch."""
     now = datetime.now(UTC)
     failed = {"status": "failed", "generated": False, "error": True, "error_type": "RuntimeError", "error_message": "x"}
-    db = firestore_client(stack)
+    db = admin(stack)
     batch = db.batch()
     for job in jobs:
         media, name = job.split("/")
@@ -482,7 +498,7 @@ def test_an_image_document_with_every_field_at_its_default_states_its_job(open_p
     app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
     app.fill(Prompt="a lighthouse with every default")
     file_uid = app.generate()
-    ref = firestore_client(stack).document(f"generations/{app.uid}/images/{file_uid}")
+    ref = admin(stack).document(f"generations/{app.uid}/images/{file_uid}")
     assert emu.wait_until(lambda: ref.get().exists, 30)  # the page shows its card before the write lands
     doc = ref.get().to_dict()
     assert doc["num_inference_steps"] == 20 and not awaits_parameters(doc)
@@ -580,7 +596,7 @@ def test_guidance_is_sent_as_the_media_types_own_field(open_page, stack):
     assert hint.inner_text() == "1.0–20.0, default 5.0" and guidance.get_attribute("placeholder") == "5.0"
     app.fill(Prompt="waves", Frames="16", Guidance="3")
     video = app.generate()
-    db = firestore_client(stack)
+    db = admin(stack)
     docs = {
         uid: db.document(f"generations/{app.uid}/{media}/{uid}")
         for uid, media in ((image, "images"), (video, "videos"))
@@ -601,7 +617,7 @@ def test_a_queued_doc_the_contract_refuses_shows_the_contracts_message(open_page
     same (here its id is taken: the page's random id is made a fixed one), a short message says so."""
     app = open_page()
     app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
-    db = firestore_client(stack)
+    db = admin(stack)
     cases = [
         (dict(Prompt="far too wide", Width="2000"), contract_message(width=2000)),
         (dict(Prompt="too short", Width="256", Frames="5"), contract_message(num_frames=5)),
@@ -656,7 +672,7 @@ def test_another_users_job_never_appears(open_page, stack):
     assert watcher.job(file_uid).count() == 0 and "mine only" not in watcher.page.inner_text("#jobs")
     assert owner.job(own).count() == 0
     # The job is there all the same, under its owner's path.
-    assert firestore_client(stack).document(f"generations/{owner.uid}/images/{file_uid}").get().exists
+    assert admin(stack).document(f"generations/{owner.uid}/images/{file_uid}").get().exists
     assert watcher.problems() == [] and owner.problems() == []
 
 
@@ -720,7 +736,7 @@ def test_progress_updates_live_with_a_cancel_button_until_the_job_ends(open_page
 def _held_job(stack, uid: str, file_uid: str, **fields):
     """A processing video job written by hand, held by a worker that does not exist (with a long lease, so the
     real worker leaves it alone): the test moves it as a worker would, through the Admin SDK."""
-    ref = firestore_client(stack).document(f"generations/{uid}/videos/{file_uid}")
+    ref = admin(stack).document(f"generations/{uid}/videos/{file_uid}")
     ref.set(
         {
             "prompt": file_uid,
@@ -932,7 +948,7 @@ def test_text_a_number_field_cannot_read_is_refused_in_both_flows(open_page, sta
     """Audit: typing "5e" or "-" into a number field leaves its value empty (validity.badInput), so the job ran
     at the default size. Both flows refuse it with the contract's message for a field that is no integer."""
     app = open_page()
-    db = firestore_client(stack)
+    db = admin(stack)
     for via, typed, label, expected in (
         ("the generateWithRunPod callable", "5e", "Width", contract_message(width="5e")),
         ("a queued job document (the trigger dispatches it)", "-", "Width", contract_message(width="-")),
@@ -961,7 +977,7 @@ def test_a_seed_past_what_the_page_holds_exactly_is_refused_in_both_flows(open_p
     """A review: 9007199254740993 typed as the seed went to the callable as 9007199254740992 (a JavaScript number is
     a double), and the job ran with a seed nobody typed; through a document it read "must be an integer"."""
     app = open_page()
-    db = firestore_client(stack)
+    db = admin(stack)
     expected = (
         "Validation failed: seed must be between -9007199254740991 and 9007199254740991 in this page "
         "(a larger one would be rounded)"
@@ -1283,7 +1299,7 @@ def test_a_result_that_cannot_be_loaded_says_so_and_a_new_url_shows_it(stack, op
     app = open_page()
     dead = f"{stack.storage}/v0/b/{stack.bucket}/o/generating%2Fnobody%2Fimage%2Fgone.png?alt=media"
     done = {"status": "completed", "generated": True, "error": False, "created_at": SERVER_TIMESTAMP}
-    db = firestore_client(stack)
+    db = admin(stack)
     image = db.document(f"generations/{app.uid}/images/expired")
     image.set({**done, "prompt": "expired", "images": [dead, PNG_1PX], "image_url": dead})
     db.document(f"generations/{app.uid}/videos/expired-video").set(
@@ -1320,7 +1336,7 @@ def test_the_page_fits_a_narrow_phone_with_its_text_at_double_size(stack, browse
     app = Page(browser, stack.web_url, width=320, logs=Path(stack.out) / "logs")
     try:
         done = {"status": "completed", "generated": True, "error": False, "created_at": SERVER_TIMESTAMP}
-        firestore_client(stack).document(f"generations/{app.uid}/images/wide").set(
+        admin(stack).document(f"generations/{app.uid}/images/wide").set(
             {**done, "prompt": "wide", "images": [PNG_1PX], "width": 1024, "height": 1024}
         )
         app.job("wide").locator("img").wait_for(timeout=30_000)
@@ -1654,7 +1670,7 @@ def _every_kind_of_job(stack, uid: str) -> None:
         video_info={"width": 256, "height": 256, "frames": 16, "fps": 8, "duration_seconds": 2.0},
         **done,
     )
-    db = firestore_client(stack)
+    db = admin(stack)
     db.document(f"generations/{uid}/images/an-image").set(
         {
             "prompt": "a lighthouse at dusk",
@@ -1818,7 +1834,7 @@ def test_the_keyboard_alone_fills_submits_opens_and_cancels(open_page, stack):
         "() => document.getElementById('form-status').textContent === 'Cancel requested for video “a job to cancel”'",
         timeout=30_000,
     )
-    assert firestore_client(stack).document(f"generations/{app.uid}/videos/to-cancel").get().get("cancel_requested")
+    assert admin(stack).document(f"generations/{app.uid}/videos/to-cancel").get().get("cancel_requested")
     assert app.problems() == []
 
 
@@ -1890,7 +1906,7 @@ NO_ANSWER = "Could not reach the server; check your connection and try again"
 
 def _ended_image(stack, uid: str, file_uid: str, **fields):
     """An image job written by hand in an ended state (no worker takes a completed or failed doc)."""
-    ref = firestore_client(stack).document(f"generations/{uid}/images/{file_uid}")
+    ref = admin(stack).document(f"generations/{uid}/images/{file_uid}")
     ref.set({"created_at": SERVER_TIMESTAMP, "generated": False, "error": True, "status": "failed", **fields})
     return ref
 
@@ -1999,7 +2015,7 @@ def test_try_again_sends_a_cancelled_jobs_request_as_a_new_job_once(open_page, s
     """A cancelled or failed job's request again, through the form's flow, as a new job that completes; the old
     card stays. A double click sends it once; an error reads as the form's, beside the card too."""
     app = open_page()
-    db = firestore_client(stack)
+    db = admin(stack)
     params = {"prompt": "a cancelled kite", "negative_prompt": "fog", "width": 256, "height": 256}
     params |= {"num_inference_steps": 10, "seed": 11}
     _ended_image(stack, app.uid, "was-cancelled", error_type="Cancelled", error_message="Cancelled", **params)
@@ -2058,7 +2074,7 @@ def test_try_again_on_a_job_refused_for_its_users_limits_sends_it_again_under_it
     admits it again once the limits allow, and its card goes back to queued and completes (the web re-check: each
     Try again made a new job, and a new failed card while the budget was spent)."""
     app = open_page()
-    db = firestore_client(stack)
+    db = admin(stack)
     usage = db.document(f"usage/{app.uid}")
     today = datetime.now(UTC).date().isoformat()
     usage.set({"running": 0, "pending": 0, "spent_today": 599.9, "day": today})  # of 600 (make dev's default)
@@ -2117,7 +2133,7 @@ def test_dismiss_hides_a_failed_job_in_this_browser_until_show_dismissed(open_pa
     assert show.inner_text() == "Show 2 dismissed"
     assert app.job("oom").is_hidden() and app.job("cancelled").is_hidden() and app.job("running").is_visible()
     # Run again (sent again after its user's limits refused it), it shows: a live job is never hidden.
-    oom = firestore_client(stack).document(f"generations/{app.uid}/videos/oom")
+    oom = admin(stack).document(f"generations/{app.uid}/videos/oom")
     oom.update({"status": "processing", "error": False, "error_type": DELETE_FIELD, "error_message": DELETE_FIELD})
     app.job("oom").wait_for(state="visible", timeout=30_000)
     assert show.inner_text() == "Show 1 dismissed"
@@ -2173,7 +2189,7 @@ def test_a_doc_with_fields_of_any_type_shows_as_a_card_and_stops_no_other(open_p
     after a reload the list was empty. A field of any type shows (a scalar as its text, else as none), and a card
     that fails all the same stops no other."""
     app = open_page()
-    db = firestore_client(stack)
+    db = admin(stack)
     _ended_image(stack, app.uid, "before", prompt="a job before", error_type="RuntimeError", error_message="boom")
     app.job("before").wait_for(timeout=30_000)
     # As a client writes it (the rules accept it): queued, and the worker fails it.
@@ -2248,7 +2264,7 @@ def test_a_double_press_sends_one_job_even_where_the_list_moves_under_the_pointe
     card's job too (the new card goes on top, the list moves, the second click lands on the next Try again). Each
     refuses presses for a second, and a Try again within a second of another is ignored."""
     app = open_page()
-    db = firestore_client(stack)
+    db = admin(stack)
     params = {"width": 256, "height": 256, "num_inference_steps": 10, "error_message": "boom"}
     _ended_image(stack, app.uid, "older", prompt="an older kite", error_type="RuntimeError", **params)
     _ended_image(stack, app.uid, "newer", prompt="a newer kite", error_type="Cancelled", **params)
@@ -2314,7 +2330,7 @@ def test_a_stray_click_after_try_again_never_cancels_the_job_it_sent(open_page, 
     assert cancel.get_attribute("aria-disabled") == "true"
     box = cancel.bounding_box()
     app.page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    doc = firestore_client(stack).document(f"generations/{app.uid}/images/{new.get_attribute('data-file-uid')}")
+    doc = admin(stack).document(f"generations/{app.uid}/images/{new.get_attribute('data-file-uid')}")
 
     def ended() -> dict | None:
         data = doc.get().to_dict() or {}
@@ -2386,7 +2402,7 @@ def test_a_card_that_goes_from_under_the_focus_passes_it_on(open_page, stack):
     other.locator(".job[data-file-uid=second]").wait_for(state="hidden", timeout=10_000)
     assert other.evaluate(focused) == "first"
     # Deleted (at its expiry) under the focus: none follows it, the one before has it.
-    firestore_client(stack).document(f"generations/{app.uid}/videos/first").delete()
+    admin(stack).document(f"generations/{app.uid}/videos/first").delete()
     other.locator(".job[data-file-uid=first]").wait_for(state="detached", timeout=30_000)
     assert other.evaluate(focused) == "third"
     app.page.get_by_role("button", name="Dismiss video “third”").click()
@@ -2401,7 +2417,7 @@ def test_edit_as_new_and_try_again_read_a_client_docs_camel_case_fields(open_pag
     (firegen_core/contract.py's normalise_document_fields)."""
     app = open_page()
     camel = {"numFrames": 24, "fps": 6, "videoWidth": 256, "videoHeight": 320, "numInferenceSteps": 10}
-    firestore_client(stack).document(f"generations/{app.uid}/videos/camel").set(
+    admin(stack).document(f"generations/{app.uid}/videos/camel").set(
         {
             "prompt": "a camel case video",
             "negativePrompt": "fog",
@@ -2430,7 +2446,7 @@ def test_edit_as_new_and_try_again_read_a_client_docs_camel_case_fields(open_pag
         timeout=30_000,
     )
     queued = app.new_card(known)
-    doc = firestore_client(stack).document(f"generations/{app.uid}/videos/{queued}").get().to_dict()
+    doc = admin(stack).document(f"generations/{app.uid}/videos/{queued}").get().to_dict()
     fields = ("negative_prompt", "num_frames", "fps", "video_width", "video_height", "num_inference_steps")
     assert {key: doc.get(key) for key in fields} == {
         "negative_prompt": "fog",
@@ -2545,7 +2561,7 @@ def test_delete_removes_a_finished_job_its_files_and_its_card_once_confirmed(ope
     delete = app.page.get_by_role("button", name="Delete image “a lighthouse to forget”")
     asked = "Delete image “a lighthouse to forget” and its files? This cannot be undone."
     assert _press_and_answer(app, delete, accept=False) == asked
-    doc = firestore_client(stack).document(f"generations/{app.uid}/images/{file_uid}")
+    doc = admin(stack).document(f"generations/{app.uid}/images/{file_uid}")
     assert doc.get().exists and app.job(file_uid).is_visible() and _status_of(url) == 200
     assert _press_and_answer(app, delete, accept=True) == asked
     app.job(file_uid).wait_for(state="detached", timeout=30_000)
@@ -2610,7 +2626,7 @@ def test_a_failed_delete_is_said_beside_its_card_and_in_the_live_region(open_pag
     _wait_text(app, "job-news", f"Could not delete image “a harbour that stays”: {NO_ANSWER}")
     assert card.locator(".note").inner_text() == NO_ANSWER
     app.context.set_offline(False)
-    assert firestore_client(stack).document(f"generations/{app.uid}/images/kept").get().exists
+    assert admin(stack).document(f"generations/{app.uid}/images/kept").get().exists
     assert [p for p in app.problems() if not re.search(rf"status of 503|{OFFLINE}", p)] == []
 
 
@@ -2627,7 +2643,7 @@ def test_delete_all_my_jobs_erases_the_users_data_through_the_functions_once_con
     app.fill(Prompt="a harbour to erase", Width="256", Height="256", Steps="10")
     file_uid = app.generate()
     assert app.wait_final(file_uid) == "completed"
-    spent = firestore_client(stack).document(f"usage/{app.uid}").get().get("spent_today")
+    spent = admin(stack).document(f"usage/{app.uid}").get().get("spent_today")
     line = r"Your limits: 0 of 20 jobs queued or running \(0 of 2 at once\); ([\d.]+) of 600 GPU-seconds used today"
     app.page.wait_for_function(
         "(line) => new RegExp(`^${line}$`).test(document.getElementById('usage').textContent)", arg=line
@@ -2651,7 +2667,7 @@ def test_delete_all_my_jobs_erases_the_users_data_through_the_functions_once_con
     app.page.wait_for_function("() => document.querySelectorAll('.job').length === 0", timeout=30_000)
     assert app.page.locator("#no-jobs").inner_text() == "No jobs yet."
     assert button.is_hidden() and app.page.evaluate("document.activeElement.id") == "jobs-title"
-    usage = firestore_client(stack).document(f"usage/{app.uid}").get().to_dict()  # stays: the day's spend stands
+    usage = admin(stack).document(f"usage/{app.uid}").get().to_dict()  # stays: the day's spend stands
     assert (usage["pending"], usage["running"], usage["spent_today"]) == (0, 0, spent) and limits.inner_text() == used
     # Two CI runs: the Functions emulator answered one pass with no CORS header (as it started a runtime for the
     # function); the page tried that pass again (test_web_modules) and got here, the browser's own lines left.
@@ -2685,7 +2701,7 @@ def test_generate_while_delete_all_runs_is_refused_not_sent_to_be_deleted(open_p
     app.fill(Prompt="made during erase", Width="256", Height="256", Steps="10")
     app.page.get_by_role("button", name="Generate").click()
     _wait_text(app, "form-error", "Wait until Delete all my jobs has finished")
-    images = firestore_client(stack).collection(f"generations/{app.uid}/images")
+    images = admin(stack).collection(f"generations/{app.uid}/images")
     assert [snapshot.id for snapshot in images.get()] == ["done-1"]
     held[0].continue_()
     _wait_text(app, "delete-all-status", "All your jobs are deleted (1 job deleted)", timeout=60_000)
@@ -2727,7 +2743,7 @@ def test_a_delete_whose_answer_is_lost_after_the_server_deleted_says_deleted(ope
     _press_and_answer(app, card.locator("button.delete"), accept=True)
     card.wait_for(state="detached", timeout=30_000)
     _wait_text(app, "job-news", "Image “a deleted harbour” deleted")
-    assert not firestore_client(stack).document(f"generations/{app.uid}/images/gone").get().exists
+    assert not admin(stack).document(f"generations/{app.uid}/images/gone").get().exists
 
 
 def test_a_late_cancel_answer_leaves_the_forms_refusal_shown(open_page, stack):
@@ -2762,7 +2778,7 @@ def test_signed_out_with_a_job_unsent_offline_the_page_starts_again_asking_nothi
     app.page.route("**/google.firestore.v1.Firestore/Write/**", lambda route: route.abort())
     app.page.get_by_role("button", name="Generate").click()
     _wait_text(app, "form-status", "Still waiting for the server…")
-    assert firestore_client(stack).collection(f"generations/{before}/images").get() == []
+    assert admin(stack).collection(f"generations/{before}/images").get() == []
     asked: list[str] = []
     app.page.on("dialog", lambda dialog: (asked.append(dialog.type), dialog.dismiss()))
     with app.page.expect_navigation(timeout=30_000):

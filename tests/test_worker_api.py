@@ -66,6 +66,10 @@ class Stack:
     def runsync(self, body: dict) -> dict:
         return post(self.worker.runsync_url, body)
 
+    def stop(self) -> None:
+        self.worker.stop()
+        emu.close_firestore(self.firestore)
+
     def doc(self, path: str) -> dict | None:
         snapshot = self.firestore.document(path).get()
         return snapshot.to_dict() if snapshot.exists else None
@@ -131,7 +135,7 @@ def make_stack(firestore_emulator, storage_emulator, emulator_logs, cache, **set
 def stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache):
     stack = make_stack(firestore_emulator, storage_emulator, emulator_logs, tiny_cache)
     yield stack
-    stack.worker.stop()
+    stack.stop()
 
 
 def test_the_contracts_image_example_end_to_end(stack):
@@ -549,7 +553,7 @@ def test_an_idle_worker_claims_nothing_after_sigterm(stack_in, mode):
         assert stack.doc(late) == queued_doc(**SHORT_IMAGE)
         assert not stack.worker.events("job_claimed")
     finally:
-        stack.worker.stop()
+        stack.stop()
 
 
 @pytest.mark.parametrize("within_grace", [False, True], ids=["released", "finished"])
@@ -594,7 +598,7 @@ def test_sigterm_stops_claiming_and_ends_the_running_job_cleanly(
         assert stack.doc(late) == {**queued_doc(**SHORT_IMAGE)}  # never claimed: no attempts, no worker_id
         assert not [e for e in stack.worker.events("job_claimed") if "after-sigterm" in e]
     finally:
-        stack.worker.stop()
+        stack.stop()
 
 
 # Without the local API both signals go to one handler (`leave`): Ctrl-C there stands for both. uvicorn's handler
@@ -624,7 +628,7 @@ def test_a_second_signal_releases_the_running_job_at_once_and_exits_cleanly(stac
         exits = [json.loads(line) for line in stack.worker.events("worker_exit")]
         assert [(e["code"], e["reason"]) for e in exits] == [(0, "shutdown")]
     finally:
-        stack.worker.stop()
+        stack.stop()
 
 
 def test_a_full_model_on_a_cpu_only_torch_is_warned_of_at_start(
