@@ -2,11 +2,10 @@
 
 Three sources feed one bounded, fair queue of candidate jobs (listener/fairqueue.py: round-robin across users,
 oldest `created_at` first within a user):
-- `on_snapshot` listeners on queued docs (collection-group queries over `images` and `videos`), each a bounded
-  window ordered by `created_at`: the oldest LISTEN_LIMIT queued docs, and the newest NEWEST_LIMIT (so a new
-  user's job is seen at once even behind another user's backlog longer than the first window). A doc that
-  leaves both windows (REMOVED) because it was claimed, failed or cancelled stops being a candidate; one pushed
-  out past a full window's far end (`_pushed_out`) is still queued and keeps its place;
+- `on_snapshot` listeners on queued docs (listener/listeners.py: collection-group queries over `images` and
+  `videos`), each a bounded window ordered by `created_at`: the oldest LISTEN_LIMIT queued docs, and the newest
+  NEWEST_LIMIT (so a new user's job is seen at once even behind another user's backlog longer than the first
+  window). A doc that leaves both windows because it was claimed, failed or cancelled stops being a candidate;
 - a periodic sweep that queries the oldest queued docs and expired leases: the safety net for anything a
   listener missed (and the only way to see a lease run out, which no document write announces; such a job, a
   dead worker's, goes first in line: it is older than anything queued since). Behind a backlog longer than the
@@ -14,7 +13,7 @@ oldest `created_at` first within a user):
   that window (`_discover`), so the round-robin covers every such user, not only those at the backlog's ends;
 - `submit`, from the runsync handler, for the job it just accepted (in fair order like every other door).
 A client's doc that no function admitted is admitted against its user's limits (or refused) as soon as a queued-doc
-listener or the sweep hears of it, oldest first, by an admission thread (`JobStore.admit`).
+listener or the sweep hears of it, oldest first, by an admission thread (listener/admission.py).
 A third listener per media type hears cancellations (`cancel_requested: true` on a queued or processing doc):
 a queued job is failed `Cancelled` at once (no free slot needed), a job running here is told to stop.
 The sweep is also the watchdog (a listener that closed, or that stayed silent about a queued doc the sweep
@@ -27,12 +26,10 @@ A free slot (CONCURRENCY of them) claims the next candidate and, with BATCH_MAX 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sized
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -47,16 +44,15 @@ from firegen_core.dispatches import RUNPOD_JOB_ID
 from firegen_core.jobs import BOUND, MEDIA_TYPES, ClaimedJob, JobKey
 from firegen_core.lifecycle import Lease
 
+from .admission import Admissions
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
 from .lease import RunOutcome, job_ids, quietly, release
+from .listeners import Listeners, queued_window
 from .runner import JobRunner, transient
 from .version import code_version
 
 log = structlog.get_logger("listener.reconciler")
 
-LISTEN_LIMIT = 100  # the oldest queued docs each listener holds (per media type)
-NEWEST_LIMIT = 20  # the newest queued docs a second listener holds: new arrivals behind a long backlog
-CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 SWEEP_LIMIT = 50
 # How often a sweep also reads a page of the processing docs for leases no query finds (missing or not a date),
 # and one of the queued docs for those without `created_at`, which no ordered query finds.
@@ -74,8 +70,6 @@ DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
 DISCOVER_MEMORY = 10_000  # (user, media type) pairs remembered as having nothing queued
 FOREIGN_REPORTED = 100  # docs outside generations/ said (logged) once each: a flood of them is not a flood of lines
 SPREAD = 8
-WINDOWS = {"oldest": (Query.ASCENDING, LISTEN_LIMIT), "newest": (Query.DESCENDING, NEWEST_LIMIT)}
-CANCEL = "cancel"
 
 
 class Reconciler:
@@ -130,19 +124,17 @@ class Reconciler:
         # come first) and only the sweep finds users behind a backlog, so a claim before it may take a user's newer
         # doc before its oldest (audit: 13 of 465 claims out of order within a user, right after a start).
         self._swept = threading.Event()
-        self._watches: dict[str, object] = {}  # listener name ("images", "images:newest", "videos:cancel") → watch
-        self._windows: dict[str, set[str]] = {}  # listener name → doc paths in its current result
-        self._edges: dict[str, float | None] = {}  # listener name → its full window's far end (`_far_end`)
-        self._heard: dict[str, float] = {}  # listener name → when it last delivered a snapshot
-        self._current: dict[str, threading.Event] = {}  # listener name → it delivered its first snapshot
+        self.listeners = Listeners(
+            store,
+            on_queued=self._heard_queued,
+            on_gone=self._withdraw,
+            on_cancel=self._cancel_queued,
+            on_stop=self._stop_running,
+            not_ours=self._not_ours,
+        )
         self._threads: list[threading.Thread] = []
         self._request_ids: OrderedDict[JobKey, str] = OrderedDict()  # runsync's RunPod job id, until claimed
-        # Client docs heard of but not yet admitted, oldest first: admitted (or refused) by the admission thread.
-        # A heap, and each held key's entry in it (a key withdrawn meanwhile leaves its entry, passed over).
-        self._admissions: list[tuple[float, int, JobKey]] = []
-        self._admitting: dict[JobKey, int] = {}
-        self._admission_seq = itertools.count()
-        self._admission_cv = threading.Condition()
+        self.admissions = Admissions(store, capacity)  # client docs heard of, not yet admitted
         # Firestore's clock minus this host's, in seconds, from each heartbeat's write: leases, `created_at` and the
         # placeholder grace are server times, and a host's clock may be minutes off (audit: a worker 5 minutes slow
         # left a dead worker's job `processing` 5 minutes past its lease; one fast ran placeholders at once).
@@ -158,7 +150,6 @@ class Reconciler:
         # Per (user, media type) whose look-up found nothing: the usage doc's update time then (a new job changes it).
         self._found_none: dict[tuple[str, str], object] = {}
         self._slowest_call = 0.0  # the longest one query of the current (or last) sweep took, in seconds
-        self._paused = False  # the listeners closed while Firestore is away (`_pause_listeners`)
         # Per (media type, status), the last doc the last page of `_unqueried` read (None: start over).
         self._scan_after: dict[tuple[str, str], DocumentSnapshot | None] = {}
         self._unleased_due = 0.0  # by the monotonic clock
@@ -175,6 +166,7 @@ class Reconciler:
         """`listen=False`: only the jobs `submit` brings are claimed (the SDK's one-shot `--test_input`: a local
         test must not take, and shut down on, the project's queued jobs)."""
         self._claiming = True
+        self.admissions.open()
         self._claiming_since = time.monotonic()
         loops = [(self._dispatch_loop, "dispatch")]
         if listen:
@@ -182,9 +174,7 @@ class Reconciler:
                 self.beat(timeout=START_BEAT_TIMEOUT)
             except Exception as exc:
                 log.warning("worker_beat_error", error=str(exc))
-            for media in MEDIA_TYPES:
-                for window in (*WINDOWS, CANCEL):
-                    self._listen(media, window)
+            self.listeners.start()
             loops += [(self._sweep_loop, "sweep"), (self._admission_loop, "admission"), (self._cancel_loop, "cancel")]
         else:
             self._swept.set()
@@ -205,25 +195,20 @@ class Reconciler:
             self._queue.clear()
             self._cancels.clear()
             self._cv.notify_all()
-        with self._admission_cv:
-            self._admissions.clear()
-            self._admitting.clear()
-            self._admission_cv.notify_all()
+        self.admissions.close()
 
     def stop(self, grace: float = 20.0) -> None:
         """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
         self.stop_claiming()
         self._stopping.set()
-        for watch in self._watches.values():
-            _close(watch)
+        self.listeners.close()
         if not self.wait_idle(grace):
             log.warning("shutdown_grace_exceeded", releasing=len(self._active))
             self.runner.release_running()
             self.wait_idle(30.0)
         for thread in self._threads:
             thread.join(timeout=5)
-        for watch in self._watches.values():  # one the sweep's watchdog restarted as `stop` began
-            _close(watch)
+        self.listeners.close()  # one the sweep's watchdog restarted as `stop` began
         try:
             workers.leave(self.store.client, self.store.worker_id, finished=self._finished)
         except Exception as exc:
@@ -247,8 +232,7 @@ class Reconciler:
 
     def wait_listening(self, timeout: float) -> bool:
         """True once every listener has delivered its first snapshot (writes before that may reach only the sweep)."""
-        deadline = time.monotonic() + timeout
-        return all(event.wait(max(deadline - time.monotonic(), 0)) for event in list(self._current.values()))
+        return self.listeners.wait_current(timeout)
 
     @property
     def claiming(self) -> bool:
@@ -327,39 +311,11 @@ class Reconciler:
         wait = at - self.server_time()
         return wait <= 0, max(wait, 0.01)
 
-    def _admit_later(self, key: JobKey, doc: dict, created: float) -> None:
-        """A queued doc its client wrote, not yet admitted (no function saw it first): admitted against its user's
-        limits now, not when a slot claims it (a claim takes one at a time, so a backlog would never count)."""
-        if doc.get(quota.ADMITTED) or doc.get(lifecycle.CANCEL_REQUESTED):
-            return
-        with self._admission_cv:
-            # Bounded, as the candidates are: a doc left out is admitted by its claim, or heard of again. Looked up
-            # by key: a scan of the heap per doc heard took 16 s of a listener's callback for a 10,000-doc flood.
-            if self._claiming and key not in self._admitting and len(self._admitting) < self._queue.capacity:
-                seq = next(self._admission_seq)
-                heapq.heappush(self._admissions, (created, seq, key))
-                self._admitting[key] = seq
-                self._admission_cv.notify()
-
     def _admission_loop(self) -> None:
         # The listeners' first snapshots come in any order (the newest window's, newest first): admit only once
         # all are in, oldest first, so a backlog's oldest docs are the ones admitted.
         self.wait_listening(self.sweep_interval)
-        while (key := self._next(self._admission_cv, self._admitting, self._oldest_admission)) is not None:
-            try:
-                written = self.store.admit(key).written
-            except Exception as exc:  # the claim admits it in any case
-                log.warning("admission_error", path=key.path, error=str(exc))
-                continue
-            if written and written.get("status") == lifecycle.FAILED:
-                log.info("job_refused", user_id=key.user_id, file_uid=key.file_uid, error_type=written["error_type"])
-
-    def _oldest_admission(self) -> JobKey:
-        while True:  # `_admitting` holds one at least: its entry is in the heap
-            _, seq, key = heapq.heappop(self._admissions)
-            if self._admitting.get(key) == seq:
-                del self._admitting[key]
-                return key
+        self.admissions.run()
 
     def _group(self, request: GenerationRequest) -> Hashable | None:
         """The batch a job may join (None: it runs alone): only with BATCH_MAX > 1."""
@@ -378,10 +334,7 @@ class Reconciler:
             self._queue.discard(key)
             if key not in self._active:  # no claim of it here to log its RunPod job id
                 self._request_ids.pop(key, None)
-        with self._admission_cv:  # gone from the queue (refused, cancelled, another's): nothing to admit
-            self._admitting.pop(key, None)
-            if not self._admitting:
-                self._admissions.clear()
+        self.admissions.withdraw(key)
 
     def _cancel_queued(self, key: JobKey) -> None:
         with self._cv:
@@ -422,15 +375,13 @@ class Reconciler:
     def _cancel_loop(self) -> None:
         # Apart from the claims: a user cancelling hundreds of queued jobs at once (each one write) held up every
         # claim of the worker until the last was failed (audit: 2,426 cancels, no job started for 11 minutes).
-        while (cancelled := self._next(self._cv, self._cancels, self._cancels.pop)) is not None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._cancels or not self._claiming)
+                if not self._claiming:
+                    return
+                cancelled = self._cancels.pop()
             self._drop(cancelled)
-
-    def _next(self, cv: threading.Condition, pending: Sized, take: Callable[[], JobKey]) -> JobKey | None:
-        """The next of `pending` (taken by `take` under `cv`) once there is one; None once claiming stops."""
-        with cv:
-            while self._claiming and not pending:
-                cv.wait()
-            return take() if self._claiming else None
 
     def _dispatch_loop(self) -> None:
         self._swept.wait(FIRST_SWEEP_WAIT)
@@ -658,70 +609,12 @@ class Reconciler:
             self._slots -= 1
             self._cv.notify_all()
 
-    # --- listeners and the sweep (also the watchdog) ---------------------------------------------------------
+    # --- what the listeners hear, and the sweep (also their watchdog) -------------------------------------------
 
-    def _queued(self, media: str, window: str = "oldest", limit: int | None = None):
-        """Queued docs of one media type, oldest (or newest) `created_at` first, bounded."""
-        direction, default = WINDOWS[window]
-        return self.store.queued(media).order_by("created_at", direction=direction).limit(limit or default)
-
-    def _cancel_requests(self, media: str):
-        return self.store.cancelling(media).limit(CANCEL_LIMIT)
-
-    def _listen(self, media: str, window: str) -> None:
-        name = _name(media, window)
-        current = self._current[name] = threading.Event()
-        if window == CANCEL:
-            query, handle = self._cancel_requests(media), self._on_cancel_change
-        else:
-            query, handle = self._queued(media, window), self._on_queue_change
-
-        def on_snapshot(docs, changes, read_time):
-            with self._cv:
-                self._windows[name] = {doc.reference.path for doc in docs}
-                self._edges[name] = _far_end(docs, window)
-            self._heard[name] = time.monotonic()
-            current.set()
-            for change in changes:
-                try:
-                    key = JobKey.from_path(change.document.reference.path)
-                except ValueError:
-                    self._not_ours(change.document.reference.path)
-                    continue
-                try:
-                    handle(name, key, change.type.name, change.document.to_dict() or {})
-                except Exception as exc:  # one doc's surprise must not end the listener (its thread would die)
-                    log.warning("listener_doc_error", path=key.path, error=str(exc))
-
-        self._heard[name] = time.monotonic()
-        self._watches[name] = query.on_snapshot(on_snapshot)
-
-    def _on_queue_change(self, name: str, key: JobKey, change: str, doc: dict) -> None:
-        if change == "REMOVED":
-            with self._cv:
-                elsewhere = any(key.path in self._windows.get(_name(key.media_type, w), ()) for w in WINDOWS)
-                pushed_out = self._pushed_out(name, doc)
-            if not elsewhere and not pushed_out:
-                self._withdraw(key)
-        elif doc.get(lifecycle.CANCEL_REQUESTED):
-            self._cancel_queued(key)
-        else:
-            self._stop_if_queued_again(key, doc)
-            self._admit_later(key, doc, timestamp(doc.get("created_at"), self.server_time()))
-            self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc), doc=doc)
-
-    def _pushed_out(self, name: str, doc: dict) -> bool:
-        """Whether a doc left a full window past its far end: still queued, in the middle of a backlog that neither
-        window holds (the newest window's oldest doc is newer; the oldest window's newest is older, after a
-        released job came back in). It stays a candidate: dropped, a user's one job would wait behind everything
-        older than it, whatever the fair order (audit: 54 jobs of other users before it). A doc that left because
-        it was claimed, failed or cancelled leaves the window to an older (newer) doc, so it is not this; what it
-        gets wrong (both at once) costs one claim that finds the job taken."""
-        edge = self._edges.get(name)
-        created = timestamp(doc.get("created_at"), float("nan"))
-        if edge is None or created != created:  # a window not full, or a doc without created_at
-            return False
-        return created <= edge if name.endswith(":newest") else created >= edge
+    def _heard_queued(self, key: JobKey, doc: dict) -> None:
+        self._stop_if_queued_again(key, doc)
+        self.admissions.hear(key, doc, timestamp(doc.get("created_at"), self.server_time()))
+        self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc), doc=doc)
 
     def _stop_if_queued_again(self, key: JobKey, doc: dict) -> None:
         """A job running here shows up queued, still carrying this claim's attempt: its request restated it on
@@ -733,14 +626,6 @@ class Reconciler:
                 lease = Lease(self.store.worker_id, doc["attempts"])  # a claim on its way: `preempt` keeps it
         if lease is not None and doc.get("attempts") == lease.attempt:
             self.preempt(key, lease)
-
-    def _on_cancel_change(self, name: str, key: JobKey, change: str, doc: dict) -> None:
-        if change == "REMOVED":
-            return
-        if doc.get("status") == lifecycle.QUEUED:
-            self._cancel_queued(key)
-        elif doc.get("status") == lifecycle.PROCESSING:
-            self._stop_running(key)
 
     def _sweep_loop(self) -> None:
         # A doc written while a listener is still starting can be missed by it (seen on the emulator): sweep
@@ -768,8 +653,8 @@ class Reconciler:
                     self._pause_listeners(failed)
             else:
                 self._firestore_answered(self._slowest_call)
-                if self._paused:  # a whole sweep answered: the listeners again (`_watchdog` waited for this)
-                    self._paused = False
+                if self.listeners.paused:  # a whole sweep answered: the listeners again (`_watchdog` waited)
+                    self.listeners.paused = False
                     for media in MEDIA_TYPES:
                         self._watchdog(media, False)
                 if failed:
@@ -785,9 +670,7 @@ class Reconciler:
         queries answered, restarted none: they reopened without pause again), then listened to again
         (`listener_restarted`)."""
         log.info("listeners_paused", failed_sweeps=failed)
-        self._paused = True
-        for watch in list(self._watches.values()):
-            _close(watch)
+        self.listeners.pause()
 
     # After Firestore was away from this worker, every lease counts as renewed when it came back: the owners were
     # cut off as this worker was. So a transient failure of a heartbeat or a sweep, or one held up past
@@ -846,7 +729,7 @@ class Reconciler:
         found = 0
         for media in MEDIA_TYPES:
             missed = False
-            ordered = self._queued(media, limit=SWEEP_LIMIT)
+            ordered = queued_window(self.store, media, limit=SWEEP_LIMIT)
             sources = (("expired", self._expired(media, now)), ("ordered", self._read(ordered)))
             for source, snapshots in sources:
                 for snapshot in snapshots:
@@ -861,7 +744,7 @@ class Reconciler:
                         self._found(key, snapshot, doc, expired=source == "expired")
                     except Exception as exc:  # one doc's surprise must not stop the sweep of the others
                         log.warning("sweep_error", path=key.path, error=str(exc))
-                    missed |= source == "ordered" and self._missed_by_listener(_name(media, "oldest"), snapshot)
+                    missed |= source == "ordered" and self._missed_by_listener(media, snapshot)
             self._watchdog(media, missed)
         # The queue's oldest are candidates now: a first claim waits no longer (a latency audit: the scans below
         # are 5 calls more, one after another, on a cold start that a waiting request woke).
@@ -879,10 +762,8 @@ class Reconciler:
     def _undated(self, media: str) -> bool:
         """Whether queued docs of `media` without `created_at` may wait: more are queued than the oldest window
         holds while it is not full (a count: one read). Behind a full window the scan's cadence finds them."""
-        name = _name(media, "oldest")
-        with self._cv:
-            window, full = self._windows.get(name), self._edges.get(name) is not None
-        if window is None or full:
+        window, edge = self.listeners.window(media)
+        if window is None or edge is not None:
             return False
         started = time.monotonic()
         try:
@@ -970,7 +851,7 @@ class Reconciler:
             # Restated while it ran here, in a backlog's middle that no listener's window holds (an audit: the stale
             # run went on to its next progress write, up to 5 s, its user's running count already given back).
             self._stop_if_queued_again(key, doc)
-            self._admit_later(key, doc, timestamp(created, 0.0))
+            self.admissions.hear(key, doc, timestamp(created, 0.0))
         self._offer(key, created, first=expired, group=self._doc_group(key, doc), doc=doc)
 
     def _discover(self) -> int:
@@ -979,8 +860,8 @@ class Reconciler:
         newest window ran its newer docs first. So each sweep looks up the oldest queued docs of users with
         pending work (their usage docs) whose oldest is not in the window, which holds every doc older than its
         far end. Nothing when the windows hold the whole queue."""
+        ends = {media: self.listeners.far_end(media) for media in MEDIA_TYPES}
         with self._cv:
-            ends = {media: self._edges.get(_name(media, "oldest")) for media in MEDIA_TYPES}
             # A look-up per user the candidates can still hold (each keeps one: FairQueue never pushes out a
             # user's only candidate): past that, what one pass found pushed out what the last had (2,000 users
             # behind a backlog, a scale review), and every pass looked up every user again, ~400 reads a worker
@@ -1029,41 +910,13 @@ class Reconciler:
         return found
 
     def _watchdog(self, media: str, missed: bool) -> None:
-        for window in (*WINDOWS, CANCEL):
-            name = _name(media, window)
-            watch = self._watches.get(name)
-            silent = missed and window in WINDOWS  # the queued doc reached neither window: restart both
-            if self._paused:
-                continue
-            if self._claiming and (silent or watch is None or getattr(watch, "_closed", False)):
-                log.warning("listener_restarted", listener=name, reason="silent" if silent else "closed")
-                _close(watch)
-                self._listen(media, window)
+        if self._claiming:
+            self.listeners.watchdog(media, missed)
 
-    def _missed_by_listener(self, name: str, snapshot) -> bool:
+    def _missed_by_listener(self, media: str, snapshot) -> bool:
         """A queued doc older than a sweep that the listener has not spoken of since it was written."""
         seconds = _updated(snapshot)
-        if seconds is None:
-            return False
-        age = self.server_time() - seconds
-        return age > 2 * self.sweep_interval and time.monotonic() - self._heard.get(name, 0) > age
-
-
-def _name(media: str, window: str) -> str:
-    """A listener's name: the media type for the main (oldest) window, as the watchdog's logs always said."""
-    return media if window == "oldest" else f"{media}:{window}"
-
-
-def _far_end(docs, window: str) -> float | None:
-    """The `created_at` at a full window's far end (its newest for the oldest window, its oldest for the newest),
-    past which a doc can only have been pushed out; None while the window is not full."""
-    if window not in WINDOWS or len(docs) < WINDOWS[window][1]:
-        return None
-    times = [timestamp((doc.to_dict() or {}).get("created_at"), float("nan")) for doc in docs]
-    times = [t for t in times if t == t]
-    if not times:
-        return None
-    return min(times) if window == "newest" else max(times)
+        return seconds is not None and self.listeners.missed(media, self.server_time() - seconds, self.sweep_interval)
 
 
 def _updated(snapshot) -> float | None:
@@ -1071,11 +924,3 @@ def _updated(snapshot) -> float | None:
     if updated is None:
         return None
     return updated.timestamp() if isinstance(updated, datetime) else updated.seconds + updated.nanos / 1e9
-
-
-def _close(watch) -> None:
-    if watch is not None:
-        try:
-            watch.unsubscribe()
-        except Exception:
-            pass

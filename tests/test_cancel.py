@@ -46,12 +46,15 @@ def events(monkeypatch):
     runner_logs), as (event, file_uid, during)."""
     import structlog
 
+    import listener.admission as admission_module
     import listener.lease as lease_module
+    import listener.listeners as listeners_module
     import listener.reconciler as reconciler_module
     import listener.runner as runner_module
 
     with structlog.testing.capture_logs() as logs:
-        for module in (reconciler_module, runner_module, lease_module):
+        modules = (reconciler_module, listeners_module, admission_module, runner_module, lease_module)
+        for module in modules:
             monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
         yield logs
 
@@ -113,10 +116,10 @@ def test_a_cancel_the_listener_missed_stops_the_run_at_its_next_lease_renewal(
     """The cancel listener holds CANCEL_LIMIT requests, in no order: past that (many users cancelling queued jobs
     at once) a running job's request may be outside its window. The renewal reads the doc anyway: the run stops a
     beat later, not at its end, charged in full (the fencing review)."""
-    from listener.reconciler import Reconciler
+    from listener.listeners import Listeners
 
     # A window that holds none of this job's: the full window stood for by a query of a collection with no docs.
-    monkeypatch.setattr(Reconciler, "_cancel_requests", lambda self, media: self.store.cancelling("nothing"))
+    monkeypatch.setattr(Listeners, "_cancel_requests", lambda self, media: self.store.cancelling("nothing"))
     generator = StubGenerator(threading.Event())  # holds the job, reporting progress at every "step"
     sched_worker("w", generator, lease=3.0)  # a renewal each second
     key = JobKey("u1", "images", "missed")
@@ -725,10 +728,10 @@ def test_a_run_restated_in_a_backlogs_middle_stops_when_the_sweep_finds_it(sched
 
     from firegen_core.contract import parse_runsync_input
     from firegen_core.jobs import JobStore
-    from listener import reconciler
+    from listener import listeners
 
-    monkeypatch.setitem(reconciler.WINDOWS, "oldest", (Query.ASCENDING, 2))
-    monkeypatch.setitem(reconciler.WINDOWS, "newest", (Query.DESCENDING, 1))
+    monkeypatch.setitem(listeners.WINDOWS, "oldest", (Query.ASCENDING, 2))
+    monkeypatch.setitem(listeners.WINDOWS, "newest", (Query.DESCENDING, 1))
     held, running = threading.Event(), threading.Event()
 
     class HoldsOne(StubGenerator):

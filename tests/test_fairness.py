@@ -17,7 +17,8 @@ from firegen_core.claims import WorkerJobs
 from firegen_core.contract import parse_runsync_input
 from firegen_core.jobs import JobKey, JobStore
 from firegen_core.quota import Limits
-from listener.reconciler import LISTEN_LIMIT, NEWEST_LIMIT, Reconciler, _far_end
+from listener.listeners import LISTEN_LIMIT, NEWEST_LIMIT, Listeners, _far_end
+from listener.reconciler import Reconciler
 from listener.runner import JobRunner
 
 BACKLOG_LIMITS = Limits(max_pending=1000, daily_budget=1e6)  # one user's backlog here is past USER_MAX_PENDING
@@ -242,16 +243,16 @@ def test_a_window_tells_a_doc_pushed_out_from_one_that_left_the_queue():
     assert _far_end(full_newest[:-1], "newest") is None  # not full: nothing is pushed out of it
     full_oldest = [Doc(float(t)) for t in range(LISTEN_LIMIT)]  # 0 .. 99
     assert _far_end(full_oldest, "oldest") == LISTEN_LIMIT - 1
-    reconciler = Reconciler.__new__(Reconciler)
-    reconciler._edges = {"images:newest": 81.0, "images": 99.0}
-    assert reconciler._pushed_out("images:newest", {"created_at": 80.0})  # older than all 20 newest
-    assert not reconciler._pushed_out("images:newest", {"created_at": 90.0})  # claimed: an older one came in
-    assert reconciler._pushed_out("images", {"created_at": 99.5})  # a released older job came back in
-    assert not reconciler._pushed_out("images", {"created_at": 50.0})
-    assert not reconciler._pushed_out("images:newest", {})  # no created_at: no place to keep
+    listeners = Listeners.__new__(Listeners)
+    listeners._edges = {"images:newest": 81.0, "images": 99.0}
+    assert listeners.pushed_out("images:newest", {"created_at": 80.0})  # older than all 20 newest
+    assert not listeners.pushed_out("images:newest", {"created_at": 90.0})  # claimed: an older one came in
+    assert listeners.pushed_out("images", {"created_at": 99.5})  # a released older job came back in
+    assert not listeners.pushed_out("images", {"created_at": 50.0})
+    assert not listeners.pushed_out("images:newest", {})  # no created_at: no place to keep
     # Docs sharing one server timestamp (one batch of writes) with the far end: pushed out as well (mutation audit).
-    assert reconciler._pushed_out("images:newest", {"created_at": 81.0})
-    assert reconciler._pushed_out("images", {"created_at": 99.0})
+    assert listeners.pushed_out("images:newest", {"created_at": 81.0})
+    assert listeners.pushed_out("images", {"created_at": 99.0})
 
 
 def test_the_candidate_set_is_bounded_whatever_the_backlog(sched_worker, firestore_client):
@@ -367,7 +368,9 @@ def test_users_behind_a_backlog_are_looked_up_once_while_their_candidates_wait(f
     reconciler = Reconciler(store, runner=None, capacity=capacity)  # type: ignore[arg-type]
     reconciler._claiming = True
     reconciler._watchdog = lambda media, missed: None  # no listeners to restart here
-    reconciler._edges = {"images": t0.timestamp() - 1}  # a full oldest window whose far end is before them all
+    reconciler.listeners._edges = {
+        "images": t0.timestamp() - 1
+    }  # a full oldest window whose far end is before them all
     per_sweep = []
     for _ in range(5):
         before = len(looked_up)

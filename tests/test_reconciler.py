@@ -220,11 +220,14 @@ SLOW_SWEEP = 120.0  # the periodic sweep runs once at start, then not again with
 
 @pytest.fixture
 def reconciler_logs(monkeypatch):
-    """The reconciler's events, on a logger made inside the capture (as runner_logs)."""
+    """The reconciler's events, its listeners' and admissions', on loggers made inside the capture (as runner_logs)."""
+    import listener.admission as admission_module
+    import listener.listeners as listeners_module
     import listener.reconciler as reconciler_module
 
     with structlog.testing.capture_logs() as logs:
-        monkeypatch.setattr(reconciler_module, "log", structlog.get_logger("listener.reconciler"))
+        for module in (reconciler_module, listeners_module, admission_module):
+            monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
         yield logs
 
 
@@ -264,10 +267,10 @@ def test_a_closed_listener_is_restarted_by_the_watchdog(make_worker, firestore_c
     sweep, with the next one two minutes away: only the restarted listener can deliver it."""
     worker = make_worker(sweep=SLOW_SWEEP)
     assert wait_until(lambda: worker.sweeps == 1)  # the sweep at start is done; the next is far away
-    dead = worker._watches["images"]
+    dead = worker.listeners._watches["images"]
     dead.unsubscribe()  # what a listener that died looks like from the outside: closed, no more events
     worker.sweep()
-    assert worker._watches["images"] is not dead
+    assert worker.listeners._watches["images"] is not dead
     key = JobKey("u1", "images", "after-close")
     write_job(firestore_client, key)
     assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
@@ -282,7 +285,7 @@ def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_c
     worker = make_worker(sweep=SLOW_SWEEP)
     assert wait_until(lambda: worker.sweeps == 1)
     # Both windows of the queued images (the oldest docs, the newest docs): open, connected, and saying nothing.
-    silent = [worker._watches["images"], worker._watches["images:newest"]]
+    silent = [worker.listeners._watches["images"], worker.listeners._watches["images:newest"]]
     for watch in silent:
         watch._snapshot_callback = lambda *args: None
     worker.sweep_interval = 0.2  # what the watchdog counts as "older than two sweeps"; the loop still waits
@@ -291,7 +294,7 @@ def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_c
     created = doc_time(firestore_client, missed)
     wait_until(lambda: time.time() - created > 1.0)  # older than two (0.2 s) sweep intervals, by a margin
     worker.sweep()  # the watchdog's tick: it offers the missed doc, and restarts the silent listener
-    replaced = [worker._watches["images"], worker._watches["images:newest"]]
+    replaced = [worker.listeners._watches["images"], worker.listeners._watches["images:newest"]]
     assert all(new is not old and old._closed for new, old in zip(replaced, silent))  # replaced, old ones closed
     assert wait_until(lambda: finished(firestore_client, missed))["status"] == "completed"
     key = JobKey("u1", "images", "after-silence")
@@ -519,10 +522,10 @@ class ChokingReconciler(CountingReconciler):
     raise, an admin's unreadable fields, are read as none since the audit above, so no real doc does it on
     demand)."""
 
-    def _on_queue_change(self, name, key, change, doc):
+    def _heard_queued(self, key, doc):
         if key.file_uid == "choke":
             raise ValueError("no sense to be made of this doc")
-        super()._on_queue_change(name, key, change, doc)
+        super()._heard_queued(key, doc)
 
 
 def test_a_doc_a_listener_could_not_take_in_is_logged_and_the_listener_goes_on(
@@ -1878,16 +1881,18 @@ def test_admissions_are_held_once_each_bounded_and_dropped_when_their_doc_leaves
     cancelled) was still admitted, a transaction per worker. Driven by hand: no listener, no admission thread."""
     reconciler = Reconciler(WorkerJobs(firestore_client, worker_id="w"), runner=None, capacity=5)  # type: ignore[arg-type]
     reconciler._claiming = True
+    admissions = reconciler.admissions
+    admissions.open()
     keys = [JobKey(f"u{n}", "images", "j") for n in range(8)]
     for n, key in enumerate(reversed(keys[:4])):  # heard newest first, as the newest window delivers
-        reconciler._admit_later(key, {}, float(10 - n))
-    reconciler._admit_later(keys[0], {}, 99.0)  # heard again: held once
-    reconciler._on_queue_change("images", keys[1], "REMOVED", {"status": "failed"})
+        admissions.hear(key, {}, float(10 - n))
+    admissions.hear(keys[0], {}, 99.0)  # heard again: held once
+    reconciler.listeners._on_queue_change("images", keys[1], "REMOVED", {"status": "failed"})
     for key in keys[4:]:  # past the bound (the candidates' capacity): left to the claim
-        reconciler._admit_later(key, {}, 20.0)
-    assert len(reconciler._admitting) == 5 and keys[1] not in reconciler._admitting
-    taken = [reconciler._oldest_admission() for _ in range(len(reconciler._admitting))]
-    assert taken == [keys[0], keys[2], keys[3], keys[4], keys[5]] and not reconciler._admitting
+        admissions.hear(key, {}, 20.0)
+    assert len(admissions) == 5 and keys[1] not in admissions
+    taken = [admissions.oldest() for _ in range(len(admissions))]
+    assert taken == [keys[0], keys[2], keys[3], keys[4], keys[5]] and not len(admissions)
 
 
 class SlowPages(WorkerJobs):
@@ -1929,7 +1934,7 @@ def paused_by_an_outage(reconciler: Reconciler, store, seconds: float, logs: lis
     """Once `reconciler` listens, an outage of `seconds` begins (`store.back`, SweepAway's or VideosAway's): its
     listeners as they were, once it has said `listeners_paused` and closed them all."""
     assert reconciler.wait_listening(LISTENING_SECONDS)
-    before = dict(reconciler._watches)
+    before = dict(reconciler.listeners._watches)
     store.back = time.monotonic() + seconds
     said = lambda: any(e["event"] == "listeners_paused" for e in logs)  # noqa: E731
     wait_until(lambda: said() and all(watch._closed for watch in before.values()), timeout=10)
@@ -1946,8 +1951,8 @@ def test_listeners_are_closed_while_firestore_is_away_and_listen_again_once_it_i
     reconciler = CountingReconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=0.2).start()
     try:
         before = paused_by_an_outage(reconciler, store, 2.0, reconciler_logs)
-        wait_until(lambda: all(reconciler._watches[name] is not before[name] for name in before), timeout=15)
-        assert not any(watch._closed for watch in reconciler._watches.values())
+        wait_until(lambda: all(reconciler.listeners._watches[name] is not before[name] for name in before), timeout=15)
+        assert not any(watch._closed for watch in reconciler.listeners._watches.values())
         key = JobKey("u1", "images", "after-the-outage")
         write_job(firestore_client, key, width=256)
         assert wait_until(lambda: finished(firestore_client, key), timeout=15)["status"] == "completed"
@@ -1989,8 +1994,8 @@ def test_listeners_paused_stay_closed_until_a_whole_sweep_answers(firestore_clie
         before = paused_by_an_outage(reconciler, store, 3.0, reconciler_logs)
         wait_until(lambda: time.monotonic() >= store.back - 0.5, timeout=10)  # sweeps failing part-way meanwhile
         during = [e for e in reconciler_logs if e["event"] == "listener_restarted"]
-        assert during == [] and all(reconciler._watches[name] is before[name] for name in before), during
-        wait_until(lambda: not any(watch._closed for watch in reconciler._watches.values()), timeout=15)
+        assert during == [] and all(reconciler.listeners._watches[name] is before[name] for name in before), during
+        wait_until(lambda: not any(watch._closed for watch in reconciler.listeners._watches.values()), timeout=15)
     finally:
         reconciler.stop(grace=0)
 
