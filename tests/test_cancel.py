@@ -419,7 +419,7 @@ class Stuck:
 def running_stuck(store, runner, generator: Stuck, key: JobKey):
     """(the thread running the claimed job, its outcome once it ends); the step comes back on leaving."""
     outcome: list = []
-    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
+    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))), daemon=True)
     running.start()
     try:
         yield running, outcome
@@ -456,7 +456,7 @@ def test_a_stuck_job_its_owner_cancelled_ends_cancelled_past_its_deadline(firest
     key = JobKey("u1", "images", "stuck-cancelled")
     queue_jobs(firestore_client, [key])
     stop, ended = threading.Event(), []
-    running = threading.Thread(target=lambda: ended.append(runner.run(store.claim(key), stop)))
+    running = threading.Thread(target=lambda: ended.append(runner.run(store.claim(key), stop)), daemon=True)
     running.start()
     try:
         assert generator.started.wait(10)

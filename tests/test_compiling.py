@@ -111,8 +111,8 @@ def test_the_warm_ups_prompt_encoding_beside_a_jobs_mixes_neither(tiny_cache):
 
     try:
         threads = [
-            threading.Thread(target=encode, args=(pipe, "a lighthouse at dusk over the sea")),
-            threading.Thread(target=encode, args=(sibling, "warm-up")),
+            threading.Thread(target=encode, args=(pipe, "a lighthouse at dusk over the sea"), daemon=True),
+            threading.Thread(target=encode, args=(sibling, "warm-up"), daemon=True),
         ]
         for thread in threads:
             thread.start()

@@ -74,7 +74,7 @@ def test_concurrent_transactions_both_apply(firestore_client):
         except Exception as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=worker) for _ in range(2)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:

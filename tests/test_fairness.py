@@ -270,7 +270,7 @@ def test_the_candidate_set_is_bounded_whatever_the_backlog(sched_worker, firesto
             seen.append(worker.candidates)
             stop.wait(0.01)
 
-    watcher = threading.Thread(target=watch)
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     generator.gate.set()
     try:

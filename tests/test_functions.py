@@ -1037,7 +1037,7 @@ def test_trigger_dispatches_once_under_duplicate_delivery(worker, busy_slot):
             )
         )
 
-    threads = [threading.Thread(target=deliver) for _ in range(3)]
+    threads = [threading.Thread(target=deliver, daemon=True) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -2509,7 +2509,7 @@ def test_a_cli_that_fails_to_start_leaves_no_emulator_running(emulator_logs, tmp
             holder.listen()
             taken.set()
 
-    thief = threading.Thread(target=take_the_logging_port_once_the_hub_runs)
+    thief = threading.Thread(target=take_the_logging_port_once_the_hub_runs, daemon=True)
     thief.start()
     try:
         with pytest.raises(emu.EmulatorError, match="exited with code") as failed:

@@ -353,7 +353,7 @@ def blobs(bucket) -> dict[str, tuple]:
 
 def run_in_thread(runner: JobRunner, job) -> tuple[threading.Thread, dict]:
     outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("end", runner.run(job)))
+    thread = threading.Thread(target=lambda: outcome.setdefault("end", runner.run(job)), daemon=True)
     thread.start()
     return thread, outcome
 
@@ -720,7 +720,7 @@ def test_a_firestore_blip_during_a_renewal_keeps_the_job(firestore_client, resul
     generator = StubGenerator(threading.Event())
     runner = JobRunner(store, generator, results, renew_interval=0.1)
     outcome: list[str] = []
-    thread = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))), daemon=True)
     thread.start()
     try:
         assert wait_until(lambda: store.renewals >= 3, timeout=10)  # renewed again after the failed one
@@ -845,14 +845,16 @@ def test_a_claim_on_its_way_when_the_worker_stops_runs_within_the_grace_or_is_gi
     key = JobKey("u1", "images", "in-flight")
     write_job(firestore_client, key)
     assert store.entered.wait(10)
-    stopper = threading.Thread(target=worker.stop, kwargs={"grace": grace})
+    stopper = threading.Thread(target=worker.stop, kwargs={"grace": grace}, daemon=True)
     stopper.start()
-    assert wait_until(lambda: not worker._claiming)
-    if grace == 0:
-        assert wait_until(worker.runner.abort.is_set)  # the grace is over before the claim comes back
-    assert stopper.is_alive()  # waiting for the claim in flight
-    store.gate.set()
-    stopper.join(15)
+    try:
+        assert wait_until(lambda: not worker._claiming)
+        if grace == 0:
+            assert wait_until(worker.runner.abort.is_set)  # the grace is over before the claim comes back
+        assert stopper.is_alive()  # waiting for the claim in flight
+    finally:
+        store.gate.set()
+        stopper.join(15)
     assert not stopper.is_alive()
     data = doc(firestore_client, key)
     assert (data["status"], data["attempts"], "worker_id" in data) == (status, attempts, status == "completed")
@@ -1141,7 +1143,7 @@ def test_a_job_uploading_as_the_worker_leaves_delivers_rather_than_runs_again(fi
     upload = HeldUpload(results, lambda: store.renewed.is_set() or store.released.is_set())
     runner = JobRunner(store, StubGenerator(), upload, renew_interval=0.2)
     outcome: list = []
-    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))))
+    running = threading.Thread(target=lambda: outcome.append(runner.run(store.claim(key))), daemon=True)
     running.start()
     wait_until(lambda: list(blobs(bucket)), timeout=15)  # generated; its upload held
     leaving.set()
@@ -2032,7 +2034,7 @@ def test_a_split_batchs_waiting_groups_keep_their_leases_and_a_crashed_group_is_
     reconciler = Reconciler(store, Crashing(store, generator, results), batch_max=3, batch_key=lambda r: r.width)
     other = WorkerJobs(firestore_client, worker_id="other", lease_seconds=30, limits=many)
     taken: list = []
-    running = threading.Thread(target=reconciler._run, args=(claimed,))
+    running = threading.Thread(target=reconciler._run, args=(claimed,), daemon=True)
     running.start()
     while running.is_alive():  # another worker's sweep, trying the waiting job's lease all along
         taken.append(other.claim(keys[2]))

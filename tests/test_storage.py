@@ -585,7 +585,7 @@ def test_upload_survives_a_short_storage_outage(storage_client, bucket, storage_
         except BaseException as e:
             result["error"] = e
 
-    thread = threading.Thread(target=upload)
+    thread = threading.Thread(target=upload, daemon=True)
     thread.start()
     try:
         assert retried.wait(DEADLINE_S), "the upload never retried"
