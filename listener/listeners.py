@@ -104,12 +104,12 @@ class Listeners:
     def watchdog(self, media: str, missed: bool) -> None:
         """Restart the listeners of `media` that closed, and both queued windows where `missed` (a queued doc the
         sweep found reached neither); none while paused."""
+        if self.paused:
+            return
         for window in (*WINDOWS, CANCEL):
             name = _name(media, window)
             watch = self._watches.get(name)
             silent = missed and window in WINDOWS
-            if self.paused:
-                continue
             if silent or watch is None or getattr(watch, "_closed", False):
                 log.warning("listener_restarted", listener=name, reason="silent" if silent else "closed")
                 _close(watch)
