@@ -49,6 +49,7 @@ from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
 from .lease import RunOutcome, job_ids, quietly, release
 from .listeners import Listeners, queued_window
 from .runner import JobRunner, transient
+from .takeovers import Takeovers
 from .version import code_version
 
 log = structlog.get_logger("listener.reconciler")
@@ -61,9 +62,6 @@ PAUSE_LISTENERS_AFTER = 2  # sweeps failed in a row (Firestore away) before the 
 START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
 FIRST_SWEEP_WAIT = 3.0  # the first claim after start waits this long at most for the first sweep
 DISPATCH_RETRY_SECONDS = 1.0  # after an unexpected error in the dispatch loop (logged `claim_loop_error`)
-# A heartbeat or a sweep's query that took longer (its retries included) was held up by Firestore (SIGSTOP-like: a
-# call hangs, then answers when it is back): see `_firestore_failed`. Past a loaded emulator's slowest seen answers.
-SLOW_CALL_SECONDS = 5.0
 CLOCK_SAMPLE_MAX_SECONDS = 1.0  # a heartbeat slower than this (retried) says too little of when its write landed
 DISCOVER_USERS = 100  # users with pending work one sweep looks up beyond a full window (the next sweep: the next ones)
 DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
@@ -153,10 +151,7 @@ class Reconciler:
         # Per (media type, status), the last doc the last page of `_unqueried` read (None: start over).
         self._scan_after: dict[tuple[str, str], DocumentSnapshot | None] = {}
         self._unleased_due = 0.0  # by the monotonic clock
-        # Before this (monotonic) time, or while Firestore is in trouble here, the sweep takes over no expired lease
-        # (see `_firestore_failed`).
-        self._takeovers_from = 0.0
-        self._troubled = False
+        self.takeovers = Takeovers(store.lease_seconds)  # none within a lease of Firestore's return
         self._foreign: set[str] = set()  # docs outside generations/ its queries met, each said once (`_not_ours`)
         self._finished = 0  # jobs run here to their end (completed or failed): its liveness doc says it (`beat`)
 
@@ -456,9 +451,9 @@ class Reconciler:
         try:
             if start:
                 # Tried again there on errors, knowing its earlier tries. An expired lease is taken over only when
-                # the sweep would take it (`_takeovers_allowed`), whatever offered the key: a runsync, a key re-offered
+                # the sweep would take it (listener/takeovers.py), whatever offered the key: a runsync, a key re-offered
                 # after a failed claim (the fencing review: the deferral after an outage held in the sweep alone).
-                job = self.store.claim(key, takeover=self._takeovers_allowed())
+                job = self.store.claim(key, takeover=self.takeovers.allowed())
         except Exception as exc:
             log.warning("claim_error", path=key.path, error=str(exc))
         if job is None:
@@ -639,26 +634,26 @@ class Reconciler:
             try:
                 self.beat()
             except Exception as exc:
-                self._firestore_failed(exc)
+                self.takeovers.failed(exc)
                 log.warning("worker_beat_error", error=str(exc))
             else:
-                self._firestore_answered(time.monotonic() - started)
+                self.takeovers.answered(time.monotonic() - started)
             try:
                 self.sweep()
             except Exception as exc:
                 failed += 1
-                self._firestore_failed(exc)
+                self.takeovers.failed(exc)
                 log.warning("sweep_error", error=str(exc), failed_sweeps=failed)
                 if failed == PAUSE_LISTENERS_AFTER and transient(exc):
                     self._pause_listeners(failed)
             else:
-                self._firestore_answered(self._slowest_call)
+                self.takeovers.answered(self._slowest_call)
                 if self.listeners.paused:  # a whole sweep answered: the listeners again (`_watchdog` waited)
                     self.listeners.paused = False
                     for media in MEDIA_TYPES:
                         self._watchdog(media, False)
                 if failed:
-                    deferred = max(0.0, self._takeovers_from - time.monotonic())
+                    deferred = self.takeovers.seconds_left()
                     log.info("sweep_recovered", failed_sweeps=failed, takeovers_in_seconds=round(deferred, 1))
                 failed = 0
             self._swept.set()
@@ -671,27 +666,6 @@ class Reconciler:
         (`listener_restarted`)."""
         log.info("listeners_paused", failed_sweeps=failed)
         self.listeners.pause()
-
-    # After Firestore was away from this worker, every lease counts as renewed when it came back: the owners were
-    # cut off as this worker was. So a transient failure of a heartbeat or a sweep, or one held up past
-    # SLOW_CALL_SECONDS (a call that hung until Firestore came back), stops takeovers of expired leases until one
-    # lease period after the first heartbeat or sweep that answered again (the chaos audit: a 2-minute outage
-    # ended as an owner's generation did, and another worker's sweep took the job over seconds before the owner's
-    # fence check came through, throwing the generation away; counted from the last failure instead, a short
-    # lease had run out before Firestore came back, and the re-check saw the same).
-    def _firestore_failed(self, exc: BaseException) -> None:
-        if transient(exc):  # not a bug here, which must not stop takeovers for good
-            self._troubled = True
-
-    def _firestore_answered(self, took: float) -> None:
-        if self._troubled or took > SLOW_CALL_SECONDS:
-            # The deferral before the all-clear: the claim loop reads them on another thread, and in between the
-            # old (past) `_takeovers_from` let a claim take over (the thread-safety review).
-            self._takeovers_from = time.monotonic() + self.store.lease_seconds
-            self._troubled = False
-
-    def _takeovers_allowed(self) -> bool:
-        return not self._troubled and time.monotonic() >= self._takeovers_from
 
     def beat(self, timeout: float = workers.CALL_TIMEOUT) -> None:
         """This worker's heartbeat (`workers/{worker_id}`): also the start-up check that it may write Firestore,
@@ -722,8 +696,8 @@ class Reconciler:
         return self.server_time() - (time.monotonic() - mark)
 
     def sweep(self) -> int:
-        """Offer the oldest queued and the lease-expired jobs (not within a lease of Firestore's return: see
-        `_firestore_failed`); restart listeners that died or missed a doc."""
+        """Offer the oldest queued and the lease-expired jobs (not within a lease of Firestore's return:
+        listener/takeovers.py); restart listeners that died or missed a doc."""
         now = datetime.fromtimestamp(self.server_time(), UTC)
         self._slowest_call = 0.0
         found = 0
@@ -775,20 +749,17 @@ class Reconciler:
         return int(counted) > len(window)
 
     def _expired(self, media: str, now: datetime) -> list[DocumentSnapshot]:
-        """The processing docs of `media` whose lease ran out before `now`; none while takeovers wait (see
-        `_firestore_failed`), nor where the query itself was held up (Firestore away until just now)."""
-        if not self._takeovers_allowed():
+        """The processing docs of `media` whose lease ran out before `now`; none while takeovers wait, nor where
+        the query itself was held up (Firestore away until just now)."""
+        if not self.takeovers.allowed():
             return []
         found = self._read(self.store.expired(media, now, limit=SWEEP_LIMIT))
-        if self._slowest_call > SLOW_CALL_SECONDS:
-            self._troubled = True
-            return []
-        return found
+        return [] if self.takeovers.held_up(self._slowest_call) else found
 
     def _read(self, query: Query) -> list[DocumentSnapshot]:
         """A query's docs, its time counted in the sweep's slowest call: what tells a call held up by an outage
-        (SLOW_CALL_SECONDS) is one call's time, not the sweep's, many calls long behind a backlog (a resilience
-        review: a healthy 5 s sweep stopped every takeover, a dead worker's job left `processing`)."""
+        (takeovers.SLOW_CALL_SECONDS) is one call's time, not the sweep's, many calls long behind a backlog (a
+        resilience review: a healthy 5 s sweep stopped every takeover, a dead worker's job left `processing`)."""
         started = time.monotonic()
         try:
             return list(query.stream(**BOUND))

@@ -1793,9 +1793,9 @@ def test_expired_leases_a_held_up_sweep_finds_wait_a_lease_too(firestore_client,
     """The chaos re-check: Firestore stopped 25 s, the sweep's query hung through it and answered once Firestore was
     back, with the leases that had run out meanwhile, and nothing had failed: a takeover at once. A query held up
     past SLOW_CALL_SECONDS counts as an outage: its expired leases wait a lease period from its answer."""
-    import listener.reconciler as reconciler_module
+    import listener.takeovers as takeovers_module
 
-    monkeypatch.setattr(reconciler_module, "SLOW_CALL_SECONDS", 0.5)
+    monkeypatch.setattr(takeovers_module, "SLOW_CALL_SECONDS", 0.5)
     store = HeldExpiry(firestore_client, worker_id="sweeper", lease_seconds=2.0)
     owners_keep_their_jobs_through_an_outage(firestore_client, results, store, "held_until", 1.5, "held")
 
@@ -1814,36 +1814,37 @@ def test_a_key_offered_outside_the_sweep_waits_out_the_takeover_deferral_too(fir
     firestore_client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})  # ran out in the outage
     store = WorkerJobs(firestore_client, worker_id="claimer", lease_seconds=2.0)
     claimer = Reconciler(store, JobRunner(store, StubGenerator(), results))  # not started: its claim alone
-    claimer._firestore_failed(ServiceUnavailable("Firestore away"))
-    claimer._firestore_answered(0.1)  # back: takeovers wait a lease (2 s) from now
+    claimer.takeovers.failed(ServiceUnavailable("Firestore away"))
+    claimer.takeovers.answered(0.1)  # back: takeovers wait a lease (2 s) from now
     assert claimer._claim(key) is None
     assert owner.renew(job)  # the owner's late renewal: its job still
     firestore_client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})  # and now its owner is gone
-    wait_until(lambda: claimer._takeovers_allowed(), timeout=5)
+    wait_until(claimer.takeovers.allowed, timeout=5)
     taken = claimer._claim(key)
     assert taken is not None and (taken.lease.worker_id, taken.lease.attempt) == ("claimer", 2)
     assert store.release(taken)  # back to the queue: nothing runs it here
 
 
-def test_firestore_back_never_reads_as_takeovers_allowed_before_their_deferral(firestore_client, results):
+def test_firestore_back_never_reads_as_takeovers_allowed_before_their_deferral():
     """The thread-safety review: the all-clear was written before the deferral, and a claim on the dispatch
     thread reading between the two saw takeovers allowed (the old deferral long past) as Firestore came back."""
     from google.api_core.exceptions import ServiceUnavailable
 
+    from listener.takeovers import Takeovers
+
     read: list[bool] = []
 
-    class Watched(Reconciler):
+    class Watched(Takeovers):
         def __setattr__(self, name, value):
             super().__setattr__(name, value)
-            if name in ("_troubled", "_takeovers_from") and getattr(self, "watched", False):
-                read.append(self._takeovers_allowed())  # what the dispatch thread would read just then
+            if name in ("_troubled", "_from") and getattr(self, "watched", False):
+                read.append(self.allowed())  # what the dispatch thread would read just then
 
-    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=2.0)
-    reconciler = Watched(store, JobRunner(store, StubGenerator(), results))
-    reconciler._firestore_failed(ServiceUnavailable("Firestore away"))
-    reconciler.watched = True
-    reconciler._firestore_answered(0.1)
-    assert read == [False, False]
+    takeovers = Watched(lease_seconds=2.0)
+    takeovers.failed(ServiceUnavailable("Firestore away"))
+    takeovers.watched = True
+    takeovers.answered(0.1)
+    assert read == [False, False] and not takeovers.allowed()
 
 
 def owners_keep_their_jobs_through_an_outage(client, results, store, ends: str, seconds: float, name: str) -> None:
@@ -1916,8 +1917,9 @@ def test_a_sweep_of_many_answered_calls_still_takes_a_dead_workers_job_over(fire
     them slow) counted as one call held up by an outage, and stopped takeovers for a lease after it, every sweep:
     a dead worker's job stayed `processing`. One call's time tells an outage."""
     import listener.reconciler as reconciler_module
+    import listener.takeovers as takeovers_module
 
-    monkeypatch.setattr(reconciler_module, "SLOW_CALL_SECONDS", 0.5)
+    monkeypatch.setattr(takeovers_module, "SLOW_CALL_SECONDS", 0.5)
     monkeypatch.setattr(reconciler_module, "UNLEASED_SCAN_SECONDS", 0.0)  # 4 pages a sweep: 1.2 s in all
     dead = JobKey("u1", "images", "left-by-the-dead")
     write_job(firestore_client, dead)
