@@ -133,7 +133,14 @@ _RESERVED_ID = re.compile(r"__.*__")
 
 
 def snake_case(name: str) -> str:
+    """A name's snake_case guess (`FileUID`: `file_uid`): the hint of a refusal, never a field's reading."""
     return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def camel_case(name: str) -> str:
+    """A field's spelling in the contract's client sample (`num_frames`: `numFrames`), as firestore.rules and
+    the web app know it."""
+    return re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), name)
 
 
 def _format_bound(value: float, kind: type) -> str:
@@ -321,9 +328,11 @@ def refuse_unknown(data: Mapping[str, Any], known: Collection[str]) -> None:
 
 
 def field_name(name: str, known: Collection[str] = KNOWN_FIELDS) -> str:
-    """The field a name of a request or doc stands for: its snake_case spelling where that is known."""
+    """The field a name of a request or doc stands for: itself, or the field whose client-sample camelCase
+    spelling it is. No other spelling (`Seed`, `FILE_UID`, `fileUID`): the rules let no client doc hold one,
+    the web app reads none, and a callable refuses it as the unknown field it is (audit: `fileUID` cancelled)."""
     snake = snake_case(name)
-    return snake if snake in known else name
+    return snake if snake in known and name in (snake, camel_case(snake)) else name
 
 
 def spellings(data: Mapping[str, Any], key: str, known: Collection[str] = KNOWN_FIELDS) -> list[tuple[str, Any]]:

@@ -43,10 +43,10 @@ from .contract import (
     ContractError,
     GenerationRequest,
     awaits_parameters,
+    field_name,
     normalise_document_fields,
     parse_document,
     restatement,
-    snake_case,
 )
 from .dispatches import (
     ARRIVED_DISPATCHES,
@@ -373,7 +373,7 @@ class JobStore:
                     asked = {
                         k: v
                         for k, v in update.items()
-                        if snake_case(k) in KNOWN_FIELDS or k in (quota.ADMITTED, *REQUEST_MARKS)
+                        if field_name(k) in KNOWN_FIELDS or k in (quota.ADMITTED, *REQUEST_MARKS)
                     }
                     return {**asked, **failed}
                 update = {**update, quota.ADMITTED: True, quota.COST: cost, quota.CHARGED_ON: quota.day_of(now)}

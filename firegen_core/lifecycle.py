@@ -27,7 +27,7 @@ from typing import Any, TypeGuard
 from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
 from . import quota
-from .contract import KNOWN_FIELDS, REQUESTED_AT, clip, snake_case
+from .contract import KNOWN_FIELDS, REQUESTED_AT, clip, field_name
 from .errors import CANCELLED, CANCELLED_MESSAGE, EXCEPTION, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from .redaction import got
 
@@ -209,11 +209,11 @@ def restate(doc: Doc | None, changes: Mapping[str, Any], stated: Mapping[str, An
     if doc is None:
         return None
     # A camelCase spelling the doc holds would now say the opposite of its snake_case field.
-    aliases = {name: DELETE_FIELD for name in doc if name not in changes and snake_case(name) in changes}
+    aliases = {name: DELETE_FIELD for name in doc if name not in changes and field_name(name) in changes}
     update: dict[str, Any] = {**changes, **aliases, "modified": SERVER_TIMESTAMP}
     if refused(doc):
         if stated is not None:  # the request states the whole job now: its job (`requested_at`), as if it made it
-            stale = {name: DELETE_FIELD for name in doc if snake_case(name) in KNOWN_FIELDS and name not in stated}
+            stale = {name: DELETE_FIELD for name in doc if field_name(name) in KNOWN_FIELDS and name not in stated}
             update = {**stale, **stated, "modified": SERVER_TIMESTAMP, REQUESTED_AT: SERVER_TIMESTAMP}
         # Admitted again, under the limits as they now stand (its refusal refunded it, or never charged it); a
         # cancel asked of the refused job is not one of the new request's, nor are its dispatches (they count

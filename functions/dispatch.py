@@ -630,7 +630,7 @@ def _named_job(uid: str | None, data: Any, verb: str) -> JobKey:
         raise CallError("unauthenticated", f"Sign in to {verb} a generation")
     if not isinstance(data, Mapping):
         raise CallError("invalid-argument", invalid("input must be a JSON object").message)
-    for name, value in spellings(data, "user_id", JOB_FIELDS):  # `UserId` too, as generateWithRunPod reads it
+    for name, value in spellings(data, "user_id", JOB_FIELDS):  # `userId` too, as generateWithRunPod reads it
         if not left_out(value) and value != uid:
             raise CallError("permission-denied", f"{name} must be the signed-in user's uid")
     try:

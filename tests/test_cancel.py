@@ -347,8 +347,26 @@ def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
             "invalid-argument",
             "Validation failed: fileUid is given twice with different values",  # its words, as "fileUid is required"
         ),
-        # A review: read as user_id in any spelling, it was let through in one the check did not know.
-        ("thief", {"fileUid": "mine", "mediaType": "images", "UserId": "owner"}, "permission-denied", "UserId must be"),
+        # Two spellings a field, as the rules and the web app know them: any other is refused, never read (audit:
+        # `fileUID` cancelled the job it named, and a review: a `UserId` the user check missed was let through).
+        (
+            "thief",
+            {"fileUid": "mine", "mediaType": "images", "UserId": "owner"},
+            "invalid-argument",
+            "Validation failed: unknown field 'UserId' (did you mean 'user_id'?)",
+        ),
+        (
+            "owner",
+            {"fileUID": "mine", "mediaType": "images"},
+            "invalid-argument",
+            "Validation failed: unknown field 'fileUID' (did you mean 'file_uid'?)",
+        ),
+        (
+            "owner",
+            {"File_Uid": "mine", "Media_Type": "images"},
+            "invalid-argument",
+            "Validation failed: unknown field 'File_Uid' (did you mean 'file_uid'?)",
+        ),
     ]
     for uid, data, code, message in cases:
         with pytest.raises(dispatch.CallError) as refused:

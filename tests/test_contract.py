@@ -242,9 +242,12 @@ def test_one_number_spelled_twice_as_int_and_float_is_one_value():
     """A camelCase map (a Kotlin data class, json_serializable) merged with snake_case options gave
     `guidanceScale: 7` and `guidance_scale: 7.0`: refused as "given twice with different values"."""
     read = parse_document(
-        "u", "images", "f", dict(CLIENT_DOC, guidanceScale=7, guidance_scale=7.0, Width=512.0, width=512)
+        "u",
+        "images",
+        "f",
+        dict(CLIENT_DOC, guidanceScale=7, guidance_scale=7.0, numInferenceSteps=20.0, num_inference_steps=20),
     )
-    assert (read.guidance_scale, read.width) == (7.0, 512)
+    assert (read.guidance_scale, read.num_inference_steps) == (7.0, 20)
     with pytest.raises(ContractError):  # `1` is still not `true`
         parse_document("u", "images", "f", dict(CLIENT_DOC, useCloudStorage=1, use_cloud_storage=True))
 
@@ -397,7 +400,7 @@ def test_restatement_names_what_the_request_says_otherwise(doc, given, changes):
         # A function's "other metadata" may name the task and the ids: still no parameter stated.
         ({"status": "queued", "prompt": "a cat", "task_type": "text2image", "user_id": "u", "file_uid": "f"}, True),
         ({"status": "queued", "prompt": "a cat", "task_type": "text2image", "requested_at": 1}, False),  # a request's
-        ({"status": "queued", "prompt": "a cat", "seed": 1, "Seed": 2}, False),  # broken: its parser decides
+        ({"status": "queued", "prompt": "a cat", "guidance_scale": 7, "guidanceScale": 8}, False),  # its parser decides
         # No usable prompt: refused at once, as no request can fix it (the rules let such docs in).
         ({"status": "queued"}, False),
         ({"status": "queued", "prompt": 5}, False),
@@ -412,13 +415,13 @@ def test_a_doc_awaits_its_parameters_when_it_states_none_but_the_prompt(doc, awa
 @pytest.mark.parametrize(
     "doc,field",
     [
-        (dict(CLIENT_DOC, seed=0, Seed=7), "seed"),
+        (dict(CLIENT_DOC, num_images_per_prompt=0, numImagesPerPrompt=2), "num_images_per_prompt"),
         (dict(CLIENT_DOC, use_cloud_storage=False, useCloudStorage=True), "use_cloud_storage"),
     ],
 )
 def test_a_false_or_zero_spelling_is_a_value_not_a_left_out_one(doc, field):
     """Only null and "" are left out: `0` or `false` beside another spelling's value is a field given twice, not
-    a gap the other spelling fills (seed 0 then Seed 7 ran with seed 7)."""
+    a gap the other spelling fills (a review: seed 0 beside another spelling's 7 ran with seed 7)."""
     with pytest.raises(ContractError) as info:
         parse_document("u", "images", "f", doc)
     assert info.value.message == f"Validation failed: {field} is given twice with different values"
@@ -427,8 +430,38 @@ def test_a_false_or_zero_spelling_is_a_value_not_a_left_out_one(doc, field):
 def test_a_refusals_record_reads_a_field_given_twice_as_its_first_spelling_says():
     from firegen_core.contract import normalise_document_fields
 
-    data = {"prompt": "a cat", "Prompt": "a dog", "width": 256, "Width": 512, "seed": None, "Seed": 3}
-    assert normalise_document_fields(data, first=True) == {"prompt": "a cat", "width": 256, "seed": 3}
+    data = {"negative_prompt": "blur", "negativePrompt": "rain", "video_width": 256, "videoWidth": 512}
+    data = {**data, "num_frames": None, "numFrames": 24}
+    assert normalise_document_fields(data, first=True) == {
+        "negative_prompt": "blur",
+        "video_width": 256,
+        "num_frames": 24,
+    }
+
+
+@pytest.mark.parametrize(
+    "name,field",
+    [
+        ("num_frames", "num_frames"),
+        ("numFrames", "num_frames"),
+        ("fileUid", "file_uid"),
+        ("useCloudStorage", "use_cloud_storage"),
+        ("seed", "seed"),
+        # Audit: any case and underscores were read as the field (`fileUID` cancelled a job), where firestore.rules
+        # and the web app know two spellings alone.
+        ("fileUID", "fileUID"),
+        ("FILE_UID", "FILE_UID"),
+        ("File_Uid", "File_Uid"),
+        ("Seed", "Seed"),
+        ("PROMPT", "PROMPT"),
+        ("NumInferenceSteps", "NumInferenceSteps"),
+        ("num_Inference_Steps", "num_Inference_Steps"),
+    ],
+)
+def test_a_field_has_two_spellings_its_own_and_the_client_samples_camel_case(name, field):
+    from firegen_core.contract import field_name
+
+    assert field_name(name) == field
 
 
 # --- a request's job doc read back (Hypothesis) -------------------------------------------------------------

@@ -380,7 +380,11 @@ def test_the_callables_answer_unavailable_with_a_message_when_firestore_is_away(
             "Validation failed: use_cloud_storage must be true: results go to Cloud Storage",
         ),
         # Fuzz audit: refused, but the client's doc was left queued, to run at its defaults, charged.
-        ({"width": 256, "Width": 512}, "Validation failed: width is given twice with different values"),
+        (
+            {"guidance_scale": 7.5, "guidanceScale": 8},
+            "Validation failed: guidance_scale is given twice with different values",
+        ),
+        ({"Width": 512}, "Validation failed: unknown field 'Width' (did you mean 'width'?)"),
         ({"num_frames": 16, "numFrames": 17}, "Validation failed: num_frames is given twice with different values"),
     ],
 )
@@ -2965,13 +2969,13 @@ def test_a_null_user_id_is_left_out_and_a_file_uid_of_no_string_is_refused_as_su
     assert len(runpod.requests) == 1
 
 
-def test_a_refused_calls_created_doc_keeps_the_first_spelling_of_a_prompt_given_twice(firestore_client, stub):
-    """The failed doc a refusal leaves shows the prompt as its first spelling gave it (contract:
+def test_a_refused_calls_created_doc_keeps_its_prompt_beside_a_field_given_twice(firestore_client, stub):
+    """A field given twice refuses the call, and the failed doc the refusal leaves still shows its prompt (contract:
     normalise_document_fields(first=True), "a refusal's record")."""
-    data = {"prompt": "a cat", "Prompt": "a dog", "file_uid": "p"}
+    data = {"prompt": "a cat", "negative_prompt": "blur", "negativePrompt": "rain", "file_uid": "p"}
     with pytest.raises(CallError) as raised:
         dispatch.generate(firestore_client, stub(ACCEPTED).client(), uid="u-first", data=data)
-    assert raised.value.message == "Validation failed: prompt is given twice with different values"
+    assert raised.value.message == "Validation failed: negative_prompt is given twice with different values"
     doc = firestore_client.document("generations/u-first/images/p").get().to_dict()
     assert (doc["status"], doc["prompt"]) == ("failed", "a cat")
 
