@@ -421,8 +421,7 @@ def generate(
     if not uid:
         raise CallError("unauthenticated", "Sign in to generate")
     store = job_store(db, limits)
-    if not isinstance(data, Mapping):
-        raise CallError("invalid-argument", invalid("input must be a JSON object").message)
+    _refuse_no_object(data)
     raw = _unwrapped(data)
     try:
         fields, twice = normalise_document_fields(raw), None
@@ -622,14 +621,20 @@ DELETED_REPLY = "Generation deleted"
 DELETE_NOT_RECORDED = "Could not delete the generation; please try again"
 
 
+def _refuse_no_object(data: Any) -> None:
+    """A call's data that is no object (`[1]`, `"x"`, null) refused in the contract's words, naming what a caller
+    sends: its data (audit: "input must be a JSON object" named runsync's field, which no call has)."""
+    if not isinstance(data, Mapping):
+        raise CallError("invalid-argument", invalid("the call's data must be a JSON object").message)
+
+
 def _named_job(uid: str | None, data: Any, verb: str) -> JobKey:
     """The caller's own job a call names ({fileUid, mediaType}), or the CallError that refuses the call. Worded as
     generateWithRunPod words its refusals: "X is required" for a missing field, the contract's "Validation
     failed: ..." for a wrong one, "user_id must be the signed-in user's uid" for another user's."""
     if not uid:
         raise CallError("unauthenticated", f"Sign in to {verb} a generation")
-    if not isinstance(data, Mapping):
-        raise CallError("invalid-argument", invalid("input must be a JSON object").message)
+    _refuse_no_object(data)
     for name, value in spellings(data, "user_id", JOB_FIELDS):  # `userId` too, as generateWithRunPod reads it
         if not left_out(value) and value != uid:
             raise CallError("permission-denied", f"{name} must be the signed-in user's uid")
@@ -778,8 +783,8 @@ def delete_all(
     stopping, or there were more jobs than one pass takes on)."""
     if not uid:
         raise CallError("unauthenticated", "Sign in to delete your generations")
-    if data is not None and not isinstance(data, Mapping):
-        raise CallError("invalid-argument", invalid("input must be a JSON object").message)
+    if data is not None:  # a call with no argument at all asks for the caller's own data
+        _refuse_no_object(data)
     for name, value in spellings(data or {}, "user_id", ERASE_FIELDS):
         if not left_out(value) and value != uid:
             raise CallError("permission-denied", f"{name} must be the signed-in user's uid")

@@ -302,7 +302,7 @@ def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
     key = JobKey("owner", "images", "mine")
     queue_jobs(firestore_client, [key])
     # Worded as generateWithRunPod's refusals are (before: "mediaType must be one of ..." without the contract's
-    # prefix, "input must be a JSON object" without it, a missing fileUid as "must be a string").
+    # prefix, a call's data that is no object without it, a missing fileUid as "must be a string").
     cases = [
         (None, {"fileUid": "mine", "mediaType": "images"}, "unauthenticated", "Sign in to cancel a generation"),
         ("thief", {"fileUid": "mine", "mediaType": "images"}, "not-found", "No such generation"),  # the caller's path
@@ -327,7 +327,8 @@ def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
             "Validation failed: fileUid must be a string",
         ),
         ("owner", {"fileUid": "../x", "mediaType": "images"}, "invalid-argument", "Validation failed: fileUid may"),
-        ("owner", ["mine"], "invalid-argument", "Validation failed: input must be a JSON object"),
+        ("owner", ["mine"], "invalid-argument", "Validation failed: the call's data must be a JSON object"),
+        ("owner", None, "invalid-argument", "Validation failed: the call's data must be a JSON object"),
         # Strict as generateWithRunPod: a misspelt name was taken for no field (the call cancelled by the other).
         (
             "owner",

@@ -327,6 +327,7 @@ def test_the_callable_erases_the_callers_own_data_alone(firestore_client, bucket
     for data, expected in (
         ({"userId": "u-else"}, ("permission-denied", "userId must be the signed-in user's uid")),
         ({"everything": True}, ("invalid-argument", "Validation failed: unknown field 'everything'")),
+        (["u-me"], ("invalid-argument", "Validation failed: the call's data must be a JSON object")),
     ):
         with pytest.raises(dispatch.CallError) as refused:
             dispatch.delete_all(firestore_client, bucket, uid="u-me", data=data)

@@ -285,6 +285,19 @@ def test_callable_takes_a_null_use_cloud_storage_as_left_out(firestore_client, s
     assert reply["status"] == "accepted" and runpod.requests[0][1]["input"]["use_cloud_storage"] is True
 
 
+@pytest.mark.parametrize("data", [[1], "a car", None, 5])
+def test_a_call_whose_data_is_no_object_is_refused_naming_its_data(firestore_client, stub, data):
+    """Audit: refused as "input must be a JSON object", runsync's field, which no call sends."""
+    runpod = stub(ACCEPTED)
+    with pytest.raises(CallError) as refused:
+        dispatch.generate(firestore_client, runpod.client(), uid="u-nothing", data=data)
+    assert (refused.value.code, refused.value.message) == (
+        "invalid-argument",
+        "Validation failed: the call's data must be a JSON object",
+    )
+    assert runpod.requests == []
+
+
 LONG = "type.googleapis.com/google.protobuf.Int64Value"
 
 
