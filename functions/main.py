@@ -65,7 +65,7 @@ from firebase_functions import firestore_fn, https_fn, logger, options, schedule
 from runpod_client import RunPodClient, runsync_url
 
 from firegen_core.quota import Limits
-from firegen_core.redaction import redact, redacted
+from firegen_core.redaction import got, redact, redacted
 
 # cpu=1: set_global_options' own default is "gcf_gen1" (a sixth of a CPU, one request at a time per instance),
 # while the callables and the trigger mostly wait on RunPod (up to RUNPOD_TIMEOUT_SECONDS a call). concurrency=4:
@@ -84,7 +84,7 @@ def enforce_app_check() -> bool:
     if value in _ON or value in _OFF:
         return value in _ON
     if value:
-        raise ValueError(f"ENFORCE_APP_CHECK must be on or off (got {value!r})")
+        raise ValueError(f"ENFORCE_APP_CHECK must be on or off {got(value)}")
     return os.environ.get("FUNCTIONS_EMULATOR") != "true"
 
 

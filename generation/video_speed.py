@@ -21,6 +21,8 @@ import importlib.util
 import itertools
 import logging
 
+from firegen_core.redaction import got
+
 log = logging.getLogger(__name__)
 
 ATTENTION_SETTING = "FIREGEN_ATTENTION_BACKEND"
@@ -41,9 +43,7 @@ def attention_backend(requested: str, device: str) -> str:
 
         known = {name.value for name in AttentionBackendName}
         if requested not in known:
-            raise ValueError(
-                f"{ATTENTION_SETTING} must be auto or one of {', '.join(sorted(known))} (got {requested!r})"
-            )
+            raise ValueError(f"{ATTENTION_SETTING} must be auto or one of {', '.join(sorted(known))} {got(requested)}")
         return requested
     if not device.startswith("cuda"):
         return NATIVE
@@ -69,14 +69,14 @@ def parse_video_cache(mode: str | None, threshold: str | None) -> float | None:
     if mode in ("0", "false", "no"):  # the words every on/off setting takes for off
         mode = "off"
     if mode not in VIDEO_CACHE_MODES:
-        raise ValueError(f"FIREGEN_VIDEO_CACHE must be one of {', '.join(VIDEO_CACHE_MODES)} (got {mode!r})")
+        raise ValueError(f"FIREGEN_VIDEO_CACHE must be one of {', '.join(VIDEO_CACHE_MODES)} {got(mode)}")
     try:  # checked with the cache off too: a wrong value is said at start-up, not when the cache is turned on
         value = float(threshold) if threshold else DEFAULT_CACHE_THRESHOLD
     except ValueError:
         value = -1.0
     if not 0 < value < 1:
         raise ValueError(
-            f"FIREGEN_VIDEO_CACHE_THRESHOLD must be a number greater than 0 and less than 1 (got {threshold!r})"
+            f"FIREGEN_VIDEO_CACHE_THRESHOLD must be a number greater than 0 and less than 1 {got(threshold)}"
         )
     return None if mode == "off" else value
 

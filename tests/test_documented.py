@@ -246,6 +246,27 @@ def test_a_secret_in_the_wrong_variable_is_never_echoed():
     assert (result.returncode, result.stderr) == (2, f"{line} (got '<redacted>')\n")
 
 
+def test_no_setting_echoes_a_long_value(clean_env):
+    """Every setting the worker reads, given a service account's key in base64: a refusal names the variable and
+    the value's length alone (an audit: FIREGEN_VIDEO_CACHE_THRESHOLD and FIREGEN_ATTENTION_BACKEND printed the
+    whole key, to stderr and the JSON event)."""
+    from generation.engine import EngineConfig
+
+    key_json, _ = service_account_key("p")
+    value = base64.b64encode(key_json.encode()).decode()
+    refused = []
+    for name in WORKER_VARS:
+        clean_env.setenv(str(name), value)
+        try:
+            EngineConfig.from_settings(load_settings())
+        except (SettingsError, ValueError) as exc:
+            refused.append(name)
+            assert value[20:60] not in str(exc), (name, str(exc)[:200])
+        clean_env.delenv(str(name))
+        clean_env.setenv("STORAGE_BUCKET", "b")
+    assert {"FIREGEN_VIDEO_CACHE_THRESHOLD", "FIREGEN_ATTENTION_BACKEND", "LEASE_SECONDS"} <= set(refused)
+
+
 def assert_configuration_event(stdout: str, line: str) -> None:
     """The same line as a JSON event on stdout (audit: the one plain-text line of a worker that never starts was
     the one a platform's alert on severity could not see)."""
