@@ -19,6 +19,7 @@ import structlog
 
 from firegen_core import lifecycle
 from firegen_core.claims import WorkerJobs
+from firegen_core.contract import TASK_TYPE
 from firegen_core.dispatches import RUNPOD_JOB_ID
 from firegen_core.errors import (
     CANCELLED,
@@ -71,6 +72,7 @@ class Heartbeat:
     abort: threading.Event | None = None  # the worker is leaving: release the job (`JobRunner.release_running`)
     cancel: threading.Event | None = None  # set when a renewal reads that the job's owner asked to cancel it
     lost: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)  # with its run: a failure's `seconds` count from here
     ended: RunOutcome | None = None  # `lost` because this thread ended the job itself (written, and logged)
     verdict: GenerationError | None = None  # what it failed the job with, past its deadline
     finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
@@ -131,7 +133,8 @@ class Heartbeat:
                     log.warning("job_lost", reason="no longer this try's at its deadline", **job_ids(self.job))
                 elif failed:
                     if self.first_to_log():  # else the runner, past the join, wrote and logged it first
-                        log_failure(end.error_type, end.message, self.job, by="heartbeat")
+                        seconds = round(time.monotonic() - self.started, 3)
+                        log_failure(end.error_type, end.message, self.job, by="heartbeat", seconds=seconds)
                 else:  # the write failed (Firestore away): the runner settles it when the step comes back
                     log.warning("job_timeout_forced", failed=failed, **job_ids(self.job))
                 return
@@ -204,9 +207,11 @@ def job_ids(job: ClaimedJob) -> dict[str, Any]:
 def log_failure(
     error_type: str, message: str, job: ClaimedJob, cause: BaseException | None = None, **more: object
 ) -> None:
-    """A job's end as failed: `job_failed`, at the level its error type says (errors.failure_level); where an
-    exception nothing expected caused it (a bug, a library's), its traceback in `exception`."""
+    """A job's end as failed: `job_failed`, at the level its error type says (errors.failure_level), with its
+    `task_type` (a run's failure: its `seconds` too, in `more`); where an exception nothing expected caused it (a
+    bug, a library's), its traceback in `exception`."""
     level = failure_level(error_type)
+    more.setdefault("task_type", TASK_TYPE.get(job.key.media_type))
     if cause is not None and error_type in (RUNTIME_ERROR, EXCEPTION):
         more["exc_info"] = cause
     getattr(log, level)("job_failed", error_type=error_type, error_message=message, **more, **job_ids(job))

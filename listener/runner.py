@@ -105,6 +105,10 @@ class _Run:
 
     held_since: float | None = None  # generated, and held (`hold`) since
 
+    def seconds(self) -> float:
+        """Since it started, as its end's log line says it."""
+        return round(time.monotonic() - self.started, 3)
+
     @property
     def expired(self) -> bool:
         return self.held_since is None and time.monotonic() > self.deadline
@@ -349,12 +353,7 @@ class JobRunner:
                 # back to the queue and the worker leaves; its replacement's start-up check says what is wrong.
                 self.on_storage_refused(exc)
                 return release(self.store, job)
-            outcome = self._fail(
-                job,
-                _caused(exc),
-                task_type=request.task_type,
-                seconds=round(time.monotonic() - run.started, 3),
-            )
+            outcome = self._fail(job, _caused(exc), seconds=run.seconds())
             gone = isinstance(exc, StorageUnavailable)  # Storage away: removing would wait out its retries too
             if outcome == RunOutcome.FAILED and (uploading or job.lease.attempt > 1) and not gone:
                 # No doc names them: what this try uploaded before it failed (a job's files go up at once), or an
@@ -382,7 +381,7 @@ class JobRunner:
         timings = {name: fields[name] for name in ("queue_seconds", "generation_seconds", "upload_seconds")}
         log.info(
             "job_completed",
-            seconds=round(time.monotonic() - run.started, 3),
+            seconds=run.seconds(),
             outputs=len(urls),
             task_type=request.task_type,
             **timings,
@@ -399,7 +398,7 @@ class JobRunner:
         end = run.heartbeat.verdict or run.overrun  # `Cancelled` where its owner had asked
         settled = bool(quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, end)), run.job))
         if settled and run.heartbeat.first_to_log():  # the heartbeat's own write failed: the runner's is the end
-            log_failure(end.error_type, end.message, run.job, by="runner")
+            log_failure(end.error_type, end.message, run.job, by="runner", seconds=run.seconds())
         return settled
 
     def _lost_or_timed_out(self, run: _Run) -> RunOutcome:
@@ -428,7 +427,7 @@ class JobRunner:
             return self._lost_or_timed_out(run)
         if run.cancel.is_set() or run.expired:
             error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else run.overrun
-            outcome = self._fail(job, error)
+            outcome = self._fail(job, error, seconds=run.seconds())
             if outcome == RunOutcome.FAILED:
                 self._remove_results(job, run.request)  # an earlier attempt's partial upload
             return outcome

@@ -108,6 +108,8 @@ def test_a_running_job_stops_within_two_seconds_and_frees_the_slot(sched_worker,
     assert cancel_events(events) == [("job_cancel_requested", "long", None)]
     [failed] = [e for e in events if e["event"] == "job_failed"]
     assert (failed["file_uid"], failed["error_type"]) == ("long", "Cancelled")
+    # A run's failure has its task type and time, as README "Logs" says (an audit: a cancel's had neither).
+    assert failed["task_type"] == "text2image" and 0 < failed["seconds"] < 60
 
 
 def test_a_cancel_the_listener_missed_stops_the_run_at_its_next_lease_renewal(
@@ -406,7 +408,7 @@ def test_the_callable_refuses_a_snake_case_user_id_naming_another_user(firestore
 
 
 # ---------------------------------------------------------------------------------------------- bounded work
-def test_a_job_past_its_deadline_is_stopped_as_timeout(sched_worker, firestore_client):
+def test_a_job_past_its_deadline_is_stopped_as_timeout(sched_worker, firestore_client, events):
     generator = StubGenerator(threading.Event())  # never finishes on its own
     sched_worker("w", generator, deadline=Deadline(floor_seconds=0.5, multiple=0.1))  # the floor decides
     key, after = JobKey("u1", "images", "slow"), JobKey("u1", "images", "after")
@@ -419,6 +421,9 @@ def test_a_job_past_its_deadline_is_stopped_as_timeout(sched_worker, firestore_c
         "Generation stopped: it ran past its time limit of 0.5 s",
     )
     wait_until(lambda: "after" in generator.calls)  # the slot went on to the next job
+    [failed] = [e for e in events if e["event"] == "job_failed" and e["file_uid"] == "slow"]
+    assert (failed["error_type"], failed["log_level"], failed["task_type"]) == ("Timeout", "warning", "text2image")
+    assert failed["seconds"] >= 0.5  # its time limit (an audit: a run's failure without its time and task type)
 
 
 class Stuck:
@@ -682,7 +687,8 @@ def test_endings_a_transition_writes_and_upload_retries_are_logged_with_the_job(
     # count of failures missed).
     assert [e["file_uid"] for e in events if e["event"] == "job_failed"].count("stuck") == 1  # once, by either
     stuck = failed.pop("stuck")
-    assert (stuck["error_type"], stuck["by"]) == ("Timeout", "heartbeat")
+    assert (stuck["error_type"], stuck["by"], stuck["task_type"]) == ("Timeout", "heartbeat", "text2image")
+    assert stuck["seconds"] > 0
     # A doc refused on sight by a claim is `job_refused`, as by a listener (audit: `job_failed` on one worker,
     # `job_refused` on another, for the same doc).
     [refused] = [e for e in events if e.get("file_uid") == "broken" and e["event"] in ("job_failed", "job_refused")]

@@ -1462,8 +1462,8 @@ def test_a_timeout_settled_after_the_upload_is_logged(firestore_client, results,
     logs = runner_logs
     assert runner.run(store.claim(key)) == "failed"
     assert doc(firestore_client, key)["error_type"] == "Timeout" and list(blobs(bucket)) == []
-    failed = [(e["error_type"], e["by"]) for e in logs if e["event"] == "job_failed"]
-    assert failed == [("Timeout", "runner")], failed
+    failed = [(e["error_type"], e["by"], e["task_type"], e["seconds"] > 0) for e in logs if e["event"] == "job_failed"]
+    assert failed == [("Timeout", "runner", "text2image", True)], failed
 
 
 def test_a_slow_heartbeat_does_not_measure_the_clock(make_worker, monkeypatch):
@@ -1523,6 +1523,7 @@ def test_a_timeout_whose_heartbeat_write_failed_is_written_when_the_step_comes_b
     # Its end is a `job_failed` like any other, logged once (the day's review: only `job_timeout_forced`).
     failed = [e for e in logs if e["event"] == "job_failed"]
     assert [(e["error_type"], e["by"], e["log_level"]) for e in failed] == [("Timeout", "runner", "warning")]
+    assert failed[0]["task_type"] == "text2image" and failed[0]["seconds"] >= 1.0  # its deadline
     # The heartbeat's failed write names the job too (the re-check: `write_error` named none).
     write_errors = [e for e in logs if e["event"] == "write_error"]
     assert write_errors and all(e["file_uid"] == "blip-timeout" for e in write_errors)
