@@ -662,14 +662,20 @@ class DockerCompose:
             yield firestore, storage
 
 
-def emulator_mode() -> str:
-    """`local` or `docker`, from FIREGEN_EMULATORS (local | docker | auto, default auto). ValueError: another
-    value (a typo ran the emulators some other way than asked, and said nothing)."""
+def requested_mode() -> str:
+    """FIREGEN_EMULATORS as asked: local, docker or auto (the default). ValueError: another value (a typo ran the
+    emulators some other way than asked, and said nothing)."""
     mode = os.environ.get("FIREGEN_EMULATORS", "").strip().lower() or "auto"
-    if mode in ("local", "docker"):
-        return mode
-    if mode != "auto":
+    if mode not in ("local", "docker", "auto"):
         raise ValueError(f"FIREGEN_EMULATORS must be local, docker or auto, not {mode!r}")
+    return mode
+
+
+def emulator_mode() -> str:
+    """`local` or `docker`: FIREGEN_EMULATORS (`requested_mode`), `auto` decided on this machine."""
+    mode = requested_mode()
+    if mode != "auto":
+        return mode
     try:
         firestore_backend()
         return "local"

@@ -59,6 +59,10 @@ def _pytests_exception_hooks():
 
 
 def pytest_configure(config):
+    try:  # before any test is collected, and once: in the main process, before pytest-xdist's start
+        emu.requested_mode()
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     # Under pytest-xdist (`make test` runs the suite in parallel processes), each process and the subprocesses it
     # starts pick free ports from a slice of their own.
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
@@ -85,10 +89,7 @@ def emulator_logs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def emulator_mode() -> str:
     """'local' (processes on this machine) or 'docker' (docker-compose.yml via pytest-docker)."""
-    try:
-        return emu.emulator_mode()
-    except ValueError as exc:  # once, not as an error of every test that needs an emulator
-        pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
+    return emu.emulator_mode()  # a wrong FIREGEN_EMULATORS stopped the run in pytest_configure
 
 
 @pytest.fixture(scope="session")

@@ -426,27 +426,30 @@ def test_a_start_waits_as_long_as_its_emulator_says(monkeypatch, tmp_path):
 
 
 def test_an_unknown_firegen_emulators_value_stops_the_run_once_with_one_line(tmp_path, monkeypatch):
-    """A typo (`dokcer`) ran the emulators the `auto` way and said nothing: one usage error, before any test."""
+    """A typo (`dokcer`) ran the emulators the `auto` way and said nothing: one usage error, before any test (an
+    audit: tests needing no emulator ran first, and under pytest-xdist the run ended in INTERNALERRORs)."""
     monkeypatch.setenv("FIREGEN_EMULATORS", "Dokcer")
     with pytest.raises(ValueError, match="^FIREGEN_EMULATORS must be local, docker or auto, not 'dokcer'$"):
         emu.emulator_mode()
     (tmp_path / "test_sample.py").write_text(
-        "def test_one(emulator_mode):\n    pass\n\ndef test_two(emulator_mode):\n    pass\n"
+        "def test_zero():\n    pass\n\ndef test_one(emulator_mode):\n    pass\n\ndef test_two(emulator_mode):\n    pass\n"
     )
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "FIREGEN_EMULATORS": "dokcer", "PYTHONPATH": f"{tests}{os.pathsep}{tests.parent}"}
     command = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q", "-c", os.devnull]
-    result = subprocess.run(
-        [*command, "--rootdir", str(tmp_path), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
-    said = result.stdout + result.stderr
-    assert said.count("FIREGEN_EMULATORS must be local, docker or auto, not 'dokcer'") == 1, said
+    for processes in ([], ["-n", "2"]):  # as `make test` runs it, too
+        result = subprocess.run(
+            [*command, *processes, "--rootdir", str(tmp_path), str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        said = result.stdout + result.stderr
+        assert result.returncode == pytest.ExitCode.USAGE_ERROR, said
+        assert said.count("FIREGEN_EMULATORS must be local, docker or auto, not 'dokcer'") == 1, said
+        assert "passed" not in said and "INTERNALERROR" not in said, said
 
 
 @pytest.mark.parametrize(
