@@ -193,6 +193,9 @@ def test_the_weights_stage_copies_what_the_prefetch_imports_alone(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert sorted(Path(path).relative_to(tmp_path).as_posix() for path in done.stdout.split()) == sorted(files)
+    # The README's list of what runs the download again names each of them (an audit: it left out both __init__.py).
+    said = (ROOT / "README.md").read_text().split("the few modules\nthe prefetch imports change (", 1)[1].split(":")[0]
+    assert sorted(name.strip("` \n") for name in said.split(",")) == sorted(files), said
 
 
 def test_a_mistyped_bake_models_stops_the_build(tmp_path):
