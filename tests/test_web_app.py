@@ -824,6 +824,23 @@ def test_generate_keeps_the_focus_on_its_button(open_page):
     assert app.problems() == []
 
 
+def test_a_browser_without_random_uuid_or_has_own_sends_jobs_and_marks_a_refused_field(open_page):
+    """Safari before 15.4 has neither `crypto.randomUUID` nor `Object.hasOwn`, and a page over plain http from
+    another host (a phone on the LAN) no `crypto.randomUUID`: Generate threw and said nothing (a review). The job
+    goes under 16 random bytes in hex, and a refusal still marks the field it names."""
+    app = open_page()
+    app.page.evaluate("crypto.randomUUID = undefined; Object.hasOwn = undefined")
+    app.fill(Prompt="an older browser", Width="2048", Height="256", Steps="10")
+    app.page.get_by_role("button", name="Generate").click()
+    app.page.wait_for_function("() => document.getElementById('form-error').textContent !== ''", timeout=10_000)
+    assert app.page.get_by_label("Width", exact=True).get_attribute("aria-invalid") == "true"
+    app.fill(Width="256")
+    file_uid = app.generate()
+    assert re.fullmatch(r"[0-9a-f]{32}", file_uid), file_uid
+    assert app.wait_final(file_uid) == "completed"
+    assert app.problems() == []
+
+
 @pytest.mark.parametrize("ended", ["completed", "cancelled"])
 def test_a_cancel_on_a_job_that_finished_meanwhile_says_so_not_the_rules_text(open_page, stack, ended):
     """Audit: where cancelGeneration fails (here made a 404, as where it is not deployed) the page sets

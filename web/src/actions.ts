@@ -5,7 +5,7 @@ import { httpsCallable } from "firebase/functions";
 import { NO_ANSWER } from "./connection";
 import { FINAL_STATES } from "./contract.gen";
 import type { Dismissed } from "./dismissed";
-import { $ } from "./dom";
+import { $, newFileUid } from "./dom";
 import { callableMessage, isCode, message } from "./errors";
 import { fillForm, requestOf } from "./form";
 import type { JobList, JobsState } from "./joblist";
@@ -122,7 +122,7 @@ function edit(form: HTMLFormElement, job: Job): void {
 async function retry({ session, form, send }: ActionContext, job: Job): Promise<string | null> {
   const via = viaOf(form, session.functions);
   const again = via !== "document" && refusedAtAdmission(job);
-  const request = requestOf(job.written, job.media, session.uid, again ? job.id : crypto.randomUUID());
+  const request = requestOf(job.written, job.media, session.uid, again ? job.id : newFileUid());
   // The contract's own check first, in either flow: the doc's values may be past what the page sends exactly (a
   // seed beyond 2^53 read from another client's doc), and the page says so as its form does.
   const refused = contractMessage(request);

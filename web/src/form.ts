@@ -174,7 +174,7 @@ export function markInvalid(message: string | null, errorId: string): HTMLElemen
     describedBy(marked, errorId, false);
   }
   const name = message?.match(/^(?:Validation failed: )?([a-z_]+)\b/)?.[1];
-  const id = name && Object.hasOwn(INPUT_OF, name) ? INPUT_OF[name] : null;
+  const id = name && Object.prototype.hasOwnProperty.call(INPUT_OF, name) ? INPUT_OF[name] : null;
   const element = id ? document.getElementById(id) : null;
   if (!element || (element as HTMLInputElement).disabled || element.closest("[hidden]")) return null;
   element.setAttribute("aria-invalid", "true");

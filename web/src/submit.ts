@@ -3,7 +3,7 @@
 import { doc, serverTimestamp, setDoc, type Firestore } from "firebase/firestore";
 import { httpsCallable, type Functions } from "firebase/functions";
 import type { GenerationRequest, MediaType } from "./contract.gen";
-import { $ } from "./dom";
+import { $, newFileUid } from "./dom";
 import { callableMessage, isCode } from "./errors";
 import { mediaType, readRequest } from "./form";
 import type { JobsState } from "./joblist";
@@ -50,7 +50,10 @@ export function sender({ db, functions }: Session, jobs: JobsState): Send {
   window.addEventListener("beforeunload", (event) => {
     // Not when the user changed (session.ts reloads): the old user's write is refused anyway, and a "Stay" kept the
     // page the old user's for good (the race review).
-    if (unsent > 0 && !session.reloading) event.preventDefault();
+    if (unsent > 0 && !session.reloading) {
+      event.preventDefault();
+      event.returnValue = ""; // what Chrome and Edge before 119 ask for instead
+    }
   });
   return async (request, media, via, mark) => {
     // Delete all's next pass would delete a job sent now, "Generation started" said of a job that then vanished
@@ -111,7 +114,7 @@ export function watchSubmit(form: HTMLFormElement, { uid, functions }: Session, 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     if (sending) return;
-    const request = readRequest(form, uid, crypto.randomUUID());
+    const request = readRequest(form, uid, newFileUid());
     const media = mediaType(form);
     const via = viaOf(form, functions);
     // The contract's own check first, in either flow: a request it refuses is sent nowhere. A document write has
