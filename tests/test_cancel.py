@@ -303,6 +303,10 @@ def test_the_callable_cancels_queued_and_running_jobs(sched_worker, firestore_cl
 def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
     key = JobKey("owner", "images", "mine")
     queue_jobs(firestore_client, [key])
+
+    def invalid(data, message: str, uid: str = "owner") -> tuple:
+        return (uid, data, "invalid-argument", message)
+
     # Worded as generateWithRunPod's refusals are (before: "mediaType must be one of ..." without the contract's
     # prefix, a call's data that is no object without it, a missing fileUid as "must be a string").
     cases = [
@@ -314,62 +318,31 @@ def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
             "permission-denied",
             "userId must be the signed-in user's uid",
         ),
-        (
-            "owner",
-            {"fileUid": "mine", "mediaType": "gifs"},
-            "invalid-argument",
-            "Validation failed: mediaType must be one of images, videos",
-        ),
-        ("owner", {"fileUid": "mine"}, "invalid-argument", "mediaType is required"),
-        ("owner", {"mediaType": "images"}, "invalid-argument", "fileUid is required"),
-        (
-            "owner",
-            {"fileUid": 7, "mediaType": "images"},
-            "invalid-argument",
-            "Validation failed: fileUid must be a string",
-        ),
-        ("owner", {"fileUid": "../x", "mediaType": "images"}, "invalid-argument", "Validation failed: fileUid may"),
-        ("owner", ["mine"], "invalid-argument", "Validation failed: the call's data must be a JSON object"),
-        ("owner", None, "invalid-argument", "Validation failed: the call's data must be a JSON object"),
+        invalid({"fileUid": "mine", "mediaType": "gifs"}, "Validation failed: mediaType must be one of images, videos"),
+        invalid({"fileUid": "mine"}, "mediaType is required"),
+        invalid({"mediaType": "images"}, "fileUid is required"),
+        invalid({"fileUid": 7, "mediaType": "images"}, "Validation failed: fileUid must be a string"),
+        invalid({"fileUid": "../x", "mediaType": "images"}, "Validation failed: fileUid may"),
+        invalid(["mine"], "Validation failed: the call's data must be a JSON object"),
+        invalid(None, "Validation failed: the call's data must be a JSON object"),
         # Strict as generateWithRunPod: a misspelt name was taken for no field (the call cancelled by the other).
-        (
-            "owner",
-            {"fileID": "other", "file_uid": "mine", "mediaType": "images"},
-            "invalid-argument",
-            "Validation failed: unknown field 'fileID'",
+        invalid(
+            {"fileID": "other", "file_uid": "mine", "mediaType": "images"}, "Validation failed: unknown field 'fileID'"
         ),
-        (
-            "owner",
-            {"fileUid": "mine", "mediaType": "images", "force": True},
-            "invalid-argument",
-            "Validation failed: unknown field 'force'",
-        ),
-        (
-            "owner",
+        invalid({"fileUid": "mine", "mediaType": "images", "force": True}, "Validation failed: unknown field 'force'"),
+        invalid(
             {"fileUid": "other", "file_uid": "mine", "mediaType": "images"},
-            "invalid-argument",
             "Validation failed: fileUid is given twice with different values",  # its words, as "fileUid is required"
         ),
         # Two spellings a field, as the rules and the web app know them: any other is refused, never read (audit:
         # `fileUID` cancelled the job it named, and a review: a `UserId` the user check missed was let through).
-        (
-            "thief",
+        invalid(
             {"fileUid": "mine", "mediaType": "images", "UserId": "owner"},
-            "invalid-argument",
             "Validation failed: unknown field 'UserId' (did you mean 'user_id'?)",
+            uid="thief",
         ),
-        (
-            "owner",
-            {"fileUID": "mine", "mediaType": "images"},
-            "invalid-argument",
-            "Validation failed: unknown field 'fileUID' (did you mean 'file_uid'?)",
-        ),
-        (
-            "owner",
-            {"File_Uid": "mine", "Media_Type": "images"},
-            "invalid-argument",
-            "Validation failed: unknown field 'File_Uid' (did you mean 'file_uid'?)",
-        ),
+        invalid({"fileUID": "mine", "mediaType": "images"}, "Validation failed: unknown field 'fileUID' (did you mean"),
+        invalid({"File_Uid": "mine", "Media_Type": "images"}, "Validation failed: unknown field 'File_Uid' (did you"),
     ]
     for uid, data, code, message in cases:
         with pytest.raises(dispatch.CallError) as refused:
