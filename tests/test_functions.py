@@ -938,7 +938,7 @@ def test_no_runpod_attempt_starts_past_the_clients_deadline(stub):
     busy = stub((503, {"error": "busy"}))
     started = time.monotonic()
     verdict = busy.client(attempts=10, deadline=1.0, wait_initial=0.3, wait_max=0.3).runsync({"prompt": "x"})
-    assert verdict.outcome == "undelivered" and len(busy.arrived) == verdict.attempts >= 3
+    assert verdict.outcome == "undelivered" and len(busy.arrived) == verdict.attempts >= 2  # a third: if fast
     assert max(busy.arrived) - started < 1.0  # before: the fifth began 1.2 s in
 
 
@@ -1224,7 +1224,7 @@ def test_the_trigger_leaves_a_doc_awaiting_its_parameters_to_its_request(firesto
     import threading
     import time
 
-    grace = 3.0
+    grace, awaited = 3.0, 15.0  # awaited: a grace a call 0.5 s late is well within, however loaded the machine
     runpod = stub(ACCEPTED)
     key = "generations/u-grace/images/{}"
     # The callable's call comes within the grace: it dispatches the job, the trigger sends nothing.
@@ -1240,7 +1240,7 @@ def test_the_trigger_leaves_a_doc_awaiting_its_parameters_to_its_request(firesto
     )
     call.start()
     outcome = dispatch.dispatch_created(
-        firestore_client, runpod.client(), user_id="u-grace", media_type="images", file_uid="g-callable", grace=grace
+        firestore_client, runpod.client(), user_id="u-grace", media_type="images", file_uid="g-callable", grace=awaited
     )
     call.join()
     assert outcome == "skipped"
@@ -1260,7 +1260,12 @@ def test_the_trigger_leaves_a_doc_awaiting_its_parameters_to_its_request(firesto
     sent = len(runpod.requests)
     assert (
         dispatch.dispatch_created(
-            firestore_client, runpod.client(), user_id="u-grace", media_type="images", file_uid="g-runsync", grace=grace
+            firestore_client,
+            runpod.client(),
+            user_id="u-grace",
+            media_type="images",
+            file_uid="g-runsync",
+            grace=awaited,
         )
         == "skipped"
     )
@@ -1273,10 +1278,10 @@ def test_the_trigger_leaves_a_doc_awaiting_its_parameters_to_its_request(firesto
     for file_uid, fields, at_least, at_most in (
         ("g-bare", {}, grace - 0.3, grace + 2),
         ("g-metadata", {"task_type": "text2image", "user_id": "u-grace", "file_uid": "g-metadata"}, grace - 0.3, 9),
-        ("g-stated", {"width": 512}, 0, 1),
+        ("g-stated", {"width": 512}, 0, grace - 1),  # at once: well before the grace
     ):
+        started = time.monotonic()  # before the write: the grace counts from its server time
         firestore_client.document(key.format(file_uid)).set(client_doc(**fields))
-        started = time.monotonic()
         assert (
             dispatch.dispatch_created(
                 firestore_client,

@@ -81,7 +81,7 @@ class Stack:
         it first as processing, since a worker's reconciler claims a client-written doc by itself.)
         """
         log = StatusLog(self.firestore.document(path))
-        assert log.listening.wait(10)
+        assert log.listening.wait(60)  # a listener's attach under the parallel suite's load took over 10 s
         options = {k: v for k, v in body["input"].items() if k not in ("user_id", "file_uid", "use_cloud_storage")}
         self.firestore.document(path).set(
             {"status": "queued", "created_at": SERVER_TIMESTAMP, "generated": False, "error": False, **options}
