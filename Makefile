@@ -12,7 +12,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # The suite's processes (pytest-xdist, a file's tests in one): the tests mostly wait on emulators and
-# subprocesses, so one more than the cores, up to four (on 2 cores: 2 took 12-14 min, 3 11 min, 4 12 min).
+# subprocesses, so one more than the cores, up to four (on 2 cores, one checkout, one after another: 2 processes
+# took 13:52, 3 11:14, 4 12:00; a fresh clone's first run with 3, 13:37).
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(min(4, max(2, (n or 1) + 1)))")
 # A test process that dies (a segfault in a C extension) fails its test and ends the run: pytest-xdist 3.8 puts
 # a replacement process in its place, which under --dist loadfile can wait forever for work (pytest-xdist
