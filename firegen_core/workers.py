@@ -73,7 +73,7 @@ def beat(
     return result.update_time
 
 
-def leave(client: firestore.Client, worker_id: str, *, finished: int = 0) -> None:
+def leave(client: firestore.Client, worker_id: str, *, finished: int = 0, timeout: float = LEAVE_TIMEOUT) -> None:
     """A clean stop: seen now, and gone. The doc stays a day (its TTL): that a worker which ran jobs to their end
     ran until now tells the sweep that the endpoint runs jobs, so a job left queued behind it is woken again."""
     client.collection(WORKERS).document(worker_id).set(
@@ -85,7 +85,7 @@ def leave(client: firestore.Client, worker_id: str, *, finished: int = 0) -> Non
             "expire_at": datetime.now(UTC) + timedelta(days=LEFT_EXPIRE_DAYS),
         },
         merge=True,
-        **_bounded(LEAVE_TIMEOUT),
+        **_bounded(timeout),
     )
 
 

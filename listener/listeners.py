@@ -76,8 +76,13 @@ class Listeners:
                 self._listen(media, window)
 
     def close(self) -> None:
-        for watch in list(self._watches.values()):
-            _close(watch)
+        # A watch's close waits up to a second for its stream's thread (google.api_core.bidi), which a Firestore
+        # away holds in its reconnect backoff: closed all at once, not one second each after another.
+        closing = [threading.Thread(target=_close, args=(watch,), daemon=True) for watch in self._watches.values()]
+        for thread in closing:
+            thread.start()
+        for thread in closing:
+            thread.join()
 
     def pause(self) -> None:
         """Closed while Firestore is away, until `paused` is cleared and `watchdog` restarts them."""

@@ -59,6 +59,8 @@ SWEEP_LIMIT = 50
 # and one of the queued docs for those without `created_at`, which no ordered query finds.
 UNLEASED_SCAN_SECONDS = 300.0
 PAUSE_LISTENERS_AFTER = 2  # sweeps failed in a row (Firestore away) before the listeners are closed until it is back
+STOP_JOIN_SECONDS = 2.0  # at stop, for the reconciler's loops all together (they are daemon threads)
+AWAY_LEAVE_TIMEOUT = 1.0  # at stop with Firestore away, for the liveness doc's last write
 START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) never holds a start up longer
 FIRST_SWEEP_WAIT = 3.0  # the first claim after start waits this long at most for the first sweep
 DISPATCH_RETRY_SECONDS = 1.0  # after an unexpected error in the dispatch loop (logged `claim_loop_error`)
@@ -201,11 +203,21 @@ class Reconciler:
             log.warning("shutdown_grace_exceeded", releasing=len(self._active))
             self.runner.release_running()
             self.wait_idle(30.0)
+        # One bound for all: a loop held up in a Firestore call (a heartbeat's, with Firestore away) ends with the
+        # process, and a bound each held an idle worker's exit up to 30 s.
+        deadline = time.monotonic() + STOP_JOIN_SECONDS
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.listeners.close()  # one the sweep's watchdog restarted as `stop` began
+        # Firestore away (its last call failed, or one still holds a loop up): one short try, the doc ages out anyway.
+        away = self.takeovers.troubled or any(thread.is_alive() for thread in self._threads)
         try:
-            workers.leave(self.store.client, self.store.worker_id, finished=self._finished)
+            workers.leave(
+                self.store.client,
+                self.store.worker_id,
+                finished=self._finished,
+                timeout=AWAY_LEAVE_TIMEOUT if away else workers.LEAVE_TIMEOUT,
+            )
         except Exception as exc:
             log.warning("worker_doc_not_removed", error=str(exc))
         log.info("reconciler_stopped", worker_id=self.store.worker_id)

@@ -48,6 +48,11 @@ class Takeovers:
             self._from = time.monotonic() + self.lease_seconds
             self._troubled = False
 
+    @property
+    def troubled(self) -> bool:
+        """Firestore failed (or held a call up) since it last answered."""
+        return self._troubled
+
     def allowed(self) -> bool:
         return not self._troubled and time.monotonic() >= self._from
 

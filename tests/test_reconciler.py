@@ -569,6 +569,46 @@ def test_a_worker_doc_that_could_not_be_removed_is_logged_and_the_stop_completes
     assert not_removed["error"] and took < workers.LEAVE_TIMEOUT + 3, took
 
 
+class BeatWatched(Reconciler):
+    """`sweep_beat`: set as the sweep loop's first heartbeat (a whole CALL_TIMEOUT of retries) begins."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sweep_beat = threading.Event()
+
+    def beat(self, timeout: float = workers.CALL_TIMEOUT) -> None:
+        if timeout == workers.CALL_TIMEOUT:  # not start's, of START_BEAT_TIMEOUT
+            self.sweep_beat.set()
+        super().beat(timeout)
+
+
+def test_an_idle_worker_with_firestore_away_stops_within_a_few_seconds(unreachable_firestore, reconciler_logs):
+    """A RunPod worker is paid for until it exits: stopped idle with Firestore away (nothing on its port), its
+    heartbeat held up in its 15 s of retries and its listeners reconnecting, it took 10 to 30 s (a bound of 5 s for
+    each loop, a second for each listener's close, 5 s for its liveness doc). Now: the listeners close together
+    (~1 s), the loops have 2 s in all, the liveness doc one short try (1 s): under 7 s with slack for a loaded
+    machine (the timeouts, not the CPU, take the time; 3.4 to 3.8 s here)."""
+    reconciler = BeatWatched(WorkerJobs(unreachable_firestore, worker_id="w-away"), runner=None, sweep_interval=0.1)  # type: ignore[arg-type]
+    reconciler.start()
+    assert reconciler.sweep_beat.wait(10)
+    closes: list[float] = []
+    close = reconciler.listeners.close
+
+    def timed_close() -> None:
+        began = time.monotonic()
+        close()
+        closes.append(time.monotonic() - began)
+
+    reconciler.listeners.close = timed_close  # type: ignore[method-assign]
+    started = time.monotonic()
+    reconciler.stop(grace=0)
+    took = time.monotonic() - started
+    said = [e["event"] for e in reconciler_logs]
+    assert said[-2:] == ["worker_doc_not_removed", "reconciler_stopped"], said
+    assert took < 7, took
+    assert closes[0] < 2.5, closes  # six listeners, a second each when closed one after another
+
+
 class RenewBlip(WorkerJobs):
     """The job store with Firestore away for the first lease renewal (a stand-in); `renewed`: one went through."""
 
