@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
+from google.api_core.exceptions import Aborted, Cancelled, RetryError
 
 from firegen_core import lifecycle
 from firegen_core.claims import WorkerJobs
@@ -30,6 +31,8 @@ from firegen_core.errors import (
     failure_level,
 )
 from firegen_core.jobs import ClaimedJob
+
+from .storage import is_transient
 
 log = structlog.get_logger("listener.lease")
 
@@ -217,9 +220,23 @@ def log_failure(
     getattr(log, level)("job_failed", error_type=error_type, error_message=message, **more, **job_ids(job))
 
 
+def transient(exc: BaseException) -> bool:
+    """A Firestore error worth another try: unavailable, timed out, contended (`Aborted`), or `Cancelled` by the
+    server (a CI run: a restarting emulator answered a call "call already cancelled"; the RPC did not happen)."""
+    return isinstance(exc, (Aborted, Cancelled, RetryError)) or is_transient(exc)
+
+
 def release(store: WorkerJobs, job: ClaimedJob) -> RunOutcome:
-    """Give the job back to the queue (fenced; past MAX_RELEASES it fails instead), and say so."""
-    written = store.release(job)
+    """Give the job back to the queue (fenced; past MAX_RELEASES it fails instead), and say so. With Firestore away
+    (its retries ran out) the job stays `processing` under this claim, for another worker once its lease ends: an
+    outage as the worker leaves, said as one (it was a `job_runner_crashed` ERROR with a traceback)."""
+    try:
+        written = store.release(job)
+    except Exception as exc:
+        if not transient(exc):
+            raise
+        log.warning("job_not_released", error=str(exc), **job_ids(job))
+        return RunOutcome.LOST
     if written is not None and written.get("status") == lifecycle.FAILED:  # past MAX_RELEASES
         log_failure(written["error_type"], written["error_message"], job)
         return RunOutcome.FAILED

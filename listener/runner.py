@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 import structlog
-from google.api_core.exceptions import Aborted, Cancelled, RetryError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from firegen_core import lifecycle
@@ -38,8 +37,8 @@ from firegen_core.errors import (
 from firegen_core.jobs import BOUND, ClaimedJob, JobKey
 from firegen_core.results import most
 
-from .lease import Heartbeat, RunOutcome, job_ids, log_failure, quietly, release
-from .storage import StorageUnavailable, Superseded, claim_stamp, is_transient, refused_access
+from .lease import Heartbeat, RunOutcome, job_ids, log_failure, quietly, release, transient
+from .storage import StorageUnavailable, Superseded, claim_stamp, refused_access
 
 log = structlog.get_logger("listener.runner")
 
@@ -54,12 +53,6 @@ FINISH_PATIENCE_SECONDS = 600.0
 
 class NotRecorded(Exception):
     """Firestore stayed away through a generated job's fence check or completion (FINISH_PATIENCE_SECONDS)."""
-
-
-def transient(exc: BaseException) -> bool:
-    """A Firestore error worth another try: unavailable, timed out, contended (`Aborted`), or `Cancelled` by the
-    server (a CI run: a restarting emulator answered a call "call already cancelled"; the RPC did not happen)."""
-    return isinstance(exc, (Aborted, Cancelled, RetryError)) or is_transient(exc)
 
 
 class Generator(Protocol):
