@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ NEWEST_LIMIT = 20  # the newest queued docs a second listener holds: new arrival
 CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 WINDOWS = {"oldest": (Query.ASCENDING, LISTEN_LIMIT), "newest": (Query.DESCENDING, NEWEST_LIMIT)}
 CANCEL = "cancel"
+REOPENS_PER_10_S = 5  # a listener's stream reopened after failures (`_ReopenPace`): as api-core's `throttle_reopen`
 
 Handler = Callable[[JobKey], None]
 
@@ -151,7 +153,7 @@ class Listeners:
                     log.warning("listener_doc_error", path=key.path, error=str(exc))
 
         self._heard[name] = time.monotonic()
-        self._watches[name] = query.on_snapshot(on_snapshot)
+        self._watches[name] = _paced(query.on_snapshot(on_snapshot))
 
     def _cancel_requests(self, media: str) -> Query:
         return self.store.cancelling(media).limit(CANCEL_LIMIT)
@@ -207,10 +209,44 @@ def _far_end(docs, window: str) -> float | None:
     return min(times) if window == "newest" else max(times)
 
 
+class _ReopenPace:
+    """At most REOPENS_PER_10_S reopens of a listener's stream in 10 s: a wait its close cuts short.
+
+    google-api-core reopens a failed stream at once, again and again, unless asked to pause (`throttle_reopen`,
+    which the Firestore client does not ask): with Firestore away, the six listeners took over a core of CPU
+    (measured) until two failed sweeps paused them a minute later, the GIL a generating job needs. Its own throttle
+    sleeps, holding the stream's lock, through a close (a client's close then waited up to 10 s)."""
+
+    def __init__(self) -> None:
+        self._reopened: deque[float] = deque(maxlen=REOPENS_PER_10_S)
+        self._closed = threading.Event()
+
+    def __enter__(self) -> None:  # api-core enters it under the stream's lock: one reopen at a time
+        if len(self._reopened) == REOPENS_PER_10_S:
+            self._closed.wait(self._reopened[0] + 10.0 - time.monotonic())
+        self._reopened.append(time.monotonic())
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _paced(watch):
+    rpc = getattr(watch, "_rpc", None)
+    if rpc is not None and getattr(rpc, "_reopen_throttle", False) is None:
+        rpc._reopen_throttle = _ReopenPace()
+    return watch
+
+
 def _close(watch) -> None:
     if watch is None:
         return
     rpc = getattr(watch, "_rpc", None)  # the watch's own reference goes with its close
+    pace = getattr(rpc, "_reopen_throttle", None)
+    if isinstance(pace, _ReopenPace):
+        pace.close()
     try:
         watch.unsubscribe()
     except Exception:
