@@ -161,9 +161,10 @@ class Heartbeat:
                     self._progress = progress if self._progress is None else self._progress
                 continue
             failing = False
-            # Generated already, its completion ends it cancelled (`lifecycle.completion`): nothing left to stop.
+            # Generated already, it still stops: its upload (a Storage audit: one retrying a failing Storage went on
+            # for its whole budget, then failed the job `ConnectionError`); its final write under way, that decides.
             cancel, asked = self.cancel, renewed and renewed.cancel_requested
-            if asked and cancel is not None and not cancel.is_set() and not self.generated.is_set():
+            if asked and cancel is not None and not cancel.is_set() and not self.finishing.is_set():
                 log.info("job_cancel_requested", heard="lease renewal", **job_ids(self.job))
                 cancel.set()
             if not renewed:

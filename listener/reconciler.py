@@ -48,7 +48,7 @@ from .admission import Admissions
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
 from .lease import RunOutcome, job_ids, quietly, release
 from .listeners import Listeners, queued_window
-from .runner import JobRunner, transient
+from .runner import LEAVING_DELIVERY_SECONDS, JobRunner, transient
 from .takeovers import Takeovers
 from .version import code_version
 
@@ -202,7 +202,7 @@ class Reconciler:
         if not self.wait_idle(grace):
             log.warning("shutdown_grace_exceeded", releasing=len(self._active))
             self.runner.release_running()
-            self.wait_idle(30.0)
+            self.wait_idle(LEAVING_DELIVERY_SECONDS + 5.0)  # a generated job's delivery, then its release's write
         # One bound for all: a loop held up in a Firestore call (a heartbeat's, with Firestore away) ends with the
         # process, and a bound each held an idle worker's exit up to 30 s.
         deadline = time.monotonic() + STOP_JOIN_SECONDS

@@ -11,6 +11,7 @@ fenced by the store. Generation is stopped through its progress callback, so it 
 from __future__ import annotations
 
 import contextvars
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +39,7 @@ from firegen_core.jobs import BOUND, ClaimedJob, JobKey
 from firegen_core.results import most
 
 from .lease import Heartbeat, RunOutcome, job_ids, log_failure, quietly, release, transient
-from .storage import StorageUnavailable, Superseded, claim_stamp, refused_access
+from .storage import StorageUnavailable, Superseded, UploadStopped, claim_stamp, refused_access
 
 log = structlog.get_logger("listener.runner")
 
@@ -49,6 +50,10 @@ FINAL_WRITE_WAIT = (0.2, 5.0)  # backoff of the fence check and the final write:
 # How long a generated job's fence check and completion are tried while Firestore is away (at least a lease): a
 # failure would wait for Firestore just the same and throw the generation away, and no claim lands meanwhile.
 FINISH_PATIENCE_SECONDS = 600.0
+# A generated job's upload once its worker leaves (SIGTERM past the grace): then it is released, so that the
+# worker's stop (which waits 5 s more, for the release) never leaves it `processing` for its lease to run out (a
+# Storage audit: an upload retrying a hung Storage outlived the stop, and the job lost a try to it).
+LEAVING_DELIVERY_SECONDS = 25.0
 
 
 class NotRecorded(Exception):
@@ -68,7 +73,14 @@ class BatchGenerator(Generator, Protocol):
 
 class Results(Protocol):
     def upload(
-        self, user_id: str, file_uid: str, task_type: str, files: Sequence[tuple], *, claim: int | None = None
+        self,
+        user_id: str,
+        file_uid: str,
+        task_type: str,
+        files: Sequence[tuple],
+        *,
+        claim: int | None = None,
+        until: Callable[[], float] | None = None,
     ) -> list[str]: ...
 
     def remove(self, user_id: str, file_uid: str, task_type: str, count: int, *, strict: bool = False) -> int: ...
@@ -153,13 +165,17 @@ class JobRunner:
         self.renew_interval = renew_interval or max(store.lease_seconds / 3, 0.2)
         self.deadline = deadline or Deadline()
         self.abort = threading.Event()  # set on shutdown past the grace period: release running jobs
+        self.leaving_since: float | None = None  # time.monotonic() when `abort` was first set
         # Called when the bucket refuses an upload for want of access (the worker's part: stop claiming and leave).
         self.on_storage_refused: Callable[[BaseException], None] | None = None
         self._heartbeats: set[Heartbeat] = set()  # of the jobs running now
 
     def release_running(self) -> None:
         """The worker is leaving (its shutdown grace is over, or a second signal): every running job goes back
-        to the queue now, from its heartbeat, whether or not its generation reaches a step to stop at."""
+        to the queue now, from its heartbeat, whether or not its generation reaches a step to stop at; one generated
+        already delivers, within LEAVING_DELIVERY_SECONDS."""
+        if self.leaving_since is None:
+            self.leaving_since = time.monotonic()
         self.abort.set()
         for heartbeat in list(self._heartbeats):
             heartbeat.wake()
@@ -299,6 +315,7 @@ class JobRunner:
                     request.task_type,
                     result.files,
                     claim=claim_stamp(job.claimed_at),
+                    until=lambda: self._upload_until(run),
                 )
             fields = lifecycle.success(
                 task_type=request.task_type,
@@ -321,6 +338,9 @@ class JobRunner:
         except Interrupted:
             heartbeat.stop()  # every write from here on is the job's last
             return self._interrupted(run)
+        except UploadStopped as exc:  # cancelled, timed out or taken over, or the worker leaving, mid-upload
+            heartbeat.stop()
+            return self._interrupted(run, later=exc.storage_away)
         except Superseded:  # taken over during its upload (this worker stalled): the new owner's objects stand
             heartbeat.stop()
             self._drop_this_try(job, request)  # what its other uploads wrote meanwhile
@@ -346,13 +366,14 @@ class JobRunner:
                 # back to the queue and the worker leaves; its replacement's start-up check says what is wrong.
                 self.on_storage_refused(exc)
                 return release(self.store, job)
-            outcome = self._fail(job, _caused(exc), seconds=run.seconds())
-            gone = isinstance(exc, StorageUnavailable)  # Storage away: removing would wait out its retries too
-            if outcome == RunOutcome.FAILED and (uploading or job.lease.attempt > 1) and not gone:
+            # Its owner's cancel wins over the failure it met meanwhile (an upload failing as it was cancelled).
+            error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else _caused(exc)
+            outcome = self._fail(job, error, seconds=run.seconds())
+            if outcome == RunOutcome.FAILED and (uploading or job.lease.attempt > 1):
                 # No doc names them: what this try uploaded before it failed (a job's files go up at once), or an
                 # earlier try's, stopped during its upload (restated, taken over), that no later try wrote over
                 # (an accounting fuzz: a failed job's bucket kept them).
-                self._remove_results(job, request, every=True)
+                self._remove_results(job, request, every=True, later=isinstance(exc, StorageUnavailable))
             return outcome
         heartbeat.stop()
         if written is None and self._timed_out(run):  # failed `Timeout` during its upload: no doc names its objects
@@ -394,12 +415,12 @@ class JobRunner:
             log_failure(end.error_type, end.message, run.job, by="runner", seconds=run.seconds())
         return settled
 
-    def _lost_or_timed_out(self, run: _Run) -> RunOutcome:
+    def _lost_or_timed_out(self, run: _Run, *, later: bool = False) -> RunOutcome:
         """A run whose lease the heartbeat gave up: failed `Timeout` (settled here: the heartbeat's own write may
         have failed in the Firestore blip that timeouts cluster in, and the job would then wait out its lease and
         run again), else lost."""
         if self._timed_out(run):
-            self._remove_results(run.job, run.request)  # an earlier attempt's partial upload
+            self._remove_results(run.job, run.request, later=later)  # an earlier attempt's partial upload
             return RunOutcome.FAILED
         return self._lost(run.job, run.heartbeat)
 
@@ -412,19 +433,31 @@ class JobRunner:
         except Exception as exc:  # written again once the batch ends (`_deliver`)
             log.warning("write_error", error=str(exc), **job_ids(run.job))
 
-    def _interrupted(self, run: _Run) -> RunOutcome:
-        """A job whose generation stopped: nothing to write when its lease was lost; failed `Cancelled` or
-        `Timeout` when its owner or its deadline stopped it; else (shutdown, a broken device) released."""
+    def _interrupted(self, run: _Run, *, later: bool = False) -> RunOutcome:
+        """A job whose generation (or upload) stopped: nothing to write when its lease was lost; failed `Cancelled`
+        or `Timeout` when its owner or its deadline stopped it; else (shutdown, a broken device) released. `later`:
+        what it uploaded is removed on a thread of its own (Storage was failing its upload)."""
         job = run.job
         if run.heartbeat.lost.is_set():
-            return self._lost_or_timed_out(run)
+            return self._lost_or_timed_out(run, later=later)
         if run.cancel.is_set() or run.expired:
             error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else run.overrun
             outcome = self._fail(job, error, seconds=run.seconds())
             if outcome == RunOutcome.FAILED:
-                self._remove_results(job, run.request)  # an earlier attempt's partial upload
+                self._remove_results(job, run.request, later=later)  # its upload's, or an earlier attempt's
             return outcome
         return release(self.store, job)
+
+    def _upload_until(self, run: _Run) -> float:
+        """When a generated job's upload must be over by (time.monotonic()): now once its owner cancelled it or its
+        lease is gone (failed `Timeout`, taken over); LEAVING_DELIVERY_SECONDS past the worker's leaving; else no
+        sooner than its retry budget (a Storage audit: a cancel that came while Storage failed the upload was
+        lost, the job failed `ConnectionError` a minute later)."""
+        if run.cancel.is_set() or run.heartbeat.lost.is_set():
+            return -math.inf
+        if self.leaving_since is not None:
+            return self.leaving_since + LEAVING_DELIVERY_SECONDS
+        return math.inf
 
     @contextmanager
     def _heartbeat(
@@ -446,16 +479,32 @@ class JobRunner:
         log_failure(error.error_type, error.message, job, cause=error.__cause__, **more)
         return RunOutcome.FAILED
 
-    def _remove_results(self, job: ClaimedJob, request: GenerationRequest, *, every: bool = False) -> None:
+    def _remove_results(
+        self, job: ClaimedJob, request: GenerationRequest, *, every: bool = False, later: bool = False
+    ) -> None:
         """Delete the job's objects; only ever called right after this worker wrote the job's end (it held the
         lease, so no other worker is writing the same names). `every`, and for any try after the first: as many
         as a job of its type may have (an earlier try's request may have asked for more images, and stopped
-        during its upload), not only this request's (a storage review: a cancelled second try left the first's)."""
+        during its upload), not only this request's (a storage review: a cancelled second try left the first's).
+        `later`, where Storage was failing: on a thread of its own, not to hold the worker's slot through its
+        retries, and only what this try wrote (a job deleted and sent again meanwhile writes the same names); a
+        try that timed out for the worker may still have landed (a Storage audit: such an object was left)."""
         every = every or job.lease.attempt > 1
         count = most(request.task_type) if every else 1 if request.is_video else request.num_images_per_prompt
-        removed = quietly(lambda: self.results.remove(job.key.user_id, job.key.file_uid, request.task_type, count), job)
-        if removed:
-            log.info("job_results_removed", objects=removed, **job_ids(job))
+        ids = job.key.user_id, job.key.file_uid, request.task_type, count
+
+        def remove() -> None:
+            if later:
+                removed = quietly(lambda: self.results.remove_written(*ids, claim_stamp(job.claimed_at)), job)
+            else:
+                removed = quietly(lambda: self.results.remove(*ids), job)
+            if removed:
+                log.info("job_results_removed", objects=removed, **job_ids(job))
+
+        if later:
+            threading.Thread(target=remove, name=f"remove-{job.key.file_uid}", daemon=True).start()
+        else:
+            remove()
 
     def remove_left_behind(self, key: JobKey) -> None:
         """The objects of a job that a claim here ended (cancelled, given up) after a try of it ran, whose worker is

@@ -60,7 +60,7 @@ class Settings(ModelSettings):
     signed_url_expiry_seconds: int = Field(
         MAX_SIGNED_URL_SECONDS, ge=1, le=MAX_SIGNED_URL_SECONDS, validation_alias=env("SIGNED_URL_EXPIRY_SECONDS")
     )
-    upload_retry_attempts: int = Field(5, ge=1, le=MAX_TRIES, validation_alias=env("UPLOAD_RETRY_ATTEMPTS"))
+    upload_retry_attempts: int = Field(12, ge=1, le=MAX_TRIES, validation_alias=env("UPLOAD_RETRY_ATTEMPTS"))
     upload_retry_max_seconds: float = Field(
         60.0, gt=0, le=HOUR, allow_inf_nan=False, validation_alias=env("UPLOAD_RETRY_MAX_SECONDS")
     )

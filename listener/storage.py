@@ -24,6 +24,7 @@ download URL, `{emulator}/download/storage/v1/b/{bucket}/o/{quoted name}?alt=med
 
 from __future__ import annotations
 
+import contextvars
 import re
 import time
 import uuid
@@ -96,6 +97,36 @@ def refused_access(exc: BaseException) -> bool:
     return isinstance(cause, api_exceptions.Unauthorized | api_exceptions.Forbidden)
 
 
+class UploadStopped(Exception):
+    """Its caller cut the upload short (`upload(until=...)`: the job cancelled, the worker leaving): nothing more
+    is tried. `storage_away`: the last try had failed on a transient error (Storage away or slow)."""
+
+    def __init__(self, message: str, *, storage_away: bool = False):
+        super().__init__(message)
+        self.storage_away = storage_away
+
+
+@dataclass(frozen=True)
+class Window:
+    """Until when a call's tries may run: its retry budget's `end` (time.monotonic()), or sooner where `until`
+    says so (a time that may move: a cancel makes it now). A request's timeout is cut to what is left."""
+
+    end: float
+    until: Callable[[], float] | None = None
+
+    @classmethod
+    def of(cls, seconds: float, until: Callable[[], float] | None = None) -> Window:
+        return cls(time.monotonic() + seconds, until)
+
+    def left(self) -> float:
+        end = self.end if self.until is None else min(self.end, self.until())
+        return end - time.monotonic()
+
+    @property
+    def cut(self) -> bool:
+        return self.until is not None and self.until() <= time.monotonic()
+
+
 class Superseded(Exception):
     """A later try of the job (it took the job over: this try's lease ran out, its worker stalled) wrote one of
     its objects: this try must write nothing more. Its own fence, checked before the upload, could not see it:
@@ -134,7 +165,7 @@ class RetryPolicy:
     """How hard one `upload()` call tries. `attempts` counts tries per object; `max_seconds` bounds the whole
     call (backoff waits are cut to fit, and each request's timeout is at most what is left, at least 1 s)."""
 
-    attempts: int = 5
+    attempts: int = 12  # with these waits, enough tries to fill the minute (5 used up a 9 s blip)
     max_seconds: float = 60.0
     initial_wait: float = 0.5
     max_wait: float = 8.0
@@ -143,6 +174,10 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.max_seconds <= 0 or self.initial_wait < 0 or self.request_timeout <= 0:
             raise ValueError(f"invalid {self!r}")
+
+    def backoff(self) -> wait_exponential_jitter:
+        """The wait before each retry (tenacity's, of a retry state): `initial_wait`, doubling to `max_wait`."""
+        return wait_exponential_jitter(multiplier=self.initial_wait, max=self.max_wait, jitter=self.initial_wait)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
@@ -279,6 +314,7 @@ class ResultStore:
         files: Sequence[tuple[bytes, str, str]],
         *,
         claim: int | None = None,
+        until: Callable[[], float] | None = None,
     ) -> list[str]:
         """Upload a job's files, `(data, ext, content_type)` each, under the job's deterministic names (its
         alternate, where another job owns one); return one URL per file, in the same order, for the names
@@ -287,18 +323,22 @@ class ResultStore:
         `claim`: when this try claimed the job (`claim_stamp`). Each object then records it, and is written only
         over the generation found there by a check that it is no later try's: a worker that stalled mid-upload
         (stopped, swapped out, its request delayed) while another took the job over and completed it, never
-        overwrites the completed job's objects and download tokens when it wakes (`Superseded`)."""
+        overwrites the completed job's objects and download tokens when it wakes (`Superseded`).
+
+        `until`: when its caller wants it over by (time.monotonic(); asked before each try): past it nothing more
+        is tried and `UploadStopped` is raised (a cancelled job's upload, which kept retrying a failing Storage
+        for its whole budget and then failed the job `ConnectionError`)."""
         if not files:
             raise ValueError("no files to upload")
         for index, (_, ext, _) in enumerate(files):  # a bad name is refused before anything is written
             object_name(user_id, file_uid, task_type, index, ext)
-        deadline = time.monotonic() + self.retry.max_seconds
+        window = Window.of(self.retry.max_seconds, until)
         bucket = self.client.bucket(self.bucket_name)
 
         def one(index: int) -> tuple[str, str | None]:
             data, ext, content_type = files[index]
             return self._upload_one(
-                bucket, (user_id, file_uid, task_type, index, ext), data, content_type, deadline, claim
+                bucket, (user_id, file_uid, task_type, index, ext), data, content_type, window, claim
             )
 
         # A job's files at once (a latency audit: 4 images took 8 requests one after another); each has its own
@@ -306,8 +346,10 @@ class ResultStore:
         if len(files) == 1:
             written = [one(0)]
         else:
+            # Each thread runs in a copy of the caller's context: its retries' log lines name the job too.
+            contexts = [contextvars.copy_context() for _ in files]
             with ThreadPoolExecutor(min(len(files), UPLOAD_THREADS), thread_name_prefix="upload") as pool:
-                written = list(pool.map(one, range(len(files))))
+                written = list(pool.map(lambda index: contexts[index].run(one, index), range(len(files))))
         unused = [stale for _, stale in written if stale]
         if unused:
             self._drop_stale(bucket, user_id, file_uid, task_type, unused, claim)
@@ -319,7 +361,7 @@ class ResultStore:
         where: tuple[str, str, str, int, str],
         data: bytes,
         content_type: str,
-        deadline: float,
+        window: Window,
         claim: int | None,
     ) -> tuple[str, str | None]:
         """Upload the job's `index`-th file (`where`: user_id, file_uid, task_type, index, ext): (its URL, the job's
@@ -331,10 +373,10 @@ class ResultStore:
         if claim is not None:
             metadata[CLAIM_METADATA_KEY] = str(claim)
         for tries_left in reversed(range(3)):
-            name, stale, generation = self._target(bucket, user_id, file_uid, task_type, index, ext, deadline, claim)
+            name, stale, generation = self._target(bucket, user_id, file_uid, task_type, index, ext, window, claim)
             try:
-                self._put(bucket, name, data, content_type, metadata, deadline, generation)
-                return self._written_url(bucket, name, token, deadline), stale
+                self._put(bucket, name, data, content_type, metadata, window, generation)
+                return self._written_url(bucket, name, token, window), stale
             except StorageError as exc:
                 # Someone wrote the name between the check and this upload: check again (another job's, and this job
                 # takes its alternate; a later try's, and this one stops; an earlier try's, which woke up, and this
@@ -351,7 +393,7 @@ class ResultStore:
         task_type: str,
         index: int,
         ext: str,
-        deadline: float,
+        window: Window,
         claim: int | None = None,
     ) -> tuple[str, str | None, int | None]:
         """(where the job's `index`-th file goes, the job's other name for it or None, the generation the upload
@@ -363,36 +405,36 @@ class ResultStore:
         contested = is_contested(file_uid, task_type, index)
         if not contested and claim is None:
             return name, None, None
-        found, other = self._get(bucket, name, deadline), None
+        found, other = self._get(bucket, name, window), None
         if contested:
             alternate = alternate_name(user_id, file_uid, task_type, index, ext)
             if found is not None and owner(found) not in (None, file_uid):
                 if claim is None:
                     return alternate, None, None
-                name, found = alternate, self._get(bucket, alternate, deadline)
+                name, found = alternate, self._get(bucket, alternate, window)
             else:
                 other = alternate
         if claim is not None and found is not None and _claim_of(found) > claim:
             raise Superseded(f"{name}: written by a later try of the job")
         return name, other, (found.generation or 0) if found is not None else 0
 
-    def _written_url(self, bucket: Any, name: str, token: str | None, deadline: float) -> str:
+    def _written_url(self, bucket: Any, name: str, token: str | None, window: Window) -> str:
         """The URL of an object just written. Keyless credentials sign through IAM's signBlob, a call of its own:
         one that failed a moment failed the job after its upload (a storage review), so it is retried within the
         upload's budget too. What still fails is a StorageError (Storage itself answered: the job's objects go)."""
         if self.url_style != "signed" or self.emulator_url:
             return self._url(bucket, name, token)
         try:
-            retrying = self._retrying(deadline, self._said_retry(name), transient=signing_transient)
+            retrying = self._retrying(window, self._said_retry(name), transient=signing_transient)
             return retrying(lambda: self._signed(name, raw=True))
         except StorageError:
             raise
         except Exception as exc:
             raise StorageError(f"Signing a URL for {name} failed ({_reason(exc)})") from exc
 
-    def _get(self, bucket: Any, name: str, deadline: float) -> Any:
+    def _get(self, bucket: Any, name: str, window: Window) -> Any:
         return self._within_budget(
-            "check", name, lambda timeout: bucket.get_blob(name, timeout=timeout, retry=None), deadline
+            "check", name, lambda timeout: bucket.get_blob(name, timeout=timeout, retry=None), window
         )
 
     def _put(
@@ -402,7 +444,7 @@ class ResultStore:
         data: bytes,
         content_type: str,
         metadata: dict[str, str],
-        deadline: float,
+        window: Window,
         generation: int | None = None,
     ) -> None:
         def attempt(timeout: float) -> None:
@@ -412,7 +454,7 @@ class ResultStore:
             condition = {} if generation is None else {"if_generation_match": generation}
             blob.upload_from_string(data, content_type=content_type, retry=None, timeout=timeout, **condition)
 
-        self._within_budget("upload", name, attempt, deadline)
+        self._within_budget("upload", name, attempt, window)
 
     def _drop_stale(
         self, bucket: Any, user_id: str, file_uid: str, task_type: str, unused: list[str], claim: int | None = None
@@ -430,22 +472,34 @@ class ResultStore:
         except Exception as exc:
             log.warning("stale_object_left", objects=unused, error=_reason(exc))
 
-    def _within_budget(self, what: str, name: str, call: Callable[[float], T], deadline: float) -> T:
-        """`call(request timeout)`, tried again on transient failures within the retry policy and `deadline`;
-        what still fails is raised as StorageError / StorageUnavailable, naming `what` was done to `name`."""
+    def _within_budget(self, what: str, name: str, call: Callable[[float], T], window: Window) -> T:
+        """`call(request timeout)`, tried again on transient failures within the retry policy and `window`;
+        what still fails is raised as StorageError / StorageUnavailable, naming `what` was done to `name`, and
+        UploadStopped where the window was cut short."""
         policy = self.retry
         attempts = 0
 
         def attempt() -> T:
             nonlocal attempts
+            if window.cut:  # tries before this one failed on transient errors (the others are raised)
+                raise UploadStopped(
+                    f"{what} of {name} stopped by its caller after {attempts} attempt(s)", storage_away=attempts > 0
+                )
             attempts += 1
-            timeout = max(deadline - time.monotonic(), min(1.0, policy.request_timeout))
+            timeout = max(window.left(), min(1.0, policy.request_timeout))
             return call(min(policy.request_timeout, timeout))
 
         started = time.monotonic()
         try:
-            return self._retrying(deadline, self._said_retry(name))(attempt)
+            return self._retrying(window, self._said_retry(name))(attempt)
+        except UploadStopped:
+            raise
         except Exception as exc:
+            if window.cut and is_transient(exc):  # its tries stopped for the caller, not for Storage's answer
+                raise UploadStopped(
+                    f"{what} of {name} stopped by its caller after {attempts} attempt(s) ({_reason(exc)})",
+                    storage_away=True,
+                ) from exc
             took = time.monotonic() - started
             if is_transient(exc):
                 raise StorageUnavailable(
@@ -467,21 +521,19 @@ class ResultStore:
 
     def _retrying(
         self,
-        deadline: float,
+        window: Window,
         before_sleep: Callable[[Any], None] | None = None,
         transient: Callable[[BaseException], bool] = is_transient,
     ) -> Retrying:
-        """Failures `transient` says are tried again, with backoff, within the policy's attempts and `deadline`."""
+        """Failures `transient` says are tried again, with backoff, within the policy's attempts and `window`."""
         policy = self.retry
-        backoff = wait_exponential_jitter(
-            multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait
-        )
+        backoff = policy.backoff()
 
         def wait(state: Any) -> float:
-            return max(0.0, min(backoff(state), deadline - time.monotonic()))
+            return max(0.0, min(backoff(state), window.left()))
 
         def stop(state: Any) -> bool:
-            return state.attempt_number >= policy.attempts or time.monotonic() >= deadline
+            return state.attempt_number >= policy.attempts or window.left() <= 0
 
         return Retrying(
             retry=retry_if_exception(transient), stop=stop, wait=wait, before_sleep=before_sleep, reraise=True
@@ -493,10 +545,10 @@ class ResultStore:
         again writes its names again; a cancelled job's objects are deleted). Raises StorageAccessError naming
         the bucket and what is missing: without this check every job would fail at its upload, after its GPU
         time. Asks IAM's testIamPermissions, which needs no permission of its own."""
-        deadline = time.monotonic() + self.retry.max_seconds
+        window = Window.of(self.retry.max_seconds)
         bucket = self.client.bucket(self.bucket_name)
         try:
-            granted = self._retrying(deadline)(
+            granted = self._retrying(window)(
                 bucket.test_iam_permissions, list(WRITE_PERMISSIONS), timeout=self.retry.request_timeout, retry=None
             )
         except api_exceptions.NotFound:
@@ -517,9 +569,9 @@ class ResultStore:
             except StorageError as exc:
                 raise StorageAccessError(f"{exc} (URL_STYLE=signed)") from None
         if self.url_style in ("token", "public") and self.download_check and not self.emulator_url:
-            self._check_download(bucket, deadline, self.download_check)
+            self._check_download(bucket, window, self.download_check)
 
-    def _check_download(self, bucket: Any, deadline: float, get: Callable[[str, float], int]) -> None:
+    def _check_download(self, bucket: Any, window: Window, get: Callable[[str, float], int]) -> None:
         """One object written and fetched by its URL as a client would (the production review: a token URL is
         served by Firebase Storage, which needs the bucket linked to Firebase and its service agent allowed to
         read it, a public one by a world-readable bucket: otherwise every job completes with URLs that answer
@@ -528,7 +580,7 @@ class ResultStore:
         name = f"{DOWNLOAD_CHECK_PREFIX}{uuid.uuid4().hex}.txt"
         token = str(uuid.uuid4()) if self.url_style == "token" else None
         metadata = {TOKEN_METADATA_KEY: token} if token else {}
-        self._put(bucket, name, b"firegen download check", "text/plain", metadata, deadline)
+        self._put(bucket, name, b"firegen download check", "text/plain", metadata, window)
         status: int | None = None
         try:
             status = get(self._url(bucket, name, token), self.retry.request_timeout)

@@ -167,6 +167,79 @@ def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client
     assert cancel_events(events) == [("job_cancelled", "uploading", "upload")]
 
 
+def failing_storage(retried: threading.Event):
+    """A ResultStore whose Storage is down (a port nobody listens on: each request refused at once), retrying for
+    30 s, far past what these tests wait; `retried` is set at its first retry."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from devtools import emulators as emu
+    from listener.storage import ResultStore, RetryPolicy
+
+    down = f"http://127.0.0.1:{emu.free_port()}"
+    client = storage.Client(project="p", credentials=AnonymousCredentials(), client_options={"api_endpoint": down})
+    return ResultStore(
+        client,
+        "b",
+        emulator_host=down,
+        retry=RetryPolicy(attempts=100, max_seconds=30, initial_wait=0.1, max_wait=0.3, request_timeout=1),
+        on_retry=lambda name, attempt, exc: retried.set(),
+    )
+
+
+def test_a_cancel_while_storage_fails_the_upload_stops_its_retries_and_ends_cancelled(firestore_client, events):
+    """A Storage audit: a cancel that came while the upload retried a failing Storage was lost, the job failed
+    `ConnectionError` once the retries ran out (a minute, by default). The cancel, heard by a lease renewal too
+    (the renewal skipped it once the job was generated), stops the retries: `Cancelled`, in about a beat."""
+    from listener.runner import JobRunner
+
+    key = JobKey("u1", "images", "cancelled-unstored")
+    queue_jobs(firestore_client, [key])
+    store = WorkerJobs(firestore_client, worker_id="w")
+    retried = threading.Event()
+    runner = JobRunner(store, StubGenerator(), failing_storage(retried), renew_interval=0.2)
+    ended: list = []
+    running = threading.Thread(target=lambda: ended.append(runner.run(store.claim(key))), daemon=True)
+    running.start()
+    assert retried.wait(15)
+    cancel(firestore_client, key)
+    cancelled_at = time.monotonic()
+    running.join(timeout=15)
+    assert ended == ["failed"] and time.monotonic() - cancelled_at < 5  # its budget had 30 s left
+    assert outcome(read(firestore_client, key)) == CANCELLED
+    [heard] = [e for e in events if e["event"] == "job_cancel_requested"]
+    assert heard["heard"] == "lease renewal"
+
+
+def test_a_worker_leaving_releases_a_generated_job_whose_upload_storage_keeps_failing(
+    firestore_client, events, monkeypatch
+):
+    """A Storage audit: SIGTERM while a generated job's upload retried a hanging Storage; the worker's stop gave
+    its delivery 30 s, the upload had a minute, and the worker exited with the job `processing` under its claim,
+    unsaid: it waited out its lease, and its next claim counted a try the worker had lost (3 such stops failed
+    it). A generated job delivers within LEAVING_DELIVERY_SECONDS of the leaving, or is released."""
+    import listener.runner as runner_module
+    from listener.runner import JobRunner
+
+    monkeypatch.setattr(runner_module, "LEAVING_DELIVERY_SECONDS", 1.0)
+    key = JobKey("u1", "images", "leaving-unstored")
+    queue_jobs(firestore_client, [key])
+    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=300)
+    retried = threading.Event()
+    runner = JobRunner(store, StubGenerator(), failing_storage(retried))
+    ended: list = []
+    running = threading.Thread(target=lambda: ended.append(runner.run(store.claim(key))), daemon=True)
+    running.start()
+    assert retried.wait(15)
+    runner.release_running()
+    left_at = time.monotonic()
+    running.join(timeout=15)
+    assert ended == ["released"] and time.monotonic() - left_at < 4  # its budget had 30 s left
+    doc = read(firestore_client, key)
+    assert (doc["status"], doc["releases"], doc["attempts"]) == ("queued", 1, 0)  # the try given back
+    assert [e["event"] for e in events if e["event"] in ("job_released", "job_failed")] == ["job_released"]
+
+
 @pytest.mark.parametrize("ended", ["cancelled", "given up"])
 def test_a_job_a_takeover_ends_after_its_worker_died_mid_upload_leaves_no_objects(
     firestore_client, storage_client, results, bucket, events, ended
@@ -595,11 +668,11 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from listener.storage import ResultStore, RetryPolicy
 
-class OneImage:
+class TwoImages:  # uploaded at once, each on a thread of its own
     def generate(self, request, progress=None):
         import logging
         logging.getLogger("diffusers.pipelines").warning("a library's warning, during the job")
-        return SimpleNamespace(seed=1, files=[(b"png", "png", "image/png")], video_info=None)
+        return SimpleNamespace(seed=1, files=[(b"png", "png", "image/png")] * 2, video_info=None)
 
 down = f"http://127.0.0.1:{sys.argv[1]}"
 results = ResultStore(
@@ -610,7 +683,7 @@ results = ResultStore(
 )
 client.document("generations/u1/images/unstored").set({"status": "queued", "created_at": SERVER_TIMESTAMP, "prompt": "p"})
 store = WorkerJobs(client, worker_id="w-log")
-print("stored", JobRunner(store, OneImage(), results).run(store.claim(JobKey("u1", "images", "unstored"))), flush=True)
+print("stored", JobRunner(store, TwoImages(), results).run(store.claim(JobKey("u1", "images", "unstored"))), flush=True)
 """
 
 
@@ -639,14 +712,12 @@ def test_endings_a_transition_writes_and_upload_retries_are_logged_with_the_job(
     # A library's line in the job's thread names the job (audit: CLIP's truncation warning named nothing).
     [library] = [e for e in events if e["event"] == "a library's warning, during the job"]
     assert (library["logger"], library["user_id"], library["file_uid"]) == ("diffusers.pipelines", "u1", "unstored")
-    [retry] = [e for e in events if e["event"] == "upload_retry"]
-    assert (retry["message"], retry["file_uid"], retry["user_id"], retry["retry"]) == (
-        "upload_retry",
-        "unstored",
-        "u1",
-        1,
-    )
-    assert retry["object"] == "generating/u1/image/unstored.png" and retry["severity"] == "WARNING"
+    # Each of a job's files, uploaded on threads of their own (a Storage audit: those lines named no job).
+    retries = sorted((e for e in events if e["event"] == "upload_retry"), key=lambda e: e["object"])
+    assert [(e["message"], e["file_uid"], e["user_id"], e["retry"], e["severity"]) for e in retries] == [
+        ("upload_retry", "unstored", "u1", 1, "WARNING")
+    ] * 2
+    assert [e["object"] for e in retries] == ["generating/u1/image/unstored.png", "generating/u1/image/unstored_1.png"]
     failed = {e["file_uid"]: e for e in events if e["event"] == "job_failed"}
     # Severity by who must act (audit: a job lost to Storage being down was a WARNING, like a user's bad width):
     # infrastructure and bugs are errors, a job past its time limit a warning, a client's doing news.

@@ -46,7 +46,7 @@ def clean_env(monkeypatch):
 # ---------------------------------------------------------------------------------------------- settings
 def test_documented_defaults(clean_env):
     s = load_settings()
-    assert (s.signed_url_expiry_seconds, s.upload_retry_attempts, s.upload_retry_max_seconds) == (604800, 5, 60)
+    assert (s.signed_url_expiry_seconds, s.upload_retry_attempts, s.upload_retry_max_seconds) == (604800, 12, 60)
     assert s.log_level == "INFO"
 
 

@@ -567,6 +567,23 @@ def test_signed_style_under_the_emulator_falls_back_to_the_emulator_url(storage_
 
 
 # ---------------------------------------------------------------------------------------------- outages
+def test_the_default_upload_retries_last_the_whole_retry_budget(monkeypatch):
+    """A Storage audit: a Storage that refused at once (stopped, 503, 429) used up the default 5 tries in 8-9 s, so
+    a 10 s blip failed a job after its GPU time, whatever UPLOAD_RETRY_MAX_SECONDS (60) said. The default tries'
+    waits, even at their shortest (no jitter), add up to the budget: the time is what bounds them."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("STORAGE_BUCKET", "b")
+    for name in ("UPLOAD_RETRY_ATTEMPTS", "UPLOAD_RETRY_MAX_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    policy = RetryPolicy.from_settings(load_settings())
+    backoff = policy.backoff()
+    monkeypatch.setattr("random.uniform", lambda low, high: low)
+    waits = [backoff(SimpleNamespace(attempt_number=n)) for n in range(1, policy.attempts)]
+    assert sum(waits) >= policy.max_seconds == 60
+    assert sum(waits[:-1]) < policy.max_seconds  # and no more tries than that takes
+
+
 def test_upload_survives_a_short_storage_outage(storage_client, bucket, storage_emulator):
     retried = threading.Event()
     store = ResultStore(
