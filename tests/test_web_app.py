@@ -347,7 +347,7 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
     )
     sizes = images.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
     assert sizes == [[256, 320], [256, 320]]
-    href = card.get_by_role("link", name="Download image 2").get_attribute("href")
+    href = card.get_by_role("link", name="Open image 2").get_attribute("href")
     assert re.search(r"_1\.png\?alt=media&token=[0-9a-f-]{36}$", href), href  # token URLs by default
     text = card.inner_text()
     assert (
@@ -526,7 +526,7 @@ def test_a_video_job_written_as_a_document_plays(open_page):
     # Shown from a millisecond in (a media fragment: Safari on iOS shows no frame for preload "metadata" alone); the
     # download link is the result's own URL.
     assert video.evaluate("v => v.currentTime") == pytest.approx(0.001, abs=1e-6)
-    link = app.job(file_uid).get_by_role("link", name="Download video 1").get_attribute("href")
+    link = app.job(file_uid).get_by_role("link", name="Open video 1").get_attribute("href")
     assert video.get_attribute("src") == f"{link}#t=0.001" and "#" not in link
     video.evaluate("v => v.play()")
     app.page.wait_for_function(
@@ -534,7 +534,7 @@ def test_a_video_job_written_as_a_document_plays(open_page):
         arg=file_uid,
         timeout=10_000,
     )
-    assert app.job(file_uid).get_by_role("link", name="Download video 1").count() == 1
+    assert app.job(file_uid).get_by_role("link", name="Open video 1").count() == 1
     app.shot("video")
     assert app.problems() == []
 
@@ -607,7 +607,7 @@ def test_guidance_is_sent_as_the_media_types_own_field(open_page, stack):
     assert written[video]["video_guidance_scale"] == 3 and "guidance_scale" not in written[video]
     # Each card says what its job ran with.
     assert re.search(r"Steps\s+10\s+Guidance\s+9\.5\b", app.job(image).inner_text()), app.job(image).inner_text()
-    assert re.search(r"Steps\s+10\s+Guidance\s+3\b", app.job(video).inner_text()), app.job(video).inner_text()
+    assert re.search(r"Steps\s+10\s+Guidance\s+3\.0\b", app.job(video).inner_text()), app.job(video).inner_text()
     assert app.problems() == []
 
 
@@ -1329,8 +1329,8 @@ def test_a_result_that_cannot_be_loaded_says_so_and_a_new_url_shows_it(stack, op
     assert gone.nth(0).inner_text() == (
         "Image 1 could not be loaded: its link may have expired, or the file was deleted"
     )
-    assert card.get_by_role("link", name="Download image 1").count() == 0  # hidden with its image
-    assert card.get_by_role("link", name="Download image 2").is_visible()
+    assert card.get_by_role("link", name="Open image 1").count() == 0  # hidden with its image
+    assert card.get_by_role("link", name="Open image 2").is_visible()
     video = app.job("expired-video").locator(".gone")
     video.wait_for(timeout=30_000)
     assert video.inner_text().startswith("Video 1 could not be loaded")
@@ -1831,7 +1831,7 @@ def test_the_keyboard_alone_fills_submits_opens_and_cancels(open_page, stack):
     )
     card = app.page.locator(".job[data-status=completed]")
     assert card.locator("img").get_attribute("alt") == "Image 1 of 1: “a kite over the dunes”"
-    _tab_to(app, "e => e.textContent === 'Download image 1'")
+    _tab_to(app, "e => e.textContent === 'Open image 1'")
     with app.context.expect_page(timeout=30_000) as opened:
         app.page.keyboard.press("Enter")
     opened.value.close()
@@ -2200,6 +2200,44 @@ def test_an_ended_cards_buttons_are_named_by_its_prompt_and_axe_finds_nothing_se
     assert app.problems() == []
 
 
+def test_a_cards_facts_say_when_what_size_and_how_long_as_people_read_them(open_page, stack):
+    """An audit of the page as a user sees it: no card said when its job was made, nor its size; an hour in the
+    queue read "Queued 3725.4 s"; a queued or running video said neither its steps nor its size."""
+    app = open_page()
+    ref = _ended_image(
+        stack,
+        app.uid,
+        "slow",
+        prompt="a slow one",
+        status="completed",
+        error=False,
+        width=1024,
+        height=768,
+        num_images_per_prompt=2,
+        queue_seconds=3725.43,
+        generation_seconds=86.6,
+        upload_seconds=0.2,
+        images=[],
+    )
+    _held_job(stack, app.uid, "running-video", prompt="a running video")
+
+    def facts(file_uid: str) -> dict:
+        card = app.job(file_uid)
+        card.wait_for(timeout=30_000)
+        return dict(zip(card.locator("dl dt").all_inner_texts(), card.locator("dl dd").all_inner_texts(), strict=True))
+
+    slow = facts("slow")
+    assert (slow["Size"], slow["Steps"], slow["Guidance"]) == ("1024×768, 2 images", "20", "7.5")
+    assert (slow["Queued"], slow["Generation"], slow["Upload"]) == ("1 h 2 min", "1 min 27 s", "0.2 s")
+    made = ref.get().get("created_at")
+    when = app.job("slow").locator("dl time")
+    assert when.get_attribute("datetime") == made.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert str(made.year) in when.inner_text()  # in the reader's own words and time zone
+    running = facts("running-video")
+    assert (running["Size"], running["Steps"], running["Guidance"]) == ("512×512, 16 frames", "20", "5.0")
+    assert app.problems() == []
+
+
 def test_a_doc_with_fields_of_any_type_shows_as_a_card_and_stops_no_other(open_page, stack):
     """Audit: a client's doc whose prompt was a number (the rules accept any scalar; the worker fails it "prompt must
     be a string") broke the whole list for good: `n.prompt?.trim is not a function`, no later job was listed, and
@@ -2247,7 +2285,7 @@ def test_a_doc_with_fields_of_any_type_shows_as_a_card_and_stops_no_other(open_p
     a_map = app.job("a-map")
     assert a_map.locator(".prompt").inner_text() == "(no prompt recorded)"
     assert a_map.locator(".error").inner_text() == "404"
-    assert a_map.get_attribute("data-error-type") is None and a_map.locator("dl div").count() == 0
+    assert a_map.get_attribute("data-error-type") is None and a_map.locator("dl dt").all_inner_texts() == ["Created"]
     assert app.job("a-boolean").locator(".prompt").inner_text() == "true"
     assert app.job("a-boolean").locator(".percent").inner_text() == "0%"
     assert app.job("odd-video").get_attribute("data-status") == "completed"
@@ -2573,7 +2611,7 @@ def test_delete_removes_a_finished_job_its_files_and_its_card_once_confirmed(ope
     _held_job(stack, app.uid, "running")
     app.job("running").wait_for(timeout=30_000)
     assert app.job("running").locator("button.delete").is_hidden()
-    url = app.job(file_uid).get_by_role("link", name="Download image 1").get_attribute("href")
+    url = app.job(file_uid).get_by_role("link", name="Open image 1").get_attribute("href")
     assert _status_of(url) == 200
     delete = app.page.get_by_role("button", name="Delete image “a lighthouse to forget”")
     asked = "Delete image “a lighthouse to forget” and its files? This cannot be undone."
@@ -2667,7 +2705,7 @@ def test_delete_all_my_jobs_erases_the_users_data_through_the_functions_once_con
     )
     used = limits.inner_text()
     assert abs(float(re.fullmatch(line, used)[1]) - spent) <= 0.05 and spent > 0  # to a tenth
-    url = app.job(file_uid).get_by_role("link", name="Download image 1").get_attribute("href")
+    url = app.job(file_uid).get_by_role("link", name="Open image 1").get_attribute("href")
     held = _held_job(stack, app.uid, "running")
     app.job("running").wait_for(timeout=30_000)
     asked = "Delete all your jobs and their files? Running jobs are stopped. This cannot be undone."
@@ -2722,6 +2760,8 @@ def test_generate_while_delete_all_runs_is_refused_not_sent_to_be_deleted(open_p
     assert [snapshot.id for snapshot in images.get()] == ["done-1"]
     held[0].continue_()
     _wait_text(app, "delete-all-status", "All your jobs are deleted (1 job deleted)", timeout=60_000)
+    # Its "Wait until…" goes as it ends (an audit: it stayed beside "All your jobs are deleted" until the user typed).
+    assert app.page.locator("#form-error").inner_text() == ""
     app.page.get_by_role("button", name="Generate").click()  # afterwards, sent
     app.page.wait_for_function("() => document.getElementById('form-status').textContent.startsWith('Generation')")
     assert app.problems() == []

@@ -8,6 +8,8 @@ import { eraseAll, erasedMessage, ERASE_TIMEOUT_MS, type EraseReply } from "./er
 import { callableMessage, isCode } from "./errors";
 import type { JobList, JobsState } from "./joblist";
 import type { Session } from "./session";
+import { withdraw } from "./status";
+import { ERASING } from "./submit";
 
 const ERASE_UNAVAILABLE = "Deleting all needs the deleteAllGenerations function, which this project has not deployed";
 
@@ -44,6 +46,7 @@ export function watchDeleteAll({ functions }: Session, jobs: JobsState, view: Jo
         : callableMessage(error);
     } finally {
       jobs.erasing = false;
+      withdraw(ERASING); // a Generate pressed meanwhile may be pressed again now
       deleteAll.removeAttribute("aria-disabled");
       view.render();
     }

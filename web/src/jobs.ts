@@ -191,25 +191,71 @@ function el<K extends keyof HTMLElementTagNameMap>(tag: K, props: Partial<HTMLEl
   return node;
 }
 
+/** A duration as people read it (an audit: a job an hour in the queue read "Queued 3725.4 s"). */
 function seconds(value: number | undefined): string | null {
-  return value === undefined ? null : `${value.toFixed(1)} s`;
+  if (value === undefined) return null;
+  if (value < 60) return `${value.toFixed(1)} s`;
+  const whole = Math.round(value);
+  if (whole < 3600) return `${Math.floor(whole / 60)} min ${whole % 60} s`;
+  return `${Math.floor(whole / 3600)} h ${Math.floor((whole % 3600) / 60)} min`;
 }
+
+type Parameter =
+  | "num_inference_steps"
+  | "guidance_scale"
+  | "video_guidance_scale"
+  | "width"
+  | "height"
+  | "num_images_per_prompt"
+  | "video_width"
+  | "video_height"
+  | "num_frames";
 
 /** A request parameter of the job's doc (either spelling), as the job runs it: the doc's number, else, on a job that
- * ran, the contract's default; none where the doc holds no number (a refused job's may hold anything). */
-function parameter(job: Job, name: "num_inference_steps" | "guidance_scale" | "video_guidance_scale"): string | null {
+ * runs or ran, the contract's default; none where the doc holds something else, or on a failed job (a refused
+ * job's may hold anything). */
+function parameter(job: Job, name: Parameter): number | null {
   const value = finite(fieldOf(job.written, name));
-  if (value !== undefined) return String(value);
-  return job.doc.status === "completed" ? String(REQUEST_SCHEMA.properties[name].default) : null;
+  if (value !== undefined) return value;
+  return job.doc.status !== "failed" && fieldOf(job.written, name) == null ? REQUEST_SCHEMA.properties[name].default : null;
 }
 
-/** The facts under a job: seed, steps and guidance, timings, who dispatched it. */
+/** A guidance as the form's hint gives it: one decimal at least ("5.0", "7.5", "7.25"). */
+function guidance(value: number | null): string | null {
+  return value === null ? null : Number.isInteger(value) ? value.toFixed(1) : String(value);
+}
+
+/** What the job makes: its size, and its image count or frames (an audit: a card never said its size). */
+function size(job: Job): string | null {
+  const videos = job.media === "videos";
+  const [width, height] = videos
+    ? [parameter(job, "video_width"), parameter(job, "video_height")]
+    : [parameter(job, "width"), parameter(job, "height")];
+  if (width === null || height === null) return null;
+  const count = parameter(job, videos ? "num_frames" : "num_images_per_prompt");
+  const more = count === null || (!videos && count === 1) ? "" : `, ${count} ${videos ? "frames" : "images"}`;
+  return `${width}×${height}${more}`;
+}
+
+const WHEN = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+
+/** When the job was made, in the reader's time zone (an audit: a long history said nothing of when each job was). */
+function created(doc: JobDoc): HTMLTimeElement | null {
+  if (!doc.created_at) return null;
+  const date = new Date(millis(doc.created_at));
+  return el("time", { dateTime: date.toISOString(), textContent: WHEN.format(date) });
+}
+
+/** The facts under a job: when it was made, its size, seed, steps and guidance, timings, who dispatched it. */
 function details(job: Job): HTMLDListElement {
   const { doc } = job;
-  const rows: [string, string | null][] = [
+  const steps = parameter(job, "num_inference_steps");
+  const rows: [string, string | Node | null][] = [
+    ["Created", created(doc)],
+    ["Size", size(job)],
     ["Seed", doc.seed === undefined || doc.seed === null ? null : String(doc.seed)],
-    ["Steps", parameter(job, "num_inference_steps")],
-    ["Guidance", parameter(job, job.media === "videos" ? "video_guidance_scale" : "guidance_scale")],
+    ["Steps", steps === null ? null : String(steps)],
+    ["Guidance", guidance(parameter(job, job.media === "videos" ? "video_guidance_scale" : "guidance_scale"))],
     ["Queued", seconds(doc.queue_seconds)],
     ["Generation", seconds(doc.generation_seconds)],
     ["Upload", seconds(doc.upload_seconds)],
@@ -217,7 +263,7 @@ function details(job: Job): HTMLDListElement {
   ];
   const dl = el("dl");
   for (const [name, value] of rows) {
-    if (value !== null) dl.append(el("div", {}, el("dt", { textContent: name }), el("dd", { textContent: value })));
+    if (value !== null) dl.append(el("div", {}, el("dt", { textContent: name }), el("dd", {}, value)));
   }
   return dl;
 }
@@ -240,14 +286,14 @@ function gallery(job: Job): HTMLElement {
       video.setAttribute("aria-label", label("Video", i));
       if (info) Object.assign(video, { width: info.width, height: info.height });
       const caption = info ? `${info.frames} frames at ${info.fps} fps, ${info.duration_seconds} s ` : "";
-      box.append(figure(video, `Video ${i + 1}`, el("figcaption", {}, caption, link(url, `Download video ${i + 1}`))));
+      box.append(figure(video, `Video ${i + 1}`, el("figcaption", {}, caption, link(url, `Open video ${i + 1}`))));
     });
   } else {
     urls.forEach((url, i) => {
       // Lazy: the images of a long history are fetched as they are scrolled near, not all as the page opens.
       const img = el("img", { src: url, alt: label("Image", i), decoding: "async", loading: "lazy" });
       if (doc.width && doc.height) Object.assign(img, { width: doc.width, height: doc.height });
-      box.append(figure(img, `Image ${i + 1}`, el("figcaption", {}, link(url, `Download image ${i + 1}`))));
+      box.append(figure(img, `Image ${i + 1}`, el("figcaption", {}, link(url, `Open image ${i + 1}`))));
     });
   }
   box.dataset.urls = urls.join(" ");
@@ -275,8 +321,10 @@ function figure(media: HTMLImageElement | HTMLVideoElement, what: string, captio
   return el("figure", {}, media, caption, gone);
 }
 
+/** A result full size, in a tab of its own, to save from there: the bucket's host is another origin, whose files a
+ * `download` link cannot save (an audit: "Download image 1" opened a tab all the same). */
 function link(url: string, text: string): HTMLAnchorElement {
-  return el("a", { href: url, textContent: text, download: "", target: "_blank", rel: "noopener" });
+  return el("a", { href: url, textContent: text, target: "_blank", rel: "noopener" });
 }
 
 /** Create or update the list item of each job; media elements are built once, when the job completes. Returns
@@ -513,7 +561,7 @@ function update(li: HTMLLIElement, job: Job): void {
   const { doc } = job;
   const final = (FINAL_STATES as readonly string[]).includes(doc.status);
   const progress = doc.status === "completed" ? 1 : (doc.progress ?? 0);
-  const state = `${doc.status}|${mediaUrls(job).join(" ")}|${progress}|${doc.error_type ?? ""}|${doc.error_message ?? ""}|${doc.prompt ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}|${doc.prompt_truncated ?? ""}`;
+  const state = `${doc.status}|${mediaUrls(job).join(" ")}|${progress}|${doc.error_type ?? ""}|${doc.error_message ?? ""}|${doc.prompt ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}|${doc.prompt_truncated ?? ""}|${millis(doc.created_at)}`;
   if (li.dataset.state === state) return;
   li.dataset.state = state;
   li.dataset.status = doc.status;

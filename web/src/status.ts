@@ -24,6 +24,14 @@ export function say(text: string): void {
   $("form-status").textContent = text;
 }
 
+/** The form's alert goes where it still says `text`: news that is over (Delete all's "Wait until…", once it ended:
+ * an audit saw it beside "All your jobs are deleted"). */
+export function withdraw(text: string): void {
+  if ($("form-error").textContent !== text) return;
+  $("form-error").textContent = "";
+  markInvalid(null, "form-error");
+}
+
 /** A card action's line (Cancel's answer): the form's status, leaving its alert, which may be a refusal of the form's
  * own request sent meanwhile (the race review: a late Cancel answer wiped "Your daily budget is spent"). */
 export function report(text: string): void {

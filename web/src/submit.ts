@@ -41,7 +41,7 @@ export function viaOf(form: HTMLFormElement, functions: Functions | null): Via {
 }
 
 /** Generate (or Try again) pressed while Delete all my jobs runs. */
-const ERASING = "Wait until Delete all my jobs has finished";
+export const ERASING = "Wait until Delete all my jobs has finished";
 
 export function sender({ db, functions }: Session, jobs: JobsState): Send {
   // A queued doc not yet sent lives in this tab alone (offline, the SDK's memory cache holds it): leaving the page
