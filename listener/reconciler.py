@@ -49,6 +49,7 @@ from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
 from .lease import RunOutcome, job_ids, quietly, release
 from .listeners import Listeners, queued_window
 from .runner import LEAVING_DELIVERY_SECONDS, JobRunner, transient
+from .storage_outage import StorageOutage
 from .takeovers import Takeovers
 from .version import code_version
 
@@ -103,6 +104,11 @@ class Reconciler:
         # worker that has it or for this one once it has (`claimable_changed`), while others are claimed.
         self.claimable = claimable
         self._cv = threading.Condition()
+        # Storage failed a job's upload past its retries: claims wait until it answers (a stand-in has no probe).
+        probe = getattr(getattr(runner, "results", None), "probe", None)
+        self.storage_outage = StorageOutage(probe, self.claimable_changed) if callable(probe) else None
+        if self.storage_outage is not None:
+            runner.on_storage_unavailable = self.storage_outage.begin
         self._queue: FairQueue[JobKey] = FairQueue(capacity)
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the cancel thread
         self._stops: dict[JobKey, threading.Event] = {}  # claimed or running here → its cancel signal
@@ -198,6 +204,8 @@ class Reconciler:
         """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
         self.stop_claiming()
         self._stopping.set()
+        if self.storage_outage is not None:
+            self.storage_outage.close()
         self.listeners.close()
         if not self.wait_idle(grace):
             log.warning("shutdown_grace_exceeded", releasing=len(self._active))
@@ -222,8 +230,13 @@ class Reconciler:
             log.warning("worker_doc_not_removed", error=str(exc))
         log.info("reconciler_stopped", worker_id=self.store.worker_id)
 
+    def _may_claim(self, key: JobKey) -> bool:
+        if self.storage_outage is not None and self.storage_outage.ongoing:
+            return False
+        return self.claimable is None or self.claimable(key)
+
     def claimable_changed(self) -> None:
-        """Candidates `claimable` passed over may be claimable now (a model's load ended)."""
+        """Candidates passed over may be claimable now (a model's load ended, Storage answers again)."""
         with self._cv:
             self._cv.notify_all()
 
@@ -312,7 +325,7 @@ class Reconciler:
 
     def _ready(self) -> tuple[bool, float | None]:
         """Whether a candidate may be handed out now, else how long until one may (None: none held)."""
-        at = self._queue.ready_at(self.claimable)
+        at = self._queue.ready_at(self._may_claim)
         if at is None:
             return False, None
         wait = at - self.server_time()
@@ -418,7 +431,7 @@ class Reconciler:
                 self._spread,
                 self.store.limits.max_running,
                 now=self.server_time(),
-                where=self.claimable,
+                where=self._may_claim,
             )
             stops = {}
             for key in keys:

@@ -168,6 +168,8 @@ class JobRunner:
         self.leaving_since: float | None = None  # time.monotonic() when `abort` was first set
         # Called when the bucket refuses an upload for want of access (the worker's part: stop claiming and leave).
         self.on_storage_refused: Callable[[BaseException], None] | None = None
+        # Called when Storage failed an upload past its retries (the reconciler's part: claim nothing until it answers).
+        self.on_storage_unavailable: Callable[[BaseException], None] | None = None
         self._heartbeats: set[Heartbeat] = set()  # of the jobs running now
 
     def release_running(self) -> None:
@@ -369,6 +371,8 @@ class JobRunner:
             # Its owner's cancel wins over the failure it met meanwhile (an upload failing as it was cancelled).
             error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else _caused(exc)
             outcome = self._fail(job, error, seconds=run.seconds())
+            if isinstance(exc, StorageUnavailable) and self.on_storage_unavailable is not None:
+                self.on_storage_unavailable(exc)
             if outcome == RunOutcome.FAILED and (uploading or job.lease.attempt > 1):
                 # No doc names them: what this try uploaded before it failed (a job's files go up at once), or an
                 # earlier try's, stopped during its upload (restated, taken over), that no later try wrote over

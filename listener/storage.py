@@ -141,6 +141,7 @@ class StorageAccessError(RuntimeError):
 # metadata of a name another job of the user may own (`is_contested`) before it writes there.
 WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "storage.objects.get")
 SIGNING_CHECK_NAME = "firegen-signing-check"  # a name signed at start-up, never written
+PROBE_NAME = "generating/.firegen-probe"  # a name asked for during a Storage outage, never written
 # An object written, downloaded by its URL and deleted at start-up: under generating/, where the retention's lifecycle
 # rule deletes one a worker could not (a name no user's folder has: no id starts with a dot).
 DOWNLOAD_CHECK_PREFIX = "generating/.firegen-download-check/"
@@ -540,6 +541,11 @@ class ResultStore:
         )
 
     # -- checking
+    def probe(self) -> None:
+        """One request to the bucket, no retry: raises what Storage (or the way to it) answered, if not an answer.
+        A name no object has: its 404 is an answer too (`StorageOutage`, once Storage failed a job's upload)."""
+        self.client.bucket(self.bucket_name).get_blob(PROBE_NAME, timeout=self.retry.request_timeout, retry=None)
+
     def check_access(self) -> None:
         """At start-up: the bucket exists and the worker's credentials may write there, and overwrite (a job run
         again writes its names again; a cancelled job's objects are deleted). Raises StorageAccessError naming

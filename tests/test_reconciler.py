@@ -903,17 +903,35 @@ def test_a_long_job_writes_its_progress_between_the_quarters(firestore_client, r
     assert doc(firestore_client, key)["progress"] == 1.0
 
 
-def test_a_storage_outage_fails_the_job_as_connection_error(make_worker, firestore_client, storage_emulator):
+def test_a_storage_outage_fails_the_job_as_connection_error_and_the_next_waits_queued(
+    make_worker, firestore_client, storage_emulator, monkeypatch
+):
+    """A Storage audit: while Storage was down every queued job was claimed, generated and failed in turn, the queue
+    drained into failures. After the first, the worker claims nothing until a request to the bucket answers."""
+    from listener import storage_outage
+
+    monkeypatch.setattr(storage_outage, "FIRST_PROBE_SECONDS", 0.1)
+    monkeypatch.setattr(storage_outage, "LONGEST_PROBE_SECONDS", 0.5)
+    probes: list[float] = []
+    probe = ResultStore.probe
+    monkeypatch.setattr(ResultStore, "probe", lambda self: probes.append(time.monotonic()) or probe(self))
     key = JobKey("u1", "images", "no-storage")
-    _, generator = hold_a_job(make_worker, firestore_client, "w1", key)
+    worker, generator = hold_a_job(make_worker, firestore_client, "w1", key)
+    waiting = JobKey("u1", "images", "waits-for-storage")
     storage_emulator.stop()
     try:
         generator.gate.set()
         data = wait_until(lambda: finished(firestore_client, key))
+        write_job(firestore_client, waiting)
+        wait_until(lambda: worker.is_candidate(waiting), timeout=30)
+        asked = len(probes)
+        wait_until(lambda: len(probes) >= asked + 2, timeout=30)  # Storage asked again since, and still away
+        assert doc(firestore_client, waiting)["status"] == "queued" and generator.calls == ["no-storage"]
     finally:
         storage_emulator.start()
     assert (data["status"], data["error_type"]) == ("failed", "ConnectionError")
     assert data["error_message"].startswith("Upload or storage failure")
+    assert wait_until(lambda: finished(firestore_client, waiting))["status"] == "completed"
 
 
 def test_a_dead_workers_job_goes_before_the_backlog(make_worker, firestore_client):

@@ -1,0 +1,64 @@
+"""Claims wait while Storage fails this worker's uploads.
+
+A job claimed during a Storage outage is generated, then fails `ConnectionError` once its upload's retries run out
+(UPLOAD_RETRY_MAX_SECONDS): a Storage audit saw every queued job go so, one after another, the queue drained into
+failures that each cost a generation. The first such failure pauses claiming (`claims_paused`); one small request
+to the bucket, tried again with backoff, resumes it once Storage answers (`claims_resumed`). Meanwhile the jobs wait
+queued, for this worker or another whose Storage answers; running jobs, cancels and inline runsync requests go on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from .storage import is_transient
+
+log = structlog.get_logger("listener.storage_outage")
+
+FIRST_PROBE_SECONDS = 2.0  # then doubling, up to
+LONGEST_PROBE_SECONDS = 30.0
+
+
+class StorageOutage:
+    """`begin` (a job's upload ran out of retries on transient errors) pauses claims until `probe()` returns or
+    fails on an answer of Storage's own (a refusal: the next job meets it, `storage_refused`); then `on_over()`."""
+
+    def __init__(self, probe: Callable[[], object], on_over: Callable[[], None]):
+        self.probe, self.on_over = probe, on_over
+        self._lock = threading.Lock()
+        self._since: float | None = None  # time.monotonic() of the pause
+        self._closed = threading.Event()
+
+    @property
+    def ongoing(self) -> bool:
+        return self._since is not None
+
+    def begin(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._since is not None or self._closed.is_set():
+                return
+            self._since = time.monotonic()
+        log.warning("claims_paused", reason="storage", error=str(exc))
+        threading.Thread(target=self._probe_loop, name="storage-probe", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _probe_loop(self) -> None:
+        wait = FIRST_PROBE_SECONDS
+        while not self._closed.wait(wait):
+            try:
+                self.probe()
+            except Exception as exc:
+                if is_transient(exc):
+                    wait = min(wait * 2, LONGEST_PROBE_SECONDS)
+                    continue
+            with self._lock:
+                since, self._since = self._since, None
+            log.info("claims_resumed", reason="storage", paused_seconds=round(time.monotonic() - (since or 0.0), 1))
+            self.on_over()
+            return
