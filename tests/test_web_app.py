@@ -126,9 +126,9 @@ def browser():
 class Page:
     """One user's page, with every console message and uncaught error it produced."""
 
-    def __init__(self, browser, url: str, width: int = 1000, logs: Path | None = None):
+    def __init__(self, browser, url: str, width: int = 1000, logs: Path | None = None, timezone: str | None = None):
         self.logs = logs  # the stack's log folder: its tails go into a failure's message
-        self.context = browser.new_context(viewport={"width": width, "height": 900})
+        self.context = browser.new_context(viewport={"width": width, "height": 900}, timezone_id=timezone)
         self.page = self.context.new_page()
         self.console: list[str] = []
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
@@ -2084,6 +2084,22 @@ def test_try_again_sends_a_cancelled_jobs_request_as_a_new_job_once(open_page, s
     assert {key: doc.get(key) for key in params} == params
     assert app.wait_final(queued) == "completed", app.job(queued).inner_text()
     assert [p for p in app.problems() if not re.search(rf"ERR_FAILED|{OFFLINE}", p)] == []
+
+
+def test_a_spent_budget_says_when_it_is_back_in_the_readers_time_too(open_page, stack):
+    """An audit of the page as a user sees it: "refused until 00:00 UTC" left the sum to a reader elsewhere."""
+    app = open_page(timezone="Asia/Tokyo")  # UTC+9, all year
+    limits = {"max_running": 2, "max_pending": 20, "daily_budget": 600}
+    today = datetime.now(UTC).date().isoformat()
+    admin(stack).document(f"usage/{app.uid}").set(
+        {"running": 0, "pending": 0, "spent_today": 600.0, "day": today, "limits": limits}
+    )
+    _wait_text(
+        app,
+        "usage",
+        "Your limits: 0 of 20 jobs queued or running (0 of 2 at once); 600 of 600 GPU-seconds used today: today's "
+        "budget is spent, new jobs are refused until 00:00 UTC (09:00 your time)",
+    )
 
 
 def test_try_again_on_a_job_refused_for_its_users_limits_sends_it_again_under_its_own_id(open_page, stack):

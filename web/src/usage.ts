@@ -12,6 +12,15 @@ function seconds(value: number): string {
   return Number.isInteger(value) ? String(value) : value.toFixed(1);
 }
 
+const HOUR = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
+
+/** When the day's budget is back: the next UTC midnight, and in the reader's time where that is another (an audit:
+ * "until 00:00 UTC" left the sum to the user). */
+function resets(now: Date): string {
+  const next = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate() + 1));
+  return next.getTimezoneOffset() === 0 ? "00:00 UTC" : `00:00 UTC (${HOUR.format(next)} your time)`;
+}
+
 /** The line for the usage doc as it stands at `now` (undefined: no doc, nothing admitted so far or gone by its TTL). */
 export function usageLine(usage: Partial<UsageDoc> | undefined, now: Date): string {
   const limits = usage?.limits;
@@ -23,7 +32,7 @@ export function usageLine(usage: Partial<UsageDoc> | undefined, now: Date): stri
   const jobs = `${pending} of ${amount(limits.max_pending)} jobs queued or running (${amount(usage.running)} of ${amount(limits.max_running)} at once)`;
   const refused =
     spent >= budget
-      ? ": today's budget is spent, new jobs are refused until 00:00 UTC"
+      ? `: today's budget is spent, new jobs are refused until ${resets(now)}`
       : pending >= amount(limits.max_pending)
         ? ": new jobs are refused until one of these ends"
         : "";
