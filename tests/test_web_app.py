@@ -2235,7 +2235,9 @@ def test_a_cards_facts_say_when_what_size_and_how_long_as_people_read_them(open_
         upload_seconds=0.2,
         images=[],
     )
-    _held_job(stack, app.uid, "running-video", prompt="a running video")
+    # Two of the user's jobs run (USER_MAX_RUNNING): a third waits queued.
+    _held_job(stack, app.uid, "running-video", prompt="a running video", quota_admitted=True)
+    _held_job(stack, app.uid, "running-too", prompt="another running video", quota_admitted=True)
 
     def facts(file_uid: str) -> dict:
         card = app.job(file_uid)
@@ -2251,6 +2253,16 @@ def test_a_cards_facts_say_when_what_size_and_how_long_as_people_read_them(open_
     assert str(made.year) in when.inner_text()  # in the reader's own words and time zone
     running = facts("running-video")
     assert (running["Size"], running["Steps"], running["Guidance"]) == ("512×512, 16 frames", "20", "5.0")
+    # A queued job says it waits (an audit: its empty bar and 0% read as a job stuck at its start).
+    admin(stack).document(f"generations/{app.uid}/images/waiting").set(
+        {"prompt": "a third", "num_inference_steps": 10, "status": "queued", "created_at": SERVER_TIMESTAMP}
+        | {"generated": False, "error": False}
+    )
+    waiting = app.job("waiting")
+    waiting.wait_for(timeout=30_000)
+    assert waiting.locator(".status").inner_text() == "Queued, waiting its turn"
+    assert not waiting.locator("progress").is_visible() and not waiting.locator(".percent").is_visible()
+    assert admin(stack).document(f"generations/{app.uid}/images/waiting").get().get("status") == "queued"
     assert app.problems() == []
 
 

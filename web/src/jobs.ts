@@ -588,7 +588,10 @@ function update(li: HTMLLIElement, job: Job): void {
   if (li.dataset.phase !== before) li.querySelector(".note")!.textContent = "";
   // A cancel asked of a live job: it ends at its worker's next step, which on a slow card may be a while (audit:
   // "Processing 0%" for a minute after Cancel, nothing on the card said so).
-  li.querySelector(".status")!.textContent = !final && doc.cancel_requested ? "cancelling…" : li.dataset.phase;
+  // A queued job's empty bar and 0% read as a job stuck at its start (an audit): it says it waits instead.
+  const queued = doc.status === "queued";
+  li.querySelector(".status")!.textContent =
+    !final && doc.cancel_requested ? "cancelling…" : queued ? "queued, waiting its turn" : li.dataset.phase;
   const bar = li.querySelector("progress")!;
   bar.value = progress;
   bar.setAttribute("aria-label", `Progress of ${kind} ${quoted(doc)}`);
@@ -597,7 +600,7 @@ function update(li: HTMLLIElement, job: Job): void {
   const percent = li.querySelector<HTMLElement>(".percent")!;
   percent.textContent = `${Math.round(progress * 100)}%${finishing && !doc.cancel_requested ? ", finishing…" : ""}`;
   // An ended job's status says it all: a failed job's empty bar and 0% only read as a job stuck at the start.
-  bar.hidden = percent.hidden = final;
+  bar.hidden = percent.hidden = final || queued;
   // Hidden, not removed, once the job ends: a job refused for its user's limits and sent again runs once more.
   // Likewise an ended job's buttons, while it runs again.
   const cancel = li.querySelector<HTMLButtonElement>("button.cancel")!;
