@@ -342,7 +342,10 @@ class JobRunner:
             return self._interrupted(run)
         except UploadStopped as exc:  # cancelled, timed out or taken over, or the worker leaving, mid-upload
             heartbeat.stop()
-            return self._interrupted(run, later=exc.storage_away)
+            outcome = self._interrupted(run, later=exc.storage_away)
+            if outcome == RunOutcome.LOST:  # not this claim's (taken over, restated, deleted): no doc names them
+                self._drop_this_try(job, request, later=exc.storage_away)
+            return outcome
         except Superseded:  # taken over during its upload (this worker stalled): the new owner's objects stand
             heartbeat.stop()
             self._drop_this_try(job, request)  # what its other uploads wrote meanwhile
@@ -529,28 +532,37 @@ class JobRunner:
 
         threading.Thread(target=remove, name=f"remove-{key.file_uid}", daemon=True).start()
 
-    def _drop_this_try(self, job: ClaimedJob, request: GenerationRequest) -> None:
+    def _drop_this_try(self, job: ClaimedJob, request: GenerationRequest, *, later: bool = False) -> None:
         """After an upload whose completion found the job no longer this claim's (restated, taken over, or ended
         by another's write: deleted by its owner, failed by the functions' sweep giving it up, completed by a later
         claim): no doc names what this try wrote, and none will (a later try writes objects of its own, recording
         its own claim), so it goes: the objects that record this claim, no other (the fencing review: a failed
         job's were left in the bucket for good; a storage review: a restated job's, left for its next try to write
-        over, stayed where that try asked for fewer images or the job was cancelled before it ran again)."""
-        doc = quietly(lambda: self.store.ref(job.key).get(**BOUND), job)  # what became of it, for the log line
-        if doc is None:
-            ended = "not this claim's"
-        elif not doc.exists:
-            ended = "job deleted"
-        else:
-            status = doc.get("status")
-            ended = f"job {status} by another" if status in lifecycle.FINAL_STATES else f"job {status} again"
+        over, stayed where that try asked for fewer images or the job was cancelled before it ran again). `later`:
+        on a thread of its own (Storage was failing the upload: its retries would hold the worker's slot)."""
         count = 1 if request.is_video else request.num_images_per_prompt
         stamp = claim_stamp(job.claimed_at)
-        removed = quietly(
-            lambda: self.results.remove_written(job.key.user_id, job.key.file_uid, request.task_type, count, stamp), job
-        )
-        if removed:
-            log.info("job_results_removed", objects=removed, reason=ended, **job_ids(job))
+
+        def drop() -> None:
+            doc = quietly(lambda: self.store.ref(job.key).get(**BOUND), job)  # what became of it, for the log line
+            if doc is None:
+                ended = "not this claim's"
+            elif not doc.exists:
+                ended = "job deleted"
+            else:
+                status = doc.get("status")
+                ended = f"job {status} by another" if status in lifecycle.FINAL_STATES else f"job {status} again"
+            removed = quietly(
+                lambda: self.results.remove_written(job.key.user_id, job.key.file_uid, request.task_type, count, stamp),
+                job,
+            )
+            if removed:
+                log.info("job_results_removed", objects=removed, reason=ended, **job_ids(job))
+
+        if later:
+            threading.Thread(target=drop, name=f"drop-{job.key.file_uid}", daemon=True).start()
+        else:
+            drop()
 
     def _recorded(self, job: ClaimedJob, call: Callable[[], T], heartbeat: Heartbeat, until: float) -> T | None:
         """A generated job's fence check or completion: tried while Firestore is away until `until` (its batch's

@@ -106,13 +106,15 @@ class UploadStopped(Exception):
         self.storage_away = storage_away
 
 
-@dataclass(frozen=True)
+@dataclass
 class Window:
     """Until when a call's tries may run: its retry budget's `end` (time.monotonic()), or sooner where `until`
-    says so (a time that may move: a cancel makes it now). A request's timeout is cut to what is left."""
+    says so (a time that may move: a cancel makes it now). A request's timeout is cut to what is left.
+    `troubled`: a try within it failed on a transient error (Storage away or slow)."""
 
     end: float
     until: Callable[[], float] | None = None
+    troubled: bool = False
 
     @classmethod
     def of(cls, seconds: float, until: Callable[[], float] | None = None) -> Window:
@@ -141,7 +143,7 @@ class StorageAccessError(RuntimeError):
 # metadata of a name another job of the user may own (`is_contested`) before it writes there.
 WRITE_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "storage.objects.get")
 SIGNING_CHECK_NAME = "firegen-signing-check"  # a name signed at start-up, never written
-PROBE_NAME = "generating/.firegen-probe"  # a name asked for during a Storage outage, never written
+PROBE_NAME = "generating/.firegen-probe"  # written during a Storage outage (the retention rule deletes it)
 # An object written, downloaded by its URL and deleted at start-up: under generating/, where the retention's lifecycle
 # rule deletes one a worker could not (a name no user's folder has: no id starts with a dot).
 DOWNLOAD_CHECK_PREFIX = "generating/.firegen-download-check/"
@@ -431,6 +433,8 @@ class ResultStore:
         except StorageError:
             raise
         except Exception as exc:
+            if window.cut and signing_transient(exc):  # its tries stopped for the caller (the worker leaving)
+                raise UploadStopped(f"signing a URL for {name} stopped by its caller", storage_away=True) from exc
             raise StorageError(f"Signing a URL for {name} failed ({_reason(exc)})") from exc
 
     def _get(self, bucket: Any, name: str, window: Window) -> Any:
@@ -482,9 +486,11 @@ class ResultStore:
 
         def attempt() -> T:
             nonlocal attempts
-            if window.cut:  # tries before this one failed on transient errors (the others are raised)
+            window.troubled |= attempts > 0  # the tries before this one failed on transient errors (others raise)
+            if window.cut:
                 raise UploadStopped(
-                    f"{what} of {name} stopped by its caller after {attempts} attempt(s)", storage_away=attempts > 0
+                    f"{what} of {name} stopped by its caller after {attempts} attempt(s)",
+                    storage_away=window.troubled,
                 )
             attempts += 1
             timeout = max(window.left(), min(1.0, policy.request_timeout))
@@ -542,9 +548,10 @@ class ResultStore:
 
     # -- checking
     def probe(self) -> None:
-        """One request to the bucket, no retry: raises what Storage (or the way to it) answered, if not an answer.
-        A name no object has: its 404 is an answer too (`StorageOutage`, once Storage failed a job's upload)."""
-        self.client.bucket(self.bucket_name).get_blob(PROBE_NAME, timeout=self.retry.request_timeout, retry=None)
+        """One small write to the bucket, as a job's upload writes, no retry (`StorageOutage`, once Storage failed a
+        job's upload: a read answered by a Storage that failed writes would end the pause too soon)."""
+        blob = self.client.bucket(self.bucket_name).blob(PROBE_NAME)
+        blob.upload_from_string(b"firegen storage probe", "text/plain", timeout=self.retry.request_timeout, retry=None)
 
     def check_access(self) -> None:
         """At start-up: the bucket exists and the worker's credentials may write there, and overwrite (a job run

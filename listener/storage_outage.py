@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import structlog
+from google.api_core import exceptions as api_exceptions
 
 from .storage import is_transient
 
@@ -25,7 +26,8 @@ LONGEST_PROBE_SECONDS = 30.0
 
 class StorageOutage:
     """`begin` (a job's upload ran out of retries on transient errors) pauses claims until `probe()` returns or
-    fails on an answer of Storage's own (a refusal: the next job meets it, `storage_refused`); then `on_over()`."""
+    fails on an answer of Storage's own (a refusal: the next job meets it, `storage_refused`); then `on_over()`.
+    Anything else (a credentials refresh that failed, say) keeps them paused."""
 
     def __init__(self, probe: Callable[[], object], on_over: Callable[[], None]):
         self.probe, self.on_over = probe, on_over
@@ -42,8 +44,13 @@ class StorageOutage:
             if self._since is not None or self._closed.is_set():
                 return
             self._since = time.monotonic()
+        try:
+            threading.Thread(target=self._probe_loop, name="storage-probe", daemon=True).start()
+        except Exception:  # out of threads: no probe to end the pause, so none
+            with self._lock:
+                self._since = None
+            raise
         log.warning("claims_paused", reason="storage", error=str(exc))
-        threading.Thread(target=self._probe_loop, name="storage-probe", daemon=True).start()
 
     def close(self) -> None:
         self._closed.set()
@@ -54,7 +61,7 @@ class StorageOutage:
             try:
                 self.probe()
             except Exception as exc:
-                if is_transient(exc):
+                if is_transient(exc) or not isinstance(exc, api_exceptions.GoogleAPICallError):
                     wait = min(wait * 2, LONGEST_PROBE_SECONDS)
                     continue
             with self._lock:

@@ -154,6 +154,37 @@ class CancelDuringUpload:
         return self.results.remove_beyond(*args)
 
 
+class FirstFileThenDeleted:
+    """The real ResultStore; the job's first file lands, then its owner deletes the job and the worker hears it as a
+    stop before the second is written: the upload's window (the runner's `until`) closes, and it stops."""
+
+    def __init__(self, results, client, key: JobKey, stop: threading.Event):
+        self.results, self.client, self.key, self.stop = results, client, key, stop
+
+    def upload(self, user_id, file_uid, task_type, files, **kwargs):
+        self.results.upload(user_id, file_uid, task_type, files[:1], **kwargs)
+        self.client.document(self.key.path).delete()
+        self.stop.set()
+        return self.results.upload(user_id, file_uid, task_type, files, **kwargs)
+
+    def remove_written(self, *args):
+        return self.results.remove_written(*args)
+
+
+def test_an_upload_stopped_for_a_job_no_longer_its_claims_removes_what_it_wrote(firestore_client, results, bucket):
+    """A review: an upload cut short once the job was no longer the claim's (deleted, taken over, restated) left the
+    files it had written (before the cut, the upload went on, and its completion, refused, removed them)."""
+    from listener.runner import JobRunner
+
+    key = JobKey("u1", "images", "deleted-mid-upload")
+    queue_jobs(firestore_client, [key], num_images_per_prompt=2)
+    store = WorkerJobs(firestore_client, worker_id="w")
+    stop = threading.Event()
+    uploads = FirstFileThenDeleted(results, firestore_client, key, stop)
+    assert JobRunner(store, StubGenerator(), uploads, renew_interval=100).run(store.claim(key), stop) == "lost"
+    assert objects(bucket) == []
+
+
 def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client, results, bucket, events):
     from listener.runner import JobRunner
 

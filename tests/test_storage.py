@@ -584,6 +584,32 @@ def test_the_default_upload_retries_last_the_whole_retry_budget(monkeypatch):
     assert sum(waits[:-1]) < policy.max_seconds  # and no more tries than that takes
 
 
+def test_claims_paused_for_storage_resume_on_an_answer_of_storages_own_only(monkeypatch):
+    """A review: the pause ended on any error but a transient one, a failed credentials refresh included (claims
+    resumed into the outage). Storage's own answer ends it, a refusal too (the next job meets it and says so)."""
+    from google.api_core import exceptions as api_exceptions
+    from google.auth.exceptions import RefreshError
+
+    from listener import storage_outage
+
+    monkeypatch.setattr(storage_outage, "FIRST_PROBE_SECONDS", 0.01)
+    monkeypatch.setattr(storage_outage, "LONGEST_PROBE_SECONDS", 0.02)
+    away, unavailable = RefreshError("the metadata server is away"), api_exceptions.ServiceUnavailable("503")
+    answers = [away, unavailable, api_exceptions.Forbidden("no storage.objects.create")]
+    probed: list[BaseException] = []
+
+    def probe() -> None:
+        probed.append(answers[min(len(probed), 2)])
+        raise probed[-1]
+
+    over = threading.Event()
+    outage = storage_outage.StorageOutage(probe, over.set)
+    outage.begin(ConnectionError("an upload failed past its retries"))
+    assert outage.ongoing and over.wait(10)
+    assert [type(e).__name__ for e in probed] == ["RefreshError", "ServiceUnavailable", "Forbidden"]
+    assert not outage.ongoing
+
+
 def test_upload_survives_a_short_storage_outage(storage_client, bucket, storage_emulator):
     retried = threading.Event()
     store = ResultStore(

@@ -2235,9 +2235,11 @@ def test_a_cards_facts_say_when_what_size_and_how_long_as_people_read_them(open_
         upload_seconds=0.2,
         images=[],
     )
-    # Two of the user's jobs run (USER_MAX_RUNNING): a third waits queued.
+    # Two of the user's jobs run (USER_MAX_RUNNING, as their usage doc counts them): a third waits queued.
     _held_job(stack, app.uid, "running-video", prompt="a running video", quota_admitted=True)
     _held_job(stack, app.uid, "running-too", prompt="another running video", quota_admitted=True)
+    today = datetime.now(UTC).date().isoformat()
+    admin(stack).document(f"usage/{app.uid}").set({"running": 2, "pending": 2, "spent_today": 0.0, "day": today})
 
     def facts(file_uid: str) -> dict:
         card = app.job(file_uid)

@@ -243,7 +243,15 @@ const WHEN = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle
 function created(doc: JobDoc): HTMLTimeElement | null {
   if (!doc.created_at) return null;
   const date = new Date(millis(doc.created_at));
+  if (Number.isNaN(date.getTime())) return null; // an admin's map past a Date's range: no time to say
   return el("time", { dateTime: date.toISOString(), textContent: WHEN.format(date) });
+}
+
+/** What the card's facts show of its request: a request restated while queued (its runsync after its placeholder
+ * doc) changes them, its status not. */
+function facts(job: Job): string {
+  const guidance = job.media === "videos" ? "video_guidance_scale" : "guidance_scale";
+  return `${size(job)}|${parameter(job, "num_inference_steps")}|${parameter(job, guidance)}`;
 }
 
 /** The facts under a job: when it was made, its size, seed, steps and guidance, timings, who dispatched it. */
@@ -561,7 +569,7 @@ function update(li: HTMLLIElement, job: Job): void {
   const { doc } = job;
   const final = (FINAL_STATES as readonly string[]).includes(doc.status);
   const progress = doc.status === "completed" ? 1 : (doc.progress ?? 0);
-  const state = `${doc.status}|${mediaUrls(job).join(" ")}|${progress}|${doc.error_type ?? ""}|${doc.error_message ?? ""}|${doc.prompt ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}|${doc.prompt_truncated ?? ""}|${millis(doc.created_at)}`;
+  const state = `${doc.status}|${mediaUrls(job).join(" ")}|${progress}|${doc.error_type ?? ""}|${doc.error_message ?? ""}|${doc.prompt ?? ""}|${doc.seed ?? ""}|${doc.generation_seconds ?? ""}|${doc.dispatched_by ?? ""}|${doc.cancel_requested ?? ""}|${doc.prompt_truncated ?? ""}|${millis(doc.created_at)}|${facts(job)}`;
   if (li.dataset.state === state) return;
   li.dataset.state = state;
   li.dataset.status = doc.status;
