@@ -2220,21 +2220,9 @@ def test_a_cards_facts_say_when_what_size_and_how_long_as_people_read_them(open_
     """An audit of the page as a user sees it: no card said when its job was made, nor its size; an hour in the
     queue read "Queued 3725.4 s"; a queued or running video said neither its steps nor its size."""
     app = open_page()
-    ref = _ended_image(
-        stack,
-        app.uid,
-        "slow",
-        prompt="a slow one",
-        status="completed",
-        error=False,
-        width=1024,
-        height=768,
-        num_images_per_prompt=2,
-        queue_seconds=3725.43,
-        generation_seconds=86.6,
-        upload_seconds=0.2,
-        images=[],
-    )
+    request = {"prompt": "a slow one", "width": 1024, "height": 768, "num_images_per_prompt": 2}
+    timings = {"queue_seconds": 3725.43, "generation_seconds": 86.6, "upload_seconds": 0.2}
+    ref = _ended_image(stack, app.uid, "slow", status="completed", error=False, images=[], **request, **timings)
     # Two of the user's jobs run (USER_MAX_RUNNING, as their usage doc counts them): a third waits queued.
     _held_job(stack, app.uid, "running-video", prompt="a running video", quota_admitted=True)
     _held_job(stack, app.uid, "running-too", prompt="another running video", quota_admitted=True)
