@@ -347,6 +347,7 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
     )
     sizes = images.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
     assert sizes == [[256, 320], [256, 320]]
+    assert card.get_by_role("link", name="Open image 2").bounding_box()["height"] >= 24  # an audit: 16 px
     href = card.get_by_role("link", name="Open image 2").get_attribute("href")
     assert re.search(r"_1\.png\?alt=media&token=[0-9a-f-]{36}$", href), href  # token URLs by default
     text = card.inner_text()
@@ -1488,6 +1489,7 @@ def test_a_long_prompt_is_clipped_and_a_job_at_100_percent_is_finishing(open_pag
     assert whole.is_hidden()
     summary = card.get_by_role("group").locator("summary")
     assert summary.inner_text() == "Full prompt"
+    assert summary.bounding_box()["height"] >= 24  # a target a finger can take (WCAG 2.5.8; an audit: 21 px)
     assert summary.get_attribute("aria-label") == f"Full prompt of video “{prompt[:59]}…”"
     summary.focus()
     app.page.keyboard.press("Enter")
