@@ -1467,6 +1467,22 @@ def test_no_jobs_yet_is_never_shown_to_a_user_with_jobs(open_page, stack):
     assert app.problems() == []
 
 
+def test_ctrl_enter_in_a_prompt_sends_the_request(open_page):
+    """An audit: Enter in the Prompt box is a new line, as it should be, and only Generate sent the request; Ctrl+Enter
+    sends it, as in most apps' text boxes."""
+    app = open_page()
+    app.fill(Width="256", Height="256", Steps="10")
+    app.page.get_by_label("Prompt", exact=True).click()
+    app.page.keyboard.type("a lighthouse")
+    app.page.keyboard.press("Enter")
+    app.page.keyboard.type("at dusk")
+    assert app.page.locator(".job").count() == 0  # a new line, nothing sent
+    app.page.keyboard.press("Control+Enter")
+    app.page.wait_for_function("() => document.querySelectorAll('.job').length === 1", timeout=30_000)
+    assert app.page.locator(".job .prompt").inner_text() == "a lighthouse at dusk"  # its new line shown as a space
+    assert app.problems() == []
+
+
 def test_a_long_prompt_is_clipped_and_a_job_at_100_percent_is_finishing(open_page, stack):
     """Audit: a 2,000-character prompt filled the card; a video encoding and uploading showed "Processing
     100%". The card clips the prompt and says the job is finishing. The review: the rest of the prompt was in a

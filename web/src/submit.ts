@@ -111,6 +111,13 @@ export function watchSubmit(form: HTMLFormElement, { uid, functions }: Session, 
   // While a request is sent, and for a second at least, the button refuses presses but stays enabled: a disabled
   // button would drop the keyboard's focus to <body>.
   let sending = false;
+  // Ctrl+Enter (⌘+Enter) in a prompt sends, as in most apps' text boxes, where Enter is a new line (an audit:
+  // nothing but the mouse or Tab to Generate sent a prompt typed in).
+  form.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey) || !(event.target instanceof HTMLTextAreaElement)) return;
+    event.preventDefault();
+    form.requestSubmit();
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     if (sending) return;
