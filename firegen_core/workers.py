@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from google.api_core.retry import Retry
 from google.cloud import firestore
-from google.cloud.firestore import SERVER_TIMESTAMP
+from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 
 WORKERS = "workers"
 SEEN_AT = "seen_at"
@@ -48,11 +48,13 @@ def beat(
     started_at: datetime,
     finished: int = 0,
     code_version: str | None = None,
+    claims_paused: str | None = None,
     timeout: float = CALL_TIMEOUT,
 ) -> datetime:
     """Say this worker is alive now (server time), with how many of its slots are busy, how many jobs it ran to
-    their end, and which code it runs (`code_version`: listener.version). Returns the write's server time. Merged: a
-    beat that lands after the worker left (its write slow) keeps `left_at`."""
+    their end, which code it runs (`code_version`: listener.version), and why it claims nothing, where it does not
+    (`claims_paused`: "storage"). Returns the write's server time. Merged: a beat that lands after the worker left
+    (its write slow) keeps `left_at`."""
     result = (
         client.collection(WORKERS)
         .document(worker_id)
@@ -65,6 +67,7 @@ def beat(
                 FINISHED: finished,
                 "expire_at": datetime.now(UTC) + timedelta(days=EXPIRE_DAYS),
                 **({"code_version": code_version} if code_version else {}),
+                "claims_paused": claims_paused or DELETE_FIELD,
             },
             merge=True,
             **_bounded(timeout),

@@ -704,6 +704,7 @@ class Reconciler:
             started_at=datetime.fromtimestamp(self._server_time_at(self._started_mono), UTC),
             finished=self._finished,
             code_version=code_version(),
+            claims_paused="storage" if self.storage_outage is not None and self.storage_outage.ongoing else None,
             timeout=timeout,
         )
         took = time.monotonic() - started

@@ -927,11 +927,15 @@ def test_a_storage_outage_fails_the_job_as_connection_error_and_the_next_waits_q
         asked = len(probes)
         wait_until(lambda: len(probes) >= asked + 2, timeout=30)  # Storage asked again since, and still away
         assert doc(firestore_client, waiting)["status"] == "queued" and generator.calls == ["no-storage"]
+        # Its liveness doc says why it claims nothing (README "When a job stays queued").
+        liveness = firestore_client.document("workers/w1")
+        wait_until(lambda: (liveness.get().to_dict() or {}).get("claims_paused") == "storage", timeout=30)
     finally:
         storage_emulator.start()
     assert (data["status"], data["error_type"]) == ("failed", "ConnectionError")
     assert data["error_message"].startswith("Upload or storage failure")
     assert wait_until(lambda: finished(firestore_client, waiting))["status"] == "completed"
+    wait_until(lambda: "claims_paused" not in (liveness.get().to_dict() or {}), timeout=30)
 
 
 def test_a_dead_workers_job_goes_before_the_backlog(make_worker, firestore_client):
