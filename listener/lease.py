@@ -84,6 +84,7 @@ class Heartbeat:
     # Generated, and waiting on Firestore (its fence check) or on its batch-mates' delivery: not the job's own time,
     # so the deadline is held (`_Run.hold`), and moved on by the time held (`resume_deadline`).
     held: threading.Event = field(default_factory=threading.Event)
+    landed: bool = False  # its job's final write landed (`stop` then waits for nothing)
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _progress: float | None = None
@@ -193,7 +194,11 @@ class Heartbeat:
     def stop(self) -> None:
         self._done.set()
         self._wake.set()
-        self._thread.join(timeout=5)
+        # Its job's end landed: a renewal under way (its progress 1.0, racing the completion) is fenced off and changes
+        # nothing, and the worker's slot need not wait for it (a latency audit: 0.8 s a job at a 350 ms round trip,
+        # up to 6 s at 900 ms).
+        if not self.landed:
+            self._thread.join(timeout=5)
 
     def __enter__(self) -> Heartbeat:
         return self

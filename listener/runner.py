@@ -382,6 +382,7 @@ class JobRunner:
                 # (an accounting fuzz: a failed job's bucket kept them).
                 self._remove_results(job, request, every=True, later=isinstance(exc, StorageUnavailable))
             return outcome
+        heartbeat.landed = written is not None
         heartbeat.stop()
         if written is None and self._timed_out(run):  # failed `Timeout` during its upload: no doc names its objects
             self._remove_results(job, request)

@@ -339,6 +339,31 @@ def test_shutdown_past_the_grace_period_releases_the_job(make_worker, firestore_
     assert data["status"] == "queued" and data["attempts"] == 0 and "worker_id" not in data
 
 
+class FarRenewals(WorkerJobs):
+    """The job store with Firestore far away for lease renewals (a stand-in: each answered after `delay`, as a
+    stalled or distant Firestore would; the emulator answers in a millisecond)."""
+
+    delay = 3.0
+
+    def renew(self, job, progress=None):
+        time.sleep(self.delay)
+        return super().renew(job, progress=progress)
+
+
+def test_a_completed_jobs_slot_frees_without_waiting_for_a_renewal_under_way(firestore_client, results):
+    """A latency audit: the progress 1.0 posted as a job finishes starts a renewal beside its completion; the
+    worker's slot waited for it once the completion had landed (0.8 s a job at a 350 ms round trip, up to 6 s at
+    900 ms), the next claim behind it. The renewal, fenced off, changes nothing."""
+    key = JobKey("u1", "images", "far")
+    write_job(firestore_client, key)
+    store = FarRenewals(firestore_client, worker_id="w", lease_seconds=30.0)
+    job = store.claim(key)
+    started = time.monotonic()
+    assert JobRunner(store, StubGenerator(), results, renew_interval=100).run(job) == "completed"
+    assert time.monotonic() - started < FarRenewals.delay - 1  # its completion's time, not the renewal's
+    assert doc(firestore_client, key)["status"] == "completed"
+
+
 class ReleaseAway(WorkerJobs):
     """The job store with Firestore away for releases (a stand-in: a stopped emulator takes the release's 15 s of
     retries to say so, and would take the test's other writes with it)."""
@@ -1693,8 +1718,12 @@ def test_a_heartbeat_past_its_deadline_while_the_completion_is_written_renews_at
 
     store = CountingRenewals()
     job = SimpleNamespace(key=JobKey("u1", "images", "late"), lease=None, doc={})
-    heartbeat = Heartbeat(store, job, interval=0.5, hard_deadline=time.monotonic() - 1, overrun=object())
-    heartbeat.finishing.set()
+    # Its completion under way from the start: set after, a loaded machine's heartbeat thread met the deadline first
+    # (a CI run: it failed the job itself, on a store that has no `fail`).
+    finishing = threading.Event()
+    finishing.set()
+    past = time.monotonic() - 1
+    heartbeat = Heartbeat(store, job, interval=0.5, hard_deadline=past, overrun=object(), finishing=finishing)
     heartbeat.wake()
     started = time.monotonic()
     wait_until(lambda: time.monotonic() - started > 1.2, timeout=5)  # the interval's pace: nothing to wait for
