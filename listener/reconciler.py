@@ -21,7 +21,8 @@ found, is restarted) and the worker's heartbeat (`workers/{worker_id}`, firegen_
 only a hint; the claim (a compare-and-set) decides, so many workers can race.
 
 A free slot (CONCURRENCY of them) claims the next candidate and, with BATCH_MAX > 1, more of its batch key
-(`FairQueue.pop_batch`), each claim fenced on its own; the runner runs them in one generation call.
+(`FairQueue.pop_batch`), each claim fenced on its own; the runner runs them in one generation call. Once that call
+returns, the slot goes to the next claim while the batch delivers (`_hand_over`).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class Reconciler:
         # BATCH_MAX: a free slot claims up to this many queued jobs of one `batch_key` and runs them together.
         self.batch_max = batch_max if batch_key is not None else 1
         self.batch_key = batch_key
-        self._slots = 0  # slots claiming or running
+        self._slots = 0  # slots claiming or generating
+        # Batches generated and delivering (uploads, final writes) on a slot they handed over (`_handover`).
+        self._delivering = 0
         self.sweep_interval = sweep_interval
         # PLACEHOLDER_GRACE_SECONDS: how long the listeners and the sweep leave a doc that awaits its parameters
         # (`contract.awaits_parameters`) to its runsync, counted from its creation or this worker's start (a cold
@@ -521,8 +524,20 @@ class Reconciler:
         except Exception as exc:
             log.warning("cancel_error", path=key.path, error=str(exc))
 
+    def _hand_over(self, handed: threading.Event) -> None:
+        """A batch's generation is done: its slot goes to the next claim while it delivers (its fence check, upload
+        and final write: Firestore and Storage round trips the device would otherwise sit out, ~5 a job, a second or
+        more at a far region's latency), unless CONCURRENCY batches deliver already. `handed` says it did."""
+        with self._cv:
+            if not handed.is_set() and self._delivering < self.concurrency:
+                handed.set()
+                self._slots -= 1
+                self._delivering += 1
+                self._cv.notify_all()
+
     def _run(self, jobs: list[tuple[ClaimedJob, threading.Event]]) -> None:
         lost: list[JobKey] = []
+        handed = threading.Event()  # its slot handed over, its generation done (`_hand_over`)
         try:
             # Split by the batch key of each doc as claimed: a doc changed since it was offered runs on its own.
             batches: dict[Hashable, list[tuple[ClaimedJob, threading.Event]]] = {}
@@ -539,7 +554,10 @@ class Reconciler:
                 waiting = [job for later in groups[index + 1 :] for job, _ in later]
                 try:
                     with self._renewing(waiting):
-                        outcomes = self.runner.run_batch(batch) if batch else []
+                        # The last group's slot is handed over (the groups before it keep it for the next group).
+                        last = index == len(groups) - 1
+                        generated = (lambda: self._hand_over(handed)) if last else None
+                        outcomes = self.runner.run_batch(batch, on_generated=generated) if batch else []
                 except Exception as exc:  # a bug in one group: the others still run (a review: left to their leases)
                     log.error(
                         "job_runner_crashed", error=repr(exc), exc_info=exc, paths=[job.key.path for job, _ in batch]
@@ -553,7 +571,7 @@ class Reconciler:
         except BaseException as exc:  # never let a job thread die silently with a slot held
             log.error("job_runner_crashed", error=repr(exc), exc_info=exc, paths=[job.key.path for job, _ in jobs])
         finally:
-            self._settle([job.key for job, _ in jobs])
+            self._settle([job.key for job, _ in jobs], delivering=handed.is_set())
         for key in lost:
             # Heard while it ran here (and so ignored): queued again (restated) or taken over; a claim tells which.
             self._offer(key)
@@ -618,15 +636,19 @@ class Reconciler:
                 for snapshot in found:
                     self._found(JobKey(user, media, snapshot.id), snapshot, snapshot.to_dict() or {})
 
-    def _settle(self, keys: list[JobKey]) -> None:
-        """The slot of a batch of `keys` is free: none of them runs here any more."""
+    def _settle(self, keys: list[JobKey], *, delivering: bool = False) -> None:
+        """The slot of a batch of `keys` is free (`delivering`: its delivery's; it handed its slot over): none of
+        them runs here any more."""
         with self._cv:
             for key in keys:
                 self._active.pop(key, None)
                 self._stops.pop(key, None)
                 self._leases.pop(key, None)
                 self._displaced.pop(key, None)
-            self._slots -= 1
+            if delivering:
+                self._delivering -= 1
+            else:
+                self._slots -= 1
             self._cv.notify_all()
 
     # --- what the listeners hear, and the sweep (also their watchdog) -------------------------------------------

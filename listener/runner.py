@@ -190,11 +190,17 @@ class JobRunner:
         """
         return self.run_batch([(job, cancel)])[0]
 
-    def run_batch(self, jobs: Sequence[tuple[ClaimedJob, threading.Event | None]]) -> list[RunOutcome]:
+    def run_batch(
+        self,
+        jobs: Sequence[tuple[ClaimedJob, threading.Event | None]],
+        *,
+        on_generated: Callable[[], None] | None = None,
+    ) -> list[RunOutcome]:
         """Run claimed jobs through one generation call (`generate_batch`; a single job: `generate`), each as
         `run` would: its own lease, progress, cancel signal, fence, upload and final write, so one job's cancel,
         lost lease or bad document ends that job alone. Their deadline is the batch's: the deadline of their
-        summed estimates (they finish together). Outcomes in the order of `jobs`."""
+        summed estimates (they finish together). Outcomes in the order of `jobs`. `on_generated`: called once
+        the generation call returned, before the deliveries (the device is free for another job by then)."""
         started = time.monotonic()
         outcomes: dict[int, RunOutcome] = {}
         parsed: dict[int, tuple[ClaimedJob, threading.Event, GenerationRequest]] = {}
@@ -246,6 +252,8 @@ class JobRunner:
             seconds = time.monotonic() - t0
             for run in runs.values():
                 run.hold()
+            if on_generated is not None:
+                on_generated()
             # Each job's writes wait out a Firestore outage until then: the batch's jobs share it.
             patient_until = time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
 

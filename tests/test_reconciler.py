@@ -1066,6 +1066,43 @@ def test_concurrency_two_runs_two_jobs_at_once_and_no_more(make_worker, firestor
     assert generator.most == 2 and sorted(generator.calls) == ["c-0", "c-1", "c-2"]
 
 
+def test_a_generated_job_delivers_while_the_next_one_generates_and_no_more_deliver_than_the_slots(
+    firestore_client, results
+):
+    """CONCURRENCY 1: a generated job hands its slot over while it uploads and completes (Firestore and Storage
+    round trips the device would otherwise sit out), so the next job generates meanwhile; while that one delivers
+    too, the slot is held: no more batches deliver than there are slots (their results wait in memory)."""
+    gate = threading.Event()
+    uploading: list[str] = []
+
+    class HeldUploads:  # the real ResultStore, each upload held until the gate opens
+        def __getattr__(self, name):
+            return getattr(results, name)
+
+        def upload(self, user_id, file_uid, *args, **kwargs):
+            uploading.append(file_uid)
+            assert gate.wait(60)
+            return results.upload(user_id, file_uid, *args, **kwargs)
+
+    generator = StubGenerator()
+    with started_reconcilers() as start:
+        store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=30)
+        worker = start(CountingReconciler(store, JobRunner(store, generator, HeldUploads()), sweep_interval=0.3))
+        keys = [JobKey(f"u{i}", "images", f"d-{i}") for i in range(3)]  # three users: no user's limit in the way
+        for key in keys:
+            write_job(firestore_client, key)
+        try:
+            assert wait_until(lambda: len(uploading) == 2)
+            sweeps = worker.sweeps
+            assert wait_until(lambda: worker.sweeps >= sweeps + 3)  # the third offered again and again meanwhile
+            assert len(generator.calls) == 2 and sorted(uploading) == sorted(generator.calls)
+            [waiting] = [key for key in keys if key.file_uid not in generator.calls]
+            assert doc(firestore_client, waiting)["status"] == "queued"
+        finally:
+            gate.set()
+        assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
+
+
 def test_a_later_try_removes_the_images_an_earlier_try_of_more_images_left(firestore_client, results, bucket):
     """A run of 4 images stopped after its upload (its request restated the job to 1 image): the try that
     completes the job removes the 3 extra names, so the bucket holds exactly what the doc lists."""
@@ -2203,10 +2240,10 @@ def test_a_split_batchs_waiting_groups_keep_their_leases_and_a_crashed_group_is_
             return super().generate(request, progress)
 
     class Crashing(JobRunner):
-        def run_batch(self, jobs):
+        def run_batch(self, jobs, **options):
             if jobs[0][0].key.file_uid == "crashing":
                 raise RuntimeError("a bug")
-            return super().run_batch(jobs)
+            return super().run_batch(jobs, **options)
 
     generator = Slow()
     reconciler = Reconciler(store, Crashing(store, generator, results), batch_max=3, batch_key=lambda r: r.width)
