@@ -10,6 +10,9 @@ Sections (each can be run alone with --only NAME):
   and while a listener is open (what bounds the accept latency on the emulator).
 - batching: jobs per second of the real worker (tiny SDXL on this CPU) draining 16 queued 256x256 jobs, with
   BATCH_MAX 1 and 4 (the listener's claim-a-batch path end to end; the GPU figure is bench/gpu.py's).
+- latency: the real worker (tiny SDXL on this CPU) draining 20 queued 256x256 jobs with Firestore and Storage
+  behind a proxy that delays every byte 0, 25 and 60 ms each way (bench/latency_proxy.py): what a worker far from
+  its database's region loses per job to round trips;
 - soak: the real worker (tiny models) through rounds of mixed jobs (images and videos, by runsync and by
   client doc, some cancelled), its resident memory, threads and open files measured idle after each round:
   what a long-lived RunPod worker would leak (`--soak-rounds`, `--soak-jobs`).
@@ -407,6 +410,39 @@ def bench_batching(firestore_emulator, storage_emulator, logs: Path, cache: Path
     return figures
 
 
+def bench_latency(firestore_emulator, storage_emulator, logs: Path, cache: Path, jobs: int = 20) -> dict:
+    """Jobs a minute, and the worker's time a job outside its generation (wall time over the jobs, less their
+    generation), with every Firestore and Storage byte the worker sends or receives delayed each way."""
+    from bench.latency_proxy import DelayProxy
+
+    figures = {}
+    for delay_ms in (0, 25, 60):
+        firestore_target = (firestore_emulator.host, firestore_emulator.port)
+        storage_target = (storage_emulator.host, storage_emulator.port)
+        with (
+            DelayProxy(firestore_target, delay_ms / 1000) as firestore_proxy,
+            DelayProxy(storage_target, delay_ms / 1000) as storage_proxy,
+        ):
+            delayed = {
+                "FIRESTORE_EMULATOR_HOST": firestore_proxy.host_port,
+                "STORAGE_EMULATOR_HOST": f"http://{storage_proxy.host_port}",
+            }
+            worker = start_worker(firestore_emulator, storage_emulator, logs, cache, serve_api=False, **delayed)
+            try:
+                db = firestore_emulator.client(worker.env["GOOGLE_CLOUD_PROJECT"])
+                docs = wait_done(db, write_jobs(db, jobs, f"latency{delay_ms}-{uuid.uuid4().hex[:4]}"), timeout=600)
+            finally:
+                worker.stop()
+        wall = (max(d["completed_at"] for d in docs) - min(d["created_at"] for d in docs)).total_seconds()
+        generating = sum(d.get("generation_seconds", 0.0) for d in docs)
+        figures[f"latency_{delay_ms}ms_jobs_per_min"] = round(jobs / wall * 60, 1)
+        figures[f"latency_{delay_ms}ms_outside_generation_per_job_ms"] = ms((wall - generating) / jobs)
+        failed = sum(d["status"] != "completed" for d in docs)
+        if failed:
+            figures[f"latency_{delay_ms}ms_failed"] = failed
+    return figures
+
+
 # --- soak: what a long-lived worker keeps -----------------------------------------------------------------------
 
 
@@ -502,7 +538,15 @@ def verdict(name: str, value) -> str:
     return f"{'ok ' if ok else 'MISS'} (target {op} {limit})"
 
 
-SECTIONS = ["pipelines", "lifecycle", "scheduling", "worker", "batching", "soak"]  # all but the first on emulators
+SECTIONS = [
+    "pipelines",
+    "lifecycle",
+    "scheduling",
+    "worker",
+    "batching",
+    "latency",
+    "soak",
+]  # all but the first on emulators
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -538,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                     report["sections"]["worker"] = bench_worker(firestore, storage, tmp / "logs", cache)
                 if "batching" in sections:
                     report["sections"]["batching"] = bench_batching(firestore, storage, tmp / "logs", cache)
+                if "latency" in sections:
+                    report["sections"]["latency"] = bench_latency(firestore, storage, tmp / "logs", cache)
                 if "soak" in sections:
                     report["sections"]["soak"] = bench_soak(
                         firestore, storage, tmp / "logs", cache, args.soak_rounds, args.soak_jobs

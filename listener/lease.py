@@ -9,6 +9,7 @@ its deadline, given back to the queue when the worker is leaving (`release`).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,9 +89,13 @@ class Heartbeat:
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _progress: float | None = None
-    _progress_lock: threading.Lock = field(default_factory=threading.Lock)
+    _progress_lock: threading.Condition = field(default_factory=threading.Condition)  # also `_renewing`, `_held_at`
     _posted: float = 0.0
     _posted_at: float = field(default_factory=time.monotonic)
+    _end_posted_at: float | None = None  # when its progress reached 1 (its last step)
+    _renewing: bool = False  # a renewal is under way
+    _held_at: float = -math.inf  # when the last renewal that found the job this claim's was sent
+    _exited: bool = False  # this thread is done renewing
     _logged: threading.Lock = field(default_factory=threading.Lock)  # the Timeout's `job_failed`: logged once
 
     def first_to_log(self) -> bool:
@@ -107,14 +112,42 @@ class Heartbeat:
         overdue = fraction > self._posted and now - self._posted_at >= PROGRESS_EVERY_S
         if overdue or fraction - self._posted >= PROGRESS_STEP or (fraction >= 1.0 > self._posted):
             self._posted, self._posted_at = fraction, now
+            if fraction >= 1.0:
+                self._end_posted_at = now
             with self._progress_lock:
                 self._progress = fraction
             self._wake.set()
 
+    def held_since_the_end(self, timeout: float) -> bool:
+        """Whether a renewal sent since the run's progress reached 1 (`post`) found the job still this claim's: the
+        runner's fence before its upload, without a read of its own (that renewal, sent at the last step, usually
+        lands during the decode; a latency audit: the fence's read, and a completion that conflicted with the
+        renewal and read again, were 1-3 round trips a job). Waits up to `timeout` for a renewal posted or under
+        way; False where none came (the runner then reads)."""
+        with self._progress_lock:
+            mark = self._end_posted_at
+            if mark is None:
+                return False
+            self._progress_lock.wait_for(
+                lambda: self._held_at >= mark or self._exited or not (self._renewing or self._progress is not None),
+                timeout,
+            )
+            return self._held_at >= mark
+
     def _run(self) -> None:
+        try:
+            self._renew_until_done()
+        finally:
+            with self._progress_lock:
+                self._exited = True
+                self._progress_lock.notify_all()
+
+    def _renew_until_done(self) -> None:
         failing = False  # the last renewal failed: the next comes sooner than a beat
+        sent = time.monotonic()  # the last renewal's (the claim wrote the lease just now)
         while not self._done.is_set():
-            wait = min(self.interval, RENEW_RETRY_SECONDS) if failing else self.interval
+            due = sent + (min(self.interval, RENEW_RETRY_SECONDS) if failing else self.interval)
+            wait = max(due - time.monotonic(), 0.0)
             # Its final write under way, `complete` decides its end; held (`_Run.hold`), the deadline waits.
             if self.overrun is not None and not self.finishing.is_set() and not self.held.is_set():
                 wait = min(wait, max(self.hard_deadline - time.monotonic(), 0.01))
@@ -153,6 +186,12 @@ class Heartbeat:
                 return
             with self._progress_lock:  # a fraction posted meanwhile is the next beat's, never dropped
                 progress, self._progress = self._progress, None
+                # Woken with nothing to write before its beat (a fraction the last renewal took, a deadline moved):
+                # no renewal, which would only race the job's completion (a latency audit: it then read again).
+                if progress is None and time.monotonic() < due:
+                    continue
+                self._renewing = True
+            sent = time.monotonic()
             try:
                 renewed = self.store.renew(self.job, progress=progress)
             except Exception as exc:  # Firestore briefly away: the lease has slack, try again soon
@@ -160,7 +199,14 @@ class Heartbeat:
                 failing = True
                 with self._progress_lock:  # the fraction goes with the next try, unless a newer one came
                     self._progress = progress if self._progress is None else self._progress
+                    self._renewing = False
+                    self._progress_lock.notify_all()
                 continue
+            with self._progress_lock:
+                self._renewing = False
+                if renewed:
+                    self._held_at = sent
+                self._progress_lock.notify_all()
             failing = False
             # Generated already, it still stops: its upload (a Storage audit: one retrying a failing Storage went on
             # for its whole budget, then failed the job `ConnectionError`); its final write under way, that decides.

@@ -46,6 +46,9 @@ log = structlog.get_logger("listener.runner")
 T = TypeVar("T")
 
 
+# How long a generated job's fence waits for the lease renewal its progress 1 set under way before reading itself
+# (about a read's time where Firestore is far: a renewal is a read and a write).
+FENCE_WAIT_SECONDS = 1.0
 FINAL_WRITE_WAIT = (0.2, 5.0)  # backoff of the fence check and the final write: first wait, longest wait (s)
 # How long a generated job's fence check and completion are tried while Firestore is away (at least a lease): a
 # failure would wait for Firestore just the same and throw the generation away, and no claim lands meanwhile.
@@ -311,8 +314,10 @@ class JobRunner:
                 raise Interrupted()
             heartbeat.post(1.0)
             # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
-            # dead, taken over) must not overwrite the new owner's objects or download tokens.
-            if not self._recorded(job, lambda: self.store.holds(job), heartbeat, patient_until):
+            # dead, taken over) must not overwrite the new owner's objects or download tokens. The renewal that
+            # wrote its progress 1 is one, once it landed (and the completion then conflicts with no renewal).
+            fenced = heartbeat.held_since_the_end(FENCE_WAIT_SECONDS)
+            if not fenced and not self._recorded(job, lambda: self.store.holds(job), heartbeat, patient_until):
                 heartbeat.stop()
                 return self._lost_or_timed_out(run)
             run.resume()
