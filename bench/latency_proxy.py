@@ -38,10 +38,11 @@ class DelayProxy:
     async def _close(self) -> None:
         """Every connection ended (the worker is stopped by now) before the loop stops: none left pending."""
         self._server.close()
-        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # a connection accepted just before gets its task
+        while tasks := [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -60,8 +61,8 @@ class DelayProxy:
             return
         try:
             await asyncio.gather(self._pipe(client_reader, target_writer), self._pipe(target_reader, client_writer))
-        except OSError:
-            pass  # a side reset: the other is closed below
+        except (OSError, asyncio.CancelledError):
+            pass  # a side reset (the other is closed below), or the proxy closing: the task ends as any other
         finally:
             for writer in (client_writer, target_writer):
                 writer.close()
