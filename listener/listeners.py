@@ -36,6 +36,9 @@ NEWEST_LIMIT = 20  # the newest queued docs a second listener holds: new arrival
 CANCEL_LIMIT = 100  # cancel requests of unfinished jobs a listener holds
 WINDOWS = {"oldest": (Query.ASCENDING, LISTEN_LIMIT), "newest": (Query.DESCENDING, NEWEST_LIMIT)}
 CANCEL = "cancel"
+# How much earlier than a doc's write its listener must have spoken last to count as silent about it: more than
+# the error of this worker's measure of Firestore's clock (a heartbeat's round trip over 1 s is not sampled).
+HEARD_MARGIN_SECONDS = 1.0
 REOPENS_PER_10_S = 5  # a listener's stream reopened after failures (`_ReopenPace`): as api-core's `throttle_reopen`
 
 Handler = Callable[[JobKey], None]
@@ -124,8 +127,12 @@ class Listeners:
 
     def missed(self, media: str, age: float, sweep_interval: float) -> bool:
         """Whether the oldest window of `media` has said nothing since a queued doc older than two sweeps, `age`
-        seconds old, was written: a listener silent about it."""
-        return age > 2 * sweep_interval and time.monotonic() - self._heard.get(_name(media, "oldest"), 0) > age
+        seconds old, was written: a listener silent about it. By a margin: `age` is by Firestore's clock as this
+        worker measures it, to within half a heartbeat's round trip, and a listener speaks a few milliseconds
+        after a write (a leak audit: a video waiting its turn, its window quiet, restarted both of its listeners
+        as "silent" in half the cases, each restart reading the window again)."""
+        silence = time.monotonic() - self._heard.get(_name(media, "oldest"), 0)
+        return age > 2 * sweep_interval and silence > age + HEARD_MARGIN_SECONDS
 
     def _listen(self, media: str, window: str) -> None:
         name = _name(media, window)

@@ -27,7 +27,7 @@ from firegen_core.jobs import JobKey
 from firegen_core.quota import Limits
 from listener import lease as lease_module
 from listener import runner as runner_module
-from listener.listeners import Listeners
+from listener.listeners import HEARD_MARGIN_SECONDS, Listeners
 from listener.reconciler import Reconciler
 from listener.runner import JobRunner
 from listener.storage import ResultStore, RetryPolicy
@@ -291,6 +291,8 @@ def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_c
     for watch in silent:
         watch._snapshot_callback = lambda *args: None
     worker.sweep_interval = 0.2  # what the watchdog counts as "older than two sweeps"; the loop still waits
+    # Silent since well before the doc's write (past the margin for the measure of Firestore's clock).
+    assert wait_until(lambda: time.monotonic() - worker.listeners._heard["images"] > HEARD_MARGIN_SECONDS + 0.5)
     missed = JobKey("u1", "images", "missed")
     write_job(firestore_client, missed)
     created = doc_time(firestore_client, missed)
@@ -304,6 +306,20 @@ def test_a_silent_listener_is_restarted_by_the_watchdog(make_worker, firestore_c
     assert wait_until(lambda: finished(firestore_client, key))["status"] == "completed"
     assert worker.sweeps == 2
     assert restarts(reconciler_logs) == [("images", "silent", "warning"), ("images:newest", "silent", "warning")]
+
+
+def test_a_listener_that_spoke_as_a_doc_was_written_is_not_silent_about_it():
+    """A leak audit: a video waiting its turn in a quiet window restarted both its listeners as "silent" in half
+    the cases: its age, by Firestore's clock as the worker measures it (to within half a heartbeat's round trip),
+    came out a few milliseconds short of the time since its listener spoke, a few milliseconds after the write."""
+    listeners = Listeners(
+        None, on_queued=print, on_gone=print, on_cancel=print, on_stop=print, not_ours=print
+    )  # no store: `missed` reads none
+    listeners._heard["images"] = time.monotonic() - 30.0  # spoke as the doc was written, 30 s ago by this host
+    assert not listeners.missed("images", 29.95, sweep_interval=1.0)  # its age, the clock's measure 50 ms off
+    assert not listeners.missed("images", 29.2, sweep_interval=1.0)
+    assert listeners.missed("images", 28.0, sweep_interval=1.0)  # written 2 s after the listener last spoke
+    assert not listeners.missed("images", 1.5, sweep_interval=1.0)  # younger than two sweeps: not yet
 
 
 def doc_time(client, key) -> float:
