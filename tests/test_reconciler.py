@@ -20,7 +20,7 @@ from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from PIL import Image
 
 from firegen_core import jobs as jobs_module
-from firegen_core import workers
+from firegen_core import quota, workers
 from firegen_core.claims import Renewal, WorkerJobs
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey
@@ -408,6 +408,31 @@ def test_the_renewal_that_wrote_a_jobs_progress_1_is_its_fence_check(firestore_c
         write_job(firestore_client, key)
         assert JobRunner(store, StubGenerator(), results, renew_interval=100).run(store.claim(key)) == "completed"
     assert (store.reads, store.conflicts) == (0, 0)
+
+
+class CountedAdmissions(CountedFence):
+    """The job store, counting the admission thread's transitions too."""
+
+    admits = 0
+
+    def admit(self, key):
+        self.admits += 1
+        return super().admit(key)
+
+
+def test_a_doc_an_idle_worker_hears_is_admitted_by_its_claim_alone(firestore_client, results):
+    """A latency audit: a client's doc heard by an idle worker was admitted and claimed at once, by two transitions
+    that both write the doc and its user's usage doc; the claim met the admission's write, and read and wrote again
+    (2 round trips more before the job started). The free slot's claim admits it alone."""
+    store = CountedAdmissions(firestore_client, worker_id="w", lease_seconds=30.0)
+    with started_reconcilers() as start:
+        start(Reconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=SLOW_SWEEP))
+        for n in range(3):
+            key = JobKey(f"u{n}", "images", f"heard-{n}")
+            write_job(firestore_client, key)
+            data = wait_until(lambda key=key: finished(firestore_client, key))
+            assert data["status"] == "completed" and data[quota.ADMITTED] is True
+    assert (store.admits, store.conflicts) == (0, 0)
 
 
 class ReleaseAway(WorkerJobs):
