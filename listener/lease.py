@@ -9,7 +9,6 @@ its deadline, given back to the queue when the worker is leaving (`release`).
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -89,12 +88,10 @@ class Heartbeat:
     _wake: threading.Event = field(default_factory=threading.Event)
     _done: threading.Event = field(default_factory=threading.Event)
     _progress: float | None = None
-    _progress_lock: threading.Condition = field(default_factory=threading.Condition)  # also `_renewing`, `_held_at`
+    _progress_lock: threading.Condition = field(default_factory=threading.Condition)  # also `_renewing`, `_exited`
     _posted: float = 0.0
     _posted_at: float = field(default_factory=time.monotonic)
-    _end_posted_at: float | None = None  # when its progress reached 1 (its last step)
     _renewing: bool = False  # a renewal is under way
-    _held_at: float = -math.inf  # when the last renewal that found the job this claim's was sent
     _exited: bool = False  # this thread is done renewing
     _logged: threading.Lock = field(default_factory=threading.Lock)  # the Timeout's `job_failed`: logged once
 
@@ -112,27 +109,18 @@ class Heartbeat:
         overdue = fraction > self._posted and now - self._posted_at >= PROGRESS_EVERY_S
         if overdue or fraction - self._posted >= PROGRESS_STEP or (fraction >= 1.0 > self._posted):
             self._posted, self._posted_at = fraction, now
-            if fraction >= 1.0:
-                self._end_posted_at = now
             with self._progress_lock:
                 self._progress = fraction
             self._wake.set()
 
-    def held_since_the_end(self, timeout: float) -> bool:
-        """Whether a renewal sent since the run's progress reached 1 (`post`) found the job still this claim's: the
-        runner's fence before its upload, without a read of its own (that renewal, sent at the last step, usually
-        lands during the decode; a latency audit: the fence's read, and a completion that conflicted with the
-        renewal and read again, were 1-3 round trips a job). Waits up to `timeout` for a renewal posted or under
-        way; False where none came (the runner then reads)."""
+    def quiet(self, timeout: float) -> None:
+        """Wait, up to `timeout`, for the renewal of a fraction posted (its progress 1, sent at the last step) to
+        land: the job's completion, written next, then meets no renewal's write (a latency audit: it did, and read
+        and wrote again, 2 round trips a job)."""
         with self._progress_lock:
-            mark = self._end_posted_at
-            if mark is None:
-                return False
             self._progress_lock.wait_for(
-                lambda: self._held_at >= mark or self._exited or not (self._renewing or self._progress is not None),
-                timeout,
+                lambda: self._exited or not (self._renewing or self._progress is not None), timeout
             )
-            return self._held_at >= mark
 
     def _run(self) -> None:
         try:
@@ -204,8 +192,6 @@ class Heartbeat:
                 continue
             with self._progress_lock:
                 self._renewing = False
-                if renewed:
-                    self._held_at = sent
                 self._progress_lock.notify_all()
             failing = False
             # Generated already, it still stops: its upload (a Storage audit: one retrying a failing Storage went on

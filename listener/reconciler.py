@@ -21,8 +21,8 @@ found, is restarted) and the worker's heartbeat (`workers/{worker_id}`, firegen_
 only a hint; the claim (a compare-and-set) decides, so many workers can race.
 
 A free slot (CONCURRENCY of them) claims the next candidate and, with BATCH_MAX > 1, more of its batch key
-(`FairQueue.pop_batch`), each claim fenced on its own; the runner runs them in one generation call. Once that call
-returns, the slot goes to the next claim while the batch delivers (`_hand_over`).
+(`FairQueue.pop_batch`), each claim fenced on its own; the runner runs them in one generation call. Once their
+files are stored, the slot goes to the next claim while they complete (`_hand_over`).
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class Reconciler:
         # BATCH_MAX: a free slot claims up to this many queued jobs of one `batch_key` and runs them together.
         self.batch_max = batch_max if batch_key is not None else 1
         self.batch_key = batch_key
-        self._slots = 0  # slots claiming or generating
-        # Batches generated and delivering (uploads, final writes) on a slot they handed over (`_handover`).
+        self._slots = 0  # slots claiming, generating or uploading
+        # Batches whose files are stored, completing on a slot they handed over (`_hand_over`).
         self._delivering = 0
         self._dispatched = 0  # the dispatcher's picks so far (`_claim_admits` waits for its next)
         self.sweep_interval = sweep_interval
@@ -236,7 +236,12 @@ class Reconciler:
         log.info("reconciler_stopped", worker_id=self.store.worker_id)
 
     def _may_claim(self, key: JobKey) -> bool:
+        """(Under `_cv`.) Not while Storage is away, nor a job of a user with USER_MAX_RUNNING jobs here already
+        (one completing on a slot it handed over among them: its claim would be refused, a transaction for
+        nothing, a review counted one a job), nor one whose model is not `claimable`."""
         if self.storage_outage is not None and self.storage_outage.ongoing:
+            return False
+        if sum(other.user_id == key.user_id for other in self._active) >= self.store.limits.max_running:
             return False
         return self.claimable is None or self.claimable(key)
 
@@ -545,9 +550,9 @@ class Reconciler:
             log.warning("cancel_error", path=key.path, error=str(exc))
 
     def _hand_over(self, handed: threading.Event) -> None:
-        """A batch's generation is done: its slot goes to the next claim while it delivers (its fence check, upload
-        and final write: Firestore and Storage round trips the device would otherwise sit out, ~5 a job, a second or
-        more at a far region's latency), unless CONCURRENCY batches deliver already. `handed` says it did."""
+        """A batch's jobs have their files stored: its slot goes to the next claim while they complete (Firestore
+        round trips the device would otherwise sit out, with the next claim's: a second or more at a far region's
+        latency), unless CONCURRENCY batches complete so already. `handed` says it did."""
         with self._cv:
             if not handed.is_set() and self._delivering < self.concurrency:
                 handed.set()
@@ -557,7 +562,7 @@ class Reconciler:
 
     def _run(self, jobs: list[tuple[ClaimedJob, threading.Event]]) -> None:
         lost: list[JobKey] = []
-        handed = threading.Event()  # its slot handed over, its generation done (`_hand_over`)
+        handed = threading.Event()  # its slot handed over, its files stored (`_hand_over`)
         try:
             # Split by the batch key of each doc as claimed: a doc changed since it was offered runs on its own.
             batches: dict[Hashable, list[tuple[ClaimedJob, threading.Event]]] = {}
@@ -576,8 +581,8 @@ class Reconciler:
                     with self._renewing(waiting):
                         # The last group's slot is handed over (the groups before it keep it for the next group).
                         last = index == len(groups) - 1
-                        generated = (lambda: self._hand_over(handed)) if last else None
-                        outcomes = self.runner.run_batch(batch, on_generated=generated) if batch else []
+                        stored = (lambda: self._hand_over(handed)) if last else None
+                        outcomes = self.runner.run_batch(batch, on_stored=stored) if batch else []
                 except Exception as exc:  # a bug in one group: the others still run (a review: left to their leases)
                     log.error(
                         "job_runner_crashed", error=repr(exc), exc_info=exc, paths=[job.key.path for job, _ in batch]

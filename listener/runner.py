@@ -46,9 +46,8 @@ log = structlog.get_logger("listener.runner")
 T = TypeVar("T")
 
 
-# How long a generated job's fence waits for the lease renewal its progress 1 set under way before reading itself
-# (about a read's time where Firestore is far: a renewal is a read and a write).
-FENCE_WAIT_SECONDS = 1.0
+# How long a generated job's completion waits for the lease renewal its progress 1 set under way (`Heartbeat.quiet`).
+QUIET_WAIT_SECONDS = 1.0
 FINAL_WRITE_WAIT = (0.2, 5.0)  # backoff of the fence check and the final write: first wait, longest wait (s)
 # How long a generated job's fence check and completion are tried while Firestore is away (at least a lease): a
 # failure would wait for Firestore just the same and throw the generation away, and no claim lands meanwhile.
@@ -197,13 +196,14 @@ class JobRunner:
         self,
         jobs: Sequence[tuple[ClaimedJob, threading.Event | None]],
         *,
-        on_generated: Callable[[], None] | None = None,
+        on_stored: Callable[[], None] | None = None,
     ) -> list[RunOutcome]:
         """Run claimed jobs through one generation call (`generate_batch`; a single job: `generate`), each as
         `run` would: its own lease, progress, cancel signal, fence, upload and final write, so one job's cancel,
         lost lease or bad document ends that job alone. Their deadline is the batch's: the deadline of their
-        summed estimates (they finish together). Outcomes in the order of `jobs`. `on_generated`: called once
-        the generation call returned, before the deliveries (the device is free for another job by then)."""
+        summed estimates (they finish together). Outcomes in the order of `jobs`. `on_stored`: called once every
+        generated job has its files stored or has ended (the device is free for another job by then; what is left
+        is each job's completion, a Firestore write)."""
         started = time.monotonic()
         outcomes: dict[int, RunOutcome] = {}
         parsed: dict[int, tuple[ClaimedJob, threading.Event, GenerationRequest]] = {}
@@ -255,17 +255,19 @@ class JobRunner:
             seconds = time.monotonic() - t0
             for run in runs.values():
                 run.hold()
-            if on_generated is not None:
-                on_generated()
+            stored = _Stored(len(runs), on_stored)
             # Each job's writes wait out a Firestore outage until then: the batch's jobs share it.
             patient_until = time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
 
             def deliver(run: _Run, result: Any) -> RunOutcome:
+                done = stored.one()
                 try:
-                    return self._deliver(run, result, seconds, patient_until)
+                    return self._deliver(run, result, seconds, patient_until, stored=done)
                 except Exception as exc:  # its lease lapses and another try runs it; the batch's others go on
                     log.error("job_runner_crashed", error=repr(exc), exc_info=exc, **job_ids(run.job))
                     return RunOutcome.LOST
+                finally:
+                    done()
 
             if len(runs) <= 1:
                 for (index, run), result in zip(runs.items(), generated, strict=True):
@@ -296,9 +298,17 @@ class JobRunner:
         except Exception as exc:
             return [_caused(exc)] * len(runs)
 
-    def _deliver(self, run: _Run, result: Any, generation_seconds: float, patient_until: float) -> RunOutcome:
-        """Upload a generated job's files and complete it; or fail, stop or release it. The job's heartbeat
-        stops before its last write, except `complete`, which it covers (the upload is done by then)."""
+    def _deliver(
+        self,
+        run: _Run,
+        result: Any,
+        generation_seconds: float,
+        patient_until: float,
+        stored: Callable[[], None] = lambda: None,
+    ) -> RunOutcome:
+        """Upload a generated job's files and complete it; or fail, stop or release it (`stored`: called once its
+        files are). The job's heartbeat stops before its last write, except `complete`, which it covers (the upload
+        is done by then)."""
         job, heartbeat, request = run.job, run.heartbeat, run.request
         if run.ending is not None:  # a batched job that stopped early: its end is written already
             run.ending.join()
@@ -314,10 +324,8 @@ class JobRunner:
                 raise Interrupted()
             heartbeat.post(1.0)
             # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
-            # dead, taken over) must not overwrite the new owner's objects or download tokens. The renewal that
-            # wrote its progress 1 is one, once it landed (and the completion then conflicts with no renewal).
-            fenced = heartbeat.held_since_the_end(FENCE_WAIT_SECONDS)
-            if not fenced and not self._recorded(job, lambda: self.store.holds(job), heartbeat, patient_until):
+            # dead, taken over) must not overwrite the new owner's objects or download tokens.
+            if not self._recorded(job, lambda: self.store.holds(job), heartbeat, patient_until):
                 heartbeat.stop()
                 return self._lost_or_timed_out(run)
             run.resume()
@@ -346,6 +354,8 @@ class JobRunner:
                     "upload_seconds": time.monotonic() - t1,
                 },
             )
+            stored()
+            heartbeat.quiet(QUIET_WAIT_SECONDS)
             # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done,
             # so the job neither fails nor runs again for it.
             heartbeat.finishing.set()
@@ -629,6 +639,33 @@ class JobRunner:
 # image the contract allows (4 at 1024x1024, 50 steps) took 120 s on a 2-core machine, its 120 s limit, and the
 # largest video 688 s of its 871. Unless JOB_TIMEOUT_MULTIPLE is set, a worker on no CUDA card uses this multiple.
 CPU_TIMEOUT_MULTIPLE = 50.0
+
+
+class _Stored:
+    """Calls `then` once each of `count` deliveries said (`one()`'s callable, once each, any number of calls) that
+    its files are stored, or that it ended without: a Storage that fails a job's upload holds the slot until it
+    failed, so its outage pauses claims (listener/storage_outage.py) before the next job is claimed, not while the
+    next one generates into it (a review: twice the jobs failed)."""
+
+    def __init__(self, count: int, then: Callable[[], None] | None):
+        self._left, self._then = count, then
+        self._lock = threading.Lock()
+
+    def one(self) -> Callable[[], None]:
+        said = False
+
+        def say() -> None:
+            nonlocal said
+            with self._lock:
+                if said:
+                    return
+                said = True
+                self._left -= 1
+                last = self._left == 0
+            if last and self._then is not None:
+                self._then()
+
+        return say
 
 
 def deadline_from(settings, device: str | None = None) -> Deadline:

@@ -398,16 +398,16 @@ class CountedFence(WorkerJobs):
             raise
 
 
-def test_the_renewal_that_wrote_a_jobs_progress_1_is_its_fence_check(firestore_client, results):
-    """A latency audit: the fence check's read, and a completion that met the renewal of its progress 1 and read
-    again, were 1 to 3 round trips a job. That renewal, sent at the last step, found the job this claim's: no read,
-    and the completion comes after it."""
+def test_a_jobs_completion_meets_no_renewal_of_its_progress(firestore_client, results):
+    """A latency audit: the completion met the renewal of the job's progress 1 (sent at its last step, or a second
+    one its heartbeat sent on waking with nothing to write), and read and wrote again: 2 round trips a job. It waits
+    for that renewal to land; the fence check is a read of its own, made once the generation is done."""
     store = CountedFence(firestore_client, worker_id="w", lease_seconds=30.0)
     for n in range(4):
         key = JobKey("u1", "images", f"fenced-{n}")
         write_job(firestore_client, key)
         assert JobRunner(store, StubGenerator(), results, renew_interval=100).run(store.claim(key)) == "completed"
-    assert (store.reads, store.conflicts) == (0, 0)
+    assert (store.reads, store.conflicts) == (4, 0)
 
 
 class CountedAdmissions(CountedFence):
@@ -611,12 +611,20 @@ def test_a_queue_call_that_failed_is_logged_and_the_job_still_runs(
     firestore_client, results, reconciler_logs, method, event
 ):
     """README: `claim_error` and `admission_error` (with `path`), each retried by the next event or sweep (the
-    claim admits a job its admission missed)."""
+    claim admits a job its admission missed). The admission is one of a doc heard while the slot is busy (one a free
+    slot is about to claim, its claim admits)."""
     key = JobKey("u1", "images", f"{method}-blip")
     store = first_call_fails(method)(firestore_client, worker_id="w1", lease_seconds=30)
+    generator = StubGenerator(threading.Event() if method == "admit" else None)
     with started_reconcilers() as start:
-        start(Reconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=0.3))
+        start(Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
+        if generator.gate is not None:
+            write_job(firestore_client, JobKey("u2", "images", "busy"))
+            assert generator.started.wait(15)
         write_job(firestore_client, key)
+        if generator.gate is not None:
+            assert wait_until(lambda: store.blips == 0)
+            generator.gate.set()
         data = wait_until(lambda: finished(firestore_client, key))
     assert (data["status"], data["attempts"], store.blips) == ("completed", 1, 0)
     [said] = [e for e in reconciler_logs if e["event"] == event]
@@ -1137,41 +1145,101 @@ def test_concurrency_two_runs_two_jobs_at_once_and_no_more(make_worker, firestor
     assert generator.most == 2 and sorted(generator.calls) == ["c-0", "c-1", "c-2"]
 
 
-def test_a_generated_job_delivers_while_the_next_one_generates_and_no_more_deliver_than_the_slots(
+class HeldCompletions(WorkerJobs):
+    """The job store, each completion held until `gate` opens (a far or stalled Firestore; a stand-in)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate, self.completing = threading.Event(), []
+
+    def complete(self, job, fields):
+        self.completing.append(job.key.file_uid)
+        assert self.gate.wait(60)
+        return super().complete(job, fields)
+
+
+def test_a_job_with_its_files_stored_completes_while_the_next_one_generates_and_no_more_complete_than_the_slots(
     firestore_client, results
 ):
-    """CONCURRENCY 1: a generated job hands its slot over while it uploads and completes (Firestore and Storage
-    round trips the device would otherwise sit out), so the next job generates meanwhile; while that one delivers
-    too, the slot is held: no more batches deliver than there are slots (their results wait in memory)."""
-    gate = threading.Event()
-    uploading: list[str] = []
-
-    class HeldUploads:  # the real ResultStore, each upload held until the gate opens
-        def __getattr__(self, name):
-            return getattr(results, name)
-
-        def upload(self, user_id, file_uid, *args, **kwargs):
-            uploading.append(file_uid)
-            assert gate.wait(60)
-            return results.upload(user_id, file_uid, *args, **kwargs)
-
+    """CONCURRENCY 1: a job whose files are stored hands its slot over while its completion is written (Firestore
+    round trips the device would otherwise sit out), so the next job generates meanwhile; while that one completes
+    too, the slot is held: no more batches complete so than there are slots."""
     generator = StubGenerator()
+    store = HeldCompletions(firestore_client, worker_id="w", lease_seconds=30)
     with started_reconcilers() as start:
-        store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=30)
-        worker = start(CountingReconciler(store, JobRunner(store, generator, HeldUploads()), sweep_interval=0.3))
+        worker = start(CountingReconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
         keys = [JobKey(f"u{i}", "images", f"d-{i}") for i in range(3)]  # three users: no user's limit in the way
         for key in keys:
             write_job(firestore_client, key)
         try:
-            assert wait_until(lambda: len(uploading) == 2)
+            assert wait_until(lambda: len(store.completing) == 2)
             sweeps = worker.sweeps
             assert wait_until(lambda: worker.sweeps >= sweeps + 3)  # the third offered again and again meanwhile
-            assert len(generator.calls) == 2 and sorted(uploading) == sorted(generator.calls)
+            assert len(generator.calls) == 2 and sorted(store.completing) == sorted(generator.calls)
             [waiting] = [key for key in keys if key.file_uid not in generator.calls]
             assert doc(firestore_client, waiting)["status"] == "queued"
         finally:
-            gate.set()
+            store.gate.set()
         assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
+
+
+class HeldCompletionsCountingRefusals(HeldCompletions):
+    refused = 0
+
+    def claim(self, key, **options):
+        job = super().claim(key, **options)
+        self.refused += job is None
+        return job
+
+
+def test_a_users_next_job_waits_unclaimed_while_their_job_at_the_limit_completes_here(firestore_client, results):
+    """A review: with its slot handed over, a job completing here still counts toward its user's USER_MAX_RUNNING,
+    and the user's next job was claimed and refused again and again (a transaction each, for nothing). It waits
+    unclaimed until that job ends here, then runs."""
+    generator = StubGenerator()
+    store = HeldCompletionsCountingRefusals(
+        firestore_client, worker_id="w", lease_seconds=30, limits=Limits(max_running=1)
+    )
+    with started_reconcilers() as start:
+        worker = start(CountingReconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
+        keys = [JobKey("u1", "images", f"one-at-a-time-{i}") for i in range(2)]
+        for key in keys:
+            write_job(firestore_client, key)
+        try:
+            assert wait_until(lambda: len(store.completing) == 1)
+            sweeps = worker.sweeps
+            assert wait_until(lambda: worker.sweeps >= sweeps + 3)  # the next one offered again and again meanwhile
+            assert (len(generator.calls), store.refused) == (1, 0)
+        finally:
+            store.gate.set()
+        assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
+    assert store.refused == 0
+
+
+def test_a_job_whose_upload_storage_fails_keeps_its_slot_so_the_outage_pauses_claims_first(
+    firestore_client, results, storage_emulator
+):
+    """A review: the slot went to the next claim as the generation ended, and while one job's upload retried a
+    Storage that was away, the next was claimed, generated, and failed too. The slot goes once the files are
+    stored, so the first failure pauses claims (`claims_paused`) before another job is claimed."""
+    generator = StubGenerator(threading.Event())
+    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=30)
+    with started_reconcilers() as start:
+        worker = start(CountingReconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
+        keys = [JobKey(f"u{i}", "images", f"away-{i}") for i in range(3)]
+        for key in keys:
+            write_job(firestore_client, key)
+        assert generator.started.wait(15)
+        storage_emulator.stop()
+        try:
+            generator.gate.set()
+            assert wait_until(lambda: any(finished(firestore_client, k) for k in keys), timeout=30)
+            sweeps = worker.sweeps
+            assert wait_until(lambda: worker.sweeps >= sweeps + 3)  # the others offered again and again meanwhile
+            assert len(generator.calls) == 1 and worker.storage_outage.ongoing
+            assert sorted(doc(firestore_client, k)["status"] for k in keys) == ["failed", "queued", "queued"]
+        finally:
+            storage_emulator.start()
 
 
 def test_a_later_try_removes_the_images_an_earlier_try_of_more_images_left(firestore_client, results, bucket):
@@ -1989,8 +2057,7 @@ def test_a_job_that_ran_past_its_time_during_its_generation_still_times_out(fire
 
 
 class FenceCheckAway(WorkerJobs):
-    """Firestore away for the fence check and the lease renewals (one of which would stand for the fence check)
-    until `back` (a stand-in, as BlippingStore is)."""
+    """Firestore away for the fence check and the lease renewals until `back` (a stand-in, as BlippingStore is)."""
 
     def __init__(self, *args, back: float, **kwargs):
         super().__init__(*args, **kwargs)
