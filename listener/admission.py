@@ -7,7 +7,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from collections.abc import Callable
 
 import structlog
 
@@ -19,11 +18,8 @@ log = structlog.get_logger("listener.admission")
 
 
 class Admissions:
-    def __init__(self, store: WorkerJobs, capacity: int, claim_admits: Callable[[JobKey], bool] | None = None):
+    def __init__(self, store: WorkerJobs, capacity: int):
         self.store = store
-        # Whether a claim here admits the doc itself (its claim under way, or a free slot about to take it): the
-        # admission then writes nothing, where it would only race the claim (see `Reconciler._claim_admits`).
-        self.claim_admits = claim_admits
         # Bounded, as the candidates are: a doc left out is admitted by its claim, or heard of again.
         self.capacity = capacity
         self._open = False
@@ -90,8 +86,6 @@ class Admissions:
         """Admit each held doc, oldest first, until `close`."""
         while (key := self.next()) is not None:
             try:
-                if self.claim_admits is not None and self.claim_admits(key):
-                    continue
                 written = self.store.admit(key).written
             except Exception as exc:  # the claim admits it in any case
                 log.warning("admission_error", path=key.path, error=str(exc))

@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
@@ -145,12 +145,13 @@ class FairQueue(Generic[K]):
         per_user: int | None = None,
         now: float | None = None,
         where: Callable[[K], bool] | None = None,
+        running: Mapping[str, int] | None = None,
     ) -> list[K]:
         """The next job (as `pop`) and, when it has a group, up to `size - 1` more of that group, each the next
-        in fair order among the group's candidates, at most `per_user` from one user (USER_MAX_RUNNING: a claim
-        past it would be refused). A batch is fair as single jobs are: alternating users, each one's oldest.
-        Deferred candidates, and those whose key is not `where`, are left where they are (`now`: the clock their
-        `not_before` is by)."""
+        in fair order among the group's candidates, at most `per_user` from one user counting the `running` ones
+        (USER_MAX_RUNNING: a claim past it would be refused). A batch is fair as single jobs are: alternating users,
+        each one's oldest. Deferred candidates, and those whose key is not `where`, are left where they are (`now`:
+        the clock their `not_before` is by)."""
         now = time.time() if now is None else now
 
         def ready(e: _Entry[K]) -> bool:
@@ -160,7 +161,8 @@ class FairQueue(Generic[K]):
         if lead is None:
             return []
         batch = [lead]
-        taken = {lead.user: 1}
+        taken = dict(running or {})
+        taken[lead.user] = taken.get(lead.user, 0) + 1
         while lead.group is not None and len(batch) < size:
             entry = self._take(
                 lambda e: e.group == lead.group and ready(e) and (per_user is None or taken.get(e.user, 0) < per_user)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -57,7 +57,6 @@ from .version import code_version
 log = structlog.get_logger("listener.reconciler")
 
 SWEEP_LIMIT = 50
-CLAIM_ADMITS_WAIT = 1.0  # how long an admission waits for a free slot's dispatcher to say whether it takes the doc
 # How often a sweep also reads a page of the processing docs for leases no query finds (missing or not a date),
 # and one of the queued docs for those without `created_at`, which no ordered query finds.
 UNLEASED_SCAN_SECONDS = 300.0
@@ -98,7 +97,6 @@ class Reconciler:
         self._slots = 0  # slots claiming, generating or uploading
         # Batches whose files are stored, completing on a slot they handed over (`_hand_over`).
         self._delivering = 0
-        self._dispatched = 0  # the dispatcher's picks so far (`_claim_admits` waits for its next)
         self.sweep_interval = sweep_interval
         # PLACEHOLDER_GRACE_SECONDS: how long the listeners and the sweep leave a doc that awaits its parameters
         # (`contract.awaits_parameters`) to its runsync, counted from its creation or this worker's start (a cold
@@ -145,7 +143,7 @@ class Reconciler:
         )
         self._threads: list[threading.Thread] = []
         self._request_ids: OrderedDict[JobKey, str] = OrderedDict()  # runsync's RunPod job id, until claimed
-        self.admissions = Admissions(store, capacity, self._claim_admits)  # client docs heard of, not yet admitted
+        self.admissions = Admissions(store, capacity)  # client docs heard of, not yet admitted
         # Firestore's clock minus this host's, in seconds, from each heartbeat's write: leases, `created_at` and the
         # placeholder grace are server times, and a host's clock may be minutes off (audit: a worker 5 minutes slow
         # left a dead worker's job `processing` 5 minutes past its lease; one fast ran placeholders at once).
@@ -341,22 +339,6 @@ class Reconciler:
         wait = at - self.server_time()
         return wait <= 0, max(wait, 0.01)
 
-    def _claim_admits(self, key: JobKey) -> bool:
-        """Whether a claim here admits `key` itself: its claim is under way, or, a slot free and the key a ready
-        candidate, the dispatcher's next pick (waited for, CLAIM_ADMITS_WAIT at most) takes it. An admission beside
-        the claim only races it: both write the doc and the user's usage doc, and the loser reads and writes again
-        (a latency audit: a doc heard by an idle worker started 2 round trips later). A claim that fails leaves the
-        doc to the sweep, which hears it again."""
-        with self._cv:
-            if key in self._active:
-                return True
-            about_to = self._claiming and self._slots < self.concurrency and key in self._queue
-            if not (about_to and self._ready()[0]):
-                return False
-            picks = self._dispatched
-            self._cv.wait_for(lambda: self._dispatched != picks or not self._claiming, CLAIM_ADMITS_WAIT)
-            return key in self._active
-
     def _admission_loop(self) -> None:
         # The listeners' first snapshots come in any order (the newest window's, newest first): admit only once
         # all are in, oldest first, so a backlog's oldest docs are the ones admitted.
@@ -458,6 +440,7 @@ class Reconciler:
                 self.store.limits.max_running,
                 now=self.server_time(),
                 where=self._may_claim,
+                running=Counter(key.user_id for key in self._active),  # a batch's others within a user's limit too
             )
             stops = {}
             for key in keys:
@@ -465,8 +448,6 @@ class Reconciler:
                 stops[key] = self._stops[key] = threading.Event()
                 self._active[key] = None
             self._slots += bool(keys)
-            self._dispatched += 1
-            self._cv.notify_all()  # an admission waiting to see whether this claim takes its doc (`_claim_admits`)
         if not keys:
             return True
         jobs: list[ClaimedJob] = []
@@ -680,9 +661,8 @@ class Reconciler:
 
     def _heard_queued(self, key: JobKey, doc: dict) -> None:
         self._stop_if_queued_again(key, doc)
-        self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc), doc=doc)
-        # After its offer: where a free slot is about to claim it, the claim admits it (`_claim_admits`).
         self.admissions.hear(key, doc, timestamp(doc.get("created_at"), self.server_time()))
+        self._offer(key, doc.get("created_at"), group=self._doc_group(key, doc), doc=doc)
 
     def _stop_if_queued_again(self, key: JobKey, doc: dict) -> None:
         """A job running here shows up queued, still carrying this claim's attempt: its request restated it on
@@ -896,9 +876,8 @@ class Reconciler:
             # Restated while it ran here, in a backlog's middle that no listener's window holds (an audit: the stale
             # run went on to its next progress write, up to 5 s, its user's running count already given back).
             self._stop_if_queued_again(key, doc)
-        self._offer(key, created, first=expired, group=self._doc_group(key, doc), doc=doc)
-        if not expired:  # after its offer, as a listener's (`_heard_queued`)
             self.admissions.hear(key, doc, timestamp(created, 0.0))
+        self._offer(key, created, first=expired, group=self._doc_group(key, doc), doc=doc)
 
     def _discover(self) -> int:
         """Behind a backlog longer than the oldest window, a user whose queued docs were all written in its middle

@@ -2,7 +2,7 @@
 (again, first, grouped, deferred, at any age, ties included), discarded, handed out alone or in batches, the
 queue full. A model written from the docstring says what each step must give: the fair order (firsts, then the
 user served longest ago, ties to whose oldest is oldest, that user's oldest), batches of one group within
-`per_user`, deferred candidates held, the bound kept by the biggest user's newest. Pure: no Firestore.
+`per_user` (counting each user's `running`), deferred candidates held, the bound kept by the biggest user's newest. Pure: no Firestore.
 
 `FAIRQUEUE_EXAMPLES` sets how many sequences (default 300, about 4 s); a hunt runs thousands."""
 
@@ -135,10 +135,11 @@ class FairQueueModel(RuleBasedStateMachine):
         per_user=st.sampled_from([None, 1, 1, 2]),
         now=st.sampled_from([0.0, 5.0, 20.0]),
         where=st.sampled_from(list(WHERE)),
+        running=st.dictionaries(st.sampled_from(USERS), st.integers(0, 2), max_size=3),
     )
-    def pop_batch(self, size, per_user, now, where):
+    def pop_batch(self, size, per_user, now, where, running):
         takes = WHERE[where] or (lambda key: True)
-        batch = self.queue.pop_batch(size, per_user=per_user, now=now, where=WHERE[where])
+        batch = self.queue.pop_batch(size, per_user=per_user, now=now, where=WHERE[where], running=running)
         keys = {id(held): key for key, held in self.held.items()}
 
         def ready(held: Held) -> bool:
@@ -151,7 +152,7 @@ class FairQueueModel(RuleBasedStateMachine):
         group, user = self.held[lead].group, self.held[lead].user
         expected = [lead]
         self.hand_out(lead)
-        taken = {user: 1}
+        taken = {**running, user: running.get(user, 0) + 1}  # the lead's user: the caller's `where` saw to it
         while group is not None and len(expected) < size:
             more = self.next_in_fair_order(
                 lambda held: (

@@ -20,7 +20,7 @@ from google.cloud.firestore import DELETE_FIELD, SERVER_TIMESTAMP
 from PIL import Image
 
 from firegen_core import jobs as jobs_module
-from firegen_core import quota, workers
+from firegen_core import workers
 from firegen_core.claims import Renewal, WorkerJobs
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey
@@ -410,31 +410,6 @@ def test_a_jobs_completion_meets_no_renewal_of_its_progress(firestore_client, re
     assert (store.reads, store.conflicts) == (4, 0)
 
 
-class CountedAdmissions(CountedFence):
-    """The job store, counting the admission thread's transitions too."""
-
-    admits = 0
-
-    def admit(self, key):
-        self.admits += 1
-        return super().admit(key)
-
-
-def test_a_doc_an_idle_worker_hears_is_admitted_by_its_claim_alone(firestore_client, results):
-    """A latency audit: a client's doc heard by an idle worker was admitted and claimed at once, by two transitions
-    that both write the doc and its user's usage doc; the claim met the admission's write, and read and wrote again
-    (2 round trips more before the job started). The free slot's claim admits it alone."""
-    store = CountedAdmissions(firestore_client, worker_id="w", lease_seconds=30.0)
-    with started_reconcilers() as start:
-        start(Reconciler(store, JobRunner(store, StubGenerator(), results), sweep_interval=SLOW_SWEEP))
-        for n in range(3):
-            key = JobKey(f"u{n}", "images", f"heard-{n}")
-            write_job(firestore_client, key)
-            data = wait_until(lambda key=key: finished(firestore_client, key))
-            assert data["status"] == "completed" and data[quota.ADMITTED] is True
-    assert (store.admits, store.conflicts) == (0, 0)
-
-
 class ReleaseAway(WorkerJobs):
     """The job store with Firestore away for releases (a stand-in: a stopped emulator takes the release's 15 s of
     retries to say so, and would take the test's other writes with it)."""
@@ -611,8 +586,7 @@ def test_a_queue_call_that_failed_is_logged_and_the_job_still_runs(
     firestore_client, results, reconciler_logs, method, event
 ):
     """README: `claim_error` and `admission_error` (with `path`), each retried by the next event or sweep (the
-    claim admits a job its admission missed). The admission is one of a doc heard while the slot is busy (one a free
-    slot is about to claim, its claim admits)."""
+    claim admits a job its admission missed). The admission is one of a doc heard while the slot is busy."""
     key = JobKey("u1", "images", f"{method}-blip")
     store = first_call_fails(method)(firestore_client, worker_id="w1", lease_seconds=30)
     generator = StubGenerator(threading.Event() if method == "admit" else None)
@@ -1542,6 +1516,46 @@ class BatchStub(StubGenerator):
         outputs = [self.generate(request) for request in requests]
         self.during(requests)
         return outputs
+
+
+class RefusalsCounted(WorkerJobs):
+    refused = 0
+
+    def claim(self, key, **options):
+        job = super().claim(key, **options)
+        self.refused += job is None
+        return job
+
+
+def test_a_batch_takes_no_more_of_a_users_jobs_than_their_running_ones_here_leave(firestore_client, results):
+    """A review: a batch counted USER_MAX_RUNNING from none, not from the user's jobs running here, and its last
+    claim was refused (a transaction for nothing; that job then waited for the user's newer ones)."""
+    gate = threading.Event()
+
+    class FirstHeld(BatchStub):
+        def generate(self, request, progress=None):
+            if request.file_uid == "b-0":
+                self.started.set()
+                assert gate.wait(60)
+            return super().generate(request, progress)
+
+    generator = FirstHeld()
+    store = RefusalsCounted(firestore_client, worker_id="w", lease_seconds=30, limits=Limits(max_running=2))
+    reconciler = Reconciler(
+        store, JobRunner(store, generator, results), concurrency=2, batch_max=4, batch_key=lambda r: r.width
+    )
+    for n in range(4):  # the oldest alone in its batch, the three others in one: all there at the first claim
+        write_job(firestore_client, JobKey("u1", "images", f"b-{n}"), width=512 if n == 0 else 768)
+    with started_reconcilers() as start:
+        start(reconciler)
+        assert generator.started.wait(15)
+        try:
+            assert wait_until(lambda: "b-1" in generator.calls)  # one more of the user's beside b-0: the limit's 2
+        finally:
+            gate.set()
+        keys = [JobKey("u1", "images", f"b-{n}") for n in range(4)]
+        assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
+    assert store.refused == 0
 
 
 class CountingFails(WorkerJobs):
