@@ -365,6 +365,10 @@ class JobRunner:
             return self._interrupted(run)
         except UploadStopped as exc:  # cancelled, timed out or taken over, or the worker leaving, mid-upload
             heartbeat.stop()
+            if exc.storage_away and self.on_storage_unavailable is not None:
+                # Storage was failing it: claims wait for Storage as after a failure (a review: the next job was
+                # claimed and generated into it); a probe resumes them within seconds where Storage answers.
+                self.on_storage_unavailable(exc)
             outcome = self._interrupted(run, later=exc.storage_away)
             if outcome == RunOutcome.LOST:  # not this claim's (taken over, restated, deleted): no doc names them
                 self._drop_this_try(job, request, later=exc.storage_away)

@@ -229,6 +229,8 @@ def test_a_cancel_while_storage_fails_the_upload_stops_its_retries_and_ends_canc
     store = WorkerJobs(firestore_client, worker_id="w")
     retried = threading.Event()
     runner = JobRunner(store, StubGenerator(), failing_storage(retried), renew_interval=0.2)
+    outage: list = []  # what pauses claims (listener/storage_outage.py): Storage was failing the upload cut short
+    runner.on_storage_unavailable = outage.append
     ended: list = []
     running = threading.Thread(target=lambda: ended.append(runner.run(store.claim(key))), daemon=True)
     running.start()
@@ -237,6 +239,7 @@ def test_a_cancel_while_storage_fails_the_upload_stops_its_retries_and_ends_canc
     cancelled_at = time.monotonic()
     running.join(timeout=15)
     assert ended == ["failed"] and time.monotonic() - cancelled_at < 5  # its budget had 30 s left
+    assert len(outage) == 1
     assert outcome(read(firestore_client, key)) == CANCELLED
     [heard] = [e for e in events if e["event"] == "job_cancel_requested"]
     assert heard["heard"] == "lease renewal"
