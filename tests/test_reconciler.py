@@ -1150,13 +1150,19 @@ def test_a_job_with_its_files_stored_completes_while_the_next_one_generates_and_
         assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
 
 
-class HeldCompletionsCountingRefusals(HeldCompletions):
+class RefusalsCounted(WorkerJobs):
+    """The job store, counting the claims that took nothing (another's, or refused: a user's limit)."""
+
     refused = 0
 
     def claim(self, key, **options):
         job = super().claim(key, **options)
         self.refused += job is None
         return job
+
+
+class HeldCompletionsCountingRefusals(RefusalsCounted, HeldCompletions):
+    pass
 
 
 def test_a_users_next_job_waits_unclaimed_while_their_job_at_the_limit_completes_here(firestore_client, results):
@@ -1509,15 +1515,6 @@ class BatchStub(StubGenerator):
         outputs = [self.generate(request) for request in requests]
         self.during(requests)
         return outputs
-
-
-class RefusalsCounted(WorkerJobs):
-    refused = 0
-
-    def claim(self, key, **options):
-        job = super().claim(key, **options)
-        self.refused += job is None
-        return job
 
 
 def test_a_batch_takes_no_more_of_a_users_jobs_than_their_running_ones_here_leave(firestore_client, results):
