@@ -309,9 +309,10 @@ def parse_runsync_input(data: Any) -> GenerationRequest:
         raise invalid(NOT_BOOLEAN)
     for name in ID_FIELDS:
         value = data.get(name)
+        if cloud and (value is None or (isinstance(value, str) and not value.strip())):
+            # Blank is missing, as for the prompt (an audit: " " was told of the id's characters instead).
+            raise ContractError("user_id and file_uid are required for cloud storage")
         if value is None or value == "":
-            if cloud:
-                raise ContractError("user_id and file_uid are required for cloud storage")
             continue
         check_id(name, value)
     task_type = TEXT2VIDEO if _video_given(data) else TEXT2IMAGE

@@ -61,6 +61,8 @@ REFUSALS = [
     (with_(file_uid=...), "user_id and file_uid are required for cloud storage"),
     (with_(user_id=None, file_uid=None), "user_id and file_uid are required for cloud storage"),
     (with_(file_uid=""), "user_id and file_uid are required for cloud storage"),
+    (with_(user_id=" "), "user_id and file_uid are required for cloud storage"),
+    (with_(file_uid="\t\n"), "user_id and file_uid are required for cloud storage"),
     # ranges, with the contract's bounds
     (with_(width=255), "width must be between 256 and 1024"),
     (with_(width=1032), "width must be between 256 and 1024"),
