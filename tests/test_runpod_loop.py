@@ -836,3 +836,36 @@ def test_a_paced_fetch_waits_longer_with_each_failure_in_a_row_and_stops_waiting
     started = time.monotonic()
     assert asyncio.run(paced(None, 1)) is None
     assert time.monotonic() - started < 5
+
+
+def test_the_hubs_tests_run_the_production_way_with_no_firebase_behind_the_worker(emulator_logs, tiny_cache, job_api):
+    """The Hub deploys the image and sends .runpod/tests.json's inputs through RunPod's queue: the SDK's job loop,
+    its fitness checks, the listeners started (a deploy review: only `--test_input`'s one-job path was tested). Its
+    emulator variables point where nothing listens; the inline job is answered all the same, the worker stays up."""
+    tests = json.loads((REPO / ".runpod" / "tests.json").read_text())
+    env = {item["key"]: item["value"] for item in tests["config"]["env"]}
+    env.update(  # ports nobody holds, as 127.0.0.1:8080 and :9199 are on the Hub (here an emulator may hold them)
+        FIRESTORE_EMULATOR_HOST=f"127.0.0.1:{emu.free_port()}",
+        STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{emu.free_port()}",
+    )
+    for n, test in enumerate(tests["tests"]):
+        job_api.queue_runsync(f"rp-hub-{n}", test["input"])
+    worker = WorkerProcess(
+        emulator_logs,
+        {**env, **job_api.env(), "FIREGEN_CACHE": str(tiny_cache)},
+        serve_api=False,
+        VIDEO_MODEL=env.get("VIDEO_MODEL", "tiny"),
+    )
+    # Ready ~45 s after its start, having waited for Firestore (README "On RunPod Serverless"): past the default.
+    worker.start_timeout = lambda: 300.0  # type: ignore[method-assign]
+    worker.start()
+    try:
+        for n, test in enumerate(tests["tests"]):
+            assert emu.wait_until(lambda n=n: f"rp-hub-{n}" in job_api.outputs, test["timeout"] / 1000), (
+                worker.log_tail()
+            )
+            output = job_api.outputs[f"rp-hub-{n}"].get("output", {})
+            assert (output.get("status"), output.get("image_count")) == ("completed", 1), job_api.outputs
+        assert worker.running and not worker.events("worker_exit"), worker.log_tail()  # served, and stays up
+    finally:
+        worker.stop()
