@@ -194,11 +194,11 @@ def test_a_broken_doc_is_failed_by_its_claim_and_the_batch_runs_without_it(fires
 
 
 def test_batch_max_is_a_validated_setting():
-    assert load_settings(storage_bucket="b").batch_max == 1  # one job at a time unless asked
-    assert load_settings(storage_bucket="b", batch_max="4").batch_max == 4
+    assert load_settings(storage_bucket="bkt").batch_max == 1  # one job at a time unless asked
+    assert load_settings(storage_bucket="bkt", batch_max="4").batch_max == 4
     for bad in ("0", "17", "two"):
         with pytest.raises(SettingsError, match="BATCH_MAX"):
-            load_settings(storage_bucket="b", batch_max=bad)
+            load_settings(storage_bucket="bkt", batch_max=bad)
 
 
 def test_a_worker_whose_generator_cannot_batch_runs_jobs_alone(firestore_client, storage_client, bucket, engine):

@@ -227,7 +227,7 @@ def test_a_malformed_key_stops_start_up_naming_the_variable_never_its_value(vari
         for k, v in os.environ.items()
         if k not in ("FIREBASE_SERVICE_ACCOUNT_JSON", "GOOGLE_APPLICATION_CREDENTIALS")
     }
-    env.update({"STORAGE_BUCKET": "b", "GOOGLE_CLOUD_PROJECT": "demo-x", variable: value})
+    env.update({"STORAGE_BUCKET": "bkt", "GOOGLE_CLOUD_PROJECT": "demo-x", variable: value})
     result = subprocess.run(
         [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
@@ -337,7 +337,7 @@ def test_no_credentials_at_all_stop_start_up_with_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.endswith("_EMULATOR_HOST")}
     # No gcloud login to find (an empty home and SDK config) and no metadata server to ask (not on Google Cloud).
     env.update(
-        STORAGE_BUCKET="b",
+        STORAGE_BUCKET="bkt",
         GOOGLE_CLOUD_PROJECT="demo-x",
         HOME=str(tmp_path),
         CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
@@ -356,7 +356,7 @@ def test_a_key_path_that_names_no_file_stops_start_up_without_quoting_it(tmp_pat
 
     env = {k: v for k, v in os.environ.items() if k != "FIREBASE_SERVICE_ACCOUNT_JSON"}
     env = {k: v for k, v in env.items() if not k.endswith("_EMULATOR_HOST")}
-    env.update(STORAGE_BUCKET="b", GOOGLE_CLOUD_PROJECT="demo-x", GOOGLE_APPLICATION_CREDENTIALS=SECRET_MARK)
+    env.update(STORAGE_BUCKET="bkt", GOOGLE_CLOUD_PROJECT="demo-x", GOOGLE_APPLICATION_CREDENTIALS=SECRET_MARK)
     result = subprocess.run(
         [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
@@ -380,7 +380,7 @@ def test_a_key_file_that_holds_no_key_says_so(tmp_path, what):
         key_file.write_text('{"type": "service_account", "private_key": "' + SECRET_MARK + '"')  # cut short
     env = {k: v for k, v in os.environ.items() if k != "FIREBASE_SERVICE_ACCOUNT_JSON"}
     env = {k: v for k, v in env.items() if not k.endswith("_EMULATOR_HOST")}
-    env.update(STORAGE_BUCKET="b", GOOGLE_CLOUD_PROJECT="demo-x", GOOGLE_APPLICATION_CREDENTIALS=str(key_file))
+    env.update(STORAGE_BUCKET="bkt", GOOGLE_CLOUD_PROJECT="demo-x", GOOGLE_APPLICATION_CREDENTIALS=str(key_file))
     result = subprocess.run(
         [sys.executable, "-m", "listener"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
@@ -415,7 +415,7 @@ def test_an_application_default_credentials_file_that_cannot_be_read_says_so():
         env = {k: v for k, v in os.environ.items() if k not in ("FIREBASE_SERVICE_ACCOUNT_JSON", "CLOUDSDK_CONFIG")}
         env = {k: v for k, v in env.items() if not k.endswith("_EMULATOR_HOST")}
         env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
-        env.update(STORAGE_BUCKET="b", GOOGLE_CLOUD_PROJECT="demo-x", HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
+        env.update(STORAGE_BUCKET="bkt", GOOGLE_CLOUD_PROJECT="demo-x", HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
         result = subprocess.run(
             [*prefix, sys.executable, "-m", "listener"],
             cwd=REPO,

@@ -39,7 +39,7 @@ def clean_env(monkeypatch):
     for name in WORKER_VARS:
         monkeypatch.setenv(str(name), "")  # recorded: whatever the test or its code sets, undone after it
         monkeypatch.delenv(str(name))
-    monkeypatch.setenv("STORAGE_BUCKET", "b")
+    monkeypatch.setenv("STORAGE_BUCKET", "bkt")
     return monkeypatch
 
 
@@ -58,7 +58,7 @@ def test_runpod_log_level_takes_the_sdks_words_and_log_levels_warning(clean_env)
 
     annotation = Settings.model_fields["runpod_log_level"].annotation
     assert list(typing.get_args(annotation)) == LOG_LEVELS
-    clean_env.setenv("STORAGE_BUCKET", "b")
+    clean_env.setenv("STORAGE_BUCKET", "bkt")
     assert load_settings().runpod_log_level == "INFO"
     for said, level in (("warning", "WARN"), (" Error ", "ERROR"), ("trace", "TRACE")):
         clean_env.setenv("RUNPOD_LOG_LEVEL", said)
@@ -152,6 +152,9 @@ def test_the_readmes_configuration_table_gives_each_numeric_and_word_default_as_
         ),
         ("STORAGE_BUCKET", "My-App", "STORAGE_BUCKET must be a bucket's name: lowercase letters, digits, - _ and ."),
         ("STORAGE_BUCKET", "my-app-", "STORAGE_BUCKET must be a bucket's name: lowercase letters, digits, - _ and ."),
+        ("STORAGE_BUCKET", "ab", "STORAGE_BUCKET must be a bucket's name: 3 to 63 characters, or up to 222 with dots"),
+        ("STORAGE_BUCKET", "a" * 64, "STORAGE_BUCKET must be a bucket's name: 3 to 63 characters, or up to 222 with"),
+        ("STORAGE_BUCKET", "a" * 64 + ".app", "STORAGE_BUCKET must be a bucket's name: 3 to 63 characters, or up"),
     ],
 )
 def test_documented_bounds(clean_env, name, value, message):
@@ -176,7 +179,7 @@ def test_the_documented_bounds_are_accepted(clean_env):
 def test_a_setting_of_spaces_alone_is_unset_as_an_empty_one_is(clean_env):
     """README: empty values count as unset. So do spaces alone (a value cleared to " " in an editor, or pasted with
     its newline): " " was refused "must be a valid integer" where "" took the default."""
-    clean_env.setenv("STORAGE_BUCKET", "b")
+    clean_env.setenv("STORAGE_BUCKET", "bkt")
     for name in ("USER_MAX_RUNNING", "LEASE_SECONDS", "URL_STYLE", "FIREGEN_COMPILE", "RETENTION_DAYS"):
         clean_env.setenv(name, " \n")
     s = load_settings()
@@ -209,15 +212,15 @@ def run_worker(env: dict[str, str], timeout: float = 60) -> subprocess.Completed
     [
         ({}, "listener: configuration error: STORAGE_BUCKET is required"),
         (
-            {"STORAGE_BUCKET": "b", "SIGNED_URL_EXPIRY_SECONDS": "999999"},
+            {"STORAGE_BUCKET": "bkt", "SIGNED_URL_EXPIRY_SECONDS": "999999"},
             "listener: configuration error: SIGNED_URL_EXPIRY_SECONDS must be less than or equal to 604800 (got '999999')",
         ),
         (
-            {"STORAGE_BUCKET": "b", "LOG_LEVEL": "LOUD"},
+            {"STORAGE_BUCKET": "bkt", "LOG_LEVEL": "LOUD"},
             "listener: configuration error: LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR",
         ),
         (
-            {"STORAGE_BUCKET": "b", "RUNPOD_LOG_LEVEL": "LOUD"},
+            {"STORAGE_BUCKET": "bkt", "RUNPOD_LOG_LEVEL": "LOUD"},
             "listener: configuration error: RUNPOD_LOG_LEVEL must be one of NOTSET, TRACE, DEBUG, INFO, WARN, ERROR",
         ),
     ],
@@ -241,7 +244,7 @@ def test_a_secret_in_the_wrong_variable_is_never_echoed():
         assert f"(got {len(value)} characters, not shown)" in result.stderr
         assert pem not in result.stderr + result.stdout and value[20:60] not in result.stderr + result.stdout
         assert_configuration_event(result.stdout, result.stderr.rstrip("\n"))
-    result = run_worker({"STORAGE_BUCKET": "b", "LEASE_SECONDS": "rpa_0A1B2C3D4E5F6G7H8I9J"})
+    result = run_worker({"STORAGE_BUCKET": "bkt", "LEASE_SECONDS": "rpa_0A1B2C3D4E5F6G7H8I9J"})
     line = "listener: configuration error: LEASE_SECONDS must be a valid integer, unable to parse string as an integer"
     assert (result.returncode, result.stderr) == (2, f"{line} (got '<redacted>')\n")
 
@@ -263,7 +266,7 @@ def test_no_setting_echoes_a_long_value(clean_env):
             refused.append(name)
             assert value[20:60] not in str(exc), (name, str(exc)[:200])
         clean_env.delenv(str(name))
-        clean_env.setenv("STORAGE_BUCKET", "b")
+        clean_env.setenv("STORAGE_BUCKET", "bkt")
     assert {"FIREGEN_VIDEO_CACHE_THRESHOLD", "FIREGEN_ATTENTION_BACKEND", "LEASE_SECONDS"} <= set(refused)
 
 
@@ -277,7 +280,7 @@ def assert_configuration_event(stdout: str, line: str) -> None:
 
 # Settings the engine checks once the clients are made (the emulators' clients need no server to be made).
 EMULATED = {
-    "STORAGE_BUCKET": "b",
+    "STORAGE_BUCKET": "bkt",
     "GOOGLE_CLOUD_PROJECT": "demo-settings",
     "FIRESTORE_EMULATOR_HOST": "127.0.0.1:9",
     "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9",

@@ -202,7 +202,7 @@ def test_the_worker_validates_retention_at_start_up(monkeypatch):
     from listener.settings import Settings, SettingsError, load_settings
 
     assert Settings.model_fields["retention_days"].default == lifecycle.RETENTION_DAYS_DEFAULT
-    monkeypatch.setenv("STORAGE_BUCKET", "b")
+    monkeypatch.setenv("STORAGE_BUCKET", "bkt")
     monkeypatch.setenv("RETENTION_DAYS", "-1")
     with pytest.raises(SettingsError, match="^RETENTION_DAYS must be greater than or equal to 0"):
         load_settings()

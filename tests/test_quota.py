@@ -93,7 +93,7 @@ def test_a_video_larger_than_the_calibration_costs_its_attentions_square():
 def test_the_worker_reads_the_limits_from_its_environment(monkeypatch):
     from listener.settings import SettingsError, load_settings
 
-    monkeypatch.setenv("STORAGE_BUCKET", "b")
+    monkeypatch.setenv("STORAGE_BUCKET", "bkt")
     settings = load_settings()
     assert (settings.user_max_running, settings.user_max_pending, settings.user_daily_budget) == (2, 20, 600.0)
     monkeypatch.setenv("USER_MAX_RUNNING", "4")

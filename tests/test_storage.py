@@ -573,7 +573,7 @@ def test_the_default_upload_retries_last_the_whole_retry_budget(monkeypatch):
     waits, even at their shortest (no jitter), add up to the budget: the time is what bounds them."""
     from types import SimpleNamespace
 
-    monkeypatch.setenv("STORAGE_BUCKET", "b")
+    monkeypatch.setenv("STORAGE_BUCKET", "bkt")
     for name in ("UPLOAD_RETRY_ATTEMPTS", "UPLOAD_RETRY_MAX_SECONDS"):
         monkeypatch.delenv(name, raising=False)
     policy = RetryPolicy.from_settings(load_settings())
@@ -824,7 +824,7 @@ def test_settings_defaults(clean_env):
 def test_settings_errors_name_the_variable(clean_env):
     with pytest.raises(SettingsError, match="^STORAGE_BUCKET is required$"):
         load_settings()
-    clean_env.setenv("STORAGE_BUCKET", "b")
+    clean_env.setenv("STORAGE_BUCKET", "bkt")
     clean_env.setenv("URL_STYLE", "presigned")
     with pytest.raises(SettingsError, match="^URL_STYLE must be one of public, signed, token$"):
         load_settings()
