@@ -1807,6 +1807,12 @@ def _whole(name: str, value: str, low: int, high: int) -> tuple[str, str, str]:
             "STORAGE_BUCKET must be a bucket's name alone, without gs:// or a path (e.g. my-app.firebasestorage.app) "
             "(got 'gs://my-app.firebasestorage.app')",
         ),
+        (
+            "STORAGE_BUCKET",
+            "ab",
+            "STORAGE_BUCKET must be a bucket's name: 3 to 63 characters, or up to 222 with dots and at most 63 between "
+            "two dots (got 'ab')",
+        ),
         # A long value may be a secret pasted into the wrong variable: never quoted back.
         (
             "USER_MAX_RUNNING",
