@@ -35,7 +35,8 @@ def bucket_name_problem(name: str) -> str | None:
         return "a bucket's name alone, without gs:// or a path (e.g. my-app.firebasestorage.app)"
     if not _BUCKET_NAME.fullmatch(name):
         return "a bucket's name: lowercase letters, digits, - _ and ., starting and ending with a letter or a digit"
-    # Cloud Storage's own limits: such a name passed the start and failed as no bucket, at a job's upload.
+    # Cloud Storage's own limits: such a name was told as a bucket that does not exist (the workers' start-up
+    # check), or not at all (the functions' deletes).
     if not 3 <= len(name) <= (222 if "." in name else 63) or any(len(part) > 63 for part in name.split(".")):
         return "a bucket's name: 3 to 63 characters, or up to 222 with dots and at most 63 between two dots"
     return None

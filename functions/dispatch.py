@@ -434,7 +434,12 @@ def generate(
     fields["user_id"] = uid
     # A file_uid given twice, differently, names no one job. The same value twice (0 and 0.0) names one, and is
     # refused as the contract refuses it (the fuzz audit: it ran under a made-up id).
-    file_uids = [value for _, value in spellings(raw, "file_uid") if not left_out(value)]
+    # Blank (whitespace alone) is left out too, as the contract reads a blank id as missing: the callable makes one.
+    file_uids = [
+        value
+        for _, value in spellings(raw, "file_uid")
+        if not left_out(value) and not (isinstance(value, str) and not value.strip())
+    ]
     named = bool(file_uids) and all(same(file_uids[0], value) for value in file_uids[1:])
     if not named:
         fields["file_uid"] = uuid.uuid4().hex  # the reply's fileUid names it

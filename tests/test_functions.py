@@ -3006,6 +3006,9 @@ def test_a_null_user_id_is_left_out_and_a_file_uid_of_no_string_is_refused_as_su
     runpod = stub(ACCEPTED)
     data = {"prompt": "a car", "file_uid": "null-uid", "user_id": None, "userId": None}
     assert dispatch.generate(firestore_client, runpod.client(), uid="u-nulluid", data=data)["status"] == "accepted"
+    # A blank one is left out as an empty one is: the callable makes the id (the contract reads blank as missing).
+    reply = dispatch.generate(firestore_client, runpod.client(), uid="u-nulluid", data={"prompt": "x", "fileUid": " "})
+    assert reply["status"] == "accepted" and reply["fileUid"].strip() == reply["fileUid"] != ""
     for file_uid in (["a"], {"a": 1}):
         with pytest.raises(CallError) as raised:
             dispatch.generate(
@@ -3015,7 +3018,7 @@ def test_a_null_user_id_is_left_out_and_a_file_uid_of_no_string_is_refused_as_su
             "invalid-argument",
             "Validation failed: file_uid must be a string",
         )
-    assert len(runpod.requests) == 1
+    assert len(runpod.requests) == 2
 
 
 def test_a_refused_calls_created_doc_keeps_its_prompt_beside_a_field_given_twice(firestore_client, stub):
