@@ -642,7 +642,7 @@ def test_a_full_model_on_a_cpu_only_torch_is_warned_of_at_start(
     if torch.cuda.is_available():
         pytest.skip("torch sees a CUDA device here: the full model runs on it, unwarned")
     project = emu.unique_id("demo-worker")
-    env = emu.emulator_env(firestore_emulator, storage_emulator, project, "b")
+    env = emu.emulator_env(firestore_emulator, storage_emulator, project, "bkt")
     worker = WorkerProcess(
         emulator_logs, {**env, "FIREGEN_CACHE": str(tiny_cache)}, IMAGE_MODEL=str(tmp_path), VIDEO_MODEL="none"
     )
@@ -689,7 +689,7 @@ def test_a_taken_port_is_not_a_clean_exit(firestore_emulator, storage_emulator, 
         taken.listen()
         port = taken.getsockname()[1]
         project = emu.unique_id("demo-worker")
-        env = emu.emulator_env(firestore_emulator, storage_emulator, project, "b")
+        env = emu.emulator_env(firestore_emulator, storage_emulator, project, "bkt")
         done = subprocess.run(
             [
                 sys.executable,
