@@ -21,8 +21,8 @@ found, is restarted) and the worker's heartbeat (`workers/{worker_id}`, firegen_
 only a hint; the claim (a compare-and-set) decides, so many workers can race.
 
 A free slot (CONCURRENCY of them) claims the next candidate and, with BATCH_MAX > 1, more of its batch key
-(`FairQueue.pop_batch`), each claim fenced on its own; the runner runs them in one generation call. Once their
-files are stored, the slot goes to the next claim while they complete (`_hand_over`).
+(`FairQueue.pop_batch`), each claim fenced on its own; the runner runs them in one generation call. Once it is
+over, the slot goes to the next claim while their files are stored and they complete (`_hand_over`).
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ class Reconciler:
         # BATCH_MAX: a free slot claims up to this many queued jobs of one `batch_key` and runs them together.
         self.batch_max = batch_max if batch_key is not None else 1
         self.batch_key = batch_key
-        self._slots = 0  # slots claiming, generating or uploading
-        # Batches whose files are stored, completing on a slot they handed over (`_hand_over`).
+        self._slots = 0  # slots claiming or generating, or delivering where not handed over (`_hand_over`)
+        # Batches generated, delivering (upload, completion) on a slot they handed over (`_hand_over`).
         self._delivering = 0
         self.sweep_interval = sweep_interval
         # PLACEHOLDER_GRACE_SECONDS: how long the listeners and the sweep leave a doc that awaits its parameters
@@ -111,7 +111,7 @@ class Reconciler:
         probe = getattr(getattr(runner, "results", None), "probe", None)
         self.storage_outage = StorageOutage(probe, self.claimable_changed) if callable(probe) else None
         if self.storage_outage is not None:
-            runner.on_storage_unavailable = self.storage_outage.begin
+            runner.storage_outage = self.storage_outage
         self._queue: FairQueue[JobKey] = FairQueue(capacity)
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the cancel thread
         self._stops: dict[JobKey, threading.Event] = {}  # claimed or running here → its cancel signal
@@ -531,9 +531,11 @@ class Reconciler:
             log.warning("cancel_error", path=key.path, error=str(exc))
 
     def _hand_over(self, handed: threading.Event) -> None:
-        """A batch's jobs have their files stored: its slot goes to the next claim while they complete (Firestore
-        round trips the device would otherwise sit out, with the next claim's: a second or more at a far region's
-        latency), unless CONCURRENCY batches complete so already. `handed` says it did."""
+        """A batch's generation is over: its slot goes to the next claim while its jobs' files are stored and they
+        complete (round trips to Firestore and Storage the device would otherwise sit out, with the next claim's: a
+        second or more at a far region's latency), unless CONCURRENCY batches deliver so already. `handed` says it
+        did. A Storage that fails the upload costs one job, not two: the next job's upload waits for Storage
+        (`JobRunner._upload`)."""
         with self._cv:
             if not handed.is_set() and self._delivering < self.concurrency:
                 handed.set()
@@ -543,7 +545,7 @@ class Reconciler:
 
     def _run(self, jobs: list[tuple[ClaimedJob, threading.Event]]) -> None:
         lost: list[JobKey] = []
-        handed = threading.Event()  # its slot handed over, its files stored (`_hand_over`)
+        handed = threading.Event()  # its slot handed over, its generation over (`_hand_over`)
         try:
             # Split by the batch key of each doc as claimed: a doc changed since it was offered runs on its own.
             batches: dict[Hashable, list[tuple[ClaimedJob, threading.Event]]] = {}
@@ -562,8 +564,8 @@ class Reconciler:
                     with self._renewing(waiting):
                         # The last group's slot is handed over (the groups before it keep it for the next group).
                         last = index == len(groups) - 1
-                        stored = (lambda: self._hand_over(handed)) if last else None
-                        outcomes = self.runner.run_batch(batch, on_stored=stored) if batch else []
+                        generated = (lambda: self._hand_over(handed)) if last else None
+                        outcomes = self.runner.run_batch(batch, on_generated=generated) if batch else []
                 except Exception as exc:  # a bug in one group: the others still run (a review: left to their leases)
                     log.error(
                         "job_runner_crashed", error=repr(exc), exc_info=exc, paths=[job.key.path for job, _ in batch]

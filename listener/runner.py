@@ -40,6 +40,7 @@ from firegen_core.results import most
 
 from .lease import Heartbeat, RunOutcome, job_ids, log_failure, quietly, release, transient
 from .storage import StorageUnavailable, Superseded, UploadStopped, claim_stamp, refused_access
+from .storage_outage import StorageOutage
 
 log = structlog.get_logger("listener.runner")
 
@@ -56,6 +57,7 @@ FINISH_PATIENCE_SECONDS = 600.0
 # worker's stop (which waits 5 s more, for the release) never leaves it `processing` for its lease to run out (a
 # Storage audit: an upload retrying a hung Storage outlived the stop, and the job lost a try to it).
 LEAVING_DELIVERY_SECONDS = 25.0
+STORAGE_WAIT_STEP_SECONDS = 0.5  # how often a job waiting for Storage to answer looks whether it must stop
 
 
 class NotRecorded(Exception):
@@ -170,8 +172,8 @@ class JobRunner:
         self.leaving_since: float | None = None  # time.monotonic() when `abort` was first set
         # Called when the bucket refuses an upload for want of access (the worker's part: stop claiming and leave).
         self.on_storage_refused: Callable[[BaseException], None] | None = None
-        # Called when Storage failed an upload past its retries (the reconciler's part: claim nothing until it answers).
-        self.on_storage_unavailable: Callable[[BaseException], None] | None = None
+        # Told when Storage failed an upload past its retries (the reconciler's: claim nothing until it answers).
+        self.storage_outage: StorageOutage | None = None
         self._heartbeats: set[Heartbeat] = set()  # of the jobs running now
 
     def release_running(self) -> None:
@@ -196,14 +198,14 @@ class JobRunner:
         self,
         jobs: Sequence[tuple[ClaimedJob, threading.Event | None]],
         *,
-        on_stored: Callable[[], None] | None = None,
+        on_generated: Callable[[], None] | None = None,
     ) -> list[RunOutcome]:
         """Run claimed jobs through one generation call (`generate_batch`; a single job: `generate`), each as
         `run` would: its own lease, progress, cancel signal, fence, upload and final write, so one job's cancel,
         lost lease or bad document ends that job alone. Their deadline is the batch's: the deadline of their
-        summed estimates (they finish together). Outcomes in the order of `jobs`. `on_stored`: called once every
-        generated job has its files stored or has ended (the device is free for another job by then; what is left
-        is each job's completion, a Firestore write)."""
+        summed estimates (they finish together). Outcomes in the order of `jobs`. `on_generated`: called once the
+        generation call is over (the device is free for another job; what is left is each job's fence check,
+        upload and completion: round trips to Firestore and Storage)."""
         started = time.monotonic()
         outcomes: dict[int, RunOutcome] = {}
         parsed: dict[int, tuple[ClaimedJob, threading.Event, GenerationRequest]] = {}
@@ -255,19 +257,17 @@ class JobRunner:
             seconds = time.monotonic() - t0
             for run in runs.values():
                 run.hold()
-            stored = _Stored(len(runs), on_stored)
+            if on_generated is not None:
+                on_generated()
             # Each job's writes wait out a Firestore outage until then: the batch's jobs share it.
             patient_until = time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
 
             def deliver(run: _Run, result: Any) -> RunOutcome:
-                done = stored.one()
                 try:
-                    return self._deliver(run, result, seconds, patient_until, stored=done)
+                    return self._deliver(run, result, seconds, patient_until)
                 except Exception as exc:  # its lease lapses and another try runs it; the batch's others go on
                     log.error("job_runner_crashed", error=repr(exc), exc_info=exc, **job_ids(run.job))
                     return RunOutcome.LOST
-                finally:
-                    done()
 
             if len(runs) <= 1:
                 for (index, run), result in zip(runs.items(), generated, strict=True):
@@ -304,11 +304,9 @@ class JobRunner:
         result: Any,
         generation_seconds: float,
         patient_until: float,
-        stored: Callable[[], None] = lambda: None,
     ) -> RunOutcome:
-        """Upload a generated job's files and complete it; or fail, stop or release it (`stored`: called once its
-        files are). The job's heartbeat stops before its last write, except `complete`, which it covers (the upload
-        is done by then)."""
+        """Upload a generated job's files and complete it; or fail, stop or release it. The job's heartbeat stops
+        before its last write, except `complete`, which it covers (the upload is done by then)."""
         job, heartbeat, request = run.job, run.heartbeat, run.request
         if run.ending is not None:  # a batched job that stopped early: its end is written already
             run.ending.join()
@@ -331,15 +329,7 @@ class JobRunner:
             run.resume()
             t1 = time.monotonic()
             uploading = True
-            with structlog.contextvars.bound_contextvars(**job_ids(job)):  # its retries' log lines name the job
-                urls = self.results.upload(
-                    job.key.user_id,
-                    job.key.file_uid,
-                    request.task_type,
-                    result.files,
-                    claim=claim_stamp(job.claimed_at),
-                    until=lambda: self._upload_until(run),
-                )
+            urls = self._upload(run, result.files)
             fields = lifecycle.success(
                 task_type=request.task_type,
                 user_id=job.key.user_id,
@@ -354,7 +344,6 @@ class JobRunner:
                     "upload_seconds": time.monotonic() - t1,
                 },
             )
-            stored()
             heartbeat.quiet(QUIET_WAIT_SECONDS)
             # The heartbeat keeps the lease while a Firestore blip makes `complete` wait: the upload is done,
             # so the job neither fails nor runs again for it.
@@ -365,10 +354,10 @@ class JobRunner:
             return self._interrupted(run)
         except UploadStopped as exc:  # cancelled, timed out or taken over, or the worker leaving, mid-upload
             heartbeat.stop()
-            if exc.storage_away and self.on_storage_unavailable is not None:
+            if exc.storage_away and self.storage_outage is not None:
                 # Storage was failing it: claims wait for Storage as after a failure (a review: the next job was
                 # claimed and generated into it); a probe resumes them within seconds where Storage answers.
-                self.on_storage_unavailable(exc)
+                self.storage_outage.begin(exc)
             outcome = self._interrupted(run, later=exc.storage_away)
             if outcome == RunOutcome.LOST:  # not this claim's (taken over, restated, deleted): no doc names them
                 self._drop_this_try(job, request, later=exc.storage_away)
@@ -401,8 +390,6 @@ class JobRunner:
             # Its owner's cancel wins over the failure it met meanwhile (an upload failing as it was cancelled).
             error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else _caused(exc)
             outcome = self._fail(job, error, seconds=run.seconds())
-            if isinstance(exc, StorageUnavailable) and self.on_storage_unavailable is not None:
-                self.on_storage_unavailable(exc)
             if outcome == RunOutcome.FAILED and (uploading or job.lease.attempt > 1):
                 # No doc names them: what this try uploaded before it failed (a job's files go up at once), or an
                 # earlier try's, stopped during its upload (restated, taken over), that no later try wrote over
@@ -437,6 +424,43 @@ class JobRunner:
             **job_ids(job),
         )
         return RunOutcome.COMPLETED
+
+    def _upload(self, run: _Run, files: Sequence[tuple]) -> list[str]:
+        """The job's files uploaded: their URLs. Where Storage fails past the retries, the job whose failure begins
+        the outage fails (claims pause: listener/storage_outage.py); one generated meanwhile (its slot was handed
+        over as the generation before it ended) waits for Storage to answer and tries again, rather than throw its
+        generation away too (a review of the hand-over: with its own failure, the outage cost two jobs).
+        UploadStopped where it must stop meanwhile (cancelled, its lease lost, the worker leaving)."""
+        job = run.job
+        while True:
+            try:
+                with structlog.contextvars.bound_contextvars(**job_ids(job)):  # its retries' log lines name the job
+                    return self.results.upload(
+                        job.key.user_id,
+                        job.key.file_uid,
+                        run.request.task_type,
+                        files,
+                        claim=claim_stamp(job.claimed_at),
+                        until=lambda: self._upload_until(run),
+                    )
+            except StorageUnavailable as exc:
+                if self.storage_outage is None or self.storage_outage.begin(exc):
+                    raise
+                log.warning("job_waits_for_storage", error=str(exc), **job_ids(job))
+                if not self._wait_for_storage(run, self.storage_outage):
+                    raise UploadStopped("stopped while waiting for Storage", storage_away=True) from exc
+
+    def _wait_for_storage(self, run: _Run, outage: StorageOutage) -> bool:
+        """Until Storage answers again (True), or the job must stop first (False). Held meanwhile: the wait is not
+        the job's own time, and its lease is kept."""
+        run.hold()
+        try:
+            while self._upload_until(run) > time.monotonic():
+                if outage.wait_over(STORAGE_WAIT_STEP_SECONDS):
+                    return True
+            return False
+        finally:
+            run.resume()
 
     def _timed_out(self, run: _Run) -> bool:
         """Whether the heartbeat failed the job `Timeout` (or set out to), by Firestore's word: its write may still
@@ -643,33 +667,6 @@ class JobRunner:
 # image the contract allows (4 at 1024x1024, 50 steps) took 120 s on a 2-core machine, its 120 s limit, and the
 # largest video 688 s of its 871. Unless JOB_TIMEOUT_MULTIPLE is set, a worker on no CUDA card uses this multiple.
 CPU_TIMEOUT_MULTIPLE = 50.0
-
-
-class _Stored:
-    """Calls `then` once each of `count` deliveries said (`one()`'s callable, once each, any number of calls) that
-    its files are stored, or that it ended without: a Storage that fails a job's upload holds the slot until it
-    failed, so its outage pauses claims (listener/storage_outage.py) before the next job is claimed, not while the
-    next one generates into it (a review: twice the jobs failed)."""
-
-    def __init__(self, count: int, then: Callable[[], None] | None):
-        self._left, self._then = count, then
-        self._lock = threading.Lock()
-
-    def one(self) -> Callable[[], None]:
-        said = False
-
-        def say() -> None:
-            nonlocal said
-            with self._lock:
-                if said:
-                    return
-                said = True
-                self._left -= 1
-                last = self._left == 0
-            if last and self._then is not None:
-                self._then()
-
-        return say
 
 
 def deadline_from(settings, device: str | None = None) -> Deadline:

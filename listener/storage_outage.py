@@ -5,6 +5,8 @@ A job claimed during a Storage outage is generated, then fails `ConnectionError`
 failures that each cost a generation. The first such failure pauses claiming (`claims_paused`); one small request
 to the bucket, tried again with backoff, resumes it once Storage answers (`claims_resumed`). Meanwhile the jobs wait
 queued, for this worker or another whose Storage answers; running jobs, cancels and inline runsync requests go on.
+A job generated beside the first (a slot goes to the next claim as its generation ends) whose upload fails too
+waits for that answer (`wait_over`) and tries again, rather than throw its generation away.
 """
 
 from __future__ import annotations
@@ -34,26 +36,41 @@ class StorageOutage:
         self._lock = threading.Lock()
         self._since: float | None = None  # time.monotonic() of the pause
         self._closed = threading.Event()
+        self._over = threading.Event()  # no pause (none yet, or Storage answered), or the worker is stopping
+        self._over.set()
 
     @property
     def ongoing(self) -> bool:
         return self._since is not None
 
-    def begin(self, exc: BaseException) -> None:
+    def begin(self, exc: BaseException) -> bool:
+        """Pause claims for `exc`, an upload's failure. Whether its job is the outage's first (it began the pause,
+        or none can begin: the worker is stopping), to fail as such; else another job's failure began it, and this
+        one may wait for its end (`wait_over`)."""
         with self._lock:
-            if self._since is not None or self._closed.is_set():
-                return
+            if self._closed.is_set():
+                return True
+            if self._since is not None:
+                return False
             self._since = time.monotonic()
+            self._over.clear()
         try:
             threading.Thread(target=self._probe_loop, name="storage-probe", daemon=True).start()
         except Exception:  # out of threads: no probe to end the pause, so none
             with self._lock:
                 self._since = None
+                self._over.set()
             raise
         log.warning("claims_paused", reason="storage", error=str(exc))
+        return True
+
+    def wait_over(self, timeout: float) -> bool:
+        """True once the pause is over (Storage answered), or the worker stops (a last try within its grace)."""
+        return self._over.wait(timeout)
 
     def close(self) -> None:
         self._closed.set()
+        self._over.set()
 
     def _probe_loop(self) -> None:
         wait = FIRST_PROBE_SECONDS
@@ -66,6 +83,7 @@ class StorageOutage:
                     continue
             with self._lock:
                 since, self._since = self._since, None
+                self._over.set()
             log.info("claims_resumed", reason="storage", paused_seconds=round(time.monotonic() - (since or 0.0), 1))
             self.on_over()
             return

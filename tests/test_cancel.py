@@ -25,6 +25,7 @@ from fixtures_scheduling import (  # noqa: F401  (fixtures)
 from firegen_core.claims import WorkerJobs
 from firegen_core.deadline import Deadline
 from firegen_core.jobs import JobKey
+from listener.storage_outage import StorageOutage
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "functions"))
 import dispatch
@@ -198,9 +199,9 @@ def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client
     assert cancel_events(events) == [("job_cancelled", "uploading", "upload")]
 
 
-def failing_storage(retried: threading.Event):
+def failing_storage(retried: threading.Event, max_seconds: float = 30):
     """A ResultStore whose Storage is down (a port nobody listens on: each request refused at once), retrying for
-    30 s, far past what these tests wait; `retried` is set at its first retry."""
+    `max_seconds` (by default far past what these tests wait); `retried` is set at its first retry."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
@@ -213,7 +214,7 @@ def failing_storage(retried: threading.Event):
         client,
         "b",
         emulator_host=down,
-        retry=RetryPolicy(attempts=100, max_seconds=30, initial_wait=0.1, max_wait=0.3, request_timeout=1),
+        retry=RetryPolicy(attempts=100, max_seconds=max_seconds, initial_wait=0.1, max_wait=0.3, request_timeout=1),
         on_retry=lambda name, attempt, exc: retried.set(),
     )
 
@@ -229,8 +230,8 @@ def test_a_cancel_while_storage_fails_the_upload_stops_its_retries_and_ends_canc
     store = WorkerJobs(firestore_client, worker_id="w")
     retried = threading.Event()
     runner = JobRunner(store, StubGenerator(), failing_storage(retried), renew_interval=0.2)
-    outage: list = []  # what pauses claims (listener/storage_outage.py): Storage was failing the upload cut short
-    runner.on_storage_unavailable = outage.append
+    # What pauses claims (listener/storage_outage.py): Storage was failing the upload cut short.
+    runner.storage_outage = outage = StorageOutage(storage_never_answers, lambda: None)
     ended: list = []
     running = threading.Thread(target=lambda: ended.append(runner.run(store.claim(key))), daemon=True)
     running.start()
@@ -239,10 +240,59 @@ def test_a_cancel_while_storage_fails_the_upload_stops_its_retries_and_ends_canc
     cancelled_at = time.monotonic()
     running.join(timeout=15)
     assert ended == ["failed"] and time.monotonic() - cancelled_at < 5  # its budget had 30 s left
-    assert len(outage) == 1
+    assert outage.ongoing
+    outage.close()
     assert outcome(read(firestore_client, key)) == CANCELLED
     [heard] = [e for e in events if e["event"] == "job_cancel_requested"]
     assert heard["heard"] == "lease renewal"
+
+
+def storage_never_answers() -> None:
+    raise ConnectionError("Storage is away")
+
+
+@pytest.mark.parametrize("stop", ["cancel", "leave"])
+def test_a_job_waiting_for_storage_after_another_jobs_failure_stops_when_it_must(
+    firestore_client, events, monkeypatch, stop
+):
+    """A job generated beside one whose upload failure paused claims (its slot went to it as that generation
+    ended) waits for Storage rather than fail too (`JobRunner._upload`), its lease kept. Its owner's cancel still
+    ends it `Cancelled` within a beat; the worker leaving releases it within LEAVING_DELIVERY_SECONDS."""
+    import listener.runner as runner_module
+    from listener.runner import JobRunner
+
+    monkeypatch.setattr(runner_module, "LEAVING_DELIVERY_SECONDS", 1.0)
+    key = JobKey("u1", "images", f"waits-for-storage-{stop}")
+    queue_jobs(firestore_client, [key])
+    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=2)
+    retried = threading.Event()
+    runner = JobRunner(store, StubGenerator(), failing_storage(retried, max_seconds=0.5), renew_interval=0.2)
+    runner.storage_outage = outage = StorageOutage(storage_never_answers, lambda: None)
+    assert outage.begin(ConnectionError("another job's upload failed past its retries"))  # that job failed
+    ended: list = []
+    running = threading.Thread(target=lambda: ended.append(runner.run(store.claim(key))), daemon=True)
+    running.start()
+    try:
+        [waits] = wait_until(lambda: [e for e in events if e["event"] == "job_waits_for_storage"], timeout=15)
+        assert waits["file_uid"] == key.file_uid
+        lease = read(firestore_client, key)["lease_expires_at"]
+        # Its lease (2 s) renewed past its end as it waits: the job is still this worker's, not another's to take.
+        wait_until(lambda: read(firestore_client, key)["lease_expires_at"].timestamp() > lease.timestamp() + 3)
+        assert read(firestore_client, key)["status"] == "processing" and not ended
+        if stop == "cancel":
+            cancel(firestore_client, key)
+        else:
+            runner.release_running()
+        stopped_at = time.monotonic()
+        running.join(timeout=15)
+        assert time.monotonic() - stopped_at < 5
+    finally:
+        outage.close()
+    doc = read(firestore_client, key)
+    if stop == "cancel":
+        assert ended == ["failed"] and outcome(doc) == CANCELLED
+    else:
+        assert ended == ["released"] and (doc["status"], doc["releases"]) == ("queued", 1)
 
 
 def test_a_worker_leaving_releases_a_generated_job_whose_upload_storage_keeps_failing(

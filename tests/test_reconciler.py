@@ -1125,12 +1125,12 @@ class HeldCompletions(WorkerJobs):
         return super().complete(job, fields)
 
 
-def test_a_job_with_its_files_stored_completes_while_the_next_one_generates_and_no_more_complete_than_the_slots(
+def test_a_generated_job_completes_while_the_next_one_generates_and_no_more_deliver_than_the_slots(
     firestore_client, results
 ):
-    """CONCURRENCY 1: a job whose files are stored hands its slot over while its completion is written (Firestore
-    round trips the device would otherwise sit out), so the next job generates meanwhile; while that one completes
-    too, the slot is held: no more batches complete so than there are slots."""
+    """CONCURRENCY 1: a generated job hands its slot over while its files are stored and its completion written
+    (round trips the device would otherwise sit out), so the next job generates meanwhile; while that one delivers
+    too, the slot is held: no more batches deliver so than there are slots."""
     generator = StubGenerator()
     store = HeldCompletions(firestore_client, worker_id="w", lease_seconds=30)
     with started_reconcilers() as start:
@@ -1189,30 +1189,60 @@ def test_a_users_next_job_waits_unclaimed_while_their_job_at_the_limit_completes
     assert store.refused == 0
 
 
-def test_a_job_whose_upload_storage_fails_keeps_its_slot_so_the_outage_pauses_claims_first(
-    firestore_client, results, storage_emulator
+class HeldUploads(ResultStore):
+    """The result store, each upload held at its door until `gate` opens (a far Storage; a stand-in)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate, self.uploading = threading.Event(), []
+
+    def upload(self, user_id, file_uid, *args, **kwargs):
+        self.uploading.append(file_uid)
+        assert self.gate.wait(60)
+        return super().upload(user_id, file_uid, *args, **kwargs)
+
+
+def test_the_next_job_generates_while_one_uploads_and_a_storage_outage_then_costs_one_job(
+    firestore_client, results, storage_emulator, monkeypatch
 ):
-    """A review: the slot went to the next claim as the generation ended, and while one job's upload retried a
-    Storage that was away, the next was claimed, generated, and failed too. The slot goes once the files are
-    stored, so the first failure pauses claims (`claims_paused`) before another job is claimed."""
-    generator = StubGenerator(threading.Event())
+    """CONCURRENCY 1: the slot goes to the next claim as a generation ends, so the device does not sit out the
+    upload's round trips (a far region's: most of a second a job). A review of that hand-over: while one job's
+    upload retried a Storage that was away, the next was generated, and failed too. Now the first failure pauses
+    claims, and the job generated meanwhile waits for Storage, then completes with what it generated: the outage
+    costs one job, and nothing is generated twice."""
+    from listener import storage_outage
+
+    monkeypatch.setattr(storage_outage, "FIRST_PROBE_SECONDS", 0.1)
+    monkeypatch.setattr(storage_outage, "LONGEST_PROBE_SECONDS", 0.5)
+    generator = StubGenerator()
     store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=30)
+    held = HeldUploads(results.client, results.bucket_name, retry=results.retry, emulator_host=storage_emulator.url)
     with started_reconcilers() as start:
-        worker = start(CountingReconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
-        keys = [JobKey(f"u{i}", "images", f"away-{i}") for i in range(3)]
+        worker = start(CountingReconciler(store, JobRunner(store, generator, held), sweep_interval=0.3))
+        keys = [JobKey(f"u{i}", "images", f"away-{i}") for i in range(3)]  # three users: no user's limit in the way
         for key in keys:
             write_job(firestore_client, key)
-        assert generator.started.wait(15)
-        storage_emulator.stop()
         try:
-            generator.gate.set()
+            # The second generated while the first's upload waits; it holds its slot (one delivers so already).
+            assert wait_until(lambda: len(held.uploading) == 2)
+            sweeps = worker.sweeps
+            assert wait_until(lambda: worker.sweeps >= sweeps + 3)  # the third offered again and again meanwhile
+            assert sorted(generator.calls) == sorted(held.uploading)
+            storage_emulator.stop()
+            held.gate.set()
             assert wait_until(lambda: any(finished(firestore_client, k) for k in keys), timeout=30)
             sweeps = worker.sweeps
-            assert wait_until(lambda: worker.sweeps >= sweeps + 3)  # the others offered again and again meanwhile
-            assert len(generator.calls) == 1 and worker.storage_outage.ongoing
-            assert sorted(doc(firestore_client, k)["status"] for k in keys) == ["failed", "queued", "queued"]
+            assert wait_until(lambda: worker.sweeps >= sweeps + 3)
+            assert len(generator.calls) == 2 and worker.storage_outage.ongoing
+            statuses = {k.file_uid: doc(firestore_client, k)["status"] for k in keys}
+            assert sorted(statuses.values()) == ["failed", "processing", "queued"], statuses
         finally:
             storage_emulator.start()
+        ends = {k.file_uid: wait_until(lambda k=k: finished(firestore_client, k), timeout=30) for k in keys}
+    [first] = [uid for uid, data in ends.items() if data["status"] == "failed"]
+    assert (ends[first]["error_type"], statuses[first]) == ("ConnectionError", "failed")
+    assert all(data["status"] == "completed" for uid, data in ends.items() if uid != first)
+    assert sorted(generator.calls) == sorted(k.file_uid for k in keys)  # the one that waited was not run again
 
 
 def test_a_later_try_removes_the_images_an_earlier_try_of_more_images_left(firestore_client, results, bucket):
