@@ -233,6 +233,8 @@ def _not_loaded(task_type: str) -> errors.ModelNotAvailable:
 class Engine:
     """Runs jobs on this process's models. Safe to call from several threads; jobs run one at a time per model."""
 
+    calls_on_generated = True  # `generate`'s `on_generated`, before the encoding (listener/runner.py asks)
+
     def __init__(self, config: EngineConfig | None = None, runtime: Runtime | None = None):
         self.config = config or EngineConfig()
         if not self.config.fp8:
@@ -325,14 +327,24 @@ class Engine:
                 )
             return self._pipelines[task_type]
 
-    def generate(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
-        """Run one job. Raises GenerationError (contract error types) or errors.Interrupted from `progress`."""
+    def generate(
+        self,
+        request: GenerationRequest,
+        progress: ProgressFn | None = None,
+        *,
+        on_generated: Callable[[], None] | None = None,
+    ) -> GenerationResult:
+        """Run one job. Raises GenerationError (contract error types) or errors.Interrupted from `progress`.
+        `on_generated`: called once the device is done with it, before its files are encoded (CPU work, a video's
+        seconds of it, that the next job's generation may overlap)."""
         started = time.perf_counter()
         pipeline = self.pipeline(request.task_type)
         loaded = time.perf_counter()
         seed = resolve_seed(request.seed)
         cut = pipeline.prompt_cut(request.prompt)
         output = pipeline.generate(request, seed, progress)
+        if on_generated is not None:
+            on_generated()
         # A video's encode takes seconds with no step in it: the job's progress, at its end already, is asked
         # again before each frame, so that a job that must stop (cancelled, released) stops there too.
         still_wanted = functools.partial(progress, 1.0) if progress is not None else None
@@ -340,12 +352,16 @@ class Engine:
         return self._finish(request, seed, output, pipeline.role, marks, still_wanted, cut=cut)
 
     def generate_batch(
-        self, requests: list[GenerationRequest], progress: list[ProgressFn | None] | None = None
+        self,
+        requests: list[GenerationRequest],
+        progress: list[ProgressFn | None] | None = None,
+        *,
+        on_generated: Callable[[], None] | None = None,
     ) -> list[GenerationResult | errors.GenerationError | errors.Interrupted]:
         """Run text2image jobs of one `batch_key` in one pipeline call, each with its own prompt, seed and
         `progress[i]`. Per job, in order: its result (the same images as `generate` would give, to within
         rounding), or the GenerationError / errors.Interrupted it ended with, so the caller fails or drops that job
-        alone. ValueError if the requests don't share a `batch_key`."""
+        alone. ValueError if the requests don't share a `batch_key`. `on_generated`: as for `generate`."""
         progress = progress or [None] * len(requests)
         started = time.perf_counter()
         try:
@@ -358,6 +374,8 @@ class Engine:
             outputs = pipeline.generate_batch(items)
         except (errors.GenerationError, errors.Interrupted) as failure:
             return [failure] * len(requests)
+        if on_generated is not None:
+            on_generated()
         marks = (started, loaded, time.perf_counter())
         results: list[GenerationResult | errors.GenerationError | errors.Interrupted] = []
         for request, seed, output, cut in zip(requests, seeds, outputs, cuts):

@@ -531,9 +531,9 @@ class Reconciler:
             log.warning("cancel_error", path=key.path, error=str(exc))
 
     def _hand_over(self, handed: threading.Event) -> None:
-        """A batch's generation is over: its slot goes to the next claim while its jobs' files are stored and they
-        complete (round trips to Firestore and Storage the device would otherwise sit out, with the next claim's: a
-        second or more at a far region's latency), unless CONCURRENCY batches deliver so already. `handed` says it
+        """The device is done with a batch: its slot goes to the next claim while its jobs' files are encoded and
+        stored and they complete (CPU work, and round trips to Firestore and Storage, the device would otherwise sit
+        out: a second or more at a far region's latency), unless CONCURRENCY batches deliver so already. `handed` says it
         did. A Storage that fails the upload costs one job, not two: the next job's upload waits for Storage
         (`JobRunner._upload`)."""
         with self._cv:

@@ -65,6 +65,9 @@ class NotRecorded(Exception):
 
 
 class Generator(Protocol):
+    """One with `calls_on_generated` (generation.engine.Engine) takes `on_generated` and calls it once the device
+    is done with the job, before encoding its files; for another the runner calls it once it returns."""
+
     def generate(self, request: GenerationRequest, progress=None) -> Any: ...
 
 
@@ -167,6 +170,8 @@ class JobRunner:
         self.generator = generator
         self.results = results
         self.renew_interval = renew_interval or max(store.lease_seconds / 3, 0.2)
+        # The encoding (a PNG: ~0.15 s of zlib; a video's MP4: seconds) is then off the device's path.
+        self._says_generated = getattr(generator, "calls_on_generated", False) is True
         self.deadline = deadline or Deadline()
         self.abort = threading.Event()  # set on shutdown past the grace period: release running jobs
         self.leaving_since: float | None = None  # time.monotonic() when `abort` was first set
@@ -207,6 +212,8 @@ class JobRunner:
         generation call is over (the device is free for another job; what is left is each job's fence check,
         upload and completion: round trips to Firestore and Storage)."""
         started = time.monotonic()
+        if on_generated is not None:
+            on_generated = _once(on_generated)
         outcomes: dict[int, RunOutcome] = {}
         parsed: dict[int, tuple[ClaimedJob, threading.Event, GenerationRequest]] = {}
         for index, (job, cancel) in enumerate(jobs):
@@ -253,11 +260,11 @@ class JobRunner:
                     **job_ids(run.job),
                 )
             t0 = time.monotonic()
-            generated = self._generate(list(runs.values()))
+            generated = self._generate(list(runs.values()), on_generated)
             seconds = time.monotonic() - t0
             for run in runs.values():
                 run.hold()
-            if on_generated is not None:
+            if on_generated is not None:  # said already where the generator encodes after it (`Generator`)
                 on_generated()
             # Each job's writes wait out a Firestore outage until then: the batch's jobs share it.
             patient_until = time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
@@ -283,15 +290,16 @@ class JobRunner:
                 outcomes.update({index: future.result() for index, future in delivering.items()})
         return [outcomes[index] for index in range(len(jobs))]
 
-    def _generate(self, runs: list[_Run]) -> list[Any]:
+    def _generate(self, runs: list[_Run], on_generated: Callable[[], None] | None = None) -> list[Any]:
         """Per run: its generation result, or the GenerationError / Interrupted it ended with."""
         if not runs:
             return []
+        said = {"on_generated": on_generated} if on_generated is not None and self._says_generated else {}
         try:
             if len(runs) == 1:
-                return [self.generator.generate(runs[0].request, progress=runs[0].progress)]
+                return [self.generator.generate(runs[0].request, progress=runs[0].progress, **said)]
             return cast(BatchGenerator, self.generator).generate_batch(
-                [run.request for run in runs], progress=[run.progress for run in runs]
+                [run.request for run in runs], progress=[run.progress for run in runs], **said
             )
         except Interrupted as exc:
             return [exc] * len(runs)
@@ -667,6 +675,20 @@ class JobRunner:
 # image the contract allows (4 at 1024x1024, 50 steps) took 120 s on a 2-core machine, its 120 s limit, and the
 # largest video 688 s of its 871. Unless JOB_TIMEOUT_MULTIPLE is set, a worker on no CUDA card uses this multiple.
 CPU_TIMEOUT_MULTIPLE = 50.0
+
+
+def _once(call: Callable[[], None]) -> Callable[[], None]:
+    """`call` at its first call only: the generator and the runner may both say a generation ended."""
+    lock, said = threading.Lock(), threading.Event()
+
+    def first() -> None:
+        with lock:
+            if said.is_set():
+                return
+            said.set()
+        call()
+
+    return first
 
 
 def deadline_from(settings, device: str | None = None) -> Deadline:

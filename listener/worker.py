@@ -53,16 +53,16 @@ class DeviceGuard:
         self.generator = generator
         self.on_failure = on_failure
 
-    def generate(self, request, progress=None):
+    def generate(self, request, progress=None, **options):
         try:
-            return self.generator.generate(request, progress=progress)
+            return self.generator.generate(request, progress=progress, **options)
         except Exception as exc:
             self._check(exc)
             raise
 
-    def generate_batch(self, requests, progress=None):
+    def generate_batch(self, requests, progress=None, **options):
         try:
-            results = cast(BatchGenerator, self.generator).generate_batch(requests, progress=progress)
+            results = cast(BatchGenerator, self.generator).generate_batch(requests, progress=progress, **options)
         except Exception as exc:
             self._check(exc)
             raise

@@ -74,6 +74,27 @@ def test_a_jobs_images_are_encoded_at_once(engine, monkeypatch):
     assert [f.data for f in result.files] == [r.files[0].data for r in alone]  # each its own, in order
 
 
+@pytest.mark.parametrize("call", ["image", "batch", "video"])
+def test_on_generated_is_said_once_the_device_is_done_before_the_files_are_encoded(engine, monkeypatch, call):
+    """The worker hands a job's slot to the next claim at `on_generated`: the encoding (a 1024x1024 PNG ~0.15 s of
+    zlib on this CPU, a video's MP4 seconds) is CPU work the next job's generation may overlap."""
+    said: list[str] = []
+    for name in ("encode_png", "encode_mp4"):
+        encode = getattr(media, name)
+        monkeypatch.setattr(
+            media, name, lambda *args, encode=encode, **kwargs: said.append("encoded") or encode(*args, **kwargs)
+        )
+    generated = lambda: said.append("generated")  # noqa: E731
+    if call == "batch":
+        results = engine.generate_batch([image_request(), image_request(seed=7)], on_generated=generated)
+        assert all(result.files for result in results)
+    elif call == "video":
+        assert engine.generate(video_request(), on_generated=generated).files
+    else:
+        assert engine.generate(image_request(), on_generated=generated).files
+    assert said[0] == "generated" and said.count("generated") == 1 and "encoded" in said
+
+
 def test_same_seed_gives_identical_bytes_and_another_seed_does_not(engine):
     first, again = engine.generate(image_request()), engine.generate(image_request())
     assert first.files[0].data == again.files[0].data

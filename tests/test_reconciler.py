@@ -1150,6 +1150,46 @@ def test_a_generated_job_completes_while_the_next_one_generates_and_no_more_deli
         assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
 
 
+class EncodingGenerator(StubGenerator):
+    """Says its generation is over (`on_generated`), as generation.engine.Engine does before it encodes the files,
+    then holds each job's encoding until `encoding` opens."""
+
+    calls_on_generated = True
+
+    def __init__(self):
+        super().__init__()
+        self.encoding, self.encoded = threading.Event(), []
+
+    def generate(self, request, progress=None, on_generated=None):
+        result = super().generate(request, progress)
+        if on_generated is not None:  # a runner that does not pass it: its slot waits for the encoding
+            on_generated()
+        assert self.encoding.wait(60)
+        self.encoded.append(request.file_uid)
+        return result
+
+
+def test_the_next_job_generates_while_one_encodes_its_files(firestore_client, results):
+    """CONCURRENCY 1: a job's encoding (a 1024x1024 PNG: ~0.15 s of zlib; a video's MP4: seconds) is CPU work after
+    the device is done, so its slot goes to the next claim as it starts, through the worker's device guard too."""
+    from listener.worker import DeviceGuard
+
+    generator = EncodingGenerator()
+    store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=30)
+    runner = JobRunner(store, DeviceGuard(generator, lambda exc: None), results)
+    with started_reconcilers() as start:
+        start(Reconciler(store, runner, sweep_interval=0.3))
+        keys = [JobKey(f"u{i}", "images", f"encoding-{i}") for i in range(2)]  # two users: no user's limit in the way
+        for key in keys:
+            write_job(firestore_client, key)
+        try:
+            assert wait_until(lambda: len(generator.calls) == 2)
+            assert generator.encoded == []  # the first still encodes
+        finally:
+            generator.encoding.set()
+        assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
+
+
 class RefusalsCounted(WorkerJobs):
     """The job store, counting the claims that took nothing (another's, or refused: a user's limit)."""
 
