@@ -207,13 +207,14 @@ class Reconciler:
         """Stop claiming; let running jobs finish within `grace` seconds, then release them to the queue."""
         self.stop_claiming()
         self._stopping.set()
-        if self.storage_outage is not None:
-            self.storage_outage.close()
         self.listeners.close()
         if not self.wait_idle(grace):
             log.warning("shutdown_grace_exceeded", releasing=len(self._active))
             self.runner.release_running()
             self.wait_idle(LEAVING_DELIVERY_SECONDS + 5.0)  # a generated job's delivery, then its release's write
+        # After its jobs: one waiting for Storage within the grace delivers where the probe hears it answer.
+        if self.storage_outage is not None:
+            self.storage_outage.close()
         # One bound for all: a loop held up in a Firestore call (a heartbeat's, with Firestore away) ends with the
         # process, and a bound each held an idle worker's exit up to 30 s.
         deadline = time.monotonic() + STOP_JOIN_SECONDS

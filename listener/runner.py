@@ -264,7 +264,10 @@ class JobRunner:
             seconds = time.monotonic() - t0
             for run in runs.values():
                 run.hold()
-            if on_generated is not None:  # said already where the generator encodes after it (`Generator`)
+            # Said already where the generator encodes after it (`Generator`). Not for a generation that failed (a
+            # broken device among the causes): its slot is kept until its end is written, before which the worker's
+            # leaving has stopped its claims.
+            if on_generated is not None and any(not isinstance(result, BaseException) for result in generated):
                 on_generated()
             # Each job's writes wait out a Firestore outage until then: the batch's jobs share it.
             patient_until = time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
@@ -337,7 +340,7 @@ class JobRunner:
             run.resume()
             t1 = time.monotonic()
             uploading = True
-            urls = self._upload(run, result.files)
+            urls = self._upload(run, result.files, patient_until)
             fields = lifecycle.success(
                 task_type=request.task_type,
                 user_id=job.key.user_id,
@@ -433,12 +436,12 @@ class JobRunner:
         )
         return RunOutcome.COMPLETED
 
-    def _upload(self, run: _Run, files: Sequence[tuple]) -> list[str]:
+    def _upload(self, run: _Run, files: Sequence[tuple], patient_until: float) -> list[str]:
         """The job's files uploaded: their URLs. Where Storage fails past the retries, the job whose failure begins
-        the outage fails (claims pause: listener/storage_outage.py); one generated meanwhile (its slot was handed
-        over as the generation before it ended) waits for Storage to answer and tries again, rather than throw its
-        generation away too (a review of the hand-over: with its own failure, the outage cost two jobs).
-        UploadStopped where it must stop meanwhile (cancelled, its lease lost, the worker leaving)."""
+        the outage fails (claims pause: listener/storage_outage.py); another generated meanwhile (its slot was
+        handed over as the generation before it ended) or in the same batch waits for Storage to answer, until
+        `patient_until`, and tries again, rather than throw its generation away too (a review of the hand-over: with
+        its own failure, the outage cost two jobs). UploadStopped where it must stop meanwhile."""
         job = run.job
         while True:
             try:
@@ -455,16 +458,19 @@ class JobRunner:
                 if self.storage_outage is None or self.storage_outage.begin(exc):
                     raise
                 log.warning("job_waits_for_storage", error=str(exc), **job_ids(job))
-                if not self._wait_for_storage(run, self.storage_outage):
-                    raise UploadStopped("stopped while waiting for Storage", storage_away=True) from exc
+                if not self._wait_for_storage(run, self.storage_outage, patient_until):
+                    raise  # as long as a Firestore outage is waited out: then it fails as the first did
 
-    def _wait_for_storage(self, run: _Run, outage: StorageOutage) -> bool:
-        """Until Storage answers again (True), or the job must stop first (False). Held meanwhile: the wait is not
-        the job's own time, and its lease is kept."""
+    def _wait_for_storage(self, run: _Run, outage: StorageOutage, patient_until: float) -> bool:
+        """Until Storage answers again (True), or `patient_until` (False). Held meanwhile: the wait is not the job's
+        own time, and its lease is kept. UploadStopped where it must stop first: cancelled, its lease lost, or the
+        worker leaving (released at once: with Storage away it has nothing to deliver in the leaving's time)."""
         run.hold()
         try:
-            while self._upload_until(run) > time.monotonic():
-                if outage.wait_over(STORAGE_WAIT_STEP_SECONDS):
+            while (left := patient_until - time.monotonic()) > 0:
+                if self.abort.is_set() or self._upload_until(run) <= time.monotonic():
+                    raise UploadStopped("stopped while waiting for Storage", storage_away=True)
+                if outage.wait_over(min(STORAGE_WAIT_STEP_SECONDS, left)):
                     return True
             return False
         finally:

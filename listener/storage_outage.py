@@ -36,7 +36,7 @@ class StorageOutage:
         self._lock = threading.Lock()
         self._since: float | None = None  # time.monotonic() of the pause
         self._closed = threading.Event()
-        self._over = threading.Event()  # no pause (none yet, or Storage answered), or the worker is stopping
+        self._over = threading.Event()  # no pause: none yet, or Storage answered
         self._over.set()
 
     @property
@@ -65,12 +65,13 @@ class StorageOutage:
         return True
 
     def wait_over(self, timeout: float) -> bool:
-        """True once the pause is over (Storage answered), or the worker stops (a last try within its grace)."""
+        """True once the pause is over: Storage answered."""
         return self._over.wait(timeout)
 
     def close(self) -> None:
-        self._closed.set()
-        self._over.set()
+        """No more probes (the worker stops, its jobs ended): a job still waiting is released as the worker leaves."""
+        with self._lock:
+            self._closed.set()
 
     def _probe_loop(self) -> None:
         wait = FIRST_PROBE_SECONDS

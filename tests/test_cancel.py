@@ -251,17 +251,19 @@ def storage_never_answers() -> None:
     raise ConnectionError("Storage is away")
 
 
-@pytest.mark.parametrize("stop", ["cancel", "leave"])
+@pytest.mark.parametrize("stop", ["cancel", "leave", "stop", "patience"])
 def test_a_job_waiting_for_storage_after_another_jobs_failure_stops_when_it_must(
     firestore_client, events, monkeypatch, stop
 ):
     """A job generated beside one whose upload failure paused claims (its slot went to it as that generation
     ended) waits for Storage rather than fail too (`JobRunner._upload`), its lease kept. Its owner's cancel still
-    ends it `Cancelled` within a beat; the worker leaving releases it within LEAVING_DELIVERY_SECONDS."""
+    ends it `Cancelled` within a beat; the worker leaving releases it at once, its probe closed first or not (a
+    review: the stop's close woke it for one more try, which failed it `ConnectionError`); and it waits no longer
+    than a generated job waits out a Firestore outage (FINISH_PATIENCE_SECONDS), then fails as the first did."""
     import listener.runner as runner_module
     from listener.runner import JobRunner
 
-    monkeypatch.setattr(runner_module, "LEAVING_DELIVERY_SECONDS", 1.0)
+    monkeypatch.setattr(runner_module, "FINISH_PATIENCE_SECONDS", 8.0 if stop == "patience" else 600.0)
     key = JobKey("u1", "images", f"waits-for-storage-{stop}")
     queue_jobs(firestore_client, [key])
     store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=2)
@@ -281,16 +283,21 @@ def test_a_job_waiting_for_storage_after_another_jobs_failure_stops_when_it_must
         assert read(firestore_client, key)["status"] == "processing" and not ended
         if stop == "cancel":
             cancel(firestore_client, key)
-        else:
+        elif stop == "stop":
+            outage.close()
+            runner.release_running()
+        elif stop == "leave":
             runner.release_running()
         stopped_at = time.monotonic()
         running.join(timeout=15)
-        assert time.monotonic() - stopped_at < 5
+        assert time.monotonic() - stopped_at < (15 if stop == "patience" else 3)
     finally:
         outage.close()
     doc = read(firestore_client, key)
     if stop == "cancel":
         assert ended == ["failed"] and outcome(doc) == CANCELLED
+    elif stop == "patience":
+        assert ended == ["failed"] and (doc["status"], doc["error_type"]) == ("failed", "ConnectionError")
     else:
         assert ended == ["released"] and (doc["status"], doc["releases"]) == ("queued", 1)
 

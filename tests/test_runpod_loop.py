@@ -442,7 +442,8 @@ def test_a_bucket_that_refuses_the_worker_mid_run_releases_the_job_and_ends_the_
     """A resilience review: with the worker's grant on the bucket revoked while it ran, each job's upload was
     refused 403 after its generation, the job failed `ConnectionError` (charged), and the worker claimed the next:
     the queue drained into failures. The job goes back to the queue and the worker leaves (its replacement's
-    start-up check refuses to start while the access is missing); the other queued job is left untouched."""
+    start-up check refuses to start while the access is missing); the other queued job, claimed meanwhile where it
+    was (a slot goes to the next claim as a generation ends), is released with it: none fails."""
     waiting = queue_in_firestore(firestore_emulator, project, "behind-it")
     stack = (firestore_emulator, storage_emulator, emulator_logs, tiny_cache, job_api, project)
     worker, code = run_to_its_exit("storage", stack, "rp-refused", "upload-refused")
