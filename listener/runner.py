@@ -116,6 +116,7 @@ class _Run:
     outcome: RunOutcome | None = None
 
     held_since: float | None = None  # generated, and held (`hold`) since
+    waited_for_storage: bool = False  # its upload waited for Storage to answer (`JobRunner._wait_for_storage`)
 
     def seconds(self) -> float:
         """Since it started, as its end's log line says it."""
@@ -264,13 +265,13 @@ class JobRunner:
             seconds = time.monotonic() - t0
             for run in runs.values():
                 run.hold()
-            # Said already where the generator encodes after it (`Generator`). Not for a generation that failed (a
-            # broken device among the causes): its slot is kept until its end is written, before which the worker's
-            # leaving has stopped its claims.
+            # Said already where the generator encodes after it (`Generator`). Not for a generation that failed before
+            # the device was done (a broken device among the causes): its slot is kept until its end is written, by
+            # when the worker's leaving has stopped its claims.
             if on_generated is not None and any(not isinstance(result, BaseException) for result in generated):
                 on_generated()
             # Each job's writes wait out a Firestore outage until then: the batch's jobs share it.
-            patient_until = time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
+            patient_until = self._patient_until()
 
             def deliver(run: _Run, result: Any) -> RunOutcome:
                 try:
@@ -341,6 +342,8 @@ class JobRunner:
             t1 = time.monotonic()
             uploading = True
             urls = self._upload(run, result.files, patient_until)
+            if run.waited_for_storage:  # its completion waits out Firestore as long again (a review: one try left)
+                patient_until = self._patient_until()
             fields = lifecycle.success(
                 task_type=request.task_type,
                 user_id=job.key.user_id,
@@ -461,6 +464,10 @@ class JobRunner:
                 if not self._wait_for_storage(run, self.storage_outage, patient_until):
                     raise  # as long as a Firestore outage is waited out: then it fails as the first did
 
+    def _patient_until(self) -> float:
+        """Until when a generated job's writes wait out a Firestore outage, from now."""
+        return time.monotonic() + max(FINISH_PATIENCE_SECONDS, self.store.lease_seconds)
+
     def _wait_for_storage(self, run: _Run, outage: StorageOutage, patient_until: float) -> bool:
         """Until Storage answers again (True), or `patient_until` (False). Held meanwhile: the wait is not the job's
         own time, and its lease is kept. UploadStopped where it must stop first: cancelled, its lease lost, or the
@@ -469,8 +476,10 @@ class JobRunner:
         try:
             while (left := patient_until - time.monotonic()) > 0:
                 if self.abort.is_set() or self._upload_until(run) <= time.monotonic():
-                    raise UploadStopped("stopped while waiting for Storage", storage_away=True)
+                    # Storage away still: claims stay paused (not paused again where it has just answered).
+                    raise UploadStopped("stopped while waiting for Storage", storage_away=outage.ongoing)
                 if outage.wait_over(min(STORAGE_WAIT_STEP_SECONDS, left)):
+                    run.waited_for_storage = True
                     return True
             return False
         finally:

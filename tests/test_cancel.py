@@ -302,6 +302,77 @@ def test_a_job_waiting_for_storage_after_another_jobs_failure_stops_when_it_must
         assert ended == ["released"] and (doc["status"], doc["releases"]) == ("queued", 1)
 
 
+def test_a_job_that_waited_for_storage_still_waits_out_firestore_for_its_completion(
+    firestore_client, results, events, monkeypatch
+):
+    """A review: the wait for Storage used up the time a generated job's completion waits out Firestore (one
+    patience from the generation's end), so a Firestore error on its completion right after found no time left for
+    a second try: `job_not_recorded`, the job left to its lease and generated again. The completion gets its own."""
+    from google.api_core import exceptions as api_exceptions
+
+    import listener.runner as runner_module
+    from listener import storage_outage
+    from listener.runner import JobRunner
+    from listener.storage import StorageUnavailable
+
+    monkeypatch.setattr(runner_module, "FINISH_PATIENCE_SECONDS", 4.0)
+    monkeypatch.setattr(storage_outage, "FIRST_PROBE_SECONDS", 0.05)
+    monkeypatch.setattr(storage_outage, "LONGEST_PROBE_SECONDS", 0.1)
+
+    class AwayOnce:
+        """The emulator's Storage, but the first upload fails past its retries (an outage: a stand-in)."""
+
+        failed = False
+
+        def __getattr__(self, name):
+            return getattr(results, name)
+
+        def upload(self, *args, **kwargs):
+            if not self.failed:
+                self.failed = True
+                raise StorageUnavailable("Storage away")
+            return results.upload(*args, **kwargs)
+
+    class SlowFailingCompletion(WorkerJobs):
+        """Firestore: the completion's first try takes 2.5 s and fails 503 (the same outage's tail; a stand-in)."""
+
+        tries = 0
+
+        def complete(self, job, fields):
+            self.tries += 1
+            if self.tries == 1:
+                time.sleep(2.5)  # the try's own time, which the patience must cover
+                raise api_exceptions.ServiceUnavailable("503")
+            return super().complete(job, fields)
+
+    key = JobKey("u1", "images", "waited-then-completes")
+    queue_jobs(firestore_client, [key])
+    store = SlowFailingCompletion(firestore_client, worker_id="w", lease_seconds=2)
+    answers = threading.Event()
+
+    def probe() -> None:
+        if not answers.is_set():
+            raise ConnectionError("Storage is away")
+
+    runner = JobRunner(store, StubGenerator(), AwayOnce(), renew_interval=0.2)
+    runner.storage_outage = outage = StorageOutage(probe, lambda: None)
+    assert outage.begin(ConnectionError("another job's upload failed past its retries"))
+    ended: list = []
+    running = threading.Thread(target=lambda: ended.append(runner.run(store.claim(key))), daemon=True)
+    running.start()
+    try:
+        wait_until(lambda: [e for e in events if e["event"] == "job_waits_for_storage"], timeout=15)
+        lease = read(firestore_client, key)["lease_expires_at"]
+        # Waited 2 s and more: with the 2.5 s try, past the generation's patience (4 s), within the completion's.
+        wait_until(lambda: read(firestore_client, key)["lease_expires_at"].timestamp() > lease.timestamp() + 2)
+        answers.set()
+        running.join(timeout=30)
+    finally:
+        outage.close()
+    assert ended == ["completed"] and store.tries == 2
+    assert read(firestore_client, key)["status"] == "completed"
+
+
 def test_a_worker_leaving_releases_a_generated_job_whose_upload_storage_keeps_failing(
     firestore_client, events, monkeypatch
 ):
