@@ -45,11 +45,15 @@ WORKDIR /app
 COPY firegen_core/__init__.py firegen_core/redaction.py ./firegen_core/
 COPY generation/__init__.py generation/models.py generation/settings.py generation/prefetch.py ./generation/
 # A mistyped BAKE_MODELS (`true`) would bake nothing into an image that reads its weights offline: every job would
-# fail ModelNotAvailable. hf_xet's chunk cache (/models/xet) is the download's, not the worker's.
-RUN case "$BAKE_MODELS" in 0|1) ;; *) echo "BAKE_MODELS must be 0 or 1 (got $BAKE_MODELS)" >&2; exit 1;; esac \
+# fail ModelNotAvailable. hf_xet's chunk cache (/models/xet) is the download's, not the worker's. A gated or
+# private model needs a Hugging Face token: a build secret (`--secret id=hf_token,env=HF_TOKEN`), which no layer or
+# the image's history keeps, as a build arg's value would be; an empty one is no token.
+RUN --mount=type=secret,id=hf_token \
+    case "$BAKE_MODELS" in 0|1) ;; *) echo "BAKE_MODELS must be 0 or 1 (got $BAKE_MODELS)" >&2; exit 1;; esac \
  && mkdir -p /models \
  && if [ "$BAKE_MODELS" = "1" ]; then \
-      IMAGE_MODEL="$IMAGE_MODEL" VIDEO_MODEL="$VIDEO_MODEL" python -m generation.prefetch && rm -rf /models/xet; fi
+      HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" IMAGE_MODEL="$IMAGE_MODEL" VIDEO_MODEL="$VIDEO_MODEL" \
+      python -m generation.prefetch && rm -rf /models/xet; fi
 
 FROM ${PYTHON_IMAGE}
 ARG IMAGE_MODEL=stabilityai/stable-diffusion-xl-base-1.0

@@ -12,6 +12,7 @@ every reader needs (queued jobs, expired leases) live here too.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -86,6 +87,11 @@ RECOUNT_EVERY = 30.0  # seconds: a user's counts held at a limit are recounted f
 # The tail of a refused restatement of a job that ran: its file_uid will answer this refusal from now on.
 RAN_BEFORE = "it ran before this request restated it, so send it as a new job (a new file_uid)"
 CALL_TIMEOUT = 15.0  # seconds, retries included: a runsync caller must not hang on a Firestore outage
+# A runsync request's Firestore work in all (its read and write, or a refusal's record on the waiting doc): the
+# Cloud Functions wait RUNPOD_TIMEOUT_SECONDS (default 20) for the answer, and take one that comes later for a
+# cold start's (a docs review: with Firestore away the answer came in 15-20 s, at times past the functions' wait,
+# and the dispatch was taken as queued where the worker had said "Could not record the job").
+ANSWER_TIMEOUT = 10.0
 # Conflicts back off exponentially with full jitter (first ~10 ms, at most 250 ms a wait): racers for one user's
 # usage doc (one user's burst of requests) spread out instead of colliding again on the next round trip.
 CONFLICT_BACKOFF, CONFLICT_BACKOFF_MAX = 0.01, 0.25
@@ -109,6 +115,11 @@ BOUND: dict[str, Any] = {
 }
 
 Decide = Callable[[dict[str, Any] | None, datetime], "dict | None"]
+
+
+def _sooner(ends: float | None) -> float:
+    """CALL_TIMEOUT from now, or `ends` where that is sooner (time.monotonic())."""
+    return min(time.monotonic() + CALL_TIMEOUT, ends if ends is not None else math.inf)
 
 
 def bound(ends: float) -> dict[str, Any]:
@@ -217,7 +228,15 @@ class JobStore:
         snapshots = {s.reference.path: s for s in self.client.get_all(refs, **bound(ends))}
         return tuple(snapshots[ref.path] for ref in refs)
 
-    def transition(self, key: JobKey, decide: Decide, *, admit: bool = False, read: tuple | None = None) -> Outcome:
+    def transition(
+        self,
+        key: JobKey,
+        decide: Decide,
+        *,
+        admit: bool = False,
+        read: tuple | None = None,
+        ends: float | None = None,
+    ) -> Outcome:
         """Read the doc, let `decide` choose the update from it and the server time, and write it atomically.
 
         The write is a compare-and-set: it carries the read's `update_time` as a precondition (or must create
@@ -230,16 +249,17 @@ class JobStore:
         the same batch, under a precondition of its own: both land or neither. With `admit`, a job left live
         and not yet admitted is admitted (or refused, failed `QuotaExceeded`), and any transition that would
         start a job past USER_MAX_RUNNING leaves it queued instead. `read`: the job's and its usage doc's snapshots
-        (`_read`), read together just before, for the first try (a later one reads again).
+        (`_read`), read together just before, for the first try (a later one reads again). `ends`
+        (time.monotonic()): when a caller's answer is due, where that is sooner than CALL_TIMEOUT from now.
         """
         reads = [read[:2]] if read is not None else []
+        ends = _sooner(ends)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Conflict),  # someone wrote first: decide again on what they wrote
-            # CALL_TIMEOUT: the bound a runsync caller is promised, conflicts included
-            stop=tenacity.stop_after_attempt(MAX_CONFLICTS) | tenacity.stop_after_delay(CALL_TIMEOUT),
+            # The bound a runsync caller is promised, conflicts included
+            stop=tenacity.stop_after_attempt(MAX_CONFLICTS) | tenacity.stop_after_delay(ends - time.monotonic()),
             wait=tenacity.wait_random_exponential(CONFLICT_BACKOFF, max=CONFLICT_BACKOFF_MAX),
         )
-        ends = time.monotonic() + CALL_TIMEOUT
         try:
             return retrying(self._compare_and_set, key, decide, admit, ends, reads)
         except tenacity.RetryError as exc:
@@ -394,22 +414,31 @@ class JobStore:
         says whether it was still queued."""
         return self._fail_where(key, error, (lifecycle.QUEUED,), awaiting=False)
 
-    def fail_awaiting(self, key: JobKey, error: GenerationError) -> Outcome:
+    def fail_awaiting(self, key: JobKey, error: GenerationError, ends: float | None = None) -> Outcome:
         """Fail a doc that awaits its request's parameters (`awaits_parameters`: the contract's function flow
         writes the doc, then sends the parameters to runsync) when that runsync is refused: the doc stands for a
         job nobody asked for as it is. Left queued, its defaults would run after the grace; one a worker took
         after the grace (a cold start's runsync comes late) is failed too (`.displaced`: the run to stop), since
-        the contract's function would fail it with a write of its own, past the user's usage counts."""
-        return self._fail_where(key, error, (lifecycle.QUEUED, lifecycle.PROCESSING), awaiting=True)
+        the contract's function would fail it with a write of its own, past the user's usage counts. `ends`: as
+        `transition`'s."""
+        return self._fail_where(key, error, (lifecycle.QUEUED, lifecycle.PROCESSING), awaiting=True, ends=ends)
 
-    def _fail_where(self, key: JobKey, error: GenerationError, statuses: tuple[str, ...], *, awaiting: bool) -> Outcome:
+    def _fail_where(
+        self,
+        key: JobKey,
+        error: GenerationError,
+        statuses: tuple[str, ...],
+        *,
+        awaiting: bool,
+        ends: float | None = None,
+    ) -> Outcome:
         def decide(doc: dict | None, now: datetime) -> dict | None:
             if doc is None or doc.get("status") not in statuses or (awaiting and not awaits_parameters(doc)):
                 return None
             failed = lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
             return failed
 
-        return self.transition(key, decide)
+        return self.transition(key, decide, ends=ends)
 
     def cancel(self, key: JobKey) -> Outcome:
         """The owner's cancel: fail a queued job now, ask a running one's worker to stop (lifecycle.cancel)."""
@@ -431,18 +460,16 @@ class JobStore:
 
         return self.transition(key, decide, admit=True)
 
-    def filed_elsewhere(self, key: JobKey, data: Mapping[str, Any]) -> JobKey | None:
+    def filed_elsewhere(self, key: JobKey, data: Mapping[str, Any], ends: float | None = None) -> JobKey | None:
         """Where the client filed the job a request (`key`, its fields `data`) names, when not under `key`'s media
         type: the contract's client sample files its doc under `videos` by `numFrames` alone, while a request is a
         video by any video field. It is the client's own doc (no request wrote it: no `requested_at`) for the
         file_uid under the other media type, with none under `key`'s, while it is live or refused, or once it
         ended if it states no parameter the request does not state equally (the sample writes its options into
-        both; one file_uid may also name another job of the other media type)."""
+        both; one file_uid may also name another job of the other media type). `ends`: as `transition`'s."""
         other = key.other_media()
-        docs = {
-            snapshot.reference.path: snapshot
-            for snapshot in self.client.get_all([self.ref(key), self.ref(other)], **BOUND)
-        }
+        refs = [self.ref(key), self.ref(other)]
+        docs = {snapshot.reference.path: snapshot for snapshot in self.client.get_all(refs, **bound(_sooner(ends)))}
         return _filed_under(other, data, docs.get(key.path), docs.get(other.path))
 
     def as_filed(self, request: GenerationRequest, data: Mapping[str, Any]) -> GenerationRequest:
@@ -453,25 +480,34 @@ class JobStore:
         return _as_filed(request, data, self.filed_elsewhere(JobKey.of(request), data))
 
     def accept(
-        self, request: GenerationRequest, data: Mapping[str, Any], request_id: str | None = None
+        self,
+        request: GenerationRequest,
+        data: Mapping[str, Any],
+        request_id: str | None = None,
+        ends: float | None = None,
     ) -> tuple[GenerationRequest, Outcome]:
         """A runsync request's job: `as_filed`, then `ensure_queued` (the request as filed, and the outcome). Its
         first read takes in one round trip the docs both look at (the job's, the other media type's, its user's
         usage doc, its tombstone): a latency review counted four round trips before the answer, where the job is
-        new (as a runsync's almost always is) two now, that read and the write."""
+        new (as a runsync's almost always is) two now, that read and the write. `ends`: when the answer is due,
+        both included (runsync: `ANSWER_TIMEOUT` from the request's arrival)."""
         key = JobKey.of(request)
         other = key.other_media()
-        own, usage, filed, grave = self._read(
-            key, time.monotonic() + CALL_TIMEOUT, self.ref(other), tombstone_ref(self.client, key)
-        )
+        ends = _sooner(ends)
+        own, usage, filed, grave = self._read(key, ends, self.ref(other), tombstone_ref(self.client, key))
         elsewhere = _filed_under(other, data, own, filed)
         if elsewhere is not None:  # its client's doc is under the other media type: that job, read there
             request = _as_filed(request, data, elsewhere)
-            return request, self.ensure_queued(request, request_id)
-        return request, self.ensure_queued(request, request_id, read=(own, usage, grave))
+            return request, self.ensure_queued(request, request_id, ends=ends)
+        return request, self.ensure_queued(request, request_id, read=(own, usage, grave), ends=ends)
 
     def ensure_queued(
-        self, request: GenerationRequest, request_id: str | None = None, *, read: tuple | None = None
+        self,
+        request: GenerationRequest,
+        request_id: str | None = None,
+        *,
+        read: tuple | None = None,
+        ends: float | None = None,
     ) -> Outcome:
         """Create the job's queued doc, admitted, unless a doc exists (`.after`: the doc as it now stands).
 
@@ -482,6 +518,7 @@ class JobStore:
         RunPod job that brought the request, on the doc it creates (whichever path of a worker claims the job then logs
         it as the job's requestId, also a listener that hears of the doc before the request reaches the slot).
         `read`: the job's, its usage doc's and its tombstone's snapshots, read together just before (`accept`).
+        `ends`: as `transition`'s.
         """
         key = JobKey.of(request)
         graves = [read[2]] if read is not None else []  # the tombstone as read with the doc: the first try's
@@ -510,7 +547,7 @@ class JobStore:
                 update = {**(update or {}), **heard(doc, request_id), **(brought(request_id, doc) if brings else {})}
             return update
 
-        return self.transition(key, decide, admit=True, read=read)
+        return self.transition(key, decide, admit=True, read=read, ends=ends)
 
     def _deleted_dispatch(
         self, key: JobKey, request: GenerationRequest, request_id: str | None, grave_read: Any = None

@@ -1,6 +1,6 @@
 """The last guard of the logs, shared by the worker and the functions: what looks like a credential in a line (a
 signed URL's signature, a download token, an API key parameter, a bearer token, an OAuth token in JSON text or
-bare, a JWT, a RunPod API key, a private key) is replaced
+bare, a JWT, a RunPod API key, a Hugging Face token, a private key) is replaced
 by `<redacted>` before it is written; so is the value of each credential the process holds in its environment
 (`SECRET_VARIABLES`), whatever its shape (a RunPod API key made before RunPod's `rpa_` prefix). Nothing should pass a
 secret to a log call; this is for what slips through."""
@@ -24,11 +24,12 @@ _SECRETS = re.compile(
     # An OAuth token in JSON text (a token endpoint's answer quoted in an error), also with its quotes escaped.
     r"|(?:\\?[\"'](?:" + _TOKEN_NAMES + r")\\?[\"']\s*:\s*\\?[\"']))(?:(?!%26)[^&\s\"'\\])+"
     r"|-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)"
-    # Bare: a JWT (a Firebase ID token, an App Check token), a Google OAuth access token, a RunPod API key.
+    # Bare: a JWT (a Firebase ID token, an App Check token), a Google OAuth access token, a RunPod API key, a
+    # Hugging Face token.
     # Each starts only where its run of token characters starts: a start inside the run would scan to its end
     # again (a review: 64 KB of "eyJ-" took 5.7 s).
     r"|(?<![\w-])(?-i:eyJ)[\w-]{4,}\.(?-i:eyJ)[\w-]{4,}\.[\w-]*|(?<![\w.-])(?-i:ya29\.)[\w.-]+"
-    r"|(?<!\w)(?-i:rpa_)[A-Za-z0-9]{16,}",
+    r"|(?<!\w)(?-i:rpa_)[A-Za-z0-9]{16,}|(?<!\w)(?-i:hf_)[A-Za-z0-9]{30,}",
     re.IGNORECASE | re.DOTALL,
 )
 # The variables that hold a credential where this code runs: the functions' Firebase secret, the RunPod worker's own
@@ -39,6 +40,7 @@ SECRET_VARIABLES = (
     "RUNPOD_AI_API_KEY",
     "FIREBASE_SERVICE_ACCOUNT_JSON",
     "GOOGLE_APPLICATION_CREDENTIALS",
+    "HF_TOKEN",  # a gated model's download: a volume's fill, a worker with HF_HUB_OFFLINE=0
 )
 # Shorter values are no credential (a placeholder such as "x"): replacing them would garble every line.
 _SHORTEST_SECRET = 12

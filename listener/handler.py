@@ -51,7 +51,7 @@ from firegen_core.errors import (
     classify,
     failure_level,
 )
-from firegen_core.jobs import JobKey, Misfiled, stated_request
+from firegen_core.jobs import ANSWER_TIMEOUT, JobKey, Misfiled, stated_request
 from firegen_core.lifecycle import Lease
 
 log = structlog.get_logger("listener.handler")
@@ -124,21 +124,22 @@ class RunsyncHandler:
 
     def handle(self, data: Any, request_id: str | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
         started = time.perf_counter()
+        answer_by = time.monotonic() + ANSWER_TIMEOUT  # Firestore's part of the answer, whatever it is
         try:
             request = parse_runsync_input(data)
         except ContractError as exc:
             log.info("request_rejected", error=exc.message, **_named(data))
-            self._fail_awaiting(data, exc.message)
+            self._fail_awaiting(data, exc.message, answer_by)
             return rejected(exc.message)
         if not request.use_cloud_storage:
             return self.inline(request, stop)
         key = JobKey.of(request)
         try:
-            request, outcome = self.store.accept(request, data, request_id)
+            request, outcome = self.store.accept(request, data, request_id, answer_by)
             key = JobKey.of(request)
         except Misfiled as exc:
             log.info("request_rejected", error=exc.message, **_named(data))
-            self._fail_awaiting(data, exc.message, exc.key)
+            self._fail_awaiting(data, exc.message, answer_by, exc.key)
             return rejected(exc.message)
         except Exception as exc:
             log.error("request_not_recorded", user_id=key.user_id, file_uid=key.file_uid, error=str(exc))
@@ -215,12 +216,13 @@ class RunsyncHandler:
     def _leaving(self) -> bool:
         return self.leaving is not None and self.leaving()
 
-    def _fail_awaiting(self, data: Any, message: str, key: JobKey | None = None) -> None:
+    def _fail_awaiting(self, data: Any, message: str, answer_by: float, key: JobKey | None = None) -> None:
         """A refused request whose file_uid names a doc that awaits its parameters (the contract's function flow:
         the doc first, then this request) fails that doc with the refusal, as the contract's function then does
         itself: left queued, the doc's defaults would run after the grace, a job nobody asked for. Any other doc,
-        or none, is left as it is (a refused runsync creates nothing). `key`: the doc, where the refusal named it
-        (`Misfiled`: under the other media type)."""
+        or none, is left as it is (a refused runsync creates nothing). `answer_by`: when the refusal is due
+        (time.monotonic()), its record given up then. `key`: the doc, where the refusal named it (`Misfiled`: under
+        the other media type)."""
         if not isinstance(data, dict) or data.get("use_cloud_storage") is not True:
             return
         if key is None:
@@ -239,8 +241,8 @@ class RunsyncHandler:
         try:
             # The function may have filed its doc under the other media type (by `num_frames` alone, as the
             # client sample does): the audit's `{fps: 99}` left its images doc queued, admitted, charged.
-            key = self.store.filed_elsewhere(key, data) or key
-            outcome = self.store.fail_awaiting(key, GenerationError(VALIDATION_ERROR, message))
+            key = self.store.filed_elsewhere(key, data, answer_by) or key
+            outcome = self.store.fail_awaiting(key, GenerationError(VALIDATION_ERROR, message), answer_by)
             if outcome.displaced is not None and self.preempt is not None:
                 self.preempt(key, outcome.displaced)  # a worker ran its defaults (here: stopped now)
             if outcome.applied:

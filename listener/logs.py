@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 import warnings
+from urllib.parse import SplitResult, urlsplit
 
 import structlog
 from structlog.typing import EventDict, Processor
@@ -185,6 +186,37 @@ def keep_google_records() -> None:
 _RUNPOD_LEVELS = {"TRACE": "debug", "DEBUG": "debug", "INFO": "info", "WARN": "warning", "ERROR": "error"}
 
 
+_WEBHOOK_FAILED = re.compile(r"WEBHOOK \| Request to (\S+) failed: ")
+
+
+def webhook_said(text: str) -> str:
+    """The SDK's webhook failure with the webhook's URL cut to its scheme and host, wherever it is quoted (the error
+    repeats it, or its path): a secret may sit in any part of it (a Slack-style path, `?sig=`, `user:pass@`), which
+    no pattern of the redaction filter knows (a docs review)."""
+    match = _WEBHOOK_FAILED.match(text)
+    if not match:
+        return text
+    url = match.group(1)
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    shown = f"{parts.scheme}://{host}{f':{parts.port}' if _port(parts) else ''}/<redacted>"
+    rest = text.replace(url, shown)
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    if len(tail) > 1:  # requests' errors quote the path and query alone too ("with url: /hook?...")
+        rest = rest.replace(tail, "/<redacted>")
+    if parts.username or parts.password:
+        rest = rest.replace(parts.netloc, host)
+    return rest
+
+
+def _port(parts: SplitResult) -> int | None:
+    try:
+        return parts.port
+    except ValueError:  # a port that is not a number: the SDK could not have reached it anyway
+        return None
+
+
 def _clipped(text: str, most: int = 4096) -> str:
     """As the SDK cuts a long message (an inline result's base64 media, in `--test_input`'s `Job result`): from
     the middle, so that its end (the result's status) is kept."""
@@ -226,8 +258,8 @@ def route_runpod_sdk(local_api: bool = False) -> None:
         from runpod.serverless.modules import rp_fastapi
 
         def webhook_failed(*args: object, **kwargs: object) -> None:
-            # Its one print: a webhook that could not be sent, quoting the webhook's URL (a token in it redacted).
-            log.warning("runpod_sdk", said=" ".join(str(a) for a in args))
+            # Its one print: a webhook that could not be sent, quoting the webhook's URL.
+            log.warning("runpod_sdk", said=webhook_said(" ".join(str(a) for a in args)))
 
         rp_fastapi.print = webhook_failed
     try:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Give finished job docs and idle users' usage docs that lack `expire_at` one, so the TTL policy deletes them
-(README "Upgrading").
+"""Give finished job docs, idle users' usage docs and worker docs that lack `expire_at` one, so the TTL policy
+deletes them (README "Upgrading").
 
 Releases before per-user limits (2026-11-26 and earlier), and workers of such a release still running during a
 rolling deploy, finished jobs without `expire_at`: a doc without it is never deleted, while the bucket's lifecycle
@@ -17,7 +17,8 @@ worker's doc (`workers/{id}`) without one, which releases of 2026-11-30 and 12-0
 
 Credentials: Application Default Credentials (`gcloud auth application-default login`, or
 GOOGLE_APPLICATION_CREDENTIALS), with write access to Firestore; FIRESTORE_EMULATOR_HOST points it at an
-emulator. RETENTION_DAYS as the workers read it (default 30; 0 refuses: docs are then kept for good). Each write
+emulator. RETENTION_DAYS as the workers read it (default 30; 0 keeps job and usage docs for good: only the worker
+docs, whose expiry does not depend on it, are dated). Each write
 is made only if the doc has not changed since it was read: a doc that changed meanwhile is left to its writer.
 """
 
@@ -213,21 +214,30 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"backfill_expire_at: {exc}", file=sys.stderr)
         return 2
-    if days <= 0:
-        print("backfill_expire_at: RETENTION_DAYS=0 keeps finished docs for good: nothing to do", file=sys.stderr)
-        return 2
     emulator = os.environ.get("FIRESTORE_EMULATOR_HOST", "").strip()
     where = f"the emulator at {emulator}" if emulator else "production"
     print(f"backfill_expire_at: project {args.project}, in {where}{' (dry run)' if args.dry_run else ''}", flush=True)
     client = firestore.Client(project=args.project)
     verb = "would be given" if args.dry_run else "given"
+    if days <= 0:
+        # The workers' docs expire whatever RETENTION_DAYS says (a week after their last beat): still dated.
+        print(
+            "RETENTION_DAYS=0 keeps finished job docs and usage docs for good: only worker docs are dated", flush=True
+        )
+    passes = (
+        []
+        if days <= 0
+        else [
+            (backfill(client, days=days, dry_run=args.dry_run), "finished job docs", f"finish + {days:g} days"),
+            (
+                backfill_usage(client, days=days, dry_run=args.dry_run),
+                "usage docs",
+                f"the midnight after its last write + {days:g} days",
+            ),
+        ]
+    )
     for counts, what, base in (
-        (backfill(client, days=days, dry_run=args.dry_run), "finished job docs", f"finish + {days:g} days"),
-        (
-            backfill_usage(client, days=days, dry_run=args.dry_run),
-            "usage docs",
-            f"the midnight after its last write + {days:g} days",
-        ),
+        *passes,
         (
             backfill_workers(client, dry_run=args.dry_run),
             "worker docs",

@@ -10,8 +10,6 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
-
 from firegen_core import quota
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "backfill_expire_at.py"
@@ -68,16 +66,33 @@ def test_pages_through_more_docs_than_a_page(firestore_client, monkeypatch):
     assert backfill.backfill(firestore_client, days=1).written == 5
 
 
-@pytest.mark.parametrize("retention, says", [("0", "nothing to do"), ("abc", "RETENTION_DAYS must be a number")])
-def test_the_command_refuses_a_retention_that_sets_no_expiry(retention, says, monkeypatch):
+def test_the_command_refuses_a_retention_that_is_not_a_number():
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--project", "demo-none"],
-        env={"RETENTION_DAYS": retention, "PATH": "/usr/bin:/bin"},
+        env={"RETENTION_DAYS": "abc", "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "RETENTION_DAYS must be a number" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_with_retention_off_the_command_still_dates_the_worker_docs(firestore_client, monkeypatch, capsys):
+    """A review: RETENTION_DAYS=0 made it refuse before the worker docs, whose expiry does not depend on it."""
+    from firegen_core import workers
+
+    seen = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    firestore_client.collection(workers.WORKERS).document("crashed").set({workers.SEEN_AT: seen, "busy": 1})
+    old_doc(firestore_client, "generations/u1/images/done", status="completed", completed_at=FINISHED)
+    monkeypatch.setenv("RETENTION_DAYS", "0")
+    assert backfill.main(["--project", firestore_client.project]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[1:] == [
+        "RETENTION_DAYS=0 keeps finished job docs and usage docs for good: only worker docs are dated",
+        "1 worker docs read, 1 without expire_at: 1 given one (its last beat + 7 days, + 1 once it left)",
+    ]
+    assert firestore_client.document(f"{workers.WORKERS}/crashed").get().get("expire_at") == seen + timedelta(days=7)
+    assert "expire_at" not in firestore_client.document("generations/u1/images/done").get().to_dict()
 
 
 def test_the_command_says_what_it_did(firestore_client, capsys):

@@ -472,6 +472,8 @@ def test_the_last_guard_takes_out_credentials_in_a_field_of_any_value():
         ("token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1MSJ9.c2ln-_x rejected", "token <redacted> rejected"),
         ("credentials ya29.a0AfB_byC-1.x expired", "credentials <redacted> expired"),
         ("RUNPOD_API_KEY=rpa_ABCDEFGHIJ0123456789xyz set", "RUNPOD_API_KEY=<redacted> set"),
+        ("401 for hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567: gated", "401 for <redacted>: gated"),  # a Hugging Face token
+        ("hf_hub_download of a shelf_of_books", "hf_hub_download of a shelf_of_books"),
         ("GET /v1/x?api_key=abc123&n=1", "GET /v1/x?api_key=<redacted>&n=1"),
         # Nothing else: words that only look like it are left as they are (a prompt may reach a library's line).
         ("the tokenizer's token count: 77", "the tokenizer's token count: 77"),
@@ -491,6 +493,25 @@ def test_the_last_guard_of_the_logs_takes_out_what_looks_like_a_credential(text,
     itself: list = ["https://x/o?token=s3cr3t"]
     itself.append(itself)  # a value that holds itself is written as its text, not recursed into for ever
     assert "s3cr3t" not in str(redacted(itself)) and "token=<redacted>" in str(redacted(itself))
+
+
+@pytest.mark.parametrize(
+    "url,shown",
+    [
+        ("https://hooks.slack.com/services/T000/B000/XXSECRET", "https://hooks.slack.com/<redacted>"),
+        ("https://user:SECRET@app.example:8443/hook?sig=SECRET&n=1", "https://app.example:8443/<redacted>"),
+        ("http://[::1]:9/h/SECRET", "http://[::1]:9/<redacted>"),
+    ],
+)
+def test_a_webhook_that_could_not_be_sent_is_logged_with_its_scheme_and_host_alone(url, shown):
+    """The docs review: a secret may sit anywhere in a webhook's URL (a path, `?sig=`, `user:pass@`), which the last
+    guard's patterns do not know; the SDK's line quotes it twice, the error its path alone too."""
+    from listener.logs import webhook_said
+
+    path = url.split("/", 3)[3]
+    said = webhook_said(f"WEBHOOK | Request to {url} failed: 404 Not Found for url: {url} (with url: /{path})")
+    assert said == f"WEBHOOK | Request to {shown} failed: 404 Not Found for url: {shown} (with url: /<redacted>)"
+    assert webhook_said("WEBHOOK | sent") == "WEBHOOK | sent"
 
 
 # ---------------------------------------------------------------------------------------------- mutation audit

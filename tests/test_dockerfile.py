@@ -201,6 +201,7 @@ def test_the_weights_stage_copies_what_the_prefetch_imports_alone(tmp_path):
 def test_a_mistyped_bake_models_stops_the_build(tmp_path):
     """`--build-arg BAKE_MODELS=true` baked nothing into an image that reads its weights offline."""
     [bake] = [args for kind, args in stages()["weights"] if kind == "RUN"]
+    bake = bake.removeprefix("--mount=type=secret,id=hf_token").strip()
     for value, code in (("true", 1), ("yes", 1), ("", 1)):
         done = subprocess.run(
             ["sh", "-c", bake.split(" && ")[0]],
@@ -239,3 +240,21 @@ def test_the_images_pip_step_resolves_against_the_lock(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(report.read_text())["install"] == []
+
+
+def test_a_gated_models_token_is_a_build_secret_the_prefetch_reads(tmp_path):
+    """The docs review: nothing passed a Hugging Face token, so a gated or private model failed mid-build. The
+    secret is mounted for the download alone (no layer keeps it) and an absent one is no token."""
+    [bake] = [args for kind, args in stages()["weights"] if kind == "RUN"]
+    assert bake.startswith("--mount=type=secret,id=hf_token ")
+    [read] = re.findall(r'HF_TOKEN="(\$\(cat /run/secrets/hf_token[^"]*)"', bake)
+    secret = tmp_path / "hf_token"
+
+    def token() -> subprocess.CompletedProcess:
+        script = f'printf %s "{read.replace("/run/secrets/hf_token", str(secret))}"'
+        return subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+
+    assert (token().returncode, token().stdout, token().stderr) == (0, "", "")  # no secret given: no token
+    secret.write_text("hf_abc")
+    assert token().stdout == "hf_abc"
+    assert not [args for kind, args in stages()["final"] if "hf_token" in args]

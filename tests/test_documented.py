@@ -20,7 +20,7 @@ import pytest
 from fixtures_keys import pem_body, service_account_key
 
 from firegen_core.claims import WorkerJobs
-from firegen_core.jobs import CALL_TIMEOUT
+from firegen_core.jobs import ANSWER_TIMEOUT, CALL_TIMEOUT
 from generation.video_speed import DEFAULT_CACHE_THRESHOLD
 from listener.handler import INLINE_LIMIT_BYTES, RunsyncHandler
 from listener.reconciler import Reconciler
@@ -653,8 +653,9 @@ def test_an_inline_result_whose_answer_passes_20_mb_by_its_padding_and_fields_is
 
 
 def test_firestore_down_answers_could_not_record_within_its_bound(monkeypatch, unreachable_firestore):
-    """Firestore unreachable (nothing listens on its port): runsync answers the README's retry message, within
-    the job store's 15 s bound, hands nothing to the local slot, and logs `request_not_recorded`."""
+    """Firestore unreachable (nothing listens on its port): runsync answers the README's retry message within
+    10 s (well inside the functions' 20 s wait for it), hands nothing to the local slot, and logs
+    `request_not_recorded`."""
     import structlog
 
     import listener.handler as handler_module
@@ -672,7 +673,18 @@ def test_firestore_down_answers_could_not_record_within_its_bound(monkeypatch, u
         "status": "failed",
         "error": "Could not record the job in Firestore; please retry (the same file_uid is safe to resend)",
     }
-    assert took <= CALL_TIMEOUT + 3 and submitted == []
+    assert took <= ANSWER_TIMEOUT + 1.5 and submitted == []
+
+
+def test_firestore_down_answers_a_refusal_within_the_same_bound(unreachable_firestore):
+    """A docs review: a refused request first fails the doc its file_uid names, where the doc awaits its parameters
+    (the contract's function flow); with Firestore away that look-up (15 s) and then the write (as long) held the
+    refusal past the functions' 20 s wait for it. Both end when the answer is due."""
+    handler = RunsyncHandler(WorkerJobs(unreachable_firestore, worker_id="w"), lambda *rest: None)
+    started = time.monotonic()
+    answer = handler.handle({"prompt": "a car", "user_id": "u", "file_uid": "f", "use_cloud_storage": True, "width": 9})
+    assert answer == {"status": "failed", "error": "width must be between 256 and 1024"}
+    assert time.monotonic() - started <= ANSWER_TIMEOUT + 1.5
 
 
 def test_firestore_down_fails_a_sweep_within_its_bound(unreachable_firestore):
