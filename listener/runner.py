@@ -298,7 +298,17 @@ class JobRunner:
         """Per run: its generation result, or the GenerationError / Interrupted it ended with."""
         if not runs:
             return []
-        said = {"on_generated": on_generated} if on_generated is not None and self._says_generated else {}
+
+        def device_done() -> None:
+            # What is left is their encoding (a video's MP4: seconds): a worker leaving now lets them deliver, as
+            # once generated, rather than give them back to run in full again elsewhere (a review of the hand-over).
+            for run in runs:
+                if not run.expired:
+                    run.heartbeat.generated.set()
+            if on_generated is not None:
+                on_generated()
+
+        said = {"on_generated": device_done} if self._says_generated else {}
         try:
             if len(runs) == 1:
                 return [self.generator.generate(runs[0].request, progress=runs[0].progress, **said)]

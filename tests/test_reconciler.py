@@ -1158,15 +1158,51 @@ class EncodingGenerator(StubGenerator):
 
     def __init__(self):
         super().__init__()
-        self.encoding, self.encoded = threading.Event(), []
+        self.encoding, self.encoded, self.in_encoding = threading.Event(), [], threading.Event()
 
     def generate(self, request, progress=None, on_generated=None):
         result = super().generate(request, progress)
         if on_generated is not None:  # a runner that does not pass it: its slot waits for the encoding
             on_generated()
+        self.in_encoding.set()
         assert self.encoding.wait(60)
         self.encoded.append(request.file_uid)
         return result
+
+
+class ReleasesSeen(WorkerJobs):
+    """The job store, saying when a job is given back to the queue."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.releasing = threading.Event()
+
+    def release(self, job):
+        self.releasing.set()
+        return super().release(job)
+
+
+def test_a_worker_leaving_lets_a_job_past_the_device_encode_and_deliver(firestore_client, results):
+    """A review of the hand-over: a video the device was done with, still in its MP4 encode (seconds on a card) as
+    the shutdown grace ended, was given back to the queue, to run in full again on another worker. It delivers."""
+    generator = EncodingGenerator()
+    store = ReleasesSeen(firestore_client, worker_id="w", lease_seconds=30)
+    key = JobKey("u1", "videos", "encoding-as-it-leaves")
+    with started_reconcilers() as start:
+        worker = start(Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
+        write_job(firestore_client, key, numFrames=16)
+        assert generator.in_encoding.wait(30)
+        stopping = threading.Thread(target=worker.stop, kwargs={"grace": 0.2})
+        stopping.start()
+        try:
+            assert wait_until(worker.runner.abort.is_set)
+            assert not store.releasing.wait(2)  # its heartbeat gives it back at once, if at all
+        finally:
+            generator.encoding.set()
+            stopping.join(60)
+    data = doc(firestore_client, key)
+    assert (data["status"], data["attempts"], generator.calls) == ("completed", 1, [key.file_uid])
+    assert not store.releasing.is_set()
 
 
 def test_the_next_job_generates_while_one_encodes_its_files(firestore_client, results):
