@@ -23,7 +23,9 @@ from .storage import is_transient
 log = structlog.get_logger("listener.storage_outage")
 
 FIRST_PROBE_SECONDS = 2.0  # then doubling, up to
-LONGEST_PROBE_SECONDS = 30.0
+# Claims, and the jobs waiting to upload, resume at the first answer after Storage is back: one small request every
+# 10 s costs nothing beside a queue held up to 30 s longer (and a waiting job's lease with it).
+LONGEST_PROBE_SECONDS = 10.0
 
 
 class StorageOutage:
