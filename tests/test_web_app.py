@@ -348,6 +348,8 @@ def test_an_image_job_shows_its_images_at_the_requested_size(open_page):
     sizes = images.evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
     assert sizes == [[256, 320], [256, 320]]
     assert card.get_by_role("link", name="Open image 2").bounding_box()["height"] >= 24  # an audit: 16 px
+    # Named by the job too, in a screen reader's list of links (the web app review: every card's read "Open image 1").
+    assert card.get_by_role("link", name="Open image 2 of 2: “a lighthouse at dusk”", exact=True).count() == 1
     href = card.get_by_role("link", name="Open image 2").get_attribute("href")
     assert re.search(r"_1\.png\?alt=media&token=[0-9a-f-]{36}$", href), href  # token URLs by default
     text = card.inner_text()
@@ -1812,6 +1814,19 @@ def test_a_refused_field_is_marked_invalid_and_described_by_the_error(open_page)
     assert width.get_attribute("aria-invalid") == "true" and prompt.get_attribute("aria-invalid") is None
     assert app.page.evaluate(focused) == "width"
     assert error.get_attribute("role") == "alert"
+    # The message under the field too, in view with its label (the web app review: on a phone it was below Generate,
+    # off the screen, and the focus scrolled the field to the top, its label cut off); editing the field clears both.
+    app.page.set_viewport_size({"width": 390, "height": 844})
+    app.page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    refused(contract_message(width=2000))
+    note = app.page.locator("#width-error")
+    assert note.inner_text() == contract_message(width=2000) and note.get_attribute("aria-hidden") == "true"
+    in_view = """s => { const r = document.querySelector(s).getBoundingClientRect();
+        return r.top >= 0 && r.bottom <= window.innerHeight; }"""
+    assert all(app.page.evaluate(in_view, part) for part in ("label[for=width]", "#width", "#width-error"))
+    app.page.keyboard.type("0")
+    assert width.get_attribute("aria-invalid") is None and note.count() == 0 and error.inner_text() == ""
+    assert width.get_attribute("aria-describedby") == "width-range"
     assert app.problems() == []
 
 

@@ -164,20 +164,66 @@ function describedBy(element: HTMLElement, id: string, on: boolean): void {
   else element.removeAttribute("aria-describedby");
 }
 
+/** The message under the field it names, where the eye is (the web app review: on a phone it showed below
+ * Generate, off the screen, the field only outlined in red). Hidden from screen readers, who hear the form's alert,
+ * the field's description. null: none. */
+function noteUnder(element: HTMLElement, message: string | null): void {
+  const id = `${element.id}-error`;
+  let note = document.getElementById(id);
+  if (message === null) {
+    note?.remove();
+    return;
+  }
+  if (!note) {
+    note = document.createElement("small");
+    note.id = id;
+    note.className = "field-error";
+    note.setAttribute("aria-hidden", "true");
+    (document.getElementById(`${element.id}-range`) ?? element).after(note);
+  }
+  note.textContent = message;
+}
+
 /** Tie the form's error to the field it names (the contract's messages start with it: `width must be between…`,
- * `Validation failed: seed must be…`): aria-invalid, and the error as its description. Any field marked before is
- * cleared; null clears only. A field the form hides or disables (FPS on an image job: `fps is a video field`) is
- * never marked: nobody could see or fix it there (the message still shows). Returns the field marked, if any. */
+ * `Validation failed: seed must be…`): aria-invalid, the error as its description, and under it. Any field marked
+ * before is cleared; null clears only. A field the form hides or disables (FPS on an image job: `fps is a video
+ * field`) is never marked: nobody could see or fix it there (the message still shows). Editing the field marked
+ * clears its mark, and the error where it still says it (the review: both stayed until the next Generate). Returns
+ * the field marked, if any. */
+let markedWith: string | null = null;
+
 export function markInvalid(message: string | null, errorId: string): HTMLElement | null {
+  markedWith = null;
   for (const marked of document.querySelectorAll<HTMLElement>("[aria-invalid=true]")) {
     marked.removeAttribute("aria-invalid");
     describedBy(marked, errorId, false);
+    noteUnder(marked, null);
   }
   const name = message?.match(/^(?:Validation failed: )?([a-z_]+)\b/)?.[1];
   const id = name && Object.prototype.hasOwnProperty.call(INPUT_OF, name) ? INPUT_OF[name] : null;
   const element = id ? document.getElementById(id) : null;
-  if (!element || (element as HTMLInputElement).disabled || element.closest("[hidden]")) return null;
+  if (!message || !element || (element as HTMLInputElement).disabled || element.closest("[hidden]")) return null;
   element.setAttribute("aria-invalid", "true");
   describedBy(element, errorId, true);
+  noteUnder(element, message);
+  markedWith = message;
+  element.addEventListener(
+    "input",
+    () => {
+      if (element.getAttribute("aria-invalid") !== "true") return; // marked no more
+      const error = document.getElementById(errorId);
+      if (error?.textContent === markedWith) error.textContent = "";
+      markInvalid(null, errorId);
+    },
+    { once: true },
+  );
   return element;
+}
+
+/** Focus a field the form's error names, its label and its note in view (focus alone scrolled it to the screen's
+ * edge, its label cut off: the review). */
+export function reveal(element: HTMLElement | null): void {
+  if (!element) return;
+  element.focus({ preventScroll: true });
+  element.scrollIntoView({ block: "center" });
 }

@@ -294,14 +294,16 @@ function gallery(job: Job): HTMLElement {
       video.setAttribute("aria-label", label("Video", i));
       if (info) Object.assign(video, { width: info.width, height: info.height });
       const caption = info ? `${info.frames} frames at ${info.fps} fps, ${info.duration_seconds} s ` : "";
-      box.append(figure(video, `Video ${i + 1}`, el("figcaption", {}, caption, link(url, `Open video ${i + 1}`))));
+      const open = link(url, `Open video ${i + 1}`, `Open ${label("video", i)}`);
+      box.append(figure(video, `Video ${i + 1}`, el("figcaption", {}, caption, open)));
     });
   } else {
     urls.forEach((url, i) => {
       // Lazy: the images of a long history are fetched as they are scrolled near, not all as the page opens.
       const img = el("img", { src: url, alt: label("Image", i), decoding: "async", loading: "lazy" });
       if (doc.width && doc.height) Object.assign(img, { width: doc.width, height: doc.height });
-      box.append(figure(img, `Image ${i + 1}`, el("figcaption", {}, link(url, `Open image ${i + 1}`))));
+      const open = link(url, `Open image ${i + 1}`, `Open ${label("image", i)}`);
+      box.append(figure(img, `Image ${i + 1}`, el("figcaption", {}, open)));
     });
   }
   box.dataset.urls = urls.join(" ");
@@ -331,8 +333,12 @@ function figure(media: HTMLImageElement | HTMLVideoElement, what: string, captio
 
 /** A result full size, in a tab of its own, to save from there: the bucket's host is another origin, whose files a
  * `download` link cannot save (an audit: "Download image 1" opened a tab all the same). */
-function link(url: string, text: string): HTMLAnchorElement {
-  return el("a", { href: url, textContent: text, target: "_blank", rel: "noopener" });
+/** `name`: what a screen reader's list of links says, the job's prompt in it (the web app review: every card's were
+ * "Open image 1"); it starts with the visible `text`, which speech input users say. */
+function link(url: string, text: string, name: string): HTMLAnchorElement {
+  const a = el("a", { href: url, textContent: text, target: "_blank", rel: "noopener" });
+  a.setAttribute("aria-label", name);
+  return a;
 }
 
 /** Create or update the list item of each job; media elements are built once, when the job completes. Returns

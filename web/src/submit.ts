@@ -5,7 +5,7 @@ import { httpsCallable, type Functions } from "firebase/functions";
 import type { GenerationRequest, MediaType } from "./contract.gen";
 import { $, newFileUid } from "./dom";
 import { callableMessage, isCode } from "./errors";
-import { mediaType, readRequest } from "./form";
+import { mediaType, readRequest, reveal } from "./form";
 import type { JobsState } from "./joblist";
 import { capital, nameFor, QUIET_MS } from "./jobs";
 import * as session from "./session";
@@ -133,7 +133,7 @@ export function watchSubmit(form: HTMLFormElement, { uid, functions }: Session, 
       // The focus goes to the field to fix, which reads the message as its description (the review: it stayed on
       // Generate, and a keyboard user went looking for the field). Not on a later refusal of the callable's: by
       // then the user may be typing elsewhere.
-      fail(refused)?.focus();
+      reveal(fail(refused));
       return;
     }
     sending = true;
