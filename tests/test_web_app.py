@@ -2094,7 +2094,7 @@ def test_try_again_sends_a_cancelled_jobs_request_as_a_new_job_once(open_page, s
     retry.click()
     app.page.wait_for_selector("#form-error:not(:empty)", timeout=30_000)
     assert app.page.get_by_role("alert").inner_text() == NO_ANSWER
-    assert app.job("was-cancelled").locator(".note").inner_text() == NO_ANSWER
+    assert app.job("was-cancelled").locator(".note").inner_text() == f"Try again: {NO_ANSWER}"  # not its own failure
     app.context.set_offline(False)
     app.page.locator("#connection").wait_for(state="hidden", timeout=60_000)
     app.page.wait_for_function(
@@ -2344,7 +2344,7 @@ def test_a_doc_with_fields_of_any_type_shows_as_a_card_and_stops_no_other(open_p
     # Its request again is the contract's to judge, as the form's is.
     a_map.get_by_role("button", name="Try again image “(no prompt recorded)”").click()
     app.page.wait_for_selector("#form-error:not(:empty)", timeout=10_000)
-    assert a_map.locator(".note").inner_text() == contract_message(prompt={"text": "a map"})
+    assert a_map.locator(".note").inner_text() == f"Try again: {contract_message(prompt={'text': 'a map'})}"
     app.page.reload()
     app.page.wait_for_selector("body[data-ready=true]", timeout=60_000)
     app.job("after").wait_for(timeout=30_000)

@@ -1,7 +1,7 @@
 // The notice at the top of the page about the connection: offline, or the server unreachable, the jobs listed are
 // the last the page heard of (and the live region says so once); errors the connection caused go once it is back.
 import { $ } from "./dom";
-import { NO_ANSWER } from "./errors";
+import { NO_ANSWER, RETRY_NOTE } from "./errors";
 import { markInvalid } from "./form";
 
 export { NO_ANSWER };
@@ -73,7 +73,7 @@ function clearConnectionError(): void {
   }
   // A card's note of a try again that the connection failed goes with it, as does Delete all my jobs' line.
   for (const note of document.querySelectorAll<HTMLElement>(".job .note, #delete-all-status")) {
-    if (connectionError(note.textContent ?? "")) note.textContent = "";
+    if (connectionError((note.textContent ?? "").replace(RETRY_NOTE, ""))) note.textContent = "";
   }
 }
 

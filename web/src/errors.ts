@@ -3,6 +3,9 @@
 
 /** The callable failing without an answer of its own (offline, or a server error page): the SDK says just "internal". */
 export const NO_ANSWER = "Could not reach the server; check your connection and try again";
+/** What a Try again met, beside the card it was pressed on: said so, it is not read as that job's own failure (the
+ * web app review: a refusal of the new job's, "Daily GPU budget exceeded…", under a card that said Cancelled). */
+export const RETRY_NOTE = "Try again: ";
 
 export function message(error: unknown): string {
   return error instanceof Error ? error.message : String(error);

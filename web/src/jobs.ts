@@ -2,6 +2,7 @@
 // let a user read only their own), rendered as a list that is updated in place so a playing video keeps playing.
 import { collection, limit, onSnapshot, orderBy, query, type Firestore, type Unsubscribe } from "firebase/firestore";
 import { FINAL_STATES, REQUEST_SCHEMA, type JobDoc, type MediaType, type Timestamp } from "./contract.gen";
+import { RETRY_NOTE } from "./errors";
 import { fieldOf } from "./form";
 
 export interface Job {
@@ -520,16 +521,17 @@ function card(job: Job, handlers: CardHandlers): HTMLLIElement {
   // it aloud, may be far above the card (a screen away on a phone).
   const note = el("p", { className: "note" });
   /** What the call met, beside the card. */
-  const noted = async (call: (job: Job) => Promise<string | null>) => {
+  const noted = async (call: (job: Job) => Promise<string | null>, prefix = "") => {
     note.textContent = "";
-    note.textContent = (await call(latest())) ?? "";
+    const met = await call(latest());
+    note.textContent = met ? prefix + met : "";
   };
   // Once asked, the button refuses presses (`refusing`).
   // Refused while its call is under way too (a double click asked twice), and again once the doc says it was asked.
   onPress(cancel, li, () => noted(handlers.cancel));
   // An ended job's buttons (update() shows those its state allows).
   const retry = el("button", { type: "button", className: "retry", textContent: "Try again" });
-  onPress(retry, li, () => noted(handlers.retry), true);
+  onPress(retry, li, () => noted(handlers.retry, RETRY_NOTE), true);
   const edit = el("button", { type: "button", className: "edit", textContent: "Edit as new" });
   edit.addEventListener("click", () => refusing(edit) || handlers.edit(latest()));
   const dismiss = el("button", { type: "button", className: "dismiss", textContent: "Dismiss" });
