@@ -758,6 +758,38 @@ def _held_job(stack, uid: str, file_uid: str, **fields):
     return ref
 
 
+def test_news_of_jobs_ending_together_is_told_line_by_line(open_page, stack):
+    """The web app review: an image's and a video's ends, heard by their two listeners a millisecond apart, replaced
+    each other in the live region within a frame, and a screen reader hears only the last of such. Each line now
+    stands half a second before the next."""
+    app = open_page()
+    app.page.evaluate(
+        """() => { window.said = [];
+        new MutationObserver(() => window.said.push([document.getElementById('job-news').textContent, performance.now()]))
+            .observe(document.getElementById('job-news'), { childList: true, characterData: true, subtree: true }); }"""
+    )
+    video = _held_job(stack, app.uid, "together-video", prompt="a river at night")
+    image = admin(stack).document(f"generations/{app.uid}/images/together-image")
+    image.set(
+        {key: value for key, value in video.get().to_dict().items() if key != "num_frames"}
+        | {"prompt": "a field of poppies"}
+    )
+    for file_uid in ("together-video", "together-image"):
+        app.job(file_uid).wait_for(timeout=30_000)
+    batch = admin(stack).batch()
+    for ref in (video, image):
+        batch.update(ref, {"status": "failed", "error": True, "error_type": "Timeout", "error_message": "too slow"})
+    batch.commit()
+    app.page.wait_for_function("() => window.said.length >= 2", timeout=30_000)
+    said = app.page.evaluate("window.said")
+    assert sorted(text for text, _ in said) == [
+        "Image “a field of poppies” failed: too slow",
+        "Video “a river at night” failed: too slow",
+    ]
+    assert said[1][1] - said[0][1] >= 450, said
+    assert app.problems() == []
+
+
 def test_the_tab_title_counts_the_jobs_under_way(open_page, stack):
     """A video renders for minutes while its user reads another tab: the page's title says how many jobs are under
     way, `(2) firegen`, and is `firegen` again once none is."""

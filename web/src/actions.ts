@@ -5,7 +5,7 @@ import { httpsCallable } from "firebase/functions";
 import { NO_ANSWER } from "./connection";
 import { FINAL_STATES } from "./contract.gen";
 import type { Dismissed } from "./dismissed";
-import { $, newFileUid } from "./dom";
+import { $, announce, newFileUid } from "./dom";
 import { callableMessage, isCode, message } from "./errors";
 import { fillForm, requestOf } from "./form";
 import type { JobList, JobsState } from "./joblist";
@@ -151,7 +151,7 @@ function dismiss({ dismissed, view }: ActionContext, job: Job): void {
   const cards = view.cards();
   dismissed.add(keyOf(job));
   view.render();
-  $("job-news").textContent = `${capital(nameOf(job))} dismissed`;
+  announce(`${capital(nameOf(job))} dismissed`);
   if (li) view.passFocus(li, cards);
 }
 
@@ -162,7 +162,7 @@ function dismiss({ dismissed, view }: ActionContext, job: Job): void {
 async function remove({ session, jobs }: ActionContext, job: Job): Promise<string | null> {
   if (!window.confirm(`Delete ${nameOf(job)} and its files? This cannot be undone.`)) return null;
   const failed = !navigator.onLine || jobs.cached ? NO_ANSWER : await deleteCall(session, job);
-  $("job-news").textContent = failed ? `Could not delete ${nameOf(job)}: ${failed}` : `${capital(nameOf(job))} deleted`;
+  announce(failed ? `Could not delete ${nameOf(job)}: ${failed}` : `${capital(nameOf(job))} deleted`);
   return failed;
 }
 

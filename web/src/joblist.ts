@@ -2,7 +2,7 @@
 // around them the no-jobs line, Show N dismissed, Delete all my jobs, the page's title; and where the focus goes
 // when a card goes from under it.
 import type { Dismissed } from "./dismissed";
-import { $ } from "./dom";
+import { $, announce } from "./dom";
 import { dismissable, keyOf, renderJobs, titled, type CardHandlers, type Job } from "./jobs";
 import type { Session } from "./session";
 
@@ -83,7 +83,7 @@ export class JobList {
       const back = this.jobs.listed.filter(this.hidden);
       this.dismissed.clear();
       this.render();
-      $("job-news").textContent = `${back.length} dismissed ${back.length === 1 ? "job" : "jobs"} shown again`;
+      announce(`${back.length} dismissed ${back.length === 1 ? "job" : "jobs"} shown again`);
       // The button goes: the focus goes to the first job it brought back.
       const first = back.length ? this.card(back[0]) : null;
       const target = first ?? $("jobs-title");

@@ -3,7 +3,7 @@
 import type { Unsubscribe } from "firebase/firestore";
 import { notify, showConnection } from "./connection";
 import type { Dismissed } from "./dismissed";
-import { $ } from "./dom";
+import { $, announce } from "./dom";
 import { isCode } from "./errors";
 import type { JobList, JobsState } from "./joblist";
 import { dismissable, keyOf, listenToJobs, PAGE, QUIET_MS, type Job } from "./jobs";
@@ -74,7 +74,7 @@ export class JobsListener {
     if (!fromCache) this.dismissed.forget(jobs.filter((job) => !dismissable(job)).map(keyOf));
     const news = this.view.render();
     // Screen readers hear a job start or end (not its every percent), and what failed it.
-    if (news.length) $("job-news").textContent = news.join(". ");
+    if (news.length) announce(news.join(". "));
     // As Show N dismissed does: the focus goes to the first job it brought, or, none come, from the button
     // that went to the list's title, never to <body>; once the server has said which there are.
     const cards = this.view.cards();
@@ -120,6 +120,6 @@ export class JobsListener {
     this.widening = true;
     // The wider listener first: the SDK answers it from the docs the narrower one holds, so no card goes meanwhile.
     this.relisten();
-    $("job-news").textContent = "Older jobs listed";
+    announce("Older jobs listed");
   }
 }
