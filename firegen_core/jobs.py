@@ -59,7 +59,7 @@ from .dispatches import (
     heard,
     undelivered,
 )
-from .errors import QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
+from .errors import CANCELLED, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError
 from .lifecycle import Lease
 
 log = logging.getLogger(__name__)
@@ -377,6 +377,12 @@ class JobStore:
                         ),
                     }
                 update = {**update, **charge}
+                after = quota.merged(before, update)
+        cancelled = update.get("status") == lifecycle.FAILED and update.get("error_type") == CANCELLED
+        if cancelled and before is not None and quota.admitted(before):
+            cost = _cost(key, before)  # a running job's cancel charges the time it ran
+            if cost is not None:
+                update = {**update, **quota.cancelled_cost(before, cost, now)}
                 after = quota.merged(before, update)
         if admit and after.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) and not quota.admitted(after):
             cost = _cost(key, after)

@@ -243,6 +243,16 @@ def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: 
     return {COST: round(kept + new_estimate, 3), CHARGED_ON: today, **stopped}
 
 
+def cancelled_cost(before: Mapping[str, Any], estimate: float, now: datetime) -> dict:
+    """The charge fields of a running job its owner cancelled (`estimate`: its try's): the GPU time that try ran
+    (since its `started_at`, at most its estimate), plus what earlier stopped tries used, as for a restatement, not
+    its whole estimate (the web app review: a video cancelled 7 s in was charged its 382 s of the day's 600). None
+    where it was charged on an earlier day, whose spend is gone."""
+    if before.get("status") != "processing" or charged_on(before, day_of(now)) != day_of(now):
+        return {}
+    return restated_cost(before, estimate, 0.0, now)
+
+
 def change(before: Mapping[str, Any] | None, update: Mapping[str, Any], now: datetime | None = None) -> Change:
     after = merged(before, update)
     # Charged at admission (and again, as `restated_cost` says, by a restatement).

@@ -329,6 +329,33 @@ def test_a_job_cancelled_before_any_worker_took_it_gives_its_cost_back(firestore
     assert usage(firestore_client)["spent_today"] == doc(firestore_client, ran)["cost"]  # the cancelled one's back
 
 
+def test_a_running_job_its_owner_cancels_is_charged_the_time_it_ran(firestore_client):
+    """The web app review: a video cancelled 7 s into its run was charged its whole estimate (382 of the day's 600
+    GPU-seconds). A running job its owner cancels is charged the GPU time its try ran, at most its estimate; one
+    that fails otherwise once taken keeps its whole charge, as before."""
+    store, worker = JobStore(firestore_client), WorkerJobs(firestore_client, worker_id="w")
+    big = dict(width=1024, height=1024, num_inference_steps=50, num_images_per_prompt=4)
+    cancelled, failed = (write_client_doc(firestore_client, name, **big) for name in ("cancelled-running", "oom"))
+    for key in (cancelled, failed):
+        assert store.admit(key).written
+    estimate = doc(firestore_client, cancelled)["cost"]
+    assert estimate > 15 and usage(firestore_client)["spent_today"] == pytest.approx(2 * estimate)
+    job = worker.claim(cancelled)
+    # Its try started 10 s ago (as its worker's clock and the emulator's are this machine's).
+    firestore_client.document(cancelled.path).update({"started_at": datetime.now(UTC) - timedelta(seconds=10)})
+    assert store.cancel(cancelled).after["cancel_requested"] is True
+    assert worker.fail(job, GenerationError("Cancelled", "Cancelled by the user"))
+    ended = doc(firestore_client, cancelled)
+    assert (ended["status"], ended["error_type"]) == ("failed", "Cancelled")
+    assert ended["cost"] == ended["stopped_cost"] == pytest.approx(10, abs=2)
+    assert usage(firestore_client)["spent_today"] == pytest.approx(estimate + ended["cost"], abs=1e-3)
+    other = worker.claim(failed)
+    assert worker.fail(other, GenerationError("OutOfMemoryError", "CUDA out of memory"))
+    assert doc(firestore_client, failed)["cost"] == estimate
+    assert usage(firestore_client)["spent_today"] == pytest.approx(estimate + ended["cost"], abs=1e-3)
+    assert counts(firestore_client) == (0, 0)
+
+
 def test_the_cancel_callable_keeps_the_deployed_limits_on_the_usage_doc(firestore_client):
     """The day's review: cancelGeneration's refund rewrote `usage/{uid}` with the default limits (600 GPU-s where
     the deploy set 30), which an app showing what is left then read."""
@@ -975,7 +1002,9 @@ def test_a_cancel_asked_of_a_running_job_wins_over_a_request_that_restates_it(fi
         "Cancelled by the user",
     )
     assert "failed_at" in ended and "expire_at" in ended
-    assert counts(firestore_client) == (0, 0) and usage(firestore_client)["spent_today"] == pytest.approx(charged)
+    # Charged the time its try ran (a moment here), not its whole estimate.
+    assert counts(firestore_client) == (0, 0) and ended["cost"] < charged
+    assert usage(firestore_client)["spent_today"] == pytest.approx(ended["cost"], abs=1e-3)
 
 
 @pytest.mark.parametrize("door", ["runsync", "callable"])
