@@ -53,12 +53,14 @@ class WorkerJobs(JobStore):
         # what it uploaded is no doc's (a review: a cancelled job's partial upload stayed; README "Cancellation").
         self.on_ended_after_run: Callable[[JobKey], None] | None = None
 
-    def claim(self, key: JobKey, *, takeover: bool = True) -> ClaimedJob | None:
+    def claim(
+        self, key: JobKey, *, takeover: bool = True, at_limit: Callable[[JobKey], None] | None = None
+    ) -> ClaimedJob | None:
         """Take the job if it is queued or its lease ran out (`takeover` False: queued only); exactly one of many
         racing workers wins.
 
         A job not yet admitted is admitted here (a doc its client wrote, seen first by this worker); a job
-        past its user's USER_MAX_RUNNING stays queued (None).
+        past its user's USER_MAX_RUNNING stays queued (None; `at_limit(key)` is told so).
 
         A commit may land while its answer is lost (a timeout, a cancelled call): sent again, it then conflicts
         with itself. A claim that finds its own earlier try in the doc is this claim, not a lost race, or the job
@@ -103,6 +105,10 @@ class WorkerJobs(JobStore):
             if landed:
                 return ClaimedJob(key, landed, before, outcome.read_time)
             if not self._ended_unanswered(before, failed_at):
+                # It would have started: its user's running jobs held it (USER_MAX_RUNNING).
+                held = tried and before.get("status") == lifecycle.QUEUED and not before.get(lifecycle.CANCEL_REQUESTED)
+                if held and at_limit is not None:
+                    at_limit(key)
                 return None
             # This claim failed it, its answer lost: said, and a run's objects removed, as if answered (a review:
             # neither happened). The doc as it is now tells both: a failure leaves attempts and releases.

@@ -483,12 +483,13 @@ class Reconciler:
         """Claim a candidate; None when it is not ours (taken, finished, or its user at USER_MAX_RUNNING), or
         when not to `start` (only forget it)."""
         job = None
+        limited: list[JobKey] = []
         try:
             if start:
                 # Tried again there on errors, knowing its earlier tries. An expired lease is taken over only when
                 # the sweep would take it (listener/takeovers.py), whatever offered the key: a runsync, a key re-offered
                 # after a failed claim (the fencing review: the deferral after an outage held in the sweep alone).
-                job = self.store.claim(key, takeover=self.takeovers.allowed())
+                job = self.store.claim(key, takeover=self.takeovers.allowed(), at_limit=limited.append)
         except Exception as exc:
             log.warning("claim_error", path=key.path, error=str(exc))
         if job is None:
@@ -499,6 +500,12 @@ class Reconciler:
                 self._request_ids.pop(key, None)  # not ours: the worker that has it logs it
                 if start and any(other.user_id == key.user_id for other in self._active):
                     self._held_back.add(key.user_id)
+                if limited:
+                    # Its user is at USER_MAX_RUNNING with jobs on other workers: their other candidates here were
+                    # claimed and refused one by one (a transaction each), and the first to pass once one of those
+                    # ended was not their oldest (the fairness review, two workers: a user's 14th job started before
+                    # their 2nd). Let go: the sweep offers them again, oldest first.
+                    self._queue.discard_user(key.user_id)
                 self._cv.notify_all()
             return None
         with self._cv:

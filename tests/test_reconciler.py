@@ -1241,6 +1241,35 @@ class HeldCompletionsCountingRefusals(RefusalsCounted, HeldCompletions):
     pass
 
 
+def test_a_worker_refused_a_users_job_for_their_jobs_running_elsewhere_lets_their_others_go(firestore_client, results):
+    """The fairness review, two workers: a user at USER_MAX_RUNNING on one worker had their queued jobs claimed by the
+    other one by one, each refused (a transaction each), and the first to pass once their job ended was not their
+    oldest (a 14th job started before the 2nd). One refusal lets all of that user's candidates go, for the sweep to
+    offer again, oldest first."""
+    limits = Limits(max_running=1)
+    holding = StubGenerator(threading.Event())
+    busy = WorkerJobs(firestore_client, worker_id="busy", lease_seconds=30, limits=limits)
+    other = RefusalsCounted(firestore_client, worker_id="other", lease_seconds=30, limits=limits)
+    keys = [JobKey("u1", "images", f"at-the-limit-{i}") for i in range(5)]
+    with started_reconcilers() as start:
+        start(Reconciler(busy, JobRunner(busy, holding, results), sweep_interval=60))
+        write_job(firestore_client, keys[0])
+        assert holding.started.wait(30)
+        for key in keys[1:]:
+            write_job(firestore_client, key)
+        try:
+            # Its listener offers the four queued docs; its sweep, once a minute, does not come meanwhile.
+            idle = start(Reconciler(other, JobRunner(other, StubGenerator(), results), sweep_interval=60))
+            wait_until(lambda: other.refused >= 1)
+            wait_until(lambda: len(idle._queue) == 0)
+            assert other.refused == 1
+        finally:
+            holding.gate.set()
+        # The busy worker runs them, oldest first, as its own job ends.
+        assert all(wait_until(lambda k=k: finished(firestore_client, k))["status"] == "completed" for k in keys)
+    assert holding.calls == [key.file_uid for key in keys]
+
+
 def test_a_users_next_job_waits_unclaimed_while_their_job_at_the_limit_completes_here(firestore_client, results):
     """A review: with its slot handed over, a job completing here still counts toward its user's USER_MAX_RUNNING,
     and the user's next job was claimed and refused again and again (a transaction each, for nothing). It waits
