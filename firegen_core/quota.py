@@ -280,7 +280,10 @@ def budget_refusal(usage: Usage, cost: float, limits: Limits, now: datetime, *, 
     already, when it is restated with other parameters)."""
     if usage.spent_today + cost > limits.daily_budget:
         left = max(limits.daily_budget - usage.spent_today, 0.0)
-        needs = f"{cost + charged:.1f} GPU-seconds" + (f" ({charged:.1f} already charged)" if charged else "")
+        # One decimal, or as many as tell what it needs from what is left (a review read "needs 1.1 GPU-seconds,
+        # 1.1 of 30 are left" for 1.051 and 1.050).
+        digits = next((d for d in (1, 2, 3) if f"{cost:.{d}f}" != f"{left:.{d}f}"), 3) if not charged else 1
+        needs = f"{cost + charged:.{digits}f} GPU-seconds" + (f" ({charged:.1f} already charged)" if charged else "")
         if cost + charged > limits.daily_budget:  # waiting for the reset would not help
             return (
                 f"Daily GPU budget exceeded (USER_DAILY_BUDGET): this job needs {needs}, more than the whole "
@@ -288,7 +291,7 @@ def budget_refusal(usage: Usage, cost: float, limits: Limits, now: datetime, *, 
             )
         return (
             f"Daily GPU budget exceeded (USER_DAILY_BUDGET): this job needs {needs}, "
-            f"{left:.1f} of {limits.daily_budget:g} are left today; the budget resets at "
+            f"{left:.{digits}f} of {limits.daily_budget:g} are left today; the budget resets at "
             f"{resets_at(now):%Y-%m-%d %H:%M} UTC"
         )
     return None

@@ -201,7 +201,11 @@ def test_a_job_may_spend_exactly_up_to_the_daily_budget():
     limits = Limits(daily_budget=10)
     assert quota.budget_refusal(Usage(0, 0, 6.0, "2026-11-27"), 4.0, limits, now) is None
     assert quota.refusal(Usage(0, 0, 0.0, "2026-11-27"), 10.0, limits, now) is None
-    assert "4.0 of 10 are left" in quota.budget_refusal(Usage(0, 0, 6.0, "2026-11-27"), 4.001, limits, now)
+    # With as many decimals as tell the two apart (the fairness review read "needs 1.1 GPU-seconds, 1.1 of 30 are left").
+    told = "needs 4.001 GPU-seconds, 4.000 of 10 are left"
+    assert told in quota.budget_refusal(Usage(0, 0, 6.0, "2026-11-27"), 4.001, limits, now)
+    told = "needs 1.1 GPU-seconds, 0.9 of 10 are left"
+    assert told in quota.budget_refusal(Usage(0, 0, 9.1, "2026-11-27"), 1.051, limits, now)
     assert "resets at" in quota.budget_refusal(Usage(0, 0, 9.0, "2026-11-27"), 2.0, limits, now, charged=8.0)
 
 
