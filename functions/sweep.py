@@ -72,8 +72,17 @@ def _given_up(count: int, policy: Policy) -> GenerationError:
     minutes = policy.redispatch_after.total_seconds() / 60
     return GenerationError(
         EXCEPTION,
-        f"No GPU worker picked up the job after {count} dispatches, {minutes:g} minutes apart; please try again",
+        f"No GPU worker picked up the job after {count} dispatches, {minutes:g} minute{'' if minutes == 1 else 's'} "
+        "apart; please try again",
     )
+
+
+def _waited_its_dispatches(doc: Mapping[str, Any], now: datetime, policy: Policy) -> bool:
+    """Queued as long as MAX_DISPATCHES stale periods (a job without a creation date: as if so). Its client's calls
+    retrying an undelivered dispatch spend its count in seconds (the functions review: three calls in 3 s, and the
+    first sweep failed the job "after 3 dispatches, 10 minutes apart" minutes after it was made)."""
+    created = doc.get("created_at")
+    return not isinstance(created, datetime) or now - created >= policy.redispatch_after * policy.max_dispatches
 
 
 def redispatch_stale(
@@ -194,11 +203,13 @@ def _redispatch_one(
                 return None
             last = _last_dispatch(doc)
             worked = seen.last_worked is not None and last is not None and seen.last_worked > last
-            if not worked or count >= policy.max_dispatches * LEFT_BEHIND_FACTOR:
+            given_up = not worked and _waited_its_dispatches(doc, now, policy)
+            if given_up or count >= policy.max_dispatches * LEFT_BEHIND_FACTOR:
                 return lifecycle.failure(_given_up(count, policy), user_id=key.user_id, file_uid=key.file_uid)
             # Workers that ran jobs to their end were seen after its last dispatch, and left it queued (RunPod scaled
             # them down while the backlog waited, or the one running it died): the endpoint runs jobs, so one is
-            # woken for it again; up to LEFT_BEHIND_FACTOR times MAX_DISPATCHES in all, whatever comes.
+            # woken for it again; or its dispatches came closer than the stale period apart (a client's retries):
+            # it is dispatched again. Up to LEFT_BEHIND_FACTOR times MAX_DISPATCHES in all, whatever comes.
         return refused_or_marked(key, doc, BY_SCHEDULER, marking)
 
     outcome = marking.transition(store, key, decide)

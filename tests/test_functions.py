@@ -1450,6 +1450,27 @@ def test_a_lost_workers_job_whose_dates_an_admin_wrote_as_text_is_dispatched_aga
     assert [body["input"]["file_uid"] for _, body in runpod.requests] == ["text-dates"]
 
 
+def test_a_job_whose_calls_spent_its_dispatches_at_once_is_not_given_up_before_their_periods(firestore_client, stub):
+    """The functions review: a client's calls retrying an undelivered dispatch (each answered "queued") spend
+    MAX_DISPATCHES in seconds, and the first sweep once the job was stale failed it "after 3 dispatches, 10 minutes
+    apart", 10 minutes after it was made rather than 30. It is dispatched again until it has waited MAX_DISPATCHES
+    stale periods; then given up as before."""
+    now = datetime.now(UTC)
+    retried = {"dispatch_count": 2, "dispatched_at": now - timedelta(minutes=11)}
+    young = firestore_client.document("generations/u-r/images/retried-young")
+    young.set({**client_doc(width=256), "created_at": now - timedelta(minutes=12), **retried})
+    old = firestore_client.document("generations/u-r/images/retried-old")
+    old.set({**client_doc(width=256), "created_at": now - timedelta(minutes=21), **retried})
+    runpod = stub(ACCEPTED)
+    policy = Policy(redispatch_after=timedelta(minutes=10), max_dispatches=2)
+    counts = sweep.redispatch_stale(firestore_client, runpod.client(), policy=policy)
+    assert (counts["redispatched"], counts["failed"]) == (1, 1)
+    assert (young.get().get("status"), young.get().get("dispatch_count")) == ("queued", 3)
+    assert old.get().get("error_message") == (
+        "No GPU worker picked up the job after 2 dispatches, 10 minutes apart; please try again"
+    )
+
+
 def test_scheduled_redispatch_is_bounded(firestore_client, stub, caplog):
     caplog.set_level(logging.INFO)
     old = datetime.now(UTC) - timedelta(hours=1)
