@@ -275,7 +275,7 @@ class JobStore:
         recount: tuple[quota.Usage, quota.Usage] | None = None  # (as read, as the docs count it)
         if update is not None:
             usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
-            recounted = self._recount(key, usage, before, update) if admit else None
+            recounted = self._recount(key, usage, before, update, ends) if admit else None
             if recounted:
                 recount, usage = (usage, recounted), recounted
             update = self._limit(key, before, update, usage, now, admit=admit)
@@ -317,14 +317,16 @@ class JobStore:
             )
         return Outcome(before, update, now)
 
-    def _recount(self, key: JobKey, usage: quota.Usage, before: dict | None, update: dict) -> quota.Usage | None:
+    def _recount(
+        self, key: JobKey, usage: quota.Usage, before: dict | None, update: dict, ends: float
+    ) -> quota.Usage | None:
         """The user's counts as their docs show them, where the usage doc's would refuse this transition (admit a
         job past USER_MAX_PENDING, start one past USER_MAX_RUNNING) and the docs show fewer: a live job doc failed
         or deleted by a write of one's own, past the counts (an admin, the contract's function's `updateDoc`),
         stayed counted for ever, and enough of them refused every job or kept the user's jobs from starting.
         Lowered only, and written with the transition's change of the counts under the usage doc's precondition
         (a count that moved meanwhile makes it read and decide again). Counts found right are not counted again
-        for RECOUNT_EVERY seconds in this process (two count queries per media type)."""
+        for RECOUNT_EVERY seconds in this process (two count queries per media type, ending by `ends`)."""
         after = quota.merged(before, update)
         live = after.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
         admits = live and not quota.admitted(before) and usage.pending >= self.limits.max_pending
@@ -340,8 +342,8 @@ class JobStore:
                 filter=FieldFilter(quota.ADMITTED, "==", True)
             )
             live_docs = mine.where(filter=FieldFilter("status", "in", [lifecycle.QUEUED, lifecycle.PROCESSING]))
-            pending += _count(live_docs)
-            running += _count(mine.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING)))
+            pending += _count(live_docs, ends)
+            running += _count(mine.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING)), ends)
         if pending >= usage.pending and running >= usage.running:
             if len(_COUNTED_RIGHT) >= 10_000:
                 _COUNTED_RIGHT.clear()
@@ -535,7 +537,7 @@ class JobStore:
             grave = graves.pop() if graves else None
             if doc is None:
                 # Read with or after the doc found missing: a deletion writes its tombstone in the doc's own commit.
-                return None if self._deleted_dispatch(key, request, request_id, grave) else created
+                return None if self._deleted_dispatch(key, request, request_id, grave, ends) else created
             if dispatched(doc, request, request_id):
                 return arrived(doc, request, request_id)
             update = lifecycle.restate(doc, restatement(doc, request), request.parameters())
@@ -556,14 +558,19 @@ class JobStore:
         return self.transition(key, decide, admit=True, read=read, ends=ends)
 
     def _deleted_dispatch(
-        self, key: JobKey, request: GenerationRequest, request_id: str | None, grave_read: Any = None
+        self,
+        key: JobKey,
+        request: GenerationRequest,
+        request_id: str | None,
+        grave_read: Any = None,
+        ends: float | None = None,
     ) -> bool:
         """Whether `request` is a dispatch of a job its owner deleted (`deletion`), arriving late: it must not create
         the job again, a GPU run nobody asked for. Its mark is used up as on a doc (`arrived`): the same request
         sent afterwards is the owner's new job. `grave_read`: its snapshot, read with the doc (the first try's)."""
         ref = tombstone_ref(self.client, key)
         for _ in range(TOMBSTONE_TRIES):
-            snapshot = grave_read if grave_read is not None else ref.get(**BOUND)
+            snapshot = grave_read if grave_read is not None else ref.get(**bound(_sooner(ends)))
             grave_read = None
             grave = snapshot.to_dict() if snapshot.exists else None
             if grave is None or not dispatched(grave, request, request_id):
@@ -580,7 +587,8 @@ class JobStore:
             if not used:
                 return True
             try:
-                ref.update(used, option=self.client.write_option(last_update_time=snapshot.update_time), **BOUND)
+                written = self.client.write_option(last_update_time=snapshot.update_time)
+                ref.update(used, option=written, **bound(_sooner(ends)))
                 return True
             except COMMIT_CONFLICTS:  # another late dispatch used a mark meanwhile: read again
                 continue
@@ -758,8 +766,8 @@ def _states_no_more_than(doc: Mapping[str, Any], data: Mapping[str, Any]) -> boo
 _COUNTED_RIGHT: dict[tuple[str, str], float] = {}
 
 
-def _count(query: firestore.Query) -> int:
+def _count(query: firestore.Query, ends: float) -> int:
     """How many docs a query matches (an aggregation: one read per 1,000 index entries)."""
-    results: Any = query.count(alias="n").get(**BOUND)
+    results: Any = query.count(alias="n").get(**bound(ends))
     first = results[0]
     return int((first[0] if isinstance(first, list) else first).value)  # one list per query run, by version

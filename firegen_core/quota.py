@@ -250,7 +250,11 @@ def cancelled_cost(before: Mapping[str, Any], estimate: float, now: datetime) ->
     where it was charged on an earlier day, whose spend is gone."""
     if before.get("status") != "processing" or charged_on(before, day_of(now)) != day_of(now):
         return {}
-    return restated_cost(before, estimate, 0.0, now)
+    charge = restated_cost(before, estimate, 0.0, now)
+    # Never more than it was charged: its estimate today may differ from the one it was admitted at (a deploy of
+    # another cost model between), and a cancel must not cost more than running it (a review).
+    kept = min(charge[STOPPED_COST], float(number(before, COST)))
+    return {**charge, COST: kept, STOPPED_COST: kept}
 
 
 def change(before: Mapping[str, Any] | None, update: Mapping[str, Any], now: datetime | None = None) -> Change:

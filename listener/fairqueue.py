@@ -121,11 +121,6 @@ class FairQueue(Generic[K]):
         if not entries:
             del self._by_user[entry.user]
 
-    def discard_user(self, user: str) -> None:
-        """Every candidate of `user`."""
-        for entry in self._by_user.pop(user, []):
-            del self._entries[entry.key]
-
     def clear(self) -> None:
         self._entries.clear()
         self._by_user.clear()

@@ -119,6 +119,11 @@ class Reconciler:
         # Users a claim here found not claimable while a job of theirs ran here (at USER_MAX_RUNNING, most likely):
         # their queued docs are looked up again when one of their jobs here ends (`_look_again`).
         self._held_back: set[str] = set()
+        # Users a claim here found at USER_MAX_RUNNING with jobs on other workers: their candidates keep their places
+        # and are passed over until the next sweep, or one of their jobs here ends (`_may_claim`). Claimed and refused
+        # one by one (a transaction each), the first to pass once one of those jobs ended was not their oldest (the
+        # fairness review, two workers: a user's 14th job started before their 2nd).
+        self._limited: set[str] = set()
         # Claims on their way whose lease a restatement displaced before their answer came back (`preempt`).
         self._displaced: dict[JobKey, Lease] = {}
         # Jobs this worker runs, and (None) those it is claiming: shutdown waits for both, so a claim in flight
@@ -235,10 +240,13 @@ class Reconciler:
         log.info("reconciler_stopped", worker_id=self.store.worker_id)
 
     def _may_claim(self, key: JobKey) -> bool:
-        """(Under `_cv`.) Not while Storage is away, nor a job of a user with USER_MAX_RUNNING jobs here already
+        """(Under `_cv`.) Not while Storage is away, nor a job of a user found at USER_MAX_RUNNING elsewhere
+        (`_limited`), nor of one with USER_MAX_RUNNING jobs here already
         (one completing on a slot it handed over among them: its claim would be refused, a transaction for
         nothing, a review counted one a job), nor one whose model is not `claimable`."""
         if self.storage_outage is not None and self.storage_outage.ongoing:
+            return False
+        if key.user_id in self._limited:
             return False
         if sum(other.user_id == key.user_id for other in self._active) >= self.store.limits.max_running:
             return False
@@ -501,11 +509,7 @@ class Reconciler:
                 if start and any(other.user_id == key.user_id for other in self._active):
                     self._held_back.add(key.user_id)
                 if limited:
-                    # Its user is at USER_MAX_RUNNING with jobs on other workers: their other candidates here were
-                    # claimed and refused one by one (a transaction each), and the first to pass once one of those
-                    # ended was not their oldest (the fairness review, two workers: a user's 14th job started before
-                    # their 2nd). Let go: the sweep offers them again, oldest first.
-                    self._queue.discard_user(key.user_id)
+                    self._limited.add(key.user_id)
                 self._cv.notify_all()
             return None
         with self._cv:
@@ -638,6 +642,9 @@ class Reconciler:
         listened to), and the sweep found them up to SWEEP_INTERVAL_SECONDS later (a latency audit: a user's third
         job started 6-9 s after their first ended, with a 10 s sweep). A look-up each, of their oldest."""
         with self._cv:
+            if self._limited & users:  # one of their jobs ended here: their count went down
+                self._limited -= users
+                self._cv.notify_all()
             users = users & self._held_back
             self._held_back -= users
             if not self._claiming:
@@ -784,6 +791,10 @@ class Reconciler:
                         log.warning("sweep_error", path=key.path, error=str(exc))
                     missed |= source == "ordered" and self._missed_by_listener(media, snapshot)
             self._watchdog(media, missed)
+        with self._cv:  # offered again, their oldest among them: tried again, one claim each
+            if self._limited:
+                self._limited.clear()
+                self._cv.notify_all()
         # The queue's oldest are candidates now: a first claim waits no longer (a latency audit: the scans below
         # are 5 calls more, one after another, on a cold start that a waiting request woke).
         self._swept.set()

@@ -117,6 +117,7 @@ class _Run:
 
     held_since: float | None = None  # generated, and held (`hold`) since
     waited_for_storage: bool = False  # its upload waited for Storage to answer (`JobRunner._wait_for_storage`)
+    leaving_since: Callable[[], float | None] = lambda: None  # its runner's `leaving_since`
 
     def seconds(self) -> float:
         """Since it started, as its end's log line says it."""
@@ -144,8 +145,15 @@ class _Run:
 
     @property
     def must_stop(self) -> bool:
-        leaving = self.abort.is_set() and not self.heartbeat.generated.is_set()  # a generated job delivers
+        leaving = self.abort.is_set() and (not self.heartbeat.generated.is_set() or self._delivered_too_long)
         return self.heartbeat.lost.is_set() or leaving or self.cancel.is_set() or self.expired
+
+    @property
+    def _delivered_too_long(self) -> bool:
+        """A generated job delivers as its worker leaves, within LEAVING_DELIVERY_SECONDS: past them, one still in
+        its encode (an MP4's frames ask) stops and is released, rather than hold the worker's exit (a review)."""
+        since = self.leaving_since()
+        return since is not None and time.monotonic() > since + LEAVING_DELIVERY_SECONDS
 
     def progress(self, fraction: float) -> None:
         """The generation's progress callback: stops it (Interrupted) at its next step when it must stop."""
@@ -248,6 +256,7 @@ class JobRunner:
                     stack.enter_context(self._heartbeat(job, hard_deadline, overrun, cancel)),
                     self.abort,
                     self._end_now if len(parsed) > 1 else None,
+                    leaving_since=lambda: self.leaving_since,
                 )
                 for index, (job, cancel, request) in parsed.items()
             }

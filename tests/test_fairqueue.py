@@ -130,11 +130,6 @@ class FairQueueModel(RuleBasedStateMachine):
         self.queue.discard(key)
         self.held.pop(key, None)
 
-    @rule(user=st.sampled_from(USERS))
-    def discard_user(self, user):
-        self.queue.discard_user(user)
-        self.held = {key: held for key, held in self.held.items() if held.user != user}
-
     @rule(
         size=st.integers(1, 4),
         per_user=st.sampled_from([None, 1, 1, 2]),

@@ -77,7 +77,7 @@ class Ledger(RuleBasedStateMachine):
             self.claims.append((worker, job))
 
     @precondition(lambda self: self.claims)
-    @rule(data=st.data(), end=st.sampled_from(["renew", "complete", "fail", "release"]))
+    @rule(data=st.data(), end=st.sampled_from(["renew", "complete", "fail", "cancelled", "release"]))
     def a_claim_moves_its_job(self, data, end):
         worker, job = data.draw(st.sampled_from(self.claims))
         before = self.client.document(job.key.path).get().to_dict()
@@ -90,12 +90,16 @@ class Ledger(RuleBasedStateMachine):
             wrote = store.complete(job, {"status": "completed", "generated": True, "error": False}) is not None
         elif end == "fail":
             wrote = store.fail(job, GenerationError("RuntimeError", "boom"))
+        elif end == "cancelled":  # its run stopped at its owner's cancel: charged the time it ran
+            wrote = store.fail(job, GenerationError("Cancelled", "Cancelled by the user"))
         else:
             wrote = store.release(job) is not None
         after = self.client.document(job.key.path).get().to_dict()
         # A write lands under the claim's lease; a stale claim's leaves the doc's state as it was.
         if held:
             assert wrote, (end, before, after)
+            if end == "cancelled":  # never more than it was charged
+                assert quota.number(after, quota.COST) <= quota.number(before, quota.COST), (before, after)
         else:
             assert _same_state(before, after), (end, before, after)
 

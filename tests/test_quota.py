@@ -360,6 +360,18 @@ def test_a_running_job_its_owner_cancels_is_charged_the_time_it_ran(firestore_cl
     assert counts(firestore_client) == (0, 0)
 
 
+def test_a_cancel_never_costs_more_than_the_job_was_charged():
+    """A review: charged at admission under one cost model (174 GPU-seconds), estimated under another at its cancel
+    (382), a job that ran 300 s would have cost 300, more than running it to its end."""
+    now = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    running = {"status": "processing", "quota_admitted": True, "cost": 174.0, "charged_on": "2026-12-07"}
+    ran = {**running, "started_at": now - timedelta(seconds=300)}
+    assert quota.cancelled_cost(ran, 382.0, now) == {"cost": 174.0, "stopped_cost": 174.0, "charged_on": "2026-12-07"}
+    early = {**running, "started_at": now - timedelta(seconds=7)}
+    assert quota.cancelled_cost(early, 174.0, now)["cost"] == 7.0
+    assert quota.cancelled_cost({**early, "charged_on": "2026-12-06"}, 174.0, now) == {}  # that day's spend is gone
+
+
 def test_the_cancel_callable_keeps_the_deployed_limits_on_the_usage_doc(firestore_client):
     """The day's review: cancelGeneration's refund rewrote `usage/{uid}` with the default limits (600 GPU-s where
     the deploy set 30), which an app showing what is left then read."""
@@ -1207,7 +1219,7 @@ def test_counts_found_right_are_not_counted_again_for_a_while(firestore_client, 
     assert JobStore(firestore_client, limits=limits).ensure_queued(request("only")).after["status"] == "queued"
     queries: list = []
     real = jobs._count
-    monkeypatch.setattr(jobs, "_count", lambda query: queries.append(query) or real(query))
+    monkeypatch.setattr(jobs, "_count", lambda query, ends: queries.append(query) or real(query, ends))
     for i in range(3):  # a store per call, as the callable makes them
         refused = JobStore(firestore_client, limits=limits).ensure_queued(request(f"more-{i}"))
         assert refused.after["error_type"] == "QuotaExceeded"
@@ -1238,7 +1250,7 @@ def test_a_recount_overtaken_by_another_transition_says_nothing(firestore_client
     first = store.ensure_queued(request("overtaken-1")).after  # pending 1: at the limit
     real, ended = jobs._count, threading.Event()
 
-    def ended_meanwhile(query):
+    def ended_meanwhile(query, ends):
         if not ended.is_set():  # the first job ends, as a transition writes it: its doc and the counts together
             ended.set()
             batch = firestore_client.batch()
@@ -1247,7 +1259,7 @@ def test_a_recount_overtaken_by_another_transition_says_nothing(firestore_client
             )
             batch.update(firestore_client.document(f"usage/{USER}"), {"pending": 0})
             batch.commit()
-        return real(query)
+        return real(query, ends)
 
     monkeypatch.setattr(jobs, "_count", ended_meanwhile)
     with caplog.at_level("WARNING", logger=jobs.log.name):
