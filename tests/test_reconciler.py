@@ -1182,16 +1182,23 @@ class ReleasesSeen(WorkerJobs):
         return super().release(job)
 
 
+@contextlib.contextmanager
+def a_video_in_its_encode(client, results, generator, store, file_uid: str):
+    """A worker running one video job, its generation done and its encode under way (`generator.in_encoding`)."""
+    key = JobKey("u1", "videos", file_uid)
+    with started_reconcilers() as start:
+        worker = start(Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
+        write_job(client, key, numFrames=16)
+        assert generator.in_encoding.wait(30)
+        yield worker, key
+
+
 def test_a_worker_leaving_lets_a_job_past_the_device_encode_and_deliver(firestore_client, results):
     """A review of the hand-over: a video the device was done with, still in its MP4 encode (seconds on a card) as
     the shutdown grace ended, was given back to the queue, to run in full again on another worker. It delivers."""
     generator = EncodingGenerator()
     store = ReleasesSeen(firestore_client, worker_id="w", lease_seconds=30)
-    key = JobKey("u1", "videos", "encoding-as-it-leaves")
-    with started_reconcilers() as start:
-        worker = start(Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
-        write_job(firestore_client, key, numFrames=16)
-        assert generator.in_encoding.wait(30)
+    with a_video_in_its_encode(firestore_client, results, generator, store, "encoding-as-it-leaves") as (worker, key):
         stopping = threading.Thread(target=worker.stop, kwargs={"grace": 0.2})
         stopping.start()
         try:
@@ -1232,11 +1239,7 @@ def test_a_job_still_encoding_past_the_leaving_delivery_time_is_released(firesto
     monkeypatch.setattr(runner_module, "LEAVING_DELIVERY_SECONDS", 0.5)
     generator = EndlessEncode()
     store = WorkerJobs(firestore_client, worker_id="w", lease_seconds=30)
-    key = JobKey("u1", "videos", "encoding-for-ever")
-    with started_reconcilers() as start:
-        worker = start(Reconciler(store, JobRunner(store, generator, results), sweep_interval=0.3))
-        write_job(firestore_client, key, numFrames=16)
-        assert generator.in_encoding.wait(30)
+    with a_video_in_its_encode(firestore_client, results, generator, store, "encoding-for-ever") as (worker, key):
         worker.stop(grace=0.2)
         data = doc(firestore_client, key)
         assert (data["status"], data["attempts"], data.get("releases")) == ("queued", 0, 1)
