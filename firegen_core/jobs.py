@@ -386,6 +386,14 @@ class JobStore:
             if cost is not None:
                 update = {**update, **quota.cancelled_cost(before, cost, now)}
                 after = quota.merged(before, update)
+        released = (
+            update.get("status") == lifecycle.QUEUED and quota.running(before) and quota.STOPPED_COST not in update
+        )
+        if released and before is not None:  # given back by a leaving worker: a cancel now charges the time it ran
+            cost = _cost(key, before)
+            if cost is not None:
+                update = {**update, **quota.released_cost(before, cost, now)}
+                after = quota.merged(before, update)
         if admit and after.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) and not quota.admitted(after):
             cost = _cost(key, after)
             if cost is not None:  # a doc that breaks the contract is failed by whoever parses it, never counted

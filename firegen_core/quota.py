@@ -234,7 +234,9 @@ def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: 
     today = day_of(now)
     charged_today = charged_on(before, today) == today
     charged = float(number(before, COST)) if charged_today else 0.0
-    kept = max(charged - old_estimate, 0.0)  # earlier stopped tries
+    # Earlier stopped tries: a released job's says what its run until the release used (`released_cost`).
+    stopped = float(number(before, STOPPED_COST)) if charged_today and STOPPED_COST in before else None
+    kept = max(charged - old_estimate, 0.0) if stopped is None else stopped
     if before.get("status") == "processing" and charged_today:
         started = before.get("started_at")
         ran = (now - started).total_seconds() if isinstance(started, datetime) else old_estimate
@@ -255,6 +257,16 @@ def cancelled_cost(before: Mapping[str, Any], estimate: float, now: datetime) ->
     # another cost model between), and a cancel must not cost more than running it (a review).
     kept = min(charge[STOPPED_COST], float(number(before, COST)))
     return {**charge, COST: kept, STOPPED_COST: kept}
+
+
+def released_cost(before: Mapping[str, Any], estimate: float, now: datetime) -> dict:
+    """The charge fields of a running job a leaving worker gives back (`estimate`: its try's). Its `cost` stays:
+    run again, it is charged its estimate once (the shutdown is no fault of the job). Ended before a worker takes
+    it again (cancelled while queued, given up), it is charged what its try ran, as a cancel while it ran would
+    have been (a review: it was charged its whole estimate, so a cancel a moment after the release cost 382
+    GPU-seconds where one a moment before cost 7)."""
+    charge = cancelled_cost(before, estimate, now)
+    return {STOPPED_COST: charge[STOPPED_COST]} if charge else {}
 
 
 def change(before: Mapping[str, Any] | None, update: Mapping[str, Any], now: datetime | None = None) -> Change:

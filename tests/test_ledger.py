@@ -134,6 +134,8 @@ class Ledger(RuleBasedStateMachine):
     @invariant()
     def each_doc_is_in_one_state_of_the_contract(self):
         for doc in self.docs().values():
+            # What a job ending before it runs again is charged is never more than its charge.
+            assert quota.number(doc, quota.STOPPED_COST) <= quota.number(doc, quota.COST), doc
             status = doc.get("status")
             if status == lifecycle.PROCESSING:  # under one worker's claim
                 assert doc.get("worker_id") in self.workers and doc.get("attempts", 0) >= 1, doc

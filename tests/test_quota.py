@@ -873,20 +873,41 @@ def test_a_running_job_restated_then_ended_before_running_again_is_charged_its_s
     assert counts(firestore_client) == (0, 0)
 
 
-def test_a_released_job_restated_then_cancelled_keeps_its_charge(firestore_client):
-    """The review: a release gives the try back (`attempts` 0) but the job ran until it; restated while queued
-    (no try stopped: `stopped_cost` is not written) and then cancelled, it kept no charge, where the same job
-    cancelled without the restatement keeps its estimate."""
-    key = write_client_doc(firestore_client, "released-restated")
-    JobStore(firestore_client).ensure_queued(request("released-restated"))
-    worker = WorkerJobs(firestore_client, worker_id="w-1")
+@pytest.mark.parametrize("then", ["cancelled while queued", "restated, then cancelled", "run again"])
+def test_a_released_job_ended_before_running_again_is_charged_the_time_it_ran(firestore_client, then):
+    """A review: a leaving worker's release gives the try back (`attempts` 0), but the job ran until it; cancelled
+    while queued after, it was charged its whole estimate, where a cancel a moment before the release charged the
+    time it ran (and restated while queued, then cancelled, it once kept no charge). It is charged that time
+    (`stopped_cost`); run again, its whole cost, once."""
+    big = dict(width=1024, height=1024, num_inference_steps=50, num_images_per_prompt=4)
+    key = write_client_doc(firestore_client, "released", **big)
+    store, worker = JobStore(firestore_client), WorkerJobs(firestore_client, worker_id="w-1")
+    assert store.admit(key).written
+    estimate = doc(firestore_client, key)["cost"]
     job = worker.claim(key)
-    assert job is not None and worker.release(job)["status"] == "queued"
-    JobStore(firestore_client).ensure_queued(request("released-restated", width=1024, height=1024))
-    restated = doc(firestore_client, key)
-    assert "stopped_cost" not in restated
-    assert JobStore(firestore_client).cancel(key).after["error_type"] == "Cancelled"
-    assert usage(firestore_client)["spent_today"] == pytest.approx(restated["cost"], abs=1e-3)
+    assert job is not None and estimate > 15
+    # Its try started 10 s ago (as its worker's clock and the emulator's are this machine's).
+    firestore_client.document(key.path).update({"started_at": datetime.now(UTC) - timedelta(seconds=10)})
+    assert worker.release(job)["status"] == "queued"
+    released = doc(firestore_client, key)
+    assert released["cost"] == estimate and released["stopped_cost"] == pytest.approx(10, abs=2)
+    assert usage(firestore_client)["spent_today"] == pytest.approx(estimate, abs=1e-3)
+    charged = released["stopped_cost"]
+    if then == "run again":
+        again = worker.claim(key)
+        assert again is not None and "stopped_cost" not in doc(firestore_client, key)
+        assert worker.fail(again, GenerationError("RuntimeError", "boom"))  # it ran: its whole cost stands
+        charged = estimate
+    else:
+        if then.startswith("restated"):
+            cheap = request("released", **{**big, "width": 512, "height": 512})
+            store.ensure_queued(cheap)
+            restated = doc(firestore_client, key)
+            assert restated["stopped_cost"] == pytest.approx(charged, abs=1e-3)
+            assert restated["cost"] == pytest.approx(charged + quota.estimate(cheap), abs=1e-3)
+        assert store.cancel(key).after["error_type"] == "Cancelled"
+    assert usage(firestore_client)["spent_today"] == pytest.approx(charged, abs=1e-3)
+    assert counts(firestore_client) == (0, 0)
 
 
 def test_the_callable_answers_a_refusal_that_cannot_come_back_as_no_refusal_of_its_own(firestore_client):
