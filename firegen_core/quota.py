@@ -235,8 +235,8 @@ def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: 
     charged_today = charged_on(before, today) == today
     charged = float(number(before, COST)) if charged_today else 0.0
     # Earlier stopped tries: a released job's says what its run until the release used (`released_cost`).
-    stopped = float(number(before, STOPPED_COST)) if charged_today and STOPPED_COST in before else None
-    kept = max(charged - old_estimate, 0.0) if stopped is None else stopped
+    earlier = float(number(before, STOPPED_COST)) if charged_today and STOPPED_COST in before else None
+    kept = max(charged - old_estimate, 0.0) if earlier is None else earlier
     if before.get("status") == "processing" and charged_today:
         started = before.get("started_at")
         ran = (now - started).total_seconds() if isinstance(started, datetime) else old_estimate
