@@ -386,10 +386,9 @@ class JobStore:
             if cost is not None:
                 update = {**update, **quota.cancelled_cost(before, cost, now)}
                 after = quota.merged(before, update)
-        released = (
-            update.get("status") == lifecycle.QUEUED and quota.running(before) and quota.STOPPED_COST not in update
-        )
-        if released and before is not None:  # given back by a leaving worker: a cancel now charges the time it ran
+        # Given back by a leaving worker (`counted_release`: queued again, or failed past MAX_RELEASES).
+        released = lifecycle.RELEASES in update and quota.running(before) and quota.STOPPED_COST not in update
+        if released and before is not None:
             cost = _cost(key, before)
             if cost is not None:
                 update = {**update, **quota.released_cost(before, cost, now)}

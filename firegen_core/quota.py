@@ -36,6 +36,9 @@ CHARGED_ON = "charged_on"  # on a job doc: the UTC day (YYYY-MM-DD) whose spend 
 # On a job doc its request restated: what its stopped tries used, within its cost, until a worker takes it again
 # (a job that ends before that is charged this alone: its new estimate never ran).
 STOPPED_COST = "stopped_cost"
+# On a job doc: the GPU time its tries ran until their workers left and gave it back (`released_cost`). Not in its
+# `cost`: charged only where it ends before running to its end (cancelled, given up), as `STOPPED_COST` says then.
+RELEASED_COST = "released_cost"
 
 # --- the cost model: estimated GPU-seconds on an H100 (bf16), from the README's measured figures -----------
 # SDXL 1024x1024, 30 steps with CFG: 2.46 s per image. Cost grows with pixels x steps x images.
@@ -221,6 +224,17 @@ def _charged(doc: Mapping[str, Any] | None, today: str | None) -> float:
     return float(number(doc, COST))
 
 
+def _try_ran(before: Mapping[str, Any], estimate: float, now: datetime) -> float:
+    """The GPU time a running job's try ran: since its `started_at`, at most its estimate."""
+    started = before.get("started_at")
+    ran = (now - started).total_seconds() if isinstance(started, datetime) else estimate
+    return min(max(ran, 0.0), estimate)
+
+
+def _released(before: Mapping[str, Any], charged_today: bool) -> float:
+    return float(number(before, RELEASED_COST)) if charged_today else 0.0
+
+
 def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: float, now: datetime) -> dict:
     """The charge fields of an admitted job restated with other parameters (a request for its file_uid that
     states others): its new estimate, plus what its stopped tries used. A queued job's estimate is replaced; a
@@ -229,44 +243,51 @@ def restated_cost(before: Mapping[str, Any], old_estimate: float, new_estimate: 
     the budget (the contract's function flow, where a worker took the doc a moment before its request came,
     pays that moment). A job charged on an earlier day is charged its new estimate today, anew: that day's spend
     is gone, and it paid the whole of the stopped try's estimate. Until a worker takes it again, `STOPPED_COST`
-    says what of it the stopped tries used: all it is charged if it ends first (cancelled while queued, given
-    up)."""
+    says what it is charged if it ends first (cancelled while queued, given up): what the stopped tries used,
+    its released tries' too (`released_cost`)."""
     today = day_of(now)
     charged_today = charged_on(before, today) == today
     charged = float(number(before, COST)) if charged_today else 0.0
-    # Earlier stopped tries: a released job's says what its run until the release used (`released_cost`).
-    earlier = float(number(before, STOPPED_COST)) if charged_today and STOPPED_COST in before else None
-    kept = max(charged - old_estimate, 0.0) if earlier is None else earlier
+    kept = max(charged - old_estimate, 0.0)  # earlier stopped tries (a released try is not in `cost`)
     if before.get("status") == "processing" and charged_today:
-        started = before.get("started_at")
-        ran = (now - started).total_seconds() if isinstance(started, datetime) else old_estimate
-        kept += min(max(ran, 0.0), old_estimate)
-    stopped = {STOPPED_COST: round(kept, 3)} if before.get("status") == "processing" or STOPPED_COST in before else {}
-    return {COST: round(kept + new_estimate, 3), CHARGED_ON: today, **stopped}
+        kept += _try_ran(before, old_estimate, now)
+    cost = kept + new_estimate
+    stopped = kept + _released(before, charged_today)
+    ends_first = before.get("status") == "processing" or STOPPED_COST in before
+    return {
+        COST: round(cost, 3),
+        CHARGED_ON: today,
+        **({STOPPED_COST: round(min(stopped, cost), 3)} if ends_first else {}),
+    }
 
 
 def cancelled_cost(before: Mapping[str, Any], estimate: float, now: datetime) -> dict:
     """The charge fields of a running job its owner cancelled (`estimate`: its try's): the GPU time that try ran
-    (since its `started_at`, at most its estimate), plus what earlier stopped tries used, as for a restatement, not
-    its whole estimate (the web app review: a video cancelled 7 s in was charged its 382 s of the day's 600). None
+    (since its `started_at`, at most its estimate), plus what earlier stopped and released tries used, not its
+    whole estimate (the web app review: a video cancelled 7 s in was charged its 382 s of the day's 600). None
     where it was charged on an earlier day, whose spend is gone."""
     if before.get("status") != "processing" or charged_on(before, day_of(now)) != day_of(now):
         return {}
     charge = restated_cost(before, estimate, 0.0, now)
     # Never more than it was charged: its estimate today may differ from the one it was admitted at (a deploy of
     # another cost model between), and a cancel must not cost more than running it (a review).
-    kept = min(charge[STOPPED_COST], float(number(before, COST)))
-    return {**charge, COST: kept, STOPPED_COST: kept}
+    kept = min(charge[COST] + _released(before, True), float(number(before, COST)))
+    return {**charge, COST: round(kept, 3), STOPPED_COST: round(kept, 3)}
 
 
 def released_cost(before: Mapping[str, Any], estimate: float, now: datetime) -> dict:
-    """The charge fields of a running job a leaving worker gives back (`estimate`: its try's). Its `cost` stays:
-    run again, it is charged its estimate once (the shutdown is no fault of the job). Ended before a worker takes
-    it again (cancelled while queued, given up), it is charged what its try ran, as a cancel while it ran would
-    have been (a review: it was charged its whole estimate, so a cancel a moment after the release cost 382
-    GPU-seconds where one a moment before cost 7)."""
-    charge = cancelled_cost(before, estimate, now)
-    return {STOPPED_COST: charge[STOPPED_COST]} if charge else {}
+    """The charge fields of a running job a leaving worker gives back (`estimate`: its try's), or of its failure
+    past MAX_RELEASES. Its `cost` stays: run again to its end, it is charged its estimate once (the shutdowns are
+    no fault of the job). Its try's time adds to `RELEASED_COST`, which it is charged, with its stopped tries',
+    where it ends otherwise (cancelled, queued or running again; given up; failed past MAX_RELEASES), at most its
+    `cost` (a review: a cancel a moment after a release cost its whole estimate, 382 GPU-seconds, where one a
+    moment before cost the 7 it ran; and a cancel after a second try forgot the first)."""
+    if before.get("status") != "processing" or charged_on(before, day_of(now)) != day_of(now):
+        return {}
+    released = _released(before, True) + _try_ran(before, estimate, now)
+    cost = float(number(before, COST))
+    stopped = max(cost - estimate, 0.0) + released  # its restatements' stopped tries are in `cost`
+    return {RELEASED_COST: round(released, 3), STOPPED_COST: round(min(stopped, cost), 3)}
 
 
 def change(before: Mapping[str, Any] | None, update: Mapping[str, Any], now: datetime | None = None) -> Change:

@@ -161,8 +161,11 @@ def _state_properties() -> dict[str, dict[str, Any]]:
         "quota_admitted": {"type": "boolean"},
         "cost": number,
         "charged_on": {"type": "string", "format": "date"},
-        # Of `cost`, what tries a restatement stopped used, until a worker takes the job again.
+        # What the job is charged if it ends before a worker takes it again: what tries a restatement stopped used,
+        # and its released tries.
         quota.STOPPED_COST: number,
+        # GPU-seconds its tries ran until their leaving workers gave it back (not in `cost`).
+        quota.RELEASED_COST: number,
         "runpod_job_id": {"type": "string"},
         # Created by a request (runsync, the callable) with its parameters: never left to await them.
         contract.REQUESTED_AT: TIMESTAMP_REF,

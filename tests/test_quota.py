@@ -873,41 +873,82 @@ def test_a_running_job_restated_then_ended_before_running_again_is_charged_its_s
     assert counts(firestore_client) == (0, 0)
 
 
-@pytest.mark.parametrize("then", ["cancelled while queued", "restated, then cancelled", "run again"])
-def test_a_released_job_ended_before_running_again_is_charged_the_time_it_ran(firestore_client, then):
-    """A review: a leaving worker's release gives the try back (`attempts` 0), but the job ran until it; cancelled
+# What happens to a job after a leaving worker released it 6 s into its run, and what it is then charged: the
+# released try's 6 s where it ends before running to its end, its estimate once where it does.
+RELEASED_THEN = {
+    "cancelled while queued": 6,
+    "restated, then cancelled": 6,
+    "run again": "estimate",
+    "restated, then run again": "new estimate",
+    "run 3 s again, then cancelled": 9,
+    "run 3 s again, released again, then cancelled": 9,
+    "released past MAX_RELEASES": 6,
+}
+
+
+@pytest.mark.parametrize("then", RELEASED_THEN)
+def test_a_released_job_is_charged_its_released_tries_only_where_it_ends_before_running_to_its_end(
+    firestore_client, then
+):
+    """A review: a leaving worker's release gives the try back (`attempts` 0), but the job ran until it. Cancelled
     while queued after, it was charged its whole estimate, where a cancel a moment before the release charged the
-    time it ran (and restated while queued, then cancelled, it once kept no charge). It is charged that time
-    (`stopped_cost`); run again, its whole cost, once."""
+    time it ran; then a cancel during the next try forgot the released one, and a restatement while queued charged
+    it on top of a run to the end. Released tries' time is kept apart (`released_cost`): charged, with the time of
+    the try a cancel stops, where the job ends otherwise than by running to its end (`stopped_cost` while queued);
+    a job that runs to its end is charged its estimate once."""
     big = dict(width=1024, height=1024, num_inference_steps=50, num_images_per_prompt=4)
     key = write_client_doc(firestore_client, "released", **big)
-    store, worker = JobStore(firestore_client), WorkerJobs(firestore_client, worker_id="w-1")
+    past = then == "released past MAX_RELEASES"
+    store, worker = (
+        JobStore(firestore_client),
+        WorkerJobs(firestore_client, worker_id="w", max_releases=1 if past else 3),
+    )
     assert store.admit(key).written
     estimate = doc(firestore_client, key)["cost"]
-    job = worker.claim(key)
-    assert job is not None and estimate > 15
-    # Its try started 10 s ago (as its worker's clock and the emulator's are this machine's).
-    firestore_client.document(key.path).update({"started_at": datetime.now(UTC) - timedelta(seconds=10)})
-    assert worker.release(job)["status"] == "queued"
+
+    def run(seconds: float):
+        job = worker.claim(key)
+        assert job is not None and "stopped_cost" not in doc(firestore_client, key)
+        # The try started `seconds` ago (as its worker's clock and the emulator's are this machine's).
+        firestore_client.document(key.path).update({"started_at": datetime.now(UTC) - timedelta(seconds=seconds)})
+        return job
+
+    assert estimate > 15
+    assert worker.release(run(6))["status"] == "queued"
     released = doc(firestore_client, key)
-    assert released["cost"] == estimate and released["stopped_cost"] == pytest.approx(10, abs=2)
+    assert released["cost"] == estimate and released["stopped_cost"] == released["released_cost"]
+    assert released["released_cost"] == pytest.approx(6, abs=1)
     assert usage(firestore_client)["spent_today"] == pytest.approx(estimate, abs=1e-3)
-    charged = released["stopped_cost"]
-    if then == "run again":
-        again = worker.claim(key)
-        assert again is not None and "stopped_cost" not in doc(firestore_client, key)
-        assert worker.fail(again, GenerationError("RuntimeError", "boom"))  # it ran: its whole cost stands
-        charged = estimate
+    charged = RELEASED_THEN[then]
+    if then.startswith("restated"):
+        cheap = request("released", **{**big, "width": 768, "height": 768})
+        store.ensure_queued(cheap)
+        restated = doc(firestore_client, key)
+        assert restated["cost"] == pytest.approx(quota.estimate(cheap), abs=1e-3)
+        assert restated["stopped_cost"] == pytest.approx(released["released_cost"], abs=1e-3)
+        estimate = restated["cost"]
+    if "cancelled" in then:
+        if then.startswith("run 3 s again"):
+            job = run(3)
+            if "released again" in then:
+                assert worker.release(job)["status"] == "queued"
+                assert store.cancel(key).after["error_type"] == "Cancelled"
+            else:
+                store.cancel(key)
+                assert worker.fail(job, GenerationError("Cancelled", "Cancelled by the user"))
+        else:
+            assert store.cancel(key).after["error_type"] == "Cancelled"
+    elif past:
+        assert worker.release(run(0))["status"] == "failed"
     else:
-        if then.startswith("restated"):
-            cheap = request("released", **{**big, "width": 512, "height": 512})
-            store.ensure_queued(cheap)
-            restated = doc(firestore_client, key)
-            assert restated["stopped_cost"] == pytest.approx(charged, abs=1e-3)
-            assert restated["cost"] == pytest.approx(charged + quota.estimate(cheap), abs=1e-3)
-        assert store.cancel(key).after["error_type"] == "Cancelled"
-    assert usage(firestore_client)["spent_today"] == pytest.approx(charged, abs=1e-3)
+        assert worker.complete(run(1), {"status": "completed", "generated": True, "error": False}) is not None
+    ended = doc(firestore_client, key)
+    expected = estimate if isinstance(charged, str) else charged
+    assert usage(firestore_client)["spent_today"] == pytest.approx(
+        expected, abs=1e-3 if isinstance(charged, str) else 1
+    )
     assert counts(firestore_client) == (0, 0)
+    assert ended["status"] in ("completed", "failed")
 
 
 def test_the_callable_answers_a_refusal_that_cannot_come_back_as_no_refusal_of_its_own(firestore_client):

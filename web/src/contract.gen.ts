@@ -126,6 +126,7 @@ export interface JobDoc {
   cost?: number;
   charged_on?: string;
   stopped_cost?: number;
+  released_cost?: number;
   runpod_job_id?: string;
   requested_at?: Timestamp;
   expire_at?: Timestamp;
