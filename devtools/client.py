@@ -55,6 +55,9 @@ class StackInfo:
     auth: str | None = None  # the Auth emulator's host:port (None: no Firebase CLI, the fallback)
     functions: str | None = None  # base URL of the functions: http://HOST:PORT/PROJECT/us-central1
     web_url: str | None = None  # the web app (Hosting emulator, or a static server in the fallback); None: not built
+    # Which Storage emulator serves `storage`: "firebase-cli" (storage.rules, the Firebase Storage API the JS SDK
+    # calls) or "gcp-storage-emulator" (PyPI's: the Cloud Storage API alone, no rules)
+    storage_emulator: str = "gcp-storage-emulator"
 
 
 def post_runsync(url: str, data: dict, timeout: float = 60) -> dict:

@@ -225,11 +225,15 @@ JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
 _COLLECTOR = re.compile(r"-XX:\+Use\w*GC\b")
 
 
+def jvm_options(env: dict[str, str]) -> list[str]:
+    """JVM_OPTIONS, but a collector where `env`'s JAVA_TOOL_OPTIONS or JDK_JAVA_OPTIONS choose one."""
+    chosen = _COLLECTOR.search(f"{env.get('JAVA_TOOL_OPTIONS', '')} {env.get('JDK_JAVA_OPTIONS', '')}")
+    return [option for option in JVM_OPTIONS if not (chosen and _COLLECTOR.fullmatch(option))]
+
+
 def with_jvm_options(env: dict[str, str]) -> dict[str, str]:
     users = env.get("JDK_JAVA_OPTIONS", "")
-    chosen = _COLLECTOR.search(f"{env.get('JAVA_TOOL_OPTIONS', '')} {users}")
-    ours = [option for option in JVM_OPTIONS if not (chosen and _COLLECTOR.fullmatch(option))]
-    return {**env, "JDK_JAVA_OPTIONS": " ".join([*ours, users]).strip()}
+    return {**env, "JDK_JAVA_OPTIONS": " ".join([*jvm_options(env), users]).strip()}
 
 
 class Emulator:

@@ -3,8 +3,9 @@
 
 `FirebaseCli` runs `firebase emulators:start --only auth,functions,firestore` (the firebase-tools, Java runtime
 and Firestore launcher jar that scripts/setup_firebase_cli.py installs under .emulators/) in a project folder of
-its own: a firebase.json with the chosen ports (the UI off, no Storage: that comes from gcp-storage-emulator),
-the repo's firestore.rules, and a copy of functions/ (vendored modules included, functions/venv linked) with an
+its own: a firebase.json with the chosen ports (the UI off; Storage only where asked for: `make dev` asks where
+`missing_storage()` is None, else runs gcp-storage-emulator beside it), the repo's firestore.rules and
+storage.rules, and a copy of functions/ (vendored modules included, functions/venv linked) with an
 emulator-only secret (`.secret.local`) and parameters (`.env.local`). The CLI passes its environment on to the
 functions, but not for params: each param's value comes from those files (the secret and the endpoint, or it asks
 for them; one with a default gets that default written into `.env.local`, whatever the environment says).
@@ -209,7 +210,8 @@ class FirebaseCli(emu.Emulator):
     @property
     def jvm(self) -> bool:  # type: ignore[override]
         """Its Firestore emulator is Java. Not with the Storage emulator: the CLI says each line of its rules
-        runtime's stderr as an "Unexpected rules runtime error", the `java` launcher's note on the options too."""
+        runtime's stderr as an "Unexpected rules runtime error", the `java` launcher's note on JDK_JAVA_OPTIONS
+        too. There the options go on java's command line instead (`_java_with_options`)."""
         return "storage" not in self.emulators
 
     def __init__(
@@ -315,7 +317,21 @@ class FirebaseCli(emu.Emulator):
             tmp = self.workdir / "tmp"
             tmp.mkdir(parents=True, exist_ok=True)
             env["TMPDIR"] = str(tmp)
+            env["PATH"] = f"{self._java_with_options(env)}{os.pathsep}{env['PATH']}"
         return env
+
+    def _java_with_options(self, env: dict[str, str]) -> Path:
+        """A folder holding a `java` that runs the runtime's own with emu.JVM_OPTIONS on its command line, for the
+        Java the CLI starts (Firestore, the Storage rules runtime) where JDK_JAVA_OPTIONS cannot carry them: without
+        them, the Storage emulator (it listens once its rules runtime has loaded the rules) and the Firestore
+        emulator took seconds more to start on two cores."""
+        folder = self.workdir / "bin"
+        folder.mkdir(parents=True, exist_ok=True)
+        java = folder / "java"
+        options = " ".join(emu.jvm_options(env))
+        java.write_text(f'#!/bin/sh\nexec "{setup.JDK / "bin" / "java"}" {options} "$@"\n')
+        java.chmod(0o755)
+        return folder
 
     def start_timeout(self) -> float:
         # "All emulators ready" comes once the functions have declared themselves, which may take the whole

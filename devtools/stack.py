@@ -1,10 +1,12 @@
 """`make dev`: the whole system on this machine, then the contract's two examples as an app would run them.
 
 Starts, each in a process group of its own:
-- the Firebase CLI's Auth, Functions and Firestore emulators, and Hosting's where the web app is built
-  (`firebase emulators:start --only functions,auth,firestore,hosting`, set up by scripts/setup_firebase_cli.py; devtools/firebase_cli.py), with the
-  functions pointed at the local worker (RUNPOD_RUNSYNC_URL) and a local RUNPOD_API_KEY secret;
-- a Storage emulator (gcp-storage-emulator) and a worker (`python -m listener --rp_serve_api`, tiny models),
+- the Firebase CLI's Auth, Functions, Firestore and Storage emulators (Storage under storage.rules, where
+  scripts/setup_firebase_cli.py built its rules runtime; else the PyPI gcp-storage-emulator, beside it), and
+  Hosting's where the web app is built (`firebase emulators:start --only functions,auth,firestore,storage,hosting`,
+  set up by scripts/setup_firebase_cli.py; devtools/firebase_cli.py), with the functions pointed at the local
+  worker (RUNPOD_RUNSYNC_URL) and a local RUNPOD_API_KEY secret;
+- a worker (`python -m listener --rp_serve_api`, tiny models), once the Firestore and Storage emulators answer,
 then acts as the contract's client, signed in to the Auth emulator:
 - image example: writes the queued doc with the user's ID token (firestore.rules apply), then calls the
   `generateWithRunPod` callable, which dispatches it to the worker's runsync;
@@ -18,8 +20,8 @@ lease ends); any other process that dies ends `make dev` (its state went with it
 
 Where the Firebase CLI cannot run (not set up, no Node or Java, or it fails to start), or with
 `--no-firebase-cli`, it says so in one line and runs the fallback: the standalone Firestore emulator (no
-rules), the image example posted to runsync directly (as the function would), the video example found by the
-worker's reconciler.
+rules) and the PyPI Storage emulator, the image example posted to runsync directly (as the function would), the
+video example found by the worker's reconciler.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ BACKGROUND_LOAD_WAIT = 120.0  # the worker's second model's load, for its warnin
 # What a dead process is called in the line that says so (by Emulator.name).
 LABELS = {
     "worker": "the worker",
-    "storage": "the Storage emulator",
+    "storage": "the Storage emulator",  # the PyPI one (the CLI's is watched on its port, as the CLI's others)
     "firestore": "the Firestore emulator",
     "firebase-cli": "the Firebase CLI's emulators",
     "web": "the web app's static server",
@@ -312,40 +314,59 @@ class Stack:
         for warning in worker.start_warnings():
             say(f"make dev: the worker warns: {warning}")
 
-    def with_firebase_cli(self, storage: emu.StorageEmulator, bucket: str) -> StackInfo:
-        """The CLI's emulators, and the worker on their Firestore as soon as it answers (while the functions load)."""
+    def pypi_storage(self, bucket: str) -> emu.StorageEmulator:
+        """The PyPI gcp-storage-emulator (no storage.rules, no Firebase Storage API), its bucket made."""
+        storage = emu.StorageEmulator(self.logs, port=self.ports["storage"], in_memory=True)
+        self.start(storage, f"the Storage emulator (PyPI gcp-storage-emulator, no rules) on {storage.host_port}")
+        storage.client(self.args.project).create_bucket(bucket)
+        return storage
+
+    def with_firebase_cli(self, storage: emu.StorageEmulator | None, bucket: str) -> StackInfo:
+        """The CLI's emulators, its Storage emulator too where `storage` (the PyPI one) is None, and the worker on
+        their Firestore and Storage as soon as both answer (while the functions load)."""
         runsync_url = f"http://{emu.HOST}:{self.ports['worker']}/runsync"
+        own_storage = storage is None
+        names = ("auth", "functions", "firestore", *(("storage",) if own_storage else ()), "hosting")
+        storage_url = f"http://{emu.HOST}:{self.ports['storage']}" if storage is None else storage.url
         cli = firebase_cli.FirebaseCli(
             self.logs,
             self.args.out / "firebase",
             self.args.project,
             runsync_url,
-            ports={name: self.ports[name] for name in ("auth", "functions", "firestore", "hosting")},
+            ports={name: self.ports[name] for name in names},
             # The results' bucket, for deleteGeneration: the worker's, on the Storage emulator.
             function_env={
                 **self.shared,
                 **self.functions_only,
                 "STORAGE_BUCKET": bucket,
-                "STORAGE_EMULATOR_HOST": storage.url,
+                "STORAGE_EMULATOR_HOST": storage_url,
             },
             hosting=web.missing() is None,
+            emulators=(*firebase_cli.EMULATORS, *(("storage",) if own_storage else ())),
         )
         firestore, auth = cli.address("firestore"), cli.address("auth")
         if cli.hosting:
             web.prepare_site(cli.site_root, firestore=firestore, auth=auth, functions=cli.address("functions"))
-        env = emu.emulator_env(SimpleNamespace(host_port=firestore), storage, self.args.project, bucket)
+        env = emu.emulator_env(
+            SimpleNamespace(host_port=firestore), SimpleNamespace(url=storage_url), self.args.project, bucket
+        )
+        if own_storage:  # its token URLs in Firebase's form, which the JS SDK's ref(storage, url) reads
+            env["FIREBASE_STORAGE_EMULATOR_HOST"] = cli.address("storage")
         outcome: dict = {}
+
+        def answering() -> bool:
+            return emu.port_open(emu.HOST, cli.ports["firestore"]) and (
+                not own_storage or emu.port_open(emu.HOST, cli.ports["storage"])
+            )
 
         def start_worker():
             if (
-                emu.wait_until(
-                    lambda: emu.port_open(emu.HOST, cli.ports["firestore"]) or "done" in outcome,
-                    emu.START_TIMEOUT_S,
-                    0.1,
-                )
+                emu.wait_until(lambda: answering() or "done" in outcome, emu.START_TIMEOUT_S, 0.1)
                 and "done" not in outcome
             ):
                 try:
+                    if own_storage:
+                        make_bucket(storage_url, self.args.project, bucket)
                     outcome["worker"] = self.worker(env)
                 except BaseException as exc:
                     outcome["error"] = exc
@@ -356,10 +377,14 @@ class Stack:
             self.start(
                 cli,
                 f"the Firebase CLI's emulators: auth {auth}, functions {cli.address('functions')}, "
-                f"firestore {firestore}{', hosting ' + cli.address('hosting') if cli.hosting else ''}, "
-                f"project {self.args.project}",
+                f"firestore {firestore}{', storage ' + cli.address('storage') if own_storage else ''}"
+                f"{', hosting ' + cli.address('hosting') if cli.hosting else ''}, project {self.args.project}",
             )
         except emu.EmulatorError as exc:
+            # A worker still starting (since the CLI's Storage emulator answered, late in the CLI's start) would
+            # go on on emulators gone, saying their failures as its warnings: the fallback starts its own.
+            outcome["done"] = True
+            self.abort_starts(but=cli)
             raise CliFailed(str(exc).splitlines()[0].rstrip(":")) from exc
         except BaseException:  # Ctrl-C: end the worker's start now rather than wait until it is ready
             outcome["done"] = True
@@ -371,18 +396,21 @@ class Stack:
                 helper.join(0.1)
         if "error" in outcome:
             raise outcome["error"]
-        if "worker" not in outcome:  # the CLI was ready before its Firestore port answered a probe
+        if "worker" not in outcome:  # the CLI was ready before its ports answered a probe
+            if own_storage:
+                make_bucket(storage_url, self.args.project, bucket)
             self.worker(env)
         return StackInfo(
             web_url=cli.web_url if cli.hosting else None,
             project=self.args.project,
             firestore=firestore,
-            storage=storage.url,
+            storage=storage_url,
             bucket=bucket,
             runsync_url=runsync_url,
             out=str(self.args.out),
             auth=auth,
             functions=cli.functions_url,
+            storage_emulator="firebase-cli" if own_storage else "gcp-storage-emulator",
         )
 
     def fallback(self, storage: emu.StorageEmulator, bucket: str) -> StackInfo:
@@ -411,26 +439,35 @@ class Stack:
         )
 
     def up(self) -> StackInfo:
-        storage = emu.StorageEmulator(self.logs, port=self.ports["storage"], in_memory=True)
-        self.start(storage, f"the Storage emulator on {storage.host_port}")
         bucket = f"{self.args.project}.appspot.com"
-        storage.client(self.args.project).create_bucket(bucket)
+        storage: emu.StorageEmulator | None = None
         why = "--no-firebase-cli" if self.args.no_firebase_cli else firebase_cli.missing()
         if why is None:
+            # The CLI's own Storage emulator: storage.rules, and the Firebase Storage API (`/v0/b/...`) that the
+            # JS SDK's getBytes, getDownloadURL and ref(storage, url) call (the PyPI one has neither: an app got
+            # storage/object-not-found). Without its rules runtime, the PyPI one beside the CLI.
+            no_rules = firebase_cli.missing_storage()
+            if no_rules is not None:
+                say(
+                    f"make dev: the Firebase CLI's Storage emulator cannot run ({no_rules}; setup: python3 "
+                    "scripts/setup_firebase_cli.py): the PyPI gcp-storage-emulator instead (no storage.rules, no "
+                    "Firebase Storage API for the JS SDK)"
+                )
+                storage = self.pypi_storage(bucket)
             try:
                 return self.with_firebase_cli(storage, bucket)
             except CliFailed as exc:
                 if "already taken" in str(exc):  # the fallback needs the same ports: say which, and how around it
                     raise emu.EmulatorError(str(exc)) from exc
                 why = f"it failed to start: {exc}"
-                self.stop_all(keep=1)  # the Storage emulator stays
+                self.stop_all(keep=0 if storage is None else 1)  # a PyPI Storage emulator stays
         elif not self.args.no_firebase_cli:
             why += "; setup: python3 scripts/setup_firebase_cli.py"
         say(
             f"make dev: the Firebase CLI cannot run ({why}): "
             "falling back to the standalone Firestore emulator and direct runsync (no Auth, Functions or rules)"
         )
-        return self.fallback(storage, bucket)
+        return self.fallback(storage or self.pypi_storage(bucket), bucket)
 
     def watch(self) -> None:
         """Between waits, in the main thread (so Ctrl-C during a restart stops it like any start): a process that
@@ -492,15 +529,33 @@ class Stack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
 
-    def stop_all(self, keep: int = 0) -> None:
+    def stop_all(self, keep: int | None = None) -> None:
+        """Stop what was started, last first: all of it for good (None), or all but the first `keep` (a fallback's
+        start follows)."""
         with self._guard:
-            self._stopping = keep == 0
+            self._stopping = keep is None
+            keep = keep or 0
             stopping, self.started = self.started[keep:], self.started[:keep]
         for process in reversed(stopping):
             try:
                 process.stop()
             except emu.EmulatorError as exc:
                 say(f"make dev: {exc}")
+
+
+def make_bucket(storage_url: str, project: str, bucket: str) -> None:
+    """The results' bucket on the CLI's Storage emulator, which makes a bucket at the first request naming it (and
+    answers a create 501): a listing of it, over the Cloud Storage API the worker and the functions use."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
+
+    client = storage.Client(
+        project=project, credentials=AnonymousCredentials(), client_options={"api_endpoint": storage_url}
+    )
+    try:
+        list(client.bucket(bucket).list_blobs(max_results=1, timeout=10))
+    finally:
+        client.close()
 
 
 def ended(code: int) -> str:

@@ -54,6 +54,9 @@ class Settings(ModelSettings):
     # Storage
     storage_bucket: str = Field(validation_alias=env("STORAGE_BUCKET"))
     storage_emulator_host: str | None = Field(None, validation_alias=env("STORAGE_EMULATOR_HOST"))
+    # The Firebase CLI's Storage emulator (its host:port, the Firebase SDKs' variable): under it, token URLs take
+    # Firebase's form on the emulator (`/v0/b/...`), which the JS SDK's ref(storage, url) resolves (make dev).
+    firebase_storage_emulator_host: str | None = Field(None, validation_alias=env("FIREBASE_STORAGE_EMULATOR_HOST"))
     # Private by default: token URLs work with Firebase's default (private) bucket and its storage.rules; under
     # STORAGE_EMULATOR_HOST they are the emulator's download URLs. `public` needs a world-readable bucket.
     url_style: UrlStyle = Field("token", validation_alias=env("URL_STYLE"))

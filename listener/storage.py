@@ -19,7 +19,10 @@ URL styles (URL_STYLE, default `token`):
             token stored in the object's `firebaseStorageDownloadTokens` metadata, as the Firebase SDKs do
 Under a Storage emulator (emulator_host / STORAGE_EMULATOR_HOST) every style gives the emulator's media
 download URL, `{emulator}/download/storage/v1/b/{bucket}/o/{quoted name}?alt=media` (plus `&token=...` for
-`token`), so the result downloads locally.
+`token`), so the result downloads locally; under the Firebase CLI's own (firebase_emulator_host /
+FIREBASE_STORAGE_EMULATOR_HOST too), a token URL is Firebase's on it, `{emulator}/v0/b/{bucket}/o/{quoted
+name}?alt=media&token=...`, as the JS SDK's getDownloadURL() gives there (its ref(storage, url) reads no other
+form of the emulator's).
 """
 
 from __future__ import annotations
@@ -267,6 +270,7 @@ class ResultStore:
         on_retry: Callable[[str, int, BaseException], None] | None = None,
         download_check: Callable[[str, float], int] | None = None,
         server_time: Callable[[], float] | None = None,
+        firebase_emulator_host: str | None = None,
     ):
         if url_style not in URL_STYLES:
             raise ValueError(f"url_style must be one of {', '.join(URL_STYLES)}")
@@ -280,6 +284,10 @@ class ResultStore:
         self.url_style = url_style
         self.retry = retry or RetryPolicy()
         self.emulator_url = emulator_base_url(emulator_host) if emulator_host else None
+        # The Firebase CLI's Storage emulator, which serves Firebase's own API (`/v0/b/...`) too.
+        self.firebase_emulator_url = (
+            emulator_base_url(firebase_emulator_host) if emulator_host and firebase_emulator_host else None
+        )
         self.signed_url_expiry = expiry
         self.signing_credentials = signing_credentials
         self.on_retry = on_retry  # called (object name, attempt number, error) before each backoff wait
@@ -305,6 +313,7 @@ class ResultStore:
             retry=RetryPolicy.from_settings(settings),
             emulator_host=settings.storage_emulator_host,
             signed_url_expiry=settings.signed_url_expiry_seconds,
+            firebase_emulator_host=settings.firebase_storage_emulator_host,
             **{"download_check": None if settings.storage_emulator_host else download_status, **kwargs},
         )
 
@@ -665,6 +674,8 @@ class ResultStore:
 
     def _url(self, bucket: Any, name: str, token: str | None) -> str:
         quoted = quote(name, safe="")
+        if self.firebase_emulator_url and token:
+            return f"{self.firebase_emulator_url}/v0/b/{self.bucket_name}/o/{quoted}?alt=media&token={token}"
         if self.emulator_url:
             url = f"{self.emulator_url}/download/storage/v1/b/{self.bucket_name}/o/{quoted}?alt=media"
             return f"{url}&token={token}" if token else url

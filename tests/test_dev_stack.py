@@ -153,6 +153,16 @@ def test_make_dev_then_make_submit_a_refused_request_and_ctrl_c(tmp_path, capsys
         assert_examples_done(output, run.out)
         info = StackInfo(**json.loads(state.read_text()))
         assert info.auth == f"127.0.0.1:{run.ports['auth']}" and info.functions
+        storage = f"127.0.0.1:{run.ports['storage']}"
+        if firebase_cli.missing_storage() is None:
+            # The CLI's own Storage emulator (storage.rules, the Firebase Storage API the JS SDK calls), and the
+            # worker's token URLs in Firebase's form on it, as getDownloadURL() gives there.
+            assert info.storage_emulator == "firebase-cli" and f", storage {storage}, " in output
+            assert "gcp-storage-emulator" not in output
+            assert f"[test-img-001] http://{storage}/v0/b/{info.bucket}/o/generating%2F" in output
+        else:
+            assert info.storage_emulator == "gcp-storage-emulator"
+            assert "make dev: the Firebase CLI's Storage emulator cannot run (" in output
 
         submit = subprocess.run(  # make submit, as README says (through the callable)
             [
@@ -361,6 +371,10 @@ def test_make_dev_once_without_the_firebase_cli(tmp_path):
         in output
     )
     assert output.count("make dev: the Firebase CLI cannot run (--no-firebase-cli):") == 1
+    assert (
+        f"starting the Storage emulator (PyPI gcp-storage-emulator, no rules) on 127.0.0.1:{run.ports['storage']}"
+        in output
+    )
     assert "[test-img-001] runsync answered COMPLETED" in output
     if web.missing() is None:  # a static server for the web app
         assert f"web app: http://127.0.0.1:{run.ports['hosting']}/\n" in output

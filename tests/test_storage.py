@@ -408,6 +408,38 @@ def test_token_url_under_the_emulator_downloads(storage_client, bucket, storage_
     assert fetch(url).content == PNG
 
 
+def test_token_urls_under_the_firebase_clis_emulator_take_firebases_form(storage_client, bucket, storage_emulator):
+    """FIREBASE_STORAGE_EMULATOR_HOST (make dev, with the Firebase CLI's Storage emulator): token URLs are Firebase's
+    on the emulator, as the JS SDK's getDownloadURL() gives there, so that its ref(storage, url) reads them (it took
+    the emulator's download path for a bucket named `download`). Other styles keep the download path."""
+    name = quote("generating/u/image/f.png", safe="")
+    token_store = ResultStore(
+        storage_client,
+        bucket.name,
+        url_style="token",
+        retry=FAST,
+        emulator_host=storage_emulator.url,
+        firebase_emulator_host="127.0.0.1:9199",
+    )
+    assert token_store.url_for("generating/u/image/f.png", "tok") == (
+        f"http://127.0.0.1:9199/v0/b/{bucket.name}/o/{name}?alt=media&token=tok"
+    )
+    signed = ResultStore(
+        storage_client,
+        bucket.name,
+        url_style="signed",
+        retry=FAST,
+        emulator_host=storage_emulator.url,
+        firebase_emulator_host="127.0.0.1:9199",
+    )
+    assert signed.url_for("generating/u/image/f.png") == (
+        f"{storage_emulator.url}/download/storage/v1/b/{bucket.name}/o/{name}?alt=media"
+    )
+    # Only beside STORAGE_EMULATOR_HOST: alone it names no emulator the worker's client writes to.
+    alone = ResultStore(storage_client, bucket.name, url_style="token", firebase_emulator_host="127.0.0.1:9199")
+    assert alone.url_for("generating/u/image/f.png", "tok").startswith("https://firebasestorage.googleapis.com/v0/b/")
+
+
 def signed_store(storage_client, bucket, credentials=None, **more) -> ResultStore:
     """A store of signed URLs that expire after an hour, signing with `credentials` (a new key's by default)."""
     return ResultStore(

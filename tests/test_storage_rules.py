@@ -274,6 +274,28 @@ def test_the_download_token_the_worker_records_opens_its_object_with_no_auth(sta
         assert refused(r)
 
 
+def test_make_devs_worker_records_the_url_the_web_sdk_gives_and_it_opens_with_no_auth(stack):
+    """make dev's worker has FIREBASE_STORAGE_EMULATOR_HOST too: its token URL is Firebase's on this emulator
+    (`/v0/b/...`, what getDownloadURL() gives here, and what ref(storage, url) reads); a plain GET opens it, and
+    the same URL with another token is refused."""
+    store = ResultStore(
+        stack.client,
+        stack.bucket,
+        url_style="token",
+        retry=FAST,
+        emulator_host=stack.base,
+        firebase_emulator_host=stack.cli.address("storage"),
+    )
+    file_uid = uuid.uuid4().hex[:12]
+    [url] = store.upload(stack.owner, file_uid, TEXT2IMAGE, [(PNG, "png", "image/png")])
+    name = f"generating/{stack.owner}/image/{file_uid}.png"
+    token = parse_qs(urlparse(url).query)["token"][0]
+    assert url == f"{stack.object_url(name)}?alt=media&token={token}"
+    assert requests.get(url, timeout=TIMEOUT_S).content == PNG
+    assert refused(requests.get(url.replace(token, str(uuid.uuid4())), timeout=TIMEOUT_S))
+    assert stack.media("owner", name).content == PNG
+
+
 # ---------------------------------------------------------------------------------------------- path tricks
 @pytest.mark.parametrize("via", ["{me}/../{them}", "{me}/image/../../{them}", "{me}/./../{them}"])
 def test_a_dot_dot_path_under_ones_own_folder_does_not_reach_another_users_results(stack, via):
