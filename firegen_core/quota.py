@@ -225,10 +225,18 @@ def _charged(doc: Mapping[str, Any] | None, today: str | None) -> float:
 
 
 def _try_ran(before: Mapping[str, Any], estimate: float, now: datetime) -> float:
-    """The GPU time a running job's try ran: since its `started_at`, at most its estimate."""
+    """The GPU time a running job's try ran: since its `started_at`, at most its estimate. A try whose worker is
+    gone (its lease ran out) ran until its last sign of life, the `modified` of its last renewal (a review: a job
+    cancelled after its worker was killed was charged the whole lease it waited for a takeover, up to 120 s of
+    GPU time nobody ran; the owner's cancel writes no `modified`)."""
     started = before.get("started_at")
-    ran = (now - started).total_seconds() if isinstance(started, datetime) else estimate
-    return min(max(ran, 0.0), estimate)
+    if not isinstance(started, datetime):
+        return estimate
+    ended = now
+    expires, renewed = before.get("lease_expires_at"), before.get("modified")
+    if isinstance(expires, datetime) and expires <= now and isinstance(renewed, datetime):
+        ended = min(max(renewed, started), now)
+    return min(max((ended - started).total_seconds(), 0.0), estimate)
 
 
 def _released(before: Mapping[str, Any], charged_today: bool) -> float:

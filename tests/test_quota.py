@@ -360,6 +360,33 @@ def test_a_running_job_its_owner_cancels_is_charged_the_time_it_ran(firestore_cl
     assert counts(firestore_client) == (0, 0)
 
 
+def test_a_job_cancelled_after_its_worker_died_is_charged_until_its_last_renewal(firestore_client):
+    """The chaos review: a worker killed 6 s into a job, the job then cancelled, was failed `Cancelled` by the worker
+    that took it over at its lease's end and charged from its start to that takeover, GPU time nobody ran (up to
+    the whole lease, 120 s). A try whose lease ran out ran until its last renewal."""
+    store = JobStore(firestore_client)
+    dead, taker = (WorkerJobs(firestore_client, worker_id=name) for name in ("w-dead", "w-taker"))
+    key = write_client_doc(firestore_client, "dead-then-cancelled", width=1024, height=1024, num_inference_steps=50)
+    assert store.admit(key).written
+    estimate = doc(firestore_client, key)["cost"]
+    assert dead.claim(key) is not None
+    now = datetime.now(UTC)  # the emulator's clock is this machine's
+    firestore_client.document(key.path).update(
+        {
+            "started_at": now - timedelta(seconds=4),
+            "modified": now - timedelta(seconds=1),  # its last renewal, 3 s in
+            "lease_expires_at": now - timedelta(seconds=0.5),
+        }
+    )
+    assert store.cancel(key).after["cancel_requested"] is True
+    assert taker.claim(key) is None  # the takeover ends it: cancelled
+    ended = doc(firestore_client, key)
+    assert (ended["status"], ended["error_type"]) == ("failed", "Cancelled")
+    assert ended["cost"] == pytest.approx(3, abs=0.5) and estimate > 4
+    assert usage(firestore_client)["spent_today"] == pytest.approx(ended["cost"], abs=1e-3)
+    assert counts(firestore_client) == (0, 0)
+
+
 def test_a_cancel_never_costs_more_than_the_job_was_charged():
     """A review: charged at admission under one cost model (174 GPU-seconds), estimated under another at its cancel
     (382), a job that ran 300 s would have cost 300, more than running it to its end."""
