@@ -413,24 +413,19 @@ def test_token_urls_under_the_firebase_clis_emulator_take_firebases_form(storage
     on the emulator, as the JS SDK's getDownloadURL() gives there, so that its ref(storage, url) reads them (it took
     the emulator's download path for a bucket named `download`). Other styles keep the download path."""
     name = quote("generating/u/image/f.png", safe="")
-    token_store = ResultStore(
-        storage_client,
-        bucket.name,
-        url_style="token",
-        retry=FAST,
-        emulator_host=storage_emulator.url,
-        firebase_emulator_host="127.0.0.1:9199",
+    token_store, signed = (
+        ResultStore(
+            storage_client,
+            bucket.name,
+            url_style=style,
+            retry=FAST,
+            emulator_host=storage_emulator.url,
+            firebase_emulator_host="127.0.0.1:9199",
+        )
+        for style in ("token", "signed")
     )
     assert token_store.url_for("generating/u/image/f.png", "tok") == (
         f"http://127.0.0.1:9199/v0/b/{bucket.name}/o/{name}?alt=media&token=tok"
-    )
-    signed = ResultStore(
-        storage_client,
-        bucket.name,
-        url_style="signed",
-        retry=FAST,
-        emulator_host=storage_emulator.url,
-        firebase_emulator_host="127.0.0.1:9199",
     )
     assert signed.url_for("generating/u/image/f.png") == (
         f"{storage_emulator.url}/download/storage/v1/b/{bucket.name}/o/{name}?alt=media"
