@@ -27,6 +27,7 @@ from firegen_core import lifecycle
 from firegen_core.claims import WorkerJobs
 from firegen_core.jobs import MEDIA_TYPES, JobKey
 
+from . import watching
 from .fairqueue import timestamp
 
 log = structlog.get_logger("listener.listeners")
@@ -160,7 +161,7 @@ class Listeners:
                     log.warning("listener_doc_error", path=key.path, error=str(exc))
 
         self._heard[name] = time.monotonic()
-        self._watches[name] = _paced(query.on_snapshot(on_snapshot))
+        self._watches[name] = _paced(watching.on_snapshot(query, on_snapshot))
 
     def _cancel_requests(self, media: str) -> Query:
         return self.store.cancelling(media).limit(CANCEL_LIMIT)
