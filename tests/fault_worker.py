@@ -55,12 +55,11 @@ class FaultyGenerator:
 
 
 def silence_listeners() -> None:
-    """FAULT=listeners (the worker's listeners are its only `on_snapshot` callers)."""
-    from google.cloud.firestore_v1.query import Query
-
+    """FAULT=listeners (the worker's listeners open their watches through listener.watching alone)."""
+    from listener import watching
     from listener.reconciler import Reconciler
 
-    on_snapshot, wait_listening = Query.on_snapshot, Reconciler.wait_listening
+    on_snapshot, wait_listening = watching.on_snapshot, Reconciler.wait_listening
 
     def attach_deaf(query, callback):
         return on_snapshot(query, lambda *args: None)
@@ -68,7 +67,7 @@ def silence_listeners() -> None:
     def wait_a_second_at_most(reconciler, timeout):
         return wait_listening(reconciler, min(timeout, 1.0))
 
-    Query.on_snapshot = attach_deaf  # type: ignore[method-assign]
+    watching.on_snapshot = attach_deaf
     Reconciler.wait_listening = wait_a_second_at_most  # type: ignore[method-assign]
 
 
