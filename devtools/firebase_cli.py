@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -194,6 +195,17 @@ def kill_survivors(processes: set[tuple[int, str]]) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def unsafe_quiet(jdk: Path) -> list[str]:
+    """Java 24 and later warn on stderr at protobuf's first use of sun.misc.Unsafe, which the CLI logs as an
+    "Unexpected rules runtime error" of the Storage emulator; the option that keeps them quiet is Java 23's (an
+    older `java` refuses to start with it), so it goes only to a runtime whose `release` file says 23 or later."""
+    try:
+        version = re.search(r'^JAVA_VERSION="(\d+)', (jdk / "release").read_text(), re.MULTILINE)
+    except OSError:
+        return []
+    return ["--sun-misc-unsafe-memory-access=allow"] if version and int(version.group(1)) >= 23 else []
+
+
 class FirebaseCli(emu.Emulator):
     """`firebase emulators:start --only auth,functions,firestore` in `workdir`, a project folder of its own.
 
@@ -328,7 +340,7 @@ class FirebaseCli(emu.Emulator):
         folder = self.workdir / "bin"
         folder.mkdir(parents=True, exist_ok=True)
         java = folder / "java"
-        options = " ".join(emu.jvm_options(env))
+        options = " ".join([*emu.jvm_options(env), *unsafe_quiet(setup.JDK)])
         java.write_text(f'#!/bin/sh\nexec "{setup.JDK / "bin" / "java"}" {options} "$@"\n')
         java.chmod(0o755)
         return folder

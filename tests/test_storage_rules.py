@@ -343,3 +343,13 @@ def test_the_emulators_objects_are_kept_in_this_runs_folder_not_the_machines_tmp
     blobs = stack.cli.workdir / "tmp" / "firebase" / "storage" / "blobs"
     assert any(path.read_bytes() == PNG for path in blobs.rglob("*") if path.is_file()), sorted(blobs.rglob("*"))
     assert stack.media("owner", name).content == PNG
+
+
+def test_the_rules_runtime_writes_nothing_the_cli_logs_as_an_error(stack):
+    """Java 24 and later warn on stderr at protobuf's first use of sun.misc.Unsafe; the CLI logged those lines as
+    "Unexpected rules runtime error" at every start (a fresh clone's make dev, JDK 25). A rule decided, then its
+    log holds none."""
+    name, _ = stack.seed(TEXT2IMAGE)
+    assert stack.media("owner", name).content == PNG and refused(stack.media("stranger", name))
+    said = stack.cli._this_start().decode(errors="replace")
+    assert "All emulators ready" in said and "Unexpected rules runtime error" not in said, said
