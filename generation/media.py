@@ -164,11 +164,13 @@ def probe_mp4(data: bytes) -> VideoProbe:
 
 
 def video_info(frames: int, fps: int, width: int, height: int) -> dict:
-    """The contract's `video_info`: {frames, fps, duration_seconds, width, height}."""
+    """The contract's `video_info`: {frames, fps, duration_seconds, width, height}. The duration is frames / fps
+    as it is, not rounded: a client that checks it against its own frames / fps finds them equal (16 frames at
+    6 fps was 2.667)."""
     return {
         "frames": frames,
         "fps": fps,
-        "duration_seconds": round(frames / fps, 3),
+        "duration_seconds": frames / fps,
         "width": width,
         "height": height,
     }

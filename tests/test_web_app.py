@@ -514,10 +514,12 @@ def test_a_video_job_written_as_a_document_plays(open_page):
     app = open_page()
     app.page.get_by_label("Video", exact=True).check()
     app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
-    app.fill(Prompt="waves crashing on a beach", Width="256", Height="256", Steps="10", Frames="16", FPS="8")
+    app.fill(Prompt="waves crashing on a beach", Width="256", Height="256", Steps="10", Frames="16", FPS="6")
     file_uid = app.generate()
     assert app.wait_final(file_uid) == "completed", app.job(file_uid).inner_text()
     video = app.job(file_uid).locator("video")
+    # Its doc's duration is 16 / 6 to the last bit; the caption says it as people read it.
+    assert "16 frames at 6 fps, 2.7 s" in app.job(file_uid).locator("figcaption").inner_text()
     assert video.count() == 1 and video.get_attribute("controls") is not None
     app.page.wait_for_function(
         "uid => document.querySelector(`.job[data-file-uid='${uid}'] video`).readyState >= 1",  # its metadata
@@ -525,7 +527,7 @@ def test_a_video_job_written_as_a_document_plays(open_page):
         timeout=30_000,
     )
     duration = video.evaluate("v => v.duration")
-    assert duration == pytest.approx(16 / 8, abs=0.05)
+    assert duration == pytest.approx(16 / 6, abs=0.05)
     assert video.evaluate("v => [v.videoWidth, v.videoHeight]") == [256, 256]
     # Shown from a millisecond in (a media fragment: Safari on iOS shows no frame for preload "metadata" alone); the
     # download link is the result's own URL.

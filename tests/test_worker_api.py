@@ -511,7 +511,7 @@ def test_a_client_written_doc_is_run_without_any_runsync_call(stack):
     )
     doc = stack.wait_finished(path)
     assert doc["status"] == "completed"
-    assert doc["video_info"] == {"frames": 17, "fps": 6, "duration_seconds": 2.833, "width": 256, "height": 256}
+    assert doc["video_info"] == {"frames": 17, "fps": 6, "duration_seconds": 17 / 6, "width": 256, "height": 256}
 
 
 LONG_VIDEO = {"num_frames": 81, "num_inference_steps": 50, "video_width": 256, "video_height": 256}  # many short steps

@@ -294,7 +294,7 @@ function gallery(job: Job): HTMLElement {
       const video = el("video", { src, controls: true, preload: "metadata", muted: true, loop: true, playsInline: true });
       video.setAttribute("aria-label", label("Video", i));
       if (info) Object.assign(video, { width: info.width, height: info.height });
-      const caption = info ? `${info.frames} frames at ${info.fps} fps, ${info.duration_seconds} s ` : "";
+      const caption = info ? `${info.frames} frames at ${info.fps} fps, ${seconds(info.duration_seconds)} ` : "";
       const open = link(url, `Open video ${i + 1}`, `Open ${label("video", i)}`);
       box.append(figure(video, `Video ${i + 1}`, el("figcaption", {}, caption, open)));
     });
