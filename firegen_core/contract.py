@@ -127,6 +127,9 @@ TEXT_FIELDS = ("prompt", "negative_prompt")
 ID_FIELDS = ("user_id", "file_uid")
 KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *ID_FIELDS, "use_cloud_storage", "seed", *PARAMS})
 PARAMETER_FIELDS = frozenset({*TEXT_FIELDS, "seed", *PARAMS})  # what a job generates from (not who or where)
+# A video is made from these: the image fields are validated on it (the contract lists them for every request) but
+# change nothing in it.
+VIDEO_PARAMETER_FIELDS = PARAMETER_FIELDS - {"width", "height", "num_images_per_prompt", "guidance_scale"}
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.:@+=~]*")
 _RESERVED_ID = re.compile(r"__.*__")
@@ -390,7 +393,9 @@ def restatement(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str,
     The contract's own Firebase Function flow writes the queued doc with the prompt and "other metadata", then
     sends the parameters to runsync: the request is the job, and answering "accepted" while generating the doc's
     defaults would be a silent change. A field the request leaves out (or a null seed) has no opinion; values
-    compare as parsed, so a doc's camelCase spelling or a default it leaves out equals what the request says.
+    compare as parsed, so a doc's camelCase spelling or a default it leaves out equals what the request says. On a
+    video the image fields are none (a video review: another `width` ran a video again, charged, for the same
+    video, and a finished one was refused).
     """
     try:
         fields = normalise_document_fields(doc)
@@ -402,7 +407,7 @@ def restatement(doc: Mapping[str, Any], request: GenerationRequest) -> dict[str,
         current = fields
     return {
         name: getattr(request, name)
-        for name in sorted(request.given & PARAMETER_FIELDS)
+        for name in sorted(request.given & (VIDEO_PARAMETER_FIELDS if request.is_video else PARAMETER_FIELDS))
         if _meant(name, current.get(name)) != _meant(name, getattr(request, name))
     }
 

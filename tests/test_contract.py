@@ -390,6 +390,19 @@ def test_restatement_names_what_the_request_says_otherwise(doc, given, changes):
     assert restatement(doc, parse_runsync_input({**BASE, **given})) == changes
 
 
+def test_a_videos_restatement_names_no_image_field():
+    """The image fields change nothing in a video (a review: another width ran a video again, charged, and a
+    finished one refused it); a video field, the steps or the seed still restate it."""
+    video = {**BASE, "num_frames": 33, "width": 512, "guidance_scale": 7.5}
+    doc = {**video, "status": "completed"}
+    image_fields = {"width": 768, "height": 1024, "num_images_per_prompt": 4, "guidance_scale": 3.0}
+    assert restatement(doc, parse_runsync_input({**video, **image_fields})) == {}
+    changes = {"num_frames": 49, "num_inference_steps": 30, "seed": 7, "video_guidance_scale": 6.0}
+    assert restatement(doc, parse_runsync_input({**video, **image_fields, **changes})) == changes
+    # An image's own fields restate an image.
+    assert restatement({**BASE, "width": 512}, parse_runsync_input({**BASE, "width": 768})) == {"width": 768}
+
+
 @pytest.mark.parametrize(
     "doc, awaits",
     [

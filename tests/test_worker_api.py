@@ -455,6 +455,23 @@ def test_a_running_job_restated_by_its_request_stops_and_runs_with_the_requests_
     assert not [e for e in stack.worker.events("job_failed") if "restated-running" in e]  # nobody cancelled it
 
 
+def test_a_completed_video_asked_again_with_other_image_fields_is_the_same_job(stack):
+    """The image fields change nothing in a video: asked again with others, a finished video is that job, not
+    generated again, and its doc stays as it was (a review: it was refused as 'other parameters (width)', and a
+    running one ran again, charged, for the same video)."""
+    path = "generations/test-user/videos/video-image-fields"
+    body = {
+        "input": {**VIDEO_EXAMPLE["input"], "file_uid": "video-image-fields", "video_width": 256, "video_height": 256}
+    }
+    stack.runsync(body)
+    first = stack.wait_finished(path)
+    assert first["status"] == "completed"
+    image_fields = {"width": 1024, "height": 768, "num_images_per_prompt": 4, "guidance_scale": 3.0}
+    assert stack.runsync({"input": {**body["input"], **image_fields}})["output"]["status"] == "accepted"
+    assert stack.doc(path) == first
+    assert len([e for e in stack.worker.events("job_started") if "video-image-fields" in e]) == 1
+
+
 def test_a_completed_job_asked_again_with_other_parameters_says_so(stack):
     body = {"input": {**IMAGE_EXAMPLE["input"], "file_uid": "done-other", **SHORT_IMAGE}}
     stack.runsync(body)
