@@ -27,9 +27,11 @@ from google.api_core.exceptions import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
+    GoogleAPICallError,
     InternalServerError,
     NotFound,
     ResourceExhausted,
+    RetryError,
     ServiceUnavailable,
 )
 from google.cloud import firestore
@@ -275,7 +277,7 @@ class JobStore:
         recount: tuple[quota.Usage, quota.Usage] | None = None  # (as read, as the docs count it)
         if update is not None:
             usage = quota.Usage.read(usage_snapshot.to_dict() if usage_snapshot.exists else None, now)
-            recounted = self._recount(key, usage, before, update, ends) if admit else None
+            recounted = self._recount(key, usage, before, update, ends, admit=admit)
             if recounted:
                 recount, usage = (usage, recounted), recounted
             update = self._limit(key, before, update, usage, now, admit=admit)
@@ -318,38 +320,57 @@ class JobStore:
         return Outcome(before, update, now)
 
     def _recount(
-        self, key: JobKey, usage: quota.Usage, before: dict | None, update: dict, ends: float
+        self, key: JobKey, usage: quota.Usage, before: dict | None, update: dict, ends: float, *, admit: bool
     ) -> quota.Usage | None:
-        """The user's counts as their docs show them, where the usage doc's would refuse this transition (admit a
-        job past USER_MAX_PENDING, start one past USER_MAX_RUNNING) and the docs show fewer: a live job doc failed
-        or deleted by a write of one's own, past the counts (an admin, the contract's function's `updateDoc`),
-        stayed counted for ever, and enough of them refused every job or kept the user's jobs from starting.
-        Lowered only, and written with the transition's change of the counts under the usage doc's precondition
-        (a count that moved meanwhile makes it read and decide again). Counts found right are not counted again
-        for RECOUNT_EVERY seconds in this process (two count queries per media type, ending by `ends`)."""
+        """The user's counts as their docs show them, where the usage doc's would refuse this transition (`admit`:
+        admit a job past USER_MAX_PENDING, start one past USER_MAX_RUNNING), or a counted job ends and the usage
+        doc still counts others, and the docs show fewer: a live job doc failed, deleted or written over by a write
+        of one's own, past the counts (an admin, the contract's function's `updateDoc`, its `setDoc` retried over a
+        running job), stayed counted for ever, and enough of them refused every job or kept the user's jobs from
+        starting; a user's line read a job running that no longer ran (a review: a setDoc over a running job, then
+        its one job completed, left running 1 and pending 1). Lowered only, and written with the transition's
+        change of the counts under the usage doc's precondition (a count that moved meanwhile makes it read and
+        decide again). Counts found right are not counted again for RECOUNT_EVERY seconds in this process (two
+        count queries per media type, ending by `ends`)."""
         after = quota.merged(before, update)
         live = after.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING)
-        admits = live and not quota.admitted(before) and usage.pending >= self.limits.max_pending
-        starts = after.get("status") == lifecycle.PROCESSING and not quota.running(before)
-        if not admits and not (starts and usage.running >= self.limits.max_running):
+        admits = admit and live and not quota.admitted(before) and usage.pending >= self.limits.max_pending
+        starts = admit and after.get("status") == lifecycle.PROCESSING and not quota.running(before)
+        leaves = (
+            after.get("status") in lifecycle.FINAL_STATES
+            and quota.pending(before)
+            and (usage.pending > 1 or usage.running > int(quota.running(before)))
+        )
+        at_a_limit = admits or (starts and usage.running >= self.limits.max_running)
+        if not at_a_limit and not leaves:
             return None
         user = (self.client.project, key.user_id)
         if time.monotonic() - _COUNTED_RIGHT.get(user, -RECOUNT_EVERY) < RECOUNT_EVERY:
             return None
-        pending = running = 0
-        for media in MEDIA_TYPES:
-            mine = self.client.collection(COLLECTION, key.user_id, media).where(
-                filter=FieldFilter(quota.ADMITTED, "==", True)
-            )
-            live_docs = mine.where(filter=FieldFilter("status", "in", [lifecycle.QUEUED, lifecycle.PROCESSING]))
-            pending += _count(live_docs, ends)
-            running += _count(mine.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING)), ends)
+        try:
+            pending, running = self._counted(key.user_id, ends)
+        except (GoogleAPICallError, RetryError):
+            if at_a_limit:
+                raise
+            return None  # an end is written all the same: the counts are found at a later end, or at a limit
         if pending >= usage.pending and running >= usage.running:
             if len(_COUNTED_RIGHT) >= 10_000:
                 _COUNTED_RIGHT.clear()
             _COUNTED_RIGHT[user] = time.monotonic()  # right: a user truly at a limit is not counted often
             return None
         return replace(usage, pending=min(pending, usage.pending), running=min(running, usage.running))
+
+    def _counted(self, user_id: str, ends: float) -> tuple[int, int]:
+        """The user's (pending, running) jobs as their docs show them."""
+        pending = running = 0
+        for media in MEDIA_TYPES:
+            mine = self.client.collection(COLLECTION, user_id, media).where(
+                filter=FieldFilter(quota.ADMITTED, "==", True)
+            )
+            live_docs = mine.where(filter=FieldFilter("status", "in", [lifecycle.QUEUED, lifecycle.PROCESSING]))
+            pending += _count(live_docs, ends)
+            running += _count(mine.where(filter=FieldFilter("status", "==", lifecycle.PROCESSING)), ends)
+        return pending, running
 
     def _unchanged(self, snapshot):
         return self.client.write_option(last_update_time=snapshot.update_time)

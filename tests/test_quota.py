@@ -1286,6 +1286,70 @@ def test_counts_a_write_of_ones_own_left_behind_are_recounted_at_the_limit(fires
     assert third.claim(queued) is not None and counts(firestore_client) == (1, 2)
 
 
+def test_a_job_written_over_while_it_runs_leaves_no_counts_once_the_user_has_none(
+    firestore_client, monkeypatch, caplog
+):
+    """A review: the contract's Firebase Function retried over a running job (its `setDoc` writes the doc over,
+    admin rights, then its runsync comes again) makes the doc a new job, admitted and run; its one job completed
+    left running 1 and pending 1 on the usage doc (a line reading a job that no longer ran, and no `expire_at`).
+    A counted job that ends while the usage doc counts others takes the counts from the user's docs."""
+    from firegen_core import jobs
+
+    monkeypatch.setattr(jobs, "_COUNTED_RIGHT", {})
+    worker = WorkerJobs(firestore_client, worker_id="w", retention_days=3)
+    key = write_client_doc(firestore_client, "written-over")
+    first = worker.claim(key)
+    assert first is not None and counts(firestore_client) == (1, 1)
+    firestore_client.document(key.path).set(client_doc())  # the function's setDoc, again
+    assert not worker.complete(first, {"status": "completed", "generated": True})  # fenced off
+    again = worker.claim(key)
+    assert again is not None and counts(firestore_client) == (2, 2)  # the first claim's counts are left behind
+    with caplog.at_level("WARNING", logger=jobs.log.name):
+        assert worker.complete(again, {"status": "completed", "generated": True})
+    assert counts(firestore_client) == (0, 0) and "expire_at" in usage(firestore_client)
+    [recounted] = [record for record in caplog.records if record.getMessage() == "usage_recounted"]
+    assert (recounted.pending, recounted.running) == ([2, 1], [2, 1])
+
+
+def test_a_jobs_end_with_counts_that_are_right_counts_them_once_a_while(firestore_client, monkeypatch):
+    """The end's recount costs count queries only where the usage doc counts other jobs, and once found right,
+    none for RECOUNT_EVERY in the process: a user's backlog is not counted at each of its ends."""
+    from firegen_core import jobs
+
+    monkeypatch.setattr(jobs, "_COUNTED_RIGHT", {})
+    queries: list = []
+    real = jobs._count
+    monkeypatch.setattr(jobs, "_count", lambda query, ends: queries.append(query) or real(query, ends))
+    worker = WorkerJobs(firestore_client, worker_id="w", limits=Limits(max_running=3))
+    keys = [write_client_doc(firestore_client, f"backlog-{i}") for i in range(3)]
+    claimed = [worker.claim(key) for key in keys]
+    assert all(claimed) and counts(firestore_client) == (3, 3) and queries == []
+    for job in claimed:
+        assert worker.complete(job, {"status": "completed", "generated": True})
+    assert counts(firestore_client) == (0, 0)
+    assert len(queries) == 4  # the first end's, two per media type; the second's found them right; the last's none
+
+
+def test_a_jobs_end_is_written_where_its_recount_fails(firestore_client, monkeypatch):
+    """The end's recount is a courtesy: count queries that fail (Firestore answering the write but not them) leave
+    the end written, the counts as the usage doc had them less the job."""
+    from google.api_core.exceptions import ServiceUnavailable
+
+    from firegen_core import jobs
+
+    monkeypatch.setattr(jobs, "_COUNTED_RIGHT", {})
+    worker = WorkerJobs(firestore_client, worker_id="w", limits=Limits(max_running=2))
+    first, second = (worker.claim(write_client_doc(firestore_client, f"unanswered-{i}")) for i in range(2))
+    assert first and second and counts(firestore_client) == (2, 2)
+
+    def unavailable(query, ends):
+        raise ServiceUnavailable("count queries away")
+
+    monkeypatch.setattr(jobs, "_count", unavailable)
+    assert worker.complete(first, {"status": "completed", "generated": True}) == "completed"
+    assert counts(firestore_client) == (1, 1)
+
+
 def test_a_burst_at_a_wrong_limit_is_admitted_as_the_docs_allow(firestore_client):
     """The last review: the first request's recount marked the user for 30 s before it counted, so the requests
     beside it (one worker's runsync threads share its store) were refused on the stored count. Counts are only
