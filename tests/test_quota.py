@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -1311,23 +1312,31 @@ def test_a_job_written_over_while_it_runs_leaves_no_counts_once_the_user_has_non
     assert (recounted.pending, recounted.running) == ([2, 1], [2, 1])
 
 
-def test_a_jobs_end_with_counts_that_are_right_counts_them_once_a_while(firestore_client, monkeypatch):
-    """The end's recount costs count queries only where the usage doc counts other jobs, and once found right,
-    none for RECOUNT_EVERY in the process: a user's backlog is not counted at each of its ends."""
+def test_a_backlogs_ends_count_once_a_while_and_its_last_ends_each_time(firestore_client, monkeypatch):
+    """The end's recount costs count queries only where the usage doc counts other jobs: with a backlog, once
+    found right, none for RECOUNT_EVERY in the process; the ends that leave at most USER_MAX_RUNNING pending, each
+    time (where a drift left behind would stay for good)."""
     from firegen_core import jobs
 
     monkeypatch.setattr(jobs, "_COUNTED_RIGHT", {})
     queries: list = []
     real = jobs._count
     monkeypatch.setattr(jobs, "_count", lambda query, ends: queries.append(query) or real(query, ends))
-    worker = WorkerJobs(firestore_client, worker_id="w", limits=Limits(max_running=3))
-    keys = [write_client_doc(firestore_client, f"backlog-{i}") for i in range(3)]
-    claimed = [worker.claim(key) for key in keys]
-    assert all(claimed) and counts(firestore_client) == (3, 3) and queries == []
-    for job in claimed:
-        assert worker.complete(job, {"status": "completed", "generated": True})
+    store, worker = (
+        JobStore(firestore_client),
+        WorkerJobs(firestore_client, worker_id="w", limits=Limits(max_running=2)),
+    )
+    keys = [write_client_doc(firestore_client, f"backlog-{i}") for i in range(6)]
+    assert all(store.admit(key).written for key in keys) and counts(firestore_client) == (0, 6)
+    ended = []
+    for key in keys:
+        job = worker.claim(key)
+        assert job is not None and worker.complete(job, {"status": "completed", "generated": True})
+        ended.append(len(queries))
     assert counts(firestore_client) == (0, 0)
-    assert len(queries) == 4  # the first end's, two per media type; the second's found them right; the last's none
+    # Pending 6, 5 and 4 before the first three ends: the first counts (two queries per media type) and finds
+    # them right, the next two skip; then 3 and 2 (at most max_running left after each): each counts; then 1, alone.
+    assert ended == [4, 4, 4, 8, 12, 12]
 
 
 def test_a_jobs_end_is_written_where_its_recount_fails(firestore_client, monkeypatch):
@@ -1348,6 +1357,84 @@ def test_a_jobs_end_is_written_where_its_recount_fails(firestore_client, monkeyp
     monkeypatch.setattr(jobs, "_count", unavailable)
     assert worker.complete(first, {"status": "completed", "generated": True}) == "completed"
     assert counts(firestore_client) == (1, 1)
+
+
+def test_a_drift_after_an_end_found_the_counts_right_is_found_at_the_users_last_end(firestore_client, monkeypatch):
+    """A diff review: an end that found the counts right kept the user's later ends from counting for 30 s, and a
+    job written over meanwhile left its counts behind for good. An end that leaves the usage doc at most
+    USER_MAX_RUNNING pending counts whatever was found before."""
+    from firegen_core import jobs
+
+    monkeypatch.setattr(jobs, "_COUNTED_RIGHT", {})
+    worker = WorkerJobs(firestore_client, worker_id="w", retention_days=3, limits=Limits(max_running=2))
+    a, b = write_client_doc(firestore_client, "a"), write_client_doc(firestore_client, "b")
+    ja, jb = worker.claim(a), worker.claim(b)
+    assert ja and jb and counts(firestore_client) == (2, 2)
+    assert worker.complete(ja, {"status": "completed", "generated": True})  # counted: right
+    firestore_client.document(b.path).set(client_doc())  # the function's setDoc over the running job
+    assert not worker.complete(jb, {"status": "completed", "generated": True})  # fenced off
+    again = worker.claim(b)
+    assert again is not None and counts(firestore_client) == (2, 2)
+    assert worker.complete(again, {"status": "completed", "generated": True})
+    assert counts(firestore_client) == (0, 0) and "expire_at" in usage(firestore_client)
+
+
+def test_a_job_admitted_between_an_ends_count_and_its_write_is_counted(firestore_client, monkeypatch):
+    """An admission and a claim landing between the end's count queries and its commit: the end's batch fails the
+    usage doc's precondition and decides again, and the counts stay exact (a diff review's race)."""
+    from firegen_core import jobs
+
+    monkeypatch.setattr(jobs, "_COUNTED_RIGHT", {})
+    worker = WorkerJobs(firestore_client, worker_id="w", limits=Limits(max_running=3))
+    other = WorkerJobs(firestore_client, worker_id="o", limits=Limits(max_running=3))
+    a, b = write_client_doc(firestore_client, "ra"), write_client_doc(firestore_client, "rb")
+    ja, jb = worker.claim(a), worker.claim(b)
+    assert ja and jb and counts(firestore_client) == (2, 2)
+    firestore_client.document(b.path).set(client_doc())  # b's counts left behind
+    c = write_client_doc(firestore_client, "rc")
+    real, landed = jobs.JobStore._counted, threading.Event()
+
+    def counted(self, user_id, ends):
+        result = real(self, user_id, ends)
+        if not landed.is_set():
+            landed.set()
+            assert other.claim(c) is not None  # admitted and claimed after the count
+        return result
+
+    monkeypatch.setattr(jobs.JobStore, "_counted", counted)
+    assert worker.complete(ja, {"status": "completed", "generated": True})
+    assert landed.is_set() and counts(firestore_client) == (1, 1)  # c alone; b's doc is a new job, not admitted
+
+
+def test_an_ends_count_that_hangs_takes_its_own_bound_and_leaves_the_commit_its_time(
+    firestore_client, monkeypatch, caplog
+):
+    """A diff review: count queries that hung (Firestore answering gets and commits, not aggregations) took the
+    end's whole CALL_TIMEOUT, leaving its commit a second. They take END_RECOUNT_SECONDS at most, and are said."""
+    from google.api_core.exceptions import DeadlineExceeded
+
+    from firegen_core import jobs
+
+    monkeypatch.setattr(jobs, "_COUNTED_RIGHT", {})
+    monkeypatch.setattr(jobs, "CALL_TIMEOUT", 4.0)
+    monkeypatch.setattr(jobs, "END_RECOUNT_SECONDS", 0.5)
+    worker = WorkerJobs(firestore_client, worker_id="w", limits=Limits(max_running=3))
+    first, second = (worker.claim(write_client_doc(firestore_client, f"hung-{i}")) for i in range(2))
+    assert first and second
+
+    def hangs(query, ends):
+        threading.Event().wait(max(ends - time.monotonic(), 0))
+        raise DeadlineExceeded("count query hung")
+
+    commits: list[float] = []
+    real_bound = jobs.bound
+    monkeypatch.setattr(jobs, "bound", lambda ends: commits.append(real_bound(ends)["timeout"]) or real_bound(ends))
+    monkeypatch.setattr(jobs, "_count", hangs)
+    started = time.monotonic()
+    with caplog.at_level("INFO", logger=jobs.log.name):
+        assert worker.complete(first, {"status": "completed", "generated": True}) == "completed"
+    assert time.monotonic() - started < 2.5 and commits[-1] > 2.5, commits
+    assert counts(firestore_client) == (1, 1) and "usage_recount_skipped" in caplog.text
 
 
 def test_a_burst_at_a_wrong_limit_is_admitted_as_the_docs_allow(firestore_client):
