@@ -2188,6 +2188,9 @@ def test_try_again_on_a_job_refused_for_its_users_limits_sends_it_again_under_it
     assert app.wait_final(refused) == "failed"
     doc = db.document(f"generations/{app.uid}/images/{refused}").get().to_dict()
     assert doc["error_type"] == "QuotaExceeded" and app.page.get_by_role("alert").inner_text() == doc["error_message"]
+    # Refused before it ran: said so, not "failed" (a web review: each press past a limit left a red failed card).
+    card = app.job(refused)
+    assert card.get_attribute("data-phase") == "refused" and card.locator(".status").inner_text().lower() == "refused"
     usage.set({"running": 0, "pending": 0, "spent_today": 0.0, "day": today})  # a new day's budget, say
     app.job(refused).get_by_role("button", name="Try again image “over the budget”").click()
     app.page.wait_for_selector(f".job[data-file-uid='{refused}']:not([data-status=failed])", timeout=30_000)
@@ -2205,6 +2208,7 @@ def test_try_again_on_a_job_refused_for_its_users_limits_sends_it_again_under_it
     ]
     assert app.wait_final(new) == "completed", app.job(new).inner_text()
     assert app.job("ran-then-over").get_attribute("data-status") == "failed" and len(calls) == 3
+    assert app.job("ran-then-over").get_attribute("data-phase") == "failed"  # it ran: a failure of its own
     # The server's refusal (HTTP 429) is the one thing the browser logs.
     assert [p for p in app.problems() if "status of 429" not in p] == []
 

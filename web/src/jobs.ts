@@ -168,6 +168,7 @@ function readable(data: Record<string, unknown>): JobDoc {
     generation_seconds: finite(data.generation_seconds),
     upload_seconds: finite(data.upload_seconds),
     dispatched_by: oneOf(data.dispatched_by),
+    attempts: finite(data.attempts),
     cancel_requested: data.cancel_requested === true,
     prompt_truncated: data.prompt_truncated === true ? true : undefined,
     width: finite(data.width),
@@ -385,9 +386,13 @@ export function titled(base: string, jobs: Job[]): string {
   return under ? `(${under}) ${base}` : base;
 }
 
-/** A job's phase as the page shows it: its status, but "cancelled" for a job that failed for its user's cancel. */
+/** A job's phase as the page shows it: its status, but "cancelled" for a job that failed for its user's cancel, and
+ * "refused" for one its user's limits refused before it ever ran: no failure of the job's, to alarm them with (a web
+ * review: each press past USER_MAX_PENDING left a red "failed" card). */
 function phase(doc: JobDoc): string {
-  return doc.status === "failed" && doc.error_type === "Cancelled" ? "cancelled" : doc.status;
+  if (doc.status !== "failed") return doc.status;
+  if (doc.error_type === "Cancelled") return "cancelled";
+  return doc.error_type === "QuotaExceeded" && !((doc.attempts ?? 0) > 0) ? "refused" : "failed";
 }
 
 const PHASE_NEWS: Record<string, string> = {
@@ -396,11 +401,12 @@ const PHASE_NEWS: Record<string, string> = {
   completed: "completed",
   failed: "failed",
   cancelled: "cancelled",
+  refused: "refused",
 };
 
 function news(job: Job, now: string): string {
   const what = `${kindOf(job)} ${quoted(job.doc)} ${PHASE_NEWS[now] ?? now}`;
-  return now === "failed" ? `${what}: ${job.doc.error_message ?? "Generation failed"}` : what;
+  return now === "failed" || now === "refused" ? `${what}: ${job.doc.error_message ?? "Generation failed"}` : what;
 }
 
 function kindOf(job: Job): string {
