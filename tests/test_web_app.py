@@ -1098,11 +1098,18 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
 
     app.page.get_by_label("a queued job document (the trigger dispatches it)").check()
     app.fill(Prompt="written offline", Width="256", Height="256", Steps="10")
+    app.page.evaluate(
+        """() => { const line = document.getElementById('form-status'); window.said = [];
+        new MutationObserver(() => window.said.push(line.textContent))
+            .observe(line, { childList: true, characterData: true, subtree: true }); }"""
+    )
     app.page.get_by_role("button", name="Generate").click()
     waiting = "Waiting for the connection… (keep this page open: the job is sent once it is back)"
     app.page.wait_for_function(
         "text => document.getElementById('form-status').textContent === text", arg=waiting, timeout=15_000
     )
+    # Said at once: the browser knows it is offline (a web review: "Submitting…" for 4 s first).
+    assert "Submitting…" not in app.page.evaluate("window.said")
     # The job is in this tab alone (the review: a reload lost it without a word): the browser asks before leaving.
     with app.page.expect_event("dialog", timeout=10_000) as asked:
         app.page.close(run_before_unload=True)

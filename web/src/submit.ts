@@ -62,9 +62,11 @@ export function sender({ db, functions }: Session, jobs: JobsState): Send {
       fail(ERASING, false);
       return ERASING;
     }
-    say("Submitting…");
-    // Offline, a queued doc's write waits (the SDK sends it once the connection is back): say so.
+    // Offline, a queued doc's write waits (the SDK sends it once the connection is back): say so, at once where the
+    // browser knows it is offline (a web review: "Submitting…" for 4 s first).
     const waiting = () => say(navigator.onLine ? "Still waiting for the server…" : WAIT_OFFLINE);
+    if (via === "document" && !navigator.onLine) waiting();
+    else say("Submitting…");
     const slow = via === "document" ? setTimeout(waiting, SLOW_WRITE_MS) : undefined;
     try {
       if (via === "document") {
