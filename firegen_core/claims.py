@@ -21,7 +21,7 @@ from google.cloud import firestore
 
 from . import lifecycle, quota
 from .errors import CANCELLED, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError, failure_level
-from .jobs import ClaimedJob, JobKey, JobStore, Outcome, contract_failure
+from .jobs import ClaimedJob, JobKey, JobStore, Outcome, contract_failure, forget_counted
 from .lifecycle import Lease
 
 # The events a claim logs keep the logger they were always written under (the JSON logs' `logger`).
@@ -129,7 +129,15 @@ class WorkerJobs(JobStore):
     def _fenced(self, job: ClaimedJob, make: Callable[[lifecycle.Doc, datetime], dict | None]) -> Outcome:
         """A transition of a claimed job, decided by `make` only while this claim still holds it (processing under
         this worker and attempt): a worker that lost its lease writes nothing."""
-        return self.transition(job.key, lambda doc, now: make(doc, now) if lifecycle.holds(doc, job.lease) else None)
+
+        def decide(doc: lifecycle.Doc | None, now: datetime) -> dict | None:
+            if lifecycle.holds(doc, job.lease):
+                return make(doc, now)
+            if lifecycle.written_over(doc, job.lease):
+                forget_counted(self.client.project, job.key.user_id)
+            return None
+
+        return self.transition(job.key, decide)
 
     def renew(self, job: ClaimedJob, progress: float | None = None) -> Renewal:
         """Extend the lease (and record progress) while this worker still owns the job; true while it does."""

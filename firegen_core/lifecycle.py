@@ -102,6 +102,16 @@ def holds(doc: Doc | None, lease: Lease) -> TypeGuard[Doc]:
     )
 
 
+def written_over(doc: Doc | None, lease: Lease) -> bool:
+    """The claim's doc is gone, holds fewer attempts than the claim, or its attempt under another worker: deleted
+    or written over by a write of one's own (an admin, the contract's function's `setDoc` again), then maybe
+    claimed anew; never by a transition (a restatement, a release keep the attempt; a takeover adds one)."""
+    attempts = None if doc is None else doc.get("attempts")
+    if not isinstance(attempts, int) or attempts < lease.attempt:
+        return True
+    return attempts == lease.attempt and doc is not None and doc.get("worker_id") not in (None, lease.worker_id)
+
+
 def lease_expired(doc: Doc, now: datetime) -> bool:
     expires = doc.get("lease_expires_at")
     return not isinstance(expires, datetime) or expires <= now  # none, or unreadable: nobody holds it

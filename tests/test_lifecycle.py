@@ -273,3 +273,20 @@ def test_the_request_that_queues_a_refused_job_again_replaces_its_request_fields
     deleted = {k for k, v in update.items() if v is DELETE_FIELD}
     assert {"width", "numFrames", "use_cloud_storage", "cancel_requested", "quota_admitted"} <= deleted
     assert "app_tag" not in update  # an app's own metadata is no request field
+
+
+@pytest.mark.parametrize(
+    ("doc", "over"),
+    [
+        (None, True),  # deleted
+        ({"status": "queued", "prompt": "a cat"}, True),  # written over: no attempts
+        ({"status": "processing", "attempts": 2, "worker_id": "other"}, True),  # written over, claimed anew
+        ({"status": "processing", "attempts": 1, "worker_id": "other"}, True),
+        ({"status": "processing", "attempts": 2, "worker_id": "w"}, False),  # held
+        ({"status": "queued", "attempts": 2}, False),  # restated or released: the attempt kept, no worker
+        ({"status": "completed", "attempts": 2, "worker_id": "w"}, False),  # ended by this claim
+        ({"status": "processing", "attempts": 3, "worker_id": "other"}, False),  # taken over
+    ],
+)
+def test_a_claim_tells_its_doc_written_over_from_its_transitions(doc, over):
+    assert lifecycle.written_over(doc, Lease("w", 2)) is over
