@@ -1110,6 +1110,11 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
     )
     # Said at once: the browser knows it is offline (a web review: "Submitting…" for 4 s first).
     assert "Submitting…" not in app.page.evaluate("window.said")
+    # Its card says it is not at the server yet, and offers no Cancel that could not reach it (the review: "queued,
+    # waiting its turn").
+    unsent = app.page.locator(".job", has_text="written offline")
+    unsent.locator(".status", has_text="sending…").wait_for(timeout=15_000)
+    assert unsent.get_by_role("button", name=re.compile("^Cancel")).count() == 0
     # The job is in this tab alone (the review: a reload lost it without a word): the browser asks before leaving.
     with app.page.expect_event("dialog", timeout=10_000) as asked:
         app.page.close(run_before_unload=True)
@@ -1120,6 +1125,7 @@ def test_the_callable_unreachable_says_so_plainly(open_page):
     app.page.wait_for_function(
         "() => / queued$/.test(document.getElementById('form-status').textContent)", timeout=60_000
     )
+    unsent.locator(".status:not(:text('sending…'))").wait_for(timeout=30_000)  # at the server: queued, or further
     # Sent: nothing is lost by leaving, and nothing asks (a dialog would fail the close: Playwright dismisses none).
     app.page.on("dialog", lambda dialog: pytest.fail(f"asked again: {dialog.type}"))
     # The refusals staged above, and what a switched-off network logs.

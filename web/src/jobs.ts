@@ -12,6 +12,8 @@ export interface Job {
   doc: JobDoc;
   /** The doc as written, whatever its values: a job's request again is read from it (and checked by the contract). */
   written: Record<string, unknown>;
+  /** A write of this tab's to the doc the server has not acknowledged yet (offline: a queued doc not sent). */
+  sending?: boolean;
 }
 
 /** What a card's buttons do; each is given the job as last listed. `retry` resolves to its error, if any. */
@@ -99,7 +101,7 @@ export function listenToJobs(
           media,
           snapshot.docs.map((d) => {
             const written = d.data({ serverTimestamps: "estimate" });
-            return { id: d.id, media, doc: readable(written), written };
+            return { id: d.id, media, doc: readable(written), written, sending: d.metadata.hasPendingWrites };
           }),
         );
         if (byMedia.size < MEDIA.length) return;
@@ -610,10 +612,19 @@ function update(li: HTMLLIElement, job: Job): void {
   if (li.dataset.phase !== before) li.querySelector(".note")!.textContent = "";
   // A cancel asked of a live job: it ends at its worker's next step, which on a slow card may be a while (audit:
   // "Processing 0%" for a minute after Cancel, nothing on the card said so).
-  // A queued job's empty bar and 0% read as a job stuck at its start (an audit): it says it waits instead.
+  // A queued job's empty bar and 0% read as a job stuck at its start (an audit): it says it waits instead. One this
+  // tab wrote, not yet at the server (offline, it waits in the tab), says so: it is not queued anywhere yet (a web
+  // review: "queued, waiting its turn", with a Cancel that could not reach the server).
   const queued = doc.status === "queued";
+  const sending = queued && job.sending === true;
   li.querySelector(".status")!.textContent =
-    !final && doc.cancel_requested ? "cancelling…" : queued ? "queued, waiting its turn" : li.dataset.phase;
+    !final && doc.cancel_requested
+      ? "cancelling…"
+      : sending
+        ? "sending…"
+        : queued
+          ? "queued, waiting its turn"
+          : li.dataset.phase;
   const bar = li.querySelector("progress")!;
   bar.value = progress;
   bar.setAttribute("aria-label", `Progress of ${kind} ${quoted(doc)}`);
@@ -627,7 +638,7 @@ function update(li: HTMLLIElement, job: Job): void {
   // Likewise an ended job's buttons, while it runs again.
   const cancel = li.querySelector<HTMLButtonElement>("button.cancel")!;
   const buttons: [HTMLButtonElement, string, boolean][] = [
-    [cancel, "Cancel", !final],
+    [cancel, "Cancel", !final && !sending],
     [li.querySelector<HTMLButtonElement>("button.edit")!, "Edit as new", final],
     [li.querySelector<HTMLButtonElement>("button.retry")!, "Try again", doc.status === "failed" && !refusedForInput(doc)],
     [li.querySelector<HTMLButtonElement>("button.dismiss")!, "Dismiss", dismissable(job)],
