@@ -614,7 +614,8 @@ function update(li: HTMLLIElement, job: Job): void {
   // "Processing 0%" for a minute after Cancel, nothing on the card said so).
   // A queued job's empty bar and 0% read as a job stuck at its start (an audit): it says it waits instead. One this
   // tab wrote, not yet at the server (offline, it waits in the tab), says so: it is not queued anywhere yet (a web
-  // review: "queued, waiting its turn", with a Cancel that could not reach the server).
+  // review: "queued, waiting its turn"). Its Cancel stays where it is: one that came only with the server's answer,
+  // a moment later online, would come under a pointer there.
   const queued = doc.status === "queued";
   const sending = queued && job.sending === true;
   li.querySelector(".status")!.textContent =
@@ -638,7 +639,7 @@ function update(li: HTMLLIElement, job: Job): void {
   // Likewise an ended job's buttons, while it runs again.
   const cancel = li.querySelector<HTMLButtonElement>("button.cancel")!;
   const buttons: [HTMLButtonElement, string, boolean][] = [
-    [cancel, "Cancel", !final && !sending],
+    [cancel, "Cancel", !final],
     [li.querySelector<HTMLButtonElement>("button.edit")!, "Edit as new", final],
     [li.querySelector<HTMLButtonElement>("button.retry")!, "Try again", doc.status === "failed" && !refusedForInput(doc)],
     [li.querySelector<HTMLButtonElement>("button.dismiss")!, "Dismiss", dismissable(job)],
