@@ -352,6 +352,11 @@ class JobRunner:
             if run.must_stop:
                 raise Interrupted()
             heartbeat.post(1.0)
+            # Its progress 1 on the doc before any result is readable: a try stopped from here on (cancelled,
+            # restated) is charged its whole estimate (`quota._try_ran`), not the shorter time it ran.
+            heartbeat.quiet(QUIET_WAIT_SECONDS)
+            if run.must_stop:  # a cancel that renewal heard: nothing uploaded
+                raise Interrupted()
             # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
             # dead, taken over) must not overwrite the new owner's objects or download tokens.
             if not self._recorded(job, lambda: self.store.holds(job), heartbeat, patient_until):
@@ -697,7 +702,9 @@ class JobRunner:
 
     @staticmethod
     def _lost(
-        job: ClaimedJob, heartbeat: Heartbeat | None = None, reason: str = "lease taken over; nothing written"
+        job: ClaimedJob,
+        heartbeat: Heartbeat | None = None,
+        reason: str = "no longer this claim's (taken over, restated, deleted or written over); nothing written",
     ) -> RunOutcome:
         if heartbeat is not None and heartbeat.ended is not None:  # ended by the heartbeat, which logged it
             return heartbeat.ended

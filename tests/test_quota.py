@@ -400,6 +400,18 @@ def test_a_cancel_never_costs_more_than_the_job_was_charged():
     assert quota.cancelled_cost({**early, "charged_on": "2026-12-06"}, 174.0, now) == {}  # that day's spend is gone
 
 
+def test_a_try_stopped_once_its_denoising_ended_is_charged_its_whole_estimate():
+    """The security review: a try's results are readable by their owner as they upload, before the doc says
+    `completed`; stopped then (cancelled, restated), it was charged the time it ran, less than its estimate (the
+    fixed second of every job's estimate, and any margin of the calibration). From progress 1 on it ran it all."""
+    now = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    running = {"status": "processing", "quota_admitted": True, "cost": 17.4, "charged_on": "2026-12-07"}
+    denoised = {**running, "started_at": now - timedelta(seconds=3), "progress": 1.0}
+    assert quota.cancelled_cost(denoised, 17.4, now)["cost"] == 17.4
+    assert quota.restated_cost(denoised, 17.4, 1.05, now)["cost"] == 18.45
+    assert quota.cancelled_cost({**denoised, "progress": 0.75}, 17.4, now)["cost"] == 3.0
+
+
 def test_the_cancel_callable_keeps_the_deployed_limits_on_the_usage_doc(firestore_client):
     """The day's review: cancelGeneration's refund rewrote `usage/{uid}` with the default limits (600 GPU-s where
     the deploy set 30), which an app showing what is left then read."""
