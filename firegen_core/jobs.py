@@ -480,6 +480,11 @@ class JobStore:
             if doc is None or doc.get("status") not in statuses or (awaiting and not awaits_parameters(doc)):
                 return None
             failed = lifecycle.failure(error, user_id=key.user_id, file_uid=key.file_uid)
+            cost = _cost(key, doc) if doc.get("status") == lifecycle.PROCESSING and quota.admitted(doc) else None
+            if cost is not None:
+                # A try nobody asked for (a worker took the placeholder before its refused request came) is charged
+                # the time it ran, as a cancel is (the security review: a 0.1 s try cost its whole 17.4).
+                failed = {**failed, **quota.cancelled_cost(doc, cost, now)}
             return failed
 
         return self.transition(key, decide, ends=ends)

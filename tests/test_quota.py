@@ -733,6 +733,26 @@ def test_a_refused_call_sent_again_stays_its_requests_job(firestore_client, writ
     assert (running["status"], running["width"], running.get("error_type")) == ("processing", 512, None)
 
 
+def test_a_placeholder_a_worker_took_before_its_refused_request_is_charged_the_time_it_ran(firestore_client):
+    """The security review: the contract's function flow, where a worker took the placeholder doc (prompt only)
+    after its grace and its runsync was then refused: the try nobody asked for was charged its whole estimate
+    (17.4 for 0.1 s), where a cancel at the same moment is charged the time it ran. It is charged as a cancel is."""
+    key = write_client_doc(firestore_client, "placeholder-refused")
+    worker = WorkerJobs(firestore_client, worker_id="w")
+    assert worker.claim(key) is not None
+    estimate = doc(firestore_client, key)["cost"]
+    firestore_client.document(key.path).update({"started_at": datetime.now(UTC) - timedelta(seconds=0.4)})
+    refusal = GenerationError("ValidationError", "Validation failed: width must be between 256 and 1024")
+    outcome = JobStore(firestore_client).fail_awaiting(key, refusal)
+    assert outcome.applied
+    ended = doc(firestore_client, key)
+    assert (ended["status"], ended["error_type"]) == ("failed", "ValidationError")
+    assert ended["cost"] == ended["stopped_cost"] == pytest.approx(0.4, abs=0.4)
+    assert ended["cost"] < estimate
+    assert usage(firestore_client)["spent_today"] == pytest.approx(ended["cost"], abs=1e-3)
+    assert counts(firestore_client) == (0, 0)
+
+
 # ---------------------------------------------------------------------------------------------- restated jobs
 def test_a_running_job_restated_by_its_request_is_queued_again_and_charged_what_will_run(firestore_client):
     """The contract's function flow when a worker took the placeholder doc first: the request's parameters win,
