@@ -49,6 +49,9 @@ T = TypeVar("T")
 
 # How long a generated job's completion waits for the lease renewal its progress 1 set under way (`Heartbeat.quiet`).
 QUIET_WAIT_SECONDS = 1.0
+# How long a generated job waits for that renewal before its upload: its progress 1 on the doc first (see `_deliver`),
+# where Firestore answers within it (always, but for an outage, or a round trip of seconds: then the upload goes on).
+PROGRESS_WAIT_SECONDS = 0.5
 FINAL_WRITE_WAIT = (0.2, 5.0)  # backoff of the fence check and the final write: first wait, longest wait (s)
 # How long a generated job's fence check and completion are tried while Firestore is away (at least a lease): a
 # failure would wait for Firestore just the same and throw the generation away, and no claim lands meanwhile.
@@ -354,7 +357,7 @@ class JobRunner:
             heartbeat.post(1.0)
             # Its progress 1 on the doc before any result is readable: a try stopped from here on (cancelled,
             # restated) is charged its whole estimate (`quota._try_ran`), not the shorter time it ran.
-            heartbeat.quiet(QUIET_WAIT_SECONDS)
+            heartbeat.quiet(PROGRESS_WAIT_SECONDS)
             if run.must_stop:  # a cancel that renewal heard: nothing uploaded
                 raise Interrupted()
             # The fence, right before anything leaves this worker: a worker that lost its lease (presumed

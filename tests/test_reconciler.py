@@ -370,7 +370,8 @@ class FarRenewals(WorkerJobs):
 def test_a_completed_jobs_slot_frees_without_waiting_for_a_renewal_under_way(firestore_client, results):
     """A latency audit: the progress 1.0 posted as a job finishes starts a renewal beside its completion; the
     worker's slot waited for it once the completion had landed (0.8 s a job at a 350 ms round trip, up to 6 s at
-    900 ms), the next claim behind it. The renewal, fenced off, changes nothing."""
+    900 ms), the next claim behind it. The renewal, fenced off, changes nothing. (The upload waits for it 0.5 s at
+    most: `PROGRESS_WAIT_SECONDS`.)"""
     key = JobKey("u1", "images", "far")
     write_job(firestore_client, key)
     store = FarRenewals(firestore_client, worker_id="w", lease_seconds=30.0)
