@@ -413,7 +413,9 @@ class JobStore:
         if cancelled and before is not None and quota.admitted(before):
             cost = _cost(key, before)  # a running job's cancel charges the time it ran
             if cost is not None:
-                update = {**update, **quota.cancelled_cost(before, cost, now)}
+                # As far as its try went: its end's own progress (`lifecycle.DELIVERED`) where it says one.
+                ran = {**before, **{k: update[k] for k in lifecycle.DELIVERED if k in update}}
+                update = {**update, **quota.cancelled_cost(ran, cost, now)}
                 after = quota.merged(before, update)
         # Given back by a leaving worker (`counted_release`: queued again, or failed past MAX_RELEASES).
         released = lifecycle.RELEASES in update and quota.running(before) and quota.STOPPED_COST not in update

@@ -229,9 +229,8 @@ def _try_ran(before: Mapping[str, Any], estimate: float, now: datetime) -> float
     gone (its lease ran out) ran until its last sign of life, the `modified` of its last renewal (a review: a job
     cancelled after its worker was killed was charged the whole lease it waited for a takeover, up to 120 s of
     GPU time nobody ran; the owner's cancel writes no `modified`). A try whose denoising ended (its `progress` 1,
-    on the doc before any of its results is uploaded) ran its whole estimate: its results may be in the bucket
-    already, where their owner can read them (the security review: a cancel timed to the first object's arrival
-    kept the images and paid 0.29 of their 1.05)."""
+    which a try stopped during its upload also ends with: `lifecycle.DELIVERED`) ran its whole estimate: its results
+    may be in the bucket, where their owner can read them before the doc says `completed`."""
     if number(before, "progress") >= 1:
         return estimate
     started = before.get("started_at")

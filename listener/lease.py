@@ -190,17 +190,16 @@ class Heartbeat:
                     self._renewing = False
                     self._progress_lock.notify_all()
                 continue
-            # Generated already, it still stops: its upload (a Storage audit: one retrying a failing Storage went on
-            # for its whole budget, then failed the job `ConnectionError`); its final write under way, that decides.
-            # Set before `quiet` returns: the runner, waiting for its progress 1, then uploads nothing.
-            cancel, asked = self.cancel, renewed and renewed.cancel_requested
-            if asked and cancel is not None and not cancel.is_set() and not self.finishing.is_set():
-                log.info("job_cancel_requested", heard="lease renewal", **job_ids(self.job))
-                cancel.set()
             with self._progress_lock:
                 self._renewing = False
                 self._progress_lock.notify_all()
             failing = False
+            # Generated already, it still stops: its upload (a Storage audit: one retrying a failing Storage went on
+            # for its whole budget, then failed the job `ConnectionError`); its final write under way, that decides.
+            cancel, asked = self.cancel, renewed and renewed.cancel_requested
+            if asked and cancel is not None and not cancel.is_set() and not self.finishing.is_set():
+                log.info("job_cancel_requested", heard="lease renewal", **job_ids(self.job))
+                cancel.set()
             if not renewed:
                 if self.finishing.is_set():
                     return  # the final write landed first: nothing was lost

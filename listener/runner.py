@@ -49,9 +49,6 @@ T = TypeVar("T")
 
 # How long a generated job's completion waits for the lease renewal its progress 1 set under way (`Heartbeat.quiet`).
 QUIET_WAIT_SECONDS = 1.0
-# How long a generated job waits for that renewal before its upload: its progress 1 on the doc first (see `_deliver`),
-# where Firestore answers within it (always, but for an outage, or a round trip of seconds: then the upload goes on).
-PROGRESS_WAIT_SECONDS = 0.5
 FINAL_WRITE_WAIT = (0.2, 5.0)  # backoff of the fence check and the final write: first wait, longest wait (s)
 # How long a generated job's fence check and completion are tried while Firestore is away (at least a lease): a
 # failure would wait for Firestore just the same and throw the generation away, and no claim lands meanwhile.
@@ -355,11 +352,6 @@ class JobRunner:
             if run.must_stop:
                 raise Interrupted()
             heartbeat.post(1.0)
-            # Its progress 1 on the doc before any result is readable: a try stopped from here on (cancelled,
-            # restated) is charged its whole estimate (`quota._try_ran`), not the shorter time it ran.
-            heartbeat.quiet(PROGRESS_WAIT_SECONDS)
-            if run.must_stop:  # a cancel that renewal heard: nothing uploaded
-                raise Interrupted()
             # The fence, right before anything leaves this worker: a worker that lost its lease (presumed
             # dead, taken over) must not overwrite the new owner's objects or download tokens.
             if not self._recorded(job, lambda: self.store.holds(job), heartbeat, patient_until):
@@ -399,7 +391,7 @@ class JobRunner:
                 # Storage was failing it: claims wait for Storage as after a failure (a review: the next job was
                 # claimed and generated into it); a probe resumes them within seconds where Storage answers.
                 self.storage_outage.begin(exc)
-            outcome = self._interrupted(run, later=exc.storage_away)
+            outcome = self._interrupted(run, later=exc.storage_away, delivered=True)
             if outcome == RunOutcome.LOST:  # not this claim's (taken over, restated, deleted): no doc names them
                 self._drop_this_try(job, request, later=exc.storage_away)
             return outcome
@@ -430,7 +422,7 @@ class JobRunner:
                 return release(self.store, job)
             # Its owner's cancel wins over the failure it met meanwhile (an upload failing as it was cancelled).
             error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else _caused(exc)
-            outcome = self._fail(job, error, seconds=run.seconds())
+            outcome = self._fail(job, error, delivered=uploading, seconds=run.seconds())
             if outcome == RunOutcome.FAILED and (uploading or job.lease.attempt > 1):
                 # No doc names them: what this try uploaded before it failed (a job's files go up at once), or an
                 # earlier try's, stopped during its upload (restated, taken over), that no later try wrote over
@@ -542,16 +534,17 @@ class JobRunner:
         except Exception as exc:  # written again once the batch ends (`_deliver`)
             log.warning("write_error", error=str(exc), **job_ids(run.job))
 
-    def _interrupted(self, run: _Run, *, later: bool = False) -> RunOutcome:
+    def _interrupted(self, run: _Run, *, later: bool = False, delivered: bool = False) -> RunOutcome:
         """A job whose generation (or upload) stopped: nothing to write when its lease was lost; failed `Cancelled`
         or `Timeout` when its owner or its deadline stopped it; else (shutdown, a broken device) released. `later`:
-        what it uploaded is removed on a thread of its own (Storage was failing its upload)."""
+        what it uploaded is removed on a thread of its own (Storage was failing its upload). `delivered`: stopped
+        during its upload (see `_fail`)."""
         job = run.job
         if run.heartbeat.lost.is_set():
             return self._lost_or_timed_out(run, later=later)
         if run.cancel.is_set() or run.expired:
             error = GenerationError(CANCELLED, CANCELLED_MESSAGE) if run.cancel.is_set() else run.overrun
-            outcome = self._fail(job, error, seconds=run.seconds())
+            outcome = self._fail(job, error, delivered=delivered, seconds=run.seconds())
             if outcome == RunOutcome.FAILED:
                 self._remove_results(job, run.request, later=later)  # its upload's, or an earlier attempt's
             return outcome
@@ -581,8 +574,10 @@ class JobRunner:
             finally:
                 self._heartbeats.discard(heartbeat)
 
-    def _fail(self, job: ClaimedJob, error: GenerationError, **more: Any) -> RunOutcome:
-        if not self._while_held(job, lambda: self.store.fail(job, error)):
+    def _fail(self, job: ClaimedJob, error: GenerationError, *, delivered: bool = False, **more: Any) -> RunOutcome:
+        """`delivered`: its upload had begun, its results readable by their owner: a cancel then is charged the
+        whole estimate (`WorkerJobs.fail`)."""
+        if not self._while_held(job, lambda: self.store.fail(job, error, delivered=delivered)):
             # Not this claim's job any more: nothing was failed (a restated job's `job_preempted` came first).
             return self._lost(job, reason="no longer this claim's (restated, or taken over); nothing written")
         log_failure(error.error_type, error.message, job, cause=error.__cause__, **more)

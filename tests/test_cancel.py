@@ -199,80 +199,33 @@ def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client
     assert cancel_events(events) == [("job_cancelled", "uploading", "upload")]
 
 
-class ReadsTheDocAtUpload(CancelDuringUpload):
-    """CancelDuringUpload, which first reads the doc as its first result becomes readable by its owner."""
+class SlowRenewals(WorkerJobs):
+    """Lease renewals answered after 2.5 s (a stand-in for a distant Firestore): the renewal of a job's progress 1,
+    sent at its last step, has not landed when its upload ends."""
 
-    def __init__(self, results, client):
-        super().__init__(results, client)
-        self.seen: list[dict] = []
-
-    def upload(self, user_id, file_uid, task_type, files, **kwargs):
-        self.seen.append(read(self.client, JobKey(user_id, "images", file_uid)))
-        return super().upload(user_id, file_uid, task_type, files, **kwargs)
+    def renew(self, job, progress=None):
+        time.sleep(2.5)  # past the completion's wait for it (QUIET_WAIT_SECONDS)
+        return super().renew(job, progress=progress)
 
 
 def test_a_cancel_once_its_results_are_readable_is_charged_the_whole_estimate(firestore_client, results, bucket):
     """The security review: a client that cancelled its job as its first image appeared in the bucket (its owner may
     read it there before the doc says `completed`) kept the images and was charged the 0.29 GPU-seconds the try
-    had run, not their 1.05. A try whose denoising ended (progress 1, on the doc before any upload) is charged its
-    whole estimate, as its completion would have been."""
+    had run, not their 1.05. A try stopped during its upload is charged its whole estimate, as its completion would
+    have been: its end says progress 1."""
     from listener.runner import JobRunner
 
     key = JobKey("u1", "images", "cancel-at-first-object")
     queue_jobs(firestore_client, [key], num_images_per_prompt=2)
-    store = WorkerJobs(firestore_client, worker_id="w")
+    store = SlowRenewals(firestore_client, worker_id="w")
     job = store.claim(key)
     estimate = read(firestore_client, key)["cost"]
-    uploads = ReadsTheDocAtUpload(results, firestore_client)
+    uploads = CancelDuringUpload(results, firestore_client)
     assert JobRunner(store, StubGenerator(), uploads, renew_interval=100).run(job) == "failed"
-    assert [seen["progress"] for seen in uploads.seen] == [1.0]
     ended = read(firestore_client, key)
     assert outcome(ended) == CANCELLED
-    assert ended["cost"] == ended["stopped_cost"] == estimate > 1
+    assert ended["cost"] == ended["stopped_cost"] == estimate > 1 and ended["progress"] == 1
     assert objects(bucket) == []
-
-
-class CancelledAtTheLastStep(StubGenerator):
-    """The owner's cancel lands as denoising ends; the runner has no listener to hear it (the renewal of its
-    progress 1 reads it)."""
-
-    def __init__(self, client, key: JobKey):
-        super().__init__()
-        self.client, self.key = client, key
-
-    def generate(self, request, progress=None):
-        result = super().generate(request, progress=None)
-        cancel(self.client, self.key)
-        if progress is not None:
-            progress(1.0)
-        return result
-
-
-class CountedUploads:
-    def __init__(self, results):
-        self.results, self.calls = results, 0
-
-    def upload(self, *args, **kwargs):
-        self.calls += 1
-        return self.results.upload(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.results, name)
-
-
-def test_a_cancel_heard_as_denoising_ends_uploads_nothing(firestore_client, results, bucket):
-    """The renewal that records progress 1 before the upload also reads a cancel: the job ends `Cancelled` there,
-    with no object written for its owner to read (and none to remove)."""
-    from listener.runner import JobRunner
-
-    key = JobKey("u1", "images", "cancel-at-last-step")
-    queue_jobs(firestore_client, [key])
-    store = WorkerJobs(firestore_client, worker_id="w")
-    uploads = CountedUploads(results)
-    runner = JobRunner(store, CancelledAtTheLastStep(firestore_client, key), uploads, renew_interval=100)
-    assert runner.run(store.claim(key)) == "failed"
-    assert outcome(read(firestore_client, key)) == CANCELLED
-    assert uploads.calls == 0 and objects(bucket) == []
 
 
 def failing_storage(retried: threading.Event, max_seconds: float = 30):
@@ -318,7 +271,9 @@ def test_a_cancel_while_storage_fails_the_upload_stops_its_retries_and_ends_canc
     assert ended == ["failed"] and time.monotonic() - cancelled_at < 5  # its budget had 30 s left
     assert outage.ongoing
     outage.close()
-    assert outcome(read(firestore_client, key)) == CANCELLED
+    stopped = read(firestore_client, key)
+    assert outcome(stopped) == CANCELLED
+    assert stopped["progress"] == 1 and stopped["cost"] > 1  # stopped in its upload: its whole estimate
     [heard] = [e for e in events if e["event"] == "job_cancel_requested"]
     assert heard["heard"] == "lease renewal"
 

@@ -370,8 +370,7 @@ class FarRenewals(WorkerJobs):
 def test_a_completed_jobs_slot_frees_without_waiting_for_a_renewal_under_way(firestore_client, results):
     """A latency audit: the progress 1.0 posted as a job finishes starts a renewal beside its completion; the
     worker's slot waited for it once the completion had landed (0.8 s a job at a 350 ms round trip, up to 6 s at
-    900 ms), the next claim behind it. The renewal, fenced off, changes nothing. (The upload waits for it 0.5 s at
-    most: `PROGRESS_WAIT_SECONDS`.)"""
+    900 ms), the next claim behind it. The renewal, fenced off, changes nothing."""
     key = JobKey("u1", "images", "far")
     write_job(firestore_client, key)
     store = FarRenewals(firestore_client, worker_id="w", lease_seconds=30.0)
@@ -1737,12 +1736,12 @@ class CountingFails(WorkerJobs):
         self.fails: list[tuple[str, bool]] = []
         self.failing = failing  # an error the first `fail` of this file_uid raises
 
-    def fail(self, job, error):
+    def fail(self, job, error, **kwargs):
         if self.failing and self.failing[0] == job.key.file_uid:
             _, exc = self.failing
             self.failing = None
             raise exc
-        failed = super().fail(job, error)
+        failed = super().fail(job, error, **kwargs)
         self.fails.append((job.key.file_uid, failed))
         return failed
 
@@ -1949,10 +1948,10 @@ class SlowHeartbeatFail(WorkerJobs):
         super().__init__(*args, **kwargs)
         self.released = threading.Event()
 
-    def fail(self, job, error):
+    def fail(self, job, error, **kwargs):
         if threading.current_thread().name.startswith("heartbeat-"):
             assert self.released.wait(60)
-        return super().fail(job, error)
+        return super().fail(job, error, **kwargs)
 
 
 def upload_past_the_deadline(store: WorkerJobs, results) -> tuple[WorkerJobs, JobRunner]:
@@ -2027,12 +2026,12 @@ def test_a_slow_heartbeat_does_not_measure_the_clock(make_worker, monkeypatch):
 class HeartbeatFailErrors(WorkerJobs):
     """The heartbeat's `Timeout` write fails (a Firestore blip at the deadline); the runner's own calls go through."""
 
-    def fail(self, job, error):
+    def fail(self, job, error, **kwargs):
         if threading.current_thread().name.startswith("heartbeat-"):
             from google.api_core.exceptions import ServiceUnavailable
 
             raise ServiceUnavailable("blip at the deadline")
-        return super().fail(job, error)
+        return super().fail(job, error, **kwargs)
 
 
 class SlowStep(StubGenerator):
@@ -2200,9 +2199,9 @@ class FirestoreAwayForFencedCalls(WorkerJobs):
         self._away()
         return super().complete(job, fields)
 
-    def fail(self, job, error):
+    def fail(self, job, error, **kwargs):
         self._away()
-        return super().fail(job, error)
+        return super().fail(job, error, **kwargs)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
