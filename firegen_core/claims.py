@@ -161,7 +161,7 @@ class WorkerJobs(JobStore):
         return lifecycle.FAILED if _landed(outcome.before, job, lifecycle.FAILED, CANCELLED) else None
 
     def fail(self, job: ClaimedJob, error: GenerationError, *, delivered: bool = False) -> bool:
-        """`delivered`: its upload had begun (lifecycle.delivered: a cancel is charged the whole estimate)."""
+        """`delivered`: its upload had begun (`lifecycle.DELIVERED`: a cancel is charged the whole estimate)."""
         failed = lifecycle.failure(error, user_id=job.key.user_id, file_uid=job.key.file_uid)
         outcome = self._fenced(job, lambda doc, now: {**failed, **(lifecycle.DELIVERED if delivered else {})})
         # Applied, or applied by an earlier try whose answer was lost (its retry finds the job failed so).
