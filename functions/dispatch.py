@@ -90,6 +90,7 @@ from firegen_core.jobs import (
     Outcome,
     contract_failure,
     queued_document,
+    refused_try,
     stated_request,
 )
 from firegen_core.quota import Limits
@@ -271,7 +272,9 @@ def _record_refusal(
         # nothing (it failed a running job, charged, whose own request was then refused too).
         if REQUESTED_AT in doc:
             return None
-        return failed if doc.get("status") in (lifecycle.QUEUED, lifecycle.PROCESSING) else None
+        if doc.get("status") not in (lifecycle.QUEUED, lifecycle.PROCESSING):
+            return None
+        return {**failed, **refused_try(key, doc, now)}
 
     try:
         outcome = store.transition(key, decide)

@@ -753,6 +753,27 @@ def test_a_placeholder_a_worker_took_before_its_refused_request_is_charged_the_t
     assert counts(firestore_client) == (0, 0)
 
 
+def test_a_running_client_doc_its_refused_callable_call_fails_is_charged_the_time_it_ran(firestore_client):
+    """The security review, its end to end: a client doc (4 images at 1024x1024, 50 steps) a worker took, then a
+    `generateWithRunPod` call for it refused (`width: 5`): the job failed with the refusal, charged 17.4 for a try of
+    a few seconds. Charged the time it ran, as a cancel is."""
+    big = dict(width=1024, height=1024, num_inference_steps=50, num_images_per_prompt=4)
+    key = write_client_doc(firestore_client, "refused-while-running", **big)
+    assert WorkerJobs(firestore_client, worker_id="w").claim(key) is not None
+    estimate = doc(firestore_client, key)["cost"]
+    firestore_client.document(key.path).update({"started_at": datetime.now(UTC) - timedelta(seconds=3)})
+    data = {"prompt": "a cat", "file_uid": key.file_uid, "width": 5}
+    with pytest.raises(dispatch.CallError) as refused:
+        dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data)
+    assert refused.value.code == "invalid-argument"
+    ended = doc(firestore_client, key)
+    assert (ended["status"], ended["error_type"]) == ("failed", "ValidationError")
+    assert ended["cost"] == ended["stopped_cost"] == pytest.approx(3, abs=1)
+    assert estimate > 15
+    assert usage(firestore_client)["spent_today"] == pytest.approx(ended["cost"], abs=1e-3)
+    assert counts(firestore_client) == (0, 0)
+
+
 # ---------------------------------------------------------------------------------------------- restated jobs
 def test_a_running_job_restated_by_its_request_is_queued_again_and_charged_what_will_run(firestore_client):
     """The contract's function flow when a worker took the placeholder doc first: the request's parameters win,
