@@ -116,6 +116,9 @@ class Reconciler:
         self._cancels: set[JobKey] = set()  # queued jobs their owners cancelled: failed by the cancel thread
         self._stops: dict[JobKey, threading.Event] = {}  # claimed or running here → its cancel signal
         self._leases: dict[JobKey, Lease] = {}  # running here → the claim it runs under
+        # Running here, and heard of as a candidate again meanwhile (restated, written over): the latest `created_at`
+        # and batch group heard, by which it is offered again once its try here ends (`_offer_again`).
+        self._heard_running: dict[JobKey, tuple[object, Hashable | None]] = {}
         # Users a claim here found not claimable while a job of theirs ran here (at USER_MAX_RUNNING, most likely):
         # their queued docs are looked up again when one of their jobs here ends (`_look_again`).
         self._held_back: set[str] = set()
@@ -260,7 +263,8 @@ class Reconciler:
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self._active:
+            # Slots too: a batch whose jobs all ended early (`_ended`) is still on its way out.
+            while self._active or self._slots or self._delivering:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -335,7 +339,10 @@ class Reconciler:
         if doc is not None and self.placeholder_grace > 0 and not first and awaits_parameters(doc):
             not_before = max(created, self._server_time_at(self._claiming_since)) + self.placeholder_grace
         with self._cv:
-            if not self._claiming or key in self._active or key in self._cancels:
+            if not self._claiming or key in self._cancels:
+                return
+            if key in self._active:
+                self._heard_running[key] = (created_at, group)
                 return
             if self._queue.add(key, key.user_id, created, first=first, group=group, not_before=not_before):
                 self._cv.notify_all()
@@ -369,6 +376,7 @@ class Reconciler:
     def _withdraw(self, key: JobKey) -> None:
         with self._cv:
             self._queue.discard(key)
+            self._heard_running.pop(key, None)
             if key not in self._active:  # no claim of it here to log its RunPod job id
                 self._request_ids.pop(key, None)
         self.admissions.withdraw(key)
@@ -484,7 +492,7 @@ class Reconciler:
             raise
         finally:
             if not started:
-                self._settle(keys)
+                self._settle([(key, stops[key]) for key in keys])
         return True
 
     def _claim(self, key: JobKey, *, start: bool = True) -> ClaimedJob | None:
@@ -505,6 +513,7 @@ class Reconciler:
                 self._stops.pop(key, None)
                 self._active.pop(key, None)
                 self._displaced.pop(key, None)
+                self._heard_running.pop(key, None)
                 self._request_ids.pop(key, None)  # not ours: the worker that has it logs it
                 if start and any(other.user_id == key.user_id for other in self._active):
                     self._held_back.add(key.user_id)
@@ -556,8 +565,15 @@ class Reconciler:
                 self._cv.notify_all()
 
     def _run(self, jobs: list[tuple[ClaimedJob, threading.Event]]) -> None:
-        lost: list[JobKey] = []
+        lost: list[ClaimedJob] = []
         handed = threading.Event()  # its slot handed over, its generation over (`_hand_over`)
+        stops = {job.key: stop for job, stop in jobs}
+        ended: set[JobKey] = set()  # ended while the batch went on, and settled then (`_ended`)
+
+        def end(job: ClaimedJob, outcome: RunOutcome) -> None:
+            ended.add(job.key)
+            self._ended(job, stops[job.key], outcome)
+
         try:
             # Split by the batch key of each doc as claimed: a doc changed since it was offered runs on its own.
             batches: dict[Hashable, list[tuple[ClaimedJob, threading.Event]]] = {}
@@ -568,7 +584,8 @@ class Reconciler:
             for index, batch in enumerate(groups):
                 if index:  # it waited while the groups before it ran: still this claim's, and its cancel heard?
                     batch, gone = self._renewed(batch)
-                    lost += gone
+                    for job in gone:
+                        end(job, RunOutcome.LOST)
                 # The later groups' leases kept meanwhile (a review: unrenewed, they ran out while a group ran, and
                 # another worker took them over: run twice).
                 waiting = [job for later in groups[index + 1 :] for job, _ in later]
@@ -577,7 +594,7 @@ class Reconciler:
                         # The last group's slot is handed over (the groups before it keep it for the next group).
                         last = index == len(groups) - 1
                         generated = (lambda: self._hand_over(handed)) if last else None
-                        outcomes = self.runner.run_batch(batch, on_generated=generated) if batch else []
+                        outcomes = self.runner.run_batch(batch, on_generated=generated, on_ended=end) if batch else []
                 except Exception as exc:  # a bug in one group: the others still run (a review: left to their leases)
                     log.error(
                         "job_runner_crashed", error=repr(exc), exc_info=exc, paths=[job.key.path for job, _ in batch]
@@ -586,16 +603,35 @@ class Reconciler:
                 with self._cv:
                     self._finished += sum(outcome in (RunOutcome.COMPLETED, RunOutcome.FAILED) for outcome in outcomes)
                 lost += [
-                    job.key for (job, _), outcome in zip(batch, outcomes, strict=True) if outcome == RunOutcome.LOST
+                    job
+                    for (job, _), outcome in zip(batch, outcomes, strict=True)
+                    if outcome == RunOutcome.LOST and job.key not in ended
                 ]
         except BaseException as exc:  # never let a job thread die silently with a slot held
             log.error("job_runner_crashed", error=repr(exc), exc_info=exc, paths=[job.key.path for job, _ in jobs])
         finally:
-            self._settle([job.key for job, _ in jobs], delivering=handed.is_set())
-        for key in lost:
-            # Heard while it ran here (and so ignored): queued again (restated) or taken over; a claim tells which.
-            self._offer(key)
+            heard = self._settle([(job.key, stop) for job, stop in jobs], delivering=handed.is_set())
+        for job in lost:
+            self._offer_again(job, heard.get(job.key))
         self._look_again({job.key.user_id for job, _ in jobs})
+
+    def _ended(self, job: ClaimedJob, stop: threading.Event, outcome: RunOutcome) -> None:
+        """A job of a batch ended while the batch goes on (the runner's `on_ended`, or left out of its group): it
+        no longer runs here, and one lost (restated, most likely) is a candidate again now, not once the batch
+        has delivered, as the newest (the batching review: on a one-slot worker a newer batch ran before it)."""
+        with self._cv:
+            heard = self._forget(job.key, stop)
+            self._cv.notify_all()  # its user's count here went down
+        if outcome == RunOutcome.LOST:
+            self._offer_again(job, heard)
+
+    def _offer_again(self, job: ClaimedJob, heard: tuple[object, Hashable | None] | None) -> None:
+        """A job lost here (queued again by a restatement, or taken over: a claim tells which), offered in its
+        place: as a listener or runsync last heard of it while it ran here, else as its doc was claimed."""
+        created_at, group = (
+            heard if heard is not None else (job.doc.get("created_at"), self._doc_group(job.key, job.doc))
+        )
+        self._offer(job.key, created_at, group=group)
 
     @contextmanager
     def _renewing(self, jobs: list[ClaimedJob]) -> Iterator[None]:
@@ -620,7 +656,7 @@ class Reconciler:
 
     def _renewed(
         self, batch: list[tuple[ClaimedJob, threading.Event]]
-    ) -> tuple[list[tuple[ClaimedJob, threading.Event]], list[JobKey]]:
+    ) -> tuple[list[tuple[ClaimedJob, threading.Event]], list[ClaimedJob]]:
         """A group of a split batch, about to run after the others: each job's lease renewed (its cancel, which the
         renewal reads, heard), and those no longer this claim's left out, to be offered again. A renewal that
         failed (Firestore away) keeps its job: the run's own heartbeat tries again."""
@@ -629,7 +665,7 @@ class Reconciler:
             renewal = quietly(lambda job=job: self.store.renew(job), job)
             if renewal is not None and not renewal:
                 log.warning("lease_lost", reason="while its batch's other group ran", **job_ids(job))
-                gone.append(job.key)
+                gone.append(job)
                 continue
             if renewal is not None and renewal.cancel_requested:
                 stop.set()
@@ -659,20 +695,33 @@ class Reconciler:
                 for snapshot in found:
                     self._found(JobKey(user, media, snapshot.id), snapshot, snapshot.to_dict() or {})
 
-    def _settle(self, keys: list[JobKey], *, delivering: bool = False) -> None:
-        """The slot of a batch of `keys` is free (`delivering`: its delivery's; it handed its slot over): none of
-        them runs here any more."""
+    def _settle(
+        self, claims: list[tuple[JobKey, threading.Event]], *, delivering: bool = False
+    ) -> dict[JobKey, tuple[object, Hashable | None]]:
+        """The slot of a batch of `claims` (each a key and its claim's stop signal) is free (`delivering`: its
+        delivery's; it handed its slot over): none of them runs here any more. Returns what was heard of them
+        meanwhile (`_heard_running`)."""
+        heard = {}
         with self._cv:
-            for key in keys:
-                self._active.pop(key, None)
-                self._stops.pop(key, None)
-                self._leases.pop(key, None)
-                self._displaced.pop(key, None)
+            for key, stop in claims:
+                if (latest := self._forget(key, stop)) is not None:
+                    heard[key] = latest
             if delivering:
                 self._delivering -= 1
             else:
                 self._slots -= 1
             self._cv.notify_all()
+        return heard
+
+    def _forget(self, key: JobKey, stop: threading.Event) -> tuple[object, Hashable | None] | None:
+        """(Under `_cv`.) The claim of `key` whose stop signal is `stop` no longer runs here: its bookkeeping goes,
+        unless a later claim of the key holds it already (one ended early in a batch is claimed again while the
+        batch goes on). Returns what was heard of it meanwhile."""
+        if self._stops.get(key) is not stop:
+            return None
+        for kept in (self._active, self._stops, self._leases, self._displaced):
+            kept.pop(key, None)
+        return self._heard_running.pop(key, None)
 
     # --- what the listeners hear, and the sweep (also their watchdog) -------------------------------------------
 

@@ -213,13 +213,15 @@ class JobRunner:
         jobs: Sequence[tuple[ClaimedJob, threading.Event | None]],
         *,
         on_generated: Callable[[], None] | None = None,
+        on_ended: Callable[[ClaimedJob, RunOutcome], None] | None = None,
     ) -> list[RunOutcome]:
         """Run claimed jobs through one generation call (`generate_batch`; a single job: `generate`), each as
         `run` would: its own lease, progress, cancel signal, fence, upload and final write, so one job's cancel,
         lost lease or bad document ends that job alone. Their deadline is the batch's: the deadline of their
         summed estimates (they finish together). Outcomes in the order of `jobs`. `on_generated`: called once the
         generation call is over (the device is free for another job; what is left is each job's fence check,
-        upload and completion: round trips to Firestore and Storage)."""
+        upload and completion: round trips to Firestore and Storage). `on_ended`: told of a batched job whose end
+        was written while the batch went on for the others (it stopped early: cancelled, restated, taken over)."""
         started = time.monotonic()
         if on_generated is not None:
             on_generated = _once(on_generated)
@@ -255,7 +257,7 @@ class JobRunner:
                     overrun,
                     stack.enter_context(self._heartbeat(job, hard_deadline, overrun, cancel)),
                     self.abort,
-                    self._end_now if len(parsed) > 1 else None,
+                    (lambda run: self._end_now(run, on_ended)) if len(parsed) > 1 else None,
                     leaving_since=lambda: self.leaving_since,
                 )
                 for index, (job, cancel, request) in parsed.items()
@@ -525,14 +527,21 @@ class JobRunner:
             return RunOutcome.FAILED
         return self._lost(run.job, run.heartbeat)
 
-    def _end_now(self, run: _Run) -> None:
+    def _end_now(self, run: _Run, on_ended: Callable[[ClaimedJob, RunOutcome], None] | None = None) -> None:
         """A job of a batch that must stop (its owner cancelled it, its lease is lost...): its end is written
-        now, while the batch goes on for the others, not when they finish (its images are dropped then)."""
+        now, while the batch goes on for the others, not when they finish (its images are dropped then), and
+        `on_ended` hears of it then (a restated job runs again without waiting for the batch to deliver)."""
         try:
             run.heartbeat.stop()
             run.outcome = self._interrupted(run)
         except Exception as exc:  # written again once the batch ends (`_deliver`)
             log.warning("write_error", error=str(exc), **job_ids(run.job))
+            return
+        if on_ended is not None:
+            try:
+                on_ended(run.job, run.outcome)
+            except Exception as exc:  # the batch's own end settles it
+                log.error("job_runner_crashed", error=repr(exc), exc_info=exc, **job_ids(run.job))
 
     def _interrupted(self, run: _Run, *, later: bool = False, delivered: bool = False) -> RunOutcome:
         """A job whose generation (or upload) stopped: nothing to write when its lease was lost; failed `Cancelled`

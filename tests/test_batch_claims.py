@@ -347,6 +347,57 @@ def test_a_restatement_heard_while_the_batch_is_still_claiming_stops_the_claimed
     spy.batch_gate.set()
 
 
+def restate_elsewhere(client, key: JobKey, **changes) -> None:
+    """As another worker's runsync restates a running job (`lifecycle.restate`): queued again with the new
+    parameters, its attempt kept, its lease gone."""
+    gone = dict.fromkeys(("worker_id", "lease_expires_at", "progress"), DELETE_FIELD)
+    client.document(key.path).update({"status": "queued", "restated": 1, **changes, **gone})
+
+
+def test_a_job_restated_mid_batch_is_a_candidate_again_at_once_and_in_its_place(make_worker, firestore_client, engine):
+    """The batching review: a job restated while its batch generated was offered again only once the whole batch
+    had delivered, and as the newest candidate: on a one-slot worker a newer batch ran before it. Now it is a
+    candidate as soon as its try ends (the batch's other job still generating), in its place by `created_at`."""
+    spy = Spy(engine, hold="first", hold_batches=True)
+    worker = make_worker(spy, batch_max=2)
+    write_job(firestore_client, "u0", "first")
+    assert spy.holding.wait(30)
+    a1 = write_job(firestore_client, "userA", "a1", seed=1)
+    b1 = write_job(firestore_client, "userB", "b1", seed=2)
+    wait_until(lambda: worker.reconciler.candidates == 2)
+    spy.gate.set()
+    assert spy.batching.wait(60)
+    b2 = write_job(firestore_client, "userB", "b2", seed=3)  # newer than a1
+    wait_until(lambda: worker.reconciler.is_candidate(b2))
+    restate_elsewhere(firestore_client, a1, seed=5)
+    wait_until(lambda: worker.reconciler.is_candidate(a1))
+    assert "a1" in spy.stopped and not spy.batch_gate.is_set()  # b1 still generating
+    spy.batch_gate.set()
+    done = [wait_until(lambda key=key: finished(firestore_client, key), timeout=120) for key in (a1, b1, b2)]
+    assert spy.calls[1:] == [["a1", "b1"], ["a1", "b2"]]  # before: [b2] ran, then a1
+    assert [data["status"] for data in done] == ["completed"] * 3 and done[0]["seed"] == 5
+
+
+def test_a_job_restated_while_it_runs_alone_runs_again_before_its_users_newer_job(
+    make_worker, firestore_client, engine
+):
+    """Offered again once its try ended, as the newest candidate (before), a restated job ran after its user's
+    job queued behind it; it keeps its place by `created_at`."""
+    spy = Spy(engine, hold="a1")
+    worker = make_worker(spy)
+    a1 = write_job(firestore_client, "userA", "a1", seed=1)
+    assert spy.holding.wait(30)
+    a2 = write_job(firestore_client, "userA", "a2", seed=2)
+    wait_until(lambda: worker.reconciler.is_candidate(a2))
+    restate_elsewhere(firestore_client, a1, seed=5)
+    wait_until(lambda: worker.reconciler._stops[a1].is_set())  # heard queued again while it runs here
+    spy.hold = None
+    spy.gate.set()
+    done = [wait_until(lambda key=key: finished(firestore_client, key), timeout=120) for key in (a1, a2)]
+    assert spy.calls == [["a1"], ["a1"], ["a2"]]  # before: a2, then a1
+    assert [data["status"] for data in done] == ["completed"] * 2 and done[0]["seed"] == 5
+
+
 @pytest.mark.parametrize("heard", ["runsync", "listener"])
 def test_a_restatement_heard_while_the_claims_answer_is_on_its_way_stops_the_run(
     make_worker, firestore_client, engine, heard
