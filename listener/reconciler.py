@@ -624,13 +624,17 @@ class Reconciler:
             self._cv.notify_all()  # its user's count here went down
         if outcome == RunOutcome.LOST:
             self._offer_again(job, heard)
+        self._look_again({job.key.user_id})
 
     def _offer_again(self, job: ClaimedJob, heard: tuple[object, Hashable | None] | None) -> None:
         """A job lost here (queued again by a restatement, or taken over: a claim tells which), offered in its
-        place: as a listener or runsync last heard of it while it ran here, else as its doc was claimed."""
-        created_at, group = (
-            heard if heard is not None else (job.doc.get("created_at"), self._doc_group(job.key, job.doc))
-        )
+        place: as a listener or runsync last heard of it while it ran here, else as its doc was claimed (a runsync
+        that created the doc knew no `created_at` yet)."""
+        created_at, group = heard if heard is not None else (None, None)
+        if created_at is None:
+            created_at = job.doc.get("created_at")
+        if group is None:
+            group = self._doc_group(job.key, job.doc)
         self._offer(job.key, created_at, group=group)
 
     @contextmanager
