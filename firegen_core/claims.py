@@ -21,7 +21,7 @@ from google.cloud import firestore
 
 from . import lifecycle, quota
 from .errors import CANCELLED, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError, failure_level
-from .jobs import ClaimedJob, JobKey, JobStore, Outcome, contract_failure, forget_counted
+from .jobs import BOUND, ClaimedJob, JobKey, JobStore, Outcome, contract_failure, forget_counted
 from .lifecycle import Lease
 
 # The events a claim logs keep the logger they were always written under (the JSON logs' `logger`).
@@ -145,8 +145,15 @@ class WorkerJobs(JobStore):
             job, lambda doc, now: lifecycle.renewal(now, lease_seconds=self.lease_seconds, progress=progress)
         )
         return Renewal(
-            outcome.applied, outcome.applied and bool((outcome.before or {}).get(lifecycle.CANCEL_REQUESTED))
+            outcome.applied,
+            outcome.applied and bool((outcome.before or {}).get(lifecycle.CANCEL_REQUESTED)),
+            None if outcome.applied else lifecycle.lost_to(outcome.before, job.lease),
         )
+
+    def lost_to(self, job: ClaimedJob) -> tuple[str, bool]:
+        """Why the claim no longer holds its job (`lifecycle.lost_to`), by a read of its doc."""
+        snapshot = self.ref(job.key).get(**BOUND)
+        return lifecycle.lost_to(snapshot.to_dict() if snapshot.exists else None, job.lease)
 
     def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> str | None:
         """Record the result; returns the status written: `completed`, or `failed` when the owner cancelled the
@@ -228,6 +235,7 @@ class Renewal:
 
     held: bool
     cancel_requested: bool = False
+    lost_to: tuple[str, bool] | None = None  # not held: why (`lifecycle.lost_to`)
 
     def __bool__(self) -> bool:
         return self.held

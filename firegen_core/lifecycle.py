@@ -112,6 +112,26 @@ def written_over(doc: Doc | None, lease: Lease) -> bool:
     return attempts == lease.attempt and doc is not None and doc.get("worker_id") not in (None, lease.worker_id)
 
 
+def lost_to(doc: Doc | None, lease: Lease) -> tuple[str, bool]:
+    """Why a claim no longer holds its job, by the job's doc: the reason its worker logs, and whether that was its
+    owner's doing (deleted, restated, refused or cancelled by a request, written over: nothing a worker did wrong,
+    an INFO line) rather than another worker's or the functions' (taken over, ended: a WARNING)."""
+    if doc is None:
+        return "deleted", True
+    status = doc.get("status")
+    if status == QUEUED and doc.get("attempts") == lease.attempt:  # a restatement keeps the attempt
+        return "restated by its request", True
+    if status == FAILED and doc.get("error_type") in (QUOTA_EXCEEDED, VALIDATION_ERROR):  # never a worker's end
+        return "refused with its request", True
+    if status == FAILED and doc.get("error_type") == CANCELLED:
+        return "cancelled", True
+    if written_over(doc, lease):
+        return "written over", True
+    if status == PROCESSING:
+        return "taken over by another worker", False
+    return f"{status} by another", False
+
+
 def lease_expired(doc: Doc, now: datetime) -> bool:
     expires = doc.get("lease_expires_at")
     return not isinstance(expires, datetime) or expires <= now  # none, or unreadable: nobody holds it

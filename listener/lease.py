@@ -77,6 +77,7 @@ class Heartbeat:
     lost: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)  # with its run: a failure's `seconds` count from here
     ended: RunOutcome | None = None  # `lost` because this thread ended the job itself (written, and logged)
+    lost_to: tuple[str, bool] | None = None  # why `lost`, as the renewal that found it read it (`lifecycle.lost_to`)
     verdict: GenerationError | None = None  # what it failed the job with, past its deadline
     finishing: threading.Event = field(default_factory=threading.Event)  # the final write is under way
     # Generated within its time: a leaving worker lets it deliver rather than release it (`_Run.hold`).
@@ -155,7 +156,7 @@ class Heartbeat:
                 failed = quietly(lambda end=end: self.store.fail(self.job, end), self.job)
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
-                    log.warning("job_lost", reason="no longer this try's at its deadline", **job_ids(self.job))
+                    log_lost(log, "job_lost", self.job, why_lost(self.store, self.job), when="at its deadline")
                 elif failed:
                     if self.first_to_log():  # else the runner, past the join, wrote and logged it first
                         seconds = round(time.monotonic() - self.started, 3)
@@ -203,7 +204,8 @@ class Heartbeat:
             if not renewed:
                 if self.finishing.is_set():
                     return  # the final write landed first: nothing was lost
-                log.warning("lease_lost", **job_ids(self.job))
+                self.lost_to = getattr(renewed, "lost_to", None)
+                log_lost(log, "lease_lost", self.job, self.lost_to)
                 self.lost.set()
                 return
 
@@ -280,6 +282,24 @@ def release(store: WorkerJobs, job: ClaimedJob) -> RunOutcome:
         return RunOutcome.FAILED
     log.info("job_released", released=written is not None, **job_ids(job))
     return RunOutcome.RELEASED
+
+
+LOST_REASON = "no longer this claim's (taken over, restated, deleted or written over); nothing written"
+
+
+def why_lost(store: WorkerJobs, job: ClaimedJob) -> tuple[str, bool] | None:
+    """`WorkerJobs.lost_to`; None where the read failed (Firestore away) or the store cannot say."""
+    try:
+        return store.lost_to(job)
+    except Exception:
+        return None
+
+
+def log_lost(logger: Any, event: str, job: ClaimedJob, lost_to: tuple[str, bool] | None, **more: Any) -> None:
+    """`lease_lost` / `job_lost`, with its `reason`: INFO where the job's owner did it (a restatement, a deletion:
+    an operator's alert on WARNINGs saw one per restated job), else WARNING (`lifecycle.lost_to`)."""
+    reason, owners = lost_to or (LOST_REASON, False)
+    (logger.info if owners else logger.warning)(event, reason=reason, **more, **job_ids(job))
 
 
 def quietly(call, job: ClaimedJob) -> Any:

@@ -47,7 +47,7 @@ from firegen_core.lifecycle import Lease
 
 from .admission import Admissions
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
-from .lease import RunOutcome, job_ids, quietly, release
+from .lease import RunOutcome, log_lost, quietly, release
 from .listeners import Listeners, queued_window
 from .runner import LEAVING_DELIVERY_SECONDS, JobRunner, transient
 from .storage_outage import StorageOutage
@@ -668,7 +668,9 @@ class Reconciler:
         for job, stop in batch:
             renewal = quietly(lambda job=job: self.store.renew(job), job)
             if renewal is not None and not renewal:
-                log.warning("lease_lost", reason="while its batch's other group ran", **job_ids(job))
+                log_lost(
+                    log, "lease_lost", job, getattr(renewal, "lost_to", None), when="while its batch's other group ran"
+                )
                 gone.append(job)
                 continue
             if renewal is not None and renewal.cancel_requested:

@@ -38,7 +38,7 @@ from firegen_core.errors import (
 from firegen_core.jobs import BOUND, ClaimedJob, JobKey
 from firegen_core.results import most
 
-from .lease import Heartbeat, RunOutcome, job_ids, log_failure, quietly, release, transient
+from .lease import Heartbeat, RunOutcome, job_ids, log_failure, log_lost, quietly, release, transient, why_lost
 from .storage import StorageUnavailable, Superseded, UploadStopped, claim_stamp, refused_access
 from .storage_outage import StorageOutage
 
@@ -588,7 +588,7 @@ class JobRunner:
         whole estimate (`WorkerJobs.fail`)."""
         if not self._while_held(job, lambda: self.store.fail(job, error, delivered=delivered)):
             # Not this claim's job any more: nothing was failed (a restated job's `job_preempted` came first).
-            return self._lost(job, reason="no longer this claim's (restated, or taken over); nothing written")
+            return self._lost(job)
         log_failure(error.error_type, error.message, job, cause=error.__cause__, **more)
         return RunOutcome.FAILED
 
@@ -707,15 +707,15 @@ class JobRunner:
         )
         return retrying(call)
 
-    @staticmethod
-    def _lost(
-        job: ClaimedJob,
-        heartbeat: Heartbeat | None = None,
-        reason: str = "no longer this claim's (taken over, restated, deleted or written over); nothing written",
-    ) -> RunOutcome:
+    def _lost(self, job: ClaimedJob, heartbeat: Heartbeat | None = None, reason: str | None = None) -> RunOutcome:
+        """`reason`: what this run saw (a takeover mid-upload); else why, as its doc says (`lifecycle.lost_to`)."""
         if heartbeat is not None and heartbeat.ended is not None:  # ended by the heartbeat, which logged it
             return heartbeat.ended
-        log.warning("job_lost", reason=reason, **job_ids(job))
+        if reason is not None:
+            log.warning("job_lost", reason=reason, **job_ids(job))
+        else:
+            lost_to = heartbeat.lost_to if heartbeat is not None else None
+            log_lost(log, "job_lost", job, lost_to or why_lost(self.store, job))
         return RunOutcome.LOST
 
 

@@ -749,7 +749,7 @@ def test_a_stuck_generation_failed_by_the_heartbeat_ends_failed_not_lost(firesto
     assert outcome == [RunOutcome.FAILED]
 
 
-def test_a_worker_that_stalled_past_its_deadline_while_another_took_over_ends_lost(firestore_client):
+def test_a_worker_that_stalled_past_its_deadline_while_another_took_over_ends_lost(firestore_client, events):
     """The re-check of the chaos audit: a worker stopped (SIGSTOP) past its job's deadline, while another took the
     job over and completed it, woke up to its heartbeat's `Timeout`, which the fence turned away, and logged
     `job_timeout_forced`: its run ends lost (`job_lost`), as it is, and the new owner's doc stands."""
@@ -767,6 +767,12 @@ def test_a_worker_that_stalled_past_its_deadline_while_another_took_over_ends_lo
     assert heartbeat.ended == RunOutcome.LOST
     doc = read(firestore_client, key)
     assert (doc["status"], doc["worker_id"]) == ("processing", "new-owner")
+    [lost] = [e for e in events if e["event"] == "job_lost"]
+    assert (lost["log_level"], lost["reason"], lost["when"]) == (
+        "warning",
+        "taken over by another worker",
+        "at its deadline",
+    )
 
 
 @pytest.mark.parametrize("left", ["while it runs", "before it began"])
@@ -956,7 +962,7 @@ def test_shutdown_releases_are_counted_on_the_doc(sched_worker, firestore_client
 
 # ---------------------------------------------------------------------------------------------- restated
 def test_a_run_restated_on_another_worker_stops_at_once_and_runs_again_with_the_new_parameters(
-    sched_worker, firestore_client
+    sched_worker, firestore_client, events
 ):
     """The contract's function flow when this worker's listener took the placeholder doc and the request reached
     another worker: that worker's restate queues the job again; this worker hears it queued with its own claim's
@@ -981,6 +987,9 @@ def test_a_run_restated_on_another_worker_stops_at_once_and_runs_again_with_the_
     assert (doc["status"], doc["attempts"], doc["width"]) == ("completed", 2, 256)
     assert generator.calls == ["restated", "restated"]
     assert worker.wait_idle(5)
+    # Its owner's doing, no worker's trouble: said at INFO (an alert on WARNINGs fired at each restatement).
+    lost = [(e["event"], e["log_level"], e["reason"]) for e in events if e["event"] in ("job_lost", "lease_lost")]
+    assert lost and set(lost) <= {(event, "info", "restated by its request") for event in ("job_lost", "lease_lost")}
 
 
 def test_a_run_restated_in_a_backlogs_middle_stops_when_the_sweep_finds_it(sched_worker, firestore_client, monkeypatch):

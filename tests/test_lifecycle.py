@@ -85,6 +85,25 @@ def test_fencing_needs_status_worker_and_attempt():
     assert not lifecycle.holds(None, Lease("w1", 2))
 
 
+@pytest.mark.parametrize(
+    "doc, said",
+    [
+        (None, ("deleted", True)),
+        ({"status": "queued", "attempts": 2, "restated": 1}, ("restated by its request", True)),
+        ({"status": "failed", "attempts": 2, "error_type": "QuotaExceeded"}, ("refused with its request", True)),
+        ({"status": "failed", "attempts": 2, "error_type": "ValidationError"}, ("refused with its request", True)),
+        ({"status": "failed", "attempts": 2, "error_type": "Cancelled"}, ("cancelled", True)),
+        ({"status": "queued", "created_at": 1}, ("written over", True)),  # deleted and written again
+        ({"status": "processing", "worker_id": "w2", "attempts": 2}, ("written over", True)),  # an admin's write
+        ({"status": "processing", "worker_id": "w2", "attempts": 3}, ("taken over by another worker", False)),
+        ({"status": "completed", "worker_id": "w2", "attempts": 3}, ("completed by another", False)),
+        ({"status": "failed", "worker_id": "w2", "attempts": 3, "error_type": "Timeout"}, ("failed by another", False)),
+    ],
+)
+def test_why_a_claim_lost_its_job_and_whether_its_owner_did_it(doc, said):
+    assert lifecycle.lost_to(doc, Lease("w1", 2)) == said
+
+
 def test_release_gives_the_attempt_back():
     assert lifecycle.release(processing(attempts=2)) == {
         "status": "queued",
