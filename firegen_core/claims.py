@@ -21,7 +21,7 @@ from google.cloud import firestore
 
 from . import lifecycle, quota
 from .errors import CANCELLED, QUOTA_EXCEEDED, VALIDATION_ERROR, GenerationError, failure_level
-from .jobs import BOUND, ClaimedJob, JobKey, JobStore, Outcome, contract_failure, forget_counted
+from .jobs import ClaimedJob, JobKey, JobStore, Outcome, contract_failure, forget_counted
 from .lifecycle import Lease
 
 # The events a claim logs keep the logger they were always written under (the JSON logs' `logger`).
@@ -151,8 +151,9 @@ class WorkerJobs(JobStore):
         )
 
     def lost_to(self, job: ClaimedJob) -> tuple[str, bool]:
-        """Why the claim no longer holds its job (`lifecycle.lost_to`), by a read of its doc."""
-        snapshot = self.ref(job.key).get(**BOUND)
+        """Why the claim no longer holds its job (`lifecycle.lost_to`), by a read of its doc: for a log line, so it
+        waits 5 s at most (the line says less where Firestore is away)."""
+        snapshot = self.ref(job.key).get(retry=None, timeout=5.0)
         return lifecycle.lost_to(snapshot.to_dict() if snapshot.exists else None, job.lease)
 
     def complete(self, job: ClaimedJob, fields: Mapping[str, Any]) -> str | None:
