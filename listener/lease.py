@@ -153,7 +153,14 @@ class Heartbeat:
                 self.ended = RunOutcome.FAILED
                 self.lost.set()  # from now on the runner writes nothing; this is the job's end
                 end = self.verdict = self._end()
-                failed = quietly(lambda end=end: self.store.fail(self.job, end), self.job)
+                # Its denoising over (encoding, uploading), it ends as a run stopped there does (`lifecycle.DELIVERED`:
+                # a cancel's charge is then its whole estimate, its results readable as they upload).
+                failed = quietly(
+                    lambda end=end, delivered=self.generated.is_set(): self.store.fail(
+                        self.job, end, delivered=delivered
+                    ),
+                    self.job,
+                )
                 if failed is False:  # fenced off: taken over (this worker stalled), restated or ended meanwhile
                     self.ended = RunOutcome.LOST
                     log_lost(log, "job_lost", self.job, why_lost(self.store, self.job), when="at its deadline")

@@ -513,7 +513,12 @@ class JobRunner:
         if run.heartbeat.ended != RunOutcome.FAILED:
             return False
         end = run.heartbeat.verdict or run.overrun  # `Cancelled` where its owner had asked
-        settled = bool(quietly(lambda: self._while_held(run.job, lambda: self.store.fail(run.job, end)), run.job))
+        delivered = run.heartbeat.generated.is_set()  # as the heartbeat wrote it
+        settled = bool(
+            quietly(
+                lambda: self._while_held(run.job, lambda: self.store.fail(run.job, end, delivered=delivered)), run.job
+            )
+        )
         if settled and run.heartbeat.first_to_log():  # the heartbeat's own write failed: the runner's is the end
             log_failure(end.error_type, end.message, run.job, by="runner", seconds=run.seconds())
         return settled

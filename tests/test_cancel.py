@@ -228,6 +228,35 @@ def test_a_cancel_once_its_results_are_readable_is_charged_the_whole_estimate(fi
     assert objects(bucket) == []
 
 
+def test_a_cancelled_job_its_heartbeat_ends_past_its_deadline_after_its_denoising_pays_its_whole_estimate(
+    firestore_client,
+):
+    """Its denoising over, a job stuck in its encode or upload past its deadline, its owner's cancel heard, is
+    failed `Cancelled` by its heartbeat with progress 1 (`lifecycle.DELIVERED`), as a run stopped in its upload
+    ends: charged its whole estimate (its results may be readable). Before, that end said nothing of its progress,
+    and the cancel was charged the time the try had run."""
+    from firegen_core.errors import TIMEOUT, GenerationError
+    from listener.lease import Heartbeat, RunOutcome
+
+    key = JobKey("u1", "images", "stuck-after-denoising")
+    queue_jobs(firestore_client, [key], num_images_per_prompt=2)
+    store = WorkerJobs(firestore_client, worker_id="w")
+    job = store.claim(key)
+    estimate = read(firestore_client, key)["cost"]
+    cancel(firestore_client, key)
+    asked = threading.Event()
+    asked.set()  # as its cancel listener or a renewal would
+    overrun = GenerationError(TIMEOUT, "too long")
+    deadline = time.monotonic() + 0.5
+    with Heartbeat(store, job, interval=100, hard_deadline=deadline, overrun=overrun, cancel=asked) as heartbeat:
+        heartbeat.generated.set()
+        assert heartbeat.lost.wait(10)
+    assert heartbeat.ended == RunOutcome.FAILED
+    ended = read(firestore_client, key)
+    assert outcome(ended) == CANCELLED
+    assert ended["progress"] == 1 and ended["cost"] == estimate > 1
+
+
 def failing_storage(retried: threading.Event, max_seconds: float = 30):
     """A ResultStore whose Storage is down (a port nobody listens on: each request refused at once), retrying for
     `max_seconds` (by default far past what these tests wait); `retried` is set at its first retry."""
