@@ -250,7 +250,9 @@ def parse_args(argv: list[str] | None):
     )
     args = parser.parse_args(argv)
     args.out_given = args.out is not None
-    args.out = args.out or Path(os.environ.get("FIREGEN_DEV_OUT", OUT))
+    # Absolute: the Firebase CLI runs in another folder, where a relative one named nothing (a review: `--out out`
+    # failed its start, and the stack fell back to the standalone emulators).
+    args.out = (args.out or Path(os.environ.get("FIREGEN_DEV_OUT", OUT))).absolute()
     emu.hold_ports(getattr(args, f"{name}_port") for name in PORT_NAMES)
     args.ports = {
         name: getattr(args, f"{name}_port") or (emu.free_port() if args.free_ports else ports[name])

@@ -46,6 +46,8 @@ class StackRun:
 
     def __init__(self, tmp_path: Path, *flags: str):
         self.out = tmp_path / "dev"
+        # As a user in the repository types it: relative to where the stack starts (ROOT).
+        self.given = os.path.relpath(self.out, ROOT)
         self.ports = {
             name: emu.free_port() for name in ("auth", "functions", "firestore", "storage", "worker", "hosting")
         }
@@ -55,7 +57,7 @@ class StackRun:
             "-m",
             "devtools.stack",
             "--out",
-            str(self.out),
+            self.given,
             "--project",
             emu.unique_id("demo-devstack"),
             *flags,
@@ -358,7 +360,7 @@ def test_make_dev_once_without_the_firebase_cli(tmp_path):
         firestore.listen()
         other_state = json.dumps({"firestore": f"{emu.HOST}:{firestore.getsockname()[1]}"})
         (other / "stack.json").write_text(other_state)
-        cmd = [arg for arg in run.cmd if arg not in ("--out", str(run.out))]
+        cmd = [arg for arg in run.cmd if arg not in ("--out", run.given)]
         env = {**run.env, "FIREGEN_DEV_OUT": str(other)}
         result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert (other / "stack.json").read_text() == other_state and sorted(os.listdir(other)) == ["stack.json"]
