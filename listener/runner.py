@@ -438,7 +438,7 @@ class JobRunner:
             return RunOutcome.FAILED
         if written is None:  # no doc will name what this try wrote
             self._drop_this_try(job, request)
-            return self._lost(job, heartbeat, reason="lease taken over during the upload; not completed")
+            return self._lost(job, heartbeat, when="during its upload")
         if written == lifecycle.FAILED:  # cancelled while it uploaded: its results go too
             self._remove_results(job, request)
             log.info("job_cancelled", during="upload", **job_ids(job))
@@ -712,15 +712,18 @@ class JobRunner:
         )
         return retrying(call)
 
-    def _lost(self, job: ClaimedJob, heartbeat: Heartbeat | None = None, reason: str | None = None) -> RunOutcome:
-        """`reason`: what this run saw (a takeover mid-upload); else why, as its doc says (`lifecycle.lost_to`)."""
+    def _lost(
+        self, job: ClaimedJob, heartbeat: Heartbeat | None = None, reason: str | None = None, **more: Any
+    ) -> RunOutcome:
+        """`reason`: what this run saw (a later try's object in the bucket); else why, as its doc says
+        (`lifecycle.lost_to`)."""
         if heartbeat is not None and heartbeat.ended is not None:  # ended by the heartbeat, which logged it
             return heartbeat.ended
         if reason is not None:
-            log.warning("job_lost", reason=reason, **job_ids(job))
+            log.warning("job_lost", reason=reason, **more, **job_ids(job))
         else:
             lost_to = heartbeat.lost_to if heartbeat is not None else None
-            log_lost(log, "job_lost", job, lost_to or why_lost(self.store, job))
+            log_lost(log, "job_lost", job, lost_to or why_lost(self.store, job), **more)
         return RunOutcome.LOST
 
 

@@ -186,6 +186,32 @@ def test_an_upload_stopped_for_a_job_no_longer_its_claims_removes_what_it_wrote(
     assert objects(bucket) == []
 
 
+class DeletedOnceUploaded(FirstFileThenDeleted):
+    """The real ResultStore; every file lands, then its owner deletes the job before its completion is written."""
+
+    def upload(self, user_id, file_uid, task_type, files, **kwargs):
+        urls = self.results.upload(user_id, file_uid, task_type, files, **kwargs)
+        self.client.document(self.key.path).delete()
+        return urls
+
+
+def test_a_job_deleted_before_its_completion_is_said_deleted_and_its_files_go(
+    firestore_client, results, bucket, events
+):
+    """Its completion found no doc: before, `job_lost` said "lease taken over during the upload" (a WARNING) of a job
+    its owner deleted; now the doc's word (`lifecycle.lost_to`), at INFO, and what the try wrote is removed."""
+    from listener.runner import JobRunner
+
+    key = JobKey("u1", "images", "deleted-before-completion")
+    queue_jobs(firestore_client, [key], num_images_per_prompt=2)
+    store = WorkerJobs(firestore_client, worker_id="w")
+    uploads = DeletedOnceUploaded(results, firestore_client, key, threading.Event())
+    assert JobRunner(store, StubGenerator(), uploads, renew_interval=100).run(store.claim(key)) == "lost"
+    wait_until(lambda: objects(bucket) == [])
+    [lost] = [e for e in events if e["event"] == "job_lost"]
+    assert (lost["log_level"], lost["reason"], lost["when"]) == ("info", "deleted", "during its upload")
+
+
 def test_a_cancel_during_the_upload_removes_the_partial_results(firestore_client, results, bucket, events):
     from listener.runner import JobRunner
 
