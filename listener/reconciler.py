@@ -10,7 +10,7 @@ oldest `created_at` first within a user):
   listener missed (and the only way to see a lease run out, which no document write announces; such a job, a
   dead worker's, goes first in line: it is older than anything queued since). Behind a backlog longer than the
   oldest window, it also looks up the oldest queued docs of each user with pending work whose oldest is not in
-  that window (`_discover`), so the round-robin covers every such user, not only those at the backlog's ends;
+  that window (listener/sweep.py), so the round-robin covers every such user, not only those at the backlog's ends;
 - `submit`, from the runsync handler, for the job it just accepted (in fair order like every other door).
 A client's doc that no function admitted is admitted against its user's limits (or refused) as soon as a queued-doc
 listener or the sweep hears of it, oldest first, by an admission thread (listener/admission.py).
@@ -33,33 +33,28 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
-from google.cloud.firestore import DocumentSnapshot, Query
 
-from firegen_core import lifecycle, quota, workers
+from firegen_core import lifecycle, workers
 from firegen_core.claims import WorkerJobs
 from firegen_core.contract import GenerationRequest, awaits_parameters, parse_document
 from firegen_core.dispatches import RUNPOD_JOB_ID
-from firegen_core.jobs import BOUND, MEDIA_TYPES, ClaimedJob, JobKey
+from firegen_core.jobs import MEDIA_TYPES, ClaimedJob, JobKey
 from firegen_core.lifecycle import Lease
 
 from .admission import Admissions
 from .fairqueue import DEFAULT_CAPACITY, FairQueue, timestamp
 from .lease import RunOutcome, log_lost, quietly, release
-from .listeners import Listeners, queued_window
+from .listeners import Listeners
 from .runner import LEAVING_DELIVERY_SECONDS, JobRunner, transient
 from .storage_outage import StorageOutage
+from .sweep import Sweep, updated
 from .takeovers import Takeovers
 from .version import code_version
 
 log = structlog.get_logger("listener.reconciler")
 
-SWEEP_LIMIT = 50
-# How often a sweep also reads a page of the processing docs for leases no query finds (missing or not a date),
-# and one of the queued docs for those without `created_at`, which no ordered query finds.
-UNLEASED_SCAN_SECONDS = 300.0
 PAUSE_LISTENERS_AFTER = 2  # sweeps failed in a row (Firestore away) before the listeners are closed until it is back
 STOP_JOIN_SECONDS = 2.0  # at stop, for the reconciler's loops all together (they are daemon threads)
 AWAY_LEAVE_TIMEOUT = 1.0  # at stop with Firestore away, for the liveness doc's last write
@@ -67,9 +62,6 @@ START_BEAT_TIMEOUT = 3.0  # the heartbeat at start (the clock's first measure) n
 FIRST_SWEEP_WAIT = 3.0  # the first claim after start waits this long at most for the first sweep
 DISPATCH_RETRY_SECONDS = 1.0  # after an unexpected error in the dispatch loop (logged `claim_loop_error`)
 CLOCK_SAMPLE_MAX_SECONDS = 1.0  # a heartbeat slower than this (retried) says too little of when its write landed
-DISCOVER_USERS = 100  # users with pending work one sweep looks up beyond a full window (the next sweep: the next ones)
-DISCOVER_PER_USER = 3  # each one's oldest queued docs offered
-DISCOVER_MEMORY = 10_000  # (user, media type) pairs remembered as having nothing queued
 FOREIGN_REPORTED = 100  # docs outside generations/ said (logged) once each: a flood of them is not a flood of lines
 SPREAD = 8
 
@@ -160,17 +152,17 @@ class Reconciler:
         # clock stepped after start (NTP, a resumed VM) moved wall-clock marks by the step (the clock review).
         self._started_mono = time.monotonic()
         self._claiming_since = time.monotonic()  # reset by `start`
-        # The last usage doc the last `_discover` looked at, when there were more; per (user, media type), the
-        # oldest doc it found, so that the user is not looked up again while that doc waits its turn here.
-        self._discover_after: DocumentSnapshot | None = None
-        self._discovered: dict[tuple[str, str], JobKey] = {}
-        # Per (user, media type) whose look-up found nothing: the usage doc's update time then (a new job changes it).
-        self._found_none: dict[tuple[str, str], object] = {}
-        self._slowest_call = 0.0  # the longest one query of the current (or last) sweep took, in seconds
-        # Per (media type, status), the last doc the last page of `_unqueried` read (None: start over).
-        self._scan_after: dict[tuple[str, str], DocumentSnapshot | None] = {}
-        self._unleased_due = 0.0  # by the monotonic clock
         self.takeovers = Takeovers(store.lease_seconds)  # none within a lease of Firestore's return
+        self._sweeper = Sweep(
+            store,
+            self.listeners,
+            self.takeovers,
+            self._queue,
+            self._cv,
+            server_time=self.server_time,
+            found=self._found,
+            not_ours=self._not_ours,
+        )
         self._foreign: set[str] = set()  # docs outside generations/ its queries met, each said once (`_not_ours`)
         self._finished = 0  # jobs run here to their end (completed or failed): its liveness doc says it (`beat`)
 
@@ -694,7 +686,7 @@ class Reconciler:
         for user in sorted(users):
             for media in MEDIA_TYPES:
                 try:
-                    found = self._read(self.store.oldest_queued(media, user_id=user, limit=DISCOVER_PER_USER))
+                    found = self._sweeper.oldest_queued(user, media)
                 except Exception as exc:  # the sweep finds them
                     log.warning("claim_error", user_id=user, error=str(exc))
                     continue
@@ -772,7 +764,7 @@ class Reconciler:
                 if failed == PAUSE_LISTENERS_AFTER and transient(exc):
                     self._pause_listeners(failed)
             else:
-                self.takeovers.answered(self._slowest_call)
+                self.takeovers.answered(self._sweeper.slowest_call)
                 if self.listeners.paused:  # a whole sweep answered: the listeners again (`_watchdog` waited)
                     self.listeners.paused = False
                     for media in MEDIA_TYPES:
@@ -822,29 +814,13 @@ class Reconciler:
         return self.server_time() - (time.monotonic() - mark)
 
     def sweep(self) -> int:
-        """Offer the oldest queued and the lease-expired jobs (not within a lease of Firestore's return:
-        listener/takeovers.py); restart listeners that died or missed a doc."""
-        now = datetime.fromtimestamp(self.server_time(), UTC)
-        self._slowest_call = 0.0
+        """One pass of the sweep (listener/sweep.py): its ordered queries offer the oldest queued and the
+        lease-expired jobs, and restart listeners that died or missed a doc; then its scans and look-ups."""
+        self._sweeper.slowest_call = 0.0
         found = 0
         for media in MEDIA_TYPES:
-            missed = False
-            ordered = queued_window(self.store, media, limit=SWEEP_LIMIT)
-            sources = (("expired", self._expired(media, now)), ("ordered", self._read(ordered)))
-            for source, snapshots in sources:
-                for snapshot in snapshots:
-                    try:
-                        key = JobKey.from_path(snapshot.reference.path)
-                    except ValueError:
-                        self._not_ours(snapshot.reference.path)
-                        continue
-                    doc = snapshot.to_dict() or {}
-                    found += 1
-                    try:
-                        self._found(key, snapshot, doc, expired=source == "expired")
-                    except Exception as exc:  # one doc's surprise must not stop the sweep of the others
-                        log.warning("sweep_error", path=key.path, error=str(exc))
-                    missed |= source == "ordered" and self._missed_by_listener(media, snapshot)
+            ordered, missed = self._sweeper.ordered(media, self.sweep_interval)
+            found += ordered
             self._watchdog(media, missed)
         with self._cv:  # offered again, their oldest among them: tried again, one claim each
             if self._limited:
@@ -853,48 +829,7 @@ class Reconciler:
         # The queue's oldest are candidates now: a first claim waits no longer (a latency audit: the scans below
         # are 5 calls more, one after another, on a cold start that a waiting request woke).
         self._swept.set()
-        if time.monotonic() >= self._unleased_due:
-            unqueried = self._unqueried([(m, s) for m in MEDIA_TYPES for s in (lifecycle.PROCESSING, lifecycle.QUEUED)])
-            # Where it found some, the next page at the next sweep: a batch of them (an admin's import) runs at
-            # the queue's pace, not a page every 5 minutes.
-            self._unleased_due = time.monotonic() + (0.0 if unqueried else UNLEASED_SCAN_SECONDS)
-            found += unqueried
-        else:
-            found += self._unqueried([(media, lifecycle.QUEUED) for media in MEDIA_TYPES if self._undated(media)])
-        return found + self._discover()
-
-    def _undated(self, media: str) -> bool:
-        """Whether queued docs of `media` without `created_at` may wait: more are queued than the oldest window
-        holds while it is not full (a count: one read). Behind a full window the scan's cadence finds them."""
-        window, edge = self.listeners.window(media)
-        if window is None or edge is not None:
-            return False
-        started = time.monotonic()
-        try:
-            # A list of each answer's results (its declared type says a flat list).
-            answers: Any = self.store.queued(media).count().get(**BOUND)
-            counted = answers[0][0].value
-        finally:
-            self._slowest_call = max(self._slowest_call, time.monotonic() - started)
-        return int(counted) > len(window)
-
-    def _expired(self, media: str, now: datetime) -> list[DocumentSnapshot]:
-        """The processing docs of `media` whose lease ran out before `now`; none while takeovers wait, nor where
-        the query itself was held up (Firestore away until just now)."""
-        if not self.takeovers.allowed():
-            return []
-        found = self._read(self.store.expired(media, now, limit=SWEEP_LIMIT))
-        return [] if self.takeovers.held_up(self._slowest_call) else found
-
-    def _read(self, query: Query) -> list[DocumentSnapshot]:
-        """A query's docs, its time counted in the sweep's slowest call: what tells a call held up by an outage
-        (takeovers.SLOW_CALL_SECONDS) is one call's time, not the sweep's, many calls long behind a backlog (a
-        resilience review: a healthy 5 s sweep stopped every takeover, a dead worker's job left `processing`)."""
-        started = time.monotonic()
-        try:
-            return list(query.stream(**BOUND))
-        finally:
-            self._slowest_call = max(self._slowest_call, time.monotonic() - started)
+        return found + self._sweeper.scans() + self._sweeper.discover()
 
     def _not_ours(self, path: str) -> None:
         """The queries are collection groups, so another app's `images` or `videos` docs with a `status` of the
@@ -911,43 +846,13 @@ class Reconciler:
             "see the README's 'Into an existing Firebase project'",
         )
 
-    def _unqueried(self, scans: list[tuple[str, str]]) -> int:
-        """Docs no ordered query returns, both an admin's writes (the contract's flows write neither): a
-        `processing` doc whose lease is missing or not a date is claimable, but the expiry query compares dates; a
-        `queued` one without `created_at` is outside every query ordered by it. Each scan reads one page of each
-        status per media type in document order (`scans`), the next scan going on from there, so every one is read
-        within a few scans at a bounded cost (before, each sweep read the first 50 queued docs, ~600 reads a minute
-        a worker behind a backlog, and never the 51st: a scale review)."""
-        found = 0
-        for media, status in scans:
-            after = self._scan_after.get((media, status))
-            page = self._read(self.store.in_document_order(media, status, limit=SWEEP_LIMIT, after=after))
-            self._scan_after[(media, status)] = page[-1] if len(page) == SWEEP_LIMIT else None
-            for snapshot in page:
-                doc = snapshot.to_dict() or {}
-                if status == lifecycle.PROCESSING and isinstance(doc.get("lease_expires_at"), datetime):
-                    continue  # the expiry query's
-                if status == lifecycle.QUEUED and doc.get("created_at") is not None:
-                    continue  # the ordered queries'
-                try:
-                    key = JobKey.from_path(snapshot.reference.path)
-                    self._found(key, snapshot, doc, expired=status == lifecycle.PROCESSING)
-                except ValueError:
-                    self._not_ours(snapshot.reference.path)
-                    continue
-                except Exception as exc:  # one doc's surprise must not stop the scan of the others
-                    log.warning("sweep_error", path=snapshot.reference.path, error=str(exc))
-                    continue
-                found += 1
-        return found
-
-    def _found(self, key: JobKey, snapshot, doc: dict, *, expired: bool = False) -> None:
+    def _found(self, key: JobKey, snapshot, doc: dict, expired: bool = False) -> None:
         """A doc a query found queued (or processing under an expired lease): a candidate, admitted first where
         no function admitted it; failed at once where its owner cancelled it."""
         if doc.get(lifecycle.CANCEL_REQUESTED) and doc.get("status") == lifecycle.QUEUED:
             self._cancel_queued(key)
             return
-        created = doc.get("created_at") or _updated(snapshot)
+        created = doc.get("created_at") or updated(snapshot)
         if not expired:
             # Restated while it ran here, in a backlog's middle that no listener's window holds (an audit: the stale
             # run went on to its next progress write, up to 5 s, its user's running count already given back).
@@ -955,73 +860,6 @@ class Reconciler:
             self.admissions.hear(key, doc, timestamp(created, 0.0))
         self._offer(key, created, first=expired, group=self._doc_group(key, doc), doc=doc)
 
-    def _discover(self) -> int:
-        """Behind a backlog longer than the oldest window, a user whose queued docs were all written in its middle
-        waited for everything older (audit: one job behind 374 of 61 other users), and one seen only through the
-        newest window ran its newer docs first. So each sweep looks up the oldest queued docs of users with
-        pending work (their usage docs) whose oldest is not in the window, which holds every doc older than its
-        far end. Nothing when the windows hold the whole queue."""
-        ends = {media: self.listeners.far_end(media) for media in MEDIA_TYPES}
-        with self._cv:
-            # A look-up per user the candidates can still hold (each keeps one: FairQueue never pushes out a
-            # user's only candidate): past that, what one pass found pushed out what the last had (2,000 users
-            # behind a backlog, a scale review), and every pass looked up every user again, ~400 reads a worker
-            # each sweep. The next users are looked up once claims have served some.
-            room = self._queue.capacity - self._queue.users()
-        edges = {media: edge for media, edge in ends.items() if edge is not None}  # the full windows
-        if not edges or room <= 0:
-            return 0
-        start = self._discover_after
-        users = self._read(self.store.users_with_pending(limit=DISCOVER_USERS, after=start))
-        self._discover_after = users[-1] if len(users) == DISCOVER_USERS else None
-        found = 0
-        for at, usage in enumerate(users):
-            counts = usage.to_dict() or {}
-            running = int(quota.number(counts, "running"))
-            if int(quota.number(counts, "pending")) <= running or running >= self.store.limits.max_running:
-                continue  # nothing of theirs queued (pending counts running jobs too), or no claim of theirs may win
-            if room <= 0:  # the next pass goes on from this user
-                self._discover_after = users[at - 1] if at else start
-                break
-            for media, edge in edges.items():
-
-                def of_media(key: JobKey, media: str = media) -> bool:
-                    return key.media_type == media
-
-                with self._cv:
-                    oldest = self._queue.oldest(usage.id, of_media)
-                    known = self._discovered.get((usage.id, media))
-                    waiting = known is not None and known in self._queue
-                none_since = self._found_none.get((usage.id, media))
-                if waiting or (oldest is not None and oldest <= edge) or none_since == usage.update_time:
-                    continue
-                self._discovered.pop((usage.id, media), None)
-                self._found_none[(usage.id, media)] = usage.update_time
-                room -= 1
-                for snapshot in self._read(self.store.oldest_queued(media, user_id=usage.id, limit=DISCOVER_PER_USER)):
-                    found += 1
-                    key = JobKey(usage.id, media, snapshot.id)
-                    self._discovered.setdefault((usage.id, media), key)
-                    self._found_none.pop((usage.id, media), None)
-                    self._found(key, snapshot, snapshot.to_dict() or {})
-        with self._cv:  # what was found and has since been taken (or left the queue) is forgotten
-            self._discovered = {user: key for user, key in self._discovered.items() if key in self._queue}
-        if len(self._found_none) > DISCOVER_MEMORY:
-            self._found_none.clear()
-        return found
-
     def _watchdog(self, media: str, missed: bool) -> None:
         if self._claiming:
             self.listeners.watchdog(media, missed)
-
-    def _missed_by_listener(self, media: str, snapshot) -> bool:
-        """A queued doc older than a sweep that the listener has not spoken of since it was written."""
-        seconds = _updated(snapshot)
-        return seconds is not None and self.listeners.missed(media, self.server_time() - seconds, self.sweep_interval)
-
-
-def _updated(snapshot) -> float | None:
-    updated = snapshot.update_time  # a protobuf Timestamp or a datetime, depending on the call path
-    if updated is None:
-        return None
-    return updated.timestamp() if isinstance(updated, datetime) else updated.seconds + updated.nanos / 1e9

@@ -213,18 +213,20 @@ def test_the_first_claim_waits_for_the_sweeps_ordered_queries_alone(firestore_cl
     of users behind a backlog too (5 calls more, one after another, on a cold start that a request woke). Here that
     look-up is held until the job runs: the claim must not wait for it."""
     from listener import reconciler as module
+    from listener.sweep import Sweep
 
     monkeypatch.setattr(module, "FIRST_SWEEP_WAIT", 60.0)  # waited out, the claim would come anyway
     started = threading.Event()
+    discover = Sweep.discover
 
-    class HeldDiscovery(Reconciler):
-        def _discover(self) -> int:
-            started.wait(30)
-            return super()._discover()
+    def held_discovery(self) -> int:
+        started.wait(30)
+        return discover(self)
 
+    monkeypatch.setattr(Sweep, "discover", held_discovery)
     queue_jobs(firestore_client, [JobKey("userA", "images", "first")])
     store = WorkerJobs(firestore_client, worker_id="quick", lease_seconds=30.0)
-    reconciler = HeldDiscovery(store, JobRunner(store, OnStart(started.set), results), sweep_interval=30).start()
+    reconciler = Reconciler(store, JobRunner(store, OnStart(started.set), results), sweep_interval=30).start()
     try:
         assert started.wait(20)
     finally:
@@ -319,16 +321,16 @@ def test_the_indexes_cover_the_scheduling_queries():
             (("cancel_requested", "ASCENDING"), ("status", "ASCENDING")),  # cancel listener
         ]:
             assert (media, "COLLECTION_GROUP", fields) in composite
-        # One user's oldest queued docs (the sweep's look-up of users behind a backlog: `_discover`).
+        # One user's oldest queued docs (the sweep's look-up of users behind a backlog: `Sweep.discover`).
         assert (media, "COLLECTION", (("status", "ASCENDING"), ("created_at", "ASCENDING"))) in composite
 
 
 def test_users_past_the_first_page_of_usage_docs_are_discovered(sched_worker, firestore_client, monkeypatch):
     """Mutation audit: a look-up that never went past its first page of users went unseen (every test's users fit
     one page)."""
-    import listener.reconciler as reconciler_module
+    import listener.sweep as sweep_module
 
-    monkeypatch.setattr(reconciler_module, "DISCOVER_USERS", 2)
+    monkeypatch.setattr(sweep_module, "DISCOVER_USERS", 2)
     store = JobStore(firestore_client, limits=BACKLOG_LIMITS)
     queue_jobs(firestore_client, backlog("userA", LISTEN_LIMIT + 10))
     middle = [f"user{n:02d}" for n in range(5)]

@@ -226,9 +226,10 @@ def reconciler_logs(monkeypatch):
     import listener.admission as admission_module
     import listener.listeners as listeners_module
     import listener.reconciler as reconciler_module
+    import listener.sweep as sweep_module
 
     with structlog.testing.capture_logs() as logs:
-        for module in (reconciler_module, listeners_module, admission_module):
+        for module in (reconciler_module, sweep_module, listeners_module, admission_module):
             monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
         yield logs
 
@@ -1870,10 +1871,10 @@ def test_a_processing_doc_whose_lease_no_query_can_compare_is_found_and_run(make
     """An admin's `processing` doc with no lease, or a lease that is not a date, is claimable but was never found:
     the sweep's expiry query compares dates. A scan pages through the processing docs (here a page of one, each
     sweep), past one whose lease is live."""
-    import listener.reconciler as reconciler_module
+    import listener.sweep as sweep_module
 
-    monkeypatch.setattr(reconciler_module, "SWEEP_LIMIT", 1)
-    monkeypatch.setattr(reconciler_module, "UNLEASED_SCAN_SECONDS", 0.0)
+    monkeypatch.setattr(sweep_module, "SWEEP_LIMIT", 1)
+    monkeypatch.setattr(sweep_module, "UNLEASED_SCAN_SECONDS", 0.0)
     alive = JobKey("u1", "images", "a-held")  # first in document order, held by a live worker
     write_job(firestore_client, alive)
     assert WorkerJobs(firestore_client, worker_id="alive", lease_seconds=600).claim(alive) is not None
@@ -1894,10 +1895,10 @@ def test_a_queued_doc_without_created_at_behind_a_page_of_dated_ones_is_found_an
     """A scale review: a sweep read the first page of queued docs in document order for those no ordered query
     finds (no `created_at`), every sweep, and never a second page: behind 50 dated docs (here: 3) one sorting
     after them waited for good, and each sweep paid for the page. The scan pages on, as the processing one does."""
-    import listener.reconciler as reconciler_module
+    import listener.sweep as sweep_module
 
-    monkeypatch.setattr(reconciler_module, "SWEEP_LIMIT", 3)
-    monkeypatch.setattr(reconciler_module, "UNLEASED_SCAN_SECONDS", 0.0)
+    monkeypatch.setattr(sweep_module, "SWEEP_LIMIT", 3)
+    monkeypatch.setattr(sweep_module, "UNLEASED_SCAN_SECONDS", 0.0)
     for n in range(4):  # prompt-only docs (the contract's function flow), held queued by the placeholder grace
         write_job(firestore_client, JobKey(f"a{n}", "images", "dated"))
     undated = JobKey("zz", "images", "undated")
@@ -1913,9 +1914,9 @@ def test_a_queued_doc_without_created_at_is_found_by_the_count_between_scheduled
 ):
     """Between the scan's 5-minute rounds, a sweep counts the queued docs (one read) and reads a page where more are
     queued than the listeners hold: an undated doc written after the worker's first scan runs within sweeps."""
-    import listener.reconciler as reconciler_module
+    import listener.sweep as sweep_module
 
-    monkeypatch.setattr(reconciler_module, "UNLEASED_SCAN_SECONDS", 3600.0)
+    monkeypatch.setattr(sweep_module, "UNLEASED_SCAN_SECONDS", 3600.0)
     worker = make_worker("counter", sweep=0.2)
     wait_until(lambda: worker.sweeps >= 3)  # its start's scan is behind it
     undated = JobKey("u1", "images", "undated-later")
@@ -2461,11 +2462,11 @@ def test_a_sweep_of_many_answered_calls_still_takes_a_dead_workers_job_over(fire
     """A resilience review: a sweep longer than SLOW_CALL_SECONDS in all (many queries behind a backlog, none of
     them slow) counted as one call held up by an outage, and stopped takeovers for a lease after it, every sweep:
     a dead worker's job stayed `processing`. One call's time tells an outage."""
-    import listener.reconciler as reconciler_module
+    import listener.sweep as sweep_module
     import listener.takeovers as takeovers_module
 
     monkeypatch.setattr(takeovers_module, "SLOW_CALL_SECONDS", 0.5)
-    monkeypatch.setattr(reconciler_module, "UNLEASED_SCAN_SECONDS", 0.0)  # 4 pages a sweep: 1.2 s in all
+    monkeypatch.setattr(sweep_module, "UNLEASED_SCAN_SECONDS", 0.0)  # 4 pages a sweep: 1.2 s in all
     dead = JobKey("u1", "images", "left-by-the-dead")
     write_job(firestore_client, dead)
     assert WorkerJobs(firestore_client, worker_id="gone", lease_seconds=30).claim(dead) is not None
