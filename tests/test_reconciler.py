@@ -1924,6 +1924,70 @@ def test_a_queued_doc_without_created_at_is_found_by_the_count_between_scheduled
     assert wait_until(lambda: finished(firestore_client, undated), timeout=20)["status"] == "completed"
 
 
+def test_a_scan_that_found_some_reads_its_next_page_at_the_next_sweep(make_worker, firestore_client, monkeypatch):
+    """An admin's import of lease-less `processing` docs runs at the queue's pace: a scan that found some reads its
+    next page at the next sweep, not UNLEASED_SCAN_SECONDS later (a mutation review: a fixed cadence went
+    unseen; the other scan tests set it to 0)."""
+    import listener.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "SWEEP_LIMIT", 1)
+    monkeypatch.setattr(sweep_module, "UNLEASED_SCAN_SECONDS", 3600.0)
+    imported = [JobKey("u1", "images", f"imported-{n}") for n in range(3)]
+    for key in imported:
+        write_job(firestore_client, key, status="processing", worker_id="gone", attempts=1)
+    make_worker("sweeper", sweep=0.2)
+    for key in imported:
+        data = wait_until(lambda key=key: finished(firestore_client, key), timeout=20)
+        assert (data["status"], data["worker_id"]) == ("completed", "sweeper")
+
+
+def test_a_dead_workers_job_runs_before_its_users_jobs_queued_since(make_worker, firestore_client, monkeypatch):
+    """The sweep offers a job whose lease ran out first in line: its user has waited for it since it was first
+    claimed. A mutation review: offered as an ordinary candidate, by its `created_at` (here its user's newest), it
+    ran after its user's queued docs, and no test saw it."""
+    import listener.reconciler as reconciler_module
+
+    monkeypatch.setattr(reconciler_module, "FIRST_SWEEP_WAIT", 60.0)  # a slow first sweep is still waited for
+    queued = [JobKey("u1", "images", f"queued-{n}") for n in range(2)]
+    dead = JobKey("u1", "images", "left-by-the-dead")
+    for key in [*queued, dead]:
+        write_job(firestore_client, key)
+    assert WorkerJobs(firestore_client, worker_id="gone", lease_seconds=30).claim(dead) is not None
+    firestore_client.document(dead.path).update({"lease_expires_at": SERVER_TIMESTAMP})  # its owner died
+    generator = StubGenerator()
+    make_worker("heir", generator, sweep=0.3)
+    for key in [*queued, dead]:
+        assert wait_until(lambda key=key: finished(firestore_client, key), timeout=20)["status"] == "completed"
+    assert generator.calls[0] == dead.file_uid, generator.calls
+
+
+def test_one_docs_surprise_does_not_stop_the_sweep_of_the_others(
+    make_worker, firestore_client, reconciler_logs, monkeypatch
+):
+    """A doc the reconciler cannot take in (a bug, a doc of a shape nobody foresaw) is said and passed over: the
+    sweep goes on to the next, here a dead worker's job that only the sweep finds (no listener hears of
+    `processing` docs)."""
+    original = Reconciler._found
+
+    def found(self, key, snapshot, doc, expired=False):
+        if key.file_uid == "surprising":
+            raise RuntimeError("a doc nobody foresaw")
+        return original(self, key, snapshot, doc, expired)
+
+    monkeypatch.setattr(Reconciler, "_found", found)
+    surprising, other = JobKey("u1", "images", "surprising"), JobKey("u2", "images", "other")
+    for key in (surprising, other):  # in this order by their leases: the expiry query reads the surprise first
+        write_job(firestore_client, key)
+        assert WorkerJobs(firestore_client, worker_id="gone", lease_seconds=30).claim(key) is not None
+        firestore_client.document(key.path).update({"lease_expires_at": SERVER_TIMESTAMP})
+    make_worker("sweeper", sweep=0.2)
+    data = wait_until(lambda: finished(firestore_client, other), timeout=20)
+    assert (data["status"], data["worker_id"]) == ("completed", "sweeper")
+    said = [e for e in reconciler_logs if e["event"] == "sweep_error" and e.get("path") == surprising.path]
+    assert said and said[0]["log_level"] == "warning" and "nobody foresaw" in said[0]["error"]
+    assert doc(firestore_client, surprising)["worker_id"] == "gone"
+
+
 def test_a_worker_whose_clock_is_fast_still_leaves_a_placeholder_its_grace(make_worker, firestore_client, skewed):
     """Audit: with its host 5 minutes fast, a worker ran a prompt-only doc (the contract's function flow) at once,
     before its runsync brought the parameters: the defaults ran, then the job again (charged both)."""
