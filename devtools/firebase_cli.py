@@ -62,6 +62,11 @@ def _discovery_timeout() -> float:
 
 EMULATORS = ("functions", "auth", "firestore")  # the first one's port is `self.port`
 STOP_WAIT_S = 20.0
+# An emulator whose port refused or timed out connects this long in a row no longer answers (`silent`). Under a
+# burst of triggers (a review's 600 docs written at once) the functions emulator let a single 0.2 s connect time
+# out, and `make dev` stopped everything.
+SILENT_GRACE_S = 10.0
+SILENT_PROBE_S = 1.0
 
 
 def load_script(name: str):
@@ -248,6 +253,7 @@ class FirebaseCli(emu.Emulator):
         self._descendants: set[tuple[int, str]] = set()
         self._scanned = 0.0  # when is_ready() last looked for the processes it started
         self._log_start = 0
+        self._unanswered: dict[str, float] = {}  # emulator → since when its port has not answered (`silent`)
         env = {"RUNPOD_ENDPOINT_ID": "local", "RUNPOD_RUNSYNC_URL": runsync_url, **(function_env or {})}
         self._write_project(api_key, env)
 
@@ -409,14 +415,21 @@ class FirebaseCli(emu.Emulator):
         return any(emu.port_open(self.host, self.ports[name]) for name in self._served())
 
     def silent(self) -> list[str]:
-        """The emulators of a started CLI that no longer answer on their ports (the CLI itself outlives a Java
-        emulator killed under it)."""
+        """The emulators of a started CLI that no longer answer on their ports, SILENT_GRACE_S in a row (the CLI
+        itself outlives a Java emulator killed under it)."""
         if self.exit_code is not None or self.last_start_seconds is None:
+            self._unanswered.clear()
             return []
+        now = time.monotonic()
+        for name in self._served():
+            if emu.port_open(self.host, self.ports[name], timeout=SILENT_PROBE_S):
+                self._unanswered.pop(name, None)
+            else:
+                self._unanswered.setdefault(name, now)
         return [
             f"{name} (port {self.ports[name]})"
-            for name in self._served()
-            if not emu.port_open(self.host, self.ports[name])
+            for name, since in self._unanswered.items()
+            if now - since >= SILENT_GRACE_S
         ]
 
     def _served(self) -> tuple[str, ...]:
