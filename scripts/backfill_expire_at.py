@@ -35,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # firegen_core, from a checkout
 
+from google.api_core.exceptions import GoogleAPICallError, RetryError
+from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import firestore
 from google.cloud.firestore import DocumentSnapshot, FieldFilter
 from google.cloud.firestore_v1.bulk_writer import BulkWriteFailure, BulkWriter
@@ -217,37 +219,53 @@ def main(argv: list[str] | None = None) -> int:
     emulator = os.environ.get("FIRESTORE_EMULATOR_HOST", "").strip()
     where = f"the emulator at {emulator}" if emulator else "production"
     print(f"backfill_expire_at: project {args.project}, in {where}{' (dry run)' if args.dry_run else ''}", flush=True)
-    client = firestore.Client(project=args.project)
-    verb = "would be given" if args.dry_run else "given"
+    try:
+        failed = run(firestore.Client(project=args.project), days=days, dry_run=args.dry_run)
+    except DefaultCredentialsError as exc:
+        print(f"backfill_expire_at: no credentials: {exc}", file=sys.stderr)
+        return 2
+    except (GoogleAPICallError, RetryError) as exc:
+        print(
+            f"backfill_expire_at: Firestore failed ({type(exc).__name__}: {exc}); what was written stays written: "
+            "run it again",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("backfill_expire_at: interrupted; what was written stays written: run it again to go on", file=sys.stderr)
+        return 130
+    return 1 if failed else 0  # docs not written (Firestore failing), said in their line: a run for automation to redo
+
+
+def run(client: firestore.Client, *, days: float, dry_run: bool) -> int:
+    """Every pass, each said in a line; how many docs were not written."""
+    verb = "would be given" if dry_run else "given"
     if days <= 0:
         # The workers' docs expire whatever RETENTION_DAYS says (a week after their last beat): still dated.
         print(
             "RETENTION_DAYS=0 keeps finished job docs and usage docs for good: only worker docs are dated", flush=True
         )
-    passes = (
-        []
-        if days <= 0
-        else [
-            (backfill(client, days=days, dry_run=args.dry_run), "finished job docs", f"finish + {days:g} days"),
-            (
-                backfill_usage(client, days=days, dry_run=args.dry_run),
-                "usage docs",
-                f"the midnight after its last write + {days:g} days",
-            ),
-        ]
-    )
-    for counts, what, base in (
-        *passes,
+    passes: list[tuple[Callable[[], Backfilled], str, str]] = [
+        (lambda: backfill(client, days=days, dry_run=dry_run), "finished job docs", f"finish + {days:g} days"),
         (
-            backfill_workers(client, dry_run=args.dry_run),
-            "worker docs",
-            f"its last beat + {workers.EXPIRE_DAYS} days, + {workers.LEFT_EXPIRE_DAYS} once it left",
+            lambda: backfill_usage(client, days=days, dry_run=dry_run),
+            "usage docs",
+            f"the midnight after its last write + {days:g} days",
         ),
-    ):
+    ]
+    workers_pass = (
+        lambda: backfill_workers(client, dry_run=dry_run),
+        "worker docs",
+        f"its last beat + {workers.EXPIRE_DAYS} days, + {workers.LEFT_EXPIRE_DAYS} once it left",
+    )
+    failed = 0
+    for count, what, base in [*(passes if days > 0 else []), workers_pass]:
+        counts = count()  # each pass said as it ends: an interrupted run has said what it did
+        failed += counts.failed
         print(
             f"{counts.finished} {what} read, {counts.missing} without expire_at"
             + (" and counting no job" if what == "usage docs" else "")
-            + f": {counts.missing if args.dry_run else counts.written} {verb} one ({base})"
+            + f": {counts.missing if dry_run else counts.written} {verb} one ({base})"
             + (f", {counts.changed} changed meanwhile and left to their writer" if counts.changed else "")
             + (f", {counts.failed} not written (Firestore failing): run it again" if counts.failed else "")
             + (
@@ -255,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                 "a count no job backs is set right at the user's next request at a limit)"
                 if counts.counting
                 else ""
-            )
+            ),
+            flush=True,
         )
-    return 0
+    return failed
 
 
 if __name__ == "__main__":

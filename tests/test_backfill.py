@@ -175,3 +175,36 @@ def test_worker_docs_without_expire_at_get_their_last_beat_plus_a_week_or_a_day_
     assert docs.document("crashed").get().get("expire_at") == seen + timedelta(days=7)
     assert docs.document("left").get().get("expire_at") == seen + timedelta(days=1)
     assert docs.document("current").get().get("expire_at") == dated
+
+
+def test_the_command_says_in_a_line_why_it_could_not_run(tmp_path):
+    """An operator's review: no credentials, or Firestore away, ended in a traceback; now one line each, exit 2
+    (nothing to run on) or 1 (run it again). Firestore away: an emulator address nothing listens on."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "none")}
+    for more, code, said in [
+        ({}, 2, "backfill_expire_at: no credentials: "),
+        ({"FIRESTORE_EMULATOR_HOST": "127.0.0.1:1"}, 1, "backfill_expire_at: Firestore failed ("),
+    ]:
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--project", "demo-none"],
+            env={**env, **more},
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert done.returncode == code and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_command_exits_1_where_docs_were_not_written(firestore_client, monkeypatch, capsys):
+    """A run whose writes failed said so in its line, and exited 0: automation never ran it again."""
+    old_doc(firestore_client, "generations/u1/images/done", status="completed", completed_at=FINISHED)
+    real = backfill.backfill
+
+    def failing(client, **kwargs):
+        counts = real(client, **kwargs)
+        counts.failed, counts.written = counts.written, 0  # as a write Firestore refused counts it
+        return counts
+
+    monkeypatch.setattr(backfill, "backfill", failing)
+    assert backfill.main(["--project", firestore_client.project]) == 1
+    assert "1 not written (Firestore failing): run it again" in capsys.readouterr().out
