@@ -12,6 +12,11 @@ its path) stays until its TTL deletes it, two days later: it keeps a late dispat
 
 `--dry-run` counts what it would delete (jobs by status, objects, the usage doc) and writes nothing.
 
+A user of whom the project holds nothing (no job doc, no tombstone, no usage doc) but who has files in the bucket
+keeps them, said in their line (exit 1): a --project that is not the bucket's would otherwise delete another
+project's results, their docs left pointing at nothing. `--files-without-jobs` deletes them (docs gone by their
+TTL before their files).
+
 Credentials: Application Default Credentials (`gcloud auth application-default login`, or
 GOOGLE_APPLICATION_CREDENTIALS) that may write Firestore and delete objects in the bucket;
 FIRESTORE_EMULATOR_HOST and STORAGE_EMULATOR_HOST point it at emulators; RETENTION_DAYS as the workers have it. The same as the callable
@@ -29,15 +34,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # firegen_core, from a checkout
 
-from google.api_core.exceptions import NotFound
-from google.auth.exceptions import DefaultCredentialsError
+import requests
+from google.api_core.exceptions import GoogleAPICallError, NotFound, RetryError
+from google.auth.exceptions import DefaultCredentialsError, TransportError
 from google.cloud import firestore, storage  # type: ignore[attr-defined]  # no type information in google-cloud-storage
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from firegen_core import lifecycle, quota
 from firegen_core.deletion import Erasure, erase_user, user_folder
+from firegen_core.dispatches import DELETED_JOBS
 from firegen_core.jobs import BOUND, COLLECTION, MEDIA_TYPES, JobStore
+from listener.storage import emulator_base_url
 
 POLL_SECONDS = 2.0  # between passes while running jobs stop
+CHECK_SECONDS = 15.0  # the first calls to Storage and Firestore, their retries included: one unreachable said at once
+# Firestore or Storage failing (or unreachable) for a user: said in their line, and the script goes on.
+UNREACHABLE = (GoogleAPICallError, RetryError, requests.RequestException, TransportError)
 
 
 def erase(store: JobStore, bucket, user_id: str, *, wait: float) -> Erasure:
@@ -61,6 +73,28 @@ def erase(store: JobStore, bucket, user_id: str, *, wait: float) -> Erasure:
             time.sleep(POLL_SECONDS)
 
 
+def files_of_a_stranger(db: firestore.Client, bucket, user_id: str) -> int:
+    """How many files the user has in the bucket while the project holds nothing of theirs (no job doc, no
+    tombstone, no usage doc); 0 where it holds something, or there are none."""
+    for collection in (*MEDIA_TYPES, DELETED_JOBS):
+        if db.collection(COLLECTION, user_id, collection).limit(1).get(**BOUND):
+            return 0
+    if db.collection(quota.USAGE_COLLECTION).document(user_id).get(**BOUND).exists:
+        return 0
+    return sum(1 for _ in bucket.list_blobs(prefix=user_folder(user_id), max_results=STRANGER_COUNTED))
+
+
+STRANGER_COUNTED = 1000  # of a stranger's files, counted for their line
+
+
+def stranger_said(user_id: str, files: int, project: str) -> str:
+    many = f"{files}+" if files >= STRANGER_COUNTED else str(files)
+    return (
+        f"{user_id}: {many} files under {user_folder(user_id)} in the bucket, and nothing of theirs in project "
+        f"{project} (is --project the bucket's?): left; --files-without-jobs deletes them"
+    )
+
+
 def survey(db: firestore.Client, bucket, user_id: str) -> str:
     """What a run would delete of the user's (`--dry-run`), counted; nothing written."""
     statuses: Counter[str] = Counter()
@@ -80,7 +114,7 @@ def store_for(db: firestore.Client, user_id: str) -> JobStore:
     """A store that writes the user's usage doc with the limits it states (the deployment's, as its workers and
     functions last wrote them) and RETENTION_DAYS from the environment: a pass that stops part-way (a running job
     still stopping) leaves the doc as the deployment would, not with this script's defaults."""
-    stated = (db.collection(quota.USAGE_COLLECTION).document(user_id).get().to_dict() or {}).get("limits")
+    stated = (db.collection(quota.USAGE_COLLECTION).document(user_id).get(**BOUND).to_dict() or {}).get("limits")
     try:
         limits = quota.Limits(**stated) if isinstance(stated, dict) else quota.Limits()
     except (TypeError, ValueError):  # an admin's edit: the defaults, as anywhere else
@@ -108,57 +142,99 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", required=True, help="the results' bucket (the workers' STORAGE_BUCKET)")
     parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for running jobs to stop")
     parser.add_argument("--dry-run", action="store_true", help="count what would be deleted; write nothing")
+    parser.add_argument(
+        "--files-without-jobs",
+        action="store_true",
+        help="delete a user's files also where the project holds nothing of theirs (their docs gone by their TTL)",
+    )
     parser.add_argument("uids", nargs="+", metavar="UID", help="the users' Firebase Auth uids")
     args = parser.parse_args(argv)
     dry = " (dry run: nothing is written)" if args.dry_run else ""
     print(f"delete_user_data: {target(args.project, args.bucket)}{dry}", flush=True)
+    if os.environ.get("STORAGE_EMULATOR_HOST", "").strip():  # as the worker reads it: `http://` may be left out
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator_base_url(os.environ["STORAGE_EMULATOR_HOST"])
+    checked = {"timeout": CHECK_SECONDS, "retry": DEFAULT_RETRY.with_deadline(CHECK_SECONDS)}
     try:
         db = firestore.Client(project=args.project)
         # Checked first: a misspelt bucket deleted the jobs' docs, then stopped at their files, left in the real one.
         # By a listing, which the deletion needs anyway (a bucket's own metadata needs storage.buckets.get, which
         # Storage Object Admin lacks).
         bucket = storage.Client(project=args.project).bucket(args.bucket)
-        next(iter(bucket.list_blobs(max_results=1)), None)
+        next(iter(bucket.list_blobs(max_results=1, **checked)), None)
     except NotFound:
         print(f"delete_user_data: no bucket {args.bucket} in project {args.project}", file=sys.stderr)
         return 2
     except DefaultCredentialsError as exc:
         print(f"delete_user_data: no credentials: {exc}", file=sys.stderr)
         return 2
+    except UNREACHABLE as exc:
+        print(f"delete_user_data: Storage failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    try:
+        db.collection(quota.USAGE_COLLECTION).limit(1).get(**BOUND)
+    except UNREACHABLE as exc:
+        print(f"delete_user_data: Firestore failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
     try:
         if args.dry_run:
-            for uid in args.uids:
-                print(survey(db, bucket, uid))
-            return 0
-        return erase_all(db, bucket, args.uids, wait=args.wait)
+            return survey_all(db, bucket, args.uids, project=args.project, strangers=not args.files_without_jobs)
+        return erase_all(
+            db, bucket, args.uids, wait=args.wait, project=args.project, strangers=not args.files_without_jobs
+        )
     except KeyboardInterrupt:  # what is done stays done, consistent: a later run goes on from there
         print("delete_user_data: interrupted; run it again to go on", file=sys.stderr)
         return 130
 
 
-def erase_all(db: firestore.Client, bucket, uids: list[str], *, wait: float) -> int:
+def survey_all(db: firestore.Client, bucket, uids: list[str], *, project: str, strangers: bool) -> int:
     left = 0
     for uid in uids:
         try:
+            files = files_of_a_stranger(db, bucket, uid) if strangers else 0
+            print(stranger_said(uid, files, project) if files else survey(db, bucket, uid), flush=True)
+            left += bool(files)
+        except Exception as exc:  # no uid at all (`a/b`), Firestore or Storage away: the next uid
+            left += 1
+            print(f"{uid}: not counted: {type(exc).__name__}: {exc}", flush=True)
+    return 1 if left else 0
+
+
+def erase_all(
+    db: firestore.Client, bucket, uids: list[str], *, wait: float, project: str, strangers: bool = True
+) -> int:
+    left = 0
+    for uid in uids:
+        try:
+            files = files_of_a_stranger(db, bucket, uid) if strangers else 0
+            if files:
+                left += 1
+                print(stranger_said(uid, files, project), flush=True)
+                continue
             erased = erase(store_for(db, uid), bucket, uid, wait=wait)
         except Exception as exc:  # no uid at all (`a/b`: nothing touched), Firestore or Storage away: the next uid
             left += 1
-            print(f"{uid}: not deleted: {type(exc).__name__}: {exc}")
+            print(f"{uid}: not deleted: {type(exc).__name__}: {exc}", flush=True)
             continue
         said = f"{uid}: {erased.deleted} jobs deleted, {erased.objects} other objects"
         if erased.done and not erased.deleted and not erased.objects:
-            print(f"{uid}: no jobs or files found (a misspelt uid, or deleted already); nothing left")
+            print(f"{uid}: no jobs or files found (a misspelt uid, or deleted already); nothing left", flush=True)
         elif erased.done:
-            print(f"{said}; nothing left")
+            print(f"{said}; nothing left", flush=True)
         elif erased.elsewhere:
             left += 1
-            print(f"{said}; {erased.elsewhere} jobs' results are in another bucket than --bucket: left")
+            print(f"{said}; {erased.elsewhere} jobs' results are in another bucket than --bucket: left", flush=True)
         elif erased.stopping:
             left += 1
-            print(f"{said}; {erased.stopping} running jobs still stopping after {wait:g} s: run it again later")
+            print(
+                f"{said}; {erased.stopping} running jobs still stopping after {wait:g} s: run it again later",
+                flush=True,
+            )
         else:
             left += 1
-            print(f"{said}; passes got nowhere for {wait:g} s (Firestore or Storage slow or away): run it again later")
+            print(
+                f"{said}; passes got nowhere for {wait:g} s (Firestore or Storage slow or away): run it again later",
+                flush=True,
+            )
     return 1 if left else 0
 
 

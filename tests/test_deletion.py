@@ -725,3 +725,54 @@ def test_a_permission_the_functions_lack_is_named_for_the_operator(bucket, denie
     assert refused.value.code == "unavailable"
     [record] = [r for r in caplog.records if r.msg == "delete_forbidden"]
     assert (record.levelname, record.grant) == ("ERROR", grant)
+
+
+def test_files_of_a_user_the_project_knows_nothing_of_are_left_unless_asked(
+    firestore_client, bucket, store, files, emulator_env
+):
+    """The operators' review: a --project that was not the bucket's found no job of the user's, and the sweep of
+    their folder deleted every file of theirs ("nothing left", exit 0), their docs in the right project left
+    pointing at nothing. A user the project knows (a job, a tombstone, a usage doc) is deleted as before."""
+    completed(store, files, "u-here", "h1")
+    bucket.blob("generating/u-there/image/t1.png").upload_from_string(b"another project's result")
+    # STORAGE_EMULATOR_HOST without its scheme, as README "Configuration" allows (before: a traceback).
+    env = {**os.environ, **emulator_env}
+    env["STORAGE_EMULATOR_HOST"] = env["STORAGE_EMULATOR_HOST"].removeprefix("http://")
+    command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", bucket.name]
+    for extra in (["--dry-run"], []):
+        ran = subprocess.run(
+            [*command, *extra, "u-there", "u-here"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert ran.returncode == 1, ran.stderr
+        lines = ran.stdout.splitlines()[1:]
+        assert lines[0] == (
+            "u-there: 1 files under generating/u-there/ in the bucket, and nothing of theirs in project "
+            f"{firestore_client.project} (is --project the bucket's?): left; --files-without-jobs deletes them"
+        )
+        assert lines[1].startswith("u-here: would delete 1 jobs" if extra else "u-here: 1 jobs deleted")
+    assert names(bucket) == ["generating/u-there/image/t1.png"]
+    ran = subprocess.run(
+        [*command, "--files-without-jobs", "u-there"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines()[1:] == ["u-there: 0 jobs deleted, 1 other objects; nothing left"]
+    assert names(bucket) == []
+
+
+def test_a_dry_run_says_a_uid_it_could_not_count_and_goes_on(firestore_client, bucket, emulator_env):
+    """A review: `--dry-run a/b u` ended in a traceback at `a/b` and never counted `u` (the real run went on)."""
+    command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", bucket.name]
+    env = {**os.environ, **emulator_env}
+    ran = subprocess.run([*command, "--dry-run", "a/b", "u-fine"], env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 1 and "Traceback" not in ran.stderr, ran.stderr
+    first, second = ran.stdout.splitlines()[1:]
+    assert first.startswith("a/b: not counted: ValueError: ") and second == "u-fine: no jobs or files found"
+
+
+def test_an_unreachable_storage_is_said_in_a_line(firestore_client, bucket, emulator_env):
+    """A review: Storage unreachable held the script up two minutes in silence, then a traceback."""
+    command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", bucket.name, "u-x"]
+    env = {**os.environ, **emulator_env, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:1"}
+    ran = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr, ran.stderr
+    assert ran.stderr.startswith("delete_user_data: Storage failed (")
