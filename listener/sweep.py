@@ -85,14 +85,9 @@ class Sweep:
         )
         for expired, snapshots in sources:
             for snapshot in snapshots:
-                try:
-                    key = JobKey.from_path(snapshot.reference.path)
-                except ValueError:
-                    self.not_ours(snapshot.reference.path)
-                    continue
-                found += 1
-                self._found(key, snapshot, snapshot.to_dict() or {}, expired)
-                missed |= not expired and self._missed_by_listener(media, snapshot, interval)
+                if self._take(snapshot, snapshot.to_dict() or {}, expired):
+                    found += 1
+                    missed |= not expired and self._missed_by_listener(media, snapshot, interval)
         return found, missed
 
     def scans(self) -> int:
@@ -116,11 +111,18 @@ class Sweep:
         finally:
             self.slowest_call = max(self.slowest_call, time.monotonic() - started)
 
-    def _found(self, key: JobKey, snapshot: DocumentSnapshot, doc: dict, expired: bool) -> None:
+    def _take(self, snapshot: DocumentSnapshot, doc: dict, expired: bool) -> bool:
+        """A doc found, to the reconciler's `found`; False for one outside generations/ (said once, skipped)."""
+        try:
+            key = JobKey.from_path(snapshot.reference.path)
+        except ValueError:
+            self.not_ours(snapshot.reference.path)
+            return False
         try:
             self.found(key, snapshot, doc, expired)
         except Exception as exc:  # one doc's surprise must not stop the pass over the others
             log.warning("sweep_error", path=key.path, error=str(exc))
+        return True
 
     def _undated(self, media: str) -> bool:
         """Whether queued docs of `media` without `created_at` may wait: more are queued than the oldest window
@@ -163,13 +165,7 @@ class Sweep:
                     continue  # the expiry query's
                 if status == lifecycle.QUEUED and doc.get("created_at") is not None:
                     continue  # the ordered queries'
-                try:
-                    key = JobKey.from_path(snapshot.reference.path)
-                except ValueError:
-                    self.not_ours(snapshot.reference.path)
-                    continue
-                found += 1
-                self._found(key, snapshot, doc, status == lifecycle.PROCESSING)
+                found += self._take(snapshot, doc, status == lifecycle.PROCESSING)
         return found
 
     def discover(self) -> int:
@@ -220,7 +216,7 @@ class Sweep:
                     key = JobKey(usage.id, media, snapshot.id)
                     self._discovered.setdefault((usage.id, media), key)
                     self._found_none.pop((usage.id, media), None)
-                    self._found(key, snapshot, snapshot.to_dict() or {}, False)
+                    self._take(snapshot, snapshot.to_dict() or {}, False)
         with self.lock:  # what was found and has since been taken (or left the queue) is forgotten
             self._discovered = {user: key for user, key in self._discovered.items() if key in self.candidates}
         if len(self._found_none) > DISCOVER_MEMORY:
