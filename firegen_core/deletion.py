@@ -52,6 +52,12 @@ def recorded_urls(doc: dict[str, Any]) -> list[str]:
     return [doc[name] for name in ("image_url", "video_url") if isinstance(doc.get(name), str)]
 
 
+def in_another_bucket(doc: dict[str, Any], bucket: str) -> bool:
+    """Whether a completed job's recorded results are all in another bucket than `bucket` (none: not said)."""
+    urls = recorded_urls(doc) if doc.get("status") == lifecycle.COMPLETED else []
+    return bool(urls) and not any(f"/{bucket}/" in url for url in urls)
+
+
 @dataclass(frozen=True)
 class Deleted:
     doc: dict[str, Any]  # the doc as it was deleted
@@ -73,7 +79,7 @@ def delete_finished(store: JobStore, bucket: Any, key: JobKey, budget: results.B
         if status not in lifecycle.FINAL_STATES:
             raise NotFinished(str(status))
         urls = recorded_urls(doc) if status == lifecycle.COMPLETED else []
-        if urls and not any(f"/{bucket.name}/" in url for url in urls):
+        if in_another_bucket(doc, bucket.name):
             raise ElsewhereBucket(bucket.name)
         # A completed job: the objects it records. One a worker claimed: whatever part of an upload it left, strictly
         # its own. One never claimed has none (only a claim's try uploads), and may be queued again meanwhile (one

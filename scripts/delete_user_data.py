@@ -41,7 +41,7 @@ from google.cloud import firestore, storage  # type: ignore[attr-defined]  # no 
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from firegen_core import lifecycle, quota
-from firegen_core.deletion import Erasure, erase_user, user_folder
+from firegen_core.deletion import Erasure, erase_user, in_another_bucket, user_folder
 from firegen_core.dispatches import DELETED_JOBS
 from firegen_core.jobs import BOUND, COLLECTION, MEDIA_TYPES, JobStore
 from listener.storage import emulator_base_url
@@ -95,19 +95,26 @@ def stranger_said(user_id: str, files: int, project: str) -> str:
     )
 
 
-def survey(db: firestore.Client, bucket, user_id: str) -> str:
-    """What a run would delete of the user's (`--dry-run`), counted; nothing written."""
+def survey(db: firestore.Client, bucket, user_id: str) -> tuple[str, bool]:
+    """What a run would delete of the user's (`--dry-run`), counted, and whether it would leave something (a job
+    whose results are in another bucket than `bucket`); nothing written."""
     statuses: Counter[str] = Counter()
+    elsewhere = 0
     for media in MEDIA_TYPES:
-        for snapshot in db.collection(COLLECTION, user_id, media).select(["status"]).stream(**BOUND):
-            statuses[str((snapshot.to_dict() or {}).get("status"))] += 1
+        for snapshot in db.collection(COLLECTION, user_id, media).stream(**BOUND):
+            doc = snapshot.to_dict() or {}
+            statuses[str(doc.get("status"))] += 1
+            elsewhere += in_another_bucket(doc, bucket.name)
     objects = sum(1 for _ in bucket.list_blobs(prefix=user_folder(user_id)))
     usage = db.collection(quota.USAGE_COLLECTION).document(user_id).get(**BOUND).exists
     if not statuses and not objects:
-        return f"{user_id}: no jobs or files found" + ("; would delete its usage doc" if usage else "")
+        return f"{user_id}: no jobs or files found" + ("; would delete its usage doc" if usage else ""), False
     jobs = ", ".join(f"{status} {count}" for status, count in sorted(statuses.items()))
     said = f"{user_id}: would delete {statuses.total()} jobs" + (f" ({jobs})" if jobs else "")
-    return f"{said}, {objects} objects" + (" and its usage doc" if usage else "")
+    said += f", {objects} objects in all" + (" and its usage doc" if usage else "")
+    if elsewhere:
+        said += f"; {elsewhere} jobs' results are in another bucket than --bucket: they would be left"
+    return said, bool(elsewhere)
 
 
 def store_for(db: firestore.Client, user_id: str) -> JobStore:
@@ -191,8 +198,9 @@ def survey_all(db: firestore.Client, bucket, uids: list[str], *, project: str, s
     for uid in uids:
         try:
             files = files_of_a_stranger(db, bucket, uid) if strangers else 0
-            print(stranger_said(uid, files, project) if files else survey(db, bucket, uid), flush=True)
-            left += bool(files)
+            said, leaves = (stranger_said(uid, files, project), True) if files else survey(db, bucket, uid)
+            print(said, flush=True)
+            left += leaves
         except Exception as exc:  # no uid at all (`a/b`), Firestore or Storage away: the next uid
             left += 1
             print(f"{uid}: not counted: {type(exc).__name__}: {exc}", flush=True)

@@ -397,6 +397,19 @@ def test_results_in_another_bucket_leave_the_erasure_undone_and_say_so(
     assert refused.value.code == "unavailable"
     completed(store, files, "u-near", "n1")  # the script goes on to the next uid
     command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", other.name]
+    # The dry run says so too (an operators' review: "would delete 1 jobs", exit 0, then the run left it).
+    ran = subprocess.run(
+        [*command, "--dry-run", "u-far"],
+        env={**os.environ, **emulator_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stdout.splitlines()[1:] == [
+        "u-far: would delete 1 jobs (completed 1), 0 objects in all and its usage doc; 1 jobs' results are in another "
+        "bucket than --bucket: they would be left"
+    ]
     ran = subprocess.run(
         [*command, "u-far", "u-near"], env={**os.environ, **emulator_env}, capture_output=True, text=True, timeout=120
     )
@@ -534,7 +547,7 @@ def test_a_dry_run_counts_what_the_script_would_delete_and_deletes_nothing(
     assert ran.stdout.splitlines() == [
         f"delete_user_data: project {firestore_client.project}, bucket {bucket.name}, in the emulators ({hosts}) "
         "(dry run: nothing is written)",
-        "u-dry: would delete 2 jobs (completed 1, processing 1), 2 objects and its usage doc",
+        "u-dry: would delete 2 jobs (completed 1, processing 1), 2 objects in all and its usage doc",
         "u-none: no jobs or files found",
     ]
     assert sorted(user_docs(firestore_client, "u-dry")) == ["d1", "d2"] and len(names(bucket)) == 2
