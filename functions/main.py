@@ -1,4 +1,5 @@
-"""The Firebase Functions of firegen: declarations only; the logic is in dispatch.py (the sweep: sweep.py).
+"""The Firebase Functions of firegen: declarations only; the logic is in dispatch.py (queue and dispatch a job),
+owner_calls.py (cancel, delete) and sweep.py (the scheduled sweep).
 
     generateWithRunPod   callable (Firebase Auth required): validate, create the queued doc, dispatch to RunPod
     dispatchQueuedJob    Firestore trigger on generations/{uid}/{media}/{fileUid} creation: dispatch once
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # dispatch, runpod_cli
 import callable_body
 import dispatch
 import firebase_admin
+import owner_calls
 import sweep
 from config import (
     MAX_DISPATCHES,
@@ -230,7 +232,7 @@ def _bucket() -> Any:
     name = (os.environ.get("STORAGE_BUCKET") or config.get("storageBucket") or "").strip()
     if not name:
         _functions_log.error("storage_bucket_unset", extra={"set": "STORAGE_BUCKET in functions/.env"})
-        return None  # dispatch.delete answers `unavailable`, once it has checked the call
+        return None  # owner_calls.delete answers `unavailable`, once it has checked the call
     return _bucket_client.bucket(name)
 
 
@@ -290,7 +292,7 @@ def cancelGeneration(req: https_fn.CallableRequest) -> dict:
     return _answer(
         "cancelGeneration",
         uid,
-        lambda: dispatch.cancel(_firestore(), uid=uid, data=req.data, limits=_limits(), bucket=_bucket),
+        lambda: owner_calls.cancel(_firestore(), uid=uid, data=req.data, limits=_limits(), bucket=_bucket),
     )
 
 
@@ -300,7 +302,7 @@ def deleteGeneration(req: https_fn.CallableRequest) -> dict:
     return _answer(
         "deleteGeneration",
         uid,
-        lambda: dispatch.delete(_firestore(), _bucket(), uid=uid, data=req.data, limits=_limits()),
+        lambda: owner_calls.delete(_firestore(), _bucket(), uid=uid, data=req.data, limits=_limits()),
     )
 
 
@@ -310,7 +312,7 @@ def deleteAllGenerations(req: https_fn.CallableRequest) -> dict:
     return _answer(
         "deleteAllGenerations",
         uid,
-        lambda: dispatch.delete_all(_firestore(), _bucket(), uid=uid, data=req.data, limits=_limits()),
+        lambda: owner_calls.delete_all(_firestore(), _bucket(), uid=uid, data=req.data, limits=_limits()),
     )
 
 

@@ -29,6 +29,7 @@ from listener.storage_outage import StorageOutage
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "functions"))
 import dispatch
+import owner_calls
 
 CANCELLED = ("failed", True, False, "Cancelled", "Cancelled by the user")
 
@@ -535,7 +536,7 @@ def test_a_cancelled_queued_job_an_earlier_try_ran_leaves_no_objects(firestore_c
     results.upload("u1", key.file_uid, "text2image", [png, png])
     if by == "the callable":
         data = {"fileUid": key.file_uid, "mediaType": "images"}
-        assert dispatch.cancel(firestore_client, uid="u1", data=data, bucket=lambda: bucket)["status"] == "cancelled"
+        assert owner_calls.cancel(firestore_client, uid="u1", data=data, bucket=lambda: bucket)["status"] == "cancelled"
     else:
         cancel(firestore_client, key)
         store = WorkerJobs(firestore_client, worker_id="w")
@@ -578,7 +579,7 @@ def test_a_cancel_of_a_finished_job_changes_nothing(sched_worker, firestore_clie
     queue_jobs(firestore_client, [key])
     done = wait_until(lambda: finished(firestore_client, key))
     with pytest.raises(dispatch.CallError) as refused:
-        dispatch.cancel(firestore_client, uid="u1", data={"fileUid": "done", "mediaType": "images"})
+        owner_calls.cancel(firestore_client, uid="u1", data={"fileUid": "done", "mediaType": "images"})
     assert (refused.value.code, refused.value.message) == (
         "failed-precondition",
         "Generation already completed: nothing to cancel",
@@ -601,7 +602,7 @@ def test_the_callable_cancels_queued_and_running_jobs(sched_worker, firestore_cl
     assert generator.started.wait(15)
     queue_jobs(firestore_client, [waiting])
 
-    reply = dispatch.cancel(firestore_client, uid="u1", data={"fileUid": "wait", "mediaType": "images"})
+    reply = owner_calls.cancel(firestore_client, uid="u1", data={"fileUid": "wait", "mediaType": "images"})
     assert reply == {
         "success": True,
         "fileUid": "wait",
@@ -610,10 +611,10 @@ def test_the_callable_cancels_queued_and_running_jobs(sched_worker, firestore_cl
         "message": "Generation cancelled",
     }
     assert outcome(read(firestore_client, waiting)) == CANCELLED  # at once, by the callable itself
-    again = dispatch.cancel(firestore_client, uid="u1", data={"fileUid": "wait", "mediaType": "images"})
+    again = owner_calls.cancel(firestore_client, uid="u1", data={"fileUid": "wait", "mediaType": "images"})
     assert again["status"] == "cancelled"  # a retried call is harmless
 
-    reply = dispatch.cancel(firestore_client, uid="u1", data={"fileUid": "run", "mediaType": "videos"})
+    reply = owner_calls.cancel(firestore_client, uid="u1", data={"fileUid": "run", "mediaType": "videos"})
     assert (reply["status"], reply["message"]) == (
         "cancelling",
         "Cancelling: the worker stops the generation at its next step",
@@ -668,7 +669,7 @@ def test_the_callable_refuses_other_users_and_bad_input(firestore_client):
     ]
     for uid, data, code, message in cases:
         with pytest.raises(dispatch.CallError) as refused:
-            dispatch.cancel(firestore_client, uid=uid, data=data)
+            owner_calls.cancel(firestore_client, uid=uid, data=data)
         assert refused.value.code == code and refused.value.message.startswith(message), (uid, data, refused.value)
     assert read(firestore_client, key)["status"] == "queued" and "cancel_requested" not in read(firestore_client, key)
 
@@ -682,7 +683,7 @@ def test_the_callable_takes_snake_case_names_and_a_name_given_in_both_spellings_
         {"fileUid": "both", "file_uid": "both", "mediaType": "videos", "media_type": "videos"},
         {"fileUid": "nulled", "file_uid": None, "media_type": "", "mediaType": "images", "user_id": None},
     ):
-        assert dispatch.cancel(firestore_client, uid="owner", data=data)["status"] == "cancelled", data
+        assert owner_calls.cancel(firestore_client, uid="owner", data=data)["status"] == "cancelled", data
     assert [outcome(read(firestore_client, key)) for key in keys] == [CANCELLED] * 3
 
 
@@ -692,7 +693,7 @@ def test_the_callable_refuses_a_snake_case_user_id_naming_another_user(firestore
     own = JobKey("thief", "images", "mine")
     queue_jobs(firestore_client, [JobKey("owner", "images", "mine"), own])
     with pytest.raises(dispatch.CallError) as refused:
-        dispatch.cancel(
+        owner_calls.cancel(
             firestore_client, uid="thief", data={"fileUid": "mine", "mediaType": "images", "user_id": "owner"}
         )
     assert (refused.value.code, refused.value.message) == (
@@ -1101,8 +1102,8 @@ def test_a_retried_cancel_of_a_running_job_answers_cancelling_again(firestore_cl
     queue_jobs(firestore_client, [key], numFrames=16)
     firestore_client.document(key.path).update({"status": "processing"})  # a worker took it (no worker here)
     data = {"fileUid": "running-twice", "mediaType": "videos"}
-    first = dispatch.cancel(firestore_client, uid="owner", data=data)
-    again = dispatch.cancel(firestore_client, uid="owner", data=data)
+    first = owner_calls.cancel(firestore_client, uid="owner", data=data)
+    again = owner_calls.cancel(firestore_client, uid="owner", data=data)
     assert (first["status"], again["status"]) == ("cancelling", "cancelling"), (first, again)
     assert again["message"] == "Cancelling: the worker stops the generation at its next step"
     doc = read(firestore_client, key)
@@ -1118,7 +1119,7 @@ def test_an_empty_file_uid_or_media_type_is_required_as_a_missing_one(firestore_
         ({"fileUid": "e", "mediaType": ""}, "mediaType is required"),
     ]:
         with pytest.raises(dispatch.CallError) as refused:
-            dispatch.cancel(firestore_client, uid="owner", data=data)
+            owner_calls.cancel(firestore_client, uid="owner", data=data)
         assert (refused.value.code, refused.value.message) == ("invalid-argument", message), data
     assert read(firestore_client, JobKey("owner", "images", "e"))["status"] == "queued"
 

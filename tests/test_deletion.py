@@ -26,6 +26,7 @@ from listener.storage import ResultStore, RetryPolicy
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "functions"))
 import dispatch
+import owner_calls
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "delete_user_data.py"
 
@@ -72,7 +73,7 @@ def names(bucket) -> list[str]:
 
 
 def call(firestore_client, bucket, uid, **data):
-    return dispatch.delete(firestore_client, bucket, uid=uid, data=data)
+    return owner_calls.delete(firestore_client, bucket, uid=uid, data=data)
 
 
 def refusal(firestore_client, bucket, uid, **data) -> tuple[str, str]:
@@ -316,7 +317,7 @@ def test_the_callable_erases_the_callers_own_data_alone(firestore_client, bucket
     completed(store, files, "u-me", "a1")
     running_video(store, "u-me", "v1")
     completed(store, files, "u-else", "b1")
-    reply = dispatch.delete_all(firestore_client, bucket, uid="u-me", data=None)
+    reply = owner_calls.delete_all(firestore_client, bucket, uid="u-me", data=None)
     assert reply == {
         "success": True,
         "status": "deleting",
@@ -330,10 +331,10 @@ def test_the_callable_erases_the_callers_own_data_alone(firestore_client, bucket
         (["u-me"], ("invalid-argument", "Validation failed: the call's data must be a JSON object")),
     ):
         with pytest.raises(dispatch.CallError) as refused:
-            dispatch.delete_all(firestore_client, bucket, uid="u-me", data=data)
+            owner_calls.delete_all(firestore_client, bucket, uid="u-me", data=data)
         assert (refused.value.code, refused.value.message) == expected
     with pytest.raises(dispatch.CallError) as refused:
-        dispatch.delete_all(firestore_client, bucket, uid=None, data={})
+        owner_calls.delete_all(firestore_client, bucket, uid=None, data={})
     assert refused.value.code == "unauthenticated"
     assert user_docs(firestore_client, "u-else") == ["b1"]
 
@@ -347,7 +348,7 @@ def test_the_callable_keeps_the_usage_doc_under_the_deployed_limits_and_retentio
     monkeypatch.setenv("RETENTION_DAYS", "3")
     store.ensure_queued(request_for("u-limited", "q1"))
     limits = Limits(max_running=1, max_pending=5, daily_budget=50.0)
-    reply = dispatch.delete_all(firestore_client, bucket, uid="u-limited", data={}, limits=limits)
+    reply = owner_calls.delete_all(firestore_client, bucket, uid="u-limited", data={}, limits=limits)
     assert reply["status"] == "deleted" and user_docs(firestore_client, "u-limited") == []
     usage = store.usage_ref("u-limited").get().to_dict()
     assert usage["limits"] == {"max_running": 1, "max_pending": 5, "daily_budget": 50.0} and usage["pending"] == 0
@@ -359,7 +360,7 @@ def test_the_callable_gives_back_no_spent_budget(firestore_client, bucket, store
     completed(store, files, "u-spent", "a1")
     spent = store.usage_ref("u-spent").get().get("spent_today")
     assert spent > 0
-    assert dispatch.delete_all(firestore_client, bucket, uid="u-spent", data={}) == {
+    assert owner_calls.delete_all(firestore_client, bucket, uid="u-spent", data={}) == {
         "success": True,
         "status": "deleted",
         "deleted": 1,
@@ -393,7 +394,7 @@ def test_results_in_another_bucket_leave_the_erasure_undone_and_say_so(
     erased = deletion.erase_user(store, other, "u-far")
     assert (erased.elsewhere, erased.done) == (1, False) and user_docs(firestore_client, "u-far") == ["f1"]
     with pytest.raises(dispatch.CallError) as refused:
-        dispatch.delete_all(firestore_client, other, uid="u-far", data={})
+        owner_calls.delete_all(firestore_client, other, uid="u-far", data={})
     assert refused.value.code == "unavailable"
     completed(store, files, "u-near", "n1")  # the script goes on to the next uid
     command = [sys.executable, str(SCRIPT), "--project", firestore_client.project, "--bucket", other.name]
@@ -717,7 +718,7 @@ def test_firestore_failing_a_pass_is_said_not_taken_for_a_pass_out_of_time(
     with pytest.raises(RetryError):
         deletion.erase_user(store, bucket, "u-away")
     with pytest.raises(dispatch.CallError) as refused:
-        dispatch.delete_all(firestore_client, bucket, uid="u-away", data={})
+        owner_calls.delete_all(firestore_client, bucket, uid="u-away", data={})
     assert (refused.value.code, refused.value.message) == (
         "unavailable",
         "Could not delete the generation; please try again",
@@ -733,7 +734,7 @@ def test_firestore_failing_a_pass_is_said_not_taken_for_a_pass_out_of_time(
 )
 def test_a_permission_the_functions_lack_is_named_for_the_operator(bucket, denied, grant, caplog):
     # IAM cannot run on the emulators: the refusals are raised as Firestore's and Storage's clients raise them.
-    with pytest.raises(dispatch.CallError) as refused, dispatch._deleting_in(bucket):
+    with pytest.raises(dispatch.CallError) as refused, owner_calls._deleting_in(bucket):
         raise denied
     assert refused.value.code == "unavailable"
     [record] = [r for r in caplog.records if r.msg == "delete_forbidden"]

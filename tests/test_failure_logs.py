@@ -75,11 +75,11 @@ def test_a_job_whose_document_a_bug_could_not_read_logs_where_it_was_raised(fire
 
 # A callable whose dispatch raises what nothing answers, called as the Functions SDK calls it.
 UNHANDLED = """
-import main, dispatch
+import main, owner_calls
 from flask import Flask, request
 def bug(*args, **kwargs):
     return {}["missing"]
-dispatch.cancel = bug
+owner_calls.cancel = bug
 with Flask("probe").test_request_context("/", method="POST", json={"data": {"fileUid": "f", "mediaType": "images"}}):
     reply = main.cancelGeneration(request)
     print("STATUS", reply.status_code, reply.get_json())

@@ -41,6 +41,7 @@ FUNCTIONS_PYTHON = firebase_cli.FUNCTIONS_PYTHON
 
 sys.path.append(str(FUNCTIONS))
 import dispatch  # noqa: E402
+import owner_calls  # noqa: E402
 import runpod_client  # noqa: E402
 import sweep  # noqa: E402
 
@@ -367,7 +368,7 @@ def test_the_callables_answer_unavailable_with_a_message_when_firestore_is_away(
             "Could not record the job in Firestore; please try again",
         )
         with pytest.raises(CallError) as raised:
-            dispatch.cancel(away, uid="u-away", data={"fileUid": "away-1", "mediaType": "images"})
+            owner_calls.cancel(away, uid="u-away", data={"fileUid": "away-1", "mediaType": "images"})
         assert (raised.value.code, raised.value.message) == (
             "unavailable",
             "Could not record the cancel in Firestore; please try again",

@@ -17,7 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from test_functions import ACCEPTED, RunPodClient, StubRunPod, client_doc, dispatch, nobody_listening, runpod_client
+from test_functions import (
+    ACCEPTED,
+    RunPodClient,
+    StubRunPod,
+    client_doc,
+    dispatch,
+    nobody_listening,
+    owner_calls,
+    runpod_client,
+)
 from test_reconciler import LISTENING_SECONDS, StubGenerator, results  # noqa: F401  (results: the Storage fixture)
 
 from devtools import emulators as emu
@@ -418,7 +427,7 @@ def test_the_cancel_callable_keeps_the_deployed_limits_on_the_usage_doc(firestor
     limits = Limits(max_running=1, max_pending=5, daily_budget=30)
     data = {"prompt": "a red car", "file_uid": "cancel-limits"}
     dispatch.generate(firestore_client, nobody_listening(), uid=USER, data=data, limits=limits)
-    reply = dispatch.cancel(
+    reply = owner_calls.cancel(
         firestore_client, uid=USER, data={"fileUid": "cancel-limits", "mediaType": "images"}, limits=limits
     )
     assert reply["status"] == "cancelled"
@@ -722,7 +731,7 @@ def test_a_refused_call_sent_again_stays_its_requests_job(firestore_client, writ
             dispatch.generate(firestore_client, nobody_listening(), uid=user, data=video_data, limits=limits)
         assert "USER_MAX_PENDING" in video.value.message  # refused for the limits, not "fps is a video field"
         assert doc(firestore_client, JobKey(user, "videos", "x"))["error_type"] == "QuotaExceeded"
-    dispatch.cancel(firestore_client, uid=user, data={"fileUid": "other", "mediaType": "images"}, limits=limits)
+    owner_calls.cancel(firestore_client, uid=user, data={"fileUid": "other", "mediaType": "images"}, limits=limits)
     reply = dispatch.generate(firestore_client, nobody_listening(), uid=user, data=data, limits=limits)
     assert reply["success"] and "requested_at" in doc(firestore_client, image)
     assert store.claim(image) is not None

@@ -922,7 +922,7 @@ def test_a_failed_cancel_is_said_beside_its_card_through_progress_updates(open_p
     card = app.job("not-stopped")
     cancel = card.get_by_role("button", name="Cancel video “a job that goes on”")
     cancel.wait_for(timeout=30_000)
-    told = "Could not record the cancel in Firestore; please try again"  # functions/dispatch.py CANCEL_NOT_RECORDED
+    told = "Could not record the cancel in Firestore; please try again"  # functions/owner_calls.py CANCEL_NOT_RECORDED
     app.page.route("**/cancelGeneration", _answering(503, {"error": {"status": "UNAVAILABLE", "message": told}}))
     cancel.click()
     note = card.locator(".note")
@@ -2799,7 +2799,7 @@ def test_a_failed_delete_is_said_beside_its_card_and_in_the_live_region(open_pag
     card = app.job("kept")
     delete = card.get_by_role("button", name="Delete image “a harbour that stays”")
     delete.wait_for(timeout=30_000)
-    told = "Could not delete the generation; please try again"  # functions/dispatch.py DELETE_NOT_RECORDED
+    told = "Could not delete the generation; please try again"  # functions/owner_calls.py DELETE_NOT_RECORDED
     app.page.route("**/deleteGeneration", _answering(503, {"error": {"status": "UNAVAILABLE", "message": told}}))
     _press_and_answer(app, delete, accept=True)
     _wait_text(app, "job-news", f"Could not delete image “a harbour that stays”: {told}")

@@ -1,5 +1,5 @@
 // Deleting all of a user's jobs and files, as an app deletes an account's data: the deleteAllGenerations callable
-// (functions/dispatch.py `delete_all`) does one pass a call, and is called again until it says all is deleted
+// (functions/owner_calls.py `delete_all`) does one pass a call, and is called again until it says all is deleted
 // (README "Deletion": at once while nothing is stopping, a moment later while running jobs stop).
 import { unanswered } from "./errors";
 
