@@ -23,6 +23,9 @@ queue_info = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = queue_info
 spec.loader.exec_module(queue_info)
 
+WITHIN = timedelta(seconds=30)
+NOBODY = "  workers up (a beat within 30 s): none"
+
 
 @pytest.fixture
 def store(firestore_client):
@@ -39,113 +42,179 @@ def queue(store, media: str, user: str, *file_uids: str) -> list[JobKey]:
     return keys
 
 
+def beat(client, worker_id: str, *, busy: int, slots: int = 1, **more) -> None:
+    started = datetime.now(UTC) - timedelta(hours=2, minutes=5)
+    workers.beat(client, worker_id, busy=busy, concurrency=slots, started_at=started, **more)
+
+
+def lines_of(client, key: JobKey) -> list[str] | None:
+    return queue_info.job_lines(client, key, datetime.now(UTC), WITHIN)
+
+
 def test_ago_says_a_duration_as_a_person_does():
     said = [queue_info.ago(timedelta(seconds=s)) for s in (-3, 0, 4, 60, 200, 3600, 7500, 86400 + 3 * 3600 + 59)]
     assert said == ["0 s", "0 s", "4 s", "1 min", "3 min 20 s", "1 h", "2 h 5 min", "1 d 3 h"]
 
 
+def test_a_worker_is_up_for_three_beats_and_at_least_30_s():
+    assert queue_info.up_within({}) == timedelta(seconds=30)
+    assert queue_info.up_within({"SWEEP_INTERVAL_SECONDS": "60"}) == timedelta(seconds=180)
+    assert queue_info.up_within({"SWEEP_INTERVAL_SECONDS": "1"}) == timedelta(seconds=30)
+    assert queue_info.up_within({"SWEEP_INTERVAL_SECONDS": "soon"}) == timedelta(seconds=30)
+
+
 def test_the_summary_counts_each_media_types_jobs_names_the_busiest_users_and_the_workers(store, firestore_client):
+    # An app's own collections of the same names, older, are no jobs: neither counted nor named the oldest.
+    long_ago = datetime.now(UTC) - timedelta(days=3)
+    firestore_client.document("albums/a0/images/p0").set({"status": "queued", "created_at": long_ago})
+    firestore_client.document("albums/a0/videos/p1").set({"status": "processing", "lease_expires_at": long_ago})
     first, *_ = queue(store, "images", "u1", "a", "b", "c")
     queue(store, "images", "u2", "d")
     queue(store, "videos", "u2", "v")
     assert store.claim(first) is not None  # u1 at USER_MAX_RUNNING=1: the others wait
     gone = store.claim(JobKey("u2", "videos", "v"))
     firestore_client.document(gone.key.path).update({"lease_expires_at": datetime.now(UTC) - timedelta(minutes=3)})
-    started = datetime.now(UTC) - timedelta(hours=2, minutes=5)
-    workers.beat(firestore_client, "w-busy", busy=1, concurrency=1, started_at=started, finished=4, code_version="c1")
-    workers.beat(firestore_client, "w-left", busy=0, concurrency=1, started_at=started, finished=2)
+    beat(firestore_client, "w-busy", busy=1, finished=4, code_version="c1")
+    beat(firestore_client, "w-paused", busy=0, slots=2, claims_paused="storage")
+    beat(firestore_client, "w-left", busy=0, finished=2)
     workers.leave(firestore_client, "w-left", finished=2)
-    firestore_client.document("workers/w-dead").set({"seen_at": datetime.now(UTC) - timedelta(minutes=30), "busy": 1})
+    firestore_client.document("workers/w-dead").set({"seen_at": datetime.now(UTC) - timedelta(seconds=45), "busy": 1})
 
-    lines = queue_info.summary(firestore_client, datetime.now(UTC))
-    images, videos, users, *seen = lines
+    lines = queue_info.summary(firestore_client, datetime.now(UTC), WITHIN)
+    images, videos, users, up, silent, left = lines
     assert images.startswith("images: 3 queued (the oldest for ") and images.endswith(
         ": generations/u1/images/b), 1 processing"
     ), images
     assert (
         videos
-        == "videos: nothing queued, 1 processing, 1 of them past their lease (their worker gone: a sweep takes them over)"
+        == "videos: nothing queued, 1 processing, 1 of them past their lease (their worker gone: a worker takes them over)"
     )
     assert users == (
         "users with jobs pending: 2 (the most first: u1 3 pending, 1 of 1 running; u2 2 pending, 1 of 1 running)"
     )
-    [up, silent, left] = seen
-    assert up.startswith(
-        "workers up (seen within 2 min): w-busy (1 generation slot, 1 job in hand, 4 jobs finished, up 2 h 5 min"
-    )
-    assert up.endswith(", code c1)")
-    assert silent.startswith("workers gone silent: w-dead (last seen 30 min") and "killed" in silent
+    assert up.startswith("workers up (a beat within 30 s): w-")
+    busy = next(part for part in up.split("; ") if "w-busy (" in part)
+    assert busy.endswith("1 generation slot, 1 job in hand, 4 jobs finished, up 2 h 5 min, code c1)"), busy
+    assert "w-paused (last beat " in up and "2 generation slots, 0 jobs in hand" in up
+    assert up.endswith("claims paused: storage failing)") or "claims paused: storage failing)" in up
+    assert silent.startswith("workers gone silent: w-dead (last beat 45 s ago: killed, or its machine gone")
     assert left.startswith("workers that left: w-left (left ") and left.endswith(" ago, 2 jobs finished)")
 
 
 def test_a_queued_job_behind_its_users_running_one_says_why(store, firestore_client):
     first, second, third = queue(store, "images", "u1", "a", "b", "c")
     assert store.claim(first) is not None
-    firestore_client.document(third.path).update(
-        {
-            lifecycle.DISPATCH_COUNT: 2,
-            "dispatched_by": "scheduler",
-            "runpod_job_id": "rp-9",
-            lifecycle.DISPATCH_ERROR: "check RUNPOD_ENDPOINT_ID",
-        }
-    )
-    lines = queue_info.job_lines(firestore_client, third, datetime.now(UTC))
+    dispatched = {
+        lifecycle.DISPATCH_COUNT: 2,
+        "dispatched_by": "scheduler",
+        "runpod_job_id": "rp-9",
+        lifecycle.DISPATCH_ERROR: "check RUNPOD_ENDPOINT_ID",
+    }
+    firestore_client.document(third.path).update(dispatched)
+    lines = lines_of(firestore_client, third)
     assert lines[0].startswith("generations/u1/images/c: queued for ")
-    assert lines[1] == (
+    assert lines[1:] == [
+        "  its user: u1 3 pending, 1 of 1 running",
         "  dispatched 2 times, last by the scheduler (RunPod job rp-9); why its last dispatch woke no worker: "
-        "check RUNPOD_ENDPOINT_ID"
-    )
-    assert lines[2] == "  its user: u1 3 pending, 1 of 1 running"
-    assert lines[3] == "  it waits for one of its user's 1 running job to end (USER_MAX_RUNNING)"
-    assert lines[4] == "  1 of its user's own queued images ahead of it (each user's oldest first)"
-    assert lines[5] == "  workers up (seen within 2 min): none"
-
-    [second_line] = [
-        line for line in queue_info.job_lines(firestore_client, second, datetime.now(UTC)) if "dispatch" in line
+        "check RUNPOD_ENDPOINT_ID",
+        "  it waits for one of its user's 1 running job to end (USER_MAX_RUNNING)",
+        "  1 of its user's own queued images ahead of it (each user's oldest first)",
+        NOBODY,
     ]
-    assert second_line.startswith("  never dispatched: no function saw it")
+    assert lines_of(firestore_client, second)[2].startswith("  not dispatched yet: a worker up takes it")
+
+
+def test_a_queued_job_under_its_users_limits_waits_for_a_worker_or_a_free_slot(store, firestore_client):
+    mine, theirs = queue(store, "images", "u1", "a"), queue(store, "images", "u2", "b")
+    assert lines_of(firestore_client, mine[0])[3:] == [
+        "  no worker is up: it runs once one starts (on RunPod, a dispatch starts one)",
+        NOBODY,
+    ]
+    beat(firestore_client, "w-full", busy=1)
+    assert lines_of(firestore_client, mine[0])[3] == (
+        "  every worker up has its slots full: it waits for a free one, with 1 other queued images (each user's "
+        "oldest first)"
+    )
+    beat(firestore_client, "w-free", busy=0, slots=2)
+    assert lines_of(firestore_client, theirs[0])[3] == (
+        "  a worker up has a free slot: it takes the job at its next sweep (SWEEP_INTERVAL_SECONDS)"
+    )
 
 
 def test_a_running_a_finished_and_a_missing_job(store, firestore_client):
     running, done = queue(store, "images", "u1", "a", "b")
     claimed = store.claim(running)
     store.renew(claimed, progress=0.4)
-    lines = queue_info.job_lines(firestore_client, running, datetime.now(UTC))
+    lines = lines_of(firestore_client, running)
     assert lines[0].startswith("generations/u1/images/a: processing, 40%, by worker w-busy (try 1); its lease runs ")
-    assert lines[1].startswith("  never dispatched")
+    assert lines[1:] == ["  its user: u1 2 pending, 1 of 1 running", NOBODY]  # no dispatch advice: it runs
     result = lifecycle.success(task_type="text2image", user_id="u1", file_uid="a", urls=["https://x/a.png"], seed=1)
     assert store.complete(claimed, result) == lifecycle.COMPLETED
-    lines = queue_info.job_lines(firestore_client, running, datetime.now(UTC))
-    assert lines[0].startswith("generations/u1/images/a: completed ") and len(lines) == 1
+    [completed] = lines_of(firestore_client, running)
+    assert completed.startswith("generations/u1/images/a: completed ") and completed.endswith(" ago")
     assert store.cancel(done).applied
-    [failed] = queue_info.job_lines(firestore_client, done, datetime.now(UTC))
+    [failed] = lines_of(firestore_client, done)
     assert failed.startswith("generations/u1/images/b: failed ") and failed.endswith(
         ": Cancelled: Cancelled by the user"
     )
-    gone = JobKey("u1", "videos", "nothing")
-    assert queue_info.job_lines(firestore_client, gone, datetime.now(UTC)) == [
-        "generations/u1/videos/nothing: no such job (never written, deleted by its owner, or its retention ended)"
+    assert lines_of(firestore_client, JobKey("u1", "videos", "nothing")) is None
+
+
+def test_hand_written_docs_of_odd_shapes_are_said_as_they_are(firestore_client):
+    stuck = JobKey("u1", "images", "stuck")
+    odd = {"status": "processing", "lease_expires_at": "soon", "progress": 7.5, "worker_id": None}
+    firestore_client.document(stuck.path).set(odd)
+    firestore_client.document("usage/u1").set({"running": 1, "pending": 2, "limits": {"max_running": "2"}})
+    assert lines_of(firestore_client, stuck) == [
+        "generations/u1/images/stuck: processing, 100%, by worker (none named); no readable lease: a worker's scan "
+        "for such jobs takes it over (within 5 min)",
+        "  its user: u1 2 pending, 1 running",  # a limit that is no number is not said
+        NOBODY,
     ]
+    paused, bare = JobKey("u1", "images", "paused"), JobKey("u1", "images", "bare")
+    firestore_client.document(paused.path).set({"status": "paused", lifecycle.DISPATCH_COUNT: 0})
+    firestore_client.document(bare.path).set({"status": "failed"})
+    assert lines_of(firestore_client, paused) == [
+        "generations/u1/images/paused: status 'paused', which no worker reads (the contract's: queued, processing, "
+        "completed, failed)"
+    ]
+    assert lines_of(firestore_client, bare) == ["generations/u1/images/bare: failed"]
 
 
-def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
-    )
+def run(*args: str, env: dict[str, str], shell_tail: str = "") -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), *args]
+    if shell_tail:  # through a pipe, as an operator reads it
+        command = ["bash", "-c", " ".join(f"'{part}'" for part in command) + shell_tail]
+    return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
 
 
-def test_the_command_prints_the_summary_and_refuses_a_path_that_is_no_jobs(firestore_client):
+def test_the_command_prints_the_summary_and_one_job_and_refuses_a_path_that_is_no_jobs(firestore_client):
     env = {"FIRESTORE_EMULATOR_HOST": os.environ["FIRESTORE_EMULATOR_HOST"]}
-    done = run("--project", firestore_client.project, env=env)
+    project = firestore_client.project
+    done = run("--project", project, env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[:4] == [
-        f"queue_info: project {firestore_client.project}, in the emulator at {env['FIRESTORE_EMULATOR_HOST']}",
+    assert done.stdout.splitlines() == [
+        f"queue_info: project {project}, in the emulator at {env['FIRESTORE_EMULATOR_HOST']}",
         "images: nothing queued, 0 processing",
         "videos: nothing queued, 0 processing",
         "users with jobs pending: none",
+        "workers up (a beat within 30 s): none",
     ]
-    for path in ("users/u1/images/a", "generations//images/a", "generations/u1/images/a/b"):
-        refused = run("--project", firestore_client.project, "--job", path, env=env)
+    piped = run("--project", project, env=env, shell_tail=" | head -1")
+    assert piped.returncode == 0 and piped.stdout.startswith("queue_info: project ") and piped.stderr == ""
+    missing = run("--project", project, "--job", "generations/u1/images/none", env=env)
+    assert missing.returncode == 1 and missing.stdout.splitlines()[1].endswith(
+        ": no such job (never written, deleted by its owner, or its retention ended)"
+    )
+    paths = (
+        "users/u1/images/a",
+        "generations//images/a",
+        "generations/u1/images/a/b",
+        "",
+        "generations/__x__/images/a",
+    )
+    for path in (*paths, "generations/u1/images/.."):
+        refused = run("--project", project, "--job", path, env=env)
         assert refused.returncode == 2 and "not a job's path" in refused.stderr and "Traceback" not in refused.stderr
 
 
