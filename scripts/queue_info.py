@@ -10,8 +10,8 @@ past their lease (their worker gone: a worker takes them over); the users with j
 workers, from their heartbeat docs. The second, one job: where it stands and, queued, what it waits for (its
 dispatches, its user's limits, its user's own older jobs, a free worker). Jobs are the docs under `generations/`
 alone: an app's own `images` or `videos` collections elsewhere are not counted. Reads only: counts are Firestore
-count queries (a read per 1,000 docs counted), the rest a few dozen docs. Exit 0; 1 for a --job that does not
-exist; 2 when it could not read.
+count queries (a read per 1,000 docs counted); the oldest queued job and those past their lease are read, up to
+1,000 docs each; the rest is a few dozen docs. Exit 0; 1 for a --job that does not exist; 2 when it could not read.
 
 Credentials: Application Default Credentials (`gcloud auth application-default login`, or
 GOOGLE_APPLICATION_CREDENTIALS) that may read Firestore; FIRESTORE_EMULATOR_HOST points it at an emulator.
@@ -208,10 +208,11 @@ def media_line(store: JobStore, media: str, now: datetime) -> str:
         said = "nothing queued"
     said += f", {processing} processing"
     if processing:
-        pages = _paged(lambda after: store.expired(media, now, limit=PAGE, after=after))
-        expired = sum(1 for snapshot in pages if _is_job(snapshot))
+        read = expired = 0
+        for snapshot in _paged(lambda after: store.expired(media, now, limit=PAGE, after=after)):
+            read, expired = read + 1, expired + _is_job(snapshot)
         if expired:
-            many = f"{expired} or more" if expired >= MOST_READ else str(expired)
+            many = f"{expired} or more" if read >= MOST_READ else str(expired)
             said += f", {many} of them past their lease (their worker gone: a worker takes them over)"
     return f"{media}: {said}"
 
@@ -272,7 +273,8 @@ def _state(doc: Mapping[str, Any], now: datetime) -> str:
         return "queued" + (f" for {ago(now - since)}" if since else " (no created_at: a worker's scan finds it)")
     if status == lifecycle.PROCESSING:
         progress = doc.get("progress")
-        done = f"{round(100 * min(max(progress, 0.0), 1.0))}%, " if isinstance(progress, int | float) else ""
+        readable = isinstance(progress, int | float) and math.isfinite(progress)
+        done = f"{round(100 * min(max(progress, 0.0), 1.0))}%, " if readable else ""
         said = f"processing, {done}by worker {doc.get('worker_id') or '(none named)'}"
         said += f" (try {doc['attempts']})" if _whole(doc, "attempts") is not None else ""
         lease = _at(doc, "lease_expires_at")
@@ -320,8 +322,8 @@ def _why_queued(
         said.append(f"it waits for one of its user's {plural(running, 'running job')} to end (USER_MAX_RUNNING)")
     since = _at(doc, "created_at")
     if since is not None:
-        older = store.oldest_queued(key.media_type, limit=MOST_READ, user_id=key.user_id, created_before=since)
-        ahead = count(older) - 1  # itself included
+        older = store.queued(key.media_type, user_id=key.user_id).where(filter=FieldFilter("created_at", "<", since))
+        ahead = count(older)
         if ahead > 0:
             said.append(f"{ahead} of its user's own queued {key.media_type} ahead of it (each user's oldest first)")
     if said:

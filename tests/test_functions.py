@@ -1,4 +1,4 @@
-"""The Cloud Functions' logic (functions/dispatch.py, functions/runpod_client.py) on the real Firestore emulator
+"""The Cloud Functions' logic (functions/dispatch.py, owner_calls.py, runpod_client.py) on the real Firestore emulator
 and a real worker (`python -m listener --rp_serve_api`, tiny models) serving RunPod's local /runsync API.
 
 The functions import the shared core as `firegen_core`; at deploy it is a copy of the package that

@@ -102,6 +102,7 @@ def test_the_summary_counts_each_media_types_jobs_names_the_busiest_users_and_th
 
 
 def test_a_queued_job_behind_its_users_running_one_says_why(store, firestore_client):
+    queue(store, "images", "u0", "z")  # another user's, older: not among its user's own ahead of it
     first, second, third = queue(store, "images", "u1", "a", "b", "c")
     assert store.claim(first) is not None
     dispatched = {
@@ -126,6 +127,7 @@ def test_a_queued_job_behind_its_users_running_one_says_why(store, firestore_cli
 
 def test_a_queued_job_under_its_users_limits_waits_for_a_worker_or_a_free_slot(store, firestore_client):
     mine, theirs = queue(store, "images", "u1", "a"), queue(store, "images", "u2", "b")
+    firestore_client.document("albums/a0/images/p0").set({"status": "queued"})  # an app's own: no job
     assert lines_of(firestore_client, mine[0])[3:] == [
         "  no worker is up: it runs once one starts (on RunPod, a dispatch starts one)",
         NOBODY,
@@ -148,6 +150,15 @@ def test_a_running_a_finished_and_a_missing_job(store, firestore_client):
     lines = lines_of(firestore_client, running)
     assert lines[0].startswith("generations/u1/images/a: processing, 40%, by worker w-busy (try 1); its lease runs ")
     assert lines[1:] == ["  its user: u1 2 pending, 1 of 1 running", NOBODY]  # no dispatch advice: it runs
+    firestore_client.document(running.path).update({lifecycle.CANCEL_REQUESTED: True})
+    lines = lines_of(firestore_client, running)
+    assert lines[1] == "  its owner asked to cancel it: it ends at its next step (or at once, queued)"
+    lapsed = datetime.now(UTC) - timedelta(seconds=90)
+    firestore_client.document(running.path).update({lifecycle.CANCEL_REQUESTED: False, "lease_expires_at": lapsed})
+    assert lines_of(firestore_client, running)[0].endswith(
+        "; its lease ran out 1 min 30 s ago: its worker is gone, a worker takes it over"
+    )
+    firestore_client.document(running.path).update({"lease_expires_at": datetime.now(UTC) + timedelta(minutes=2)})
     result = lifecycle.success(task_type="text2image", user_id="u1", file_uid="a", urls=["https://x/a.png"], seed=1)
     assert store.complete(claimed, result) == lifecycle.COMPLETED
     [completed] = lines_of(firestore_client, running)
@@ -222,3 +233,15 @@ def test_an_unreachable_firestore_is_said_in_a_line(unreachable_firestore):
     down = run("--project", "demo-down", env={"FIRESTORE_EMULATOR_HOST": os.environ["FIRESTORE_EMULATOR_HOST"]})
     assert down.returncode == 2 and down.stderr.startswith("queue_info: Firestore failed (")
     assert "Traceback" not in down.stderr
+
+
+def test_a_doc_its_client_wrote_is_not_yet_admitted(firestore_client):
+    written = JobKey("u3", "videos", "w")
+    firestore_client.document(written.path).set({"status": "queued", "created_at": datetime.now(UTC), "prompt": "x"})
+    assert lines_of(firestore_client, written)[1:4] == [
+        "  its user: u3 0 pending, 0 running",
+        "  not dispatched yet: a worker up takes it from the queue itself; else dispatchQueuedJob (or the callable) "
+        "should have (its log, where it did not), and the scheduled sweep dispatches it within "
+        "REDISPATCH_AFTER_MINUTES",
+        "  not yet admitted against its user's limits: the worker that claims it admits it",
+    ]
