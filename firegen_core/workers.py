@@ -23,6 +23,7 @@ WORKERS = "workers"
 SEEN_AT = "seen_at"
 LEFT_AT = "left_at"
 FINISHED = "jobs_finished"  # jobs the worker ran to their end (completed or failed), as of its last write
+BEAT_SECONDS = "beat_seconds"  # how often it beats (its SWEEP_INTERVAL_SECONDS): silent for a few, it is gone
 CALL_TIMEOUT = 15.0  # seconds, retries included: liveness is best effort and must never hold up a sweep
 LEAVE_TIMEOUT = 5.0  # on shutdown: the doc ages out anyway (the sweep reads `seen_at`, not its presence)
 # A worker that never stopped cleanly (killed, out of memory, its machine gone) never deletes its doc, and each start
@@ -49,11 +50,12 @@ def beat(
     finished: int = 0,
     code_version: str | None = None,
     claims_paused: str | None = None,
+    beat_seconds: float | None = None,
     timeout: float = CALL_TIMEOUT,
 ) -> datetime:
     """Say this worker is alive now (server time), with how many of its slots are busy, how many jobs it ran to
-    their end, which code it runs (`code_version`: listener.version), and why it claims nothing, where it does not
-    (`claims_paused`: "storage"). Returns the write's server time. Merged: a beat that lands after the worker left
+    their end, which code it runs (`code_version`: listener.version), why it claims nothing, where it does not
+    (`claims_paused`: "storage"), and how often it beats (`beat_seconds`). Returns the write's server time. Merged: a beat that lands after the worker left
     (its write slow) keeps `left_at`."""
     result = (
         client.collection(WORKERS)
@@ -67,6 +69,7 @@ def beat(
                 FINISHED: finished,
                 "expire_at": datetime.now(UTC) + timedelta(days=EXPIRE_DAYS),
                 **({"code_version": code_version} if code_version else {}),
+                **({BEAT_SECONDS: beat_seconds} if beat_seconds else {}),
                 "claims_paused": claims_paused or DELETE_FIELD,
             },
             merge=True,

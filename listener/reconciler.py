@@ -797,6 +797,7 @@ class Reconciler:
             finished=self._finished,
             code_version=code_version(),
             claims_paused="storage" if self.storage_outage is not None and self.storage_outage.ongoing else None,
+            beat_seconds=self.sweep_interval,
             timeout=timeout,
         )
         took = time.monotonic() - started

@@ -15,8 +15,8 @@ count queries (a read per 1,000 docs counted); the oldest queued job and those p
 
 Credentials: Application Default Credentials (`gcloud auth application-default login`, or
 GOOGLE_APPLICATION_CREDENTIALS) that may read Firestore; FIRESTORE_EMULATOR_HOST points it at an emulator.
-SWEEP_INTERVAL_SECONDS as the workers have it (default 10): they beat once each, so one silent for 3 beats
-(at least 30 s) is not counted as up.
+A worker silent for 3 of its beats (`beat_seconds` in its doc, its SWEEP_INTERVAL_SECONDS; at least 30 s) is not
+counted as up; for workers of releases whose docs do not say, SWEEP_INTERVAL_SECONDS here (default 10).
 """
 
 from __future__ import annotations
@@ -120,12 +120,20 @@ class Workers:
         return sum(max((_whole(doc, "concurrency") or 0) - (_whole(doc, "busy") or 0), 0) for _, doc in self.up)
 
 
-def up_within(env: Mapping[str, str]) -> timedelta:
+def silent_after(beat: Any) -> timedelta:
+    """How long a worker that beats every `beat` seconds may go unheard and still be up: 3 beats, at least 30 s."""
     try:
-        beat = float(env.get("SWEEP_INTERVAL_SECONDS") or 10)
-    except ValueError:
-        beat = 10.0
-    return timedelta(seconds=max(3 * beat, 30.0)) if math.isfinite(beat) and beat > 0 else timedelta(seconds=30)
+        seconds = float(beat)
+    except (TypeError, ValueError):
+        seconds = 10.0
+    return (
+        timedelta(seconds=max(3 * seconds, 30.0)) if math.isfinite(seconds) and seconds > 0 else timedelta(seconds=30)
+    )
+
+
+def up_within(env: Mapping[str, str]) -> timedelta:
+    """For workers of releases that do not say how often they beat: SWEEP_INTERVAL_SECONDS from `env`."""
+    return silent_after(env.get("SWEEP_INTERVAL_SECONDS") or 10)
 
 
 def read_workers(client: firestore.Client, now: datetime, within: timedelta) -> Workers:
@@ -142,7 +150,7 @@ def read_workers(client: firestore.Client, now: datetime, within: timedelta) -> 
             continue
         if gone is not None:
             found.left.append(f"{snapshot.id} (left {ago(now - gone)} ago, {_finished(doc)})")
-        elif now - seen <= within:
+        elif now - seen <= (silent_after(doc[workers.BEAT_SECONDS]) if workers.BEAT_SECONDS in doc else within):
             found.up.append((snapshot.id, doc))
         else:
             found.silent.append(
@@ -152,9 +160,9 @@ def read_workers(client: firestore.Client, now: datetime, within: timedelta) -> 
     return found
 
 
-def workers_lines(found: Workers, now: datetime, within: timedelta) -> list[str]:
+def workers_lines(found: Workers, now: datetime) -> list[str]:
     up = [_worker(worker_id, doc, now) for worker_id, doc in found.up]
-    lines = [f"workers up (a beat within {ago(within)}): " + ("; ".join(up) if up else "none")]
+    lines = ["workers up: " + ("; ".join(up) if up else "none")]
     lines += [f"workers gone silent: {'; '.join(found.silent)}"] if found.silent else []
     lines += [f"workers that left: {'; '.join(found.left)}"] if found.left else []
     return lines
@@ -241,7 +249,7 @@ def _user(user_id: str, doc: Mapping[str, Any]) -> str:
 def summary(client: firestore.Client, now: datetime, within: timedelta) -> list[str]:
     store = JobStore(client)
     lines = [*(media_line(store, media, now) for media in MEDIA_TYPES), users_line(store)]
-    return lines + workers_lines(read_workers(client, now, within), now, within)
+    return lines + workers_lines(read_workers(client, now, within), now)
 
 
 # ------------------------------------------------------------------------------------------------ one job
@@ -263,7 +271,7 @@ def job_lines(client: firestore.Client, key: JobKey, now: datetime, within: time
     if status == lifecycle.QUEUED:
         lines.append(f"  {_dispatches(doc)}")
         lines += [f"  {line}" for line in _why_queued(store, key, doc, usage, found)]
-    return lines + [f"  {line}" for line in workers_lines(found, now, within)]
+    return lines + [f"  {line}" for line in workers_lines(found, now)]
 
 
 def _state(doc: Mapping[str, Any], now: datetime) -> str:

@@ -43,6 +43,7 @@ def test_a_busy_worker_keeps_its_backlog_from_failing(sched_worker, firestore_cl
     # A worker killed now would leave its doc behind: it expires a week after its last beat (TTL policy).
     doc = firestore_client.document("workers/busy").get().to_dict()
     assert timedelta(days=6.99) < doc["expire_at"] - doc[workers.SEEN_AT] < timedelta(days=7.01)
+    assert doc[workers.BEAT_SECONDS] == 0.2  # its sweep's interval: how often it beats
 
     runpod = stub(ACCEPTED)
     counts = sweep.redispatch_stale(firestore_client, runpod.client(), policy=POLICY)
